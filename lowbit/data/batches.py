@@ -1,0 +1,85 @@
+"""Deterministic, resumable batches of labelled examples (digits, token classification).
+
+Batch ``i`` is a pure function of ``(seed, i)``: epoch ``i // steps_per_epoch`` is a permutation
+drawn from a generator seeded by ``(seed, epoch)``, and the batch is a slice of it. Resuming is
+therefore only a matter of restoring the step counter (`TensorBatches.state_dict`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.errors import UsageError
+
+
+def seeded_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on ``(seed, index)`` (mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def check_state(kind: str, expected: dict, state: dict) -> None:
+    """Raise a `UsageError` when a saved batch state was made for different data or shapes."""
+    different = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    if different:
+        detail = ", ".join(f"{k} saved {a} now {b}" for k, (a, b) in different.items())
+        raise UsageError(
+            f"cannot resume {kind}: {detail}; fix: resume with the same data and batch settings"
+        )
+
+
+class TensorBatches:
+    """Endless shuffled batches over tensors that share their first dimension.
+
+    Iterating yields tuples of tensors of ``batch_size`` rows (the last rows of an epoch that do not
+    fill a batch are dropped). ``step`` counts the batches served.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0):
+        self.tensors = tuple(tensors)
+        self.num_rows = len(self.tensors[0])
+        if any(len(t) != self.num_rows for t in self.tensors):
+            raise ValueError("all tensors need the same number of rows")
+        if not 0 < batch_size <= self.num_rows:
+            raise UsageError(
+                f"batch size {batch_size} needs 1..{self.num_rows} examples; fix: lower it"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = self.num_rows // batch_size
+        self.step = 0
+
+    def batch(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Batch number ``index`` (independent of the iterator's position)."""
+        epoch, offset = divmod(index, self.steps_per_epoch)
+        order = torch.randperm(self.num_rows, generator=seeded_generator(self.seed, epoch))
+        rows = order[offset * self.batch_size : (offset + 1) * self.batch_size]
+        return tuple(t[rows] for t in self.tensors)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state("batches", self._identity(), state)
+        self.step = int(state["step"])
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_rows": self.num_rows}
+
+
+def fixed_batches(tensors: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple]:
+    """All rows in order, in batches of ``batch_size`` (the last may be smaller): for evaluation."""
+    num_rows = len(tensors[0])
+    return [
+        tuple(t[start : start + batch_size] for t in tensors)
+        for start in range(0, num_rows, batch_size)
+    ]

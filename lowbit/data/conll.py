@@ -1,0 +1,140 @@
+"""CoNLL / IOB token-classification data and its metrics.
+
+File format: one token per line, the token in the first column and its tag in the last (spaces or
+tabs between columns), a blank line between sentences, ``-DOCSTART-`` lines ignored. Tags are ``O``
+or ``B-TYPE`` / ``I-TYPE``.
+
+`entity_f1` scores entity spans with conlleval's chunk rules: a chunk starts at ``B-``, at an
+``I-`` whose type differs from the previous tag's, or at an ``I-`` after ``O``; it ends where the
+next tag does not continue it. A predicted entity counts only when type, start and end all match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from lowbit.errors import UsageError
+
+
+class Sentence(NamedTuple):
+    """Tokens and their tags, one tag per token."""
+
+    tokens: list[str]
+    tags: list[str]
+
+
+def is_valid_tag(tag: str) -> bool:
+    """``O``, or ``B-`` / ``I-`` followed by a non-empty type."""
+    return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)
+
+
+def read_conll(path) -> list[Sentence]:
+    """The sentences of a CoNLL file; a malformed line raises `UsageError` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such CoNLL file; fix: check the path")
+    sentences: list[Sentence] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            columns = line.split()
+            if not columns or columns[0] == "-DOCSTART-":
+                if tokens:
+                    sentences.append(Sentence(tokens, tags))
+                    tokens, tags = [], []
+                continue
+            if len(columns) < 2:
+                raise UsageError(
+                    f"{path}:{number}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
+                    "(token first, tag last, separated by spaces or a tab)"
+                )
+            if not is_valid_tag(columns[-1]):
+                raise UsageError(
+                    f"{path}:{number}: invalid IOB tag {columns[-1]!r}; fix: use O, B-TYPE or I-TYPE"
+                )
+            tokens.append(columns[0])
+            tags.append(columns[-1])
+    if tokens:
+        sentences.append(Sentence(tokens, tags))
+    if not sentences:
+        raise UsageError(f"{path}: no sentences; fix: one 'TOKEN TAG' per line, blank line between")
+    return sentences
+
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """The ``(type, start, end_exclusive)`` chunks of one tag sequence (conlleval rules)."""
+    spans = set()
+    start, kind = None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, tag_kind = tag.partition("-")
+        continues = prefix == "I" and tag_kind == kind
+        if start is not None and not continues:
+            spans.add((kind, start, i))
+            start, kind = None, None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, tag_kind
+    return spans
+
+
+def entity_f1(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
+    """Entity-level precision, recall and F1 over sentences of tags, overall and per type.
+
+    Returns ``{"precision", "recall", "f1", "true", "pred", "correct", "per_type": {type: {...}}}``
+    where ``true``/``pred``/``correct`` count entities. Scores with no entities to divide by are 0.
+    """
+    if len(true_tags) != len(pred_tags):
+        raise ValueError("true and predicted tags need the same number of sentences")
+    true, pred = set(), set()
+    for n, (t, p) in enumerate(zip(true_tags, pred_tags)):
+        if len(t) != len(p):
+            raise ValueError(f"sentence {n}: {len(t)} true tags but {len(p)} predicted")
+        true |= {(n, *span) for span in entity_spans(t)}
+        pred |= {(n, *span) for span in entity_spans(p)}
+    kinds = sorted({span[1] for span in true | pred})
+    per_type = {
+        k: _scores({s for s in true if s[1] == k}, {s for s in pred if s[1] == k}) for k in kinds
+    }
+    return {**_scores(true, pred), "per_type": per_type}
+
+
+def _scores(true: set, pred: set) -> dict:
+    correct = len(true & pred)
+    precision = correct / len(pred) if pred else 0.0
+    recall = correct / len(true) if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if correct else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "true": len(true),
+        "pred": len(pred),
+        "correct": correct,
+    }
+
+
+def token_report(true_tags: list[list[str]], pred_tags: list[list[str]]) -> tuple[str, dict]:
+    """Per-tag token-level report from scikit-learn: ``(text, dict)`` of precision/recall/F1."""
+    from sklearn.metrics import classification_report
+
+    flat_true = [tag for sentence in true_tags for tag in sentence]
+    flat_pred = [tag for sentence in pred_tags for tag in sentence]
+    labels = sorted(set(flat_true) | set(flat_pred))
+    kwargs = {"labels": labels, "zero_division": 0, "digits": 4}
+    text = classification_report(flat_true, flat_pred, **kwargs)
+    return text, classification_report(flat_true, flat_pred, output_dict=True, **kwargs)
+
+
+def aligned_tags(labels, predictions, id2label: dict[int, str]):
+    """Word-level ``(true_tags, pred_tags)`` from (batch, seq) label and predicted-id tensors.
+
+    Positions whose label is -100 (padding, special tokens, later word pieces) are dropped, so
+    each sentence keeps one tag per word, ready for `entity_f1` and `token_report`.
+    """
+    true_tags, pred_tags = [], []
+    for label_row, pred_row in zip(labels.tolist(), predictions.tolist()):
+        keep = [(lab, pred) for lab, pred in zip(label_row, pred_row) if lab != -100]
+        true_tags.append([id2label[lab] for lab, _ in keep])
+        pred_tags.append([id2label[pred] for _, pred in keep])
+    return true_tags, pred_tags

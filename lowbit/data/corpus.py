@@ -1,0 +1,234 @@
+"""Text corpora split into train / validation / test by a fixed rule.
+
+The default corpus is the Python standard library's own ``.py`` sources of the running interpreter:
+always present, no download, about 11 MB of text. User data comes from a folder, a glob, a single
+text file or a JSONL file (`load_texts`).
+
+The split is by document, never by position inside a document, and depends only on the document's
+name: ``int(sha1(name)[:8], 16) % 100`` below 90 is train, below 95 validation, else test. A
+document's split therefore never changes when other documents are added or removed. Names are
+relative paths for files, ``"<file>:<line>"`` for JSONL records and paragraphs of a single file.
+
+`fingerprint` hashes the names and contents so that a run records exactly which text it saw.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowbit.errors import UsageError
+
+SPLITS = ("train", "validation", "test")
+SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
+FOLDER_SUFFIXES = (".txt", ".md", ".py")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of the split: a file, a JSONL record or a paragraph."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents of each split, where they came from, and their fingerprint."""
+
+    source: str
+    splits: dict[str, list[Document]]
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """``{split: {"files", "bytes", "sha256"}, "total": {...}, "source": ...}``."""
+        out = {name: fingerprint(docs) for name, docs in self.splits.items()}
+        out["total"] = fingerprint([d for docs in self.splits.values() for d in docs])
+        out["source"] = self.source
+        return out
+
+    def split(self, name: str) -> list[Document]:
+        """The documents of split ``name``; a `UsageError` if it is empty."""
+        docs = self.splits[name]
+        if not docs:
+            counts = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+            raise UsageError(
+                f"{self.source}: the {name} split is empty ({counts} documents); fix: provide more "
+                f"files or records (each lands in {name} with probability "
+                f"{SPLIT_PERCENT[name]}%, so ~100 documents make an empty split unlikely)"
+            )
+        return docs
+
+    def texts(self, name: str) -> list[str]:
+        """The texts of split ``name`` (non-empty split)."""
+        return [d.text for d in self.split(name)]
+
+
+def split_of(name: str) -> str:
+    """The split of a document named ``name`` (see the module docstring for the rule)."""
+    bucket = int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:8], 16) % 100
+    if bucket < SPLIT_PERCENT["train"]:
+        return "train"
+    if bucket < SPLIT_PERCENT["train"] + SPLIT_PERCENT["validation"]:
+        return "validation"
+    return "test"
+
+
+def split_documents(docs: list[Document]) -> dict[str, list[Document]]:
+    """Group documents by `split_of` their name, keeping their order."""
+    splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
+    for doc in docs:
+        splits[split_of(doc.name)].append(doc)
+    return splits
+
+
+def fingerprint(docs: list[Document]) -> dict:
+    """Number of documents, UTF-8 bytes, and sha256 over (name, content) sorted by name."""
+    digest = hashlib.sha256()
+    total = 0
+    for doc in sorted(docs, key=lambda d: d.name):
+        name, data = doc.name.encode("utf-8"), doc.text.encode("utf-8")
+        total += len(data)
+        for part in (name, data):  # length-prefixed so that boundaries cannot shift
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return {"files": len(docs), "bytes": total, "sha256": digest.hexdigest()}
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
+    """The stdlib's ``.py`` files (see module docstring), sorted by relative path.
+
+    Files that are not valid UTF-8 are skipped. Cached in memory for the life of the process.
+    """
+    base = Path(root) if root else stdlib_root()
+    docs = []
+    for path in base.rglob("*.py"):
+        rel = path.relative_to(base)
+        if STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1]) or not path.is_file():
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        docs.append(Document(rel.as_posix(), text))
+    return tuple(sorted(docs, key=lambda d: d.name))
+
+
+def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
+    """The split corpus: the stdlib when ``source`` is None or ``"stdlib"``, else `load_texts`."""
+    if source in (None, "stdlib"):
+        return Corpus("stdlib", split_documents(list(stdlib_documents())))
+    return Corpus(str(source), split_documents(load_texts(source, text_field)))
+
+
+def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
+    """Documents from user data, sorted by name.
+
+    - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it, one document per file, named by
+      relative path;
+    - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
+      fixed leading folder; matched ``.jsonl`` files are read as JSONL;
+    - a ``.jsonl`` file: one document per line, from the string field ``text_field``;
+    - any other single file: one document per paragraph (blank-line separated block), so that one
+      file still yields validation and test text.
+    """
+    spec = str(path_or_glob)
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
+        docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
+    elif path.is_file():
+        if path.suffix == ".jsonl":
+            docs = _jsonl_documents(path, path.name, text_field)
+        else:
+            docs = _paragraph_documents(path)
+    elif glob.has_magic(spec):
+        base = _glob_base(spec)
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        docs = []
+        for f in files:
+            name = os.path.relpath(f, base).replace(os.sep, "/")
+            docs += (
+                _jsonl_documents(f, name, text_field)
+                if f.suffix == ".jsonl"
+                else _file_documents(f, name)
+            )
+    else:
+        raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
+    if not any(d.text for d in docs):
+        raise UsageError(
+            f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
+            f"a JSONL file with a {text_field!r} field, or a glob that matches files"
+        )
+    return sorted(docs, key=lambda d: d.name)
+
+
+def _glob_base(pattern: str) -> str:
+    parts = Path(pattern).parts
+    fixed = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte {error.start}); fix: convert it to UTF-8 or remove it"
+        ) from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
+
+
+def _file_documents(path: Path, name: str) -> list[Document]:
+    return [Document(name, _read_text(path))]
+
+
+def _paragraph_documents(path: Path) -> list[Document]:
+    docs, block, start = [], [], 1
+    for number, line in enumerate(_read_text(path).splitlines(keepends=True), start=1):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            docs.append(Document(f"{path.name}:{start}", "".join(block)))
+            block = []
+    if block:
+        docs.append(Document(f"{path.name}:{start}", "".join(block)))
+    return docs
+
+
+def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
+    docs = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(
+                f"{path}:{number}: invalid JSON ({error.msg}); fix: one JSON object per line"
+            ) from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise UsageError(
+                f"{path}:{number}: no string field {text_field!r} (found: {keys}); fix: add it "
+                f"or choose the field that holds the text with text_field"
+            )
+        docs.append(Document(f"{name}:{number}", text))
+    return docs

@@ -1,0 +1,301 @@
+"""The built-in token-classification task: the syntactic role of each token of Python source.
+
+Tokens come from `tokenize` (comments, newlines and indentation tokens dropped); labels come from
+`ast`, matched to tokens by position (ast columns are UTF-8 byte offsets, converted to characters):
+
+========  =================================================================
+DEF       the name in a ``def`` / ``class`` statement
+CALL      the name that is called: ``f`` in ``f()``, ``x`` in ``a.x()``
+ATTR      an attribute name that is not called: ``x`` in ``a.x``
+PARAM     a parameter (``def f(a)``, ``lambda a:``) or keyword argument (``f(a=1)``)
+STORE     a name bound or deleted: assignment targets, ``for`` / ``with`` / ``except ... as``
+          names, imported names, ``match`` captures
+LOAD      a name read
+KEYWORD   a keyword, or a soft keyword (``match``, ``case``, ``_``) with no other role
+STRING    a string literal; adjacent literals (implicit concatenation) are one entity
+NUMBER    a number literal
+O         operators, punctuation, and names with none of the roles above
+========  =================================================================
+
+Every entity is one token (``B-``) except concatenated strings (``B-STRING I-STRING ...``), so
+`lowbit.data.conll.entity_f1` applies. The roles need context: the same name is DEF, CALL, STORE or
+LOAD depending on its neighbours. An example ("sentence") is a run of whole logical lines packed
+into at most ``window`` tokens; a longer logical line is cut into windows of ``window`` tokens.
+
+Files come from the stdlib corpus (`lowbit.data.corpus`) with its by-file split; files that do
+not parse are skipped. Input ids for a BERT-style model come from `WordVocab` (word-level, built on
+the train split) or from a pretrained model's own tokenizer (`encode_with_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import hashlib
+import io
+import json
+import keyword
+import tokenize
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from lowbit.data.conll import Sentence
+from lowbit.data.corpus import split_documents, stdlib_documents
+from lowbit.errors import UsageError
+
+ENTITY_TYPES = ("DEF", "CALL", "ATTR", "PARAM", "STORE", "LOAD", "KEYWORD", "STRING", "NUMBER")
+LABELS = ("O", *(f"B-{t}" for t in ENTITY_TYPES), "I-STRING")
+IGNORE_INDEX = -100  # the label of positions the loss and metrics skip (torch's default)
+
+_SKIPPED = {tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT}
+_STRING_TYPES = {
+    getattr(tokenize, name)
+    for name in ("STRING", "FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+    if hasattr(tokenize, name)
+}
+
+
+def tag_source(source: str) -> list[Sentence]:
+    """The logical lines of ``source`` as tagged sentences (raises SyntaxError if it doesn't parse)."""
+    lines_text = io.StringIO(source).readlines()
+    tokens = [
+        t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in _SKIPPED
+    ]
+    roles = _name_roles(ast.parse(source), tokens, lines_text)
+    sentences, words, tags = [], [], []
+    for tok in tokens:
+        if tok.type == tokenize.NEWLINE:
+            if words:
+                sentences.append(Sentence(words, tags))
+            words, tags = [], []
+            continue
+        if tok.type in _STRING_TYPES:
+            tag = "I-STRING" if tags and tags[-1].endswith("-STRING") else "B-STRING"
+        elif tok.type == tokenize.NUMBER:
+            tag = "B-NUMBER"
+        elif tok.type == tokenize.NAME:
+            tag = _name_tag(tok, roles)
+        else:
+            tag = "O"
+        words.append(tok.string)
+        tags.append(tag)
+    if words:
+        sentences.append(Sentence(words, tags))
+    return sentences
+
+
+def _name_tag(tok, roles: dict) -> str:
+    if keyword.iskeyword(tok.string):
+        return "B-KEYWORD"
+    role = roles.get(tok.start)
+    if role:
+        return f"B-{role}"
+    return "B-KEYWORD" if keyword.issoftkeyword(tok.string) else "O"
+
+
+def _name_roles(tree: ast.AST, tokens: list, lines: list[str]) -> dict:
+    """Role of each NAME token, keyed by its (row, col) start in characters."""
+    starts = [t.start for t in tokens]
+    by_end = {t.end: t.start for t in tokens if t.type == tokenize.NAME}
+
+    def pos(lineno: int, byte_col: int) -> tuple[int, int]:
+        line = lines[lineno - 1] if lineno <= len(lines) else ""
+        if line.isascii():
+            return lineno, byte_col
+        return lineno, len(line.encode("utf-8")[:byte_col].decode("utf-8", errors="replace"))
+
+    def find(name: str, first: tuple, last: tuple, from_end: bool = False):
+        """Start of the first (or last) NAME token equal to ``name`` in [first, last)."""
+        lo, hi = bisect.bisect_left(starts, first), bisect.bisect_left(starts, last)
+        span = range(hi - 1, lo - 1, -1) if from_end else range(lo, hi)
+        return next((starts[i] for i in span if tokens[i].string == name), None)
+
+    def start(node):
+        return pos(node.lineno, node.col_offset)
+
+    def end(node):
+        return pos(node.end_lineno, node.end_col_offset)
+
+    roles: dict = {}
+    calls: list = []
+    for node in ast.walk(tree):
+        found = []
+        if isinstance(node, ast.Name):
+            role = "LOAD" if isinstance(node.ctx, ast.Load) else "STORE"
+            found = [(start(node), role)]
+        elif isinstance(node, ast.arg) or (isinstance(node, ast.keyword) and node.arg):
+            found = [(start(node), "PARAM")]
+        elif isinstance(node, ast.Attribute):
+            found = [(by_end.get(end(node)), "ATTR")]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found = [(find(node.name, start(node), end(node)), "DEF")]
+        elif isinstance(node, ast.alias) and node.name != "*":
+            if node.asname:
+                found = [(find(node.asname, start(node), end(node), from_end=True), "STORE")]
+            else:
+                found = [(find(node.name.split(".")[0], start(node), end(node)), "STORE")]
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            after = end(node.type) if node.type else start(node)
+            found = [(find(node.name, after, end(node)), "STORE")]
+        elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name:
+            after = end(node.pattern) if getattr(node, "pattern", None) else start(node)
+            found = [(find(node.name, after, end(node)), "STORE")]
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            found = [(find(node.rest, start(node), end(node), from_end=True), "STORE")]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name):
+                calls.append(start(func))
+            elif isinstance(func, ast.Attribute):
+                calls.append(by_end.get(end(func)))
+        roles.update((key, role) for key, role in found if key is not None)
+    roles.update((key, "CALL") for key in calls if key is not None)
+    return roles
+
+
+def pack_sentences(lines: list[Sentence], window: int) -> list[Sentence]:
+    """Pack whole logical lines into sentences of at most ``window`` tokens (see module doc)."""
+    packed: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    for line in lines:
+        chunks = [
+            (line.tokens[i : i + window], line.tags[i : i + window])
+            for i in range(0, len(line.tokens), window)
+        ]
+        for chunk_words, chunk_tags in chunks:
+            if words and len(words) + len(chunk_words) > window:
+                packed.append(_sentence(words, tags))
+                words, tags = [], []
+            words, tags = words + chunk_words, tags + chunk_tags
+    if words:
+        packed.append(_sentence(words, tags))
+    return packed
+
+
+def _sentence(words: list[str], tags: list[str]) -> Sentence:
+    if tags[0].startswith("I-"):  # a cut inside concatenated strings starts a new entity
+        tags = ["B-" + tags[0][2:], *tags[1:]]
+    return Sentence(words, tags)
+
+
+def syntax_tag_task(
+    max_files: int = 60, max_eval_files: int = 15, window: int = 64, root: str | None = None
+) -> dict[str, list[Sentence]]:
+    """Tagged sentences per split from the stdlib corpus.
+
+    Each split takes its first files in sha1-of-path order (a fixed, well-mixed sample):
+    ``max_files`` for train, ``max_eval_files`` each for validation and test.
+    """
+    caps = {"train": max_files, "validation": max_eval_files, "test": max_eval_files}
+    out = {}
+    for split, docs in split_documents(list(stdlib_documents(root))).items():
+        ordered = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
+        sentences: list[Sentence] = []
+        used = 0
+        for doc in ordered:
+            if used == caps[split]:
+                break
+            try:
+                lines = tag_source(doc.text)
+            except (SyntaxError, ValueError, RecursionError, tokenize.TokenError):
+                continue
+            sentences += pack_sentences(lines, window)
+            used += 1
+        out[split] = sentences
+    return out
+
+
+def _shape(token: str) -> str:
+    """The unknown-token id a word falls back to, by its shape (string, number, name, other)."""
+    if token[0].isdigit() or (token[0] == "." and token[1:2].isdigit()):
+        return "[UNK-NUM]"
+    if token.lstrip("rRbBuUfF")[:1] in ("'", '"'):
+        return "[UNK-STR]"
+    return "[UNK-NAME]" if token.isidentifier() else "[UNK]"
+
+
+class WordVocab:
+    """Word-level vocabulary: special ids first, then the most frequent train tokens."""
+
+    SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[UNK-NAME]", "[UNK-STR]", "[UNK-NUM]")
+
+    def __init__(self, words: list[str]):
+        self.words = list(words)
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.pad_id = self.ids["[PAD]"]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @classmethod
+    def build(cls, sentences: list[Sentence], max_size: int = 8000) -> WordVocab:
+        """The ``max_size`` most frequent tokens (ties broken by the token) plus the specials."""
+        counts = Counter(w for s in sentences for w in s.tokens)
+        ranked = sorted(counts, key=lambda w: (-counts[w], w))
+        return cls([*cls.SPECIALS, *ranked[: max(0, max_size - len(cls.SPECIALS))]])
+
+    def encode(self, sentences: list[Sentence], label2id: dict[str, int], max_len: int) -> dict:
+        """``input_ids``, ``attention_mask``, ``labels``: (n, max_len) int64 tensors.
+
+        Each row is ``[CLS] tokens [SEP]`` then padding; tokens past ``max_len - 2`` are dropped.
+        Labels of [CLS], [SEP] and padding are -100.
+        """
+        n = len(sentences)
+        input_ids = torch.full((n, max_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
+        for row, sentence in enumerate(sentences):
+            words = sentence.tokens[: max_len - 2]
+            ids = [self.ids.get(w, self.ids[_shape(w)]) for w in words]
+            input_ids[row, : len(ids) + 2] = torch.tensor(
+                [self.ids["[CLS]"], *ids, self.ids["[SEP]"]]
+            )
+            labels[row, 1 : len(ids) + 1] = torch.tensor(
+                [label2id[t] for t in sentence.tags[: len(ids)]]
+            )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != self.pad_id).long(),
+            "labels": labels,
+        }
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"words": self.words}, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path) -> WordVocab:
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: no word vocabulary; fix: point at the vocab a run saved")
+        return cls(json.loads(Path(path).read_text())["words"])
+
+
+def encode_with_tokenizer(
+    tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_len: int
+) -> dict:
+    """Like `WordVocab.encode` but with a pretrained (fast) Hugging Face tokenizer.
+
+    Words are split into word pieces; a word's label goes on its first piece, -100 on the rest and
+    on special tokens and padding. Words past ``max_len`` pieces are dropped.
+    """
+    enc = tokenizer(
+        [s.tokens for s in sentences],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    labels = torch.full(enc["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
+    for row, sentence in enumerate(sentences):
+        previous = None
+        for col, word in enumerate(enc.word_ids(row)):
+            if word is not None and word != previous:
+                labels[row, col] = label2id[sentence.tags[word]]
+            previous = word
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": labels,
+    }

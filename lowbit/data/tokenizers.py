@@ -1,0 +1,141 @@
+"""Tokenizers for the causal-LM task: byte-level (fixed, 257 ids) and BPE (trained on train text).
+
+Both have the same interface: ``encode(text) -> list[int]``, ``decode(ids) -> str``,
+``encode_documents(texts) -> np.ndarray`` (documents joined by the end-of-text id), ``vocab_size``,
+``eot_id``, ``save(folder)`` and ``load(folder)``. A folder written by ``save`` holds
+``lowbit_tokenizer.json`` (kind and sizes) and, for BPE, the Hugging Face ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import UsageError, choose
+
+EOT_TEXT = "<|endoftext|>"
+CONFIG_NAME = "lowbit_tokenizer.json"
+KINDS = ("byte", "bpe")
+
+
+class ByteTokenizer:
+    """Ids 0-255 are the UTF-8 bytes of the text; id 256 separates documents."""
+
+    kind = "byte"
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        """All texts as one int32 array, ``eot_id`` between documents (vectorized, no loop per byte)."""
+        parts = []
+        for i, text in enumerate(texts):
+            if i:
+                parts.append(np.array([self.eot_id], dtype=np.int32))
+            parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        """Bytes to text with invalid UTF-8 replaced by U+FFFD; ``eot_id`` shows as ``EOT_TEXT``."""
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i <= self.eot_id for i in ids):
+            raise ValueError(f"byte tokenizer ids are 0..{self.eot_id}")
+        pieces, start = [], 0
+        for end, i in enumerate([*ids, self.eot_id]):
+            if i == self.eot_id:
+                pieces.append(bytes(ids[start:end]).decode("utf-8", errors="replace"))
+                start = end + 1
+        return EOT_TEXT.join(pieces)
+
+    def save(self, folder) -> None:
+        _write_config(folder, {"kind": self.kind, "vocab_size": self.vocab_size})
+
+    @classmethod
+    def load(cls, folder) -> ByteTokenizer:
+        return cls()
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization) from the Hugging Face ``tokenizers`` library."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.eot_id = tokenizer.token_to_id(EOT_TEXT)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        """All texts as one int32 array, ``eot_id`` between documents (batched in Rust)."""
+        encodings = self._tok.encode_batch(list(texts))
+        parts = []
+        for i, enc in enumerate(encodings):
+            if i:
+                parts.append(np.array([self.eot_id], dtype=np.int32))
+            parts.append(np.asarray(enc.ids, dtype=np.int32))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, folder) -> None:
+        _write_config(folder, {"kind": self.kind, "vocab_size": self.vocab_size})
+        self._tok.save(str(Path(folder) / "tokenizer.json"))
+
+    @classmethod
+    def load(cls, folder) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")))
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
+    """Train byte-level BPE on ``texts`` (pass the train split only) up to ``vocab_size`` ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    minimum = 256 + 1  # the byte alphabet plus the end-of-text token
+    if vocab_size <= minimum:
+        raise UsageError(f"BPE vocab size {vocab_size} too small; fix: use more than {minimum}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return BPETokenizer(tok)
+
+
+def build_tokenizer(kind: str, texts: list[str] | None = None, vocab_size: int | None = None):
+    """A ``"byte"`` tokenizer, or a ``"bpe"`` one trained on ``texts`` with ``vocab_size`` ids."""
+    choose("tokenizer", kind, KINDS)
+    if kind == "byte":
+        return ByteTokenizer()
+    if not texts or vocab_size is None:
+        raise UsageError("a BPE tokenizer needs training texts and a vocab size; fix: pass both")
+    return train_bpe(texts, vocab_size)
+
+
+def load_tokenizer(folder):
+    """The tokenizer that ``save(folder)`` wrote."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise UsageError(f"{folder}: no {CONFIG_NAME}; fix: point at a folder a run saved")
+    kind = json.loads(path.read_text())["kind"]
+    choose("tokenizer", kind, KINDS)
+    return (ByteTokenizer if kind == "byte" else BPETokenizer).load(folder)
+
+
+def _write_config(folder, config: dict) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
