@@ -1,0 +1,17 @@
+"""User-facing errors.
+
+A `UsageError` is a problem with the user's input (a flag, a file, a config). The CLI prints it as one
+line, ``lowbit: error: <message>``, and exits with status 2. Its message names the problem and the
+fix. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class UsageError(ValueError):
+    """Bad input from the user: one line that names the problem and how to fix it."""
+
+
+def choose(kind: str, name: str, valid) -> None:
+    """Raise a `UsageError` unless ``name`` is one of ``valid``; the message lists the valid names."""
+    valid = list(valid)
+    if name not in valid:
+        raise UsageError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")

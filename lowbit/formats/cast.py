@@ -1,0 +1,170 @@
+"""Rounding a tensor onto a format's grid: round-to-nearest-even and stochastic rounding.
+
+`cast(x, fmt)` returns a tensor of ``x``'s dtype whose every value is exactly representable in
+``fmt``. Both roundings share one description of the grid. For a float format with ``mbits``
+mantissa bits and smallest normal exponent ``emin``, a value ``x`` with binade ``e = floor(log2|x|)``
+lies on a grid of spacing (quantum)
+
+    q(x) = 2 ** (max(e, emin) - mbits)
+
+so subnormals (``e < emin``) share the quantum of the smallest normal binade. Rounding is then
+``round(x / q) * q``: both the division and the product are by a power of two and therefore exact,
+and the only inexact step is the rounding of ``x / q`` to an integer, which is exactly the rounding of
+the format. A carry out of the binade (1.111b -> 10.00b) lands on the next binade's grid, which is
+correct. Values are clamped to ``+-max`` first (saturation: OCP FP8/MX "satfinite" behaviour, also for
+inf), so rounding can never leave the finite range; NaN passes through as NaN.
+
+Stochastic rounding draws ``u ~ U[0, 1)`` per element and returns ``(floor(x/q) + [u < frac]) * q``
+with ``frac = x/q - floor(x/q)``: the upper neighbour with probability equal to the distance to the
+lower one in units of q, so ``E[cast(x)] = x`` (unbiased), for every x inside the finite range.
+``u`` has 24 random bits (float32 `torch.rand`), the resolution of the rounding probability.
+
+Where PyTorch has a native dtype (bf16, fp16, fp8 e4m3fn/e5m2) round-to-nearest uses the native
+conversion, which is round-to-nearest-even with subnormals; tests check it against the generic path
+and against ml_dtypes bit for bit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
+
+
+class Rounding(str, Enum):
+    NEAREST = "nearest"  # round to nearest, ties to even
+    STOCHASTIC = "stochastic"  # unbiased: up with probability proportional to the distance
+
+
+_F32_MANTISSA_BITS = 23
+_F32_BIAS = 127
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact ``2.0 ** exponent`` in float32 for integer exponents in [-252, 127].
+
+    Built from the exponent field (no `exp2` rounding). Exponents below -126 (fp32 subnormals, e.g.
+    the e8m0 scale 2**-127) are the exact product of two normal powers of two.
+    """
+    e = exponent.to(torch.int32)
+    high = ((e.clamp(min=-126) + _F32_BIAS) << _F32_MANTISSA_BITS).view(torch.float32)
+    low = (((e + 126).clamp(min=-126, max=0) + _F32_BIAS) << _F32_MANTISSA_BITS).view(torch.float32)
+    return high * low
+
+
+def binade(x: torch.Tensor) -> torch.Tensor:
+    """``floor(log2(|x|))`` of float32 values from the exponent field (-127 for zero and subnormals)."""
+    return ((x.view(torch.int32) >> _F32_MANTISSA_BITS) & 0xFF) - _F32_BIAS
+
+
+def _round(r: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
+    """Round values to integers, ties to even or stochastically."""
+    if rounding is Rounding.NEAREST:
+        return torch.round(r)
+    low = torch.floor(r)
+    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=r.dtype)
+    return low + (u < (r - low)).to(r.dtype)
+
+
+def _cast_float_generic(x32: torch.Tensor, fmt: FloatFormat, rounding, generator) -> torch.Tensor:
+    """Reference rounding of float32 values onto the grid of a small float format (see module doc).
+
+    Valid for formats whose quanta are fp32 normals (``emin - mbits >= -126``): every 4/6/8-bit
+    format and fp16.
+    """
+    x32 = x32.clamp(-fmt.max, fmt.max)
+    e = binade(x32).clamp(min=fmt.emin)
+    quantum = pow2(e - fmt.mbits)
+    inverse_quantum = pow2(fmt.mbits - e)
+    return _round(x32 * inverse_quantum, rounding, generator) * quantum
+
+
+def _cast_fp32_range(x32: torch.Tensor, fmt: FloatFormat, rounding, generator) -> torch.Tensor:
+    """Rounding to a format with fp32's exponent range (bf16, tf32) on the fp32 bit pattern.
+
+    Dropping ``k = 23 - mbits`` low mantissa bits of the fp32 pattern rounds on the format's grid,
+    subnormals included, because fp32 and the format share every binade. Nearest adds
+    ``2**(k-1) - 1 + lsb`` before truncation (ties to even); stochastic adds a uniform random
+    integer in ``[0, 2**k)``.
+    """
+    k = _F32_MANTISSA_BITS - fmt.mbits
+    if k == 0:
+        return x32.clamp(-fmt.max, fmt.max)
+    bits = x32.clamp(-fmt.max, fmt.max).view(torch.int32)
+    if rounding is Rounding.NEAREST:
+        bits = bits + ((1 << (k - 1)) - 1) + ((bits >> k) & 1)
+    else:
+        noise = torch.randint(0, 1 << k, bits.shape, generator=generator, device=bits.device)
+        bits = bits + noise.to(torch.int32)
+    rounded = (bits & ~((1 << k) - 1)).view(torch.float32)
+    # A carry from the largest finite value into the exponent field would be inf: saturate.
+    rounded = rounded.clamp(-fmt.max, fmt.max)
+    return torch.where(torch.isnan(x32), x32, rounded)
+
+
+def _cast_e8m0(x32: torch.Tensor) -> torch.Tensor:
+    """Nearest power of two in [2**-127, 2**127] (ties up, as ml_dtypes); NaN where x <= 0 or NaN.
+
+    e8m0 has no sign and no zero (OCP MX v1.0 §5.4), so non-positive values have no encoding.
+    """
+    x64 = x32.double()
+    mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+    e = exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)  # m*2 >= 1.5 rounds up
+    e = e.clamp(-127, 127)
+    out = pow2(e)
+    return torch.where(x32 > 0, out, torch.full_like(out, float("nan")))
+
+
+def _cast_int(x: torch.Tensor, fmt: IntFormat, rounding, generator) -> torch.Tensor:
+    x = x.clamp(-fmt.qmax, fmt.qmax)
+    return _round(x, rounding, generator)
+
+
+def cast_reference(
+    x: torch.Tensor,
+    fmt: str | Format,
+    rounding: Rounding | str = Rounding.NEAREST,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
+    fmt = get(fmt)
+    rounding = Rounding(rounding)
+    if isinstance(fmt, IntFormat):
+        return _cast_int(x.float(), fmt, rounding, generator).to(x.dtype)
+    x32 = x.float()
+    if fmt.encoding is Encoding.SCALE:
+        return _cast_e8m0(x32).to(x.dtype)
+    if fmt.ebits == 8:
+        return _cast_fp32_range(x32, fmt, rounding, generator).to(x.dtype)
+    return _cast_float_generic(x32, fmt, rounding, generator).to(x.dtype)
+
+
+def cast(
+    x: torch.Tensor,
+    fmt: str | Format,
+    rounding: Rounding | str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x`` onto ``fmt``'s grid, saturating at ``+-fmt.max``; returns ``x``'s dtype.
+
+    ``rounding="nearest"`` rounds to nearest, ties to even, with subnormals; ``"stochastic"`` rounds
+    up or down with probability proportional to the distance (unbiased), drawing from
+    ``generator`` (reproducible for a seeded generator). NaN stays NaN; +-inf saturate to +-max.
+    Integer formats round to integers in ``[-qmax, qmax]`` (apply a scale first: see `quantize`).
+
+    The result can hold ``fmt``'s values only if ``x``'s dtype can: every 4/6/8-bit format fits in
+    fp32, bf16 and fp16, but fp16 values do not fit in bf16 (nor bf16's range in fp16); for such a
+    pair the fp32 result is rounded again to ``x``'s dtype. Cast ``x.float()`` to avoid that.
+    """
+    fmt = get(fmt)
+    rounding = Rounding(rounding)
+    if not x.is_floating_point():
+        raise TypeError(f"cast needs a floating-point tensor, got {x.dtype}")
+    native = fmt.torch_dtype
+    if rounding is Rounding.NEAREST and native is not None and native.is_floating_point:
+        if native == x.dtype and fmt.name != "fp32":
+            return x.clamp(-fmt.max, fmt.max)
+        return x.clamp(-fmt.max, fmt.max).to(native).to(x.dtype)
+    return cast_reference(x, fmt, rounding, generator)

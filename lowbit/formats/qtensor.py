@@ -1,0 +1,188 @@
+"""`quantize`: a tensor to low-precision values plus block scales, and back.
+
+See `lowbit.formats.scaling` for the block layouts and scale rules. The values are kept in a
+*carrier* dtype that holds every value of the format exactly: bfloat16 for 4-, 6- and 8-bit floats
+(their exponents and mantissas fit inside bf16's), int8 for integer formats, and the format's own
+dtype for bf16/fp16/fp32. Emulated GEMMs consume the carrier directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.formats.cast import Rounding, cast
+from lowbit.formats.scaling import (
+    Granularity,
+    ScaleRule,
+    block_shape,
+    check_format_for_granularity,
+    default_rule,
+    nvfp4_scales,
+    scale_from_amax,
+)
+from lowbit.formats.spec import Format, IntFormat, get
+
+
+def carrier_dtype(fmt: Format) -> torch.dtype:
+    """The smallest torch dtype that holds every value of ``fmt`` exactly."""
+    if isinstance(fmt, IntFormat):
+        return torch.int8
+    if fmt.torch_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return fmt.torch_dtype
+    if fmt.name == "tf32":
+        return torch.float32
+    return torch.bfloat16
+
+
+def to_matrix(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """View ``x`` as ``R x C`` with ``axis`` last and every other dimension flattened into rows."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    moved = x.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def from_matrix(m: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """Inverse of `to_matrix` for a tensor of the given original shape."""
+    if len(shape) == 0:
+        return m.reshape(shape)
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(axis))
+    return m.reshape(moved_shape).movedim(-1, axis)
+
+
+def _pad_to_blocks(m: torch.Tensor, block: tuple[int, int], pad: bool) -> torch.Tensor:
+    rows, cols = m.shape
+    pad_rows, pad_cols = (-rows) % block[0], (-cols) % block[1]
+    if pad_rows or pad_cols:
+        if not pad:
+            raise UsageError(
+                f"shape {rows}x{cols} (axis last) does not divide into {block[0]}x{block[1]} "
+                "blocks; pass pad=True to zero-pad the last block, or choose a block size "
+                "that divides it"
+            )
+        m = torch.nn.functional.pad(m, (0, pad_cols, 0, pad_rows))
+    return m
+
+
+def _blocked(m: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``(R, C)`` -> ``(R/br, br, C/bc, bc)`` (R and C already multiples of the block)."""
+    rows, cols = m.shape
+    return m.reshape(rows // block[0], block[0], cols // block[1], block[1])
+
+
+@dataclass
+class QTensor:
+    """Low-precision values with their block scales.
+
+    ``values`` has the original shape and the carrier dtype; ``scale`` is the fp32 grid of block
+    scales, shape ``(ceil(R/br), ceil(C/bc))`` on the axis-last matrix view; ``tensor_scale`` is the
+    fp32 second-level scale of NVFP4 (None otherwise).
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    fmt: Format
+    granularity: Granularity
+    block: tuple[int, int]
+    axis: int
+    tensor_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def effective_scale(self) -> torch.Tensor:
+        """The block scales times the per-tensor scale (fp32, block-grid shape)."""
+        if self.tensor_scale is None:
+            return self.scale
+        return self.scale * self.tensor_scale
+
+    def expanded_scale(self) -> torch.Tensor:
+        """The scale of every element, shaped like ``values`` (fp32)."""
+        rows, cols = to_matrix(self.values, self.axis).shape
+        grid = self.effective_scale()
+        full = grid.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        return from_matrix(full[:rows, :cols].contiguous(), self.values.shape, self.axis)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``values * scale``, computed in fp32 and returned as ``dtype``."""
+        return (self.values.float() * self.expanded_scale()).to(dtype)
+
+    @property
+    def nbytes_packed(self) -> int:
+        """Storage a packed encoding needs: ``bits`` per element plus the scales' own bits."""
+        scale_bits = {Granularity.MX: 8, Granularity.NVFP4: 8}.get(self.granularity, 32)
+        element_bits = self.values.numel() * self.fmt.bits
+        return (element_bits + self.scale.numel() * scale_bits + 7) // 8 + (
+            4 if self.tensor_scale is not None else 0
+        )
+
+
+@torch.no_grad()
+def quantize(
+    x: torch.Tensor,
+    fmt: str | Format,
+    granularity: Granularity | str = Granularity.TENSOR,
+    *,
+    axis: int = -1,
+    block_size: int | tuple[int, int] | None = None,
+    scale_rule: ScaleRule | str | None = None,
+    rounding: Rounding | str = Rounding.NEAREST,
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | None = None,
+    pad: bool = True,
+) -> QTensor:
+    """Quantize ``x`` to ``fmt`` with one scale per block of the given granularity.
+
+    ``axis`` is the axis the blocks run along (for a GEMM operand, its contraction axis).
+    ``block_size`` is an int for 1-D blocks or a pair for 2-D blocks (``(16, 16)`` for NVFP4
+    weights). ``amax`` overrides the measured tensor amax (delayed scaling; tensor granularity
+    only). ``scale_rule="pow2"`` forces power-of-two scales; for MX, ``"mx_ceil"`` is the round-up
+    variant of the OCP rule. Blocks that do not divide the shape are zero-padded (``pad=True``) or
+    refused.
+    """
+    fmt = get(fmt)
+    granularity = Granularity(granularity)
+    check_format_for_granularity(fmt, granularity)
+    rule = ScaleRule(scale_rule) if scale_rule is not None else default_rule(granularity)
+    if amax is not None and granularity is not Granularity.TENSOR:
+        raise UsageError("an external amax (delayed scaling) needs granularity 'tensor'")
+    axis = axis % max(x.dim(), 1)
+
+    matrix = to_matrix(x.float(), axis)
+    rows, cols = matrix.shape
+    block = block_shape(granularity, (rows, cols), block_size)
+    blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)
+    block_amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+
+    tensor_scale = None
+    if granularity is Granularity.NVFP4:
+        tensor_amax = block_amax.amax() if amax is None else amax
+        scale, tensor_scale = nvfp4_scales(block_amax, tensor_amax)
+        divisor = scale * tensor_scale
+        divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+    else:
+        if amax is not None:
+            block_amax = amax.float().reshape(1, 1, 1, 1)
+        scale = scale_from_amax(block_amax, fmt, rule)
+        divisor = scale
+
+    scaled = blocks / divisor
+    values = cast(scaled, fmt, rounding, generator)
+    if granularity is Granularity.NVFP4:
+        values = torch.where(scale > 0, values, torch.zeros_like(values))
+    values = values.reshape(blocks.shape[0] * block[0], -1)[:rows, :cols]
+    values = from_matrix(values.to(carrier_dtype(fmt)), x.shape, axis)
+    return QTensor(
+        values=values,
+        scale=scale.reshape(blocks.shape[0], blocks.shape[2]),
+        fmt=fmt,
+        granularity=granularity,
+        block=block,
+        axis=axis,
+        tensor_scale=tensor_scale,
+    )

@@ -1,0 +1,144 @@
+"""Scaled quantization: how a tensor is cut into blocks and how each block's scale is chosen.
+
+A tensor is quantized along one ``axis`` (in training, a GEMM's contraction axis). The axis is moved
+last and the other dimensions are flattened into rows, giving an ``R x C`` matrix; a granularity is
+then a block shape ``(br, bc)`` on that matrix, and every block shares one scale ``s``:
+
+    values = cast(x / s, fmt)          dequantized = values * s
+
+==============  =====================  ===========================================================
+granularity     block (rows x cols)    scale
+==============  =====================  ===========================================================
+``tensor``      R x C                  one fp32 scale for the whole tensor
+``axis``        1 x C                  one scale per row, i.e. per slice along ``axis``
+``block``       1 x b                  1-D tiles along ``axis`` (DeepSeek-V3's 1x128)
+``block2d``     b0 x b1                2-D tiles (DeepSeek-V3's 128x128 weight blocks)
+``mx``          1 x 32                 e8m0 power-of-two scale, OCP MX v1.0 rules
+``nvfp4``       1 x 16 (or 16 x 16)    fp8_e4m3 block scale times an fp32 per-tensor scale
+==============  =====================  ===========================================================
+
+Scale rules (``ScaleRule``) for a block with largest magnitude ``amax`` and a format whose largest
+value is ``max``:
+
+- ``amax``:  ``s = amax / max`` in fp32: the block's largest value lands exactly on ``max``.
+- ``pow2``:  ``s = 2**ceil(log2(amax / max))``: the smallest power of two that avoids saturation;
+  dequantization is then exact multiplication by a power of two.
+- ``mx_floor`` (OCP MX v1.0 §6.3): ``s = 2**(floor(log2(amax)) - emax_elem)`` with ``emax_elem`` the
+  exponent of the element format's largest binade (e4m3: 8, e5m2: 15, e3m2: 4, e2m3: 2, e2m1: 2),
+  clamped to e8m0's range [-127, 127]. The block maximum may exceed ``max`` after scaling (by up to
+  2x less an ulp) and then saturates: the spec's behaviour.
+- ``mx_ceil``: the round-up variant, ``s = 2**ceil(log2(amax / max))`` clamped to e8m0's range,
+  which never saturates (torchao's ``RCEIL``).
+
+NVFP4 (NVIDIA, "Pretraining LLMs with NVFP4", 2025) uses two levels: a per-tensor fp32 scale
+``s_t = amax_tensor / (6 * 448)`` maps the tensor into the range of (fp4 max) x (e4m3 max), and each
+16-element block gets ``s_b = cast_e4m3(amax_block / 6 / s_t)``; elements are ``cast_e2m1(x / (s_b *
+s_t))``. A block whose e4m3 scale underflows to zero holds zeros.
+
+Integer formats use the ``amax`` rule with ``max = qmax`` (symmetric quantization).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.formats.cast import binade, cast, pow2
+from lowbit.formats.spec import FloatFormat, Format
+
+
+class Granularity(str, Enum):
+    TENSOR = "tensor"
+    AXIS = "axis"
+    BLOCK = "block"
+    BLOCK2D = "block2d"
+    MX = "mx"
+    NVFP4 = "nvfp4"
+
+
+class ScaleRule(str, Enum):
+    AMAX = "amax"
+    POW2 = "pow2"
+    MX_FLOOR = "mx_floor"
+    MX_CEIL = "mx_ceil"
+
+
+MX_BLOCK = 32  # OCP MX v1.0: k = 32 elements share one scale
+NVFP4_BLOCK = 16  # NVFP4: 16 elements share one e4m3 scale
+E8M0_EXP_MIN, E8M0_EXP_MAX = -127, 127  # exponents e8m0 can encode (0xFF is NaN)
+E4M3_MAX = 448.0  # fp8_e4m3 largest finite value: NVFP4's block-scale range
+FP4_MAX = 6.0  # fp4_e2m1 largest value
+
+
+def block_shape(
+    granularity: Granularity, shape_rc: tuple[int, int], block_size=None
+) -> tuple[int, int]:
+    """The ``(rows, cols)`` block of a granularity on an ``R x C`` matrix."""
+    rows, cols = shape_rc
+    if granularity is Granularity.TENSOR:
+        return max(rows, 1), max(cols, 1)
+    if granularity is Granularity.AXIS:
+        return 1, max(cols, 1)
+    if granularity is Granularity.MX:
+        return 1, block_size or MX_BLOCK
+    if granularity is Granularity.NVFP4:
+        if isinstance(block_size, tuple | list):
+            return int(block_size[0]), int(block_size[1])
+        return 1, block_size or NVFP4_BLOCK
+    if granularity is Granularity.BLOCK:
+        if block_size is None:
+            raise UsageError("granularity 'block' needs block_size (e.g. 128 for 1x128 tiles)")
+        return 1, int(block_size)
+    if block_size is None:
+        raise UsageError("granularity 'block2d' needs block_size (e.g. (128, 128))")
+    if isinstance(block_size, int):
+        return block_size, block_size
+    return int(block_size[0]), int(block_size[1])
+
+
+def default_rule(granularity: Granularity) -> ScaleRule:
+    return ScaleRule.MX_FLOOR if granularity is Granularity.MX else ScaleRule.AMAX
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.Tensor:
+    """The fp32 dequantization scale of blocks with largest magnitude ``amax`` (see module doc)."""
+    amax = amax.float()
+    fmt_max = fmt.max
+    if rule is ScaleRule.AMAX:
+        scale = amax / fmt_max
+        # An all-zero block keeps scale 1 (its values are 0); a tiny one keeps a non-zero scale.
+        scale = torch.where(amax > 0, scale.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
+        return torch.where(torch.isfinite(amax), scale, amax)
+    if rule is ScaleRule.MX_FLOOR:
+        emax_elem = math.floor(math.log2(fmt_max))
+        exponent = binade(amax) - emax_elem
+    else:  # POW2 and MX_CEIL: smallest power of two with amax / s <= max
+        ratio = amax / fmt_max
+        exponent = binade(ratio)
+        exponent = exponent + (ratio > pow2(exponent.clamp(-252, 127))).to(exponent.dtype)
+        exponent = torch.where(amax > 0, exponent, torch.zeros_like(exponent))
+    lo, hi = (E8M0_EXP_MIN, E8M0_EXP_MAX) if rule is not ScaleRule.POW2 else (-252, 127)
+    scale = pow2(exponent.clamp(lo, hi))
+    return torch.where(torch.isfinite(amax), scale, amax)
+
+
+def nvfp4_scales(
+    block_amax: torch.Tensor, tensor_amax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4's two-level scales: (e4m3-valued block scales, fp32 per-tensor scale)."""
+    tensor_amax = tensor_amax.float()
+    tensor_scale = torch.where(
+        tensor_amax > 0, tensor_amax / (FP4_MAX * E4M3_MAX), torch.ones_like(tensor_amax)
+    )
+    block_scale = cast((block_amax.float() / FP4_MAX) / tensor_scale, "fp8_e4m3")
+    return block_scale, tensor_scale
+
+
+def check_format_for_granularity(fmt: Format, granularity: Granularity) -> None:
+    if granularity is Granularity.NVFP4 and fmt.name != "fp4_e2m1":
+        raise UsageError(f"granularity 'nvfp4' needs format fp4_e2m1, got {fmt.name}")
+    if granularity is Granularity.MX and not isinstance(fmt, FloatFormat):
+        raise UsageError(f"granularity 'mx' needs a float element format, got {fmt.name}")

@@ -1,0 +1,171 @@
+"""Llama-style decoder-only language models (Hugging Face ``LlamaForCausalLM``).
+
+Llama's architecture: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases. Sizes are rows of
+`SIZES` (data, not code). ``tiny`` / ``small`` / ``medium`` are lowbit's own shapes for the byte
+tokenizer (about 0.9M / 11M / 40M parameters with vocab 257) and train on a CPU; the others are
+published shapes, used by the memory estimator and not meant to be instantiated on a CPU:
+
+- ``gpt2-124m``: GPT-2 small's width, depth, heads and 1024 positions, with a SwiGLU MLP of 2048
+  (three matrices of 2048 hold as many weights as GPT-2's two 4x GELU matrices) and tied
+  embeddings, so it has GPT-2's 124M parameters;
+- ``llama-1b``: Llama 3.2 1B (grouped-query attention, tied embeddings; the llama3 rope scaling
+  for long context is left out: it changes no shape);
+- ``llama-7b`` / ``llama-13b`` / ``llama-70b``: Llama 2.
+
+Input and output embeddings are untied unless the published model ties them: untied matrices
+let a precision recipe treat the LM head separately from the embedding lookup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError, choose
+
+_COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+SIZES: dict[str, dict] = {
+    "tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 344,
+        "max_position_embeddings": 1024,
+        "vocab_size": 257,
+    },
+    "small": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "intermediate_size": 1024,
+        "max_position_embeddings": 1024,
+        "vocab_size": 257,
+    },
+    "medium": {
+        "hidden_size": 512,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "intermediate_size": 1376,
+        "max_position_embeddings": 1024,
+        "vocab_size": 257,
+    },
+    "gpt2-124m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 2048,
+        "max_position_embeddings": 1024,
+        "vocab_size": 50257,
+        "tie_word_embeddings": True,
+    },
+    "llama-1b": {  # Llama 3.2 1B config.json
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+    },
+    "llama-7b": {  # Llama 2 7B config.json
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 4096,
+        "vocab_size": 32000,
+    },
+    "llama-13b": {  # Llama 2 13B config.json
+        "hidden_size": 5120,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "intermediate_size": 13824,
+        "max_position_embeddings": 4096,
+        "vocab_size": 32000,
+    },
+    "llama-70b": {  # Llama 2 70B config.json
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "intermediate_size": 28672,
+        "max_position_embeddings": 4096,
+        "vocab_size": 32000,
+    },
+}
+
+
+def list_sizes() -> list[str]:
+    """The named sizes, smallest first."""
+    return list(SIZES)
+
+
+def model_config(size: str, vocab_size: int | None = None):
+    """The ``LlamaConfig`` of a named size, with its default vocab unless ``vocab_size`` is given."""
+    from transformers import LlamaConfig
+
+    choose("model size", size, SIZES)
+    fields = {**_COMMON, **SIZES[size]}
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    return LlamaConfig(**fields)
+
+
+def max_positions(model) -> int:
+    """The longest sequence the model's position embedding was configured for."""
+    return int(model.config.max_position_embeddings)
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Raise a `UsageError` when ``seq_len`` exceeds the model's maximum positions."""
+    if seq_len > max_positions(model):
+        raise UsageError(
+            f"sequence length {seq_len} exceeds the model's {max_positions(model)} positions; "
+            "fix: use a shorter sequence length or a model with more positions"
+        )
+
+
+def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, seed: int = 0):
+    """A freshly initialized model of a named size; the init depends only on ``seed``.
+
+    The global torch RNG is left untouched. ``max_seq_len`` is checked against the size's positions.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = model_config(size, vocab_size)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    if max_seq_len is not None:
+        check_seq_len(model, max_seq_len)
+    return model
+
+
+def load_causal_lm(path, max_seq_len: int | None = None):
+    """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UsageError(
+            f"{path}: not a Hugging Face checkpoint folder (no config.json); fix: give a named "
+            f"size ({', '.join(SIZES)}) or a folder written by save_pretrained"
+        )
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, attn_implementation="sdpa"
+        )
+    except ValueError as error:
+        raise UsageError(
+            f"{path}: a {config.model_type!r} checkpoint is not a causal language model "
+            f"({str(error).splitlines()[0]}); fix: use a decoder checkpoint such as Llama or GPT-2"
+        ) from None
+    if max_seq_len is not None:
+        check_seq_len(model, max_seq_len)
+    return model
