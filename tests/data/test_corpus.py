@@ -1,0 +1,150 @@
+import hashlib
+import json
+
+import pytest
+
+from lowbit.data.corpus import (
+    SPLITS,
+    Document,
+    fingerprint,
+    load_corpus,
+    load_texts,
+    split_documents,
+    split_of,
+    stdlib_documents,
+)
+from lowbit.errors import UsageError
+
+
+def write_files(folder, count):
+    for i in range(count):
+        sub = folder / f"d{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}.txt").write_text(f"text number {i}\n")
+
+
+def test_split_rule_matches_the_documented_hash_rule():
+    for name in ("a.py", "json/decoder.py", "x.jsonl:3", "émoji.txt"):
+        bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 100
+        expected = "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+        assert split_of(name) == expected
+
+
+def test_split_is_disjoint_complete_and_independent_of_other_documents():
+    docs = [Document(f"f{i}.txt", str(i)) for i in range(400)]
+    splits = split_documents(docs)
+    names = [d.name for split in SPLITS for d in splits[split]]
+    assert sorted(names) == sorted(d.name for d in docs)  # every doc once, none twice
+    assert all(len(splits[s]) > 0 for s in SPLITS)
+    fewer = split_documents(docs[::2])
+    for split in SPLITS:
+        assert {d.name for d in fewer[split]} <= {d.name for d in splits[split]}
+
+
+def test_stdlib_corpus_excludes_tests_and_splits_about_90_5_5():
+    docs = stdlib_documents()
+    names = [d.name for d in docs]
+    assert names == sorted(names)
+    assert "json/decoder.py" in names
+    assert not any(
+        part in {"test", "tests", "idlelib", "lib2to3", "site-packages"}
+        for n in names
+        for part in n.split("/")[:-1]
+    )
+    corpus = load_corpus()
+    counts = {s: len(corpus.splits[s]) for s in SPLITS}
+    assert counts["train"] > 0.8 * len(docs)
+    assert 0 < counts["validation"] < 0.1 * len(docs)
+    assert 0 < counts["test"] < 0.1 * len(docs)
+    total = corpus.fingerprint["total"]
+    assert total["files"] == len(docs)
+    assert total["bytes"] == sum(len(d.text.encode()) for d in docs)
+    assert sum(corpus.fingerprint[s]["files"] for s in SPLITS) == len(docs)
+
+
+def test_fingerprint_stable_and_sensitive_to_content_and_names(tmp_path):
+    write_files(tmp_path, 6)
+    first = fingerprint(load_texts(tmp_path))
+    assert fingerprint(load_texts(tmp_path)) == first
+    assert first["files"] == 6
+    (tmp_path / "d0" / "f0.txt").write_text("text number 0!\n")
+    changed = fingerprint(load_texts(tmp_path))
+    assert changed["sha256"] != first["sha256"]
+    assert changed["bytes"] == first["bytes"] + 1
+    (tmp_path / "d0" / "f0.txt").rename(tmp_path / "d0" / "g0.txt")
+    assert fingerprint(load_texts(tmp_path))["sha256"] != changed["sha256"]
+
+
+def test_folder_reads_only_text_suffixes_recursively(tmp_path):
+    write_files(tmp_path, 4)
+    (tmp_path / "d1" / "notes.md").write_text("# md")
+    (tmp_path / "d1" / "code.py").write_text("x = 1")
+    (tmp_path / "d1" / "image.png").write_bytes(b"\x89PNG")
+    names = [d.name for d in load_texts(tmp_path)]
+    assert names == sorted(["d0/f0.txt", "d1/f1.txt", "d2/f2.txt", "d0/f3.txt", "d1/notes.md",
+                            "d1/code.py"])  # fmt: skip
+
+
+def test_glob_names_are_relative_to_the_fixed_prefix(tmp_path):
+    write_files(tmp_path, 5)
+    docs = load_texts(str(tmp_path / "**" / "*.txt"))
+    assert [d.name for d in docs] == sorted(f"d{i % 3}/f{i}.txt" for i in range(5))
+    only = load_texts(str(tmp_path / "d1" / "*.txt"))
+    assert [d.name for d in only] == ["f1.txt", "f4.txt"]
+
+
+def test_single_text_file_becomes_paragraph_documents(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("one\nstill one\n\n\ntwo\n\nthree")
+    docs = load_texts(path)
+    assert [(d.name, d.text) for d in docs] == [
+        ("book.txt:1", "one\nstill one\n"),
+        ("book.txt:5", "two\n"),
+        ("book.txt:7", "three"),
+    ]
+
+
+def test_jsonl_records_and_custom_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"body": "a"}) + "\n\n" + json.dumps({"body": "b"}) + "\n")
+    docs = load_texts(path, text_field="body")
+    assert [(d.name, d.text) for d in docs] == [("data.jsonl:1", "a"), ("data.jsonl:3", "b")]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok"}\n{"text": 1}\n', r"data\.jsonl:2: no string field 'text'"),
+        ('{"text": "ok"}\n{"other": "x"}\n', r"data\.jsonl:2: .*found: other"),
+        ('{"text": "ok"}\n\n{broken\n', r"data\.jsonl:3: invalid JSON"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        load_texts(path)
+
+
+def test_missing_empty_and_undecodable_data(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        load_texts(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no text found"):
+        load_texts(tmp_path / "empty")
+    with pytest.raises(UsageError, match="no text found"):
+        load_texts(str(tmp_path / "*.nothing"))
+    (tmp_path / "bad.txt").write_bytes(b"ok\xff")
+    with pytest.raises(UsageError, match=r"bad\.txt: not UTF-8 text \(byte 2\)"):
+        load_texts(tmp_path / "bad.txt")
+
+
+def test_user_corpus_empty_split_is_a_usage_error(tmp_path):
+    write_files(tmp_path, 1)
+    corpus = load_corpus(str(tmp_path))
+    only = next(s for s in SPLITS if corpus.splits[s])
+    assert corpus.texts(only) == ["text number 0\n"]
+    missing = next(s for s in SPLITS if not corpus.splits[s])
+    with pytest.raises(UsageError, match=f"the {missing} split is empty"):
+        corpus.split(missing)
+    assert corpus.fingerprint["source"] == str(tmp_path)
