@@ -24,6 +24,7 @@ import torch
 
 from lowbit.errors import UsageError, choose
 
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 SIZES: dict[str, dict] = {
@@ -157,15 +158,20 @@ def load_causal_lm(path, max_seq_len: int | None = None):
             f"size ({', '.join(SIZES)}) or a folder written by save_pretrained"
         )
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, attn_implementation="sdpa"
-        )
-    except ValueError as error:
+    architectures = config.architectures or []
+    model = None
+    if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, attn_implementation="sdpa"
+            )
+        except ValueError:  # no causal-LM class for this model type
+            model = None
+    if model is None:
         raise UsageError(
-            f"{path}: a {config.model_type!r} checkpoint is not a causal language model "
-            f"({str(error).splitlines()[0]}); fix: use a decoder checkpoint such as Llama or GPT-2"
-        ) from None
+            f"{path}: a {config.model_type!r} checkpoint ({', '.join(architectures) or 'no head'}) "
+            "is not a causal language model; fix: use a decoder checkpoint such as Llama or GPT-2"
+        )
     if max_seq_len is not None:
         check_seq_len(model, max_seq_len)
     return model

