@@ -3,7 +3,8 @@
 The documents of a split are tokenized and concatenated with the end-of-text id between them
 (`tokenize_split`). Training batches (`LMBatches`) are random windows of ``seq_len + 1`` tokens;
 ``input_ids`` is a window without its last token and ``labels`` the window without its first, so
-the model's shift-free loss is ``cross_entropy(logits, labels)``. Batch ``i`` is drawn from a
+the loss is ``cross_entropy(logits, labels)`` with no further shift (do not pass these labels
+to a Hugging Face model's ``labels=`` argument, which shifts again). Batch ``i`` is drawn from a
 generator seeded by ``(seed, i)``, so a run resumed from ``state_dict()`` continues with exactly
 the batches of an uninterrupted run.
 
