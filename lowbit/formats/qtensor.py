@@ -90,6 +90,7 @@ class QTensor:
     block: tuple[int, int]
     axis: int
     tensor_scale: torch.Tensor | None = None
+    scale_rule: ScaleRule | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -185,4 +186,5 @@ def quantize(
         block=block,
         axis=axis,
         tensor_scale=tensor_scale,
+        scale_rule=None if granularity is Granularity.NVFP4 else rule,
     )

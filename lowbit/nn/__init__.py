@@ -1,0 +1,18 @@
+"""Low-precision layers (`LowbitLinear`, `LowbitConv2d`) and `convert`."""
+
+from lowbit.nn.conv import LowbitConv2d
+from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
+from lowbit.nn.gemm import emulated_gemm, exact_accumulation
+from lowbit.nn.linear import LayerState, LowbitLinear, lowbit_linear
+
+__all__ = [
+    "ConversionReport",
+    "LayerState",
+    "LowbitConv2d",
+    "LowbitLinear",
+    "convert",
+    "emulated_gemm",
+    "exact_accumulation",
+    "lowbit_layers",
+    "lowbit_linear",
+]

@@ -1,0 +1,60 @@
+"""The low-precision Conv2d: im2col (``F.unfold``) and the three GEMMs of `LowbitLinearFunction`.
+
+A convolution with weight ``w`` (O x C x kh x kw) is the GEMM ``cols @ w.reshape(O, -1).T`` on the
+unfolded input ``cols`` (N*L x C*kh*kw, L output positions), so its forward, input-gradient and
+weight-gradient GEMMs are exactly a linear layer's, contracted over C*kh*kw, O and N*L. Gradients
+flow back through ``F.unfold`` to the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.nn.linear import LayerState, lowbit_linear
+from lowbit.recipes.recipe import LayerSpec
+
+
+def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
+    """Why a Conv2d cannot be converted, or None."""
+    if conv.groups != 1:
+        return "grouped convolution (groups > 1) is not converted"
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return "only numeric zero padding is converted"
+    return None
+
+
+class LowbitConv2d(torch.nn.Module):
+    """Drop-in `nn.Conv2d` (groups=1, zero padding) whose GEMMs follow a `LayerSpec`."""
+
+    def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.lowbit_state = LayerState(spec, seed)
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.lowbit_state.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.is_identity:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = cols.transpose(1, 2)  # N x L x C*kh*kw
+        weight = self.weight.reshape(self.out_channels, -1)
+        out = lowbit_linear(cols, weight, self.bias, self.lowbit_state)  # N x L x O
+        return out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, {self.spec.describe()}"
+        )

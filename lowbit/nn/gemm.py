@@ -1,0 +1,131 @@
+"""Emulated low-precision GEMMs: exact low-precision operands, fast higher-precision arithmetic.
+
+Both operands arrive quantized along the contraction axis K (their last axis): ``a`` is M x K, ``b``
+is N x K, and the result is ``a @ b.T`` in fp32. Every 4-, 6- and 8-bit float value is exactly
+representable in bf16, and the product of two bf16 values is exact in fp32, so a bf16 GEMM with
+fp32 accumulation computes the low-precision GEMM exactly up to the order of the accumulation.
+The scales are applied by where they vary:
+
+- constant along K (tensor, per row): the GEMM runs on the raw values and the output is scaled,
+  ``out[m, n] = (va @ vb.T)[m, n] * sa[m] * sb[n]``.
+- varying along K with power-of-two scales (MX e8m0, pow2) or NVFP4's e4m3 block scales: the block
+  scale is folded into the values first. ``v * 2**e`` only moves the exponent, and an e2m1 value
+  (2 significant bits) times an e4m3 scale (4 bits) has at most 6 significant bits, so the folded
+  operand is still exact in bf16 (within bf16's exponent range).
+- varying along K with fp32 scales (DeepSeek-V3 1x128 / 128x128 blocks): one GEMM per K block,
+  ``out = sum_k (va_k @ vb_k.T) * sa_k * sb_k``, the per-block partial products scaled and
+  accumulated in fp32 (DeepSeek-V3 §3.3 promotes partial sums to fp32 the same way).
+
+Integer operands use PyTorch's int8 GEMM (``torch._int_mm``, exact int32 accumulation). fp16 and
+fp32 operands do not fit bf16 and run as fp32 GEMMs (fp16 products are exact in fp32).
+
+On CPU, PyTorch's bf16 GEMM rounds its fp32 accumulator to a bf16 output. That is what a GPU GEMM
+with a bf16 output does too; `exact_accumulation()` switches to fp32 GEMMs (slower) so tests can
+compare against a float64 reference GEMM with a tight tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from lowbit.formats import Granularity, IntFormat, QTensor, ScaleRule
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def exact_accumulation():
+    """Within this context emulated GEMMs return fp32 accumulators instead of bf16 outputs."""
+    previous = getattr(_state, "exact", False)
+    _state.exact = True
+    try:
+        yield
+    finally:
+        _state.exact = previous
+
+
+def _exact() -> bool:
+    return getattr(_state, "exact", False)
+
+
+def _constant_along_k(q: QTensor) -> bool:
+    return q.block[1] >= q.shape[-1]
+
+
+def _foldable(q: QTensor) -> bool:
+    """True when block scales times values stay exact in bf16 (see module doc)."""
+    if q.granularity is Granularity.NVFP4:
+        return True
+    rule = q.scale_rule
+    return rule in (ScaleRule.MX_FLOOR, ScaleRule.MX_CEIL, ScaleRule.POW2)
+
+
+def _row_scale(q: QTensor) -> torch.Tensor:
+    """Per-row scale (rows x 1) of an operand whose scale is constant along K."""
+    grid = q.effective_scale()
+    return grid.repeat_interleave(q.block[0], 0)[: q.shape[0]]
+
+
+def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values with the block scales folded in, remaining per-row scale)."""
+    block_scale = q.scale.repeat_interleave(q.block[0], 0).repeat_interleave(q.block[1], 1)
+    block_scale = block_scale[: q.shape[0], : q.shape[1]]
+    folded = (q.values.float() * block_scale).to(q.values.dtype)
+    rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=folded.device)
+    return folded, rest.reshape(1, 1).expand(q.shape[0], 1)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` returned in fp32: bf16 GEMM when both are bf16 (unless exact), else fp32."""
+    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact():
+        return (a @ b.t()).float()
+    return a.float() @ b.float().t()
+
+
+def _grouped_mm(qa: QTensor, qb: QTensor) -> torch.Tensor:
+    """Per-K-block GEMMs with fp32 scales, accumulated in fp32 (DeepSeek-V3 style)."""
+    block = qa.block[1] if not _constant_along_k(qa) else qb.block[1]
+    m, k = qa.shape
+    n = qb.shape[0]
+    pad = (-k) % block
+    va = torch.nn.functional.pad(qa.values, (0, pad)).reshape(m, -1, block).transpose(0, 1)
+    vb = torch.nn.functional.pad(qb.values, (0, pad)).reshape(n, -1, block).transpose(0, 1)
+    if va.dtype == torch.bfloat16 and vb.dtype == torch.bfloat16 and not _exact():
+        partial = torch.bmm(va, vb.transpose(1, 2)).float()
+    else:
+        partial = torch.bmm(va.float(), vb.float().transpose(1, 2))
+    return (
+        partial * _k_block_scale(qa, block)[:, :, None] * _k_block_scale(qb, block)[:, None, :]
+    ).sum(0)
+
+
+def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
+    """Scale of every (K block, row) pair: shape (K/block, rows)."""
+    grid = q.effective_scale().repeat_interleave(q.block[0], 0)[: q.shape[0]]
+    blocks = -(-q.shape[1] // block)
+    if _constant_along_k(q):
+        return grid[:, :1].t().expand(blocks, -1)
+    if q.block[1] != block:
+        raise ValueError(f"operands have different K blocks ({q.block[1]} vs {block})")
+    return grid.t()
+
+
+def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
+    """``dequantize(qa) @ dequantize(qb).T`` in fp32, computed on the low-precision values."""
+    if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
+        if _constant_along_k(qa) and _constant_along_k(qb):
+            acc = torch._int_mm(qa.values.contiguous(), qb.values.t().contiguous()).float()
+            return acc * _row_scale(qa) * _row_scale(qb).t()
+        return _grouped_mm(qa, qb)
+    va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
+    vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
+    if va is None and _foldable(qa):
+        va, sa = _fold(qa)
+    if vb is None and _foldable(qb):
+        vb, sb = _fold(qb)
+    if va is None or vb is None:
+        return _grouped_mm(qa, qb)
+    return _mm(va, vb) * sa * sb.t()

@@ -1,0 +1,201 @@
+"""The low-precision linear layer: one autograd function, three quantized GEMMs.
+
+For ``x`` (M x K tokens by in-features) and ``w`` (N x K):
+
+    forward      out    = x @ w.T          operands x, w        contracted over K (in-features)
+    grad_input   grad_x = grad_out @ w     operands grad_out, w  contracted over N (out-features)
+    grad_weight  grad_w = grad_out.T @ x   operands grad_out, x  contracted over M (tokens)
+
+Each operand is quantized along its GEMM's contraction axis with its own `OperandSpec`, so the
+weight is quantized along K in the forward and along N in the input gradient, and the activation
+along K in the forward and along M in the weight gradient. With tensorwise scaling the quantized
+values do not depend on the axis, so the forward's quantized weight and activation are saved and
+reused (transposed) by the backward when the specs agree; otherwise the high-precision tensors are
+saved and quantized again, as torchao's float8 training does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats import Granularity, QTensor
+from lowbit.formats.hadamard import apply_blockwise, random_hadamard
+from lowbit.nn.gemm import emulated_gemm
+from lowbit.nn.operand import AmaxHistory, quantize_operand
+from lowbit.recipes.recipe import GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
+
+
+def _transposed(q: QTensor) -> QTensor:
+    return QTensor(
+        values=q.values.t(),
+        scale=q.scale,
+        fmt=q.fmt,
+        granularity=q.granularity,
+        block=(q.block[1], q.block[0]),
+        axis=q.axis,
+        tensor_scale=q.tensor_scale,
+        scale_rule=q.scale_rule,
+    )
+
+
+def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
+    """A tensorwise, current-scaled operand quantizes to the same values along any axis."""
+    return (
+        forward == backward
+        and forward.granularity is Granularity.TENSOR
+        and forward.scaling is Scaling.CURRENT
+        and forward.rounding.value == "nearest"
+    )
+
+
+class LayerState:
+    """Per-layer numerics state: delayed-scaling histories and the Hadamard matrices."""
+
+    def __init__(self, spec: LayerSpec, seed: int = 0):
+        self.spec = spec
+        self.histories = {
+            name: AmaxHistory(operand.amax_history)
+            for name, operand in spec.operands().items()
+            if operand.scaling is Scaling.DELAYED
+        }
+        self.seed = seed
+        # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
+        # a GPU) while returning the autocast/input dtype so that other ops see one dtype.
+        self.output_rounding: torch.dtype | None = None
+        self._hadamard: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def hadamard(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
+        key = (gemm.transform_block, device)
+        if key not in self._hadamard:
+            self._hadamard[key] = random_hadamard(gemm.transform_block, self.seed).to(device)
+        return self._hadamard[key]
+
+    def commit(self) -> None:
+        for history in self.histories.values():
+            history.commit()
+
+    def state_dict(self) -> dict:
+        return {name: h.state_dict() for name, h in self.histories.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, h in self.histories.items():
+            if name in state:
+                h.load_state_dict(state[name])
+
+
+def quantized_gemm(
+    a: torch.Tensor, b: torch.Tensor, gemm: GemmSpec, state: LayerState, names: tuple[str, str]
+) -> torch.Tensor:
+    """``a @ b.T`` (fp32) with both operands quantized along their last axis by ``gemm``."""
+    if gemm.transform is Transform.HADAMARD:
+        h = state.hadamard(gemm, a.device)
+        a, b = apply_blockwise(a.float(), h), apply_blockwise(b.float(), h)
+    qa = quantize_operand(a, gemm.a, state.histories.get(names[0]))
+    qb = quantize_operand(b, gemm.b, state.histories.get(names[1]))
+    return emulated_gemm(qa, qb)
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LowbitLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype):
+        spec = state.spec
+        with torch.autocast(x.device.type, enabled=False):
+            forward = spec.forward
+            if forward.transform is Transform.NONE:
+                qx = quantize_operand(x, forward.a, state.histories.get("forward.x"))
+                qw = quantize_operand(weight, forward.b, state.histories.get("forward.w"))
+                out = emulated_gemm(qx, qw)
+            else:
+                qx = qw = None
+                out = quantized_gemm(x, weight, forward, state, ("forward.x", "forward.w"))
+            if bias is not None:
+                out = out + bias.float()
+            if state.output_rounding is not None:
+                out = out.to(state.output_rounding)
+            out = out.to(out_dtype)
+        reuse_w = qw is not None and _reusable(forward.b, spec.grad_input.b)
+        reuse_x = qx is not None and _reusable(forward.a, spec.grad_weight.b)
+        ctx.saved_quantized = (qw if reuse_w else None, qx if reuse_x else None)
+        ctx.save_for_backward(None if reuse_x else x, None if reuse_w else weight)
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        qw, qx = ctx.saved_quantized
+        state: LayerState = ctx.state
+        spec = state.spec
+        grad_x = grad_w = grad_bias = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gemm = spec.grad_input
+                if qw is not None:
+                    qg = quantize_operand(
+                        grad_out, gemm.a, state.histories.get("grad_input.grad_out")
+                    )
+                    grad_x = emulated_gemm(qg, _transposed(qw))
+                else:
+                    grad_x = quantized_gemm(
+                        grad_out, weight.t(), gemm, state, ("grad_input.grad_out", "grad_input.w")
+                    )
+                grad_x = grad_x.to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                gemm = spec.grad_weight
+                grad_out_t = grad_out.t()
+                if qx is not None:
+                    qg = quantize_operand(
+                        grad_out_t, gemm.a, state.histories.get("grad_weight.grad_out")
+                    )
+                    grad_w = emulated_gemm(qg, _transposed(qx))
+                else:
+                    grad_w = quantized_gemm(
+                        grad_out_t, x.t(), gemm, state, ("grad_weight.grad_out", "grad_weight.x")
+                    )
+                grad_w = grad_w.to(ctx.weight_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
+        return grad_x, grad_w, grad_bias, None, None
+
+
+def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
+    """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
+    x2d = x.reshape(-1, x.shape[-1])
+    out = LowbitLinearFunction.apply(x2d, weight, bias, state, _output_dtype(x))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class LowbitLinear(torch.nn.Module):
+    """Drop-in `nn.Linear` whose GEMMs follow a `LayerSpec`; shares the original Parameters."""
+
+    def __init__(self, linear: torch.nn.Linear, spec: LayerSpec, seed: int = 0):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.lowbit_state = LayerState(spec, seed)
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.lowbit_state.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.is_identity:
+            return F.linear(x, self.weight, self.bias)
+        return lowbit_linear(x, self.weight, self.bias, self.lowbit_state)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.spec.describe()}"
+        )

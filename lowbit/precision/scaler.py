@@ -1,0 +1,99 @@
+"""Loss scaling: keep small fp16 gradients above fp16's underflow threshold.
+
+The loss is multiplied by a scale ``S`` before backward, so every gradient is ``S`` times larger,
+and gradients are divided by ``S`` (unscaled) before the optimizer step. Dynamic scaling
+(Micikevicius et al. 2018) halves ``S`` and skips the step when a gradient is inf/NaN, and doubles
+``S`` after ``growth_interval`` overflow-free steps. The arithmetic is PyTorch's own
+(``torch._amp_foreach_non_finite_check_and_unscale_``, ``torch._amp_update_scale_``), so the scale
+trajectory equals ``torch.amp.GradScaler``'s for the same gradients.
+
+`NoLossScaler` is the disabled feature as an object: scale 1, nothing to unscale, never skips.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class NoLossScaler:
+    enabled = False
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, grads: list[torch.Tensor]) -> bool:
+        """Returns whether every gradient is finite (always True: no check is made)."""
+        return True
+
+    def update(self, found_inf: bool) -> None:
+        pass
+
+    @property
+    def value(self) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LossScaler:
+    """Static (``dynamic=False``) or dynamic loss scaling with GradScaler's defaults."""
+
+    enabled = True
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        dynamic: bool = True,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
+        self._scale = torch.full((), init_scale, dtype=torch.float32)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32)
+        self.dynamic = dynamic
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale.to(loss.device)
+
+    def unscale_(self, grads: list[torch.Tensor]) -> bool:
+        """Divide ``grads`` by the scale in place; returns whether all of them are finite."""
+        found_inf = torch.zeros(1, dtype=torch.float32)
+        inv_scale = self._scale.double().reciprocal().float().reshape(1)
+        by_device: dict[tuple, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_device.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (device, _), group in by_device.items():
+            found = found_inf.to(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(device))
+            found_inf = found_inf + found.cpu()
+        return found_inf.item() == 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.dynamic:
+            return
+        torch._amp_update_scale_(
+            self._scale,
+            self._growth_tracker,
+            torch.full((1,), float(found_inf)),
+            self.growth_factor,
+            self.backoff_factor,
+            self.growth_interval,
+        )
+
+    @property
+    def value(self) -> float:
+        return self._scale.item()
+
+    def state_dict(self) -> dict:
+        return {"scale": self._scale.clone(), "growth_tracker": self._growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._scale = state["scale"].clone()
+        self._growth_tracker = state["growth_tracker"].clone()

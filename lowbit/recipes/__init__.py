@@ -1,0 +1,32 @@
+"""Recipes (what precision every operand uses) and the named presets."""
+
+from lowbit.recipes.presets import get_recipe, names, parse_override, register
+from lowbit.recipes.recipe import (
+    GemmSpec,
+    LayerSpec,
+    LossScaling,
+    OperandSpec,
+    Override,
+    Recipe,
+    Scaling,
+    Transform,
+    UpdateRounding,
+    uniform_layer,
+)
+
+__all__ = [
+    "GemmSpec",
+    "LayerSpec",
+    "LossScaling",
+    "OperandSpec",
+    "Override",
+    "Recipe",
+    "Scaling",
+    "Transform",
+    "UpdateRounding",
+    "get_recipe",
+    "names",
+    "parse_override",
+    "register",
+    "uniform_layer",
+]

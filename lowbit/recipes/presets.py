@@ -1,0 +1,221 @@
+"""Named recipes. The names are public interface: scripts and configs refer to them.
+
+Each preset cites the paper or system it follows; docs/recipes.md tabulates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lowbit.errors import UsageError
+from lowbit.formats import Granularity
+from lowbit.recipes.recipe import (
+    GemmSpec,
+    LayerSpec,
+    LossScaling,
+    OperandSpec,
+    Override,
+    Recipe,
+    Scaling,
+    UpdateRounding,
+    uniform_layer,
+)
+
+BF16 = OperandSpec("bf16")
+FP16 = OperandSpec("fp16")
+E4M3 = OperandSpec("fp8_e4m3")
+E5M2 = OperandSpec("fp8_e5m2")
+
+# Layers that low-precision recipes keep in high precision: the output head (its logits feed the
+# softmax of a large vocabulary) and, for CNN heads, the classifier. Embeddings and norms are not
+# GEMM layers and are never converted. Published fp8 recipes do the same (torchao, Transformer
+# Engine and DeepSeek-V3 all keep the output head in bf16).
+KEEP_HEAD = (
+    Override("lm_head", None, "output head kept in high precision"),
+    Override("classifier", None, "classification head kept in high precision"),
+    Override("head", None, "classification head kept in high precision"),
+)
+
+_PRESETS: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    _PRESETS[recipe.name] = recipe
+    return recipe
+
+
+register(Recipe("fp32", "fp32 everywhere: the reference", reference="IEEE fp32 training"))
+register(
+    Recipe(
+        "bf16-mixed",
+        "fp32 params and optimizer, bf16 compute via autocast",
+        autocast="bf16",
+        reference="torch.autocast bf16 (Kalamkar et al. 2019)",
+    )
+)
+register(
+    Recipe(
+        "fp16-mixed",
+        "fp32 params, fp16 compute, dynamic loss scaling",
+        autocast="fp16",
+        layer=uniform_layer(FP16),
+        loss_scaling=LossScaling.DYNAMIC,
+        emulate_fp16_gemms_on_cpu=True,
+        reference="Micikevicius et al. 2018; torch.autocast + GradScaler",
+    )
+)
+register(
+    Recipe(
+        "fp16-low",
+        "fp16 params and activations, fp32 master weights, dynamic loss scaling (O2)",
+        param_dtype="fp16",
+        master_dtype="fp32",
+        layer=uniform_layer(FP16),
+        loss_scaling=LossScaling.DYNAMIC,
+        emulate_fp16_gemms_on_cpu=True,
+        reference='Micikevicius et al. 2018; NVIDIA Apex "O2"',
+    )
+)
+register(
+    Recipe(
+        "bf16-low",
+        "bf16 params and activations, fp32 master weights (O2)",
+        param_dtype="bf16",
+        master_dtype="fp32",
+        reference='NVIDIA Apex "O2" with bf16',
+    )
+)
+register(
+    Recipe(
+        "bf16-pure",
+        "bf16 params, no master weights, nearest rounding (small updates are lost)",
+        param_dtype="bf16",
+        reference="Zamirai et al. 2020 (baseline)",
+    )
+)
+register(
+    Recipe(
+        "bf16-pure-sr",
+        "bf16 params, no master weights, stochastic rounding of the update",
+        param_dtype="bf16",
+        update_rounding=UpdateRounding.STOCHASTIC,
+        reference="Zamirai et al. 2020",
+    )
+)
+register(
+    Recipe(
+        "bf16-pure-kahan",
+        "bf16 params, no master weights, Kahan-compensated update (one bf16 buffer)",
+        param_dtype="bf16",
+        update_rounding=UpdateRounding.KAHAN,
+        reference="Zamirai et al. 2020",
+    )
+)
+
+
+def fp8_recipe(name: str, description: str, layer: LayerSpec, reference: str) -> Recipe:
+    """fp8 GEMMs in converted layers, bf16 autocast elsewhere, fp32 params (torchao float8)."""
+    return Recipe(
+        name, description, layer=layer, autocast="bf16", overrides=KEEP_HEAD, reference=reference
+    )
+
+
+register(
+    fp8_recipe(
+        "fp8-tensorwise",
+        "fp8 e4m3 forward, e5m2 gradients, one current scale per tensor",
+        uniform_layer(E4M3, E5M2),
+        "torchao float8 tensorwise; Micikevicius et al. 2022",
+    )
+)
+_DELAYED_E4M3 = OperandSpec("fp8_e4m3", scaling=Scaling.DELAYED, amax_history=16)
+_DELAYED_E5M2 = OperandSpec("fp8_e5m2", scaling=Scaling.DELAYED, amax_history=16)
+register(
+    fp8_recipe(
+        "fp8-delayed",
+        "fp8 e4m3/e5m2 with delayed scaling from a 16-step amax history",
+        uniform_layer(_DELAYED_E4M3, _DELAYED_E5M2),
+        "NVIDIA Transformer Engine DelayedScaling",
+    )
+)
+_ROW_E4M3 = OperandSpec("fp8_e4m3", Granularity.AXIS)
+_ROW_E5M2 = OperandSpec("fp8_e5m2", Granularity.AXIS)
+register(
+    fp8_recipe(
+        "fp8-rowwise",
+        "fp8 e4m3 forward, e5m2 gradients, one scale per row along the contraction axis",
+        uniform_layer(_ROW_E4M3, _ROW_E5M2),
+        "torchao float8 rowwise",
+    )
+)
+_INT8_ROW = OperandSpec("int8", Granularity.AXIS)
+register(
+    Recipe(
+        "int8",
+        "row-wise symmetric int8 weights and activations in the forward GEMMs, bf16 backward",
+        layer=LayerSpec(
+            forward=GemmSpec(_INT8_ROW, _INT8_ROW),
+            grad_input=GemmSpec(BF16, BF16),
+            grad_weight=GemmSpec(BF16, BF16),
+        ),
+        autocast="bf16",
+        overrides=KEEP_HEAD,
+        reference="SwitchBack (Wortsman et al. 2023), int8 forward GEMMs",
+    )
+)
+
+
+def names() -> list[str]:
+    return list(_PRESETS)
+
+
+def get_recipe(name: str | Recipe) -> Recipe:
+    """The preset called ``name`` (a Recipe is returned as it is)."""
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown recipe {name!r}; valid recipes: {', '.join(_PRESETS)}") from None
+
+
+def parse_override(text: str, recipe: Recipe) -> Override:
+    """An override from ``PATTERN=WHAT`` as `lowbit train --override` takes it.
+
+    ``WHAT`` is ``keep`` (high precision), a preset name (that preset's layer spec), or a comma
+    list ``OPERAND:FORMAT`` changing operands of the recipe's layer spec, with OPERAND one of
+    ``forward.x, forward.w, grad_input.grad_out, grad_input.w, grad_weight.grad_out,
+    grad_weight.x`` (e.g. ``model.layers.0.*=grad_weight.grad_out:bf16``).
+    """
+    pattern, sep, what = text.partition("=")
+    if not sep or not pattern or not what:
+        raise UsageError(
+            f"override {text!r} is not PATTERN=WHAT; e.g. 'lm_head=keep' or "
+            "'model.layers.0.*=grad_weight.grad_out:bf16'"
+        )
+    if what == "keep":
+        return Override(pattern, None, f"override {text}")
+    if what in _PRESETS:
+        return Override(pattern, _PRESETS[what].layer, f"override {text}")
+    base = recipe.layer or LayerSpec()
+    operands = dict(base.operands())
+    for item in what.split(","):
+        operand, _, fmt = item.partition(":")
+        if operand not in operands or not fmt:
+            raise UsageError(
+                f"override {text!r}: {item!r} is not OPERAND:FORMAT with OPERAND one of "
+                f"{', '.join(operands)} (or use 'keep' or a recipe name)"
+            )
+        old = operands[operand]
+        plain = fmt in ("fp32", "bf16", "fp16")
+        operands[operand] = OperandSpec(fmt) if plain else replace(old, format=fmt)
+    layer = LayerSpec(
+        forward=GemmSpec(operands["forward.x"], operands["forward.w"], base.forward.transform),
+        grad_input=GemmSpec(
+            operands["grad_input.grad_out"], operands["grad_input.w"], base.grad_input.transform
+        ),
+        grad_weight=GemmSpec(
+            operands["grad_weight.grad_out"], operands["grad_weight.x"], base.grad_weight.transform
+        ),
+    )
+    return Override(pattern, layer, f"override {text}")

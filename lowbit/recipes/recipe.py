@@ -1,0 +1,221 @@
+"""Recipes: what precision each GEMM operand, parameter, gradient and update uses.
+
+A recipe is a frozen dataclass composed of smaller frozen specs. A layer's three GEMMs are
+
+    forward       out    = x @ w.T         contraction over in_features
+    grad_input    grad_x = grad_out @ w    contraction over out_features
+    grad_weight   grad_w = grad_out.T @ x  contraction over the tokens (batch x sequence)
+
+and each of the six operands has an `OperandSpec`, quantized along its GEMM's contraction axis.
+Everything outside those GEMMs (bias, norms, softmax, losses) runs in the recipe's compute dtype.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
+
+
+class Scaling(str, Enum):
+    CURRENT = "current"  # scale from this tensor's amax (just-in-time)
+    DELAYED = (
+        "delayed"  # scale from the max of an amax history of earlier steps (Transformer Engine)
+    )
+
+
+class LossScaling(str, Enum):
+    NONE = "none"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+class UpdateRounding(str, Enum):
+    NEAREST = "nearest"  # round the updated weight to the parameter dtype, ties to even
+    STOCHASTIC = "stochastic"  # unbiased rounding of the updated weight (Zamirai et al. 2020)
+    KAHAN = "kahan"  # keep the rounding error in a compensation buffer (Kahan summation)
+
+
+class Transform(str, Enum):
+    NONE = "none"
+    HADAMARD = "hadamard"  # random Hadamard transform along the contraction axis
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(name: str | None) -> torch.dtype | None:
+    return None if name is None else DTYPES[name]
+
+
+@dataclass(frozen=True)
+class OperandSpec:
+    """How one GEMM operand is quantized: format, blocks, scale rule, rounding and scaling."""
+
+    format: str = "fp32"
+    granularity: Granularity = Granularity.TENSOR
+    block_size: int | tuple[int, int] | None = None
+    scale_rule: ScaleRule | None = None
+    rounding: Rounding = Rounding.NEAREST
+    scaling: Scaling = Scaling.CURRENT
+    amax_history: int = 16
+
+    def __post_init__(self) -> None:
+        fmt = get(self.format)
+        object.__setattr__(self, "granularity", Granularity(self.granularity))
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        object.__setattr__(self, "scaling", Scaling(self.scaling))
+        if self.scale_rule is not None:
+            object.__setattr__(self, "scale_rule", ScaleRule(self.scale_rule))
+        if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
+            raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
+        if self.amax_history < 1:
+            raise UsageError("amax_history must be at least 1")
+        if self.is_plain_cast and self.granularity is not Granularity.TENSOR:
+            raise UsageError(f"{fmt.name} operands are cast without scales; use granularity tensor")
+
+    @property
+    def is_plain_cast(self) -> bool:
+        """fp32/bf16/fp16 operands are rounded to the dtype, with no scale (fp32: untouched)."""
+        return self.format in DTYPES
+
+    @property
+    def is_identity(self) -> bool:
+        return self.format == "fp32"
+
+    def describe(self) -> str:
+        if self.is_plain_cast:
+            return self.format
+        text = f"{self.format}/{self.granularity.value}"
+        if self.block_size is not None and self.granularity is not Granularity.MX:
+            size = self.block_size
+            text += f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"1x{size}"
+        if self.scaling is Scaling.DELAYED:
+            text += f"/delayed{self.amax_history}"
+        if self.rounding is Rounding.STOCHASTIC:
+            text += "/sr"
+        return text
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """The two operands of one GEMM ``a @ b.T`` (both contracted along their last axis)."""
+
+    a: OperandSpec = field(default_factory=OperandSpec)
+    b: OperandSpec = field(default_factory=OperandSpec)
+    transform: Transform = Transform.NONE
+    transform_block: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transform", Transform(self.transform))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The three GEMMs of a linear (or im2col convolution) layer."""
+
+    forward: GemmSpec = field(default_factory=GemmSpec)
+    grad_input: GemmSpec = field(default_factory=GemmSpec)
+    grad_weight: GemmSpec = field(default_factory=GemmSpec)
+
+    def operands(self) -> dict[str, OperandSpec]:
+        """Every operand by a stable name: ``forward.x``, ``grad_weight.grad_out`` ..."""
+        return {
+            "forward.x": self.forward.a,
+            "forward.w": self.forward.b,
+            "grad_input.grad_out": self.grad_input.a,
+            "grad_input.w": self.grad_input.b,
+            "grad_weight.grad_out": self.grad_weight.a,
+            "grad_weight.x": self.grad_weight.b,
+        }
+
+    @property
+    def is_identity(self) -> bool:
+        return all(spec.is_identity for spec in self.operands().values())
+
+    def describe(self) -> str:
+        ops = self.operands()
+        return (
+            f"fwd {ops['forward.x'].describe()} x {ops['forward.w'].describe()}; "
+            f"dgrad {ops['grad_input.grad_out'].describe()} x {ops['grad_input.w'].describe()}; "
+            f"wgrad {ops['grad_weight.grad_out'].describe()} x {ops['grad_weight.x'].describe()}"
+        )
+
+
+def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> LayerSpec:
+    """A layer whose forward operands share one spec and whose gradient GEMMs use ``backward``
+    for the output gradient and ``forward`` for the weight and activation."""
+    backward = backward or forward
+    return LayerSpec(
+        forward=GemmSpec(forward, forward),
+        grad_input=GemmSpec(backward, forward),
+        grad_weight=GemmSpec(backward, forward),
+    )
+
+
+@dataclass(frozen=True)
+class Override:
+    """Layers whose fully qualified name matches ``pattern`` (fnmatch glob) use ``layer``;
+    ``layer=None`` keeps them in the recipe's high precision (not converted)."""
+
+    pattern: str
+    layer: LayerSpec | None = None
+    reason: str = "kept in high precision by the recipe"
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete training precision: GEMMs, parameters, master weights, loss scaling, update."""
+
+    name: str
+    description: str
+    layer: LayerSpec | None = None  # None: no layer is converted
+    autocast: str | None = None  # "bf16"/"fp16": torch.autocast dtype for unconverted ops
+    param_dtype: str = "fp32"
+    master_dtype: str | None = None  # "fp32": optimizer steps on fp32 copies of 16-bit params
+    grad_dtype: str | None = None  # dtype gradients are reduced/stored in (default: param dtype)
+    loss_scaling: LossScaling = LossScaling.NONE
+    initial_loss_scale: float = 2.0**16
+    update_rounding: UpdateRounding = UpdateRounding.NEAREST
+    overrides: tuple[Override, ...] = ()
+    emulate_fp16_gemms_on_cpu: bool = False  # fp16 compute as fp16-rounded GEMM operands on CPU
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss_scaling", LossScaling(self.loss_scaling))
+        object.__setattr__(self, "update_rounding", UpdateRounding(self.update_rounding))
+        for name in (self.param_dtype, self.master_dtype, self.grad_dtype, self.autocast):
+            if name is not None and name not in DTYPES:
+                raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        if self.update_rounding is not UpdateRounding.NEAREST and self.param_dtype == "fp32":
+            raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
+        if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
+            raise UsageError("Kahan compensation replaces master weights; use one or the other")
+
+    def layer_for(self, name: str) -> tuple[LayerSpec | None, str]:
+        """The layer spec for the module called ``name`` and why (first matching override wins)."""
+        for override in self.overrides:
+            if override.matches(name):
+                return override.layer, override.reason
+        if self.layer is None:
+            return None, "the recipe converts no layers"
+        return self.layer, "recipe default"
+
+    def with_overrides(self, *overrides: Override) -> Recipe:
+        """A copy whose new overrides take precedence over the existing ones."""
+        return replace(self, overrides=tuple(overrides) + self.overrides)
+
+    @property
+    def low_precision_formats(self) -> list[str]:
+        if self.layer is None:
+            return []
+        names = {spec.format for spec in self.layer.operands().values()}
+        return sorted(n for n in names if isinstance(get(n), FloatFormat) and n not in DTYPES)
