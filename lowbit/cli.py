@@ -13,6 +13,9 @@ from lowbit.errors import UsageError
 
 COMMAND_MODULES = [
     "formats",
+    "train",
+    "eval",
+    "generate",
 ]
 
 

@@ -1,0 +1,36 @@
+"""`lowbit eval RUN_DIR`: evaluate a run's checkpoint on its validation or test split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "eval"
+HELP = (
+    "Evaluate a run's checkpoint: loss and perplexity (causal-lm), accuracy and per-label report "
+    "(classification)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
+    parser.add_argument("--split", default="validation", help="validation (default), test or train")
+    parser.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: latest)")
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="evaluate only this many batches (default: the whole split)",
+    )
+    parser.add_argument("--device", default=None, help="device (default: the run's)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+
+
+def run(args) -> int:
+    from lowbit.train import evaluate_run
+
+    metrics, text = evaluate_run(
+        args.run_dir, args.split, args.checkpoint, args.max_batches, args.device
+    )
+    print(json.dumps(metrics) if args.json else text)
+    return 0

@@ -1,0 +1,48 @@
+"""`lowbit generate RUN_DIR --prompt ...`: sample text from a trained causal LM."""
+
+from __future__ import annotations
+
+import argparse
+
+from lowbit.errors import UsageError
+
+NAME = "generate"
+HELP = "Sample text from a causal-LM run's checkpoint."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
+    parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="softmax temperature; 0 is greedy (default 0.8)",
+    )
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (40)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: latest)")
+    parser.add_argument("--device", default=None, help="device (default: the run's)")
+
+
+def run(args) -> int:
+    from lowbit.train import load_run, sample_text
+
+    loaded = load_run(args.run_dir, args.checkpoint, args.device)
+    if loaded.config.task != "causal-lm":
+        raise UsageError(
+            f"{args.run_dir} is a {loaded.config.task} run; fix: generate from a causal-lm run"
+        )
+    text = sample_text(
+        loaded.model,
+        loaded.task.tokenizer,
+        loaded.precision,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )
+    print(text)
+    return 0

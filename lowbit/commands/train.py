@@ -1,0 +1,111 @@
+"""`lowbit train`: train a model in a precision recipe, with checkpoints, tracking and progress."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lowbit.errors import UsageError
+
+NAME = "train"
+HELP = (
+    "Train a model (causal-lm, token-classification, image-classification) in a precision recipe. "
+    "With no arguments: a tiny Llama on the Python stdlib in bf16-mixed, a few minutes on a CPU."
+)
+
+# flag -> (TrainConfig field, type, help); every default is None so that only given flags override
+# the config file (or the saved config of a resumed run).
+FLAGS = [
+    ("--task", str, "causal-lm (default), token-classification or image-classification"),
+    ("--model", str, "a named size (tiny, small, ...), 'minilm', or a local Hugging Face folder"),
+    ("--recipe", str, "precision recipe (default bf16-mixed); see lowbit.recipe_names()"),
+    ("--data", str, "a folder, glob, text or JSONL file (causal-lm), or CoNLL file/folder"),
+    ("--text-field", str, "the JSONL field that holds the text (default text)"),
+    ("--tokenizer", str, "byte (default) or bpe (trained on the train split)"),
+    ("--vocab-size", int, "BPE vocabulary size (default 2048)"),
+    ("--steps", int, "optimizer steps (task default; or use --epochs)"),
+    ("--epochs", float, "passes over the training data instead of --steps"),
+    ("--batch-size", int, "examples per micro-batch"),
+    ("--seq-len", int, "tokens per example"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr", float, "learning rate at the end of the cosine decay (default lr/10)"),
+    ("--warmup-steps", int, "linear warmup steps"),
+    ("--weight-decay", float, "AdamW weight decay of matrices"),
+    ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--grad-clip", float, "clip the gradient norm to this (default 1.0; 0 measures only)"),
+    ("--seed", int, "seed of initialization, data order and sampling (default 0)"),
+    ("--eval-interval", int, "steps between validation evaluations"),
+    ("--eval-batches", int, "validation batches per evaluation (default 8)"),
+    ("--save-interval", int, "steps between checkpoints (default: the eval interval)"),
+    ("--keep-last", int, "checkpoints to keep (default 2)"),
+    ("--out", str, "run folder (default runs/<task>-<recipe>-<timestamp>)"),
+    ("--device", str, "auto (default), cpu, cuda or cuda:N"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
+    for flag, kind, text in FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        default=None,
+        help="also log to Weights & Biases in offline mode (if installed)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (or --out) from its last checkpoint",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args):
+    """The run's `TrainConfig`: saved config (resume) < config file < flags."""
+    from lowbit.train.config import build_config, load_file, read
+
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in FLAGS
+    }
+    overrides["wandb"] = args.wandb
+    if isinstance(args.resume, str):
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise UsageError(f"--resume {args.resume} and --out {args.out} differ; fix: give one")
+        overrides["out"] = args.resume
+    base = {}
+    if args.resume:
+        if overrides["out"] is None:
+            raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
+        base = read(overrides["out"]).to_dict()
+    if args.config:
+        base.update(load_file(args.config))
+    return build_config(base, overrides)
+
+
+def run(args) -> int:
+    from lowbit.train import NonFiniteLoss, train
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; fix: give one")
+    config = config_from_args(args)
+    try:
+        result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
+    except NonFiniteLoss as error:
+        print(f"lowbit: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowbit: aborted; the last complete checkpoint is intact", file=sys.stderr)
+        return 130
+    print(result.summary())
+    if result.status == "interrupted":
+        print(f"resume with: lowbit train --resume {result.run_dir}")
+        return 130
+    print(f"next: lowbit eval {result.run_dir}  |  tensorboard --logdir {result.run_dir}")
+    return 0

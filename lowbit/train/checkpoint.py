@@ -1,0 +1,97 @@
+"""Checkpoints in ``<run>/checkpoints/step-NNNNNNN.pt``, written atomically, the last N kept.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then renamed
+over its final name with `os.replace` (atomic on POSIX); the folder is fsynced so the rename itself
+survives a power cut. A crash mid-write leaves at most a ``.tmp`` file, which `latest` ignores and
+the next save removes; the previous checkpoints are only deleted after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+
+FOLDER = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def path_for(run_dir, step: int) -> Path:
+    return Path(run_dir) / FOLDER / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save(state: dict, run_dir, step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep_last``."""
+    final = path_for(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load(path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise UsageError(
+            f"{path}: unreadable checkpoint ({error}); fix: use an older one"
+        ) from None
+
+
+def find(run_dir, checkpoint: str | None = None) -> Path:
+    """``checkpoint`` if given, else the run's latest; a `UsageError` when there is none."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UsageError(f"{checkpoint}: no such checkpoint; fix: check the path")
+        return path
+    path = latest(run_dir)
+    if path is None:
+        raise UsageError(
+            f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first (lowbit train --out {run_dir})"
+        )
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

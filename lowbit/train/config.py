@@ -1,0 +1,261 @@
+"""A training run's settings: `TrainConfig`, loaded from a YAML/TOML file and overridden by flags.
+
+Fields left at ``None`` take their task's default in `resolve` (see `TASK_DEFAULTS`); the resolved
+config is what the run folder records in ``config.yaml`` and what ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from lowbit.errors import UsageError, choose
+
+TASKS = ("causal-lm", "token-classification", "image-classification")
+TOKENIZERS = ("byte", "bpe")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+# Per-task defaults: the default `lowbit train` (causal-lm, tiny, bf16-mixed) takes ~2 minutes on
+# 2 CPU cores (about 0.25 s per step of 16 x 256 tokens) and brings validation loss from 5.6 to ~2.
+TASK_DEFAULTS: dict[str, dict] = {
+    "causal-lm": {
+        "batch_size": 16,
+        "seq_len": 256,
+        "lr": 3e-3,
+        "steps": 400,
+        "warmup_steps": 20,
+        "eval_interval": 100,
+        "weight_decay": 0.1,
+    },
+    "token-classification": {
+        "batch_size": 32,
+        "seq_len": 64,
+        "lr": 1e-3,
+        "steps": 300,
+        "warmup_steps": 20,
+        "eval_interval": 100,
+        "weight_decay": 0.01,
+    },
+    "image-classification": {
+        "batch_size": 64,
+        "seq_len": None,
+        "lr": 3e-3,
+        "steps": 300,
+        "warmup_steps": 10,
+        "eval_interval": 100,
+        "weight_decay": 0.0,
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. ``None`` means "the task's default" until `resolve`."""
+
+    task: str = "causal-lm"
+    model: str = "tiny"
+    recipe: str = "bf16-mixed"
+    data: str | None = None  # None: the built-in data of the task
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    vocab_size: int = 2048  # BPE only
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # 0 or None: measure the norm only
+    seed: int = 0
+    eval_interval: int | None = None
+    eval_batches: int = 8
+    save_interval: int | None = None  # default: eval_interval
+    keep_last: int = 2
+    out: str | None = None
+    device: str = "auto"
+    wandb: bool = False
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_file(path) -> dict:
+    """The settings in a YAML, TOML or JSON file; a malformed file raises a one-line `UsageError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file; fix: check the path")
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise UsageError(
+            f"{path}: unknown config type {path.suffix!r}; fix: use {', '.join(CONFIG_SUFFIXES)}"
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as error:  # each parser has its own error class; all mean "malformed"
+        raise UsageError(
+            f"{path}: malformed config ({_one_line(error)}); fix: correct it"
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{path}: a config is a mapping of settings; fix: write 'key: value' lines"
+        )
+    settings = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown setting {unknown[0]!r}; fix: use one of "
+            f"{', '.join(TrainConfig.field_names())}"
+        )
+    return settings
+
+
+def _one_line(error: Exception) -> str:
+    mark = getattr(error, "problem_mark", None)  # PyYAML
+    if mark is not None:
+        return f"line {mark.line + 1}: {getattr(error, 'problem', None) or error}"
+    lineno = getattr(error, "lineno", None)  # json
+    if lineno is not None and hasattr(error, "msg"):
+        return f"line {lineno}: {error.msg}"
+    return " ".join(str(error).split())
+
+
+def build_config(file_settings: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A `TrainConfig` from file settings, then the flags that were given (not ``None``)."""
+    settings = dict(file_settings or {})
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = TrainConfig(**settings)
+    _check_types(config)
+    return config
+
+
+_NUMBER_FIELDS = {
+    "steps": int,
+    "batch_size": int,
+    "seq_len": int,
+    "warmup_steps": int,
+    "grad_accum": int,
+    "seed": int,
+    "eval_interval": int,
+    "eval_batches": int,
+    "save_interval": int,
+    "keep_last": int,
+    "vocab_size": int,
+    "epochs": float,
+    "lr": float,
+    "min_lr": float,
+    "weight_decay": float,
+    "grad_clip": float,
+}
+
+
+def _check_types(config: TrainConfig) -> None:
+    for name, kind in _NUMBER_FIELDS.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok or not math.isfinite(value):
+            raise UsageError(
+                f"{name} must be a{'n integer' if kind is int else ' number'}, "
+                f"got {value!r}; fix: correct it"
+            )
+        setattr(config, name, kind(value))
+    for name in ("task", "model", "recipe", "tokenizer", "device", "text_field"):
+        if not isinstance(getattr(config, name), str):
+            raise UsageError(f"{name} must be a string, got {getattr(config, name)!r}")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill the task defaults in and check every value; returns a new config."""
+    choose("task", config.task, TASKS)
+    choose("tokenizer", config.tokenizer, TOKENIZERS)
+    defaults = TASK_DEFAULTS[config.task]
+    out = dataclasses.replace(config)
+    for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
+        if getattr(out, name) is None:
+            setattr(out, name, defaults[name])
+    if out.steps is not None and out.epochs is not None:
+        raise UsageError("both steps and epochs are set; fix: give only one of --steps/--epochs")
+    if out.steps is None and out.epochs is None:
+        out.steps = defaults["steps"]
+    if out.min_lr is None:
+        out.min_lr = out.lr / 10
+    if out.save_interval is None:
+        out.save_interval = out.eval_interval
+    if out.grad_clip == 0:
+        out.grad_clip = None
+    positive = ["batch_size", "grad_accum", "eval_interval", "eval_batches", "save_interval"]
+    positive += ["keep_last", "steps"] if out.steps is not None else ["keep_last"]
+    if out.seq_len is not None:
+        positive.append("seq_len")
+    for name in positive:
+        if getattr(out, name) <= 0:
+            raise UsageError(f"{name} must be positive, got {getattr(out, name)}; fix: raise it")
+    if out.epochs is not None and out.epochs <= 0:
+        raise UsageError(f"epochs must be positive, got {out.epochs}; fix: raise it")
+    for name in ("lr", "min_lr", "warmup_steps", "weight_decay"):
+        if getattr(out, name) < 0:
+            raise UsageError(f"{name} must not be negative, got {getattr(out, name)}")
+    if out.grad_clip is not None and out.grad_clip < 0:
+        raise UsageError(f"grad_clip must not be negative, got {out.grad_clip}")
+    if out.min_lr > out.lr:
+        raise UsageError(f"min_lr {out.min_lr} is above lr {out.lr}; fix: lower --min-lr")
+    if out.data is not None and out.task == "image-classification":
+        raise UsageError("image-classification trains on the built-in digits; fix: drop --data")
+    if out.out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out.out = str(Path("runs") / f"{out.task}-{out.recipe}-{stamp}")
+    return out
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the end.
+
+    ``step`` counts optimizer steps from 0 (the lr used by the first update).
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def write(config: TrainConfig, folder) -> Path:
+    """Write ``config.yaml`` (the resolved settings) into ``folder``; returns its path."""
+    import yaml
+
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def read(folder) -> TrainConfig:
+    """The config a run folder recorded."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
+    return build_config(load_file(path))

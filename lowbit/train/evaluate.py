@@ -1,0 +1,58 @@
+"""Loading a trained run back (config, task, converted model, checkpoint) to evaluate or sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lowbit.errors import UsageError
+from lowbit.train import checkpoint
+from lowbit.train.config import read, resolve
+from lowbit.train.trainer import resolve_device
+
+
+@dataclass
+class LoadedRun:
+    config: object
+    task: object
+    model: object
+    precision: object
+    checkpoint: Path
+    step: int
+
+
+def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = None) -> LoadedRun:
+    """The run's model with its recipe's numerics and the weights of a checkpoint (default: latest)."""
+    import lowbit
+    from lowbit.train.tasks import build_task
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run folder; fix: give the --out folder of a run")
+    config = resolve(read(run_dir))
+    if device is not None:
+        config = replace(config, device=device)
+    path = checkpoint.find(run_dir, checkpoint_path)
+    state = checkpoint.load(path)
+    target = resolve_device(config.device)
+    task = build_task(config, run_dir=run_dir)
+    precision = lowbit.Precision(lowbit.get_recipe(config.recipe), device=target)
+    model = precision.convert(task.model.to(target))
+    model.load_state_dict(state["model"])
+    precision.load_state_dict(state["precision"])
+    return LoadedRun(config, task, model, precision, path, int(state["step"]))
+
+
+def evaluate_run(
+    run_dir, split: str = "validation", checkpoint_path=None, max_batches=None, device=None
+) -> tuple[dict, str]:
+    """Metrics and the printable report of a run's checkpoint on ``split``."""
+    if split not in ("train", "validation", "test"):
+        raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
+    run = load_run(run_dir, checkpoint_path, device)
+    metrics, text = run.task.report(run.model, run.precision, split, max_batches)
+    head = (
+        f"{run.config.task} {run.config.model}, recipe {run.config.recipe}, "
+        f"{run.checkpoint.name} (step {run.step}), {split} split"
+    )
+    return {"step": run.step, "split": split, **metrics}, f"{head}\n{text}"

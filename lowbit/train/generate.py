@@ -1,0 +1,66 @@
+"""Sampling text from a trained causal LM (temperature, top-k, seeded), with the recipe's numerics."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.train.tasks import evaluating
+
+
+def sample_text(
+    model,
+    tokenizer,
+    precision,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+) -> str:
+    """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0).
+
+    Stops early at the end-of-text token or at the model's maximum positions. The global RNG is
+    untouched: sampling draws from its own generator seeded by ``seed``.
+    """
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
+    if temperature < 0:
+        raise UsageError(f"temperature {temperature} is negative; fix: use 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k {top_k} must be at least 1; fix: raise it or leave it out")
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    limit = int(model.config.max_position_embeddings)
+    if len(ids) >= limit:
+        raise UsageError(
+            f"the prompt has {len(ids)} tokens, the model takes {limit}; fix: shorten it"
+        )
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # transformers 5 renamed past_key_values to cache (argument and output field)
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+    new: list[int] = []
+    with evaluating(model, precision):
+        inputs, past = torch.tensor([ids], device=device), None
+        for _ in range(min(max_new_tokens, limit - len(ids))):
+            out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
+            past = getattr(out, cache_arg)
+            logits = out.logits[0, -1].float()
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.numel():
+                    cutoff = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < cutoff, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            if token == tokenizer.eot_id:
+                break
+            new.append(token)
+            inputs = torch.tensor([[token]], device=device)
+    return prompt + tokenizer.decode(new)

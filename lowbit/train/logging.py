@@ -1,0 +1,88 @@
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard event files, optional W&B (offline).
+
+Each record is ``{"step", "split", <metric>: value, ...}``; TensorBoard gets ``<split>/<metric>``.
+On resume, records after the resumed step are dropped from ``metrics.jsonl`` and TensorBoard is
+opened with ``purge_step`` so the curves have no duplicate tail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir, config: dict, resume_step: int | None = None, wandb: bool = False):
+        self.path = Path(run_dir) / METRICS
+        if resume_step is not None:
+            _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.utils.tensorboard import SummaryWriter
+        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+        self._wandb = _start_wandb(run_dir, config, resume_step) if wandb else None
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        values = {k: _number(v) for k, v in metrics.items() if v is not None}
+        self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        for name, value in values.items():
+            if isinstance(value, int | float):
+                self._tb.add_scalar(f"{split}/{name}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _number(value):
+    value = float(value) if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan
+    return value
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _start_wandb(run_dir, config: dict, resume_step):
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn(
+            "--wandb: the wandb package is not installed; logging without it", stacklevel=2
+        )
+        return None
+    return wandb.init(
+        mode="offline",
+        dir=str(run_dir),
+        config=config,
+        name=Path(run_dir).name,
+        resume="allow" if resume_step is not None else None,
+    )

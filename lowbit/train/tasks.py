@@ -1,0 +1,437 @@
+"""One class per task: its data, its model, its loss and its evaluation.
+
+A task gives the trainer ``model`` (not yet converted), ``train_batches`` (endless, resumable),
+``loss(model, batch) -> (loss, count)``, ``evaluate(model, precision, split)`` and
+``report(...)`` (the text the ``eval`` command prints). ``count`` is the number of tokens (or
+images) in the batch, for throughput. Artifacts a run needs to be evaluated later (tokenizer,
+word vocabulary) are written by ``save_artifacts(folder)`` and read back when ``run_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import UsageError
+
+IGNORE_INDEX = -100
+
+
+def build_task(config, run_dir=None) -> Task:
+    """The task object of a resolved config (``run_dir``: reuse that run's tokenizer/vocab)."""
+    cls = {
+        "causal-lm": CausalLMTask,
+        "token-classification": TokenClassificationTask,
+        "image-classification": ImageClassificationTask,
+    }[config.task]
+    return cls(config, run_dir)
+
+
+class Task:
+    unit = "tok"  # what ``count`` counts, for "tok/s"
+    fingerprint: dict | None = None
+
+    def __init__(self, config, run_dir=None):
+        self.config = config
+
+    def save_artifacts(self, folder) -> None:
+        pass
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps that see every training example (or token) about once."""
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def evaluate(self, model, precision, split: str = "validation", max_batches=None) -> dict:
+        raise NotImplementedError
+
+    def report(self, model, precision, split: str, max_batches=None) -> tuple[dict, str]:
+        metrics = self.evaluate(model, precision, split, max_batches or 0)  # 0: every batch
+        return metrics, format_metrics(metrics)
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
+
+
+@contextlib.contextmanager
+def evaluating(model, precision):
+    """Eval mode, no grad, the recipe's autocast; restores train mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), precision.autocast():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def to_device(batch, device):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+# --------------------------------------------------------------------------------------- causal-lm
+
+
+class HFTokenizer:
+    """Adapter giving a Hugging Face tokenizer the interface of `lowbit.data` tokenizers."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.eot_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_documents(self, texts):
+        import numpy as np
+
+        ids: list[int] = []
+        for i, text in enumerate(texts):
+            ids += ([self.eot_id] if i else []) + self.encode(text)
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def save(self, folder) -> None:
+        self._tok.save_pretrained(folder)
+
+
+def causal_lm_tokenizer(config, run_dir, corpus):
+    """The run's tokenizer: saved with the run, the checkpoint's own, or built from config."""
+    from lowbit.data import build_tokenizer, load_tokenizer
+
+    if run_dir is not None:
+        folder = Path(run_dir) / "tokenizer"
+        if (folder / "lowbit_tokenizer.json").is_file():
+            return load_tokenizer(folder)
+        if folder.is_dir():
+            from transformers import AutoTokenizer
+
+            return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    model_dir = Path(config.model)
+    if (model_dir / "lowbit_tokenizer.json").is_file():
+        return load_tokenizer(model_dir)
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+    if config.tokenizer == "bpe":
+        return build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
+    return build_tokenizer("byte")
+
+
+class CausalLMTask(Task):
+    """Next-token prediction on a text corpus (the stdlib by default) with a Llama-style decoder."""
+
+    def __init__(self, config, run_dir=None):
+        from lowbit.data import LMBatches, load_corpus, tokenize_split
+        from lowbit.models import build_model
+
+        super().__init__(config)
+        corpus = load_corpus(config.data, config.text_field)
+        self.fingerprint = corpus.fingerprint
+        self.tokenizer = causal_lm_tokenizer(config, run_dir, lambda: corpus)
+        self.model = build_model(
+            "causal-lm",
+            config.model,
+            vocab_size=self.tokenizer.vocab_size,
+            max_seq_len=config.seq_len,
+            seed=config.seed,
+        )
+        if self.model.config.vocab_size < self.tokenizer.vocab_size:
+            raise UsageError(
+                f"{config.model}: vocabulary of {self.model.config.vocab_size} ids is smaller than "
+                f"the {self.tokenizer.kind} tokenizer's {self.tokenizer.vocab_size}; fix: save the "
+                "model's tokenizer into its folder or choose a smaller tokenizer"
+            )
+        self._corpus = corpus
+        self._tokens: dict[str, torch.Tensor] = {}
+        self._tokenize = lambda split: tokenize_split(self.tokenizer, corpus.texts(split))
+        self.train_batches = LMBatches(
+            self.tokens("train"), config.batch_size, config.seq_len, seed=config.seed
+        )
+
+    def tokens(self, split: str) -> torch.Tensor:
+        if split not in self._tokens:
+            self._tokens[split] = self._tokenize(split)
+        return self._tokens[split]
+
+    def save_artifacts(self, folder) -> None:
+        self.tokenizer.save(Path(folder) / "tokenizer")
+
+    def steps_per_epoch(self) -> int:
+        c = self.config
+        return max(1, len(self.tokens("train")) // (c.batch_size * c.seq_len * c.grad_accum))
+
+    def loss(self, model, batch):
+        input_ids, labels = batch
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), input_ids.numel()
+
+    def evaluate(self, model, precision, split="validation", max_batches=None):
+        from lowbit.data import eval_batches
+
+        c = self.config
+        limit = c.eval_batches if max_batches is None else (max_batches or None)
+        batches = eval_batches(self.tokens(split), c.batch_size, c.seq_len, limit)
+        total, count = 0.0, 0
+        device = next(model.parameters()).device
+        with evaluating(model, precision):
+            for batch in batches:
+                input_ids, labels = to_device(batch, device)
+                logits = model(input_ids=input_ids, use_cache=False).logits
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+                )
+                total += loss.item()
+                count += labels.numel()
+        loss = total / count
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+# ---------------------------------------------------------------------------- token classification
+
+CONLL_SPLITS = {"train": ("train",), "validation": ("dev", "valid", "val"), "test": ("test",)}
+
+
+def conll_splits(path: str) -> dict:
+    """Sentences per split from a folder of train*/dev*/test* CoNLL files, or one file split by rule."""
+    from lowbit.data import read_conll, split_of
+
+    source = Path(path)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        out = {}
+        for split, prefixes in CONLL_SPLITS.items():
+            chosen = [p for p in files if p.name.lower().startswith(prefixes)]
+            if not chosen:
+                raise UsageError(
+                    f"{path}: no {split} file (a name starting with {' or '.join(prefixes)}); "
+                    "fix: name the CoNLL files train.*, dev.*, test.*"
+                )
+            out[split] = [s for p in chosen for s in read_conll(p)]
+        return out
+    if source.is_file():
+        sentences = read_conll(source)
+        out = {"train": [], "validation": [], "test": []}
+        for i, sentence in enumerate(sentences):
+            out[split_of(f"{source.name}:{i}")].append(sentence)
+        for split, part in out.items():
+            if not part:
+                raise UsageError(
+                    f"{path}: too few sentences ({len(sentences)}) to fill a {split} split; fix: "
+                    "give more sentences or a folder with train/dev/test files"
+                )
+        return out
+    raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
+
+
+class TokenClassificationTask(Task):
+    """Per-token tags (CoNLL/IOB files, or the built-in Python syntax-tag task) with a BERT encoder."""
+
+    def __init__(self, config, run_dir=None):
+        from lowbit.data import LABELS, TensorBatches, WordVocab, syntax_tag_task
+        from lowbit.models import build_token_classifier, load_encoder_tokenizer
+        from lowbit.models.token_classifier import SIZES
+
+        super().__init__(config)
+        if config.seq_len < 3:
+            raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
+        if config.data is None:
+            self.sentences = syntax_tag_task(window=config.seq_len - 2)
+            self.labels = list(LABELS)
+            self.fingerprint = {"source": "syntax-tags(stdlib)"}
+        else:
+            self.sentences = conll_splits(config.data)
+            tags = {t for part in self.sentences.values() for s in part for t in s.tags}
+            self.labels = ["O", *sorted(tags - {"O"})]
+            self.fingerprint = _sentences_fingerprint(config.data, self.sentences)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.id2label = dict(enumerate(self.labels))
+        if config.model in SIZES:
+            vocab_path = Path(run_dir or "", "vocab.json")
+            if run_dir is not None and vocab_path.is_file():
+                self.vocab = WordVocab.load(vocab_path)
+            else:
+                self.vocab = WordVocab.build(self.sentences["train"])
+            self._encode = lambda s: self.vocab.encode(s, self.label2id, config.seq_len)
+            vocab_size = len(self.vocab)
+        else:
+            self.vocab = None
+            tokenizer = load_encoder_tokenizer(config.model)
+            self._encode = lambda s: _encode_pretrained(tokenizer, s, self.label2id, config)
+            vocab_size = None
+        self.model = build_token_classifier(
+            config.model,
+            self.labels,
+            vocab_size=vocab_size,
+            seed=config.seed,
+            max_seq_len=config.seq_len,
+        )
+        self._encoded: dict[str, tuple] = {}
+        self.train_batches = TensorBatches(self.encoded("train"), config.batch_size, config.seed)
+
+    def encoded(self, split):
+        if split not in self._encoded:
+            enc = self._encode(self.sentences[split])
+            self._encoded[split] = (enc["input_ids"], enc["attention_mask"], enc["labels"])
+        return self._encoded[split]
+
+    def save_artifacts(self, folder) -> None:
+        if self.vocab is not None:
+            self.vocab.save(Path(folder) / "vocab.json")
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.train_batches.steps_per_epoch // self.config.grad_accum)
+
+    def loss(self, model, batch):
+        input_ids, mask, labels = batch
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+        return loss, int(mask.sum())
+
+    def predict(self, model, precision, split, max_batches=None):
+        from lowbit.data import fixed_batches
+
+        batches = fixed_batches(self.encoded(split), self.config.batch_size)
+        if max_batches:
+            batches = batches[:max_batches]
+        device = next(model.parameters()).device
+        total, count, labels_all, preds_all = 0.0, 0, [], []
+        with evaluating(model, precision):
+            for batch in batches:
+                input_ids, mask, labels = to_device(batch, device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+                total += F.cross_entropy(
+                    logits.flatten(0, 1),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                ).item()
+                count += int((labels != IGNORE_INDEX).sum())
+                labels_all.append(labels.cpu())
+                preds_all.append(logits.argmax(-1).cpu())
+        return total / max(count, 1), torch.cat(labels_all), torch.cat(preds_all)
+
+    def _scores(self, model, precision, split, max_batches):
+        from lowbit.data import aligned_tags, entity_f1
+
+        loss, labels, preds = self.predict(model, precision, split, max_batches)
+        true_tags, pred_tags = aligned_tags(labels, preds, self.id2label)
+        keep = labels != IGNORE_INDEX
+        accuracy = float((labels[keep] == preds[keep]).float().mean())
+        f1 = entity_f1(true_tags, pred_tags)
+        metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": f1["f1"]}
+        return metrics, true_tags, pred_tags, f1
+
+    def evaluate(self, model, precision, split="validation", max_batches=None):
+        limit = self.config.eval_batches if max_batches is None else max_batches
+        return self._scores(model, precision, split, limit)[0]
+
+    def report(self, model, precision, split, max_batches=None):
+        from lowbit.data import token_report
+
+        metrics, true_tags, pred_tags, f1 = self._scores(model, precision, split, max_batches)
+        text, _ = token_report(true_tags, pred_tags)
+        lines = [format_metrics(metrics), "", "per-label (token level):", text, "entity level:"]
+        lines.append(f"{'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'true':>8}")
+        for kind, s in [*f1["per_type"].items(), ("ALL", f1)]:
+            lines.append(
+                f"{kind:<12}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}"
+                f"{s['true']:>8}"
+            )
+        return metrics, "\n".join(lines)
+
+
+def _encode_pretrained(tokenizer, sentences, label2id, config):
+    from lowbit.data import encode_with_tokenizer
+
+    return encode_with_tokenizer(tokenizer, sentences, label2id, config.seq_len)
+
+
+def _sentences_fingerprint(source, splits) -> dict:
+    from lowbit.data import Document, fingerprint
+
+    out = {}
+    for split, sentences in splits.items():
+        docs = [
+            Document(f"{i}", "\n".join(f"{w} {t}" for w, t in zip(s.tokens, s.tags)))
+            for i, s in enumerate(sentences)
+        ]
+        out[split] = fingerprint(docs)
+    out["source"] = str(source)
+    return out
+
+
+# ---------------------------------------------------------------------------- image classification
+
+
+class ImageClassificationTask(Task):
+    """scikit-learn's 8x8 digits with a small CNN."""
+
+    unit = "img"
+
+    def __init__(self, config, run_dir=None):
+        from lowbit.data import NUM_CLASSES, TensorBatches, load_digit_splits
+        from lowbit.models import build_cnn
+
+        super().__init__(config)
+        self.splits = load_digit_splits(seed=0)  # a fixed split: runs with any seed compare
+        self.fingerprint = {
+            "source": "sklearn digits",
+            **{k: {"images": len(v[1])} for k, v in self.splits.items()},
+        }
+        self.model = build_cnn(config.model, num_classes=NUM_CLASSES, seed=config.seed)
+        self.train_batches = TensorBatches(self.splits["train"], config.batch_size, config.seed)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.train_batches.steps_per_epoch // self.config.grad_accum)
+
+    def loss(self, model, batch):
+        images, labels = batch
+        return F.cross_entropy(model(images).float(), labels), len(labels)
+
+    def predict(self, model, precision, split, max_batches=None):
+        from lowbit.data import fixed_batches
+
+        batches = fixed_batches(self.splits[split], self.config.batch_size)
+        if max_batches:
+            batches = batches[:max_batches]
+        device = next(model.parameters()).device
+        total, labels_all, preds_all = 0.0, [], []
+        with evaluating(model, precision):
+            for batch in batches:
+                images, labels = to_device(batch, device)
+                logits = model(images).float()
+                total += F.cross_entropy(logits, labels, reduction="sum").item()
+                labels_all.append(labels.cpu())
+                preds_all.append(logits.argmax(-1).cpu())
+        labels, preds = torch.cat(labels_all), torch.cat(preds_all)
+        return total / len(labels), labels, preds
+
+    def evaluate(self, model, precision, split="validation", max_batches=None):
+        loss, labels, preds = self.predict(model, precision, split, max_batches)
+        return {"loss": loss, "accuracy": float((labels == preds).float().mean())}
+
+    def report(self, model, precision, split, max_batches=None):
+        from sklearn.metrics import classification_report
+
+        loss, labels, preds = self.predict(model, precision, split, max_batches)
+        metrics = {"loss": loss, "accuracy": float((labels == preds).float().mean())}
+        text = classification_report(labels.numpy(), preds.numpy(), digits=4, zero_division=0)
+        return metrics, f"{format_metrics(metrics)}\n\nper-label:\n{text}"

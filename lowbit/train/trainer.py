@@ -1,0 +1,503 @@
+"""The training loop, written against the `lowbit.Precision` hooks (it never tests a recipe name).
+
+`train(config)` runs (or resumes) a run and returns a `RunResult`; `Trainer.step()` is one optimizer
+step (``grad_accum`` micro-batches), the unit the overhead benchmark times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.train import checkpoint
+from lowbit.train.config import TrainConfig, lr_at, resolve, write
+from lowbit.train.logging import MetricsLogger
+from lowbit.train.tasks import build_task, to_device
+
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
+# Settings a resumed run may change without changing what it computes up to the checkpoint.
+RESUMABLE_CHANGES = {
+    "steps",
+    "epochs",
+    "eval_interval",
+    "save_interval",
+    "keep_last",
+    "out",
+    "device",
+    "wandb",
+    "eval_batches",
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a non-finite loss or gradient under a recipe that cannot skip the step."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: TrainConfig
+    steps: int
+    status: str  # "completed" or "interrupted"
+    start_metrics: dict
+    final_metrics: dict
+    train_loss: float
+    throughput: float  # tokens (or images) per second of training steps
+    unit: str
+    step_time: float
+    wall_time: float
+    peak_rss_mb: float
+    tensor_mb: float
+    skipped_steps: int
+    loss_scale: float
+    checkpoint: Path | None
+    sample: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        c = self.config
+        start, end = self.start_metrics, self.final_metrics
+        lines = [
+            f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} steps "
+            f"({self.status})",
+            f"  validation loss  {start.get('loss', float('nan')):.4f} -> {end.get('loss', float('nan')):.4f}"
+            + "".join(
+                f"   {k} {start[k]:.4g} -> {end[k]:.4g}"
+                for k in ("ppl", "accuracy", "entity_f1")
+                if k in end and k in start
+            ),
+            f"  train loss       {self.train_loss:.4f} (mean of the last steps)",
+            f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
+            f"  peak memory      {self.peak_rss_mb:,.0f} MB RSS; parameters + optimizer state "
+            f"{self.tensor_mb:,.1f} MB" + self.extra.get("device_memory", ""),
+            f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}",
+            f"  wall time        {_duration(self.wall_time)}",
+            f"  run folder       {self.run_dir}",
+        ]
+        if self.checkpoint:
+            lines.append(f"  checkpoint       {self.checkpoint}")
+        if self.sample is not None:
+            lines += ["  sample:", *("    " + line for line in self.sample.splitlines()[:12])]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; fix: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: no CUDA device here; fix: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not supported; fix: use cpu or cuda")
+    return device
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds another run (or anything else) unless told to."""
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"{run_dir}: no run to resume (no config.yaml); fix: check --out")
+        if checkpoint.latest(run_dir) is None:
+            raise UsageError(
+                f"{run_dir}: the run has no checkpoint to resume from; fix: --overwrite to restart it"
+            )
+        return
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: exists and is not a folder; fix: choose another --out")
+    if overwrite:
+        return
+    if (run_dir / "config.yaml").is_file():
+        found = checkpoint.latest(run_dir)
+        at = f" (checkpoint {found.name})" if found else ""
+        raise UsageError(
+            f"{run_dir}: already holds a run{at}; fix: --resume to continue it, --overwrite to "
+            "replace it, or another --out"
+        )
+    raise UsageError(f"{run_dir}: folder is not empty; fix: choose another --out or empty it")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove the files a run writes (for ``--overwrite``); nothing else in the folder."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def check_resume_config(saved: dict, config: TrainConfig) -> None:
+    now = config.to_dict()
+    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+    if changed:
+        k = changed[0]
+        raise UsageError(
+            f"cannot resume with {k} {now.get(k)!r}: the run was trained with {saved[k]!r}; "
+            f"fix: drop that setting (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
+
+
+def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.95))
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def tensor_bytes(model, optimizer, precision) -> int:
+    """Bytes of parameters, optimizer state and precision state (master weights, scalers...)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                add(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                add(v)
+
+    add(list(model.parameters()))
+    add(list(model.buffers()))
+    add(optimizer.state_dict().get("state", {}))
+    with contextlib.suppress(Exception):
+        add(precision.state_dict())
+    return total
+
+
+class Trainer:
+    """A run being trained: task, model, precision, optimizer, and the step counter."""
+
+    def __init__(self, config: TrainConfig, quiet: bool = False):
+        import lowbit
+
+        self.config = config = resolve(config)
+        self.quiet = quiet
+        self.device = resolve_device(config.device)
+        recipe = lowbit.get_recipe(config.recipe)
+        seed_everything(config.seed)
+        self.task = build_task(config)
+        self.precision = lowbit.Precision(recipe, device=self.device)
+        self.model = self.precision.convert(self.task.model.to(self.device))
+        report = self.precision.conversion_report
+        if report.converted and self.device.type == "cpu":
+            print(
+                f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
+                f"{len(report.converted)} low-precision layers run in bit-faithful emulation "
+                "(slower)",
+                file=sys.stderr,
+            )
+        self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
+        self.total_steps = config.steps or math.ceil(config.epochs * self.task.steps_per_epoch())
+        self.step_idx = 0
+        self.stop_requested = False
+        self.start_metrics: dict = {}
+        self.recent_losses: list[float] = []
+        self.counted = 0  # tokens (or images) trained on
+        self.step_seconds = 0.0
+
+    def set_lr(self) -> float:
+        lr = lr_at(self.config, self.step_idx, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        accum, precision = self.config.grad_accum, self.precision
+        lr = self.set_lr()
+        loss_sum, count = 0.0, 0
+        for _ in range(accum):
+            batch = to_device(next(self.task.train_batches), self.device)
+            with precision.autocast():
+                loss, n = self.task.loss(self.model, batch)
+            precision.backward(loss / accum)
+            loss_sum += loss.detach()
+            count += n
+        loss_value = float(loss_sum) / accum
+        stop = precision.finite_loss_policy != "skip"
+        if stop and not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss is {loss_value} at step {self.step_idx + 1}")
+        grad_norm = float(precision.clip_grad_norm_(self.optimizer, self.config.grad_clip))
+        if stop and not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {self.step_idx + 1}")
+        stepped = precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_idx += 1
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "stepped": bool(stepped),
+            "count": count,
+        }
+
+    def evaluate(self, split: str = "validation", max_batches=None) -> dict:
+        return self.task.evaluate(self.model, self.precision, split, max_batches)
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_idx,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "precision": self.precision.state_dict(),
+            "data": self.task.train_batches.state_dict(),
+            "rng": rng_state(),
+            "trainer": {
+                "start_metrics": self.start_metrics,
+                "recent_losses": self.recent_losses,
+                "counted": self.counted,
+                "step_seconds": self.step_seconds,
+            },
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["precision"])
+        self.task.train_batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step_idx = int(state["step"])
+        for name, value in state["trainer"].items():
+            setattr(self, name, value)
+
+    def save(self) -> Path:
+        c = self.config
+        return checkpoint.save(self.state_dict(), c.out, self.step_idx, c.keep_last)
+
+    def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
+        """Train to ``total_steps``, writing the run folder; see `train`."""
+        from tqdm import tqdm
+
+        c, run_dir, t_start = self.config, Path(self.config.out), time.perf_counter()
+        check_run_dir(run_dir, resume, overwrite)
+        resume_step = None
+        if resume:
+            state = checkpoint.load(checkpoint.latest(run_dir))
+            check_resume_config(state["config"], c)
+            self.load_state_dict(state)
+            resume_step = self.step_idx
+        elif overwrite and run_dir.is_dir():
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write(c, run_dir)
+        self.task.save_artifacts(run_dir)
+        self._write_run_info(run_dir, resume_step)
+        logger = MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
+        last_saved = checkpoint.latest(run_dir)
+        status = "completed"
+        try:
+            if not resume:
+                self.start_metrics = self.evaluate()
+                logger.log(0, "validation", self.start_metrics)
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step_idx,
+                disable=self.quiet,
+                desc=f"{c.task} {c.recipe}",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            with bar, _stop_on_sigint(self):
+                while self.step_idx < self.total_steps:
+                    t0 = time.perf_counter()
+                    out = self.step()
+                    dt = time.perf_counter() - t0
+                    self.step_seconds += dt
+                    self.counted += out["count"]
+                    self.recent_losses = [*self.recent_losses[-19:], out["loss"]]
+                    rate = out["count"] / dt
+                    logger.log(
+                        self.step_idx,
+                        "train",
+                        {
+                            "loss": out["loss"],
+                            "lr": out["lr"],
+                            "grad_norm": out["grad_norm"],
+                            "loss_scale": self.precision.loss_scale,
+                            f"{self.task.unit}_per_s": rate,
+                        },
+                    )
+                    bar.update(1)
+                    bar.set_postfix_str(
+                        f"loss {out['loss']:.4f} {rate:,.0f} {self.task.unit}/s", refresh=False
+                    )
+                    last = self.step_idx == self.total_steps
+                    if self.step_idx % c.eval_interval == 0 or last:
+                        metrics = self.evaluate()
+                        logger.log(self.step_idx, "validation", metrics)
+                        bar.write(f"step {self.step_idx}: validation loss {metrics['loss']:.4f}")
+                    if self.step_idx % c.save_interval == 0 or last:
+                        last_saved = self.save()
+                    if on_step is not None:
+                        on_step(self)
+                    if self.stop_requested and not last:
+                        last_saved = self.save()
+                        status = "interrupted"
+                        break
+        except NonFiniteLoss as error:
+            logger.log(self.step_idx + 1, "train", {"non_finite": 1})
+            kept = f"last good checkpoint {last_saved}" if last_saved else "no checkpoint was saved"
+            raise NonFiniteLoss(
+                f"{error} (recipe {c.recipe}); stopped, {kept}; fix: lower --lr, set --grad-clip, "
+                "or use a loss-scaled or higher-precision recipe"
+            ) from None
+        finally:
+            logger.close()
+        return self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
+
+    def _write_run_info(self, run_dir: Path, resume_step) -> None:
+        import lowbit
+
+        info = {
+            "task": self.config.task,
+            "data_fingerprint": self.task.fingerprint,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "total_steps": self.total_steps,
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "lowbit": getattr(lowbit, "__version__", None),
+            "conversion": self.precision.conversion_report.summary(),
+            "resumed_from_step": resume_step,
+        }
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+    def _result(self, run_dir, status, last_saved, wall) -> RunResult:
+        final = self.evaluate() if status == "completed" else {}
+        extra = {}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MB"
+        sample = None
+        if self.config.task == "causal-lm" and status == "completed":
+            from lowbit.train.generate import sample_text
+
+            sample = sample_text(
+                self.model,
+                self.task.tokenizer,
+                self.precision,
+                "def ",
+                max_new_tokens=160,
+                temperature=0.8,
+                top_k=40,
+                seed=0,
+            )
+        return RunResult(
+            run_dir=run_dir,
+            config=self.config,
+            steps=self.step_idx,
+            status=status,
+            start_metrics=self.start_metrics,
+            final_metrics=final,
+            train_loss=sum(self.recent_losses) / max(1, len(self.recent_losses)),
+            throughput=self.counted / max(self.step_seconds, 1e-9),
+            unit=self.task.unit,
+            step_time=self.step_seconds / max(1, self.step_idx),
+            wall_time=wall,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            tensor_mb=tensor_bytes(self.model, self.optimizer, self.precision) / 2**20,
+            skipped_steps=int(self.precision.skipped_steps),
+            loss_scale=float(self.precision.loss_scale),
+            checkpoint=last_saved,
+            sample=sample,
+            extra=extra,
+        )
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        print(
+            "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    on_step=None,
+) -> RunResult:
+    """Train (or with ``resume``, continue) the run ``config`` describes, in ``config.out``.
+
+    ``on_step(trainer)`` is called after every step (tests use it to interrupt or crash a run).
+    Raises `UsageError` for bad input (before anything is written) and `NonFiniteLoss` when a
+    recipe that cannot skip steps meets a non-finite loss.
+    """
+    config = resolve(config)
+    check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
+    return Trainer(config, quiet=quiet).fit(resume=resume, overwrite=overwrite, on_step=on_step)
