@@ -76,6 +76,7 @@ class Precision:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer to use; the step runs through `step`, which handles master weights."""
         self._optimizer = optimizer
+        self.update.wrap(optimizer)
         return optimizer
 
     # --- the loop ----------------------------------------------------------------------------

@@ -30,6 +30,9 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
 
 
 class FullPrecisionUpdate:
+    def wrap(self, optimizer) -> None:
+        pass
+
     def prepare(self, optimizer) -> list[torch.Tensor]:
         """Ready the gradients for unscaling/clipping; returns them."""
         return [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
@@ -56,6 +59,28 @@ class LowPrecisionUpdate:
         self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master
         self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
         self._low: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit data while swapped
+
+    def wrap(self, optimizer) -> None:
+        """Keep fp32 optimizer states fp32 when a checkpoint is loaded.
+
+        ``Optimizer.load_state_dict`` casts floating states to each parameter's dtype; for the
+        load, the 16-bit parameters briefly show fp32 data, so the states keep their precision.
+        """
+        stash: dict[int, torch.Tensor] = {}
+
+        def before_load(opt, state_dict):
+            for p in optimizer_params(opt):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    stash[id(p)] = p.data
+                    p.data = p.data.float()
+
+        def after_load(opt):
+            for p in optimizer_params(opt):
+                if id(p) in stash:
+                    p.data = stash.pop(id(p))
+
+        optimizer.register_load_state_dict_pre_hook(before_load)
+        optimizer.register_load_state_dict_post_hook(after_load)
 
     def _high_precision(self, p: torch.Tensor) -> torch.Tensor:
         if self.master:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lowbit.errors import UsageError
-from lowbit.formats import Granularity
+from lowbit.formats import Granularity, ScaleRule
 from lowbit.recipes.recipe import (
     GemmSpec,
     LayerSpec,
@@ -138,14 +138,15 @@ register(
         "NVIDIA Transformer Engine DelayedScaling",
     )
 )
-_ROW_E4M3 = OperandSpec("fp8_e4m3", Granularity.AXIS)
-_ROW_E5M2 = OperandSpec("fp8_e5m2", Granularity.AXIS)
+# torchao's "rowwise" recipe: e4m3 for every operand (the per-row scale gives gradients the range
+# e5m2 would), scales rounded down to powers of two.
+_ROW_E4M3 = OperandSpec("fp8_e4m3", Granularity.AXIS, scale_rule=ScaleRule.POW2)
 register(
     fp8_recipe(
         "fp8-rowwise",
-        "fp8 e4m3 forward, e5m2 gradients, one scale per row along the contraction axis",
-        uniform_layer(_ROW_E4M3, _ROW_E5M2),
-        "torchao float8 rowwise",
+        "fp8 e4m3 everywhere, one power-of-two scale per row along the contraction axis",
+        uniform_layer(_ROW_E4M3),
+        "torchao float8 rowwise (Float8LinearRecipeName.ROWWISE)",
     )
 )
 _INT8_ROW = OperandSpec("int8", Granularity.AXIS)

@@ -1,0 +1,32 @@
+"""`lowbit recipes`: every preset, one line each (``--verbose``: the GEMM operand formats)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lowbit.recipes import get_recipe, names
+
+NAME = "recipes"
+HELP = "List the recipe presets, one line each."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also print each recipe's GEMM operand specs"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in names())
+    for name in names():
+        recipe = get_recipe(name)
+        print(f"{name:<{width}}  {recipe.description}")
+        if args.verbose:
+            layer = recipe.layer.describe() if recipe.layer else "GEMMs in the compute dtype"
+            print(
+                f"{'':<{width}}    {layer}; params {recipe.param_dtype}"
+                f"{', fp32 master' if recipe.master_dtype else ''}"
+                f", loss scaling {recipe.loss_scaling.value}"
+                f", update {recipe.update_rounding.value}  [{recipe.reference}]"
+            )
+    return 0

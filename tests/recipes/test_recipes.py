@@ -1,0 +1,80 @@
+import dataclasses
+
+import pytest
+
+import lowbit
+from lowbit.cli import main
+from lowbit.errors import UsageError
+from lowbit.recipes import OperandSpec, Recipe, get_recipe, parse_override
+
+PUBLIC_PRESETS = [
+    "fp32",
+    "fp16-mixed",
+    "bf16-mixed",
+    "fp16-low",
+    "bf16-low",
+    "bf16-pure",
+    "bf16-pure-sr",
+    "bf16-pure-kahan",
+    "fp8-tensorwise",
+    "fp8-delayed",
+    "fp8-rowwise",
+    "int8",
+]
+
+
+def test_every_public_preset_exists():
+    assert set(PUBLIC_PRESETS) <= set(lowbit.recipe_names())
+    for name in PUBLIC_PRESETS:
+        assert get_recipe(name).name == name
+
+
+def test_unknown_recipe_lists_valid_names():
+    with pytest.raises(UsageError, match="unknown recipe 'fp9'; valid recipes: fp32, bf16-mixed"):
+        get_recipe("fp9")
+
+
+def test_recipes_are_frozen_and_validated():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_recipe("fp32").param_dtype = "bf16"
+    with pytest.raises(UsageError, match="16-bit parameters"):
+        Recipe("x", "", update_rounding="stochastic")
+    with pytest.raises(UsageError, match="delayed scaling needs granularity 'tensor'"):
+        OperandSpec("fp8_e4m3", "axis", scaling="delayed")
+
+
+def test_fp8_tensorwise_uses_e4m3_forward_and_e5m2_gradients():
+    operands = get_recipe("fp8-tensorwise").layer.operands()
+    assert operands["forward.x"].format == "fp8_e4m3" and operands["forward.w"].format == "fp8_e4m3"
+    assert operands["grad_input.grad_out"].format == "fp8_e5m2"
+    assert operands["grad_weight.grad_out"].format == "fp8_e5m2"
+
+
+def test_overrides_first_match_wins_and_head_is_kept():
+    recipe = get_recipe("fp8-tensorwise")
+    assert recipe.layer_for("lm_head")[0] is None
+    custom = recipe.with_overrides(
+        parse_override("model.layers.0.*=keep", recipe),
+        parse_override("*.down_proj=grad_weight.grad_out:bf16", recipe),
+    )
+    assert custom.layer_for("model.layers.0.mlp.up_proj")[0] is None
+    spec, reason = custom.layer_for("model.layers.3.mlp.down_proj")
+    assert spec.operands()["grad_weight.grad_out"].format == "bf16"
+    assert spec.operands()["forward.x"].format == "fp8_e4m3"
+    assert "override" in reason
+    assert custom.layer_for("model.layers.3.mlp.up_proj")[1] == "recipe default"
+
+
+@pytest.mark.parametrize("bad", ["nothing", "x=", "=keep", "x=forward.q:bf16", "x=forward.x"])
+def test_bad_overrides_say_how_to_write_them(bad):
+    with pytest.raises(UsageError, match="override"):
+        parse_override(bad, get_recipe("fp8-tensorwise"))
+
+
+def test_recipes_command_prints_one_line_each(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(lowbit.recipe_names())
+    assert lines[0].startswith("fp32 ")
+    assert main(["recipes", "--verbose"]) == 0
+    assert "fp8_e5m2" in capsys.readouterr().out
