@@ -122,6 +122,73 @@ def _cast_int(x: torch.Tensor, fmt: IntFormat, rounding, generator) -> torch.Ten
     return _round(x, rounding, generator)
 
 
+_F32_EXPONENT_MASK = 0x7F800000  # fp32 exponent field: the bits of 2**binade(x) for normal x
+_F32_HALF_MANTISSA = 0x00400000  # fp32 mantissa 1.5 (top mantissa bit)
+
+
+def _nearest_on_grid(y: torch.Tensor, fmt: FloatFormat, owned: bool = False) -> torch.Tensor:
+    """RNE of float32 ``y`` onto a small float format's grid; equal bit for bit to the reference.
+
+    Fast path of `_cast_float_generic` (``rounding="nearest"``), in six elementwise passes and
+    without a division. With ``owned=True``, ``y`` is a temporary that may be overwritten (clamped in place).
+
+    With ``q`` the quantum of ``y`` (module doc) the magic number ``M = 1.5 * 2**23 * q`` has an fp32
+    ulp of exactly ``q``, and ``|y| < 2 * 2**binade(y) <= M / 2**(23 - mbits)`` keeps ``y + M`` in M's
+    binade when ``mbits <= 21``; so the fp32 adder rounds ``y + M`` to a multiple of ``q``, ties to
+    even (``M / q = 1.5 * 2**23`` is even, so the parity of the sum is that of ``round(y / q)``), and
+    ``(y + M) - M`` is exact. ``M``'s bits are built from ``y``'s exponent field, raised to the
+    format's smallest normal binade (subnormals share its quantum). ``x + (-x)`` is ``+0`` in IEEE
+    arithmetic, so a negative value that rounds to zero gets its sign back with `copysign`, as
+    ``torch.round`` keeps it in the reference. NaN stays NaN (NaN + anything is NaN).
+    """
+    y = y.clamp_(-fmt.max, fmt.max) if owned else y.clamp(-fmt.max, fmt.max)
+    magic = y.view(torch.int32) & _F32_EXPONENT_MASK
+    lowest = (fmt.emin + _F32_BIAS) << _F32_MANTISSA_BITS
+    highest = (fmt.emax + _F32_BIAS) << _F32_MANTISSA_BITS  # only NaN's field is above: no wrap
+    magic.clamp_(lowest, highest)
+    magic.add_(((_F32_MANTISSA_BITS - fmt.mbits) << _F32_MANTISSA_BITS) + _F32_HALF_MANTISSA)
+    magic = magic.view(torch.float32)
+    out = torch.add(y, magic)
+    out.sub_(magic)
+    return torch.copysign(out, y, out=out)
+
+
+def _has_fast_grid(fmt: Format) -> bool:
+    """Formats `_nearest_on_grid` serves: sub-16-bit floats without a fast native CPU conversion."""
+    return (
+        isinstance(fmt, FloatFormat)
+        and fmt.encoding in (Encoding.FN, Encoding.FINITE)
+        and fmt.ebits < 8
+        and fmt.mbits <= 21
+    )
+
+
+def cast_to_carrier_(
+    y: torch.Tensor,
+    fmt: Format,
+    carrier: torch.dtype,
+    rounding: Rounding = Rounding.NEAREST,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``cast(y, fmt, rounding, generator).to(carrier)`` for a float32 temporary ``y`` it may overwrite.
+
+    `quantize`'s hot path: it skips the round trip back to ``y``'s dtype and works in place where
+    that is safe. ``carrier`` must hold every value of ``fmt`` exactly (`carrier_dtype`), so the
+    final conversion never rounds. Tests compare it with `cast_reference` bit for bit.
+    """
+    if rounding is Rounding.NEAREST:
+        if isinstance(fmt, IntFormat):
+            return y.clamp_(-fmt.qmax, fmt.qmax).round_().to(carrier)
+        native = fmt.torch_dtype
+        if native in (torch.float16, torch.bfloat16, torch.float8_e5m2):
+            # native RNE; e5m2 -> bf16 and the 16-bit conversions are fast CPU kernels
+            return y.clamp_(-fmt.max, fmt.max).to(native).to(carrier)
+        if _has_fast_grid(fmt):
+            # e4m3 too: its native fp8 -> bf16/fp32 conversion is a slow scalar loop on CPU
+            return _nearest_on_grid(y, fmt, owned=True).to(carrier)
+    return cast(y, fmt, rounding, generator).to(carrier)
+
+
 def cast_reference(
     x: torch.Tensor,
     fmt: str | Format,
@@ -163,6 +230,9 @@ def cast(
     if not x.is_floating_point():
         raise TypeError(f"cast needs a floating-point tensor, got {x.dtype}")
     native = fmt.torch_dtype
+    if rounding is Rounding.NEAREST and _has_fast_grid(fmt):
+        # fp8 e4m3, fp6, fp4: magic-number rounding (e4m3's native fp8 -> fp32 is slow on CPU)
+        return _nearest_on_grid(x.float(), fmt, owned=x.dtype != torch.float32).to(x.dtype)
     if rounding is Rounding.NEAREST and native is not None and native.is_floating_point:
         if native == x.dtype and fmt.name != "fp32":
             return x.clamp(-fmt.max, fmt.max)

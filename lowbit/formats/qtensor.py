@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.formats.cast import Rounding, cast
+from lowbit.formats.cast import Rounding, cast_to_carrier_
 from lowbit.formats.scaling import (
     Granularity,
     ScaleRule,
@@ -72,6 +72,41 @@ def _blocked(m: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """``(R, C)`` -> ``(R/br, br, C/bc, bc)`` (R and C already multiples of the block)."""
     rows, cols = m.shape
     return m.reshape(rows // block[0], block[0], cols // block[1], block[1])
+
+
+def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks.abs().amax(dim=(1, 3), keepdim=True)`` with fewer passes over the data.
+
+    ``max(-min, max)`` from one `aminmax` pass reads the data once and allocates no ``|x|`` copy;
+    NaN propagates as in ``amax``. The final ``abs`` (on the small result) turns the ``-0.0`` of an
+    all-zero block into ``+0.0``, as ``amax`` of ``|x|`` gives.
+    """
+    n0, b0, n1, _ = blocks.shape
+    if n0 == 1 and n1 == 1:  # one block: the whole (contiguous or strided) tensor
+        low, high = torch.aminmax(blocks)
+    elif b0 == 1:  # 1 x b blocks: reduce the last axis
+        low, high = torch.aminmax(blocks, dim=3, keepdim=True)
+    else:  # 2-D tiles: aminmax reduces one dim only
+        return blocks.abs().amax(dim=(1, 3), keepdim=True)
+    return torch.maximum(high, low.neg_()).abs_().reshape(n0, 1, n1, 1)
+
+
+def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Granularity) -> bool:
+    """Whether ``x * (1 / scale)`` equals ``x / scale`` bit for bit for these scales.
+
+    For a power-of-two ``s`` whose reciprocal is an fp32 number, both are the correctly rounded
+    value of the same real ``x / s``, so they agree for every x (also for inf and NaN scales:
+    ``1/inf = 0``, ``1/NaN = NaN``). MX scales are ``2**e`` with ``e`` in [-127, 127], whose
+    reciprocals are all fp32 numbers; ``pow2`` scales reach ``2**-252`` and are checked. ``amax``
+    scales are not powers of two: ``x / s`` and ``x * (1/s)`` differ, so they divide.
+    """
+    if granularity is Granularity.NVFP4:
+        return False
+    if rule in (ScaleRule.MX_FLOOR, ScaleRule.MX_CEIL):
+        return True
+    if rule is ScaleRule.POW2:
+        return bool((scale >= torch.finfo(torch.float32).tiny).all())  # 2**-126: 1/s <= 2**126
+    return False
 
 
 @dataclass
@@ -154,11 +189,13 @@ def quantize(
         raise UsageError("an external amax (delayed scaling) needs granularity 'tensor'")
     axis = axis % max(x.dim(), 1)
 
-    matrix = to_matrix(x.float(), axis)
+    matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
-    blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)
-    block_amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)  # a view of x when no copy needed
+    block_amax = (
+        _block_amax(blocks) if amax is None or granularity is not Granularity.TENSOR else None
+    )
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
@@ -172,12 +209,18 @@ def quantize(
         scale = scale_from_amax(block_amax, fmt, rule)
         divisor = scale
 
-    scaled = blocks / divisor
-    values = cast(scaled, fmt, rounding, generator)
+    # `blocks` may be x itself: the first op allocates the temporary every later op may overwrite.
+    if _reciprocal_is_exact(rule, scale, granularity):
+        scaled = blocks * torch.reciprocal(divisor)  # == blocks / divisor for power-of-two scales
+    else:
+        scaled = blocks / divisor
+    values = cast_to_carrier_(scaled, fmt, carrier_dtype(fmt), rounding, generator)
     if granularity is Granularity.NVFP4:
-        values = torch.where(scale > 0, values, torch.zeros_like(values))
+        empty = ~(scale > 0)  # blocks whose e4m3 scale underflowed to zero (or is NaN) hold zeros
+        if empty.any():
+            values.masked_fill_(empty, 0)
     values = values.reshape(blocks.shape[0] * block[0], -1)[:rows, :cols]
-    values = from_matrix(values.to(carrier_dtype(fmt)), x.shape, axis)
+    values = from_matrix(values, x.shape, axis)
     return QTensor(
         values=values,
         scale=scale.reshape(blocks.shape[0], blocks.shape[2]),
