@@ -19,9 +19,11 @@ with ``frac = x/q - floor(x/q)``: the upper neighbour with probability equal to 
 lower one in units of q, so ``E[cast(x)] = x`` (unbiased), for every x inside the finite range.
 ``u`` has 24 random bits (float32 `torch.rand`), the resolution of the rounding probability.
 
-Where PyTorch has a native dtype (bf16, fp16, fp8 e4m3fn/e5m2) round-to-nearest uses the native
-conversion, which is round-to-nearest-even with subnormals; tests check it against the generic path
-and against ml_dtypes bit for bit.
+Fast paths of round-to-nearest, with results identical to `cast_reference`: bf16, fp16 and fp8
+e5m2 use PyTorch's native conversion (round-to-nearest-even with subnormals); fp8 e4m3, fp6 and fp4
+use `_nearest_on_grid`, a magic-number rounding on the fp32 adder (PyTorch's fp8 e4m3 -> fp32
+conversion is a slow scalar loop on CPU). Tests check them against the generic path and against
+ml_dtypes bit for bit (tests/formats/test_cast.py, test_fast_paths.py).
 """
 
 from __future__ import annotations
