@@ -1,0 +1,90 @@
+"""`Breakdown`: training memory by component, in bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+# Components in the order they are printed. ``temporaries`` are the low-precision copies of
+# weights (and, in fp8 recipes, of operands) that the forward saves for the backward, and FSDP's
+# gathered layer parameters.
+COMPONENTS = (
+    "parameters",
+    "gradients",
+    "master_weights",
+    "optimizer_states",
+    "activations",
+    "temporaries",
+)
+
+LABELS = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "master_weights": "master weights / Kahan",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "temporaries": "temporary copies",
+}
+
+
+def human(n: float) -> str:
+    """Bytes in binary units: ``1536 -> '1.50 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Breakdown:
+    """Bytes per component (per device when sharded); ``num_params`` is the model's parameter
+    count (unsharded), used by `per_param`."""
+
+    parameters: int = 0
+    gradients: int = 0
+    master_weights: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    temporaries: int = 0
+    num_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_states(self) -> int:
+        """Parameters, gradients, master weights and optimizer states (ZeRO's "model states")."""
+        return self.parameters + self.gradients + self.master_weights + self.optimizer_states
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.activations + self.temporaries
+
+    def per_param(self) -> dict[str, float]:
+        """Bytes per model parameter of each component (and ``model_states``, ``total``)."""
+        n = max(self.num_params, 1)
+        out = {name: getattr(self, name) / n for name in COMPONENTS}
+        out["model_states"] = self.model_states / n
+        out["total"] = self.total / n
+        return out
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["total"] = self.total
+        return out
+
+    def table(self, other: Breakdown | None = None, titles=("estimate", "measured")) -> str:
+        """A printable table; with ``other``, two columns side by side (e.g. estimate, measured)."""
+        rows = [
+            (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
+        ]
+        rows.append(("total", self.total, other.total if other is not None else None))
+        head = f"{'component':<24}{titles[0]:>14}{'':>12}{'B/param':>9}"
+        if other is not None:
+            head += f"{titles[1]:>14}{'':>12}"
+        lines = [head, "-" * len(head)]
+        n = max(self.num_params, 1)
+        for label, mine, theirs in rows:
+            line = f"{label:<24}{mine:>14,}{human(mine):>12}{mine / n:>9.2f}"
+            if other is not None:
+                line += f"{theirs:>14,}{human(theirs):>12}"
+            lines.append(line)
+        return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Measuring the memory of a live run by tensor accounting.
+
+`measure(model, optimizer, precision)` sums the bytes of the tensors a run holds: the model's
+parameters and their ``.grad``, the `Precision` object's fp32 master weights or Kahan buffers, and
+the optimizer's state tensors (torchao's quantized states are counted through their inner
+tensors: codes, block scales and code maps). Tensors sharing a storage are counted once.
+
+Activations: a CPU has no ``torch.cuda.max_memory_allocated``, and the process's resident memory
+mixes in the allocator's caching and the Python heap, so `measure_activations` counts what the
+forward pass saves for the backward, which is what activation memory *is*: every tensor passed to
+autograd's pack hook (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage,
+parameters excluded. Saved tensors that are casts of a parameter (autocast's bf16 weight copies)
+are reported as ``temporaries``. Not seen: tensors an autograd function keeps on ``ctx`` outside
+``save_for_backward`` (lowbit's converted layers keep their quantized operands so) and transient
+buffers of the backward; on a GPU, compare with ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from lowbit.memory.breakdown import Breakdown
+
+
+def _leaves(t: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The plain tensors holding ``t``'s memory (a tensor subclass's inner tensors)."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return (t.device, storage.data_ptr(), storage.nbytes())
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> int:
+    """Bytes of the storages behind ``tensors``, each counted once (also across calls sharing
+    ``seen``)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        for leaf in _leaves(tensor):
+            key = _storage_key(leaf)
+            if key not in seen:
+                seen.add(key)
+                total += key[2]
+    return total
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision=None) -> Breakdown:
+    """The live run's parameters, gradients, master weights/Kahan buffers and optimizer states.
+
+    Call it after ``precision.backward(loss)`` (gradients exist) of a step after the first
+    (optimizer states and master weights are created by the first ``step``). Activations are
+    measured separately (`measure_activations`).
+    """
+    seen: set = set()
+    params = list(model.parameters())
+    out = Breakdown(num_params=sum(p.numel() for p in params))
+    out.parameters = tensor_bytes((p.data for p in params), seen)
+    out.gradients = tensor_bytes((p.grad for p in params), seen)
+    update = getattr(precision, "update", None)
+    buffers = [
+        *getattr(update, "masters", {}).values(),
+        *getattr(update, "compensation", {}).values(),
+    ]
+    out.master_weights = tensor_bytes(buffers, seen)
+    out.optimizer_states = tensor_bytes(optimizer_state_tensors(optimizer), seen)
+    if not any(p.grad is not None for p in params):
+        out.notes.append("no gradients were live: measure after backward")
+    if not optimizer.state:
+        out.notes.append("no optimizer states yet: measure after the first optimizer step")
+    return out
+
+
+_VIEWS = {
+    "TBackward0",
+    "TransposeBackward0",
+    "PermuteBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ExpandBackward0",
+    "AliasBackward0",
+}
+
+
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """A tensor made by casting a parameter (autocast's weight copy), or a view of one: its
+    grad_fn chain is views, then a copy whose input is a leaf's AccumulateGrad."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEWS:
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    return any(type(nf).__name__ == "AccumulateGrad" for nf, _ in fn.next_functions if nf)
+
+
+def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
+    """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
+    step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
+    casts). The returned loss is discarded; run backward separately if needed."""
+    param_storages = {_storage_key(p) for p in model.parameters()}
+    seen: set = set(param_storages)
+    totals = {"activations": 0, "temporaries": 0}
+
+    def pack(t: torch.Tensor):
+        if is_traceable_wrapper_subclass(t) or t.device.type == "meta":
+            return t
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            totals["temporaries" if _is_parameter_cast(t) else "activations"] += key[2]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    del loss
+    return Breakdown(
+        activations=totals["activations"],
+        temporaries=totals["temporaries"],
+        num_params=sum(p.numel() for p in model.parameters()),
+    )

@@ -1,0 +1,307 @@
+"""Adam/AdamW with fp32, bf16, fp8, 8-bit or 4-bit states; `build_optimizer` picks one.
+
+- ``fp32``: ``torch.optim.AdamW`` / ``Adam`` (the reference).
+- ``fp8`` / ``8bit`` / ``4bit``: torchao's ``AdamWFp8`` / ``AdamW8bit`` / ``AdamW4bit`` (and the
+  Adam variants): the state tensors are torchao tensor subclasses that quantize on write and
+  dequantize on read; the update itself runs in fp32 (torchao's ``single_param_adam``). lowbit
+  changes two things: the fp32-states rule is decided on the global tensor (see
+  `keeps_fp32_states`), and the step runs eagerly unless ``compile=True`` (torchao always calls
+  ``torch.compile``, which on a CPU costs tens of seconds per parameter shape).
+- ``bf16``: `AdamWBf16States`, written here because no library offers it: torchao rounds only the
+  *parameter* to bf16 stochastically (``bf16_stochastic_round``), not the states. Moments are
+  updated in fp32 and written back to bf16 with stochastic rounding, so small increments to
+  ``v`` (``(1 - beta2) * g**2`` is ~1e-3 of ``v``, below bf16's relative spacing 2**-8) survive in
+  expectation instead of being rounded away.
+
+Every optimizer works with `lowbit.Precision`: during ``Precision.step`` each 16-bit parameter's
+data is an fp32 tensor (master weight or upcast), so the states are created from fp32 data. Its
+``state_dict()`` loads into a fresh optimizer with every state's dtype kept (plain
+``torch.optim.Optimizer.load_state_dict`` would cast fp32 states to a bf16 parameter's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lowbit.errors import UsageError
+from lowbit.formats import cast
+from lowbit.optim.states import BLOCK_SIZE, StatePrecision, keeps_fp32_states
+from lowbit.optim.states import state_precision as _state_precision
+
+OPTIMIZERS = ("adamw", "adam")
+
+
+def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
+    """Make ``load_state_dict`` keep every saved state tensor's dtype (moved to the param's device).
+
+    ``Optimizer.load_state_dict`` casts floating-point states to the parameter's dtype; under a
+    16-bit-parameter recipe that rounds fp32 moments to bf16 and a resumed run is no longer the
+    same run. A pre-hook remembers the saved states, a post-hook puts them back unchanged.
+    """
+    saved: dict = {}
+
+    def pre_hook(opt, state_dict):
+        saved["state"] = state_dict["state"]
+        saved["ids"] = [i for group in state_dict["param_groups"] for i in group["params"]]
+
+    def post_hook(opt):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        by_id = dict(zip(saved.pop("ids"), params, strict=True))
+        for index, entry in saved.pop("state").items():
+            param = by_id[index]
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and key != "step":
+                    moved = value.to(device=param.device)
+                    opt.state[param][key] = moved.clone() if moved is value else moved
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)
+
+
+def _param_index(optimizer: Optimizer) -> dict[int, int]:
+    return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+
+
+# --- fp32 ------------------------------------------------------------------------------------
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose ``load_state_dict`` keeps the saved states' dtypes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _keep_state_dtypes_on_load(self)
+
+
+class Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` whose ``load_state_dict`` keeps the saved states' dtypes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _keep_state_dtypes_on_load(self)
+
+
+# --- torchao low-bit states ------------------------------------------------------------------
+
+
+def _torchao():
+    import torchao.optim as ao  # imported lazily: torchao's import is slow and noisy
+    from torchao.optim.adam import single_param_adam
+
+    return ao, single_param_adam
+
+
+class _TorchaoStates:
+    """Mixin over a torchao ``_AdamBase`` subclass (see the module docstring)."""
+
+    state_precision: StatePrecision
+    compile: bool = False
+
+    def _new_buffer(self, p: Tensor, signed: bool):
+        # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
+        # global tensor (``DTensor.numel()`` is global) so that every rank agrees.
+        if keeps_fp32_states(self.state_precision, p.numel()):
+            return torch.zeros_like(p, dtype=torch.float32)
+        from torch.distributed.tensor import DTensor
+
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() % self.block_size:
+            raise UsageError(
+                f"a shard of {local.numel()} values is not a multiple of the {self.block_size}-value "
+                "blocks of quantized optimizer states; fix: shard along a dimension whose slices "
+                "hold whole blocks, or use --optimizer-state fp32/bf16"
+            )
+        out = self._subclass_zeros(local, signed, self.block_size)
+        if isinstance(p, DTensor):  # as torchao does: shapes may differ across ranks
+            out = DTensor.from_local(
+                out, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+        return out.to(p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _, single_param_adam = _torchao()
+        fn = (
+            torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            if self.compile
+            else None
+        )
+        for group in self.param_groups:
+            if not isinstance(group["lr"], Tensor):  # an LR scheduler wrote a float
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("sparse gradients are not supported")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = self._new_buffer(p, True)
+                    state["exp_avg_sq"] = self._new_buffer(p, False)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = self._new_buffer(p, False)
+                state["step"] += 1
+                args = (
+                    p.detach(),
+                    p.grad,
+                    state["step"],
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state.get("max_exp_avg_sq"),
+                    group["lr"],
+                    group["betas"][0],
+                    group["betas"][1],
+                    group["weight_decay"],
+                    group["eps"],
+                    self.is_adamw,
+                    self.bf16_stochastic_round and p.dtype is torch.bfloat16,
+                )
+                if fn is None:
+                    single_param_adam(*args)
+                else:
+                    with torch._dynamo.utils.disable_cache_limit():
+                        fn(*args)
+        return loss
+
+
+def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
+    ao, _ = _torchao()
+    base = {
+        (StatePrecision.FP8, True): ao.AdamWFp8,
+        (StatePrecision.INT8, True): ao.AdamW8bit,
+        (StatePrecision.INT4, True): ao.AdamW4bit,
+        (StatePrecision.FP8, False): ao.AdamFp8,
+        (StatePrecision.INT8, False): ao.Adam8bit,
+        (StatePrecision.INT4, False): ao.Adam4bit,
+    }[precision, adamw]
+    return type(f"{base.__name__}Lowbit", (_TorchaoStates, base), {"state_precision": precision})
+
+
+# --- bf16 states with stochastic rounding ----------------------------------------------------
+
+
+class AdamWBf16States(Optimizer):
+    """Adam/AdamW with bf16 moments written back by stochastic rounding.
+
+    The arithmetic is torchao's ``single_param_adam`` (fp32 throughout)::
+
+        p  <- p * (1 - lr * wd)                       (AdamW; Adam adds wd * p to g instead)
+        m  <- lerp(m, g, 1 - beta1)                   v <- lerp(v, g*g, 1 - beta2)
+        p  <- p - lr * (m / (1 - beta1**t)) / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    with ``m`` and ``v`` used in fp32 for the update and stored as ``SR_bf16(m)``, ``SR_bf16(v)``
+    (``E[SR(x)] = x``). The random bits come from a generator seeded by ``(seed, step, parameter
+    index)``, so a run resumed from a checkpoint draws the same bits as the uninterrupted one.
+    Tensors that `keeps_fp32_states` (fewer than 4096 values) keep fp32 moments.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        is_adamw: bool = True,
+        seed: int = 0,
+    ):
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid lr={lr}, eps={eps} or betas={betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.is_adamw = is_adamw
+        self.seed = seed
+        _keep_state_dtypes_on_load(self)
+
+    def _generator(self, p: Tensor, step: int, index: int) -> torch.Generator:
+        generator = torch.Generator(device=p.device)
+        generator.manual_seed(((self.seed * 1_000_003 + index) * 1_000_033 + step) % (1 << 63))
+        return generator
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index_of = _param_index(self)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    dtype = (
+                        torch.float32
+                        if keeps_fp32_states(StatePrecision.BF16, p.numel())
+                        else torch.bfloat16
+                    )
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+                state["step"] += 1
+                t = state["step"].item()
+                p32, g32 = p.float(), p.grad.float()
+                if self.is_adamw:
+                    p32 = p32 - lr * wd * p32
+                else:
+                    g32 = g32 + wd * p32
+                m32 = state["exp_avg"].float().lerp(g32, 1 - beta1)
+                v32 = state["exp_avg_sq"].float().lerp(g32.square(), 1 - beta2)
+                denom = v32.sqrt() / (1 - beta2**t) ** 0.5 + eps
+                p.copy_(p32 - lr * (m32 / (1 - beta1**t)) / denom)
+                if state["exp_avg"].dtype == torch.float32:
+                    state["exp_avg"].copy_(m32)
+                    state["exp_avg_sq"].copy_(v32)
+                else:
+                    generator = self._generator(p, int(t), index_of[id(p)])
+                    state["exp_avg"].copy_(cast(m32, "bf16", "stochastic", generator))
+                    state["exp_avg_sq"].copy_(cast(v32, "bf16", "stochastic", generator))
+        return loss
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+
+def build_optimizer(
+    params,
+    name: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    state_precision: str = "fp32",
+    *,
+    compile: bool = False,
+    seed: int = 0,
+) -> Optimizer:
+    """An Adam (``name="adam"``) or AdamW optimizer whose moments are stored in
+    ``state_precision`` (one of `STATE_PRECISIONS`); tensors under 4096 values keep fp32 states.
+
+    ``compile`` runs torchao's update through ``torch.compile`` (worth it on a GPU; on a CPU the
+    first step compiles for tens of seconds per parameter shape). ``seed`` seeds the stochastic
+    rounding of bf16 states.
+    """
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    precision = _state_precision(state_precision)
+    adamw = name == "adamw"
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if precision is StatePrecision.FP32:
+        return (AdamW if adamw else Adam)(params, **kwargs)
+    if precision is StatePrecision.BF16:
+        return AdamWBf16States(params, **kwargs, is_adamw=adamw, seed=seed)
+    cls = _torchao_class(precision, adamw)
+    optimizer = cls(params, **kwargs, block_size=BLOCK_SIZE[precision])
+    optimizer.compile = compile
+    _keep_state_dtypes_on_load(optimizer)
+    return optimizer
