@@ -1,0 +1,215 @@
+"""Throughput of `cast` and `quantize` per format and granularity, next to copy bandwidth.
+
+    .venv/bin/python benchmarks/quantize.py            # full table (eager and torch.compile)
+    .venv/bin/python benchmarks/quantize.py --quick    # a few configurations, fewer repeats
+    .venv/bin/python benchmarks/quantize.py --write    # also update BENCHMARKS.md
+
+Every call reads one fp32 tensor of ``--mib`` MiB (64 by default); GB/s counts those input bytes
+only (outputs, scales and temporaries are not counted). The reference is the machine's copy
+bandwidth measured in the same run: ``out.copy_(x)`` into a preallocated buffer (a fresh 64 MiB
+allocation costs ~20 ms of page faults and would hide the kernels' own speed). Each configuration
+is timed in rounds of [copy, eager, compiled] side by side, and the table reports medians and the
+ratio to the copy medians of the same rounds: these machines are noisy, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lowbit.formats import cast, quantize  # noqa: E402
+
+HEADING = "## Quantization throughput (benchmarks/quantize.py)"
+
+# (op, format, granularity, block_size); op "cast" ignores granularity
+CONFIGS = [
+    ("cast", "fp8_e4m3", None, None),
+    ("cast", "fp8_e5m2", None, None),
+    ("cast", "fp6_e3m2", None, None),
+    ("cast", "fp6_e2m3", None, None),
+    ("cast", "fp4_e2m1", None, None),
+    ("cast", "bf16", None, None),
+    ("cast", "fp16", None, None),
+    ("cast", "int8", None, None),
+    ("quantize", "fp8_e4m3", "tensor", None),
+    ("quantize", "fp8_e4m3", "axis", None),
+    ("quantize", "fp8_e4m3", "block", 128),
+    ("quantize", "fp8_e4m3", "block2d", (128, 128)),
+    ("quantize", "fp8_e4m3", "mx", None),
+    ("quantize", "fp8_e5m2", "tensor", None),
+    ("quantize", "fp8_e5m2", "mx", None),
+    ("quantize", "fp6_e3m2", "mx", None),
+    ("quantize", "fp6_e2m3", "mx", None),
+    ("quantize", "fp4_e2m1", "mx", None),
+    ("quantize", "fp4_e2m1", "nvfp4", None),
+    ("quantize", "fp4_e2m1", "nvfp4", (16, 16)),
+    ("quantize", "int8", "axis", None),
+    ("quantize", "int4", "block", 32),
+    ("quantize", "bf16", "tensor", None),
+]
+QUICK = {
+    ("cast", "fp8_e4m3", None, None),
+    ("quantize", "fp8_e4m3", "tensor", None),
+    ("quantize", "fp8_e4m3", "mx", None),
+    ("quantize", "fp4_e2m1", "mx", None),
+}
+
+
+def make_fn(op, fmt, granularity, block):
+    if op == "cast":
+        return lambda x: cast(x, fmt)
+
+    def run(x):
+        q = quantize(x, fmt, granularity, block_size=block)
+        return q.values, q.scale
+
+    return run
+
+
+def _outputs(result) -> tuple[torch.Tensor, ...]:
+    """Result tensors viewed as integers, so that NaNs and signed zeros compare bit for bit."""
+    tensors = result if isinstance(result, tuple) else (result,)
+    return tuple(
+        t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+        for t in tensors
+    )
+
+
+def timed(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def label(op, fmt, granularity, block) -> tuple[str, str]:
+    if op == "cast":
+        return f"cast {fmt}", "-"
+    size = "" if block is None else "x".join(map(str, block)) if isinstance(block, tuple) else block
+    return f"quantize {fmt}", f"{granularity}{size and ' ' + str(size)}"
+
+
+def measure(configs, x, out, repeats: int, compile_: bool):
+    nbytes = x.numel() * x.element_size()
+
+    def copy(_):
+        out.copy_(x)
+
+    rows = []
+    compiled_cache: dict[tuple, object] = {}
+    for config in configs:
+        eager = make_fn(*config)
+        compiled, note = None, ""
+        if compile_:
+            try:
+                # One configuration at a time: a fresh dynamo cache, so that recompilations for
+                # earlier formats do not reach the recompile limit (past it dynamo runs eager).
+                torch._dynamo.reset()
+                compiled = compiled_cache.setdefault(config, torch.compile(make_fn(*config)))
+                start = time.perf_counter()
+                compiled(x)  # warm-up: tracing and code generation
+                note = f"warm-up {time.perf_counter() - start:.0f} s"
+            except Exception as error:  # report, do not crash: compile support varies
+                compiled, note = None, f"compile failed: {type(error).__name__}"
+        eager(x)
+        copies, eagers, compileds = [], [], []
+        for _ in range(repeats):
+            copies.append(timed(copy, x))
+            eagers.append(timed(eager, x))
+            if compiled is not None:
+                compileds.append(timed(compiled, x))
+        t_copy = statistics.median(copies)
+        t_eager = statistics.median(eagers)
+        t_comp = statistics.median(compileds) if compileds else None
+        if compiled is not None:
+            same = all(
+                torch.equal(a, b)
+                for a, b in zip(_outputs(compiled(x)), _outputs(eager(x)), strict=True)
+            )
+            note += ", bit-identical to eager" if same else ", DIFFERS from eager"
+        rows.append(
+            (config, nbytes / t_copy / 1e9, t_copy / t_eager, t_copy, t_eager, t_comp, note)
+        )
+        print(f"  {' '.join(label(*config)):<32} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows, nbytes: int, repeats: int, command: str) -> str:
+    copy_gbs = statistics.median(r[1] for r in rows)
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}.  ",
+        f"Input: one fp32 tensor of {nbytes / 2**20:.0f} MiB; GB/s = input bytes read per call "
+        f"/ median time of {repeats} calls. Copy bandwidth (`out.copy_(x)`, preallocated, same "
+        f"rounds): median {copy_gbs:.2f} GB/s. '% copy' = copy time / call time, per row, from "
+        "the same rounds.",
+        "",
+        "| op | granularity | eager GB/s | eager % copy | compiled GB/s | compiled % copy | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for config, _copy_gbs, _ratio, t_copy, t_eager, t_comp, note in rows:
+        op, gran = label(*config)
+        comp = f"{nbytes / t_comp / 1e9:.2f} | {100 * t_copy / t_comp:.0f}%" if t_comp else "- | -"
+        lines.append(
+            f"| {op} | {gran} | {nbytes / t_eager / 1e9:.2f} | {100 * t_copy / t_eager:.0f}% "
+            f"| {comp} | {note} |"
+        )
+    if any("DIFFERS" in row[-1] for row in rows):
+        lines += [
+            "",
+            "DIFFERS: the compiled function's output is not bit-identical to eager. For `cast` to "
+            "bf16/fp16 of an fp32 tensor, Inductor drops the fp32 -> bf16 -> fp32 round trip and "
+            "returns the input unrounded, unless `torch._inductor.config.emulate_precision_casts "
+            "= True`: do not trust a compiled `cast` to a 16-bit format without that flag.",
+        ]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Replace this benchmark's section of BENCHMARKS.md (other sections are left as they are)."""
+    section = f"{HEADING}\n\n{text}\n"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 configurations, 3 repeats")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (7)")
+    parser.add_argument("--mib", type=int, default=64, help="input size in MiB (64)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    configs = [c for c in CONFIGS if not args.quick or c in QUICK]
+    numel = args.mib * 2**20 // 4
+    x = torch.randn(numel // 4096, 4096, generator=torch.Generator().manual_seed(0))
+    out = torch.empty_like(x)
+    rows = measure(configs, x, out, repeats, compile_=not args.no_compile)
+    command = "python benchmarks/quantize.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    text = table(rows, x.numel() * 4, repeats, command.strip())
+    print(text)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
