@@ -54,7 +54,9 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
             for key, value in entry.items():
                 if isinstance(value, Tensor) and key != "step":
                     moved = value.to(device=param.device)
-                    opt.state[param][key] = moved.clone() if moved is value else moved
+                    if moved is value and type(value) is Tensor:  # do not alias the caller's dict
+                        moved = value.clone()
+                    opt.state[param][key] = moved
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
     optimizer.register_load_state_dict_post_hook(post_hook)
