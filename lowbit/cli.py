@@ -13,6 +13,7 @@ from lowbit.errors import UsageError
 
 COMMAND_MODULES = [
     "formats",
+    "estimate",
     "recipes",
     "train",
     "eval",

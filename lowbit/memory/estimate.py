@@ -287,3 +287,34 @@ def fits(
     if one.total > capacity_bytes:
         return 0
     return int((capacity_bytes - fixed) // per_sample) if per_sample > 0 else 1 << 30
+
+
+def model_state_bytes_per_param(recipe: str | Recipe, state_precision_name: str) -> float:
+    """Parameters + gradients + master weights + optimizer states per parameter for a large
+    tensor (block scales included; per-tensor step counters and code maps vanish at this size)."""
+    from lowbit.optim.states import state_bytes_per_param
+
+    recipe = get_recipe(recipe)
+    p_bytes = _bytes(recipe.param_dtype)
+    master = 0
+    if recipe.param_dtype != "fp32" and recipe.master_dtype is not None:
+        master = _bytes(recipe.master_dtype)
+    elif recipe.param_dtype != "fp32" and recipe.update_rounding is UpdateRounding.KAHAN:
+        master = p_bytes
+    return 2 * p_bytes + master + state_bytes_per_param(state_precision_name, 1 << 24)
+
+
+def bytes_per_param_table() -> str:
+    """The Markdown table of `model_state_bytes_per_param` for every recipe x state precision
+    (docs/memory.md holds a copy; a test keeps them equal)."""
+    from lowbit.optim.states import STATE_PRECISIONS
+    from lowbit.recipes import names
+
+    lines = [
+        "| recipe | " + " | ".join(f"{s} states" for s in STATE_PRECISIONS) + " |",
+        "|---|" + "---:|" * len(STATE_PRECISIONS),
+    ]
+    for name in names():
+        values = [model_state_bytes_per_param(name, s) for s in STATE_PRECISIONS]
+        lines.append(f"| `{name}` | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
