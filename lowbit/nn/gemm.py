@@ -64,8 +64,11 @@ def _foldable(q: QTensor) -> bool:
 
 
 def _row_scale(q: QTensor) -> torch.Tensor:
-    """Per-row scale (rows x 1) of an operand whose scale is constant along K."""
+    """Per-row scale (rows x 1, or 1 x 1 when one scale covers all rows) of an operand whose
+    scale is constant along K."""
     grid = q.effective_scale()
+    if grid.shape[0] == 1:
+        return grid.reshape(1, 1)
     return grid.repeat_interleave(q.block[0], 0)[: q.shape[0]]
 
 
@@ -75,7 +78,7 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     block_scale = block_scale[: q.shape[0], : q.shape[1]]
     folded = (q.values.float() * block_scale).to(q.values.dtype)
     rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=folded.device)
-    return folded, rest.reshape(1, 1).expand(q.shape[0], 1)
+    return folded, rest.reshape(1, 1)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
             acc = torch._int_mm(qa.values.contiguous(), qb.values.t().contiguous()).float()
-            return acc * _row_scale(qa) * _row_scale(qb).t()
+            return acc.mul_(_row_scale(qa)).mul_(_row_scale(qb).t())
         return _grouped_mm(qa, qb)
     va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
     vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
@@ -128,4 +131,7 @@ def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
         vb, sb = _fold(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb)
-    return _mm(va, vb) * sa * sb.t()
+    out = _mm(va, vb)
+    if sa.numel() == 1 and sb.numel() == 1:
+        return out.mul_(sa * sb)  # one pass for tensorwise scales
+    return out.mul_(sa).mul_(sb.t())

@@ -90,7 +90,10 @@ def quantized_gemm(
     """``a @ b.T`` (fp32) with both operands quantized along their last axis by ``gemm``."""
     if gemm.transform is Transform.HADAMARD:
         h = state.hadamard(gemm, a.device)
-        a, b = apply_blockwise(a.float(), h), apply_blockwise(b.float(), h)
+        # Zero-pad K to whole Hadamard blocks (e.g. 344 = 10.75 x 32): zeros add nothing to a @ b.T.
+        pad = (-a.shape[-1]) % h.shape[0]
+        a, b = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
+        a, b = apply_blockwise(a, h), apply_blockwise(b, h)
     qa = quantize_operand(a, gemm.a, state.histories.get(names[0]))
     qb = quantize_operand(b, gemm.b, state.histories.get(names[1]))
     return emulated_gemm(qa, qb)
@@ -116,7 +119,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                 qx = qw = None
                 out = quantized_gemm(x, weight, forward, state, ("forward.x", "forward.w"))
             if bias is not None:
-                out = out + bias.float()
+                out.add_(bias)
             if state.output_rounding is not None:
                 out = out.to(state.output_rounding)
             out = out.to(out_dtype)
@@ -136,14 +139,19 @@ class LowbitLinearFunction(torch.autograd.Function):
         state: LayerState = ctx.state
         spec = state.spec
         grad_x = grad_w = grad_bias = None
+        # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.
+        shared = _reusable(spec.grad_input.a, spec.grad_weight.a) and (
+            spec.grad_input.transform is Transform.NONE
+        )
+        qg = quantize_operand(grad_out, spec.grad_input.a) if shared else None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if qw is not None:
-                    qg = quantize_operand(
+                    qg_in = qg or quantize_operand(
                         grad_out, gemm.a, state.histories.get("grad_input.grad_out")
                     )
-                    grad_x = emulated_gemm(qg, _transposed(qw))
+                    grad_x = emulated_gemm(qg_in, _transposed(qw))
                 else:
                     grad_x = quantized_gemm(
                         grad_out, weight.t(), gemm, state, ("grad_input.grad_out", "grad_input.w")
@@ -151,15 +159,18 @@ class LowbitLinearFunction(torch.autograd.Function):
                 grad_x = grad_x.to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:
                 gemm = spec.grad_weight
-                grad_out_t = grad_out.t()
                 if qx is not None:
-                    qg = quantize_operand(
-                        grad_out_t, gemm.a, state.histories.get("grad_weight.grad_out")
+                    qg_w = (
+                        _transposed(qg)
+                        if qg is not None
+                        else quantize_operand(
+                            grad_out.t(), gemm.a, state.histories.get("grad_weight.grad_out")
+                        )
                     )
-                    grad_w = emulated_gemm(qg, _transposed(qx))
+                    grad_w = emulated_gemm(qg_w, _transposed(qx))
                 else:
                     grad_w = quantized_gemm(
-                        grad_out_t, x.t(), gemm, state, ("grad_weight.grad_out", "grad_weight.x")
+                        grad_out.t(), x.t(), gemm, state, ("grad_weight.grad_out", "grad_weight.x")
                     )
                 grad_w = grad_w.to(ctx.weight_dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
