@@ -1,0 +1,31 @@
+from lowbit.cli import main
+
+
+def test_estimate_prints_components_and_fits(capsys):
+    argv = ["estimate", "--model", "tiny", "--recipe", "bf16-low", "--optimizer-state", "8bit"]
+    assert main([*argv, "--batch", "8", "--seq", "128"]) == 0
+    out = capsys.readouterr().out
+    for label in ("parameters", "gradients", "master weights", "optimizer states", "activations"):
+        assert label in out
+    assert "temporary copies" in out and "total" in out and "MiB" in out
+    assert "activations without checkpointing" in out
+    for gib in ("24 GB", "40 GB", "80 GB", "141 GB"):
+        assert gib in out
+    assert "largest batch" in out
+
+
+def test_estimate_config_json(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,'
+        ' "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}'
+    )
+    assert main(["estimate", "--model", str(config), "--seq", "64"]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_estimate_usage_errors_exit_2(capsys):
+    assert main(["estimate", "--model", "tiny", "--optimizer-state", "2bit"]) == 2
+    assert "valid: fp32, bf16, fp8, 8bit, 4bit" in capsys.readouterr().err
+    assert main(["estimate", "--model", "llama-9b"]) == 2
+    assert "model size" in capsys.readouterr().err

@@ -1,0 +1,156 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.errors import UsageError
+from lowbit.memory import measure, measure_activations
+from lowbit.memory.estimate import (
+    bytes_per_param_table,
+    estimate,
+    fits,
+    model_state_bytes_per_param,
+)
+from lowbit.models import build_causal_lm
+from lowbit.optim import build_optimizer
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "memory.md"
+# A third shape with grouped-query attention (2 key/value heads for 4 query heads).
+THIRD = {
+    "model_type": "llama",
+    "hidden_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+    "max_position_embeddings": 256,
+    "vocab_size": 257,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+RECIPES = [
+    ("fp32", "fp32"),
+    ("bf16-mixed", "fp32"),
+    ("bf16-pure-kahan", "fp32"),
+    ("bf16-low", "8bit"),
+]
+MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
+
+
+@pytest.fixture(scope="module")
+def third_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("third") / "config.json"
+    path.write_text(json.dumps(THIRD))
+    return path
+
+
+def _model(size, config_path):
+    if size != "third":
+        return build_causal_lm(size, 257, seed=0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in THIRD.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("recipe, state", RECIPES)
+@pytest.mark.parametrize("size", ["tiny", "small", "third"])
+def test_estimate_matches_the_measured_run(size, recipe, state, third_config):
+    batch, seq = 2, 64
+    model = _model(size, third_config)
+    precision = lowbit.Precision(recipe)
+    model = precision.convert(model)
+    optimizer = precision.wrap_optimizer(
+        build_optimizer(model.parameters(), lr=1e-3, state_precision=state)
+    )
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 257, (2, batch, seq), generator=generator)
+
+    def forward():
+        with precision.autocast():
+            logits = model(x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    precision.backward(forward())  # one real step creates states and master weights
+    precision.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    saved = measure_activations(model, forward)
+    precision.backward(forward())
+    measured = measure(model, optimizer, precision)
+    assert not measured.notes
+
+    config = third_config if size == "third" else size
+    estimated = estimate(config, recipe, state, batch, seq)
+    for name in MODEL_STATES:
+        assert getattr(estimated, name) == getattr(measured, name), name
+    assert estimated.num_params == measured.num_params
+    assert estimated.activations == pytest.approx(saved.activations, rel=0.15)
+    assert estimated.temporaries == pytest.approx(saved.temporaries, rel=0.15)
+    if recipe == "bf16-mixed":  # autocast's bf16 copies of every linear weight
+        assert saved.temporaries > 0
+
+
+def test_classic_mixed_precision_is_16_bytes_per_parameter():
+    # ZeRO (Rajbhandari et al. 2020), section 3.1: fp16 params 2 + fp16 grads 2 + fp32 master
+    # weights 4 + Adam's fp32 momentum and variance 8 = 16 bytes per parameter.
+    assert model_state_bytes_per_param("fp16-low", "fp32") == 16
+    per_param = estimate("llama-7b", "fp16-low", "fp32", 1, 128).per_param()
+    assert per_param["model_states"] == pytest.approx(16, abs=1e-4)
+    assert model_state_bytes_per_param("bf16-pure", "fp32") == 12
+    assert model_state_bytes_per_param("bf16-pure-kahan", "bf16") == 10
+
+
+def _doc_table() -> dict[str, list[float]]:
+    rows = {}
+    text = DOC.read_text()
+    for line in text[text.index("## Bytes per parameter") :].splitlines():
+        match = re.match(r"\| `([\w.-]+)` \|(.*)\|$", line)
+        if match:
+            rows[match.group(1)] = [float(v) for v in match.group(2).split("|")]
+    return rows
+
+
+def test_docs_table_is_the_estimators():
+    doc = _doc_table()
+    code = {}
+    for line in bytes_per_param_table().splitlines()[2:]:
+        match = re.match(r"\| `([\w.-]+)` \|(.*)\|$", line)
+        code[match.group(1)] = [float(v) for v in match.group(2).split("|")]
+    core = {"fp32", "bf16-mixed", "fp16-mixed", "fp16-low", "bf16-low", "bf16-pure"}
+    core |= {"bf16-pure-sr", "bf16-pure-kahan", "fp8-tensorwise", "fp8-rowwise", "int8"}
+    assert core <= set(doc)
+    for name, values in doc.items():
+        assert values == code[name], f"{name}: docs/memory.md is stale; regenerate the table"
+    assert "Rajbhandari" in DOC.read_text()
+
+
+def test_sharding_checkpointing_and_fits():
+    plain = estimate("llama-1b", "bf16-low", "8bit", 2, 2048)
+    sharded = estimate("llama-1b", "bf16-low", "8bit", 2, 2048, gpus=8, sharding="fsdp")
+    for name in MODEL_STATES:
+        assert getattr(sharded, name) == -(-getattr(plain, name) // 8)
+    assert sharded.activations == plain.activations
+    ckpt = estimate("llama-1b", "bf16-low", "8bit", 2, 2048, activation_checkpointing=True)
+    assert ckpt.activations < plain.activations / 3
+    # 7B in fp32 with fp32 Adam needs 16 B/param = 108 GB of model states: not on 80 GB
+    assert fits("llama-7b", "fp32", "fp32", 1024, 80 * 2**30) == 0
+    small_gpu = fits("llama-1b", "bf16-low", "8bit", 2048, 24 * 2**30)
+    large_gpu = fits("llama-1b", "bf16-low", "8bit", 2048, 80 * 2**30)
+    assert 0 < small_gpu < large_gpu
+    assert estimate("llama-1b", "bf16-low", "8bit", large_gpu, 2048).total <= 80 * 2**30
+    assert estimate("llama-1b", "bf16-low", "8bit", large_gpu + 1, 2048).total > 80 * 2**30
+
+
+def test_bad_inputs_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="neither a model size"):
+        estimate(tmp_path / "missing.json")
+    with pytest.raises(UsageError, match="exceeds"):
+        estimate("tiny", seq=4096)
+    with pytest.raises(UsageError, match="sharding"):
+        estimate("tiny", sharding="zero9")
