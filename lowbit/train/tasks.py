@@ -10,6 +10,7 @@ word vocabulary) are written by ``save_artifacts(folder)`` and read back when ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -243,7 +244,7 @@ class TokenClassificationTask(Task):
     """Per-token tags (CoNLL/IOB files, or the built-in Python syntax-tag task) with a BERT encoder."""
 
     def __init__(self, config, run_dir=None):
-        from lowbit.data import LABELS, TensorBatches, WordVocab, syntax_tag_task
+        from lowbit.data import LABELS, TensorBatches, WordVocab
         from lowbit.models import build_token_classifier, load_encoder_tokenizer
         from lowbit.models.token_classifier import SIZES
 
@@ -251,7 +252,7 @@ class TokenClassificationTask(Task):
         if config.seq_len < 3:
             raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
         if config.data is None:
-            self.sentences = syntax_tag_task(window=config.seq_len - 2)
+            self.sentences = _syntax_tags(config.seq_len - 2)
             self.labels = list(LABELS)
             self.fingerprint = {"source": "syntax-tags(stdlib)"}
         else:
@@ -356,6 +357,14 @@ class TokenClassificationTask(Task):
                 f"{s['true']:>8}"
             )
         return metrics, "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=2)
+def _syntax_tags(window: int) -> dict:
+    """The built-in task's sentences (a few seconds of parsing; cached, treated as read-only)."""
+    from lowbit.data import syntax_tag_task
+
+    return syntax_tag_task(window=window)
 
 
 def _encode_pretrained(tokenizer, sentences, label2id, config):

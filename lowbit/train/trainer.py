@@ -28,6 +28,7 @@ from lowbit.train.config import TrainConfig, lr_at, resolve, write
 from lowbit.train.logging import MetricsLogger
 from lowbit.train.tasks import build_task, to_device
 
+SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
@@ -434,8 +435,8 @@ class Trainer:
                 self.model,
                 self.task.tokenizer,
                 self.precision,
-                "def ",
-                max_new_tokens=160,
+                SAMPLE_PROMPT,
+                max_new_tokens=SAMPLE_TOKENS,
                 temperature=0.8,
                 top_k=40,
                 seed=0,

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from lowbit.train import TrainConfig
+from lowbit.train import trainer as trainer_module
+
+# Small enough that a causal-lm step takes milliseconds on a CPU.
+TINY = {
+    "causal-lm": {"seq_len": 32, "batch_size": 8, "eval_batches": 2},
+    "image-classification": {"batch_size": 32},
+    "token-classification": {"seq_len": 24, "batch_size": 16, "eval_batches": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_short_samples(monkeypatch):
+    """Tiny models run faster on one thread (and far faster on a busy machine); short samples."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(trainer_module, "SAMPLE_TOKENS", 8)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def make(task="causal-lm", **kw):
+        settings = {**TINY[task], "task": task, "out": str(tmp_path / "run"), **kw}
+        return TrainConfig(**settings)
+
+    return make

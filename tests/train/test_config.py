@@ -1,0 +1,74 @@
+import math
+
+import pytest
+
+from lowbit.errors import UsageError
+from lowbit.train.config import TrainConfig, build_config, load_file, lr_at, resolve
+
+
+def test_flags_override_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: image-classification\nlr: 0.01\nbatch-size: 8\nsteps: 5\n")
+    config = resolve(build_config(load_file(path), {"lr": 0.002, "steps": None}))
+    assert (config.task, config.lr, config.batch_size, config.steps) == (
+        "image-classification",
+        0.002,
+        8,
+        5,
+    )
+    assert config.min_lr == pytest.approx(0.0002)  # default lr / 10 of the overriding lr
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('recipe = "fp16-mixed"\nsteps = 7\n')
+    assert build_config(load_file(path)).recipe == "fp16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("bad.yaml", "steps: 3\n  lr: [1\n", "bad.yaml: malformed config (line 2"),
+        ("bad.toml", "steps = 3\nlr = = 1\n", "bad.toml: malformed config"),
+        ("list.yaml", "- 1\n- 2\n", "a config is a mapping"),
+        ("keys.yaml", "stepz: 3\n", "unknown setting 'stepz'"),
+        ("types.yaml", "steps: many\n", "steps must be an integer"),
+        ("x.ini", "steps=3\n", "unknown config type '.ini'"),
+    ],
+)
+def test_malformed_config_is_one_line_usage_error(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UsageError, match="fix") as error:
+        build_config(load_file(path))
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_resolve_checks_values():
+    with pytest.raises(UsageError, match="unknown task 'cnn'"):
+        resolve(TrainConfig(task="cnn"))
+    with pytest.raises(UsageError, match="only one of --steps/--epochs"):
+        resolve(TrainConfig(steps=3, epochs=1))
+    with pytest.raises(UsageError, match="batch_size must be positive"):
+        resolve(TrainConfig(batch_size=0))
+    with pytest.raises(UsageError, match="min_lr"):
+        resolve(TrainConfig(lr=1e-3, min_lr=1e-2))
+
+
+def test_task_defaults_and_run_folder_name():
+    config = resolve(TrainConfig())
+    assert (config.steps, config.batch_size, config.seq_len) == (400, 16, 256)
+    assert config.out.startswith("runs/causal-lm-bf16-mixed-")
+    assert config.save_interval == config.eval_interval
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    config = resolve(TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, steps=104))
+    lrs = [lr_at(config, step, 104) for step in range(104)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0
+    assert lrs[54] == pytest.approx(0.55)  # half way down the cosine
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lr_at(config, 104, 104) == pytest.approx(0.1)
+    assert not any(math.isnan(x) for x in lrs)

@@ -1,0 +1,195 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import UsageError
+from lowbit.train import NonFiniteLoss, train
+from lowbit.train import checkpoint as ckpt
+
+
+def final_params(run_dir):
+    return ckpt.load(ckpt.latest(run_dir))["model"]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize(
+    ("task", "settings"),
+    [
+        ("causal-lm", {"steps": 40, "lr": 3e-3, "warmup_steps": 5}),
+        ("image-classification", {"steps": 40, "lr": 1e-2, "warmup_steps": 2}),
+        ("token-classification", {"steps": 40, "lr": 3e-3, "warmup_steps": 5}),
+    ],
+)
+def test_each_task_learns(tiny_config, task, settings):
+    result = train(tiny_config(task, eval_interval=40, **settings), quiet=True)
+    start, end = result.start_metrics["loss"], result.final_metrics["loss"]
+    assert end < 0.7 * start, (start, end)
+    assert result.status == "completed" and result.steps == 40
+    if task != "causal-lm":
+        assert result.final_metrics["accuracy"] > 0.5
+
+
+def test_run_folder_contents(tiny_config):
+    result = train(tiny_config(steps=4, eval_interval=2, keep_last=1), quiet=True)
+    run = result.run_dir
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "tensorboard",
+        "checkpoints",
+        "tokenizer",
+    }
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "loss_scale", "tok_per_s"} <= set(records[1])
+    assert [r["step"] for r in records if r["split"] == "validation"] == [0, 2, 4]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    info = json.loads((run / "run.json").read_text())
+    assert len(info["data_fingerprint"]["train"]["sha256"]) == 64
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000004.pt"]
+    assert result.sample.startswith("def ")
+
+
+@pytest.mark.parametrize(
+    ("task", "recipe"),
+    [
+        ("causal-lm", "fp16-mixed"),
+        ("causal-lm", "bf16-pure-sr"),
+        ("token-classification", "bf16-mixed"),
+    ],
+)
+def test_resume_after_crash_is_bit_identical(tiny_config, tmp_path, task, recipe):
+    settings = {"steps": 6, "eval_interval": 2, "recipe": recipe}
+    straight = train(tiny_config(task, **settings, out=str(tmp_path / "a")), quiet=True)
+
+    def crash(trainer):
+        if trainer.step_idx == 5:  # after the checkpoint of step 4
+            raise RuntimeError("simulated crash")
+
+    config = tiny_config(task, **settings, out=str(tmp_path / "b"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, quiet=True, on_step=crash)
+    resumed = train(config, resume=True, quiet=True)
+    assert resumed.final_metrics == straight.final_metrics
+    assert resumed.train_loss == straight.train_loss
+    assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records if '"train"' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigint_saves_checkpoint_and_resume_matches(tiny_config, tmp_path):
+    settings = {"task": "image-classification", "steps": 6, "eval_interval": 100}
+    straight = train(tiny_config(**settings, out=str(tmp_path / "a")), quiet=True)
+
+    def interrupt(trainer):
+        if trainer.step_idx == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(**settings, out=str(tmp_path / "b"))
+    stopped = train(config, quiet=True, on_step=interrupt)
+    assert stopped.status == "interrupted" and stopped.steps == 3
+    assert stopped.checkpoint.name == "step-0000003.pt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = train(config, resume=True, quiet=True)
+    assert resumed.final_metrics == straight.final_metrics
+    assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
+
+
+def nan_after(step_idx, trainer_task):
+    loss = trainer_task.loss
+
+    def patched(model, batch):
+        value, count = loss(model, batch)
+        return (value * float("nan") if patched.trainer.step_idx >= step_idx else value), count
+
+    return patched
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_non_finite_loss(tiny_config, monkeypatch, recipe):
+    from lowbit.train import trainer as trainer_module
+
+    original_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kw):
+        original_init(self, *args, **kw)
+        patched = nan_after(3, self.task)
+        patched.trainer = self
+        self.task.loss = patched
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    config = tiny_config("image-classification", steps=5, eval_interval=2, recipe=recipe)
+    precision = lowbit.Precision(lowbit.get_recipe(recipe))
+    if precision.finite_loss_policy == "skip":
+        result = train(config, quiet=True)
+        assert result.skipped_steps == 2 and result.steps == 5
+        assert result.loss_scale < precision.loss_scale  # backed off twice
+    else:
+        with pytest.raises(NonFiniteLoss, match="loss is nan at step 4.*step-0000002.pt"):
+            train(config, quiet=True)
+        assert [p.name for p in ckpt.list_checkpoints(config.out)] == ["step-0000002.pt"]
+
+
+def test_existing_run_is_refused_and_untouched(tiny_config):
+    config = tiny_config("image-classification", steps=2)
+    train(config, quiet=True)
+    before = {
+        p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(config.out).rglob("*"))
+    }
+    with pytest.raises(UsageError, match="already holds a run.*--resume.*--overwrite"):
+        train(config, quiet=True)
+    after = {
+        p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(config.out).rglob("*"))
+    }
+    assert before == after
+    assert train(config, overwrite=True, quiet=True).status == "completed"
+
+
+def test_resume_refuses_changed_settings(tiny_config):
+    config = tiny_config("image-classification", steps=2)
+    train(config, quiet=True)
+    config.lr = 0.5
+    with pytest.raises(UsageError, match="cannot resume with lr 0.5"):
+        train(config, resume=True, quiet=True)
+
+
+def test_epochs_set_the_step_count(tiny_config):
+    result = train(tiny_config("image-classification", epochs=0.5, eval_interval=100), quiet=True)
+    # 1257 training digits / 32 per batch = 39 steps per epoch
+    assert result.steps == 20
+
+
+def test_gradient_accumulation_matches_a_larger_batch_in_fp32(tiny_config, tmp_path):
+    one = train(
+        tiny_config(
+            "image-classification", steps=3, batch_size=32, recipe="fp32", out=str(tmp_path / "a")
+        ),
+        quiet=True,
+    )
+    assert one.status == "completed"
+    # same number of examples per step, split in two micro-batches: a different batch order, so
+    # only the bookkeeping is compared: each optimizer step consumed two micro-batches
+    two = train(
+        tiny_config(
+            "image-classification",
+            steps=3,
+            batch_size=16,
+            grad_accum=2,
+            recipe="fp32",
+            out=str(tmp_path / "b"),
+        ),
+        quiet=True,
+    )
+    state = ckpt.load(ckpt.latest(tmp_path / "b"))
+    assert state["data"]["step"] == 6 and two.steps == 3
