@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -69,6 +70,6 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0
     assert lrs[54] == pytest.approx(0.55)  # half way down the cosine
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert lr_at(config, 104, 104) == pytest.approx(0.1)
     assert not any(math.isnan(x) for x in lrs)

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_non_finite_loss(tiny_config, monkeypatch, recipe):
         assert result.skipped_steps == 2 and result.steps == 5
         assert result.loss_scale < precision.loss_scale  # backed off twice
     else:
-        with pytest.raises(NonFiniteLoss, match="loss is nan at step 4.*step-0000002.pt"):
+        with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 4.*step-0000002\.pt"):
             train(config, quiet=True)
         assert [p.name for p in ckpt.list_checkpoints(config.out)] == ["step-0000002.pt"]
 
@@ -144,14 +145,10 @@ def test_non_finite_loss(tiny_config, monkeypatch, recipe):
 def test_existing_run_is_refused_and_untouched(tiny_config):
     config = tiny_config("image-classification", steps=2)
     train(config, quiet=True)
-    before = {
-        p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(config.out).rglob("*"))
-    }
-    with pytest.raises(UsageError, match="already holds a run.*--resume.*--overwrite"):
+    before = {p: p.stat().st_mtime_ns for p in sorted(Path(config.out).rglob("*"))}
+    with pytest.raises(UsageError, match=r"already holds a run.*--resume.*--overwrite"):
         train(config, quiet=True)
-    after = {
-        p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(config.out).rglob("*"))
-    }
+    after = {p: p.stat().st_mtime_ns for p in sorted(Path(config.out).rglob("*"))}
     assert before == after
     assert train(config, overwrite=True, quiet=True).status == "completed"
 
@@ -160,7 +157,7 @@ def test_resume_refuses_changed_settings(tiny_config):
     config = tiny_config("image-classification", steps=2)
     train(config, quiet=True)
     config.lr = 0.5
-    with pytest.raises(UsageError, match="cannot resume with lr 0.5"):
+    with pytest.raises(UsageError, match=r"cannot resume with lr 0\.5"):
         train(config, resume=True, quiet=True)
 
 
