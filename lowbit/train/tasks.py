@@ -390,6 +390,11 @@ def _sentences_fingerprint(source, splits) -> dict:
 # ---------------------------------------------------------------------------- image classification
 
 
+def as_param_dtype(images: torch.Tensor, model) -> torch.Tensor:
+    """Pixels in the dtype of the parameters (bf16 under pure-bf16 recipes), as a pure run feeds them."""
+    return images.to(next(model.parameters()).dtype)
+
+
 class ImageClassificationTask(Task):
     """scikit-learn's 8x8 digits with a small CNN."""
 
@@ -413,7 +418,7 @@ class ImageClassificationTask(Task):
 
     def loss(self, model, batch):
         images, labels = batch
-        return F.cross_entropy(model(images).float(), labels), len(labels)
+        return F.cross_entropy(model(as_param_dtype(images, model)).float(), labels), len(labels)
 
     def predict(self, model, precision, split, max_batches=None):
         from lowbit.data import fixed_batches
@@ -426,7 +431,7 @@ class ImageClassificationTask(Task):
         with evaluating(model, precision):
             for batch in batches:
                 images, labels = to_device(batch, device)
-                logits = model(images).float()
+                logits = model(as_param_dtype(images, model)).float()
                 total += F.cross_entropy(logits, labels, reduction="sum").item()
                 labels_all.append(labels.cpu())
                 preds_all.append(logits.argmax(-1).cpu())

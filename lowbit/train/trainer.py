@@ -249,6 +249,7 @@ class Trainer:
         self.step_idx = 0
         self.stop_requested = False
         self.start_metrics: dict = {}
+        self.last_metrics: dict = {}
         self.recent_losses: list[float] = []
         self.counted = 0  # tokens (or images) trained on
         self.step_seconds = 0.0
@@ -383,7 +384,7 @@ class Trainer:
                     )
                     last = self.step_idx == self.total_steps
                     if self.step_idx % c.eval_interval == 0 or last:
-                        metrics = self.evaluate()
+                        metrics = self.last_metrics = self.evaluate()
                         logger.log(self.step_idx, "validation", metrics)
                         bar.write(f"step {self.step_idx}: validation loss {metrics['loss']:.4f}")
                     if self.step_idx % c.save_interval == 0 or last:
@@ -422,7 +423,7 @@ class Trainer:
         (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:
-        final = self.evaluate() if status == "completed" else {}
+        final = (self.last_metrics or self.evaluate()) if status == "completed" else {}
         extra = {}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
