@@ -43,7 +43,7 @@ def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
     """Swap the model's Linear/Conv2d layers for low-precision ones as ``recipe`` says."""
-    recipe = get_recipe(recipe)
+    recipe = get_recipe(recipe).resolved_for(name for name, _ in model.named_modules())
     report = report if report is not None else ConversionReport()
 
     def visit(module: torch.nn.Module, prefix: str) -> None:

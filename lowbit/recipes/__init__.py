@@ -30,3 +30,4 @@ __all__ = [
     "register",
     "uniform_layer",
 ]
+from lowbit.recipes import fine_grained  # noqa: F401  (registers the fine-grained presets)

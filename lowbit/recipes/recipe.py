@@ -13,6 +13,8 @@ Everything outside those GEMMs (bias, norms, softmax, losses) runs in the recipe
 from __future__ import annotations
 
 import fnmatch
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -162,6 +164,9 @@ def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> 
 class Override:
     """Layers whose fully qualified name matches ``pattern`` (fnmatch glob) use ``layer``;
     ``layer=None`` keeps them in the recipe's high precision (not converted)."""
+LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
+
+
 
     pattern: str
     layer: LayerSpec | None = None
@@ -174,6 +179,20 @@ class Override:
 @dataclass(frozen=True)
 class Recipe:
     """A complete training precision: GEMMs, parameters, master weights, loss scaling, update."""
+    def resolve(self, names: Iterable[str]) -> Override:
+        """This override with the placeholder ``{last}`` replaced by the largest number that the
+        module ``names`` hold at that place: ``model.layers.{last}.*`` becomes
+        ``model.layers.3.*`` for a 4-block Llama. Without a match the pattern matches nothing."""
+        if LAST not in self.pattern:
+            return self
+        sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped
+        regex = fnmatch.translate(self.pattern.replace(LAST, sentinel, 1))
+        regex = re.compile(regex.replace(sentinel, r"(\d+)", 1))
+        found = [int(m.group(1)) for name in names if (m := regex.match(name))]
+        if not found:
+            return self
+        return replace(self, pattern=self.pattern.replace(LAST, str(max(found)), 1))
+
 
     name: str
     description: str
@@ -212,6 +231,13 @@ class Recipe:
     def with_overrides(self, *overrides: Override) -> Recipe:
         """A copy whose new overrides take precedence over the existing ones."""
         return replace(self, overrides=tuple(overrides) + self.overrides)
+
+    def resolved_for(self, names: Iterable[str]) -> Recipe:
+        """A copy whose override placeholders (``{last}``) are resolved against a model's module
+        names (`convert` calls this, so one recipe serves models of any depth)."""
+        names = list(names)
+        overrides = tuple(override.resolve(names) for override in self.overrides)
+        return self if overrides == self.overrides else replace(self, overrides=overrides)
 
     @property
     def low_precision_formats(self) -> list[str]:
