@@ -14,9 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print each recipe's GEMM operand specs"
     )
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the table of docs/recipes.md instead"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from lowbit.recipes.table import recipes_table
+
+        print(recipes_table())
+        return 0
     width = max(len(name) for name in names())
     for name in names():
         recipe = get_recipe(name)

@@ -96,7 +96,11 @@ class OperandSpec:
         text = f"{self.format}/{self.granularity.value}"
         if self.block_size is not None and self.granularity is not Granularity.MX:
             size = self.block_size
-            text += f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"1x{size}"
+            size_text = f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"1x{size}"
+            blocky = self.granularity in (Granularity.BLOCK, Granularity.BLOCK2D)
+            text += size_text if blocky else f"({size_text})"
+        if self.scale_rule is not None and self.scale_rule.value not in ("amax", "mx_floor"):
+            text += f"/{self.scale_rule.value}"
         if self.scaling is Scaling.DELAYED:
             text += f"/delayed{self.amax_history}"
         if self.rounding is Rounding.STOCHASTIC:
@@ -160,13 +164,13 @@ def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> 
     )
 
 
+LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
+
+
 @dataclass(frozen=True)
 class Override:
     """Layers whose fully qualified name matches ``pattern`` (fnmatch glob) use ``layer``;
     ``layer=None`` keeps them in the recipe's high precision (not converted)."""
-LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
-
-
 
     pattern: str
     layer: LayerSpec | None = None
@@ -175,10 +179,6 @@ LAST = "{last}"  # Override pattern placeholder: the highest block index (see Ov
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """A complete training precision: GEMMs, parameters, master weights, loss scaling, update."""
     def resolve(self, names: Iterable[str]) -> Override:
         """This override with the placeholder ``{last}`` replaced by the largest number that the
         module ``names`` hold at that place: ``model.layers.{last}.*`` becomes
@@ -193,6 +193,10 @@ class Recipe:
             return self
         return replace(self, pattern=self.pattern.replace(LAST, str(max(found)), 1))
 
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete training precision: GEMMs, parameters, master weights, loss scaling, update."""
 
     name: str
     description: str
@@ -228,16 +232,16 @@ class Recipe:
             return None, "the recipe converts no layers"
         return self.layer, "recipe default"
 
-    def with_overrides(self, *overrides: Override) -> Recipe:
-        """A copy whose new overrides take precedence over the existing ones."""
-        return replace(self, overrides=tuple(overrides) + self.overrides)
-
     def resolved_for(self, names: Iterable[str]) -> Recipe:
         """A copy whose override placeholders (``{last}``) are resolved against a model's module
         names (`convert` calls this, so one recipe serves models of any depth)."""
         names = list(names)
         overrides = tuple(override.resolve(names) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)
+
+    def with_overrides(self, *overrides: Override) -> Recipe:
+        """A copy whose new overrides take precedence over the existing ones."""
+        return replace(self, overrides=tuple(overrides) + self.overrides)
 
     @property
     def low_precision_formats(self) -> list[str]:

@@ -78,3 +78,20 @@ def test_recipes_command_prints_one_line_each(capsys):
     assert lines[0].startswith("fp32 ")
     assert main(["recipes", "--verbose"]) == 0
     assert "fp8_e5m2" in capsys.readouterr().out
+
+
+def test_docs_recipes_page_holds_the_current_table():
+    from pathlib import Path
+
+    from lowbit.recipes.table import recipes_table
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
+    assert recipes_table() in page, "regenerate with: lowbit recipes --markdown"
+
+
+def test_bytes_per_param_of_classic_recipes():
+    from lowbit.recipes.table import bytes_breakdown
+
+    assert bytes_breakdown(get_recipe("fp32")) == "4+4+0+8 = 16"
+    assert bytes_breakdown(get_recipe("fp16-low")) == "2+2+4+8 = 16"  # ZeRO's 16 bytes/param
+    assert bytes_breakdown(get_recipe("bf16-pure-kahan")) == "2+2+2+8 = 14"
