@@ -225,6 +225,8 @@ def tensor_bytes(model, optimizer, precision) -> int:
 class Trainer:
     """A run being trained: task, model, precision, optimizer, and the step counter."""
 
+    sample = True  # end a completed causal-lm run with a sample text (compare turns it off)
+
     def __init__(self, config: TrainConfig, quiet: bool = False):
         import lowbit
 
@@ -429,7 +431,7 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MB"
         sample = None
-        if self.config.task == "causal-lm" and status == "completed":
+        if self.sample and self.config.task == "causal-lm" and status == "completed":
             from lowbit.train.generate import sample_text
 
             sample = sample_text(
