@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "train",
     "eval",
     "generate",
+    "compare",
 ]
 
 

@@ -1,0 +1,121 @@
+"""`lowbit compare`: train the same task once per recipe (and seed), then report the differences."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lowbit.commands import train as train_command
+from lowbit.errors import UsageError
+
+NAME = "compare"
+HELP = (
+    "Train the same task, model, data order and seeds once per recipe and write a report "
+    "(report.md, report.html, results.json, plots): loss gap to the baseline with a verdict, task "
+    "metric, speed, memory by component, per-label accuracy change. Finished runs are reused."
+)
+# Train flags that compare sets itself (one run folder and one seed per run).
+OWN = {"--recipe", "--out", "--seed"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipes",
+        required=True,
+        help="comma-separated recipe names, e.g. fp32,bf16-mixed,fp8-tensorwise,mxfp4",
+    )
+    parser.add_argument("--baseline", help="the recipe to compare against (default: the first)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are N, N+1, ... (default 0)"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        help="allowed final validation loss gap to the baseline, percent (default 1.0), for "
+        "recipes without a parity target or --target",
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        metavar="RECIPE=PCT",
+        help="a recipe's own tolerance in percent (repeatable)",
+    )
+    parser.add_argument(
+        "--no-parity-targets",
+        action="store_true",
+        help="use --tolerance for every recipe instead of the parity targets (fp32 baseline)",
+    )
+    parser.add_argument(
+        "--out", help="compare folder (default runs/compare-<task>-<model>); reruns reuse it"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="retrain every run in --out")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: PyTorch's; 1 is faster for tiny models on a busy "
+        "machine)",
+    )
+    group = parser.add_argument_group("train options (passed to every run)")
+    group.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
+    for flag, kind, text in train_command.FLAGS:
+        if flag not in OWN:
+            group.add_argument(flag, type=kind, default=None, help=text)
+
+
+def run(args) -> int:
+    from lowbit.report import compare, make_study
+    from lowbit.report.compare import parse_targets
+    from lowbit.report.markdown import verdict_lines
+    from lowbit.train import NonFiniteLoss
+    from lowbit.train.config import build_config, load_file
+
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in train_command.FLAGS
+        if flag not in OWN
+    }
+    base = build_config(load_file(args.config) if args.config else {}, overrides)
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UsageError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.seeds <= 0:
+        raise UsageError(f"--seeds must be positive, got {args.seeds}; fix: --seeds 3")
+    study = make_study(
+        args.recipes,
+        base,
+        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
+        baseline=args.baseline,
+        out=args.out,
+        tolerance=args.tolerance,
+        targets=parse_targets(args.target),
+        parity_targets=not args.no_parity_targets,
+    )
+    try:
+        result = compare(
+            study,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            plots=not args.no_plots,
+            log=lambda line: print(line, flush=True),
+        )
+    except NonFiniteLoss as error:
+        print(f"lowbit: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"lowbit: interrupted; run the same command again to resume (out {study.out})",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"\nbaseline {study.baseline}; verdicts:")
+    for line in verdict_lines(result.results):
+        print(f"  {line}")
+    print(f"report: {result.report_dir / 'report.md'} (and report.html, results.json)")
+    return 0

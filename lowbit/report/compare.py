@@ -1,0 +1,638 @@
+"""Side-by-side recipe studies: train one task per (recipe, seed), then compare them to a baseline.
+
+Every run trains the same task, model, data order and seeds; only the recipe changes. Runs live in
+``<out>/runs/<recipe>/seed-<n>/`` (ordinary `lowbit train` run folders) and are trained one after
+the other. A finished run leaves ``compare.json`` beside its ``config.yaml`` and is reused by the
+next invocation; an interrupted one (checkpoint, no ``compare.json``) is resumed through the
+trainer's resume, which continues bit for bit.
+
+Statistics. Seeds are paired: seed ``s`` of a recipe and seed ``s`` of the baseline share the
+initialization and data order, so the per-seed difference ``d_s = loss_r,s - loss_b,s`` removes
+most of the seed-to-seed variance. The gap is ``mean(d) / mean(loss_b)`` in percent and its
+*spread* is ``std(d) / mean(loss_b)`` (sample std over seeds). A difference is significant when the
+gap is larger than twice the spread (with one seed there is no spread and nothing is called
+significant). A recipe is within tolerance when its gap is at most its tolerance; above it, the
+verdict is "outside tolerance" when the excess is larger than twice the spread and "inconclusive"
+when the seeds cannot tell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+
+RECORD = "compare.json"  # written into a run folder when the run is finished and measured
+SETTINGS = "compare.json"  # written into the compare folder: what the study is
+REPORT_DIR = "report"
+# Settings of a run that must be equal for a finished run to be reused.
+_NOT_COMPARED = {"out", "device", "wandb"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """How far a recipe's final validation loss may be above the baseline's, in percent.
+
+    ``expect_worse``: the claim is the opposite, the recipe is measurably worse than ``pct``
+    (``bf16-pure``: without stochastic rounding or Kahan summation, updates smaller than half a
+    bf16 ulp of the weight are lost).
+    """
+
+    pct: float
+    source: str = ""
+    expect_worse: bool = False
+
+
+# Parity targets: gap of the final validation loss to fp32 (applied when the baseline is fp32).
+PARITY_TARGETS: dict[str, Target] = {
+    **{
+        name: Target(0.5, "Micikevicius 2018: mixed precision loses nothing")
+        for name in ("bf16-mixed", "fp16-mixed", "bf16-low", "fp16-low")
+    },
+    "bf16-pure-sr": Target(1.0, "Zamirai 2020: pure bf16 with stochastic rounding"),
+    "bf16-pure-kahan": Target(1.0, "Zamirai 2020: pure bf16 with Kahan summation"),
+    "bf16-pure": Target(1.0, "Zamirai 2020: pure bf16 with nearest rounding loses", True),
+    **{
+        name: Target(1.0, "DeepSeek-V3: fp8 below 0.25%")
+        for name in ("fp8-tensorwise", "fp8-delayed", "fp8-rowwise", "fp8-blockwise")
+    },
+    "mxfp8": Target(1.0, "OCP MX / Rouhani 2023, DeepSeek-V3 for 8 bits"),
+    "mxfp8-rceil": Target(1.0, "OCP MX / Rouhani 2023, DeepSeek-V3 for 8 bits"),
+    "mxfp6": Target(1.5, "Rouhani 2023: MXFP6 close to fp32"),
+    "mxfp6-rceil": Target(1.5, "Rouhani 2023: MXFP6 close to fp32"),
+    "nvfp4": Target(2.0, "NVIDIA 2025: NVFP4 about 1-1.5%"),
+    "mxfp4": Target(3.0, "Tseng 2025: MXFP4 with SR and random Hadamard"),
+}
+
+TASK_METRIC = {
+    "causal-lm": "ppl",
+    "token-classification": "entity_f1",
+    "image-classification": "accuracy",
+}
+
+
+def parse_recipes(text: str | list[str]) -> list[str]:
+    """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
+    import lowbit
+
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if not names:
+        raise UsageError("no recipes given; fix: --recipes fp32,bf16-mixed,...")
+    valid = lowbit.recipe_names()
+    for name in names:
+        if name not in valid:
+            raise UsageError(
+                f"unknown recipe {name!r} in --recipes; fix: use names from: {', '.join(valid)}"
+            )
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"recipe {dup!r} is listed twice in --recipes; fix: list it once")
+    return names
+
+
+def parse_targets(items) -> dict[str, float]:
+    """``["mxfp4=3", ...]`` -> ``{"mxfp4": 3.0}``."""
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not math.isfinite(out.get(name.strip(), math.nan)):
+            raise UsageError(f"--target {item!r}: expected RECIPE=PERCENT; fix: e.g. mxfp4=3")
+    return out
+
+
+@dataclass
+class Study:
+    """What a compare run is: recipes x seeds of one base config, and how to judge them."""
+
+    recipes: list[str]
+    seeds: list[int]
+    baseline: str
+    base: dict  # TrainConfig fields except recipe, seed, out
+    out: Path
+    tolerance: float = 1.0
+    targets: dict[str, float] = field(default_factory=dict)  # explicit per-recipe tolerances
+    parity_targets: bool = True
+
+    def target(self, recipe: str) -> Target:
+        if recipe in self.targets:
+            return Target(self.targets[recipe], "--target")
+        if self.parity_targets and self.baseline == "fp32" and recipe in PARITY_TARGETS:
+            return PARITY_TARGETS[recipe]
+        return Target(self.tolerance, "--tolerance")
+
+    def run_dir(self, recipe: str, seed: int) -> Path:
+        return self.out / "runs" / recipe / f"seed-{seed}"
+
+    def settings(self) -> dict:
+        return {
+            "recipes": self.recipes,
+            "seeds": self.seeds,
+            "baseline": self.baseline,
+            "base": self.base,
+        }
+
+
+def make_study(
+    recipes,
+    base_config=None,
+    seeds=3,
+    baseline: str | None = None,
+    out=None,
+    tolerance: float = 1.0,
+    targets: dict[str, float] | None = None,
+    parity_targets: bool = True,
+) -> Study:
+    """Validate the inputs of a study; every error is a one-line `UsageError`."""
+    from lowbit.train.config import TrainConfig, build_config, resolve
+
+    recipes = parse_recipes(recipes)
+    if isinstance(seeds, int):
+        if seeds <= 0:
+            raise UsageError(f"--seeds must be positive, got {seeds}; fix: --seeds 3")
+        seeds = list(range(seeds))
+    seeds = [int(s) for s in seeds]
+    baseline = recipes[0] if baseline is None else baseline
+    if baseline not in recipes:
+        raise UsageError(
+            f"baseline {baseline!r} is not in --recipes ({','.join(recipes)}); fix: add it to "
+            "--recipes or choose one of them"
+        )
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise UsageError(f"--tolerance must be a non-negative percent, got {tolerance}")
+    for name in targets or {}:
+        if name not in recipes:
+            raise UsageError(f"--target {name}: not in --recipes; fix: drop it or add the recipe")
+    if isinstance(base_config, TrainConfig):
+        base = base_config.to_dict()
+    else:
+        base = build_config(base_config or {}).to_dict()
+    for key in ("recipe", "seed", "out"):
+        base.pop(key, None)
+    resolved = resolve(build_config({**base, "recipe": baseline, "seed": seeds[0], "out": "x"}))
+    base = {k: v for k, v in resolved.to_dict().items() if k not in ("recipe", "seed", "out")}
+    if out is None:
+        out = Path("runs") / f"compare-{base['task']}-{Path(str(base['model'])).name}"
+    return Study(
+        recipes=recipes,
+        seeds=seeds,
+        baseline=baseline,
+        base=base,
+        out=Path(out),
+        tolerance=float(tolerance),
+        targets=dict(targets or {}),
+        parity_targets=parity_targets,
+    )
+
+
+def run_config(study: Study, recipe: str, seed: int):
+    from lowbit.train.config import TrainConfig
+
+    return TrainConfig(
+        **{**study.base, "recipe": recipe, "seed": seed, "out": str(study.run_dir(recipe, seed))}
+    )
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _same_settings(saved: dict, now: dict) -> bool:
+    keys = (set(saved) | set(now)) - _NOT_COMPARED
+    return all(saved.get(k) == now.get(k) for k in keys)
+
+
+def load_record(run_dir: Path, config) -> dict | None:
+    """The finished run's record if it was trained with ``config``'s settings, else ``None``."""
+    path = Path(run_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if not _same_settings(record.get("config", {}), config.to_dict()):
+        raise UsageError(
+            f"{run_dir}: holds a finished run with other settings; fix: --overwrite to retrain, "
+            "or another --out"
+        )
+    return record
+
+
+def _memory(trainer) -> dict:
+    """Training memory by component, measured on the live run (`lowbit.memory`): one extra
+    forward and backward on a training batch, no optimizer step."""
+    from lowbit.memory import measure, measure_activations
+    from lowbit.train.tasks import to_device
+
+    task, model, precision = trainer.task, trainer.model, trainer.precision
+    batch = to_device(next(task.train_batches), trainer.device)
+
+    def forward():
+        with precision.autocast():
+            return task.loss(model, batch)[0]
+
+    saved = measure_activations(model, forward)
+    precision.backward(forward())
+    states = measure(model, trainer.optimizer, precision)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    states.activations, states.temporaries = saved.activations, saved.temporaries
+    return {
+        "bytes": {k: v for k, v in states.as_dict().items() if k != "notes"},
+        "bytes_per_param": states.per_param(),
+        "num_params": states.num_params,
+    }
+
+
+def _per_label(trainer) -> dict | None:
+    """Validation accuracy of every true label (token or image class), over the whole split."""
+    task = trainer.task
+    if not hasattr(task, "predict"):
+        return None
+    _, labels, preds = task.predict(trainer.model, trainer.precision, "validation", None)
+    labels, preds = labels.flatten(), preds.flatten()
+    keep = labels >= 0  # token classification marks skipped positions with -100
+    labels, preds = labels[keep], preds[keep]
+    names = getattr(task, "id2label", None)
+    out = {}
+    for label in sorted(set(labels.tolist())):
+        mask = labels == label
+        name = names[label] if names else str(label)
+        out[name] = {"correct": int((preds[mask] == label).sum()), "total": int(mask.sum())}
+    return out
+
+
+def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=False) -> dict:
+    """Train (or reuse, or resume) one run and return its record."""
+    from lowbit.train import NonFiniteLoss, checkpoint
+    from lowbit.train.config import resolve
+    from lowbit.train.trainer import Trainer
+
+    config = resolve(run_config(study, recipe, seed))
+    run_dir = Path(config.out)
+    if overwrite:
+        (run_dir / RECORD).unlink(missing_ok=True)
+    else:
+        record = load_record(run_dir, config)
+        if record is not None:
+            return {**record, "reused": True}
+    resume = (
+        not overwrite
+        and (run_dir / "config.yaml").is_file()
+        and checkpoint.latest(run_dir) is not None
+    )
+    if resume:
+        from lowbit.train.config import read
+
+        if not _same_settings(read(run_dir).to_dict(), config.to_dict()):
+            raise UsageError(
+                f"{run_dir}: holds an unfinished run with other settings; fix: --overwrite to "
+                "retrain, or another --out"
+            )
+    trainer = Trainer(config, quiet=quiet)
+    trainer.sample = False  # a sample text per run is slow and not compared
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    try:
+        result = trainer.fit(resume=resume, overwrite=not resume)
+    except NonFiniteLoss as error:
+        record = _diverged(config, recipe, seed, trainer, str(error))
+        _write_record(run_dir, record)
+        return {**record, "reused": False}
+    if result.status != "completed":
+        raise KeyboardInterrupt
+    memory = _memory(trainer)
+    peak = torch.cuda.max_memory_allocated(trainer.device) if cuda else memory["bytes"]["total"]
+    record = {
+        "recipe": recipe,
+        "seed": seed,
+        "config": config.to_dict(),
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "start_metrics": result.start_metrics,
+        "final_metrics": result.final_metrics,
+        "throughput": result.throughput,
+        "unit": result.unit,
+        "step_time": result.step_time,
+        "skipped_steps": result.skipped_steps,
+        "loss_scale": result.loss_scale,
+        "memory": memory,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
+        "per_label": _per_label(trainer),
+        "resumed": resume,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    _write_record(run_dir, record)
+    return {**record, "reused": False}
+
+
+def _write_record(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(_jsonable(record), indent=1) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / RECORD)
+
+
+def _diverged(config, recipe, seed, trainer, error: str) -> dict:
+    """The record of a run stopped by a non-finite loss: no final loss, no memory measurement."""
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "config": config.to_dict(),
+        "steps": trainer.step_idx,
+        "train_loss": math.nan,
+        "start_metrics": trainer.start_metrics,
+        "final_metrics": {},
+        "throughput": trainer.counted / max(trainer.step_seconds, 1e-9),
+        "unit": trainer.task.unit,
+        "step_time": trainer.step_seconds / max(1, trainer.step_idx),
+        "skipped_steps": int(trainer.precision.skipped_steps),
+        "loss_scale": float(trainer.precision.loss_scale),
+        "memory": None,
+        "peak_memory_bytes": math.nan,
+        "peak_memory_kind": "",
+        "per_label": None,
+        "resumed": False,
+        "diverged": error,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def read_curves(run_dir: Path) -> dict:
+    """Train loss per step and validation loss per evaluation, from the run's ``metrics.jsonl``."""
+    train, val = {}, {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        loss = row.get("loss")
+        if not isinstance(loss, int | float):
+            continue
+        (train if row.get("split") == "train" else val)[int(row["step"])] = float(loss)
+    return {
+        "train": sorted(train.items()),
+        "validation": sorted(val.items()),
+    }
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _gap(values: list[float], base: list[float]) -> tuple[float, float]:
+    """Paired gap in percent of the baseline's mean, and its spread (std of the differences)."""
+    pairs = [(v, b) for v, b in zip(values, base) if math.isfinite(v) and math.isfinite(b)]
+    if not pairs:
+        return math.nan, math.nan
+    base_mean = statistics.fmean(b for _, b in pairs)
+    diffs = [100 * (v - b) / base_mean for v, b in pairs]
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def verdict(gap: float, spread: float, target: Target, seeds: int) -> tuple[str, bool | None]:
+    """A one-line verdict and whether the recipe meets its target (``None``: cannot tell)."""
+    if not math.isfinite(gap):
+        return "FAIL: no finite validation loss (the run diverged)", False
+    noise = 2 * spread if seeds > 1 else 0.0
+    note = "" if seeds > 1 else " (1 seed: no spread, not a significance test)"
+    sig = seeds > 1 and abs(gap) > noise
+    diff = "significant" if sig else "not significant"
+    if target.expect_worse:
+        if gap > target.pct and gap - target.pct > noise:
+            return (
+                f"as expected: measurably worse, {gap:+.2f}% > {target.pct:g}% "
+                f"(2x spread {noise:.2f}%){note}",
+                True,
+            )
+        return (
+            f"MISSES the expectation: not measurably worse than {target.pct:g}% "
+            f"(gap {gap:+.2f}%, 2x spread {noise:.2f}%){note}",
+            False,
+        )
+    if gap <= target.pct:
+        return (
+            f"PASS: within {target.pct:g}% of the baseline (gap {gap:+.2f}%, difference "
+            f"{diff}, 2x spread {noise:.2f}%){note}",
+            True,
+        )
+    if gap - target.pct > noise:
+        return (
+            f"FAIL: outside {target.pct:g}% of the baseline (gap {gap:+.2f}%, 2x spread "
+            f"{noise:.2f}%){note}",
+            False,
+        )
+    return (
+        f"INCONCLUSIVE: gap {gap:+.2f}% is above {target.pct:g}% but within 2x the seed spread "
+        f"({noise:.2f}%)",
+        None,
+    )
+
+
+def summarize(study: Study, records: dict) -> dict:
+    """The study's results: per recipe means, gaps, verdicts, per-label changes, mean curves."""
+    task = study.base["task"]
+    metric = TASK_METRIC[task]
+    base_runs = records[study.baseline]
+    base_val = [_finite(r["final_metrics"].get("loss")) for r in base_runs]
+    base_train = [_finite(r["train_loss"]) for r in base_runs]
+    base_tp = statistics.fmean(r["throughput"] for r in base_runs)
+    base_labels = _label_accuracy(base_runs)
+    rows = {}
+    for recipe in study.recipes:
+        runs = records[recipe]
+        val = [_finite(r["final_metrics"].get("loss")) for r in runs]
+        train = [_finite(r["train_loss"]) for r in runs]
+        gap, spread = _gap(val, base_val)
+        train_gap, train_spread = _gap(train, base_train)
+        target = study.target(recipe)
+        diverged = [r["seed"] for r in runs if r.get("diverged")]
+        if recipe == study.baseline:
+            line, ok = "baseline", True
+        elif diverged:
+            line, ok = f"FAIL: diverged (non-finite loss) with seed {diverged[0]}", False
+        else:
+            line, ok = verdict(gap, spread, target, len(runs))
+        throughput = statistics.fmean(r["throughput"] for r in runs)
+        metrics = {
+            name: _mean_std([_finite(r["final_metrics"].get(name)) for r in runs])
+            for name in ("accuracy", "entity_f1", "ppl")
+            if any(name in r["final_metrics"] for r in runs)
+        }
+        labels = _label_accuracy(runs)
+        measured = [r for r in runs if r.get("memory")]
+        label_change = {
+            name: {
+                "baseline": base_labels[name],
+                "recipe": labels.get(name, math.nan),
+                "change_pp": 100 * (labels.get(name, math.nan) - base_labels[name]),
+            }
+            for name in base_labels
+        }
+        rows[recipe] = {
+            "seeds": [r["seed"] for r in runs],
+            "val_loss": _mean_std(val),
+            "train_loss": _mean_std(train),
+            "val_gap_pct": gap,
+            "val_gap_spread_pct": spread,
+            "train_gap_pct": train_gap,
+            "train_gap_spread_pct": train_spread,
+            "metrics": metrics,
+            "throughput": throughput,
+            "unit": runs[0]["unit"],
+            "throughput_ratio": throughput / base_tp if base_tp else math.nan,
+            "peak_memory_bytes": _mean_std([r["peak_memory_bytes"] for r in runs])[0],
+            "peak_memory_kind": next((r["peak_memory_kind"] for r in measured), ""),
+            "memory_bytes": measured[0]["memory"]["bytes"] if measured else None,
+            "bytes_per_param": measured[0]["memory"]["bytes_per_param"] if measured else None,
+            "num_params": measured[0]["memory"]["num_params"] if measured else None,
+            "diverged": diverged,
+            "skipped_steps": _mean_std([r["skipped_steps"] for r in runs]),
+            "target": dataclasses.asdict(target),
+            "verdict": line,
+            "meets_target": ok,
+            "per_label": label_change,
+            "curves": _mean_curves([read_curves(study.run_dir(recipe, r["seed"])) for r in runs]),
+        }
+    return {
+        "settings": {**study.settings(), "tolerance": study.tolerance, "targets": study.targets},
+        "task": task,
+        "metric": metric,
+        "baseline": study.baseline,
+        "recipes": rows,
+        "runs": {
+            recipe: [{k: v for k, v in r.items() if k != "config"} for r in runs]
+            for recipe, runs in records.items()
+        },
+    }
+
+
+def _finite(value) -> float:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+
+def _label_accuracy(runs: list[dict]) -> dict[str, float]:
+    """Accuracy per label pooled over seeds."""
+    totals: dict[str, list[int]] = {}
+    for run in runs:
+        for name, c in (run.get("per_label") or {}).items():
+            acc = totals.setdefault(name, [0, 0])
+            acc[0] += c["correct"]
+            acc[1] += c["total"]
+    return {name: c / t for name, (c, t) in totals.items() if t}
+
+
+def _mean_curves(curves: list[dict]) -> dict:
+    """Mean over seeds at the steps every seed has."""
+    out = {}
+    for split in ("train", "validation"):
+        maps = [dict(c[split]) for c in curves]
+        steps = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+        out[split] = [[s, statistics.fmean(m[s] for m in maps)] for s in steps]
+    return out
+
+
+# ----------------------------------------------------------------------------------- the study
+
+
+@dataclass
+class CompareResult:
+    study: Study
+    results: dict
+    report_dir: Path
+    trained: list[tuple[str, int]]
+    reused: list[tuple[str, int]]
+
+
+def check_out(study: Study, overwrite: bool) -> None:
+    """Refuse an output folder that holds a different study (unless ``overwrite``)."""
+    path = study.out / SETTINGS
+    if path.is_file() and not overwrite:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
+        if saved.get("base") != study.base or saved.get("baseline") != study.baseline:
+            raise UsageError(
+                f"{study.out}: holds a compare study with other settings; fix: --overwrite to "
+                "retrain, or another --out"
+            )
+    elif study.out.is_dir() and not overwrite:
+        foreign = sorted(p.name for p in study.out.iterdir() if p.name not in ("runs", REPORT_DIR))
+        if foreign:
+            raise UsageError(
+                f"{study.out}: folder holds {foreign[0]!r}, not a compare study; fix: choose "
+                "another --out"
+            )
+
+
+def compare(study: Study, overwrite=False, quiet=True, plots=True, log=print) -> CompareResult:
+    """Train every (recipe, seed) of ``study`` (reusing finished runs), write the report."""
+    from lowbit.report.html import write_html
+    from lowbit.report.markdown import write_markdown
+
+    check_out(study, overwrite)
+    study.out.mkdir(parents=True, exist_ok=True)
+    (study.out / SETTINGS).write_text(json.dumps(study.settings(), indent=1) + "\n")
+    records: dict[str, list[dict]] = {}
+    trained, reused = [], []
+    total = len(study.recipes) * len(study.seeds)
+    for recipe in study.recipes:
+        records[recipe] = []
+        for seed in study.seeds:
+            t0 = time.perf_counter()
+            record = run_one(study, recipe, seed, quiet=quiet, overwrite=overwrite)
+            records[recipe].append(record)
+            (reused if record["reused"] else trained).append((recipe, seed))
+            how = "reused" if record["reused"] else f"trained in {time.perf_counter() - t0:.0f}s"
+            log(
+                f"[{len(trained) + len(reused)}/{total}] {recipe} seed {seed}: validation loss "
+                f"{record['final_metrics'].get('loss', math.nan):.4f} ({how})"
+            )
+    results = summarize(study, records)
+    report_dir = study.out / REPORT_DIR
+    report_dir.mkdir(exist_ok=True)
+    images = {}
+    if plots:
+        from lowbit.report.plots import write_plots
+
+        images = write_plots(results, report_dir)
+    results["images"] = {k: p.name for k, p in images.items()}
+    (report_dir / "results.json").write_text(
+        json.dumps(_jsonable(results), indent=1) + "\n", encoding="utf-8"
+    )
+    write_markdown(results, report_dir / "report.md")
+    write_html(results, report_dir / "report.html", images)
+    return CompareResult(study, results, report_dir, trained, reused)
+
+
+def _jsonable(obj):
+    """NaN/inf -> null (JSON has neither); tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

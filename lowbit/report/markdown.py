@@ -1,0 +1,169 @@
+"""The compare report as Markdown tables (``report.md``); `tables` is shared with the HTML page."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lowbit.memory.breakdown import COMPONENTS, human
+
+SHORT = {
+    "parameters": "params",
+    "gradients": "grads",
+    "master_weights": "master",
+    "optimizer_states": "optim",
+    "activations": "activ",
+    "temporaries": "temp",
+}
+WORST_LABELS = 3  # per recipe in the "what the model forgets" table
+
+
+def _pm(pair, digits=4) -> str:
+    mean, std = pair
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _pct(value, spread=None) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:+.2f}%" + (f" ± {spread:.2f}" if spread is not None else "")
+
+
+def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table of the report."""
+    rows = results["recipes"]
+    base = results["baseline"]
+    metric = results["metric"]
+    loss_rows = []
+    for name, r in rows.items():
+        m = r["metrics"].get(metric, (math.nan, math.nan))
+        target = r["target"]
+        loss_rows.append(
+            [
+                name + (" (baseline)" if name == base else ""),
+                _pm(r["train_loss"]),
+                _pm(r["val_loss"]),
+                _pct(r["train_gap_pct"]),
+                "—" if name == base else _pct(r["val_gap_pct"], r["val_gap_spread_pct"]),
+                _pm(m, 4 if metric != "ppl" else 2),
+                f"{r['skipped_steps'][0]:g}",
+                "—"
+                if name == base
+                else ("worse than " if target["expect_worse"] else "≤ ") + f"{target['pct']:g}%",
+                "✅" if r["meets_target"] else ("❌" if r["meets_target"] is False else "❔"),
+            ]
+        )
+    speed_rows = []
+    for name, r in rows.items():
+        per = r["bytes_per_param"]
+        peak = r["peak_memory_bytes"]
+        speed_rows.append(
+            [
+                name,
+                f"{r['throughput']:,.0f} {r['unit']}/s",
+                f"{r['throughput_ratio']:.2f}x",
+                human(peak) if peak is not None and math.isfinite(peak) else "n/a",
+                *(f"{per[c]:.2f}" if per else "n/a" for c in [*COMPONENTS, "model_states"]),
+            ]
+        )
+    out = [
+        (
+            "Loss and task metric (mean ± std over seeds; gap = paired difference to the baseline's "
+            "final validation loss, ± its seed spread)",
+            [
+                "recipe",
+                "train loss",
+                "val loss",
+                "train gap",
+                "val gap",
+                metric,
+                "skipped steps",
+                "target",
+                "meets",
+            ],
+            loss_rows,
+        ),
+        (
+            f"Speed and memory (peak memory: {_memory_kind(rows)}; "
+            "bytes per parameter by component, measured on the live run)",
+            ["recipe", "throughput", "vs baseline", "peak memory"]
+            + [SHORT[c] for c in COMPONENTS]
+            + ["model states"],
+            speed_rows,
+        ),
+    ]
+    label_rows = []
+    for name, r in rows.items():
+        if name == base or not r["per_label"]:
+            continue
+        worst = sorted(
+            r["per_label"].items(),
+            key=lambda kv: kv[1]["change_pp"] if math.isfinite(kv[1]["change_pp"]) else -1e9,
+        )[:WORST_LABELS]
+        for label, c in worst:
+            label_rows.append(
+                [
+                    name,
+                    label,
+                    f"{100 * c['baseline']:.1f}%",
+                    f"{100 * c['recipe']:.1f}%",
+                    f"{c['change_pp']:+.1f} pp",
+                ]
+            )
+    if label_rows:
+        out.append(
+            (
+                f"What the model forgets: the {WORST_LABELS} labels whose validation accuracy "
+                "drops most against the baseline (pooled over seeds)",
+                ["recipe", "label", "baseline acc", "recipe acc", "change"],
+                label_rows,
+            )
+        )
+    return out
+
+
+def _memory_kind(rows) -> str:
+    return next((r["peak_memory_kind"] for r in rows.values() if r["peak_memory_kind"]), "n/a")
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe(results: dict) -> str:
+    """One paragraph: what was trained."""
+    s = results["settings"]
+    b = s["base"]
+    steps = f"{b['steps']} steps" if b.get("steps") else f"{b['epochs']} epochs"
+    shape = f"batch {b['batch_size']}" + (f" x seq {b['seq_len']}" if b.get("seq_len") else "")
+    return (
+        f"Task {results['task']}, model {b['model']}, {steps}, {shape}, lr {b['lr']:g}, "
+        f"seeds {', '.join(map(str, s['seeds']))}; baseline {results['baseline']}. Same "
+        "initialization and data order per seed for every recipe."
+    )
+
+
+def verdict_lines(results: dict) -> list[str]:
+    return [
+        f"{name}: {r['verdict']}"
+        for name, r in results["recipes"].items()
+        if name != results["baseline"]
+    ]
+
+
+def write_markdown(results: dict, path: Path) -> Path:
+    parts = ["# lowbit compare", "", describe(results), "", "## Verdicts", ""]
+    parts += [f"- {line}" for line in verdict_lines(results)]
+    for title, header, rows in tables(results):
+        parts += ["", f"## {title.split(' (')[0].split(':')[0]}", "", title + ".", ""]
+        parts.append(_md_table(header, rows))
+    images = results.get("images", {})
+    if images:
+        parts += ["", "## Plots", ""]
+        parts += [f"![{key}]({name})" for key, name in images.items()]
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,148 @@
+"""The compare report's plots (matplotlib, Agg backend, PNG): loss curves and their difference to
+the baseline, final gap per recipe with error bars, speed and memory, per-label accuracy change."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lowbit.memory.breakdown import COMPONENTS, LABELS
+
+SMOOTH = 0.1  # fraction of the steps in the moving average of noisy train losses
+
+
+def _smooth(values: list[float]) -> list[float]:
+    width = max(1, int(len(values) * SMOOTH))
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def _figure(*args, **kw):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(*args, **kw)
+
+
+def write_plots(results: dict, folder: Path) -> dict[str, Path]:
+    """Write the PNGs into ``folder``; returns {name: path}."""
+    folder = Path(folder)
+    out = {
+        "loss_curves": _loss_curves(results, folder / "loss_curves.png"),
+        "final_gap": _final_gap(results, folder / "final_gap.png"),
+        "speed_memory": _speed_memory(results, folder / "speed_memory.png"),
+    }
+    if any(r["per_label"] for r in results["recipes"].values()):
+        out["per_label"] = _per_label(results, folder / "per_label.png")
+    return out
+
+
+def _loss_curves(results, path):
+    plt, fig, (ax, dx) = _figure(1, 2, figsize=(13, 4.8))
+    base = results["recipes"][results["baseline"]]["curves"]
+    base_train = dict(base["train"])
+    base_val = dict(base["validation"])
+    for name, r in results["recipes"].items():
+        steps = [s for s, _ in r["curves"]["train"]]
+        loss = _smooth([v for _, v in r["curves"]["train"]])
+        (line,) = ax.plot(steps, loss, label=name, lw=1.2)
+        val = r["curves"]["validation"]
+        ax.plot([s for s, _ in val], [v for _, v in val], "o", ms=3, color=line.get_color())
+        common = [s for s in steps if s in base_train]
+        diff = _smooth([dict(r["curves"]["train"])[s] - base_train[s] for s in common])
+        dx.plot(common, diff, lw=1.2, color=line.get_color(), label=name)
+        vcommon = [(s, v - base_val[s]) for s, v in val if s in base_val]
+        dx.plot([s for s, _ in vcommon], [d for _, d in vcommon], "o", ms=3, color=line.get_color())
+    ax.set(xlabel="step", ylabel="loss", title="train loss (smoothed, mean over seeds); dots: val")
+    dx.axhline(0, color="k", lw=0.6)
+    dx.set(xlabel="step", ylabel="loss - baseline", title=f"difference to {results['baseline']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _final_gap(results, path):
+    rows = results["recipes"]
+    names = list(rows)
+    plt, fig, ax = _figure(figsize=(max(6, 0.55 * len(names) + 2), 4.2))
+    gaps = [rows[n]["val_gap_pct"] for n in names]
+    errs = [2 * rows[n]["val_gap_spread_pct"] for n in names]
+    colors = [
+        "#1a7f37"
+        if rows[n]["meets_target"]
+        else ("#cf222e" if rows[n]["meets_target"] is False else "#9a6700")
+        for n in names
+    ]
+    x = range(len(names))
+    ax.bar(x, [g if math.isfinite(g) else 0 for g in gaps], yerr=errs, color=colors, capsize=3)
+    for i, n in enumerate(names):
+        if n != results["baseline"]:
+            t = rows[n]["target"]["pct"]
+            ax.plot([i - 0.4, i + 0.4], [t, t], "k--", lw=0.8)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
+    ax.set(
+        ylabel="final val loss gap (%)",
+        title="gap to baseline, error bars 2x seed spread; dashes: target",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _speed_memory(results, path):
+    rows = results["recipes"]
+    names = list(rows)
+    plt, fig, (sx, mx) = _figure(1, 2, figsize=(max(10, 0.9 * len(names) + 4), 4.2))
+    x = list(range(len(names)))
+    sx.bar(x, [rows[n]["throughput_ratio"] for n in names], color="#4c72b0")
+    sx.axhline(1, color="k", lw=0.6)
+    sx.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    sx.set(ylabel=f"throughput / {results['baseline']}", title="speed (this device)")
+    bottom = [0.0] * len(names)
+    for c in COMPONENTS:
+        vals = [(rows[n]["bytes_per_param"] or {}).get(c, 0.0) for n in names]
+        mx.bar(x, vals, bottom=bottom, label=LABELS[c])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    mx.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    mx.set(ylabel="bytes per parameter", title="training memory by component")
+    mx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _per_label(results, path):
+    rows = {n: r for n, r in results["recipes"].items() if n != results["baseline"]}
+    labels = sorted({label for r in rows.values() for label in r["per_label"]})
+    plt, fig, ax = _figure(figsize=(max(6, 0.6 * len(labels) + 2), 0.4 * len(rows) + 2))
+    grid = [
+        [rows[n]["per_label"].get(label, {}).get("change_pp", math.nan) for label in labels]
+        for n in rows
+    ]
+    finite = [abs(v) for row in grid for v in row if math.isfinite(v)]
+    lim = max([*finite, 1.0])
+    image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label="accuracy change (pp)")
+    ax.set_title(f"per-label validation accuracy change vs {results['baseline']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,169 @@
+"""`lowbit compare` on tiny settings: the report files, reuse of finished runs, resume of an
+interrupted one, per-label changes, verdicts, and clean errors."""
+
+import json
+import math
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.errors import UsageError
+from lowbit.report import compare, make_study
+from lowbit.report.compare import PARITY_TARGETS, Target, verdict
+from lowbit.train import TrainConfig, train
+
+LM = {"task": "causal-lm", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
+LM_STEPS = {"steps": 6, "eval_interval": 3, "warmup_steps": 2}
+RECIPES = "fp32,bf16-mixed"
+
+
+def lm_study(out, recipes=RECIPES, seeds=2):
+    return make_study(recipes, {**LM, **LM_STEPS}, seeds=seeds, out=out)
+
+
+@pytest.fixture(scope="module")
+def study_result(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    study = lm_study(tmp_path_factory.mktemp("compare") / "study")
+    yield compare(study, log=lambda line: None)
+    torch.set_num_threads(threads)
+
+
+def test_report_files_tables_and_verdicts(study_result):
+    folder = study_result.report_dir
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "loss_curves.png",
+        "final_gap.png",
+        "speed_memory.png",
+    ):
+        assert (folder / name).is_file(), name
+    assert sorted(study_result.trained) == [(r, s) for r in ("bf16-mixed", "fp32") for s in (0, 1)]
+    results = json.loads((folder / "results.json").read_text())
+    assert results["baseline"] == "fp32"
+    base, other = results["recipes"]["fp32"], results["recipes"]["bf16-mixed"]
+    assert base["val_gap_pct"] == 0 and base["throughput_ratio"] == pytest.approx(1.0)
+    # the gap is the paired difference of the final validation losses, in percent of the baseline
+    runs = results["runs"]
+    diffs = [
+        100 * (r["final_metrics"]["loss"] - b["final_metrics"]["loss"])
+        for r, b in zip(runs["bf16-mixed"], runs["fp32"])
+    ]
+    base_mean = sum(b["final_metrics"]["loss"] for b in runs["fp32"]) / 2
+    assert other["val_gap_pct"] == pytest.approx(sum(diffs) / 2 / base_mean)
+    assert other["target"]["pct"] == PARITY_TARGETS["bf16-mixed"].pct  # fp32 baseline: parity
+    # memory by component, measured: fp32 parameters (4 B/param), Adam's two fp32 moments (8)
+    assert base["bytes_per_param"]["parameters"] == pytest.approx(4.0)
+    assert base["bytes_per_param"]["optimizer_states"] == pytest.approx(8.0, rel=0.01)
+    md = (folder / "report.md").read_text()
+    assert "| recipe | train loss | val loss | train gap | val gap | ppl |" in md
+    assert "- bf16-mixed: " in md and other["verdict"] in md
+    assert other["verdict"].split(":")[0] in ("PASS", "FAIL", "INCONCLUSIVE")
+    html = (folder / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 3
+    assert "src='http" not in html and ".png'" not in html  # self-contained
+    assert other["verdict"] in html
+
+
+def test_second_invocation_reuses_finished_runs(study_result):
+    first = study_result.results
+    again = compare(study_result.study, log=lambda line: None)
+    assert again.trained == [] and len(again.reused) == 4
+    for recipe in ("fp32", "bf16-mixed"):
+        assert again.results["recipes"][recipe]["val_loss"] == first["recipes"][recipe]["val_loss"]
+        assert again.results["recipes"][recipe]["verdict"] == first["recipes"][recipe]["verdict"]
+
+
+def test_interrupted_run_is_resumed_to_the_same_loss(study_result, tmp_path):
+    study = lm_study(tmp_path / "study", recipes="fp32", seeds=[0])
+    # a run of the study stopped (Ctrl-C) after 4 of its 6 steps, with a checkpoint
+    config = TrainConfig(
+        **{**study.base, "recipe": "fp32", "seed": 0, "out": str(study.run_dir("fp32", 0))}
+    )
+
+    def stop(trainer):
+        if trainer.step_idx == 4:
+            trainer.stop_requested = True
+
+    assert train(config, quiet=True, on_step=stop).status == "interrupted"
+    result = compare(study, plots=False, log=lambda line: None)
+    (record,) = result.results["runs"]["fp32"]
+    assert record["resumed"] and record["steps"] == 6
+    uninterrupted = study_result.results["runs"]["fp32"][0]
+    assert record["final_metrics"]["loss"] == uninterrupted["final_metrics"]["loss"]
+
+
+def test_per_label_accuracy_change_on_image_classification(tmp_path):
+    study = make_study(
+        "fp32,bf16-pure",
+        {"task": "image-classification", "batch_size": 32, "steps": 4, "eval_batches": 100},
+        seeds=1,
+        out=tmp_path / "img",
+    )
+    result = compare(study, log=lambda line: None)
+    rows = result.results["recipes"]
+    labels = rows["bf16-pure"]["per_label"]
+    assert sorted(labels) == [str(d) for d in range(10)]
+    # per-label accuracies pooled with their counts give the overall validation accuracy
+    for recipe in ("fp32", "bf16-pure"):
+        (run,) = result.results["runs"][recipe]
+        counts = run["per_label"]
+        pooled = sum(c["correct"] for c in counts.values()) / sum(
+            c["total"] for c in counts.values()
+        )
+        assert pooled == pytest.approx(run["final_metrics"]["accuracy"])
+    for c in labels.values():
+        assert c["change_pp"] == pytest.approx(100 * (c["recipe"] - c["baseline"]))
+    assert (result.report_dir / "per_label.png").is_file()
+    md = (result.report_dir / "report.md").read_text()
+    worst = min(labels.items(), key=lambda kv: kv[1]["change_pp"])
+    assert f"| bf16-pure | {worst[0]} |" in md
+    assert "1 seed: no spread" in rows["bf16-pure"]["verdict"]
+
+
+@pytest.mark.parametrize(
+    ("gap", "spread", "target", "seeds", "word", "ok"),
+    [
+        (0.3, 0.1, Target(0.5), 3, "PASS", True),
+        (-2.0, 0.1, Target(0.5), 3, "PASS", True),  # better than the baseline
+        (1.5, 0.1, Target(0.5), 3, "FAIL", False),  # 1.0 above the target, 2x spread 0.2
+        (0.7, 0.3, Target(0.5), 3, "INCONCLUSIVE", None),  # 0.2 above, within 2x spread 0.6
+        (0.7, 0.0, Target(0.5), 1, "FAIL", False),  # one seed: the gap alone decides
+        (3.0, 0.5, Target(1.0, expect_worse=True), 3, "as expected", True),
+        (1.2, 0.5, Target(1.0, expect_worse=True), 3, "MISSES", False),
+        (math.nan, 0.0, Target(1.0), 3, "FAIL", False),
+    ],
+)
+def test_verdict(gap, spread, target, seeds, word, ok):
+    line, meets = verdict(gap, spread, target, seeds)
+    assert line.startswith(word) and meets is ok
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--recipes", "fp32,bf17-mixed"], "unknown recipe 'bf17-mixed'"),
+        (["--recipes", "fp32,bf16-mixed", "--baseline", "fp16-mixed"], "baseline 'fp16-mixed'"),
+        (["--recipes", "fp32,fp32"], "listed twice"),
+        (["--recipes", "fp32,mxfp4", "--target", "mxfp4"], "RECIPE=PERCENT"),
+        (["--recipes", "fp32,mxfp4", "--seeds", "0"], "--seeds must be positive"),
+        (["--recipes", "fp32", "--task", "speech"], "unknown task 'speech'"),
+    ],
+)
+def test_bad_input_is_one_line_usage_error(argv, message, tmp_path, capsys):
+    assert main(["compare", *argv, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "c").exists()  # nothing trained, nothing written
+
+
+def test_folder_of_another_study_is_refused(study_result):
+    study = lm_study(study_result.study.out)
+    study.base = {**study.base, "lr": study.base["lr"] * 2}
+    with pytest.raises(UsageError, match="other settings"):
+        compare(study, log=lambda line: None)
