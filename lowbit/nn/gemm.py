@@ -74,9 +74,14 @@ def _row_scale(q: QTensor) -> torch.Tensor:
 
 def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values with the block scales folded in, remaining per-row scale)."""
-    block_scale = q.scale.repeat_interleave(q.block[0], 0).repeat_interleave(q.block[1], 1)
-    block_scale = block_scale[: q.shape[0], : q.shape[1]]
-    folded = (q.values.float() * block_scale).to(q.values.dtype)
+    rows, cols = q.shape
+    block_rows, block_cols = q.block
+    if block_rows == 1 and cols % block_cols == 0:  # 1-D blocks: broadcast, no expanded copy
+        blocks = q.values.reshape(rows, cols // block_cols, block_cols).to(torch.float32, copy=True)
+        folded = blocks.mul_(q.scale[:, :, None]).reshape(rows, cols).to(q.values.dtype)
+    else:
+        block_scale = q.scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+        folded = (q.values.float() * block_scale[:rows, :cols]).to(q.values.dtype)
     rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=folded.device)
     return folded, rest.reshape(1, 1)
 
