@@ -388,7 +388,10 @@ class Trainer:
                     if self.step_idx % c.eval_interval == 0 or last:
                         metrics = self.last_metrics = self.evaluate()
                         logger.log(self.step_idx, "validation", metrics)
-                        bar.write(f"step {self.step_idx}: validation loss {metrics['loss']:.4f}")
+                        if not self.quiet:
+                            bar.write(
+                                f"step {self.step_idx}: validation loss {metrics['loss']:.4f}"
+                            )
                     if self.step_idx % c.save_interval == 0 or last:
                         last_saved = self.save()
                     if on_step is not None:

@@ -23,3 +23,9 @@ def test_recipe_trains_and_reloads(tiny_config, task, recipe):
     # the checkpoint rebuilds the same numerics: evaluating it again gives the same loss
     metrics, _ = evaluate_run(config.out, max_batches=SETTINGS[task].get("eval_batches"))
     assert metrics["loss"] == result.final_metrics["loss"]
+
+
+def test_emulated_recipe_warns_on_cpu(tiny_config, capsys):
+    train(tiny_config("image-classification", recipe="fp8-tensorwise", steps=1), quiet=True)
+    err = capsys.readouterr().err
+    assert "lowbit: warning: recipe fp8-tensorwise has no native kernels on the CPU" in err

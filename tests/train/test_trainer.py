@@ -190,3 +190,40 @@ def test_gradient_accumulation_matches_a_larger_batch_in_fp32(tiny_config, tmp_p
     )
     state = ckpt.load(ckpt.latest(tmp_path / "b"))
     assert state["data"]["step"] == 6 and two.steps == 3
+
+
+def test_user_jsonl_data_with_bpe_tokenizer(tiny_config, tmp_path):
+    lines = [
+        json.dumps({"body": f"record {i}: the quick brown fox jumps over the lazy dog {i}"})
+        for i in range(120)
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    config = tiny_config(
+        data=str(tmp_path / "data.jsonl"),
+        text_field="body",
+        tokenizer="bpe",
+        vocab_size=300,
+        seq_len=16,
+        steps=30,
+        eval_interval=30,
+        lr=1e-2,
+    )
+    result = train(config, quiet=True)
+    assert result.final_metrics["loss"] < 0.5 * result.start_metrics["loss"]
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["data_fingerprint"]["source"].endswith("data.jsonl")
+    assert (result.run_dir / "tokenizer" / "tokenizer.json").is_file()  # BPE saved with the run
+
+
+def test_causal_lm_from_local_checkpoint_folder(tiny_config, tmp_path):
+    from lowbit.models import build_causal_lm
+
+    build_causal_lm("tiny", 257, seed=5).save_pretrained(tmp_path / "pretrained")
+    config = tiny_config(model=str(tmp_path / "pretrained"), steps=2, eval_interval=2)
+    result = train(config, quiet=True)
+    assert result.status == "completed"
+    with pytest.raises(UsageError, match="exceeds the model's 1024 positions"):
+        train(
+            tiny_config(model=str(tmp_path / "pretrained"), seq_len=2048, out=str(tmp_path / "x")),
+            quiet=True,
+        )
