@@ -76,7 +76,8 @@ class RunResult:
         lines = [
             f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} steps "
             f"({self.status})",
-            f"  validation loss  {start.get('loss', float('nan')):.4f} -> {end.get('loss', float('nan')):.4f}"
+            f"  validation loss  {start.get('loss', float('nan')):.4f} -> "
+            + (f"{end['loss']:.4f}" if "loss" in end else "(not evaluated in this session)")
             + "".join(
                 f"   {k} {start[k]:.4g} -> {end[k]:.4g}"
                 for k in ("ppl", "accuracy", "entity_f1")
@@ -428,7 +429,9 @@ class Trainer:
         (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:
-        final = (self.last_metrics or self.evaluate()) if status == "completed" else {}
+        final = (
+            (self.last_metrics or self.evaluate()) if status == "completed" else self.last_metrics
+        )
         extra = {}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
