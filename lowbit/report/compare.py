@@ -326,6 +326,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=
         "throughput": result.throughput,
         "unit": result.unit,
         "step_time": result.step_time,
+        "wall_time": result.wall_time,
         "skipped_steps": result.skipped_steps,
         "loss_scale": result.loss_scale,
         "memory": memory,
@@ -420,30 +421,30 @@ def verdict(gap: float, spread: float, target: Target, seeds: int) -> tuple[str,
     if target.expect_worse:
         if gap > target.pct and gap - target.pct > noise:
             return (
-                f"as expected: measurably worse, {gap:+.2f}% > {target.pct:g}% "
-                f"(2x spread {noise:.2f}%){note}",
+                f"as expected: measurably worse, {gap:+.3f}% > {target.pct:g}% "
+                f"(2x spread {noise:.3f}%){note}",
                 True,
             )
         return (
             f"MISSES the expectation: not measurably worse than {target.pct:g}% "
-            f"(gap {gap:+.2f}%, 2x spread {noise:.2f}%){note}",
+            f"(gap {gap:+.3f}%, 2x spread {noise:.3f}%){note}",
             False,
         )
     if gap <= target.pct:
         return (
-            f"PASS: within {target.pct:g}% of the baseline (gap {gap:+.2f}%, difference "
-            f"{diff}, 2x spread {noise:.2f}%){note}",
+            f"PASS: within {target.pct:g}% of the baseline (gap {gap:+.3f}%, difference "
+            f"{diff}, 2x spread {noise:.3f}%){note}",
             True,
         )
     if gap - target.pct > noise:
         return (
-            f"FAIL: outside {target.pct:g}% of the baseline (gap {gap:+.2f}%, 2x spread "
-            f"{noise:.2f}%){note}",
+            f"FAIL: outside {target.pct:g}% of the baseline (gap {gap:+.3f}%, 2x spread "
+            f"{noise:.3f}%){note}",
             False,
         )
     return (
-        f"INCONCLUSIVE: gap {gap:+.2f}% is above {target.pct:g}% but within 2x the seed spread "
-        f"({noise:.2f}%)",
+        f"INCONCLUSIVE: gap {gap:+.3f}% is above {target.pct:g}% but within 2x the seed spread "
+        f"({noise:.3f}%)",
         None,
     )
 

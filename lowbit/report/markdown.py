@@ -28,7 +28,7 @@ def _pm(pair, digits=4) -> str:
 def _pct(value, spread=None) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    return f"{value:+.2f}%" + (f" ± {spread:.2f}" if spread is not None else "")
+    return f"{value:+.3f}%" + (f" ± {spread:.3f}" if spread is not None else "")
 
 
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:

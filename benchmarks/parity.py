@@ -1,0 +1,258 @@
+"""Parity study: `lowbit compare` of every preset recipe against fp32 on the three tasks.
+
+    python benchmarks/parity.py --measure            # seconds per step of every recipe (sizing)
+    python benchmarks/parity.py                      # the full study (3 seeds, every preset)
+    python benchmarks/parity.py --recipes fp32,bf16-mixed,mxfp4 --seeds 1 --lm-steps 150
+    python benchmarks/parity.py --golden             # rewrite tests/golden/parity_tiny.json
+
+Results go to ``<out>/<task>/report/`` (report.md, report.html, results.json, plots) and, unless
+``--no-write``, into the "Parity" section of BENCHMARKS.md and the results section of
+docs/parity.md. Every task uses one workload for every recipe: nothing is tuned per recipe.
+Runs are reused, so an interrupted study continues where it stopped when started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lowbit  # noqa: E402
+from lowbit.report import compare, make_study  # noqa: E402
+from lowbit.report.markdown import tables  # noqa: E402
+
+# One workload per task. Sized for 2 CPU cores: the causal LM (tiny Llama, 0.86 M parameters,
+# byte tokens of the Python stdlib) runs 8 x 64 tokens per step; steps are set on the command line
+# from the measured seconds per step (--measure).
+WORKLOADS = {
+    "causal-lm": {
+        "task": "causal-lm",
+        "model": "tiny",
+        "seq_len": 64,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 20,
+        "eval_batches": 8,
+    },
+    "token-classification": {
+        "task": "token-classification",
+        "model": "tiny",
+        "seq_len": 32,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "warmup_steps": 10,
+        "eval_batches": 8,
+    },
+    "image-classification": {
+        "task": "image-classification",
+        "model": "tiny",
+        "batch_size": 32,
+        "lr": 3e-3,
+        "warmup_steps": 10,
+        "eval_batches": 100,  # the whole validation split
+    },
+}
+DEFAULT_STEPS = {"causal-lm": 400, "token-classification": 200, "image-classification": 200}
+
+GOLDEN = ROOT / "tests" / "golden" / "parity_tiny.json"
+GOLDEN_RECIPES = "fp32,bf16-mixed,fp8-tensorwise,mxfp4"
+GOLDEN_SETTINGS = {
+    "task": "causal-lm",
+    "model": "tiny",
+    "seq_len": 16,
+    "batch_size": 4,
+    "steps": 12,
+    "warmup_steps": 3,
+    "eval_interval": 12,
+    "eval_batches": 1,
+}
+
+# Per recipe: this many times the drift measured when the reduction order changes (1 -> 2 threads),
+# and never below GOLDEN_FLOOR: 5e-4 of a loss near 3.7 (1.4e-4 relative) leaves room for another
+# CPU's summation order while staying below the smallest difference between two golden recipes
+# (fp32 vs bf16-mixed, ~1e-3 after 12 steps), which test_golden checks.
+GOLDEN_FACTOR, GOLDEN_FLOOR = 4.0, 5e-4
+
+SECTION = "## Parity (benchmarks/parity.py)"
+DOC_BEGIN, DOC_END = "<!-- parity results: begin -->", "<!-- parity results: end -->"
+
+
+def measure(recipes: list[str], tasks: list[str], steps: int = 3) -> dict:
+    """Seconds per training step of every recipe on every task's workload (after one warm-up)."""
+    from lowbit.train import TrainConfig, Trainer
+
+    out = {}
+    for task in tasks:
+        for recipe in recipes:
+            config = TrainConfig(
+                **WORKLOADS[task], recipe=recipe, steps=100, out="/tmp/lowbit-parity-measure"
+            )
+            trainer = Trainer(config, quiet=True)
+            trainer.step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            out[(task, recipe)] = (time.perf_counter() - t0) / steps
+            print(f"{task:<22}{recipe:<18}{out[(task, recipe)]:.3f} s/step", flush=True)
+    return out
+
+
+def run_task(task, recipes, seeds, steps, out, quiet) -> dict:
+    settings = {**WORKLOADS[task], "steps": steps, "eval_interval": max(1, steps // 8)}
+    study = make_study(recipes, settings, seeds=seeds, out=Path(out) / task)
+    result = compare(study, quiet=quiet, log=lambda line: print(f"  {task}: {line}", flush=True))
+    runs = [r for rs in result.results["runs"].values() for r in rs]
+    result.results["wall_s"] = sum(r.get("wall_time") or 0 for r in runs)  # also when reused
+    return result.results
+
+
+def golden(path: Path = GOLDEN) -> dict:
+    """Rerun the small parity study of the golden test and store its loss curves."""
+    import tempfile
+
+    runs = {}
+    for threads in (1, 2):  # 2 threads: the same run with reductions in another order
+        torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            study = make_study(GOLDEN_RECIPES, GOLDEN_SETTINGS, seeds=[0], out=Path(tmp) / "g")
+            runs[threads] = compare(study, plots=False, log=print).results
+    torch.set_num_threads(1)
+    results = runs[1]
+    reorder = {
+        recipe: max(
+            abs(a[1] - b[1])
+            for a, b in zip(run["curves"]["train"], runs[2]["recipes"][recipe]["curves"]["train"])
+        )
+        for recipe, run in results["recipes"].items()
+    }
+    command = f"lowbit compare --recipes {GOLDEN_RECIPES} --seeds 1 --threads 1 " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in GOLDEN_SETTINGS.items()
+    )
+    data = {
+        "command": command,
+        "regenerate": "python benchmarks/parity.py --golden",
+        "settings": GOLDEN_SETTINGS,
+        "seed": 0,
+        "threads": 1,
+        "torch": torch.__version__,
+        "reorder_max_abs": reorder,
+        "tolerance": {r: max(GOLDEN_FACTOR * d, GOLDEN_FLOOR) for r, d in reorder.items()},
+        "curves": {
+            recipe: {
+                "train": [loss for _, loss in run["curves"]["train"]],
+                "validation": run["curves"]["validation"],
+            }
+            for recipe, run in results["recipes"].items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return data
+
+
+def markdown(all_results: dict, command: str, note: str) -> str:
+    lines = [SECTION, "", note, "", "```bash", command, "```", ""]
+    for task, results in all_results.items():
+        s = results["settings"]
+        b = s["base"]
+        shape = f"batch {b['batch_size']}" + (
+            f" x {b['seq_len']} tokens" if b.get("seq_len") else ""
+        )
+        lines += [
+            f"### {task}: model {b['model']}, {b['steps']} steps, {shape}, seeds "
+            f"{','.join(map(str, s['seeds']))} ({results.get('wall_s', 0) / 60:.0f} min)",
+            "",
+        ]
+        for title, header, rows in tables(results):
+            lines += [f"{title}.", "", "| " + " | ".join(header) + " |"]
+            lines.append("|" + "---|" * len(header))
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        lines += ["Verdicts:", ""]
+        lines += [
+            f"- {name}: {r['verdict']}"
+            for name, r in results["recipes"].items()
+            if name != results["baseline"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, text: str) -> None:
+    """Replace the Parity section of BENCHMARKS.md (up to the next '## '), or append it."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = (
+        pattern.sub(lambda m: text.rstrip() + "\n\n", old)
+        if pattern.search(old)
+        else (old.rstrip() + "\n\n" + text.rstrip() + "\n")
+    )
+    path.write_text(new, encoding="utf-8")
+
+
+def replace_doc_results(path: Path, text: str) -> None:
+    old = path.read_text(encoding="utf-8")
+    start, end = old.index(DOC_BEGIN) + len(DOC_BEGIN), old.index(DOC_END)
+    body = text.replace(SECTION, "### Measured").strip()
+    path.write_text(old[:start] + "\n" + body + "\n" + old[end:], encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
+    parser.add_argument("--tasks", default=",".join(WORKLOADS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lm-steps", type=int, default=DEFAULT_STEPS["causal-lm"])
+    parser.add_argument("--tok-steps", type=int, default=DEFAULT_STEPS["token-classification"])
+    parser.add_argument("--img-steps", type=int, default=DEFAULT_STEPS["image-classification"])
+    parser.add_argument(
+        "--task-recipes", help="recipes of the two classification tasks (default: --recipes)"
+    )
+    parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "parity"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--measure", action="store_true", help="only time a few steps per recipe")
+    parser.add_argument("--golden", action="store_true", help="rewrite the golden loss curves")
+    parser.add_argument("--no-write", action="store_true", help="do not touch the .md files")
+    parser.add_argument("--note", default="", help="a line written above the results")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.golden:
+        golden()
+        return 0
+    recipes = args.recipes.split(",")
+    tasks = args.tasks.split(",")
+    if args.measure:
+        measure(recipes, tasks)
+        return 0
+    steps = {
+        "causal-lm": args.lm_steps,
+        "token-classification": args.tok_steps,
+        "image-classification": args.img_steps,
+    }
+    all_results = {}
+    for task in tasks:
+        lm = task == "causal-lm"
+        task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
+        seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
+        all_results[task] = run_task(task, task_recipes, seeds, steps[task], args.out, args.quiet)
+    if not args.no_write:
+        command = "python benchmarks/parity.py " + " ".join(argv or sys.argv[1:])
+        text = markdown(all_results, command.strip(), args.note)
+        replace_section(ROOT / "BENCHMARKS.md", text)
+        replace_doc_results(ROOT / "docs" / "parity.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
