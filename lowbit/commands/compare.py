@@ -14,8 +14,9 @@ HELP = (
     "(report.md, report.html, results.json, plots): loss gap to the baseline with a verdict, task "
     "metric, speed, memory by component, per-label accuracy change. Finished runs are reused."
 )
-# Train flags that compare sets itself (one run folder and one seed per run).
-OWN = {"--recipe", "--out", "--seed"}
+# Train flags that compare sets itself (one run folder and one seed per run; every run is one
+# process, trained in this one, so no multi-process flags).
+OWN = {"--recipe", "--out", "--seed", "--nproc", "--strategy"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -209,8 +209,13 @@ def run_config(study: Study, recipe: str, seed: int):
 
 
 def _same_settings(saved: dict, now: dict) -> bool:
+    """Equal settings; a setting one side lacks (a field added to TrainConfig since) counts as its
+    default."""
+    from lowbit.train.config import TrainConfig
+
+    default = TrainConfig().to_dict()
     keys = (set(saved) | set(now)) - _NOT_COMPARED
-    return all(saved.get(k) == now.get(k) for k in keys)
+    return all(saved.get(k, default.get(k)) == now.get(k, default.get(k)) for k in keys)
 
 
 def load_record(run_dir: Path, config) -> dict | None:
@@ -572,7 +577,8 @@ def check_out(study: Study, overwrite: bool) -> None:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             saved = {}
-        if saved.get("base") != study.base or saved.get("baseline") != study.baseline:
+        same = _same_settings(saved.get("base", {}), study.base)
+        if not same or saved.get("baseline") != study.baseline:
             raise UsageError(
                 f"{study.out}: holds a compare study with other settings; fix: --overwrite to "
                 "retrain, or another --out"

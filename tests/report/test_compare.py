@@ -167,3 +167,17 @@ def test_folder_of_another_study_is_refused(study_result):
     study.base = {**study.base, "lr": study.base["lr"] * 2}
     with pytest.raises(UsageError, match="other settings"):
         compare(study, log=lambda line: None)
+
+
+def test_record_from_before_a_new_setting_is_still_reused(study_result, tmp_path):
+    """A run recorded before TrainConfig gained a field (absent = its default) is reused."""
+    import shutil
+
+    study = lm_study(tmp_path / "copy")
+    shutil.copytree(study_result.study.out, study.out)
+    for path in (study.out / "runs").glob("*/*/compare.json"):
+        record = json.loads(path.read_text())
+        del record["config"]["grad_accum"]  # default 1
+        path.write_text(json.dumps(record))
+    again = compare(study, plots=False, log=lambda line: None)
+    assert again.trained == [] and len(again.reused) == 4
