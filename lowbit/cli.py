@@ -20,6 +20,9 @@ COMMAND_MODULES = [
     "eval",
     "generate",
     "compare",
+    "quantize",
+    "prune",
+    "export",
 ]
 
 

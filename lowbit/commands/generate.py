@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lowbit.errors import UsageError
 
@@ -34,6 +35,9 @@ def run(args) -> int:
         raise UsageError(
             f"{args.run_dir} is a {loaded.config.task} run; fix: generate from a causal-lm run"
         )
+    note = getattr(loaded.model, "lowbit_inference_note", None)
+    if note:  # a quantized folder: say which layers run on real kernels and which are emulated
+        print(f"(quantized model: {note})", file=sys.stderr)
     text = sample_text(
         loaded.model,
         loaded.task.tokenizer,

@@ -24,8 +24,13 @@ class LoadedRun:
 def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = None) -> LoadedRun:
     """The run's model with its recipe's numerics and the weights of a checkpoint (default: latest)."""
     import lowbit
+    from lowbit.infer import is_inference_dir, load_as_run
     from lowbit.train.tasks import build_task
 
+    if is_inference_dir(run_dir):  # a `lowbit quantize` / `lowbit prune` folder
+        if checkpoint_path:
+            raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
+        return load_as_run(run_dir, device)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run folder; fix: give the --out folder of a run")
@@ -49,6 +54,12 @@ def evaluate_run(
     """Metrics and the printable report of a run's checkpoint on ``split``."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
+    from lowbit.infer import evaluate_inference_dir, is_inference_dir
+
+    if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source
+        if checkpoint_path:
+            raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
+        return evaluate_inference_dir(run_dir, split, max_batches, device)
     run = load_run(run_dir, checkpoint_path, device)
     metrics, text = run.task.report(run.model, run.precision, split, max_batches)
     head = (

@@ -1,0 +1,37 @@
+"""`lowbit export RUN_DIR_or_QUANT_DIR --out DIR`: a Hugging Face folder of a causal LM."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "export"
+HELP = (
+    "Write a causal LM (a run, or a quantized/pruned folder, dequantized) as a Hugging Face "
+    "folder that AutoModelForCausalLM.from_pretrained loads, with the run's tokenizer files."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="RUN_DIR_or_QUANT_DIR", help="what to export")
+    parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def run(args) -> int:
+    from lowbit.infer import export_hf
+
+    info = export_hf(args.source, args.out, args.dtype, args.force)
+    print(f"lowbit export: {info['source']} (step {info['step']}) -> {args.out}")
+    if info["quantization"]:
+        q = info["quantization"]
+        print(
+            f"  weights: {q['format']} dequantized to {info['dtype']} (transformers has no "
+            f"matching {q['format']} format here); the recipe is in lowbit_export.json"
+        )
+        if q["mode"] == "weights-and-activations":
+            print("  activation quantization is not exported: transformers runs plain GEMMs")
+    if info["tokenizer_files"]:
+        print(f"  tokenizer files: {', '.join(info['tokenizer_files'])}")
+    print(f"  load: AutoModelForCausalLM.from_pretrained({args.out!r})")
+    return 0

@@ -1,0 +1,46 @@
+"""`lowbit prune RUN_DIR --sparsity S | --pattern 2:4`: magnitude pruning, with its cost."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "prune"
+HELP = (
+    "Magnitude-prune a run's linear layers (unstructured to a sparsity, or N:M such as 2:4) into "
+    "a new folder, and evaluate the change."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--sparsity", type=float, help="fraction of weights to zero, e.g. 0.5")
+    rule.add_argument("--pattern", help="N:M structured sparsity, e.g. 2:4")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR-sparse50 ...)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="validation batches for the evaluation (default: the run's eval_batches; 0: all)",
+    )
+
+
+def run(args) -> int:
+    from lowbit.infer import compare, prune_run
+
+    result = prune_run(args.run_dir, args.sparsity, args.pattern, args.out, args.force)
+    m = result.manifest
+    print(f"lowbit prune: {result.source.describe()} -> {result.out}")
+    print(
+        f"  {m['pruning']['rule']} magnitude pruning ({m['pruning']['sparsity']:.1%} of linear "
+        f"weights are zero): {result.report.summary('pruned')}"
+    )
+    print("  stored dense (zeros included): the size is unchanged; quantize it to shrink it")
+    batches = result.source.config.eval_batches if args.max_batches is None else args.max_batches
+    _, lines = compare(
+        result.source.task, result.model, result.reference, "validation", batches or None
+    )
+    print(f"  validation ({batches or 'all'} batches), reference = the unpruned run:")
+    print("\n".join("    " + line for line in lines))
+    return 0

@@ -1,0 +1,79 @@
+"""`lowbit quantize RUN_DIR --to FORMAT`: post-training quantization to a new folder."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "quantize"
+HELP = (
+    "Quantize a run's linear layers after training (int8, int4, fp8, mxfp4, nvfp4) into a new "
+    "folder that lowbit eval/generate/export read; prints its size against the original."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lowbit.infer import targets
+
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a pruned folder")
+    parser.add_argument("--to", required=True, metavar="FORMAT", help=" | ".join(targets()))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--weights-only",
+        dest="mode",
+        action="store_const",
+        const="weights-only",
+        help="quantize weights, keep fp32 activations (default)",
+    )
+    mode.add_argument(
+        "--weights-and-activations",
+        dest="mode",
+        action="store_const",
+        const="weights-and-activations",
+        help="also quantize activations per token at run time (int8: real int8 GEMMs)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="elements of each row that share a scale (default: int4 32, int8/fp8 one per row; "
+        "mxfp4 32 and nvfp4 16 are fixed)",
+    )
+    parser.add_argument(
+        "--pad-groups",
+        action="store_true",
+        default=None,
+        help="zero-pad the last group of rows the group size does not divide",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR-FORMAT)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def run(args) -> int:
+    from lowbit.infer import quantize_run
+
+    result = quantize_run(
+        args.run_dir,
+        args.to,
+        args.mode or "weights-only",
+        args.group_size,
+        args.pad_groups,
+        args.out,
+        args.force,
+    )
+    m = result.manifest
+    total, linear = m["bytes"], m["linear_bytes"]
+    print(f"lowbit quantize: {result.source.describe()} -> {result.out}")
+    q = m["quantization"]
+    group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per row"
+    print(f"  {q['format']} {q['mode']}, {group}: {result.report.summary('quantized')}")
+    print(
+        f"  model.safetensors {total['quantized'] / 1e6:.3f} MB vs original weights "
+        f"{total['original'] / 1e6:.3f} MB: {total['original'] / total['quantized']:.2f}x smaller"
+    )
+    print(
+        f"  linear weights    {linear['quantized'] / 1e6:.3f} MB vs "
+        f"{linear['original'] / 1e6:.3f} MB: {linear['original'] / linear['quantized']:.2f}x smaller"
+    )
+    print(f"  next: lowbit eval {result.out}   (metric change against the original)")
+    return 0

@@ -1,0 +1,203 @@
+"""Inference folders: a quantized or pruned model beside the run settings it came from.
+
+```
+RUN_DIR-int8/
+  quantization.json    what was done (recipe, pruning, layers), the source, sizes
+  model.safetensors    every tensor of the model; quantized layers as <name>.qweight/.scale[...]
+  config.yaml          the source run's settings (task, model, data, tokenizer), copied
+  tokenizer/ | vocab.json   the run's tokenizer or word vocabulary, copied
+```
+
+`load_source` reads either kind of folder, a training run (its latest checkpoint, weights in
+fp32) or an inference folder, as a `Source`; everything else in `lowbit.infer` works on those.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+
+MANIFEST = "quantization.json"
+WEIGHTS = "model.safetensors"
+VERSION = 1
+_COPIED = ("config.yaml", "tokenizer", "vocab.json")
+
+
+@dataclass
+class Source:
+    path: Path
+    config: object
+    task: object
+    model: torch.nn.Module
+    manifest: dict | None  # None for a training run
+    checkpoint: Path | None
+    step: int
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.manifest and self.manifest.get("quantization"))
+
+    def describe(self) -> str:
+        if self.manifest is None:
+            return f"{self.path} ({self.checkpoint.name}, step {self.step})"
+        return f"{self.path} ({describe_manifest(self.manifest)})"
+
+
+def describe_manifest(manifest: dict) -> str:
+    parts = []
+    if manifest.get("pruning"):
+        parts.append(f"pruned {manifest['pruning']['rule']}")
+    q = manifest.get("quantization")
+    if q:
+        group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per row"
+        parts.append(f"{q['format']} {q['mode']}, {group}")
+    return ", ".join(parts) or "unchanged"
+
+
+def is_inference_dir(path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path) -> dict:
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}/{MANIFEST}: unreadable ({error}); fix: quantize again") from None
+    if manifest.get("version") != VERSION:
+        raise UsageError(
+            f"{path}: written by another lowbit version (format {manifest.get('version')}); "
+            "fix: quantize again"
+        )
+    return manifest
+
+
+def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
+    """A training run (weights of its checkpoint, fp32) or an inference folder, on ``device``."""
+    from safetensors.torch import load_file
+
+    from lowbit.train import checkpoint
+    from lowbit.train.config import read, resolve
+    from lowbit.train.tasks import build_task
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(
+            f"{path}: no such folder; fix: give a run folder (lowbit train --out) or a folder "
+            "written by lowbit quantize/prune"
+        )
+    config = resolve(read(path))
+    config = replace(config, device=str(device))
+    if is_inference_dir(path):
+        if checkpoint_path:
+            raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")
+        manifest = read_manifest(path)
+        task = build_task(config, run_dir=path)
+        model = task.model
+        q = manifest.get("quantization")
+        if q:
+            from lowbit.infer.model import shell_model
+            from lowbit.infer.quant import QuantRecipe
+
+            shell_model(model, QuantRecipe.from_dict(q), manifest["layers"])
+        weights = path / WEIGHTS
+        if not weights.is_file():
+            raise UsageError(f"{path}: no {WEIGHTS}; fix: quantize or prune again")
+        state = load_file(weights)
+        model.load_state_dict(state, strict=True)
+        model.to(device).eval()
+        return Source(path, config, task, model, manifest, None, int(manifest["source"]["step"]))
+    found = checkpoint.find(path, checkpoint_path)
+    state = checkpoint.load(found)
+    task = build_task(config, run_dir=path)
+    model = task.model.float()
+    model.load_state_dict(state["model"], strict=True)
+    model.to(device).eval()
+    return Source(path, config, task, model, None, found, int(state["step"]))
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (shared tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def source_bytes(source: Source) -> int:
+    """Size of the source's weights as its run stores them (checkpoint dtype, or the file)."""
+    if source.manifest is not None:
+        return (source.path / WEIGHTS).stat().st_size
+    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)["model"]
+    return sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+
+
+def default_out(path, suffix: str) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name.rstrip('/')}-{suffix}")
+
+
+def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
+    """Write an inference folder for ``model`` (derived from ``source``) to ``out``; records the
+    size of the source's weights and of the written ``model.safetensors`` in ``bytes``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.resolve() == source.path.resolve():
+        raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _COPIED:
+        item = source.path / name
+        if item.is_dir():
+            shutil.copytree(item, out / name, dirs_exist_ok=True)
+        elif item.is_file():
+            shutil.copy2(item, out / name)
+    tensors, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        # safetensors refuses shared storage (tied embeddings): store a copy under each name
+        tensors[name] = (
+            tensor.detach().cpu().contiguous().clone()
+            if ptr in seen
+            else (tensor.detach().cpu().contiguous())
+        )
+        seen[ptr] = name
+    save_file(tensors, out / WEIGHTS, metadata={"lowbit": json.dumps(manifest.get("quantization"))})
+    manifest = {
+        **manifest,
+        "version": VERSION,
+        "bytes": {"original": source_bytes(source), "quantized": (out / WEIGHTS).stat().st_size},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def source_record(source: Source) -> dict:
+    record = {"path": str(source.path.resolve()), "step": source.step}
+    if source.checkpoint is not None:
+        record["checkpoint"] = str(source.checkpoint.resolve())
+    return record
+
+
+def load_baseline(manifest: dict, device="cpu") -> Source | None:
+    """The model an inference folder was made from (a run, or the folder it quantized), if it is
+    still there: the reference its metric change is measured against."""
+    src = manifest.get("source", {})
+    path = Path(src.get("path", ""))
+    if not src or not path.is_dir():
+        return None
+    checkpoint = src.get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_file():
+        return None
+    return load_source(path, device, checkpoint if checkpoint else None)

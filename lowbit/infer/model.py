@@ -1,0 +1,192 @@
+"""Whole-model steps: swap every linear layer for a `QuantLinear`, or prune it by magnitude.
+
+Both walk the module tree post-order and touch ``torch.nn.Linear`` layers only (embeddings, norms
+and convolutions are kept, with the reason reported). Quantization takes every linear layer,
+the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
+SparseGPT-style pruning of LLMs does: the head's rows are the vocabulary and pruning it costs the
+most for the fewest weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.infer.modules import QuantLinear
+from lowbit.infer.quant import QuantRecipe, check_divides
+
+PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
+
+
+@dataclass
+class LayerReport:
+    changed: dict[str, str] = field(default_factory=dict)  # name -> what was done
+    kept: dict[str, str] = field(default_factory=dict)  # name -> why not
+
+    def summary(self, verb: str) -> str:
+        total = len(self.changed) + len(self.kept)
+        lines = [f"{verb} {len(self.changed)}/{total} layers"]
+        reasons: dict[str, list[str]] = {}
+        for name, reason in self.kept.items():
+            reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  kept {len(names)}: {reason}: {shown}")
+        return "\n".join(lines)
+
+
+def _layers(model: torch.nn.Module):
+    """(parent, child name, fully qualified name, module) for every submodule, post-order."""
+    out = []
+
+    def visit(module, prefix):
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            visit(child, name)
+            out.append((module, child_name, name, child))
+
+    visit(model, "")
+    return out
+
+
+def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
+    """Replace every ``nn.Linear`` by a `QuantLinear` of ``recipe`` in place; checks first."""
+    report = LayerReport()
+    linears = [item for item in _layers(model) if type(item[3]) is torch.nn.Linear]
+    for _, _, name, layer in linears:
+        check_divides(recipe, name, layer.in_features)
+    if not linears:
+        raise UsageError(
+            f"the model ({type(model).__name__}) has no linear layer to quantize; fix: quantize "
+            "a transformer run (causal-lm or token-classification)"
+        )
+    for parent, child_name, name, layer in linears:
+        setattr(parent, child_name, QuantLinear.from_linear(layer, recipe))
+        report.changed[name] = recipe.describe()
+    for _, _, name, module in _layers(model):
+        if isinstance(module, torch.nn.Conv2d):
+            report.kept[name] = "convolutions are not quantized"
+        elif isinstance(module, torch.nn.Embedding):
+            report.kept[name] = "embedding lookups stay in their dtype"
+    return report
+
+
+def shell_model(model: torch.nn.Module, recipe: QuantRecipe, names) -> None:
+    """Replace the named linear layers by empty `QuantLinear`s (to load stored tensors into)."""
+    wanted = set(names)
+    for parent, child_name, name, layer in _layers(model):
+        if name in wanted and isinstance(layer, torch.nn.Linear):
+            shell = QuantLinear(
+                layer.in_features, layer.out_features, recipe, layer.bias is not None
+            )
+            setattr(parent, child_name, shell.to(layer.weight.device))
+            wanted.discard(name)
+    if wanted:
+        raise UsageError(
+            f"the quantized checkpoint names layers the model lacks ({', '.join(sorted(wanted))}); "
+            "fix: quantize the run again"
+        )
+
+
+def quant_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_kernel(model: torch.nn.Module, kernel: str) -> None:
+    """Weight-only int8 kernel of every layer: ``dequant`` (default) or ``int8pack``."""
+    for layer in quant_layers(model).values():
+        layer.kernel = kernel
+        layer._cache.clear()
+
+
+def dequantize_model(model: torch.nn.Module) -> None:
+    """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized fp32 weight."""
+    for parent, child_name, _, layer in _layers(model):
+        if isinstance(layer, QuantLinear):
+            dense = torch.nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None
+            ).to(layer.qweight.device)
+            with torch.no_grad():
+                dense.weight.copy_(layer.dequantized_weight())
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            setattr(parent, child_name, dense)
+
+
+# ------------------------------------------------------------------------------------- pruning
+
+
+@torch.no_grad()
+def magnitude_mask(weight: torch.Tensor, sparsity: float | None = None, pattern=None):
+    """Keep-mask of a weight: the largest magnitudes, either ``1 - sparsity`` of the whole matrix
+    (unstructured) or ``n`` of every ``m`` consecutive inputs (``pattern=(n, m)``, e.g. 2:4, the
+    layout NVIDIA sparse tensor cores accelerate). Ties at the threshold are broken by position."""
+    w = weight.detach().float().abs()
+    if pattern is not None:
+        keep, group = pattern
+        rows, k = w.shape
+        groups = w.reshape(rows, k // group, group)
+        top = groups.topk(keep, dim=-1).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+        return mask.reshape(rows, k)
+    drop = round(sparsity * w.numel())
+    mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+    if drop:
+        mask[w.flatten().argsort(stable=True)[:drop]] = False
+    return mask.reshape(w.shape)
+
+
+def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=None) -> LayerReport:
+    """Zero the smallest weights of every linear layer but the output head, in place."""
+    if (sparsity is None) == (pattern is None):
+        raise UsageError("give one of --sparsity S or --pattern N:M")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
+    report = LayerReport()
+    linears = []
+    for _, _, name, layer in _layers(model):
+        if isinstance(layer, QuantLinear):
+            raise UsageError(
+                f"{name} is already quantized; fix: prune the unquantized run, then quantize"
+            )
+        if type(layer) is not torch.nn.Linear:
+            continue
+        if name.split(".")[-1] in PRUNE_SKIP:
+            report.kept[name] = "output head kept dense"
+            continue
+        if pattern is not None and layer.in_features % pattern[1]:
+            raise UsageError(
+                f"{pattern[0]}:{pattern[1]} needs in-features divisible by {pattern[1]}; {name} "
+                f"has {layer.in_features}; fix: use --sparsity instead"
+            )
+        linears.append((name, layer))
+    if not linears:
+        raise UsageError("the model has no linear layer to prune; fix: prune a transformer run")
+    for name, layer in linears:
+        mask = magnitude_mask(layer.weight, sparsity, pattern)
+        layer.weight.data.mul_(mask.to(layer.weight.dtype))
+        zero = 1 - mask.float().mean().item()
+        report.changed[name] = f"{zero:.1%} zeros"
+    return report
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--pattern {text!r} is not N:M; fix: use e.g. 2:4") from None
+    if not 0 < n < m:
+        raise UsageError(f"--pattern {text}: need 0 < N < M; fix: use e.g. 2:4")
+    return n, m
+
+
+def sparsity_of(model: torch.nn.Module) -> float:
+    """Fraction of zeros among the weights of the linear layers."""
+    zeros = total = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,120 @@
+"""`QuantLinear`: a linear layer that holds its weight quantized, and the kernels that run it.
+
+Forward, for ``x`` (M tokens x K) and the stored weight (N x K), ``out = x @ w.T + bias``:
+
+- int8 ``weights-and-activations``: a real int8 GEMM. ``x`` is quantized per token (one scale per
+  row, `quantize_per_token_int8`), ``torch._int_mm`` multiplies int8 by int8 into exact int32, and
+  the accumulator is scaled by ``s_x[m] * s_w[n]``.
+- int8 ``weights-only``: ``kernel="dequant"`` (default) dequantizes the int8 weight once to fp32 and
+  runs the fp32 GEMM; ``kernel="int8pack"`` calls ``torch.ops.aten._weight_int8pack_mm`` (int8
+  weights, fp32 activations) each time. Both give the same products up to fp32 summation order.
+  On the CPUs measured (see docs/inference.md) the int8pack kernel is many times slower than the
+  fp32 GEMM, which is why it is not the default.
+- every other format is emulated: weights-only multiplies ``x`` by the dequantized weight (cached);
+  weights-and-activations quantizes ``x`` with the weight's format and granularity along K and
+  runs `lowbit.nn.gemm.emulated_gemm` on the exact low-precision values. `note()` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.infer.quant import (
+    Mode,
+    QuantRecipe,
+    Target,
+    quantize_activation,
+    quantize_per_token_int8,
+    quantize_weight,
+    stored_shapes,
+    weight_qtensor,
+)
+from lowbit.nn.gemm import emulated_gemm
+
+KERNELS = ("dequant", "int8pack")
+
+
+class QuantLinear(torch.nn.Module):
+    """A linear layer whose weight is stored quantized (buffers ``qweight``, ``scale``[, ...])."""
+
+    def __init__(self, in_features: int, out_features: int, recipe: QuantRecipe, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.recipe = in_features, out_features, recipe
+        for name, (shape, dtype) in stored_shapes(out_features, in_features, recipe).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernel = "dequant"
+        self._cache: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, recipe: QuantRecipe) -> QuantLinear:
+        layer = cls(linear.in_features, linear.out_features, recipe, linear.bias is not None)
+        for name, tensor in quantize_weight(linear.weight, recipe).items():
+            setattr(layer, name, tensor.to(linear.weight.device))
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().float().clone()
+        return layer.to(linear.weight.device)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.named_buffers(recurse=False)}
+
+    def weight_qtensor(self):
+        return weight_qtensor(self.stored(), self.in_features, self.recipe)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the quantized values stand for (fp32, N x K)."""
+        return self.weight_qtensor().dequantize(torch.float32)
+
+    @property
+    def uses_int8_kernel(self) -> bool:
+        return (
+            self.recipe.format is Target.INT8
+            and self.recipe.group is None
+            and (self.recipe.mode is Mode.WEIGHTS_AND_ACTIVATIONS or self.kernel == "int8pack")
+        )
+
+    def note(self) -> str:
+        r = self.recipe
+        if self.uses_int8_kernel:
+            if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
+                return "int8 x int8 GEMM (torch._int_mm), per-token activation scales"
+            return "int8-weight GEMM (torch.ops.aten._weight_int8pack_mm)"
+        if r.mode is Mode.WEIGHTS_ONLY:
+            return f"{r.format.value} weights dequantized to fp32 (emulated: no {r.format.value} kernel)"
+        return (
+            f"{r.format.value} weights and activations, emulated GEMM on exact low-precision values"
+        )
+
+    def _get(self, key: str, make) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        r = self.recipe
+        if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
+            if self.uses_int8_kernel and x2.device.type == "cpu":
+                w_t = self._get("w_t", lambda: self.qweight.t().contiguous())  # K x N int8
+                s_w = self._get("s_w", lambda: self.scale.float().reshape(1, -1))
+                values, s_x = quantize_per_token_int8(x2)
+                out = torch._int_mm(values, w_t).float().mul_(s_x).mul_(s_w)
+            else:
+                w = self._get("qw", self.weight_qtensor)
+                out = emulated_gemm(quantize_activation(x2, r), w)
+        elif self.uses_int8_kernel:
+            scales = self._get("s_w", lambda: self.scale.float().reshape(-1))
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, scales)
+        else:
+            w = self._get("w", self.dequantized_weight)
+            out = x2 @ w.t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.recipe.describe()}"

@@ -1,0 +1,147 @@
+"""The three steps behind the commands: quantize a run, prune a run, export to Hugging Face."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.infer import io
+from lowbit.infer.model import (
+    LayerReport,
+    dequantize_model,
+    parse_pattern,
+    prune_model,
+    quantize_model,
+    sparsity_of,
+)
+from lowbit.infer.quant import QuantRecipe
+
+
+@dataclass
+class StepResult:
+    out: Path
+    manifest: dict
+    report: LayerReport
+    source: io.Source
+    model: torch.nn.Module
+    reference: torch.nn.Module | None = None  # the model before the step (prune only)
+
+
+def _linear_bytes(model) -> int:
+    from lowbit.infer.model import quant_layers
+
+    total = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            total += module.weight.numel() * module.weight.element_size()
+    for layer in quant_layers(model).values():
+        total += sum(t.numel() * t.element_size() for t in layer.stored().values())
+    return total
+
+
+def quantize_run(
+    path,
+    to: str,
+    mode: str = "weights-only",
+    group_size: int | None = None,
+    pad_groups: bool | None = None,
+    out=None,
+    force: bool = False,
+) -> StepResult:
+    """Quantize every linear layer of a run (or of a pruned folder) and write the folder."""
+    recipe = QuantRecipe(to, mode, group_size, pad_groups)  # bad flags fail before loading
+    source = io.load_source(path, "cpu")
+    if source.quantized:
+        raise UsageError(
+            f"{path} is already quantized ({io.describe_manifest(source.manifest)}); fix: "
+            f"quantize its source, {source.manifest['source']['path']}"
+        )
+    linear_before = _linear_bytes(source.model)
+    report = quantize_model(source.model, recipe)
+    manifest = {
+        "quantization": recipe.to_dict(),
+        "pruning": (source.manifest or {}).get("pruning"),
+        "source": io.source_record(source),
+        "task": source.config.task,
+        "model": source.config.model,
+        "layers": list(report.changed),
+        "kept": report.kept,
+        "linear_bytes": {"original": linear_before, "quantized": _linear_bytes(source.model)},
+    }
+    target = out or io.default_out(source.path, recipe.format.value)
+    written = io.save(source, source.model, manifest, target, force)
+    return StepResult(written, io.read_manifest(written), report, source, source.model)
+
+
+def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=False) -> StepResult:
+    """Magnitude-prune the linear layers of a run and write the (dense-stored) folder."""
+    nm = parse_pattern(pattern) if pattern is not None else None
+    if (sparsity is None) == (nm is None):
+        raise UsageError("give one of --sparsity S or --pattern N:M (e.g. --pattern 2:4)")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
+    source = io.load_source(path, "cpu")
+    if source.manifest is not None:
+        raise UsageError(
+            f"{path} is already {io.describe_manifest(source.manifest)}; fix: prune the run it "
+            f"came from, {source.manifest['source']['path']}, then quantize"
+        )
+    reference = copy.deepcopy(source.model)
+    report = prune_model(source.model, sparsity, nm)
+    rule = f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%} unstructured"
+    manifest = {
+        "quantization": None,
+        "pruning": {"rule": rule, "sparsity": sparsity_of(source.model), "method": "magnitude"},
+        "source": io.source_record(source),
+        "task": source.config.task,
+        "model": source.config.model,
+        "layers": list(report.changed),
+        "kept": report.kept,
+    }
+    suffix = f"{nm[0]}of{nm[1]}" if nm else f"sparse{round(sparsity * 100)}"
+    target = out or io.default_out(source.path, suffix)
+    written = io.save(source, source.model, manifest, target, force)
+    return StepResult(written, io.read_manifest(written), report, source, source.model, reference)
+
+
+def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
+    """Write a causal LM (run or inference folder) as a Hugging Face folder, weights dequantized."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
+    source = io.load_source(path, "cpu")
+    if source.config.task != "causal-lm":
+        raise UsageError(
+            f"{path} is a {source.config.task} run; fix: export a causal-lm run (the Hugging Face "
+            "folder is an AutoModelForCausalLM)"
+        )
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty; fix: remove it or pass --force")
+    dequantize_model(source.model)
+    model = source.model.to(dtypes[dtype])
+    model.save_pretrained(out, safe_serialization=True)
+    copied = []
+    tokenizer = source.path / "tokenizer"
+    if tokenizer.is_dir():
+        for item in tokenizer.iterdir():
+            if item.is_file():
+                shutil.copy2(item, out / item.name)
+                copied.append(item.name)
+    info = {
+        "source": str(source.path.resolve()),
+        "step": source.step,
+        "quantization": (source.manifest or {}).get("quantization"),
+        "pruning": (source.manifest or {}).get("pruning"),
+        "dtype": dtype,
+        "stored": "dequantized" if source.quantized else "as trained",
+        "tokenizer_files": copied,
+    }
+    (out / "lowbit_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

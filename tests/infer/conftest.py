@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from lowbit.train import TrainConfig, train
+from lowbit.train import trainer as trainer_module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(folder, **settings):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(trainer_module, "SAMPLE_TOKENS", 4)
+    try:
+        train(TrainConfig(out=str(folder), eval_interval=settings["steps"], **settings))
+    finally:
+        patch.undo()
+        torch.set_num_threads(threads)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory):
+    """A tiny Llama trained 12 steps on stdlib bytes (default recipe bf16-mixed)."""
+    folder = tmp_path_factory.mktemp("infer") / "lm"
+    return _train(folder, steps=12, seq_len=32, batch_size=8, eval_batches=2)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """The digits CNN trained a few steps (a Linear head, two convolutions)."""
+    folder = tmp_path_factory.mktemp("infer") / "digits"
+    return _train(folder, task="image-classification", steps=6, batch_size=32, eval_batches=2)
