@@ -41,6 +41,8 @@ FLAGS = [
     ("--keep-last", int, "checkpoints to keep (default 2)"),
     ("--out", str, "run folder (default runs/<task>-<recipe>-<timestamp>)"),
     ("--device", str, "auto (default), cpu, cuda or cuda:N"),
+    ("--nproc", int, "processes (ranks) on this machine; --batch-size is the global batch"),
+    ("--strategy", str, "ddp (default with --nproc > 1) or fsdp; under torchrun: this rank's"),
 ]
 
 
@@ -90,6 +92,7 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    from lowbit.distributed import RankFailed
     from lowbit.train import NonFiniteLoss, train
 
     if args.resume and args.overwrite:
@@ -97,12 +100,14 @@ def run(args) -> int:
     config = config_from_args(args)
     try:
         result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, RankFailed) as error:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lowbit: aborted; the last complete checkpoint is intact", file=sys.stderr)
         return 130
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(result.summary())
     if result.status == "interrupted":
         print(f"resume with: lowbit train --resume {result.run_dir}")

@@ -94,9 +94,14 @@ def quantized_gemm(
         pad = (-a.shape[-1]) % h.shape[0]
         a, b = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
         a, b = apply_blockwise(a, h), apply_blockwise(b, h)
-    qa = quantize_operand(a, gemm.a, state.histories.get(names[0]))
-    qb = quantize_operand(b, gemm.b, state.histories.get(names[1]))
+    qa = quantize_operand(a, gemm.a, state.histories.get(names[0]), _batch(names[0]))
+    qb = quantize_operand(b, gemm.b, state.histories.get(names[1]), _batch(names[1]))
     return emulated_gemm(qa, qb)
+
+
+def _batch(name: str) -> bool:
+    """Operands other than the weight (``*.w``) depend on the batch, so differ across ranks."""
+    return not name.endswith(".w")
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -112,7 +117,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             forward = spec.forward
             if forward.transform is Transform.NONE:
-                qx = quantize_operand(x, forward.a, state.histories.get("forward.x"))
+                qx = quantize_operand(x, forward.a, state.histories.get("forward.x"), True)
                 qw = quantize_operand(weight, forward.b, state.histories.get("forward.w"))
                 out = emulated_gemm(qx, qw)
             else:
@@ -143,13 +148,13 @@ class LowbitLinearFunction(torch.autograd.Function):
         shared = _reusable(spec.grad_input.a, spec.grad_weight.a) and (
             spec.grad_input.transform is Transform.NONE
         )
-        qg = quantize_operand(grad_out, spec.grad_input.a) if shared else None
+        qg = quantize_operand(grad_out, spec.grad_input.a, None, True) if shared else None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if qw is not None:
                     qg_in = qg or quantize_operand(
-                        grad_out, gemm.a, state.histories.get("grad_input.grad_out")
+                        grad_out, gemm.a, state.histories.get("grad_input.grad_out"), True
                     )
                     grad_x = emulated_gemm(qg_in, _transposed(qw))
                 else:
@@ -164,7 +169,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                         _transposed(qg)
                         if qg is not None
                         else quantize_operand(
-                            grad_out.t(), gemm.a, state.histories.get("grad_weight.grad_out")
+                            grad_out.t(), gemm.a, state.histories.get("grad_weight.grad_out"), True
                         )
                     )
                     grad_w = emulated_gemm(qg_w, _transposed(qx))

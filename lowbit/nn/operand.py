@@ -9,6 +9,41 @@ from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
 
+class ScaleAgreement:
+    """How the ranks of a data-parallel job agree on scales; this base object is the one-process
+    no-op. `lowbit.distributed` installs one that all-reduces (`set_scale_agreement`).
+
+    A tensorwise scale is ``amax / format_max``; a batch-dependent operand (activation, gradient)
+    has a different amax on every rank, so each rank would quantize with its own scale. Taking the
+    max over ranks gives every rank the scale a single process would compute on the global batch.
+    Block-scaled operands (MX, 1x128 tiles) need nothing: each block lies within one rank's rows.
+    """
+
+    active = False  # True: quantize_operand reduces the amax of batch-dependent tensorwise operands
+
+    def amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The max of ``amax`` over ranks (fp32 scalar)."""
+        return amax
+
+    def all_finite(self, finite: bool) -> bool:
+        """True when every rank's gradients are finite (one joint loss-scaler decision)."""
+        return finite
+
+
+_agreement = ScaleAgreement()
+
+
+def scale_agreement() -> ScaleAgreement:
+    return _agreement
+
+
+def set_scale_agreement(agreement: ScaleAgreement | None) -> ScaleAgreement:
+    """Install ``agreement`` (None: the one-process no-op); returns the previous one."""
+    global _agreement
+    previous, _agreement = _agreement, agreement or ScaleAgreement()
+    return previous
+
+
 class AmaxHistory:
     """Delayed scaling (Transformer Engine): quantize with the max amax of earlier steps.
 
@@ -63,14 +98,25 @@ def plain_cast(x: torch.Tensor, spec: OperandSpec) -> QTensor:
 
 
 def quantize_operand(
-    x: torch.Tensor, spec: OperandSpec, history: AmaxHistory | None = None
+    x: torch.Tensor,
+    spec: OperandSpec,
+    history: AmaxHistory | None = None,
+    batch_dependent: bool = False,
 ) -> QTensor:
-    """Quantize a 2-D operand along its last axis (the GEMM's contraction axis)."""
+    """Quantize a 2-D operand along its last axis (the GEMM's contraction axis).
+
+    ``batch_dependent``: an activation or gradient (not a weight), whose tensor amax the ranks of a
+    data-parallel job agree on (see `ScaleAgreement`).
+    """
     if spec.is_plain_cast:
         return plain_cast(x, spec)
     amax = None
+    agree = batch_dependent and _agreement.active and spec.granularity is Granularity.TENSOR
     if spec.scaling is Scaling.DELAYED and history is not None:
-        amax = history.scaling_amax(x.detach().abs().amax().float())
+        current = x.detach().abs().amax().float()
+        amax = history.scaling_amax(_agreement.amax(current) if agree else current)
+    elif agree:
+        amax = _agreement.amax(x.detach().abs().amax().float())
     return quantize(
         x,
         spec.format,

@@ -20,6 +20,7 @@ import contextlib
 import torch
 
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
+from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate
 from lowbit.recipes import LossScaling, Recipe, get_recipe
@@ -93,7 +94,8 @@ class Precision:
         """Once per step: high-precision gradients, unscaled, with the joint finite check."""
         if self._grads is None:
             self._grads = self.update.prepare(optimizer)
-            self._grads_finite = self.scaler.unscale_(self._grads)
+            # Data-parallel ranks decide jointly, so all of them skip the same steps.
+            self._grads_finite = scale_agreement().all_finite(self.scaler.unscale_(self._grads))
         return self._grads
 
     def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
@@ -102,6 +104,8 @@ class Precision:
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, 2.0)
+        if hasattr(total, "full_tensor"):  # sharded (FSDP) gradients: the norm over all shards
+            total = total.full_tensor()
         if max_norm is not None:  # the arithmetic of torch.nn.utils.clip_grad_norm_
             coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coefficient)

@@ -4,12 +4,14 @@ A checkpoint is written to a temporary file in the same folder, flushed and fsyn
 over its final name with `os.replace` (atomic on POSIX); the folder is fsynced so the rename itself
 survives a power cut. A crash mid-write leaves at most a ``.tmp`` file, which `latest` ignores and
 the next save removes; the previous checkpoints are only deleted after the new one is in place.
+Multi-process runs write ``step-NNNNNNN.dcp`` folders instead (`lowbit.distributed.checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,11 +19,18 @@ import torch
 from lowbit.errors import UsageError
 
 FOLDER = "checkpoints"
-_NAME = re.compile(r"^step-(\d+)\.pt$")
+_NAME = re.compile(r"^step-(\d+)\.(pt|dcp)$")
 
 
-def path_for(run_dir, step: int) -> Path:
-    return Path(run_dir) / FOLDER / f"step-{step:07d}.pt"
+def path_for(run_dir, step: int, kind: str = "pt") -> Path:
+    return Path(run_dir) / FOLDER / f"step-{step:07d}.{kind}"
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -56,11 +65,15 @@ def save(state: dict, run_dir, step: int, keep_last: int) -> Path:
         raise
     _fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        remove(old)
     return final
 
 
 def load(path) -> dict:
+    if Path(path).is_dir():  # a multi-process (DCP) checkpoint, gathered into full tensors
+        from lowbit.distributed.checkpoint import load_full
+
+        return load_full(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as error:
@@ -73,7 +86,7 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
     """``checkpoint`` if given, else the run's latest; a `UsageError` when there is none."""
     if checkpoint:
         path = Path(checkpoint)
-        if not path.is_file():
+        if not (path.is_file() or (path.suffix == ".dcp" and path.is_dir())):
             raise UsageError(f"{checkpoint}: no such checkpoint; fix: check the path")
         return path
     path = latest(run_dir)

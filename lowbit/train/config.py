@@ -81,6 +81,8 @@ class TrainConfig:
     out: str | None = None
     device: str = "auto"
     wandb: bool = False
+    nproc: int = 1  # processes (ranks) of a multi-process run; under torchrun its world size
+    strategy: str | None = None  # None: one process; "ddp" or "fsdp" (lowbit.distributed)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -167,6 +169,7 @@ _NUMBER_FIELDS = {
     "min_lr": float,
     "weight_decay": float,
     "grad_clip": float,
+    "nproc": int,
 }
 
 
@@ -184,6 +187,8 @@ def _check_types(config: TrainConfig) -> None:
                 f"got {value!r}; fix: correct it"
             )
         setattr(config, name, kind(value))
+    if config.strategy is not None and not isinstance(config.strategy, str):
+        raise UsageError(f"strategy must be a string, got {config.strategy!r}")
     for name in ("task", "model", "recipe", "tokenizer", "device", "text_field"):
         if not isinstance(getattr(config, name), str):
             raise UsageError(f"{name} must be a string, got {getattr(config, name)!r}")
@@ -208,7 +213,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
         out.save_interval = out.eval_interval
     if out.grad_clip == 0:
         out.grad_clip = None
+    if out.nproc > 1 and out.strategy is None:
+        out.strategy = "ddp"
+    if out.strategy is not None:
+        choose("strategy", out.strategy, ("ddp", "fsdp"))
+        if out.nproc > 0 and out.batch_size % out.nproc:
+            raise UsageError(
+                f"batch size {out.batch_size} (the global batch) does not split evenly over "
+                f"{out.nproc} processes; fix: use a multiple of {out.nproc} or another --nproc"
+            )
     positive = ["batch_size", "grad_accum", "eval_interval", "eval_batches", "save_interval"]
+    positive.append("nproc")
     positive += ["keep_last", "steps"] if out.steps is not None else ["keep_last"]
     if out.seq_len is not None:
         positive.append("seq_len")

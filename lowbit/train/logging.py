@@ -48,6 +48,19 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NullLogger:
+    """The logger of ranks other than 0 in a multi-process run: records nothing."""
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _number(value):
     value = float(value) if hasattr(value, "item") else value
     if isinstance(value, float) and not math.isfinite(value):

@@ -25,7 +25,7 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
 from lowbit.train.config import TrainConfig, lr_at, resolve, write
-from lowbit.train.logging import MetricsLogger
+from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
 
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = {
     "device",
     "wandb",
     "eval_batches",
+    "nproc",  # multi-process checkpoints reshard to any number of processes
 }
 
 
@@ -228,19 +229,24 @@ class Trainer:
 
     sample = True  # end a completed causal-lm run with a sample text (compare turns it off)
 
-    def __init__(self, config: TrainConfig, quiet: bool = False):
+    def __init__(self, config: TrainConfig, quiet: bool = False, dist=None):
         import lowbit
+        from lowbit.distributed import SINGLE
 
         self.config = config = resolve(config)
-        self.quiet = quiet
-        self.device = resolve_device(config.device)
+        self.dist = dist or SINGLE  # the ranks of a multi-process run (lowbit.distributed)
+        self.quiet = quiet or not self.dist.is_main
+        self.device = self.dist.device(resolve_device(config.device))
         recipe = lowbit.get_recipe(config.recipe)
         seed_everything(config.seed)
         self.task = build_task(config)
+        self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
-        self.model = self.precision.convert(self.task.model.to(self.device))
+        converted = self.precision.convert(self.task.model.to(self.device))
+        # train_model: the forward of training steps (DDP's wrapper); model: everything else.
+        self.train_model, self.model = self.dist.wrap(converted, self.precision)
         report = self.precision.conversion_report
-        if report.converted and self.device.type == "cpu":
+        if report.converted and self.device.type == "cpu" and self.dist.is_main:
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
                 f"{len(report.converted)} low-precision layers run in bit-faithful emulation "
@@ -268,14 +274,16 @@ class Trainer:
         accum, precision = self.config.grad_accum, self.precision
         lr = self.set_lr()
         loss_sum, count = 0.0, 0
-        for _ in range(accum):
+        for i in range(accum):
             batch = to_device(next(self.task.train_batches), self.device)
-            with precision.autocast():
-                loss, n = self.task.loss(self.model, batch)
-            precision.backward(loss / accum)
+            with self.dist.accumulating(self.train_model, more=i < accum - 1):
+                with precision.autocast():
+                    loss, n = self.task.loss(self.train_model, batch)
+                precision.backward(loss / accum)
             loss_sum += loss.detach()
             count += n
-        loss_value = float(loss_sum) / accum
+        loss_value = self.dist.mean(float(loss_sum) / accum)  # equal shards: the global mean
+        count = int(self.dist.total(count))
         stop = precision.finite_loss_policy != "skip"
         if stop and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at step {self.step_idx + 1}")
@@ -296,11 +304,13 @@ class Trainer:
     def evaluate(self, split: str = "validation", max_batches=None) -> dict:
         return self.task.evaluate(self.model, self.precision, split, max_batches)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, model: bool = True) -> dict:
+        """Everything to resume from; ``model=False`` leaves model and optimizer out (multi-process
+        checkpoints save those through torch.distributed.checkpoint)."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
             "step": self.step_idx,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **(weights if model else {}),
             "precision": self.precision.state_dict(),
             "data": self.task.train_batches.state_dict(),
             "rng": rng_state(),
@@ -314,8 +324,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])
         self.task.train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -325,6 +336,10 @@ class Trainer:
 
     def save(self) -> Path:
         c = self.config
+        if self.dist.distributed:
+            from lowbit.distributed import checkpoint as dcp_checkpoint
+
+            return dcp_checkpoint.save(self)
         return checkpoint.save(self.state_dict(), c.out, self.step_idx, c.keep_last)
 
     def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
@@ -332,20 +347,26 @@ class Trainer:
         from tqdm import tqdm
 
         c, run_dir, t_start = self.config, Path(self.config.out), time.perf_counter()
-        check_run_dir(run_dir, resume, overwrite)
+        main = self.dist.is_main
+        if main:
+            check_run_dir(run_dir, resume, overwrite)
+        self.dist.barrier()  # the other ranks read the run folder only after rank 0 checked it
         resume_step = None
         if resume:
-            state = checkpoint.load(checkpoint.latest(run_dir))
-            check_resume_config(state["config"], c)
-            self.load_state_dict(state)
+            self._resume(checkpoint.latest(run_dir))
             resume_step = self.step_idx
-        elif overwrite and run_dir.is_dir():
+        elif overwrite and run_dir.is_dir() and main:
             clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write(c, run_dir)
-        self.task.save_artifacts(run_dir)
-        self._write_run_info(run_dir, resume_step)
-        logger = MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write(c, run_dir)
+            self.task.save_artifacts(run_dir)
+            self._write_run_info(run_dir, resume_step)
+        logger = (
+            MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
+            if main
+            else NullLogger()
+        )
         last_saved = checkpoint.latest(run_dir)
         status = "completed"
         try:
@@ -397,7 +418,7 @@ class Trainer:
                         last_saved = self.save()
                     if on_step is not None:
                         on_step(self)
-                    if self.stop_requested and not last:
+                    if self.dist.any(self.stop_requested) and not last:  # all ranks stop together
                         last_saved = self.save()
                         status = "interrupted"
                         break
@@ -412,6 +433,28 @@ class Trainer:
             logger.close()
         return self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
 
+    def _resume(self, path: Path) -> None:
+        if path.is_dir():  # a multi-process checkpoint
+            from lowbit.distributed import checkpoint as dcp_checkpoint
+
+            if not self.dist.distributed:
+                raise UsageError(
+                    f"{path}: a multi-process checkpoint; fix: resume with --strategy "
+                    "(and --nproc N, any N)"
+                )
+            state = dcp_checkpoint.read(path)
+            check_resume_config(state["config"], self.config)
+            dcp_checkpoint.load(self, path, state)
+            return
+        if self.dist.distributed:
+            raise UsageError(
+                f"{path}: a one-process checkpoint cannot resume with --strategy; fix: resume "
+                "without --strategy/--nproc"
+            )
+        state = checkpoint.load(path)
+        check_resume_config(state["config"], self.config)
+        self.load_state_dict(state)
+
     def _write_run_info(self, run_dir: Path, resume_step) -> None:
         import lowbit
 
@@ -425,6 +468,8 @@ class Trainer:
             "lowbit": getattr(lowbit, "__version__", None),
             "conversion": self.precision.conversion_report.summary(),
             "resumed_from_step": resume_step,
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
         }
         (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
@@ -437,19 +482,22 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MB"
         sample = None
-        if self.sample and self.config.task == "causal-lm" and status == "completed":
+        # Sampling is one process's job; FSDP's forward needs every rank: no sample there.
+        alone = self.dist.is_main and self.dist.strategy != "fsdp"
+        if self.sample and alone and self.config.task == "causal-lm" and status == "completed":
             from lowbit.train.generate import sample_text
 
-            sample = sample_text(
-                self.model,
-                self.task.tokenizer,
-                self.precision,
-                SAMPLE_PROMPT,
-                max_new_tokens=SAMPLE_TOKENS,
-                temperature=0.8,
-                top_k=40,
-                seed=0,
-            )
+            with self.dist.alone():
+                sample = sample_text(
+                    self.model,
+                    self.task.tokenizer,
+                    self.precision,
+                    SAMPLE_PROMPT,
+                    max_new_tokens=SAMPLE_TOKENS,
+                    temperature=0.8,
+                    top_k=40,
+                    seed=0,
+                )
         return RunResult(
             run_dir=run_dir,
             config=self.config,
@@ -510,4 +558,8 @@ def train(
     """
     config = resolve(config)
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
+    if config.strategy is not None:  # DDP/FSDP: spawned ranks, or this rank under torchrun
+        from lowbit.distributed.launch import train as train_ranks
+
+        return train_ranks(config, resume, overwrite, quiet, on_step)
     return Trainer(config, quiet=quiet).fit(resume=resume, overwrite=overwrite, on_step=on_step)

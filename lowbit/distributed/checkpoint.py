@@ -1,0 +1,161 @@
+"""Checkpoints of multi-process runs through `torch.distributed.checkpoint` (DCP).
+
+A checkpoint is the folder ``<run>/checkpoints/step-NNNNNNN.dcp``: the model, the optimizer states
+and any master weights as DCP items (each rank writes its shards; FQN keys), plus ``lowbit.pt``
+(rank 0: step, loss-scaler and amax-history state, data position, RNG, config). DCP reshards on
+load, so a run saved with N processes resumes with any M (DDP or FSDP). Written into a hidden
+``.step-NNNNNNN.dcp.tmp`` folder and renamed into place by rank 0 once complete, so a crash leaves
+the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.train import checkpoint as run_checkpoint
+
+EXTRA = "lowbit.pt"
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=True)
+
+
+@contextlib.contextmanager
+def _fp32_params(optimizer):
+    """16-bit parameters show fp32 data while optimizer states are created, so that the states
+    (fp32 by the recipe, see `LowPrecisionUpdate.wrap`) load without rounding."""
+    from lowbit.precision.update import optimizer_params
+
+    stash = {}
+    for p in optimizer_params(optimizer):
+        if p.is_floating_point() and p.dtype != torch.float32 and not optimizer.state.get(p):
+            stash[p] = p.data
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p, data in stash.items():
+            p.grad = None
+            p.data = data
+
+
+def _template(trainer) -> dict:
+    from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
+
+    with _fp32_params(trainer.optimizer):
+        _init_optim_state(trainer.optimizer)
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_options())
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _update_items(update: dict) -> dict:
+    """Master weights / Kahan buffers (param index -> tensor) as flat DCP items."""
+    return {f"update.{kind}.{i}": t for kind, d in update.items() for i, t in d.items()}
+
+
+def save(trainer) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ranks, c, step = trainer.dist, trainer.config, trainer.step_idx
+    final = run_checkpoint.path_for(c.out, step, kind="dcp")
+    tmp = final.with_name(f".{final.name}.tmp")
+    if ranks.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(".*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    ranks.barrier()
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_options())
+    precision = trainer.precision.state_dict()
+    update = precision.pop("update")
+    dcp.save({"model": model_sd, "optimizer": optim_sd, **_update_items(update)}, checkpoint_id=tmp)
+    if ranks.is_main:
+        extra = trainer.state_dict(model=False)
+        extra["precision"] = precision
+        extra["world_size"] = ranks.world_size
+        extra["strategy"] = ranks.strategy
+        with open(tmp / EXTRA, "wb") as f:
+            torch.save(extra, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        run_checkpoint._fsync_dir(final.parent)
+        for old in run_checkpoint.list_checkpoints(c.out)[: -c.keep_last]:
+            run_checkpoint.remove(old)
+    ranks.barrier()
+    return final
+
+
+def read(path) -> dict:
+    """The rank-0 part (``lowbit.pt``) of a DCP checkpoint folder."""
+    extra = Path(path) / EXTRA
+    try:
+        return torch.load(extra, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise UsageError(
+            f"{path}: unreadable checkpoint ({error}); fix: use an older one"
+        ) from None
+
+
+def load(trainer, path, extra: dict) -> None:
+    """Load a DCP checkpoint into a trainer of this process group (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from lowbit.precision.update import optimizer_params
+
+    state = _template(trainer)
+    params = optimizer_params(trainer.optimizer)
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    update: dict = {"masters": {}, "compensation": {}}
+    for key in keys:
+        if key.startswith("update."):
+            _, kind, index = key.split(".")
+            p = params[int(index)].detach()
+            state[key] = p.float().clone() if kind == "masters" else p.clone()
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        trainer.model,
+        trainer.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=_options(),
+    )
+    for key, value in state.items():
+        if key.startswith("update."):
+            _, kind, index = key.split(".")
+            update[kind][int(index)] = value
+    trainer.load_state_dict({**extra, "precision": {**extra["precision"], "update": update}})
+
+
+def load_full(path) -> dict:
+    """A DCP checkpoint as one process's plain state (``model`` of full tensors, ``precision``,
+    ``step``...), for `lowbit eval` and `lowbit generate`."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    extra = read(path)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        items = _load_state_dict_from_keys(checkpoint_id=str(path))
+    update: dict = {"masters": {}, "compensation": {}}
+    for key, value in items.items():
+        if key.startswith("update."):
+            _, kind, index = key.split(".")
+            update[kind][int(index)] = value
+    return {
+        **extra,
+        "model": items["model"],
+        "precision": {**extra["precision"], "update": update},
+    }

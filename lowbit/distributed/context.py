@@ -1,0 +1,257 @@
+"""What a rank knows about the job: `SingleProcess` (every hook a no-op) and `Ranks` (a process
+group, DDP or FSDP2), the objects the trainer calls so that its loop has no distributed branches."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.nn.operand import ScaleAgreement, set_scale_agreement
+
+STRATEGIES = ("ddp", "fsdp")
+# A rank waits this long for the others in a collective before failing (a crashed rank is also
+# caught by the launcher, which stops the rest at once); LOWBIT_DIST_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 600
+
+
+class RankFailed(RuntimeError):
+    """A rank of a multi-process run failed; the others were stopped."""
+
+
+def torchrun_env() -> bool:
+    """True inside a process started by torchrun (or the `--nproc` launcher)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """A `UsageError` when ``port`` is taken (another run, or a stale rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise UsageError(
+                f"port {port} is in use (another run?); fix: unset MASTER_PORT to pick a free port, "
+                "or set it to a free one"
+            ) from None
+
+
+class SingleProcess:
+    """One process, no strategy: every hook is the identity."""
+
+    rank, world_size, local_rank, strategy = 0, 1, 0, None
+    is_main = True
+    distributed = False
+
+    def device(self, device: torch.device) -> torch.device:
+        return device
+
+    def shard_batches(self, batches):
+        return batches
+
+    def wrap(self, model, precision):
+        """(model for training forward passes, model for everything else)."""
+        return model, model
+
+    def accumulating(self, model, more: bool):
+        return contextlib.nullcontext()
+
+    def alone(self):
+        """Within: this rank computes by itself (no scale agreement with the others)."""
+        return contextlib.nullcontext()
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def total(self, value: float) -> float:
+        return value
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SINGLE = SingleProcess()
+
+
+class AllReduceAgreement(ScaleAgreement):
+    """Scale agreement over a process group of its own (so its small all-reduces never interleave
+    with DDP's or FSDP's gradient collectives on the default group)."""
+
+    active = True
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.device = device
+        self.calls = 0
+
+    def amax(self, amax: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = amax.detach().float().reshape(1).to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        self.calls += 1
+        return out.reshape(()).to(amax.device)
+
+    def all_finite(self, finite: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() == 0
+
+
+class Ranks(SingleProcess):
+    """This process's place in a process group, and the strategy's hooks."""
+
+    distributed = True
+
+    def __init__(self, strategy: str, device: torch.device):
+        import torch.distributed as dist
+
+        self.strategy = strategy
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.is_main = self.rank == 0
+        self._device = device
+        self.comm = None  # DDP: byte counts of the gradient all-reduce (ddp.CommStats)
+        backend = "gloo" if device.type == "cpu" else None
+        self.agreement = AllReduceAgreement(dist.new_group(backend=backend), device)
+        set_scale_agreement(self.agreement)
+
+    def device(self, device: torch.device) -> torch.device:
+        return self._device
+
+    def shard_batches(self, batches):
+        from lowbit.distributed.data import RankSlice
+
+        return RankSlice(batches, self.rank, self.world_size)
+
+    def wrap(self, model, precision):
+        if self.strategy == "ddp":
+            from lowbit.distributed.ddp import wrap_ddp
+
+            wrapped, self.comm = wrap_ddp(model, precision, self._device)
+            return wrapped, model
+        from lowbit.distributed.fsdp import wrap_fsdp
+
+        model = wrap_fsdp(model, precision, self._device)
+        return model, model
+
+    def accumulating(self, model, more: bool):
+        """Within: a micro-batch whose gradients are not yet reduced (all but the last)."""
+        if not more:
+            return contextlib.nullcontext()
+        if self.strategy == "ddp":
+            return model.no_sync()
+        return _fsdp_no_sync(model)
+
+    @contextlib.contextmanager
+    def alone(self):
+        previous = set_scale_agreement(None)
+        try:
+            yield
+        finally:
+            set_scale_agreement(previous)
+
+    def _reduce(self, value: float, op) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device)
+        if self._device.type == "cuda":
+            t = t.float()
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    def mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(value, dist.ReduceOp.SUM) / self.world_size
+
+    def total(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def any(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        set_scale_agreement(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key in getattr(self, "own_env", ()):
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def join(strategy: str, device: torch.device) -> Ranks:
+    """Join the process group described by the environment (torchrun's variables), or start a
+    one-process group when there is none; returns this rank's `Ranks`."""
+    import torch.distributed as dist
+
+    own_env = {}
+    if not torchrun_env():  # one process: a group of one, its variables removed on close
+        own_env = dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+        )  # fmt: skip
+        os.environ.update(own_env)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    timeout = float(os.environ.get("LOWBIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as error:
+        for key in own_env:
+            os.environ.pop(key, None)
+        if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+            raise UsageError(
+                f"port {os.environ.get('MASTER_PORT')} is in use (another run?); fix: choose "
+                "another --master-port for torchrun, or unset MASTER_PORT"
+            ) from None
+        raise
+    ranks = Ranks(strategy, device)
+    ranks.own_env = list(own_env)
+    return ranks

@@ -1,0 +1,64 @@
+"""DDP: every rank holds the whole model; gradients are all-reduced in the recipe's reduce dtype.
+
+The reduce dtype is the recipe's ``grad_dtype`` when set, else its parameter dtype (fp32 for the
+mixed and fp8/MX recipes, bf16/fp16 for the 16-bit-parameter ones). The comm hook divides each
+gradient bucket by the world size, casts it to that dtype when the bucket's differs, all-reduces
+it and counts the bytes it sent (`CommStats`, the figures in docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.recipes.recipe import DTYPES
+
+
+@dataclass
+class CommStats:
+    """Gradient all-reduce payload: bytes per rank per call, summed over the run."""
+
+    dtype: torch.dtype
+    world_size: int
+    group: object = None
+    bytes: int = 0
+    elements: int = 0
+    calls: int = 0
+
+
+def reduce_dtype(recipe) -> torch.dtype:
+    return DTYPES[recipe.grad_dtype or recipe.param_dtype]
+
+
+def _reduce_hook(state: CommStats, bucket):
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    send = buffer.to(state.dtype) if buffer.dtype != state.dtype else buffer
+    send.div_(state.world_size)
+    state.bytes += send.numel() * send.element_size()
+    state.elements += send.numel()
+    state.calls += 1
+    future = dist.all_reduce(send, group=state.group, async_op=True).get_future()
+
+    def unpack(done):
+        out = done.value()[0]
+        if out is not buffer:
+            buffer.copy_(out)
+        return buffer
+
+    return future.then(unpack)
+
+
+def wrap_ddp(model, precision, device: torch.device):
+    """(the DDP-wrapped model, its `CommStats`)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (rotary tables) are computed identically on every rank: nothing to broadcast.
+    wrapped = DDP(model, device_ids=ids, forward_sync_buffers=False)
+    stats = CommStats(reduce_dtype(precision.recipe), dist.get_world_size())
+    wrapped.register_comm_hook(stats, _reduce_hook)
+    return wrapped, stats

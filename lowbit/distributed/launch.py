@@ -1,0 +1,144 @@
+"""Starting a multi-process run: ``lowbit train --nproc N`` spawns N local ranks; under torchrun
+(one or many nodes) each process started by torchrun is a rank.
+
+The launcher picks a free port (or checks MASTER_PORT), starts the ranks, and waits. When a rank
+fails it stops the others at once (none is left blocked in a collective) and raises the failing
+rank's error: a `UsageError` or `NonFiniteLoss` as such, anything else as `RankFailed`.
+Rank 0's `RunResult` comes back to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lowbit.distributed.context import RankFailed, check_port, free_port, join, torchrun_env
+from lowbit.errors import UsageError
+
+
+def _error_classes():
+    from lowbit.train.trainer import NonFiniteLoss
+
+    return {"UsageError": UsageError, "NonFiniteLoss": NonFiniteLoss}
+
+
+def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
+    """Train as one rank of the process group in the environment (torchrun's, or a one-process
+    group when there is none); rank 0 returns the `RunResult`, the others None."""
+    from lowbit.train.trainer import Trainer, resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if torchrun_env() else 1
+    config = replace(config, nproc=world, strategy=config.strategy or "ddp")
+    ranks = join(config.strategy, resolve_device(config.device))
+    try:
+        result = Trainer(config, quiet=quiet, dist=ranks).fit(resume, overwrite, on_step)
+    finally:
+        ranks.close()
+    return result if ranks.is_main else None
+
+
+def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, folder):
+    os.environ.update(
+        RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run_rank(config, resume, overwrite, quiet, on_step)
+        if result is not None:
+            (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
+    except BaseException as error:
+        record = {
+            "rank": local_rank,
+            "time": time.time(),
+            "kind": type(error).__name__,
+            "message": str(error),
+            "traceback": traceback.format_exc(),
+        }
+        (Path(folder) / f"error-{local_rank}.pkl").write_bytes(pickle.dumps(record))
+        raise
+
+
+def _failure(folder: Path, exited_rank: int | None, detail: str) -> BaseException:
+    """The exception to raise for a failed run: the first rank's own error."""
+    records = [pickle.loads(p.read_bytes()) for p in folder.glob("error-*.pkl")]
+    if not records:
+        rank = "a rank" if exited_rank is None else f"rank {exited_rank}"
+        return RankFailed(f"{rank} died ({detail}); the other ranks were stopped")
+    first = min(records, key=lambda r: r["time"])
+    kind = _error_classes().get(first["kind"])
+    if kind is not None:
+        return kind(first["message"])
+    if first["kind"] == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    last = first["traceback"].strip().splitlines()[-1]
+    return RankFailed(f"rank {first['rank']} failed: {last}; the other ranks were stopped")
+
+
+def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
+    """Run ``config.nproc`` local ranks and wait for them; rank 0's `RunResult`."""
+    import torch.multiprocessing as mp
+
+    if "MASTER_PORT" in os.environ:
+        port = int(os.environ["MASTER_PORT"])
+        check_port(port)
+    else:
+        port = free_port()
+    with tempfile.TemporaryDirectory(prefix="lowbit-ranks-") as tmp:
+        folder = Path(tmp)
+        args = (config.nproc, port, config, resume, overwrite, quiet, on_step, str(folder))
+        context = mp.start_processes(
+            _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
+        )
+        interrupts = 0
+        while True:
+            try:
+                if context.join():
+                    break
+            except KeyboardInterrupt:  # the ranks got it too: they save and stop together
+                interrupts += 1
+                if interrupts > 1:
+                    _terminate(context)
+                    raise
+            except mp.ProcessRaisedException as error:
+                raise _failure(folder, error.error_index, "an exception") from None
+            except mp.ProcessExitedException as error:
+                detail = (
+                    f"signal {error.signal_name}"
+                    if error.signal_name
+                    else f"exit {error.exit_code}"
+                )
+                raise _failure(folder, error.error_index, detail) from None
+        return pickle.loads((folder / "result.pkl").read_bytes())
+
+
+def _terminate(context) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in context.processes:
+        process.join(10)
+
+
+def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
+    """`lowbit.train.train` for a config with a ``strategy``: in this process under torchrun or
+    with one process, else spawned."""
+    if torchrun_env() or config.nproc == 1:
+        return run_rank(config, resume, overwrite, quiet, on_step)
+    if sys.platform == "win32":
+        raise UsageError("--nproc needs Linux or macOS; fix: use torchrun")
+    gpus = torch.cuda.device_count() if config.device != "cpu" else 0
+    if gpus and config.nproc > gpus:
+        raise UsageError(
+            f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
+        )
+    return spawn(config, resume, overwrite, quiet, on_step)

@@ -1,0 +1,58 @@
+"""Running a function on N spawned gloo ranks (one torch thread each) with a deadline."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.distributed.context import free_port
+
+TINY = {"seq_len": 32, "batch_size": 8, "eval_batches": 1, "eval_interval": 100, "lr": 3e-3}
+
+
+def _entry(rank, fn, nproc, port, folder, kwargs):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        LOWBIT_DIST_TIMEOUT="120",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        out = fn(rank, nproc, **kwargs)
+    finally:
+        from lowbit.nn.operand import set_scale_agreement
+
+        set_scale_agreement(None)
+        dist.destroy_process_group()
+    (Path(folder) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(out))
+
+
+def on_ranks(fn, nproc: int = 2, timeout: float = 240, **kwargs) -> list:
+    """``fn(rank, world_size, **kwargs)`` on each rank (a module-level function); their results.
+
+    A rank that raises or a run past ``timeout`` seconds fails the test (the others are stopped).
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = (fn, nproc, free_port(), folder, kwargs)
+        context = mp.start_processes(_entry, args=args, nprocs=nproc, join=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ranks still running after {timeout} s (a hang)")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return [pickle.loads((Path(folder) / f"rank-{r}.pkl").read_bytes()) for r in range(nproc)]

@@ -1,0 +1,67 @@
+"""What users see when a multi-process run goes wrong: clear messages, no hang."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from lowbit.distributed import RankFailed
+from lowbit.errors import UsageError
+from lowbit.train import TrainConfig, train
+from tests.distributed.helpers import TINY
+
+
+def crash_on_rank_1(trainer):
+    if trainer.dist.rank == 1 and trainer.step_idx == 2:
+        raise RuntimeError("boom")
+
+
+def test_a_crashed_rank_stops_the_others_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOWBIT_DIST_TIMEOUT", "120")
+    config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 failed: RuntimeError: boom; the other ranks"):
+        train(config, quiet=True, on_step=crash_on_rank_1)
+    assert time.monotonic() - start < 100  # rank 0 was stopped, not left waiting for rank 1
+
+
+def test_port_in_use(tmp_path, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("MASTER_PORT", str(taken.getsockname()[1]))
+        with pytest.raises(UsageError, match="is in use"):
+            train(TrainConfig(steps=1, out=str(tmp_path / "run"), nproc=2, **TINY), quiet=True)
+
+
+def test_global_batch_must_split_over_the_processes(tmp_path):
+    with pytest.raises(UsageError, match="does not split evenly over 3 processes"):
+        train(TrainConfig(steps=1, out=str(tmp_path / "run"), nproc=3, **TINY), quiet=True)
+
+
+def test_unknown_strategy(tmp_path):
+    with pytest.raises(UsageError, match="strategy"):
+        train(TrainConfig(out=str(tmp_path / "run"), strategy="zero3", **TINY), quiet=True)
+
+
+def test_a_multi_process_checkpoint_needs_a_strategy_to_resume(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(steps=1, out=str(out), strategy="ddp", **TINY), quiet=True)
+    assert (out / "checkpoints" / "step-0000001.dcp").is_dir()
+    from lowbit.train.trainer import Trainer
+
+    with pytest.raises(UsageError, match="multi-process checkpoint; fix: resume with --strategy"):
+        Trainer(TrainConfig(steps=2, out=str(out), **TINY), quiet=True).fit(resume=True)
+
+
+def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
+    from lowbit.train import evaluate_run
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(steps=2, out=str(out), strategy="fsdp", **TINY), quiet=True)
+    metrics, _ = evaluate_run(out, max_batches=TINY["eval_batches"])
+    assert metrics["step"] == 2
+    assert metrics["loss"] == pytest.approx(result.final_metrics["loss"], rel=1e-4)

@@ -1,0 +1,186 @@
+"""Two gloo ranks on the CPU: DDP and FSDP2 follow a one-process run with the same global batch,
+ranks stay identical, scales and overflow decisions are agreed, checkpoints reshard 2 <-> 1."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lowbit.train import TrainConfig, train
+from tests.distributed.helpers import TINY, on_ranks
+
+STEPS = 4
+RECIPES = ("fp32", "bf16-mixed", "fp8-tensorwise", "mxfp8")
+# Loss of each step vs one process, relative. fp32 differs only by the order of additions (the
+# gradient all-reduce, the per-rank GEMMs); bf16 rounding amplifies that order into bf16 steps.
+RTOL = {
+    "ddp": {"fp32": 1e-5, "bf16-mixed": 2e-3, "fp8-tensorwise": 2e-3, "mxfp8": 2e-3},
+    # FSDP all-gathers fp8/MX weights in bf16 (MixedPrecisionPolicy param_dtype) and the layer
+    # quantizes that, one more rounding than one process does (measured 4.5e-3 for mxfp8; 4e-4
+    # when the all-gather is fp32).
+    "fsdp": {"fp32": 1e-5, "bf16-mixed": 2e-3, "fp8-tensorwise": 1e-2, "mxfp8": 1e-2},
+}
+# warmup 0 and min_lr == lr: a constant lr, so a run stopped at step 2 and resumed to step 4 takes
+# the steps of a run to step 4.
+CONSTANT_LR = {"warmup_steps": 0, "min_lr": TINY["lr"]}
+
+
+def config(out, recipe="fp32", steps=STEPS, **kw) -> TrainConfig:
+    return TrainConfig(recipe=recipe, steps=steps, out=str(out), **TINY, **CONSTANT_LR, **kw)
+
+
+def flat_params(model) -> torch.Tensor:
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().float().reshape(-1) for p in full])
+
+
+def fit(config, ranks, resume=False):
+    """(per-step train losses, trainer) of a run on this process group."""
+    from lowbit.train import Trainer
+
+    losses = []
+    trainer = Trainer(config, quiet=True, dist=ranks)
+    trainer.fit(
+        resume=resume, overwrite=not resume, on_step=lambda t: losses.append(t.recent_losses[-1])
+    )
+    return losses, trainer
+
+
+def histories(model) -> dict:
+    from lowbit.nn.convert import lowbit_layers
+
+    return {
+        f"{layer}:{name}": h.history.clone()
+        for layer, module in lowbit_layers(model).items()
+        for name, h in module.lowbit_state.histories.items()
+    }
+
+
+def _on_two_ranks(rank, world, out, resume_from):
+    from lowbit.distributed import Ranks
+    from lowbit.precision import Precision
+
+    cpu = torch.device("cpu")
+    out_dir = __import__("pathlib").Path(out)
+    results = {"matrix": {}, "resume": {}}
+    for strategy in ("ddp", "fsdp"):
+        for recipe in RECIPES:
+            cfg = config(out_dir / f"{strategy}-{recipe}", recipe, strategy=strategy, nproc=world)
+            losses, trainer = fit(cfg, Ranks(strategy, cpu))
+            results["matrix"][strategy, recipe] = (losses, flat_params(trainer.model))
+        # stopped at step 2, resumed with one process by the test
+        fit(
+            config(out_dir / f"{strategy}-stopped", steps=2, strategy=strategy, nproc=world),
+            Ranks(strategy, cpu),
+        )
+    # a run saved by one process, resumed here with two
+    cfg = replace(config(resume_from, strategy="ddp"), nproc=world)
+    results["resume"]["1->2"] = fit(cfg, Ranks("ddp", cpu), resume=True)[0]
+
+    # delayed scaling: the amax histories (the scaling state) of every layer, agreed vs alone
+    ranks = Ranks("ddp", cpu)
+    _, trainer = fit(
+        config(out_dir / "delayed", "fp8-delayed", steps=2, strategy="ddp", nproc=world), ranks
+    )
+    results["agreed"] = histories(trainer.model)
+    with ranks.alone():
+        trainer.step()
+    results["alone"] = histories(trainer.model)
+
+    # the loss scaler's decision: rank 1 alone overflows
+    decisions = []
+    for together in (True, False):
+        model = torch.nn.Linear(4, 4)
+        precision = Precision("fp16-mixed")
+        precision.convert(model)
+        optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        loss = model(torch.ones(2, 4)).sum() * (math.inf if rank == 1 else 1.0)
+        precision.backward(loss)
+        with ranks.alone() if not together else __import__("contextlib").nullcontext():
+            decisions.append(precision.step(optimizer))
+    results["stepped"] = decisions
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One spawn of two ranks runs every multi-process part (spawning costs seconds per rank)."""
+    out = tmp_path_factory.mktemp("ranks")
+    torch.manual_seed(0)
+    # one process under --strategy ddp (a group of one), stopped at step 2: resumed with two
+    train(config(out / "one-stopped", steps=2, strategy="ddp"), quiet=True)
+    return out, on_ranks(
+        _on_two_ranks, 2, timeout=400, out=str(out), resume_from=str(out / "one-stopped")
+    )
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """Per-step losses of one process with the same global batch, per recipe."""
+    out = tmp_path_factory.mktemp("one")
+    curves = {}
+    for recipe in RECIPES:
+        losses = curves[recipe] = []
+        train(
+            config(out / recipe, recipe),
+            quiet=True,
+            on_step=lambda t, ls=losses: ls.append(t.recent_losses[-1]),
+        )
+    return curves
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_loss_curve_matches_one_process_and_ranks_agree(two_ranks, one_process, strategy):
+    _, ranks = two_ranks
+    gaps = {}
+    for recipe in RECIPES:
+        losses, params = ranks[0]["matrix"][strategy, recipe]
+        single = one_process[recipe]
+        assert len(losses) == len(single) == STEPS
+        gaps[recipe] = max(abs(a - b) / abs(b) for a, b in zip(losses, single, strict=True))
+        assert losses[-1] < losses[0], recipe  # it trains
+        # every rank holds the same parameters (FSDP: the gathered full tensors)
+        assert torch.equal(params, ranks[1]["matrix"][strategy, recipe][1]), recipe
+    assert all(gaps[r] <= RTOL[strategy][r] for r in RECIPES), gaps
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy):
+    out, ranks = two_ranks
+    uninterrupted = ranks[0]["matrix"][strategy, "fp32"][0]
+    cfg = replace(config(out / f"{strategy}-stopped", strategy=strategy), nproc=1)
+    losses = []
+    train(cfg, resume=True, quiet=True, on_step=lambda t: losses.append(t.recent_losses[-1]))
+    assert losses == pytest.approx(uninterrupted[2:], rel=1e-5)
+
+
+def test_saved_by_one_process_resumes_with_two(two_ranks):
+    _, ranks = two_ranks
+    uninterrupted = ranks[0]["matrix"]["ddp", "fp32"][0]
+    for rank in ranks:
+        assert rank["resume"]["1->2"] == pytest.approx(uninterrupted[2:], rel=1e-5)
+
+
+def test_every_rank_scales_with_the_same_amax(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    agreed0, agreed1 = rank0["agreed"], rank1["agreed"]
+    assert agreed0 and agreed0.keys() == agreed1.keys()
+    for name in agreed0:
+        assert torch.equal(agreed0[name], agreed1[name]), name
+        assert agreed0[name][:2].gt(0).all(), name  # two steps were recorded
+    # the same step without agreement: the amax of activations and gradients (each rank's own
+    # rows) differs across ranks, weights (identical under DDP) do not
+    alone0, alone1 = rank0["alone"], rank1["alone"]
+    batch = [n for n in alone0 if not n.endswith(".w")]
+    same = [n for n in batch if torch.equal(alone0[n][0], alone1[n][0])]
+    assert batch and len(same) < len(batch) / 4, same
+    assert all(torch.equal(alone0[n], alone1[n]) for n in alone0 if n.endswith(".w"))
+
+
+def test_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["stepped"][0] is False and rank1["stepped"][0] is False  # decided together
+    assert rank0["stepped"][1] is True and rank1["stepped"][1] is False  # each rank alone
