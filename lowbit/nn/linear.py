@@ -50,10 +50,18 @@ def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
 
 
 class LayerState:
-    """Per-layer numerics state: delayed-scaling histories and the Hadamard matrices."""
+    """Per-layer numerics state: delayed-scaling histories and the Hadamard matrices.
+
+    ``observer`` (None: off, no cost) is called as ``observer(operand_name, x_hp, q)`` with each
+    operand's high-precision tensor and its `QTensor` (`lowbit.diagnostics.stats` attaches one at
+    its interval). ``dynamic_spec`` marks a spec that a controller changes during training
+    (`lowbit.diagnostics.auto`): it is then saved in and restored from `state_dict`.
+    """
 
     def __init__(self, spec: LayerSpec, seed: int = 0):
         self.spec = spec
+        self.observer = None
+        self.dynamic_spec = False
         self.histories = {
             name: AmaxHistory(operand.amax_history)
             for name, operand in spec.operands().items()
@@ -76,9 +84,14 @@ class LayerState:
             history.commit()
 
     def state_dict(self) -> dict:
-        return {name: h.state_dict() for name, h in self.histories.items()}
+        state = {name: h.state_dict() for name, h in self.histories.items()}
+        if self.dynamic_spec:
+            state["spec"] = self.spec
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "spec" in state:
+            self.spec, self.dynamic_spec = state["spec"], True
         for name, h in self.histories.items():
             if name in state:
                 h.load_state_dict(state[name])
@@ -96,6 +109,9 @@ def quantized_gemm(
         a, b = apply_blockwise(a, h), apply_blockwise(b, h)
     qa = quantize_operand(a, gemm.a, state.histories.get(names[0]), _batch(names[0]))
     qb = quantize_operand(b, gemm.b, state.histories.get(names[1]), _batch(names[1]))
+    if state.observer is not None:
+        state.observer(names[0], a, qa)
+        state.observer(names[1], b, qb)
     return emulated_gemm(qa, qb)
 
 
@@ -119,6 +135,9 @@ class LowbitLinearFunction(torch.autograd.Function):
             if forward.transform is Transform.NONE:
                 qx = quantize_operand(x, forward.a, state.histories.get("forward.x"), True)
                 qw = quantize_operand(weight, forward.b, state.histories.get("forward.w"))
+                if state.observer is not None:
+                    state.observer("forward.x", x, qx)
+                    state.observer("forward.w", weight, qw)
                 out = emulated_gemm(qx, qw)
             else:
                 qx = qw = None
@@ -130,6 +149,11 @@ class LowbitLinearFunction(torch.autograd.Function):
             out = out.to(out_dtype)
         reuse_w = qw is not None and _reusable(forward.b, spec.grad_input.b)
         reuse_x = qx is not None and _reusable(forward.a, spec.grad_weight.b)
+        if state.observer is not None:  # reused tensorwise operands: the same values, same stats
+            if reuse_w:
+                state.observer("grad_input.w", weight, qw)
+            if reuse_x:
+                state.observer("grad_weight.x", x, qx)
         ctx.saved_quantized = (qw if reuse_w else None, qx if reuse_x else None)
         ctx.save_for_backward(None if reuse_x else x, None if reuse_w else weight)
         ctx.state = state
@@ -156,6 +180,8 @@ class LowbitLinearFunction(torch.autograd.Function):
                     qg_in = qg or quantize_operand(
                         grad_out, gemm.a, state.histories.get("grad_input.grad_out"), True
                     )
+                    if state.observer is not None:
+                        state.observer("grad_input.grad_out", grad_out, qg_in)
                     grad_x = emulated_gemm(qg_in, _transposed(qw))
                 else:
                     grad_x = quantized_gemm(
@@ -172,6 +198,8 @@ class LowbitLinearFunction(torch.autograd.Function):
                             grad_out.t(), gemm.a, state.histories.get("grad_weight.grad_out"), True
                         )
                     )
+                    if state.observer is not None:
+                        state.observer("grad_weight.grad_out", grad_out.t(), qg_w)
                     grad_w = emulated_gemm(qg_w, _transposed(qx))
                 else:
                     grad_w = quantized_gemm(
