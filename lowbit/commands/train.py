@@ -65,6 +65,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in RUN_DIR (or --out) from its last checkpoint",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    add_diagnostics_arguments(parser)
+
+
+def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--override`` (repeatable) and ``--stats-interval`` (lowbit.diagnostics)."""
+    from lowbit.diagnostics.stats import DEFAULT_INTERVAL
+
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=None,
+        metavar="PATTERN=WHAT",
+        help="per-layer precision, repeatable: PATTERN=keep|PRESET|OPERAND:FORMAT,... (e.g. "
+        "'model.layers.3.mlp.down_proj=grad_weight.grad_out:bf16'); first match wins",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=int,
+        nargs="?",
+        const=DEFAULT_INTERVAL,
+        default=None,
+        metavar="N",
+        help="log per-layer, per-operand numerics statistics (amax, saturation, underflow, "
+        f"SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off without the flag)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -77,6 +102,8 @@ def config_from_args(args):
         for flag, _, _ in FLAGS
     }
     overrides["wandb"] = args.wandb
+    overrides["stats_interval"] = getattr(args, "stats_interval", None)
+    overrides["overrides"] = getattr(args, "override", None)
     if isinstance(args.resume, str):
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise UsageError(f"--resume {args.resume} and --out {args.out} differ; fix: give one")

@@ -30,4 +30,7 @@ __all__ = [
     "register",
     "uniform_layer",
 ]
-from lowbit.recipes import fine_grained  # noqa: F401  (registers the fine-grained presets)
+from lowbit.recipes import (  # noqa: I001 (registration order: presets, then fine-grained, auto)
+    fine_grained,  # noqa: F401  (registers the fine-grained presets)
+    auto,  # noqa: F401  (registers the dynamic-precision recipe)
+)

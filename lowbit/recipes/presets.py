@@ -174,6 +174,10 @@ def get_recipe(name: str | Recipe) -> Recipe:
     """The preset called ``name`` (a Recipe is returned as it is)."""
     if isinstance(name, Recipe):
         return name
+    if isinstance(name, str) and name.startswith("auto:"):  # auto:BUDGET (lowbit.recipes.auto)
+        from lowbit.recipes.auto import auto_recipe
+
+        return auto_recipe(name.partition(":")[2])
     try:
         return _PRESETS[name]
     except KeyError:

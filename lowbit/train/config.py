@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lowbit.errors import UsageError, choose
@@ -83,6 +83,8 @@ class TrainConfig:
     wandb: bool = False
     nproc: int = 1  # processes (ranks) of a multi-process run; under torchrun its world size
     strategy: str | None = None  # None: one process; "ddp" or "fsdp" (lowbit.distributed)
+    stats_interval: int = 0  # steps between per-operand numerics statistics; 0: off
+    overrides: list[str] = field(default_factory=list)  # PATTERN=WHAT (recipes.parse_override)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -170,6 +172,7 @@ _NUMBER_FIELDS = {
     "weight_decay": float,
     "grad_clip": float,
     "nproc": int,
+    "stats_interval": int,
 }
 
 
@@ -189,6 +192,13 @@ def _check_types(config: TrainConfig) -> None:
         setattr(config, name, kind(value))
     if config.strategy is not None and not isinstance(config.strategy, str):
         raise UsageError(f"strategy must be a string, got {config.strategy!r}")
+    if isinstance(config.overrides, str):
+        config.overrides = [config.overrides]
+    if not isinstance(config.overrides, list | tuple) or not all(
+        isinstance(o, str) for o in config.overrides
+    ):
+        raise UsageError(f"overrides must be a list of PATTERN=WHAT, got {config.overrides!r}")
+    config.overrides = list(config.overrides)
     for name in ("task", "model", "recipe", "tokenizer", "device", "text_field"):
         if not isinstance(getattr(config, name), str):
             raise UsageError(f"{name} must be a string, got {getattr(config, name)!r}")
@@ -235,6 +245,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for name in ("lr", "min_lr", "warmup_steps", "weight_decay"):
         if getattr(out, name) < 0:
             raise UsageError(f"{name} must not be negative, got {getattr(out, name)}")
+    if out.stats_interval < 0:
+        raise UsageError(f"stats_interval must not be negative, got {out.stats_interval}")
+    recipe_of(out)  # an unknown recipe or a malformed override fails before anything runs
     if out.grad_clip is not None and out.grad_clip < 0:
         raise UsageError(f"grad_clip must not be negative, got {out.grad_clip}")
     if out.min_lr > out.lr:
@@ -245,6 +258,16 @@ def resolve(config: TrainConfig) -> TrainConfig:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out.out = str(Path("runs") / f"{out.task}-{out.recipe}-{stamp}")
     return out
+
+
+def recipe_of(config: TrainConfig):
+    """The run's `Recipe`: the named preset with the config's overrides in front of its own."""
+    from lowbit.recipes import get_recipe, parse_override
+
+    recipe = get_recipe(config.recipe)
+    if config.overrides:
+        recipe = recipe.with_overrides(*(parse_override(t, recipe) for t in config.overrides))
+    return recipe
 
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:

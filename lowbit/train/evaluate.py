@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
-from lowbit.train.config import read, resolve
+from lowbit.train.config import read, recipe_of, resolve
 from lowbit.train.trainer import resolve_device
 
 
@@ -41,7 +41,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     state = checkpoint.load(path)
     target = resolve_device(config.device)
     task = build_task(config, run_dir=run_dir)
-    precision = lowbit.Precision(lowbit.get_recipe(config.recipe), device=target)
+    precision = lowbit.Precision(recipe_of(config), device=target)
     model = precision.convert(task.model.to(target))
     model.load_state_dict(state["model"])
     precision.load_state_dict(state["precision"])

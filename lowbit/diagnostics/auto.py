@@ -1,0 +1,283 @@
+"""Dynamic precision: the controller behind the ``auto`` recipe, and the non-finite step guard.
+
+Every ``check_interval`` steps (and at the first step) the controller observes one training step:
+each converted layer's six GEMM operands are quantized, in addition to their current format, to
+every rung of the ladder (`lowbit.recipes.auto.LADDER`, from the budget up to bf16), and the
+statistics of `lowbit.diagnostics.stats` are measured for each. An operand *passes* a rung when,
+on that step's real tensor,
+
+    SQNR >= min_sqnr (24 dB: fp8 e4m3 and e5m2 on well-scaled tensors give ~31 and ~25.5 dB,
+                      MX fp4 ~17-19 dB; see docs/diagnostics.md),
+    saturated fraction <= max_saturated (1e-4), flushed fraction of the nonzero values at most
+    max_underflow (1e-2) above what the rung flushes on a normal tensor, and nothing non-finite.
+
+The operand's target is the cheapest rung it passes. It moves *up* at once when the target is
+above its current rung (saturation, outliers, lost SQNR), and *down* only after ``patience``
+consecutive checks agree that a cheaper rung passes (hysteresis: a layer moves down again once it
+has been stable). The plan (layer -> operand -> rung) is logged at every change, kept in
+checkpoints (each layer's spec is saved with its `LayerState`, and the controller's counters and
+history with the trainer state), and restored on resume and evaluation.
+
+Guard: the trainer checks the loss and the gradients before the optimizer step. When something is
+non-finite, nothing has been applied yet, so the step is *rolled back* (gradients dropped) and
+retried on the same batches with an observer attached; the operands that saturated (clipped, or
+overflowed to inf) move up a rung; when none did, the layer that ran just before the first layer
+whose input is non-finite (in forward order) moves up; failing that, every operand does. At most ``max_retries``
+retries; then the trainer's usual handling applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.diagnostics.stats import (
+    OPERANDS,
+    StatsCollector,
+    _finish,
+    nominal_stats,
+    operand_stats_tensor,
+)
+from lowbit.recipes.auto import RUNGS, budget_of, operand_spec, rung_bits
+from lowbit.recipes.recipe import GemmSpec, LayerSpec
+
+MIN_SQNR_DB = 24.0
+MAX_SATURATED = 1e-4
+MAX_UNDERFLOW = 1e-2
+CHECK_INTERVAL = 25
+PATIENCE = 2
+MAX_RETRIES = 3
+
+
+@dataclass
+class Verdict:
+    rung: str
+    reason: str  # why the operand is not on a cheaper rung ("" when it is on the cheapest)
+
+
+def judge(
+    stats: dict,
+    min_sqnr: float = MIN_SQNR_DB,
+    max_saturated: float = MAX_SATURATED,
+    max_underflow: float = MAX_UNDERFLOW,
+    nominal_underflow: float = 0.0,
+):
+    """None when ``stats`` pass, else the reason: non-finite, saturation, underflow, low SQNR.
+
+    Underflow is judged on its own: SQNR weighs elements by energy, so a tensor whose bulk is
+    flushed to zero under a few outliers can keep a high SQNR while losing most of its values.
+    ``nominal_underflow`` is what the format flushes on a well-scaled tensor (MX e2m1 flushes ~10%
+    of a normal block); only flushing beyond it by more than ``max_underflow`` fails.
+    """
+    if stats["nonfinite"] > 0 or math.isnan(stats["sqnr"]):
+        return "non-finite"
+    if stats["saturated"] > max_saturated:
+        return "saturation"
+    if stats["underflow"] > nominal_underflow + max_underflow:
+        return "underflow"
+    if stats["sqnr"] < min_sqnr:
+        return "low SQNR"
+    return None
+
+
+@dataclass
+class AutoPrecision:
+    """The ``auto`` controller over a converted model (see the module docstring)."""
+
+    model: torch.nn.Module
+    budget: str = "fp8"
+    check_interval: int = CHECK_INTERVAL
+    min_sqnr: float = MIN_SQNR_DB
+    max_saturated: float = MAX_SATURATED
+    max_underflow: float = MAX_UNDERFLOW
+    patience: int = PATIENCE
+    max_retries: int = MAX_RETRIES
+    rungs: tuple[str, ...] = field(default=())
+    plan: dict = field(default_factory=dict)
+    stable: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    checked: bool = False
+
+    def __post_init__(self):
+        from lowbit.nn.convert import lowbit_layers
+
+        self.rungs = self.rungs or RUNGS[RUNGS.index(self.budget) :]
+        self.layers = lowbit_layers(self.model)
+        self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.collector = StatsCollector(self.model, extra=self._what_if)
+        for name, layer in self.layers.items():
+            layer.lowbit_state.dynamic_spec = True
+            self.plan.setdefault(name, {op: self.rungs[-1] for op in OPERANDS})
+        self.apply()
+
+    # --- plan -> layers ----------------------------------------------------------------------
+
+    def layer_spec(self, layer: str) -> LayerSpec:
+        ops = {op: operand_spec(rung, op) for op, rung in self.plan[layer].items()}
+        return LayerSpec(
+            forward=GemmSpec(ops["forward.x"], ops["forward.w"]),
+            grad_input=GemmSpec(ops["grad_input.grad_out"], ops["grad_input.w"]),
+            grad_weight=GemmSpec(ops["grad_weight.grad_out"], ops["grad_weight.x"]),
+        )
+
+    def apply(self) -> None:
+        for name, layer in self.layers.items():
+            layer.lowbit_state.spec = self.layer_spec(name)
+
+    def summary(self) -> dict:
+        """Counts per rung, the share of operands at 8 bits or below, the mean bits."""
+        rungs = [rung for ops in self.plan.values() for rung in ops.values()]
+        total = max(len(rungs), 1)
+        out = {f"n_{r}": sum(1 for x in rungs if x == r) for r in self.rungs}
+        out["frac_8bit_or_below"] = sum(1 for r in rungs if rung_bits(r) <= 8.25) / total
+        out["mean_bits"] = sum(rung_bits(r) for r in rungs) / total
+        return out
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def wants_check(self, step: int) -> bool:
+        """Whether the step numbered ``step`` (1-based) is observed."""
+        return not self.checked or step % self.check_interval == 0
+
+    def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
+        from lowbit.nn.operand import quantize_operand
+
+        measured = {}
+        x = x_hp.detach()
+        for rung in self.rungs:
+            spec = operand_spec(rung, operand)
+            measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec))
+        self._measured[(layer, operand)] = measured
+
+    def begin(self) -> None:
+        self._measured.clear()
+        self.collector.attach()
+
+    def finish_check(self, step: int) -> tuple[dict, list]:
+        """Decide from the observed step; returns (current stats, changes made)."""
+        stats = self.collector.collect()
+        keys = list(self._measured)
+        changes = []
+        if keys:
+            flat = torch.stack(
+                [self._measured[k][r].cpu() for k in keys for r in self.rungs]
+            ).tolist()
+            for i, (layer, operand) in enumerate(keys):
+                results = {
+                    rung: _finish(flat[i * len(self.rungs) + j])
+                    for j, rung in enumerate(self.rungs)
+                }
+                change = self._decide(layer, operand, results)
+                if change:
+                    changes.append(change)
+        self._measured.clear()
+        first = not self.checked
+        self.checked = True
+        if changes or first:
+            self.apply()
+            self.history.append({"step": step, **self.summary(), "changes": changes})
+        return stats, changes
+
+    def _decide(self, layer: str, operand: str, results: dict):
+        current = self.plan[layer][operand]
+        target, reason = self.rungs[-1], ""
+        failures = {}
+        for rung in self.rungs:
+            nominal = nominal_stats(operand_spec(rung, operand))["underflow"]
+            why = judge(
+                results[rung], self.min_sqnr, self.max_saturated, self.max_underflow, nominal
+            )
+            if why is None:
+                target = rung
+                break
+            failures[rung] = why
+        key = (layer, operand)
+        up = self.rungs.index(target) > self.rungs.index(current)
+        down = self.rungs.index(target) < self.rungs.index(current)
+        if not self.checked or up:
+            self.stable[key] = 0
+            if target == current:
+                return None
+            reason = failures.get(current, "initial plan") if up else "initial plan"
+        elif down:
+            self.stable[key] = self.stable.get(key, 0) + 1
+            if self.stable[key] < self.patience:
+                return None
+            self.stable[key] = 0
+            reason = f"stable for {self.patience} checks"
+        else:
+            self.stable[key] = 0
+            return None
+        self.plan[layer][operand] = target
+        return {"layer": layer, "operand": operand, "from": current, "to": target, "why": reason}
+
+    # --- guard -------------------------------------------------------------------------------
+
+    def escalate(self, stats: dict, step: int) -> list:
+        """After a non-finite step observed with ``stats``: move the offending operands up."""
+        offenders = [
+            (layer, op)
+            for layer, ops in stats.items()
+            for op, s in ops.items()
+            if s["saturated"] > self.max_saturated  # includes IEEE overflow to inf
+        ]
+        if not offenders:  # the layer whose output turned the next layer's input non-finite
+            order = self.collector.order
+            first = next(
+                (i for i, name in enumerate(order) if stats[name]["forward.x"]["nonfinite"] > 0),
+                None,
+            )
+            if first:
+                offenders = [(order[first - 1], op) for op in OPERANDS]
+        offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
+        changes = []
+        for layer, op in offenders:
+            current = self.plan[layer][op]
+            index = self.rungs.index(current)
+            if index + 1 < len(self.rungs):
+                self.plan[layer][op] = self.rungs[index + 1]
+                self.stable[(layer, op)] = 0
+                changes.append(
+                    {"layer": layer, "operand": op, "from": current, "to": self.rungs[index + 1]}
+                )
+                changes[-1]["why"] = "non-finite step retried"
+        if changes:
+            self.apply()
+            self.history.append({"step": step, **self.summary(), "changes": changes})
+        return changes
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "budget": self.budget,
+            "plan": {k: dict(v) for k, v in self.plan.items()},
+            "stable": {f"{k[0]}|{k[1]}": v for k, v in self.stable.items()},
+            "history": list(self.history),
+            "checked": self.checked,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plan = {k: dict(v) for k, v in state["plan"].items()}
+        self.stable = {tuple(k.split("|")): v for k, v in state["stable"].items()}
+        self.history = list(state["history"])
+        self.checked = bool(state["checked"])
+        self.apply()
+
+
+def controller_for(model: torch.nn.Module, recipe, **kw) -> AutoPrecision | None:
+    """The controller of an ``auto`` recipe, None for other recipes."""
+    budget = budget_of(recipe)
+    return None if budget is None else AutoPrecision(model, budget, **kw)
+
+
+def all_finite(loss: float, parameters) -> bool:
+    """Whether the loss and every gradient are finite (one host sync)."""
+    if not math.isfinite(loss):
+        return False
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -1,0 +1,121 @@
+"""What the training loop calls for diagnostics: statistics at an interval, `auto`, the guard.
+
+    monitor = build_monitor(model, recipe, stats_interval)
+    monitor.before_step(step)                       # attach observers on observed steps
+    ... forward / backward ...
+    if monitor.retry(step, loss, parameters, attempt): drop the gradients, run the batches again
+    records = monitor.after_step(step, grad_norm, loss_scale)   # [(split, record)] to log
+
+`build_monitor` returns `NoMonitor` (every hook a no-op) when statistics are off and the recipe
+is not ``auto``, so a run without diagnostics pays nothing.
+"""
+
+from __future__ import annotations
+
+from lowbit.diagnostics.auto import all_finite, controller_for
+from lowbit.diagnostics.stats import StatsCollector, flatten
+
+
+class NoMonitor:
+    enabled = False
+    controller = None
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def retry(self, step: int, loss: float, parameters, attempt: int) -> bool:
+        return False
+
+    def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TrainingMonitor(NoMonitor):
+    enabled = True
+
+    def __init__(self, model, recipe, stats_interval: int = 0, **auto_options):
+        self.stats_interval = stats_interval
+        self.controller = controller_for(model, recipe, **auto_options)
+        self.collector = (
+            self.controller.collector if self.controller is not None else StatsCollector(model)
+        )
+        self._observed = None  # "stats", "check" or None for the step in flight
+        self._retry_stats: dict = {}
+        self._retries: list = []
+
+    def before_step(self, step: int) -> None:
+        check = self.controller is not None and self.controller.wants_check(step)
+        stats = self.stats_interval > 0 and step % self.stats_interval == 0
+        self._observed = "check" if check else ("stats" if stats else None)
+        self._retries = []
+        if check:
+            self.controller.begin()
+        elif stats:
+            self.collector.attach()
+
+    def retry(self, step: int, loss: float, parameters, attempt: int) -> bool:
+        """Whether to roll the step back and run it again (``auto`` only: the guard)."""
+        if self.controller is None:
+            return False
+        if all_finite(loss, parameters):
+            return False
+        observed = self.collector.collect() if self._observed else {}
+        if attempt > 0 or observed:  # the retried attempt ran observed: move its offenders up
+            changes = self.controller.escalate(observed, step)
+        else:
+            changes = []
+        if attempt >= self.controller.max_retries:
+            self._observed = None
+            return False
+        self._retries.append({"attempt": attempt + 1, "changes": len(changes)})
+        # the next attempt runs observed, so its offenders can be named if it fails again
+        self._observed = "stats"
+        self.collector.attach()
+        return True
+
+    def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
+        records = []
+        kind, self._observed = self._observed, None
+        if kind == "check":
+            stats, changes = self.controller.finish_check(step)
+        elif kind == "stats":
+            stats, changes = self.collector.collect(), []
+        else:
+            stats, changes = {}, []
+        if stats and self.stats_interval > 0 and step % self.stats_interval == 0:
+            record = flatten(stats)
+            record.update(grad_norm=grad_norm, loss_scale=loss_scale)
+            records.append(("stats", record))
+        if self.controller is not None and (changes or self._retries or step == 1):
+            summary = self.controller.summary()
+            summary["changes"] = len(changes)
+            summary["retries"] = len(self._retries)
+            records.append(("auto", summary))
+            plan = {
+                f"{layer}/{op}": rung
+                for layer, ops in self.controller.plan.items()
+                for op, rung in ops.items()
+            }
+            records.append(("plan", plan))
+        return records
+
+    def state_dict(self) -> dict:
+        return {"auto": self.controller.state_dict()} if self.controller is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.controller is not None and "auto" in state:
+            self.controller.load_state_dict(state["auto"])
+
+
+def build_monitor(model, recipe, stats_interval: int = 0, **auto_options) -> NoMonitor:
+    from lowbit.recipes.auto import budget_of
+
+    if not stats_interval and budget_of(recipe) is None:
+        return NoMonitor()
+    return TrainingMonitor(model, recipe, stats_interval, **auto_options)

@@ -1,0 +1,81 @@
+"""The ``auto`` recipe: per-layer, per-operand formats chosen while training (dynamic precision).
+
+``auto`` starts every converted layer in bf16 and lets `lowbit.diagnostics.auto.AutoPrecision`
+move each GEMM operand along the `LADDER` below, from the budget's rung (the lowest format
+allowed) up to bf16, by the error it measures. ``auto`` allows fp8 and up; ``auto:fp6`` and
+``auto:fp4`` allow the MX 6- and 4-bit formats. The output head stays in high precision, as in
+every low-precision preset. Without the trainer's controller (``lowbit.Precision("auto")`` alone)
+the recipe is plain bf16 GEMMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lowbit.errors import UsageError
+from lowbit.formats import Granularity, ScaleRule
+from lowbit.recipes.presets import BF16, KEEP_HEAD, register
+from lowbit.recipes.recipe import OperandSpec, Recipe, uniform_layer
+
+
+def _mx(fmt: str) -> OperandSpec:
+    return OperandSpec(fmt, Granularity.MX, scale_rule=ScaleRule.MX_FLOOR)
+
+
+# Rungs, cheapest first: (name, bits per element incl. scale overhead, weight/activation spec,
+# output-gradient spec). fp8 tensorwise is torchao's float8 tensorwise recipe (e4m3 forward, e5m2
+# gradients); MX rungs follow OCP MX v1.0 (32-element blocks, e8m0 scale: +8/32 bit per element)
+# with the e2m3 / e3m2 split of Rouhani et al. 2023 for 6 bits.
+LADDER: tuple[tuple[str, float, OperandSpec, OperandSpec], ...] = (
+    ("fp4", 4.25, _mx("fp4_e2m1"), _mx("fp4_e2m1")),
+    ("fp6", 6.25, _mx("fp6_e2m3"), _mx("fp6_e3m2")),
+    ("fp8", 8.0, OperandSpec("fp8_e4m3"), OperandSpec("fp8_e5m2")),
+    ("mxfp8", 8.25, _mx("fp8_e4m3"), _mx("fp8_e4m3")),
+    ("bf16", 16.0, BF16, BF16),
+)
+RUNGS = tuple(rung[0] for rung in LADDER)
+BUDGETS = ("fp8", "fp6", "fp4")  # lowest rung allowed: auto (= auto:fp8), auto:fp6, auto:fp4
+
+AUTO = register(
+    Recipe(
+        "auto",
+        "dynamic precision: each operand the cheapest of fp8/mxfp8/bf16 within an error "
+        "threshold, re-checked during training (auto:fp6, auto:fp4 allow MX 6/4-bit)",
+        layer=uniform_layer(BF16),
+        autocast="bf16",
+        overrides=KEEP_HEAD,
+        reference="lowbit (per-operand formats from measured SQNR and saturation)",
+    )
+)
+
+
+def auto_recipe(budget: str) -> Recipe:
+    """``auto:BUDGET``: the ``auto`` recipe whose lowest format is ``BUDGET`` (fp8, fp6, fp4)."""
+    if budget not in BUDGETS:
+        raise UsageError(
+            f"unknown auto budget {budget!r}; valid: {', '.join(f'auto:{b}' for b in BUDGETS)}"
+        )
+    if budget == "fp8":
+        return AUTO
+    return replace(AUTO, name=f"auto:{budget}", description=AUTO.description)
+
+
+def budget_of(recipe: Recipe) -> str | None:
+    """The lowest rung of an ``auto`` recipe, None for every other recipe."""
+    if recipe.name == "auto":
+        return "fp8"
+    if recipe.name.startswith("auto:"):
+        return recipe.name.partition(":")[2]
+    return None
+
+
+def operand_spec(rung: str, operand: str) -> OperandSpec:
+    """The spec of ``operand`` (``forward.x`` ... ``grad_weight.grad_out``) on ``rung``."""
+    for name, _, weight_activation, gradient in LADDER:
+        if name == rung:
+            return gradient if operand.endswith("grad_out") else weight_activation
+    raise UsageError(f"unknown auto rung {rung!r}; valid: {', '.join(RUNGS)}")
+
+
+def rung_bits(rung: str) -> float:
+    return next(bits for name, bits, _, _ in LADDER if name == rung)

@@ -1,0 +1,102 @@
+"""The `auto` recipe: plans from measured error, moves up and down, survives checkpoints, and
+retries non-finite steps in higher precision."""
+
+import json
+import math
+
+import torch
+
+import lowbit
+from lowbit.diagnostics.auto import AutoPrecision
+from lowbit.recipes.auto import operand_spec
+from lowbit.train import evaluate_run, train
+from lowbit.train.trainer import Trainer
+
+
+def _observed_step(controller, model, x, step):
+    controller.begin()
+    model(x).square().mean().backward()
+    return controller.finish_check(step)
+
+
+def test_auto_moves_an_outlier_input_up_and_back_down_when_stable():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+    lowbit.convert(model, "auto")
+    controller = AutoPrecision(model, "fp8", patience=2)
+    x = torch.randn(256, 128, requires_grad=True)
+    _observed_step(controller, model, x, 1)
+    assert controller.plan["0"]["forward.x"] == "fp8"  # e4m3 on N(0,1): ~31 dB, passes
+    assert controller.summary()["frac_8bit_or_below"] == 1.0
+
+    outliers = x.detach().clone()
+    outliers[:, :2] *= 2.0**17  # two channels 1e5 x the rest: the rest flushes in e4m3
+    _, changes = _observed_step(controller, model, outliers.requires_grad_(), 25)
+    assert controller.plan["0"]["forward.x"] == "bf16"  # block scaling along K fails too
+    moved = [c for c in changes if c["layer"] == "0" and c["operand"] == "forward.x"]
+    assert moved and moved[0]["why"] in ("underflow", "low SQNR")
+    assert model[0].lowbit_state.spec.forward.a.format == "bf16"  # the layer follows the plan
+
+    _observed_step(controller, model, x, 50)  # one stable check is not enough
+    assert controller.plan["0"]["forward.x"] == "bf16"
+    _observed_step(controller, model, x, 75)
+    assert controller.plan["0"]["forward.x"] == "fp8"
+    assert model[0].lowbit_state.spec.forward.a.format == "fp8_e4m3"
+
+
+def test_auto_budget_fp4_goes_below_8_bits_where_the_error_allows():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    lowbit.convert(model, "auto:fp4")
+    controller = AutoPrecision(model, "fp4", min_sqnr=15.0)
+    _observed_step(controller, model, torch.randn(256, 128, requires_grad=True), 1)
+    assert controller.plan["0"]["forward.w"] == "fp4"  # MX e2m1: ~17-19 dB on N(0,1)
+    strict = AutoPrecision(model, "fp4")  # 24 dB: fp4 fails, fp6 (e2m3, ~30 dB) passes
+    _observed_step(strict, model, torch.randn(256, 128, requires_grad=True), 1)
+    assert strict.plan["0"]["forward.w"] == "fp6"
+
+
+def test_non_finite_step_is_retried_in_higher_precision_not_lost(lm_config):
+    trainer = Trainer(lm_config(recipe="auto", steps=3), quiet=True)
+    trainer.step()  # the first step plans: fp8 everywhere on this model
+    controller = trainer.monitor.controller
+    assert controller.plan["model.layers.1.mlp.down_proj"]["forward.x"] == "fp8"
+    layer = trainer.model.model.layers[1].mlp.down_proj
+    original = layer.forward
+
+    def overflows_in_fp8(x):  # a layer that blows up whenever its input is fp8 tensorwise
+        out = original(x)
+        return out * math.inf if layer.spec.forward.a == operand_spec("fp8", "forward.x") else out
+
+    layer.forward = overflows_in_fp8
+    before = [p.detach().clone() for p in trainer.params]
+    out = trainer.step()
+    assert math.isfinite(out["loss"]) and out["stepped"] and trainer.step_idx == 2
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    assert controller.plan["model.layers.1.mlp.down_proj"]["forward.x"] == "mxfp8"
+    changes = controller.history[-1]["changes"]
+    assert {c["layer"] for c in changes} == {"model.layers.1.mlp.down_proj"}  # only the culprit
+    assert changes[0]["why"] == "non-finite step retried"
+    assert controller.plan["model.layers.1.mlp.up_proj"]["forward.x"] == "fp8"
+    auto = dict(trainer.records)["auto"]
+    assert auto["retries"] == 2  # one unobserved failure, one observed failure, then success
+
+
+def test_plan_is_logged_saved_in_checkpoints_and_restored(lm_config, tmp_path):
+    config = lm_config(recipe="auto", steps=2, eval_interval=2, stats_interval=1)
+    result = train(config, quiet=True)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
+    splits = {r["split"] for r in records}
+    assert {"auto", "plan", "stats"} <= splits
+    plan_record = next(r for r in records if r["split"] == "plan")
+    assert plan_record["model.layers.0.mlp.down_proj/forward.x"] == "fp8"
+    state = torch.load(result.checkpoint, weights_only=False)
+    assert state["monitor"]["auto"]["plan"]["model.layers.0.mlp.down_proj"]["forward.x"] == "fp8"
+    # evaluation rebuilds the planned numerics from the checkpoint: the same loss
+    metrics, _ = evaluate_run(result.run_dir, max_batches=1)
+    assert metrics["loss"] == result.final_metrics["loss"]
+    resumed = Trainer(config, quiet=True)
+    resumed.load_state_dict(state)
+    assert resumed.monitor.controller.plan == state["monitor"]["auto"]["plan"]
+    spec = resumed.model.model.layers[0].mlp.down_proj.lowbit_state.spec
+    assert spec.forward.a.format == "fp8_e4m3"
