@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "quantize",
     "prune",
     "export",
+    "doctor",
 ]
 
 

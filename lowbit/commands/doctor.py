@@ -1,0 +1,76 @@
+"""`lowbit doctor`: probe a recipe for a few steps and rank what loses precision, with fixes."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "doctor"
+HELP = (
+    "Probe a recipe for a few training steps (or from a run's checkpoint) and print a ranked "
+    "per-layer table of the operands that lose most (saturation, underflow, low SQNR), the "
+    "failure patterns seen, and --override suggestions; writes doctor.json and doctor.png."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lowbit.commands.train import FLAGS
+
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
+    for flag, kind, text in FLAGS:
+        if flag != "--out":
+            parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=None,
+        metavar="PATTERN=WHAT",
+        help="probe the recipe with these overrides (repeatable), e.g. to check a suggestion",
+    )
+    parser.add_argument(
+        "--probe-steps", type=int, default=8, help="observed training steps (default 8)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="RUN_DIR",
+        help="start the probe from this run's latest checkpoint (its settings, --recipe's numerics)",
+    )
+    parser.add_argument("--top", type=int, default=15, help="rows of the table to print")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="where doctor.json/png go (default runs/doctor-R)",
+    )
+    parser.add_argument("--wandb", action="store_true", default=None, help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from lowbit.diagnostics.doctor import diagnose, write_outputs
+    from lowbit.errors import UsageError
+    from lowbit.train.config import build_config, load_file, read, resolve
+
+    if args.probe_steps < 1:
+        raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
+    from lowbit.commands.train import FLAGS
+
+    flags = {
+        f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_"))
+        for f, _, _ in FLAGS
+        if f != "--out"
+    }
+    flags["overrides"] = args.override
+    base = read(args.checkpoint).to_dict() if args.checkpoint else {}
+    if args.config:
+        base.update(load_file(args.config))
+    config = build_config(base, flags)
+    out = Path(args.out or Path("runs") / f"doctor-{config.recipe.replace(':', '-')}")
+    # the probe's own scratch run folder (never the checkpoint's run)
+    config = resolve(replace(config, out=str(out / "probe"), wandb=False))
+    diagnosis = diagnose(config, steps=args.probe_steps, checkpoint_dir=args.checkpoint)
+    print(diagnosis.table(top=args.top))
+    json_path, png_path = write_outputs(diagnosis, out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0

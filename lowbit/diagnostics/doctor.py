@@ -1,0 +1,435 @@
+"""`lowbit doctor`: a short probe of a recipe, a ranked table of what loses most, and fixes.
+
+The probe trains a few steps (from scratch, or from a run's checkpoint) with a statistics observer
+on every low-precision layer (`lowbit.diagnostics.stats`). Each operand's *loss* is how far its
+SQNR falls below the SQNR its own spec reaches on a well-scaled tensor of the same shape (a
+standard normal: the format's nominal SQNR), so an fp4 operand is not blamed for being fp4 but for
+being worse than fp4 usually is. An operand is flagged when
+
+- it saturates (more than `MAX_SATURATED` of its values clipped at the format's max),
+- it underflows (flushes more than `MAX_UNDERFLOW` of its nonzero values beyond the share its
+  format flushes on a normal tensor), or
+- its SQNR is more than `LOSS_DB` below nominal,
+
+(or holds non-finite values). Its reason is the cause that carries the larger share of the error
+energy. The suggestion for a layer is one ``--override`` that puts its flagged operands in bf16,
+written as `lowbit train --override` takes it.
+
+The probe also flags the known failure patterns:
+
+- loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more, or below 1
+  (Micikevicius et al. 2018: the scale backs off on every overflow);
+- fp16 gradient underflow: fp16 output-gradient operands losing more than `MAX_UNDERFLOW` of
+  their nonzero values (the reason loss scaling exists);
+- activation outliers growing: a layer's input crest factor ``amax / rms`` large and rising over
+  the probe, or over the run's logged statistics with ``--checkpoint`` (the SwiGLU outlier
+  amplification of Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs");
+- updates rounded away in pure bf16: the share of bf16 weights whose AdamW update ``|u|`` is
+  below half the bf16 spacing of ``|w|`` (``2**(floor(log2 |w|) - 8)``), so ``w + u`` rounds
+  back to ``w`` (Zamirai et al. 2020).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.diagnostics.stats import OPERANDS, StatsCollector, nominal_stats
+from lowbit.errors import UsageError
+
+MAX_SATURATED = 1e-4
+MAX_UNDERFLOW = 1e-2
+LOSS_DB = 6.0
+SCALE_COLLAPSE = 2.0**8
+CREST_OUTLIER = 50.0  # amax / rms of a layer input beyond which it holds outlier channels
+CREST_GROWTH = 1.5
+ROUNDED_AWAY = 0.1
+
+
+@dataclass
+class Row:
+    layer: str
+    operand: str
+    format: str
+    sqnr: float
+    nominal: float
+    saturated: float
+    underflow: float
+    amax: float
+    crest: float
+    reason: str = ""
+    lost: float = 0.0  # share of values saturated or flushed beyond the format's nominal share
+
+    @property
+    def loss_db(self) -> float:
+        if math.isnan(self.sqnr):
+            return math.inf
+        if math.isinf(self.sqnr):
+            return 0.0
+        return max(0.0, self.nominal - self.sqnr)
+
+
+@dataclass
+class Diagnosis:
+    recipe: str
+    steps: int
+    rows: list[Row]
+    flags: list[dict] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[Row]:
+        return [r for r in self.rows if r.reason]
+
+    def to_json(self) -> dict:
+        def clean(v):
+            return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+        return {
+            "recipe": self.recipe,
+            "probe_steps": self.steps,
+            "rows": [
+                {**{k: clean(v) for k, v in vars(r).items()}, "loss_db": clean(r.loss_db)}
+                for r in self.rows
+            ],
+            "flags": self.flags,
+            "suggestions": self.suggestions,
+            "override_flags": " ".join(f"--override '{s}'" for s in self.suggestions),
+            "probe_loss": self.loss,
+        }
+
+    def table(self, top: int = 15) -> str:
+        lines = [
+            f"lowbit doctor: recipe {self.recipe}, {self.steps} probe steps; "
+            f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
+            f"{'#':>3} {'layer':<34} {'operand':<21} {'format':<9} {'SQNR':>6} {'nominal':>7} "
+            f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
+        ]
+        for i, r in enumerate(self.rows[:top], 1):
+            lines.append(
+                f"{i:>3} {r.layer:<34} {r.operand:<21} {r.format:<9} {r.sqnr:>6.1f} "
+                f"{r.nominal:>7.1f} {r.loss_db:>6.1f} {r.saturated:>8.2e} {r.underflow:>8.2e}  "
+                f"{r.reason or '-'}"
+            )
+        if self.flags:
+            lines.append("failure patterns:")
+            lines += [f"  [{f['pattern']}] {f['detail']}" for f in self.flags]
+        else:
+            lines.append("failure patterns: none seen")
+        if self.suggestions:
+            lines.append("suggested overrides (lowbit train accepts them as they are):")
+            lines.append("  " + " ".join(f"--override '{s}'" for s in self.suggestions))
+        else:
+            lines.append("suggested overrides: none (no operand flagged)")
+        return "\n".join(lines)
+
+
+def reason_of(stats: dict, nominal: dict) -> str:
+    """ "non-finite", "saturation", "underflow", "low SQNR", or "" when the operand is fine."""
+    if stats["nonfinite"] > 0:
+        return "non-finite"
+    sat = stats["saturated"] > MAX_SATURATED
+    under = stats["underflow"] > nominal["underflow"] + MAX_UNDERFLOW
+    if sat and under:
+        return "saturation" if stats["noise_saturated"] >= stats["noise_underflow"] else "underflow"
+    if sat:
+        return "saturation"
+    if under:
+        return "underflow"
+    if nominal["sqnr"] - stats["sqnr"] > LOSS_DB:
+        return "low SQNR"
+    return ""
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
+    """One row per (layer, operand), its statistics averaged over the probe steps (a loss that
+    persists outranks a one-step transient), ranked: flagged first, then by the share of values
+    lost (saturated, or flushed beyond the format's nominal share) and the SQNR below nominal."""
+    series: dict[tuple[str, str], list[dict]] = {}
+    for stats in per_step:
+        for layer, ops in stats.items():
+            for op, s in ops.items():
+                if not specs[layer][op].is_identity:
+                    series.setdefault((layer, op), []).append(s)
+    rows = []
+    for (layer, op), steps in series.items():
+        nominal = nominal_stats(specs[layer][op])
+        sqnrs = [s["sqnr"] for s in steps]
+        mean = {
+            k: _mean([s[k] for s in steps])
+            for k in ("saturated", "underflow", "nonfinite", "noise_saturated", "noise_underflow")
+        }
+        finite = [v for v in sqnrs if math.isfinite(v)]
+        if any(math.isnan(v) for v in sqnrs):
+            mean["sqnr"] = math.nan
+        else:
+            mean["sqnr"] = _mean(finite) if finite else math.inf
+        amax = max(s["amax"] for s in steps)
+        crest = max((s["amax"] / s["rms"] if s["rms"] > 0 else 0.0) for s in steps)
+        rows.append(
+            Row(
+                layer,
+                op,
+                steps[-1]["format"],
+                mean["sqnr"],
+                nominal["sqnr"],
+                mean["saturated"],
+                mean["underflow"],
+                amax,
+                crest,
+                reason_of(mean, nominal),
+            )
+        )
+        rows[-1].lost = mean["saturated"] + max(0.0, mean["underflow"] - nominal["underflow"])
+    return sorted(rows, key=lambda r: (not r.reason, -r.lost, -r.loss_db))
+
+
+def suggestions_for(rows: list[Row]) -> list[str]:
+    """One override per layer with flagged operands: those operands in bf16."""
+    by_layer: dict[str, list[str]] = {}
+    for r in rows:
+        if r.reason:
+            by_layer.setdefault(r.layer, []).append(r.operand)
+    return [
+        f"{layer}=" + ",".join(f"{op}:bf16" for op in OPERANDS if op in ops)
+        for layer, ops in by_layer.items()
+    ]
+
+
+# --- the probe -----------------------------------------------------------------------------------
+
+
+def rounded_away_fraction(optimizer, params_bf16: set[int]) -> tuple[float, int]:
+    """Share of bf16 weight elements whose AdamW update is below half their bf16 spacing."""
+    below = total = 0
+    for group in optimizer.param_groups:
+        beta1, beta2 = group.get("betas", (0.9, 0.999))
+        eps, lr, wd = group.get("eps", 1e-8), group["lr"], group.get("weight_decay", 0.0)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if id(p) not in params_bf16 or "exp_avg" not in state:
+                continue
+            step = float(state["step"])
+            m = state["exp_avg"].float() / (1 - beta1**step)
+            v = state["exp_avg_sq"].float() / (1 - beta2**step)
+            w = p.detach().float()
+            update = lr * (m / (v.sqrt() + eps) + wd * w)
+            # bf16 has 8 significant bits: spacing of |w| in [2**e, 2**(e+1)) is 2**(e-7)
+            spacing = torch.exp2(torch.floor(torch.log2(w.abs().clamp(min=1e-30))) - 7)
+            below += int(((update.abs() < spacing / 2) & (w != 0)).sum())
+            total += int((w != 0).sum())
+    return (below / total if total else 0.0), total
+
+
+def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
+    """Train ``steps`` observed steps of ``config``; returns the `Diagnosis` inputs.
+
+    ``checkpoint_dir``: start from that run's latest checkpoint (its weights and optimizer state;
+    the recipe is ``config.recipe``). ``prepare(trainer)`` runs after set-up (tests and benchmarks
+    use it to build a case, e.g. `lowbit.diagnostics.cases.inject_outliers`).
+    """
+    from dataclasses import replace
+
+    from lowbit.train import checkpoint
+    from lowbit.train.trainer import Trainer
+
+    config = replace(config, stats_interval=0)
+    trainer = Trainer(config, quiet=True)
+    if checkpoint_dir is not None:
+        path = checkpoint.latest(checkpoint_dir)
+        if path is None:
+            raise UsageError(f"{checkpoint_dir}: no checkpoint to probe; fix: train first")
+        state = checkpoint.load(path)
+        trainer.model.load_state_dict(state["model"])
+        # another recipe's optimizer layout: probe with fresh moments
+        with contextlib.suppress(ValueError, KeyError, RuntimeError):
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step_idx = int(state["step"])
+    if prepare is not None:
+        prepare(trainer)
+    from lowbit.nn.convert import lowbit_layers
+
+    layers = lowbit_layers(trainer.model)
+    collector = StatsCollector(trainer.model)
+    bf16_params = {
+        id(p)
+        for p in trainer.model.parameters()
+        if p.dtype == torch.bfloat16 and trainer.precision.recipe.master_dtype is None
+    }
+    per_step, scales, losses, rounded, order = [], [], [], [], []
+    for _ in range(steps):
+        collector.attach()
+        out = trainer.step()
+        per_step.append(collector.collect())
+        order = order or list(collector.order)
+        scales.append(trainer.precision.loss_scale)
+        losses.append(out["loss"])
+        if bf16_params:
+            rounded.append(rounded_away_fraction(trainer.optimizer, bf16_params)[0])
+    specs = {name: layer.spec.operands() for name, layer in layers.items()}
+    return {
+        "trainer": trainer,
+        "per_step": per_step,
+        "specs": specs,
+        "loss_scales": scales,
+        "initial_loss_scale": trainer.precision.recipe.initial_loss_scale,
+        "dynamic_scaling": trainer.precision.scaler.enabled,
+        "losses": losses,
+        "rounded_away": rounded,
+        "order": order,
+    }
+
+
+def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
+    """The known failure patterns seen in a probe (see the module docstring)."""
+    flags = []
+    scales = result["loss_scales"]
+    if result["dynamic_scaling"] and scales:
+        start = result["initial_loss_scale"]
+        if scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE:
+            flags.append(
+                {
+                    "pattern": "loss-scale-collapse",
+                    "detail": f"loss scale fell from {start:g} to {scales[-1]:g} in "
+                    f"{len(scales)} steps: gradients overflow at every scale; fix: bf16 or "
+                    "a higher-precision recipe for the overflowing layers",
+                }
+            )
+    last = result["per_step"][-1] if result["per_step"] else {}
+    underflowing = [
+        f"{layer}:{op}"
+        for layer, ops in last.items()
+        for op, s in ops.items()
+        if s["format"] == "fp16" and op.endswith("grad_out") and s["underflow"] > MAX_UNDERFLOW
+    ]
+    if underflowing:
+        flags.append(
+            {
+                "pattern": "fp16-gradient-underflow",
+                "detail": f"{len(underflowing)} fp16 gradient operands flush more than "
+                f"{MAX_UNDERFLOW:.0%} of their values, e.g. {underflowing[0]}; fix: dynamic loss "
+                "scaling, or bf16 gradients",
+                "operands": underflowing,
+            }
+        )
+    growing = _growing_outliers(result["per_step"], history)
+    if growing:
+        worst = max(growing, key=lambda g: g["crest_end"])
+        flags.append(
+            {
+                "pattern": "activation-outliers-growing",
+                "detail": f"{len(growing)} layer inputs have outliers (amax/rms >= "
+                f"{CREST_OUTLIER:g}) that grow, worst {worst['layer']} "
+                f"{worst['crest_start']:.0f} -> {worst['crest_end']:.0f} (SwiGLU outlier effect, "
+                "Fishman et al. 2024); fix: keep those inputs in bf16 or use block scaling",
+                "layers": [g["layer"] for g in growing],
+            }
+        )
+    if result["rounded_away"]:
+        share = result["rounded_away"][-1]
+        if share > ROUNDED_AWAY:
+            flags.append(
+                {
+                    "pattern": "bf16-updates-rounded-away",
+                    "detail": f"{share:.0%} of bf16 weights get updates below half their bf16 "
+                    "spacing and do not change; fix: bf16-pure-sr, bf16-pure-kahan or fp32 "
+                    "master weights",
+                }
+            )
+    return flags
+
+
+def _crest(s: dict) -> float:
+    return s["amax"] / s["rms"] if s.get("rms", 0) > 0 else 0.0
+
+
+def _growing_outliers(per_step: list[dict], history: list | None) -> list[dict]:
+    series: dict[str, list[float]] = {}
+    for stats in [h for _, h in (history or [])] + per_step:
+        for layer, ops in stats.items():
+            if "forward.x" in ops and "rms" in ops["forward.x"]:
+                series.setdefault(layer, []).append(_crest(ops["forward.x"]))
+    found = []
+    for layer, values in series.items():
+        if len(values) < 2:
+            continue
+        head = sum(values[: max(1, len(values) // 4)]) / max(1, len(values) // 4)
+        tail = sum(values[-max(1, len(values) // 4) :]) / max(1, len(values) // 4)
+        if tail >= CREST_OUTLIER and tail >= CREST_GROWTH * head:
+            found.append({"layer": layer, "crest_start": head, "crest_end": tail})
+    return found
+
+
+def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagnosis:
+    """Probe ``config`` and build the ranked table, failure patterns and suggestions."""
+    from lowbit.diagnostics.stats import read_stats
+
+    result = probe(config, steps, checkpoint_dir, prepare)
+    rows = rows_from(result["per_step"], result["specs"])
+    history = read_stats(checkpoint_dir) if checkpoint_dir is not None else None
+    return Diagnosis(
+        recipe=config.recipe,
+        steps=steps,
+        rows=rows,
+        flags=failure_patterns(result, history),
+        suggestions=suggestions_for(rows),
+        loss=result["losses"],
+    )
+
+
+def write_outputs(diagnosis: Diagnosis, folder) -> tuple[Path, Path]:
+    """``doctor.json`` (the whole table) and ``doctor.png`` (SQNR loss, layers x operands)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "doctor.json"
+    json_path.write_text(json.dumps(diagnosis.to_json(), indent=2) + "\n")
+    png_path = folder / "doctor.png"
+    heatmap(diagnosis, png_path)
+    return json_path, png_path
+
+
+def heatmap(diagnosis: Diagnosis, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({r.layer for r in diagnosis.rows}, key=_layer_key)
+    grid = np.full((len(layers), len(OPERANDS)), np.nan)
+    for r in diagnosis.rows:
+        grid[layers.index(r.layer), OPERANDS.index(r.operand)] = min(r.loss_db, 60.0)
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * max(len(layers), 1)))
+    image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0)
+    ax.set_xticks(range(len(OPERANDS)), OPERANDS, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    for r in diagnosis.rows:
+        if r.reason:
+            ax.text(
+                OPERANDS.index(r.operand),
+                layers.index(r.layer),
+                r.reason[:4],
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="cyan",
+            )
+    fig.colorbar(image, ax=ax, label="SQNR below nominal (dB)")
+    ax.set_title(f"lowbit doctor: {diagnosis.recipe}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_key(name: str):
+    return [int(t) if t.isdigit() else t for t in name.replace(".", " ").split()]

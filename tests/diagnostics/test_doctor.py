@@ -1,0 +1,86 @@
+"""`lowbit doctor`: names the layers a case breaks, suggests overrides train accepts, flags the
+known failure patterns, writes JSON and a PNG."""
+
+import json
+
+from lowbit.cli import main
+from lowbit.diagnostics.cases import inject_outliers
+from lowbit.diagnostics.doctor import diagnose, failure_patterns, write_outputs
+from lowbit.train.config import recipe_of, resolve
+
+BROKEN = "model.layers.1.mlp.down_proj"
+
+
+def test_doctor_names_the_outlier_layer_and_its_fix_is_accepted_by_train(lm_config, tmp_path):
+    config = resolve(lm_config(recipe="fp8-tensorwise"))
+    assert diagnose(config, steps=2).flagged == []  # the control: nothing to flag
+    diagnosis = diagnose(config, steps=2, prepare=lambda t: inject_outliers(t.model, BROKEN))
+    top = [r for r in diagnosis.rows[:2]]
+    assert {r.layer for r in top} == {BROKEN} and {r.reason for r in top} == {"underflow"}
+    assert {r.operand for r in top} == {"forward.x", "grad_weight.x"}  # the two reading x
+    assert diagnosis.suggestions[0] == f"{BROKEN}=forward.x:bf16,grad_weight.x:bf16"
+    # the suggestion is an override as `lowbit train --override` takes it
+    fixed = recipe_of(resolve(lm_config(recipe="fp8-tensorwise", overrides=diagnosis.suggestions)))
+    spec = fixed.layer_for(BROKEN)[0].operands()
+    assert spec["forward.x"].format == "bf16" and spec["forward.w"].format == "fp8_e4m3"
+
+    json_path, png_path = write_outputs(diagnosis, tmp_path / "doctor")
+    saved = json.loads(json_path.read_text())
+    assert saved["rows"][0]["layer"] == BROKEN and saved["suggestions"] == diagnosis.suggestions
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_doctor_cli_probes_a_checkpoint_and_prints_overrides(lm_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--device", "cpu"]
+    assert main(["train", *base, "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "doc"
+    probe = ["--recipe", "fp8-tensorwise", "--probe-steps", "1", "--out", str(out)]
+    code = main(["doctor", "--checkpoint", str(run), *probe])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "lowbit doctor: recipe fp8-tensorwise, 1 probe steps" in text
+    assert "failure patterns" in text
+    assert (out / "doctor.json").is_file() and (out / "doctor.png").is_file()
+    assert not (run / "checkpoints" / "step-0000003.pt").exists()  # the run is left alone
+
+
+def test_pure_bf16_updates_rounded_away_are_flagged_and_master_weights_are_not(lm_config):
+    flags = diagnose(resolve(lm_config(recipe="bf16-pure", lr=1e-5)), steps=1).flags
+    assert "bf16-updates-rounded-away" in {f["pattern"] for f in flags}
+    flags = diagnose(resolve(lm_config(recipe="bf16-low", lr=1e-5)), steps=1).flags
+    assert "bf16-updates-rounded-away" not in {f["pattern"] for f in flags}
+
+
+def _stats(fmt, underflow=0.0, amax=1.0, rms=1.0):
+    return {"format": fmt, "underflow": underflow, "amax": amax, "rms": rms}
+
+
+def test_failure_patterns_on_recorded_probes():
+    healthy = {
+        "loss_scales": [65536.0, 65536.0],
+        "initial_loss_scale": 65536.0,
+        "dynamic_scaling": True,
+        "per_step": [{"l": {"forward.x": _stats("fp16"), "grad_weight.grad_out": _stats("fp16")}}],
+        "rounded_away": [],
+    }
+    assert failure_patterns(healthy) == []
+    collapsed = {**healthy, "loss_scales": [2.0**15, 2.0**10, 2.0**6]}
+    assert [f["pattern"] for f in failure_patterns(collapsed)] == ["loss-scale-collapse"]
+    underflow = {
+        **healthy,
+        "per_step": [{"l": {"grad_weight.grad_out": _stats("fp16", underflow=0.2)}}],
+    }
+    assert [f["pattern"] for f in failure_patterns(underflow)] == ["fp16-gradient-underflow"]
+    growing = {
+        **healthy,
+        "per_step": [{"mlp": {"forward.x": _stats("fp8_e4m3", amax=a)}} for a in (20, 30, 90, 120)],
+    }
+    flags = failure_patterns(growing)
+    assert [f["pattern"] for f in flags] == ["activation-outliers-growing"]
+    assert flags[0]["layers"] == ["mlp"]
+    steady = {
+        **healthy,
+        "per_step": [{"mlp": {"forward.x": _stats("fp8_e4m3", amax=120)}} for _ in range(4)],
+    }
+    assert failure_patterns(steady) == []
