@@ -217,6 +217,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--task-recipes", help="recipes of the two classification tasks (default: --recipes)"
     )
+    parser.add_argument(
+        "--img-recipes", help="recipes of image-classification (default: --task-recipes)"
+    )
     parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
     parser.add_argument("--out", default=str(ROOT / "runs" / "parity"))
     parser.add_argument("--threads", type=int, default=1)
@@ -244,6 +247,8 @@ def main(argv=None) -> int:
     for task in tasks:
         lm = task == "causal-lm"
         task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
+        if task == "image-classification" and args.img_recipes:
+            task_recipes = args.img_recipes.split(",")
         seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
         all_results[task] = run_task(task, task_recipes, seeds, steps[task], args.out, args.quiet)
     if not args.no_write:

@@ -420,38 +420,20 @@ def verdict(gap: float, spread: float, target: Target, seeds: int) -> tuple[str,
     if not math.isfinite(gap):
         return "FAIL: no finite validation loss (the run diverged)", False
     noise = 2 * spread if seeds > 1 else 0.0
-    note = "" if seeds > 1 else " (1 seed: no spread, not a significance test)"
-    sig = seeds > 1 and abs(gap) > noise
-    diff = "significant" if sig else "not significant"
+    if seeds > 1:
+        diff = "significant" if abs(gap) > noise else "not significant"
+        stats = f"gap {gap:+.3f}%, 2x seed spread {noise:.3f}%, difference {diff}"
+    else:
+        stats = f"gap {gap:+.3f}%; 1 seed: no spread, not a significance test"
     if target.expect_worse:
         if gap > target.pct and gap - target.pct > noise:
-            return (
-                f"as expected: measurably worse, {gap:+.3f}% > {target.pct:g}% "
-                f"(2x spread {noise:.3f}%){note}",
-                True,
-            )
-        return (
-            f"MISSES the expectation: not measurably worse than {target.pct:g}% "
-            f"(gap {gap:+.3f}%, 2x spread {noise:.3f}%){note}",
-            False,
-        )
+            return f"as expected: measurably worse than {target.pct:g}% ({stats})", True
+        return f"MISSES the expectation: not measurably worse than {target.pct:g}% ({stats})", False
     if gap <= target.pct:
-        return (
-            f"PASS: within {target.pct:g}% of the baseline (gap {gap:+.3f}%, difference "
-            f"{diff}, 2x spread {noise:.3f}%){note}",
-            True,
-        )
+        return f"PASS: within {target.pct:g}% of the baseline ({stats})", True
     if gap - target.pct > noise:
-        return (
-            f"FAIL: outside {target.pct:g}% of the baseline (gap {gap:+.3f}%, 2x spread "
-            f"{noise:.3f}%){note}",
-            False,
-        )
-    return (
-        f"INCONCLUSIVE: gap {gap:+.3f}% is above {target.pct:g}% but within 2x the seed spread "
-        f"({noise:.3f}%)",
-        None,
-    )
+        return f"FAIL: outside {target.pct:g}% of the baseline ({stats})", False
+    return f"INCONCLUSIVE: above {target.pct:g}% but within 2x the seed spread ({stats})", None
 
 
 def summarize(study: Study, records: dict) -> dict:
