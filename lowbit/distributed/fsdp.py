@@ -8,10 +8,10 @@ The recipe maps onto `MixedPrecisionPolicy`:
   dtype (bf16-mixed, fp8, MX: bf16), else its 16-bit parameter dtype, else fp32 (no cast).
 - ``reduce_dtype``: the recipe's ``grad_dtype`` when set, else fp32.
 
-The sharded parameters keep the recipe's parameter dtype, so fp32-parameter recipes hold sharded
-fp32 master weights, and 16-bit-parameter recipes with master weights keep their fp32 masters
-beside the shards (one shard each). Converted low-precision layers see the all-gathered weight
-and quantize it as in one process.
+The sharded parameters are the recipe's fp32 parameters, so they are the sharded master weights,
+and the optimizer states live beside them, sharded too. Converted low-precision layers see the
+all-gathered (bf16) weight and quantize it. Recipes with 16-bit parameters are refused
+(`check_recipe`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.recipes.recipe import DTYPES, UpdateRounding
+from lowbit.recipes.recipe import DTYPES
 
 
 def mixed_precision_policy(precision):
@@ -36,10 +36,13 @@ def mixed_precision_policy(precision):
 
 
 def check_recipe(recipe) -> None:
-    if recipe.update_rounding is not UpdateRounding.NEAREST:
+    """16-bit-parameter recipes swap ``p.data`` for the update (master weights, SR, Kahan), which
+    FSDP's sharded storage does not follow: they train with DDP."""
+    if recipe.param_dtype != "fp32":
         raise UsageError(
-            f"recipe {recipe.name}: {recipe.update_rounding.value} update rounding is not "
-            "supported with --strategy fsdp; fix: use --strategy ddp"
+            f"recipe {recipe.name} ({recipe.param_dtype} parameters) is not supported with "
+            "--strategy fsdp; fix: use --strategy ddp, or bf16-mixed (FSDP then shards fp32 "
+            "master weights and computes in bf16)"
         )
 
 

@@ -13,11 +13,19 @@ from lowbit.train import TrainConfig, train
 from tests.distributed.helpers import TINY, on_ranks
 
 STEPS = 4
-RECIPES = ("fp32", "bf16-mixed", "fp8-tensorwise", "mxfp8")
+RECIPES = ("fp32", "bf16-mixed", "fp8-tensorwise", "mxfp8", "bf16-low")
+# bf16-low (16-bit parameters, fp32 masters) trains with DDP only (FSDP refuses it)
+STRATEGY_RECIPES = {"ddp": RECIPES, "fsdp": RECIPES[:4]}
 # Loss of each step vs one process, relative. fp32 differs only by the order of additions (the
 # gradient all-reduce, the per-rank GEMMs); bf16 rounding amplifies that order into bf16 steps.
 RTOL = {
-    "ddp": {"fp32": 1e-5, "bf16-mixed": 2e-3, "fp8-tensorwise": 2e-3, "mxfp8": 2e-3},
+    "ddp": {
+        "fp32": 1e-5,
+        "bf16-mixed": 2e-3,
+        "fp8-tensorwise": 2e-3,
+        "mxfp8": 2e-3,
+        "bf16-low": 5e-3,
+    },
     # FSDP all-gathers fp8/MX weights in bf16 (MixedPrecisionPolicy param_dtype) and the layer
     # quantizes that, one more rounding than one process does (measured 4.5e-3 for mxfp8; 4e-4
     # when the all-gather is fp32).
@@ -67,7 +75,7 @@ def _on_two_ranks(rank, world, out, resume_from):
     out_dir = __import__("pathlib").Path(out)
     results = {"matrix": {}, "resume": {}}
     for strategy in ("ddp", "fsdp"):
-        for recipe in RECIPES:
+        for recipe in STRATEGY_RECIPES[strategy]:
             cfg = config(out_dir / f"{strategy}-{recipe}", recipe, strategy=strategy, nproc=world)
             losses, trainer = fit(cfg, Ranks(strategy, cpu))
             results["matrix"][strategy, recipe] = (losses, flat_params(trainer.model))
@@ -136,7 +144,7 @@ def one_process(tmp_path_factory) -> dict:
 def test_loss_curve_matches_one_process_and_ranks_agree(two_ranks, one_process, strategy):
     _, ranks = two_ranks
     gaps = {}
-    for recipe in RECIPES:
+    for recipe in STRATEGY_RECIPES[strategy]:
         losses, params = ranks[0]["matrix"][strategy, recipe]
         single = one_process[recipe]
         assert len(losses) == len(single) == STEPS
@@ -144,7 +152,8 @@ def test_loss_curve_matches_one_process_and_ranks_agree(two_ranks, one_process, 
         assert losses[-1] < losses[0], recipe  # it trains
         # every rank holds the same parameters (FSDP: the gathered full tensors)
         assert torch.equal(params, ranks[1]["matrix"][strategy, recipe][1]), recipe
-    assert all(gaps[r] <= RTOL[strategy][r] for r in RECIPES), gaps
+    print(f"largest relative loss gap to one process, {strategy}: {gaps}")  # for docs (-s)
+    assert all(gaps[r] <= RTOL[strategy][r] for r in gaps), gaps
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
