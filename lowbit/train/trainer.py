@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
-from lowbit.train.config import TrainConfig, lr_at, resolve, write
+from lowbit.train.config import TrainConfig, lr_at, recipe_of, resolve, write
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
 
+MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
@@ -43,6 +45,7 @@ RESUMABLE_CHANGES = {
     "wandb",
     "eval_batches",
     "nproc",  # multi-process checkpoints reshard to any number of processes
+    "stats_interval",
 }
 
 
@@ -237,7 +240,7 @@ class Trainer:
         self.dist = dist or SINGLE  # the ranks of a multi-process run (lowbit.distributed)
         self.quiet = quiet or not self.dist.is_main
         self.device = self.dist.device(resolve_device(config.device))
-        recipe = lowbit.get_recipe(config.recipe)
+        recipe = recipe_of(config)
         seed_everything(config.seed)
         self.task = build_task(config)
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
@@ -254,7 +257,10 @@ class Trainer:
                 file=sys.stderr,
             )
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
+        self.monitor = build_monitor(self.model, recipe, config.stats_interval)
         self.total_steps = config.steps or math.ceil(config.epochs * self.task.steps_per_epoch())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
         self.stop_requested = False
         self.start_metrics: dict = {}
@@ -273,16 +279,22 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches."""
         accum, precision = self.config.grad_accum, self.precision
         lr = self.set_lr()
-        loss_sum, count = 0.0, 0
-        for i in range(accum):
-            batch = to_device(next(self.task.train_batches), self.device)
-            with self.dist.accumulating(self.train_model, more=i < accum - 1):
-                with precision.autocast():
-                    loss, n = self.task.loss(self.train_model, batch)
-                precision.backward(loss / accum)
-            loss_sum += loss.detach()
-            count += n
-        loss_value = self.dist.mean(float(loss_sum) / accum)  # equal shards: the global mean
+        batches = [to_device(next(self.task.train_batches), self.device) for _ in range(accum)]
+        self.monitor.before_step(self.step_idx + 1)
+        for attempt in range(1 + MAX_ATTEMPTS):
+            loss_sum, count = 0.0, 0
+            for i, batch in enumerate(batches):
+                with self.dist.accumulating(self.train_model, more=i < accum - 1):
+                    with precision.autocast():
+                        loss, n = self.task.loss(self.train_model, batch)
+                    precision.backward(loss / accum)
+                loss_sum += loss.detach()
+                count += n
+            loss_value = self.dist.mean(float(loss_sum) / accum)  # equal shards: the global mean
+            # the `auto` guard: a non-finite step is rolled back and retried in higher precision
+            if not self.monitor.retry(self.step_idx + 1, loss_value, self.params, attempt):
+                break
+            self.optimizer.zero_grad(set_to_none=True)
         count = int(self.dist.total(count))
         self.dist.reduce_gradients()  # DDP of 16-bit parameters (no wrapper)
         stop = precision.finite_loss_policy != "skip"
@@ -294,6 +306,7 @@ class Trainer:
         stepped = precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_idx += 1
+        self.records = self.monitor.after_step(self.step_idx, grad_norm, precision.loss_scale)
         return {
             "loss": loss_value,
             "lr": lr,
@@ -322,6 +335,7 @@ class Trainer:
                 "step_seconds": self.step_seconds,
             },
             "config": self.config.to_dict(),
+            "monitor": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -332,6 +346,7 @@ class Trainer:
         self.task.train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step_idx = int(state["step"])
+        self.monitor.load_state_dict(state.get("monitor", {}))
         for name, value in state["trainer"].items():
             setattr(self, name, value)
 
@@ -403,6 +418,8 @@ class Trainer:
                             f"{self.task.unit}_per_s": rate,
                         },
                     )
+                    for split, record in self.records:
+                        logger.log(self.step_idx, split, record)
                     bar.update(1)
                     bar.set_postfix_str(
                         f"loss {out['loss']:.4f} {rate:,.0f} {self.task.unit}/s", refresh=False
