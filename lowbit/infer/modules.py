@@ -80,6 +80,8 @@ class QuantLinear(torch.nn.Module):
             if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
                 return "int8 x int8 GEMM (torch._int_mm), per-token activation scales"
             return "int8-weight GEMM (torch.ops.aten._weight_int8pack_mm)"
+        if r.mode is Mode.WEIGHTS_ONLY and r.format is Target.INT8 and r.group is None:
+            return "int8 weights dequantized once, fp32 GEMM (kernel='int8pack' for the int8 one)"
         if r.mode is Mode.WEIGHTS_ONLY:
             return f"{r.format.value} weights dequantized to fp32 (emulated: no {r.format.value} kernel)"
         return (
@@ -102,7 +104,7 @@ class QuantLinear(torch.nn.Module):
                 w_t = self._get("w_t", lambda: self.qweight.t().contiguous())  # K x N int8
                 s_w = self._get("s_w", lambda: self.scale.float().reshape(1, -1))
                 values, s_x = quantize_per_token_int8(x2)
-                out = torch._int_mm(values, w_t).float().mul_(s_x).mul_(s_w)
+                out = torch._int_mm(values, w_t).mul(s_x).mul_(s_w)  # int32 * fp32 -> fp32
             else:
                 w = self._get("qw", self.weight_qtensor)
                 out = emulated_gemm(quantize_activation(x2, r), w)

@@ -266,8 +266,7 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Same arithmetic as the reference (``s = amax / 127``, a zero row keeps ``s = 1``, ``x / s``
     rounded to nearest-even and clamped), in fewer passes; tests compare the two bit for bit.
     """
-    low, high = torch.aminmax(x, dim=-1, keepdim=True)
-    amax = torch.maximum(high, low.neg_())
+    amax = x.abs().amax(dim=-1, keepdim=True)  # faster than aminmax along the last axis on CPU
     scale = amax / 127.0
     scale = torch.where(amax > 0, scale.clamp_(min=torch.finfo(torch.float32).tiny), 1.0)
     values = torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8)

@@ -1,0 +1,229 @@
+"""Post-training quantization and pruning of a trained causal LM: size, perplexity, int8 speed.
+
+    .venv/bin/lowbit train --out runs/bench-tiny            # once: the default tiny Llama
+    .venv/bin/python benchmarks/inference.py --run runs/bench-tiny
+    .venv/bin/python benchmarks/inference.py --run runs/bench-tiny --write   # update BENCHMARKS.md
+
+For every format the run's weights are quantized in memory exactly as ``lowbit quantize`` does,
+the folder is written to a temporary directory (its ``model.safetensors`` size is the size
+reported), and validation perplexity is measured on the same ``--max-batches`` batches as the
+fp32 reference. Speed: tokens/s of fp32 and of the int8 kernels, measured side by side in
+interleaved rounds (medians; these machines are noisy, read the ratios), for batched evaluation
+(16 x 256 tokens a forward) and for greedy decoding (one sequence, one token a forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
+from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
+from lowbit.infer.model import parse_pattern  # noqa: E402
+
+HEADING = "## Inference (benchmarks/inference.py)"
+
+# (label, prune rule or None, format or None, mode, group, pad)
+CONFIGS = [
+    ("fp32 (reference)", None, None, None, None, None),
+    ("int8 weight-only", None, "int8", "weights-only", None, None),
+    ("int8 W8A8", None, "int8", "weights-and-activations", None, None),
+    ("fp8 e4m3 weight-only", None, "fp8", "weights-only", None, None),
+    ("fp8 e4m3 W8A8", None, "fp8", "weights-and-activations", None, None),
+    ("int4 g32", None, "int4", "weights-only", 32, True),
+    ("int4 g64", None, "int4", "weights-only", 64, True),
+    ("int4 g128", None, "int4", "weights-only", 128, True),
+    ("mxfp4 weight-only", None, "mxfp4", "weights-only", None, None),
+    ("mxfp4 W4A4", None, "mxfp4", "weights-and-activations", None, None),
+    ("nvfp4 weight-only", None, "nvfp4", "weights-only", None, None),
+    ("nvfp4 W4A4", None, "nvfp4", "weights-and-activations", None, None),
+    ("pruned 50%", "0.5", None, None, None, None),
+    ("pruned 2:4", "2:4", None, None, None, None),
+    ("pruned 2:4 + int8", "2:4", "int8", "weights-only", None, None),
+]
+QUICK = {"fp32 (reference)", "int8 weight-only", "int8 W8A8", "int4 g32"}
+
+
+def build(source, prune, fmt, mode, group, pad):
+    model = copy.deepcopy(source.model)
+    if prune is not None:
+        if ":" in prune:
+            prune_model(model, pattern=parse_pattern(prune))
+        else:
+            prune_model(model, sparsity=float(prune))
+    if fmt is not None:
+        quantize_model(model, QuantRecipe(fmt, mode, group, pad))
+    return model
+
+
+def file_size(source, model, folder) -> int:
+    io.save(source, model, {"quantization": None, "source": io.source_record(source)}, folder)
+    return (Path(folder) / io.WEIGHTS).stat().st_size
+
+
+def quality(source, args) -> list[dict]:
+    task, precision = source.task, fp32_precision()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, prune, fmt, mode, group, pad) in enumerate(CONFIGS):
+            if args.quick and label not in QUICK:
+                continue
+            model = build(source, prune, fmt, mode, group, pad)
+            metrics = task.evaluate(model, precision, "validation", args.max_batches)
+            rows.append(
+                {
+                    "label": label,
+                    "bytes": file_size(source, model, Path(tmp) / str(i)),
+                    "ppl": metrics["ppl"],
+                    "tokens": metrics["tokens"],
+                    "kernel": kernel_note(model) or "fp32 GEMMs",
+                }
+            )
+            print(f"{label:<22} {rows[-1]['bytes'] / 1e6:7.3f} MB  ppl {metrics['ppl']:.4f}")
+    return rows
+
+
+def _eval_forward(model, batch):
+    with torch.no_grad():
+        model(input_ids=batch, use_cache=False)
+
+
+def _decode(model, tokens: int):
+    """Greedy decoding with the KV cache: one token a forward."""
+    # transformers 5 renamed past_key_values to cache (argument and output field)
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.tensor([[ord("d"), ord("e"), ord("f"), ord(" ")]])
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(tokens):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{cache: getattr(out, cache)})
+
+
+def speed(source, args) -> dict:
+    """tokens/s per int8 kernel and fp32, interleaved rounds; medians and ratios to fp32."""
+    variants = {"fp32": build(source, None, None, None, None, None)}
+    variants["int8 W8A8 (_int_mm)"] = build(
+        source, None, "int8", "weights-and-activations", None, None
+    )
+    dequant = build(source, None, "int8", "weights-only", None, None)
+    variants["int8 weight-only (dequant, fp32 GEMM)"] = dequant
+    int8pack = build(source, None, "int8", "weights-only", None, None)
+    set_kernel(int8pack, "int8pack")
+    variants["int8 weight-only (_weight_int8pack_mm)"] = int8pack
+    batch = source.task.tokens("validation")[: 16 * 256].reshape(16, 256).long()
+    decode_tokens = 32
+    workloads = {
+        "eval 16x256": (lambda m: _eval_forward(m, batch), batch.numel()),
+        f"decode 1x{decode_tokens}": (lambda m: _decode(m, decode_tokens), decode_tokens),
+    }
+    times = {(w, v): [] for w in workloads for v in variants}
+    for model in variants.values():
+        model.eval()
+        for run, _ in workloads.values():
+            run(model)  # warm-up: caches, oneDNN primitives
+    for _ in range(args.rounds):
+        for w, (run, _) in workloads.items():
+            for v, model in variants.items():
+                start = time.perf_counter()
+                run(model)
+                times[(w, v)].append(time.perf_counter() - start)
+    out = {}
+    for w, (_, tokens) in workloads.items():
+        base = statistics.median(times[(w, "fp32")])
+        for v in variants:
+            t = statistics.median(times[(w, v)])
+            out[(w, v)] = (tokens / t, base / t)
+            print(f"{w:<14} {v:<40} {tokens / t:10.0f} tok/s  {base / t:5.2f}x fp32")
+    return out
+
+
+def table(source, rows, speeds, args) -> str:
+    ref = rows[0]
+    lines = [
+        f"Run: `{args.run}` (the default `lowbit train`: tiny Llama, {source.config.recipe}, "
+        f"{source.step} steps on stdlib bytes). Validation: {ref['tokens']:,} tokens "
+        f"({args.max_batches} batches of 16 x 256). Sizes are the written `model.safetensors` "
+        "(embeddings and norms stay fp32 in every row). Machine: "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}.",
+        "",
+        "```",
+        f"lowbit train --out {args.run}",
+        f"python benchmarks/inference.py --run {args.run} --max-batches {args.max_batches} "
+        f"--rounds {args.rounds} --write",
+        "```",
+        "",
+        "| model | size MB | vs fp32 | perplexity | change | how it runs |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        change = (r["ppl"] / ref["ppl"] - 1) * 100
+        lines.append(
+            f"| {r['label']} | {r['bytes'] / 1e6:.3f} | {ref['bytes'] / r['bytes']:.2f}x smaller "
+            f"| {r['ppl']:.4f} | {change:+.2f}% | {r['kernel']} |"
+        )
+    if speeds:
+        lines += [
+            "",
+            f"int8 speed on this CPU (medians of {args.rounds} interleaved rounds, same process):",
+            "",
+            "| workload | model | tokens/s | vs fp32 |",
+            "|---|---|---:|---:|",
+        ]
+        for (w, v), (tps, ratio) in speeds.items():
+            lines.append(f"| {w} | {v} | {tps:,.0f} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Replace this benchmark's section of BENCHMARKS.md (other sections are left as they are)."""
+    section = f"{HEADING}\n\n{text}\n"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a causal-lm run folder (lowbit train --out)")
+    parser.add_argument("--max-batches", type=int, default=8, help="validation batches (8)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (5)")
+    parser.add_argument("--quick", action="store_true", help="4 rows, no pruning")
+    parser.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = io.load_source(args.run, "cpu")
+    if source.config.task != "causal-lm":
+        parser.error(f"{args.run} is a {source.config.task} run; give a causal-lm run")
+    rows = quality(source, args)
+    speeds = None if args.no_speed else speed(source, args)
+    text = table(source, rows, speeds, args)
+    print(text)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
