@@ -95,3 +95,28 @@ def test_observer_is_off_by_default_and_sees_all_six_operands():
     assert ops["forward.w"]["amax"] == pytest.approx(linear.weight.abs().max().item())
     assert ops["grad_input.grad_out"]["format"] == "fp8_e5m2"
     assert ops["forward.x"]["sqnr"] > 25
+
+
+def test_train_cli_logs_stats_to_jsonl_and_tensorboard_and_applies_overrides(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lowbit.cli import main
+    from lowbit.diagnostics.stats import read_stats
+
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "fp8-tensorwise", "--steps", "2", "--seq-len", "16"]
+    args += ["--batch-size", "2", "--eval-batches", "1", "--device", "cpu", "--quiet"]
+    args += ["--stats-interval", "2", "--override", "model.layers.0.mlp.down_proj=keep"]
+    assert main([*args, "--out", str(run)]) == 0
+    (step, stats), *rest = read_stats(run)
+    assert step == 2 and rest == []  # only at the interval
+    assert "model.layers.0.mlp.down_proj" not in stats  # kept in high precision by the override
+    fwd = stats["model.layers.1.mlp.down_proj"]["forward.x"]
+    assert fwd["format"] == "fp8_e4m3" and fwd["sqnr"] > 25 and fwd["saturated"] == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert next(r for r in records if r["split"] == "stats")["loss_scale"] == 1.0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "stats/model.layers.1.mlp.down_proj/forward.x/sqnr" in events.Tags()["scalars"]
