@@ -71,6 +71,12 @@ def run(args) -> int:
     config = resolve(replace(config, out=str(out / "probe"), wandb=False))
     diagnosis = diagnose(config, steps=args.probe_steps, checkpoint_dir=args.checkpoint)
     print(diagnosis.table(top=args.top))
+    if args.checkpoint:
+        from lowbit.diagnostics.auto import plan_over_time
+
+        timeline = plan_over_time(args.checkpoint)
+        if timeline:
+            print(f"auto plan of {args.checkpoint} over time:\n{timeline}")
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 0

@@ -281,3 +281,32 @@ def all_finite(loss: float, parameters) -> bool:
     if not grads:
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def plan_over_time(run_dir) -> str:
+    """The ``auto`` plan of a run at each change, from its ``metrics.jsonl`` (a Markdown table):
+    step, operands per rung, share at 8 bits or below, mean bits, changes, retried attempts."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("split") == "auto":
+                records.append(record)
+    if not records:
+        return ""
+    rungs = [k[2:] for k in records[0] if k.startswith("n_")]
+    head = ["step", *rungs, "<= 8 bits", "mean bits", "changes", "retries"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [str(r["step"]), *(str(r.get(f"n_{rung}", 0)) for rung in rungs)]
+        cells += [f"{r['frac_8bit_or_below']:.0%}", f"{r['mean_bits']:.2f}"]
+        cells += [str(r.get("changes", 0)), str(r.get("retries", 0))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ import math
 import torch
 
 import lowbit
-from lowbit.diagnostics.auto import AutoPrecision
+from lowbit.diagnostics.auto import AutoPrecision, plan_over_time
 from lowbit.recipes.auto import operand_spec
 from lowbit.train import evaluate_run, train
 from lowbit.train.trainer import Trainer
@@ -90,6 +90,9 @@ def test_plan_is_logged_saved_in_checkpoints_and_restored(lm_config, tmp_path):
     assert {"auto", "plan", "stats"} <= splits
     plan_record = next(r for r in records if r["split"] == "plan")
     assert plan_record["model.layers.0.mlp.down_proj/forward.x"] == "fp8"
+    timeline = plan_over_time(result.run_dir).splitlines()
+    assert timeline[0].startswith("| step | fp8 | mxfp8 | bf16 | <= 8 bits")
+    assert timeline[2].startswith("| 1 | 168 | 0 | 0 | 100% | 8.00 | 168 |")  # the first plan
     state = torch.load(result.checkpoint, weights_only=False)
     assert state["monitor"]["auto"]["plan"]["model.layers.0.mlp.down_proj"]["forward.x"] == "fp8"
     # evaluation rebuilds the planned numerics from the checkpoint: the same loss
