@@ -32,6 +32,7 @@ FLAGS = [
     ("--min-lr", float, "learning rate at the end of the cosine decay (default lr/10)"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--weight-decay", float, "AdamW weight decay of matrices"),
+    ("--optimizer-state", str, "AdamW state precision: fp32 (default), bf16, fp8, 8bit, 4bit"),
     ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
     ("--grad-clip", float, "clip the gradient norm to this (default 1.0; 0 measures only)"),
     ("--seed", int, "seed of initialization, data order and sampling (default 0)"),

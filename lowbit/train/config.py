@@ -71,6 +71,7 @@ class TrainConfig:
     min_lr: float | None = None  # default lr / 10
     warmup_steps: int | None = None
     weight_decay: float | None = None
+    optimizer_state: str = "fp32"  # AdamW state precision (lowbit.optim.STATE_PRECISIONS)
     grad_accum: int = 1
     grad_clip: float | None = 1.0  # 0 or None: measure the norm only
     seed: int = 0
@@ -208,6 +209,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the task defaults in and check every value; returns a new config."""
     choose("task", config.task, TASKS)
     choose("tokenizer", config.tokenizer, TOKENIZERS)
+    from lowbit.optim import STATE_PRECISIONS
+
+    choose("optimizer state precision", config.optimizer_state, STATE_PRECISIONS)
     defaults = TASK_DEFAULTS[config.task]
     out = dataclasses.replace(config)
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):

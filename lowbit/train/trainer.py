@@ -97,6 +97,9 @@ class RunResult:
         ]
         if self.checkpoint:
             lines.append(f"  checkpoint       {self.checkpoint}")
+        if "memory_table" in self.extra:
+            lines += ["  memory (per component, measured at step 2):"]
+            lines += ["    " + line for line in self.extra["memory_table"].splitlines()]
         if self.sample is not None:
             lines += ["  sample:", *("    " + line for line in self.sample.splitlines()[:12])]
         return "\n".join(lines)
@@ -167,13 +170,21 @@ def check_resume_config(saved: dict, config: TrainConfig) -> None:
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    """AdamW with states in ``config.optimizer_state``; matrices decay, vectors do not."""
+    from lowbit.optim import build_optimizer as build_adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.95))
+    return build_adamw(
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        state_precision=config.optimizer_state,
+        seed=config.seed,
+    )
 
 
 def rng_state() -> dict:
@@ -268,6 +279,7 @@ class Trainer:
         self.recent_losses: list[float] = []
         self.counted = 0  # tokens (or images) trained on
         self.step_seconds = 0.0
+        self.memory: str | None = None  # measured vs estimated breakdown (second step)
 
     def set_lr(self) -> float:
         lr = lr_at(self.config, self.step_idx, self.total_steps)
@@ -296,6 +308,8 @@ class Trainer:
                 break
             self.optimizer.zero_grad(set_to_none=True)
         count = int(self.dist.total(count))
+        if self.step_idx == 1 and self.memory is None and self.dist.world_size == 1:
+            self.memory = self._memory_report(batches[0])  # gradients exist, not yet stepped
         self.dist.reduce_gradients()  # DDP of 16-bit parameters (no wrapper)
         stop = precision.finite_loss_policy != "skip"
         if stop and not math.isfinite(loss_value):
@@ -491,6 +505,29 @@ class Trainer:
         }
         (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
+    def _memory_report(self, batch) -> str:
+        """The live run's memory by component (tensor accounting) beside the estimator's figure.
+
+        Activations are the bytes saved for backward by one extra forward of ``batch``; the
+        estimate exists for the Llama-style causal LMs the estimator models.
+        """
+        from lowbit.memory import estimate, measure, measure_activations
+
+        def forward():
+            with self.precision.autocast():
+                return self.task.loss(self.train_model, batch)[0]
+
+        live = measure(self.model, self.optimizer, self.precision)
+        saved = measure_activations(self.model, forward)
+        live.activations, live.temporaries = saved.activations, saved.temporaries
+        if self.config.task != "causal-lm":
+            return live.table()
+        c = self.config
+        planned = estimate(
+            self.model.config, self.precision.recipe, c.optimizer_state, c.batch_size, c.seq_len
+        )
+        return planned.table(live)
+
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:
         final = (
             (self.last_metrics or self.evaluate()) if status == "completed" else self.last_metrics
@@ -499,6 +536,8 @@ class Trainer:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MB"
+        if self.memory:
+            extra["memory_table"] = self.memory
         sample = None
         # Sampling is one process's job; FSDP's forward needs every rank: no sample there.
         alone = self.dist.is_main and self.dist.strategy != "fsdp"

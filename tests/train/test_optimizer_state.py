@@ -1,0 +1,27 @@
+"""`lowbit train --optimizer-state` and the measured-vs-estimated memory table of a run."""
+
+import pytest
+
+from lowbit.errors import UsageError
+from lowbit.optim.states import state_bytes_per_param
+from lowbit.train import train
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_optimizer_state_precision_is_used_and_memory_matches_the_estimate(tiny_config, state):
+    result = train(tiny_config(steps=3, eval_interval=3, optimizer_state=state), quiet=True)
+    table = result.extra["memory_table"]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    # estimate and measurement of the model states agree to the byte
+    for component in ("parameters", "gradients", "optimizer"):
+        row = rows[component]
+        numbers = [cell for cell in row if cell.replace(",", "").isdigit()]
+        assert numbers[0] == numbers[-1], row
+    assert "memory (per component" in result.summary()
+    # bf16 states hold half the bytes of fp32 states for the large matrices
+    assert state_bytes_per_param(state, 1 << 20) == {"fp32": 8, "bf16": 4}[state]
+
+
+def test_unknown_optimizer_state_lists_the_valid_ones(tiny_config):
+    with pytest.raises(UsageError, match="valid optimizer state precisions: fp32, bf16"):
+        train(tiny_config(steps=1, optimizer_state="fp2"), quiet=True)
