@@ -11,9 +11,9 @@ initialization and data order, so the per-seed difference ``d_s = loss_r,s - los
 most of the seed-to-seed variance. The gap is ``mean(d) / mean(loss_b)`` in percent and its
 *spread* is ``std(d) / mean(loss_b)`` (sample std over seeds). A difference is significant when the
 gap is larger than twice the spread (with one seed there is no spread and nothing is called
-significant). A recipe is within tolerance when its gap is at most its tolerance; above it, the
-verdict is "outside tolerance" when the excess is larger than twice the spread and "inconclusive"
-when the seeds cannot tell.
+significant). A recipe is within tolerance when its gap is at most its tolerance ("unresolved"
+when gap + 2 x spread is above it); above it, the verdict is "outside tolerance" when the excess is
+larger than twice the spread and "inconclusive" when the seeds cannot tell.
 """
 
 from __future__ import annotations
@@ -430,6 +430,12 @@ def verdict(gap: float, spread: float, target: Target, seeds: int) -> tuple[str,
             return f"as expected: measurably worse than {target.pct:g}% ({stats})", True
         return f"MISSES the expectation: not measurably worse than {target.pct:g}% ({stats})", False
     if gap <= target.pct:
+        if seeds > 1 and gap + noise > target.pct:  # the seeds cannot rule out a miss
+            return (
+                f"PASS (unresolved): within {target.pct:g}% of the baseline, but the seed spread "
+                f"is larger than the margin ({stats})",
+                True,
+            )
         return f"PASS: within {target.pct:g}% of the baseline ({stats})", True
     if gap - target.pct > noise:
         return f"FAIL: outside {target.pct:g}% of the baseline ({stats})", False

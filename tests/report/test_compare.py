@@ -129,7 +129,8 @@ def test_per_label_accuracy_change_on_image_classification(tmp_path):
 @pytest.mark.parametrize(
     ("gap", "spread", "target", "seeds", "word", "ok"),
     [
-        (0.3, 0.1, Target(0.5), 3, "PASS", True),
+        (0.3, 0.1, Target(0.5), 3, "PASS: within", True),
+        (0.3, 0.2, Target(0.5), 3, "PASS (unresolved)", True),  # 0.3 + 2x0.2 > 0.5
         (-2.0, 0.1, Target(0.5), 3, "PASS", True),  # better than the baseline
         (1.5, 0.1, Target(0.5), 3, "FAIL", False),  # 1.0 above the target, 2x spread 0.2
         (0.7, 0.3, Target(0.5), 3, "INCONCLUSIVE", None),  # 0.2 above, within 2x spread 0.6
