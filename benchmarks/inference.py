@@ -151,7 +151,41 @@ def speed(source, args) -> dict:
     return out
 
 
-def table(source, rows, speeds, args) -> str:
+NOISE_NOTE = (
+    "The dequant row runs the very same fp32 GEMMs as fp32, so its distance from 1.00x is this "
+    "(shared, busy) machine's noise. At the tiny model's shapes (K = 128 or 344) the per-token "
+    "quantization and rescaling passes cost more than the int8 GEMM saves, and decoding one "
+    "token at a time is dominated by per-op overhead; the layer table below shows where `_int_mm` "
+    "wins (K, N of 1024 and more)."
+)
+LAYER_SHAPES = [(4096, 128, 344), (4096, 344, 128), (4096, 1024, 1024), (4096, 2048, 5632)]
+
+
+def layer_speed(args) -> list[tuple]:
+    """One linear layer, M x K -> N: fp32 vs int8 W8A8 (quantize + _int_mm + rescale), same rounds."""
+    from lowbit.infer import QuantLinear
+
+    out = []
+    for m, k, n in LAYER_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        linear = torch.nn.Linear(k, n, bias=False)
+        x = torch.randn(m, k, generator=gen)
+        int8 = QuantLinear.from_linear(linear, QuantRecipe("int8", "weights-and-activations"))
+        times = {"fp32": [], "int8": []}
+        with torch.no_grad():
+            linear(x), int8(x)
+            for _ in range(args.rounds):
+                for name, layer in (("fp32", linear), ("int8", int8)):
+                    start = time.perf_counter()
+                    layer(x)
+                    times[name].append(time.perf_counter() - start)
+        fp32, q = statistics.median(times["fp32"]), statistics.median(times["int8"])
+        out.append(((m, k, n), fp32 * 1e3, q * 1e3, fp32 / q))
+        print(f"layer {m}x{k}->{n}: fp32 {fp32 * 1e3:.2f} ms, int8 W8A8 {q * 1e3:.2f} ms")
+    return out
+
+
+def table(source, rows, speeds, args, layers=None) -> str:
     ref = rows[0]
     lines = [
         f"Run: `{args.run}` (the default `lowbit train`: tiny Llama, {source.config.recipe}, "
@@ -164,7 +198,7 @@ def table(source, rows, speeds, args) -> str:
         "```",
         f"lowbit train --out {args.run}",
         f"python benchmarks/inference.py --run {args.run} --max-batches {args.max_batches} "
-        f"--rounds {args.rounds} --write",
+        f"--rounds {args.rounds}{f' --threads {args.threads}' if args.threads else ''} --write",
         "```",
         "",
         "| model | size MB | vs fp32 | perplexity | change | how it runs |",
@@ -186,6 +220,21 @@ def table(source, rows, speeds, args) -> str:
         ]
         for (w, v), (tps, ratio) in speeds.items():
             lines.append(f"| {w} | {v} | {tps:,.0f} | {ratio:.2f}x |")
+        lines += [
+            "",
+            NOISE_NOTE,
+        ]
+    if layers:
+        lines += [
+            "",
+            "One linear layer (M x K -> N), fp32 `nn.Linear` vs int8 W8A8 `QuantLinear` (per-token "
+            "quantization + `torch._int_mm` + rescale), same rounds:",
+            "",
+            "| M x K -> N | fp32 ms | int8 W8A8 ms | int8 vs fp32 |",
+            "|---|---:|---:|---:|",
+        ]
+        for (m, k, n), fp32, q, ratio in layers:
+            lines.append(f"| {m} x {k} -> {n} | {fp32:.2f} | {q:.2f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -218,7 +267,8 @@ def main(argv=None) -> int:
         parser.error(f"{args.run} is a {source.config.task} run; give a causal-lm run")
     rows = quality(source, args)
     speeds = None if args.no_speed else speed(source, args)
-    text = table(source, rows, speeds, args)
+    layers = None if args.no_speed else layer_speed(args)
+    text = table(source, rows, speeds, args, layers)
     print(text)
     if args.write:
         write_section(text)
