@@ -1,13 +1,17 @@
 """Suite-wide settings.
 
-Under pytest-xdist every worker is its own process; with torch's default of one thread per core
-the workers oversubscribe the machine (2 workers x 2 threads on 2 cores) and small kernels slow
-down several-fold. One thread per worker keeps the suite fast and its timing stable.
+Every test runs torch on one thread. The suite's models and tensors are tiny, so intra-op
+threads buy nothing and, with pytest-xdist workers or other jobs sharing 2 cores, their
+contention made steps up to ~50x slower. One thread keeps the suite fast and its timing stable.
 """
 
-import os
-
+import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

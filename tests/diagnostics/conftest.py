@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from lowbit.train import TrainConfig
 from lowbit.train import trainer as trainer_module
@@ -8,12 +7,8 @@ TINY_LM = {"seq_len": 32, "batch_size": 4, "eval_batches": 1, "device": "cpu"}
 
 
 @pytest.fixture(autouse=True)
-def one_thread_short_samples(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def short_samples(monkeypatch):
     monkeypatch.setattr(trainer_module, "SAMPLE_TOKENS", 8)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

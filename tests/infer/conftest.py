@@ -5,15 +5,6 @@ from lowbit.train import TrainConfig, train
 from lowbit.train import trainer as trainer_module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(folder, **settings):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from lowbit.train import TrainConfig
 from lowbit.train import trainer as trainer_module
@@ -13,13 +12,9 @@ TINY = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread_short_samples(monkeypatch):
-    """Tiny models run faster on one thread (and far faster on a busy machine); short samples."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def short_samples(monkeypatch):
+    """Short closing samples (one torch thread comes from tests/conftest.py)."""
     monkeypatch.setattr(trainer_module, "SAMPLE_TOKENS", 8)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
