@@ -16,8 +16,7 @@ def import_torchao_quietly() -> None:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        import torchao  # noqa: F401
-        import torchao.prototype.mx_formats  # noqa: F401  (registers more enums with pytree)
+        import torchao.prototype.mx_formats  # noqa: F401  (torchao, and the enums it registers)
     except ImportError:
         pass
     finally:
