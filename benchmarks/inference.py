@@ -18,7 +18,6 @@ import argparse
 import copy
 import inspect
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks_md import write_section  # noqa: E402
 
 from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
 from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
@@ -238,18 +239,6 @@ def table(source, rows, speeds, args, layers=None) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (other sections are left as they are)."""
-    section = f"{HEADING}\n\n{text}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a causal-lm run folder (lowbit train --out)")
@@ -271,7 +260,7 @@ def main(argv=None) -> int:
     text = table(source, rows, speeds, args, layers)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(HEADING, text)
     return 0
 
 

@@ -14,7 +14,6 @@ the live optimizer (`lowbit.memory.measure`).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks_md import write_section  # noqa: E402
 
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
@@ -103,18 +104,6 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (other sections are left as they are)."""
-    section = f"{HEADING}\n\n{text}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -140,7 +129,7 @@ def main(argv=None) -> int:
     text = table(rows, args)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(HEADING, text)
     ref = rows[0]["val_loss"]
     return 0 if all(abs(r["val_loss"] / ref - 1) <= 0.01 for r in rows) else 1
 

@@ -13,16 +13,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchmarks_md import write_section
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
 from lowbit.models import build_causal_lm
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Run:
@@ -69,17 +67,6 @@ def table(medians: dict[str, float], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    heading = "## Recipe step time (benchmarks/recipe_speed.py)"
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = content.find(heading)
-    if start >= 0:
-        end = content.find("\n## ", start + len(heading))
-        content = content[:start] + content[end + 1 if end >= 0 else len(content) :]
-    path.write_text(content.rstrip() + f"\n\n{heading}\n\n{text}\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
@@ -102,7 +89,7 @@ def main() -> int:
     )
     print(text)
     if args.write:
-        write_section(text)
+        write_section("## Recipe step time (benchmarks/recipe_speed.py)", text)
     return 0
 
 
