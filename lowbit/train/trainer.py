@@ -308,7 +308,8 @@ class Trainer:
                 break
             self.optimizer.zero_grad(set_to_none=True)
         count = int(self.dist.total(count))
-        if self.step_idx == 1 and self.memory is None and self.dist.world_size == 1:
+        # Plain one-process runs only: DDP/FSDP parameters (DTensors) are per-rank accounting.
+        if self.step_idx == 1 and self.memory is None and self.dist.strategy is None:
             self.memory = self._memory_report(batches[0])  # gradients exist, not yet stepped
         self.dist.reduce_gradients()  # DDP of 16-bit parameters (no wrapper)
         stop = precision.finite_loss_policy != "skip"
