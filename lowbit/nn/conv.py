@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.nn.linear import LayerState, lowbit_linear
+from lowbit.nn.linear import LowbitModule, lowbit_linear
 from lowbit.recipes.recipe import LayerSpec
 
 
@@ -24,21 +24,14 @@ def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
     return None
 
 
-class LowbitConv2d(torch.nn.Module):
+class LowbitConv2d(LowbitModule):
     """Drop-in `nn.Conv2d` (groups=1, zero padding) whose GEMMs follow a `LayerSpec`."""
 
     def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
-        super().__init__()
+        super().__init__(conv, spec, seed)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
-        self.weight = conv.weight
-        self.bias = conv.bias
-        self.lowbit_state = LayerState(spec, seed)
-
-    @property
-    def spec(self) -> LayerSpec:
-        return self.lowbit_state.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
-from lowbit.nn.linear import LowbitLinear
+from lowbit.nn.linear import LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
 
 
@@ -71,10 +71,8 @@ def convert(
     return report
 
 
-def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitLinear | LowbitConv2d]:
+def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:
     """Every converted layer by fully qualified name."""
     return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, LowbitLinear | LowbitConv2d)
+        name: module for name, module in model.named_modules() if isinstance(module, LowbitModule)
     }

@@ -218,20 +218,27 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-class LowbitLinear(torch.nn.Module):
-    """Drop-in `nn.Linear` whose GEMMs follow a `LayerSpec`; shares the original Parameters."""
+class LowbitModule(torch.nn.Module):
+    """A converted GEMM layer: the original layer's Parameters plus its numerics state."""
 
-    def __init__(self, linear: torch.nn.Linear, spec: LayerSpec, seed: int = 0):
+    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.weight = layer.weight
+        self.bias = layer.bias
         self.lowbit_state = LayerState(spec, seed)
 
     @property
     def spec(self) -> LayerSpec:
         return self.lowbit_state.spec
+
+
+class LowbitLinear(LowbitModule):
+    """Drop-in `nn.Linear` whose GEMMs follow a `LayerSpec`; shares the original Parameters."""
+
+    def __init__(self, linear: torch.nn.Linear, spec: LayerSpec, seed: int = 0):
+        super().__init__(linear, spec, seed)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
