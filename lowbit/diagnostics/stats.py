@@ -28,6 +28,7 @@ import math
 import torch
 
 from lowbit.formats import Granularity, QTensor
+from lowbit.recipes.recipe import LayerSpec
 
 STATS = (
     "amax",
@@ -40,14 +41,7 @@ STATS = (
     "noise_saturated",
     "noise_underflow",
 )
-OPERANDS = (
-    "forward.x",
-    "forward.w",
-    "grad_input.grad_out",
-    "grad_input.w",
-    "grad_weight.grad_out",
-    "grad_weight.x",
-)
+OPERANDS = tuple(LayerSpec().operands())  # forward.x ... grad_weight.x, in GEMM order
 DEFAULT_INTERVAL = 50  # steps between statistics; measured overhead in BENCHMARKS.md
 
 
