@@ -109,6 +109,19 @@ def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Gran
     return False
 
 
+_EXTERNAL_AMAX = (Granularity.TENSOR, Granularity.AXIS, Granularity.NVFP4)
+
+
+def _external_block_amax(amax: torch.Tensor, rows: int, granularity: Granularity) -> torch.Tensor:
+    """A given amax in the ``(R/br, 1, C/bc, 1)`` layout of `_block_amax` (tensor or per row)."""
+    amax = amax.float()
+    if granularity is Granularity.TENSOR:
+        return amax.reshape(1, 1, 1, 1)
+    if amax.numel() != rows:
+        raise UsageError(f"a per-row amax needs {rows} values (one per row), got {amax.numel()}")
+    return amax.reshape(rows, 1, 1, 1)
+
+
 @dataclass
 class QTensor:
     """Low-precision values with their block scales.
@@ -176,8 +189,10 @@ def quantize(
 
     ``axis`` is the axis the blocks run along (for a GEMM operand, its contraction axis).
     ``block_size`` is an int for 1-D blocks or a pair for 2-D blocks (``(16, 16)`` for NVFP4
-    weights). ``amax`` overrides the measured tensor amax (delayed scaling; tensor granularity
-    only). ``scale_rule="pow2"`` forces power-of-two scales; for MX, ``"mx_ceil"`` is the round-up
+    weights). ``amax`` overrides the measured amax (delayed scaling, or the max over the ranks of a
+    data-parallel job): a scalar for granularity ``tensor``, one value per row of the axis-last
+    matrix (shape ``(rows,)`` or ``(rows, 1)``) for ``axis``, and the per-tensor amax (a scalar) of
+    ``nvfp4``, whose block amaxes are still measured. ``scale_rule="pow2"`` forces power-of-two scales; for MX, ``"mx_ceil"`` is the round-up
     variant of the OCP rule. Blocks that do not divide the shape are zero-padded (``pad=True``) or
     refused.
     """
@@ -185,17 +200,18 @@ def quantize(
     granularity = Granularity(granularity)
     check_format_for_granularity(fmt, granularity)
     rule = ScaleRule(scale_rule) if scale_rule is not None else default_rule(granularity)
-    if amax is not None and granularity is not Granularity.TENSOR:
-        raise UsageError("an external amax (delayed scaling) needs granularity 'tensor'")
+    if amax is not None and granularity not in _EXTERNAL_AMAX:
+        raise UsageError(
+            f"an external amax needs granularity 'tensor', 'axis' or 'nvfp4', got {granularity.value}"
+        )
     axis = axis % max(x.dim(), 1)
 
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
     blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)  # a view of x when no copy needed
-    block_amax = (
-        _block_amax(blocks) if amax is None or granularity is not Granularity.TENSOR else None
-    )
+    measured = amax is None or granularity is Granularity.NVFP4
+    block_amax = _block_amax(blocks) if measured else None
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
@@ -205,7 +221,7 @@ def quantize(
         divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
     else:
         if amax is not None:
-            block_amax = amax.float().reshape(1, 1, 1, 1)
+            block_amax = _external_block_amax(amax, blocks.shape[0], granularity)
         scale = scale_from_amax(block_amax, fmt, rule)
         divisor = scale
 

@@ -166,8 +166,31 @@ def test_delayed_amax_overrides_the_measured_one():
     x = torch.randn(32, 32)
     q = quantize(x, "fp8_e4m3", "tensor", amax=torch.tensor(100.0))
     assert q.scale.item() == pytest.approx(100 / 448)
-    with pytest.raises(UsageError, match="granularity 'tensor'"):
-        quantize(x, "fp8_e4m3", "axis", amax=torch.tensor(1.0))
+    with pytest.raises(UsageError, match="granularity 'tensor', 'axis' or 'nvfp4'"):
+        quantize(x, "fp8_e4m3", "mx", amax=torch.tensor(1.0))
+
+
+def test_external_row_amax_quantizes_as_if_the_rows_held_that_amax():
+    """A per-row amax (the max over data-parallel ranks) gives the scales of a tensor whose rows
+    really reach it: here a copy of x with one extra column holding each row's given amax."""
+    x = torch.randn(8, 32)
+    row_amax = x.abs().amax(1) * torch.linspace(1, 4, 8)
+    q = quantize(x, "fp8_e4m3", "axis", amax=row_amax)
+    widened = quantize(torch.cat([x, row_amax[:, None]], 1), "fp8_e4m3", "axis")
+    assert torch.equal(q.scale, widened.scale)
+    assert torch.equal(q.values, widened.values[:, :32])
+    with pytest.raises(UsageError, match="8 values"):
+        quantize(x, "fp8_e4m3", "axis", amax=row_amax[:4])
+
+
+def test_external_tensor_amax_sets_the_nvfp4_tensor_scale():
+    x = torch.randn(8, 32)
+    far = x.abs().max() * 3
+    q = quantize(x, "fp4_e2m1", "nvfp4", amax=far)
+    widened = quantize(torch.cat([x, torch.full((1, 32), far.item())]), "fp4_e2m1", "nvfp4")
+    assert torch.equal(q.tensor_scale, widened.tensor_scale)
+    assert torch.equal(q.scale, widened.scale[:8])
+    assert torch.equal(q.values, widened.values[:8])
 
 
 def test_zero_and_nan_inputs():
