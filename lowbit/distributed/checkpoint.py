@@ -10,7 +10,6 @@ the previous checkpoints intact.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import warnings
@@ -30,29 +29,11 @@ def _options():
     return StateDictOptions(strict=True)
 
 
-@contextlib.contextmanager
-def _fp32_params(optimizer):
-    """16-bit parameters show fp32 data while optimizer states are created, so that the states
-    (fp32 by the recipe, see `LowPrecisionUpdate.wrap`) load without rounding."""
-    from lowbit.precision.update import optimizer_params
-
-    stash = {}
-    for p in optimizer_params(optimizer):
-        if p.is_floating_point() and p.dtype != torch.float32 and not optimizer.state.get(p):
-            stash[p] = p.data
-            p.data = p.data.float()
-    try:
-        yield
-    finally:
-        for p, data in stash.items():
-            p.grad = None
-            p.data = data
-
-
 def _template(trainer) -> dict:
     from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
 
-    with _fp32_params(trainer.optimizer):
+    # 16-bit parameters: the states are created from (and loaded as) fp32, see LowPrecisionUpdate
+    with trainer.precision.update.fp32_params(trainer.optimizer):
         _init_optim_state(trainer.optimizer)
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_options())
     return {"model": model_sd, "optimizer": optim_sd}

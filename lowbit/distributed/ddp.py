@@ -5,11 +5,12 @@ mixed and fp8/MX recipes, bf16/fp16 for the 16-bit-parameter ones). The comm hoo
 gradient bucket by the world size, casts it to that dtype when the bucket's differs, all-reduces
 it and counts the bytes it sent (`CommStats`, the figures in docs/distributed.md).
 
-Recipes with 16-bit parameters update them through fp32 (`LowPrecisionUpdate` swaps ``p.data``
-to fp32 and back), and a dtype change of ``p.data`` resets the parameter's gradient accumulator,
-which detaches DDP's reduction hooks after the first step. Those recipes are therefore not
-wrapped: `GradientAllReduce` all-reduces their gradients in buckets once the backward of a step
-is done (the same bytes; no overlap with the backward).
+Recipes with 16-bit parameters are not wrapped: `GradientAllReduce` all-reduces their gradients
+in buckets once the backward of a step is done (the same bytes; no overlap with the backward).
+This began because `LowPrecisionUpdate` used to swap ``p.data`` to fp32 and back, and a dtype
+change of ``p.data`` resets the parameter's gradient accumulator, detaching DDP's hooks after the
+first step; the update now writes the 16-bit parameters in place, so the wrapper would work too
+(not yet switched or measured).
 """
 
 from __future__ import annotations

@@ -5,20 +5,24 @@ reduce-scattered.
 The recipe maps onto `MixedPrecisionPolicy`:
 
 - ``param_dtype`` (the dtype parameters are all-gathered and computed in): the recipe's autocast
-  dtype (bf16-mixed, fp8, MX: bf16), else its 16-bit parameter dtype, else fp32 (no cast).
-- ``reduce_dtype``: the recipe's ``grad_dtype`` when set, else fp32.
+  dtype (bf16-mixed, fp8, MX: bf16), else its parameter dtype (no cast).
+- ``reduce_dtype``: the recipe's ``grad_dtype`` when set, else its parameter dtype (fp32 for the
+  fp32-parameter recipes, bf16/fp16 for the 16-bit ones), as under DDP.
 
-The sharded parameters are the recipe's fp32 parameters, so they are the sharded master weights,
-and the optimizer states live beside them, sharded too. Converted low-precision layers see the
-all-gathered (bf16) weight and quantize it. Recipes with 16-bit parameters are refused
-(`check_recipe`).
+fp32-parameter recipes: the sharded parameters are the fp32 master weights, the optimizer states
+live beside them, and converted low-precision layers quantize the all-gathered (bf16) weight.
+
+16-bit-parameter recipes (bf16-low, fp16-low, bf16-pure*): the sharded parameters are 16-bit, and
+all-gathered as they are. `LowPrecisionUpdate` keeps its fp32 master weights (bf16-low, fp16-low)
+and Kahan buffers (bf16-pure-kahan) as DTensors with the parameter's sharding, steps the optimizer
+on fp32 shards and rounds the result into each rank's 16-bit shard in place (stochastically for
+bf16-pure-sr, each rank drawing for its own shard).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.errors import UsageError
 from lowbit.recipes.recipe import DTYPES
 
 
@@ -31,19 +35,8 @@ def mixed_precision_policy(precision):
     else:
         compute = DTYPES[recipe.param_dtype]
     param_dtype = None if compute == torch.float32 else compute
-    reduce = DTYPES[recipe.grad_dtype] if recipe.grad_dtype else torch.float32
+    reduce = DTYPES[recipe.grad_dtype or recipe.param_dtype]
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
-
-
-def check_recipe(recipe) -> None:
-    """16-bit-parameter recipes swap ``p.data`` for the update (master weights, SR, Kahan), which
-    FSDP's sharded storage does not follow: they train with DDP."""
-    if recipe.param_dtype != "fp32":
-        raise UsageError(
-            f"recipe {recipe.name} ({recipe.param_dtype} parameters) is not supported with "
-            "--strategy fsdp; fix: use --strategy ddp, or bf16-mixed (FSDP then shards fp32 "
-            "master weights and computes in bf16)"
-        )
 
 
 def wrap_fsdp(model, precision, device: torch.device):
@@ -52,7 +45,6 @@ def wrap_fsdp(model, precision, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    check_recipe(precision.recipe)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision_policy(precision)
     for module in list(model.modules()):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.precision.update import local_values
+
 
 class NoLossScaler:
     enabled = False
@@ -67,7 +69,7 @@ class LossScaler:
         found_inf = torch.zeros(1, dtype=torch.float32)
         inv_scale = self._scale.double().reciprocal().float().reshape(1)
         by_device: dict[tuple, list[torch.Tensor]] = {}
-        for grad in grads:
+        for grad in map(local_values, grads):  # FSDP: each rank checks and unscales its shard
             by_device.setdefault((grad.device, grad.dtype), []).append(grad)
         for (device, _), group in by_device.items():
             found = found_inf.to(device)

@@ -1,10 +1,10 @@
 """Where the optimizer's arithmetic happens and how its result is rounded back to the parameters.
 
 - `FullPrecisionUpdate`: fp32 parameters; the optimizer steps on them directly.
-- `LowPrecisionUpdate`: 16-bit parameters. For the step, each parameter's data is swapped for an
-  fp32 tensor (its master weight, or a transient upcast) and its gradient for an fp32 copy; the
-  wrapped optimizer, whatever it is, steps in fp32 (its states are fp32); the result is rounded
-  back into the 16-bit parameter:
+- `LowPrecisionUpdate`: 16-bit parameters. For the step, the optimizer holds an fp32 stand-in for
+  each parameter (its master weight, or a transient upcast) with an fp32 copy of its gradient;
+  the wrapped optimizer, whatever it is, steps in fp32 (its states are fp32); the result is
+  rounded back into the 16-bit parameter, in place (for FSDP2: into the rank's shard):
 
   * master weights (``O2``, Micikevicius et al. 2018): the fp32 copy persists between steps, so
     updates smaller than the 16-bit spacing accumulate in it; write-back rounds to nearest.
@@ -19,6 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 
 from lowbit.formats import cast
@@ -32,6 +35,10 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
 class FullPrecisionUpdate:
     def wrap(self, optimizer) -> None:
         pass
+
+    def fp32_params(self, optimizer):
+        """Within: the optimizer's parameters are fp32 (they are)."""
+        return contextlib.nullcontext()
 
     def prepare(self, optimizer) -> list[torch.Tensor]:
         """Ready the gradients for unscaling/clipping; returns them."""
@@ -51,59 +58,110 @@ class FullPrecisionUpdate:
 
 
 class LowPrecisionUpdate:
-    """16-bit parameters updated in fp32 with master weights, SR or Kahan write-back."""
+    """16-bit parameters updated in fp32 with master weights, SR or Kahan write-back.
+
+    The optimizer never sees a 16-bit parameter's data: for the step (and while a checkpoint's
+    optimizer states are loaded or initialized) each 16-bit parameter is replaced in the
+    optimizer's ``param_groups``, and its states re-keyed, by an fp32 stand-in: the persistent
+    master weight, or a transient upcast. The rounded result is written back into the parameter
+    in place, so the parameter object, its dtype and its storage never change. That is what makes
+    the update work on FSDP2's sharded parameters: a sharded parameter is a DTensor whose local
+    shard is a view of the storage FSDP all-gathers from, so the master weights, Kahan buffers and
+    the write-back are per shard (``DTensor._local_tensor``); assigning ``p.data`` would change
+    the DTensor's metadata but not its local shard.
+    """
 
     def __init__(self, master: bool, rounding: UpdateRounding):
         self.master = master
         self.rounding = rounding
-        self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master
+        self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master (DTensor if sharded)
         self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
-        self._low: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit data while swapped
+        self._stand_ins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, fp32)
 
     def wrap(self, optimizer) -> None:
         """Keep fp32 optimizer states fp32 when a checkpoint is loaded.
 
-        ``Optimizer.load_state_dict`` casts floating states to each parameter's dtype; for the
-        load, the 16-bit parameters briefly show fp32 data, so the states keep their precision.
+        ``Optimizer.load_state_dict`` casts floating states to each parameter's dtype; during the
+        load the optimizer holds the fp32 stand-ins, so the states keep their precision.
         """
-        stash: dict[int, torch.Tensor] = {}
+        loading: list = []
 
         def before_load(opt, state_dict):
-            for p in optimizer_params(opt):
-                if p.is_floating_point() and p.dtype != torch.float32:
-                    stash[id(p)] = p.data
-                    p.data = p.data.float()
+            loading.append(self._swap_in(opt, self._upcasts(opt)))
 
         def after_load(opt):
-            for p in optimizer_params(opt):
-                if id(p) in stash:
-                    p.data = stash.pop(id(p))
+            self._swap_out(opt, loading.pop())
 
         optimizer.register_load_state_dict_pre_hook(before_load)
         optimizer.register_load_state_dict_post_hook(after_load)
 
+    @contextlib.contextmanager
+    def fp32_params(self, optimizer):
+        """Within: the optimizer holds fp32 stand-ins for its 16-bit parameters (e.g. for
+        creating its states from fp32 data); afterwards the states belong to the parameters."""
+        swapped = self._swap_in(optimizer, self._upcasts(optimizer))
+        try:
+            yield
+        finally:
+            self._swap_out(optimizer, swapped)
+
+    # --- stand-ins ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _low(p: torch.Tensor) -> bool:
+        return p.is_floating_point() and p.dtype != torch.float32
+
+    def _upcasts(self, optimizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            id(p): (p, self.masters[id(p)] if id(p) in self.masters else _fp32_leaf(p))
+            for p in optimizer_params(optimizer)
+            if self._low(p)
+        }
+
+    @staticmethod
+    def _swap_in(optimizer, pairs: dict) -> dict:
+        """Put each pair's fp32 tensor in its parameter's place (param_groups and states)."""
+        for group in optimizer.param_groups:
+            group["params"] = [pairs[id(p)][1] if id(p) in pairs else p for p in group["params"]]
+        for p, hp in pairs.values():
+            if p in optimizer.state:
+                optimizer.state[hp] = optimizer.state.pop(p)
+        return pairs
+
+    @staticmethod
+    def _swap_out(optimizer, pairs: dict) -> None:
+        back = {id(hp): p for p, hp in pairs.values()}
+        for group in optimizer.param_groups:
+            group["params"] = [back.get(id(t), t) for t in group["params"]]
+        for p, hp in pairs.values():
+            hp.grad = None
+            if hp in optimizer.state:
+                optimizer.state[p] = optimizer.state.pop(hp)
+
     def _high_precision(self, p: torch.Tensor) -> torch.Tensor:
         if self.master:
             if id(p) not in self.masters:
-                self.masters[id(p)] = p.data.float()
+                self.masters[id(p)] = _fp32_leaf(p)
             return self.masters[id(p)]
-        value = p.data.float()
+        value = _fp32_leaf(p)
         if self.rounding is UpdateRounding.KAHAN and id(p) in self.compensation:
-            value = value + self.compensation[id(p)].float()
+            with torch.no_grad():
+                value.add_(self.compensation[id(p)])
         return value
+
+    # --- the step ----------------------------------------------------------------------------
 
     def prepare(self, optimizer) -> list[torch.Tensor]:
         grads = []
         for p in optimizer_params(optimizer):
-            if p.grad is None or not p.is_floating_point() or p.dtype == torch.float32:
+            if p.grad is None or not self._low(p):
                 if p.grad is not None:
                     grads.append(p.grad)
                 continue
-            self._low[id(p)] = p.data
-            grad32 = p.grad.float()
-            p.data = self._high_precision(p)
-            p.grad = grad32
-            grads.append(grad32)
+            hp = self._high_precision(p)
+            hp.grad = p.grad.float()
+            self._stand_ins[id(p)] = (p, hp)
+            grads.append(hp.grad)
         return grads
 
     def _round(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,32 +171,37 @@ class LowPrecisionUpdate:
         return value.to(dtype)
 
     def step(self, optimizer) -> None:
-        optimizer.step()
-        for p in optimizer_params(optimizer):
-            low = self._low.pop(id(p), None)
-            if low is None:
-                continue
-            new = p.data
-            rounded = self._round(new, low.dtype)
-            if self.master:
-                self.masters[id(p)] = new
-            if self.rounding is UpdateRounding.KAHAN:
-                self.compensation[id(p)] = (new - rounded.float()).to(low.dtype)
-            p.grad = None  # the fp32 gradient cannot stay on a 16-bit parameter
-            p.data = rounded
+        pairs, self._stand_ins = self._stand_ins, {}
+        self._swap_in(optimizer, pairs)
+        try:
+            optimizer.step()
+        finally:
+            self._swap_out(optimizer, pairs)
+        with torch.no_grad():
+            for p, hp in pairs.values():
+                new = local_values(hp)
+                rounded = self._round(new, p.dtype)
+                if self.rounding is UpdateRounding.KAHAN:
+                    if id(p) not in self.compensation:
+                        self.compensation[id(p)] = torch.zeros_like(p.detach())
+                    local_values(self.compensation[id(p)]).copy_(new - rounded.float())
+                local_values(p).copy_(
+                    rounded
+                )  # in place: a sharded parameter's shard is FSDP's storage
+                p.grad = None  # the step consumed it (its fp32 copy was the stand-in's)
 
     def abort(self, optimizer) -> None:
         """Undo `prepare` for a skipped step: the 16-bit parameters come back untouched."""
-        for p in optimizer_params(optimizer):
-            low = self._low.pop(id(p), None)
-            if low is not None:
-                p.grad = None
-                p.data = low
+        for p, hp in self._stand_ins.values():
+            p.grad = hp.grad = None
+        self._stand_ins = {}
 
     def state_dict(self, optimizer) -> dict:
         order = {id(p): index for index, p in enumerate(optimizer_params(optimizer))}
         return {
-            "masters": {order[k]: v.clone() for k, v in self.masters.items() if k in order},
+            "masters": {
+                order[k]: v.detach().clone() for k, v in self.masters.items() if k in order
+            },
             "compensation": {
                 order[k]: v.clone() for k, v in self.compensation.items() if k in order
             },
@@ -146,7 +209,28 @@ class LowPrecisionUpdate:
 
     def load_state_dict(self, state: dict, optimizer) -> None:
         params = optimizer_params(optimizer)
-        self.masters = {id(params[i]): v.clone() for i, v in state.get("masters", {}).items()}
+        self.masters = {
+            id(params[i]): v.detach().clone().requires_grad_()
+            for i, v in state.get("masters", {}).items()
+        }
         self.compensation = {
             id(params[i]): v.clone() for i, v in state.get("compensation", {}).items()
         }
+
+
+def _fp32_leaf(p: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of ``p`` that an optimizer can step (a DTensor for a sharded ``p``)."""
+    return p.detach().float().requires_grad_()
+
+
+def local_values(t: torch.Tensor) -> torch.Tensor:
+    """The values this process holds: a DTensor's local shard (a view of FSDP's storage, so writes
+    reach the next all-gather), or the tensor's data itself."""
+    return t._local_tensor if _is_dtensor(t) else t.detach()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # without importing torch.distributed (slow, absent from some builds): a DTensor's module is
+    # loaded whenever one exists
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
