@@ -102,14 +102,16 @@ class AllReduceAgreement(ScaleAgreement):
         self.group = group
         self.device = device
         self.calls = 0
+        self.bytes = 0  # amax payload handed to all-reduces (per rank)
 
     def amax(self, amax: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        out = amax.detach().float().reshape(1).to(self.device, copy=True)
+        out = amax.detach().float().reshape(-1).to(self.device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         self.calls += 1
-        return out.reshape(()).to(amax.device)
+        self.bytes += out.numel() * out.element_size()
+        return out.reshape(amax.shape).to(amax.device)
 
     def all_finite(self, finite: bool) -> bool:
         import torch.distributed as dist

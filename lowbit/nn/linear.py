@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import apply_blockwise, random_hadamard
 from lowbit.nn.gemm import emulated_gemm
-from lowbit.nn.operand import AmaxHistory, quantize_operand
+from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand
 from lowbit.recipes.recipe import GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
 
 
@@ -115,9 +115,13 @@ def quantized_gemm(
     return emulated_gemm(qa, qb)
 
 
-def _batch(name: str) -> bool:
-    """Operands other than the weight (``*.w``) depend on the batch, so differ across ranks."""
-    return not name.endswith(".w")
+def _batch(name: str) -> BatchAxis:
+    """Where an operand holds the batch's tokens: nowhere for the weight (``*.w``); along the
+    contraction axis for the weight gradient's (``grad_weight.*``, contracted over tokens); one per
+    row for the others (``forward.x``, ``grad_input.grad_out``)."""
+    if name.endswith(".w"):
+        return BatchAxis.NONE
+    return BatchAxis.COLUMNS if name.startswith("grad_weight.") else BatchAxis.ROWS
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -133,7 +137,9 @@ class LowbitLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             forward = spec.forward
             if forward.transform is Transform.NONE:
-                qx = quantize_operand(x, forward.a, state.histories.get("forward.x"), True)
+                qx = quantize_operand(
+                    x, forward.a, state.histories.get("forward.x"), _batch("forward.x")
+                )
                 qw = quantize_operand(weight, forward.b, state.histories.get("forward.w"))
                 if state.observer is not None:
                     state.observer("forward.x", x, qx)
@@ -172,13 +178,16 @@ class LowbitLinearFunction(torch.autograd.Function):
         shared = _reusable(spec.grad_input.a, spec.grad_weight.a) and (
             spec.grad_input.transform is Transform.NONE
         )
-        qg = quantize_operand(grad_out, spec.grad_input.a, None, True) if shared else None
+        qg = quantize_operand(grad_out, spec.grad_input.a, None, BatchAxis.ROWS) if shared else None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if qw is not None:
                     qg_in = qg or quantize_operand(
-                        grad_out, gemm.a, state.histories.get("grad_input.grad_out"), True
+                        grad_out,
+                        gemm.a,
+                        state.histories.get("grad_input.grad_out"),
+                        _batch("grad_input.grad_out"),
                     )
                     if state.observer is not None:
                         state.observer("grad_input.grad_out", grad_out, qg_in)
@@ -195,7 +204,10 @@ class LowbitLinearFunction(torch.autograd.Function):
                         _transposed(qg)
                         if qg is not None
                         else quantize_operand(
-                            grad_out.t(), gemm.a, state.histories.get("grad_weight.grad_out"), True
+                            grad_out.t(),
+                            gemm.a,
+                            state.histories.get("grad_weight.grad_out"),
+                            _batch("grad_weight.grad_out"),
                         )
                     )
                     if state.observer is not None:

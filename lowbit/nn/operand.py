@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from lowbit.formats import Granularity, QTensor, quantize
@@ -9,20 +11,36 @@ from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
 
+class BatchAxis(str, Enum):
+    """Where a 2-D GEMM operand (quantized along its last axis) holds the batch's tokens, which
+    data-parallel ranks split between them."""
+
+    NONE = "none"  # a weight: the same on every rank
+    ROWS = "rows"  # one token per row (forward.x, grad_input.grad_out): quantized along features
+    COLUMNS = "columns"  # quantized along the tokens (grad_weight.*): every row spans the batch
+
+
 class ScaleAgreement:
     """How the ranks of a data-parallel job agree on scales; this base object is the one-process
     no-op. `lowbit.distributed` installs one that all-reduces (`set_scale_agreement`).
 
-    A tensorwise scale is ``amax / format_max``; a batch-dependent operand (activation, gradient)
-    has a different amax on every rank, so each rank would quantize with its own scale. Taking the
-    max over ranks gives every rank the scale a single process would compute on the global batch.
-    Block-scaled operands (MX, 1x128 tiles) need nothing: each block lies within one rank's rows.
+    A scale is ``amax / format_max`` over the values it covers; when those values are split over
+    ranks (a batch-dependent operand: activation, gradient), each rank would quantize with its own
+    scale. Taking the max over ranks gives every rank the scale a single process would compute on
+    the global batch. Which amaxes that takes (`agreed_amax`):
+
+    - a tensorwise scale, and NVFP4's per-tensor scale (its 16-blocks are one rank's): the tensor
+      amax, for every batch-dependent operand;
+    - per-row scales (granularity ``axis``) of an operand quantized along the tokens (the weight
+      gradient's operands, ``BatchAxis.COLUMNS``): each row's amax; rows that are tokens
+      (``BatchAxis.ROWS``) lie on one rank and need nothing;
+    - block scales (MX, 1x128 tiles) need nothing: each block lies within one rank's tokens.
     """
 
-    active = False  # True: quantize_operand reduces the amax of batch-dependent tensorwise operands
+    active = False  # True: quantize_operand reduces the amaxes of batch-dependent operands
 
     def amax(self, amax: torch.Tensor) -> torch.Tensor:
-        """The max of ``amax`` over ranks (fp32 scalar)."""
+        """The elementwise max of ``amax`` over ranks (fp32, same shape)."""
         return amax
 
     def all_finite(self, finite: bool) -> bool:
@@ -97,26 +115,39 @@ def plain_cast(x: torch.Tensor, spec: OperandSpec) -> QTensor:
     )
 
 
+def agreed_amax(granularity: Granularity, batch: BatchAxis) -> str | None:
+    """Which amax of ``x`` the ranks must agree on: "tensor", "row" or None (see `ScaleAgreement`)."""
+    if batch is BatchAxis.NONE:
+        return None
+    if granularity in (Granularity.TENSOR, Granularity.NVFP4):
+        return "tensor"
+    if granularity is Granularity.AXIS and batch is BatchAxis.COLUMNS:
+        return "row"
+    return None
+
+
 def quantize_operand(
     x: torch.Tensor,
     spec: OperandSpec,
     history: AmaxHistory | None = None,
-    batch_dependent: bool = False,
+    batch: BatchAxis = BatchAxis.NONE,
 ) -> QTensor:
     """Quantize a 2-D operand along its last axis (the GEMM's contraction axis).
 
-    ``batch_dependent``: an activation or gradient (not a weight), whose tensor amax the ranks of a
-    data-parallel job agree on (see `ScaleAgreement`).
+    ``batch``: where the operand holds the batch's tokens (an activation or gradient; NONE for a
+    weight); the ranks of a data-parallel job agree on the amaxes that span them (`ScaleAgreement`).
     """
     if spec.is_plain_cast:
         return plain_cast(x, spec)
     amax = None
-    agree = batch_dependent and _agreement.active and spec.granularity is Granularity.TENSOR
+    agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
         current = x.detach().abs().amax().float()
         amax = history.scaling_amax(_agreement.amax(current) if agree else current)
-    elif agree:
+    elif agree == "tensor":
         amax = _agreement.amax(x.detach().abs().amax().float())
+    elif agree == "row":
+        amax = _agreement.amax(x.detach().abs().amax(dim=-1).float())
     return quantize(
         x,
         spec.format,

@@ -101,6 +101,36 @@ def histories(model) -> dict:
     }
 
 
+def scales(recipe, rank, world, ranks, together) -> dict:
+    """``operand -> (scale, tensor scale)`` of every quantized operand in one forward and backward
+    of a two-layer MLP on this rank's 32 rows of a global batch."""
+    import contextlib
+
+    from lowbit.nn.convert import lowbit_layers
+    from lowbit.precision import Precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    precision = Precision(recipe)
+    precision.convert(model)
+    seen = {}
+
+    def observe(layer, operand, x, q):
+        tensor_scale = None if q.tensor_scale is None else q.tensor_scale.clone()
+        seen[f"{layer}:{operand}"] = (q.scale.clone(), tensor_scale)
+
+    for name, layer in lowbit_layers(model).items():
+        layer.lowbit_state.observer = lambda *args, name=name: observe(name, *args)
+    rows = torch.randn(world * 32, 64, generator=torch.Generator().manual_seed(1))
+    x = rows[rank * 32 : (rank + 1) * 32] * (1 + 3 * rank)  # ranks differ in range
+    with contextlib.nullcontext() if together else ranks.alone():
+        with precision.autocast():
+            loss = model(x).float().square().mean()
+        precision.backward(loss)
+    assert seen
+    return seen
+
+
 def _on_two_ranks(rank, world, out, resume_from):
     from lowbit.distributed import Ranks
     from lowbit.precision import Precision
@@ -138,6 +168,12 @@ def _on_two_ranks(rank, world, out, resume_from):
     with ranks.alone():
         trainer.step()
     results["alone"] = histories(trainer.model)
+
+    # row (fp8-rowwise) and NVFP4 tensor scales, agreed vs alone, on each rank's own rows
+    results["scales"] = {
+        recipe: {together: scales(recipe, rank, world, ranks, together) for together in (1, 0)}
+        for recipe in ("fp8-rowwise", "nvfp4")
+    }
 
     # the loss scaler's decision: rank 1 alone overflows
     decisions = []
@@ -254,6 +290,34 @@ def test_every_rank_scales_with_the_same_amax(two_ranks):
     same = [n for n in batch if torch.equal(alone0[n][0], alone1[n][0])]
     assert batch and len(same) < len(batch) / 4, same
     assert all(torch.equal(alone0[n], alone1[n]) for n in alone0 if n.endswith(".w"))
+
+
+def test_every_rank_uses_the_same_row_and_nvfp4_tensor_scales(two_ranks):
+    """fp8-rowwise: the weight gradient's operands are quantized along the tokens, so each row
+    spans both ranks' tokens and its scale is agreed; the forward's per-token rows are each one
+    rank's own. NVFP4: the per-tensor scale of every activation and gradient is agreed."""
+    _, (rank0, rank1) = two_ranks
+
+    def differing(recipe, together, pick):
+        a, b = rank0["scales"][recipe][together], rank1["scales"][recipe][together]
+        assert a.keys() == b.keys()
+        return [n for n in a if not torch.equal(pick(a[n]), pick(b[n]))]
+
+    def batch(name):
+        return not name.endswith(".w")
+
+    rowwise = rank0["scales"]["fp8-rowwise"][1]
+    across = [n for n in rowwise if ":grad_weight." in n]
+    assert len(across) == 4
+    assert not set(across) & set(differing("fp8-rowwise", 1, lambda s: s[0]))
+    assert set(across) <= set(differing("fp8-rowwise", 0, lambda s: s[0]))  # alone: they differ
+    # per-token rows (forward.x) stay each rank's own, agreed or not
+    assert "0:forward.x" in differing("fp8-rowwise", 1, lambda s: s[0])
+
+    nvfp4 = [n for n in rank0["scales"]["nvfp4"][1] if batch(n)]
+    assert len(nvfp4) == 7  # the first layer has no input gradient
+    assert not set(nvfp4) & set(differing("nvfp4", 1, lambda s: s[1]))
+    assert set(nvfp4) == set(differing("nvfp4", 0, lambda s: s[1]))
 
 
 def test_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
