@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats.cast import Rounding, cast_to_carrier_
 from lowbit.formats.scaling import (
@@ -23,7 +24,7 @@ from lowbit.formats.scaling import (
     nvfp4_scales,
     scale_from_amax,
 )
-from lowbit.formats.spec import Format, IntFormat, get
+from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
 
 def carrier_dtype(fmt: Format) -> torch.dtype:
@@ -107,6 +108,82 @@ def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Gran
     if rule is ScaleRule.POW2:
         return bool((scale >= torch.finfo(torch.float32).tiny).all())  # 2**-126: 1/s <= 2**126
     return False
+
+
+_KERNEL_RULES = {
+    ScaleRule.AMAX: 0,
+    ScaleRule.POW2: 1,
+    ScaleRule.MX_FLOOR: 2,
+    ScaleRule.MX_CEIL: 3,
+}
+_KERNEL_NVFP4_RULE = 4
+_KERNEL_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fusable(x, fmt, granularity, block_size) -> bool:
+    """Whether `lowbit.kernels` computes this quantization (the same values, in one pass)."""
+    small_float = (  # fp8/fp6/fp4: bf16 carrier, magic-number rounding (cast.py)
+        isinstance(fmt, FloatFormat)
+        and fmt.encoding is not Encoding.SCALE
+        and fmt.ebits < 8
+        and carrier_dtype(fmt) == torch.bfloat16
+    )
+    one_row_blocks = granularity is not Granularity.BLOCK2D and not (
+        granularity is Granularity.NVFP4 and isinstance(block_size, tuple | list)
+    )
+    return (
+        (small_float or isinstance(fmt, IntFormat))
+        and one_row_blocks
+        and x.dtype in _KERNEL_INPUTS
+        and x.numel() > 0
+        and kernels.usable(x)
+    )
+
+
+def _quantize_fused(
+    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator
+) -> QTensor:
+    """`quantize` through the fused CPU kernel (granularities with 1-row blocks).
+
+    Stochastic rounding draws its uniforms with `torch.rand` from ``generator`` in the shape the
+    PyTorch path draws them (rows x cols padded to whole blocks), so both give the same bits.
+    """
+    matrix = to_matrix(x, axis)
+    if matrix.stride(1) != 1 and matrix.shape[1] > 1:
+        matrix = matrix.contiguous()
+    rows, cols = matrix.shape
+    block = block_shape(granularity, (rows, cols), block_size)
+    if cols % block[1] and not pad:
+        _pad_to_blocks(matrix, block, pad)  # raises the usual error
+    if amax is not None and granularity is Granularity.AXIS:
+        amax = _external_block_amax(amax, rows, granularity).reshape(rows)
+    noise = None
+    if rounding is Rounding.STOCHASTIC:
+        padded = cols if granularity is Granularity.TENSOR else cols + (-cols) % block[1]
+        noise = torch.rand(rows, padded, generator=generator, dtype=torch.float32)
+    values, scale, tensor_scale = kernels.quantize_rows(
+        matrix,
+        0 if granularity is Granularity.TENSOR else block[1],
+        integer=isinstance(fmt, IntFormat),
+        mbits=getattr(fmt, "mbits", 0),
+        emin=getattr(fmt, "emin", 0),
+        emax=getattr(fmt, "emax", 0),
+        fmt_max=float(fmt.max),
+        rule=_KERNEL_NVFP4_RULE if granularity is Granularity.NVFP4 else _KERNEL_RULES[rule],
+        amax=amax,
+        noise=noise,
+    )
+    nvfp4 = granularity is Granularity.NVFP4
+    return QTensor(
+        values=from_matrix(values, x.shape, axis),
+        scale=scale,
+        fmt=fmt,
+        granularity=granularity,
+        block=block,
+        axis=axis,
+        tensor_scale=tensor_scale.reshape(()) if nvfp4 else None,
+        scale_rule=None if nvfp4 else rule,
+    )
 
 
 _EXTERNAL_AMAX = (Granularity.TENSOR, Granularity.AXIS, Granularity.NVFP4)
@@ -205,6 +282,11 @@ def quantize(
             f"an external amax needs granularity 'tensor', 'axis' or 'nvfp4', got {granularity.value}"
         )
     axis = axis % max(x.dim(), 1)
+    rounding = Rounding(rounding)
+    if _fusable(x, fmt, granularity, block_size):
+        return _quantize_fused(
+            x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator
+        )
 
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself
     rows, cols = matrix.shape

@@ -19,3 +19,16 @@ SMALL_FORMATS = ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]
 @pytest.fixture(params=list(REFERENCE_TYPES))
 def reference_format(request):
     return request.param, REFERENCE_TYPES[request.param]
+
+
+@pytest.fixture(params=["fused", "torch"])
+def quantize_path(request):
+    """Run a test through the fused CPU kernel and through the PyTorch path (CUDA's)."""
+    from lowbit import kernels
+
+    if request.param == "torch":
+        with kernels.disabled():
+            yield request.param
+    else:
+        assert kernels.available(), f"the fused kernels did not build: {kernels.build_error()}"
+        yield request.param

@@ -163,12 +163,14 @@ SCHEMES = [
 
 
 @pytest.mark.parametrize(("name", "granularity", "block", "rule"), SCHEMES, ids=str)
-def test_quantize_equals_the_reference_algorithm(name, granularity, block, rule):
+def test_quantize_equals_the_reference_algorithm(name, granularity, block, rule, quantize_path):
     cases = [
         (awkward_tensor((48, 256)), -1),
         (awkward_tensor((48, 256), torch.bfloat16), -1),
         (awkward_tensor((6, 40, 64)), 1),  # axis not last: a moved copy
         (awkward_tensor((5, 50)), -1),  # ragged: padded blocks
+        (awkward_tensor((48, 256), torch.float16), -1),
+        (awkward_tensor((256, 48)).t(), -1),  # transposed: strided rows
     ]
     for x, axis in cases:
         if isinstance(block, tuple) and x.dim() != 2:
@@ -181,7 +183,7 @@ def test_quantize_equals_the_reference_algorithm(name, granularity, block, rule)
         assert_same_bits(q.scale, scale)
 
 
-def test_quantize_leaves_its_input_alone_and_handles_nan_and_delayed_amax():
+def test_quantize_leaves_its_input_alone_and_handles_nan_and_delayed_amax(quantize_path):
     x = awkward_tensor((32, 64))
     x[3, 5] = float("nan")
     before = x.clone()

@@ -1,0 +1,120 @@
+"""Fused CPU kernels, compiled on first use with the machine's C++ compiler.
+
+Why lowbit has its own C++ here: bit-faithful emulation of fp8/fp6/fp4/int8 quantization needs
+rounding onto formats that PyTorch's CPU kernels do not have (fp6, fp4, OCP MX block scales, NVFP4's
+two-level scales), and composing it from PyTorch ops costs about a dozen passes over every GEMM
+operand. torchao's MX/NVFP4 casts target CUDA (Triton) and `torch.compile`'s CPU code drops
+fp32 -> bf16 round trips unless told otherwise, so no well-kept library does this job on CPU.
+`quantize.cpp` does the block amax, the scale and the rounding in one pass per block, bit-identical
+to the PyTorch path it replaces (tests/kernels check every format, granularity and scale rule).
+
+The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
+quantized: about half a minute once per machine, then milliseconds. Without a compiler, or with
+``LOWBIT_KERNELS=0`` in the environment, lowbit warns once and uses the PyTorch path (same results,
+slower). CUDA tensors always take the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("quantize.cpp")
+# -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds as PyTorch's does.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_lock = threading.Lock()
+_state = {"loaded": None, "error": None}
+_local = threading.local()
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    cpp_extension.load(
+        name="lowbit_kernels",
+        sources=[str(_SOURCE)],
+        extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    seconds = time.perf_counter() - start
+    if seconds > 3:  # a compile, not a cache hit
+        print(
+            f"lowbit: compiled the fused quantization kernels in {seconds:.0f} s", file=sys.stderr
+        )
+
+
+def available() -> bool:
+    """True when the fused kernels are compiled and loaded (builds them on the first call)."""
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def _load() -> bool:
+    if os.environ.get("LOWBIT_KERNELS", "1") == "0":
+        return False
+    try:
+        _build()
+    except Exception as error:  # no compiler, no ninja, a build error: fall back, say why
+        _state["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        warnings.warn(
+            "lowbit: could not build the fused quantization kernels "
+            f"({_state['error']}); using the PyTorch path (same results, slower). "
+            "Install a C++ compiler and `pip install ninja`, or set LOWBIT_KERNELS=0 to silence this.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def build_error() -> str | None:
+    """Why the kernels could not be built (None when they were, or were not tried)."""
+    return _state["error"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this context (this thread), quantization takes the PyTorch path."""
+    previous = getattr(_local, "disabled", False)
+    _local.disabled = True
+    try:
+        yield
+    finally:
+        _local.disabled = previous
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a tensor can go through the fused kernels now."""
+    return x.device.type == "cpu" and not getattr(_local, "disabled", False) and available()
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    block: int,
+    *,
+    integer: bool,
+    mbits: int,
+    emin: int,
+    emax: int,
+    fmt_max: float,
+    rule: int,
+    amax: torch.Tensor | None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, scale, tensor_scale)`` of a 2-D CPU tensor; see quantize.cpp for the arguments."""
+    return torch.ops.lowbit.quantize_rows(
+        x, block, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise
+    )

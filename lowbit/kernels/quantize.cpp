@@ -1,0 +1,349 @@
+// Fused CPU quantization: block amax, scale and rounding onto a format's grid in one pass.
+//
+// `lowbit.formats.quantize` spends most of its time in a dozen elementwise PyTorch passes per
+// operand (amax, divide, clamp, exponent field, magic add/subtract, copysign, carrier conversion).
+// This kernel does the same arithmetic, in the same order and in fp32, per block while the block
+// is in cache: one read of the input and one write of the carrier values (two reads for scales
+// that need the whole tensor's amax first). Every result is bit-identical to the PyTorch path
+// (tests/kernels compare them bit for bit); the math is documented there:
+//   lowbit/formats/cast.py     _nearest_on_grid (magic-number round-to-nearest-even), pow2, binade
+//   lowbit/formats/scaling.py  scale_from_amax (amax / pow2 / mx_floor / mx_ceil), nvfp4_scales
+//
+// Inputs are the axis-last matrix (rows x cols, unit column stride) in fp32, bf16 or fp16; every
+// element is widened to fp32 first, exactly as `x.float()` does.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+enum Kind : int64_t { kFloatGrid = 0, kInt = 1 };
+enum Rule : int64_t { kAmax = 0, kPow2 = 1, kMxFloor = 2, kMxCeil = 3, kNvfp4 = 4 };
+
+constexpr uint32_t kExponentMask = 0x7F800000u;
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kHalfMantissa = 0x00400000u;
+constexpr int32_t kBias = 127;
+constexpr int32_t kMantissaBits = 23;
+constexpr float kFp4Max = 6.0f;
+constexpr float kE4m3Max = 448.0f;
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float widen(c10::Half x) { return static_cast<float>(x); }
+
+// floor(log2|x|) from the exponent field (-127 for zero and subnormals), as `binade`.
+inline int32_t binade(float x) {
+  return static_cast<int32_t>((bits_of(x) >> kMantissaBits) & 0xFF) - kBias;
+}
+
+// Exact 2**e for e in [-252, 127] as the product of two normal powers of two, as `pow2`.
+inline float pow2(int32_t e) {
+  const int32_t high = std::max(e, -126) + kBias;
+  const int32_t low = std::min(std::max(e + 126, -126), 0) + kBias;
+  return float_of(static_cast<uint32_t>(high) << kMantissaBits) *
+         float_of(static_cast<uint32_t>(low) << kMantissaBits);
+}
+
+// clamp(x, -max, max) with NaN passing through, as torch.clamp.
+inline float clamp_nan(float x, float max) { return x < -max ? -max : (x > max ? max : x); }
+
+// The grid a float format's values lie on (see `_nearest_on_grid`).
+struct Grid {
+  float max;
+  int32_t lowest;   // exponent field of the smallest normal binade, in fp32 bit position
+  int32_t highest;  // exponent field of the largest binade
+  int32_t offset;   // magic number = exponent field + offset: 1.5 * 2**(23 - mbits) * quantum
+
+  Grid(int64_t mbits, int64_t emin, int64_t emax, double max_value)
+      : max(static_cast<float>(max_value)),
+        lowest(static_cast<int32_t>((emin + kBias) << kMantissaBits)),
+        highest(static_cast<int32_t>((emax + kBias) << kMantissaBits)),
+        offset(static_cast<int32_t>(((kMantissaBits - mbits) << kMantissaBits) + kHalfMantissa)),
+        emin(static_cast<int32_t>(emin)),
+        mbits(static_cast<int32_t>(mbits)) {}
+
+  int32_t emin;
+  int32_t mbits;
+
+  // Round-to-nearest-even onto the grid, saturating at +-max; NaN stays NaN.
+  inline float round(float x) const {
+    const float y = clamp_nan(x, max);
+    int32_t field = static_cast<int32_t>(bits_of(y) & kExponentMask);
+    field = std::min(std::max(field, lowest), highest);
+    const float magic = float_of(static_cast<uint32_t>(field + offset));
+    const float out = (y + magic) - magic;
+    return std::copysign(out, y);
+  }
+
+  // Stochastic rounding with the uniform draw u in [0, 1) (`_cast_float_generic`): the quantum q
+  // of the clamped value's binade, then floor(y / q) + [u < frac], times q.
+  inline float round_stochastic(float x, float u) const {
+    const float y = clamp_nan(x, max);
+    const int32_t e = std::max(binade(y), emin);
+    const float r = y * pow2(mbits - e);
+    const float low = std::floor(r);
+    return (low + (u < r - low ? 1.0f : 0.0f)) * pow2(e - mbits);
+  }
+};
+
+// fp32 -> bf16 bits of a value bf16 holds exactly (NaN -> 0x7FC0, as c10::BFloat16).
+inline uint16_t bf16_bits_exact(float x) {
+  return std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(bits_of(x) >> 16);
+}
+
+// Symmetric integer rounding: clamp to +-qmax, round half to even on the fp32 adder (|y| < 2**22).
+inline int8_t round_int(float y, float qmax) {
+  if (std::isnan(y)) return 0;
+  constexpr float magic = 12582912.0f;  // 1.5 * 2**23: ulp 1
+  const float r = (clamp_nan(y, qmax) + magic) - magic;
+  return static_cast<int8_t>(r);
+}
+
+// Stochastic integer rounding (`_cast_int`): floor(y) + [u < frac] after clamping to +-qmax.
+inline int8_t round_int_stochastic(float y, float qmax, float u) {
+  if (std::isnan(y)) return 0;
+  const float r = clamp_nan(y, qmax);
+  const float low = std::floor(r);
+  return static_cast<int8_t>(low + (u < r - low ? 1.0f : 0.0f));
+}
+
+// The dequantization scale of a block with largest magnitude `amax` (`scale_from_amax`).
+inline float scale_from_amax(float amax, float fmt_max, int32_t emax_elem, int64_t rule) {
+  if (!std::isfinite(amax)) return amax;
+  if (rule == kAmax) {
+    if (!(amax > 0.0f)) return 1.0f;
+    return std::max(amax / fmt_max, std::numeric_limits<float>::min());
+  }
+  int32_t exponent;
+  int32_t lo = -127;
+  int32_t hi = 127;
+  if (rule == kMxFloor) {
+    exponent = binade(amax) - emax_elem;
+  } else {  // kPow2, kMxCeil: the smallest power of two with amax / s <= max
+    const float ratio = amax / fmt_max;
+    exponent = binade(ratio);
+    exponent += ratio > pow2(std::min(std::max(exponent, -252), 127)) ? 1 : 0;
+    if (!(amax > 0.0f)) exponent = 0;
+    if (rule == kPow2) lo = -252;
+  }
+  return pow2(std::min(std::max(exponent, lo), hi));
+}
+
+// max |x| over n elements; NaN if any element is NaN. On the sign-cleared bit patterns integer
+// order is float order, and every NaN pattern is above inf's.
+template <typename T>
+inline float block_amax(const T* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    top = std::max(top, bits_of(widen(x[i])) & kAbsMask);
+  }
+  return float_of(top);
+}
+
+template <typename T>
+float tensor_amax(const T* x, int64_t rows, int64_t cols, int64_t row_stride) {
+  return at::parallel_reduce(
+      0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)), 0.0f,
+      [&](int64_t begin, int64_t end, float acc) {
+        uint32_t top = bits_of(acc);
+        for (int64_t r = begin; r < end; ++r) {
+          top = std::max(top, bits_of(block_amax(x + r * row_stride, cols)));
+        }
+        return float_of(top);
+      },
+      [](float a, float b) { return float_of(std::max(bits_of(a), bits_of(b))); });
+}
+
+struct Params {
+  int64_t kind;
+  Grid grid;
+  float fmt_max;
+  int32_t emax_elem;
+  int64_t rule;
+};
+
+// Round one block of `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one
+// per element) selects stochastic rounding, nullptr round-to-nearest-even.
+template <typename T>
+inline void cast_block(const T* x, int64_t n, float divisor, const Params& p, const float* noise,
+                       uint16_t* out_bf16, int8_t* out_int) {
+  const Grid grid = p.grid;
+  if (p.kind == kInt && noise) {
+    for (int64_t i = 0; i < n; ++i)
+      out_int[i] = round_int_stochastic(widen(x[i]) / divisor, p.fmt_max, noise[i]);
+  } else if (p.kind == kInt) {
+    for (int64_t i = 0; i < n; ++i) out_int[i] = round_int(widen(x[i]) / divisor, p.fmt_max);
+  } else if (noise) {
+    for (int64_t i = 0; i < n; ++i)
+      out_bf16[i] = bf16_bits_exact(grid.round_stochastic(widen(x[i]) / divisor, noise[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / divisor));
+  }
+}
+
+template <typename T>
+void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
+                   const c10::optional<at::Tensor>& given_amax, const float* noise,
+                   int64_t noise_stride, at::Tensor& values,
+                   at::Tensor& scale, at::Tensor& tensor_scale_out) {
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  const int64_t row_stride = x.stride(0);
+  const T* data = x.const_data_ptr<T>();
+  uint16_t* out_bf16 =
+      p.kind == kFloatGrid ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr()) : nullptr;
+  int8_t* out_int = p.kind == kInt ? values.mutable_data_ptr<int8_t>() : nullptr;
+  float* scales = scale.mutable_data_ptr<float>();
+
+  if (block == 0) {  // one scale for the whole tensor
+    const float amax = given_amax.has_value() ? given_amax->item<float>()
+                                              : tensor_amax(data, rows, cols, row_stride);
+    const float s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
+    scales[0] = s;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         cast_block(data + r * row_stride, cols, s, p,
+                                    noise ? noise + r * noise_stride : nullptr, out_bf16 ? out_bf16 + r * cols : nullptr,
+                                    out_int ? out_int + r * cols : nullptr);
+                       }
+                     });
+    return;
+  }
+
+  const int64_t blocks_per_row = (cols + block - 1) / block;
+  const float* row_amax = nullptr;  // a given per-row amax (granularity axis)
+  float tensor_scale = 1.0f;
+  if (p.rule == kNvfp4) {
+    const float amax = given_amax.has_value() ? given_amax->item<float>()
+                                              : tensor_amax(data, rows, cols, row_stride);
+    tensor_scale = amax > 0.0f ? amax / (kFp4Max * kE4m3Max) : 1.0f;
+    tensor_scale_out.fill_(tensor_scale);
+  } else if (given_amax.has_value()) {
+    row_amax = given_amax->const_data_ptr<float>();
+  }
+  const Grid e4m3(3, -6, 8, kE4m3Max);
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const T* row = data + r * row_stride;
+          for (int64_t b = 0; b < blocks_per_row; ++b) {
+            const int64_t start = b * block;
+            const int64_t n = std::min(block, cols - start);
+            const float amax = row_amax ? row_amax[r] : block_amax(row + start, n);
+            float s;
+            float divisor;
+            if (p.rule == kNvfp4) {
+              s = e4m3.round((amax / kFp4Max) / tensor_scale);
+              divisor = s * tensor_scale;
+              if (!(divisor > 0.0f)) divisor = 1.0f;
+            } else {
+              s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
+              divisor = s;
+            }
+            scales[r * blocks_per_row + b] = s;
+            const int64_t at = r * cols + start;
+            cast_block(row + start, n, divisor, p,
+                       noise ? noise + r * noise_stride + start : nullptr,
+                       out_bf16 ? out_bf16 + at : nullptr,
+                       out_int ? out_int + at : nullptr);
+            if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
+              std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
+            }
+          }
+        }
+      });
+}
+
+// (values, scale, tensor_scale) of `x` (rows x cols, unit column stride).
+//   block: columns per block; 0 for one scale over the whole tensor.
+//   kind: 0 float format (values in bf16), 1 symmetric integer (values in int8, qmax = fmt_max).
+//   rule: 0 amax, 1 pow2, 2 mx_floor, 3 mx_ceil, 4 nvfp4 (e4m3 block scales, fp32 tensor scale).
+//   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block == cols).
+//   noise: uniform draws in [0, 1) for stochastic rounding, fp32, rows x (cols padded to whole
+//     blocks): the layout in which the PyTorch path draws them for its zero-padded blocks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
+    const at::Tensor& x, int64_t block, int64_t kind, int64_t mbits, int64_t emin, int64_t emax,
+    double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
+    const c10::optional<at::Tensor>& noise) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "quantize_rows needs a unit column stride");
+  TORCH_CHECK(block >= 0, "block must be >= 0");
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  c10::optional<at::Tensor> given;
+  if (amax.has_value()) {
+    given = amax->to(at::kFloat).contiguous();
+    if (block != 0 && rule != kNvfp4) {
+      TORCH_CHECK(block >= cols && given->numel() == rows, "a per-row amax needs one per row");
+    }
+  }
+  const float* noise_data = nullptr;
+  int64_t noise_stride = 0;
+  if (noise.has_value()) {
+    const int64_t padded = block == 0 ? cols : (cols + block - 1) / block * block;
+    TORCH_CHECK(noise->scalar_type() == at::kFloat && noise->is_contiguous() &&
+                    noise->numel() == rows * padded,
+                "noise must be a contiguous fp32 tensor of rows x padded cols");
+    noise_data = noise->const_data_ptr<float>();
+    noise_stride = padded;
+  }
+  const Params p{kind, Grid(mbits, emin, emax, fmt_max), static_cast<float>(fmt_max),
+                 binade(static_cast<float>(fmt_max)), rule};
+  const auto opts = x.options();
+  at::Tensor values = at::empty({rows, cols}, opts.dtype(kind == kInt ? at::kChar : at::kBFloat16));
+  const int64_t grid_cols = block == 0 ? 1 : (cols + block - 1) / block;
+  at::Tensor scale = at::empty({block == 0 ? 1 : rows, grid_cols}, opts.dtype(at::kFloat));
+  at::Tensor tensor_scale = at::empty({rule == kNvfp4 ? 1 : 0}, opts.dtype(at::kFloat));
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      quantize_impl<float>(x, block, p, given, noise_data, noise_stride, values, scale,
+                              tensor_scale);
+      break;
+    case at::kBFloat16:
+      quantize_impl<c10::BFloat16>(x, block, p, given, noise_data, noise_stride, values, scale,
+                              tensor_scale);
+      break;
+    case at::kHalf:
+      quantize_impl<c10::Half>(x, block, p, given, noise_data, noise_stride, values, scale,
+                              tensor_scale);
+      break;
+    default:
+      TORCH_CHECK(false, "quantize_rows needs fp32, bf16 or fp16 input, got ", x.scalar_type());
+  }
+  return {values, scale, tensor_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit, m) {
+  m.def(
+      "quantize_rows(Tensor x, int block, int kind, int mbits, int emin, int emax, float fmt_max, "
+      "int rule, Tensor? amax, Tensor? noise) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_rows", &quantize_rows); }

@@ -1,0 +1,142 @@
+"""The fused CPU quantization kernel against the PyTorch path, bit for bit.
+
+tests/formats/test_fast_paths.py runs every format and granularity through both paths against the
+reference algorithm; these tests cover what only the kernel has: external amaxes, several threads,
+and the fallback when it is switched off.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.formats import quantize
+from tests.formats.test_fast_paths import assert_same_bits, awkward_tensor
+
+
+def both_paths(*args, **kwargs):
+    assert kernels.available(), f"the fused kernels did not build: {kernels.build_error()}"
+    fused = quantize(*args, **kwargs)
+    with kernels.disabled():
+        plain = quantize(*args, **kwargs)
+    return fused, plain
+
+
+def assert_same_qtensor(a, b):
+    assert_same_bits(a.values, b.values)
+    assert_same_bits(a.scale, b.scale)
+    assert (a.tensor_scale is None) == (b.tensor_scale is None)
+    if a.tensor_scale is not None:
+        assert_same_bits(a.tensor_scale, b.tensor_scale)
+    assert (a.block, a.axis, a.scale_rule, a.granularity) == (
+        b.block,
+        b.axis,
+        b.scale_rule,
+        b.granularity,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity", "amax"),
+    [
+        ("fp8_e4m3", "tensor", torch.tensor(3.0)),
+        ("fp8_e5m2", "tensor", torch.tensor(float("inf"))),
+        ("int8", "tensor", torch.tensor(0.0)),
+        ("fp8_e4m3", "axis", torch.linspace(0, 50, 48)),
+        ("int8", "axis", torch.linspace(1e-3, 5, 48)),
+        ("fp4_e2m1", "nvfp4", torch.tensor(1e4)),
+        ("fp4_e2m1", "nvfp4", torch.tensor(0.0)),
+    ],
+    ids=str,
+)
+def test_external_amax_matches_the_pytorch_path(name, granularity, amax):
+    x = awkward_tensor((48, 256)) * 1e-3
+    fused, plain = both_paths(x, name, granularity, amax=amax)
+    assert_same_qtensor(fused, plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity", "block"),
+    [("fp8_e4m3", "tensor", None), ("fp4_e2m1", "mx", None), ("fp4_e2m1", "nvfp4", None)],
+)
+def test_several_threads_give_the_one_thread_result(name, granularity, block):
+    x = awkward_tensor((512, 1024))
+    x[300, 7] = 1e6  # the tensor amax in one thread's half only
+    threads = torch.get_num_threads()
+    one = quantize(x, name, granularity, block_size=block)
+    torch.set_num_threads(4)
+    try:
+        many = quantize(x, name, granularity, block_size=block)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_qtensor(one, many)
+    with kernels.disabled():
+        assert_same_qtensor(one, quantize(x, name, granularity, block_size=block))
+
+
+def test_unpadded_ragged_blocks_are_refused_as_on_the_pytorch_path():
+    x = torch.randn(4, 50)
+    with pytest.raises(Exception, match="does not divide into 1x32 blocks"):
+        quantize(x, "fp8_e4m3", "mx", pad=False)
+
+
+def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
+    """``LOWBIT_KERNELS=0``: nothing is built or loaded, and quantize gives the same values."""
+    x = awkward_tensor((16, 64))
+    torch.save(x, tmp_path / "x.pt")
+    expected = quantize(x, "fp4_e2m1", "mx")
+    torch.save(expected.values, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch; from lowbit import kernels; from lowbit.formats import quantize\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "q = quantize(x, 'fp4_e2m1', 'mx')\n"
+        f"e = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "assert not kernels.available()\n"
+        "assert torch.equal(q.values.view(torch.int16), e.view(torch.int16))\n"
+        "print('fallback ok')\n"
+    )
+    env = {"LOWBIT_KERNELS": "0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity", "rule"),
+    [
+        ("fp4_e2m1", "mx", "mx_ceil"),
+        ("fp4_e2m1", "nvfp4", None),
+        ("fp8_e5m2", "tensor", None),
+        ("fp6_e3m2", "mx", None),
+        ("int8", "axis", None),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(48, 256), (5, 50)], ids=str)
+def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
+    name, granularity, rule, shape
+):
+    x = awkward_tensor(shape)
+    x.view(-1)[7] = float("nan") if name != "int8" else 0.0
+    fused = quantize(
+        x,
+        name,
+        granularity,
+        scale_rule=rule,
+        rounding="stochastic",
+        generator=torch.Generator().manual_seed(3),
+    )
+    with kernels.disabled():
+        plain = quantize(
+            x,
+            name,
+            granularity,
+            scale_rule=rule,
+            rounding="stochastic",
+            generator=torch.Generator().manual_seed(3),
+        )
+    assert_same_qtensor(fused, plain)
