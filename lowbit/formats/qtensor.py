@@ -92,6 +92,13 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high, low.neg_()).abs_().reshape(n0, 1, n1, 1)
 
 
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """``x.abs().amax()`` as an fp32 scalar in one pass over ``x`` and without an ``|x|`` copy
+    (``max(-min, max)`` from `torch.aminmax`; NaN propagates; ``abs`` turns -0.0 into +0.0)."""
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(high, low.neg()).abs().float()
+
+
 def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Granularity) -> bool:
     """Whether ``x * (1 / scale)`` equals ``x / scale`` bit for bit for these scales.
 
@@ -161,7 +168,13 @@ def _quantize_fused(
     if rounding is Rounding.STOCHASTIC:
         padded = cols if granularity is Granularity.TENSOR else cols + (-cols) % block[1]
         noise = torch.rand(rows, padded, generator=generator, dtype=torch.float32)
-    values, scale, tensor_scale = kernels.quantize_rows(
+    nvfp4 = granularity is Granularity.NVFP4
+    fold = (
+        not isinstance(fmt, IntFormat)
+        and block[1] < cols
+        and _scales_fold_exactly(granularity, None if nvfp4 else rule)
+    )
+    values, scale, tensor_scale, folded = kernels.quantize_rows(
         matrix,
         0 if granularity is Granularity.TENSOR else block[1],
         integer=isinstance(fmt, IntFormat),
@@ -172,8 +185,8 @@ def _quantize_fused(
         rule=_KERNEL_NVFP4_RULE if granularity is Granularity.NVFP4 else _KERNEL_RULES[rule],
         amax=amax,
         noise=noise,
+        fold=fold,
     )
-    nvfp4 = granularity is Granularity.NVFP4
     return QTensor(
         values=from_matrix(values, x.shape, axis),
         scale=scale,
@@ -183,6 +196,15 @@ def _quantize_fused(
         axis=axis,
         tensor_scale=tensor_scale.reshape(()) if nvfp4 else None,
         scale_rule=None if nvfp4 else rule,
+        folded=from_matrix(folded, x.shape, axis) if fold else None,
+    )
+
+
+def _scales_fold_exactly(granularity: Granularity, rule: ScaleRule | None) -> bool:
+    return granularity is Granularity.NVFP4 or rule in (
+        ScaleRule.MX_FLOOR,
+        ScaleRule.MX_CEIL,
+        ScaleRule.POW2,
     )
 
 
@@ -216,6 +238,14 @@ class QTensor:
     axis: int
     tensor_scale: torch.Tensor | None = None
     scale_rule: ScaleRule | None = None
+    folded: torch.Tensor | None = None
+
+    @property
+    def scales_fold_exactly(self) -> bool:
+        """Whether block scales times values stay exact in bf16: power-of-two scales (MX, pow2)
+        move only the exponent, and an e2m1 value (2 significant bits) times an NVFP4 e4m3 scale
+        (4 bits) has at most 6, within bf16's 8 (inside bf16's exponent range)."""
+        return _scales_fold_exactly(self.granularity, self.scale_rule)
 
     @property
     def shape(self) -> torch.Size:

@@ -113,8 +113,9 @@ def quantize_rows(
     rule: int,
     amax: torch.Tensor | None,
     noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(values, scale, tensor_scale)`` of a 2-D CPU tensor; see quantize.cpp for the arguments."""
+    fold: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp."""
     return torch.ops.lowbit.quantize_rows(
-        x, block, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise
+        x, block, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise, fold
     )

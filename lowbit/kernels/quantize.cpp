@@ -114,6 +114,15 @@ inline uint16_t bf16_bits_exact(float x) {
   return std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(bits_of(x) >> 16);
 }
 
+// fp32 -> bf16 bits, round to nearest even (c10::BFloat16's conversion).
+inline uint16_t bf16_bits_nearest(float x) {
+  if (std::isnan(x)) return uint16_t{0x7FC0};
+  const uint32_t b = bits_of(x);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_value(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
+
 // Symmetric integer rounding: clamp to +-qmax, round half to even on the fp32 adder (|y| < 2**22).
 inline int8_t round_int(float y, float qmax) {
   if (std::isnan(y)) return 0;
@@ -207,8 +216,8 @@ inline void cast_block(const T* x, int64_t n, float divisor, const Params& p, co
 template <typename T>
 void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
                    const c10::optional<at::Tensor>& given_amax, const float* noise,
-                   int64_t noise_stride, at::Tensor& values,
-                   at::Tensor& scale, at::Tensor& tensor_scale_out) {
+                   int64_t noise_stride, at::Tensor& values, at::Tensor& scale,
+                   at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
   const int64_t row_stride = x.stride(0);
@@ -217,6 +226,8 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
       p.kind == kFloatGrid ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr()) : nullptr;
   int8_t* out_int = p.kind == kInt ? values.mutable_data_ptr<int8_t>() : nullptr;
   float* scales = scale.mutable_data_ptr<float>();
+  uint16_t* out_folded =
+      folded.numel() ? reinterpret_cast<uint16_t*>(folded.mutable_data_ptr()) : nullptr;
 
   if (block == 0) {  // one scale for the whole tensor
     const float amax = given_amax.has_value() ? given_amax->item<float>()
@@ -274,6 +285,11 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
             if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
               std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
             }
+            if (out_folded) {  // values times their block scale (`lowbit.nn.gemm._fold`)
+              for (int64_t i = 0; i < n; ++i) {
+                out_folded[at + i] = bf16_bits_nearest(bf16_value(out_bf16[at + i]) * s);
+              }
+            }
           }
         }
       });
@@ -286,10 +302,12 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
 //   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block == cols).
 //   noise: uniform draws in [0, 1) for stochastic rounding, fp32, rows x (cols padded to whole
 //     blocks): the layout in which the PyTorch path draws them for its zero-padded blocks.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
+//   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
+//     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     const at::Tensor& x, int64_t block, int64_t kind, int64_t mbits, int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
-    const c10::optional<at::Tensor>& noise) {
+    const c10::optional<at::Tensor>& noise, bool fold) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
   TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "quantize_rows needs a unit column stride");
   TORCH_CHECK(block >= 0, "block must be >= 0");
@@ -319,23 +337,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   const int64_t grid_cols = block == 0 ? 1 : (cols + block - 1) / block;
   at::Tensor scale = at::empty({block == 0 ? 1 : rows, grid_cols}, opts.dtype(at::kFloat));
   at::Tensor tensor_scale = at::empty({rule == kNvfp4 ? 1 : 0}, opts.dtype(at::kFloat));
+  TORCH_CHECK(!fold || (kind == kFloatGrid && block > 0), "fold needs a float format in blocks");
+  at::Tensor folded = at::empty({fold ? rows : 0, fold ? cols : 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
       quantize_impl<float>(x, block, p, given, noise_data, noise_stride, values, scale,
-                              tensor_scale);
+                              tensor_scale, folded);
       break;
     case at::kBFloat16:
       quantize_impl<c10::BFloat16>(x, block, p, given, noise_data, noise_stride, values, scale,
-                              tensor_scale);
+                              tensor_scale, folded);
       break;
     case at::kHalf:
       quantize_impl<c10::Half>(x, block, p, given, noise_data, noise_stride, values, scale,
-                              tensor_scale);
+                              tensor_scale, folded);
       break;
     default:
       TORCH_CHECK(false, "quantize_rows needs fp32, bf16 or fp16 input, got ", x.scalar_type());
   }
-  return {values, scale, tensor_scale};
+  return {values, scale, tensor_scale, folded};
 }
 
 }  // namespace
@@ -343,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 TORCH_LIBRARY(lowbit, m) {
   m.def(
       "quantize_rows(Tensor x, int block, int kind, int mbits, int emin, int emax, float fmt_max, "
-      "int rule, Tensor? amax, Tensor? noise) -> (Tensor, Tensor, Tensor)");
+      "int rule, Tensor? amax, Tensor? noise, bool fold) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_rows", &quantize_rows); }

@@ -31,7 +31,7 @@ import threading
 
 import torch
 
-from lowbit.formats import Granularity, IntFormat, QTensor, ScaleRule
+from lowbit.formats import IntFormat, QTensor
 
 _state = threading.local()
 
@@ -55,14 +55,6 @@ def _constant_along_k(q: QTensor) -> bool:
     return q.block[1] >= q.shape[-1]
 
 
-def _foldable(q: QTensor) -> bool:
-    """True when block scales times values stay exact in bf16 (see module doc)."""
-    if q.granularity is Granularity.NVFP4:
-        return True
-    rule = q.scale_rule
-    return rule in (ScaleRule.MX_FLOOR, ScaleRule.MX_CEIL, ScaleRule.POW2)
-
-
 def _row_scale(q: QTensor) -> torch.Tensor:
     """Per-row scale (rows x 1, or 1 x 1 when one scale covers all rows) of an operand whose
     scale is constant along K."""
@@ -74,6 +66,9 @@ def _row_scale(q: QTensor) -> torch.Tensor:
 
 def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values with the block scales folded in, remaining per-row scale)."""
+    rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=q.values.device)
+    if q.folded is not None:  # the fused quantization kernel already folded them
+        return q.folded, rest.reshape(1, 1)
     rows, cols = q.shape
     block_rows, block_cols = q.block
     if block_rows == 1 and cols % block_cols == 0:  # 1-D blocks: broadcast, no expanded copy
@@ -82,7 +77,6 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         block_scale = q.scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
         folded = (q.values.float() * block_scale[:rows, :cols]).to(q.values.dtype)
-    rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=folded.device)
     return folded, rest.reshape(1, 1)
 
 
@@ -130,9 +124,9 @@ def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
         return _grouped_mm(qa, qb)
     va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
     vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
-    if va is None and _foldable(qa):
+    if va is None and qa.scales_fold_exactly:
         va, sa = _fold(qa)
-    if vb is None and _foldable(qb):
+    if vb is None and qb.scales_fold_exactly:
         vb, sb = _fold(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb)

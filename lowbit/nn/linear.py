@@ -36,6 +36,7 @@ def _transposed(q: QTensor) -> QTensor:
         axis=q.axis,
         tensor_scale=q.tensor_scale,
         scale_rule=q.scale_rule,
+        folded=None if q.folded is None else q.folded.t(),
     )
 
 

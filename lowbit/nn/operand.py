@@ -6,7 +6,7 @@ from enum import Enum
 
 import torch
 
-from lowbit.formats import Granularity, QTensor, quantize
+from lowbit.formats import Granularity, QTensor, quantize, tensor_amax
 from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
@@ -142,10 +142,10 @@ def quantize_operand(
     amax = None
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
-        current = x.detach().abs().amax().float()
+        current = tensor_amax(x)
         amax = history.scaling_amax(_agreement.amax(current) if agree else current)
     elif agree == "tensor":
-        amax = _agreement.amax(x.detach().abs().amax().float())
+        amax = _agreement.amax(tensor_amax(x))
     elif agree == "row":
         amax = _agreement.amax(x.detach().abs().amax(dim=-1).float())
     return quantize(

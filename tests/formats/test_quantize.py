@@ -5,7 +5,7 @@ import torch
 
 from lowbit import formats
 from lowbit.errors import UsageError
-from lowbit.formats import cast, quantize
+from lowbit.formats import cast, quantize, tensor_amax
 from lowbit.formats.error import sqnr
 
 
@@ -222,3 +222,13 @@ def test_int_values_are_integers_in_range():
     q = quantize(heavy_tailed(), "int4", "block", block_size=32)
     assert q.values.dtype == torch.int8
     assert q.values.abs().max().item() == 7
+
+
+def test_tensor_amax_is_the_largest_magnitude():
+    x = torch.randn(64, 48)
+    x[5, 7] = -9.0
+    assert tensor_amax(x.t()) == 9.0 and tensor_amax(x).dtype == torch.float32
+    assert tensor_amax(x.bfloat16()).dtype == torch.float32
+    assert str(tensor_amax(-torch.zeros(3))) == "tensor(0.)"  # +0, as abs().amax()
+    x[0, 0] = float("nan")
+    assert torch.isnan(tensor_amax(x))

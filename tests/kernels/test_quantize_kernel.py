@@ -140,3 +140,27 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
             generator=torch.Generator().manual_seed(3),
         )
     assert_same_qtensor(fused, plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity", "rule", "block"),
+    [
+        ("fp8_e4m3", "mx", None, None),
+        ("fp4_e2m1", "mx", "mx_ceil", None),
+        ("fp4_e2m1", "nvfp4", None, None),
+        ("fp8_e4m3", "block", "pow2", 64),
+    ],
+    ids=str,
+)
+def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(name, granularity, rule, block):
+    """The kernel's folded values are what `emulated_gemm` would compute from values and scales."""
+    from lowbit.nn.gemm import _fold
+
+    x = awkward_tensor((48, 200))
+    x[0, :] = 1e30  # a block far above the rest: bf16 range matters for the product
+    fused, plain = both_paths(x, name, granularity, scale_rule=rule, block_size=block)
+    assert fused.folded is not None and plain.folded is None
+    fused_values, fused_rest = _fold(fused)
+    plain_values, plain_rest = _fold(plain)
+    assert_same_bits(fused_values, plain_values)
+    assert_same_bits(fused_rest, plain_rest)
