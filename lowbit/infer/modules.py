@@ -29,7 +29,7 @@ from lowbit.infer.quant import (
     stored_shapes,
     weight_qtensor,
 )
-from lowbit.nn.gemm import emulated_gemm
+from lowbit.nn.gemm import emulated_gemm, scale_rows_cols
 
 KERNELS = ("dequant", "int8pack")
 
@@ -101,10 +101,10 @@ class QuantLinear(torch.nn.Module):
         r = self.recipe
         if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
             if self.uses_int8_kernel and x2.device.type == "cpu":
-                w_t = self._get("w_t", lambda: self.qweight.t().contiguous())  # K x N int8
+                w_t = self.qweight.t()  # K x N int8 view of the N x K rows: oneDNN's fast layout
                 s_w = self._get("s_w", lambda: self.scale.float().reshape(1, -1))
                 values, s_x = quantize_per_token_int8(x2)
-                out = torch._int_mm(values, w_t).mul(s_x).mul_(s_w)  # int32 * fp32 -> fp32
+                out = scale_rows_cols(torch._int_mm(values, w_t), s_x, s_w.t())  # fp32
             else:
                 w = self._get("qw", self.weight_qtensor)
                 out = emulated_gemm(quantize_activation(x2, r), w)

@@ -6,7 +6,8 @@ two-level scales), and composing it from PyTorch ops costs about a dozen passes 
 operand. torchao's MX/NVFP4 casts target CUDA (Triton) and `torch.compile`'s CPU code drops
 fp32 -> bf16 round trips unless told otherwise, so no well-kept library does this job on CPU.
 `quantize.cpp` does the block amax, the scale and the rounding in one pass per block, bit-identical
-to the PyTorch path it replaces (tests/kernels check every format, granularity and scale rule).
+to the PyTorch path it replaces (tests/kernels check every format, granularity and scale rule);
+`epilogue.cpp` applies per-row and per-column GEMM scales in one pass.
 
 The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("quantize.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("quantize.cpp", "epilogue.cpp")]
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds as PyTorch's does.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
@@ -41,7 +42,7 @@ def _build() -> None:
     start = time.perf_counter()
     cpp_extension.load(
         name="lowbit_kernels",
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -119,3 +120,8 @@ def quantize_rows(
     return torch.ops.lowbit.quantize_rows(
         x, block, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise, fold
     )
+
+
+def scale_rows_cols(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``(acc.float() * row[:, None]) * col[None, :]`` in fp32 in one pass (see epilogue.cpp)."""
+    return torch.ops.lowbit.scale_rows_cols(acc, row, col)

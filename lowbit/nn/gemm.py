@@ -31,6 +31,7 @@ import threading
 
 import torch
 
+from lowbit import kernels
 from lowbit.formats import IntFormat, QTensor
 
 _state = threading.local()
@@ -115,12 +116,22 @@ def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
     return grid.t()
 
 
+def scale_rows_cols(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``(acc.float() * row) * col.T`` for an M x N accumulator (int32 or fp32), row scales of shape
+    (M, 1) or (1, 1) and column scales (N, 1) or (1, 1): fp32, two roundings in that order. One
+    fused pass on CPU (`lowbit.kernels`), PyTorch ops elsewhere; the same bits."""
+    if kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1):
+        return kernels.scale_rows_cols(acc, row, col)
+    return acc.float().mul_(row).mul_(col.t())
+
+
 def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     """``dequantize(qa) @ dequantize(qb).T`` in fp32, computed on the low-precision values."""
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
-            acc = torch._int_mm(qa.values.contiguous(), qb.values.t().contiguous()).float()
-            return acc.mul_(_row_scale(qa)).mul_(_row_scale(qb).t())
+            # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
+            acc = torch._int_mm(qa.values.contiguous(), qb.values.contiguous().t())
+            return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb))
         return _grouped_mm(qa, qb)
     va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
     vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
@@ -133,4 +144,4 @@ def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     out = _mm(va, vb)
     if sa.numel() == 1 and sb.numel() == 1:
         return out.mul_(sa * sb)  # one pass for tensorwise scales
-    return out.mul_(sa).mul_(sb.t())
+    return scale_rows_cols(out, sa, sb)

@@ -164,3 +164,17 @@ def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(name, granulari
     plain_values, plain_rest = _fold(plain)
     assert_same_bits(fused_values, plain_values)
     assert_same_bits(fused_rest, plain_rest)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize(("row_count", "col_count"), [(37, 1), (1, 1), (37, 53), (1, 53)])
+def test_row_column_scaling_equals_two_pytorch_multiplies(dtype, row_count, col_count):
+    from lowbit.nn.gemm import scale_rows_cols
+
+    acc = (torch.randn(37, 53) * 2**26).to(dtype)  # int32 beyond 2**24: the fp32 conversion rounds
+    row = torch.rand(row_count, 1) * 1e-3
+    col = torch.rand(col_count, 1) * 1e-4
+    expected = acc.float().clone().mul_(row).mul_(col.t())
+    assert_same_bits(scale_rows_cols(acc.clone(), row, col), expected)
+    with kernels.disabled():
+        assert_same_bits(scale_rows_cols(acc.clone(), row, col), expected)
