@@ -41,12 +41,34 @@ def _transposed(q: QTensor) -> QTensor:
 
 
 def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
-    """A tensorwise, current-scaled operand quantizes to the same values along any axis."""
+    """A tensorwise operand quantizes to the same values along any axis, so a backward GEMM with
+    the same spec reuses the forward's quantized tensor (transposed). With delayed scaling the
+    backward then uses the forward's scale, as Transformer Engine reuses its fp8 input and weight
+    (and their amax histories) in the backward GEMMs."""
     return (
         forward == backward
         and forward.granularity is Granularity.TENSOR
-        and forward.scaling is Scaling.CURRENT
         and forward.rounding.value == "nearest"
+    )
+
+
+def reused_operands(spec: LayerSpec) -> set[str]:
+    """Backward operands that reuse an earlier quantization (`_reusable`) instead of their own."""
+    reused = set()
+    if spec.forward.transform is Transform.NONE:
+        if _reusable(spec.forward.b, spec.grad_input.b):
+            reused.add("grad_input.w")
+        if _reusable(spec.forward.a, spec.grad_weight.b):
+            reused.add("grad_weight.x")
+    if _shares_grad_out(spec):
+        reused.add("grad_weight.grad_out")
+    return reused
+
+
+def _shares_grad_out(spec: LayerSpec) -> bool:
+    """Both gradient GEMMs use one quantization of grad_out (quantized for the input gradient)."""
+    return _reusable(spec.grad_input.a, spec.grad_weight.a) and (
+        spec.grad_input.transform is Transform.NONE
     )
 
 
@@ -63,10 +85,11 @@ class LayerState:
         self.spec = spec
         self.observer = None
         self.dynamic_spec = False
+        reused = reused_operands(spec)
         self.histories = {
             name: AmaxHistory(operand.amax_history)
             for name, operand in spec.operands().items()
-            if operand.scaling is Scaling.DELAYED
+            if operand.scaling is Scaling.DELAYED and name not in reused
         }
         self.seed = seed
         # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
@@ -176,10 +199,16 @@ class LowbitLinearFunction(torch.autograd.Function):
         spec = state.spec
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.
-        shared = _reusable(spec.grad_input.a, spec.grad_weight.a) and (
-            spec.grad_input.transform is Transform.NONE
+        qg = (
+            quantize_operand(
+                grad_out,
+                spec.grad_input.a,
+                state.histories.get("grad_input.grad_out"),
+                _batch("grad_input.grad_out"),
+            )
+            if _shares_grad_out(spec)
+            else None
         )
-        qg = quantize_operand(grad_out, spec.grad_input.a, None, BatchAxis.ROWS) if shared else None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input

@@ -211,6 +211,10 @@ def test_delayed_scaling_history_is_saved_and_used():
     assert set(layers) == {"0", "2", "4"}
     history = layers["0"]["forward.x"]
     assert history["filled"] == 3 and (history["history"][:3] > 0).all()
+    # Transformer Engine's three histories: the backward GEMMs reuse the forward's fp8 input and
+    # weight (transposed) with their scales, and one grad_out quantization serves both gradients.
+    assert set(layers["0"]) == {"forward.x", "forward.w", "grad_input.grad_out"}
+    assert layers["0"]["grad_input.grad_out"]["filled"] == 3
 
 
 def test_master_weights_are_fp32_and_params_16_bit():
