@@ -155,9 +155,7 @@ def _quantize_fused(
     Stochastic rounding draws its uniforms with `torch.rand` from ``generator`` in the shape the
     PyTorch path draws them (rows x cols padded to whole blocks), so both give the same bits.
     """
-    matrix = to_matrix(x, axis)
-    if matrix.stride(1) != 1 and matrix.shape[1] > 1:
-        matrix = matrix.contiguous()
+    matrix = to_matrix(x, axis)  # a strided view (a transposed operand) is gathered by the kernel
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
     if cols % block[1] and not pad:

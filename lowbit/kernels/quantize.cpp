@@ -9,12 +9,13 @@
 //   lowbit/formats/cast.py     _nearest_on_grid (magic-number round-to-nearest-even), pow2, binade
 //   lowbit/formats/scaling.py  scale_from_amax (amax / pow2 / mx_floor / mx_ceil), nvfp4_scales
 //
-// Inputs are the axis-last matrix (rows x cols, unit column stride) in fp32, bf16 or fp16; every
-// element is widened to fp32 first, exactly as `x.float()` does.
+// Inputs are the axis-last matrix (rows x cols, any strides) in fp32, bf16 or fp16; every element
+// is widened to fp32 first, exactly as `x.float()` does.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/copy.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -24,6 +25,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -163,8 +167,8 @@ inline float scale_from_amax(float amax, float fmt_max, int32_t emax_elem, int64
 
 // max |x| over n elements; NaN if any element is NaN. On the sign-cleared bit patterns integer
 // order is float order, and every NaN pattern is above inf's.
-template <typename T>
-inline float block_amax(const T* x, int64_t n) {
+template <typename T, typename N>
+inline float block_amax(const T* __restrict__ x, N n) {
   uint32_t top = 0;
   for (int64_t i = 0; i < n; ++i) {
     top = std::max(top, bits_of(widen(x[i])) & kAbsMask);
@@ -172,18 +176,67 @@ inline float block_amax(const T* x, int64_t n) {
   return float_of(top);
 }
 
+// max |x| over a rows x cols matrix with strides (row_stride, col_stride): the loop runs along
+// whichever stride is 1, so a transposed view is read in memory order.
 template <typename T>
-float tensor_amax(const T* x, int64_t rows, int64_t cols, int64_t row_stride) {
+float tensor_amax(const T* x, int64_t rows, int64_t cols, int64_t row_stride,
+                  int64_t col_stride) {
+  if (col_stride != 1 && row_stride == 1) {
+    std::swap(rows, cols);
+    std::swap(row_stride, col_stride);
+  }
   return at::parallel_reduce(
       0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)), 0.0f,
       [&](int64_t begin, int64_t end, float acc) {
         uint32_t top = bits_of(acc);
         for (int64_t r = begin; r < end; ++r) {
-          top = std::max(top, bits_of(block_amax(x + r * row_stride, cols)));
+          const T* row = x + r * row_stride;
+          if (col_stride == 1) {
+            top = std::max(top, bits_of(block_amax(row, cols)));
+          } else {
+            for (int64_t c = 0; c < cols; ++c) {
+              top = std::max(top, bits_of(widen(row[c * col_stride])) & kAbsMask);
+            }
+          }
         }
         return float_of(top);
       },
       [](float a, float b) { return float_of(std::max(bits_of(a), bits_of(b))); });
+}
+
+constexpr int64_t kTile = 16;  // rows of a strided matrix gathered together (64 B of fp32)
+
+// Calls fn(r, row) for every row r of `x` in parallel, `row` pointing at its `cols` contiguous
+// elements: the tensor's own memory when columns are contiguous, else a small buffer into which
+// tiles of kTile rows are copied while they are in cache, so a transposed view costs no extra
+// pass over memory.
+template <typename T, typename Fn>
+void for_each_row(const at::Tensor& x, Fn&& fn) {
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  const int64_t row_stride = x.stride(0);
+  const int64_t col_stride = x.stride(1);
+  const T* data = x.const_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  if (col_stride == 1 || cols <= 1) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fn(r, data + r * row_stride);
+    });
+    return;
+  }
+  const int64_t tiles = (rows + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, grain / kTile), [&](int64_t begin, int64_t end) {
+    // PyTorch's strided copy transposes in cache-sized blocks; nested in parallel_for it is serial
+    at::Tensor buffer = at::empty({kTile, cols}, x.options());
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * kTile;
+      const int64_t n = std::min(kTile, rows - r0);
+      at::Tensor rows_n = buffer.narrow(0, 0, n);
+      rows_n.copy_(x.narrow(0, r0, n));
+      const T* gathered = rows_n.const_data_ptr<T>();
+      for (int64_t t = 0; t < n; ++t) fn(r0 + t, gathered + t * cols);
+    }
+  });
 }
 
 struct Params {
@@ -196,9 +249,10 @@ struct Params {
 
 // Round one block of `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one
 // per element) selects stochastic rounding, nullptr round-to-nearest-even.
-template <typename T>
-inline void cast_block(const T* x, int64_t n, float divisor, const Params& p, const float* noise,
-                       uint16_t* out_bf16, int8_t* out_int) {
+template <typename T, typename N>
+inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params& p,
+                       const float* __restrict__ noise, uint16_t* __restrict__ out_bf16,
+                       int8_t* __restrict__ out_int) {
   const Grid grid = p.grid;
   if (p.kind == kInt && noise) {
     for (int64_t i = 0; i < n; ++i)
@@ -220,28 +274,25 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
-  const int64_t row_stride = x.stride(0);
-  const T* data = x.const_data_ptr<T>();
   uint16_t* out_bf16 =
       p.kind == kFloatGrid ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr()) : nullptr;
   int8_t* out_int = p.kind == kInt ? values.mutable_data_ptr<int8_t>() : nullptr;
   float* scales = scale.mutable_data_ptr<float>();
   uint16_t* out_folded =
       folded.numel() ? reinterpret_cast<uint16_t*>(folded.mutable_data_ptr()) : nullptr;
+  auto measured_tensor_amax = [&]() {
+    return given_amax.has_value() ? given_amax->item<float>()
+                                  : tensor_amax(x.const_data_ptr<T>(), rows, cols, x.stride(0),
+                                                x.stride(1));
+  };
 
   if (block == 0) {  // one scale for the whole tensor
-    const float amax = given_amax.has_value() ? given_amax->item<float>()
-                                              : tensor_amax(data, rows, cols, row_stride);
-    const float s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
+    const float s = scale_from_amax(measured_tensor_amax(), p.fmt_max, p.emax_elem, p.rule);
     scales[0] = s;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) {
-                         cast_block(data + r * row_stride, cols, s, p,
-                                    noise ? noise + r * noise_stride : nullptr, out_bf16 ? out_bf16 + r * cols : nullptr,
-                                    out_int ? out_int + r * cols : nullptr);
-                       }
-                     });
+    for_each_row<T>(x, [&](int64_t r, const auto* row) {
+      cast_block(row, cols, s, p, noise ? noise + r * noise_stride : nullptr,
+                 out_bf16 ? out_bf16 + r * cols : nullptr, out_int ? out_int + r * cols : nullptr);
+    });
     return;
   }
 
@@ -249,53 +300,58 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
   const float* row_amax = nullptr;  // a given per-row amax (granularity axis)
   float tensor_scale = 1.0f;
   if (p.rule == kNvfp4) {
-    const float amax = given_amax.has_value() ? given_amax->item<float>()
-                                              : tensor_amax(data, rows, cols, row_stride);
+    const float amax = measured_tensor_amax();
     tensor_scale = amax > 0.0f ? amax / (kFp4Max * kE4m3Max) : 1.0f;
     tensor_scale_out.fill_(tensor_scale);
   } else if (given_amax.has_value()) {
     row_amax = given_amax->const_data_ptr<float>();
   }
   const Grid e4m3(3, -6, 8, kE4m3Max);
-  at::parallel_for(
-      0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
-      [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const T* row = data + r * row_stride;
-          for (int64_t b = 0; b < blocks_per_row; ++b) {
-            const int64_t start = b * block;
-            const int64_t n = std::min(block, cols - start);
-            const float amax = row_amax ? row_amax[r] : block_amax(row + start, n);
-            float s;
-            float divisor;
-            if (p.rule == kNvfp4) {
-              s = e4m3.round((amax / kFp4Max) / tensor_scale);
-              divisor = s * tensor_scale;
-              if (!(divisor > 0.0f)) divisor = 1.0f;
-            } else {
-              s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
-              divisor = s;
-            }
-            scales[r * blocks_per_row + b] = s;
-            const int64_t at = r * cols + start;
-            cast_block(row + start, n, divisor, p,
-                       noise ? noise + r * noise_stride + start : nullptr,
-                       out_bf16 ? out_bf16 + at : nullptr,
-                       out_int ? out_int + at : nullptr);
-            if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
-              std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
-            }
-            if (out_folded) {  // values times their block scale (`lowbit.nn.gemm._fold`)
-              for (int64_t i = 0; i < n; ++i) {
-                out_folded[at + i] = bf16_bits_nearest(bf16_value(out_bf16[at + i]) * s);
-              }
-            }
-          }
-        }
-      });
+  // One block of n elements (a compile-time constant for the usual 16 and 32, so that its loops
+  // are unrolled and vectorized without run-time checks).
+  auto quantize_block = [&](int64_t r, const auto* row, int64_t start, auto n) {
+    const float amax = row_amax ? row_amax[r] : block_amax(row + start, n);
+    float s;
+    float divisor;
+    if (p.rule == kNvfp4) {
+      s = e4m3.round((amax / kFp4Max) / tensor_scale);
+      divisor = s * tensor_scale;
+      if (!(divisor > 0.0f)) divisor = 1.0f;
+    } else {
+      s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
+      divisor = s;
+    }
+    scales[r * blocks_per_row + start / block] = s;
+    const int64_t at = r * cols + start;
+    cast_block(row + start, n, divisor, p, noise ? noise + r * noise_stride + start : nullptr,
+               out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr);
+    if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
+      std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
+    }
+    if (out_folded) {  // values times their block scale (`lowbit.nn.gemm._fold`)
+      for (int64_t i = 0; i < n; ++i) {
+        out_folded[at + i] = bf16_bits_nearest(bf16_value(out_bf16[at + i]) * s);
+      }
+    }
+  };
+  auto quantize_row = [&](int64_t r, const auto* row, auto full) {
+    int64_t start = 0;
+    for (; start + block <= cols; start += block) quantize_block(r, row, start, full);
+    if (start < cols) quantize_block(r, row, start, cols - start);
+  };
+  for_each_row<T>(x, [&](int64_t r, const auto* row) {
+    if (block == 32) {
+      quantize_row(r, row, std::integral_constant<int64_t, 32>{});
+    } else if (block == 16) {
+      quantize_row(r, row, std::integral_constant<int64_t, 16>{});
+    } else {
+      quantize_row(r, row, block);
+    }
+  });
 }
 
-// (values, scale, tensor_scale) of `x` (rows x cols, unit column stride).
+// (values, scale, tensor_scale, folded) of `x` (rows x cols, any strides: a transposed view is
+// gathered in tiles, see for_each_row).
 //   block: columns per block; 0 for one scale over the whole tensor.
 //   kind: 0 float format (values in bf16), 1 symmetric integer (values in int8, qmax = fmt_max).
 //   rule: 0 amax, 1 pow2, 2 mx_floor, 3 mx_ceil, 4 nvfp4 (e4m3 block scales, fp32 tensor scale).
@@ -309,7 +365,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
     const c10::optional<at::Tensor>& noise, bool fold) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
-  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "quantize_rows needs a unit column stride");
   TORCH_CHECK(block >= 0, "block must be >= 0");
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
