@@ -13,6 +13,14 @@ seed-to-seed spread of those gaps says how much of a gap is noise.
 
 The claim checked (also the exit status): the mean paired gap of the final validation loss to
 fp32 states is within 1%. State bytes are measured on the live optimizer (`lowbit.memory.measure`).
+
+``--state-error STEP`` also measures what each precision's storage does to the states themselves,
+free of trajectory noise: one run with fp32 states (seed 0) stops at STEP of the schedule, and its
+moments ``m``, ``v`` are stored once as each precision would store them (same fp32-states rule,
+same torchao blocks and code maps); the table gives the relative L2 error of ``m``, ``v`` and of the
+Adam update ``m / (sqrt(v) + eps)``, the ratio of the update's norms (a bias in step size) and
+the share of nonzero ``m`` stored as zero. ``--from-json`` with ``--state-error`` reuses the saved
+runs and measures only this.
 """
 
 from __future__ import annotations
@@ -36,9 +44,16 @@ from benchmarks_md import write_section  # noqa: E402
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
 from lowbit.data.lm_dataset import eval_batches  # noqa: E402
+from lowbit.formats import cast  # noqa: E402
 from lowbit.memory import measure  # noqa: E402
 from lowbit.models import build_causal_lm  # noqa: E402
-from lowbit.optim import STATE_PRECISIONS, build_optimizer  # noqa: E402
+from lowbit.optim import (  # noqa: E402
+    BLOCK_SIZE,
+    STATE_PRECISIONS,
+    StatePrecision,
+    build_optimizer,
+    keeps_fp32_states,
+)
 
 HEADING = "## Optimizer-state precision (benchmarks/optimizer_states.py)"
 PEAK_LR = 3e-3
@@ -56,7 +71,7 @@ def lr_at(step: int, steps: int) -> float:
     return PEAK_LR * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
 
 
-def run(state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, train, val) -> dict:
+def _setup(state: str, seed: int, recipe: str, batch: int, seq: int, train):
     model = build_causal_lm("tiny", 257, seed=seed)
     precision = Precision(recipe)
     model = precision.convert(model)
@@ -66,22 +81,32 @@ def run(state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, tr
     optimizer = precision.wrap_optimizer(
         build_optimizer(groups, lr=PEAK_LR, betas=(0.9, 0.95), state_precision=state, seed=seed)
     )
-    batches = LMBatches(train, batch, seq, seed=seed)
+    return model, precision, optimizer, LMBatches(train, batch, seq, seed=seed)
+
+
+def _train_step(model, precision, optimizer, x, y, lr: float, last: bool = False):
+    """One step; returns the loss and, on the ``last`` step, the measured state bytes."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with precision.autocast():
+        loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+    precision.backward(loss)
+    precision.clip_grad_norm_(optimizer, 1.0)
+    states = measure(model, optimizer, precision).optimizer_states if last else None
+    precision.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), states
+
+
+def run(state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, train, val) -> dict:
+    model, precision, optimizer, batches = _setup(state, seed, recipe, batch, seq, train)
     losses = []
     start = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps)
-        x, y = next(batches)
-        with precision.autocast():
-            loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
-        losses.append(loss.item())
-        precision.backward(loss)
-        precision.clip_grad_norm_(optimizer, 1.0)
-        if step == steps - 1:
-            states = measure(model, optimizer, precision).optimizer_states
-        precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        loss, states = _train_step(
+            model, precision, optimizer, *next(batches), lr_at(step, steps), step == steps - 1
+        )
+        losses.append(loss)
     seconds = time.perf_counter() - start
     total, count = 0.0, 0
     with torch.no_grad(), precision.autocast():
@@ -101,6 +126,83 @@ def run(state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, tr
         "bytes_per_param": states / num_params,
         "ms_per_step": 1000 * seconds / steps,
     }
+
+
+def _stored(state: str, x: torch.Tensor, signed: bool, generator) -> torch.Tensor:
+    """``x`` (an fp32 moment) after being stored as ``state`` stores it, read back in fp32."""
+    precision = StatePrecision(state)
+    if keeps_fp32_states(precision, x.numel()):
+        return x
+    if precision is StatePrecision.BF16:  # as AdamWBf16States writes it
+        return cast(x, "bf16", "stochastic", generator).float()
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    block = BLOCK_SIZE[precision]
+    if precision is StatePrecision.FP8:
+        buffer = OptimStateFp8.zeros(x.shape, block)
+    else:
+        kind = OptimState8bit if precision is StatePrecision.INT8 else OptimState4bit
+        buffer = kind.zeros(x.shape, signed, block)
+    buffer.copy_(x)
+    return buffer.dequantize()
+
+
+def state_error(states: list[str], at: int, recipe, steps, batch, seq, train) -> list[dict]:
+    """Store the fp32-state run's moments at step ``at`` once in each precision (module docstring)."""
+    model, precision, optimizer, batches = _setup("fp32", 0, recipe, batch, seq, train)
+    for step in range(at):
+        _train_step(model, precision, optimizer, *next(batches), lr_at(step, steps))
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    eps = optimizer.param_groups[0]["eps"]
+    rows = []
+    for state in states:
+        generator = torch.Generator().manual_seed(0)
+        sums = dict.fromkeys(("m", "m_ref", "v", "v_ref", "u", "u_ref", "u_q"), 0.0)
+        zeroed = nonzero = quantized = total = 0
+        for entry in optimizer.state.values():
+            m, v, t = entry["exp_avg"], entry["exp_avg_sq"], float(entry["step"])
+            m_q, v_q = _stored(state, m, True, generator), _stored(state, v, False, generator)
+            u, u_q = (
+                (a / (1 - beta1**t)) / (b.sqrt() / (1 - beta2**t) ** 0.5 + eps)
+                for a, b in ((m, v), (m_q, v_q))
+            )
+            for key, ref, got in (("m", m, m_q), ("v", v, v_q), ("u", u, u_q)):
+                sums[key] += (got - ref).square().sum().item()
+                sums[key + "_ref"] += ref.square().sum().item()
+            sums["u_q"] += u_q.square().sum().item()
+            zeroed += ((m_q == 0) & (m != 0)).sum().item()
+            nonzero += (m != 0).sum().item()
+            quantized += 0 if keeps_fp32_states(state, m.numel()) else m.numel()
+            total += m.numel()
+        rows.append(
+            {
+                "state": state,
+                "quantized": quantized / total,
+                **{f"err_{k}": (sums[k] / sums[k + "_ref"]) ** 0.5 for k in ("m", "v", "u")},
+                "update_norm": (sums["u_q"] / sums["u_ref"]) ** 0.5,
+                "m_zeroed": zeroed / nonzero,
+            }
+        )
+    return rows
+
+
+def state_error_table(rows: list[dict], at: int, args) -> str:
+    lines = [
+        f"State storage error (`--state-error {at}`): the fp32-state run of seed 0 stopped at step "
+        f"{at} of {args.steps}; its moments stored once as each precision stores them.",
+        "",
+        "| state precision | values quantized | m rel. error | v rel. error | update rel. error "
+        "| update norm ratio | nonzero m stored as 0 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['state']} | {r['quantized']:.1%} | {r['err_m']:.4f} | {r['err_v']:.4f} "
+            f"| {r['err_u']:.4f} | {r['update_norm']:.4f} | {r['m_zeroed']:.3%} |"
+        )
+    return "\n".join(lines)
 
 
 def _tenths(values: list[float]) -> list[list[float]]:
@@ -172,8 +274,10 @@ def table(rows: list[dict], args) -> str:
             gap = _pm(100 * s["gap"], 100 * s["gap_std"], "+.2f") + "%"
             gaps = " / ".join(f"{100 * g:+.2f}" for g in s["gaps"])
             verdict = "yes" if s["within"] else "**NO**"
+            notes = [] if s["within"] else ["lower loss" if s["gap"] < 0 else "higher loss"]
             if s["noise"] is not None:
-                verdict += " (within noise)" if s["noise"] else " (beyond noise)"
+                notes.append("within noise" if s["noise"] else "beyond noise")
+            verdict += f" ({', '.join(notes)})" if notes else ""
         lines.append(
             f"| {s['state']} | {_pm(s['val_loss'], s['val_loss_std'], '.4f')} | {gap} | {gaps} "
             f"| {verdict} | {s['state_bytes']:,} | {s['bytes_per_param']:.2f} "
@@ -199,21 +303,24 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write every run's row here (after each run)")
     parser.add_argument("--from-json", type=Path, help="print the table of saved rows, no runs")
+    parser.add_argument("--state-error", type=int, metavar="STEP", help="also the storage error")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer("byte")
+    train = tokenize_split(tokenizer, load_corpus().texts("train"))
+    states = ["fp32"] + [s for s in args.states if s != "fp32"]
     if args.from_json:  # the saved settings name the command line, not this one's defaults
         saved = json.loads(args.from_json.read_text())
         vars(args).update(saved["settings"])
         rows = saved["rows"]
     else:
-        torch.set_num_threads(args.threads)
-        corpus = load_corpus()
-        tokenizer = build_tokenizer("byte")
-        train = tokenize_split(tokenizer, corpus.texts("train"))
         val = eval_batches(
-            tokenize_split(tokenizer, corpus.texts("validation")), 16, args.seq, max_batches=8
+            tokenize_split(tokenizer, load_corpus().texts("validation")),
+            16,
+            args.seq,
+            max_batches=8,
         )
-        states = ["fp32"] + [s for s in args.states if s != "fp32"]
         rows = []
         for seed in range(args.seeds):
             for state in states:
@@ -225,6 +332,10 @@ def main(argv=None) -> int:
                     settings = {k: getattr(args, k) for k in ("steps", "batch", "seq", "recipe")}
                     args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     text = table(rows, args)
+    if args.state_error is not None:
+        at = args.state_error
+        errors = state_error(states[1:], at, args.recipe, args.steps, args.batch, args.seq, train)
+        text += "\n\n" + state_error_table(errors, at, args)
     print(text)
     if args.write:
         write_section(HEADING, text)
