@@ -17,12 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# What `import lowbit` (and so the `lowbit` command) sets before torch allocates: transparent huge
+# pages for large CPU tensors (see lowbit/__init__.py); torch is imported first here.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 

@@ -8,18 +8,28 @@ Every call reads one fp32 tensor of ``--mib`` MiB (64 by default); GB/s counts t
 only (outputs, scales and temporaries are not counted). The reference is the machine's copy
 bandwidth measured in the same run: ``out.copy_(x)`` into a preallocated buffer (a fresh 64 MiB
 allocation costs ~20 ms of page faults and would hide the kernels' own speed). Each configuration
-is timed in rounds of [copy, eager, compiled] side by side, and the table reports medians and the
-ratio to the copy medians of the same rounds: these machines are noisy, so read the ratios.
+is timed in rounds of [copy, fused, eager, compiled] side by side, and the table reports medians and
+the ratio to the copy medians of the same rounds: these machines are noisy, so read the ratios.
+
+Three ways to run the same call: ``fused`` is what lowbit does on CPU (`lowbit.kernels`, one pass
+per block; configurations it does not serve fall back to PyTorch ops), ``eager`` the PyTorch-ops
+path (what runs on CUDA, and on CPU with ``LOWBIT_KERNELS=0``), ``compiled`` that path under
+`torch.compile`. All three must give the same bits; the note says when they do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# What `import lowbit` (and so the `lowbit` command) sets before torch allocates: transparent huge
+# pages for large CPU tensors (see lowbit/__init__.py); torch is imported first here.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
@@ -28,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import write_section  # noqa: E402
 
+from lowbit import kernels  # noqa: E402
 from lowbit.formats import cast, quantize  # noqa: E402
 
 HEADING = "## Quantization throughput (benchmarks/quantize.py)"
@@ -66,15 +77,21 @@ QUICK = {
 }
 
 
-def make_fn(op, fmt, granularity, block):
-    if op == "cast":
-        return lambda x: cast(x, fmt)
-
+def make_fn(op, fmt, granularity, block, fused: bool = True):
     def run(x):
+        if op == "cast":
+            return cast(x, fmt)
         q = quantize(x, fmt, granularity, block_size=block)
         return q.values, q.scale
 
-    return run
+    if fused:
+        return run
+
+    def pytorch_ops(x):
+        with kernels.disabled():
+            return run(x)
+
+    return pytorch_ops
 
 
 def _outputs(result) -> tuple[torch.Tensor, ...]:
@@ -84,6 +101,10 @@ def _outputs(result) -> tuple[torch.Tensor, ...]:
         t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
         for t in tensors
     )
+
+
+def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def timed(fn, x) -> float:
@@ -108,38 +129,42 @@ def measure(configs, x, out, repeats: int, compile_: bool):
     rows = []
     compiled_cache: dict[tuple, object] = {}
     for config in configs:
-        eager = make_fn(*config)
+        fused = make_fn(*config)
+        eager = make_fn(*config, fused=False)
         compiled, note = None, ""
         if compile_:
             try:
                 # One configuration at a time: a fresh dynamo cache, so that recompilations for
                 # earlier formats do not reach the recompile limit (past it dynamo runs eager).
                 torch._dynamo.reset()
-                compiled = compiled_cache.setdefault(config, torch.compile(make_fn(*config)))
+                compiled = compiled_cache.setdefault(config, torch.compile(eager))
                 start = time.perf_counter()
                 compiled(x)  # warm-up: tracing and code generation
                 note = f"warm-up {time.perf_counter() - start:.0f} s"
             except Exception as error:  # report, do not crash: compile support varies
                 compiled, note = None, f"compile failed: {type(error).__name__}"
         eager(x)
-        copies, eagers, compileds = [], [], []
+        fused(x)
+        copies, fuseds, eagers, compileds = [], [], [], []
         for _ in range(repeats):
             copies.append(timed(copy, x))
+            fuseds.append(timed(fused, x))
             eagers.append(timed(eager, x))
             if compiled is not None:
                 compileds.append(timed(compiled, x))
         t_copy = statistics.median(copies)
+        t_fused = statistics.median(fuseds)
         t_eager = statistics.median(eagers)
         t_comp = statistics.median(compileds) if compileds else None
-        if compiled is not None:
-            same = all(
-                torch.equal(a, b)
-                for a, b in zip(_outputs(compiled(x)), _outputs(eager(x)), strict=True)
-            )
-            note += ", bit-identical to eager" if same else ", DIFFERS from eager"
-        rows.append(
-            (config, nbytes / t_copy / 1e9, t_copy / t_eager, t_copy, t_eager, t_comp, note)
+        reference = _outputs(eager(x))
+        same = _same(_outputs(fused(x)), reference)
+        note = (note + ", " if note else "") + (
+            "fused = eager bits" if same else "fused DIFFERS from eager"
         )
+        if compiled is not None:
+            same = _same(_outputs(compiled(x)), reference)
+            note += ", compiled = eager bits" if same else ", compiled DIFFERS from eager"
+        rows.append((config, nbytes / t_copy / 1e9, t_copy, t_fused, t_eager, t_comp, note))
         print(f"  {' '.join(label(*config)):<32} done", file=sys.stderr, flush=True)
     return rows
 
@@ -149,23 +174,28 @@ def table(rows, nbytes: int, repeats: int, command: str) -> str:
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}.  ",
+        f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
+        " (transparent huge pages for fresh outputs, as `import lowbit` sets).  ",
         f"Input: one fp32 tensor of {nbytes / 2**20:.0f} MiB; GB/s = input bytes read per call "
         f"/ median time of {repeats} calls. Copy bandwidth (`out.copy_(x)`, preallocated, same "
         f"rounds): median {copy_gbs:.2f} GB/s. '% copy' = copy time / call time, per row, from "
         "the same rounds.",
         "",
-        "| op | granularity | eager GB/s | eager % copy | compiled GB/s | compiled % copy | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| op | granularity | fused GB/s | fused % copy | eager GB/s | eager % copy "
+        "| compiled GB/s | compiled % copy | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for config, _copy_gbs, _ratio, t_copy, t_eager, t_comp, note in rows:
+
+    def cells(t_copy, t) -> str:
+        return f"{nbytes / t / 1e9:.2f} | {100 * t_copy / t:.0f}%" if t else "- | -"
+
+    for config, _copy_gbs, t_copy, t_fused, t_eager, t_comp, note in rows:
         op, gran = label(*config)
-        comp = f"{nbytes / t_comp / 1e9:.2f} | {100 * t_copy / t_comp:.0f}%" if t_comp else "- | -"
         lines.append(
-            f"| {op} | {gran} | {nbytes / t_eager / 1e9:.2f} | {100 * t_copy / t_eager:.0f}% "
-            f"| {comp} | {note} |"
+            f"| {op} | {gran} | {cells(t_copy, t_fused)} | {cells(t_copy, t_eager)} "
+            f"| {cells(t_copy, t_comp)} | {note} |"
         )
-    if any("DIFFERS" in row[-1] for row in rows):
+    if any("compiled DIFFERS" in row[-1] for row in rows):
         lines += [
             "",
             "DIFFERS: the compiled function's output is not bit-identical to eager. For `cast` to "

@@ -10,9 +10,14 @@ machine's noise hits every recipe alike; the table reports the median step time 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+
+# What `import lowbit` (and so the `lowbit` command) sets before torch allocates: transparent huge
+# pages for large CPU tensors (see lowbit/__init__.py); torch is imported first here.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +81,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="text written under the table (with --write)")
     args = parser.parse_args()
     recipes = args.recipes.split(",")
     if "fp32" not in recipes:
@@ -85,11 +91,13 @@ def main() -> int:
     text = (
         f"Model `{args.size}`, batch {args.batch} x {args.seq} tokens, AdamW, median of "
         f"{args.rounds} round-robin steps, {torch.get_num_threads()} threads.\n"
-        f"Command: `{command}`\n\n{table(medians, 'fp32')}"
+        f"Command: `{command.split(' --note')[0]}`\n\n{table(medians, 'fp32')}"
     )
     print(text)
     if args.write:
-        write_section("## Recipe step time (benchmarks/recipe_speed.py)", text)
+        size = "" if args.size == "tiny" else f", model `{args.size}`"
+        heading = f"## Recipe step time{size} (benchmarks/recipe_speed.py)"
+        write_section(heading, text + (f"\n\n{args.note}" if args.note else ""))
     return 0
 
 

@@ -148,7 +148,7 @@ def _fusable(x, fmt, granularity, block_size) -> bool:
 
 
 def _quantize_fused(
-    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator
+    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
 ) -> QTensor:
     """`quantize` through the fused CPU kernel (granularities with 1-row blocks).
 
@@ -168,7 +168,8 @@ def _quantize_fused(
         noise = torch.rand(rows, padded, generator=generator, dtype=torch.float32)
     nvfp4 = granularity is Granularity.NVFP4
     fold = (
-        not isinstance(fmt, IntFormat)
+        fold
+        and not isinstance(fmt, IntFormat)
         and block[1] < cols
         and _scales_fold_exactly(granularity, None if nvfp4 else rule)
     )
@@ -289,6 +290,7 @@ def quantize(
     generator: torch.Generator | None = None,
     amax: torch.Tensor | None = None,
     pad: bool = True,
+    fold: bool = False,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt`` with one scale per block of the given granularity.
 
@@ -299,7 +301,8 @@ def quantize(
     matrix (shape ``(rows,)`` or ``(rows, 1)``) for ``axis``, and the per-tensor amax (a scalar) of
     ``nvfp4``, whose block amaxes are still measured. ``scale_rule="pow2"`` forces power-of-two scales; for MX, ``"mx_ceil"`` is the round-up
     variant of the OCP rule. Blocks that do not divide the shape are zero-padded (``pad=True``) or
-    refused.
+    refused. ``fold=True`` asks the fused CPU kernel for `QTensor.folded` as well (the operand of an
+    emulated GEMM; elsewhere it stays None and the GEMM folds the scales itself).
     """
     fmt = get(fmt)
     granularity = Granularity(granularity)
@@ -313,7 +316,7 @@ def quantize(
     rounding = Rounding(rounding)
     if _fusable(x, fmt, granularity, block_size):
         return _quantize_fused(
-            x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator
+            x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
         )
 
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself

@@ -157,4 +157,5 @@ def quantize_operand(
         scale_rule=spec.scale_rule,
         rounding=spec.rounding,
         amax=amax,
+        fold=True,
     )

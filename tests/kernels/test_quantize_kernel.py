@@ -158,8 +158,9 @@ def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(name, granulari
 
     x = awkward_tensor((48, 200))
     x[0, :] = 1e30  # a block far above the rest: bf16 range matters for the product
-    fused, plain = both_paths(x, name, granularity, scale_rule=rule, block_size=block)
+    fused, plain = both_paths(x, name, granularity, scale_rule=rule, block_size=block, fold=True)
     assert fused.folded is not None and plain.folded is None
+    assert quantize(x, name, granularity, scale_rule=rule, block_size=block).folded is None
     fused_values, fused_rest = _fold(fused)
     plain_values, plain_rest = _fold(plain)
     assert_same_bits(fused_values, plain_values)
