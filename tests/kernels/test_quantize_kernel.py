@@ -122,23 +122,16 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
 ):
     x = awkward_tensor(shape)
     x.view(-1)[7] = float("nan") if name != "int8" else 0.0
-    fused = quantize(
-        x,
-        name,
-        granularity,
-        scale_rule=rule,
-        rounding="stochastic",
-        generator=torch.Generator().manual_seed(3),
-    )
-    with kernels.disabled():
-        plain = quantize(
-            x,
-            name,
-            granularity,
-            scale_rule=rule,
-            rounding="stochastic",
-            generator=torch.Generator().manual_seed(3),
+
+    def draw():
+        generator = torch.Generator().manual_seed(3)
+        return quantize(
+            x, name, granularity, scale_rule=rule, rounding="stochastic", generator=generator
         )
+
+    fused = draw()
+    with kernels.disabled():
+        plain = draw()
     assert_same_qtensor(fused, plain)
 
 
