@@ -29,7 +29,36 @@ def check_state(kind: str, expected: dict, state: dict) -> None:
         )
 
 
-class TensorBatches:
+class SeekableBatches:
+    """An endless batch stream whose ``batch(step)`` depends only on the step and the stream's
+    identity (`_identity`: seed, sizes), so its whole state is the step count. Subclasses define
+    ``batch``, ``_identity``, ``kind`` (the name a resume error uses) and set ``self.step = 0``."""
+
+    kind = "batches"
+
+    def batch(self, index: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _identity(self) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self.kind, self._identity(), state)
+        self.step = int(state["step"])
+
+
+class TensorBatches(SeekableBatches):
     """Endless shuffled batches over tensors that share their first dimension.
 
     Iterating yields tuples of tensors of ``batch_size`` rows (the last rows of an epoch that do not
@@ -56,21 +85,6 @@ class TensorBatches:
         order = torch.randperm(self.num_rows, generator=seeded_generator(self.seed, epoch))
         rows = order[offset * self.batch_size : (offset + 1) * self.batch_size]
         return tuple(t[rows] for t in self.tensors)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, ...]:
-        out = self.batch(self.step)
-        self.step += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {**self._identity(), "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_state("batches", self._identity(), state)
-        self.step = int(state["step"])
 
     def _identity(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "num_rows": self.num_rows}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.data.batches import check_state, seeded_generator
+from lowbit.data.batches import SeekableBatches, seeded_generator
 from lowbit.errors import UsageError
 
 
@@ -34,8 +34,10 @@ def _check_length(tokens: torch.Tensor, seq_len: int) -> None:
         )
 
 
-class LMBatches:
+class LMBatches(SeekableBatches):
     """Endless, resumable random windows: yields ``(input_ids, labels)``, both int64 (batch, seq_len)."""
+
+    kind = "LM batches"
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
         _check_length(tokens, seq_len)
@@ -54,21 +56,6 @@ class LMBatches:
         )
         windows = self.tokens[starts[:, None] + self._offsets].long()
         return windows[:, :-1], windows[:, 1:]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.batch(self.step)
-        self.step += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {**self._identity(), "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_state("LM batches", self._identity(), state)
-        self.step = int(state["step"])
 
     def _identity(self) -> dict:
         return {
