@@ -3,7 +3,7 @@
 Two gloo ranks on the CPU train the tiny causal LM for a few steps; DDP's gradient all-reduce is
 counted by lowbit's comm hook, FSDP2's all-gathers and reduce-scatters by wrapping
 ``torch.distributed.all_gather_single`` / ``reduce_scatter_single`` (what FSDP2 calls), and the
-scale agreement's scalar all-reduces by its call counter. Prints a markdown table.
+scale agreement's amax all-reduces by its call and byte counters. Prints a markdown table.
 
     .venv/bin/python benchmarks/distributed_comm.py
 """
@@ -22,9 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RUNS = [
     ("ddp", "fp32"), ("ddp", "bf16-mixed"), ("ddp", "bf16-low"), ("ddp", "fp8-tensorwise"),
-    ("ddp", "mxfp8"), ("fsdp", "fp32"), ("fsdp", "bf16-mixed"), ("fsdp", "fp8-tensorwise"),
-    ("fsdp", "mxfp8"),
+    ("ddp", "fp8-rowwise"), ("ddp", "mxfp8"), ("ddp", "nvfp4"), ("fsdp", "fp32"),
+    ("fsdp", "bf16-mixed"), ("fsdp", "bf16-low"), ("fsdp", "bf16-pure-sr"),
+    ("fsdp", "fp8-tensorwise"), ("fsdp", "mxfp8"),
 ]  # fmt: skip
+# `benchmarks/distributed_comm.py fsdp:bf16-low ddp:nvfp4` measures only those runs
+if sys.argv[1:]:
+    RUNS = [tuple(run.split(":")) for run in sys.argv[1:]]
 STEPS = 2
 
 
@@ -59,14 +63,15 @@ def _rank(rank, world, port, out, queue):
         for key in counts:
             counts[key] = 0
         comm0 = ranks.comm.bytes if ranks.comm else 0
-        calls0 = ranks.agreement.calls
+        calls0, amax_bytes0 = ranks.agreement.calls, ranks.agreement.bytes
         for _ in range(STEPS):
             trainer.step()
         ddp = ((ranks.comm.bytes if ranks.comm else 0) - comm0) / STEPS
         gathered = counts["all_gather"] / STEPS
         scattered = counts["reduce_scatter"] / STEPS
         amax = (ranks.agreement.calls - calls0) / STEPS
-        rows.append((strategy, recipe, params, ddp, gathered, scattered, amax))
+        amax_bytes = (ranks.agreement.bytes - amax_bytes0) / STEPS
+        rows.append((strategy, recipe, params, ddp, gathered, scattered, amax, amax_bytes))
     if rank == 0:
         queue.put(rows)
     dist.destroy_process_group()
@@ -80,11 +85,11 @@ def main():
         mp.spawn(_rank, args=(2, free_port(), out, queue), nprocs=2)
         rows = queue.get()
     print("| strategy | recipe | parameters | all-reduce B/param | all-gather B/param | "
-          "reduce-scatter B/param | amax all-reduces/step |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for strategy, recipe, params, ddp, gathered, scattered, amax in rows:
+          "reduce-scatter B/param | amax all-reduces/step | amax B/step |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for strategy, recipe, params, ddp, gathered, scattered, amax, amax_bytes in rows:
         print(f"| {strategy} | {recipe} | {params:,} | {ddp / params:.2f} | {gathered / params:.2f} "
-              f"| {scattered / params:.2f} | {amax:.0f} |")  # fmt: skip
+              f"| {scattered / params:.2f} | {amax:.0f} | {amax_bytes:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
