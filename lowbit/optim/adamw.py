@@ -13,8 +13,9 @@
   ``v`` (``(1 - beta2) * g**2`` is ~1e-3 of ``v``, below bf16's relative spacing 2**-8) survive in
   expectation instead of being rounded away.
 
-Every optimizer works with `lowbit.Precision`: during ``Precision.step`` each 16-bit parameter's
-data is an fp32 tensor (master weight or upcast), so the states are created from fp32 data. Its
+Every optimizer works with `lowbit.Precision`: during ``Precision.step`` the optimizer's param
+groups hold an fp32 stand-in for each 16-bit parameter (its master weight, or an upcast copy), so
+the states are created from fp32 data. Its
 ``state_dict()`` loads into a fresh optimizer with every state's dtype kept (plain
 ``torch.optim.Optimizer.load_state_dict`` would cast fp32 states to a bf16 parameter's dtype).
 """
