@@ -66,9 +66,6 @@ class SingleProcess:
     def accumulating(self, model, more: bool):
         return contextlib.nullcontext()
 
-    def reduce_gradients(self) -> None:
-        """After the backward of a step: reduce gradients that no wrapper reduced (no-op here)."""
-
     def alone(self):
         """Within: this rank computes by itself (no scale agreement with the others)."""
         return contextlib.nullcontext()
@@ -136,9 +133,6 @@ class Ranks(SingleProcess):
         self.is_main = self.rank == 0
         self._device = device
         self.comm = None  # DDP: byte counts of the gradient all-reduce (ddp.CommStats)
-        self._grad_reduce = (
-            None  # DDP without the wrapper (16-bit parameters): ddp.GradientAllReduce
-        )
         backend = "gloo" if device.type == "cpu" else None
         self.agreement = AllReduceAgreement(dist.new_group(backend=backend), device)
         set_scale_agreement(self.agreement)
@@ -155,7 +149,7 @@ class Ranks(SingleProcess):
         if self.strategy == "ddp":
             from lowbit.distributed.ddp import wrap_ddp
 
-            wrapped, self.comm, self._grad_reduce = wrap_ddp(model, precision, self._device)
+            wrapped, self.comm = wrap_ddp(model, precision, self._device)
             return wrapped, model
         from lowbit.distributed.fsdp import wrap_fsdp
 
@@ -164,15 +158,11 @@ class Ranks(SingleProcess):
 
     def accumulating(self, model, more: bool):
         """Within: a micro-batch whose gradients are not yet reduced (all but the last)."""
-        if not more or self._grad_reduce is not None:
+        if not more:
             return contextlib.nullcontext()
         if self.strategy == "ddp":
             return model.no_sync()
         return _fsdp_no_sync(model)
-
-    def reduce_gradients(self) -> None:
-        if self._grad_reduce is not None:
-            self._grad_reduce()
 
     @contextlib.contextmanager
     def alone(self):

@@ -311,7 +311,6 @@ class Trainer:
         # Plain one-process runs only: DDP/FSDP parameters (DTensors) are per-rank accounting.
         if self.step_idx == 1 and self.memory is None and self.dist.strategy is None:
             self.memory = self._memory_report(batches[0])  # gradients exist, not yet stepped
-        self.dist.reduce_gradients()  # DDP of 16-bit parameters (no wrapper)
         stop = precision.finite_loss_policy != "skip"
         if stop and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at step {self.step_idx + 1}")
