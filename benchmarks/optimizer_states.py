@@ -56,19 +56,19 @@ from lowbit.optim import (  # noqa: E402
 )
 
 HEADING = "## Optimizer-state precision (benchmarks/optimizer_states.py)"
-PEAK_LR = 3e-3
+PEAK_LR = 3e-3  # the trainer's default for causal-lm (lowbit.train.config)
 FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10% of the peak
 TOLERANCE = 0.01  # the claim: within 1% of fp32 states
 
 
-def lr_at(step: int, steps: int) -> float:
+def lr_at(step: int, steps: int, peak: float = PEAK_LR) -> float:
     """Linear warm-up over the first 10% of the steps, then cosine decay to 10% of the peak."""
     warmup = max(steps // 10, 1)
     if step < warmup:
-        return PEAK_LR * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(steps - 1 - warmup, 1)  # 0 after warm-up, 1 at the last step
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return PEAK_LR * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
+    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
 
 
 def _setup(state: str, seed: int, recipe: str, batch: int, seq: int, train):
@@ -98,13 +98,15 @@ def _train_step(model, precision, optimizer, x, y, lr: float, last: bool = False
     return loss.item(), states
 
 
-def run(state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, train, val) -> dict:
+def run(
+    state: str, seed: int, recipe: str, steps: int, batch: int, seq: int, train, val, lr: float
+) -> dict:
     model, precision, optimizer, batches = _setup(state, seed, recipe, batch, seq, train)
     losses = []
     start = time.perf_counter()
     for step in range(steps):
         loss, states = _train_step(
-            model, precision, optimizer, *next(batches), lr_at(step, steps), step == steps - 1
+            model, precision, optimizer, *next(batches), lr_at(step, steps, lr), step == steps - 1
         )
         losses.append(loss)
     seconds = time.perf_counter() - start
@@ -149,11 +151,11 @@ def _stored(state: str, x: torch.Tensor, signed: bool, generator) -> torch.Tenso
     return buffer.dequantize()
 
 
-def state_error(states: list[str], at: int, recipe, steps, batch, seq, train) -> list[dict]:
+def state_error(states: list[str], at: int, recipe, steps, batch, seq, train, lr) -> list[dict]:
     """Store the fp32-state run's moments at step ``at`` once in each precision (module docstring)."""
     model, precision, optimizer, batches = _setup("fp32", 0, recipe, batch, seq, train)
     for step in range(at):
-        _train_step(model, precision, optimizer, *next(batches), lr_at(step, steps))
+        _train_step(model, precision, optimizer, *next(batches), lr_at(step, steps, lr))
     beta1, beta2 = optimizer.param_groups[0]["betas"]
     eps = optimizer.param_groups[0]["eps"]
     rows = []
@@ -252,10 +254,13 @@ def _pm(mean: float, std: float, fmt: str) -> str:
 def table(rows: list[dict], args) -> str:
     summary = summarize(rows)
     seeds = summary[0]["seeds"]
+    names = [s["state"] for s in summary]
     lines = [
         f"Command: `.venv/bin/python benchmarks/optimizer_states.py --seeds {len(seeds)} "
-        f"--steps {args.steps} --batch {args.batch} --seq {args.seq} --recipe {args.recipe}` "
-        f"(tiny Llama, byte-level stdlib corpus, AdamW, peak lr {PEAK_LR:g}, warm-up 10% then "
+        f"--steps {args.steps} --batch {args.batch} --seq {args.seq} --recipe {args.recipe}"
+        f"{'' if args.lr == PEAK_LR else f' --lr {args.lr:g}'}"
+        f"{'' if len(summary) == len(STATE_PRECISIONS) else ' --states ' + ' '.join(names)}` "
+        f"(tiny Llama, byte-level stdlib corpus, AdamW, peak lr {args.lr:g}, warm-up 10% then "
         f"cosine to {FINAL_LR_FRACTION:.0%} of the peak; seeds {', '.join(map(str, seeds))}, each "
         "setting init, data order and bf16 rounding, shared by every state precision). The gap is "
         "paired: each seed's val loss against fp32 states of the same seed, mean ± std over "
@@ -299,6 +304,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--recipe", default="bf16-low")
+    parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
     parser.add_argument("--states", nargs="+", default=list(STATE_PRECISIONS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write every run's row here (after each run)")
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
     states = ["fp32"] + [s for s in args.states if s != "fp32"]
     if args.from_json:  # the saved settings name the command line, not this one's defaults
         saved = json.loads(args.from_json.read_text())
-        vars(args).update(saved["settings"])
+        vars(args).update({"lr": PEAK_LR, **saved["settings"]})  # files without lr: the default
         rows = saved["rows"]
     else:
         val = eval_batches(
@@ -325,16 +331,30 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             for state in states:
                 rows.append(
-                    run(state, seed, args.recipe, args.steps, args.batch, args.seq, train, val)
+                    run(
+                        state,
+                        seed,
+                        args.recipe,
+                        args.steps,
+                        args.batch,
+                        args.seq,
+                        train,
+                        val,
+                        args.lr,
+                    )
                 )
                 print(rows[-1], flush=True)
                 if args.json:
-                    settings = {k: getattr(args, k) for k in ("steps", "batch", "seq", "recipe")}
+                    settings = {
+                        k: getattr(args, k) for k in ("steps", "batch", "seq", "recipe", "lr")
+                    }
                     args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     text = table(rows, args)
     if args.state_error is not None:
         at = args.state_error
-        errors = state_error(states[1:], at, args.recipe, args.steps, args.batch, args.seq, train)
+        errors = state_error(
+            states[1:], at, args.recipe, args.steps, args.batch, args.seq, train, args.lr
+        )
         text += "\n\n" + state_error_table(errors, at, args)
     print(text)
     if args.write:
