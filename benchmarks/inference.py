@@ -122,7 +122,7 @@ def _decode(model, tokens: int):
 def speed(source, args) -> dict:
     """tokens/s per int8 kernel and fp32, interleaved rounds; medians and ratios to fp32."""
     variants = {"fp32": build(source, None, None, None, None, None)}
-    variants["int8 W8A8 (_int_mm)"] = build(
+    variants["int8 W8A8 (oneDNN qlinear)"] = build(
         source, None, "int8", "weights-and-activations", None, None
     )
     dequant = build(source, None, "int8", "weights-only", None, None)
@@ -159,16 +159,16 @@ def speed(source, args) -> dict:
 
 NOISE_NOTE = (
     "The dequant row runs the very same fp32 GEMMs as fp32, so its distance from 1.00x is this "
-    "(shared, busy) machine's noise. At the tiny model's shapes (K = 128 or 344) the per-token "
-    "quantization and rescaling passes cost more than the int8 GEMM saves, and decoding one "
-    "token at a time is dominated by per-op overhead; the layer table below shows where `_int_mm` "
-    "wins (K, N of 1024 and more)."
+    "(shared, busy) machine's noise. W8A8 runs oneDNN's quantized linear on a weight packed once "
+    "(`torch.ops.onednn.qlinear_pointwise`), after one fused pass of per-token quantization; "
+    "decoding one token at a time is dominated by per-op overhead. The layer table below shows "
+    "the int8 GEMM per shape."
 )
 LAYER_SHAPES = [(4096, 128, 344), (4096, 344, 128), (4096, 1024, 1024), (4096, 2048, 5632)]
 
 
 def layer_speed(args) -> list[tuple]:
-    """One linear layer, M x K -> N: fp32 vs int8 W8A8 (quantize + _int_mm + rescale), same rounds."""
+    """One linear layer, M x K -> N: fp32 vs int8 W8A8 (quantize + int8 GEMM + rescale), same rounds."""
     from lowbit.infer import QuantLinear
 
     out = []
@@ -234,7 +234,7 @@ def table(source, rows, speeds, args, layers=None) -> str:
         lines += [
             "",
             "One linear layer (M x K -> N), fp32 `nn.Linear` vs int8 W8A8 `QuantLinear` (per-token "
-            "quantization + `torch._int_mm` + rescale), same rounds:",
+            "quantization + oneDNN int8 GEMM + rescale), same rounds:",
             "",
             "| M x K -> N | fp32 ms | int8 W8A8 ms | int8 vs fp32 |",
             "|---|---:|---:|---:|",

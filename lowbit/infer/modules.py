@@ -3,8 +3,11 @@
 Forward, for ``x`` (M tokens x K) and the stored weight (N x K), ``out = x @ w.T + bias``:
 
 - int8 ``weights-and-activations``: a real int8 GEMM. ``x`` is quantized per token (one scale per
-  row, `quantize_per_token_int8`), ``torch._int_mm`` multiplies int8 by int8 into exact int32, and
-  the accumulator is scaled by ``s_x[m] * s_w[n]``.
+  row, `quantize_per_token_int8`) and multiplied by the int8 weight with exact int32 accumulation:
+  on x86 CPUs by oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``, the kernel
+  PyTorch's own x86 quantization uses) on a weight packed once into oneDNN's layout, which applies
+  ``s_w[n]`` in its epilogue, then ``* s_x[m]``; for fewer than `ONEDNN_MIN_ROWS` rows and where
+  oneDNN is missing by ``torch._int_mm`` and one rescale pass.
 - int8 ``weights-only``: ``kernel="dequant"`` (default) dequantizes the int8 weight once to fp32 and
   runs the fp32 GEMM; ``kernel="int8pack"`` calls ``torch.ops.aten._weight_int8pack_mm`` (int8
   weights, fp32 activations) each time. Both give the same products up to fp32 summation order.
@@ -32,6 +35,11 @@ from lowbit.infer.quant import (
 from lowbit.nn.gemm import emulated_gemm, scale_rows_cols
 
 KERNELS = ("dequant", "int8pack")
+
+
+# Below this many rows (decoding: one token per forward) oneDNN's qlinear call costs more than
+# torch._int_mm's: 57 against 191 tokens/s decoding the tiny model (benchmarks/inference.py).
+ONEDNN_MIN_ROWS = 16
 
 
 class QuantLinear(torch.nn.Module):
@@ -78,7 +86,12 @@ class QuantLinear(torch.nn.Module):
         r = self.recipe
         if self.uses_int8_kernel:
             if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
-                return "int8 x int8 GEMM (torch._int_mm), per-token activation scales"
+                kernel = (
+                    f"oneDNN qlinear; torch._int_mm below {ONEDNN_MIN_ROWS} rows"
+                    if self._onednn_weight()
+                    else "torch._int_mm"
+                )
+                return f"int8 x int8 GEMM ({kernel}), per-token activation scales"
             return "int8-weight GEMM (torch.ops.aten._weight_int8pack_mm)"
         if r.mode is Mode.WEIGHTS_ONLY and r.format is Target.INT8 and r.group is None:
             return "int8 weights dequantized once, fp32 GEMM (kernel='int8pack' for the int8 one)"
@@ -87,6 +100,45 @@ class QuantLinear(torch.nn.Module):
         return (
             f"{r.format.value} weights and activations, emulated GEMM on exact low-precision values"
         )
+
+    def _onednn_weight(self):
+        """(packed weight, fp32 scales, zero points) for oneDNN's qlinear, or () where PyTorch has
+        no oneDNN quantized linear (non-x86 builds)."""
+
+        def pack():
+            try:
+                packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+            except (AttributeError, RuntimeError, NotImplementedError):
+                return ()
+            scales = self.scale.float().reshape(-1).contiguous()
+            return packed, scales, torch.zeros(scales.numel(), dtype=torch.int64)
+
+        return self._get("onednn", pack)
+
+    def _int8_gemm(self, values: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+        """``(values @ qweight.T) * s_x * s_w`` in fp32 from int8 values and M x 1 scales ``s_x``."""
+        onednn = self._onednn_weight() if values.shape[0] >= ONEDNN_MIN_ROWS else ()
+        if onednn:
+            packed, s_w, zero_points = onednn
+            acc = torch.ops.onednn.qlinear_pointwise(
+                values,
+                1.0,
+                0,
+                packed,
+                s_w,
+                zero_points,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
+            return acc.mul_(s_x)
+        s_w = self._get("s_w_column", lambda: self.scale.float().reshape(-1, 1))
+        # the weight as the K x N transposed view of its N x K rows: oneDNN's fast layout
+        return scale_rows_cols(torch._int_mm(values, self.qweight.t()), s_x, s_w)
 
     def _get(self, key: str, make) -> torch.Tensor:
         if key not in self._cache:
@@ -101,10 +153,8 @@ class QuantLinear(torch.nn.Module):
         r = self.recipe
         if r.mode is Mode.WEIGHTS_AND_ACTIVATIONS:
             if self.uses_int8_kernel and x2.device.type == "cpu":
-                w_t = self.qweight.t()  # K x N int8 view of the N x K rows: oneDNN's fast layout
-                s_w = self._get("s_w", lambda: self.scale.float().reshape(1, -1))
                 values, s_x = quantize_per_token_int8(x2)
-                out = scale_rows_cols(torch._int_mm(values, w_t), s_x, s_w.t())  # fp32
+                out = self._int8_gemm(values, s_x)
             else:
                 w = self._get("qw", self.weight_qtensor)
                 out = emulated_gemm(quantize_activation(x2, r), w)

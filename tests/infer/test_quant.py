@@ -88,6 +88,21 @@ def test_int8_kernels_agree_with_the_dequantized_reference():
     torch.testing.assert_close(dequant, x @ wo.dequantized_weight().t(), rtol=1e-6, atol=1e-6)
 
 
+def test_int8_gemm_on_onednn_equals_the_int_mm_path():
+    """oneDNN's prepacked quantized linear (x86) and torch._int_mm compute the same exact int32
+    products; only the order of the two fp32 scale multiplications differs."""
+    linear = torch.nn.Linear(128, 344, bias=True)
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(5)) * 3
+    layer = QuantLinear.from_linear(linear, QuantRecipe("int8", "weights-and-activations"))
+    with torch.no_grad():
+        onednn = layer(x)
+        assert ("oneDNN qlinear" in layer.note()) == bool(layer._onednn_weight())
+        layer._cache["onednn"] = ()  # what a build without oneDNN's quantized linear gets
+        assert "torch._int_mm" in layer.note()
+        fallback = layer(x)
+    torch.testing.assert_close(onednn, fallback, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_recipes_say_how_to_fix_them():
     with pytest.raises(
         UsageError,
