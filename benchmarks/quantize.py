@@ -179,7 +179,10 @@ def table(rows, nbytes: int, repeats: int, command: str) -> str:
         f"Input: one fp32 tensor of {nbytes / 2**20:.0f} MiB; GB/s = input bytes read per call "
         f"/ median time of {repeats} calls. Copy bandwidth (`out.copy_(x)`, preallocated, same "
         f"rounds): median {copy_gbs:.2f} GB/s. '% copy' = copy time / call time, per row, from "
-        "the same rounds.",
+        "the same rounds. Columns: `fused` is what `quantize` runs on CPU (lowbit's kernel, "
+        "`lowbit.kernels`; `cast` and configurations it does not serve fall back to PyTorch ops), "
+        "`eager` the PyTorch-ops path (CUDA's, or `LOWBIT_KERNELS=0`), `compiled` that path under "
+        "`torch.compile`.",
         "",
         "| op | granularity | fused GB/s | fused % copy | eager GB/s | eager % copy "
         "| compiled GB/s | compiled % copy | note |",
