@@ -127,7 +127,7 @@ _KERNEL_NVFP4_RULE = 4
 _KERNEL_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fusable(x, fmt, granularity, block_size) -> bool:
+def _fusable(x, fmt) -> bool:
     """Whether `lowbit.kernels` computes this quantization (the same values, in one pass)."""
     small_float = (  # fp8/fp6/fp4: bf16 carrier, magic-number rounding (cast.py)
         isinstance(fmt, FloatFormat)
@@ -135,12 +135,8 @@ def _fusable(x, fmt, granularity, block_size) -> bool:
         and fmt.ebits < 8
         and carrier_dtype(fmt) == torch.bfloat16
     )
-    one_row_blocks = granularity is not Granularity.BLOCK2D and not (
-        granularity is Granularity.NVFP4 and isinstance(block_size, tuple | list)
-    )
     return (
         (small_float or isinstance(fmt, IntFormat))
-        and one_row_blocks
         and x.dtype in _KERNEL_INPUTS
         and x.numel() > 0
         and kernels.usable(x)
@@ -150,22 +146,26 @@ def _fusable(x, fmt, granularity, block_size) -> bool:
 def _quantize_fused(
     x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
 ) -> QTensor:
-    """`quantize` through the fused CPU kernel (granularities with 1-row blocks).
+    """`quantize` through the fused CPU kernel (every granularity).
 
     Stochastic rounding draws its uniforms with `torch.rand` from ``generator`` in the shape the
-    PyTorch path draws them (rows x cols padded to whole blocks), so both give the same bits.
+    PyTorch path draws them (rows and cols padded to whole blocks), so both give the same bits.
     """
     matrix = to_matrix(x, axis)  # a strided view (a transposed operand) is gathered by the kernel
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
-    if cols % block[1] and not pad:
+    tiles = granularity is not Granularity.TENSOR and block[0] > 1  # 2-D blocks
+    if tiles and matrix.stride(1) != 1 and cols > 1:
+        matrix = matrix.contiguous()  # 2-D tiles read whole rows of each tile
+    if (cols % block[1] or rows % block[0]) and not pad:
         _pad_to_blocks(matrix, block, pad)  # raises the usual error
     if amax is not None and granularity is Granularity.AXIS:
         amax = _external_block_amax(amax, rows, granularity).reshape(rows)
     noise = None
     if rounding is Rounding.STOCHASTIC:
         padded = cols if granularity is Granularity.TENSOR else cols + (-cols) % block[1]
-        noise = torch.rand(rows, padded, generator=generator, dtype=torch.float32)
+        padded_rows = rows + (-rows) % block[0] if tiles else rows
+        noise = torch.rand(padded_rows, padded, generator=generator, dtype=torch.float32)
     nvfp4 = granularity is Granularity.NVFP4
     fold = (
         fold
@@ -176,6 +176,7 @@ def _quantize_fused(
     values, scale, tensor_scale, folded = kernels.quantize_rows(
         matrix,
         0 if granularity is Granularity.TENSOR else block[1],
+        block_rows=block[0] if tiles else 1,
         integer=isinstance(fmt, IntFormat),
         mbits=getattr(fmt, "mbits", 0),
         emin=getattr(fmt, "emin", 0),
@@ -314,7 +315,7 @@ def quantize(
         )
     axis = axis % max(x.dim(), 1)
     rounding = Rounding(rounding)
-    if _fusable(x, fmt, granularity, block_size):
+    if _fusable(x, fmt):
         return _quantize_fused(
             x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
         )

@@ -106,6 +106,7 @@ def quantize_rows(
     x: torch.Tensor,
     block: int,
     *,
+    block_rows: int = 1,
     integer: bool,
     mbits: int,
     emin: int,
@@ -118,7 +119,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp."""
     return torch.ops.lowbit.quantize_rows(
-        x, block, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise, fold
+        x, block, block_rows, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise, fold
     )
 
 

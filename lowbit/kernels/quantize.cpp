@@ -277,7 +277,7 @@ inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params
 }
 
 template <typename T>
-void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
+void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const Params& p,
                    const c10::optional<at::Tensor>& given_amax, const float* noise,
                    int64_t noise_stride, at::Tensor& values, at::Tensor& scale,
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
@@ -316,21 +316,19 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
     row_amax = given_amax->const_data_ptr<float>();
   }
   const Grid e4m3(3, -6, 8, kE4m3Max);
-  // One block of n elements (a compile-time constant for the usual 16 and 32, so that its loops
-  // are unrolled and vectorized without run-time checks).
-  auto quantize_block = [&](int64_t r, const auto* row, int64_t start, auto n) {
-    const float amax = row_amax ? row_amax[r] : block_amax(row + start, n);
-    float s;
-    float divisor;
+  // The (stored scale, divisor) of a block with largest magnitude amax.
+  auto scale_of = [&](float amax) {
     if (p.rule == kNvfp4) {
-      s = e4m3.round((amax / kFp4Max) / tensor_scale);
-      divisor = s * tensor_scale;
-      if (!(divisor > 0.0f)) divisor = 1.0f;
-    } else {
-      s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
-      divisor = s;
+      const float s = e4m3.round((amax / kFp4Max) / tensor_scale);
+      const float divisor = s * tensor_scale;
+      return std::pair<float, float>{s, divisor > 0.0f ? divisor : 1.0f};
     }
-    scales[r * blocks_per_row + start / block] = s;
+    const float s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
+    return std::pair<float, float>{s, s};
+  };
+  // Rounds the n elements of row r from column start (n is a compile-time constant for the usual
+  // 16 and 32, so that the loops are unrolled and vectorized without run-time checks).
+  auto emit = [&](int64_t r, const auto* row, int64_t start, auto n, float s, float divisor) {
     const int64_t at = r * cols + start;
     cast_block(row + start, n, divisor, p, noise ? noise + r * noise_stride + start : nullptr,
                out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr);
@@ -342,6 +340,35 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
         out_folded[at + i] = bf16_bits_nearest(bf16_value(out_bf16[at + i]) * s);
       }
     }
+  };
+
+  if (block_rows > 1) {  // 2-D tiles of block_rows x block (x has contiguous columns)
+    const T* data = x.const_data_ptr<T>();
+    const int64_t row_stride = x.stride(0);
+    const int64_t tile_rows = (rows + block_rows - 1) / block_rows;
+    at::parallel_for(0, tile_rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t r0 = tile * block_rows;
+        const int64_t r1 = std::min(rows, r0 + block_rows);
+        for (int64_t start = 0; start < cols; start += block) {
+          const int64_t n = std::min(block, cols - start);
+          uint32_t top = 0;
+          for (int64_t r = r0; r < r1; ++r) {
+            top = std::max(top, bits_of(block_amax(data + r * row_stride + start, n)));
+          }
+          const auto [s, divisor] = scale_of(float_of(top));
+          scales[tile * blocks_per_row + start / block] = s;
+          for (int64_t r = r0; r < r1; ++r) emit(r, data + r * row_stride, start, n, s, divisor);
+        }
+      }
+    });
+    return;
+  }
+
+  auto quantize_block = [&](int64_t r, const auto* row, int64_t start, auto n) {
+    const auto [s, divisor] = scale_of(row_amax ? row_amax[r] : block_amax(row + start, n));
+    scales[r * blocks_per_row + start / block] = s;
+    emit(r, row, start, n, s, divisor);
   };
   auto quantize_row = [&](int64_t r, const auto* row, auto full) {
     int64_t start = 0;
@@ -362,6 +389,7 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
 // (values, scale, tensor_scale, folded) of `x` (rows x cols, any strides: a transposed view is
 // gathered in tiles, see for_each_row).
 //   block: columns per block; 0 for one scale over the whole tensor.
+//   block_rows: rows per block (1; more for 2-D tiles, which need contiguous columns).
 //   kind: 0 float format (values in bf16), 1 symmetric integer (values in int8, qmax = fmt_max).
 //   rule: 0 amax, 1 pow2, 2 mx_floor, 3 mx_ceil, 4 nvfp4 (e4m3 block scales, fp32 tensor scale).
 //   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block == cols).
@@ -370,11 +398,14 @@ void quantize_impl(const at::Tensor& x, int64_t block, const Params& p,
 //   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
 //     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
-    const at::Tensor& x, int64_t block, int64_t kind, int64_t mbits, int64_t emin, int64_t emax,
+    const at::Tensor& x, int64_t block, int64_t block_rows, int64_t kind, int64_t mbits,
+    int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
     const c10::optional<at::Tensor>& noise, bool fold) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
-  TORCH_CHECK(block >= 0, "block must be >= 0");
+  TORCH_CHECK(block >= 0 && block_rows >= 1, "block must be >= 0 and block_rows >= 1");
+  TORCH_CHECK(block_rows == 1 || (block > 0 && (x.stride(1) == 1 || x.size(1) <= 1)),
+              "2-D tiles need column blocks and contiguous columns");
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
   c10::optional<at::Tensor> given;
@@ -388,8 +419,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   int64_t noise_stride = 0;
   if (noise.has_value()) {
     const int64_t padded = block == 0 ? cols : (cols + block - 1) / block * block;
+    const int64_t padded_rows = (rows + block_rows - 1) / block_rows * block_rows;
     TORCH_CHECK(noise->scalar_type() == at::kFloat && noise->is_contiguous() &&
-                    noise->numel() == rows * padded,
+                    noise->numel() == padded_rows * padded,
                 "noise must be a contiguous fp32 tensor of rows x padded cols");
     noise_data = noise->const_data_ptr<float>();
     noise_stride = padded;
@@ -399,21 +431,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   const auto opts = x.options();
   at::Tensor values = at::empty({rows, cols}, opts.dtype(kind == kInt ? at::kChar : at::kBFloat16));
   const int64_t grid_cols = block == 0 ? 1 : (cols + block - 1) / block;
-  at::Tensor scale = at::empty({block == 0 ? 1 : rows, grid_cols}, opts.dtype(at::kFloat));
+  const int64_t grid_rows = block == 0 ? 1 : (rows + block_rows - 1) / block_rows;
+  at::Tensor scale = at::empty({grid_rows, grid_cols}, opts.dtype(at::kFloat));
   at::Tensor tensor_scale = at::empty({rule == kNvfp4 ? 1 : 0}, opts.dtype(at::kFloat));
   TORCH_CHECK(!fold || (kind == kFloatGrid && block > 0), "fold needs a float format in blocks");
   at::Tensor folded = at::empty({fold ? rows : 0, fold ? cols : 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
-      quantize_impl<float>(x, block, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<float>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
                               tensor_scale, folded);
       break;
     case at::kBFloat16:
-      quantize_impl<c10::BFloat16>(x, block, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<c10::BFloat16>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
                               tensor_scale, folded);
       break;
     case at::kHalf:
-      quantize_impl<c10::Half>(x, block, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<c10::Half>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
                               tensor_scale, folded);
       break;
     default:
@@ -426,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 
 TORCH_LIBRARY(lowbit, m) {
   m.def(
-      "quantize_rows(Tensor x, int block, int kind, int mbits, int emin, int emax, float fmt_max, "
+      "quantize_rows(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
       "int rule, Tensor? amax, Tensor? noise, bool fold) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

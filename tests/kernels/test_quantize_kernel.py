@@ -80,6 +80,8 @@ def test_unpadded_ragged_blocks_are_refused_as_on_the_pytorch_path():
     x = torch.randn(4, 50)
     with pytest.raises(Exception, match="does not divide into 1x32 blocks"):
         quantize(x, "fp8_e4m3", "mx", pad=False)
+    with pytest.raises(Exception, match="does not divide into 16x16 blocks"):
+        quantize(torch.randn(20, 32), "fp4_e2m1", "nvfp4", block_size=(16, 16), pad=False)
 
 
 def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
@@ -113,6 +115,8 @@ def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
         ("fp8_e5m2", "tensor", None),
         ("fp6_e3m2", "mx", None),
         ("int8", "axis", None),
+        ("fp4_e2m1", "nvfp4 16x16", None),
+        ("fp8_e4m3", "block2d 16x32", None),
     ],
     ids=str,
 )
@@ -123,10 +127,19 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
     x = awkward_tensor(shape)
     x.view(-1)[7] = float("nan") if name != "int8" else 0.0
 
+    granularity, _, tile = granularity.partition(" ")
+    block = tuple(int(n) for n in tile.split("x")) if tile else None
+
     def draw():
         generator = torch.Generator().manual_seed(3)
         return quantize(
-            x, name, granularity, scale_rule=rule, rounding="stochastic", generator=generator
+            x,
+            name,
+            granularity,
+            block_size=block,
+            scale_rule=rule,
+            rounding="stochastic",
+            generator=generator,
         )
 
     fused = draw()
@@ -141,6 +154,7 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
         ("fp8_e4m3", "mx", None, None),
         ("fp4_e2m1", "mx", "mx_ceil", None),
         ("fp4_e2m1", "nvfp4", None, None),
+        ("fp4_e2m1", "nvfp4", None, (16, 16)),
         ("fp8_e4m3", "block", "pow2", 64),
     ],
     ids=str,
