@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
 from lowbit.train import checkpoint as run_checkpoint
 
 EXTRA = "lowbit.pt"
@@ -81,13 +80,7 @@ def save(trainer) -> Path:
 
 def read(path) -> dict:
     """The rank-0 part (``lowbit.pt``) of a DCP checkpoint folder."""
-    extra = Path(path) / EXTRA
-    try:
-        return torch.load(extra, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UsageError(
-            f"{path}: unreadable checkpoint ({error}); fix: use an older one"
-        ) from None
+    return run_checkpoint.read_file(Path(path) / EXTRA, name=path)
 
 
 def load(trainer, path, extra: dict) -> None:

@@ -74,11 +74,17 @@ def load(path) -> dict:
         from lowbit.distributed.checkpoint import load_full
 
         return load_full(path)
+    return read_file(path)
+
+
+def read_file(path, name=None) -> dict:
+    """``torch.load`` of a checkpoint file; a `UsageError` naming ``name`` (default: the file)
+    when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as error:
         raise UsageError(
-            f"{path}: unreadable checkpoint ({error}); fix: use an older one"
+            f"{name or path}: unreadable checkpoint ({error}); fix: use an older one"
         ) from None
 
 
