@@ -5,6 +5,7 @@ Recipes are measured round-robin (one timed step of each in turn, several rounds
 machine's noise hits every recipe alike; the table reports the median step time per recipe.
 
     .venv/bin/python benchmarks/recipe_speed.py [--rounds 8] [--recipes a,b,c] [--write]
+    .venv/bin/python benchmarks/recipe_speed.py --profile fp8-tensorwise   # where a step goes
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ def table(medians: dict[str, float], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def profile(recipe: str, warmup: int, batch: int, seq: int, size: str) -> None:
+    """Print where one step of ``recipe`` spends its time (torch.profiler, ops by self time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
+    run = Run(recipe, tokens, batch, seq, size)
+    for _ in range(warmup):
+        run.step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
@@ -82,7 +97,11 @@ def main() -> int:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--note", default="", help="text written under the table (with --write)")
+    parser.add_argument("--profile", metavar="RECIPE", help="profile one step of RECIPE instead")
     args = parser.parse_args()
+    if args.profile:
+        profile(args.profile, args.warmup, args.batch, args.seq, args.size)
+        return 0
     recipes = args.recipes.split(",")
     if "fp32" not in recipes:
         recipes.insert(0, "fp32")

@@ -3,9 +3,10 @@
 import os
 
 # PyTorch's switch for transparent huge pages on large CPU tensors (c10 reads it once, when torch
-# first allocates): a fresh 32 MB tensor then costs ~16 instead of ~8000 page faults, which halves
-# the time of allocation-bound steps on CPU (BENCHMARKS.md, quantization throughput). It only takes
-# effect when lowbit is imported before torch (the `lowbit` command is); an explicit value wins.
+# first allocates): a fresh 32 MB tensor then costs ~16 instead of ~8000 page faults, which raises
+# fp8 tensorwise quantization from 26% to 37% of copy bandwidth here (docs/formats.md, with the
+# cases where it costs). It only takes effect when lowbit is imported before torch (the `lowbit`
+# command is); an explicit value, e.g. THP_MEM_ALLOC_ENABLE=0, wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from lowbit.nn import convert
