@@ -19,7 +19,9 @@ slower). CUDA tensors always take the PyTorch path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import platform
 import sys
 import threading
 import time
@@ -36,12 +38,24 @@ _state = {"loaded": None, "error": None}
 _local = threading.local()
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: ``-march=native`` code built on one CPU may
+    not run on another, so machines sharing a home directory (and so the cache) get their own build."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
     start = time.perf_counter()
     cpp_extension.load(
-        name="lowbit_kernels",
+        name=f"lowbit_kernels_{_cpu_tag()}",
         sources=[str(source) for source in _SOURCES],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
