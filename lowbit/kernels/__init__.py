@@ -18,7 +18,6 @@ slower). CUDA tensors always take the PyTorch path.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
@@ -30,12 +29,14 @@ from pathlib import Path
 
 import torch
 
+from lowbit.threadflag import ThreadFlag
+
 _SOURCES = [Path(__file__).with_name(name) for name in ("quantize.cpp", "epilogue.cpp")]
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds as PyTorch's does.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}
-_local = threading.local()
+_disabled = ThreadFlag()
 
 
 def _cpu_tag() -> str:
@@ -100,20 +101,14 @@ def build_error() -> str | None:
     return _state["error"]
 
 
-@contextlib.contextmanager
 def disabled():
     """Within this context (this thread), quantization takes the PyTorch path."""
-    previous = getattr(_local, "disabled", False)
-    _local.disabled = True
-    try:
-        yield
-    finally:
-        _local.disabled = previous
+    return _disabled.on()
 
 
 def usable(x: torch.Tensor) -> bool:
     """Whether a tensor can go through the fused kernels now."""
-    return x.device.type == "cpu" and not getattr(_local, "disabled", False) and available()
+    return x.device.type == "cpu" and not _disabled and available()
 
 
 def quantize_rows(

@@ -26,30 +26,18 @@ compare against a float64 reference GEMM with a tight tolerance.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 
 from lowbit import kernels
 from lowbit.formats import IntFormat, QTensor
+from lowbit.threadflag import ThreadFlag
 
-_state = threading.local()
+_exact = ThreadFlag()
 
 
-@contextlib.contextmanager
 def exact_accumulation():
     """Within this context emulated GEMMs return fp32 accumulators instead of bf16 outputs."""
-    previous = getattr(_state, "exact", False)
-    _state.exact = True
-    try:
-        yield
-    finally:
-        _state.exact = previous
-
-
-def _exact() -> bool:
-    return getattr(_state, "exact", False)
+    return _exact.on()
 
 
 def _constant_along_k(q: QTensor) -> bool:
@@ -83,7 +71,7 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` returned in fp32: bf16 GEMM when both are bf16 (unless exact), else fp32."""
-    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact():
+    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact:
         return (a @ b.t()).float()
     return a.float() @ b.float().t()
 
@@ -96,7 +84,7 @@ def _grouped_mm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     pad = (-k) % block
     va = torch.nn.functional.pad(qa.values, (0, pad)).reshape(m, -1, block).transpose(0, 1)
     vb = torch.nn.functional.pad(qb.values, (0, pad)).reshape(n, -1, block).transpose(0, 1)
-    if va.dtype == torch.bfloat16 and vb.dtype == torch.bfloat16 and not _exact():
+    if va.dtype == torch.bfloat16 and vb.dtype == torch.bfloat16 and not _exact:
         partial = torch.bmm(va, vb.transpose(1, 2)).float()
     else:
         partial = torch.bmm(va.float(), vb.float().transpose(1, 2))
