@@ -17,7 +17,8 @@ inf), so rounding can never leave the finite range; NaN passes through as NaN.
 Stochastic rounding draws ``u ~ U[0, 1)`` per element and returns ``(floor(x/q) + [u < frac]) * q``
 with ``frac = x/q - floor(x/q)``: the upper neighbour with probability equal to the distance to the
 lower one in units of q, so ``E[cast(x)] = x`` (unbiased), for every x inside the finite range.
-``u`` has 24 random bits (float32 `torch.rand`), the resolution of the rounding probability.
+``u`` has 24 random bits, the resolution of the rounding probability; it comes from a
+counter-based generator (`lowbit.formats.counter_rng`) that the fused CPU kernel computes too.
 
 Fast paths of round-to-nearest, with results identical to `cast_reference`: bf16, fp16 and fp8
 e5m2 use PyTorch's native conversion (round-to-nearest-even with subnormals); fp8 e4m3, fp6 and fp4
@@ -32,6 +33,7 @@ from enum import Enum
 
 import torch
 
+from lowbit.formats.counter_rng import draw_seed, uniforms
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
 
@@ -66,7 +68,7 @@ def _round(r: torch.Tensor, rounding: Rounding, generator: torch.Generator | Non
     if rounding is Rounding.NEAREST:
         return torch.round(r)
     low = torch.floor(r)
-    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=r.dtype)
+    u = uniforms(r.shape, draw_seed(generator), r.device).to(r.dtype)
     return low + (u < (r - low)).to(r.dtype)
 
 

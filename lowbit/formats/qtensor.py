@@ -15,6 +15,7 @@ import torch
 from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats.cast import Rounding, cast_to_carrier_
+from lowbit.formats.counter_rng import draw_seed
 from lowbit.formats.scaling import (
     Granularity,
     ScaleRule,
@@ -148,8 +149,9 @@ def _quantize_fused(
 ) -> QTensor:
     """`quantize` through the fused CPU kernel (every granularity).
 
-    Stochastic rounding draws its uniforms with `torch.rand` from ``generator`` in the shape the
-    PyTorch path draws them (rows and cols padded to whole blocks), so both give the same bits.
+    Stochastic rounding draws one seed from ``generator`` and the kernel computes the counter-based
+    uniforms (`lowbit.formats.counter_rng`) of the shape the PyTorch path draws (rows and cols
+    padded to whole blocks), so both give the same bits.
     """
     matrix = to_matrix(x, axis)  # a strided view (a transposed operand) is gathered by the kernel
     rows, cols = matrix.shape
@@ -161,11 +163,7 @@ def _quantize_fused(
         _pad_to_blocks(matrix, block, pad)  # raises the usual error
     if amax is not None and granularity is Granularity.AXIS:
         amax = _external_block_amax(amax, rows, granularity).reshape(rows)
-    noise = None
-    if rounding is Rounding.STOCHASTIC:
-        padded = cols if granularity is Granularity.TENSOR else cols + (-cols) % block[1]
-        padded_rows = rows + (-rows) % block[0] if tiles else rows
-        noise = torch.rand(padded_rows, padded, generator=generator, dtype=torch.float32)
+    noise_seed = draw_seed(generator) if rounding is Rounding.STOCHASTIC else None
     nvfp4 = granularity is Granularity.NVFP4
     fold = (
         fold
@@ -184,7 +182,7 @@ def _quantize_fused(
         fmt_max=float(fmt.max),
         rule=_KERNEL_NVFP4_RULE if granularity is Granularity.NVFP4 else _KERNEL_RULES[rule],
         amax=amax,
-        noise=noise,
+        noise_seed=noise_seed,
         fold=fold,
     )
     return QTensor(

@@ -123,15 +123,23 @@ def quantize_rows(
     fmt_max: float,
     rule: int,
     amax: torch.Tensor | None,
-    noise: torch.Tensor | None = None,
+    noise_seed: int | None = None,
     fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp."""
+    """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp.
+
+    ``noise_seed``: stochastic rounding with `lowbit.formats.counter_rng.uniforms` of that seed."""
     return torch.ops.lowbit.quantize_rows(
-        x, block, block_rows, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise, fold
+        x, block, block_rows, int(integer), mbits, emin, emax, fmt_max, rule, amax, noise_seed, fold
     )
 
 
-def scale_rows_cols(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """``(acc.float() * row[:, None]) * col[None, :]`` in fp32 in one pass (see epilogue.cpp)."""
-    return torch.ops.lowbit.scale_rows_cols(acc, row, col)
+def scale_rows_cols(
+    acc: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``((acc.float() * row[:, None]) * col[None, :]).to(out_dtype)`` in one pass (epilogue.cpp);
+    ``acc`` int32, fp32 or bf16, ``out_dtype`` fp32 or bf16."""
+    return torch.ops.lowbit.scale_rows_cols(acc, row, col, out_dtype)

@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/copy.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -215,9 +214,24 @@ float tensor_amax(const T* x, int64_t rows, int64_t cols, int64_t row_stride,
 
 constexpr int64_t kTile = 16;  // rows of a strided matrix gathered together (64 B of fp32)
 
+// dst[t * cols + c] = src[t * row_stride + c * col_stride] for t < n: a blocked transpose, in
+// kTile x kTile blocks whose source cache lines stay in L1 while they are read row by row.
+template <typename T>
+void gather_rows(const T* __restrict__ src, int64_t n, int64_t cols, int64_t row_stride,
+                 int64_t col_stride, T* __restrict__ dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+    const int64_t cn = std::min(kTile, cols - c0);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* s = src + t * row_stride + c0 * col_stride;
+      T* d = dst + t * cols + c0;
+      for (int64_t c = 0; c < cn; ++c) d[c] = s[c * col_stride];
+    }
+  }
+}
+
 // Calls fn(r, row) for every row r of `x` in parallel, `row` pointing at its `cols` contiguous
 // elements: the tensor's own memory when columns are contiguous, else a small buffer into which
-// tiles of kTile rows are copied while they are in cache, so a transposed view costs no extra
+// tiles of kTile rows are gathered while they are in cache, so a transposed view costs no extra
 // pass over memory.
 template <typename T, typename Fn>
 void for_each_row(const at::Tensor& x, Fn&& fn) {
@@ -235,15 +249,12 @@ void for_each_row(const at::Tensor& x, Fn&& fn) {
   }
   const int64_t tiles = (rows + kTile - 1) / kTile;
   at::parallel_for(0, tiles, std::max<int64_t>(1, grain / kTile), [&](int64_t begin, int64_t end) {
-    // PyTorch's strided copy transposes in cache-sized blocks; nested in parallel_for it is serial
-    at::Tensor buffer = at::empty({kTile, cols}, x.options());
+    std::vector<T> buffer(kTile * cols);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * kTile;
       const int64_t n = std::min(kTile, rows - r0);
-      at::Tensor rows_n = buffer.narrow(0, 0, n);
-      rows_n.copy_(x.narrow(0, r0, n));
-      const T* gathered = rows_n.const_data_ptr<T>();
-      for (int64_t t = 0; t < n; ++t) fn(r0 + t, gathered + t * cols);
+      gather_rows(data + r0 * row_stride, n, cols, row_stride, col_stride, buffer.data());
+      for (int64_t t = 0; t < n; ++t) fn(r0 + t, buffer.data() + t * cols);
     }
   });
 }
@@ -255,6 +266,38 @@ struct Params {
   int32_t emax_elem;
   int64_t rule;
 };
+
+// Stochastic rounding's uniform draws, computed where they are used: draw i (the row-major index
+// in the rows x padded-cols matrix) is SplitMix64's output function of seed + (i + 1) * golden,
+// top 24 bits / 2**24 -- the same values as `lowbit.formats.counter_rng.uniforms` (its docstring
+// says why a counter-based generator). `on` false: round to nearest even.
+struct Noise {
+  bool on;
+  uint64_t seed;
+  int64_t stride;  // indices per row (the padded column count)
+
+  // u[i] = draw first + i for i < n (a separate loop, so that it vectorizes).
+  inline void fill(uint64_t first, int64_t n, float* __restrict__ u) const {
+    for (int64_t i = 0; i < n; ++i) {
+      uint64_t z = seed + (first + static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      u[i] = static_cast<float>(static_cast<int32_t>(z >> 40)) * 0x1p-24f;
+    }
+  }
+};
+
+// The draws first .. first + n - 1 in a per-thread buffer (valid until the next call on the thread);
+// nullptr with noise off (round to nearest even). Not inlined: inlined, it pushed the callers over
+// GCC's inlining budget, which then left the rounding loops scalar (8x slower).
+__attribute__((noinline)) const float* draws(const Noise& noise, uint64_t first, int64_t n) {
+  if (!noise.on) return nullptr;
+  static thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  noise.fill(first, n, buffer.data());
+  return buffer.data();
+}
 
 // Round one block of `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one
 // per element) selects stochastic rounding, nullptr round-to-nearest-even.
@@ -278,8 +321,8 @@ inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params
 
 template <typename T>
 void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const Params& p,
-                   const c10::optional<at::Tensor>& given_amax, const float* noise,
-                   int64_t noise_stride, at::Tensor& values, at::Tensor& scale,
+                   const c10::optional<at::Tensor>& given_amax, const Noise& noise,
+                   at::Tensor& values, at::Tensor& scale,
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
@@ -299,7 +342,7 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
     const float s = scale_from_amax(measured_tensor_amax(), p.fmt_max, p.emax_elem, p.rule);
     scales[0] = s;
     for_each_row<T>(x, [&](int64_t r, const auto* row) {
-      cast_block(row, cols, s, p, noise ? noise + r * noise_stride : nullptr,
+      cast_block(row, cols, s, p, draws(noise, static_cast<uint64_t>(r * noise.stride), cols),
                  out_bf16 ? out_bf16 + r * cols : nullptr, out_int ? out_int + r * cols : nullptr);
     });
     return;
@@ -330,7 +373,8 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
   // 16 and 32, so that the loops are unrolled and vectorized without run-time checks).
   auto emit = [&](int64_t r, const auto* row, int64_t start, auto n, float s, float divisor) {
     const int64_t at = r * cols + start;
-    cast_block(row + start, n, divisor, p, noise ? noise + r * noise_stride + start : nullptr,
+    cast_block(row + start, n, divisor, p,
+               draws(noise, static_cast<uint64_t>(r * noise.stride + start), n),
                out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr);
     if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
       std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
@@ -393,15 +437,16 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
 //   kind: 0 float format (values in bf16), 1 symmetric integer (values in int8, qmax = fmt_max).
 //   rule: 0 amax, 1 pow2, 2 mx_floor, 3 mx_ceil, 4 nvfp4 (e4m3 block scales, fp32 tensor scale).
 //   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block == cols).
-//   noise: uniform draws in [0, 1) for stochastic rounding, fp32, rows x (cols padded to whole
-//     blocks): the layout in which the PyTorch path draws them for its zero-padded blocks.
+//   noise_seed: stochastic rounding with the draws of this seed (see Noise), indexed over rows x
+//     (cols padded to whole blocks): the layout in which the PyTorch path draws them for its
+//     zero-padded blocks; none: round to nearest even.
 //   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
 //     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     const at::Tensor& x, int64_t block, int64_t block_rows, int64_t kind, int64_t mbits,
     int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
-    const c10::optional<at::Tensor>& noise, bool fold) {
+    c10::optional<int64_t> noise_seed, bool fold) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
   TORCH_CHECK(block >= 0 && block_rows >= 1, "block must be >= 0 and block_rows >= 1");
   TORCH_CHECK(block_rows == 1 || (block > 0 && (x.stride(1) == 1 || x.size(1) <= 1)),
@@ -415,17 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
       TORCH_CHECK(block >= cols && given->numel() == rows, "a per-row amax needs one per row");
     }
   }
-  const float* noise_data = nullptr;
-  int64_t noise_stride = 0;
-  if (noise.has_value()) {
-    const int64_t padded = block == 0 ? cols : (cols + block - 1) / block * block;
-    const int64_t padded_rows = (rows + block_rows - 1) / block_rows * block_rows;
-    TORCH_CHECK(noise->scalar_type() == at::kFloat && noise->is_contiguous() &&
-                    noise->numel() == padded_rows * padded,
-                "noise must be a contiguous fp32 tensor of rows x padded cols");
-    noise_data = noise->const_data_ptr<float>();
-    noise_stride = padded;
-  }
+  const Noise noise{noise_seed.has_value(), static_cast<uint64_t>(noise_seed.value_or(0)),
+                    block == 0 ? cols : (cols + block - 1) / block * block};
   const Params p{kind, Grid(mbits, emin, emax, fmt_max), static_cast<float>(fmt_max),
                  binade(static_cast<float>(fmt_max)), rule};
   const auto opts = x.options();
@@ -438,15 +474,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   at::Tensor folded = at::empty({fold ? rows : 0, fold ? cols : 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
-      quantize_impl<float>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<float>(x, block, block_rows, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kBFloat16:
-      quantize_impl<c10::BFloat16>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<c10::BFloat16>(x, block, block_rows, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kHalf:
-      quantize_impl<c10::Half>(x, block, block_rows, p, given, noise_data, noise_stride, values, scale,
+      quantize_impl<c10::Half>(x, block, block_rows, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     default:
@@ -460,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 TORCH_LIBRARY(lowbit, m) {
   m.def(
       "quantize_rows(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
-      "int rule, Tensor? amax, Tensor? noise, bool fold) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int rule, Tensor? amax, int? noise_seed, bool fold) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_rows", &quantize_rows); }

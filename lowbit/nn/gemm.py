@@ -70,9 +70,9 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` returned in fp32: bf16 GEMM when both are bf16 (unless exact), else fp32."""
+    """``a @ b.T``: a bf16 GEMM with a bf16 output when both are bf16 (unless exact), else fp32."""
     if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact:
-        return (a @ b.t()).float()
+        return a @ b.t()
     return a.float() @ b.float().t()
 
 
@@ -104,23 +104,31 @@ def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
     return grid.t()
 
 
-def scale_rows_cols(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """``(acc.float() * row) * col.T`` for an M x N accumulator (int32 or fp32), row scales of shape
-    (M, 1) or (1, 1) and column scales (N, 1) or (1, 1): fp32, two roundings in that order. One
-    fused pass on CPU (`lowbit.kernels`), PyTorch ops elsewhere; the same bits."""
-    if kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1):
-        return kernels.scale_rows_cols(acc, row, col)
-    return acc.float().mul_(row).mul_(col.t())
+def scale_rows_cols(
+    acc: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(acc.float() * row) * col.T`` for an M x N accumulator (int32, fp32 or bf16), row scales of
+    shape (M, 1) or (1, 1) and column scales (N, 1) or (1, 1): fp32, two roundings in that order,
+    then rounded to ``out_dtype``. One fused pass on CPU (`lowbit.kernels`) for fp32 and bf16
+    outputs, PyTorch ops elsewhere; the same bits."""
+    fusable = out_dtype in (torch.float32, torch.bfloat16)
+    if fusable and kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1):
+        return kernels.scale_rows_cols(acc, row, col, out_dtype)
+    return acc.float().mul_(row).mul_(col.t()).to(out_dtype)
 
 
-def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
-    """``dequantize(qa) @ dequantize(qb).T`` in fp32, computed on the low-precision values."""
+def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize(qa) @ dequantize(qb).T`` computed on the low-precision values: the fp32 result,
+    rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it)."""
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
             # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
             acc = torch._int_mm(qa.values.contiguous(), qb.values.contiguous().t())
-            return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb))
-        return _grouped_mm(qa, qb)
+            return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb), out_dtype)
+        return _grouped_mm(qa, qb).to(out_dtype)
     va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
     vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
     if va is None and qa.scales_fold_exactly:
@@ -128,8 +136,8 @@ def emulated_gemm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     if vb is None and qb.scales_fold_exactly:
         vb, sb = _fold(qb)
     if va is None or vb is None:
-        return _grouped_mm(qa, qb)
+        return _grouped_mm(qa, qb).to(out_dtype)
     out = _mm(va, vb)
-    if sa.numel() == 1 and sb.numel() == 1:
-        return out.mul_(sa * sb)  # one pass for tensorwise scales
-    return scale_rows_cols(out, sa, sb)
+    if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
+        return scale_rows_cols(out, sa * sb, torch.ones(1, 1, device=out.device), out_dtype)
+    return scale_rows_cols(out, sa, sb, out_dtype)

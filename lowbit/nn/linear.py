@@ -122,9 +122,15 @@ class LayerState:
 
 
 def quantized_gemm(
-    a: torch.Tensor, b: torch.Tensor, gemm: GemmSpec, state: LayerState, names: tuple[str, str]
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gemm: GemmSpec,
+    state: LayerState,
+    names: tuple[str, str],
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``a @ b.T`` (fp32) with both operands quantized along their last axis by ``gemm``."""
+    """``a @ b.T`` (fp32, rounded to ``out_dtype``) with both operands quantized along their last
+    axis by ``gemm``."""
     if gemm.transform is Transform.HADAMARD:
         h = state.hadamard(gemm, a.device)
         # Zero-pad K to whole Hadamard blocks (e.g. 344 = 10.75 x 32): zeros add nothing to a @ b.T.
@@ -136,7 +142,7 @@ def quantized_gemm(
     if state.observer is not None:
         state.observer(names[0], a, qa)
         state.observer(names[1], b, qb)
-    return emulated_gemm(qa, qb)
+    return emulated_gemm(qa, qb, out_dtype)
 
 
 def _batch(name: str) -> BatchAxis:
@@ -160,6 +166,11 @@ class LowbitLinearFunction(torch.autograd.Function):
         spec = state.spec
         with torch.autocast(x.device.type, enabled=False):
             forward = spec.forward
+            # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
+            # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
+            gemm_dtype = (
+                out_dtype if bias is None and state.output_rounding is None else torch.float32
+            )
             if forward.transform is Transform.NONE:
                 qx = quantize_operand(
                     x, forward.a, state.histories.get("forward.x"), _batch("forward.x")
@@ -168,10 +179,12 @@ class LowbitLinearFunction(torch.autograd.Function):
                 if state.observer is not None:
                     state.observer("forward.x", x, qx)
                     state.observer("forward.w", weight, qw)
-                out = emulated_gemm(qx, qw)
+                out = emulated_gemm(qx, qw, gemm_dtype)
             else:
                 qx = qw = None
-                out = quantized_gemm(x, weight, forward, state, ("forward.x", "forward.w"))
+                out = quantized_gemm(
+                    x, weight, forward, state, ("forward.x", "forward.w"), gemm_dtype
+                )
             if bias is not None:
                 out.add_(bias)
             if state.output_rounding is not None:
@@ -221,12 +234,16 @@ class LowbitLinearFunction(torch.autograd.Function):
                     )
                     if state.observer is not None:
                         state.observer("grad_input.grad_out", grad_out, qg_in)
-                    grad_x = emulated_gemm(qg_in, _transposed(qw))
+                    grad_x = emulated_gemm(qg_in, _transposed(qw), ctx.input_dtype)
                 else:
                     grad_x = quantized_gemm(
-                        grad_out, weight.t(), gemm, state, ("grad_input.grad_out", "grad_input.w")
+                        grad_out,
+                        weight.t(),
+                        gemm,
+                        state,
+                        ("grad_input.grad_out", "grad_input.w"),
+                        ctx.input_dtype,
                     )
-                grad_x = grad_x.to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:
                 gemm = spec.grad_weight
                 if qx is not None:
@@ -242,12 +259,16 @@ class LowbitLinearFunction(torch.autograd.Function):
                     )
                     if state.observer is not None:
                         state.observer("grad_weight.grad_out", grad_out.t(), qg_w)
-                    grad_w = emulated_gemm(qg_w, _transposed(qx))
+                    grad_w = emulated_gemm(qg_w, _transposed(qx), ctx.weight_dtype)
                 else:
                     grad_w = quantized_gemm(
-                        grad_out.t(), x.t(), gemm, state, ("grad_weight.grad_out", "grad_weight.x")
+                        grad_out.t(),
+                        x.t(),
+                        gemm,
+                        state,
+                        ("grad_weight.grad_out", "grad_weight.x"),
+                        ctx.weight_dtype,
                     )
-                grad_w = grad_w.to(ctx.weight_dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_bias, None, None

@@ -174,15 +174,28 @@ def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(name, granulari
     assert_same_bits(fused_rest, plain_rest)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("row_count", "col_count"), [(37, 1), (1, 1), (37, 53), (1, 53)])
-def test_row_column_scaling_equals_two_pytorch_multiplies(dtype, row_count, col_count):
+def test_row_column_scaling_equals_two_pytorch_multiplies(dtype, out_dtype, row_count, col_count):
     from lowbit.nn.gemm import scale_rows_cols
 
     acc = (torch.randn(37, 53) * 2**26).to(dtype)  # int32 beyond 2**24: the fp32 conversion rounds
     row = torch.rand(row_count, 1) * 1e-3
     col = torch.rand(col_count, 1) * 1e-4
-    expected = acc.float().clone().mul_(row).mul_(col.t())
-    assert_same_bits(scale_rows_cols(acc.clone(), row, col), expected)
+    expected = acc.float().clone().mul_(row).mul_(col.t()).to(out_dtype)
+    assert_same_bits(scale_rows_cols(acc.clone(), row, col, out_dtype), expected)
     with kernels.disabled():
-        assert_same_bits(scale_rows_cols(acc.clone(), row, col), expected)
+        assert_same_bits(scale_rows_cols(acc.clone(), row, col, out_dtype), expected)
+
+
+def test_bf16_output_rounds_ties_to_even_like_pytorch():
+    from lowbit.nn.gemm import scale_rows_cols
+
+    # fp32 values exactly halfway between two bf16 values (low 16 bits 0x8000), both parities,
+    # plus inf, nan and the largest finite fp32 (rounds to inf in bf16).
+    halfway = (torch.arange(-64, 64, dtype=torch.int32) * 0x10000 + 0x3F808000).view(torch.float32)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.4028235e38, -0.0])
+    acc = torch.cat([halfway, special]).reshape(1, -1)
+    one = torch.ones(1, 1)
+    assert_same_bits(scale_rows_cols(acc, one, one, torch.bfloat16), acc.to(torch.bfloat16))

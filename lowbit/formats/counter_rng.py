@@ -1,0 +1,58 @@
+"""Counter-based uniforms for stochastic rounding: one seed per call, a hash per element.
+
+Stochastic rounding needs one uniform draw per element. `torch.rand` on a CPU runs PyTorch's
+Mersenne Twister, a serial generator: in the `mxfp4` recipe's step (stochastic rounding on every
+gradient operand) it took a quarter of the step (`python benchmarks/recipe_speed.py --profile
+mxfp4`, docs/recipes-fine-grained.md). A counter-based generator (Salmon et al. 2011, the idea
+behind Philox, which PyTorch uses on CUDA) instead computes draw ``i`` as a hash of
+``(seed, i)``, so the fused CPU kernel (`lowbit.kernels`) computes it where it rounds, in parallel,
+without a noise tensor, and the PyTorch path computes the same values with integer tensor ops: both
+paths round identically.
+
+The hash is SplitMix64's output function (Steele, Lea and Flood 2014; the seeding generator of
+Java's SplittableRandom and of xoshiro), applied to ``seed + (i + 1) * 0x9E3779B97F4A7C15`` mod
+2**64; the top 24 bits give ``u = k / 2**24`` in [0, 1), the 24-bit resolution of a float32
+`torch.rand` draw. ``seed`` is drawn from the caller's torch generator (or the global one) once
+per call, so `torch.manual_seed` makes runs reproducible and successive calls independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, SplitMix64's increment
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_U64 = 1 << 64
+
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 math)."""
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One 63-bit seed from ``generator`` (default: the global CPU generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+
+
+def uniforms(shape, seed: int, device=None) -> torch.Tensor:
+    """float32 ``u[i] = (hash(seed, i) >> 40) / 2**24`` for the row-major index ``i`` of ``shape``.
+
+    Integer tensor arithmetic wraps modulo 2**64 (two's complement), as the C++ kernel's uint64 does.
+    """
+    count = 1
+    for size in shape:
+        count *= size
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _signed(_GOLDEN)
+    z += _signed(seed % _U64)
+    z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    z ^= _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32).mul_(2.0**-24).reshape(shape)
