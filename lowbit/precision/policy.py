@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 
+from lowbit.nn.attention import AttentionInFp32
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
@@ -55,6 +56,13 @@ class Precision:
     # --- set-up ------------------------------------------------------------------------------
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the forward's activations: autocast's, else the parameters'."""
+        if self.recipe.autocast is not None and not self.emulates_fp16:
+            return DTYPES[self.recipe.autocast]
+        return self.param_dtype
+
+    @property
     def emulates_fp16(self) -> bool:
         """fp16 compute emulated at the GEMM boundaries (CPU: native fp16 GEMMs are slow)."""
         return self.recipe.emulate_fp16_gemms_on_cpu and self.device.type != "cuda"
@@ -83,9 +91,17 @@ class Precision:
     # --- the loop ----------------------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.recipe.autocast is None or self.emulates_fp16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.recipe.autocast])
+        """The forward's context: the recipe's autocast, and on CPU bf16 attention in fp32.
+
+        See `lowbit.nn.attention`: PyTorch's CPU attention kernel is faster in fp32 than in bf16,
+        so it runs on the bf16-rounded operands in fp32 and returns bf16.
+        """
+        stack = contextlib.ExitStack()
+        if self.recipe.autocast is not None and not self.emulates_fp16:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.compute_dtype))
+        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
+            stack.enter_context(AttentionInFp32())
+        return stack
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

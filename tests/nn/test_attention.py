@@ -1,0 +1,155 @@
+"""bf16 attention on CPU runs PyTorch's fp32 kernel on the bf16 values (lowbit.nn.attention)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit import Precision
+from lowbit.formats.error import sqnr
+from lowbit.nn.attention import AttentionInFp32
+
+
+def qkv(dtype, seed=0, shape=(2, 3, 40, 16)):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def reference(q, k, v, dtype=torch.bfloat16, **kwargs):
+    """Plain PyTorch: the operands rounded to bf16, the fp32 kernel, the output rounded to bf16."""
+    args = [t.to(dtype).float() for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*args, **kwargs).to(dtype)
+
+
+def grads(out, inputs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(out.shape, generator=gen).to(out.dtype)
+    return torch.autograd.grad(out, inputs, grad)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_attention_is_the_fp32_kernel_on_bf16_values(causal):
+    q, k, v = qkv(torch.bfloat16)
+    with AttentionInFp32():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    expected = reference(q, k, v, is_causal=causal)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    # The backward runs on the saved bf16 output (as the bf16 kernel's does), so the gradients
+    # match the all-fp32 reference's to bf16 precision rather than bit for bit.
+    for ours, theirs in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        assert ours.dtype == torch.bfloat16
+        assert sqnr(theirs.float(), ours.float()) > 35
+
+
+def saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_it_saves_what_the_bf16_kernel_saves():
+    q, k, v = qkv(torch.bfloat16)
+
+    def rerouted():
+        with AttentionInFp32():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def bf16_kernel():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    assert saved_bytes(rerouted) == saved_bytes(bf16_kernel) > 0
+
+
+def test_it_agrees_with_the_bf16_kernel_to_bf16_precision():
+    q, k, v = qkv(torch.bfloat16)
+    with AttentionInFp32():
+        ours = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    bf16_kernel = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    fp32 = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=True)
+    # Both are one bf16 rounding away from the fp32 result (~8 significant bits: > 40 dB).
+    assert sqnr(fp32, ours.float()) > 40
+    assert sqnr(fp32, bf16_kernel.float()) > 40
+
+
+def test_under_bf16_autocast_fp32_inputs_are_rounded_first():
+    q, k, v = qkv(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), AttentionInFp32():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference(q, k, v, is_causal=True))
+    (gq,) = grads(out, (q,))
+    assert gq.dtype == torch.float32  # the gradient returns in the input's dtype, as autocast's
+
+
+@pytest.mark.parametrize("positional", [True, False])
+@pytest.mark.parametrize("mask_shape", [(40, 40), (2, 1, 40, 40)])
+def test_a_float_mask_is_rounded_like_the_operands(positional, mask_shape):
+    q, k, v = qkv(torch.bfloat16)
+    mask = torch.randn(mask_shape).to(torch.bfloat16)
+    with AttentionInFp32():
+        if positional:
+            out = F.scaled_dot_product_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out, reference(q, k, v, attn_mask=mask.float()))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attn_mask": torch.ones(40, 40, dtype=torch.bool).tril()},
+        {"is_causal": True, "enable_gqa": True},
+        {"dropout_p": 0.5},
+    ],
+    ids=["bool mask", "grouped-query", "dropout"],
+)
+def test_calls_the_flash_kernel_does_not_take_run_on_fp32_copies(options):
+    q, _, _ = qkv(torch.bfloat16)
+    kv_heads = 1 if options.get("enable_gqa") else 3
+    k, v, _ = qkv(torch.bfloat16, seed=2, shape=(2, kv_heads, 40, 16))
+    torch.manual_seed(0)  # the same dropout draws for both
+    with AttentionInFp32():
+        out = F.scaled_dot_product_attention(q, k, v, **options)
+    torch.manual_seed(0)
+    assert torch.equal(out, reference(q, k, v, **options))
+    assert all(g.dtype == torch.bfloat16 for g in grads(out, (q, k, v)))
+
+
+def test_other_dtypes_pass_through_untouched():
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = qkv(dtype)
+        with AttentionInFp32():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert out.dtype == dtype
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize(("recipe", "routed"), [("bf16-low", True), ("fp32", False)])
+def test_precision_autocast_routes_bf16_recipes(recipe, routed):
+    precision = Precision(recipe)
+    q, k, v = qkv(precision.compute_dtype)
+    with precision.autocast():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, reference(q, k, v, is_causal=True) if routed else plain)
+
+
+def test_bf16_mixed_transformer_trains_through_the_rerouted_attention():
+    from lowbit.models import build_causal_lm
+
+    precision = Precision("bf16-mixed")
+    model = precision.convert(build_causal_lm("tiny", 257, seed=0))
+    tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))
+    with precision.autocast():
+        logits = model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    precision.backward(loss)
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
