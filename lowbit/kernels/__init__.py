@@ -143,3 +143,12 @@ def scale_rows_cols(
     """``((acc.float() * row[:, None]) * col[None, :]).to(out_dtype)`` in one pass (epilogue.cpp);
     ``acc`` int32, fp32 or bf16, ``out_dtype`` fp32 or bf16."""
     return torch.ops.lowbit.scale_rows_cols(acc, row, col, out_dtype)
+
+
+def add_scaled_rows_cols_(
+    out: torch.Tensor, acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+) -> torch.Tensor:
+    """``out += (acc.float() * row[:, None]) * col[None, :]`` in one pass (epilogue.cpp); ``out``
+    fp32 contiguous, ``acc`` fp32 or bf16 with unit column stride."""
+    torch.ops.lowbit.add_scaled_rows_cols_(out, acc, row, col)
+    return out

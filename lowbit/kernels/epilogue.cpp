@@ -89,10 +89,71 @@ at::Tensor scale_rows_cols(const at::Tensor& acc, const at::Tensor& row, const a
   return out;
 }
 
+// out[m, n] += (acc[m, n] * row[m]) * col[n], out fp32 M x N contiguous: the accumulation of one
+// K block's scaled partial product in a block-scaled GEMM (`lowbit.nn.gemm._grouped_mm`), in one
+// pass instead of materializing every block's product and summing them.
+template <typename T>
+void add_scaled_impl(at::Tensor& out, const at::Tensor& acc, const float* row, int64_t row_step,
+                     const float* col, int64_t col_step) {
+  const int64_t rows = acc.size(0);
+  const int64_t cols = acc.size(1);
+  const int64_t stride = acc.stride(0);
+  const T* a = acc.const_data_ptr<T>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t m = begin; m < end; ++m) {
+                       const float r = row[m * row_step];
+                       const T* in = a + m * stride;
+                       float* dst = o + m * cols;
+                       if (col_step == 0) {
+                         const float c = col[0];
+                         for (int64_t n = 0; n < cols; ++n) {
+                           dst[n] += (static_cast<float>(in[n]) * r) * c;
+                         }
+                       } else {
+                         for (int64_t n = 0; n < cols; ++n) {
+                           dst[n] += (static_cast<float>(in[n]) * r) * col[n];
+                         }
+                       }
+                     }
+                   });
+}
+
+void add_scaled_rows_cols_(at::Tensor out, const at::Tensor& acc, const at::Tensor& row,
+                           const at::Tensor& col) {
+  TORCH_CHECK(acc.dim() == 2 && acc.device().is_cpu(), "add_scaled_rows_cols_ needs 2-D CPU input");
+  TORCH_CHECK(acc.stride(1) == 1 || acc.size(1) <= 1, "add_scaled_rows_cols_ needs unit column stride");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == acc.sizes(),
+              "add_scaled_rows_cols_ accumulates into a contiguous fp32 tensor of acc's shape");
+  const at::Tensor r = row.to(at::kFloat).contiguous();
+  const at::Tensor c = col.to(at::kFloat).contiguous();
+  TORCH_CHECK(r.numel() == 1 || r.numel() == acc.size(0), "row scales: 1 or one per row");
+  TORCH_CHECK(c.numel() == 1 || c.numel() == acc.size(1), "column scales: 1 or one per column");
+  const int64_t row_step = r.numel() == 1 ? 0 : 1;
+  const int64_t col_step = c.numel() == 1 ? 0 : 1;
+  switch (acc.scalar_type()) {
+    case at::kFloat:
+      add_scaled_impl<float>(out, acc, r.const_data_ptr<float>(), row_step,
+                             c.const_data_ptr<float>(), col_step);
+      break;
+    case at::kBFloat16:
+      add_scaled_impl<c10::BFloat16>(out, acc, r.const_data_ptr<float>(), row_step,
+                                     c.const_data_ptr<float>(), col_step);
+      break;
+    default:
+      TORCH_CHECK(false, "add_scaled_rows_cols_ needs an fp32 or bf16 partial product");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("scale_rows_cols(Tensor acc, Tensor row, Tensor col, ScalarType? out_dtype=None) -> Tensor");
+  m.def("add_scaled_rows_cols_(Tensor(a!) out, Tensor acc, Tensor row, Tensor col) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("scale_rows_cols", &scale_rows_cols); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("scale_rows_cols", &scale_rows_cols);
+  m.impl("add_scaled_rows_cols_", &add_scaled_rows_cols_);
+}

@@ -77,20 +77,20 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm(qa: QTensor, qb: QTensor) -> torch.Tensor:
-    """Per-K-block GEMMs with fp32 scales, accumulated in fp32 (DeepSeek-V3 style)."""
+    """Per-K-block GEMMs with fp32 scales, accumulated in fp32 (DeepSeek-V3 style):
+    ``out = sum_k (va_k @ vb_k.T) * sa_k * sb_k`` block by block, in increasing k, each scaled
+    partial product added to the fp32 sum in one pass (`add_scaled_rows_cols_`)."""
     block = qa.block[1] if not _constant_along_k(qa) else qb.block[1]
-    m, k = qa.shape
-    n = qb.shape[0]
-    pad = (-k) % block
-    va = torch.nn.functional.pad(qa.values, (0, pad)).reshape(m, -1, block).transpose(0, 1)
-    vb = torch.nn.functional.pad(qb.values, (0, pad)).reshape(n, -1, block).transpose(0, 1)
-    if va.dtype == torch.bfloat16 and vb.dtype == torch.bfloat16 and not _exact:
-        partial = torch.bmm(va, vb.transpose(1, 2)).float()
-    else:
-        partial = torch.bmm(va.float(), vb.float().transpose(1, 2))
-    return (
-        partial * _k_block_scale(qa, block)[:, :, None] * _k_block_scale(qb, block)[:, None, :]
-    ).sum(0)
+    k = qa.shape[1]
+    # (blocks, rows) with contiguous rows, so that each block's scales are a contiguous slice
+    scale_a = _k_block_scale(qa, block).contiguous()
+    scale_b = _k_block_scale(qb, block).contiguous()
+    out = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float32, device=qa.values.device)
+    for index, start in enumerate(range(0, k, block)):
+        columns = slice(start, min(start + block, k))
+        partial = _mm(qa.values[:, columns], qb.values[:, columns])
+        add_scaled_rows_cols_(out, partial, scale_a[index, :, None], scale_b[index, :, None])
+    return out
 
 
 def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
@@ -117,7 +117,17 @@ def scale_rows_cols(
     fusable = out_dtype in (torch.float32, torch.bfloat16)
     if fusable and kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1):
         return kernels.scale_rows_cols(acc, row, col, out_dtype)
-    return acc.float().mul_(row).mul_(col.t()).to(out_dtype)
+    return acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()).to(out_dtype)
+
+
+def add_scaled_rows_cols_(
+    out: torch.Tensor, acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+) -> torch.Tensor:
+    """``out += (acc.float() * row) * col.T`` (fp32 ``out``; scales shaped as in
+    `scale_rows_cols`): one fused pass on CPU, PyTorch ops elsewhere; the same bits."""
+    if kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1) and out.is_contiguous():
+        return kernels.add_scaled_rows_cols_(out, acc, row, col)
+    return out.add_(acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()))
 
 
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -189,6 +189,21 @@ def test_row_column_scaling_equals_two_pytorch_multiplies(dtype, out_dtype, row_
         assert_same_bits(scale_rows_cols(acc.clone(), row, col, out_dtype), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("row_count", "col_count"), [(37, 1), (1, 1), (37, 53)])
+def test_accumulating_a_scaled_partial_product_equals_pytorch(dtype, row_count, col_count):
+    from lowbit.nn.gemm import add_scaled_rows_cols_
+
+    total = torch.randn(37, 53)
+    acc = (torch.randn(37, 53) * 100).to(dtype)
+    row = torch.rand(row_count, 1) * 1e-3
+    col = torch.rand(col_count, 1) * 1e-4
+    expected = total + (acc.float() * row) * col.t()
+    assert_same_bits(add_scaled_rows_cols_(total.clone(), acc, row, col), expected)
+    with kernels.disabled():
+        assert_same_bits(add_scaled_rows_cols_(total.clone(), acc, row, col), expected)
+
+
 def test_bf16_output_rounds_ties_to_even_like_pytorch():
     from lowbit.nn.gemm import scale_rows_cols
 
