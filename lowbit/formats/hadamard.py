@@ -40,13 +40,21 @@ def apply_blockwise(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``x`` with every block of ``n`` entries of its last axis multiplied by ``h`` (n x n).
 
     The last axis must be a multiple of ``n``. Computed as one ``(numel / n) x n`` by ``n x n``
-    GEMM on a contiguous copy: a transposed operand (the weight gradient's ``x.T``) reshaped into
-    strided blocks would send ``@`` to a batched GEMM that is ~100x slower on CPU.
+    GEMM on contiguous rows. A transposed matrix (the weight gradient's ``x.T``, whose blocks run
+    down the columns of the contiguous ``x``) is not copied: each block ``x_b`` of ``n`` rows of
+    ``x`` becomes ``h.T @ x_b`` (a batched GEMM over contiguous batches, ~4x faster than the copy
+    at the default shapes), returned transposed the same way. Reshaping the transposed view into
+    strided blocks instead would send ``@`` to a batched GEMM that is ~100x slower on CPU.
     """
     n = h.shape[0]
     if x.shape[-1] % n:
         raise UsageError(
             f"the contraction axis ({x.shape[-1]}) is not a multiple of the Hadamard block ({n})"
         )
+    h = h.to(x.dtype)
+    if x.dim() == 2 and x.shape[1] > 1 and x.stride() == (1, x.shape[0]):
+        rows = x.t()  # contiguous; its blocks are groups of n rows
+        blocks = rows.view(rows.shape[0] // n, n, rows.shape[1])
+        return torch.matmul(h.t(), blocks).view(rows.shape).t()
     blocks = x.contiguous().reshape(-1, n)
-    return (blocks @ h.to(x.dtype)).reshape(x.shape)
+    return (blocks @ h).reshape(x.shape)

@@ -135,7 +135,10 @@ def quantized_gemm(
         h = state.hadamard(gemm, a.device)
         # Zero-pad K to whole Hadamard blocks (e.g. 344 = 10.75 x 32): zeros add nothing to a @ b.T.
         pad = (-a.shape[-1]) % h.shape[0]
-        a, b = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
+        if pad:
+            a, b = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
+        else:  # keeps a transposed operand's layout, which apply_blockwise transforms without a copy
+            a, b = a.float(), b.float()
         a, b = apply_blockwise(a, h), apply_blockwise(b, h)
     qa = quantize_operand(a, gemm.a, state.histories.get(names[0]), _batch(names[0]))
     qb = quantize_operand(b, gemm.b, state.histories.get(names[1]), _batch(names[1]))

@@ -76,3 +76,15 @@ def test_transform_spreads_an_outlier_over_its_block():
     x[0, 5] = 100.0
     y = apply_blockwise(x, h)
     assert torch.allclose(y.abs(), torch.full_like(y, 100 / math.sqrt(32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_transposed_matrix_is_transformed_like_its_contiguous_copy(dtype):
+    # The weight gradient's operands are transposed views; they take a copy-free path.
+    x = torch.randn(96, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    h = random_hadamard(32, seed=3)
+    ours = apply_blockwise(x.t(), h)
+    reference = apply_blockwise(x.t().contiguous(), h)
+    assert ours.shape == (40, 96) and ours.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours, reference, rtol=tolerance, atol=tolerance)
