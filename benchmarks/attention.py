@@ -1,7 +1,7 @@
 """Forward and backward time of CPU scaled-dot-product attention per dtype and kernel.
 
-Why `lowbit.nn.attention` exists: PyTorch's CPU flash-attention kernel is slower on bf16 inputs
-than on fp32 ones at small head sizes, so bf16 recipes run it in fp32 on the bf16 values. This
+Why `lowbit.nn.attention` exists: PyTorch's CPU flash-attention backward is slower on bf16 inputs
+than on fp32 ones at small head sizes, so bf16 recipes run the backward in fp32. This
 measures the kernels side by side at the default workload's attention shape (tiny Llama: batch
 16, 4 heads, 256 tokens, head size 32, causal), median of round-robin repetitions.
 
@@ -18,16 +18,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import write_section
+from benchmarks_md import cpu_description, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lowbit.nn.attention import AttentionInFp32
+from lowbit.nn.attention import AttentionBackwardInFp32
 
 CASES = {
     "fp32, flash kernel": (torch.float32, SDPBackend.FLASH_ATTENTION, False),
     "bf16, flash kernel": (torch.bfloat16, SDPBackend.FLASH_ATTENTION, False),
     "bf16, math kernel": (torch.bfloat16, SDPBackend.MATH, False),
-    "bf16 via lowbit (fp32 flash on bf16 values)": (
+    "bf16 via lowbit (bf16 forward, fp32 backward)": (
         torch.bfloat16,
         SDPBackend.FLASH_ATTENTION,
         True,
@@ -38,7 +38,7 @@ CASES = {
 def one_call(shape, dtype, backend, rerouted) -> tuple[float, float]:
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, dtype=dtype)
-    mode = AttentionInFp32() if rerouted else contextlib.nullcontext()
+    mode = AttentionBackwardInFp32() if rerouted else contextlib.nullcontext()
     start = time.perf_counter()
     with sdpa_kernel(backend), mode:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -77,7 +77,8 @@ def main() -> int:
     command = "python " + " ".join(["benchmarks/attention.py", *sys.argv[1:]])
     text = (
         f"Causal attention, shape (batch, heads, tokens, head size) = {shape}, median of "
-        f"{args.rounds} round-robin calls, {torch.get_num_threads()} threads.\n"
+        f"{args.rounds} round-robin calls, {torch.get_num_threads()} threads, "
+        f"{cpu_description()}.\n"
         f"Command: `{command}`\n\n" + "\n".join(lines)
     )
     print(text)

@@ -1,21 +1,22 @@
-"""Attention of bf16 CPU recipes computed by PyTorch's fp32 kernel on the bf16 values.
+"""The backward of bf16 CPU attention computed by PyTorch's fp32 kernel.
 
-On a CPU, PyTorch's flash-attention kernel is slower in bf16 than in fp32: at the default
-workload's shapes (batch 16, 4 heads, 256 tokens, head size 32) its backward takes 16.7 ms in bf16
-against 8.2 ms in fp32 per layer (`benchmarks/attention.py`, BENCHMARKS.md), so bf16 recipes spent
-about a quarter of their step there. `AttentionInFp32` reroutes `F.scaled_dot_product_attention`
-on CPU tensors whose compute dtype is bf16 (from autocast, or bf16 inputs as in `bf16-low`):
+On a CPU, PyTorch's flash-attention backward is much slower in bf16 than in fp32 at small head
+sizes: at the default workload's shapes (batch 16, 4 heads, 256 tokens, head size 32) 17.1 ms in
+bf16 against 8.4 ms in fp32 per layer, while its bf16 forward is the faster one
+(`benchmarks/attention.py`, BENCHMARKS.md). `AttentionBackwardInFp32` reroutes
+`F.scaled_dot_product_attention` on CPU tensors whose compute dtype is bf16 (from autocast, or
+bf16 inputs as in `bf16-low`) through an autograd function whose
 
-    q, k, v  ->  round to bf16  ->  fp32 flash kernel  ->  output rounded to bf16
+- forward is PyTorch's bf16 flash kernel, exactly as autocast would call it (the same output
+  bits), saving what that kernel saves (bf16 q, k, v and output, fp32 log-sum-exp), so memory is
+  unchanged;
+- backward runs PyTorch's fp32 flash backward on those saved tensors widened to fp32 and rounds
+  the gradients to bf16. The bf16 backward also accumulates in fp32; what differs is that the
+  probabilities it recomputes and the products with them are not rounded to bf16 in between.
 
-The attention sees the same bf16 operands and returns the same dtype as the bf16 kernel, and it
-saves the same tensors for the backward (bf16 q, k, v and output, fp32 log-sum-exp), so memory is
-unchanged; the backward runs the fp32 kernel on those and rounds the gradients to bf16. What
-differs from the bf16 kernel is inside: the probabilities stay fp32 for the second product, where
-the bf16 kernel (like FlashAttention on a GPU) rounds them to bf16; both accumulate in fp32.
-Calls the fp32 flash kernel does not take as they are (dropout, boolean masks, grouped-query
-broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` on fp32 copies instead. CUDA tensors and
-other dtypes pass through untouched.
+Calls the flash kernel does not take as they are (dropout, boolean masks, grouped-query
+broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` unchanged, as do CUDA
+tensors and other dtypes.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-class AttentionInFp32(TorchFunctionMode):
-    """While active, CPU bf16 scaled-dot-product attention runs PyTorch's fp32 kernel."""
+class AttentionBackwardInFp32(TorchFunctionMode):
+    """While active, the backward of CPU bf16 scaled-dot-product attention runs in fp32."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -46,26 +47,23 @@ class AttentionInFp32(TorchFunctionMode):
                 query, key, value, *rest = args
                 options = {**dict(zip(_OPTIONS, rest)), **kwargs}
                 with torch.autocast("cpu", enabled=False):
-                    return _attention(query, key, value, dtype, options)
+                    return _attention(func, query, key, value, dtype, options)
         return func(*args, **kwargs)
 
 
-def _attention(query, key, value, dtype: torch.dtype, options: dict) -> torch.Tensor:
+def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> torch.Tensor:
     query, key, value = (t.to(dtype) for t in (query, key, value))
     mask = options.get("attn_mask")
     if mask is not None and mask.is_floating_point():
-        mask = mask.to(dtype).float()
+        mask = mask.to(dtype)
+    if not _flash_takes(query, key, value, options):
+        return func(query, key, value, **{**options, "attn_mask": mask})
     is_causal = bool(options.get("is_causal", False))
-    if _flash_takes(query, key, value, options):
-        return _Fp32FlashAttention.apply(query, key, value, mask, is_causal, options.get("scale"))
-    out = F.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), **{**options, "attn_mask": mask}
-    )
-    return out.to(dtype)
+    return _Fp32BackwardAttention.apply(query, key, value, mask, is_causal, options.get("scale"))
 
 
 def _flash_takes(query, key, value, options: dict) -> bool:
-    """The fp32 flash kernel computes this call as `F.scaled_dot_product_attention` would."""
+    """The flash kernels compute this call as `F.scaled_dot_product_attention` would."""
     return (
         query.dim() == key.dim() == value.dim() == 4
         and query.shape[:2] == key.shape[:2] == value.shape[:2]
@@ -78,15 +76,14 @@ def _flash_takes(query, key, value, options: dict) -> bool:
     )
 
 
-class _Fp32FlashAttention(torch.autograd.Function):
-    """Flash attention on fp32 copies of bf16 operands, saving the bf16 tensors for backward."""
+class _Fp32BackwardAttention(torch.autograd.Function):
+    """PyTorch's flash attention on bf16 operands, with its backward computed in fp32."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, is_causal, scale):
         out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query.float(), key.float(), value.float(), 0.0, is_causal, attn_mask=mask, scale=scale
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
         )
-        out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, logsumexp, mask)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -103,7 +100,7 @@ class _Fp32FlashAttention(torch.autograd.Function):
             logsumexp,
             0.0,
             ctx.is_causal,
-            attn_mask=mask,
+            attn_mask=None if mask is None else mask.float(),
             scale=ctx.scale,
         )
         return *(g.to(query.dtype) for g in grads), None, None, None
