@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -18,3 +19,21 @@ def write_section(heading: str, text: str, path: Path = BENCHMARKS_MD) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + section
     path.write_text(new)
+
+
+def cpu_description() -> str:
+    """The CPU model and the matrix/bf16 instruction sets that decide emulated-GEMM speed."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+    present = [flag for flag in wanted if flag in flags]
+    return f"{model} ({', '.join(present) if present else 'no AVX-512/AMX'})"

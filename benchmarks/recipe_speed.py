@@ -22,7 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import write_section
+from benchmarks_md import cpu_description, write_section
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -109,7 +109,8 @@ def main() -> int:
     command = "python " + " ".join(["benchmarks/recipe_speed.py", *sys.argv[1:]])
     text = (
         f"Model `{args.size}`, batch {args.batch} x {args.seq} tokens, AdamW, median of "
-        f"{args.rounds} round-robin steps, {torch.get_num_threads()} threads.\n"
+        f"{args.rounds} round-robin steps, {torch.get_num_threads()} threads, "
+        f"{cpu_description()}.\n"
         f"Command: `{command.split(' --note')[0]}`\n\n{table(medians, 'fp32')}"
     )
     print(text)
