@@ -1,0 +1,98 @@
+"""GEMM time per kernel at the shapes of the training workloads: fp32, bf16, int8.
+
+What an emulated recipe can gain depends on how much faster this CPU's bf16 and int8 GEMMs are
+than its fp32 GEMM: `bf16-mixed` and the fp8/MX/NVFP4 recipes run bf16 GEMMs, `int8` runs
+`torch._int_mm` in its forward. Shapes are (tokens M, in-features K, out-features N) of the linear
+layers of the `tiny` and `small` models at batch 16 x 256. oneDNN's quantized linear is shown with
+the weight packed once (inference) and packed on every call (training, where the weight changes).
+
+    .venv/bin/python benchmarks/gemm.py [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from benchmarks_md import cpu_description, write_section
+
+SHAPES = [
+    (4096, 128, 128),
+    (4096, 128, 344),
+    (4096, 344, 128),
+    (4096, 384, 1024),
+    (4096, 1024, 384),
+]
+
+
+def timed(fn, rounds: int) -> float:
+    fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def kernels(m: int, k: int, n: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    a32, b32 = a.float(), b.float()
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    cases = {
+        "fp32": lambda: a32 @ b32.t(),
+        "bf16": lambda: a16 @ b16.t(),
+        "int8 (torch._int_mm)": lambda: torch._int_mm(a, b.t()),
+    }
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(b, None)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return cases
+    scales, zero_points = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+    def qlinear(weight):
+        return torch.ops.onednn.qlinear_pointwise(
+            a, 1.0, 0, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+
+    cases["int8 (oneDNN, packed once)"] = lambda: qlinear(packed)
+    cases["int8 (oneDNN, packed per call)"] = lambda: qlinear(
+        torch.ops.onednn.qlinear_prepack(b, None)
+    )
+    return cases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+    rows = []
+    names: list[str] = []
+    for shape in SHAPES:
+        times = {name: timed(fn, args.rounds) for name, fn in kernels(*shape).items()}
+        names = names or list(times)
+        rows.append((shape, times))
+    header = "| M x K -> N | " + " | ".join(f"{name} (ms)" for name in names) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    for (m, k, n), times in rows:
+        cells = " | ".join(f"{times[name]:.2f}" for name in names)
+        lines.append(f"| {m} x {k} -> {n} | {cells} |")
+    command = "python " + " ".join(["benchmarks/gemm.py", *sys.argv[1:]])
+    text = (
+        f"Median of {args.rounds} calls, {torch.get_num_threads()} threads, "
+        f"{cpu_description()}.\nCommand: `{command}`\n\n" + "\n".join(lines)
+    )
+    print(text)
+    if args.write:
+        write_section("## GEMM time per kernel (benchmarks/gemm.py)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
