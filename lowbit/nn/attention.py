@@ -17,6 +17,12 @@ bf16 inputs as in `bf16-low`) through an autograd function whose
 Calls the flash kernel does not take as they are (dropout, boolean masks, grouped-query
 broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` unchanged, as do CUDA
 tensors and other dtypes.
+
+A torch-function mode sees every torch call made while it is active (~2,000 per step of the tiny
+model, ~12 ms of Python), so it is entered only around attention itself: `route_attention`
+switches a Hugging Face model from its ``sdpa`` attention to ``lowbit_sdpa``, the same function
+(Transformers' own `sdpa_attention_forward`, the same masks) called inside the mode.
+`Precision.convert` does this for bf16 recipes on CPU. The setting is not saved with the model.
 """
 
 from __future__ import annotations
@@ -104,3 +110,32 @@ class _Fp32BackwardAttention(torch.autograd.Function):
             scale=ctx.scale,
         )
         return *(g.to(query.dtype) for g in grads), None, None, None
+
+
+ATTENTION_NAME = "lowbit_sdpa"  # Transformers' attention-implementation name of the rerouted sdpa
+
+
+def _sdpa_with_fp32_backward(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' ``sdpa`` attention, its CPU bf16 backward in fp32 (`AttentionBackwardInFp32`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with AttentionBackwardInFp32():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def route_attention(model: torch.nn.Module) -> bool:
+    """Switch a Hugging Face model using ``sdpa`` attention to ``lowbit_sdpa``; True if switched.
+
+    Other models are left as they are (their attention keeps PyTorch's bf16 backward)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if not hasattr(model, "set_attn_implementation"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _sdpa_with_fp32_backward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return True

@@ -130,6 +130,16 @@ def add_scaled_rows_cols_(
     return out.add_(acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()))
 
 
+_UNITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit(device: torch.device) -> torch.Tensor:
+    """A 1 x 1 tensor holding 1.0 on ``device`` (made once: the neutral column scale)."""
+    if device not in _UNITS:
+        _UNITS[device] = torch.ones(1, 1, device=device)
+    return _UNITS[device]
+
+
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dequantize(qa) @ dequantize(qb).T`` computed on the low-precision values: the fp32 result,
     rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it)."""
@@ -149,5 +159,5 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
         return _grouped_mm(qa, qb).to(out_dtype)
     out = _mm(va, vb)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
-        return scale_rows_cols(out, sa * sb, torch.ones(1, 1, device=out.device), out_dtype)
+        return scale_rows_cols(out, sa * sb, _unit(out.device), out_dtype)
     return scale_rows_cols(out, sa, sb, out_dtype)

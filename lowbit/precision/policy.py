@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from lowbit.nn.attention import AttentionBackwardInFp32
+from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
@@ -68,7 +68,10 @@ class Precision:
         return self.recipe.emulate_fp16_gemms_on_cpu and self.device.type != "cuda"
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Cast parameters to the recipe's dtype and swap GEMM layers in place; returns model."""
+        """Cast parameters to the recipe's dtype and swap GEMM layers in place; returns model.
+
+        For bf16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched to
+        ``lowbit_sdpa``, whose backward runs in fp32 (`lowbit.nn.attention.route_attention`)."""
         if self.param_dtype != torch.float32:
             model.to(self.param_dtype)
         layer_spec_applies = self.recipe.layer is not None and (
@@ -79,6 +82,9 @@ class Precision:
         if self.emulates_fp16:
             for layer in lowbit_layers(model).values():
                 layer.lowbit_state.output_rounding = torch.float16
+        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
+            # PyTorch's CPU attention backward is twice as fast in fp32 (lowbit.nn.attention)
+            route_attention(model)
         self._model = model
         return model
 
@@ -91,15 +97,10 @@ class Precision:
     # --- the loop ----------------------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The forward's context: the recipe's autocast, and on CPU bf16 attention whose
-        backward runs in fp32 (`lowbit.nn.attention`: PyTorch's CPU attention backward is twice
-        as fast in fp32 as in bf16)."""
-        stack = contextlib.ExitStack()
-        if self.recipe.autocast is not None and not self.emulates_fp16:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.compute_dtype))
-        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
-            stack.enter_context(AttentionBackwardInFp32())
-        return stack
+        """The forward's context: the recipe's autocast (none: a no-op context)."""
+        if self.recipe.autocast is None or self.emulates_fp16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

@@ -130,20 +130,47 @@ def test_other_dtypes_pass_through_untouched():
         assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-@pytest.mark.parametrize("recipe", ["bf16-low", "bf16-mixed", "fp32"])
-def test_precision_autocast_routes_the_backward_of_bf16_recipes(recipe):
+def tiny_lm_grads(recipe: str, wrap: bool):
+    """Loss and q_proj weight gradient of one step of the tiny Llama under ``recipe``;
+    ``wrap``: plain model (no routing), forward inside `AttentionBackwardInFp32`."""
+    import contextlib
+
+    from lowbit.models import build_causal_lm
+
     precision = Precision(recipe)
-    q, k, v = qkv(precision.param_dtype)
-    with precision.autocast():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    (ours,) = grads(out, (q,))
-    (plain,) = grads(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q,))
-    if recipe == "fp32":
-        assert torch.equal(ours, plain)
-    else:  # not the bf16 kernel's gradient, but fp32's rounded once
-        (exact,) = grads(fp32_reference(q, k, v, is_causal=True), (q,))
-        assert not torch.equal(ours, plain)
-        assert sqnr(exact.float(), ours.float()) > 40
+    model = build_causal_lm("tiny", 257, seed=0)
+    if wrap:
+        model.to(precision.param_dtype)
+    else:
+        model = precision.convert(model)
+    tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))
+    mode = AttentionBackwardInFp32() if wrap else contextlib.nullcontext()
+    with precision.autocast(), mode:
+        logits = model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad
+
+
+@pytest.mark.parametrize("recipe", ["bf16-low", "bf16-mixed"])
+def test_convert_routes_a_transformers_models_attention(recipe):
+    routed_loss, routed_grad = tiny_lm_grads(recipe, wrap=False)
+    wrapped_loss, wrapped_grad = tiny_lm_grads(recipe, wrap=True)
+    assert torch.equal(routed_loss, wrapped_loss)
+    assert torch.equal(routed_grad, wrapped_grad)
+
+
+def test_routing_is_for_bf16_on_cpu_and_not_saved(tmp_path):
+    import json
+
+    from lowbit.models import build_causal_lm
+
+    fp32 = Precision("fp32").convert(build_causal_lm("tiny", 257))
+    assert fp32.config._attn_implementation == "sdpa"
+    bf16 = Precision("bf16-mixed").convert(build_causal_lm("tiny", 257))
+    assert bf16.config._attn_implementation == "lowbit_sdpa"
+    bf16.save_pretrained(tmp_path)
+    assert "lowbit" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
 
 
 def test_bf16_mixed_transformer_trains_through_the_rerouted_attention():
