@@ -12,7 +12,11 @@ is paired: the gap of a precision is measured against fp32 states *of the same s
 seed-to-seed spread of those gaps says how much of a gap is noise.
 
 The claim checked (also the exit status): the mean paired gap of the final validation loss to
-fp32 states is within 1%. State bytes are measured on the live optimizer (`lowbit.memory.measure`).
+fp32 states is at most +1% -- low-bit states cost at most 1% -- which is how the parity benchmark
+reads "within X% of the baseline" (docs/parity.md: a recipe better than its baseline passes); the
+verdict says "unresolved" when the gap plus twice its seed spread exceeds 1%. The table also gives
+the two-sided reading (|gap| <= 1%), under which a precision that ends clearly *lower* misses.
+State bytes are measured on the live optimizer (`lowbit.memory.measure`).
 
 ``--state-error STEP`` also measures what each precision's storage does to the states themselves,
 free of trajectory noise: one run with fp32 states (seed 0) stops at STEP of the schedule, and its
@@ -58,7 +62,7 @@ from lowbit.optim import (  # noqa: E402
 HEADING = "## Optimizer-state precision (benchmarks/optimizer_states.py)"
 PEAK_LR = 3e-3  # the trainer's default for causal-lm (lowbit.train.config)
 FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10% of the peak
-TOLERANCE = 0.01  # the claim: within 1% of fp32 states
+TOLERANCE = 0.01  # the claim: at most 1% above fp32 states
 
 
 def lr_at(step: int, steps: int, peak: float = PEAK_LR) -> float:
@@ -235,9 +239,12 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "gaps": gaps,
                 "gap": gap,
                 "gap_std": gap_std,
-                "within": abs(gap) <= TOLERANCE,
+                "within": gap <= TOLERANCE,
+                "within_band": abs(gap) <= TOLERANCE,
                 # a gap smaller than twice its seed-to-seed spread is not resolved from noise
                 "noise": (abs(gap) < 2 * gap_std) if gap_std == gap_std else None,
+                # shown to be at most 1% worse: even the gap plus twice its spread is
+                "resolved": (gap + 2 * gap_std <= TOLERANCE) if gap_std == gap_std else None,
                 "state_bytes": mine[0]["state_bytes"],
                 "bytes_per_param": mine[0]["bytes_per_param"],
                 "ms_per_step": statistics.fmean(r["ms_per_step"] for r in mine),
@@ -269,23 +276,26 @@ def table(rows: list[dict], args) -> str:
         "(< 4096 values: norms) keep.",
         "",
         "| state precision | val loss (mean ± std) | gap to fp32 (mean ± std) | per-seed gaps "
-        "| within 1% | state bytes | B/param | ms/step |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| at most 1% worse | within ±1% | state bytes | B/param | ms/step |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for s in summary:
         if s["state"] == "fp32":
-            gap, gaps, verdict = "-", "-", "reference"
+            gap, gaps, verdict, band = "-", "-", "reference", "-"
         else:
             gap = _pm(100 * s["gap"], 100 * s["gap_std"], "+.2f") + "%"
             gaps = " / ".join(f"{100 * g:+.2f}" for g in s["gaps"])
             verdict = "yes" if s["within"] else "**NO**"
-            notes = [] if s["within"] else ["lower loss" if s["gap"] < 0 else "higher loss"]
+            if s["within"] and s["resolved"] is False:
+                verdict += " (unresolved)"
+            band = "yes" if s["within_band"] else "no"
+            if not s["within_band"]:
+                band += " (lower loss)" if s["gap"] < 0 else " (higher loss)"
             if s["noise"] is not None:
-                notes.append("within noise" if s["noise"] else "beyond noise")
-            verdict += f" ({', '.join(notes)})" if notes else ""
+                band += ", within noise" if s["noise"] else ", beyond noise"
         lines.append(
             f"| {s['state']} | {_pm(s['val_loss'], s['val_loss_std'], '.4f')} | {gap} | {gaps} "
-            f"| {verdict} | {s['state_bytes']:,} | {s['bytes_per_param']:.2f} "
+            f"| {verdict} | {band} | {s['state_bytes']:,} | {s['bytes_per_param']:.2f} "
             f"| {s['ms_per_step']:.0f} |"
         )
     lines.append("")
