@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import cpu_description, write_section  # noqa: E402
 
 from lowbit import kernels  # noqa: E402
 from lowbit.formats import cast, quantize  # noqa: E402
@@ -173,7 +172,7 @@ def table(rows, nbytes: int, repeats: int, command: str) -> str:
     copy_gbs = statistics.median(r[1] for r in rows)
     lines = [
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Machine: {cpu_description()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}"
         " (transparent huge pages for fresh outputs, as `import lowbit` sets).  ",
         f"Input: one fp32 tensor of {nbytes / 2**20:.0f} MiB; GB/s = input bytes read per call "
