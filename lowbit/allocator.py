@@ -4,12 +4,13 @@ glibc's malloc serves large requests (above a threshold that starts at 128 KB an
 was freed, up to 32 MB) with fresh `mmap`s and hands them back with `munmap` when freed, and it
 returns the top of the heap to the system once more than 128 KB there is free. A training step
 allocates and frees the same activation-sized buffers every step, so each step pays the page
-faults of touching fresh memory again, and how much depends on the adaptive threshold's history:
-fp32 steps of the default workload took anywhere from 220 to 330 ms between processes
-(`benchmarks/recipe_speed.py`, docs/speed.md). Fixing the mmap threshold at its ceiling (32 MB)
-and raising the trim threshold to 1 GiB lets freed blocks be reused without faults, as the
-caching allocators of PyTorch's GPU backends and jemalloc/tcmalloc setups do; the cost is that
-the process keeps up to that much freed memory instead of returning it.
+faults of touching fresh memory again, and how much depends on the adaptive threshold's history
+(and on PyTorch's huge-page alignment, `THP_MEM_ALLOC_ENABLE`): fp32 steps of the default
+workload took 195 ms in one process and 295 ms in another (`benchmarks/recipe_speed.py`; the
+measurements are in docs/formats.md and BENCHMARKS.md). Fixing the mmap threshold at its ceiling
+(32 MB) and raising the trim threshold to 1 GiB lets freed blocks be reused without faults, as
+the caching allocators of PyTorch's GPU backends and jemalloc/tcmalloc setups do; the cost is
+that the process keeps up to that much freed memory instead of returning it.
 
 `import lowbit` applies this (glibc only) unless ``LOWBIT_MALLOC=0`` or glibc's own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` variables are set, which win.
