@@ -149,6 +149,6 @@ def add_scaled_rows_cols_(
     out: torch.Tensor, acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor
 ) -> torch.Tensor:
     """``out += (acc.float() * row[:, None]) * col[None, :]`` in one pass (epilogue.cpp); ``out``
-    fp32 contiguous, ``acc`` fp32 or bf16 with unit column stride."""
+    fp32 contiguous, ``acc`` int32, fp32 or bf16 with unit column stride."""
     torch.ops.lowbit.add_scaled_rows_cols_(out, acc, row, col)
     return out

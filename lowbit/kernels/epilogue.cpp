@@ -18,49 +18,76 @@
 
 namespace {
 
-template <typename T, typename O>
-void scale_rows_cols_impl(const at::Tensor& acc, const float* row, int64_t row_step,
-                          const float* col, int64_t col_step, at::Tensor& out) {
+// The row and column scales of an M x N accumulator, checked and converted to fp32 (a step of 0
+// repeats a single scale).
+struct Scales {
+  at::Tensor row, col;
+  int64_t row_step, col_step;
+
+  Scales(const at::Tensor& acc, const at::Tensor& r, const at::Tensor& c, const char* op)
+      : row(r.to(at::kFloat).contiguous()), col(c.to(at::kFloat).contiguous()) {
+    TORCH_CHECK(acc.dim() == 2 && acc.device().is_cpu(), op, " needs a 2-D CPU tensor");
+    TORCH_CHECK(acc.stride(1) == 1 || acc.size(1) <= 1, op, " needs unit column stride");
+    TORCH_CHECK(row.numel() == 1 || row.numel() == acc.size(0), "row scales: 1 or one per row");
+    TORCH_CHECK(col.numel() == 1 || col.numel() == acc.size(1),
+                "column scales: 1 or one per column");
+    row_step = row.numel() == 1 ? 0 : 1;
+    col_step = col.numel() == 1 ? 0 : 1;
+  }
+};
+
+// out[m, n] = (acc[m, n] * row[m]) * col[n] rounded to O, or with Accumulate
+// out[m, n] += (acc[m, n] * row[m]) * col[n] (O = float).
+template <typename T, typename O, bool Accumulate>
+void epilogue(const at::Tensor& acc, const Scales& scales, at::Tensor& out) {
   const int64_t rows = acc.size(0);
   const int64_t cols = acc.size(1);
   const int64_t stride = acc.stride(0);
   const T* a = acc.const_data_ptr<T>();
+  const float* row = scales.row.const_data_ptr<float>();
+  const float* col = scales.col.const_data_ptr<float>();
   O* o = out.mutable_data_ptr<O>();
+  auto store = [](O& dst, float value) {
+    if constexpr (Accumulate) {
+      dst += value;
+    } else {
+      dst = static_cast<O>(value);
+    }
+  };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t m = begin; m < end; ++m) {
-                       const float r = row[m * row_step];
+                       const float r = row[m * scales.row_step];
                        const T* in = a + m * stride;
                        O* dst = o + m * cols;
-                       if (col_step == 0) {  // separate loops, so that each one vectorizes
+                       if (scales.col_step == 0) {  // separate loops, so that each vectorizes
                          const float c = col[0];
                          for (int64_t n = 0; n < cols; ++n) {
-                           dst[n] = static_cast<O>((static_cast<float>(in[n]) * r) * c);
+                           store(dst[n], (static_cast<float>(in[n]) * r) * c);
                          }
                        } else {
                          for (int64_t n = 0; n < cols; ++n) {
-                           dst[n] = static_cast<O>((static_cast<float>(in[n]) * r) * col[n]);
+                           store(dst[n], (static_cast<float>(in[n]) * r) * col[n]);
                          }
                        }
                      }
                    });
 }
 
-template <typename O>
-void dispatch_accumulator(const at::Tensor& acc, const float* row, int64_t row_step,
-                          const float* col, int64_t col_step, at::Tensor& out) {
+template <typename O, bool Accumulate>
+void dispatch_accumulator(const at::Tensor& acc, const Scales& scales, at::Tensor& out) {
   switch (acc.scalar_type()) {
     case at::kInt:
-      scale_rows_cols_impl<int32_t, O>(acc, row, row_step, col, col_step, out);
+      epilogue<int32_t, O, Accumulate>(acc, scales, out);
       break;
     case at::kFloat:
-      scale_rows_cols_impl<float, O>(acc, row, row_step, col, col_step, out);
+      epilogue<float, O, Accumulate>(acc, scales, out);
       break;
     case at::kBFloat16:
-      scale_rows_cols_impl<c10::BFloat16, O>(acc, row, row_step, col, col_step, out);
+      epilogue<c10::BFloat16, O, Accumulate>(acc, scales, out);
       break;
     default:
-      TORCH_CHECK(false, "scale_rows_cols needs an int32, fp32 or bf16 accumulator");
+      TORCH_CHECK(false, "the GEMM epilogue needs an int32, fp32 or bf16 accumulator");
   }
 }
 
@@ -68,82 +95,27 @@ void dispatch_accumulator(const at::Tensor& acc, const float* row, int64_t row_s
 // (fp32); out_dtype: fp32 (default) or bf16.
 at::Tensor scale_rows_cols(const at::Tensor& acc, const at::Tensor& row, const at::Tensor& col,
                            std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(acc.dim() == 2 && acc.device().is_cpu(), "scale_rows_cols needs a 2-D CPU tensor");
-  TORCH_CHECK(acc.stride(1) == 1 || acc.size(1) <= 1, "scale_rows_cols needs unit column stride");
-  const at::Tensor r = row.to(at::kFloat).contiguous();
-  const at::Tensor c = col.to(at::kFloat).contiguous();
-  TORCH_CHECK(r.numel() == 1 || r.numel() == acc.size(0), "row scales: 1 or one per row");
-  TORCH_CHECK(c.numel() == 1 || c.numel() == acc.size(1), "column scales: 1 or one per column");
+  const Scales scales(acc, row, col, "scale_rows_cols");
   const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "scale_rows_cols writes fp32 or bf16");
   at::Tensor out = at::empty({acc.size(0), acc.size(1)}, acc.options().dtype(dtype));
-  const int64_t row_step = r.numel() == 1 ? 0 : 1;
-  const int64_t col_step = c.numel() == 1 ? 0 : 1;
   if (dtype == at::kFloat) {
-    dispatch_accumulator<float>(acc, r.const_data_ptr<float>(), row_step,
-                                c.const_data_ptr<float>(), col_step, out);
+    dispatch_accumulator<float, false>(acc, scales, out);
   } else {
-    dispatch_accumulator<c10::BFloat16>(acc, r.const_data_ptr<float>(), row_step,
-                                        c.const_data_ptr<float>(), col_step, out);
+    dispatch_accumulator<c10::BFloat16, false>(acc, scales, out);
   }
   return out;
 }
 
-// out[m, n] += (acc[m, n] * row[m]) * col[n], out fp32 M x N contiguous: the accumulation of one
-// K block's scaled partial product in a block-scaled GEMM (`lowbit.nn.gemm._grouped_mm`), in one
-// pass instead of materializing every block's product and summing them.
-template <typename T>
-void add_scaled_impl(at::Tensor& out, const at::Tensor& acc, const float* row, int64_t row_step,
-                     const float* col, int64_t col_step) {
-  const int64_t rows = acc.size(0);
-  const int64_t cols = acc.size(1);
-  const int64_t stride = acc.stride(0);
-  const T* a = acc.const_data_ptr<T>();
-  float* o = out.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t m = begin; m < end; ++m) {
-                       const float r = row[m * row_step];
-                       const T* in = a + m * stride;
-                       float* dst = o + m * cols;
-                       if (col_step == 0) {
-                         const float c = col[0];
-                         for (int64_t n = 0; n < cols; ++n) {
-                           dst[n] += (static_cast<float>(in[n]) * r) * c;
-                         }
-                       } else {
-                         for (int64_t n = 0; n < cols; ++n) {
-                           dst[n] += (static_cast<float>(in[n]) * r) * col[n];
-                         }
-                       }
-                     }
-                   });
-}
-
+// out += (acc * row) * col with out fp32 M x N contiguous: the accumulation of one K block's
+// scaled partial product in a block-scaled GEMM (`lowbit.nn.gemm._grouped_mm`), in one pass
+// instead of materializing every block's product and summing them.
 void add_scaled_rows_cols_(at::Tensor out, const at::Tensor& acc, const at::Tensor& row,
                            const at::Tensor& col) {
-  TORCH_CHECK(acc.dim() == 2 && acc.device().is_cpu(), "add_scaled_rows_cols_ needs 2-D CPU input");
-  TORCH_CHECK(acc.stride(1) == 1 || acc.size(1) <= 1, "add_scaled_rows_cols_ needs unit column stride");
+  const Scales scales(acc, row, col, "add_scaled_rows_cols_");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == acc.sizes(),
               "add_scaled_rows_cols_ accumulates into a contiguous fp32 tensor of acc's shape");
-  const at::Tensor r = row.to(at::kFloat).contiguous();
-  const at::Tensor c = col.to(at::kFloat).contiguous();
-  TORCH_CHECK(r.numel() == 1 || r.numel() == acc.size(0), "row scales: 1 or one per row");
-  TORCH_CHECK(c.numel() == 1 || c.numel() == acc.size(1), "column scales: 1 or one per column");
-  const int64_t row_step = r.numel() == 1 ? 0 : 1;
-  const int64_t col_step = c.numel() == 1 ? 0 : 1;
-  switch (acc.scalar_type()) {
-    case at::kFloat:
-      add_scaled_impl<float>(out, acc, r.const_data_ptr<float>(), row_step,
-                             c.const_data_ptr<float>(), col_step);
-      break;
-    case at::kBFloat16:
-      add_scaled_impl<c10::BFloat16>(out, acc, r.const_data_ptr<float>(), row_step,
-                                     c.const_data_ptr<float>(), col_step);
-      break;
-    default:
-      TORCH_CHECK(false, "add_scaled_rows_cols_ needs an fp32 or bf16 partial product");
-  }
+  dispatch_accumulator<float, true>(acc, scales, out);
 }
 
 }  // namespace

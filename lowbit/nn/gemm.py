@@ -104,6 +104,11 @@ def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
     return grid.t()
 
 
+def _epilogue_takes(acc: torch.Tensor) -> bool:
+    """The fused epilogue (`lowbit.kernels`) serves this accumulator: CPU, unit column stride."""
+    return kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1)
+
+
 def scale_rows_cols(
     acc: torch.Tensor,
     row: torch.Tensor,
@@ -114,8 +119,7 @@ def scale_rows_cols(
     shape (M, 1) or (1, 1) and column scales (N, 1) or (1, 1): fp32, two roundings in that order,
     then rounded to ``out_dtype``. One fused pass on CPU (`lowbit.kernels`) for fp32 and bf16
     outputs, PyTorch ops elsewhere; the same bits."""
-    fusable = out_dtype in (torch.float32, torch.bfloat16)
-    if fusable and kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1):
+    if out_dtype in (torch.float32, torch.bfloat16) and _epilogue_takes(acc):
         return kernels.scale_rows_cols(acc, row, col, out_dtype)
     return acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()).to(out_dtype)
 
@@ -125,7 +129,7 @@ def add_scaled_rows_cols_(
 ) -> torch.Tensor:
     """``out += (acc.float() * row) * col.T`` (fp32 ``out``; scales shaped as in
     `scale_rows_cols`): one fused pass on CPU, PyTorch ops elsewhere; the same bits."""
-    if kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1) and out.is_contiguous():
+    if _epilogue_takes(acc) and out.is_contiguous():
         return kernels.add_scaled_rows_cols_(out, acc, row, col)
     return out.add_(acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()))
 
