@@ -56,11 +56,17 @@ class Precision:
     # --- set-up ------------------------------------------------------------------------------
 
     @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the forward runs under autocast; None without autocast (fp16 emulation
+        on CPU replaces fp16 autocast)."""
+        if self.recipe.autocast is None or self.emulates_fp16:
+            return None
+        return DTYPES[self.recipe.autocast]
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the forward's activations: autocast's, else the parameters'."""
-        if self.recipe.autocast is not None and not self.emulates_fp16:
-            return DTYPES[self.recipe.autocast]
-        return self.param_dtype
+        return self.autocast_dtype or self.param_dtype
 
     @property
     def emulates_fp16(self) -> bool:
@@ -98,9 +104,9 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward's context: the recipe's autocast (none: a no-op context)."""
-        if self.recipe.autocast is None or self.emulates_fp16:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
