@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import cpu_description, write_section
+from benchmarks_md import command_line, cpu_description, publish
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.nn.attention import AttentionBackwardInFp32
@@ -74,16 +74,13 @@ def main() -> int:
             f"| {name} | {forward * 1e3:.1f} | {backward * 1e3:.1f} | "
             f"{(forward + backward) * 1e3:.1f} |"
         )
-    command = "python " + " ".join(["benchmarks/attention.py", *sys.argv[1:]])
     text = (
         f"Causal attention, shape (batch, heads, tokens, head size) = {shape}, median of "
         f"{args.rounds} round-robin calls, {torch.get_num_threads()} threads, "
         f"{cpu_description()}.\n"
-        f"Command: `{command}`\n\n" + "\n".join(lines)
+        f"Command: `{command_line()}`\n\n" + "\n".join(lines)
     )
-    print(text)
-    if args.write:
-        write_section("## CPU attention per dtype (benchmarks/attention.py)", text)
+    publish("## CPU attention per dtype (benchmarks/attention.py)", text, args.write)
     return 0
 
 

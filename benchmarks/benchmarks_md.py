@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -37,3 +38,16 @@ def cpu_description() -> str:
     wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
     present = [flag for flag in wanted if flag in flags]
     return f"{model} ({', '.join(present) if present else 'no AVX-512/AMX'})"
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as a reader would type it."""
+    script = Path(sys.argv[0]).name
+    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+
+
+def publish(heading: str, text: str, write: bool) -> None:
+    """Print a benchmark's section and, with ``write``, put it into BENCHMARKS.md."""
+    print(text)
+    if write:
+        write_section(heading, text)

@@ -17,7 +17,7 @@ import sys
 import time
 
 import torch
-from benchmarks_md import cpu_description, write_section
+from benchmarks_md import command_line, cpu_description, publish
 
 SHAPES = [
     (4096, 128, 128),
@@ -83,14 +83,11 @@ def main() -> int:
     for (m, k, n), times in rows:
         cells = " | ".join(f"{times[name]:.2f}" for name in names)
         lines.append(f"| {m} x {k} -> {n} | {cells} |")
-    command = "python " + " ".join(["benchmarks/gemm.py", *sys.argv[1:]])
     text = (
         f"Median of {args.rounds} calls, {torch.get_num_threads()} threads, "
-        f"{cpu_description()}.\nCommand: `{command}`\n\n" + "\n".join(lines)
+        f"{cpu_description()}.\nCommand: `{command_line()}`\n\n" + "\n".join(lines)
     )
-    print(text)
-    if args.write:
-        write_section("## GEMM time per kernel (benchmarks/gemm.py)", text)
+    publish("## GEMM time per kernel (benchmarks/gemm.py)", text, args.write)
     return 0
 
 
