@@ -1,11 +1,15 @@
 """bf16 attention on CPU: PyTorch's bf16 forward, its backward in fp32 (lowbit.nn.attention)."""
 
+import contextlib
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lowbit import Precision
 from lowbit.formats.error import sqnr
+from lowbit.models import build_causal_lm
 from lowbit.nn.attention import AttentionBackwardInFp32
 
 
@@ -133,10 +137,6 @@ def test_other_dtypes_pass_through_untouched():
 def tiny_lm_grads(recipe: str, wrap: bool):
     """Loss and q_proj weight gradient of one step of the tiny Llama under ``recipe``;
     ``wrap``: plain model (no routing), forward inside `AttentionBackwardInFp32`."""
-    import contextlib
-
-    from lowbit.models import build_causal_lm
-
     precision = Precision(recipe)
     model = build_causal_lm("tiny", 257, seed=0)
     if wrap:
@@ -161,10 +161,6 @@ def test_convert_routes_a_transformers_models_attention(recipe):
 
 
 def test_routing_is_for_bf16_on_cpu_and_not_saved(tmp_path):
-    import json
-
-    from lowbit.models import build_causal_lm
-
     fp32 = Precision("fp32").convert(build_causal_lm("tiny", 257))
     assert fp32.config._attn_implementation == "sdpa"
     bf16 = Precision("bf16-mixed").convert(build_causal_lm("tiny", 257))
@@ -174,8 +170,6 @@ def test_routing_is_for_bf16_on_cpu_and_not_saved(tmp_path):
 
 
 def test_bf16_mixed_transformer_trains_through_the_rerouted_attention():
-    from lowbit.models import build_causal_lm
-
     precision = Precision("bf16-mixed")
     model = precision.convert(build_causal_lm("tiny", 257, seed=0))
     tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))
