@@ -78,8 +78,9 @@ def table(medians: dict[str, float], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def profile(recipe: str, warmup: int, batch: int, seq: int, size: str) -> None:
-    """Print where one step of ``recipe`` spends its time (torch.profiler, ops by self time)."""
+def profile(recipe: str, warmup: int, batch: int, seq: int, size: str, steps: int) -> None:
+    """Print where ``steps`` steps of ``recipe`` spend their time (torch.profiler, ops by self
+    time; divide by ``steps`` for one step)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -88,8 +89,10 @@ def profile(recipe: str, warmup: int, batch: int, seq: int, size: str) -> None:
     for _ in range(warmup):
         run.step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        run.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        for _ in range(steps):
+            run.step()
+    print(f"{recipe}: {steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def main() -> int:
@@ -102,10 +105,11 @@ def main() -> int:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--note", default="", help="text written under the table (with --write)")
-    parser.add_argument("--profile", metavar="RECIPE", help="profile one step of RECIPE instead")
+    parser.add_argument("--profile", metavar="RECIPE", help="profile steps of RECIPE instead")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps --profile covers")
     args = parser.parse_args()
     if args.profile:
-        profile(args.profile, args.warmup, args.batch, args.seq, args.size)
+        profile(args.profile, args.warmup, args.batch, args.seq, args.size, args.profile_steps)
         return 0
     recipes = args.recipes.split(",")
     if "fp32" not in recipes:
