@@ -2,8 +2,8 @@
 
 Stochastic rounding needs one uniform draw per element. `torch.rand` on a CPU runs PyTorch's
 Mersenne Twister, a serial generator: in the `mxfp4` recipe's step (stochastic rounding on every
-gradient operand) it took a quarter of the step (`python benchmarks/recipe_speed.py --profile
-mxfp4`; docs/formats.md). A counter-based generator (Salmon et al. 2011, the idea
+gradient operand) `aten::uniform_` took a quarter of the step (162 of 600 ms, torch.profiler
+over 5 steps as `python benchmarks/recipe_speed.py --profile mxfp4` does now; docs/formats.md). A counter-based generator (Salmon et al. 2011, the idea
 behind Philox, which PyTorch uses on CUDA) instead computes draw ``i`` as a hash of
 ``(seed, i)``, so the fused CPU kernel (`lowbit.kernels`) computes it where it rounds, in parallel,
 without a noise tensor, and the PyTorch path computes the same values with integer tensor ops: both

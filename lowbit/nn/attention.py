@@ -19,7 +19,8 @@ broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` unchanged
 tensors and other dtypes.
 
 A torch-function mode sees every torch call made while it is active (~2,000 per step of the tiny
-model, ~12 ms of Python), so it is entered only around attention itself: `route_attention`
+model, ~12 ms of Python in a cProfile of the first version, which wrapped the whole forward), so
+it is entered only around attention itself: `route_attention`
 switches a Hugging Face model from its ``sdpa`` attention to ``lowbit_sdpa``, the same function
 (Transformers' own `sdpa_attention_forward`, the same masks) called inside the mode.
 `Precision.convert` does this for bf16 recipes on CPU. The setting is not saved with the model.
