@@ -21,7 +21,11 @@ fp32 operands do not fit bf16 and run as fp32 GEMMs (fp16 products are exact in 
 
 On CPU, PyTorch's bf16 GEMM rounds its fp32 accumulator to a bf16 output. That is what a GPU GEMM
 with a bf16 output does too; `exact_accumulation()` switches to fp32 GEMMs (slower) so tests can
-compare against a float64 reference GEMM with a tight tolerance.
+compare against a float64 reference GEMM with a tight tolerance. Where one scale is left for the
+whole output (tensorwise operands; MX and NVFP4 after folding) and the layer wants bf16, the GEMM
+multiplies its fp32 accumulator by that scale before the one rounding to bf16, as a GPU's scaled
+GEMM does in its epilogue; per-row and per-column scales are applied to the bf16 output in a
+second pass (`scale_rows_cols`).
 """
 
 from __future__ import annotations
@@ -69,11 +73,33 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return folded, rest.reshape(1, 1)
 
 
+def _bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a @ b.T`` runs as a bf16 GEMM with a bf16 output (both bf16, not `exact_accumulation`)."""
+    return a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T``: a bf16 GEMM with a bf16 output when both are bf16 (unless exact), else fp32."""
-    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact:
+    if _bf16_gemm(a, b):
         return a @ b.t()
     return a.float() @ b.float().t()
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(a @ b.T) * scale`` for bf16 ``a``, ``b`` and one fp32 ``scale``, rounded to bf16 once.
+
+    The scale multiplies the GEMM's fp32 accumulator before its single rounding to the bf16
+    output (``addmm``'s ``alpha``), as a GPU's scaled GEMM applies its scales in the epilogue; no
+    second pass over the output, and no second rounding."""
+    alpha = scale.item()
+    if alpha == 1.0:
+        return a @ b.t()
+    if a.device not in _ZEROS:
+        _ZEROS[a.device] = torch.zeros((), dtype=torch.bfloat16, device=a.device)
+    return torch.addmm(_ZEROS[a.device], a, b.t(), beta=0, alpha=alpha)
 
 
 def _grouped_mm(qa: QTensor, qb: QTensor) -> torch.Tensor:
@@ -161,7 +187,9 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
         vb, sb = _fold(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb).to(out_dtype)
-    out = _mm(va, vb)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
+        if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb):
+            return _scaled_bf16_mm(va, vb, sa * sb)
+        out = _mm(va, vb)
         return scale_rows_cols(out, sa * sb, _unit(out.device), out_dtype)
-    return scale_rows_cols(out, sa, sb, out_dtype)
+    return scale_rows_cols(_mm(va, vb), sa, sb, out_dtype)
