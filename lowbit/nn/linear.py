@@ -11,7 +11,9 @@ weight is quantized along K in the forward and along N in the input gradient, an
 along K in the forward and along M in the weight gradient. With tensorwise scaling the quantized
 values do not depend on the axis, so the forward's quantized weight and activation are saved and
 reused (transposed) by the backward when the specs agree; otherwise the high-precision tensors are
-saved and quantized again, as torchao's float8 training does.
+saved and quantized again, as torchao's float8 training does. Layers that read one tensor (a
+block's q, k and v projections) quantize it once between them where the result cannot differ
+(`lowbit.nn.operand.SharedQuantization`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import apply_blockwise, random_hadamard
 from lowbit.nn.gemm import emulated_gemm
-from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand
+from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand, shared_quantization
 from lowbit.recipes.recipe import GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
 
 
@@ -140,12 +142,29 @@ def quantized_gemm(
         else:  # keeps a transposed operand's layout, which apply_blockwise transforms without a copy
             a, b = a.float(), b.float()
         a, b = apply_blockwise(a, h), apply_blockwise(b, h)
-    qa = quantize_operand(a, gemm.a, state.histories.get(names[0]), _batch(names[0]))
-    qb = quantize_operand(b, gemm.b, state.histories.get(names[1]), _batch(names[1]))
+    qa = _quantize(a, gemm.a, state, names[0], shared=False)
+    qb = _quantize(b, gemm.b, state, names[1], shared=gemm.transform is Transform.NONE)
     if state.observer is not None:
         state.observer(names[0], a, qa)
         state.observer(names[1], b, qb)
     return emulated_gemm(qa, qb, out_dtype)
+
+
+# Operands that several layers may take from one tensor (see `SharedQuantization`).
+_SHARED_OPERANDS = ("forward.x", "grad_weight.x")
+
+
+def _quantize(x: torch.Tensor, spec, state: LayerState, name: str, shared: bool = True) -> QTensor:
+    """Operand ``name`` of a layer quantized by ``spec``, shared with the layer before when that
+    quantized the same input the same way (``forward.x``, ``grad_weight.x``; not after a per-layer
+    transform, whose Hadamard signs differ between layers)."""
+
+    def compute() -> QTensor:
+        return quantize_operand(x, spec, state.histories.get(name), _batch(name))
+
+    if shared and name in _SHARED_OPERANDS:
+        return shared_quantization.quantize(name, x, spec, compute)
+    return compute()
 
 
 def _batch(name: str) -> BatchAxis:
@@ -174,11 +193,10 @@ class LowbitLinearFunction(torch.autograd.Function):
             gemm_dtype = (
                 out_dtype if bias is None and state.output_rounding is None else torch.float32
             )
+            shared_quantization.release("grad_weight.x")  # the last backward's inputs
             if forward.transform is Transform.NONE:
-                qx = quantize_operand(
-                    x, forward.a, state.histories.get("forward.x"), _batch("forward.x")
-                )
-                qw = quantize_operand(weight, forward.b, state.histories.get("forward.w"))
+                qx = _quantize(x, forward.a, state, "forward.x")
+                qw = _quantize(weight, forward.b, state, "forward.w")
                 if state.observer is not None:
                     state.observer("forward.x", x, qx)
                     state.observer("forward.w", weight, qw)
@@ -212,6 +230,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         qw, qx = ctx.saved_quantized
         state: LayerState = ctx.state
+        shared_quantization.release("forward.x")  # the forward is over: let its input go
         spec = state.spec
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.

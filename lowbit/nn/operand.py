@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from enum import Enum
 
 import torch
 
-from lowbit.formats import Granularity, QTensor, quantize, tensor_amax
+from lowbit.formats import Granularity, QTensor, Rounding, quantize, tensor_amax
 from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
@@ -159,3 +161,53 @@ def quantize_operand(
         amax=amax,
         fold=True,
     )
+
+
+class SharedQuantization(threading.local):
+    """The last quantization of each named operand, handed to the next layer that quantizes the
+    same input the same way.
+
+    Several layers often take one tensor: a transformer block's q, k and v projections all read
+    the normed hidden states, and its gate and up projections the same second ones; in the
+    backward their weight gradients read those tensors again (``x.T``). Quantizing a tensor with a
+    spec whose result depends on nothing else (current scaling, round to nearest, no cross-rank
+    amax) gives the same values every time, so the second and third layers reuse the first one's
+    (a fused QKV projection quantizes its input once too). Delayed scaling (each layer's own
+    history) and stochastic rounding (fresh draws per layer) are quantized per layer as before.
+
+    An entry holds its input, so that the memory under its key cannot be reused by another tensor
+    while the entry lives; `release` drops a slot when its pass is over (the forward slot when the
+    backward starts, the weight-gradient slot when the next forward starts).
+    """
+
+    def __init__(self):
+        self.slots: dict[str, tuple[tuple, torch.Tensor, QTensor]] = {}
+
+    def quantize(
+        self, slot: str, x: torch.Tensor, spec: OperandSpec, compute: Callable[[], QTensor]
+    ) -> QTensor:
+        """``compute()``, or the QTensor it returned for the same ``x`` and ``spec`` last time."""
+        if not _shareable(x, spec):
+            return compute()
+        key = (spec, x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+        last = self.slots.get(slot)
+        if last is not None and last[0] == key:
+            return last[2]
+        quantized = compute()
+        self.slots[slot] = (key, x, quantized)
+        return quantized
+
+    def release(self, slot: str) -> None:
+        self.slots.pop(slot, None)
+
+
+def _shareable(x: torch.Tensor, spec: OperandSpec) -> bool:
+    return (
+        spec.scaling is Scaling.CURRENT
+        and spec.rounding is Rounding.NEAREST
+        and not _agreement.active
+        and not x.is_inference()  # no version counter to tell an in-place change
+    )
+
+
+shared_quantization = SharedQuantization()

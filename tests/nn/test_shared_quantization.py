@@ -1,0 +1,97 @@
+"""Layers fed by one tensor quantize it once, with results identical to quantizing it per layer."""
+
+import copy
+
+import pytest
+import torch
+
+import lowbit.nn.operand as operand
+from lowbit import get_recipe
+from lowbit.formats import Granularity, Rounding
+from lowbit.nn import LowbitLinear
+from lowbit.recipes import GemmSpec, LayerSpec, OperandSpec
+
+
+def qkv(recipe: str, seed: int = 0) -> list[LowbitLinear]:
+    torch.manual_seed(seed)
+    spec = get_recipe(recipe).layer
+    return [LowbitLinear(torch.nn.Linear(64, 32, bias=False), spec, seed=i) for i in range(3)]
+
+
+def step(layers, inputs, grads):
+    """Forward each layer on its input, backward the sum; outputs and all gradients."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    shared = len({id(x) for x in inputs}) == 1
+    if shared:  # one leaf read by every layer, as a block's q, k and v projections read theirs
+        inputs = [inputs[0]] * len(layers)
+    outs = [layer(x) for layer, x in zip(layers, inputs)]
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+    grads_x = [inputs[0].grad] if shared else [x.grad for x in inputs]
+    return outs, sum(grads_x), [layer.weight.grad for layer in layers]
+
+
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-rowwise", "mxfp8", "fp8-blockwise"])
+def test_shared_input_gives_the_same_bits_as_separate_inputs(recipe):
+    x = torch.randn(4, 16, 64) * 3
+    grads = [torch.randn(4, 16, 32) for _ in range(3)]
+    layers = qkv(recipe)
+    separate = step(copy.deepcopy(layers), [x.clone() for _ in range(3)], grads)
+    shared = step(copy.deepcopy(layers), [x] * 3, grads)
+    for a, b in zip(separate[0], shared[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(separate[1], shared[1])
+    for a, b in zip(separate[2], shared[2]):
+        assert torch.equal(a, b)
+
+
+def count_quantizations(monkeypatch) -> list:
+    calls = []
+    real = operand.quantize
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(operand, "quantize", counting)
+    return calls
+
+
+def test_three_layers_quantize_their_common_input_once(monkeypatch):
+    calls = count_quantizations(monkeypatch)
+    x = torch.randn(16, 64)
+    for layer in qkv("mxfp8"):
+        layer(x)
+    assert calls.count((16, 64)) == 1  # the common input
+    assert calls.count((32, 64)) == 3  # each layer's own weight
+
+
+def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
+    layers = qkv("fp8-tensorwise")
+    x = torch.randn(64, 64)
+    first = layers[0](x)
+    x.mul_(2)  # same memory, new values: the version counter tells
+    assert not torch.equal(layers[0](x), first)
+    assert torch.equal(layers[0](x), layers[0](x.clone()))
+
+
+def test_stochastic_rounding_draws_per_layer():
+    sr = OperandSpec("fp8_e4m3", Granularity.MX, rounding=Rounding.STOCHASTIC)
+    nearest = OperandSpec("fp8_e4m3", Granularity.MX)
+    spec = LayerSpec(forward=GemmSpec(sr, nearest))  # only the activation is rounded stochastically
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    layers = [LowbitLinear(copy.deepcopy(linear), spec) for _ in "ab"]
+    x = torch.randn(16, 64)
+    assert not torch.equal(layers[0](x), layers[1](x))  # fresh draws, not the first layer's
+
+
+def test_delayed_scaling_keeps_per_layer_histories():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    layers = [LowbitLinear(copy.deepcopy(linear), get_recipe("fp8-delayed").layer) for _ in "ab"]
+    x = torch.randn(16, 64)
+    for scale, layer in zip((1.0, 100.0), layers):  # the same weights, different histories
+        layer(x * scale)
+        layer.lowbit_state.commit()
+    # layer b scales x by its history's 100x amax, so its values are coarser than layer a's
+    assert not torch.equal(layers[0](x), layers[1](x))
