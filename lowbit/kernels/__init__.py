@@ -152,3 +152,13 @@ def add_scaled_rows_cols_(
     fp32 contiguous, ``acc`` int32, fp32 or bf16 with unit column stride."""
     torch.ops.lowbit.add_scaled_rows_cols_(out, acc, row, col)
     return out
+
+
+def add_scaled_blocks_(
+    out: torch.Tensor, partials: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+) -> torch.Tensor:
+    """``out += sum_k (partials[k].float() * row[k][:, None]) * col[k][None, :]``, added in
+    increasing k, in one pass (epilogue.cpp); ``out`` fp32 M x N contiguous, ``partials``
+    K-blocks x M x N (int32, fp32 or bf16), ``row`` K-blocks x M, ``col`` K-blocks x N."""
+    torch.ops.lowbit.add_scaled_blocks_(out, partials, row, col)
+    return out

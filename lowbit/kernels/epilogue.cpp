@@ -6,6 +6,7 @@
 // same two fp32 roundings in the same order, so the result is bit-identical. The accumulator may
 // also be a bf16 GEMM output, and the result may be rounded once more to bf16 (round to nearest
 // even, as `.to(torch.bfloat16)` does), which saves the passes of the casts around it.
+// `add_scaled_blocks_` sums the scaled partial products of a block-scaled GEMM's K blocks.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -118,14 +119,76 @@ void add_scaled_rows_cols_(at::Tensor out, const at::Tensor& acc, const at::Tens
   dispatch_accumulator<float, true>(acc, scales, out);
 }
 
+// out[m, n] += sum over k of (partials[k, m, n] * row[k, m]) * col[k, n], added in increasing k:
+// the same roundings in the same order as one add_scaled_rows_cols_ per K block, for the partial
+// products of all K blocks computed by one batched GEMM.
+template <typename T>
+void add_scaled_blocks(at::Tensor& out, const at::Tensor& partials, const at::Tensor& row,
+                       const at::Tensor& col) {
+  const int64_t blocks = partials.size(0);
+  const int64_t rows = partials.size(1);
+  const int64_t cols = partials.size(2);
+  const T* p = partials.const_data_ptr<T>();
+  const float* r = row.const_data_ptr<float>();
+  const float* c = col.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols * blocks, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t m = begin; m < end; ++m) {
+                       float* dst = o + m * cols;
+                       for (int64_t k = 0; k < blocks; ++k) {
+                         const T* in = p + (k * rows + m) * cols;
+                         const float scale = r[k * rows + m];
+                         const float* col_k = c + k * cols;
+                         for (int64_t n = 0; n < cols; ++n) {
+                           dst[n] += (static_cast<float>(in[n]) * scale) * col_k[n];
+                         }
+                       }
+                     }
+                   });
+}
+
+// out: M x N fp32 contiguous; partials: K/block x M x N int32, fp32 or bf16; row: K/block x M;
+// col: K/block x N (`lowbit.nn.gemm._grouped_mm`).
+void add_scaled_blocks_(at::Tensor out, const at::Tensor& partials, const at::Tensor& row,
+                        const at::Tensor& col) {
+  TORCH_CHECK(partials.dim() == 3 && partials.device().is_cpu(),
+              "add_scaled_blocks_ needs K-blocks x M x N CPU partial products");
+  const int64_t blocks = partials.size(0);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == partials.size(1) && out.size(1) == partials.size(2),
+              "add_scaled_blocks_ accumulates into a contiguous fp32 M x N tensor");
+  const at::Tensor p = partials.contiguous();
+  const at::Tensor r = row.to(at::kFloat).contiguous();
+  const at::Tensor c = col.to(at::kFloat).contiguous();
+  TORCH_CHECK(r.numel() == blocks * partials.size(1) && c.numel() == blocks * partials.size(2),
+              "add_scaled_blocks_ needs one row scale per (block, row), one column scale per "
+              "(block, column)");
+  switch (p.scalar_type()) {
+    case at::kInt:
+      add_scaled_blocks<int32_t>(out, p, r, c);
+      break;
+    case at::kFloat:
+      add_scaled_blocks<float>(out, p, r, c);
+      break;
+    case at::kBFloat16:
+      add_scaled_blocks<c10::BFloat16>(out, p, r, c);
+      break;
+    default:
+      TORCH_CHECK(false, "add_scaled_blocks_ needs int32, fp32 or bf16 partial products");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("scale_rows_cols(Tensor acc, Tensor row, Tensor col, ScalarType? out_dtype=None) -> Tensor");
   m.def("add_scaled_rows_cols_(Tensor(a!) out, Tensor acc, Tensor row, Tensor col) -> ()");
+  m.def("add_scaled_blocks_(Tensor(a!) out, Tensor partials, Tensor row, Tensor col) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("scale_rows_cols", &scale_rows_cols);
   m.impl("add_scaled_rows_cols_", &add_scaled_rows_cols_);
+  m.impl("add_scaled_blocks_", &add_scaled_blocks_);
 }

@@ -102,21 +102,46 @@ def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> to
     return torch.addmm(_ZEROS[a.device], a, b.t(), beta=0, alpha=alpha)
 
 
+# Partial products of at most this many bytes per batched GEMM in `_grouped_mm` (K blocks are
+# taken in chunks, so a large layer's M x N x K/block partials are never all alive at once).
+_PARTIALS_BYTES = 16 * 2**20
+
+
 def _grouped_mm(qa: QTensor, qb: QTensor) -> torch.Tensor:
     """Per-K-block GEMMs with fp32 scales, accumulated in fp32 (DeepSeek-V3 style):
-    ``out = sum_k (va_k @ vb_k.T) * sa_k * sb_k`` block by block, in increasing k, each scaled
-    partial product added to the fp32 sum in one pass (`add_scaled_rows_cols_`)."""
+    ``out = sum_k (va_k @ vb_k.T) * sa_k * sb_k``, each partial product rounded as `_mm` rounds
+    it, scaled and added to the fp32 sum in increasing k. The partial products of a chunk of K
+    blocks come from one batched GEMM (~4x faster than a GEMM per block at 32 blocks of 128) and
+    are scaled and summed in one pass (`add_scaled_blocks_`)."""
     block = qa.block[1] if not _constant_along_k(qa) else qb.block[1]
-    k = qa.shape[1]
     # (blocks, rows) with contiguous rows, so that each block's scales are a contiguous slice
     scale_a = _k_block_scale(qa, block).contiguous()
     scale_b = _k_block_scale(qb, block).contiguous()
-    out = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float32, device=qa.values.device)
-    for index, start in enumerate(range(0, k, block)):
-        columns = slice(start, min(start + block, k))
-        partial = _mm(qa.values[:, columns], qb.values[:, columns])
-        add_scaled_rows_cols_(out, partial, scale_a[index, :, None], scale_b[index, :, None])
+    rows, cols = qa.shape[0], qb.shape[0]
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=qa.values.device)
+    a, b = _k_blocks(qa.values, block), _k_blocks(qb.values, block)  # (blocks, rows, block)
+    chunk = max(1, _PARTIALS_BYTES // (rows * cols * 4))
+    for start in range(0, a.shape[0], chunk):
+        part = slice(start, start + chunk)
+        add_scaled_blocks_(out, _bmm(a[part], b[part]), scale_a[part], scale_b[part])
     return out
+
+
+def _k_blocks(values: torch.Tensor, block: int) -> torch.Tensor:
+    """An R x K operand as K/block contiguous R x block matrices (K zero-padded to whole blocks:
+    zeros add nothing to a product)."""
+    pad = (-values.shape[1]) % block
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    rows, k = values.shape
+    return values.view(rows, k // block, block).transpose(0, 1).contiguous()
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` per batch entry, rounded as `_mm` rounds a single product."""
+    if _bf16_gemm(a, b):
+        return torch.bmm(a, b.transpose(1, 2))
+    return torch.bmm(a.float(), b.float().transpose(1, 2))
 
 
 def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
@@ -158,6 +183,19 @@ def add_scaled_rows_cols_(
     if _epilogue_takes(acc) and out.is_contiguous():
         return kernels.add_scaled_rows_cols_(out, acc, row, col)
     return out.add_(acc.to(torch.float32, copy=True).mul_(row).mul_(col.t()))
+
+
+def add_scaled_blocks_(
+    out: torch.Tensor, partials: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+) -> torch.Tensor:
+    """``out += (partials[k].float() * row[k]) * col[k].T`` for k = 0, 1, ... in turn (fp32
+    ``out`` M x N, ``partials`` blocks x M x N, ``row`` blocks x M, ``col`` blocks x N): one fused
+    pass on CPU, an `add_scaled_rows_cols_` per block elsewhere; the same bits."""
+    if kernels.usable(partials) and out.is_contiguous():
+        return kernels.add_scaled_blocks_(out, partials, row, col)
+    for partial, row_k, col_k in zip(partials, row, col):
+        add_scaled_rows_cols_(out, partial, row_k[:, None], col_k[:, None])
+    return out
 
 
 _UNITS: dict[torch.device, torch.Tensor] = {}

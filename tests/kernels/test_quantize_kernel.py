@@ -204,6 +204,22 @@ def test_accumulating_a_scaled_partial_product_equals_pytorch(dtype, row_count, 
         assert_same_bits(add_scaled_rows_cols_(total.clone(), acc, row, col), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.bfloat16])
+def test_summing_scaled_block_products_adds_them_in_order_like_pytorch(dtype):
+    from lowbit.nn.gemm import add_scaled_blocks_
+
+    total = torch.randn(37, 53)
+    partials = (torch.randn(5, 37, 53) * 2**20).to(dtype)
+    row = torch.rand(5, 37) * 1e-3
+    col = torch.rand(5, 53) * 1e-4
+    expected = total.clone()
+    for k in range(5):  # block after block, each rounded to fp32 as it is added
+        expected = expected + (partials[k].float() * row[k, :, None]) * col[k, None, :]
+    assert_same_bits(add_scaled_blocks_(total.clone(), partials, row, col), expected)
+    with kernels.disabled():
+        assert_same_bits(add_scaled_blocks_(total.clone(), partials, row, col), expected)
+
+
 def test_bf16_output_rounds_ties_to_even_like_pytorch():
     from lowbit.nn.gemm import scale_rows_cols
 

@@ -119,6 +119,16 @@ def test_bf16_output_scales_the_accumulator_before_its_one_rounding(fmt, granula
     assert (ulps == 0).float().mean() > 0.995
 
 
+def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch):
+    import lowbit.nn.gemm as gemm
+
+    a, b = torch.randn(40, 1000), torch.randn(24, 1000)  # 8 K blocks, the last one 104 wide
+    qa, qb = (quantize(t, "fp8_e4m3", "block", block_size=128) for t in (a, b))
+    whole = emulated_gemm(qa, qb)
+    monkeypatch.setattr(gemm, "_PARTIALS_BYTES", 3 * 40 * 24 * 4)  # 3 blocks per batched GEMM
+    assert torch.equal(emulated_gemm(qa, qb), whole)
+
+
 def test_fp32_operands_are_plain_linear():
     linear = torch.nn.Linear(32, 16)
     layer = LowbitLinear(copy.deepcopy(linear), LayerSpec())
