@@ -41,29 +41,29 @@ constexpr int32_t kMantissaBits = 23;
 constexpr float kFp4Max = 6.0f;
 constexpr float kE4m3Max = 448.0f;
 
-inline uint32_t bits_of(float x) {
+[[gnu::always_inline]] inline uint32_t bits_of(float x) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);
   return b;
 }
 
-inline float float_of(uint32_t b) {
+[[gnu::always_inline]] inline float float_of(uint32_t b) {
   float x;
   std::memcpy(&x, &b, sizeof x);
   return x;
 }
 
-inline float widen(float x) { return x; }
-inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float widen(c10::Half x) { return static_cast<float>(x); }
+[[gnu::always_inline]] inline float widen(float x) { return x; }
+[[gnu::always_inline]] inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
+[[gnu::always_inline]] inline float widen(c10::Half x) { return static_cast<float>(x); }
 
 // floor(log2|x|) from the exponent field (-127 for zero and subnormals), as `binade`.
-inline int32_t binade(float x) {
+[[gnu::always_inline]] inline int32_t binade(float x) {
   return static_cast<int32_t>((bits_of(x) >> kMantissaBits) & 0xFF) - kBias;
 }
 
 // Exact 2**e for e in [-252, 127] as the product of two normal powers of two, as `pow2`.
-inline float pow2(int32_t e) {
+[[gnu::always_inline]] inline float pow2(int32_t e) {
   const int32_t high = std::max(e, -126) + kBias;
   const int32_t low = std::min(std::max(e + 126, -126), 0) + kBias;
   return float_of(static_cast<uint32_t>(high) << kMantissaBits) *
@@ -73,14 +73,14 @@ inline float pow2(int32_t e) {
 // floor(r) for |r| < 2**22 (and NaN): round to nearest on the fp32 adder, minus one where that
 // rounded up. Equal to std::floor there except floor(-0.0) = +0.0, which no caller can tell apart
 // (it is only ever added to +0.0 or 1.0); unlike std::floor it vectorizes.
-inline float floor_small(float r) {
+[[gnu::always_inline]] inline float floor_small(float r) {
   constexpr float magic = 12582912.0f;  // 1.5 * 2**23: ulp 1
   const float t = (r + magic) - magic;
   return t > r ? t - 1.0f : t;
 }
 
 // clamp(x, -max, max) with NaN passing through, as torch.clamp.
-inline float clamp_nan(float x, float max) { return x < -max ? -max : (x > max ? max : x); }
+[[gnu::always_inline]] inline float clamp_nan(float x, float max) { return x < -max ? -max : (x > max ? max : x); }
 
 // The grid a float format's values lie on (see `_nearest_on_grid`).
 struct Grid {
@@ -122,21 +122,21 @@ struct Grid {
 };
 
 // fp32 -> bf16 bits of a value bf16 holds exactly (NaN -> 0x7FC0, as c10::BFloat16).
-inline uint16_t bf16_bits_exact(float x) {
+[[gnu::always_inline]] inline uint16_t bf16_bits_exact(float x) {
   return std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(bits_of(x) >> 16);
 }
 
 // fp32 -> bf16 bits, round to nearest even (c10::BFloat16's conversion).
-inline uint16_t bf16_bits_nearest(float x) {
+[[gnu::always_inline]] inline uint16_t bf16_bits_nearest(float x) {
   if (std::isnan(x)) return uint16_t{0x7FC0};
   const uint32_t b = bits_of(x);
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-inline float bf16_value(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
+[[gnu::always_inline]] inline float bf16_value(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
 
 // Symmetric integer rounding: clamp to +-qmax, round half to even on the fp32 adder (|y| < 2**22).
-inline int8_t round_int(float y, float qmax) {
+[[gnu::always_inline]] inline int8_t round_int(float y, float qmax) {
   if (std::isnan(y)) return 0;
   constexpr float magic = 12582912.0f;  // 1.5 * 2**23: ulp 1
   const float r = (clamp_nan(y, qmax) + magic) - magic;
@@ -144,7 +144,7 @@ inline int8_t round_int(float y, float qmax) {
 }
 
 // Stochastic integer rounding (`_cast_int`): floor(y) + [u < frac] after clamping to +-qmax.
-inline int8_t round_int_stochastic(float y, float qmax, float u) {
+[[gnu::always_inline]] inline int8_t round_int_stochastic(float y, float qmax, float u) {
   if (std::isnan(y)) return 0;
   const float r = clamp_nan(y, qmax);
   const float low = floor_small(r);
