@@ -59,7 +59,7 @@ def _row_scale(q: QTensor) -> torch.Tensor:
 
 def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values with the block scales folded in, remaining per-row scale)."""
-    rest = q.tensor_scale if q.tensor_scale is not None else torch.ones((), device=q.values.device)
+    rest = q.tensor_scale if q.tensor_scale is not None else _unit(q.values.device)
     if q.folded is not None:  # the fused quantization kernel already folded them
         return q.folded, rest.reshape(1, 1)
     rows, cols = q.shape
