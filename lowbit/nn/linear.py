@@ -158,13 +158,8 @@ def _quantize(x: torch.Tensor, spec, state: LayerState, name: str, shared: bool 
     """Operand ``name`` of a layer quantized by ``spec``, shared with the layer before when that
     quantized the same input the same way (``forward.x``, ``grad_weight.x``; not after a per-layer
     transform, whose Hadamard signs differ between layers)."""
-
-    def compute() -> QTensor:
-        return quantize_operand(x, spec, state.histories.get(name), _batch(name))
-
-    if shared and name in _SHARED_OPERANDS:
-        return shared_quantization.quantize(name, x, spec, compute)
-    return compute()
+    slot = name if shared and name in _SHARED_OPERANDS else None
+    return quantize_operand(x, spec, state.histories.get(name), _batch(name), slot)
 
 
 def _batch(name: str) -> BatchAxis:

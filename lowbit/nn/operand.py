@@ -133,47 +133,55 @@ def quantize_operand(
     spec: OperandSpec,
     history: AmaxHistory | None = None,
     batch: BatchAxis = BatchAxis.NONE,
+    shared_slot: str | None = None,
 ) -> QTensor:
     """Quantize a 2-D operand along its last axis (the GEMM's contraction axis).
 
     ``batch``: where the operand holds the batch's tokens (an activation or gradient; NONE for a
     weight); the ranks of a data-parallel job agree on the amaxes that span them (`ScaleAgreement`).
+    ``shared_slot``: reuse the last result of this slot when it came from the same ``x``, ``spec``
+    and scaling amax (`SharedQuantization`).
     """
     if spec.is_plain_cast:
-        return plain_cast(x, spec)
+        return shared_quantization.quantize(shared_slot, x, spec, None, lambda: plain_cast(x, spec))
     amax = None
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
-        current = tensor_amax(x)
+        current = shared_quantization.amax(shared_slot, x, lambda: tensor_amax(x))
         amax = history.scaling_amax(_agreement.amax(current) if agree else current)
     elif agree == "tensor":
         amax = _agreement.amax(tensor_amax(x))
     elif agree == "row":
         amax = _agreement.amax(x.detach().abs().amax(dim=-1).float())
-    return quantize(
-        x,
-        spec.format,
-        spec.granularity,
-        axis=-1,
-        block_size=spec.block_size,
-        scale_rule=spec.scale_rule,
-        rounding=spec.rounding,
-        amax=amax,
-        fold=True,
-    )
+
+    def compute() -> QTensor:
+        return quantize(
+            x,
+            spec.format,
+            spec.granularity,
+            axis=-1,
+            block_size=spec.block_size,
+            scale_rule=spec.scale_rule,
+            rounding=spec.rounding,
+            amax=amax,
+            fold=True,
+        )
+
+    return shared_quantization.quantize(shared_slot, x, spec, amax, compute)
 
 
 class SharedQuantization(threading.local):
-    """The last quantization of each named operand, handed to the next layer that quantizes the
-    same input the same way.
+    """The last quantization of each named operand slot, handed to the next layer that quantizes
+    the same input the same way.
 
     Several layers often take one tensor: a transformer block's q, k and v projections all read
     the normed hidden states, and its gate and up projections the same second ones; in the
-    backward their weight gradients read those tensors again (``x.T``). Quantizing a tensor with a
-    spec whose result depends on nothing else (current scaling, round to nearest, no cross-rank
-    amax) gives the same values every time, so the second and third layers reuse the first one's
-    (a fused QKV projection quantizes its input once too). Delayed scaling (each layer's own
-    history) and stochastic rounding (fresh draws per layer) are quantized per layer as before.
+    backward their weight gradients read those tensors again (``x.T``). Quantizing a tensor with
+    one spec and one scaling amax (current scaling, or a delayed amax that the layers' histories
+    agree on, as they do when they have seen the same inputs) gives the same values every time,
+    so the second and third layers reuse the first one's (a fused QKV projection quantizes its
+    input once too); delayed scaling's measurement of the current amax is shared the same way.
+    Stochastic rounding (fresh draws per layer) and amaxes agreed across ranks are not shared.
 
     An entry holds its input, so that the memory under its key cannot be reused by another tensor
     while the entry lives; `release` drops a slot when its pass is over (the forward slot when the
@@ -181,30 +189,53 @@ class SharedQuantization(threading.local):
     """
 
     def __init__(self):
-        self.slots: dict[str, tuple[tuple, torch.Tensor, QTensor]] = {}
+        self.slots: dict[str, tuple[tuple, torch.Tensor, object]] = {}
 
     def quantize(
-        self, slot: str, x: torch.Tensor, spec: OperandSpec, compute: Callable[[], QTensor]
+        self,
+        slot: str | None,
+        x: torch.Tensor,
+        spec: OperandSpec,
+        amax: torch.Tensor | None,
+        compute: Callable[[], QTensor],
     ) -> QTensor:
-        """``compute()``, or the QTensor it returned for the same ``x`` and ``spec`` last time."""
-        if not _shareable(x, spec):
+        """``compute()``, or what it returned last time in ``slot`` for the same ``x``, ``spec``
+        and ``amax``."""
+        if slot is None or not _shareable(x, spec, amax):
             return compute()
-        key = (spec, x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+        scaling = None if amax is None else amax.item()
+        return self._reuse(slot, (*_identity(x), spec, scaling), x, compute)
+
+    def amax(
+        self, slot: str | None, x: torch.Tensor, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``compute()`` (the measured amax of ``x``), or its last result for the same ``x``."""
+        if slot is None or not _shareable(x, None, None):
+            return compute()
+        return self._reuse(f"{slot}.amax", _identity(x), x, compute)
+
+    def _reuse(self, slot: str, key: tuple, x: torch.Tensor, compute: Callable):
         last = self.slots.get(slot)
         if last is not None and last[0] == key:
             return last[2]
-        quantized = compute()
-        self.slots[slot] = (key, x, quantized)
-        return quantized
+        result = compute()
+        self.slots[slot] = (key, x, result)
+        return result
 
     def release(self, slot: str) -> None:
-        self.slots.pop(slot, None)
+        for name in (slot, f"{slot}.amax"):
+            self.slots.pop(name, None)
 
 
-def _shareable(x: torch.Tensor, spec: OperandSpec) -> bool:
+def _identity(x: torch.Tensor) -> tuple:
+    """What tells one tensor's current values from another's while the tensor is alive."""
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+
+
+def _shareable(x: torch.Tensor, spec: OperandSpec | None, amax: torch.Tensor | None) -> bool:
     return (
-        spec.scaling is Scaling.CURRENT
-        and spec.rounding is Rounding.NEAREST
+        (spec is None or spec.rounding is Rounding.NEAREST)
+        and (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
         and not _agreement.active
         and not x.is_inference()  # no version counter to tell an in-place change
     )

@@ -30,7 +30,9 @@ def step(layers, inputs, grads):
     return outs, sum(grads_x), [layer.weight.grad for layer in layers]
 
 
-@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-rowwise", "mxfp8", "fp8-blockwise"])
+@pytest.mark.parametrize(
+    "recipe", ["fp8-tensorwise", "fp8-delayed", "fp8-rowwise", "mxfp8", "fp8-blockwise"]
+)
 def test_shared_input_gives_the_same_bits_as_separate_inputs(recipe):
     x = torch.randn(4, 16, 64) * 3
     grads = [torch.randn(4, 16, 32) for _ in range(3)]
@@ -63,6 +65,24 @@ def test_three_layers_quantize_their_common_input_once(monkeypatch):
         layer(x)
     assert calls.count((16, 64)) == 1  # the common input
     assert calls.count((32, 64)) == 3  # each layer's own weight
+
+
+def test_delayed_layers_that_agree_on_the_amax_share_quantization_and_measurement(monkeypatch):
+    calls = count_quantizations(monkeypatch)
+    measured = []
+    real_amax = operand.tensor_amax
+    monkeypatch.setattr(
+        operand, "tensor_amax", lambda x: measured.append(tuple(x.shape)) or real_amax(x)
+    )
+    layers = qkv("fp8-delayed")
+    x = torch.randn(16, 64)
+    for step_input in (x, x * 2):  # step 1: current amax; step 2: the (equal) histories' amax
+        for layer in layers:
+            layer(step_input)
+        for layer in layers:
+            layer.lowbit_state.commit()
+    assert calls.count((16, 64)) == 2  # once per step, not per layer
+    assert measured.count((16, 64)) == 2  # the weights (32 x 64) measure their own
 
 
 def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
