@@ -151,26 +151,25 @@ struct Grid {
   return static_cast<int8_t>(low + (u < r - low ? 1.0f : 0.0f));
 }
 
-// The dequantization scale of a block with largest magnitude `amax` (`scale_from_amax`).
-inline float scale_from_amax(float amax, float fmt_max, int32_t emax_elem, int64_t rule) {
-  if (!std::isfinite(amax)) return amax;
-  if (rule == kAmax) {
-    if (!(amax > 0.0f)) return 1.0f;
-    return std::max(amax / fmt_max, std::numeric_limits<float>::min());
-  }
-  int32_t exponent;
-  int32_t lo = -127;
-  int32_t hi = 127;
-  if (rule == kMxFloor) {
-    exponent = binade(amax) - emax_elem;
-  } else {  // kPow2, kMxCeil: the smallest power of two with amax / s <= max
-    const float ratio = amax / fmt_max;
-    exponent = binade(ratio);
-    exponent += ratio > pow2(std::min(std::max(exponent, -252), 127)) ? 1 : 0;
-    if (!(amax > 0.0f)) exponent = 0;
-    if (rule == kPow2) lo = -252;
-  }
-  return pow2(std::min(std::max(exponent, lo), hi));
+// The dequantization scale of a block with largest magnitude `amax` (`scale_from_amax`). Written
+// without branches (every rule's candidate is computed, the rule selects), so that a loop over a
+// row's blocks vectorizes.
+[[gnu::always_inline]] inline float scale_from_amax(float amax, float fmt_max, int32_t emax_elem,
+                                                    int64_t rule) {
+  const bool positive = amax > 0.0f;
+  const float ratio = amax / fmt_max;
+  // kAmax: amax / max, at least the smallest normal; 1 for a zero (or NaN) amax
+  const float by_amax = positive ? std::max(ratio, std::numeric_limits<float>::min()) : 1.0f;
+  // kMxFloor: 2**(floor(log2 amax) - emax of the element format)
+  const int32_t floor_exponent = binade(amax) - emax_elem;
+  // kPow2, kMxCeil: the smallest power of two with amax / s <= max (2**0 for a zero amax)
+  const int32_t guess = binade(ratio);
+  const int32_t ceil_exponent =
+      positive ? guess + (ratio > pow2(std::min(std::max(guess, -252), 127)) ? 1 : 0) : 0;
+  const int32_t exponent = rule == kMxFloor ? floor_exponent : ceil_exponent;
+  const int32_t lo = rule == kPow2 ? -252 : -127;
+  const float scale = rule == kAmax ? by_amax : pow2(std::min(std::max(exponent, lo), 127));
+  return std::isfinite(amax) ? scale : amax;  // inf and NaN amaxes pass through
 }
 
 // max |x| over n elements; NaN if any element is NaN. On the sign-cleared bit patterns integer
@@ -376,7 +375,7 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
   }
   const Grid e4m3(3, -6, 8, kE4m3Max);
   // The (stored scale, divisor) of a block with largest magnitude amax.
-  auto scale_of = [&](float amax) {
+  auto scale_of = [&](float amax) __attribute__((always_inline)) {
     if (p.rule == kNvfp4) {
       const float s = e4m3.round((amax / kFp4Max) / tensor_scale);
       const float divisor = s * tensor_scale;
@@ -422,15 +421,30 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
     return;
   }
 
-  auto quantize_block = [&](int64_t r, const auto* row, int64_t start, auto n) {
-    const auto [s, divisor] = scale_of(row_amax ? row_amax[r] : block_amax(row + start, n));
-    scales[r * blocks_per_row + start / block] = s;
-    emit(r, row, start, n, s, divisor);
-  };
+  // One row: every block's amax, then every block's scale and divisor (two loops across the
+  // row's blocks, which vectorize), then the rounding block by block.
   auto quantize_row = [&](int64_t r, const auto* row, auto full) {
-    int64_t start = 0;
-    for (; start + block <= cols; start += block) quantize_block(r, row, start, full);
-    if (start < cols) quantize_block(r, row, start, cols - start);
+    static thread_local std::vector<float> buffer;
+    if (static_cast<int64_t>(buffer.size()) < 2 * blocks_per_row) buffer.resize(2 * blocks_per_row);
+    float* __restrict__ amax = buffer.data();
+    float* __restrict__ divisor = amax + blocks_per_row;
+    float* __restrict__ row_scales = scales + r * blocks_per_row;
+    const int64_t whole = cols / block;  // blocks of `full` elements; one shorter block may follow
+    if (row_amax) {
+      std::fill(amax, amax + blocks_per_row, row_amax[r]);
+    } else {
+      for (int64_t b = 0; b < whole; ++b) amax[b] = block_amax(row + b * block, full);
+      if (whole < blocks_per_row) amax[whole] = block_amax(row + whole * block, cols - whole * block);
+    }
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const auto [s, d] = scale_of(amax[b]);
+      row_scales[b] = s;
+      divisor[b] = d;
+    }
+    for (int64_t b = 0; b < whole; ++b) emit(r, row, b * block, full, row_scales[b], divisor[b]);
+    if (whole < blocks_per_row) {
+      emit(r, row, whole * block, cols - whole * block, row_scales[whole], divisor[whole]);
+    }
   };
   for_each_row<T>(x, [&](int64_t r, const auto* row) {
     if (block == 32) {
