@@ -41,6 +41,8 @@ def carrier_dtype(fmt: Format) -> torch.dtype:
 
 def to_matrix(x: torch.Tensor, axis: int) -> torch.Tensor:
     """View ``x`` as ``R x C`` with ``axis`` last and every other dimension flattened into rows."""
+    if x.dim() == 2 and axis % 2 == 1:  # already a matrix with the axis last (GEMM operands)
+        return x
     if x.dim() == 0:
         return x.reshape(1, 1)
     moved = x.movedim(axis, -1)
@@ -49,6 +51,8 @@ def to_matrix(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 def from_matrix(m: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
     """Inverse of `to_matrix` for a tensor of the given original shape."""
+    if len(shape) == 2 and axis % 2 == 1 and m.shape == shape:
+        return m
     if len(shape) == 0:
         return m.reshape(shape)
     moved_shape = list(shape)
