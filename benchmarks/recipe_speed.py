@@ -2,9 +2,15 @@
 
 The default workload is `lowbit train`'s: the tiny Llama on byte-level stdlib text, batch 16 x 256.
 Recipes are measured round-robin (one timed step of each in turn, several rounds) so that the
-machine's noise hits every recipe alike; the table reports the median step time per recipe.
+machine's noise hits every recipe alike; each process reports the median step time per recipe.
 
-    .venv/bin/python benchmarks/recipe_speed.py [--rounds 8] [--recipes a,b,c] [--write]
+The ratios of one process move together by up to ~0.08 from one process to the next (on the 2-core
+VMs this project runs on: the fp32 baseline's step time depends on the process, e.g. where its
+buffers land), more than the rounds within a process vary. So the measurement runs in
+``--processes`` fresh processes one after another, and the table reports, per recipe, the median
+over processes of the step time and of the ratio to fp32, with the range of the ratio.
+
+    .venv/bin/python benchmarks/recipe_speed.py [--rounds 9] [--processes 3] [--recipes a,b,c] [--write]
     .venv/bin/python benchmarks/recipe_speed.py --profile fp8-tensorwise   # where a step goes
 """
 
@@ -12,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -71,10 +79,33 @@ def measure(recipes, rounds, warmup, batch, seq, size):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def table(medians: dict[str, float], baseline: str) -> str:
-    lines = ["| recipe | step time (ms) | ratio to fp32 |", "|---|---:|---:|"]
-    for name, seconds in medians.items():
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / medians[baseline]:.2f} |")
+def in_processes(args, recipes: list[str]) -> list[dict[str, float]]:
+    """One `measure` per fresh process (this script with ``--worker``): its medians per recipe."""
+    runs = []
+    for index in range(args.processes):
+        command = [sys.executable, __file__, "--worker", "--recipes", ",".join(recipes)]
+        for name in ("rounds", "warmup", "batch", "seq", "size"):
+            command += [f"--{name}", str(getattr(args, name))]
+        print(f"process {index + 1}/{args.processes} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"recipe_speed: process {index + 1} failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    return runs
+
+
+def table(runs: list[dict[str, float]], baseline: str) -> str:
+    """Per recipe: the median over processes of the step time and of the ratio to ``baseline``."""
+    many = len(runs) > 1
+    head = "| recipe | step time (ms) | ratio to fp32 |" + (" ratio range |" if many else "")
+    lines = [head, "|---|---:|---:|" + ("---:|" if many else "")]
+    for name in runs[0]:
+        ratios = [run[name] / run[baseline] for run in runs]
+        row = (
+            f"| {name} | {statistics.median(run[name] for run in runs) * 1e3:.1f} "
+            f"| {statistics.median(ratios):.2f} |"
+        )
+        lines.append(row + (f" {min(ratios):.2f}-{max(ratios):.2f} |" if many else ""))
     return "\n".join(lines)
 
 
@@ -107,20 +138,35 @@ def main() -> int:
     parser.add_argument("--note", default="", help="text written under the table (with --write)")
     parser.add_argument("--profile", metavar="RECIPE", help="profile steps of RECIPE instead")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps --profile covers")
+    parser.add_argument(
+        "--processes", type=int, default=3, help="fresh processes to measure in (median of them)"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profile:
         profile(args.profile, args.warmup, args.batch, args.seq, args.size, args.profile_steps)
         return 0
+    if args.processes < 1 or args.rounds < 1:
+        parser.error("--processes and --rounds must be at least 1")
     recipes = args.recipes.split(",")
+    unknown = [name for name in recipes if name not in lowbit.recipe_names()]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; see `lowbit recipes`")
     if "fp32" not in recipes:
         recipes.insert(0, "fp32")
-    medians = measure(recipes, args.rounds, args.warmup, args.batch, args.seq, args.size)
+    if args.worker:  # one process's medians, as JSON on the last line
+        print(
+            json.dumps(measure(recipes, args.rounds, args.warmup, args.batch, args.seq, args.size))
+        )
+        return 0
+    runs = in_processes(args, recipes)
     command = "python " + " ".join(["benchmarks/recipe_speed.py", *sys.argv[1:]])
+    processes = f"{args.processes} processes" if args.processes > 1 else "1 process"
     text = (
         f"Model `{args.size}`, batch {args.batch} x {args.seq} tokens, AdamW, median of "
-        f"{args.rounds} round-robin steps, {torch.get_num_threads()} threads, "
-        f"{cpu_description()}.\n"
-        f"Command: `{command.split(' --note')[0]}`\n\n{table(medians, 'fp32')}"
+        f"{args.rounds} round-robin steps per process, {processes}, "
+        f"{torch.get_num_threads()} threads, {cpu_description()}.\n"
+        f"Command: `{command.split(' --note')[0]}`\n\n{table(runs, 'fp32')}"
     )
     print(text)
     if args.write:
