@@ -124,9 +124,14 @@ def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch
 
     a, b = torch.randn(40, 1000), torch.randn(24, 1000)  # 8 K blocks, the last one 104 wide
     qa, qb = (quantize(t, "fp8_e4m3", "block", block_size=128) for t in (a, b))
-    whole = emulated_gemm(qa, qb)
+    whole = emulated_gemm(qa, qb)  # one batched GEMM of the 8 blocks
+    reference = qa.dequantize().double() @ qb.dequantize().double().t()
+    bound = qa.dequantize().double().abs() @ qb.dequantize().double().abs().t()
+    assert ((whole.double() - reference).abs() <= 2**-8 * bound).all()  # bf16 partials
     monkeypatch.setattr(gemm, "_PARTIALS_BYTES", 3 * 40 * 24 * 4)  # 3 blocks per batched GEMM
     assert torch.equal(emulated_gemm(qa, qb), whole)
+    monkeypatch.setattr(gemm, "_FEW_K_BLOCKS", 8)  # a GEMM per block instead
+    assert ((emulated_gemm(qa, qb).double() - reference).abs() <= 2**-8 * bound).all()
 
 
 def test_fp32_operands_are_plain_linear():
