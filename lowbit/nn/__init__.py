@@ -4,6 +4,7 @@ from lowbit.nn.conv import LowbitConv2d
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
 from lowbit.nn.gemm import emulated_gemm, exact_accumulation
 from lowbit.nn.linear import LayerState, LowbitLinear, lowbit_linear
+from lowbit.nn.scaled_mm import emulated_gemms
 
 __all__ = [
     "ConversionReport",
@@ -12,6 +13,7 @@ __all__ = [
     "LowbitLinear",
     "convert",
     "emulated_gemm",
+    "emulated_gemms",
     "exact_accumulation",
     "lowbit_layers",
     "lowbit_linear",

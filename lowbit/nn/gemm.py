@@ -34,6 +34,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.formats import IntFormat, QTensor
+from lowbit.nn.scaled_mm import native_fp8_kind, scaled_mm
 from lowbit.threadflag import ThreadFlag
 
 _exact = ThreadFlag()
@@ -220,7 +221,9 @@ def _unit(device: torch.device) -> torch.Tensor:
 
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dequantize(qa) @ dequantize(qb).T`` computed on the low-precision values: the fp32 result,
-    rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it)."""
+    rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it). fp8
+    operands with tensorwise or row-wise scales on a GPU with fp8 tensor cores run natively
+    (`lowbit.nn.scaled_mm`)."""
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
             # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
@@ -235,6 +238,13 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
         vb, sb = _fold(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb).to(out_dtype)
+    native = (
+        None
+        if _exact or va is not qa.values or vb is not qb.values
+        else (native_fp8_kind(qa, qb, sa, sb, out_dtype))
+    )
+    if native:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
+        return scaled_mm(qa, qb, sa, sb, out_dtype, native)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
         if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb):
             return _scaled_bf16_mm(va, vb, sa * sb)
