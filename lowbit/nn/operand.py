@@ -238,6 +238,7 @@ def _shareable(x: torch.Tensor, spec: OperandSpec | None, amax: torch.Tensor | N
         and (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
         and not _agreement.active
         and not x.is_inference()  # no version counter to tell an in-place change
+        and not torch.compiler.is_compiling()  # traced tensors have no memory to key on
     )
 
 
