@@ -246,7 +246,8 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
     if native:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
         return scaled_mm(qa, qb, sa, sb, out_dtype, native)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
-        if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb):
+        # on CPU (where reading the scale as a number costs no device sync)
+        if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb) and va.device.type == "cpu":
             return _scaled_bf16_mm(va, vb, sa * sb)
         out = _mm(va, vb)
         return scale_rows_cols(out, sa * sb, _unit(out.device), out_dtype)
