@@ -22,10 +22,11 @@ fp32 operands do not fit bf16 and run as fp32 GEMMs (fp16 products are exact in 
 On CPU, PyTorch's bf16 GEMM rounds its fp32 accumulator to a bf16 output. That is what a GPU GEMM
 with a bf16 output does too; `exact_accumulation()` switches to fp32 GEMMs (slower) so tests can
 compare against a float64 reference GEMM with a tight tolerance. Where one scale is left for the
-whole output (tensorwise operands; MX and NVFP4 after folding) and the layer wants bf16, the GEMM
-multiplies its fp32 accumulator by that scale before the one rounding to bf16, as a GPU's scaled
-GEMM does in its epilogue; per-row and per-column scales are applied to the bf16 output in a
-second pass (`scale_rows_cols`).
+whole output (tensorwise operands; MX and NVFP4 after folding) and the layer wants bf16, the CPU
+GEMM multiplies its fp32 accumulator by that scale before the one rounding to bf16, as a GPU's
+scaled GEMM does in its epilogue (emulation on a GPU scales the bf16 output instead: reading the
+scale as a number there would wait for the device); per-row and per-column scales are applied to
+the bf16 output in a second pass (`scale_rows_cols`).
 """
 
 from __future__ import annotations
