@@ -275,10 +275,10 @@ struct Noise {
   uint64_t seed;
   int64_t stride;  // indices per row (the padded column count)
 
-  // u[i] = draw first + i for i < n (a separate loop, so that it vectorizes).
-  inline void fill(uint64_t first, int64_t n, float* __restrict__ u) const {
+  // u[i] = draw first + i * step for i < n (a separate loop, so that it vectorizes).
+  inline void fill(uint64_t first, int64_t n, float* __restrict__ u, uint64_t step = 1) const {
     for (int64_t i = 0; i < n; ++i) {
-      uint64_t z = seed + (first + static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull;
+      uint64_t z = seed + (first + static_cast<uint64_t>(i) * step + 1) * 0x9E3779B97F4A7C15ull;
       z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
       z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
       z ^= z >> 31;
@@ -333,9 +333,46 @@ inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params
   }
 }
 
+// cast_block for one column of a transposed matrix: element i (row i) has its own divisor and
+// block scale, the ones of its row's block (see quantize_impl's transposed path).
 template <typename T>
-void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const Params& p,
-                   const c10::optional<at::Tensor>& given_amax, const Noise& noise,
+[[gnu::always_inline]] inline void cast_lanes(const T* __restrict__ x, int64_t n,
+                                              const float* __restrict__ divisor, const Params& p,
+                                              const float* __restrict__ noise,
+                                              uint16_t* __restrict__ out_bf16,
+                                              int8_t* __restrict__ out_int,
+                                              const float* __restrict__ s,
+                                              uint16_t* __restrict__ folded) {
+  const Grid grid = p.grid;
+  if (p.kind == kInt && noise) {
+    for (int64_t i = 0; i < n; ++i)
+      out_int[i] = round_int_stochastic(widen(x[i]) / divisor[i], p.fmt_max, noise[i]);
+  } else if (p.kind == kInt) {
+    for (int64_t i = 0; i < n; ++i) out_int[i] = round_int(widen(x[i]) / divisor[i], p.fmt_max);
+  } else if (noise && folded) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = grid.round_stochastic(widen(x[i]) / divisor[i], noise[i]);
+      out_bf16[i] = bf16_bits_exact(v);
+      folded[i] = bf16_bits_nearest(v * s[i]);
+    }
+  } else if (noise) {
+    for (int64_t i = 0; i < n; ++i)
+      out_bf16[i] = bf16_bits_exact(grid.round_stochastic(widen(x[i]) / divisor[i], noise[i]));
+  } else if (folded) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = grid.round(widen(x[i]) / divisor[i]);
+      out_bf16[i] = bf16_bits_exact(v);
+      folded[i] = bf16_bits_nearest(v * s[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / divisor[i]));
+  }
+}
+
+template <typename T>
+void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool transposed,
+                   const Params& p, const c10::optional<at::Tensor>& given_amax, const Noise& noise,
                    at::Tensor& values, at::Tensor& scale,
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
@@ -397,6 +434,59 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, const
       if (out_folded) std::fill(out_folded + at, out_folded + at + n, bf16_bits_nearest(0.0f * s));
     }
   };
+
+  if (transposed) {
+    // x is the transpose of a contiguous cols x rows matrix (the weight gradient's x.T and
+    // grad_out.T), and values and folded are laid out the same way. Each of x's column blocks is
+    // then `block` contiguous lines of `rows` elements, one element per row of x: the block
+    // amaxes of all rows are a running max over those lines, the scales one loop over the rows,
+    // and the rounding goes line by line with a divisor per element -- every loop along the
+    // contiguous axis, so no transposition is needed.
+    const T* src = x.const_data_ptr<T>();
+    at::parallel_for(0, blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> top(rows);
+      std::vector<float> s(rows), divisor(rows), u(noise.on ? rows : 0);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t c0 = b * block;
+        const int64_t c1 = std::min(cols, c0 + block);
+        if (row_amax) {
+          for (int64_t r = 0; r < rows; ++r) top[r] = bits_of(row_amax[r]);
+        } else {
+          std::fill(top.begin(), top.end(), 0u);
+          for (int64_t c = c0; c < c1; ++c) {
+            const T* __restrict__ line = src + c * rows;
+            uint32_t* __restrict__ t = top.data();
+            for (int64_t r = 0; r < rows; ++r) {
+              t[r] = std::max(t[r], bits_of(widen(line[r])) & kAbsMask);
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const auto [scale_r, divisor_r] = scale_of(float_of(top[r]));
+          s[r] = scale_r;
+          divisor[r] = divisor_r;
+          scales[r * blocks_per_row + b] = scale_r;
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          if (noise.on) noise.fill(static_cast<uint64_t>(c), rows, u.data(), noise.stride);
+          cast_lanes(src + c * rows, rows, divisor.data(), p, noise.on ? u.data() : nullptr,
+                     out_bf16 ? out_bf16 + c * rows : nullptr,
+                     out_int ? out_int + c * rows : nullptr, s.data(),
+                     out_folded ? out_folded + c * rows : nullptr);
+        }
+        if (p.rule == kNvfp4) {  // rows whose block scale underflowed hold zeros
+          for (int64_t r = 0; r < rows; ++r) {
+            if (s[r] > 0.0f) continue;
+            for (int64_t c = c0; c < c1; ++c) {
+              out_bf16[c * rows + r] = 0;
+              if (out_folded) out_folded[c * rows + r] = bf16_bits_nearest(0.0f * s[r]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
 
   if (block_rows > 1) {  // 2-D tiles of block_rows x block (x has contiguous columns)
     const T* data = x.const_data_ptr<T>();
@@ -492,24 +582,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   const Params p{kind, Grid(mbits, emin, emax, fmt_max), static_cast<float>(fmt_max),
                  binade(static_cast<float>(fmt_max)), rule};
   const auto opts = x.options();
-  at::Tensor values = at::empty({rows, cols}, opts.dtype(kind == kInt ? at::kChar : at::kBFloat16));
+  // A transposed contiguous input (strides 1, rows) in column blocks: values and folded in its
+  // layout too (quantize_impl's transposed path), returned as transposed views.
+  const bool transposed = block > 0 && block_rows == 1 && rows > 1 && cols > 1 &&
+                          x.stride(0) == 1 && x.stride(1) == rows;
+  const auto layout = [&](at::Tensor t) { return transposed ? t.t() : t; };
+  const auto shape = [&](int64_t r, int64_t c) {
+    return transposed ? std::vector<int64_t>{c, r} : std::vector<int64_t>{r, c};
+  };
+  at::Tensor values =
+      layout(at::empty(shape(rows, cols), opts.dtype(kind == kInt ? at::kChar : at::kBFloat16)));
   const int64_t grid_cols = block == 0 ? 1 : (cols + block - 1) / block;
   const int64_t grid_rows = block == 0 ? 1 : (rows + block_rows - 1) / block_rows;
   at::Tensor scale = at::empty({grid_rows, grid_cols}, opts.dtype(at::kFloat));
   at::Tensor tensor_scale = at::empty({rule == kNvfp4 ? 1 : 0}, opts.dtype(at::kFloat));
   TORCH_CHECK(!fold || (kind == kFloatGrid && block > 0), "fold needs a float format in blocks");
-  at::Tensor folded = at::empty({fold ? rows : 0, fold ? cols : 0}, opts.dtype(at::kBFloat16));
+  at::Tensor folded =
+      fold ? layout(at::empty(shape(rows, cols), opts.dtype(at::kBFloat16)))
+           : at::empty({0, 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
-      quantize_impl<float>(x, block, block_rows, p, given, noise, values, scale,
+      quantize_impl<float>(x, block, block_rows, transposed, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kBFloat16:
-      quantize_impl<c10::BFloat16>(x, block, block_rows, p, given, noise, values, scale,
+      quantize_impl<c10::BFloat16>(x, block, block_rows, transposed, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kHalf:
-      quantize_impl<c10::Half>(x, block, block_rows, p, given, noise, values, scale,
+      quantize_impl<c10::Half>(x, block, block_rows, transposed, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     default:

@@ -120,12 +120,15 @@ def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
     ],
     ids=str,
 )
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
 @pytest.mark.parametrize("shape", [(48, 256), (5, 50)], ids=str)
 def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
-    name, granularity, rule, shape
+    name, granularity, rule, shape, transposed
 ):
     x = awkward_tensor(shape)
     x.view(-1)[7] = float("nan") if name != "int8" else 0.0
+    if transposed:  # the weight gradient's operands: quantized across a contiguous axis
+        x = x.t().contiguous().t()
 
     granularity, _, tile = granularity.partition(" ")
     block = tuple(int(n) for n in tile.split("x")) if tile else None
@@ -159,12 +162,17 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
     ],
     ids=str,
 )
-def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(name, granularity, rule, block):
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(
+    name, granularity, rule, block, transposed
+):
     """The kernel's folded values are what `emulated_gemm` would compute from values and scales."""
     from lowbit.nn.gemm import _fold
 
     x = awkward_tensor((48, 200))
     x[0, :] = 1e30  # a block far above the rest: bf16 range matters for the product
+    if transposed:
+        x = x.t().contiguous().t()
     fused, plain = both_paths(x, name, granularity, scale_rule=rule, block_size=block, fold=True)
     assert fused.folded is not None and plain.folded is None
     assert quantize(x, name, granularity, scale_rule=rule, block_size=block).folded is None
