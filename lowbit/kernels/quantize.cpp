@@ -443,43 +443,50 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
     // and the rounding goes line by line with a divisor per element -- every loop along the
     // contiguous axis, so no transposition is needed.
     const T* src = x.const_data_ptr<T>();
-    at::parallel_for(0, blocks_per_row, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint32_t> top(rows);
-      std::vector<float> s(rows), divisor(rows), u(noise.on ? rows : 0);
-      for (int64_t b = begin; b < end; ++b) {
+    // Tasks are (column block, chunk of rows) pairs: a per-row scale (one block per row) still
+    // splits over threads.
+    constexpr int64_t kChunk = 256;
+    const int64_t chunks = (rows + kChunk - 1) / kChunk;
+    at::parallel_for(0, blocks_per_row * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> top(kChunk);
+      std::vector<float> s(kChunk), divisor(kChunk), u(noise.on ? kChunk : 0);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks;
+        const int64_t r0 = (task % chunks) * kChunk;
+        const int64_t n = std::min(kChunk, rows - r0);
         const int64_t c0 = b * block;
         const int64_t c1 = std::min(cols, c0 + block);
         if (row_amax) {
-          for (int64_t r = 0; r < rows; ++r) top[r] = bits_of(row_amax[r]);
+          for (int64_t i = 0; i < n; ++i) top[i] = bits_of(row_amax[r0 + i]);
         } else {
-          std::fill(top.begin(), top.end(), 0u);
+          std::fill(top.begin(), top.begin() + n, 0u);
           for (int64_t c = c0; c < c1; ++c) {
-            const T* __restrict__ line = src + c * rows;
+            const T* __restrict__ line = src + c * rows + r0;
             uint32_t* __restrict__ t = top.data();
-            for (int64_t r = 0; r < rows; ++r) {
-              t[r] = std::max(t[r], bits_of(widen(line[r])) & kAbsMask);
-            }
+            for (int64_t i = 0; i < n; ++i) t[i] = std::max(t[i], bits_of(widen(line[i])) & kAbsMask);
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const auto [scale_r, divisor_r] = scale_of(float_of(top[r]));
-          s[r] = scale_r;
-          divisor[r] = divisor_r;
-          scales[r * blocks_per_row + b] = scale_r;
+        for (int64_t i = 0; i < n; ++i) {
+          const auto [scale_i, divisor_i] = scale_of(float_of(top[i]));
+          s[i] = scale_i;
+          divisor[i] = divisor_i;
+          scales[(r0 + i) * blocks_per_row + b] = scale_i;
         }
         for (int64_t c = c0; c < c1; ++c) {
-          if (noise.on) noise.fill(static_cast<uint64_t>(c), rows, u.data(), noise.stride);
-          cast_lanes(src + c * rows, rows, divisor.data(), p, noise.on ? u.data() : nullptr,
-                     out_bf16 ? out_bf16 + c * rows : nullptr,
-                     out_int ? out_int + c * rows : nullptr, s.data(),
-                     out_folded ? out_folded + c * rows : nullptr);
+          const int64_t at = c * rows + r0;
+          if (noise.on) {
+            noise.fill(static_cast<uint64_t>(r0 * noise.stride + c), n, u.data(), noise.stride);
+          }
+          cast_lanes(src + at, n, divisor.data(), p, noise.on ? u.data() : nullptr,
+                     out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr,
+                     s.data(), out_folded ? out_folded + at : nullptr);
         }
         if (p.rule == kNvfp4) {  // rows whose block scale underflowed hold zeros
-          for (int64_t r = 0; r < rows; ++r) {
-            if (s[r] > 0.0f) continue;
+          for (int64_t i = 0; i < n; ++i) {
+            if (s[i] > 0.0f) continue;
             for (int64_t c = c0; c < c1; ++c) {
-              out_bf16[c * rows + r] = 0;
-              if (out_folded) out_folded[c * rows + r] = bf16_bits_nearest(0.0f * s[r]);
+              out_bf16[c * rows + r0 + i] = 0;
+              if (out_folded) out_folded[c * rows + r0 + i] = bf16_bits_nearest(0.0f * s[i]);
             }
           }
         }

@@ -170,8 +170,9 @@ def test_quantize_equals_the_reference_algorithm(name, granularity, block, rule,
         (awkward_tensor((6, 40, 64)), 1),  # axis not last: a moved copy
         (awkward_tensor((5, 50)), -1),  # ragged: padded blocks
         (awkward_tensor((48, 256), torch.float16), -1),
-        (awkward_tensor((256, 50)).t(), -1),  # transposed: gathered in tiles of rows
+        (awkward_tensor((256, 50)).t(), -1),  # transposed: along its contiguous axis
         (awkward_tensor((256, 40), torch.bfloat16).t(), -1),
+        (awkward_tensor((64, 300)).t(), -1),  # transposed, rows in more than one chunk
     ]
     for x, axis in cases:
         if isinstance(block, tuple) and x.dim() != 2:

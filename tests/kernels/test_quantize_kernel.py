@@ -121,7 +121,7 @@ def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
     ids=str,
 )
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
-@pytest.mark.parametrize("shape", [(48, 256), (5, 50)], ids=str)
+@pytest.mark.parametrize("shape", [(48, 256), (5, 50), (300, 64)], ids=str)
 def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
     name, granularity, rule, shape, transposed
 ):
