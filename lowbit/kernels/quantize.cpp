@@ -443,10 +443,12 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
     // and the rounding goes line by line with a divisor per element -- every loop along the
     // contiguous axis, so no transposition is needed.
     const T* src = x.const_data_ptr<T>();
-    // Tasks are (column block, chunk of rows) pairs: a per-row scale (one block per row) still
-    // splits over threads.
-    constexpr int64_t kChunk = 256;
-    const int64_t chunks = (rows + kChunk - 1) / kChunk;
+    // Tasks are (column block, chunk of rows) pairs: whole lines when there are blocks enough for
+    // every thread, else (a per-row scale: one block per row) the rows split among the threads.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t chunks =
+        std::min<int64_t>((rows + 15) / 16, (threads + blocks_per_row - 1) / blocks_per_row);
+    const int64_t kChunk = ((rows + chunks - 1) / chunks + 15) / 16 * 16;
     at::parallel_for(0, blocks_per_row * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint32_t> top(kChunk);
       std::vector<float> s(kChunk), divisor(kChunk), u(noise.on ? kChunk : 0);

@@ -59,11 +59,19 @@ def test_external_amax_matches_the_pytorch_path(name, granularity, amax):
 
 @pytest.mark.parametrize(
     ("name", "granularity", "block"),
-    [("fp8_e4m3", "tensor", None), ("fp4_e2m1", "mx", None), ("fp4_e2m1", "nvfp4", None)],
+    [
+        ("fp8_e4m3", "tensor", None),
+        ("fp4_e2m1", "mx", None),
+        ("fp4_e2m1", "nvfp4", None),
+        ("fp8_e4m3", "axis", None),
+    ],
 )
-def test_several_threads_give_the_one_thread_result(name, granularity, block):
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_several_threads_give_the_one_thread_result(name, granularity, block, transposed):
     x = awkward_tensor((512, 1024))
     x[300, 7] = 1e6  # the tensor amax in one thread's half only
+    if transposed:  # per-row scales split the rows among the threads
+        x = x.t().contiguous().t()
     threads = torch.get_num_threads()
     one = quantize(x, name, granularity, block_size=block)
     torch.set_num_threads(4)
@@ -74,6 +82,26 @@ def test_several_threads_give_the_one_thread_result(name, granularity, block):
     assert_same_qtensor(one, many)
     with kernels.disabled():
         assert_same_qtensor(one, quantize(x, name, granularity, block_size=block))
+
+
+@pytest.mark.parametrize(("name", "granularity"), [("int8", "axis"), ("fp4_e2m1", "mx")])
+def test_stochastic_rounding_of_a_transposed_operand_over_threads_draws_the_same_noise(
+    name, granularity
+):
+    x = awkward_tensor((1024, 200)).t()  # 200 rows: split among 4 threads when one block per row
+
+    def draw():
+        generator = torch.Generator().manual_seed(5)
+        return quantize(x, name, granularity, rounding="stochastic", generator=generator)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        many = draw()
+    finally:
+        torch.set_num_threads(threads)
+    with kernels.disabled():
+        assert_same_qtensor(many, draw())
 
 
 def test_unpadded_ragged_blocks_are_refused_as_on_the_pytorch_path():
@@ -121,7 +149,7 @@ def test_switched_off_kernels_fall_back_to_the_same_values(tmp_path):
     ids=str,
 )
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
-@pytest.mark.parametrize("shape", [(48, 256), (5, 50), (300, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(48, 256), (5, 50), (150, 64)], ids=str)
 def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
     name, granularity, rule, shape, transposed
 ):
