@@ -119,11 +119,15 @@ def test_bf16_output_scales_the_accumulator_before_its_one_rounding(fmt, granula
     assert (ulps == 0).float().mean() > 0.995
 
 
-def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch, transposed):
     import lowbit.nn.gemm as gemm
 
     a, b = torch.randn(40, 1000), torch.randn(24, 1000)  # 8 K blocks, the last one 104 wide
+    if transposed:  # the weight gradient's operands: column-major values (8 whole K blocks)
+        a, b = torch.randn(1024, 40).t(), torch.randn(1024, 24).t()
     qa, qb = (quantize(t, "fp8_e4m3", "block", block_size=128) for t in (a, b))
+    assert (qa.values.stride(0) == 1) == transposed  # the kernel keeps a transposed layout
     whole = emulated_gemm(qa, qb)  # one batched GEMM of the 8 blocks
     reference = qa.dequantize().double() @ qb.dequantize().double().t()
     bound = qa.dequantize().double().abs() @ qb.dequantize().double().abs().t()
