@@ -172,7 +172,7 @@ def _quantize_fused(
     fold = (
         fold
         and not isinstance(fmt, IntFormat)
-        and block[1] < cols
+        and (block[1] < cols or granularity is Granularity.AXIS)  # not one scale for everything
         and _scales_fold_exactly(granularity, None if nvfp4 else rule)
     )
     values, scale, tensor_scale, folded = kernels.quantize_rows(

@@ -7,7 +7,9 @@ fp32 accumulation computes the low-precision GEMM exactly up to the order of the
 The scales are applied by where they vary:
 
 - constant along K (tensor, per row): the GEMM runs on the raw values and the output is scaled,
-  ``out[m, n] = (va @ vb.T)[m, n] * sa[m] * sb[n]``.
+  ``out[m, n] = (va @ vb.T)[m, n] * sa[m] * sb[n]``; power-of-two row scales (fp8-rowwise) are
+  instead folded into the values by the quantization kernel, as below, so no pass over the output
+  is needed.
 - varying along K with power-of-two scales (MX e8m0, pow2) or NVFP4's e4m3 block scales: the block
   scale is folded into the values first. ``v * 2**e`` only moves the exponent, and an e2m1 value
   (2 significant bits) times an e4m3 scale (4 bits) has at most 6 significant bits, so the folded
@@ -78,6 +80,18 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a @ b.T`` runs as a bf16 GEMM with a bf16 output (both bf16, not `exact_accumulation`)."""
     return a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and not _exact
+
+
+def _operand(q: QTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(GEMM operand, the scale left per row or for all) of ``q``: its values with the block scales
+    folded in where the kernel folded them (power-of-two row scales included, which then need no
+    pass over the output) or where they vary along K and fold exactly; its raw values and row
+    scales where the scales are constant along K; (None, None) for `_grouped_mm`."""
+    if q.folded is not None or (not _constant_along_k(q) and q.scales_fold_exactly):
+        return _fold(q)
+    if _constant_along_k(q):
+        return q.values, _row_scale(q)
+    return None, None
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,12 +251,8 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
             acc = torch._int_mm(qa.values.contiguous(), qb.values.contiguous().t())
             return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb), out_dtype)
         return _grouped_mm(qa, qb).to(out_dtype)
-    va, sa = (qa.values, _row_scale(qa)) if _constant_along_k(qa) else (None, None)
-    vb, sb = (qb.values, _row_scale(qb)) if _constant_along_k(qb) else (None, None)
-    if va is None and qa.scales_fold_exactly:
-        va, sa = _fold(qa)
-    if vb is None and qb.scales_fold_exactly:
-        vb, sb = _fold(qb)
+    va, sa = _operand(qa)
+    vb, sb = _operand(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb).to(out_dtype)
     native = (

@@ -187,6 +187,7 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
         ("fp4_e2m1", "nvfp4", None, None),
         ("fp4_e2m1", "nvfp4", None, (16, 16)),
         ("fp8_e4m3", "block", "pow2", 64),
+        ("fp8_e4m3", "axis", "pow2", None),  # fp8-rowwise: power-of-two row scales
     ],
     ids=str,
 )
