@@ -87,11 +87,10 @@ def _operand(q: QTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     folded in where the kernel folded them (power-of-two row scales included, which then need no
     pass over the output) or where they vary along K and fold exactly; its raw values and row
     scales where the scales are constant along K; (None, None) for `_grouped_mm`."""
-    if q.folded is not None or (not _constant_along_k(q) and q.scales_fold_exactly):
+    constant = _constant_along_k(q)
+    if q.folded is not None or (not constant and q.scales_fold_exactly):
         return _fold(q)
-    if _constant_along_k(q):
-        return q.values, _row_scale(q)
-    return None, None
+    return (q.values, _row_scale(q)) if constant else (None, None)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,9 +98,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _bf16_gemm(a, b):
         return a @ b.t()
     return a.float() @ b.float().t()
-
-
-_ZEROS: dict[torch.device, torch.Tensor] = {}
 
 
 def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,9 +109,8 @@ def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> to
     alpha = scale.item()
     if alpha == 1.0:
         return a @ b.t()
-    if a.device not in _ZEROS:
-        _ZEROS[a.device] = torch.zeros((), dtype=torch.bfloat16, device=a.device)
-    return torch.addmm(_ZEROS[a.device], a, b.t(), beta=0, alpha=alpha)
+    ignored = _constant(0.0, (), torch.bfloat16, a.device)  # addmm's input, weighted by beta=0
+    return torch.addmm(ignored, a, b.t(), beta=0, alpha=alpha)
 
 
 # Partial products of at most this many bytes per batched GEMM in `_grouped_mm` (K blocks are
@@ -162,11 +157,9 @@ def _k_blocks(values: torch.Tensor, block: int) -> torch.Tensor:
         values = torch.nn.functional.pad(values, (0, pad))
     rows, k = values.shape
     blocks = values.view(rows, k // block, block).transpose(0, 1)
-    if (
-        values.stride(0) == 1
-    ):  # column-major (a transposed operand): BLAS takes the blocks as they are
-        return blocks
-    return blocks.contiguous()  # row-major blocks with the full row as stride: copied, ~2x faster
+    # Column-major (a transposed operand): BLAS takes the blocks as they are. Row-major blocks,
+    # whose row stride is the whole row, are faster copied.
+    return blocks if values.stride(0) == 1 else blocks.contiguous()
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -230,14 +223,20 @@ def add_scaled_blocks_(
     return out
 
 
-_UNITS: dict[torch.device, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor filled with ``value``, made once per (value, shape, dtype, device); never written."""
+    key = (value, shape, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def _unit(device: torch.device) -> torch.Tensor:
-    """A 1 x 1 tensor holding 1.0 on ``device`` (made once: the neutral column scale)."""
-    if device not in _UNITS:
-        _UNITS[device] = torch.ones(1, 1, device=device)
-    return _UNITS[device]
+    """A 1 x 1 fp32 tensor holding 1.0 on ``device``: the neutral scale."""
+    return _constant(1.0, (1, 1), torch.float32, device)
 
 
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -255,13 +254,10 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
     vb, sb = _operand(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb).to(out_dtype)
-    native = (
-        None
-        if _exact or va is not qa.values or vb is not qb.values
-        else (native_fp8_kind(qa, qb, sa, sb, out_dtype))
-    )
-    if native:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
-        return scaled_mm(qa, qb, sa, sb, out_dtype, native)
+    if not _exact and va is qa.values and vb is qb.values:  # unfolded operands (not MX, NVFP4)
+        kind = native_fp8_kind(qa, qb, sa, sb, out_dtype)
+        if kind:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
+            return scaled_mm(qa, qb, sa, sb, out_dtype, kind)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
         # on CPU (where reading the scale as a number costs no device sync)
         if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb) and va.device.type == "cpu":

@@ -155,9 +155,10 @@ _SHARED_OPERANDS = ("forward.x", "grad_weight.x")
 
 
 def _quantize(x: torch.Tensor, spec, state: LayerState, name: str, shared: bool = True) -> QTensor:
-    """Operand ``name`` of a layer quantized by ``spec``, shared with the layer before when that
-    quantized the same input the same way (``forward.x``, ``grad_weight.x``; not after a per-layer
-    transform, whose Hadamard signs differ between layers)."""
+    """Operand ``name`` of a layer quantized by ``spec`` with its delayed-scaling history, shared
+    with the layer before when that quantized the same input the same way (``forward.x``,
+    ``grad_weight.x``; not after a per-layer transform, whose Hadamard signs differ between
+    layers)."""
     slot = name if shared and name in _SHARED_OPERANDS else None
     return quantize_operand(x, spec, state.histories.get(name), _batch(name), slot)
 
@@ -230,12 +231,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.
         qg = (
-            quantize_operand(
-                grad_out,
-                spec.grad_input.a,
-                state.histories.get("grad_input.grad_out"),
-                _batch("grad_input.grad_out"),
-            )
+            _quantize(grad_out, spec.grad_input.a, state, "grad_input.grad_out")
             if _shares_grad_out(spec)
             else None
         )
@@ -243,12 +239,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if qw is not None:
-                    qg_in = qg or quantize_operand(
-                        grad_out,
-                        gemm.a,
-                        state.histories.get("grad_input.grad_out"),
-                        _batch("grad_input.grad_out"),
-                    )
+                    qg_in = qg or _quantize(grad_out, gemm.a, state, "grad_input.grad_out")
                     if state.observer is not None:
                         state.observer("grad_input.grad_out", grad_out, qg_in)
                     grad_x = emulated_gemm(qg_in, _transposed(qw), ctx.input_dtype)
@@ -267,12 +258,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                     qg_w = (
                         _transposed(qg)
                         if qg is not None
-                        else quantize_operand(
-                            grad_out.t(),
-                            gemm.a,
-                            state.histories.get("grad_weight.grad_out"),
-                            _batch("grad_weight.grad_out"),
-                        )
+                        else _quantize(grad_out.t(), gemm.a, state, "grad_weight.grad_out")
                     )
                     if state.observer is not None:
                         state.observer("grad_weight.grad_out", grad_out.t(), qg_w)

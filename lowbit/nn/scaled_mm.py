@@ -49,13 +49,13 @@ def native_fp8_kind(
 ) -> str | None:
     """ "tensor" or "row" when ``qa @ qb.T`` (scales ``sa`` M x 1 or 1 x 1, ``sb`` N x 1 or 1 x 1)
     can run as ``torch._scaled_mm`` here, else None (see the module docstring)."""
+    capability = _fp8_capability(qa.values)  # None off CUDA: the check every CPU GEMM ends at
+    if capability is None or capability < (8, 9) or _emulate:
+        return None
     names = (qa.fmt.name, qb.fmt.name)
     if not all(name in _FP8 for name in names) or names == ("fp8_e5m2", "fp8_e5m2"):
         return None
-    if _emulate or qb.values.device != qa.values.device or qa.shape[1] % 16 or qb.shape[0] % 16:
-        return None
-    capability = _fp8_capability(qa.values)
-    if capability is None or capability < (8, 9):
+    if qb.values.device != qa.values.device or qa.shape[1] % 16 or qb.shape[0] % 16:
         return None
     if sa.numel() == 1 and sb.numel() == 1:
         return "tensor" if out_dtype in _TENSORWISE_OUT else None
