@@ -298,75 +298,52 @@ __attribute__((noinline)) const float* draws(const Noise& noise, uint64_t first,
   return buffer.data();
 }
 
-// Round one block of `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one
-// per element) selects stochastic rounding, nullptr round-to-nearest-even. With `folded` (float
+// A divisor or block scale: one for the whole block (float), or one per element (a pointer: a
+// column of a transposed operand, each element in its own row's block).
+[[gnu::always_inline]] inline float scale_at(float s, int64_t) { return s; }
+[[gnu::always_inline]] inline float scale_at(const float* __restrict__ s, int64_t i) {
+  return s[i];
+}
+
+// Round `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one per
+// element) selects stochastic rounding, nullptr round-to-nearest-even. With `folded` (float
 // formats), also write each rounded value times the block scale `s`, rounded to bf16: the operand
 // an emulated GEMM consumes (`lowbit.nn.gemm._fold`), computed while the value is in a register (a
 // second loop over the written values stayed scalar and took 60% of an NVFP4 quantization).
-template <typename T, typename N>
-inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params& p,
+template <typename T, typename N, typename S>
+inline void cast_block(const T* __restrict__ x, N n, S divisor, const Params& p,
                        const float* __restrict__ noise, uint16_t* __restrict__ out_bf16,
-                       int8_t* __restrict__ out_int, float s, uint16_t* __restrict__ folded) {
+                       int8_t* __restrict__ out_int, S s, uint16_t* __restrict__ folded) {
   const Grid grid = p.grid;
   if (p.kind == kInt && noise) {
-    for (int64_t i = 0; i < n; ++i)
-      out_int[i] = round_int_stochastic(widen(x[i]) / divisor, p.fmt_max, noise[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      out_int[i] = round_int_stochastic(widen(x[i]) / scale_at(divisor, i), p.fmt_max, noise[i]);
+    }
   } else if (p.kind == kInt) {
-    for (int64_t i = 0; i < n; ++i) out_int[i] = round_int(widen(x[i]) / divisor, p.fmt_max);
+    for (int64_t i = 0; i < n; ++i) {
+      out_int[i] = round_int(widen(x[i]) / scale_at(divisor, i), p.fmt_max);
+    }
   } else if (noise && folded) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round_stochastic(widen(x[i]) / divisor, noise[i]);
+      const float v = grid.round_stochastic(widen(x[i]) / scale_at(divisor, i), noise[i]);
       out_bf16[i] = bf16_bits_exact(v);
-      folded[i] = bf16_bits_nearest(v * s);  // v is exact in bf16: the same as re-reading it
+      folded[i] = bf16_bits_nearest(v * scale_at(s, i));  // v is exact in bf16: as re-reading it
     }
   } else if (noise) {
-    for (int64_t i = 0; i < n; ++i)
-      out_bf16[i] = bf16_bits_exact(grid.round_stochastic(widen(x[i]) / divisor, noise[i]));
+    for (int64_t i = 0; i < n; ++i) {
+      out_bf16[i] =
+          bf16_bits_exact(grid.round_stochastic(widen(x[i]) / scale_at(divisor, i), noise[i]));
+    }
   } else if (folded) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round(widen(x[i]) / divisor);
+      const float v = grid.round(widen(x[i]) / scale_at(divisor, i));
       out_bf16[i] = bf16_bits_exact(v);
-      folded[i] = bf16_bits_nearest(v * s);
+      folded[i] = bf16_bits_nearest(v * scale_at(s, i));
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / divisor));
-  }
-}
-
-// cast_block for one column of a transposed matrix: element i (row i) has its own divisor and
-// block scale, the ones of its row's block (see quantize_impl's transposed path).
-template <typename T>
-[[gnu::always_inline]] inline void cast_lanes(const T* __restrict__ x, int64_t n,
-                                              const float* __restrict__ divisor, const Params& p,
-                                              const float* __restrict__ noise,
-                                              uint16_t* __restrict__ out_bf16,
-                                              int8_t* __restrict__ out_int,
-                                              const float* __restrict__ s,
-                                              uint16_t* __restrict__ folded) {
-  const Grid grid = p.grid;
-  if (p.kind == kInt && noise) {
-    for (int64_t i = 0; i < n; ++i)
-      out_int[i] = round_int_stochastic(widen(x[i]) / divisor[i], p.fmt_max, noise[i]);
-  } else if (p.kind == kInt) {
-    for (int64_t i = 0; i < n; ++i) out_int[i] = round_int(widen(x[i]) / divisor[i], p.fmt_max);
-  } else if (noise && folded) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round_stochastic(widen(x[i]) / divisor[i], noise[i]);
-      out_bf16[i] = bf16_bits_exact(v);
-      folded[i] = bf16_bits_nearest(v * s[i]);
+      out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / scale_at(divisor, i)));
     }
-  } else if (noise) {
-    for (int64_t i = 0; i < n; ++i)
-      out_bf16[i] = bf16_bits_exact(grid.round_stochastic(widen(x[i]) / divisor[i], noise[i]));
-  } else if (folded) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round(widen(x[i]) / divisor[i]);
-      out_bf16[i] = bf16_bits_exact(v);
-      folded[i] = bf16_bits_nearest(v * s[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i)
-      out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / divisor[i]));
   }
 }
 
@@ -479,9 +456,10 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
           if (noise.on) {
             noise.fill(static_cast<uint64_t>(r0 * noise.stride + c), n, u.data(), noise.stride);
           }
-          cast_lanes(src + at, n, divisor.data(), p, noise.on ? u.data() : nullptr,
-                     out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr,
-                     s.data(), out_folded ? out_folded + at : nullptr);
+          cast_block(src + at, n, static_cast<const float*>(divisor.data()), p,
+                     noise.on ? u.data() : nullptr, out_bf16 ? out_bf16 + at : nullptr,
+                     out_int ? out_int + at : nullptr, static_cast<const float*>(s.data()),
+                     out_folded ? out_folded + at : nullptr);
         }
         if (p.rule == kNvfp4) {  // rows whose block scale underflowed hold zeros
           for (int64_t i = 0; i < n; ++i) {
