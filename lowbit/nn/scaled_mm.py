@@ -6,8 +6,8 @@ or higher (Ada, Hopper, Blackwell): the carrier values (bf16 holding exact fp8 v
 ``float8_e4m3fn`` / ``float8_e5m2`` (exact), and ``torch._scaled_mm`` multiplies them with fp32
 accumulation, applies the dequantization scales to the accumulator and rounds once to the output
 dtype. That is what `lowbit.nn.gemm.emulated_gemm` computes everywhere else, up to the order of
-the fp32 accumulation (and, for row-wise scales, the emulation's rounding of the bf16 product
-before its second pass).
+the fp32 accumulation (and, for row-wise scales that are not powers of two, the emulation's
+rounding of the bf16 product before its second pass; fp8-rowwise's are, and fold exactly).
 
 What it takes, otherwise the emulation runs (`native_fp8_kind` returns None):
 
@@ -47,8 +47,8 @@ def _fp8_capability(values: torch.Tensor) -> tuple[int, int] | None:
 def native_fp8_kind(
     qa: QTensor, qb: QTensor, sa: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype
 ) -> str | None:
-    """ "tensor" or "row" when ``qa @ qb.T`` (scales ``sa`` M x 1 or 1 x 1, ``sb`` N x 1 or 1 x 1)
-    can run as ``torch._scaled_mm`` here, else None (see the module docstring)."""
+    """How ``qa @ qb.T`` (scales ``sa`` M x 1 or 1 x 1, ``sb`` N x 1 or 1 x 1) can run as
+    ``torch._scaled_mm`` here: with "tensor" or "row" scales, or None (see the module docstring)."""
     capability = _fp8_capability(qa.values)  # None off CUDA: the check every CPU GEMM ends at
     if capability is None or capability < (8, 9) or _emulate:
         return None
