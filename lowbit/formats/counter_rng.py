@@ -10,10 +10,13 @@ without a noise tensor, and the PyTorch path computes the same values with integ
 paths round identically.
 
 The hash is SplitMix64's output function (Steele, Lea and Flood 2014; the seeding generator of
-Java's SplittableRandom and of xoshiro), applied to ``seed + (i + 1) * 0x9E3779B97F4A7C15`` mod
-2**64; the top 24 bits give ``u = k / 2**24`` in [0, 1), the 24-bit resolution of a float32
-`torch.rand` draw. ``seed`` is drawn from the caller's torch generator (or the global one) once
-per call, so `torch.manual_seed` makes runs reproducible and successive calls independent.
+Java's SplittableRandom and of xoshiro), applied to ``seed + (k + 1) * 0x9E3779B97F4A7C15`` mod
+2**64. Each hash gives two draws, ``u = bits / 2**24`` of its top 24 bits for draw ``2k`` and of the
+24 bits below them for draw ``2k + 1`` (the 24-bit resolution of a float32 `torch.rand` draw): the
+hash's three 64-bit multiplications were half the cost of stochastic rounding in the kernel, and
+every output bit of the function is equally well mixed. ``seed`` is drawn from the caller's torch
+generator (or the global one) once per call, so `torch.manual_seed` makes runs reproducible and
+successive calls independent.
 """
 
 from __future__ import annotations
@@ -43,16 +46,18 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 
 def uniforms(shape, seed: int, device=None) -> torch.Tensor:
-    """float32 ``u[i] = (hash(seed, i) >> 40) / 2**24`` for the row-major index ``i`` of ``shape``.
+    """float32 draws ``u[i]`` for the row-major index ``i`` of ``shape``: of ``z = hash(seed, i // 2)``,
+    ``(z >> 40) / 2**24`` for even ``i`` and ``((z >> 16) & (2**24 - 1)) / 2**24`` for odd ``i``.
 
     Integer tensor arithmetic wraps modulo 2**64 (two's complement), as the C++ kernel's uint64 does.
     """
     count = 1
     for size in shape:
         count *= size
-    z = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _signed(_GOLDEN)
+    z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=device) * _signed(_GOLDEN)
     z += _signed(seed % _U64)
     z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
     z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
     z ^= _shift_right(z, 31)
-    return _shift_right(z, 40).to(torch.float32).mul_(2.0**-24).reshape(shape)
+    draws = torch.stack((_shift_right(z, 40), _shift_right(z, 16) & ((1 << 24) - 1)), dim=-1)
+    return draws.reshape(-1)[:count].to(torch.float32).mul_(2.0**-24).reshape(shape)

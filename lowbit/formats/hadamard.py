@@ -8,6 +8,14 @@ and fp4 loses less (Tseng et al. 2025, "Training LLMs with MXFP4"; NVIDIA 2025 N
 ``H = S @ W / sqrt(n)`` with ``W`` the Sylvester-Hadamard matrix of order ``n`` (a power of two) and
 ``S`` a diagonal of random signs. Applied block-diagonally: the contraction axis is cut into blocks
 of ``n`` and each block is multiplied by the same ``H``.
+
+`transform` computes ``x @ H`` as a fast Walsh-Hadamard transform (``log2 n`` butterfly stages,
+``n log2 n`` additions per block instead of a GEMM's ``n**2`` multiply-adds), in fp32 and in one
+fixed order, so that the fused CPU quantization kernel (`lowbit.kernels`, which transforms each
+block while it quantizes it) produces the same bits: ``y = x * s`` (exact: sign flips), then for
+``h = 1, 2, ..., n/2`` every pair ``(y[j], y[j + h])`` with ``j mod 2h < h`` becomes
+``(y[j] + y[j + h], y[j] - y[j + h])``, then ``y * fp32(1 / sqrt(n))`` (exact when ``n`` is a
+power of four, as the recipes' 16 and 64 are).
 """
 
 from __future__ import annotations
@@ -19,42 +27,56 @@ import torch
 from lowbit.errors import UsageError
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The normalized Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
+def _check_order(n: int) -> None:
     if n < 1 or n & (n - 1):
         raise UsageError(f"Hadamard block size must be a power of two, got {n}")
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalized Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
+    _check_order(n)
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(n)).to(dtype)
 
 
-def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``diag(random signs) @ hadamard_matrix(n)``: orthogonal, with signs drawn from ``seed``."""
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """``n`` random signs (fp32 +-1) drawn from ``seed``: the diagonal ``S`` of the transform."""
+    _check_order(n)
     generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+    return (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).float()
+
+
+def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``H = diag(random_signs(n, seed)) @ hadamard_matrix(n)``: orthogonal, as a matrix."""
+    signs = random_signs(n, seed).double()
     return (signs[:, None] * hadamard_matrix(n, torch.float64)).to(dtype)
 
 
-def apply_blockwise(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``x`` with every block of ``n`` entries of its last axis multiplied by ``h`` (n x n).
+def padded_length(k: int, n: int) -> int:
+    """``k`` rounded up to whole blocks of ``n``: the transformed contraction axis."""
+    return -(-k // n) * n
 
-    The last axis must be a multiple of ``n``. Computed as one ``(numel / n) x n`` by ``n x n``
-    GEMM on contiguous rows. A transposed matrix (the weight gradient's ``x.T``, whose blocks run
-    down the columns of the contiguous ``x``) is not copied: each block ``x_b`` of ``n`` rows of
-    ``x`` becomes ``h.T @ x_b`` (a batched GEMM over contiguous batches, ~4x faster than the copy
-    at the default shapes), returned transposed the same way. Reshaping the transposed view into
-    strided blocks instead would send ``@`` to a batched GEMM that is ~100x slower on CPU.
+
+def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` on every block of ``n = len(signs)`` entries of the last axis (fp32, contiguous).
+
+    The last axis is zero-padded to whole blocks first (zeros add nothing to a GEMM over it), so
+    the result's last axis is `padded_length`. Computed by butterflies in the order the module
+    docstring gives, which the fused kernel follows bit for bit.
     """
-    n = h.shape[0]
-    if x.shape[-1] % n:
-        raise UsageError(
-            f"the contraction axis ({x.shape[-1]}) is not a multiple of the Hadamard block ({n})"
-        )
-    h = h.to(x.dtype)
-    if x.dim() == 2 and x.shape[1] > 1 and x.stride() == (1, x.shape[0]):
-        rows = x.t()  # contiguous; its blocks are groups of n rows
-        blocks = rows.view(rows.shape[0] // n, n, rows.shape[1])
-        return torch.matmul(h.t(), blocks).view(rows.shape).t()
-    blocks = x.contiguous().reshape(-1, n)
-    return (blocks @ h).reshape(x.shape)
+    n = signs.numel()
+    _check_order(n)
+    y = x.float() * signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]
+    pad = padded_length(x.shape[-1], n) - x.shape[-1]
+    if pad:
+        y = torch.nn.functional.pad(y, (0, pad))
+    shape = y.shape
+    h = 1
+    while h < n:
+        pairs = y.reshape(-1, n // (2 * h), 2, h)  # groups of 2h within each block: (a, b) halves
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(shape).mul_(torch.tensor(1 / math.sqrt(n), dtype=torch.float32))

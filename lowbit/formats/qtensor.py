@@ -16,6 +16,7 @@ from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats.cast import Rounding, cast_to_carrier_
 from lowbit.formats.counter_rng import draw_seed
+from lowbit.formats.hadamard import padded_length, transform
 from lowbit.formats.scaling import (
     Granularity,
     ScaleRule,
@@ -148,17 +149,33 @@ def _fusable(x, fmt) -> bool:
     )
 
 
+def _hadamard_in_kernel(x, fmt, granularity, block_size, amax, signs) -> bool:
+    """Whether the fused kernel applies the Hadamard transform while quantizing: 1-D blocks that
+    tile its blocks, with measured amaxes (a given amax is one of the transformed tensor)."""
+    if not _fusable(x, fmt) or amax is not None:
+        return False
+    if granularity not in (Granularity.MX, Granularity.NVFP4, Granularity.BLOCK):
+        return False
+    rows, cols = block_shape(granularity, (1, 1), block_size)
+    return rows == 1 and signs.numel() % cols == 0
+
+
 def _quantize_fused(
-    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
+    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold, hadamard
 ) -> QTensor:
     """`quantize` through the fused CPU kernel (every granularity).
 
     Stochastic rounding draws one seed from ``generator`` and the kernel computes the counter-based
     uniforms (`lowbit.formats.counter_rng`) of the shape the PyTorch path draws (rows and cols
-    padded to whole blocks), so both give the same bits.
+    padded to whole blocks), so both give the same bits. ``hadamard``: signs the kernel transforms
+    with (see `quantize`); the result has the padded shape.
     """
     matrix = to_matrix(x, axis)  # a strided view (a transposed operand) is gathered by the kernel
     rows, cols = matrix.shape
+    shape = x.shape
+    if hadamard is not None:
+        cols = padded_length(cols, hadamard.numel())
+        shape = _with_length(x.shape, axis, cols)
     block = block_shape(granularity, (rows, cols), block_size)
     tiles = granularity is not Granularity.TENSOR and block[0] > 1  # 2-D blocks
     if tiles and matrix.stride(1) != 1 and cols > 1:
@@ -188,9 +205,10 @@ def _quantize_fused(
         amax=amax,
         noise_seed=noise_seed,
         fold=fold,
+        hadamard=hadamard,
     )
     return QTensor(
-        values=from_matrix(values, x.shape, axis),
+        values=from_matrix(values, shape, axis),
         scale=scale,
         fmt=fmt,
         granularity=granularity,
@@ -198,8 +216,21 @@ def _quantize_fused(
         axis=axis,
         tensor_scale=tensor_scale.reshape(()) if nvfp4 else None,
         scale_rule=None if nvfp4 else rule,
-        folded=from_matrix(folded, x.shape, axis) if fold else None,
+        folded=from_matrix(folded, shape, axis) if fold else None,
     )
+
+
+def _with_length(shape: torch.Size, axis: int, length: int) -> torch.Size:
+    sizes = list(shape)
+    sizes[axis] = length
+    return torch.Size(sizes)
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """`lowbit.formats.hadamard.transform` along ``axis`` (fp32, that axis zero-padded)."""
+    if axis % max(x.dim(), 1) == x.dim() - 1:
+        return transform(x, signs)
+    return transform(x.movedim(axis, -1), signs).movedim(-1, axis)
 
 
 def _scales_fold_exactly(granularity: Granularity, rule: ScaleRule | None) -> bool:
@@ -294,6 +325,7 @@ def quantize(
     amax: torch.Tensor | None = None,
     pad: bool = True,
     fold: bool = False,
+    hadamard: torch.Tensor | None = None,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt`` with one scale per block of the given granularity.
 
@@ -306,6 +338,9 @@ def quantize(
     variant of the OCP rule. Blocks that do not divide the shape are zero-padded (``pad=True``) or
     refused. ``fold=True`` asks the fused CPU kernel for `QTensor.folded` as well (the operand of an
     emulated GEMM; elsewhere it stays None and the GEMM folds the scales itself).
+    ``hadamard`` (random signs, see `lowbit.formats.hadamard`) quantizes the random Hadamard
+    transform of ``x`` along ``axis`` instead, that axis zero-padded to whole transform blocks (the
+    result has the padded shape); the fused CPU kernel transforms each block as it quantizes it.
     """
     fmt = get(fmt)
     granularity = Granularity(granularity)
@@ -317,9 +352,24 @@ def quantize(
         )
     axis = axis % max(x.dim(), 1)
     rounding = Rounding(rounding)
+    if hadamard is not None and not _hadamard_in_kernel(
+        x, fmt, granularity, block_size, amax, hadamard
+    ):
+        x, hadamard = hadamard_transform(x, hadamard, axis), None
     if _fusable(x, fmt):
         return _quantize_fused(
-            x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold
+            x,
+            fmt,
+            granularity,
+            axis,
+            block_size,
+            rule,
+            amax,
+            pad,
+            rounding,
+            generator,
+            fold,
+            hadamard,
         )
 
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself

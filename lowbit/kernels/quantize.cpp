@@ -10,7 +10,9 @@
 //   lowbit/formats/scaling.py  scale_from_amax (amax / pow2 / mx_floor / mx_ceil), nvfp4_scales
 //
 // Inputs are the axis-last matrix (rows x cols, any strides) in fp32, bf16 or fp16; every element
-// is widened to fp32 first, exactly as `x.float()` does.
+// is widened to fp32 first, exactly as `x.float()` does. A random Hadamard transform of the rows
+// (struct Hadamard; `lowbit/formats/hadamard.py` transform) can be applied to each block first,
+// in cache, so that the transformed operand is never written out.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -112,12 +114,16 @@ struct Grid {
 
   // Stochastic rounding with the uniform draw u in [0, 1) (`_cast_float_generic`): the quantum q
   // of the clamped value's binade, then floor(y / q) + [u < frac], times q.
+  // The powers of two are built from their exponent fields directly: e - mbits and mbits - e are
+  // normal exponents for every finite y (|y| <= max, binade at least emin); for NaN (binade 128)
+  // they are garbage that NaN times anything ignores.
   [[gnu::always_inline]] inline float round_stochastic(float x, float u) const {
     const float y = clamp_nan(x, max);
     const int32_t e = std::max(binade(y), emin);
-    const float r = y * pow2(mbits - e);
+    const float r = y * float_of(static_cast<uint32_t>(kBias + mbits - e) << kMantissaBits);
     const float low = floor_small(r);
-    return (low + (u < r - low ? 1.0f : 0.0f)) * pow2(e - mbits);
+    const float quantum = float_of(static_cast<uint32_t>(kBias + e - mbits) << kMantissaBits);
+    return (low + (u < r - low ? 1.0f : 0.0f)) * quantum;
   }
 };
 
@@ -258,6 +264,218 @@ void for_each_row(const at::Tensor& x, Fn&& fn) {
   });
 }
 
+// A random Hadamard transform applied to every block of `n` elements along the rows before they
+// are quantized (`lowbit.formats.hadamard.transform`, which documents the order that this code
+// follows bit for bit): multiply by the signs, butterfly stages h = 1, 2, ..., n/2, multiply by
+// fp32(1 / sqrt(n)). Off when n == 0. Rows are zero-padded to whole blocks of n.
+struct Hadamard {
+  int64_t n;
+  const float* signs;  // n signs, repeated to at least 8 (a whole vector for blocks below 8)
+  float norm;          // fp32(1 / sqrt(n))
+};
+
+// Eight floats as one vector (GCC/Clang vector extension: one AVX register, two SSE ones), so
+// that the butterflies below compile to vector adds whatever the compiler's loop vectorizer does.
+typedef float Vec8 __attribute__((vector_size(32)));
+
+typedef uint16_t Bits16x8 __attribute__((vector_size(16)));
+typedef uint32_t Bits32x8 __attribute__((vector_size(32)));
+
+// Eight elements widened to fp32 (m < 8: the first m, zeros after; m >= 8: eight). Whole vectors
+// are loaded as vectors: eight scalar stores read back as one vector would stall store forwarding.
+template <typename T>
+[[gnu::always_inline]] inline Vec8 load8(const T* p, int64_t m) {
+  m = std::min<int64_t>(m, 8);
+  Vec8 out;
+  if constexpr (std::is_same_v<T, float>) {
+    if (m == 8) {
+      std::memcpy(&out, p, sizeof out);
+      return out;
+    }
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (m == 8) {  // bf16 -> fp32 is the bits moved to the top half, as widen() does
+      Bits16x8 bits;
+      std::memcpy(&bits, p, sizeof bits);
+      const Bits32x8 wide = __builtin_convertvector(bits, Bits32x8) << 16;
+      std::memcpy(&out, &wide, sizeof out);
+      return out;
+    }
+  }
+  float v[8] = {};
+  for (int64_t k = 0; k < m; ++k) v[k] = widen(p[k]);
+  std::memcpy(&out, v, sizeof out);
+  return out;
+}
+
+[[gnu::always_inline]] inline void store8(float* p, Vec8 x, int64_t m) {
+  if (m == 8) {
+    std::memcpy(p, &x, sizeof x);
+  } else {
+    for (int64_t k = 0; k < m; ++k) p[k] = x[k];
+  }
+}
+
+// out[t] = levels(in[t] * sign[t]) * norm for the 2**L lines t, len elements each: butterfly level
+// l pairs line t with t + 2**l (bit l of t clear): (a, b) -> (a + b, a - b). For lines j, j + h,
+// j + 2h, ... of a block, levels 0, 1, 2 are the stages h, 2h, 4h: up to three stages per pass over
+// memory, every addition as the stage-by-stage order has it. A pass that is not the first has
+// signs of one, one that is not the last a norm of one (multiplying by one is exact).
+template <int L, typename T>
+void butterfly_pass(const T* const (&in)[1 << L], const float (&sign)[1 << L],
+                    float* const (&out)[1 << L], float norm, int64_t len) {
+  constexpr int kLines = 1 << L;
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t m = std::min<int64_t>(8, len - i);
+    Vec8 v[kLines];
+#pragma GCC unroll 8
+    for (int t = 0; t < kLines; ++t) v[t] = load8(in[t] + i, m) * sign[t];
+#pragma GCC unroll 3
+    for (int l = 0; l < L; ++l) {
+#pragma GCC unroll 8
+      for (int t = 0; t < kLines; ++t) {
+        if (t & (1 << l)) continue;
+        const Vec8 a = v[t], b = v[t + (1 << l)];
+        v[t] = a + b;
+        v[t + (1 << l)] = a - b;
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < kLines; ++t) store8(out[t] + i, v[t] * norm, m);
+  }
+}
+
+// All stages of an n-line Hadamard block: line j of the input at line(j) (nullptr: a zero line
+// of padding), times sign[j]; the result, times `norm`, in out + j * stride; len elements a line.
+// Stages go three at a time (then two, then one) over every group of their lines.
+template <typename T, typename LineFn>
+void butterfly_block(LineFn line, const float* sign, float norm, int64_t n, float* out,
+                     int64_t stride, int64_t len, const T* zeros) {
+  if (n == 1) {  // no stage: the sign and the norm alone
+    const T* p = line(0);
+    for (int64_t i = 0; i < len; ++i) out[i] = (p ? widen(p[i]) * sign[0] : 0.0f) * norm;
+    return;
+  }
+  bool first = true;
+  for (int64_t h = 1; h < n;) {
+    const int64_t left = n / h;  // 2**(stages left)
+    const int levels = left >= 8 ? 3 : (left >= 4 ? 2 : 1);
+    const int64_t span = h << levels;
+    const float pass_norm = span == n ? norm : 1.0f;
+    auto pass = [&](auto level_count) {
+      constexpr int L = decltype(level_count)::value;
+      for (int64_t base = 0; base < n; base += span) {
+        for (int64_t j = base; j < base + h; ++j) {
+          const T* in_first[1 << L];
+          const float* in_later[1 << L];
+          float in_sign[1 << L];
+          float* out_lines[1 << L];
+          for (int t = 0; t < (1 << L); ++t) {
+            const int64_t at = j + t * h;
+            out_lines[t] = out + at * stride;
+            const T* p = first ? line(at) : nullptr;
+            in_first[t] = p ? p : zeros;
+            in_later[t] = out_lines[t];
+            in_sign[t] = first ? sign[at] : 1.0f;
+          }
+          if (first) {
+            butterfly_pass<L, T>(in_first, in_sign, out_lines, pass_norm, len);
+          } else {
+            butterfly_pass<L, float>(in_later, in_sign, out_lines, pass_norm, len);
+          }
+        }
+      }
+    };
+    if (levels == 3) {
+      pass(std::integral_constant<int, 3>{});
+    } else if (levels == 2) {
+      pass(std::integral_constant<int, 2>{});
+    } else {
+      pass(std::integral_constant<int, 1>{});
+    }
+    first = false;
+    h = span;
+  }
+}
+
+// Stage H (1, 2 or 4) inside eight lanes: lane j pairs with j ^ H; y = x * (+1 or -1) + partner
+// gives a + b in the lane with bit H clear and b's partner minus b, a - b, in the other (x * -1 + p
+// is p - x exactly: negation is exact and an addition of a negated operand rounds as the
+// subtraction does).
+template <int H>
+[[gnu::always_inline]] inline Vec8 butterfly_lanes(Vec8 x) {
+  constexpr float s0 = (0 & H) ? -1.0f : 1.0f, s1 = (1 & H) ? -1.0f : 1.0f;
+  constexpr float s2 = (2 & H) ? -1.0f : 1.0f, s3 = (3 & H) ? -1.0f : 1.0f;
+  constexpr float s4 = (4 & H) ? -1.0f : 1.0f, s5 = (5 & H) ? -1.0f : 1.0f;
+  constexpr float s6 = (6 & H) ? -1.0f : 1.0f, s7 = (7 & H) ? -1.0f : 1.0f;
+  const Vec8 sign = {s0, s1, s2, s3, s4, s5, s6, s7};
+  const Vec8 partner =
+      __builtin_shufflevector(x, x, 0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H);
+  return x * sign + partner;
+}
+
+constexpr int64_t kRowChunk = 64;  // floats of a row transformed in registers (eight vectors)
+
+// One row of `cols` elements transformed into `out` (`padded` floats; rounded up to kRowChunk they
+// are written, the tail past `padded` zeros that blocks below kRowChunk keep apart). The stages
+// below 64 run on eight vectors in registers: 1, 2, 4 inside each vector, 8, 16, 32 across them
+// (levels 0, 1, 2 of vectors t and t + 2**l); larger blocks go on across 64-float segments.
+template <typename T>
+void hadamard_row(const T* __restrict__ row, int64_t cols, int64_t padded, const Hadamard& h,
+                  float* __restrict__ out) {
+  const int64_t len = (padded + kRowChunk - 1) / kRowChunk * kRowChunk;
+  const float norm = h.n > kRowChunk ? 1.0f : h.norm;  // else applied by the stages below
+  for (int64_t c0 = 0; c0 < len; c0 += kRowChunk) {
+    Vec8 v[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const int64_t c = c0 + 8 * t;
+      Vec8 signs;
+      std::memcpy(&signs, h.signs + (c & (std::max<int64_t>(h.n, 8) - 1)), sizeof signs);
+      v[t] = load8(row + std::min(c, cols), std::max<int64_t>(0, cols - c)) * signs;
+      if (h.n > 1) v[t] = butterfly_lanes<1>(v[t]);
+      if (h.n > 2) v[t] = butterfly_lanes<2>(v[t]);
+      if (h.n > 4) v[t] = butterfly_lanes<4>(v[t]);
+    }
+#pragma GCC unroll 3
+    for (int l = 0; l < 3; ++l) {
+      if ((8 << l) >= h.n) break;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        if (t & (1 << l)) continue;
+        const Vec8 a = v[t], b = v[t + (1 << l)];
+        v[t] = a + b;
+        v[t + (1 << l)] = a - b;
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) store8(out + c0 + 8 * t, v[t] * norm, 8);
+  }
+  if (h.n <= kRowChunk) return;
+  // Stages 64 and up: the block's 64-float segments are its lines.
+  static thread_local std::vector<float> ones;
+  ones.assign(h.n / kRowChunk, 1.0f);
+  for (int64_t start = 0; start < padded; start += h.n) {
+    float* block = out + start;
+    butterfly_block<float>([&](int64_t j) -> const float* { return block + kRowChunk * j; },
+                           ones.data(), h.norm, h.n / kRowChunk, block, kRowChunk, kRowChunk,
+                           static_cast<const float*>(nullptr));
+  }
+}
+
+// Lines c0 .. c0 + n - 1 of a transposed operand (line c: `rows` elements at src + c * rows),
+// elements r0 .. r0 + count - 1 of each, transformed into `out` (line j at out + j * stride);
+// lines at or past `cols` are the zero padding.
+template <typename T>
+void hadamard_lines(const T* __restrict__ src, int64_t rows, int64_t cols, int64_t c0,
+                    int64_t r0, int64_t count, const Hadamard& h, float* __restrict__ out,
+                    int64_t stride) {
+  static thread_local std::vector<T> zeros;
+  if (static_cast<int64_t>(zeros.size()) < count) zeros.assign(count, T(0.0f));
+  butterfly_block<T>(
+      [&](int64_t j) -> const T* { return c0 + j < cols ? src + (c0 + j) * rows + r0 : nullptr; },
+      h.signs, h.norm, h.n, out, stride, count, zeros.data());
+}
+
 struct Params {
   int64_t kind;
   Grid grid;
@@ -267,22 +485,60 @@ struct Params {
 };
 
 // Stochastic rounding's uniform draws, computed where they are used: draw i (the row-major index
-// in the rows x padded-cols matrix) is SplitMix64's output function of seed + (i + 1) * golden,
-// top 24 bits / 2**24 -- the same values as `lowbit.formats.counter_rng.uniforms` (its docstring
-// says why a counter-based generator). `on` false: round to nearest even.
+// in the rows x padded-cols matrix) is half of SplitMix64's output function of
+// seed + (i / 2 + 1) * golden, its top 24 bits for even i and the 24 below them for odd i, over
+// 2**24 -- the same values as `lowbit.formats.counter_rng.uniforms` (its docstring says why a
+// counter-based generator, and why two draws per hash). `on` false: round to nearest even.
 struct Noise {
   bool on;
   uint64_t seed;
   int64_t stride;  // indices per row (the padded column count)
 
-  // u[i] = draw first + i * step for i < n (a separate loop, so that it vectorizes).
-  inline void fill(uint64_t first, int64_t n, float* __restrict__ u, uint64_t step = 1) const {
+  [[gnu::always_inline]] inline uint64_t hash(uint64_t k) const {
+    uint64_t z = seed + (k + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  [[gnu::always_inline]] static inline float high(uint64_t z) {
+    return static_cast<float>(static_cast<int32_t>(z >> 40)) * 0x1p-24f;
+  }
+  [[gnu::always_inline]] static inline float low(uint64_t z) {
+    return static_cast<float>(static_cast<int32_t>((z >> 16) & 0xFFFFFFu)) * 0x1p-24f;
+  }
+
+  // u[i] = draw first + i for i < n: one hash per pair of draws (separate loops, which vectorize).
+  inline void fill(uint64_t first, int64_t n, float* __restrict__ u) const {
+    if (n <= 0) return;
+    int64_t i = 0;
+    if (first & 1) u[i++] = low(hash(first >> 1));
+    const uint64_t k0 = (first + i) >> 1;
+    const int64_t pairs = (n - i) / 2;
+    for (int64_t m = 0; m < pairs; ++m) {
+      const uint64_t z = hash(k0 + m);
+      u[i + 2 * m] = high(z);
+      u[i + 2 * m + 1] = low(z);
+    }
+    if (i + 2 * pairs < n) u[n - 1] = high(hash(k0 + pairs));
+  }
+
+  // u[i] = draw first + i * step for i < n.
+  inline void fill_strided(uint64_t first, int64_t n, uint64_t step, float* __restrict__ u) const {
     for (int64_t i = 0; i < n; ++i) {
-      uint64_t z = seed + (first + static_cast<uint64_t>(i) * step + 1) * 0x9E3779B97F4A7C15ull;
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      u[i] = static_cast<float>(static_cast<int32_t>(z >> 40)) * 0x1p-24f;
+      const uint64_t index = first + static_cast<uint64_t>(i) * step;
+      const uint64_t z = hash(index >> 1);
+      u[i] = (index & 1) ? low(z) : high(z);
+    }
+  }
+
+  // Two neighbouring columns of a transposed operand: even[i] = draw first + i * step and
+  // odd[i] = draw first + 1 + i * step (first and step even: one hash for both).
+  inline void fill_pair(uint64_t first, int64_t n, uint64_t step, float* __restrict__ even,
+                        float* __restrict__ odd) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t z = hash((first + static_cast<uint64_t>(i) * step) >> 1);
+      even[i] = high(z);
+      odd[i] = low(z);
     }
   }
 };
@@ -348,22 +604,60 @@ inline void cast_block(const T* __restrict__ x, N n, S divisor, const Params& p,
 }
 
 template <typename T>
-void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool transposed,
-                   const Params& p, const c10::optional<at::Tensor>& given_amax, const Noise& noise,
+void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t block_rows,
+                   bool transposed, const Hadamard& hadamard, const Params& p,
+                   const c10::optional<at::Tensor>& given_amax, const Noise& noise,
                    at::Tensor& values, at::Tensor& scale,
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
-  const int64_t cols = x.size(1);
+  const int64_t in_cols = x.size(1);  // cols is in_cols padded to whole Hadamard blocks
   uint16_t* out_bf16 =
       p.kind == kFloatGrid ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr()) : nullptr;
   int8_t* out_int = p.kind == kInt ? values.mutable_data_ptr<int8_t>() : nullptr;
   float* scales = scale.mutable_data_ptr<float>();
   uint16_t* out_folded =
       folded.numel() ? reinterpret_cast<uint16_t*>(folded.mutable_data_ptr()) : nullptr;
+  // Transposed layout with a Hadamard transform: tasks of up to kHadamardRows rows, so that a
+  // task's transformed lines stay in the L1 cache.
+  constexpr int64_t kHadamardRows = 128;
+  auto transformed_amax = [&]() {
+    const auto max_of = [](float a, float b) { return float_of(std::max(bits_of(a), bits_of(b))); };
+    if (transposed) {
+      const T* src = x.const_data_ptr<T>();
+      const int64_t chunks = (rows + kHadamardRows - 1) / kHadamardRows;
+      return at::parallel_reduce(
+          0, cols / hadamard.n * chunks, 1, 0.0f,
+          [&](int64_t begin, int64_t end, float acc) {
+            std::vector<float> lines(hadamard.n * kHadamardRows);
+            for (int64_t task = begin; task < end; ++task) {
+              const int64_t r0 = (task % chunks) * kHadamardRows;
+              const int64_t n = std::min(kHadamardRows, rows - r0);
+              hadamard_lines(src, rows, in_cols, task / chunks * hadamard.n, r0, n, hadamard,
+                             lines.data(), n);
+              acc = max_of(acc, block_amax(lines.data(), hadamard.n * n));
+            }
+            return acc;
+          },
+          max_of);
+    }
+    const at::Tensor xc = x.contiguous();
+    const T* src = xc.const_data_ptr<T>();
+    return at::parallel_reduce(
+        0, rows, std::max<int64_t>(1, 32768 / cols), 0.0f,
+        [&](int64_t begin, int64_t end, float acc) {
+          std::vector<float> row((cols + kRowChunk - 1) / kRowChunk * kRowChunk);
+          for (int64_t r = begin; r < end; ++r) {
+            hadamard_row(src + r * in_cols, in_cols, cols, hadamard, row.data());
+            acc = max_of(acc, block_amax(row.data(), cols));
+          }
+          return acc;
+        },
+        max_of);
+  };
   auto measured_tensor_amax = [&]() {
-    return given_amax.has_value() ? given_amax->item<float>()
-                                  : tensor_amax(x.const_data_ptr<T>(), rows, cols, x.stride(0),
-                                                x.stride(1));
+    if (given_amax.has_value()) return given_amax->item<float>();
+    if (hadamard.n) return transformed_amax();
+    return tensor_amax(x.const_data_ptr<T>(), rows, in_cols, x.stride(0), x.stride(1));
   };
 
   if (block == 0) {  // one scale for the whole tensor
@@ -400,11 +694,12 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
   };
   // Rounds the n elements of row r from column start (n is a compile-time constant for the usual
   // 16 and 32, so that the loops are unrolled and vectorized without run-time checks).
-  auto emit = [&](int64_t r, const auto* row, int64_t start, auto n, float s, float divisor) {
+  // `block_noise`: the block's draws (nullptr: round to nearest even).
+  auto emit = [&](int64_t r, const auto* row, int64_t start, auto n, float s, float divisor,
+                  const float* block_noise) {
     const int64_t at = r * cols + start;
-    cast_block(row + start, n, divisor, p,
-               draws(noise, static_cast<uint64_t>(r * noise.stride + start), n),
-               out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr, s,
+    cast_block(row + start, n, divisor, p, block_noise, out_bf16 ? out_bf16 + at : nullptr,
+               out_int ? out_int + at : nullptr, s,
                out_folded ? out_folded + at : nullptr);
     if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
       std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
@@ -420,19 +715,21 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
     // and the rounding goes line by line with a divisor per element -- every loop along the
     // contiguous axis, so no transposition is needed.
     const T* src = x.const_data_ptr<T>();
-    // Tasks are (column block, chunk of rows) pairs: whole lines when there are blocks enough for
+    // Tasks are (column unit, chunk of rows) pairs, a unit being a block or, with a Hadamard
+    // transform, the blocks of one Hadamard block: whole lines when there are units enough for
     // every thread, else (a per-row scale: one block per row) the rows split among the threads.
+    const int64_t unit = hadamard.n ? hadamard.n : block;
+    const int64_t units = (cols + unit - 1) / unit;
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t chunks =
-        std::min<int64_t>((rows + 15) / 16, (threads + blocks_per_row - 1) / blocks_per_row);
+    int64_t chunks = std::min<int64_t>((rows + 15) / 16, (threads + units - 1) / units);
+    if (hadamard.n) chunks = std::max(chunks, (rows + kHadamardRows - 1) / kHadamardRows);
     const int64_t kChunk = ((rows + chunks - 1) / chunks + 15) / 16 * 16;
-    at::parallel_for(0, blocks_per_row * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint32_t> top(kChunk);
-      std::vector<float> s(kChunk), divisor(kChunk), u(noise.on ? kChunk : 0);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / chunks;
-        const int64_t r0 = (task % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, rows - r0);
+      std::vector<float> s(kChunk), divisor(kChunk), u(noise.on ? 2 * kChunk : 0);
+      std::vector<float> transformed(hadamard.n * kChunk);
+      // Quantizes block b of rows r0 .. r0 + n - 1; line(c) points at element r0 of line c.
+      auto quantize_block = [&](int64_t b, int64_t r0, int64_t n, auto line) {
         const int64_t c0 = b * block;
         const int64_t c1 = std::min(cols, c0 + block);
         if (row_amax) {
@@ -440,9 +737,9 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
         } else {
           std::fill(top.begin(), top.begin() + n, 0u);
           for (int64_t c = c0; c < c1; ++c) {
-            const T* __restrict__ line = src + c * rows + r0;
+            const auto* __restrict__ in = line(c);
             uint32_t* __restrict__ t = top.data();
-            for (int64_t i = 0; i < n; ++i) t[i] = std::max(t[i], bits_of(widen(line[i])) & kAbsMask);
+            for (int64_t i = 0; i < n; ++i) t[i] = std::max(t[i], bits_of(widen(in[i])) & kAbsMask);
           }
         }
         for (int64_t i = 0; i < n; ++i) {
@@ -451,13 +748,27 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
           divisor[i] = divisor_i;
           scales[(r0 + i) * blocks_per_row + b] = scale_i;
         }
+        // Draws for line c in u (or, filled with line c - 1's, in its second half).
+        bool have_next = false;
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t at = c * rows + r0;
+          const float* draws_c = nullptr;
           if (noise.on) {
-            noise.fill(static_cast<uint64_t>(r0 * noise.stride + c), n, u.data(), noise.stride);
+            const uint64_t first = static_cast<uint64_t>(r0 * noise.stride + c);
+            if (have_next) {
+              draws_c = u.data() + kChunk;
+              have_next = false;
+            } else if (first % 2 == 0 && noise.stride % 2 == 0 && c + 1 < c1) {
+              noise.fill_pair(first, n, noise.stride, u.data(), u.data() + kChunk);
+              draws_c = u.data();
+              have_next = true;
+            } else {
+              noise.fill_strided(first, n, noise.stride, u.data());
+              draws_c = u.data();
+            }
           }
-          cast_block(src + at, n, static_cast<const float*>(divisor.data()), p,
-                     noise.on ? u.data() : nullptr, out_bf16 ? out_bf16 + at : nullptr,
+          cast_block(line(c), n, static_cast<const float*>(divisor.data()), p,
+                     draws_c, out_bf16 ? out_bf16 + at : nullptr,
                      out_int ? out_int + at : nullptr, static_cast<const float*>(s.data()),
                      out_folded ? out_folded + at : nullptr);
         }
@@ -469,6 +780,21 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
               if (out_folded) out_folded[c * rows + r0 + i] = bf16_bits_nearest(0.0f * s[i]);
             }
           }
+        }
+      };
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t first = task / chunks * unit;  // first column of the unit
+        const int64_t r0 = (task % chunks) * kChunk;
+        const int64_t n = std::min(kChunk, rows - r0);
+        if (hadamard.n) {
+          hadamard_lines(src, rows, in_cols, first, r0, n, hadamard, transformed.data(), kChunk);
+          const float* lines = transformed.data();
+          for (int64_t c0 = first; c0 < first + unit; c0 += block) {
+            quantize_block(c0 / block, r0, n,
+                           [&](int64_t c) { return lines + (c - first) * kChunk; });
+          }
+        } else {
+          quantize_block(first / block, r0, n, [&](int64_t c) { return src + c * rows + r0; });
         }
       }
     });
@@ -491,7 +817,10 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
           }
           const auto [s, divisor] = scale_of(float_of(top));
           scales[tile * blocks_per_row + start / block] = s;
-          for (int64_t r = r0; r < r1; ++r) emit(r, data + r * row_stride, start, n, s, divisor);
+          for (int64_t r = r0; r < r1; ++r) {
+            emit(r, data + r * row_stride, start, n, s, divisor,
+                 draws(noise, static_cast<uint64_t>(r * noise.stride + start), n));
+          }
         }
       }
     });
@@ -518,18 +847,34 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
       row_scales[b] = s;
       divisor[b] = d;
     }
-    for (int64_t b = 0; b < whole; ++b) emit(r, row, b * block, full, row_scales[b], divisor[b]);
+    // The row's draws at once (a call per block cost more than the hashing of a 16-element block).
+    const float* row_noise = draws(noise, static_cast<uint64_t>(r * noise.stride), cols);
+    auto noise_at = [&](int64_t start) { return row_noise ? row_noise + start : nullptr; };
+    for (int64_t b = 0; b < whole; ++b) {
+      emit(r, row, b * block, full, row_scales[b], divisor[b], noise_at(b * block));
+    }
     if (whole < blocks_per_row) {
-      emit(r, row, whole * block, cols - whole * block, row_scales[whole], divisor[whole]);
+      emit(r, row, whole * block, cols - whole * block, row_scales[whole], divisor[whole],
+           noise_at(whole * block));
     }
   };
-  for_each_row<T>(x, [&](int64_t r, const auto* row) {
+  auto quantize_any_row = [&](int64_t r, const auto* row) {
     if (block == 32) {
       quantize_row(r, row, std::integral_constant<int64_t, 32>{});
     } else if (block == 16) {
       quantize_row(r, row, std::integral_constant<int64_t, 16>{});
     } else {
       quantize_row(r, row, block);
+    }
+  };
+  for_each_row<T>(x, [&](int64_t r, const auto* row) {
+    if (hadamard.n) {
+      static thread_local std::vector<float> transformed;
+      transformed.resize((cols + kRowChunk - 1) / kRowChunk * kRowChunk);
+      hadamard_row(row, in_cols, cols, hadamard, transformed.data());
+      quantize_any_row(r, static_cast<const float*>(transformed.data()));
+    } else {
+      quantize_any_row(r, row);
     }
   });
 }
@@ -546,17 +891,32 @@ void quantize_impl(const at::Tensor& x, int64_t block, int64_t block_rows, bool 
 //     zero-padded blocks; none: round to nearest even.
 //   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
 //     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
+//   hadamard: the random signs of a Hadamard transform (see struct Hadamard) applied to every
+//     block of len(signs) columns first; the columns are zero-padded to whole such blocks, which
+//     must hold whole quantization blocks (1-D, no given amax). Results have the padded columns.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     const at::Tensor& x, int64_t block, int64_t block_rows, int64_t kind, int64_t mbits,
     int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
-    c10::optional<int64_t> noise_seed, bool fold) {
+    c10::optional<int64_t> noise_seed, bool fold, const c10::optional<at::Tensor>& hadamard) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
   TORCH_CHECK(block >= 0 && block_rows >= 1, "block must be >= 0 and block_rows >= 1");
   TORCH_CHECK(block_rows == 1 || (block > 0 && (x.stride(1) == 1 || x.size(1) <= 1)),
               "2-D tiles need column blocks and contiguous columns");
   const int64_t rows = x.size(0);
-  const int64_t cols = x.size(1);
+  at::Tensor signs;
+  Hadamard transform{0, nullptr, 1.0f};
+  if (hadamard.has_value()) {
+    const int64_t n = hadamard->numel();
+    TORCH_CHECK(n > 0 && (n & (n - 1)) == 0, "hadamard: the signs' count must be a power of two");
+    signs = hadamard->to(at::kFloat).contiguous().repeat({std::max<int64_t>(1, 8 / n)});
+    TORCH_CHECK(block > 0 && block_rows == 1 && n % block == 0 && !amax.has_value(),
+                "hadamard: needs 1-D blocks that divide its length and no given amax");
+    transform = {n, signs.const_data_ptr<float>(), static_cast<float>(1.0 / std::sqrt(n))};
+  }
+  const int64_t in_cols = x.size(1);
+  const int64_t cols =
+      transform.n ? (in_cols + transform.n - 1) / transform.n * transform.n : in_cols;
   c10::optional<at::Tensor> given;
   if (amax.has_value()) {
     given = amax->to(at::kFloat).contiguous();
@@ -571,7 +931,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   const auto opts = x.options();
   // A transposed contiguous input (strides 1, rows) in column blocks: values and folded in its
   // layout too (quantize_impl's transposed path), returned as transposed views.
-  const bool transposed = block > 0 && block_rows == 1 && rows > 1 && cols > 1 &&
+  const bool transposed = block > 0 && block_rows == 1 && rows > 1 && in_cols > 1 &&
                           x.stride(0) == 1 && x.stride(1) == rows;
   const auto layout = [&](at::Tensor t) { return transposed ? t.t() : t; };
   const auto shape = [&](int64_t r, int64_t c) {
@@ -589,15 +949,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
            : at::empty({0, 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
-      quantize_impl<float>(x, block, block_rows, transposed, p, given, noise, values, scale,
+      quantize_impl<float>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kBFloat16:
-      quantize_impl<c10::BFloat16>(x, block, block_rows, transposed, p, given, noise, values, scale,
+      quantize_impl<c10::BFloat16>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     case at::kHalf:
-      quantize_impl<c10::Half>(x, block, block_rows, transposed, p, given, noise, values, scale,
+      quantize_impl<c10::Half>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
                               tensor_scale, folded);
       break;
     default:
@@ -611,7 +971,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 TORCH_LIBRARY(lowbit, m) {
   m.def(
       "quantize_rows(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
-      "int rule, Tensor? amax, int? noise_seed, bool fold) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_rows", &quantize_rows); }

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import Granularity, QTensor
-from lowbit.formats.hadamard import apply_blockwise, random_hadamard
+from lowbit.formats.hadamard import random_signs, transform
 from lowbit.nn.gemm import emulated_gemm
 from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand, shared_quantization
 from lowbit.recipes.recipe import GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
@@ -99,10 +99,11 @@ class LayerState:
         self.output_rounding: torch.dtype | None = None
         self._hadamard: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def hadamard(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
+    def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
+        """The random signs of this layer's Hadamard transforms (seeded by the layer)."""
         key = (gemm.transform_block, device)
         if key not in self._hadamard:
-            self._hadamard[key] = random_hadamard(gemm.transform_block, self.seed).to(device)
+            self._hadamard[key] = random_signs(gemm.transform_block, self.seed).to(device)
         return self._hadamard[key]
 
     def commit(self) -> None:
@@ -132,19 +133,14 @@ def quantized_gemm(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``a @ b.T`` (fp32, rounded to ``out_dtype``) with both operands quantized along their last
-    axis by ``gemm``."""
-    if gemm.transform is Transform.HADAMARD:
-        h = state.hadamard(gemm, a.device)
-        # Zero-pad K to whole Hadamard blocks (e.g. 344 = 10.75 x 32): zeros add nothing to a @ b.T.
-        pad = (-a.shape[-1]) % h.shape[0]
-        if pad:
-            a, b = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
-        else:  # keeps a transposed operand's layout, which apply_blockwise transforms without a copy
-            a, b = a.float(), b.float()
-        a, b = apply_blockwise(a, h), apply_blockwise(b, h)
-    qa = _quantize(a, gemm.a, state, names[0], shared=False)
-    qb = _quantize(b, gemm.b, state, names[1], shared=gemm.transform is Transform.NONE)
+    axis by ``gemm``; with its Hadamard transform, the operands' transforms are quantized (K
+    zero-padded to whole transform blocks, e.g. 344 = 5.375 x 64: zeros add nothing to a @ b.T)."""
+    signs = state.hadamard_signs(gemm, a.device) if gemm.transform is Transform.HADAMARD else None
+    qa = _quantize(a, gemm.a, state, names[0], shared=False, hadamard=signs)
+    qb = _quantize(b, gemm.b, state, names[1], shared=signs is None, hadamard=signs)
     if state.observer is not None:
+        if signs is not None:  # the observer compares each quantized operand with what it holds
+            a, b = transform(a, signs), transform(b, signs)
         state.observer(names[0], a, qa)
         state.observer(names[1], b, qb)
     return emulated_gemm(qa, qb, out_dtype)
@@ -154,13 +150,20 @@ def quantized_gemm(
 _SHARED_OPERANDS = ("forward.x", "grad_weight.x")
 
 
-def _quantize(x: torch.Tensor, spec, state: LayerState, name: str, shared: bool = True) -> QTensor:
-    """Operand ``name`` of a layer quantized by ``spec`` with its delayed-scaling history, shared
-    with the layer before when that quantized the same input the same way (``forward.x``,
-    ``grad_weight.x``; not after a per-layer transform, whose Hadamard signs differ between
-    layers)."""
+def _quantize(
+    x: torch.Tensor,
+    spec,
+    state: LayerState,
+    name: str,
+    shared: bool = True,
+    hadamard: torch.Tensor | None = None,
+) -> QTensor:
+    """Operand ``name`` of a layer quantized by ``spec`` with its delayed-scaling history (after
+    the Hadamard transform of these signs, if given), shared with the layer before when that
+    quantized the same input the same way (``forward.x``, ``grad_weight.x``; not after a per-layer
+    transform, whose Hadamard signs differ between layers)."""
     slot = name if shared and name in _SHARED_OPERANDS else None
-    return quantize_operand(x, spec, state.histories.get(name), _batch(name), slot)
+    return quantize_operand(x, spec, state.histories.get(name), _batch(name), slot, hadamard)
 
 
 def _batch(name: str) -> BatchAxis:

@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 
 from lowbit.formats import Granularity, QTensor, Rounding, quantize, tensor_amax
+from lowbit.formats.hadamard import transform
 from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
@@ -134,6 +135,7 @@ def quantize_operand(
     history: AmaxHistory | None = None,
     batch: BatchAxis = BatchAxis.NONE,
     shared_slot: str | None = None,
+    hadamard: torch.Tensor | None = None,
 ) -> QTensor:
     """Quantize a 2-D operand along its last axis (the GEMM's contraction axis).
 
@@ -141,7 +143,12 @@ def quantize_operand(
     weight); the ranks of a data-parallel job agree on the amaxes that span them (`ScaleAgreement`).
     ``shared_slot``: reuse the last result of this slot when it came from the same ``x``, ``spec``
     and scaling amax (`SharedQuantization`).
+    ``hadamard``: random signs; the operand's Hadamard transform is quantized instead (the last axis
+    zero-padded to whole blocks), computed inside the quantization unless an amax must be measured
+    on the transformed values first (delayed scaling, amaxes agreed across ranks, plain casts).
     """
+    if hadamard is not None and (spec.is_plain_cast or history is not None or _agreement.active):
+        x, hadamard = transform(x, hadamard), None
     if spec.is_plain_cast:
         return shared_quantization.quantize(shared_slot, x, spec, None, lambda: plain_cast(x, spec))
     amax = None
@@ -165,6 +172,7 @@ def quantize_operand(
             rounding=spec.rounding,
             amax=amax,
             fold=True,
+            hadamard=hadamard,
         )
 
     return shared_quantization.quantize(shared_slot, x, spec, amax, compute)

@@ -9,20 +9,24 @@ U64 = 1 << 64
 
 
 def splitmix64_uniform(seed: int, index: int) -> float:
-    """SplitMix64's output function in plain Python integers (Steele, Lea and Flood 2014)."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) % U64
+    """Half of SplitMix64's output function (Steele, Lea and Flood 2014) of counter index // 2, in
+    plain Python integers: the top 24 bits for an even index, the 24 below them for an odd one."""
+    z = (seed + (index // 2 + 1) * 0x9E3779B97F4A7C15) % U64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % U64
     z ^= z >> 31
-    return (z >> 40) / 2**24
+    bits = z >> 40 if index % 2 == 0 else (z >> 16) & (2**24 - 1)
+    return bits / 2**24
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**62 + 7, 2**63 - 2])
-def test_uniforms_are_splitmix64_of_the_row_major_index(seed):
-    u = uniforms((3, 1000), seed)
-    assert u.dtype == torch.float32 and u.shape == (3, 1000)
-    for index in [0, 1, 2, 999, 1000, 1717, 2999]:
-        assert u.flatten()[index].item() == splitmix64_uniform(seed, index)
+@pytest.mark.parametrize("shape", [(3, 1000), (3, 333)], ids=str)  # an even and an odd count
+def test_uniforms_are_splitmix64_of_the_row_major_index(seed, shape):
+    u = uniforms(shape, seed)
+    assert u.dtype == torch.float32 and u.shape == shape
+    for index in [0, 1, 2, 332, 333, 998, 999, 1000, 1717, 2999]:
+        if index < u.numel():
+            assert u.flatten()[index].item() == splitmix64_uniform(seed, index)
 
 
 def test_uniforms_look_uniform_and_independent():
@@ -36,6 +40,9 @@ def test_uniforms_look_uniform_and_independent():
     assert chi2 < 120  # 63 degrees of freedom: p < 1e-5 above 120
     lag1 = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()
     assert abs(lag1) < 5e-3
+    # The two draws of one hash (even index, odd index) are uncorrelated too.
+    pairs = torch.corrcoef(torch.stack([u[0::2], u[1::2]]))[0, 1].item()
+    assert abs(pairs) < 5e-3
 
 
 def test_seeds_come_from_the_generator():

@@ -267,3 +267,82 @@ def test_bf16_output_rounds_ties_to_even_like_pytorch():
     acc = torch.cat([halfway, special]).reshape(1, -1)
     one = torch.ones(1, 1)
     assert_same_bits(scale_rows_cols(acc, one, one, torch.bfloat16), acc.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("name", "granularity", "rule", "block", "n"),
+    [
+        ("fp4_e2m1", "mx", "mx_ceil", None, 64),  # mxfp4's backward operands
+        ("fp4_e2m1", "mx", None, None, 128),  # blocks of the transform beyond a register chunk
+        ("fp4_e2m1", "nvfp4", None, None, 16),  # nvfp4's weight-gradient operands
+        ("fp8_e4m3", "block", None, 8, 8),  # transform blocks below one vector
+        ("fp8_e4m3", "block", None, 2, 2),
+        ("int8", "block", None, 1, 1),  # n = 1: the signs alone
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("shape", [(48, 344), (150, 64), (5, 50)], ids=str)
+def test_hadamard_transform_inside_the_kernel_equals_transforming_first(
+    name, granularity, rule, block, n, rounding, dtype, transposed, shape
+):
+    """The kernel transforms each block while quantizing (padding K to whole transform blocks);
+    the PyTorch path runs `lowbit.formats.hadamard.transform` first: the same bits."""
+    from lowbit.formats.hadamard import padded_length, random_signs
+
+    x = awkward_tensor(shape).to(dtype)
+    x[1, :] *= 1e4  # an outlier row
+    x.view(-1)[7] = float("nan") if name != "int8" else 0.0
+    if transposed:
+        x = x.t().contiguous().t()
+    signs = random_signs(n, seed=5)
+
+    def draw():
+        generator = torch.Generator().manual_seed(3)
+        return quantize(
+            x,
+            name,
+            granularity,
+            block_size=block,
+            scale_rule=rule,
+            rounding=rounding,
+            generator=generator,
+            fold=True,
+            hadamard=signs,
+        )
+
+    fused = draw()
+    with kernels.disabled():
+        plain = draw()
+    assert fused.shape == (shape[0], padded_length(shape[1], n))
+    assert_same_qtensor(fused, plain)
+    assert (fused.folded is not None) == (granularity in ("mx", "nvfp4"))  # exact folds only
+    if fused.folded is not None:  # the folded operand is the GEMM's fold of the same values
+        from lowbit.nn.gemm import _fold
+
+        for mine, theirs in zip(_fold(fused), _fold(plain), strict=True):
+            assert_same_bits(mine, theirs)
+
+
+def test_hadamard_transform_inside_the_kernel_over_threads_gives_the_one_thread_result():
+    from lowbit.formats.hadamard import random_signs
+
+    x = awkward_tensor((300, 4096)).t()  # a weight gradient's transposed operand
+    signs = random_signs(64, seed=1)
+    results = []
+    for threads in (1, 2, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            generator = torch.Generator().manual_seed(0)
+            results.append(
+                quantize(
+                    x, "fp4_e2m1", "mx", rounding="stochastic", generator=generator, hadamard=signs
+                )
+            )
+        finally:
+            torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert_same_qtensor(results[0], other)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lowbit import Precision, convert, get_recipe
 from lowbit.formats import Granularity, Rounding, ScaleRule, cast_reference, get
 from lowbit.formats.error import sqnr
-from lowbit.formats.hadamard import apply_blockwise, random_hadamard
+from lowbit.formats.hadamard import random_signs, transform
 from lowbit.nn import LowbitLinear, exact_accumulation
 from lowbit.nn.operand import quantize_operand
 from lowbit.recipes import GemmSpec, LayerSpec, OperandSpec, Override, Recipe, Transform
@@ -121,10 +121,8 @@ def gemm_operands(gemm: GemmSpec, a: torch.Tensor, b: torch.Tensor):
     """The two operands as the GEMM quantizes them: Hadamard-transformed (K zero-padded to
     whole blocks) when the GEMM asks for it, with the layer's seeded random signs."""
     if gemm.transform is Transform.HADAMARD:
-        h = random_hadamard(gemm.transform_block, SEED)
-        pad = (-a.shape[-1]) % gemm.transform_block
-        a = apply_blockwise(F.pad(a.float(), (0, pad)), h)
-        b = apply_blockwise(F.pad(b.float(), (0, pad)), h)
+        signs = random_signs(gemm.transform_block, SEED)
+        a, b = transform(a, signs), transform(b, signs)
     return a, b
 
 
