@@ -1,7 +1,7 @@
 """Number formats: the registry (`get`), rounding (`cast`) and scaled quantization (`quantize`)."""
 
 from lowbit.formats.cast import Rounding, cast, cast_reference
-from lowbit.formats.qtensor import QTensor, carrier_dtype, quantize, tensor_amax
+from lowbit.formats.qtensor import QTensor, carrier_dtype, quantize, tensor_amax, unit_scale
 from lowbit.formats.scaling import Granularity, ScaleRule
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get, names
 
@@ -21,4 +21,5 @@ __all__ = [
     "names",
     "quantize",
     "tensor_amax",
+    "unit_scale",
 ]

@@ -254,6 +254,18 @@ def _external_block_amax(amax: torch.Tensor, rows: int, granularity: Granularity
     return amax.reshape(rows, 1, 1, 1)
 
 
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_scale(device: torch.device | str) -> torch.Tensor:
+    """The 1 x 1 fp32 scale 1.0 of an unscaled tensor on ``device``: one shared tensor per device,
+    never written, so that a GEMM can tell by identity that it has no scale to apply."""
+    device = torch.device(device)
+    if device not in _UNIT_SCALES:
+        _UNIT_SCALES[device] = torch.ones(1, 1, device=device)
+    return _UNIT_SCALES[device]
+
+
 @dataclass
 class QTensor:
     """Low-precision values with their block scales.

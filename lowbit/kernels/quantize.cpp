@@ -566,40 +566,71 @@ __attribute__((noinline)) const float* draws(const Noise& noise, uint64_t first,
 // formats), also write each rounded value times the block scale `s`, rounded to bf16: the operand
 // an emulated GEMM consumes (`lowbit.nn.gemm._fold`), computed while the value is in a register (a
 // second loop over the written values stayed scalar and took 60% of an NVFP4 quantization).
-template <typename T, typename N, typename S>
+// Whether x / d == x * (1 / d) for every x: d a normal power of two (1 / d is then exact, at worst
+// the subnormal 2**-127, and both round the same real number). MX and power-of-two scales are.
+[[gnu::always_inline]] inline bool reciprocal_is_exact(float d) {
+  const uint32_t b = bits_of(d) & kAbsMask;
+  return (b & 0x007FFFFFu) == 0 && b >= 0x00800000u && b < kExponentMask;
+}
+
+// x divided by the divisor, or (kInverse) multiplied by its exact reciprocal: the same bits, but a
+// vector division costs several times a multiplication.
+template <bool kInverse, typename S>
+[[gnu::always_inline]] inline float scale_down(float x, S by, int64_t i) {
+  if constexpr (kInverse) {
+    return x * scale_at(by, i);
+  } else {
+    return x / scale_at(by, i);
+  }
+}
+
+// `divisor` holds reciprocals with kInverse (see scale_down), divisors without.
+template <bool kInverse, typename T, typename N, typename S>
 inline void cast_block(const T* __restrict__ x, N n, S divisor, const Params& p,
                        const float* __restrict__ noise, uint16_t* __restrict__ out_bf16,
                        int8_t* __restrict__ out_int, S s, uint16_t* __restrict__ folded) {
   const Grid grid = p.grid;
   if (p.kind == kInt && noise) {
     for (int64_t i = 0; i < n; ++i) {
-      out_int[i] = round_int_stochastic(widen(x[i]) / scale_at(divisor, i), p.fmt_max, noise[i]);
+      out_int[i] = round_int_stochastic(scale_down<kInverse>(widen(x[i]), divisor, i), p.fmt_max, noise[i]);
     }
   } else if (p.kind == kInt) {
     for (int64_t i = 0; i < n; ++i) {
-      out_int[i] = round_int(widen(x[i]) / scale_at(divisor, i), p.fmt_max);
+      out_int[i] = round_int(scale_down<kInverse>(widen(x[i]), divisor, i), p.fmt_max);
     }
   } else if (noise && folded) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round_stochastic(widen(x[i]) / scale_at(divisor, i), noise[i]);
+      const float v = grid.round_stochastic(scale_down<kInverse>(widen(x[i]), divisor, i), noise[i]);
       out_bf16[i] = bf16_bits_exact(v);
       folded[i] = bf16_bits_nearest(v * scale_at(s, i));  // v is exact in bf16: as re-reading it
     }
   } else if (noise) {
     for (int64_t i = 0; i < n; ++i) {
       out_bf16[i] =
-          bf16_bits_exact(grid.round_stochastic(widen(x[i]) / scale_at(divisor, i), noise[i]));
+          bf16_bits_exact(grid.round_stochastic(scale_down<kInverse>(widen(x[i]), divisor, i), noise[i]));
     }
   } else if (folded) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = grid.round(widen(x[i]) / scale_at(divisor, i));
+      const float v = grid.round(scale_down<kInverse>(widen(x[i]), divisor, i));
       out_bf16[i] = bf16_bits_exact(v);
       folded[i] = bf16_bits_nearest(v * scale_at(s, i));
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      out_bf16[i] = bf16_bits_exact(grid.round(widen(x[i]) / scale_at(divisor, i)));
+      out_bf16[i] = bf16_bits_exact(grid.round(scale_down<kInverse>(widen(x[i]), divisor, i)));
     }
+  }
+}
+
+// cast_block for one divisor: a multiplication by its reciprocal where that is exact.
+template <typename T, typename N>
+inline void cast_block(const T* __restrict__ x, N n, float divisor, const Params& p,
+                       const float* __restrict__ noise, uint16_t* __restrict__ out_bf16,
+                       int8_t* __restrict__ out_int, float s, uint16_t* __restrict__ folded) {
+  if (reciprocal_is_exact(divisor)) {
+    cast_block<true>(x, n, 1.0f / divisor, p, noise, out_bf16, out_int, s, folded);
+  } else {
+    cast_block<false>(x, n, divisor, p, noise, out_bf16, out_int, s, folded);
   }
 }
 
@@ -748,6 +779,12 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
           divisor[i] = divisor_i;
           scales[(r0 + i) * blocks_per_row + b] = scale_i;
         }
+        // Multiply by the reciprocals where every one is exact (see scale_down).
+        bool inverse = true;
+        for (int64_t i = 0; i < n; ++i) inverse &= reciprocal_is_exact(divisor[i]);
+        if (inverse) {
+          for (int64_t i = 0; i < n; ++i) divisor[i] = 1.0f / divisor[i];
+        }
         // Draws for line c in u (or, filled with line c - 1's, in its second half).
         bool have_next = false;
         for (int64_t c = c0; c < c1; ++c) {
@@ -767,10 +804,17 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
               draws_c = u.data();
             }
           }
-          cast_block(line(c), n, static_cast<const float*>(divisor.data()), p,
-                     draws_c, out_bf16 ? out_bf16 + at : nullptr,
-                     out_int ? out_int + at : nullptr, static_cast<const float*>(s.data()),
-                     out_folded ? out_folded + at : nullptr);
+          auto cast = [&](auto inverse_tag) {
+            cast_block<decltype(inverse_tag)::value>(
+                line(c), n, static_cast<const float*>(divisor.data()), p, draws_c,
+                out_bf16 ? out_bf16 + at : nullptr, out_int ? out_int + at : nullptr,
+                static_cast<const float*>(s.data()), out_folded ? out_folded + at : nullptr);
+          };
+          if (inverse) {
+            cast(std::true_type{});
+          } else {
+            cast(std::false_type{});
+          }
         }
         if (p.rule == kNvfp4) {  // rows whose block scale underflowed hold zeros
           for (int64_t i = 0; i < n; ++i) {
@@ -909,7 +953,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   if (hadamard.has_value()) {
     const int64_t n = hadamard->numel();
     TORCH_CHECK(n > 0 && (n & (n - 1)) == 0, "hadamard: the signs' count must be a power of two");
-    signs = hadamard->to(at::kFloat).contiguous().repeat({std::max<int64_t>(1, 8 / n)});
+    signs = hadamard->to(at::kFloat).contiguous();
+    if (n < 8) signs = signs.repeat({8 / n});
     TORCH_CHECK(block > 0 && block_rows == 1 && n % block == 0 && !amax.has_value(),
                 "hadamard: needs 1-D blocks that divide its length and no given amax");
     transform = {n, signs.const_data_ptr<float>(), static_cast<float>(1.0 / std::sqrt(n))};

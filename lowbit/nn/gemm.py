@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from lowbit import kernels
-from lowbit.formats import IntFormat, QTensor
+from lowbit.formats import IntFormat, QTensor, unit_scale
 from lowbit.nn.scaled_mm import native_fp8_kind, scaled_mm
 from lowbit.threadflag import ThreadFlag
 
@@ -56,16 +56,21 @@ def _row_scale(q: QTensor) -> torch.Tensor:
     """Per-row scale (rows x 1, or 1 x 1 when one scale covers all rows) of an operand whose
     scale is constant along K."""
     grid = q.effective_scale()
+    if grid.shape == (1, 1):
+        return grid  # unit_scale stays itself (see emulated_gemm)
     if grid.shape[0] == 1:
         return grid.reshape(1, 1)
     return grid.repeat_interleave(q.block[0], 0)[: q.shape[0]]
 
 
 def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values with the block scales folded in, remaining per-row scale)."""
-    rest = q.tensor_scale if q.tensor_scale is not None else _unit(q.values.device)
+    """(values with the block scales folded in, remaining scale: 1 x 1, `unit_scale` itself when
+    there is none)."""
+    rest = (
+        q.tensor_scale.reshape(1, 1) if q.tensor_scale is not None else unit_scale(q.scale.device)
+    )
     if q.folded is not None:  # the fused quantization kernel already folded them
-        return q.folded, rest.reshape(1, 1)
+        return q.folded, rest
     rows, cols = q.shape
     block_rows, block_cols = q.block
     if block_rows == 1 and cols % block_cols == 0:  # 1-D blocks: broadcast, no expanded copy
@@ -74,7 +79,7 @@ def _fold(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         block_scale = q.scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
         folded = (q.values.float() * block_scale[:rows, :cols]).to(q.values.dtype)
-    return folded, rest.reshape(1, 1)
+    return folded, rest
 
 
 def _bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -234,11 +239,6 @@ def _constant(value: float, shape: tuple, dtype: torch.dtype, device: torch.devi
     return _CONSTANTS[key]
 
 
-def _unit(device: torch.device) -> torch.Tensor:
-    """A 1 x 1 fp32 tensor holding 1.0 on ``device``: the neutral scale."""
-    return _constant(1.0, (1, 1), torch.float32, device)
-
-
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dequantize(qa) @ dequantize(qb).T`` computed on the low-precision values: the fp32 result,
     rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it). fp8
@@ -258,10 +258,14 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
         kind = native_fp8_kind(qa, qb, sa, sb, out_dtype)
         if kind:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
             return scaled_mm(qa, qb, sa, sb, out_dtype, kind)
+    unit = unit_scale(va.device)
+    if sa is unit and sb is unit:  # no scales (folded MX; bf16 casts): multiplying by 1 is a no-op
+        out = _mm(va, vb)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     if sa.numel() == 1 and sb.numel() == 1:  # tensorwise: one multiplication by sa * sb
         # on CPU (where reading the scale as a number costs no device sync)
         if out_dtype == torch.bfloat16 and _bf16_gemm(va, vb) and va.device.type == "cpu":
             return _scaled_bf16_mm(va, vb, sa * sb)
         out = _mm(va, vb)
-        return scale_rows_cols(out, sa * sb, _unit(out.device), out_dtype)
+        return scale_rows_cols(out, sa * sb, unit, out_dtype)
     return scale_rows_cols(_mm(va, vb), sa, sb, out_dtype)

@@ -8,7 +8,7 @@ from enum import Enum
 
 import torch
 
-from lowbit.formats import Granularity, QTensor, Rounding, quantize, tensor_amax
+from lowbit.formats import Granularity, QTensor, Rounding, quantize, tensor_amax, unit_scale
 from lowbit.formats.hadamard import transform
 from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
@@ -110,7 +110,7 @@ def plain_cast(x: torch.Tensor, spec: OperandSpec) -> QTensor:
     rows = values.reshape(-1, values.shape[-1]).shape[0] if values.dim() else 1
     return QTensor(
         values=values,
-        scale=torch.ones(1, 1, device=x.device),
+        scale=unit_scale(x.device),
         fmt=get(spec.format),
         granularity=Granularity.TENSOR,
         block=(max(rows, 1), max(values.shape[-1], 1)),
