@@ -54,6 +54,16 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> to
     return (signs[:, None] * hadamard_matrix(n, torch.float64)).to(dtype)
 
 
+def check_signs(signs: torch.Tensor) -> None:
+    """Raise a `UsageError` unless ``signs`` is what `random_signs` returns: 1-D, power-of-two long."""
+    if signs.dim() != 1:
+        raise UsageError(
+            "Hadamard signs must be a 1-D tensor such as random_signs(n, seed), "
+            f"got shape {tuple(signs.shape)}"
+        )
+    _check_order(signs.numel())
+
+
 def padded_length(k: int, n: int) -> int:
     """``k`` rounded up to whole blocks of ``n``: the transformed contraction axis."""
     return -(-k // n) * n
@@ -66,8 +76,8 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     the result's last axis is `padded_length`. Computed by butterflies in the order the module
     docstring gives, which the fused kernel follows bit for bit.
     """
+    check_signs(signs)
     n = signs.numel()
-    _check_order(n)
     y = x.float() * signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]
     pad = padded_length(x.shape[-1], n) - x.shape[-1]
     if pad:

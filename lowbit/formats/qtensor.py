@@ -16,7 +16,7 @@ from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats.cast import Rounding, cast_to_carrier_
 from lowbit.formats.counter_rng import draw_seed
-from lowbit.formats.hadamard import padded_length, transform
+from lowbit.formats.hadamard import check_signs, padded_length, transform
 from lowbit.formats.scaling import (
     Granularity,
     ScaleRule,
@@ -364,6 +364,8 @@ def quantize(
         )
     axis = axis % max(x.dim(), 1)
     rounding = Rounding(rounding)
+    if hadamard is not None:
+        check_signs(hadamard)
     if hadamard is not None and not _hadamard_in_kernel(
         x, fmt, granularity, block_size, amax, hadamard
     ):

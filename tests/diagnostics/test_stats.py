@@ -120,3 +120,21 @@ def test_train_cli_logs_stats_to_jsonl_and_tensorboard_and_applies_overrides(tmp
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert "stats/model.layers.1.mlp.down_proj/forward.x/sqnr" in events.Tags()["scalars"]
+
+
+def test_observer_of_a_hadamard_gemm_compares_each_operand_with_its_transform():
+    """mxfp4's backward quantizes Hadamard transforms (K zero-padded to whole blocks): the stats
+    compare each quantized operand with the transform it holds, not the raw operand."""
+    from lowbit.recipes.fine_grained import mxfp4_layer
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)  # K = 40 pads to 64 in grad_input's Hadamard blocks
+    layer = LowbitLinear(linear, mxfp4_layer())
+    model = torch.nn.Sequential(layer)
+    collector = StatsCollector(model)
+    collector.attach()
+    model(torch.randn(64, 96, requires_grad=True)).square().sum().backward()
+    ops = collector.collect()["0"]
+    for name in ("grad_input.grad_out", "grad_input.w", "grad_weight.grad_out", "grad_weight.x"):
+        assert ops[name]["format"] == "fp4_e2m1"
+        assert 12 < ops[name]["sqnr"] < 20  # ~15.5 dB for SR fp4 of Gaussian-like data

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.formats import quantize
 from lowbit.formats.hadamard import (
     hadamard_matrix,
     padded_length,
@@ -120,3 +121,15 @@ def test_the_butterflies_run_stage_by_stage_in_a_fixed_order():
     f = torch.tensor(first, dtype=torch.float32)
     expected = torch.stack([f[0] + f[2], f[1] + f[3], f[0] - f[2], f[1] - f[3]]) / 2
     assert torch.equal(y[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("signs", "message"),
+    [(torch.ones(4, 4), "1-D"), (torch.ones(24), "power of two"), (torch.ones(0), "power of two")],
+)
+def test_bad_signs_are_refused_with_what_they_must_be(signs, message):
+    x = torch.randn(8, 64)
+    with pytest.raises(UsageError, match=message):
+        transform(x, signs)
+    with pytest.raises(UsageError, match=message):
+        quantize(x, "fp4_e2m1", "mx", hadamard=signs)
