@@ -282,7 +282,7 @@ def test_bf16_output_rounds_ties_to_even_like_pytorch():
     ids=str,
 )
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
 @pytest.mark.parametrize("shape", [(48, 344), (150, 64), (5, 50)], ids=str)
 def test_hadamard_transform_inside_the_kernel_equals_transforming_first(
