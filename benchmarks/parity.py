@@ -60,7 +60,9 @@ WORKLOADS = {
         "eval_batches": 100,  # the whole validation split
     },
 }
-DEFAULT_STEPS = {"causal-lm": 400, "token-classification": 200, "image-classification": 200}
+# 1000 causal-LM steps: at 400 the loss was still falling fast (2.28, against 1.90 at 1000) and the
+# seed spread of the paired gaps was 2.5x wider (docs/parity.md); 1000 fits the ~60-minute budget.
+DEFAULT_STEPS = {"causal-lm": 1000, "token-classification": 200, "image-classification": 200}
 
 GOLDEN = ROOT / "tests" / "golden" / "parity_tiny.json"
 GOLDEN_RECIPES = "fp32,bf16-mixed,fp8-tensorwise,mxfp4"

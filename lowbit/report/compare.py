@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -565,8 +566,9 @@ def check_out(study: Study, overwrite: bool) -> None:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             saved = {}
-        same = _same_settings(saved.get("base", {}), study.base)
-        if not same or saved.get("baseline") != study.baseline:
+        # The runs depend on the base settings only: a study with another baseline or another
+        # subset of recipes (parity.py's parallel parts) reuses them and rewrites the report.
+        if not _same_settings(saved.get("base", {}), study.base):
             raise UsageError(
                 f"{study.out}: holds a compare study with other settings; fix: --overwrite to "
                 "retrain, or another --out"
@@ -587,7 +589,10 @@ def compare(study: Study, overwrite=False, quiet=True, plots=True, log=print) ->
 
     check_out(study, overwrite)
     study.out.mkdir(parents=True, exist_ok=True)
-    (study.out / SETTINGS).write_text(json.dumps(study.settings(), indent=1) + "\n")
+    # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
+    tmp = study.out / f"{SETTINGS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(study.settings(), indent=1) + "\n")
+    os.replace(tmp, study.out / SETTINGS)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)

@@ -170,6 +170,20 @@ def test_folder_of_another_study_is_refused(study_result):
         compare(study, log=lambda line: None)
 
 
+def test_another_baseline_or_recipe_subset_reuses_the_runs(study_result, tmp_path):
+    """parity.py trains disjoint recipe subsets in parallel into one folder, each with its first
+    recipe as baseline; the final run over every recipe reuses all of them."""
+    import shutil
+
+    study = lm_study(tmp_path / "copy")
+    shutil.copytree(study_result.study.out, study.out)
+    study.recipes = list(reversed(study.recipes))
+    study.baseline = study.recipes[0]
+    again = compare(study, plots=False, log=lambda line: None)
+    assert again.trained == [] and len(again.reused) == 4
+    assert again.results["baseline"] == study.baseline
+
+
 def test_record_from_before_a_new_setting_is_still_reused(study_result, tmp_path):
     """A run recorded before TrainConfig gained a field (absent = its default) is reused."""
     import shutil
