@@ -16,11 +16,18 @@ from lowbit.formats import quantize
 from tests.formats.test_fast_paths import assert_same_bits, awkward_tensor
 
 
-def both_paths(*args, **kwargs):
+def both_paths(*args, seed=None, **kwargs):
+    """`quantize` through the kernel and through the PyTorch path; ``seed``: each call draws its
+    stochastic rounding from a fresh generator of that seed (the same draws on both paths)."""
     assert kernels.available(), f"the fused kernels did not build: {kernels.build_error()}"
-    fused = quantize(*args, **kwargs)
+
+    def run():
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return quantize(*args, generator=generator, **kwargs)
+
+    fused = run()
     with kernels.disabled():
-        plain = quantize(*args, **kwargs)
+        plain = run()
     return fused, plain
 
 
@@ -160,22 +167,9 @@ def test_stochastic_rounding_draws_the_same_noise_as_the_pytorch_path(
 
     granularity, _, tile = granularity.partition(" ")
     block = tuple(int(n) for n in tile.split("x")) if tile else None
-
-    def draw():
-        generator = torch.Generator().manual_seed(3)
-        return quantize(
-            x,
-            name,
-            granularity,
-            block_size=block,
-            scale_rule=rule,
-            rounding="stochastic",
-            generator=generator,
-        )
-
-    fused = draw()
-    with kernels.disabled():
-        plain = draw()
+    fused, plain = both_paths(
+        x, name, granularity, block_size=block, scale_rule=rule, rounding="stochastic", seed=3
+    )
     assert_same_qtensor(fused, plain)
 
 
@@ -298,24 +292,17 @@ def test_hadamard_transform_inside_the_kernel_equals_transforming_first(
     if transposed:
         x = x.t().contiguous().t()
     signs = random_signs(n, seed=5)
-
-    def draw():
-        generator = torch.Generator().manual_seed(3)
-        return quantize(
-            x,
-            name,
-            granularity,
-            block_size=block,
-            scale_rule=rule,
-            rounding=rounding,
-            generator=generator,
-            fold=True,
-            hadamard=signs,
-        )
-
-    fused = draw()
-    with kernels.disabled():
-        plain = draw()
+    fused, plain = both_paths(
+        x,
+        name,
+        granularity,
+        block_size=block,
+        scale_rule=rule,
+        rounding=rounding,
+        fold=True,
+        hadamard=signs,
+        seed=3,
+    )
     assert fused.shape == (shape[0], padded_length(shape[1], n))
     assert_same_qtensor(fused, plain)
     assert (fused.folded is not None) == (granularity in ("mx", "nvfp4"))  # exact folds only
