@@ -149,10 +149,11 @@ def _fusable(x, fmt) -> bool:
     )
 
 
-def _hadamard_in_kernel(x, fmt, granularity, block_size, amax, signs) -> bool:
-    """Whether the fused kernel applies the Hadamard transform while quantizing: 1-D blocks that
-    tile its blocks, with measured amaxes (a given amax is one of the transformed tensor)."""
-    if not _fusable(x, fmt) or amax is not None:
+def _hadamard_in_kernel(granularity, block_size, amax, signs) -> bool:
+    """Whether the fused kernel (when it serves the tensor) applies the Hadamard transform while
+    quantizing: 1-D blocks that tile its blocks, with measured amaxes (a given amax is one of the
+    transformed tensor)."""
+    if amax is not None:
         return False
     if granularity not in (Granularity.MX, Granularity.NVFP4, Granularity.BLOCK):
         return False
@@ -364,13 +365,13 @@ def quantize(
         )
     axis = axis % max(x.dim(), 1)
     rounding = Rounding(rounding)
+    fusable = _fusable(x, fmt)
     if hadamard is not None:
         check_signs(hadamard)
-    if hadamard is not None and not _hadamard_in_kernel(
-        x, fmt, granularity, block_size, amax, hadamard
-    ):
-        x, hadamard = hadamard_transform(x, hadamard, axis), None
-    if _fusable(x, fmt):
+        if not (fusable and _hadamard_in_kernel(granularity, block_size, amax, hadamard)):
+            x, hadamard = hadamard_transform(x, hadamard, axis), None
+            fusable = _fusable(x, fmt)
+    if fusable:
         return _quantize_fused(
             x,
             fmt,

@@ -994,16 +994,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
            : at::empty({0, 0}, opts.dtype(at::kBFloat16));
   switch (x.scalar_type()) {
     case at::kFloat:
-      quantize_impl<float>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
-                              tensor_scale, folded);
+      quantize_impl<float>(x, cols, block, block_rows, transposed, transform, p, given,
+                           noise, values, scale, tensor_scale, folded);
       break;
     case at::kBFloat16:
-      quantize_impl<c10::BFloat16>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
-                              tensor_scale, folded);
+      quantize_impl<c10::BFloat16>(x, cols, block, block_rows, transposed, transform, p, given,
+                                   noise, values, scale, tensor_scale, folded);
       break;
     case at::kHalf:
-      quantize_impl<c10::Half>(x, cols, block, block_rows, transposed, transform, p, given, noise, values, scale,
-                              tensor_scale, folded);
+      quantize_impl<c10::Half>(x, cols, block, block_rows, transposed, transform, p, given,
+                               noise, values, scale, tensor_scale, folded);
       break;
     default:
       TORCH_CHECK(false, "quantize_rows needs fp32, bf16 or fp16 input, got ", x.scalar_type());
