@@ -8,7 +8,6 @@ reason recorded.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +34,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _layer_seed(name: str) -> int:
-    return zlib.crc32(name.encode())
-
-
 def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
@@ -61,9 +56,9 @@ def convert(
                 if unsupported:
                     report.kept[name] = unsupported
                     continue
-                replacement = LowbitConv2d(child, spec, _layer_seed(name))
+                replacement = LowbitConv2d(child, spec)
             else:
-                replacement = LowbitLinear(child, spec, _layer_seed(name))
+                replacement = LowbitLinear(child, spec)
             setattr(module, child_name, replacement)
             report.converted[name] = spec.describe()
 

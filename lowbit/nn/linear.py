@@ -74,6 +74,14 @@ def _shares_grad_out(spec: LayerSpec) -> bool:
     )
 
 
+# Random Hadamard signs by (length, seed, device). `convert` gives every layer the same seed, so
+# the whole model transforms with one sign vector, as Transformer Engine's NVFP4 recipe does (one
+# hard-coded vector for every layer's weight-gradient transform): layers that read one input (a
+# block's q, k and v projections) then quantize its transform once between them
+# (`SharedQuantization`), as a fused QKV projection would.
+_SIGNS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
 class LayerState:
     """Per-layer numerics state: delayed-scaling histories and the Hadamard matrices.
 
@@ -97,14 +105,14 @@ class LayerState:
         # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
         # a GPU) while returning the autocast/input dtype so that other ops see one dtype.
         self.output_rounding: torch.dtype | None = None
-        self._hadamard: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
-        """The random signs of this layer's Hadamard transforms (seeded by the layer)."""
-        key = (gemm.transform_block, device)
-        if key not in self._hadamard:
-            self._hadamard[key] = random_signs(gemm.transform_block, self.seed).to(device)
-        return self._hadamard[key]
+        """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
+        for every layer with the same seed (see `_SIGNS`)."""
+        key = (gemm.transform_block, self.seed, device)
+        if key not in _SIGNS:
+            _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
+        return _SIGNS[key]
 
     def commit(self) -> None:
         for history in self.histories.values():
@@ -136,8 +144,8 @@ def quantized_gemm(
     axis by ``gemm``; with its Hadamard transform, the operands' transforms are quantized (K
     zero-padded to whole transform blocks, e.g. 344 = 5.375 x 64: zeros add nothing to a @ b.T)."""
     signs = state.hadamard_signs(gemm, a.device) if gemm.transform is Transform.HADAMARD else None
-    qa = _quantize(a, gemm.a, state, names[0], shared=False, hadamard=signs)
-    qb = _quantize(b, gemm.b, state, names[1], shared=signs is None, hadamard=signs)
+    qa = _quantize(a, gemm.a, state, names[0], hadamard=signs)
+    qb = _quantize(b, gemm.b, state, names[1], hadamard=signs)
     if state.observer is not None:
         if signs is not None:  # the observer compares each quantized operand with what it holds
             a, b = transform(a, signs), transform(b, signs)
@@ -155,15 +163,14 @@ def _quantize(
     spec,
     state: LayerState,
     name: str,
-    shared: bool = True,
     hadamard: torch.Tensor | None = None,
 ) -> QTensor:
     """Operand ``name`` of a layer quantized by ``spec`` with its delayed-scaling history (after
     the Hadamard transform of these signs, if given), shared with the layer before when that
-    quantized the same input the same way (``forward.x``, ``grad_weight.x``; not after a per-layer
-    transform, whose Hadamard signs differ between layers)."""
-    slot = name if shared and name in _SHARED_OPERANDS else None
-    return quantize_operand(x, spec, state.histories.get(name), _batch(name), slot, hadamard)
+    quantized the same input the same way (``forward.x``, ``grad_weight.x``)."""
+    slot = name if name in _SHARED_OPERANDS else None
+    history = state.histories.get(name)
+    return quantize_operand(x, spec, history, _batch(name), slot, hadamard, reader=state)
 
 
 def _batch(name: str) -> BatchAxis:

@@ -8,7 +8,7 @@ from enum import Enum
 
 import torch
 
-from lowbit.formats import Granularity, QTensor, Rounding, quantize, tensor_amax, unit_scale
+from lowbit.formats import Granularity, QTensor, quantize, tensor_amax, unit_scale
 from lowbit.formats.hadamard import transform
 from lowbit.formats.spec import get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
@@ -136,13 +136,14 @@ def quantize_operand(
     batch: BatchAxis = BatchAxis.NONE,
     shared_slot: str | None = None,
     hadamard: torch.Tensor | None = None,
+    reader: object | None = None,
 ) -> QTensor:
     """Quantize a 2-D operand along its last axis (the GEMM's contraction axis).
 
     ``batch``: where the operand holds the batch's tokens (an activation or gradient; NONE for a
     weight); the ranks of a data-parallel job agree on the amaxes that span them (`ScaleAgreement`).
     ``shared_slot``: reuse the last result of this slot when it came from the same ``x``, ``spec``
-    and scaling amax (`SharedQuantization`).
+    and scaling amax and ``reader`` (the asking layer) has not had it yet (`SharedQuantization`).
     ``hadamard``: random signs; the operand's Hadamard transform is quantized instead (the last axis
     zero-padded to whole blocks), computed inside the quantization unless an amax must be measured
     on the transformed values first (delayed scaling, amaxes agreed across ranks, plain casts).
@@ -150,7 +151,9 @@ def quantize_operand(
     if hadamard is not None and (spec.is_plain_cast or history is not None or _agreement.active):
         x, hadamard = transform(x, hadamard), None
     if spec.is_plain_cast:
-        return shared_quantization.quantize(shared_slot, x, spec, None, lambda: plain_cast(x, spec))
+        return shared_quantization.quantize(
+            shared_slot, x, spec, None, lambda: plain_cast(x, spec), reader=reader
+        )
     amax = None
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
@@ -175,7 +178,7 @@ def quantize_operand(
             hadamard=hadamard,
         )
 
-    return shared_quantization.quantize(shared_slot, x, spec, amax, compute)
+    return shared_quantization.quantize(shared_slot, x, spec, amax, compute, hadamard, reader)
 
 
 class SharedQuantization(threading.local):
@@ -189,15 +192,20 @@ class SharedQuantization(threading.local):
     agree on, as they do when they have seen the same inputs) gives the same values every time,
     so the second and third layers reuse the first one's (a fused QKV projection quantizes its
     input once too); delayed scaling's measurement of the current amax is shared the same way.
-    Stochastic rounding (fresh draws per layer) and amaxes agreed across ranks are not shared.
+    So is a stochastically rounded quantization (and one after a Hadamard transform with the same
+    signs): the layers then see one draw of the rounding, as the three parts of a fused QKV
+    projection do, and each layer's GEMM stays unbiased. A result goes to each reader (layer)
+    once: a layer that asks again (called twice on one input, a second backward through the same
+    graph) quantizes afresh, so its repeated stochastic roundings are independent draws. Amaxes
+    agreed across ranks are not shared.
 
-    An entry holds its input, so that the memory under its key cannot be reused by another tensor
-    while the entry lives; `release` drops a slot when its pass is over (the forward slot when the
-    backward starts, the weight-gradient slot when the next forward starts).
+    An entry holds its inputs (and signs), so that the memory under its key cannot be reused by
+    another tensor while the entry lives; `release` drops a slot when its pass is over (the
+    forward slot when the backward starts, the weight-gradient slot when the next forward starts).
     """
 
     def __init__(self):
-        self.slots: dict[str, tuple[tuple, torch.Tensor, object]] = {}
+        self.slots: dict[str, tuple[tuple, object, object, set[int]]] = {}
 
     def quantize(
         self,
@@ -206,28 +214,36 @@ class SharedQuantization(threading.local):
         spec: OperandSpec,
         amax: torch.Tensor | None,
         compute: Callable[[], QTensor],
+        hadamard: torch.Tensor | None = None,
+        reader: object | None = None,
     ) -> QTensor:
-        """``compute()``, or what it returned last time in ``slot`` for the same ``x``, ``spec``
-        and ``amax``."""
-        if slot is None or not _shareable(x, spec, amax):
+        """``compute()``, or what it returned last time in ``slot`` for the same ``x``, ``spec``,
+        ``amax`` and Hadamard signs, unless ``reader`` had that result already."""
+        if slot is None or not _shareable(x, amax):
             return compute()
         scaling = None if amax is None else amax.item()
-        return self._reuse(slot, (*_identity(x), spec, scaling), x, compute)
+        signs = None if hadamard is None else _identity(hadamard)
+        key = (*_identity(x), spec, scaling, signs)
+        return self._reuse(slot, key, (x, hadamard), compute, reader)
 
     def amax(
         self, slot: str | None, x: torch.Tensor, compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """``compute()`` (the measured amax of ``x``), or its last result for the same ``x``."""
-        if slot is None or not _shareable(x, None, None):
+        if slot is None or not _shareable(x, None):
             return compute()
         return self._reuse(f"{slot}.amax", _identity(x), x, compute)
 
-    def _reuse(self, slot: str, key: tuple, x: torch.Tensor, compute: Callable):
+    def _reuse(self, slot: str, key: tuple, inputs, compute: Callable, reader=None):
+        """The slot's result for ``key`` (computed now if it holds another key, or if ``reader``
+        had it already); readers are told apart by identity, None is no one in particular."""
         last = self.slots.get(slot)
-        if last is not None and last[0] == key:
+        if last is not None and last[0] == key and id(reader) not in last[3]:
+            if reader is not None:
+                last[3].add(id(reader))
             return last[2]
         result = compute()
-        self.slots[slot] = (key, x, result)
+        self.slots[slot] = (key, inputs, result, set() if reader is None else {id(reader)})
         return result
 
     def release(self, slot: str) -> None:
@@ -240,10 +256,9 @@ def _identity(x: torch.Tensor) -> tuple:
     return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
 
 
-def _shareable(x: torch.Tensor, spec: OperandSpec | None, amax: torch.Tensor | None) -> bool:
+def _shareable(x: torch.Tensor, amax: torch.Tensor | None) -> bool:
     return (
-        (spec is None or spec.rounding is Rounding.NEAREST)
-        and (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
+        (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
         and not _agreement.active
         and not x.is_inference()  # no version counter to tell an in-place change
         and not torch.compiler.is_compiling()  # traced tensors have no memory to key on

@@ -94,15 +94,49 @@ def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
     assert torch.equal(layers[0](x), layers[0](x.clone()))
 
 
-def test_stochastic_rounding_draws_per_layer():
+def sr_layers(spec: LayerSpec, count: int = 2) -> list[LowbitLinear]:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    return [LowbitLinear(copy.deepcopy(linear), spec) for _ in range(count)]
+
+
+def test_layers_share_a_stochastic_rounding_and_a_layer_asking_again_draws_afresh():
     sr = OperandSpec("fp8_e4m3", Granularity.MX, rounding=Rounding.STOCHASTIC)
     nearest = OperandSpec("fp8_e4m3", Granularity.MX)
     spec = LayerSpec(forward=GemmSpec(sr, nearest))  # only the activation is rounded stochastically
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 32, bias=False)
-    layers = [LowbitLinear(copy.deepcopy(linear), spec) for _ in "ab"]
+    a, b = sr_layers(spec)
     x = torch.randn(16, 64)
-    assert not torch.equal(layers[0](x), layers[1](x))  # fresh draws, not the first layer's
+    first = a(x)
+    assert torch.equal(b(x), first)  # one draw for both readers, as a fused projection has
+    again = a(x)  # a's second call: a fresh draw, not the one it had
+    assert not torch.equal(again, first)
+    assert not torch.equal(a(x), again)
+
+
+def test_a_second_backward_through_one_graph_draws_its_stochastic_rounding_afresh():
+    sr = OperandSpec("fp4_e2m1", Granularity.MX, rounding=Rounding.STOCHASTIC)
+    bf16 = OperandSpec("bf16")
+    spec = LayerSpec(forward=GemmSpec(bf16, bf16), grad_weight=GemmSpec(sr, sr))
+    (layer,) = sr_layers(spec, 1)
+    out = layer(torch.randn(16, 64))
+    grad = torch.randn(16, 32)
+    grads = []
+    for _ in range(2):
+        out.backward(grad, retain_graph=True)
+        grads.append(layer.weight.grad.clone())
+        layer.weight.grad = None
+    assert not torch.equal(*grads)
+
+
+def test_hadamard_layers_share_signs_and_so_their_input_quantization(monkeypatch):
+    calls = count_quantizations(monkeypatch)
+    layers = sr_layers(get_recipe("mxfp4").layer, 3)
+    x = torch.randn(64, 64, requires_grad=True)
+    sum((layer(x) * torch.randn(64, 32)).sum() for layer in layers).backward()
+    # the weight gradient's x (64 tokens x 64 features, quantized along the tokens) once, not 3x;
+    # grad_out along the tokens per layer (its own tensor), and no other 64 x 64 operand
+    assert calls.count((64, 64)) == 1
+    assert calls.count((32, 64)) == 3
 
 
 def test_delayed_scaling_keeps_per_layer_histories():
