@@ -18,6 +18,8 @@ block's q, k and v projections) quantize it once between them where the result c
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -92,7 +94,7 @@ class LayerState:
     """
 
     def __init__(self, spec: LayerSpec, seed: int = 0):
-        self.spec = spec
+        self.spec = spec  # also decides which quantized operands the backward reuses
         self.observer = None
         self.dynamic_spec = False
         reused = reused_operands(spec)
@@ -105,6 +107,21 @@ class LayerState:
         # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
         # a GPU) while returning the autocast/input dtype so that other ops see one dtype.
         self.output_rounding: torch.dtype | None = None
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: LayerSpec) -> None:
+        # Decided once per spec, not per call: which forward quantizations the backward reuses
+        # (`_reusable`, only without a forward transform) and whether both gradient GEMMs share
+        # one quantization of grad_out.
+        plain_forward = spec.forward.transform is Transform.NONE
+        self._spec = spec
+        self.reuse_w = plain_forward and _reusable(spec.forward.b, spec.grad_input.b)
+        self.reuse_x = plain_forward and _reusable(spec.forward.a, spec.grad_weight.b)
+        self.shares_grad_out = _shares_grad_out(spec)
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
         """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
@@ -182,6 +199,13 @@ def _batch(name: str) -> BatchAxis:
     return BatchAxis.COLUMNS if name.startswith("grad_weight.") else BatchAxis.ROWS
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast off: a no-op one where it is off already (the usual backward)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -217,8 +241,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             if state.output_rounding is not None:
                 out = out.to(state.output_rounding)
             out = out.to(out_dtype)
-        reuse_w = qw is not None and _reusable(forward.b, spec.grad_input.b)
-        reuse_x = qx is not None and _reusable(forward.a, spec.grad_weight.b)
+        reuse_w, reuse_x = state.reuse_w, state.reuse_x
         if state.observer is not None:  # reused tensorwise operands: the same values, same stats
             if reuse_w:
                 state.observer("grad_input.w", weight, qw)
@@ -242,10 +265,10 @@ class LowbitLinearFunction(torch.autograd.Function):
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.
         qg = (
             _quantize(grad_out, spec.grad_input.a, state, "grad_input.grad_out")
-            if _shares_grad_out(spec)
+            if state.shares_grad_out
             else None
         )
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if qw is not None:
