@@ -85,7 +85,7 @@ _SIGNS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 class LayerState:
-    """Per-layer numerics state: delayed-scaling histories and the Hadamard matrices.
+    """Per-layer numerics state: delayed-scaling histories and the seed of its Hadamard signs.
 
     ``observer`` (None: off, no cost) is called as ``observer(operand_name, x_hp, q)`` with each
     operand's high-precision tensor and its `QTensor` (`lowbit.diagnostics.stats` attaches one at
