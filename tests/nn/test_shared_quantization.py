@@ -149,3 +149,22 @@ def test_delayed_scaling_keeps_per_layer_histories():
         layer.lowbit_state.commit()
     # layer b scales x by its history's 100x amax, so its values are coarser than layer a's
     assert not torch.equal(layers[0](x), layers[1](x))
+
+
+def test_a_converted_llama_quantizes_a_shared_input_once_per_backward(monkeypatch):
+    """`convert` gives every layer the same Hadamard signs, so in mxfp4's backward the q, k and v
+    projections share the weight gradient's quantization of their common input, and so do gate
+    and up."""
+    import lowbit
+    from lowbit.models import build_causal_lm
+
+    model = build_causal_lm("tiny", 64, seed=0)
+    precision = lowbit.Precision("mxfp4")
+    precision.convert(model)
+    with precision.autocast():
+        loss = model(torch.randint(0, 64, (2, 8))).logits.float().logsumexp(-1).mean()
+    calls = count_quantizations(monkeypatch)
+    loss.backward()
+    # per block and layer (7): grad_out along features and along tokens, the weight; the inputs
+    # along the tokens once for q/k/v, o, gate/up and down: 4, not 7
+    assert len(calls) == model.config.num_hidden_layers * (7 * 3 + 4)
