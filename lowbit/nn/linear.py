@@ -97,11 +97,10 @@ class LayerState:
         self.spec = spec  # also decides which quantized operands the backward reuses
         self.observer = None
         self.dynamic_spec = False
-        reused = reused_operands(spec)
         self.histories = {
             name: AmaxHistory(operand.amax_history)
             for name, operand in spec.operands().items()
-            if operand.scaling is Scaling.DELAYED and name not in reused
+            if operand.scaling is Scaling.DELAYED and name not in self.reused
         }
         self.seed = seed
         # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
@@ -114,14 +113,13 @@ class LayerState:
 
     @spec.setter
     def spec(self, spec: LayerSpec) -> None:
-        # Decided once per spec, not per call: which forward quantizations the backward reuses
-        # (`_reusable`, only without a forward transform) and whether both gradient GEMMs share
-        # one quantization of grad_out.
-        plain_forward = spec.forward.transform is Transform.NONE
+        # Decided once per spec, not per call (`reused_operands`): which forward quantizations
+        # the backward reuses, and whether both gradient GEMMs share one quantization of grad_out.
         self._spec = spec
-        self.reuse_w = plain_forward and _reusable(spec.forward.b, spec.grad_input.b)
-        self.reuse_x = plain_forward and _reusable(spec.forward.a, spec.grad_weight.b)
-        self.shares_grad_out = _shares_grad_out(spec)
+        self.reused = reused_operands(spec)
+        self.reuse_w = "grad_input.w" in self.reused
+        self.reuse_x = "grad_weight.x" in self.reused
+        self.shares_grad_out = "grad_weight.grad_out" in self.reused
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
         """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
