@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.nn.linear import LowbitModule, lowbit_linear
+from lowbit.nn.linear import LowbitModule, full_precision, lowbit_linear
 from lowbit.recipes.recipe import LayerSpec
 
 
@@ -35,7 +35,15 @@ class LowbitConv2d(LowbitModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            return full_precision(
+                F.conv2d,
+                x,
+                self.weight,
+                self.bias,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+            )
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

@@ -308,6 +308,19 @@ class LowbitLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None, None
 
 
+def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
+    """``op`` (``F.linear``, ``F.conv2d``) computed in fp32, as a spec with every operand fp32
+    says, also under autocast (which would run it in 16 bits). Under autocast the result stays
+    fp32, as autocast's own fp32 ops return it; otherwise it is handed on in the input's dtype, so
+    a 16-bit model around the layer sees the dtype it expects."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    with _autocast_off(device):
+        bias = None if bias is None else bias.float()
+        out = op(x.float(), weight.float(), bias, **options)
+    return out if autocast else out.to(x.dtype)
+
+
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -339,7 +352,7 @@ class LowbitLinear(LowbitModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
-            return F.linear(x, self.weight, self.bias)
+            return full_precision(F.linear, x, self.weight, self.bias)
         return lowbit_linear(x, self.weight, self.bias, self.lowbit_state)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ The loop never tests the recipe's name (the pattern of Lightning's precision plu
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 
@@ -80,11 +81,11 @@ class Precision:
         ``lowbit_sdpa``, whose backward runs in fp32 (`lowbit.nn.attention.route_attention`)."""
         if self.param_dtype != torch.float32:
             model.to(self.param_dtype)
-        layer_spec_applies = self.recipe.layer is not None and (
-            not self.recipe.emulate_fp16_gemms_on_cpu or self.emulates_fp16
-        )
-        if layer_spec_applies:
-            convert(model, self.recipe, self.conversion_report)
+        recipe = self.recipe
+        if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
+            recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
+        if recipe.converts_layers:  # the recipe's layer spec, or only its overrides' (autocast)
+            convert(model, recipe, self.conversion_report)
         if self.emulates_fp16:
             for layer in lowbit_layers(model).values():
                 layer.lowbit_state.output_rounding = torch.float16

@@ -187,10 +187,12 @@ def get_recipe(name: str | Recipe) -> Recipe:
 def parse_override(text: str, recipe: Recipe) -> Override:
     """An override from ``PATTERN=WHAT`` as `lowbit train --override` takes it.
 
-    ``WHAT`` is ``keep`` (high precision), a preset name (that preset's layer spec), or a comma
-    list ``OPERAND:FORMAT`` changing operands of the recipe's layer spec, with OPERAND one of
-    ``forward.x, forward.w, grad_input.grad_out, grad_input.w, grad_weight.grad_out,
-    grad_weight.x`` (e.g. ``model.layers.0.*=grad_weight.grad_out:bf16``).
+    ``WHAT`` is ``keep`` (not converted: the layer runs as the rest of the model does, so under
+    an autocast recipe in autocast's dtype), a preset name (that preset's GEMM operands,
+    `Recipe.compute_layer`: ``fp32`` computes the layer in fp32 even under autocast, ``bf16-mixed``
+    in bf16), or a comma list ``OPERAND:FORMAT`` changing operands of the recipe's own GEMM
+    operands, with OPERAND one of ``forward.x, forward.w, grad_input.grad_out, grad_input.w,
+    grad_weight.grad_out, grad_weight.x`` (e.g. ``model.layers.0.*=grad_weight.grad_out:bf16``).
     """
     pattern, sep, what = text.partition("=")
     if not sep or not pattern or not what:
@@ -201,8 +203,8 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     if what == "keep":
         return Override(pattern, None, f"override {text}")
     if what in _PRESETS:
-        return Override(pattern, _PRESETS[what].layer, f"override {text}")
-    base = recipe.layer or LayerSpec()
+        return Override(pattern, _PRESETS[what].compute_layer, f"override {text}")
+    base = recipe.compute_layer
     operands = dict(base.operands())
     for item in what.split(","):
         operand, _, fmt = item.partition(":")

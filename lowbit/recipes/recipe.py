@@ -232,6 +232,19 @@ class Recipe:
             return None, "the recipe converts no layers"
         return self.layer, "recipe default"
 
+    @property
+    def compute_layer(self) -> LayerSpec:
+        """What the recipe's GEMMs compute with: its layer spec, or for a recipe that converts no
+        layers, every operand in its compute dtype (autocast's, else the parameters')."""
+        if self.layer is not None:
+            return self.layer
+        return uniform_layer(OperandSpec(self.autocast or self.param_dtype))
+
+    @property
+    def converts_layers(self) -> bool:
+        """Whether `convert` swaps any layer: the recipe's spec or an override's says so."""
+        return self.layer is not None or any(o.layer is not None for o in self.overrides)
+
     def resolved_for(self, names: Iterable[str]) -> Recipe:
         """A copy whose override placeholders (``{last}``) are resolved against a model's module
         names (`convert` calls this, so one recipe serves models of any depth)."""

@@ -24,10 +24,15 @@ import torch
 
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import UsageError
+from lowbit.nn.convert import lowbit_layers
 from lowbit.train import checkpoint
 from lowbit.train.config import TrainConfig, lr_at, recipe_of, resolve, write
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
+
+# Operand formats a CPU computes natively; every other one (fp16, fp8, MX, int8 operands) is
+# emulated on exact low-precision values.
+_NATIVE_ON_CPU = ("fp32", "bf16")
 
 MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
@@ -259,16 +264,23 @@ class Trainer:
         converted = self.precision.convert(self.task.model.to(self.device))
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
-        report = self.precision.conversion_report
-        if report.converted and self.device.type == "cpu" and self.dist.is_main:
-            print(
-                f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
-                f"{len(report.converted)} low-precision layers run in bit-faithful emulation "
-                "(slower)",
-                file=sys.stderr,
-            )
+        if config.overrides and not self.quiet:
+            summary = self.precision.conversion_report.summary().replace("\n", "\n  ")
+            print(f"lowbit: with the overrides, {summary}", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
         self.monitor = build_monitor(self.model, recipe, config.stats_interval)
+        emulated = [
+            name
+            for name, layer in lowbit_layers(self.model).items()
+            if layer.lowbit_state.dynamic_spec  # auto: its formats move during training
+            or any(op.format not in _NATIVE_ON_CPU for op in layer.spec.operands().values())
+        ]
+        if emulated and self.device.type == "cpu" and self.dist.is_main:
+            print(
+                f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
+                f"{len(emulated)} low-precision layers run in bit-faithful emulation (slower)",
+                file=sys.stderr,
+            )
         self.total_steps = config.steps or math.ceil(config.epochs * self.task.steps_per_epoch())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.records: list = []  # (split, record) of the monitor for the last step

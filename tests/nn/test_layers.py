@@ -155,6 +155,23 @@ def test_fp32_operands_are_plain_linear():
     assert torch.equal(layer(x), linear(x))
 
 
+def test_fp32_operands_stay_fp32_under_autocast():
+    """An all-fp32 spec means fp32 GEMMs also where autocast would run the layer in bf16."""
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(32, 16), torch.nn.Conv2d(3, 8, 3, padding=1)
+    layers = (
+        LowbitLinear(copy.deepcopy(linear), LayerSpec()),
+        LowbitConv2d(copy.deepcopy(conv), LayerSpec()),
+    )
+    for layer, plain, x in zip(
+        layers, (linear, conv), (torch.randn(5, 32), torch.randn(2, 3, 6, 6)), strict=True
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x.bfloat16())
+        assert out.dtype == torch.float32
+        assert torch.equal(out, plain(x.bfloat16().float()))
+
+
 def test_conv_matches_conv2d_and_quantizes():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1, stride=2)

@@ -232,3 +232,64 @@ def test_master_weights_are_fp32_and_params_16_bit():
 def test_finite_loss_policy_follows_loss_scaling():
     assert Precision("fp16-mixed").finite_loss_policy == "skip"
     assert Precision("bf16-mixed").finite_loss_policy == "stop"
+
+
+def _with(recipe_name, *texts):
+    from lowbit.recipes import parse_override
+
+    recipe = get_recipe(recipe_name)
+    return recipe.with_overrides(*(parse_override(t, recipe) for t in texts))
+
+
+def test_fp32_override_under_autocast_computes_the_layer_in_fp32():
+    """bf16-mixed with ``4=fp32``: the output layer's GEMMs and output are fp32, as in a plain
+    fp32 layer fed the same input, while the other layers stay autocast's bf16."""
+    model = mlp()
+    reference = copy.deepcopy(model)
+    precision = Precision(_with("bf16-mixed", "4=fp32"))
+    model = precision.convert(model)
+    assert list(precision.conversion_report.converted) == ["4"]
+    x = batches(1)[0][0]
+    with precision.autocast():
+        hidden = model[:4](x)
+        out = model[4](hidden)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32
+    expected = reference[4](hidden.detach().float())
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(model[4].weight.grad, reference[4].weight.grad)
+
+
+def test_preset_override_converts_layers_of_an_autocast_recipe():
+    """An override naming a low-precision preset applies under a recipe that converts no layer
+    itself (it used to be ignored); ``keep`` leaves the layer to autocast."""
+    precision = Precision(_with("bf16-mixed", "0=fp8-tensorwise", "4=keep"))
+    model = precision.convert(mlp())
+    assert set(precision.conversion_report.converted) == {"0"}
+    assert "fp8_e4m3" in precision.conversion_report.converted["0"]
+    assert "override" in precision.conversion_report.kept["4"]
+    losses, *_ = lowbit_loop(None, model, batches(3), precision=precision)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_operand_override_under_autocast_starts_from_the_compute_dtype():
+    """``OPERAND:FORMAT`` changes one operand of what the recipe computes: bf16 under bf16-mixed."""
+    recipe = _with("bf16-mixed", "*=grad_weight.grad_out:fp8_e5m2")
+    operands = recipe.layer_for("0")[0].operands()
+    assert operands["grad_weight.grad_out"].format == "fp8_e5m2"
+    assert {operands[name].format for name in operands if name != "grad_weight.grad_out"} == {
+        "bf16"
+    }
+
+
+def test_fp32_override_in_a_16_bit_model_returns_its_dtype():
+    """Without autocast (bf16 parameters) an fp32 layer computes in fp32 and hands bf16 on."""
+    model = mlp()
+    precision = Precision(_with("bf16-low", "0=fp32"))
+    model = precision.convert(model)
+    x = batches(1)[0][0].bfloat16()
+    out = model[0](x)
+    assert out.dtype == torch.bfloat16
+    plain = F.linear(x.float(), model[0].weight.float(), model[0].bias.float())
+    assert torch.equal(out, plain.bfloat16())
