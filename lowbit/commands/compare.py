@@ -65,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in train_command.FLAGS:
         if flag not in OWN:
             group.add_argument(flag, type=kind, default=None, help=text)
+    group.add_argument(
+        "--override",
+        action="append",
+        default=None,
+        metavar="PATTERN=WHAT",
+        help="per-layer precision for every recipe's runs, repeatable, as `lowbit train "
+        "--override` takes it (e.g. 'lm_head=fp32'); first match wins",
+    )
 
 
 def run(args) -> int:
@@ -79,6 +87,7 @@ def run(args) -> int:
         for flag, _, _ in train_command.FLAGS
         if flag not in OWN
     }
+    overrides["overrides"] = args.override
     base = build_config(load_file(args.config) if args.config else {}, overrides)
     if args.threads is not None:
         if args.threads <= 0:

@@ -196,3 +196,21 @@ def test_record_from_before_a_new_setting_is_still_reused(study_result, tmp_path
         path.write_text(json.dumps(record))
     again = compare(study, plots=False, log=lambda line: None)
     assert again.trained == [] and len(again.reused) == 4
+
+
+def test_override_applies_to_every_run_and_keys_reuse(tmp_path, capsys):
+    """``--override`` reaches every recipe's runs (bf16-mixed with an fp32 head converts that one
+    layer) and is part of the settings: the same study without it is another study."""
+    argv = ["compare", "--recipes", "fp32,bf16-mixed", "--seeds", "1", "--out", str(tmp_path)]
+    argv += ["--seq-len", "16", "--batch-size", "4", "--steps", "2", "--eval-batches", "1"]
+    assert main([*argv, "--override", "lm_head=fp32", "--no-plots", "--quiet"]) == 0
+    runs = sorted((tmp_path / "runs").glob("*/*/run.json"))
+    conversions = {path.parts[-3]: json.loads(path.read_text())["conversion"] for path in runs}
+    assert conversions["bf16-mixed"].startswith("converted 1/")
+    records = (tmp_path / "runs").glob("*/*/compare.json")
+    assert all(
+        json.loads(p.read_text())["config"]["overrides"] == ["lm_head=fp32"] for p in records
+    )
+    capsys.readouterr()
+    assert main([*argv, "--no-plots", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
