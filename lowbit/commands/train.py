@@ -35,6 +35,12 @@ FLAGS = [
     ("--optimizer-state", str, "AdamW state precision: fp32 (default), bf16, fp8, 8bit, 4bit"),
     ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
     ("--grad-clip", float, "clip the gradient norm to this (default 1.0; 0 measures only)"),
+    ("--loss-scale", float, "fp16 recipes: the starting loss scale (default 65536, GradScaler's)"),
+    (
+        "--loss-scale-growth-interval",
+        int,
+        "fp16 recipes: overflow-free steps before the loss scale doubles (default 2000)",
+    ),
     ("--seed", int, "seed of initialization, data order and sampling (default 0)"),
     ("--eval-interval", int, "steps between validation evaluations"),
     ("--eval-batches", int, "validation batches per evaluation (default 8)"),

@@ -40,6 +40,7 @@ class Precision:
             else LossScaler(
                 self.recipe.initial_loss_scale,
                 dynamic=self.recipe.loss_scaling is LossScaling.DYNAMIC,
+                growth_interval=self.recipe.loss_scale_growth_interval,
             )
         )
         if self.param_dtype == torch.float32:

@@ -13,6 +13,7 @@ Everything outside those GEMMs (bias, norms, softmax, losses) runs in the recipe
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -207,6 +208,7 @@ class Recipe:
     grad_dtype: str | None = None  # dtype gradients are reduced/stored in (default: param dtype)
     loss_scaling: LossScaling = LossScaling.NONE
     initial_loss_scale: float = 2.0**16
+    loss_scale_growth_interval: int = 2000  # overflow-free steps before a dynamic scale doubles
     update_rounding: UpdateRounding = UpdateRounding.NEAREST
     overrides: tuple[Override, ...] = ()
     emulate_fp16_gemms_on_cpu: bool = False  # fp16 compute as fp16-rounded GEMM operands on CPU
@@ -220,6 +222,16 @@ class Recipe:
                 raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
         if self.update_rounding is not UpdateRounding.NEAREST and self.param_dtype == "fp32":
             raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
+        if not (math.isfinite(self.initial_loss_scale) and self.initial_loss_scale > 0):
+            raise UsageError(
+                f"loss scale must be a positive number, got {self.initial_loss_scale}; fix: e.g. "
+                "65536 (2^16, GradScaler's start)"
+            )
+        if self.loss_scale_growth_interval < 1:
+            raise UsageError(
+                f"loss scale growth interval must be at least 1, got "
+                f"{self.loss_scale_growth_interval}; fix: e.g. 2000 (GradScaler's)"
+            )
         if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
             raise UsageError("Kahan compensation replaces master weights; use one or the other")
 

@@ -86,6 +86,8 @@ class TrainConfig:
     strategy: str | None = None  # None: one process; "ddp" or "fsdp" (lowbit.distributed)
     stats_interval: int = 0  # steps between per-operand numerics statistics; 0: off
     overrides: list[str] = field(default_factory=list)  # PATTERN=WHAT (recipes.parse_override)
+    loss_scale: float | None = None  # the recipe's initial (or static) loss scale instead
+    loss_scale_growth_interval: int | None = None  # the recipe's growth interval instead
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -174,6 +176,8 @@ _NUMBER_FIELDS = {
     "grad_clip": float,
     "nproc": int,
     "stats_interval": int,
+    "loss_scale": float,
+    "loss_scale_growth_interval": int,
 }
 
 
@@ -271,7 +275,31 @@ def recipe_of(config: TrainConfig):
     recipe = get_recipe(config.recipe)
     if config.overrides:
         recipe = recipe.with_overrides(*(parse_override(t, recipe) for t in config.overrides))
-    return recipe
+    return with_loss_scaling(recipe, config.loss_scale, config.loss_scale_growth_interval)
+
+
+def with_loss_scaling(recipe, scale: float | None, growth_interval: int | None):
+    """``recipe`` with its loss scaling's start (or static value) and growth interval replaced."""
+    from lowbit.recipes import LossScaling
+
+    if scale is None and growth_interval is None:
+        return recipe
+    if recipe.loss_scaling is LossScaling.NONE:
+        raise UsageError(
+            f"recipe {recipe.name} has no loss scaling (only the fp16 recipes need it, e.g. "
+            "fp16-mixed, fp16-low); fix: drop --loss-scale/--loss-scale-growth-interval"
+        )
+    if growth_interval is not None and recipe.loss_scaling is not LossScaling.DYNAMIC:
+        raise UsageError(
+            f"recipe {recipe.name} scales the loss statically, so it never grows; fix: drop "
+            "--loss-scale-growth-interval"
+        )
+    changes = {}
+    if scale is not None:
+        changes["initial_loss_scale"] = scale
+    if growth_interval is not None:
+        changes["loss_scale_growth_interval"] = growth_interval
+    return dataclasses.replace(recipe, **changes)
 
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:

@@ -139,6 +139,12 @@ def test_token_classification_on_conll_folder(tmp_path, capsys):
         (["--steps", "3", "--epochs", "1"], "only one of --steps/--epochs"),
         (["--device", "cuda:7"], "device 'cuda:7'"),
         (["--resume"], "no config.yaml"),
+        (["--recipe", "bf16-mixed", "--loss-scale", "1024"], "bf16-mixed has no loss scaling"),
+        (["--recipe", "fp16-mixed", "--loss-scale", "-1"], "loss scale must be a positive"),
+        (
+            ["--recipe", "fp16-low", "--loss-scale-growth-interval", "0"],
+            "growth interval must be at least 1",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, expected):

@@ -111,6 +111,29 @@ def test_fp16_mixed_tracks_autocast_and_grad_scaler():
         assert ours == pytest.approx(theirs, rel=2e-3)
 
 
+def test_loss_scale_settings_follow_grad_scaler():
+    """``--loss-scale`` / ``--loss-scale-growth-interval`` (TrainConfig fields) start and grow the
+    dynamic scale as GradScaler's ``init_scale`` / ``growth_interval`` do."""
+    from lowbit.train.config import TrainConfig, recipe_of
+
+    config = TrainConfig(recipe="fp16-mixed", loss_scale=1024.0, loss_scale_growth_interval=3)
+    data = batches(10)
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    plain_scales = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        plain_scales.append(scaler.get_scale())
+    _, scales, *_ = lowbit_loop(recipe_of(config), mlp(), data)
+    assert scales == plain_scales == [1024.0 * 2 ** ((i + 1) // 3) for i in range(10)]
+
+
 @pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-low"])
 def test_injected_overflow_skips_the_step_and_halves_the_scale(recipe):
     precision = Precision(recipe)
