@@ -104,7 +104,12 @@ class AutoPrecision:
         from lowbit.nn.convert import lowbit_layers
 
         self.rungs = self.rungs or RUNGS[RUNGS.index(self.budget) :]
-        self.layers = lowbit_layers(self.model)
+        # Layers whose spec an override chose (`lowbit train --override`) keep it.
+        self.layers = {
+            name: layer
+            for name, layer in lowbit_layers(self.model).items()
+            if not layer.lowbit_state.overridden
+        }
         self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         self.collector = StatsCollector(self.model, extra=self._what_if)
         for name, layer in self.layers.items():
@@ -144,6 +149,8 @@ class AutoPrecision:
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
         from lowbit.nn.operand import quantize_operand
 
+        if layer not in self.plan:  # an overridden layer: observed, not controlled
+            return
         measured = {}
         x = x_hp.detach()
         for rung in self.rungs:
@@ -231,6 +238,7 @@ class AutoPrecision:
             )
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
+        offenders = [(layer, op) for layer, op in offenders if layer in self.plan]
         offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
         changes = []
         for layer, op in offenders:

@@ -15,6 +15,7 @@ import torch
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
 from lowbit.nn.linear import LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
+from lowbit.recipes.recipe import RECIPE_DEFAULT
 
 
 @dataclass
@@ -59,6 +60,8 @@ def convert(
                 replacement = LowbitConv2d(child, spec)
             else:
                 replacement = LowbitLinear(child, spec)
+            # A layer an override gave its spec keeps it: the auto controller moves the others.
+            replacement.lowbit_state.overridden = reason != RECIPE_DEFAULT
             setattr(module, child_name, replacement)
             report.converted[name] = spec.describe()
 

@@ -97,6 +97,7 @@ class LayerState:
         self.spec = spec  # also decides which quantized operands the backward reuses
         self.observer = None
         self.dynamic_spec = False
+        self.overridden = False  # the spec came from a recipe override (`convert`)
         self.histories = {
             name: AmaxHistory(operand.amax_history)
             for name, operand in spec.operands().items()

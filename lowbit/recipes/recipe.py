@@ -165,6 +165,7 @@ def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> 
     )
 
 
+RECIPE_DEFAULT = "recipe default"  # `Recipe.layer_for`'s reason when no override matched
 LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
 
 
@@ -242,7 +243,7 @@ class Recipe:
                 return override.layer, override.reason
         if self.layer is None:
             return None, "the recipe converts no layers"
-        return self.layer, "recipe default"
+        return self.layer, RECIPE_DEFAULT
 
     @property
     def compute_layer(self) -> LayerSpec:

@@ -44,6 +44,31 @@ def test_auto_moves_an_outlier_input_up_and_back_down_when_stable():
     assert model[0].lowbit_state.spec.forward.a.format == "fp8_e4m3"
 
 
+def test_auto_leaves_overridden_layers_as_the_override_says():
+    """``auto`` with ``--override``: the layers an override converted keep its spec through the
+    checks (an fp32 layer stays fp32, an fp8 one is observed but not moved); the rest follow
+    the plan."""
+    from lowbit.recipes import parse_override
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(3)))
+    recipe = lowbit.get_recipe("auto")
+    recipe = recipe.with_overrides(
+        parse_override("0=fp32", recipe), parse_override("1=fp8-tensorwise", recipe)
+    )
+    lowbit.convert(model, recipe)
+    pinned = {name: model[int(name)].lowbit_state.spec for name in ("0", "1")}
+    controller = AutoPrecision(model, "fp8")
+    assert set(controller.plan) == {"2"}
+    x = torch.randn(256, 64, requires_grad=True)
+    _observed_step(controller, model, x, 1)
+    outliers = x.detach().clone()
+    outliers[:, :2] *= 2.0**17
+    _observed_step(controller, model, outliers.requires_grad_(), 25)
+    assert {name: model[int(name)].lowbit_state.spec for name in ("0", "1")} == pinned
+    assert model[2].lowbit_state.spec.forward.a.format == "fp8_e4m3"  # controlled: moved down
+
+
 def test_auto_budget_fp4_goes_below_8_bits_where_the_error_allows():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64))
