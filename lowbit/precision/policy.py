@@ -85,7 +85,7 @@ class Precision:
         recipe = self.recipe
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
-        if recipe.converts_layers:  # the recipe's layer spec, or only its overrides' (autocast)
+        if recipe.layer is not None or recipe.overrides:  # overrides apply under autocast too
             convert(model, recipe, self.conversion_report)
         if self.emulates_fp16:
             for layer in lowbit_layers(model).values():

@@ -253,11 +253,6 @@ class Recipe:
             return self.layer
         return uniform_layer(OperandSpec(self.autocast or self.param_dtype))
 
-    @property
-    def converts_layers(self) -> bool:
-        """Whether `convert` swaps any layer: the recipe's spec or an override's says so."""
-        return self.layer is not None or any(o.layer is not None for o in self.overrides)
-
     def resolved_for(self, names: Iterable[str]) -> Recipe:
         """A copy whose override placeholders (``{last}``) are resolved against a model's module
         names (`convert` calls this, so one recipe serves models of any depth)."""
