@@ -13,7 +13,6 @@ Everything outside those GEMMs (bias, norms, softmax, losses) runs in the recipe
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -165,6 +164,7 @@ def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> 
     )
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
 RECIPE_DEFAULT = "recipe default"  # `Recipe.layer_for`'s reason when no override matched
 LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
 
@@ -223,10 +223,10 @@ class Recipe:
                 raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
         if self.update_rounding is not UpdateRounding.NEAREST and self.param_dtype == "fp32":
             raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
-        if not (math.isfinite(self.initial_loss_scale) and self.initial_loss_scale > 0):
+        if not 0 < self.initial_loss_scale <= _FP32_MAX:  # the scale is an fp32 tensor
             raise UsageError(
-                f"loss scale must be a positive number, got {self.initial_loss_scale}; fix: e.g. "
-                "65536 (2^16, GradScaler's start)"
+                f"loss scale must be a positive fp32 number (at most {_FP32_MAX:.3g}), got "
+                f"{self.initial_loss_scale}; fix: e.g. 65536 (2^16, GradScaler's start)"
             )
         if self.loss_scale_growth_interval < 1:
             raise UsageError(

@@ -141,6 +141,7 @@ def test_token_classification_on_conll_folder(tmp_path, capsys):
         (["--resume"], "no config.yaml"),
         (["--recipe", "bf16-mixed", "--loss-scale", "1024"], "bf16-mixed has no loss scaling"),
         (["--recipe", "fp16-mixed", "--loss-scale", "-1"], "loss scale must be a positive"),
+        (["--recipe", "fp16-mixed", "--loss-scale", "1e40"], "at most 3.4e+38"),
         (
             ["--recipe", "fp16-low", "--loss-scale-growth-interval", "0"],
             "growth interval must be at least 1",
