@@ -182,8 +182,21 @@ def make_study(
         base = build_config(base_config or {}).to_dict()
     for key in ("recipe", "seed", "out"):
         base.pop(key, None)
-    resolved = resolve(build_config({**base, "recipe": baseline, "seed": seeds[0], "out": "x"}))
+    scaling = {key: base.get(key) for key in _LOSS_SCALE_SETTINGS}
+    if any(v is not None for v in scaling.values()) and all(
+        _without_loss_scaling(name) for name in recipes
+    ):
+        raise UsageError(
+            "--loss-scale/--loss-scale-growth-interval: none of the recipes scales its loss (the "
+            "fp16 recipes do); fix: drop them or add fp16-mixed or fp16-low"
+        )
+    for name in recipes:  # every recipe's runs must be valid (overrides, loss scaling)
+        settings = _recipe_settings({**base, "seed": seeds[0], "out": "x"}, name)
+        resolve(build_config({**settings, "recipe": name}))
+    unscaled = {**base, **dict.fromkeys(_LOSS_SCALE_SETTINGS)}
+    resolved = resolve(build_config({**unscaled, "recipe": baseline, "seed": seeds[0], "out": "x"}))
     base = {k: v for k, v in resolved.to_dict().items() if k not in ("recipe", "seed", "out")}
+    base.update(scaling)
     if out is None:
         out = Path("runs") / f"compare-{base['task']}-{Path(str(base['model'])).name}"
     return Study(
@@ -201,9 +214,28 @@ def make_study(
 def run_config(study: Study, recipe: str, seed: int):
     from lowbit.train.config import TrainConfig
 
+    settings = _recipe_settings(study.base, recipe)
     return TrainConfig(
-        **{**study.base, "recipe": recipe, "seed": seed, "out": str(study.run_dir(recipe, seed))}
+        **{**settings, "recipe": recipe, "seed": seed, "out": str(study.run_dir(recipe, seed))}
     )
+
+
+# Settings only recipes with loss scaling take: a study of fp32 against fp16-mixed at another
+# loss scale trains fp32 as usual (and reuses its runs from studies without the setting).
+_LOSS_SCALE_SETTINGS = ("loss_scale", "loss_scale_growth_interval")
+
+
+def _without_loss_scaling(recipe: str) -> bool:
+    from lowbit.recipes import LossScaling, get_recipe
+
+    return get_recipe(recipe).loss_scaling is LossScaling.NONE
+
+
+def _recipe_settings(settings: dict, recipe: str) -> dict:
+    """``settings`` as one recipe's runs take them (see ``_LOSS_SCALE_SETTINGS``)."""
+    if _without_loss_scaling(recipe):
+        return {**settings, **dict.fromkeys(_LOSS_SCALE_SETTINGS)}
+    return settings
 
 
 # ------------------------------------------------------------------------------------ running

@@ -214,3 +214,24 @@ def test_override_applies_to_every_run_and_keys_reuse(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--no-plots", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsys):
+    """``--loss-scale`` in a study of fp32 against fp16-mixed sets fp16-mixed's starting scale and
+    leaves fp32 as it is; a study without an fp16 recipe refuses it."""
+    argv = ["compare", "--seeds", "1", "--seq-len", "16", "--batch-size", "4", "--steps", "2"]
+    argv += ["--eval-batches", "1", "--loss-scale", "1024", "--no-plots", "--quiet"]
+    assert main([*argv, "--recipes", "fp32,fp16-mixed", "--out", str(tmp_path / "a")]) == 0
+    records = {
+        path.parts[-3]: json.loads(path.read_text())["config"]
+        for path in (tmp_path / "a" / "runs").glob("*/*/compare.json")
+    }
+    assert records["fp32"]["loss_scale"] is None
+    assert records["fp16-mixed"]["loss_scale"] == 1024.0
+    metrics = (tmp_path / "a" / "runs" / "fp16-mixed" / "seed-0" / "metrics.jsonl").read_text()
+    steps = [json.loads(line) for line in metrics.splitlines()]
+    assert next(s["loss_scale"] for s in steps if s["split"] == "train") in (1024.0, 512.0)
+    capsys.readouterr()
+    assert main([*argv, "--recipes", "fp32,bf16-mixed", "--out", str(tmp_path / "b")]) == 2
+    assert "none of the recipes scales its loss" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
