@@ -34,7 +34,20 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{'':<{width}}    {layer}; params {recipe.param_dtype}"
                 f"{', fp32 master' if recipe.master_dtype else ''}"
-                f", loss scaling {recipe.loss_scaling.value}"
+                f", loss scaling {_loss_scaling(recipe)}"
                 f", update {recipe.update_rounding.value}  [{recipe.reference}]"
             )
     return 0
+
+
+def _loss_scaling(recipe) -> str:
+    """``none``, ``static (S)`` or ``dynamic (start S, x2 after N clean steps)``."""
+    from lowbit.recipes import LossScaling
+
+    kind = recipe.loss_scaling
+    if kind is LossScaling.NONE:
+        return "none"
+    start = f"{recipe.initial_loss_scale:g}"
+    if kind is LossScaling.STATIC:
+        return f"static ({start})"
+    return f"dynamic (start {start}, x2 after {recipe.loss_scale_growth_interval} clean steps)"

@@ -77,7 +77,9 @@ def test_recipes_command_prints_one_line_each(capsys):
     assert len(lines) == len(lowbit.recipe_names())
     assert lines[0].startswith("fp32 ")
     assert main(["recipes", "--verbose"]) == 0
-    assert "fp8_e5m2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fp8_e5m2" in out
+    assert "loss scaling dynamic (start 65536, x2 after 2000 clean steps)" in out  # fp16 recipes
 
 
 def test_docs_recipes_page_holds_the_current_table():
