@@ -140,11 +140,24 @@ def describe(results: dict) -> str:
     b = s["base"]
     steps = f"{b['steps']} steps" if b.get("steps") else f"{b['epochs']} epochs"
     shape = f"batch {b['batch_size']}" + (f" x seq {b['seq_len']}" if b.get("seq_len") else "")
-    return (
+    text = (
         f"Task {results['task']}, model {b['model']}, {steps}, {shape}, lr {b['lr']:g}, "
         f"seeds {', '.join(map(str, s['seeds']))}; baseline {results['baseline']}. Same "
         "initialization and data order per seed for every recipe."
     )
+    if b.get("overrides"):
+        text += f" Layer overrides on every recipe: {', '.join(b['overrides'])}."
+    scaling = [
+        f"{label} {b[key]:g}"
+        for key, label in (
+            ("loss_scale", "start"),
+            ("loss_scale_growth_interval", "growth interval"),
+        )
+        if b.get(key) is not None
+    ]
+    if scaling:
+        text += f" Loss scaling of the fp16 recipes: {', '.join(scaling)}."
+    return text
 
 
 def verdict_lines(results: dict) -> list[str]:

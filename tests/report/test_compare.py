@@ -211,6 +211,8 @@ def test_override_applies_to_every_run_and_keys_reuse(tmp_path, capsys):
     assert all(
         json.loads(p.read_text())["config"]["overrides"] == ["lm_head=fp32"] for p in records
     )
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Layer overrides on every recipe: lm_head=fp32." in report
     capsys.readouterr()
     assert main([*argv, "--no-plots", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -231,6 +233,8 @@ def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsy
     metrics = (tmp_path / "a" / "runs" / "fp16-mixed" / "seed-0" / "metrics.jsonl").read_text()
     steps = [json.loads(line) for line in metrics.splitlines()]
     assert next(s["loss_scale"] for s in steps if s["split"] == "train") in (1024.0, 512.0)
+    report = (tmp_path / "a" / "report" / "report.md").read_text()
+    assert "Loss scaling of the fp16 recipes: start 1024." in report
     capsys.readouterr()
     assert main([*argv, "--recipes", "fp32,bf16-mixed", "--out", str(tmp_path / "b")]) == 2
     assert "none of the recipes scales its loss" in capsys.readouterr().err
