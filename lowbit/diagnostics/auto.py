@@ -14,7 +14,10 @@ on that step's real tensor,
 The operand's target is the cheapest rung it passes. It moves *up* at once when the target is
 above its current rung (saturation, outliers, lost SQNR), and *down* only after ``patience``
 consecutive checks agree that a cheaper rung passes (hysteresis: a layer moves down again once it
-has been stable). The plan (layer -> operand -> rung) is logged at every change, kept in
+has been stable). A layer whose input is the model's own input (raw data, e.g. a CNN's first
+convolution reading the pixels) stays in bf16: its rounding error is a fixed distortion of the
+data, which an SQNR threshold does not judge (`AutoPrecision._watch_inputs`). Layers that an
+override converted keep the override's spec. The plan (layer -> operand -> rung) is logged at every change, kept in
 checkpoints (each layer's spec is saved with its `LayerState`, and the controller's counters and
 history with the trainer state), and restored on resume and evaluation.
 
@@ -99,6 +102,7 @@ class AutoPrecision:
     stable: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     checked: bool = False
+    input_layers: set = field(default_factory=set)  # layers that read the model's input
 
     def __post_init__(self):
         from lowbit.nn.convert import lowbit_layers
@@ -111,6 +115,7 @@ class AutoPrecision:
             if not layer.lowbit_state.overridden
         }
         self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._input_hooks: list = []
         self.collector = StatsCollector(self.model, extra=self._what_if)
         for name, layer in self.layers.items():
             layer.lowbit_state.dynamic_spec = True
@@ -149,7 +154,7 @@ class AutoPrecision:
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
         from lowbit.nn.operand import quantize_operand
 
-        if layer not in self.plan:  # an overridden layer: observed, not controlled
+        if layer not in self.plan or layer in self.input_layers:  # observed, not controlled
             return
         measured = {}
         x = x_hp.detach()
@@ -161,6 +166,38 @@ class AutoPrecision:
     def begin(self) -> None:
         self._measured.clear()
         self.collector.attach()
+        if not self.checked and not self._input_hooks:
+            self._watch_inputs()
+
+    def _watch_inputs(self) -> None:
+        """Until the first check is decided: note the layers whose input is a tensor the model was
+        called with, or a view of it (raw data: a CNN's first convolution reads the pixels, an
+        MLP's first layer the flattened image). Their rounding
+        error is not noise that changes from step to step but a fixed distortion of the data
+        itself (per-tensor e4m3 moves 11 of the 17 pixel levels of the digits and merges two,
+        with an SQNR the threshold passes), so they stay in bf16, as the first layer of a
+        low-precision network usually does. A language model's layers read embeddings and norms,
+        never the token ids, so none of them is one."""
+        model_inputs: list[torch.Tensor] = []
+
+        def note_model_inputs(module, args, kwargs):
+            tensors = (*args, *kwargs.values())
+            model_inputs[:] = [t for t in tensors if isinstance(t, torch.Tensor)]
+
+        def check_layer(name):
+            def hook(module, args):
+                if args and isinstance(args[0], torch.Tensor):
+                    storage = args[0].untyped_storage().data_ptr()  # the input or a view of it
+                    if any(t.untyped_storage().data_ptr() == storage for t in model_inputs):
+                        self.input_layers.add(name)
+
+            return hook
+
+        self._input_hooks = [
+            self.model.register_forward_pre_hook(note_model_inputs, with_kwargs=True)
+        ]
+        for name, layer in self.layers.items():
+            self._input_hooks.append(layer.register_forward_pre_hook(check_layer(name)))
 
     def finish_check(self, step: int) -> tuple[dict, list]:
         """Decide from the observed step; returns (current stats, changes made)."""
@@ -182,6 +219,8 @@ class AutoPrecision:
         self._measured.clear()
         first = not self.checked
         self.checked = True
+        for handle in self._input_hooks:
+            handle.remove()
         if changes or first:
             self.apply()
             self.history.append({"step": step, **self.summary(), "changes": changes})
@@ -238,7 +277,11 @@ class AutoPrecision:
             )
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
-        offenders = [(layer, op) for layer, op in offenders if layer in self.plan]
+        offenders = [
+            (layer, op)
+            for layer, op in offenders
+            if layer in self.plan and layer not in self.input_layers
+        ]
         offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
         changes = []
         for layer, op in offenders:
@@ -265,6 +308,7 @@ class AutoPrecision:
             "stable": {f"{k[0]}|{k[1]}": v for k, v in self.stable.items()},
             "history": list(self.history),
             "checked": self.checked,
+            "input_layers": sorted(self.input_layers),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -272,6 +316,7 @@ class AutoPrecision:
         self.stable = {tuple(k.split("|")): v for k, v in state["stable"].items()}
         self.history = list(state["history"])
         self.checked = bool(state["checked"])
+        self.input_layers = set(state.get("input_layers", ()))  # absent before they were kept
         self.apply()
 
 

@@ -14,8 +14,10 @@ from lowbit.train.trainer import Trainer
 
 
 def _observed_step(controller, model, x, step):
+    """One checked step. ``forward``, not ``__call__``: the toy model's first layer stands for a
+    layer inside a network; one that reads the model's input stays bf16 (tested below)."""
     controller.begin()
-    model(x).square().mean().backward()
+    model.forward(x).square().mean().backward()
     return controller.finish_check(step)
 
 
@@ -67,6 +69,54 @@ def test_auto_leaves_overridden_layers_as_the_override_says():
     _observed_step(controller, model, outliers.requires_grad_(), 25)
     assert {name: model[int(name)].lowbit_state.spec for name in ("0", "1")} == pinned
     assert model[2].lowbit_state.spec.forward.a.format == "fp8_e4m3"  # controlled: moved down
+
+
+def test_layers_that_read_the_raw_input_stay_in_bf16():
+    """A CNN's first convolution reads the pixels (17 levels that e4m3 distorts): it stays bf16
+    while the next one moves down; a layer reading an embedding, not the token ids, is not one."""
+    from lowbit.models import build_cnn
+
+    cnn = build_cnn("tiny")
+    lowbit.convert(cnn, "auto")
+    controller = AutoPrecision(cnn, "fp8")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 17, (32, 1, 8, 8), generator=gen).float() / 16
+    controller.begin()
+    torch.nn.functional.cross_entropy(cnn(images), torch.arange(32) % 10).backward()
+    controller.finish_check(1)
+    assert controller.input_layers == {"features.0"}
+    assert set(controller.plan["features.0"].values()) == {"bf16"}
+    assert cnn.features[0].lowbit_state.spec.forward.a.format == "bf16"
+    assert "fp8" in controller.plan["features.2"].values()
+    assert AutoPrecision(cnn, "fp8").state_dict()["input_layers"] == []
+    restored = AutoPrecision(cnn, "fp8")
+    restored.load_state_dict(controller.state_dict())
+    assert restored.input_layers == {"features.0"}
+
+    class Embedded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 64)
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    model = Embedded()
+    lowbit.convert(model, "auto")
+    controller = AutoPrecision(model, "fp8")
+    controller.begin()
+    model(torch.randint(0, 16, (128,))).square().mean().backward()
+    controller.finish_check(1)
+    assert controller.input_layers == set() and "fp8" in controller.plan["proj"].values()
+
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32))  # reads a view
+    lowbit.convert(mlp, "auto")
+    controller = AutoPrecision(mlp, "fp8")
+    controller.begin()
+    mlp(images).square().mean().backward()
+    controller.finish_check(1)
+    assert controller.input_layers == {"1"}
 
 
 def test_auto_budget_fp4_goes_below_8_bits_where_the_error_allows():
