@@ -337,6 +337,13 @@ class LowbitModule(torch.nn.Module):
         self.weight = layer.weight
         self.bias = layer.bias
         self.lowbit_state = LayerState(spec, seed)
+        self.train(layer.training)
+
+    def train(self, mode: bool = True):
+        """Also: delayed-scaling histories record amaxes in training mode only (`AmaxHistory`)."""
+        for history in self.lowbit_state.histories.values():
+            history.recording = mode
+        return super().train(mode)
 
     @property
     def spec(self) -> LayerSpec:

@@ -72,15 +72,20 @@ class AmaxHistory:
     measured in step t is held as pending and enters the history when `commit` is called (by
     ``Precision.step``), so every micro-batch of a step uses the same scale. Before the first
     commit the current amax is used (current scaling). Values above the delayed amax saturate.
+    ``recording`` is off while the layer is in eval mode: evaluation batches use the history's
+    scale but do not enter it (they would otherwise ride into the next training step's commit,
+    and a run resumed from the checkpoint written after an evaluation would differ).
     """
 
     def __init__(self, length: int):
         self.history = torch.zeros(length, dtype=torch.float32)
         self.filled = 0
         self.pending: torch.Tensor | None = None
+        self.recording = True
 
     def scaling_amax(self, current: torch.Tensor) -> torch.Tensor:
-        self.pending = current if self.pending is None else torch.maximum(self.pending, current)
+        if self.recording:
+            self.pending = current if self.pending is None else torch.maximum(self.pending, current)
         if self.filled == 0:
             return current
         return self.history.max()

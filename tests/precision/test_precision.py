@@ -240,6 +240,30 @@ def test_delayed_scaling_history_is_saved_and_used():
     assert layers["0"]["grad_input.grad_out"]["filled"] == 3
 
 
+def test_evaluation_batches_do_not_enter_the_delayed_scaling_history():
+    """In eval mode the layers quantize with the history's scale but record nothing: a huge
+    evaluation batch between two training steps leaves the next step's history as it was."""
+    data = batches(3)
+    plain_precision, with_eval_precision = Precision("fp8-delayed"), Precision("fp8-delayed")
+    plain, with_eval = plain_precision.convert(mlp()), with_eval_precision.convert(mlp())
+    for precision, model in ((plain_precision, plain), (with_eval_precision, with_eval)):
+        optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        lowbit_loop(None, model, data[:2], precision=precision, optimizer=optimizer)
+        if model is with_eval:
+            model.eval()
+            with torch.no_grad(), precision.autocast():
+                model(data[0][0] * 1000)
+            model.train()
+        lowbit_loop(None, model, data[2:], precision=precision, optimizer=optimizer)
+    expected, got = (
+        plain_precision.state_dict()["layers"],
+        with_eval_precision.state_dict()["layers"],
+    )
+    for layer in expected:
+        for name in expected[layer]:
+            assert torch.equal(expected[layer][name]["history"], got[layer][name]["history"])
+
+
 def test_master_weights_are_fp32_and_params_16_bit():
     precision = Precision("bf16-low")
     model = precision.convert(mlp())

@@ -68,6 +68,8 @@ def test_run_folder_contents(tiny_config):
         ("causal-lm", "fp16-mixed"),
         ("causal-lm", "bf16-pure-sr"),
         ("token-classification", "bf16-mixed"),
+        ("token-classification", "fp8-delayed"),
+        ("causal-lm", "fp8-delayed"),
     ],
 )
 def test_resume_after_crash_is_bit_identical(tiny_config, tmp_path, task, recipe):
