@@ -17,9 +17,9 @@ consecutive checks agree that a cheaper rung passes (hysteresis: a layer moves d
 has been stable). A layer whose input is the model's own input (raw data, e.g. a CNN's first
 convolution reading the pixels) stays in bf16: its rounding error is a fixed distortion of the
 data, which an SQNR threshold does not judge (`AutoPrecision._watch_inputs`). Layers that an
-override converted keep the override's spec. The plan (layer -> operand -> rung) is logged at every change, kept in
-checkpoints (each layer's spec is saved with its `LayerState`, and the controller's counters and
-history with the trainer state), and restored on resume and evaluation.
+override converted keep the override's spec. The plan (layer -> operand -> rung) is logged at
+every change, kept in checkpoints (each layer's spec is saved with its `LayerState`, and the
+controller's counters and history with the trainer state), and restored on resume and evaluation.
 
 Guard: the trainer checks the loss and the gradients before the optimizer step. When something is
 non-finite, nothing has been applied yet, so the step is *rolled back* (gradients dropped) and
@@ -154,7 +154,7 @@ class AutoPrecision:
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
         from lowbit.nn.operand import quantize_operand
 
-        if layer not in self.plan or layer in self.input_layers:  # observed, not controlled
+        if not self._controls(layer):  # observed only
             return
         measured = {}
         x = x_hp.detach()
@@ -162,6 +162,11 @@ class AutoPrecision:
             spec = operand_spec(rung, operand)
             measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec))
         self._measured[(layer, operand)] = measured
+
+    def _controls(self, layer: str) -> bool:
+        """Whether the plan may move ``layer``: not an overridden layer (absent from the plan)
+        nor one that reads the model's input (`_watch_inputs`)."""
+        return layer in self.plan and layer not in self.input_layers
 
     def begin(self) -> None:
         self._measured.clear()
@@ -172,12 +177,12 @@ class AutoPrecision:
     def _watch_inputs(self) -> None:
         """Until the first check is decided: note the layers whose input is a tensor the model was
         called with, or a view of it (raw data: a CNN's first convolution reads the pixels, an
-        MLP's first layer the flattened image). Their rounding
-        error is not noise that changes from step to step but a fixed distortion of the data
-        itself (per-tensor e4m3 moves 11 of the 17 pixel levels of the digits and merges two,
-        with an SQNR the threshold passes), so they stay in bf16, as the first layer of a
-        low-precision network usually does. A language model's layers read embeddings and norms,
-        never the token ids, so none of them is one."""
+        MLP's first layer the flattened image). Their rounding error is not noise that changes
+        from step to step but a fixed distortion of the data itself (per-tensor e4m3 moves 11 of
+        the 17 pixel levels of the digits and merges two, with an SQNR the threshold passes), so
+        they stay in bf16, as the first layer of a low-precision network usually does. A
+        language model's layers read embeddings and norms, never the token ids, so none of them
+        is one."""
         model_inputs: list[torch.Tensor] = []
 
         def note_model_inputs(module, args, kwargs):
@@ -277,11 +282,7 @@ class AutoPrecision:
             )
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
-        offenders = [
-            (layer, op)
-            for layer, op in offenders
-            if layer in self.plan and layer not in self.input_layers
-        ]
+        offenders = [(layer, op) for layer, op in offenders if self._controls(layer)]
         offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
         changes = []
         for layer, op in offenders:

@@ -190,13 +190,18 @@ def make_study(
             "--loss-scale/--loss-scale-growth-interval: none of the recipes scales its loss (the "
             "fp16 recipes do); fix: drop them or add fp16-mixed or fp16-low"
         )
-    for name in recipes:  # every recipe's runs must be valid (overrides, loss scaling)
-        settings = _recipe_settings({**base, "seed": seeds[0], "out": "x"}, name)
-        resolve(build_config({**settings, "recipe": name}))
-    unscaled = {**base, **dict.fromkeys(_LOSS_SCALE_SETTINGS)}
-    resolved = resolve(build_config({**unscaled, "recipe": baseline, "seed": seeds[0], "out": "x"}))
-    base = {k: v for k, v in resolved.to_dict().items() if k not in ("recipe", "seed", "out")}
-    base.update(scaling)
+    resolved = {  # every recipe's runs must be valid (overrides, loss scaling)
+        name: resolve(
+            build_config(
+                {**_recipe_settings({**base, "seed": seeds[0], "out": "x"}, name), "recipe": name}
+            )
+        )
+        for name in recipes
+    }
+    base = {
+        k: v for k, v in resolved[baseline].to_dict().items() if k not in ("recipe", "seed", "out")
+    }
+    base.update(scaling)  # the baseline's runs may not take them; the fp16 recipes' do
     if out is None:
         out = Path("runs") / f"compare-{base['task']}-{Path(str(base['model'])).name}"
     return Study(
