@@ -162,7 +162,19 @@ def _hadamard_in_kernel(granularity, block_size, amax, signs) -> bool:
 
 
 def _quantize_fused(
-    x, fmt, granularity, axis, block_size, rule, amax, pad, rounding, generator, fold, hadamard
+    x,
+    fmt,
+    granularity,
+    axis,
+    block_size,
+    rule,
+    amax,
+    pad,
+    rounding,
+    generator,
+    fold,
+    hadamard,
+    keep_values,
 ) -> QTensor:
     """`quantize` through the fused CPU kernel (every granularity).
 
@@ -207,9 +219,10 @@ def _quantize_fused(
         noise_seed=noise_seed,
         fold=fold,
         hadamard=hadamard,
+        write_values=keep_values or not fold,
     )
     return QTensor(
-        values=from_matrix(values, shape, axis),
+        values=from_matrix(values, shape, axis) if keep_values or not fold else None,
         scale=scale,
         fmt=fmt,
         granularity=granularity,
@@ -273,7 +286,12 @@ class QTensor:
 
     ``values`` has the original shape and the carrier dtype; ``scale`` is the fp32 grid of block
     scales, shape ``(ceil(R/br), ceil(C/bc))`` on the axis-last matrix view; ``tensor_scale`` is the
-    fp32 second-level scale of NVFP4 (None otherwise).
+    fp32 second-level scale of NVFP4 (None otherwise); ``folded`` the values times their block
+    scales in bf16 where that is exact (what an emulated GEMM reads), from the fused kernel.
+
+    ``values`` may be constructed as None when ``folded`` is given (``quantize(...,
+    keep_values=False)``): the kernel then skips writing them, and they are recovered from
+    ``folded`` on first access (`_unfolded`).
     """
 
     values: torch.Tensor
@@ -295,7 +313,23 @@ class QTensor:
 
     @property
     def shape(self) -> torch.Size:
-        return self.values.shape
+        stored = self.__dict__["values"]  # without recovering values the kernel did not write
+        return (self.folded if stored is None else stored).shape
+
+    def _unfolded(self) -> torch.Tensor:
+        """``folded`` divided by the block scales: the values exactly, since the fold was exact
+        (`scales_fold_exactly`; dividing an exact product by a power of two or by an e4m3 scale
+        gives back the factor). An NVFP4 block whose scale is not positive (underflowed, or NaN)
+        holds zeros, as the quantizer writes them; a block with an infinite scale (an inf amax)
+        gives NaN where its values are zeros, the GEMM's products being NaN either way."""
+        folded = to_matrix(self.folded, self.axis).float()
+        rows, cols = folded.shape
+        grid = self.scale.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        grid = grid[:rows, :cols]
+        values = folded / grid
+        if self.granularity is Granularity.NVFP4:
+            values = torch.where(grid > 0, values, 0.0)
+        return from_matrix(values.to(self.folded.dtype), self.folded.shape, self.axis)
 
     def effective_scale(self) -> torch.Tensor:
         """The block scales times the per-tensor scale (fp32, block-grid shape)."""
@@ -324,6 +358,24 @@ class QTensor:
         )
 
 
+def _get_values(q: QTensor) -> torch.Tensor:
+    stored = q.__dict__["values"]
+    if stored is None:
+        if q.folded is None:
+            raise ValueError("a QTensor needs values or folded values")
+        stored = q.__dict__["values"] = q._unfolded()
+    return stored
+
+
+def _set_values(q: QTensor, values: torch.Tensor | None) -> None:
+    q.__dict__["values"] = values
+
+
+# ``values`` is a dataclass field (constructor argument) served through a property, so that values
+# the kernel did not write are recovered from ``folded`` only when someone reads them.
+QTensor.values = property(_get_values, _set_values, doc="The elements in the carrier dtype.")
+
+
 @torch.no_grad()
 def quantize(
     x: torch.Tensor,
@@ -339,6 +391,7 @@ def quantize(
     pad: bool = True,
     fold: bool = False,
     hadamard: torch.Tensor | None = None,
+    keep_values: bool = True,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt`` with one scale per block of the given granularity.
 
@@ -350,7 +403,9 @@ def quantize(
     ``nvfp4``, whose block amaxes are still measured. ``scale_rule="pow2"`` forces power-of-two scales; for MX, ``"mx_ceil"`` is the round-up
     variant of the OCP rule. Blocks that do not divide the shape are zero-padded (``pad=True``) or
     refused. ``fold=True`` asks the fused CPU kernel for `QTensor.folded` as well (the operand of an
-    emulated GEMM; elsewhere it stays None and the GEMM folds the scales itself).
+    emulated GEMM; elsewhere it stays None and the GEMM folds the scales itself);
+    ``keep_values=False`` then lets the kernel write the folded operand only (values are recovered
+    from it if read, `QTensor`): one output stream less for a GEMM operand.
     ``hadamard`` (random signs, see `lowbit.formats.hadamard`) quantizes the random Hadamard
     transform of ``x`` along ``axis`` instead, that axis zero-padded to whole transform blocks (the
     result has the padded shape); the fused CPU kernel transforms each block as it quantizes it.
@@ -385,6 +440,7 @@ def quantize(
             generator,
             fold,
             hadamard,
+            keep_values,
         )
 
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself

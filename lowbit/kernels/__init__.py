@@ -133,12 +133,14 @@ def quantize_rows(
     noise_seed: int | None = None,
     fold: bool = False,
     hadamard: torch.Tensor | None = None,
+    write_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp.
 
     ``noise_seed``: stochastic rounding with `lowbit.formats.counter_rng.uniforms` of that seed.
     ``hadamard``: random signs; the rows are first transformed by `lowbit.formats.hadamard.transform`
-    (zero-padded to whole blocks of its length), and the results have the padded columns."""
+    (zero-padded to whole blocks of its length), and the results have the padded columns.
+    ``write_values=False`` (with ``fold``): ``values`` comes back empty, only ``folded`` is written."""
     return torch.ops.lowbit.quantize_rows(
         x,
         block,
@@ -153,6 +155,7 @@ def quantize_rows(
         noise_seed,
         fold,
         hadamard,
+        write_values,
     )
 
 

@@ -563,7 +563,8 @@ __attribute__((noinline)) const float* draws(const Noise& noise, uint64_t first,
 
 // Round `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one per
 // element) selects stochastic rounding, nullptr round-to-nearest-even. With `folded` (float
-// formats), also write each rounded value times the block scale `s`, rounded to bf16: the operand
+// formats), also (or, `out_bf16` nullptr, only) write each rounded value times the block scale
+// `s`, rounded to bf16: the operand
 // an emulated GEMM consumes (`lowbit.nn.gemm._fold`), computed while the value is in a register (a
 // second loop over the written values stayed scalar and took 60% of an NVFP4 quantization).
 // Whether x / d == x * (1 / d) for every x: d a normal power of two (1 / d is then exact, at worst
@@ -601,7 +602,7 @@ inline void cast_block(const T* __restrict__ x, N n, S divisor, const Params& p,
   } else if (noise && folded) {
     for (int64_t i = 0; i < n; ++i) {
       const float v = grid.round_stochastic(scale_down<kInverse>(widen(x[i]), divisor, i), noise[i]);
-      out_bf16[i] = bf16_bits_exact(v);
+      if (out_bf16) out_bf16[i] = bf16_bits_exact(v);  // (the test is hoisted out of the loop)
       folded[i] = bf16_bits_nearest(v * scale_at(s, i));  // v is exact in bf16: as re-reading it
     }
   } else if (noise) {
@@ -612,7 +613,7 @@ inline void cast_block(const T* __restrict__ x, N n, S divisor, const Params& p,
   } else if (folded) {
     for (int64_t i = 0; i < n; ++i) {
       const float v = grid.round(scale_down<kInverse>(widen(x[i]), divisor, i));
-      out_bf16[i] = bf16_bits_exact(v);
+      if (out_bf16) out_bf16[i] = bf16_bits_exact(v);
       folded[i] = bf16_bits_nearest(v * scale_at(s, i));
     }
   } else {
@@ -642,8 +643,9 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
                    at::Tensor& tensor_scale_out, at::Tensor& folded) {
   const int64_t rows = x.size(0);
   const int64_t in_cols = x.size(1);  // cols is in_cols padded to whole Hadamard blocks
-  uint16_t* out_bf16 =
-      p.kind == kFloatGrid ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr()) : nullptr;
+  uint16_t* out_bf16 = p.kind == kFloatGrid && values.numel()
+                           ? reinterpret_cast<uint16_t*>(values.mutable_data_ptr())
+                           : nullptr;  // nullptr: folded values only
   int8_t* out_int = p.kind == kInt ? values.mutable_data_ptr<int8_t>() : nullptr;
   float* scales = scale.mutable_data_ptr<float>();
   uint16_t* out_folded =
@@ -733,7 +735,7 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
                out_int ? out_int + at : nullptr, s,
                out_folded ? out_folded + at : nullptr);
     if (p.rule == kNvfp4 && !(s > 0.0f)) {  // an underflowed block scale holds zeros
-      std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
+      if (out_bf16) std::fill(out_bf16 + at, out_bf16 + at + n, uint16_t{0});
       if (out_folded) std::fill(out_folded + at, out_folded + at + n, bf16_bits_nearest(0.0f * s));
     }
   };
@@ -820,7 +822,7 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
           for (int64_t i = 0; i < n; ++i) {
             if (s[i] > 0.0f) continue;
             for (int64_t c = c0; c < c1; ++c) {
-              out_bf16[c * rows + r0 + i] = 0;
+              if (out_bf16) out_bf16[c * rows + r0 + i] = 0;
               if (out_folded) out_folded[c * rows + r0 + i] = bf16_bits_nearest(0.0f * s[i]);
             }
           }
@@ -935,6 +937,8 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
 //     zero-padded blocks; none: round to nearest even.
 //   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
 //     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
+//   write_values: false (with fold) returns values empty: the folded operand is all a GEMM reads,
+//     and the values follow from it exactly (`QTensor.values`); one output stream less.
 //   hadamard: the random signs of a Hadamard transform (see struct Hadamard) applied to every
 //     block of len(signs) columns first; the columns are zero-padded to whole such blocks, which
 //     must hold whole quantization blocks (1-D, no given amax). Results have the padded columns.
@@ -942,7 +946,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     const at::Tensor& x, int64_t block, int64_t block_rows, int64_t kind, int64_t mbits,
     int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
-    c10::optional<int64_t> noise_seed, bool fold, const c10::optional<at::Tensor>& hadamard) {
+    c10::optional<int64_t> noise_seed, bool fold, const c10::optional<at::Tensor>& hadamard,
+    bool write_values) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
   TORCH_CHECK(block >= 0 && block_rows >= 1, "block must be >= 0 and block_rows >= 1");
   TORCH_CHECK(block_rows == 1 || (block > 0 && (x.stride(1) == 1 || x.size(1) <= 1)),
@@ -982,8 +987,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   const auto shape = [&](int64_t r, int64_t c) {
     return transposed ? std::vector<int64_t>{c, r} : std::vector<int64_t>{r, c};
   };
+  TORCH_CHECK(write_values || fold, "write_values=False needs fold (the folded values)");
   at::Tensor values =
-      layout(at::empty(shape(rows, cols), opts.dtype(kind == kInt ? at::kChar : at::kBFloat16)));
+      write_values
+          ? layout(at::empty(shape(rows, cols), opts.dtype(kind == kInt ? at::kChar : at::kBFloat16)))
+          : at::empty({0, 0}, opts.dtype(at::kBFloat16));
   const int64_t grid_cols = block == 0 ? 1 : (cols + block - 1) / block;
   const int64_t grid_rows = block == 0 ? 1 : (rows + block_rows - 1) / block_rows;
   at::Tensor scale = at::empty({grid_rows, grid_cols}, opts.dtype(at::kFloat));
@@ -1016,7 +1024,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 TORCH_LIBRARY(lowbit, m) {
   m.def(
       "quantize_rows(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
-      "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard) -> "
+      "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard, bool write_values=True) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
 }
 

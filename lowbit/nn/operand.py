@@ -181,6 +181,7 @@ def quantize_operand(
             amax=amax,
             fold=True,
             hadamard=hadamard,
+            keep_values=False,  # a GEMM reads the folded operand only
         )
 
     return shared_quantization.quantize(shared_slot, x, spec, amax, compute, hadamard, reader)

@@ -205,6 +205,48 @@ def test_folded_operand_equals_the_gemm_fold_of_the_pytorch_path(
     assert_same_bits(fused_rest, plain_rest)
 
 
+@pytest.mark.parametrize(
+    ("name", "granularity", "rule", "block"),
+    [
+        ("fp8_e4m3", "mx", None, None),
+        ("fp4_e2m1", "mx", "mx_ceil", None),
+        ("fp4_e2m1", "nvfp4", None, None),
+        ("fp4_e2m1", "nvfp4", None, (16, 16)),
+        ("fp8_e4m3", "axis", "pow2", None),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_folded_only_quantization_gives_back_the_values_it_did_not_write(
+    name, granularity, rule, block, rounding, transposed
+):
+    """``keep_values=False``: the kernel writes the folded operand only, and the values read back
+    from it are the bits it writes otherwise: zero, negative-zero, subnormal and NaN blocks, blocks
+    far above the rest, and NVFP4 blocks whose scale underflows to zero (beside the 1e30 row)."""
+    finite = awkward_tensor((48, 200))
+    finite[0, :] = 1e30
+    with_nan = finite.clone()
+    with_nan[5, 70] = float("nan")  # (an NVFP4 tensor scale of 1 then: no block underflows)
+    for x, has_nan in ((finite, False), (with_nan, True)):
+        if transposed:
+            x = x.t().contiguous().t()
+        options = dict(scale_rule=rule, block_size=block, rounding=rounding, fold=True)
+        both = quantize(x, name, granularity, generator=seeded(3), **options)
+        folded_only = quantize(
+            x, name, granularity, generator=seeded(3), keep_values=False, **options
+        )
+        assert folded_only.shape == both.shape
+        assert_same_bits(folded_only.folded, both.folded)
+        assert_same_qtensor(folded_only, both)
+        if granularity == "nvfp4" and not has_nan:  # the underflow case is exercised
+            assert (both.scale == 0).any()
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("row_count", "col_count"), [(37, 1), (1, 1), (37, 53), (1, 53)])
