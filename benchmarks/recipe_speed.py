@@ -1,14 +1,19 @@
 """Step time of the default causal-lm workload per recipe, as a ratio to fp32, in one run.
 
 The default workload is `lowbit train`'s: the tiny Llama on byte-level stdlib text, batch 16 x 256.
-Recipes are measured round-robin (one timed step of each in turn, several rounds) so that the
-machine's noise hits every recipe alike; each process reports the median step time per recipe.
+Each recipe is measured against fp32 side by side: one fresh process builds both, then times one
+step of each in turn for several rounds (the machine's noise hits both alike) and reports the
+median step time of each. The table gives, per recipe, the median over ``--processes`` such
+processes of its step time and of its ratio to fp32 in the same process, with the ratio's range.
 
-The ratios of one process move together by up to ~0.08 from one process to the next (on the 2-core
-VMs this project runs on: the fp32 baseline's step time depends on the process, e.g. where its
-buffers land), more than the rounds within a process vary. So the measurement runs in
-``--processes`` fresh processes one after another, and the table reports, per recipe, the median
-over processes of the step time and of the ratio to fp32, with the range of the ratio.
+Why one recipe per process: a user trains one recipe per process. Timing all recipes round-robin in
+one process (this script's first design) ran every step right after another model's step, with
+twenty models' buffers in one heap; measured on one day, one recipe alone per process, these pairs
+and that design agree within ~0.02 (BENCHMARKS.md, "Recipe step time"), and a pair is closer to
+what a user runs while still side by side. The ratios of one process move together by a few
+hundredths from one process to the next (on the 2-core VMs this project runs on, the fp32
+baseline's step time depends on the process, e.g. where its buffers land), hence several processes
+per recipe and the median.
 
     .venv/bin/python benchmarks/recipe_speed.py [--rounds 9] [--processes 3] [--recipes a,b,c] [--write]
     .venv/bin/python benchmarks/recipe_speed.py --profile fp8-tensorwise   # where a step goes
@@ -79,30 +84,43 @@ def measure(recipes, rounds, warmup, batch, seq, size):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def in_processes(args, recipes: list[str]) -> list[dict[str, float]]:
-    """One `measure` per fresh process (this script with ``--worker``): its medians per recipe."""
-    runs = []
-    for index in range(args.processes):
-        command = [sys.executable, __file__, "--worker", "--recipes", ",".join(recipes)]
-        for name in ("rounds", "warmup", "batch", "seq", "size"):
-            command += [f"--{name}", str(getattr(args, name))]
-        print(f"process {index + 1}/{args.processes} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"recipe_speed: process {index + 1} failed:\n{done.stderr[-3000:]}")
-        runs.append(json.loads(done.stdout.splitlines()[-1]))
-    return runs
+def in_processes(args, recipes: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Per recipe, ``args.processes`` fresh processes (this script with ``--worker``) that each time
+    fp32 and that recipe side by side: the list of (recipe's median, fp32's median) in seconds."""
+    others = [name for name in recipes if name != "fp32"] or ["fp32"]
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in others}
+    for number, name in enumerate(others, 1):
+        for index in range(args.processes):
+            command = [sys.executable, __file__, "--worker", "--recipes", name]
+            for option in ("rounds", "warmup", "batch", "seq", "size"):
+                command += [f"--{option}", str(getattr(args, option))]
+            print(
+                f"{name} ({number}/{len(others)}), process {index + 1}/{args.processes} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"recipe_speed: the process for {name} failed:\n{done.stderr[-3000:]}")
+            medians = json.loads(done.stdout.splitlines()[-1])
+            pairs[name].append((medians[name], medians["fp32"]))
+    return pairs
 
 
-def table(runs: list[dict[str, float]], baseline: str) -> str:
-    """Per recipe: the median over processes of the step time and of the ratio to ``baseline``."""
-    many = len(runs) > 1
+def table(pairs: dict[str, list[tuple[float, float]]]) -> str:
+    """Per recipe: the median over its processes of the step time and of the ratio to fp32 (timed
+    in the same process); the fp32 row's time is the median over all processes."""
+    many = any(len(runs) > 1 for runs in pairs.values())
     head = "| recipe | step time (ms) | ratio to fp32 |" + (" ratio range |" if many else "")
     lines = [head, "|---|---:|---:|" + ("---:|" if many else "")]
-    for name in runs[0]:
-        ratios = [run[name] / run[baseline] for run in runs]
+    fp32 = statistics.median(base for runs in pairs.values() for _, base in runs)
+    lines.append(f"| fp32 | {fp32 * 1e3:.1f} | 1.00 |" + (" 1.00-1.00 |" if many else ""))
+    for name, runs in pairs.items():
+        if name == "fp32":
+            continue
+        ratios = [time / base for time, base in runs]
         row = (
-            f"| {name} | {statistics.median(run[name] for run in runs) * 1e3:.1f} "
+            f"| {name} | {statistics.median(time for time, _ in runs) * 1e3:.1f} "
             f"| {statistics.median(ratios):.2f} |"
         )
         lines.append(row + (f" {min(ratios):.2f}-{max(ratios):.2f} |" if many else ""))
@@ -139,7 +157,10 @@ def main() -> int:
     parser.add_argument("--profile", metavar="RECIPE", help="profile steps of RECIPE instead")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps --profile covers")
     parser.add_argument(
-        "--processes", type=int, default=3, help="fresh processes to measure in (median of them)"
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes per recipe, each timing fp32 and the recipe (median of them)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,14 +180,14 @@ def main() -> int:
             json.dumps(measure(recipes, args.rounds, args.warmup, args.batch, args.seq, args.size))
         )
         return 0
-    runs = in_processes(args, recipes)
+    pairs = in_processes(args, recipes)
     command = "python " + " ".join(["benchmarks/recipe_speed.py", *sys.argv[1:]])
     processes = f"{args.processes} processes" if args.processes > 1 else "1 process"
     text = (
         f"Model `{args.size}`, batch {args.batch} x {args.seq} tokens, AdamW, median of "
-        f"{args.rounds} round-robin steps per process, {processes}, "
-        f"{torch.get_num_threads()} threads, {cpu_description()}.\n"
-        f"Command: `{command.split(' --note')[0]}`\n\n{table(runs, 'fp32')}"
+        f"{args.rounds} alternating steps of fp32 and the recipe per process, {processes} per "
+        f"recipe, {torch.get_num_threads()} threads, {cpu_description()}.\n"
+        f"Command: `{command.split(' --note')[0]}`\n\n{table(pairs)}"
     )
     print(text)
     if args.write:
