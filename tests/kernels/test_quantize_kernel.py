@@ -243,6 +243,16 @@ def test_folded_only_quantization_gives_back_the_values_it_did_not_write(
             assert (both.scale == 0).any()
 
 
+@pytest.mark.parametrize(("name", "granularity"), [("fp8_e4m3", "tensor"), ("int8", "axis")])
+def test_values_are_kept_where_nothing_is_folded(name, granularity):
+    """``keep_values=False`` only drops the values that a folded operand stands for."""
+    x = awkward_tensor((48, 200))
+    kept = quantize(x, name, granularity, fold=True)
+    asked_to_drop = quantize(x, name, granularity, fold=True, keep_values=False)
+    assert asked_to_drop.folded is None
+    assert_same_qtensor(asked_to_drop, kept)
+
+
 def seeded(seed):
     return torch.Generator().manual_seed(seed)
 
