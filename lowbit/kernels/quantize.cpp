@@ -563,10 +563,10 @@ __attribute__((noinline)) const float* draws(const Noise& noise, uint64_t first,
 
 // Round `n` elements scaled by `divisor` into the carrier; `noise` (uniform draws, one per
 // element) selects stochastic rounding, nullptr round-to-nearest-even. With `folded` (float
-// formats), also (or, `out_bf16` nullptr, only) write each rounded value times the block scale
-// `s`, rounded to bf16: the operand
-// an emulated GEMM consumes (`lowbit.nn.gemm._fold`), computed while the value is in a register (a
-// second loop over the written values stayed scalar and took 60% of an NVFP4 quantization).
+// formats), also (or, with `out_bf16` nullptr, only) write each rounded value times the block
+// scale `s`, rounded to bf16: the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`),
+// computed while the value is in a register (a second loop over the written values stayed scalar
+// and took 60% of an NVFP4 quantization).
 // Whether x / d == x * (1 / d) for every x: d a normal power of two (1 / d is then exact, at worst
 // the subnormal 2**-127, and both round the same real number). MX and power-of-two scales are.
 [[gnu::always_inline]] inline bool reciprocal_is_exact(float d) {
