@@ -254,14 +254,9 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
     vb, sb = _operand(qb)
     if va is None or vb is None:
         return _grouped_mm(qa, qb).to(out_dtype)
-    if (
-        not _exact
-        and qa.folded is None
-        and qb.folded is None
-        and va is qa.values
-        and vb is qb.values
-    ):
-        # unfolded operands (not MX, NVFP4)
+    # raw values (not MX, NVFP4); `values` is read only where it was stored, not recovered
+    raw = qa.folded is None and qb.folded is None and va is qa.values and vb is qb.values
+    if raw and not _exact:
         kind = native_fp8_kind(qa, qb, sa, sb, out_dtype)
         if kind:  # a GPU with fp8 tensor cores: PyTorch's scaled matmul
             return scaled_mm(qa, qb, sa, sb, out_dtype, kind)
