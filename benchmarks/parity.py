@@ -178,7 +178,8 @@ def markdown(all_results: dict, command: str, note: str) -> str:
         )
         lines += [
             f"### {task}: model {b['model']}, {b['steps']} steps, {shape}, seeds "
-            f"{','.join(map(str, s['seeds']))} ({results.get('wall_s', 0) / 60:.0f} min)",
+            f"{','.join(map(str, s['seeds']))} ({results.get('wall_s', 0) / 60:.0f} min, run times "
+            "summed)",
             "",
         ]
         for title, header, rows in tables(results):
