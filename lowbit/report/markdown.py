@@ -25,6 +25,12 @@ def _pm(pair, digits=4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _count(pair) -> str:
+    """A per-seed count's mean ± std: "0" when every seed agrees, else two decimals."""
+    mean, std = pair
+    return f"{mean:g}" if not std else f"{mean:.2f} ± {std:.2f}"
+
+
 def _pct(value, spread=None) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -48,7 +54,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 _pct(r["train_gap_pct"]),
                 "—" if name == base else _pct(r["val_gap_pct"], r["val_gap_spread_pct"]),
                 _pm(m, 4 if metric != "ppl" else 2),
-                f"{r['skipped_steps'][0]:g}",
+                _count(r["skipped_steps"]),
                 "—"
                 if name == base
                 else ("worse than " if target["expect_worse"] else "≤ ") + f"{target['pct']:g}%",

@@ -1,6 +1,7 @@
 """`lowbit compare` on tiny settings: the report files, reuse of finished runs, resume of an
 interrupted one, per-label changes, verdicts, and clean errors."""
 
+import copy
 import json
 import math
 
@@ -10,6 +11,7 @@ from lowbit.cli import main
 from lowbit.errors import UsageError
 from lowbit.report import compare, make_study
 from lowbit.report.compare import PARITY_TARGETS, Target, verdict
+from lowbit.report.markdown import tables
 from lowbit.train import TrainConfig, train
 
 LM = {"task": "causal-lm", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
@@ -68,6 +70,14 @@ def test_report_files_tables_and_verdicts(study_result):
     assert html.count("src='data:image/png;base64,") == 3
     assert "src='http" not in html and ".png'" not in html  # self-contained
     assert other["verdict"] in html
+
+
+def test_skipped_steps_read_as_a_count_and_a_spread_only_where_seeds_differ(study_result):
+    results = copy.deepcopy(study_result.results)
+    results["recipes"]["bf16-mixed"]["skipped_steps"] = (2 / 3, math.sqrt(4 / 3))  # seeds: 0, 0, 2
+    _, header, rows = tables(results)[0]
+    cell = {row[0]: row[header.index("skipped steps")] for row in rows}
+    assert cell == {"fp32 (baseline)": "0", "bf16-mixed": "0.67 ± 1.15"}
 
 
 def test_second_invocation_reuses_finished_runs(study_result):
