@@ -14,7 +14,9 @@ What it takes, otherwise the emulation runs (`native_fp8_kind` returns None):
 - both operands fp8 (not both e5m2: cuBLAS has no e5m2 x e5m2 kernel) with scales constant along
   the contraction axis, on one CUDA device of capability >= 8.9;
 - tensorwise scales (one per operand), any of fp32/bf16/fp16 out; or row-wise scales (one per row
-  of each operand), bf16 out, capability >= 9.0 (PyTorch's row-wise kernel);
+  of each operand), capability >= 9.0 (PyTorch's row-wise kernel), bf16 out, or fp32 out as the
+  bf16 result widened (the row-wise kernel writes bf16 only; a layer's gradients for fp32 inputs
+  and weights under autocast are such GEMMs, and the emulation rounds them to bf16 the same way);
 - K and N multiples of 16 (cuBLASLt's fp8 layout rule).
 
 `emulated_gemms()` switches the native path off in its context (to compare the two on a GPU).
@@ -29,6 +31,7 @@ from lowbit.threadflag import ThreadFlag
 
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _TENSORWISE_OUT = (torch.float32, torch.bfloat16, torch.float16)
+_ROWWISE_OUT = (torch.bfloat16, torch.float32)  # fp32: the kernel's bf16 output, widened
 _emulate = ThreadFlag()
 
 
@@ -59,7 +62,7 @@ def native_fp8_kind(
         return None
     if sa.numel() == 1 and sb.numel() == 1:
         return "tensor" if out_dtype in _TENSORWISE_OUT else None
-    return "row" if out_dtype == torch.bfloat16 and capability >= (9, 0) else None
+    return "row" if out_dtype in _ROWWISE_OUT and capability >= (9, 0) else None
 
 
 def scaled_mm(
@@ -78,4 +81,6 @@ def scaled_mm(
     else:  # one scale per row of a (M x 1) and per column of the output (1 x N)
         scale_a = sa.float().expand(a.shape[0], 1).contiguous()
         scale_b = sb.float().reshape(1, -1).expand(1, b.shape[0]).contiguous()
-    return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    kernel_dtype = out_dtype if kind == "tensor" else torch.bfloat16
+    out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=kernel_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -28,6 +28,7 @@ def fake_gpu(monkeypatch):
         assert scale_a.dtype == scale_b.dtype == torch.float32
         assert (scale_a.shape, scale_b.shape) in ((torch.Size([]),) * 2, ((m, 1), (1, n)))
         calls.append("row" if scale_a.dim() else "tensor")
+        assert calls[-1] == "tensor" or out_dtype == torch.bfloat16  # PyTorch's row-wise kernel
         product = a.double() @ b.double()
         return (product * scale_a.double() * scale_b.double()).float().to(out_dtype)
 
@@ -57,6 +58,7 @@ def exact(qa, qb) -> torch.Tensor:
         ("fp8_e4m3", "fp8_e4m3", "tensor", torch.float32, "tensor"),
         ("fp8_e5m2", "fp8_e4m3", "tensor", torch.bfloat16, "tensor"),  # gradient x weight
         ("fp8_e4m3", "fp8_e4m3", "axis", torch.bfloat16, "row"),
+        ("fp8_e4m3", "fp8_e4m3", "axis", torch.float32, "row"),  # the bf16 result, widened
     ],
 )
 def test_fp8_gemm_runs_as_scaled_mm_with_the_dequantization_scales(
@@ -66,11 +68,14 @@ def test_fp8_gemm_runs_as_scaled_mm_with_the_dequantization_scales(
     qa, qb = operands(fmt_a, fmt_b, granularity)
     out = emulated_gemm(qa, qb, out_dtype)
     assert calls == [kind] and out.dtype == out_dtype
-    # one rounding to out_dtype, plus the fp32 rounding of the dequantized operands in `exact`
-    rounding = 2**-8 if out_dtype == torch.bfloat16 else 2**-23
+    # one rounding to out_dtype (bf16 for a row-wise kernel whatever the output), plus the fp32
+    # rounding of the dequantized operands in `exact`
+    rounding = 2**-8 if out_dtype == torch.bfloat16 or kind == "row" else 2**-23
     reference = exact(qa, qb)
     bound = qa.dequantize().double().abs() @ qb.dequantize().double().abs().t()
     assert ((out.double() - reference).abs() <= rounding * reference.abs() + 2**-23 * bound).all()
+    if kind == "row" and out_dtype == torch.float32:
+        assert torch.equal(out, emulated_gemm(qa, qb, torch.bfloat16).float())
 
 
 @pytest.mark.parametrize(
@@ -86,7 +91,7 @@ def test_fp8_gemm_runs_as_scaled_mm_with_the_dequantization_scales(
         ("K not a multiple of 16", (9, 0), {"k": 72}, torch.bfloat16),
         ("N not a multiple of 16", (9, 0), {"n": 40}, torch.bfloat16),
         ("row-wise needs Hopper", (8, 9), {"granularity": "axis"}, torch.bfloat16),
-        ("row-wise needs a bf16 output", (9, 0), {"granularity": "axis"}, torch.float32),
+        ("row-wise has no fp16 output", (9, 0), {"granularity": "axis"}, torch.float16),
         (
             "not fp8",
             (9, 0),
@@ -126,3 +131,17 @@ def test_a_layer_trains_through_the_native_path(fake_gpu):
     layer(x).sum().backward()
     assert calls == ["tensor"] * 3  # forward, input gradient, weight gradient
     assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_a_rowwise_layer_with_fp32_activations_runs_all_three_gemms_natively(fake_gpu):
+    from lowbit import get_recipe, kernels
+    from lowbit.nn import LowbitLinear
+
+    calls = fake_gpu()
+    layer = LowbitLinear(torch.nn.Linear(64, 48, bias=False), get_recipe("fp8-rowwise").layer)
+    x = torch.randn(32, 64, requires_grad=True)
+    with kernels.disabled():  # quantized as on CUDA: no folded operands
+        out = layer(x)
+        out.sum().backward()
+    assert calls == ["row"] * 3  # fp32 output, input gradient and weight gradient
+    assert out.dtype == x.grad.dtype == layer.weight.grad.dtype == torch.float32
