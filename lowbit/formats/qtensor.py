@@ -175,6 +175,7 @@ def _quantize_fused(
     fold,
     hadamard,
     keep_values,
+    measure_amax,
 ) -> QTensor:
     """`quantize` through the fused CPU kernel (every granularity).
 
@@ -205,7 +206,7 @@ def _quantize_fused(
         and (block[1] < cols or granularity is Granularity.AXIS)  # not one scale for everything
         and _scales_fold_exactly(granularity, None if nvfp4 else rule)
     )
-    values, scale, tensor_scale, folded = kernels.quantize_rows(
+    values, scale, tensor_scale, folded, measured = kernels.quantize_rows(
         matrix,
         0 if granularity is Granularity.TENSOR else block[1],
         block_rows=block[0] if tiles else 1,
@@ -220,6 +221,7 @@ def _quantize_fused(
         fold=fold,
         hadamard=hadamard,
         write_values=keep_values or not fold,
+        measure_amax=measure_amax,
     )
     return QTensor(
         values=from_matrix(values, shape, axis) if keep_values or not fold else None,
@@ -231,6 +233,7 @@ def _quantize_fused(
         tensor_scale=tensor_scale.reshape(()) if nvfp4 else None,
         scale_rule=None if nvfp4 else rule,
         folded=from_matrix(folded, shape, axis) if fold else None,
+        measured_amax=measured.reshape(()) if measure_amax else None,
     )
 
 
@@ -288,6 +291,8 @@ class QTensor:
     scales, shape ``(ceil(R/br), ceil(C/bc))`` on the axis-last matrix view; ``tensor_scale`` is the
     fp32 second-level scale of NVFP4 (None otherwise); ``folded`` the values times their block
     scales in bf16 where that is exact (what an emulated GEMM reads), from the fused kernel.
+    ``measured_amax`` is max |x| of the quantized tensor (fp32, 0-d) when `quantize` was asked
+    for it (``measure_amax=True``; a delayed-scaling history records it), else None.
 
     ``values`` may be constructed as None when ``folded`` is given (``quantize(...,
     keep_values=False)``): the kernel then skips writing them, and they are recovered from
@@ -303,6 +308,7 @@ class QTensor:
     tensor_scale: torch.Tensor | None = None
     scale_rule: ScaleRule | None = None
     folded: torch.Tensor | None = None
+    measured_amax: torch.Tensor | None = None
 
     @property
     def scales_fold_exactly(self) -> bool:
@@ -392,6 +398,7 @@ def quantize(
     fold: bool = False,
     hadamard: torch.Tensor | None = None,
     keep_values: bool = True,
+    measure_amax: bool = False,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt`` with one scale per block of the given granularity.
 
@@ -409,6 +416,9 @@ def quantize(
     ``hadamard`` (random signs, see `lowbit.formats.hadamard`) quantizes the random Hadamard
     transform of ``x`` along ``axis`` instead, that axis zero-padded to whole transform blocks (the
     result has the padded shape); the fused CPU kernel transforms each block as it quantizes it.
+    ``measure_amax=True`` (granularity ``tensor``) also returns max |x| of the quantized tensor in
+    `QTensor.measured_amax`: with a given (delayed) ``amax`` the fused CPU kernel takes it in its
+    rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
     fmt = get(fmt)
     granularity = Granularity(granularity)
@@ -417,6 +427,10 @@ def quantize(
     if amax is not None and granularity not in _EXTERNAL_AMAX:
         raise UsageError(
             f"an external amax needs granularity 'tensor', 'axis' or 'nvfp4', got {granularity.value}"
+        )
+    if measure_amax and granularity is not Granularity.TENSOR:
+        raise UsageError(
+            f"measure_amax needs granularity 'tensor' (one amax), got {granularity.value}"
         )
     axis = axis % max(x.dim(), 1)
     rounding = Rounding(rounding)
@@ -441,8 +455,10 @@ def quantize(
             fold,
             hadamard,
             keep_values,
+            measure_amax,
         )
 
+    measured_amax = tensor_amax(x) if measure_amax else None
     matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
@@ -452,8 +468,8 @@ def quantize(
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
-        tensor_amax = block_amax.amax() if amax is None else amax
-        scale, tensor_scale = nvfp4_scales(block_amax, tensor_amax)
+        amax_of_tensor = block_amax.amax() if amax is None else amax
+        scale, tensor_scale = nvfp4_scales(block_amax, amax_of_tensor)
         divisor = scale * tensor_scale
         divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
     else:
@@ -483,4 +499,5 @@ def quantize(
         axis=axis,
         tensor_scale=tensor_scale,
         scale_rule=None if granularity is Granularity.NVFP4 else rule,
+        measured_amax=measured_amax,
     )

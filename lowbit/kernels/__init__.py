@@ -134,13 +134,17 @@ def quantize_rows(
     fold: bool = False,
     hadamard: torch.Tensor | None = None,
     write_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(values, scale, tensor_scale, folded)`` of a 2-D CPU tensor; see quantize.cpp.
+    measure_amax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, scale, tensor_scale, folded, measured_amax)`` of a 2-D CPU tensor; see
+    quantize.cpp.
 
     ``noise_seed``: stochastic rounding with `lowbit.formats.counter_rng.uniforms` of that seed.
     ``hadamard``: random signs; the rows are first transformed by `lowbit.formats.hadamard.transform`
     (zero-padded to whole blocks of its length), and the results have the padded columns.
-    ``write_values=False`` (with ``fold``): ``values`` comes back empty, only ``folded`` is written."""
+    ``write_values=False`` (with ``fold``): ``values`` comes back empty, only ``folded`` is written.
+    ``measure_amax`` (``block`` 0): ``measured_amax`` is max |x| (one fp32), taken in the rounding
+    pass when ``amax`` is given; otherwise it comes back empty."""
     return torch.ops.lowbit.quantize_rows(
         x,
         block,
@@ -156,6 +160,7 @@ def quantize_rows(
         fold,
         hadamard,
         write_values,
+        measure_amax,
     )
 
 

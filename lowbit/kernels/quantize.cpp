@@ -640,7 +640,7 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
                    bool transposed, const Hadamard& hadamard, const Params& p,
                    const c10::optional<at::Tensor>& given_amax, const Noise& noise,
                    at::Tensor& values, at::Tensor& scale,
-                   at::Tensor& tensor_scale_out, at::Tensor& folded) {
+                   at::Tensor& tensor_scale_out, at::Tensor& folded, at::Tensor& measured) {
   const int64_t rows = x.size(0);
   const int64_t in_cols = x.size(1);  // cols is in_cols padded to whole Hadamard blocks
   uint16_t* out_bf16 = p.kind == kFloatGrid && values.numel()
@@ -694,13 +694,29 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
   };
 
   if (block == 0) {  // one scale for the whole tensor
-    const float s = scale_from_amax(measured_tensor_amax(), p.fmt_max, p.emax_elem, p.rule);
+    const float amax = measured_tensor_amax();
+    const float s = scale_from_amax(amax, p.fmt_max, p.emax_elem, p.rule);
     scales[0] = s;
+    // With a given (delayed) amax the tensor's own amax is still wanted for the history: taken
+    // from each row while it is in cache, as max |x| bits (NaN above inf, -0 as +0).
+    const bool measure_rows = measured.numel() && given_amax.has_value();
+    if (measured.numel() && !measure_rows) measured.mutable_data_ptr<float>()[0] = amax;
+    std::vector<uint32_t> row_top(measure_rows ? rows : 0);
     for_each_row<T>(x, [&](int64_t r, const auto* row) {
+      if (!row_top.empty()) {
+        uint32_t top = 0;
+        for (int64_t c = 0; c < cols; ++c) top = std::max(top, bits_of(widen(row[c])) & kAbsMask);
+        row_top[r] = top;
+      }
       cast_block(row, cols, s, p, draws(noise, static_cast<uint64_t>(r * noise.stride), cols),
                  out_bf16 ? out_bf16 + r * cols : nullptr, out_int ? out_int + r * cols : nullptr,
                  1.0f, nullptr);  // no folding: one scale for the whole tensor
     });
+    if (measure_rows) {
+      uint32_t top = 0;
+      for (const uint32_t t : row_top) top = std::max(top, t);
+      measured.mutable_data_ptr<float>()[0] = float_of(top);
+    }
     return;
   }
 
@@ -942,12 +958,15 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
 //   hadamard: the random signs of a Hadamard transform (see struct Hadamard) applied to every
 //     block of len(signs) columns first; the columns are zero-padded to whole such blocks, which
 //     must hold whole quantization blocks (1-D, no given amax). Results have the padded columns.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
+//   measure_amax (block 0): also return max |x| as one fp32 (else empty), measured in the
+//     rounding pass when an amax is given: delayed scaling's history needs the tensor's own amax
+//     but not before the rounding, so no separate pass over x is needed for it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     const at::Tensor& x, int64_t block, int64_t block_rows, int64_t kind, int64_t mbits,
     int64_t emin, int64_t emax,
     double fmt_max, int64_t rule, const c10::optional<at::Tensor>& amax,
     c10::optional<int64_t> noise_seed, bool fold, const c10::optional<at::Tensor>& hadamard,
-    bool write_values) {
+    bool write_values, bool measure_amax) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "quantize_rows needs a 2-D CPU tensor");
   TORCH_CHECK(block >= 0 && block_rows >= 1, "block must be >= 0 and block_rows >= 1");
   TORCH_CHECK(block_rows == 1 || (block > 0 && (x.stride(1) == 1 || x.size(1) <= 1)),
@@ -988,6 +1007,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
     return transposed ? std::vector<int64_t>{c, r} : std::vector<int64_t>{r, c};
   };
   TORCH_CHECK(write_values || fold, "write_values=False needs fold (the folded values)");
+  TORCH_CHECK(!measure_amax || block == 0, "measure_amax needs one scale for the tensor (block 0)");
+  at::Tensor measured = at::empty({measure_amax ? 1 : 0}, opts.dtype(at::kFloat));
   at::Tensor values =
       write_values
           ? layout(at::empty(shape(rows, cols), opts.dtype(kind == kInt ? at::kChar : at::kBFloat16)))
@@ -1003,20 +1024,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
   switch (x.scalar_type()) {
     case at::kFloat:
       quantize_impl<float>(x, cols, block, block_rows, transposed, transform, p, given,
-                           noise, values, scale, tensor_scale, folded);
+                           noise, values, scale, tensor_scale, folded, measured);
       break;
     case at::kBFloat16:
       quantize_impl<c10::BFloat16>(x, cols, block, block_rows, transposed, transform, p, given,
-                                   noise, values, scale, tensor_scale, folded);
+                                   noise, values, scale, tensor_scale, folded, measured);
       break;
     case at::kHalf:
       quantize_impl<c10::Half>(x, cols, block, block_rows, transposed, transform, p, given,
-                               noise, values, scale, tensor_scale, folded);
+                               noise, values, scale, tensor_scale, folded, measured);
       break;
     default:
       TORCH_CHECK(false, "quantize_rows needs fp32, bf16 or fp16 input, got ", x.scalar_type());
   }
-  return {values, scale, tensor_scale, folded};
+  return {values, scale, tensor_scale, folded, measured};
 }
 
 }  // namespace
@@ -1024,8 +1045,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
 TORCH_LIBRARY(lowbit, m) {
   m.def(
       "quantize_rows(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
-      "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard, bool write_values=True) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard, bool write_values=True, "
+      "bool measure_amax=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_rows", &quantize_rows); }

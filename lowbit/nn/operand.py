@@ -83,12 +83,24 @@ class AmaxHistory:
         self.pending: torch.Tensor | None = None
         self.recording = True
 
-    def scaling_amax(self, current: torch.Tensor) -> torch.Tensor:
+    @property
+    def delayed(self) -> bool:
+        """Whether the scale comes from the history (after the first commit), so that the current
+        amax is needed only for the history, not before quantizing."""
+        return self.filled > 0
+
+    def record(self, current: torch.Tensor) -> None:
+        """Hold this step's amax for the next `commit` (in training mode)."""
         if self.recording:
             self.pending = current if self.pending is None else torch.maximum(self.pending, current)
-        if self.filled == 0:
-            return current
+
+    def delayed_amax(self) -> torch.Tensor:
         return self.history.max()
+
+    def scaling_amax(self, current: torch.Tensor) -> torch.Tensor:
+        """Record ``current``; the amax to scale with (``current`` itself before the first commit)."""
+        self.record(current)
+        return self.delayed_amax() if self.delayed else current
 
     def commit(self) -> None:
         """Roll the history and append this step's amax (called once per optimizer step)."""
@@ -160,10 +172,14 @@ def quantize_operand(
             shared_slot, x, spec, None, lambda: plain_cast(x, spec), reader=reader
         )
     amax = None
+    measure = False  # take this step's amax for the history while quantizing (delayed scaling)
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
-        current = shared_quantization.amax(shared_slot, x, lambda: tensor_amax(x))
-        amax = history.scaling_amax(_agreement.amax(current) if agree else current)
+        if history.delayed and not agree and spec.granularity is Granularity.TENSOR:
+            amax, measure = history.delayed_amax(), history.recording
+        else:
+            current = shared_quantization.amax(shared_slot, x, lambda: tensor_amax(x))
+            amax = history.scaling_amax(_agreement.amax(current) if agree else current)
     elif agree == "tensor":
         amax = _agreement.amax(tensor_amax(x))
     elif agree == "row":
@@ -182,9 +198,13 @@ def quantize_operand(
             fold=True,
             hadamard=hadamard,
             keep_values=False,  # a GEMM reads the folded operand only
+            measure_amax=measure,
         )
 
-    return shared_quantization.quantize(shared_slot, x, spec, amax, compute, hadamard, reader)
+    q = shared_quantization.quantize(shared_slot, x, spec, amax, compute, hadamard, reader)
+    if measure:  # a result shared from a reader that did not measure: measure now
+        history.record(tensor_amax(x) if q.measured_amax is None else q.measured_amax)
+    return q
 
 
 class SharedQuantization(threading.local):

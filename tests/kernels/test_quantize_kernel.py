@@ -5,6 +5,7 @@ reference algorithm; these tests cover what only the kernel has: external amaxes
 and the fallback when it is switched off.
 """
 
+import contextlib
 import subprocess
 import sys
 
@@ -62,6 +63,42 @@ def test_external_amax_matches_the_pytorch_path(name, granularity, amax):
     x = awkward_tensor((48, 256)) * 1e-3
     fused, plain = both_paths(x, name, granularity, amax=amax)
     assert_same_qtensor(fused, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+@pytest.mark.parametrize("special", [None, "nan", "inf", "zeros"])
+@pytest.mark.parametrize("amax", [None, torch.tensor(3.0)], ids=["current", "delayed"])
+def test_the_amax_measured_while_quantizing_is_the_tensor_amax(dtype, layout, special, amax):
+    """Delayed scaling's history takes the tensor's amax from the quantization's own pass: the
+    same bits as `tensor_amax` (NaN wins over inf, -0 reads +0), and the same quantized values as
+    a call that does not measure."""
+    from lowbit.formats import tensor_amax
+
+    x = awkward_tensor((96, 64)) * 1e-3
+    if special == "nan":
+        x[70, 5] = float("nan")
+        x[3, 1] = float("inf")
+    elif special == "inf":
+        x[70, 5] = -float("inf")
+    elif special == "zeros":
+        x = -torch.zeros(96, 64)
+    x = x.to(dtype)
+    x = x.t().contiguous().t() if layout == "transposed" else x
+    fused, plain = both_paths(x, "fp8_e5m2", "tensor", amax=amax, measure_amax=True)
+    assert_same_qtensor(fused, plain)
+    assert_same_qtensor(fused, quantize(x, "fp8_e5m2", "tensor", amax=amax))
+    for q in (fused, plain):
+        assert q.measured_amax.shape == () and q.measured_amax.dtype == torch.float32
+        assert_same_bits(q.measured_amax, tensor_amax(x))
+    assert quantize(x, "fp8_e5m2", "tensor", amax=amax).measured_amax is None
+
+
+def test_measuring_the_amax_needs_one_amax_for_the_tensor():
+    from lowbit.errors import UsageError
+
+    with pytest.raises(UsageError, match="measure_amax needs granularity 'tensor'"):
+        quantize(torch.randn(4, 32), "fp8_e4m3", "mx", measure_amax=True)
 
 
 @pytest.mark.parametrize(
@@ -375,3 +412,39 @@ def test_hadamard_transform_inside_the_kernel_over_threads_gives_the_one_thread_
             torch.set_num_threads(previous)
     for other in results[1:]:
         assert_same_qtensor(results[0], other)
+
+
+def test_delayed_scaling_trains_the_same_with_and_without_the_kernel():
+    """fp8-delayed measures each step's amax inside the kernel's rounding pass and in a separate
+    pass on the PyTorch path: the same histories, outputs and gradients step after step."""
+    import copy
+
+    from lowbit import get_recipe
+    from lowbit.nn import LowbitLinear
+
+    torch.manual_seed(0)
+    layer = LowbitLinear(torch.nn.Linear(64, 48, bias=False), get_recipe("fp8-delayed").layer)
+    inputs = [torch.randn(32, 64) * scale for scale in (1.0, 4.0, 0.5, 2.0)]
+    grads = [torch.randn(32, 48) * scale for scale in (1e-3, 1.0, 10.0, 0.1)]
+
+    def train(layer, kernel):
+        seen = []
+        for x, grad in zip(inputs, grads):
+            layer.weight.grad = None
+            x = x.clone().requires_grad_()
+            with contextlib.nullcontext() if kernel else kernels.disabled():
+                out = layer(x)
+                out.backward(grad)
+            layer.lowbit_state.commit()
+            state = layer.lowbit_state.state_dict()
+            seen.append((out, x.grad, layer.weight.grad, [h["history"] for h in state.values()]))
+        return seen
+
+    for fused, plain in zip(train(copy.deepcopy(layer), True), train(layer, False)):
+        for a, b in zip(fused[:3], plain[:3]):
+            assert_same_bits(a, b)
+        for a, b in zip(fused[3], plain[3]):
+            assert_same_bits(a, b)
+    assert len(fused[3]) == 3  # x, w and grad_out keep histories (the backward reuses x and w)
+    newest_first = torch.stack([x.abs().max() for x in reversed(inputs)])
+    assert torch.equal(layer.lowbit_state.histories["forward.x"].history[:4], newest_first)

@@ -82,7 +82,13 @@ def test_delayed_layers_that_agree_on_the_amax_share_quantization_and_measuremen
         for layer in layers:
             layer.lowbit_state.commit()
     assert calls.count((16, 64)) == 2  # once per step, not per layer
-    assert measured.count((16, 64)) == 2  # the weights (32 x 64) measure their own
+    # step 1 measures the current amax once for the three layers (the weights, 32 x 64, measure
+    # their own); step 2 scales by the history and takes the amax inside the shared quantization
+    assert measured == [(16, 64)] + [(32, 64)] * 3
+    histories = [layer.lowbit_state.histories["forward.x"] for layer in layers]
+    for history in histories:
+        assert history.filled == 2
+        assert torch.equal(history.history[:2], torch.stack([2 * x.abs().max(), x.abs().max()]))
 
 
 def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
