@@ -40,10 +40,11 @@ WORKLOADS = {
         "batch_size": 8,
         "lr": 3e-3,
         "warmup_steps": 20,
-        # 64 x 512 = 32,768 validation tokens. With 8 batches (4,096 tokens) half of the seed
-        # spread of the paired gaps was evaluation noise: the last study's final checkpoints,
-        # evaluated again on the whole validation split (`lowbit eval`), gave bf16-mixed 0.61%
-        # instead of 1.00% (docs/parity.md, "Where the spread comes from").
+        # 64 x 512 = 32,768 validation tokens. With 8 batches (4,096 tokens) part of the seed
+        # spread of the paired gaps was evaluation noise: the final checkpoints of session 7's
+        # study, evaluated again on the whole validation split (`lowbit eval`), gave spreads a
+        # fifth to two fifths smaller (bf16-mixed 0.61% instead of 1.00%; docs/parity.md,
+        # "Evaluation tokens").
         "eval_batches": 64,
     },
     "token-classification": {
