@@ -202,7 +202,7 @@ def quantize_operand(
         )
 
     q = shared_quantization.quantize(shared_slot, x, spec, amax, compute, hadamard, reader)
-    if measure:  # a result shared from a reader that did not measure: measure now
+    if measure:  # measured by the quantization (or now, if shared by a reader that did not ask)
         history.record(tensor_amax(x) if q.measured_amax is None else q.measured_amax)
     return q
 
