@@ -91,6 +91,19 @@ def test_delayed_layers_that_agree_on_the_amax_share_quantization_and_measuremen
         assert torch.equal(history.history[:2], torch.stack([2 * x.abs().max(), x.abs().max()]))
 
 
+def test_a_delayed_layer_sharing_an_evaluating_layers_quantization_still_records_its_amax():
+    a, b = qkv("fp8-delayed")[:2]
+    x = torch.randn(16, 64)
+    for layer in (a, b):  # one training step: both histories hold x's amax
+        layer(x)
+        layer.lowbit_state.commit()
+    a.eval()  # a quantizes 3x with the history's scale and measures nothing (it records nothing)
+    a(x * 3)
+    b(x * 3)  # the same input, spec and scale: a's quantization, without a measured amax
+    assert a.lowbit_state.histories["forward.x"].pending is None
+    assert torch.equal(b.lowbit_state.histories["forward.x"].pending, (x * 3).abs().max())
+
+
 def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
     layers = qkv("fp8-tensorwise")
     x = torch.randn(64, 64)
