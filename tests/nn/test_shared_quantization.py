@@ -97,11 +97,12 @@ def test_a_delayed_layer_sharing_an_evaluating_layers_quantization_still_records
     for layer in (a, b):  # one training step: both histories hold x's amax
         layer(x)
         layer.lowbit_state.commit()
-    a.eval()  # a quantizes 3x with the history's scale and measures nothing (it records nothing)
-    a(x * 3)
-    b(x * 3)  # the same input, spec and scale: a's quantization, without a measured amax
+    y = x * 3
+    a.eval()  # a quantizes y with the history's scale and measures nothing (it records nothing)
+    a(y)
+    b(y)  # the same input, spec and scale: a's quantization, without a measured amax
     assert a.lowbit_state.histories["forward.x"].pending is None
-    assert torch.equal(b.lowbit_state.histories["forward.x"].pending, (x * 3).abs().max())
+    assert torch.equal(b.lowbit_state.histories["forward.x"].pending, y.abs().max())
 
 
 def test_an_input_changed_in_place_is_quantized_again(monkeypatch):
