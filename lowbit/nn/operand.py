@@ -175,7 +175,7 @@ def quantize_operand(
     measure = False  # take this step's amax for the history while quantizing (delayed scaling)
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
-        if history.delayed and not agree and spec.granularity is Granularity.TENSOR:
+        if history.delayed and not agree:  # delayed specs are tensorwise (OperandSpec checks)
             amax, measure = history.delayed_amax(), history.recording
         else:
             current = shared_quantization.amax(shared_slot, x, lambda: tensor_amax(x))

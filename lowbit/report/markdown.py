@@ -26,7 +26,7 @@ def _pm(pair, digits=4) -> str:
 
 
 def _count(pair) -> str:
-    """A per-seed count's mean ± std: "0" when every seed agrees, else two decimals."""
+    """A per-seed count's mean ± std: the count itself when every seed agrees, else two decimals."""
     mean, std = pair
     return f"{mean:g}" if not std else f"{mean:.2f} ± {std:.2f}"
 
