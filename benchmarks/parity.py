@@ -66,7 +66,8 @@ WORKLOADS = {
     },
 }
 # Evaluations per run (the start's not counted); fewer for the causal LM, whose evaluations are
-# larger (about 1 s each at one thread, against ~55 s of training).
+# larger (0.8 s each at one thread, measured with `lowbit eval --max-batches 64`, against ~55 s
+# of training per run).
 EVALS = {"causal-lm": 4, "token-classification": 8, "image-classification": 8}
 # 1000 causal-LM steps: at 400 the loss was still falling fast (2.28, against 1.90 at 1000) and the
 # seed spread of the paired gaps was 2.5x wider (docs/parity.md); 1000 fits the ~60-minute budget.
