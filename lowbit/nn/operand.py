@@ -75,6 +75,8 @@ class AmaxHistory:
     ``recording`` is off while the layer is in eval mode: evaluation batches use the history's
     scale but do not enter it (they would otherwise ride into the next training step's commit,
     and a run resumed from the checkpoint written after an evaluation would differ).
+    The history lives on the device of the amaxes it records (moved there on first use, e.g. after
+    loading a checkpoint onto the CPU), so that a GPU layer's scale never waits for a copy.
     """
 
     def __init__(self, length: int):
@@ -94,21 +96,28 @@ class AmaxHistory:
         if self.recording:
             self.pending = current if self.pending is None else torch.maximum(self.pending, current)
 
-    def delayed_amax(self) -> torch.Tensor:
+    def delayed_amax(self, device: torch.device) -> torch.Tensor:
+        """max(history), on ``device`` (the operand's)."""
+        self._move_to(device)
         return self.history.max()
 
     def scaling_amax(self, current: torch.Tensor) -> torch.Tensor:
         """Record ``current``; the amax to scale with (``current`` itself before the first commit)."""
         self.record(current)
-        return self.delayed_amax() if self.delayed else current
+        return self.delayed_amax(current.device) if self.delayed else current
+
+    def _move_to(self, device: torch.device) -> None:
+        if self.history.device != device:
+            self.history = self.history.to(device)
 
     def commit(self) -> None:
         """Roll the history and append this step's amax (called once per optimizer step)."""
         if self.pending is None or not torch.isfinite(self.pending):
             self.pending = None  # an overflowing step does not poison the history
             return
+        self._move_to(self.pending.device)
         self.history = torch.roll(self.history, 1)
-        self.history[0] = self.pending.detach().float().cpu()
+        self.history[0] = self.pending.detach().float()
         self.filled = min(self.filled + 1, len(self.history))
         self.pending = None
 
@@ -176,7 +185,7 @@ def quantize_operand(
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
     if spec.scaling is Scaling.DELAYED and history is not None:
         if history.delayed and not agree:  # delayed specs are tensorwise (OperandSpec checks)
-            amax, measure = history.delayed_amax(), history.recording
+            amax, measure = history.delayed_amax(x.device), history.recording
         else:
             current = shared_quantization.amax(shared_slot, x, lambda: tensor_amax(x))
             amax = history.scaling_amax(_agreement.amax(current) if agree else current)
