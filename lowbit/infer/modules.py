@@ -32,7 +32,7 @@ from lowbit.infer.quant import (
     stored_shapes,
     weight_qtensor,
 )
-from lowbit.nn.gemm import emulated_gemm, scale_rows_cols
+from lowbit.nn.gemm import emulated_gemm, int_mm, scale_rows_cols
 
 KERNELS = ("dequant", "int8pack")
 
@@ -106,6 +106,8 @@ class QuantLinear(torch.nn.Module):
         no oneDNN quantized linear (non-x86 builds)."""
 
         def pack():
+            if self.qweight.device.type != "cpu":  # oneDNN is a CPU library
+                return ()
             try:
                 packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
             except (AttributeError, RuntimeError, NotImplementedError):
@@ -138,7 +140,7 @@ class QuantLinear(torch.nn.Module):
             return acc.mul_(s_x)
         s_w = self._get("s_w_column", lambda: self.scale.float().reshape(-1, 1))
         # the weight as the K x N transposed view of its N x K rows: oneDNN's fast layout
-        return scale_rows_cols(torch._int_mm(values, self.qweight.t()), s_x, s_w)
+        return scale_rows_cols(int_mm(values, self.qweight.t()), s_x, s_w)
 
     def _get(self, key: str, make) -> torch.Tensor:
         if key not in self._cache:

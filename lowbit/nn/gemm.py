@@ -18,8 +18,8 @@ The scales are applied by where they vary:
   ``out = sum_k (va_k @ vb_k.T) * sa_k * sb_k``, the per-block partial products scaled and
   accumulated in fp32 (DeepSeek-V3 §3.3 promotes partial sums to fp32 the same way).
 
-Integer operands use PyTorch's int8 GEMM (``torch._int_mm``, exact int32 accumulation). fp16 and
-fp32 operands do not fit bf16 and run as fp32 GEMMs (fp16 products are exact in fp32).
+Integer operands use PyTorch's int8 GEMM (``torch._int_mm``, exact int32 accumulation; `int_mm`).
+fp16 and fp32 operands do not fit bf16 and run as fp32 GEMMs (fp16 products are exact in fp32).
 
 On CPU, PyTorch's bf16 GEMM rounds its fp32 accumulator to a bf16 output. That is what a GPU GEMM
 with a bf16 output does too; `exact_accumulation()` switches to fp32 GEMMs (slower) so tests can
@@ -96,6 +96,32 @@ def _operand(q: QTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if q.folded is not None or (not constant and q.scales_fold_exactly):
         return _fold(q)
     return (q.values, _row_scale(q)) if constant else (None, None)
+
+
+# CUDA's int8 GEMM takes more than 16 rows and inner and output widths that are multiples of 8.
+_CUDA_INT_MM_MIN_ROWS = 17
+_CUDA_INT_MM_MULTIPLE = 8
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, *, pad: bool | None = None) -> torch.Tensor:
+    """``a @ b`` of int8 matrices (M x K and K x N) with exact int32 sums, by ``torch._int_mm``.
+
+    On CUDA, whose kernel refuses M <= 16 and K or N not multiples of 8 (a decoding step's single
+    row; a first convolution's K of 9), the operands are first zero-padded to those sizes and the
+    result cut back: zero rows and columns add nothing to an integer sum, so it is the same result.
+    ``pad`` forces the padding on or off (default: on CUDA)."""
+    if pad is None:
+        pad = a.device.type == "cuda"
+    (m, k), n = a.shape, b.shape[1]
+    rows = max(0, _CUDA_INT_MM_MIN_ROWS - m) if pad else 0
+    inner = (-k) % _CUDA_INT_MM_MULTIPLE if pad else 0
+    cols = (-n) % _CUDA_INT_MM_MULTIPLE if pad else 0
+    if not (rows or inner or cols):
+        return torch._int_mm(a, b)
+    a = torch.nn.functional.pad(a, (0, inner, 0, rows))
+    # b padded as its N x K transpose, so that it stays the column-major view it came as
+    b = torch.nn.functional.pad(b.t(), (0, inner, 0, cols)).t()
+    return torch._int_mm(a, b)[:m, :n]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -247,7 +273,7 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
             # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
-            acc = torch._int_mm(qa.values.contiguous(), qb.values.contiguous().t())
+            acc = int_mm(qa.values.contiguous(), qb.values.contiguous().t())
             return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb), out_dtype)
         return _grouped_mm(qa, qb).to(out_dtype)
     va, sa = _operand(qa)

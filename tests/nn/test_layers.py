@@ -148,6 +148,20 @@ def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch
     assert ((emulated_gemm(qa, qb).double() - reference).abs() <= 2**-8 * bound).all()
 
 
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 32), (16, 9, 16), (40, 32, 257), (5, 3, 7)])
+def test_int_mm_pads_to_the_cuda_kernels_shapes_without_changing_the_sums(m, k, n):
+    from lowbit.nn.gemm import int_mm
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator).t()
+    exact = a.long() @ b.long()
+    padded = int_mm(a, b, pad=True)  # what a CUDA device gets; the CPU kernel takes both
+    assert padded.dtype == torch.int32 and padded.shape == (m, n)
+    assert torch.equal(padded.long(), exact)
+    assert torch.equal(int_mm(a, b, pad=False).long(), exact)
+
+
 def test_fp32_operands_are_plain_linear():
     linear = torch.nn.Linear(32, 16)
     layer = LowbitLinear(copy.deepcopy(linear), LayerSpec())
