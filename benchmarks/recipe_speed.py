@@ -17,6 +17,10 @@ per recipe and the median.
 
     .venv/bin/python benchmarks/recipe_speed.py [--rounds 9] [--processes 3] [--recipes a,b,c] [--write]
     .venv/bin/python benchmarks/recipe_speed.py --profile fp8-tensorwise   # where a step goes
+    python benchmarks/recipe_speed.py --device cuda --size llama-1b   # on a GPU: native fp8 GEMMs
+
+On a GPU each step is timed between two ``torch.cuda.synchronize()`` calls, so the queued kernels
+are counted in the step that launched them.
 """
 
 from __future__ import annotations
@@ -46,16 +50,22 @@ from lowbit.models import build_causal_lm
 class Run:
     """One recipe's model, optimizer and data, stepped one at a time."""
 
-    def __init__(self, recipe: str, tokens: torch.Tensor, batch: int, seq: int, size: str):
-        self.precision = lowbit.Precision(recipe)
-        self.model = self.precision.convert(build_causal_lm(size, 257, seed=0))
+    def __init__(
+        self, recipe: str, tokens: torch.Tensor, batch: int, seq: int, size: str, device: str
+    ):
+        self.device = torch.device(device)
+        self.precision = lowbit.Precision(recipe, device=self.device)
+        with self.device:  # initialized where it trains: a 1B model builds in seconds on a GPU
+            model = build_causal_lm(size, 257, seed=0)
+        self.model = self.precision.convert(model)
         self.optimizer = self.precision.wrap_optimizer(
             torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         )
         self.batches = LMBatches(tokens, batch, seq, seed=0)
 
     def step(self) -> float:
-        x, y = next(self.batches)
+        x, y = (t.to(self.device) for t in next(self.batches))
+        synchronize(self.device)
         start = time.perf_counter()
         with self.precision.autocast():
             logits = self.model(x).logits
@@ -64,12 +74,26 @@ class Run:
         self.precision.clip_grad_norm_(self.optimizer, 1.0)
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
-def measure(recipes, rounds, warmup, batch, seq, size):
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_description(device: str) -> str:
+    """The GPU's name, or the CPU's model and instruction sets with the thread count."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{torch.get_num_threads()} threads, {cpu_description()}"
+
+
+def measure(recipes, rounds, warmup, batch, seq, size, device):
     tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
-    runs = {name: Run(name, tokens, batch, seq, size) for name in recipes}
+    runs = {name: Run(name, tokens, batch, seq, size, device) for name in recipes}
     for run in runs.values():
         for _ in range(warmup):
             run.step()
@@ -92,7 +116,7 @@ def in_processes(args, recipes: list[str]) -> dict[str, list[tuple[float, float]
     for number, name in enumerate(others, 1):
         for index in range(args.processes):
             command = [sys.executable, __file__, "--worker", "--recipes", name]
-            for option in ("rounds", "warmup", "batch", "seq", "size"):
+            for option in ("rounds", "warmup", "batch", "seq", "size", "device"):
                 command += [f"--{option}", str(getattr(args, option))]
             print(
                 f"{name} ({number}/{len(others)}), process {index + 1}/{args.processes} ...",
@@ -127,21 +151,27 @@ def table(pairs: dict[str, list[tuple[float, float]]]) -> str:
     return "\n".join(lines)
 
 
-def profile(recipe: str, warmup: int, batch: int, seq: int, size: str, steps: int) -> None:
+def profile(
+    recipe: str, warmup: int, batch: int, seq: int, size: str, steps: int, device: str
+) -> None:
     """Print where ``steps`` steps of ``recipe`` spend their time (torch.profiler, ops by self
     time; divide by ``steps`` for one step)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
-    run = Run(recipe, tokens, batch, seq, size)
+    run = Run(recipe, tokens, batch, seq, size, device)
     for _ in range(warmup):
         run.step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU]
+    if run.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             run.step()
     print(f"{recipe}: {steps} steps")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    sort = "self_cuda_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 def main() -> int:
@@ -152,6 +182,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--size", default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--note", default="", help="text written under the table (with --write)")
     parser.add_argument("--profile", metavar="RECIPE", help="profile steps of RECIPE instead")
@@ -165,7 +196,15 @@ def main() -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profile:
-        profile(args.profile, args.warmup, args.batch, args.seq, args.size, args.profile_steps)
+        profile(
+            args.profile,
+            args.warmup,
+            args.batch,
+            args.seq,
+            args.size,
+            args.profile_steps,
+            args.device,
+        )
         return 0
     if args.processes < 1 or args.rounds < 1:
         parser.error("--processes and --rounds must be at least 1")
@@ -175,10 +214,13 @@ def main() -> int:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; see `lowbit recipes`")
     if "fp32" not in recipes:
         recipes.insert(0, "fp32")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; fix: leave --device out")
     if args.worker:  # one process's medians, as JSON on the last line
-        print(
-            json.dumps(measure(recipes, args.rounds, args.warmup, args.batch, args.seq, args.size))
+        medians = measure(
+            recipes, args.rounds, args.warmup, args.batch, args.seq, args.size, args.device
         )
+        print(json.dumps(medians))
         return 0
     pairs = in_processes(args, recipes)
     command = "python " + " ".join(["benchmarks/recipe_speed.py", *sys.argv[1:]])
@@ -186,12 +228,14 @@ def main() -> int:
     text = (
         f"Model `{args.size}`, batch {args.batch} x {args.seq} tokens, AdamW, median of "
         f"{args.rounds} alternating steps of fp32 and the recipe per process, {processes} per "
-        f"recipe, {torch.get_num_threads()} threads, {cpu_description()}.\n"
+        f"recipe, {device_description(args.device)}.\n"
         f"Command: `{command.split(' --note')[0]}`\n\n{table(pairs)}"
     )
     print(text)
     if args.write:
         size = "" if args.size == "tiny" else f", model `{args.size}`"
+        if args.device != "cpu":
+            size += f", {device_description(args.device)}"
         heading = f"## Recipe step time{size} (benchmarks/recipe_speed.py)"
         write_section(heading, text + (f"\n\n{args.note}" if args.note else ""))
     return 0
