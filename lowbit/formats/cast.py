@@ -167,6 +167,16 @@ def _has_fast_grid(fmt: Format) -> bool:
     )
 
 
+def _native_conversion_is_fast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether rounding through PyTorch's own ``dtype`` conversion beats `_nearest_on_grid`: on a
+    GPU every conversion is one elementwise kernel (against the grid's seven), and on the CPU those
+    of fp16, bf16 and fp8 e5m2 are fast kernels, while fp8 e4m3's (to it and back to bf16) is a
+    slow scalar loop. Both give the same bits (tests/formats/test_fast_paths.py)."""
+    if device.type != "cpu":
+        return dtype.is_floating_point
+    return dtype in (torch.float16, torch.bfloat16, torch.float8_e5m2)
+
+
 def cast_to_carrier_(
     y: torch.Tensor,
     fmt: Format,
@@ -184,11 +194,9 @@ def cast_to_carrier_(
         if isinstance(fmt, IntFormat):
             return y.clamp_(-fmt.qmax, fmt.qmax).round_().to(carrier)
         native = fmt.torch_dtype
-        if native in (torch.float16, torch.bfloat16, torch.float8_e5m2):
-            # native RNE; e5m2 -> bf16 and the 16-bit conversions are fast CPU kernels
-            return y.clamp_(-fmt.max, fmt.max).to(native).to(carrier)
+        if native is not None and _native_conversion_is_fast(native, y.device):
+            return y.clamp_(-fmt.max, fmt.max).to(native).to(carrier)  # PyTorch's RNE
         if _has_fast_grid(fmt):
-            # e4m3 too: its native fp8 -> bf16/fp32 conversion is a slow scalar loop on CPU
             return _nearest_on_grid(y, fmt, owned=True).to(carrier)
     return cast(y, fmt, rounding, generator).to(carrier)
 

@@ -1,5 +1,7 @@
 """Fast paths of `cast` and `quantize` against their reference paths, bit for bit."""
 
+import sys
+
 import pytest
 import torch
 
@@ -77,6 +79,17 @@ def test_cast_to_carrier_equals_reference_then_carrier(name):
     sr_fast = cast_to_carrier_(x.clone(), fmt, carrier, Rounding.STOCHASTIC, gen_a)
     sr_ref = cast_reference(x, name, "stochastic", gen_b).to(carrier)
     assert_same_bits(sr_fast, sr_ref)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "bf16", "fp16"])
+def test_native_conversion_a_gpu_takes_gives_the_grids_bits(monkeypatch, name):
+    cast_module = sys.modules["lowbit.formats.cast"]  # `lowbit.formats.cast` is also a function
+    fmt = formats.get(name)
+    x = special_values(name if name in SMALL_FORMATS else "fp8_e5m2") * 3
+    carrier = carrier_dtype(fmt)
+    expected = cast_reference(x, name).to(carrier)
+    monkeypatch.setattr(cast_module, "_native_conversion_is_fast", lambda dtype, device: True)
+    assert_same_bits(cast_to_carrier_(x.clone(), fmt, carrier), expected)
 
 
 def test_block_amax_equals_abs_amax_with_nan_zero_and_signed_zero_blocks():
