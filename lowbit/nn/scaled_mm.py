@@ -74,8 +74,11 @@ def scaled_mm(
     kind: str,
 ) -> torch.Tensor:
     """``(va * sa) @ (vb * sb).T`` by ``torch._scaled_mm`` (``kind`` from `native_fp8_kind`)."""
-    a = qa.values.to(_FP8[qa.fmt.name]).contiguous()  # M x K row-major
-    b = qb.values.to(_FP8[qb.fmt.name]).contiguous()  # N x K row-major: b.t() is column-major
+    # Both row-major (M x K, N x K: b.t() is column-major), cast and laid out in one copy each (a
+    # transposed operand's values are column-major).
+    row_major = torch.contiguous_format
+    a = qa.values.to(_FP8[qa.fmt.name], memory_format=row_major)
+    b = qb.values.to(_FP8[qb.fmt.name], memory_format=row_major)
     if kind == "tensor":
         scale_a, scale_b = sa.reshape(()).float(), sb.reshape(()).float()
     else:  # one scale per row of a (M x 1) and per column of the output (1 x N)
