@@ -46,7 +46,7 @@ from enum import Enum
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.formats.cast import binade, cast, pow2
+from lowbit.formats.cast import binade, cast
 from lowbit.formats.spec import FloatFormat, Format
 
 
@@ -70,6 +70,10 @@ MX_BLOCK = 32  # OCP MX v1.0: k = 32 elements share one scale
 NVFP4_BLOCK = 16  # NVFP4: 16 elements share one e4m3 scale
 E8M0_EXP_MIN, E8M0_EXP_MAX = -127, 127  # exponents e8m0 can encode (0xFF is NaN)
 E4M3_MAX = 448.0  # fp8_e4m3 largest finite value: NVFP4's block-scale range
+# fp32 bit fields of the power-of-two scale rules (`scale_from_amax`)
+_MANTISSA_BITS, _F32_BIAS = 23, 127
+_MANTISSA_MASK, _EXPONENT_MASK, _INF_BITS = 0x007FFFFF, 0x7F800000, 0x7F800000
+_TWO_POW_M127_BITS = 0x00400000  # 2**-127, the subnormal e8m0's smallest scale stands for
 FP4_MAX = 6.0  # fp4_e2m1 largest value
 
 
@@ -104,25 +108,43 @@ def default_rule(granularity: Granularity) -> ScaleRule:
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.Tensor:
-    """The fp32 dequantization scale of blocks with largest magnitude ``amax`` (see module doc)."""
+    """The fp32 dequantization scale of blocks with largest magnitude ``amax`` (see module doc).
+
+    A non-finite ``amax`` is its own scale (inf, or NaN, which then spreads to the block's values).
+    The power-of-two rules are built from fp32 bit fields in a few elementwise ops (on a GPU each
+    op is a kernel launch for every quantized operand):
+
+    - ``pow2`` / ``mx_ceil``: the fp32 ratio ``r = amax / max`` rounded up to a power of two is
+      ``(bits(r) + 0x7FFFFF) & 0x7F800000``: a non-zero mantissa carries into the exponent field,
+      a zero one does not, and the mask drops the mantissa. Ratios up to 2**-127 (fp32
+      subnormals, whose exponent field reads as 2**-127) take 2**-127, so the scale is
+      ``2**max(ceil(log2 r), -127)``; ``amax = 0`` takes 1. No finite fp32 ``amax`` over a format
+      ``max`` >= 6 reaches 2**127, e8m0's top.
+    - ``mx_floor``: ``2**clamp(floor(log2 amax) - emax_elem, -127, 127)`` with ``floor(log2)`` read
+      from the exponent field (-127 for zero and subnormals, so an all-zero block gets 2**-127).
+    """
     amax = amax.float()
     fmt_max = fmt.max
     if rule is ScaleRule.AMAX:
-        scale = amax / fmt_max
-        # An all-zero block keeps scale 1 (its values are 0); a tiny one keeps a non-zero scale.
-        scale = torch.where(amax > 0, scale.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
-        return torch.where(torch.isfinite(amax), scale, amax)
+        # A tiny block keeps a non-zero scale; inf and NaN pass through the clamp; an all-zero
+        # block keeps scale 1 (its values are 0).
+        scale = (amax / fmt_max).clamp_(min=torch.finfo(torch.float32).tiny)
+        return scale.masked_fill_(amax == 0, 1.0)
     if rule is ScaleRule.MX_FLOOR:
         emax_elem = math.floor(math.log2(fmt_max))
-        exponent = binade(amax) - emax_elem
+        exponent = (binade(amax) - emax_elem).clamp_(E8M0_EXP_MIN, E8M0_EXP_MAX)
+        bits = torch.where(
+            exponent > E8M0_EXP_MIN, (exponent + _F32_BIAS) << _MANTISSA_BITS, _TWO_POW_M127_BITS
+        )
     else:  # POW2 and MX_CEIL: smallest power of two with amax / s <= max
-        ratio = amax / fmt_max
-        exponent = binade(ratio)
-        exponent = exponent + (ratio > pow2(exponent.clamp(-252, 127))).to(exponent.dtype)
-        exponent = torch.where(amax > 0, exponent, torch.zeros_like(exponent))
-    lo, hi = (E8M0_EXP_MIN, E8M0_EXP_MAX) if rule is not ScaleRule.POW2 else (-252, 127)
-    scale = pow2(exponent.clamp(lo, hi))
-    return torch.where(torch.isfinite(amax), scale, amax)
+        ratio_bits = (amax / fmt_max).view(torch.int32).clamp(max=_INF_BITS)  # NaN: no overflow
+        tiny = ratio_bits <= _TWO_POW_M127_BITS
+        bits = (ratio_bits + _MANTISSA_MASK).bitwise_and_(_EXPONENT_MASK)
+        bits.masked_fill_(tiny, _TWO_POW_M127_BITS)
+    scale = bits.view(torch.float32)
+    if rule is not ScaleRule.MX_FLOOR:
+        scale.masked_fill_(amax == 0, 1.0)
+    return torch.where(amax < math.inf, scale, amax)  # False for inf and NaN
 
 
 def nvfp4_scales(

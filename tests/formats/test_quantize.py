@@ -1,5 +1,7 @@
 """Scaled quantization: structure of the scales, SQNR floors, MX agreement with torchao."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from lowbit import formats
 from lowbit.errors import UsageError
 from lowbit.formats import cast, quantize, tensor_amax
 from lowbit.formats.error import sqnr
+from lowbit.formats.scaling import ScaleRule, scale_from_amax
 
 
 def gaussian():
@@ -160,6 +163,58 @@ def test_pow2_scales_are_powers_of_two_and_do_not_saturate():
     mantissa, _ = torch.frexp(q.scale)
     assert (mantissa == 0.5).all()
     assert (x.abs().amax(1, keepdim=True) / q.scale <= 448).all()
+
+
+def _power_of_two_scale(amax: float, fmt_max: float, rule: str) -> float:
+    """The rules of `lowbit.formats.scaling` in float64 arithmetic, one value at a time."""
+    if math.isnan(amax) or math.isinf(amax):
+        return amax
+    if rule == "mx_floor":  # floor(log2 amax); zero and fp32 subnormals read as 2**-127
+        floor_log2 = math.frexp(amax)[1] - 1 if amax >= 2.0**-126 else -127
+        return 2.0 ** min(max(floor_log2 - math.floor(math.log2(fmt_max)), -127), 127)
+    if amax == 0:
+        return 1.0
+    ratio = (torch.tensor(amax, dtype=torch.float32) / fmt_max).item()  # the fp32 ratio
+    mantissa, exponent = math.frexp(ratio)  # ratio = mantissa * 2**exponent, mantissa in [0.5, 1)
+    ceil_log2 = exponent - 1 if mantissa == 0.5 else exponent
+    if ratio == 0:  # a subnormal amax whose ratio underflows: the smallest scale
+        ceil_log2 = -127
+    return 2.0 ** min(max(ceil_log2, -127), 127)
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("fp8_e4m3", "pow2"),
+        ("fp8_e5m2", "pow2"),
+        ("int8", "pow2"),
+        ("fp8_e4m3", "mx_ceil"),
+        ("fp4_e2m1", "mx_ceil"),
+        ("fp8_e4m3", "mx_floor"),
+        ("fp6_e3m2", "mx_floor"),
+        ("fp4_e2m1", "mx_floor"),
+    ],
+)
+def test_power_of_two_scales_follow_their_rules_at_every_binade(name, rule):
+    fmt = formats.get(name)
+    powers = torch.exp2(torch.arange(-149, 128, dtype=torch.float64)).float()
+    amax = torch.cat(
+        [
+            powers,  # every power of two, subnormals included, and both neighbours of each
+            torch.nextafter(powers, torch.tensor(math.inf)),
+            torch.nextafter(powers, torch.tensor(0.0)),
+            powers * fmt.max,  # ratios exactly on a power of two, and just off it
+            torch.nextafter(powers * fmt.max, torch.tensor(math.inf)),
+            torch.tensor([0.0, -0.0, math.inf, math.nan, 3.4e38, 1e-45]),
+            torch.rand(2000, generator=torch.Generator().manual_seed(0)).mul(80).sub(60).exp2(),
+        ]
+    )
+    amax = amax[torch.isfinite(amax) | amax.isnan() | (amax == math.inf)]
+    scale = scale_from_amax(amax, fmt, ScaleRule(rule))
+    assert scale.dtype == torch.float32
+    for value, got in zip(amax.tolist(), scale.tolist()):
+        expected = _power_of_two_scale(value, fmt.max, rule)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), (value, got)
 
 
 def test_delayed_amax_overrides_the_measured_one():
