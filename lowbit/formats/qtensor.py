@@ -105,20 +105,25 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high, low.neg()).abs().float()
 
 
+# Dtypes whose values fp32 holds exactly: quantized without an fp32 copy (see `quantize`).
+_PROMOTE_EXACTLY = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Granularity) -> bool:
     """Whether ``x * (1 / scale)`` equals ``x / scale`` bit for bit for these scales.
 
     For a power-of-two ``s`` whose reciprocal is an fp32 number, both are the correctly rounded
     value of the same real ``x / s``, so they agree for every x (also for inf and NaN scales:
     ``1/inf = 0``, ``1/NaN = NaN``). MX scales are ``2**e`` with ``e`` in [-127, 127], whose
-    reciprocals are all fp32 numbers; ``pow2`` scales reach ``2**-252`` and are checked. ``amax``
-    scales are not powers of two: ``x / s`` and ``x * (1/s)`` differ, so they divide.
+    reciprocals are all fp32 numbers; ``pow2`` scales reach ``2**-252`` and are checked on the
+    CPU (on a GPU reading the check's result would wait for the device, so they divide there).
+    ``amax`` scales are not powers of two: ``x / s`` and ``x * (1/s)`` differ, so they divide.
     """
     if granularity is Granularity.NVFP4:
         return False
     if rule in (ScaleRule.MX_FLOOR, ScaleRule.MX_CEIL):
         return True
-    if rule is ScaleRule.POW2:
+    if rule is ScaleRule.POW2 and scale.device.type == "cpu":  # elsewhere the check would wait
         return bool((scale >= torch.finfo(torch.float32).tiny).all())  # 2**-126: 1/s <= 2**126
     return False
 
@@ -459,7 +464,9 @@ def quantize(
         )
 
     measured_amax = tensor_amax(x) if measure_amax else None
-    matrix = to_matrix(x.float(), axis)  # .float() of an fp32 tensor is the tensor itself
+    # bf16 and fp16 stay as they are: their amax is exact in them, and dividing them by the fp32
+    # scales computes in fp32 (type promotion), so an fp32 copy first would only cost a pass
+    matrix = to_matrix(x if x.dtype in _PROMOTE_EXACTLY else x.float(), axis)
     rows, cols = matrix.shape
     block = block_shape(granularity, (rows, cols), block_size)
     blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)  # a view of x when no copy needed
