@@ -60,6 +60,8 @@ def _row_scale(q: QTensor) -> torch.Tensor:
         return grid  # unit_scale stays itself (see emulated_gemm)
     if grid.shape[0] == 1:
         return grid.reshape(1, 1)
+    if q.block[0] == 1:  # one scale per row already (row-wise): no copy
+        return grid[: q.shape[0]]
     return grid.repeat_interleave(q.block[0], 0)[: q.shape[0]]
 
 
