@@ -471,7 +471,7 @@ def quantize(
     block = block_shape(granularity, (rows, cols), block_size)
     blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)  # a view of x when no copy needed
     measured = amax is None or granularity is Granularity.NVFP4
-    block_amax = _block_amax(blocks) if measured else None
+    block_amax = _block_amax(blocks).float() if measured else None  # fp32 once, for every rule
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
