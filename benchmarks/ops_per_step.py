@@ -1,0 +1,106 @@
+"""PyTorch ops per training step of each recipe on the GPU's code path, counted on a CPU.
+
+On a GPU, lowbit quantizes with PyTorch ops (the fused kernels in `lowbit/kernels` are CPU code),
+and a small or medium model's step is bound by launching those ops' kernels (docs/gpu.md: an fp8
+step on an H200 spent 419 ms launching against 172 ms of kernels). Each op is one kernel launch
+there, so the count is what GPU work on this path can be measured by without a GPU. The step runs
+with the fused kernels switched off (`lowbit.kernels.disabled()`, the path CUDA tensors take) and
+rounding through PyTorch's conversions wherever a GPU does (fp8 e4m3 included), under a dispatch
+mode that counts every ATen op that is not a view. What still differs from a GPU: its native fp8
+GEMMs (a cast per operand and ``torch._scaled_mm``, where the CPU runs a bf16 GEMM and scales it)
+and a few CPU-only shortcuts. Model `tiny`, one step after two warm-up steps.
+
+    .venv/bin/python benchmarks/ops_per_step.py [--recipes a,b] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from benchmarks_md import command_line, publish
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowbit
+from lowbit import kernels
+from lowbit.models import build_causal_lm
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it, views excepted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def gpu_roundings():
+    """Round through PyTorch's conversions wherever a GPU does (`cast._native_conversion_is_fast`
+    for a CUDA device: every float dtype)."""
+    cast_module = sys.modules["lowbit.formats.cast"]  # `lowbit.formats.cast` is also a function
+    original = cast_module._native_conversion_is_fast
+    cast_module._native_conversion_is_fast = lambda dtype, device: dtype.is_floating_point
+    try:
+        yield
+    finally:
+        cast_module._native_conversion_is_fast = original
+
+
+def count(recipe: str, batch: int, seq: int) -> collections.Counter:
+    precision = lowbit.Precision(recipe)
+    model = precision.convert(build_causal_lm("tiny", 257, seed=0))
+    optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (2, batch, seq), generator=generator)
+
+    def step():
+        with precision.autocast():
+            logits = model(x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        precision.backward(loss)
+        precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    with kernels.disabled(), gpu_roundings():
+        step()
+        step()
+        with OpCounter() as counter:
+            step()
+    return counter.ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="text written under the table")
+    args = parser.parse_args()
+    rows = ["| recipe | ops per step | most frequent |", "|---|---:|---|"]
+    for name in args.recipes.split(","):
+        ops = count(name, args.batch, args.seq)
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(3))
+        rows.append(f"| {name} | {sum(ops.values())} | {top} |")
+    text = (
+        f"Model `tiny`, batch {args.batch} x {args.seq}, AdamW, one step with the fused CPU "
+        "kernels off and the GPU's roundings (the path CUDA tensors take).\n"
+        f"Command: `{command_line().split(' --note')[0]}`\n\n" + "\n".join(rows)
+    )
+    if args.note:
+        text += f"\n\n{args.note}"
+    publish("## PyTorch ops per step (benchmarks/ops_per_step.py)", text, args.write)
+
+
+if __name__ == "__main__":
+    main()
