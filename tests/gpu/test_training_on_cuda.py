@@ -134,3 +134,29 @@ def test_quantized_model_runs_on_cuda_as_on_the_cpu(lm_run, to, mode, group, tok
         with torch.no_grad():
             logits[device] = source.model(input_ids=ids.to(device), use_cache=False).logits.cpu()
     assert sqnr(logits["cpu"], logits[GPU]) > 30
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_one_process_nccl_group_trains_as_plain_training(tmp_path, strategy):
+    """DDP and FSDP2 on NCCL, one GPU: the group of one follows the run without a strategy."""
+    settings = {"recipe": "bf16-mixed", "steps": 6, "eval_interval": 6}
+    plain = train(config(tmp_path / "plain", "causal-lm", GPU, **settings), quiet=True)
+    grouped = train(
+        config(tmp_path / strategy, "causal-lm", GPU, strategy=strategy, nproc=1, **settings),
+        quiet=True,
+    )
+    assert grouped.status == "completed" and grouped.steps == 6
+    assert grouped.final_metrics["loss"] == pytest.approx(plain.final_metrics["loss"], rel=0.01)
+
+
+def test_compare_on_cuda_measures_the_gpus_peak_memory(tmp_path):
+    from lowbit.report import compare, make_study
+
+    base = {**SETTINGS["causal-lm"], "steps": 4, "eval_interval": 4, "warmup_steps": 1}
+    study = make_study("fp32,bf16-low", {**base, "device": GPU}, seeds=1, out=tmp_path / "c")
+    rows = compare(study, plots=False, log=lambda line: None).results["recipes"]
+    for recipe in ("fp32", "bf16-low"):
+        assert rows[recipe]["peak_memory_kind"] == "cuda max allocated"
+        # at the optimizer step parameters, gradients, master weights and AdamW's two states are
+        # all allocated: 4+4+0+8 bytes per parameter in fp32, 2+2+4+8 in bf16-low
+        assert rows[recipe]["peak_memory_bytes"] >= 16 * rows[recipe]["num_params"]
