@@ -58,6 +58,13 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
     return high * low
 
 
+def _pow2_normal(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` for int32 exponents in [-126, 127] (fp32 normals): the exponent field
+    alone, three ops against `pow2`'s nine. Outside that range the bits are not a power of two
+    (-127 reads as 0, 128 as inf): only for values whose result is NaN anyway."""
+    return ((exponent + _F32_BIAS) << _F32_MANTISSA_BITS).view(torch.float32)
+
+
 def binade(x: torch.Tensor) -> torch.Tensor:
     """``floor(log2(|x|))`` of float32 values from the exponent field (-127 for zero and subnormals)."""
     return ((x.view(torch.int32) >> _F32_MANTISSA_BITS) & 0xFF) - _F32_BIAS
@@ -80,8 +87,8 @@ def _cast_float_generic(x32: torch.Tensor, fmt: FloatFormat, rounding, generator
     """
     x32 = x32.clamp(-fmt.max, fmt.max)
     e = binade(x32).clamp(min=fmt.emin)
-    quantum = pow2(e - fmt.mbits)
-    inverse_quantum = pow2(fmt.mbits - e)
+    quantum = _pow2_normal(e - fmt.mbits)
+    inverse_quantum = _pow2_normal(fmt.mbits - e)
     return _round(x32 * inverse_quantum, rounding, generator) * quantum
 
 

@@ -78,7 +78,11 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """
     check_signs(signs)
     n = signs.numel()
-    y = x.float() * signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]
+    signs = signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]
+    # fp32 by type promotion (16-bit values are exact in fp32; times +-1 is exact), written
+    # row-major whatever x's layout, so that the butterflies below reshape without a copy
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x if x.dtype in (torch.bfloat16, torch.float16) else x.float(), signs, out=y)
     pad = padded_length(x.shape[-1], n) - x.shape[-1]
     if pad:
         y = torch.nn.functional.pad(y, (0, pad))
@@ -86,7 +90,9 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     h = 1
     while h < n:
         pairs = y.reshape(-1, n // (2 * h), 2, h)  # groups of 2h within each block: (a, b) halves
-        a, b = pairs[:, :, 0], pairs[:, :, 1]
-        y = torch.stack((a + b, a - b), dim=2)
+        out = torch.empty_like(pairs)  # a + b and a - b written in place: two ops per stage
+        torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
+        torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
+        y = out
         h *= 2
     return y.reshape(shape).mul_(torch.tensor(1 / math.sqrt(n), dtype=torch.float32))
