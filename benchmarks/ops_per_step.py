@@ -6,9 +6,9 @@ step on an H200 spent 419 ms launching against 172 ms of kernels). Each op is on
 there, so the count is what GPU work on this path can be measured by without a GPU. The step runs
 with the fused kernels switched off (`lowbit.kernels.disabled()`, the path CUDA tensors take) and
 rounding through PyTorch's conversions wherever a GPU does (fp8 e4m3 included), under a dispatch
-mode that counts every ATen op that is not a view. What still differs from a GPU: its native fp8
-GEMMs (a cast per operand and ``torch._scaled_mm``, where the CPU runs a bf16 GEMM and scales it)
-and a few CPU-only shortcuts. Model `tiny`, one step after two warm-up steps.
+mode that counts every ATen op that is not a view or a bare allocation. What still differs from a
+GPU: its native fp8 GEMMs (a cast per operand and ``torch._scaled_mm``, where the CPU runs a bf16
+GEMM and scales it) and a few CPU-only shortcuts. Model `tiny`, one step after two warm-up steps.
 
     .venv/bin/python benchmarks/ops_per_step.py [--recipes a,b] [--write]
 """
@@ -29,16 +29,19 @@ import lowbit
 from lowbit import kernels
 from lowbit.models import build_causal_lm
 
+# Ops that allocate and launch nothing (a GPU's caching allocator hands out memory without a kernel)
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside it, views excepted."""
+    """Counts the ATen ops dispatched inside it, views and bare allocations excepted."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        if not func.is_view and func.overloadpacket.__name__ not in ALLOCATIONS:
             self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
