@@ -160,3 +160,27 @@ def test_compare_on_cuda_measures_the_gpus_peak_memory(tmp_path):
         # at the optimizer step parameters, gradients, master weights and AdamW's two states are
         # all allocated: 4+4+0+8 bytes per parameter in fp32, 2+2+4+8 in bf16-low
         assert rows[recipe]["peak_memory_bytes"] >= 16 * rows[recipe]["num_params"]
+
+
+def test_doctor_on_cuda_names_the_layer_the_outliers_break():
+    from lowbit.diagnostics.cases import inject_outliers
+    from lowbit.diagnostics.doctor import diagnose
+    from lowbit.train.config import resolve
+
+    broken = "model.layers.1.mlp.down_proj"
+    settings = {**SETTINGS["causal-lm"], "recipe": "fp8-tensorwise", "device": GPU, "out": "unused"}
+    config = resolve(TrainConfig(task="causal-lm", **settings))
+    diagnosis = diagnose(config, steps=2, prepare=lambda t: inject_outliers(t.model, broken))
+    assert {row.layer for row in diagnosis.rows[:2]} == {broken}
+    assert diagnosis.suggestions[0] == f"{broken}=forward.x:bf16,grad_weight.x:bf16"
+
+
+@pytest.mark.parametrize("state", ["bf16", "8bit", "4bit", "fp8"])
+def test_low_precision_optimizer_states_train_on_cuda_as_on_the_cpu(tmp_path, state):
+    settings = {"recipe": "bf16-mixed", "optimizer_state": state}
+    cpu = train(config(tmp_path / "cpu", "causal-lm", "cpu", **settings), quiet=True)
+    gpu = train(config(tmp_path / "gpu", "causal-lm", GPU, **settings), quiet=True)
+    print(f"optimizer state {state}: {cpu.final_metrics['loss']:.4f} (cpu)", end=" ")
+    print(f"{gpu.final_metrics['loss']:.4f} (cuda)")
+    assert gpu.final_metrics["loss"] < 0.9 * gpu.start_metrics["loss"]
+    assert gpu.final_metrics["loss"] == pytest.approx(cpu.final_metrics["loss"], rel=0.01)
