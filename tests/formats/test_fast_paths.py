@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit import formats
-from lowbit.formats import carrier_dtype, cast_reference, quantize
+from lowbit.formats import carrier_dtype, cast_reference, quantize, tensor_amax
 from lowbit.formats.cast import Rounding, _nearest_on_grid, cast_to_carrier_
 from lowbit.formats.qtensor import (
     _block_amax,
@@ -92,7 +92,10 @@ def test_native_conversion_a_gpu_takes_gives_the_grids_bits(monkeypatch, name):
     assert_same_bits(cast_to_carrier_(x.clone(), fmt, carrier), expected)
 
 
-def test_block_amax_equals_abs_amax_with_nan_zero_and_signed_zero_blocks():
+@pytest.mark.parametrize("one_op", [False, True], ids=["aminmax", "norm (the GPU's)"])
+def test_block_amax_equals_abs_amax_with_nan_zero_and_signed_zero_blocks(monkeypatch, one_op):
+    qtensor_module = sys.modules["lowbit.formats.qtensor"]
+    monkeypatch.setattr(qtensor_module, "_abs_max_in_one_op", lambda device: one_op)
     x = torch.randn(64, 256)
     x[0, :32] = 0.0
     x[1, :32] = -0.0
@@ -106,6 +109,8 @@ def test_block_amax_equals_abs_amax_with_nan_zero_and_signed_zero_blocks():
     assert_same_bits(
         _block_amax(_blocked(strided, (256, 64))), strided.abs().amax().reshape(1, 1, 1, 1)
     )
+    for t in (x, x[4:], x.bfloat16(), torch.zeros(3, 5), -torch.zeros(3, 5)):
+        assert_same_bits(tensor_amax(t), t.abs().amax().float())
 
 
 def reference_quantize(
