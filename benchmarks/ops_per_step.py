@@ -5,10 +5,11 @@ and a small or medium model's step is bound by launching those ops' kernels (doc
 step on an H200 spent 419 ms launching against 172 ms of kernels). Each op is one kernel launch
 there, so the count is what GPU work on this path can be measured by without a GPU. The step runs
 with the fused kernels switched off (`lowbit.kernels.disabled()`, the path CUDA tensors take) and
-rounding through PyTorch's conversions wherever a GPU does (fp8 e4m3 included), under a dispatch
-mode that counts every ATen op that is not a view or a bare allocation. What still differs from a
-GPU: its native fp8 GEMMs (a cast per operand and ``torch._scaled_mm``, where the CPU runs a bf16
-GEMM and scales it) and a few CPU-only shortcuts. Model `tiny`, one step after two warm-up steps.
+the choices lowbit makes on a GPU (PyTorch's conversions for fp8 e4m3 too, max |x| by one norm
+reduction), under a dispatch mode that counts every ATen op that is not a view or a bare
+allocation. What still differs from a GPU: its native fp8 GEMMs (a cast per operand and
+``torch._scaled_mm``, where the CPU runs a bf16 GEMM and scales it) and a few CPU-only shortcuts.
+Model `tiny`, one step after two warm-up steps.
 
     .venv/bin/python benchmarks/ops_per_step.py [--recipes a,b] [--write]
 """
@@ -47,16 +48,19 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def gpu_roundings():
-    """Round through PyTorch's conversions wherever a GPU does (`cast._native_conversion_is_fast`
-    for a CUDA device: every float dtype)."""
+def gpu_choices():
+    """The choices lowbit makes for a CUDA device: rounding through PyTorch's conversions
+    (`cast._native_conversion_is_fast`: every float dtype) and max |x| by one norm reduction
+    (`qtensor._abs_max_in_one_op`)."""
     cast_module = sys.modules["lowbit.formats.cast"]  # `lowbit.formats.cast` is also a function
-    original = cast_module._native_conversion_is_fast
+    qtensor_module = sys.modules["lowbit.formats.qtensor"]
+    saved = cast_module._native_conversion_is_fast, qtensor_module._abs_max_in_one_op
     cast_module._native_conversion_is_fast = lambda dtype, device: dtype.is_floating_point
+    qtensor_module._abs_max_in_one_op = lambda device: True
     try:
         yield
     finally:
-        cast_module._native_conversion_is_fast = original
+        cast_module._native_conversion_is_fast, qtensor_module._abs_max_in_one_op = saved
 
 
 def count(recipe: str, batch: int, seq: int) -> collections.Counter:
@@ -74,7 +78,7 @@ def count(recipe: str, batch: int, seq: int) -> collections.Counter:
         precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
 
-    with kernels.disabled(), gpu_roundings():
+    with kernels.disabled(), gpu_choices():
         step()
         step()
         with OpCounter() as counter:
@@ -97,7 +101,7 @@ def main() -> None:
         rows.append(f"| {name} | {sum(ops.values())} | {top} |")
     text = (
         f"Model `tiny`, batch {args.batch} x {args.seq}, AdamW, one step with the fused CPU "
-        "kernels off and the GPU's roundings (the path CUDA tensors take).\n"
+        "kernels off and the GPU's choices (the path CUDA tensors take).\n"
         f"Command: `{command_line().split(' --note')[0]}`\n\n" + "\n".join(rows)
     )
     if args.note:
