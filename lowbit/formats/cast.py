@@ -23,8 +23,9 @@ counter-based generator (`lowbit.formats.counter_rng`) that the fused CPU kernel
 Fast paths of round-to-nearest, with results identical to `cast_reference`: bf16, fp16 and fp8
 e5m2 use PyTorch's native conversion (round-to-nearest-even with subnormals); fp8 e4m3, fp6 and fp4
 use `_nearest_on_grid`, a magic-number rounding on the fp32 adder (PyTorch's fp8 e4m3 -> fp32
-conversion is a slow scalar loop on CPU). Tests check them against the generic path and against
-ml_dtypes bit for bit (tests/formats/test_cast.py, test_fast_paths.py).
+conversion is a slow scalar loop on CPU; on a GPU, where it is one kernel, e4m3 takes it too:
+`_native_conversion_is_fast`). Tests check them against the generic path and against ml_dtypes
+bit for bit (tests/formats/test_cast.py, test_fast_paths.py).
 """
 
 from __future__ import annotations
