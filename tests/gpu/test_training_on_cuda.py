@@ -1,4 +1,5 @@
-"""Training on a CUDA GPU: every preset trains there as it does on the CPU, and a run resumes.
+"""lowbit on a CUDA GPU against the CPU: every preset trains alike, a run resumes, quantized models
+infer alike, NCCL groups of one, compare's GPU memory, the doctor, low-precision optimizer states.
 
 Runs only where CUDA is available (skipped on the CPU machines this project is built on); run it on a
 GPU with ``pytest tests/gpu``. The CPU run is the reference: the same settings, seed and data on
