@@ -478,7 +478,6 @@ def quantize(
             measure_amax,
         )
 
-    measured_amax = tensor_amax(x) if measure_amax else None
     # bf16 and fp16 stay as they are: their amax is exact in them, and dividing them by the fp32
     # scales computes in fp32 (type promotion), so an fp32 copy first would only cost a pass
     matrix = to_matrix(x if x.dtype in _PROMOTE_EXACTLY else x.float(), axis)
@@ -487,6 +486,9 @@ def quantize(
     blocks = _blocked(_pad_to_blocks(matrix, block, pad), block)  # a view of x when no copy needed
     measured = amax is None or granularity is Granularity.NVFP4
     block_amax = _block_amax(blocks).float() if measured else None  # fp32 once, for every rule
+    measured_amax = None
+    if measure_amax:  # granularity tensor: the one block's amax, when it was just measured
+        measured_amax = block_amax.reshape(()) if measured else tensor_amax(x)
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
