@@ -9,7 +9,8 @@ the choices lowbit makes on a GPU (PyTorch's conversions for fp8 e4m3 too, max |
 reduction), under a dispatch mode that counts every ATen op that is not a view or a bare
 allocation. What still differs from a GPU: its native fp8 GEMMs (a cast per operand and
 ``torch._scaled_mm``, where the CPU runs a bf16 GEMM and scales it) and a few CPU-only shortcuts.
-Model `tiny`, one step after two warm-up steps.
+The step is `recipe_speed.py`'s (model `tiny`, AdamW, gradient clipping, stdlib bytes), counted
+after two warm-up steps.
 
     .venv/bin/python benchmarks/ops_per_step.py [--recipes a,b] [--write]
 """
@@ -22,13 +23,13 @@ import contextlib
 import sys
 
 import torch
-import torch.nn.functional as F
 from benchmarks_md import command_line, publish
+from recipe_speed import Run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowbit
 from lowbit import kernels
-from lowbit.models import build_causal_lm
+from lowbit.data import build_tokenizer, load_corpus, tokenize_split
 
 # Ops that allocate and launch nothing (a GPU's caching allocator hands out memory without a kernel)
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
@@ -63,26 +64,14 @@ def gpu_choices():
         cast_module._native_conversion_is_fast, qtensor_module._abs_max_in_one_op = saved
 
 
-def count(recipe: str, batch: int, seq: int) -> collections.Counter:
-    precision = lowbit.Precision(recipe)
-    model = precision.convert(build_causal_lm("tiny", 257, seed=0))
-    optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 256, (2, batch, seq), generator=generator)
-
-    def step():
-        with precision.autocast():
-            logits = model(x).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        precision.backward(loss)
-        precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-
+def count(recipe: str, tokens: torch.Tensor, batch: int, seq: int) -> collections.Counter:
+    """The ops of one step of `recipe_speed`'s training step (after two warm-up steps)."""
+    run = Run(recipe, tokens, batch, seq, "tiny", "cpu")
     with kernels.disabled(), gpu_choices():
-        step()
-        step()
+        run.step()
+        run.step()
         with OpCounter() as counter:
-            step()
+            run.step()
     return counter.ops
 
 
@@ -95,12 +84,14 @@ def main() -> None:
     parser.add_argument("--note", default="", help="text written under the table")
     args = parser.parse_args()
     rows = ["| recipe | ops per step | most frequent |", "|---|---:|---|"]
+    tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
     for name in args.recipes.split(","):
-        ops = count(name, args.batch, args.seq)
+        ops = count(name, tokens, args.batch, args.seq)
         top = ", ".join(f"{op} {n}" for op, n in ops.most_common(3))
         rows.append(f"| {name} | {sum(ops.values())} | {top} |")
     text = (
-        f"Model `tiny`, batch {args.batch} x {args.seq}, AdamW, one step with the fused CPU "
+        f"Model `tiny`, batch {args.batch} x {args.seq}, `recipe_speed.py`'s step (AdamW, "
+        "gradient clipping), one step with the fused CPU "
         "kernels off and the GPU's choices (the path CUDA tensors take).\n"
         f"Command: `{command_line().split(' --note')[0]}`\n\n" + "\n".join(rows)
     )
