@@ -1,14 +1,15 @@
-"""Low-precision layers (`LowbitLinear`, `LowbitConv2d`) and `convert`."""
+"""Low-precision layers (`LowbitLinear`, `LowbitConv2d`, `LowbitConv1D`) and `convert`."""
 
 from lowbit.nn.conv import LowbitConv2d
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
 from lowbit.nn.gemm import emulated_gemm, exact_accumulation
-from lowbit.nn.linear import LayerState, LowbitLinear, lowbit_linear
+from lowbit.nn.linear import LayerState, LowbitConv1D, LowbitLinear, lowbit_linear
 from lowbit.nn.scaled_mm import emulated_gemms
 
 __all__ = [
     "ConversionReport",
     "LayerState",
+    "LowbitConv1D",
     "LowbitConv2d",
     "LowbitLinear",
     "convert",

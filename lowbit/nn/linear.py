@@ -332,7 +332,7 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
 class LowbitModule(torch.nn.Module):
     """A converted GEMM layer: the original layer's Parameters plus its numerics state."""
 
-    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
+    def __init__(self, layer: torch.nn.Module, spec: LayerSpec, seed: int = 0):
         super().__init__()
         self.weight = layer.weight
         self.bias = layer.bias
@@ -368,3 +368,22 @@ class LowbitLinear(LowbitModule):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, {self.spec.describe()}"
         )
+
+
+class LowbitConv1D(LowbitModule):
+    """Drop-in for transformers' ``Conv1D`` (GPT-2's projections): a linear layer whose weight is
+    stored transposed, ``nx x nf`` (in x out), so ``y = x @ W + b``. The same Parameter is kept
+    (checkpoints keep their keys and shapes); the GEMMs read its transpose ``W.T`` (out x in), a
+    view, so each operand is quantized along the same axis as an ``nn.Linear``'s."""
+
+    def __init__(self, conv1d: torch.nn.Module, spec: LayerSpec, seed: int = 0):
+        super().__init__(conv1d, spec, seed)
+        self.nf, self.nx = conv1d.nf, conv1d.nx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.is_identity:
+            return full_precision(F.linear, x, self.weight.t(), self.bias)
+        return lowbit_linear(x, self.weight.t(), self.bias, self.lowbit_state)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, {self.spec.describe()}"

@@ -1,0 +1,116 @@
+"""transformers' Conv1D (GPT-2's projections, weight stored in x out) converts like nn.Linear, and
+every GEMM module lowbit does not convert shows up in the conversion report."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from lowbit import Precision, convert, get_recipe
+from lowbit.formats.error import sqnr
+from lowbit.nn import LowbitConv1D, LowbitLinear
+
+# Every kind of operand handling: tensorwise (reused in the backward), delayed, row-wise, int8,
+# 1-D and 16x16 blocks, stochastic rounding and Hadamard transforms, fp16 GEMM emulation.
+RECIPES = ["fp8-tensorwise", "fp8-delayed", "fp8-rowwise", "int8", "fp8-blockwise", "mxfp8"]
+RECIPES += ["mxfp4", "nvfp4", "fp16-mixed"]
+
+
+def run(layer, x, grad, seed=0):
+    x = x.detach().clone().requires_grad_()
+    layer.weight.grad = None
+    torch.manual_seed(seed)  # the same stochastic rounding draws for both layers
+    out = layer(x)
+    out.backward(grad)
+    return out.detach(), x.grad.detach(), layer.weight.grad.detach().clone()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_conv1d_computes_the_bits_of_the_linear_layer_with_its_transposed_weight(recipe):
+    torch.manual_seed(0)
+    conv1d = Conv1D(344, 128)  # nf (out), nx (in): weight 128 x 344
+    with torch.no_grad():
+        conv1d.bias.normal_()
+    linear = torch.nn.Linear(128, 344)
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.t())
+        linear.bias.copy_(conv1d.bias)
+    x = torch.randn(4, 64, 128) * torch.exp(torch.randn(4, 64, 1))
+    grad = torch.randn(4, 64, 344) * 1e-3
+    spec = get_recipe(recipe).compute_layer
+    converted, reference = LowbitConv1D(conv1d, spec), LowbitLinear(linear, spec)
+    for step in range(2):  # the second step reads delayed scaling's history of the first
+        out, grad_x, grad_w = run(converted, x, grad, seed=step)
+        ref_out, ref_grad_x, ref_grad_w = run(reference, x, grad, seed=step)
+        assert torch.equal(out, ref_out)
+        assert torch.equal(grad_x, ref_grad_x)
+        assert grad_w.shape == (128, 344)  # the Parameter's own layout
+        assert torch.equal(grad_w, ref_grad_w.t())
+        for layer in (converted, reference):
+            layer.lowbit_state.commit()  # delayed scaling: this step's amaxes enter the history
+    assert sqnr(ref_out, torch.nn.functional.linear(x, linear.weight, linear.bias)) > 10
+
+
+def tiny_gpt2(layers=3):
+    config = GPT2Config(n_layer=layers, n_embd=64, n_head=2, vocab_size=96, n_positions=64)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config)
+
+
+def test_convert_swaps_gpt2_conv1d_keeping_parameters_and_checkpoint_layout():
+    model = tiny_gpt2()
+    params = dict(model.named_parameters())
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    report = convert(model, "fp8-tensorwise")
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    projections = {f"transformer.h.{i}.{name}" for i in range(3) for name in names}
+    assert set(report.converted) == projections
+    assert set(report.kept) == {"lm_head"}
+    assert isinstance(model.transformer.h[2].mlp.c_fc, LowbitConv1D)
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert {name: t.shape for name, t in model.state_dict().items()} == shapes
+
+
+def test_gpt2_trains_in_fp8_close_to_its_bf16_mixed_run():
+    tokens = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(1))
+
+    def losses(recipe):
+        model = tiny_gpt2()
+        precision = Precision(recipe)
+        model = precision.convert(model)
+        optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        out = []
+        for _ in range(4):
+            with precision.autocast():
+                loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
+            precision.backward(loss)
+            precision.step(optimizer)
+            optimizer.zero_grad()
+            out.append(loss.item())
+        return out
+
+    reference, fp8 = losses("bf16-mixed"), losses("fp8-tensorwise")
+    assert fp8[-1] < fp8[0]
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(fp8, reference))
+
+
+class ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_gemm_modules_that_are_not_converted_are_reported_with_a_reason():
+    model = torch.nn.Sequential(
+        torch.nn.MultiheadAttention(8, 2),  # in-projection computed from its own weights
+        torch.nn.Conv1d(8, 8, 3),
+        ScaledLinear(8, 8),  # a subclass may compute otherwise: not swapped for LowbitLinear
+        torch.nn.Linear(8, 8),
+    )
+    report = convert(model, "fp8-tensorwise")
+    assert list(report.converted) == ["3"]
+    assert set(report.kept) == {"0", "0.out_proj", "1", "2"}
+    assert "MultiheadAttention is not converted" in report.kept["0"]
+    assert "Conv1d is not converted" in report.kept["1"]
+    assert "subclasses nn.Linear" in report.kept["2"]
+    assert type(model[2]) is ScaledLinear
+    assert report.summary().startswith("converted 1/5 layers")
