@@ -37,10 +37,12 @@ coarsens its own block. docs/recipes-fine-grained.md tabulates them.
     Weights use 16x16 2-D blocks, so the forward and the input gradient see the same quantized
     weight; output gradients use stochastic rounding (weights and activations nearest); the
     weight-gradient GEMM's inputs get a 16x16 random Hadamard transform along the tokens. The
-    first and the last transformer block stay in bf16 (the paper keeps a few blocks at both ends
-    of the network in bf16, about 15% of the linear layers of its 12B model): overrides on HF
-    Llama names, ``*.layers.0.*`` and ``*.layers.{last}.*``, whose ``{last}`` `convert` resolves
-    to the model's highest block index.
+    first and the last block stay in bf16 (the paper keeps a few blocks at both ends of the
+    network in bf16, about 15% of the linear layers of its 12B model): overrides `FIRST_BLOCK` and
+    `LAST_BLOCK`, which find the blocks under any naming (Llama's ``model.layers.<i>``, GPT-2's
+    ``transformer.h.<i>``, BERT's ``encoder.layer.<i>``; each stack of an encoder-decoder), the
+    last one resolved by `convert` for the model at hand. A model without numbered blocks (a
+    Sequential of single layers, such as the digits CNN) keeps none.
 
 Every preset keeps the output head in high precision (bf16 autocast) like the fp8 presets;
 embeddings, norms and attention's softmax(QK^T)V are not linear layers and are never quantized.
@@ -51,7 +53,8 @@ from __future__ import annotations
 from lowbit.formats import Granularity, Rounding, ScaleRule
 from lowbit.recipes.presets import BF16, KEEP_HEAD, register
 from lowbit.recipes.recipe import (
-    LAST,
+    FIRST_BLOCK,
+    LAST_BLOCK,
     GemmSpec,
     LayerSpec,
     OperandSpec,
@@ -121,10 +124,11 @@ def nvfp4_layer(hadamard_block: int = NVFP4_HADAMARD_BLOCK) -> LayerSpec:
     )
 
 
-# HF Llama names its blocks model.layers.<i>; `convert` resolves {last} for the model at hand.
+# Any model's blocks (Llama's model.layers.<i>, GPT-2's transformer.h.<i>, ...); `convert`
+# resolves the last one for the model at hand.
 KEEP_FIRST_LAST_BLOCKS = (
-    Override("*.layers.0.*", None, "first transformer block kept in bf16 (NVFP4 recipe)"),
-    Override(f"*.layers.{LAST}.*", None, "last transformer block kept in bf16 (NVFP4 recipe)"),
+    Override(FIRST_BLOCK, None, "first block kept in bf16 (NVFP4 recipe)"),
+    Override(LAST_BLOCK, None, "last block kept in bf16 (NVFP4 recipe)"),
 )
 
 

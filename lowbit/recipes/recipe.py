@@ -167,24 +167,57 @@ def uniform_layer(forward: OperandSpec, backward: OperandSpec | None = None) -> 
 _FP32_MAX = torch.finfo(torch.float32).max
 RECIPE_DEFAULT = "recipe default"  # `Recipe.layer_for`'s reason when no override matched
 LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
+# Whole-pattern placeholders for the blocks of a network, for any naming (Llama's model.layers.<i>,
+# GPT-2's transformer.h.<i>, BERT's encoder.layer.<i>, T5's encoder.block.<i> and decoder.block.<i>):
+# a block is a numbered child of a container (ModuleList/Sequential) that holds modules itself, at
+# the outermost numbered level of a name (so MoE experts inside a block are not blocks).
+FIRST_BLOCK = "{first block}"  # every module inside block 0 of each stack of blocks
+LAST_BLOCK = "{last block}"  # every module inside the highest block of each stack (`resolve`)
+
+
+def outer_block(name: str) -> tuple[str, int] | None:
+    """``(stack, index)`` of the block that module ``name`` lies inside (``model.layers.3.mlp.up``
+    -> ``("model.layers", 3)``), or None: no numbered component, or the first numbered component
+    is the module itself (``features.0`` of a Sequential CNN is a layer, not a block)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdecimal():
+            return ".".join(parts[:i]), int(part)
+    return None
 
 
 @dataclass(frozen=True)
 class Override:
-    """Layers whose fully qualified name matches ``pattern`` (fnmatch glob) use ``layer``;
-    ``layer=None`` keeps them in the recipe's high precision (not converted)."""
+    """Layers whose fully qualified name matches ``pattern`` (fnmatch glob; alternatives separated
+    by ``|``) use ``layer``; ``layer=None`` keeps them in the recipe's high precision (not
+    converted). The whole pattern may be `FIRST_BLOCK` or `LAST_BLOCK` (the network's end blocks,
+    for any naming); a ``{last}`` inside a pattern stands for the highest index found there."""
 
     pattern: str
     layer: LayerSpec | None = None
     reason: str = "kept in high precision by the recipe"
 
     def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern)
+        if self.pattern == FIRST_BLOCK:
+            block = outer_block(name)
+            return block is not None and block[1] == 0
+        return any(fnmatch.fnmatchcase(name, alt) for alt in self.pattern.split("|"))
 
     def resolve(self, names: Iterable[str]) -> Override:
-        """This override with the placeholder ``{last}`` replaced by the largest number that the
-        module ``names`` hold at that place: ``model.layers.{last}.*`` becomes
-        ``model.layers.3.*`` for a 4-block Llama. Without a match the pattern matches nothing."""
+        """This override with its placeholders resolved against the module ``names`` of a model.
+        ``{last}`` becomes the largest number the names hold at that place:
+        ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `LAST_BLOCK`
+        becomes the highest block of every stack (`outer_block`): ``model.layers.3.*`` there,
+        ``encoder.block.5.*|decoder.block.5.*`` for a T5. Without a match the pattern matches
+        nothing."""
+        if self.pattern == LAST_BLOCK:
+            last: dict[str, int] = {}
+            for block in filter(None, map(outer_block, names)):
+                last[block[0]] = max(last.get(block[0], 0), block[1])
+            if not last:
+                return self
+            stacks = (f"{stack}.{index}.*".lstrip(".") for stack, index in last.items())
+            return replace(self, pattern="|".join(stacks))
         if LAST not in self.pattern:
             return self
         sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped
@@ -254,8 +287,8 @@ class Recipe:
         return uniform_layer(OperandSpec(self.autocast or self.param_dtype))
 
     def resolved_for(self, names: Iterable[str]) -> Recipe:
-        """A copy whose override placeholders (``{last}``) are resolved against a model's module
-        names (`convert` calls this, so one recipe serves models of any depth)."""
+        """A copy whose override placeholders (``{last}``, `LAST_BLOCK`) are resolved against a
+        model's module names (`convert` calls this, so one recipe serves models of any depth)."""
         names = list(names)
         overrides = tuple(override.resolve(names) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)

@@ -264,8 +264,16 @@ class Trainer:
         converted = self.precision.convert(self.task.model.to(self.device))
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
-        if config.overrides and not self.quiet:
-            summary = self.precision.conversion_report.summary().replace("\n", "\n  ")
+        report = self.precision.conversion_report
+        if recipe.layer is not None and report.kept and not report.converted and not self.quiet:
+            summary = report.summary().replace("\n", "\n  ")
+            print(
+                f"lowbit: warning: recipe {config.recipe} keeps every GEMM layer of this model in "
+                f"high precision, so it trains as its other ops do: {summary}",
+                file=sys.stderr,
+            )
+        elif config.overrides and not self.quiet:
+            summary = report.summary().replace("\n", "\n  ")
             print(f"lowbit: with the overrides, {summary}", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
         self.monitor = build_monitor(self.model, recipe, config.stats_interval)
@@ -521,7 +529,7 @@ class Trainer:
         """The live run's memory by component (tensor accounting) beside the estimator's figure.
 
         Activations are the bytes saved for backward by one extra forward of ``batch``; the
-        estimate exists for the Llama-style causal LMs the estimator models.
+        estimate exists for the Llama-style causal LMs the estimator models (others: live only).
         """
         from lowbit.memory import estimate, measure, measure_activations
 
@@ -535,9 +543,12 @@ class Trainer:
         if self.config.task != "causal-lm":
             return live.table()
         c = self.config
-        planned = estimate(
-            self.model.config, self.precision.recipe, c.optimizer_state, c.batch_size, c.seq_len
-        )
+        try:
+            planned = estimate(
+                self.model.config, self.precision.recipe, c.optimizer_state, c.batch_size, c.seq_len
+            )
+        except UsageError:  # not a Llama-style config (GPT-2's): the estimator does not model it
+            return live.table()
         return planned.table(live)
 
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:

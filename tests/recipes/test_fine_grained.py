@@ -4,6 +4,7 @@ Hadamard and stochastic-rounding effects, torchao agreement, first/last-block ov
 """
 
 import math
+import re
 from dataclasses import replace
 
 import ml_dtypes
@@ -19,6 +20,7 @@ from lowbit.formats.hadamard import random_signs, transform
 from lowbit.nn import LowbitLinear, exact_accumulation
 from lowbit.nn.operand import quantize_operand
 from lowbit.recipes import GemmSpec, LayerSpec, OperandSpec, Override, Recipe, Transform
+from lowbit.recipes.recipe import FIRST_BLOCK, LAST_BLOCK
 
 PRESETS = ["fp8-blockwise", "mxfp8", "mxfp6", "mxfp8-rceil", "mxfp6-rceil", "mxfp4", "nvfp4"]
 SEED = 11  # the LowbitLinear seed: its random Hadamard signs
@@ -491,6 +493,69 @@ def test_nvfp4_keeps_the_first_and_last_blocks_of_any_depth(layers):
     assert len(report.converted) == 7 * (layers - 2)  # q, k, v, o, gate, up, down
     assert isinstance(model.model.layers[layers - 1].mlp.down_proj, torch.nn.Linear)
     assert not isinstance(model.model.layers[layers - 1].mlp.down_proj, LowbitLinear)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64))
+
+
+def _bert():
+    from transformers import BertConfig, BertForTokenClassification
+
+    config = BertConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64
+    )
+    return BertForTokenClassification(config)
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(num_layers=3, num_decoder_layers=4, d_model=32, d_kv=8, d_ff=64, num_heads=2)
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "first", "last"),
+    [
+        (_gpt2, {"transformer.h.0"}, {"transformer.h.3"}),
+        (_bert, {"bert.encoder.layer.0"}, {"bert.encoder.layer.2"}),
+        (_t5, {"encoder.block.0", "decoder.block.0"}, {"encoder.block.2", "decoder.block.3"}),
+    ],
+    ids=["gpt2", "bert", "t5"],
+)
+def test_nvfp4_finds_the_end_blocks_under_any_naming(build, first, last):
+    model = build()
+    report = convert(model, "nvfp4")
+
+    def block(name):  # up to the first numbered component: transformer.h.0.attn.c_attn -> h.0
+        return re.match(r"(.*?\.\d+)\.", name).group(1)
+
+    kept_first = {block(n) for n, why in report.kept.items() if why.startswith("first block")}
+    kept_last = {block(n) for n, why in report.kept.items() if why.startswith("last block")}
+    assert kept_first == first and kept_last == last
+    converted = {block(name) for name in report.converted}
+    assert converted and not converted & (first | last)  # the middle blocks are NVFP4
+
+
+def test_block_placeholders_need_numbered_containers_that_hold_modules():
+    from lowbit.models import build_cnn
+
+    # A Sequential of single layers (the digits CNN's features.0, features.2) has no blocks.
+    model = build_cnn("tiny")
+    report = convert(model, "nvfp4")
+    assert set(report.converted) == {"features.0", "features.2"}
+    names = ["0.fc", "1.fc", "2", "lm_head", "stack.0.experts.7.up", "stack.1.experts.0.up"]
+    last = Override(LAST_BLOCK).resolve(names)
+    assert last.pattern == "1.*|stack.1.*"  # a top-level Sequential; experts are not blocks
+    assert last.matches("stack.1.experts.0.up") and not last.matches("stack.0.experts.7.up")
+    assert not last.matches("2")  # a numbered layer is not a block
+    first = Override(FIRST_BLOCK)
+    assert first.matches("stack.0.experts.7.up") and first.matches("0.fc")
+    assert not first.matches("stack.1.experts.0.up") and not first.matches("features.0")
+    assert Override(LAST_BLOCK).resolve(["features.0", "head"]).matches("features.0") is False
 
 
 # --- training -----------------------------------------------------------------------------------

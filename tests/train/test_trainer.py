@@ -229,3 +229,24 @@ def test_causal_lm_from_local_checkpoint_folder(tiny_config, tmp_path):
             tiny_config(model=str(tmp_path / "pretrained"), seq_len=2048, out=str(tmp_path / "x")),
             quiet=True,
         )
+
+
+def test_gpt2_checkpoint_trains_with_its_conv1d_projections_converted(tiny_config, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    run = tiny_config(model=str(tmp_path / "gpt2"), recipe="fp8-tensorwise", steps=2)
+    result = train(run, quiet=True)
+    assert result.status == "completed"
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["conversion"].startswith("converted 8/9 layers")  # 4 per block; lm_head kept
+
+
+def test_a_recipe_that_converts_none_of_the_models_layers_warns(tiny_config, capsys):
+    # nvfp4 keeps the first and last block: all of the 2-block tiny token classifier.
+    config = tiny_config("token-classification", recipe="nvfp4", steps=1, eval_interval=1)
+    train(config)
+    err = capsys.readouterr().err
+    assert "warning: recipe nvfp4 keeps every GEMM layer of this model in high precision" in err
+    assert "converted 0/13 layers" in err
