@@ -1,7 +1,8 @@
 """Whole-model steps: swap every linear layer for a `QuantLinear`, or prune it by magnitude.
 
-Both walk the module tree post-order and touch ``torch.nn.Linear`` layers only (embeddings, norms
-and convolutions are kept, with the reason reported). Quantization takes every linear layer,
+Both walk the module tree post-order and touch linear layers only: ``torch.nn.Linear`` and
+transformers' ``Conv1D`` (GPT-2's projections, a linear layer whose weight is stored in x out;
+`as_linear`). Embeddings, norms and convolutions are kept, with the reason reported. Quantization takes every linear layer,
 the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
 SparseGPT-style pruning of LLMs does: the head's rows are the vocabulary and pruning it costs the
 most for the fewest weights.
@@ -9,6 +10,7 @@ most for the fewest weights.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -51,19 +53,44 @@ def _layers(model: torch.nn.Module):
     return out
 
 
+def _conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` class, if transformers has loaded it (no model holds one before)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (exact types: subclasses may compute
+    otherwise)."""
+    return type(module) is torch.nn.Linear or type(module) is _conv1d_type()
+
+
+def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+    """``layer`` as an ``nn.Linear`` (out x in weight): itself, or for a ``Conv1D`` a Linear whose
+    weight and bias are views of the Conv1D's (no copy: writing into it writes the Conv1D)."""
+    if type(layer) is torch.nn.Linear:
+        return layer
+    linear = torch.nn.Linear(layer.nx, layer.nf, bias=layer.bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(layer.weight.detach().t(), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = torch.nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return linear
+
+
 def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
     """Replace every ``nn.Linear`` by a `QuantLinear` of ``recipe`` in place; checks first."""
     report = LayerReport()
-    linears = [item for item in _layers(model) if type(item[3]) is torch.nn.Linear]
+    linears = [item for item in _layers(model) if is_linear(item[3])]
     for _, _, name, layer in linears:
-        check_divides(recipe, name, layer.in_features)
+        check_divides(recipe, name, as_linear(layer).in_features)
     if not linears:
         raise UsageError(
             f"the model ({type(model).__name__}) has no linear layer to quantize; fix: quantize "
             "a transformer run (causal-lm or token-classification)"
         )
     for parent, child_name, name, layer in linears:
-        setattr(parent, child_name, QuantLinear.from_linear(layer, recipe))
+        quantized = QuantLinear.from_linear(as_linear(layer), recipe)
+        quantized.dense_type = type(layer)
+        setattr(parent, child_name, quantized)
         report.changed[name] = recipe.describe()
     for _, _, name, module in _layers(model):
         if isinstance(module, torch.nn.Conv2d):
@@ -77,10 +104,12 @@ def shell_model(model: torch.nn.Module, recipe: QuantRecipe, names) -> None:
     """Replace the named linear layers by empty `QuantLinear`s (to load stored tensors into)."""
     wanted = set(names)
     for parent, child_name, name, layer in _layers(model):
-        if name in wanted and isinstance(layer, torch.nn.Linear):
+        if name in wanted and is_linear(layer):
+            linear = as_linear(layer)
             shell = QuantLinear(
-                layer.in_features, layer.out_features, recipe, layer.bias is not None
+                linear.in_features, linear.out_features, recipe, linear.bias is not None
             )
+            shell.dense_type = type(layer)
             setattr(parent, child_name, shell.to(layer.weight.device))
             wanted.discard(name)
     if wanted:
@@ -102,14 +131,20 @@ def set_kernel(model: torch.nn.Module, kernel: str) -> None:
 
 
 def dequantize_model(model: torch.nn.Module) -> None:
-    """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized fp32 weight."""
+    """Replace every `QuantLinear` by the kind of layer it replaced (``nn.Linear``, or a
+    ``Conv1D`` with its weight stored in x out) holding its dequantized fp32 weight."""
     for parent, child_name, _, layer in _layers(model):
         if isinstance(layer, QuantLinear):
-            dense = torch.nn.Linear(
-                layer.in_features, layer.out_features, bias=layer.bias is not None
-            ).to(layer.qweight.device)
+            device = layer.qweight.device
+            if layer.dense_type is torch.nn.Linear:
+                dense = torch.nn.Linear(
+                    layer.in_features, layer.out_features, bias=layer.bias is not None
+                )
+            else:  # Conv1D(nf, nx), always with a bias
+                dense = layer.dense_type(layer.out_features, layer.in_features)
+            dense = dense.to(device)
             with torch.no_grad():
-                dense.weight.copy_(layer.dequantized_weight())
+                as_linear(dense).weight.copy_(layer.dequantized_weight())
                 if layer.bias is not None:
                     dense.bias.copy_(layer.bias)
             setattr(parent, child_name, dense)
@@ -151,8 +186,9 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
             raise UsageError(
                 f"{name} is already quantized; fix: prune the unquantized run, then quantize"
             )
-        if type(layer) is not torch.nn.Linear:
+        if not is_linear(layer):
             continue
+        layer = as_linear(layer)
         if name.split(".")[-1] in PRUNE_SKIP:
             report.kept[name] = "output head kept dense"
             continue
@@ -186,7 +222,7 @@ def sparsity_of(model: torch.nn.Module) -> float:
     """Fraction of zeros among the weights of the linear layers."""
     zeros = total = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if is_linear(module):
             zeros += int((module.weight == 0).sum())
             total += module.weight.numel()
     return zeros / max(total, 1)

@@ -52,6 +52,7 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel = "dequant"
+        self.dense_type: type = torch.nn.Linear  # what `dequantize_model` gives back (or Conv1D)
         self._cache: dict[str, torch.Tensor] = {}
         self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
 

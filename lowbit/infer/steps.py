@@ -34,11 +34,11 @@ class StepResult:
 
 
 def _linear_bytes(model) -> int:
-    from lowbit.infer.model import quant_layers
+    from lowbit.infer.model import is_linear, quant_layers
 
     total = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if is_linear(module):
             total += module.weight.numel() * module.weight.element_size()
     for layer in quant_layers(model).values():
         total += sum(t.numel() * t.element_size() for t in layer.stored().values())

@@ -30,3 +30,16 @@ def digits_run(tmp_path_factory):
     """The digits CNN trained a few steps (a Linear head, two convolutions)."""
     folder = tmp_path_factory.mktemp("infer") / "digits"
     return _train(folder, task="image-classification", steps=6, batch_size=32, eval_batches=2)
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory):
+    """A 2-block GPT-2 (transformers' Conv1D projections) trained a few steps from a local folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("infer")
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=257, n_positions=64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
+    settings = {"steps": 6, "seq_len": 32, "batch_size": 8, "eval_batches": 2}
+    return _train(folder / "run", model=str(folder / "gpt2"), **settings)

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from lowbit.cli import main
+from lowbit.formats.error import sqnr
 from lowbit.infer import (
     QuantRecipe,
     load_source,
@@ -16,6 +17,7 @@ from lowbit.infer import (
     quantize_run,
 )
 from lowbit.infer import io as infer_io
+from lowbit.infer.steps import prune_run
 
 
 def lm_logits(model, seed=0):
@@ -242,3 +244,32 @@ def test_quantized_and_non_lm_folders_refuse_the_wrong_step(lm_run, digits_run, 
     ]:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_gpt2_conv1d_projections_quantize_prune_and_export(gpt2_run, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    reference = lm_logits(load_source(gpt2_run).model)
+    quant = quantize_run(gpt2_run, "int8", mode="weights-and-activations", out=tmp_path / "q")
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    projections = {f"transformer.h.{i}.{name}" for i in range(2) for name in names}
+    assert set(quant.report.changed) == projections | {"lm_head"}
+    loaded = load_source(quant.out).model
+    assert set(quant_layers(loaded)) == projections | {"lm_head"}
+    assert sqnr(reference, lm_logits(loaded)) > 25  # quantized, still the same model
+
+    pruned = prune_run(gpt2_run, pattern="2:4", out=tmp_path / "p")
+    assert set(pruned.report.changed) == projections  # the head stays dense
+    c_fc = pruned.model.transformer.h[0].mlp.c_fc.weight  # in x out: 2 of every 4 inputs
+    assert ((c_fc.t().reshape(-1, 4) != 0).sum(-1) <= 2).all()
+    pruned_weights = sum(pruned.model.get_submodule(n).weight.numel() for n in projections)
+    all_weights = pruned_weights + pruned.model.lm_head.weight.numel()
+    assert pruned.manifest["pruning"]["sparsity"] == pytest.approx(
+        0.5 * pruned_weights / all_weights
+    )
+
+    int4 = quantize_run(gpt2_run, "int4", group_size=32, out=tmp_path / "q4").out
+    assert main(["export", str(int4), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf, GPT2LMHeadModel)  # Conv1D weights stored in x out, as GPT-2 loads them
+    torch.testing.assert_close(lm_logits(hf), lm_logits(load_source(int4).model))
