@@ -1,8 +1,8 @@
 """Whole-model steps: swap every linear layer for a `QuantLinear`, or prune it by magnitude.
 
-Both walk the module tree post-order and touch linear layers only: ``torch.nn.Linear`` and
-transformers' ``Conv1D`` (GPT-2's projections, a linear layer whose weight is stored in x out;
-`as_linear`). Embeddings, norms and convolutions are kept, with the reason reported. Quantization takes every linear layer,
+Both walk the module tree post-order and touch linear layers only (`lowbit.nn.layer_kinds`:
+``nn.Linear``, Falcon's linear layers, and transformers' ``Conv1D``, GPT-2's projections, whose
+weight is stored in x out). Embeddings, norms and convolutions are kept, with the reason reported. Quantization takes every linear layer,
 the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
 SparseGPT-style pruning of LLMs does: the head's rows are the vocabulary and pruning it costs the
 most for the fewest weights.
@@ -10,7 +10,6 @@ most for the fewest weights.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
+from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
 PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
 
@@ -51,29 +51,6 @@ def _layers(model: torch.nn.Module):
 
     visit(model, "")
     return out
-
-
-def _conv1d_type() -> type | None:
-    """transformers' ``Conv1D`` class, if transformers has loaded it (no model holds one before)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def is_linear(module: torch.nn.Module) -> bool:
-    """An ``nn.Linear`` or a transformers ``Conv1D`` (exact types: subclasses may compute
-    otherwise)."""
-    return type(module) is torch.nn.Linear or type(module) is _conv1d_type()
-
-
-def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:
-    """``layer`` as an ``nn.Linear`` (out x in weight): itself, or for a ``Conv1D`` a Linear whose
-    weight and bias are views of the Conv1D's (no copy: writing into it writes the Conv1D)."""
-    if type(layer) is torch.nn.Linear:
-        return layer
-    linear = torch.nn.Linear(layer.nx, layer.nf, bias=layer.bias is not None, device="meta")
-    linear.weight = torch.nn.Parameter(layer.weight.detach().t(), requires_grad=False)
-    if layer.bias is not None:
-        linear.bias = torch.nn.Parameter(layer.bias.detach(), requires_grad=False)
-    return linear
 
 
 def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
@@ -131,17 +108,17 @@ def set_kernel(model: torch.nn.Module, kernel: str) -> None:
 
 
 def dequantize_model(model: torch.nn.Module) -> None:
-    """Replace every `QuantLinear` by the kind of layer it replaced (``nn.Linear``, or a
+    """Replace every `QuantLinear` by the kind of layer it replaced (``nn.Linear``, Falcon's, or a
     ``Conv1D`` with its weight stored in x out) holding its dequantized fp32 weight."""
     for parent, child_name, _, layer in _layers(model):
         if isinstance(layer, QuantLinear):
             device = layer.qweight.device
-            if layer.dense_type is torch.nn.Linear:
-                dense = torch.nn.Linear(
+            if layer.dense_type is conv1d_type():  # Conv1D(nf, nx), always with a bias
+                dense = layer.dense_type(layer.out_features, layer.in_features)
+            else:  # nn.Linear or a subclass with its signature (FalconLinear)
+                dense = layer.dense_type(
                     layer.in_features, layer.out_features, bias=layer.bias is not None
                 )
-            else:  # Conv1D(nf, nx), always with a bias
-                dense = layer.dense_type(layer.out_features, layer.in_features)
             dense = dense.to(device)
             with torch.no_grad():
                 as_linear(dense).weight.copy_(layer.dequantized_weight())

@@ -34,7 +34,8 @@ class StepResult:
 
 
 def _linear_bytes(model) -> int:
-    from lowbit.infer.model import is_linear, quant_layers
+    from lowbit.infer.model import quant_layers
+    from lowbit.nn.layer_kinds import is_linear
 
     total = 0
     for module in model.modules():

@@ -116,14 +116,16 @@ def model_config(size: str, vocab_size: int | None = None):
     return LlamaConfig(**fields)
 
 
-def max_positions(model) -> int:
-    """The longest sequence the model's position embedding was configured for."""
-    return int(model.config.max_position_embeddings)
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embedding was configured for; None for models
+    without one (ALiBi's BLOOM: its attention bias extends to any length)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return None if positions is None else int(positions)
 
 
 def check_seq_len(model, seq_len: int) -> None:
     """Raise a `UsageError` when ``seq_len`` exceeds the model's maximum positions."""
-    if seq_len > max_positions(model):
+    if max_positions(model) is not None and seq_len > max_positions(model):
         raise UsageError(
             f"sequence length {seq_len} exceeds the model's {max_positions(model)} positions; "
             "fix: use a shorter sequence length or a model with more positions"
@@ -147,6 +149,17 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
     return model
 
 
+def _from_pretrained(auto_class, folder: Path):
+    """``auto_class.from_pretrained`` with PyTorch's SDPA attention, or the model's own (eager)
+    attention for architectures that have no SDPA version (BLOOM)."""
+    try:
+        return auto_class.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa")
+    except ValueError as error:
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+    return auto_class.from_pretrained(folder, local_files_only=True)
+
+
 def load_causal_lm(path, max_seq_len: int | None = None):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -162,9 +175,7 @@ def load_causal_lm(path, max_seq_len: int | None = None):
     model = None
     if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, local_files_only=True, attn_implementation="sdpa"
-            )
+            model = _from_pretrained(AutoModelForCausalLM, folder)
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:

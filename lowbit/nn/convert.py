@@ -1,21 +1,21 @@
 """Swapping GEMM layers for their low-precision versions, in place.
 
-A post-order walk over the module tree: each `nn.Linear`, `nn.Conv2d` and transformers ``Conv1D``
-(GPT-2's projections) whose fully qualified name the recipe assigns a layer spec is replaced by a
-`LowbitLinear`/`LowbitConv2d`/`LowbitConv1D` that holds the *same* Parameter objects (optimizers
-and tied weights keep working). Every other such layer is kept, with the reason recorded, and so
+A post-order walk over the module tree: each linear layer (`lowbit.nn.layer_kinds`: `nn.Linear`,
+Falcon's, transformers' ``Conv1D`` of GPT-2) and `nn.Conv2d` whose fully qualified name the recipe
+assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2d` that holds the
+*same* Parameter objects (optimizers and tied weights keep working). Every other such layer is kept, with the reason recorded, and so
 is every other module that computes a GEMM lowbit does not convert (other convolutions, subclasses
 of `nn.Linear`, `nn.MultiheadAttention`'s projections), so nothing is left out of the report.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
+from lowbit.nn.layer_kinds import is_conv1d, is_linear
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.recipe import RECIPE_DEFAULT
@@ -47,11 +47,6 @@ _GEMM_MODULES = (
 )
 
 
-def _hf_conv1d() -> type | None:
-    """transformers' ``Conv1D`` class, if transformers has loaded it (no model holds one before)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     """Why a GEMM module of a kind lowbit does not convert is kept; None for other modules."""
     if not isinstance(module, _GEMM_MODULES):
@@ -69,13 +64,12 @@ def convert(
     """Swap the model's GEMM layers for low-precision ones as ``recipe`` says."""
     recipe = get_recipe(recipe).resolved_for(name for name, _ in model.named_modules())
     report = report if report is not None else ConversionReport()
-    convertible = {torch.nn.Linear, torch.nn.Conv2d, _hf_conv1d()} - {None}
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
         for child_name, child in list(module.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             visit(child, name)
-            if type(child) not in convertible:  # exact types: a subclass may compute otherwise
+            if not (is_linear(child) or type(child) is torch.nn.Conv2d):  # exact types
                 if (kept := _kept_gemm_reason(child)) is not None:
                     report.kept[name] = kept
                 continue
@@ -89,10 +83,10 @@ def convert(
                     report.kept[name] = unsupported
                     continue
                 replacement = LowbitConv2d(child, spec)
-            elif isinstance(child, torch.nn.Linear):
-                replacement = LowbitLinear(child, spec)
-            else:
+            elif is_conv1d(child):
                 replacement = LowbitConv1D(child, spec)
+            else:
+                replacement = LowbitLinear(child, spec)
             # A layer an override gave its spec keeps it: the auto controller moves the others.
             replacement.lowbit_state.overridden = reason != RECIPE_DEFAULT
             setattr(module, child_name, replacement)

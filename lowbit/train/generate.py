@@ -7,6 +7,7 @@ import inspect
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.models.causal_lm import max_positions
 from lowbit.train.tasks import evaluating
 
 
@@ -33,11 +34,12 @@ def sample_text(
         raise UsageError(f"top_k {top_k} must be at least 1; fix: raise it or leave it out")
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    limit = int(model.config.max_position_embeddings)
-    if len(ids) >= limit:
+    limit = max_positions(model)  # None: no position limit (ALiBi)
+    if limit is not None and len(ids) >= limit:
         raise UsageError(
             f"the prompt has {len(ids)} tokens, the model takes {limit}; fix: shorten it"
         )
+    steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))
     generator = torch.Generator(device=device).manual_seed(seed)
     # transformers 5 renamed past_key_values to cache (argument and output field)
     cache_arg = (
@@ -46,7 +48,7 @@ def sample_text(
     new: list[int] = []
     with evaluating(model, precision):
         inputs, past = torch.tensor([ids], device=device), None
-        for _ in range(min(max_new_tokens, limit - len(ids))):
+        for _ in range(steps):
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
             past = getattr(out, cache_arg)
             logits = out.logits[0, -1].float()

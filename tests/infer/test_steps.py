@@ -10,6 +10,7 @@ from lowbit.cli import main
 from lowbit.formats.error import sqnr
 from lowbit.infer import (
     QuantRecipe,
+    dequantize_model,
     load_source,
     magnitude_mask,
     quant_layers,
@@ -273,3 +274,19 @@ def test_gpt2_conv1d_projections_quantize_prune_and_export(gpt2_run, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(hf, GPT2LMHeadModel)  # Conv1D weights stored in x out, as GPT-2 loads them
     torch.testing.assert_close(lm_logits(hf), lm_logits(load_source(int4).model))
+
+
+def test_falcon_layers_quantize_and_dequantize_back_to_their_own_class():
+    from transformers import FalconConfig, FalconForCausalLM
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    config = FalconConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=257
+    )
+    model = FalconForCausalLM(config).eval()
+    report = quantize_model(model, QuantRecipe("int4", "weights-only", 16))
+    assert len(report.changed) == 9  # 4 per block and the head
+    quantized = lm_logits(model)
+    dequantize_model(model)
+    assert type(model.transformer.h[0].mlp.dense_h_to_4h) is FalconLinear
+    torch.testing.assert_close(lm_logits(model), quantized)

@@ -250,3 +250,17 @@ def test_a_recipe_that_converts_none_of_the_models_layers_warns(tiny_config, cap
     err = capsys.readouterr().err
     assert "warning: recipe nvfp4 keeps every GEMM layer of this model in high precision" in err
     assert "converted 0/13 layers" in err
+
+
+def test_causal_lm_without_sdpa_or_position_limit_trains_and_samples(tiny_config, tmp_path):
+    # BLOOM: no SDPA attention in transformers (eager instead) and ALiBi, so no position limit.
+    from transformers import BloomConfig, BloomForCausalLM
+
+    BloomForCausalLM(
+        BloomConfig(n_layer=2, hidden_size=32, n_head=2, vocab_size=257)
+    ).save_pretrained(tmp_path / "bloom")
+    config = tiny_config(model=str(tmp_path / "bloom"), recipe="fp8-tensorwise", steps=2)
+    result = train(config, quiet=True)
+    assert result.status == "completed" and result.sample is not None
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["conversion"].startswith("converted 8/9 layers")

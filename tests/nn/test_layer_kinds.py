@@ -1,5 +1,6 @@
-"""transformers' Conv1D (GPT-2's projections, weight stored in x out) converts like nn.Linear, and
-every GEMM module lowbit does not convert shows up in the conversion report."""
+"""The linear layers of other model families convert like nn.Linear: transformers' Conv1D (GPT-2's
+projections, weight stored in x out) and Falcon's FalconLinear; every GEMM module lowbit does not
+convert shows up in the conversion report."""
 
 import pytest
 import torch
@@ -114,3 +115,19 @@ def test_gemm_modules_that_are_not_converted_are_reported_with_a_reason():
     assert "subclasses nn.Linear" in report.kept["2"]
     assert type(model[2]) is ScaledLinear
     assert report.summary().startswith("converted 1/5 layers")
+
+
+def test_falcon_linear_layers_are_converted():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=64)
+    model = FalconForCausalLM(config)
+    report = convert(model, "fp8-tensorwise")
+    names = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h")
+    names += ("mlp.dense_4h_to_h",)
+    assert set(report.converted) == {f"transformer.h.{i}.{n}" for i in range(2) for n in names}
+    assert set(report.kept) == {"lm_head"}
+    ids = torch.randint(0, 64, (2, 12))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert model.transformer.h[1].mlp.dense_4h_to_h.weight.grad is not None

@@ -1,0 +1,47 @@
+"""Which modules are linear layers that lowbit converts (training) and quantizes (inference).
+
+By exact type, because a subclass may compute something else (routers, already-quantized layers):
+``nn.Linear``; subclasses known to compute exactly ``x @ W.T + b`` (`LINEAR_EQUIVALENTS`); and
+transformers' ``Conv1D`` (GPT-2's projections), a linear layer whose weight is stored in x out.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+# (module, class) of nn.Linear subclasses whose forward is F.linear's math (Falcon's projections
+# compute ``x @ self.weight.T + self.bias``, for a bias-free fast path).
+LINEAR_EQUIVALENTS = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` class, if transformers has loaded it (no model holds one before)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    return type(module) is conv1d_type()
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer lowbit swaps: ``nn.Linear``, a `LINEAR_EQUIVALENTS` class, or a Conv1D."""
+    kind = type(module)
+    return (
+        kind is torch.nn.Linear
+        or (kind.__module__, kind.__name__) in LINEAR_EQUIVALENTS
+        or is_conv1d(module)
+    )
+
+
+def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+    """``layer`` as an ``nn.Linear`` (out x in weight): itself, or for a ``Conv1D`` a Linear whose
+    weight and bias are views of the Conv1D's (no copy: writing into it writes the Conv1D)."""
+    if not is_conv1d(layer):
+        return layer
+    linear = torch.nn.Linear(layer.nx, layer.nf, bias=layer.bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(layer.weight.detach().t(), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = torch.nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return linear
