@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
-from lowbit.report.markdown import tables  # noqa: E402
+from lowbit.report.markdown import tables, verdict_lines  # noqa: E402
 
 # One workload per task. Sized for 2 CPU cores: the causal LM (tiny Llama, 0.86 M parameters,
 # byte tokens of the Python stdlib) runs 8 x 64 tokens per step; steps are set on the command line
@@ -190,11 +190,7 @@ def markdown(all_results: dict, command: str, note: str) -> str:
             lines += ["| " + " | ".join(row) + " |" for row in rows]
             lines.append("")
         lines += ["Verdicts:", ""]
-        lines += [
-            f"- {name}: {r['verdict']}"
-            for name, r in results["recipes"].items()
-            if name != results["baseline"]
-        ]
+        lines += [f"- {line}" for line in verdict_lines(results)]
         lines.append("")
     return "\n".join(lines)
 

@@ -316,6 +316,16 @@ def _per_label(trainer) -> dict | None:
     return out
 
 
+def _layers(trainer) -> dict:
+    """How many of the model's GEMM layers the recipe put in its own formats (`convert`)."""
+    report = trainer.precision.conversion_report
+    return {
+        "converted": len(report.converted),
+        "total": len(report.converted) + len(report.kept),
+        "recipe_converts": trainer.precision.recipe.layer is not None,
+    }
+
+
 def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=False) -> dict:
     """Train (or reuse, or resume) one run and return its record."""
     from lowbit.train import NonFiniteLoss, checkpoint
@@ -376,6 +386,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
         "per_label": _per_label(trainer),
+        "layers": _layers(trainer),
         "resumed": resume,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -408,6 +419,7 @@ def _diverged(config, recipe, seed, trainer, error: str) -> dict:
         "peak_memory_bytes": math.nan,
         "peak_memory_kind": "",
         "per_label": None,
+        "layers": _layers(trainer),
         "resumed": False,
         "diverged": error,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -543,6 +555,7 @@ def summarize(study: Study, records: dict) -> dict:
             "verdict": line,
             "meets_target": ok,
             "per_label": label_change,
+            "layers": runs[0].get("layers"),  # absent in records from before session 11
             "curves": _mean_curves([read_curves(study.run_dir(recipe, r["seed"])) for r in runs]),
         }
     return {

@@ -249,3 +249,19 @@ def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsy
     assert main([*argv, "--recipes", "fp32,bf16-mixed", "--out", str(tmp_path / "b")]) == 2
     assert "none of the recipes scales its loss" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
+    # nvfp4 keeps the first and last block in bf16: both blocks of the tiny token classifier.
+    settings = {"task": "token-classification", "seq_len": 16, "batch_size": 4, "steps": 2}
+    settings["eval_batches"] = 1
+    study = make_study("fp32,nvfp4,fp8-tensorwise", settings, seeds=1, out=tmp_path / "tok")
+    result = compare(study, log=lambda line: None)
+    rows = result.results["recipes"]
+    assert rows["nvfp4"]["layers"] == {"converted": 0, "total": 13, "recipe_converts": True}
+    assert rows["fp8-tensorwise"]["layers"]["converted"] == 12
+    md = (result.report_dir / "report.md").read_text()
+    (nvfp4,) = [line for line in md.splitlines() if line.startswith("- nvfp4:")]
+    (fp8,) = [line for line in md.splitlines() if line.startswith("- fp8-tensorwise:")]
+    assert "none of the model's 13 GEMM layers is in the recipe's own formats" in nvfp4
+    assert "note:" not in fp8
