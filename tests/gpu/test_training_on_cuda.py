@@ -63,6 +63,20 @@ def test_every_preset_trains_on_cuda_as_on_the_cpu(tmp_path, task, recipe):
     assert metrics["loss"] == pytest.approx(gpu.final_metrics["loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-rowwise", "nvfp4"])
+def test_gpt2_conv1d_layers_train_on_cuda_as_on_the_cpu(tmp_path, recipe):
+    # GPT-2's Conv1D projections reach the GEMMs as transposed (non-contiguous) weight views.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=2, vocab_size=257))
+    model.save_pretrained(tmp_path / "gpt2")
+    settings = {"recipe": recipe, "model": str(tmp_path / "gpt2")}
+    cpu = train(config(tmp_path / "cpu", "causal-lm", "cpu", **settings), quiet=True)
+    gpu = train(config(tmp_path / "gpu", "causal-lm", GPU, **settings), quiet=True)
+    assert gpu.final_metrics["loss"] < 0.9 * gpu.start_metrics["loss"]
+    assert gpu.final_metrics["loss"] == pytest.approx(cpu.final_metrics["loss"], rel=0.01)
+
+
 @pytest.fixture
 def deterministic():
     """cuBLAS and PyTorch's CUDA kernels in their deterministic modes (tests/gpu/conftest.py sets
