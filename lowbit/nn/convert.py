@@ -3,9 +3,10 @@
 A post-order walk over the module tree: each linear layer (`lowbit.nn.layer_kinds`: `nn.Linear`,
 Falcon's, transformers' ``Conv1D`` of GPT-2) and `nn.Conv2d` whose fully qualified name the recipe
 assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2d` that holds the
-*same* Parameter objects (optimizers and tied weights keep working). Every other such layer is kept, with the reason recorded, and so
-is every other module that computes a GEMM lowbit does not convert (other convolutions, subclasses
-of `nn.Linear`, `nn.MultiheadAttention`'s projections), so nothing is left out of the report.
+*same* Parameter objects (optimizers and tied weights keep working). Every other such layer is
+kept, with the reason recorded, and so is every other module that computes a GEMM lowbit does not
+convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s projections), so
+nothing is left out of the report.
 """
 
 from __future__ import annotations
