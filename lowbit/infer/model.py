@@ -2,8 +2,8 @@
 
 Both walk the module tree post-order and touch linear layers only (`lowbit.nn.layer_kinds`:
 ``nn.Linear``, Falcon's linear layers, and transformers' ``Conv1D``, GPT-2's projections, whose
-weight is stored in x out). Embeddings, norms and convolutions are kept, with the reason reported. Quantization takes every linear layer,
-the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
+weight is stored in x out). Embeddings, norms and convolutions are kept, with the reason reported.
+Quantization takes every linear layer, the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
 SparseGPT-style pruning of LLMs does: the head's rows are the vocabulary and pruning it costs the
 most for the fewest weights.
 """
@@ -54,7 +54,7 @@ def _layers(model: torch.nn.Module):
 
 
 def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
-    """Replace every ``nn.Linear`` by a `QuantLinear` of ``recipe`` in place; checks first."""
+    """Replace every linear layer by a `QuantLinear` of ``recipe`` in place; checks first."""
     report = LayerReport()
     linears = [item for item in _layers(model) if is_linear(item[3])]
     for _, _, name, layer in linears:
