@@ -3,9 +3,9 @@
 Both walk the module tree post-order and touch linear layers only (`lowbit.nn.layer_kinds`:
 ``nn.Linear``, Falcon's linear layers, and transformers' ``Conv1D``, GPT-2's projections, whose
 weight is stored in x out). Embeddings, norms and convolutions are kept, with the reason reported.
-Quantization takes every linear layer, the LM head included; pruning leaves the output head dense (``PRUNE_SKIP``), as magnitude- and
-SparseGPT-style pruning of LLMs does: the head's rows are the vocabulary and pruning it costs the
-most for the fewest weights.
+Quantization takes every linear layer, the LM head included; pruning leaves the output head dense
+(``PRUNE_SKIP``), as magnitude- and SparseGPT-style pruning of LLMs does: the head's rows are the
+vocabulary and pruning it costs the most for the fewest weights.
 """
 
 from __future__ import annotations
