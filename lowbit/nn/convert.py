@@ -11,6 +11,7 @@ nothing is left out of the report.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+_log = logging.getLogger(__name__)
+
 # Modules that compute GEMMs; those not converted below are reported as kept (`_kept_gemm_reason`).
 _GEMM_MODULES = (
     torch.nn.Linear,
@@ -62,7 +65,9 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
 def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
-    """Swap the model's GEMM layers for low-precision ones as ``recipe`` says."""
+    """Swap the model's GEMM layers for low-precision ones as ``recipe`` says; returns the report
+    of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
+    level INFO)."""
     recipe = get_recipe(recipe).resolved_for(name for name, _ in model.named_modules())
     report = report if report is not None else ConversionReport()
 
@@ -94,6 +99,7 @@ def convert(
             report.converted[name] = spec.describe()
 
     visit(model, "")
+    _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
 
 

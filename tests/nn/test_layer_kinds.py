@@ -131,3 +131,12 @@ def test_falcon_linear_layers_are_converted():
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert model.transformer.h[1].mlp.dense_4h_to_h.weight.grad is not None
+
+
+def test_convert_logs_its_report(caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 3))
+    with caplog.at_level("INFO", logger="lowbit.nn.convert"):
+        report = convert(model, "fp8-tensorwise")
+    (record,) = caplog.records
+    assert record.getMessage() == f"convert, recipe fp8-tensorwise: {report.summary()}"
+    assert "converted 1/2 layers" in record.getMessage()
