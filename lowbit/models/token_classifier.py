@@ -125,13 +125,24 @@ def _load_pretrained(folder: Path, label_fields: dict):
     )
 
 
+# Byte-level BPE families whose words carry their leading space in the token ("Ġreturn"): words
+# handed over one by one (is_split_into_words) need that space added, as transformers' own NER
+# example does for these model types (examples/pytorch/token-classification/run_ner.py).
+PREFIX_SPACE_TYPES = {"bloom", "gpt2", "roberta", "deberta"}
+
+
 def load_encoder_tokenizer(size_or_path: str):
-    """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``)."""
-    from transformers import AutoTokenizer
+    """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
+    tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = _resolve(size_or_path)
+    kind = getattr(AutoConfig.from_pretrained(folder, local_files_only=True), "model_type", None)
+    options = {"add_prefix_space": True} if kind in PREFIX_SPACE_TYPES else {}
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, use_fast=True)
+        return AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, use_fast=True, **options
+        )
     except (OSError, ValueError) as error:
         raise UsageError(
             f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "

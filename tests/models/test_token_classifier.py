@@ -87,6 +87,40 @@ def test_pretrained_encoders_of_other_families_load_as_their_own_class(tmp_path,
     assert model.config.num_labels == 3
 
 
+def test_byte_level_bpe_words_keep_the_leading_space_they_have_in_running_text(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    text = "def return self class import lambda " * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        special_tokens=specials, initial_alphabet=alphabet, vocab_size=320
+    )
+    bpe.train_from_iterator([text], trainer)
+    roles = {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>"}
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>", **roles
+    )
+    tokenizer.save_pretrained(tmp_path)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    RobertaModel(config).save_pretrained(tmp_path)
+    loaded = load_encoder_tokenizer(str(tmp_path))
+    words = ["return", "self", "lambda"]
+    pieces = loaded.convert_ids_to_tokens(loaded([words], is_split_into_words=True).input_ids[0])
+    # as in the running text " return self lambda": one piece per word, each with its space
+    assert pieces == ["<s>", "Ġreturn", "Ġself", "Ġlambda", "</s>"]
+
+
 def test_a_checkpoint_without_a_token_classification_model_is_refused(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
