@@ -111,6 +111,11 @@ class Diagnosis:
             f"{'#':>3} {'layer':<34} {'operand':<21} {'format':<9} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
+        if not self.rows:
+            lines.append(
+                "    (none: no layer of this model is in the recipe's low-precision formats; the "
+                "recipe keeps them all in high precision or the model has no layer it converts)"
+            )
         for i, r in enumerate(self.rows[:top], 1):
             lines.append(
                 f"{i:>3} {r.layer:<34} {r.operand:<21} {r.format:<9} {r.sqnr:>6.1f} "
@@ -406,6 +411,13 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
     import numpy as np
 
     layers = sorted({r.layer for r in diagnosis.rows}, key=_layer_key)
+    if not layers:  # nothing was quantized: say so instead of an empty heat map
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{diagnosis.recipe}: no low-precision operands", ha="center")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     grid = np.full((len(layers), len(OPERANDS)), np.nan)
     for r in diagnosis.rows:
         grid[layers.index(r.layer), OPERANDS.index(r.operand)] = min(r.loss_db, 60.0)

@@ -84,3 +84,12 @@ def test_failure_patterns_on_recorded_probes():
         "per_step": [{"mlp": {"forward.x": _stats("fp8_e4m3", amax=120)}} for _ in range(4)],
     }
     assert failure_patterns(steady) == []
+
+
+def test_a_recipe_without_low_precision_operands_says_so(lm_config, tmp_path, recwarn):
+    diagnosis = diagnose(resolve(lm_config(recipe="bf16-mixed")), steps=1)
+    assert diagnosis.rows == [] and diagnosis.suggestions == []
+    assert "no layer of this model is in the recipe's low-precision formats" in diagnosis.table()
+    _, png_path = write_outputs(diagnosis, tmp_path / "doctor")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [w for w in recwarn if "singular" in str(w.message)]  # no empty heat map
