@@ -265,3 +265,18 @@ def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
     (fp8,) = [line for line in md.splitlines() if line.startswith("- fp8-tensorwise:")]
     assert "none of the model's 13 GEMM layers is in the recipe's own formats" in nvfp4
     assert "note:" not in fp8
+
+
+def test_the_no_layer_note_needs_layers_that_were_kept():
+    from lowbit.report.markdown import verdict_lines
+
+    def results(layers):
+        row = {"verdict": "PASS", "layers": layers}
+        return {"baseline": "fp32", "recipes": {"fp32": row, "r": row}}
+
+    kept_all = {"converted": 0, "total": 13, "recipe_converts": True}
+    assert "note:" in verdict_lines(results(kept_all))[0]
+    # convert never ran (fp16-mixed on a GPU): nothing was kept, nothing to warn about
+    not_run = {"converted": 0, "total": 0, "recipe_converts": True}
+    assert verdict_lines(results(not_run)) == ["r: PASS"]
+    assert verdict_lines(results(None)) == ["r: PASS"]  # a record from before session 11
