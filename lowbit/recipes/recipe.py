@@ -169,21 +169,48 @@ RECIPE_DEFAULT = "recipe default"  # `Recipe.layer_for`'s reason when no overrid
 LAST = "{last}"  # Override pattern placeholder: the highest block index (see Override.resolve)
 # Whole-pattern placeholders for the blocks of a network, for any naming (Llama's model.layers.<i>,
 # GPT-2's transformer.h.<i>, BERT's encoder.layer.<i>, T5's encoder.block.<i> and decoder.block.<i>):
-# a block is a numbered child of a container (ModuleList/Sequential) that holds modules itself, at
-# the outermost numbered level of a name (so MoE experts inside a block are not blocks).
-FIRST_BLOCK = "{first block}"  # every module inside block 0 of each stack of blocks
-LAST_BLOCK = "{last block}"  # every module inside the highest block of each stack (`resolve`)
+# a block is a numbered child of a container (ModuleList/Sequential) that holds modules itself
+# (`block_stacks`, `block_of`).
+FIRST_BLOCK = "{first block}"  # every module inside the lowest block of each stack of blocks
+LAST_BLOCK = "{last block}"  # every module inside the highest block of each stack
 
 
-def outer_block(name: str) -> tuple[str, int] | None:
-    """``(stack, index)`` of the block that module ``name`` lies inside (``model.layers.3.mlp.up``
-    -> ``("model.layers", 3)``), or None: no numbered component, or the first numbered component
-    is the module itself (``features.0`` of a Sequential CNN is a layer, not a block)."""
+def numbered_levels(name: str) -> list[tuple[str, int]]:
+    """Every ``(container, index)`` along module ``name`` whose numbered child holds modules
+    itself, outermost first: ``model.layers.3.mlp.experts.7.up`` -> ``[("model.layers", 3),
+    ("model.layers.3.mlp.experts", 7)]``; ``features.0`` (a layer, not a block) -> ``[]``."""
     parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdecimal():
-            return ".".join(parts[:i]), int(part)
-    return None
+    return [(".".join(parts[:i]), int(p)) for i, p in enumerate(parts[:-1]) if p.isdecimal()]
+
+
+def block_stacks(names: Iterable[str]) -> dict[str, set[int]]:
+    """The stacks of blocks among a model's module ``names``: each numbered container with its
+    block indices. A container of a single block is a stack only when no container of two or more
+    blocks lies inside that block: so ``Sequential(model, head)`` is a wrapper, not a stack of one
+    block, while a 1-layer model's ``model.layers`` is a stack."""
+    containers: dict[str, set[int]] = {}
+    for name in names:
+        for container, index in numbered_levels(name):
+            containers.setdefault(container, set()).add(index)
+
+    def is_stack(container: str, indices: set[int]) -> bool:
+        if len(indices) >= 2:
+            return True
+        inside = f"{container}.{min(indices)}.".lstrip(".")
+        return not any(c.startswith(inside) and len(i) >= 2 for c, i in containers.items())
+
+    return {c: i for c, i in containers.items() if is_stack(c, i)}
+
+
+def block_of(name: str, stacks: dict[str, set[int]] | None = None) -> tuple[str, int] | None:
+    """``(stack, index)`` of the block module ``name`` lies in (``model.layers.3.mlp.up`` ->
+    ``("model.layers", 3)``), or None: the outermost numbered level whose container is one of the
+    model's ``stacks`` (`block_stacks`), so MoE experts inside a block are not blocks; without
+    ``stacks``, the outermost numbered level."""
+    levels = numbered_levels(name)
+    if stacks is None:
+        return levels[0] if levels else None
+    return next((level for level in levels if level[0] in stacks), None)
 
 
 @dataclass(frozen=True)
@@ -198,26 +225,29 @@ class Override:
     reason: str = "kept in high precision by the recipe"
 
     def matches(self, name: str) -> bool:
-        if self.pattern == FIRST_BLOCK:
-            block = outer_block(name)
+        if self.pattern == FIRST_BLOCK:  # unresolved: block 0 at the outermost numbered level
+            block = block_of(name)
             return block is not None and block[1] == 0
         return any(fnmatch.fnmatchcase(name, alt) for alt in self.pattern.split("|"))
 
     def resolve(self, names: Iterable[str]) -> Override:
         """This override with its placeholders resolved against the module ``names`` of a model.
         ``{last}`` becomes the largest number the names hold at that place:
-        ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `LAST_BLOCK`
-        becomes the highest block of every stack (`outer_block`): ``model.layers.3.*`` there,
-        ``encoder.block.5.*|decoder.block.5.*`` for a T5. Without a match the pattern matches
-        nothing."""
-        if self.pattern == LAST_BLOCK:
-            last: dict[str, int] = {}
-            for block in filter(None, map(outer_block, names)):
-                last[block[0]] = max(last.get(block[0], 0), block[1])
-            if not last:
+        ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `FIRST_BLOCK`
+        and `LAST_BLOCK` become the lowest and highest block of every stack (`block_of`):
+        ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. Without a
+        match the pattern matches nothing."""
+        names = list(names)
+        if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
+            stacks = block_stacks(names)
+            blocks: dict[str, set[int]] = {}
+            for block in filter(None, (block_of(name, stacks) for name in names)):
+                blocks.setdefault(block[0], set()).add(block[1])
+            if not blocks:
                 return self
-            stacks = (f"{stack}.{index}.*".lstrip(".") for stack, index in last.items())
-            return replace(self, pattern="|".join(stacks))
+            end = min if self.pattern == FIRST_BLOCK else max
+            ends = (f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in blocks.items())
+            return replace(self, pattern="|".join(ends))
         if LAST not in self.pattern:
             return self
         sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped

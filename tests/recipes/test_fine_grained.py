@@ -558,6 +558,20 @@ def test_block_placeholders_need_numbered_containers_that_hold_modules():
     assert Override(LAST_BLOCK).resolve(["features.0", "head"]).matches("features.0") is False
 
 
+def test_a_wrapped_model_is_not_one_block():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    config = LlamaConfig(num_hidden_layers=3, vocab_size=64, **fields)
+    model = torch.nn.Sequential(LlamaForCausalLM(config), torch.nn.Linear(64, 8))
+    names = [name for name, _ in model.named_modules()]
+    assert Override(FIRST_BLOCK).resolve(names).pattern == "0.model.layers.0.*"
+    assert Override(LAST_BLOCK).resolve(names).pattern == "0.model.layers.2.*"
+    report = convert(model, "nvfp4")
+    blocks = {name.split(".")[3] for name in report.converted if name.startswith("0.model")}
+    assert blocks == {"1"} and "1" in report.converted  # the middle block and the new head
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
