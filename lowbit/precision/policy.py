@@ -96,6 +96,14 @@ class Precision:
         self._model = model
         return model
 
+    @property
+    def keeps_every_layer(self) -> bool:
+        """The recipe converts layers but kept every GEMM layer of this model in high precision
+        (nvfp4's end blocks on a 2-block model); False where `convert` did not run (fp16 recipes
+        on a GPU compute under autocast instead)."""
+        report = self.conversion_report
+        return self.recipe.layer is not None and bool(report.kept) and not report.converted
+
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer to use; the step runs through `step`, which handles master weights."""
         self._optimizer = optimizer

@@ -322,7 +322,7 @@ def _layers(trainer) -> dict:
     return {
         "converted": len(report.converted),
         "total": len(report.converted) + len(report.kept),
-        "recipe_converts": trainer.precision.recipe.layer is not None,
+        "kept_every_layer": trainer.precision.keeps_every_layer,
     }
 
 

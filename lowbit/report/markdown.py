@@ -177,8 +177,7 @@ def verdict_lines(results: dict) -> list[str]:
 def _no_layer_note(layers: dict | None) -> str:
     """A warning for a recipe that converts layers but kept every one of this model's (nvfp4 keeps
     the first and last block: all of a 2-block model): its row is not that recipe's formats."""
-    # total 0: convert did not run (fp16 recipes on a GPU compute under autocast instead)
-    if not layers or not layers["recipe_converts"] or layers["converted"] or not layers["total"]:
+    if not layers or not layers.get("kept_every_layer"):  # (`Precision.keeps_every_layer`)
         return ""
     return (
         f" (note: none of the model's {layers['total']} GEMM layers is in the recipe's own "

@@ -265,7 +265,7 @@ class Trainer:
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
         report = self.precision.conversion_report
-        if recipe.layer is not None and report.kept and not report.converted and not self.quiet:
+        if self.precision.keeps_every_layer and not self.quiet:
             summary = report.summary().replace("\n", "\n  ")
             print(
                 f"lowbit: warning: recipe {config.recipe} keeps every GEMM layer of this model in "

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lowbit.cli import main
 from lowbit.errors import UsageError
@@ -258,7 +259,7 @@ def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
     study = make_study("fp32,nvfp4,fp8-tensorwise", settings, seeds=1, out=tmp_path / "tok")
     result = compare(study, log=lambda line: None)
     rows = result.results["recipes"]
-    assert rows["nvfp4"]["layers"] == {"converted": 0, "total": 13, "recipe_converts": True}
+    assert rows["nvfp4"]["layers"] == {"converted": 0, "total": 13, "kept_every_layer": True}
     assert rows["fp8-tensorwise"]["layers"]["converted"] == 12
     md = (result.report_dir / "report.md").read_text()
     (nvfp4,) = [line for line in md.splitlines() if line.startswith("- nvfp4:")]
@@ -268,15 +269,21 @@ def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
 
 
 def test_the_no_layer_note_needs_layers_that_were_kept():
+    from lowbit import Precision
+    from lowbit.models import build_causal_lm
     from lowbit.report.markdown import verdict_lines
 
     def results(layers):
         row = {"verdict": "PASS", "layers": layers}
         return {"baseline": "fp32", "recipes": {"fp32": row, "r": row}}
 
-    kept_all = {"converted": 0, "total": 13, "recipe_converts": True}
+    kept_all = {"converted": 0, "total": 13, "kept_every_layer": True}
     assert "note:" in verdict_lines(results(kept_all))[0]
-    # convert never ran (fp16-mixed on a GPU): nothing was kept, nothing to warn about
-    not_run = {"converted": 0, "total": 0, "recipe_converts": True}
-    assert verdict_lines(results(not_run)) == ["r: PASS"]
     assert verdict_lines(results(None)) == ["r: PASS"]  # a record from before session 11
+    # convert never runs for fp16-mixed on a GPU (autocast computes it): nothing was kept
+    precision = Precision("fp16-mixed", device="cuda")
+    precision.convert(build_causal_lm("tiny", 257))
+    assert precision.conversion_report.kept == {} and not precision.keeps_every_layer
+    nvfp4 = Precision("nvfp4")
+    nvfp4.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))  # no blocks: converted
+    assert not nvfp4.keeps_every_layer
