@@ -261,7 +261,9 @@ class Trainer:
         self.task = build_task(config)
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
-        converted = self.precision.convert(self.task.model.to(self.device))
+        # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
+        # train it with dropout off (`evaluating` restores this mode after each evaluation).
+        converted = self.precision.convert(self.task.model.to(self.device).train())
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
         report = self.precision.conversion_report

@@ -243,6 +243,27 @@ def test_gpt2_checkpoint_trains_with_its_conv1d_projections_converted(tiny_confi
     assert info["conversion"].startswith("converted 8/9 layers")  # 4 per block; lm_head kept
 
 
+def test_a_pretrained_checkpoint_trains_with_its_dropout_on(tiny_config, tmp_path):
+    # from_pretrained returns the model in eval mode; trained so, its dropout would be off
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lowbit.train.trainer import Trainer
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257, resid_pdrop=0.5)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    trainer = Trainer(tiny_config(model=str(tmp_path / "gpt2"), steps=3, eval_interval=1), True)
+    modes = []
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, args, out: modes.append(m.training))
+    trainer.step()
+    assert modes and all(modes)
+    trainer.evaluate()  # evaluation switches dropout off and back on
+    modes.clear()
+    trainer.step()
+    assert modes and all(modes)
+
+
 def test_a_recipe_that_converts_none_of_the_models_layers_warns(tiny_config, capsys):
     # nvfp4 keeps the first and last block: all of the 2-block tiny token classifier.
     config = tiny_config("token-classification", recipe="nvfp4", steps=1, eval_interval=1)
