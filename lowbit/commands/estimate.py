@@ -16,7 +16,10 @@ HELP = "Estimate training memory (parameters, gradients, master weights, states,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help=f"a size ({', '.join(list_sizes())}) or a config.json"
+        "--model",
+        required=True,
+        help=f"a size ({', '.join(list_sizes())}), or the config.json (or checkpoint folder) of "
+        "any causal LM transformers builds",
     )
     parser.add_argument("--recipe", default="bf16-mixed", help=", ".join(recipe_names()))
     parser.add_argument(

@@ -16,45 +16,51 @@ sharding); the fp32-states rule is decided on the global tensor, so the division
 rounding. FSDP's gathered parameters of the current and the prefetched layer are added to the
 temporaries.
 
-Activations (a model, within 15% of the measurement on lowbit's sizes)
------------------------------------------------------------------------
-The bytes the forward saves for the backward in a Llama block (Hugging Face's
-``LlamaForCausalLM`` with SDPA), for ``n = batch x seq`` tokens, hidden ``h``, MLP width ``f``,
-``H`` query and ``K`` key/value heads of width ``d``; ``r`` is the residual stream's bytes (the
-parameter dtype) and ``c`` the compute dtype's (autocast or parameter dtype):
+Activations (traced: any causal language model transformers builds)
+--------------------------------------------------------------------
+The forward and the loss of one step (``F.cross_entropy`` on the fp32 logits, as the trainer
+computes it) run on *fake tensors* (``torch._subclasses.FakeTensorMode``: shapes, dtypes and
+storages without memory or arithmetic), with the parameters in the recipe's dtype, under its
+autocast, with PyTorch's SDPA attention where the architecture has it (as `lowbit train` loads
+it). Every tensor autograd's pack hook receives (``torch.autograd.graph.saved_tensors_hooks``) is
+counted once per storage, parameters and their casts excluded: exactly what `measure_activations`
+counts on a live run, so for unconverted layers the estimate is the measurement (byte for byte on
+CPU; a GPU's autocast casts a few ops differently). The architecture's own code decides what is
+saved, so GPT-2, Falcon, BLOOM, ... are estimated as they train, not as a Llama.
 
-- each RMSNorm saves its fp32 input (``4nh``), normalized output (``rnh``) and ``rsqrt`` (``4n``);
-- q/k/v projections save their input (``c nh``, three copies under autocast, one without);
-- attention saves q, k, v and the output (``c n d (2H + 2K)``) and the log-sum-exp (``4nH``);
-- gate/up projections save their input (``c nh``, two copies under autocast, one without); SiLU
-  its input, the product both factors, down_proj its input (``4 c n f``);
-- outside the blocks: token ids (``8n``), the final norm, the head's input (``c nh``), the loss's
-  log-softmax over the vocabulary ``V`` in fp32 (``4nV``) and targets (``8n``), rotary cos/sin.
-
-Converted (fp8/int8/MX) layers save their input quantized when the forward's quantized operand can
-be reused by the weight gradient (tensorwise current scaling), at the format's bits on hardware
-that has it (the CPU emulation keeps them in a bf16 carrier), and their weight as a quantized
-temporary copy. With activation checkpointing (one checkpoint per block) only each block's input
-(``rnh``) is kept, plus one block's activations recomputed during its backward. Not modelled:
-transient workspace (the logits' gradient, attention scratch), allocator fragmentation and the
-CUDA context.
+Converted (fp8/int8/MX) layers are the exception: their operands are quantized in lowbit's own
+kernels and kept on the autograd context, so the trace replaces what such a layer saves with a
+model of the hardware that stores the formats natively: its input quantized (the format's bits
+per value) when the forward's quantized operand can be reused by the weight gradient (tensorwise
+current scaling), else in high precision (one copy per layer under autocast, shared without), and
+its weight as a quantized temporary copy. (The CPU emulation keeps quantized values in a bf16
+carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
+`lowbit.recipes.recipe.block_stacks`) only each block's input is kept, plus one block's
+activations recomputed during its backward. Not modelled: transient workspace (the logits'
+gradient, attention scratch), allocator fragmentation and the CUDA context.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
+from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
-from lowbit.recipes.recipe import DTYPES
+from lowbit.recipes.recipe import DTYPES, block_of, block_stacks, dtype_of
 
 SHARDING = ("none", "fsdp")
 # Nominal memory of common accelerators, GiB: RTX 4090 / A10 (24), A100-40GB (40),
@@ -65,20 +71,13 @@ RESERVE = 0.05  # left free for the CUDA context, allocator fragmentation and wo
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the estimator needs of a model: its parameter sizes and the Llama dimensions."""
+    """What the estimator needs of a model besides its forward: parameter sizes and positions."""
 
     name: str
     param_numels: tuple[int, ...]  # every parameter tensor (tied ones once)
-    linear_numels: tuple[tuple[str, int], ...]  # (qualified name, numel) of nn.Linear weights
-    block_numel: int  # parameters of one decoder block
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    max_positions: int
+    linear_numels: tuple[tuple[str, int], ...]  # (qualified name, weight numel) of linear layers
+    block_numel: int  # parameters of the largest block (what FSDP gathers per block)
+    max_positions: int  # 0: no limit (ALiBi)
 
     @property
     def num_params(self) -> int:
@@ -111,37 +110,52 @@ def _load_config(config_or_size):
     return config, str(path)
 
 
-def model_shape(config_or_size) -> ModelShape:
-    """The `ModelShape` of a named size, a ``config.json`` path or a ``PretrainedConfig``."""
+def _causal_lm(config, name: str, dtype: torch.dtype = torch.float32):
+    """The causal LM of ``config`` with parameters in ``dtype`` (on fake tensors inside a
+    ``FakeTensorMode``), with SDPA attention where the architecture has it, as `lowbit train` loads
+    it. ``config`` itself is left as it was (transformers writes the dtype into it)."""
     from transformers import AutoModelForCausalLM
 
-    config, name = _load_config(config_or_size)
-    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    missing = [f for f in needed if getattr(config, f, None) is None]
-    if missing:
+    from lowbit.models.pretrained import with_sdpa
+
+    def build(**kw):  # a fresh copy per attempt: a failed SDPA attempt leaves its choice in it
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, **kw)
+
+    try:
+        return with_sdpa(build)
+    except ValueError as error:
+        first = str(error).splitlines()[0]
         raise UsageError(
-            f"{name}: the activation model needs a Llama-style config; missing {', '.join(missing)}"
-        )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = list(model.parameters())
-    linears = tuple(
-        (n, m.weight.numel()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-    )
-    heads = config.num_attention_heads
+            f"{name}: not a causal language model config ({first}); "
+            "fix: give the config.json of a model AutoModelForCausalLM can build"
+        ) from None
+
+
+def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's outermost numbered blocks by name (`block_stacks`: a decoder's layers)."""
+    modules = dict(model.named_modules())
+    stacks = block_stacks(modules)
+    found = {}
+    for name in modules:
+        block = block_of(name, stacks)
+        if block is not None:
+            key = f"{block[0]}.{block[1]}".lstrip(".")
+            found[key] = modules[key]
+    return found
+
+
+def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:
+    blocks = _blocks(model)
     return ModelShape(
         name=name,
-        param_numels=tuple(p.numel() for p in params),
-        linear_numels=linears,
-        block_numel=sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n),
-        hidden=config.hidden_size,
-        layers=config.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=config.intermediate_size,
-        vocab=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+        param_numels=tuple(p.numel() for p in model.parameters()),
+        linear_numels=tuple(
+            (n, m.weight.numel()) for n, m in model.named_modules() if is_linear(m)
+        ),
+        block_numel=max(
+            (sum(p.numel() for p in b.parameters()) for b in blocks.values()), default=0
+        ),
+        max_positions=getattr(config, "max_position_embeddings", None) or 0,
     )
 
 
@@ -165,40 +179,145 @@ def _layer_input_bytes(recipe: Recipe, name: str, hp_bytes: int) -> tuple[float,
     return (x_bits / 8 if reuse_x else hp_bytes), (w_bits / 8 if reuse_w else 0.0), reuse_x
 
 
-def _activations(shape: ModelShape, recipe: Recipe, tokens: int, seq: int) -> tuple[float, float]:
-    """(activations of the whole forward, of one block) in bytes, for ``tokens = batch x seq``."""
-    n, h, f = tokens, shape.hidden, shape.intermediate
-    r = _bytes(recipe.param_dtype)
+def _unpacked_sequences():
+    """A context in which transformers takes the batch for unpacked sequences.
+
+    transformers looks for packed sequences (positions restarting inside a row) by reading the
+    position ids' values; fake tensors have none, so it assumes packing and builds an explicit
+    attention mask per layer that the real run (positions 0..seq-1 in every row) does not build,
+    and SDPA saves it. The trainer's batches are never packed, so the trace says so.
+    """
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):  # older transformers
+        return contextlib.nullcontext()
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+
+
+@dataclass
+class Trace:
+    """Bytes one forward and loss save for the backward (`_trace_activations`)."""
+
+    total: float = 0.0
+    per_block: dict[str, float] = field(default_factory=dict)  # saved inside each block
+    block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
+
+    def checkpointed(self) -> float:
+        """With one checkpoint per block: everything outside the blocks, every block's input,
+        and one block's activations while its backward recomputes them."""
+        inside = sum(self.per_block.values())
+        return self.total - inside + sum(self.block_inputs.values()) + max(self.per_block.values())
+
+
+def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Trace:
+    """Run the trainer's forward and loss of ``model`` (built in the fake-tensor ``mode``) for
+    ``batch x seq`` tokens with ``recipe``'s parameter dtype and autocast, and sum what it saves
+    for the backward (see the module docstring); ``recipe`` resolved for the model's names."""
+    from lowbit.memory.measure import is_parameter_cast
+
     autocast = recipe.autocast is not None
-    c = _bytes(recipe.autocast) if autocast else r
-    norm = 4 * n * h + r * n * h + 4 * n
+    hp_bytes = _bytes(recipe.autocast or recipe.param_dtype)
+    seen = {p.untyped_storage()._cdata for p in model.parameters()}
+    trace = Trace()
+    where: dict = {"block": None, "converted": False}
 
-    def gemm_inputs(names: list[str], copies_under_autocast: bool) -> float:
-        per_value = [_layer_input_bytes(recipe, nm, c if autocast else r) for nm in names]
-        quantized = [b for b, _, q in per_value if q]
-        plain = [b for b, _, q in per_value if not q]
-        total = sum(quantized) * n * h
-        if plain:  # the same high-precision input is saved once, or cast per GEMM by autocast
-            total += (sum(plain) if copies_under_autocast and autocast else max(plain)) * n * h
-        return total
+    def count(nbytes: float) -> None:
+        trace.total += nbytes
+        if where["block"] is not None:
+            trace.per_block[where["block"]] += nbytes
 
-    block = (
-        2 * norm
-        + gemm_inputs([f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], True)
-        + c * n * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-        + 4 * n * shape.heads
-        + gemm_inputs([f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up")], True)
-        + 4 * c * n * f
-    )
-    outside = (
-        8 * n  # token ids
-        + norm
-        + gemm_inputs(["lm_head"], True)
-        + 4 * n * shape.vocab  # log-softmax output, fp32
-        + 8 * n  # targets
-        + 2 * 4 * seq * shape.head_dim  # rotary cos, sin
-    )
-    return shape.layers * block + outside, block
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if not where["converted"] and key not in seen and not is_parameter_cast(t):
+            seen.add(key)
+            count(t.untyped_storage().nbytes())
+        return t
+
+    def enter_converted(name: str):
+        x_bytes, _, quantized = _layer_input_bytes(recipe, name, hp_bytes)
+
+        def hook(module, args):
+            x = args[0]
+            if quantized or autocast:  # a copy per layer
+                count(x_bytes * x.numel())
+            elif x.untyped_storage()._cdata not in seen:  # the shared high-precision input
+                seen.add(x.untyped_storage()._cdata)
+                count(x.untyped_storage().nbytes())
+            where["converted"] = True
+
+        return hook
+
+    def leave_converted(module, args, output):
+        where["converted"] = False
+
+    def enter_block(name: str):
+        def hook(module, args, kwargs):
+            x = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+            trace.block_inputs[name] = x.numel() * x.element_size()
+            trace.per_block[name] = 0.0
+            where["block"] = name
+
+        return hook
+
+    def leave_block(module, args, output):
+        where["block"] = None
+
+    handles = []
+    for name, module in model.named_modules():
+        spec, _ = recipe.layer_for(name) if is_linear(module) else (None, "")
+        if spec is not None and not spec.is_identity:
+            handles.append(module.register_forward_pre_hook(enter_converted(name)))
+            handles.append(module.register_forward_hook(leave_converted))
+    for name, block in _blocks(model).items():
+        handles.append(block.register_forward_pre_hook(enter_block(name), with_kwargs=True))
+        handles.append(block.register_forward_hook(leave_block))
+    model.train()
+    try:
+        with (
+            _unpacked_sequences(),
+            mode,
+            torch.autocast("cpu", dtype=dtype_of(recipe.autocast), enabled=autocast),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            windows = torch.zeros(batch, seq + 1, dtype=torch.long)  # as `LMBatches` cuts them
+            ids, labels = windows[:, :-1], windows[:, 1:]
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
+    except (RuntimeError, NotImplementedError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            f"cannot trace this architecture's forward on fake tensors ({first}); "
+            "fix: measure a short run instead (`lowbit train` prints its memory by component)"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return trace
+
+
+_TRACES: dict = {}  # (config, recipe, batch, seq) -> `_traced`'s result; a few KB each
+
+
+def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
+    """(`ModelShape`, ``recipe`` resolved for the model's names, `Trace`), remembered: `fits` and
+    `lowbit estimate` ask for the same model and batch several times."""
+    key = (config.to_json_string(), name, recipe, batch, seq)
+    if key not in _TRACES:
+        mode = FakeTensorMode()
+        with mode:
+            model = _causal_lm(config, name, dtype_of(recipe.param_dtype))
+        shape = _shape(model, config, name)
+        if shape.max_positions and seq > shape.max_positions:
+            raise UsageError(
+                f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "
+                "fix: use a shorter --seq"
+            )
+        resolved = recipe.resolved_for(n for n, _ in model.named_modules())
+        if len(_TRACES) >= 32:
+            _TRACES.clear()
+        _TRACES[key] = (shape, resolved, _trace_activations(model, mode, resolved, batch, seq))
+    return _TRACES[key]
 
 
 def _temporaries(shape: ModelShape, recipe: Recipe) -> float:
@@ -237,12 +356,7 @@ def estimate(
         raise UsageError("batch, seq and gpus must be at least 1")
     if sharding == "fsdp" and gpus == 1:
         sharding = "none"
-    shape = model_shape(config_or_size)
-    if shape.max_positions and seq > shape.max_positions:
-        raise UsageError(
-            f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "
-            "fix: use a shorter --seq"
-        )
+    shape, recipe, trace = _traced(*_load_config(config_or_size), recipe, batch, seq)
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
     out = Breakdown(num_params=n)
@@ -260,13 +374,13 @@ def estimate(
         fsdp_gather = 2 * p_bytes * shape.block_numel
     else:
         fsdp_gather = 0.0
-    full, block = _activations(shape, recipe, batch * seq, seq)
-    if activation_checkpointing:
-        kept = full - shape.layers * block + shape.layers * p_bytes * batch * seq * shape.hidden
-        out.activations = round(kept + block)
+    if activation_checkpointing and trace.per_block:
+        out.activations = round(trace.checkpointed())
         out.notes.append("activation checkpointing: one checkpoint per block")
     else:
-        out.activations = round(full)
+        out.activations = round(trace.total)
+        if activation_checkpointing:
+            out.notes.append("activation checkpointing: the model has no numbered blocks")
     out.temporaries = round(_temporaries(shape, recipe) + fsdp_gather)
     return out
 

@@ -97,15 +97,22 @@ _VIEWS = {
 }
 
 
-def _is_parameter_cast(t: torch.Tensor) -> bool:
-    """A tensor made by casting a parameter (autocast's weight copy), or a view of one: its
-    grad_fn chain is views, then a copy whose input is a leaf's AccumulateGrad."""
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__ in _VIEWS:
-        fn = fn.next_functions[0][0] if fn.next_functions else None
+def is_parameter_cast(t: torch.Tensor) -> bool:
+    """A tensor made by casting a parameter or a view of one (autocast's weight copy; Falcon's
+    ``x @ self.weight.T`` casts the transposed view), or a view of such a cast: its grad_fn chain
+    is views, a copy, views, then a leaf's AccumulateGrad."""
+
+    def skip_views(fn):
+        while fn is not None and type(fn).__name__ in _VIEWS:
+            fn = fn.next_functions[0][0] if fn.next_functions else None
+        return fn
+
+    fn = skip_views(t.grad_fn)
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return False
-    return any(type(nf).__name__ == "AccumulateGrad" for nf, _ in fn.next_functions if nf)
+    return any(
+        type(skip_views(nf)).__name__ == "AccumulateGrad" for nf, _ in fn.next_functions if nf
+    )
 
 
 def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
@@ -122,7 +129,7 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)
-            totals["temporaries" if _is_parameter_cast(t) else "activations"] += key[2]
+            totals["temporaries" if is_parameter_cast(t) else "activations"] += key[2]
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -531,7 +531,8 @@ class Trainer:
         """The live run's memory by component (tensor accounting) beside the estimator's figure.
 
         Activations are the bytes saved for backward by one extra forward of ``batch``; the
-        estimate exists for the Llama-style causal LMs the estimator models (others: live only).
+        estimate exists for causal LMs (other tasks, and architectures whose forward cannot be
+        traced on fake tensors: live only).
         """
         from lowbit.memory import estimate, measure, measure_activations
 
@@ -549,7 +550,7 @@ class Trainer:
             planned = estimate(
                 self.model.config, self.precision.recipe, c.optimizer_state, c.batch_size, c.seq_len
             )
-        except UsageError:  # not a Llama-style config (GPT-2's): the estimator does not model it
+        except UsageError:  # the estimator cannot trace this architecture's forward
             return live.table()
         return planned.table(live)
 
