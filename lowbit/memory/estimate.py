@@ -2,7 +2,7 @@
 
 Model states (exact: the tests compare them with `measure` byte for byte)
 -------------------------------------------------------------------------
-Parameter shapes come from instantiating the model on the ``meta`` device (no memory), so every
+Parameter shapes come from instantiating the model on fake tensors (no memory, below), so every
 tensor's size is known and the small-tensor rule of the optimizer states is applied per tensor.
 
 - parameters: ``numel x`` the recipe's ``param_dtype`` size;
@@ -16,17 +16,19 @@ sharding); the fp32-states rule is decided on the global tensor, so the division
 rounding. FSDP's gathered parameters of the current and the prefetched layer are added to the
 temporaries.
 
-Activations (traced: any causal language model transformers builds)
---------------------------------------------------------------------
+Activations and temporary copies (traced: any causal language model transformers builds)
+--------------------------------------------------------------------------------------------
 The forward and the loss of one step (``F.cross_entropy`` on the fp32 logits, as the trainer
 computes it) run on *fake tensors* (``torch._subclasses.FakeTensorMode``: shapes, dtypes and
 storages without memory or arithmetic), with the parameters in the recipe's dtype, under its
 autocast, with PyTorch's SDPA attention where the architecture has it (as `lowbit train` loads
 it). Every tensor autograd's pack hook receives (``torch.autograd.graph.saved_tensors_hooks``) is
-counted once per storage, parameters and their casts excluded: exactly what `measure_activations`
-counts on a live run, so for unconverted layers the estimate is the measurement (byte for byte on
-CPU; a GPU's autocast casts a few ops differently). The architecture's own code decides what is
-saved, so GPT-2, Falcon, BLOOM, ... are estimated as they train, not as a Llama.
+counted once per storage, parameters excluded; casts of a parameter (autocast's bf16 weights) are
+temporary copies, the rest activations: what `measure_activations` counts on a live run, so for
+unconverted layers the estimate is the measurement (byte for byte on CPU; a GPU's autocast casts
+a few ops differently). The architecture's own code decides what is saved, so GPT-2, Falcon,
+BLOOM, Mixtral, Mamba, ... are estimated as they train, not as a Llama. Where transformers would
+read tensor values to choose a path, the trace takes the real run's choice (`_as_in_a_real_run`).
 
 Converted (fp8/int8/MX) layers are the exception: their operands are quantized in lowbit's own
 kernels and kept on the autograd context, so the trace replaces what such a layer saves with a
@@ -45,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +132,11 @@ def _causal_lm(config, name: str, dtype: torch.dtype = torch.float32):
             f"{name}: not a causal language model config ({first}); "
             "fix: give the config.json of a model AutoModelForCausalLM can build"
         ) from None
+    except (AssertionError, TypeError, KeyError, IndexError) as error:  # inconsistent fields
+        raise UsageError(
+            f"{name}: transformers cannot build a model from this config "
+            f"({type(error).__name__}: {error}); fix: correct the config's fields"
+        ) from None
 
 
 def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -179,19 +187,47 @@ def _layer_input_bytes(recipe: Recipe, name: str, hp_bytes: int) -> tuple[float,
     return (x_bits / 8 if reuse_x else hp_bytes), (w_bits / 8 if reuse_w else 0.0), reuse_x
 
 
-def _unpacked_sequences():
-    """A context in which transformers takes the batch for unpacked sequences.
+def _as_in_a_real_run() -> contextlib.ExitStack:
+    """A context in which transformers decides as it does on real tensors where it would read
+    values that fake tensors do not have, or pick a kernel fake tensors refuse:
 
-    transformers looks for packed sequences (positions restarting inside a row) by reading the
-    position ids' values; fake tensors have none, so it assumes packing and builds an explicit
-    attention mask per layer that the real run (positions 0..seq-1 in every row) does not build,
-    and SDPA saves it. The trainer's batches are never packed, so the trace says so.
+    - packed sequences (positions restarting inside a row) are found by reading the position ids;
+      on fake tensors transformers assumes packing and builds an explicit attention mask per layer
+      that the real run (positions 0..seq-1 in every row) does not build, and SDPA saves it. The
+      trainer's batches are never packed, so the trace says so.
+    - mixture-of-experts layers multiply by ``torch._grouped_mm``, whose fake kernel takes bf16
+      only (its CPU kernel takes fp32 too); transformers' own fallback op saves the same tensors
+      (a layer's input and expert weights) and has a fake kernel for every dtype.
+
+    Each patch applies only where this transformers has the function (older ones do neither).
     """
     from transformers import masking_utils
 
-    if not hasattr(masking_utils, "find_packed_sequence_indices"):  # older transformers
-        return contextlib.nullcontext()
-    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+    stack = contextlib.ExitStack()
+    if hasattr(masking_utils, "find_packed_sequence_indices"):
+        stack.enter_context(
+            mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+        )
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return stack
+    if hasattr(moe, "_can_use_grouped_mm"):
+        stack.enter_context(mock.patch.object(moe, "_can_use_grouped_mm", lambda *a, **k: False))
+    return stack
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors():
+    """FakeTensorMode logs a traceback for an op it cannot run before raising; the estimator
+    turns the error into one line (`_trace_activations`), so the log is only noise."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -201,6 +237,7 @@ class Trace:
     total: float = 0.0
     per_block: dict[str, float] = field(default_factory=dict)  # saved inside each block
     block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
+    parameter_casts: int = 0  # saved casts of parameters (autocast's bf16 weights), not above
 
     def checkpointed(self) -> float:
         """With one checkpoint per block: everything outside the blocks, every block's input,
@@ -228,9 +265,12 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
-        if not where["converted"] and key not in seen and not is_parameter_cast(t):
+        if not where["converted"] and key not in seen:
             seen.add(key)
-            count(t.untyped_storage().nbytes())
+            if is_parameter_cast(t):  # autocast's weight copy
+                trace.parameter_casts += t.untyped_storage().nbytes()
+            else:
+                count(t.untyped_storage().nbytes())
         return t
 
     def enter_converted(name: str):
@@ -274,7 +314,8 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
     model.train()
     try:
         with (
-            _unpacked_sequences(),
+            _as_in_a_real_run(),
+            _quiet_fake_tensor_errors(),
             mode,
             torch.autocast("cpu", dtype=dtype_of(recipe.autocast), enabled=autocast),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -320,18 +361,13 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
     return _TRACES[key]
 
 
-def _temporaries(shape: ModelShape, recipe: Recipe) -> float:
-    """Low-precision weight copies saved for the backward: autocast's casts of the weights of
-    unconverted linears, converted layers' quantized weights."""
+def _quantized_weights(shape: ModelShape, recipe: Recipe) -> float:
+    """Converted layers' quantized weight copies saved for the backward (the other saved weight
+    copies, autocast's, are in the trace)."""
     total = 0.0
     for name, numel in shape.linear_numels:
         spec, _ = recipe.layer_for(name)
-        if spec is None or spec.is_identity:
-            if recipe.autocast is not None and _bytes(recipe.autocast) != _bytes(
-                recipe.param_dtype
-            ):
-                total += _bytes(recipe.autocast) * numel
-        else:
+        if spec is not None and not spec.is_identity:
             total += _layer_input_bytes(recipe, name, 0)[1] * numel
     return total
 
@@ -381,7 +417,7 @@ def estimate(
         out.activations = round(trace.total)
         if activation_checkpointing:
             out.notes.append("activation checkpointing: the model has no numbered blocks")
-    out.temporaries = round(_temporaries(shape, recipe) + fsdp_gather)
+    out.temporaries = round(trace.parameter_casts + _quantized_weights(shape, recipe) + fsdp_gather)
     return out
 
 

@@ -100,7 +100,8 @@ def test_estimate_matches_the_measured_run(size, recipe, state, third_config):
 
 
 # Small configs of other families: GPT-2 (transformers' Conv1D, LayerNorm, GELU, learned positions),
-# Falcon (FalconLinear, fused query-key-value, rotary) and BLOOM (no SDPA: eager attention, ALiBi).
+# Falcon (FalconLinear, fused query-key-value, rotary), BLOOM (no SDPA: eager attention, ALiBi) and
+# Mixtral.
 FAMILIES = {
     "gpt2": {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 128},
     "falcon": {
@@ -111,6 +112,17 @@ FAMILIES = {
         "multi_query": True,
     },
     "bloom": {"hidden_size": 64, "n_layer": 3, "n_head": 4},
+    # mixture of experts: a router (a Parameter read by F.linear, not an nn.Linear) and experts
+    # multiplied by grouped GEMMs
+    "mixtral": {
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
 }
 
 
@@ -154,7 +166,10 @@ def test_estimate_traces_any_causal_lm_family(tmp_path, family, recipe):
     saved = _saved_bytes(model, precision, 2, 32)
     estimated = estimate(path, recipe, "fp32", 2, 32)
     assert estimated.num_params == sum(p.numel() for p in model.parameters())
-    assert estimated.activations == saved.activations
+    # The real grouped GEMM also saves its per-expert offsets (a few int32s per layer); the
+    # trace runs transformers' fallback op (the same input and weights), which keeps them on ctx.
+    offsets = 4 * 4 * 3 if family == "mixtral" else 0
+    assert saved.activations - offsets <= estimated.activations <= saved.activations
     assert estimated.temporaries == saved.temporaries
     if recipe == "bf16-mixed":  # the layers' bf16 weight copies, Conv1D and FalconLinear included
         assert saved.temporaries > 0
