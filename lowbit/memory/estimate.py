@@ -49,7 +49,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
@@ -109,7 +109,10 @@ def _load_config(config_or_size):
         fields = json.loads(path.read_text())
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     except (KeyError, ValueError) as error:
-        raise UsageError(f"{path}: not a Hugging Face config.json ({error})") from None
+        raise UsageError(
+            f"{path}: not a Hugging Face config.json ({error}); "
+            "fix: give a checkpoint folder or the config.json in it"
+        ) from None
     return config, str(path)
 
 
@@ -344,6 +347,8 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
     """(`ModelShape`, ``recipe`` resolved for the model's names, `Trace`), remembered: `fits` and
     `lowbit estimate` ask for the same model and batch several times."""
     key = (config.to_json_string(), name, recipe, batch, seq)
+    if recipe.emulate_fp16_gemms_on_cpu:  # a GPU computes these GEMMs in fp16 natively
+        recipe = replace(recipe, layer=None)  # (autocast, or fp16 parameters), as `Precision`
     if key not in _TRACES:
         mode = FakeTensorMode()
         with mode:
@@ -389,7 +394,9 @@ def estimate(
     precision = state_precision(state_precision_name)
     choose("sharding", sharding, SHARDING)
     if batch < 1 or seq < 1 or gpus < 1:
-        raise UsageError("batch, seq and gpus must be at least 1")
+        raise UsageError(
+            f"batch, seq and gpus must be at least 1 (got {batch}, {seq}, {gpus}); fix: raise them"
+        )
     if sharding == "fsdp" and gpus == 1:
         sharding = "none"
     shape, recipe, trace = _traced(*_load_config(config_or_size), recipe, batch, seq)

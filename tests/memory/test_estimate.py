@@ -196,6 +196,15 @@ def test_checkpointed_estimate_is_the_checkpointed_run_plus_one_block(recipe):
     assert 0 < one_block < (full - kept) / 3
 
 
+def test_fp16_recipes_are_estimated_as_a_gpu_runs_them():
+    # On a GPU fp16 autocast (or fp16 parameters) computes the GEMMs; the CPU's fp16 emulation
+    # layers are not part of the estimate: 16-bit activations and copies cost what bf16's do.
+    for fp16, bf16 in (("fp16-mixed", "bf16-mixed"), ("fp16-low", "bf16-low")):
+        a, b = estimate("small", fp16, "fp32", 2, 128), estimate("small", bf16, "fp32", 2, 128)
+        assert (a.activations, a.temporaries) == (b.activations, b.temporaries)
+    assert estimate("small", "fp16-low", "fp32", 2, 128).temporaries == 0  # no weight casts
+
+
 def test_classic_mixed_precision_is_16_bytes_per_parameter():
     # ZeRO (Rajbhandari et al. 2020), section 3.1: fp16 params 2 + fp16 grads 2 + fp32 master
     # weights 4 + Adam's fp32 momentum and variance 8 = 16 bytes per parameter.
