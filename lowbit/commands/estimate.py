@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from lowbit.errors import UsageError
 from lowbit.memory.breakdown import human
 from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, SHARDING, estimate, fits
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
+from lowbit.recipes import get_recipe
 from lowbit.recipes import names as recipe_names
 
 NAME = "estimate"
@@ -21,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a size ({', '.join(list_sizes())}), or the config.json (or checkpoint folder) of "
         "any causal LM transformers builds",
     )
-    parser.add_argument("--recipe", default="bf16-mixed", help=", ".join(recipe_names()))
+    parser.add_argument(
+        "--recipe",
+        default="bf16-mixed",
+        help="a recipe, or several separated by commas for a side-by-side table: "
+        + ", ".join(recipe_names()),
+    )
     parser.add_argument(
         "--optimizer-state",
         default="fp32",
@@ -34,7 +41,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
 
 
+def _recipes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError("no recipe given; fix: --recipe bf16-mixed (or a,b,c to compare)")
+    for name in names:
+        get_recipe(name)  # unknown names fail here, listing the valid ones
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"recipe {dup!r} is listed twice in --recipe; fix: list it once")
+    return names
+
+
+def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
+    """(GiB, usable bytes, largest micro-batch) per accelerator in `ACCELERATORS_GIB`."""
+    out = []
+    for gib in ACCELERATORS_GIB:
+        capacity = gib * 2**30 * (1 - RESERVE)
+        largest = fits(
+            args.model,
+            recipe,
+            args.optimizer_state,
+            args.seq,
+            capacity,
+            gpus=args.gpus,
+            sharding=args.sharding,
+            activation_checkpointing=args.activation_checkpointing,
+        )
+        out.append((gib, capacity, largest))
+    return out
+
+
+def _settings(args, num_params: int) -> str:
+    return (
+        f"model {args.model}: {num_params:,} parameters; {args.optimizer_state} optimizer states; "
+        f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), sharding {args.sharding}"
+        + ("; activation checkpointing" if args.activation_checkpointing else "")
+    )
+
+
+def compare_recipes(args, names: list[str]) -> int:
+    """One row per recipe: memory per device by component, its ratio to the first recipe's, and
+    the largest micro-batch that fits each accelerator."""
+    kw = dict(
+        gpus=args.gpus,
+        sharding=args.sharding,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    rows = [
+        (name, estimate(args.model, name, args.optimizer_state, args.batch, args.seq, **kw))
+        for name in names
+    ]
+    print(_settings(args, rows[0][1].num_params))
+    head = (
+        f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
+        f"{'vs ' + names[0]:>{max(9, len(names[0]) + 4)}}"
+        + "".join(f"{f'{gib} GB':>8}" for gib in ACCELERATORS_GIB)
+    )
+    print(head)
+    print("-" * len(head))
+    base = rows[0][1].total
+    for name, b in rows:
+        batches = "".join(f"{largest:>8}" for _, _, largest in _largest_batches(args, name))
+        print(
+            f"{name:<17}{human(b.model_states):>13}{human(b.activations):>13}"
+            f"{human(b.temporaries):>13}{human(b.total):>13}"
+            f"{f'{b.total / base:.2f}x':>{max(9, len(names[0]) + 4)}}{batches}"
+        )
+    print(
+        f"\nbytes per device; the GB columns: the largest micro-batch that fits ({RESERVE:.0%} of "
+        "each device reserved for context and fragmentation)"
+    )
+    return 0
+
+
 def run(args) -> int:
+    names = _recipes(args.recipe)
+    if len(names) > 1:
+        return compare_recipes(args, names)
     kw = dict(gpus=args.gpus, sharding=args.sharding)
     without = estimate(args.model, args.recipe, args.optimizer_state, args.batch, args.seq, **kw)
     with_ckpt = estimate(
@@ -47,29 +131,14 @@ def run(args) -> int:
         activation_checkpointing=True,
     )
     chosen = with_ckpt if args.activation_checkpointing else without
-    print(
-        f"model {args.model}: {chosen.num_params:,} parameters; recipe {args.recipe}; "
-        f"{args.optimizer_state} optimizer states; batch {args.batch} x seq {args.seq}; "
-        f"{args.gpus} GPU(s), sharding {args.sharding}"
-        + ("; activation checkpointing" if args.activation_checkpointing else "")
-    )
+    print(_settings(args, chosen.num_params).replace("; ", f"; recipe {args.recipe}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
     print(
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
         f"with {with_ckpt.activations:,} ({human(with_ckpt.activations)})"
     )
     print(f"\nfits ({RESERVE:.0%} of each device reserved for context and fragmentation):")
-    for gib in ACCELERATORS_GIB:
-        capacity = gib * 2**30 * (1 - RESERVE)
-        largest = fits(
-            args.model,
-            args.recipe,
-            args.optimizer_state,
-            args.seq,
-            capacity,
-            **kw,
-            activation_checkpointing=args.activation_checkpointing,
-        )
+    for gib, capacity, largest in _largest_batches(args, args.recipe):
         verdict = "yes" if chosen.total <= capacity else "no"
         print(f"  {gib:>4} GB  {verdict:<4} largest batch {largest}")
     return 0

@@ -78,7 +78,6 @@ class ModelShape:
 
     name: str
     param_numels: tuple[int, ...]  # every parameter tensor (tied ones once)
-    linear_numels: tuple[tuple[str, int], ...]  # (qualified name, weight numel) of linear layers
     block_numel: int  # parameters of the largest block (what FSDP gathers per block)
     max_positions: int  # 0: no limit (ALiBi)
 
@@ -160,9 +159,6 @@ def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:
     return ModelShape(
         name=name,
         param_numels=tuple(p.numel() for p in model.parameters()),
-        linear_numels=tuple(
-            (n, m.weight.numel()) for n, m in model.named_modules() if is_linear(m)
-        ),
         block_numel=max(
             (sum(p.numel() for p in b.parameters()) for b in blocks.values()), default=0
         ),
@@ -235,18 +231,28 @@ def _quiet_fake_tensor_errors():
 
 @dataclass
 class Trace:
-    """Bytes one forward and loss save for the backward (`_trace_activations`)."""
+    """Bytes one forward and loss save for the backward (`_trace_activations`): activations, and
+    temporary copies of weights (autocast's casts, converted layers' quantized weights); each
+    also by the block it is saved in."""
 
-    total: float = 0.0
-    per_block: dict[str, float] = field(default_factory=dict)  # saved inside each block
+    activations: float = 0.0
+    temporaries: float = 0.0
+    block_activations: dict[str, float] = field(default_factory=dict)
+    block_temporaries: dict[str, float] = field(default_factory=dict)
     block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
-    parameter_casts: int = 0  # saved casts of parameters (autocast's bf16 weights), not above
 
-    def checkpointed(self) -> float:
-        """With one checkpoint per block: everything outside the blocks, every block's input,
-        and one block's activations while its backward recomputes them."""
-        inside = sum(self.per_block.values())
-        return self.total - inside + sum(self.block_inputs.values()) + max(self.per_block.values())
+    def checkpointed(self) -> tuple[float, float]:
+        """(activations, temporaries) with one checkpoint per block: what lies outside the
+        blocks, every block's input, and one block's saved tensors while its backward recomputes
+        them (the largest block's)."""
+        inside = sum(self.block_activations.values())
+        activations = self.activations - inside + sum(self.block_inputs.values())
+        temporaries = self.temporaries - sum(self.block_temporaries.values())
+        largest = max(self.block_activations, key=lambda b: self.block_activations[b])
+        return (
+            activations + self.block_activations[largest],
+            temporaries + self.block_temporaries[largest],
+        )
 
 
 def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Trace:
@@ -261,23 +267,24 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
     trace = Trace()
     where: dict = {"block": None, "converted": False}
 
-    def count(nbytes: float) -> None:
-        trace.total += nbytes
+    def count(nbytes: float, temporary: bool = False) -> None:
+        if temporary:
+            trace.temporaries += nbytes
+        else:
+            trace.activations += nbytes
         if where["block"] is not None:
-            trace.per_block[where["block"]] += nbytes
+            per_block = trace.block_temporaries if temporary else trace.block_activations
+            per_block[where["block"]] += nbytes
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
         if not where["converted"] and key not in seen:
             seen.add(key)
-            if is_parameter_cast(t):  # autocast's weight copy
-                trace.parameter_casts += t.untyped_storage().nbytes()
-            else:
-                count(t.untyped_storage().nbytes())
+            count(t.untyped_storage().nbytes(), temporary=is_parameter_cast(t))
         return t
 
     def enter_converted(name: str):
-        x_bytes, _, quantized = _layer_input_bytes(recipe, name, hp_bytes)
+        x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
 
         def hook(module, args):
             x = args[0]
@@ -286,6 +293,7 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
             elif x.untyped_storage()._cdata not in seen:  # the shared high-precision input
                 seen.add(x.untyped_storage()._cdata)
                 count(x.untyped_storage().nbytes())
+            count(w_bytes * module.weight.numel(), temporary=True)  # its quantized weight
             where["converted"] = True
 
         return hook
@@ -297,7 +305,7 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
         def hook(module, args, kwargs):
             x = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
             trace.block_inputs[name] = x.numel() * x.element_size()
-            trace.per_block[name] = 0.0
+            trace.block_activations[name] = trace.block_temporaries[name] = 0.0
             where["block"] = name
 
         return hook
@@ -366,17 +374,6 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
     return _TRACES[key]
 
 
-def _quantized_weights(shape: ModelShape, recipe: Recipe) -> float:
-    """Converted layers' quantized weight copies saved for the backward (the other saved weight
-    copies, autocast's, are in the trace)."""
-    total = 0.0
-    for name, numel in shape.linear_numels:
-        spec, _ = recipe.layer_for(name)
-        if spec is not None and not spec.is_identity:
-            total += _layer_input_bytes(recipe, name, 0)[1] * numel
-    return total
-
-
 def estimate(
     config_or_size,
     recipe: str | Recipe = "fp32",
@@ -417,14 +414,14 @@ def estimate(
         fsdp_gather = 2 * p_bytes * shape.block_numel
     else:
         fsdp_gather = 0.0
-    if activation_checkpointing and trace.per_block:
-        out.activations = round(trace.checkpointed())
+    activations, temporaries = trace.activations, trace.temporaries
+    if activation_checkpointing and trace.block_activations:
+        activations, temporaries = trace.checkpointed()
         out.notes.append("activation checkpointing: one checkpoint per block")
-    else:
-        out.activations = round(trace.total)
-        if activation_checkpointing:
-            out.notes.append("activation checkpointing: the model has no numbered blocks")
-    out.temporaries = round(trace.parameter_casts + _quantized_weights(shape, recipe) + fsdp_gather)
+    elif activation_checkpointing:
+        out.notes.append("activation checkpointing: the model has no numbered blocks")
+    out.activations = round(activations)
+    out.temporaries = round(temporaries + fsdp_gather)
     return out
 
 

@@ -29,3 +29,30 @@ def test_estimate_usage_errors_exit_2(capsys):
     assert "valid: fp32, bf16, fp8, 8bit, 4bit" in capsys.readouterr().err
     assert main(["estimate", "--model", "llama-9b"]) == 2
     assert "model size" in capsys.readouterr().err
+
+
+def test_estimate_compares_recipes_side_by_side(capsys):
+    from lowbit.memory.breakdown import human
+    from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, estimate, fits
+
+    recipes = ["fp32", "bf16-low", "fp8-tensorwise"]
+    argv = ["estimate", "--model", "tiny", "--recipe", ",".join(recipes), "--seq", "128"]
+    assert main([*argv, "--batch", "4"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line}
+    base = estimate("tiny", "fp32", "fp32", 4, 128).total
+    for name in recipes:
+        expected = estimate("tiny", name, "fp32", 4, 128)
+        row = " ".join(rows[name])
+        assert f"{human(expected.total)} {expected.total / base:.2f}x" in row
+        largest = [
+            fits("tiny", name, "fp32", 128, gib * 2**30 * (1 - RESERVE)) for gib in ACCELERATORS_GIB
+        ]
+        assert rows[name][-len(ACCELERATORS_GIB) :] == [str(n) for n in largest]
+    assert "1.00x" in rows["fp32"]  # the first recipe is the reference
+
+
+def test_estimate_recipe_list_errors_exit_2(capsys):
+    assert main(["estimate", "--model", "tiny", "--recipe", "fp32,nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert main(["estimate", "--model", "tiny", "--recipe", "fp32,fp32"]) == 2
+    assert "listed twice" in capsys.readouterr().err

@@ -178,22 +178,28 @@ def test_estimate_traces_any_causal_lm_family(tmp_path, family, recipe):
 @pytest.mark.parametrize("recipe", ["fp32", "bf16-mixed"])
 def test_checkpointed_estimate_is_the_checkpointed_run_plus_one_block(recipe):
     """With one checkpoint per block the forward saves each block's input and what lies outside
-    the blocks; the estimate adds one block's activations, rebuilt while its backward runs."""
+    the blocks (autocast's weight copies inside a block are made again when it is recomputed);
+    the estimate adds one block's saved tensors, rebuilt while its backward runs."""
     batch, seq = 2, 64
     plain = estimate("tiny", recipe, "fp32", batch, seq)
     ckpt = estimate("tiny", recipe, "fp32", batch, seq, activation_checkpointing=True)
     model = build_causal_lm("tiny", 257, seed=0)
     precision = lowbit.Precision(recipe)
     model = precision.convert(model).train()
-    full = _saved_bytes(model, precision, batch, seq).activations
+    full = _saved_bytes(model, precision, batch, seq)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    kept = _saved_bytes(model, precision, batch, seq).activations
-    assert plain.activations == full
-    one_block = ckpt.activations - kept  # 4 equal blocks: what one of them saves
-    assert 0 < one_block < (full - kept) / 3
+    kept = _saved_bytes(model, precision, batch, seq)
+    assert (plain.activations, plain.temporaries) == (full.activations, full.temporaries)
+    # 4 equal blocks: what one of them saves
+    one_block = ckpt.activations - kept.activations
+    assert 0 < one_block < (full.activations - kept.activations) / 3
+    one_block_copies = ckpt.temporaries - kept.temporaries
+    assert 0 <= one_block_copies <= (full.temporaries - kept.temporaries) / 3
+    if recipe == "bf16-mixed":
+        assert kept.temporaries > 0 and one_block_copies > 0  # the head's copy; a block's
 
 
 def test_fp16_recipes_are_estimated_as_a_gpu_runs_them():
