@@ -3,7 +3,8 @@
 A post-order walk over the module tree: each linear layer (`lowbit.nn.layer_kinds`: `nn.Linear`,
 Falcon's, transformers' ``Conv1D`` of GPT-2) and `nn.Conv2d` whose fully qualified name the recipe
 assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2d` that holds the
-*same* Parameter objects (optimizers and tied weights keep working). Every other such layer is
+*same* Parameter objects (optimizers and tied weights keep working), and each mixture-of-experts
+module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other such layer is
 kept, with the reason recorded, and so is every other module that computes a GEMM lowbit does not
 convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s projections), so
 nothing is left out of the report.
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowbit.errors import UsageError
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
+from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
 from lowbit.nn.layer_kinds import is_conv1d, is_linear
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
@@ -75,6 +78,20 @@ def convert(
         for child_name, child in list(module.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             visit(child, name)
+            if is_experts(child):  # a mixture-of-experts layer's 3-D expert weights
+                spec, reason = recipe.layer_for(name)
+                if spec is None:
+                    report.kept[name] = reason
+                    continue
+                gemm_specs = _expert_gemm_overrides(recipe, name, child.num_experts)
+                replacement = LowbitExperts(child, spec, gemm_specs=gemm_specs)
+                for kind in GEMM_KINDS:
+                    for expert, gemm in enumerate(replacement.gemms[kind]):
+                        overridden = reason != RECIPE_DEFAULT or (kind, expert) in gemm_specs
+                        gemm.lowbit_state.overridden = overridden
+                setattr(module, child_name, replacement)
+                report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
+                continue
             if not (is_linear(child) or type(child) is torch.nn.Conv2d):  # exact types
                 if (kept := _kept_gemm_reason(child)) is not None:
                     report.kept[name] = kept
@@ -101,6 +118,25 @@ def convert(
     visit(model, "")
     _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
+
+
+def _expert_gemm_overrides(recipe: Recipe, name: str, experts: int) -> dict:
+    """Specs that overrides give single expert GEMMs of the experts module ``name`` (by their
+    names, ``<name>.gemms.<kind>.<expert>``, as `lowbit doctor` reports them), by (kind, expert)."""
+    out = {}
+    for kind in GEMM_KINDS:
+        for expert in range(experts):
+            gemm = f"{name}.gemms.{kind}.{expert}"
+            spec, reason = recipe.layer_for(gemm)
+            if reason == RECIPE_DEFAULT or spec == recipe.layer_for(name)[0]:
+                continue
+            if spec is None:
+                raise UsageError(
+                    f"override keeps {gemm}, one GEMM of a mixture-of-experts layer; fix: keep "
+                    f"the whole layer ({name}=keep) or give the GEMM a format instead"
+                )
+            out[kind, expert] = spec
+    return out
 
 
 def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:

@@ -285,3 +285,30 @@ def test_causal_lm_without_sdpa_or_position_limit_trains_and_samples(tiny_config
     assert result.status == "completed" and result.sample is not None
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["conversion"].startswith("converted 8/9 layers")
+
+
+def test_a_mixture_of_experts_checkpoint_trains_and_resumes_bit_identically(tiny_config, tmp_path):
+    # Mixtral: its experts are 3-D Parameters, converted per expert GEMM (lowbit.nn.experts);
+    # fp8-delayed keeps an amax history per expert operand, which the checkpoint must carry.
+    from tests.moe import mixtral
+
+    small = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2}
+    mixtral(**small, num_key_value_heads=1, max_position_embeddings=128).save_pretrained(
+        tmp_path / "mixtral"
+    )
+    settings = {"model": str(tmp_path / "mixtral"), "recipe": "fp8-delayed", "steps": 6}
+    settings["eval_interval"] = 2
+    straight = train(tiny_config(**settings, out=str(tmp_path / "a")), quiet=True)
+    info = json.loads((straight.run_dir / "run.json").read_text())
+    assert info["conversion"].startswith("converted 10/11 layers")  # 8 projections, 2 experts
+
+    def crash(trainer):
+        if trainer.step_idx == 5:
+            raise RuntimeError("simulated crash")
+
+    run = tiny_config(**settings, out=str(tmp_path / "b"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(run, quiet=True, on_step=crash)
+    resumed = train(run, resume=True, quiet=True)
+    assert resumed.train_loss == straight.train_loss
+    assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))

@@ -1,0 +1,146 @@
+"""Mixture-of-experts layers: every expert's GEMMs in low precision.
+
+transformers (5 and later) stores a mixture-of-experts layer's experts as 3-D Parameters, one
+matrix per expert (``gate_up_proj``/``up_proj`` and ``down_proj``, optionally transposed and with
+biases), in classes made by its ``use_experts_implementation`` decorator, which also records the
+layout (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``). There is no
+``nn.Linear`` to swap, so `LowbitExperts` replaces the whole module: it routes each token to its
+top-k experts as transformers' grouped implementation does (tokens sorted by expert), and runs
+each expert's up and down projection as its own low-precision layer (`LowbitExpertGemm`, the
+three GEMMs of `lowbit.nn.linear`), each operand quantized per expert, as fp8 MoE training
+quantizes each expert's GEMM (DeepSeek-V3, Transformer Engine's grouped GEMMs). The Parameters
+are the original ones under their original names, so checkpoints and optimizers are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.nn.linear import LayerState, LowbitModule, full_precision, lowbit_linear
+from lowbit.nn.operand import scale_agreement
+from lowbit.recipes.recipe import LayerSpec
+
+# What the decorator sets on an experts module, and which of its Parameters the GEMMs read.
+_LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed")
+_OPTIONAL = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias", "post_expert_norm")
+GEMM_KINDS = (
+    "up",
+    "down",
+)  # each expert's projections; a GEMM is named `<experts>.gemms.<kind>.<e>`
+
+
+def is_experts(module: torch.nn.Module) -> bool:
+    """A transformers experts module of 3-D expert weights (``use_experts_implementation``)."""
+    if not all(hasattr(module, name) for name in _LAYOUT):
+        return False
+    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return all(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in (up, down))
+
+
+class LowbitExpertGemm(LowbitModule):
+    """One expert's projection inside a `LowbitExperts`: its numerics state only (the weight is a
+    slice of the experts' 3-D Parameter, which the parent holds)."""
+
+    def __init__(self, spec: LayerSpec, seed: int = 0, training: bool = True):
+        torch.nn.Module.__init__(self)
+        self.lowbit_state = LayerState(spec, seed)
+        self.train(training)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        if self.spec.is_identity:
+            return full_precision(F.linear, x, weight, bias)
+        return lowbit_linear(x, weight, bias, self.lowbit_state)
+
+    def extra_repr(self) -> str:
+        return self.spec.describe()
+
+
+class LowbitExperts(torch.nn.Module):
+    """Drop-in for a transformers experts module, its experts' GEMMs following a `LayerSpec`."""
+
+    def __init__(
+        self,
+        experts: torch.nn.Module,
+        spec: LayerSpec,
+        seed: int = 0,
+        gemm_specs: dict[tuple[str, int], LayerSpec] | None = None,
+    ):
+        """``spec`` for every expert GEMM, except those ``gemm_specs`` names by ``(kind,
+        expert)``, kind ``up`` or ``down`` (per-GEMM overrides, `lowbit.convert`)."""
+        super().__init__()
+        self.up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        for name in (self.up_name, "down_proj", *_OPTIONAL):
+            value = getattr(experts, name, None)
+            if value is not None:
+                setattr(self, name, value)  # the same Parameters (and norm) under the same names
+        for name in _LAYOUT:
+            setattr(self, name, getattr(experts, name))
+        self.has_post_expert_norm = getattr(experts, "has_post_expert_norm", False)
+        # The original module computes the gate (its `_apply_gate`: the activation, and
+        # gpt-oss's clamped SwiGLU) and the activation of gateless experts; held outside the
+        # module tree so that its Parameters are not registered twice.
+        self.__dict__["experts"] = experts
+        specs = gemm_specs or {}
+        self.gemms = torch.nn.ModuleDict(
+            {
+                kind: torch.nn.ModuleList(
+                    LowbitExpertGemm(specs.get((kind, e), spec), seed, experts.training)
+                    for e in range(experts.num_experts)
+                )
+                for kind in GEMM_KINDS
+            }
+        )
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.gemms["up"][0].spec
+
+    def _weights(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Each expert's ``name`` matrix as an ``nn.Linear`` weight (out x in): views, taken with
+        one ``unbind`` so that the backward assembles the 3-D gradient once."""
+        weights = getattr(self, name).unbind(0)
+        return tuple(w.t() for w in weights) if self.is_transposed else weights
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        top_k = top_k_index.shape[-1]
+        expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        routed = hidden_states[order // top_k]  # one row per (token, chosen expert), by expert
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        up_weights, down_weights = self._weights(self.up_name), self._weights("down_proj")
+        up_bias = getattr(self, f"{self.up_name}_bias", None) if self.has_bias else None
+        down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
+        # Data-parallel ranks agree on scales by all-reducing amaxes in every quantization
+        # (`lowbit.nn.operand.ScaleAgreement`), so each rank must run every expert's GEMMs, also
+        # one its own tokens skip: it runs that expert on a row of zeros (amax 0, which leaves the
+        # agreed max as it is, and zero gradients), kept in the graph as an empty slice so that
+        # its backward, and the backward's all-reduces, run too.
+        every_expert = scale_agreement().active
+        outputs = []
+        for e, rows in enumerate(routed.split(counts)):
+            idle = rows.shape[0] == 0
+            if idle and not every_expert:
+                continue
+            if idle:  # needing a gradient as real rows do: the backward runs the same GEMMs
+                rows = routed.new_zeros(1, routed.shape[-1]).requires_grad_(routed.requires_grad)
+            h = self.gemms["up"][e](rows, up_weights[e], None if up_bias is None else up_bias[e])
+            h = self.experts._apply_gate(h) if self.has_gate else self.experts.act_fn(h)
+            bias = None if down_bias is None else down_bias[e]
+            h = self.gemms["down"][e](h, down_weights[e], bias)
+            outputs.append(h[:0] if idle else h)
+        out = torch.cat(outputs)
+        if self.has_post_expert_norm:
+            out = self.post_expert_norm(out)
+        # Weighted by the router, back in token order, summed over each token's experts: as
+        # transformers' grouped implementation does it.
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        out = out[inverse].view(-1, top_k, out.shape[-1]).sum(dim=1)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, {self.spec.describe()}"
