@@ -35,7 +35,8 @@ kernels and kept on the autograd context, so the trace replaces what such a laye
 model of the hardware that stores the formats natively: its input quantized (the format's bits
 per value) when the forward's quantized operand can be reused by the weight gradient (tensorwise
 current scaling), else in high precision (one copy per layer under autocast, shared without), and
-its weight as a quantized temporary copy. (The CPU emulation keeps quantized values in a bf16
+its weight as a quantized temporary copy; a converted mixture-of-experts layer likewise for each
+grouped expert GEMM (`lowbit.nn.experts`). (The CPU emulation keeps quantized values in a bf16
 carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
 `lowbit.recipes.recipe.block_stacks`) only each block's input is kept, plus one block's
 activations recomputed during its backward. Not modelled: transient workspace (the logits'
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -60,6 +62,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
+from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
@@ -186,7 +189,7 @@ def _layer_input_bytes(recipe: Recipe, name: str, hp_bytes: int) -> tuple[float,
     return (x_bits / 8 if reuse_x else hp_bytes), (w_bits / 8 if reuse_w else 0.0), reuse_x
 
 
-def _as_in_a_real_run() -> contextlib.ExitStack:
+def _as_in_a_real_run(grouped_linear=None) -> contextlib.ExitStack:
     """A context in which transformers decides as it does on real tensors where it would read
     values that fake tensors do not have, or pick a kernel fake tensors refuse:
 
@@ -199,6 +202,8 @@ def _as_in_a_real_run() -> contextlib.ExitStack:
       (a layer's input and expert weights) and has a fake kernel for every dtype.
 
     Each patch applies only where this transformers has the function (older ones do neither).
+    ``grouped_linear(original, *args, **kwargs)``, if given, wraps each grouped expert GEMM (the
+    trace's accounting of converted experts).
     """
     from transformers import masking_utils
 
@@ -213,6 +218,10 @@ def _as_in_a_real_run() -> contextlib.ExitStack:
         return stack
     if hasattr(moe, "_can_use_grouped_mm"):
         stack.enter_context(mock.patch.object(moe, "_can_use_grouped_mm", lambda *a, **k: False))
+    if grouped_linear is not None and hasattr(moe, "_grouped_linear"):
+        original = moe._grouped_linear
+        wrapped = functools.partial(grouped_linear, original)
+        stack.enter_context(mock.patch.object(moe, "_grouped_linear", wrapped))
     return stack
 
 
@@ -265,7 +274,7 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
     hp_bytes = _bytes(recipe.autocast or recipe.param_dtype)
     seen = {p.untyped_storage()._cdata for p in model.parameters()}
     trace = Trace()
-    where: dict = {"block": None, "converted": False}
+    where: dict = {"block": None, "converted": False, "experts": None}
 
     def count(nbytes: float, temporary: bool = False) -> None:
         if temporary:
@@ -313,19 +322,47 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
     def leave_block(module, args, output):
         where["block"] = None
 
+    def enter_experts(name: str):
+        def hook(module, args):
+            where["experts"] = name
+
+        return hook
+
+    def leave_experts(module, args, output):
+        where["experts"] = None
+
+    def grouped_linear(original, x, weight, *args, **kwargs):
+        """A converted mixture-of-experts layer's grouped GEMM (every expert's at once): its
+        input and weights as the layer keeps them (`lowbit.nn.experts`), not as the op saves."""
+        if where["experts"] is None:
+            return original(x, weight, *args, **kwargs)
+        x_bytes, w_bytes, _ = _layer_input_bytes(recipe, where["experts"], hp_bytes)
+        count(x_bytes * x.numel())  # each expert GEMM's own input, quantized or not
+        count(w_bytes * weight.numel(), temporary=True)
+        where["converted"] = True
+        try:
+            return original(x, weight, *args, **kwargs)
+        finally:
+            where["converted"] = False
+
     handles = []
     for name, module in model.named_modules():
-        spec, _ = recipe.layer_for(name) if is_linear(module) else (None, "")
+        if is_experts(module):
+            spec, _ = recipe.layer_for(name)
+            enter, leave = enter_experts(name), leave_experts
+        else:
+            spec, _ = recipe.layer_for(name) if is_linear(module) else (None, "")
+            enter, leave = enter_converted(name), leave_converted
         if spec is not None and not spec.is_identity:
-            handles.append(module.register_forward_pre_hook(enter_converted(name)))
-            handles.append(module.register_forward_hook(leave_converted))
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
     for name, block in _blocks(model).items():
         handles.append(block.register_forward_pre_hook(enter_block(name), with_kwargs=True))
         handles.append(block.register_forward_hook(leave_block))
     model.train()
     try:
         with (
-            _as_in_a_real_run(),
+            _as_in_a_real_run(grouped_linear),
             _quiet_fake_tensor_errors(),
             mode,
             torch.autocast("cpu", dtype=dtype_of(recipe.autocast), enabled=autocast),

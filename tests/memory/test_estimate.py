@@ -202,6 +202,30 @@ def test_checkpointed_estimate_is_the_checkpointed_run_plus_one_block(recipe):
         assert kept.temporaries > 0 and one_block_copies > 0  # the head's copy; a block's
 
 
+def test_converted_experts_keep_quantized_inputs_and_weights(tmp_path):
+    # fp8-tensorwise converts every expert GEMM (lowbit.nn.experts): each keeps its input and
+    # weight in fp8, 1 byte a value, where the same layer kept in high precision saves its
+    # inputs in fp32 and makes no weight copy (transformers' grouped GEMM is not autocast's).
+    from lowbit.recipes import get_recipe
+    from lowbit.recipes.recipe import Override
+
+    path = _family_config(tmp_path, "mixtral")
+    converted = estimate(path, "fp8-tensorwise", "fp32", 2, 32)
+    kept = get_recipe("fp8-tensorwise").with_overrides(Override("*.experts", None, "kept"))
+    kept = estimate(path, kept, "fp32", 2, 32)
+    mixtral = FAMILIES["mixtral"]
+    experts = 3 * mixtral["hidden_size"] * mixtral["intermediate_size"]  # up (2 I x H), down
+    weights = mixtral["num_hidden_layers"] * mixtral["num_local_experts"] * experts
+    assert converted.temporaries - kept.temporaries == weights
+    routed = 2 * 32 * mixtral["num_experts_per_tok"]  # (token, expert) rows per layer
+    inputs = (
+        mixtral["num_hidden_layers"]
+        * routed
+        * (mixtral["hidden_size"] + mixtral["intermediate_size"])
+    )
+    assert kept.activations - converted.activations == (4 - 1) * inputs
+
+
 def test_fp16_recipes_are_estimated_as_a_gpu_runs_them():
     # On a GPU fp16 autocast (or fp16 parameters) computes the GEMMs; the CPU's fp16 emulation
     # layers are not part of the estimate: 16-bit activations and copies cost what bf16's do.
