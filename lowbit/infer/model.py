@@ -17,6 +17,7 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
+from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
 PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
@@ -74,6 +75,8 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
             report.kept[name] = "convolutions are not quantized"
         elif isinstance(module, torch.nn.Embedding):
             report.kept[name] = "embedding lookups stay in their dtype"
+        elif is_experts(module):
+            report.kept[name] = "mixture-of-experts weights (3-D) are not quantized yet"
     return report
 
 
