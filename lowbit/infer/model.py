@@ -1,4 +1,5 @@
-"""Whole-model steps: swap every linear layer for a `QuantLinear`, or prune it by magnitude.
+"""Whole-model steps: swap every linear layer for a `QuantLinear` (and every mixture-of-experts
+layer for a `QuantExperts`), or prune it by magnitude.
 
 Both walk the module tree post-order and touch linear layers only (`lowbit.nn.layer_kinds`:
 ``nn.Linear``, Falcon's linear layers, and transformers' ``Conv1D``, GPT-2's projections, whose
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.infer.experts import KINDS, QuantExperts, expert_linears
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
 from lowbit.nn.experts import is_experts
@@ -65,18 +67,23 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
             f"the model ({type(model).__name__}) has no linear layer to quantize; fix: quantize "
             "a transformer run (causal-lm or token-classification)"
         )
+    experts = [item for item in _layers(model) if is_experts(item[3])]
+    for _, _, name, layer in experts:
+        for kind in KINDS:
+            check_divides(recipe, f"{name} ({kind})", expert_linears(layer, kind)[0].in_features)
     for parent, child_name, name, layer in linears:
         quantized = QuantLinear.from_linear(as_linear(layer), recipe)
         quantized.dense_type = type(layer)
         setattr(parent, child_name, quantized)
         report.changed[name] = recipe.describe()
+    for parent, child_name, name, layer in experts:
+        setattr(parent, child_name, QuantExperts(layer, recipe))
+        report.changed[name] = f"{recipe.describe()} ({layer.num_experts} experts)"
     for _, _, name, module in _layers(model):
         if isinstance(module, torch.nn.Conv2d):
             report.kept[name] = "convolutions are not quantized"
         elif isinstance(module, torch.nn.Embedding):
             report.kept[name] = "embedding lookups stay in their dtype"
-        elif is_experts(module):
-            report.kept[name] = "mixture-of-experts weights (3-D) are not quantized yet"
     return report
 
 
@@ -84,7 +91,10 @@ def shell_model(model: torch.nn.Module, recipe: QuantRecipe, names) -> None:
     """Replace the named linear layers by empty `QuantLinear`s (to load stored tensors into)."""
     wanted = set(names)
     for parent, child_name, name, layer in _layers(model):
-        if name in wanted and is_linear(layer):
+        if name in wanted and is_experts(layer):
+            setattr(parent, child_name, QuantExperts(layer, recipe, shell=True))
+            wanted.discard(name)
+        elif name in wanted and is_linear(layer):
             linear = as_linear(layer)
             shell = QuantLinear(
                 linear.in_features, linear.out_features, recipe, linear.bias is not None
@@ -112,7 +122,11 @@ def set_kernel(model: torch.nn.Module, kernel: str) -> None:
 
 def dequantize_model(model: torch.nn.Module) -> None:
     """Replace every `QuantLinear` by the kind of layer it replaced (``nn.Linear``, Falcon's, or a
-    ``Conv1D`` with its weight stored in x out) holding its dequantized fp32 weight."""
+    ``Conv1D`` with its weight stored in x out) holding its dequantized fp32 weight, and every
+    `QuantExperts` by the experts module it replaced, holding its dequantized matrices."""
+    for parent, child_name, _, layer in _layers(model):
+        if isinstance(layer, QuantExperts):
+            setattr(parent, child_name, layer.dense())
     for parent, child_name, _, layer in _layers(model):
         if isinstance(layer, QuantLinear):
             device = layer.qweight.device
@@ -166,6 +180,8 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
             raise UsageError(
                 f"{name} is already quantized; fix: prune the unquantized run, then quantize"
             )
+        if is_experts(layer):
+            report.kept[name] = "mixture-of-experts weights are not pruned"
         if not is_linear(layer):
             continue
         layer = as_linear(layer)

@@ -39,6 +39,48 @@ def is_experts(module: torch.nn.Module) -> bool:
     return all(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in (up, down))
 
 
+def route(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    expert,
+    norm=None,
+    every_expert: bool = False,
+) -> torch.Tensor:
+    """A mixture-of-experts layer's output, as transformers' grouped implementation computes it:
+    the (token, chosen expert) rows sorted by expert, ``expert(e, rows)`` on each expert's rows,
+    the optional ``norm`` of every result, weighted by the router, back in token order, summed
+    over each token's experts.
+
+    ``every_expert``: also call ``expert`` for an expert no row chose, on one row of zeros (that
+    needs a gradient as real rows do), kept in the graph as an empty slice, so that its backward
+    runs too: data-parallel ranks route their own tokens but must run the same quantizations, whose
+    amaxes they all-reduce (a zero row's amax 0 leaves the agreed maximum as it is; its gradients
+    are zero)."""
+    top_k = top_k_index.shape[-1]
+    expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    routed = hidden_states[order // top_k]  # one row per (token, chosen expert), by expert
+    counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
+    outputs = []
+    for e, rows in enumerate(routed.split(counts)):
+        idle = rows.shape[0] == 0
+        if idle and not every_expert:
+            continue
+        if idle:
+            rows = routed.new_zeros(1, routed.shape[-1]).requires_grad_(routed.requires_grad)
+        out = expert(e, rows)
+        outputs.append(out[:0] if idle else out)
+    out = torch.cat(outputs)
+    if norm is not None:
+        out = norm(out)
+    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    out = out[inverse].view(-1, top_k, out.shape[-1]).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
 class LowbitExpertGemm(LowbitModule):
     """One expert's projection inside a `LowbitExperts`: its numerics state only (the weight is a
     slice of the experts' 3-D Parameter, which the parent holds)."""
@@ -106,41 +148,23 @@ class LowbitExperts(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        top_k = top_k_index.shape[-1]
-        expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
-        routed = hidden_states[order // top_k]  # one row per (token, chosen expert), by expert
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
         up_weights, down_weights = self._weights(self.up_name), self._weights("down_proj")
         up_bias = getattr(self, f"{self.up_name}_bias", None) if self.has_bias else None
         down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
-        # Data-parallel ranks agree on scales by all-reducing amaxes in every quantization
-        # (`lowbit.nn.operand.ScaleAgreement`), so each rank must run every expert's GEMMs, also
-        # one its own tokens skip: it runs that expert on a row of zeros (amax 0, which leaves the
-        # agreed max as it is, and zero gradients), kept in the graph as an empty slice so that
-        # its backward, and the backward's all-reduces, run too.
-        every_expert = scale_agreement().active
-        outputs = []
-        for e, rows in enumerate(routed.split(counts)):
-            idle = rows.shape[0] == 0
-            if idle and not every_expert:
-                continue
-            if idle:  # needing a gradient as real rows do: the backward runs the same GEMMs
-                rows = routed.new_zeros(1, routed.shape[-1]).requires_grad_(routed.requires_grad)
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             h = self.gemms["up"][e](rows, up_weights[e], None if up_bias is None else up_bias[e])
             h = self.experts._apply_gate(h) if self.has_gate else self.experts.act_fn(h)
             bias = None if down_bias is None else down_bias[e]
-            h = self.gemms["down"][e](h, down_weights[e], bias)
-            outputs.append(h[:0] if idle else h)
-        out = torch.cat(outputs)
-        if self.has_post_expert_norm:
-            out = self.post_expert_norm(out)
-        # Weighted by the router, back in token order, summed over each token's experts: as
-        # transformers' grouped implementation does it.
-        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        out = out[inverse].view(-1, top_k, out.shape[-1]).sum(dim=1)
-        return out.to(hidden_states.dtype)
+            return self.gemms["down"][e](h, down_weights[e], bias)
+
+        # Data-parallel ranks agree on scales by all-reducing amaxes in every quantization
+        # (`lowbit.nn.operand.ScaleAgreement`), so each rank runs every expert's GEMMs.
+        every_expert = scale_agreement().active
+        norm = self.post_expert_norm if self.has_post_expert_norm else None
+        return route(
+            hidden_states, top_k_index, top_k_weights, self.num_experts, expert, norm, every_expert
+        )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, {self.spec.describe()}"

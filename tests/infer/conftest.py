@@ -43,3 +43,16 @@ def gpt2_run(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
     settings = {"steps": 6, "seq_len": 32, "batch_size": 8, "eval_batches": 2}
     return _train(folder / "run", model=str(folder / "gpt2"), **settings)
+
+
+@pytest.fixture(scope="session")
+def mixtral_run(tmp_path_factory):
+    """A 2-layer Mixtral (4 experts of 3-D weights, top-2) trained a few steps in fp8-tensorwise."""
+    from tests.moe import mixtral
+
+    folder = tmp_path_factory.mktemp("infer")
+    mixtral(max_position_embeddings=64).save_pretrained(folder / "mixtral")
+    settings = {"steps": 4, "seq_len": 32, "batch_size": 8, "eval_batches": 2}
+    return _train(
+        folder / "run", model=str(folder / "mixtral"), recipe="fp8-tensorwise", **settings
+    )

@@ -1,0 +1,95 @@
+"""`QuantExperts`: a mixture-of-experts layer whose expert matrices are stored quantized.
+
+transformers keeps a layer's experts as 3-D Parameters (`lowbit.nn.experts`); quantized, each
+expert's up and down projection becomes its own `QuantLinear` (``up.<e>``, ``down.<e>``: one scale
+per row or group, as for any linear layer), and tokens are routed as in training
+(`lowbit.nn.experts.route`). `dense` writes the dequantized matrices back into the original module
+(3-D, in its own layout), which is how `lowbit export` hands a quantized MoE model to transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.infer.modules import QuantLinear
+from lowbit.infer.quant import QuantRecipe
+from lowbit.nn.experts import route
+
+KINDS = ("up", "down")
+
+
+def _up_name(experts: torch.nn.Module) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
+def expert_linears(experts: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
+    """Each expert's ``kind`` projection as an ``nn.Linear`` (out x in) whose weight and bias are
+    views of the 3-D Parameters, no copy (as `lowbit.nn.layer_kinds.as_linear` views a Conv1D)."""
+    name = _up_name(experts) if kind == "up" else "down_proj"
+    weights = getattr(experts, name).detach()
+    biases = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
+    out = []
+    for e in range(experts.num_experts):
+        w = weights[e].t() if experts.is_transposed else weights[e]
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=biases is not None, device="meta")
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        if biases is not None:
+            linear.bias = torch.nn.Parameter(biases[e].detach(), requires_grad=False)
+        out.append(linear)
+    return out
+
+
+class QuantExperts(torch.nn.Module):
+    """Drop-in for a transformers experts module, every expert projection a `QuantLinear`."""
+
+    def __init__(self, experts: torch.nn.Module, recipe: QuantRecipe, shell: bool = False):
+        """``shell``: empty `QuantLinear`s, to load a quantized checkpoint's tensors into."""
+        super().__init__()
+        self.num_experts = experts.num_experts
+        self.has_gate = experts.has_gate
+        # The original module computes the gate (`_apply_gate`) and the activation, and takes the
+        # dequantized matrices back (`dense`); held outside the module tree, so that its dense
+        # Parameters are not saved with the quantized ones.
+        self.__dict__["experts"] = experts
+        if getattr(experts, "has_post_expert_norm", False):
+            self.post_expert_norm = experts.post_expert_norm
+        for kind in KINDS:
+            layers = []
+            for linear in expert_linears(experts, kind):
+                if shell:
+                    layer = QuantLinear(
+                        linear.in_features, linear.out_features, recipe, linear.bias is not None
+                    )
+                else:
+                    layer = QuantLinear.from_linear(linear, recipe)
+                layers.append(layer.to(experts.down_proj.device))
+            setattr(self, kind, torch.nn.ModuleList(layers))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            h = self.up[e](rows)
+            h = self.experts._apply_gate(h) if self.has_gate else self.experts.act_fn(h)
+            return self.down[e](h)
+
+        norm = getattr(self, "post_expert_norm", None)
+        return route(hidden_states, top_k_index, top_k_weights, self.num_experts, expert, norm)
+
+    def dense(self) -> torch.nn.Module:
+        """The original experts module holding the dequantized matrices (fp32, its layout)."""
+        experts = self.experts
+        with torch.no_grad():
+            for kind in KINDS:
+                name = _up_name(experts) if kind == "up" else "down_proj"
+                weights = torch.stack([q.dequantized_weight() for q in getattr(self, kind)])
+                if experts.is_transposed:
+                    weights = weights.transpose(1, 2)
+                getattr(experts, name).data = weights.contiguous()
+                if experts.has_bias:
+                    bias = torch.stack([q.bias.detach() for q in getattr(self, kind)])
+                    getattr(experts, f"{name}_bias").data = bias
+        return experts
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, {self.up[0].recipe.describe()}"
