@@ -77,6 +77,20 @@ def test_gpt2_conv1d_layers_train_on_cuda_as_on_the_cpu(tmp_path, recipe):
     assert gpu.final_metrics["loss"] == pytest.approx(cpu.final_metrics["loss"], rel=0.01)
 
 
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "mxfp8", "nvfp4"])
+def test_mixture_of_experts_layers_train_on_cuda_as_on_the_cpu(tmp_path, recipe):
+    # Mixtral's experts (3-D Parameters): one low-precision layer per expert GEMM, tokens routed
+    # by counts read back from the device (lowbit.nn.experts).
+    from tests.moe import mixtral
+
+    mixtral(num_hidden_layers=3, max_position_embeddings=64).save_pretrained(tmp_path / "moe")
+    settings = {"recipe": recipe, "model": str(tmp_path / "moe")}
+    cpu = train(config(tmp_path / "cpu", "causal-lm", "cpu", **settings), quiet=True)
+    gpu = train(config(tmp_path / "gpu", "causal-lm", GPU, **settings), quiet=True)
+    assert gpu.final_metrics["loss"] < 0.9 * gpu.start_metrics["loss"]
+    assert gpu.final_metrics["loss"] == pytest.approx(cpu.final_metrics["loss"], rel=0.01)
+
+
 @pytest.fixture
 def deterministic():
     """cuBLAS and PyTorch's CUDA kernels in their deterministic modes (tests/gpu/conftest.py sets
