@@ -243,6 +243,21 @@ def tensor_bytes(model, optimizer, precision) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _progress_bars_off(off: bool):
+    """transformers' progress bars off within (a quiet run, a rank other than the first)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if off and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off and was_on:
+            hf_logging.enable_progress_bar()
+
+
 class Trainer:
     """A run being trained: task, model, precision, optimizer, and the step counter."""
 
@@ -258,7 +273,8 @@ class Trainer:
         self.device = self.dist.device(resolve_device(config.device))
         recipe = recipe_of(config)
         seed_everything(config.seed)
-        self.task = build_task(config)
+        with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
+            self.task = build_task(config)
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would

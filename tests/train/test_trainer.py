@@ -312,3 +312,12 @@ def test_a_mixture_of_experts_checkpoint_trains_and_resumes_bit_identically(tiny
     resumed = train(run, resume=True, quiet=True)
     assert resumed.train_loss == straight.train_loss
     assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
+
+
+def test_a_quiet_run_prints_no_progress_bar_of_transformers(tiny_config, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=257, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    train(tiny_config(model=str(tmp_path / "gpt2"), steps=1), quiet=True)
+    assert "Loading weights" not in capsys.readouterr().err  # compare's runs, other ranks
