@@ -13,19 +13,13 @@ import torch
 
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe
-from lowbit.nn.experts import route
-
-KINDS = ("up", "down")
-
-
-def _up_name(experts: torch.nn.Module) -> str:
-    return "gate_up_proj" if experts.has_gate else "up_proj"
+from lowbit.nn.experts import GEMM_KINDS, matrix_name, route
 
 
 def expert_linears(experts: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
     """Each expert's ``kind`` projection as an ``nn.Linear`` (out x in) whose weight and bias are
     views of the 3-D Parameters, no copy (as `lowbit.nn.layer_kinds.as_linear` views a Conv1D)."""
-    name = _up_name(experts) if kind == "up" else "down_proj"
+    name = matrix_name(experts, kind)
     weights = getattr(experts, name).detach()
     biases = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
     out = []
@@ -53,7 +47,7 @@ class QuantExperts(torch.nn.Module):
         self.__dict__["experts"] = experts
         if getattr(experts, "has_post_expert_norm", False):
             self.post_expert_norm = experts.post_expert_norm
-        for kind in KINDS:
+        for kind in GEMM_KINDS:
             layers = []
             for linear in expert_linears(experts, kind):
                 if shell:
@@ -80,8 +74,8 @@ class QuantExperts(torch.nn.Module):
         """The original experts module holding the dequantized matrices (fp32, its layout)."""
         experts = self.experts
         with torch.no_grad():
-            for kind in KINDS:
-                name = _up_name(experts) if kind == "up" else "down_proj"
+            for kind in GEMM_KINDS:
+                name = matrix_name(experts, kind)
                 weights = torch.stack([q.dequantized_weight() for q in getattr(self, kind)])
                 if experts.is_transposed:
                     weights = weights.transpose(1, 2)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.infer.experts import KINDS, QuantExperts, expert_linears
+from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
-from lowbit.nn.experts import is_experts
+from lowbit.nn.experts import GEMM_KINDS, is_experts
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
 PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
@@ -69,7 +69,7 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
         )
     experts = [item for item in _layers(model) if is_experts(item[3])]
     for _, _, name, layer in experts:
-        for kind in KINDS:
+        for kind in GEMM_KINDS:
             check_divides(recipe, f"{name} ({kind})", expert_linears(layer, kind)[0].in_features)
     for parent, child_name, name, layer in linears:
         quantized = QuantLinear.from_linear(as_linear(layer), recipe)

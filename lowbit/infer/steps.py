@@ -35,7 +35,7 @@ class StepResult:
 
 def _linear_bytes(model) -> int:
     from lowbit.infer.model import quant_layers
-    from lowbit.nn.experts import is_experts
+    from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
     from lowbit.nn.layer_kinds import is_linear
 
     total = 0
@@ -43,8 +43,8 @@ def _linear_bytes(model) -> int:
         if is_linear(module):
             total += module.weight.numel() * module.weight.element_size()
         elif is_experts(module):  # each expert's matrices are linear layers' weights too
-            for kind in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"):
-                weight = getattr(module, kind)
+            for kind in GEMM_KINDS:
+                weight = getattr(module, matrix_name(module, kind))
                 total += weight.numel() * weight.element_size()
     for layer in quant_layers(model).values():
         total += sum(t.numel() * t.element_size() for t in layer.stored().values())

@@ -24,17 +24,22 @@ from lowbit.recipes.recipe import LayerSpec
 # What the decorator sets on an experts module, and which of its Parameters the GEMMs read.
 _LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed")
 _OPTIONAL = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias", "post_expert_norm")
-GEMM_KINDS = (
-    "up",
-    "down",
-)  # each expert's projections; a GEMM is named `<experts>.gemms.<kind>.<e>`
+# Each expert's two projections; one expert's GEMM is named `<experts>.gemms.<kind>.<expert>`.
+GEMM_KINDS = ("up", "down")
+
+
+def matrix_name(experts: torch.nn.Module, kind: str) -> str:
+    """The 3-D Parameter of an experts module that holds every expert's ``kind`` matrix."""
+    if kind == "down":
+        return "down_proj"
+    return "gate_up_proj" if experts.has_gate else "up_proj"
 
 
 def is_experts(module: torch.nn.Module) -> bool:
     """A transformers experts module of 3-D expert weights (``use_experts_implementation``)."""
     if not all(hasattr(module, name) for name in _LAYOUT):
         return False
-    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    up = getattr(module, matrix_name(module, "up"), None)
     down = getattr(module, "down_proj", None)
     return all(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in (up, down))
 
@@ -112,7 +117,7 @@ class LowbitExperts(torch.nn.Module):
         """``spec`` for every expert GEMM, except those ``gemm_specs`` names by ``(kind,
         expert)``, kind ``up`` or ``down`` (per-GEMM overrides, `lowbit.convert`)."""
         super().__init__()
-        self.up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        self.up_name = matrix_name(experts, "up")
         for name in (self.up_name, "down_proj", *_OPTIONAL):
             value = getattr(experts, name, None)
             if value is not None:
