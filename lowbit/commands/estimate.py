@@ -6,7 +6,7 @@ import argparse
 
 from lowbit.errors import UsageError
 from lowbit.memory.breakdown import human
-from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, SHARDING, estimate, fits
+from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, SHARDING, TASKS, estimate, fits
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
 from lowbit.recipes import get_recipe
@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer-state",
         default="fp32",
         help=f"Adam state precision: {', '.join(STATE_PRECISIONS)}",
+    )
+    parser.add_argument(
+        "--task",
+        default="causal-lm",
+        help=f"{' or '.join(TASKS)} (token classification: an encoder's config.json or folder)",
     )
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--seq", type=int, default=1024, help="sequence length")
@@ -67,6 +72,7 @@ def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
             gpus=args.gpus,
             sharding=args.sharding,
             activation_checkpointing=args.activation_checkpointing,
+            task=args.task,
         )
         out.append((gib, capacity, largest))
     return out
@@ -74,7 +80,8 @@ def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
 
 def _settings(args, num_params: int) -> str:
     return (
-        f"model {args.model}: {num_params:,} parameters; {args.optimizer_state} optimizer states; "
+        f"model {args.model} ({args.task}): {num_params:,} parameters; "
+        f"{args.optimizer_state} optimizer states; "
         f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), sharding {args.sharding}"
         + ("; activation checkpointing" if args.activation_checkpointing else "")
     )
@@ -87,6 +94,7 @@ def compare_recipes(args, names: list[str]) -> int:
         gpus=args.gpus,
         sharding=args.sharding,
         activation_checkpointing=args.activation_checkpointing,
+        task=args.task,
     )
     rows = [
         (name, estimate(args.model, name, args.optimizer_state, args.batch, args.seq, **kw))
@@ -119,7 +127,7 @@ def run(args) -> int:
     names = _recipes(args.recipe)
     if len(names) > 1:
         return compare_recipes(args, names)
-    kw = dict(gpus=args.gpus, sharding=args.sharding)
+    kw = dict(gpus=args.gpus, sharding=args.sharding, task=args.task)
     without = estimate(args.model, args.recipe, args.optimizer_state, args.batch, args.seq, **kw)
     with_ckpt = estimate(
         args.model,

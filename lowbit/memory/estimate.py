@@ -69,6 +69,7 @@ from lowbit.recipes import Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.recipe import DTYPES, block_of, block_stacks, dtype_of
 
 SHARDING = ("none", "fsdp")
+TASKS = ("causal-lm", "token-classification")  # the trainer's tasks whose models the trace builds
 # Nominal memory of common accelerators, GiB: RTX 4090 / A10 (24), A100-40GB (40),
 # A100/H100-80GB (80), H200 (141).
 ACCELERATORS_GIB = (24, 40, 80, 141)
@@ -89,7 +90,7 @@ class ModelShape:
         return sum(self.param_numels)
 
 
-def _load_config(config_or_size):
+def _load_config(config_or_size, task: str = "causal-lm"):
     from transformers import AutoConfig, PretrainedConfig
 
     from lowbit.models import list_sizes, model_config
@@ -98,6 +99,11 @@ def _load_config(config_or_size):
         return config_or_size, getattr(config_or_size, "name_or_path", "") or "config"
     text = str(config_or_size)
     if text in list_sizes():
+        if task != "causal-lm":
+            raise UsageError(
+                f"the named sizes are causal LMs; fix: give the {task} model's config.json "
+                "or checkpoint folder"
+            )
         return model_config(text), text
     path = Path(text)
     if path.is_dir():
@@ -118,24 +124,29 @@ def _load_config(config_or_size):
     return config, str(path)
 
 
-def _causal_lm(config, name: str, dtype: torch.dtype = torch.float32):
-    """The causal LM of ``config`` with parameters in ``dtype`` (on fake tensors inside a
-    ``FakeTensorMode``), with SDPA attention where the architecture has it, as `lowbit train` loads
-    it. ``config`` itself is left as it was (transformers writes the dtype into it)."""
-    from transformers import AutoModelForCausalLM
+def _build(config, name: str, dtype: torch.dtype, task: str):
+    """The ``task``'s model of ``config`` (``AutoModelForCausalLM``, or
+    ``AutoModelForTokenClassification`` with the config's labels) with parameters in ``dtype``
+    (on fake tensors inside a ``FakeTensorMode``), with SDPA attention where the architecture has
+    it, as `lowbit train` loads it. ``config`` itself is left as it was (transformers writes the
+    dtype into it)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     from lowbit.models.pretrained import with_sdpa
 
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
+
     def build(**kw):  # a fresh copy per attempt: a failed SDPA attempt leaves its choice in it
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, **kw)
+        return auto.from_config(copy.deepcopy(config), dtype=dtype, **kw)
 
     try:
         return with_sdpa(build)
     except ValueError as error:
         first = str(error).splitlines()[0]
+        kind = "causal language model" if task == "causal-lm" else "token-classification"
         raise UsageError(
-            f"{name}: not a causal language model config ({first}); "
-            "fix: give the config.json of a model AutoModelForCausalLM can build"
+            f"{name}: not a {kind} config ({first}); "
+            f"fix: give the config.json of a model {auto.__name__} can build"
         ) from None
     except (AssertionError, TypeError, KeyError, IndexError) as error:  # inconsistent fields
         raise UsageError(
@@ -264,7 +275,23 @@ class Trace:
         )
 
 
-def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Trace:
+def _forward_and_loss(model, task: str, batch: int, seq: int) -> torch.Tensor:
+    """The trainer's forward and loss of ``task`` (`lowbit.train.tasks`) on a batch of zeros."""
+    if task == "causal-lm":
+        windows = torch.zeros(batch, seq + 1, dtype=torch.long)  # as `LMBatches` cuts them
+        ids, labels = windows[:, :-1], windows[:, 1:]
+        logits = model(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    # Token classification: padded sentences with their attention mask (on fake tensors
+    # transformers always builds the mask SDPA then saves; a real batch with padding does too).
+    ids, mask, labels = (torch.zeros(batch, seq, dtype=torch.long) for _ in range(3))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def _trace_activations(
+    model, mode, recipe: Recipe, batch: int, seq: int, task: str = "causal-lm"
+) -> Trace:
     """Run the trainer's forward and loss of ``model`` (built in the fake-tensor ``mode``) for
     ``batch x seq`` tokens with ``recipe``'s parameter dtype and autocast, and sum what it saves
     for the backward (see the module docstring); ``recipe`` resolved for the model's names."""
@@ -368,10 +395,7 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
             torch.autocast("cpu", dtype=dtype_of(recipe.autocast), enabled=autocast),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
-            windows = torch.zeros(batch, seq + 1, dtype=torch.long)  # as `LMBatches` cuts them
-            ids, labels = windows[:, :-1], windows[:, 1:]
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            loss = _forward_and_loss(model, task, batch, seq)
         del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
     except (RuntimeError, NotImplementedError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -388,16 +412,16 @@ def _trace_activations(model, mode, recipe: Recipe, batch: int, seq: int) -> Tra
 _TRACES: dict = {}  # (config, recipe, batch, seq) -> `_traced`'s result; a few KB each
 
 
-def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
+def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str):
     """(`ModelShape`, ``recipe`` resolved for the model's names, `Trace`), remembered: `fits` and
     `lowbit estimate` ask for the same model and batch several times."""
-    key = (config.to_json_string(), name, recipe, batch, seq)
+    key = (config.to_json_string(), name, recipe, batch, seq, task)
     if recipe.emulate_fp16_gemms_on_cpu:  # a GPU computes these GEMMs in fp16 natively
         recipe = replace(recipe, layer=None)  # (autocast, or fp16 parameters), as `Precision`
     if key not in _TRACES:
         mode = FakeTensorMode()
         with mode:
-            model = _causal_lm(config, name, dtype_of(recipe.param_dtype))
+            model = _build(config, name, dtype_of(recipe.param_dtype), task)
         shape = _shape(model, config, name)
         if shape.max_positions and seq > shape.max_positions:
             raise UsageError(
@@ -407,7 +431,8 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int):
         resolved = recipe.resolved_for(n for n, _ in model.named_modules())
         if len(_TRACES) >= 32:
             _TRACES.clear()
-        _TRACES[key] = (shape, resolved, _trace_activations(model, mode, resolved, batch, seq))
+        trace = _trace_activations(model, mode, resolved, batch, seq, task)
+        _TRACES[key] = (shape, resolved, trace)
     return _TRACES[key]
 
 
@@ -420,20 +445,23 @@ def estimate(
     gpus: int = 1,
     sharding: str = "none",
     activation_checkpointing: bool = False,
+    task: str = "causal-lm",
 ) -> Breakdown:
     """Memory per device of training ``config_or_size`` (named size, config.json, or a
     ``PretrainedConfig``) with ``recipe``, Adam states in ``state_precision_name``, micro-batch
-    ``batch`` x ``seq`` tokens per device. See the module docstring for the model."""
+    ``batch`` x ``seq`` tokens per device, for ``task`` (`TASKS`). See the module docstring for
+    the model."""
     recipe = get_recipe(recipe)
     precision = state_precision(state_precision_name)
     choose("sharding", sharding, SHARDING)
+    choose("task", task, TASKS)
     if batch < 1 or seq < 1 or gpus < 1:
         raise UsageError(
             f"batch, seq and gpus must be at least 1 (got {batch}, {seq}, {gpus}); fix: raise them"
         )
     if sharding == "fsdp" and gpus == 1:
         sharding = "none"
-    shape, recipe, trace = _traced(*_load_config(config_or_size), recipe, batch, seq)
+    shape, recipe, trace = _traced(*_load_config(config_or_size, task), recipe, batch, seq, task)
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
     out = Breakdown(num_params=n)

@@ -547,8 +547,8 @@ class Trainer:
         """The live run's memory by component (tensor accounting) beside the estimator's figure.
 
         Activations are the bytes saved for backward by one extra forward of ``batch``; the
-        estimate exists for causal LMs (other tasks, and architectures whose forward cannot be
-        traced on fake tensors: live only).
+        estimate exists for causal LMs and token classifiers (the CNN, and architectures whose
+        forward cannot be traced on fake tensors: live only).
         """
         from lowbit.memory import estimate, measure, measure_activations
 
@@ -559,12 +559,17 @@ class Trainer:
         live = measure(self.model, self.optimizer, self.precision)
         saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
-        if self.config.task != "causal-lm":
+        if self.config.task not in ("causal-lm", "token-classification"):
             return live.table()
         c = self.config
         try:
             planned = estimate(
-                self.model.config, self.precision.recipe, c.optimizer_state, c.batch_size, c.seq_len
+                self.model.config,
+                self.precision.recipe,
+                c.optimizer_state,
+                c.batch_size,
+                c.seq_len,
+                task=c.task,
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
             return live.table()

@@ -56,3 +56,18 @@ def test_estimate_recipe_list_errors_exit_2(capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
     assert main(["estimate", "--model", "tiny", "--recipe", "fp32,fp32"]) == 2
     assert "listed twice" in capsys.readouterr().err
+
+
+def test_estimate_a_token_classifier(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,'
+        ' "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100, "num_labels": 9}'
+    )
+    argv = ["estimate", "--model", str(config), "--task", "token-classification", "--seq", "64"]
+    assert main(argv) == 0
+    assert "(token-classification)" in capsys.readouterr().out
+    assert main(["estimate", "--model", "tiny", "--task", "token-classification"]) == 2
+    assert "named sizes are causal LMs" in capsys.readouterr().err
+    assert main(["estimate", "--model", "tiny", "--task", "vision"]) == 2
+    assert "causal-lm, token-classification" in capsys.readouterr().err

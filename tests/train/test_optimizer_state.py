@@ -25,3 +25,15 @@ def test_optimizer_state_precision_is_used_and_memory_matches_the_estimate(tiny_
 def test_unknown_optimizer_state_lists_the_valid_ones(tiny_config):
     with pytest.raises(UsageError, match="valid optimizer state precisions: fp32, bf16"):
         train(tiny_config(steps=1, optimizer_state="fp2"), quiet=True)
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("task", ["causal-lm", "token-classification"])
+def test_a_runs_activations_are_the_estimate_to_the_byte(tiny_config, task, recipe):
+    # the estimator traces the task's forward and loss on fake tensors (lowbit.memory.estimate)
+    result = train(tiny_config(task, steps=2, eval_interval=2, recipe=recipe), quiet=True)
+    rows = {line.split()[0]: line.split() for line in result.extra["memory_table"].splitlines()}
+    for component in ("activations", "temporary"):
+        # ... estimate, its size and unit, bytes per parameter, measured, its size and unit
+        estimated, measured = rows[component][-7], rows[component][-3]
+        assert estimated == measured, rows[component]
