@@ -79,8 +79,9 @@ def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
 
 
 def _settings(args, num_params: int) -> str:
+    task = "" if args.task == "causal-lm" else f" ({args.task})"
     return (
-        f"model {args.model} ({args.task}): {num_params:,} parameters; "
+        f"model {args.model}{task}: {num_params:,} parameters; "
         f"{args.optimizer_state} optimizer states; "
         f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), sharding {args.sharding}"
         + ("; activation checkpointing" if args.activation_checkpointing else "")
