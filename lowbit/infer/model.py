@@ -19,7 +19,7 @@ from lowbit.errors import UsageError
 from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
-from lowbit.nn.experts import GEMM_KINDS, is_experts
+from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
 PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
@@ -168,39 +168,44 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float | None = None, pattern=
 
 
 def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=None) -> LayerReport:
-    """Zero the smallest weights of every linear layer but the output head, in place."""
+    """Zero the smallest weights of every linear layer but the output head, in place (each
+    expert's matrices of a mixture-of-experts layer as linear layers of their own)."""
     if (sparsity is None) == (pattern is None):
         raise UsageError("give one of --sparsity S or --pattern N:M")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
     report = LayerReport()
-    linears = []
+    linears = []  # (name, [the layer's matrices as linear layers: one, or one per expert GEMM])
     for _, _, name, layer in _layers(model):
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, QuantLinear | QuantExperts):
             raise UsageError(
                 f"{name} is already quantized; fix: prune the unquantized run, then quantize"
             )
-        if is_experts(layer):
-            report.kept[name] = "mixture-of-experts weights are not pruned"
-        if not is_linear(layer):
+        if is_experts(layer):  # each expert's matrices, views of the 3-D Parameters
+            matrices = [m for kind in GEMM_KINDS for m in expert_linears(layer, kind)]
+        elif is_linear(layer):
+            matrices = [as_linear(layer)]
+        else:
             continue
-        layer = as_linear(layer)
         if name.split(".")[-1] in PRUNE_SKIP:
             report.kept[name] = "output head kept dense"
             continue
-        if pattern is not None and layer.in_features % pattern[1]:
-            raise UsageError(
-                f"{pattern[0]}:{pattern[1]} needs in-features divisible by {pattern[1]}; {name} "
-                f"has {layer.in_features}; fix: use --sparsity instead"
-            )
-        linears.append((name, layer))
+        for matrix in matrices:
+            if pattern is not None and matrix.in_features % pattern[1]:
+                raise UsageError(
+                    f"{pattern[0]}:{pattern[1]} needs in-features divisible by {pattern[1]}; "
+                    f"{name} has {matrix.in_features}; fix: use --sparsity instead"
+                )
+        linears.append((name, matrices))
     if not linears:
         raise UsageError("the model has no linear layer to prune; fix: prune a transformer run")
-    for name, layer in linears:
-        mask = magnitude_mask(layer.weight, sparsity, pattern)
-        layer.weight.data.mul_(mask.to(layer.weight.dtype))
-        zero = 1 - mask.float().mean().item()
-        report.changed[name] = f"{zero:.1%} zeros"
+    for name, matrices in linears:
+        zeros = total = 0
+        for matrix in matrices:
+            mask = magnitude_mask(matrix.weight, sparsity, pattern)
+            matrix.weight.data.mul_(mask.to(matrix.weight.dtype))
+            zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+        report.changed[name] = f"{zeros / total:.1%} zeros"
     return report
 
 
@@ -215,10 +220,16 @@ def parse_pattern(text: str) -> tuple[int, int]:
 
 
 def sparsity_of(model: torch.nn.Module) -> float:
-    """Fraction of zeros among the weights of the linear layers."""
+    """Fraction of zeros among the weights of the linear layers (experts' matrices included)."""
     zeros = total = 0
     for module in model.modules():
-        if is_linear(module):
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
+        if is_experts(module):
+            weights = [getattr(module, matrix_name(module, kind)) for kind in GEMM_KINDS]
+        elif is_linear(module):
+            weights = [module.weight]
+        else:
+            continue
+        for weight in weights:
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
     return zeros / max(total, 1)

@@ -308,6 +308,12 @@ def test_mixture_of_experts_layers_quantize_load_and_export(mixtral_run, tmp_pat
     linear = quant.manifest["linear_bytes"]
     assert linear["original"] / linear["quantized"] > 3.5
 
+    pruned = prune_run(mixtral_run, pattern="2:4", out=tmp_path / "p")
+    assert experts <= set(pruned.report.changed)
+    for kind in ("gate_up_proj", "down_proj"):  # each expert matrix (out x in): 2 of 4 inputs
+        matrices = getattr(pruned.model.model.layers[1].mlp.experts, kind)
+        assert ((matrices.reshape(-1, 4) != 0).sum(-1) <= 2).all()
+
     int4 = quantize_run(mixtral_run, "int4", group_size=32, out=tmp_path / "q4").out
     assert main(["export", str(int4), "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
