@@ -13,22 +13,18 @@ import torch
 
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe
-from lowbit.nn.experts import GEMM_KINDS, matrix_name, route
+from lowbit.nn.experts import GEMM_KINDS, expert_matrices, matrix_name, route
 
 
 def expert_linears(experts: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
     """Each expert's ``kind`` projection as an ``nn.Linear`` (out x in) whose weight and bias are
     views of the 3-D Parameters, no copy (as `lowbit.nn.layer_kinds.as_linear` views a Conv1D)."""
-    name = matrix_name(experts, kind)
-    weights = getattr(experts, name).detach()
-    biases = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
     out = []
-    for e in range(experts.num_experts):
-        w = weights[e].t() if experts.is_transposed else weights[e]
-        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=biases is not None, device="meta")
-        linear.weight = torch.nn.Parameter(w, requires_grad=False)
-        if biases is not None:
-            linear.bias = torch.nn.Parameter(biases[e].detach(), requires_grad=False)
+    for w, b in expert_matrices(experts, kind):
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        linear.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+        if b is not None:
+            linear.bias = torch.nn.Parameter(b.detach(), requires_grad=False)
         out.append(linear)
     return out
 

@@ -219,17 +219,19 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
-def sparsity_of(model: torch.nn.Module) -> float:
-    """Fraction of zeros among the weights of the linear layers (experts' matrices included)."""
-    zeros = total = 0
+def linear_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of the model's (unquantized) linear layers, experts' 3-D matrices included."""
+    out = []
     for module in model.modules():
         if is_experts(module):
-            weights = [getattr(module, matrix_name(module, kind)) for kind in GEMM_KINDS]
+            out += [getattr(module, matrix_name(module, kind)) for kind in GEMM_KINDS]
         elif is_linear(module):
-            weights = [module.weight]
-        else:
-            continue
-        for weight in weights:
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
-    return zeros / max(total, 1)
+            out.append(module.weight)
+    return out
+
+
+def sparsity_of(model: torch.nn.Module) -> float:
+    """Fraction of zeros among the weights of the linear layers (experts' matrices included)."""
+    weights = linear_weights(model)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / max(sum(w.numel() for w in weights), 1)

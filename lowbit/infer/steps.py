@@ -34,18 +34,9 @@ class StepResult:
 
 
 def _linear_bytes(model) -> int:
-    from lowbit.infer.model import quant_layers
-    from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
-    from lowbit.nn.layer_kinds import is_linear
+    from lowbit.infer.model import linear_weights, quant_layers
 
-    total = 0
-    for module in model.modules():
-        if is_linear(module):
-            total += module.weight.numel() * module.weight.element_size()
-        elif is_experts(module):  # each expert's matrices are linear layers' weights too
-            for kind in GEMM_KINDS:
-                weight = getattr(module, matrix_name(module, kind))
-                total += weight.numel() * weight.element_size()
+    total = sum(w.numel() * w.element_size() for w in linear_weights(model))
     for layer in quant_layers(model).values():
         total += sum(t.numel() * t.element_size() for t in layer.stored().values())
     return total

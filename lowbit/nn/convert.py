@@ -4,10 +4,10 @@ A post-order walk over the module tree: each linear layer (`lowbit.nn.layer_kind
 Falcon's, transformers' ``Conv1D`` of GPT-2) and `nn.Conv2d` whose fully qualified name the recipe
 assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2d` that holds the
 *same* Parameter objects (optimizers and tied weights keep working), and each mixture-of-experts
-module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other such layer is
-kept, with the reason recorded, and so is every other module that computes a GEMM lowbit does not
-convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s projections), so
-nothing is left out of the report.
+module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
+such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
+lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s
+projections), so nothing is left out of the report.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def convert(
                 if spec is None:
                     report.kept[name] = reason
                     continue
-                gemm_specs = _expert_gemm_overrides(recipe, name, child.num_experts)
+                gemm_specs = _expert_gemm_overrides(recipe, name, spec, child.num_experts)
                 replacement = LowbitExperts(child, spec, gemm_specs=gemm_specs)
                 for kind in GEMM_KINDS:
                     for expert, gemm in enumerate(replacement.gemms[kind]):
@@ -120,22 +120,23 @@ def convert(
     return report
 
 
-def _expert_gemm_overrides(recipe: Recipe, name: str, experts: int) -> dict:
-    """Specs that overrides give single expert GEMMs of the experts module ``name`` (by their
-    names, ``<name>.gemms.<kind>.<expert>``, as `lowbit doctor` reports them), by (kind, expert)."""
+def _expert_gemm_overrides(recipe: Recipe, name: str, spec, experts: int) -> dict:
+    """Specs other than the module's ``spec`` that overrides give single expert GEMMs of the
+    experts module ``name`` (by their names, ``<name>.gemms.<kind>.<expert>``, as `lowbit doctor`
+    reports them), by (kind, expert)."""
     out = {}
     for kind in GEMM_KINDS:
         for expert in range(experts):
             gemm = f"{name}.gemms.{kind}.{expert}"
-            spec, reason = recipe.layer_for(gemm)
-            if reason == RECIPE_DEFAULT or spec == recipe.layer_for(name)[0]:
+            gemm_spec, reason = recipe.layer_for(gemm)
+            if reason == RECIPE_DEFAULT or gemm_spec == spec:
                 continue
-            if spec is None:
+            if gemm_spec is None:
                 raise UsageError(
                     f"override keeps {gemm}, one GEMM of a mixture-of-experts layer; fix: keep "
                     f"the whole layer ({name}=keep) or give the GEMM a format instead"
                 )
-            out[kind, expert] = spec
+            out[kind, expert] = gemm_spec
     return out
 
 

@@ -35,6 +35,20 @@ def matrix_name(experts: torch.nn.Module, kind: str) -> str:
     return "gate_up_proj" if experts.has_gate else "up_proj"
 
 
+def expert_matrices(experts: torch.nn.Module, kind: str) -> list:
+    """Each expert's ``kind`` matrix as an ``nn.Linear`` weight (out x in) with its bias (or
+    None): views of the 3-D Parameters, taken with one ``unbind`` each, so that a backward
+    through them assembles each 3-D gradient once. ``experts``: a transformers experts module, or
+    a module holding its Parameters under the same names (`LowbitExperts`)."""
+    name = matrix_name(experts, kind)
+    weights = getattr(experts, name).unbind(0)
+    if experts.is_transposed:
+        weights = [w.t() for w in weights]
+    bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
+    biases = bias.unbind(0) if bias is not None else [None] * len(weights)
+    return list(zip(weights, biases, strict=True))
+
+
 def is_experts(module: torch.nn.Module) -> bool:
     """A transformers experts module of 3-D expert weights (``use_experts_implementation``)."""
     if not all(hasattr(module, name) for name in _LAYOUT):
@@ -117,8 +131,7 @@ class LowbitExperts(torch.nn.Module):
         """``spec`` for every expert GEMM, except those ``gemm_specs`` names by ``(kind,
         expert)``, kind ``up`` or ``down`` (per-GEMM overrides, `lowbit.convert`)."""
         super().__init__()
-        self.up_name = matrix_name(experts, "up")
-        for name in (self.up_name, "down_proj", *_OPTIONAL):
+        for name in (matrix_name(experts, "up"), "down_proj", *_OPTIONAL):
             value = getattr(experts, name, None)
             if value is not None:
                 setattr(self, name, value)  # the same Parameters (and norm) under the same names
@@ -144,24 +157,15 @@ class LowbitExperts(torch.nn.Module):
     def spec(self) -> LayerSpec:
         return self.gemms["up"][0].spec
 
-    def _weights(self, name: str) -> tuple[torch.Tensor, ...]:
-        """Each expert's ``name`` matrix as an ``nn.Linear`` weight (out x in): views, taken with
-        one ``unbind`` so that the backward assembles the 3-D gradient once."""
-        weights = getattr(self, name).unbind(0)
-        return tuple(w.t() for w in weights) if self.is_transposed else weights
-
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        up_weights, down_weights = self._weights(self.up_name), self._weights("down_proj")
-        up_bias = getattr(self, f"{self.up_name}_bias", None) if self.has_bias else None
-        down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
+        up, down = expert_matrices(self, "up"), expert_matrices(self, "down")
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-            h = self.gemms["up"][e](rows, up_weights[e], None if up_bias is None else up_bias[e])
+            h = self.gemms["up"][e](rows, *up[e])
             h = self.experts._apply_gate(h) if self.has_gate else self.experts.act_fn(h)
-            bias = None if down_bias is None else down_bias[e]
-            return self.gemms["down"][e](h, down_weights[e], bias)
+            return self.gemms["down"][e](h, *down[e])
 
         # Data-parallel ranks agree on scales by all-reducing amaxes in every quantization
         # (`lowbit.nn.operand.ScaleAgreement`), so each rank runs every expert's GEMMs.

@@ -551,6 +551,7 @@ class Trainer:
         forward cannot be traced on fake tensors: live only).
         """
         from lowbit.memory import estimate, measure, measure_activations
+        from lowbit.memory.estimate import TASKS
 
         def forward():
             with self.precision.autocast():
@@ -559,7 +560,7 @@ class Trainer:
         live = measure(self.model, self.optimizer, self.precision)
         saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
-        if self.config.task not in ("causal-lm", "token-classification"):
+        if self.config.task not in TASKS:
             return live.table()
         c = self.config
         try:
