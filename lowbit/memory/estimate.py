@@ -66,7 +66,7 @@ from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
-from lowbit.recipes.recipe import DTYPES, block_of, block_stacks, dtype_of
+from lowbit.recipes.recipe import DTYPES, block_indices, dtype_of
 
 SHARDING = ("none", "fsdp")
 TASKS = ("causal-lm", "token-classification")  # the trainer's tasks whose models the trace builds
@@ -158,14 +158,10 @@ def _build(config, name: str, dtype: torch.dtype, task: str):
 def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The model's outermost numbered blocks by name (`block_stacks`: a decoder's layers)."""
     modules = dict(model.named_modules())
-    stacks = block_stacks(modules)
-    found = {}
-    for name in modules:
-        block = block_of(name, stacks)
-        if block is not None:
-            key = f"{block[0]}.{block[1]}".lstrip(".")
-            found[key] = modules[key]
-    return found
+    names = (
+        f"{stack}.{i}".lstrip(".") for stack, found in block_indices(modules).items() for i in found
+    )
+    return {name: modules[name] for name in names}
 
 
 def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:

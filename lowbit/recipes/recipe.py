@@ -213,6 +213,17 @@ def block_of(name: str, stacks: dict[str, set[int]] | None = None) -> tuple[str,
     return next((level for level in levels if level[0] in stacks), None)
 
 
+def block_indices(names: Iterable[str]) -> dict[str, set[int]]:
+    """The blocks a model's module ``names`` hold, by stack: ``{stack: block indices}``, each block
+    the outermost numbered level whose container is a stack (`block_of`)."""
+    names = list(names)
+    stacks = block_stacks(names)
+    found: dict[str, set[int]] = {}
+    for block in filter(None, (block_of(name, stacks) for name in names)):
+        found.setdefault(block[0], set()).add(block[1])
+    return found
+
+
 @dataclass(frozen=True)
 class Override:
     """Layers whose fully qualified name matches ``pattern`` (fnmatch glob; alternatives separated
@@ -239,14 +250,11 @@ class Override:
         match the pattern matches nothing."""
         names = list(names)
         if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
-            stacks = block_stacks(names)
-            blocks: dict[str, set[int]] = {}
-            for block in filter(None, (block_of(name, stacks) for name in names)):
-                blocks.setdefault(block[0], set()).add(block[1])
-            if not blocks:
+            found = block_indices(names)
+            if not found:
                 return self
             end = min if self.pattern == FIRST_BLOCK else max
-            ends = (f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in blocks.items())
+            ends = (f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in found.items())
             return replace(self, pattern="|".join(ends))
         if LAST not in self.pattern:
             return self
