@@ -62,6 +62,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
+from lowbit.nn.convert import gemm_layer_names
 from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
@@ -424,7 +425,9 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str):
                 f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "
                 "fix: use a shorter --seq"
             )
-        resolved = recipe.resolved_for(n for n, _ in model.named_modules())
+        resolved = recipe.resolved_for(
+            (n for n, _ in model.named_modules()), gemm_layer_names(model)
+        )
         if len(_TRACES) >= 32:
             _TRACES.clear()
         trace = _trace_activations(model, mode, resolved, batch, seq, task)

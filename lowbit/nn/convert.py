@@ -65,13 +65,25 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     return f"{kind} is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
 
 
+def is_convertible(module: torch.nn.Module) -> bool:
+    """A GEMM module `convert` swaps when the recipe gives it a spec."""
+    return is_experts(module) or is_linear(module) or type(module) is torch.nn.Conv2d
+
+
+def gemm_layer_names(model: torch.nn.Module) -> list[str]:
+    """The names of the model's convertible GEMM modules, in module order."""
+    return [name for name, module in model.named_modules() if is_convertible(module)]
+
+
 def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
     """Swap the model's GEMM layers for low-precision ones as ``recipe`` says; returns the report
     of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
     level INFO)."""
-    recipe = get_recipe(recipe).resolved_for(name for name, _ in model.named_modules())
+    recipe = get_recipe(recipe).resolved_for(
+        (name for name, _ in model.named_modules()), gemm_layer_names(model)
+    )
     report = report if report is not None else ConversionReport()
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
@@ -92,7 +104,7 @@ def convert(
                 setattr(module, child_name, replacement)
                 report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
                 continue
-            if not (is_linear(child) or type(child) is torch.nn.Conv2d):  # exact types
+            if not is_convertible(child):  # exact types
                 if (kept := _kept_gemm_reason(child)) is not None:
                     report.kept[name] = kept
                 continue

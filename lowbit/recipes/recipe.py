@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -241,19 +241,22 @@ class Override:
             return block is not None and block[1] == 0
         return any(fnmatch.fnmatchcase(name, alt) for alt in self.pattern.split("|"))
 
-    def resolve(self, names: Iterable[str]) -> Override:
+    def resolve(self, names: Iterable[str], layers: Sequence[str] = ()) -> Override:
         """This override with its placeholders resolved against the module ``names`` of a model.
         ``{last}`` becomes the largest number the names hold at that place:
         ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `FIRST_BLOCK`
         and `LAST_BLOCK` become the lowest and highest block of every stack (`block_of`):
-        ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. Without a
-        match the pattern matches nothing."""
+        ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. A model
+        without blocks (a Sequential of single layers, such as the digits CNN) ends in its first
+        and last GEMM layer: the first and last of ``layers``, the names of the model's GEMM
+        layers in module order. Without a match the pattern matches nothing."""
         names = list(names)
         if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
             found = block_indices(names)
+            first = self.pattern == FIRST_BLOCK
             if not found:
-                return self
-            end = min if self.pattern == FIRST_BLOCK else max
+                return replace(self, pattern=layers[0 if first else -1]) if layers else self
+            end = min if first else max
             ends = (f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in found.items())
             return replace(self, pattern="|".join(ends))
         if LAST not in self.pattern:
@@ -324,11 +327,12 @@ class Recipe:
             return self.layer
         return uniform_layer(OperandSpec(self.autocast or self.param_dtype))
 
-    def resolved_for(self, names: Iterable[str]) -> Recipe:
+    def resolved_for(self, names: Iterable[str], layers: Sequence[str] = ()) -> Recipe:
         """A copy whose override placeholders (``{last}``, `LAST_BLOCK`) are resolved against a
-        model's module names (`convert` calls this, so one recipe serves models of any depth)."""
+        model's module names and its GEMM ``layers`` (`Override.resolve`; `convert` calls this, so
+        one recipe serves models of any depth)."""
         names = list(names)
-        overrides = tuple(override.resolve(names) for override in self.overrides)
+        overrides = tuple(override.resolve(names, layers) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)
 
     def with_overrides(self, *overrides: Override) -> Recipe:

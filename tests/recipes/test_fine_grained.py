@@ -543,10 +543,19 @@ def test_nvfp4_finds_the_end_blocks_under_any_naming(build, first, last):
 def test_block_placeholders_need_numbered_containers_that_hold_modules():
     from lowbit.models import build_cnn
 
-    # A Sequential of single layers (the digits CNN's features.0, features.2) has no blocks.
+    # A Sequential of single layers (the digits CNN's features.0, features.2) has no blocks: its
+    # ends are its first and last GEMM layer (the head, kept by every preset anyway).
     model = build_cnn("tiny")
     report = convert(model, "nvfp4")
-    assert set(report.converted) == {"features.0", "features.2"}
+    assert set(report.converted) == {"features.2"}
+    assert report.kept["features.0"].startswith("first block (or layer")
+    mlp = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(4)))
+    assert set(convert(mlp, "nvfp4").converted) == {"1", "2"}
+    ends = [
+        Override(end).resolve(["", "a", "b"], ["a", "b"]).pattern
+        for end in (FIRST_BLOCK, LAST_BLOCK)
+    ]
+    assert ends == ["a", "b"]
     names = ["0.fc", "1.fc", "2", "lm_head", "stack.0.experts.7.up", "stack.1.experts.0.up"]
     last = Override(LAST_BLOCK).resolve(names)
     assert last.pattern == "1.*|stack.1.*"  # a top-level Sequential; experts are not blocks

@@ -285,5 +285,6 @@ def test_the_no_layer_note_needs_layers_that_were_kept():
     precision.convert(build_causal_lm("tiny", 257))
     assert precision.conversion_report.kept == {} and not precision.keeps_every_layer
     nvfp4 = Precision("nvfp4")
-    nvfp4.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))  # no blocks: converted
-    assert not nvfp4.keeps_every_layer
+    # no blocks: the first and last layer are the ends, kept; the middle one is converted
+    nvfp4.convert(torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3))))
+    assert not nvfp4.keeps_every_layer and set(nvfp4.conversion_report.converted) == {"1"}
