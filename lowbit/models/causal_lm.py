@@ -1,9 +1,11 @@
 """Llama-style decoder-only language models (Hugging Face ``LlamaForCausalLM``).
 
 Llama's architecture: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases. Sizes are rows of
-`SIZES` (data, not code). ``tiny`` / ``small`` / ``medium`` are lowbit's own shapes for the byte
-tokenizer (about 0.9M / 11M / 40M parameters with vocab 257) and train on a CPU; the others are
-published shapes, used by the memory estimator and not meant to be instantiated on a CPU:
+`SIZES` (data, not code), smallest first. ``nano`` / ``tiny`` / ``small`` / ``medium`` are lowbit's
+own shapes for the byte tokenizer (about 0.18M / 0.9M / 11M / 40M parameters with vocab 257) and
+train on a CPU (``nano`` is the parity study's: small enough to see millions of tokens per run on
+one core); the others are published shapes, used by the memory estimator and not meant to be
+instantiated on a CPU:
 
 - ``gpt2-124m``: GPT-2 small's width, depth, heads and 1024 positions, with a SwiGLU MLP of 2048
   (three matrices of 2048 hold as many weights as GPT-2's two 4x GELU matrices) and tied
@@ -29,6 +31,14 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder L
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 SIZES: dict[str, dict] = {
+    "nano": {
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 176,
+        "max_position_embeddings": 1024,
+        "vocab_size": 257,
+    },
     "tiny": {
         "hidden_size": 128,
         "num_hidden_layers": 4,

@@ -30,18 +30,18 @@ def test_tiny_is_about_a_million_parameters_and_untied():
 
 @pytest.mark.parametrize(
     ("size", "low", "high"),
-    [("small", 8e6, 13e6), ("medium", 32e6, 48e6), ("gpt2-124m", 120e6, 128e6),
+    [("nano", 0.1e6, 0.2e6), ("small", 8e6, 13e6), ("medium", 32e6, 48e6), ("gpt2-124m", 120e6, 128e6),
      ("llama-1b", 1.2e9, 1.3e9), ("llama-7b", 6.6e9, 6.9e9), ("llama-13b", 12.8e9, 13.2e9),
      ("llama-70b", 68e9, 70e9)],
 )  # fmt: skip
 def test_named_shapes_have_their_published_sizes(size, low, high):
-    vocab = 257 if size in ("small", "medium") else None
+    vocab = 257 if size in ("nano", "small", "medium") else None
     assert low < param_count_on_meta(size, vocab) < high
 
 
 def test_sizes_listed_smallest_first():
     sizes = list_sizes()
-    assert sizes == list(SIZES) and sizes[0] == "tiny"
+    assert sizes == list(SIZES) and sizes[0] == "nano"
     counts = [param_count_on_meta(s) for s in sizes]
     assert counts == sorted(counts)
 
@@ -74,7 +74,7 @@ def test_sequence_longer_than_positions_is_a_usage_error():
 
 
 def test_unknown_size_lists_valid_ones():
-    with pytest.raises(UsageError, match="valid model sizes: tiny, small"):
+    with pytest.raises(UsageError, match="valid model sizes: nano, tiny, small"):
         model_config("huge")
 
 

@@ -40,7 +40,7 @@ def test_dispatch_builds_each_task():
 @pytest.mark.parametrize(
     ("task", "name", "message"),
     [("translation", "tiny", "unknown task 'translation'; valid tasks: causal-lm"),
-     ("causal-lm", "gigantic", r"gigantic: not a Hugging Face checkpoint folder .* size \(tiny, small"),
+     ("causal-lm", "gigantic", r"gigantic: not a Hugging Face checkpoint folder .* size \(nano, tiny, small"),
      ("image-classification", "huge", "unknown CNN size 'huge'; valid CNN sizes: tiny, small")],
 )  # fmt: skip
 def test_dispatch_errors_list_valid_names(task, name, message):
