@@ -563,11 +563,32 @@ def summarize(study: Study, records: dict) -> dict:
         "task": task,
         "metric": metric,
         "baseline": study.baseline,
+        "baseline_trend": baseline_trend(rows[study.baseline]["curves"]["validation"]),
         "recipes": rows,
         "runs": {
             recipe: [{k: v for k, v in r.items() if k != "config"} for r in runs]
             for recipe, runs in records.items()
         },
+    }
+
+
+def baseline_trend(curve: list) -> dict | None:
+    """How much the baseline's mean validation loss moved over the last evaluation interval.
+
+    A gap measured while the loss still falls by more than a recipe's target partly measures how
+    fast the recipe converges rather than where it ends: a recipe one evaluation interval behind
+    fp32 shows a gap of the whole last fall. None without two evaluations after the start.
+    """
+    points = [(step, loss) for step, loss in curve if step > 0]
+    if len(points) < 2:
+        return None
+    (first_step, first_loss), (last_step, last_loss) = points[-2], points[-1]
+    return {
+        "from_step": first_step,
+        "to_step": last_step,
+        "from_loss": first_loss,
+        "to_loss": last_loss,
+        "change_pct": 100 * (last_loss - first_loss) / first_loss,
     }
 
 

@@ -163,7 +163,33 @@ def describe(results: dict) -> str:
     ]
     if scaling:
         text += f" Loss scaling of the fp16 recipes: {', '.join(scaling)}."
-    return text
+    trend = trend_line(results)
+    return f"{text} {trend}" if trend else text
+
+
+def trend_line(results: dict) -> str:
+    """One sentence: is the baseline's validation loss flat at the end, against the tightest
+    target of the study (`lowbit.report.compare.baseline_trend`)."""
+    trend = results.get("baseline_trend")  # absent in results from before session 14
+    if not trend:
+        return ""
+    change = trend["change_pct"]
+    text = (
+        f"The baseline's validation loss moved {change:+.2f}% over the last "
+        f"{trend['to_step'] - trend['from_step']} steps ({trend['from_loss']:.4f} -> "
+        f"{trend['to_loss']:.4f}, mean over seeds)"
+    )
+    targets = [
+        r["target"]["pct"]
+        for name, r in results["recipes"].items()
+        if name != results["baseline"] and not r["target"]["expect_worse"]
+    ]
+    if targets and -change > min(targets):
+        return (
+            f"{text}: still falling by more than the tightest target ({min(targets):g}%), so a "
+            "gap partly measures how fast a recipe converges, not only where it ends."
+        )
+    return text + "."
 
 
 def verdict_lines(results: dict) -> list[str]:

@@ -288,3 +288,38 @@ def test_the_no_layer_note_needs_layers_that_were_kept():
     # no blocks: the first and last layer are the ends, kept; the middle one is converted
     nvfp4.convert(torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3))))
     assert not nvfp4.keeps_every_layer and set(nvfp4.conversion_report.converted) == {"1"}
+
+
+def test_report_says_how_much_the_baseline_loss_still_moved(study_result):
+    results = study_result.results
+    curve = results["recipes"]["fp32"]["curves"]["validation"]  # steps 0, 3, 6 (mean over seeds)
+    (s0, v0), (s1, v1) = curve[-2:]
+    assert (s0, s1) == (3, 6)
+    trend = results["baseline_trend"]
+    assert trend["change_pct"] == pytest.approx(100 * (v1 - v0) / v0)
+    assert (
+        "The baseline's validation loss moved"
+        in (study_result.report_dir / "report.md").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "still_falling"),
+    [(-3.7, True), (-0.6, True), (-0.4, False), (+0.8, False)],
+)
+def test_trend_line_compares_the_last_fall_with_the_tightest_target(change, still_falling):
+    from lowbit.report.compare import baseline_trend
+    from lowbit.report.markdown import trend_line
+
+    loss = 2.0 * (1 + change / 100)
+    trend = baseline_trend([[0, 5.0], [100, 3.0], [200, 2.0], [300, loss]])
+    assert trend["from_step"] == 200 and trend["change_pct"] == pytest.approx(change)
+    row = {"target": {"pct": 0.5, "expect_worse": False}}
+    worse = {"target": {"pct": 0.1, "expect_worse": True}}  # bf16-pure's claim is not a margin
+    results = {"baseline": "fp32", "baseline_trend": trend, "recipes": {"fp32": row}}
+    results["recipes"].update({"bf16-mixed": row, "bf16-pure": worse})
+    line = trend_line(results)
+    assert f"moved {change:+.2f}% over the last 100 steps" in line
+    assert ("still falling by more than the tightest target (0.5%)" in line) == still_falling
+    assert baseline_trend([[0, 5.0], [100, 3.0]]) is None  # one evaluation after the start
+    assert trend_line({**results, "baseline_trend": None}) == ""
