@@ -91,6 +91,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ],
             loss_rows,
         ),
+        gap_by_evaluation(results),
         (
             f"Speed and memory (peak memory: {_memory_kind(rows)}; "
             "bytes per parameter by component, measured on the live run)",
@@ -128,6 +129,41 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             )
         )
     return out
+
+
+def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The validation gap to the baseline at every evaluation after the start.
+
+    The gap of the mean curves, ``(mean(recipe) - mean(baseline)) / mean(baseline)`` at each
+    step, equals the mean paired gap there (a mean of differences is the difference of means),
+    so the last column is the loss table's gap. Read along a row: a gap that shrinks as training
+    goes on is a recipe that converges later than the baseline; one that holds or grows is a cost
+    in the loss it ends at.
+    """
+    base = results["baseline"]
+    base_curve = {step: loss for step, loss in results["recipes"][base]["curves"]["validation"]}
+    steps = [step for step in base_curve if step > 0]
+    table_rows = []
+    for name, r in results["recipes"].items():
+        if name == base:
+            continue
+        curve = dict(r["curves"]["validation"])
+        table_rows.append(
+            [name]
+            + [
+                _pct(100 * (curve[step] - base_curve[step]) / base_curve[step])
+                if step in curve
+                else "—"
+                for step in steps
+            ]
+        )
+    return (
+        "Validation gap by evaluation (gap to the baseline's mean validation loss at each "
+        "evaluation: a gap that shrinks along a row is a recipe converging later, one that holds "
+        "or grows a cost in final loss)",
+        ["recipe", *(f"step {step}" for step in steps)],
+        table_rows,
+    )
 
 
 def _memory_kind(rows) -> str:

@@ -323,3 +323,26 @@ def test_trend_line_compares_the_last_fall_with_the_tightest_target(change, stil
     assert ("still falling by more than the tightest target (0.5%)" in line) == still_falling
     assert baseline_trend([[0, 5.0], [100, 3.0]]) is None  # one evaluation after the start
     assert trend_line({**results, "baseline_trend": None}) == ""
+
+
+def test_gap_by_evaluation_is_the_paired_gap_at_each_step(study_result):
+    from lowbit.report.compare import read_curves
+    from lowbit.report.markdown import gap_by_evaluation
+
+    results, study = study_result.results, study_result.study
+    _, header, rows = gap_by_evaluation(results)
+    assert header == ["recipe", "step 3", "step 6"]
+    ((name, *cells),) = rows
+    assert name == "bf16-mixed"
+
+    def val(recipe, step):
+        return [dict(read_curves(study.run_dir(recipe, s))["validation"])[step] for s in (0, 1)]
+
+    for cell, step in zip(cells, (3, 6)):
+        low, base = val("bf16-mixed", step), val("fp32", step)
+        paired = 100 * sum(a - b for a, b in zip(low, base)) / sum(base)
+        assert float(cell.rstrip("%")) == pytest.approx(paired, abs=1e-3)
+    final_gap = results["recipes"]["bf16-mixed"]["val_gap_pct"]
+    assert float(cells[-1].rstrip("%")) == pytest.approx(final_gap, abs=1e-3)
+    md = (study_result.report_dir / "report.md").read_text()
+    assert "## Validation gap by evaluation" in md and "| recipe | step 3 | step 6 |" in md
