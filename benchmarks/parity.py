@@ -133,13 +133,17 @@ def run_task(task, recipes, seeds, steps, out, quiet) -> dict:
 _ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def cpu_kind() -> str:
+def _cpuinfo() -> list[str]:
+    path = Path("/proc/cpuinfo")  # Linux; elsewhere no flags and an unknown model
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def cpu_kind(cpuinfo: list[str]) -> str:
     """The kind of CPU kernels this process's GEMMs run on: PyTorch's CPU capability (``avx512``,
     ``avx2``, ...; ``ATEN_CPU_CAPABILITY`` lowers it), with ``-amx`` or ``-bf16`` where an AVX-512
     CPU has AMX or AVX512-BF16 instructions for bf16 GEMMs."""
     kind = torch.backends.cpu.get_cpu_capability().lower()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    flags = {flag for line in cpuinfo if line.startswith("flags") for flag in line.split()}
     if kind == "avx512" and "amx_bf16" in flags:
         return "avx512-amx"
     if kind == "avx512" and "avx512_bf16" in flags:
@@ -147,10 +151,8 @@ def cpu_kind() -> str:
     return kind
 
 
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+def _cpu_model(cpuinfo: list[str]) -> str:
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     caps = [f"{k}={os.environ[k]}" for k in _ISA_CAPS if k in os.environ]
     return (names[0] if names else "unknown") + (f" ({', '.join(caps)})" if caps else "")
 
@@ -183,8 +185,10 @@ def golden(path: Path = GOLDEN) -> dict:
     old = json.loads(path.read_text()) if path.is_file() else {}
     same_run = old.get("settings") == GOLDEN_SETTINGS and old.get("torch") == torch.__version__
     references = dict(old.get("references", {})) if same_run else {}
-    references[cpu_kind()] = {
-        "cpu": _cpu_model(),
+    cpuinfo = _cpuinfo()
+    kind = cpu_kind(cpuinfo)
+    references[kind] = {
+        "cpu": _cpu_model(cpuinfo),
         "reorder_max_abs": reorder,
         "curves": {
             recipe: {
@@ -213,7 +217,7 @@ def golden(path: Path = GOLDEN) -> dict:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {path} (reference {cpu_kind()}; kept: {', '.join(sorted(references))})")
+    print(f"wrote {path} (reference {kind}; kept: {', '.join(sorted(references))})")
     return data
 
 
