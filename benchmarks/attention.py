@@ -1,7 +1,8 @@
 """Forward and backward time of CPU scaled-dot-product attention per dtype and kernel.
 
 Why `lowbit.nn.attention` exists: PyTorch's CPU flash-attention backward is slower on bf16 inputs
-than on fp32 ones at small head sizes, so bf16 recipes run the backward in fp32. This
+than on fp32 ones at small head sizes, so bf16 recipes run the backward in fp32; on a CPU without
+AVX512-FP16 both fp16 kernels are slow, so fp16 recipes run both in fp32. This
 measures the kernels side by side at the default workload's attention shape (tiny Llama: batch
 16, 4 heads, 256 tokens, head size 32, causal), median of round-robin repetitions.
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from benchmarks_md import command_line, cpu_description, publish
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lowbit.nn.attention import AttentionBackwardInFp32
+from lowbit.nn.attention import AttentionInFp32
 
 CASES = {
     "fp32, flash kernel": (torch.float32, SDPBackend.FLASH_ATTENTION, False),
@@ -32,13 +33,19 @@ CASES = {
         SDPBackend.FLASH_ATTENTION,
         True,
     ),
+    "fp16, flash kernel": (torch.float16, SDPBackend.FLASH_ATTENTION, False),
+    "fp16 via lowbit (fp32 forward and backward)": (
+        torch.float16,
+        SDPBackend.FLASH_ATTENTION,
+        True,
+    ),
 }
 
 
 def one_call(shape, dtype, backend, rerouted) -> tuple[float, float]:
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, dtype=dtype)
-    mode = AttentionBackwardInFp32() if rerouted else contextlib.nullcontext()
+    mode = AttentionInFp32() if rerouted else contextlib.nullcontext()
     start = time.perf_counter()
     with sdpa_kernel(backend), mode:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -1,18 +1,25 @@
-"""The backward of bf16 CPU attention computed by PyTorch's fp32 kernel.
+"""CPU attention in 16 bits with its slow kernels computed in fp32.
 
 On a CPU, PyTorch's flash-attention backward is much slower in bf16 than in fp32 at small head
 sizes: at the default workload's shapes (batch 16, 4 heads, 256 tokens, head size 32) 17.1 ms in
-bf16 against 8.4 ms in fp32 per layer, while its bf16 forward is the faster one
-(`benchmarks/attention.py`, BENCHMARKS.md). `AttentionBackwardInFp32` reroutes
-`F.scaled_dot_product_attention` on CPU tensors whose compute dtype is bf16 (from autocast, or
-bf16 inputs as in `bf16-low`) through an autograd function whose
+bf16 against 8.4 ms in fp32 per layer, while its bf16 forward is the faster one on a CPU with AMX
+(`benchmarks/attention.py`, BENCHMARKS.md). In fp16, on a CPU without AVX512-FP16, both
+directions are slow: on an AMD EPYC at the parity study's shape (batch 128, 2 heads, 64 tokens,
+head size 32; one thread), the fp16 forward took 7.8 ms against fp32's 3.2 ms, and the backward
+46.6 ms against 7.5 ms. `AttentionInFp32` reroutes `F.scaled_dot_product_attention`
+on CPU tensors whose compute dtype is bf16 or fp16 (from autocast, or 16-bit inputs as in
+`bf16-low` and `fp16-low`) through an autograd function whose
 
-- forward is PyTorch's bf16 flash kernel, exactly as autocast would call it (the same output
-  bits), saving what that kernel saves (bf16 q, k, v and output, fp32 log-sum-exp), so memory is
+- forward is, for bf16, PyTorch's bf16 flash kernel, exactly as autocast would call it (the same
+  output bits); for fp16, PyTorch's fp32 flash kernel on the fp16 operands, its output rounded to
+  fp16 (the fp16 recipes emulate fp16 at the GEMM boundaries on a CPU, docs/recipes.md: fp16
+  values in and out, fp32 arithmetic inside);
+- saves what the 16-bit kernel saves (16-bit q, k, v and output, fp32 log-sum-exp), so memory is
   unchanged;
 - backward runs PyTorch's fp32 flash backward on those saved tensors widened to fp32 and rounds
-  the gradients to bf16. The bf16 backward also accumulates in fp32; what differs is that the
-  probabilities it recomputes and the products with them are not rounded to bf16 in between.
+  the gradients to the 16-bit dtype. The 16-bit backward also accumulates in fp32; what differs
+  is that the probabilities it recomputes and the products with them are not rounded to 16 bits
+  in between.
 
 Calls the flash kernel does not take as they are (dropout, boolean masks, grouped-query
 broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` unchanged, as do CUDA
@@ -23,7 +30,8 @@ model, ~12 ms of Python in a cProfile of the first version, which wrapped the wh
 it is entered only around attention itself: `route_attention`
 switches a Hugging Face model from its ``sdpa`` attention to ``lowbit_sdpa``, the same function
 (Transformers' own `sdpa_attention_forward`, the same masks) called inside the mode.
-`Precision.convert` does this for bf16 recipes on CPU. The setting is not saved with the model.
+`Precision.convert` does this for bf16 and fp16 compute on CPU. The setting is not saved with the
+model.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_ROUTED = (torch.bfloat16,)
+# The compute dtypes rerouted, and whether their forward runs in fp32 too (see above).
+_FORWARD_IN_FP32 = {torch.bfloat16: False, torch.float16: True}
 _OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -43,14 +52,15 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-class AttentionBackwardInFp32(TorchFunctionMode):
-    """While active, the backward of CPU bf16 scaled-dot-product attention runs in fp32."""
+class AttentionInFp32(TorchFunctionMode):
+    """While active, CPU scaled-dot-product attention in bf16 runs its backward in fp32, and in
+    fp16 its forward and backward."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and args[0].device.type == "cpu":
             dtype = _compute_dtype(args[0])
-            if dtype in _ROUTED:
+            if dtype in _FORWARD_IN_FP32:
                 query, key, value, *rest = args
                 options = {**dict(zip(_OPTIONS, rest)), **kwargs}
                 with torch.autocast("cpu", enabled=False):
@@ -66,7 +76,9 @@ def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> to
     if not _flash_takes(query, key, value, options):
         return func(query, key, value, **{**options, "attn_mask": mask})
     is_causal = bool(options.get("is_causal", False))
-    return _Fp32BackwardAttention.apply(query, key, value, mask, is_causal, options.get("scale"))
+    return _Fp32Attention.apply(
+        query, key, value, mask, is_causal, options.get("scale"), _FORWARD_IN_FP32[dtype]
+    )
 
 
 def _flash_takes(query, key, value, options: dict) -> bool:
@@ -83,14 +95,26 @@ def _flash_takes(query, key, value, options: dict) -> bool:
     )
 
 
-class _Fp32BackwardAttention(torch.autograd.Function):
-    """PyTorch's flash attention on bf16 operands, with its backward computed in fp32."""
+class _Fp32Attention(torch.autograd.Function):
+    """PyTorch's flash attention on 16-bit operands, its backward (and with ``fp32_forward`` its
+    forward) computed in fp32; outputs and gradients in the operands' dtype."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, is_causal, scale):
-        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
-        )
+    def forward(ctx, query, key, value, mask, is_causal, scale, fp32_forward):
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if fp32_forward:
+            out, logsumexp = kernel(
+                query.float(),
+                key.float(),
+                value.float(),
+                0.0,
+                is_causal,
+                attn_mask=None if mask is None else mask.float(),
+                scale=scale,
+            )
+            out = out.to(query.dtype)
+        else:
+            out, logsumexp = kernel(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(query, key, value, out, logsumexp, mask)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -110,24 +134,24 @@ class _Fp32BackwardAttention(torch.autograd.Function):
             attn_mask=None if mask is None else mask.float(),
             scale=ctx.scale,
         )
-        return *(g.to(query.dtype) for g in grads), None, None, None
+        return *(g.to(query.dtype) for g in grads), None, None, None, None
 
 
 ATTENTION_NAME = "lowbit_sdpa"  # Transformers' attention-implementation name of the rerouted sdpa
 
 
-def _sdpa_with_fp32_backward(module, query, key, value, attention_mask, **kwargs):
-    """Transformers' ``sdpa`` attention, its CPU bf16 backward in fp32 (`AttentionBackwardInFp32`)."""
+def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' ``sdpa`` attention, its slow CPU 16-bit kernels in fp32 (`AttentionInFp32`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with AttentionBackwardInFp32():
+    with AttentionInFp32():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def route_attention(model: torch.nn.Module) -> bool:
     """Switch a Hugging Face model using ``sdpa`` attention to ``lowbit_sdpa``; True if switched.
 
-    Other models are left as they are (their attention keeps PyTorch's bf16 backward)."""
+    Other models are left as they are (their attention keeps PyTorch's 16-bit kernels)."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
@@ -136,7 +160,7 @@ def route_attention(model: torch.nn.Module) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, _sdpa_with_fp32_backward)
+    AttentionInterface.register(ATTENTION_NAME, _sdpa_in_fp32)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
     return True

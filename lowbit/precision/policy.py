@@ -78,8 +78,8 @@ class Precision:
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
         """Cast parameters to the recipe's dtype and swap GEMM layers in place; returns model.
 
-        For bf16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched to
-        ``lowbit_sdpa``, whose backward runs in fp32 (`lowbit.nn.attention.route_attention`)."""
+        For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
+        to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`)."""
         if self.param_dtype != torch.float32:
             model.to(self.param_dtype)
         recipe = self.recipe
@@ -90,8 +90,8 @@ class Precision:
         if self.emulates_fp16:
             for layer in lowbit_layers(model).values():
                 layer.lowbit_state.output_rounding = torch.float16
-        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
-            # PyTorch's CPU attention backward is twice as fast in fp32 (lowbit.nn.attention)
+        if self.device.type == "cpu" and self.compute_dtype in (torch.bfloat16, torch.float16):
+            # PyTorch's 16-bit CPU attention backward is 2-5x slower than fp32's (lowbit.nn.attention)
             route_attention(model)
         self._model = model
         return model

@@ -1,4 +1,5 @@
-"""bf16 attention on CPU: PyTorch's bf16 forward, its backward in fp32 (lowbit.nn.attention)."""
+"""16-bit attention on CPU (lowbit.nn.attention): bf16 runs PyTorch's bf16 forward and its
+backward in fp32; fp16 runs both in fp32 on the fp16 values, outputs and gradients in fp16."""
 
 import contextlib
 import json
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from lowbit import Precision
 from lowbit.formats.error import sqnr
 from lowbit.models import build_causal_lm
-from lowbit.nn.attention import AttentionBackwardInFp32
+from lowbit.nn.attention import AttentionInFp32
 
 
 def qkv(dtype, seed=0, shape=(2, 3, 40, 16)):
@@ -36,7 +37,7 @@ def grads(out, inputs, seed=1):
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_is_pytorchs_bf16_attention_and_the_backward_is_fp32_accurate(causal):
     q, k, v = qkv(torch.bfloat16)
-    with AttentionBackwardInFp32():
+    with AttentionInFp32():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     bf16 = native(q, k, v, is_causal=causal)
     assert out.dtype == torch.bfloat16
@@ -65,22 +66,41 @@ def saved_bytes(fn):
     return total
 
 
-def test_it_saves_what_the_bf16_kernel_saves():
-    q, k, v = qkv(torch.bfloat16)
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp16_is_the_fp32_kernel_on_fp16_values_rounded_to_fp16(causal):
+    q, k, v = qkv(torch.float16)
+    with AttentionInFp32():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    fp32 = fp32_reference(q, k, v, is_causal=causal)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, fp32.to(torch.float16))
+    fp16 = native(q, k, v, dtype=torch.float16, is_causal=causal)
+    for ours, fp16_grad, exact in zip(
+        grads(out, (q, k, v)), grads(fp16, (q, k, v)), grads(fp32, (q, k, v))
+    ):
+        assert ours.dtype == torch.float16
+        # fp16 keeps 3 more mantissa bits than bf16: one rounding is > 55 dB
+        assert sqnr(exact.float(), ours.float()) > 55
+        assert sqnr(exact.float(), ours.float()) >= sqnr(exact.float(), fp16_grad.float()) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_it_saves_what_the_16_bit_kernel_saves(dtype):
+    q, k, v = qkv(dtype)
 
     def rerouted():
-        with AttentionBackwardInFp32():
+        with AttentionInFp32():
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def bf16_kernel():
+    def kernel_16_bit():
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    assert saved_bytes(rerouted) == saved_bytes(bf16_kernel) > 0
+    assert saved_bytes(rerouted) == saved_bytes(kernel_16_bit) > 0
 
 
 def test_under_bf16_autocast_fp32_inputs_are_rounded_first():
     q, k, v = qkv(torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16), AttentionBackwardInFp32():
+    with torch.autocast("cpu", dtype=torch.bfloat16), AttentionInFp32():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, native(q, k, v, is_causal=True))
@@ -93,7 +113,7 @@ def test_under_bf16_autocast_fp32_inputs_are_rounded_first():
 def test_a_float_mask_is_rounded_like_the_operands(positional, mask_shape):
     q, k, v = qkv(torch.bfloat16)
     mask = torch.randn(mask_shape)
-    with AttentionBackwardInFp32():
+    with AttentionInFp32():
         if positional:
             out = F.scaled_dot_product_attention(q, k, v, mask)
         else:
@@ -118,33 +138,31 @@ def test_calls_the_flash_kernel_does_not_take_are_left_to_pytorch(options):
     kv_heads = 1 if options.get("enable_gqa") else 3
     k, v, _ = qkv(torch.bfloat16, seed=2, shape=(2, kv_heads, 40, 16))
     torch.manual_seed(0)  # the same dropout draws for both
-    with AttentionBackwardInFp32():
+    with AttentionInFp32():
         out = F.scaled_dot_product_attention(q, k, v, **options)
     torch.manual_seed(0)
     assert torch.equal(out, native(q, k, v, **options))
     assert all(g.dtype == torch.bfloat16 for g in grads(out, (q, k, v)))
 
 
-def test_other_dtypes_pass_through_untouched():
-    for dtype in (torch.float32, torch.float16):
-        q, k, v = qkv(dtype)
-        with AttentionBackwardInFp32():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        assert out.dtype == dtype
-        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+def test_fp32_passes_through_untouched():
+    q, k, v = qkv(torch.float32)
+    with AttentionInFp32():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def tiny_lm_grads(recipe: str, wrap: bool):
     """Loss and q_proj weight gradient of one step of the tiny Llama under ``recipe``;
-    ``wrap``: plain model (no routing), forward inside `AttentionBackwardInFp32`."""
+    ``wrap``: the converted model's attention switched back to plain ``sdpa``, its forward inside
+    `AttentionInFp32` instead."""
     precision = Precision(recipe)
-    model = build_causal_lm("tiny", 257, seed=0)
+    model = precision.convert(build_causal_lm("tiny", 257, seed=0))
     if wrap:
-        model.to(precision.param_dtype)
-    else:
-        model = precision.convert(model)
+        model.set_attn_implementation("sdpa")
     tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))
-    mode = AttentionBackwardInFp32() if wrap else contextlib.nullcontext()
+    mode = AttentionInFp32() if wrap else contextlib.nullcontext()
     with precision.autocast(), mode:
         logits = model(tokens[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -152,7 +170,7 @@ def tiny_lm_grads(recipe: str, wrap: bool):
     return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad
 
 
-@pytest.mark.parametrize("recipe", ["bf16-low", "bf16-mixed"])
+@pytest.mark.parametrize("recipe", ["bf16-low", "bf16-mixed", "fp16-low"])
 def test_convert_routes_a_transformers_models_attention(recipe):
     routed_loss, routed_grad = tiny_lm_grads(recipe, wrap=False)
     wrapped_loss, wrapped_grad = tiny_lm_grads(recipe, wrap=True)
@@ -160,9 +178,12 @@ def test_convert_routes_a_transformers_models_attention(recipe):
     assert torch.equal(routed_grad, wrapped_grad)
 
 
-def test_routing_is_for_bf16_on_cpu_and_not_saved(tmp_path):
-    fp32 = Precision("fp32").convert(build_causal_lm("tiny", 257))
-    assert fp32.config._attn_implementation == "sdpa"
+def test_routing_is_for_16_bit_compute_on_cpu_and_not_saved(tmp_path):
+    for recipe in ("fp32", "fp16-mixed"):  # fp16-mixed computes between its GEMMs in fp32
+        model = Precision(recipe).convert(build_causal_lm("tiny", 257))
+        assert model.config._attn_implementation == "sdpa"
+    fp16 = Precision("fp16-low").convert(build_causal_lm("tiny", 257))
+    assert fp16.config._attn_implementation == "lowbit_sdpa"
     bf16 = Precision("bf16-mixed").convert(build_causal_lm("tiny", 257))
     assert bf16.config._attn_implementation == "lowbit_sdpa"
     bf16.save_pretrained(tmp_path)
