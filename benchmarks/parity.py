@@ -2,6 +2,7 @@
 
     python benchmarks/parity.py --measure            # seconds per step of every recipe (sizing)
     python benchmarks/parity.py                      # the full study (3 seeds, every preset)
+    python benchmarks/parity.py --jobs 1             # one run at a time (default: one per core)
     python benchmarks/parity.py --recipes fp32,bf16-mixed,mxfp4 --seeds 1 --lm-steps 150
     python benchmarks/parity.py --golden             # rewrite tests/golden/parity_tiny.json
 
@@ -71,7 +72,7 @@ WORKLOADS = {
 EVALS = {"causal-lm": 4, "token-classification": 8, "image-classification": 8}
 # 540 causal-LM steps of 128 x 64 tokens (4.4M tokens per run; a multiple of EVALS, so the last
 # evaluation is the final one): what fits the ~60-minute budget with 3 seeds of 20 presets, two
-# processes on two cores (docs/parity.md, "Running the full study").
+# runs at a time on two cores (--jobs; docs/parity.md, "Running the full study").
 DEFAULT_STEPS = {"causal-lm": 540, "token-classification": 200, "image-classification": 200}
 
 GOLDEN = ROOT / "tests" / "golden" / "parity_tiny.json"
@@ -121,13 +122,31 @@ def measure(recipes: list[str], tasks: list[str], steps: int = 3) -> dict:
     return out
 
 
-def run_task(task, recipes, seeds, steps, out, quiet) -> dict:
+def task_study(task, recipes, seeds, steps, out):
     settings = {**WORKLOADS[task], "steps": steps, "eval_interval": max(1, steps // EVALS[task])}
-    study = make_study(recipes, settings, seeds=seeds, out=Path(out) / task)
+    return make_study(recipes, settings, seeds=seeds, out=Path(out) / task)
+
+
+def run_task(study, quiet) -> dict:
+    task = study.out.name
     result = compare(study, quiet=quiet, log=lambda line: print(f"  {task}: {line}", flush=True))
     runs = [r for rs in result.results["runs"].values() for r in rs]
     result.results["wall_s"] = sum(r.get("wall_time") or 0 for r in runs)  # also when reused
     return result.results
+
+
+def train_all(studies: dict, jobs: int, threads: int) -> set:
+    """Train every run of every task's study, ``jobs`` at a time (`lowbit.report.parallel`),
+    longest first: the causal LM's runs, then the classification tasks'."""
+    from lowbit.report.parallel import train_runs
+
+    runs = [
+        (study, recipe, seed)
+        for study in sorted(studies.values(), key=lambda s: s.out.name != "causal-lm")
+        for recipe in study.recipes
+        for seed in study.seeds
+    ]
+    return train_runs(runs, jobs, threads, log=lambda line: print(f"  {line}", flush=True))
 
 
 _ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -284,7 +303,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
     parser.add_argument("--out", default=str(ROOT / "runs" / "parity"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="runs trained at a time in worker processes (default: CPU cores / --threads)",
+    )
     parser.add_argument("--measure", action="store_true", help="only time a few steps per recipe")
     parser.add_argument("--golden", action="store_true", help="rewrite the golden loss curves")
     parser.add_argument("--no-write", action="store_true", help="do not touch the .md files")
@@ -305,16 +329,27 @@ def main(argv=None) -> int:
         "token-classification": args.tok_steps,
         "image-classification": args.img_steps,
     }
-    all_results = {}
+    studies = {}
     for task in tasks:
         lm = task == "causal-lm"
         task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
         if task == "image-classification" and args.img_recipes:
             task_recipes = args.img_recipes.split(",")
         seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
-        all_results[task] = run_task(task, task_recipes, seeds, steps[task], args.out, args.quiet)
+        studies[task] = task_study(task, task_recipes, seeds, steps[task], args.out)
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
+    started = time.perf_counter()
+    trained = train_all(studies, jobs, args.threads) if jobs > 1 else None
+    all_results = {task: run_task(study, args.quiet) for task, study in studies.items()}
+    wall = (time.perf_counter() - started) / 60
+    if trained is not None:
+        print(f"parity: {wall:.0f} min with {jobs} jobs x {args.threads} threads", flush=True)
     if not args.no_write:
         command = "python benchmarks/parity.py " + " ".join(argv or sys.argv[1:])
+        if trained:  # a measured wall time only where this invocation trained every run
+            total = sum(len(s.recipes) * len(s.seeds) for s in studies.values())
+            if len(trained) == total:
+                command += f"  # {wall:.0f} min wall, {jobs} jobs x {args.threads} threads"
         text = markdown(all_results, command.strip(), args.note)
         replace_section(ROOT / "BENCHMARKS.md", text)
         replace_doc_results(ROOT / "docs" / "parity.md", text)

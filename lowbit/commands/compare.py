@@ -60,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for PyTorch (default: PyTorch's; 1 is faster for tiny models on a busy "
         "machine)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at a time, each in its own process (default 1); with --jobs N each "
+        "gets --threads threads, by default the CPU cores divided by N",
+    )
     group = parser.add_argument_group("train options (passed to every run)")
     group.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in train_command.FLAGS:
@@ -97,6 +104,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.seeds <= 0:
         raise UsageError(f"--seeds must be positive, got {args.seeds}; fix: --seeds 3")
+    if args.jobs <= 0:
+        raise UsageError(f"--jobs must be positive, got {args.jobs}; fix: --jobs 2")
     study = make_study(
         args.recipes,
         base,
@@ -114,6 +123,8 @@ def run(args) -> int:
             quiet=args.quiet,
             plots=not args.no_plots,
             log=lambda line: print(line, flush=True),
+            jobs=args.jobs,
+            threads=args.threads,
         )
     except NonFiniteLoss as error:
         print(f"lowbit: error: {error}", file=sys.stderr)

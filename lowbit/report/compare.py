@@ -2,7 +2,7 @@
 
 Every run trains the same task, model, data order and seeds; only the recipe changes. Runs live in
 ``<out>/runs/<recipe>/seed-<n>/`` (ordinary `lowbit train` run folders) and are trained one after
-the other. A finished run leaves ``compare.json`` beside its ``config.yaml`` and is reused by the
+the other, or several at a time in worker processes (``jobs``, `lowbit.report.parallel`). A finished run leaves ``compare.json`` beside its ``config.yaml`` and is reused by the
 next invocation; an interrupted one (checkpoint, no ``compare.json``) is resumed through the
 trainer's resume, which continues bit for bit.
 
@@ -653,8 +653,12 @@ def check_out(study: Study, overwrite: bool) -> None:
             )
 
 
-def compare(study: Study, overwrite=False, quiet=True, plots=True, log=print) -> CompareResult:
-    """Train every (recipe, seed) of ``study`` (reusing finished runs), write the report."""
+def compare(
+    study: Study, overwrite=False, quiet=True, plots=True, log=print, jobs: int = 1, threads=None
+) -> CompareResult:
+    """Train every (recipe, seed) of ``study`` (reusing finished runs), write the report. With
+    ``jobs`` > 1 the runs train that many at a time in worker processes of ``threads`` PyTorch
+    threads each (default: the cores shared out; `lowbit.report.parallel`)."""
     from lowbit.report.html import write_html
     from lowbit.report.markdown import write_markdown
 
@@ -664,6 +668,13 @@ def compare(study: Study, overwrite=False, quiet=True, plots=True, log=print) ->
     tmp = study.out / f"{SETTINGS}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(study.settings(), indent=1) + "\n")
     os.replace(tmp, study.out / SETTINGS)
+    in_workers = set()
+    if jobs > 1:
+        from lowbit.report.parallel import default_threads, train_runs
+
+        runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
+        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), overwrite, log)
+        overwrite = False  # every run is finished now: the loop below reads their records
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)
@@ -672,9 +683,15 @@ def compare(study: Study, overwrite=False, quiet=True, plots=True, log=print) ->
         for seed in study.seeds:
             t0 = time.perf_counter()
             record = run_one(study, recipe, seed, quiet=quiet, overwrite=overwrite)
+            if (study.out, recipe, seed) in in_workers:
+                record = {**record, "reused": False}
+                how = "trained in a worker"
+            elif record["reused"]:
+                how = "reused"
+            else:
+                how = f"trained in {time.perf_counter() - t0:.0f}s"
             records[recipe].append(record)
             (reused if record["reused"] else trained).append((recipe, seed))
-            how = "reused" if record["reused"] else f"trained in {time.perf_counter() - t0:.0f}s"
             log(
                 f"[{len(trained) + len(reused)}/{total}] {recipe} seed {seed}: validation loss "
                 f"{record['final_metrics'].get('loss', math.nan):.4f} ({how})"

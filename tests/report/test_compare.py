@@ -109,6 +109,22 @@ def test_interrupted_run_is_resumed_to_the_same_loss(study_result, tmp_path):
     assert record["final_metrics"]["loss"] == uninterrupted["final_metrics"]["loss"]
 
 
+def test_jobs_train_the_same_runs_in_worker_processes(study_result, tmp_path):
+    """--jobs 2: two runs at a time in spawned worker processes (one thread each, as the
+    module's study was trained), every run bit-identical to the sequential study's."""
+    lines = []
+    result = compare(lm_study(tmp_path / "study"), plots=False, log=lines.append, jobs=2, threads=1)
+    assert sorted(result.trained) == sorted(study_result.trained) and result.reused == []
+    assert sum("trained in a worker" in line for line in lines) == 4
+    assert sum(line.startswith("[") and "(trained;" in line for line in lines) == 4
+    for recipe, runs in study_result.results["runs"].items():
+        for ours, sequential in zip(result.results["runs"][recipe], runs):
+            assert ours["final_metrics"]["loss"] == sequential["final_metrics"]["loss"]
+            assert ours["train_loss"] == sequential["train_loss"]
+    again = compare(result.study, plots=False, log=lines.append, jobs=2, threads=1)
+    assert again.trained == [] and len(again.reused) == 4
+
+
 def test_per_label_accuracy_change_on_image_classification(tmp_path):
     study = make_study(
         "fp32,bf16-pure",
@@ -164,6 +180,7 @@ def test_verdict(gap, spread, target, seeds, word, ok):
         (["--recipes", "fp32,fp32"], "listed twice"),
         (["--recipes", "fp32,mxfp4", "--target", "mxfp4"], "RECIPE=PERCENT"),
         (["--recipes", "fp32,mxfp4", "--seeds", "0"], "--seeds must be positive"),
+        (["--recipes", "fp32,mxfp4", "--jobs", "0"], "--jobs must be positive"),
         (["--recipes", "fp32", "--task", "speech"], "unknown task 'speech'"),
     ],
 )
