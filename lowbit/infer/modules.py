@@ -6,8 +6,9 @@ Forward, for ``x`` (M tokens x K) and the stored weight (N x K), ``out = x @ w.T
   row, `quantize_per_token_int8`) and multiplied by the int8 weight with exact int32 accumulation:
   on x86 CPUs by oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``, the kernel
   PyTorch's own x86 quantization uses) on a weight packed once into oneDNN's layout, which applies
-  ``s_w[n]`` in its epilogue, then ``* s_x[m]``; for fewer than `ONEDNN_MIN_ROWS` rows and where
-  oneDNN is missing by ``torch._int_mm`` and one rescale pass.
+  ``s_w[n]`` in its epilogue, then ``* s_x[m]``; for fewer than `ONEDNN_MIN_ROWS` rows, where
+  oneDNN is missing, and on CPUs where oneDNN's int8 linear is a slow reference implementation
+  (`lowbit.infer.onednn`) by ``torch._int_mm`` and one rescale pass.
 - int8 ``weights-only``: ``kernel="dequant"`` (default) dequantizes the int8 weight once to fp32 and
   runs the fp32 GEMM; ``kernel="int8pack"`` calls ``torch.ops.aten._weight_int8pack_mm`` (int8
   weights, fp32 activations) each time. Both give the same products up to fp32 summation order.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.infer.onednn import onednn_int8_is_fast
 from lowbit.infer.quant import (
     Mode,
     QuantRecipe,
@@ -104,10 +106,11 @@ class QuantLinear(torch.nn.Module):
 
     def _onednn_weight(self):
         """(packed weight, fp32 scales, zero points) for oneDNN's qlinear, or () where PyTorch has
-        no oneDNN quantized linear (non-x86 builds)."""
+        no oneDNN quantized linear (non-x86 builds) or it is slow on this CPU."""
 
         def pack():
-            if self.qweight.device.type != "cpu":  # oneDNN is a CPU library
+            # oneDNN is a CPU library
+            if self.qweight.device.type != "cpu" or not onednn_int8_is_fast():
                 return ()
             try:
                 packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)

@@ -4,7 +4,8 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.formats import quantize
 from lowbit.formats.error import sqnr
-from lowbit.infer import QuantLinear, QuantRecipe
+from lowbit.infer import QuantLinear, QuantRecipe, modules
+from lowbit.infer import onednn as onednn_probe
 from lowbit.infer.quant import (
     check_divides,
     quantize_per_token_int8,
@@ -88,19 +89,38 @@ def test_int8_kernels_agree_with_the_dequantized_reference():
     torch.testing.assert_close(dequant, x @ wo.dequantized_weight().t(), rtol=1e-6, atol=1e-6)
 
 
-def test_int8_gemm_on_onednn_equals_the_int_mm_path():
+def test_int8_gemm_on_onednn_equals_the_int_mm_path(monkeypatch):
     """oneDNN's prepacked quantized linear (x86) and torch._int_mm compute the same exact int32
-    products; only the order of the two fp32 scale multiplications differs."""
+    products; only the order of the two fp32 scale multiplications differs. oneDNN is forced on
+    (on a CPU where the probe finds it slow, W8A8 layers would not call it)."""
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        pytest.skip("this PyTorch build has no oneDNN quantized linear")
+    monkeypatch.setattr(modules, "onednn_int8_is_fast", lambda: True)
     linear = torch.nn.Linear(128, 344, bias=True)
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(5)) * 3
     layer = QuantLinear.from_linear(linear, QuantRecipe("int8", "weights-and-activations"))
     with torch.no_grad():
         onednn = layer(x)
-        assert ("oneDNN qlinear" in layer.note()) == bool(layer._onednn_weight())
-        layer._cache["onednn"] = ()  # what a build without oneDNN's quantized linear gets
-        assert "torch._int_mm" in layer.note()
+        assert "oneDNN qlinear" in layer.note()
+        layer._cache.clear()
+        monkeypatch.setattr(modules, "onednn_int8_is_fast", lambda: False)
+        assert "torch._int_mm" in layer.note() and "oneDNN" not in layer.note()
         fallback = layer(x)
     torch.testing.assert_close(onednn, fallback, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("onednn_s", "int_mm_s", "fast"),
+    [(1e-5, 1e-5, True), (4e-5, 1e-5, True), (5e-5, 1e-5, False), (1e-2, 1e-5, False)],
+)
+def test_onednn_is_used_unless_it_is_several_times_slower(monkeypatch, onednn_s, int_mm_s, fast):
+    """The probe times oneDNN's qlinear, then torch._int_mm; oneDNN is kept up to SLOWER (4x)
+    slower, a margin timing noise does not cross (an AMD EPYC's reference fallback: ~1500x)."""
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        pytest.skip("this PyTorch build has no oneDNN quantized linear")
+    times = iter([onednn_s, int_mm_s])
+    monkeypatch.setattr(onednn_probe, "_best_of", lambda fn: next(times))
+    assert onednn_probe.onednn_int8_is_fast.__wrapped__() is fast
 
 
 def test_bad_recipes_say_how_to_fix_them():
