@@ -31,7 +31,7 @@ SHAPES = [
 def timed(fn, rounds: int, budget_s: float) -> float:
     """Median milliseconds of ``rounds`` calls after a warm-up call, fewer (at least one) where
     they would take more than ``budget_s``: oneDNN's int8 linear falls back to a reference
-    implementation on some CPUs (2.1 s a call on an AMD EPYC, `lowbit.infer.onednn`)."""
+    implementation on some CPUs (0.7-17 s a call on an AMD EPYC, `lowbit.infer.onednn`)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start

@@ -3,13 +3,13 @@
 oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``) is PyTorch's own x86 int8
 inference kernel, and on the Intel Xeon with AMX of earlier sessions it was the faster int8 GEMM
 for batched evaluation. On other x86 CPUs it can fall back to a reference implementation: on an
-AMD EPYC (AVX512-VNNI, no AMX) one call at 4096 x 128 -> 128 took 2.1 s, against 1.4 ms for
-``torch._int_mm`` (`benchmarks/gemm.py`, BENCHMARKS.md). Nothing PyTorch exposes says which
+AMD EPYC (AVX512-VNNI, no AMX) one call at 4096 x 128 -> 128 took 0.72 s, against 0.21 ms for
+``torch._int_mm`` (`benchmarks/gemm.py`, 2 threads, BENCHMARKS.md). Nothing PyTorch exposes says which
 implementation oneDNN picked, so `onednn_int8_is_fast` times both kernels once on a small GEMM.
 The choice must not flip between runs of one machine (the two kernels apply the fp32 scales in a
 different order, so their outputs can differ in the last bit): oneDNN is kept unless it is more
 than `SLOWER` times slower, a margin no timing noise crosses when the kernels are alike (near 1x)
-and that a reference fallback (hundreds of times slower) always does.
+and that a reference fallback (thousands of times slower) always does.
 """
 
 from __future__ import annotations
