@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from lowbit import kernels
 from lowbit.formats import Granularity, QTensor
 from lowbit.recipes.recipe import LayerSpec
 
@@ -51,6 +52,10 @@ def _per_element_scale(q: QTensor) -> torch.Tensor:
     return q.expanded_scale()
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_VALUES = (*_KERNEL_DTYPES, torch.int8)
+
+
 @torch.no_grad()
 def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     """The `STATS` of one quantized operand as a float64 vector (no host sync).
@@ -59,15 +64,29 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     scales up to one rounding of ``v * s``), sums accumulated in float64.
     """
     f64 = torch.float64
-    x = x_hp.detach().reshape(q.values.shape).float()
     scale = _per_element_scale(q).float()
-    d = q.values.float() * scale
+    # clipped beyond the top code; the 2**-20 margin ignores the fp32 rounding of amax / scale
+    saturation = float(q.fmt.max) * (1 + 2.0**-20)
+    values = q.values
+    if kernels.usable(values) and x_hp.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_VALUES:
+        # one pass, the same fp32 arithmetic (stats.cpp)
+        x = x_hp.detach().reshape(values.shape)
+        transposed = not x.is_contiguous() and x.t().is_contiguous() and values.t().is_contiguous()
+        if transposed:  # a weight-gradient operand: the same elements, read in memory order
+            x, values, scale = x.t(), values.t(), scale.t() if scale.dim() == 2 else scale
+        grid = q.effective_scale().flatten()
+        stats = kernels.operand_stats(
+            x.contiguous(), values.contiguous(), scale.contiguous(), saturation
+        )
+        stats[5] = grid.median().double() if grid.numel() else 1.0
+        return stats
+    x = x_hp.detach().reshape(values.shape).float()
+    d = values.float() * scale
     ax = x.abs()
     finite_x = ax < math.inf
     n = max(x.numel(), 1)
     err2 = (x - d).square_()
-    # clipped beyond the top code; the 2**-20 margin ignores the fp32 rounding of amax / scale
-    saturated = finite_x & (ax > float(q.fmt.max) * (1 + 2.0**-20) * scale)
+    saturated = finite_x & (ax > saturation * scale)
     nonzero = x != 0
     flushed = nonzero & (d == 0)
     signal = x.square().sum(dtype=f64)

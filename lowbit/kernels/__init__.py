@@ -9,7 +9,8 @@ fp32 -> bf16 round trips unless told otherwise, so no well-kept library does thi
 to the PyTorch path it replaces (tests/kernels check every format, granularity and scale rule),
 and can first apply a random Hadamard transform to each block (a fast Walsh-Hadamard transform in
 the order `lowbit.formats.hadamard.transform` fixes) so that no transformed copy is written;
-`epilogue.cpp` applies per-row and per-column GEMM scales in one pass.
+`epilogue.cpp` applies per-row and per-column GEMM scales in one pass; `stats.cpp` measures a
+quantized operand's error statistics (`lowbit.diagnostics.stats`) in one pass.
 
 The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
@@ -33,7 +34,9 @@ import torch
 
 from lowbit.threadflag import ThreadFlag
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("quantize.cpp", "epilogue.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("quantize.cpp", "epilogue.cpp", "stats.cpp")
+]
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds as PyTorch's does.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -192,3 +195,13 @@ def add_scaled_blocks_(
     K-blocks x M x N (int32, fp32 or bf16), ``row`` K-blocks x M, ``col`` K-blocks x N."""
     torch.ops.lowbit.add_scaled_blocks_(out, partials, row, col)
     return out
+
+
+def operand_stats(
+    x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, saturation: float
+) -> torch.Tensor:
+    """The `lowbit.diagnostics.stats.STATS` vector (float64, its scale entry 0) of ``x`` (fp32,
+    bf16 or fp16) against ``values * scale`` (carrier values fp32, bf16, fp16 or int8, both
+    contiguous; ``scale`` fp32, one or one per element), with ``saturation`` the format's largest
+    value times (1 + 2**-20), in one pass (stats.cpp)."""
+    return torch.ops.lowbit.operand_stats(x, values, scale, saturation)
