@@ -71,9 +71,6 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     if kernels.usable(values) and x_hp.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_VALUES:
         # one pass, the same fp32 arithmetic (stats.cpp)
         x = x_hp.detach().reshape(values.shape)
-        transposed = not x.is_contiguous() and x.t().is_contiguous() and values.t().is_contiguous()
-        if transposed:  # a weight-gradient operand: the same elements, read in memory order
-            x, values, scale = x.t(), values.t(), scale.t() if scale.dim() == 2 else scale
         grid = q.effective_scale().flatten()
         stats = kernels.operand_stats(
             x.contiguous(), values.contiguous(), scale.contiguous(), saturation

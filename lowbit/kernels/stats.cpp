@@ -6,11 +6,13 @@
 // over the saturated and over the flushed elements. In PyTorch ops that is about 25 passes over the
 // operand, and the `auto` recipe measures every operand of every layer against every rung of its
 // ladder at each check (a check step of the parity study's model, one thread, took 3.0 s against
-// 0.16 s for a plain step; 0.9-1.1 s with this kernel, scratch timing). Here it is one pass with the same fp32 elementwise arithmetic as the PyTorch path:
-// d = v * s, (x - d)^2 and x^2 rounded to fp32, the saturation threshold fp32(max * (1 + 2^-20))
-// times s in fp32; counts are exact and the sums are accumulated in float64 (in chunks of a fixed
-// size, added in chunk order, so the result does not depend on the thread count), which differs from PyTorch's float64 summation order only in the last bits. x and
-// the carrier values are read in their own dtypes (fp32, bf16, fp16; int8 values), not copied.
+// 0.16 s for a plain step; 0.9-1.1 s with this kernel, scratch timing). Here it is one pass with
+// the same fp32 elementwise arithmetic as the PyTorch path: d = v * s, (x - d)^2 and x^2 rounded to
+// fp32, the saturation threshold fp32(max * (1 + 2^-20)) times s in fp32; counts are exact and the
+// sums are accumulated in float64 (in chunks of a fixed size, added in chunk order, so the result
+// does not depend on the thread count), which differs from PyTorch's float64 summation order only
+// in the last bits. x and the carrier values are read in their own dtypes (fp32, bf16, fp16; int8
+// values), not converted first (non-contiguous operands are copied by the caller).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -35,22 +35,25 @@ def grads(out, inputs, seed=1):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_forward_is_pytorchs_bf16_attention_and_the_backward_is_fp32_accurate(causal):
-    q, k, v = qkv(torch.bfloat16)
+@pytest.mark.parametrize(("dtype", "floor_db"), [(torch.bfloat16, 40), (torch.float16, 55)])
+def test_forward_bits_and_fp32_accurate_gradients(dtype, floor_db, causal):
+    """bf16: the forward is PyTorch's bf16 kernel; fp16: the fp32 kernel on the fp16 values,
+    rounded to fp16. Gradients: those of the fp32 computation on the same 16-bit inputs, rounded
+    once (bf16: > 40 dB; fp16, 3 more mantissa bits: > 55 dB), at least as close to them as the
+    16-bit kernel's own gradients."""
+    q, k, v = qkv(dtype)
     with AttentionInFp32():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    bf16 = native(q, k, v, is_causal=causal)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, bf16)
-    # Gradients: those of the fp32 computation on the same bf16 inputs, rounded to bf16 (one
-    # rounding: > 40 dB), at least as close to them as the bf16 kernel's own gradients.
+    kernel_16_bit = native(q, k, v, dtype=dtype, is_causal=causal)
     fp32 = fp32_reference(q, k, v, is_causal=causal)
-    for ours, bf16_grad, exact in zip(
-        grads(out, (q, k, v)), grads(bf16, (q, k, v)), grads(fp32, (q, k, v))
+    assert out.dtype == dtype
+    assert torch.equal(out, kernel_16_bit if dtype == torch.bfloat16 else fp32.to(dtype))
+    for ours, kernel_grad, exact in zip(
+        grads(out, (q, k, v)), grads(kernel_16_bit, (q, k, v)), grads(fp32, (q, k, v))
     ):
-        assert ours.dtype == torch.bfloat16
-        assert sqnr(exact.float(), ours.float()) > 40
-        assert sqnr(exact.float(), ours.float()) >= sqnr(exact.float(), bf16_grad.float()) - 1
+        assert ours.dtype == dtype
+        assert sqnr(exact.float(), ours.float()) > floor_db
+        assert sqnr(exact.float(), ours.float()) >= sqnr(exact.float(), kernel_grad.float()) - 1
 
 
 def saved_bytes(fn):
@@ -64,24 +67,6 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_fp16_is_the_fp32_kernel_on_fp16_values_rounded_to_fp16(causal):
-    q, k, v = qkv(torch.float16)
-    with AttentionInFp32():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    fp32 = fp32_reference(q, k, v, is_causal=causal)
-    assert out.dtype == torch.float16
-    assert torch.equal(out, fp32.to(torch.float16))
-    fp16 = native(q, k, v, dtype=torch.float16, is_causal=causal)
-    for ours, fp16_grad, exact in zip(
-        grads(out, (q, k, v)), grads(fp16, (q, k, v)), grads(fp32, (q, k, v))
-    ):
-        assert ours.dtype == torch.float16
-        # fp16 keeps 3 more mantissa bits than bf16: one rounding is > 55 dB
-        assert sqnr(exact.float(), ours.float()) > 55
-        assert sqnr(exact.float(), ours.float()) >= sqnr(exact.float(), fp16_grad.float()) - 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
