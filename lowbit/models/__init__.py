@@ -34,7 +34,8 @@ def build_model(task: str, size_or_path: str, **kw):
     """Dispatch on ``task``:
 
     - ``causal-lm``: a named size -> `build_causal_lm(size, vocab_size, max_seq_len, seed)`,
-      otherwise a checkpoint folder -> `load_causal_lm(path, max_seq_len)`;
+      otherwise a checkpoint folder -> `load_causal_lm(path, max_seq_len, seed)` (the seed
+      initializes a folder that holds only a config);
     - ``token-classification``: `build_token_classifier(size_or_path, labels, vocab_size, seed,
       max_seq_len)`;
     - ``image-classification``: `build_cnn(size, num_classes, seed)`.
@@ -44,7 +45,6 @@ def build_model(task: str, size_or_path: str, **kw):
         if size_or_path in causal_lm.SIZES:
             return build_causal_lm(size_or_path, **kw)
         kw.pop("vocab_size", None)  # a checkpoint brings its own vocabulary
-        kw.pop("seed", None)
         return load_causal_lm(size_or_path, **kw)
     if task == "token-classification":
         return build_token_classifier(size_or_path, **kw)

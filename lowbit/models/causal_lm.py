@@ -160,8 +160,10 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
     return model
 
 
-def load_causal_lm(path, max_seq_len: int | None = None):
-    """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output)."""
+def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
+    """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
+    a folder with only a ``config.json``, a fresh model of that config initialized from ``seed``
+    (the global torch RNG is left untouched)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
@@ -175,7 +177,9 @@ def load_causal_lm(path, max_seq_len: int | None = None):
     model = None
     if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
         try:
-            model = from_pretrained(AutoModelForCausalLM, folder)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = from_pretrained(AutoModelForCausalLM, folder)
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:

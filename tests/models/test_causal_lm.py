@@ -104,3 +104,33 @@ def test_load_errors(tmp_path):
         UsageError, match=r"'bert' checkpoint \(BertModel\) is not a causal language model"
     ):
         load_causal_lm(tmp_path)
+
+
+def test_a_folder_with_only_a_config_gives_a_seeded_fresh_model(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=257).save_pretrained(tmp_path)
+    state = torch.get_rng_state()
+    first = build_model("causal-lm", str(tmp_path), vocab_size=257, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    again = load_causal_lm(tmp_path, seed=1)
+    other = load_causal_lm(tmp_path, seed=2)
+    assert type(first).__name__ == "GPT2LMHeadModel" and first.config.n_layer == 2
+    weight = first.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(weight, again.transformer.h[0].attn.c_attn.weight)
+    assert not torch.equal(weight, other.transformer.h[0].attn.c_attn.weight)
+
+
+def test_training_from_a_config_only_folder(tmp_path):
+    from transformers import LlamaConfig
+
+    from lowbit.cli import main
+
+    model = tmp_path / "pico"
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                vocab_size=257).save_pretrained(model)  # fmt: skip
+    run = tmp_path / "run"
+    args = ["train", "--model", str(model), "--recipe", "fp32", "--steps", "2", "--seq-len", "16"]
+    args += ["--batch-size", "2", "--eval-batches", "1", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    assert (run / "checkpoints").is_dir()
