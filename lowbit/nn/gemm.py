@@ -133,6 +133,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float().t()
 
 
+def cast_gemm(a: torch.Tensor, b: torch.Tensor, dtypes: tuple, out_dtype: torch.dtype):
+    """``a @ b.T`` of two operands that are plain casts to ``dtypes`` (fp32/bf16/fp16, no scales):
+    the same bits as `emulated_gemm` of the cast operands, without building `QTensor`s (the bf16
+    backward GEMMs of ``int8``; this saves ~0.1 ms of Python per GEMM, scratch timing)."""
+    out = _mm(a.to(dtypes[0]), b.to(dtypes[1]))
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
 def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(a @ b.T) * scale`` for bf16 ``a``, ``b`` and one fp32 ``scale``, rounded to bf16 once.
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
-from lowbit.nn.gemm import emulated_gemm
+from lowbit.nn.gemm import cast_gemm, emulated_gemm
 from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand, shared_quantization
-from lowbit.recipes.recipe import GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
+from lowbit.recipes.recipe import DTYPES, GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
 
 
 def _transposed(q: QTensor) -> QTensor:
@@ -121,6 +121,13 @@ class LayerState:
         self.reuse_w = "grad_input.w" in self.reused
         self.reuse_x = "grad_weight.x" in self.reused
         self.shares_grad_out = "grad_weight.grad_out" in self.reused
+        # Backward GEMMs whose operands are both plain casts (int8's bf16 gradients): their
+        # dtypes, for `cast_gemm` (no QTensors) where no observer needs the quantized operands.
+        self.cast_gemms = {
+            name: (DTYPES[gemm.a.format], DTYPES[gemm.b.format])
+            for name, gemm in (("grad_input", spec.grad_input), ("grad_weight", spec.grad_weight))
+            if gemm.a.is_plain_cast and gemm.b.is_plain_cast and gemm.transform is Transform.NONE
+        }
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
         """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
@@ -261,16 +268,20 @@ class LowbitLinearFunction(torch.autograd.Function):
         shared_quantization.release("forward.x")  # the forward is over: let its input go
         spec = state.spec
         grad_x = grad_w = grad_bias = None
-        # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once.
+        # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once
+        # (where a GEMM reuses a forward operand; the others quantize their own, below).
         qg = (
             _quantize(grad_out, spec.grad_input.a, state, "grad_input.grad_out")
-            if state.shares_grad_out
+            if state.shares_grad_out and (qw is not None or qx is not None)
             else None
         )
+        casts = state.cast_gemms if state.observer is None else {}
         with _autocast_off(grad_out.device.type):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
-                if qw is not None:
+                if "grad_input" in casts and qw is None:
+                    grad_x = cast_gemm(grad_out, weight.t(), casts["grad_input"], ctx.input_dtype)
+                elif qw is not None:
                     qg_in = qg or _quantize(grad_out, gemm.a, state, "grad_input.grad_out")
                     if state.observer is not None:
                         state.observer("grad_input.grad_out", grad_out, qg_in)
@@ -286,7 +297,9 @@ class LowbitLinearFunction(torch.autograd.Function):
                     )
             if ctx.needs_input_grad[1]:
                 gemm = spec.grad_weight
-                if qx is not None:
+                if "grad_weight" in casts and qx is None:
+                    grad_w = cast_gemm(grad_out.t(), x.t(), casts["grad_weight"], ctx.weight_dtype)
+                elif qx is not None:
                     qg_w = (
                         _transposed(qg)
                         if qg is not None

@@ -62,6 +62,23 @@ def test_int8_and_fp16_sqnr_floors():
     assert min(sqnr(out, out_lp), sqnr(gx, gx_lp), sqnr(gw, gw_lp)) >= 60
 
 
+@pytest.mark.parametrize("observed", [False, True])
+def test_int8_backward_gemms_are_plain_bf16_gemms(observed):
+    # int8's gradients come from bf16 GEMMs of the bf16-rounded operands, as plain PyTorch
+    # computes them; the same bits whether or not an observer asks for the quantized operands
+    # (with one, they go through QTensors instead of the direct casts).
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64, bias=False)
+    layer = LowbitLinear(linear, get_recipe("int8").layer)
+    if observed:
+        layer.lowbit_state.observer = lambda *args: None
+    x, grad = torch.randn(32, 96), torch.randn(32, 64)
+    _, gx, gw = run_layer(layer, x, grad)
+    bf16 = torch.bfloat16
+    assert torch.equal(gx, (grad.to(bf16) @ linear.weight.to(bf16)).float())
+    assert torch.equal(gw, (grad.t().to(bf16) @ x.to(bf16)).float())
+
+
 def test_rowwise_beats_tensorwise_on_outlier_rows():
     x = torch.randn(256, 128)
     x[::32] *= 1e5  # a few tokens with huge activations
