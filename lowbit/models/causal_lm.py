@@ -162,15 +162,17 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
 
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
-    a folder with only a ``config.json``, a fresh model of that config initialized from ``seed``
+    a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
+    initialized from ``seed``
     (the global torch RNG is left untouched)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    config_file = folder.is_file() and folder.suffix == ".json"  # a config.json by itself
+    if not (config_file or (folder / "config.json").is_file()):
         raise UsageError(
             f"{path}: not a Hugging Face checkpoint folder (no config.json); fix: give a named "
-            f"size ({', '.join(SIZES)}) or a folder written by save_pretrained"
+            f"size ({', '.join(SIZES)}), a folder written by save_pretrained or a config.json"
         )
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     architectures = config.architectures or []

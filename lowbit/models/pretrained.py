@@ -1,8 +1,8 @@
 """Loading local Hugging Face checkpoint folders (never downloading).
 
 A folder that holds a ``config.json`` but no weights (a model described by its config only, as
-one writes for a small experiment) gives a freshly initialized model of that architecture, drawn
-from the caller's torch RNG.
+one writes for a small experiment), or the path of such a config.json itself, gives a freshly
+initialized model of that architecture, drawn from the caller's torch RNG.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_load_errors(tmp_path):
         load_causal_lm(tmp_path)
 
 
-def test_a_folder_with_only_a_config_gives_a_seeded_fresh_model(tmp_path):
+def test_a_config_only_folder_or_file_gives_a_seeded_fresh_model(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=257).save_pretrained(tmp_path)
@@ -115,6 +115,8 @@ def test_a_folder_with_only_a_config_gives_a_seeded_fresh_model(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     again = load_causal_lm(tmp_path, seed=1)
     other = load_causal_lm(tmp_path, seed=2)
+    from_file = load_causal_lm(tmp_path / "config.json", seed=1)  # the file itself does too
+    assert torch.equal(first.lm_head.weight, from_file.lm_head.weight)
     assert type(first).__name__ == "GPT2LMHeadModel" and first.config.n_layer == 2
     weight = first.transformer.h[0].attn.c_attn.weight
     assert torch.equal(weight, again.transformer.h[0].attn.c_attn.weight)
