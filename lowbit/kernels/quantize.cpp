@@ -141,20 +141,21 @@ struct Grid {
 
 [[gnu::always_inline]] inline float bf16_value(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
 
-// Symmetric integer rounding: clamp to +-qmax, round half to even on the fp32 adder (|y| < 2**22).
+// Symmetric integer rounding: clamp to +-qmax, round half to even on the fp32 adder (|y| < 2**22);
+// NaN gives 0. The NaN case is a select, not an early return: with the branch GCC vectorized the
+// loop around it half as well (4096 x 128 fp32 rows: 389 -> 192 us, scratch timing).
 [[gnu::always_inline]] inline int8_t round_int(float y, float qmax) {
-  if (std::isnan(y)) return 0;
   constexpr float magic = 12582912.0f;  // 1.5 * 2**23: ulp 1
   const float r = (clamp_nan(y, qmax) + magic) - magic;
-  return static_cast<int8_t>(r);
+  return static_cast<int8_t>(static_cast<int32_t>(y == y ? r : 0.0f));
 }
 
 // Stochastic integer rounding (`_cast_int`): floor(y) + [u < frac] after clamping to +-qmax.
 [[gnu::always_inline]] inline int8_t round_int_stochastic(float y, float qmax, float u) {
-  if (std::isnan(y)) return 0;
   const float r = clamp_nan(y, qmax);
   const float low = floor_small(r);
-  return static_cast<int8_t>(low + (u < r - low ? 1.0f : 0.0f));
+  const float rounded = low + (u < r - low ? 1.0f : 0.0f);
+  return static_cast<int8_t>(static_cast<int32_t>(y == y ? rounded : 0.0f));
 }
 
 // The dequantization scale of a block with largest magnitude `amax` (`scale_from_amax`). Written
