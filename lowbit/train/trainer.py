@@ -304,7 +304,8 @@ class Trainer:
         if emulated and self.device.type == "cpu" and self.dist.is_main:
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
-                f"{len(emulated)} low-precision layers run in bit-faithful emulation (slower)",
+                f"{len(emulated)} low-precision layers run in bit-faithful emulation (slower than "
+                "native kernels)",
                 file=sys.stderr,
             )
         self.total_steps = config.steps or math.ceil(config.epochs * self.task.steps_per_epoch())
