@@ -893,6 +893,12 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
   // One row: every block's amax, then every block's scale and divisor (two loops across the
   // row's blocks, which vectorize), then the rounding block by block.
   auto quantize_row = [&](int64_t r, const auto* row, auto full) {
+    if (blocks_per_row == 1) {  // one scale per row (row-wise int8, fp8): no per-row buffers
+      const auto [s, divisor] = scale_of(row_amax ? row_amax[r] : block_amax(row, cols));
+      scales[r] = s;
+      emit(r, row, 0, cols, s, divisor, draws(noise, static_cast<uint64_t>(r * noise.stride), cols));
+      return;
+    }
     static thread_local std::vector<float> buffer;
     if (static_cast<int64_t>(buffer.size()) < 2 * blocks_per_row) buffer.resize(2 * blocks_per_row);
     float* __restrict__ amax = buffer.data();
