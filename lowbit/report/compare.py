@@ -353,7 +353,8 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=
                 f"{run_dir}: holds an unfinished run with other settings; fix: --overwrite to "
                 "retrain, or another --out"
             )
-    trainer = Trainer(config, quiet=quiet)
+    # the emulation warning is the same for every seed of a recipe: said for its first one only
+    trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0])
     trainer.sample = False  # a sample text per run is slow and not compared
     cuda = trainer.device.type == "cuda"
     if cuda:

@@ -263,7 +263,11 @@ class Trainer:
 
     sample = True  # end a completed causal-lm run with a sample text (compare turns it off)
 
-    def __init__(self, config: TrainConfig, quiet: bool = False, dist=None):
+    def __init__(
+        self, config: TrainConfig, quiet: bool = False, dist=None, warn_emulation: bool = True
+    ):
+        """``warn_emulation=False`` leaves out the warning that the recipe runs in emulation on
+        the CPU (`lowbit compare` says it once per recipe, not once per seed)."""
         import lowbit
         from lowbit.distributed import SINGLE
 
@@ -301,7 +305,7 @@ class Trainer:
             if layer.lowbit_state.dynamic_spec  # auto: its formats move during training
             or any(op.format not in _NATIVE_ON_CPU for op in layer.spec.operands().values())
         ]
-        if emulated and self.device.type == "cpu" and self.dist.is_main:
+        if emulated and warn_emulation and self.device.type == "cpu" and self.dist.is_main:
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
                 f"{len(emulated)} low-precision layers run in bit-faithful emulation (slower than "

@@ -246,6 +246,15 @@ def test_override_applies_to_every_run_and_keys_reuse(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_emulation_warning_once_per_recipe_not_per_seed(tmp_path, capsys):
+    argv = ["compare", "--recipes", "fp32,fp8-tensorwise", "--seeds", "2", "--out", str(tmp_path)]
+    argv += ["--seq-len", "16", "--batch-size", "4", "--steps", "1", "--eval-batches", "1"]
+    assert main([*argv, "--no-plots", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("recipe fp8-tensorwise has no native kernels on the CPU") == 1
+    assert "recipe fp32 has no native kernels" not in err
+
+
 def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsys):
     """``--loss-scale`` in a study of fp32 against fp16-mixed sets fp16-mixed's starting scale and
     leaves fp32 as it is; a study without an fp16 recipe refuses it."""
