@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from lowbit.report.markdown import describe, tables, verdict_lines
+from lowbit.report.markdown import describe, tables, verdicts
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -32,9 +32,8 @@ def write_html(results: dict, path: Path, images: dict[str, Path]) -> Path:
         f"<style>{STYLE}</style></head><body><h1>lowbit compare</h1>",
         f"<p>{html.escape(describe(results))}</p><h2>Verdicts</h2><ul>",
     ]
-    for line in verdict_lines(results):
-        name = line.split(":", 1)[0]
-        ok = results["recipes"][name]["meets_target"]
+    for name, line in verdicts(results):
+        ok = None if name is None else results["recipes"][name]["meets_target"]
         kind = "pass" if ok else ("fail" if ok is False else "unsure")
         parts.append(f"<li class='{kind}'>{html.escape(line)}</li>")
     parts.append("</ul>")

@@ -91,7 +91,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ],
             loss_rows,
         ),
-        gap_by_evaluation(results),
+        *([gap_by_evaluation(results)] if len(rows) > 1 else []),  # no rows without a recipe
         (
             f"Speed and memory (peak memory: {_memory_kind(rows)}; "
             "bytes per parameter by component, measured on the live run)",
@@ -228,12 +228,25 @@ def trend_line(results: dict) -> str:
     return text + "."
 
 
-def verdict_lines(results: dict) -> list[str]:
-    return [
-        f"{name}: {r['verdict']}{_no_layer_note(r.get('layers'))}"
+def verdicts(results: dict) -> list[tuple[str | None, str]]:
+    """(recipe, verdict line) per recipe besides the baseline; with none, one line that says so
+    (recipe None): a study of the baseline alone measures its seed spread, speed and memory."""
+    items = [
+        (name, f"{name}: {r['verdict']}{_no_layer_note(r.get('layers'))}")
         for name, r in results["recipes"].items()
         if name != results["baseline"]
     ]
+    return items or [
+        (
+            None,
+            f"only the baseline ({results['baseline']}) ran: no recipe to judge against it; "
+            "add recipes to --recipes",
+        )
+    ]
+
+
+def verdict_lines(results: dict) -> list[str]:
+    return [line for _, line in verdicts(results)]
 
 
 def _no_layer_note(layers: dict | None) -> str:

@@ -255,6 +255,16 @@ def test_emulation_warning_once_per_recipe_not_per_seed(tmp_path, capsys):
     assert "recipe fp32 has no native kernels" not in err
 
 
+def test_a_study_of_the_baseline_alone_says_there_is_nothing_to_judge(tmp_path, capsys):
+    argv = ["compare", "--recipes", "fp32", "--seeds", "2", "--out", str(tmp_path)]
+    argv += ["--seq-len", "16", "--batch-size", "4", "--steps", "2", "--eval-batches", "1"]
+    assert main([*argv, "--no-plots", "--quiet"]) == 0
+    assert "only the baseline (fp32) ran: no recipe to judge" in capsys.readouterr().out
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "- only the baseline (fp32) ran" in report
+    assert "Validation gap by evaluation" not in report and "Speed and memory" in report
+
+
 def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsys):
     """``--loss-scale`` in a study of fp32 against fp16-mixed sets fp16-mixed's starting scale and
     leaves fp32 as it is; a study without an fp16 recipe refuses it."""
