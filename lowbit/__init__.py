@@ -9,6 +9,7 @@ import os
 # command is); an explicit value, e.g. THP_MEM_ALLOC_ENABLE=0, wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from lowbit import quiet_torchao
 from lowbit.allocator import keep_freed_memory
 from lowbit.nn import convert
 from lowbit.precision import Precision
@@ -18,6 +19,7 @@ from lowbit.recipes import names as recipe_names
 # Freed activation buffers are reused instead of unmapped and faulted in again every step (glibc;
 # lowbit/allocator.py says what it measured and costs; LOWBIT_MALLOC=0 turns it off).
 keep_freed_memory()
+quiet_torchao.install()  # torchao's log noise on a CPU-only torch (lowbit/quiet_torchao.py)
 
 __version__ = "0.1.0"
 

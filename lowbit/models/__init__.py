@@ -7,12 +7,8 @@ builds a fresh model, a folder loads a local Hugging Face checkpoint.
 from __future__ import annotations
 
 from lowbit.errors import choose
-from lowbit.models._quiet import import_torchao_quietly
-
-import_torchao_quietly()
-
-from lowbit.models import causal_lm  # noqa: E402
-from lowbit.models.causal_lm import (  # noqa: E402
+from lowbit.models import causal_lm
+from lowbit.models.causal_lm import (
     build_causal_lm,
     check_seq_len,
     list_sizes,
@@ -20,8 +16,8 @@ from lowbit.models.causal_lm import (  # noqa: E402
     max_positions,
     model_config,
 )
-from lowbit.models.cnn import DigitsCNN, build_cnn  # noqa: E402
-from lowbit.models.token_classifier import (  # noqa: E402
+from lowbit.models.cnn import DigitsCNN, build_cnn
+from lowbit.models.token_classifier import (
     build_token_classifier,
     find_minilm,
     load_encoder_tokenizer,
