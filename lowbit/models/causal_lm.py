@@ -163,8 +163,7 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
-    initialized from ``seed``
-    (the global torch RNG is left untouched)."""
+    initialized from ``seed`` (the global torch RNG is left untouched)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
