@@ -111,12 +111,14 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, pad: bool | None = None) -> torc
     On CUDA, whose kernel refuses M <= 16 and K or N not multiples of 8 (a decoding step's single
     row; a first convolution's K of 9), the operands are first zero-padded to those sizes and the
     result cut back: zero rows and columns add nothing to an integer sum, so it is the same result.
-    ``pad`` forces the padding on or off (default: on CUDA)."""
+    ``pad`` forces the padding on or off (default: on CUDA). On CPU a contraction of K = 1 (a
+    layer with one input feature) is padded to 2: PyTorch's CPU kernel returns wrong sums there
+    when N > 1 (torch 2.13, every M)."""
     if pad is None:
         pad = a.device.type == "cuda"
     (m, k), n = a.shape, b.shape[1]
     rows = max(0, _CUDA_INT_MM_MIN_ROWS - m) if pad else 0
-    inner = (-k) % _CUDA_INT_MM_MULTIPLE if pad else 0
+    inner = (-k) % _CUDA_INT_MM_MULTIPLE if pad else int(k == 1 and a.device.type == "cpu")
     cols = (-n) % _CUDA_INT_MM_MULTIPLE if pad else 0
     if not (rows or inner or cols):
         return torch._int_mm(a, b)

@@ -165,7 +165,9 @@ def test_block_scaled_gemm_gives_the_same_bits_in_chunks_of_k_blocks(monkeypatch
     assert ((emulated_gemm(qa, qb).double() - reference).abs() <= 2**-8 * bound).all()
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 32), (16, 9, 16), (40, 32, 257), (5, 3, 7)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 64, 32), (16, 9, 16), (40, 32, 257), (5, 3, 7), (33, 1, 5), (1, 1, 2)]
+)
 def test_int_mm_pads_to_the_cuda_kernels_shapes_without_changing_the_sums(m, k, n):
     from lowbit.nn.gemm import int_mm
 
@@ -177,6 +179,14 @@ def test_int_mm_pads_to_the_cuda_kernels_shapes_without_changing_the_sums(m, k, 
     assert padded.dtype == torch.int32 and padded.shape == (m, n)
     assert torch.equal(padded.long(), exact)
     assert torch.equal(int_mm(a, b, pad=False).long(), exact)
+
+
+def test_int8_layer_with_one_input_feature_computes_its_products():
+    """K = 1: PyTorch's CPU int8 GEMM gets this wrong unpadded (`int_mm` pads it)."""
+    linear = torch.nn.Linear(1, 6)
+    layer = LowbitLinear(copy.deepcopy(linear), get_recipe("int8").layer)
+    x = torch.randn(9, 1)
+    assert sqnr(linear(x), layer(x)) > 35
 
 
 def test_fp32_operands_are_plain_linear():
