@@ -11,6 +11,13 @@ The loop never tests the recipe's name (the pattern of Lightning's precision plu
     precision.clip_grad_norm_(optimizer, 1.0)   # optional; unscales first
     precision.step(optimizer)                   # False when an overflow skipped the step
     optimizer.zero_grad()
+
+Several models and optimizers (a GAN's generator and discriminator, a student and its teacher) go
+through one `Precision`: convert and wrap each, and step them with one loss scale, as GradScaler's
+``step(a); step(b); update()`` does: `step` skips only an optimizer whose own gradients overflowed,
+and the loss scale moves once per iteration, before the next `backward` (or when it is read).
+`state_dict` covers every converted model and wrapped optimizer; `load_state_dict` may come before
+`convert` and `wrap_optimizer`, and its parts are applied when their model or optimizer arrives.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from dataclasses import replace
 
 import torch
 
+from lowbit.errors import UsageError
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
+from lowbit.nn.linear import LowbitModule
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
-from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate
+from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
 from lowbit.recipes import LossScaling, Recipe, get_recipe
 from lowbit.recipes.recipe import DTYPES
 
@@ -49,11 +58,15 @@ class Precision:
             self.update = LowPrecisionUpdate(
                 master=self.recipe.master_dtype is not None, rounding=self.recipe.update_rounding
             )
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # iterations in which an overflow skipped a step
         self.conversion_report = ConversionReport()
-        self._model: torch.nn.Module | None = None
-        self._grads: list[torch.Tensor] | None = None
-        self._grads_finite = True
+        self._models: list[torch.nn.Module] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        # id(optimizer) -> its unscaled high-precision gradients and whether all are finite,
+        # from `clip_grad_norm_` or `step` until its step is taken
+        self._prepared: dict[int, tuple[list[torch.Tensor], bool]] = {}
+        self._overflowed: bool | None = None  # in the steps since the scale last moved (None: none)
+        self._pending: dict = {}  # parts of a loaded state whose model or optimizer is to come
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -93,8 +106,24 @@ class Precision:
         if self.device.type == "cpu" and self.compute_dtype in (torch.bfloat16, torch.float16):
             # PyTorch's 16-bit CPU attention backward is 2-5x slower than fp32's (lowbit.nn.attention)
             route_attention(model)
-        self._model = model
+        if all(known is not model for known in self._models):
+            self._models.append(model)
+        self._apply_pending()
         return model
+
+    def _layers(self) -> dict[str, LowbitModule]:
+        """The converted layers of every converted model by name; a second model's names carry
+        its position (``1:model.layers.0.mlp.up_proj``), so that no two layers share a key."""
+        layers = {}
+        for index, model in enumerate(self._models):
+            prefix = f"{index}:" if index else ""
+            layers.update({prefix + name: layer for name, layer in lowbit_layers(model).items()})
+        return layers
+
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters of every wrapped optimizer, in wrapping order (the indices by which
+        `state_dict` keys master weights and Kahan buffers)."""
+        return [p for optimizer in self._optimizers for p in optimizer_params(optimizer)]
 
     @property
     def keeps_every_layer(self) -> bool:
@@ -106,8 +135,10 @@ class Precision:
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer to use; the step runs through `step`, which handles master weights."""
-        self._optimizer = optimizer
-        self.update.wrap(optimizer)
+        if all(known is not optimizer for known in self._optimizers):
+            self._optimizers.append(optimizer)
+            self.update.wrap(optimizer)
+        self._apply_pending()
         return optimizer
 
     # --- the loop ----------------------------------------------------------------------------
@@ -119,19 +150,52 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._move_scale()
+        if self._prepared:
+            self._forget_unstepped()
         self.scaler.scale(loss).backward()
 
-    def _prepare(self, optimizer) -> list[torch.Tensor]:
-        """Once per step: high-precision gradients, unscaled, with the joint finite check."""
-        if self._grads is None:
-            self._grads = self.update.prepare(optimizer)
+    def _move_scale(self) -> None:
+        """The loss scale's one move for the steps taken since it last moved."""
+        if self._overflowed is not None:
+            self.scaler.update(self._overflowed)
+            self._overflowed = None
+
+    def _forget_unstepped(self) -> None:
+        """A backward after `clip_grad_norm_` without a `step`: the loop skipped the step (say, on
+        a gradient spike) or accumulates more gradients. The prepared fp32 copies no longer hold
+        the step's gradients and are dropped; gradients that were unscaled in place (fp32
+        parameters under loss scaling) cannot take scaled ones on top of them."""
+        prepared = [grad for grads, _ in self._prepared.values() for grad in grads]
+        self._prepared.clear()
+        for optimizer in self._optimizers:
+            self.update.release(optimizer)
+        if not self.scaler.enabled:
+            return
+        live = {id(p.grad) for p in self._params() if p.grad is not None}
+        if any(id(grad) in live and bool(grad.any()) for grad in prepared):
+            raise UsageError(
+                "precision.backward() after clip_grad_norm_() without a step: the gradients are "
+                "unscaled already and the new ones would be scaled; fix: call "
+                "precision.step(optimizer), or optimizer.zero_grad() to skip the step, first"
+            )
+
+    def _prepare(self, optimizer) -> tuple[list[torch.Tensor], bool]:
+        """Once per step of ``optimizer``: its high-precision gradients, unscaled, and whether
+        all of them are finite (decided jointly by data-parallel ranks)."""
+        key = id(optimizer)
+        if key not in self._prepared:
+            grads = self.update.prepare(optimizer)
             # Data-parallel ranks decide jointly, so all of them skip the same steps.
-            self._grads_finite = scale_agreement().all_finite(self.scaler.unscale_(self._grads))
-        return self._grads
+            finite = scale_agreement().all_finite(self.scaler.unscale_(grads))
+            self._prepared[key] = (grads, finite)
+        return self._prepared[key]
 
     def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
-        """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure)."""
-        grads = self._prepare(optimizer)
+        """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure);
+        ``optimizer`` may be a list of optimizers, whose gradients are clipped together."""
+        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        grads = [grad for opt in optimizers for grad in self._prepare(opt)[0]]
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -142,26 +206,33 @@ class Precision:
             torch._foreach_mul_(grads, coefficient)
         return total.item()
 
-    def step(self, optimizer) -> bool:
-        """Unscale, check, update (or skip), roll the scaling state; True when a step was taken."""
-        self._prepare(optimizer)
-        found_inf = not self._grads_finite
-        if found_inf:
-            self.update.abort(optimizer)
+    def step(self, *optimizers) -> bool:
+        """Unscale, check and update (or skip) each optimizer, roll the delayed-scaling state;
+        True when no step was skipped. The loss scale moves before the next `backward`, once for
+        all the steps since (see the module's docstring)."""
+        if not optimizers:
+            raise UsageError("precision.step() needs the optimizer; fix: precision.step(optimizer)")
+        stepped = True
+        for optimizer in optimizers:
+            _, finite = self._prepare(optimizer)
+            if finite:
+                self.update.step(optimizer)
+            else:
+                self.update.abort(optimizer)
+                stepped = False
+            del self._prepared[id(optimizer)]
+        if not stepped and not self._overflowed:
             self.skipped_steps += 1
-        else:
-            self.update.step(optimizer)
-        if self._model is not None:
-            for layer in lowbit_layers(self._model).values():
-                layer.lowbit_state.commit()
-        self.scaler.update(found_inf)
-        self._grads = None
-        return not found_inf
+        self._overflowed = bool(self._overflowed) or not stepped
+        for layer in self._layers().values():
+            layer.lowbit_state.commit()
+        return stepped
 
     # --- reporting and state -----------------------------------------------------------------
 
     @property
     def loss_scale(self) -> float:
+        self._move_scale()
         return self.scaler.value
 
     @property
@@ -170,22 +241,36 @@ class Precision:
         return "skip" if self.scaler.enabled else "stop"
 
     def state_dict(self) -> dict:
-        layers = lowbit_layers(self._model) if self._model is not None else {}
-        optimizer = getattr(self, "_optimizer", None)
+        self._move_scale()
         return {
             "recipe": self.recipe.name,
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
-            "update": self.update.state_dict(optimizer) if optimizer is not None else {},
-            "layers": {name: layer.lowbit_state.state_dict() for name, layer in layers.items()},
+            "update": self.update.state_dict(self._params()),
+            "layers": {
+                name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s pieces; master weights, Kahan buffers and layer states whose
+        optimizer or model is not wrapped or converted yet are applied when it is."""
+        self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        optimizer = getattr(self, "_optimizer", None)
-        if optimizer is not None:
-            self.update.load_state_dict(state.get("update", {}), optimizer)
-        if self._model is not None:
-            for name, layer in lowbit_layers(self._model).items():
-                layer.lowbit_state.load_state_dict(state.get("layers", {}).get(name, {}))
+        self._pending = {"update": state.get("update", {}), "layers": dict(state.get("layers", {}))}
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """Hand the loaded state's parts to the models and optimizers there are now."""
+        update = self._pending.get("update")
+        if update is not None and self._optimizers:
+            params = self._params()
+            self.update.load_state_dict(update, params)
+            indices = [index for entries in update.values() for index in entries]
+            if max(indices, default=-1) < len(params):  # every entry has its parameter
+                del self._pending["update"]
+        layers = self._pending.get("layers", {})
+        for name, layer in self._layers().items():
+            if name in layers:
+                layer.lowbit_state.load_state_dict(layers.pop(name))

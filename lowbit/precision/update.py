@@ -50,10 +50,13 @@ class FullPrecisionUpdate:
     def abort(self, optimizer) -> None:
         """A skipped step: nothing to undo."""
 
-    def state_dict(self, optimizer) -> dict:
+    def release(self, optimizer) -> None:
+        """A prepared step that will not be taken: nothing to drop."""
+
+    def state_dict(self, params: list) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict, optimizer) -> None:
+    def load_state_dict(self, state: dict, params: list) -> None:
         pass
 
 
@@ -76,14 +79,23 @@ class LowPrecisionUpdate:
         self.rounding = rounding
         self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master (DTensor if sharded)
         self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
-        self._stand_ins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, fp32)
+        # id(optimizer) -> {id(param): (param, fp32 stand-in)} of its prepared step
+        self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def wrap(self, optimizer) -> None:
-        """Keep fp32 optimizer states fp32 when a checkpoint is loaded.
+        """Make the optimizer's states fp32, and keep them fp32 when a checkpoint is loaded.
 
-        ``Optimizer.load_state_dict`` casts floating states to each parameter's dtype; during the
-        load the optimizer holds the fp32 stand-ins, so the states keep their precision.
+        States an optimizer creates in its constructor (Adagrad's sum) take the 16-bit parameter's
+        dtype; they are upcast here (in fp16 Adagrad's eps of 1e-10 is 0, and its first step on a
+        zero gradient divides 0 by 0). ``Optimizer.load_state_dict`` casts floating states to each
+        parameter's dtype; during the load the optimizer holds the fp32 stand-ins, so the states
+        keep their precision.
         """
+        for p in optimizer_params(optimizer):
+            state = optimizer.state.get(p, {}) if self._low(p) else {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    state[key] = value.float()
         loading: list = []
 
         def before_load(opt, state_dict):
@@ -153,6 +165,7 @@ class LowPrecisionUpdate:
 
     def prepare(self, optimizer) -> list[torch.Tensor]:
         grads = []
+        stand_ins = self._stand_ins.setdefault(id(optimizer), {})
         for p in optimizer_params(optimizer):
             if p.grad is None or not self._low(p):
                 if p.grad is not None:
@@ -160,7 +173,7 @@ class LowPrecisionUpdate:
                 continue
             hp = self._high_precision(p)
             hp.grad = p.grad.float()
-            self._stand_ins[id(p)] = (p, hp)
+            stand_ins[id(p)] = (p, hp)
             grads.append(hp.grad)
         return grads
 
@@ -171,7 +184,7 @@ class LowPrecisionUpdate:
         return value.to(dtype)
 
     def step(self, optimizer) -> None:
-        pairs, self._stand_ins = self._stand_ins, {}
+        pairs = self._stand_ins.pop(id(optimizer), {})
         self._swap_in(optimizer, pairs)
         try:
             optimizer.step()
@@ -192,12 +205,18 @@ class LowPrecisionUpdate:
 
     def abort(self, optimizer) -> None:
         """Undo `prepare` for a skipped step: the 16-bit parameters come back untouched."""
-        for p, hp in self._stand_ins.values():
+        for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
             p.grad = hp.grad = None
-        self._stand_ins = {}
 
-    def state_dict(self, optimizer) -> dict:
-        order = {id(p): index for index, p in enumerate(optimizer_params(optimizer))}
+    def release(self, optimizer) -> None:
+        """Drop `prepare`'s fp32 gradient copies of a step that will not be taken; the 16-bit
+        gradients stay (more may accumulate on them)."""
+        for _, hp in self._stand_ins.pop(id(optimizer), {}).values():
+            hp.grad = None
+
+    def state_dict(self, params: list) -> dict:
+        """Master weights and Kahan buffers by the index of their parameter in ``params``."""
+        order = {id(p): index for index, p in enumerate(params)}
         return {
             "masters": {
                 order[k]: v.detach().clone() for k, v in self.masters.items() if k in order
@@ -207,15 +226,18 @@ class LowPrecisionUpdate:
             },
         }
 
-    def load_state_dict(self, state: dict, optimizer) -> None:
-        params = optimizer_params(optimizer)
-        self.masters = {
-            id(params[i]): v.detach().clone().requires_grad_()
-            for i, v in state.get("masters", {}).items()
-        }
-        self.compensation = {
-            id(params[i]): v.clone() for i, v in state.get("compensation", {}).items()
-        }
+    def load_state_dict(self, state: dict, params: list) -> None:
+        """Replace the master weights and Kahan buffers of ``params`` by ``state``'s (entries
+        whose index is past ``params`` are left for a later call with more parameters)."""
+        known = {id(p) for p in params}
+        self.masters = {k: v for k, v in self.masters.items() if k not in known}
+        self.compensation = {k: v for k, v in self.compensation.items() if k not in known}
+        for i, v in state.get("masters", {}).items():
+            if i < len(params):
+                self.masters[id(params[i])] = v.detach().clone().requires_grad_()
+        for i, v in state.get("compensation", {}).items():
+            if i < len(params):
+                self.compensation[id(params[i])] = v.clone()
 
 
 def _fp32_leaf(p: torch.Tensor) -> torch.Tensor:

@@ -340,3 +340,156 @@ def test_fp32_override_in_a_16_bit_model_returns_its_dtype():
     assert out.dtype == torch.bfloat16
     plain = F.linear(x.float(), model[0].weight.float(), model[0].bias.float())
     assert torch.equal(out, plain.bfloat16())
+
+
+@pytest.mark.parametrize("recipe", ["fp16-low", "bf16-pure-kahan", "fp8-delayed"])
+def test_state_loaded_before_convert_and_wrap_resumes_bit_identically(recipe):
+    """Master weights, Kahan buffers and amax histories wait for their optimizer and model."""
+    data = batches(8)
+    straight, _, straight_model, _, _ = lowbit_loop(recipe, mlp(), data)
+    _, _, model, precision, optimizer = lowbit_loop(recipe, mlp(), data[:4])
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        | {"precision": precision.state_dict(), "rng": torch.get_rng_state()}
+    )
+    fresh_precision = Precision(recipe)
+    fresh_precision.load_state_dict(saved["precision"])  # before convert and wrap_optimizer
+    fresh_model = fresh_precision.convert(mlp(seed=123))
+    fresh_model.load_state_dict(saved["model"])
+    fresh_optimizer = fresh_precision.wrap_optimizer(
+        torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
+    )
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    second, _, resumed_model, _, _ = lowbit_loop(
+        recipe, fresh_model, data[4:], precision=fresh_precision, optimizer=fresh_optimizer
+    )
+    assert straight[4:] == second
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "bf16-low"])
+def test_a_step_skipped_after_measuring_the_norm_leaves_nothing_behind(recipe):
+    """A loop that measures the gradient norm and then skips the step (a spike) and zeroes the
+    gradients trains as if that batch had never been run."""
+    data = batches(3)
+
+    def run(skip_first: bool):
+        precision = Precision(recipe)
+        model = precision.convert(mlp())
+        optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        for index, (x, y) in enumerate(data if skip_first else data[1:]):
+            with precision.autocast():
+                loss = F.cross_entropy(model(x.to(precision.param_dtype)).float(), y)
+            precision.backward(loss)
+            precision.clip_grad_norm_(optimizer, None)
+            if skip_first and index == 0:
+                optimizer.zero_grad()
+                continue
+            precision.step(optimizer)
+            optimizer.zero_grad()
+        return model
+
+    for skipped, reference in zip(run(True).parameters(), run(False).parameters()):
+        assert torch.equal(skipped, reference)
+
+
+def test_backward_onto_unscaled_gradients_is_refused_and_unscaled_accumulation_allowed():
+    from lowbit.errors import UsageError
+
+    (x, y), (x2, y2) = batches(2)
+    for recipe, refused in (("fp16-mixed", True), ("fp32", False)):
+        precision = Precision(recipe)
+        model = precision.convert(mlp())
+        optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        precision.backward(F.cross_entropy(model(x), y))
+        precision.clip_grad_norm_(optimizer, 1.0)
+        second = F.cross_entropy(model(x2), y2)
+        if refused:  # fp16 loss scaling: scaled gradients would land on unscaled ones
+            with pytest.raises(UsageError, match="without a step"):
+                precision.backward(second)
+        else:  # nothing is scaled: more gradients accumulate on the clipped ones, as in PyTorch
+            clipped = [p.grad.clone() for p in model.parameters()]
+            precision.backward(second)
+            assert not torch.equal(next(model.parameters()).grad, clipped[0])
+            assert precision.step(optimizer)
+
+
+def test_two_optimizers_step_with_one_loss_scale_as_grad_scaler():
+    """GradScaler's step(a); step(b); update(): an overflow in a's gradients skips a's step only,
+    b's gradients are unscaled with the same scale, and the scale halves once."""
+    data = batches(1)
+    x, y = data[0]
+
+    def overflow(model):
+        model[0].weight.grad[0, 0] = float("inf")
+
+    model = mlp()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    rest = torch.optim.SGD(list(model[2].parameters()) + list(model[4].parameters()), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x).float(), y)
+    scaler.scale(loss).backward()
+    overflow(model)
+    scaler.step(first)
+    scaler.step(rest)
+    scaler.update()
+
+    precision = Precision("fp16-mixed")
+    ours = precision.convert(mlp())
+    our_first = precision.wrap_optimizer(torch.optim.SGD(ours[0].parameters(), lr=0.1))
+    our_rest = precision.wrap_optimizer(
+        torch.optim.SGD(list(ours[2].parameters()) + list(ours[4].parameters()), lr=0.1)
+    )
+    with precision.autocast():
+        loss = F.cross_entropy(ours(x).float(), y)
+    precision.backward(loss)
+    overflow(ours)
+    assert precision.step(our_first) is False
+    assert precision.step(our_rest) is True
+    assert precision.loss_scale == scaler.get_scale() == 2.0**15
+    assert precision.skipped_steps == 1
+    assert torch.equal(ours[0].weight, mlp()[0].weight)  # skipped
+    for a, b in zip(ours[2:].parameters(), model[2:].parameters()):
+        assert a.sub(b).abs().max() <= 1e-3 * b.abs().max()  # fp16 emulated vs autocast kernels
+    assert not torch.equal(ours[4].weight, mlp()[4].weight)  # stepped
+
+
+def test_state_covers_every_wrapped_optimizer_and_converted_model():
+    precision = Precision("bf16-low")
+    model = precision.convert(mlp())
+    first = precision.wrap_optimizer(torch.optim.SGD(model[0].parameters(), lr=1e-3))
+    rest = precision.wrap_optimizer(torch.optim.SGD(model[2:].parameters(), lr=1e-3))
+    x, y = batches(1)[0]
+    precision.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
+    precision.step(first, rest)
+    assert len(precision.state_dict()["update"]["masters"]) == 6
+
+    delayed = Precision("fp8-delayed")
+    student, teacher = delayed.convert(mlp()), delayed.convert(mlp(seed=1))
+    optimizer = delayed.wrap_optimizer(torch.optim.SGD(student.parameters(), lr=1e-3))
+    with delayed.autocast():
+        loss = F.cross_entropy(student(x).float(), y) + teacher(x).float().square().mean()
+    delayed.backward(loss)
+    delayed.step(optimizer)
+    layers = delayed.state_dict()["layers"]
+    assert {"0", "1:0"} <= set(layers)  # both models' first layers, told apart
+    assert layers["1:0"]["forward.x"]["filled"] == 1  # the teacher's history was committed too
+
+
+def test_adagrad_states_made_in_its_constructor_are_fp32():
+    """Adagrad creates its sum when constructed, from the (16-bit) parameters: the wrapped
+    optimizer's states are fp32 like every other optimizer's (in fp16 its eps of 1e-10 is 0,
+    and a zero gradient's first step gave 0/0)."""
+    precision = Precision("fp16-low")
+    model = precision.convert(mlp())
+    optimizer = precision.wrap_optimizer(torch.optim.Adagrad(model.parameters(), lr=1e-2))
+    assert {state["sum"].dtype for state in optimizer.state.values()} == {torch.float32}
+    for x, y in batches(3):
+        precision.backward(F.cross_entropy(model(x.half()).float(), y))
+        model[0].bias.grad.zero_()  # a zero gradient
+        assert precision.step(optimizer)
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
