@@ -27,13 +27,20 @@ E4M3 = OperandSpec("fp8_e4m3")
 E5M2 = OperandSpec("fp8_e5m2")
 
 # Layers that low-precision recipes keep in high precision: the output head (its logits feed the
-# softmax of a large vocabulary) and, for CNN heads, the classifier. Embeddings and norms are not
-# GEMM layers and are never converted. Published fp8 recipes do the same (torchao, Transformer
-# Engine and DeepSeek-V3 all keep the output head in bf16).
+# softmax of a large vocabulary) and the classification head. Embeddings and norms are not GEMM
+# layers and are never converted. Published fp8 recipes do the same (torchao, Transformer Engine
+# and DeepSeek-V3 all keep the output head in bf16). The heads are found by their names at any
+# depth (a model inside a wrapper, ``_orig_mod.`` under torch.compile): transformers' causal-LM
+# ``lm_head``, masked-LM ``cls.predictions.decoder``, sequence-classification ``score``, the
+# ``classifier`` of its token/sequence classifiers (RoBERTa's two-layer one included) and ``head``.
 KEEP_HEAD = (
-    Override("lm_head", None, "output head kept in high precision"),
-    Override("classifier", None, "classification head kept in high precision"),
-    Override("head", None, "classification head kept in high precision"),
+    Override("lm_head|*.lm_head", None, "output head kept in high precision"),
+    Override("*predictions.decoder", None, "output head kept in high precision"),
+    Override(
+        "classifier|*.classifier|classifier.*|*.classifier.*|head|*.head|score|*.score",
+        None,
+        "classification head kept in high precision",
+    ),
 )
 
 _PRESETS: dict[str, Recipe] = {}

@@ -28,6 +28,18 @@ def bytes_breakdown(recipe: Recipe) -> str:
     return f"{param}+{param}+{extra}+{ADAMW_FP32_STATE_BYTES} = {total:g}"
 
 
+def _kept_names(recipe) -> list[str]:
+    """The layer names the recipe keeps, each pattern's alternatives without their any-depth
+    wildcards (``lm_head|*.lm_head`` is ``lm_head``), sorted."""
+    names = {
+        alternative.removeprefix("*.").removeprefix("*").removesuffix(".*")
+        for override in recipe.overrides
+        if override.layer is None
+        for alternative in override.pattern.split("|")
+    }
+    return sorted(names)
+
+
 def recipes_table() -> str:
     header = (
         "| recipe | forward x·w | grad_input grad_out·w | grad_weight grad_out·x | other ops "
@@ -36,7 +48,7 @@ def recipes_table() -> str:
     lines = [header, "|" + "---|" * 11]
     for name in names():
         r = get_recipe(name)
-        kept = ", ".join(sorted({o.pattern for o in r.overrides if o.layer is None})) or "-"
+        kept = ", ".join(_kept_names(r)) or "-"
         lines.append(
             f"| `{name}` | {_gemm(r, 'forward')} | {_gemm(r, 'grad_input')} | "
             f"{_gemm(r, 'grad_weight')} | {r.autocast or r.param_dtype} (kept: {kept}) | "

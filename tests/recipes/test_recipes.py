@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import lowbit
 from lowbit.cli import main
@@ -63,6 +64,37 @@ def test_overrides_first_match_wins_and_head_is_kept():
     assert spec.operands()["forward.x"].format == "fp8_e4m3"
     assert "override" in reason
     assert custom.layer_for("model.layers.3.mlp.up_proj")[1] == "recipe default"
+
+
+def test_heads_are_kept_at_any_depth_and_under_their_transformers_names():
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    from lowbit import convert
+    from lowbit.models import build_causal_lm
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    small |= {"intermediate_size": 32, "vocab_size": 50}
+    models = {
+        "inner.lm_head": Wrapper(build_causal_lm("nano", 257, seed=0)),
+        "_orig_mod.lm_head": torch.nn.Module(),
+        "score": LlamaForSequenceClassification(LlamaConfig(**small, num_labels=3)),
+        "cls.predictions.decoder": BertForMaskedLM(BertConfig(**small)),
+    }
+    models["_orig_mod.lm_head"]._orig_mod = build_causal_lm("nano", 257, seed=0)
+    for head, model in models.items():
+        report = convert(model, "fp8-tensorwise")
+        assert "head kept in high precision" in report.kept[head], head
+        assert len(report.converted) >= 4
 
 
 @pytest.mark.parametrize("bad", ["nothing", "x=", "=keep", "x=forward.q:bf16", "x=forward.x"])
