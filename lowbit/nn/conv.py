@@ -19,8 +19,8 @@ def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
     """Why a Conv2d cannot be converted, or None."""
     if conv.groups != 1:
         return "grouped convolution (groups > 1) is not converted"
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        return "only numeric zero padding is converted"
+    if conv.padding == "same" or conv.padding_mode != "zeros":
+        return "only zero padding of fixed size is converted (not 'same', not other modes)"
     return None
 
 
@@ -31,7 +31,9 @@ class LowbitConv2d(LowbitModule):
         super().__init__(conv, spec, seed)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
+        # padding="valid" is no padding
+        self.padding = (0, 0) if conv.padding == "valid" else conv.padding
+        self.dilation = conv.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
@@ -44,6 +46,8 @@ class LowbitConv2d(LowbitModule):
                 padding=self.padding,
                 dilation=self.dilation,
             )
+        if x.dim() == 3:  # one unbatched C x H x W image, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

@@ -7,7 +7,9 @@ assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2
 module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
 lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s
-projections), so nothing is left out of the report.
+projections), so nothing is left out of the report. A layer converted before is left as it is when the recipe
+gives it the same spec (converting twice with one recipe is harmless) and refused otherwise: its
+original layer is gone, so another recipe needs the unconverted model.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def convert(
     """Swap the model's GEMM layers for low-precision ones as ``recipe`` says; returns the report
     of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
     level INFO)."""
+    if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
+        raise UsageError(
+            f"convert swaps the GEMM layers inside a model, in place, and a bare "
+            f"{type(model).__name__} has no parent to be swapped in; fix: convert a model that "
+            f"holds it, e.g. torch.nn.Sequential(layer)"
+        )
     recipe = get_recipe(recipe).resolved_for(
         (name for name, _ in model.named_modules()), gemm_layer_names(model)
     )
@@ -89,6 +97,9 @@ def convert(
     def visit(module: torch.nn.Module, prefix: str) -> None:
         for child_name, child in list(module.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, (LowbitModule, LowbitExperts)):
+                _converted_before(recipe, name, child, report)
+                continue
             visit(child, name)
             if is_experts(child):  # a mixture-of-experts layer's 3-D expert weights
                 spec, reason = recipe.layer_for(name)
@@ -130,6 +141,19 @@ def convert(
     visit(model, "")
     _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
+
+
+def _converted_before(recipe: Recipe, name: str, layer, report: ConversionReport) -> None:
+    """A layer an earlier `convert` swapped: reported as converted when ``recipe`` gives it the
+    same spec, refused otherwise (its original layer is gone)."""
+    spec, _ = recipe.layer_for(name)
+    if spec != layer.spec:
+        wanted = "keeps it" if spec is None else f"gives it {spec.describe()}"
+        raise UsageError(
+            f"{name} is converted already ({layer.spec.describe()}) and recipe {recipe.name} "
+            f"{wanted}; fix: convert the original, unconverted model (a model converts once)"
+        )
+    report.converted[name] = spec.describe()
 
 
 def _expert_gemm_overrides(recipe: Recipe, name: str, spec, experts: int) -> dict:

@@ -337,6 +337,10 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
 
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
+    if x.numel() == 0:  # an empty batch: no values to scale; F.linear's (empty) result
+        dtype = _output_dtype(x)
+        with _autocast_off(x.device.type):
+            return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     x2d = x.reshape(-1, x.shape[-1])
     out = LowbitLinearFunction.apply(x2d, weight, bias, state, _output_dtype(x))
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -246,6 +246,44 @@ def test_convert_swaps_layers_reusing_parameters_and_reports():
     )
 
 
+def test_converting_twice_is_harmless_with_one_recipe_and_refused_with_another():
+    from lowbit.errors import UsageError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    convert(model, "fp8-tensorwise")
+    layer = model[0]
+    again = convert(model, "fp8-tensorwise")
+    assert model[0] is layer and list(again.converted) == ["0", "1"]
+    with pytest.raises(UsageError, match=r"0 is converted already .*unconverted model"):
+        convert(model, "int8")
+    with pytest.raises(UsageError, match="no parent"):  # a bare layer cannot be swapped in place
+        convert(torch.nn.Linear(8, 8), "fp8-tensorwise")
+
+
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-delayed", "int8", "mxfp4", "nvfp4"])
+def test_an_empty_batch_gives_an_empty_output_and_gradient(recipe):
+    linear = torch.nn.Linear(16, 8)
+    layer = LowbitLinear(copy.deepcopy(linear), get_recipe(recipe).layer)
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = linear(x)
+    assert out.shape == (0, 5, 8) and out.dtype == expected.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(layer.weight.grad, torch.zeros(8, 16))
+
+
+def test_conv_takes_unbatched_images_and_valid_padding():
+    conv = torch.nn.Conv2d(3, 8, 3, padding="valid")
+    model = torch.nn.Sequential(copy.deepcopy(conv))
+    assert list(convert(model, "fp8-tensorwise").converted) == ["0"]
+    image = torch.randn(3, 9, 9)
+    out = model(image)
+    assert out.shape == conv(image).shape == (8, 7, 7)
+    assert torch.equal(out, model(image[None])[0])
+    assert sqnr(conv(image), out) > 25
+
+
 def test_grouped_convolution_is_kept_with_a_reason():
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Conv2d(4, 2, 1))
     report = convert(model, "fp8-tensorwise")
