@@ -55,6 +55,20 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     return None if name is None else DTYPES[name]
 
 
+def _choice(kind: type[Enum], value, field_name: str) -> Enum:
+    """``value`` as a member of the enum ``kind``; a `UsageError` listing the valid values."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(member.value for member in kind)
+        raise UsageError(f"unknown {field_name} {value!r}; valid: {valid}") from None
+
+
+def _positive_int(value, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{field_name} must be a positive whole number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class OperandSpec:
     """How one GEMM operand is quantized: format, blocks, scale rule, rounding and scaling."""
@@ -69,11 +83,17 @@ class OperandSpec:
 
     def __post_init__(self) -> None:
         fmt = get(self.format)
-        object.__setattr__(self, "granularity", Granularity(self.granularity))
-        object.__setattr__(self, "rounding", Rounding(self.rounding))
-        object.__setattr__(self, "scaling", Scaling(self.scaling))
+        object.__setattr__(
+            self, "granularity", _choice(Granularity, self.granularity, "granularity")
+        )
+        object.__setattr__(self, "rounding", _choice(Rounding, self.rounding, "rounding"))
+        object.__setattr__(self, "scaling", _choice(Scaling, self.scaling, "scaling"))
         if self.scale_rule is not None:
-            object.__setattr__(self, "scale_rule", ScaleRule(self.scale_rule))
+            rule = _choice(ScaleRule, self.scale_rule, "scale rule")
+            object.__setattr__(self, "scale_rule", rule)
+        sizes = self.block_size if isinstance(self.block_size, tuple) else (self.block_size,)
+        for size in sizes if self.block_size is not None else ():
+            _positive_int(size, "block_size")
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
         if self.amax_history < 1:
@@ -118,7 +138,12 @@ class GemmSpec:
     transform_block: int = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "transform", Transform(self.transform))
+        object.__setattr__(self, "transform", _choice(Transform, self.transform, "transform"))
+        _positive_int(self.transform_block, "transform_block")
+        if self.transform_block & (self.transform_block - 1):
+            raise UsageError(
+                f"transform_block must be a power of two (Hadamard), got {self.transform_block}"
+            )
 
 
 @dataclass(frozen=True)
@@ -290,22 +315,43 @@ class Recipe:
     reference: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "loss_scaling", LossScaling(self.loss_scaling))
-        object.__setattr__(self, "update_rounding", UpdateRounding(self.update_rounding))
+        scaling = _choice(LossScaling, self.loss_scaling, "loss scaling")
+        object.__setattr__(self, "loss_scaling", scaling)
+        rounding = _choice(UpdateRounding, self.update_rounding, "update rounding")
+        object.__setattr__(self, "update_rounding", rounding)
         for name in (self.param_dtype, self.master_dtype, self.grad_dtype, self.autocast):
             if name is not None and name not in DTYPES:
                 raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        if self.master_dtype not in (None, "fp32"):
+            raise UsageError(
+                f"master weights are fp32 (master_dtype 'fp32' or None), not {self.master_dtype!r}"
+            )
+        if self.layer is not None and not isinstance(self.layer, LayerSpec):
+            raise UsageError(
+                f"layer must be a LayerSpec or None, got {self.layer!r}; fix: e.g. "
+                "uniform_layer(OperandSpec('fp8_e4m3')) or a preset's get_recipe(name).layer"
+            )
+        overrides = self.overrides
+        if not isinstance(overrides, (tuple, list)) or not all(
+            isinstance(override, Override) for override in overrides
+        ):
+            raise UsageError(
+                f"overrides must be a tuple of Override values, got {overrides!r}; fix: e.g. "
+                "(parse_override('lm_head=keep', recipe),)"
+            )
+        object.__setattr__(self, "overrides", tuple(overrides))
+        interval = self.loss_scale_growth_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise UsageError(
+                f"loss scale growth interval must be at least 1 (a whole number of steps), got "
+                f"{interval}; fix: e.g. 2000 (GradScaler's)"
+            )
         if self.update_rounding is not UpdateRounding.NEAREST and self.param_dtype == "fp32":
             raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
         if not 0 < self.initial_loss_scale <= _FP32_MAX:  # the scale is an fp32 tensor
             raise UsageError(
                 f"loss scale must be a positive fp32 number (at most {_FP32_MAX:.3g}), got "
                 f"{self.initial_loss_scale}; fix: e.g. 65536 (2^16, GradScaler's start)"
-            )
-        if self.loss_scale_growth_interval < 1:
-            raise UsageError(
-                f"loss scale growth interval must be at least 1, got "
-                f"{self.loss_scale_growth_interval}; fix: e.g. 2000 (GradScaler's)"
             )
         if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
             raise UsageError("Kahan compensation replaces master weights; use one or the other")

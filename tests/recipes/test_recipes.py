@@ -44,6 +44,24 @@ def test_recipes_are_frozen_and_validated():
         OperandSpec("fp8_e4m3", "axis", scaling="delayed")
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Recipe("x", "", overrides="lm_head"), "overrides must be a tuple of Override"),
+        (lambda: Recipe("x", "", layer="fp8"), "layer must be a LayerSpec"),
+        (lambda: Recipe("x", "", loss_scale_growth_interval=2.5), "whole number of steps"),
+        (lambda: Recipe("x", "", param_dtype="bf16", master_dtype="bf16"), "master weights are"),
+        (lambda: Recipe("x", "", loss_scaling="sometimes"), "valid: none, static, dynamic"),
+        (lambda: OperandSpec("fp8_e4m3", "block", block_size=0), "block_size must be a positive"),
+        (lambda: OperandSpec("fp8_e4m3", "tiles"), "unknown granularity 'tiles'"),
+    ],
+)
+def test_invalid_recipe_fields_fail_when_the_recipe_is_made(build, message):
+    """Not later, inside `convert` or the first forward, with an unrelated error."""
+    with pytest.raises(UsageError, match=message):
+        build()
+
+
 def test_fp8_tensorwise_uses_e4m3_forward_and_e5m2_gradients():
     operands = get_recipe("fp8-tensorwise").layer.operands()
     assert operands["forward.x"].format == "fp8_e4m3" and operands["forward.w"].format == "fp8_e4m3"
