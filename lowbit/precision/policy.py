@@ -29,7 +29,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.nn.attention import route_attention
-from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
+from lowbit.nn.convert import ConversionReport, convert, is_convertible, lowbit_layers
 from lowbit.nn.linear import LowbitModule
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
@@ -89,7 +89,8 @@ class Precision:
         return self.recipe.emulate_fp16_gemms_on_cpu and self.device.type != "cuda"
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Cast parameters to the recipe's dtype and swap GEMM layers in place; returns model.
+        """Cast parameters to the recipe's dtype and swap GEMM layers in place; returns model
+        (for a bare layer, e.g. an ``nn.Linear``, its converted replacement).
 
         For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
         to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`)."""
@@ -99,7 +100,12 @@ class Precision:
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
         if recipe.layer is not None or recipe.overrides:  # overrides apply under autocast too
-            convert(model, recipe, self.conversion_report)
+            if is_convertible(model):  # a bare layer: nothing holds it, the new layer is returned
+                holder = torch.nn.Sequential(model)
+                convert(holder, recipe, self.conversion_report)
+                model = holder[0]
+            else:
+                convert(model, recipe, self.conversion_report)
         if self.emulates_fp16:
             for layer in lowbit_layers(model).values():
                 layer.lowbit_state.output_rounding = torch.float16

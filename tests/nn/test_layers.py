@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit import convert, get_recipe
+from lowbit import Precision, convert, get_recipe
 from lowbit.formats import quantize
 from lowbit.formats.error import sqnr
 from lowbit.nn import LowbitConv2d, LowbitLinear, emulated_gemm, exact_accumulation
@@ -258,6 +258,9 @@ def test_converting_twice_is_harmless_with_one_recipe_and_refused_with_another()
         convert(model, "int8")
     with pytest.raises(UsageError, match="no parent"):  # a bare layer cannot be swapped in place
         convert(torch.nn.Linear(8, 8), "fp8-tensorwise")
+    bare = torch.nn.Linear(8, 8)  # Precision.convert returns the model: here, its replacement
+    converted = Precision("fp8-tensorwise").convert(bare)
+    assert isinstance(converted, LowbitLinear) and converted.weight is bare.weight
 
 
 @pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-delayed", "int8", "mxfp4", "nvfp4"])
