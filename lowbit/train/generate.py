@@ -24,7 +24,9 @@ def sample_text(
     """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0).
 
     Stops early at the end-of-text token or at the model's maximum positions. The global RNG is
-    untouched: sampling draws from its own generator seeded by ``seed``.
+    untouched: sampling draws from its own generator seeded by ``seed``. A model may have more
+    output ids than the tokenizer (a GPT-2 config's 50,257 trained on byte tokens): those ids
+    decode to nothing, so they are never sampled.
     """
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
@@ -51,7 +53,7 @@ def sample_text(
         for _ in range(steps):
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
             past = getattr(out, cache_arg)
-            logits = out.logits[0, -1].float()
+            logits = out.logits[0, -1, : tokenizer.vocab_size].float()
             if temperature == 0:
                 token = int(logits.argmax())
             else:

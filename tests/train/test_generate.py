@@ -1,0 +1,27 @@
+"""Sampling from a causal LM (`lowbit.train.generate.sample_text`)."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit import Precision
+from lowbit.data import build_tokenizer
+from lowbit.train.generate import sample_text
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_sampled():
+    """A model with more output ids than its tokenizer (a GPT-2 config's 50,257 trained on byte
+    tokens) samples only ids the tokenizer decodes, greedy or not."""
+    tokenizer = build_tokenizer("byte")
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # every id the tokenizer has scores 0, the extra ones far above or below
+        model.lm_head.weight[: tokenizer.vocab_size] = 0
+        model.lm_head.weight[tokenizer.vocab_size :] *= 100
+    precision = Precision("fp32")
+    for temperature in (0.0, 1.0):
+        text = sample_text(model, tokenizer, precision, "ab", 10, temperature, top_k=None)
+        assert text.startswith("ab") and len(text) > 2
