@@ -86,7 +86,11 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     device = device or "cpu"
+    from lowbit.train.evaluate import check_same_data
+
     source = load_source(path, device)
+    # the data the source run trained on, as its run.json recorded it
+    check_same_data(source.manifest["source"]["path"], source.config, source.task.fingerprint)
     baseline = load_baseline(source.manifest, device)
     metrics, lines = compare(
         source.task, source.model, baseline and baseline.model, split, max_batches, device

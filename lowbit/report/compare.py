@@ -19,6 +19,7 @@ larger than twice the spread and "inconclusive" when the seeds cannot tell.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
@@ -270,7 +272,24 @@ def load_record(run_dir: Path, config) -> dict | None:
             f"{run_dir}: holds a finished run with other settings; fix: --overwrite to retrain, "
             "or another --out"
         )
+    if not same_data(record.get("data_fingerprint"), _data_now(config)):
+        raise UsageError(
+            f"{run_dir}: holds a finished run trained on other contents of {config.data}; fix: "
+            "--overwrite to retrain on the data as it is now, or restore the data"
+        )
     return record
+
+
+def _data_now(config) -> dict | None:
+    """The fingerprint of the config's data as it is now, read once per process per data."""
+    return _fingerprint_of(config.task, config.data, config.text_field)
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint_of(task: str, data: str | None, text_field: str) -> dict | None:
+    from types import SimpleNamespace
+
+    return data_fingerprint(SimpleNamespace(task=task, data=data, text_field=text_field))
 
 
 def _memory(trainer) -> dict:
@@ -384,6 +403,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=
         "skipped_steps": result.skipped_steps,
         "loss_scale": result.loss_scale,
         "memory": memory,
+        "data_fingerprint": trainer.task.fingerprint,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
         "per_label": _per_label(trainer),
@@ -417,6 +437,7 @@ def _diverged(config, recipe, seed, trainer, error: str) -> dict:
         "skipped_steps": int(trainer.precision.skipped_steps),
         "loss_scale": float(trainer.precision.loss_scale),
         "memory": None,
+        "data_fingerprint": trainer.task.fingerprint,
         "peak_memory_bytes": math.nan,
         "peak_memory_kind": "",
         "per_label": None,

@@ -48,6 +48,26 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
 
 
+def check_same_data(run_dir, config, current: dict | None) -> None:
+    """Refuse to evaluate a run on other data than it trained on: its data path is read again,
+    and the files there may have changed since (or a relative path may name another folder)."""
+    import json
+
+    from lowbit.train.tasks import same_data
+
+    info = Path(run_dir) / "run.json"
+    if not info.is_file():
+        return
+    recorded = json.loads(info.read_text(encoding="utf-8")).get("data_fingerprint")
+    if not same_data(recorded, current):
+        relative = config.data is not None and not Path(config.data).is_absolute()
+        where = " (a relative path: from the folder the run was started in)" if relative else ""
+        raise UsageError(
+            f"{run_dir}: its data {config.data} holds other contents than the run trained on "
+            f"(the fingerprint in run.json differs); fix: restore the data the run read{where}"
+        )
+
+
 def evaluate_run(
     run_dir, split: str = "validation", checkpoint_path=None, max_batches=None, device=None
 ) -> tuple[dict, str]:
@@ -61,6 +81,7 @@ def evaluate_run(
             raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
         return evaluate_inference_dir(run_dir, split, max_batches, device)
     run = load_run(run_dir, checkpoint_path, device)
+    check_same_data(run_dir, run.config, run.task.fingerprint)
     metrics, text = run.task.report(run.model, run.precision, split, max_batches)
     head = (
         f"{run.config.task} {run.config.model}, recipe {run.config.recipe}, "

@@ -32,6 +32,30 @@ def build_task(config, run_dir=None) -> Task:
     return cls(config, run_dir)
 
 
+def data_fingerprint(config) -> dict | None:
+    """The fingerprint (as run.json records it) of what the config's data holds now, read without
+    building a model; None for data that comes with lowbit (the digits, the syntax-tag task)."""
+    if config.task == "causal-lm":
+        from lowbit.data import load_corpus
+
+        return load_corpus(config.data, config.text_field).fingerprint
+    if config.task == "token-classification" and config.data is not None:
+        return _sentences_fingerprint(config.data, conll_splits(config.data))
+    return None
+
+
+def same_data(recorded: dict | None, current: dict | None) -> bool:
+    """Whether two data fingerprints describe the same contents (wherever they were read from);
+    True when either is unknown (a run from before fingerprints, built-in data)."""
+    if not recorded or not current:
+        return True
+
+    def contents(fingerprint: dict) -> dict:
+        return {key: value for key, value in fingerprint.items() if key != "source"}
+
+    return contents(recorded) == contents(current)
+
+
 class Task:
     unit = "tok"  # what ``count`` counts, for "tok/s"
     fingerprint: dict | None = None
@@ -138,13 +162,11 @@ class CausalLMTask(Task):
     """Next-token prediction on a text corpus (the stdlib by default) with a Llama-style decoder."""
 
     def __init__(self, config, run_dir=None):
-        from lowbit.data import LMBatches, load_corpus, tokenize_split
         from lowbit.models import build_model
 
         super().__init__(config)
-        corpus = load_corpus(config.data, config.text_field)
-        self.fingerprint = corpus.fingerprint
-        self.tokenizer = causal_lm_tokenizer(config, run_dir, lambda: corpus)
+        self._corpus = None
+        self.tokenizer = causal_lm_tokenizer(config, run_dir, lambda: self.corpus)
         self.model = build_model(
             "causal-lm",
             config.model,
@@ -158,16 +180,41 @@ class CausalLMTask(Task):
                 f"the {self.tokenizer.kind} tokenizer's {self.tokenizer.vocab_size}; fix: save the "
                 "model's tokenizer into its folder or choose a smaller tokenizer"
             )
-        self._corpus = corpus
         self._tokens: dict[str, torch.Tensor] = {}
-        self._tokenize = lambda split: tokenize_split(self.tokenizer, corpus.texts(split))
-        self.train_batches = LMBatches(
-            self.tokens("train"), config.batch_size, config.seq_len, seed=config.seed
-        )
+        self._train_batches = None
+
+    @property
+    def corpus(self):
+        """The text, read when first needed: sampling from a trained run needs only its
+        tokenizer, so `lowbit generate` works where the training data is not."""
+        if self._corpus is None:
+            from lowbit.data import load_corpus
+
+            self._corpus = load_corpus(self.config.data, self.config.text_field)
+        return self._corpus
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.corpus.fingerprint
+
+    @property
+    def train_batches(self):
+        if self._train_batches is None:
+            from lowbit.data import LMBatches
+
+            c = self.config
+            self._train_batches = LMBatches(self.tokens("train"), c.batch_size, c.seq_len, c.seed)
+        return self._train_batches
+
+    @train_batches.setter
+    def train_batches(self, batches) -> None:  # a data-parallel rank's shard (the trainer)
+        self._train_batches = batches
 
     def tokens(self, split: str) -> torch.Tensor:
+        from lowbit.data import tokenize_split
+
         if split not in self._tokens:
-            self._tokens[split] = self._tokenize(split)
+            self._tokens[split] = tokenize_split(self.tokenizer, self.corpus.texts(split))
         return self._tokens[split]
 
     def save_artifacts(self, folder) -> None:

@@ -382,3 +382,19 @@ def test_gap_by_evaluation_is_the_paired_gap_at_each_step(study_result):
     assert float(cells[-1].rstrip("%")) == pytest.approx(final_gap, abs=1e-3)
     md = (study_result.report_dir / "report.md").read_text()
     assert "## Validation gap by evaluation" in md and "| recipe | step 3 | step 6 |" in md
+
+
+def test_a_finished_run_is_not_reused_after_its_data_changed(study_result, tmp_path):
+    """The record keeps the data's fingerprint: a run trained on other contents of the same path
+    (files edited, added or removed since) is refused, not reported as if it were current."""
+    import shutil
+
+    study = lm_study(tmp_path / "copy")
+    shutil.copytree(study_result.study.out, study.out)
+    path = next((study.out / "runs").glob("*/*/compare.json"))
+    record = json.loads(path.read_text())
+    assert record["data_fingerprint"]["train"]["files"] > 0
+    record["data_fingerprint"]["train"]["sha256"] = "0" * 64  # as if a file had changed since
+    path.write_text(json.dumps(record))
+    with pytest.raises(UsageError, match="other contents"):
+        compare(study, plots=False, log=lambda line: None)
