@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -300,13 +302,14 @@ class TokenClassificationTask(Task):
             raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
         if config.data is None:
             self.sentences = _syntax_tags(config.seq_len - 2)
-            self.labels = list(LABELS)
+            labels = list(LABELS)
             self.fingerprint = {"source": "syntax-tags(stdlib)"}
         else:
             self.sentences = conll_splits(config.data)
             tags = {t for part in self.sentences.values() for s in part for t in s.tags}
-            self.labels = ["O", *sorted(tags - {"O"})]
+            labels = ["O", *sorted(tags - {"O"})]
             self.fingerprint = _sentences_fingerprint(config.data, self.sentences)
+        self.labels = _run_labels(run_dir, labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.id2label = dict(enumerate(self.labels))
         if config.model in SIZES:
@@ -336,9 +339,11 @@ class TokenClassificationTask(Task):
         if split not in self._encoded:
             enc = self._encode(self.sentences[split])
             self._encoded[split] = (enc["input_ids"], enc["attention_mask"], enc["labels"])
+            _warn_truncated(split, self.sentences[split], enc["labels"], self.config.seq_len)
         return self._encoded[split]
 
     def save_artifacts(self, folder) -> None:
+        (Path(folder) / LABELS_FILE).write_text(json.dumps(self.labels) + "\n", encoding="utf-8")
         if self.vocab is not None:
             self.vocab.save(Path(folder) / "vocab.json")
 
@@ -412,6 +417,45 @@ def _syntax_tags(window: int) -> dict:
     from lowbit.data import syntax_tag_task
 
     return syntax_tag_task(window=window)
+
+
+LABELS_FILE = "labels.json"  # a token-classification run's tags, in the order of its outputs
+
+
+def _run_labels(run_dir, found: list[str]) -> list[str]:
+    """The tags a run trained with (its labels.json), else ``found`` (those of the data). The
+    model has one output per tag in that order: reading them again from data that has gained a
+    tag since would shift the ids of the others."""
+    path = Path(run_dir) / LABELS_FILE if run_dir is not None else None
+    if path is None or not path.is_file():
+        return found
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    unknown = [label for label in found if label not in saved]
+    if unknown:
+        raise UsageError(
+            f"{run_dir}: the data has tags the run did not train with ({', '.join(unknown[:5])}); "
+            f"fix: evaluate on data tagged with the run's tags ({', '.join(saved)})"
+        )
+    return saved
+
+
+_said: set[str] = set()  # warnings given in this process (compare trains many runs of one data)
+
+
+def _warn_truncated(split: str, sentences, labels: torch.Tensor, seq_len: int) -> None:
+    """Say how many sentences lose words to the sequence length: those words are neither trained
+    on nor counted in the metrics, which then cover part of the split."""
+    words = torch.tensor([len(sentence.tokens) for sentence in sentences], dtype=torch.long)
+    kept = (labels != IGNORE_INDEX).sum(1)
+    cut = int((kept < words).sum()) if len(sentences) else 0
+    message = (
+        f"lowbit: warning: {cut} of {len(sentences)} {split} sentences are longer than --seq-len "
+        f"{seq_len} holds; their words past it are left out of training and metrics; fix: raise "
+        "--seq-len"
+    )
+    if cut and message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
 
 
 def _encode_pretrained(tokenizer, sentences, label2id, config):

@@ -25,3 +25,42 @@ def test_eval_refuses_changed_data_and_generate_needs_none(tmp_path, capsys, mon
     assert "other contents than the run trained on" in capsys.readouterr().err
     shutil.rmtree(data)
     assert main(["generate", "run", "--max-new-tokens", "5"]) == 0  # the tokenizer is the run's
+
+
+def _conll_folder(folder, sentences=30, words=4):
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        lines = []
+        for i in range(sentences):
+            lines += [f"w{j} {'B-LOC' if j == 0 else 'O'}" for j in range(words + i % 3)] + [""]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_token_classifier_keeps_its_tags_when_the_data_gains_one(tmp_path, capsys, monkeypatch):
+    """The run's tags are saved with it (labels.json): evaluation does not renumber them from
+    the data, and data with a tag the run never saw is refused with a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    data = _conll_folder(tmp_path / "conll")
+    argv = ["train", "--task", "token-classification", "--data", "conll", "--steps", "2"]
+    argv += ["--eval-interval", "2", "--batch-size", "4", "--seq-len", "16", "--quiet"]
+    assert main([*argv, "--out", "run"]) == 0
+    assert (tmp_path / "run" / "labels.json").is_file()
+    with (data / "test.txt").open("a") as test:
+        test.write("Zed B-PER\nran O\n\n")
+    capsys.readouterr()
+    assert main(["eval", "run", "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "tags the run did not train with (B-PER)" in err and "Traceback" not in err
+
+
+def test_sentences_cut_by_the_sequence_length_are_counted_in_a_warning(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _conll_folder(tmp_path / "conll", words=20)
+    argv = ["train", "--task", "token-classification", "--data", "conll", "--steps", "1"]
+    argv += ["--eval-interval", "1", "--batch-size", "4", "--seq-len", "16", "--quiet"]
+    assert main([*argv, "--out", "run"]) == 0
+    err = capsys.readouterr().err
+    assert "30 of 30 train sentences are longer than --seq-len 16 holds" in err
