@@ -43,9 +43,25 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     task = build_task(config, run_dir=run_dir)
     precision = lowbit.Precision(recipe_of(config), device=target)
     model = precision.convert(task.model.to(target))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing, unexpected or differently shaped weights
+        raise UsageError(
+            f"{path}: its weights do not fit the model of {run_dir} "
+            f"({_misfit(model.state_dict(), state['model'], error)}); fix: give a checkpoint "
+            "of this run"
+        ) from None
     precision.load_state_dict(state["precision"])
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
+
+
+def _misfit(expected: dict, given: dict, error: Exception) -> str:
+    """What keeps a state dict from loading, in a few words."""
+    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
+    if missing or unexpected:
+        return f"{len(missing)} weights missing, {len(unexpected)} not in the model"
+    shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+    return shapes[0][:160] if shapes else type(error).__name__
 
 
 def check_same_data(run_dir, config, current: dict | None) -> None:
@@ -74,6 +90,8 @@ def evaluate_run(
     """Metrics and the printable report of a run's checkpoint on ``split``."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
+    if max_batches is not None and max_batches < 1:
+        raise UsageError(f"--max-batches {max_batches}: fix: use 1 or more (or leave it out: all)")
     from lowbit.infer import evaluate_inference_dir, is_inference_dir
 
     if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source

@@ -7,7 +7,7 @@ from lowbit.cli import main
 
 def _text_folder(folder):
     folder.mkdir()
-    for i in range(150):
+    for i in range(150):  # ~5% of files land in each of validation, test
         (folder / f"f{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
     return folder
 
@@ -64,3 +64,24 @@ def test_sentences_cut_by_the_sequence_length_are_counted_in_a_warning(
     assert main([*argv, "--out", "run"]) == 0
     err = capsys.readouterr().err
     assert "30 of 30 train sentences are longer than --seq-len 16 holds" in err
+
+
+def test_eval_refuses_a_negative_batch_count_and_another_runs_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _text_folder(tmp_path / "data")
+    _conll_folder(tmp_path / "conll")
+    base = ["--steps", "1", "--eval-interval", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert main(["train", "--data", "data", *base, "--quiet", "--out", "lm"]) == 0
+    tagger = ["train", "--task", "token-classification", "--data", "conll", *base, "--quiet"]
+    assert main([*tagger, "--out", "tagger"]) == 0
+    other = next((tmp_path / "tagger" / "checkpoints").glob("*.pt"))
+    for argv, message in (
+        (["eval", "lm", "--max-batches", "-1"], "--max-batches -1: fix: use 1 or more"),
+        (["eval", "lm", "--checkpoint", str(other)], "its weights do not fit the model of lm"),
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
