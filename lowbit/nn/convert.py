@@ -32,10 +32,13 @@ from lowbit.recipes.recipe import RECIPE_DEFAULT
 class ConversionReport:
     converted: dict[str, str] = field(default_factory=dict)  # name -> spec description
     kept: dict[str, str] = field(default_factory=dict)  # name -> reason
+    unused_overrides: list[str] = field(default_factory=list)  # user overrides no layer took
 
     def summary(self) -> str:
         total = len(self.converted) + len(self.kept)
         lines = [f"converted {len(self.converted)}/{total} layers"]
+        for text in self.unused_overrides:
+            lines.append(f"  override {text} applies to no layer (lowbit doctor lists the names)")
         reasons: dict[str, list[str]] = {}
         for name, reason in self.kept.items():
             reasons.setdefault(reason, []).append(name)
@@ -139,8 +142,28 @@ def convert(
             report.converted[name] = spec.describe()
 
     visit(model, "")
+    report.unused_overrides += _unused_overrides(recipe, model)
     _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
+
+
+def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
+    """The user's overrides (``--override``, `parse_override`) that decide no GEMM layer of the
+    model (a misspelt name, or one an earlier override shadows), as the user wrote them."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (LowbitModule, LowbitExperts)) or is_convertible(module):
+            names.append(name)
+        if isinstance(module, LowbitExperts):  # its expert GEMMs, which overrides may name
+            names += [
+                f"{name}.gemms.{kind}.{e}" for kind in GEMM_KINDS for e in range(module.num_experts)
+            ]
+    taken = {recipe.layer_for(name)[1] for name in names}
+    return [
+        override.reason.removeprefix("override ")
+        for override in recipe.overrides
+        if override.reason.startswith("override ") and override.reason not in taken
+    ]
 
 
 def _converted_before(recipe: Recipe, name: str, layer, report: ConversionReport) -> None:

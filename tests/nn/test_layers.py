@@ -287,6 +287,18 @@ def test_conv_takes_unbatched_images_and_valid_padding():
     assert sqnr(conv(image), out) > 25
 
 
+def test_an_override_that_decides_no_layer_is_reported():
+    from lowbit.models import build_causal_lm
+    from lowbit.recipes import parse_override
+
+    recipe = get_recipe("fp8-tensorwise")
+    typo = parse_override("model.layerz.1.mlp.down_proj=fp32", recipe)
+    used = parse_override("model.layers.0.*=keep", recipe)
+    report = convert(build_causal_lm("nano", 257, seed=0), recipe.with_overrides(typo, used))
+    assert report.unused_overrides == ["model.layerz.1.mlp.down_proj=fp32"]
+    assert "model.layerz.1.mlp.down_proj=fp32 applies to no layer" in report.summary()
+
+
 def test_grouped_convolution_is_kept_with_a_reason():
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Conv2d(4, 2, 1))
     report = convert(model, "fp8-tensorwise")
