@@ -216,7 +216,15 @@ class CausalLMTask(Task):
         from lowbit.data import tokenize_split
 
         if split not in self._tokens:
-            self._tokens[split] = tokenize_split(self.tokenizer, self.corpus.texts(split))
+            tokens = tokenize_split(self.tokenizer, self.corpus.texts(split))
+            window = self.config.seq_len + 1
+            if len(tokens) < window:
+                raise UsageError(
+                    f"{self.corpus.source}: the {split} split holds {len(tokens)} tokens, fewer "
+                    f"than one window of --seq-len + 1 = {window}; fix: use more data or a "
+                    "shorter --seq-len"
+                )
+            self._tokens[split] = tokens
         return self._tokens[split]
 
     def save_artifacts(self, folder) -> None:

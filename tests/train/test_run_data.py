@@ -85,3 +85,14 @@ def test_eval_refuses_a_negative_batch_count_and_another_runs_checkpoint(
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_split_too_short_for_one_window_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for i in range(150):  # ~20 tokens a file: train holds a window of 1001 tokens, validation not
+        (tmp_path / "data" / f"f{i:03d}.txt").write_text(f"def f(x): return {i}\n")
+    argv = ["train", "--data", "data", "--steps", "1", "--seq-len", "1000", "--quiet"]
+    assert main([*argv, "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "data: the validation split holds" in err and "fewer than one window" in err
