@@ -2,7 +2,8 @@
 
 File format: one token per line, the token in the first column and its tag in the last (spaces or
 tabs between columns), a blank line between sentences, ``-DOCSTART-`` lines ignored. Tags are ``O``
-or ``B-TYPE`` / ``I-TYPE``.
+or ``B-TYPE`` / ``I-TYPE``. The file is UTF-8; a leading byte-order mark is dropped, not read as
+part of the first token.
 
 `entity_f1` scores entity spans with conlleval's chunk rules: a chunk starts at ``B-``, at an
 ``I-`` whose type differs from the previous tag's, or at an ``I-`` after ``O``; it ends where the
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from lowbit.data.corpus import read_lines
 from lowbit.errors import UsageError
 
 
@@ -30,32 +32,32 @@ def is_valid_tag(tag: str) -> bool:
 
 
 def read_conll(path) -> list[Sentence]:
-    """The sentences of a CoNLL file; a malformed line raises `UsageError` naming file and line."""
+    """The sentences of a CoNLL file; a malformed line or a file that is not UTF-8 raises
+    `UsageError` naming the file and the line or byte."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such CoNLL file; fix: check the path")
     sentences: list[Sentence] = []
     tokens: list[str] = []
     tags: list[str] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            columns = line.split()
-            if not columns or columns[0] == "-DOCSTART-":
-                if tokens:
-                    sentences.append(Sentence(tokens, tags))
-                    tokens, tags = [], []
-                continue
-            if len(columns) < 2:
-                raise UsageError(
-                    f"{path}:{number}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
-                    "(token first, tag last, separated by spaces or a tab)"
-                )
-            if not is_valid_tag(columns[-1]):
-                raise UsageError(
-                    f"{path}:{number}: invalid IOB tag {columns[-1]!r}; fix: use O, B-TYPE or I-TYPE"
-                )
-            tokens.append(columns[0])
-            tags.append(columns[-1])
+    for number, line in enumerate(read_lines(path), start=1):
+        columns = line.split()
+        if not columns or columns[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append(Sentence(tokens, tags))
+                tokens, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise UsageError(
+                f"{path}:{number}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
+                "(token first, tag last, separated by spaces or a tab)"
+            )
+        if not is_valid_tag(columns[-1]):
+            raise UsageError(
+                f"{path}:{number}: invalid IOB tag {columns[-1]!r}; fix: use O, B-TYPE or I-TYPE"
+            )
+        tokens.append(columns[0])
+        tags.append(columns[-1])
     if tokens:
         sentences.append(Sentence(tokens, tags))
     if not sentences:

@@ -9,6 +9,9 @@ name: ``int(sha1(name)[:8], 16) % 100`` below 90 is train, below 95 validation, 
 document's split therefore never changes when other documents are added or removed. Names are
 relative paths for files, ``"<file>:<line>"`` for JSONL records and paragraphs of a single file.
 
+Files are read as UTF-8 with a leading byte-order mark dropped (`read_text`) and cut into lines at
+line feeds only (`read_lines`), so line numbers are the ones an editor shows.
+
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import sysconfig
@@ -29,6 +33,16 @@ SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
 FOLDER_SUFFIXES = (".txt", ".md", ".py")
+# How JSONL errors name a decoded value: by its JSON type, as the user wrote it in the file.
+JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,9 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
       fixed leading folder; matched ``.jsonl`` files are read as JSONL;
     - a ``.jsonl`` file: one document per line, from the string field ``text_field``;
-    - any other single file: one document per paragraph (blank-line separated block), so that one
-      file still yields validation and test text.
+    - any other single file: one document per paragraph (a block between lines holding only
+      whitespace, a form feed included: a page break also ends a paragraph), so that one file still
+      yields validation and test text.
     """
     spec = str(path_or_glob)
     path = Path(spec)
@@ -182,9 +197,12 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file without its leading byte-order mark, if any (editors on Windows
+    write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable."""
     try:
-        return path.read_bytes().decode("utf-8")
+        # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
+        return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         raise UsageError(
             f"{path}: not UTF-8 text (byte {error.start}); fix: convert it to UTF-8 or remove it"
@@ -193,13 +211,21 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of `read_text`, each with its end, cut after line feeds only (a carriage return
+    before one stays: whitespace to the callers). `str.splitlines` would also cut at U+2028,
+    U+0085, form feed and other characters that JSON leaves unescaped inside strings, and would
+    number lines differently from an editor."""
+    return io.StringIO(read_text(path), newline="\n").readlines()
+
+
 def _file_documents(path: Path, name: str) -> list[Document]:
-    return [Document(name, _read_text(path))]
+    return [Document(name, read_text(path))]
 
 
 def _paragraph_documents(path: Path) -> list[Document]:
     docs, block, start = [], [], 1
-    for number, line in enumerate(_read_text(path).splitlines(keepends=True), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if line.strip():
             if not block:
                 start = number
@@ -214,21 +240,30 @@ def _paragraph_documents(path: Path) -> list[Document]:
 
 def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
     docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UsageError(
-                f"{path}:{number}: invalid JSON ({error.msg}); fix: one JSON object per line"
+                f"{where}: invalid JSON ({error.msg}); fix: one JSON object per line"
             ) from None
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        if not isinstance(record, dict):
             raise UsageError(
-                f"{path}:{number}: no string field {text_field!r} (found: {keys}); fix: add it "
-                f"or choose the field that holds the text with text_field"
+                f"{where}: {JSON_TYPES[type(record)]}, not a JSON object; fix: one object per line"
+            )
+        if text_field not in record:
+            raise UsageError(
+                f"{where}: no field {text_field!r} (found: {', '.join(record) or 'none'}); "
+                "fix: add it or name the field that holds the text with --text-field"
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise UsageError(
+                f"{where}: field {text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
+                "fix: make it the text, drop the record, or name the text field with --text-field"
             )
         docs.append(Document(f"{name}:{number}", text))
     return docs

@@ -114,8 +114,16 @@ def test_jsonl_records_and_custom_field(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"text": "ok"}\n{"text": 1}\n', r"data\.jsonl:2: no string field 'text'"),
-        ('{"text": "ok"}\n{"other": "x"}\n', r"data\.jsonl:2: .*found: other"),
+        ('{"text": "ok"}\n{"text": 1}\n', r"data\.jsonl:2: field 'text' is a number, not a string"),
+        (
+            '{"text": null}\n',
+            r"data\.jsonl:1: field 'text' is null, not a string; fix: .*--text-field",
+        ),
+        (
+            '{"text": "ok"}\n{"other": "x"}\n',
+            r"data\.jsonl:2: no field 'text' \(found: other\); fix: .*--text-field",
+        ),
+        ('["text"]\n', r"data\.jsonl:1: an array, not a JSON object; fix: one object per line"),
         ('{"text": "ok"}\n\n{broken\n', r"data\.jsonl:3: invalid JSON"),
     ],
 )
@@ -124,6 +132,28 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(UsageError, match=message):
         load_texts(path)
+
+
+def test_jsonl_splits_records_at_line_feeds_only_and_accepts_a_bom(tmp_path):
+    # json.dumps leaves these unescaped inside strings; str.splitlines would cut records at them
+    texts = ["line\u2028separator", "para\u2029graph", "next\x85line"]
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())  # BOM, Windows line ends
+    docs = load_texts(path)
+    assert [(d.name, d.text) for d in docs] == [
+        (f"data.jsonl:{n}", t) for n, t in enumerate(texts, 1)
+    ]
+
+
+def test_paragraphs_break_at_whitespace_lines_only(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("\ufeffone\u2028\u2028still one\n\x0c\ntwo\x0cstill two\n", encoding="utf-8")
+    docs = load_texts(path)
+    assert [(d.name, d.text) for d in docs] == [
+        ("book.txt:1", "one\u2028\u2028still one\n"),  # no BOM; U+2028 is no line end
+        ("book.txt:3", "two\x0cstill two\n"),  # a form feed line (page break) ends a paragraph
+    ]
 
 
 def test_missing_empty_and_undecodable_data(tmp_path):
