@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, choose
-from lowbit.models.pretrained import from_pretrained
+from lowbit.models.pretrained import from_pretrained, load_config
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -164,7 +164,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
     initialized from ``seed`` (the global torch RNG is left untouched)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder = Path(path)
     config_file = folder.is_file() and folder.suffix == ".json"  # a config.json by itself
@@ -173,7 +173,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
             f"{path}: not a Hugging Face checkpoint folder (no config.json); fix: give a named "
             f"size ({', '.join(SIZES)}), a folder written by save_pretrained or a config.json"
         )
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = load_config(folder)
     architectures = config.architectures or []
     model = None
     if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):

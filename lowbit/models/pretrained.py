@@ -3,11 +3,17 @@
 A folder that holds a ``config.json`` but no weights (a model described by its config only, as
 one writes for a small experiment), or the path of such a config.json itself, gives a freshly
 initialized model of that architecture, drawn from the caller's torch RNG.
+
+`load_config` reads the config first, so that a config.json transformers cannot use is a one-line
+`UsageError` naming the problem, not a traceback from deep inside transformers.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from lowbit.errors import UsageError
 
 
 def with_sdpa(build):
@@ -34,13 +40,48 @@ def has_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
 
 
+def load_config(path: Path, **kwargs):
+    """The ``AutoConfig`` of a checkpoint folder or of a config.json file, with ``kwargs`` set in
+    it; a `UsageError` when the file is not a JSON object, has no ``model_type``, or transformers
+    rejects it otherwise."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        fields = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(
+            f"{file}: not valid JSON ({error}); fix: correct it, or write it with save_pretrained"
+        ) from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"{file}: not a JSON object; fix: write it with save_pretrained")
+    kind = fields.get("model_type")
+    if isinstance(kind, str) and kind not in CONFIG_MAPPING:  # transformers' own text is a page
+        raise UsageError(
+            f"{file}: unknown model_type {kind!r}; fix: correct it, or upgrade transformers if "
+            "the architecture is newer than it"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    except (ValueError, TypeError, StrictDataclassError) as error:  # the fields' own validation
+        # without a model_type transformers can only guess the architecture from the folder name
+        if "model_type" not in fields:
+            raise UsageError(
+                f'{file}: no "model_type" field; fix: add the architecture\'s name, '
+                'e.g. "model_type": "llama"'
+            ) from None
+        raise UsageError(
+            f"{file}: transformers cannot read this config ({' '.join(str(error).split())}); "
+            "fix: correct the config's fields"
+        ) from None
+
+
 def from_pretrained(auto_class, folder: Path, **kwargs):
     """``auto_class.from_pretrained(folder)`` offline, with SDPA attention where it exists; a
     fresh model from the folder's config where it holds no weights (see the module doc)."""
+    config = load_config(folder, **kwargs)  # checked here also before a weights load reads it
     if not has_weights(folder):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
         return with_sdpa(lambda **kw: auto_class.from_config(config, **kw))
     return with_sdpa(
         lambda **kw: auto_class.from_pretrained(folder, local_files_only=True, **kwargs, **kw)

