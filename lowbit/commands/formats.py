@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor",
         metavar="FILE",
-        help="a .pt or .safetensors file: report the SQNR (dB) of every format and granularity "
-        "on each floating-point tensor in it",
+        help="a .pt or .safetensors file, a folder of .safetensors files, or a lowbit checkpoint "
+        "(its model): report the SQNR (dB) of every format and granularity on each "
+        "floating-point tensor in it",
     )
 
 
@@ -62,22 +63,26 @@ def format_table() -> str:
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Floating-point tensors of a .pt/.safetensors file (a tensor, or a nested state dict)."""
+    """Floating-point tensors of a .pt/.safetensors file (a tensor, or a nested state dict), of
+    every .safetensors file of a folder (a Hugging Face checkpoint, its shards), or of the model
+    of a lowbit checkpoint (its optimizer moments are no weights a format would hold)."""
     file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"tensor file {path!r} does not exist; pass a .pt or .safetensors file")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        loaded = load_file(str(file))
-    else:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:
+    if file.is_dir():
+        shards = sorted(file.glob("*.safetensors"))
+        if not shards:
             raise UsageError(
-                f"cannot read {path!r} as a torch file ({error}); pass a .pt file "
-                "saved with torch.save, or a .safetensors file"
-            ) from None
+                f"{path}: a folder, with no .safetensors file in it; fix: pass a .pt or "
+                ".safetensors file (a lowbit run's are in its checkpoints folder)"
+            )
+        loaded = {name: t for shard in shards for name, t in _read_safetensors(shard).items()}
+    elif not file.is_file():
+        raise UsageError(f"{path}: no such file; fix: pass a .pt or .safetensors file")
+    elif file.suffix == ".safetensors":
+        loaded = _read_safetensors(file)
+    else:
+        loaded = _read_torch(file)
+        if isinstance(loaded, dict) and {"step", "model"} <= loaded.keys():  # lowbit checkpoint
+            loaded = loaded["model"]
     found: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, obj) -> None:
@@ -97,17 +102,67 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     return found
 
 
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise UsageError(
+            f"{file}: not a safetensors file ({error}); fix: pass a file written by safetensors"
+        ) from None
+
+
+def _read_torch(file: Path):
+    """``torch.load`` with ``weights_only``: unpickling runs no code from the file. numpy arrays
+    (of any dtype) are allowed too, because lowbit's checkpoints hold numpy's RNG state."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+    numpy_types = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    numpy_types += [getattr(np.dtypes, name) for name in np.dtypes.__all__]
+    try:
+        with torch.serialization.safe_globals(numpy_types):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
+        # torch's text is a page on loading the file unsafely; keep the unpickler's reason
+        text = str(error).split("WeightsUnpickler error:")[-1]
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise UsageError(
+            f"{file}: cannot read it as a torch file ({reason or type(error).__name__}); fix: pass "
+            "a .pt file saved with torch.save (tensors, state dicts, lowbit checkpoints) or a "
+            ".safetensors file"
+        ) from None
+
+
 def error_table(tensors: dict[str, torch.Tensor]) -> str:
+    """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
+    are set to 0 before quantizing (an inf makes its scale inf, and with it every entry the scale
+    covers) and left out of its SQNR."""
     labels = [f"{f}/{g}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
+    notes = []
     for name, tensor in tensors.items():
+        finite = tensor.isfinite()
+        count = tensor.numel() - int(finite.sum())
+        if count == tensor.numel():
+            notes.append(f"note: {name}: every entry is inf or NaN, so it has no SQNR")
+            continue
+        if count:
+            notes.append(
+                f"note: {name}: {count} of {tensor.numel()} entries are inf or NaN; its SQNR is "
+                "over the finite ones, quantized with those set to 0"
+            )
+            tensor = tensor.where(finite, 0)
         cells = []
         for fmt, granularity, block in SCHEMES:
             q = quantize(tensor, fmt, granularity, block_size=block)
-            cells.append(f"{sqnr(tensor, q.dequantize()):>18.2f}")
+            cells.append(f"{sqnr(tensor[finite], q.dequantize()[finite]):>18.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    return "SQNR in dB (higher is better; quantized along the last axis)\n" + "\n".join(lines)
+    title = "SQNR in dB (higher is better; quantized along the last axis)"
+    return "\n".join([title, *lines, *notes])
 
 
 def run(args: argparse.Namespace) -> int:
