@@ -102,7 +102,7 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The run's `TrainConfig`: saved config (resume) < config file < flags."""
-    from lowbit.train.config import build_config, load_file, read
+    from lowbit.train.config import build_config, load_file, merge, read
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
@@ -121,7 +121,7 @@ def config_from_args(args):
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
         base = read(overrides["out"]).to_dict()
     if args.config:
-        base.update(load_file(args.config))
+        base = merge(base, load_file(args.config))
     return build_config(base, overrides)
 
 

@@ -154,6 +154,8 @@ def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: boo
     out = Path(out)
     if out.resolve() == source.path.resolve():
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
     out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,8 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
             "folder is an AutoModelForCausalLM)"
         )
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; fix: remove it or pass --force")
     dequantize_model(source.model)

@@ -79,13 +79,33 @@ def load(path) -> dict:
 
 def read_file(path, name=None) -> dict:
     """``torch.load`` of a checkpoint file; a `UsageError` naming ``name`` (default: the file)
-    when it cannot be read."""
+    when it cannot be read or holds something else."""
+    name = Path(name or path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UsageError(
-            f"{name or path}: unreadable checkpoint ({error}); fix: use an older one"
-        ) from None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
+        raise unreadable(name, " ".join(str(error).split())) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise unreadable(name, "not a lowbit checkpoint")
+    return state
+
+
+def unreadable(path: Path, problem: str) -> UsageError:
+    """The error for a checkpoint that cannot be read. Runs use their newest checkpoint, so the
+    fix for the newest is to move it away (not delete it: it may be worth a look), and it names
+    the checkpoint used then."""
+    found = list_checkpoints(path.parent.parent) if path.parent.name == FOLDER else []
+    if found[-1:] != [path]:
+        fix = "give another checkpoint"
+    elif len(found) > 1:
+        fix = f"move it out of {path.parent}, so that {found[-2].name} is the newest"
+    else:
+        run = path.parent.parent
+        fix = (
+            "it is the run's only checkpoint: move it away and start the run again "
+            f"(lowbit train --config {run / 'config.yaml'} --out {run})"
+        )
+    return UsageError(f"{path}: unreadable checkpoint ({problem}); fix: {fix}")
 
 
 def find(run_dir, checkpoint: str | None = None) -> Path:

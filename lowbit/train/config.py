@@ -6,6 +6,7 @@ config is what the run folder records in ``config.yaml`` and what ``--resume`` r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -106,7 +107,12 @@ def load_file(path) -> dict:
         raise UsageError(
             f"{path}: unknown config type {path.suffix!r}; fix: use {', '.join(CONFIG_SUFFIXES)}"
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte {error.start}); fix: save it in UTF-8"
+        ) from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -148,11 +154,19 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def merge(settings: dict, overrides: dict) -> dict:
+    """``settings`` updated by ``overrides``.
+
+    A run's length is one setting, given as steps or as epochs: an override of either replaces both
+    (``--epochs`` over a config file's or a resumed run's ``steps``)."""
+    replaced = {"steps", "epochs"} if overrides.keys() & {"steps", "epochs"} else set()
+    return {k: v for k, v in settings.items() if k not in replaced} | overrides
+
+
 def build_config(file_settings: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """A `TrainConfig` from file settings, then the flags that were given (not ``None``)."""
-    settings = dict(file_settings or {})
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    config = TrainConfig(**settings)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = TrainConfig(**merge(file_settings or {}, given))
     _check_types(config)
     return config
 
@@ -181,11 +195,19 @@ _NUMBER_FIELDS = {
 }
 
 
+_STRING_FIELDS = ("task", "model", "recipe", "tokenizer", "device", "text_field", "optimizer_state")
+_OPTIONAL_STRING_FIELDS = ("out", "strategy")
+
+
 def _check_types(config: TrainConfig) -> None:
+    """Check the type of every setting (a config file can hold anything) and convert numbers."""
     for name, kind in _NUMBER_FIELDS.items():
         value = getattr(config, name)
         if value is None:
             continue
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if kind is int:
             ok = ok and float(value).is_integer()
@@ -195,8 +217,19 @@ def _check_types(config: TrainConfig) -> None:
                 f"got {value!r}; fix: correct it"
             )
         setattr(config, name, kind(value))
-    if config.strategy is not None and not isinstance(config.strategy, str):
-        raise UsageError(f"strategy must be a string, got {config.strategy!r}")
+    if isinstance(config.wandb, str) and config.wandb.lower() in ("true", "false"):
+        config.wandb = config.wandb.lower() == "true"
+    if not isinstance(config.wandb, bool):
+        raise UsageError(f"wandb must be true or false, got {config.wandb!r}; fix: correct it")
+    if config.data is not None and not isinstance(config.data, str):
+        raise UsageError(
+            f"data must be one path or glob, got {config.data!r}; fix: give one folder or glob "
+            "that holds all the files (e.g. 'texts/*.txt')"
+        )
+    for name in _STRING_FIELDS + _OPTIONAL_STRING_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_STRING_FIELDS):
+            raise UsageError(f"{name} must be a string, got {value!r}; fix: quote it")
     if isinstance(config.overrides, str):
         config.overrides = [config.overrides]
     if not isinstance(config.overrides, list | tuple) or not all(
@@ -204,9 +237,6 @@ def _check_types(config: TrainConfig) -> None:
     ):
         raise UsageError(f"overrides must be a list of PATTERN=WHAT, got {config.overrides!r}")
     config.overrides = list(config.overrides)
-    for name in ("task", "model", "recipe", "tokenizer", "device", "text_field"):
-        if not isinstance(getattr(config, name), str):
-            raise UsageError(f"{name} must be a string, got {getattr(config, name)!r}")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

@@ -130,27 +130,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run (or anything else) unless told to."""
+    """Refuse to write into a folder that holds another run (or anything else) unless told to.
+
+    A run that stopped before its first checkpoint (a non-finite first step, say) holds nothing to
+    resume, so a fresh run may replace its files without ``--overwrite``, unless other files are
+    there too.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: exists and is not a folder; fix: choose another --out")
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"{run_dir}: no run to resume (no config.yaml); fix: check --out")
         if checkpoint.latest(run_dir) is None:
             raise UsageError(
-                f"{run_dir}: the run has no checkpoint to resume from; fix: --overwrite to restart it"
+                f"{run_dir}: the run stopped before its first checkpoint, so there is nothing to "
+                f"resume; fix: start it again without --resume (lowbit train --config "
+                f"{run_dir / 'config.yaml'} --out {run_dir})"
             )
         return
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if overwrite or not run_dir.exists():
         return
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: exists and is not a folder; fix: choose another --out")
-    if overwrite:
+    names = {p.name for p in run_dir.iterdir()}
+    if not names:
         return
-    if (run_dir / "config.yaml").is_file():
+    if "config.yaml" in names:
         found = checkpoint.latest(run_dir)
-        at = f" (checkpoint {found.name})" if found else ""
+        if found is None and names <= {*RUN_FILES, *RUN_FOLDERS}:
+            return
+        if found is None:
+            raise UsageError(
+                f"{run_dir}: holds a run that saved no checkpoint, and other files; fix: "
+                "--overwrite to replace the run (the other files stay), or another --out"
+            )
         raise UsageError(
-            f"{run_dir}: already holds a run{at}; fix: --resume to continue it, --overwrite to "
-            "replace it, or another --out"
+            f"{run_dir}: already holds a run (checkpoint {found.name}); fix: --resume to continue "
+            "it, --overwrite to replace it, or another --out"
         )
     raise UsageError(f"{run_dir}: folder is not empty; fix: choose another --out or empty it")
 
@@ -428,8 +442,12 @@ class Trainer:
         if resume:
             self._resume(checkpoint.latest(run_dir))
             resume_step = self.step_idx
-        elif overwrite and run_dir.is_dir() and main:
-            clear_run_dir(run_dir)
+            self._check_length()
+        else:
+            # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
+            self.start_metrics = self.evaluate()
+            if main:  # check_run_dir let only --overwrite or a checkpointless run's files through
+                clear_run_dir(run_dir)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write(c, run_dir)
@@ -444,7 +462,6 @@ class Trainer:
         status = "completed"
         try:
             if not resume:
-                self.start_metrics = self.evaluate()
                 logger.log(0, "validation", self.start_metrics)
             bar = tqdm(
                 total=self.total_steps,
@@ -529,6 +546,20 @@ class Trainer:
         state = checkpoint.load(path)
         check_resume_config(state["config"], self.config)
         self.load_state_dict(state)
+
+    def _check_length(self) -> None:
+        """A resumed run can be lengthened, not shortened below the step it has reached."""
+        c, step = self.config, self.step_idx
+        if self.total_steps < step:
+            asked = (
+                f"steps {c.steps}"
+                if c.steps is not None
+                else f"epochs {c.epochs} ({self.total_steps} steps)"
+            )
+            raise UsageError(
+                f"{asked} is below the run's step {step}; fix: ask for more than {step} steps, "
+                "or leave --steps/--epochs out to keep the run's length"
+            )
 
     def _write_run_info(self, run_dir: Path, resume_step) -> None:
         import lowbit

@@ -190,3 +190,57 @@ def test_eval_and_generate_errors(tmp_path, capsys):
     )
     code, _, err = run_cli(capsys, "generate", run)
     assert code == 2 and "image-classification run" in one_line_error(err)
+
+
+def test_out_that_is_a_file_is_refused_and_untouched(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = run_cli(capsys, "train", *FAST_LM, "--out", afile)
+    assert code == 2 and "afile: exists and is not a folder" in one_line_error(err)
+    assert afile.read_text() == "mine"
+
+
+def test_too_little_validation_text_leaves_no_run_folder(tmp_path, capsys):
+    from lowbit.data import split_of
+
+    data = tmp_path / "texts"
+    data.mkdir()
+    for i in range(40):
+        name = f"doc{i}.txt"
+        short = split_of(name) == "validation"
+        (data / name).write_text("x" if short else "def f(x):\n    return x + 1\n" * 10)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *FAST_LM, "--data", data, "--out", run)
+    assert code == 2 and one_line_error(err)
+    assert not run.exists()
+
+
+def test_resume_changes_the_length_but_not_below_the_step_reached(tmp_path, capsys):
+    run = tmp_path / "run"
+    digits = ["--task", "image-classification", "--quiet"]
+    assert run_cli(capsys, "train", *digits, "--steps", "4", "--out", run)[0] == 0
+    saved = (run / "config.yaml").read_bytes()
+    (tmp_path / "short.yaml").write_text("epochs: 0.01\n")
+    for length, asked in [
+        (["--steps", "2"], "steps 2"),
+        (["--epochs", "0.01"], "epochs 0.01 (1 steps)"),
+        (["--config", tmp_path / "short.yaml"], "epochs 0.01 (1 steps)"),
+    ]:
+        code, _, err = run_cli(capsys, "train", "--resume", run, *length, "--quiet")
+        assert code == 2 and f"{asked} is below the run's step 4" in one_line_error(err)
+        assert (run / "config.yaml").read_bytes() == saved
+    # --epochs replaces the run's --steps: 0.3 of 19 steps per epoch (1257 digits / 64)
+    code, out, _ = run_cli(capsys, "train", "--resume", run, "--epochs", "0.3", "--quiet")
+    assert code == 0 and "6 steps" in out
+
+
+def test_resume_from_a_garbage_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    digits = ["--task", "image-classification", "--quiet", "--out", run]
+    assert run_cli(capsys, "train", *digits, "--steps", "2", "--eval-interval", "1")[0] == 0
+    newest = run / "checkpoints" / "step-0000002.pt"
+    newest.write_bytes(b"/\x81\xb2\x93garbage")
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "3", "--quiet")
+    assert code == 2
+    assert "step-0000002.pt: unreadable checkpoint" in one_line_error(err)
+    assert "so that step-0000001.pt is the newest" in err

@@ -319,3 +319,21 @@ def test_mixture_of_experts_layers_quantize_load_and_export(mixtral_run, tmp_pat
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(hf, MixtralForCausalLM)  # 3-D experts, as transformers stores them
     torch.testing.assert_close(lm_logits(hf), lm_logits(load_source(int4).model))
+
+
+def test_out_that_is_a_file_is_refused_and_untouched(lm_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for argv in [
+        ["export", lm_run, "--out", afile],
+        ["export", lm_run, "--out", afile, "--force"],
+        ["quantize", lm_run, "--to", "int4", "--out", afile],
+        ["prune", lm_run, "--pattern", "2:4", "--out", afile],
+    ]:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"lowbit: error: {afile}: exists and is not a folder; fix: choose another --out\n"
+        )
+    assert afile.read_text() == "mine"

@@ -32,3 +32,24 @@ def test_crash_mid_write_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_find_without_checkpoint_is_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         checkpoint.find(tmp_path)
+
+
+def test_an_unreadable_checkpoint_is_a_usage_error_naming_the_previous_one(tmp_path):
+    for step in (1, 2):
+        checkpoint.save({"step": step}, tmp_path, step, keep_last=2)
+    newest = checkpoint.latest(tmp_path)
+    newest.write_bytes(b"/\x81\xb2 not a checkpoint")
+    with pytest.raises(UsageError, match="unreadable checkpoint") as error:
+        checkpoint.load(newest)
+    assert f"fix: move it out of {newest.parent}, so that step-0000001.pt is the newest" in str(
+        error.value
+    )
+    assert newest.read_bytes() == b"/\x81\xb2 not a checkpoint"  # kept for a look
+
+
+def test_a_foreign_only_checkpoint_says_to_start_the_run_again(tmp_path):
+    path = checkpoint.path_for(tmp_path, 1)
+    path.parent.mkdir()
+    torch.save(torch.ones(2), path)
+    with pytest.raises(UsageError, match=r"not a lowbit checkpoint\); fix: .*only checkpoint"):
+        checkpoint.load(path)

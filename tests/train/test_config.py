@@ -73,3 +73,42 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert lr_at(config, 104, 104) == pytest.approx(0.1)
     assert not any(math.isnan(x) for x in lrs)
+
+
+def test_yaml_1_1_numbers_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3e-4\nsteps: 1e3\nwandb: 'false'\n")
+    config = build_config(load_file(path))
+    assert (config.lr, config.steps, config.wandb) == (3e-4, 1000, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("wandb: 'no'\n", "wandb must be true or false, got 'no'"),
+        ("out: 5\n", "out must be a string, got 5"),
+        ("data: [a, b]\n", "data must be one path or glob, got ['a', 'b']"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match="; fix: ") as error:
+        build_config(load_file(path))
+    assert expected in str(error.value)
+
+
+def test_a_config_that_is_not_utf8_is_a_usage_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"steps: 3\n\xe9\n")
+    with pytest.raises(UsageError, match=r"run.yaml: not UTF-8 text \(byte 9\); fix"):
+        load_file(path)
+
+
+def test_a_length_flag_replaces_the_files_length(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 5\n")
+    config = resolve(build_config(load_file(path), {"epochs": 0.5}))
+    assert (config.steps, config.epochs) == (None, 0.5)
+    with pytest.raises(UsageError, match="only one of --steps/--epochs"):
+        resolve(build_config(load_file(path), {"steps": 3, "epochs": 0.5}))

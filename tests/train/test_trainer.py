@@ -10,6 +10,7 @@ import lowbit
 from lowbit.errors import UsageError
 from lowbit.train import NonFiniteLoss, train
 from lowbit.train import checkpoint as ckpt
+from lowbit.train import trainer as trainer_module
 
 
 def final_params(run_dir):
@@ -121,8 +122,6 @@ def nan_after(step_idx, trainer_task):
 
 @pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
 def test_non_finite_loss(tiny_config, monkeypatch, recipe):
-    from lowbit.train import trainer as trainer_module
-
     original_init = trainer_module.Trainer.__init__
 
     def init(self, *args, **kw):
@@ -321,3 +320,42 @@ def test_a_quiet_run_prints_no_progress_bar_of_transformers(tiny_config, tmp_pat
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     train(tiny_config(model=str(tmp_path / "gpt2"), steps=1), quiet=True)
     assert "Loading weights" not in capsys.readouterr().err  # compare's runs, other ranks
+
+
+def test_a_run_that_saved_no_checkpoint_can_be_started_again(tiny_config, monkeypatch):
+    """A run that fails before its first checkpoint leaves nothing to resume: the same command
+    replaces its files (only those), and --resume says how to start it again."""
+    original_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kw):
+        original_init(self, *args, **kw)
+        patched = nan_after(0, self.task)
+        patched.trainer = self
+        self.task.loss = patched
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    config = tiny_config("image-classification", steps=2)
+    with pytest.raises(NonFiniteLoss, match="no checkpoint was saved"):
+        train(config, quiet=True)
+    monkeypatch.undo()
+    run = Path(config.out)
+    assert (run / "config.yaml").is_file() and ckpt.latest(run) is None
+    with pytest.raises(UsageError, match="nothing to resume; fix: start it again without --resume"):
+        train(config, resume=True, quiet=True)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="saved no checkpoint, and other files; fix: --overwrite"):
+        train(config, quiet=True)
+    (run / "notes.txt").unlink()
+    assert train(config, quiet=True).status == "completed"
+    assert "non_finite" not in (run / "metrics.jsonl").read_text()  # the failed run's files went
+
+
+def test_an_interrupted_first_evaluation_leaves_no_run_folder(tiny_config, monkeypatch):
+    def interrupted(self, *args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", interrupted)
+    config = tiny_config("image-classification", steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, quiet=True)
+    assert not Path(config.out).exists()
