@@ -83,6 +83,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
 
     from lowbit.train import checkpoint
     from lowbit.train.config import read, resolve
+    from lowbit.train.evaluate import with_recorded_data
     from lowbit.train.tasks import build_task
 
     path = Path(path)
@@ -93,6 +94,9 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         )
     config = resolve(read(path))
     config = replace(config, device=str(device))
+    # the data as the (source) run read it, whatever the current folder
+    run = Path(read_manifest(path)["source"]["path"]) if is_inference_dir(path) else path
+    config = with_recorded_data(run, config)
     if is_inference_dir(path):
         if checkpoint_path:
             raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")

@@ -34,7 +34,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run folder; fix: give the --out folder of a run")
-    config = resolve(read(run_dir))
+    config = with_recorded_data(run_dir, resolve(read(run_dir)))
     if device is not None:
         config = replace(config, device=device)
     path = checkpoint.find(run_dir, checkpoint_path)
@@ -53,6 +53,19 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
         ) from None
     precision.load_state_dict(state["precision"])
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
+
+
+def with_recorded_data(run_dir, config):
+    """``config`` whose relative --data path is replaced by the absolute one the run recorded
+    (run.json's ``data_path``): a relative path names a folder from where the run was started,
+    so evaluating from another folder would read other data, or none."""
+    import json
+
+    info = Path(run_dir) / "run.json"
+    if config.data is None or Path(config.data).is_absolute() or not info.is_file():
+        return config
+    recorded = json.loads(info.read_text(encoding="utf-8")).get("data_path")
+    return replace(config, data=recorded) if recorded else config
 
 
 def _misfit(expected: dict, given: dict, error: Exception) -> str:

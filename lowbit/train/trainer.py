@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -36,7 +37,7 @@ _NATIVE_ON_CPU = ("fp32", "bf16")
 
 MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json")
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
 RESUMABLE_CHANGES = {
@@ -127,6 +128,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"device {name!r} is not supported; fix: use cpu or cuda")
     return device
+
+
+def data_path(data: str | None) -> str | None:
+    """The absolute form of a --data path or glob (None for lowbit's built-in data)."""
+    return None if data in (None, "stdlib") else os.path.abspath(data)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -567,6 +573,8 @@ class Trainer:
         info = {
             "task": self.config.task,
             "data_fingerprint": self.task.fingerprint,
+            # where a relative --data pointed from the folder the run was started in
+            "data_path": data_path(self.config.data),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),

@@ -96,3 +96,29 @@ def test_a_split_too_short_for_one_window_is_named(tmp_path, capsys, monkeypatch
     assert main([*argv, "--out", "run"]) == 2
     err = capsys.readouterr().err
     assert "data: the validation split holds" in err and "fewer than one window" in err
+
+
+def test_eval_from_another_folder_reads_the_data_the_run_read(tmp_path, capsys, monkeypatch):
+    """A relative --data names a folder from where the run started: run.json records its
+    absolute path, which eval uses from anywhere."""
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    _text_folder(tmp_path / "project" / "data")
+    argv = ["train", "--data", "data", "--steps", "1", "--eval-interval", "1", "--quiet"]
+    assert main([*argv, "--batch-size", "2", "--seq-len", "16", "--out", "run"]) == 0
+    monkeypatch.chdir(tmp_path)
+    for path in _text_folder(tmp_path / "data").glob("*.txt"):  # same relative name, other text
+        path.write_text("other\n" * 50)
+    capsys.readouterr()
+    assert main(["eval", "project/run", "--json"]) == 0
+    assert '"loss"' in capsys.readouterr().out
+
+
+def test_a_bad_encoder_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _conll_folder(tmp_path / "conll")
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text('{"hidden_size": 32}')
+    argv = ["train", "--task", "token-classification", "--model", "encoder", "--data", "conll"]
+    assert main([*argv, "--steps", "1"]) == 2
+    assert 'encoder/config.json: no "model_type" field' in capsys.readouterr().err
