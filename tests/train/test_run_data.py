@@ -122,3 +122,14 @@ def test_a_bad_encoder_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch)
     argv = ["train", "--task", "token-classification", "--model", "encoder", "--data", "conll"]
     assert main([*argv, "--steps", "1"]) == 2
     assert 'encoder/config.json: no "model_type" field' in capsys.readouterr().err
+
+
+def test_conll_2003_file_names_are_its_splits(tmp_path):
+    from lowbit.train.tasks import conll_splits
+
+    folder = tmp_path / "conll2003"
+    folder.mkdir()
+    for name, words in (("eng.train", 3), ("eng.testa", 4), ("eng.testb", 5)):
+        (folder / name).write_text("-DOCSTART- -X- -X- O\n\n" + "EU NNP B-NP B-ORG\n" * words)
+    splits = conll_splits(str(folder))
+    assert [len(splits[s][0].tokens) for s in ("train", "validation", "test")] == [3, 4, 5]
