@@ -192,10 +192,13 @@ def test_stochastic_rounding_writes_bf16_values_and_kahan_keeps_a_buffer():
     assert all(b.dtype == torch.bfloat16 for b in buffers.values())
 
 
+@pytest.mark.parametrize("precision_first", [False, True])
 @pytest.mark.parametrize(
     "recipe", ["fp16-low", "bf16-pure-kahan", "bf16-pure-sr", "fp8-delayed", "fp16-mixed"]
 )
-def test_state_dict_resume_is_bit_identical(recipe):
+def test_state_dict_resume_is_bit_identical(recipe, precision_first):
+    """Also when the precision state is loaded first, before convert and wrap_optimizer: its
+    master weights, Kahan buffers and amax histories wait for their optimizer and model."""
     data = batches(8)
     straight, _, straight_model, _, _ = lowbit_loop(recipe, mlp(), data)
 
@@ -209,13 +212,16 @@ def test_state_dict_resume_is_bit_identical(recipe):
         }
     )
     fresh_precision = Precision(recipe)
+    if precision_first:
+        fresh_precision.load_state_dict(saved["precision"])
     fresh_model = fresh_precision.convert(mlp(seed=123))
     fresh_model.load_state_dict(saved["model"])
     fresh_optimizer = fresh_precision.wrap_optimizer(
         torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
     )
     fresh_optimizer.load_state_dict(saved["optimizer"])
-    fresh_precision.load_state_dict(saved["precision"])
+    if not precision_first:
+        fresh_precision.load_state_dict(saved["precision"])
     torch.set_rng_state(saved["rng"])
     second, _, resumed_model, _, _ = lowbit_loop(
         recipe, fresh_model, data[4:], precision=fresh_precision, optimizer=fresh_optimizer
@@ -340,33 +346,6 @@ def test_fp32_override_in_a_16_bit_model_returns_its_dtype():
     assert out.dtype == torch.bfloat16
     plain = F.linear(x.float(), model[0].weight.float(), model[0].bias.float())
     assert torch.equal(out, plain.bfloat16())
-
-
-@pytest.mark.parametrize("recipe", ["fp16-low", "bf16-pure-kahan", "fp8-delayed"])
-def test_state_loaded_before_convert_and_wrap_resumes_bit_identically(recipe):
-    """Master weights, Kahan buffers and amax histories wait for their optimizer and model."""
-    data = batches(8)
-    straight, _, straight_model, _, _ = lowbit_loop(recipe, mlp(), data)
-    _, _, model, precision, optimizer = lowbit_loop(recipe, mlp(), data[:4])
-    saved = copy.deepcopy(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        | {"precision": precision.state_dict(), "rng": torch.get_rng_state()}
-    )
-    fresh_precision = Precision(recipe)
-    fresh_precision.load_state_dict(saved["precision"])  # before convert and wrap_optimizer
-    fresh_model = fresh_precision.convert(mlp(seed=123))
-    fresh_model.load_state_dict(saved["model"])
-    fresh_optimizer = fresh_precision.wrap_optimizer(
-        torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
-    )
-    fresh_optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
-    second, _, resumed_model, _, _ = lowbit_loop(
-        recipe, fresh_model, data[4:], precision=fresh_precision, optimizer=fresh_optimizer
-    )
-    assert straight[4:] == second
-    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("recipe", ["fp16-mixed", "bf16-low"])

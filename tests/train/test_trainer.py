@@ -110,27 +110,26 @@ def test_sigint_saves_checkpoint_and_resume_matches(tiny_config, tmp_path):
     assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
 
 
-def nan_after(step_idx, trainer_task):
-    loss = trainer_task.loss
-
-    def patched(model, batch):
-        value, count = loss(model, batch)
-        return (value * float("nan") if patched.trainer.step_idx >= step_idx else value), count
-
-    return patched
-
-
-@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
-def test_non_finite_loss(tiny_config, monkeypatch, recipe):
+def nan_after(step_idx, monkeypatch):
+    """Every Trainer built from now on has a NaN loss from step ``step_idx`` on."""
     original_init = trainer_module.Trainer.__init__
 
     def init(self, *args, **kw):
         original_init(self, *args, **kw)
-        patched = nan_after(3, self.task)
-        patched.trainer = self
+        loss = self.task.loss
+
+        def patched(model, batch):
+            value, count = loss(model, batch)
+            return (value * float("nan") if self.step_idx >= step_idx else value), count
+
         self.task.loss = patched
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_non_finite_loss(tiny_config, monkeypatch, recipe):
+    nan_after(3, monkeypatch)
     config = tiny_config("image-classification", steps=5, eval_interval=2, recipe=recipe)
     precision = lowbit.Precision(lowbit.get_recipe(recipe))
     if precision.finite_loss_policy == "skip":
@@ -325,15 +324,7 @@ def test_a_quiet_run_prints_no_progress_bar_of_transformers(tiny_config, tmp_pat
 def test_a_run_that_saved_no_checkpoint_can_be_started_again(tiny_config, monkeypatch):
     """A run that fails before its first checkpoint leaves nothing to resume: the same command
     replaces its files (only those), and --resume says how to start it again."""
-    original_init = trainer_module.Trainer.__init__
-
-    def init(self, *args, **kw):
-        original_init(self, *args, **kw)
-        patched = nan_after(0, self.task)
-        patched.trainer = self
-        self.task.loss = patched
-
-    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    nan_after(0, monkeypatch)
     config = tiny_config("image-classification", steps=2)
     with pytest.raises(NonFiniteLoss, match="no checkpoint was saved"):
         train(config, quiet=True)
