@@ -212,6 +212,14 @@ class CausalLMTask(Task):
     def train_batches(self, batches) -> None:  # a data-parallel rank's shard (the trainer)
         self._train_batches = batches
 
+    def sample_prompt(self) -> str:
+        """Where the end-of-run sample starts: ``def`` on the standard library's Python, else the
+        first words of the first validation document, so the sample continues the user's text."""
+        if self.config.data in (None, "stdlib"):
+            return "def "
+        words = self.corpus.texts("validation")[0].split()[:3]
+        return " ".join(words) + " " if words else ""
+
     def tokens(self, split: str) -> torch.Tensor:
         from lowbit.data import tokenize_split
 

@@ -36,7 +36,7 @@ from lowbit.train.tasks import build_task, to_device
 _NATIVE_ON_CPU = ("fp32", "bf16")
 
 MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
-SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 160  # the sample text shown at the end of a causal-lm run
+SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
@@ -641,7 +641,7 @@ class Trainer:
                     self.model,
                     self.task.tokenizer,
                     self.precision,
-                    SAMPLE_PROMPT,
+                    self.task.sample_prompt(),
                     max_new_tokens=SAMPLE_TOKENS,
                     temperature=0.8,
                     top_k=40,

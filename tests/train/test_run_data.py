@@ -133,3 +133,14 @@ def test_conll_2003_file_names_are_its_splits(tmp_path):
         (folder / name).write_text("-DOCSTART- -X- -X- O\n\n" + "EU NNP B-NP B-ORG\n" * words)
     splits = conll_splits(str(folder))
     assert [len(splits[s][0].tokens) for s in ("train", "validation", "test")] == [3, 4, 5]
+
+
+def test_the_end_of_run_sample_starts_from_the_users_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for i in range(150):
+        (tmp_path / "data" / f"f{i:03d}.txt").write_text(f"Dear diary, day {i} was long.\n" * 30)
+    argv = ["train", "--data", "data", "--steps", "1", "--eval-interval", "1"]
+    assert main([*argv, "--batch-size", "2", "--seq-len", "16", "--out", "run"]) == 0
+    printed = capsys.readouterr().out
+    assert "sample:\n    Dear diary, day" in printed
