@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import socket
 
 import torch
@@ -17,6 +18,11 @@ STRATEGIES = ("ddp", "fsdp")
 # A rank waits this long for the others in a collective before failing (a crashed rank is also
 # caught by the launcher, which stops the rest at once); LOWBIT_DIST_TIMEOUT overrides it.
 DEFAULT_TIMEOUT_S = 600
+
+
+# The `--nproc` launcher's request to its ranks to stop as after a first Ctrl-C (a SIGINT sent to
+# the launcher alone, not to the terminal's whole process group, reaches no rank).
+STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 
 
 class RankFailed(RuntimeError):

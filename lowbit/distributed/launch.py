@@ -9,6 +9,7 @@ Rank 0's `RunResult` comes back to the caller.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -21,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from lowbit.distributed.context import RankFailed, check_port, free_port, join, torchrun_env
+from lowbit.distributed.context import (
+    STOP_SIGNAL,
+    RankFailed,
+    check_port,
+    free_port,
+    join,
+    torchrun_env,
+)
 from lowbit.errors import UsageError
 
 
@@ -52,6 +60,8 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if STOP_SIGNAL is not None:  # before training starts, the launcher's stop is a Ctrl-C
+        signal.signal(STOP_SIGNAL, signal.default_int_handler)
     try:
         result = run_rank(config, resume, overwrite, quiet, on_step)
         if result is not None:
@@ -104,11 +114,15 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             try:
                 if context.join():
                     break
-            except KeyboardInterrupt:  # the ranks got it too: they save and stop together
+            except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts > 1:
                     _terminate(context)
                     raise
+                # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill -INT,
+                # a scheduler) does not: ask every rank to save and stop, which is the same
+                # request, not a second Ctrl-C, for a rank that got the first.
+                _ask_to_stop(context)
             except mp.ProcessRaisedException as error:
                 raise _failure(folder, error.error_index, "an exception") from None
             except mp.ProcessExitedException as error:
@@ -119,6 +133,15 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                 )
                 raise _failure(folder, error.error_index, detail) from None
         return pickle.loads((folder / "result.pkl").read_bytes())
+
+
+def _ask_to_stop(context) -> None:
+    if STOP_SIGNAL is None:
+        return
+    for process in context.processes:
+        if process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, STOP_SIGNAL)
 
 
 def _terminate(context) -> None:

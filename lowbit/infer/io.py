@@ -138,10 +138,13 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def source_bytes(source: Source) -> int:
-    """Size of the source's weights as its run stores them (checkpoint dtype, or the file)."""
+    """Size of the source's weights as its run stores them (checkpoint dtype, or the file); a
+    multi-process run's checkpoint (a DCP folder) is read as its full tensors."""
+    from lowbit.train import checkpoint
+
     if source.manifest is not None:
         return (source.path / WEIGHTS).stat().st_size
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)["model"]
+    state = checkpoint.load(source.checkpoint)["model"]
     return sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
 
 
@@ -162,6 +165,7 @@ def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: boo
         raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+    original = source_bytes(source)  # read before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for name in _COPIED:
         item = source.path / name
@@ -183,7 +187,7 @@ def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: boo
     manifest = {
         **manifest,
         "version": VERSION,
-        "bytes": {"original": source_bytes(source), "quantized": (out / WEIGHTS).stat().st_size},
+        "bytes": {"original": original, "quantized": (out / WEIGHTS).stat().st_size},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out

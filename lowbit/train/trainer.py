@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -671,25 +671,46 @@ class Trainer:
 
 @contextlib.contextmanager
 def _stop_on_sigint(trainer: Trainer):
-    """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once."""
+    """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once. The
+    launcher's `lowbit.distributed.context.STOP_SIGNAL` asks for the first, however often it comes."""
+    from lowbit.distributed.context import STOP_SIGNAL
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum, frame):
-        if trainer.stop_requested:
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
-        print(
-            "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
+    def request_stop() -> None:
+        if not trainer.stop_requested:
+            trainer.stop_requested = True
+            print(
+                "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def handler(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request_stop()
+
+    signals = [signal.SIGINT] + ([STOP_SIGNAL] if STOP_SIGNAL is not None else [])
+    previous = {number: signal.signal(number, handler) for number in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _under_torchrun(config: TrainConfig) -> TrainConfig:
+    """Under torchrun the ranks train one run together: its world size is the run's process
+    count and, unless a strategy was given, they use DDP (as ``--nproc`` does). Without this
+    each rank trained a run of its own into the same folder."""
+    from lowbit.distributed.context import torchrun_env
+
+    world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else 1
+    if world == 1:
+        return config
+    return replace(config, nproc=world, strategy=config.strategy or "ddp")
 
 
 def train(
@@ -705,7 +726,7 @@ def train(
     Raises `UsageError` for bad input (before anything is written) and `NonFiniteLoss` when a
     recipe that cannot skip steps meets a non-finite loss.
     """
-    config = resolve(config)
+    config = resolve(_under_torchrun(config))
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
     if config.strategy is not None:  # DDP/FSDP: spawned ranks, or this rank under torchrun
         from lowbit.distributed.launch import train as train_ranks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -26,6 +28,21 @@ def test_a_crashed_rank_stops_the_others_with_its_error(tmp_path, monkeypatch):
     with pytest.raises(RankFailed, match=r"rank 1 failed: RuntimeError: boom; the other ranks"):
         train(config, quiet=True, on_step=crash_on_rank_1)
     assert time.monotonic() - start < 100  # rank 0 was stopped, not left waiting for rank 1
+
+
+def signal_the_launcher(trainer):
+    if trainer.dist.rank == 0 and trainer.step_idx == 2:
+        os.kill(os.getppid(), signal.SIGINT)  # the launcher alone, as kill -INT or a scheduler
+
+
+def test_a_sigint_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(tmp_path, monkeypatch):
+    """A Ctrl-C reaches every process of the terminal's group; a SIGINT sent to the launcher
+    alone must stop the ranks the same way (it was swallowed and the run went on to its end)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
+    result = train(config, quiet=True, on_step=signal_the_launcher)
+    assert result.status == "interrupted" and 2 <= result.steps < 50
+    assert result.checkpoint is not None and result.checkpoint.exists()
 
 
 def test_port_in_use(tmp_path, monkeypatch):
@@ -65,3 +82,9 @@ def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
     metrics, _ = evaluate_run(out, max_batches=TINY["eval_batches"])
     assert metrics["step"] == 2
     assert metrics["loss"] == pytest.approx(result.final_metrics["loss"], rel=1e-4)
+    # quantize and prune read it too (the source's size came from torch.load of the folder)
+    from lowbit.cli import main
+
+    assert main(["quantize", str(out), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert main(["prune", str(out), "--pattern", "2:4", "--out", str(tmp_path / "p")]) == 0
+    assert main(["eval", str(tmp_path / "q"), "--max-batches", "1"]) == 0
