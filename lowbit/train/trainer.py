@@ -286,8 +286,9 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, quiet: bool = False, dist=None, warn_emulation: bool = True
     ):
-        """``warn_emulation=False`` leaves out the warning that the recipe runs in emulation on
-        the CPU (`lowbit compare` says it once per recipe, not once per seed)."""
+        """``warn_emulation=False`` leaves out the warnings that the recipe runs in emulation on
+        the CPU and that an override applies to no layer (`lowbit compare` says them once per
+        recipe, not once per seed)."""
         import lowbit
         from lowbit.distributed import SINGLE
 
@@ -317,6 +318,9 @@ class Trainer:
         elif config.overrides and not self.quiet:
             summary = report.summary().replace("\n", "\n  ")
             print(f"lowbit: with the overrides, {summary}", file=sys.stderr)
+        elif report.unused_overrides and warn_emulation and self.dist.is_main:  # quiet runs too
+            for text in report.unused_overrides:
+                print(f"lowbit: warning: override {text} applies to no layer", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
         self.monitor = build_monitor(self.model, recipe, config.stats_interval)
         emulated = [
@@ -328,7 +332,8 @@ class Trainer:
         if emulated and warn_emulation and self.device.type == "cpu" and self.dist.is_main:
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
-                f"{len(emulated)} low-precision layers run in bit-faithful emulation (slower than "
+                f"{len(emulated)} low-precision layer{'s' if len(emulated) > 1 else ''} run"
+                f"{'' if len(emulated) > 1 else 's'} in bit-faithful emulation (slower than "
                 "native kernels)",
                 file=sys.stderr,
             )

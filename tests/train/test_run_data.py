@@ -144,3 +144,11 @@ def test_the_end_of_run_sample_starts_from_the_users_text(tmp_path, capsys, monk
     assert main([*argv, "--batch-size", "2", "--seq-len", "16", "--out", "run"]) == 0
     printed = capsys.readouterr().out
     assert "sample:\n    Dear diary, day" in printed
+
+
+def test_an_override_of_no_layer_is_a_warning_in_quiet_runs_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--recipe", "fp8-tensorwise", "--override", "nosuchlayer=fp32", "--quiet"]
+    argv += ["--steps", "1", "--eval-interval", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert main([*argv, "--model", "nano", "--out", "run"]) == 0
+    assert "warning: override nosuchlayer=fp32 applies to no layer" in capsys.readouterr().err
