@@ -321,6 +321,16 @@ def main(argv=None) -> int:
         return 0
     recipes = args.recipes.split(",")
     tasks = args.tasks.split(",")
+    for task in tasks:
+        if task not in WORKLOADS:
+            parser.error(f"unknown task {task!r}; valid: {', '.join(WORKLOADS)}")
+    for recipe in {
+        *recipes,
+        *(args.task_recipes or "").split(","),
+        *(args.img_recipes or "").split(","),
+    } - {""}:
+        if recipe not in lowbit.recipe_names():
+            parser.error(f"unknown recipe {recipe!r}; valid: {', '.join(lowbit.recipe_names())}")
     if args.measure:
         measure(recipes, tasks)
         return 0
