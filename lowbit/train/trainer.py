@@ -238,16 +238,16 @@ def seed_everything(seed: int) -> None:
 
 
 def tensor_bytes(model, optimizer, precision) -> int:
-    """Bytes of parameters, optimizer state and precision state (master weights, scalers...)."""
-    seen: set[int] = set()
-    total = 0
+    """Bytes of parameters, optimizer state and precision state (master weights, scalers...),
+    each storage once; quantized optimizer states (8-bit, 4-bit, fp8 tensor subclasses) by the
+    bytes they hold, not the fp32 size they stand for (`lowbit.memory.measure.tensor_bytes`)."""
+    from lowbit.memory.measure import tensor_bytes as storage_bytes
+
+    tensors: list[torch.Tensor] = []
 
     def add(obj):
-        nonlocal total
         if isinstance(obj, torch.Tensor):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                total += obj.numel() * obj.element_size()
+            tensors.append(obj)
         elif isinstance(obj, dict):
             for v in obj.values():
                 add(v)
@@ -260,7 +260,7 @@ def tensor_bytes(model, optimizer, precision) -> int:
     add(optimizer.state_dict().get("state", {}))
     with contextlib.suppress(Exception):
         add(precision.state_dict())
-    return total
+    return storage_bytes(tensors)
 
 
 @contextlib.contextmanager

@@ -37,3 +37,17 @@ def test_a_runs_activations_are_the_estimate_to_the_byte(tiny_config, task, reci
         # ... estimate, its size and unit, bytes per parameter, measured, its size and unit
         estimated, measured = rows[component][-7], rows[component][-3]
         assert estimated == measured, rows[component]
+
+
+def test_the_summarys_state_bytes_count_quantized_states_by_what_they_hold(tiny_config, tmp_path):
+    """8-bit states hold about a quarter of fp32's bytes; the summary counted them as fp32."""
+    sizes = {
+        state: train(
+            tiny_config(steps=1, eval_interval=1, optimizer_state=state, out=str(tmp_path / state)),
+            quiet=True,
+        )
+        for state in ("fp32", "8bit")
+    }
+    full, quantized = (sizes[s].tensor_mb for s in ("fp32", "8bit"))
+    # parameters (4 bytes) + states (8 fp32, ~2 in 8-bit) per parameter: about 12 against 6
+    assert quantized < 0.7 * full
