@@ -6,10 +6,13 @@ every rung of the ladder (`lowbit.recipes.auto.LADDER`, from the budget up to bf
 statistics of `lowbit.diagnostics.stats` are measured for each. An operand *passes* a rung when,
 on that step's real tensor,
 
-    SQNR >= min_sqnr (24 dB: fp8 e4m3 and e5m2 on well-scaled tensors give ~31 and ~25.5 dB,
-                      MX fp4 ~17-19 dB; see docs/diagnostics.md),
-    saturated fraction <= max_saturated (1e-4), flushed fraction of the nonzero values at most
-    max_underflow (1e-2) above what the rung flushes on a normal tensor, and nothing non-finite.
+    SQNR >= min_sqnr (24 dB: fp8 e4m3 and e5m2 on well-scaled tensors give ~31 and ~25.5 dB), or
+           for a rung whose nominal SQNR is below that (MX fp4: ~18.8 dB) at most
+           `SQNR_MARGIN_DB` below its nominal,
+    saturated fraction at most max_saturated (1e-4) where clipping is unbounded (a tensor scale;
+    block scales clip a bounded ratio by design, which SQNR counts: `clips_unbounded`), flushed
+    fraction of the nonzero values at most max_underflow (1e-2) above what the rung flushes on a
+    normal tensor, and nothing non-finite.
 
 The operand's target is the cheapest rung it passes. It moves *up* at once when the target is
 above its current rung (saturation, outliers, lost SQNR), and *down* only after ``patience``
@@ -40,6 +43,7 @@ from lowbit.diagnostics.stats import (
     OPERANDS,
     StatsCollector,
     _finish,
+    clips_unbounded,
     nominal_stats,
     operand_stats_tensor,
 )
@@ -47,6 +51,7 @@ from lowbit.recipes.auto import RUNGS, budget_of, operand_spec, rung_bits
 from lowbit.recipes.recipe import GemmSpec, LayerSpec
 
 MIN_SQNR_DB = 24.0
+SQNR_MARGIN_DB = 3.0
 MAX_SATURATED = 1e-4
 MAX_UNDERFLOW = 1e-2
 CHECK_INTERVAL = 25
@@ -65,22 +70,26 @@ def judge(
     min_sqnr: float = MIN_SQNR_DB,
     max_saturated: float = MAX_SATURATED,
     max_underflow: float = MAX_UNDERFLOW,
-    nominal_underflow: float = 0.0,
+    nominal: dict | None = None,
 ):
     """None when ``stats`` pass, else the reason: non-finite, saturation, underflow, low SQNR.
 
-    Underflow is judged on its own: SQNR weighs elements by energy, so a tensor whose bulk is
-    flushed to zero under a few outliers can keep a high SQNR while losing most of its values.
-    ``nominal_underflow`` is what the format flushes on a well-scaled tensor (MX e2m1 flushes ~10%
-    of a normal block); only flushing beyond it by more than ``max_underflow`` fails.
+    ``nominal`` holds what the format gives on a well-scaled tensor (`nominal_stats`): MX e2m1
+    flushes ~10% of a normal block and clips ~2%, at ~18.8 dB. Saturation fails where clipping is
+    unbounded (`clips_unbounded`: a tensor scale) and more than ``max_saturated`` clips; flushing
+    fails beyond the nominal share by more than ``max_underflow``; a format whose nominal SQNR is
+    below ``min_sqnr`` fails when more than `SQNR_MARGIN_DB` below it. Underflow
+    is judged on its own: SQNR weighs elements by energy, so a tensor whose bulk is flushed to
+    zero under a few outliers can keep a high SQNR while losing most of its values.
     """
+    nominal = nominal or {"saturated": 0.0, "underflow": 0.0, "sqnr": math.inf}
     if stats["nonfinite"] > 0 or math.isnan(stats["sqnr"]):
         return "non-finite"
-    if stats["saturated"] > max_saturated:
+    if clips_unbounded(nominal) and stats["saturated"] > max_saturated:
         return "saturation"
-    if stats["underflow"] > nominal_underflow + max_underflow:
+    if stats["underflow"] > nominal["underflow"] + max_underflow:
         return "underflow"
-    if stats["sqnr"] < min_sqnr:
+    if stats["sqnr"] < min(min_sqnr, nominal["sqnr"] - SQNR_MARGIN_DB):
         return "low SQNR"
     return None
 
@@ -236,7 +245,7 @@ class AutoPrecision:
         target, reason = self.rungs[-1], ""
         failures = {}
         for rung in self.rungs:
-            nominal = nominal_stats(operand_spec(rung, operand))["underflow"]
+            nominal = nominal_stats(operand_spec(rung, operand))
             why = judge(
                 results[rung], self.min_sqnr, self.max_saturated, self.max_underflow, nominal
             )

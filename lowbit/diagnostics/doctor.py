@@ -6,7 +6,11 @@ SQNR falls below the SQNR its own spec reaches on a well-scaled tensor of the sa
 standard normal: the format's nominal SQNR), so an fp4 operand is not blamed for being fp4 but for
 being worse than fp4 usually is. An operand is flagged when
 
-- it saturates (more than `MAX_SATURATED` of its values clipped at the format's max),
+- it saturates (more than `MAX_SATURATED` of its values clipped at the format's max), where
+  clipping is unbounded: a tensor scale that is too small (delayed scaling, a stale amax) clips
+  outliers by any ratio. Block-scaled formats clip by design (MX's power-of-two scales, rounded
+  down, clip ~1% of a normal block, NVFP4's e4m3 block scales ~0.3%), each value by a bounded
+  ratio that their SQNR already counts (`clips_unbounded`),
 - it underflows (flushes more than `MAX_UNDERFLOW` of its nonzero values beyond the share its
   format flushes on a normal tensor), or
 - its SQNR is more than `LOSS_DB` below nominal,
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.diagnostics.stats import OPERANDS, StatsCollector, nominal_stats
+from lowbit.diagnostics.stats import OPERANDS, StatsCollector, clips_unbounded, nominal_stats
 from lowbit.errors import UsageError
 
 MAX_SATURATED = 1e-4
@@ -63,7 +67,7 @@ class Row:
     amax: float
     crest: float
     reason: str = ""
-    lost: float = 0.0  # share of values saturated or flushed beyond the format's nominal share
+    lost: float = 0.0  # share of values clipped or flushed beyond the format's nominal shares
 
     @property
     def loss_db(self) -> float:
@@ -139,7 +143,7 @@ def reason_of(stats: dict, nominal: dict) -> str:
     """ "non-finite", "saturation", "underflow", "low SQNR", or "" when the operand is fine."""
     if stats["nonfinite"] > 0:
         return "non-finite"
-    sat = stats["saturated"] > MAX_SATURATED
+    sat = clips_unbounded(nominal) and stats["saturated"] > MAX_SATURATED
     under = stats["underflow"] > nominal["underflow"] + MAX_UNDERFLOW
     if sat and under:
         return "saturation" if stats["noise_saturated"] >= stats["noise_underflow"] else "underflow"
@@ -159,7 +163,7 @@ def _mean(values: list[float]) -> float:
 def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
     """One row per (layer, operand), its statistics averaged over the probe steps (a loss that
     persists outranks a one-step transient), ranked: flagged first, then by the share of values
-    lost (saturated, or flushed beyond the format's nominal share) and the SQNR below nominal."""
+    lost (clipped or flushed beyond the format's nominal shares) and the SQNR below nominal."""
     series: dict[tuple[str, str], list[dict]] = {}
     for stats in per_step:
         for layer, ops in stats.items():
@@ -195,7 +199,9 @@ def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
                 reason_of(mean, nominal),
             )
         )
-        rows[-1].lost = mean["saturated"] + max(0.0, mean["underflow"] - nominal["underflow"])
+        rows[-1].lost = max(0.0, mean["saturated"] - nominal["saturated"]) + max(
+            0.0, mean["underflow"] - nominal["underflow"]
+        )
     return sorted(rows, key=lambda r: (not r.reason, -r.lost, -r.loss_db))
 
 

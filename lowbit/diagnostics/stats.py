@@ -204,6 +204,15 @@ def nominal_stats(spec, shape: tuple[int, int] = (256, 256)) -> dict[str, float]
     return _NOMINAL[key]
 
 
+def clips_unbounded(nominal: dict) -> bool:
+    """Whether a format clips values by an unbounded ratio when they saturate: one whose
+    `nominal_stats` clip nothing (a tensor scale from the amax; too small a scale, as delayed
+    scaling's, clips outliers by any ratio). Block scales rounded down to a power of two (MX) or
+    to e4m3 (NVFP4) clip a share of a normal tensor by design, each value by at most a fixed
+    ratio (e4m3 under MX: 1.75 of the block's 2**e at worst), which the SQNR measures."""
+    return nominal["saturated"] == 0
+
+
 def flatten(stats: dict[str, dict[str, dict]]) -> dict:
     """``{"layer/operand/stat": value}`` for the metrics log (TensorBoard tag ``stats/...``)."""
     return {
