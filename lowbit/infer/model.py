@@ -60,17 +60,17 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
     """Replace every linear layer by a `QuantLinear` of ``recipe`` in place; checks first."""
     report = LayerReport()
     linears = [item for item in _layers(model) if is_linear(item[3])]
-    for _, _, name, layer in linears:
-        check_divides(recipe, name, as_linear(layer).in_features)
     if not linears:
         raise UsageError(
             f"the model ({type(model).__name__}) has no linear layer to quantize; fix: quantize "
             "a transformer run (causal-lm or token-classification)"
         )
     experts = [item for item in _layers(model) if is_experts(item[3])]
+    in_features = {name: as_linear(layer).in_features for _, _, name, layer in linears}
     for _, _, name, layer in experts:
         for kind in GEMM_KINDS:
-            check_divides(recipe, f"{name} ({kind})", expert_linears(layer, kind)[0].in_features)
+            in_features[f"{name} ({kind})"] = expert_linears(layer, kind)[0].in_features
+    check_divides(recipe, in_features)
     for parent, child_name, name, layer in linears:
         quantized = QuantLinear.from_linear(as_linear(layer), recipe)
         quantized.dense_type = type(layer)

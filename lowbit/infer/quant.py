@@ -151,16 +151,24 @@ _FORMAT_NAMES = {"fp32", "tf32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp6_e3
 _FORMAT_NAMES |= {"fp4_e2m1", "e8m0", "fp6", "int2", "fp4"}
 
 
-def check_divides(recipe: QuantRecipe, name: str, k: int) -> None:
-    """A `UsageError` when the group does not divide ``k`` and padding was not asked for."""
+def check_divides(recipe: QuantRecipe, in_features: dict[str, int]) -> None:
+    """A `UsageError` when the group does not divide every layer's in-features (``in_features``:
+    by layer name) and padding was not asked for; it suggests the group sizes that divide all of
+    them, so that the fix does not fail on the next layer."""
     group = recipe.group
-    if group is None or recipe.pads or k % group == 0:
+    if group is None or recipe.pads:
         return
-    divisors = [d for d in range(2, min(k, 256) + 1) if k % d == 0][:6]
+    failing = [(name, k) for name, k in in_features.items() if k % group]
+    if not failing:
+        return
+    name, k = failing[0]
+    more = f" (and {len(failing) - 1} more layers)" if len(failing) > 1 else ""
+    common = math.gcd(*in_features.values())
+    divisors = [d for d in range(2, min(common, 256) + 1) if common % d == 0][:6]
     raise UsageError(
-        f"--group-size {group} does not divide the {k} in-features of {name}; fix: use a group "
-        f"size that divides it ({', '.join(map(str, divisors)) or 'none'}) or add --pad-groups "
-        "to zero-pad each row's last group"
+        f"--group-size {group} does not divide the {k} in-features of {name}{more}; fix: use a "
+        f"group size that divides every layer's ({', '.join(map(str, divisors)) or 'none'}) or "
+        "add --pad-groups to zero-pad each row's last group"
     )
 
 

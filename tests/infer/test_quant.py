@@ -136,8 +136,15 @@ def test_bad_recipes_say_how_to_fix_them():
     with pytest.raises(UsageError, match="must be positive"):
         QuantRecipe("int4", group_size=0)
     recipe = QuantRecipe("int4", group_size=48)
-    with pytest.raises(UsageError, match="--group-size 48 does not divide the 344 in-features of"):
-        check_divides(recipe, "layers.0.mlp.down_proj", 344)
-    check_divides(recipe, "layers.0.q_proj", 96)
-    check_divides(QuantRecipe("int4", group_size=48, pad_groups=True), "x", 344)
-    check_divides(QuantRecipe("int4"), "x", 344)  # the default group pads its last group
+    sizes = {"layers.0.q_proj": 96, "layers.0.mlp.down_proj": 344, "layers.1.mlp.down_proj": 344}
+    # the suggestion divides every layer's in-features (those of the first failing layer alone,
+    # 2, 4, 8, 43, 86, 172, failed on the next): gcd(96, 344) = 8
+    with pytest.raises(
+        UsageError,
+        match=r"--group-size 48 does not divide the 344 in-features of layers.0.mlp.down_proj "
+        r"\(and 1 more layers\); fix: use a group size that divides every layer's \(2, 4, 8\)",
+    ):
+        check_divides(recipe, sizes)
+    check_divides(recipe, {"layers.0.q_proj": 96})
+    check_divides(QuantRecipe("int4", group_size=48, pad_groups=True), sizes)
+    check_divides(QuantRecipe("int4"), sizes)  # the default group pads its last group
