@@ -14,6 +14,7 @@ fp32) or an inference folder, as a `Source`; everything else in `lowbit.infer` w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, replace
@@ -26,7 +27,12 @@ from lowbit.errors import UsageError
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
 VERSION = 1
-_COPIED = ("config.yaml", "tokenizer", "vocab.json")
+_COPIED = ("config.yaml", "tokenizer", "vocab.json", "labels.json")
+EXPORT_INFO = "lowbit_export.json"  # written by `lowbit export` beside the Hugging Face files
+# What an inference folder or an export writes: ``--force`` into a folder holding either removes
+# these first, so that no description (quantization.json, an exported config.json) outlives the
+# weights it described; the user's other files stay.
+_ARTIFACTS = (MANIFEST, WEIGHTS, *_COPIED, "config.json", "generation_config.json", EXPORT_INFO)
 
 
 @dataclass
@@ -153,6 +159,30 @@ def default_out(path, suffix: str) -> Path:
     return path.with_name(f"{path.name.rstrip('/')}-{suffix}")
 
 
+def prepare_out(out: Path, force: bool) -> None:
+    """Check the ``--out`` of a quantize/prune/export and, with ``force``, remove what an earlier
+    inference folder or export wrote there (`_ARTIFACTS`, and the tokenizer files an export
+    lists). A training run's folder is refused even with ``force``: its checkpoints are no
+    artifact to replace."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
+        raise UsageError(f"{out} holds a training run; fix: choose another --out")
+    if not force:
+        raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+    names = list(_ARTIFACTS)
+    with contextlib.suppress(OSError, ValueError):
+        names += json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))["tokenizer_files"]
+    for name in names:
+        item = out / name
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item.is_file():
+            item.unlink()
+
+
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
     """Write an inference folder for ``model`` (derived from ``source``) to ``out``; records the
     size of the source's weights and of the written ``model.safetensors`` in ``bytes``."""
@@ -161,10 +191,7 @@ def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: boo
     out = Path(out)
     if out.resolve() == source.path.resolve():
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+    prepare_out(out, force)
     original = source_bytes(source)  # read before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for name in _COPIED:

@@ -119,10 +119,7 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
             "folder is an AutoModelForCausalLM)"
         )
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out} exists and is not empty; fix: remove it or pass --force")
+    io.prepare_out(out, force)
     dequantize_model(source.model)
     model = source.model.to(dtypes[dtype])
     model.save_pretrained(out, safe_serialization=True)
@@ -142,5 +139,5 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
         "stored": "dequantized" if source.quantized else "as trained",
         "tokenizer_files": copied,
     }
-    (out / "lowbit_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / io.EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info

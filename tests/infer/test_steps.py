@@ -337,3 +337,25 @@ def test_out_that_is_a_file_is_refused_and_untouched(lm_run, tmp_path, capsys):
             == f"lowbit: error: {afile}: exists and is not a folder; fix: choose another --out\n"
         )
     assert afile.read_text() == "mine"
+
+
+def test_force_replaces_another_artifact_and_refuses_a_training_run(lm_run, tmp_path):
+    """--force into a folder holding a pruned folder (or an export) removes what that wrote, so
+    no quantization.json describes weights it did not write; a training run is refused."""
+    import shutil
+
+    trained_run = lm_run
+    folder = tmp_path / "artifact"
+    assert main(["prune", str(trained_run), "--sparsity", "0.5", "--out", str(folder)]) == 0
+    (folder / "notes.txt").write_text("mine")
+    assert main(["export", str(trained_run), "--out", str(folder), "--force"]) == 0
+    assert not (folder / "quantization.json").exists() and (folder / "notes.txt").exists()
+    assert (
+        main(["quantize", str(trained_run), "--to", "int8", "--out", str(folder), "--force"]) == 0
+    )
+    assert not (folder / "lowbit_export.json").exists() and not (folder / "config.json").exists()
+    assert json.loads((folder / "quantization.json").read_text())["quantization"]
+    assert main(["quantize", str(trained_run), "--to", "int8", "--out", str(trained_run)]) == 2
+    other = tmp_path / "other-run"
+    shutil.copytree(trained_run, other)
+    assert main(["quantize", str(trained_run), "--to", "int8", "--out", str(other), "--force"]) == 2
