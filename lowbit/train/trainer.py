@@ -623,7 +623,16 @@ class Trainer:
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
             return live.table()
-        return planned.table(live)
+        table = planned.table(live)
+        emulated = self.precision.emulates_fp16 or any(
+            not layer.spec.is_identity for layer in lowbit_layers(self.model).values()
+        )
+        if emulated:  # docs/memory.md: the estimate models native kernels
+            table += (
+                "\n(activations and temporaries: the estimate is a GPU storing the formats "
+                "natively; this CPU emulation saves other tensors, docs/memory.md)"
+            )
+        return table
 
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:
         final = (

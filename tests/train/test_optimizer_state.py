@@ -51,3 +51,8 @@ def test_the_summarys_state_bytes_count_quantized_states_by_what_they_hold(tiny_
     full, quantized = (sizes[s].tensor_mb for s in ("fp32", "8bit"))
     # parameters (4 bytes) + states (8 fp32, ~2 in 8-bit) per parameter: about 12 against 6
     assert quantized < 0.7 * full
+
+
+def test_an_emulated_recipes_memory_table_says_what_its_estimate_models(tiny_config):
+    result = train(tiny_config(steps=2, eval_interval=2, recipe="fp8-tensorwise"), quiet=True)
+    assert "the estimate is a GPU storing the formats natively" in result.extra["memory_table"]
