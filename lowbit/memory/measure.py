@@ -30,7 +30,9 @@ def _leaves(t: torch.Tensor) -> Iterable[torch.Tensor]:
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
-            yield from _leaves(getattr(t, name))
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):  # not a DTensor's device mesh
+                yield from _leaves(inner)
     else:
         yield t
 
