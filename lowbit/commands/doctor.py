@@ -54,6 +54,8 @@ def run(args) -> int:
 
     if args.probe_steps < 1:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
+    if args.top < 1:
+        raise UsageError(f"--top must be positive, got {args.top}; fix: e.g. --top 15")
     from lowbit.commands.train import FLAGS
 
     flags = {

@@ -107,6 +107,10 @@ def _load_config(config_or_size, task: str = "causal-lm"):
             )
         return model_config(text), text
     path = Path(text)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
+        from lowbit.train.config import read  # a lowbit run folder: the model it trained
+
+        return _load_config(read(path).model, task)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

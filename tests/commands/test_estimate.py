@@ -24,6 +24,17 @@ def test_estimate_config_json(tmp_path, capsys):
     assert "parameters" in capsys.readouterr().out
 
 
+def test_estimate_takes_a_lowbit_run_folder(tmp_path, capsys):
+    """A run folder (config.yaml, no config.json) is estimated as the model it trained."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("task: causal-lm\nmodel: tiny\n")
+    outputs = []
+    for model in ("tiny", str(tmp_path / "run")):
+        assert main(["estimate", "--model", model, "--seq", "64"]) == 0
+        outputs.append(capsys.readouterr().out.split("\n", 1)[1])  # after the title line
+    assert outputs[0] == outputs[1]
+
+
 def test_estimate_usage_errors_exit_2(capsys):
     assert main(["estimate", "--model", "tiny", "--optimizer-state", "2bit"]) == 2
     assert "valid: fp32, bf16, fp8, 8bit, 4bit" in capsys.readouterr().err
@@ -71,3 +82,8 @@ def test_estimate_a_token_classifier(tmp_path, capsys):
     assert "named sizes are causal LMs" in capsys.readouterr().err
     assert main(["estimate", "--model", "tiny", "--task", "vision"]) == 2
     assert "causal-lm, token-classification" in capsys.readouterr().err
+
+
+def test_doctor_refuses_a_table_of_no_rows(capsys):
+    assert main(["doctor", "--recipe", "fp8-tensorwise", "--top", "-1"]) == 2
+    assert "--top must be positive, got -1" in capsys.readouterr().err
