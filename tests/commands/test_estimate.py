@@ -82,8 +82,3 @@ def test_estimate_a_token_classifier(tmp_path, capsys):
     assert "named sizes are causal LMs" in capsys.readouterr().err
     assert main(["estimate", "--model", "tiny", "--task", "vision"]) == 2
     assert "causal-lm, token-classification" in capsys.readouterr().err
-
-
-def test_doctor_refuses_a_table_of_no_rows(capsys):
-    assert main(["doctor", "--recipe", "fp8-tensorwise", "--top", "-1"]) == 2
-    assert "--top must be positive, got -1" in capsys.readouterr().err

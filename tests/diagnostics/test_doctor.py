@@ -104,3 +104,8 @@ def test_a_recipe_without_low_precision_operands_says_so(lm_config, tmp_path, re
     _, png_path = write_outputs(diagnosis, tmp_path / "doctor")
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [w for w in recwarn if "singular" in str(w.message)]  # no empty heat map
+
+
+def test_doctor_refuses_a_table_of_no_rows(capsys):
+    assert main(["doctor", "--recipe", "fp8-tensorwise", "--top", "-1"]) == 2
+    assert "--top must be positive, got -1" in capsys.readouterr().err
