@@ -137,9 +137,18 @@ def _build(config, name: str, dtype: torch.dtype, task: str):
     dtype into it)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
+    from lowbit.models.causal_lm import is_causal_lm
     from lowbit.models.pretrained import with_sdpa
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
+    architectures = getattr(config, "architectures", None) or []
+    if task == "causal-lm" and architectures and not is_causal_lm(architectures):
+        # as `lowbit train` refuses it (lowbit.models.causal_lm.load_causal_lm)
+        raise UsageError(
+            f"{name}: a {config.model_type!r} checkpoint ({', '.join(architectures)}) is not a "
+            "causal language model; fix: give a decoder's config.json, or --task "
+            "token-classification for an encoder"
+        )
 
     def build(**kw):  # a fresh copy per attempt: a failed SDPA attempt leaves its choice in it
         return auto.from_config(copy.deepcopy(config), dtype=dtype, **kw)

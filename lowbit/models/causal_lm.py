@@ -28,6 +28,13 @@ from lowbit.errors import UsageError, choose
 from lowbit.models.pretrained import from_pretrained, load_config
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
+
+
+def is_causal_lm(architectures: list[str]) -> bool:
+    """Whether a checkpoint's ``architectures`` (config.json) name a causal-LM class."""
+    return any(name.endswith(_CAUSAL_SUFFIXES) for name in architectures)
+
+
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 SIZES: dict[str, dict] = {
@@ -176,7 +183,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     config = load_config(folder)
     architectures = config.architectures or []
     model = None
-    if not architectures or any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+    if not architectures or is_causal_lm(architectures):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -82,3 +82,15 @@ def test_estimate_a_token_classifier(tmp_path, capsys):
     assert "named sizes are causal LMs" in capsys.readouterr().err
     assert main(["estimate", "--model", "tiny", "--task", "vision"]) == 2
     assert "causal-lm, token-classification" in capsys.readouterr().err
+
+
+def test_estimate_refuses_an_encoder_for_a_causal_lm_as_train_does(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32,'
+        ' "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}'
+    )
+    assert main(["estimate", "--model", str(config), "--seq", "64"]) == 2
+    assert "is not a causal language model" in capsys.readouterr().err
+    argv = ["estimate", "--model", str(config), "--seq", "64", "--task", "token-classification"]
+    assert main(argv) == 0
