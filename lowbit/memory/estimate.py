@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -92,9 +91,10 @@ class ModelShape:
 
 
 def _load_config(config_or_size, task: str = "causal-lm"):
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     from lowbit.models import list_sizes, model_config
+    from lowbit.models.pretrained import load_config
 
     if isinstance(config_or_size, PretrainedConfig):
         return config_or_size, getattr(config_or_size, "name_or_path", "") or "config"
@@ -118,15 +118,7 @@ def _load_config(config_or_size, task: str = "causal-lm"):
             f"{text!r} is neither a model size ({', '.join(list_sizes())}) nor a config.json; "
             "fix: give a size name or the path of a Hugging Face config.json"
         )
-    try:
-        fields = json.loads(path.read_text())
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    except (KeyError, ValueError) as error:
-        raise UsageError(
-            f"{path}: not a Hugging Face config.json ({error}); "
-            "fix: give a checkpoint folder or the config.json in it"
-        ) from None
-    return config, str(path)
+    return load_config(path), str(path)  # a config.json transformers rejects: one line
 
 
 def _build(config, name: str, dtype: torch.dtype, task: str):
