@@ -59,13 +59,18 @@ def with_recorded_data(run_dir, config):
     """``config`` whose relative --data path is replaced by the absolute one the run recorded
     (run.json's ``data_path``): a relative path names a folder from where the run was started,
     so evaluating from another folder would read other data, or none."""
+    if config.data is None or Path(config.data).is_absolute():
+        return config
+    recorded = _run_info(run_dir).get("data_path")
+    return replace(config, data=recorded) if recorded else config
+
+
+def _run_info(run_dir) -> dict:
+    """The run's run.json (empty where there is none: a run from before it was written)."""
     import json
 
     info = Path(run_dir) / "run.json"
-    if config.data is None or Path(config.data).is_absolute() or not info.is_file():
-        return config
-    recorded = json.loads(info.read_text(encoding="utf-8")).get("data_path")
-    return replace(config, data=recorded) if recorded else config
+    return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
 
 
 def _misfit(expected: dict, given: dict, error: Exception) -> str:
@@ -80,15 +85,9 @@ def _misfit(expected: dict, given: dict, error: Exception) -> str:
 def check_same_data(run_dir, config, current: dict | None) -> None:
     """Refuse to evaluate a run on other data than it trained on: its data path is read again,
     and the files there may have changed since (or a relative path may name another folder)."""
-    import json
-
     from lowbit.train.tasks import same_data
 
-    info = Path(run_dir) / "run.json"
-    if not info.is_file():
-        return
-    recorded = json.loads(info.read_text(encoding="utf-8")).get("data_fingerprint")
-    if not same_data(recorded, current):
+    if not same_data(_run_info(run_dir).get("data_fingerprint"), current):
         relative = config.data is not None and not Path(config.data).is_absolute()
         where = " (a relative path: from the folder the run was started in)" if relative else ""
         raise UsageError(
