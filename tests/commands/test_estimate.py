@@ -1,3 +1,5 @@
+import json
+
 from lowbit.cli import main
 
 
@@ -14,13 +16,18 @@ def test_estimate_prints_components_and_fits(capsys):
     assert "largest batch" in out
 
 
+def _config_json(folder, **fields) -> str:
+    path = folder / "config.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
 def test_estimate_config_json(tmp_path, capsys):
-    config = tmp_path / "config.json"
-    config.write_text(
-        '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,'
-        ' "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}'
-    )
-    assert main(["estimate", "--model", str(config), "--seq", "64"]) == 0
+    config = _config_json(
+        tmp_path, model_type="llama", hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, vocab_size=100,
+    )  # fmt: skip
+    assert main(["estimate", "--model", config, "--seq", "64"]) == 0
     assert "parameters" in capsys.readouterr().out
 
 
@@ -70,12 +77,11 @@ def test_estimate_recipe_list_errors_exit_2(capsys):
 
 
 def test_estimate_a_token_classifier(tmp_path, capsys):
-    config = tmp_path / "config.json"
-    config.write_text(
-        '{"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,'
-        ' "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100, "num_labels": 9}'
-    )
-    argv = ["estimate", "--model", str(config), "--task", "token-classification", "--seq", "64"]
+    config = _config_json(
+        tmp_path, model_type="bert", hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, vocab_size=100, num_labels=9,
+    )  # fmt: skip
+    argv = ["estimate", "--model", config, "--task", "token-classification", "--seq", "64"]
     assert main(argv) == 0
     assert "(token-classification)" in capsys.readouterr().out
     assert main(["estimate", "--model", "tiny", "--task", "token-classification"]) == 2
@@ -85,12 +91,11 @@ def test_estimate_a_token_classifier(tmp_path, capsys):
 
 
 def test_estimate_refuses_an_encoder_for_a_causal_lm_as_train_does(tmp_path, capsys):
-    config = tmp_path / "config.json"
-    config.write_text(
-        '{"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32,'
-        ' "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}'
-    )
-    assert main(["estimate", "--model", str(config), "--seq", "64"]) == 2
+    config = _config_json(
+        tmp_path, model_type="bert", architectures=["BertForMaskedLM"], hidden_size=32,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+    )  # fmt: skip
+    assert main(["estimate", "--model", config, "--seq", "64"]) == 2
     assert "is not a causal language model" in capsys.readouterr().err
-    argv = ["estimate", "--model", str(config), "--seq", "64", "--task", "token-classification"]
+    argv = ["estimate", "--model", config, "--seq", "64", "--task", "token-classification"]
     assert main(argv) == 0
