@@ -272,7 +272,8 @@ def load_record(run_dir: Path, config) -> dict | None:
             f"{run_dir}: holds a finished run with other settings; fix: --overwrite to retrain, "
             "or another --out"
         )
-    if not same_data(record.get("data_fingerprint"), _data_now(config)):
+    now = _data_now(config.task, config.data, config.text_field)
+    if not same_data(record.get("data_fingerprint"), now):
         raise UsageError(
             f"{run_dir}: holds a finished run trained on other contents of {config.data}; fix: "
             "--overwrite to retrain on the data as it is now, or restore the data"
@@ -280,16 +281,8 @@ def load_record(run_dir: Path, config) -> dict | None:
     return record
 
 
-def _data_now(config) -> dict | None:
-    """The fingerprint of the config's data as it is now, read once per process per data."""
-    return _fingerprint_of(config.task, config.data, config.text_field)
-
-
-@functools.lru_cache(maxsize=4)
-def _fingerprint_of(task: str, data: str | None, text_field: str) -> dict | None:
-    from types import SimpleNamespace
-
-    return data_fingerprint(SimpleNamespace(task=task, data=data, text_field=text_field))
+# The data's fingerprint as it is now, read once per process for every run of a study.
+_data_now = functools.lru_cache(maxsize=4)(data_fingerprint)
 
 
 def _memory(trainer) -> dict:

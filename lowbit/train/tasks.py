@@ -34,15 +34,15 @@ def build_task(config, run_dir=None) -> Task:
     return cls(config, run_dir)
 
 
-def data_fingerprint(config) -> dict | None:
-    """The fingerprint (as run.json records it) of what the config's data holds now, read without
+def data_fingerprint(task: str, data: str | None, text_field: str = "text") -> dict | None:
+    """The fingerprint (as run.json records it) of what a task's data holds now, read without
     building a model; None for data that comes with lowbit (the digits, the syntax-tag task)."""
-    if config.task == "causal-lm":
+    if task == "causal-lm":
         from lowbit.data import load_corpus
 
-        return load_corpus(config.data, config.text_field).fingerprint
-    if config.task == "token-classification" and config.data is not None:
-        return _sentences_fingerprint(config.data, conll_splits(config.data))
+        return load_corpus(data, text_field).fingerprint
+    if task == "token-classification" and data is not None:
+        return _sentences_fingerprint(data, conll_splits(data))
     return None
 
 
