@@ -7,9 +7,9 @@ assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2
 module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
 lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s
-projections), so nothing is left out of the report. A layer converted before is left as it is when the recipe
-gives it the same spec (converting twice with one recipe is harmless) and refused otherwise: its
-original layer is gone, so another recipe needs the unconverted model.
+projections), so nothing is left out of the report. A layer converted before is left as it is
+when the recipe gives it the same spec (converting twice with one recipe is harmless) and refused
+otherwise: its original layer is gone, so another recipe needs the unconverted model.
 """
 
 from __future__ import annotations
