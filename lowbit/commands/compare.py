@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="runs trained at a time, each in its own process (default 1); with --jobs N each "
-        "gets --threads threads, by default the CPU cores divided by N",
+        "gets --threads threads, by default the CPU cores divided by N (the runs then share the "
+        "cores: the report's throughput is under that load)",
     )
     group = parser.add_argument_group("train options (passed to every run)")
     group.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from lowbit.report import compare, make_study
     from lowbit.report.compare import parse_targets
-    from lowbit.report.markdown import verdict_lines
+    from lowbit.report.markdown import speed_load_note, verdict_lines
     from lowbit.train import NonFiniteLoss
     from lowbit.train.config import build_config, load_file
 
@@ -138,5 +139,8 @@ def run(args) -> int:
     print(f"\nbaseline {study.baseline}; verdicts:")
     for line in verdict_lines(result.results):
         print(f"  {line}")
+    note = speed_load_note(result.results)
+    if note:
+        print(f"speed: {note}")
     print(f"report: {result.report_dir / 'report.md'} (and report.html, results.json)")
     return 0

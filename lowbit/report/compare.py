@@ -338,8 +338,12 @@ def _layers(trainer) -> dict:
     }
 
 
-def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=False) -> dict:
-    """Train (or reuse, or resume) one run and return its record."""
+def run_one(
+    study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=False, jobs: int = 1
+) -> dict:
+    """Train (or reuse, or resume) one run and return its record. ``jobs``: up to how many runs
+    train at once on this machine beside this one (recorded: its throughput is measured under that
+    load, `speed_load`)."""
     from lowbit.train import NonFiniteLoss, checkpoint
     from lowbit.train.config import resolve
     from lowbit.train.trainer import Trainer
@@ -391,6 +395,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=
         "final_metrics": result.final_metrics,
         "throughput": result.throughput,
         "unit": result.unit,
+        "jobs": jobs,
         "step_time": result.step_time,
         "wall_time": result.wall_time,
         "skipped_steps": result.skipped_steps,
@@ -575,6 +580,7 @@ def summarize(study: Study, records: dict) -> dict:
         }
     return {
         "settings": {**study.settings(), "tolerance": study.tolerance, "targets": study.targets},
+        "speed_load": speed_load(records),
         "task": task,
         "metric": metric,
         "baseline": study.baseline,
@@ -585,6 +591,14 @@ def summarize(study: Study, records: dict) -> dict:
             for recipe, runs in records.items()
         },
     }
+
+
+def speed_load(records: dict) -> list[int]:
+    """The ``--jobs`` values the study's runs trained under, smallest first (records from before
+    session 19 do not say: left out). Runs that trained several at a time shared the cores, so
+    their throughput is lower than alone, and a ratio between runs trained under different loads
+    measures the load as much as the recipe."""
+    return sorted({r["jobs"] for runs in records.values() for r in runs if "jobs" in r})
 
 
 def baseline_trend(curve: list) -> dict | None:

@@ -18,11 +18,12 @@ SHORT = {
 WORST_LABELS = 3  # per recipe in the "what the model forgets" table
 
 
-def _pm(pair, digits=4) -> str:
+def _pm(pair, digits=4, seeds=2) -> str:
+    """Mean ± std over seeds; the value alone from one seed (whose spread is undefined)."""
     mean, std = pair
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if seeds > 1 else "")
 
 
 def _count(pair) -> str:
@@ -46,14 +47,16 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for name, r in rows.items():
         m = r["metrics"].get(metric, (math.nan, math.nan))
         target = r["target"]
+        seeds = len(r["seeds"])
+        spread = r["val_gap_spread_pct"] if seeds > 1 else None
         loss_rows.append(
             [
                 name + (" (baseline)" if name == base else ""),
-                _pm(r["train_loss"]),
-                _pm(r["val_loss"]),
+                _pm(r["train_loss"], seeds=seeds),
+                _pm(r["val_loss"], seeds=seeds),
                 _pct(r["train_gap_pct"]),
-                "—" if name == base else _pct(r["val_gap_pct"], r["val_gap_spread_pct"]),
-                _pm(m, 4 if metric != "ppl" else 2),
+                "—" if name == base else _pct(r["val_gap_pct"], spread),
+                _pm(m, 4 if metric != "ppl" else 2, seeds),
                 _count(r["skipped_steps"]),
                 "—"
                 if name == base
@@ -74,10 +77,17 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 *(f"{per[c]:.2f}" if per else "n/a" for c in [*COMPONENTS, "model_states"]),
             ]
         )
+    one_seed = all(len(r["seeds"]) == 1 for r in rows.values())
+    load = f"; {speed_load_note(results)}" if speed_load_note(results) else ""
     out = [
         (
-            "Loss and task metric (mean ± std over seeds; gap = paired difference to the baseline's "
-            "final validation loss, ± its seed spread)",
+            (
+                "Loss and task metric (one seed: no spread, so no difference is called "
+                "significant; gap = difference to the baseline's final validation loss)"
+                if one_seed
+                else "Loss and task metric (mean ± std over seeds; gap = paired difference to the "
+                "baseline's final validation loss, ± its seed spread)"
+            ),
             [
                 "recipe",
                 "train loss",
@@ -94,7 +104,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         *([gap_by_evaluation(results)] if len(rows) > 1 else []),  # no rows without a recipe
         (
             f"Speed and memory (peak memory: {_memory_kind(rows)}; "
-            "bytes per parameter by component, measured on the live run)",
+            f"bytes per parameter by component, measured on the live run{load})",
             ["recipe", "throughput", "vs baseline", "peak memory"]
             + [SHORT[c] for c in COMPONENTS]
             + ["model states"],
@@ -164,6 +174,26 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
         ["recipe", *(f"step {step}" for step in steps)],
         table_rows,
     )
+
+
+def speed_load_note(results: dict) -> str:
+    """What the throughput column can be trusted for, given the ``--jobs`` the runs trained
+    under (`lowbit.report.compare.speed_load`); empty when they trained one at a time."""
+    loads = results.get("speed_load") or []  # absent in results from before session 19
+    if len(loads) > 1:
+        return (
+            "WARNING: the runs trained under different loads (--jobs "
+            + ", ".join(map(str, loads))
+            + "), so the throughput ratios mix the load with the recipe: for speed, train "
+            "again with one --jobs for all (--jobs 1 for speed alone)"
+        )
+    if loads and loads[0] > 1:
+        return (
+            f"the runs trained up to {loads[0]} at a time (--jobs {loads[0]}), sharing the "
+            "cores: throughput is per run under that load, slower than alone, and ratios are "
+            "rough (--jobs 1 for speed)"
+        )
+    return ""
 
 
 def _memory_kind(rows) -> str:

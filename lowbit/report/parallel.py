@@ -28,14 +28,17 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def _train(study, recipe: str, seed: int, overwrite: bool, threads: int) -> tuple[bool, float]:
-    """In a worker: train (or reuse) one run; (reused, final validation loss)."""
+def _train(
+    study, recipe: str, seed: int, overwrite: bool, threads: int, jobs: int
+) -> tuple[bool, float]:
+    """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
+    validation loss)."""
     import torch
 
     from lowbit.report.compare import run_one
 
     torch.set_num_threads(threads)
-    record = run_one(study, recipe, seed, quiet=True, overwrite=overwrite)
+    record = run_one(study, recipe, seed, quiet=True, overwrite=overwrite, jobs=jobs)
     return record["reused"], record["final_metrics"].get("loss", math.nan)
 
 
@@ -48,10 +51,7 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         started = time.perf_counter()
-        futures = {
-            pool.submit(_train, study, recipe, seed, overwrite, threads): (study, recipe, seed)
-            for study, recipe, seed in runs
-        }
+        futures = {pool.submit(_train, *run, overwrite, threads, jobs): run for run in runs}
         pending = set(futures)
         try:
             while pending:

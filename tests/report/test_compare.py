@@ -123,6 +123,28 @@ def test_jobs_train_the_same_runs_in_worker_processes(study_result, tmp_path):
             assert ours["train_loss"] == sequential["train_loss"]
     again = compare(result.study, plots=False, log=lines.append, jobs=2, threads=1)
     assert again.trained == [] and len(again.reused) == 4
+    # their throughput was measured two runs at a time, and the report says so
+    assert result.results["speed_load"] == [2]
+    assert "trained up to 2 at a time (--jobs 2)" in (result.report_dir / "report.md").read_text()
+
+
+def test_speed_table_warns_when_runs_trained_under_different_loads(study_result):
+    assert study_result.results["speed_load"] == [1]  # one at a time: nothing to warn about
+    assert "--jobs" not in (study_result.report_dir / "report.md").read_text()
+    results = {**study_result.results, "speed_load": [1, 2]}  # a study continued with --jobs 2
+    title = tables(results)[2][0]
+    assert title.startswith("Speed and memory") and "WARNING" in title and "--jobs 1, 2" in title
+
+
+def test_one_seed_reads_as_values_without_a_spread(study_result):
+    results = copy.deepcopy(study_result.results)
+    for row in results["recipes"].values():
+        row["seeds"] = row["seeds"][:1]
+    title, _, rows = tables(results)[0]
+    assert "one seed" in title
+    assert not any("±" in cell for row in rows for cell in row), rows
+    both = tables(study_result.results)[0]  # two seeds: mean ± std
+    assert all("±" in row[both[1].index("val loss")] for row in both[2])
 
 
 def test_per_label_accuracy_change_on_image_classification(tmp_path):
