@@ -118,8 +118,9 @@ def compare_recipes(args, names: list[str]) -> int:
             f"{f'{b.total / base:.2f}x':>{max(9, len(names[0]) + 4)}}{batches}"
         )
     print(
-        f"\nbytes per device; the GB columns: the largest micro-batch that fits ({RESERVE:.0%} of "
-        "each device reserved for context and fragmentation)"
+        f"\nbytes per device; the GB columns: the largest micro-batch that fits an accelerator "
+        f"of that memory (N GB taken as N GiB; {RESERVE:.0%} reserved for context and "
+        "fragmentation)"
     )
     return 0
 
@@ -146,7 +147,10 @@ def run(args) -> int:
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
         f"with {with_ckpt.activations:,} ({human(with_ckpt.activations)})"
     )
-    print(f"\nfits ({RESERVE:.0%} of each device reserved for context and fragmentation):")
+    print(
+        f"\nfits (N GB taken as N GiB; {RESERVE:.0%} of each device reserved for context and "
+        "fragmentation):"
+    )
     for gib, capacity, largest in _largest_batches(args, args.recipe):
         verdict = "yes" if chosen.total <= capacity else "no"
         print(f"  {gib:>4} GB  {verdict:<4} largest batch {largest}")
