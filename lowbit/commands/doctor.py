@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "doctor"
 HELP = (
@@ -12,13 +13,22 @@ HELP = (
 )
 
 
+# Train flags that mean something else to a probe than to a run.
+OWN_HELP = {
+    "--steps": "length of the training run the probe is the start of: it sets the learning-rate "
+    "schedule (warm-up, decay); the probe itself observes --probe-steps steps",
+    "--epochs": "the run's length in passes over the data (sets the schedule, as --steps)",
+}
+DEFAULT_PROBE_STEPS = 8
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lowbit.commands.train import FLAGS
 
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in FLAGS:
         if flag != "--out":
-            parser.add_argument(flag, type=kind, default=None, help=text)
+            parser.add_argument(flag, type=kind, default=None, help=OWN_HELP.get(flag, text))
     parser.add_argument(
         "--override",
         action="append",
@@ -27,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="probe the recipe with these overrides (repeatable), e.g. to check a suggestion",
     )
     parser.add_argument(
-        "--probe-steps", type=int, default=8, help="observed training steps (default 8)"
+        "--probe-steps",
+        type=int,
+        default=None,
+        help=f"observed training steps (default {DEFAULT_PROBE_STEPS})",
     )
     parser.add_argument(
         "--checkpoint",
@@ -52,6 +65,15 @@ def run(args) -> int:
     from lowbit.errors import UsageError
     from lowbit.train.config import build_config, load_file, read, resolve
 
+    if args.probe_steps is None:
+        args.probe_steps = DEFAULT_PROBE_STEPS
+        if args.steps is not None or args.epochs is not None:
+            length = "--steps" if args.steps is not None else "--epochs"
+            print(
+                f"lowbit doctor: note: {length} sets the schedule of the run being probed; the "
+                f"probe observes {DEFAULT_PROBE_STEPS} steps of it (--probe-steps N for more)",
+                file=sys.stderr,
+            )
     if args.probe_steps < 1:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
     if args.top < 1:

@@ -56,6 +56,20 @@ def test_doctor_cli_probes_a_checkpoint_and_prints_overrides(lm_config, tmp_path
     assert not (run / "checkpoints" / "step-0000003.pt").exists()  # the run is left alone
 
 
+def test_doctor_steps_set_the_schedule_and_a_note_says_the_probe_length(tmp_path, capsys):
+    """`doctor --steps 50` probes the start of a 50-step run: it does not run 50 steps, and
+    says so instead of silently observing --probe-steps' default."""
+    base = ["--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--device", "cpu"]
+    code = main(["doctor", *base, "--steps", "50", "--out", str(tmp_path / "doc")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "--steps sets the schedule of the run being probed" in captured.err
+    assert "--probe-steps N" in captured.err
+    assert ", 8 probe steps" in captured.out
+    main(["doctor", *base, "--steps", "50", "--probe-steps", "1", "--out", str(tmp_path / "d2")])
+    assert "note" not in capsys.readouterr().err  # the probe length was chosen
+
+
 def test_pure_bf16_updates_rounded_away_are_flagged_and_master_weights_are_not(lm_config):
     flags = diagnose(resolve(lm_config(recipe="bf16-pure", lr=1e-5)), steps=1).flags
     assert "bf16-updates-rounded-away" in {f["pattern"] for f in flags}
