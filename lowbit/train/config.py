@@ -298,6 +298,33 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return out
 
 
+# Settings that only some tasks read (the others ignore them): name -> the tasks that read it.
+_TASK_SETTINGS = {
+    "seq_len": ("causal-lm", "token-classification"),
+    "text_field": ("causal-lm",),
+    "tokenizer": ("causal-lm",),
+    "vocab_size": ("causal-lm",),
+}
+
+
+def ignored_settings(config: TrainConfig) -> list[str]:
+    """One line per setting of a resolved config, set away from its default, that the run does not
+    read (``--seq-len`` for image classification; ``--vocab-size`` without the BPE tokenizer): the
+    trainer warns about them rather than let a user believe they took effect."""
+    default = TrainConfig()
+    lines = []
+    for name in _TASK_SETTINGS:
+        value = getattr(config, name)
+        if value is None or value == getattr(default, name):
+            continue
+        flag = f"{name} (--{name.replace('_', '-')})"
+        if config.task not in _TASK_SETTINGS[name]:
+            lines.append(f"{flag} does not apply to task {config.task}; ignored")
+        elif name == "vocab_size" and config.tokenizer != "bpe":
+            lines.append(f"{flag} applies to --tokenizer bpe only, not {config.tokenizer}; ignored")
+    return lines
+
+
 def recipe_of(config: TrainConfig):
     """The run's `Recipe`: the named preset with the config's overrides in front of its own."""
     from lowbit.recipes import get_recipe, parse_override

@@ -27,7 +27,14 @@ from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import UsageError
 from lowbit.nn.convert import lowbit_layers
 from lowbit.train import checkpoint
-from lowbit.train.config import TrainConfig, lr_at, recipe_of, resolve, write
+from lowbit.train.config import (
+    TrainConfig,
+    ignored_settings,
+    lr_at,
+    recipe_of,
+    resolve,
+    write,
+)
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
 
@@ -321,6 +328,9 @@ class Trainer:
         elif report.unused_overrides and warn_emulation and self.dist.is_main:  # quiet runs too
             for text in report.unused_overrides:
                 print(f"lowbit: warning: override {text} applies to no layer", file=sys.stderr)
+        if warn_emulation and self.dist.is_main:  # quiet runs too, once per compare recipe
+            for line in ignored_settings(config):
+                print(f"lowbit: warning: {line}", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
         self.monitor = build_monitor(self.model, recipe, config.stats_interval)
         emulated = [

@@ -4,7 +4,14 @@ import math
 import pytest
 
 from lowbit.errors import UsageError
-from lowbit.train.config import TrainConfig, build_config, load_file, lr_at, resolve
+from lowbit.train.config import (
+    TrainConfig,
+    build_config,
+    ignored_settings,
+    load_file,
+    lr_at,
+    resolve,
+)
 
 
 def test_flags_override_yaml_file(tmp_path):
@@ -112,3 +119,30 @@ def test_a_length_flag_replaces_the_files_length(tmp_path):
     assert (config.steps, config.epochs) == (None, 0.5)
     with pytest.raises(UsageError, match="only one of --steps/--epochs"):
         resolve(build_config(load_file(path), {"steps": 3, "epochs": 0.5}))
+
+
+@pytest.mark.parametrize(
+    "settings, ignored",
+    [
+        ({"task": "image-classification", "seq_len": 64}, ["seq_len"]),
+        ({"task": "image-classification", "text_field": "body"}, ["text_field"]),
+        ({"task": "token-classification", "tokenizer": "bpe"}, ["tokenizer"]),
+        ({"task": "causal-lm", "vocab_size": 512}, ["vocab_size"]),  # byte tokens: no vocab size
+        ({"task": "causal-lm", "tokenizer": "bpe", "vocab_size": 512}, []),
+        ({"task": "token-classification", "seq_len": 32}, []),
+        ({"task": "image-classification"}, []),  # its defaults are not the user's settings
+    ],
+)
+def test_settings_a_task_does_not_read_are_named(settings, ignored):
+    lines = ignored_settings(resolve(TrainConfig(**settings)))
+    assert [line.split(" ")[0] for line in lines] == ignored
+    assert all(line.endswith("; ignored") for line in lines)
+
+
+def test_train_warns_about_a_flag_its_task_ignores(tmp_path, capsys):
+    from lowbit.cli import main
+
+    argv = ["train", "--task", "image-classification", "--seq-len", "64", "--steps", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "seq_len (--seq-len) does not apply to task image-classification; ignored" in err
