@@ -133,7 +133,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(
             (
                 f"What the model forgets: the {WORST_LABELS} labels whose validation accuracy "
-                "drops most against the baseline (pooled over seeds)",
+                "drops most against the baseline (over the whole validation split, not only the "
+                "--eval-batches of the loss table, so that rare labels count; pooled over seeds)",
                 ["recipe", "label", "baseline acc", "recipe acc", "change"],
                 label_rows,
             )
