@@ -30,6 +30,7 @@ bit for bit (tests/formats/test_cast.py, test_fast_paths.py).
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 
 import torch
@@ -72,12 +73,14 @@ def binade(x: torch.Tensor) -> torch.Tensor:
 
 
 def _round(r: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
-    """Round values to integers, ties to even or stochastically."""
+    """Round values to integers, ties to even or stochastically; the result keeps the sign of
+    ``r`` (a negative value that rounds to zero, and -0.0 itself, give -0.0, as ``torch.round``
+    and IEEE-754 rounding do: ``floor(r) + 1`` alone would give +0.0)."""
     if rounding is Rounding.NEAREST:
         return torch.round(r)
     low = torch.floor(r)
     u = uniforms(r.shape, draw_seed(generator), r.device).to(r.dtype)
-    return low + (u < (r - low)).to(r.dtype)
+    return torch.copysign(low + (u < (r - low)).to(r.dtype), r)
 
 
 def _cast_float_generic(x32: torch.Tensor, fmt: FloatFormat, rounding, generator) -> torch.Tensor:
@@ -118,10 +121,12 @@ def _cast_fp32_range(x32: torch.Tensor, fmt: FloatFormat, rounding, generator) -
 
 def _cast_e8m0(x32: torch.Tensor) -> torch.Tensor:
     """Nearest power of two in [2**-127, 2**127] (ties up, as ml_dtypes); NaN where x <= 0 or NaN.
+    Values above the range saturate to 2**127, +inf too (where ml_dtypes gives NaN, for a value
+    of 1.5 * 2**127 or more), as every lowbit cast saturates.
 
     e8m0 has no sign and no zero (OCP MX v1.0 §5.4), so non-positive values have no encoding.
     """
-    x64 = x32.double()
+    x64 = x32.double().clamp(max=2.0**127)  # saturation: +inf and overflow give 2**127
     mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
     e = exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)  # m*2 >= 1.5 rounds up
     e = e.clamp(-127, 127)
@@ -249,6 +254,7 @@ def cast(
     rounding = Rounding(rounding)
     if not x.is_floating_point():
         raise TypeError(f"cast needs a floating-point tensor, got {x.dtype}")
+    dtype = x.dtype
     native = fmt.torch_dtype
     if rounding is Rounding.NEAREST and _has_fast_grid(fmt):
         # fp8 e4m3, fp6, fp4: magic-number rounding (e4m3's native fp8 -> fp32 is slow on CPU)
@@ -256,5 +262,17 @@ def cast(
     if rounding is Rounding.NEAREST and native is not None and native.is_floating_point:
         if native == x.dtype and fmt.name != "fp32":
             return x.clamp(-fmt.max, fmt.max)
-        return x.clamp(-fmt.max, fmt.max).to(native).to(x.dtype)
+        if not _holds_exactly(x.dtype, fmt.max):
+            # fp16 <-> bf16, or fp32 of a 16-bit x: clamping in x's dtype would round (or
+            # overflow) the bound itself, so clamp and convert from fp32, as `cast_reference` does
+            x = x.float()
+        return x.clamp(-fmt.max, fmt.max).to(native).to(dtype)
     return cast_reference(x, fmt, rounding, generator)
+
+
+@functools.cache
+def _holds_exactly(dtype: torch.dtype, value: float) -> bool:
+    """Whether ``dtype`` represents ``value`` exactly (65504 is not a bf16 number, 2**127 no fp16)."""
+    return dtype == torch.float64 or (
+        abs(value) <= torch.finfo(dtype).max and torch.tensor(value, dtype=dtype).item() == value
+    )

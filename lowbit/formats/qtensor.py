@@ -48,7 +48,7 @@ def to_matrix(x: torch.Tensor, axis: int) -> torch.Tensor:
     if x.dim() == 0:
         return x.reshape(1, 1)
     moved = x.movedim(axis, -1)
-    return moved.reshape(-1, moved.shape[-1])
+    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])  # no -1: 0-size inputs
 
 
 def from_matrix(m: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
@@ -112,8 +112,10 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """``x.abs().amax()`` as an fp32 scalar in one pass over ``x`` and without an ``|x|`` copy
     (``max(-min, max)`` from `torch.aminmax`; NaN propagates; ``abs`` turns -0.0 into +0.0; off the
-    CPU one norm reduction, `_abs_max_in_one_op`)."""
+    CPU one norm reduction, `_abs_max_in_one_op`). An empty tensor's amax is 0."""
     x = x.detach()
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
     if _abs_max_in_one_op(x.device):
         return torch.linalg.vector_norm(x, math.inf).float()
     low, high = torch.aminmax(x)
@@ -226,25 +228,36 @@ def _quantize_fused(
         and (block[1] < cols or granularity is Granularity.AXIS)  # not one scale for everything
         and _scales_fold_exactly(granularity, None if nvfp4 else rule)
     )
-    values, scale, tensor_scale, folded, measured = kernels.quantize_rows(
-        matrix,
-        0 if granularity is Granularity.TENSOR else block[1],
-        block_rows=block[0] if tiles else 1,
-        integer=isinstance(fmt, IntFormat),
-        mbits=getattr(fmt, "mbits", 0),
-        emin=getattr(fmt, "emin", 0),
-        emax=getattr(fmt, "emax", 0),
-        fmt_max=float(fmt.max),
-        rule=_KERNEL_NVFP4_RULE if granularity is Granularity.NVFP4 else _KERNEL_RULES[rule],
-        amax=amax,
-        noise_seed=noise_seed,
-        fold=fold,
-        hadamard=hadamard,
-        write_values=keep_values or not fold,
-        measure_amax=measure_amax,
-    )
+
+    def run(write_values: bool):
+        return kernels.quantize_rows(
+            matrix,
+            0 if granularity is Granularity.TENSOR else block[1],
+            block_rows=block[0] if tiles else 1,
+            integer=isinstance(fmt, IntFormat),
+            mbits=getattr(fmt, "mbits", 0),
+            emin=getattr(fmt, "emin", 0),
+            emax=getattr(fmt, "emax", 0),
+            fmt_max=float(fmt.max),
+            rule=_KERNEL_NVFP4_RULE if granularity is Granularity.NVFP4 else _KERNEL_RULES[rule],
+            amax=amax,
+            noise_seed=noise_seed,
+            fold=fold,
+            hadamard=hadamard,
+            write_values=write_values,
+            measure_amax=measure_amax,
+        )
+
+    write_values = keep_values or not fold
+    values, scale, tensor_scale, folded, measured = run(write_values)
+    if not write_values and _fold_loses_values(scale, fmt, granularity):
+        # Rare (tiny data, or an inf in a block): `QTensor.values` could not be recovered from
+        # the folded operand, so the values are written after all (the same noise seed: the
+        # same rounding). The folded operand stays the GEMM's, as the PyTorch path folds it.
+        write_values = True
+        values, scale, tensor_scale, folded, measured = run(True)
     return QTensor(
-        values=from_matrix(values, shape, axis) if keep_values or not fold else None,
+        values=from_matrix(values, shape, axis) if write_values else None,
         scale=scale,
         fmt=fmt,
         granularity=granularity,
@@ -255,6 +268,24 @@ def _quantize_fused(
         folded=from_matrix(folded, shape, axis) if fold else None,
         measured_amax=measured.reshape(()) if measure_amax else None,
     )
+
+
+_BF16_MIN_SUBNORMAL_EXPONENT = -133  # bf16's smallest subnormal, 2**-133 (fp32's range, 7 bits)
+
+
+def _fold_loses_values(scale: torch.Tensor, fmt: Format, granularity: Granularity) -> bool:
+    """Whether the folded operand (values times block scales, in bf16) may not give the values
+    back: a block scale of inf (an inf amax: its zeros fold to NaN), or a power-of-two scale so
+    small that a value times it is not a bf16 number. The product of a value (a multiple of the
+    format's smallest subnormal ``2**(emin - mbits)``) and a power-of-two scale ``s`` is exact in
+    bf16 when ``s * 2**(emin - mbits) >= 2**-133``; MX and pow2 scales go down to 2**-127 (data of
+    magnitude ~1e-35). NVFP4's e4m3 block scales (>= 2**-9, or 0) times e2m1 values always fit.
+    One `aminmax` pass over the scales; a NaN scale answers True (the values are then written)."""
+    if granularity is Granularity.NVFP4 or not isinstance(fmt, FloatFormat) or scale.numel() == 0:
+        return False
+    smallest = 2.0 ** (_BF16_MIN_SUBNORMAL_EXPONENT - fmt.emin + fmt.mbits)
+    low, high = torch.aminmax(scale)
+    return not bool((low >= smallest) & (high < math.inf))
 
 
 def _with_length(shape: torch.Size, axis: int, length: int) -> torch.Size:
@@ -347,7 +378,8 @@ class QTensor:
         (`scales_fold_exactly`; dividing an exact product by a power of two or by an e4m3 scale
         gives back the factor). An NVFP4 block whose scale is not positive (underflowed, or NaN)
         holds zeros, as the quantizer writes them; a block with an infinite scale (an inf amax)
-        gives NaN where its values are zeros, the GEMM's products being NaN either way."""
+        would give NaN where its values are zeros, and values times a scale below bf16's range
+        lose bits: `quantize` keeps the values it wrote in those cases (`_fold_loses_values`)."""
         folded = to_matrix(self.folded, self.axis).float()
         rows, cols = folded.shape
         grid = self.scale.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
@@ -492,7 +524,7 @@ def quantize(
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
-        amax_of_tensor = block_amax.amax() if amax is None else amax
+        amax_of_tensor = tensor_amax(block_amax) if amax is None else amax
         scale, tensor_scale = nvfp4_scales(block_amax, amax_of_tensor)
         divisor = scale * tensor_scale
         divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
@@ -512,7 +544,8 @@ def quantize(
         empty = ~(scale > 0)  # blocks whose e4m3 scale underflowed to zero (or is NaN) hold zeros
         if empty.any():
             values.masked_fill_(empty, 0)
-    values = values.reshape(blocks.shape[0] * block[0], -1)[:rows, :cols]
+    values = values.reshape(blocks.shape[0] * block[0], blocks.shape[2] * block[1])
+    values = values[:rows, :cols]
     values = from_matrix(values, x.shape, axis)
     return QTensor(
         values=values,

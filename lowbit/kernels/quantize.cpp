@@ -113,7 +113,8 @@ struct Grid {
   }
 
   // Stochastic rounding with the uniform draw u in [0, 1) (`_cast_float_generic`): the quantum q
-  // of the clamped value's binade, then floor(y / q) + [u < frac], times q.
+  // of the clamped value's binade, then floor(y / q) + [u < frac], times q, with y's sign (a
+  // negative value rounded to zero is -0.0, as `_round` gives).
   // The powers of two are built from their exponent fields directly: e - mbits and mbits - e are
   // normal exponents for every finite y (|y| <= max, binade at least emin); for NaN (binade 128)
   // they are garbage that NaN times anything ignores.
@@ -123,7 +124,7 @@ struct Grid {
     const float r = y * float_of(static_cast<uint32_t>(kBias + mbits - e) << kMantissaBits);
     const float low = floor_small(r);
     const float quantum = float_of(static_cast<uint32_t>(kBias + e - mbits) << kMantissaBits);
-    return (low + (u < r - low ? 1.0f : 0.0f)) * quantum;
+    return std::copysign((low + (u < r - low ? 1.0f : 0.0f)) * quantum, y);
   }
 };
 
