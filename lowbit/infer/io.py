@@ -88,8 +88,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     from safetensors.torch import load_file
 
     from lowbit.train import checkpoint
-    from lowbit.train.config import read, resolve
-    from lowbit.train.evaluate import with_recorded_data
+    from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.tasks import build_task
 
     path = Path(path)

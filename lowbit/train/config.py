@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -375,9 +376,46 @@ def write(config: TrainConfig, folder) -> Path:
     """Write ``config.yaml`` (the resolved settings) into ``folder``; returns its path."""
     import yaml
 
-    path = Path(folder) / "config.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return write_atomically(
+        Path(folder) / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
+    )
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """``path`` holds ``text`` whole, or what it held before: a kill mid-write (Ctrl-C as a resumed
+    run starts) leaves no torn config.yaml or run.json for the next --resume to misread."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+RUN_INFO = "run.json"  # what the trainer records about a run beside its settings
+
+
+def read_run_info(folder) -> dict:
+    """A run's run.json; empty where there is none (a run from before it was written) or it is
+    unreadable: its data path and fingerprint are then unknown."""
+    path = Path(folder) / RUN_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def with_recorded_data(folder, config: TrainConfig) -> TrainConfig:
+    """``config`` whose relative --data path is replaced by the absolute one the run in ``folder``
+    recorded (run.json's ``data_path``): a relative path names data from the folder the run was
+    started in, so reading it from another folder would read other data, or none."""
+    if config.data in (None, "stdlib") or Path(config.data).is_absolute():
+        return config
+    recorded = read_run_info(folder).get("data_path")
+    return dataclasses.replace(config, data=recorded) if recorded else config
 
 
 def read(folder) -> TrainConfig:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
-from lowbit.train.config import read, recipe_of, resolve
+from lowbit.train.config import read, read_run_info, recipe_of, resolve, with_recorded_data
 from lowbit.train.trainer import resolve_device
 
 
@@ -55,24 +55,6 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
 
 
-def with_recorded_data(run_dir, config):
-    """``config`` whose relative --data path is replaced by the absolute one the run recorded
-    (run.json's ``data_path``): a relative path names a folder from where the run was started,
-    so evaluating from another folder would read other data, or none."""
-    if config.data is None or Path(config.data).is_absolute():
-        return config
-    recorded = _run_info(run_dir).get("data_path")
-    return replace(config, data=recorded) if recorded else config
-
-
-def _run_info(run_dir) -> dict:
-    """The run's run.json (empty where there is none: a run from before it was written)."""
-    import json
-
-    info = Path(run_dir) / "run.json"
-    return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
-
-
 def _misfit(expected: dict, given: dict, error: Exception) -> str:
     """What keeps a state dict from loading, in a few words."""
     missing, unexpected = set(expected) - set(given), set(given) - set(expected)
@@ -87,7 +69,7 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
     and the files there may have changed since (or a relative path may name another folder)."""
     from lowbit.train.tasks import same_data
 
-    if not same_data(_run_info(run_dir).get("data_fingerprint"), current):
+    if not same_data(read_run_info(run_dir).get("data_fingerprint"), current):
         relative = config.data is not None and not Path(config.data).is_absolute()
         where = " (a relative path: from the folder the run was started in)" if relative else ""
         raise UsageError(

@@ -28,12 +28,17 @@ from lowbit.errors import UsageError
 from lowbit.nn.convert import lowbit_layers
 from lowbit.train import checkpoint
 from lowbit.train.config import (
+    RUN_INFO,
     TrainConfig,
     ignored_settings,
     lr_at,
+    read,
+    read_run_info,
     recipe_of,
     resolve,
+    with_recorded_data,
     write,
+    write_atomically,
 )
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
@@ -44,7 +49,7 @@ _NATIVE_ON_CPU = ("fp32", "bf16")
 
 MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "vocab.json", "labels.json")
+RUN_FILES = ("config.yaml", RUN_INFO, "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
 RESUMABLE_CHANGES = {
@@ -190,8 +195,13 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def check_resume_config(saved: dict, config: TrainConfig) -> None:
+def check_resume_config(saved: dict, config: TrainConfig, recorded_data: str | None = None) -> None:
+    """Refuse a resumed run whose settings differ from the checkpoint's; a relative --data path
+    the checkpoint holds is compared as the absolute ``recorded_data`` (run.json's data_path)."""
     now = config.to_dict()
+    data = saved.get("data")
+    if recorded_data and data not in (None, "stdlib") and not os.path.isabs(data):
+        saved = {**saved, "data": recorded_data}
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     if changed:
         k = changed[0]
@@ -450,6 +460,12 @@ class Trainer:
             return dcp_checkpoint.save(self)
         return checkpoint.save(self.state_dict(), c.out, self.step_idx, c.keep_last)
 
+    def _save(self, logger) -> Path:
+        """The checkpoint, after the metrics up to it are out of the logger's buffers: a run
+        killed later (SIGKILL, out of memory) resumes with its curves complete to that step."""
+        logger.flush()
+        return self.save()
+
     def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
         """Train to ``total_steps``, writing the run folder; see `train`."""
         from tqdm import tqdm
@@ -458,12 +474,15 @@ class Trainer:
         main = self.dist.is_main
         if main:
             check_run_dir(run_dir, resume, overwrite)
+        # run.json as the run left it: read before the barrier, after which rank 0 rewrites it
+        recorded = read_run_info(run_dir) if resume else {}
         self.dist.barrier()  # the other ranks read the run folder only after rank 0 checked it
         resume_step = None
         if resume:
-            self._resume(checkpoint.latest(run_dir))
+            self._resume(checkpoint.latest(run_dir), recorded.get("data_path"))
             resume_step = self.step_idx
             self._check_length()
+            self._check_same_data(recorded.get("data_fingerprint"))
         else:
             # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
             self.start_metrics = self.evaluate()
@@ -528,11 +547,11 @@ class Trainer:
                                 f"step {self.step_idx}: validation loss {metrics['loss']:.4f}"
                             )
                     if self.step_idx % c.save_interval == 0 or last:
-                        last_saved = self.save()
+                        last_saved = self._save(logger)
                     if on_step is not None:
                         on_step(self)
                     if self.dist.any(self.stop_requested) and not last:  # all ranks stop together
-                        last_saved = self.save()
+                        last_saved = self._save(logger)
                         status = "interrupted"
                         break
         except NonFiniteLoss as error:
@@ -546,7 +565,19 @@ class Trainer:
             logger.close()
         return self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
 
-    def _resume(self, path: Path) -> None:
+    def _check_same_data(self, recorded: dict | None) -> None:
+        """A resumed run trains on the contents it trained on (a file edited since, or a relative
+        path that names another file from here, would continue on other data)."""
+        from lowbit.train.tasks import same_data
+
+        if not same_data(recorded, self.task.fingerprint):
+            raise UsageError(
+                f"cannot resume {self.config.out}: its data {self.config.data or '(built-in)'} "
+                "holds other contents than the run trained on (the fingerprint in run.json "
+                "differs); fix: restore the data the run read, or start a new run"
+            )
+
+    def _resume(self, path: Path, recorded_data: str | None = None) -> None:
         if path.is_dir():  # a multi-process checkpoint
             from lowbit.distributed import checkpoint as dcp_checkpoint
 
@@ -556,7 +587,7 @@ class Trainer:
                     "(and --nproc N, any N)"
                 )
             state = dcp_checkpoint.read(path)
-            check_resume_config(state["config"], self.config)
+            check_resume_config(state["config"], self.config, recorded_data)
             dcp_checkpoint.load(self, path, state)
             return
         if self.dist.distributed:
@@ -565,7 +596,7 @@ class Trainer:
                 "without --strategy/--nproc"
             )
         state = checkpoint.load(path)
-        check_resume_config(state["config"], self.config)
+        check_resume_config(state["config"], self.config, recorded_data)
         self.load_state_dict(state)
 
     def _check_length(self) -> None:
@@ -600,7 +631,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
         }
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        write_atomically(run_dir / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
     def _memory_report(self, batch) -> str:
         """The live run's memory by component (tensor accounting) beside the estimator's figure.
@@ -737,6 +768,15 @@ def _under_torchrun(config: TrainConfig) -> TrainConfig:
     return replace(config, nproc=world, strategy=config.strategy or "ddp")
 
 
+def _with_run_data(config: TrainConfig) -> TrainConfig:
+    """A resumed run's config whose relative --data path, as the run recorded it, is the absolute
+    path it named from the folder the run was started in (run.json's data_path): from another
+    folder the same relative path names other data, or none."""
+    if read(config.out).data != config.data:  # a new --data: check_resume_config refuses it
+        return config
+    return with_recorded_data(config.out, config)
+
+
 def train(
     config: TrainConfig,
     resume: bool = False,
@@ -752,6 +792,8 @@ def train(
     """
     config = resolve(_under_torchrun(config))
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
+    if resume:
+        config = _with_run_data(config)
     if config.strategy is not None:  # DDP/FSDP: spawned ranks, or this rank under torchrun
         from lowbit.distributed.launch import train as train_ranks
 

@@ -146,3 +146,20 @@ def test_train_warns_about_a_flag_its_task_ignores(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "seq_len (--seq-len) does not apply to task image-classification; ignored" in err
+
+
+def test_a_write_interrupted_before_it_lands_leaves_the_old_config(tmp_path, monkeypatch):
+    """config.yaml is replaced whole: a kill mid-write (Ctrl-C as a resume starts) must not leave
+    a torn file that the next --resume misreads."""
+    from lowbit.train.config import read, write
+
+    write(resolve(TrainConfig(steps=5, out=str(tmp_path))), tmp_path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write(resolve(TrainConfig(steps=9, out=str(tmp_path))), tmp_path)
+    assert read(tmp_path).steps == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left
