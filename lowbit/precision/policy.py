@@ -28,13 +28,14 @@ from dataclasses import replace
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.formats import Rounding
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import ConversionReport, convert, is_convertible, lowbit_layers
 from lowbit.nn.linear import LowbitModule
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
-from lowbit.recipes import LossScaling, Recipe, get_recipe
+from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.recipe import DTYPES
 
 
@@ -247,8 +248,13 @@ class Precision:
         return "skip" if self.scaler.enabled else "stop"
 
     def state_dict(self) -> dict:
+        """Everything the recipe's numerics carry from step to step: the loss scaler, master
+        weights or Kahan buffers, the layers' amax histories (and `auto`'s plan), and, where the
+        recipe rounds stochastically, the state of torch's generators its draws come from
+        (`random_state`), so that a run continued from this state alone draws what the
+        uninterrupted run would have drawn."""
         self._move_scale()
-        return {
+        state = {
             "recipe": self.recipe.name,
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
@@ -257,15 +263,47 @@ class Precision:
                 name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()
             },
         }
+        if self._draws_random():
+            state["rng"] = self.random_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s pieces; master weights, Kahan buffers and layer states whose
-        optimizer or model is not wrapped or converted yet are applied when it is."""
+        optimizer or model is not wrapped or converted yet are applied when it is. The generators'
+        state of a stochastically rounding recipe is restored once every piece has been applied,
+        so that building a model after loading does not consume the restored stream."""
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._pending = {"update": state.get("update", {}), "layers": dict(state.get("layers", {}))}
+        if "rng" in state:
+            self._pending["rng"] = state["rng"]
         self._apply_pending()
+
+    def _draws_random(self) -> bool:
+        """Whether the numerics draw random numbers (stochastic rounding of the update, or of an
+        operand of any converted layer, `auto`'s present plan included)."""
+        if self.recipe.update_rounding is UpdateRounding.STOCHASTIC:
+            return True
+        return any(
+            operand.rounding is Rounding.STOCHASTIC
+            for layer in self._layers().values()
+            for operand in layer.spec.operands().values()
+        )
+
+    def random_state(self) -> dict:
+        """The generators stochastic rounding draws from: torch's CPU generator (the seed of every
+        counter-based draw, `lowbit.formats.counter_rng`, on any device) and, on a GPU, that
+        device's (bf16 rounding there draws its random bits directly)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_random_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _apply_pending(self) -> None:
         """Hand the loaded state's parts to the models and optimizers there are now."""
@@ -280,3 +318,5 @@ class Precision:
         for name, layer in self._layers().items():
             if name in layers:
                 layer.lowbit_state.load_state_dict(layers.pop(name))
+        if "rng" in self._pending and "update" not in self._pending and not layers:
+            self._set_random_state(self._pending.pop("rng"))

@@ -231,6 +231,56 @@ def test_state_dict_resume_is_bit_identical(recipe, precision_first):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("precision_first", [False, True])
+@pytest.mark.parametrize("recipe", ["bf16-pure-sr", "mxfp4", "nvfp4"])
+def test_stochastic_rounding_resumes_from_the_precision_state_alone(recipe, precision_first):
+    """A loop that saves model, optimizer and precision state but not torch's generator (and
+    builds its fresh model from another seed): the stochastic rounding draws continue as the
+    uninterrupted run's did, because the precision state holds where they stood."""
+    data = batches(8)
+    straight, _, straight_model, _, _ = lowbit_loop(recipe, mlp(), data)
+    first, _, model, precision, optimizer = lowbit_loop(recipe, mlp(), data[:4])
+    saved = copy.deepcopy(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "precision": precision.state_dict(),
+        }
+    )
+    fresh_precision = Precision(recipe)
+    if precision_first:
+        fresh_precision.load_state_dict(saved["precision"])
+    fresh_model = fresh_precision.convert(mlp(seed=123))  # draws from torch's generator
+    fresh_model.load_state_dict(saved["model"])
+    fresh_optimizer = fresh_precision.wrap_optimizer(
+        torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
+    )
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    if not precision_first:
+        fresh_precision.load_state_dict(saved["precision"])
+    second, _, resumed_model, _, _ = lowbit_loop(
+        recipe, fresh_model, data[4:], precision=fresh_precision, optimizer=fresh_optimizer
+    )
+    assert first + second == straight
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_deterministic_recipe_leaves_torchs_generator_alone():
+    """Only a recipe that draws random numbers saves and restores torch's generator."""
+    precision = Precision("fp8-tensorwise")
+    model = precision.convert(mlp())
+    optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    lowbit_loop(None, model, batches(2), precision=precision, optimizer=optimizer)
+    state = precision.state_dict()
+    assert "rng" not in state
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    precision.load_state_dict(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_delayed_scaling_history_is_saved_and_used():
     precision = Precision("fp8-delayed")
     model = precision.convert(mlp())
