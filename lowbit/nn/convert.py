@@ -70,6 +70,46 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     return f"{kind} is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
 
 
+def _computed_weight_reason(layer: torch.nn.Module) -> str | None:
+    """Why a linear layer or Conv2d whose GEMM does not read its own trained weight and bias is
+    kept, or None. ``weight_norm``, ``spectral_norm`` and pruning recompute ``weight`` in a forward
+    pre-hook from other Parameters and buffers (``weight_g``/``weight_v``, ``weight_orig``,
+    ``weight_mask``), and accelerate's offloading replaces ``forward``: a swapped layer would drop
+    those tensors from the model and compute with a stale weight."""
+    others = [n for n in layer._parameters if n not in ("weight", "bias")] + list(layer._buffers)
+    if others or not isinstance(layer.weight, torch.nn.Parameter):
+        shown = f" ({', '.join(others)})" if others else ""
+        return f"its weight is computed by a hook from other tensors{shown}: not converted"
+    if "forward" in vars(layer):
+        return "its forward is replaced on the instance (an offloading hook): not converted"
+    return None
+
+
+# Where a module keeps its hooks (`torch.nn.Module.__init__`): a swapped layer takes them over.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _move_hooks(layer: torch.nn.Module, replacement: torch.nn.Module) -> None:
+    """Hooks registered on ``layer`` run on ``replacement``: the same dicts, so that the handles
+    that registered them still remove them."""
+    for attr in _HOOK_DICTS:
+        if attr in vars(layer):
+            setattr(replacement, attr, getattr(layer, attr))
+    replacement._is_full_backward_hook = layer._is_full_backward_hook
+
+
 def is_convertible(module: torch.nn.Module) -> bool:
     """A GEMM module `convert` swaps when the recipe gives it a spec."""
     return is_experts(module) or is_linear(module) or type(module) is torch.nn.Conv2d
@@ -115,6 +155,7 @@ def convert(
                     for expert, gemm in enumerate(replacement.gemms[kind]):
                         overridden = reason != RECIPE_DEFAULT or (kind, expert) in gemm_specs
                         gemm.lowbit_state.overridden = overridden
+                _move_hooks(child, replacement)
                 setattr(module, child_name, replacement)
                 report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
                 continue
@@ -126,11 +167,13 @@ def convert(
             if spec is None:
                 report.kept[name] = reason
                 continue
-            if isinstance(child, torch.nn.Conv2d):
+            unsupported = _computed_weight_reason(child)
+            if unsupported is None and isinstance(child, torch.nn.Conv2d):
                 unsupported = conv_unsupported_reason(child)
-                if unsupported:
-                    report.kept[name] = unsupported
-                    continue
+            if unsupported:
+                report.kept[name] = unsupported
+                continue
+            if isinstance(child, torch.nn.Conv2d):
                 replacement = LowbitConv2d(child, spec)
             elif is_conv1d(child):
                 replacement = LowbitConv1D(child, spec)
@@ -138,6 +181,7 @@ def convert(
                 replacement = LowbitLinear(child, spec)
             # A layer an override gave its spec keeps it: the auto controller moves the others.
             replacement.lowbit_state.overridden = reason != RECIPE_DEFAULT
+            _move_hooks(child, replacement)
             setattr(module, child_name, replacement)
             report.converted[name] = spec.describe()
 

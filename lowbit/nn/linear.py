@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
@@ -261,6 +262,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # quantization has no derivative: a double backward is refused, not wrong
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         qw, qx = ctx.saved_quantized
@@ -326,12 +328,14 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     """``op`` (``F.linear``, ``F.conv2d``) computed in fp32, as a spec with every operand fp32
     says, also under autocast (which would run it in 16 bits). Under autocast the result stays
     fp32, as autocast's own fp32 ops return it; otherwise it is handed on in the input's dtype, so
-    a 16-bit model around the layer sees the dtype it expects."""
+    a 16-bit model around the layer sees the dtype it expects. fp32 is a floor, not a rounding: a
+    float64 layer computes in float64, as it would unconverted."""
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     with _autocast_off(device):
-        bias = None if bias is None else bias.float()
-        out = op(x.float(), weight.float(), bias, **options)
+        bias = None if bias is None else bias.to(dtype)
+        out = op(x.to(dtype), weight.to(dtype), bias, **options)
     return out if autocast else out.to(x.dtype)
 
 
