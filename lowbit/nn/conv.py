@@ -34,6 +34,8 @@ class LowbitConv2d(LowbitModule):
         # padding="valid" is no padding
         self.padding = (0, 0) if conv.padding == "valid" else conv.padding
         self.dilation = conv.dilation
+        # what code that inspects an nn.Conv2d reads; fixed by `conv_unsupported_reason`
+        self.groups, self.padding_mode = 1, "zeros"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:

@@ -106,3 +106,21 @@ def test_hooks_registered_on_a_layer_run_on_its_converted_layer():
         handle.remove()
     model[0](torch.randn(2, 16))
     assert len(seen) == 3
+
+
+def test_a_converted_conv2d_has_the_attributes_of_an_nn_conv2d():
+    conv = torch.nn.Conv2d(3, 8, (3, 5), stride=2, padding=1, dilation=(1, 2))
+    model = torch.nn.Sequential(copy.deepcopy(conv))
+    convert(model, "fp8-tensorwise")
+    assert isinstance(model[0], LowbitConv2d)
+    for name in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ):
+        assert getattr(model[0], name) == getattr(conv, name), name
