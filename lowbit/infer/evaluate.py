@@ -54,8 +54,12 @@ def compare(task, model, baseline, split: str, max_batches=None, device="cpu") -
     """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``."""
     precision = fp32_precision(device)
     metrics = task.evaluate(model, precision, split, max_batches or 0)
-    if baseline is None:
-        return metrics, ["(the source run is gone: no reference to compare against)"]
+    if baseline is None:  # the folder's own metrics, with nothing to compare them to
+        lines = [f"{'metric':<12}{'this':>12}"]
+        lines += [
+            f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
+        ]
+        return metrics, [*lines, "(the source run is gone: no reference to compare against)"]
     base = task.evaluate(baseline, precision, split, max_batches or 0)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
@@ -99,7 +103,9 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     head = [
         f"{c.task} {c.model}: {describe_manifest(source.manifest)}, from "
         f"{source.manifest['source']['path']} (step {source.step}), {split} split",
-        "reference: the source model in fp32; this: the folder's model (kernels below)",
+        "reference: the source model in fp32; this: the folder's model (kernels below)"
+        if baseline is not None
+        else "this: the folder's model (kernels below); its source run is gone",
     ]
     note = kernel_note(source.model)
     if note:

@@ -1,6 +1,7 @@
 """Quantize / prune / export a trained tiny run, through the library and the CLI."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -135,6 +136,20 @@ def test_eval_and_generate_read_a_quantized_folder(lm_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("def ")
     assert "int8 x int8 GEMM" in captured.err
+
+
+def test_eval_of_a_folder_whose_source_is_gone_reports_its_own_metrics(lm_run, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(lm_run, source)
+    out = tmp_path / "int4"
+    assert main(["quantize", str(source), "--to", "int4", "--out", str(out)]) == 0
+    shutil.rmtree(source)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--max-batches", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "the source run is gone" in text and "reference: the source model" not in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert float(rows["loss"][0]) > 0 and float(rows["ppl"][0]) > 1
 
 
 def test_eval_reports_per_label_f1_for_classification(digits_run, tmp_path, capsys):
