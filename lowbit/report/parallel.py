@@ -10,17 +10,22 @@ interpreter per worker, not a fork of a process whose PyTorch thread pools are r
 
 The longest runs should come first in ``runs`` (a queue of longest-first jobs finishes closest to
 the ideal). Ctrl-C reaches the workers too (one process group): each interrupted run leaves its
-checkpoint, and the next invocation resumes it.
+checkpoint, and the next invocation resumes it; a SIGINT sent to this process alone is passed on
+to the workers as a stop request (`_ask_to_stop`), with the same result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+
+from lowbit.distributed.context import STOP_SIGNAL
 
 
 def default_threads(jobs: int) -> int:
@@ -28,18 +33,53 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+# In a worker: a stop was asked (by `_ask_to_stop`, or a Ctrl-C that interrupted a run), so the
+# runs still queued to this worker do not start.
+_stopped = False
+
+
+def _stop(signum, frame) -> None:
+    """The parent's stop request outside a training loop (a trainer handles it as Ctrl-C's first
+    press, `lowbit.train.trainer._stop_on_sigint`): no run starts after it."""
+    global _stopped
+    _stopped = True
+    raise KeyboardInterrupt
+
+
 def _train(
     study, recipe: str, seed: int, overwrite: bool, threads: int, jobs: int
 ) -> tuple[bool, float]:
     """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
     validation loss)."""
+    global _stopped
     import torch
 
     from lowbit.report.compare import run_one
 
+    if STOP_SIGNAL is not None:
+        signal.signal(STOP_SIGNAL, _stop)
+    if _stopped:
+        raise KeyboardInterrupt
     torch.set_num_threads(threads)
-    record = run_one(study, recipe, seed, quiet=True, overwrite=overwrite, jobs=jobs)
+    try:
+        record = run_one(study, recipe, seed, quiet=True, overwrite=overwrite, jobs=jobs)
+    except KeyboardInterrupt:
+        _stopped = True
+        raise
     return record["reused"], record["final_metrics"].get("loss", math.nan)
+
+
+def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
+    """Ask every worker to stop its run as a first Ctrl-C does (finish the step, save a
+    checkpoint): a SIGINT that reached this process alone (a scheduler, ``kill -INT``) would
+    otherwise leave the workers training to the end. Idempotent, so after a Ctrl-C that reached
+    the whole process group it does not escalate to an abort."""
+    if STOP_SIGNAL is None:
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, STOP_SIGNAL)
 
 
 def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print) -> set:
@@ -72,5 +112,6 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
         except BaseException:
             for future in pending:
                 future.cancel()
+            _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop
             raise
     return trained

@@ -4,6 +4,11 @@ interrupted one, per-label changes, verdicts, and clean errors."""
 import copy
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -420,3 +425,41 @@ def test_a_finished_run_is_not_reused_after_its_data_changed(study_result, tmp_p
     path.write_text(json.dumps(record))
     with pytest.raises(UsageError, match="other contents"):
         compare(study, plots=False, log=lambda line: None)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path):
+    """`kill -INT` of the parent (a scheduler's stop) reaches only it: the workers must still
+    save a checkpoint and stop, not train to the end while the parent waits."""
+    out = tmp_path / "study"
+    argv = ["compare", "--recipes", "fp32,bf16-mixed", "--seeds", "1", "--jobs", "2"]
+    argv += ["--threads", "1", "--steps", "100000", "--seq-len", "16", "--batch-size", "4"]
+    argv += ["--eval-batches", "1", "--eval-interval", "100000", "--quiet", "--out", str(out)]
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from lowbit.cli import main; sys.exit(main({argv!r}))",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: a signal to it reaches no worker
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("runs/*/seed-0/run.json"))) < 2:  # both runs are training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
+        started = time.monotonic()
+        parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert parent.returncode == 130, err.decode()[-2000:]
+    assert time.monotonic() - started < 60
+    runs = list(out.glob("runs/*/seed-0"))
+    assert len(runs) == 2
+    for run in runs:
+        assert list((run / "checkpoints").glob("step-*.pt")), run  # stopped with a checkpoint
