@@ -325,7 +325,8 @@ class Trainer:
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
         report = self.precision.conversion_report
-        if self.precision.keeps_every_layer and not self.quiet:
+        warn = warn_emulation and self.dist.is_main  # quiet runs too, once per compare recipe
+        if self.precision.keeps_every_layer and warn:
             summary = report.summary().replace("\n", "\n  ")
             print(
                 f"lowbit: warning: recipe {config.recipe} keeps every GEMM layer of this model in "
@@ -335,10 +336,10 @@ class Trainer:
         elif config.overrides and not self.quiet:
             summary = report.summary().replace("\n", "\n  ")
             print(f"lowbit: with the overrides, {summary}", file=sys.stderr)
-        elif report.unused_overrides and warn_emulation and self.dist.is_main:  # quiet runs too
+        elif report.unused_overrides and warn:
             for text in report.unused_overrides:
                 print(f"lowbit: warning: override {text} applies to no layer", file=sys.stderr)
-        if warn_emulation and self.dist.is_main:  # quiet runs too, once per compare recipe
+        if warn:
             for line in ignored_settings(config):
                 print(f"lowbit: warning: {line}", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
@@ -349,7 +350,7 @@ class Trainer:
             if layer.lowbit_state.dynamic_spec  # auto: its formats move during training
             or any(op.format not in _NATIVE_ON_CPU for op in layer.spec.operands().values())
         ]
-        if emulated and warn_emulation and self.device.type == "cpu" and self.dist.is_main:
+        if emulated and warn and self.device.type == "cpu":
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
                 f"{len(emulated)} low-precision layer{'s' if len(emulated) > 1 else ''} run"

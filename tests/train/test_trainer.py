@@ -262,10 +262,11 @@ def test_a_pretrained_checkpoint_trains_with_its_dropout_on(tiny_config, tmp_pat
     assert modes and all(modes)
 
 
-def test_a_recipe_that_converts_none_of_the_models_layers_warns(tiny_config, capsys):
+@pytest.mark.parametrize("quiet", [False, True])  # --quiet hides progress, not warnings
+def test_a_recipe_that_converts_none_of_the_models_layers_warns(tiny_config, capsys, quiet):
     # nvfp4 keeps the first and last block: all of the 2-block tiny token classifier.
     config = tiny_config("token-classification", recipe="nvfp4", steps=1, eval_interval=1)
-    train(config)
+    train(config, quiet=quiet)
     err = capsys.readouterr().err
     assert "warning: recipe nvfp4 keeps every GEMM layer of this model in high precision" in err
     assert "converted 0/13 layers" in err
