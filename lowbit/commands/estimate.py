@@ -41,9 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--seq", type=int, default=1024, help="sequence length")
-    parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--sharding", default="none", help=" or ".join(SHARDING))
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="data-parallel devices; with --sharding fsdp they share the model states (default 1)",
+    )
+    parser.add_argument(
+        "--sharding",
+        default="none",
+        help=f"{' or '.join(SHARDING)}: every device holds the whole model states (DDP), or "
+        "they are sharded over --gpus (FSDP)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input for the backward and recompute the rest",
+    )
 
 
 def _recipes(text: str) -> list[str]:
