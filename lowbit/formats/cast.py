@@ -249,6 +249,8 @@ def cast(
     The result can hold ``fmt``'s values only if ``x``'s dtype can: every 4/6/8-bit format fits in
     fp32, bf16 and fp16, but fp16 values do not fit in bf16 (nor bf16's range in fp16); for such a
     pair the fp32 result is rounded again to ``x``'s dtype. Cast ``x.float()`` to avoid that.
+    A float64 ``x`` is rounded to fp32 first, as PyTorch's own casts to fp8 do: a value within half
+    an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
     """
     fmt = get(fmt)
     rounding = Rounding(rounding)
