@@ -4,9 +4,14 @@
 - ``fp8`` / ``8bit`` / ``4bit``: torchao's ``AdamWFp8`` / ``AdamW8bit`` / ``AdamW4bit`` (and the
   Adam variants): the state tensors are torchao tensor subclasses that quantize on write and
   dequantize on read; the update itself runs in fp32 (torchao's ``single_param_adam``). lowbit
-  changes two things: the fp32-states rule is decided on the global tensor (see
-  `keeps_fp32_states`), and the step runs eagerly unless ``compile=True`` (torchao always calls
-  ``torch.compile``, which on a CPU costs tens of seconds per parameter shape).
+  changes three things: the fp32-states rule is decided on the global tensor (see
+  `keeps_fp32_states`), the step runs eagerly unless ``compile=True`` (torchao always calls
+  ``torch.compile``, which on a CPU costs tens of seconds per parameter shape), and Adam's
+  ``amsgrad`` and ``maximize`` are refused (as by the bf16 states), not ignored. The arithmetic
+  is torchao's, with its known limits (docs/memory.md): a positive second moment that the fp8 or
+  8-bit block quantization rounds to 0 under a nonzero first moment makes the next update
+  ``lr * m / eps`` (the zero-point problem that 4-bit's zero-free map avoids, Li et al. 2023), and
+  a gradient whose square overflows fp32 makes its block NaN.
 - ``bf16``: `AdamWBf16States`, written here because no library offers it: torchao rounds only the
   *parameter* to bf16 stochastically (``bf16_stochastic_round``), not the states. Moments are
   updated in fp32 and written back to bf16 with stochastic rounding, so small increments to
@@ -21,6 +26,9 @@ the states are created from fp32 data. Its
 """
 
 from __future__ import annotations
+
+import math
+import sys
 
 import torch
 from torch import Tensor
@@ -63,6 +71,46 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
     optimizer.register_load_state_dict_post_hook(post_hook)
 
 
+def _check_hyperparameters(group: dict) -> None:
+    """Refuse, in one line, an lr, betas, eps or weight_decay that Adam cannot use (what
+    ``torch.optim.AdamW`` refuses, and NaN or inf, for every state precision alike)."""
+
+    def number(value) -> float:  # NaN for what is not a real number (a string, a bool)
+        if isinstance(value, (str, bytes, bool)):
+            return math.nan
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            return math.nan
+
+    for key in ("lr", "eps", "weight_decay"):
+        if key in group and not (math.isfinite(number(group[key])) and number(group[key]) >= 0):
+            raise UsageError(f"invalid {key}={group[key]!r}; fix: a finite number >= 0")
+    if "betas" in group:
+        betas = group["betas"]
+        try:
+            valid = len(betas) == 2 and all(0 <= number(b) < 1 for b in betas)
+        except TypeError:
+            valid = False
+        if not valid:
+            raise UsageError(
+                f"invalid betas={betas!r}; fix: two numbers in [0, 1), e.g. (0.9, 0.999)"
+            )
+
+
+def _check_group(optimizer: Optimizer, group: dict, unsupported: tuple[str, ...] = ()) -> None:
+    """`_check_hyperparameters` of ``group`` (with the optimizer's defaults), and refuse options
+    that ``optimizer`` would otherwise ignore (``maximize``, ``amsgrad``) instead of ignoring them."""
+    merged = {**optimizer.defaults, **group}
+    _check_hyperparameters(merged)
+    for key in unsupported:
+        if merged.get(key):
+            raise UsageError(
+                f"{key}=True is not supported with {StatePrecision(optimizer.state_precision).value} "
+                "optimizer states; fix: --optimizer-state fp32 (torch.optim.AdamW), or drop it"
+            )
+
+
 def _param_index(optimizer: Optimizer) -> dict[int, int]:
     return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
 
@@ -77,6 +125,10 @@ class AdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
         _keep_state_dtypes_on_load(self)
 
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(self, param_group)
+        super().add_param_group(param_group)
+
 
 class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` whose ``load_state_dict`` keeps the saved states' dtypes."""
@@ -84,6 +136,10 @@ class Adam(torch.optim.Adam):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _keep_state_dtypes_on_load(self)
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(self, param_group)
+        super().add_param_group(param_group)
 
 
 # --- torchao low-bit states ------------------------------------------------------------------
@@ -96,11 +152,37 @@ def _torchao():
     return ao, single_param_adam
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _storable_moments(exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """The bf16 states' moments to store: where ``g**2`` overflowed fp32 (``|g| > 1.8e19``: ``v``
+    is inf), ``v`` = fp32 max and ``m`` = 0.
+
+    fp32 states keep the inf, and PyTorch's update of that coordinate is 0 from then on. bf16's
+    stochastic rounding saturates ``v`` to its max while ``m`` stays ~``g``, and the next update
+    would be ~1e9 x lr. Stored as here, the coordinate's updates stay ~0 (``m / sqrt(fp32 max)``)
+    while ``v`` decays, as PyTorch's do. NaN stays NaN.
+    """
+    overflow = exp_avg_sq.isinf()
+    return torch.where(overflow, 0.0, exp_avg), torch.where(overflow, _FP32_MAX, exp_avg_sq)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2), else ``t``; without importing ``torch.distributed``."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
+
+
 class _TorchaoStates:
     """Mixin over a torchao ``_AdamBase`` subclass (see the module docstring)."""
 
     state_precision: StatePrecision
     compile: bool = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(self, param_group, unsupported=("maximize", "amsgrad"))
+        super().add_param_group(param_group)
 
     def _new_buffer(self, p: Tensor, signed: bool):
         # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
@@ -216,12 +298,18 @@ class AdamWBf16States(Optimizer):
         is_adamw: bool = True,
         seed: int = 0,
     ):
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid lr={lr}, eps={eps} or betas={betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
         self.is_adamw = is_adamw
         self.seed = seed
         _keep_state_dtypes_on_load(self)
+
+    state_precision = StatePrecision.BF16
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(self, param_group, unsupported=("maximize", "amsgrad"))
+        super().add_param_group(param_group)
 
     def _generator(self, p: Tensor, step: int, index: int) -> torch.Generator:
         generator = torch.Generator(device=p.device)
@@ -262,13 +350,16 @@ class AdamWBf16States(Optimizer):
                 v32 = state["exp_avg_sq"].float().lerp(g32.square(), 1 - beta2)
                 denom = v32.sqrt() / (1 - beta2**t) ** 0.5 + eps
                 p.copy_(p32 - lr * (m32 / (1 - beta1**t)) / denom)
+                m32, v32 = _storable_moments(m32, v32)
                 if state["exp_avg"].dtype == torch.float32:
                     state["exp_avg"].copy_(m32)
                     state["exp_avg_sq"].copy_(v32)
                 else:
+                    # per shard for a DTensor (FSDP2): `cast` rounds plain tensors
                     generator = self._generator(p, int(t), index_of[id(p)])
-                    state["exp_avg"].copy_(cast(m32, "bf16", "stochastic", generator))
-                    state["exp_avg_sq"].copy_(cast(v32, "bf16", "stochastic", generator))
+                    for key, value in (("exp_avg", m32), ("exp_avg_sq", v32)):
+                        rounded = cast(_local(value), "bf16", "stochastic", generator)
+                        _local(state[key]).copy_(rounded)
         return loss
 
 
@@ -298,7 +389,9 @@ def build_optimizer(
         raise UsageError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
     precision = _state_precision(state_precision)
     adamw = name == "adamw"
-    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    _check_hyperparameters(kwargs)
+    kwargs["betas"] = tuple(betas)
     if precision is StatePrecision.FP32:
         return (AdamW if adamw else Adam)(params, **kwargs)
     if precision is StatePrecision.BF16:

@@ -180,3 +180,85 @@ def test_unknown_names_are_usage_errors():
         build_optimizer(w, state_precision="int3")
     with pytest.raises(UsageError, match="valid optimizers"):
         build_optimizer(w, name="lion")
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16"])  # torchao's states: docs/memory.md
+@pytest.mark.parametrize("huge", [1e20, 1e30])
+def test_a_gradient_whose_square_overflows_leaves_the_parameters_finite(state, huge):
+    # g**2 is inf in fp32: PyTorch's update of that coordinate is 0; bf16 states used to store a
+    # saturated v under a huge m, and the next step moved the parameter by ~1e7
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 128))
+    start = w.detach().clone()
+    optimizer = build_optimizer([w], lr=1e-2, state_precision=state)
+    for step in range(4):
+        w.grad = torch.randn(64, 128)
+        if step == 1:
+            w.grad[0, 0] = huge
+        optimizer.step()
+    assert torch.isfinite(w).all()
+    assert (w - start).abs().max() < 0.1  # Adam moves a parameter by ~lr a step
+
+
+BAD_HYPERPARAMETERS = [
+    dict(lr=-1e-3),
+    dict(lr=float("nan")),
+    dict(betas=(1.0, 0.999)),
+    dict(betas=(0.9, -0.1)),
+    dict(betas=(0.9,)),
+    dict(eps=-1e-8),
+    dict(weight_decay=-0.1),
+]
+
+
+@pytest.mark.parametrize("state", STATE_PRECISIONS)
+@pytest.mark.parametrize("bad", BAD_HYPERPARAMETERS, ids=str)
+def test_bad_hyperparameters_are_refused_in_one_line(state, bad):
+    w = [torch.nn.Parameter(torch.zeros(8192))]
+    with pytest.raises(UsageError, match=next(iter(bad))) as error:
+        build_optimizer(w, state_precision=state, **bad)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UsageError, match=next(iter(bad))):  # in a param group as well
+        build_optimizer([{"params": w, **bad}], state_precision=state)
+
+
+@pytest.mark.parametrize("state", STATE_PRECISIONS)
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_options_a_state_precision_cannot_honour_are_refused_not_ignored(state, option):
+    w = torch.nn.Parameter(torch.zeros(8192))
+    if state != "fp32":
+        with pytest.raises(UsageError, match=option):
+            build_optimizer([{"params": [w], option: True}], state_precision=state)
+        return
+    optimizer = build_optimizer([{"params": [w], option: True}], lr=1e-3, state_precision=state)
+    w.grad = torch.ones(8192)
+    optimizer.step()
+    assert (w > 0).all() == (option == "maximize")  # torch.optim.AdamW honours both
+
+
+def _bf16_states_on_a_shard(rank, world_size):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    w = torch.nn.Parameter(distribute_tensor(torch.zeros(32, 256), mesh, [Shard(0)]))
+    optimizer = build_optimizer([w], lr=1e-3, state_precision="bf16")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        w.grad = distribute_tensor(torch.randn(32, 256, generator=generator), mesh, [Shard(0)])
+        optimizer.step()
+    return w.full_tensor(), optimizer.state[w]["exp_avg"].to_local().dtype
+
+
+def test_bf16_states_step_a_sharded_parameter():
+    # FSDP2 hands the optimizer DTensors; the stochastic rounding of the states used to fail there
+    from tests.distributed.helpers import on_ranks
+
+    w = torch.nn.Parameter(torch.zeros(32, 256))
+    optimizer = build_optimizer([w], lr=1e-3, state_precision="bf16")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        w.grad = torch.randn(32, 256, generator=generator)
+        optimizer.step()
+    for sharded, dtype in on_ranks(_bf16_states_on_a_shard, nproc=2):
+        assert dtype == torch.bfloat16
+        torch.testing.assert_close(sharded, w.detach(), rtol=0, atol=1e-4)  # SR noise
