@@ -1,7 +1,8 @@
 """CoNLL / IOB token-classification data and its metrics.
 
 File format: one token per line, the token in the first column and its tag in the last (spaces or
-tabs between columns), a blank line between sentences, ``-DOCSTART-`` lines ignored. Tags are ``O``
+tabs between columns: other Unicode whitespace, a no-break space say, is part of a token), a blank
+line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines ignored. Tags are ``O``
 or ``B-TYPE`` / ``I-TYPE``. The file is UTF-8; a leading byte-order mark is dropped, not read as
 part of the first token.
 
@@ -12,11 +13,14 @@ next tag does not continue it. A predicted entity counts only when type, start a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 from lowbit.data.corpus import read_lines
 from lowbit.errors import UsageError
+
+COLUMN_SEPARATOR = re.compile(r"[ \t]+")
 
 
 class Sentence(NamedTuple):
@@ -41,7 +45,7 @@ def read_conll(path) -> list[Sentence]:
     tokens: list[str] = []
     tags: list[str] = []
     for number, line in enumerate(read_lines(path), start=1):
-        columns = line.split()
+        columns = COLUMN_SEPARATOR.split(line.strip(" \t\r\n")) if line.strip() else []
         if not columns or columns[0] == "-DOCSTART-":
             if tokens:
                 sentences.append(Sentence(tokens, tags))

@@ -10,13 +10,16 @@ document's split therefore never changes when other documents are added or remov
 relative paths for files, ``"<file>:<line>"`` for JSONL records and paragraphs of a single file.
 
 Files are read as UTF-8 with a leading byte-order mark dropped (`read_text`) and cut into lines at
-line feeds only (`read_lines`), so line numbers are the ones an editor shows.
+line feeds only (`read_lines`), so line numbers are the ones an editor shows. A folder or glob skips
+hidden files and folders (names starting with a dot), and a file reached under several names
+(symbolic links) is read once, under its first name, so that no text lands in two splits.
 
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -75,8 +78,10 @@ class Corpus:
             counts = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
             raise UsageError(
                 f"{self.source}: the {name} split is empty ({counts} documents); fix: provide more "
-                f"files or records (each lands in {name} with probability "
-                f"{SPLIT_PERCENT[name]}%, so ~100 documents make an empty split unlikely)"
+                "documents: files of a folder or glob, JSONL records, or paragraphs of one text "
+                "file (a blank line between them); each lands in "
+                f"{name} with probability {SPLIT_PERCENT[name]}%, so ~100 documents make an empty "
+                "split unlikely"
             )
         return docs
 
@@ -151,10 +156,11 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
     """Documents from user data, sorted by name.
 
-    - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it, one document per file, named by
-      relative path;
+    - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden,
+      folder links not followed), one document per file, named by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
-      fixed leading folder; matched ``.jsonl`` files are read as JSONL;
+      fixed leading folder; matched ``.jsonl`` files are read as JSONL (a file that links make
+      a folder or glob reach under several names is read once, under the first);
     - a ``.jsonl`` file: one document per line, from the string field ``text_field``;
     - any other single file: one document per paragraph (a block between lines holding only
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
@@ -163,7 +169,11 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     spec = str(path_or_glob)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
+        files = _unique(
+            p
+            for p in path.rglob("*")
+            if p.suffix in FOLDER_SUFFIXES and not _hidden(p.relative_to(path)) and p.is_file()
+        )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
         if path.suffix == ".jsonl":
@@ -172,7 +182,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             docs = _paragraph_documents(path)
     elif glob.has_magic(spec):
         base = _glob_base(spec)
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        files = _unique(_glob_files(spec))
         docs = []
         for f in files:
             name = os.path.relpath(f, base).replace(os.sep, "/")
@@ -189,6 +199,68 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
     return sorted(docs, key=lambda d: d.name)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _unique(files) -> list[Path]:
+    """``files`` sorted, each real file once under its first name: a link to a file of the data,
+    or a folder link that a glob's ``**`` follows, names the same text again."""
+    seen: set[str] = set()
+    out = []
+    for f in sorted(files):
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            out.append(f)
+    return out
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files that ``glob.glob(pattern, recursive=True)`` matches (hidden names only where the
+    pattern spells their dot), except that ``**`` does not enter a folder link back to a folder it
+    is inside: glob follows such a loop ~40 folders deep, and two loops multiply into hours."""
+    parts = Path(pattern).parts
+    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    found: list[Path] = []
+
+    def walk(folder: Path, rest: tuple[str, ...], inside: frozenset[str]) -> None:
+        head, tail = rest[0], rest[1:]
+        if head == "**":  # zero or more folders
+            if tail:
+                walk(folder, tail, inside)
+            for entry in _matching(folder, "*"):
+                if entry.is_dir():
+                    real = os.path.realpath(entry)
+                    if real not in inside:
+                        walk(entry, rest, inside | {real})
+                elif not tail and entry.is_file():
+                    found.append(entry)
+            return
+        entries = _matching(folder, head) if glob.has_magic(head) else [folder / head]
+        for entry in entries:
+            if tail and entry.is_dir():
+                walk(entry, tail, inside | {os.path.realpath(entry)})
+            elif not tail and entry.is_file():
+                found.append(entry)
+
+    base = Path(*parts[:first])
+    walk(base, parts[first:], frozenset({os.path.realpath(base)}))
+    return found
+
+
+def _matching(folder: Path, pattern: str) -> list[Path]:
+    """The entries of ``folder`` whose name matches ``pattern``, hidden ones only if it starts
+    with a dot (as `glob` does)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    if not pattern.startswith("."):
+        names = [n for n in names if not n.startswith(".")]
+    return [folder / n for n in fnmatch.filter(names, pattern)]
 
 
 def _glob_base(pattern: str) -> str:
@@ -250,6 +322,15 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
             raise UsageError(
                 f"{where}: invalid JSON ({error.msg}); fix: one JSON object per line"
             ) from None
+        except (ValueError, RecursionError) as error:  # Python's limits, not JSON's
+            problem = (
+                "nested too deeply"
+                if isinstance(error, RecursionError)
+                else "a number with more digits than Python reads"
+            )
+            raise UsageError(
+                f"{where}: invalid JSON ({problem}); fix: one JSON object per line"
+            ) from None
         if not isinstance(record, dict):
             raise UsageError(
                 f"{where}: {JSON_TYPES[type(record)]}, not a JSON object; fix: one object per line"
@@ -265,5 +346,13 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
                 f"{where}: field {text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
                 "fix: make it the text, drop the record, or name the text field with --text-field"
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair
+            raise UsageError(
+                f"{where}: field {text_field!r} holds an unpaired surrogate "
+                f"({text[error.start]!r} at character {error.start}), which is no Unicode text; "
+                "fix: repair or drop the record"
+            ) from None
         docs.append(Document(f"{name}:{number}", text))
     return docs

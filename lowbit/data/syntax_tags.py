@@ -277,10 +277,21 @@ def encode_with_tokenizer(
     """Like `WordVocab.encode` but with a pretrained (fast) Hugging Face tokenizer.
 
     Words are split into word pieces; a word's label goes on its first piece, -100 on the rest and
-    on special tokens and padding. Words past ``max_len`` pieces are dropped.
+    on special tokens and padding. Words past ``max_len`` pieces are dropped. A word the tokenizer
+    makes no piece of (a zero-width or other Unicode space) is read as its unknown token, so that
+    its label is not lost.
     """
+    unique = sorted({w for s in sentences for w in s.tokens})
+    pieces = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    empty = {w for w, ids in zip(unique, pieces) if not ids}
+    unknown = tokenizer.unk_token
+    if empty and unknown is None:
+        raise UsageError(
+            f"the tokenizer makes no piece of the word {sorted(empty)[0]!r} and has no unknown "
+            "token; fix: remove such words from the data"
+        )
     enc = tokenizer(
-        [s.tokens for s in sentences],
+        [[unknown if w in empty else w for w in s.tokens] for s in sentences],
         is_split_into_words=True,
         truncation=True,
         max_length=max_len,

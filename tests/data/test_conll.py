@@ -100,3 +100,11 @@ def test_non_utf8_file_is_a_one_line_error_and_a_bom_is_not_a_token(tmp_path):
     bom = tmp_path / "train.txt"
     bom.write_bytes(b"\xef\xbb\xbfEU B-ORG\n")  # as Windows editors save "UTF-8"
     assert read_conll(bom) == [(["EU"], ["B-ORG"])]
+
+
+def test_columns_are_split_at_spaces_and_tabs_only(tmp_path):
+    """Other Unicode whitespace is part of a token: a number with a no-break space, an
+    ideographic space token (CJK text)."""
+    path = tmp_path / "train.txt"
+    path.write_text("10\u00a0000 NUM O\n\u3000\tO\nTokyo B-LOC\r\n\n")
+    assert read_conll(path) == [(["10\u00a0000", "\u3000", "Tokyo"], ["O", "O", "B-LOC"])]

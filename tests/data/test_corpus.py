@@ -1,5 +1,6 @@
 import hashlib
 import json
+import signal
 
 import pytest
 
@@ -178,3 +179,74 @@ def test_user_corpus_empty_split_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match=f"the {missing} split is empty"):
         corpus.split(missing)
     assert corpus.fingerprint["source"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"text": "cut emoji \\ud83d"}',
+            r"data\.jsonl:2: field 'text' holds an unpaired surrogate",
+        ),
+        ("1" * 5000, r"data\.jsonl:2: invalid JSON \(a number with more digits"),
+        ("[" * 100_000 + "]" * 100_000, r"data\.jsonl:2: invalid JSON \(nested too deeply\)"),
+    ],
+)
+def test_jsonl_values_python_cannot_use_are_one_line_errors(tmp_path, line, message):
+    """A lone surrogate escape decodes to a str that UTF-8 cannot encode; a long number or deep
+    nesting makes json.loads raise other than JSONDecodeError: each is the line's error."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(UsageError, match=message):
+        load_corpus(str(path)).fingerprint  # noqa: B018
+
+
+def _give_up_after(seconds):
+    def stop(signum, frame):
+        raise TimeoutError(f"still reading after {seconds} s")
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+
+
+def test_a_file_reached_twice_through_symlinks_is_one_document(tmp_path):
+    """A linked folder or file holds the same text under another name: it would land in several
+    splits (validation text also trained on); a glob's ``**`` followed a looping link 40 deep,
+    and two loops for hours."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "other").mkdir()
+    (data / "sub" / "a.txt").write_text("alpha\n")
+    (data / "b.txt").write_text("beta\n")
+    (data / "sub" / "loop").symlink_to("..")
+    (data / "other" / "loop").symlink_to("..")
+    (data / "also_b.txt").symlink_to("b.txt")
+    (data / "broken.txt").symlink_to("missing.txt")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("gamma\n")
+    (data / "linked.txt").symlink_to(outside)
+    expected = ["also_b.txt", "linked.txt", "sub/a.txt"]  # the first name of each file
+    assert [d.name for d in load_texts(data)] == expected
+    _give_up_after(30)
+    try:
+        assert [d.name for d in load_texts(str(data / "**" / "*.txt"))] == expected
+    finally:
+        signal.alarm(0)
+
+
+def test_folder_skips_hidden_files_and_folders_as_a_glob_does(tmp_path):
+    """Dot folders hold copies (.ipynb_checkpoints) or tools' files (.venv, .git), and macOS
+    writes binary '._name' files next to copied ones."""
+    (tmp_path / "a.txt").write_text("text\n")
+    (tmp_path / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("text\n")
+    assert [d.name for d in load_texts(tmp_path)] == ["a.txt"]
+    assert [d.name for d in load_texts(str(tmp_path / "**" / "*.txt"))] == ["a.txt"]
+
+
+def test_an_empty_split_of_one_text_file_says_how_it_is_cut(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(500)))  # no blank line: one paragraph
+    with pytest.raises(UsageError, match=r"split is empty.*blank line"):
+        load_corpus(str(path)).split("validation")

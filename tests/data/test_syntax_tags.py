@@ -120,3 +120,18 @@ def test_perfect_predictions_score_one():
     task = syntax_tag_task(max_files=1, max_eval_files=1)
     tags = [s.tags for s in task["validation"]]
     assert entity_f1(tags, tags)["f1"] == 1.0
+
+
+def test_a_word_the_pretrained_tokenizer_drops_keeps_its_label():
+    """A CoNLL token of a zero-width or ideographic space gives no word piece: it is read as the
+    tokenizer's unknown token, so its tag still counts (not a sentence cut by the length)."""
+    from transformers import BertTokenizerFast
+
+    from lowbit.data.syntax_tags import encode_with_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    sentence = Sentence(["a", "\u200b", "b", "\u3000"], ["O", "B-X", "O", "B-X"])
+    enc = encode_with_tokenizer(tokenizer, [sentence], {"O": 0, "B-X": 1}, max_len=8)
+    assert enc["input_ids"][0].tolist() == [2, 4, 1, 5, 1, 3, 0, 0]
+    assert enc["labels"][0].tolist() == [IGNORE_INDEX, 0, 1, 0, 1] + [IGNORE_INDEX] * 3
