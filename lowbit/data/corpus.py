@@ -166,17 +166,19 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
       yields validation and test text.
     """
-    spec = str(path_or_glob)
+    spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
     if path.is_dir():
         files = _unique(
             p
             for p in path.rglob("*")
-            if p.suffix in FOLDER_SUFFIXES and not _hidden(p.relative_to(path)) and p.is_file()
+            if p.suffix.lower() in FOLDER_SUFFIXES
+            and not _hidden(p.relative_to(path))
+            and p.is_file()
         )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             docs = _jsonl_documents(path, path.name, text_field)
         else:
             docs = _paragraph_documents(path)
@@ -188,7 +190,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             name = os.path.relpath(f, base).replace(os.sep, "/")
             docs += (
                 _jsonl_documents(f, name, text_field)
-                if f.suffix == ".jsonl"
+                if f.suffix.lower() == ".jsonl"
                 else _file_documents(f, name)
             )
     else:

@@ -144,7 +144,7 @@ def resolve_device(name: str) -> torch.device:
 
 def data_path(data: str | None) -> str | None:
     """The absolute form of a --data path or glob (None for lowbit's built-in data)."""
-    return None if data in (None, "stdlib") else os.path.abspath(data)
+    return None if data in (None, "stdlib") else os.path.abspath(os.path.expanduser(data))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -250,3 +250,14 @@ def test_an_empty_split_of_one_text_file_says_how_it_is_cut(tmp_path):
     path.write_text("".join(f"line {i}\n" for i in range(500)))  # no blank line: one paragraph
     with pytest.raises(UsageError, match=r"split is empty.*blank line"):
         load_corpus(str(path)).split("validation")
+
+
+def test_suffixes_are_read_in_any_case_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "A.TXT").write_text("upper case text")
+    (tmp_path / "data" / "b.txt").write_text("lower case text")
+    (tmp_path / "records.JSONL").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert [d.name for d in load_texts(tmp_path / "data")] == ["A.TXT", "b.txt"]
+    assert [d.text for d in load_texts(tmp_path / "records.JSONL")] == ["one", "two"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/data" in a config file: no shell expands it
+    assert [d.name for d in load_texts("~/data")] == ["A.TXT", "b.txt"]
