@@ -131,9 +131,18 @@ def load_tokenizer(folder):
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise UsageError(f"{folder}: no {CONFIG_NAME}; fix: point at a folder a run saved")
-    kind = json.loads(path.read_text())["kind"]
+    damaged = (
+        f"{folder}: the saved tokenizer is damaged ({{}}); fix: restore the run's tokenizer folder"
+    )
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8"))["kind"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(damaged.format(f"{CONFIG_NAME}: {type(error).__name__}")) from None
     choose("tokenizer", kind, KINDS)
-    return (ByteTokenizer if kind == "byte" else BPETokenizer).load(folder)
+    try:
+        return (ByteTokenizer if kind == "byte" else BPETokenizer).load(folder)
+    except Exception as error:  # tokenizers raises its own exception types for a bad file
+        raise UsageError(damaged.format(" ".join(str(error).split())[:120])) from None
 
 
 def _write_config(folder, config: dict) -> None:

@@ -70,3 +70,14 @@ def test_bad_tokenizer_requests():
 def test_load_from_folder_without_tokenizer(tmp_path):
     with pytest.raises(UsageError, match=r"lowbit_tokenizer\.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["config", "bpe"])
+def test_a_damaged_saved_tokenizer_is_a_one_line_error(tmp_path, damage):
+    texts = ["def f(x):\n    return x + 1\n"] * 50
+    build_tokenizer("bpe", texts, 300).save(tmp_path)
+    name = "lowbit_tokenizer.json" if damage == "config" else "tokenizer.json"
+    (tmp_path / name).write_text('{"truncated": ')
+    with pytest.raises(UsageError, match="saved tokenizer is damaged") as error:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(error.value)
