@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.diagnostics.stats import OPERANDS, StatsCollector, clips_unbounded, nominal_stats
+from lowbit.diagnostics.stats import OPERANDS, clips_unbounded, nominal_stats, unflatten
 from lowbit.errors import UsageError
 
 MAX_SATURATED = 1e-4
@@ -86,6 +86,7 @@ class Diagnosis:
     flags: list[dict] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    stopped: str = ""  # why the probe ended before its steps (a non-finite step), or ""
 
     @property
     def flagged(self) -> list[Row]:
@@ -105,13 +106,15 @@ class Diagnosis:
             "flags": self.flags,
             "suggestions": self.suggestions,
             "override_flags": " ".join(f"--override '{s}'" for s in self.suggestions),
-            "probe_loss": self.loss,
+            "probe_loss": [clean(v) for v in self.loss],
+            "stopped": self.stopped,
         }
 
     def table(self, top: int = 15) -> str:
         lines = [
             f"lowbit doctor: recipe {self.recipe}, {self.steps} probe steps; "
             f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
+            *([f"{self.stopped}; the table is of the steps observed"] if self.stopped else []),
             f"{'#':>3} {'layer':<34} {'operand':<21} {'format':<9} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
@@ -172,6 +175,8 @@ def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
                     series.setdefault((layer, op), []).append(s)
     rows = []
     for (layer, op), steps in series.items():
+        # judged in the format it ends in (`auto` moves operands between formats)
+        steps = [s for s in steps if s.get("format") == steps[-1].get("format")]
         nominal = nominal_stats(specs[layer][op])
         sqnrs = [s["sqnr"] for s in steps]
         mean = {
@@ -252,9 +257,12 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     from dataclasses import replace
 
     from lowbit.train import checkpoint
-    from lowbit.train.trainer import Trainer
+    from lowbit.train.trainer import NonFiniteLoss, Trainer
 
-    config = replace(config, stats_interval=0)
+    # The trainer's monitor observes every step: it owns the layers' observer, which the `auto`
+    # controller also takes at its check steps (a second collector attached here would be
+    # replaced there and see nothing).
+    config = replace(config, stats_interval=1)
     trainer = Trainer(config, quiet=True)
     if checkpoint_dir is not None:
         path = checkpoint.latest(checkpoint_dir)
@@ -271,23 +279,31 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     from lowbit.nn.convert import lowbit_layers
 
     layers = lowbit_layers(trainer.model)
-    collector = StatsCollector(trainer.model)
     bf16_params = {
         id(p)
         for p in trainer.model.parameters()
         if p.dtype == torch.bfloat16 and trainer.precision.recipe.master_dtype is None
     }
-    per_step, scales, losses, rounded, order = [], [], [], [], []
+    per_step, scales, losses, rounded, order, specs = [], [], [], [], [], {}
+    stopped = ""
     for _ in range(steps):
-        collector.attach()
-        out = trainer.step()
-        per_step.append(collector.collect())
-        order = order or list(collector.order)
+        # the specs the step runs with (`auto` revises them after its check steps)
+        specs = {name: layer.spec.operands() for name, layer in layers.items()}
+        try:
+            out = trainer.step()
+        except NonFiniteLoss as error:
+            # a step the recipe cannot skip went non-finite: what its operands held is the
+            # diagnosis (the observer is still attached; the step was not completed)
+            per_step.append(trainer.monitor.collector.collect())
+            stopped = f"probe stopped: {error}"
+            break
+        record = next((r for split, r in trainer.records if split == "stats"), {})
+        per_step.append(unflatten(record))
+        order = order or list(trainer.monitor.collector.order)
         scales.append(trainer.precision.loss_scale)
         losses.append(out["loss"])
         if bf16_params:
             rounded.append(rounded_away_fraction(trainer.optimizer, bf16_params)[0])
-    specs = {name: layer.spec.operands() for name, layer in layers.items()}
     return {
         "trainer": trainer,
         "per_step": per_step,
@@ -296,6 +312,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         "initial_loss_scale": trainer.precision.recipe.initial_loss_scale,
         "dynamic_scaling": trainer.precision.scaler.enabled,
         "losses": losses,
+        "stopped": stopped,
         "rounded_away": rounded,
         "order": order,
     }
@@ -395,6 +412,7 @@ def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagn
         flags=failure_patterns(result, history),
         suggestions=suggestions_for(rows),
         loss=result["losses"],
+        stopped=result.get("stopped", ""),
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 import lowbit
 from lowbit.diagnostics.auto import AutoPrecision, plan_over_time
+from lowbit.diagnostics.stats import OPERANDS
 from lowbit.recipes.auto import operand_spec
 from lowbit.train import evaluate_run, train
 from lowbit.train.trainer import Trainer
@@ -184,3 +185,40 @@ def test_plan_is_logged_saved_in_checkpoints_and_restored(lm_config, tmp_path):
     assert resumed.monitor.controller.plan == state["monitor"]["auto"]["plan"]
     spec = resumed.model.model.layers[0].mlp.down_proj.lowbit_state.spec
     assert spec.forward.a.format == "fp8_e4m3"
+
+
+def test_sqnr_threshold_is_24_db_or_3_db_below_a_rungs_nominal_whichever_is_lower():
+    """The floor follows the rung's own typical SQNR where that is near or below 24 dB, so that
+    an operand as good as its format is on normal data passes: MX fp4 (~18.8 dB nominal) at
+    most 3 dB below it, fp8 e5m2 (~25.6 dB) down to ~22.6 dB, e4m3 (~31 dB) at 24 dB."""
+    from lowbit.diagnostics.auto import judge
+    from lowbit.diagnostics.stats import nominal_stats
+
+    for rung, operand in [
+        ("fp4", "forward.x"),
+        ("fp8", "grad_input.grad_out"),
+        ("fp8", "forward.x"),
+    ]:
+        nominal = nominal_stats(operand_spec(rung, operand))
+        floor = min(24.0, nominal["sqnr"] - 3)
+        assert judge({**nominal, "sqnr": floor + 0.1}, nominal=nominal) is None, (rung, operand)
+        assert judge({**nominal, "sqnr": floor - 0.1}, nominal=nominal) == "low SQNR"
+
+
+def test_guard_does_not_blame_mx_operands_for_the_clipping_their_format_does_by_design():
+    """Under ``auto:fp4`` MX e2m1 clips ~2% of a normal block by design: every such operand
+    counted as 'saturated' and was moved up after a non-finite step, instead of the layer
+    whose output went non-finite (the one before the first non-finite layer input)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(128, 128) for _ in range(3)))
+    lowbit.convert(model, "auto:fp4")
+    controller = AutoPrecision(model, "fp4")
+    _observed_step(controller, model, torch.randn(256, 128, requires_grad=True), 1)
+    assert {rung for ops in controller.plan.values() for rung in ops.values()} == {"fp4"}
+    original = model[1].forward
+    model[1].forward = lambda x: original(x) * math.inf  # the middle layer overflows
+    controller.collector.attach()
+    model.forward(torch.randn(256, 128, requires_grad=True)).square().mean().backward()
+    changes = controller.escalate(controller.collector.collect(), 2)
+    assert {(c["layer"], c["operand"]) for c in changes} == {("1", op) for op in OPERANDS}
+    assert set(controller.plan["0"].values()) == set(controller.plan["2"].values()) == {"fp4"}

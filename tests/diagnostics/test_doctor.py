@@ -123,3 +123,28 @@ def test_a_recipe_without_low_precision_operands_says_so(lm_config, tmp_path, re
 def test_doctor_refuses_a_table_of_no_rows(capsys):
     assert main(["doctor", "--recipe", "fp8-tensorwise", "--top", "-1"]) == 2
     assert "--top must be positive, got -1" in capsys.readouterr().err
+
+
+def test_doctor_observes_the_auto_recipe_at_its_check_steps(lm_config):
+    """`auto`'s controller takes the layers' observer at its check steps (the first step is
+    one): the probe's statistics of those steps were lost, so a one-step probe of `auto` said
+    that no layer was in low precision."""
+    diagnosis = diagnose(resolve(lm_config(recipe="auto")), steps=1)
+    assert len(diagnosis.rows) == 28 * 6  # 7 linear layers x 4 blocks of the tiny LM, 6 operands
+    assert {r.format for r in diagnosis.rows} == {"bf16"}  # every layer starts in bf16
+    # after the first check the operands run in fp8: judged there, against fp8's nominal
+    diagnosis = diagnose(resolve(lm_config(recipe="auto")), steps=2)
+    assert len(diagnosis.rows) == 28 * 6
+    assert "bf16" not in {r.format for r in diagnosis.rows}
+    assert diagnosis.flagged == []
+
+
+def test_a_probe_that_goes_non_finite_is_diagnosed_not_a_traceback(lm_config, tmp_path):
+    """A recipe whose step goes non-finite (and cannot skip it) is what the doctor is for: it
+    raised NonFiniteLoss out of `lowbit doctor` instead of naming the non-finite operands."""
+    diagnosis = diagnose(resolve(lm_config(recipe="fp8-tensorwise", lr=1e4)), steps=3)
+    assert "probe stopped" in diagnosis.stopped and "probe stopped" in diagnosis.table()
+    assert "non-finite" in {r.reason for r in diagnosis.flagged}
+    json_path, _ = write_outputs(diagnosis, tmp_path / "doctor")
+    saved = json.loads(json_path.read_text(), parse_constant=pytest.fail)  # no bare NaN
+    assert saved["stopped"] == diagnosis.stopped
