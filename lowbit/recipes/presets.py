@@ -188,7 +188,11 @@ def get_recipe(name: str | Recipe) -> Recipe:
     try:
         return _PRESETS[name]
     except KeyError:
-        raise UsageError(f"unknown recipe {name!r}; valid recipes: {', '.join(_PRESETS)}") from None
+        from lowbit.recipes.auto import BUDGETS
+
+        # auto's other budgets by name too (auto:fp6, auto:fp4): they are not presets of their own
+        valid = [*_PRESETS, *(f"auto:{budget}" for budget in BUDGETS if budget != "fp8")]
+        raise UsageError(f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}") from None
 
 
 def parse_override(text: str, recipe: Recipe) -> Override:

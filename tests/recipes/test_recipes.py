@@ -33,6 +33,8 @@ def test_every_public_preset_exists():
 def test_unknown_recipe_lists_valid_names():
     with pytest.raises(UsageError, match="unknown recipe 'fp9'; valid recipes: fp32, bf16-mixed"):
         get_recipe("fp9")
+    with pytest.raises(UsageError, match="auto, auto:fp6, auto:fp4$"):  # every name train takes
+        get_recipe("fp9")
 
 
 def test_recipes_are_frozen_and_validated():
