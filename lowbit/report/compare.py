@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.train.config import write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
@@ -414,9 +414,7 @@ def run_one(
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(_jsonable(record), indent=1) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / RECORD)
+    write_atomically(run_dir / RECORD, json.dumps(_jsonable(record), indent=1) + "\n")
 
 
 def _diverged(config, recipe, seed, trainer, error: str) -> dict:
@@ -694,9 +692,7 @@ def compare(
     check_out(study, overwrite)
     study.out.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
-    tmp = study.out / f"{SETTINGS}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(study.settings(), indent=1) + "\n")
-    os.replace(tmp, study.out / SETTINGS)
+    write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
     in_workers = set()
     if jobs > 1:
         from lowbit.report.parallel import default_threads, train_runs

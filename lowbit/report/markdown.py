@@ -78,7 +78,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ]
         )
     one_seed = all(len(r["seeds"]) == 1 for r in rows.values())
-    load = f"; {speed_load_note(results)}" if speed_load_note(results) else ""
+    load = speed_load_note(results)
+    load = f"; {load}" if load else ""
     out = [
         (
             (
