@@ -118,28 +118,31 @@ def _param_index(optimizer: Optimizer) -> dict[int, int]:
 # --- fp32 ------------------------------------------------------------------------------------
 
 
-class AdamW(torch.optim.AdamW):
+class _CheckedGroups:
+    """Mixin: every param group (the constructor's too) is checked by `_check_group`, refusing the
+    options in ``unsupported`` that the optimizer would otherwise ignore."""
+
+    unsupported: tuple[str, ...] = ()
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_group(self, param_group, self.unsupported)
+        super().add_param_group(param_group)
+
+
+class AdamW(_CheckedGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` whose ``load_state_dict`` keeps the saved states' dtypes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _keep_state_dtypes_on_load(self)
 
-    def add_param_group(self, param_group: dict) -> None:
-        _check_group(self, param_group)
-        super().add_param_group(param_group)
 
-
-class Adam(torch.optim.Adam):
+class Adam(_CheckedGroups, torch.optim.Adam):
     """``torch.optim.Adam`` whose ``load_state_dict`` keeps the saved states' dtypes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _keep_state_dtypes_on_load(self)
-
-    def add_param_group(self, param_group: dict) -> None:
-        _check_group(self, param_group)
-        super().add_param_group(param_group)
 
 
 # --- torchao low-bit states ------------------------------------------------------------------
@@ -174,15 +177,13 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
 
 
-class _TorchaoStates:
+class _TorchaoStates(_CheckedGroups):
     """Mixin over a torchao ``_AdamBase`` subclass (see the module docstring)."""
 
     state_precision: StatePrecision
     compile: bool = False
 
-    def add_param_group(self, param_group: dict) -> None:
-        _check_group(self, param_group, unsupported=("maximize", "amsgrad"))
-        super().add_param_group(param_group)
+    unsupported = ("maximize", "amsgrad")  # torchao's step ignores them
 
     def _new_buffer(self, p: Tensor, signed: bool):
         # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
@@ -272,7 +273,7 @@ def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
 # --- bf16 states with stochastic rounding ----------------------------------------------------
 
 
-class AdamWBf16States(Optimizer):
+class AdamWBf16States(_CheckedGroups, Optimizer):
     """Adam/AdamW with bf16 moments written back by stochastic rounding.
 
     The arithmetic is torchao's ``single_param_adam`` (fp32 throughout)::
@@ -298,18 +299,15 @@ class AdamWBf16States(Optimizer):
         is_adamw: bool = True,
         seed: int = 0,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+        # every group is checked as it is added (`_CheckedGroups`)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.is_adamw = is_adamw
         self.seed = seed
         _keep_state_dtypes_on_load(self)
 
     state_precision = StatePrecision.BF16
 
-    def add_param_group(self, param_group: dict) -> None:
-        _check_group(self, param_group, unsupported=("maximize", "amsgrad"))
-        super().add_param_group(param_group)
+    unsupported = ("maximize", "amsgrad")
 
     def _generator(self, p: Tensor, step: int, index: int) -> torch.Generator:
         generator = torch.Generator(device=p.device)
