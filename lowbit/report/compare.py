@@ -710,13 +710,11 @@ def compare(
             record = run_one(study, recipe, seed, quiet=quiet, overwrite=overwrite)
             if (study.out, recipe, seed) in in_workers:
                 record = {**record, "reused": False}
-                how = "trained in a worker"
-            elif record["reused"]:
-                how = "reused"
-            else:
-                how = f"trained in {time.perf_counter() - t0:.0f}s"
             records[recipe].append(record)
             (reused if record["reused"] else trained).append((recipe, seed))
+            if jobs > 1:
+                continue  # `train_runs` logged each run as its worker finished it
+            how = "reused" if record["reused"] else f"trained in {time.perf_counter() - t0:.0f}s"
             log(
                 f"[{len(trained) + len(reused)}/{total}] {recipe} seed {seed}: validation loss "
                 f"{record['final_metrics'].get('loss', math.nan):.4f} ({how})"

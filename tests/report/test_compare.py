@@ -120,8 +120,8 @@ def test_jobs_train_the_same_runs_in_worker_processes(study_result, tmp_path):
     lines = []
     result = compare(lm_study(tmp_path / "study"), plots=False, log=lines.append, jobs=2, threads=1)
     assert sorted(result.trained) == sorted(study_result.trained) and result.reused == []
-    assert sum("trained in a worker" in line for line in lines) == 4
-    assert sum(line.startswith("[") and "(trained;" in line for line in lines) == 4
+    # one line per run, as its worker finishes it (the runs were also listed a second time)
+    assert len(lines) == 4 and all("(trained;" in line for line in lines)
     for recipe, runs in study_result.results["runs"].items():
         for ours, sequential in zip(result.results["runs"][recipe], runs):
             assert ours["final_metrics"]["loss"] == sequential["final_metrics"]["loss"]
