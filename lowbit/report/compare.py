@@ -248,14 +248,19 @@ def _recipe_settings(settings: dict, recipe: str) -> dict:
 # ------------------------------------------------------------------------------------ running
 
 
-def _same_settings(saved: dict, now: dict) -> bool:
-    """Equal settings; a setting one side lacks (a field added to TrainConfig since) counts as its
-    default."""
+def _changed_settings(saved: dict, now: dict) -> str:
+    """The settings that differ, as ``"steps 540, now 1080"`` (empty when they are equal); a
+    setting one side lacks (a field added to TrainConfig since) counts as its default."""
     from lowbit.train.config import TrainConfig
 
     default = TrainConfig().to_dict()
-    keys = (set(saved) | set(now)) - _NOT_COMPARED
-    return all(saved.get(k, default.get(k)) == now.get(k, default.get(k)) for k in keys)
+    keys = sorted((set(saved) | set(now)) - _NOT_COMPARED)
+    changed = [
+        f"{key} {saved.get(key, default.get(key))!r}, now {now.get(key, default.get(key))!r}"
+        for key in keys
+        if saved.get(key, default.get(key)) != now.get(key, default.get(key))
+    ]
+    return "; ".join(changed)
 
 
 def load_record(run_dir: Path, config) -> dict | None:
@@ -267,10 +272,11 @@ def load_record(run_dir: Path, config) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    if not _same_settings(record.get("config", {}), config.to_dict()):
+    changed = _changed_settings(record.get("config", {}), config.to_dict())
+    if changed:
         raise UsageError(
-            f"{run_dir}: holds a finished run with other settings; fix: --overwrite to retrain, "
-            "or another --out"
+            f"{run_dir}: holds a finished run with other settings ({changed}); fix: --overwrite "
+            "to retrain, or another --out"
         )
     now = _data_now(config.task, config.data, config.text_field)
     if not same_data(record.get("data_fingerprint"), now):
@@ -364,10 +370,11 @@ def run_one(
     if resume:
         from lowbit.train.config import read
 
-        if not _same_settings(read(run_dir).to_dict(), config.to_dict()):
+        changed = _changed_settings(read(run_dir).to_dict(), config.to_dict())
+        if changed:
             raise UsageError(
-                f"{run_dir}: holds an unfinished run with other settings; fix: --overwrite to "
-                "retrain, or another --out"
+                f"{run_dir}: holds an unfinished run with other settings ({changed}); fix: "
+                "--overwrite to retrain, or another --out"
             )
     # the emulation warning is the same for every seed of a recipe: said for its first one only
     trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0])
@@ -666,10 +673,11 @@ def check_out(study: Study, overwrite: bool) -> None:
             saved = {}
         # The runs depend on the base settings only: a study with another baseline or another
         # subset of recipes (parity.py's parallel parts) reuses them and rewrites the report.
-        if not _same_settings(saved.get("base", {}), study.base):
+        changed = _changed_settings(saved.get("base", {}), study.base)
+        if changed:
             raise UsageError(
-                f"{study.out}: holds a compare study with other settings; fix: --overwrite to "
-                "retrain, or another --out"
+                f"{study.out}: holds a compare study with other settings ({changed}); fix: "
+                "--overwrite to retrain, or another --out"
             )
     elif study.out.is_dir() and not overwrite:
         foreign = sorted(p.name for p in study.out.iterdir() if p.name not in ("runs", REPORT_DIR))

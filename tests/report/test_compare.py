@@ -218,11 +218,13 @@ def test_bad_input_is_one_line_usage_error(argv, message, tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # nothing trained, nothing written
 
 
-def test_folder_of_another_study_is_refused(study_result):
+def test_folder_of_another_study_is_refused_naming_what_differs(study_result):
     study = lm_study(study_result.study.out)
-    study.base = {**study.base, "lr": study.base["lr"] * 2}
-    with pytest.raises(UsageError, match="other settings"):
+    lr = study.base["lr"]
+    study.base = {**study.base, "lr": lr * 2}
+    with pytest.raises(UsageError, match="other settings") as refused:
         compare(study, log=lambda line: None)
+    assert f"(lr {lr!r}, now {lr * 2!r})" in str(refused.value)
 
 
 def test_another_baseline_or_recipe_subset_reuses_the_runs(study_result, tmp_path):
