@@ -27,11 +27,27 @@ COMMAND_MODULES = [
 ]
 
 
+def _version() -> str:
+    """lowbit's version with the PyTorch and Python it runs on (bug reports need all three); read
+    from the installed metadata, without importing torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lowbit import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"lowbit {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
         description="Train language models in mixed and low precision, and measure what it costs.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(f"lowbit.commands.{module_name}")
