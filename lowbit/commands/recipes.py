@@ -1,4 +1,5 @@
-"""`lowbit recipes`: every preset, one line each (``--verbose``: the GEMM operand formats)."""
+"""`lowbit recipes`: every preset, one line each (``--verbose``: the GEMM operand formats);
+`lowbit recipes NAME...`: those recipes with their operand formats."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ HELP = "List the recipe presets, one line each."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="RECIPE",
+        help="print only these recipes, with their GEMM operand specs (e.g. nvfp4 auto:fp4)",
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print each recipe's GEMM operand specs"
     )
@@ -25,11 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(recipes_table())
         return 0
-    width = max(len(name) for name in names())
-    for name in names():
-        recipe = get_recipe(name)
+    chosen = args.names or names()
+    recipes = {name: get_recipe(name) for name in chosen}  # an unknown name fails listing all
+    width = max(len(name) for name in chosen)
+    for name, recipe in recipes.items():
         print(f"{name:<{width}}  {recipe.description}")
-        if args.verbose:
+        if args.verbose or args.names:
             layer = recipe.layer.describe() if recipe.layer else "GEMMs in the compute dtype"
             print(
                 f"{'':<{width}}    {layer}; params {recipe.param_dtype}"

@@ -57,7 +57,12 @@ def auto_recipe(budget: str) -> Recipe:
         )
     if budget == "fp8":
         return AUTO
-    return replace(AUTO, name=f"auto:{budget}", description=AUTO.description)
+    cheapest = "/".join(RUNGS[RUNGS.index(budget) : RUNGS.index("bf16")])
+    description = (
+        f"dynamic precision: each operand the cheapest of {cheapest}/bf16 within an error "
+        "threshold, re-checked during training (fp6 and fp4 in MX blocks)"
+    )
+    return replace(AUTO, name=f"auto:{budget}", description=description)
 
 
 def budget_of(recipe: Recipe) -> str | None:

@@ -134,6 +134,17 @@ def test_recipes_command_prints_one_line_each(capsys):
     assert "loss scaling dynamic (start 65536, x2 after 2000 clean steps)" in out  # fp16 recipes
 
 
+def test_recipes_command_shows_the_named_recipes_with_their_operands(capsys):
+    assert main(["recipes", "nvfp4", "auto:fp4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert names == ["nvfp4", "auto:fp4"]
+    assert "fp4_e2m1/nvfp4" in lines[1] and "cheapest of fp4/fp6/fp8/mxfp8/bf16" in lines[2]
+    assert main(["recipes", "nvfp4", "fp9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown recipe 'fp9'" in err and "\n" not in err
+
+
 def test_docs_recipes_page_holds_the_current_table():
     from pathlib import Path
 
