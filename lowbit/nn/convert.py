@@ -6,10 +6,11 @@ assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2
 *same* Parameter objects (optimizers and tied weights keep working), and each mixture-of-experts
 module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
-lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`'s
-projections), so nothing is left out of the report. A layer converted before is left as it is
-when the recipe gives it the same spec (converting twice with one recipe is harmless) and refused
-otherwise: its original layer is gone, so another recipe needs the unconverted model.
+lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`:
+one layer with its ``out_proj``), so nothing is left out of the report. A layer converted before
+is left as it is when the recipe gives it the same spec (converting twice with one recipe is
+harmless) and refused otherwise: its original layer is gone, so another recipe needs the
+unconverted model.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     if not isinstance(module, _GEMM_MODULES):
         return None
     kind = type(module).__name__
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return (
+            f"{kind} is not converted (its projections, out_proj included, compute inside "
+            f"F.multi_head_attention_forward)"
+        )
     for base in (torch.nn.Linear, torch.nn.Conv2d):
         if isinstance(module, base):
             return f"{kind} subclasses nn.{base.__name__} and may compute otherwise: not converted"
@@ -140,6 +146,8 @@ def convert(
     def visit(module: torch.nn.Module, prefix: str) -> None:
         for child_name, child in list(module.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(module, torch.nn.MultiheadAttention) and child_name == "out_proj":
+                continue  # a part of the attention (reported as one kept layer), not a layer
             if isinstance(child, (LowbitModule, LowbitExperts)):
                 _converted_before(recipe, name, child, report)
                 continue
