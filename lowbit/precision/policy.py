@@ -8,7 +8,7 @@ The loop never tests the recipe's name (the pattern of Lightning's precision plu
     with precision.autocast():
         loss = loss_fn(model(x), y)
     precision.backward(loss)
-    precision.clip_grad_norm_(optimizer, 1.0)   # optional; unscales first
+    precision.clip_grad_norm_(optimizer, 1.0)   # optional; unscales first (or: unscale_)
     precision.step(optimizer)                   # False when an overflow skipped the step
     optimizer.zero_grad()
 
@@ -63,8 +63,9 @@ class Precision:
         self.conversion_report = ConversionReport()
         self._models: list[torch.nn.Module] = []
         self._optimizers: list[torch.optim.Optimizer] = []
-        # id(optimizer) -> its unscaled high-precision gradients and whether all are finite,
-        # from `clip_grad_norm_` or `step` until its step is taken
+        # id(optimizer) -> the tensors its step updates, whose .grad hold the unscaled
+        # high-precision gradients, and whether all are finite, from `unscale_` (or
+        # `clip_grad_norm_`, `step`) until its step is taken
         self._prepared: dict[int, tuple[list[torch.Tensor], bool]] = {}
         self._overflowed: bool | None = None  # in the steps since the scale last moved (None: none)
         self._pending: dict = {}  # parts of a loaded state whose model or optimizer is to come
@@ -156,11 +157,12 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, **options) -> None:
+        """``loss.backward(**options)`` (``retain_graph``, ``inputs``) on the scaled loss."""
         self._move_scale()
         if self._prepared:
             self._forget_unstepped()
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward(**options)
 
     def _move_scale(self) -> None:
         """The loss scale's one move for the steps taken since it last moved."""
@@ -173,7 +175,7 @@ class Precision:
         a gradient spike) or accumulates more gradients. The prepared fp32 copies no longer hold
         the step's gradients and are dropped; gradients that were unscaled in place (fp32
         parameters under loss scaling) cannot take scaled ones on top of them."""
-        prepared = [grad for grads, _ in self._prepared.values() for grad in grads]
+        prepared = [t.grad for stepped, _ in self._prepared.values() for t in stepped]
         self._prepared.clear()
         for optimizer in self._optimizers:
             self.update.release(optimizer)
@@ -188,21 +190,39 @@ class Precision:
             )
 
     def _prepare(self, optimizer) -> tuple[list[torch.Tensor], bool]:
-        """Once per step of ``optimizer``: its high-precision gradients, unscaled, and whether
-        all of them are finite (decided jointly by data-parallel ranks)."""
+        """Once per step of ``optimizer``: the tensors it updates, whose ``.grad`` hold its
+        high-precision gradients, unscaled, and whether all of those are finite (decided jointly
+        by data-parallel ranks)."""
         key = id(optimizer)
+        if self.update.needs_wrapping and all(known is not optimizer for known in self._optimizers):
+            # it would step, but its master weights and Kahan buffers would be left out of
+            # `state_dict` (a resumed run would lose them) and its loaded states rounded to 16 bits
+            raise UsageError(
+                f"precision got a {type(optimizer).__name__} that precision.wrap_optimizer() did "
+                f"not return; fix: optimizer = precision.wrap_optimizer(optimizer), before its "
+                f"first step and before loading its state"
+            )
         if key not in self._prepared:
-            grads = self.update.prepare(optimizer)
+            stepped = self.update.prepare(optimizer)
+            grads = [t.grad for t in stepped]
             # Data-parallel ranks decide jointly, so all of them skip the same steps.
             finite = scale_agreement().all_finite(self.scaler.unscale_(grads))
-            self._prepared[key] = (grads, finite)
+            self._prepared[key] = (stepped, finite)
         return self._prepared[key]
+
+    def unscale_(self, optimizer) -> list[torch.Tensor]:
+        """Unscale the gradients of ``optimizer`` (or of a list of optimizers), as GradScaler's
+        ``unscale_``; returns the tensors its next `step` updates, whose ``.grad`` hold them, for
+        clipping by hand: ``torch.nn.utils.clip_grad_value_(precision.unscale_(optimizer), 0.5)``.
+        For a 16-bit parameter that is its fp32 stand-in (master weight) with an fp32 gradient,
+        and the parameter's own 16-bit ``.grad`` is no longer read."""
+        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        return [t for opt in optimizers for t in self._prepare(opt)[0]]
 
     def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
         """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure);
         ``optimizer`` may be a list of optimizers, whose gradients are clipped together."""
-        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-        grads = [grad for opt in optimizers for grad in self._prepare(opt)[0]]
+        grads = [t.grad for t in self.unscale_(optimizer)]
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, 2.0)

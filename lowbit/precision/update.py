@@ -33,6 +33,9 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
 
 
 class FullPrecisionUpdate:
+    # An optimizer stepped without `wrap` loses nothing here: there is no state per parameter.
+    needs_wrapping = False
+
     def wrap(self, optimizer) -> None:
         pass
 
@@ -41,8 +44,9 @@ class FullPrecisionUpdate:
         return contextlib.nullcontext()
 
     def prepare(self, optimizer) -> list[torch.Tensor]:
-        """Ready the gradients for unscaling/clipping; returns them."""
-        return [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
+        """Ready the gradients for unscaling/clipping; returns the tensors the step updates whose
+        ``.grad`` holds one (here: the parameters)."""
+        return [p for p in optimizer_params(optimizer) if p.grad is not None]
 
     def step(self, optimizer) -> None:
         optimizer.step()
@@ -78,9 +82,14 @@ class LowPrecisionUpdate:
         self.master = master
         self.rounding = rounding
         self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master (DTensor if sharded)
+        # id(param) -> the version counter of its values when they last were its master's rounding
+        self._master_versions: dict[int, int] = {}
         self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
         # id(optimizer) -> {id(param): (param, fp32 stand-in)} of its prepared step
         self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # Its master weights and Kahan buffers are saved for the optimizers `wrap` was given.
+    needs_wrapping = True
 
     def wrap(self, optimizer) -> None:
         """Make the optimizer's states fp32, and keep them fp32 when a checkpoint is loaded.
@@ -154,6 +163,9 @@ class LowPrecisionUpdate:
         if self.master:
             if id(p) not in self.masters:
                 self.masters[id(p)] = _fp32_leaf(p)
+            elif self._master_versions.get(id(p)) != local_values(p)._version:
+                _follow_parameter(self.masters[id(p)], p, self.rounding)
+            self._master_versions[id(p)] = local_values(p)._version
             return self.masters[id(p)]
         value = _fp32_leaf(p)
         if self.rounding is UpdateRounding.KAHAN and id(p) in self.compensation:
@@ -164,18 +176,20 @@ class LowPrecisionUpdate:
     # --- the step ----------------------------------------------------------------------------
 
     def prepare(self, optimizer) -> list[torch.Tensor]:
-        grads = []
+        """The tensors the step updates whose ``.grad`` holds one: each 16-bit parameter's fp32
+        stand-in with an fp32 copy of its gradient, and the fp32 parameters."""
+        stepped = []
         stand_ins = self._stand_ins.setdefault(id(optimizer), {})
         for p in optimizer_params(optimizer):
             if p.grad is None or not self._low(p):
                 if p.grad is not None:
-                    grads.append(p.grad)
+                    stepped.append(p)
                 continue
             hp = self._high_precision(p)
             hp.grad = p.grad.float()
             stand_ins[id(p)] = (p, hp)
-            grads.append(hp.grad)
-        return grads
+            stepped.append(hp)
+        return stepped
 
     def _round(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.rounding is UpdateRounding.STOCHASTIC:
@@ -202,6 +216,8 @@ class LowPrecisionUpdate:
                     rounded
                 )  # in place: a sharded parameter's shard is FSDP's storage
                 p.grad = None  # the step consumed it (its fp32 copy was the stand-in's)
+                if self.master:
+                    self._master_versions[id(p)] = local_values(p)._version
 
     def abort(self, optimizer) -> None:
         """Undo `prepare` for a skipped step: the 16-bit parameters come back untouched."""
@@ -231,6 +247,7 @@ class LowPrecisionUpdate:
         whose index is past ``params`` are left for a later call with more parameters)."""
         known = {id(p) for p in params}
         self.masters = {k: v for k, v in self.masters.items() if k not in known}
+        self._master_versions = {k: v for k, v in self._master_versions.items() if k not in known}
         self.compensation = {k: v for k, v in self.compensation.items() if k not in known}
         for i, v in state.get("masters", {}).items():
             if i < len(params):
@@ -238,6 +255,26 @@ class LowPrecisionUpdate:
         for i, v in state.get("compensation", {}).items():
             if i < len(params):
                 self.compensation[id(params[i])] = v.clone()
+
+
+def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRounding) -> None:
+    """Where the 16-bit ``p`` no longer holds the rounding of its fp32 ``master`` (for stochastic
+    rounding: either 16-bit value around it), the master takes p's value.
+
+    The step updates the master and writes its rounding into ``p``, so without this a write into
+    the parameter between steps (``model.load_state_dict`` mid-run, restoring the best weights, a
+    weight constraint) would be undone by the next step, as Apex's O2 masters undo it. A master
+    that still rounds to ``p`` keeps its extra bits (a resumed run loads both, in either order)."""
+    with torch.no_grad():
+        low, high = local_values(p), local_values(master)
+        widened = low.float()
+        if rounding is UpdateRounding.STOCHASTIC:
+            beyond = torch.where(high > widened, torch.inf, -torch.inf).to(low.dtype)
+            neighbour = torch.nextafter(low, beyond).float()  # p's neighbour on master's side
+            stale = (high - widened) * (neighbour - high) < 0  # master lies past that neighbour
+        else:
+            stale = high.to(low.dtype) != low
+        high.copy_(torch.where(stale, widened, high))
 
 
 def _fp32_leaf(p: torch.Tensor) -> torch.Tensor:
