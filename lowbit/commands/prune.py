@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lowbit.errors import UsageError
+
 NAME = "prune"
 HELP = (
     "Magnitude-prune a run's linear layers (unstructured to a sparsity, or N:M such as 2:4) into "
@@ -29,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from lowbit.infer import compare, prune_run
 
+    if args.max_batches is not None and args.max_batches < 0:  # checked before anything is written
+        raise UsageError(
+            f"--max-batches {args.max_batches} is negative; fix: use 1 or more (0: all)"
+        )
     result = prune_run(args.run_dir, args.sparsity, args.pattern, args.out, args.force)
     m = result.manifest
     print(f"lowbit prune: {result.source.describe()} -> {result.out}")

@@ -26,15 +26,17 @@ def load_as_run(path, device=None):
     from lowbit.infer.evaluate import fp32_precision
     from lowbit.infer.io import WEIGHTS
     from lowbit.train.evaluate import LoadedRun
+    from lowbit.train.trainer import resolve_device
 
-    source = load_source(path, device or "cpu")
+    device = resolve_device(device or "cpu")
+    source = load_source(path, device)
     model = source.model
     model.lowbit_inference_note = kernel_note(model)
     return LoadedRun(
         source.config,
         source.task,
         model,
-        fp32_precision(device or "cpu"),
+        fp32_precision(device),
         source.path / WEIGHTS,
         source.step,
     )

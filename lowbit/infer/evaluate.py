@@ -89,8 +89,10 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     """Metrics and the printable report of an inference folder, against its source."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
-    device = device or "cpu"
     from lowbit.train.evaluate import check_same_data
+    from lowbit.train.trainer import resolve_device
+
+    device = resolve_device(device or "cpu")
 
     source = load_source(path, device)
     # the data the source run trained on, as its run.json recorded it

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,13 +85,16 @@ def read_manifest(path) -> dict:
 
 
 def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
-    """A training run (weights of its checkpoint, fp32) or an inference folder, on ``device``."""
+    """A training run (weights of its checkpoint, fp32) or an inference folder, on ``device``
+    (``auto``, ``cpu``, ``cuda[:N]``: a one-line error for a device that is not here)."""
     from safetensors.torch import load_file
 
     from lowbit.train import checkpoint
     from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.tasks import build_task
+    from lowbit.train.trainer import resolve_device
 
+    device = resolve_device(str(device))
     path = Path(path)
     if not path.is_dir():
         raise UsageError(
@@ -145,17 +149,27 @@ def model_bytes(model: torch.nn.Module) -> int:
 def source_bytes(source: Source) -> int:
     """Size of the source's weights as its run stores them (checkpoint dtype, or the file); a
     multi-process run's checkpoint (a DCP folder) is read as its full tensors."""
-    from lowbit.train import checkpoint
-
     if source.manifest is not None:
         return (source.path / WEIGHTS).stat().st_size
+    return sum(stored_sizes(source).values())
+
+
+def stored_sizes(source: Source) -> dict[str, int]:
+    """Bytes of each tensor of a training run's checkpoint by state-dict name, in the dtype the
+    run stored it (bf16 for bf16-pure, though `load_source` gives the model in fp32)."""
+    from lowbit.train import checkpoint
+
     state = checkpoint.load(source.checkpoint)["model"]
-    return sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return {n: t.numel() * t.element_size() for n, t in state.items() if torch.is_tensor(t)}
 
 
 def default_out(path, suffix: str) -> Path:
+    """The sibling ``<folder>-<suffix>`` of ``path``; ``.`` and ``run/..`` name no folder by
+    themselves, so their absolute form is used."""
     path = Path(path)
-    return path.with_name(f"{path.name.rstrip('/')}-{suffix}")
+    if path.name in ("", ".."):
+        path = Path(os.path.abspath(path))
+    return path.with_name(f"{path.name}-{suffix}")
 
 
 def prepare_out(out: Path, force: bool) -> None:

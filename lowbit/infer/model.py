@@ -17,7 +17,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.infer.experts import QuantExperts, expert_linears
-from lowbit.infer.modules import QuantLinear
+from lowbit.infer.modules import KERNELS, QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
 from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
@@ -115,6 +115,8 @@ def quant_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
 
 def set_kernel(model: torch.nn.Module, kernel: str) -> None:
     """Weight-only int8 kernel of every layer: ``dequant`` (default) or ``int8pack``."""
+    if kernel not in KERNELS:  # a misspelt name would silently keep the default
+        raise UsageError(f"unknown kernel {kernel!r}; fix: use {' or '.join(KERNELS)}")
     for layer in quant_layers(model).values():
         layer.kernel = kernel
         layer._cache.clear()

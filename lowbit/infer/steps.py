@@ -42,6 +42,18 @@ def _linear_bytes(model) -> int:
     return total
 
 
+def _source_linear_bytes(source: io.Source) -> int:
+    """Bytes of the source's linear weights as stored: in a training run's checkpoint dtype (an
+    inference folder stores the fp32 model it loads as)."""
+    from lowbit.infer.model import linear_weights
+
+    if source.manifest is not None:
+        return _linear_bytes(source.model)
+    sizes = io.stored_sizes(source)
+    names = {id(p): n for n, p in source.model.named_parameters(remove_duplicate=False)}
+    return sum(sizes[names[id(weight)]] for weight in linear_weights(source.model))
+
+
 def quantize_run(
     path,
     to: str,
@@ -59,7 +71,7 @@ def quantize_run(
             f"{path} is already quantized ({io.describe_manifest(source.manifest)}); fix: "
             f"quantize its source, {source.manifest['source']['path']}"
         )
-    linear_before = _linear_bytes(source.model)
+    linear_before = _source_linear_bytes(source)
     report = quantize_model(source.model, recipe)
     manifest = {
         "quantization": recipe.to_dict(),
@@ -107,6 +119,16 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     return StepResult(written, io.read_manifest(written), report, source, source.model, reference)
 
 
+def _untie_quantized_head(model) -> None:
+    """A tied LM head (GPT-2's, a tied Llama's) that was quantized no longer equals the embedding,
+    which stays as trained: the exported config says so, or a loader that ties by the config
+    would give the head the embedding's weights (transformers 5 keeps both, with a warning)."""
+    config, head = getattr(model, "config", None), model.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and head is not None and head.weight is not model.get_input_embeddings().weight:
+        config.tie_word_embeddings = False
+
+
 def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
     """Write a causal LM (run or inference folder) as a Hugging Face folder, weights dequantized."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,8 +141,11 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
             "folder is an AutoModelForCausalLM)"
         )
     out = Path(out)
+    if out.resolve() == source.path.resolve():  # --force would delete the folder being exported
+        raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
     io.prepare_out(out, force)
     dequantize_model(source.model)
+    _untie_quantized_head(source.model)
     model = source.model.to(dtypes[dtype])
     model.save_pretrained(out, safe_serialization=True)
     copied = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -30,8 +31,10 @@ def sample_text(
     """
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
-    if temperature < 0:
-        raise UsageError(f"temperature {temperature} is negative; fix: use 0 (greedy) or more")
+    if not temperature >= 0 or math.isinf(temperature):  # nan fails the comparison
+        raise UsageError(
+            f"temperature {temperature} is not a finite value >= 0; fix: use 0 (greedy) or more"
+        )
     if top_k is not None and top_k < 1:
         raise UsageError(f"top_k {top_k} must be at least 1; fix: raise it or leave it out")
     device = next(model.parameters()).device
@@ -54,14 +57,16 @@ def sample_text(
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
             past = getattr(out, cache_arg)
             logits = out.logits[0, -1, : tokenizer.vocab_size].float()
-            if temperature == 0:
+            scaled = logits / temperature if temperature else logits
+            # greedy at 0, and at a temperature so small that the largest logits overflow to inf
+            # (softmax would give nan): greedy is its limit
+            if temperature == 0 or torch.isinf(scaled.max()):
                 token = int(logits.argmax())
             else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.numel():
-                    cutoff = torch.topk(logits, top_k).values[-1]
-                    logits = logits.masked_fill(logits < cutoff, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
+                if top_k is not None and top_k < scaled.numel():
+                    cutoff = torch.topk(scaled, top_k).values[-1]
+                    scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+                probs = torch.softmax(scaled, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
             if token == tokenizer.eot_id:
                 break
