@@ -377,7 +377,7 @@ def run_one(
                 "--overwrite to retrain, or another --out"
             )
     # the emulation warning is the same for every seed of a recipe: said for its first one only
-    trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0])
+    trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
     trainer.sample = False  # a sample text per run is slow and not compared
     cuda = trainer.device.type == "cuda"
     if cuda:

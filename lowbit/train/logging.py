@@ -25,7 +25,10 @@ class MetricsLogger:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torch.utils.tensorboard import SummaryWriter
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+        # TensorBoard hides the events from purge_step on: the resumed run's first step, not the
+        # checkpoint's, whose records (kept in metrics.jsonl too) were written before it was saved
+        purge_step = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
         self._wandb = _start_wandb(run_dir, config, resume_step) if wandb else None
 
     def log(self, step: int, split: str, metrics: dict) -> None:

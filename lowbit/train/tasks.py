@@ -137,17 +137,30 @@ class HFTokenizer:
 
 
 def causal_lm_tokenizer(config, run_dir, corpus):
-    """The run's tokenizer: saved with the run, the checkpoint's own, or built from config."""
+    """The run's tokenizer: saved with the run, the checkpoint's own, or built from config.
+
+    A run folder (``run_dir``) always holds the tokenizer its model was trained with; one that
+    lost it is refused rather than given a tokenizer built again, whose ids could differ.
+    """
     from lowbit.data import build_tokenizer, load_tokenizer
 
     if run_dir is not None:
         folder = Path(run_dir) / "tokenizer"
         if (folder / "lowbit_tokenizer.json").is_file():
             return load_tokenizer(folder)
-        if folder.is_dir():
-            from transformers import AutoTokenizer
+        if not folder.is_dir():
+            raise UsageError(
+                f"{run_dir}: no saved tokenizer ({folder}); fix: restore the run's tokenizer folder"
+            )
+        from transformers import AutoTokenizer
 
+        try:
             return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+        except Exception as error:  # transformers raises many types for a folder it cannot read
+            raise UsageError(
+                f"{folder}: the saved tokenizer is damaged ({' '.join(str(error).split())[:120]}); "
+                "fix: restore the run's tokenizer folder"
+            ) from None
     model_dir = Path(config.model)
     if (model_dir / "lowbit_tokenizer.json").is_file():
         return load_tokenizer(model_dir)
@@ -456,7 +469,7 @@ def _run_labels(run_dir, found: list[str]) -> list[str]:
     if unknown:
         raise UsageError(
             f"{run_dir}: the data has tags the run did not train with ({', '.join(unknown[:5])}); "
-            f"fix: evaluate on data tagged with the run's tags ({', '.join(saved)})"
+            f"fix: use data tagged with the run's tags ({', '.join(saved)})"
         )
     return saved
 

@@ -148,14 +148,23 @@ def data_path(data: str | None) -> str | None:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run (or anything else) unless told to.
+    """Refuse to write into a folder that holds another run (or anything else) unless told to,
+    and into a quantized or pruned model's folder even then (``--overwrite`` would delete the
+    config and tokenizer it is evaluated with).
 
     A run that stopped before its first checkpoint (a non-finite first step, say) holds nothing to
     resume, so a fresh run may replace its files without ``--overwrite``, unless other files are
     there too.
     """
+    from lowbit.infer import is_inference_dir
+
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir}: exists and is not a folder; fix: choose another --out")
+    if is_inference_dir(run_dir):  # its config.yaml is the source run's: no run of its own
+        raise UsageError(
+            f"{run_dir}: a folder written by lowbit quantize or prune, not a training run; fix: "
+            "choose another --out (to continue training, --resume the run it was made from)"
+        )
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"{run_dir}: no run to resume (no config.yaml); fix: check --out")
@@ -301,11 +310,19 @@ class Trainer:
     sample = True  # end a completed causal-lm run with a sample text (compare turns it off)
 
     def __init__(
-        self, config: TrainConfig, quiet: bool = False, dist=None, warn_emulation: bool = True
+        self,
+        config: TrainConfig,
+        quiet: bool = False,
+        dist=None,
+        warn_emulation: bool = True,
+        resume: bool = False,
     ):
         """``warn_emulation=False`` leaves out the warnings that the recipe runs in emulation on
         the CPU and that an override applies to no layer (`lowbit compare` says them once per
-        recipe, not once per seed)."""
+        recipe, not once per seed). ``resume``: the trainer will continue the run in
+        ``config.out`` (``fit(resume=True)``), so its task reads the tokenizer (a tagger's
+        vocabulary and tags) that run saved: built again, a BPE tokenizer trained by another
+        ``tokenizers`` version could hand the resumed model other ids."""
         import lowbit
         from lowbit.distributed import SINGLE
 
@@ -316,7 +333,8 @@ class Trainer:
         recipe = recipe_of(config)
         seed_everything(config.seed)
         with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
-            self.task = build_task(config)
+            self.task = build_task(config, run_dir=config.out if resume else None)
+        self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
@@ -398,8 +416,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         count = int(self.dist.total(count))
         # Plain one-process runs only: DDP/FSDP parameters (DTensors) are per-rank accounting.
+        measuring = 0.0  # seconds of this step spent on the memory report, not on training
         if self.step_idx == 1 and self.memory is None and self.dist.strategy is None:
+            started = time.perf_counter()
             self.memory = self._memory_report(batches[0])  # gradients exist, not yet stepped
+            measuring = time.perf_counter() - started
         stop = precision.finite_loss_policy != "skip"
         if stop and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at step {self.step_idx + 1}")
@@ -416,6 +437,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "stepped": bool(stepped),
             "count": count,
+            "measuring_seconds": measuring,
         }
 
     def evaluate(self, split: str = "validation", max_batches=None) -> dict:
@@ -471,6 +493,8 @@ class Trainer:
         """Train to ``total_steps``, writing the run folder; see `train`."""
         from tqdm import tqdm
 
+        if resume and not self.built_to_resume:  # its task built another tokenizer than the run's
+            raise ValueError("a Trainer resumes only if made with Trainer(config, resume=True)")
         c, run_dir, t_start = self.config, Path(self.config.out), time.perf_counter()
         main = self.dist.is_main
         if main:
@@ -517,7 +541,7 @@ class Trainer:
                 while self.step_idx < self.total_steps:
                     t0 = time.perf_counter()
                     out = self.step()
-                    dt = time.perf_counter() - t0
+                    dt = time.perf_counter() - t0 - out["measuring_seconds"]  # training only
                     self.step_seconds += dt
                     self.counted += out["count"]
                     self.recent_losses = [*self.recent_losses[-19:], out["loss"]]
@@ -799,4 +823,5 @@ def train(
         from lowbit.distributed.launch import train as train_ranks
 
         return train_ranks(config, resume, overwrite, quiet, on_step)
-    return Trainer(config, quiet=quiet).fit(resume=resume, overwrite=overwrite, on_step=on_step)
+    trainer = Trainer(config, quiet=quiet, resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite, on_step=on_step)

@@ -71,7 +71,9 @@ def test_a_multi_process_checkpoint_needs_a_strategy_to_resume(tmp_path):
     from lowbit.train.trainer import Trainer
 
     with pytest.raises(UsageError, match="multi-process checkpoint; fix: resume with --strategy"):
-        Trainer(TrainConfig(steps=2, out=str(out), **TINY), quiet=True).fit(resume=True)
+        Trainer(TrainConfig(steps=2, out=str(out), **TINY), quiet=True, resume=True).fit(
+            resume=True
+        )
 
 
 def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
