@@ -48,7 +48,8 @@ def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
     config = replace(config, nproc=world, strategy=config.strategy or "ddp")
     ranks = join(config.strategy, resolve_device(config.device))
     try:
-        result = Trainer(config, quiet=quiet, dist=ranks).fit(resume, overwrite, on_step)
+        trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
+        result = trainer.fit(resume, overwrite, on_step)
     finally:
         ranks.close()
     return result if ranks.is_main else None

@@ -62,7 +62,7 @@ def fit(config, ranks, resume=False):
     from lowbit.train import Trainer
 
     losses = []
-    trainer = Trainer(config, quiet=True, dist=ranks)
+    trainer = Trainer(config, quiet=True, dist=ranks, resume=resume)
     trainer.fit(
         resume=resume, overwrite=not resume, on_step=lambda t: losses.append(t.recent_losses[-1])
     )
