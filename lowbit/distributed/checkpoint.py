@@ -116,13 +116,20 @@ def load(trainer, path, extra: dict) -> None:
 
 def load_full(path) -> dict:
     """A DCP checkpoint as one process's plain state (``model`` of full tensors, ``precision``,
-    ``step``...), for `lowbit eval` and `lowbit generate`."""
+    ``step``...), for `lowbit eval` and `lowbit generate`.
+
+    The optimizer states are left out: nothing that reads a run in one process steps it, and
+    torchao's quantized states (``--optimizer-state 8bit|4bit|fp8``) are pickled objects that the
+    single-process reader's ``weights_only`` unpickling refuses."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     extra = read(path)
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = {"model", *(key for key in stored if key.startswith("update."))}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        items = _load_state_dict_from_keys(checkpoint_id=str(path))
+        items = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
     update: dict = {"masters": {}, "compensation": {}}
     for key, value in items.items():
         if key.startswith("update."):
