@@ -13,8 +13,11 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
 
 With ``sharding="fsdp"`` these four are divided evenly over ``gpus`` (ZeRO-3 / FSDP full
 sharding); the fp32-states rule is decided on the global tensor, so the division is exact up to
-rounding. FSDP's gathered parameters of the current and the prefetched layer are added to the
-temporaries.
+rounding. FSDP gathers the parameters in the compute dtype (`lowbit.distributed.fsdp`: the
+recipe's autocast dtype, else its parameter dtype), so the forward is traced with parameters in
+that dtype (autocast then makes no weight copies), and the gathered parameters of the current and
+the prefetched block, and of the root (embeddings, final norm, head: FSDP2 keeps the root's
+gathered from its forward to its backward), are added to the temporaries.
 
 Activations and temporary copies (traced: any causal language model transformers builds)
 --------------------------------------------------------------------------------------------
@@ -83,6 +86,7 @@ class ModelShape:
     name: str
     param_numels: tuple[int, ...]  # every parameter tensor (tied ones once)
     block_numel: int  # parameters of the largest block (what FSDP gathers per block)
+    outside_numel: int  # parameters outside the blocks (FSDP's root: embeddings, head)
     max_positions: int  # 0: no limit (ALiBi)
 
     @property
@@ -172,12 +176,14 @@ def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:
     blocks = _blocks(model)
+    inside = {id(p) for b in blocks.values() for p in b.parameters()}
     return ModelShape(
         name=name,
         param_numels=tuple(p.numel() for p in model.parameters()),
         block_numel=max(
             (sum(p.numel() for p in b.parameters()) for b in blocks.values()), default=0
         ),
+        outside_numel=sum(p.numel() for p in model.parameters() if id(p) not in inside),
         max_positions=getattr(config, "max_position_embeddings", None) or 0,
     )
 
@@ -411,19 +417,26 @@ def _trace_activations(
     return trace
 
 
-_TRACES: dict = {}  # (config, recipe, batch, seq) -> `_traced`'s result; a few KB each
+_TRACES: dict = {}  # (config, recipe, batch, seq, ...) -> `_traced`'s result; a few KB each
 
 
-def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str):
+def _gathered_dtype(recipe: Recipe) -> str:
+    """The dtype FSDP gathers parameters in on a GPU (`lowbit.distributed.fsdp`'s policy)."""
+    return recipe.autocast or recipe.param_dtype
+
+
+def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, fsdp: bool):
     """(`ModelShape`, ``recipe`` resolved for the model's names, `Trace`), remembered: `fits` and
-    `lowbit estimate` ask for the same model and batch several times."""
-    key = (config.to_json_string(), name, recipe, batch, seq, task)
+    `lowbit estimate` ask for the same model and batch several times. ``fsdp``: the parameters
+    are FSDP's gathered ones, in `_gathered_dtype`."""
+    key = (config.to_json_string(), name, recipe, batch, seq, task, fsdp)
+    param_dtype = _gathered_dtype(recipe) if fsdp else recipe.param_dtype
     if recipe.emulate_fp16_gemms_on_cpu:  # a GPU computes these GEMMs in fp16 natively
         recipe = replace(recipe, layer=None)  # (autocast, or fp16 parameters), as `Precision`
     if key not in _TRACES:
         mode = FakeTensorMode()
         with mode:
-            model = _build(config, name, dtype_of(recipe.param_dtype), task)
+            model = _build(config, name, dtype_of(param_dtype), task)
         shape = _shape(model, config, name)
         if shape.max_positions and seq > shape.max_positions:
             raise UsageError(
@@ -465,7 +478,10 @@ def estimate(
         )
     if sharding == "fsdp" and gpus == 1:
         sharding = "none"
-    shape, recipe, trace = _traced(*_load_config(config_or_size, task), recipe, batch, seq, task)
+    fsdp = sharding == "fsdp"
+    shape, recipe, trace = _traced(
+        *_load_config(config_or_size, task), recipe, batch, seq, task, fsdp
+    )
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
     out = Breakdown(num_params=n)
@@ -476,11 +492,15 @@ def estimate(
     elif recipe.param_dtype != "fp32" and recipe.update_rounding is UpdateRounding.KAHAN:
         out.master_weights = p_bytes * n
     out.optimizer_states = sum(adam_state_bytes(precision, k) for k in shape.param_numels)
-    if sharding == "fsdp":
+    if fsdp:
         for name in ("parameters", "gradients", "master_weights", "optimizer_states"):
             setattr(out, name, math.ceil(getattr(out, name) / gpus))
-        out.notes.append("fsdp: gathered parameters of two blocks (current and prefetched)")
-        fsdp_gather = 2 * p_bytes * shape.block_numel
+        gathered = _gathered_dtype(recipe)
+        out.notes.append(
+            f"fsdp: parameters gathered in {gathered}: two blocks (current and prefetched) and "
+            "the root's (embeddings, head)"
+        )
+        fsdp_gather = _bytes(gathered) * (2 * shape.block_numel + shape.outside_numel)
     else:
         fsdp_gather = 0.0
     activations, temporaries = trace.activations, trace.temporaries
