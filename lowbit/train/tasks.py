@@ -73,6 +73,12 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        """(mean loss over the batch's `loss_terms`, tokens or images counted for throughput)."""
+        raise NotImplementedError
+
+    def loss_terms(self, batch) -> int:
+        """How many terms the batch's mean loss averages (predicted tokens, labelled words,
+        images): micro-batches and ranks holding different numbers are weighted by them."""
         raise NotImplementedError
 
     def evaluate(self, model, precision, split: str = "validation", max_batches=None) -> dict:
@@ -260,6 +266,9 @@ class CausalLMTask(Task):
         logits = model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), input_ids.numel()
 
+    def loss_terms(self, batch) -> int:
+        return batch[1].numel()
+
     def evaluate(self, model, precision, split="validation", max_batches=None):
         from lowbit.data import eval_batches
 
@@ -392,6 +401,9 @@ class TokenClassificationTask(Task):
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
         return loss, int(mask.sum())
+
+    def loss_terms(self, batch) -> int:
+        return int((batch[2] != IGNORE_INDEX).sum())  # a word's first piece; padding is ignored
 
     def predict(self, model, precision, split, max_batches=None):
         from lowbit.data import fixed_batches
@@ -545,6 +557,9 @@ class ImageClassificationTask(Task):
     def loss(self, model, batch):
         images, labels = batch
         return F.cross_entropy(model(as_param_dtype(images, model)).float(), labels), len(labels)
+
+    def loss_terms(self, batch) -> int:
+        return len(batch[1])
 
     def predict(self, model, precision, split, max_batches=None):
         from lowbit.data import fixed_batches

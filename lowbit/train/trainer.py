@@ -399,6 +399,7 @@ class Trainer:
         accum, precision = self.config.grad_accum, self.precision
         lr = self.set_lr()
         batches = [to_device(next(self.task.train_batches), self.device) for _ in range(accum)]
+        weights = self._loss_weights(batches)
         self.monitor.before_step(self.step_idx + 1)
         for attempt in range(1 + MAX_ATTEMPTS):
             loss_sum, count = 0.0, 0
@@ -406,10 +407,12 @@ class Trainer:
                 with self.dist.accumulating(self.train_model, more=i < accum - 1):
                     with precision.autocast():
                         loss, n = self.task.loss(self.train_model, batch)
+                    if weights[i] != 1.0:
+                        loss = loss * weights[i]
                     precision.backward(loss / accum)
                 loss_sum += loss.detach()
                 count += n
-            loss_value = self.dist.mean(float(loss_sum) / accum)  # equal shards: the global mean
+            loss_value = self.dist.mean(float(loss_sum) / accum)  # the mean over every term
             # the `auto` guard: a non-finite step is rolled back and retried in higher precision
             if not self.monitor.retry(self.step_idx + 1, loss_value, self.params, attempt):
                 break
@@ -439,6 +442,20 @@ class Trainer:
             "count": count,
             "measuring_seconds": measuring,
         }
+
+    def _loss_weights(self, batches) -> list[float]:
+        """The weight of each micro-batch's mean loss, so that the step's loss is the mean over
+        every loss term of the step on every rank, as one process computes it on the whole batch.
+
+        Micro-batch i of a rank holds t_i terms (labelled words vary with padding and sentence
+        length); over R ranks and A micro-batches the step holds T terms. Each rank backpropagates
+        sum_i w_i * loss_i / A, and DDP/FSDP average the ranks' gradients (divide by R), so
+        w_i = t_i * R * A / T gives sum over ranks and micro-batches of t_i * loss_i / T. Equal
+        shares weigh exactly 1 (an LM's windows, full image batches): the same bits as before."""
+        terms = [self.task.loss_terms(batch) for batch in batches]
+        total = max(self.dist.total(float(sum(terms))), 1.0)
+        shares = self.dist.world_size * len(batches)
+        return [t * shares / total for t in terms]  # integers up to the division: 1 exactly
 
     def evaluate(self, split: str = "validation", max_batches=None) -> dict:
         return self.task.evaluate(self.model, self.precision, split, max_batches)

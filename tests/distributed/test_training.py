@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lowbit.distributed import SINGLE
 from lowbit.train import TrainConfig, train
 from tests.distributed.helpers import TINY, on_ranks
 
@@ -162,6 +163,9 @@ def _on_two_ranks(rank, world, out, resume_from):
             Ranks(strategy, cpu),
         )
         results["saved", strategy] = training_state(trainer)
+    # token classification: the ranks' halves of a batch hold different numbers of labelled words
+    cfg = config(out_dir / "tagger", task="token-classification", strategy="ddp", nproc=world)
+    results["tagger"] = tagger_losses(cfg, Ranks("ddp", cpu))
     # a run saved by one process, resumed here with two
     cfg = replace(config(resume_from, strategy="ddp"), nproc=world)
     results["resume"]["1->2"] = fit(cfg, Ranks("ddp", cpu), resume=True)[0]
@@ -238,6 +242,26 @@ def test_loss_curve_matches_one_process_and_ranks_agree(two_ranks, one_process, 
         assert torch.equal(params, ranks[1]["matrix"][strategy, recipe][1]), recipe
     print(f"largest relative loss gap to one process, {strategy}: {gaps}")  # for docs (-s)
     assert all(gaps[r] <= RTOL[strategy][r] for r in gaps), gaps
+
+
+def tagger_losses(cfg, ranks) -> list[float]:
+    """The losses of a tagger's first steps with dropout off (ranks and one process draw other
+    dropout masks)."""
+    from lowbit.train import Trainer
+
+    trainer = Trainer(cfg, quiet=True, dist=ranks)
+    trainer.train_model.eval()
+    return [trainer.step()["loss"] for _ in range(STEPS)]
+
+
+def test_token_classification_weighs_ranks_by_their_labelled_words(two_ranks, tmp_path):
+    """Each rank's mean loss weighs by its share of the batch's labelled words, so the step is
+    one process's step on the whole batch (with equal weights the four steps' losses were off by
+    1e-4 to 2e-2)."""
+    _, ranks = two_ranks
+    single = tagger_losses(config(tmp_path / "tagger", task="token-classification"), SINGLE)
+    gaps = [abs(a - b) / b for a, b in zip(ranks[0]["tagger"], single, strict=True)]
+    assert max(gaps) <= RTOL["ddp"]["fp32"], gaps
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

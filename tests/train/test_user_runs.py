@@ -132,3 +132,49 @@ def test_tensorboard_keeps_the_checkpoints_step_after_a_resume(tiny_config, tmp_
         values = [value for _, value in logged]
         assert [e.value for e in shown] == pytest.approx(values, rel=1e-6)  # stored as float32
     assert [r["step"] for r in records if r["split"] == "validation"] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_step_averages_over_every_labelled_word_of_its_micro_batches(tiny_config, accum):
+    """Token classification: micro-batches with few and with many labelled words weigh by their
+    words, as one batch holding both does (a mean of the micro-batches' means weighed a short
+    sentence's words more). fp32: the step's loss and gradients are plain PyTorch's."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lowbit.train.tasks import IGNORE_INDEX
+    from lowbit.train.trainer import Trainer
+
+    config = tiny_config(
+        "token-classification",
+        recipe="fp32",
+        batch_size=8 // accum,
+        grad_accum=accum,
+        grad_clip=None,
+    )
+    trainer = Trainer(config, quiet=True)
+    trainer.train_model.eval()  # no dropout: the reference sees the same function
+    input_ids, mask, labels = trainer.task.encoded("train")
+    words = (labels != IGNORE_INDEX).sum(1)
+    rows = torch.cat([words.argsort()[:4], words.argsort()[-4:]])  # the shortest, the longest
+    batch = (input_ids[rows], mask[rows], labels[rows])
+    micro = [tuple(t[i * 8 // accum : (i + 1) * 8 // accum] for t in batch) for i in range(accum)]
+    reference = copy.deepcopy(trainer.train_model)
+    logits = reference(input_ids=batch[0], attention_mask=batch[1]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), batch[2].flatten(), ignore_index=IGNORE_INDEX)
+    expected.backward()
+
+    trainer.task.train_batches = iter(micro)
+    grads = {}
+    step = trainer.precision.step
+
+    def keep_gradients(optimizer):
+        grads.update({n: p.grad.clone() for n, p in trainer.train_model.named_parameters()})
+        return step(optimizer)
+
+    trainer.precision.step = keep_gradients
+    out = trainer.step()
+    assert out["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
