@@ -779,10 +779,11 @@ def _stop_on_sigint(trainer: Trainer):
     def request_stop() -> None:
         if not trainer.stop_requested:
             trainer.stop_requested = True
-            print(
-                "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
-                file=sys.stderr,
-            )
+            if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
+                print(
+                    "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+                    file=sys.stderr,
+                )
 
     def handler(signum, frame):
         if trainer.stop_requested and signum == signal.SIGINT:

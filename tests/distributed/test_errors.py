@@ -35,14 +35,18 @@ def signal_the_launcher(trainer):
         os.kill(os.getppid(), signal.SIGINT)  # the launcher alone, as kill -INT or a scheduler
 
 
-def test_a_sigint_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(tmp_path, monkeypatch):
+def test_a_sigint_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(
+    tmp_path, monkeypatch, capfd
+):
     """A Ctrl-C reaches every process of the terminal's group; a SIGINT sent to the launcher
-    alone must stop the ranks the same way (it was swallowed and the run went on to its end)."""
+    alone must stop the ranks the same way (it was swallowed and the run went on to its end).
+    One rank says so (each rank printed it)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
     result = train(config, quiet=True, on_step=signal_the_launcher)
     assert result.status == "interrupted" and 2 <= result.steps < 50
     assert result.checkpoint is not None and result.checkpoint.exists()
+    assert capfd.readouterr().err.count("interrupted: saving a checkpoint") == 1
 
 
 def test_port_in_use(tmp_path, monkeypatch):
