@@ -422,5 +422,10 @@ def read(folder) -> TrainConfig:
     """The config a run folder recorded."""
     path = Path(folder) / "config.yaml"
     if not path.is_file():
+        if (Path(folder) / "config.json").is_file():  # `lowbit export`'s output, a checkpoint
+            raise UsageError(
+                f"{folder}: a Hugging Face model folder (config.json), not a lowbit run folder; "
+                f"fix: evaluate the run it came from, or train from it with --model {folder}"
+            )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     return build_config(load_file(path))
