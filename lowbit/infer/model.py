@@ -200,7 +200,14 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
                 )
         linears.append((name, matrices))
     if not linears:
-        raise UsageError("the model has no linear layer to prune; fix: prune a transformer run")
+        heads = (
+            f" besides its output head ({', '.join(report.kept)}, kept dense)"
+            if report.kept
+            else ""
+        )
+        raise UsageError(
+            f"the model has no linear layer to prune{heads}; fix: prune a transformer run"
+        )
     for name, matrices in linears:
         zeros = total = 0
         for matrix in matrices:

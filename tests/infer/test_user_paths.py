@@ -105,3 +105,11 @@ def test_set_kernel_refuses_an_unknown_kernel(lm_run, tmp_path):
     model = load_source(quantize_run(lm_run, "int8", out=tmp_path / "q").out).model
     with pytest.raises(UsageError, match="unknown kernel 'int8_pack'"):
         set_kernel(model, "int8_pack")
+
+
+def test_pruning_a_model_whose_only_linear_layer_is_its_head_names_the_head():
+    from lowbit.infer.model import prune_model
+    from lowbit.models.cnn import build_cnn
+
+    with pytest.raises(UsageError, match=r"besides its output head \(head, kept dense\)"):
+        prune_model(build_cnn(), sparsity=0.5)
