@@ -63,7 +63,7 @@ def run(args) -> int:
 
     from lowbit.diagnostics.doctor import diagnose, write_outputs
     from lowbit.errors import UsageError
-    from lowbit.train.config import build_config, load_file, read, resolve
+    from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
 
     if args.probe_steps is None:
         args.probe_steps = DEFAULT_PROBE_STEPS
@@ -86,7 +86,12 @@ def run(args) -> int:
         if f != "--out"
     }
     flags["overrides"] = args.override
-    base = read(args.checkpoint).to_dict() if args.checkpoint else {}
+    # a run's settings, its relative --data path as the run resolved it (from any folder)
+    base = (
+        with_recorded_data(args.checkpoint, read(args.checkpoint)).to_dict()
+        if args.checkpoint
+        else {}
+    )
     if args.config:
         base.update(load_file(args.config))
     config = build_config(base, flags)

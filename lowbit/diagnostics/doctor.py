@@ -263,7 +263,8 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     # controller also takes at its check steps (a second collector attached here would be
     # replaced there and see nothing).
     config = replace(config, stats_interval=1)
-    trainer = Trainer(config, quiet=True)
+    # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
+    trainer = Trainer(config, quiet=True, saved_run=checkpoint_dir)
     if checkpoint_dir is not None:
         path = checkpoint.latest(checkpoint_dir)
         if path is None:

@@ -316,13 +316,16 @@ class Trainer:
         dist=None,
         warn_emulation: bool = True,
         resume: bool = False,
+        saved_run=None,
     ):
         """``warn_emulation=False`` leaves out the warnings that the recipe runs in emulation on
         the CPU and that an override applies to no layer (`lowbit compare` says them once per
         recipe, not once per seed). ``resume``: the trainer will continue the run in
         ``config.out`` (``fit(resume=True)``), so its task reads the tokenizer (a tagger's
         vocabulary and tags) that run saved: built again, a BPE tokenizer trained by another
-        ``tokenizers`` version could hand the resumed model other ids."""
+        ``tokenizers`` version could hand the resumed model other ids. ``saved_run``: another
+        run folder whose tokenizer (vocabulary, tags) the task reads, for a model that starts
+        from that run's checkpoint (`lowbit doctor --checkpoint`)."""
         import lowbit
         from lowbit.distributed import SINGLE
 
@@ -333,7 +336,7 @@ class Trainer:
         recipe = recipe_of(config)
         seed_everything(config.seed)
         with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
-            self.task = build_task(config, run_dir=config.out if resume else None)
+            self.task = build_task(config, run_dir=config.out if resume else saved_run)
         self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)

@@ -148,3 +148,28 @@ def test_a_probe_that_goes_non_finite_is_diagnosed_not_a_traceback(lm_config, tm
     json_path, _ = write_outputs(diagnosis, tmp_path / "doctor")
     saved = json.loads(json_path.read_text(), parse_constant=pytest.fail)  # no bare NaN
     assert saved["stopped"] == diagnosis.stopped
+
+
+def test_doctor_of_a_bpe_run_reads_its_saved_tokenizer_and_data(tmp_path, monkeypatch, capsys):
+    """From another folder, with a relative --data: the run's recorded data and its saved BPE
+    tokenizer (trained again, another `tokenizers` version could give the model other ids)."""
+    from lowbit.data import tokenizers
+
+    lines = [
+        f'{{"text": "line {i}: the quick brown fox jumps over the lazy dog"}}' for i in range(80)
+    ]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    base = ["--seq-len", "16", "--batch-size", "4", "--eval-batches", "1", "--model", "nano"]
+    bpe = ["--data", "corpus.jsonl", "--tokenizer", "bpe", "--vocab-size", "300"]
+    assert main(["train", *base, *bpe, "--steps", "2", "--out", "run", "--quiet"]) == 0
+
+    def no_training(texts, vocab_size):
+        raise AssertionError("doctor trained a tokenizer")
+
+    monkeypatch.setattr(tokenizers, "train_bpe", no_training)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    probe = ["--recipe", "fp8-tensorwise", "--probe-steps", "1", "--out", "doc"]
+    assert main(["doctor", "--checkpoint", str(tmp_path / "run"), *probe]) == 0
+    assert "lowbit doctor: recipe fp8-tensorwise" in capsys.readouterr().out
