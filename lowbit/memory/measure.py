@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from lowbit.errors import UsageError
 from lowbit.memory.breakdown import Breakdown
 
 
@@ -120,7 +121,16 @@ def is_parameter_cast(t: torch.Tensor) -> bool:
 def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
     """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
     step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
-    casts). The returned loss is discarded; run backward separately if needed."""
+    casts). The returned loss is discarded; run backward separately if needed. One process's
+    unsharded model only: FSDP frees each block's gathered parameters after its forward and
+    reuses their memory, so storages would not say which tensor a saved one is."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise UsageError(
+            "measure_activations needs an unsharded model (an FSDP model's parameters are "
+            "DTensors); fix: measure the model in one process before sharding it"
+        )
     param_storages = {_storage_key(p) for p in model.parameters()}
     seen: set = set(param_storages)
     totals = {"activations": 0, "temporaries": 0}

@@ -33,3 +33,23 @@ def test_lowbit_eval_reads_a_checkpoint_with_quantized_optimizer_states(
     torch.serialization.clear_safe_globals()
     metrics, _ = evaluate_run(out, max_batches=TINY["eval_batches"])
     assert metrics["loss"] == pytest.approx(result.final_metrics["loss"], rel=1e-4)
+
+
+def test_measuring_the_activations_of_an_fsdp_model_is_a_one_line_error(tmp_path):
+    """FSDP frees and reuses each block's gathered parameters: storages identify nothing there
+    (it raised 'invalid python storage' from inside the forward)."""
+    from lowbit.distributed.context import join
+    from lowbit.errors import UsageError
+    from lowbit.memory.measure import measure_activations
+    from lowbit.train import Trainer
+
+    ranks = join("fsdp", torch.device("cpu"))
+    try:
+        trainer = Trainer(
+            TrainConfig(out=str(tmp_path / "run"), strategy="fsdp", **TINY), dist=ranks
+        )
+        batch = next(trainer.task.train_batches)
+        with pytest.raises(UsageError, match="needs an unsharded model"):
+            measure_activations(trainer.model, lambda: trainer.task.loss(trainer.model, batch)[0])
+    finally:
+        ranks.close()
