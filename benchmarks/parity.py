@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
+from lowbit.errors import UsageError  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
+from lowbit.report.compare import check_out  # noqa: E402
 from lowbit.report.markdown import tables, trend_line, verdict_lines  # noqa: E402
 
 # One workload per task. Sized for 2 CPU cores: the causal LM (Llama size nano, 0.18 M parameters,
@@ -315,6 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a line written above the results")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads <= 0:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    if args.jobs is not None and args.jobs <= 0:
+        parser.error(f"--jobs must be positive, got {args.jobs} (leave it out: cores / --threads)")
     torch.set_num_threads(args.threads)
     if args.golden:
         golden()
@@ -340,13 +346,17 @@ def main(argv=None) -> int:
         "image-classification": args.img_steps,
     }
     studies = {}
-    for task in tasks:
-        lm = task == "causal-lm"
-        task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
-        if task == "image-classification" and args.img_recipes:
-            task_recipes = args.img_recipes.split(",")
-        seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
-        studies[task] = task_study(task, task_recipes, seeds, steps[task], args.out)
+    try:  # bad settings (a recipe listed twice, --seeds 0, an --out of another study) before any run
+        for task in tasks:
+            lm = task == "causal-lm"
+            task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
+            if task == "image-classification" and args.img_recipes:
+                task_recipes = args.img_recipes.split(",")
+            seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
+            studies[task] = task_study(task, task_recipes, seeds, steps[task], args.out)
+            check_out(studies[task], overwrite=False)  # `compare` checks it after train_all
+    except UsageError as error:
+        parser.error(str(error))
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
     started = time.perf_counter()
     trained = train_all(studies, jobs, args.threads) if jobs > 1 else None

@@ -167,6 +167,8 @@ def make_study(
             raise UsageError(f"--seeds must be positive, got {seeds}; fix: --seeds 3")
         seeds = list(range(seeds))
     seeds = [int(s) for s in seeds]
+    if any(seed < 0 for seed in seeds):  # NumPy's generator takes none, and every run seeds it
+        raise UsageError(f"seeds must be non-negative, got {min(seeds)}; fix: --first-seed 0")
     baseline = recipes[0] if baseline is None else baseline
     if baseline not in recipes:
         raise UsageError(
@@ -175,15 +177,26 @@ def make_study(
         )
     if not math.isfinite(tolerance) or tolerance < 0:
         raise UsageError(f"--tolerance must be a non-negative percent, got {tolerance}")
-    for name in targets or {}:
+    for name, pct in (targets or {}).items():
         if name not in recipes:
             raise UsageError(f"--target {name}: not in --recipes; fix: drop it or add the recipe")
+        if not math.isfinite(pct) or pct < 0:
+            raise UsageError(
+                f"--target {name}={pct:g}: a tolerance is a non-negative percent; fix: e.g. "
+                f"{name}=1"
+            )
     if isinstance(base_config, TrainConfig):
         base = base_config.to_dict()
     else:
         base = build_config(base_config or {}).to_dict()
     for key in ("recipe", "seed", "out"):
         base.pop(key, None)
+    if base.get("nproc", 1) != 1 or base.get("strategy") is not None:  # from a --config file
+        raise UsageError(
+            f"nproc {base.get('nproc')}, strategy {base.get('strategy')}: a compare study trains "
+            "every run in one process (--jobs trains several runs at a time); fix: drop nproc and "
+            "strategy from the --config file"
+        )
     scaling = {key: base.get(key) for key in _LOSS_SCALE_SETTINGS}
     if any(v is not None for v in scaling.values()) and all(
         _without_loss_scaling(name) for name in recipes
@@ -474,16 +487,19 @@ def read_curves(run_dir: Path) -> dict:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    """Mean and sample std over seeds; NaN when a seed has no finite value (a diverged run): the
+    mean of the other seeds would read as the recipe's, with a spread it does not have."""
+    values = [_finite(v) for v in values]
+    if not values or not all(map(math.isfinite, values)):
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _gap(values: list[float], base: list[float]) -> tuple[float, float]:
-    """Paired gap in percent of the baseline's mean, and its spread (std of the differences)."""
-    pairs = [(v, b) for v, b in zip(values, base) if math.isfinite(v) and math.isfinite(b)]
-    if not pairs:
+    """Paired gap in percent of the baseline's mean, and its spread (std of the differences);
+    NaN when a seed of either side has no finite value (`_mean_std`)."""
+    pairs = list(zip(values, base))
+    if not pairs or not all(math.isfinite(v) and math.isfinite(b) for v, b in pairs):
         return math.nan, math.nan
     base_mean = statistics.fmean(b for _, b in pairs)
     diffs = [100 * (v - b) / base_mean for v, b in pairs]
@@ -522,23 +538,36 @@ def summarize(study: Study, records: dict) -> dict:
     task = study.base["task"]
     metric = TASK_METRIC[task]
     base_runs = records[study.baseline]
-    base_val = [_finite(r["final_metrics"].get("loss")) for r in base_runs]
+    base_failed = _non_finite_seeds(base_runs)
+    base_val = [final_loss(r) for r in base_runs]
     base_train = [_finite(r["train_loss"]) for r in base_runs]
     base_tp = statistics.fmean(r["throughput"] for r in base_runs)
     base_labels = _label_accuracy(base_runs)
     rows = {}
     for recipe in study.recipes:
         runs = records[recipe]
-        val = [_finite(r["final_metrics"].get("loss")) for r in runs]
+        val = [final_loss(r) for r in runs]
         train = [_finite(r["train_loss"]) for r in runs]
         gap, spread = _gap(val, base_val)
         train_gap, train_spread = _gap(train, base_train)
         target = study.target(recipe)
-        diverged = [r["seed"] for r in runs if r.get("diverged")]
+        diverged = _non_finite_seeds(runs)
         if recipe == study.baseline:
             line, ok = "baseline", True
+            if diverged:
+                line = (
+                    f"the baseline diverged (non-finite loss) with seed {diverged[0]}: no recipe "
+                    "can be judged against it; fix: a lower --lr or another --baseline"
+                )
+                ok = False
         elif diverged:
             line, ok = f"FAIL: diverged (non-finite loss) with seed {diverged[0]}", False
+        elif base_failed:
+            line = (
+                f"no verdict: the baseline {study.baseline} diverged (non-finite loss) with seed "
+                f"{base_failed[0]}, so there is no gap to judge"
+            )
+            ok = None
         else:
             line, ok = verdict(gap, spread, target, len(runs))
         throughput = statistics.fmean(r["throughput"] for r in runs)
@@ -569,7 +598,9 @@ def summarize(study: Study, records: dict) -> dict:
             "throughput": throughput,
             "unit": runs[0]["unit"],
             "throughput_ratio": throughput / base_tp if base_tp else math.nan,
-            "peak_memory_bytes": _mean_std([r["peak_memory_bytes"] for r in runs])[0],
+            "peak_memory_bytes": (
+                statistics.fmean(r["peak_memory_bytes"] for r in measured) if measured else math.nan
+            ),
             "peak_memory_kind": next((r["peak_memory_kind"] for r in measured), ""),
             "memory_bytes": measured[0]["memory"]["bytes"] if measured else None,
             "bytes_per_param": measured[0]["memory"]["bytes_per_param"] if measured else None,
@@ -626,6 +657,18 @@ def baseline_trend(curve: list) -> dict | None:
     }
 
 
+def final_loss(record: dict) -> float:
+    """A run's final validation loss; NaN where it has none (a diverged run) or it was not finite
+    (a reused record: JSON stores NaN as null)."""
+    return _finite(record["final_metrics"].get("loss"))
+
+
+def _non_finite_seeds(runs: list[dict]) -> list[int]:
+    """Seeds whose run stopped on a non-finite loss, or ended with a non-finite validation loss
+    (a recipe that skips non-finite steps, as fp16's loss scaling does, trains on to the end)."""
+    return [r["seed"] for r in runs if r.get("diverged") or not math.isfinite(final_loss(r))]
+
+
 def _finite(value) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
 
@@ -664,7 +707,13 @@ class CompareResult:
 
 
 def check_out(study: Study, overwrite: bool) -> None:
-    """Refuse an output folder that holds a different study (unless ``overwrite``)."""
+    """Refuse an output folder that holds a different study (unless ``overwrite``), and an
+    output path that is a file or lies under one (never replaced, even with ``overwrite``)."""
+    blocking = next((p for p in (study.out, *study.out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UsageError(
+            f"--out {study.out}: {blocking} is a file, not a folder; fix: choose another --out"
+        )
     path = study.out / SETTINGS
     if path.is_file() and not overwrite:
         try:
@@ -696,6 +745,8 @@ def compare(
     threads each (default: the cores shared out; `lowbit.report.parallel`)."""
     from lowbit.report.html import write_html
     from lowbit.report.markdown import write_markdown
+    from lowbit.report.plots import FILES as PLOT_FILES
+    from lowbit.report.plots import write_plots
 
     check_out(study, overwrite)
     study.out.mkdir(parents=True, exist_ok=True)
@@ -725,16 +776,16 @@ def compare(
             how = "reused" if record["reused"] else f"trained in {time.perf_counter() - t0:.0f}s"
             log(
                 f"[{len(trained) + len(reused)}/{total}] {recipe} seed {seed}: validation loss "
-                f"{record['final_metrics'].get('loss', math.nan):.4f} ({how})"
+                f"{final_loss(record):.4f} ({how})"
             )
     results = summarize(study, records)
     report_dir = study.out / REPORT_DIR
     report_dir.mkdir(exist_ok=True)
-    images = {}
-    if plots:
-        from lowbit.report.plots import write_plots
-
-        images = write_plots(results, report_dir)
+    images = write_plots(results, report_dir) if plots else {}
+    # a plot of an earlier invocation that this one did not draw (--no-plots, no per-label map)
+    # would sit in the report folder as if it showed this study
+    for name in set(PLOT_FILES) - {path.name for path in images.values()}:
+        (report_dir / name).unlink(missing_ok=True)
     results["images"] = {k: p.name for k, p in images.items()}
     (report_dir / "results.json").write_text(
         json.dumps(_jsonable(results), indent=1) + "\n", encoding="utf-8"

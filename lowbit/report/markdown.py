@@ -261,12 +261,13 @@ def trend_line(results: dict) -> str:
 
 
 def verdicts(results: dict) -> list[tuple[str | None, str]]:
-    """(recipe, verdict line) per recipe besides the baseline; with none, one line that says so
-    (recipe None): a study of the baseline alone measures its seed spread, speed and memory."""
+    """(recipe, verdict line) per recipe besides the baseline, and the baseline's where it failed
+    (it diverged: nothing is judged against it); with none, one line that says so (recipe None):
+    a study of the baseline alone measures its seed spread, speed and memory."""
     items = [
         (name, f"{name}: {r['verdict']}{_no_layer_note(r.get('layers'))}")
         for name, r in results["recipes"].items()
-        if name != results["baseline"]
+        if name != results["baseline"] or r.get("meets_target") is False
     ]
     return items or [
         (

@@ -17,7 +17,6 @@ to the workers as a stop request (`_ask_to_stop`), with the same result.
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
 import signal
@@ -54,7 +53,7 @@ def _train(
     global _stopped
     import torch
 
-    from lowbit.report.compare import run_one
+    from lowbit.report.compare import final_loss, run_one
 
     if STOP_SIGNAL is not None:
         signal.signal(STOP_SIGNAL, _stop)
@@ -66,7 +65,7 @@ def _train(
     except KeyboardInterrupt:
         _stopped = True
         raise
-    return record["reused"], record["final_metrics"].get("loss", math.nan)
+    return record["reused"], final_loss(record)
 
 
 def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
@@ -92,7 +91,7 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         started = time.perf_counter()
         futures = {pool.submit(_train, *run, overwrite, threads, jobs): run for run in runs}
-        pending = set(futures)
+        pending, finished = set(futures), 0
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -103,7 +102,7 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
                         trained.add((study.out, recipe, seed))
                     how = "reused" if reused else "trained"
                     minutes = (time.perf_counter() - started) / 60
-                    finished = len(futures) - len(pending)
+                    finished += 1  # one by one: runs finishing together get their own numbers
                     log(
                         f"[{finished}/{len(futures)}] {study.out.name}: {recipe} seed {seed}: "
                         f"validation loss {loss:.4f} ({how}; {minutes:.1f} min since the start, "

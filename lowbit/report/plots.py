@@ -9,6 +9,8 @@ from pathlib import Path
 from lowbit.memory.breakdown import COMPONENTS, LABELS
 
 SMOOTH = 0.1  # fraction of the steps in the moving average of noisy train losses
+# Every file `write_plots` may write (a study draws the per-label map only for labelled tasks).
+FILES = ("loss_curves.png", "final_gap.png", "speed_memory.png", "per_label.png")
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -39,7 +41,8 @@ def write_plots(results: dict, folder: Path) -> dict[str, Path]:
         "final_gap": _final_gap(results, folder / "final_gap.png"),
         "speed_memory": _speed_memory(results, folder / "speed_memory.png"),
     }
-    if any(r["per_label"] for r in results["recipes"].values()):
+    # the heat map has a row per recipe besides the baseline: none in a study of the baseline alone
+    if any(r["per_label"] for n, r in results["recipes"].items() if n != results["baseline"]):
         out["per_label"] = _per_label(results, folder / "per_label.png")
     return out
 
