@@ -281,6 +281,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"{name} must be positive, got {getattr(out, name)}; fix: raise it")
     if out.epochs is not None and out.epochs <= 0:
         raise UsageError(f"epochs must be positive, got {out.epochs}; fix: raise it")
+    if not 0 <= out.seed < 2**32:  # NumPy's generator, which every run seeds, takes these
+        raise UsageError(f"seed must be in [0, 2**32), got {out.seed}; fix: e.g. --seed 0")
     for name in ("lr", "min_lr", "warmup_steps", "weight_decay"):
         if getattr(out, name) < 0:
             raise UsageError(f"{name} must not be negative, got {getattr(out, name)}")

@@ -137,6 +137,7 @@ def test_token_classification_on_conll_folder(tmp_path, capsys):
         (["--config", "{tmp}/bad.yaml"], "bad.yaml: malformed config (line"),
         (["--task", "token-classification", "--data", "{tmp}/conll"], "dev.txt:6: one column"),
         (["--steps", "3", "--epochs", "1"], "only one of --steps/--epochs"),
+        (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
         (["--device", "cuda:7"], "device 'cuda:7'"),
         (["--resume"], "no config.yaml"),
         (["--recipe", "bf16-mixed", "--loss-scale", "1024"], "bf16-mixed has no loss scaling"),
