@@ -36,8 +36,9 @@ from lowbit.train.tasks import data_fingerprint, same_data
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
-# Settings of a run that must be equal for a finished run to be reused.
-_NOT_COMPARED = {"out", "device", "wandb"}
+# Settings of a run that may differ for a finished run to be reused: where it is written, on
+# which device, where it logs, and which checkpoints it keeps (the losses do not depend on them).
+_NOT_COMPARED = {"out", "device", "wandb", "save_interval", "keep_last"}
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,14 @@ def test_folder_of_another_study_is_refused_naming_what_differs(study_result):
     assert f"(lr {lr!r}, now {lr * 2!r})" in str(refused.value)
 
 
+def test_other_checkpoint_settings_reuse_the_runs(study_result):
+    """How often a run saved and how many checkpoints it kept do not change its losses."""
+    study = lm_study(study_result.study.out)
+    study.base = {**study.base, "keep_last": 1, "save_interval": 1}
+    again = compare(study, plots=False, log=lambda line: None)
+    assert again.trained == [] and sorted(again.reused) == sorted(study_result.trained)
+
+
 def test_another_baseline_or_recipe_subset_reuses_the_runs(study_result, tmp_path):
     """parity.py trains disjoint recipe subsets in parallel into one folder, each with its first
     recipe as baseline; the final run over every recipe reuses all of them."""
