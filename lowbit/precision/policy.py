@@ -195,13 +195,17 @@ class Precision:
         by data-parallel ranks)."""
         key = id(optimizer)
         if self.update.needs_wrapping and all(known is not optimizer for known in self._optimizers):
-            # it would step, but its master weights and Kahan buffers would be left out of
-            # `state_dict` (a resumed run would lose them) and its loaded states rounded to 16 bits
-            raise UsageError(
-                f"precision got a {type(optimizer).__name__} that precision.wrap_optimizer() did "
-                f"not return; fix: optimizer = precision.wrap_optimizer(optimizer), before its "
-                f"first step and before loading its state"
-            )
+            # Unwrapped, its master weights and Kahan buffers would be left out of `state_dict`
+            # (a resumed run would lose them): a fresh optimizer is wrapped here; one that holds
+            # states already (loaded or stepped as a plain optimizer) has them rounded to 16 bits.
+            if optimizer.state:
+                raise UsageError(
+                    f"precision got a {type(optimizer).__name__} with states that "
+                    "precision.wrap_optimizer() did not see; fix: optimizer = "
+                    "precision.wrap_optimizer(optimizer), before its first step and before "
+                    "loading its state"
+                )
+            self.wrap_optimizer(optimizer)
         if key not in self._prepared:
             stepped = self.update.prepare(optimizer)
             grads = [t.grad for t in stepped]

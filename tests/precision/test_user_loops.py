@@ -63,12 +63,31 @@ def test_writing_the_same_weights_back_keeps_the_master_weights(recipe):
         assert torch.equal(reloaded, straight)
 
 
-def test_an_optimizer_that_was_not_wrapped_is_refused():
-    """It would step, but its master weights would be missing from the precision state."""
+def test_an_optimizer_that_was_not_wrapped_is_wrapped_at_its_first_step():
+    """Unwrapped, its master weights would be missing from the precision state (a resumed run
+    would lose them): the step wraps it, and trains as the wrapped one does."""
+    models = []
+    for wrap in (True, False):
+        precision = Precision("bf16-low")
+        model = precision.convert(mlp())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        if wrap:
+            optimizer = precision.wrap_optimizer(optimizer)
+        for seed in (1, 2):
+            train_step(precision, model, optimizer, seed)
+        assert len(precision.state_dict()["update"]["masters"]) == 4
+        models.append(model)
+    assert all(map(torch.equal, models[0].parameters(), models[1].parameters()))
+
+
+def test_an_unwrapped_optimizer_that_holds_states_is_refused():
+    """States made outside lowbit (a plain step, a load) are 16-bit: rounded already."""
     precision = Precision("bf16-low")
     model = precision.convert(mlp())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     x, y = batch()
+    F.cross_entropy(model(x.bfloat16()).float(), y).backward()
+    optimizer.step()  # a plain step: bf16 moments
     precision.backward(F.cross_entropy(model(x.bfloat16()).float(), y))
     with pytest.raises(UsageError, match="wrap_optimizer"):
         precision.step(optimizer)
