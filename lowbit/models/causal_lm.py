@@ -134,11 +134,25 @@ def model_config(size: str, vocab_size: int | None = None):
     return LlamaConfig(**fields)
 
 
+# Config fields that bound a decoder's sequence length. transformers maps most families' own
+# names to ``max_position_embeddings`` (GPT-2's n_positions); MPT's ``max_seq_len`` (the rows of its
+# ALiBi bias, which a longer sequence does not broadcast with) has no such mapping.
+POSITION_FIELDS = ("max_position_embeddings", "max_seq_len")
+
+
+def config_positions(config) -> int | None:
+    """The longest sequence a model config allows (`POSITION_FIELDS`); None for models without
+    a limit (ALiBi's BLOOM: its attention bias extends to any length)."""
+    for field in POSITION_FIELDS:
+        positions = getattr(config, field, None)
+        if positions is not None:
+            return int(positions)
+    return None
+
+
 def max_positions(model) -> int | None:
-    """The longest sequence the model's position embedding was configured for; None for models
-    without one (ALiBi's BLOOM: its attention bias extends to any length)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    return None if positions is None else int(positions)
+    """The longest sequence the model takes (`config_positions` of its config)."""
+    return config_positions(model.config)
 
 
 def check_seq_len(model, seq_len: int) -> None:

@@ -10,6 +10,7 @@ initialized model of that architecture, drawn from the caller's torch RNG.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -77,12 +78,21 @@ def load_config(path: Path, **kwargs):
         ) from None
 
 
-def from_pretrained(auto_class, folder: Path, **kwargs):
+def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = False, **kwargs):
     """``auto_class.from_pretrained(folder)`` offline, with SDPA attention where it exists; a
-    fresh model from the folder's config where it holds no weights (see the module doc)."""
+    fresh model from the folder's config where it holds no weights (see the module doc).
+    ``kwargs`` set config fields; ``ignore_mismatched_sizes``: initialize afresh the weights whose
+    shape those fields changed (a head of other labels) instead of refusing to load."""
     config = load_config(folder, **kwargs)  # checked here also before a weights load reads it
     if not has_weights(folder):
-        return with_sdpa(lambda **kw: auto_class.from_config(config, **kw))
+        # a copy each try: a refused SDPA model has set its attention implementation in the config
+        return with_sdpa(lambda **kw: auto_class.from_config(copy.deepcopy(config), **kw))
     return with_sdpa(
-        lambda **kw: auto_class.from_pretrained(folder, local_files_only=True, **kwargs, **kw)
+        lambda **kw: auto_class.from_pretrained(
+            folder,
+            local_files_only=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            **kwargs,
+            **kw,
+        )
     )

