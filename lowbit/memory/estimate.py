@@ -64,7 +64,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
-from lowbit.nn.convert import gemm_layer_names
+from lowbit.nn.convert import gemm_layer_names, output_head_names
 from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
@@ -444,7 +444,9 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
                 "fix: use a shorter --seq"
             )
         resolved = recipe.resolved_for(
-            (n for n, _ in model.named_modules()), gemm_layer_names(model)
+            (n for n, _ in model.named_modules()),
+            gemm_layer_names(model),
+            output_head_names(model),
         )
         if len(_TRACES) >= 32:
             _TRACES.clear()

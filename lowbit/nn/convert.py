@@ -15,6 +15,7 @@ unconverted model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -126,6 +127,20 @@ def gemm_layer_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_convertible(module)]
 
 
+def output_head_names(model: torch.nn.Module) -> list[str]:
+    """The names of the GEMM modules that the model (or a model inside it, a wrapped one) returns
+    from transformers' ``get_output_embeddings()``: its output head, whatever its name."""
+    heads = {}
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            with contextlib.suppress(NotImplementedError, AttributeError):  # a class without one
+                head = getter()
+                if head is not None:
+                    heads[id(head)] = head
+    return [name for name, module in model.named_modules() if id(module) in heads and name]
+
+
 def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
@@ -139,7 +154,9 @@ def convert(
             f"holds it, e.g. torch.nn.Sequential(layer)"
         )
     recipe = get_recipe(recipe).resolved_for(
-        (name for name, _ in model.named_modules()), gemm_layer_names(model)
+        (name for name, _ in model.named_modules()),
+        gemm_layer_names(model),
+        output_head_names(model),
     )
     report = report if report is not None else ConversionReport()
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
-from lowbit.recipes.presets import BF16, KEEP_HEAD, register
+from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register
 from lowbit.recipes.recipe import OperandSpec, Recipe, uniform_layer
 
 
@@ -43,7 +43,7 @@ AUTO = register(
         "threshold, re-checked during training (auto:fp6, auto:fp4 allow MX 6/4-bit)",
         layer=uniform_layer(BF16),
         autocast="bf16",
-        overrides=KEEP_HEAD,
+        overrides=KEEP_HIGH_PRECISION,
         reference="lowbit (per-operand formats from measured SQNR and saturation)",
     )
 )

@@ -54,7 +54,7 @@ embeddings, norms and attention's softmax(QK^T)V are not linear layers and are n
 from __future__ import annotations
 
 from lowbit.formats import Granularity, Rounding, ScaleRule
-from lowbit.recipes.presets import BF16, KEEP_HEAD, register
+from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register
 from lowbit.recipes.recipe import (
     FIRST_BLOCK,
     LAST_BLOCK,
@@ -148,7 +148,7 @@ def fine_grained_recipe(
         description,
         layer=layer,
         autocast="bf16",
-        overrides=overrides + KEEP_HEAD,
+        overrides=overrides + KEEP_HIGH_PRECISION,
         reference=reference,
     )
 

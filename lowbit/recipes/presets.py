@@ -10,6 +10,7 @@ from dataclasses import replace
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
 from lowbit.recipes.recipe import (
+    OUTPUT_HEAD,
     GemmSpec,
     LayerSpec,
     LossScaling,
@@ -27,19 +28,31 @@ E4M3 = OperandSpec("fp8_e4m3")
 E5M2 = OperandSpec("fp8_e5m2")
 
 # Layers that low-precision recipes keep in high precision: the output head (its logits feed the
-# softmax of a large vocabulary) and the classification head. Embeddings and norms are not GEMM
-# layers and are never converted. Published fp8 recipes do the same (torchao, Transformer Engine
-# and DeepSeek-V3 all keep the output head in bf16). The heads are found by their names at any
-# depth (a model inside a wrapper, ``_orig_mod.`` under torch.compile): transformers' causal-LM
-# ``lm_head``, masked-LM ``cls.predictions.decoder``, sequence-classification ``score``, the
-# ``classifier`` of its token/sequence classifiers (RoBERTa's two-layer one included) and ``head``.
-KEEP_HEAD = (
+# softmax of a large vocabulary), the classification head and mixture-of-experts routers (a
+# rounding flips which experts a token goes to). Embeddings and norms are not GEMM layers and are
+# never converted. Published fp8 recipes do the same (torchao, Transformer Engine and DeepSeek-V3
+# keep the output head in bf16; DeepSeek-V3 its MoE gating too). The output head is the module
+# transformers' ``get_output_embeddings()`` names (`OUTPUT_HEAD`: GPT-NeoX's ``embed_out``,
+# BioGPT's ``output_projection``), and the heads are also found by their names at any depth (a
+# model inside a wrapper, ``_orig_mod.`` under torch.compile, a model without that method):
+# causal-LM ``lm_head``, masked-LM ``cls.predictions.decoder``, sequence-classification ``score``,
+# the ``classifier`` of token/sequence classifiers (RoBERTa's two-layer one included) and
+# ``head``. Routers that are plain linear layers: DBRX's and JetMoE's ``router.layer``, AFMoE's
+# ``router.gate``, the Qwen MoE families' ``shared_expert_gate`` (the others are router modules
+# of their own, which are not converted).
+KEEP_HIGH_PRECISION = (
+    Override(OUTPUT_HEAD, None, "output head kept in high precision"),
     Override("lm_head|*.lm_head", None, "output head kept in high precision"),
     Override("*predictions.decoder", None, "output head kept in high precision"),
     Override(
         "classifier|*.classifier|classifier.*|*.classifier.*|head|*.head|score|*.score",
         None,
         "classification head kept in high precision",
+    ),
+    Override(
+        "*.router.layer|*.router.gate|*shared_expert_gate",
+        None,
+        "mixture-of-experts router kept in high precision",
     ),
 )
 
@@ -123,7 +136,12 @@ register(
 def fp8_recipe(name: str, description: str, layer: LayerSpec, reference: str) -> Recipe:
     """fp8 GEMMs in converted layers, bf16 autocast elsewhere, fp32 params (torchao float8)."""
     return Recipe(
-        name, description, layer=layer, autocast="bf16", overrides=KEEP_HEAD, reference=reference
+        name,
+        description,
+        layer=layer,
+        autocast="bf16",
+        overrides=KEEP_HIGH_PRECISION,
+        reference=reference,
     )
 
 
@@ -167,7 +185,7 @@ register(
             grad_weight=GemmSpec(BF16, BF16),
         ),
         autocast="bf16",
-        overrides=KEEP_HEAD,
+        overrides=KEEP_HIGH_PRECISION,
         reference="SwitchBack (Wortsman et al. 2023), int8 forward GEMMs",
     )
 )

@@ -198,6 +198,9 @@ LAST = "{last}"  # Override pattern placeholder: the highest block index (see Ov
 # (`block_stacks`, `block_of`).
 FIRST_BLOCK = "{first block}"  # every module inside the lowest block of each stack of blocks
 LAST_BLOCK = "{last block}"  # every module inside the highest block of each stack
+# Whole-pattern placeholder for the model's output head whatever its name (GPT-NeoX's embed_out,
+# BioGPT's output_projection): the module transformers' ``get_output_embeddings()`` returns.
+OUTPUT_HEAD = "{output head}"
 
 
 def numbered_levels(name: str) -> list[tuple[str, int]]:
@@ -254,7 +257,8 @@ class Override:
     """Layers whose fully qualified name matches ``pattern`` (fnmatch glob; alternatives separated
     by ``|``) use ``layer``; ``layer=None`` keeps them in the recipe's high precision (not
     converted). The whole pattern may be `FIRST_BLOCK` or `LAST_BLOCK` (the network's end blocks,
-    for any naming); a ``{last}`` inside a pattern stands for the highest index found there."""
+    for any naming) or `OUTPUT_HEAD`; a ``{last}`` inside a pattern stands for the highest index
+    found there."""
 
     pattern: str
     layer: LayerSpec | None = None
@@ -266,7 +270,9 @@ class Override:
             return block is not None and block[1] == 0
         return any(fnmatch.fnmatchcase(name, alt) for alt in self.pattern.split("|"))
 
-    def resolve(self, names: Iterable[str], layers: Sequence[str] = ()) -> Override:
+    def resolve(
+        self, names: Iterable[str], layers: Sequence[str] = (), heads: Sequence[str] = ()
+    ) -> Override:
         """This override with its placeholders resolved against the module ``names`` of a model.
         ``{last}`` becomes the largest number the names hold at that place:
         ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `FIRST_BLOCK`
@@ -274,8 +280,11 @@ class Override:
         ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. A model
         without blocks (a Sequential of single layers, such as the digits CNN) ends in its first
         and last GEMM layer: the first and last of ``layers``, the names of the model's GEMM
-        layers in module order. Without a match the pattern matches nothing."""
+        layers in module order. `OUTPUT_HEAD` becomes the names in ``heads`` (the modules
+        ``get_output_embeddings()`` returns). Without a match the pattern matches nothing."""
         names = list(names)
+        if self.pattern == OUTPUT_HEAD:
+            return replace(self, pattern="|".join(heads)) if heads else self
         if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
             found = block_indices(names)
             first = self.pattern == FIRST_BLOCK
@@ -373,12 +382,14 @@ class Recipe:
             return self.layer
         return uniform_layer(OperandSpec(self.autocast or self.param_dtype))
 
-    def resolved_for(self, names: Iterable[str], layers: Sequence[str] = ()) -> Recipe:
-        """A copy whose override placeholders (``{last}``, `LAST_BLOCK`) are resolved against a
-        model's module names and its GEMM ``layers`` (`Override.resolve`; `convert` calls this, so
-        one recipe serves models of any depth)."""
+    def resolved_for(
+        self, names: Iterable[str], layers: Sequence[str] = (), heads: Sequence[str] = ()
+    ) -> Recipe:
+        """A copy whose override placeholders (``{last}``, `LAST_BLOCK`, `OUTPUT_HEAD`) are
+        resolved against a model's module names, its GEMM ``layers`` and its output ``heads``
+        (`Override.resolve`; `convert` calls this, so one recipe serves models of any depth)."""
         names = list(names)
-        overrides = tuple(override.resolve(names, layers) for override in self.overrides)
+        overrides = tuple(override.resolve(names, layers, heads) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)
 
     def with_overrides(self, *overrides: Override) -> Recipe:

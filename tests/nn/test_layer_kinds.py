@@ -140,3 +140,32 @@ def test_convert_logs_its_report(caplog):
     (record,) = caplog.records
     assert record.getMessage() == f"convert, recipe fp8-tensorwise: {report.summary()}"
     assert "converted 1/2 layers" in record.getMessage()
+
+
+def test_presets_keep_the_output_head_under_any_name_and_moe_routers():
+    """BioGPT's head is ``output_projection`` (found by get_output_embeddings, not its name);
+    Qwen2-MoE's ``shared_expert_gate`` is a router, a plain nn.Linear."""
+    import transformers
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    biogpt = transformers.BioGptForCausalLM(
+        transformers.BioGptConfig(**small, intermediate_size=64, vocab_size=100)
+    )
+    report = convert(biogpt, "fp8-tensorwise")
+    assert report.kept == {"output_projection": "output head kept in high precision"}
+    moe = transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            **small,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=100,
+        )
+    )
+    report = convert(moe, "mxfp8")
+    gates = [name for name in report.kept if name.endswith("shared_expert_gate")]
+    assert len(gates) == 2 and "router kept in high precision" in report.kept[gates[0]]
+    assert "lm_head" in report.kept
