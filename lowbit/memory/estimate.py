@@ -64,6 +64,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
+from lowbit.models.causal_lm import config_positions
 from lowbit.nn.convert import gemm_layer_names, output_head_names
 from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
@@ -184,7 +185,7 @@ def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:
             (sum(p.numel() for p in b.parameters()) for b in blocks.values()), default=0
         ),
         outside_numel=sum(p.numel() for p in model.parameters() if id(p) not in inside),
-        max_positions=getattr(config, "max_position_embeddings", None) or 0,
+        max_positions=config_positions(config) or 0,
     )
 
 

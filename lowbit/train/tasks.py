@@ -121,7 +121,15 @@ class HFTokenizer:
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
-        self.eot_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.eot_id = tokenizer.eos_token_id
+        if self.eot_id is None:  # id 0 separates documents and ends samples: a real token here
+            self.eot_id = 0
+            print(
+                f"lowbit: warning: the tokenizer has no end-of-text token; documents are joined "
+                f"with id 0 ({tokenizer.convert_ids_to_tokens(0)!r}) and generation stops at it; "
+                "fix: set its eos_token and save it into the model folder",
+                file=sys.stderr,
+            )
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lowbit.memory.estimate import estimate
 from lowbit.models import build_causal_lm
 
@@ -20,3 +22,18 @@ def test_fsdp_estimate_gathers_parameters_in_the_compute_dtype():
     assert mixed.temporaries == 2 * (2 * block + root)
     fp32 = estimate("tiny", "fp32", "fp32", 4, 32, gpus=2, sharding="fsdp")
     assert fp32.temporaries == 4 * (2 * block + root)
+
+
+def test_an_mpt_config_is_held_to_its_max_seq_len(tmp_path):
+    """MPT bounds its sequence by ``max_seq_len`` (its ALiBi table), not max_position_embeddings:
+    a longer --seq failed inside the trace with a message about tracing."""
+    import transformers
+
+    from lowbit.errors import UsageError
+
+    config = transformers.MptConfig(
+        d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=100
+    )
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="sequence length 100 exceeds the model's 64 positions"):
+        estimate(str(tmp_path / "config.json"), "fp32", seq=100)

@@ -178,3 +178,18 @@ def test_a_step_averages_over_every_labelled_word_of_its_micro_batches(tiny_conf
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-6)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_tokenizer_without_an_end_of_text_token_is_warned_about(capsys):
+    """Its id 0 separates documents and ends samples, though it is a real token."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.train.tasks import HFTokenizer
+
+    words = Tokenizer(models.WordLevel(vocab={"!": 0, "a": 1}, unk_token="!"))
+    tokenizer = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=words))
+    assert tokenizer.eot_id == 0
+    err = capsys.readouterr().err
+    assert "no end-of-text token; documents are joined with id 0 ('!')" in err
+    assert "fix: set its eos_token" in err
