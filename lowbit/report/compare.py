@@ -268,12 +268,14 @@ def _changed_settings(saved: dict, now: dict) -> str:
     from lowbit.train.config import TrainConfig
 
     default = TrainConfig().to_dict()
-    keys = sorted((set(saved) | set(now)) - _NOT_COMPARED)
-    changed = [
-        f"{key} {saved.get(key, default.get(key))!r}, now {now.get(key, default.get(key))!r}"
-        for key in keys
-        if saved.get(key, default.get(key)) != now.get(key, default.get(key))
-    ]
+    changed = []
+    for key in sorted((set(saved) | set(now)) - _NOT_COMPARED):
+        before, after = saved.get(key, default.get(key)), now.get(key, default.get(key))
+        if before != after:
+            shown = [f"{v:.6g}" if isinstance(v, float) else repr(v) for v in (before, after)]
+            if shown[0] == shown[1]:  # floats equal to 6 digits: all of them
+                shown = [repr(before), repr(after)]
+            changed.append(f"{key} {shown[0]}, now {shown[1]}")
     return "; ".join(changed)
 
 

@@ -224,7 +224,7 @@ def test_folder_of_another_study_is_refused_naming_what_differs(study_result):
     study.base = {**study.base, "lr": lr * 2}
     with pytest.raises(UsageError, match="other settings") as refused:
         compare(study, log=lambda line: None)
-    assert f"(lr {lr!r}, now {lr * 2!r})" in str(refused.value)
+    assert f"lr {lr:.6g}, now {lr * 2:.6g}" in str(refused.value)
 
 
 def test_other_checkpoint_settings_reuse_the_runs(study_result):
