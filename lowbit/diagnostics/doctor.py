@@ -247,6 +247,13 @@ def rounded_away_fraction(optimizer, params_bf16: set[int]) -> tuple[float, int]
     return (below / total if total else 0.0), total
 
 
+def _same_numerics(run, config) -> bool:
+    """Whether the probe's ``config`` computes as the ``run`` it starts from: recipe, overrides
+    and optimizer-state precision."""
+    fields = ("recipe", "overrides", "optimizer_state")
+    return all(getattr(run, name) == getattr(config, name) for name in fields)
+
+
 def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     """Train ``steps`` observed steps of ``config``; returns the `Diagnosis` inputs.
 
@@ -257,6 +264,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     from dataclasses import replace
 
     from lowbit.train import checkpoint
+    from lowbit.train.config import read
     from lowbit.train.trainer import NonFiniteLoss, Trainer
 
     # The trainer's monitor observes every step: it owns the layers' observer, which the `auto`
@@ -275,6 +283,11 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         with contextlib.suppress(ValueError, KeyError, RuntimeError):
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step_idx = int(state["step"])
+        if _same_numerics(read(checkpoint_dir), config):
+            # the run's own recipe: its dynamic state goes on (auto's plan, which the probe would
+            # otherwise start again in bf16; amax histories, the loss scale, master weights)
+            trainer.precision.load_state_dict(state["precision"])
+            trainer.monitor.load_state_dict(state.get("monitor", {}))
     if prepare is not None:
         prepare(trainer)
     from lowbit.nn.convert import lowbit_layers

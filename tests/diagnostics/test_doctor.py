@@ -139,6 +139,17 @@ def test_doctor_observes_the_auto_recipe_at_its_check_steps(lm_config):
     assert diagnosis.flagged == []
 
 
+def test_doctor_from_a_checkpoint_of_the_same_recipe_continues_its_plan(lm_config, tmp_path):
+    """An `auto` run's checkpoint holds the plan its checks made (fp8 after the first): the probe
+    started it again, so every operand read bf16 until a check step came."""
+    from lowbit.train import train
+
+    run = train(resolve(lm_config(recipe="auto", steps=2, out=str(tmp_path / "run"))), quiet=True)
+    config = resolve(lm_config(recipe="auto", out=str(tmp_path / "probe")))
+    diagnosis = diagnose(config, steps=1, checkpoint_dir=run.run_dir)
+    assert len(diagnosis.rows) == 28 * 6 and "bf16" not in {r.format for r in diagnosis.rows}
+
+
 def test_a_probe_that_goes_non_finite_is_diagnosed_not_a_traceback(lm_config, tmp_path):
     """A recipe whose step goes non-finite (and cannot skip it) is what the doctor is for: it
     raised NonFiniteLoss out of `lowbit doctor` instead of naming the non-finite operands."""
