@@ -6,6 +6,7 @@ Each command module has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import signal
 import sys
@@ -25,6 +26,21 @@ COMMAND_MODULES = [
     "export",
     "doctor",
 ]
+
+
+# errno -> (exit status, fix) of the file-system failures that are the user's path or disk, not a
+# bug: a wrong --out (status 2, as a usage error) or a full disk (1). Other OSErrors, a missing
+# file among them (one lowbit should have written), keep their traceback.
+FILESYSTEM_ERRORS = {
+    errno.ENOTDIR: (2, "a folder on the path is a file; choose another path"),
+    errno.EISDIR: (2, "the path is a folder; choose a file path"),
+    errno.EACCES: (2, "choose a path you may write to, or change its permissions"),
+    errno.EPERM: (2, "choose a path you may write to, or change its permissions"),
+    errno.EROFS: (2, "choose a path on a writable file system"),
+    errno.ENAMETOOLONG: (2, "choose a shorter path"),
+    errno.ENOSPC: (1, "free disk space, or write to another disk"),
+    errno.EDQUOT: (1, "free disk space under your quota, or write to another disk"),
+}
 
 
 def _version() -> str:
@@ -70,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands that save on Ctrl-C (train, compare) report it themselves
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        if error.errno not in FILESYSTEM_ERRORS:
+            raise
+        status, fix = FILESYSTEM_ERRORS[error.errno]
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"lowbit: error: {where}{error.strerror}; fix: {fix}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 NAME = "quantize"
 HELP = (
@@ -75,5 +76,6 @@ def run(args) -> int:
         f"  linear weights    {linear['quantized'] / 1e6:.3f} MB vs "
         f"{linear['original'] / 1e6:.3f} MB: {linear['original'] / linear['quantized']:.2f}x smaller"
     )
-    print(f"  next: lowbit eval {result.out}   (metric change against the original)")
+    out = shlex.quote(str(result.out))  # a command to paste into a shell
+    print(f"  next: lowbit eval {out}   (metric change against the original)")
     return 0

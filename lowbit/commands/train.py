@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -143,8 +144,9 @@ def run(args) -> int:
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     print(result.summary())
+    run_dir = shlex.quote(str(result.run_dir))  # the commands printed must paste into a shell
     if result.status == "interrupted":
-        print(f"resume with: lowbit train --resume {result.run_dir}")
+        print(f"resume with: lowbit train --resume {run_dir}")
         return 130
-    print(f"next: lowbit eval {result.run_dir}  |  tensorboard --logdir {result.run_dir}")
+    print(f"next: lowbit eval {run_dir}  |  tensorboard --logdir {run_dir}")
     return 0
