@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -172,19 +173,26 @@ def default_out(path, suffix: str) -> Path:
     return path.with_name(f"{path.name}-{suffix}")
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    """Check the ``--out`` of a quantize/prune/export and, with ``force``, remove what an earlier
-    inference folder or export wrote there (`_ARTIFACTS`, and the tokenizer files an export
-    lists). A training run's folder is refused even with ``force``: its checkpoints are no
-    artifact to replace."""
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` of a quantize/prune/export that holds something other than what an
+    earlier inference folder or export wrote there (that only with ``force``). A training run's
+    folder is refused even with ``force``: its checkpoints are no artifact to replace."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is a file, not a folder; fix: choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
         raise UsageError(f"{out} holds a training run; fix: choose another --out")
     if not force:
         raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+
+
+def _remove_artifacts(out: Path) -> None:
+    """Remove what an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, and
+    the tokenizer files an export lists)."""
     names = list(_ARTIFACTS)
     with contextlib.suppress(OSError, ValueError):
         names += json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))["tokenizer_files"]
@@ -196,17 +204,46 @@ def prepare_out(out: Path, force: bool) -> None:
             item.unlink()
 
 
+@contextlib.contextmanager
+def staged_out(out, force: bool):
+    """A hidden sibling folder to write an inference folder or export into, moved into ``out``
+    when the writing is done: a write that fails or is interrupted (a full disk, Ctrl-C) leaves
+    ``out`` as it was, and with ``force`` the earlier folder there is replaced only then. A new
+    ``out`` is one rename; into an existing one the files move one by one, the manifest last
+    (what makes a folder an inference folder or export)."""
+    out = Path(out)
+    _check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        _remove_artifacts(out)
+        manifests = (MANIFEST, EXPORT_INFO)
+        for item in sorted(staging.iterdir(), key=lambda item: item.name in manifests):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
     """Write an inference folder for ``model`` (derived from ``source``) to ``out``; records the
     size of the source's weights and of the written ``model.safetensors`` in ``bytes``."""
+    final = Path(out)
+    if final.resolve() == source.path.resolve():
+        raise UsageError(f"--out {final} is the source folder; fix: choose another folder")
+    with staged_out(final, force) as out:
+        _write(source, model, manifest, out)
+    return final
+
+
+def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) -> None:
+    """The files of an inference folder, written into the empty folder ``out``."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.resolve() == source.path.resolve():
-        raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
-    prepare_out(out, force)
-    original = source_bytes(source)  # read before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    original = source_bytes(source)
     for name in _COPIED:
         item = source.path / name
         if item.is_dir():
@@ -230,7 +267,6 @@ def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: boo
         "bytes": {"original": original, "quantized": (out / WEIGHTS).stat().st_size},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
 
 
 def source_record(source: Source) -> dict:

@@ -140,13 +140,16 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
             f"{path} is a {source.config.task} run; fix: export a causal-lm run (the Hugging Face "
             "folder is an AutoModelForCausalLM)"
         )
-    out = Path(out)
-    if out.resolve() == source.path.resolve():  # --force would delete the folder being exported
+    if Path(out).resolve() == source.path.resolve():  # --force would delete the folder exported
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
-    io.prepare_out(out, force)
     dequantize_model(source.model)
     _untie_quantized_head(source.model)
-    model = source.model.to(dtypes[dtype])
+    with io.staged_out(out, force) as staging:
+        return _write_export(source, source.model.to(dtypes[dtype]), dtype, staging)
+
+
+def _write_export(source: io.Source, model, dtype: str, out: Path) -> dict:
+    """The files of a Hugging Face export of ``model``, written into the empty folder ``out``."""
     model.save_pretrained(out, safe_serialization=True)
     copied = []
     tokenizer = source.path / "tokenizer"

@@ -55,7 +55,7 @@ def test_an_out_below_a_file_is_one_line_error(run_dir, tmp_path, capsys):
     blocker.write_text("not a folder\n")
     assert main(["quantize", str(run_dir), "--to", "int8", "--out", str(blocker / "q")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"lowbit: error: {blocker / 'q'}: Not a directory; fix: ")
+    assert err.startswith(f"lowbit: error: --out {blocker / 'q'}: {blocker} is a file, not a ")
     assert err.count("\n") == 1
 
 

@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from lowbit.cli import main
 from lowbit.errors import UsageError
-from lowbit.infer import load_source, quant_layers, quantize_run, set_kernel
+from lowbit.infer import export_hf, load_source, quant_layers, quantize_run, set_kernel
 from tests.infer.conftest import _train
 
 
@@ -113,3 +114,33 @@ def test_pruning_a_model_whose_only_linear_layer_is_its_head_names_the_head():
 
     with pytest.raises(UsageError, match=r"besides its output head \(head, kept dense\)"):
         prune_model(build_cnn(), sparsity=0.5)
+
+
+def test_a_write_that_fails_leaves_the_earlier_folder_as_it_was(lm_run, tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) while quantize/export write: --out kept the earlier folder's files
+    deleted by --force and a torn model.safetensors; now they are written aside, then moved."""
+    import errno
+
+    import safetensors.torch
+
+    out = tmp_path / "q"
+    quantize_run(lm_run, "int8", out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"torn")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_run(lm_run, "int4", out=out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no staging folder left behind
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(out, tmp_path / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
