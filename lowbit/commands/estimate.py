@@ -10,7 +10,7 @@ from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, SHARDING, TASKS, e
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
 from lowbit.recipes import get_recipe
-from lowbit.recipes import names as recipe_names
+from lowbit.recipes.presets import accepted_names
 
 NAME = "estimate"
 HELP = "Estimate training memory (parameters, gradients, master weights, states, activations)."
@@ -26,21 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         default="bf16-mixed",
-        help="a recipe, or several separated by commas for a side-by-side table: "
-        + ", ".join(recipe_names()),
+        help="a recipe (default bf16-mixed), or several separated by commas for a side-by-side "
+        "table: " + ", ".join(accepted_names()),
     )
     parser.add_argument(
         "--optimizer-state",
         default="fp32",
-        help=f"Adam state precision: {', '.join(STATE_PRECISIONS)}",
+        help=f"Adam state precision (default fp32): {', '.join(STATE_PRECISIONS)}",
     )
     parser.add_argument(
         "--task",
         default="causal-lm",
-        help=f"{' or '.join(TASKS)} (token classification: an encoder's config.json or folder)",
+        help=f"{' or '.join(TASKS)} (default causal-lm; token classification: an encoder's "
+        "config.json or folder)",
     )
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
-    parser.add_argument("--seq", type=int, default=1024, help="sequence length")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch per device (default 1)")
+    parser.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     parser.add_argument(
         "--gpus",
         type=int,
@@ -50,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sharding",
         default="none",
-        help=f"{' or '.join(SHARDING)}: every device holds the whole model states (DDP), or "
-        "they are sharded over --gpus (FSDP)",
+        help=f"{' or '.join(SHARDING)} (default none): every device holds the whole model states "
+        "(DDP), or they are sharded over --gpus (FSDP)",
     )
     parser.add_argument(
         "--activation-checkpointing",

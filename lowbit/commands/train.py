@@ -20,7 +20,7 @@ HELP = (
 FLAGS = [
     ("--task", str, "causal-lm (default), token-classification or image-classification"),
     ("--model", str, "a named size (tiny, small, ...), 'minilm', or a local Hugging Face folder"),
-    ("--recipe", str, "precision recipe (default bf16-mixed); see lowbit.recipe_names()"),
+    ("--recipe", str, "precision recipe (default bf16-mixed); `lowbit recipes` lists them"),
     ("--data", str, "a folder, glob, text or JSONL file (causal-lm), or CoNLL file/folder"),
     ("--text-field", str, "the JSONL field that holds the text (default text)"),
     ("--tokenizer", str, "byte (default) or bpe (trained on the train split)"),

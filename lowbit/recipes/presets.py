@@ -195,6 +195,14 @@ def names() -> list[str]:
     return list(_PRESETS)
 
 
+def accepted_names() -> list[str]:
+    """Every name `get_recipe` takes: the presets, and auto's other budgets (auto:fp6, auto:fp4),
+    which are not presets of their own."""
+    from lowbit.recipes.auto import BUDGETS
+
+    return [*_PRESETS, *(f"auto:{budget}" for budget in BUDGETS if budget != "fp8")]
+
+
 def get_recipe(name: str | Recipe) -> Recipe:
     """The preset called ``name`` (a Recipe is returned as it is)."""
     if isinstance(name, Recipe):
@@ -206,11 +214,8 @@ def get_recipe(name: str | Recipe) -> Recipe:
     try:
         return _PRESETS[name]
     except KeyError:
-        from lowbit.recipes.auto import BUDGETS
-
-        # auto's other budgets by name too (auto:fp6, auto:fp4): they are not presets of their own
-        valid = [*_PRESETS, *(f"auto:{budget}" for budget in BUDGETS if budget != "fp8")]
-        raise UsageError(f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}") from None
+        valid = ", ".join(accepted_names())
+        raise UsageError(f"unknown recipe {name!r}; valid recipes: {valid}") from None
 
 
 def parse_override(text: str, recipe: Recipe) -> Override:
