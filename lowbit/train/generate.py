@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import torch
 
@@ -45,6 +46,12 @@ def sample_text(
             f"the prompt has {len(ids)} tokens, the model takes {limit}; fix: shorten it"
         )
     steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))
+    if steps < max_new_tokens:
+        print(
+            f"lowbit: note: the model takes {limit} positions and the prompt has {len(ids)} "
+            f"tokens: at most {steps} new tokens, not {max_new_tokens}",
+            file=sys.stderr,
+        )
     generator = torch.Generator(device=device).manual_seed(seed)
     # transformers 5 renamed past_key_values to cache (argument and output field)
     cache_arg = (

@@ -25,3 +25,18 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_sampled():
     for temperature in (0.0, 1.0):
         text = sample_text(model, tokenizer, precision, "ab", 10, temperature, top_k=None)
         assert text.startswith("ab") and len(text) > 2
+
+
+def test_a_sample_cut_short_by_the_positions_says_so(capsys):
+    tokenizer = build_tokenizer("byte")
+    config = LlamaConfig(
+        vocab_size=257, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    sample_text(model, tokenizer, Precision("fp32"), "abcd", 50, 0.0, top_k=None)
+    note = capsys.readouterr().err
+    assert "the model takes 16 positions and the prompt has 4 tokens: at most 12 new" in note
+    sample_text(model, tokenizer, Precision("fp32"), "abcd", 12, 0.0, top_k=None)
+    assert capsys.readouterr().err == ""
