@@ -182,7 +182,7 @@ def _check_out(out: Path, force: bool) -> None:
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UsageError(f"--out {out}: {above} is a file, not a folder; fix: choose another --out")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not [p for p in out.iterdir() if not _is_partial(p, out)]:
         return
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
         raise UsageError(f"{out} holds a training run; fix: choose another --out")
@@ -204,17 +204,27 @@ def _remove_artifacts(out: Path) -> None:
             item.unlink()
 
 
+def _is_partial(item: Path, out: Path) -> bool:
+    """A hidden folder `staged_out` writes ``out`` into (left behind by a process killed hard)."""
+    return item.name.startswith(f".{out.name}.partial-") and item.is_dir()
+
+
 @contextlib.contextmanager
 def staged_out(out, force: bool):
-    """A hidden sibling folder to write an inference folder or export into, moved into ``out``
-    when the writing is done: a write that fails or is interrupted (a full disk, Ctrl-C) leaves
-    ``out`` as it was, and with ``force`` the earlier folder there is replaced only then. A new
-    ``out`` is one rename; into an existing one the files move one by one, the manifest last
-    (what makes a folder an inference folder or export)."""
+    """A hidden folder to write an inference folder or export into, moved into ``out`` when the
+    writing is done: a write that fails or is interrupted (a full disk, Ctrl-C) leaves ``out`` as
+    it was, and with ``force`` the earlier folder there is replaced only then. A new ``out`` is a
+    sibling's one rename; an existing one holds the hidden folder itself (its parent may be a
+    folder the user cannot write to, or another filesystem when ``out`` is a mount point) and
+    takes its files one by one, the manifest last (what makes a folder an inference folder or
+    export)."""
     out = Path(out)
     _check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    holder = out if out.is_dir() else out.parent
+    holder.mkdir(parents=True, exist_ok=True)
+    for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=holder))
     try:
         yield staging
         if not out.exists():

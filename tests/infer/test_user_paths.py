@@ -144,3 +144,25 @@ def test_a_write_that_fails_leaves_the_earlier_folder_as_it_was(lm_run, tmp_path
     with pytest.raises(KeyboardInterrupt):
         export_hf(out, tmp_path / "hf")
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_an_existing_out_is_written_through_itself_not_its_parent(lm_run, tmp_path, monkeypatch):
+    """The folder the user named is writable, its parent (shared, root-owned, another mount) is
+    not: the staging folder made beside --out failed. A staging folder a killed run left inside
+    --out is no content: it is replaced, not refused."""
+    import errno
+    import tempfile
+
+    out = tmp_path / "locked" / "pruned"
+    (out / ".pruned.partial-killed").mkdir(parents=True)
+    mkdtemp = tempfile.mkdtemp
+
+    def parent_refuses(*args, dir=None, **kwargs):
+        if Path(dir) == out.parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", parent_refuses)
+    assert main(["prune", str(lm_run), "--pattern", "2:4", "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert load_source(out).manifest["pruning"]["rule"] == "2:4"
