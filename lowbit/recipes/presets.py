@@ -38,8 +38,8 @@ E5M2 = OperandSpec("fp8_e5m2")
 # causal-LM ``lm_head``, masked-LM ``cls.predictions.decoder``, sequence-classification ``score``,
 # the ``classifier`` of token/sequence classifiers (RoBERTa's two-layer one included) and
 # ``head``. Routers that are plain linear layers: DBRX's and JetMoE's ``router.layer``, AFMoE's
-# ``router.gate``, the Qwen MoE families' ``shared_expert_gate`` (the others are router modules
-# of their own, which are not converted).
+# ``router.gate``, Gemma4's ``router.proj``, HunYuan-MoE's ``gate.wg``, the Qwen MoE families'
+# ``shared_expert_gate`` (the others are router modules of their own, which are not converted).
 KEEP_HIGH_PRECISION = (
     Override(OUTPUT_HEAD, None, "output head kept in high precision"),
     Override("lm_head|*.lm_head", None, "output head kept in high precision"),
@@ -50,7 +50,7 @@ KEEP_HIGH_PRECISION = (
         "classification head kept in high precision",
     ),
     Override(
-        "*.router.layer|*.router.gate|*shared_expert_gate",
+        "*.router.layer|*.router.gate|*.router.proj|*.gate.wg|*shared_expert_gate",
         None,
         "mixture-of-experts router kept in high precision",
     ),
