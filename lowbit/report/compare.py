@@ -85,13 +85,13 @@ TASK_METRIC = {
 
 def parse_recipes(text: str | list[str]) -> list[str]:
     """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
-    import lowbit
+    from lowbit.recipes.presets import accepted_names
 
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     if not names:
         raise UsageError("no recipes given; fix: --recipes fp32,bf16-mixed,...")
-    valid = lowbit.recipe_names()
+    valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:
             raise UsageError(

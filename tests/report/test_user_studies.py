@@ -189,3 +189,13 @@ def test_parity_refuses_a_foreign_out_folder_before_training_into_it(parity, tmp
     assert stopped.value.code == 2
     assert "holds 'notes.txt', not a compare study" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "image-classification").iterdir()] == ["notes.txt"]
+
+
+def test_auto_budgets_are_recipes_a_study_takes():
+    """auto:fp6 and auto:fp4 train and estimate, and compare refused them as unknown."""
+    from lowbit.errors import UsageError
+    from lowbit.report.compare import parse_recipes
+
+    assert parse_recipes("fp32,auto:fp4,auto:fp6") == ["fp32", "auto:fp4", "auto:fp6"]
+    with pytest.raises(UsageError, match=r"unknown recipe 'auto:fp3'.*auto:fp6, auto:fp4"):
+        parse_recipes("fp32,auto:fp3")
