@@ -94,7 +94,8 @@ class TrainingMonitor(NoMonitor):
             records.append(("stats", record))
         if self.controller is not None and (changes or self._retries or step == 1):
             summary = self.controller.summary()
-            summary["changes"] = len(changes)
+            # the guard's moves count too: a retried step's counts per rung moved by them
+            summary["changes"] = len(changes) + sum(r["changes"] for r in self._retries)
             summary["retries"] = len(self._retries)
             records.append(("auto", summary))
             plan = {
