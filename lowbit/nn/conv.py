@@ -24,6 +24,17 @@ def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
     return None
 
 
+def _output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of nn.Conv2d's output: channels-last where the input or the weight is
+    (F.conv2d), contiguous otherwise. The GEMM's N x L x O result viewed as N x O x H x W has
+    channels-last strides, and code after a convolution may ``.view`` its output (the PyTorch
+    tutorial's ``x.view(-1, 16 * 5 * 5)``), which only contiguous strides allow."""
+    for tensor in (x, weight):
+        if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+            return torch.channels_last
+    return torch.contiguous_format
+
+
 class LowbitConv2d(LowbitModule):
     """Drop-in `nn.Conv2d` (groups=1, zero padding) whose GEMMs follow a `LayerSpec`."""
 
@@ -50,6 +61,7 @@ class LowbitConv2d(LowbitModule):
             )
         if x.dim() == 3:  # one unbatched C x H x W image, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        self._check_input(x)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -58,10 +70,27 @@ class LowbitConv2d(LowbitModule):
         cols = cols.transpose(1, 2)  # N x L x C*kh*kw
         weight = self.weight.reshape(self.out_channels, -1)
         out = lowbit_linear(cols, weight, self.bias, self.lowbit_state)  # N x L x O
-        return out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+        out = out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+        return out.contiguous(memory_format=_output_memory_format(x, self.weight))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """F.conv2d's errors for an input it refuses; unfolded, a wrong channel count would
+        surface as a mismatch of GEMM shapes that names neither channels nor image."""
+        if x.dim() != 4:
+            raise RuntimeError(
+                "Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
+                f"{list(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise RuntimeError(
+                f"Given groups=1, weight of size {list(self.weight.shape)}, expected "
+                f"input{list(x.shape)} to have {self.in_channels} channels, but got "
+                f"{x.shape[1]} channels instead"
+            )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, {self.spec.describe()}"
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, {self.spec.describe()}"
         )
