@@ -76,10 +76,11 @@ class Task:
         """(mean loss over the batch's `loss_terms`, tokens or images counted for throughput)."""
         raise NotImplementedError
 
-    def loss_terms(self, batch) -> int:
-        """How many terms the batch's mean loss averages (predicted tokens, labelled words,
-        images): micro-batches and ranks holding different numbers are weighted by them."""
-        raise NotImplementedError
+    def loss_terms(self, batch) -> int | None:
+        """How many terms the batch's mean loss averages, where batches hold different numbers
+        (a tagger's labelled words): micro-batches and ranks are weighted by them. None: every
+        batch holds as many (an LM's full windows, full image batches)."""
+        return None
 
     def evaluate(self, model, precision, split: str = "validation", max_batches=None) -> dict:
         raise NotImplementedError
@@ -273,9 +274,6 @@ class CausalLMTask(Task):
         input_ids, labels = batch
         logits = model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), input_ids.numel()
-
-    def loss_terms(self, batch) -> int:
-        return batch[1].numel()
 
     def evaluate(self, model, precision, split="validation", max_batches=None):
         from lowbit.data import eval_batches
@@ -565,9 +563,6 @@ class ImageClassificationTask(Task):
     def loss(self, model, batch):
         images, labels = batch
         return F.cross_entropy(model(as_param_dtype(images, model)).float(), labels), len(labels)
-
-    def loss_terms(self, batch) -> int:
-        return len(batch[1])
 
     def predict(self, model, precision, split, max_batches=None):
         from lowbit.data import fixed_batches

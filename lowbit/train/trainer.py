@@ -453,9 +453,12 @@ class Trainer:
         Micro-batch i of a rank holds t_i terms (labelled words vary with padding and sentence
         length); over R ranks and A micro-batches the step holds T terms. Each rank backpropagates
         sum_i w_i * loss_i / A, and DDP/FSDP average the ranks' gradients (divide by R), so
-        w_i = t_i * R * A / T gives sum over ranks and micro-batches of t_i * loss_i / T. Equal
-        shares weigh exactly 1 (an LM's windows, full image batches): the same bits as before."""
+        w_i = t_i * R * A / T gives sum over ranks and micro-batches of t_i * loss_i / T. Where
+        every batch holds as many terms (an LM's windows, full image batches) each weighs 1, with
+        no exchange between the ranks."""
         terms = [self.task.loss_terms(batch) for batch in batches]
+        if None in terms:
+            return [1.0] * len(batches)
         total = max(self.dist.total(float(sum(terms))), 1.0)
         shares = self.dist.world_size * len(batches)
         return [t * shares / total for t in terms]  # integers up to the division: 1 exactly
