@@ -5,6 +5,8 @@ line, ``lowbit: error: <message>``, and exits with status 2. Its message names t
 fix. Anything else that escapes is a bug and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class UsageError(ValueError):
     """Bad input from the user: one line that names the problem and how to fix it."""
@@ -15,3 +17,11 @@ def choose(kind: str, name: str, valid) -> None:
     valid = list(valid)
     if name not in valid:
         raise UsageError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def file_in_the_way(path) -> Path | None:
+    """The file at ``path`` or at a folder above it that keeps a folder from being made there
+    (an ``--out`` named after a file, or below one); None when there is none."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, file_in_the_way
 
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
@@ -177,11 +177,13 @@ def _check_out(out: Path, force: bool) -> None:
     """Refuse an ``--out`` of a quantize/prune/export that holds something other than what an
     earlier inference folder or export wrote there (that only with ``force``). A training run's
     folder is refused even with ``force``: its checkpoints are no artifact to replace."""
-    if out.exists() and not out.is_dir():
+    blocking = file_in_the_way(out)
+    if blocking == out:
         raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UsageError(f"--out {out}: {above} is a file, not a folder; fix: choose another --out")
+    if blocking is not None:
+        raise UsageError(
+            f"--out {out}: {blocking} is a file, not a folder; fix: choose another --out"
+        )
     if not out.exists() or not [p for p in out.iterdir() if not _is_partial(p, out)]:
         return
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, file_in_the_way
 from lowbit.train.config import write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
@@ -712,8 +712,8 @@ class CompareResult:
 def check_out(study: Study, overwrite: bool) -> None:
     """Refuse an output folder that holds a different study (unless ``overwrite``), and an
     output path that is a file or lies under one (never replaced, even with ``overwrite``)."""
-    blocking = next((p for p in (study.out, *study.out.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = file_in_the_way(study.out)
+    if blocking is not None:
         raise UsageError(
             f"--out {study.out}: {blocking} is a file, not a folder; fix: choose another --out"
         )
