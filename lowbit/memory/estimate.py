@@ -65,7 +65,7 @@ from lowbit.errors import UsageError, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
 from lowbit.models.causal_lm import config_positions
-from lowbit.nn.convert import gemm_layer_names, output_head_names
+from lowbit.nn.convert import recipe_for_model
 from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
 from lowbit.optim.states import adam_state_bytes, state_precision
@@ -444,11 +444,7 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
                 f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "
                 "fix: use a shorter --seq"
             )
-        resolved = recipe.resolved_for(
-            (n for n, _ in model.named_modules()),
-            gemm_layer_names(model),
-            output_head_names(model),
-        )
+        resolved = recipe_for_model(recipe, model)
         if len(_TRACES) >= 32:
             _TRACES.clear()
         trace = _trace_activations(model, mode, resolved, batch, seq, task)

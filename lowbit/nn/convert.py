@@ -130,15 +130,23 @@ def gemm_layer_names(model: torch.nn.Module) -> list[str]:
 def output_head_names(model: torch.nn.Module) -> list[str]:
     """The names of the GEMM modules that the model (or a model inside it, a wrapped one) returns
     from transformers' ``get_output_embeddings()``: its output head, whatever its name."""
-    heads = {}
+    heads = set()
     for module in model.modules():
         getter = getattr(module, "get_output_embeddings", None)
         if callable(getter):
             with contextlib.suppress(NotImplementedError, AttributeError):  # a class without one
-                head = getter()
-                if head is not None:
-                    heads[id(head)] = head
+                heads.add(id(getter()))
     return [name for name, module in model.named_modules() if id(module) in heads and name]
+
+
+def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
+    """``recipe`` with its override placeholders resolved against ``model``
+    (`Recipe.resolved_for`: its module names, GEMM layers and output head)."""
+    return get_recipe(recipe).resolved_for(
+        (name for name, _ in model.named_modules()),
+        gemm_layer_names(model),
+        output_head_names(model),
+    )
 
 
 def convert(
@@ -153,11 +161,7 @@ def convert(
             f"{type(model).__name__} has no parent to be swapped in; fix: convert a model that "
             f"holds it, e.g. torch.nn.Sequential(layer)"
         )
-    recipe = get_recipe(recipe).resolved_for(
-        (name for name, _ in model.named_modules()),
-        gemm_layer_names(model),
-        output_head_names(model),
-    )
+    recipe = recipe_for_model(recipe, model)
     report = report if report is not None else ConversionReport()
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
