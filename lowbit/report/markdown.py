@@ -116,6 +116,10 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for name, r in rows.items():
         if name == base or not r["per_label"]:
             continue
+        if not any(math.isfinite(c["change_pp"]) for c in r["per_label"].values()):
+            # every seed stopped on a non-finite loss before its per-label evaluation
+            label_rows.append([name, "every label", "—", "n/a", "n/a (no seed finished)"])
+            continue
         worst = sorted(
             r["per_label"].items(),
             key=lambda kv: kv[1]["change_pp"] if math.isfinite(kv[1]["change_pp"]) else -1e9,

@@ -102,6 +102,23 @@ def test_a_study_of_the_baseline_alone_on_a_labelled_task_writes_its_plots(tmp_p
     assert (report / "loss_curves.png").is_file() and not (report / "per_label.png").exists()
 
 
+def test_a_recipe_whose_every_seed_diverged_reads_n_a_in_the_per_label_table(tmp_path):
+    """A run stopped by a non-finite loss has no per-label counts; the table printed "nan%" and
+    "+nan pp" for such a recipe's labels."""
+    settings = {"task": "image-classification", "batch_size": 16, "steps": 2, "eval_batches": 1}
+    out = tmp_path / "img"
+    compare(make_study("fp32,bf16-pure", settings, seeds=1, out=out), plots=False, log=quiet)
+    path = out / "runs" / "bf16-pure" / "seed-0" / "compare.json"
+    record = json.loads(path.read_text())
+    record.update(final_metrics={}, per_label=None, diverged="non-finite loss at step 2")
+    path.write_text(json.dumps(record))
+    result = compare(make_study("fp32,bf16-pure", settings, seeds=1, out=out), log=quiet)
+    report = (result.report_dir / "report.md").read_text()
+    assert "nan" not in report
+    assert "| bf16-pure | every label | — | n/a | n/a (no seed finished) |" in report
+    assert (result.report_dir / "per_label.png").is_file()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
