@@ -119,16 +119,25 @@ def _cast_fp32_range(x32: torch.Tensor, fmt: FloatFormat, rounding, generator) -
     return torch.where(torch.isnan(x32), x32, rounded)
 
 
-def _cast_e8m0(x32: torch.Tensor) -> torch.Tensor:
+def _cast_e8m0(x32: torch.Tensor, rounding: Rounding, generator) -> torch.Tensor:
     """Nearest power of two in [2**-127, 2**127] (ties up, as ml_dtypes); NaN where x <= 0 or NaN.
     Values above the range saturate to 2**127, +inf too (where ml_dtypes gives NaN, for a value
     of 1.5 * 2**127 or more), as every lowbit cast saturates.
+
+    Stochastic rounding of ``x = 2**e * (1 + f)``, ``f`` in [0, 1), gives ``2**(e + 1)`` with
+    probability ``f`` and ``2**e`` otherwise, so ``E[cast(x)] = 2**e * (1 + f) = x`` between
+    2**-127 and 2**127 (the neighbours are a power of two apart, the grid spacing is ``2**e``).
 
     e8m0 has no sign and no zero (OCP MX v1.0 §5.4), so non-positive values have no encoding.
     """
     x64 = x32.double().clamp(max=2.0**127)  # saturation: +inf and overflow give 2**127
     mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-    e = exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)  # m*2 >= 1.5 rounds up
+    if rounding is Rounding.NEAREST:
+        up = mantissa >= 0.75  # m*2 >= 1.5 rounds up
+    else:
+        u = uniforms(x64.shape, draw_seed(generator), x64.device)
+        up = u < mantissa * 2 - 1  # f = m*2 - 1, exact in float64
+    e = exponent - 1 + up.to(exponent.dtype)
     e = e.clamp(-127, 127)
     out = pow2(e)
     return torch.where(x32 > 0, out, torch.full_like(out, float("nan")))
@@ -167,7 +176,7 @@ def _nearest_on_grid(y: torch.Tensor, fmt: FloatFormat, owned: bool = False) -> 
     magic = magic.view(torch.float32)
     out = torch.add(y, magic)
     out.sub_(magic)
-    return torch.copysign(out, y, out=out)
+    return out.copysign_(y)
 
 
 def _has_fast_grid(fmt: Format) -> bool:
@@ -227,7 +236,7 @@ def cast_reference(
         return _cast_int(x.float(), fmt, rounding, generator).to(x.dtype)
     x32 = x.float()
     if fmt.encoding is Encoding.SCALE:
-        return _cast_e8m0(x32).to(x.dtype)
+        return _cast_e8m0(x32, rounding, generator).to(x.dtype)
     if fmt.ebits == 8:
         return _cast_fp32_range(x32, fmt, rounding, generator).to(x.dtype)
     return _cast_float_generic(x32, fmt, rounding, generator).to(x.dtype)

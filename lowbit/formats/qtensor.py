@@ -322,6 +322,31 @@ def _external_block_amax(amax: torch.Tensor, rows: int, granularity: Granularity
     return amax.reshape(rows, 1, 1, 1)
 
 
+def _checked_axis(axis: int, dim: int) -> int:
+    """``axis`` as an index in ``[0, dim)``, refused outside ``[-dim, dim)`` as PyTorch refuses a
+    dim (a 0-d tensor takes 0 and -1): taken modulo ``dim`` it would quietly be another axis."""
+    size = max(dim, 1)
+    if not -size <= axis < size:
+        raise UsageError(
+            f"axis {axis} is out of range for a {dim}-D tensor; fix: an axis in [{-size}, {size - 1}]"
+        )
+    return axis % size
+
+
+def _checked_amax(amax, granularity: Granularity, device: torch.device) -> torch.Tensor:
+    """An external amax as a tensor (a Python number is "a scalar" too), refused when granularity
+    'tensor' or 'nvfp4' is given more than one value (the count per row is checked with the rows,
+    `_external_block_amax`)."""
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(float(amax), device=device)
+    if granularity is not Granularity.AXIS and amax.numel() != 1:
+        raise UsageError(
+            f"granularity {granularity.value!r} takes one amax (the tensor's), got "
+            f"{amax.numel()} values; fix: pass x.abs().amax() or a history's maximum"
+        )
+    return amax
+
+
 _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
 
 
@@ -484,7 +509,9 @@ def quantize(
         raise UsageError(
             f"measure_amax needs granularity 'tensor' (one amax), got {granularity.value}"
         )
-    axis = axis % max(x.dim(), 1)
+    axis = _checked_axis(axis, x.dim())
+    if amax is not None:
+        amax = _checked_amax(amax, granularity, x.device)
     rounding = Rounding(rounding)
     fusable = _fusable(x, fmt)
     if hadamard is not None:

@@ -41,13 +41,14 @@ Integer formats use the ``amax`` rule with ``max = qmax`` (symmetric quantizatio
 from __future__ import annotations
 
 import math
+import numbers
 from enum import Enum
 
 import torch
 
 from lowbit.errors import UsageError
 from lowbit.formats.cast import binade, cast
-from lowbit.formats.spec import FloatFormat, Format
+from lowbit.formats.spec import Encoding, FloatFormat, Format
 
 
 class Granularity(str, Enum):
@@ -81,26 +82,52 @@ def block_shape(
     granularity: Granularity, shape_rc: tuple[int, int], block_size=None
 ) -> tuple[int, int]:
     """The ``(rows, cols)`` block of a granularity on an ``R x C`` matrix."""
+    _check_block_size(granularity, block_size)
     rows, cols = shape_rc
     if granularity is Granularity.TENSOR:
         return max(rows, 1), max(cols, 1)
     if granularity is Granularity.AXIS:
         return 1, max(cols, 1)
     if granularity is Granularity.MX:
-        return 1, block_size or MX_BLOCK
+        return 1, int(block_size or MX_BLOCK)
     if granularity is Granularity.NVFP4:
         if isinstance(block_size, tuple | list):
             return int(block_size[0]), int(block_size[1])
-        return 1, block_size or NVFP4_BLOCK
+        return 1, int(block_size or NVFP4_BLOCK)
     if granularity is Granularity.BLOCK:
         if block_size is None:
             raise UsageError("granularity 'block' needs block_size (e.g. 128 for 1x128 tiles)")
         return 1, int(block_size)
     if block_size is None:
         raise UsageError("granularity 'block2d' needs block_size (e.g. (128, 128))")
-    if isinstance(block_size, int):
-        return block_size, block_size
+    if not isinstance(block_size, tuple | list):
+        return int(block_size), int(block_size)
     return int(block_size[0]), int(block_size[1])
+
+
+_ONE_LENGTH = (Granularity.BLOCK, Granularity.MX)  # 1-D blocks only
+_BLOCKED = (*_ONE_LENGTH, Granularity.BLOCK2D, Granularity.NVFP4)  # granularities with a size
+
+
+def _check_block_size(granularity: Granularity, block_size) -> None:
+    """Refuse a block size that cannot cut a matrix, naming the fix: a length below 1 (further on
+    a division by zero or a kernel's check; for MX and NVFP4 a 0 read as "the default"), or a
+    pair of lengths where blocks are 1-D (MX, ``block``)."""
+    if block_size is None or granularity not in _BLOCKED:
+        return
+    pair = isinstance(block_size, tuple | list)
+    sizes = tuple(block_size) if pair else (block_size,)
+    whole = all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes)
+    if pair and (granularity in _ONE_LENGTH or len(sizes) != 2):
+        shape = "one length (e.g. 32)" if granularity in _ONE_LENGTH else "a pair (rows, cols)"
+        raise UsageError(
+            f"granularity {granularity.value!r} takes {shape} as block_size, got {block_size!r}"
+        )
+    if not whole or min(sizes) < 1:
+        raise UsageError(
+            f"block_size must be whole numbers of at least 1, got {block_size!r}; fix: e.g. "
+            "block_size=128 for 1x128 blocks, (128, 128) for 2-D tiles"
+        )
 
 
 def default_rule(granularity: Granularity) -> ScaleRule:
@@ -160,6 +187,13 @@ def nvfp4_scales(
 
 
 def check_format_for_granularity(fmt: Format, granularity: Granularity) -> None:
+    if isinstance(fmt, FloatFormat) and fmt.encoding is Encoding.SCALE:
+        # e8m0 has no sign and no zero: every element <= 0 would quantize to NaN
+        raise UsageError(
+            f"{fmt.name} is a scale format (positive powers of two, no zero, no sign) and cannot "
+            "hold tensor elements; fix: quantize to an element format such as fp8_e4m3 "
+            "(granularity 'mx' gives it e8m0 block scales), or round scales with cast(x, 'e8m0')"
+        )
     if granularity is Granularity.NVFP4 and fmt.name != "fp4_e2m1":
         raise UsageError(f"granularity 'nvfp4' needs format fp4_e2m1, got {fmt.name}")
     if granularity is Granularity.MX and not isinstance(fmt, FloatFormat):
