@@ -30,8 +30,9 @@ model, ~12 ms of Python in a cProfile of the first version, which wrapped the wh
 it is entered only around attention itself: `route_attention`
 switches a Hugging Face model from its ``sdpa`` attention to ``lowbit_sdpa``, the same function
 (Transformers' own `sdpa_attention_forward`, the same masks) called inside the mode.
-`Precision.convert` does this for bf16 and fp16 compute on CPU. The setting is not saved with the
-model.
+`Precision.convert` does this for bf16 and fp16 compute on CPU. The setting is not saved by
+``save_pretrained`` (the folder says ``sdpa``); a model saved whole (``torch.save(model)``) keeps it
+and registers ``lowbit_sdpa`` again when it is loaded (`_Registration`).
 """
 
 from __future__ import annotations
@@ -157,10 +158,34 @@ def route_attention(model: torch.nn.Module) -> bool:
         return False
     if not hasattr(model, "set_attn_implementation"):
         return False
+    _register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    registration = _Registration()
+    for module in model.modules():  # the model and its parts whose config names lowbit_sdpa
+        if getattr(getattr(module, "config", None), "_attn_implementation", None) == ATTENTION_NAME:
+            module.lowbit_attention_registration = registration
+    return True
+
+
+def _register() -> None:
+    """Make ``lowbit_sdpa`` a name Transformers' attention and mask interfaces know."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _sdpa_in_fp32)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTENTION_NAME)
-    return True
+
+
+class _Registration:
+    """Held by a model `route_attention` switched (and by each part whose config names
+    ``lowbit_sdpa``): a model saved whole (``torch.save(model)``, pickle) keeps that name in its
+    pickled config, and Transformers refuses a name it does not know, so unpickling this object
+    registers ``lowbit_sdpa`` again, in a new process too, before the model can run."""
+
+    def __reduce__(self):
+        return _registered, ()
+
+
+def _registered() -> _Registration:
+    _register()
+    return _Registration()

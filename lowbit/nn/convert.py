@@ -163,9 +163,21 @@ def convert(
         )
     recipe = recipe_for_model(recipe, model)
     report = report if report is not None else ConversionReport()
+    # Each module visited, by id: (the module, what took its place: a replacement or itself). A
+    # module may sit at several places (one layer applied twice, `Sequential(lin, act, lin)`);
+    # ``named_children`` lists it once, so its later places would keep the original layer and
+    # compute in high precision. Every place gets the first place's decision, one module. (The
+    # module is held so that its id cannot pass to a new object during the walk.)
+    placed: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if id(child) in placed:
+                setattr(module, child_name, placed[id(child)][1])
+                continue
+            placed[id(child)] = (child, child)
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(module, torch.nn.MultiheadAttention) and child_name == "out_proj":
                 continue  # a part of the attention (reported as one kept layer), not a layer
@@ -186,6 +198,7 @@ def convert(
                         gemm.lowbit_state.overridden = overridden
                 _move_hooks(child, replacement)
                 setattr(module, child_name, replacement)
+                placed[id(child)] = (child, replacement)
                 report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
                 continue
             if not is_convertible(child):  # exact types
@@ -212,6 +225,7 @@ def convert(
             replacement.lowbit_state.overridden = reason != RECIPE_DEFAULT
             _move_hooks(child, replacement)
             setattr(module, child_name, replacement)
+            placed[id(child)] = (child, replacement)
             report.converted[name] = spec.describe()
 
     visit(model, "")

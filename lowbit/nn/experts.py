@@ -78,6 +78,9 @@ def route(
     amaxes they all-reduce (a zero row's amax 0 leaves the agreed maximum as it is; its gradients
     are zero)."""
     top_k = top_k_index.shape[-1]
+    # An empty batch routes no row: its experts run as idle ones do, so that the (0 x hidden)
+    # output comes out of a concatenation of empty slices instead of a concatenation of nothing.
+    every_expert = every_expert or top_k_index.numel() == 0
     expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
     routed = hidden_states[order // top_k]  # one row per (token, chosen expert), by expert
     counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
@@ -87,7 +90,7 @@ def route(
         if idle and not every_expert:
             continue
         if idle:
-            rows = routed.new_zeros(1, routed.shape[-1]).requires_grad_(routed.requires_grad)
+            rows = F.pad(rows, (0, 0, 0, 1))  # one zero row, in routed's graph
         out = expert(e, rows)
         outputs.append(out[:0] if idle else out)
     out = torch.cat(outputs)

@@ -250,13 +250,14 @@ def parse_override(text: str, recipe: Recipe) -> Override:
         old = operands[operand]
         plain = fmt in ("fp32", "bf16", "fp16")
         operands[operand] = OperandSpec(fmt) if plain else replace(old, format=fmt)
+    # replace() keeps each GEMM's transform and its block (nvfp4's 16, mxfp4's 64 Hadamard blocks)
     layer = LayerSpec(
-        forward=GemmSpec(operands["forward.x"], operands["forward.w"], base.forward.transform),
-        grad_input=GemmSpec(
-            operands["grad_input.grad_out"], operands["grad_input.w"], base.grad_input.transform
+        forward=replace(base.forward, a=operands["forward.x"], b=operands["forward.w"]),
+        grad_input=replace(
+            base.grad_input, a=operands["grad_input.grad_out"], b=operands["grad_input.w"]
         ),
-        grad_weight=GemmSpec(
-            operands["grad_weight.grad_out"], operands["grad_weight.x"], base.grad_weight.transform
+        grad_weight=replace(
+            base.grad_weight, a=operands["grad_weight.grad_out"], b=operands["grad_weight.x"]
         ),
     )
     return Override(pattern, layer, f"override {text}")

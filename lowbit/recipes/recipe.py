@@ -96,10 +96,18 @@ class OperandSpec:
             _positive_int(size, "block_size")
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
-        if self.amax_history < 1:
-            raise UsageError("amax_history must be at least 1")
+        _positive_int(self.amax_history, "amax_history")
         if self.is_plain_cast and self.granularity is not Granularity.TENSOR:
             raise UsageError(f"{fmt.name} operands are cast without scales; use granularity tensor")
+        # A scaled operand's largest values sit near its format's max, so the product of two such
+        # operands (up to max**2) must fit the GEMM's fp32 accumulator: tf32 (max 3.4e38, fp32's
+        # range) gave inf and NaN outputs; fp8_e5m2's 57344**2 is far below fp32's max.
+        if not self.is_plain_cast and isinstance(fmt, FloatFormat) and fmt.max**2 > _FP32_MAX:
+            raise UsageError(
+                f"{fmt.name} has fp32's range: a scaled {fmt.name} operand (amax at {fmt.max:.3g}) "
+                f"overflows the fp32 GEMM it feeds; fix: fp32 or bf16 (cast without a scale), or "
+                f"an fp8/fp6/fp4 format"
+            )
 
     @property
     def is_plain_cast(self) -> bool:
