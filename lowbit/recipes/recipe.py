@@ -22,6 +22,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
+from lowbit.formats.scaling import check_format_for_granularity
 
 
 class Scaling(str, Enum):
@@ -88,6 +89,9 @@ class OperandSpec:
         )
         object.__setattr__(self, "rounding", _choice(Rounding, self.rounding, "rounding"))
         object.__setattr__(self, "scaling", _choice(Scaling, self.scaling, "scaling"))
+        # refused when the spec is written (an --override included), not at the first forward:
+        # e8m0 elements, NVFP4 blocks of another format, MX blocks of integers
+        check_format_for_granularity(fmt, self.granularity)
         if self.scale_rule is not None:
             rule = _choice(ScaleRule, self.scale_rule, "scale rule")
             object.__setattr__(self, "scale_rule", rule)

@@ -160,3 +160,22 @@ def test_bytes_per_param_of_classic_recipes():
     assert bytes_breakdown(get_recipe("fp32")) == "4+4+0+8 = 16"
     assert bytes_breakdown(get_recipe("fp16-low")) == "2+2+4+8 = 16"  # ZeRO's 16 bytes/param
     assert bytes_breakdown(get_recipe("bf16-pure-kahan")) == "2+2+2+8 = 14"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (dict(format="e8m0"), "e8m0 is a scale format"),
+        (dict(format="fp8_e4m3", granularity="nvfp4"), "'nvfp4' needs format fp4_e2m1"),
+        (dict(format="int8", granularity="mx"), "'mx' needs a float element format"),
+    ],
+)
+def test_an_operand_its_granularity_cannot_quantize_is_refused_when_written(spec, message):
+    """They were accepted and failed at the first forward (e8m0 elements: with NaN outputs)."""
+    with pytest.raises(UsageError, match=message):
+        OperandSpec(**spec)
+
+
+def test_an_override_giving_nvfp4_blocks_another_format_is_refused_when_parsed():
+    with pytest.raises(UsageError, match="'nvfp4' needs format fp4_e2m1"):
+        parse_override("*=forward.x:fp8_e4m3", get_recipe("nvfp4"))
