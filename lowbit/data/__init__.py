@@ -8,6 +8,7 @@ from lowbit.data.conll import (
     entity_f1,
     entity_spans,
     read_conll,
+    read_conll_documents,
     token_report,
 )
 from lowbit.data.corpus import (
@@ -65,6 +66,7 @@ __all__ = [
     "load_texts",
     "load_tokenizer",
     "read_conll",
+    "read_conll_documents",
     "split_documents",
     "split_of",
     "stdlib_documents",

@@ -2,7 +2,8 @@
 
 File format: one token per line, the token in the first column and its tag in the last (spaces or
 tabs between columns: other Unicode whitespace, a no-break space say, is part of a token), a blank
-line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines ignored. Tags are ``O``
+line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines between documents (they
+hold no token; `read_conll_documents` keeps the sentences of each document together). Tags are ``O``
 or ``B-TYPE`` / ``I-TYPE``. The file is UTF-8; a leading byte-order mark is dropped, not read as
 part of the first token.
 
@@ -38,18 +39,26 @@ def is_valid_tag(tag: str) -> bool:
 def read_conll(path) -> list[Sentence]:
     """The sentences of a CoNLL file; a malformed line or a file that is not UTF-8 raises
     `UsageError` naming the file and the line or byte."""
+    return [sentence for document in read_conll_documents(path) for sentence in document]
+
+
+def read_conll_documents(path) -> list[list[Sentence]]:
+    """The sentences of a CoNLL file grouped by document: a ``-DOCSTART-`` line starts one (the
+    sentences before the first make one too). Errors as `read_conll`."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such CoNLL file; fix: check the path")
-    sentences: list[Sentence] = []
+    documents: list[list[Sentence]] = [[]]
     tokens: list[str] = []
     tags: list[str] = []
     for number, line in enumerate(read_lines(path), start=1):
         columns = COLUMN_SEPARATOR.split(line.strip(" \t\r\n")) if line.strip() else []
         if not columns or columns[0] == "-DOCSTART-":
             if tokens:
-                sentences.append(Sentence(tokens, tags))
+                documents[-1].append(Sentence(tokens, tags))
                 tokens, tags = [], []
+            if columns and documents[-1]:
+                documents.append([])
             continue
         if len(columns) < 2:
             raise UsageError(
@@ -63,10 +72,11 @@ def read_conll(path) -> list[Sentence]:
         tokens.append(columns[0])
         tags.append(columns[-1])
     if tokens:
-        sentences.append(Sentence(tokens, tags))
-    if not sentences:
+        documents[-1].append(Sentence(tokens, tags))
+    documents = [document for document in documents if document]
+    if not documents:
         raise UsageError(f"{path}: no sentences; fix: one 'TOKEN TAG' per line, blank line between")
-    return sentences
+    return documents
 
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:

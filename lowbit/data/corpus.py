@@ -36,6 +36,10 @@ SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
 FOLDER_SUFFIXES = (".txt", ".md", ".py")
+# Files read as JSON Lines. ``.json`` too: Hugging Face datasets' ``to_json`` and many exports write
+# JSON Lines under that name, and read as paragraphs of text they trained on the JSON syntax; a
+# JSON document that is not one object per line is refused at its first line instead.
+JSONL_SUFFIXES = (".jsonl", ".json")
 # How JSONL errors name a decoded value: by its JSON type, as the user wrote it in the file.
 JSON_TYPES = {
     dict: "an object",
@@ -159,9 +163,10 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden,
       folder links not followed), one document per file, named by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
-      fixed leading folder; matched ``.jsonl`` files are read as JSONL (a file that links make
-      a folder or glob reach under several names is read once, under the first);
-    - a ``.jsonl`` file: one document per line, from the string field ``text_field``;
+      fixed leading folder; matched ``.jsonl`` / ``.json`` files are read as JSONL (a file that
+      links make a folder or glob reach under several names is read once, under the first);
+    - a ``.jsonl`` or ``.json`` file: one document per line, from the string field ``text_field``
+      (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
       yields validation and test text.
@@ -178,7 +183,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
         )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
-        if path.suffix.lower() == ".jsonl":
+        if path.suffix.lower() in JSONL_SUFFIXES:
             docs = _jsonl_documents(path, path.name, text_field)
         else:
             docs = _paragraph_documents(path)
@@ -190,17 +195,30 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             name = os.path.relpath(f, base).replace(os.sep, "/")
             docs += (
                 _jsonl_documents(f, name, text_field)
-                if f.suffix.lower() == ".jsonl"
+                if f.suffix.lower() in JSONL_SUFFIXES
                 else _file_documents(f, name)
             )
     else:
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
     if not any(d.text for d in docs):
+        if path.is_dir() and (jsonl := _jsonl_below(path)):
+            pattern = (path / "**" / f"*{jsonl.suffix}").as_posix()
+            raise UsageError(
+                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
+                f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
+                f"a glob for those, --data '{pattern}'"
+            )
         raise UsageError(
             f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
     return sorted(docs, key=lambda d: d.name)
+
+
+def _jsonl_below(folder: Path) -> Path | None:
+    """The first JSON Lines file below ``folder`` (not hidden), if any."""
+    found = (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in JSONL_SUFFIXES)
+    return next((p for p in found if not _hidden(p.relative_to(folder)) and p.is_file()), None)
 
 
 def _hidden(relative: Path) -> bool:
@@ -290,7 +308,12 @@ def read_lines(path: Path) -> list[str]:
     before one stays: whitespace to the callers). `str.splitlines` would also cut at U+2028,
     U+0085, form feed and other characters that JSON leaves unescaped inside strings, and would
     number lines differently from an editor."""
-    return io.StringIO(read_text(path), newline="\n").readlines()
+    return split_lines(read_text(path))
+
+
+def split_lines(text: str) -> list[str]:
+    """``text``'s lines as `read_lines` cuts them (after line feeds only, each with its end)."""
+    return io.StringIO(text, newline="\n").readlines()
 
 
 def _file_documents(path: Path, name: str) -> list[Document]:
@@ -313,48 +336,66 @@ def _paragraph_documents(path: Path) -> list[Document]:
 
 
 def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
+    """One document per record of a JSON Lines file (named by line number), or of a ``.json``
+    file holding one JSON array of records (named by position: ``name:#3``)."""
+    # a .json file may hold one JSON document (a glob's package.json): say how it was read
+    as_read = " (a .json file is read as JSON Lines)" if path.suffix.lower() == ".json" else ""
+    text = read_text(path)
+    if as_read and text.lstrip().startswith("["):  # a JSON array (json.dump of a list of records)
+        shape = "one JSON array of objects"
+        records = _json_value(text, str(path), shape)
+        return [
+            Document(f"{name}:#{i}", _record_text(record, f"{path}: record {i}", text_field, shape))
+            for i, record in enumerate(records, start=1)
+        ]
     docs = []
-    for number, line in enumerate(read_lines(path), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(
-                f"{where}: invalid JSON ({error.msg}); fix: one JSON object per line"
-            ) from None
-        except (ValueError, RecursionError) as error:  # Python's limits, not JSON's
-            problem = (
-                "nested too deeply"
-                if isinstance(error, RecursionError)
-                else "a number with more digits than Python reads"
-            )
-            raise UsageError(
-                f"{where}: invalid JSON ({problem}); fix: one JSON object per line"
-            ) from None
-        if not isinstance(record, dict):
-            raise UsageError(
-                f"{where}: {JSON_TYPES[type(record)]}, not a JSON object; fix: one object per line"
-            )
-        if text_field not in record:
-            raise UsageError(
-                f"{where}: no field {text_field!r} (found: {', '.join(record) or 'none'}); "
-                "fix: add it or name the field that holds the text with --text-field"
-            )
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise UsageError(
-                f"{where}: field {text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
-                "fix: make it the text, drop the record, or name the text field with --text-field"
-            )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair
-            raise UsageError(
-                f"{where}: field {text_field!r} holds an unpaired surrogate "
-                f"({text[error.start]!r} at character {error.start}), which is no Unicode text; "
-                "fix: repair or drop the record"
-            ) from None
-        docs.append(Document(f"{name}:{number}", text))
+        record = _json_value(line, where, f"one JSON object per line{as_read}")
+        found = _record_text(record, where, text_field, f"one object per line{as_read}")
+        docs.append(Document(f"{name}:{number}", found))
     return docs
+
+
+def _json_value(text: str, where: str, shape: str):
+    """``json.loads(text)``, its errors as one line naming ``where`` and the expected ``shape``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{where}: invalid JSON ({error.msg}); fix: {shape}") from None
+    except (ValueError, RecursionError) as error:  # Python's limits, not JSON's
+        problem = (
+            "nested too deeply"
+            if isinstance(error, RecursionError)
+            else "a number with more digits than Python reads"
+        )
+        raise UsageError(f"{where}: invalid JSON ({problem}); fix: {shape}") from None
+
+
+def _record_text(record, where: str, text_field: str, shape: str) -> str:
+    """The string field ``text_field`` of a JSON record, or a one-line error naming ``where`` (and
+    the expected ``shape`` of the file, for a record that is no object)."""
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: {JSON_TYPES[type(record)]}, not a JSON object; fix: {shape}")
+    if text_field not in record:
+        raise UsageError(
+            f"{where}: no field {text_field!r} (found: {', '.join(record) or 'none'}); "
+            "fix: add it or name the field that holds the text with --text-field"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UsageError(
+            f"{where}: field {text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
+            "fix: make it the text, drop the record, or name the text field with --text-field"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON may escape half of a surrogate pair
+        raise UsageError(
+            f"{where}: field {text_field!r} holds an unpaired surrogate "
+            f"({text[error.start]!r} at character {error.start}), which is no Unicode text; "
+            "fix: repair or drop the record"
+        ) from None
+    return text

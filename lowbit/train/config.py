@@ -231,6 +231,14 @@ def _check_types(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, str) and not (value is None and name in _OPTIONAL_STRING_FIELDS):
             raise UsageError(f"{name} must be a string, got {value!r}; fix: quote it")
+    for name in ("data", *_STRING_FIELDS, *_OPTIONAL_STRING_FIELDS):
+        # an unset shell variable (--data "$CORPUS"): as a path, "" is the current folder, whose
+        # files a run would train on (or, as --out, write and --overwrite into)
+        if isinstance(getattr(config, name), str) and not getattr(config, name).strip():
+            raise UsageError(
+                f"{name} is an empty string; fix: give a value, or drop "
+                f"--{name.replace('_', '-')} for the default"
+            )
     if isinstance(config.overrides, str):
         config.overrides = [config.overrides]
     if not isinstance(config.overrides, list | tuple) or not all(
@@ -312,9 +320,13 @@ _TASK_SETTINGS = {
 
 def ignored_settings(config: TrainConfig) -> list[str]:
     """One line per setting of a resolved config, set away from its default, that the run does not
-    read (``--seq-len`` for image classification; ``--vocab-size`` without the BPE tokenizer): the
-    trainer warns about them rather than let a user believe they took effect."""
+    read (``--seq-len`` for image classification; ``--vocab-size`` without the BPE tokenizer;
+    ``--tokenizer`` for a model folder that brings its own; ``--text-field`` without JSONL data):
+    the trainer warns about them rather than let a user believe they took effect."""
+    from lowbit.train.tasks import model_tokenizer_file
+
     default = TrainConfig()
+    own_tokenizer = model_tokenizer_file(config.model) if config.task == "causal-lm" else None
     lines = []
     for name in _TASK_SETTINGS:
         value = getattr(config, name)
@@ -323,9 +335,34 @@ def ignored_settings(config: TrainConfig) -> list[str]:
         flag = f"{name} (--{name.replace('_', '-')})"
         if config.task not in _TASK_SETTINGS[name]:
             lines.append(f"{flag} does not apply to task {config.task}; ignored")
+        elif name in ("tokenizer", "vocab_size") and own_tokenizer is not None:
+            lines.append(
+                f"{flag} does not apply to model {config.model}, which brings its own tokenizer "
+                f"({own_tokenizer.name}); ignored"
+            )
         elif name == "vocab_size" and config.tokenizer != "bpe":
             lines.append(f"{flag} applies to --tokenizer bpe only, not {config.tokenizer}; ignored")
+        elif name == "text_field" and (without := _without_jsonl(config.data)):
+            lines.append(f"{flag} applies to JSONL data only, and {without}; ignored")
     return lines
+
+
+def _without_jsonl(data: str | None) -> str | None:
+    """Why ``data`` is read without JSONL records, where that is certain; None where it may hold
+    some (a .jsonl file, a glob, a path that does not exist and fails later)."""
+    from lowbit.data.corpus import FOLDER_SUFFIXES, JSONL_SUFFIXES
+
+    if data in (None, "stdlib"):
+        return "the run reads the built-in standard library"
+    path = Path(os.path.expanduser(data))
+    if path.is_dir():
+        return (
+            f"folder {data} is read for its {'/'.join(FOLDER_SUFFIXES)} files (a glob such as "
+            f"'{(path / '*.jsonl').as_posix()}' reads JSONL files)"
+        )
+    if path.is_file() and path.suffix.lower() not in JSONL_SUFFIXES:
+        return f"{data} is read as paragraphs of text"
+    return None
 
 
 def recipe_of(config: TrainConfig):

@@ -134,7 +134,9 @@ class HFTokenizer:
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
+        # verbose=False: no warning that a document is longer than the model's positions; the
+        # trainer cuts the ids into windows of --seq-len, which is checked against them
+        return self._tok.encode(text, add_special_tokens=False, verbose=False)
 
     def encode_documents(self, texts):
         import numpy as np
@@ -149,6 +151,15 @@ class HFTokenizer:
 
     def save(self, folder) -> None:
         self._tok.save_pretrained(folder)
+
+
+def model_tokenizer_file(model: str) -> Path | None:
+    """The tokenizer file a causal LM's folder brings (lowbit's own, or a Hugging Face one), which
+    the run then uses instead of --tokenizer; None for a named size or a folder without one."""
+    for name in ("lowbit_tokenizer.json", "tokenizer.json", "tokenizer_config.json"):
+        if (Path(model) / name).is_file():
+            return Path(model) / name
+    return None
 
 
 def causal_lm_tokenizer(config, run_dir, corpus):
@@ -176,13 +187,13 @@ def causal_lm_tokenizer(config, run_dir, corpus):
                 f"{folder}: the saved tokenizer is damaged ({' '.join(str(error).split())[:120]}); "
                 "fix: restore the run's tokenizer folder"
             ) from None
-    model_dir = Path(config.model)
-    if (model_dir / "lowbit_tokenizer.json").is_file():
-        return load_tokenizer(model_dir)
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+    own = model_tokenizer_file(config.model)
+    if own is not None and own.name == "lowbit_tokenizer.json":
+        return load_tokenizer(own.parent)
+    if own is not None:
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+        return HFTokenizer(AutoTokenizer.from_pretrained(own.parent, local_files_only=True))
     if config.tokenizer == "bpe":
         return build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
     return build_tokenizer("byte")
@@ -306,7 +317,7 @@ CONLL_2003_SUFFIXES = {"train": ".train", "validation": ".testa", "test": ".test
 def conll_splits(path: str) -> dict:
     """Sentences per split from a folder of train*/dev*/test* CoNLL files (or CoNLL-2003's
     *.train/*.testa/*.testb), or one file split by rule."""
-    from lowbit.data import read_conll, split_of
+    from lowbit.data import read_conll
 
     source = Path(path)
     if source.is_dir():
@@ -325,18 +336,35 @@ def conll_splits(path: str) -> dict:
             out[split] = [s for p in chosen for s in read_conll(p)]
         return out
     if source.is_file():
-        sentences = read_conll(source)
-        out = {"train": [], "validation": [], "test": []}
-        for i, sentence in enumerate(sentences):
-            out[split_of(f"{source.name}:{i}")].append(sentence)
-        for split, part in out.items():
-            if not part:
-                raise UsageError(
-                    f"{path}: too few sentences ({len(sentences)}) to fill a {split} split; fix: "
-                    "give more sentences or a folder with train/dev/test files"
-                )
-        return out
+        return _split_conll_file(source)
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
+
+
+def _split_conll_file(source: Path) -> dict:
+    """One CoNLL file's sentences split by rule: whole documents (``-DOCSTART-`` blocks) where
+    the file has several, so that no document lends sentences, and with them its names and
+    phrases, to both training and validation; else sentence by sentence. A unit is named by the
+    index of its first sentence in the file (`split_of` of ``"<file>:<index>"``)."""
+    from lowbit.data import read_conll_documents, split_of
+
+    documents = read_conll_documents(source)
+    by_document = len(documents) > 1  # else no -DOCSTART- line, or one at the top
+    if not by_document:
+        documents = [[sentence] for sentence in documents[0]]
+    out = {"train": [], "validation": [], "test": []}
+    first = 0
+    for document in documents:
+        out[split_of(f"{source.name}:{first}")] += document
+        first += len(document)
+    unit = "documents" if by_document else "sentences"
+    remedy = ", or drop the -DOCSTART- lines to split by sentence" if by_document else ""
+    for split, part in out.items():
+        if not part:
+            raise UsageError(
+                f"{source}: too few {unit} ({len(documents)}) to fill a {split} split; fix: "
+                f"give more {unit} or a folder with train/dev/test files{remedy}"
+            )
+    return out
 
 
 class TokenClassificationTask(Task):

@@ -1,0 +1,127 @@
+"""Trainer data edge cases found by a bug hunt through the public interfaces (session 21)."""
+
+import pytest
+
+from lowbit.errors import UsageError
+from lowbit.train import TrainConfig
+from lowbit.train.config import ignored_settings, resolve
+from lowbit.train.tasks import conll_splits
+
+
+def _conll_documents(path, documents, sentences=4):
+    """A CoNLL file of ``documents`` -DOCSTART- blocks; every word names its document."""
+    lines = []
+    for doc in range(documents):
+        lines += ["-DOCSTART- -X- -X- O", ""]
+        for sentence in range(sentences):
+            lines += [f"d{doc}s{sentence} B-LOC", f"d{doc} O", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_a_single_conll_file_splits_by_document_not_by_sentence(tmp_path):
+    """A document's sentences share names and phrases: split one by one, most validation
+    documents also lent sentences to training, and validation scores came out too good."""
+    splits = conll_splits(str(_conll_documents(tmp_path / "eng.txt", 120)))
+    documents = {
+        split: {sentence.tokens[1] for sentence in sentences} for split, sentences in splits.items()
+    }
+    assert all(documents.values())
+    assert not documents["train"] & documents["validation"]
+    assert not documents["train"] & documents["test"]
+    assert not documents["validation"] & documents["test"]
+    assert sum(len(s) for s in splits.values()) == 120 * 4  # every sentence kept, once
+
+
+def test_too_few_conll_documents_for_a_split_is_named(tmp_path):
+    with pytest.raises(UsageError, match=r"too few documents \(3\) to fill a validation split"):
+        conll_splits(str(_conll_documents(tmp_path / "eng.txt", 3, sentences=40)))
+    # a single -DOCSTART- at the top: the file is split sentence by sentence, as before
+    splits = conll_splits(str(_conll_documents(tmp_path / "one.txt", 1, sentences=120)))
+    assert all(splits.values())
+
+
+def _model_folder_with_tokenizer(folder):
+    from lowbit.data import ByteTokenizer
+    from lowbit.models import build_causal_lm
+
+    build_causal_lm("nano", 257, seed=0).save_pretrained(folder)
+    ByteTokenizer().save(folder)
+    return folder
+
+
+def test_tokenizer_flags_for_a_model_that_brings_its_tokenizer_are_named(tmp_path):
+    model = str(_model_folder_with_tokenizer(tmp_path / "model"))
+    config = TrainConfig(model=model, tokenizer="bpe", vocab_size=512, out=str(tmp_path / "r"))
+    lines = ignored_settings(resolve(config))
+    assert [line.split(" ")[0] for line in lines] == ["tokenizer", "vocab_size"]
+    assert all("brings its own tokenizer (lowbit_tokenizer.json); ignored" in x for x in lines)
+    config = TrainConfig(tokenizer="bpe", vocab_size=512, out=str(tmp_path / "r"))
+    assert ignored_settings(resolve(config)) == []  # a named size: the BPE is trained
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (None, "the run reads the built-in standard library"),
+        ("texts", "is read for its .txt/.md/.py files (a glob such as"),
+        ("texts/a.txt", "is read as paragraphs of text"),
+        ("texts/a.jsonl", None),
+        ("texts/*.jsonl", None),
+    ],
+)
+def test_a_text_field_without_jsonl_data_is_named(tmp_path, data, reason):
+    (tmp_path / "texts").mkdir()
+    for name in ("a.txt", "a.jsonl"):
+        (tmp_path / "texts" / name).write_text('{"body": "x"}\n')
+    path = None if data is None else str(tmp_path / data)
+    config = TrainConfig(data=path, text_field="body", out=str(tmp_path / "r"))
+    lines = ignored_settings(resolve(config))
+    if reason is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("text_field (--text-field) applies to")
+        assert reason in lines[0] and lines[0].endswith("; ignored")
+
+
+def test_documents_longer_than_the_tokenizers_limit_are_not_warned_about():
+    """The trainer cuts the ids into --seq-len windows: transformers' warning that the sequence
+    'will result in indexing errors' in the model was false."""
+    import logging
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.train.tasks import HFTokenizer
+
+    words = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", model_max_length=8)
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # its own handler's stream may be stale
+    try:
+        ids = HFTokenizer(fast).encode_documents(["a " * 20, "a"])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert ids.tolist() == [1] * 20 + [2, 1]
+    assert not [message for message in said if "longer than the specified maximum" in message]
+
+
+@pytest.mark.parametrize("flag", ["--data", "--out", "--model", "--text-field"])
+def test_an_empty_path_or_name_is_refused_not_read_as_the_current_folder(
+    tmp_path, capsys, monkeypatch, flag
+):
+    """``--data "$CORPUS"`` with the variable unset: as a path, "" is the current folder, whose
+    files the run trained on (a token tagger read any train*/dev*/test* file there)."""
+    from lowbit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(200):
+        (tmp_path / f"note{i}.txt").write_text(f"a note {i} " * 40)
+    assert main(["train", flag, "", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    name = flag[2:].replace("-", "_")
+    assert f"{name} is an empty string; fix: give a value, or drop {flag} for the default" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"note{i}.txt" for i in range(200))
