@@ -73,8 +73,9 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
         relative = config.data is not None and not Path(config.data).is_absolute()
         where = " (a relative path: from the folder the run was started in)" if relative else ""
         raise UsageError(
-            f"{run_dir}: its data {config.data} holds other contents than the run trained on "
-            f"(the fingerprint in run.json differs); fix: restore the data the run read{where}"
+            f"{run_dir}: its data {config.data or '(built-in)'} holds other contents than the run "
+            "trained on (the fingerprint in run.json differs); fix: restore the data the run "
+            f"read{where}"
         )
 
 

@@ -125,3 +125,20 @@ def test_an_empty_path_or_name_is_refused_not_read_as_the_current_folder(
     name = flag[2:].replace("-", "_")
     assert f"{name} is an empty string; fix: give a value, or drop {flag} for the default" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"note{i}.txt" for i in range(200))
+
+
+def test_eval_of_a_run_whose_built_in_data_changed_names_the_built_in_corpus(tiny_config):
+    """The built-in standard library differs between Python versions: eval said "its data None
+    holds other contents"."""
+    import json
+
+    from lowbit.train import train
+    from lowbit.train.evaluate import evaluate_run
+
+    result = train(tiny_config(steps=1, eval_interval=1), quiet=True)
+    info_path = result.run_dir / "run.json"
+    info = json.loads(info_path.read_text())
+    info["data_fingerprint"]["train"]["sha256"] = "0" * 64  # as another Python's stdlib reads
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(UsageError, match=r"its data \(built-in\) holds other contents"):
+        evaluate_run(result.run_dir)
