@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -119,8 +120,19 @@ class RunResult:
             lines += ["  memory (per component, measured at step 2):"]
             lines += ["    " + line for line in self.extra["memory_table"].splitlines()]
         if self.sample is not None:
-            lines += ["  sample:", *("    " + line for line in self.sample.splitlines()[:12])]
+            sample = self.sample.splitlines()[:12]
+            lines += ["  sample:", *("    " + _visible(line) for line in sample)]
         return "\n".join(lines)
+
+
+def _visible(text: str) -> str:
+    """``text`` with its control characters (ESC, NUL, ...) written as escapes (``\\x1b``): a
+    byte-level model early in training samples any byte, and a raw escape sequence in the run
+    summary would drive the terminal instead of showing what the model wrote."""
+    return "".join(
+        c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" and c != "\t" else c
+        for c in text
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -142,3 +142,17 @@ def test_eval_of_a_run_whose_built_in_data_changed_names_the_built_in_corpus(tin
     info_path.write_text(json.dumps(info))
     with pytest.raises(UsageError, match=r"its data \(built-in\) holds other contents"):
         evaluate_run(result.run_dir)
+
+
+def test_the_run_summary_shows_control_characters_of_the_sample_as_escapes(tmp_path):
+    """A byte-level model samples any byte: ESC sequences and NUL went raw to the terminal."""
+    from lowbit.train.trainer import RunResult
+
+    result = RunResult(
+        tmp_path, TrainConfig(), 1, "completed", {"loss": 5.0}, {"loss": 4.0}, 4.0, 1.0,
+        "tokens", 0.1, 1.0, 1.0, 1.0, 0, 1.0, None,
+        sample="def f():\n\tx = '\x1b[2J\x00é'",
+    )  # fmt: skip
+    summary = result.summary()
+    assert "    \tx = '\\x1b[2J\\x00é'" in summary.splitlines()
+    assert "\x1b" not in summary and "\x00" not in summary
