@@ -195,7 +195,14 @@ def causal_lm_tokenizer(config, run_dir, corpus):
 
         return HFTokenizer(AutoTokenizer.from_pretrained(own.parent, local_files_only=True))
     if config.tokenizer == "bpe":
-        return build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
+        tokenizer = build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
+        if tokenizer.vocab_size < config.vocab_size:
+            _warn_once(
+                f"lowbit: warning: BPE learned {tokenizer.vocab_size} ids, not the "
+                f"--vocab-size {config.vocab_size} asked: the training text holds no more merges "
+                "(the model is built for the ids learned); fix: more text or a smaller --vocab-size"
+            )
+        return tokenizer
     return build_tokenizer("byte")
 
 
@@ -534,7 +541,13 @@ def _warn_truncated(split: str, sentences, labels: torch.Tensor, seq_len: int) -
         f"{seq_len} holds; their words past it are left out of training and metrics; fix: raise "
         "--seq-len"
     )
-    if cut and message not in _said:
+    if cut:
+        _warn_once(message)
+
+
+def _warn_once(message: str) -> None:
+    """Print ``message`` to stderr unless this process already did."""
+    if message not in _said:
         _said.add(message)
         print(message, file=sys.stderr)
 

@@ -156,3 +156,19 @@ def test_the_run_summary_shows_control_characters_of_the_sample_as_escapes(tmp_p
     summary = result.summary()
     assert "    \tx = '\\x1b[2J\\x00é'" in summary.splitlines()
     assert "\x1b" not in summary and "\x00" not in summary
+
+
+def test_a_bpe_vocab_size_the_text_cannot_fill_is_warned_about(tiny_config, tmp_path, capsys):
+    """BPE stops when the text holds no more merges: 100000 asked gave a few hundred ids, silently."""
+    from lowbit.train.tasks import causal_lm_tokenizer
+
+    config = tiny_config(tokenizer="bpe", vocab_size=100_000)
+
+    class Corpus:
+        def texts(self, split):
+            return ["def add(a, b):\n    return a + b\n"] * 4
+
+    tokenizer = causal_lm_tokenizer(config, None, Corpus)
+    assert tokenizer.vocab_size < 1000
+    err = capsys.readouterr().err
+    assert f"BPE learned {tokenizer.vocab_size} ids, not the --vocab-size 100000 asked" in err
