@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help=f"a size ({', '.join(list_sizes())}), or the config.json (or checkpoint folder) of "
-        "any causal LM transformers builds",
+        help=f"a size ({', '.join(list_sizes())}), the config.json (or checkpoint folder) of "
+        "any causal LM transformers builds, or a lowbit run folder (the model it trained)",
     )
     parser.add_argument(
         "--recipe",
@@ -144,11 +144,12 @@ def run(args) -> int:
     names = _recipes(args.recipe)
     if len(names) > 1:
         return compare_recipes(args, names)
+    recipe = names[0]  # as listed, without the spaces or a trailing comma around it
     kw = dict(gpus=args.gpus, sharding=args.sharding, task=args.task)
-    without = estimate(args.model, args.recipe, args.optimizer_state, args.batch, args.seq, **kw)
+    without = estimate(args.model, recipe, args.optimizer_state, args.batch, args.seq, **kw)
     with_ckpt = estimate(
         args.model,
-        args.recipe,
+        recipe,
         args.optimizer_state,
         args.batch,
         args.seq,
@@ -156,7 +157,7 @@ def run(args) -> int:
         activation_checkpointing=True,
     )
     chosen = with_ckpt if args.activation_checkpointing else without
-    print(_settings(args, chosen.num_params).replace("; ", f"; recipe {args.recipe}; ", 1))
+    print(_settings(args, chosen.num_params).replace("; ", f"; recipe {recipe}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
     print(
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
@@ -166,7 +167,7 @@ def run(args) -> int:
         f"\nfits (N GB taken as N GiB; {RESERVE:.0%} of each device reserved for context and "
         "fragmentation):"
     )
-    for gib, capacity, largest in _largest_batches(args, args.recipe):
+    for gib, capacity, largest in _largest_batches(args, recipe):
         verdict = "yes" if chosen.total <= capacity else "no"
         print(f"  {gib:>4} GB  {verdict:<4} largest batch {largest}")
     return 0

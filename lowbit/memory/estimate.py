@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -113,9 +114,7 @@ def _load_config(config_or_size, task: str = "causal-lm"):
         return model_config(text), text
     path = Path(text)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
-        from lowbit.train.config import read  # a lowbit run folder: the model it trained
-
-        return _load_config(read(path).model, task)
+        return _run_config(path, task)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -124,6 +123,40 @@ def _load_config(config_or_size, task: str = "causal-lm"):
             "fix: give a size name or the path of a Hugging Face config.json"
         )
     return load_config(path), str(path)  # a config.json transformers rejects: one line
+
+
+def _run_config(run_dir: Path, task: str):
+    """(config, name) of the model a lowbit run folder trained: a named size with the run's own
+    vocabulary (its saved tokenizer; a tagger's vocab.json and labels.json, as the trainer builds
+    it), else its ``--model``. A run of another task is refused: its model is not ``task``'s."""
+    from lowbit.models import build_token_classifier, model_config
+    from lowbit.models.causal_lm import SIZES as LM_SIZES
+    from lowbit.models.token_classifier import SIZES as TAGGER_SIZES
+    from lowbit.train.config import read
+
+    run = read(run_dir)
+    if run.task != task:
+        fix = f"--task {run.task}" if run.task in TASKS else f"a run of one of {', '.join(TASKS)}"
+        raise UsageError(f"{run_dir}: the run's task is {run.task}, not {task}; fix: {fix}")
+    if task == "causal-lm" and run.model in LM_SIZES:
+        from lowbit.data import build_tokenizer
+        from lowbit.train.tasks import causal_lm_tokenizer
+
+        # the tokenizer saved with the run; a byte tokenizer's ids are the same without it
+        saved = (run_dir / "tokenizer").is_dir() or run.tokenizer != "byte"
+        tokenizer = causal_lm_tokenizer(run, run_dir, None) if saved else build_tokenizer("byte")
+        return model_config(run.model, tokenizer.vocab_size), str(run_dir)
+    if task == "token-classification" and run.model in TAGGER_SIZES:
+        from lowbit.data.syntax_tags import WordVocab
+
+        vocab = WordVocab.load(run_dir / "vocab.json")  # a missing one: a one-line error
+        if not (run_dir / "labels.json").is_file():
+            raise UsageError(f"{run_dir}: no labels.json; fix: restore the run's labels.json")
+        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+        with FakeTensorMode():  # shapes only
+            model = build_token_classifier(run.model, labels, vocab_size=len(vocab))
+        return model.config, str(run_dir)
+    return _load_config(run.model, task)
 
 
 def _build(config, name: str, dtype: torch.dtype, task: str):

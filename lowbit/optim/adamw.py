@@ -33,6 +33,7 @@ import sys
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lowbit.errors import UsageError
 from lowbit.formats import cast
@@ -43,17 +44,29 @@ OPTIMIZERS = ("adamw", "adam")
 
 
 def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
-    """Make ``load_state_dict`` keep every saved state tensor's dtype (moved to the param's device).
+    """Make ``load_state_dict`` keep every saved state tensor's dtype (moved to the param's device),
+    refuse states saved in another state precision, and leave the caller's dict unchanged.
 
     ``Optimizer.load_state_dict`` casts floating-point states to the parameter's dtype; under a
     16-bit-parameter recipe that rounds fp32 moments to bf16 and a resumed run is no longer the
-    same run. A pre-hook remembers the saved states, a post-hook puts them back unchanged.
+    same run. A pre-hook remembers the saved states, a post-hook puts them back unchanged. Saved
+    moments of another state precision would otherwise be kept as they are (an ``8bit`` optimizer
+    silently stepping fp32 moments) or fail deep in the first step (fp32 Adam on torchao's
+    states); the pre-hook refuses them before anything is loaded. The loaded tensors are copies:
+    the step updates its states in place (the step counter too), and a dict loaded twice, or kept
+    to load again, must give the same states each time.
     """
     saved: dict = {}
 
     def pre_hook(opt, state_dict):
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if len(ids) == len(params):  # else `load_state_dict` refuses the groups itself
+            by_id = dict(zip(ids, params, strict=True))
+            for index, entry in state_dict["state"].items():
+                _check_saved_moments(opt, by_id[index], index, entry)
         saved["state"] = state_dict["state"]
-        saved["ids"] = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved["ids"] = ids
 
     def post_hook(opt):
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -61,14 +74,59 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
         for index, entry in saved.pop("state").items():
             param = by_id[index]
             for key, value in entry.items():
-                if isinstance(value, Tensor) and key != "step":
-                    moved = value.to(device=param.device)
-                    if moved is value and type(value) is Tensor:  # do not alias the caller's dict
-                        moved = value.clone()
-                    opt.state[param][key] = moved
+                if not isinstance(value, Tensor):
+                    continue
+                # the step counter as torch placed it; the moments as saved, on the param's device
+                loaded = opt.state[param][key] if key == "step" else value.to(device=param.device)
+                opt.state[param][key] = _copy(loaded) if loaded is value else loaded
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
     optimizer.register_load_state_dict_post_hook(post_hook)
+
+
+def _copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` with its own storage; torchao's quantized states (which have no
+    ``clone``) through copies of their inner tensors (codes, block scales, code map)."""
+    if not is_traceable_wrapper_subclass(t):
+        return t.clone()
+    names, context = t.__tensor_flatten__()
+    inner = {name: _copy(getattr(t, name)) for name in names}
+    return type(t).__tensor_unflatten__(inner, context, t.size(), t.stride())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _stored_in(moment: Tensor) -> str:
+    """The precision a moment is stored in: a torchao quantized state's (``fp8``, ``8bit``,
+    ``4bit``), else its dtype's (``fp32``, ``bf16``)."""
+    moment = _local(moment)
+    if is_traceable_wrapper_subclass(moment):
+        return _torchao_states()[type(moment)].value
+    return _dtype_name(moment.dtype)
+
+
+def _check_saved_moments(optimizer: Optimizer, param: Tensor, index: int, entry: dict) -> None:
+    """Refuse, in one line, saved moments that ``optimizer`` would not store as they are (saved
+    with another state precision); fp32 Adam also takes a 16-bit parameter's own dtype (what
+    ``torch.optim.AdamW`` creates for it without `lowbit.Precision`)."""
+    precision = StatePrecision(optimizer.state_precision)
+    expected = "fp32" if keeps_fp32_states(precision, param.numel()) else precision.value
+    for key in ("exp_avg", "exp_avg_sq"):
+        moment = entry.get(key)
+        if not isinstance(moment, Tensor):
+            continue
+        stored = _stored_in(moment)
+        params_own = expected == "fp32" and stored == _dtype_name(param.dtype)
+        if stored != expected and not params_own:
+            raise UsageError(
+                f"the saved optimizer state of parameter {index} ({param.numel()} values) has "
+                f"{stored} moments, not the {expected} ones of {precision.value} optimizer states; "
+                "fix: load it into an optimizer of the state precision it was saved with "
+                "(--optimizer-state), or start without the saved optimizer state"
+            )
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -132,6 +190,8 @@ class _CheckedGroups:
 class AdamW(_CheckedGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` whose ``load_state_dict`` keeps the saved states' dtypes."""
 
+    state_precision = StatePrecision.FP32
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _keep_state_dtypes_on_load(self)
@@ -139,6 +199,8 @@ class AdamW(_CheckedGroups, torch.optim.AdamW):
 
 class Adam(_CheckedGroups, torch.optim.Adam):
     """``torch.optim.Adam`` whose ``load_state_dict`` keeps the saved states' dtypes."""
+
+    state_precision = StatePrecision.FP32
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -153,6 +215,19 @@ def _torchao():
     from torchao.optim.adam import single_param_adam
 
     return ao, single_param_adam
+
+
+def _torchao_states() -> dict[type, StatePrecision]:
+    """torchao's quantized state tensor classes and the state precision of each."""
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    return {
+        OptimStateFp8: StatePrecision.FP8,
+        OptimState8bit: StatePrecision.INT8,
+        OptimState4bit: StatePrecision.INT4,
+    }
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
