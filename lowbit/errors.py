@@ -5,6 +5,7 @@ line, ``lowbit: error: <message>``, and exits with status 2. Its message names t
 fix. Anything else that escapes is a bug and keeps its traceback.
 """
 
+from enum import Enum
 from pathlib import Path
 
 
@@ -17,6 +18,15 @@ def choose(kind: str, name: str, valid) -> None:
     valid = list(valid)
     if name not in valid:
         raise UsageError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def member(kind: type[Enum], value, field_name: str) -> Enum:
+    """``value`` as a member of the enum ``kind``; a `UsageError` listing the valid values."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in kind)
+        raise UsageError(f"unknown {field_name} {value!r}; valid: {valid}") from None
 
 
 def file_in_the_way(path) -> Path | None:

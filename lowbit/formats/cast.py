@@ -35,6 +35,7 @@ from enum import Enum
 
 import torch
 
+from lowbit.errors import member
 from lowbit.formats.counter_rng import draw_seed, uniforms
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
@@ -231,7 +232,7 @@ def cast_reference(
 ) -> torch.Tensor:
     """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
     fmt = get(fmt)
-    rounding = Rounding(rounding)
+    rounding = member(Rounding, rounding, "rounding")
     if isinstance(fmt, IntFormat):
         return _cast_int(x.float(), fmt, rounding, generator).to(x.dtype)
     x32 = x.float()
@@ -262,7 +263,7 @@ def cast(
     an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
     """
     fmt = get(fmt)
-    rounding = Rounding(rounding)
+    rounding = member(Rounding, rounding, "rounding")
     if not x.is_floating_point():
         raise TypeError(f"cast needs a floating-point tensor, got {x.dtype}")
     dtype = x.dtype

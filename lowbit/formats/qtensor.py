@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit import kernels
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, member
 from lowbit.formats.cast import Rounding, cast_to_carrier_
 from lowbit.formats.counter_rng import draw_seed
 from lowbit.formats.hadamard import check_signs, padded_length, transform
@@ -498,9 +498,13 @@ def quantize(
     rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
     fmt = get(fmt)
-    granularity = Granularity(granularity)
+    granularity = member(Granularity, granularity, "granularity")
     check_format_for_granularity(fmt, granularity)
-    rule = ScaleRule(scale_rule) if scale_rule is not None else default_rule(granularity)
+    rule = (
+        member(ScaleRule, scale_rule, "scale rule")
+        if scale_rule is not None
+        else default_rule(granularity)
+    )
     if amax is not None and granularity not in _EXTERNAL_AMAX:
         raise UsageError(
             f"an external amax needs granularity 'tensor', 'axis' or 'nvfp4', got {granularity.value}"
@@ -512,7 +516,7 @@ def quantize(
     axis = _checked_axis(axis, x.dim())
     if amax is not None:
         amax = _checked_amax(amax, granularity, x.device)
-    rounding = Rounding(rounding)
+    rounding = member(Rounding, rounding, "rounding")
     fusable = _fusable(x, fmt)
     if hadamard is not None:
         check_signs(hadamard)

@@ -20,7 +20,7 @@ from enum import Enum
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, member
 from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
 from lowbit.formats.scaling import check_format_for_granularity
 
@@ -56,15 +56,6 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     return None if name is None else DTYPES[name]
 
 
-def _choice(kind: type[Enum], value, field_name: str) -> Enum:
-    """``value`` as a member of the enum ``kind``; a `UsageError` listing the valid values."""
-    try:
-        return kind(value)
-    except ValueError:
-        valid = ", ".join(member.value for member in kind)
-        raise UsageError(f"unknown {field_name} {value!r}; valid: {valid}") from None
-
-
 def _positive_int(value, field_name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{field_name} must be a positive whole number, got {value!r}")
@@ -85,15 +76,15 @@ class OperandSpec:
     def __post_init__(self) -> None:
         fmt = get(self.format)
         object.__setattr__(
-            self, "granularity", _choice(Granularity, self.granularity, "granularity")
+            self, "granularity", member(Granularity, self.granularity, "granularity")
         )
-        object.__setattr__(self, "rounding", _choice(Rounding, self.rounding, "rounding"))
-        object.__setattr__(self, "scaling", _choice(Scaling, self.scaling, "scaling"))
+        object.__setattr__(self, "rounding", member(Rounding, self.rounding, "rounding"))
+        object.__setattr__(self, "scaling", member(Scaling, self.scaling, "scaling"))
         # refused when the spec is written (an --override included), not at the first forward:
         # e8m0 elements, NVFP4 blocks of another format, MX blocks of integers
         check_format_for_granularity(fmt, self.granularity)
         if self.scale_rule is not None:
-            rule = _choice(ScaleRule, self.scale_rule, "scale rule")
+            rule = member(ScaleRule, self.scale_rule, "scale rule")
             object.__setattr__(self, "scale_rule", rule)
         sizes = self.block_size if isinstance(self.block_size, tuple) else (self.block_size,)
         for size in sizes if self.block_size is not None else ():
@@ -150,7 +141,7 @@ class GemmSpec:
     transform_block: int = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "transform", _choice(Transform, self.transform, "transform"))
+        object.__setattr__(self, "transform", member(Transform, self.transform, "transform"))
         _positive_int(self.transform_block, "transform_block")
         if self.transform_block & (self.transform_block - 1):
             raise UsageError(
@@ -336,9 +327,9 @@ class Recipe:
     reference: str = ""
 
     def __post_init__(self) -> None:
-        scaling = _choice(LossScaling, self.loss_scaling, "loss scaling")
+        scaling = member(LossScaling, self.loss_scaling, "loss scaling")
         object.__setattr__(self, "loss_scaling", scaling)
-        rounding = _choice(UpdateRounding, self.update_rounding, "update rounding")
+        rounding = member(UpdateRounding, self.update_rounding, "update rounding")
         object.__setattr__(self, "update_rounding", rounding)
         for name in (self.param_dtype, self.master_dtype, self.grad_dtype, self.autocast):
             if name is not None and name not in DTYPES:

@@ -125,3 +125,18 @@ def test_a_tensor_that_requires_grad_casts_to_the_values_of_a_plain_one(name, dt
         assert_same_bits(out.detach(), cast(weight, name))
     (weight + (out - weight).detach()).sum().backward()
     assert torch.equal(weight.grad, torch.ones_like(weight))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x: quantize(x, "fp8_e4m3", "rowwise"), "unknown granularity 'rowwise'; valid: "),
+        (lambda x: quantize(x, "fp8_e4m3", scale_rule="ceil"), "unknown scale rule 'ceil'; valid"),
+        (lambda x: quantize(x, "fp8_e4m3", rounding="sr"), "unknown rounding 'sr'; valid: nearest"),
+        (lambda x: cast(x, "fp8_e4m3", "sr"), "unknown rounding 'sr'; valid: nearest"),
+    ],
+)
+def test_an_unknown_granularity_scale_rule_or_rounding_lists_the_valid_ones(call, message):
+    """They raised the enum's bare ValueError ("'rowwise' is not a valid Granularity")."""
+    with pytest.raises(UsageError, match=message):
+        call(torch.randn(4, 32))
