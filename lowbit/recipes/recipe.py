@@ -61,6 +61,9 @@ def _positive_int(value, field_name: str) -> None:
         raise UsageError(f"{field_name} must be a positive whole number, got {value!r}")
 
 
+_WHOLE_ROWS = (Granularity.TENSOR, Granularity.AXIS)  # granularities without blocks
+
+
 @dataclass(frozen=True)
 class OperandSpec:
     """How one GEMM operand is quantized: format, blocks, scale rule, rounding and scaling."""
@@ -86,6 +89,12 @@ class OperandSpec:
         if self.scale_rule is not None:
             rule = member(ScaleRule, self.scale_rule, "scale rule")
             object.__setattr__(self, "scale_rule", rule)
+        if self.block_size is not None and self.granularity in _WHOLE_ROWS:
+            raise UsageError(
+                f"block_size applies to blocked granularities (block, block2d, mx, nvfp4), not "
+                f"{self.granularity.value}, whose one scale covers whole rows or the tensor; fix: "
+                "drop block_size, or granularity 'block' for 1 x block_size blocks"
+            )
         sizes = self.block_size if isinstance(self.block_size, tuple) else (self.block_size,)
         for size in sizes if self.block_size is not None else ():
             _positive_int(size, "block_size")
