@@ -62,7 +62,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from lowbit.diagnostics.doctor import diagnose, write_outputs
-    from lowbit.errors import UsageError
+    from lowbit.errors import UsageError, file_in_the_way
     from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
 
     if args.probe_steps is None:
@@ -96,6 +96,10 @@ def run(args) -> int:
         base.update(load_file(args.config))
     config = build_config(base, flags)
     out = Path(args.out or Path("runs") / f"doctor-{config.recipe.replace(':', '-')}")
+    # refused before the probe (minutes of training), not when the results are written
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
     # the probe's own scratch run folder (never the checkpoint's run)
     config = resolve(replace(config, out=str(out / "probe"), wandb=False))
     diagnosis = diagnose(config, steps=args.probe_steps, checkpoint_dir=args.checkpoint)

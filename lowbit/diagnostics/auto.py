@@ -30,6 +30,11 @@ retried on the same batches with an observer attached; the operands that saturat
 overflowed to inf) move up a rung; when none did, the layer that ran just before the first layer
 whose input is non-finite (in forward order) moves up; failing that, every operand does. At most ``max_retries``
 retries; then the trainer's usual handling applies.
+
+Data parallelism (DDP, FSDP): each rank measures its own share of the batch, so the ranks agree
+(`AutoPrecision._agreed`, through the scale agreement's all-reduce): every operand takes the highest
+rung any rank's data needs, and the guard moves up what overflowed on any rank. The plan is the same
+on every rank, as the checkpoint (rank 0's) keeps it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from lowbit.diagnostics.stats import (
     nominal_stats,
     operand_stats_tensor,
 )
+from lowbit.nn.operand import scale_agreement
 from lowbit.recipes.auto import RUNGS, budget_of, operand_spec, rung_bits
 from lowbit.recipes.recipe import GemmSpec, LayerSpec
 
@@ -145,6 +151,10 @@ class AutoPrecision:
             if not layer.lowbit_state.overridden
         }
         self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        # Between `begin` and `finish_check` (retried attempts included): only then is the ladder
+        # measured; the collector also serves statistics steps and the guard's observed retries,
+        # where quantizing every operand to every rung would triple a step's cost for nothing.
+        self._checking = False
         self._input_hooks: list = []
         self.collector = GuardCollector(self.model, extra=self._what_if)
         for name, layer in self.layers.items():
@@ -184,7 +194,7 @@ class AutoPrecision:
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
         from lowbit.nn.operand import quantize_operand
 
-        if not self._controls(layer):  # observed only
+        if not self._checking or not self._controls(layer):  # observed only
             return
         measured = {}
         x = x_hp.detach()
@@ -200,6 +210,7 @@ class AutoPrecision:
 
     def begin(self) -> None:
         self._measured.clear()
+        self._checking = True
         self.collector.attach()
         if not self.checked and not self._input_hooks:
             self._watch_inputs()
@@ -238,20 +249,26 @@ class AutoPrecision:
         """Decide from the observed step; returns (current stats, changes made)."""
         stats = self.collector.collect()
         keys = list(self._measured)
-        changes = []
+        verdicts = {}
         if keys:
             flat = torch.stack(
                 [self._measured[k][r].cpu() for k in keys for r in self.rungs]
             ).tolist()
-            for i, (layer, operand) in enumerate(keys):
+            for i, key in enumerate(keys):
                 results = {
                     rung: _finish(flat[i * len(self.rungs) + j])
                     for j, rung in enumerate(self.rungs)
                 }
-                change = self._decide(layer, operand, results)
-                if change:
-                    changes.append(change)
+                verdicts[key] = self._target(key[1], results)
+        targets = self._agreed({key: self.rungs.index(t) for key, (t, _) in verdicts.items()})
+        changes = []
+        for key, index in targets.items():
+            failures = verdicts[key][1] if key in verdicts else {}
+            change = self._decide(*key, self.rungs[index], failures)
+            if change:
+                changes.append(change)
         self._measured.clear()
+        self._checking = False
         first = not self.checked
         self.checked = True
         for handle in self._input_hooks:
@@ -261,9 +278,8 @@ class AutoPrecision:
             self.history.append({"step": step, **self.summary(), "changes": changes})
         return stats, changes
 
-    def _decide(self, layer: str, operand: str, results: dict):
-        current = self.plan[layer][operand]
-        target, reason = self.rungs[-1], ""
+    def _target(self, operand: str, results: dict) -> tuple[str, dict]:
+        """The cheapest rung whose ``results`` pass, and why each cheaper one failed."""
         failures = {}
         for rung in self.rungs:
             nominal = nominal_stats(operand_spec(rung, operand))
@@ -271,9 +287,28 @@ class AutoPrecision:
                 results[rung], self.min_sqnr, self.max_saturated, self.max_underflow, nominal
             )
             if why is None:
-                target = rung
-                break
+                return rung, failures
             failures[rung] = why
+        return self.rungs[-1], failures
+
+    def _agreed(self, chosen: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        """The highest of ``chosen`` (operand -> rung index, or a 0/1 mark) over the ranks of a
+        data-parallel job, for every operand some rank chose. Each rank measures its own share of
+        the batch, so alone the ranks would pick different formats for one layer (seen under
+        DDP with ``auto:fp4``: 97 and 95 operands on fp4), train it in both and save rank 0's
+        plan; the highest is what every rank's data allows. One process: ``chosen`` itself."""
+        agreement = scale_agreement()
+        if not agreement.active:
+            return chosen
+        # every rank lists the same operands in the same order: the plan's, which is the same
+        order = [(layer, op) for layer in self.plan for op in OPERANDS]
+        mine = torch.tensor([float(chosen.get(key, -1)) for key in order])
+        agreed = agreement.amax(mine).tolist()
+        return {key: int(value) for key, value in zip(order, agreed, strict=True) if value >= 0}
+
+    def _decide(self, layer: str, operand: str, target: str, failures: dict):
+        current = self.plan[layer][operand]
+        reason = ""
         key = (layer, operand)
         up = self.rungs.index(target) > self.rungs.index(current)
         down = self.rungs.index(target) < self.rungs.index(current)
@@ -281,7 +316,8 @@ class AutoPrecision:
             self.stable[key] = 0
             if target == current:
                 return None
-            reason = failures.get(current, "initial plan") if up else "initial plan"
+            # up although this rank's share passed at `current`: another rank's data needed it
+            reason = failures.get(current, "another rank's data") if up else "initial plan"
         elif down:
             self.stable[key] = self.stable.get(key, 0) + 1
             if self.stable[key] < self.patience:
@@ -314,6 +350,7 @@ class AutoPrecision:
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
         offenders = [(layer, op) for layer, op in offenders if self._controls(layer)]
+        offenders = list(self._agreed(dict.fromkeys(offenders, 1)))  # any rank's offenders
         offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
         changes = []
         for layer, op in offenders:

@@ -21,7 +21,8 @@ written as `lowbit train --override` takes it.
 
 The probe also flags the known failure patterns:
 
-- loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more, or below 1
+- loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more during the
+  probe, or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
 - fp16 gradient underflow: fp16 output-gradient operands losing more than `MAX_UNDERFLOW` of
   their nonzero values (the reason loss scaling exists);
@@ -290,6 +291,9 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
             trainer.monitor.load_state_dict(state.get("monitor", {}))
     if prepare is not None:
         prepare(trainer)
+    # where the probe starts: from a checkpoint of the run's own recipe, the run's loss scale,
+    # which its earlier overflows may have lowered far below the recipe's initial one
+    start_scale = trainer.precision.loss_scale
     from lowbit.nn.convert import lowbit_layers
 
     layers = lowbit_layers(trainer.model)
@@ -323,7 +327,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         "per_step": per_step,
         "specs": specs,
         "loss_scales": scales,
-        "initial_loss_scale": trainer.precision.recipe.initial_loss_scale,
+        "initial_loss_scale": start_scale,
         "dynamic_scaling": trainer.precision.scaler.enabled,
         "losses": losses,
         "stopped": stopped,

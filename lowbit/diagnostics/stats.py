@@ -60,8 +60,10 @@ _KERNEL_VALUES = (*_KERNEL_DTYPES, torch.int8)
 def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     """The `STATS` of one quantized operand as a float64 vector (no host sync).
 
-    Elementwise work in fp32 (exact for the carrier values and their power-of-two or fp32
-    scales up to one rounding of ``v * s``), sums accumulated in float64.
+    ``d = v * s`` in fp32 (exact for the carrier values and their power-of-two or fp32 scales up
+    to one rounding); ``x - d`` and the squares in float64, where those of any finite fp32 value
+    neither overflow nor flush to zero (in fp32, values above ~1.8e19 would read as non-finite and
+    those below ~1e-23 as error-free zeros); sums accumulated in float64.
     """
     f64 = torch.float64
     scale = _per_element_scale(q).float()
@@ -82,11 +84,11 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     ax = x.abs()
     finite_x = ax < math.inf
     n = max(x.numel(), 1)
-    err2 = (x - d).square_()
+    err2 = x.double().sub_(d).square_()  # d promoted as it is read: one float64 tensor alive
     saturated = finite_x & (ax > saturation * scale)
     nonzero = x != 0
     flushed = nonzero & (d == 0)
-    signal = x.square().sum(dtype=f64)
+    signal = x.double().square_().sum()
     amax = torch.where(finite_x, ax, 0).amax().double() if x.numel() else signal * 0
     nonfinite = (~finite_x | ~torch.isfinite(d)).sum()
     grid = q.effective_scale().flatten()

@@ -7,9 +7,11 @@
 // operand, and the `auto` recipe measures every operand of every layer against every rung of its
 // ladder at each check (a check step of the parity study's model, one thread, took 3.0 s against
 // 0.16 s for a plain step; 0.9-1.1 s with this kernel, scratch timing). Here it is one pass with
-// the same fp32 elementwise arithmetic as the PyTorch path: d = v * s, (x - d)^2 and x^2 rounded to
-// fp32, the saturation threshold fp32(max * (1 + 2^-20)) times s in fp32; counts are exact and the
-// sums are accumulated in float64 (in chunks of a fixed size, added in chunk order, so the result
+// the same elementwise arithmetic as the PyTorch path: d = v * s rounded to fp32, the saturation
+// threshold fp32(max * (1 + 2^-20)) times s in fp32, x - d, (x - d)^2 and x^2 in float64 (in fp32
+// the squares of finite values above ~1.8e19 overflow and those below ~1e-23 flush to zero, which
+// would make a healthy tensor read as non-finite or hide its error); counts are exact and the sums
+// are accumulated in float64 (in chunks of a fixed size, added in chunk order, so the result
 // does not depend on the thread count), which differs from PyTorch's float64 summation order only
 // in the last bits. x and the carrier values are read in their own dtypes (fp32, bf16, fp16; int8
 // values), not converted first (non-contiguous operands are copied by the caller).
@@ -61,22 +63,24 @@ Partial chunk_stats(const X* xp, const V* vp, const float* sp, int64_t scale_ste
     const float d = static_cast<float>(vp[i]) * s;
     const float ax = std::fabs(xv);
     const bool finite = ax < inf;
-    const float diff = xv - d;
-    const float err2 = diff * diff;
-    const float square = xv * xv;
+    // x - d and the squares in float64 (see above), where x^2 is exact
+    const double x64 = static_cast<double>(xv);
+    const double diff = x64 - static_cast<double>(d);
+    const double err2 = diff * diff;
+    const double square = x64 * x64;
     const float limit = threshold * s;
     const bool saturated = finite && ax > limit;
     const bool nonzero = xv != 0.0f;
     const bool flushed = nonzero && d == 0.0f;
-    p.signal += static_cast<double>(square);
-    p.noise += static_cast<double>(err2);
+    p.signal += square;
+    p.noise += err2;
     if (saturated) {
       p.saturated += 1;
-      p.noise_saturated += static_cast<double>(err2);
+      p.noise_saturated += err2;
     }
     if (flushed) {
       p.flushed += 1;
-      p.noise_flushed += static_cast<double>(err2);
+      p.noise_flushed += err2;
     }
     p.nonzero += nonzero;
     p.nonfinite += !finite || !std::isfinite(d);

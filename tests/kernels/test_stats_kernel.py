@@ -70,3 +70,16 @@ def test_transposed_bf16_operand_and_several_threads():
             assert_same_stats(fused, plain)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_squares_of_huge_and_tiny_values_stay_finite_and_nonzero():
+    """x^2 and (x - d)^2 in float64 on both paths: near fp32's max and down to its subnormals
+    they neither overflow (sum x^2 inf: SQNR nan) nor flush to zero."""
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(4))
+    x[:32] *= 2.0**100  # ~1e30, squares beyond fp32's max
+    x[32:] *= 2.0**-100  # ~1e-30, squares below fp32's smallest subnormal
+    x[0, 0] = torch.finfo(torch.float32).max
+    for q in (quantize(x, "fp8_e4m3", "axis"), quantize(x, "fp4_e2m1", "mx")):
+        fused, plain = both_paths(x, q)
+        assert_same_stats(fused, plain)
+        assert torch.isfinite(fused).all() and (fused[[1, 4, 9]] > 0).all(), fused
