@@ -144,11 +144,20 @@ class AutoPrecision:
         from lowbit.nn.convert import lowbit_layers
 
         self.rungs = self.rungs or RUNGS[RUNGS.index(self.budget) :]
-        # Layers whose spec an override chose (`lowbit train --override`) keep it.
+        # Operands whose spec an override chose (`lowbit train --override`) keep it: a whole
+        # layer's, or those an OPERAND:FORMAT override names (the layer's others are planned).
         self.layers = {
             name: layer
             for name, layer in lowbit_layers(self.model).items()
-            if not layer.lowbit_state.overridden
+            if len(layer.lowbit_state.fixed_operands) < len(OPERANDS)
+        }
+        self.fixed = {
+            name: {
+                op: spec
+                for op, spec in layer.lowbit_state.spec.operands().items()
+                if op in layer.lowbit_state.fixed_operands
+            }
+            for name, layer in self.layers.items()
         }
         self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         # Between `begin` and `finish_check` (retried attempts included): only then is the ladder
@@ -159,13 +168,15 @@ class AutoPrecision:
         self.collector = GuardCollector(self.model, extra=self._what_if)
         for name, layer in self.layers.items():
             layer.lowbit_state.dynamic_spec = True
-            self.plan.setdefault(name, {op: self.rungs[-1] for op in OPERANDS})
+            planned = (op for op in OPERANDS if op not in self.fixed[name])
+            self.plan.setdefault(name, {op: self.rungs[-1] for op in planned})
         self.apply()
 
     # --- plan -> layers ----------------------------------------------------------------------
 
     def layer_spec(self, layer: str) -> LayerSpec:
         ops = {op: operand_spec(rung, op) for op, rung in self.plan[layer].items()}
+        ops.update(self.fixed[layer])
         return LayerSpec(
             forward=GemmSpec(ops["forward.x"], ops["forward.w"]),
             grad_input=GemmSpec(ops["grad_input.grad_out"], ops["grad_input.w"]),
@@ -194,7 +205,7 @@ class AutoPrecision:
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
         from lowbit.nn.operand import quantize_operand
 
-        if not self._checking or not self._controls(layer):  # observed only
+        if not self._checking or not self._controls(layer, operand):  # observed only
             return
         measured = {}
         x = x_hp.detach()
@@ -203,10 +214,10 @@ class AutoPrecision:
             measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec))
         self._measured[(layer, operand)] = measured
 
-    def _controls(self, layer: str) -> bool:
-        """Whether the plan may move ``layer``: not an overridden layer (absent from the plan)
-        nor one that reads the model's input (`_watch_inputs`)."""
-        return layer in self.plan and layer not in self.input_layers
+    def _controls(self, layer: str, operand: str) -> bool:
+        """Whether the plan may move ``operand`` of ``layer``: not one an override set (absent
+        from the plan) nor one of a layer that reads the model's input (`_watch_inputs`)."""
+        return operand in self.plan.get(layer, ()) and layer not in self.input_layers
 
     def begin(self) -> None:
         self._measured.clear()
@@ -301,7 +312,7 @@ class AutoPrecision:
         if not agreement.active:
             return chosen
         # every rank lists the same operands in the same order: the plan's, which is the same
-        order = [(layer, op) for layer in self.plan for op in OPERANDS]
+        order = [(layer, op) for layer, ops in self.plan.items() for op in ops]
         mine = torch.tensor([float(chosen.get(key, -1)) for key in order])
         agreed = agreement.amax(mine).tolist()
         return {key: int(value) for key, value in zip(order, agreed, strict=True) if value >= 0}
@@ -349,9 +360,9 @@ class AutoPrecision:
             )
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
-        offenders = [(layer, op) for layer, op in offenders if self._controls(layer)]
+        offenders = [(layer, op) for layer, op in offenders if self._controls(layer, op)]
         offenders = list(self._agreed(dict.fromkeys(offenders, 1)))  # any rank's offenders
-        offenders = offenders or [(layer, op) for layer in self.plan for op in OPERANDS]
+        offenders = offenders or [(layer, op) for layer, ops in self.plan.items() for op in ops]
         changes = []
         for layer, op in offenders:
             current = self.plan[layer][op]
@@ -371,7 +382,7 @@ class AutoPrecision:
     def _clips_unbounded(self, layer: str, op: str) -> bool:
         """Whether ``op`` of ``layer`` is on a rung whose saturation is a loss, not by design
         (`clips_unbounded`); True for a layer outside the plan (it does not move anyway)."""
-        if layer not in self.plan:
+        if op not in self.plan.get(layer, ()):
             return True
         return clips_unbounded(nominal_stats(operand_spec(self.plan[layer][op], op)))
 

@@ -194,8 +194,10 @@ def convert(
                 replacement = LowbitExperts(child, spec, gemm_specs=gemm_specs)
                 for kind in GEMM_KINDS:
                     for expert, gemm in enumerate(replacement.gemms[kind]):
+                        # an override sets a whole expert GEMM (the auto controller plans the others)
                         overridden = reason != RECIPE_DEFAULT or (kind, expert) in gemm_specs
-                        gemm.lowbit_state.overridden = overridden
+                        fixed = gemm.lowbit_state.spec.operands() if overridden else ()
+                        gemm.lowbit_state.fixed_operands = frozenset(fixed)
                 _move_hooks(child, replacement)
                 setattr(module, child_name, replacement)
                 placed[id(child)] = (child, replacement)
@@ -221,8 +223,8 @@ def convert(
                 replacement = LowbitConv1D(child, spec)
             else:
                 replacement = LowbitLinear(child, spec)
-            # A layer an override gave its spec keeps it: the auto controller moves the others.
-            replacement.lowbit_state.overridden = reason != RECIPE_DEFAULT
+            # The operands an override set keep their spec: the auto controller plans the others.
+            replacement.lowbit_state.fixed_operands = recipe.fixed_operands(name)
             _move_hooks(child, replacement)
             setattr(module, child_name, replacement)
             placed[id(child)] = (child, replacement)

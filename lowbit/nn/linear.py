@@ -98,7 +98,8 @@ class LayerState:
         self.spec = spec  # also decides which quantized operands the backward reuses
         self.observer = None
         self.dynamic_spec = False
-        self.overridden = False  # the spec came from a recipe override (`convert`)
+        # the operands whose spec a recipe override set (`convert`): the auto controller keeps them
+        self.fixed_operands: frozenset[str] = frozenset()
         self.histories = {
             name: AmaxHistory(operand.amax_history)
             for name, operand in spec.operands().items()

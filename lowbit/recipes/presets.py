@@ -260,4 +260,5 @@ def parse_override(text: str, recipe: Recipe) -> Override:
             base.grad_weight, a=operands["grad_weight.grad_out"], b=operands["grad_weight.x"]
         ),
     )
-    return Override(pattern, layer, f"override {text}")
+    named = tuple(item.partition(":")[0] for item in what.split(","))
+    return Override(pattern, layer, f"override {text}", operands=named)

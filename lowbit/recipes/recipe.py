@@ -275,6 +275,9 @@ class Override:
     pattern: str
     layer: LayerSpec | None = None
     reason: str = "kept in high precision by the recipe"
+    # an OPERAND:FORMAT override's named operands; its other operands are the recipe's own (under
+    # `auto`, the controller's to choose). Empty: the override sets the whole layer.
+    operands: tuple[str, ...] = ()
 
     def matches(self, name: str) -> bool:
         if self.pattern == FIRST_BLOCK:  # unresolved: block 0 at the outermost numbered level
@@ -385,6 +388,14 @@ class Recipe:
         if self.layer is None:
             return None, "the recipe converts no layers"
         return self.layer, RECIPE_DEFAULT
+
+    def fixed_operands(self, name: str) -> frozenset[str]:
+        """The operands of module ``name`` whose spec an override sets: every operand for a
+        whole-layer override, the named ones for an ``OPERAND:FORMAT`` one, none without one."""
+        for override in self.overrides:
+            if override.matches(name):
+                return frozenset(override.operands or LayerSpec().operands())
+        return frozenset()
 
     @property
     def compute_layer(self) -> LayerSpec:

@@ -184,3 +184,38 @@ def test_data_parallel_ranks_move_up_every_operand_that_overflowed_on_any_rank()
     assert plans[0] == plans[1]
     moved = {(layer, op) for layer, ops in plans[0].items() for op, r in ops.items() if r != "fp8"}
     assert moved == {("1", "forward.x"), ("2", "grad_input.grad_out")}
+
+
+def test_an_operand_override_under_auto_fixes_that_operand_and_leaves_the_others_to_auto():
+    """``--recipe auto --override 'LAYER=OPERAND:FORMAT'``: the override's starting point is
+    auto's bf16 on every operand, and the whole layer was left out of the plan, so its five other
+    operands stayed in bf16 for the whole run. A preset override still fixes all six."""
+    from lowbit.recipes import parse_override
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(3)))
+    recipe = lowbit.get_recipe("auto")
+    named = "1=forward.x:fp8_e4m3,grad_weight.grad_out:bf16"
+    recipe = recipe.with_overrides(parse_override(named, recipe), parse_override("2=fp32", recipe))
+    lowbit.convert(model, recipe)
+    controller = AutoPrecision(model, "fp8")
+    controller.begin()
+    model.forward(torch.randn(256, 64, requires_grad=True)).square().mean().backward()
+    controller.finish_check(1)
+    formats = {op: spec.format for op, spec in model[1].lowbit_state.spec.operands().items()}
+    assert formats == {
+        "forward.x": "fp8_e4m3",  # the override's
+        "forward.w": "fp8_e4m3",
+        "grad_input.grad_out": "fp8_e5m2",
+        "grad_input.w": "fp8_e4m3",
+        "grad_weight.grad_out": "bf16",  # the override's
+        "grad_weight.x": "fp8_e4m3",
+    }
+    assert set(controller.plan["1"]) == {
+        "forward.w",
+        "grad_input.grad_out",
+        "grad_input.w",
+        "grad_weight.x",
+    }
+    assert "2" not in controller.plan
+    assert {s.format for s in model[2].lowbit_state.spec.operands().values()} == {"fp32"}

@@ -148,7 +148,8 @@ def test_an_override_can_name_one_expert_gemm_as_the_doctor_reports_it():
     gemm = "model.layers.1.mlp.experts.gemms.down.2"
     lowbit.convert(model, recipe.with_overrides(Override(gemm, bf16, "override")))
     layers = lowbit.nn.lowbit_layers(model)
-    assert layers[gemm].spec == bf16 and layers[gemm].lowbit_state.overridden
+    assert layers[gemm].spec == bf16
+    assert layers[gemm].lowbit_state.fixed_operands == set(bf16.operands())  # auto keeps it
     assert layers["model.layers.1.mlp.experts.gemms.down.1"].spec == recipe.layer
     with pytest.raises(lowbit.errors.UsageError, match="keep the whole layer"):
         lowbit.convert(_mixtral(), recipe.with_overrides(Override(gemm, None, "kept")))
