@@ -72,3 +72,20 @@ def test_printed_next_commands_quote_paths_with_spaces(trained, tmp_path, capsys
     assert f"next: lowbit eval {shlex.quote(str(out))} " in printed
     command = next(line for line in printed.splitlines() if "next: lowbit eval" in line)
     assert shlex.split(command.split("next: ")[1])[:3] == ["lowbit", "eval", str(out)]
+
+
+def test_a_file_where_a_run_keeps_a_folder_is_one_line_error(trained, tmp_path, capsys):
+    """A resumed run whose tensorboard folder had become a file ended in a FileExistsError
+    traceback from makedirs."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("not a folder\n")
+    assert main(["train", "--resume", str(run), "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"lowbit: error: {run / 'tensorboard'}: File exists; fix: a file is where a folder is "
+        "due; move it away or choose another path"
+    )
