@@ -130,8 +130,10 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
 
     A head saved in the checkpoint is kept where it fits: one of the same labels, its rows put in
     the order of ``labels`` (the data's tags, O first and the others sorted, where a NER model
-    has its own order: O, B-PER, I-PER, ...), or one of as many labels of other names, as it is.
-    A head of another size is replaced by a fresh one (transformers refuses to load it otherwise).
+    has its own order: O, B-PER, I-PER, ...), or one of as many labels that were never named
+    (transformers' LABEL_0, LABEL_1, ...), as it is. A head of another size is replaced by a
+    fresh one (transformers refuses to load it otherwise), and so is one of as many labels of
+    other names: loaded row for row, each output would score another tag than its name.
     """
     from transformers import AutoModelForTokenClassification
 
@@ -149,13 +151,21 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
             f"{saved.model_type!r} checkpoint; fix: use an encoder such as BERT, RoBERTa, "
             "DistilBERT, ELECTRA or DeBERTa"
         ) from None
-    if saved_labels != labels and sorted(saved_labels) == sorted(labels):
-        head = _classification_head(model, len(labels))
+    unnamed = [f"LABEL_{i}" for i in range(len(saved_labels))]  # transformers' default names
+    if saved_labels in (labels, unnamed) or len(saved_labels) != len(labels):
+        return model  # the head as saved, or (another size) a fresh one
+    head = _classification_head(model, len(labels))
+    if sorted(saved_labels) == sorted(labels):
         rows = torch.tensor([saved_labels.index(label) for label in labels])
         with torch.no_grad():
             for param in (head.weight, head.bias):
                 if param is not None:
                     param.copy_(param[rows])
+    else:  # drawn as transformers draws a head of another size (its own init skips loaded ones)
+        with torch.no_grad():
+            head.weight.normal_(0.0, getattr(model.config, "initializer_range", None) or 0.02)
+            if head.bias is not None:
+                head.bias.zero_()
     return model
 
 
@@ -191,6 +201,15 @@ def load_encoder_tokenizer(size_or_path: str):
             f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "
             "tokenizer files (tokenizer.json or vocab.txt) into the folder"
         ) from None
+    # A folder without tokenizer files (a config only) gets, from this transformers, a tokenizer
+    # of the special tokens alone instead of an error: every word became [UNK] (or, in RoBERTa's
+    # family, no piece at all), and the encoder trained on nothing but the tag frequencies.
+    if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
+        raise UsageError(
+            f"{folder}: no tokenizer files (the tokenizer found holds only its special tokens, so "
+            "every word would be unknown); fix: save the encoder's tokenizer (tokenizer.json or "
+            "vocab.txt) into the folder"
+        )
     if tokenizer.pad_token is None:
         raise UsageError(
             f"{folder}: the tokenizer has no padding token; fix: set its pad_token (e.g. "

@@ -367,7 +367,7 @@ def run_one(
     train at once on this machine beside this one (recorded: its throughput is measured under that
     load, `speed_load`)."""
     from lowbit.train import NonFiniteLoss, checkpoint
-    from lowbit.train.config import resolve
+    from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.trainer import Trainer
 
     config = resolve(run_config(study, recipe, seed))
@@ -383,17 +383,20 @@ def run_one(
         and (run_dir / "config.yaml").is_file()
         and checkpoint.latest(run_dir) is not None
     )
+    # A relative --data path is resumed as the absolute one the run recorded (run.json), as
+    # `lowbit train --resume` does: the checkpoint's is compared so, and a resumed run's
+    # config.yaml holds it; the record keeps the study's own, which later invocations compare.
+    trained = with_recorded_data(run_dir, config) if resume else config
     if resume:
-        from lowbit.train.config import read
-
-        changed = _changed_settings(read(run_dir).to_dict(), config.to_dict())
+        saved = with_recorded_data(run_dir, read(run_dir))
+        changed = _changed_settings(saved.to_dict(), trained.to_dict())
         if changed:
             raise UsageError(
                 f"{run_dir}: holds an unfinished run with other settings ({changed}); fix: "
                 "--overwrite to retrain, or another --out"
             )
     # the emulation warning is the same for every seed of a recipe: said for its first one only
-    trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
+    trainer = Trainer(trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
     trainer.sample = False  # a sample text per run is slow and not compared
     cuda = trainer.device.type == "cuda"
     if cuda:

@@ -207,9 +207,13 @@ def _memory_kind(rows) -> str:
 
 
 def _md_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A Markdown table; a ``|`` in a cell (a tag such as ``B-ORG|LOC``) is escaped, else it
+    would split the cell and shift the row's later columns."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def describe(results: dict) -> str:

@@ -137,7 +137,9 @@ def _per_label(results, path):
     finite = [abs(v) for row in grid for v in row if math.isfinite(v)]
     lim = max([*finite, 1.0])
     image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    # a tag's "$" is a dollar sign, not the start of matplotlib's mathtext (a tag "B-$\foo$" raised)
+    ticks = [label.replace("$", r"\$") for label in labels]
+    ax.set_xticks(range(len(labels)), ticks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
