@@ -13,6 +13,7 @@ from lowbit.recipes import get_recipe
 from lowbit.recipes.presets import accepted_names
 
 NAME = "estimate"
+DEFAULT_SEQ = 1024
 HELP = "Estimate training memory (parameters, gradients, master weights, states, activations)."
 
 
@@ -41,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config.json or folder)",
     )
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device (default 1)")
-    parser.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    parser.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help=f"sequence length (default {DEFAULT_SEQ}; for a lowbit run folder, the run's --seq-len)",
+    )
     parser.add_argument(
         "--gpus",
         type=int,
@@ -140,7 +146,26 @@ def compare_recipes(args, names: list[str]) -> int:
     return 0
 
 
+def _run_seq_len(model: str) -> int | None:
+    """The --seq-len of a lowbit run folder (a config.yaml and no config.json); None otherwise."""
+    from pathlib import Path
+
+    from lowbit.train.config import TASK_DEFAULTS, read
+
+    folder = Path(model)
+    if (
+        folder.is_dir()
+        and (folder / "config.yaml").is_file()
+        and not (folder / "config.json").exists()
+    ):
+        run = read(folder)
+        return run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
+    return None
+
+
 def run(args) -> int:
+    if args.seq is None:  # a run folder's own length: an encoder's 64 positions refuse 1024
+        args.seq = _run_seq_len(args.model) or DEFAULT_SEQ
     names = _recipes(args.recipe)
     if len(names) > 1:
         return compare_recipes(args, names)

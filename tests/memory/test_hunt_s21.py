@@ -5,7 +5,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.errors import UsageError
 from lowbit.memory.estimate import estimate
-from lowbit.train.config import TrainConfig, write
+from lowbit.train.config import TASK_DEFAULTS, TrainConfig, write
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
 
@@ -63,3 +63,15 @@ def test_estimate_takes_a_single_recipe_with_a_trailing_comma_or_spaces(capsys):
     # with "unknown recipe ' bf16-low,'", listing bf16-low among the valid ones.
     assert main(["estimate", "--model", "nano", "--recipe", " bf16-low,", "--seq", "32"]) == 0
     assert "recipe bf16-low;" in capsys.readouterr().out
+
+
+def test_estimate_of_a_run_folder_takes_the_runs_sequence_length(tmp_path, capsys):
+    """--seq defaulted to 1024 for every model: a tagger run (the tiny encoder's 64 positions)
+    was refused unless --seq was given."""
+    _tagger_run(tmp_path)
+    argv = ["estimate", "--model", str(tmp_path), "--task", "token-classification"]
+    assert main(argv) == 0
+    seq_len = TASK_DEFAULTS["token-classification"]["seq_len"]
+    assert f"batch 1 x seq {seq_len};" in capsys.readouterr().out
+    assert main(["estimate", "--model", "nano"]) == 0
+    assert "batch 1 x seq 1024;" in capsys.readouterr().out
