@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.infer.io import describe_manifest, load_baseline, load_source
+from lowbit.infer.io import (
+    describe_manifest,
+    load_baseline,
+    load_source,
+    missing_baseline,
+    training_run,
+)
 from lowbit.infer.model import quant_layers
 
 SPLITS = ("train", "validation", "test")
@@ -50,8 +56,11 @@ def _per_label(task, labels, preds) -> dict[str, dict]:
     }
 
 
-def compare(task, model, baseline, split: str, max_batches=None, device="cpu") -> tuple[dict, list]:
-    """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``."""
+def compare(
+    task, model, baseline, split: str, max_batches=None, device="cpu", missing=""
+) -> tuple[dict, list]:
+    """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``;
+    without a ``baseline``, the model's own metrics and ``missing``, why there is none."""
     precision = fp32_precision(device)
     metrics = task.evaluate(model, precision, split, max_batches or 0)
     if baseline is None:  # the folder's own metrics, with nothing to compare them to
@@ -59,7 +68,7 @@ def compare(task, model, baseline, split: str, max_batches=None, device="cpu") -
         lines += [
             f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
         ]
-        return metrics, [*lines, "(the source run is gone: no reference to compare against)"]
+        return metrics, [*lines, f"no reference to compare against: {missing}"]
     base = task.evaluate(baseline, precision, split, max_batches or 0)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
@@ -95,11 +104,12 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     device = resolve_device(device or "cpu")
 
     source = load_source(path, device)
-    # the data the source run trained on, as its run.json recorded it
-    check_same_data(source.manifest["source"]["path"], source.config, source.task.fingerprint)
+    # the data the training run read, as its run.json recorded it
+    check_same_data(training_run(path), source.config, source.task.fingerprint)
     baseline = load_baseline(source.manifest, device)
+    missing = missing_baseline(source.manifest)
     metrics, lines = compare(
-        source.task, source.model, baseline and baseline.model, split, max_batches, device
+        source.task, source.model, baseline and baseline.model, split, max_batches, device, missing
     )
     c = source.config
     head = [
@@ -107,7 +117,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
         f"{source.manifest['source']['path']} (step {source.step}), {split} split",
         "reference: the source model in fp32; this: the folder's model (kernels below)"
         if baseline is not None
-        else "this: the folder's model (kernels below); its source run is gone",
+        else f"this: the folder's model (kernels below); {missing}",
     ]
     note = kernel_note(source.model)
     if note:

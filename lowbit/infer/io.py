@@ -85,6 +85,18 @@ def read_manifest(path) -> dict:
     return manifest
 
 
+def training_run(path) -> Path:
+    """The training run an inference folder comes from, through the pruned folder a quantized one
+    may have been made from (``path`` itself for a run): the folder whose run.json says where its
+    relative --data path pointed and what the data held. A folder moved onto its source's
+    name names itself: the walk stops at a folder seen before."""
+    path, seen = Path(path), set()
+    while is_inference_dir(path) and path.resolve() not in seen:
+        seen.add(path.resolve())
+        path = Path(read_manifest(path)["source"]["path"])
+    return path
+
+
 def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
     """A training run (weights of its checkpoint, fp32) or an inference folder, on ``device``
     (``auto``, ``cpu``, ``cuda[:N]``: a one-line error for a device that is not here)."""
@@ -105,8 +117,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     config = resolve(read(path))
     config = replace(config, device=str(device))
     # the data as the (source) run read it, whatever the current folder
-    run = Path(read_manifest(path)["source"]["path"]) if is_inference_dir(path) else path
-    config = with_recorded_data(run, config)
+    config = with_recorded_data(training_run(path), config)
     if is_inference_dir(path):
         if checkpoint_path:
             raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")
@@ -299,3 +310,16 @@ def load_baseline(manifest: dict, device="cpu") -> Source | None:
     if checkpoint and not Path(checkpoint).is_file():
         return None
     return load_source(path, device, checkpoint if checkpoint else None)
+
+
+def missing_baseline(manifest: dict) -> str:
+    """Why `load_baseline` found no reference, in words: the source folder is gone, or it is
+    there but no longer holds the checkpoint quantized (a resumed run keeps only its last
+    ``--keep-last`` checkpoints)."""
+    src = manifest.get("source", {})
+    if src.get("path") and Path(src["path"]).is_dir() and src.get("checkpoint"):
+        return (
+            f"the source checkpoint {src['checkpoint']} is gone; a resumed run keeps only its "
+            "last --keep-last checkpoints"
+        )
+    return "the source run is gone"

@@ -20,6 +20,7 @@ let a precision recipe treat the LM head separately from the embedding lookup.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -190,6 +191,12 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     folder = Path(path)
     config_file = folder.is_file() and folder.suffix == ".json"  # a config.json by itself
     if not (config_file or (folder / "config.json").is_file()):
+        if (folder / "config.yaml").is_file():  # what lowbit train, quantize and prune write
+            raise UsageError(
+                f"{path}: a lowbit run or quantized/pruned folder, not a Hugging Face one; fix: "
+                f"lowbit export it (lowbit export {shlex.quote(str(path))} --out DIR) and train "
+                "with --model DIR, or --resume the run"
+            )
         raise UsageError(
             f"{path}: not a Hugging Face checkpoint folder (no config.json); fix: give a named "
             f"size ({', '.join(SIZES)}), a folder written by save_pretrained or a config.json"

@@ -14,6 +14,8 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
 from lowbit.errors import UsageError
 
 
@@ -82,16 +84,24 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
     """``auto_class.from_pretrained(folder)`` offline, with SDPA attention where it exists; a
     fresh model from the folder's config where it holds no weights (see the module doc).
     ``kwargs`` set config fields; ``ignore_mismatched_sizes``: initialize afresh the weights whose
-    shape those fields changed (a head of other labels) instead of refusing to load."""
+    shape those fields changed (a head of other labels) instead of refusing to load.
+
+    Parameters are fp32 whatever dtype the config names (a published config.json or a
+    ``lowbit export --dtype bf16`` says bfloat16, and transformers builds in that dtype): the
+    recipe decides the training dtypes, and fp32 or bf16-mixed on bf16 parameters would train
+    without the fp32 weights they promise."""
     config = load_config(folder, **kwargs)  # checked here also before a weights load reads it
     if not has_weights(folder):
         # a copy each try: a refused SDPA model has set its attention implementation in the config
-        return with_sdpa(lambda **kw: auto_class.from_config(copy.deepcopy(config), **kw))
+        return with_sdpa(
+            lambda **kw: auto_class.from_config(copy.deepcopy(config), dtype=torch.float32, **kw)
+        )
     return with_sdpa(
         lambda **kw: auto_class.from_pretrained(
             folder,
             local_files_only=True,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            dtype=torch.float32,
             **kwargs,
             **kw,
         )

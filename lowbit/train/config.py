@@ -448,13 +448,16 @@ def read_run_info(folder) -> dict:
 
 
 def with_recorded_data(folder, config: TrainConfig) -> TrainConfig:
-    """``config`` whose relative --data path is replaced by the absolute one the run in ``folder``
-    recorded (run.json's ``data_path``): a relative path names data from the folder the run was
-    started in, so reading it from another folder would read other data, or none."""
-    if config.data in (None, "stdlib") or Path(config.data).is_absolute():
-        return config
-    recorded = read_run_info(folder).get("data_path")
-    return dataclasses.replace(config, data=recorded) if recorded else config
+    """``config`` whose relative --data path and --model folder are replaced by the absolute ones
+    the run in ``folder`` recorded (run.json's ``data_path`` and ``model_path``): a relative path
+    names a file from the folder the run was started in, so reading it from another folder would
+    read other data or another model, or none."""
+    info = read_run_info(folder)
+    for name, recorded in (("data", info.get("data_path")), ("model", info.get("model_path"))):
+        value = getattr(config, name)
+        if recorded and value not in (None, "stdlib") and not Path(value).is_absolute():
+            config = dataclasses.replace(config, **{name: recorded})
+    return config
 
 
 def read(folder) -> TrainConfig:

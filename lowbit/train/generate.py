@@ -79,4 +79,13 @@ def sample_text(
                 break
             new.append(token)
             inputs = torch.tensor([[token]], device=device)
-    return prompt + tokenizer.decode(new)
+    return prompt + _continuation(tokenizer, ids, new)
+
+
+def _continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text of ``new_ids`` as it reads after the prompt. Decoded alone, the first word of a
+    SentencePiece-style tokenizer (Llama's, Mistral's, Gemma's: "▁world") loses the space its
+    "▁" stands for ("hello" + "world"); decoded after the prompt's ids, it keeps it."""
+    before = tokenizer.decode(prompt_ids)
+    text = tokenizer.decode([*prompt_ids, *new_ids])
+    return text[len(before) :] if text.startswith(before) else tokenizer.decode(new_ids)

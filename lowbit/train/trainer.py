@@ -159,6 +159,17 @@ def data_path(data: str | None) -> str | None:
     return None if data in (None, "stdlib") else os.path.abspath(os.path.expanduser(data))
 
 
+def model_path(config: TrainConfig) -> str | None:
+    """The absolute form of a --model folder or config.json; None for a named model (a size,
+    'minilm')."""
+    from lowbit.models import causal_lm, token_classifier
+
+    named = {"causal-lm": [*causal_lm.SIZES], "token-classification": [*token_classifier.SIZES]}
+    if config.model in [*named.get(config.task, []), "minilm"]:
+        return None
+    return os.path.abspath(config.model) if os.path.exists(config.model) else None
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a folder that holds another run (or anything else) unless told to,
     and into a quantized or pruned model's folder even then (``--overwrite`` would delete the
@@ -216,13 +227,15 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def check_resume_config(saved: dict, config: TrainConfig, recorded_data: str | None = None) -> None:
-    """Refuse a resumed run whose settings differ from the checkpoint's; a relative --data path
-    the checkpoint holds is compared as the absolute ``recorded_data`` (run.json's data_path)."""
+def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
+    """Refuse a resumed run whose settings differ from the checkpoint's; a relative --data path or
+    --model folder the checkpoint holds is compared as the absolute one ``recorded`` (run.json)
+    holds."""
     now = config.to_dict()
-    data = saved.get("data")
-    if recorded_data and data not in (None, "stdlib") and not os.path.isabs(data):
-        saved = {**saved, "data": recorded_data}
+    for name in ("data", "model"):
+        path, value = (recorded or {}).get(f"{name}_path"), saved.get(name)
+        if path and value not in (None, "stdlib") and not os.path.isabs(value):
+            saved = {**saved, name: path}
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     if changed:
         k = changed[0]
@@ -539,7 +552,7 @@ class Trainer:
         self.dist.barrier()  # the other ranks read the run folder only after rank 0 checked it
         resume_step = None
         if resume:
-            self._resume(checkpoint.latest(run_dir), recorded.get("data_path"))
+            self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
             self._check_length()
             self._check_same_data(recorded.get("data_fingerprint"))
@@ -637,7 +650,7 @@ class Trainer:
                 "differs); fix: restore the data the run read, or start a new run"
             )
 
-    def _resume(self, path: Path, recorded_data: str | None = None) -> None:
+    def _resume(self, path: Path, recorded: dict | None = None) -> None:
         if path.is_dir():  # a multi-process checkpoint
             from lowbit.distributed import checkpoint as dcp_checkpoint
 
@@ -647,7 +660,7 @@ class Trainer:
                     "(and --nproc N, any N)"
                 )
             state = dcp_checkpoint.read(path)
-            check_resume_config(state["config"], self.config, recorded_data)
+            check_resume_config(state["config"], self.config, recorded)
             dcp_checkpoint.load(self, path, state)
             return
         if self.dist.distributed:
@@ -656,7 +669,7 @@ class Trainer:
                 "without --strategy/--nproc"
             )
         state = checkpoint.load(path)
-        check_resume_config(state["config"], self.config, recorded_data)
+        check_resume_config(state["config"], self.config, recorded)
         self.load_state_dict(state)
 
     def _check_length(self) -> None:
@@ -681,6 +694,7 @@ class Trainer:
             "data_fingerprint": self.task.fingerprint,
             # where a relative --data pointed from the folder the run was started in
             "data_path": data_path(self.config.data),
+            "model_path": model_path(self.config),  # likewise for a --model folder
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),
@@ -830,10 +844,12 @@ def _under_torchrun(config: TrainConfig) -> TrainConfig:
 
 
 def _with_run_data(config: TrainConfig) -> TrainConfig:
-    """A resumed run's config whose relative --data path, as the run recorded it, is the absolute
-    path it named from the folder the run was started in (run.json's data_path): from another
-    folder the same relative path names other data, or none."""
-    if read(config.out).data != config.data:  # a new --data: check_resume_config refuses it
+    """A resumed run's config whose relative --data path and --model folder, as the run recorded
+    them, are the absolute paths they named from the folder the run was started in (run.json's
+    data_path, model_path): from another folder the same relative path names other files, or
+    none."""
+    saved = read(config.out)
+    if (saved.data, saved.model) != (config.data, config.model):  # check_resume_config refuses it
         return config
     return with_recorded_data(config.out, config)
 
