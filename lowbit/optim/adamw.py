@@ -86,7 +86,10 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
 
 def _copy(t: Tensor) -> Tensor:
     """A copy of ``t`` with its own storage; torchao's quantized states (which have no
-    ``clone``) through copies of their inner tensors (codes, block scales, code map)."""
+    ``clone``) through copies of their inner tensors (codes, block scales, code map); what is not
+    a tensor among those parts (a DTensor's device mesh) is shared as it is."""
+    if not isinstance(t, Tensor):
+        return t
     if not is_traceable_wrapper_subclass(t):
         return t.clone()
     names, context = t.__tensor_flatten__()
