@@ -10,6 +10,7 @@ the previous checkpoints intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -78,6 +79,24 @@ def save(trainer) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def _reading(path):
+    """Within: a checkpoint folder that cannot be read (a torn or missing shard file, a missing
+    ``.metadata``) is a `UsageError` naming it and which checkpoint to use instead, as for a
+    one-process checkpoint (`lowbit.train.checkpoint.unreadable`), not DCP's traceback (an
+    ``EOFError`` inside a ``CheckpointException`` of every rank's traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]  # (exception, stack) of the first rank
+        problem = " ".join(str(error).split())
+        problem = f"{type(error).__name__}: {problem}" if problem else type(error).__name__
+        raise run_checkpoint.unreadable(Path(path), problem) from None
+
+
 def read(path) -> dict:
     """The rank-0 part (``lowbit.pt``) of a DCP checkpoint folder."""
     return run_checkpoint.read_file(Path(path) / EXTRA, name=path)
@@ -92,14 +111,16 @@ def load(trainer, path, extra: dict) -> None:
 
     state = _template(trainer)
     params = optimizer_params(trainer.optimizer)
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    with _reading(path):
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     update: dict = {"masters": {}, "compensation": {}}
     for key in keys:
         if key.startswith("update."):
             _, kind, index = key.split(".")
             p = params[int(index)].detach()
             state[key] = p.float().clone() if kind == "masters" else p.clone()
-    dcp.load(state, checkpoint_id=str(path))
+    with _reading(path):
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(
         trainer.model,
         trainer.optimizer,
@@ -125,9 +146,10 @@ def load_full(path) -> dict:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     extra = read(path)
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    keys = {"model", *(key for key in stored if key.startswith("update."))}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+    with _reading(path), warnings.catch_warnings():
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        keys = {"model", *(key for key in stored if key.startswith("update."))}
+        # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
         items = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
     update: dict = {"masters": {}, "compensation": {}}

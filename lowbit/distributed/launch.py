@@ -15,6 +15,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import replace
@@ -111,29 +112,52 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
         )
         interrupts = 0
-        while True:
-            try:
-                if context.join():
-                    break
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts > 1:
-                    _terminate(context)
-                    raise
-                # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill -INT,
-                # a scheduler) does not: ask every rank to save and stop, which is the same
-                # request, not a second Ctrl-C, for a rank that got the first.
-                _ask_to_stop(context)
-            except mp.ProcessRaisedException as error:
-                raise _failure(folder, error.error_index, "an exception") from None
-            except mp.ProcessExitedException as error:
-                detail = (
-                    f"signal {error.signal_name}"
-                    if error.signal_name
-                    else f"exit {error.exit_code}"
-                )
-                raise _failure(folder, error.error_index, detail) from None
-        return pickle.loads((folder / "result.pkl").read_bytes())
+        with _interruptible():
+            while True:
+                try:
+                    if context.join():
+                        break
+                except KeyboardInterrupt:
+                    interrupts += 1
+                    if interrupts > 1:
+                        _terminate(context)
+                        raise
+                    # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill
+                    # -INT, a scheduler) does not: ask every rank to save and stop, which is the
+                    # same request, not a second Ctrl-C, for a rank that got the first.
+                    _ask_to_stop(context)
+                except mp.ProcessRaisedException as error:
+                    raise _failure(folder, error.error_index, "an exception") from None
+                except mp.ProcessExitedException as error:
+                    if interrupts:  # a rank stopped by the Ctrl-C before its handler was set
+                        raise KeyboardInterrupt from None
+                    detail = (
+                        f"signal {error.signal_name}"
+                        if error.signal_name
+                        else f"exit {error.exit_code}"
+                    )
+                    raise _failure(folder, error.error_index, detail) from None
+        result = folder / "result.pkl"
+        if not result.exists():  # torch's worker wrapper exits 0 on a KeyboardInterrupt (a
+            # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
+            raise _failure(folder, None, "it returned no result")
+        return pickle.loads(result.read_bytes())
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Within: a SIGINT raises KeyboardInterrupt in this process, even where it was started with
+    SIGINT ignored (``lowbit train --nproc 2 ... &`` in a shell script: Python then keeps the
+    inherited SIG_IGN, and a later ``kill -INT`` was swallowed while the ranks trained on to the
+    end, where a one-process run, which installs its own handler, stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ask_to_stop(context) -> None:
