@@ -15,7 +15,12 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
     parser.add_argument("--split", default="validation", help="validation (default), test or train")
-    parser.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: latest)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="a checkpoint: its path, its file name in the run's checkpoints/, or its step number "
+        "(default: the latest)",
+    )
     parser.add_argument(
         "--max-batches",
         type=int,

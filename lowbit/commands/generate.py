@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (40)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: latest)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="a checkpoint: its path, its file name in the run's checkpoints/, or its step number "
+        "(default: the latest)",
+    )
     parser.add_argument("--device", default=None, help="device (default: the run's)")
 
 

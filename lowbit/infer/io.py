@@ -302,12 +302,14 @@ def source_record(source: Source) -> dict:
 def load_baseline(manifest: dict, device="cpu") -> Source | None:
     """The model an inference folder was made from (a run, or the folder it quantized), if it is
     still there: the reference its metric change is measured against."""
+    from lowbit.train.checkpoint import is_checkpoint
+
     src = manifest.get("source", {})
     path = Path(src.get("path", ""))
     if not src or not path.is_dir():
         return None
     checkpoint = src.get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_file():
+    if checkpoint and not is_checkpoint(checkpoint):  # a .dcp folder of a multi-process run
         return None
     return load_source(path, device, checkpoint if checkpoint else None)
 

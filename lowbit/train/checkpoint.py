@@ -108,13 +108,32 @@ def unreadable(path: Path, problem: str) -> UsageError:
     return UsageError(f"{path}: unreadable checkpoint ({problem}); fix: {fix}")
 
 
+def is_checkpoint(path) -> bool:
+    """``path`` is a one-process checkpoint file or a multi-process checkpoint folder (``.dcp``)."""
+    path = Path(path)
+    return path.is_file() or (path.suffix == ".dcp" and path.is_dir())
+
+
 def find(run_dir, checkpoint: str | None = None) -> Path:
-    """``checkpoint`` if given, else the run's latest; a `UsageError` when there is none."""
+    """``checkpoint`` if given (a path; or, inside the run's checkpoint folder, a file name such as
+    ``step-0000010.pt`` or a step number), else the run's latest; a `UsageError` when there is
+    none."""
     if checkpoint:
         path = Path(checkpoint)
-        if not (path.is_file() or (path.suffix == ".dcp" and path.is_dir())):
-            raise UsageError(f"{checkpoint}: no such checkpoint; fix: check the path")
-        return path
+        if is_checkpoint(path):
+            return path
+        inside = [Path(run_dir) / FOLDER / str(checkpoint)]
+        if str(checkpoint).isdecimal():
+            inside = [path_for(run_dir, int(checkpoint), kind) for kind in ("pt", "dcp")]
+        found = next((p for p in inside if is_checkpoint(p)), None)
+        if found is None:
+            steps = [int(_NAME.match(p.name)[1]) for p in list_checkpoints(run_dir)]
+            have = f" (the run has steps {', '.join(map(str, steps))})" if steps else ""
+            raise UsageError(
+                f"{checkpoint}: no such checkpoint{have}; fix: a checkpoint's path, its file "
+                "name in the run's checkpoints folder, or its step number"
+            )
+        return found
     path = latest(run_dir)
     if path is None:
         raise UsageError(

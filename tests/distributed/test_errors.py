@@ -94,3 +94,18 @@ def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
     assert main(["quantize", str(out), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
     assert main(["prune", str(out), "--pattern", "2:4", "--out", str(tmp_path / "p")]) == 0
     assert main(["eval", str(tmp_path / "q"), "--max-batches", "1"]) == 0
+
+
+def test_eval_of_a_quantized_multi_process_run_compares_with_its_source(tmp_path, capsys):
+    """The source checkpoint of a quantized .dcp run is a folder: eval took it for gone ("the
+    source checkpoint ... is gone") and showed no reference."""
+    from lowbit.cli import main
+
+    out = tmp_path / "run"
+    train(TrainConfig(steps=2, out=str(out), strategy="fsdp", **TINY), quiet=True)
+    assert main(["quantize", str(out), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "q"), "--max-batches", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "reference: the source model in fp32" in printed.out
+    assert "gone" not in printed.out + printed.err

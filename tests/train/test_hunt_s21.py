@@ -172,3 +172,18 @@ def test_a_bpe_vocab_size_the_text_cannot_fill_is_warned_about(tiny_config, tmp_
     assert tokenizer.vocab_size < 1000
     err = capsys.readouterr().err
     assert f"BPE learned {tokenizer.vocab_size} ids, not the --vocab-size 100000 asked" in err
+
+
+def test_eval_takes_a_checkpoint_by_step_number_or_file_name(tiny_config, capsys):
+    """--checkpoint took only a path: "10" or "step-0000010.pt" said "no such checkpoint; fix:
+    check the path" although the run had it."""
+    from lowbit.cli import main
+    from lowbit.train import train
+
+    result = train(tiny_config(steps=2, eval_interval=1, save_interval=1, keep_last=2), quiet=True)
+    run = str(result.run_dir)
+    for name in ("1", "step-0000001.pt", str(result.run_dir / "checkpoints" / "step-0000001.pt")):
+        assert main(["eval", run, "--checkpoint", name, "--max-batches", "1"]) == 0
+        assert "step-0000001.pt (step 1)" in capsys.readouterr().out
+    assert main(["eval", run, "--checkpoint", "7", "--max-batches", "1"]) == 2
+    assert "7: no such checkpoint (the run has steps 1, 2); fix:" in capsys.readouterr().err
