@@ -619,12 +619,14 @@ class Trainer:
                             bar.write(
                                 f"step {self.step_idx}: validation loss {metrics['loss']:.4f}"
                             )
-                    if self.step_idx % c.save_interval == 0 or last:
+                    saved_now = self.step_idx % c.save_interval == 0 or last
+                    if saved_now:
                         last_saved = self._save(logger)
                     if on_step is not None:
                         on_step(self)
                     if self.dist.any(self.stop_requested) and not last:  # all ranks stop together
-                        last_saved = self._save(logger)
+                        if not saved_now:  # a stop on a save step keeps the step's checkpoint
+                            last_saved = self._save(logger)
                         status = "interrupted"
                         break
         except NonFiniteLoss as error:

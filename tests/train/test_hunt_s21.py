@@ -187,3 +187,22 @@ def test_eval_takes_a_checkpoint_by_step_number_or_file_name(tiny_config, capsys
         assert "step-0000001.pt (step 1)" in capsys.readouterr().out
     assert main(["eval", run, "--checkpoint", "7", "--max-batches", "1"]) == 2
     assert "7: no such checkpoint (the run has steps 1, 2); fix:" in capsys.readouterr().err
+
+
+def test_a_stop_on_a_save_step_writes_that_checkpoint_once(tiny_config, monkeypatch):
+    """The stop saved the step again right after its save: the time of a second save, and a
+    moment with the new checkpoint removed before its copy was renamed in."""
+    from lowbit.train import checkpoint
+    from lowbit.train.trainer import Trainer
+
+    saves = []
+    save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saves.append(a[2]) or save(*a, **k))
+    trainer = Trainer(tiny_config(steps=6, eval_interval=2, save_interval=2), quiet=True)
+
+    def stop_at_step_2(t):
+        t.stop_requested = t.step_idx == 2
+
+    result = trainer.fit(on_step=stop_at_step_2)
+    assert result.status == "interrupted" and result.steps == 2
+    assert saves == [2] and result.checkpoint.name == "step-0000002.pt"
