@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 NAME = "doctor"
@@ -63,6 +64,7 @@ def run(args) -> int:
 
     from lowbit.diagnostics.doctor import diagnose, write_outputs
     from lowbit.errors import UsageError, file_in_the_way
+    from lowbit.infer.io import is_inference_dir, training_run
     from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
 
     if args.probe_steps is None:
@@ -78,6 +80,12 @@ def run(args) -> int:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
     if args.top < 1:
         raise UsageError(f"--top must be positive, got {args.top}; fix: e.g. --top 15")
+    if args.checkpoint and is_inference_dir(args.checkpoint):  # it holds no training state
+        run = shlex.quote(str(training_run(args.checkpoint)))
+        raise UsageError(
+            f"{args.checkpoint}: a quantized or pruned model, which holds no training state to "
+            f"probe; fix: --checkpoint {run} (the run it was made from)"
+        )
     from lowbit.commands.train import FLAGS
 
     flags = {

@@ -197,9 +197,12 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
                 f"lowbit export it (lowbit export {shlex.quote(str(path))} --out DIR) and train "
                 "with --model DIR, or --resume the run"
             )
+        what = "not a Hugging Face checkpoint folder (no config.json)"
+        if not folder.exists():  # a typo, or the folder a run was fine-tuned from, moved since
+            what = "no such size, folder or file (a run fine-tuned from it reads it again)"
         raise UsageError(
-            f"{path}: not a Hugging Face checkpoint folder (no config.json); fix: give a named "
-            f"size ({', '.join(SIZES)}), a folder written by save_pretrained or a config.json"
+            f"{path}: {what}; fix: give a named size ({', '.join(SIZES)}), a folder written by "
+            "save_pretrained or a config.json"
         )
     config = load_config(folder)
     architectures = config.architectures or []

@@ -58,9 +58,12 @@ def _resolve(size_or_path: str) -> Path:
         return folder
     folder = Path(size_or_path)
     if not (folder / "config.json").is_file():
+        missing = (
+            "" if folder.exists() else " (no such folder: a run fine-tuned from it reads it again)"
+        )
         raise UsageError(
             f"{size_or_path}: neither a token-classifier size ({', '.join(SIZES)}), 'minilm', nor "
-            "a Hugging Face model folder with config.json; fix: give one of those"
+            f"a Hugging Face model folder with config.json{missing}; fix: give one of those"
         )
     return folder
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -467,7 +468,8 @@ def read(folder) -> TrainConfig:
         if (Path(folder) / "config.json").is_file():  # `lowbit export`'s output, a checkpoint
             raise UsageError(
                 f"{folder}: a Hugging Face model folder (config.json), not a lowbit run folder; "
-                f"fix: evaluate the run it came from, or train from it with --model {folder}"
+                f"fix: evaluate the run it came from, or train from it with --model "
+                f"{shlex.quote(str(folder))}"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     return build_config(load_file(path))

@@ -139,3 +139,27 @@ def test_a_run_of_a_relative_model_folder_evaluates_and_resumes_from_elsewhere(
     assert main(["generate", run, "--max-new-tokens", "2"]) == 0
     assert main(["train", "--resume", run, "--steps", "2", "--quiet"]) == 0
     assert "2 steps (completed)" in capsys.readouterr().out
+
+
+def test_doctor_of_a_quantized_folder_names_the_run_to_probe(lm_run, tmp_path, capsys):
+    """It said "no checkpoint to probe; fix: train first" after building a trainer."""
+    quantized = quantize_run(lm_run, "int8", out=tmp_path / "q").out
+    capsys.readouterr()
+    assert main(["doctor", "--checkpoint", str(quantized), "--out", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lowbit: error: {quantized}: a quantized or pruned model, which holds no training state "
+        f"to probe; fix: --checkpoint {lm_run} (the run it was made from)"
+    )
+
+
+def test_a_model_folder_that_is_gone_is_named_so(tmp_path, capsys):
+    """A run fine-tuned from a folder since moved was told to "give a named size"."""
+    gone = tmp_path / "my models" / "llama"
+    argv = ["train", "--model", str(gone), "--steps", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert f"{gone}: no such size, folder or file" in capsys.readouterr().err
+    exported = tmp_path / "an export"
+    (exported).mkdir()
+    (exported / "config.json").write_text("{}")
+    assert main(["eval", str(exported)]) == 2
+    assert f"--model '{exported}'" in capsys.readouterr().err
