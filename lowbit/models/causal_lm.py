@@ -199,7 +199,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
             )
         what = "not a Hugging Face checkpoint folder (no config.json)"
         if not folder.exists():  # a typo, or the folder a run was fine-tuned from, moved since
-            what = "no such size, folder or file (a run fine-tuned from it reads it again)"
+            what += ", nor a size: no such file or folder (a run fine-tuned from it reads it again)"
         raise UsageError(
             f"{path}: {what}; fix: give a named size ({', '.join(SIZES)}), a folder written by "
             "save_pretrained or a config.json"
