@@ -139,6 +139,16 @@ def _first_plan(rank: int) -> dict:
     return controller.plan
 
 
+def _on_two_ranks(fn) -> list:
+    """``fn(rank)`` of ranks 0 and 1, run as two threads that agree on amaxes (`_TwoRanks`)."""
+    previous = set_scale_agreement(_TwoRanks())
+    try:
+        with ThreadPoolExecutor(2) as ranks:
+            return list(ranks.map(fn, (0, 1)))
+    finally:
+        set_scale_agreement(previous)
+
+
 def test_data_parallel_ranks_agree_on_the_auto_plan():
     """Each rank measures its own share of the batch: alone, the ranks planned different formats
     for the same layers (under DDP with auto:fp4 on the nano LM, 97 and 95 operands on fp4),
@@ -146,12 +156,7 @@ def test_data_parallel_ranks_agree_on_the_auto_plan():
     highest rung any rank's data needs."""
     alone = [_first_plan(rank) for rank in (0, 1)]
     assert alone[0] != alone[1]
-    previous = set_scale_agreement(_TwoRanks())
-    try:
-        with ThreadPoolExecutor(2) as ranks:
-            together = list(ranks.map(_first_plan, (0, 1)))
-    finally:
-        set_scale_agreement(previous)
+    together = _on_two_ranks(_first_plan)
     highest = {
         layer: {op: max(rung, alone[1][layer][op], key=RUNGS.index) for op, rung in ops.items()}
         for layer, ops in alone[0].items()
@@ -175,12 +180,7 @@ def _escalated(rank: int) -> dict:
 
 
 def test_data_parallel_ranks_move_up_every_operand_that_overflowed_on_any_rank():
-    previous = set_scale_agreement(_TwoRanks())
-    try:
-        with ThreadPoolExecutor(2) as ranks:
-            plans = list(ranks.map(_escalated, (0, 1)))
-    finally:
-        set_scale_agreement(previous)
+    plans = _on_two_ranks(_escalated)
     assert plans[0] == plans[1]
     moved = {(layer, op) for layer, ops in plans[0].items() for op, r in ops.items() if r != "fp8"}
     assert moved == {("1", "forward.x"), ("2", "grad_input.grad_out")}

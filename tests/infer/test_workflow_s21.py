@@ -18,11 +18,9 @@ def _checkpoint_dtypes(run) -> set:
     return {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
 
 
-def test_a_config_naming_bfloat16_still_trains_fp32_weights_in_the_fp32_recipe(tmp_path):
-    """Published config.json files say "torch_dtype": "bfloat16"; transformers builds the model in
-    that dtype, and the fp32 recipe then trained bf16 weights (half the parameter bytes)."""
-    folder = tmp_path / "llama"
-    folder.mkdir()
+def _llama_config(folder: Path, **fields) -> Path:
+    """A folder holding only the config.json of a one-block Llama on byte ids."""
+    folder.mkdir(parents=True)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -32,9 +30,16 @@ def test_a_config_naming_bfloat16_still_trains_fp32_weights_in_the_fp32_recipe(t
         "intermediate_size": 64,
         "vocab_size": 257,
         "max_position_embeddings": 64,
-        "torch_dtype": "bfloat16",
+        **fields,
     }
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_config_naming_bfloat16_still_trains_fp32_weights_in_the_fp32_recipe(tmp_path):
+    """Published config.json files say "torch_dtype": "bfloat16"; transformers builds the model in
+    that dtype, and the fp32 recipe then trained bf16 weights (half the parameter bytes)."""
+    folder = _llama_config(tmp_path / "llama", torch_dtype="bfloat16")
     run = _train(tmp_path / "run", model=str(folder), recipe="fp32", steps=1, seq_len=16)
     assert _checkpoint_dtypes(run) == {torch.float32}
 
@@ -119,18 +124,7 @@ def test_a_run_of_a_relative_model_folder_evaluates_and_resumes_from_elsewhere(
 ):
     """`--model cfg` names a folder from where the run started; eval, generate and --resume from
     another folder read the model the run recorded (as a relative --data path is)."""
-    folder = tmp_path / "my models" / "llama"
-    folder.mkdir(parents=True)
-    config = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 257,
-        "max_position_embeddings": 64,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    _llama_config(tmp_path / "my models" / "llama")
     monkeypatch.chdir(tmp_path)
     _train(Path("run"), model="my models/llama", steps=1, seq_len=16)
     monkeypatch.chdir(tmp_path / "my models")
