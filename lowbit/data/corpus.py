@@ -163,8 +163,9 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden,
       folder links not followed), one document per file, named by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
-      fixed leading folder; matched ``.jsonl`` / ``.json`` files are read as JSONL (a file that
-      links make a folder or glob reach under several names is read once, under the first);
+      fixed leading folder; matched ``.jsonl`` files are read as JSONL, ``.json`` ones where the
+      pattern ends with ``.json`` (a file that links make a folder or glob reach under several
+      names is read once, under the first);
     - a ``.jsonl`` or ``.json`` file: one document per line, from the string field ``text_field``
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
@@ -190,12 +191,15 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     elif glob.has_magic(spec):
         base = _glob_base(spec)
         files = _unique(_glob_files(spec))
+        # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
+        # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
+        records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
         docs = []
         for f in files:
             name = os.path.relpath(f, base).replace(os.sep, "/")
             docs += (
                 _jsonl_documents(f, name, text_field)
-                if f.suffix.lower() in JSONL_SUFFIXES
+                if f.suffix.lower() in records
                 else _file_documents(f, name)
             )
     else:

@@ -58,10 +58,15 @@ def test_a_json_file_of_json_lines_is_read_as_records_not_as_text(tmp_path):
         match=r"bad\.json: record 2: a string, not a JSON object; fix: one JSON array of objects",
     ):
         load_texts(tmp_path / "bad.json")
+    # a glob over a code tree reads its package.json as text, as before; one asking for .json
+    # files reads them as records, and says how it read one that is not
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "package.json").write_text('{\n  "name": "x"\n}\n')  # not JSON Lines
+    (tmp_path / "app" / "main.py").write_text("print(1)\n")
+    docs = load_texts(str(tmp_path / "app" / "*"))
+    assert [d.name for d in docs] == ["main.py", "package.json"]
     with pytest.raises(UsageError, match=r"package\.json:1: .*\(a \.json file is read as JSON"):
-        load_texts(str(tmp_path / "app" / "*"))
+        load_texts(str(tmp_path / "app" / "*.json"))
 
 
 def test_a_folder_of_json_lines_names_the_glob_that_reads_them(tmp_path):
