@@ -6,6 +6,7 @@ causal LMs to Hugging Face folders.
 eval`` / ``generate`` read it through `load_as_run` and `evaluate_inference_dir`.
 """
 
+from lowbit.errors import UsageError
 from lowbit.infer.evaluate import compare, evaluate_inference_dir, kernel_note
 from lowbit.infer.io import MANIFEST, Source, is_inference_dir, load_source
 from lowbit.infer.model import (
@@ -22,7 +23,11 @@ from lowbit.infer.steps import export_hf, prune_run, quantize_run
 
 
 def load_as_run(path, device=None):
-    """An inference folder as the `lowbit.train.LoadedRun` that ``eval``/``generate`` use."""
+    """An inference folder as the `lowbit.train.LoadedRun` that ``eval``/``generate`` use.
+
+    A training run is refused: `load_source` reads one too (quantize's input), but as an fp32
+    model with no checkpoint of its own, which would evaluate it in other numerics than its
+    recipe's; `lowbit.train.load_run` loads either kind of folder as ``lowbit eval`` does."""
     from lowbit.infer.evaluate import fp32_precision
     from lowbit.infer.io import WEIGHTS
     from lowbit.train.evaluate import LoadedRun
@@ -30,6 +35,11 @@ def load_as_run(path, device=None):
 
     device = resolve_device(device or "cpu")
     source = load_source(path, device)
+    if source.manifest is None:
+        raise UsageError(
+            f"{path}: a training run, not a folder written by lowbit quantize/prune; fix: load "
+            "it with lowbit.train.load_run, which reads either with the run's own recipe"
+        )
     model = source.model
     model.lowbit_inference_note = kernel_note(model)
     return LoadedRun(

@@ -1,0 +1,40 @@
+"""The Python API as a user's own script calls it (session 21): entry points beyond `Precision`."""
+
+import pytest
+
+from lowbit.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def nano_run(tmp_path_factory):
+    """A nano Llama trained one step in bf16-mixed, and its int8 quantization."""
+    from lowbit.infer import quantize_run
+    from lowbit.train import TrainConfig, Trainer
+
+    folder = tmp_path_factory.mktemp("api")
+    text = folder / "text.txt"  # 200 paragraphs: faster to split and tokenize than the stdlib
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(200)))
+    run = folder / "run"
+    settings = {"steps": 1, "batch_size": 2, "seq_len": 16, "eval_batches": 1, "device": "cpu"}
+    trainer = Trainer(
+        TrainConfig(model="nano", data=str(text), out=str(run), **settings), quiet=True
+    )
+    trainer.sample = False  # the closing sample text would take most of the fixture's time
+    trainer.fit()
+    quantized = quantize_run(run, to="int8", out=run.parent / "run-int8").out
+    return run, quantized
+
+
+def test_load_as_run_refuses_a_training_run(nano_run):
+    """`load_as_run` read a training run as an fp32 model with a checkpoint path that does not
+    exist, so evaluating it silently ran other numerics than the run's recipe."""
+    from lowbit.infer import load_as_run
+    from lowbit.train import load_run
+
+    run, quantized = nano_run
+    with pytest.raises(UsageError, match=r"a training run.*lowbit\.train\.load_run"):
+        load_as_run(run)
+    loaded = load_run(run)  # the fix it names: the run with its own recipe and checkpoint
+    assert loaded.precision.recipe.name == "bf16-mixed" and loaded.checkpoint.is_file()
+    inference = load_as_run(quantized)  # what it is for: a quantize/prune folder
+    assert inference.checkpoint.is_file() and inference.step == 1
