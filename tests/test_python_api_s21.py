@@ -38,3 +38,24 @@ def test_load_as_run_refuses_a_training_run(nano_run):
     assert loaded.precision.recipe.name == "bf16-mixed" and loaded.checkpoint.is_file()
     inference = load_as_run(quantized)  # what it is for: a quantize/prune folder
     assert inference.checkpoint.is_file() and inference.step == 1
+
+
+def test_a_config_made_in_python_is_checked_and_takes_paths(tmp_path):
+    """TrainConfig(out=Path(...)) crashed in YAML after set-up (an empty run folder left behind),
+    steps="10" gave a raw TypeError, and overrides="lm_head=fp32" was read letter by letter."""
+    import pytest
+
+    from lowbit.errors import UsageError
+    from lowbit.train import TrainConfig
+    from lowbit.train.config import resolve
+
+    config = resolve(TrainConfig(out=tmp_path / "run", steps="10", overrides="lm_head=fp32"))
+    assert (config.out, config.steps, config.overrides) == (
+        str(tmp_path / "run"),
+        10,
+        ["lm_head=fp32"],
+    )
+    with pytest.raises(UsageError, match=r"batch_size must be an integer, got 2\.5"):
+        resolve(TrainConfig(batch_size=2.5))
+    with pytest.raises(UsageError, match="recipe must be a string"):
+        resolve(TrainConfig(recipe=object()))

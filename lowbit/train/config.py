@@ -202,7 +202,11 @@ _OPTIONAL_STRING_FIELDS = ("out", "strategy")
 
 
 def _check_types(config: TrainConfig) -> None:
-    """Check the type of every setting (a config file can hold anything) and convert numbers."""
+    """Check the type of every setting (a config file can hold anything) and convert numbers;
+    paths given as `os.PathLike` (a `pathlib.Path` in Python) become strings."""
+    for name in ("data", "out", "model"):
+        if isinstance(getattr(config, name), os.PathLike):
+            setattr(config, name, os.fspath(getattr(config, name)))
     for name, kind in _NUMBER_FIELDS.items():
         value = getattr(config, name)
         if value is None:
@@ -251,13 +255,14 @@ def _check_types(config: TrainConfig) -> None:
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the task defaults in and check every value; returns a new config."""
-    choose("task", config.task, TASKS)
-    choose("tokenizer", config.tokenizer, TOKENIZERS)
+    out = dataclasses.replace(config)
+    _check_types(out)  # a TrainConfig made in Python has not been through `build_config`
+    choose("task", out.task, TASKS)
+    choose("tokenizer", out.tokenizer, TOKENIZERS)
     from lowbit.optim import STATE_PRECISIONS
 
-    choose("optimizer state precision", config.optimizer_state, STATE_PRECISIONS)
-    defaults = TASK_DEFAULTS[config.task]
-    out = dataclasses.replace(config)
+    choose("optimizer state precision", out.optimizer_state, STATE_PRECISIONS)
+    defaults = TASK_DEFAULTS[out.task]
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
         if getattr(out, name) is None:
             setattr(out, name, defaults[name])
