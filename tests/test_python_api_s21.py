@@ -59,3 +59,14 @@ def test_a_config_made_in_python_is_checked_and_takes_paths(tmp_path):
         resolve(TrainConfig(batch_size=2.5))
     with pytest.raises(UsageError, match="recipe must be a string"):
         resolve(TrainConfig(recipe=object()))
+
+
+def test_evaluate_inference_dir_refuses_a_training_run(nano_run):
+    """It ended in an AttributeError ('NoneType' has no 'get') for a training run's folder."""
+    from lowbit.infer.evaluate import evaluate_inference_dir
+
+    run, quantized = nano_run
+    with pytest.raises(UsageError, match=r"a training run.*lowbit\.train\.evaluate_run"):
+        evaluate_inference_dir(run)
+    metrics, _ = evaluate_inference_dir(quantized, max_batches=1)
+    assert metrics["loss"] > 0

@@ -104,6 +104,11 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     device = resolve_device(device or "cpu")
 
     source = load_source(path, device)
+    if source.manifest is None:  # `load_source` reads training runs too (quantize's input)
+        raise UsageError(
+            f"{path}: a training run, not a folder written by lowbit quantize/prune; fix: "
+            "evaluate it with lowbit.train.evaluate_run (lowbit eval reads either)"
+        )
     # the data the training run read, as its run.json recorded it
     check_same_data(training_run(path), source.config, source.task.fingerprint)
     baseline = load_baseline(source.manifest, device)
