@@ -147,20 +147,13 @@ def compare_recipes(args, names: list[str]) -> int:
 
 
 def _run_seq_len(model: str) -> int | None:
-    """The --seq-len of a lowbit run folder (a config.yaml and no config.json); None otherwise."""
-    from pathlib import Path
+    """The --seq-len of a lowbit run folder; None for anything else."""
+    from lowbit.train.config import TASK_DEFAULTS, is_run_folder, read
 
-    from lowbit.train.config import TASK_DEFAULTS, read
-
-    folder = Path(model)
-    if (
-        folder.is_dir()
-        and (folder / "config.yaml").is_file()
-        and not (folder / "config.json").exists()
-    ):
-        run = read(folder)
-        return run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
-    return None
+    if not is_run_folder(model):
+        return None
+    run = read(model)
+    return run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
 
 
 def run(args) -> int:

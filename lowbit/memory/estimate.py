@@ -114,7 +114,9 @@ def _load_config(config_or_size, task: str = "causal-lm"):
             )
         return model_config(text), text
     path = Path(text)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
+    from lowbit.train.config import is_run_folder
+
+    if is_run_folder(path):
         return _run_config(path, task)
     if path.is_dir():
         path = path / "config.json"
@@ -133,9 +135,9 @@ def _run_config(run_dir: Path, task: str):
     from lowbit.models import build_token_classifier, model_config
     from lowbit.models.causal_lm import SIZES as LM_SIZES
     from lowbit.models.token_classifier import SIZES as TAGGER_SIZES
-    from lowbit.train.config import read
+    from lowbit.train.config import read, with_recorded_data
 
-    run = read(run_dir)
+    run = with_recorded_data(run_dir, read(run_dir))  # a relative --model, as the run named it
     if run.task != task:
         fix = f"--task {run.task}" if run.task in TASKS else f"a run of one of {', '.join(TASKS)}"
         raise UsageError(f"{run_dir}: the run's task is {run.task}, not {task}; fix: {fix}")

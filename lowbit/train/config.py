@@ -466,6 +466,13 @@ def with_recorded_data(folder, config: TrainConfig) -> TrainConfig:
     return config
 
 
+def is_run_folder(path) -> bool:
+    """``path`` is a folder `lowbit train` (or quantize/prune) wrote: a config.yaml and no
+    config.json (a Hugging Face folder, or a `lowbit export`, holds one)."""
+    path = Path(path)
+    return (path / "config.yaml").is_file() and not (path / "config.json").exists()
+
+
 def read(folder) -> TrainConfig:
     """The config a run folder recorded."""
     path = Path(folder) / "config.yaml"

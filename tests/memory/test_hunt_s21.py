@@ -75,3 +75,19 @@ def test_estimate_of_a_run_folder_takes_the_runs_sequence_length(tmp_path, capsy
     assert f"batch 1 x seq {seq_len};" in capsys.readouterr().out
     assert main(["estimate", "--model", "nano"]) == 0
     assert "batch 1 x seq 1024;" in capsys.readouterr().out
+
+
+def test_a_run_of_a_relative_model_folder_is_estimated_from_any_folder(tmp_path, monkeypatch):
+    """The run recorded its relative --model folder's absolute path, but estimate read the
+    relative one from the current folder ("'hf' is neither a model size ... nor a config.json")."""
+    from lowbit.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    build_model("causal-lm", "nano", vocab_size=257).save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    run.mkdir()
+    write(TrainConfig(task="causal-lm", model="hf"), run)
+    (run / "run.json").write_text(json.dumps({"model_path": str(tmp_path / "hf")}))
+    expected = estimate(tmp_path / "hf", "fp32", seq=32).num_params
+    monkeypatch.chdir(run)
+    assert estimate(run, "fp32", seq=32).num_params == expected
