@@ -194,10 +194,9 @@ def convert(
                 replacement = LowbitExperts(child, spec, gemm_specs=gemm_specs)
                 for kind in GEMM_KINDS:
                     for expert, gemm in enumerate(replacement.gemms[kind]):
-                        # an override sets a whole expert GEMM (the auto controller plans the others)
-                        overridden = reason != RECIPE_DEFAULT or (kind, expert) in gemm_specs
-                        fixed = gemm.lowbit_state.spec.operands() if overridden else ()
-                        gemm.lowbit_state.fixed_operands = frozenset(fixed)
+                        # the operands an override of this GEMM (else of the whole module) sets
+                        own = recipe.fixed_operands(f"{name}.gemms.{kind}.{expert}")
+                        gemm.lowbit_state.fixed_operands = own or recipe.fixed_operands(name)
                 _move_hooks(child, replacement)
                 setattr(module, child_name, replacement)
                 placed[id(child)] = (child, replacement)

@@ -219,3 +219,25 @@ def test_an_operand_override_under_auto_fixes_that_operand_and_leaves_the_others
     }
     assert "2" not in controller.plan
     assert {s.format for s in model[2].lowbit_state.spec.operands().values()} == {"fp32"}
+
+
+@pytest.mark.parametrize(
+    "pattern", ["model.layers.0.mlp.experts", "model.layers.0.mlp.experts.gemms.up.0"]
+)
+def test_an_operand_override_of_experts_under_auto_fixes_only_that_operand(pattern):
+    """An OPERAND:FORMAT override of a mixture-of-experts layer, or of one expert GEMM, fixed all
+    six operands of the GEMMs it matched, as a preset override does."""
+    from lowbit.nn import lowbit_layers
+    from lowbit.recipes import parse_override
+    from tests.moe import mixtral
+
+    model = mixtral()
+    recipe = lowbit.get_recipe("auto")
+    lowbit.convert(
+        model, recipe.with_overrides(parse_override(f"{pattern}=forward.x:fp8_e4m3", recipe))
+    )
+    layers = lowbit_layers(model)
+    assert layers["model.layers.0.mlp.experts.gemms.up.0"].lowbit_state.fixed_operands == {
+        "forward.x"
+    }
+    assert not layers["model.layers.1.mlp.experts.gemms.up.0"].lowbit_state.fixed_operands
