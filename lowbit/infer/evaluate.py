@@ -15,7 +15,7 @@ from lowbit.infer.io import (
     describe_manifest,
     load_baseline,
     load_source,
-    missing_baseline,
+    missing_checkpoint,
     training_run,
 )
 from lowbit.infer.model import quant_layers
@@ -57,10 +57,11 @@ def _per_label(task, labels, preds) -> dict[str, dict]:
 
 
 def compare(
-    task, model, baseline, split: str, max_batches=None, device="cpu", missing=""
+    task, model, baseline, split: str, max_batches=None, device="cpu", missing=None
 ) -> tuple[dict, list]:
     """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``;
-    without a ``baseline``, the model's own metrics and ``missing``, why there is none."""
+    without a ``baseline``, the model's own metrics and why there is none (``missing``, or the
+    source run is gone)."""
     precision = fp32_precision(device)
     metrics = task.evaluate(model, precision, split, max_batches or 0)
     if baseline is None:  # the folder's own metrics, with nothing to compare them to
@@ -68,7 +69,8 @@ def compare(
         lines += [
             f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
         ]
-        return metrics, [*lines, f"no reference to compare against: {missing}"]
+        gone = missing or "the source run is gone"
+        return metrics, [*lines, f"({gone}: no reference to compare against)"]
     base = task.evaluate(baseline, precision, split, max_batches or 0)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
@@ -112,7 +114,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     # the data the training run read, as its run.json recorded it
     check_same_data(training_run(path), source.config, source.task.fingerprint)
     baseline = load_baseline(source.manifest, device)
-    missing = missing_baseline(source.manifest)
+    missing = missing_checkpoint(source.manifest)
     metrics, lines = compare(
         source.task, source.model, baseline and baseline.model, split, max_batches, device, missing
     )
@@ -122,7 +124,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
         f"{source.manifest['source']['path']} (step {source.step}), {split} split",
         "reference: the source model in fp32; this: the folder's model (kernels below)"
         if baseline is not None
-        else f"this: the folder's model (kernels below); {missing}",
+        else f"this: the folder's model (kernels below); {missing or 'its source run is gone'}",
     ]
     note = kernel_note(source.model)
     if note:

@@ -314,14 +314,14 @@ def load_baseline(manifest: dict, device="cpu") -> Source | None:
     return load_source(path, device, checkpoint if checkpoint else None)
 
 
-def missing_baseline(manifest: dict) -> str:
-    """Why `load_baseline` found no reference, in words: the source folder is gone, or it is
-    there but no longer holds the checkpoint quantized (a resumed run keeps only its last
-    ``--keep-last`` checkpoints)."""
+def missing_checkpoint(manifest: dict) -> str | None:
+    """Where `load_baseline` found no reference although the source folder is there: that it no
+    longer holds the checkpoint quantized (a resumed run keeps only its last ``--keep-last``
+    checkpoints), in words; None where the source folder itself is gone."""
     src = manifest.get("source", {})
     if src.get("path") and Path(src["path"]).is_dir() and src.get("checkpoint"):
         return (
             f"the source checkpoint {src['checkpoint']} is gone; a resumed run keeps only its "
             "last --keep-last checkpoints"
         )
-    return "the source run is gone"
+    return None
