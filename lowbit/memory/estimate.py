@@ -108,9 +108,9 @@ def _load_config(config_or_size, task: str = "causal-lm"):
     if text in list_sizes():
         if task != "causal-lm":
             raise UsageError(
-                f"the named sizes are causal LMs here (a tagger's size depends on its data's "
-                f"words and tags); fix: give the {task} model's config.json or checkpoint "
-                "folder, or a lowbit run folder that trained it"
+                f"the named sizes are causal LMs; fix: give the {task} model's config.json "
+                "or checkpoint folder, or a lowbit run folder that trained it (a tagger's size "
+                "depends on its data's words and tags)"
             )
         return model_config(text), text
     path = Path(text)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, choose
-from lowbit.models.pretrained import from_pretrained, load_config
+from lowbit.models.pretrained import GONE, from_pretrained, load_config
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 
@@ -193,13 +193,13 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     if not (config_file or (folder / "config.json").is_file()):
         if (folder / "config.yaml").is_file():  # what lowbit train, quantize and prune write
             raise UsageError(
-                f"{path}: a lowbit run or quantized/pruned folder, not a Hugging Face one; fix: "
-                f"lowbit export it (lowbit export {shlex.quote(str(path))} --out DIR) and train "
-                "with --model DIR, or --resume the run"
+                f"{path}: not a Hugging Face checkpoint folder (no config.json) but a lowbit run "
+                f"or quantized/pruned one; fix: lowbit export it (lowbit export "
+                f"{shlex.quote(str(path))} --out DIR) and train with --model DIR, or --resume the run"
             )
         what = "not a Hugging Face checkpoint folder (no config.json)"
         if not folder.exists():  # a typo, or the folder a run was fine-tuned from, moved since
-            what += ", nor a size: no such file or folder (a run fine-tuned from it reads it again)"
+            what += f", nor a size ({GONE})"
         raise UsageError(
             f"{path}: {what}; fix: give a named size ({', '.join(SIZES)}), a folder written by "
             "save_pretrained or a config.json"

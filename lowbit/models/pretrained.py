@@ -18,6 +18,10 @@ import torch
 
 from lowbit.errors import UsageError
 
+# Said of a --model path where nothing is: a run trained from a folder reads it again when it is
+# evaluated, quantized or resumed, so a folder moved since looks like a typo.
+GONE = "nothing is at that path; a run trained from a folder needs it where it was"
+
 
 def with_sdpa(build):
     """``build(attn_implementation="sdpa")``: the model with PyTorch's SDPA attention, or with its

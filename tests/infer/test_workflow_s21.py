@@ -151,7 +151,7 @@ def test_a_model_folder_that_is_gone_is_named_so(tmp_path, capsys):
     gone = tmp_path / "my models" / "llama"
     argv = ["train", "--model", str(gone), "--steps", "1", "--out", str(tmp_path / "r")]
     assert main(argv) == 2
-    assert "nor a size: no such file or folder (a run fine-tuned from it reads it again)" in (
+    assert "nor a size (nothing is at that path; a run trained from a folder needs it" in (
         capsys.readouterr().err
     )
     exported = tmp_path / "an export"
