@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -89,11 +90,14 @@ def _reading(path):
 
     try:
         yield
-    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+    except (OSError, EOFError, pickle.UnpicklingError, CheckpointException) as error:
+        cause = error
         if isinstance(error, CheckpointException) and error.failures:
-            error = next(iter(error.failures.values()))[0]  # (exception, stack) of the first rank
-        problem = " ".join(str(error).split())
-        problem = f"{type(error).__name__}: {problem}" if problem else type(error).__name__
+            cause = next(iter(error.failures.values()))[0]  # (exception, stack) of the first rank
+        if not isinstance(cause, (OSError, EOFError, pickle.UnpicklingError)):
+            raise  # not the files: a bug or a state that does not fit keeps its traceback
+        problem = " ".join(str(cause).split())
+        problem = f"{type(cause).__name__}: {problem}" if problem else type(cause).__name__
         raise run_checkpoint.unreadable(Path(path), problem) from None
 
 
