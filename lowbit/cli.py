@@ -34,7 +34,7 @@ COMMAND_MODULES = [
 FILESYSTEM_ERRORS = {
     errno.ENOTDIR: (2, "a folder on the path is a file; choose another path"),
     errno.EISDIR: (2, "the path is a folder; choose a file path"),
-    errno.EEXIST: (2, "a file is where a folder is due; move it away or choose another path"),
+    errno.EEXIST: (2, "something is in the way at that path; move it away or choose another path"),
     errno.EACCES: (2, "choose a path you may write to, or change its permissions"),
     errno.EPERM: (2, "choose a path you may write to, or change its permissions"),
     errno.EROFS: (2, "choose a path on a writable file system"),

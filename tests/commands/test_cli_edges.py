@@ -86,6 +86,6 @@ def test_a_file_where_a_run_keeps_a_folder_is_one_line_error(trained, tmp_path, 
     assert main(["train", "--resume", str(run), "--steps", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
-        f"lowbit: error: {run / 'tensorboard'}: File exists; fix: a file is where a folder is "
-        "due; move it away or choose another path"
+        f"lowbit: error: {run / 'tensorboard'}: File exists; fix: something is in the way at "
+        "that path; move it away or choose another path"
     )
