@@ -71,7 +71,7 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     saturation = float(q.fmt.max) * (1 + 2.0**-20)
     values = q.values
     if kernels.usable(values) and x_hp.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_VALUES:
-        # one pass, the same fp32 arithmetic (stats.cpp)
+        # one pass, the same arithmetic as below (stats.cpp: d in fp32, squares in float64)
         x = x_hp.detach().reshape(values.shape)
         grid = q.effective_scale().flatten()
         stats = kernels.operand_stats(
@@ -84,7 +84,7 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     ax = x.abs()
     finite_x = ax < math.inf
     n = max(x.numel(), 1)
-    err2 = x.double().sub_(d).square_()  # d promoted as it is read: one float64 tensor alive
+    err2 = x.double().sub_(d).square_()  # d promoted as it is read, not copied to float64
     saturated = finite_x & (ax > saturation * scale)
     nonzero = x != 0
     flushed = nonzero & (d == 0)
