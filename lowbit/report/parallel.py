@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -81,6 +82,25 @@ def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
                 os.kill(process.pid, STOP_SIGNAL)
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within: a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the
+    workers saving a checkpoint; by default it ended this process alone and left the workers
+    training to the end, orphaned, where a rerun would train the same folders a second time."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print) -> set:
     """Train every ``(study, recipe, seed)`` of ``runs``, ``jobs`` at a time in worker processes
     of ``threads`` PyTorch threads; returns the ``(study.out, recipe, seed)`` it trained (not
@@ -88,7 +108,10 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
     runs = list(runs)
     trained: set[tuple[Path, str, int]] = set()
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with (
+        _terminate_as_interrupt(),
+        ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
+    ):
         started = time.perf_counter()
         futures = {pool.submit(_train, *run, overwrite, threads, jobs): run for run in runs}
         pending, finished = set(futures), 0

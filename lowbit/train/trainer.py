@@ -803,28 +803,38 @@ class Trainer:
 @contextlib.contextmanager
 def _stop_on_sigint(trainer: Trainer):
     """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once. The
-    launcher's `lowbit.distributed.context.STOP_SIGNAL` asks for the first, however often it comes."""
+    launcher's `lowbit.distributed.context.STOP_SIGNAL` asks for the first, however often it comes.
+
+    So does a SIGTERM to a one-process run: it is how schedulers (Slurm, Kubernetes, systemd)
+    end a job before a later SIGKILL, and by default it killed the run without a checkpoint, losing
+    the steps since the last save. The ranks of a multi-process run keep SIGTERM's default: the
+    launcher aborts them with it (a second Ctrl-C, a failed rank)."""
     from lowbit.distributed.context import STOP_SIGNAL
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def request_stop() -> None:
+    def request_stop(signum) -> None:
         if not trainer.stop_requested:
             trainer.stop_requested = True
             if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
                 print(
-                    "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+                    "\nterminated (SIGTERM): saving a checkpoint after this step"
+                    if signum == signal.SIGTERM
+                    else "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to "
+                    "abort)",
                     file=sys.stderr,
                 )
 
     def handler(signum, frame):
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        request_stop()
+        request_stop(signum)
 
     signals = [signal.SIGINT] + ([STOP_SIGNAL] if STOP_SIGNAL is not None else [])
+    if not trainer.dist.distributed:
+        signals.append(signal.SIGTERM)
     previous = {number: signal.signal(number, handler) for number in signals}
     try:
         yield

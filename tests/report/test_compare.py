@@ -438,9 +438,11 @@ def test_a_finished_run_is_not_reused_after_its_data_changed(study_result, tmp_p
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
-def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path):
-    """`kill -INT` of the parent (a scheduler's stop) reaches only it: the workers must still
-    save a checkpoint and stop, not train to the end while the parent waits."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path, stop):
+    """`kill -INT` or `kill -TERM` of the parent (a scheduler's stop) reaches only it: the workers
+    must still save a checkpoint and stop, not train to the end while the parent waits (after a
+    SIGTERM the parent died and left them training, orphaned)."""
     out = tmp_path / "study"
     argv = ["compare", "--recipes", "fp32,bf16-mixed", "--seeds", "1", "--jobs", "2"]
     argv += ["--threads", "1", "--steps", "100000", "--seq-len", "16", "--batch-size", "4"]
@@ -462,7 +464,7 @@ def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path):
             time.sleep(0.2)
         time.sleep(1)
         started = time.monotonic()
-        parent.send_signal(signal.SIGINT)
+        parent.send_signal(stop)
         _, err = parent.communicate(timeout=120)
     finally:
         if parent.poll() is None:
