@@ -67,7 +67,7 @@ def _misfit(expected: dict, given: dict, error: Exception) -> str:
 def check_same_data(run_dir, config, current: dict | None) -> None:
     """Refuse to evaluate a run on other data than it trained on: its data path is read again,
     and the files there may have changed since (or a relative path may name another folder)."""
-    from lowbit.train.tasks import same_data
+    from lowbit.train.tasks import same_data, split_rule_note
 
     if not same_data(read_run_info(run_dir).get("data_fingerprint"), current):
         relative = config.data is not None and not Path(config.data).is_absolute()
@@ -75,7 +75,7 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
         raise UsageError(
             f"{run_dir}: its data {config.data or '(built-in)'} holds other contents than the run "
             "trained on (the fingerprint in run.json differs); fix: restore the data the run "
-            f"read{where}"
+            f"read{where}" + split_rule_note(config)
         )
 
 

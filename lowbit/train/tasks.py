@@ -347,6 +347,15 @@ def conll_splits(path: str) -> dict:
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
 
 
+def split_rule_note(config) -> str:
+    """A note for a data fingerprint that no longer matches the run's, where the data may be
+    unchanged and read otherwise: one CoNLL file with several documents splits by document (it
+    split by sentence before), which changes the splits of runs made before."""
+    if config.task == "token-classification" and config.data and Path(config.data).is_file():
+        return " (if the file is unchanged: one CoNLL file now splits by -DOCSTART- document)"
+    return ""
+
+
 def _split_conll_file(source: Path) -> dict:
     """One CoNLL file's sentences split by rule: whole documents (``-DOCSTART-`` blocks) where
     the file has several, so that no document lends sentences, and with them its names and

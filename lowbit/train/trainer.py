@@ -543,6 +543,11 @@ class Trainer:
 
         if resume and not self.built_to_resume:  # its task built another tokenizer than the run's
             raise ValueError("a Trainer resumes only if made with Trainer(config, resume=True)")
+        if self.step_idx and not resume:  # a fresh start would clear the folder it trained into
+            raise UsageError(
+                f"this Trainer has already trained to step {self.step_idx}; fix: a new Trainer "
+                "for a new run, or Trainer(config, resume=True).fit(resume=True) to continue it"
+            )
         c, run_dir, t_start = self.config, Path(self.config.out), time.perf_counter()
         main = self.dist.is_main
         if main:
@@ -552,10 +557,11 @@ class Trainer:
         self.dist.barrier()  # the other ranks read the run folder only after rank 0 checked it
         resume_step = None
         if resume:
+            # the data first: a checkpoint of other data fails its batches' state with less clue
+            self._check_same_data(recorded.get("data_fingerprint"))
             self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
             self._check_length()
-            self._check_same_data(recorded.get("data_fingerprint"))
         else:
             # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
             self.start_metrics = self.evaluate()
@@ -643,13 +649,14 @@ class Trainer:
     def _check_same_data(self, recorded: dict | None) -> None:
         """A resumed run trains on the contents it trained on (a file edited since, or a relative
         path that names another file from here, would continue on other data)."""
-        from lowbit.train.tasks import same_data
+        from lowbit.train.tasks import same_data, split_rule_note
 
         if not same_data(recorded, self.task.fingerprint):
             raise UsageError(
                 f"cannot resume {self.config.out}: its data {self.config.data or '(built-in)'} "
                 "holds other contents than the run trained on (the fingerprint in run.json "
                 "differs); fix: restore the data the run read, or start a new run"
+                + split_rule_note(self.config)
             )
 
     def _resume(self, path: Path, recorded: dict | None = None) -> None:

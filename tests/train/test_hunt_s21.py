@@ -206,3 +206,29 @@ def test_a_stop_on_a_save_step_writes_that_checkpoint_once(tiny_config, monkeypa
     result = trainer.fit(on_step=stop_at_step_2)
     assert result.status == "interrupted" and result.steps == 2
     assert saves == [2] and result.checkpoint.name == "step-0000002.pt"
+
+
+def test_a_trainer_that_has_trained_refuses_a_fresh_fit(tiny_config):
+    """A second fit() on the same Trainer cleared the run folder, checkpoints included, trained
+    no step and wrote a 'completed' run without a checkpoint."""
+    from lowbit.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(steps=2, eval_interval=2), quiet=True)
+    result = trainer.fit()
+    with pytest.raises(UsageError, match="already trained to step 2; fix: a new Trainer"):
+        trainer.fit(overwrite=True)
+    assert result.checkpoint.is_file()
+
+
+def test_a_resume_on_other_data_names_the_data_before_the_batches(tiny_config, tmp_path):
+    """A resume on changed data failed in the batches' saved state ("cannot resume batches:
+    num_rows saved ... now ...") before the data check could name the cause."""
+    from lowbit.train import train
+
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"paragraph {i}: some words here.\n\n" for i in range(300)))
+    config = tiny_config(data=str(data), steps=2, eval_interval=1)
+    train(config, quiet=True)
+    data.write_text("".join(f"another {i}: more words.\n\n" for i in range(200)))
+    with pytest.raises(UsageError, match="holds other contents than the run trained on"):
+        train(tiny_config(data=str(data), steps=4, eval_interval=1), resume=True, quiet=True)
