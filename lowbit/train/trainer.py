@@ -120,7 +120,7 @@ class RunResult:
             lines += ["  memory (per component, measured at step 2):"]
             lines += ["    " + line for line in self.extra["memory_table"].splitlines()]
         if self.sample is not None:
-            sample = self.sample.splitlines()[:12]
+            sample = self.sample.split("\n")[:12]
             lines += ["  sample:", *("    " + _visible(line) for line in sample)]
         return "\n".join(lines)
 
@@ -130,9 +130,15 @@ def _visible(text: str) -> str:
     byte-level model early in training samples any byte, and a raw escape sequence in the run
     summary would drive the terminal instead of showing what the model wrote."""
     return "".join(
-        c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" and c != "\t" else c
-        for c in text
+        c.encode("unicode_escape").decode() if _control(c) and c != "\t" else c for c in text
     )
+
+
+def _control(c: str) -> bool:
+    """A control character (Cc: ESC, NUL, CR, ...) or a format one (Cf: U+202E reverses the
+    text that follows on a terminal), except the zero-width joiners text uses."""
+    kind = unicodedata.category(c)
+    return kind == "Cc" or (kind == "Cf" and c not in "\u200c\u200d")
 
 
 def _duration(seconds: float) -> str:
@@ -570,7 +576,8 @@ class Trainer:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write(c, run_dir)
-            self.task.save_artifacts(run_dir)
+            if not resume:  # a resumed run has just read them; rewritten, a kill could tear them
+                self.task.save_artifacts(run_dir)
             self._write_run_info(run_dir, resume_step)
         logger = (
             MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)

@@ -151,10 +151,10 @@ def test_the_run_summary_shows_control_characters_of_the_sample_as_escapes(tmp_p
     result = RunResult(
         tmp_path, TrainConfig(), 1, "completed", {"loss": 5.0}, {"loss": 4.0}, 4.0, 1.0,
         "tokens", 0.1, 1.0, 1.0, 1.0, 0, 1.0, None,
-        sample="def f():\n\tx = '\x1b[2J\x00é'",
+        sample="def f():\n\tx = '\x1b[2J\x00é'\x1c\u202eab",
     )  # fmt: skip
     summary = result.summary()
-    assert "    \tx = '\\x1b[2J\\x00é'" in summary.splitlines()
+    assert "    \tx = '\\x1b[2J\\x00é'\\x1c\\u202eab" in summary.split("\n")
     assert "\x1b" not in summary and "\x00" not in summary
 
 
@@ -232,3 +232,24 @@ def test_a_resume_on_other_data_names_the_data_before_the_batches(tiny_config, t
     data.write_text("".join(f"another {i}: more words.\n\n" for i in range(200)))
     with pytest.raises(UsageError, match="holds other contents than the run trained on"):
         train(tiny_config(data=str(data), steps=4, eval_interval=1), resume=True, quiet=True)
+
+
+def test_a_resume_leaves_the_runs_tokenizer_files_as_they_are(tiny_config):
+    """A resume rewrote the tokenizer it had just read, in place: a kill in that write left a
+    torn tokenizer.json that no later resume could read (a BPE one cannot be rebuilt the same)."""
+    import os
+
+    from lowbit.train import train
+
+    config = tiny_config(tokenizer="bpe", vocab_size=300, steps=2, eval_interval=1)
+    result = train(config, quiet=True)
+    files = [p for p in (result.run_dir / "tokenizer").iterdir() if p.is_file()]
+    for path in files:
+        os.utime(path, (1_000_000, 1_000_000))
+    resumed = train(
+        tiny_config(tokenizer="bpe", vocab_size=300, steps=3, eval_interval=1),
+        resume=True,
+        quiet=True,
+    )
+    assert resumed.steps == 3
+    assert all(path.stat().st_mtime == 1_000_000 for path in files)
