@@ -70,3 +70,26 @@ def test_evaluate_inference_dir_refuses_a_training_run(nano_run):
         evaluate_inference_dir(run)
     metrics, _ = evaluate_inference_dir(quantized, max_batches=1)
     assert metrics["loss"] > 0
+
+
+def test_a_quantized_model_saves_whole_with_torch_save(nano_run, tmp_path):
+    """torch.save(model) of a quantized model failed: its layers held a lambda hook."""
+    import torch
+
+    from lowbit.infer import load_as_run
+
+    _, quantized = nano_run
+    model = load_as_run(quantized).model
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids = torch.randint(0, 257, (1, 8))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_read_stats_of_a_folder_that_is_not_there_is_refused(tmp_path):
+    """It returned [] for a typo, as for a run that logged no statistics."""
+    from lowbit.diagnostics.stats import read_stats
+
+    with pytest.raises(UsageError, match="no such run folder"):
+        read_stats(tmp_path / "typo")
+    assert read_stats(tmp_path) == []

@@ -243,9 +243,13 @@ def read_stats(run_dir) -> list[tuple[int, dict]]:
     import json
     from pathlib import Path
 
+    from lowbit.errors import UsageError
+
+    if not Path(run_dir).is_dir():
+        raise UsageError(f"{run_dir}: no such run folder; fix: check the path")
     path = Path(run_dir) / "metrics.jsonl"
     found = []
-    if not path.is_file():
+    if not path.is_file():  # a run that has logged nothing yet
         return found
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -44,6 +44,11 @@ KERNELS = ("dequant", "int8pack")
 ONEDNN_MIN_ROWS = 16
 
 
+def _clear_cache(module, incompatible_keys) -> None:
+    """After `load_state_dict`: the weights dequantized from the old buffers are stale."""
+    module._cache.clear()
+
+
 class QuantLinear(torch.nn.Module):
     """A linear layer whose weight is stored quantized (buffers ``qweight``, ``scale``[, ...])."""
 
@@ -56,7 +61,7 @@ class QuantLinear(torch.nn.Module):
         self.kernel = "dequant"
         self.dense_type: type = torch.nn.Linear  # what `dequantize_model` gives back (or Conv1D)
         self._cache: dict[str, torch.Tensor] = {}
-        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
+        self.register_load_state_dict_post_hook(_clear_cache)  # a function: torch.save pickles it
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, recipe: QuantRecipe) -> QuantLinear:
