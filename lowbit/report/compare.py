@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from lowbit.train.tasks import data_fingerprint, same_data
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
+_SETTINGS_LEFTOVER = re.compile(rf"\.{re.escape(SETTINGS)}\.\d+\.tmp")
 # Settings of a run that may differ for a finished run to be reused: where it is written, on
 # which device, where it logs, and which checkpoints it keeps (the losses do not depend on them).
 _NOT_COMPARED = {"out", "device", "wandb", "save_interval", "keep_last"}
@@ -735,7 +737,14 @@ def check_out(study: Study, overwrite: bool) -> None:
                 "--overwrite to retrain, or another --out"
             )
     elif study.out.is_dir() and not overwrite:
-        foreign = sorted(p.name for p in study.out.iterdir() if p.name not in ("runs", REPORT_DIR))
+        ours = ("runs", REPORT_DIR)
+        # a study killed while writing its settings the first time leaves only their temporary
+        # file (`write_atomically`), which is this study's own, not another program's
+        foreign = sorted(
+            p.name
+            for p in study.out.iterdir()
+            if p.name not in ours and not _SETTINGS_LEFTOVER.fullmatch(p.name)
+        )
         if foreign:
             raise UsageError(
                 f"{study.out}: folder holds {foreign[0]!r}, not a compare study; fix: choose "

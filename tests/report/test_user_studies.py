@@ -216,3 +216,18 @@ def test_auto_budgets_are_recipes_a_study_takes():
     assert parse_recipes("fp32,auto:fp4,auto:fp6") == ["fp32", "auto:fp4", "auto:fp6"]
     with pytest.raises(UsageError, match=r"unknown recipe 'auto:fp3'.*auto:fp6, auto:fp4"):
         parse_recipes("fp32,auto:fp3")
+
+
+def test_a_study_killed_while_writing_its_settings_runs_again(tmp_path):
+    """A kill while compare.json was first written left only its temporary file, and the same
+    command was refused ("folder holds '.compare.json.17233.tmp', not a compare study")."""
+    from lowbit.errors import UsageError
+    from lowbit.report.compare import check_out
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / ".compare.json.17233.tmp").write_text("{")
+    check_out(make_study("fp32,bf16-mixed", SETTINGS, seeds=1, out=out), overwrite=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"folder holds 'notes\.txt', not a compare study"):
+        check_out(make_study("fp32,bf16-mixed", SETTINGS, seeds=1, out=out), overwrite=False)
