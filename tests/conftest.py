@@ -5,6 +5,8 @@ threads buy nothing and, with pytest-xdist workers or other jobs sharing 2 cores
 contention made steps up to ~50x slower. One thread keeps the suite fast and its timing stable.
 """
 
+import signal
+
 import pytest
 import torch
 
@@ -15,6 +17,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Every test starts with Python's own SIGINT handler. Tests ignore SIGINT (as a shell
+    script's background job starts) or send it to their own process; an interrupt racing a
+    restore would leave it ignored for the later tests of that worker, and for the processes they
+    start (a `lowbit compare` subprocess that then never hears its SIGINT)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
