@@ -8,6 +8,7 @@ import datetime
 import os
 import signal
 import socket
+import threading
 
 import torch
 
@@ -23,6 +24,21 @@ DEFAULT_TIMEOUT_S = 600
 # The `--nproc` launcher's request to its ranks to stop as after a first Ctrl-C (a SIGINT sent to
 # the launcher alone, not to the terminal's whole process group, reaches no rank).
 STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
+
+
+@contextlib.contextmanager
+def signals_handled(handler, *signums):
+    """Within: ``handler`` handles ``signums``; their previous handlers afterwards. Only the main
+    thread may set handlers: elsewhere (a caller's worker thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class RankFailed(RuntimeError):

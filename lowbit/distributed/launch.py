@@ -15,7 +15,6 @@ import pickle
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import replace
@@ -29,6 +28,7 @@ from lowbit.distributed.context import (
     check_port,
     free_port,
     join,
+    signals_handled,
     torchrun_env,
 )
 from lowbit.errors import UsageError
@@ -112,7 +112,11 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
         )
         interrupts = 0
-        with _interruptible():
+        # A SIGINT raises KeyboardInterrupt here even where this process was started with
+        # SIGINT ignored (`lowbit train --nproc 2 ... &` in a shell script: Python then keeps the
+        # inherited SIG_IGN, and a later `kill -INT` was swallowed while the ranks trained on to
+        # the end, where a one-process run, which installs its own handler, stops).
+        with signals_handled(signal.default_int_handler, signal.SIGINT):
             while True:
                 try:
                     if context.join():
@@ -142,22 +146,6 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
             raise _failure(folder, None, "it returned no result")
         return pickle.loads(result.read_bytes())
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """Within: a SIGINT raises KeyboardInterrupt in this process, even where it was started with
-    SIGINT ignored (``lowbit train --nproc 2 ... &`` in a shell script: Python then keeps the
-    inherited SIG_IGN, and a later ``kill -INT`` was swallowed while the ranks trained on to the
-    end, where a one-process run, which installs its own handler, stops)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _ask_to_stop(context) -> None:

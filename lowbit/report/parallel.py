@@ -20,12 +20,11 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from lowbit.distributed.context import STOP_SIGNAL
+from lowbit.distributed.context import STOP_SIGNAL, signals_handled
 
 
 def default_threads(jobs: int) -> int:
@@ -86,21 +85,6 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """Within: a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the
-    workers saving a checkpoint; by default it ended this process alone and left the workers
-    training to the end, orphaned, where a rerun would train the same folders a second time."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print) -> set:
     """Train every ``(study, recipe, seed)`` of ``runs``, ``jobs`` at a time in worker processes
     of ``threads`` PyTorch threads; returns the ``(study.out, recipe, seed)`` it trained (not
@@ -109,7 +93,10 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
     trained: set[tuple[Path, str, int]] = set()
     context = multiprocessing.get_context("spawn")
     with (
-        _terminate_as_interrupt(),
+        # a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the workers
+        # saving a checkpoint; by default it ended this process alone and left the workers
+        # training to the end, orphaned, where a rerun would train the same folders again
+        signals_handled(_raise_interrupt, signal.SIGTERM),
         ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
     ):
         started = time.perf_counter()

@@ -15,7 +15,6 @@ import resource
 import shutil
 import signal
 import sys
-import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -823,11 +822,7 @@ def _stop_on_sigint(trainer: Trainer):
     end a job before a later SIGKILL, and by default it killed the run without a checkpoint, losing
     the steps since the last save. The ranks of a multi-process run keep SIGTERM's default: the
     launcher aborts them with it (a second Ctrl-C, a failed rank)."""
-    from lowbit.distributed.context import STOP_SIGNAL
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from lowbit.distributed.context import STOP_SIGNAL, signals_handled
 
     def request_stop(signum) -> None:
         if not trainer.stop_requested:
@@ -849,12 +844,8 @@ def _stop_on_sigint(trainer: Trainer):
     signals = [signal.SIGINT] + ([STOP_SIGNAL] if STOP_SIGNAL is not None else [])
     if not trainer.dist.distributed:
         signals.append(signal.SIGTERM)
-    previous = {number: signal.signal(number, handler) for number in signals}
-    try:
+    with signals_handled(handler, *signals):
         yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
 
 
 def _under_torchrun(config: TrainConfig) -> TrainConfig:
