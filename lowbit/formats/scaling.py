@@ -82,7 +82,7 @@ def block_shape(
     granularity: Granularity, shape_rc: tuple[int, int], block_size=None
 ) -> tuple[int, int]:
     """The ``(rows, cols)`` block of a granularity on an ``R x C`` matrix."""
-    _check_block_size(granularity, block_size)
+    check_block_size(granularity, block_size)
     rows, cols = shape_rc
     if granularity is Granularity.TENSOR:
         return max(rows, 1), max(cols, 1)
@@ -109,7 +109,7 @@ _ONE_LENGTH = (Granularity.BLOCK, Granularity.MX)  # 1-D blocks only
 _BLOCKED = (*_ONE_LENGTH, Granularity.BLOCK2D, Granularity.NVFP4)  # granularities with a size
 
 
-def _check_block_size(granularity: Granularity, block_size) -> None:
+def check_block_size(granularity: Granularity, block_size) -> None:
     """Refuse a block size that cannot cut a matrix, naming the fix: a length below 1 (further on
     a division by zero or a kernel's check; for MX and NVFP4 a 0 read as "the default"), or a
     pair of lengths where blocks are 1-D (MX, ``block``)."""
@@ -125,7 +125,8 @@ def _check_block_size(granularity: Granularity, block_size) -> None:
         )
     if not whole or min(sizes) < 1:
         raise UsageError(
-            f"block_size must be whole numbers of at least 1, got {block_size!r}; fix: e.g. "
+            f"block_size must be a positive whole number, got {block_size!r} (lengths are "
+            "whole numbers of at least 1); fix: e.g. "
             "block_size=128 for 1x128 blocks, (128, 128) for 2-D tiles"
         )
 

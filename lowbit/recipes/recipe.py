@@ -22,7 +22,7 @@ import torch
 
 from lowbit.errors import UsageError, member
 from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
-from lowbit.formats.scaling import check_format_for_granularity
+from lowbit.formats.scaling import check_block_size, check_format_for_granularity
 
 
 class Scaling(str, Enum):
@@ -95,9 +95,7 @@ class OperandSpec:
                 f"{self.granularity.value}, whose one scale covers whole rows or the tensor; fix: "
                 "drop block_size, or granularity 'block' for 1 x block_size blocks"
             )
-        sizes = self.block_size if isinstance(self.block_size, tuple) else (self.block_size,)
-        for size in sizes if self.block_size is not None else ():
-            _positive_int(size, "block_size")
+        check_block_size(self.granularity, self.block_size)  # as quantize checks it
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
         if type(self.amax_history) is int and self.amax_history < 1:
