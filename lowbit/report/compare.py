@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,13 +30,12 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, file_in_the_way
-from lowbit.train.config import write_atomically
+from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
-_SETTINGS_LEFTOVER = re.compile(rf"\.{re.escape(SETTINGS)}\.\d+\.tmp")
 # Settings of a run that may differ for a finished run to be reused: where it is written, on
 # which device, where it logs, and which checkpoints it keeps (the losses do not depend on them).
 _NOT_COMPARED = {"out", "device", "wandb", "save_interval", "keep_last"}
@@ -743,7 +741,7 @@ def check_out(study: Study, overwrite: bool) -> None:
         foreign = sorted(
             p.name
             for p in study.out.iterdir()
-            if p.name not in ours and not _SETTINGS_LEFTOVER.fullmatch(p.name)
+            if p.name not in ours and not is_write_leftover(p.name, SETTINGS)
         )
         if foreign:
             raise UsageError(

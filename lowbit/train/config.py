@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field, fields
@@ -428,7 +429,8 @@ def write(config: TrainConfig, folder) -> Path:
 
 def write_atomically(path: Path, text: str) -> Path:
     """``path`` holds ``text`` whole, or what it held before: a kill mid-write (Ctrl-C as a resumed
-    run starts) leaves no torn config.yaml or run.json for the next --resume to misread."""
+    run starts) leaves no torn config.yaml or run.json for the next --resume to misread, only a
+    temporary file (`is_write_leftover`)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -464,6 +466,11 @@ def with_recorded_data(folder, config: TrainConfig) -> TrainConfig:
         if recorded and value not in (None, "stdlib") and not Path(value).is_absolute():
             config = dataclasses.replace(config, **{name: recorded})
     return config
+
+
+def is_write_leftover(file_name: str, name: str) -> bool:
+    """``file_name`` is what `write_atomically` leaves of a file ``name`` when killed mid-write."""
+    return re.fullmatch(rf"\.{re.escape(name)}\.\d+\.tmp", file_name) is not None
 
 
 def is_run_folder(path) -> bool:
