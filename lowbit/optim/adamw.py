@@ -39,6 +39,7 @@ from lowbit.errors import UsageError
 from lowbit.formats import cast
 from lowbit.optim.states import BLOCK_SIZE, StatePrecision, keeps_fp32_states
 from lowbit.optim.states import state_precision as _state_precision
+from lowbit.recipes.recipe import DTYPES
 
 OPTIMIZERS = ("adamw", "adam")
 
@@ -98,7 +99,8 @@ def _copy(t: Tensor) -> Tensor:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    """The recipes' name of a dtype (``fp32``, ``bf16``, ``fp16``), else torch's."""
+    names = {value: name for name, value in DTYPES.items()}
     return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
