@@ -194,6 +194,8 @@ class Precision:
         high-precision gradients, unscaled, and whether all of those are finite (decided jointly
         by data-parallel ranks)."""
         key = id(optimizer)
+        if "update" in self._pending:  # param groups added since the state was loaded
+            self._apply_pending()
         if self.update.needs_wrapping and all(known is not optimizer for known in self._optimizers):
             # Unwrapped, its master weights and Kahan buffers would be left out of `state_dict`
             # (a resumed run would lose them): a fresh optimizer is wrapped here; one that holds
@@ -237,27 +239,59 @@ class Precision:
             torch._foreach_mul_(grads, coefficient)
         return total.item()
 
-    def step(self, *optimizers) -> bool:
+    def step(self, *optimizers, closure=None) -> bool:
         """Unscale, check and update (or skip) each optimizer, roll the delayed-scaling state;
         True when no step was skipped. The loss scale moves before the next `backward`, once for
-        all the steps since (see the module's docstring)."""
+        all the steps since (see the module's docstring).
+
+        A closure that re-evaluates the loss (LBFGS's), ``precision.step(optimizer, closure)``, is
+        passed to the optimizer's step where it steps the model's own fp32 parameters on unscaled
+        gradients; elsewhere it is refused (see `_check_closure`)."""
+        if optimizers and callable(optimizers[-1]) and not _is_optimizer(optimizers[-1]):
+            *optimizers, closure = optimizers
         if not optimizers:
             raise UsageError("precision.step() needs the optimizer; fix: precision.step(optimizer)")
+        if closure is not None:
+            self._check_closure(optimizers)
         stepped = True
         for optimizer in optimizers:
             _, finite = self._prepare(optimizer)
             if finite:
-                self.update.step(optimizer)
+                self.update.step(optimizer, closure)
             else:
                 self.update.abort(optimizer)
                 stepped = False
-            del self._prepared[id(optimizer)]
+            # (the closure's `backward` may have dropped it already)
+            self._prepared.pop(id(optimizer), None)
         if not stepped and not self._overflowed:
             self.skipped_steps += 1
         self._overflowed = bool(self._overflowed) or not stepped
         for layer in self._layers().values():
             layer.lowbit_state.commit()
         return stepped
+
+    def _check_closure(self, optimizers) -> None:
+        """A closure re-evaluates the loss on the model while the optimizer moves the tensors it
+        steps: under 16-bit parameters those are fp32 stand-ins the model does not read until the
+        step ends, and under loss scaling the closure's gradients would reach the optimizer scaled
+        (GradScaler refuses closures too)."""
+        if len(optimizers) != 1:
+            raise UsageError(
+                "precision.step() takes a closure with one optimizer; fix: "
+                "precision.step(optimizer, closure) for each"
+            )
+        if self.param_dtype != torch.float32 or self.scaler.enabled:
+            why = (
+                "the gradients the closure computes are loss-scaled"
+                if self.scaler.enabled
+                else "the optimizer steps fp32 copies of the 16-bit weights, not the weights the "
+                "closure's forward reads"
+            )
+            raise UsageError(
+                f"precision.step(optimizer, closure) under {self.recipe.name}: {why}; fix: an "
+                "optimizer without a closure, or a recipe with fp32 parameters and no loss "
+                "scaling (fp32, bf16-mixed, the fp8, MX and int8 presets)"
+            )
 
     # --- reporting and state -----------------------------------------------------------------
 
@@ -330,17 +364,33 @@ class Precision:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _apply_pending(self) -> None:
-        """Hand the loaded state's parts to the models and optimizers there are now."""
+        """Hand the loaded state's parts to the models and optimizers there are now.
+
+        Master weights and Kahan buffers go to the parameters that are there; each later call (an
+        optimizer wrapped, a param group added before the next step) hands on only the entries of
+        the parameters that came since, so that masters a step has moved are not loaded again."""
         update = self._pending.get("update")
         if update is not None and self._optimizers:
             params = self._params()
-            self.update.load_state_dict(update, params)
+            done = self._pending.pop("update_done", 0)  # parameters given their entries already
+            later = {
+                part: {index - done: value for index, value in entries.items() if index >= done}
+                for part, entries in update.items()
+            }
+            self.update.load_state_dict(later, params[done:])
             indices = [index for entries in update.values() for index in entries]
             if max(indices, default=-1) < len(params):  # every entry has its parameter
                 del self._pending["update"]
+            else:
+                self._pending["update_done"] = len(params)
         layers = self._pending.get("layers", {})
         for name, layer in self._layers().items():
             if name in layers:
                 layer.lowbit_state.load_state_dict(layers.pop(name))
         if "rng" in self._pending and "update" not in self._pending and not layers:
             self._set_random_state(self._pending.pop("rng"))
+
+
+def _is_optimizer(candidate) -> bool:
+    """Anything with ``param_groups`` steps as an optimizer (torch's, torchao's, a user's own)."""
+    return hasattr(candidate, "param_groups")

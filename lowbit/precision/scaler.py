@@ -65,12 +65,16 @@ class LossScaler:
         return loss * self._scale.to(loss.device)
 
     def unscale_(self, grads: list[torch.Tensor]) -> bool:
-        """Divide ``grads`` by the scale in place; returns whether all of them are finite."""
+        """Divide ``grads`` by the scale in place; returns whether all of them are finite.
+
+        A sparse gradient (``nn.Embedding(sparse=True)``) is checked and unscaled through its
+        values, as GradScaler does: PyTorch's fused unscale takes dense tensors only."""
         found_inf = torch.zeros(1, dtype=torch.float32)
         inv_scale = self._scale.double().reciprocal().float().reshape(1)
         by_device: dict[tuple, list[torch.Tensor]] = {}
         for grad in map(local_values, grads):  # FSDP: each rank checks and unscales its shard
-            by_device.setdefault((grad.device, grad.dtype), []).append(grad)
+            values = grad._values() if grad.is_sparse else grad  # a view: unscaled in place
+            by_device.setdefault((values.device, values.dtype), []).append(values)
         for (device, _), group in by_device.items():
             found = found_inf.to(device)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(device))
@@ -97,5 +101,9 @@ class LossScaler:
         return {"scale": self._scale.clone(), "growth_tracker": self._growth_tracker.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """An empty ``state`` (saved under a recipe without loss scaling, loaded into one with it:
+        a run that switches recipe) has no scale to restore: this one's stays."""
+        if not state:
+            return
         self._scale = state["scale"].clone()
         self._growth_tracker = state["growth_tracker"].clone()

@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from lowbit.errors import UsageError
 from lowbit.formats import cast
 from lowbit.recipes.recipe import UpdateRounding
 
@@ -48,8 +49,8 @@ class FullPrecisionUpdate:
         ``.grad`` holds one (here: the parameters)."""
         return [p for p in optimizer_params(optimizer) if p.grad is not None]
 
-    def step(self, optimizer) -> None:
-        optimizer.step()
+    def step(self, optimizer, closure=None) -> None:
+        optimizer.step() if closure is None else optimizer.step(closure)
 
     def abort(self, optimizer) -> None:
         """A skipped step: nothing to undo."""
@@ -87,6 +88,8 @@ class LowPrecisionUpdate:
         self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
         # id(optimizer) -> {id(param): (param, fp32 stand-in)} of its prepared step
         self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # id(param) -> its 16-bit gradient that `prepare` copied, and that gradient's version then
+        self._copied_grads: dict[int, tuple[torch.Tensor, int]] = {}
 
     # Its master weights and Kahan buffers are saved for the optimizers `wrap` was given.
     needs_wrapping = True
@@ -187,6 +190,7 @@ class LowPrecisionUpdate:
                 continue
             hp = self._high_precision(p)
             hp.grad = p.grad.float()
+            self._copied_grads[id(p)] = (p.grad, local_values(p.grad)._version)
             stand_ins[id(p)] = (p, hp)
             stepped.append(hp)
         return stepped
@@ -197,11 +201,13 @@ class LowPrecisionUpdate:
             return cast(value, name, "stochastic").to(dtype)
         return value.to(dtype)
 
-    def step(self, optimizer) -> None:
+    def step(self, optimizer, closure=None) -> None:
+        """(`Precision.step` refuses a ``closure`` here: the model does not read the stand-ins.)"""
+        self._check_copies(self._stand_ins.get(id(optimizer), {}))
         pairs = self._stand_ins.pop(id(optimizer), {})
         self._swap_in(optimizer, pairs)
         try:
-            optimizer.step()
+            optimizer.step() if closure is None else optimizer.step(closure)
         finally:
             self._swap_out(optimizer, pairs)
         with torch.no_grad():
@@ -215,19 +221,36 @@ class LowPrecisionUpdate:
                 local_values(p).copy_(
                     rounded
                 )  # in place: a sharded parameter's shard is FSDP's storage
-                p.grad = None  # the step consumed it (its fp32 copy was the stand-in's)
                 if self.master:
                     self._master_versions[id(p)] = local_values(p)._version
 
+    def _check_copies(self, pairs: dict) -> None:
+        """The step reads the fp32 gradient copies `prepare` made, so a change to a 16-bit
+        ``.grad`` after it (``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` after
+        `Precision.unscale_`, GradScaler's idiom) would be silently lost: it is refused."""
+        for p, _ in pairs.values():
+            copied, version = self._copied_grads.pop(id(p))
+            if p.grad is not copied or local_values(copied)._version != version:
+                raise UsageError(
+                    "a 16-bit parameter's .grad changed after precision.unscale_() or "
+                    "clip_grad_norm_(), and the step reads the fp32 gradients those returned; "
+                    "fix: clip the tensors precision.unscale_(optimizer) returns, e.g. "
+                    "torch.nn.utils.clip_grad_norm_(precision.unscale_(optimizer), 1.0), "
+                    "not model.parameters()"
+                )
+
     def abort(self, optimizer) -> None:
-        """Undo `prepare` for a skipped step: the 16-bit parameters come back untouched."""
+        """Undo `prepare` for a skipped step: the 16-bit parameters come back untouched (their
+        ``.grad`` too, until the loop's ``zero_grad``, as with GradScaler)."""
         for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
-            p.grad = hp.grad = None
+            self._copied_grads.pop(id(p), None)
+            hp.grad = None
 
     def release(self, optimizer) -> None:
         """Drop `prepare`'s fp32 gradient copies of a step that will not be taken; the 16-bit
         gradients stay (more may accumulate on them)."""
-        for _, hp in self._stand_ins.pop(id(optimizer), {}).values():
+        for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
+            self._copied_grads.pop(id(p), None)
             hp.grad = None
 
     def state_dict(self, params: list) -> dict:
