@@ -22,7 +22,14 @@ import torch
 
 from lowbit.errors import UsageError, member
 from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
-from lowbit.formats.scaling import check_block_size, check_format_for_granularity
+from lowbit.formats.scaling import (
+    MX_BLOCK,
+    NVFP4_BLOCK,
+    block_shape,
+    check_block_size,
+    check_format_for_granularity,
+    default_rule,
+)
 
 
 class Scaling(str, Enum):
@@ -62,6 +69,8 @@ def _positive_int(value, field_name: str) -> None:
 
 
 _WHOLE_ROWS = (Granularity.TENSOR, Granularity.AXIS)  # granularities without blocks
+# the blocks of the granularities whose block_size may be left out (`block_shape`)
+_DEFAULT_BLOCKS = {Granularity.MX: (1, MX_BLOCK), Granularity.NVFP4: (1, NVFP4_BLOCK)}
 
 
 @dataclass(frozen=True)
@@ -123,15 +132,20 @@ class OperandSpec:
         return self.format == "fp32"
 
     def describe(self) -> str:
+        """``FORMAT/GRANULARITY`` and whatever differs from that granularity's defaults: a block
+        size (``block1x128``, ``block2d128x128``, ``mx(1x16)``, ``nvfp4(16x16)``; MX's 32 and
+        NVFP4's 16 are left out), a scale rule, delayed scaling, stochastic rounding. Two specs
+        that quantize differently describe differently (a hidden MX block size made a 16-block
+        and a 32-block recipe read alike)."""
         if self.is_plain_cast:
             return self.format
         text = f"{self.format}/{self.granularity.value}"
-        if self.block_size is not None and self.granularity is not Granularity.MX:
-            size = self.block_size
-            size_text = f"{size[0]}x{size[1]}" if isinstance(size, tuple) else f"1x{size}"
-            blocky = self.granularity in (Granularity.BLOCK, Granularity.BLOCK2D)
-            text += size_text if blocky else f"({size_text})"
-        if self.scale_rule is not None and self.scale_rule.value not in ("amax", "mx_floor"):
+        if self.block_size is not None:
+            rows, cols = block_shape(self.granularity, (1, 1), self.block_size)
+            if (rows, cols) != _DEFAULT_BLOCKS.get(self.granularity):
+                blocky = self.granularity in (Granularity.BLOCK, Granularity.BLOCK2D)
+                text += f"{rows}x{cols}" if blocky else f"({rows}x{cols})"
+        if self.scale_rule is not None and self.scale_rule is not default_rule(self.granularity):
             text += f"/{self.scale_rule.value}"
         if self.scaling is Scaling.DELAYED:
             text += f"/delayed{self.amax_history}"
@@ -156,6 +170,13 @@ class GemmSpec:
             raise UsageError(
                 f"transform_block must be a power of two (Hadamard), got {self.transform_block}"
             )
+
+    def describe(self) -> str:
+        """``A x B``, and a transform with its block: ``... (+hadamard64)``."""
+        text = f"{self.a.describe()} x {self.b.describe()}"
+        if self.transform is not Transform.NONE:
+            text += f" (+{self.transform.value}{self.transform_block})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -182,11 +203,9 @@ class LayerSpec:
         return all(spec.is_identity for spec in self.operands().values())
 
     def describe(self) -> str:
-        ops = self.operands()
         return (
-            f"fwd {ops['forward.x'].describe()} x {ops['forward.w'].describe()}; "
-            f"dgrad {ops['grad_input.grad_out'].describe()} x {ops['grad_input.w'].describe()}; "
-            f"wgrad {ops['grad_weight.grad_out'].describe()} x {ops['grad_weight.x'].describe()}"
+            f"fwd {self.forward.describe()}; dgrad {self.grad_input.describe()}; "
+            f"wgrad {self.grad_weight.describe()}"
         )
 
 
