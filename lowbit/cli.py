@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import json
+import os
 import signal
 import sys
+import time
 
 from lowbit.errors import UsageError
 
@@ -59,6 +62,20 @@ def _version() -> str:
     return f"lowbit {__version__} (torch {torch_version}, Python {platform.python_version()})"
 
 
+def _report_usage_error(text: str) -> None:
+    """``text`` on stderr, once per torchrun job: every rank parses the same arguments and fails
+    alike, so a rank other than 0 that torchrun started (its ``TORCHELASTIC_ERROR_FILE`` set)
+    leaves the line to rank 0 and writes it to that file instead, where torchrun's failure summary
+    shows it: an error of that rank's own still reaches the user. Elsewhere every process prints
+    (the `--nproc` launcher prints its ranks' error itself)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get("RANK", "0") == "0" or not error_file:
+        print(text, file=sys.stderr)
+        return
+    with open(error_file, "w") as file:  # the format of torch.distributed.elastic's ErrorHandler
+        json.dump({"message": text, "timestamp": int(time.time())}, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UsageError as error:
-        print(f"lowbit: error: {error}", file=sys.stderr)
+        _report_usage_error(f"lowbit: error: {error}")
         return 2
     except KeyboardInterrupt:  # commands that save on Ctrl-C (train, compare) report it themselves
         print("lowbit: interrupted", file=sys.stderr)
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         status, fix = FILESYSTEM_ERRORS[error.errno]
         where = f"{error.filename}: " if error.filename else ""
-        print(f"lowbit: error: {where}{error.strerror}; fix: {fix}", file=sys.stderr)
+        _report_usage_error(f"lowbit: error: {where}{error.strerror}; fix: {fix}")
         return status
 
 

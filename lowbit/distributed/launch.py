@@ -10,6 +10,7 @@ Rank 0's `RunResult` comes back to the caller.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -96,6 +97,24 @@ def _failure(folder: Path, exited_rank: int | None, detail: str) -> BaseExceptio
     return RankFailed(f"rank {first['rank']} failed: {last}; the other ranks were stopped")
 
 
+@contextlib.contextmanager
+def _quiet_stops():
+    """Within: torch's "Terminating process N via signal SIGTERM" warning is dropped. After one
+    rank failed the launcher stops the others by design and raises the failed rank's error
+    itself, so a usage error prints one line, as in one process (the warning, one per rank still
+    running, read as more failures). Its SIGKILL warning, a rank that did not stop, stays."""
+    log = logging.getLogger("torch.multiprocessing.spawn")  # the logger of torch's ProcessContext
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Terminating process")
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
     """Run ``config.nproc`` local ranks and wait for them; rank 0's `RunResult`."""
     import torch.multiprocessing as mp
@@ -116,7 +135,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         # SIGINT ignored (`lowbit train --nproc 2 ... &` in a shell script: Python then keeps the
         # inherited SIG_IGN, and a later `kill -INT` was swallowed while the ranks trained on to
         # the end, where a one-process run, which installs its own handler, stops).
-        with signals_handled(signal.default_int_handler, signal.SIGINT):
+        with signals_handled(signal.default_int_handler, signal.SIGINT), _quiet_stops():
             while True:
                 try:
                     if context.join():
