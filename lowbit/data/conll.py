@@ -5,7 +5,9 @@ tabs between columns: other Unicode whitespace, a no-break space say, is part of
 line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines between documents (they
 hold no token; `read_conll_documents` keeps the sentences of each document together). Tags are ``O``
 or ``B-TYPE`` / ``I-TYPE``. The file is UTF-8; a leading byte-order mark is dropped, not read as
-part of the first token.
+part of the first token. A folder of such files holds its train, validation and test splits under
+names `conll_split_of` reads (``train.txt``, ``dev.txt``, ``test.txt``; CoNLL-2003's ``eng.train``,
+``eng.testa``, ``eng.testb``): `read_conll_folder`.
 
 `entity_f1` scores entity spans with conlleval's chunk rules: a chunk starts at ``B-``, at an
 ``I-`` whose type differs from the previous tag's, or at an ``I-`` after ``O``; it ends where the
@@ -77,6 +79,78 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     if not documents:
         raise UsageError(f"{path}: no sentences; fix: one 'TOKEN TAG' per line, blank line between")
     return documents
+
+
+# The files of a CoNLL folder, by split: a name's stem (what comes before its extension) is a split
+# word, alone or followed by a digit, ``-``, ``_`` or ``.`` and more (``train.txt``, ``dev-2.iob``,
+# ``train_en.conll``; BioNLP's ``devel.tsv``), and its extension one that data files have; or
+# CoNLL-2003's own names (``eng.train``, ``eng.testa`` for development, ``eng.testb`` for test).
+CONLL_SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("dev", "devel", "development", "valid", "validation", "val"),
+    "test": ("test", "testing"),
+}
+CONLL_DATA_EXTENSIONS = (
+    *("", ".txt", ".tsv", ".tab", ".data", ".dat", ".ner"),
+    *(".conll", ".conllu", ".conllx", ".conll03", ".iob", ".iob1", ".iob2", ".bio", ".bioes"),
+)
+CONLL_2003_EXTENSIONS = {".train": "train", ".testa": "validation", ".testb": "test"}
+
+
+def conll_split_of(name: str) -> str | None:
+    """The split a CoNLL folder's file called ``name`` holds (see `CONLL_SPLIT_WORDS`), or None.
+
+    The stem must be a split word, not merely start with one, and the extension must be a data
+    file's: a prefix rule took ``values.txt`` as validation data, ``trainer.py`` as training data,
+    and editors' backups (``train.txt~``, ``train.txt.bak``, ``train.txt.orig``) as a second copy
+    of the sentences; hidden files (``.train.txt.swp``) are never data."""
+    if name.startswith("."):
+        return None
+    lowered = Path(name.lower())
+    if lowered.suffix in CONLL_2003_EXTENSIONS:
+        return CONLL_2003_EXTENSIONS[lowered.suffix]
+    if lowered.suffix not in CONLL_DATA_EXTENSIONS:
+        return None
+    word = re.match(r"[a-z]+", lowered.stem)
+    rest = lowered.stem[word.end() :] if word else ""
+    if word is None or (rest and rest[0] not in "-_.0123456789"):
+        return None
+    return next((s for s, words in CONLL_SPLIT_WORDS.items() if word.group() in words), None)
+
+
+def conll_folder_files(folder) -> dict[str, list[Path]]:
+    """``{"train" | "validation" | "test": [files]}`` of a CoNLL folder, each split's files in
+    name order (`conll_split_of` reads a name); a split without a file raises `UsageError`
+    naming the files the folder holds and the names it takes."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    found: dict[str, list[Path]] = {split: [] for split in CONLL_SPLIT_WORDS}
+    for path in files:
+        split = conll_split_of(path.name)
+        if split is not None:
+            found[split].append(path)
+    missing = [split for split, paths in found.items() if not paths]
+    if missing:
+        names = [p.name for p in files]
+        held = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        words = ", ".join("|".join(words) for words in CONLL_SPLIT_WORDS.values())
+        extensions = ", ".join(e or "none" for e in CONLL_DATA_EXTENSIONS)
+        raise UsageError(
+            f"{folder}: no {' or '.join(missing)} file among {held or 'no files'}; expected "
+            f"names such as train.txt, dev.txt, test.txt (stem {words}, alone or followed by "
+            f"-, _, . or a digit; extension {extensions}) or CoNLL-2003's *.train, *.testa, "
+            "*.testb; fix: rename the split files"
+        )
+    return found
+
+
+def read_conll_folder(folder) -> dict[str, list[Sentence]]:
+    """The sentences of each split of a CoNLL folder (`conll_folder_files`), each split's files
+    read in name order."""
+    files = conll_folder_files(folder)
+    return {
+        split: [s for path in paths for s in read_conll(path)] for split, paths in files.items()
+    }
 
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:

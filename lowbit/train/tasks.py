@@ -316,32 +316,16 @@ class CausalLMTask(Task):
 
 # ---------------------------------------------------------------------------- token classification
 
-CONLL_SPLITS = {"train": ("train",), "validation": ("dev", "valid", "val"), "test": ("test",)}
-# CoNLL-2003's own file names: eng.train, eng.testa (development), eng.testb (test)
-CONLL_2003_SUFFIXES = {"train": ".train", "validation": ".testa", "test": ".testb"}
-
 
 def conll_splits(path: str) -> dict:
-    """Sentences per split from a folder of train*/dev*/test* CoNLL files (or CoNLL-2003's
-    *.train/*.testa/*.testb), or one file split by rule."""
-    from lowbit.data import read_conll
+    """Sentences per split from a folder of train/dev/test CoNLL files (or CoNLL-2003's
+    *.train/*.testa/*.testb; `lowbit.data.conll.conll_split_of` says which names count), or one
+    file split by rule."""
+    from lowbit.data.conll import read_conll_folder
 
     source = Path(path)
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
-        out = {}
-        for split, prefixes in CONLL_SPLITS.items():
-            suffix = CONLL_2003_SUFFIXES[split]
-            chosen = [
-                p for p in files if p.name.lower().startswith(prefixes) or p.name.endswith(suffix)
-            ]
-            if not chosen:
-                raise UsageError(
-                    f"{path}: no {split} file (a name starting with {' or '.join(prefixes)}, or "
-                    f"ending with {suffix}); fix: name the CoNLL files train.*, dev.*, test.*"
-                )
-            out[split] = [s for p in chosen for s in read_conll(p)]
-        return out
+        return read_conll_folder(source)
     if source.is_file():
         return _split_conll_file(source)
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
