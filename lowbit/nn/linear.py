@@ -45,6 +45,41 @@ def _transposed(q: QTensor) -> QTensor:
     )
 
 
+# A reused quantized operand travels to the backward as its tensors (saved with
+# `save_for_backward`, so that activation checkpointing frees and recomputes them like any saved
+# activation; kept on ``ctx`` they stayed alive through the checkpointed forward) and its layout.
+_TENSORS = 4  # values, scale, tensor_scale, folded
+
+
+def _tensors(q: QTensor | None) -> tuple:
+    if q is None:
+        return (None,) * _TENSORS
+    return (q.__dict__["values"], q.scale, q.tensor_scale, q.folded)  # values as stored
+
+
+def _layout(q: QTensor | None) -> tuple | None:
+    return None if q is None else (q.fmt, q.granularity, q.block, q.axis, q.scale_rule)
+
+
+def _rebuilt(layout: tuple | None, tensors) -> QTensor | None:
+    """The QTensor of `_layout` and `_tensors` (None for None)."""
+    if layout is None:
+        return None
+    values, scale, tensor_scale, folded = tensors
+    fmt, granularity, block, axis, scale_rule = layout
+    return QTensor(
+        values=values,
+        scale=scale,
+        fmt=fmt,
+        granularity=granularity,
+        block=block,
+        axis=axis,
+        tensor_scale=tensor_scale,
+        scale_rule=scale_rule,
+        folded=folded,
+    )
+
+
 def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
     """A tensorwise operand quantizes to the same values along any axis, so a backward GEMM with
     the same spec reuses the forward's quantized tensor (transposed). With delayed scaling the
@@ -255,8 +290,14 @@ class LowbitLinearFunction(torch.autograd.Function):
                 state.observer("grad_input.w", weight, qw)
             if reuse_x:
                 state.observer("grad_weight.x", x, qx)
-        ctx.saved_quantized = (qw if reuse_w else None, qx if reuse_x else None)
-        ctx.save_for_backward(None if reuse_x else x, None if reuse_w else weight)
+        kept_w, kept_x = (qw if reuse_w else None), (qx if reuse_x else None)
+        ctx.quantized_layouts = (_layout(kept_w), _layout(kept_x))
+        ctx.save_for_backward(
+            None if reuse_x else x,
+            None if reuse_w else weight,
+            *_tensors(kept_w),
+            *_tensors(kept_x),
+        )
         ctx.state = state
         ctx.has_bias = bias is not None
         ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
@@ -265,8 +306,10 @@ class LowbitLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # quantization has no derivative: a double backward is refused, not wrong
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        qw, qx = ctx.saved_quantized
+        x, weight, *quantized = ctx.saved_tensors
+        layout_w, layout_x = ctx.quantized_layouts
+        qw = _rebuilt(layout_w, quantized[:_TENSORS])
+        qx = _rebuilt(layout_x, quantized[_TENSORS:])
         state: LayerState = ctx.state
         shared_quantization.release("forward.x")  # the forward is over: let its input go
         spec = state.spec
