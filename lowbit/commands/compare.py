@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in train_command.FLAGS:
         if flag not in OWN:
             group.add_argument(flag, type=kind, default=None, help=text)
+    for flag, text in train_command.SWITCHES:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     group.add_argument(
         "--override",
         action="append",
@@ -92,7 +94,7 @@ def run(args) -> int:
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in train_command.FLAGS
+        for flag, *_ in train_command.FLAGS + train_command.SWITCHES
         if flag not in OWN
     }
     overrides["overrides"] = args.override

@@ -57,11 +57,23 @@ FLAGS = [
     ("--strategy", str, "ddp (default with --nproc > 1) or fsdp; under torchrun: this rank's"),
 ]
 
+# on/off flags, each with its --no- form: (flag, help); None unless given, so that a resumed
+# run keeps its setting unless told otherwise
+SWITCHES = [
+    (
+        "--activation-checkpointing",
+        "recompute each transformer block's forward in the backward instead of keeping its "
+        "activations: less memory, more compute, the same numbers (docs/memory.md)",
+    ),
+]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
+    for flag, text in SWITCHES:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     parser.add_argument(
         "--wandb",
         action="store_true",
@@ -111,7 +123,7 @@ def config_from_args(args):
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in FLAGS
+        for flag, *_ in FLAGS + SWITCHES
     }
     overrides["wandb"] = args.wandb
     overrides["stats_interval"] = getattr(args, "stats_interval", None)

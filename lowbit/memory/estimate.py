@@ -42,8 +42,9 @@ its weight as a quantized temporary copy; a converted mixture-of-experts layer l
 grouped expert GEMM (`lowbit.nn.experts`). (The CPU emulation keeps quantized values in a bf16
 carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
 `lowbit.recipes.recipe.block_stacks`) only each block's input is kept, plus one block's
-activations recomputed during its backward. Not modelled: transient workspace (the logits'
-gradient, attention scratch), allocator fragmentation and the CUDA context.
+activations recomputed during its backward (its input, which the checkpoint keeps, once). Not
+modelled: transient workspace (the logits' gradient, attention scratch), allocator fragmentation
+and the CUDA context.
 """
 
 from __future__ import annotations
@@ -305,17 +306,28 @@ class Trace:
     block_activations: dict[str, float] = field(default_factory=dict)
     block_temporaries: dict[str, float] = field(default_factory=dict)
     block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
+    # where the forward saved each block's input first: "" outside the blocks, a block's name,
+    # or None (not saved)
+    input_saved_in: dict[str, str | None] = field(default_factory=dict)
 
     def checkpointed(self) -> tuple[float, float]:
         """(activations, temporaries) with one checkpoint per block: what lies outside the
         blocks, every block's input, and one block's saved tensors while its backward recomputes
-        them (the largest block's)."""
+        them (the largest block's). Each storage once: an input saved outside the blocks is
+        counted there already, and a block that saves its own input (its first norm does)
+        recomputes the input the checkpoint keeps."""
         inside = sum(self.block_activations.values())
-        activations = self.activations - inside + sum(self.block_inputs.values())
+        inputs = sum(n for b, n in self.block_inputs.items() if self.input_saved_in.get(b) != "")
+        activations = self.activations - inside + inputs
         temporaries = self.temporaries - sum(self.block_temporaries.values())
-        largest = max(self.block_activations, key=lambda b: self.block_activations[b])
+
+        def recomputed(block: str) -> float:
+            kept = self.block_inputs[block] if self.input_saved_in.get(block) == block else 0
+            return self.block_activations[block] - kept
+
+        largest = max(self.block_activations, key=recomputed)
         return (
-            activations + self.block_activations[largest],
+            activations + recomputed(largest),
             temporaries + self.block_temporaries[largest],
         )
 
@@ -347,6 +359,8 @@ def _trace_activations(
     seen = {p.untyped_storage()._cdata for p in model.parameters()}
     trace = Trace()
     where: dict = {"block": None, "converted": False, "experts": None}
+    saved_in: dict = {}  # storage -> "" (outside the blocks) or the block it was saved in
+    input_storages: dict[str, int] = {}  # block -> its input's storage
 
     def count(nbytes: float, temporary: bool = False) -> None:
         if temporary:
@@ -361,6 +375,7 @@ def _trace_activations(
         key = t.untyped_storage()._cdata
         if not where["converted"] and key not in seen:
             seen.add(key)
+            saved_in[key] = where["block"] or ""
             count(t.untyped_storage().nbytes(), temporary=is_parameter_cast(t))
         return t
 
@@ -386,6 +401,7 @@ def _trace_activations(
         def hook(module, args, kwargs):
             x = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
             trace.block_inputs[name] = x.numel() * x.element_size()
+            input_storages[name] = x.untyped_storage()._cdata
             trace.block_activations[name] = trace.block_temporaries[name] = 0.0
             where["block"] = name
 
@@ -442,6 +458,7 @@ def _trace_activations(
         ):
             loss = _forward_and_loss(model, task, batch, seq)
         del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
+        trace.input_saved_in = {b: saved_in.get(key) for b, key in input_storages.items()}
     except (RuntimeError, NotImplementedError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(

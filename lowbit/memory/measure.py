@@ -17,6 +17,7 @@ buffers of the backward; on a GPU, compare with ``torch.cuda.max_memory_allocate
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -152,3 +153,26 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
         temporaries=totals["temporaries"],
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+@contextlib.contextmanager
+def checkpointed_peak(model: torch.nn.Module):
+    """A context in which `measure_activations` counts the peak of a model with activation
+    checkpointing (transformers' ``gradient_checkpointing`` blocks), not only what its forward
+    keeps: the last checkpointed block runs without its checkpoint, so the forward saves every
+    block's input and that block's own tensors, which is what the run holds when its backward
+    recomputes that block (the estimator's model, `lowbit.memory.estimate`). Without
+    checkpointed blocks it changes nothing."""
+    blocks = [
+        module
+        for module in model.modules()
+        if module is not model and getattr(module, "gradient_checkpointing", False) is True
+    ]
+    if not blocks:
+        yield
+        return
+    blocks[-1].gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        blocks[-1].gradient_checkpointing = True

@@ -309,8 +309,9 @@ _data_now = functools.lru_cache(maxsize=4)(data_fingerprint)
 
 def _memory(trainer) -> dict:
     """Training memory by component, measured on the live run (`lowbit.memory`): one extra
-    forward and backward on a training batch, no optimizer step."""
-    from lowbit.memory import measure, measure_activations
+    forward and backward on a training batch, no optimizer step. With activation checkpointing
+    the activations are those at its peak (`checkpointed_peak`), as the trainer reports them."""
+    from lowbit.memory import checkpointed_peak, measure, measure_activations
     from lowbit.train.tasks import to_device
 
     task, model, precision = trainer.task, trainer.model, trainer.precision
@@ -320,7 +321,8 @@ def _memory(trainer) -> dict:
         with precision.autocast():
             return task.loss(model, batch)[0]
 
-    saved = measure_activations(model, forward)
+    with checkpointed_peak(model):
+        saved = measure_activations(model, forward)
     precision.backward(forward())
     states = measure(model, trainer.optimizer, precision)
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -92,6 +92,9 @@ class TrainConfig:
     overrides: list[str] = field(default_factory=list)  # PATTERN=WHAT (recipes.parse_override)
     loss_scale: float | None = None  # the recipe's initial (or static) loss scale instead
     loss_scale_growth_interval: int | None = None  # the recipe's growth interval instead
+    # recompute each block's activations in the backward (Hugging Face models): less memory, the
+    # same numbers, so a resumed run may turn it on or off
+    activation_checkpointing: bool = False
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -198,6 +201,7 @@ _NUMBER_FIELDS = {
 }
 
 
+_BOOL_FIELDS = ("wandb", "activation_checkpointing")
 _STRING_FIELDS = ("task", "model", "recipe", "tokenizer", "device", "text_field", "optimizer_state")
 _OPTIONAL_STRING_FIELDS = ("out", "strategy")
 
@@ -224,10 +228,12 @@ def _check_types(config: TrainConfig) -> None:
                 f"got {value!r}; fix: correct it"
             )
         setattr(config, name, kind(value))
-    if isinstance(config.wandb, str) and config.wandb.lower() in ("true", "false"):
-        config.wandb = config.wandb.lower() == "true"
-    if not isinstance(config.wandb, bool):
-        raise UsageError(f"wandb must be true or false, got {config.wandb!r}; fix: correct it")
+    for name in _BOOL_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            setattr(config, name, value.lower() == "true")
+        if not isinstance(getattr(config, name), bool):
+            raise UsageError(f"{name} must be true or false, got {value!r}; fix: correct it")
     if config.data is not None and not isinstance(config.data, str):
         raise UsageError(
             f"data must be one path or glob, got {config.data!r}; fix: give one folder or glob "
@@ -310,6 +316,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"min_lr {out.min_lr} is above lr {out.lr}; fix: lower --min-lr")
     if out.data is not None and out.task == "image-classification":
         raise UsageError("image-classification trains on the built-in digits; fix: drop --data")
+    if out.activation_checkpointing and out.task == "image-classification":
+        raise UsageError(
+            "activation checkpointing needs a Hugging Face model (it recomputes each transformer "
+            "block), and image-classification trains a CNN; fix: drop --activation-checkpointing"
+        )
     if out.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out.out = str(Path("runs") / f"{out.task}-{out.recipe}-{stamp}")

@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = {
     "eval_batches",
     "nproc",  # multi-process checkpoints reshard to any number of processes
     "stats_interval",
+    "activation_checkpointing",  # recomputes the same forward: the same numbers either way
 }
 
 
@@ -96,8 +97,8 @@ class RunResult:
         c = self.config
         start, end = self.start_metrics, self.final_metrics
         lines = [
-            f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} steps "
-            f"({self.status})",
+            f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} "
+            f"step{'' if self.steps == 1 else 's'} ({self.status})",
             f"  validation loss  {start.get('loss', float('nan')):.4f} -> "
             + (f"{end['loss']:.4f}" if "loss" in end else "(not evaluated in this session)")
             + "".join(
@@ -268,6 +269,23 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def enable_activation_checkpointing(model, name: str) -> None:
+    """Recompute each transformer block's forward during its backward instead of keeping what it
+    saves (transformers' checkpointing of its layers), in PyTorch's non-reentrant form, the one
+    that works under autocast, DDP and FSDP2. The recomputed forward gives the same bits, so the
+    flag is not a numerics setting (a resumed run may toggle it)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(
+            f"model {name} ({type(model).__name__}) does not support activation checkpointing; "
+            "fix: drop --activation-checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
@@ -373,6 +391,8 @@ class Trainer:
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
         converted = self.precision.convert(self.task.model.to(self.device).train())
+        if config.activation_checkpointing:  # before DDP/FSDP wrap the blocks it recomputes
+            enable_activation_checkpointing(converted, config.model)
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
         report = self.precision.conversion_report
@@ -725,11 +745,12 @@ class Trainer:
     def _memory_report(self, batch) -> str:
         """The live run's memory by component (tensor accounting) beside the estimator's figure.
 
-        Activations are the bytes saved for backward by one extra forward of ``batch``; the
-        estimate exists for causal LMs and token classifiers (the CNN, and architectures whose
-        forward cannot be traced on fake tensors: live only).
+        Activations are the bytes saved for backward by one extra forward of ``batch`` (with
+        activation checkpointing: at the peak, `checkpointed_peak`); the estimate exists for
+        causal LMs and token classifiers (the CNN, and architectures whose forward cannot be
+        traced on fake tensors: live only).
         """
-        from lowbit.memory import estimate, measure, measure_activations
+        from lowbit.memory import checkpointed_peak, estimate, measure, measure_activations
         from lowbit.memory.estimate import TASKS
 
         def forward():
@@ -737,7 +758,8 @@ class Trainer:
                 return self.task.loss(self.train_model, batch)[0]
 
         live = measure(self.model, self.optimizer, self.precision)
-        saved = measure_activations(self.model, forward)
+        with checkpointed_peak(self.model):
+            saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
         if self.config.task not in TASKS:
             return live.table()
@@ -749,6 +771,7 @@ class Trainer:
                 c.optimizer_state,
                 c.batch_size,
                 c.seq_len,
+                activation_checkpointing=c.activation_checkpointing,
                 task=c.task,
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
