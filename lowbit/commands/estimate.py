@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        default="causal-lm",
-        help=f"{' or '.join(TASKS)} (default causal-lm; token classification: an encoder's "
-        "config.json or folder)",
+        default=None,
+        help=f"{' or '.join(TASKS)} (default causal-lm, or a lowbit run folder's own task; token "
+        "classification: an encoder's config.json or folder)",
     )
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device (default 1)")
     parser.add_argument(
@@ -146,19 +146,21 @@ def compare_recipes(args, names: list[str]) -> int:
     return 0
 
 
-def _run_seq_len(model: str) -> int | None:
-    """The --seq-len of a lowbit run folder; None for anything else."""
+def _run_defaults(model: str) -> tuple[str | None, int | None]:
+    """The task and --seq-len of a lowbit run folder; (None, None) for anything else."""
     from lowbit.train.config import TASK_DEFAULTS, is_run_folder, read
 
     if not is_run_folder(model):
-        return None
+        return None, None
     run = read(model)
-    return run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
+    return run.task, run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
 
 
 def run(args) -> int:
+    task, seq = _run_defaults(args.model)
+    args.task = args.task or task or "causal-lm"  # a tagger's run folder: token-classification
     if args.seq is None:  # a run folder's own length: an encoder's 64 positions refuse 1024
-        args.seq = _run_seq_len(args.model) or DEFAULT_SEQ
+        args.seq = seq or DEFAULT_SEQ
     names = _recipes(args.recipe)
     if len(names) > 1:
         return compare_recipes(args, names)

@@ -200,7 +200,9 @@ def _check_out(out: Path, force: bool) -> None:
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
         raise UsageError(f"{out} holds a training run; fix: choose another --out")
     if not force:
-        raise UsageError(f"{out} exists and is not empty; fix: remove it, pass --out, or --force")
+        raise UsageError(
+            f"{out} exists and is not empty; fix: remove it, choose another --out, or pass --force"
+        )
 
 
 def _remove_artifacts(out: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def _start_wandb(run_dir, config: dict, resume_step):
     try:
         import wandb
     except ImportError:
-        warnings.warn(
-            "--wandb: the wandb package is not installed; logging without it", stacklevel=2
+        print(
+            "lowbit: warning: --wandb: the wandb package is not installed; logging without it "
+            "(fix: pip install wandb)",
+            file=sys.stderr,
         )
         return None
     return wandb.init(
