@@ -24,12 +24,14 @@ DEFAULT_PROBE_STEPS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lowbit.commands.train import FLAGS
+    from lowbit.commands.train import FLAGS, SWITCHES
 
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in FLAGS:
         if flag != "--out":
             parser.add_argument(flag, type=kind, default=None, help=OWN_HELP.get(flag, text))
+    for flag, text in SWITCHES:  # accepted as `lowbit train` takes them (a copied command line)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     parser.add_argument(
         "--override",
         action="append",
@@ -86,11 +88,11 @@ def run(args) -> int:
             f"{args.checkpoint}: a quantized or pruned model, which holds no training state to "
             f"probe; fix: --checkpoint {run} (the run it was made from)"
         )
-    from lowbit.commands.train import FLAGS
+    from lowbit.commands.train import FLAGS, SWITCHES
 
     flags = {
         f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_"))
-        for f, _, _ in FLAGS
+        for f, *_ in FLAGS + SWITCHES
         if f != "--out"
     }
     flags["overrides"] = args.override

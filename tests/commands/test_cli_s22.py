@@ -43,3 +43,11 @@ def test_estimate_of_a_tagger_run_takes_the_runs_task(tmp_path, capsys):
     argv = ["estimate", "--model", str(tmp_path), "--task", "causal-lm"]
     assert main(argv) == 2  # a task given against the run's is still refused
     assert "the run's task is token-classification" in capsys.readouterr().err
+
+
+def test_doctor_takes_trains_switches(tmp_path):
+    """`lowbit doctor` takes the options of the `lowbit train` command line it probes: the
+    --activation-checkpointing switch was an unrecognized argument."""
+    argv = ["doctor", "--model", "nano", "--probe-steps", "1", "--batch-size", "2"]
+    argv += ["--seq-len", "16", "--activation-checkpointing", "--out", str(tmp_path / "doctor")]
+    assert main(argv) == 0
