@@ -158,7 +158,8 @@ def _run_defaults(model: str) -> tuple[str | None, int | None]:
 
 def run(args) -> int:
     task, seq = _run_defaults(args.model)
-    args.task = args.task or task or "causal-lm"  # a tagger's run folder: token-classification
+    # a tagger's run folder: token-classification; a CNN's is refused as the run's task
+    args.task = args.task or (task if task in TASKS else None) or "causal-lm"
     if args.seq is None:  # a run folder's own length: an encoder's 64 positions refuse 1024
         args.seq = seq or DEFAULT_SEQ
     names = _recipes(args.recipe)

@@ -85,6 +85,8 @@ def read_conll_documents(path) -> list[list[Sentence]]:
 # word, alone or followed by a digit, ``-``, ``_`` or ``.`` and more (``train.txt``, ``dev-2.iob``,
 # ``train_en.conll``; BioNLP's ``devel.tsv``), and its extension one that data files have; or
 # CoNLL-2003's own names (``eng.train``, ``eng.testa`` for development, ``eng.testb`` for test).
+# A name with a second split's word after its first (BioBERT's ``train_dev.tsv``: the train and
+# devel sentences together) holds no one split and is left out.
 CONLL_SPLIT_WORDS = {
     "train": ("train", "training"),
     "validation": ("dev", "devel", "development", "valid", "validation", "val"),
@@ -103,7 +105,9 @@ def conll_split_of(name: str) -> str | None:
     The stem must be a split word, not merely start with one, and the extension must be a data
     file's: a prefix rule took ``values.txt`` as validation data, ``trainer.py`` as training data,
     and editors' backups (``train.txt~``, ``train.txt.bak``, ``train.txt.orig``) as a second copy
-    of the sentences; hidden files (``.train.txt.swp``) are never data."""
+    of the sentences; hidden files (``.train.txt.swp``) are never data. Nor is a name that
+    names a second split (``train_dev.tsv``, ``dev-test.txt``): read as its first split's data,
+    BioBERT's ``train_dev.tsv`` put the validation sentences into training."""
     if name.startswith("."):
         return None
     lowered = Path(name.lower())
@@ -115,7 +119,11 @@ def conll_split_of(name: str) -> str | None:
     rest = lowered.stem[word.end() :] if word else ""
     if word is None or (rest and rest[0] not in "-_.0123456789"):
         return None
-    return next((s for s, words in CONLL_SPLIT_WORDS.items() if word.group() in words), None)
+    split = next((s for s, words in CONLL_SPLIT_WORDS.items() if word.group() in words), None)
+    other_words = {w for s, words in CONLL_SPLIT_WORDS.items() if s != split for w in words}
+    if other_words.intersection(re.findall(r"[a-z]+", rest)):
+        return None
+    return split
 
 
 def conll_folder_files(folder) -> dict[str, list[Path]]:

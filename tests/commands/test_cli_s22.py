@@ -51,3 +51,15 @@ def test_doctor_takes_trains_switches(tmp_path):
     argv = ["doctor", "--model", "nano", "--probe-steps", "1", "--batch-size", "2"]
     argv += ["--seq-len", "16", "--activation-checkpointing", "--out", str(tmp_path / "doctor")]
     assert main(argv) == 0
+
+
+def test_estimate_of_a_cnn_run_names_the_runs_task(tmp_path, capsys):
+    """A CNN's run folder has no estimate: the refusal names the run's task and the runs that
+    have one, not an 'unknown task' the user never gave."""
+    from lowbit.train.config import TrainConfig, write
+
+    write(TrainConfig(task="image-classification"), tmp_path)
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the run's task is image-classification" in error
+    assert "fix: a run of one of causal-lm, token-classification" in error

@@ -62,3 +62,18 @@ def test_lowbit_train_reads_the_split_files_only(tmp_path, capsys):
     assert len(error.splitlines()) == 1
     assert "no validation file" in error and "values.txt" in error and "fix:" in error
     assert not out.exists()
+
+
+def test_a_file_of_two_splits_is_not_read_as_either(tmp_path):
+    """BioBERT's NER folders hold ``train_dev.tsv``, the train and devel sentences together,
+    beside ``train.tsv``: read as training data it put the validation sentences into training."""
+    folder = _write(tmp_path / "conll", ["train.tsv"])
+    _write(folder, ["devel.tsv"], "Bob\tB-PER\n")
+    _write(folder, ["test.tsv"], "IBM\tB-ORG\n")
+    _write(folder, ["train_dev.tsv", "dev-test.txt"], "Paris\tB-LOC\n\nBob\tB-PER\n")
+    splits = read_conll_folder(folder)
+    assert {split: [s.tokens for s in sentences] for split, sentences in splits.items()} == {
+        "train": [["Paris"]],
+        "validation": [["Bob"]],
+        "test": [["IBM"]],
+    }
