@@ -279,6 +279,10 @@ def enable_activation_checkpointing(model, name: str) -> None:
             f"model {name} ({type(model).__name__}) does not support activation checkpointing; "
             "fix: drop --activation-checkpointing"
         )
+    if not model.can_generate() and getattr(model.config, "use_cache", False):
+        # an encoder (the tagger's BERT) caches nothing, yet its config's use_cache=True made
+        # transformers print an "incompatible with gradient checkpointing" line, --quiet or not
+        model.config.use_cache = False
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
         model.activation_checkpointing_enable(kwargs)

@@ -125,3 +125,22 @@ def test_compare_passes_the_flag_to_its_runs(tmp_path):
         measured
         == estimate("nano", "fp32", batch=4, seq=32, activation_checkpointing=True).activations
     )
+
+
+def test_an_encoder_is_told_it_caches_nothing(capfd):
+    """BERT's config says use_cache=True; with checkpointing on, transformers printed an
+    "incompatible with gradient checkpointing" line at the first training forward, --quiet or
+    not. An encoder (no generation) is set not to cache; a causal LM keeps its setting."""
+    from lowbit.models import build_causal_lm, build_token_classifier
+    from lowbit.train.trainer import enable_activation_checkpointing
+
+    tagger = build_token_classifier("tiny", ["O", "B-X", "I-X"], vocab_size=64)
+    tagger.config.use_cache = True
+    enable_activation_checkpointing(tagger, "tiny")
+    assert tagger.config.use_cache is False
+    tagger.train()(torch.randint(0, 64, (2, 8))).logits.sum().backward()
+    assert "use_cache" not in capfd.readouterr().err
+    causal = build_causal_lm("nano", 257, seed=0)
+    before = causal.config.use_cache
+    enable_activation_checkpointing(causal, "nano")
+    assert causal.config.use_cache == before
