@@ -19,10 +19,13 @@ from lowbit.errors import UsageError
 from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import KERNELS, QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
+from lowbit.nn.convert import output_head_names
 from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
-PRUNE_SKIP = ("lm_head", "classifier", "head")  # output layers kept dense by `prune_model`
+# Output layers kept dense by `prune_model`, besides the one transformers' get_output_embeddings()
+# returns whatever its name (BioGPT's output_projection, GPT-NeoX-Japanese's embed_out).
+PRUNE_SKIP = ("lm_head", "classifier", "head")
 
 
 @dataclass
@@ -177,6 +180,8 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
     report = LayerReport()
+    # a head tied to the input embedding (BioGPT's) shares its weight: pruning it prunes both
+    heads = set(output_head_names(model))
     linears = []  # (name, [the layer's matrices as linear layers: one, or one per expert GEMM])
     for _, _, name, layer in _layers(model):
         if isinstance(layer, QuantLinear | QuantExperts):
@@ -189,7 +194,7 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
             matrices = [as_linear(layer)]
         else:
             continue
-        if name.split(".")[-1] in PRUNE_SKIP:
+        if name.split(".")[-1] in PRUNE_SKIP or name in heads:
             report.kept[name] = "output head kept dense"
             continue
         for matrix in matrices:

@@ -173,8 +173,11 @@ class QuantLinear(torch.nn.Module):
             scales = self._get("s_w", lambda: self.scale.float().reshape(-1))
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, scales)
         else:
+            # the bias inside the GEMM (addmm), as the dense layer `lowbit export` writes adds it:
+            # a sum after the GEMM rounds otherwise, and the export's logits would differ
             w = self._get("w", self.dequantized_weight)
-            out = x2 @ w.t()
+            out = torch.nn.functional.linear(x2, w, self.bias)
+            return out.reshape(*shape[:-1], self.out_features).to(dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features).to(dtype)

@@ -169,7 +169,7 @@ def _build(config, name: str, dtype: torch.dtype, task: str):
     (on fake tensors inside a ``FakeTensorMode``), with SDPA attention where the architecture has
     it, as `lowbit train` loads it. ``config`` itself is left as it was (transformers writes the
     dtype into it)."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
     from lowbit.models.causal_lm import is_causal_lm
     from lowbit.models.pretrained import with_sdpa
@@ -185,7 +185,12 @@ def _build(config, name: str, dtype: torch.dtype, task: str):
         )
 
     def build(**kw):  # a fresh copy per attempt: a failed SDPA attempt leaves its choice in it
-        return auto.from_config(copy.deepcopy(config), dtype=dtype, **kw)
+        # Fake tensors hold no values to initialize, and some initializers read them (torch's
+        # trunc_normal_, ModernBERT's, tests ``mask.any()``: a DataDependentOutputException that
+        # ended `lowbit train` at its memory report), so the weight initialization is skipped;
+        # weight tying, which decides which parameters are one, still runs.
+        with mock.patch.object(PreTrainedModel, "initialize_weights", lambda self: None):
+            return auto.from_config(copy.deepcopy(config), dtype=dtype, **kw)
 
     try:
         return with_sdpa(build)
