@@ -251,6 +251,20 @@ def _layer_input_bytes(recipe: Recipe, name: str, hp_bytes: int) -> tuple[float,
     return (x_bits / 8 if reuse_x else hp_bytes), (w_bits / 8 if reuse_w else 0.0), reuse_x
 
 
+def _kept_input_dtype(recipe: Recipe, name: str) -> torch.dtype | None:
+    """The dtype a converted linear keeps its input in for a weight gradient of plain casts
+    (int8's bf16), one cast shared by the layers that read the input (`lowbit.nn.linear`'s
+    `_kept_input`); None where it keeps something else."""
+    spec, _ = recipe.layer_for(name)
+    if spec is None or spec.is_identity:
+        return None
+    from lowbit.nn.linear import LayerState
+
+    state = LayerState(spec)
+    dtypes = state.cast_gemms.get("grad_weight")
+    return None if dtypes is None or state.reuse_x else dtypes[1]
+
+
 def _as_in_a_real_run(grouped_linear=None) -> contextlib.ExitStack:
     """A context in which transformers decides as it does on real tensors where it would read
     values that fake tensors do not have, or pick a kernel fake tensors refuse:
@@ -384,15 +398,23 @@ def _trace_activations(
             count(t.untyped_storage().nbytes(), temporary=is_parameter_cast(t))
         return t
 
+    casts_counted: set = set()  # inputs whose kept cast (`_kept_input_dtype`) is counted
+
     def enter_converted(name: str):
         x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
+        kept_dtype = None if quantized else _kept_input_dtype(recipe, name)
 
         def hook(module, args):
             x = args[0]
-            if quantized or autocast:  # a copy per layer
+            key = x.untyped_storage()._cdata
+            if kept_dtype is not None and x.dtype != kept_dtype:  # one cast for its readers
+                if key not in casts_counted:
+                    casts_counted.add(key)
+                    count(kept_dtype.itemsize * x.numel())
+            elif quantized or (autocast and kept_dtype is None):  # a copy per layer
                 count(x_bytes * x.numel())
-            elif x.untyped_storage()._cdata not in seen:  # the shared high-precision input
-                seen.add(x.untyped_storage()._cdata)
+            elif key not in seen:  # the shared input itself
+                seen.add(key)
                 count(x.untyped_storage().nbytes())
             count(w_bytes * module.weight.numel(), temporary=True)  # its quantized weight
             where["converted"] = True

@@ -214,8 +214,9 @@ def quantized_gemm(
     return emulated_gemm(qa, qb, out_dtype)
 
 
-# Operands that several layers may take from one tensor (see `SharedQuantization`).
-_SHARED_OPERANDS = ("forward.x", "grad_weight.x")
+# Operands that several layers may take from one tensor (see `SharedQuantization`); "forward.x.cast"
+# is the input cast in the forward for a weight gradient of plain casts (`_kept_input`).
+_SHARED_OPERANDS = ("forward.x", "forward.x.cast", "grad_weight.x")
 
 
 def _quantize(
@@ -253,6 +254,18 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _kept_input(x: torch.Tensor, state: LayerState) -> torch.Tensor:
+    """What the backward keeps of the input ``x`` for the weight gradient: ``x`` itself, or, where
+    that GEMM casts it (int8's bf16 gradients) and no observer reads the high-precision values,
+    the cast made now. The cast is then made once for the layers that read ``x`` (a block's q, k
+    and v; autocast casts it for each) and the backward holds it instead of ``x`` (half the bytes
+    of an fp32 input); the weight gradient's bits are the same."""
+    dtypes = state.cast_gemms.get("grad_weight")
+    if dtypes is None or x.dtype == dtypes[1] or state.observer is not None:
+        return x
+    return _quantize(x, state.spec.grad_weight.b, state, "forward.x.cast").values
 
 
 class LowbitLinearFunction(torch.autograd.Function):
@@ -293,7 +306,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         kept_w, kept_x = (qw if reuse_w else None), (qx if reuse_x else None)
         ctx.quantized_layouts = (_layout(kept_w), _layout(kept_x))
         ctx.save_for_backward(
-            None if reuse_x else x,
+            None if reuse_x else _kept_input(x, state),
             None if reuse_w else weight,
             *_tensors(kept_w),
             *_tensors(kept_x),
@@ -311,7 +324,8 @@ class LowbitLinearFunction(torch.autograd.Function):
         qw = _rebuilt(layout_w, quantized[:_TENSORS])
         qx = _rebuilt(layout_x, quantized[_TENSORS:])
         state: LayerState = ctx.state
-        shared_quantization.release("forward.x")  # the forward is over: let its input go
+        for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
+            shared_quantization.release(slot)
         spec = state.spec
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once
