@@ -144,3 +144,13 @@ def test_an_encoder_is_told_it_caches_nothing(capfd):
     before = causal.config.use_cache
     enable_activation_checkpointing(causal, "nano")
     assert causal.config.use_cache == before
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_int8s_kept_input_casts_are_estimated_to_the_byte(tiny_config, tmp_path, checkpointing):
+    """int8 keeps one bf16 cast of each fp32 input for its layers' weight gradients (q, k and v
+    share one); the estimate models the same, so the trainer's two columns agree."""
+    config = tiny_config(**{**NANO, "steps": 2}, recipe="int8", out=str(tmp_path / "run"))
+    config.activation_checkpointing = checkpointing
+    rows = memory_rows(train(config, quiet=True).extra["memory_table"])
+    assert rows["activations"][0] == rows["activations"][1]
