@@ -6,7 +6,15 @@ import argparse
 
 from lowbit.errors import UsageError
 from lowbit.memory.breakdown import human
-from lowbit.memory.estimate import ACCELERATORS_GIB, RESERVE, SHARDING, TASKS, estimate, fits
+from lowbit.memory.estimate import (
+    ACCELERATORS_GIB,
+    NOT_CHECKPOINTABLE,
+    RESERVE,
+    SHARDING,
+    TASKS,
+    estimate,
+    fits,
+)
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
 from lowbit.recipes import get_recipe
@@ -122,6 +130,11 @@ def compare_recipes(args, names: list[str]) -> int:
         (name, estimate(args.model, name, args.optimizer_state, args.batch, args.seq, **kw))
         for name in names
     ]
+    if args.activation_checkpointing and NOT_CHECKPOINTABLE in rows[0][1].notes:
+        raise UsageError(
+            f"model {args.model} does not support activation checkpointing (lowbit train refuses "
+            "it too); fix: drop --activation-checkpointing"
+        )
     print(_settings(args, rows[0][1].num_params))
     head = (
         f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
@@ -177,12 +190,22 @@ def run(args) -> int:
         **kw,
         activation_checkpointing=True,
     )
+    unsupported = NOT_CHECKPOINTABLE in with_ckpt.notes
+    if unsupported and args.activation_checkpointing:
+        raise UsageError(
+            f"model {args.model} does not support activation checkpointing (lowbit train refuses "
+            "it too); fix: drop --activation-checkpointing"
+        )
     chosen = with_ckpt if args.activation_checkpointing else without
     print(_settings(args, chosen.num_params).replace("; ", f"; recipe {recipe}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
     print(
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
-        f"with {with_ckpt.activations:,} ({human(with_ckpt.activations)})"
+        + (
+            "with: this model does not support activation checkpointing (lowbit train refuses it)"
+            if unsupported
+            else f"with {with_ckpt.activations:,} ({human(with_ckpt.activations)})"
+        )
     )
     print(
         f"\nfits (N GB taken as N GiB; {RESERVE:.0%} of each device reserved for context and "

@@ -314,6 +314,13 @@ def _quiet_fake_tensor_errors():
         logger.setLevel(level)
 
 
+# The note of an estimate asked for activation checkpointing of a model that does not support it
+NOT_CHECKPOINTABLE = (
+    "activation checkpointing: this model does not support it (lowbit train refuses it); "
+    "estimated without"
+)
+
+
 @dataclass
 class Trace:
     """Bytes one forward and loss save for the backward (`_trace_activations`): activations, and
@@ -322,6 +329,8 @@ class Trace:
 
     activations: float = 0.0
     temporaries: float = 0.0
+    # whether transformers can checkpoint the model's blocks (`lowbit train` refuses it otherwise)
+    checkpointable: bool = True
     block_activations: dict[str, float] = field(default_factory=dict)
     block_temporaries: dict[str, float] = field(default_factory=dict)
     block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
@@ -376,7 +385,7 @@ def _trace_activations(
     autocast = recipe.autocast is not None
     hp_bytes = _bytes(recipe.autocast or recipe.param_dtype)
     seen = {p.untyped_storage()._cdata for p in model.parameters()}
-    trace = Trace()
+    trace = Trace(checkpointable=getattr(model, "supports_gradient_checkpointing", False))
     where: dict = {"block": None, "converted": False, "experts": None}
     saved_in: dict = {}  # storage -> "" (outside the blocks) or the block it was saved in
     input_storages: dict[str, int] = {}  # block -> its input's storage
@@ -583,7 +592,9 @@ def estimate(
     else:
         fsdp_gather = 0.0
     activations, temporaries = trace.activations, trace.temporaries
-    if activation_checkpointing and trace.block_activations:
+    if activation_checkpointing and not trace.checkpointable:
+        out.notes.append(NOT_CHECKPOINTABLE)
+    elif activation_checkpointing and trace.block_activations:
         activations, temporaries = trace.checkpointed()
         out.notes.append("activation checkpointing: one checkpoint per block")
     elif activation_checkpointing:

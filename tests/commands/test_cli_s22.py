@@ -63,3 +63,27 @@ def test_estimate_of_a_cnn_run_names_the_runs_task(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert "the run's task is image-classification" in error
     assert "fix: a run of one of causal-lm, token-classification" in error
+
+
+def test_estimate_says_when_a_model_cannot_checkpoint(tmp_path, capsys):
+    """ALBERT does not support activation checkpointing (lowbit train refuses the flag): the
+    estimate printed figures "with checkpointing" for it all the same."""
+    from transformers import AlbertConfig
+
+    AlbertConfig(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ).save_pretrained(tmp_path)
+    argv = ["estimate", "--model", str(tmp_path), "--task", "token-classification", "--seq", "32"]
+    assert main(argv) == 0
+    assert "with: this model does not support activation checkpointing" in capsys.readouterr().out
+    for recipes in ("bf16-mixed", "fp32,bf16-mixed"):
+        assert main([*argv, "--recipe", recipes, "--activation-checkpointing"]) == 2
+        error = capsys.readouterr().err
+        assert "does not support activation checkpointing" in error
+        assert "fix: drop --activation-checkpointing" in error
