@@ -10,16 +10,7 @@ import torch.nn.functional as F
 
 from lowbit import Precision
 from lowbit.errors import UsageError
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-
-
-def batch(seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+from tests.precision.test_user_loops import batch, mlp
 
 
 def forward(precision, model, seed=1):
