@@ -28,6 +28,10 @@ def _entry(rank, fn, nproc, port, folder, kwargs):
     dist.init_process_group("gloo")
     try:
         out = fn(rank, nproc, **kwargs)
+        # every rank done with its collectives before any leaves the group: a rank that destroyed
+        # it while another was still in the last one (``full_tensor``'s all-gather) aborted that
+        # rank ("terminate called without an active exception", about one run in six)
+        dist.barrier()
     finally:
         from lowbit.nn.operand import set_scale_agreement
 
