@@ -37,7 +37,9 @@ Converted (fp8/int8/MX) layers are the exception: their operands are quantized i
 kernels and kept on the autograd context, so the trace replaces what such a layer saves with a
 model of the hardware that stores the formats natively: its input quantized (the format's bits
 per value) when the forward's quantized operand can be reused by the weight gradient (tensorwise
-current scaling), else in high precision (one copy per layer under autocast, shared without), and
+current scaling), else in high precision (one copy per layer under autocast, shared without;
+one cast shared by the layers that read the input where the weight gradient is a GEMM of plain
+casts, as int8's bf16 one, `_kept_input_dtype`), and
 its weight as a quantized temporary copy; a converted mixture-of-experts layer likewise for each
 grouped expert GEMM (`lowbit.nn.experts`). (The CPU emulation keeps quantized values in a bf16
 carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
