@@ -34,7 +34,7 @@ BLOOM, Mixtral, Mamba, ... are estimated as they train, not as a Llama. Where tr
 read tensor values to choose a path, the trace takes the real run's choice (`_as_in_a_real_run`).
 
 Converted (fp8/int8/MX) layers are the exception: their operands are quantized in lowbit's own
-kernels and kept on the autograd context, so the trace replaces what such a layer saves with a
+kernels, into bf16 carriers on the CPU, so the trace replaces what such a layer saves with a
 model of the hardware that stores the formats natively: its input quantized (the format's bits
 per value) when the forward's quantized operand can be reused by the weight gradient (tensorwise
 current scaling), else in high precision (one copy per layer under autocast, shared without;
