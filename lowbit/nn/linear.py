@@ -19,6 +19,7 @@ block's q, k and v projections) quantize it once between them where the result c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -47,37 +48,28 @@ def _transposed(q: QTensor) -> QTensor:
 
 # A reused quantized operand travels to the backward as its tensors (saved with
 # `save_for_backward`, so that activation checkpointing frees and recomputes them like any saved
-# activation; kept on ``ctx`` they stayed alive through the checkpointed forward) and its layout.
-_TENSORS = 4  # values, scale, tensor_scale, folded
+# activation; kept on ``ctx`` they stayed alive through the checkpointed forward) and its layout:
+# the QTensor with those fields emptied.
+_TENSOR_FIELDS = ("values", "scale", "tensor_scale", "folded")
 
 
 def _tensors(q: QTensor | None) -> tuple:
     if q is None:
-        return (None,) * _TENSORS
-    return (q.__dict__["values"], q.scale, q.tensor_scale, q.folded)  # values as stored
+        return (None,) * len(_TENSOR_FIELDS)
+    return tuple(q.__dict__[name] for name in _TENSOR_FIELDS)  # values as stored, not recovered
 
 
-def _layout(q: QTensor | None) -> tuple | None:
-    return None if q is None else (q.fmt, q.granularity, q.block, q.axis, q.scale_rule)
+def _layout(q: QTensor | None) -> QTensor | None:
+    if q is None:
+        return None
+    return dataclasses.replace(q, **dict.fromkeys(_TENSOR_FIELDS), measured_amax=None)
 
 
-def _rebuilt(layout: tuple | None, tensors) -> QTensor | None:
+def _rebuilt(layout: QTensor | None, tensors) -> QTensor | None:
     """The QTensor of `_layout` and `_tensors` (None for None)."""
     if layout is None:
         return None
-    values, scale, tensor_scale, folded = tensors
-    fmt, granularity, block, axis, scale_rule = layout
-    return QTensor(
-        values=values,
-        scale=scale,
-        fmt=fmt,
-        granularity=granularity,
-        block=block,
-        axis=axis,
-        tensor_scale=tensor_scale,
-        scale_rule=scale_rule,
-        folded=folded,
-    )
+    return dataclasses.replace(layout, **dict(zip(_TENSOR_FIELDS, tensors, strict=True)))
 
 
 def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
@@ -321,8 +313,9 @@ class LowbitLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, *quantized = ctx.saved_tensors
         layout_w, layout_x = ctx.quantized_layouts
-        qw = _rebuilt(layout_w, quantized[:_TENSORS])
-        qx = _rebuilt(layout_x, quantized[_TENSORS:])
+        count = len(_TENSOR_FIELDS)
+        qw = _rebuilt(layout_w, quantized[:count])
+        qx = _rebuilt(layout_x, quantized[count:])
         state: LayerState = ctx.state
         for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
             shared_quantization.release(slot)
