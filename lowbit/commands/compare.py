@@ -73,8 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in train_command.FLAGS:
         if flag not in OWN:
             group.add_argument(flag, type=kind, default=None, help=text)
-    for flag, text in train_command.SWITCHES:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    train_command.add_switches(group)
     group.add_argument(
         "--override",
         action="append",

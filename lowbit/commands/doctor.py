@@ -24,14 +24,13 @@ DEFAULT_PROBE_STEPS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lowbit.commands.train import FLAGS, SWITCHES
+    from lowbit.commands.train import FLAGS, add_switches
 
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in FLAGS:
         if flag != "--out":
             parser.add_argument(flag, type=kind, default=None, help=OWN_HELP.get(flag, text))
-    for flag, text in SWITCHES:  # accepted as `lowbit train` takes them (a copied command line)
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    add_switches(parser)  # accepted as `lowbit train` takes them (a copied command line)
     parser.add_argument(
         "--override",
         action="append",

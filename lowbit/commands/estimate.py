@@ -130,11 +130,7 @@ def compare_recipes(args, names: list[str]) -> int:
         (name, estimate(args.model, name, args.optimizer_state, args.batch, args.seq, **kw))
         for name in names
     ]
-    if args.activation_checkpointing and NOT_CHECKPOINTABLE in rows[0][1].notes:
-        raise UsageError(
-            f"model {args.model} does not support activation checkpointing (lowbit train refuses "
-            "it too); fix: drop --activation-checkpointing"
-        )
+    _check_checkpointing(args, rows[0][1])
     print(_settings(args, rows[0][1].num_params))
     head = (
         f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
@@ -157,6 +153,19 @@ def compare_recipes(args, names: list[str]) -> int:
         "fragmentation)"
     )
     return 0
+
+
+def _check_checkpointing(args, planned) -> bool:
+    """Whether the model supports activation checkpointing (``planned``, an estimate asked for it,
+    says); refused in one line where --activation-checkpointing asks for it, as train refuses it."""
+    if NOT_CHECKPOINTABLE not in planned.notes:
+        return True
+    if args.activation_checkpointing:
+        raise UsageError(
+            f"model {args.model} does not support activation checkpointing (lowbit train refuses "
+            "it too); fix: drop --activation-checkpointing"
+        )
+    return False
 
 
 def _run_defaults(model: str) -> tuple[str | None, int | None]:
@@ -190,12 +199,7 @@ def run(args) -> int:
         **kw,
         activation_checkpointing=True,
     )
-    unsupported = NOT_CHECKPOINTABLE in with_ckpt.notes
-    if unsupported and args.activation_checkpointing:
-        raise UsageError(
-            f"model {args.model} does not support activation checkpointing (lowbit train refuses "
-            "it too); fix: drop --activation-checkpointing"
-        )
+    unsupported = not _check_checkpointing(args, with_ckpt)
     chosen = with_ckpt if args.activation_checkpointing else without
     print(_settings(args, chosen.num_params).replace("; ", f"; recipe {recipe}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))

@@ -68,12 +68,18 @@ SWITCHES = [
 ]
 
 
+def add_switches(parser) -> None:
+    """The `SWITCHES` as ``--flag`` / ``--no-flag`` options of ``parser`` (or an argument group),
+    None unless given; `lowbit compare` and `lowbit doctor` take them too."""
+    for flag, text in SWITCHES:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
     for flag, kind, text in FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
-    for flag, text in SWITCHES:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    add_switches(parser)
     parser.add_argument(
         "--wandb",
         action="store_true",
