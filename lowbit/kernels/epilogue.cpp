@@ -15,9 +15,21 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace {
+
+// fp32 -> bf16 bits, round to nearest even with NaN -> 0x7FC0: c10::BFloat16's conversion, with a
+// select where c10 branches, so that the output loop vectorizes (a 4096 x 128 int32 accumulator to
+// bf16: 56 -> 37 us, scratch timing).
+[[gnu::always_inline]] inline uint16_t bf16_nearest(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const auto rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return value != value ? uint16_t{0x7FC0} : rounded;
+}
 
 // The row and column scales of an M x N accumulator, checked and converted to fp32 (a step of 0
 // repeats a single scale).
@@ -51,6 +63,8 @@ void epilogue(const at::Tensor& acc, const Scales& scales, at::Tensor& out) {
   auto store = [](O& dst, float value) {
     if constexpr (Accumulate) {
       dst += value;
+    } else if constexpr (std::is_same_v<O, c10::BFloat16>) {
+      dst.x = bf16_nearest(value);
     } else {
       dst = static_cast<O>(value);
     }
