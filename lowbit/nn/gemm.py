@@ -277,6 +277,18 @@ def _constant(value: float, shape: tuple, dtype: torch.dtype, device: torch.devi
     return _CONSTANTS[key]
 
 
+def rowwise_int_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`emulated_gemm` of two integer operands with one scale per row (granularity ``axis``, no
+    per-tensor scale: an `AxisQuantizer`'s), whose scales are the epilogue's as they are."""
+    return _int_gemm(qa, qb, qa.scale, qb.scale, out_dtype)
+
+
+def _int_gemm(qa: QTensor, qb: QTensor, row: torch.Tensor, col: torch.Tensor, out_dtype):
+    # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
+    acc = int_mm(qa.values.contiguous(), qb.values.contiguous().t())
+    return scale_rows_cols(acc, row, col, out_dtype)
+
+
 def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dequantize(qa) @ dequantize(qb).T`` computed on the low-precision values: the fp32 result,
     rounded to ``out_dtype`` (in the same pass as the scaling where the kernel serves it). fp8
@@ -284,9 +296,7 @@ def emulated_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float
     (`lowbit.nn.scaled_mm`)."""
     if isinstance(qa.fmt, IntFormat) and isinstance(qb.fmt, IntFormat):
         if _constant_along_k(qa) and _constant_along_k(qb):
-            # b as the transposed view of its N x K rows: faster in oneDNN than a K x N copy
-            acc = int_mm(qa.values.contiguous(), qb.values.contiguous().t())
-            return scale_rows_cols(acc, _row_scale(qa), _row_scale(qb), out_dtype)
+            return _int_gemm(qa, qb, _row_scale(qa), _row_scale(qb), out_dtype)
         return _grouped_mm(qa, qb).to(out_dtype)
     va, sa = _operand(qa)
     vb, sb = _operand(qb)

@@ -27,8 +27,15 @@ from torch.autograd.function import once_differentiable
 
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
-from lowbit.nn.gemm import cast_gemm, emulated_gemm
-from lowbit.nn.operand import AmaxHistory, BatchAxis, quantize_operand, shared_quantization
+from lowbit.nn.gemm import cast_gemm, emulated_gemm, rowwise_int_gemm
+from lowbit.nn.operand import (
+    AmaxHistory,
+    BatchAxis,
+    axis_quantizer,
+    quantize_operand,
+    scale_agreement,
+    shared_quantization,
+)
 from lowbit.recipes.recipe import DTYPES, GemmSpec, LayerSpec, OperandSpec, Scaling, Transform
 
 
@@ -157,6 +164,16 @@ class LayerState:
             for name, gemm in (("grad_input", spec.grad_input), ("grad_weight", spec.grad_weight))
             if gemm.a.is_plain_cast and gemm.b.is_plain_cast and gemm.transform is Transform.NONE
         }
+        # int8's layers (integer forward operands with one current scale per row, plain-cast
+        # gradient GEMMs): their `AxisQuantizer`s for the lean path (`_lean`).
+        quantizers = (axis_quantizer(spec.forward.a), axis_quantizer(spec.forward.b))
+        self.lean_quantizers = (
+            quantizers
+            if None not in quantizers
+            and spec.forward.transform is Transform.NONE
+            and len(self.cast_gemms) == 2
+            else None
+        )
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
         """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
@@ -260,17 +277,62 @@ def _kept_input(x: torch.Tensor, state: LayerState) -> torch.Tensor:
     return _quantize(x, state.spec.grad_weight.b, state, "forward.x.cast").values
 
 
+def _lean(x: torch.Tensor, weight: torch.Tensor, state: LayerState) -> bool:
+    """Whether this call takes the lean path: a layer with `LayerState.lean_quantizers` whose
+    operands the fused kernels take, with no observer and no scales to agree across ranks.
+
+    The lean path computes what the general one does, bit for bit (tests/nn), with less Python
+    around the same kernels: `AxisQuantizer`s instead of `quantize`, the int8 GEMM and its
+    epilogue called directly, no autocast context (none of its ops autocasts) and nothing saved
+    for quantized operands the backward does not reuse. At the default workload's 28 layers
+    that Python was ~2% of an int8 step (scratch timing)."""
+    quantizers = state.lean_quantizers
+    return (
+        quantizers is not None
+        and state.observer is None
+        and not scale_agreement().active
+        and quantizers[0].usable(x)
+        and quantizers[1].usable(weight)
+    )
+
+
+def _lean_forward(x, weight, state: LayerState, gemm_dtype: torch.dtype) -> torch.Tensor:
+    rows_x, rows_w = state.lean_quantizers
+    spec = state.spec
+    shared_quantization.release("grad_weight.x")  # the last backward's inputs
+    qx = shared_quantization.quantize(
+        "forward.x", x, spec.forward.a, None, lambda: rows_x(x), reader=state
+    )
+    return rowwise_int_gemm(qx, rows_w(weight), gemm_dtype)
+
+
 class LowbitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype):
+        # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
+        # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
+        gemm_dtype = out_dtype if bias is None and state.output_rounding is None else torch.float32
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.lean = _lean(x, weight, state)
+        if ctx.lean:
+            out = _lean_forward(x, weight, state, gemm_dtype)
+            ctx.save_for_backward(_kept_input(x, state), weight)
+        else:
+            out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype)
+        if bias is not None:
+            out.add_(bias)
+        if state.output_rounding is not None:
+            out = out.to(state.output_rounding)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, state: LayerState, gemm_dtype: torch.dtype) -> torch.Tensor:
+        """The general path: the forward GEMM, and what the backward needs saved on ``ctx``."""
         spec = state.spec
         with torch.autocast(x.device.type, enabled=False):
             forward = spec.forward
-            # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
-            # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
-            gemm_dtype = (
-                out_dtype if bias is None and state.output_rounding is None else torch.float32
-            )
             shared_quantization.release("grad_weight.x")  # the last backward's inputs
             if forward.transform is Transform.NONE:
                 qx = _quantize(x, forward.a, state, "forward.x")
@@ -284,11 +346,6 @@ class LowbitLinearFunction(torch.autograd.Function):
                 out = quantized_gemm(
                     x, weight, forward, state, ("forward.x", "forward.w"), gemm_dtype
                 )
-            if bias is not None:
-                out.add_(bias)
-            if state.output_rounding is not None:
-                out = out.to(state.output_rounding)
-            out = out.to(out_dtype)
         reuse_w, reuse_x = state.reuse_w, state.reuse_x
         if state.observer is not None:  # reused tensorwise operands: the same values, same stats
             if reuse_w:
@@ -303,19 +360,20 @@ class LowbitLinearFunction(torch.autograd.Function):
             *_tensors(kept_w),
             *_tensors(kept_x),
         )
-        ctx.state = state
-        ctx.has_bias = bias is not None
-        ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return out
 
     @staticmethod
     @once_differentiable  # quantization has no derivative: a double backward is refused, not wrong
     def backward(ctx, grad_out):
-        x, weight, *quantized = ctx.saved_tensors
-        layout_w, layout_x = ctx.quantized_layouts
-        count = len(_TENSOR_FIELDS)
-        qw = _rebuilt(layout_w, quantized[:count])
-        qx = _rebuilt(layout_x, quantized[count:])
+        if ctx.lean:  # nothing quantized was saved (`_lean`)
+            x, weight = ctx.saved_tensors
+            qw = qx = None
+        else:
+            x, weight, *quantized = ctx.saved_tensors
+            layout_w, layout_x = ctx.quantized_layouts
+            count = len(_TENSOR_FIELDS)
+            qw = _rebuilt(layout_w, quantized[:count])
+            qx = _rebuilt(layout_x, quantized[count:])
         state: LayerState = ctx.state
         for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
             shared_quantization.release(slot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from enum import Enum
@@ -9,8 +10,10 @@ from enum import Enum
 import torch
 
 from lowbit.formats import Granularity, QTensor, quantize, tensor_amax, unit_scale
+from lowbit.formats.cast import Rounding
 from lowbit.formats.hadamard import transform
-from lowbit.formats.spec import get
+from lowbit.formats.qtensor import AxisQuantizer
+from lowbit.formats.spec import IntFormat, get
 from lowbit.recipes.recipe import DTYPES, OperandSpec, Scaling
 
 
@@ -180,6 +183,12 @@ def quantize_operand(
         return shared_quantization.quantize(
             shared_slot, x, spec, None, lambda: plain_cast(x, spec), reader=reader
         )
+    rows = axis_quantizer(spec)
+    if rows is not None and hadamard is None and not _agreement.active and rows.usable(x):
+        # the same QTensor as below (no amax to take or agree on), without `quantize`'s checks
+        return shared_quantization.quantize(
+            shared_slot, x, spec, None, lambda: rows(x), reader=reader
+        )
     amax = None
     measure = False  # take this step's amax for the history while quantizing (delayed scaling)
     agree = agreed_amax(spec.granularity, BatchAxis(batch)) if _agreement.active else None
@@ -214,6 +223,21 @@ def quantize_operand(
     if measure:  # measured by the quantization (or now, if shared by a reader that did not ask)
         history.record(tensor_amax(x) if q.measured_amax is None else q.measured_amax)
     return q
+
+
+@functools.cache
+def axis_quantizer(spec: OperandSpec) -> AxisQuantizer | None:
+    """The `AxisQuantizer` of an integer operand with one current scale per row and nearest
+    rounding (int8's forward operands), None for every other spec."""
+    if (
+        spec.granularity is not Granularity.AXIS
+        or spec.scaling is not Scaling.CURRENT
+        or spec.rounding is not Rounding.NEAREST
+        or spec.block_size is not None
+        or not isinstance(get(spec.format), IntFormat)
+    ):
+        return None
+    return AxisQuantizer(spec.format, spec.scale_rule)
 
 
 class SharedQuantization(threading.local):
