@@ -7,7 +7,8 @@ assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2
 module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
 lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`:
-one layer with its ``out_proj``), so nothing is left out of the report. A layer converted before
+one layer with its ``out_proj``; mixture-of-experts routers that compute their logits with their
+own weight, `is_router`), so nothing is left out of the report. A layer converted before
 is left as it is when the recipe gives it the same spec (converting twice with one recipe is
 harmless) and refused otherwise: its original layer is gone, so another recipe needs the
 unconverted model.
@@ -24,9 +25,10 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
 from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
-from lowbit.nn.layer_kinds import is_conv1d, is_linear
+from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
+from lowbit.recipes.presets import ROUTER_KEPT
 from lowbit.recipes.recipe import RECIPE_DEFAULT
 
 
@@ -203,7 +205,9 @@ def convert(
                 report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
                 continue
             if not is_convertible(child):  # exact types
-                if (kept := _kept_gemm_reason(child)) is not None:
+                if is_router(child):
+                    report.kept[name] = ROUTER_KEPT
+                elif (kept := _kept_gemm_reason(child)) is not None:
                     report.kept[name] = kept
                 continue
             spec, reason = recipe.layer_for(name)

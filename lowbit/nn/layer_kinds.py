@@ -35,6 +35,17 @@ def is_linear(module: torch.nn.Module) -> bool:
     )
 
 
+def is_router(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts router that computes its logits itself, with no linear layer inside:
+    transformers' ``TopKRouter`` classes (Qwen3-MoE's ``mlp.gate``, Mixtral's, DeepSeek-V3's) call
+    ``F.linear`` on their own 2-D ``weight``; Llama-4's router subclasses ``nn.Linear``. Never
+    converted (not a linear layer by exact type), it is a GEMM all the same, which the conversion
+    report names."""
+    weight = module._parameters.get("weight")
+    named_router = type(module).__name__.lower().endswith("router")
+    return named_router and weight is not None and weight.dim() == 2
+
+
 def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:
     """``layer`` as an ``nn.Linear`` (out x in weight): itself, or for a ``Conv1D`` a Linear whose
     weight and bias are views of the Conv1D's (no copy: writing into it writes the Conv1D)."""

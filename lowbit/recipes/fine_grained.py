@@ -45,7 +45,11 @@ coarsens its own block. docs/recipes-fine-grained.md tabulates them.
     Sequential of single layers, such as the digits CNN) keeps its first and last GEMM layer, the
     ends of such a network: on the digits CNN its first convolution reads the raw pixels, and
     with both convolutions in NVFP4 the recipe cost 4.1% of validation loss against fp32, 0.2% with
-    the first convolution and the classifier kept (the parity study, docs/parity.md).
+    the first convolution and the classifier kept (the parity study, docs/parity.md). The paper
+    puts the blocks' linear layers in NVFP4 and nothing else, so the GEMM layers outside every
+    block stay in bf16 too (`OUTSIDE_BLOCKS`: ELECTRA's ``embeddings_project``, ALBERT's
+    ``embedding_hidden_mapping_in``, a masked-LM head's ``dense``), besides the heads every preset
+    keeps.
 
 Every preset keeps the output head in high precision (bf16 autocast) like the fp8 presets;
 embeddings, norms and attention's softmax(QK^T)V are not linear layers and are never quantized.
@@ -58,6 +62,7 @@ from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register
 from lowbit.recipes.recipe import (
     FIRST_BLOCK,
     LAST_BLOCK,
+    OUTSIDE_BLOCKS,
     GemmSpec,
     LayerSpec,
     OperandSpec,
@@ -133,6 +138,10 @@ KEEP_FIRST_LAST_BLOCKS = (
     Override(FIRST_BLOCK, None, "first block (or layer, without blocks) kept in bf16 (NVFP4)"),
     Override(LAST_BLOCK, None, "last block (or layer, without blocks) kept in bf16 (NVFP4)"),
 )
+# Checked after KEEP_HIGH_PRECISION, so that the heads keep their own reason.
+KEEP_OUTSIDE_BLOCKS = (
+    Override(OUTSIDE_BLOCKS, None, "outside the blocks (not a block's GEMM) kept in bf16 (NVFP4)"),
+)
 
 
 def fine_grained_recipe(
@@ -141,14 +150,16 @@ def fine_grained_recipe(
     layer: LayerSpec,
     reference: str,
     overrides: tuple[Override, ...] = (),
+    last_overrides: tuple[Override, ...] = (),
 ) -> Recipe:
-    """Converted layers follow ``layer``; everything else runs under bf16 autocast; fp32 params."""
+    """Converted layers follow ``layer``; everything else runs under bf16 autocast; fp32 params.
+    ``overrides`` come before the heads and routers every preset keeps, ``last_overrides`` after."""
     return Recipe(
         name,
         description,
         layer=layer,
         autocast="bf16",
-        overrides=overrides + KEEP_HIGH_PRECISION,
+        overrides=overrides + KEEP_HIGH_PRECISION + last_overrides,
         reference=reference,
     )
 
@@ -199,5 +210,6 @@ register(
         nvfp4_layer(),
         'NVIDIA 2025, "Pretraining Large Language Models with NVFP4"',
         overrides=KEEP_FIRST_LAST_BLOCKS,
+        last_overrides=KEEP_OUTSIDE_BLOCKS,
     )
 )

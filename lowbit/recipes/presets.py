@@ -39,7 +39,9 @@ E5M2 = OperandSpec("fp8_e5m2")
 # the ``classifier`` of token/sequence classifiers (RoBERTa's two-layer one included) and
 # ``head``. Routers that are plain linear layers: DBRX's and JetMoE's ``router.layer``, AFMoE's
 # ``router.gate``, Gemma4's ``router.proj``, HunYuan-MoE's ``gate.wg``, the Qwen MoE families'
-# ``shared_expert_gate`` (the others are router modules of their own, which are not converted).
+# ``shared_expert_gate``. The others are router modules of their own (`is_router`: the Qwen MoE
+# families' and Mixtral's ``TopKRouter``), never converted and reported with the same reason.
+ROUTER_KEPT = "mixture-of-experts router kept in high precision"
 KEEP_HIGH_PRECISION = (
     Override(OUTPUT_HEAD, None, "output head kept in high precision"),
     Override("lm_head|*.lm_head", None, "output head kept in high precision"),
@@ -52,7 +54,7 @@ KEEP_HIGH_PRECISION = (
     Override(
         "*.router.layer|*.router.gate|*.router.proj|*.gate.wg|*shared_expert_gate",
         None,
-        "mixture-of-experts router kept in high precision",
+        ROUTER_KEPT,
     ),
 )
 

@@ -229,6 +229,11 @@ LAST = "{last}"  # Override pattern placeholder: the highest block index (see Ov
 # (`block_stacks`, `block_of`).
 FIRST_BLOCK = "{first block}"  # every module inside the lowest block of each stack of blocks
 LAST_BLOCK = "{last block}"  # every module inside the highest block of each stack
+# Whole-pattern placeholder for the GEMM layers outside every stack of blocks, in a model that has
+# blocks: the projections around the stack (ELECTRA's embeddings_project, ALBERT's
+# embedding_hidden_mapping_in, a masked-LM head's dense layer) and the heads. A model without
+# blocks has none (its first and last layer are `FIRST_BLOCK` and `LAST_BLOCK`).
+OUTSIDE_BLOCKS = "{outside blocks}"
 # Whole-pattern placeholder for the model's output head whatever its name (GPT-NeoX's embed_out,
 # BioGPT's output_projection): the module transformers' ``get_output_embeddings()`` returns.
 OUTPUT_HEAD = "{output head}"
@@ -288,8 +293,8 @@ class Override:
     """Layers whose fully qualified name matches ``pattern`` (fnmatch glob; alternatives separated
     by ``|``) use ``layer``; ``layer=None`` keeps them in the recipe's high precision (not
     converted). The whole pattern may be `FIRST_BLOCK` or `LAST_BLOCK` (the network's end blocks,
-    for any naming) or `OUTPUT_HEAD`; a ``{last}`` inside a pattern stands for the highest index
-    found there."""
+    for any naming), `OUTSIDE_BLOCKS` or `OUTPUT_HEAD`; a ``{last}`` inside a pattern stands for
+    the highest index found there."""
 
     pattern: str
     layer: LayerSpec | None = None
@@ -314,11 +319,18 @@ class Override:
         ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. A model
         without blocks (a Sequential of single layers, such as the digits CNN) ends in its first
         and last GEMM layer: the first and last of ``layers``, the names of the model's GEMM
-        layers in module order. `OUTPUT_HEAD` becomes the names in ``heads`` (the modules
+        layers in module order. `OUTSIDE_BLOCKS` becomes the ``layers`` in no block (none in a
+        model without blocks). `OUTPUT_HEAD` becomes the names in ``heads`` (the modules
         ``get_output_embeddings()`` returns). Without a match the pattern matches nothing."""
         names = list(names)
         if self.pattern == OUTPUT_HEAD:
             return replace(self, pattern="|".join(heads)) if heads else self
+        if self.pattern == OUTSIDE_BLOCKS:
+            stacks = block_stacks(names)
+            outside = (
+                [layer for layer in layers if block_of(layer, stacks) is None] if stacks else []
+            )
+            return replace(self, pattern="|".join(outside)) if outside else self
         if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
             found = block_indices(names)
             first = self.pattern == FIRST_BLOCK
@@ -427,9 +439,10 @@ class Recipe:
     def resolved_for(
         self, names: Iterable[str], layers: Sequence[str] = (), heads: Sequence[str] = ()
     ) -> Recipe:
-        """A copy whose override placeholders (``{last}``, `LAST_BLOCK`, `OUTPUT_HEAD`) are
-        resolved against a model's module names, its GEMM ``layers`` and its output ``heads``
-        (`Override.resolve`; `convert` calls this, so one recipe serves models of any depth)."""
+        """A copy whose override placeholders (``{last}``, `LAST_BLOCK`, `OUTSIDE_BLOCKS`,
+        `OUTPUT_HEAD`) are resolved against a model's module names, its GEMM ``layers`` and its
+        output ``heads`` (`Override.resolve`; `convert` calls this, so one recipe serves models of
+        any depth)."""
         names = list(names)
         overrides = tuple(override.resolve(names, layers, heads) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)

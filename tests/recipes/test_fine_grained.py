@@ -578,7 +578,8 @@ def test_a_wrapped_model_is_not_one_block():
     assert Override(LAST_BLOCK).resolve(names).pattern == "0.model.layers.2.*"
     report = convert(model, "nvfp4")
     blocks = {name.split(".")[3] for name in report.converted if name.startswith("0.model")}
-    assert blocks == {"1"} and "1" in report.converted  # the middle block and the new head
+    assert blocks == {"1"}  # the middle block; the new head is outside the blocks, kept
+    assert report.kept["1"] == "outside the blocks (not a block's GEMM) kept in bf16 (NVFP4)"
 
 
 # --- training -----------------------------------------------------------------------------------
