@@ -8,6 +8,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import threading
 
 import torch
@@ -224,13 +225,23 @@ class Ranks(SingleProcess):
         dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. A clean exit first meets the other ranks at a barrier: a rank
+        that destroyed the group while another was still inside the last collective aborted that
+        one ("terminate called without an active exception"). Called while an exception
+        propagates (the caller's ``finally``) it does not wait: the others may be in another
+        collective, which a barrier would be paired with, or stopped already (the launcher stops
+        them once a rank has failed)."""
         import torch.distributed as dist
 
         set_scale_agreement(None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for key in getattr(self, "own_env", ()):
-            os.environ.pop(key, None)
+        try:
+            if dist.is_initialized() and sys.exc_info()[0] is None:
+                dist.barrier()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for key in getattr(self, "own_env", ()):
+                os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
