@@ -43,6 +43,26 @@ WEIGHT_FILES = (
 )
 
 
+# Architectures whose transformers forward fails under autocast. DeBERTa (v1): its attention fills
+# the masked scores with the minimum of the query's dtype, which is fp32 under autocast (the fp32
+# ``q_bias`` added to the projection promotes it) while the scores are autocast's 16 bits, so the
+# first forward stops with "value cannot be converted to type c10::BFloat16 without overflow"
+# (huggingface/transformers#35332), as under plain torch.autocast. DeBERTa-v2/v3 train.
+NO_AUTOCAST = {"deberta": "DeBERTa (v1)"}
+
+
+def check_autocast(model, autocast_dtype: torch.dtype | None, recipe: str) -> None:
+    """A `UsageError` when ``recipe`` runs the forward of ``model`` under autocast to
+    ``autocast_dtype`` (None: no autocast) and its architecture cannot take it (`NO_AUTOCAST`)."""
+    family = NO_AUTOCAST.get(getattr(getattr(model, "config", None), "model_type", None))
+    if autocast_dtype is not None and family is not None:
+        raise UsageError(
+            f"recipe {recipe} runs under {str(autocast_dtype).removeprefix('torch.')} autocast, "
+            f"where transformers' {family} attention overflows 16 bits; fix: a recipe without "
+            "autocast (fp32, bf16-low, bf16-pure, fp16-low) or a DeBERTa-v2/v3 model"
+        )
+
+
 def has_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
 
