@@ -53,7 +53,8 @@ NO_AUTOCAST = {"deberta": "DeBERTa (v1)"}
 
 def check_autocast(model, autocast_dtype: torch.dtype | None, recipe: str) -> None:
     """A `UsageError` when ``recipe`` runs the forward of ``model`` under autocast to
-    ``autocast_dtype`` (None: no autocast) and its architecture cannot take it (`NO_AUTOCAST`)."""
+    ``autocast_dtype`` (None: no autocast) and its architecture cannot take it (`NO_AUTOCAST`).
+    `lowbit.Precision.convert` checks it, so the trainer and users' own loops refuse alike."""
     family = NO_AUTOCAST.get(getattr(getattr(model, "config", None), "model_type", None))
     if autocast_dtype is not None and family is not None:
         raise UsageError(

@@ -29,6 +29,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.formats import Rounding
+from lowbit.models.pretrained import check_autocast
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import ConversionReport, convert, is_convertible, lowbit_layers
 from lowbit.nn.linear import LowbitModule
@@ -95,7 +96,9 @@ class Precision:
         (for a bare layer, e.g. an ``nn.Linear``, its converted replacement).
 
         For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
-        to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`)."""
+        to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`). An
+        architecture whose forward fails under the recipe's autocast is refused (`check_autocast`)."""
+        check_autocast(model, self.autocast_dtype, self.recipe.name)
         if self.param_dtype != torch.float32:
             model.to(self.param_dtype)
         recipe = self.recipe

@@ -25,7 +25,6 @@ import torch
 
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import UsageError
-from lowbit.models.pretrained import check_autocast
 from lowbit.nn.convert import lowbit_layers
 from lowbit.train import checkpoint
 from lowbit.train.config import (
@@ -393,7 +392,6 @@ class Trainer:
         self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
-        check_autocast(self.task.model, self.precision.autocast_dtype, config.recipe)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
         converted = self.precision.convert(self.task.model.to(self.device).train())

@@ -82,3 +82,19 @@ def test_deberta_v2_trains_under_autocast(tiny_config, tmp_path, recipe):
     result = train(config, quiet=True)
     assert result.status == "completed"
     assert math.isfinite(result.final_metrics["loss"])
+
+
+def test_deberta_v1_is_refused_by_precision_in_a_users_own_loop():
+    import transformers
+
+    import lowbit
+    from lowbit.errors import UsageError
+
+    config = transformers.DebertaConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.DebertaForTokenClassification(config)
+    with pytest.raises(UsageError, match="DeBERTa \\(v1\\) attention overflows 16 bits"):
+        lowbit.Precision("bf16-mixed").convert(model)
+    assert lowbit.Precision("fp32").convert(model) is model  # no autocast: trains
