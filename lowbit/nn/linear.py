@@ -284,8 +284,8 @@ def _lean(x: torch.Tensor, weight: torch.Tensor, state: LayerState) -> bool:
     The lean path computes what the general one does, bit for bit (tests/nn), with less Python
     around the same kernels: `AxisQuantizer`s instead of `quantize`, the int8 GEMM and its
     epilogue called directly, no autocast context (none of its ops autocasts) and nothing saved
-    for quantized operands the backward does not reuse. At the default workload's 28 layers
-    that Python was ~2% of an int8 step (scratch timing)."""
+    for quantized operands the backward does not reuse: ~40 us less per layer (16 x 16 operands,
+    scratch timing), ~2% of an int8 step of the default workload (BENCHMARKS.md, session 23)."""
     quantizers = state.lean_quantizers
     return (
         quantizers is not None
