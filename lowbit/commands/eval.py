@@ -13,7 +13,11 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder (lowbit train --out), or a folder lowbit quantize/prune wrote",
+    )
     parser.add_argument("--split", default="validation", help="validation (default), test or train")
     parser.add_argument(
         "--checkpoint",
@@ -32,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from lowbit.infer.io import check_given
     from lowbit.train import evaluate_run
 
+    check_given(args.run_dir, "RUN_DIR")
+    check_given(args.checkpoint, "--checkpoint")
     metrics, text = evaluate_run(
         args.run_dir, args.split, args.checkpoint, args.max_batches, args.device
     )

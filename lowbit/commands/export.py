@@ -15,7 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_DIR_or_QUANT_DIR", help="what to export")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace what an earlier quantize, prune or export wrote in --out (other files stay)",
+    )
 
 
 def run(args) -> int:

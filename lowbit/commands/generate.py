@@ -12,7 +12,11 @@ HELP = "Sample text from a causal-LM run's checkpoint."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (lowbit train --out)")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder (lowbit train --out), or a folder lowbit quantize/prune wrote",
+    )
     parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
     parser.add_argument(
@@ -32,9 +36,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device (default: the run's)")
 
 
+def _check_utf8(prompt: str) -> None:
+    """Refuse a prompt holding bytes that are not UTF-8 (a Latin-1 file through ``$(cat ...)``):
+    Python's arguments carry each as a lone surrogate (U+DC80-U+DCFF), which no tokenizer
+    encodes."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = ord(prompt[error.start]) - 0xDC00
+        raise UsageError(
+            f"--prompt is not UTF-8 text (byte 0x{byte:02x} at character {error.start}); fix: "
+            "pass it in UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def run(args) -> int:
+    from lowbit.infer.io import check_given
     from lowbit.train import load_run, sample_text
 
+    check_given(args.run_dir, "RUN_DIR")
+    check_given(args.checkpoint, "--checkpoint")
+    _check_utf8(args.prompt)
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
         raise UsageError(

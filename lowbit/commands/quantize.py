@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="zero-pad the last group of rows the group size does not divide",
     )
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR-FORMAT)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace what an earlier quantize, prune or export wrote in --out (other files stay)",
+    )
 
 
 def run(args) -> int:

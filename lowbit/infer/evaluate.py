@@ -15,7 +15,6 @@ from lowbit.infer.io import (
     describe_manifest,
     load_baseline,
     load_source,
-    missing_checkpoint,
     training_run,
 )
 from lowbit.infer.model import quant_layers
@@ -113,8 +112,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
         )
     # the data the training run read, as its run.json recorded it
     check_same_data(training_run(path), source.config, source.task.fingerprint)
-    baseline = load_baseline(source.manifest, device)
-    missing = missing_checkpoint(source.manifest)
+    baseline, missing = load_baseline(source.manifest, device)
     metrics, lines = compare(
         source.task, source.model, baseline and baseline.model, split, max_batches, device, missing
     )

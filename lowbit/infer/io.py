@@ -15,6 +15,7 @@ fp32) or an inference folder, as a `Source`; everything else in `lowbit.infer` w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,16 @@ def describe_manifest(manifest: dict) -> str:
     return ", ".join(parts) or "unchanged"
 
 
+def check_given(value, name: str) -> None:
+    """Refuse an empty path or name (an unset shell variable: ``--out "$DIR"``), which as a path is
+    the current folder: read as the model, or written (and with ``--force`` cleared) as ``--out``,
+    in place of the folder meant. ``None`` (not given) passes."""
+    if value is not None and not str(value).strip():
+        raise UsageError(
+            f"{name} is an empty string; fix: give its value (a shell variable unset?)"
+        )
+
+
 def is_inference_dir(path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -107,6 +118,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     from lowbit.train.tasks import build_task
     from lowbit.train.trainer import resolve_device
 
+    check_given(path, "RUN_DIR")
     device = resolve_device(str(device))
     path = Path(path)
     if not path.is_dir():
@@ -133,8 +145,18 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         weights = path / WEIGHTS
         if not weights.is_file():
             raise UsageError(f"{path}: no {WEIGHTS}; fix: quantize or prune again")
-        state = load_file(weights)
-        model.load_state_dict(state, strict=True)
+        again = f"fix: write it again from {manifest['source']['path']} (lowbit quantize/prune)"
+        try:
+            state = load_file(weights)
+        except Exception as error:  # torn or foreign bytes fail in safetensors' header reader
+            raise UsageError(f"{weights}: unreadable ({_one_line(error)}); {again}") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:  # another folder's file: missing, extra or reshaped tensors
+            raise UsageError(
+                f"{weights}: its tensors do not fit the layers {MANIFEST} names "
+                f"({_one_line(error)}); {again}"
+            ) from None
         model.to(device).eval()
         return Source(path, config, task, model, manifest, None, int(manifest["source"]["step"]))
     found = checkpoint.find(path, checkpoint_path)
@@ -144,6 +166,16 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     model.load_state_dict(state["model"], strict=True)
     model.to(device).eval()
     return Source(path, config, task, model, None, found, int(state["step"]))
+
+
+def _one_line(error: Exception, limit: int = 240) -> str:
+    """The gist of a library's error in one line: its first line, or for `load_state_dict`'s the
+    first below its "Error(s) in loading state_dict" heading (a missing, extra or reshaped
+    tensor)."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    return lines[0][:limit] if lines else type(error).__name__
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -242,6 +274,7 @@ def staged_out(out, force: bool):
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=holder))
     try:
         yield staging
+        _umask_modes(staging)
         if not out.exists():
             os.replace(staging, out)
             return
@@ -251,6 +284,17 @@ def staged_out(out, force: bool):
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir``/``open`` gives under the
+    process's umask (0755/0644 under the usual 022): `tempfile.mkdtemp` makes the staging folder
+    0700 and safetensors writes its file 0600, which would leave a folder moved into ``--out``
+    unreadable to the group and others who can read the run it came from."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
@@ -294,36 +338,50 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's state (every tensor's name, dtype, shape and bytes): what tells a
+    source that still holds the weights an inference folder was made from from one trained or
+    pruned again in the same place (``lowbit train --overwrite``, ``lowbit prune --force``)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {data.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def source_record(source: Source) -> dict:
+    """Where an inference folder's model comes from. Call it before changing ``source.model``:
+    it records the digest of the weights as loaded, which the folder's evaluation checks its
+    reference against."""
     record = {"path": str(source.path.resolve()), "step": source.step}
     if source.checkpoint is not None:
         record["checkpoint"] = str(source.checkpoint.resolve())
+    record["weights"] = weights_digest(source.model)
     return record
 
 
-def load_baseline(manifest: dict, device="cpu") -> Source | None:
+def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | None]:
     """The model an inference folder was made from (a run, or the folder it quantized), if it is
-    still there: the reference its metric change is measured against."""
+    still there and still holds those weights: the reference its metric change is measured
+    against; else None and why, in words (None where the source folder itself is gone)."""
     from lowbit.train.checkpoint import is_checkpoint
 
     src = manifest.get("source", {})
     path = Path(src.get("path", ""))
     if not src or not path.is_dir():
-        return None
+        return None, None
     checkpoint = src.get("checkpoint")
-    if checkpoint and not is_checkpoint(checkpoint):  # a .dcp folder of a multi-process run
-        return None
-    return load_source(path, device, checkpoint if checkpoint else None)
-
-
-def missing_checkpoint(manifest: dict) -> str | None:
-    """Where `load_baseline` found no reference although the source folder is there: that it no
-    longer holds the checkpoint quantized (a resumed run keeps only its last ``--keep-last``
-    checkpoints), in words; None where the source folder itself is gone."""
-    src = manifest.get("source", {})
-    if src.get("path") and Path(src["path"]).is_dir() and src.get("checkpoint"):
-        return (
-            f"the source checkpoint {src['checkpoint']} is gone; a resumed run keeps only its "
-            "last --keep-last checkpoints"
+    if checkpoint and not is_checkpoint(checkpoint):
+        return None, (
+            f"the source checkpoint {checkpoint} is gone; a resumed run keeps only its last "
+            "--keep-last checkpoints"
         )
-    return None
+    baseline = load_source(path, device, checkpoint if checkpoint else None)
+    recorded = src.get("weights")  # folders written before lowbit recorded it have none
+    if recorded is not None and recorded != weights_digest(baseline.model):
+        return None, (
+            f"the source {checkpoint or path} holds other weights than when this folder was made "
+            "(trained or pruned again in its place)"
+        )
+    return baseline, None

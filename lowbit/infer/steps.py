@@ -65,6 +65,7 @@ def quantize_run(
 ) -> StepResult:
     """Quantize every linear layer of a run (or of a pruned folder) and write the folder."""
     recipe = QuantRecipe(to, mode, group_size, pad_groups)  # bad flags fail before loading
+    io.check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.quantized:
         raise UsageError(
@@ -72,11 +73,12 @@ def quantize_run(
             f"quantize its source, {source.manifest['source']['path']}"
         )
     linear_before = _source_linear_bytes(source)
+    record = io.source_record(source)  # the weights as loaded, before they are quantized
     report = quantize_model(source.model, recipe)
     manifest = {
         "quantization": recipe.to_dict(),
         "pruning": (source.manifest or {}).get("pruning"),
-        "source": io.source_record(source),
+        "source": record,
         "task": source.config.task,
         "model": source.config.model,
         "layers": list(report.changed),
@@ -95,6 +97,7 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
         raise UsageError("give one of --sparsity S or --pattern N:M (e.g. --pattern 2:4)")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
+    io.check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.manifest is not None:
         raise UsageError(
@@ -102,12 +105,13 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
             f"came from, {source.manifest['source']['path']}, then quantize"
         )
     reference = copy.deepcopy(source.model)
+    record = io.source_record(source)  # the weights as loaded, before they are pruned
     report = prune_model(source.model, sparsity, nm)
     rule = f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%} unstructured"
     manifest = {
         "quantization": None,
         "pruning": {"rule": rule, "sparsity": sparsity_of(source.model), "method": "magnitude"},
-        "source": io.source_record(source),
+        "source": record,
         "task": source.config.task,
         "model": source.config.model,
         "layers": list(report.changed),
@@ -129,11 +133,26 @@ def _untie_quantized_head(model) -> None:
         config.tie_word_embeddings = False
 
 
+def _end_of_text_ids(model, tokenizer) -> None:
+    """Name lowbit's end-of-text id (byte tokenizer: 256; BPE: its ``<|endoftext|>``) as the
+    exported config's and generation config's ``eos_token_id`` and ``bos_token_id``, as GPT-2's
+    do: a named size's config otherwise keeps LlamaConfig's defaults, 1 and 2, which are bytes
+    here, so transformers' ``generate`` would stop at byte 0x02 and not where the run's documents
+    end (and start an empty prompt at byte 0x01, where `lowbit generate` starts at end-of-text).
+    A Hugging Face tokenizer's ids are the model folder's own and stay as they are."""
+    if tokenizer.kind not in ("byte", "bpe"):
+        return
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            config.bos_token_id = config.eos_token_id = tokenizer.eot_id
+
+
 def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
     """Write a causal LM (run or inference folder) as a Hugging Face folder, weights dequantized."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
+    io.check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.config.task != "causal-lm":
         raise UsageError(
@@ -144,6 +163,7 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
     dequantize_model(source.model)
     _untie_quantized_head(source.model)
+    _end_of_text_ids(source.model, source.task.tokenizer)
     with io.staged_out(out, force) as staging:
         return _write_export(source, source.model.to(dtypes[dtype]), dtype, staging)
 
