@@ -16,13 +16,17 @@ from lowbit.distributed.context import free_port
 TINY = {"seq_len": 32, "batch_size": 8, "eval_batches": 1, "eval_interval": 100, "lr": 3e-3}
 
 
-def _entry(rank, fn, nproc, port, folder, kwargs):
+def _entry(rank, fn, nproc, port, folder, kwargs, group):
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
         LOWBIT_DIST_TIMEOUT="120",
     )  # fmt: skip
     torch.set_num_threads(1)
+    if not group:  # fn joins and leaves the process group itself
+        out = fn(rank, nproc, **kwargs)
+        (Path(folder) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(out))
+        return
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
@@ -40,15 +44,16 @@ def _entry(rank, fn, nproc, port, folder, kwargs):
     (Path(folder) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(out))
 
 
-def on_ranks(fn, nproc: int = 2, timeout: float = 240, **kwargs) -> list:
+def on_ranks(fn, nproc: int = 2, timeout: float = 240, group: bool = True, **kwargs) -> list:
     """``fn(rank, world_size, **kwargs)`` on each rank (a module-level function); their results.
+    ``group=False``: the ranks get the environment of one job, and ``fn`` joins its process group.
 
     A rank that raises or a run past ``timeout`` seconds fails the test (the others are stopped).
     """
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
-        args = (fn, nproc, free_port(), folder, kwargs)
+        args = (fn, nproc, free_port(), folder, kwargs, group)
         context = mp.start_processes(_entry, args=args, nprocs=nproc, join=False)
         deadline = time.monotonic() + timeout
         try:

@@ -4,21 +4,17 @@ its collectives; a rank leaving on an error does not wait for the others."""
 from __future__ import annotations
 
 import contextlib
-import os
-import pickle
-import tempfile
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
-from lowbit.distributed.context import free_port, join
+from lowbit.distributed.context import join
+from tests.distributed.helpers import on_ranks
 
 SLOW_RANK_DELAY_S = 2.0  # how much later than rank 0 rank 1 leaves
 
 
-def _close_timed(rank: int, failing: tuple[int, ...]) -> float:
+def _close_timed(rank: int, nproc: int, failing: tuple[int, ...]) -> float:
     """Join a two-rank group, leave it (rank 1 later than rank 0; the ``failing`` ranks while an
     error propagates) and return the seconds this rank spent in `close`, whether or not it
     raised (a clean rank's barrier fails once the other rank has left on an error)."""
@@ -35,33 +31,8 @@ def _close_timed(rank: int, failing: tuple[int, ...]) -> float:
     return time.monotonic() - start
 
 
-def _entry(rank, nproc, port, folder, failing):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-        LOWBIT_DIST_TIMEOUT="60",
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    seconds = _close_timed(rank, failing)
-    (Path(folder) / f"rank-{rank}.pkl").write_bytes(pickle.dumps(seconds))
-
-
-def _seconds_in_close(failing: bool, timeout: float = 60) -> list[float]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as folder:
-        args = (2, free_port(), folder, failing)
-        context = mp.start_processes(_entry, args=args, nprocs=2, join=False)
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ranks still running after {timeout} s (a hang)")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        return [pickle.loads((Path(folder) / f"rank-{r}.pkl").read_bytes()) for r in range(2)]
+def _seconds_in_close(failing: tuple[int, ...]) -> list[float]:
+    return on_ranks(_close_timed, nproc=2, timeout=60, group=False, failing=failing)
 
 
 def test_a_clean_exit_leaves_the_group_only_when_every_rank_is_done():

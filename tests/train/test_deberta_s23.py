@@ -60,21 +60,13 @@ def test_deberta_v1_under_autocast_is_refused_in_one_line_before_the_run(
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "bf16-low"])
-def test_deberta_v1_trains_in_recipes_without_autocast(tiny_config, tmp_path, recipe):
-    model = _deberta_folder(tmp_path / "deberta", "v1")
-    data = _conll_folder(tmp_path / "conll")
-    config = tiny_config(
-        "token-classification", model=model, data=data, recipe=recipe, steps=2, batch_size=8
-    )
-    result = train(config, quiet=True)
-    assert result.status == "completed"
-    assert math.isfinite(result.final_metrics["loss"])
-
-
-@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp8-tensorwise"])
-def test_deberta_v2_trains_under_autocast(tiny_config, tmp_path, recipe):
-    model = _deberta_folder(tmp_path / "deberta", "v2")
+@pytest.mark.parametrize(
+    ("version", "recipe"),
+    [("v1", "fp32"), ("v1", "bf16-low"), ("v2", "bf16-mixed"), ("v2", "fp8-tensorwise")],
+)
+def test_deberta_trains_where_its_attention_can(tiny_config, tmp_path, version, recipe):
+    """v1 in recipes without autocast, v2 under autocast too: none of these is refused."""
+    model = _deberta_folder(tmp_path / "deberta", version)
     data = _conll_folder(tmp_path / "conll")
     config = tiny_config(
         "token-classification", model=model, data=data, recipe=recipe, steps=2, batch_size=8
