@@ -97,7 +97,16 @@ def run(args) -> int:
         if flag not in OWN
     }
     overrides["overrides"] = args.override
-    base = build_config(load_file(args.config) if args.config else {}, overrides)
+    settings = load_file(args.config) if args.config else {}
+    # a `lowbit train` config file names one run's; a study sets every run's itself
+    ignored = [key for key in ("recipe", "seed", "out") if key in settings]
+    if ignored:
+        print(
+            f"lowbit: warning: {args.config}: {', '.join(ignored)} ignored: a study sets each run's "
+            "recipe, seed and folder (--recipes, --first-seed and --seeds, --out)",
+            file=sys.stderr,
+        )
+    base = build_config(settings, overrides)
     if args.threads is not None:
         if args.threads <= 0:
             raise UsageError(f"--threads must be positive, got {args.threads}")
@@ -132,8 +141,10 @@ def run(args) -> int:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # --overwrite again would retrain the runs this invocation finished, and the one it stopped
+        again = " without --overwrite" if args.overwrite else ""
         print(
-            f"lowbit: interrupted; run the same command again to resume (out {study.out})",
+            f"lowbit: interrupted; run the same command again{again} to resume (out {study.out})",
             file=sys.stderr,
         )
         return 130

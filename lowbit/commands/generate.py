@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.8,
         help="softmax temperature; 0 is greedy (default 0.8)",
     )
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (40)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=40,
+        help="sample among the k likeliest; 0 is among all (default 40)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
         "--checkpoint",

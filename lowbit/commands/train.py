@@ -120,7 +120,11 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
         help="log per-layer, per-operand numerics statistics (amax, saturation, underflow, "
         f"SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off without the flag)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or validation lines (the summary and its sample still print)",
+    )
 
 
 def config_from_args(args):

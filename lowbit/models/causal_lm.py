@@ -212,6 +212,8 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = from_pretrained(AutoModelForCausalLM, folder)
+        except UsageError:  # a ValueError too: an unreadable weights file, named
+            raise
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:

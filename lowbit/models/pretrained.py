@@ -55,7 +55,16 @@ def check_autocast(model, autocast_dtype: torch.dtype | None, recipe: str) -> No
     """A `UsageError` when ``recipe`` runs the forward of ``model`` under autocast to
     ``autocast_dtype`` (None: no autocast) and its architecture cannot take it (`NO_AUTOCAST`).
     `lowbit.Precision.convert` checks it, so the trainer and users' own loops refuse alike."""
-    family = NO_AUTOCAST.get(getattr(getattr(model, "config", None), "model_type", None))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    check_autocast_for(model_type, autocast_dtype, recipe)
+
+
+def check_autocast_for(
+    model_type: str | None, autocast_dtype: torch.dtype | None, recipe: str
+) -> None:
+    """`check_autocast` for a model known by its config's ``model_type``: a compare study checks
+    every recipe before its first run builds the model (`model_type_of`)."""
+    family = NO_AUTOCAST.get(model_type)
     if autocast_dtype is not None and family is not None:
         raise UsageError(
             f"recipe {recipe} runs under {str(autocast_dtype).removeprefix('torch.')} autocast, "
@@ -64,8 +73,52 @@ def check_autocast(model, autocast_dtype: torch.dtype | None, recipe: str) -> No
         )
 
 
+def model_type_of(path) -> str | None:
+    """The ``model_type`` a --model folder's config.json (or that file) names, read without
+    transformers; None for a named model (a size, ``minilm``) or a config that cannot be read,
+    which the run building the model reports."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        fields = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no such file, a folder without one, not JSON or not UTF-8
+        return None
+    kind = fields.get("model_type") if isinstance(fields, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def has_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
+
+
+def check_safetensors(folder: Path) -> None:
+    """A `UsageError` naming the first safetensors file of ``folder`` that transformers would
+    read (``model.safetensors`` or the shards its index lists) and whose header does not parse: a
+    truncated or torn file (an interrupted copy or download), which transformers reports as a
+    traceback naming no file. The header records every tensor's byte range, so reading it checks
+    that the file is whole without reading the weights."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not files[0].is_file() and index.is_file():
+        try:
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        except (ValueError, KeyError, TypeError, AttributeError):  # transformers names the index
+            return
+        files = [folder / name for name in sorted(set(shards))]
+    for file in files:
+        if not file.is_file():  # none at all, or a missing shard transformers names itself
+            continue
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as error:  # safetensors' own error type: a bad header, a short file
+            raise UsageError(
+                f"{file}: unreadable weights ({' '.join(str(error).split())}); fix: copy it "
+                "again, or write the folder again with save_pretrained"
+            ) from None
 
 
 def load_config(path: Path, **kwargs):
@@ -121,6 +174,7 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
         return with_sdpa(
             lambda **kw: auto_class.from_config(copy.deepcopy(config), dtype=torch.float32, **kw)
         )
+    check_safetensors(folder)
     return with_sdpa(
         lambda **kw: auto_class.from_pretrained(
             folder,

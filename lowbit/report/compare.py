@@ -214,6 +214,7 @@ def make_study(
         )
         for name in recipes
     }
+    _check_autocast(resolved.values())
     base = {
         k: v for k, v in resolved[baseline].to_dict().items() if k not in ("recipe", "seed", "out")
     }
@@ -230,6 +231,24 @@ def make_study(
         targets=dict(targets or {}),
         parity_targets=parity_targets,
     )
+
+
+def _check_autocast(configs) -> None:
+    """Refuse a recipe whose autocast the model's architecture cannot take (DeBERTa v1,
+    `lowbit.models.pretrained.NO_AUTOCAST`) before any run starts: `lowbit.Precision.convert`
+    refuses it too, but only when that recipe's first run builds its model, after every run of
+    the recipes before it has trained. Autocast depends on the device (fp16-mixed emulates fp16
+    on a CPU, without autocast), resolved as the trainer resolves it."""
+    import lowbit
+    from lowbit.models.pretrained import NO_AUTOCAST, check_autocast_for, model_type_of
+    from lowbit.train.config import recipe_of
+    from lowbit.train.trainer import resolve_device
+
+    for config in configs:
+        model_type = model_type_of(config.model)
+        if model_type in NO_AUTOCAST:
+            precision = lowbit.Precision(recipe_of(config), device=resolve_device(config.device))
+            check_autocast_for(model_type, precision.autocast_dtype, config.recipe)
 
 
 def run_config(study: Study, recipe: str, seed: int):
@@ -730,8 +749,13 @@ def check_out(study: Study, overwrite: bool) -> None:
             saved = {}
         # The runs depend on the base settings only: a study with another baseline or another
         # subset of recipes (parity.py's parallel parts) reuses them and rewrites the report.
-        changed = _changed_settings(saved.get("base", {}), study.base)
-        if changed:
+        # The loss-scale settings reach the fp16 recipes' runs alone (`_recipe_settings`), whose
+        # own settings `run_one` compares: fp32 against fp16-mixed at another loss scale reuses
+        # fp32's runs.
+        changed = _changed_settings(
+            _without_loss_scale(saved.get("base", {})), _without_loss_scale(study.base)
+        )
+        if changed and not _holds_only_settings(study.out):
             raise UsageError(
                 f"{study.out}: holds a compare study with other settings ({changed}); fix: "
                 "--overwrite to retrain, or another --out"
@@ -752,6 +776,35 @@ def check_out(study: Study, overwrite: bool) -> None:
             )
 
 
+def _without_loss_scale(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in _LOSS_SCALE_SETTINGS}
+
+
+def _holds_only_settings(out: Path) -> bool:
+    """Whether a compare folder holds nothing but a study's settings (and empty folders): that
+    study stopped on an error before its first run wrote a file (a --model or --data path that
+    does not exist, which only the run's set-up finds), so the corrected command, whose settings
+    differ, replaces nothing in taking the folder over."""
+    settings = (out / SETTINGS, *(p for p in out.iterdir() if is_write_leftover(p.name, SETTINGS)))
+    return all(path.is_dir() or path in settings for path in out.rglob("*"))
+
+
+def clear_runs(study: Study) -> None:
+    """Remove every run of ``study`` (its record and the files a run writes), as ``--overwrite``
+    does before it trains any: an invocation interrupted halfway then leaves the runs it retrained
+    and the checkpoint of the one it stopped in, which the command without --overwrite reuses and
+    resumes. Cleared one by one as each was reached, the runs after the interrupted one kept their
+    old records, which that command reused as if retrained, or refused as other settings with
+    --overwrite as the fix, which retrained everything again."""
+    from lowbit.train.trainer import clear_run_dir
+
+    for recipe in study.recipes:
+        for seed in study.seeds:
+            run_dir = study.run_dir(recipe, seed)
+            (run_dir / RECORD).unlink(missing_ok=True)
+            clear_run_dir(run_dir)
+
+
 def compare(
     study: Study, overwrite=False, quiet=True, plots=True, log=print, jobs: int = 1, threads=None
 ) -> CompareResult:
@@ -767,13 +820,14 @@ def compare(
     study.out.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
     write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
+    if overwrite:
+        clear_runs(study)  # from here on a run is retrained because it holds nothing
     in_workers = set()
     if jobs > 1:
         from lowbit.report.parallel import default_threads, train_runs
 
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
-        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), overwrite, log)
-        overwrite = False  # every run is finished now: the loop below reads their records
+        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), False, log)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)
@@ -781,7 +835,7 @@ def compare(
         records[recipe] = []
         for seed in study.seeds:
             t0 = time.perf_counter()
-            record = run_one(study, recipe, seed, quiet=quiet, overwrite=overwrite)
+            record = run_one(study, recipe, seed, quiet=quiet)
             if (study.out, recipe, seed) in in_workers:
                 record = {**record, "reused": False}
             records[recipe].append(record)

@@ -51,8 +51,35 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
             f"({_misfit(model.state_dict(), state['model'], error)}); fix: give a checkpoint "
             "of this run"
         ) from None
+    check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
+
+
+def check_own_checkpoint(run_dir, path, saved: dict | None, config) -> None:
+    """Refuse a checkpoint of another run whose weights fit this run's model (the same
+    architecture): they load without a complaint, and would be evaluated (or sampled) under this
+    run's recipe and settings, in a report that names this run. A checkpoint is this run's when
+    its settings are, but for those a resumed run may change (`lowbit train --resume`'s rule); a
+    relative --data path or --model folder it holds is compared as the absolute one this run
+    recorded."""
+    from lowbit.train.trainer import RESUMABLE_CHANGES
+
+    if not saved:  # written before checkpoints held their settings: nothing to compare
+        return
+    recorded, now = read_run_info(run_dir), config.to_dict()
+    for name in ("data", "model"):
+        absolute, value = recorded.get(f"{name}_path"), saved.get(name)
+        if absolute and value not in (None, "stdlib") and not Path(value).is_absolute():
+            saved = {**saved, name: absolute}
+    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+    if changed:
+        k = changed[0]
+        raise UsageError(
+            f"{path}: a checkpoint of another run ({saved.get('out')}: {k} {saved[k]!r}, "
+            f"{run_dir}: {k} {now.get(k)!r}); fix: give a checkpoint of {run_dir}, or that "
+            "checkpoint's own run folder as RUN_DIR"
+        )
 
 
 def _misfit(expected: dict, given: dict, error: Exception) -> str:

@@ -23,7 +23,8 @@ def sample_text(
     top_k: int | None = 40,
     seed: int = 0,
 ) -> str:
-    """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0).
+    """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0),
+    drawn among the ``top_k`` likeliest (0 or None: among all, as transformers' ``top_k=0``).
 
     Stops early at the end-of-text token or at the model's maximum positions. The global RNG is
     untouched: sampling draws from its own generator seeded by ``seed``. A model may have more
@@ -36,8 +37,10 @@ def sample_text(
         raise UsageError(
             f"temperature {temperature} is not a finite value >= 0; fix: use 0 (greedy) or more"
         )
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"top_k {top_k} must be at least 1; fix: raise it or leave it out")
+    if top_k is not None and top_k < 0:
+        raise UsageError(f"top_k {top_k} is negative; fix: use 0 (no limit) or more")
+    if not 0 <= seed < 2**32:  # `lowbit train`'s range (torch's generator fails from 2**64)
+        raise UsageError(f"seed must be in [0, 2**32), got {seed}; fix: e.g. --seed 0")
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     limit = max_positions(model)  # None: no position limit (ALiBi)
@@ -70,7 +73,7 @@ def sample_text(
             if temperature == 0 or torch.isinf(scaled.max()):
                 token = int(logits.argmax())
             else:
-                if top_k is not None and top_k < scaled.numel():
+                if top_k and top_k < scaled.numel():  # 0 or None: no limit
                     cutoff = torch.topk(scaled, top_k).values[-1]
                     scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
                 probs = torch.softmax(scaled, dim=-1)
