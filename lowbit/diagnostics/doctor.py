@@ -237,8 +237,8 @@ def rounded_away_fraction(optimizer, params_bf16: set[int]) -> tuple[float, int]
             if id(p) not in params_bf16 or "exp_avg" not in state:
                 continue
             step = float(state["step"])
-            m = state["exp_avg"].float() / (1 - beta1**step)
-            v = state["exp_avg_sq"].float() / (1 - beta2**step)
+            m = _fp32(state["exp_avg"]) / (1 - beta1**step)
+            v = _fp32(state["exp_avg_sq"]) / (1 - beta2**step)
             w = p.detach().float()
             update = lr * (m / (v.sqrt() + eps) + wd * w)
             # bf16 has 8 significant bits: spacing of |w| in [2**e, 2**(e+1)) is 2**(e-7)
@@ -246,6 +246,17 @@ def rounded_away_fraction(optimizer, params_bf16: set[int]) -> tuple[float, int]
             below += int(((update.abs() < spacing / 2) & (w != 0)).sum())
             total += int((w != 0).sum())
     return (below / total if total else 0.0), total
+
+
+def _fp32(moment: torch.Tensor) -> torch.Tensor:
+    """An Adam moment in fp32: torchao's fp8, 8-bit and 4-bit states (``--optimizer-state``) are
+    tensor subclasses without arithmetic of their own, read through their ``dequantize`` as
+    their optimizer's step reads them."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(moment):
+        return moment.dequantize(torch.float32)
+    return moment.float()
 
 
 def _same_numerics(run, config) -> bool:
@@ -279,7 +290,18 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         if path is None:
             raise UsageError(f"{checkpoint_dir}: no checkpoint to probe; fix: train first")
         state = checkpoint.load(path)
-        trainer.model.load_state_dict(state["model"])
+        try:
+            trainer.model.load_state_dict(state["model"])
+        except RuntimeError as error:  # a --model (or --task) other than the run's
+            from lowbit.train.evaluate import _misfit
+
+            run = read(checkpoint_dir)
+            raise UsageError(
+                f"{path}: its weights do not fit the model of these settings (model "
+                f"{config.model!r}, the run trained {run.model!r}: "
+                f"{_misfit(trainer.model.state_dict(), state['model'], error)}); fix: drop "
+                "--model, the probe of a checkpoint takes the run's model"
+            ) from None
         # another recipe's optimizer layout: probe with fresh moments
         with contextlib.suppress(ValueError, KeyError, RuntimeError):
             trainer.optimizer.load_state_dict(state["optimizer"])

@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from lowbit.report.markdown import describe, tables, verdicts
+from lowbit.train.config import write_atomically
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -46,5 +47,4 @@ def write_html(results: dict, path: Path, images: dict[str, Path]) -> Path:
         data = base64.b64encode(Path(image).read_bytes()).decode("ascii")
         parts.append(f"<img alt='{html.escape(key)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return path
+    return write_atomically(path, "\n".join(parts) + "\n")  # parallel parts of a study

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from lowbit.memory.breakdown import COMPONENTS, human
+from lowbit.train.config import write_atomically
 
 SHORT = {
     "parameters": "params",
@@ -311,5 +312,4 @@ def write_markdown(results: dict, path: Path) -> Path:
     if images:
         parts += ["", "## Plots", ""]
         parts += [f"![{key}]({name})" for key, name in images.items()]
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return path
+    return write_atomically(path, "\n".join(parts) + "\n")  # parallel parts of a study
