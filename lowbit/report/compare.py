@@ -856,9 +856,8 @@ def compare(
     for name in set(PLOT_FILES) - {path.name for path in images.values()}:
         (report_dir / name).unlink(missing_ok=True)
     results["images"] = {k: p.name for k, p in images.items()}
-    (report_dir / "results.json").write_text(
-        json.dumps(_jsonable(results), indent=1) + "\n", encoding="utf-8"
-    )
+    # whole or not at all: parallel parts of one study (parity.py) may finish at once
+    write_atomically(report_dir / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
     write_markdown(results, report_dir / "report.md")
     write_html(results, report_dir / "report.html", images)
     return CompareResult(study, results, report_dir, trained, reused)
