@@ -63,21 +63,16 @@ def check_own_checkpoint(run_dir, path, saved: dict | None, config) -> None:
     its settings are, but for those a resumed run may change (`lowbit train --resume`'s rule); a
     relative --data path or --model folder it holds is compared as the absolute one this run
     recorded."""
-    from lowbit.train.trainer import RESUMABLE_CHANGES
+    from lowbit.train.trainer import changed_setting
 
     if not saved:  # written before checkpoints held their settings: nothing to compare
         return
-    recorded, now = read_run_info(run_dir), config.to_dict()
-    for name in ("data", "model"):
-        absolute, value = recorded.get(f"{name}_path"), saved.get(name)
-        if absolute and value not in (None, "stdlib") and not Path(value).is_absolute():
-            saved = {**saved, name: absolute}
-    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
-    if changed:
-        k = changed[0]
+    change = changed_setting(saved, config, read_run_info(run_dir))
+    if change:
+        name, was, now = change
         raise UsageError(
-            f"{path}: a checkpoint of another run ({saved.get('out')}: {k} {saved[k]!r}, "
-            f"{run_dir}: {k} {now.get(k)!r}); fix: give a checkpoint of {run_dir}, or that "
+            f"{path}: a checkpoint of another run ({saved.get('out')}: {name} {was!r}, "
+            f"{run_dir}: {name} {now!r}); fix: give a checkpoint of {run_dir}, or that "
             "checkpoint's own run folder as RUN_DIR"
         )
 

@@ -233,20 +233,27 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
-    """Refuse a resumed run whose settings differ from the checkpoint's; a relative --data path or
-    --model folder the checkpoint holds is compared as the absolute one ``recorded`` (run.json)
-    holds."""
+def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = None):
+    """``(name, saved value, value now)`` of the first setting of a checkpoint's (``saved``) that
+    ``config`` changes and a resumed run may not (`RESUMABLE_CHANGES`), None if there is none; a
+    relative --data path or --model folder the checkpoint holds is compared as the absolute one
+    ``recorded`` (run.json) holds."""
     now = config.to_dict()
     for name in ("data", "model"):
         path, value = (recorded or {}).get(f"{name}_path"), saved.get(name)
         if path and value not in (None, "stdlib") and not os.path.isabs(value):
             saved = {**saved, name: path}
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
-    if changed:
-        k = changed[0]
+    return (changed[0], saved[changed[0]], now.get(changed[0])) if changed else None
+
+
+def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
+    """Refuse a resumed run whose settings differ from the checkpoint's (`changed_setting`)."""
+    change = changed_setting(saved, config, recorded)
+    if change:
+        name, was, now = change
         raise UsageError(
-            f"cannot resume with {k} {now.get(k)!r}: the run was trained with {saved[k]!r}; "
+            f"cannot resume with {name} {now!r}: the run was trained with {was!r}; "
             f"fix: drop that setting (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
 
