@@ -170,6 +170,10 @@ def make_study(
     seeds = [int(s) for s in seeds]
     if any(seed < 0 for seed in seeds):  # NumPy's generator takes none, and every run seeds it
         raise UsageError(f"seeds must be non-negative, got {min(seeds)}; fix: --first-seed 0")
+    if max(seeds) >= 2**32:  # `lowbit train`'s range: refused here, not at the run that has it
+        raise UsageError(
+            f"seeds must be below 2**32, got {max(seeds)}; fix: a lower --first-seed, e.g. 0"
+        )
     baseline = recipes[0] if baseline is None else baseline
     if baseline not in recipes:
         raise UsageError(

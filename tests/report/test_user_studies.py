@@ -126,6 +126,7 @@ def test_a_recipe_whose_every_seed_diverged_reads_n_a_in_the_per_label_table(tmp
         (["--out", "{tmp}/file/study"], "file is a file, not a folder"),
         (["--out", "{tmp}/file", "--overwrite"], "is a file, not a folder"),
         (["--first-seed", "-1"], "seeds must be non-negative, got -1"),
+        (["--first-seed", str(2**32 - 1), "--seeds", "2"], "must be below 2**32, got 4294967296"),
         (["--target", "bf16-mixed=-1"], "a tolerance is a non-negative percent"),
     ],
 )
