@@ -35,3 +35,12 @@ def file_in_the_way(path) -> Path | None:
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def check_given(value, name: str, fix: str = "give its value (a shell variable unset?)") -> None:
+    """Refuse an empty path or name (an unset shell variable: ``--out "$DIR"``), which as a path is
+    the current folder: read as the model or data, or written (and with ``--force`` or
+    ``--overwrite`` cleared) as the output, in place of the folder meant. ``None`` (not given)
+    passes."""
+    if value is not None and not str(value).strip():
+        raise UsageError(f"{name} is an empty string; fix: {fix}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lowbit.errors import check_given
+
 NAME = "eval"
 HELP = (
     "Evaluate a run's checkpoint: loss and perplexity (causal-lm), accuracy and per-label report "
@@ -36,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from lowbit.infer.io import check_given
     from lowbit.train import evaluate_run
 
     check_given(args.run_dir, "RUN_DIR")

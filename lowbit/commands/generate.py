@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, check_given
 
 NAME = "generate"
 HELP = "Sample text from a causal-LM run's checkpoint."
@@ -56,7 +56,6 @@ def _check_utf8(prompt: str) -> None:
 
 
 def run(args) -> int:
-    from lowbit.infer.io import check_given
     from lowbit.train import load_run, sample_text
 
     check_given(args.run_dir, "RUN_DIR")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, file_in_the_way
+from lowbit.errors import UsageError, check_given, file_in_the_way
 
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
@@ -67,16 +67,6 @@ def describe_manifest(manifest: dict) -> str:
         group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per row"
         parts.append(f"{q['format']} {q['mode']}, {group}")
     return ", ".join(parts) or "unchanged"
-
-
-def check_given(value, name: str) -> None:
-    """Refuse an empty path or name (an unset shell variable: ``--out "$DIR"``), which as a path is
-    the current folder: read as the model, or written (and with ``--force`` cleared) as ``--out``,
-    in place of the folder meant. ``None`` (not given) passes."""
-    if value is not None and not str(value).strip():
-        raise UsageError(
-            f"{name} is an empty string; fix: give its value (a shell variable unset?)"
-        )
 
 
 def is_inference_dir(path) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, check_given
 from lowbit.infer import io
 from lowbit.infer.model import (
     LayerReport,
@@ -65,7 +65,7 @@ def quantize_run(
 ) -> StepResult:
     """Quantize every linear layer of a run (or of a pruned folder) and write the folder."""
     recipe = QuantRecipe(to, mode, group_size, pad_groups)  # bad flags fail before loading
-    io.check_given(out, "--out")
+    check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.quantized:
         raise UsageError(
@@ -97,7 +97,7 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
         raise UsageError("give one of --sparsity S or --pattern N:M (e.g. --pattern 2:4)")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
-    io.check_given(out, "--out")
+    check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.manifest is not None:
         raise UsageError(
@@ -152,7 +152,7 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
-    io.check_given(out, "--out")
+    check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.config.task != "causal-lm":
         raise UsageError(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lowbit.errors import UsageError, choose
+from lowbit.errors import UsageError, check_given, choose
 
 TASKS = ("causal-lm", "token-classification", "image-classification")
 TOKENIZERS = ("byte", "bpe")
@@ -246,11 +246,9 @@ def _check_types(config: TrainConfig) -> None:
     for name in ("data", *_STRING_FIELDS, *_OPTIONAL_STRING_FIELDS):
         # an unset shell variable (--data "$CORPUS"): as a path, "" is the current folder, whose
         # files a run would train on (or, as --out, write and --overwrite into)
-        if isinstance(getattr(config, name), str) and not getattr(config, name).strip():
-            raise UsageError(
-                f"{name} is an empty string; fix: give a value, or drop "
-                f"--{name.replace('_', '-')} for the default"
-            )
+        if isinstance(getattr(config, name), str):
+            fix = f"give a value, or drop --{name.replace('_', '-')} for the default"
+            check_given(getattr(config, name), name, fix)
     if isinstance(config.overrides, str):
         config.overrides = [config.overrides]
     if not isinstance(config.overrides, list | tuple) or not all(
