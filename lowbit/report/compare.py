@@ -385,10 +385,9 @@ def _layers(trainer) -> dict:
     }
 
 
-def run_one(
-    study: Study, recipe: str, seed: int, quiet: bool = True, overwrite=False, jobs: int = 1
-) -> dict:
-    """Train (or reuse, or resume) one run and return its record. ``jobs``: up to how many runs
+def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1) -> dict:
+    """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
+    study's runs before, `clear_runs`). ``jobs``: up to how many runs
     train at once on this machine beside this one (recorded: its throughput is measured under that
     load, `speed_load`)."""
     from lowbit.train import NonFiniteLoss, checkpoint
@@ -397,17 +396,10 @@ def run_one(
 
     config = resolve(run_config(study, recipe, seed))
     run_dir = Path(config.out)
-    if overwrite:
-        (run_dir / RECORD).unlink(missing_ok=True)
-    else:
-        record = load_record(run_dir, config)
-        if record is not None:
-            return {**record, "reused": True}
-    resume = (
-        not overwrite
-        and (run_dir / "config.yaml").is_file()
-        and checkpoint.latest(run_dir) is not None
-    )
+    record = load_record(run_dir, config)
+    if record is not None:
+        return {**record, "reused": True}
+    resume = (run_dir / "config.yaml").is_file() and checkpoint.latest(run_dir) is not None
     # A relative --data path is resumed as the absolute one the run recorded (run.json), as
     # `lowbit train --resume` does: the checkpoint's is compared so, and a resumed run's
     # config.yaml holds it; the record keeps the study's own, which later invocations compare.
@@ -831,7 +823,7 @@ def compare(
         from lowbit.report.parallel import default_threads, train_runs
 
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
-        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), False, log)
+        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), log)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)

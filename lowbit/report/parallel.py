@@ -45,9 +45,7 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _train(
-    study, recipe: str, seed: int, overwrite: bool, threads: int, jobs: int
-) -> tuple[bool, float]:
+def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool, float]:
     """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
     validation loss)."""
     global _stopped
@@ -61,7 +59,7 @@ def _train(
         raise KeyboardInterrupt
     torch.set_num_threads(threads)
     try:
-        record = run_one(study, recipe, seed, quiet=True, overwrite=overwrite, jobs=jobs)
+        record = run_one(study, recipe, seed, quiet=True, jobs=jobs)
     except KeyboardInterrupt:
         _stopped = True
         raise
@@ -85,7 +83,7 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print) -> set:
+def train_runs(runs, jobs: int, threads: int, log=print) -> set:
     """Train every ``(study, recipe, seed)`` of ``runs``, ``jobs`` at a time in worker processes
     of ``threads`` PyTorch threads; returns the ``(study.out, recipe, seed)`` it trained (not
     reused). The first run that fails stops the queue and raises its error here."""
@@ -100,7 +98,7 @@ def train_runs(runs, jobs: int, threads: int, overwrite: bool = False, log=print
         ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
     ):
         started = time.perf_counter()
-        futures = {pool.submit(_train, *run, overwrite, threads, jobs): run for run in runs}
+        futures = {pool.submit(_train, *run, threads, jobs): run for run in runs}
         pending, finished = set(futures), 0
         try:
             while pending:
