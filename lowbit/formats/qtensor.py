@@ -290,8 +290,10 @@ class AxisQuantizer:
             if scale_rule is not None
             else default_rule(Granularity.AXIS)
         )
-        self._fmt_max = float(self.fmt.max)
-        self._rule_code = _KERNEL_RULES[self.rule]
+        self.fmt_max = float(
+            self.fmt.max
+        )  # the kernel's arguments (`lowbit.kernels.quantize_rows`)
+        self.rule_code = _KERNEL_RULES[self.rule]
 
     def usable(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and _fusable(x, self.fmt)
@@ -305,8 +307,8 @@ class AxisQuantizer:
             mbits=0,
             emin=0,
             emax=0,
-            fmt_max=self._fmt_max,
-            rule=self._rule_code,
+            fmt_max=self.fmt_max,
+            rule=self.rule_code,
             amax=None,
         )
         return QTensor(

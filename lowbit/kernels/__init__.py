@@ -10,7 +10,8 @@ to the PyTorch path it replaces (tests/kernels check every format, granularity a
 and can first apply a random Hadamard transform to each block (a fast Walsh-Hadamard transform in
 the order `lowbit.formats.hadamard.transform` fixes) so that no transformed copy is written;
 `epilogue.cpp` applies per-row and per-column GEMM scales in one pass; `stats.cpp` measures a
-quantized operand's error statistics (`lowbit.diagnostics.stats`) in one pass.
+quantized operand's error statistics (`lowbit.diagnostics.stats`) in one pass; `lean_linear.cpp`
+makes an int8 layer's forward and backward one call each (`lowbit.nn.linear._lean`).
 
 The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
@@ -35,7 +36,8 @@ import torch
 from lowbit.threadflag import ThreadFlag
 
 _SOURCES = [
-    Path(__file__).with_name(name) for name in ("quantize.cpp", "epilogue.cpp", "stats.cpp")
+    Path(__file__).with_name(name)
+    for name in ("quantize.cpp", "epilogue.cpp", "stats.cpp", "lean_linear.cpp")
 ]
 # -ffp-contract=off: no fused multiply-adds, so every fp32 operation rounds as PyTorch's does.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
@@ -195,6 +197,51 @@ def add_scaled_blocks_(
     K-blocks x M x N (int32, fp32 or bf16), ``row`` K-blocks x M, ``col`` K-blocks x N."""
     torch.ops.lowbit.add_scaled_blocks_(out, partials, row, col)
     return out
+
+
+def int_rows_linear(
+    qx: torch.Tensor,
+    sx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_max: float,
+    w_rule: int,
+    rounding: torch.dtype | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """An int8 layer's forward (lean_linear.cpp): ``weight``'s rows quantized to the integer format
+    of largest value ``w_max`` by scale rule ``w_rule`` (`AxisQuantizer`'s), the int8 GEMM with
+    the quantized input ``qx`` (rows scaled by ``sx``), the epilogue, ``bias``, then rounded to
+    ``rounding`` (if given) and ``out_dtype``."""
+    return torch.ops.lowbit.int_rows_linear(
+        qx, sx, weight, bias, w_max, w_rule, rounding, out_dtype
+    )
+
+
+def cast_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+    grad_input_dtypes: tuple[torch.dtype, torch.dtype],
+    grad_weight_dtypes: tuple[torch.dtype, torch.dtype],
+    input_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    bf16_gemms: bool,
+) -> tuple:
+    """``(grad_input, grad_weight, grad_bias)`` of a layer whose gradient GEMMs are plain casts
+    (lean_linear.cpp; `lowbit.nn.gemm.cast_gemm` each), None where ``needs`` says no."""
+    return torch.ops.lowbit.cast_linear_backward(
+        grad_out,
+        x,
+        weight,
+        *needs,
+        *grad_input_dtypes,
+        *grad_weight_dtypes,
+        input_dtype,
+        weight_dtype,
+        bf16_gemms,
+    )
 
 
 def operand_stats(

@@ -48,6 +48,11 @@ def exact_accumulation():
     return _exact.on()
 
 
+def bf16_outputs() -> bool:
+    """Whether GEMMs of two bf16 operands give bf16 outputs now (outside `exact_accumulation`)."""
+    return not _exact
+
+
 def _constant_along_k(q: QTensor) -> bool:
     return q.block[1] >= q.shape[-1]
 
@@ -275,12 +280,6 @@ def _constant(value: float, shape: tuple, dtype: torch.dtype, device: torch.devi
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=device)
     return _CONSTANTS[key]
-
-
-def rowwise_int_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """`emulated_gemm` of two integer operands with one scale per row (granularity ``axis``, no
-    per-tensor scale: an `AxisQuantizer`'s), whose scales are the epilogue's as they are."""
-    return _int_gemm(qa, qb, qa.scale, qb.scale, out_dtype)
 
 
 def _int_gemm(qa: QTensor, qb: QTensor, row: torch.Tensor, col: torch.Tensor, out_dtype):

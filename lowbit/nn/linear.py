@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from lowbit import kernels
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
-from lowbit.nn.gemm import cast_gemm, emulated_gemm, rowwise_int_gemm
+from lowbit.nn.gemm import bf16_outputs, cast_gemm, emulated_gemm
 from lowbit.nn.operand import (
     AmaxHistory,
     BatchAxis,
@@ -296,31 +297,41 @@ def _lean(x: torch.Tensor, weight: torch.Tensor, state: LayerState) -> bool:
     )
 
 
-def _lean_forward(x, weight, state: LayerState, gemm_dtype: torch.dtype) -> torch.Tensor:
+def _lean_forward(x, weight, bias, state: LayerState, out_dtype: torch.dtype) -> torch.Tensor:
+    """The forward's output: the input's rows quantized (shared with the layers that read ``x``),
+    the rest in one call (`lowbit.kernels.int_rows_linear`)."""
     rows_x, rows_w = state.lean_quantizers
-    spec = state.spec
     shared_quantization.release("grad_weight.x")  # the last backward's inputs
     qx = shared_quantization.quantize(
-        "forward.x", x, spec.forward.a, None, lambda: rows_x(x), reader=state
+        "forward.x", x, state.spec.forward.a, None, lambda: rows_x(x), reader=state
     )
-    return rowwise_int_gemm(qx, rows_w(weight), gemm_dtype)
+    return kernels.int_rows_linear(
+        qx.values,
+        qx.scale,
+        weight,
+        bias,
+        rows_w.fmt_max,
+        rows_w.rule_code,
+        state.output_rounding,
+        out_dtype,
+    )
 
 
 class LowbitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype):
-        # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
-        # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
-        gemm_dtype = out_dtype if bias is None and state.output_rounding is None else torch.float32
         ctx.state = state
         ctx.has_bias = bias is not None
         ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.lean = _lean(x, weight, state)
         if ctx.lean:
-            out = _lean_forward(x, weight, state, gemm_dtype)
+            out = _lean_forward(x, weight, bias, state, out_dtype)
             ctx.save_for_backward(_kept_input(x, state), weight)
-        else:
-            out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype)
+            return out
+        # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
+        # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
+        gemm_dtype = out_dtype if bias is None and state.output_rounding is None else torch.float32
+        out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype)
         if bias is not None:
             out.add_(bias)
         if state.output_rounding is not None:
@@ -365,16 +376,18 @@ class LowbitLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # quantization has no derivative: a double backward is refused, not wrong
     def backward(ctx, grad_out):
+        state: LayerState = ctx.state
         if ctx.lean:  # nothing quantized was saved (`_lean`)
             x, weight = ctx.saved_tensors
             qw = qx = None
+            if state.observer is None:
+                return _lean_backward(ctx, grad_out, x, weight)
         else:
             x, weight, *quantized = ctx.saved_tensors
             layout_w, layout_x = ctx.quantized_layouts
             count = len(_TENSOR_FIELDS)
             qw = _rebuilt(layout_w, quantized[:count])
             qx = _rebuilt(layout_x, quantized[count:])
-        state: LayerState = ctx.state
         for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
             shared_quantization.release(slot)
         spec = state.spec
@@ -431,6 +444,27 @@ class LowbitLinearFunction(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_bias, None, None
+
+
+def _lean_backward(ctx, grad_out, x, weight) -> tuple:
+    """The lean path's backward (no observer): both gradient GEMMs and the bias gradient in one
+    call (`lowbit.kernels.cast_linear_backward`), as the general backward computes them."""
+    state: LayerState = ctx.state
+    for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
+        shared_quantization.release(slot)
+    needs = ctx.needs_input_grad
+    grads = kernels.cast_linear_backward(
+        grad_out,
+        x,
+        weight,
+        (needs[0], needs[1], ctx.has_bias and needs[2]),
+        state.cast_gemms["grad_input"],
+        state.cast_gemms["grad_weight"],
+        ctx.input_dtype,
+        ctx.weight_dtype,
+        bf16_outputs(),
+    )
+    return (*grads, None, None)
 
 
 def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
