@@ -223,16 +223,30 @@ def _torchao():
 
 
 def _torchao_states() -> dict[type, StatePrecision]:
-    """torchao's quantized state tensor classes and the state precision of each."""
+    """torchao's quantized state tensor classes and the state precision of each; each copies by
+    ``clone`` (`_clone_states`)."""
     from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
     from torchao.optim.subclass_fp8 import OptimStateFp8
 
-    return {
+    classes = {
         OptimStateFp8: StatePrecision.FP8,
         OptimState8bit: StatePrecision.INT8,
         OptimState4bit: StatePrecision.INT4,
     }
+    for cls in classes:
+        if torch.ops.aten.clone.default not in getattr(cls, "_ATEN_OP_TABLE", {}).get(cls, {}):
+            cls.implements(torch.ops.aten.clone.default)(_clone_states)
+    return classes
+
+
+def _clone_states(func, types, args, kwargs):
+    """``aten.clone`` of a torchao quantized state, which torchao does not implement:
+    ``copy.deepcopy`` of an optimizer or of its ``state_dict`` (a best-state snapshot kept in
+    memory, an EMA's copy) clones every tensor, and failed with torchao's NotImplementedError.
+    The copy holds copies of the codes, block scales and code map: the same values, bit for bit,
+    in storage of its own."""
+    return _copy(args[0])
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -339,6 +353,7 @@ class _TorchaoStates(_CheckedGroups):
 
 def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
     ao, _ = _torchao()
+    _torchao_states()  # copyable before the first state exists
     base = {
         (StatePrecision.FP8, True): ao.AdamWFp8,
         (StatePrecision.INT8, True): ao.AdamW8bit,

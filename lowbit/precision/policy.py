@@ -23,6 +23,7 @@ and the loss scale moves once per iteration, before the next `backward` (or when
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import replace
 
 import torch
@@ -225,13 +226,16 @@ class Precision:
         clipping by hand: ``torch.nn.utils.clip_grad_value_(precision.unscale_(optimizer), 0.5)``.
         For a 16-bit parameter that is its fp32 stand-in (master weight) with an fp32 gradient,
         and the parameter's own 16-bit ``.grad`` is no longer read."""
-        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-        return [t for opt in optimizers for t in self._prepare(opt)[0]]
+        return [t for opt in _optimizers("unscale_", optimizer) for t in self._prepare(opt)[0]]
 
     def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
         """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure);
         ``optimizer`` may be a list of optimizers, whose gradients are clipped together."""
-        grads = [t.grad for t in self.unscale_(optimizer)]
+        grads = [
+            t.grad
+            for opt in _optimizers("clip_grad_norm_", optimizer)
+            for t in self._prepare(opt)[0]
+        ]
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -243,15 +247,17 @@ class Precision:
         return total.item()
 
     def step(self, *optimizers, closure=None) -> bool:
-        """Unscale, check and update (or skip) each optimizer, roll the delayed-scaling state;
-        True when no step was skipped. The loss scale moves before the next `backward`, once for
-        all the steps since (see the module's docstring).
+        """Unscale, check and update (or skip) each optimizer (given one by one, or in lists as to
+        `clip_grad_norm_`), roll the delayed-scaling state; True when no step was skipped. The
+        loss scale moves before the next `backward`, once for all the steps since (see the
+        module's docstring).
 
         A closure that re-evaluates the loss (LBFGS's), ``precision.step(optimizer, closure)``, is
         passed to the optimizer's step where it steps the model's own fp32 parameters on unscaled
         gradients; elsewhere it is refused (see `_check_closure`)."""
         if optimizers and callable(optimizers[-1]) and not _is_optimizer(optimizers[-1]):
             *optimizers, closure = optimizers
+        optimizers = [opt for given in optimizers for opt in _optimizers("step", given)]
         if not optimizers:
             raise UsageError("precision.step() needs the optimizer; fix: precision.step(optimizer)")
         if closure is not None:
@@ -320,6 +326,8 @@ class Precision:
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "update": self.update.state_dict(self._params()),
+            # where each wrapped optimizer's share of the update's parameter indices ends
+            "params_per_optimizer": [len(optimizer_params(o)) for o in self._optimizers],
             "layers": {
                 name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()
             },
@@ -336,7 +344,11 @@ class Precision:
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self._pending = {"update": state.get("update", {}), "layers": dict(state.get("layers", {}))}
+        self._pending = {
+            "update": state.get("update", {}),
+            "params_per_optimizer": state.get("params_per_optimizer"),
+            "layers": dict(state.get("layers", {})),
+        }
         if "rng" in state:
             self._pending["rng"] = state["rng"]
         self._apply_pending()
@@ -372,20 +384,8 @@ class Precision:
         Master weights and Kahan buffers go to the parameters that are there; each later call (an
         optimizer wrapped, a param group added before the next step) hands on only the entries of
         the parameters that came since, so that masters a step has moved are not loaded again."""
-        update = self._pending.get("update")
-        if update is not None and self._optimizers:
-            params = self._params()
-            done = self._pending.pop("update_done", 0)  # parameters given their entries already
-            later = {
-                part: {index - done: value for index, value in entries.items() if index >= done}
-                for part, entries in update.items()
-            }
-            self.update.load_state_dict(later, params[done:])
-            indices = [index for entries in update.values() for index in entries]
-            if max(indices, default=-1) < len(params):  # every entry has its parameter
-                del self._pending["update"]
-            else:
-                self._pending["update_done"] = len(params)
+        if "update" in self._pending and self._optimizers:
+            self._apply_pending_update()
         layers = self._pending.get("layers", {})
         for name, layer in self._layers().items():
             if name in layers:
@@ -393,7 +393,52 @@ class Precision:
         if "rng" in self._pending and "update" not in self._pending and not layers:
             self._set_random_state(self._pending.pop("rng"))
 
+    def _apply_pending_update(self) -> None:
+        """The loaded master weights and Kahan buffers, keyed by their parameter's position in the
+        saved optimizers' parameters one after the other, go to each optimizer's own parameters:
+        a param group added to one optimizer after the load (progressive unfreezing) takes its
+        entries without shifting those of the optimizers after it. A state saved without its
+        optimizers' sizes splits at the present optimizers' sizes (the last one takes the rest)."""
+        entries, sizes = self._pending["update"], self._pending["params_per_optimizer"]
+        done = self._pending.setdefault("update_done", {})  # optimizer index -> params given theirs
+        start, given = 0, set()  # the first saved index of each optimizer's share; handed indices
+        for index, optimizer in enumerate(self._optimizers):
+            params = optimizer_params(optimizer)
+            if sizes is not None:
+                size = sizes[index] if index < len(sizes) else 0
+            else:
+                size = len(params) if index < len(self._optimizers) - 1 else sys.maxsize
+            first, present = done.get(index, 0), start + min(size, len(params))
+            self.update.load_state_dict(
+                {
+                    part: {i - start - first: v for i, v in values.items() if start + first <= i}
+                    for part, values in entries.items()
+                },
+                params[first:size],
+            )
+            given.update(range(start, present))
+            done[index] = len(params)
+            start += size
+        if all(i in given for values in entries.values() for i in values):
+            for key in ("update", "params_per_optimizer", "update_done"):
+                del self._pending[key]
+
 
 def _is_optimizer(candidate) -> bool:
     """Anything with ``param_groups`` steps as an optimizer (torch's, torchao's, a user's own)."""
     return hasattr(candidate, "param_groups")
+
+
+def _optimizers(call: str, given) -> list:
+    """The optimizers ``given`` to ``precision.<call>()``: one, or a list or tuple of them. What is
+    not an optimizer is refused in one line: ``clip_grad_norm_(model.parameters(), 1.0)``, the
+    arguments of ``torch.nn.utils.clip_grad_norm_``, failed deep inside with an AttributeError."""
+    optimizers = list(given) if isinstance(given, (list, tuple)) else [given]
+    for candidate in optimizers:
+        if not _is_optimizer(candidate):
+            raise UsageError(
+                f"precision.{call}() takes the optimizer (or a list of optimizers), not a "
+                f"{type(candidate).__name__}; fix: precision.{call}(optimizer"
+                + (", max_norm)" if call == "clip_grad_norm_" else ")")
+            )
+    return optimizers

@@ -26,6 +26,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.formats import cast
+from lowbit.optim.states import StatePrecision
 from lowbit.recipes.recipe import UpdateRounding
 
 
@@ -102,9 +103,34 @@ class LowPrecisionUpdate:
         zero gradient divides 0 by 0). ``Optimizer.load_state_dict`` casts floating states to each
         parameter's dtype; during the load the optimizer holds the fp32 stand-ins, so the states
         keep their precision.
+
+        States a step or a load made before the optimizer was wrapped are rounded to 16 bits
+        already: upcasting them cannot bring back what the rounding lost, and a resumed run would
+        silently differ from the uninterrupted one, so they are refused. The bf16 moments of
+        lowbit's bf16 optimizer states (`AdamWBf16States`) are bf16 by design and stay bf16.
         """
-        for p in optimizer_params(optimizer):
-            state = optimizer.state.get(p, {}) if self._low(p) else {}
+        if getattr(optimizer, "state_precision", None) == StatePrecision.BF16:
+            states = []  # the optimizer picks its states' dtypes itself, whatever the parameter's
+        else:
+            states = [
+                optimizer.state.get(p, {}) for p in optimizer_params(optimizer) if self._low(p)
+            ]
+        for state in states:
+            rounded = [
+                key
+                for key, value in state.items()
+                if key != "step"
+                and torch.is_tensor(value)
+                and value.dtype in (torch.bfloat16, torch.float16)
+            ]
+            # (Adagrad creates its sum in its constructor, at step 0: it holds nothing rounded)
+            if rounded and float(state.get("step", 1)) > 0:
+                raise UsageError(
+                    f"precision.wrap_optimizer(): the {type(optimizer).__name__}'s states "
+                    f"({', '.join(rounded)}) are 16-bit already, loaded or stepped before it was "
+                    "wrapped; fix: optimizer = precision.wrap_optimizer(optimizer) before "
+                    "optimizer.load_state_dict(...) and before its first step"
+                )
             for key, value in state.items():
                 if torch.is_tensor(value) and value.is_floating_point():
                     state[key] = value.float()
