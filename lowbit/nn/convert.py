@@ -17,7 +17,9 @@ unconverted model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -25,11 +27,11 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
 from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
-from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router
+from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router, is_router_module
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
-from lowbit.recipes.presets import ROUTER_KEPT
-from lowbit.recipes.recipe import RECIPE_DEFAULT
+from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, ROUTER_KEPT
+from lowbit.recipes.recipe import RECIPE_DEFAULT, block_of, block_stacks
 
 
 @dataclass
@@ -77,6 +79,21 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
         if isinstance(module, base):
             return f"{kind} subclasses nn.{base.__name__} and may compute otherwise: not converted"
     return f"{kind} is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
+
+
+def _refuse_uninitialized(recipe: Recipe, model: torch.nn.Module) -> None:
+    """Refuse, before any layer is swapped, a lazy GEMM layer (``nn.LazyLinear``,
+    ``nn.LazyConv2d``) that the recipe converts but whose shape its first forward has not set yet:
+    kept, it would turn into a plain layer at that forward and compute in high precision for good,
+    unnoticed."""
+    for name, layer in model.named_modules():
+        lazy = isinstance(layer, torch.nn.modules.lazy.LazyModuleMixin)
+        unset = lazy and isinstance(layer, _GEMM_MODULES) and layer.has_uninitialized_params()
+        if unset and recipe.layer_for(name)[0] is not None:
+            raise UsageError(
+                f"{name} is a {type(layer).__name__} whose shape is not set yet, so it cannot be "
+                f"converted; fix: run one forward pass (model(example_input)) before convert"
+            )
 
 
 def _computed_weight_reason(layer: torch.nn.Module) -> str | None:
@@ -141,10 +158,67 @@ def output_head_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in heads and name]
 
 
+def router_layer_names(model: torch.nn.Module) -> list[str]:
+    """The names of the GEMM modules inside the model's router modules (`is_router_module`:
+    Switch Transformers' ``router.classifier``, Zaya's ``router_mlp.fc1``), whatever their names."""
+    routers = [f"{name}." for name, module in model.named_modules() if is_router_module(module)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(tuple(routers)) and _is_gemm(module)
+    ]
+
+
+def _is_gemm(module: torch.nn.Module) -> bool:
+    """A GEMM module: one `convert` swaps, one it swapped before, or one it keeps."""
+    return is_convertible(module) or isinstance(
+        module, (*_GEMM_MODULES, LowbitModule, LowbitExperts)
+    )
+
+
+def _transformers_models(model: torch.nn.Module) -> list[str]:
+    """The names (with a trailing dot) of the transformers models in ``model``, itself included."""
+    pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", ())
+    return [
+        f"{name}." if name else ""
+        for name, module in model.named_modules()
+        if isinstance(module, pretrained)
+    ]
+
+
+def cnn_classifier_names(model: torch.nn.Module) -> list[str]:
+    """The final classifier of an image network, found by its place, not its name (torchvision's
+    ResNet ``fc``, the PyTorch tutorial CNN's ``fc2``): the model's last GEMM module in module
+    order, when the model holds an ``nn.Conv2d``, that last module is a linear layer, and it lies
+    in no stack of blocks (an ``fc2`` inside a block is a hidden layer) and in no transformers
+    model (whose heads the presets know by name: CLIP's last layer is its ``text_projection``).
+    A plain MLP has no such head: its last layer is not told from a hidden one."""
+    gemms = [(name, module) for name, module in model.named_modules() if _is_gemm(module)]
+    if not any(isinstance(module, (torch.nn.Conv2d, LowbitConv2d)) for _, module in gemms):
+        return []
+    name, last = gemms[-1]
+    stacks = block_stacks(name for name, _ in model.named_modules())
+    inside_transformers = name.startswith(tuple(_transformers_models(model)))
+    if not is_linear(last) or block_of(name, stacks) is not None or inside_transformers:
+        return []
+    return [name]
+
+
 def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
     """``recipe`` with its override placeholders resolved against ``model``
-    (`Recipe.resolved_for`: its module names, GEMM layers and output head)."""
-    return get_recipe(recipe).resolved_for(
+    (`Recipe.resolved_for`: its module names, GEMM layers and output head), and with the layers
+    that the presets' `KEEP_ROUTERS` and `KEEP_CLASSIFIERS` cannot name by pattern added to them
+    (`router_layer_names`, `cnn_classifier_names`)."""
+    recipe = get_recipe(recipe)
+    found = ((KEEP_ROUTERS, router_layer_names), (KEEP_CLASSIFIERS, cnn_classifier_names))
+    overrides = list(recipe.overrides)
+    for kept, names_in in found:
+        if kept in overrides and (names := names_in(model)):
+            pattern = "|".join([kept.pattern, *names])
+            overrides[overrides.index(kept)] = dataclasses.replace(kept, pattern=pattern)
+    if overrides != list(recipe.overrides):
+        recipe = dataclasses.replace(recipe, overrides=tuple(overrides))
+    return recipe.resolved_for(
         (name for name, _ in model.named_modules()),
         gemm_layer_names(model),
         output_head_names(model),
@@ -157,6 +231,11 @@ def convert(
     """Swap the model's GEMM layers for low-precision ones as ``recipe`` says; returns the report
     of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
     level INFO)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"convert swaps the GEMM layers of a torch.nn.Module, got a {type(model).__name__}; "
+            f"fix: pass the model itself (e.g. a pipeline's .model)"
+        )
     if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
         raise UsageError(
             f"convert swaps the GEMM layers inside a model, in place, and a bare "
@@ -164,6 +243,7 @@ def convert(
             f"holds it, e.g. torch.nn.Sequential(layer)"
         )
     recipe = recipe_for_model(recipe, model)
+    _refuse_uninitialized(recipe, model)
     report = report if report is not None else ConversionReport()
     # Each module visited, by id: (the module, what took its place: a replacement or itself). A
     # module may sit at several places (one layer applied twice, `Sequential(lin, act, lin)`);

@@ -35,6 +35,14 @@ def is_linear(module: torch.nn.Module) -> bool:
     )
 
 
+def is_router_module(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts router, by its class name (transformers' ``...Router``,
+    ``...TopKRouter``): one that computes its logits itself (`is_router`), or one with linear
+    layers inside (Switch Transformers', NLLB-MoE's and LongCat-Flash's ``router.classifier``,
+    Zaya's ``down_proj`` and ``router_mlp``), which are router layers whatever their names."""
+    return type(module).__name__.lower().endswith("router")
+
+
 def is_router(module: torch.nn.Module) -> bool:
     """A mixture-of-experts router that computes its logits itself, with no linear layer inside:
     transformers' ``TopKRouter`` classes (Qwen3-MoE's ``mlp.gate``, Mixtral's, DeepSeek-V3's) call
@@ -42,8 +50,7 @@ def is_router(module: torch.nn.Module) -> bool:
     converted (not a linear layer by exact type), it is a GEMM all the same, which the conversion
     report names."""
     weight = module._parameters.get("weight")
-    named_router = type(module).__name__.lower().endswith("router")
-    return named_router and weight is not None and weight.dim() == 2
+    return is_router_module(module) and weight is not None and weight.dim() == 2
 
 
 def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:

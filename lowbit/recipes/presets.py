@@ -41,21 +41,26 @@ E5M2 = OperandSpec("fp8_e5m2")
 # ``router.gate``, Gemma4's ``router.proj``, HunYuan-MoE's ``gate.wg``, the Qwen MoE families'
 # ``shared_expert_gate``. The others are router modules of their own (`is_router`: the Qwen MoE
 # families' and Mixtral's ``TopKRouter``), never converted and reported with the same reason.
+# `lowbit.nn.convert.recipe_for_model` adds, for the model at hand, the layers found by their
+# place rather than their names to `KEEP_CLASSIFIERS` (a convolutional network's final linear
+# layer: torchvision's ``fc``) and `KEEP_ROUTERS` (every linear layer inside a router module,
+# `is_router_module`: Switch Transformers' ``router.classifier``, Zaya's router MLP).
 ROUTER_KEPT = "mixture-of-experts router kept in high precision"
+CLASSIFIER_KEPT = "classification head kept in high precision"
+KEEP_ROUTERS = Override(
+    "*.router.layer|*.router.gate|*.router.proj|*.gate.wg|*shared_expert_gate", None, ROUTER_KEPT
+)
+KEEP_CLASSIFIERS = Override(
+    "classifier|*.classifier|classifier.*|*.classifier.*|head|*.head|score|*.score",
+    None,
+    CLASSIFIER_KEPT,
+)
 KEEP_HIGH_PRECISION = (
     Override(OUTPUT_HEAD, None, "output head kept in high precision"),
     Override("lm_head|*.lm_head", None, "output head kept in high precision"),
     Override("*predictions.decoder", None, "output head kept in high precision"),
-    Override(
-        "classifier|*.classifier|classifier.*|*.classifier.*|head|*.head|score|*.score",
-        None,
-        "classification head kept in high precision",
-    ),
-    Override(
-        "*.router.layer|*.router.gate|*.router.proj|*.gate.wg|*shared_expert_gate",
-        None,
-        ROUTER_KEPT,
-    ),
+    KEEP_ROUTERS,  # before the heads: Switch Transformers' ``router.classifier`` is a router
+    KEEP_CLASSIFIERS,
 )
 
 _PRESETS: dict[str, Recipe] = {}
