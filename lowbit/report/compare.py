@@ -18,6 +18,7 @@ larger than twice the spread and "inconclusive" when the seeds cannot tell.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -185,6 +186,11 @@ def make_study(
     for name, pct in (targets or {}).items():
         if name not in recipes:
             raise UsageError(f"--target {name}: not in --recipes; fix: drop it or add the recipe")
+        if name == baseline:  # taken and never read: the baseline has no gap to itself
+            raise UsageError(
+                f"--target {name}: {name} is the baseline, which is not judged; fix: drop it, or "
+                "--baseline another recipe"
+            )
         if not math.isfinite(pct) or pct < 0:
             raise UsageError(
                 f"--target {name}={pct:g}: a tolerance is a non-negative percent; fix: e.g. "
@@ -412,8 +418,13 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
                 f"{run_dir}: holds an unfinished run with other settings ({changed}); fix: "
                 "--overwrite to retrain, or another --out"
             )
-    # the emulation warning is the same for every seed of a recipe: said for its first one only
-    trainer = Trainer(trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
+    # the emulation warning is the same for every seed of a recipe: said for its first one only,
+    # and transformers' report of the --model folder's load for the study's first run only
+    first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
+    with _transformers_warnings(first_run):
+        trainer = Trainer(
+            trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume
+        )
     trainer.sample = False  # a sample text per run is slow and not compared
     cuda = trainer.device.type == "cuda"
     if cuda:
@@ -454,6 +465,25 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
     }
     _write_record(run_dir, record)
     return {**record, "reused": False}
+
+
+@contextlib.contextmanager
+def _transformers_warnings(on: bool):
+    """transformers' warnings on (as they are) or off within. Every run of a study loads the same
+    --model folder, and transformers' load report ("classifier.weight | MISSING ... newly
+    initialized", a fine-tuning head drawn afresh) is a dozen lines each time: `lowbit train` prints
+    it once, and so does a study."""
+    from transformers.utils import logging as hf_logging
+
+    if on:
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
@@ -565,7 +595,6 @@ def summarize(study: Study, records: dict) -> dict:
     base_val = [final_loss(r) for r in base_runs]
     base_train = [_finite(r["train_loss"]) for r in base_runs]
     base_tp = statistics.fmean(r["throughput"] for r in base_runs)
-    base_labels = _label_accuracy(base_runs)
     rows = {}
     for recipe in study.recipes:
         runs = records[recipe]
@@ -599,7 +628,7 @@ def summarize(study: Study, records: dict) -> dict:
             for name in ("accuracy", "entity_f1", "ppl")
             if any(name in r["final_metrics"] for r in runs)
         }
-        labels = _label_accuracy(runs)
+        base_labels, labels = _paired_label_accuracy(base_runs, runs)
         measured = [r for r in runs if r.get("memory")]
         label_change = {
             name: {
@@ -705,6 +734,19 @@ def _label_accuracy(runs: list[dict]) -> dict[str, float]:
             acc[0] += c["correct"]
             acc[1] += c["total"]
     return {name: c / t for name, (c, t) in totals.items() if t}
+
+
+def _paired_label_accuracy(base_runs: list[dict], runs: list[dict]) -> tuple[dict, dict]:
+    """Per-label accuracy of the baseline and of a recipe, each pooled over the seeds where both
+    runs counted them: a seed stopped by a non-finite loss has no counts, and the baseline pooled
+    over every seed against the recipe's others would read seed-to-seed differences as what the
+    recipe forgets. With no such seed, the baseline's over all of its seeds and none of the
+    recipe's (the report's "no seed finished")."""
+    by_seed = {b["seed"]: b for b in base_runs if b.get("per_label")}
+    paired = [(by_seed[r["seed"]], r) for r in runs if r.get("per_label") and r["seed"] in by_seed]
+    if not paired:
+        return _label_accuracy(base_runs), {}
+    return _label_accuracy([b for b, _ in paired]), _label_accuracy([r for _, r in paired])
 
 
 def _mean_curves(curves: list[dict]) -> dict:

@@ -40,7 +40,7 @@ def write_html(results: dict, path: Path, images: dict[str, Path]) -> Path:
     parts.append("</ul>")
     for title, header, rows in tables(results):
         parts.append(f"<h2>{html.escape(title.split(' (')[0].split(':')[0])}</h2>")
-        parts.append(f"<p>{html.escape(title)}.</p>{_table(header, rows)}")
+        parts.append(f"<p>{html.escape(title)}.</p>" + (_table(header, rows) if header else ""))
     if images:
         parts.append("<h2>Plots</h2>")
     for key, image in images.items():

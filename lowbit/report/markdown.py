@@ -55,7 +55,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 name + (" (baseline)" if name == base else ""),
                 _pm(r["train_loss"], seeds=seeds),
                 _pm(r["val_loss"], seeds=seeds),
-                _pct(r["train_gap_pct"]),
+                # the baseline has no gap to itself: a "+0.000%" read as a measured one
+                "—" if name == base else _pct(r["train_gap_pct"]),
                 "—" if name == base else _pct(r["val_gap_pct"], spread),
                 _pm(m, 4 if metric != "ppl" else 2, seeds),
                 _count(r["skipped_steps"]),
@@ -122,9 +123,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             label_rows.append([name, "every label", "—", "n/a", "n/a (no seed finished)"])
             continue
         worst = sorted(
-            r["per_label"].items(),
-            key=lambda kv: kv[1]["change_pp"] if math.isfinite(kv[1]["change_pp"]) else -1e9,
+            ((label, c) for label, c in r["per_label"].items() if _dropped(c["change_pp"])),
+            key=lambda kv: kv[1]["change_pp"],
         )[:WORST_LABELS]
+        if not worst:
+            label_rows.append([name, "no label dropped", "—", "—", "—"])
         for label, c in worst:
             label_rows.append(
                 [
@@ -139,13 +142,20 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(
             (
                 f"What the model forgets: the {WORST_LABELS} labels whose validation accuracy "
-                "drops most against the baseline (over the whole validation split, not only the "
-                "--eval-batches of the loss table, so that rare labels count; pooled over seeds)",
+                "drops most against the baseline, labels that held or rose left out (over the "
+                "whole validation split, not only the --eval-batches of the loss table, so that "
+                "rare labels count; pooled over the seeds both runs finished)",
                 ["recipe", "label", "baseline acc", "recipe acc", "change"],
                 label_rows,
             )
         )
     return out
+
+
+def _dropped(change_pp: float) -> bool:
+    """Whether a label's accuracy change is a drop as the table prints it (one decimal): a tiny
+    drop rounds to "-0.0 pp", which reads as no change in a table of what the model forgets."""
+    return math.isfinite(change_pp) and round(change_pp, 1) < 0
 
 
 def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
@@ -160,6 +170,18 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
     base = results["baseline"]
     base_curve = {step: loss for step, loss in results["recipes"][base]["curves"]["validation"]}
     steps = [step for step in base_curve if step > 0]
+    if not steps:  # a table of recipe names under no column would not say why
+        why = (
+            f"seed {results['recipes'][base]['diverged'][0]} diverged: non-finite loss"
+            if results["recipes"][base]["diverged"]
+            else "it did not evaluate"
+        )
+        return (
+            f"Validation gap by evaluation: none, the baseline {base} has no validation loss "
+            f"after the start ({why})",
+            [],
+            [],
+        )
     table_rows = []
     for name, r in results["recipes"].items():
         if name == base:
@@ -306,8 +328,9 @@ def write_markdown(results: dict, path: Path) -> Path:
     parts = ["# lowbit compare", "", describe(results), "", "## Verdicts", ""]
     parts += [f"- {line}" for line in verdict_lines(results)]
     for title, header, rows in tables(results):
-        parts += ["", f"## {title.split(' (')[0].split(':')[0]}", "", title + ".", ""]
-        parts.append(_md_table(header, rows))
+        parts += ["", f"## {title.split(' (')[0].split(':')[0]}", "", title + "."]
+        if header:  # a table without one is its title alone (`gap_by_evaluation`)
+            parts += ["", _md_table(header, rows)]
     images = results.get("images", {})
     if images:
         parts += ["", "## Plots", ""]
