@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.infer import compare, prune_run
+    from lowbit.train.evaluate import check_same_data
 
     if args.max_batches is not None and args.max_batches < 0:  # checked before anything is written
         raise UsageError(
@@ -51,10 +52,14 @@ def run(args) -> int:
     print("  stored dense (zeros included): the size is unchanged; quantize it to shrink it")
     batches = result.source.config.eval_batches if args.max_batches is None else args.max_batches
     try:
+        # the run's data edited since it trained: the reference's numbers would be of other data
+        # than the run's (as `lowbit eval` refuses them), so the same note as for data gone
+        source = result.source
+        check_same_data(source.path, source.config, source.task.fingerprint)
         _, lines = compare(
             result.source.task, result.model, result.reference, "validation", batches or None
         )
-    except UsageError as error:  # the data the run read is gone or moved: the folder is written
+    except UsageError as error:  # the data the run read is gone, moved or edited: it is written
         out = shlex.quote(str(result.out))
         print(f"  validation: not evaluated ({error}); later: lowbit eval {out}", file=sys.stderr)
         return 0

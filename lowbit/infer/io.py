@@ -153,7 +153,13 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     state = checkpoint.load(found)
     task = build_task(config, run_dir=path)
     model = task.model.float()
-    model.load_state_dict(state["model"], strict=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as error:  # the run's --model folder holds another architecture now
+        raise UsageError(
+            f"{found}: its weights do not fit the model {config.model} builds now "
+            f"({_one_line(error)}); fix: restore {config.model} as the run trained from it"
+        ) from None
     model.to(device).eval()
     return Source(path, config, task, model, None, found, int(state["step"]))
 
@@ -219,6 +225,12 @@ def _check_out(out: Path, force: bool) -> None:
         )
     if not out.exists() or not [p for p in out.iterdir() if not _is_partial(p, out)]:
         return
+    previous = next((p for p in out.iterdir() if _is_previous(p, out)), None)
+    if previous is not None:  # an earlier --force stopped while replacing the folder's files
+        raise UsageError(
+            f"{out}: {previous.name} holds the files of the folder an interrupted --force was "
+            f"replacing; fix: move them back into {out} (or delete {previous}), then run again"
+        )
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
         raise UsageError(f"{out} holds a training run; fix: choose another --out")
     if not force:
@@ -227,18 +239,53 @@ def _check_out(out: Path, force: bool) -> None:
         )
 
 
-def _remove_artifacts(out: Path) -> None:
-    """Remove what an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, and
-    the tokenizer files an export lists)."""
+def _artifacts(out: Path) -> list[Path]:
+    """What an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, and the
+    tokenizer files an export lists), its manifests first: moved away in this order, a folder
+    never looks complete while its weights are gone."""
     names = list(_ARTIFACTS)
     with contextlib.suppress(OSError, ValueError):
         names += json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))["tokenizer_files"]
-    for name in names:
-        item = out / name
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item.is_file():
-            item.unlink()
+    manifests = (MANIFEST, EXPORT_INFO)
+    names = sorted(dict.fromkeys(names), key=lambda name: name not in manifests)
+    return [out / name for name in names if (out / name).exists()]
+
+
+def _is_previous(item: Path, out: Path) -> bool:
+    """A hidden folder `_move_in` keeps an earlier folder's files in while replacing them."""
+    return item.name.startswith(f".{out.name}.previous-") and item.is_dir()
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Move what ``staging`` holds into the existing ``out`` in place of an earlier folder's files
+    (`_artifacts`), the manifest last. The earlier files are first moved into a hidden folder in
+    ``out``, and back when a move fails or is interrupted (Ctrl-C), so ``out`` then holds the
+    earlier folder as it was; where moving them back fails too, the error names the hidden
+    folder, and the next quantize/prune/export into ``out`` refuses until it is dealt with
+    (`_check_out`): the earlier files are never deleted before the new ones are all in."""
+    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out))
+    manifests = (MANIFEST, EXPORT_INFO)
+    moved_in = []
+    try:
+        for item in _artifacts(out):
+            os.replace(item, previous / item.name)
+        for item in sorted(staging.iterdir(), key=lambda item: item.name in manifests):
+            os.replace(item, out / item.name)
+            moved_in.append(item.name)
+    except BaseException as error:
+        try:
+            for name in reversed(moved_in):
+                os.replace(out / name, staging / name)
+            for item in sorted(previous.iterdir(), key=lambda item: item.name in manifests):
+                os.replace(item, out / item.name)
+            previous.rmdir()
+        except BaseException:
+            raise UsageError(
+                f"{out}: replacing its files stopped ({_one_line(error)}) and the earlier files "
+                f"could not be moved back; they are in {previous}; fix: move them back into {out}"
+            ) from error
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _is_partial(item: Path, out: Path) -> bool:
@@ -254,7 +301,7 @@ def staged_out(out, force: bool):
     sibling's one rename; an existing one holds the hidden folder itself (its parent may be a
     folder the user cannot write to, or another filesystem when ``out`` is a mount point) and
     takes its files one by one, the manifest last (what makes a folder an inference folder or
-    export)."""
+    export), the earlier folder's files kept aside until they are all in (`_move_in`)."""
     out = Path(out)
     _check_out(out, force)
     holder = out if out.is_dir() else out.parent
@@ -268,10 +315,7 @@ def staged_out(out, force: bool):
         if not out.exists():
             os.replace(staging, out)
             return
-        _remove_artifacts(out)
-        manifests = (MANIFEST, EXPORT_INFO)
-        for item in sorted(staging.iterdir(), key=lambda item: item.name in manifests):
-            os.replace(item, out / item.name)
+        _move_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -91,6 +91,38 @@ def has_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
 
 
+def _weight_files(folder: Path, single: str) -> list[Path]:
+    """The files transformers reads for the weights named ``single`` (``model.safetensors`` or
+    ``pytorch_model.bin``): that file, or the shards its ``.index.json`` lists (none where the
+    index cannot be read: transformers names the index itself). A shard the index lists that is
+    not there is a `UsageError` naming it: transformers' error for it is a traceback."""
+    if (folder / single).is_file():
+        return [folder / single]
+    index = folder / f"{single}.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    files = [folder / name for name in sorted(set(shards))]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise UsageError(
+            f"{index} lists {len(missing)} shard(s) that are not in the folder "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fix: copy them "
+            "too, or write the folder again with save_pretrained"
+        )
+    return files
+
+
+def _unreadable(file: Path, why: str) -> UsageError:
+    return UsageError(
+        f"{file}: unreadable weights ({' '.join(why.split())}); fix: copy it again, or write the "
+        "folder again with save_pretrained"
+    )
+
+
 def check_safetensors(folder: Path) -> None:
     """A `UsageError` naming the first safetensors file of ``folder`` that transformers would
     read (``model.safetensors`` or the shards its index lists) and whose header does not parse: a
@@ -99,26 +131,39 @@ def check_safetensors(folder: Path) -> None:
     that the file is whole without reading the weights."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    files = [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if not files[0].is_file() and index.is_file():
-        try:
-            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
-        except (ValueError, KeyError, TypeError, AttributeError):  # transformers names the index
-            return
-        files = [folder / name for name in sorted(set(shards))]
-    for file in files:
-        if not file.is_file():  # none at all, or a missing shard transformers names itself
-            continue
+    for file in _weight_files(Path(folder), "model.safetensors"):
         try:
             with safe_open(str(file), framework="pt"):
                 pass
         except Exception as error:  # safetensors' own error type: a bad header, a short file
-            raise UsageError(
-                f"{file}: unreadable weights ({' '.join(str(error).split())}); fix: copy it "
-                "again, or write the folder again with save_pretrained"
-            ) from None
+            raise _unreadable(file, str(error)) from None
+
+
+def check_pytorch_bin(folder: Path) -> None:
+    """`check_safetensors` for a folder whose weights are ``pytorch_model.bin`` (or its shards),
+    which transformers reads only where there is no safetensors file: torch.save writes a zip
+    archive, whose directory at the end of the file is gone when the file is cut short, and
+    torch's reader reports that as a traceback ("Invalid argument") naming no file. Reading the
+    directory checks the file without reading the weights. A file of torch's legacy format (a
+    pickle, before PyTorch 1.6) is left to torch.load, which reads it as it always has."""
+    import zipfile
+
+    folder = Path(folder)
+    safetensors = ("model.safetensors", "model.safetensors.index.json")
+    if any((folder / name).is_file() for name in safetensors):
+        return
+    for file in _weight_files(folder, "pytorch_model.bin"):
+        with open(file, "rb") as stream:
+            magic = stream.read(2)
+        if magic[:1] == b"\x80":  # a pickle (protocol 2 or later): torch's legacy format
+            continue
+        if magic != b"PK":
+            raise _unreadable(file, "neither a zip archive nor a pickle: not torch.save's file")
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (zipfile.BadZipFile, OSError) as error:  # cut short: no directory at the end
+            raise _unreadable(file, f"a zip archive without its directory: {error}") from None
 
 
 def load_config(path: Path, **kwargs):
@@ -175,6 +220,7 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
             lambda **kw: auto_class.from_config(copy.deepcopy(config), dtype=torch.float32, **kw)
         )
     check_safetensors(folder)
+    check_pytorch_bin(folder)
     return with_sdpa(
         lambda **kw: auto_class.from_pretrained(
             folder,
