@@ -46,10 +46,17 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:  # missing, unexpected or differently shaped weights
+        # the run's own checkpoint misfits when the --model folder it trained from changed since
+        own = path.resolve().is_relative_to(run_dir.resolve())
+        changed = own and config.model is not None and Path(config.model).is_dir()
+        fix = (
+            f"restore {config.model} as the run trained from it"
+            if changed
+            else ("give a checkpoint of this run")
+        )
         raise UsageError(
             f"{path}: its weights do not fit the model of {run_dir} "
-            f"({_misfit(model.state_dict(), state['model'], error)}); fix: give a checkpoint "
-            "of this run"
+            f"({_misfit(model.state_dict(), state['model'], error)}); fix: {fix}"
         ) from None
     check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
@@ -83,7 +90,7 @@ def _misfit(expected: dict, given: dict, error: Exception) -> str:
     if missing or unexpected:
         return f"{len(missing)} weights missing, {len(unexpected)} not in the model"
     shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-    return shapes[0][:160] if shapes else type(error).__name__
+    return shapes[0].rstrip(".") if shapes else type(error).__name__
 
 
 def check_same_data(run_dir, config, current: dict | None) -> None:

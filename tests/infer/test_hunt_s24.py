@@ -9,6 +9,7 @@ def one_line_error(capsys, message):
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error: ") and err.count("\n") == 1, err
     assert message in err, err
+    return err.strip()
 
 
 def test_prune_does_not_compare_on_data_edited_since_the_run(tmp_path, capsys):
@@ -172,4 +173,9 @@ def test_quantize_of_a_run_whose_model_folder_changed_is_one_line(tmp_path, caps
     ):
         assert main(command) == 2
         one_line_error(capsys, f"its weights do not fit the model {folder} builds now (size")
+    for command in (["eval", str(run)], ["generate", str(run), "--max-new-tokens", "2"]):
+        assert main(command) == 2  # the whole shape in the message, and the folder to restore
+        message = one_line_error(capsys, "its weights do not fit the model of")
+        assert "the shape in current model is torch.Size([96, 32])" in message
+        assert message.endswith(f"fix: restore {folder} as the run trained from it")
     assert [p.name for p in tmp_path.iterdir()] == ["model", "run"]
