@@ -31,7 +31,8 @@ The probe also flags the known failure patterns:
   amplification of Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs");
 - updates rounded away in pure bf16: the share of bf16 weights whose AdamW update ``|u|`` is
   below half the bf16 spacing of ``|w|`` (``2**(floor(log2 |w|) - 8)``), so ``w + u`` rounds
-  back to ``w`` (Zamirai et al. 2020).
+  back to ``w`` (Zamirai et al. 2020); under round-to-nearest updates only, as stochastic
+  rounding and Kahan summation are what keeps such updates.
 """
 
 from __future__ import annotations
@@ -317,12 +318,18 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     # which its earlier overflows may have lowered far below the recipe's initial one
     start_scale = trainer.precision.loss_scale
     from lowbit.nn.convert import lowbit_layers
+    from lowbit.recipes.recipe import UpdateRounding
 
     layers = lowbit_layers(trainer.model)
+    # Only a round-to-nearest update loses what falls below half the spacing: stochastic
+    # rounding keeps it in expectation and Kahan summation in its compensation buffer (they are
+    # the pattern's fix, not cases of it).
+    recipe = trainer.precision.recipe
+    rounds_nearest = (
+        recipe.master_dtype is None and recipe.update_rounding is UpdateRounding.NEAREST
+    )
     bf16_params = {
-        id(p)
-        for p in trainer.model.parameters()
-        if p.dtype == torch.bfloat16 and trainer.precision.recipe.master_dtype is None
+        id(p) for p in trainer.model.parameters() if p.dtype == torch.bfloat16 and rounds_nearest
     }
     per_step, scales, losses, rounded, order, specs = [], [], [], [], [], {}
     stopped = ""
@@ -333,8 +340,8 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
             out = trainer.step()
         except NonFiniteLoss as error:
             # a step the recipe cannot skip went non-finite: what its operands held is the
-            # diagnosis (the observer is still attached; the step was not completed)
-            per_step.append(trainer.monitor.collector.collect())
+            # diagnosis (still held by the observer, or under `auto` read by its guard)
+            per_step.append(trainer.monitor.unfinished_stats())
             stopped = f"probe stopped: {error}"
             break
         record = next((r for split, r in trainer.records if split == "stats"), {})

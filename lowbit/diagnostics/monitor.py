@@ -29,6 +29,9 @@ class NoMonitor:
     def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
         return []
 
+    def unfinished_stats(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -46,14 +49,15 @@ class TrainingMonitor(NoMonitor):
             self.controller.collector if self.controller is not None else StatsCollector(model)
         )
         self._observed = None  # "stats", "check" or None for the step in flight
-        self._retry_stats: dict = {}
         self._retries: list = []
+        self._given_up: dict = {}  # the statistics of the attempt the guard gave up on
 
     def before_step(self, step: int) -> None:
         check = self.controller is not None and self.controller.wants_check(step)
         stats = self.stats_interval > 0 and step % self.stats_interval == 0
         self._observed = "check" if check else ("stats" if stats else None)
         self._retries = []
+        self._given_up = {}
         if check:
             self.controller.begin()
         elif stats:
@@ -72,11 +76,17 @@ class TrainingMonitor(NoMonitor):
             changes = []
         if attempt >= self.controller.max_retries:
             self._observed = None
+            self._given_up = observed
             return False
         self._retries.append({"attempt": attempt + 1, "changes": len(changes)})
-        # the next attempt runs observed, so its offenders can be named if it fails again
-        self._observed = "stats"
-        self.collector.attach()
+        # the next attempt runs observed, so its offenders can be named if it fails again; a
+        # check step stays one, decided from the attempt that succeeds (as "stats" the check was
+        # dropped: the first plan waited a step, a periodic one a whole interval)
+        if self._observed == "check":
+            self.controller.begin()
+        else:
+            self._observed = "stats"
+            self.collector.attach()
         return True
 
     def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
@@ -105,6 +115,12 @@ class TrainingMonitor(NoMonitor):
             }
             records.append(("plan", plan))
         return records
+
+    def unfinished_stats(self) -> dict:
+        """The statistics of a step that stopped before its optimizer step (non-finite): what the
+        observer holds, or, under ``auto``, what the guard read from the attempt it gave up on
+        (`lowbit doctor` diagnoses a probe that stopped from them)."""
+        return self.collector.collect() or self._given_up
 
     def state_dict(self) -> dict:
         return {"auto": self.controller.state_dict()} if self.controller is not None else {}
