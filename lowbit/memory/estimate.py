@@ -43,8 +43,10 @@ casts, as int8's bf16 one, `_kept_input_dtype`), and
 its weight as a quantized temporary copy; a converted mixture-of-experts layer likewise for each
 grouped expert GEMM (`lowbit.nn.experts`). (The CPU emulation keeps quantized values in a bf16
 carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
-`lowbit.recipes.recipe.block_stacks`) only each block's input is kept, plus one block's
-activations recomputed during its backward (its input, which the checkpoint keeps, once). Not
+`lowbit.recipes.recipe.block_stacks`) only each block's inputs are kept (its positional tensor
+arguments, which a non-reentrant checkpoint saves: the hidden states, and BERT's attention mask,
+one tensor for every block), plus one block's activations recomputed during its backward (each
+storage once: the inputs the checkpoint keeps are not counted again). Not
 modelled: transient workspace (the logits' gradient, attention scratch), allocator fragmentation
 and the CUDA context.
 """
@@ -108,6 +110,10 @@ def _load_config(config_or_size, task: str = "causal-lm"):
     if isinstance(config_or_size, PretrainedConfig):
         return config_or_size, getattr(config_or_size, "name_or_path", "") or "config"
     text = str(config_or_size)
+    if task == "token-classification" and text == "minilm":
+        from lowbit.models.token_classifier import _resolve
+
+        text = str(_resolve(text))  # `lowbit train --model minilm`'s folder, as it trains it
     if text in list_sizes():
         if task != "causal-lm":
             raise UsageError(
@@ -152,17 +158,24 @@ def _run_config(run_dir: Path, task: str):
         saved = (run_dir / "tokenizer").is_dir() or run.tokenizer != "byte"
         tokenizer = causal_lm_tokenizer(run, run_dir, None) if saved else build_tokenizer("byte")
         return model_config(run.model, tokenizer.vocab_size), str(run_dir)
-    if task == "token-classification" and run.model in TAGGER_SIZES:
+    if task == "causal-lm":
+        return _load_config(run.model, task)
+    if not (run_dir / "labels.json").is_file():
+        raise UsageError(f"{run_dir}: no labels.json; fix: restore the run's labels.json")
+    labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    if run.model in TAGGER_SIZES:
         from lowbit.data.syntax_tags import WordVocab
 
         vocab = WordVocab.load(run_dir / "vocab.json")  # a missing one: a one-line error
-        if not (run_dir / "labels.json").is_file():
-            raise UsageError(f"{run_dir}: no labels.json; fix: restore the run's labels.json")
-        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
         with FakeTensorMode():  # shapes only
             model = build_token_classifier(run.model, labels, vocab_size=len(vocab))
         return model.config, str(run_dir)
-    return _load_config(run.model, task)
+    # a pretrained encoder with the run's head: one output per tag, not the checkpoint's own
+    # labels (`lowbit.models.token_classifier`)
+    config, name = _load_config(run.model, task)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    return config, name
 
 
 def _build(config, name: str, dtype: torch.dtype, task: str):
@@ -335,25 +348,28 @@ class Trace:
     checkpointable: bool = True
     block_activations: dict[str, float] = field(default_factory=dict)
     block_temporaries: dict[str, float] = field(default_factory=dict)
-    block_inputs: dict[str, int] = field(default_factory=dict)  # each block's input tensor
-    # where the forward saved each block's input first: "" outside the blocks, a block's name,
-    # or None (not saved)
-    input_saved_in: dict[str, str | None] = field(default_factory=dict)
+    # what each block's checkpoint keeps for its recompute: its positional tensor arguments (a
+    # non-reentrant checkpoint saves them for the backward; BERT's attention mask too), by storage
+    checkpoint_inputs: dict[str, dict[int, int]] = field(default_factory=dict)
+    # where the forward saved a storage first: "" outside the blocks, or a block's name
+    saved_in: dict[int, str] = field(default_factory=dict)
 
     def checkpointed(self) -> tuple[float, float]:
         """(activations, temporaries) with one checkpoint per block: what lies outside the
-        blocks, every block's input, and one block's saved tensors while its backward recomputes
-        them (the largest block's). Each storage once: an input saved outside the blocks is
-        counted there already, and a block that saves its own input (its first norm does)
-        recomputes the input the checkpoint keeps."""
+        blocks, every block's checkpointed inputs, and one block's saved tensors while its
+        backward recomputes them (the largest block's). Each storage once: an input saved outside
+        the blocks is counted there already, an input shared by the blocks (an attention mask)
+        is kept once, and a block that saves a kept input itself (its first norm saves the
+        hidden states) recomputes the tensor the checkpoint keeps."""
+        kept = {key: n for inputs in self.checkpoint_inputs.values() for key, n in inputs.items()}
         inside = sum(self.block_activations.values())
-        inputs = sum(n for b, n in self.block_inputs.items() if self.input_saved_in.get(b) != "")
+        inputs = sum(n for key, n in kept.items() if self.saved_in.get(key) != "")
         activations = self.activations - inside + inputs
         temporaries = self.temporaries - sum(self.block_temporaries.values())
 
         def recomputed(block: str) -> float:
-            kept = self.block_inputs[block] if self.input_saved_in.get(block) == block else 0
-            return self.block_activations[block] - kept
+            again = sum(n for key, n in kept.items() if self.saved_in.get(key) == block)
+            return self.block_activations[block] - again
 
         largest = max(self.block_activations, key=recomputed)
         return (
@@ -389,8 +405,6 @@ def _trace_activations(
     seen = {p.untyped_storage()._cdata for p in model.parameters()}
     trace = Trace(checkpointable=getattr(model, "supports_gradient_checkpointing", False))
     where: dict = {"block": None, "converted": False, "experts": None}
-    saved_in: dict = {}  # storage -> "" (outside the blocks) or the block it was saved in
-    input_storages: dict[str, int] = {}  # block -> its input's storage
 
     def count(nbytes: float, temporary: bool = False) -> None:
         if temporary:
@@ -405,7 +419,7 @@ def _trace_activations(
         key = t.untyped_storage()._cdata
         if not where["converted"] and key not in seen:
             seen.add(key)
-            saved_in[key] = where["block"] or ""
+            trace.saved_in[key] = where["block"] or ""
             count(t.untyped_storage().nbytes(), temporary=is_parameter_cast(t))
         return t
 
@@ -435,11 +449,19 @@ def _trace_activations(
     def leave_converted(module, args, output):
         where["converted"] = False
 
+    checkpointed: list = []  # every block's inputs
+
     def enter_block(name: str):
         def hook(module, args, kwargs):
-            x = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
-            trace.block_inputs[name] = x.numel() * x.element_size()
-            input_storages[name] = x.untyped_storage()._cdata
+            # the positional tensors, as transformers' checkpoint passes them (its keyword
+            # arguments stay in the recompute's closure, unsaved); else the hidden states
+            inputs = [t for t in args if torch.is_tensor(t)] or [
+                next(t for t in kwargs.values() if torch.is_tensor(t))
+            ]
+            trace.checkpoint_inputs[name] = {
+                t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in inputs
+            }
+            checkpointed.extend(inputs)  # alive to the trace's end, so no key is reused
             trace.block_activations[name] = trace.block_temporaries[name] = 0.0
             where["block"] = name
 
@@ -496,7 +518,6 @@ def _trace_activations(
         ):
             loss = _forward_and_loss(model, task, batch, seq)
         del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
-        trace.input_saved_in = {b: saved_in.get(key) for b, key in input_storages.items()}
     except (RuntimeError, NotImplementedError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(

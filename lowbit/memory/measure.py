@@ -155,14 +155,30 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
     )
 
 
+class _SaveInputs(torch.autograd.Function):
+    """Saves its tensors for the backward and returns an empty tensor: what a non-reentrant
+    checkpoint does with its block's positional inputs, so a pack hook sees them."""
+
+    @staticmethod
+    def forward(ctx, anchor, *tensors):
+        ctx.save_for_backward(*tensors)
+        return anchor.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * (1 + len(ctx.saved_tensors))
+
+
 @contextlib.contextmanager
 def checkpointed_peak(model: torch.nn.Module):
     """A context in which `measure_activations` counts the peak of a model with activation
     checkpointing (transformers' ``gradient_checkpointing`` blocks), not only what its forward
     keeps: the last checkpointed block runs without its checkpoint, so the forward saves every
     block's input and that block's own tensors, which is what the run holds when its backward
-    recomputes that block (the estimator's model, `lowbit.memory.estimate`). Without
-    checkpointed blocks it changes nothing."""
+    recomputes that block (the estimator's model, `lowbit.memory.estimate`). That block's
+    inputs are still saved as its checkpoint saves them (the checkpoint keeps them for the
+    recompute; BERT's blocks save none of their own: a cast of the hidden states is what their
+    first layers keep). Without checkpointed blocks it changes nothing."""
     blocks = [
         module
         for module in model.modules()
@@ -171,8 +187,21 @@ def checkpointed_peak(model: torch.nn.Module):
     if not blocks:
         yield
         return
+    anchor = torch.empty(0, requires_grad=True)  # the saved tensors need a graph to join
+    # the nodes that hold the inputs, kept to the context's end as the checkpoint keeps them to
+    # the backward: freed at once, an input's memory could be taken by a later saved tensor of
+    # the same size, which `measure_activations` (keyed by storage) would then not count
+    holders: list = []
+
+    def save_inputs(module, args):
+        if torch.is_grad_enabled():
+            holders.append(_SaveInputs.apply(anchor, *(t for t in args if torch.is_tensor(t))))
+
     blocks[-1].gradient_checkpointing = False
+    handle = blocks[-1].register_forward_pre_hook(save_inputs)
     try:
         yield
     finally:
+        handle.remove()
+        holders.clear()
         blocks[-1].gradient_checkpointing = True
