@@ -142,14 +142,15 @@ def config_from_args(args):
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise UsageError(f"--resume {args.resume} and --out {args.out} differ; fix: give one")
         overrides["out"] = args.resume
-    base = {}
+    settings = load_file(args.config) if args.config else {}
     if args.resume:
-        if overrides["out"] is None:
+        # the run folder: --resume DIR, else --out, else the config file's out (a job script that
+        # runs `lowbit train --config run.yaml --resume` again after each preemption)
+        out = build_config(settings, overrides).out
+        if out is None:
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
-        base = read(overrides["out"]).to_dict()
-    if args.config:
-        base = merge(base, load_file(args.config))
-    return build_config(base, overrides)
+        settings = merge(read(out).to_dict(), settings)
+    return build_config(settings, overrides)
 
 
 def run(args) -> int:

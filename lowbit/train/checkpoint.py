@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -103,9 +104,17 @@ def unreadable(path: Path, problem: str) -> UsageError:
         run = path.parent.parent
         fix = (
             "it is the run's only checkpoint: move it away and start the run again "
-            f"(lowbit train --config {run / 'config.yaml'} --out {run})"
+            f"({restart_command(run)})"
         )
     return UsageError(f"{path}: unreadable checkpoint ({problem}); fix: {fix}")
+
+
+def restart_command(run_dir) -> str:
+    """The command that starts the run in ``run_dir`` again from its config.yaml, its paths quoted
+    so that it pastes into a shell (a run folder's name may hold a space)."""
+    run = Path(run_dir)
+    config = shlex.quote(str(run / "config.yaml"))
+    return f"lowbit train --config {config} --out {shlex.quote(str(run))}"
 
 
 def is_checkpoint(path) -> bool:
@@ -137,7 +146,8 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
     path = latest(run_dir)
     if path is None:
         raise UsageError(
-            f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first (lowbit train --out {run_dir})"
+            f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first "
+            f"(lowbit train --out {shlex.quote(str(run_dir))})"
         )
     return path
 

@@ -105,7 +105,20 @@ class TrainConfig:
 
 
 def load_file(path) -> dict:
-    """The settings in a YAML, TOML or JSON file; a malformed file raises a one-line `UsageError`."""
+    """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
+    `TrainConfig` does not have (a typo), raises a one-line `UsageError`."""
+    settings = _file_settings(path)
+    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown setting {unknown[0]!r}; fix: use one of "
+            f"{', '.join(TrainConfig.field_names())}"
+        )
+    return settings
+
+
+def _file_settings(path) -> dict:
+    """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such config file; fix: check the path")
@@ -140,14 +153,15 @@ def load_file(path) -> dict:
         raise UsageError(
             f"{path}: a config is a mapping of settings; fix: write 'key: value' lines"
         )
-    settings = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
-    if unknown:
-        raise UsageError(
-            f"{path}: unknown setting {unknown[0]!r}; fix: use one of "
-            f"{', '.join(TrainConfig.field_names())}"
-        )
-    return settings
+    spellings: dict[str, str] = {}  # setting -> the key that gave it
+    for key in map(str, data):
+        name = key.replace("-", "_")
+        if name in spellings:  # eval-interval and eval_interval: the later one silently won
+            raise UsageError(
+                f"{path}: {spellings[name]!r} and {key!r} are the same setting; fix: keep one"
+            )
+        spellings[name] = key
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def _one_line(error: Exception) -> str:
@@ -208,10 +222,15 @@ _OPTIONAL_STRING_FIELDS = ("out", "strategy")
 
 def _check_types(config: TrainConfig) -> None:
     """Check the type of every setting (a config file can hold anything) and convert numbers;
-    paths given as `os.PathLike` (a `pathlib.Path` in Python) become strings."""
+    paths given as `os.PathLike` (a `pathlib.Path` in Python) become strings, and a run folder or
+    model folder starting with ``~`` is under the home folder, as --data's is: the shell expands
+    a flag's ``~``, not a config file's, and ``out: ~/runs/x`` wrote a folder named ``~``."""
     for name in ("data", "out", "model"):
         if isinstance(getattr(config, name), os.PathLike):
             setattr(config, name, os.fspath(getattr(config, name)))
+    for name in ("out", "model"):
+        if isinstance(getattr(config, name), str):
+            setattr(config, name, os.path.expanduser(getattr(config, name)))
     for name, kind in _NUMBER_FIELDS.items():
         value = getattr(config, name)
         if value is None:
@@ -500,4 +519,29 @@ def read(folder) -> TrainConfig:
                 f"{shlex.quote(str(folder))}"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
-    return build_config(load_file(path))
+    settings = _file_settings(path)
+    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    if unknown:
+        raise _unknown_run_setting(folder, path, unknown[0])
+    return build_config(settings)
+
+
+def _unknown_run_setting(folder, path: Path, name: str) -> UsageError:
+    """The error for a run's config.yaml holding a setting this lowbit does not have: the run was
+    written by a newer lowbit (its run.json says which), or the file was edited. A run folder is
+    not the user's file to correct, so the fix is the lowbit that wrote it, not the list of
+    settings a typo in a --config file is shown."""
+    import lowbit
+
+    ours = lowbit.__version__
+    theirs = read_run_info(folder).get("lowbit")
+    if theirs and theirs != ours:
+        return UsageError(
+            f"{path}: setting {name!r} is unknown to this lowbit {ours}; the run was written by "
+            f"lowbit {theirs}; fix: use lowbit {theirs}, which knows it"
+        )
+    return UsageError(
+        f"{path}: setting {name!r} is unknown to this lowbit {ours} (a newer lowbit wrote the "
+        "run, or the file was edited); fix: use the lowbit that wrote the run, or remove the line "
+        "if it was added by hand"
+    )

@@ -200,8 +200,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if checkpoint.latest(run_dir) is None:
             raise UsageError(
                 f"{run_dir}: the run stopped before its first checkpoint, so there is nothing to "
-                f"resume; fix: start it again without --resume (lowbit train --config "
-                f"{run_dir / 'config.yaml'} --out {run_dir})"
+                f"resume; fix: start it again without --resume "
+                f"({checkpoint.restart_command(run_dir)})"
             )
         return
     if overwrite or not run_dir.exists():
@@ -237,12 +237,16 @@ def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = No
     """``(name, saved value, value now)`` of the first setting of a checkpoint's (``saved``) that
     ``config`` changes and a resumed run may not (`RESUMABLE_CHANGES`), None if there is none; a
     relative --data path or --model folder the checkpoint holds is compared as the absolute one
-    ``recorded`` (run.json) holds."""
+    ``recorded`` (run.json) holds, and so is a path of ``config`` that names it in another spelling
+    (``./data.jsonl`` for ``data.jsonl``, the absolute path): the same file is not a change."""
     now = config.to_dict()
     for name in ("data", "model"):
         path, value = (recorded or {}).get(f"{name}_path"), saved.get(name)
         if path and value not in (None, "stdlib") and not os.path.isabs(value):
             saved = {**saved, name: path}
+        given = now.get(name)
+        if path and given not in (None, "stdlib") and data_path(given) == path:
+            now[name] = saved[name]
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     return (changed[0], saved[changed[0]], now.get(changed[0])) if changed else None
 
@@ -440,7 +444,10 @@ class Trainer:
                 "native kernels)",
                 file=sys.stderr,
             )
-        self.total_steps = config.steps or math.ceil(config.epochs * self.task.steps_per_epoch())
+        if config.steps:
+            self.total_steps = config.steps
+        else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
+            self.total_steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
