@@ -15,13 +15,16 @@ makes an int8 layer's forward and backward one call each (`lowbit.nn.linear._lea
 
 The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
-quantized: about half a minute once per machine, then milliseconds. Without a compiler, or with
+quantized: about half a minute once per machine, then milliseconds. A build lock that a build
+killed mid-way left is removed after ten minutes (`_clear_stale_lock`); torch would wait for it
+for ever. Without a compiler, or with
 ``LOWBIT_KERNELS=0`` in the environment, lowbit warns once and uses the PyTorch path (same results,
 slower). CUDA tensors always take the PyTorch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -63,12 +66,50 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+# A build lock older than this is taken for one an interrupted build left (a build takes well
+# under a minute; see `_clear_stale_lock`).
+_STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove the ``lock`` file that a build killed by SIGTERM or SIGKILL left in ``build_dir``.
+
+    `torch.utils.cpp_extension.load` takes that file at every load, cached or not, and a process
+    that finds it waits for it to go, with no time limit: one left by a killed first build (a
+    job stopped while the kernels compiled) would hang every later lowbit run on the machine,
+    silently. A lock older than `_STALE_LOCK_SECONDS` is removed with a note; a recent one is
+    another process's build in progress (the ranks of a distributed run start together), which
+    is waited for, with a note saying where the lock is."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:  # no lock: the usual case
+        return
+    if age > _STALE_LOCK_SECONDS:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        print(
+            f"lowbit: removed {lock}, a build lock {age / 60:.0f} minutes old that an "
+            "interrupted build of the kernels left",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
+            "build is running, delete it)",
+            file=sys.stderr,
+        )
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
+    name = f"lowbit_kernels_{_cpu_tag()}"
+    with contextlib.suppress(AttributeError, OSError):  # torch's helper for the folder it builds in
+        _clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
     start = time.perf_counter()
     cpp_extension.load(
-        name=f"lowbit_kernels_{_cpu_tag()}",
+        name=name,
         sources=[str(source) for source in _SOURCES],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
