@@ -34,7 +34,10 @@ class MetricsLogger:
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         values = {k: _number(v) for k, v in metrics.items() if v is not None}
-        self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        written = {k: _json_number(v) for k, v in values.items()}
+        self._file.write(json.dumps({"step": step, "split": split, **written}) + "\n")
+        # TensorBoard and W&B take inf and NaN as numbers (a diverged loss, an SQNR of inf): only
+        # the JSON line spells them as strings
         for name, value in values.items():
             if isinstance(value, int | float):
                 self._tb.add_scalar(f"{split}/{name}", value, step)
@@ -66,7 +69,10 @@ class NullLogger:
 
 
 def _number(value):
-    value = float(value) if hasattr(value, "item") else value
+    return float(value) if hasattr(value, "item") else value
+
+
+def _json_number(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan
     return value

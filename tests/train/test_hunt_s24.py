@@ -5,6 +5,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 import yaml
 
 from lowbit.cli import main
@@ -132,3 +133,24 @@ def test_a_run_of_epochs_has_the_steps_they_make_not_one_more(tmp_path):
         trainer = Trainer(replace(config, epochs=epochs), quiet=True)
         assert trainer.task.steps_per_epoch() == 50  # 1257 training digits, batches of 25
         assert trainer.total_steps == steps
+
+
+def test_non_finite_numbers_reach_tensorboard_as_numbers(tmp_path):
+    """An SQNR of inf (an operand its format holds exactly) or a diverged loss reached
+    metrics.jsonl as the strings JSON needs, and so never reached TensorBoard."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lowbit.train.logging import METRICS, MetricsLogger
+
+    logger = MetricsLogger(tmp_path, {})
+    logger.log(3, "stats", {"sqnr": float("inf"), "loss": torch.tensor(float("nan")), "x": 0.5})
+    logger.close()
+    line = json.loads((tmp_path / METRICS).read_text())
+    assert line == {"step": 3, "split": "stats", "sqnr": "inf", "loss": "nan", "x": 0.5}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("stats/sqnr")] == [(3, math.inf)]
+    assert math.isnan(events.Scalars("stats/loss")[0].value)
+    assert [e.value for e in events.Scalars("stats/x")] == [0.5]
