@@ -2,10 +2,10 @@
 
 A checkpoint is the folder ``<run>/checkpoints/step-NNNNNNN.dcp``: the model, the optimizer states
 and any master weights as DCP items (each rank writes its shards; FQN keys), plus ``lowbit.pt``
-(rank 0: step, loss-scaler and amax-history state, data position, RNG, config). DCP reshards on
-load, so a run saved with N processes resumes with any M (DDP or FSDP). Written into a hidden
-``.step-NNNNNNN.dcp.tmp`` folder and renamed into place by rank 0 once complete, so a crash leaves
-the previous checkpoints intact.
+(rank 0: step, loss-scaler and amax-history state, data position, config, every rank's RNG).
+DCP reshards on load, so a run saved with N processes resumes with any M (DDP or FSDP). Written
+into a hidden ``.step-NNNNNNN.dcp.tmp`` folder and renamed into place by rank 0 once complete, so a
+crash leaves the previous checkpoints intact.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ def save(trainer) -> Path:
     precision = trainer.precision.state_dict()
     update = precision.pop("update")
     dcp.save({"model": model_sd, "optimizer": optim_sd, **_update_items(update)}, checkpoint_id=tmp)
+    random = _gather_random_states(ranks, precision.get("rng"))
     if ranks.is_main:
         extra = trainer.state_dict(model=False)
         extra["precision"] = precision
+        extra["rank_random_states"] = random
         extra["world_size"] = ranks.world_size
         extra["strategy"] = ranks.strategy
         with open(tmp / EXTRA, "wb") as f:
@@ -78,6 +80,35 @@ def save(trainer) -> Path:
             run_checkpoint.remove(old)
     ranks.barrier()
     return final
+
+
+def _gather_random_states(ranks, precision_rng: dict | None) -> list | None:
+    """Every rank's generator states, on rank 0 (None on the others). The ranks' generators part
+    after the first step: each draws the stochastic rounding of its own FSDP shard (shards of
+    different sizes take different numbers of draws), or dropout on its own rows; restored from
+    rank 0's alone, a resumed bf16-pure-sr FSDP run drew other bits on rank 1 than the
+    uninterrupted run."""
+    import torch.distributed as dist
+
+    from lowbit.train.trainer import rng_state
+
+    gathered = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object({"rng": rng_state(), "precision": precision_rng}, gathered, dst=0)
+    return gathered
+
+
+def _own_random_state(extra: dict, rank: int, world_size: int) -> dict:
+    """``extra`` with this rank's generator states where the run is resumed by as many ranks as
+    saved it (rank r continues rank r's streams); resharded (another world size, no stream to
+    continue per rank), or saved before the ranks' states were kept, every rank takes rank 0's."""
+    saved = extra.get("rank_random_states")
+    if saved is None or len(saved) != world_size:
+        return extra
+    own = saved[rank]
+    precision = {key: value for key, value in extra["precision"].items() if key != "rng"}
+    if own["precision"] is not None:
+        precision["rng"] = own["precision"]
+    return {**extra, "rng": own["rng"], "precision": precision}
 
 
 @contextlib.contextmanager
@@ -136,6 +167,7 @@ def load(trainer, path, extra: dict) -> None:
         if key.startswith("update."):
             _, kind, index = key.split(".")
             update[kind][int(index)] = value
+    extra = _own_random_state(extra, trainer.dist.rank, trainer.dist.world_size)
     trainer.load_state_dict({**extra, "precision": {**extra["precision"], "update": update}})
 
 

@@ -42,6 +42,13 @@ def signals_handled(handler, *signums):
             signal.signal(signum, old)
 
 
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits for the others in any collective (``LOWBIT_DIST_TIMEOUT``)."""
+    return datetime.timedelta(
+        seconds=float(os.environ.get("LOWBIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    )
+
+
 class RankFailed(RuntimeError):
     """A rank of a multi-process run failed; the others were stopped."""
 
@@ -157,7 +164,10 @@ class Ranks(SingleProcess):
         self._device = device
         self.comm = None  # DDP: byte counts of the gradient all-reduce (ddp.CommStats)
         backend = "gloo" if device.type == "cpu" else None
-        self.agreement = AllReduceAgreement(dist.new_group(backend=backend), device)
+        # new_group's own default timeout is torch's 30 minutes, not the default group's: an
+        # amax all-reduce that a hung rank never joined waited that long
+        group = dist.new_group(backend=backend, timeout=collective_timeout())
+        self.agreement = AllReduceAgreement(group, device)
         set_scale_agreement(self.agreement)
 
     def device(self, device: torch.device) -> torch.device:
@@ -240,8 +250,16 @@ class Ranks(SingleProcess):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-            for key in getattr(self, "own_env", ()):
-                os.environ.pop(key, None)
+            _restore_env(getattr(self, "replaced_env", {}))
+
+
+def _restore_env(replaced: dict) -> None:
+    """Put back the variables a one-process group replaced (None: it was unset)."""
+    for key, value in replaced.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -258,12 +276,16 @@ def join(strategy: str, device: torch.device) -> Ranks:
     one-process group when there is none; returns this rank's `Ranks`."""
     import torch.distributed as dist
 
-    own_env = {}
-    if not torchrun_env():  # one process: a group of one, its variables removed on close
+    # One process: a group of one, in variables of its own. The caller's values of those are
+    # put back on close: popped, a MASTER_ADDR/MASTER_PORT exported for a later torchrun or
+    # init_process_group in the same process was gone after `lowbit.train.train`.
+    replaced_env = {}
+    if not torchrun_env():
         own_env = dict(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )  # fmt: skip
+        replaced_env = {key: os.environ.get(key) for key in own_env}
         os.environ.update(own_env)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -275,18 +297,17 @@ def join(strategy: str, device: torch.device) -> Ranks:
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    timeout = float(os.environ.get("LOWBIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=collective_timeout())
     except Exception as error:
-        for key in own_env:
-            os.environ.pop(key, None)
+        port = os.environ.get("MASTER_PORT")
+        _restore_env(replaced_env)
         if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
             raise UsageError(
-                f"port {os.environ.get('MASTER_PORT')} is in use (another run?); fix: choose "
+                f"port {port} is in use (another run?); fix: choose "
                 "another --master-port for torchrun, or unset MASTER_PORT"
             ) from None
         raise
     ranks = Ranks(strategy, device)
-    ranks.own_env = list(own_env)
+    ranks.replaced_env = replaced_env
     return ranks
