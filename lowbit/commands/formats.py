@@ -87,8 +87,11 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
 
     def walk(prefix: str, obj) -> None:
         if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.numel() > 1:
-                found[prefix or "tensor"] = obj.detach().float()
+            # a meta tensor has a shape but no values; a sparse one is measured as the dense
+            # tensor it stands for (the formats quantize its zeros too)
+            if obj.is_floating_point() and obj.numel() > 1 and not obj.is_meta:
+                dense = obj if obj.layout is torch.strided else obj.to_dense()
+                found[prefix or "tensor"] = dense.detach().float()
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
@@ -98,7 +101,9 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
 
     walk("", loaded)
     if not found:
-        raise UsageError(f"{path!r} holds no floating-point tensor with more than one element")
+        raise UsageError(
+            f"{path!r} holds no floating-point tensor with values and more than one element"
+        )
     return found
 
 

@@ -55,13 +55,32 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> to
 
 
 def check_signs(signs: torch.Tensor) -> None:
-    """Raise a `UsageError` unless ``signs`` is what `random_signs` returns: 1-D, power-of-two long."""
+    """Raise a `UsageError` unless ``signs`` is what `random_signs` returns: 1-D, power-of-two long,
+    every entry +1 or -1 (0/1 bits would zero half of every block, other values would make the
+    transform not orthogonal: a GEMM of two transformed operands would quietly be another one).
+    The entries are checked on the CPU only: elsewhere reading the check would wait for the device."""
     if signs.dim() != 1:
         raise UsageError(
             "Hadamard signs must be a 1-D tensor such as random_signs(n, seed), "
             f"got shape {tuple(signs.shape)}"
         )
     _check_order(signs.numel())
+    if signs.device.type != "cpu" or _SIGNS_CHECKED.get(id(signs)) == (signs, signs._version):
+        return  # (a layer's signs are checked once, not at every quantization: ~13 us each)
+    if not bool(((signs == 1) | (signs == -1)).all()):
+        raise UsageError(
+            "Hadamard signs must all be +1 or -1, got values such as "
+            f"{signs[(signs != 1) & (signs != -1)][0].item()!r}; fix: random_signs(n, seed), "
+            "or 2 * bits - 1 for random 0/1 bits"
+        )
+    if len(_SIGNS_CHECKED) > 64:  # fresh signs at every call: keep the cache small
+        _SIGNS_CHECKED.clear()
+    _SIGNS_CHECKED[id(signs)] = (signs, signs._version)
+
+
+# Sign tensors whose entries were checked, by id: (the tensor, its version counter then). An entry
+# holds its tensor, so that its id is not reused while it is in the cache.
+_SIGNS_CHECKED: dict[int, tuple[torch.Tensor, int]] = {}
 
 
 def padded_length(k: int, n: int) -> int:

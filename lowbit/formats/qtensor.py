@@ -391,11 +391,13 @@ def _checked_amax(amax, granularity: Granularity, device: torch.device) -> torch
     `_external_block_amax`)."""
     if not isinstance(amax, torch.Tensor):
         amax = torch.tensor(float(amax), device=device)
-    if granularity is not Granularity.AXIS and amax.numel() != 1:
-        raise UsageError(
-            f"granularity {granularity.value!r} takes one amax (the tensor's), got "
-            f"{amax.numel()} values; fix: pass x.abs().amax() or a history's maximum"
-        )
+    if granularity is not Granularity.AXIS:
+        if amax.numel() != 1:
+            raise UsageError(
+                f"granularity {granularity.value!r} takes one amax (the tensor's), got "
+                f"{amax.numel()} values; fix: pass x.abs().amax() or a history's maximum"
+            )
+        amax = amax.reshape(())  # a 0-d tensor scale whatever the amax's shape, as the kernel's
     return amax
 
 
@@ -572,6 +574,11 @@ def quantize(
     fusable = _fusable(x, fmt)
     if hadamard is not None:
         check_signs(hadamard)
+        if x.dim() == 0:
+            raise UsageError(
+                "hadamard transforms along an axis, and a 0-d tensor has none; fix: "
+                "quantize x.reshape(1), or leave hadamard out"
+            )
         if not (fusable and _hadamard_in_kernel(granularity, block_size, amax, hadamard)):
             x, hadamard = hadamard_transform(x, hadamard, axis), None
             fusable = _fusable(x, fmt)

@@ -146,8 +146,8 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
       ``(bits(r) + 0x7FFFFF) & 0x7F800000``: a non-zero mantissa carries into the exponent field,
       a zero one does not, and the mask drops the mantissa. Ratios up to 2**-127 (fp32
       subnormals, whose exponent field reads as 2**-127) take 2**-127, so the scale is
-      ``2**max(ceil(log2 r), -127)``; ``amax = 0`` takes 1. No finite fp32 ``amax`` over a format
-      ``max`` >= 6 reaches 2**127, e8m0's top.
+      ``2**max(ceil(log2 r), -127)``; ``amax = 0`` (or a negative given one) takes 1. No finite
+      fp32 ``amax`` over a format ``max`` >= 6 reaches 2**127, e8m0's top.
     - ``mx_floor``: ``2**clamp(floor(log2 amax) - emax_elem, -127, 127)`` with ``floor(log2)`` read
       from the exponent field (-127 for zero and subnormals, so an all-zero block gets 2**-127).
     """
@@ -155,9 +155,10 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
     fmt_max = fmt.max
     if rule is ScaleRule.AMAX:
         # A tiny block keeps a non-zero scale; inf and NaN pass through the clamp; an all-zero
-        # block keeps scale 1 (its values are 0).
+        # block keeps scale 1 (its values are 0), and so does a negative given amax, as in the
+        # fused kernel (clamped to the smallest normal, it would saturate every value).
         scale = (amax / fmt_max).clamp_(min=torch.finfo(torch.float32).tiny)
-        return scale.masked_fill_(amax == 0, 1.0)
+        return scale.masked_fill_(amax <= 0, 1.0)
     if rule is ScaleRule.MX_FLOOR:
         emax_elem = math.floor(math.log2(fmt_max))
         exponent = (binade(amax) - emax_elem).clamp_(E8M0_EXP_MIN, E8M0_EXP_MAX)
@@ -171,7 +172,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
         bits.masked_fill_(tiny, _TWO_POW_M127_BITS)
     scale = bits.view(torch.float32)
     if rule is not ScaleRule.MX_FLOOR:
-        scale.masked_fill_(amax == 0, 1.0)
+        scale.masked_fill_(amax <= 0, 1.0)  # a negative given amax too, as in the fused kernel
     return torch.where(amax < math.inf, scale, amax)  # False for inf and NaN
 
 
