@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lowbit.errors import UsageError
 from lowbit.nn.linear import LayerState, LowbitModule, full_precision, lowbit_linear
 from lowbit.nn.operand import scale_agreement
 from lowbit.recipes.recipe import LayerSpec
@@ -76,16 +77,26 @@ def route(
     needs a gradient as real rows do), kept in the graph as an empty slice, so that its backward
     runs too: data-parallel ranks route their own tokens but must run the same quantizations, whose
     amaxes they all-reduce (a zero row's amax 0 leaves the agreed maximum as it is; its gradients
-    are zero)."""
+    are zero).
+
+    Expert id ``num_experts`` routes a row to no expert: it adds nothing, as in transformers' eager
+    and grouped implementations (its expert-parallel sentinel for an expert of another rank)."""
     top_k = top_k_index.shape[-1]
-    # An empty batch routes no row: its experts run as idle ones do, so that the (0 x hidden)
-    # output comes out of a concatenation of empty slices instead of a concatenation of nothing.
-    every_expert = every_expert or top_k_index.numel() == 0
     expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts + 1).tolist()
+    if len(counts) > num_experts + 1:
+        raise UsageError(
+            f"top_k_index holds expert id {len(counts) - 1}, but the layer has {num_experts} "
+            f"experts; fix: route to ids 0..{num_experts - 1} ({num_experts}: to no expert)"
+        )
+    unrouted = counts.pop()  # the rows sorted last, to no expert
+    # A batch that routes no row (an empty one, or every row to no expert): its experts run as
+    # idle ones do, so that the (0 x hidden) output comes out of a concatenation of empty slices
+    # instead of a concatenation of nothing.
+    every_expert = every_expert or not any(counts)
     routed = hidden_states[order // top_k]  # one row per (token, chosen expert), by expert
-    counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
     outputs = []
-    for e, rows in enumerate(routed.split(counts)):
+    for e, rows in enumerate(routed[: routed.shape[0] - unrouted].split(counts)):
         idle = rows.shape[0] == 0
         if idle and not every_expert:
             continue
@@ -96,7 +107,8 @@ def route(
     out = torch.cat(outputs)
     if norm is not None:
         out = norm(out)
-    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    out = out * top_k_weights.reshape(-1)[order[: out.shape[0]]].unsqueeze(-1)
+    out = F.pad(out, (0, 0, 0, unrouted))  # zero rows for the rows routed to no expert
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     out = out[inverse].view(-1, top_k, out.shape[-1]).sum(dim=1)
