@@ -31,7 +31,7 @@ from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router, is_router_mod
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, ROUTER_KEPT
-from lowbit.recipes.recipe import RECIPE_DEFAULT, block_of, block_stacks
+from lowbit.recipes.recipe import block_of, block_stacks
 
 
 @dataclass
@@ -359,8 +359,10 @@ def _expert_gemm_overrides(recipe: Recipe, name: str, spec, experts: int) -> dic
     for kind in GEMM_KINDS:
         for expert in range(experts):
             gemm = f"{name}.gemms.{kind}.{expert}"
-            gemm_spec, reason = recipe.layer_for(gemm)
-            if reason == RECIPE_DEFAULT or gemm_spec == spec:
+            if not any(override.matches(gemm) for override in recipe.overrides):
+                continue  # the module's spec (a recipe that converts no layer says so by None)
+            gemm_spec, _ = recipe.layer_for(gemm)
+            if gemm_spec == spec:
                 continue
             if gemm_spec is None:
                 raise UsageError(

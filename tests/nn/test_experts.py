@@ -153,3 +153,19 @@ def test_an_override_can_name_one_expert_gemm_as_the_doctor_reports_it():
     assert layers["model.layers.1.mlp.experts.gemms.down.1"].spec == recipe.layer
     with pytest.raises(lowbit.errors.UsageError, match="keep the whole layer"):
         lowbit.convert(_mixtral(), recipe.with_overrides(Override(gemm, None, "kept")))
+
+
+def test_experts_converted_by_an_override_under_a_recipe_that_converts_no_layer():
+    """bf16-mixed converts no layer; `*experts=fp8-tensorwise` converts only the experts. Each
+    expert GEMM read as kept ("the recipe converts no layers") and the conversion was refused as
+    if an override kept one GEMM."""
+    from lowbit.recipes import parse_override
+
+    recipe = get_recipe("bf16-mixed")
+    override = parse_override("*experts=fp8-tensorwise", recipe)
+    model = _mixtral()
+    report = lowbit.convert(model, recipe.with_overrides(override))
+    experts = [name for name in report.converted if name.endswith("mlp.experts")]
+    assert len(experts) == 2 and len(report.converted) == 2
+    gemm = lowbit.nn.lowbit_layers(model)["model.layers.0.mlp.experts.gemms.up.0"]
+    assert gemm.spec == get_recipe("fp8-tensorwise").layer
