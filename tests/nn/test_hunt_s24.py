@@ -10,6 +10,7 @@ import lowbit
 from lowbit.errors import UsageError
 from lowbit.nn import LowbitLinear
 from lowbit.recipes import get_recipe, parse_override
+from tests.nn.test_conv_user_models import TutorialNet
 
 ROUTER = "mixture-of-experts router kept in high precision"
 HEAD = "classification head kept in high precision"
@@ -113,20 +114,6 @@ class ResNetLike(nn.Module):
     def forward(self, x):
         features = self.layer1(self.conv1(x))
         return self.fc(features.mean((2, 3))) if self.fc is not None else features
-
-
-class TutorialNet(nn.Module):
-    """The CNN of PyTorch's "Training a classifier" tutorial: ``fc1`` hidden, ``fc2`` the head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
-        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 @pytest.mark.parametrize(("build", "head"), [(ResNetLike, "fc"), (TutorialNet, "fc2")])

@@ -10,17 +10,7 @@ import torch.nn.functional as F
 from lowbit import Precision
 from lowbit.errors import UsageError
 from lowbit.optim import build_optimizer
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(32, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+from tests.precision.test_precision import mlp
 
 
 def batch(seed=1):
