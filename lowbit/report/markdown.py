@@ -231,10 +231,14 @@ def _memory_kind(rows) -> str:
 
 def _md_table(header, rows) -> str:
     """A Markdown table; a ``|`` in a cell (a tag such as ``B-ORG|LOC``) is escaped, else it
-    would split the cell and shift the row's later columns."""
+    would split the cell and shift the row's later columns, and so is a ``<`` (a tag such as
+    ``<PER>``), which a Markdown renderer takes for the start of an HTML tag and drops."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "\\<")
 
     def line(cells) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(map(cell, cells)) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 

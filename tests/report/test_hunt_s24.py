@@ -69,6 +69,17 @@ def test_what_the_model_forgets_lists_only_labels_that_dropped(image_study, tmp_
     assert "0.0 pp" not in page.replace("-10.0 pp", "")
 
 
+def test_a_label_with_a_less_than_sign_shows_in_the_markdown_table(image_study, tmp_path):
+    """A tag such as "<PER>" read as the start of an HTML tag where the Markdown is rendered
+    (GitHub), and the label vanished from its row; the html report escapes it already."""
+    base = {"<PER>": (80, 100), "O": (50, 100)}
+    recipe = {"<PER>": (70, 100), "O": (50, 100)}
+    result = _with_per_label(image_study, tmp_path, [base, base], [recipe, recipe])
+    report = (result.report_dir / "report.md").read_text()
+    assert _forgets_rows(report) == ["| bf16-pure | \\<PER> | 80.0% | 70.0% | -10.0 pp |"]
+    assert "<td>&lt;PER&gt;</td>" in (result.report_dir / "report.html").read_text()
+
+
 def test_what_the_model_forgets_says_so_when_no_label_dropped(image_study, tmp_path):
     base = {"0": (50, 100), "1": (50, 100)}
     recipe = {"0": (50, 100), "1": (90, 100)}
