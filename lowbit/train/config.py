@@ -108,13 +108,18 @@ def load_file(path) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`."""
     settings = _file_settings(path)
-    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    unknown = _unknown_setting(settings)
     if unknown:
         raise UsageError(
-            f"{path}: unknown setting {unknown[0]!r}; fix: use one of "
+            f"{path}: unknown setting {unknown!r}; fix: use one of "
             f"{', '.join(TrainConfig.field_names())}"
         )
     return settings
+
+
+def _unknown_setting(settings: dict) -> str | None:
+    """The first (alphabetically) of ``settings``' names that `TrainConfig` does not have."""
+    return min(set(settings) - set(TrainConfig.field_names()), default=None)
 
 
 def _file_settings(path) -> dict:
@@ -520,9 +525,9 @@ def read(folder) -> TrainConfig:
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     settings = _file_settings(path)
-    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    unknown = _unknown_setting(settings)
     if unknown:
-        raise _unknown_run_setting(folder, path, unknown[0])
+        raise _unknown_run_setting(folder, path, unknown)
     return build_config(settings)
 
 
