@@ -32,9 +32,11 @@ WEIGHTS = "model.safetensors"
 VERSION = 1
 _COPIED = ("config.yaml", "tokenizer", "vocab.json", "labels.json")
 EXPORT_INFO = "lowbit_export.json"  # written by `lowbit export` beside the Hugging Face files
-# What an inference folder or an export writes: ``--force`` into a folder holding either removes
-# these first, so that no description (quantization.json, an exported config.json) outlives the
-# weights it described; the user's other files stay.
+# what makes a folder an inference folder or an export: moved in last, moved away first
+MANIFESTS = (MANIFEST, EXPORT_INFO)
+# What an inference folder or an export writes: ``--force`` into a folder holding either replaces
+# these (`_move_in`), so that no description (quantization.json, an exported config.json) outlives
+# the weights it described; the user's other files stay.
 _ARTIFACTS = (MANIFEST, WEIGHTS, *_COPIED, "config.json", "generation_config.json", EXPORT_INFO)
 
 
@@ -246,8 +248,7 @@ def _artifacts(out: Path) -> list[Path]:
     names = list(_ARTIFACTS)
     with contextlib.suppress(OSError, ValueError):
         names += json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))["tokenizer_files"]
-    manifests = (MANIFEST, EXPORT_INFO)
-    names = sorted(dict.fromkeys(names), key=lambda name: name not in manifests)
+    names = sorted(dict.fromkeys(names), key=lambda name: name not in MANIFESTS)
     return [out / name for name in names if (out / name).exists()]
 
 
@@ -264,19 +265,18 @@ def _move_in(staging: Path, out: Path) -> None:
     folder, and the next quantize/prune/export into ``out`` refuses until it is dealt with
     (`_check_out`): the earlier files are never deleted before the new ones are all in."""
     previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out))
-    manifests = (MANIFEST, EXPORT_INFO)
     moved_in = []
     try:
         for item in _artifacts(out):
             os.replace(item, previous / item.name)
-        for item in sorted(staging.iterdir(), key=lambda item: item.name in manifests):
+        for item in sorted(staging.iterdir(), key=lambda item: item.name in MANIFESTS):
             os.replace(item, out / item.name)
             moved_in.append(item.name)
     except BaseException as error:
         try:
             for name in reversed(moved_in):
                 os.replace(out / name, staging / name)
-            for item in sorted(previous.iterdir(), key=lambda item: item.name in manifests):
+            for item in sorted(previous.iterdir(), key=lambda item: item.name in MANIFESTS):
                 os.replace(item, out / item.name)
             previous.rmdir()
         except BaseException:
