@@ -226,16 +226,16 @@ class Precision:
         clipping by hand: ``torch.nn.utils.clip_grad_value_(precision.unscale_(optimizer), 0.5)``.
         For a 16-bit parameter that is its fp32 stand-in (master weight) with an fp32 gradient,
         and the parameter's own 16-bit ``.grad`` is no longer read."""
-        return [t for opt in _optimizers("unscale_", optimizer) for t in self._prepare(opt)[0]]
+        return self._unscaled("unscale_", optimizer)
+
+    def _unscaled(self, call: str, optimizer) -> list[torch.Tensor]:
+        """`unscale_` for ``precision.<call>()``, whose name a refused argument's error gives."""
+        return [t for opt in _optimizers(call, optimizer) for t in self._prepare(opt)[0]]
 
     def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
         """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure);
         ``optimizer`` may be a list of optimizers, whose gradients are clipped together."""
-        grads = [
-            t.grad
-            for opt in _optimizers("clip_grad_norm_", optimizer)
-            for t in self._prepare(opt)[0]
-        ]
+        grads = [t.grad for t in self._unscaled("clip_grad_norm_", optimizer)]
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, 2.0)
