@@ -283,10 +283,10 @@ def _lean(x: torch.Tensor, weight: torch.Tensor, state: LayerState) -> bool:
     operands the fused kernels take, with no observer and no scales to agree across ranks.
 
     The lean path computes what the general one does, bit for bit (tests/nn), with less Python
-    around the same kernels: `AxisQuantizer`s instead of `quantize`, the int8 GEMM and its
-    epilogue called directly, no autocast context (none of its ops autocasts) and nothing saved
-    for quantized operands the backward does not reuse: ~40 us less per layer (16 x 16 operands,
-    scratch timing), ~2% of an int8 step of the default workload (BENCHMARKS.md, session 23)."""
+    around the same kernels: an `AxisQuantizer` for the input instead of `quantize`, the rest of
+    the forward and the backward one C++ call each (lean_linear.cpp), no autocast context and
+    nothing saved for quantized operands the backward does not reuse (BENCHMARKS.md, sessions 23
+    and 24: the autograd function's own time per layer 142 -> 90 us at 4096 x 128 x 128)."""
     quantizers = state.lean_quantizers
     return (
         quantizers is not None
@@ -388,8 +388,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             count = len(_TENSOR_FIELDS)
             qw = _rebuilt(layout_w, quantized[:count])
             qx = _rebuilt(layout_x, quantized[count:])
-        for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
-            shared_quantization.release(slot)
+        _release_forward_inputs()
         spec = state.spec
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once
@@ -446,12 +445,17 @@ class LowbitLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None, None
 
 
+def _release_forward_inputs() -> None:
+    """The forward is over (a backward started): let the shared quantizations of its inputs go."""
+    for slot in ("forward.x", "forward.x.cast"):
+        shared_quantization.release(slot)
+
+
 def _lean_backward(ctx, grad_out, x, weight) -> tuple:
     """The lean path's backward (no observer): both gradient GEMMs and the bias gradient in one
     call (`lowbit.kernels.cast_linear_backward`), as the general backward computes them."""
     state: LayerState = ctx.state
-    for slot in ("forward.x", "forward.x.cast"):  # the forward is over: let its input go
-        shared_quantization.release(slot)
+    _release_forward_inputs()
     needs = ctx.needs_input_grad
     grads = kernels.cast_linear_backward(
         grad_out,
