@@ -33,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance",
         type=float,
-        default=1.0,
         help="allowed final validation loss gap to the baseline, percent (default 1.0), for "
         "recipes without a parity target or --target",
     )
@@ -123,10 +122,22 @@ def run(args) -> int:
         seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
         baseline=args.baseline,
         out=args.out,
-        tolerance=args.tolerance,
+        tolerance=1.0 if args.tolerance is None else args.tolerance,
         targets=parse_targets(args.target),
         parity_targets=not args.no_parity_targets,
     )
+    judged = [name for name in study.recipes if name != study.baseline]
+    if (
+        args.tolerance is not None
+        and judged
+        and all(study.target(name).source != "--tolerance" for name in judged)
+    ):  # e.g. fp32 against fp8 recipes, each held to its parity target instead
+        print(
+            f"lowbit: warning: --tolerance {args.tolerance:g} ignored: every recipe has its own "
+            "target (a parity target against the fp32 baseline, docs/parity.md, or --target); "
+            "fix: --no-parity-targets to judge them by --tolerance, or --target RECIPE=PCT",
+            file=sys.stderr,
+        )
     try:
         result = compare(
             study,

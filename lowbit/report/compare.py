@@ -517,8 +517,16 @@ def _diverged(config, recipe, seed, trainer, error: str) -> dict:
     }
 
 
+# How `lowbit.train.logging` writes a non-finite number into metrics.jsonl (``str(value)``).
+NON_FINITE_SPELLINGS = ("nan", "inf", "-inf")
+
+
 def read_curves(run_dir: Path) -> dict:
-    """Train loss per step and validation loss per evaluation, from the run's ``metrics.jsonl``."""
+    """Train loss per step and validation loss per evaluation, from the run's ``metrics.jsonl``.
+
+    A non-finite loss is kept as a float NaN or inf (the log spells it ``"nan"``, JSON has no
+    such number): left out, an evaluation whose loss was NaN vanished from the curves, the plots
+    and the gap table as if it had never run."""
     train, val = {}, {}
     path = Path(run_dir) / "metrics.jsonl"
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -527,6 +535,8 @@ def read_curves(run_dir: Path) -> dict:
         except ValueError:
             continue
         loss = row.get("loss")
+        if loss in NON_FINITE_SPELLINGS:
+            loss = float(loss)
         if not isinstance(loss, int | float):
             continue
         (train if row.get("split") == "train" else val)[int(row["step"])] = float(loss)
@@ -598,6 +608,7 @@ def summarize(study: Study, records: dict) -> dict:
     rows = {}
     for recipe in study.recipes:
         runs = records[recipe]
+        curves = [read_curves(study.run_dir(recipe, r["seed"])) for r in runs]
         val = [final_loss(r) for r in runs]
         train = [_finite(r["train_loss"]) for r in runs]
         gap, spread = _gap(val, base_val)
@@ -664,7 +675,8 @@ def summarize(study: Study, records: dict) -> dict:
             "meets_target": ok,
             "per_label": label_change,
             "layers": runs[0].get("layers"),  # absent in records from before session 11
-            "curves": _mean_curves([read_curves(study.run_dir(recipe, r["seed"])) for r in runs]),
+            "non_finite_evaluations": _non_finite_evaluations(runs, curves),
+            "curves": _mean_curves(curves),
         }
     return {
         "settings": {**study.settings(), "tolerance": study.tolerance, "targets": study.targets},
@@ -697,7 +709,8 @@ def baseline_trend(curve: list) -> dict | None:
     fp32 shows a gap of the whole last fall. None without two evaluations after the start.
     """
     points = [(step, loss) for step, loss in curve if step > 0]
-    if len(points) < 2:
+    # a non-finite mean (a seed's NaN evaluation, `non_finite_evaluations`) has no trend to tell
+    if len(points) < 2 or not all(math.isfinite(loss) for _, loss in points[-2:]):
         return None
     (first_step, first_loss), (last_step, last_loss) = points[-2], points[-1]
     return {
@@ -747,6 +760,17 @@ def _paired_label_accuracy(base_runs: list[dict], runs: list[dict]) -> tuple[dic
     if not paired:
         return _label_accuracy(base_runs), {}
     return _label_accuracy([b for b, _ in paired]), _label_accuracy([r for _, r in paired])
+
+
+def _non_finite_evaluations(runs: list[dict], curves: list[dict]) -> dict[int, list[int]]:
+    """The steps at which each seed's validation loss was not finite, for the seeds that had any
+    (their recipe's mean curve is NaN there: the report says whose and where)."""
+    out = {}
+    for run, curve in zip(runs, curves):
+        steps = [step for step, loss in curve["validation"] if not math.isfinite(loss)]
+        if steps:
+            out[run["seed"]] = steps
+    return out
 
 
 def _mean_curves(curves: list[dict]) -> dict:

@@ -49,14 +49,16 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         m = r["metrics"].get(metric, (math.nan, math.nan))
         target = r["target"]
         seeds = len(r["seeds"])
+        # both gaps are paired over seeds, so both carry the spread of their differences
         spread = r["val_gap_spread_pct"] if seeds > 1 else None
+        train_spread = r["train_gap_spread_pct"] if seeds > 1 else None
         loss_rows.append(
             [
                 name + (" (baseline)" if name == base else ""),
                 _pm(r["train_loss"], seeds=seeds),
                 _pm(r["val_loss"], seeds=seeds),
                 # the baseline has no gap to itself: a "+0.000%" read as a measured one
-                "—" if name == base else _pct(r["train_gap_pct"]),
+                "—" if name == base else _pct(r["train_gap_pct"], train_spread),
                 "—" if name == base else _pct(r["val_gap_pct"], spread),
                 _pm(m, 4 if metric != "ppl" else 2, seeds),
                 _count(r["skipped_steps"]),
@@ -86,10 +88,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         (
             (
                 "Loss and task metric (one seed: no spread, so no difference is called "
-                "significant; gap = difference to the baseline's final validation loss)"
+                "significant; gaps = differences to the baseline's final train and validation "
+                "losses)"
                 if one_seed
-                else "Loss and task metric (mean ± std over seeds; gap = paired difference to the "
-                "baseline's final validation loss, ± its seed spread)"
+                else "Loss and task metric (mean ± std over seeds; gaps = paired differences to "
+                "the baseline's final train and validation losses, ± their seed spread)"
             ),
             [
                 "recipe",
@@ -187,21 +190,42 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
         if name == base:
             continue
         curve = dict(r["curves"]["validation"])
-        table_rows.append(
-            [name]
-            + [
-                _pct(100 * (curve[step] - base_curve[step]) / base_curve[step])
-                if step in curve
-                else "—"
-                for step in steps
-            ]
-        )
+        table_rows.append([name] + [_step_gap(curve, base_curve, step) for step in steps])
     return (
         "Validation gap by evaluation (gap to the baseline's mean validation loss at each "
         "evaluation: a gap that shrinks along a row is a recipe converging later, one that holds "
         "or grows a cost in final loss)",
         ["recipe", *(f"step {step}" for step in steps)],
         table_rows,
+    )
+
+
+def _step_gap(curve: dict, base_curve: dict, step: int) -> str:
+    """One cell of the gap by evaluation: "—" where the recipe did not evaluate at ``step``,
+    "non-finite" where its or the baseline's mean validation loss was NaN or inf there (a seed's,
+    named by `non_finite_line`), else the gap."""
+    if step not in curve:
+        return "—"
+    if not (math.isfinite(curve[step]) and math.isfinite(base_curve[step])):
+        return "non-finite"
+    return _pct(100 * (curve[step] - base_curve[step]) / base_curve[step])
+
+
+def non_finite_line(results: dict) -> str:
+    """One sentence naming every seed whose validation loss was NaN or inf at some evaluation
+    and where (`lowbit.report.compare._non_finite_evaluations`): their recipe's mean curve has no
+    value there, and a plot alone would show a missing point."""
+    runs = [
+        f"{name} seed {seed} at step{'s' if len(steps) > 1 else ''} " + ", ".join(map(str, steps))
+        for name, r in results["recipes"].items()
+        # absent in results from before session 25
+        for seed, steps in (r.get("non_finite_evaluations") or {}).items()
+    ]
+    if not runs:
+        return ""
+    return (
+        'Non-finite validation loss ("non-finite" in the gap by evaluation, x at the top of '
+        f"the loss plots): {'; '.join(runs)}."
     )
 
 
@@ -266,8 +290,7 @@ def describe(results: dict) -> str:
     ]
     if scaling:
         text += f" Loss scaling of the fp16 recipes: {', '.join(scaling)}."
-    trend = trend_line(results)
-    return f"{text} {trend}" if trend else text
+    return " ".join(part for part in (text, trend_line(results), non_finite_line(results)) if part)
 
 
 def trend_line(results: dict) -> str:

@@ -14,14 +14,28 @@ FILES = ("loss_curves.png", "final_gap.png", "speed_memory.png", "per_label.png"
 
 
 def _smooth(values: list[float]) -> list[float]:
+    """Moving average over the finite values of each window; NaN (not drawn) at a non-finite
+    value, which would otherwise turn every later point of a running sum into NaN."""
     width = max(1, int(len(values) * SMOOTH))
-    out, total = [], 0.0
+    finite = [v if math.isfinite(v) else 0.0 for v in values]
+    counted = [1 if math.isfinite(v) else 0 for v in values]
+    out, total, count = [], 0.0, 0
     for i, v in enumerate(values):
-        total += v
+        total, count = total + finite[i], count + counted[i]
         if i >= width:
-            total -= values[i - width]
-        out.append(total / min(i + 1, width))
+            total, count = total - finite[i - width], count - counted[i - width]
+        out.append(total / count if math.isfinite(v) and count else math.nan)
     return out
+
+
+def _mark_non_finite(ax, points, color) -> None:
+    """An x at the top of the axes for every (step, value) whose value is NaN or inf: matplotlib
+    leaves such a point out, and the evaluation would vanish from the plot."""
+    steps = [step for step, value in points if not math.isfinite(value)]
+    if steps:
+        ax.plot(
+            steps, [0.97] * len(steps), "x", ms=6, color=color, transform=ax.get_xaxis_transform()
+        )
 
 
 def _figure(*args, **kw):
@@ -58,12 +72,18 @@ def _loss_curves(results, path):
         (line,) = ax.plot(steps, loss, label=name, lw=1.2)
         val = r["curves"]["validation"]
         ax.plot([s for s, _ in val], [v for _, v in val], "o", ms=3, color=line.get_color())
+        _mark_non_finite(ax, val, line.get_color())
         common = [s for s in steps if s in base_train]
         diff = _smooth([dict(r["curves"]["train"])[s] - base_train[s] for s in common])
         dx.plot(common, diff, lw=1.2, color=line.get_color(), label=name)
         vcommon = [(s, v - base_val[s]) for s, v in val if s in base_val]
         dx.plot([s for s, _ in vcommon], [d for _, d in vcommon], "o", ms=3, color=line.get_color())
-    ax.set(xlabel="step", ylabel="loss", title="train loss (smoothed, mean over seeds); dots: val")
+        _mark_non_finite(dx, vcommon, line.get_color())
+    ax.set(
+        xlabel="step",
+        ylabel="loss",
+        title="train loss (smoothed, mean over seeds); dots: val; x: non-finite val",
+    )
     dx.axhline(0, color="k", lw=0.6)
     dx.set(xlabel="step", ylabel="loss - baseline", title=f"difference to {results['baseline']}")
     ax.legend(fontsize=7, ncol=2)
@@ -91,6 +111,8 @@ def _final_gap(results, path):
         if n != results["baseline"]:
             t = rows[n]["target"]["pct"]
             ax.plot([i - 0.4, i + 0.4], [t, t], "k--", lw=0.8)
+            if not math.isfinite(gaps[i]):  # its bar is drawn at 0, which reads as no gap
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
     ax.set(
