@@ -83,10 +83,14 @@ class LowPrecisionUpdate:
     def __init__(self, master: bool, rounding: UpdateRounding):
         self.master = master
         self.rounding = rounding
-        self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master (DTensor if sharded)
-        # id(param) -> the version counter of its values when they last were its master's rounding
-        self._master_versions: dict[int, int] = {}
-        self.compensation: dict[int, torch.Tensor] = {}  # id(param) -> 16-bit Kahan buffer
+        # Keyed by the parameter itself (a tensor hashes by identity), not by its id(): a deep copy
+        # of the precision with its model and optimizer pairs each copied parameter with the copy
+        # of its master weight or Kahan buffer, where copied ids would pair none.
+        # param -> fp32 master (DTensor if sharded)
+        self.masters: dict[torch.Tensor, torch.Tensor] = {}
+        # param -> the version counter of its values when they last were its master's rounding
+        self._master_versions: dict[torch.Tensor, int] = {}
+        self.compensation: dict[torch.Tensor, torch.Tensor] = {}  # param -> 16-bit Kahan buffer
         # id(optimizer) -> {id(param): (param, fp32 stand-in)} of its prepared step
         self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         # id(param) -> its 16-bit gradient that `prepare` copied, and that gradient's version then
@@ -163,7 +167,7 @@ class LowPrecisionUpdate:
 
     def _upcasts(self, optimizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {
-            id(p): (p, self.masters[id(p)] if id(p) in self.masters else _fp32_leaf(p))
+            id(p): (p, self.masters[p] if p in self.masters else _fp32_leaf(p))
             for p in optimizer_params(optimizer)
             if self._low(p)
         }
@@ -190,16 +194,16 @@ class LowPrecisionUpdate:
 
     def _high_precision(self, p: torch.Tensor) -> torch.Tensor:
         if self.master:
-            if id(p) not in self.masters:
-                self.masters[id(p)] = _fp32_leaf(p)
-            elif self._master_versions.get(id(p)) != local_values(p)._version:
-                _follow_parameter(self.masters[id(p)], p, self.rounding)
-            self._master_versions[id(p)] = local_values(p)._version
-            return self.masters[id(p)]
+            if p not in self.masters:
+                self.masters[p] = _fp32_leaf(p)
+            elif self._master_versions.get(p) != local_values(p)._version:
+                _follow_parameter(self.masters[p], p, self.rounding)
+            self._master_versions[p] = local_values(p)._version
+            return self.masters[p]
         value = _fp32_leaf(p)
-        if self.rounding is UpdateRounding.KAHAN and id(p) in self.compensation:
+        if self.rounding is UpdateRounding.KAHAN and p in self.compensation:
             with torch.no_grad():
-                value.add_(self.compensation[id(p)])
+                value.add_(self.compensation[p])
         return value
 
     # --- the step ----------------------------------------------------------------------------
@@ -241,14 +245,14 @@ class LowPrecisionUpdate:
                 new = local_values(hp)
                 rounded = self._round(new, p.dtype)
                 if self.rounding is UpdateRounding.KAHAN:
-                    if id(p) not in self.compensation:
-                        self.compensation[id(p)] = torch.zeros_like(p.detach())
-                    local_values(self.compensation[id(p)]).copy_(new - rounded.float())
+                    if p not in self.compensation:
+                        self.compensation[p] = torch.zeros_like(p.detach())
+                    local_values(self.compensation[p]).copy_(new - rounded.float())
                 local_values(p).copy_(
                     rounded
                 )  # in place: a sharded parameter's shard is FSDP's storage
                 if self.master:
-                    self._master_versions[id(p)] = local_values(p)._version
+                    self._master_versions[p] = local_values(p)._version
 
     def _check_copies(self, pairs: dict) -> None:
         """The step reads the fp32 gradient copies `prepare` made, so a change to a 16-bit
@@ -281,7 +285,7 @@ class LowPrecisionUpdate:
 
     def state_dict(self, params: list) -> dict:
         """Master weights and Kahan buffers by the index of their parameter in ``params``."""
-        order = {id(p): index for index, p in enumerate(params)}
+        order = {p: index for index, p in enumerate(params)}
         return {
             "masters": {
                 order[k]: v.detach().clone() for k, v in self.masters.items() if k in order
@@ -293,17 +297,35 @@ class LowPrecisionUpdate:
 
     def load_state_dict(self, state: dict, params: list) -> None:
         """Replace the master weights and Kahan buffers of ``params`` by ``state``'s (entries
-        whose index is past ``params`` are left for a later call with more parameters)."""
-        known = {id(p) for p in params}
+        whose index is past ``params`` are left for a later call with more parameters). An entry
+        of another shape than its parameter's (a state saved with another model, or with its
+        optimizer's parameters in another order) is refused here, not by the next step's arithmetic
+        with a message that names neither."""
+        for part, name in (("masters", "master weight"), ("compensation", "Kahan buffer")):
+            for i, v in state.get(part, {}).items():
+                if i < len(params) and v.shape != params[i].shape:
+                    raise UsageError(
+                        f"precision.load_state_dict(): the saved {name} of parameter {i} has shape "
+                        f"{tuple(v.shape)}, the parameter {tuple(params[i].shape)}: the state is "
+                        "another model's, or its optimizer's parameters were in another order; "
+                        "fix: load the precision state saved with this model and optimizer"
+                    )
+        known = set(params)
         self.masters = {k: v for k, v in self.masters.items() if k not in known}
         self._master_versions = {k: v for k, v in self._master_versions.items() if k not in known}
         self.compensation = {k: v for k, v in self.compensation.items() if k not in known}
-        for i, v in state.get("masters", {}).items():
+        # Only the parts this update reads: a state saved under another recipe (bf16-low's masters
+        # loaded under bf16-pure-kahan) would otherwise keep entries that never move again and are
+        # saved with every later state (and counted by `lowbit.memory.measure`).
+        masters = state.get("masters", {}) if self.master else {}
+        kahan = self.rounding is UpdateRounding.KAHAN
+        compensation = state.get("compensation", {}) if kahan else {}
+        for i, v in masters.items():
             if i < len(params):
-                self.masters[id(params[i])] = v.detach().clone().requires_grad_()
-        for i, v in state.get("compensation", {}).items():
+                self.masters[params[i]] = v.detach().clone().requires_grad_()
+        for i, v in compensation.items():
             if i < len(params):
-                self.compensation[id(params[i])] = v.clone()
+                self.compensation[params[i]] = v.clone()
 
 
 def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRounding) -> None:
