@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from lowbit import kernels
+from lowbit.errors import UsageError
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
 from lowbit.nn.gemm import bf16_outputs, cast_gemm, emulated_gemm
@@ -317,6 +318,52 @@ def _lean_forward(x, weight, bias, state: LayerState, out_dtype: torch.dtype) ->
     )
 
 
+class SecondDerivativeError(UsageError, RuntimeError):
+    """A second derivative through a converted layer: a `UsageError` (one line, with the fix) that
+    is also the RuntimeError PyTorch raises for what autograd cannot differentiate, so that code
+    catching that still catches it."""
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """The gradients of a converted layer computed with ``create_graph=True``, unchanged; a
+    backward through them (a second derivative: a gradient penalty, MAML, a Hessian-vector
+    product) is refused in one line. Quantization has no derivative, so the layer's gradients
+    cannot be differentiated again. PyTorch's ``once_differentiable`` refused it with a message
+    that names no fix, and let the gradients of a layer whose ``grad_out`` needs no graph (the
+    last layer before ``.sum()``) drop their dependence on the weight silently."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(grad.detach() for grad in grads)
+
+    @staticmethod
+    def backward(ctx, *grads_of_grads):
+        raise SecondDerivativeError(
+            "cannot differentiate twice (a backward through gradients computed with "
+            "create_graph=True) through a layer that a lowbit recipe converted: its quantized "
+            "GEMMs have no derivative; fix: keep the layers it passes through in high precision, "
+            "recipe.with_overrides(parse_override('PATTERN=keep', recipe)) (lowbit train "
+            "--override 'PATTERN=keep'), or a recipe that converts no layers (fp32, bf16-mixed)"
+        )
+
+
+def _first_derivative_only(backward):
+    """``backward`` computed without a graph; under ``create_graph=True`` its gradients lead to
+    `_SecondDerivativeRefused` (every gradient: each depends on the layer's weight or input)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, grad_out):
+        with torch.no_grad():
+            grads = backward(ctx, grad_out)
+        if not torch.is_grad_enabled():  # the usual backward, without create_graph
+            return grads
+        tensors = [grad.detach().requires_grad_() for grad in grads if grad is not None]
+        refused = iter(_SecondDerivativeRefused.apply(*tensors))
+        return tuple(None if grad is None else next(refused) for grad in grads)
+
+    return wrapper
+
+
 class LowbitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype):
@@ -374,7 +421,7 @@ class LowbitLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # quantization has no derivative: a double backward is refused, not wrong
+    @_first_derivative_only  # quantization has no derivative: a double backward is refused
     def backward(ctx, grad_out):
         state: LayerState = ctx.state
         if ctx.lean:  # nothing quantized was saved (`_lean`)
@@ -488,7 +535,9 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
 
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
-    if x.numel() == 0:  # an empty batch: no values to scale; F.linear's (empty) result
+    if x.numel() == 0 or weight.numel() == 0:
+        # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
+        # of no values to lay out); F.linear's result, empty or the bias
         dtype = _output_dtype(x)
         with _autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
