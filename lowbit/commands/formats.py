@@ -91,7 +91,7 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             # tensor it stands for (the formats quantize its zeros too)
             if obj.is_floating_point() and obj.numel() > 1 and not obj.is_meta:
                 dense = obj if obj.layout is torch.strided else obj.to_dense()
-                found[prefix or "tensor"] = dense.detach().float()
+                found[prefix or "tensor"] = dense.detach()  # its own dtype: `error_table`
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
@@ -144,22 +144,23 @@ def _read_torch(file: Path):
 def error_table(tensors: dict[str, torch.Tensor]) -> str:
     """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
     are set to 0 before quantizing (an inf makes its scale inf, and with it every entry the scale
-    covers) and left out of its SQNR."""
+    covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
+    to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond fp32's
+    range, which become inf there, are noted as such rather than as inf or NaN."""
     labels = [f"{f}/{g}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
     notes = []
-    for name, tensor in tensors.items():
+    for name, given in tensors.items():
+        tensor = given.float()
         finite = tensor.isfinite()
         count = tensor.numel() - int(finite.sum())
+        overflowed = count - (given.numel() - int(given.isfinite().sum()))
+        if count:
+            notes.append(_non_finite_note(name, tensor.numel(), count, overflowed))
         if count == tensor.numel():
-            notes.append(f"note: {name}: every entry is inf or NaN, so it has no SQNR")
             continue
         if count:
-            notes.append(
-                f"note: {name}: {count} of {tensor.numel()} entries are inf or NaN; its SQNR is "
-                "over the finite ones, quantized with those set to 0"
-            )
             tensor = tensor.where(finite, 0)
         cells = []
         for fmt, granularity, block in SCHEMES:
@@ -168,6 +169,28 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         lines.append(f"{name:<{width}}" + "".join(cells))
     title = "SQNR in dB (higher is better; quantized along the last axis)"
     return "\n".join([title, *lines, *notes])
+
+
+def _non_finite_note(name: str, numel: int, count: int, overflowed: int) -> str:
+    """The note on a tensor with ``count`` of ``numel`` entries that are not finite in fp32,
+    ``overflowed`` of them finite (float64) values beyond fp32's range."""
+    if not overflowed:
+        if count == numel:
+            return f"note: {name}: every entry is inf or NaN, so it has no SQNR"
+        return (
+            f"note: {name}: {count} of {numel} entries are inf or NaN; its SQNR is over the "
+            "finite ones, quantized with those set to 0"
+        )
+    what = (
+        f"{overflowed} of {numel} entries overflow fp32 (|x| > {torch.finfo(torch.float32).max:.4g}),"
+        " through which every format quantizes"
+    )
+    if count > overflowed:
+        what += f", and {count - overflowed} are inf or NaN"
+    fix = "fix: scale the tensor into fp32's range (e.g. divide it by its largest |x|)"
+    if count == numel:
+        return f"note: {name}: {what}, so it has no SQNR; {fix}"
+    return f"note: {name}: {what}; its SQNR is over the others, set to 0 to quantize; {fix}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from enum import Enum
 
 import torch
 
-from lowbit.errors import member
+from lowbit.errors import UsageError, member
 from lowbit.formats.counter_rng import draw_seed, uniforms
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
@@ -224,6 +224,24 @@ def cast_to_carrier_(
     return cast(y, fmt, rounding, generator).to(carrier)
 
 
+def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
+    """Refuse, in one line naming the dtype and the fix, a tensor the formats cannot round: a
+    complex one (its imaginary part would be dropped silently), a bool one, and, unless
+    ``integers`` (`quantize`, whose values come back in a carrier dtype), an integer one: `cast`
+    returns ``x``'s dtype, which then holds none of a format's fractions."""
+    if x.is_floating_point() or (integers and not x.is_complex() and x.dtype != torch.bool):
+        return
+    fix = f"{call}(x.float(), ...)"
+    if x.is_complex():
+        problem, fix = "its imaginary part would be dropped", f"{call}() x.real and x.imag apart"
+    elif x.dtype == torch.bool:
+        problem = "it holds no numbers"
+    else:
+        problem = "the result would keep that dtype, which holds no fractions"
+    kind = "real" if integers else "floating-point"
+    raise UsageError(f"{call}() takes a {kind} tensor, got {x.dtype} ({problem}); fix: {fix}")
+
+
 def cast_reference(
     x: torch.Tensor,
     fmt: str | Format,
@@ -231,6 +249,7 @@ def cast_reference(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
+    check_real(x, "cast_reference")
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
     if isinstance(fmt, IntFormat):
@@ -262,10 +281,9 @@ def cast(
     A float64 ``x`` is rounded to fp32 first, as PyTorch's own casts to fp8 do: a value within half
     an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
     """
+    check_real(x, "cast")
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
-    if not x.is_floating_point():
-        raise TypeError(f"cast needs a floating-point tensor, got {x.dtype}")
     if x.element_size() == 1:
         # PyTorch's fp8 dtypes have no arithmetic on the CPU (no clamp): round their exact fp32
         # values, which is what every path below does with an fp8 input anyway

@@ -25,6 +25,7 @@ import math
 import torch
 
 from lowbit.errors import UsageError
+from lowbit.formats.cast import check_real
 
 
 def _check_order(n: int) -> None:
@@ -95,6 +96,7 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     the result's last axis is `padded_length`. Computed by butterflies in the order the module
     docstring gives, which the fused kernel follows bit for bit.
     """
+    check_real(x, "transform", integers=True)
     check_signs(signs)
     n = signs.numel()
     signs = signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]

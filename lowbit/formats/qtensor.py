@@ -15,7 +15,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.errors import UsageError, member
-from lowbit.formats.cast import Rounding, cast_to_carrier_
+from lowbit.formats.cast import Rounding, cast_to_carrier_, check_real
 from lowbit.formats.counter_rng import draw_seed
 from lowbit.formats.hadamard import check_signs, padded_length, transform
 from lowbit.formats.scaling import (
@@ -113,6 +113,7 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """``x.abs().amax()`` as an fp32 scalar in one pass over ``x`` and without an ``|x|`` copy
     (``max(-min, max)`` from `torch.aminmax`; NaN propagates; ``abs`` turns -0.0 into +0.0; off the
     CPU one norm reduction, `_abs_max_in_one_op`). An empty tensor's amax is 0."""
+    check_real(x, "tensor_amax", integers=True)
     x = x.detach()
     if x.numel() == 0:
         return torch.zeros((), device=x.device)
@@ -551,6 +552,7 @@ def quantize(
     `QTensor.measured_amax`: with a given (delayed) ``amax`` the fused CPU kernel takes it in its
     rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
+    check_real(x, "quantize", integers=True)
     fmt = get(fmt)
     granularity = member(Granularity, granularity, "granularity")
     check_format_for_granularity(fmt, granularity)
@@ -609,8 +611,9 @@ def quantize(
     measured = amax is None or granularity is Granularity.NVFP4
     block_amax = _block_amax(blocks).float() if measured else None  # fp32 once, for every rule
     measured_amax = None
-    if measure_amax:  # granularity tensor: the one block's amax, when it was just measured
-        measured_amax = block_amax.reshape(()) if measured else tensor_amax(x)
+    if measure_amax:  # granularity tensor: the one block's amax (an empty tensor has none: 0)
+        one_block = measured and block_amax.numel() == 1
+        measured_amax = block_amax.reshape(()) if one_block else tensor_amax(x)
 
     tensor_scale = None
     if granularity is Granularity.NVFP4:
@@ -621,6 +624,8 @@ def quantize(
     else:
         if amax is not None:
             block_amax = _external_block_amax(amax, blocks.shape[0], granularity)
+            # an empty tensor has no blocks (no row or no column of them): no scales, as measured
+            block_amax = block_amax.expand(blocks.shape[0], 1, blocks.shape[2], 1)
         scale = scale_from_amax(block_amax, fmt, rule)
         divisor = scale
 
