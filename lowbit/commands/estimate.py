@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lowbit.errors import UsageError
 from lowbit.memory.breakdown import human
@@ -11,6 +12,7 @@ from lowbit.memory.estimate import (
     NOT_CHECKPOINTABLE,
     RESERVE,
     SHARDING,
+    SPLIT_STATE_BLOCKS,
     TASKS,
     estimate,
     fits,
@@ -109,10 +111,13 @@ def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
 
 def _settings(args, num_params: int) -> str:
     task = "" if args.task == "causal-lm" else f" ({args.task})"
+    sharding = f"sharding {args.sharding}"
+    if args.sharding == "fsdp" and args.gpus == 1:  # `estimate` counts it as none
+        sharding = "sharding none (fsdp over one GPU shards nothing)"
     return (
         f"model {args.model}{task}: {num_params:,} parameters; "
         f"{args.optimizer_state} optimizer states; "
-        f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), sharding {args.sharding}"
+        f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), {sharding}"
         + ("; activation checkpointing" if args.activation_checkpointing else "")
     )
 
@@ -131,6 +136,7 @@ def compare_recipes(args, names: list[str]) -> int:
         for name in names
     ]
     _check_checkpointing(args, rows[0][1])
+    _warn_split_state_blocks(rows[0][1])  # the model and states of every row
     print(_settings(args, rows[0][1].num_params))
     head = (
         f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
@@ -153,6 +159,14 @@ def compare_recipes(args, names: list[str]) -> int:
         "fragmentation)"
     )
     return 0
+
+
+def _warn_split_state_blocks(planned) -> None:
+    """Warn where ``planned`` (an FSDP estimate) shards quantized optimizer states across their
+    blocks: the run it estimates would be refused at its first optimizer step."""
+    for note in planned.notes:
+        if SPLIT_STATE_BLOCKS in note:
+            print(f"lowbit: warning: {note}", file=sys.stderr)
 
 
 def _check_checkpointing(args, planned) -> bool:
@@ -200,6 +214,7 @@ def run(args) -> int:
         activation_checkpointing=True,
     )
     unsupported = not _check_checkpointing(args, with_ckpt)
+    _warn_split_state_blocks(without)
     chosen = with_ckpt if args.activation_checkpointing else without
     print(_settings(args, chosen.num_params).replace("; ", f"; recipe {recipe}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
