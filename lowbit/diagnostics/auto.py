@@ -116,9 +116,9 @@ class GuardCollector(StatsCollector):
         earlier = self._pending.get((layer, operand))
         super()._observe(layer, operand, x_hp, q)
         if earlier is not None:
-            later, fmt = self._pending[(layer, operand)]
+            later, *names = self._pending[(layer, operand)]
             worse = earlier[0][_NONFINITE] > later[_NONFINITE]
-            self._pending[(layer, operand)] = (torch.where(worse, earlier[0], later), fmt)
+            self._pending[(layer, operand)] = (torch.where(worse, earlier[0], later), *names)
 
 
 @dataclass

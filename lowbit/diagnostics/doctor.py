@@ -70,6 +70,7 @@ class Row:
     crest: float
     reason: str = ""
     lost: float = 0.0  # share of values clipped or flushed beyond the format's nominal shares
+    spec: str = ""  # `OperandSpec.describe` of the spec judged: fp8_e4m3/tensor, fp8_e4m3/mx, ...
 
     @property
     def loss_db(self) -> float:
@@ -113,11 +114,12 @@ class Diagnosis:
         }
 
     def table(self, top: int = 15) -> str:
+        width = max([9, *(len(r.spec) for r in self.rows[:top])])
         lines = [
             f"lowbit doctor: recipe {self.recipe}, {self.steps} probe steps; "
             f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
             *([f"{self.stopped}; the table is of the steps observed"] if self.stopped else []),
-            f"{'#':>3} {'layer':<34} {'operand':<21} {'format':<9} {'SQNR':>6} {'nominal':>7} "
+            f"{'#':>3} {'layer':<34} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
         if not self.rows:
@@ -127,7 +129,7 @@ class Diagnosis:
             )
         for i, r in enumerate(self.rows[:top], 1):
             lines.append(
-                f"{i:>3} {r.layer:<34} {r.operand:<21} {r.format:<9} {r.sqnr:>6.1f} "
+                f"{i:>3} {r.layer:<34} {r.operand:<21} {r.spec:<{width}} {r.sqnr:>6.1f} "
                 f"{r.nominal:>7.1f} {r.loss_db:>6.1f} {r.saturated:>8.2e} {r.underflow:>8.2e}  "
                 f"{r.reason or '-'}"
             )
@@ -168,18 +170,22 @@ def _mean(values: list[float]) -> float:
 def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
     """One row per (layer, operand), its statistics averaged over the probe steps (a loss that
     persists outranks a one-step transient), ranked: flagged first, then by the share of values
-    lost (clipped or flushed beyond the format's nominal shares) and the SQNR below nominal."""
+    lost (clipped or flushed beyond the format's nominal shares) and the SQNR below nominal.
+
+    ``specs`` maps each spec description the statistics name (their ``spec``) to its
+    `OperandSpec`. An operand is judged in the spec it ends in, on the steps it ran in that spec:
+    ``auto`` moves operands between rungs, and its fp8 and MXFP8 rungs share the element format
+    ``fp8_e4m3`` (told apart by their specs, ``fp8_e4m3/tensor`` and ``fp8_e4m3/mx``)."""
     series: dict[tuple[str, str], list[dict]] = {}
     for stats in per_step:
         for layer, ops in stats.items():
             for op, s in ops.items():
-                if not specs[layer][op].is_identity:
+                if not specs[s["spec"]].is_identity:
                     series.setdefault((layer, op), []).append(s)
     rows = []
     for (layer, op), steps in series.items():
-        # judged in the format it ends in (`auto` moves operands between formats)
-        steps = [s for s in steps if s.get("format") == steps[-1].get("format")]
-        nominal = nominal_stats(specs[layer][op])
+        steps = [s for s in steps if s["spec"] == steps[-1]["spec"]]
+        nominal = nominal_stats(specs[steps[-1]["spec"]])
         sqnrs = [s["sqnr"] for s in steps]
         mean = {
             k: _mean([s[k] for s in steps])
@@ -204,6 +210,7 @@ def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
                 amax,
                 crest,
                 reason_of(mean, nominal),
+                spec=steps[-1]["spec"],
             )
         )
         rows[-1].lost = max(0.0, mean["saturated"] - nominal["saturated"]) + max(
@@ -318,6 +325,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     # which its earlier overflows may have lowered far below the recipe's initial one
     start_scale = trainer.precision.loss_scale
     from lowbit.nn.convert import lowbit_layers
+    from lowbit.recipes.auto import operand_spec
     from lowbit.recipes.recipe import UpdateRounding
 
     layers = lowbit_layers(trainer.model)
@@ -331,11 +339,18 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     bf16_params = {
         id(p) for p in trainer.model.parameters() if p.dtype == torch.bfloat16 and rounds_nearest
     }
-    per_step, scales, losses, rounded, order, specs = [], [], [], [], [], {}
+    per_step, scales, losses, rounded, order = [], [], [], [], []
+    # every spec an operand may be observed in, by description (the statistics' ``spec``): the
+    # layers' own, and under ``auto`` each rung's (its guard moves operands within a step)
+    specs = {}
+    controller = trainer.monitor.controller
+    for rung in controller.rungs if controller is not None else ():
+        rung_specs = (operand_spec(rung, op) for op in OPERANDS)
+        specs.update({spec.describe(): spec for spec in rung_specs})
     stopped = ""
     for _ in range(steps):
-        # the specs the step runs with (`auto` revises them after its check steps)
-        specs = {name: layer.spec.operands() for name, layer in layers.items()}
+        for layer in layers.values():
+            specs.update({s.describe(): s for s in layer.spec.operands().values()})
         try:
             out = trainer.step()
         except NonFiniteLoss as error:

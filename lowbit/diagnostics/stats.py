@@ -15,6 +15,10 @@ dequantized ``d = v * s``) of a format with largest finite value ``max``:
                  saturated and flushed elements carry; what remains is rounding error. The doctor
                  names the reason of a loss from these shares.
 
+Each operand's record also names what quantized it: ``format`` (the element format, e.g.
+``fp8_e4m3``) and ``spec`` (`OperandSpec.describe`, e.g. ``fp8_e4m3/tensor`` or ``fp8_e4m3/mx``:
+``auto``'s fp8 and MXFP8 rungs share the element format, not the spec).
+
 Everything is computed as tensors and read back in one transfer per step (`StatsCollector.collect`)
 so collecting costs one host sync, not one per number. Off by default: no observer is attached to
 any layer (``LayerState.observer is None``) and the layer code does nothing extra.
@@ -142,9 +146,9 @@ class StatsCollector:
     """Attaches observers to every low-precision layer of a model and gathers their statistics.
 
     ``collector.attach()`` before a step, ``collector.collect()`` after it: ``{layer: {operand:
-    {stat: value, "format": name}}}``. With gradient accumulation the last micro-batch's values
-    are kept. ``extra(layer, operand, x_hp, q)`` (optional) is called too, for controllers that
-    measure what other formats would do with the same tensor.
+    {stat: value, "format": name, "spec": description}}}``. With gradient accumulation the last
+    micro-batch's values are kept. ``extra(layer, operand, x_hp, q)`` (optional) is called too,
+    for controllers that measure what other formats would do with the same tensor.
     """
 
     def __init__(self, model: torch.nn.Module, extra=None):
@@ -152,7 +156,8 @@ class StatsCollector:
 
         self.layers = lowbit_layers(model)
         self.extra = extra
-        self._pending: dict[tuple[str, str], tuple[torch.Tensor, str]] = {}
+        # (layer, operand) -> (raw statistics, element format, spec description)
+        self._pending: dict[tuple[str, str], tuple[torch.Tensor, str, str]] = {}
         self.order: list[str] = []  # layers in the order their forward GEMM ran
 
     def attach(self) -> None:
@@ -168,7 +173,10 @@ class StatsCollector:
     def _observe(self, layer: str, operand: str, x_hp: torch.Tensor, q: QTensor) -> None:
         if operand == "forward.x" and layer not in self.order:
             self.order.append(layer)
-        self._pending[(layer, operand)] = (operand_stats_tensor(x_hp, q), q.fmt.name)
+        # the spec the layer quantized with now: `auto` changes it between steps, and its guard
+        # within a step it retries
+        spec = self.layers[layer].lowbit_state.spec.operands()[operand].describe()
+        self._pending[(layer, operand)] = (operand_stats_tensor(x_hp, q), q.fmt.name, spec)
         if self.extra is not None:
             self.extra(layer, operand, x_hp, q)
 
@@ -182,7 +190,7 @@ class StatsCollector:
         out: dict[str, dict[str, dict]] = {}
         for (layer, operand), values in zip(keys, raw, strict=True):
             stats = _finish(values)
-            stats["format"] = self._pending[(layer, operand)][1]
+            stats["format"], stats["spec"] = self._pending[(layer, operand)][1:]
             out.setdefault(layer, {})[operand] = stats
         self._pending.clear()
         return out
@@ -232,7 +240,7 @@ def unflatten(record: dict) -> dict[str, dict[str, dict]]:
         if key.count("/") != 2:
             continue
         layer, operand, name = key.split("/")
-        if isinstance(value, str) and name != "format":
+        if isinstance(value, str) and name not in ("format", "spec"):
             value = float(value)  # "inf", "nan" as the log writes them
         out.setdefault(layer, {}).setdefault(operand, {})[name] = value
     return out
