@@ -202,6 +202,11 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
                 if f.suffix.lower() in records
                 else _file_documents(f, name)
             )
+    elif path.exists():  # a pipe (the shell's <(...)) or a device: read once, then gone
+        raise UsageError(
+            f"{spec}: not a regular file or folder but a pipe or device, which cannot be read "
+            "again to evaluate or resume the run; fix: save the text to a file and give its path"
+        )
     else:
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
     if not any(d.text for d in docs):

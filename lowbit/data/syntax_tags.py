@@ -232,8 +232,10 @@ class WordVocab:
 
     @classmethod
     def build(cls, sentences: list[Sentence], max_size: int = 8000) -> WordVocab:
-        """The ``max_size`` most frequent tokens (ties broken by the token) plus the specials."""
-        counts = Counter(w for s in sentences for w in s.tokens)
+        """The ``max_size`` most frequent tokens (ties broken by the token) plus the specials.
+        A word of the data that spells a special ("[PAD]", "[SEP]") is not ranked: it took the
+        special's id (`encode`), so the word "[PAD]" became padding, masked from attention."""
+        counts = Counter(w for s in sentences for w in s.tokens if w not in cls.SPECIALS)
         ranked = sorted(counts, key=lambda w: (-counts[w], w))
         return cls([*cls.SPECIALS, *ranked[: max(0, max_size - len(cls.SPECIALS))]])
 
@@ -248,7 +250,7 @@ class WordVocab:
         labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
         for row, sentence in enumerate(sentences):
             words = sentence.tokens[: max_len - 2]
-            ids = [self.ids.get(w, self.ids[_shape(w)]) for w in words]
+            ids = [self._word_id(w) for w in words]
             input_ids[row, : len(ids) + 2] = torch.tensor(
                 [self.ids["[CLS]"], *ids, self.ids["[SEP]"]]
             )
@@ -261,14 +263,25 @@ class WordVocab:
             "labels": labels,
         }
 
+    def _word_id(self, word: str) -> int:
+        """The id of a word of the data: its own, else its shape's unknown id; a word that
+        spells a special token is unknown, never that token (see `build`)."""
+        if word in self.SPECIALS or word not in self.ids:
+            return self.ids[_shape(word)]
+        return self.ids[word]
+
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps({"words": self.words}, ensure_ascii=False) + "\n")
+        """UTF-8 whatever the locale: in the locale's encoding, a word that it cannot write
+        (Windows' cp1252, an ASCII locale) stopped the run, and a vocabulary written in one
+        locale and read in another mapped its accented words to other strings, all unknown."""
+        text = json.dumps({"words": self.words}, ensure_ascii=False) + "\n"
+        Path(path).write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, path) -> WordVocab:
         if not Path(path).is_file():
             raise UsageError(f"{path}: no word vocabulary; fix: point at the vocab a run saved")
-        return cls(json.loads(Path(path).read_text())["words"])
+        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["words"])
 
 
 def encode_with_tokenizer(
