@@ -179,15 +179,34 @@ def _classification_head(model, num_labels: int) -> torch.nn.Linear:
 
 # Byte-level BPE families whose words carry their leading space in the token ("Ġreturn"): words
 # handed over one by one (is_split_into_words) need that space added, as transformers' own NER
-# example does for these model types (examples/pytorch/token-classification/run_ner.py).
+# example does for these model types (examples/pytorch/token-classification/run_ner.py). Other
+# families with such a tokenizer (RoBERTa's kin: Longformer, Data2VecText, RoBERTa-PreLayerNorm)
+# are caught by their tokenizer instead (`_keep_leading_spaces`).
 PREFIX_SPACE_TYPES = {"bloom", "gpt2", "roberta", "deberta"}
+
+
+def _keep_leading_spaces(tokenizer) -> None:
+    """Make a tokenizer whose pre-tokenizer is byte-level BPE alone (GPT-2's and RoBERTa's, under
+    any model type) put the space before each pre-split word that it has in running text:
+    without it, a Longformer or Data2VecText tagger saw "return" as the pieces "ret" "urn" of
+    a word glued to the one before, never the "Ġreturn" it was pretrained on. A byte-level step
+    after another split (Llama 3's, BLOOM's) would add a space to each piece, so it is left
+    as it is."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow tokenizer has none
+    pre_tokenizer = backend.pre_tokenizer if backend is not None else None
+    if isinstance(pre_tokenizer, ByteLevel) and not pre_tokenizer.add_prefix_space:
+        pre_tokenizer.add_prefix_space = True  # the backend's own object: this sets it there
+        tokenizer.add_prefix_space = True
 
 
 def load_encoder_tokenizer(size_or_path: str):
     """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
-    tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`). Refused in
-    one line where it cannot feed the encoder: without a padding token (sentences are padded to
-    one length) or with more ids than the encoder's embedding has rows."""
+    tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`,
+    `_keep_leading_spaces`). Refused in one line where it cannot feed the encoder: without a
+    padding token (sentences are padded to one length) or with more ids than the encoder's
+    embedding has rows."""
     from transformers import AutoTokenizer
 
     folder = _resolve(size_or_path)
@@ -202,6 +221,7 @@ def load_encoder_tokenizer(size_or_path: str):
             f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "
             "tokenizer files (tokenizer.json or vocab.txt) into the folder"
         ) from None
+    _keep_leading_spaces(tokenizer)
     # A folder without tokenizer files (a config only) gets, from this transformers, a tokenizer
     # of the special tokens alone instead of an error: every word became [UNK] (or, in RoBERTa's
     # family, no piece at all), and the encoder trained on nothing but the tag frequencies.
