@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -129,7 +130,7 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The run's `TrainConfig`: saved config (resume) < config file < flags."""
-    from lowbit.train.config import build_config, load_file, merge, read
+    from lowbit.train.config import build_config, given_settings, load_file, merge, read
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
@@ -139,18 +140,38 @@ def config_from_args(args):
     overrides["stats_interval"] = getattr(args, "stats_interval", None)
     overrides["overrides"] = getattr(args, "override", None)
     if isinstance(args.resume, str):
-        if args.out is not None and Path(args.out) != Path(args.resume):
+        if args.out is not None and _path(args.out) != _path(args.resume):
             raise UsageError(f"--resume {args.resume} and --out {args.out} differ; fix: give one")
         overrides["out"] = args.resume
-    settings = load_file(args.config) if args.config else {}
+    _check_nproc(args.nproc)
+    settings = load_file(_path(args.config)) if args.config else {}
     if args.resume:
         # the run folder: --resume DIR, else --out, else the config file's out (a job script that
         # runs `lowbit train --config run.yaml --resume` again after each preemption)
         out = build_config(settings, overrides).out
         if out is None:
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
-        settings = merge(read(out).to_dict(), settings)
+        settings = merge(given_settings(read(out)), settings)
     return build_config(settings, overrides)
+
+
+def _path(path: str) -> Path:
+    """A path option's folder or file; a leading ``~`` is the home folder, as the shell expands it
+    unquoted: quoted (``--config '~/run.yaml'``, or from a script) it named a folder ``~``."""
+    return Path(os.path.expanduser(path))
+
+
+def _check_nproc(nproc: int | None) -> None:
+    """Under torchrun the run's processes are the ones torchrun started: a --nproc of another
+    number was replaced by torchrun's world size without a word."""
+    from lowbit.distributed.context import torchrun_env
+
+    world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else None
+    if nproc is not None and world is not None and nproc != world:
+        raise UsageError(
+            f"--nproc {nproc}, but torchrun started {world} processes (WORLD_SIZE {world}); "
+            f"fix: --nproc {world}, or drop --nproc (under torchrun its processes are the run's)"
+        )
 
 
 def run(args) -> int:

@@ -106,7 +106,8 @@ class TrainConfig:
 
 def load_file(path) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
-    `TrainConfig` does not have (a typo), raises a one-line `UsageError`."""
+    `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's
+    config.yaml gives only the settings the run was given (`given_settings`)."""
     settings = _file_settings(path)
     unknown = _unknown_setting(settings)
     if unknown:
@@ -114,6 +115,9 @@ def load_file(path) -> dict:
             f"{path}: unknown setting {unknown!r}; fix: use one of "
             f"{', '.join(TrainConfig.field_names())}"
         )
+    if Path(path).name == "config.yaml" and is_run_folder(Path(path).parent):
+        given = given_settings(build_config(settings))
+        settings = {name: value for name, value in settings.items() if name in given}
     return settings
 
 
@@ -125,6 +129,9 @@ def _unknown_setting(settings: dict) -> str | None:
 def _file_settings(path) -> dict:
     """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``."""
     path = Path(path)
+    if (path / "config.yaml").is_file():  # a run folder (was: "no such config file")
+        fix = f"--config {shlex.quote(str(path / 'config.yaml'))}, the run's settings"
+        raise UsageError(f"{path}: a run folder, not a config file; fix: {fix}")
     if not path.is_file():
         raise UsageError(f"{path}: no such config file; fix: check the path")
     if path.suffix not in CONFIG_SUFFIXES:
@@ -347,6 +354,34 @@ def resolve(config: TrainConfig) -> TrainConfig:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out.out = str(Path("runs") / f"{out.task}-{out.recipe}-{stamp}")
     return out
+
+
+def derived_settings(config: TrainConfig) -> list[str]:
+    """The settings of ``config``, a resolved config (a run's config.yaml), that hold what
+    `resolve` derives from its other settings: a task's default, ``min_lr`` = lr / 10,
+    ``save_interval`` = eval_interval. A value the user gave that equals its derivation is
+    counted too, as the config does not say which it was: derived again, it comes out the same."""
+    derived = [
+        name
+        for name, default in TASK_DEFAULTS.get(config.task, {}).items()
+        if default is not None and getattr(config, name) == default
+    ]
+    if config.lr is not None and config.min_lr == config.lr / 10:
+        derived.append("min_lr")
+    if config.save_interval is not None and config.save_interval == config.eval_interval:
+        derived.append("save_interval")
+    return derived
+
+
+def given_settings(config: TrainConfig) -> dict:
+    """The settings of a run's resolved config to build another config on (``--resume``, or
+    ``--config RUN/config.yaml``), less its derived ones (`derived_settings`): `resolve` derives
+    them again, the same from the same settings (a resumed run computes what it did), and from a
+    changed --lr, --eval-interval or --task what a fresh run derives. Kept, the recorded values
+    ignored the change: a min_lr of the old lr stayed (and one above a lower --lr was refused, as
+    if the user had set it), and so did a save_interval of the old eval_interval."""
+    derived = derived_settings(config)
+    return {name: value for name, value in config.to_dict().items() if name not in derived}
 
 
 # Settings that only some tasks read (the others ignore them): name -> the tasks that read it.
