@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from lowbit.errors import check_given
 
@@ -42,8 +43,10 @@ def run(args) -> int:
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
-    metrics, text = evaluate_run(
-        args.run_dir, args.split, args.checkpoint, args.max_batches, args.device
-    )
+    # a quoted ~ (`lowbit eval '~/runs/x'`, or a script's argument) is the home folder, as the
+    # shell expands an unquoted one; a step number or file name passes through unchanged
+    run_dir = os.path.expanduser(args.run_dir)
+    checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
+    metrics, text = evaluate_run(run_dir, args.split, checkpoint, args.max_batches, args.device)
     print(json.dumps(metrics) if args.json else text)
     return 0

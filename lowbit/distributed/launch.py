@@ -48,7 +48,13 @@ def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1")) if torchrun_env() else 1
     config = replace(config, nproc=world, strategy=config.strategy or "ddp")
+    threads = torch.get_num_threads()
     ranks = join(config.strategy, resolve_device(config.device))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == 1:
+        # `join` shares the CPU cores out between a machine's ranks (without OMP_NUM_THREADS);
+        # a machine's only rank shares them with no one, and keeps its process's threads: given
+        # all the cores, a one-process --strategy run overrode a library user's set_num_threads
+        torch.set_num_threads(threads)
     try:
         trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
         result = trainer.fit(resume, overwrite, on_step)

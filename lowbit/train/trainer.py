@@ -447,7 +447,9 @@ class Trainer:
         if config.steps:
             self.total_steps = config.steps
         else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
-            self.total_steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
+            steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
+            # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
+            self.total_steps = max(1, steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
