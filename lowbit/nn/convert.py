@@ -30,8 +30,8 @@ from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
 from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router, is_router_module
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
-from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, ROUTER_KEPT
-from lowbit.recipes.recipe import block_of, block_stacks
+from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_KEPT, ROUTER_KEPT
+from lowbit.recipes.recipe import Override, block_of, block_stacks
 
 
 @dataclass
@@ -70,6 +70,9 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     if not isinstance(module, _GEMM_MODULES):
         return None
     kind = type(module).__name__
+    if torch.nn.utils.parametrize.is_parametrized(module):  # a class made for it: Parametrized...
+        names = ", ".join(module.parametrizations)
+        return f"its weight is computed by a parametrization ({names}): not converted"
     if isinstance(module, torch.nn.MultiheadAttention):
         return (
             f"{kind} is not converted (its projections, out_proj included, compute inside "
@@ -155,13 +158,24 @@ def output_head_names(model: torch.nn.Module) -> list[str]:
         if callable(getter):
             with contextlib.suppress(NotImplementedError, AttributeError):  # a class without one
                 heads.add(id(getter()))
-    return [name for name, module in model.named_modules() if id(module) in heads and name]
+    places = model.named_modules(remove_duplicate=False)  # each place of a shared head
+    return [name for name, module in places if id(module) in heads and name]
 
 
-def router_layer_names(model: torch.nn.Module) -> list[str]:
-    """The names of the GEMM modules inside the model's router modules (`is_router_module`:
-    Switch Transformers' ``router.classifier``, Zaya's ``router_mlp.fc1``), whatever their names."""
-    routers = [f"{name}." for name, module in model.named_modules() if is_router_module(module)]
+def router_layer_names(model: torch.nn.Module, mixture_of_experts: bool = True) -> list[str]:
+    """The names of the GEMM modules inside the model's router modules (`is_router_module`),
+    whatever their names: those of mixture-of-experts layers, beside an experts module (Switch
+    Transformers' ``router.classifier``, Zaya's ``router_mlp.fc1``, Ergo's ``gate.linear``), or
+    with ``mixture_of_experts=False`` those of other routers (GraniteDocling's
+    ``density_router``, which chooses a path for each sample)."""
+    modules = dict(model.named_modules())
+    routers = [
+        f"{name}."
+        for name, module in modules.items()
+        if is_router_module(module)
+        and mixture_of_experts
+        == any("expert" in sibling for sibling in modules[name.rpartition(".")[0]]._modules)
+    ]
     return [
         name
         for name, module in model.named_modules()
@@ -212,6 +226,9 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
     recipe = get_recipe(recipe)
     found = ((KEEP_ROUTERS, router_layer_names), (KEEP_CLASSIFIERS, cnn_classifier_names))
     overrides = list(recipe.overrides)
+    if KEEP_ROUTERS in overrides and (names := router_layer_names(model, False)):
+        other_routers = Override("|".join(names), None, OTHER_ROUTER_KEPT)
+        overrides.insert(overrides.index(KEEP_ROUTERS) + 1, other_routers)
     for kept, names_in in found:
         if kept in overrides and (names := names_in(model)):
             pattern = "|".join([kept.pattern, *names])
@@ -248,9 +265,16 @@ def convert(
     # Each module visited, by id: (the module, what took its place: a replacement or itself). A
     # module may sit at several places (one layer applied twice, `Sequential(lin, act, lin)`);
     # ``named_children`` lists it once, so its later places would keep the original layer and
-    # compute in high precision. Every place gets the first place's decision, one module. (The
-    # module is held so that its id cannot pass to a new object during the walk.)
+    # compute in high precision. Every place gets one decision, one module (`_shared_reason`).
+    # (The module is held so that its id cannot pass to a new object during the walk.)
     placed: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
+    places: dict[int, list[str]] = {}
+    for place, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(place)
+
+    def decision(name: str, child: torch.nn.Module) -> tuple:
+        """The spec (None: kept) and reason for the module ``child`` first found at ``name``."""
+        return _shared_reason(recipe, places[id(child)]) or recipe.layer_for(name)
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
         for child_name, child in list(module._modules.items()):
@@ -268,7 +292,7 @@ def convert(
                 continue
             visit(child, name)
             if is_experts(child):  # a mixture-of-experts layer's 3-D expert weights
-                spec, reason = recipe.layer_for(name)
+                spec, reason = decision(name, child)
                 if spec is None:
                     report.kept[name] = reason
                     continue
@@ -288,9 +312,10 @@ def convert(
                 if is_router(child):
                     report.kept[name] = ROUTER_KEPT
                 elif (kept := _kept_gemm_reason(child)) is not None:
-                    report.kept[name] = kept
+                    # a layer the recipe keeps on purpose (a router's, a head) is kept for that
+                    report.kept[name] = _kept_on_purpose(recipe, name) or kept
                 continue
-            spec, reason = recipe.layer_for(name)
+            spec, reason = decision(name, child)
             if spec is None:
                 report.kept[name] = reason
                 continue
@@ -319,13 +344,39 @@ def convert(
     return report
 
 
+def _kept_on_purpose(recipe: Recipe, name: str) -> str | None:
+    """The reason of the override that keeps layer ``name`` (a preset's router or head, the
+    user's ``PATTERN=keep``), or None: the recipe's own reason for a layer that lowbit does not
+    convert anyway (Ergo's router and output head subclass ``nn.Linear``)."""
+    spec, reason = recipe.layer_for(name)
+    keeps = spec is None and any(override.matches(name) for override in recipe.overrides)
+    return reason if keeps else None
+
+
+def _shared_reason(recipe: Recipe, places: list[str]) -> tuple[None, str] | None:
+    """``(None, reason)`` for a module that sits at several ``places`` (a layer tied or reused
+    between the body and a head the recipe keeps) which the recipe decides differently: one
+    module computes one way, so it is kept at all of them, whichever place comes first in the
+    model (the body's decision would quantize the head); None where the places agree."""
+    decisions = [recipe.layer_for(place) for place in places]
+    if all(spec == decisions[0][0] for spec, _ in decisions):
+        return None
+    shown = "; ".join(
+        f"{place}: {reason if spec is None else f'converted ({reason})'}"
+        for place, (spec, reason) in zip(places, decisions)
+    )
+    return None, f"one module at places the recipe decides differently, kept at all ({shown})"
+
+
 def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
     """The user's overrides (``--override``, `parse_override`) that decide no GEMM layer of the
     model (a misspelt name, or one an earlier override shadows), as the user wrote them."""
     names = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # every place of a module
         if isinstance(module, (LowbitModule, LowbitExperts)) or is_convertible(module):
             names.append(name)
+        elif _kept_gemm_reason(module) is not None and _kept_on_purpose(recipe, name):
+            names.append(name)  # a layer lowbit does not convert, kept by the override
         if isinstance(module, LowbitExperts):  # its expert GEMMs, which overrides may name
             names += [
                 f"{name}.gemms.{kind}.{e}" for kind in GEMM_KINDS for e in range(module.num_experts)

@@ -46,6 +46,9 @@ E5M2 = OperandSpec("fp8_e5m2")
 # layer: torchvision's ``fc``) and `KEEP_ROUTERS` (every linear layer inside a router module,
 # `is_router_module`: Switch Transformers' ``router.classifier``, Zaya's router MLP).
 ROUTER_KEPT = "mixture-of-experts router kept in high precision"
+# A router module of no mixture of experts (GraniteDocling's ``density_router``, which sends each
+# sample down a coarse or a fine path): kept for the same reason, found by `router_layer_names`.
+OTHER_ROUTER_KEPT = "router kept in high precision (a rounding would change where it sends inputs)"
 CLASSIFIER_KEPT = "classification head kept in high precision"
 KEEP_ROUTERS = Override(
     "*.router.layer|*.router.gate|*.router.proj|*.gate.wg|*shared_expert_gate", None, ROUTER_KEPT
