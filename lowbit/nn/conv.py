@@ -40,12 +40,17 @@ class _Unfold(torch.autograd.Function):
     gradient over the kh*kw kernel positions that read it; a convolution accumulates that sum in
     fp32 and rounds it once (oneDNN's and cuDNN's bf16 kernels), where a fold in bf16 rounds after
     every addition: 7 dB more noise in a 5x5 convolution's input gradient (43.7 dB against
-    fp64, nn.Conv2d 50.7 dB; bf16 model, 16 channels)."""
+    fp64, nn.Conv2d 50.7 dB; bf16 model, 16 channels). In the form with ``setup_context`` that
+    torch.func's transforms take (``torch.func.grad`` of a converted model)."""
 
     @staticmethod
-    def forward(ctx, x, kernel_size, dilation, padding, stride):
-        ctx.fold = (x.shape[-2:], kernel_size, dilation, padding, stride)
+    def forward(x, kernel_size, dilation, padding, stride):
         return F.unfold(x, kernel_size, dilation, padding, stride)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *options = inputs
+        ctx.fold = (x.shape[-2:], *options)
 
     @staticmethod
     def backward(ctx, grad_cols):

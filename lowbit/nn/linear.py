@@ -330,11 +330,16 @@ class _SecondDerivativeRefused(torch.autograd.Function):
     product) is refused in one line. Quantization has no derivative, so the layer's gradients
     cannot be differentiated again. PyTorch's ``once_differentiable`` refused it with a message
     that names no fix, and let the gradients of a layer whose ``grad_out`` needs no graph (the
-    last layer before ``.sum()``) drop their dependence on the weight silently."""
+    last layer before ``.sum()``) drop their dependence on the weight silently. ``torch.func.grad``
+    differentiates with ``create_graph=True`` and takes only functions with a ``setup_context``."""
 
     @staticmethod
-    def forward(ctx, *grads):
+    def forward(*grads):
         return tuple(grad.detach() for grad in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads_of_grads):
@@ -357,11 +362,19 @@ def _first_derivative_only(backward):
             grads = backward(ctx, grad_out)
         if not torch.is_grad_enabled():  # the usual backward, without create_graph
             return grads
-        tensors = [grad.detach().requires_grad_() for grad in grads if grad is not None]
-        refused = iter(_SecondDerivativeRefused.apply(*tensors))
-        return tuple(None if grad is None else next(refused) for grad in grads)
+        return _refusing_second_derivatives(
+            grads, [grad.detach().requires_grad_() for grad in grads if grad is not None]
+        )
 
     return wrapper
+
+
+def _refusing_second_derivatives(grads: tuple, tensors: list, anchors: tuple = ()) -> tuple:
+    """``grads`` (the gradients computed without a graph, None where none is due) passed through
+    `_SecondDerivativeRefused`, which a backward through them reaches where ``tensors`` (``grads``
+    that require a gradient) or ``anchors`` (tensors they depend on) require one."""
+    refused = iter(_SecondDerivativeRefused.apply(*tensors, *anchors))
+    return tuple(None if grad is None else next(refused) for grad in grads)
 
 
 class LowbitLinearFunction(torch.autograd.Function):
@@ -492,6 +505,104 @@ class LowbitLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None, None
 
 
+# Whether torch.func's transforms are running (a private torch function, present since 2.0; a
+# torch without it runs the ordinary path, as before torch.func support)
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+class _ForwardRecord:
+    """``ctx`` for `LowbitLinearFunction.forward` run by `_LinearUnderTransforms`: what the forward
+    keeps for the backward (its attributes and the tensors it saves), until ``setup_context``
+    hands them to the real ``ctx``."""
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved = tensors
+
+
+def _vmap_refused() -> UsageError:
+    return UsageError(
+        "torch.func.vmap (also inside jacrev, hessian, per-sample gradients) cannot map a layer "
+        "that a lowbit recipe converted: its quantization scales whole tensors, not each mapped "
+        "sample; fix: call the model on the whole batch (or loop over the samples), or keep the "
+        "layer in high precision with PATTERN=keep"
+    )
+
+
+def _plain(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` without torch.func's gradient wrappers: the values it holds, which quantization
+    reads (a wrapper has no storage); a backward computes on them without a graph in any case. A
+    tensor batched by ``vmap`` (jacrev maps the backward over its cotangents) is refused: its
+    values hold every mapped sample."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            raise _vmap_refused()
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
+class _PlainContext:
+    """A backward's ``ctx`` whose saved tensors are `_plain`."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.saved_tensors = tuple(map(_plain, ctx.saved_tensors))
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+class _LinearUnderTransforms(torch.autograd.Function):
+    """`LowbitLinearFunction` in the form torch.func's transforms take (``torch.func.grad``,
+    ``vjp``, ``jacrev`` of a ``functional_call``): a forward without ``ctx``, and a
+    ``setup_context``. Its forward and backward are `LowbitLinearFunction`'s, so the gradients
+    have the same bits as ordinary autograd's; the forward keeps what the backward needs (the
+    quantized operands it computes, the lean path's choice) on a `_ForwardRecord`, an extra input.
+    The ordinary path keeps the old form, without that object per call (`lowbit_linear` picks).
+    ``vmap`` and forward-mode derivatives are refused: a quantization scales a whole tensor, not
+    each vmapped sample, and has no derivative."""
+
+    @staticmethod
+    def forward(x, weight, bias, state: LayerState, out_dtype: torch.dtype, record):
+        return LowbitLinearFunction.forward(record, x, weight, bias, state, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # called at each level of the transforms, the one below them included: the record stays
+        record = inputs[-1]
+        for name, value in vars(record).items():
+            if name != "saved":
+                setattr(ctx, name, value)
+        ctx.save_for_backward(*record.saved)
+        ctx.layer_inputs = inputs[:2]  # x and weight at this level (`backward`)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # on the plain tensors, with torch.func's transforms off (under them an op's result is a
+        # wrapper, whose values quantization cannot read)
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            grads = LowbitLinearFunction.backward.__wrapped__(_PlainContext(ctx), _plain(grad_out))
+        if torch.is_grad_enabled():
+            # torch.func.grad differentiates with create_graph=True, and refuses requires_grad_:
+            # a second derivative (an outer transform, or autograd through the gradients it
+            # returns) reaches the refusal through what the gradients depend on, at whichever
+            # level that requires a gradient
+            tensors = [grad for grad in grads if grad is not None]
+            grads = _refusing_second_derivatives(grads, tensors, (*ctx.layer_inputs, grad_out))
+        return (*grads, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise _vmap_refused()
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise UsageError(
+            "forward-mode derivatives (torch.func.jvp, jacfwd) cannot pass a layer that a lowbit "
+            "recipe converted: its quantized GEMMs have no derivative; fix: reverse mode "
+            "(torch.func.grad, vjp, jacrev), or keep the layer in high precision with PATTERN=keep"
+        )
+
+
 def _release_forward_inputs() -> None:
     """The forward is over (a backward started): let the shared quantizations of its inputs go."""
     for slot in ("forward.x", "forward.x.cast"):
@@ -542,7 +653,11 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
         with _autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     x2d = x.reshape(-1, x.shape[-1])
-    out = LowbitLinearFunction.apply(x2d, weight, bias, state, _output_dtype(x))
+    if _functorch_transforms_active():  # under torch.func.grad, vjp, vmap
+        record = _ForwardRecord()
+        out = _LinearUnderTransforms.apply(x2d, weight, bias, state, _output_dtype(x), record)
+    else:
+        out = LowbitLinearFunction.apply(x2d, weight, bias, state, _output_dtype(x))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
