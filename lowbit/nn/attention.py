@@ -77,9 +77,10 @@ def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> to
     if not _flash_takes(query, key, value, options):
         return func(query, key, value, **{**options, "attn_mask": mask})
     is_causal = bool(options.get("is_causal", False))
-    return _Fp32Attention.apply(
+    out, _ = _Fp32Attention.apply(
         query, key, value, mask, is_causal, options.get("scale"), _FORWARD_IN_FP32[dtype]
     )
+    return out
 
 
 def _flash_takes(query, key, value, options: dict) -> bool:
@@ -98,10 +99,13 @@ def _flash_takes(query, key, value, options: dict) -> bool:
 
 class _Fp32Attention(torch.autograd.Function):
     """PyTorch's flash attention on 16-bit operands, its backward (and with ``fp32_forward`` its
-    forward) computed in fp32; outputs and gradients in the operands' dtype."""
+    forward) computed in fp32; outputs and gradients in the operands' dtype. Returns the output
+    and the log-sum-exp the backward reads (not differentiable): in the form with
+    ``setup_context``, which torch.func's transforms take (``torch.func.grad`` of a model whose
+    attention `route_attention` switched), a backward sees only the inputs and outputs."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, is_causal, scale, fp32_forward):
+    def forward(query, key, value, mask, is_causal, scale, fp32_forward):
         kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         if fp32_forward:
             out, logsumexp = kernel(
@@ -113,15 +117,19 @@ class _Fp32Attention(torch.autograd.Function):
                 attn_mask=None if mask is None else mask.float(),
                 scale=scale,
             )
-            out = out.to(query.dtype)
-        else:
-            out, logsumexp = kernel(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(query, key, value, out, logsumexp, mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
-        return out
+            return out.to(query.dtype), logsumexp
+        return kernel(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        query, key, value, mask, is_causal, scale, _ = inputs
+        out, logsumexp = output
+        ctx.mark_non_differentiable(logsumexp)
+        ctx.save_for_backward(query, key, value, out, logsumexp, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_logsumexp):
         query, key, value, out, logsumexp, mask = ctx.saved_tensors
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.float(),
