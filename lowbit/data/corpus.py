@@ -30,7 +30,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, check_given
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
@@ -172,6 +172,8 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
       yields validation and test text.
     """
+    # an empty path would read the current folder, as `lowbit train --data ""` refuses to
+    check_given(path_or_glob, "the data path")
     spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
     if path.is_dir():

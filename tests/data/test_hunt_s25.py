@@ -59,3 +59,16 @@ def test_a_word_that_spells_a_special_token_is_no_special_token(tmp_path):
         row = [cls, unknown, loaded.ids["x"], unknown, sep, loaded.pad_id]
         assert encoded["input_ids"][0].tolist() == row
         assert encoded["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_data_path_is_refused_by_the_library_too(empty, tmp_path, monkeypatch):
+    """`load_texts("")` read the current folder (the CLI refuses ``--data ""`` itself)."""
+    from lowbit.data import load_corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("text in the current folder\n\nmore text\n\nand more\n")
+    with pytest.raises(UsageError, match="empty string"):
+        load_texts(empty)
+    with pytest.raises(UsageError, match="empty string"):
+        load_corpus(empty)
