@@ -9,7 +9,8 @@ RUN_DIR-int8/
 ```
 
 `load_source` reads either kind of folder, a training run (its latest checkpoint, weights in
-fp32) or an inference folder, as a `Source`; everything else in `lowbit.infer` works on those.
+fp32, the master weights of a recipe with them) or an inference folder, as a `Source`; everything
+else in `lowbit.infer` works on those.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def training_run(path) -> Path:
 
 
 def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
-    """A training run (weights of its checkpoint, fp32) or an inference folder, on ``device``
-    (``auto``, ``cpu``, ``cuda[:N]``: a one-line error for a device that is not here)."""
+    """A training run (weights of its checkpoint in fp32: its master weights where the recipe
+    keeps them) or an inference folder, on ``device`` (``auto``, ``cpu``, ``cuda[:N]``: a one-line
+    error for a device that is not here)."""
     from safetensors.torch import load_file
 
     from lowbit.train import checkpoint
@@ -162,8 +164,33 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             f"{found}: its weights do not fit the model {config.model} builds now "
             f"({_one_line(error)}); fix: restore {config.model} as the run trained from it"
         ) from None
+    _load_master_weights(model, state, config, found)
     model.to(device).eval()
     return Source(path, config, task, model, None, found, int(state["step"]))
+
+
+def _load_master_weights(model: torch.nn.Module, state: dict, config, found: Path) -> None:
+    """Give ``model`` the fp32 master weights that a run of a recipe with them (``bf16-low``,
+    ``fp16-low``) keeps in its checkpoint's precision state: the optimizer steps those, and the
+    16-bit parameters are only their rounding, so the masters are the run's weights (what
+    DeepSpeed's ``zero_to_fp32`` exports). The state keys each master by its parameter's position
+    among the optimizer's parameters, in the order the trainer's `build_optimizer` gives them."""
+    from lowbit.precision.update import optimizer_params
+    from lowbit.train.trainer import build_optimizer
+
+    masters = state.get("precision", {}).get("update", {}).get("masters")
+    if not masters:
+        return
+    params = optimizer_params(build_optimizer(model, config))
+    for index, master in masters.items():
+        if index >= len(params) or params[index].shape != master.shape:
+            raise UsageError(
+                f"{found}: its master weights do not fit the parameters of {config.model} "
+                f"(entry {index}); fix: give a checkpoint that this lowbit version wrote"
+            )
+    with torch.no_grad():
+        for index, master in masters.items():
+            params[index].copy_(master)
 
 
 def _one_line(error: Exception, limit: int = 240) -> str:

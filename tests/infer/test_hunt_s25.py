@@ -1,0 +1,48 @@
+"""Session 25's hunt through the inference commands: the fp32 master weights of the 16-bit
+recipes."""
+
+import torch
+from safetensors.torch import load_file
+
+from lowbit.cli import main
+from lowbit.train.checkpoint import latest
+from tests.infer.conftest import _train
+
+
+def _masters_by_name(run):
+    """The fp32 master weights of a run's latest checkpoint by parameter name, read from the
+    checkpoint as the trainer's AdamW orders its parameters: matrices, then vectors."""
+    state = torch.load(latest(run), map_location="cpu", weights_only=False)
+    weights = state["model"]
+    names = [n for n, t in weights.items() if t.dim() >= 2]
+    names += [n for n, t in weights.items() if t.dim() < 2]
+    masters = state["precision"]["update"]["masters"]
+    assert len(masters) == len(names)
+    return {name: masters[index] for index, name in enumerate(names)}, weights
+
+
+def test_export_and_quantize_of_a_run_with_master_weights_use_the_masters(tmp_path):
+    """A bf16-low run's weights are its fp32 master weights (the 16-bit parameters are their
+    rounding); export --dtype fp32 wrote the bf16 parameters upcast, and quantize quantized
+    those. Now both read the masters from the checkpoint's precision state."""
+    settings = {"steps": 2, "seq_len": 16, "batch_size": 2, "eval_batches": 1, "lr": 1e-2}
+    run = _train(tmp_path / "run", model="nano", recipe="bf16-low", **settings)
+    masters, weights16 = _masters_by_name(run)
+    assert any(not torch.equal(masters[n], weights16[n].float()) for n in masters)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(exported) == set(masters)
+    for name, master in masters.items():
+        assert torch.equal(exported[name], master), name
+    assert main(["export", str(run), "--out", str(tmp_path / "hf16"), "--dtype", "bf16"]) == 0
+    exported16 = load_file(tmp_path / "hf16" / "model.safetensors")
+    for name, weight16 in weights16.items():  # the masters' rounding: the run's 16-bit weights
+        assert torch.equal(exported16[name], weight16), name
+    assert main(["quantize", str(run), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    for name in [n for n in masters if n.endswith("proj.weight")]:
+        layer, master = name.removesuffix(".weight"), masters[name]
+        scale = master.abs().amax(dim=1, keepdim=True) / 127
+        codes = torch.round(master / scale).clamp(-127, 127).to(torch.int8)
+        assert torch.equal(stored[f"{layer}.qweight"], codes), name
+        assert torch.equal(stored[f"{layer}.scale"].reshape(-1), scale.reshape(-1)), name
