@@ -145,7 +145,8 @@ def check_pytorch_bin(folder: Path) -> None:
     archive, whose directory at the end of the file is gone when the file is cut short, and
     torch's reader reports that as a traceback ("Invalid argument") naming no file. Reading the
     directory checks the file without reading the weights. A file of torch's legacy format (a
-    pickle, before PyTorch 1.6) is left to torch.load, which reads it as it always has."""
+    pickle, before PyTorch 1.6) has no directory: it is loaded onto the meta device, which reads
+    it through and fails on a file cut short ("unexpected EOF") but keeps no weight in memory."""
     import zipfile
 
     folder = Path(folder)
@@ -156,6 +157,10 @@ def check_pytorch_bin(folder: Path) -> None:
         with open(file, "rb") as stream:
             magic = stream.read(2)
         if magic[:1] == b"\x80":  # a pickle (protocol 2 or later): torch's legacy format
+            try:
+                torch.load(file, map_location="meta", weights_only=True)
+            except Exception as error:  # a storage's bytes cut short, or a torn pickle
+                raise _unreadable(file, str(error)) from None
             continue
         if magic != b"PK":
             raise _unreadable(file, "neither a zip archive nor a pickle: not torch.save's file")

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from lowbit.cli import main
 from lowbit.train.checkpoint import latest
 from tests.infer.conftest import _train
+from tests.infer.test_hunt_s24 import _bin_folder, one_line_error
 
 
 def _masters_by_name(run):
@@ -46,3 +47,27 @@ def test_export_and_quantize_of_a_run_with_master_weights_use_the_masters(tmp_pa
         codes = torch.round(master / scale).clamp(-127, 127).to(torch.int8)
         assert torch.equal(stored[f"{layer}.qweight"], codes), name
         assert torch.equal(stored[f"{layer}.scale"].reshape(-1), scale.reshape(-1)), name
+
+
+def test_a_truncated_legacy_pytorch_model_bin_is_one_line_naming_it(tmp_path, capsys):
+    """A pytorch_model.bin of torch's legacy (pickle) format cut short gave torch's traceback
+    "RuntimeError: unexpected EOF" in train --model, and in quantize, export, eval and generate
+    of a run trained from that folder; now one line names the file and the fix."""
+    folder = _bin_folder(tmp_path / "legacy", legacy=True)
+    run = tmp_path / "run"
+    settings = ["--steps", "1", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1"]
+    assert main(["train", "--model", str(folder), "--out", str(run), *settings]) == 0
+    weights = folder / "pytorch_model.bin"
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size - 100)
+    capsys.readouterr()
+    for command in (
+        ["train", "--model", str(folder), "--out", str(tmp_path / "r2"), *settings],
+        ["quantize", str(run), "--to", "int8"],
+        ["export", str(run), "--out", str(tmp_path / "hf")],
+        ["eval", str(run)],
+        ["generate", str(run), "--max-new-tokens", "2"],
+    ):
+        assert main(command) == 2, command
+        one_line_error(capsys, f"{weights}: unreadable weights (unexpected EOF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy", "run"]
