@@ -234,7 +234,7 @@ def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: modules[name] for name in names}
 
 
-def _shape(model: torch.nn.Module, config, name: str) -> ModelShape:
+def model_shape(model: torch.nn.Module, config, name: str) -> ModelShape:
     blocks = _blocks(model)
     inside = {id(p) for b in blocks.values() for p in b.parameters()}
     return ModelShape(
@@ -350,7 +350,7 @@ def _quiet_fake_tensor_errors():
         logger.setLevel(level)
 
 
-def _splits_state_blocks(shape: ModelShape, precision, gpus: int) -> bool:
+def splits_state_blocks(shape: ModelShape, precision, gpus: int) -> bool:
     """Whether FSDP over ``gpus`` ranks gives a rank a shard of some parameter that is not whole
     blocks of its quantized Adam states, which lowbit's optimizer refuses at the first step
     (`lowbit.optim.adamw`: torchao's blocks cannot straddle two ranks). FSDP2 shards along dim 0
@@ -368,13 +368,19 @@ def _splits_state_blocks(shape: ModelShape, precision, gpus: int) -> bool:
     return False
 
 
+def rank_counts_keeping_state_blocks(shape: ModelShape, precision, ranks: int) -> list[int]:
+    """The (at most two) rank counts nearest ``ranks`` whose FSDP shards keep the blocks of
+    quantized optimizer states whole (`splits_state_blocks`): what to suggest instead."""
+    fitting = [n for n in range(2, 4 * ranks + 1) if not splits_state_blocks(shape, precision, n)]
+    return sorted(sorted(fitting, key=lambda n: abs(n - ranks))[:2])
+
+
 def _state_blocks_note(shape: ModelShape, precision, gpus: int) -> str:
     """One line for an FSDP run over ``gpus`` ranks that splits quantized state blocks, naming
-    the nearest device counts that do not (`_splits_state_blocks`); "" where none is split."""
-    if not _splits_state_blocks(shape, precision, gpus):
+    the nearest device counts that do not (`splits_state_blocks`); "" where none is split."""
+    if not splits_state_blocks(shape, precision, gpus):
         return ""
-    fitting = [n for n in range(2, 4 * gpus + 1) if not _splits_state_blocks(shape, precision, n)]
-    nearest = sorted(sorted(fitting, key=lambda n: abs(n - gpus))[:2])
+    nearest = rank_counts_keeping_state_blocks(shape, precision, gpus)
     counts = f"--gpus {' or '.join(map(str, nearest))}, or " if nearest else ""
     return (
         f"fsdp over {gpus} GPUs splits the {BLOCK_SIZE[precision]}-value blocks of "
@@ -608,7 +614,7 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
         mode = FakeTensorMode()
         with mode:
             model = _build(config, name, dtype_of(param_dtype), task)
-        shape = _shape(model, config, name)
+        shape = model_shape(model, config, name)
         if shape.max_positions and seq > shape.max_positions:
             raise UsageError(
                 f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "

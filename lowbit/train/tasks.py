@@ -328,6 +328,12 @@ def conll_splits(path: str) -> dict:
         return read_conll_folder(source)
     if source.is_file():
         return _split_conll_file(source)
+    if source.exists():  # a pipe (the shell's <(zcat x.conll.gz)) or a device: read once, then gone
+        raise UsageError(
+            f"{path}: not a regular file or folder but a pipe or device, which cannot be read "
+            "again to evaluate or resume the run; fix: save the CoNLL text to a file and give its "
+            "path"
+        )
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
 
 

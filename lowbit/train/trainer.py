@@ -141,6 +141,14 @@ def _control(c: str) -> bool:
     return kind == "Cc" or (kind == "Cf" and c not in "\u200c\u200d")
 
 
+def _finite_mean(losses: list[float]) -> float:
+    """The mean of the finite ``losses`` (NaN where none is): a step that loss scaling skipped
+    for its non-finite loss trained nothing, and counted, it made a run that ends finite report
+    its train loss (and compare's train gap) as n/a."""
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
@@ -280,6 +288,31 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def check_state_blocks(model, config: TrainConfig, world_size: int) -> None:
+    """A `UsageError` naming the process counts that work where FSDP over ``world_size`` ranks
+    would give a rank a shard of some parameter that is not whole blocks of the quantized
+    optimizer states: `lowbit.optim.adamw` refuses that at the first step, in terms of shards and
+    dimensions, which a command-line user cannot act on."""
+    from lowbit.memory.estimate import (
+        model_shape,
+        rank_counts_keeping_state_blocks,
+        splits_state_blocks,
+    )
+    from lowbit.optim.states import BLOCK_SIZE, state_precision
+
+    precision = state_precision(config.optimizer_state)
+    shape = model_shape(model, getattr(model, "config", None), config.model)
+    if not splits_state_blocks(shape, precision, world_size):
+        return
+    nearest = rank_counts_keeping_state_blocks(shape, precision, world_size)
+    processes = f"--nproc {' or '.join(map(str, nearest))}, or " if nearest else ""
+    raise UsageError(
+        f"fsdp over {world_size} processes splits the {BLOCK_SIZE[precision]}-value blocks of "
+        f"{precision.value} optimizer states across ranks (the rows of some parameter do not "
+        f"divide into whole blocks per rank); fix: {processes}--optimizer-state fp32 or bf16"
+    )
+
+
 def enable_activation_checkpointing(model, name: str) -> None:
     """Recompute each transformer block's forward during its backward instead of keeping what it
     saves (transformers' checkpointing of its layers), in PyTorch's non-reentrant form, the one
@@ -353,6 +386,21 @@ def tensor_bytes(model, optimizer, precision) -> int:
 
 
 @contextlib.contextmanager
+def _unobserved(model):
+    """Within: the statistics observers of ``model``'s layers off. The memory report's extra
+    forward runs in a step the monitor observes; observed, its operands (the first micro-batch's,
+    a second time) replaced the step's own forward statistics."""
+    observers = {layer: layer.lowbit_state.observer for layer in lowbit_layers(model).values()}
+    for layer in observers:
+        layer.lowbit_state.observer = None
+    try:
+        yield
+    finally:
+        for layer, observer in observers.items():
+            layer.lowbit_state.observer = observer
+
+
+@contextlib.contextmanager
 def _progress_bars_off(off: bool):
     """transformers' progress bars off within (a quiet run, a rank other than the first)."""
     from transformers.utils import logging as hf_logging
@@ -406,6 +454,8 @@ class Trainer:
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
         converted = self.precision.convert(self.task.model.to(self.device).train())
+        if self.dist.strategy == "fsdp":  # before the slow set-up, not at the first step
+            check_state_blocks(converted, config, self.dist.world_size)
         if config.activation_checkpointing:  # before DDP/FSDP wrap the blocks it recomputes
             enable_activation_checkpointing(converted, config.model)
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
@@ -778,7 +828,7 @@ class Trainer:
                 return self.task.loss(self.train_model, batch)[0]
 
         live = measure(self.model, self.optimizer, self.precision)
-        with checkpointed_peak(self.model):
+        with checkpointed_peak(self.model), _unobserved(self.model):
             saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
         if self.config.task not in TASKS:
@@ -841,7 +891,7 @@ class Trainer:
             status=status,
             start_metrics=self.start_metrics,
             final_metrics=final,
-            train_loss=sum(self.recent_losses) / max(1, len(self.recent_losses)),
+            train_loss=_finite_mean(self.recent_losses),
             throughput=self.counted / max(self.step_seconds, 1e-9),
             unit=self.task.unit,
             step_time=self.step_seconds / max(1, self.step_idx),
