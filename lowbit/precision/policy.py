@@ -23,7 +23,9 @@ and the loss scale moves once per iteration, before the next `backward` (or when
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
+import warnings
 from dataclasses import replace
 
 import torch
@@ -262,6 +264,8 @@ class Precision:
             raise UsageError("precision.step() needs the optimizer; fix: precision.step(optimizer)")
         if closure is not None:
             self._check_closure(optimizers)
+        else:
+            self._check_no_closure(optimizers)
         stepped = True
         for optimizer in optimizers:
             _, finite = self._prepare(optimizer)
@@ -289,18 +293,45 @@ class Precision:
                 "precision.step() takes a closure with one optimizer; fix: "
                 "precision.step(optimizer, closure) for each"
             )
-        if self.param_dtype != torch.float32 or self.scaler.enabled:
-            why = (
-                "the gradients the closure computes are loss-scaled"
-                if self.scaler.enabled
-                else "the optimizer steps fp32 copies of the 16-bit weights, not the weights the "
-                "closure's forward reads"
-            )
+        why = self._closure_refused()
+        if why:
             raise UsageError(
                 f"precision.step(optimizer, closure) under {self.recipe.name}: {why}; fix: an "
-                "optimizer without a closure, or a recipe with fp32 parameters and no loss "
-                "scaling (fp32, bf16-mixed, the fp8, MX and int8 presets)"
+                f"optimizer without a closure, or {_CLOSURE_RECIPES}"
             )
+
+    def _check_no_closure(self, optimizers) -> None:
+        """An optimizer whose step takes a closure it cannot do without (LBFGS re-evaluates the
+        loss in its line search) failed with PyTorch's "step() missing 1 required positional
+        argument: 'closure'"; the fix is lowbit's call, or, where the recipe refuses closures,
+        another optimizer or recipe."""
+        for optimizer in optimizers:
+            closure = inspect.signature(optimizer.step).parameters.get("closure")
+            if closure is None or closure.default is not inspect.Parameter.empty:
+                continue
+            name = type(optimizer).__name__
+            why = self._closure_refused()
+            fix = (
+                f"an optimizer without a closure (AdamW, SGD), or {_CLOSURE_RECIPES} "
+                f"({self.recipe.name}: {why})"
+                if why
+                else "precision.step(optimizer, closure), the closure returning the loss after "
+                "optimizer.zero_grad() and precision.backward(loss)"
+            )
+            raise UsageError(
+                f"{name}.step() needs a closure that re-evaluates the loss; fix: {fix}"
+            )
+
+    def _closure_refused(self) -> str:
+        """Why this recipe cannot step an optimizer with a closure ("" where it can)."""
+        if self.scaler.enabled:
+            return "the gradients the closure computes are loss-scaled"
+        if self.param_dtype != torch.float32:
+            return (
+                "the optimizer steps fp32 copies of the 16-bit weights, not the weights the "
+                "closure's forward reads"
+            )
+        return ""
 
     # --- reporting and state -----------------------------------------------------------------
 
@@ -340,7 +371,22 @@ class Precision:
         """Restore `state_dict`'s pieces; master weights, Kahan buffers and layer states whose
         optimizer or model is not wrapped or converted yet are applied when it is. The generators'
         state of a stochastically rounding recipe is restored once every piece has been applied,
-        so that building a model after loading does not consume the restored stream."""
+        so that building a model after loading does not consume the restored stream.
+
+        A state saved under another recipe loads with a warning naming both: switching recipes on
+        purpose (a bf16-mixed run continued in fp8) is legitimate, so it is not refused, but what
+        this recipe keeps no place for (the other's fp32 master weights) is dropped silently
+        otherwise, and the run would continue from the model's rounded weights unawares."""
+        saved = state.get("recipe")
+        if saved is not None and saved != self.recipe.name:
+            warnings.warn(
+                f"lowbit: precision.load_state_dict(): the state was saved under recipe {saved}, "
+                f"this Precision's is {self.recipe.name}: what of it {self.recipe.name} keeps no "
+                "place for (master weights, Kahan buffers, a loss scale, amax histories) is "
+                "dropped, and training continues from the model's weights as they are; fix: a "
+                f"Precision({saved!r}) to continue that run's numerics",
+                stacklevel=2,
+            )
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -422,6 +468,13 @@ class Precision:
         if all(i in given for values in entries.values() for i in values):
             for key in ("update", "params_per_optimizer", "update_done"):
                 del self._pending[key]
+
+
+# The recipes that step an optimizer with a closure (`Precision._closure_refused`)
+_CLOSURE_RECIPES = (
+    "a recipe with fp32 parameters and no loss scaling (fp32, bf16-mixed, the fp8, MX and int8 "
+    "presets)"
+)
 
 
 def _is_optimizer(candidate) -> bool:

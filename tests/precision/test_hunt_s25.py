@@ -90,7 +90,8 @@ def test_a_state_of_another_recipe_keeps_only_what_this_recipe_updates(
     were kept though never read: they never moved again and were saved with every later state."""
     saved = trained(saved_under, steps=1)[0].state_dict()
     precision, model, optimizer = trained(loaded_under, steps=0)
-    precision.load_state_dict(saved)
+    with pytest.warns(UserWarning, match=f"saved under recipe {saved_under}"):
+        precision.load_state_dict(saved)
     step(precision, model, optimizer, 1)
     update = precision.state_dict()["update"]
     assert len(update[kept]) == 6
