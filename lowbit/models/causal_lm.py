@@ -20,13 +20,14 @@ let a precision recipe treat the LM head separately from the embedding lookup.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import UsageError, choose
-from lowbit.models.pretrained import GONE, from_pretrained, load_config
+from lowbit.models.pretrained import GONE, from_pretrained, has_weights, load_config
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 
@@ -182,6 +183,31 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
     return model
 
 
+def _not_causal(path, config, folder: Path) -> UsageError:
+    """Why a checkpoint (or config) is no causal LM. Where its ``architectures`` name another head
+    (or none) of a model type that has a causal-LM class, "use a decoder such as Llama" contradicted
+    a Llama config: the message names the head, and the fix the class to ask for (written into a
+    config by itself, it builds a fresh model with that head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = config.architectures or []
+    refused = (
+        f"{path}: a {config.model_type!r} checkpoint ({', '.join(architectures) or 'no head'}) "
+        "is not a causal language model"
+    )
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal is None or not architectures or is_causal_lm(architectures):
+        return UsageError(f"{refused}; fix: use a decoder checkpoint such as Llama or GPT-2")
+    _, _, head = architectures[0].partition("For")  # LlamaForSequenceClassification
+    head = re.sub(r"(?<=[a-z])(?=[A-Z])", "-", head).lower()  # sequence-classification
+    what = f"a {head} head" if head else "the base model without a head"
+    if folder.is_dir() and has_weights(folder):
+        fix = f"a checkpoint with a causal-LM head ({causal})"
+    else:
+        fix = f'set "architectures": ["{causal}"] in the config.json for a fresh causal LM'
+    return UsageError(f"{refused}: its config names {what}; fix: {fix}")
+
+
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
@@ -217,10 +243,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:
-        raise UsageError(
-            f"{path}: a {config.model_type!r} checkpoint ({', '.join(architectures) or 'no head'}) "
-            "is not a causal language model; fix: use a decoder checkpoint such as Llama or GPT-2"
-        )
+        raise _not_causal(path, config, folder)
     if max_seq_len is not None:
         check_seq_len(model, max_seq_len)
     return model
