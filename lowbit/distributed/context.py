@@ -10,11 +10,12 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.nn.operand import ScaleAgreement, set_scale_agreement
+from lowbit.nn.operand import ScaleAgreement, scale_agreement, set_scale_agreement
 
 STRATEGIES = ("ddp", "fsdp")
 # A rank waits this long for the others in a collective before failing (a crashed rank is also
@@ -146,6 +147,39 @@ class AllReduceAgreement(ScaleAgreement):
         flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return flag.item() == 0
+
+
+_warned_alone = False  # `warn_if_ranks_act_alone` warned in this process
+
+
+def warn_if_ranks_act_alone(stacklevel: int = 2) -> None:
+    """Once per process, on rank 0: warn that a `Precision` steps in a process group of several
+    ranks where no `Ranks` installed their agreement. A user's own DDP/FSDP2 loop then has each
+    rank take its own scales and its own finite check: an overflow in one rank's FSDP gradient
+    shard skips the step and backs off the loss scale on that rank alone, and the ranks drift
+    apart without an error. Installing the agreement here instead would need a process group of
+    its own, whose creation is a collective every rank must join: a `Precision` built on one rank
+    (rank 0 evaluating) would hang, and ranks that train models of their own would wait on each
+    other's amaxes. No collective runs here (only the group's size and this rank are read), so a
+    one-process program's results stay the same. ``stacklevel``: the caller's, for the line the
+    warning names (the user's ``precision.step``)."""
+    global _warned_alone
+    import torch.distributed as dist
+
+    if _warned_alone or not dist.is_available() or not dist.is_initialized():
+        return
+    if scale_agreement().active or dist.get_world_size() == 1:
+        return
+    _warned_alone = True
+    if dist.get_rank() == 0:
+        warnings.warn(
+            f"lowbit: Precision steps in a process group of {dist.get_world_size()} ranks "
+            "without their agreement, so each rank takes its own scales and skips its own "
+            "overflowed steps, and DDP/FSDP2 ranks drift apart; fix: build "
+            "lowbit.distributed.Ranks(strategy, device) on every rank after "
+            "init_process_group (ranks training models of their own: ignore this)",
+            stacklevel=stacklevel + 1,
+        )
 
 
 class Ranks(SingleProcess):

@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+from lowbit.distributed.context import warn_if_ranks_act_alone
 from lowbit.errors import UsageError
 from lowbit.formats import Rounding
 from lowbit.models.pretrained import check_autocast
@@ -266,6 +267,7 @@ class Precision:
             self._check_closure(optimizers)
         else:
             self._check_no_closure(optimizers)
+        warn_if_ranks_act_alone()
         stepped = True
         for optimizer in optimizers:
             _, finite = self._prepare(optimizer)

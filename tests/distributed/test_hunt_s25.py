@@ -1,0 +1,73 @@
+"""Session 25's hunt through multi-process training: a user's own FSDP2 loop with `Precision`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from lowbit import Precision
+from tests.distributed.helpers import on_ranks
+
+
+def _fsdp_steps_with_rank_1s_shard_overflowing(rank, world):
+    """A user's own FSDP2 loop in fp16-mixed whose gradient overflows in the last output row only,
+    which lies in rank 1's shard: what each rank's steps returned and the warnings it got, before
+    and after `lowbit.distributed.Ranks` installs the ranks' agreement."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lowbit.distributed import Ranks
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    precision = Precision("fp16-mixed")
+    precision.convert(model)
+    fully_shard(model)
+    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    overflow = torch.tensor([1.0, 1.0, 1.0, math.inf])
+
+    def step() -> bool:
+        precision.backward((model(torch.ones(2, 4)) * overflow).sum())
+        stepped = precision.step(optimizer)
+        optimizer.zero_grad()
+        return stepped
+
+    with warnings.catch_warnings(record=True) as alone_warnings:
+        warnings.simplefilter("always")
+        alone = [step(), step()]
+    Ranks("fsdp", torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as agreed_warnings:
+        warnings.simplefilter("always")
+        agreed = [step(), step()]
+    return {
+        "alone": alone,
+        "agreed": agreed,
+        "warnings": [str(w.message) for w in alone_warnings + agreed_warnings],
+        "warned_at": [w.filename for w in alone_warnings],
+    }
+
+
+def test_a_users_fsdp_loop_without_ranks_is_warned_once_that_the_ranks_drift_apart():
+    """docs/distributed.md: a user's own DDP/FSDP2 loop needs `Ranks` for the ranks to agree.
+    Without it an overflow in rank 1's gradient shard skipped the step on rank 1 alone while rank
+    0 stepped, silently. Rank 0 is now warned, once, naming the fix; with `Ranks` both skip."""
+    rank0, rank1 = on_ranks(_fsdp_steps_with_rank_1s_shard_overflowing, 2, timeout=60)
+    assert rank0["alone"] == [True, True] and rank1["alone"] == [False, False]  # what it warns of
+    assert rank0["agreed"] == rank1["agreed"] == [False, False]
+    (message,) = rank0["warnings"]
+    assert "fix: build lowbit.distributed.Ranks(strategy, device)" in message
+    assert "\n" not in message
+    assert rank0["warned_at"] == [__file__]  # the user's precision.step line
+    assert rank1["warnings"] == []
+
+
+def test_one_process_without_a_process_group_is_not_warned():
+    model = torch.nn.Linear(4, 4)
+    precision = Precision("fp16-mixed")
+    precision.convert(model)
+    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    precision.backward(model(torch.ones(2, 4)).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.step(optimizer)
