@@ -64,7 +64,7 @@ def run(args) -> int:
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
         raise UsageError(
-            f"{args.run_dir} is a run of {loaded.config.task}; fix: generate from a causal-lm run"
+            f"{args.run_dir} is a {loaded.config.task} run; fix: generate from a causal-lm run"
         )
     note = getattr(loaded.model, "lowbit_inference_note", None)
     if note:  # a quantized folder: say which layers run on real kernels and which are emulated

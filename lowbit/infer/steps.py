@@ -156,7 +156,7 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
     source = io.load_source(path, "cpu")
     if source.config.task != "causal-lm":
         raise UsageError(
-            f"{path} is a run of {source.config.task}; fix: export a causal-lm run (the Hugging Face "
+            f"{path} is a {source.config.task} run; fix: export a causal-lm run (the Hugging Face "
             "folder is an AutoModelForCausalLM)"
         )
     if Path(out).resolve() == source.path.resolve():  # --force would delete the folder exported
