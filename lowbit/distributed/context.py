@@ -152,17 +152,20 @@ class AllReduceAgreement(ScaleAgreement):
 _warned_alone = False  # `warn_if_ranks_act_alone` warned in this process
 
 
-def warn_if_ranks_act_alone(stacklevel: int = 2) -> None:
+def warn_if_ranks_act_alone(what_differs, stacklevel: int = 2) -> None:
     """Once per process, on rank 0: warn that a `Precision` steps in a process group of several
-    ranks where no `Ranks` installed their agreement. A user's own DDP/FSDP2 loop then has each
-    rank take its own scales and its own finite check: an overflow in one rank's FSDP gradient
-    shard skips the step and backs off the loss scale on that rank alone, and the ranks drift
-    apart without an error. Installing the agreement here instead would need a process group of
-    its own, whose creation is a collective every rank must join: a `Precision` built on one rank
-    (rank 0 evaluating) would hang, and ranks that train models of their own would wait on each
-    other's amaxes. No collective runs here (only the group's size and this rank are read), so a
-    one-process program's results stay the same. ``stacklevel``: the caller's, for the line the
-    warning names (the user's ``precision.step``)."""
+    ranks where no `Ranks` installed their agreement, if that changes what it computes.
+    ``what_differs()`` says how ("" where nothing does: fp32, bf16-mixed, block scales only). A
+    user's own DDP/FSDP2 loop then has each rank take its own finite check and its own scales: an
+    overflow in one rank's FSDP gradient shard skips the step and backs off the loss scale on that
+    rank alone, and the ranks drift apart without an error; tensorwise scales cover one rank's
+    part of the batch, not the global batch a single process would scale. Installing the
+    agreement here instead would need a process group of its own, whose creation is a collective
+    every rank must join: a `Precision` built on one rank (rank 0 evaluating) would hang, and
+    ranks that train models of their own would wait on each other's amaxes. No collective runs
+    here (only the group's size and this rank are read), so a one-process program's results stay
+    the same. ``stacklevel``: the caller's, for the line the warning names (the user's
+    ``precision.step``)."""
     global _warned_alone
     import torch.distributed as dist
 
@@ -170,12 +173,12 @@ def warn_if_ranks_act_alone(stacklevel: int = 2) -> None:
         return
     if scale_agreement().active or dist.get_world_size() == 1:
         return
-    _warned_alone = True
-    if dist.get_rank() == 0:
+    differs = what_differs()
+    _warned_alone = True  # asked once: the recipe does not change
+    if differs and dist.get_rank() == 0:
         warnings.warn(
             f"lowbit: Precision steps in a process group of {dist.get_world_size()} ranks "
-            "without their agreement, so each rank takes its own scales and skips its own "
-            "overflowed steps, and DDP/FSDP2 ranks drift apart; fix: build "
+            f"without their agreement: {differs}; fix: build "
             "lowbit.distributed.Ranks(strategy, device) on every rank after "
             "init_process_group (ranks training models of their own: ignore this)",
             stacklevel=stacklevel + 1,

@@ -32,7 +32,7 @@ import torch
 
 from lowbit.distributed.context import warn_if_ranks_act_alone
 from lowbit.errors import UsageError
-from lowbit.formats import Rounding
+from lowbit.formats import Granularity, Rounding
 from lowbit.models.pretrained import check_autocast
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import ConversionReport, convert, is_convertible, lowbit_layers
@@ -267,7 +267,7 @@ class Precision:
             self._check_closure(optimizers)
         else:
             self._check_no_closure(optimizers)
-        warn_if_ranks_act_alone()
+        warn_if_ranks_act_alone(self._acting_alone_differs)
         stepped = True
         for optimizer in optimizers:
             _, finite = self._prepare(optimizer)
@@ -323,6 +323,24 @@ class Precision:
             raise UsageError(
                 f"{name}.step() needs a closure that re-evaluates the loss; fix: {fix}"
             )
+
+    def _acting_alone_differs(self) -> str:
+        """What this precision computes differently on a rank of a process group without the
+        ranks' agreement (`warn_if_ranks_act_alone`): "" where nothing does."""
+        if self.scaler.enabled:
+            return (
+                "each rank skips its own overflowed steps and backs off its own loss scale, so "
+                "DDP/FSDP2 ranks drift apart"
+            )
+        batch_scaled = (Granularity.TENSOR, Granularity.NVFP4, Granularity.AXIS)
+        for layer in self._layers().values():
+            for spec in layer.lowbit_state.spec.operands().values():
+                if not spec.is_identity and spec.granularity in batch_scaled:
+                    return (
+                        "each rank scales activations and gradients by its own part of the batch, "
+                        "not by the global batch as one process does"
+                    )
+        return ""
 
     def _closure_refused(self) -> str:
         """Why this recipe cannot step an optimizer with a closure ("" where it can)."""

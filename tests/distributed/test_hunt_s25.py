@@ -71,3 +71,33 @@ def test_one_process_without_a_process_group_is_not_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert precision.step(optimizer)
+
+
+def _warnings_of_a_ddp_loop(rank, world, recipe):
+    """The warnings rank ``rank`` gets from two steps of a user's own DDP loop without `Ranks`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    precision = Precision(recipe)
+    model = DistributedDataParallel(precision.convert(torch.nn.Linear(16, 16)))
+    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with precision.autocast():
+                loss = model(torch.randn(4, 16)).float().pow(2).sum()
+            precision.backward(loss)
+            precision.step(optimizer)
+            optimizer.zero_grad()
+    return [str(w.message) for w in caught if "agreement" in str(w.message)]
+
+
+def test_a_ddp_loop_is_warned_only_where_the_recipe_computes_otherwise_alone():
+    """bf16-mixed has no loss scale and no scales to agree on: its ranks compute what one process
+    does, and a warning that they "drift apart" would be false; fp8-tensorwise's ranks scale by
+    their own part of the batch, and rank 0 is told so, once."""
+    assert on_ranks(_warnings_of_a_ddp_loop, 2, timeout=60, recipe="bf16-mixed") == [[], []]
+    rank0, rank1 = on_ranks(_warnings_of_a_ddp_loop, 2, timeout=60, recipe="fp8-tensorwise")
+    (message,) = rank0
+    assert "scales activations and gradients by its own part of the batch" in message
+    assert rank1 == []
