@@ -155,7 +155,8 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         tensor = given.float()
         finite = tensor.isfinite()
         count = tensor.numel() - int(finite.sum())
-        overflowed = count - (given.numel() - int(given.isfinite().sum()))
+        # only float64 has values beyond fp32's range (and fp8 dtypes no isfinite on the CPU)
+        overflowed = int((~finite & given.isfinite()).sum()) if given.dtype == torch.float64 else 0
         if count:
             notes.append(_non_finite_note(name, tensor.numel(), count, overflowed))
         if count == tensor.numel():

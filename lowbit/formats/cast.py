@@ -224,6 +224,11 @@ def cast_to_carrier_(
     return cast(y, fmt, rounding, generator).to(carrier)
 
 
+class NotRealError(UsageError, TypeError):
+    """A tensor the formats cannot round (`check_real`): a one-line `UsageError` that is also the
+    TypeError `cast` raised for an integer tensor before, so code catching that still does."""
+
+
 def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
     """Refuse, in one line naming the dtype and the fix, a tensor the formats cannot round: a
     complex one (its imaginary part would be dropped silently), a bool one, and, unless
@@ -239,7 +244,7 @@ def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
     else:
         problem = "the result would keep that dtype, which holds no fractions"
     kind = "real" if integers else "floating-point"
-    raise UsageError(f"{call}() takes a {kind} tensor, got {x.dtype} ({problem}); fix: {fix}")
+    raise NotRealError(f"{call}() takes a {kind} tensor, got {x.dtype} ({problem}); fix: {fix}")
 
 
 def cast_reference(
