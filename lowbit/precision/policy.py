@@ -23,6 +23,7 @@ and the loss scale moves once per iteration, before the next `backward` (or when
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 import warnings
@@ -308,8 +309,7 @@ class Precision:
         argument: 'closure'"; the fix is lowbit's call, or, where the recipe refuses closures,
         another optimizer or recipe."""
         for optimizer in optimizers:
-            closure = inspect.signature(optimizer.step).parameters.get("closure")
-            if closure is None or closure.default is not inspect.Parameter.empty:
+            if not _step_needs_closure(type(optimizer)):
                 continue
             name = type(optimizer).__name__
             why = self._closure_refused()
@@ -488,6 +488,18 @@ class Precision:
         if all(i in given for values in entries.values() for i in values):
             for key in ("update", "params_per_optimizer", "update_done"):
                 del self._pending[key]
+
+
+@functools.cache
+def _step_needs_closure(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class.step`` has a ``closure`` without a default (LBFGS); read once per
+    class, not at every step. A ``step`` that cannot be inspected (a compiled wrapper) needs none
+    as far as lowbit can tell: its own error stands."""
+    try:
+        closure = inspect.signature(optimizer_class.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 # The recipes that step an optimizer with a closure (`Precision._closure_refused`)
