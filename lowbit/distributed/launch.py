@@ -192,8 +192,14 @@ def _terminate(context) -> None:
 
 def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
     """`lowbit.train.train` for a config with a ``strategy``: in this process under torchrun or
-    with one process, else spawned."""
-    if torchrun_env() or config.nproc == 1:
+    with one process, else spawned. `preflight` comes first: refused in a rank, a run that cannot
+    start was refused by every rank, after their set-up."""
+    from lowbit.train.trainer import preflight
+
+    if torchrun_env():
+        preflight(config, resume, _torchrun_process_counts())
+        return run_rank(config, resume, overwrite, quiet, on_step)
+    if config.nproc == 1:
         return run_rank(config, resume, overwrite, quiet, on_step)
     if sys.platform == "win32":
         raise UsageError("--nproc needs Linux or macOS; fix: use torchrun")
@@ -202,4 +208,12 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
         raise UsageError(
             f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
         )
+    preflight(config, resume)
     return spawn(config, resume, overwrite, quiet, on_step)
+
+
+def _torchrun_process_counts() -> str:
+    """How a fix names other process counts under torchrun: its own flags, not lowbit's --nproc."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == int(os.environ["WORLD_SIZE"]):
+        return "torchrun --nproc-per-node {}"
+    return "a world size (torchrun's --nnodes x --nproc-per-node) of {}"

@@ -271,6 +271,14 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
 
 
+def _param_name(group: dict, group_index: int, index: int) -> str:
+    """A parameter's name in an error: its own where the optimizer was given named parameters
+    (``model.named_parameters()``: torch keeps them as the group's ``param_names``), else its
+    place in the param groups."""
+    names = group.get("param_names")
+    return repr(names[index]) if names else f"{index} of param group {group_index}"
+
+
 class _TorchaoStates(_CheckedGroups):
     """Mixin over a torchao ``_AdamBase`` subclass (see the module docstring)."""
 
@@ -279,7 +287,7 @@ class _TorchaoStates(_CheckedGroups):
 
     unsupported = ("maximize", "amsgrad")  # torchao's step ignores them
 
-    def _new_buffer(self, p: Tensor, signed: bool):
+    def _new_buffer(self, p: Tensor, signed: bool, name: str):
         # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
         # global tensor (``DTensor.numel()`` is global) so that every rank agrees.
         if keeps_fp32_states(self.state_precision, p.numel()):
@@ -288,10 +296,14 @@ class _TorchaoStates(_CheckedGroups):
 
         local = p.to_local() if isinstance(p, DTensor) else p
         if local.numel() % self.block_size:
+            ranks = f" over {p.device_mesh.size()} ranks" if isinstance(p, DTensor) else ""
             raise UsageError(
-                f"a shard of {local.numel()} values is not a multiple of the {self.block_size}-value "
-                "blocks of quantized optimizer states; fix: shard along a dimension whose slices "
-                "hold whole blocks, or use --optimizer-state fp32/bf16"
+                f"parameter {name} {tuple(p.shape)}, sharded{ranks}: this rank's shard "
+                f"{tuple(local.shape)} holds {local.numel()} values, not whole "
+                f"{self.block_size}-value blocks of {self.state_precision.value} optimizer states "
+                "(a block cannot straddle two ranks); fix: a rank count whose shards of it hold "
+                f"whole blocks (multiples of {self.block_size} values), or state_precision fp32 "
+                "or bf16 (lowbit train: --optimizer-state fp32 or bf16)"
             )
         out = self._subclass_zeros(local, signed, self.block_size)
         if isinstance(p, DTensor):  # as torchao does: shapes may differ across ranks
@@ -312,10 +324,10 @@ class _TorchaoStates(_CheckedGroups):
             if self.compile
             else None
         )
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             if not isinstance(group["lr"], Tensor):  # an LR scheduler wrote a float
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -323,10 +335,11 @@ class _TorchaoStates(_CheckedGroups):
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = self._new_buffer(p, True)
-                    state["exp_avg_sq"] = self._new_buffer(p, False)
+                    name = _param_name(group, group_index, index)
+                    state["exp_avg"] = self._new_buffer(p, True, name)
+                    state["exp_avg_sq"] = self._new_buffer(p, False, name)
                     if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = self._new_buffer(p, False)
+                        state["max_exp_avg_sq"] = self._new_buffer(p, False, name)
                 state["step"] += 1
                 args = (
                     p.detach(),

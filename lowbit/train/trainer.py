@@ -288,11 +288,14 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def check_state_blocks(model, config: TrainConfig, world_size: int) -> None:
+def check_state_blocks(
+    model, config: TrainConfig, world_size: int, process_counts: str = "--nproc {}"
+) -> None:
     """A `UsageError` naming the process counts that work where FSDP over ``world_size`` ranks
     would give a rank a shard of some parameter that is not whole blocks of the quantized
     optimizer states: `lowbit.optim.adamw` refuses that at the first step, in terms of shards and
-    dimensions, which a command-line user cannot act on."""
+    dimensions, which a command-line user cannot act on. ``process_counts``: how the fix names
+    them (torchrun's flag under torchrun)."""
     from lowbit.memory.estimate import (
         model_shape,
         rank_counts_keeping_state_blocks,
@@ -305,12 +308,107 @@ def check_state_blocks(model, config: TrainConfig, world_size: int) -> None:
     if not splits_state_blocks(shape, precision, world_size):
         return
     nearest = rank_counts_keeping_state_blocks(shape, precision, world_size)
-    processes = f"--nproc {' or '.join(map(str, nearest))}, or " if nearest else ""
+    processes = f"{process_counts.format(' or '.join(map(str, nearest)))}, or " if nearest else ""
     raise UsageError(
         f"fsdp over {world_size} processes splits the {BLOCK_SIZE[precision]}-value blocks of "
         f"{precision.value} optimizer states across ranks (the rows of some parameter do not "
         f"divide into whole blocks per rank); fix: {processes}--optimizer-state fp32 or bf16"
     )
+
+
+# The byte tokenizer's ids, and the fewest a BPE tokenizer learns (256 bytes and end of text)
+BYTE_VOCAB = 257
+
+
+def planned_model(config: TrainConfig, resume: bool = False):
+    """``(model, exact)``: the run's model on fake tensors (its shapes, no memory) as far as they
+    are known before the data is read, for the checks that come before the model is built (a
+    llama-7b in fp32 is 27 GB) or ranks are spawned. A fresh BPE vocabulary is not learned yet:
+    that model has the byte tokenizer's ids, the fewest BPE learns, so it holds no more
+    parameters than the run's, and ``exact`` is False. None where the shapes depend on the data
+    (a fresh token-classification run's vocabulary and tags), and where the model cannot be
+    planned (the run's own set-up then refuses it in its own words)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit.data import NUM_CLASSES
+    from lowbit.memory.estimate import _build, _load_config
+    from lowbit.models import build_cnn, causal_lm
+
+    exact = True
+    try:
+        if config.task == "image-classification":  # a CNN of a few thousand parameters
+            return build_cnn(config.model, num_classes=NUM_CLASSES), exact
+        if resume:  # the run folder's model, with its saved vocabulary
+            model_config, name = _load_config(config.out, config.task)
+        elif config.task != "causal-lm":
+            return None
+        elif config.model in causal_lm.SIZES:
+            exact = config.tokenizer == "byte"
+            model_config, name = causal_lm.model_config(config.model, BYTE_VOCAB), config.model
+        else:
+            model_config, name = _load_config(config.model, config.task)
+        with FakeTensorMode():
+            return _build(model_config, name, torch.float32, config.task), exact
+    except UsageError:
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can give new allocations without swapping (Linux's MemAvailable);
+    None where that cannot be read (macOS, Windows)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the figure is in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(model, config: TrainConfig, available: int, processes: int) -> None:
+    """Refuse a run whose model states alone (parameters, gradients, master weights and optimizer
+    states under its recipe, `model_state_bytes_per_param`: activations not counted) exceed the
+    ``available`` bytes, ``processes`` copies of them (DDP's ranks on this machine). Built, a model
+    beyond the machine's memory was killed for it, or swapped for minutes, before any message."""
+    from lowbit.memory.estimate import model_state_bytes_per_param
+
+    per_param = model_state_bytes_per_param(recipe_of(config), config.optimizer_state)
+    params = sum(p.numel() for p in model.parameters())
+    needed = per_param * params * processes
+    if needed <= available:
+        return
+    copies = f" x {processes} DDP processes" if processes > 1 else ""
+    raise UsageError(
+        f"model {config.model} ({params / 1e9:.2f}B parameters) needs {needed / 2**30:.1f} GiB for "
+        f"its parameters, gradients and optimizer states alone ({per_param:.1f} bytes per "
+        f"parameter under recipe {config.recipe}, --optimizer-state {config.optimizer_state}"
+        f"{copies}), more than the {available / 2**30:.1f} GiB available here; fix: plan it with "
+        f"lowbit estimate --model {config.model} --recipe {config.recipe}, then a smaller "
+        "--model, --optimizer-state 8bit or a GPU"
+    )
+
+
+def preflight(config: TrainConfig, resume: bool = False, process_counts: str = "--nproc {}"):
+    """The checks that refuse a run before its model is built and its ranks are spawned (seconds
+    to minutes, or an out-of-memory kill, later): its model states against this machine's memory
+    on a CPU (`check_memory`; a CUDA device's free memory would cost a CUDA context to read), and
+    FSDP shards that split quantized optimizer-state blocks (`check_state_blocks`, where the
+    shapes are known before the data is read). Both read the shapes of `planned_model`."""
+    fsdp = config.strategy == "fsdp" and config.nproc > 1
+    available = available_memory() if resolve_device(config.device).type == "cpu" else None
+    if available is None and not fsdp:
+        return
+    planned = planned_model(config, resume)
+    if planned is None:
+        return
+    model, exact = planned
+    if available is not None:
+        # DDP's ranks on this machine hold a copy each; FSDP's share one out
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", config.nproc))
+        check_memory(model, config, available, local_ranks if config.strategy == "ddp" else 1)
+    if fsdp and exact:
+        check_state_blocks(model, config, config.nproc, process_counts)
 
 
 def enable_activation_checkpointing(model, name: str) -> None:
@@ -445,6 +543,7 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.device = self.dist.device(resolve_device(config.device))
         recipe = recipe_of(config)
+        preflight(config, resume)  # before the model is built: it may not fit
         seed_everything(config.seed)
         with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
