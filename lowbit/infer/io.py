@@ -120,6 +120,11 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             f"{path}: no such folder; fix: give a run folder (lowbit train --out) or a folder "
             "written by lowbit quantize/prune"
         )
+    if is_inference_dir(path) and not (path / "config.yaml").is_file():  # else: "not a run"
+        raise UsageError(
+            f"{path}: a quantized/pruned folder without its config.yaml (the source run's "
+            f"settings); fix: copy config.yaml back from {read_manifest(path)['source']['path']}"
+        )
     config = resolve(read(path))
     config = replace(config, device=str(device))
     # the data as the (source) run read it, whatever the current folder
@@ -262,6 +267,15 @@ def _check_out(out: Path, force: bool) -> None:
         )
     if (out / "run.json").is_file() or (out / "checkpoints").is_dir():
         raise UsageError(f"{out} holds a training run; fix: choose another --out")
+    # files of the names a folder or export writes (config.yaml, a Hugging Face model's) beside
+    # neither manifest are the user's own: --force replaces only what lowbit wrote
+    described = any((out / name).is_file() for name in MANIFESTS)
+    foreign = [] if described else [p.name for p in _artifacts(out)]
+    if foreign:
+        raise UsageError(
+            f"{out} holds {', '.join(foreign)} that no lowbit quantize, prune or export wrote "
+            f"(no {MANIFEST} or {EXPORT_INFO} beside it); fix: choose another --out"
+        )
     if not force:
         raise UsageError(
             f"{out} exists and is not empty; fix: remove it, choose another --out, or pass --force"
@@ -440,9 +454,24 @@ def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | No
         )
     baseline = load_source(path, device, checkpoint if checkpoint else None)
     recorded = src.get("weights")  # folders written before lowbit recorded it have none
-    if recorded is not None and recorded != weights_digest(baseline.model):
+    changed = recorded is not None and recorded != weights_digest(baseline.model)
+    if changed and not _made_from_rounded_weights(baseline, recorded):
         return None, (
             f"the source {checkpoint or path} holds other weights than when this folder was made "
             "(trained or pruned again in its place)"
         )
     return baseline, None
+
+
+def _made_from_rounded_weights(baseline: Source, recorded: str) -> bool:
+    """Whether ``recorded`` is the digest of the 16-bit parameters of the baseline's checkpoint
+    (in fp32), which then become its model's weights: a folder quantized or pruned from a
+    ``bf16-low``/``fp16-low`` run before `load_source` read the fp32 master weights was made from
+    those parameters and recorded their digest, so they are its reference (the baseline is
+    discarded when they are not)."""
+    from lowbit.train import checkpoint
+
+    if baseline.checkpoint is None:  # an inference folder holds one set of weights
+        return False
+    baseline.model.load_state_dict(checkpoint.load(baseline.checkpoint)["model"])
+    return weights_digest(baseline.model) == recorded

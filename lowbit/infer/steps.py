@@ -65,6 +65,12 @@ def quantize_run(
 ) -> StepResult:
     """Quantize every linear layer of a run (or of a pruned folder) and write the folder."""
     recipe = QuantRecipe(to, mode, group_size, pad_groups)  # bad flags fail before loading
+    if pad_groups and recipe.group is None:  # checked here: a stored recipe records pads=True
+        raise UsageError(
+            f"--pad-groups pads the last group of a row, and {recipe.format.value} without "
+            "--group-size keeps one scale per row (no groups); fix: drop --pad-groups, or add "
+            "--group-size G"
+        )
     check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.quantized:
