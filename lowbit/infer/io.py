@@ -16,6 +16,7 @@ else in `lowbit.infer` works on those.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -180,13 +181,10 @@ def _load_master_weights(model: torch.nn.Module, state: dict, config, found: Pat
     16-bit parameters are only their rounding, so the masters are the run's weights (what
     DeepSpeed's ``zero_to_fp32`` exports). The state keys each master by its parameter's position
     among the optimizer's parameters, in the order the trainer's `build_optimizer` gives them."""
-    from lowbit.precision.update import optimizer_params
-    from lowbit.train.trainer import build_optimizer
-
     masters = state.get("precision", {}).get("update", {}).get("masters")
     if not masters:
         return
-    params = optimizer_params(build_optimizer(model, config))
+    params = _in_optimizer_order(model, config)
     for index, master in masters.items():
         if index >= len(params) or params[index].shape != master.shape:
             raise UsageError(
@@ -196,6 +194,31 @@ def _load_master_weights(model: torch.nn.Module, state: dict, config, found: Pat
     with torch.no_grad():
         for index, master in masters.items():
             params[index].copy_(master)
+
+
+def _in_optimizer_order(model: torch.nn.Module, config) -> list[torch.Tensor]:
+    """``model``'s parameters in the order of the trainer's optimizer, which `build_optimizer`
+    takes from the *converted* model: a converted mixture-of-experts layer registers its
+    parameters in its own order (`LowbitExperts`: the expert matrices before gpt-oss's biases), so
+    the unconverted model's order would pair masters with other parameters. The order is read
+    from a copy converted on the meta device (no memory, and ``model`` stays as it is), by name."""
+    from lowbit.nn.experts import is_experts
+    from lowbit.precision import Precision
+    from lowbit.precision.update import optimizer_params
+    from lowbit.train.trainer import build_optimizer, recipe_of
+
+    if not any(is_experts(module) for module in model.modules()):  # conversion keeps the order
+        return optimizer_params(build_optimizer(model, config))
+    on_meta = {
+        id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad)
+        for p in model.parameters()
+    }
+    shadow = Precision(recipe_of(config), device=config.device).convert(
+        copy.deepcopy(model, memo=on_meta)
+    )
+    names = {id(p): name for name, p in shadow.named_parameters()}
+    own = dict(model.named_parameters())
+    return [own[names[id(p)]] for p in optimizer_params(build_optimizer(shadow, config))]
 
 
 def _one_line(error: Exception, limit: int = 240) -> str:

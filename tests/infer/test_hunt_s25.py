@@ -71,3 +71,26 @@ def test_a_truncated_legacy_pytorch_model_bin_is_one_line_naming_it(tmp_path, ca
         assert main(command) == 2, command
         one_line_error(capsys, f"{weights}: unreadable weights (unexpected EOF")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy", "run"]
+
+
+def test_export_of_a_mixture_of_experts_run_pairs_each_master_with_its_parameter(tmp_path):
+    """The masters are keyed by their place in the trainer's optimizer, which it builds on the
+    converted model, where a mixture-of-experts layer registers gpt-oss's expert biases after its
+    expert matrices: read in the unconverted model's order, the masters were refused ("do not
+    fit") or, where two swapped places have one shape, given to each other's parameters."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=257, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=2,
+        num_experts_per_tok=1, layer_types=["full_attention"],
+        architectures=["GptOssForCausalLM"],
+    )  # fmt: skip
+    config.save_pretrained(tmp_path / "gpt-oss")
+    settings = {"steps": 2, "seq_len": 16, "batch_size": 2, "eval_batches": 1, "lr": 1e-2}
+    run = _train(tmp_path / "run", model=str(tmp_path / "gpt-oss"), recipe="fp16-low", **settings)
+    _, weights16 = _masters_by_name(run)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    for name, weight16 in weights16.items():  # each master rounds to its own parameter
+        assert torch.equal(exported[name].to(weight16.dtype), weight16), name
