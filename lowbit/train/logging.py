@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +30,10 @@ class MetricsLogger:
         # TensorBoard hides the events from purge_step on: the resumed run's first step, not the
         # checkpoint's, whose records (kept in metrics.jsonl too) were written before it was saved
         purge_step = None if resume_step is None else resume_step + 1
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        tensorboard = Path(run_dir) / "tensorboard"
+        if resume_step is not None:
+            _after_earlier_event_files(tensorboard)
+        self._tb = SummaryWriter(str(tensorboard), purge_step=purge_step)
         self._wandb = _start_wandb(run_dir, config, resume_step) if wandb else None
 
     def log(self, step: int, split: str, metrics: dict) -> None:
@@ -53,6 +57,23 @@ class MetricsLogger:
         self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _after_earlier_event_files(folder: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after every one in ``folder``.
+    TensorBoard reads a run's event files in name order, and its purge of the steps a resumed run
+    writes again works only on files read before the resumed one. A name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``, compared as text: a writer opened in
+    the second of an earlier one (a resume right after a crash) could sort first (pid "1000"
+    before "999", counter "10" before "9"), and the crashed run's later steps stayed in the
+    curves beside the resumed run's (a test caught it now and then)."""
+    seconds = [
+        int(parts[3])
+        for path in folder.glob("events.out.tfevents.*")
+        if len(parts := path.name.split(".")) > 3 and parts[3].isdigit()
+    ]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
 
 
 class NullLogger:

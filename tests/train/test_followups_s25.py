@@ -148,3 +148,31 @@ def test_a_config_only_model_folder_with_another_head_names_the_head_and_the_fix
         main(["train", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "r"), *args])
         == 0
     )
+
+
+def test_a_resumed_runs_event_file_is_read_after_the_crashed_runs(tmp_path):
+    """TensorBoard reads event files in name order (``<second>.<host>.<pid>.<counter>``, as
+    text) and purges the resumed steps only from files read before: a resume opened in the
+    second of the crashed run's writer could sort first, and the crashed run's step 3 stayed in
+    the curves beside the resumed run's (test_user_runs' TensorBoard test failed now and then)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lowbit.train.logging import MetricsLogger
+
+    crashed = MetricsLogger(tmp_path, {})
+    for step in (1, 2, 3):
+        crashed.log(step, "train", {"loss": float(step)})
+    crashed.close()
+    (written,) = (tmp_path / "tensorboard").iterdir()
+    # a name that sorts after any this process writes within the next second
+    name = f"events.out.tfevents.{int(time.time()) + 1:010d}.~host.99999.9"
+    written.rename(written.with_name(name))
+    resumed = MetricsLogger(tmp_path, {}, resume_step=2)
+    resumed.log(3, "train", {"loss": 30.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert shown == [(1, 1.0), (2, 2.0), (3, 30.0)]
