@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", help="also print each recipe's GEMM operand specs"
     )
     parser.add_argument(
-        "--markdown", action="store_true", help="print the table of docs/recipes.md instead"
+        "--markdown",
+        action="store_true",
+        help="print the table of docs/recipes.md instead (the named recipes' rows)",
     )
 
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         from lowbit.recipes.table import recipes_table
 
-        print(recipes_table())
+        print(recipes_table(args.names))  # a name's row, as without --markdown
         return 0
     chosen = args.names or names()
     recipes = {name: get_recipe(name) for name in chosen}  # an unknown name fails listing all

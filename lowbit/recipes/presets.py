@@ -236,7 +236,8 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     `Recipe.compute_layer`: ``fp32`` computes the layer in fp32 even under autocast, ``bf16-mixed``
     in bf16), or a comma list ``OPERAND:FORMAT`` changing operands of the recipe's own GEMM
     operands, with OPERAND one of ``forward.x, forward.w, grad_input.grad_out, grad_input.w,
-    grad_weight.grad_out, grad_weight.x`` (e.g. ``model.layers.0.*=grad_weight.grad_out:bf16``).
+    grad_weight.grad_out, grad_weight.x`` (e.g. ``model.layers.0.*=grad_weight.grad_out:bf16``;
+    of a layer the recipe keeps, the operands of its compute dtype: `Recipe.layer_for`).
     """
     pattern, sep, what = text.partition("=")
     if not sep or not pattern or not what:
@@ -246,10 +247,22 @@ def parse_override(text: str, recipe: Recipe) -> Override:
         )
     if what == "keep":
         return Override(pattern, None, f"override {text}")
+    if what == "auto" or what.startswith("auto:"):
+        # auto's layer is only its bf16 start, and an override fixes a layer's formats: the
+        # controller would never move these layers off bf16
+        raise UsageError(
+            f"override {text!r}: auto chooses formats for a whole run, not for the layers of an "
+            f"override (they would stay in bf16); fix: --recipe {what}, with overrides for the "
+            "layers it must not change"
+        )
     if what in _PRESETS:
         return Override(pattern, _PRESETS[what].compute_layer, f"override {text}")
     base = recipe.compute_layer
     operands = dict(base.operands())
+    named = [item.partition(":")[0] for item in what.split(",")]
+    repeated = sorted({operand for operand in named if named.count(operand) > 1})
+    if repeated:  # the last one silently won; a typo for another operand, most likely
+        raise UsageError(f"override {text!r} names {', '.join(repeated)} more than once")
     for item in what.split(","):
         operand, _, fmt = item.partition(":")
         if operand not in operands or not fmt:
@@ -260,15 +273,5 @@ def parse_override(text: str, recipe: Recipe) -> Override:
         old = operands[operand]
         plain = fmt in ("fp32", "bf16", "fp16")
         operands[operand] = OperandSpec(fmt) if plain else replace(old, format=fmt)
-    # replace() keeps each GEMM's transform and its block (nvfp4's 16, mxfp4's 64 Hadamard blocks)
-    layer = LayerSpec(
-        forward=replace(base.forward, a=operands["forward.x"], b=operands["forward.w"]),
-        grad_input=replace(
-            base.grad_input, a=operands["grad_input.grad_out"], b=operands["grad_input.w"]
-        ),
-        grad_weight=replace(
-            base.grad_weight, a=operands["grad_weight.grad_out"], b=operands["grad_weight.x"]
-        ),
-    )
-    named = tuple(item.partition(":")[0] for item in what.split(","))
-    return Override(pattern, layer, f"override {text}", operands=named)
+    layer = base.with_operands(operands)
+    return Override(pattern, layer, f"override {text}", operands=tuple(named))

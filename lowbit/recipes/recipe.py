@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from numbers import Real
 
 import torch
 
@@ -63,6 +64,15 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     return None if name is None else DTYPES[name]
 
 
+def _check_type(value, kind: type, what: str, example: str) -> None:
+    """Refuse a spec of another type when it is written: read later (a format name where an
+    `OperandSpec` belongs), it failed at the first conversion with an AttributeError."""
+    if not isinstance(value, kind):
+        raise UsageError(
+            f"{what} must be of type {kind.__name__}, got {value!r}; fix: e.g. {example}"
+        )
+
+
 def _positive_int(value, field_name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{field_name} must be a positive whole number, got {value!r}")
@@ -87,6 +97,8 @@ class OperandSpec:
 
     def __post_init__(self) -> None:
         fmt = get(self.format)
+        if isinstance(self.block_size, list):  # a config file's [128, 128]: hashable, as a tuple
+            object.__setattr__(self, "block_size", tuple(self.block_size))
         object.__setattr__(
             self, "granularity", member(Granularity, self.granularity, "granularity")
         )
@@ -164,6 +176,8 @@ class GemmSpec:
     transform_block: int = 32
 
     def __post_init__(self) -> None:
+        for operand in (self.a, self.b):
+            _check_type(operand, OperandSpec, "a GEMM operand", "OperandSpec('fp8_e4m3')")
         object.__setattr__(self, "transform", member(Transform, self.transform, "transform"))
         _positive_int(self.transform_block, "transform_block")
         if self.transform_block & (self.transform_block - 1):
@@ -187,6 +201,10 @@ class LayerSpec:
     grad_input: GemmSpec = field(default_factory=GemmSpec)
     grad_weight: GemmSpec = field(default_factory=GemmSpec)
 
+    def __post_init__(self) -> None:
+        for gemm in (self.forward, self.grad_input, self.grad_weight):
+            _check_type(gemm, GemmSpec, "a layer's GEMM", "GemmSpec(OperandSpec('fp8_e4m3'))")
+
     def operands(self) -> dict[str, OperandSpec]:
         """Every operand by a stable name: ``forward.x``, ``grad_weight.grad_out`` ..."""
         return {
@@ -197,6 +215,20 @@ class LayerSpec:
             "grad_weight.grad_out": self.grad_weight.a,
             "grad_weight.x": self.grad_weight.b,
         }
+
+    def with_operands(self, specs: dict[str, OperandSpec]) -> LayerSpec:
+        """This layer with the operands that ``specs`` names (`operands`) replaced; each GEMM
+        keeps its transform and its block (nvfp4's 16, mxfp4's 64 Hadamard blocks)."""
+        new = {**self.operands(), **specs}
+        return LayerSpec(
+            forward=replace(self.forward, a=new["forward.x"], b=new["forward.w"]),
+            grad_input=replace(
+                self.grad_input, a=new["grad_input.grad_out"], b=new["grad_input.w"]
+            ),
+            grad_weight=replace(
+                self.grad_weight, a=new["grad_weight.grad_out"], b=new["grad_weight.x"]
+            ),
+        )
 
     @property
     def is_identity(self) -> bool:
@@ -303,6 +335,19 @@ class Override:
     # `auto`, the controller's to choose). Empty: the override sets the whole layer.
     operands: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise UsageError(f"an override's pattern is a module-name glob, got {self.pattern!r}")
+        if self.layer is not None:  # "keep" or a preset name are parse_override's to read
+            _check_type(self.layer, LayerSpec, "an override's layer", "None (keep) or a LayerSpec")
+        object.__setattr__(self, "operands", tuple(self.operands))  # hashable, as the recipe
+        unknown = set(self.operands) - set(LayerSpec().operands())
+        if unknown:
+            raise UsageError(
+                f"unknown override operands {sorted(unknown)}; valid: "
+                f"{', '.join(LayerSpec().operands())}"
+            )
+
     def matches(self, name: str) -> bool:
         if self.pattern == FIRST_BLOCK:  # unresolved: block 0 at the outermost numbered level
             block = block_of(name)
@@ -377,6 +422,8 @@ class Recipe:
         for name in (self.param_dtype, self.master_dtype, self.grad_dtype, self.autocast):
             if name is not None and name not in DTYPES:
                 raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        if self.autocast == "fp32":  # torch.autocast warns and turns itself off for fp32
+            raise UsageError("autocast is 'bf16' or 'fp16'; fix: autocast=None for fp32 compute")
         if self.master_dtype not in (None, "fp32"):
             raise UsageError(
                 f"master weights are fp32 (master_dtype 'fp32' or None), not {self.master_dtype!r}"
@@ -403,30 +450,53 @@ class Recipe:
             )
         if self.update_rounding is not UpdateRounding.NEAREST and self.param_dtype == "fp32":
             raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
-        if not 0 < self.initial_loss_scale <= _FP32_MAX:  # the scale is an fp32 tensor
+        scale = self.initial_loss_scale
+        # the scale is an fp32 tensor; a string (a config's "65536") failed in the comparison
+        if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 < scale <= _FP32_MAX:
             raise UsageError(
                 f"loss scale must be a positive fp32 number (at most {_FP32_MAX:.3g}), got "
-                f"{self.initial_loss_scale}; fix: e.g. 65536 (2^16, GradScaler's start)"
+                f"{scale!r}; fix: e.g. 65536 (2^16, GradScaler's start)"
             )
         if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
             raise UsageError("Kahan compensation replaces master weights; use one or the other")
 
     def layer_for(self, name: str) -> tuple[LayerSpec | None, str]:
-        """The layer spec for the module called ``name`` and why (first matching override wins)."""
-        for override in self.overrides:
-            if override.matches(name):
-                return override.layer, override.reason
-        if self.layer is None:
-            return None, "the recipe converts no layers"
-        return self.layer, RECIPE_DEFAULT
+        """The layer spec for the module called ``name`` and why (first matching override wins).
+
+        An ``OPERAND:FORMAT`` override changes the named operands of the layer as it is without
+        the override. A layer the recipe keeps computes in the recipe's compute dtype, so its
+        other operands stay there (as under a recipe that converts no layers), and an override
+        that changes none of them leaves it kept. (`parse_override` builds the override's layer
+        from the recipe's converted operands; used as it is, ``*=grad_weight.grad_out:bf16``
+        under fp8-tensorwise put the output head it keeps in fp8.)"""
+        return self._decide(name, self.overrides)[:2]
 
     def fixed_operands(self, name: str) -> frozenset[str]:
         """The operands of module ``name`` whose spec an override sets: every operand for a
-        whole-layer override, the named ones for an ``OPERAND:FORMAT`` one, none without one."""
-        for override in self.overrides:
-            if override.matches(name):
-                return frozenset(override.operands or LayerSpec().operands())
-        return frozenset()
+        whole-layer override, the named ones for an ``OPERAND:FORMAT`` one (every operand of a
+        layer the recipe keeps: the others stay in the compute dtype), none without one."""
+        return self._decide(name, self.overrides)[2]
+
+    def _decide(
+        self, name: str, overrides: Sequence[Override]
+    ) -> tuple[LayerSpec | None, str, frozenset[str]]:
+        """`layer_for` and `fixed_operands` of module ``name`` under ``overrides``."""
+        every = frozenset(LayerSpec().operands())
+        for index, override in enumerate(overrides):
+            if not override.matches(name):
+                continue
+            if not override.operands or override.layer is None:
+                return override.layer, override.reason, every
+            kept, reason, _ = self._decide(name, overrides[index + 1 :])
+            if kept is not None:
+                return override.layer, override.reason, frozenset(override.operands)
+            compute = uniform_layer(OperandSpec(self.autocast or self.param_dtype))
+            named = {operand: override.layer.operands()[operand] for operand in override.operands}
+            layer = compute.with_operands(named)
+            return (None, reason, every) if layer == compute else (layer, override.reason, every)
+        if self.layer is None:
+            return None, "the recipe converts no layers", frozenset()
+        return self.layer, RECIPE_DEFAULT, frozenset()
 
     @property
     def compute_layer(self) -> LayerSpec:

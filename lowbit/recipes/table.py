@@ -40,13 +40,14 @@ def _kept_names(recipe) -> list[str]:
     return sorted(names)
 
 
-def recipes_table() -> str:
+def recipes_table(chosen: list[str] | None = None) -> str:
+    """The table of the ``chosen`` recipes (every preset without), one row each."""
     header = (
         "| recipe | forward x·w | grad_input grad_out·w | grad_weight grad_out·x | other ops "
         "| params | master | loss scaling | update | bytes/param (w+g+master+states) | follows |"
     )
     lines = [header, "|" + "---|" * 11]
-    for name in names():
+    for name in chosen or names():
         r = get_recipe(name)
         kept = ", ".join(_kept_names(r)) or "-"
         lines.append(
