@@ -381,11 +381,13 @@ def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
             names += [
                 f"{name}.gemms.{kind}.{e}" for kind in GEMM_KINDS for e in range(module.num_experts)
             ]
-    taken = {recipe.layer_for(name)[1] for name in names}
+    # the first override matching a layer decides it (`Recipe.layer_for`), also where it changes
+    # nothing (an operand of a kept layer set to the compute dtype it has): not a misspelt name
+    deciding = {next((id(o) for o in recipe.overrides if o.matches(name)), None) for name in names}
     return [
         override.reason.removeprefix("override ")
         for override in recipe.overrides
-        if override.reason.startswith("override ") and override.reason not in taken
+        if override.reason.startswith("override ") and id(override) not in deciding
     ]
 
 

@@ -8,6 +8,7 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.errors import UsageError
+from lowbit.models import build_causal_lm
 from lowbit.recipes import (
     GemmSpec,
     LayerSpec,
@@ -147,3 +148,17 @@ def test_an_operand_override_of_a_kept_layer_changes_only_that_operand(recipe):
     formats = {operand: spec.format for operand, spec in head.spec.operands().items()}
     assert formats == {**dict.fromkeys(formats, "bf16"), "forward.x": "fp8_e4m3"}
     assert head.lowbit_state.fixed_operands == set(formats)
+
+
+def test_an_override_that_changes_nothing_on_a_kept_layer_is_not_called_unused():
+    """lm_head is kept in bf16 by fp8-tensorwise, so 'lm_head=grad_weight.grad_out:bf16' changes
+    none of its operands: it decides the layer (kept), and "applies to no layer" would send the
+    user looking for a misspelt name. A misspelt one is still reported."""
+    recipe = get_recipe("fp8-tensorwise")
+    recipe = recipe.with_overrides(
+        parse_override("lm_head=grad_weight.grad_out:bf16", recipe),
+        parse_override("lm_haed=keep", recipe),
+    )
+    report = lowbit.convert(build_causal_lm("nano", 257), recipe)
+    assert report.unused_overrides == ["lm_haed=keep"]
+    assert "lm_head" in report.kept
