@@ -31,7 +31,13 @@ import lowbit  # noqa: E402
 from lowbit.errors import UsageError  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
 from lowbit.report.compare import check_out  # noqa: E402
-from lowbit.report.markdown import tables, trend_line, verdict_lines  # noqa: E402
+from lowbit.report.markdown import (  # noqa: E402
+    md_table,
+    non_finite_line,
+    tables,
+    trend_line,
+    verdict_lines,
+)
 
 # One workload per task. Sized for 2 CPU cores: the causal LM (Llama size nano, 0.18 M parameters,
 # byte tokens of the Python stdlib) runs 128 x 64 tokens per step. The batch is what narrows the
@@ -257,17 +263,16 @@ def markdown(all_results: dict, command: str, note: str) -> str:
             "summed)",
             "",
         ]
+        # as report.md writes them: cells escaped (a `|` or `<` in a label), and a table without
+        # a header (the baseline did not evaluate, `gap_by_evaluation`) its title alone
         for title, header, rows in tables(results):
-            lines += [f"{title}.", "", "| " + " | ".join(header) + " |"]
-            lines.append("|" + "---|" * len(header))
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-            lines.append("")
+            lines += [f"{title}.", ""] + ([md_table(header, rows), ""] if header else [])
         lines += ["Verdicts:", ""]
         lines += [f"- {line}" for line in verdict_lines(results)]
         lines.append("")
-        trend = trend_line(results)
-        if trend:
-            lines += [trend, ""]
+        for line in (trend_line(results), non_finite_line(results)):
+            if line:
+                lines += [line, ""]
     return "\n".join(lines)
 
 

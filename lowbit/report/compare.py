@@ -35,6 +35,9 @@ from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
+# Written into a run folder as it starts or resumes training: the largest --jobs of its parts
+# (`run_one`), which an interrupted run's record, written by a later invocation, could not know.
+LOAD = "compare-jobs.json"
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
 # Settings of a run that may differ for a finished run to be reused: where it is written, on
@@ -395,7 +398,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
     """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
     study's runs before, `clear_runs`). ``jobs``: up to how many runs
     train at once on this machine beside this one (recorded: its throughput is measured under that
-    load, `speed_load`)."""
+    load, `speed_load`; for a resumed run the largest of its parts', `_record_load`)."""
     from lowbit.train import NonFiniteLoss, checkpoint
     from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.trainer import Trainer
@@ -426,13 +429,14 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
             trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume
         )
     trainer.sample = False  # a sample text per run is slow and not compared
+    jobs = _record_load(run_dir, jobs, resume)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     try:
         result = trainer.fit(resume=resume, overwrite=not resume)
     except NonFiniteLoss as error:
-        record = _diverged(config, recipe, seed, trainer, str(error))
+        record = _diverged(config, recipe, seed, trainer, str(error), jobs)
         _write_record(run_dir, record)
         return {**record, "reused": False}
     if result.status != "completed":
@@ -486,12 +490,29 @@ def _transformers_warnings(on: bool):
         hf_logging.set_verbosity(verbosity)
 
 
+def _record_load(run_dir: Path, jobs: int, resume: bool) -> int:
+    """The largest ``jobs`` the run's parts trained under, this one's included, kept in the run
+    folder (`LOAD`) for the invocation that finishes the run and writes its record. A resumed
+    run's throughput counts the steps of every part (the checkpoint holds their tokens and
+    seconds): recorded as the last part's ``jobs`` alone, a run begun under --jobs 2 and finished
+    under --jobs 1 read as trained alone, and a study of such runs had no word in its report
+    about the shared load."""
+    path = run_dir / LOAD
+    if resume and path.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            jobs = max(jobs, int(json.loads(path.read_text(encoding="utf-8"))["jobs"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"jobs": jobs}) + "\n")
+    return jobs
+
+
 def _write_record(run_dir: Path, record: dict) -> None:
     write_atomically(run_dir / RECORD, json.dumps(_jsonable(record), indent=1) + "\n")
 
 
-def _diverged(config, recipe, seed, trainer, error: str) -> dict:
-    """The record of a run stopped by a non-finite loss: no final loss, no memory measurement."""
+def _diverged(config, recipe, seed, trainer, error: str, jobs: int) -> dict:
+    """The record of a run stopped by a non-finite loss: no final loss, no memory measurement;
+    its throughput, averaged into its recipe's, under the load of ``jobs`` (`speed_load`)."""
     return {
         "recipe": recipe,
         "seed": seed,
@@ -502,6 +523,7 @@ def _diverged(config, recipe, seed, trainer, error: str) -> dict:
         "final_metrics": {},
         "throughput": trainer.counted / max(trainer.step_seconds, 1e-9),
         "unit": trainer.task.unit,
+        "jobs": jobs,
         "step_time": trainer.step_seconds / max(1, trainer.step_idx),
         "skipped_steps": int(trainer.precision.skipped_steps),
         "loss_scale": float(trainer.precision.loss_scale),
@@ -679,7 +701,12 @@ def summarize(study: Study, records: dict) -> dict:
             "curves": _mean_curves(curves),
         }
     return {
-        "settings": {**study.settings(), "tolerance": study.tolerance, "targets": study.targets},
+        "settings": {
+            **study.settings(),
+            "tolerance": study.tolerance,
+            "targets": study.targets,
+            "parity_targets": study.parity_targets,  # False: --no-parity-targets
+        },
         "speed_load": speed_load(records),
         "task": task,
         "metric": metric,
@@ -694,10 +721,10 @@ def summarize(study: Study, records: dict) -> dict:
 
 
 def speed_load(records: dict) -> list[int]:
-    """The ``--jobs`` values the study's runs trained under, smallest first (records from before
-    session 19 do not say: left out). Runs that trained several at a time shared the cores, so
-    their throughput is lower than alone, and a ratio between runs trained under different loads
-    measures the load as much as the recipe."""
+    """The ``--jobs`` values the study's runs trained under (a resumed run's: the largest of its
+    parts'), smallest first (records from before session 19 do not say: left out). Runs that
+    trained several at a time shared the cores, so their throughput is lower than alone, and a
+    ratio between runs trained under different loads measures the load as much as the recipe."""
     return sorted({r["jobs"] for runs in records.values() for r in runs if "jobs" in r})
 
 
@@ -864,6 +891,7 @@ def clear_runs(study: Study) -> None:
         for seed in study.seeds:
             run_dir = study.run_dir(recipe, seed)
             (run_dir / RECORD).unlink(missing_ok=True)
+            (run_dir / LOAD).unlink(missing_ok=True)
             clear_run_dir(run_dir)
 
 

@@ -253,7 +253,7 @@ def _memory_kind(rows) -> str:
     return next((r["peak_memory_kind"] for r in rows.values() if r["peak_memory_kind"]), "n/a")
 
 
-def _md_table(header, rows) -> str:
+def md_table(header, rows) -> str:
     """A Markdown table; a ``|`` in a cell (a tag such as ``B-ORG|LOC``) is escaped, else it
     would split the cell and shift the row's later columns, and so is a ``<`` (a tag such as
     ``<PER>``), which a Markdown renderer takes for the start of an HTML tag and drops."""
@@ -271,7 +271,7 @@ def describe(results: dict) -> str:
     """One paragraph: what was trained."""
     s = results["settings"]
     b = s["base"]
-    steps = f"{b['steps']} steps" if b.get("steps") else f"{b['epochs']} epochs"
+    steps = f"{b['steps']} steps" if b.get("steps") else run_length_in_epochs(b["epochs"])
     shape = f"batch {b['batch_size']}" + (f" x seq {b['seq_len']}" if b.get("seq_len") else "")
     text = (
         f"Task {results['task']}, model {b['model']}, {steps}, {shape}, lr {b['lr']:g}, "
@@ -291,6 +291,12 @@ def describe(results: dict) -> str:
     if scaling:
         text += f" Loss scaling of the fp16 recipes: {', '.join(scaling)}."
     return " ".join(part for part in (text, trend_line(results), non_finite_line(results)) if part)
+
+
+def run_length_in_epochs(epochs: float) -> str:
+    """``--epochs`` as the user gave it: "1 epoch", "1.5 epochs" (the setting is a float, which
+    printed as it is read "1.0 epochs")."""
+    return f"{epochs:g} epoch" + ("" if epochs == 1 else "s")
 
 
 def trend_line(results: dict) -> str:
@@ -357,7 +363,7 @@ def write_markdown(results: dict, path: Path) -> Path:
     for title, header, rows in tables(results):
         parts += ["", f"## {title.split(' (')[0].split(':')[0]}", "", title + "."]
         if header:  # a table without one is its title alone (`gap_by_evaluation`)
-            parts += ["", _md_table(header, rows)]
+            parts += ["", md_table(header, rows)]
     images = results.get("images", {})
     if images:
         parts += ["", "## Plots", ""]
