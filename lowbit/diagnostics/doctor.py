@@ -319,6 +319,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
             # otherwise start again in bf16; amax histories, the loss scale, master weights)
             trainer.precision.load_state_dict(state["precision"])
             trainer.monitor.load_state_dict(state.get("monitor", {}))
+    start_step = trainer.step_idx  # the checkpoint's step, 0 from scratch
     if prepare is not None:
         prepare(trainer)
     # where the probe starts: from a checkpoint of the run's own recipe, the run's loss scale,
@@ -377,6 +378,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         "stopped": stopped,
         "rounded_away": rounded,
         "order": order,
+        "start_step": start_step,
     }
 
 
@@ -466,7 +468,16 @@ def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagn
 
     result = probe(config, steps, checkpoint_dir, prepare)
     rows = rows_from(result["per_step"], result["specs"])
-    history = read_stats(checkpoint_dir) if checkpoint_dir is not None else None
+    history = None
+    if checkpoint_dir is not None:
+        # A run killed after its last checkpoint logged steps the checkpoint never reached (a
+        # resume drops them, `lowbit.train.logging`): the probe continues from the checkpoint, so
+        # those steps would sit between its history and the probe's, out of time order.
+        history = [
+            (step, stats)
+            for step, stats in read_stats(checkpoint_dir)
+            if step <= result["start_step"]
+        ]
     return Diagnosis(
         recipe=config.recipe,
         steps=steps,
