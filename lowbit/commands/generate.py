@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from lowbit.errors import UsageError, check_given
@@ -56,29 +55,15 @@ def _check_utf8(prompt: str) -> None:
         ) from None
 
 
-def _check_numbers(args) -> None:
-    """Refuse a sampling setting out of range before the model loads (seconds for a large one),
-    naming the flag (`lowbit.train.sample_text` checks the same, named as its arguments)."""
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is negative; fix: use 0 or more")
-    if not 0 <= args.temperature < math.inf:  # nan fails the comparison
-        raise UsageError(
-            f"--temperature {args.temperature} is not a finite value >= 0; fix: use 0 (greedy) "
-            "or more"
-        )
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k} is negative; fix: use 0 (no limit) or more")
-    if not 0 <= args.seed < 2**32:  # `lowbit train`'s range
-        raise UsageError(f"--seed {args.seed} is outside [0, 2**32); fix: e.g. --seed 0")
-
-
 def run(args) -> int:
     from lowbit.train import load_run, sample_text
+    from lowbit.train.generate import check_sampling
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
     _check_utf8(args.prompt)
-    _check_numbers(args)
+    # before the model loads (seconds for a large one)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
         raise UsageError(

@@ -13,6 +13,21 @@ from lowbit.models.causal_lm import max_positions
 from lowbit.train.tasks import evaluating
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> None:
+    """Refuse sampling settings out of range in one line (`sample_text`; `lowbit generate` asks
+    before it loads the model, which takes seconds for a large one)."""
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
+    if not temperature >= 0 or math.isinf(temperature):  # nan fails the comparison
+        raise UsageError(
+            f"temperature {temperature} is not a finite value >= 0; fix: use 0 (greedy) or more"
+        )
+    if top_k is not None and top_k < 0:
+        raise UsageError(f"top_k {top_k} is negative; fix: use 0 (no limit) or more")
+    if not 0 <= seed < 2**32:  # `lowbit train`'s range (torch's generator fails from 2**64)
+        raise UsageError(f"seed must be in [0, 2**32), got {seed}; fix: e.g. --seed 0")
+
+
 def sample_text(
     model,
     tokenizer,
@@ -31,16 +46,7 @@ def sample_text(
     output ids than the tokenizer (a GPT-2 config's 50,257 trained on byte tokens): those ids
     decode to nothing, so they are never sampled.
     """
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
-    if not temperature >= 0 or math.isinf(temperature):  # nan fails the comparison
-        raise UsageError(
-            f"temperature {temperature} is not a finite value >= 0; fix: use 0 (greedy) or more"
-        )
-    if top_k is not None and top_k < 0:
-        raise UsageError(f"top_k {top_k} is negative; fix: use 0 (no limit) or more")
-    if not 0 <= seed < 2**32:  # `lowbit train`'s range (torch's generator fails from 2**64)
-        raise UsageError(f"seed must be in [0, 2**32), got {seed}; fix: e.g. --seed 0")
+    check_sampling(max_new_tokens, temperature, top_k, seed)
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     limit = max_positions(model)  # None: no position limit (ALiBi)
