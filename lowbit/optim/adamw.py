@@ -299,7 +299,7 @@ class _TorchaoStates(_CheckedGroups):
             ranks = f" over {p.device_mesh.size()} ranks" if isinstance(p, DTensor) else ""
             raise UsageError(
                 f"parameter {name} {tuple(p.shape)}, sharded{ranks}: this rank's shard "
-                f"{tuple(local.shape)} holds {local.numel()} values, not whole "
+                f"{tuple(local.shape)} holds {local.numel()} values, not a multiple of the "
                 f"{self.block_size}-value blocks of {self.state_precision.value} optimizer states "
                 "(a block cannot straddle two ranks); fix: a rank count whose shards of it hold "
                 f"whole blocks (multiples of {self.block_size} values), or state_precision fp32 "

@@ -118,7 +118,10 @@ def test_a_shard_that_splits_state_blocks_names_the_parameter_its_shard_and_the_
         dist.destroy_process_group()
     message = str(refused.value)
     assert message.startswith("parameter 'weight' (34, 128), sharded over 1 ranks: this rank's")
-    assert "shard (17, 128) holds 2176 values, not whole 256-value blocks of 8bit" in message
+    assert (
+        "shard (17, 128) holds 2176 values, not a multiple of the 256-value blocks of 8bit"
+        in message
+    )
     assert "fix: a rank count whose shards of it hold whole blocks" in message
     assert message.endswith(
         "state_precision fp32 or bf16 (lowbit train: --optimizer-state fp32 or bf16)"
