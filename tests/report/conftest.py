@@ -1,5 +1,10 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+from lowbit.report import compare, make_study
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +15,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def quiet(line):
+    pass
+
+
+def study_on_one_thread(out, recipes: str, settings: dict, seeds: int, **options) -> dict:
+    """``compare`` of a study built once for a module's tests (the autouse `one_thread` is per
+    test), on one thread and quiet; its result."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study = make_study(recipes, settings, seeds=seeds, out=out)
+        return compare(study, log=quiet, **options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """benchmarks/parity.py as a module (it is a script, not in a package)."""
+    spec = importlib.util.spec_from_file_location("parity_script", PARITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

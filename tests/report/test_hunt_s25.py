@@ -7,28 +7,21 @@ import shutil
 import statistics
 
 import pytest
-import torch
 
 from lowbit.cli import main
 from lowbit.report import compare, make_study
+from tests.report.conftest import quiet, study_on_one_thread
 
 LM = {"model": "nano", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
 LM_STEPS = {"steps": 4, "eval_interval": 2, "warmup_steps": 1}
 FLAGS = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
 
-def quiet(line):
-    pass
-
-
 @pytest.fixture(scope="module")
 def lm_study(tmp_path_factory):
     """fp32 against bf16-mixed on the tiny causal LM, two seeds (tests copy it before editing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("s25") / "lm"
-    compare(make_study("fp32,bf16-mixed", {**LM, **LM_STEPS}, seeds=2, out=out), log=quiet)
-    torch.set_num_threads(threads)
+    study_on_one_thread(out, "fp32,bf16-mixed", {**LM, **LM_STEPS}, seeds=2)
     return out
 
 

@@ -3,7 +3,6 @@ a resumed run's throughput was measured under, the parity tables' cells, a run l
 and the settings results.json records."""
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -12,42 +11,24 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.compare import run_one
 from lowbit.report.markdown import write_markdown
+from tests.report.conftest import quiet, study_on_one_thread
 
 LM = {"model": "nano", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
-PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
-
-
-def quiet(line):
-    pass
 
 
 @pytest.fixture(scope="module")
 def lm_study(tmp_path_factory):
     """fp32 against bf16-mixed on the tiny causal LM, one seed (tests copy it before editing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("s25b") / "lm"
     settings = {**LM, "steps": 4, "eval_interval": 2, "warmup_steps": 1}
-    result = compare(make_study("fp32,bf16-mixed", settings, seeds=1, out=out), log=quiet)
-    torch.set_num_threads(threads)
-    return result
-
-
-@pytest.fixture(scope="module")
-def parity():
-    spec = importlib.util.spec_from_file_location("parity_script", PARITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return study_on_one_thread(out, "fp32,bf16-mixed", settings, seeds=1)
 
 
 def _interrupt_when(condition) -> threading.Thread:

@@ -2,11 +2,9 @@
 finite loss (in a recipe or in the baseline), a study of the baseline alone on a labelled task,
 and settings that must be one-line errors before anything is trained."""
 
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +22,6 @@ SETTINGS = {
     "eval_batches": 1,
     "warmup_steps": 1,
 }
-PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
 
 
 def quiet(line):
@@ -165,14 +162,6 @@ def test_plots_of_an_earlier_invocation_do_not_outlive_it(finished_study, tmp_pa
     compare(study, plots=False, log=quiet)
     assert not list(drawn.glob("*.png"))
     assert "![" not in (drawn / "report.md").read_text()
-
-
-@pytest.fixture(scope="module")
-def parity():
-    spec = importlib.util.spec_from_file_location("parity_script", PARITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
