@@ -144,6 +144,13 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
             )
         return found
     path = latest(run_dir)
+    if path is None and (Path(run_dir) / "model.safetensors").is_file():
+        # a quantized or pruned folder that lost its manifest: "train first" sent the user astray
+        raise UsageError(
+            f"{run_dir}: no checkpoint in {FOLDER}/, and model.safetensors without the "
+            "quantization.json that lowbit quantize/prune write beside it; fix: copy "
+            "quantization.json back, or quantize/prune the source run again"
+        )
     if path is None:
         raise UsageError(
             f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first "

@@ -126,3 +126,18 @@ def test_force_keeps_files_that_lowbit_did_not_write(lm_run, tmp_path, capsys):
     assert main(["export", str(lm_run), "--out", str(folder), "--force"]) == 0
     assert (folder / "lowbit_export.json").is_file()
     assert not (folder / "quantization.json").exists()
+
+
+def test_a_folder_that_lost_its_quantization_json_is_not_told_to_train_first(
+    lm_run, tmp_path, capsys
+):
+    """eval and generate of a quantized folder without its manifest said "no checkpoint in
+    checkpoints/; fix: train first", as if it were an empty run folder."""
+    folder = tmp_path / "q"
+    assert main(["quantize", str(lm_run), "--to", "int8", "--out", str(folder)]) == 0
+    (folder / "quantization.json").unlink()
+    capsys.readouterr()
+    for command in (["eval", str(folder)], ["generate", str(folder), "--max-new-tokens", "1"]):
+        assert main(command) == 2, command
+        err = one_line_error(capsys, "model.safetensors without the quantization.json")
+        assert "train first" not in err
