@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
-from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register
+from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register_preset
 from lowbit.recipes.recipe import OperandSpec, Recipe, uniform_layer
 
 
@@ -36,7 +36,7 @@ LADDER: tuple[tuple[str, float, OperandSpec, OperandSpec], ...] = (
 RUNGS = tuple(rung[0] for rung in LADDER)
 BUDGETS = ("fp8", "fp6", "fp4")  # lowest rung allowed: auto (= auto:fp8), auto:fp6, auto:fp4
 
-AUTO = register(
+AUTO = register_preset(
     Recipe(
         "auto",
         "dynamic precision: each operand the cheapest of fp8/mxfp8/bf16 within an error "

@@ -58,7 +58,7 @@ embeddings, norms and attention's softmax(QK^T)V are not linear layers and are n
 from __future__ import annotations
 
 from lowbit.formats import Granularity, Rounding, ScaleRule
-from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register
+from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register_preset
 from lowbit.recipes.recipe import (
     FIRST_BLOCK,
     LAST_BLOCK,
@@ -164,7 +164,7 @@ def fine_grained_recipe(
     )
 
 
-register(
+register_preset(
     fine_grained_recipe(
         "fp8-blockwise",
         "fp8 e4m3, 1x128 tiles on activations and gradients, 128x128 weight blocks, "
@@ -177,7 +177,7 @@ for _rule, _suffix, _scale in (
     (ScaleRule.MX_FLOOR, "", "OCP floor"),
     (ScaleRule.MX_CEIL, "-rceil", "round-up"),
 ):
-    register(
+    register_preset(
         fine_grained_recipe(
             f"mxfp8{_suffix}",
             f"MXFP8: e4m3 elements, 32-element blocks, e8m0 {_scale} scale, every GEMM",
@@ -185,7 +185,7 @@ for _rule, _suffix, _scale in (
             "OCP MX v1.0; Rouhani et al. 2023; torchao MX training",
         )
     )
-    register(
+    register_preset(
         fine_grained_recipe(
             f"mxfp6{_suffix}",
             f"MXFP6: e2m3 weights/activations, e3m2 gradients, e8m0 {_scale} scale, every GEMM",
@@ -193,7 +193,7 @@ for _rule, _suffix, _scale in (
             "OCP MX v1.0; Rouhani et al. 2023",
         )
     )
-register(
+register_preset(
     fine_grained_recipe(
         "mxfp4",
         "bf16 forward; MXFP4 e2m1 backward GEMMs with stochastic rounding and a random "
@@ -202,7 +202,7 @@ register(
         "Tseng et al. 2025, Training LLMs with MXFP4",
     )
 )
-register(
+register_preset(
     fine_grained_recipe(
         "nvfp4",
         "NVFP4: e2m1 in 16-blocks with e4m3 block and fp32 tensor scales, 16x16 weight blocks, "

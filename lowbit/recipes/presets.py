@@ -67,15 +67,37 @@ KEEP_HIGH_PRECISION = (
 )
 
 _PRESETS: dict[str, Recipe] = {}
+_BUILT_IN: set[str] = set()  # the names of lowbit's own presets
+
+
+def register_preset(recipe: Recipe) -> Recipe:
+    """Add one of lowbit's own presets (the modules of `lowbit.recipes`)."""
+    _PRESETS[recipe.name] = recipe
+    _BUILT_IN.add(recipe.name)
+    return recipe
 
 
 def register(recipe: Recipe) -> Recipe:
+    """Make a user's recipe a preset that `get_recipe` (and ``lowbit train --recipe``) finds by
+    name; registering it again replaces it. A built-in preset's name is refused: replaced, every
+    run, report and test naming it would compute otherwise without a word; so is an ``auto:``
+    name, which `get_recipe` reads as the auto recipe's budget."""
+    if recipe.name in _BUILT_IN and _PRESETS[recipe.name] != recipe:
+        raise UsageError(
+            f"recipe {recipe.name!r} is a built-in preset; fix: give yours another name, e.g. "
+            f"dataclasses.replace(recipe, name='{recipe.name}-custom')"
+        )
+    if recipe.name == "auto" or recipe.name.startswith("auto:"):
+        raise UsageError(
+            f"recipe name {recipe.name!r}: 'auto:BUDGET' names the auto recipe's budget; fix: "
+            "another name"
+        )
     _PRESETS[recipe.name] = recipe
     return recipe
 
 
-register(Recipe("fp32", "fp32 everywhere: the reference", reference="IEEE fp32 training"))
-register(
+register_preset(Recipe("fp32", "fp32 everywhere: the reference", reference="IEEE fp32 training"))
+register_preset(
     Recipe(
         "bf16-mixed",
         "fp32 params and optimizer, bf16 compute via autocast",
@@ -83,7 +105,7 @@ register(
         reference="torch.autocast bf16 (Kalamkar et al. 2019)",
     )
 )
-register(
+register_preset(
     Recipe(
         "fp16-mixed",
         "fp32 params, fp16 compute, dynamic loss scaling",
@@ -94,7 +116,7 @@ register(
         reference="Micikevicius et al. 2018; torch.autocast + GradScaler",
     )
 )
-register(
+register_preset(
     Recipe(
         "fp16-low",
         "fp16 params and activations, fp32 master weights, dynamic loss scaling (O2)",
@@ -106,7 +128,7 @@ register(
         reference='Micikevicius et al. 2018; NVIDIA Apex "O2"',
     )
 )
-register(
+register_preset(
     Recipe(
         "bf16-low",
         "bf16 params and activations, fp32 master weights (O2)",
@@ -115,7 +137,7 @@ register(
         reference='NVIDIA Apex "O2" with bf16',
     )
 )
-register(
+register_preset(
     Recipe(
         "bf16-pure",
         "bf16 params, no master weights, nearest rounding (small updates are lost)",
@@ -123,7 +145,7 @@ register(
         reference="Zamirai et al. 2020 (baseline)",
     )
 )
-register(
+register_preset(
     Recipe(
         "bf16-pure-sr",
         "bf16 params, no master weights, stochastic rounding of the update",
@@ -132,7 +154,7 @@ register(
         reference="Zamirai et al. 2020",
     )
 )
-register(
+register_preset(
     Recipe(
         "bf16-pure-kahan",
         "bf16 params, no master weights, Kahan-compensated update (one bf16 buffer)",
@@ -155,7 +177,7 @@ def fp8_recipe(name: str, description: str, layer: LayerSpec, reference: str) ->
     )
 
 
-register(
+register_preset(
     fp8_recipe(
         "fp8-tensorwise",
         "fp8 e4m3 forward, e5m2 gradients, one current scale per tensor",
@@ -165,7 +187,7 @@ register(
 )
 _DELAYED_E4M3 = OperandSpec("fp8_e4m3", scaling=Scaling.DELAYED, amax_history=16)
 _DELAYED_E5M2 = OperandSpec("fp8_e5m2", scaling=Scaling.DELAYED, amax_history=16)
-register(
+register_preset(
     fp8_recipe(
         "fp8-delayed",
         "fp8 e4m3/e5m2 with delayed scaling from a 16-step amax history",
@@ -176,7 +198,7 @@ register(
 # torchao's "rowwise" recipe: e4m3 for every operand (the per-row scale gives gradients the range
 # e5m2 would), scales rounded down to powers of two.
 _ROW_E4M3 = OperandSpec("fp8_e4m3", Granularity.AXIS, scale_rule=ScaleRule.POW2)
-register(
+register_preset(
     fp8_recipe(
         "fp8-rowwise",
         "fp8 e4m3 everywhere, one power-of-two scale per row along the contraction axis",
@@ -185,7 +207,7 @@ register(
     )
 )
 _INT8_ROW = OperandSpec("int8", Granularity.AXIS)
-register(
+register_preset(
     Recipe(
         "int8",
         "row-wise symmetric int8 weights and activations in the forward GEMMs, bf16 backward",

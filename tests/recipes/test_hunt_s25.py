@@ -162,3 +162,23 @@ def test_an_override_that_changes_nothing_on_a_kept_layer_is_not_called_unused()
     report = lowbit.convert(build_causal_lm("nano", 257), recipe)
     assert report.unused_overrides == ["lm_haed=keep"]
     assert "lm_head" in report.kept
+
+
+def test_a_users_recipe_cannot_replace_a_built_in_preset(monkeypatch):
+    """lowbit.recipes.register replaced a built-in preset (every later run of 'fp32' computed
+    the user's recipe) and took 'auto:' names get_recipe can never return."""
+    from dataclasses import replace as changed
+
+    from lowbit.recipes import presets, register
+
+    monkeypatch.setattr(presets, "_PRESETS", dict(presets._PRESETS))  # the user's go after
+    fp32 = get_recipe("fp32")
+    assert register(fp32) is fp32  # the same recipe again: nothing changes
+    with pytest.raises(UsageError, match=r"'fp32' is a built-in preset; fix: .*fp32-custom"):
+        register(changed(fp32, description="mine"))
+    assert get_recipe("fp32") == fp32
+    with pytest.raises(UsageError, match="auto"):
+        register(changed(fp32, name="auto:mine"))
+    mine = register(changed(fp32, name="fp32-mine"))
+    assert get_recipe("fp32-mine") is mine
+    assert register(changed(mine, description="again")).description == "again"  # yours: replaced
