@@ -103,7 +103,9 @@ class ModelShape:
         return sum(self.param_numels)
 
 
-def _load_config(config_or_size, task: str = "causal-lm"):
+def load_model_config(config_or_size, task: str = "causal-lm"):
+    """``(transformers config, model name)`` of a named size, a ``--model`` folder or config, or a
+    run folder (its saved settings), without building the model."""
     from transformers import PretrainedConfig
 
     from lowbit.models import list_sizes, model_config
@@ -161,7 +163,7 @@ def _run_config(run_dir: Path, task: str):
         tokenizer = causal_lm_tokenizer(run, run_dir, None) if saved else build_tokenizer("byte")
         return model_config(run.model, tokenizer.vocab_size), str(run_dir)
     if task == "causal-lm":
-        return _load_config(run.model, task)
+        return load_model_config(run.model, task)
     if not (run_dir / "labels.json").is_file():
         raise UsageError(f"{run_dir}: no labels.json; fix: restore the run's labels.json")
     labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
@@ -174,13 +176,13 @@ def _run_config(run_dir: Path, task: str):
         return model.config, str(run_dir)
     # a pretrained encoder with the run's head: one output per tag, not the checkpoint's own
     # labels (`lowbit.models.token_classifier`)
-    config, name = _load_config(run.model, task)
+    config, name = load_model_config(run.model, task)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     return config, name
 
 
-def _build(config, name: str, dtype: torch.dtype, task: str):
+def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
     """The ``task``'s model of ``config`` (``AutoModelForCausalLM``, or
     ``AutoModelForTokenClassification`` with the config's labels) with parameters in ``dtype``
     (on fake tensors inside a ``FakeTensorMode``), with SDPA attention where the architecture has
@@ -613,7 +615,7 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
     if key not in _TRACES:
         mode = FakeTensorMode()
         with mode:
-            model = _build(config, name, dtype_of(param_dtype), task)
+            model = build_planned_model(config, name, dtype_of(param_dtype), task)
         shape = model_shape(model, config, name)
         if shape.max_positions and seq > shape.max_positions:
             raise UsageError(
@@ -655,7 +657,7 @@ def estimate(
         sharding = "none"
     fsdp = sharding == "fsdp"
     shape, recipe, trace = _traced(
-        *_load_config(config_or_size, task), recipe, batch, seq, task, fsdp
+        *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp
     )
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params

@@ -331,7 +331,7 @@ def planned_model(config: TrainConfig, resume: bool = False):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowbit.data import NUM_CLASSES
-    from lowbit.memory.estimate import _build, _load_config
+    from lowbit.memory.estimate import build_planned_model, load_model_config
     from lowbit.models import build_cnn, causal_lm
 
     exact = True
@@ -339,16 +339,16 @@ def planned_model(config: TrainConfig, resume: bool = False):
         if config.task == "image-classification":  # a CNN of a few thousand parameters
             return build_cnn(config.model, num_classes=NUM_CLASSES), exact
         if resume:  # the run folder's model, with its saved vocabulary
-            model_config, name = _load_config(config.out, config.task)
+            model_config, name = load_model_config(config.out, config.task)
         elif config.task != "causal-lm":
             return None
         elif config.model in causal_lm.SIZES:
             exact = config.tokenizer == "byte"
             model_config, name = causal_lm.model_config(config.model, BYTE_VOCAB), config.model
         else:
-            model_config, name = _load_config(config.model, config.task)
+            model_config, name = load_model_config(config.model, config.task)
         with FakeTensorMode():
-            return _build(model_config, name, torch.float32, config.task), exact
+            return build_planned_model(model_config, name, torch.float32, config.task), exact
     except UsageError:
         return None
 
