@@ -212,6 +212,13 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
     return spawn(config, resume, overwrite, quiet, on_step)
 
 
+def process_count_flag() -> str:
+    """How a fix names other process counts in a rank: torchrun's flags in a process torchrun
+    started (it sets TORCHELASTIC_RUN_ID; lowbit's own --nproc launcher does not), else
+    ``--nproc``."""
+    return _torchrun_process_counts() if "TORCHELASTIC_RUN_ID" in os.environ else "--nproc {}"
+
+
 def _torchrun_process_counts() -> str:
     """How a fix names other process counts under torchrun: its own flags, not lowbit's --nproc."""
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == int(os.environ["WORLD_SIZE"]):

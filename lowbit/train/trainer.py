@@ -554,7 +554,9 @@ class Trainer:
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
         converted = self.precision.convert(self.task.model.to(self.device).train())
         if self.dist.strategy == "fsdp":  # before the slow set-up, not at the first step
-            check_state_blocks(converted, config, self.dist.world_size)
+            from lowbit.distributed.launch import process_count_flag
+
+            check_state_blocks(converted, config, self.dist.world_size, process_count_flag())
         if config.activation_checkpointing:  # before DDP/FSDP wrap the blocks it recomputes
             enable_activation_checkpointing(converted, config.model)
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.

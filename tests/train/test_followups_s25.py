@@ -82,7 +82,7 @@ class _FsdpRanks(SingleProcess):
 
 
 def test_fsdp_over_a_rank_count_that_splits_quantized_state_blocks_names_the_counts_that_work(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     """Over 3 ranks some parameter of the nano model shards into rows that are not whole 256-value
     blocks of 8-bit Adam states: the first step failed with "fix: shard along a dimension whose
@@ -96,6 +96,12 @@ def test_fsdp_over_a_rank_count_that_splits_quantized_state_blocks_names_the_cou
     assert message.startswith("fsdp over 3 processes splits the 256-value blocks of 8bit")
     assert message.endswith("fix: --nproc 2 or 4, or --optimizer-state fp32 or bf16")
     trainer_module.Trainer(config, dist=_FsdpRanks(2), quiet=True)  # whole blocks: no refusal
+    with monkeypatch.context() as torchrun:  # a rank torchrun started: its flag, not --nproc
+        torchrun.setenv("TORCHELASTIC_RUN_ID", "job")
+        torchrun.setenv("WORLD_SIZE", "3")
+        torchrun.setenv("LOCAL_WORLD_SIZE", "3")
+        with pytest.raises(UsageError, match="fix: torchrun --nproc-per-node 2 or 4, or"):
+            trainer_module.Trainer(config, dist=_FsdpRanks(3), quiet=True)
     fp32_states = TrainConfig(**{**config.to_dict(), "optimizer_state": "fp32"})
     trainer_module.Trainer(fp32_states, dist=_FsdpRanks(3), quiet=True)
 
