@@ -35,8 +35,9 @@ from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
-# Written into a run folder as it starts or resumes training: the largest --jobs of its parts
-# (`run_one`), which an interrupted run's record, written by a later invocation, could not know.
+# Written into a run folder as it starts or resumes training: the largest --jobs of its parts and
+# the thread counts they trained on (`run_one`), which an interrupted run's record, written by a
+# later invocation, could not know.
 LOAD = "compare-jobs.json"
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
@@ -108,10 +109,15 @@ def parse_recipes(text: str | list[str]) -> list[str]:
 
 
 def parse_targets(items) -> dict[str, float]:
-    """``["mxfp4=3", ...]`` -> ``{"mxfp4": 3.0}``."""
+    """``["mxfp4=3", ...]`` -> ``{"mxfp4": 3.0}``; a recipe given twice is refused (the last
+    value silently won: ``--target mxfp4=3 --target mxfp4=1`` judged mxfp4 by 1% alone)."""
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")
+        if name.strip() in out:
+            raise UsageError(
+                f"--target {name.strip()} is given twice; fix: give each recipe one --target"
+            )
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -398,7 +404,8 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
     """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
     study's runs before, `clear_runs`). ``jobs``: up to how many runs
     train at once on this machine beside this one (recorded: its throughput is measured under that
-    load, `speed_load`; for a resumed run the largest of its parts', `_record_load`)."""
+    load, `speed_load`; for a resumed run the largest of its parts', `_record_load`), as are the
+    PyTorch threads it trains on (`speed_threads`)."""
     from lowbit.train import NonFiniteLoss, checkpoint
     from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.trainer import Trainer
@@ -429,14 +436,14 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
             trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume
         )
     trainer.sample = False  # a sample text per run is slow and not compared
-    jobs = _record_load(run_dir, jobs, resume)
+    jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     try:
         result = trainer.fit(resume=resume, overwrite=not resume)
     except NonFiniteLoss as error:
-        record = _diverged(config, recipe, seed, trainer, str(error), jobs)
+        record = _diverged(config, recipe, seed, trainer, str(error), jobs, threads)
         _write_record(run_dir, record)
         return {**record, "reused": False}
     if result.status != "completed":
@@ -454,6 +461,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
         "throughput": result.throughput,
         "unit": result.unit,
         "jobs": jobs,
+        "threads": threads,
         "step_time": result.step_time,
         "wall_time": result.wall_time,
         "skipped_steps": result.skipped_steps,
@@ -490,29 +498,36 @@ def _transformers_warnings(on: bool):
         hf_logging.set_verbosity(verbosity)
 
 
-def _record_load(run_dir: Path, jobs: int, resume: bool) -> int:
-    """The largest ``jobs`` the run's parts trained under, this one's included, kept in the run
-    folder (`LOAD`) for the invocation that finishes the run and writes its record. A resumed
-    run's throughput counts the steps of every part (the checkpoint holds their tokens and
-    seconds): recorded as the last part's ``jobs`` alone, a run begun under --jobs 2 and finished
-    under --jobs 1 read as trained alone, and a study of such runs had no word in its report
-    about the shared load."""
+def _record_load(run_dir: Path, jobs: int, threads: int, resume: bool) -> tuple[int, list[int]]:
+    """The largest ``jobs`` the run's parts trained under and the thread counts they trained on
+    (smallest first), this one's included, kept in the run folder (`LOAD`) for the invocation
+    that finishes the run and writes its record. A resumed run's throughput counts the steps of
+    every part (the checkpoint holds their tokens and seconds): recorded as the last part's
+    ``jobs`` alone, a run begun under --jobs 2 and finished under --jobs 1 read as trained alone,
+    and a study of such runs had no word in its report about the shared load; so with threads,
+    a run begun on 4 threads and resumed on 1. A load file from before session 25 has no threads:
+    the earlier parts' are unknown and left out."""
     path = run_dir / LOAD
+    thread_counts = {threads}
     if resume and path.is_file():
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            jobs = max(jobs, int(json.loads(path.read_text(encoding="utf-8"))["jobs"]))
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            jobs = max(jobs, int(saved["jobs"]))
+            thread_counts.update(int(count) for count in saved.get("threads", []))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps({"jobs": jobs}) + "\n")
-    return jobs
+    thread_counts = sorted(thread_counts)
+    write_atomically(path, json.dumps({"jobs": jobs, "threads": thread_counts}) + "\n")
+    return jobs, thread_counts
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
     write_atomically(run_dir / RECORD, json.dumps(_jsonable(record), indent=1) + "\n")
 
 
-def _diverged(config, recipe, seed, trainer, error: str, jobs: int) -> dict:
+def _diverged(config, recipe, seed, trainer, error: str, jobs: int, threads: list[int]) -> dict:
     """The record of a run stopped by a non-finite loss: no final loss, no memory measurement;
-    its throughput, averaged into its recipe's, under the load of ``jobs`` (`speed_load`)."""
+    its throughput, averaged into its recipe's, under the load of ``jobs`` (`speed_load`) on
+    ``threads`` (`speed_threads`)."""
     return {
         "recipe": recipe,
         "seed": seed,
@@ -524,6 +539,7 @@ def _diverged(config, recipe, seed, trainer, error: str, jobs: int) -> dict:
         "throughput": trainer.counted / max(trainer.step_seconds, 1e-9),
         "unit": trainer.task.unit,
         "jobs": jobs,
+        "threads": threads,
         "step_time": trainer.step_seconds / max(1, trainer.step_idx),
         "skipped_steps": int(trainer.precision.skipped_steps),
         "loss_scale": float(trainer.precision.loss_scale),
@@ -708,6 +724,7 @@ def summarize(study: Study, records: dict) -> dict:
             "parity_targets": study.parity_targets,  # False: --no-parity-targets
         },
         "speed_load": speed_load(records),
+        "speed_threads": speed_threads(records),
         "task": task,
         "metric": metric,
         "baseline": study.baseline,
@@ -726,6 +743,15 @@ def speed_load(records: dict) -> list[int]:
     trained several at a time shared the cores, so their throughput is lower than alone, and a
     ratio between runs trained under different loads measures the load as much as the recipe."""
     return sorted({r["jobs"] for runs in records.values() for r in runs if "jobs" in r})
+
+
+def speed_threads(records: dict) -> list[int]:
+    """The PyTorch thread counts the study's runs trained on (every part of a resumed run's),
+    smallest first (records from before session 25 do not say: left out). A run's --threads is
+    not one of the settings a finished run is reused by (the losses hardly depend on it), so a
+    study continued with other --threads, or a recipe added to it later, holds runs timed on
+    different thread counts, whose throughput ratios measure the threads as much as the recipe."""
+    return sorted({t for runs in records.values() for r in runs for t in r.get("threads", [])})
 
 
 def baseline_trend(curve: list) -> dict | None:

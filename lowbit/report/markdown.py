@@ -231,7 +231,12 @@ def non_finite_line(results: dict) -> str:
 
 def speed_load_note(results: dict) -> str:
     """What the throughput column can be trusted for, given the ``--jobs`` the runs trained
-    under (`lowbit.report.compare.speed_load`); empty when they trained one at a time."""
+    under and the threads they trained on (`lowbit.report.compare.speed_load`, `speed_threads`);
+    empty when they trained one at a time on one thread count."""
+    return "; ".join(part for part in (_jobs_note(results), _threads_note(results)) if part)
+
+
+def _jobs_note(results: dict) -> str:
     loads = results.get("speed_load") or []  # absent in results from before session 19
     if len(loads) > 1:
         return (
@@ -245,6 +250,18 @@ def speed_load_note(results: dict) -> str:
             f"the runs trained up to {loads[0]} at a time (--jobs {loads[0]}), sharing the "
             "cores: throughput is per run under that load, slower than alone, and ratios are "
             "rough (--jobs 1 for speed)"
+        )
+    return ""
+
+
+def _threads_note(results: dict) -> str:
+    threads = results.get("speed_threads") or []  # absent in results from before session 25
+    if len(threads) > 1:
+        return (
+            "WARNING: the runs trained on different thread counts (--threads "
+            + ", ".join(map(str, threads))
+            + "), so the throughput ratios mix the threads with the recipe: for speed, train "
+            "again with one --threads for all (--overwrite)"
         )
     return ""
 
