@@ -116,7 +116,7 @@ def run(args) -> int:
     if args.checkpoint:
         from lowbit.diagnostics.auto import plan_over_time
 
-        timeline = plan_over_time(args.checkpoint)
+        timeline = plan_over_time(args.checkpoint, until_step=diagnosis.start_step)
         if timeline:
             print(f"auto plan of {args.checkpoint} over time:\n{timeline}")
     json_path, png_path = write_outputs(diagnosis, out)

@@ -423,9 +423,12 @@ def all_finite(loss: float, parameters) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def plan_over_time(run_dir) -> str:
+def plan_over_time(run_dir, until_step: int | None = None) -> str:
     """The ``auto`` plan of a run at each change, from its ``metrics.jsonl`` (a Markdown table):
-    step, operands per rung, share at 8 bits or below, mean bits, changes, retried attempts."""
+    step, operands per rung, share at 8 bits or below, mean bits, changes, retried attempts.
+
+    ``until_step``: only the changes up to that step, e.g. a checkpoint's: a run killed after its
+    last checkpoint logged changes the checkpoint never reached (a resume drops them)."""
     import json
     from pathlib import Path
 
@@ -437,7 +440,9 @@ def plan_over_time(run_dir) -> str:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("split") == "auto":
+            if record.get("split") == "auto" and (
+                until_step is None or record["step"] <= until_step
+            ):
                 records.append(record)
     if not records:
         return ""

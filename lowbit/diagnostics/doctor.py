@@ -90,6 +90,7 @@ class Diagnosis:
     suggestions: list[str] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     stopped: str = ""  # why the probe ended before its steps (a non-finite step), or ""
+    start_step: int = 0  # the step the probe starts from: the checkpoint's, 0 from scratch
 
     @property
     def flagged(self) -> list[Row]:
@@ -269,8 +270,13 @@ def _fp32(moment: torch.Tensor) -> torch.Tensor:
 
 def _same_numerics(run, config) -> bool:
     """Whether the probe's ``config`` computes as the ``run`` it starts from: recipe, overrides
-    and optimizer-state precision."""
-    fields = ("recipe", "overrides", "optimizer_state")
+    and optimizer-state precision. Recipes are compared as the presets they name, not as
+    spelled: ``auto:fp8`` is ``auto``, whose plan the probe goes on with."""
+    from lowbit.recipes import get_recipe
+
+    if run.recipe != config.recipe and get_recipe(run.recipe) != get_recipe(config.recipe):
+        return False
+    fields = ("overrides", "optimizer_state")
     return all(getattr(run, name) == getattr(config, name) for name in fields)
 
 
@@ -291,6 +297,13 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     # controller also takes at its check steps (a second collector attached here would be
     # replaced there and see nothing).
     config = replace(config, stats_interval=1)
+    if checkpoint_dir is not None and read(checkpoint_dir).task != config.task:
+        # refused here: the trainer, reading another task's data and tokenizer from the run,
+        # would fail on what is missing (e.g. "no saved tokenizer"), not on the cause
+        raise UsageError(
+            f"{checkpoint_dir}: a run of {read(checkpoint_dir).task}, not {config.task}; fix: drop "
+            "--task, the probe of a checkpoint takes the run's task"
+        )
     # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
     trainer = Trainer(config, quiet=True, saved_run=checkpoint_dir)
     if checkpoint_dir is not None:
@@ -486,6 +499,7 @@ def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagn
         suggestions=suggestions_for(rows),
         loss=result["losses"],
         stopped=result.get("stopped", ""),
+        start_step=result["start_step"],
     )
 
 
