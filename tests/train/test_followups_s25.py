@@ -182,3 +182,20 @@ def test_a_resumed_runs_event_file_is_read_after_the_crashed_runs(tmp_path):
     events.Reload()
     shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert shown == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_an_auto_run_resumes_under_another_spelling_of_its_recipe(tmp_path, capsys):
+    """auto:fp8 is auto (its default budget), but --resume compared the names as spelled and
+    refused "cannot resume with recipe 'auto:fp8': the run was trained with 'auto'"; another
+    budget is another recipe and still refused."""
+    run = tmp_path / "run"
+    tiny = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
+    assert (
+        main(["train", *tiny, "--recipe", "auto", "--steps", "2", "--out", str(run), "--quiet"])
+        == 0
+    )
+    capsys.readouterr()
+    resumed = ["train", "--resume", str(run), "--steps", "3", "--quiet"]
+    assert main([*resumed, "--recipe", "auto:fp4"]) == 2
+    assert "cannot resume with recipe 'auto:fp4'" in capsys.readouterr().err
+    assert main([*resumed, "--recipe", "auto:fp8"]) == 0
