@@ -17,17 +17,21 @@ The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch'
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
 quantized: about half a minute once per machine, then milliseconds. A build lock that a build
 killed mid-way left is removed after ten minutes (`_clear_stale_lock`); torch would wait for it
-for ever. Without a compiler, or with
-``LOWBIT_KERNELS=0`` in the environment, lowbit warns once and uses the PyTorch path (same results,
-slower). CUDA tensors always take the PyTorch path.
+for ever. When there is no compiler, a compile fails or the cache folder cannot be written,
+lowbit warns once, in one line saying why, and uses the PyTorch path (same results, slower);
+``LOWBIT_KERNELS=0`` in the environment takes that path without a word. CUDA tensors always take
+the PyTorch path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import platform
+import re
+import shutil
 import sys
 import threading
 import time
@@ -71,7 +75,7 @@ def _cpu_tag() -> str:
 _STALE_LOCK_SECONDS = 600
 
 
-def _clear_stale_lock(build_dir: Path) -> None:
+def _clear_stale_lock(build_dir: Path) -> bool:
     """Remove the ``lock`` file that a build killed by SIGTERM or SIGKILL left in ``build_dir``.
 
     `torch.utils.cpp_extension.load` takes that file at every load, cached or not, and a process
@@ -79,12 +83,12 @@ def _clear_stale_lock(build_dir: Path) -> None:
     job stopped while the kernels compiled) would hang every later lowbit run on the machine,
     silently. A lock older than `_STALE_LOCK_SECONDS` is removed with a note; a recent one is
     another process's build in progress (the ranks of a distributed run start together), which
-    is waited for, with a note saying where the lock is."""
+    is waited for, with a note saying where the lock is. True when there is such a build."""
     lock = build_dir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except OSError:  # no lock: the usual case
-        return
+        return False
     if age > _STALE_LOCK_SECONDS:
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
@@ -93,20 +97,48 @@ def _clear_stale_lock(build_dir: Path) -> None:
             "interrupted build of the kernels left",
             file=sys.stderr,
         )
+        return False
+    print(
+        f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
+        "build is running, delete it)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _absolute_extensions_dir() -> None:
+    """Make ``$TORCH_EXTENSIONS_DIR`` mean what a shell user means by it before torch reads it.
+
+    torch joins the value to the extension's name as it is: an empty one (``export
+    TORCH_EXTENSIONS_DIR=``) put the build folder in the current directory, so every other
+    directory compiled afresh and left one there; ``~/x`` made a folder named ``~`` there; a
+    relative one depended on where each process started. Empty now means unset (torch's default
+    cache), and ``~`` and relative paths are resolved once, for this process and its children."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        return
+    if root.strip():
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.abspath(os.path.expanduser(root))
     else:
-        print(
-            f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
-            "build is running, delete it)",
-            file=sys.stderr,
-        )
+        del os.environ["TORCH_EXTENSIONS_DIR"]
 
 
 def _build() -> None:
     from torch.utils import cpp_extension
 
+    # Without this check torch runs the build anyway, prints a page-long warning that "c++" is
+    # not the compiler PyTorch was built with, and fails with the compile command as its message.
+    get_compiler = getattr(cpp_extension, "get_cxx_compiler", None)  # torch >= 2.1
+    compiler = get_compiler() if get_compiler else os.environ.get("CXX", "c++")
+    if not shutil.which(compiler.split(" ")[0]):
+        raise RuntimeError(f"no C++ compiler: {compiler!r} ($CXX, default c++) is not on PATH")
+    _absolute_extensions_dir()
     name = f"lowbit_kernels_{_cpu_tag()}"
+    other_build = False  # another process's, which this one waits for rather than compiling
     with contextlib.suppress(AttributeError, OSError):  # torch's helper for the folder it builds in
-        _clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
+        other_build = _clear_stale_lock(
+            Path(cpp_extension._get_build_directory(name, verbose=False))
+        )
     start = time.perf_counter()
     cpp_extension.load(
         name=name,
@@ -118,9 +150,12 @@ def _build() -> None:
     )
     seconds = time.perf_counter() - start
     if seconds > 3:  # a compile, not a cache hit
-        print(
-            f"lowbit: compiled the fused quantization kernels in {seconds:.0f} s", file=sys.stderr
+        note = (
+            f"waited {seconds:.0f} s for another process's build of the fused quantization kernels"
+            if other_build
+            else f"compiled the fused quantization kernels in {seconds:.0f} s"
         )
+        print(f"lowbit: {note}", file=sys.stderr)
 
 
 def available() -> bool:
@@ -138,15 +173,38 @@ def _load() -> bool:
     try:
         _build()
     except Exception as error:  # no compiler, no ninja, a build error: fall back, say why
-        _state["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        _state["error"] = _build_failure(error)
+        fix = (
+            "set TORCH_EXTENSIONS_DIR to a folder you can write"
+            if getattr(error, "errno", None) in _FOLDER_ERRNOS
+            else "install a C++ compiler and `pip install ninja`"
+        )
         warnings.warn(
             "lowbit: could not build the fused quantization kernels "
             f"({_state['error']}); using the PyTorch path (same results, slower). "
-            "Install a C++ compiler and `pip install ninja`, or set LOWBIT_KERNELS=0 to silence this.",
+            f"Fix: {fix}, or set LOWBIT_KERNELS=0 to silence this.",
             stacklevel=3,
         )
         return False
     return True
+
+
+# The build folder's failures (no permission, a read-only filesystem, a file in the way, a full
+# disk), whose fix is another folder, not a compiler.
+_FOLDER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC}
+# A line of a compiler's output (or the shell's) that says what went wrong.
+_REASON = re.compile(r"error:|not found", re.IGNORECASE)
+
+
+def _build_failure(error: Exception) -> str:
+    """One line saying why the build failed. When a compile fails, torch's message begins with
+    the compiler's command line (hundreds of characters, no reason in them); the reason is the
+    first line of the compiler's output that reports an error, or a shell's "not found"."""
+    first, *rest = str(error).splitlines() or [""]
+    reason = next((line.strip() for line in rest if _REASON.search(line)), None)
+    if reason is None:
+        return f"{type(error).__name__}: {first}"
+    return f"{type(error).__name__}: {first.split(': [', 1)[0]}: {reason}"
 
 
 def build_error() -> str | None:
