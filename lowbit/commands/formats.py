@@ -66,17 +66,28 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     """Floating-point tensors of a .pt/.safetensors file (a tensor, or a nested state dict), of
     every .safetensors file of a folder (a Hugging Face checkpoint, its shards), or of the model
     of a lowbit checkpoint (its optimizer moments are no weights a format would hold)."""
+    if not path.strip():  # Path("") is the current directory
+        raise UsageError("--tensor: an empty path; fix: pass a .pt or .safetensors file")
     file = Path(path)
     if file.is_dir():
         shards = sorted(file.glob("*.safetensors"))
         if not shards:
-            raise UsageError(
-                f"{path}: a folder, with no .safetensors file in it; fix: pass a .pt or "
-                ".safetensors file (a lowbit run's are in its checkpoints folder)"
+            torch_files = sorted(file.glob("*.pt"))  # a run's checkpoints folder, say
+            fix = (
+                f"pass one of its .pt files (the last: {torch_files[-1]})"
+                if torch_files
+                else "pass a .pt or .safetensors file (a lowbit run's are in its checkpoints "
+                "folder)"
             )
+            raise UsageError(f"{path}: a folder, with no .safetensors file in it; fix: {fix}")
         loaded = {name: t for shard in shards for name, t in _read_safetensors(shard).items()}
-    elif not file.is_file():
+    elif not file.exists():
         raise UsageError(f"{path}: no such file; fix: pass a .pt or .safetensors file")
+    elif not file.is_file():
+        raise UsageError(
+            f"{path}: not a regular file (a device, pipe or socket); fix: save the tensors to a "
+            ".pt or .safetensors file and pass that"
+        )
     elif file.suffix == ".safetensors":
         loaded = _read_safetensors(file)
     else:
@@ -195,7 +206,7 @@ def _non_finite_note(name: str, numel: int, count: int, overflowed: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tensor:
+    if args.tensor is not None:  # an empty --tensor is refused, not taken for no --tensor
         print(error_table(load_tensors(args.tensor)))
     else:
         print(format_table())
