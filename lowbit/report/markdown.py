@@ -239,11 +239,8 @@ def speed_load_note(results: dict) -> str:
 def _jobs_note(results: dict) -> str:
     loads = results.get("speed_load") or []  # absent in results from before session 19
     if len(loads) > 1:
-        return (
-            "WARNING: the runs trained under different loads (--jobs "
-            + ", ".join(map(str, loads))
-            + "), so the throughput ratios mix the load with the recipe: for speed, train "
-            "again with one --jobs for all (--jobs 1 for speed alone)"
+        return _mixed_speeds(
+            "under different loads", "--jobs", loads, "load", "--jobs 1 for speed alone"
         )
     if loads and loads[0] > 1:
         return (
@@ -257,13 +254,19 @@ def _jobs_note(results: dict) -> str:
 def _threads_note(results: dict) -> str:
     threads = results.get("speed_threads") or []  # absent in results from before session 25
     if len(threads) > 1:
-        return (
-            "WARNING: the runs trained on different thread counts (--threads "
-            + ", ".join(map(str, threads))
-            + "), so the throughput ratios mix the threads with the recipe: for speed, train "
-            "again with one --threads for all (--overwrite)"
+        return _mixed_speeds(
+            "on different thread counts", "--threads", threads, "threads", "--overwrite"
         )
     return ""
+
+
+def _mixed_speeds(how: str, flag: str, values: list[int], what: str, fix: str) -> str:
+    """The warning of a study whose runs were timed with different ``flag`` values."""
+    return (
+        f"WARNING: the runs trained {how} ({flag} {', '.join(map(str, values))}), so the "
+        f"throughput ratios mix the {what} with the recipe: for speed, train again with one "
+        f"{flag} for all ({fix})"
+    )
 
 
 def _memory_kind(rows) -> str:
