@@ -44,3 +44,13 @@ def check_given(value, name: str, fix: str = "give its value (a shell variable u
     passes."""
     if value is not None and not str(value).strip():
         raise UsageError(f"{name} is an empty string; fix: {fix}")
+
+
+def pipe_as_data(path, what: str = "text") -> UsageError:
+    """The refusal of a data path that exists but is neither a file nor a folder: a pipe (the
+    shell's ``<(zcat x.gz)``) or a device, read once and then gone, where a run reads its data
+    again to evaluate or resume. (Reported as missing, it sent the user looking for a typo.)"""
+    return UsageError(
+        f"{path}: not a regular file or folder but a pipe or device, which cannot be read again "
+        f"to evaluate or resume the run; fix: save the {what} to a file and give its path"
+    )

@@ -30,7 +30,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.errors import UsageError, check_given
+from lowbit.errors import UsageError, check_given, pipe_as_data
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
@@ -204,11 +204,8 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
                 if f.suffix.lower() in records
                 else _file_documents(f, name)
             )
-    elif path.exists():  # a pipe (the shell's <(...)) or a device: read once, then gone
-        raise UsageError(
-            f"{spec}: not a regular file or folder but a pipe or device, which cannot be read "
-            "again to evaluate or resume the run; fix: save the text to a file and give its path"
-        )
+    elif path.exists():
+        raise pipe_as_data(spec)
     else:
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
     if not any(d.text for d in docs):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, pipe_as_data
 
 IGNORE_INDEX = -100
 
@@ -328,12 +328,8 @@ def conll_splits(path: str) -> dict:
         return read_conll_folder(source)
     if source.is_file():
         return _split_conll_file(source)
-    if source.exists():  # a pipe (the shell's <(zcat x.conll.gz)) or a device: read once, then gone
-        raise UsageError(
-            f"{path}: not a regular file or folder but a pipe or device, which cannot be read "
-            "again to evaluate or resume the run; fix: save the CoNLL text to a file and give its "
-            "path"
-        )
+    if source.exists():
+        raise pipe_as_data(path, "CoNLL text")
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
 
 
