@@ -558,7 +558,8 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.device = self.dist.device(resolve_device(config.device))
         recipe = recipe_of(config)
-        preflight(config, resume)  # before the model is built: it may not fit
+        if not self.dist.distributed:  # a rank's: the launcher checked before starting it
+            preflight(config, resume)  # before the model is built: it may not fit
         seed_everything(config.seed)
         with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
