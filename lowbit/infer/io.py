@@ -202,13 +202,10 @@ def _in_optimizer_order(model: torch.nn.Module, config) -> list[torch.Tensor]:
     parameters in its own order (`LowbitExperts`: the expert matrices before gpt-oss's biases), so
     the unconverted model's order would pair masters with other parameters. The order is read
     from a copy converted on the meta device (no memory, and ``model`` stays as it is), by name."""
-    from lowbit.nn.experts import is_experts
     from lowbit.precision import Precision
     from lowbit.precision.update import optimizer_params
     from lowbit.train.trainer import build_optimizer, recipe_of
 
-    if not any(is_experts(module) for module in model.modules()):  # conversion keeps the order
-        return optimizer_params(build_optimizer(model, config))
     on_meta = {
         id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad)
         for p in model.parameters()
