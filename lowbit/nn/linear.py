@@ -358,10 +358,10 @@ def _first_derivative_only(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, grad_out):
+        if not torch.is_grad_enabled():  # the usual backward, without create_graph: as it was
+            return backward(ctx, grad_out)
         with torch.no_grad():
             grads = backward(ctx, grad_out)
-        if not torch.is_grad_enabled():  # the usual backward, without create_graph
-            return grads
         return _refusing_second_derivatives(
             grads, [grad.detach().requires_grad_() for grad in grads if grad is not None]
         )
