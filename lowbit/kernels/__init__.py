@@ -19,7 +19,9 @@ quantized: about half a minute once per machine, then milliseconds. A build lock
 killed mid-way left is removed after ten minutes (`_clear_stale_lock`); torch would wait for it
 for ever. When there is no compiler, a compile fails or the cache folder cannot be written,
 lowbit warns once, in one line saying why, and uses the PyTorch path (same results, slower);
-``LOWBIT_KERNELS=0`` in the environment takes that path without a word. CUDA tensors always take
+``LOWBIT_KERNELS=0`` in the environment takes that path without a word. A compile error is
+remembered in the build folder (`_FailureRecord`), so later processes fall back at once instead
+of compiling the same failure again. CUDA tensors always take
 the PyTorch path.
 """
 
@@ -135,19 +137,27 @@ def _build() -> None:
     _absolute_extensions_dir()
     name = f"lowbit_kernels_{_cpu_tag()}"
     other_build = False  # another process's, which this one waits for rather than compiling
+    build_dir = None
     with contextlib.suppress(AttributeError, OSError):  # torch's helper for the folder it builds in
-        other_build = _clear_stale_lock(
-            Path(cpp_extension._get_build_directory(name, verbose=False))
-        )
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        other_build = _clear_stale_lock(build_dir)
+    failed_before = _FailureRecord(build_dir, compiler) if build_dir else None
+    if failed_before:
+        failed_before.raise_if_recorded()
     start = time.perf_counter()
-    cpp_extension.load(
-        name=name,
-        sources=[str(source) for source in _SOURCES],
-        extra_cflags=_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in _SOURCES],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except RuntimeError as error:
+        if failed_before and str(error).startswith("Error building extension"):
+            failed_before.record(_build_failure(error))
+        raise
     seconds = time.perf_counter() - start
     if seconds > 3:  # a compile, not a cache hit
         note = (
@@ -156,6 +166,47 @@ def _build() -> None:
             else f"compiled the fused quantization kernels in {seconds:.0f} s"
         )
         print(f"lowbit: {note}", file=sys.stderr)
+
+
+class _EarlierBuildFailure(RuntimeError):
+    """The build failed the same way in an earlier process; the message is that failure's line."""
+
+
+class _FailureRecord:
+    """A compile that failed, remembered in the build folder so that later processes skip it.
+
+    A compile error comes back every time for the same sources, flags and compiler, and each try
+    costs about half a minute: without the record, every `lowbit` command (and every rank of a
+    distributed run) compiled again before falling back. The record holds a hash of what the
+    build depends on (the sources, the flags, torch's version, the compiler's path and its file's
+    modification time), so editing a source or installing another compiler builds again; so does
+    deleting the record, as the note says. Failures of the folder or a missing compiler are not
+    recorded: they cost nothing to meet again."""
+
+    def __init__(self, build_dir: Path, compiler: str):
+        self.path = build_dir / "lowbit-build-failed.txt"
+        digest = hashlib.sha256()
+        for source in _SOURCES:
+            digest.update(source.read_bytes())
+        program = shutil.which(compiler.split(" ")[0]) or compiler
+        with contextlib.suppress(OSError):
+            program += f"@{os.stat(program).st_mtime_ns}"
+        digest.update(repr((_FLAGS, torch.__version__, compiler, program)).encode())
+        self.key = digest.hexdigest()
+
+    def raise_if_recorded(self) -> None:
+        try:
+            key, reason = self.path.read_text().split("\n", 1)
+        except (OSError, ValueError):  # no record (the usual case), or an unreadable one
+            return
+        if key == self.key:
+            raise _EarlierBuildFailure(
+                f"{reason.strip()} (an earlier build; delete {self.path} to try again)"
+            )
+
+    def record(self, reason: str) -> None:
+        with contextlib.suppress(OSError):  # a folder that cannot be written: retried next time
+            self.path.write_text(f"{self.key}\n{reason}\n")
 
 
 def available() -> bool:
@@ -173,7 +224,8 @@ def _load() -> bool:
     try:
         _build()
     except Exception as error:  # no compiler, no ninja, a build error: fall back, say why
-        _state["error"] = _build_failure(error)
+        earlier = isinstance(error, _EarlierBuildFailure)
+        _state["error"] = str(error) if earlier else _build_failure(error)
         fix = (
             "set TORCH_EXTENSIONS_DIR to a folder you can write"
             if getattr(error, "errno", None) in _FOLDER_ERRNOS
