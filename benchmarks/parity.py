@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import lowbit  # noqa: E402
 from lowbit.errors import UsageError  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
-from lowbit.report.compare import check_out  # noqa: E402
+from lowbit.report.compare import check_out, check_runs  # noqa: E402
 from lowbit.report.markdown import (  # noqa: E402
     md_table,
     non_finite_line,
@@ -352,7 +352,9 @@ def main(argv=None) -> int:
         "image-classification": args.img_steps,
     }
     studies = {}
-    try:  # bad settings (a recipe listed twice, --seeds 0, an --out of another study) before any run
+    # bad settings (a recipe listed twice, --seeds 0, an --out of another study, a run folder of
+    # another device) before any run
+    try:
         for task in tasks:
             lm = task == "causal-lm"
             task_recipes = recipes if lm or not args.task_recipes else args.task_recipes.split(",")
@@ -360,7 +362,8 @@ def main(argv=None) -> int:
                 task_recipes = args.img_recipes.split(",")
             seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
             studies[task] = task_study(task, task_recipes, seeds, steps[task], args.out)
-            check_out(studies[task], overwrite=False)  # `compare` checks it after train_all
+            check_out(studies[task], overwrite=False)  # `compare` checks them after train_all
+            check_runs(studies[task])
     except UsageError as error:
         parser.error(str(error))
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)

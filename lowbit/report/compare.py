@@ -41,8 +41,9 @@ RECORD = "compare.json"  # written into a run folder when the run is finished an
 LOAD = "compare-jobs.json"
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
-# Settings of a run that may differ for a finished run to be reused: where it is written, on
-# which device, where it logs, and which checkpoints it keeps (the losses do not depend on them).
+# Settings of a run that may differ for a finished run to be reused: where it is written, where
+# it logs, and which checkpoints it keeps (the losses do not depend on them); and the device as
+# spelled (`auto`), which is compared as it resolves instead (`_check_device`).
 _NOT_COMPARED = {"out", "device", "wandb", "save_interval", "keep_last"}
 
 
@@ -400,21 +401,21 @@ def _layers(trainer) -> dict:
     }
 
 
-def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1) -> dict:
-    """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
-    study's runs before, `clear_runs`). ``jobs``: up to how many runs
-    train at once on this machine beside this one (recorded: its throughput is measured under that
-    load, `speed_load`; for a resumed run the largest of its parts', `_record_load`), as are the
-    PyTorch threads it trains on (`speed_threads`)."""
-    from lowbit.train import NonFiniteLoss, checkpoint
-    from lowbit.train.config import read, resolve, with_recorded_data
-    from lowbit.train.trainer import Trainer
+def _prepare(study: Study, recipe: str, seed: int) -> tuple:
+    """One run as this invocation finds it: its config, the config it trains with, its record
+    when it is finished and reusable, and whether it resumes. A run folder that holds a run of
+    other settings, or one trained on another device, is refused (`UsageError`)."""
+    from lowbit.train import checkpoint
+    from lowbit.train.config import read, read_run_info, resolve, with_recorded_data
+    from lowbit.train.trainer import resolve_device
 
     config = resolve(run_config(study, recipe, seed))
     run_dir = Path(config.out)
+    device = device_of(resolve_device(config.device))
     record = load_record(run_dir, config)
     if record is not None:
-        return {**record, "reused": True}
+        _check_device(run_dir, "a finished", _recorded_device(record), device)
+        return config, config, record, False
     resume = (run_dir / "config.yaml").is_file() and checkpoint.latest(run_dir) is not None
     # A relative --data path is resumed as the absolute one the run recorded (run.json), as
     # `lowbit train --resume` does: the checkpoint's is compared so, and a resumed run's
@@ -428,6 +429,64 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
                 f"{run_dir}: holds an unfinished run with other settings ({changed}); fix: "
                 "--overwrite to retrain, or another --out"
             )
+        # a load file from before session 26 does not say: run.json names the device type
+        recorded = _read_load(run_dir).get("device")
+        recorded = recorded or read_run_info(run_dir).get("device", "").partition(":")[0]
+        _check_device(run_dir, "an unfinished", recorded or None, device)
+    return config, trained, None, resume
+
+
+def device_of(device: torch.device) -> str:
+    """What a run's throughput and peak memory are measured on: ``cpu``, or ``cuda`` with the
+    GPU's name (another GPU times the same run differently)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def _recorded_device(record: dict) -> str | None:
+    """The device a finished run's record names (`device_of`). A record from before session 26
+    tells the device type alone, by its peak memory's kind; a diverged one of then, nothing."""
+    if "device" in record:
+        return record["device"]
+    kinds = {"cuda max allocated": "cuda", "tensor accounting": "cpu"}
+    return kinds.get(record.get("peak_memory_kind"))
+
+
+def _check_device(run_dir: Path, state: str, recorded: str | None, device: str) -> None:
+    """Refuse to reuse or resume a run on another device than it trained on. The losses differ
+    a little (other kernels round in another order), and its throughput and peak memory (CUDA's
+    allocator against the CPU's tensor accounting) would sit in one table with the study's other
+    runs as if measured alike; a resumed run's throughput would count the steps of both parts.
+    ``recorded``: None when unknown, a bare device type when the record names no GPU (then the
+    type must match)."""
+    if recorded is None or recorded in (device, device.partition(" ")[0]):
+        return
+    recorded_type = recorded.partition(" ")[0]
+    fix = (
+        f"--device {recorded_type} as before"
+        if recorded_type != device.partition(" ")[0]
+        else f"continue the study on {recorded}"
+    )
+    raise UsageError(
+        f"{run_dir}: holds {state} run trained on {recorded}, now {device}, whose speed and "
+        f"memory would not compare with the study's; fix: {fix}, or another --out"
+    )
+
+
+def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1) -> dict:
+    """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
+    study's runs before, `clear_runs`). ``jobs``: up to how many runs
+    train at once on this machine beside this one (recorded: its throughput is measured under that
+    load, `speed_load`; for a resumed run the largest of its parts', `_record_load`), as are the
+    PyTorch threads it trains on (`speed_threads`)."""
+    from lowbit.train import NonFiniteLoss
+    from lowbit.train.trainer import Trainer
+
+    config, trained, record, resume = _prepare(study, recipe, seed)
+    if record is not None:
+        return {**record, "reused": True}
+    run_dir = Path(config.out)
     # the emulation warning is the same for every seed of a recipe: said for its first one only,
     # and transformers' report of the --model folder's load for the study's first run only
     first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
@@ -436,7 +495,8 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
             trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume
         )
     trainer.sample = False  # a sample text per run is slow and not compared
-    jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume)
+    device = device_of(trainer.device)
+    jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume, device)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -468,6 +528,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
         "loss_scale": result.loss_scale,
         "memory": memory,
         "data_fingerprint": trainer.task.fingerprint,
+        "device": device,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
         "per_label": _per_label(trainer),
@@ -498,26 +559,39 @@ def _transformers_warnings(on: bool):
         hf_logging.set_verbosity(verbosity)
 
 
-def _record_load(run_dir: Path, jobs: int, threads: int, resume: bool) -> tuple[int, list[int]]:
+def _record_load(
+    run_dir: Path, jobs: int, threads: int, resume: bool, device: str
+) -> tuple[int, list[int]]:
     """The largest ``jobs`` the run's parts trained under and the thread counts they trained on
     (smallest first), this one's included, kept in the run folder (`LOAD`) for the invocation
-    that finishes the run and writes its record. A resumed run's throughput counts the steps of
+    that finishes the run and writes its record, with the ``device`` they train on (a later part
+    must train on it too, `_check_device`). A resumed run's throughput counts the steps of
     every part (the checkpoint holds their tokens and seconds): recorded as the last part's
     ``jobs`` alone, a run begun under --jobs 2 and finished under --jobs 1 read as trained alone,
     and a study of such runs had no word in its report about the shared load; so with threads,
     a run begun on 4 threads and resumed on 1. A load file from before session 25 has no threads:
     the earlier parts' are unknown and left out."""
-    path = run_dir / LOAD
     thread_counts = {threads}
-    if resume and path.is_file():
+    if resume:
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            jobs = max(jobs, int(saved["jobs"]))
+            saved = _read_load(run_dir)
+            jobs = max(jobs, int(saved.get("jobs", jobs)))
             thread_counts.update(int(count) for count in saved.get("threads", []))
     run_dir.mkdir(parents=True, exist_ok=True)
     thread_counts = sorted(thread_counts)
-    write_atomically(path, json.dumps({"jobs": jobs, "threads": thread_counts}) + "\n")
+    load = {"jobs": jobs, "threads": thread_counts, "device": device}
+    write_atomically(run_dir / LOAD, json.dumps(load) + "\n")
     return jobs, thread_counts
+
+
+def _read_load(run_dir: Path) -> dict:
+    """The run folder's load file (`_record_load`); empty where there is none or it is
+    unreadable."""
+    try:
+        saved = json.loads((run_dir / LOAD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
@@ -545,6 +619,7 @@ def _diverged(config, recipe, seed, trainer, error: str, jobs: int, threads: lis
         "loss_scale": float(trainer.precision.loss_scale),
         "memory": None,
         "data_fingerprint": trainer.task.fingerprint,
+        "device": device_of(trainer.device),
         "peak_memory_bytes": math.nan,
         "peak_memory_kind": "",
         "per_label": None,
@@ -891,6 +966,16 @@ def check_out(study: Study, overwrite: bool) -> None:
             )
 
 
+def check_runs(study: Study) -> None:
+    """Refuse (`UsageError`) a run folder of ``study`` that holds a run it can neither reuse nor
+    resume (other settings, another device: `_prepare`) before any run trains: found as its turn
+    came, it was found after the runs listed before it had trained (a recipe added first to a
+    study continued on a GPU)."""
+    for recipe in study.recipes:
+        for seed in study.seeds:
+            _prepare(study, recipe, seed)
+
+
 def _without_loss_scale(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _LOSS_SCALE_SETTINGS}
 
@@ -933,6 +1018,8 @@ def compare(
     from lowbit.report.plots import write_plots
 
     check_out(study, overwrite)
+    if not overwrite:  # before anything is written: a refused command leaves the study as it was
+        check_runs(study)
     study.out.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
     write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
