@@ -279,9 +279,27 @@ class WordVocab:
 
     @classmethod
     def load(cls, path) -> WordVocab:
+        """The vocabulary `save` wrote; a file cut short or edited (not JSON, no list of words,
+        a special missing) is a `UsageError` naming it, where it was a traceback from json or a
+        KeyError '[PAD]' when a run was evaluated or resumed."""
         if not Path(path).is_file():
             raise UsageError(f"{path}: no word vocabulary; fix: point at the vocab a run saved")
-        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["words"])
+        try:
+            words = json.loads(Path(path).read_text(encoding="utf-8"))["words"]
+        except (ValueError, KeyError, TypeError) as error:  # not UTF-8 or JSON; no "words"
+            problem = type(error).__name__
+        else:
+            if isinstance(words, list) and all(isinstance(w, str) for w in words):
+                missing = [w for w in cls.SPECIALS if w not in words]
+                problem = f"no {missing[0]}" if missing else ""
+            else:
+                problem = "not a list of words"
+        if problem:
+            raise UsageError(
+                f"{path}: the saved word vocabulary is damaged ({problem}); fix: restore the "
+                "run's vocab.json"
+            )
+        return cls(words)
 
 
 def encode_with_tokenizer(
@@ -292,7 +310,8 @@ def encode_with_tokenizer(
     Words are split into word pieces; a word's label goes on its first piece, -100 on the rest and
     on special tokens and padding. Words past ``max_len`` pieces are dropped. A word the tokenizer
     makes no piece of (a zero-width or other Unicode space) is read as its unknown token, so that
-    its label is not lost.
+    its label is not lost. Each word after a sentence's first has the pieces it has in the running
+    text of the words joined by spaces (`_word_separator`).
     """
     unique = sorted({w for s in sentences for w in s.tokens})
     pieces = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
@@ -303,8 +322,13 @@ def encode_with_tokenizer(
             f"the tokenizer makes no piece of the word {sorted(empty)[0]!r} and has no unknown "
             "token; fix: remove such words from the data"
         )
+    separator = _word_separator(tokenizer)
+    words = [
+        [unknown if w in empty else (separator if i else "") + w for i, w in enumerate(s.tokens)]
+        for s in sentences
+    ]
     enc = tokenizer(
-        [[unknown if w in empty else w for w in s.tokens] for s in sentences],
+        words,
         is_split_into_words=True,
         truncation=True,
         max_length=max_len,
@@ -323,3 +347,21 @@ def encode_with_tokenizer(
         "attention_mask": enc["attention_mask"],
         "labels": labels,
     }
+
+
+def _word_separator(tokenizer) -> str:
+    """``" "`` where the tokenizer, handed a sentence's words one by one, drops the space each
+    word after the first has in running text, else ``""``.
+
+    Byte-level BPE after a regex split (Llama 3's, Qwen2's, BLOOM's pre-tokenizer: no prefix space
+    of its own) and SentencePiece without a dummy prefix (Gemma's) make "Ġrejects" / "▁rejects" of
+    " rejects" in running text but "rej" "ects" of the word alone: a tagger on such an encoder
+    trained on pieces it never met in pretraining. Those words are handed over with their space.
+    Tokenizers that space every word themselves (RoBERTa's with ``add_prefix_space``, Llama 2's
+    "▁" prefix) or split at spaces (BERT's WordPiece) give a lone word the pieces of its spaced
+    form, or else running text is not those two forms in a row: they get words as they are. The
+    probe reads the tokenizer's behaviour, not its class, so any family is judged alike."""
+    words = [["a"], [" a"]]  # a batch of two one-word sentences
+    lone, spaced = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    running = tokenizer("a a", add_special_tokens=False)["input_ids"]
+    return " " if lone != spaced and running == lone + spaced else ""

@@ -190,8 +190,9 @@ def _keep_leading_spaces(tokenizer) -> None:
     any model type) put the space before each pre-split word that it has in running text:
     without it, a Longformer or Data2VecText tagger saw "return" as the pieces "ret" "urn" of
     a word glued to the one before, never the "Ġreturn" it was pretrained on. A byte-level step
-    after another split (Llama 3's, BLOOM's) would add a space to each piece, so it is left
-    as it is."""
+    after another split (Llama 3's, Qwen2's, BLOOM's) would add a space to each piece, so it is
+    left as it is: `lowbit.data.encode_with_tokenizer` hands such a tokenizer each word after a
+    sentence's first with its space."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow tokenizer has none
