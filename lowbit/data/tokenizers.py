@@ -4,6 +4,9 @@ Both have the same interface: ``encode(text) -> list[int]``, ``decode(ids) -> st
 ``encode_documents(texts) -> np.ndarray`` (documents joined by the end-of-text id), ``vocab_size``,
 ``eot_id``, ``save(folder)`` and ``load(folder)``. A folder written by ``save`` holds
 ``lowbit_tokenizer.json`` (kind and sizes) and, for BPE, the Hugging Face ``tokenizer.json``.
+
+The end-of-text id comes only from lowbit's own document boundaries (`encode_documents`): the
+string ``<|endoftext|>`` written in a text is plain text for both, as ``decode`` shows the id.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class BPETokenizer:
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
+        # "<|endoftext|>" in a text is text, as its 13 bytes are to the byte tokenizer: read as the
+        # special token, a document quoting it (this file, a tokenizer's docs) was cut in two
+        # where the byte tokenizer saw one. The flag is not saved in tokenizer.json: set it here.
+        self._tok.encode_special_tokens = True
         self.eot_id = tokenizer.token_to_id(EOT_TEXT)
         self.vocab_size = tokenizer.get_vocab_size()
 
