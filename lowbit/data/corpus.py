@@ -96,12 +96,19 @@ class Corpus:
 
 def split_of(name: str) -> str:
     """The split of a document named ``name`` (see the module docstring for the rule)."""
-    bucket = int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:8], 16) % 100
+    bucket = int(hashlib.sha1(name_bytes(name)).hexdigest()[:8], 16) % 100
     if bucket < SPLIT_PERCENT["train"]:
         return "train"
     if bucket < SPLIT_PERCENT["train"] + SPLIT_PERCENT["validation"]:
         return "validation"
     return "test"
+
+
+def name_bytes(name: str) -> bytes:
+    """A document's name as bytes: UTF-8, and a file name's bytes that are not UTF-8 (a Latin-1
+    name unpacked from an old archive, which Python reads as lone surrogates) as they are on disk:
+    strict UTF-8 stopped the whole run with a UnicodeEncodeError on such a name."""
+    return name.encode("utf-8", errors="surrogateescape")
 
 
 def split_documents(docs: list[Document]) -> dict[str, list[Document]]:
@@ -117,7 +124,7 @@ def fingerprint(docs: list[Document]) -> dict:
     digest = hashlib.sha256()
     total = 0
     for doc in sorted(docs, key=lambda d: d.name):
-        name, data = doc.name.encode("utf-8"), doc.text.encode("utf-8")
+        name, data = name_bytes(doc.name), doc.text.encode("utf-8")
         total += len(data)
         for part in (name, data):  # length-prefixed so that boundaries cannot shift
             digest.update(len(part).to_bytes(8, "little"))
