@@ -27,6 +27,7 @@ import functools
 import inspect
 import sys
 import warnings
+import weakref
 from dataclasses import replace
 
 import torch
@@ -75,6 +76,7 @@ class Precision:
         self._prepared: dict[int, tuple[list[torch.Tensor], bool]] = {}
         self._overflowed: bool | None = None  # in the steps since the scale last moved (None: none)
         self._pending: dict = {}  # parts of a loaded state whose model or optimizer is to come
+        self._stepping = False  # within `step` (`_refuse_direct_step`)
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -150,12 +152,42 @@ class Precision:
         return self.recipe.layer is not None and bool(report.kept) and not report.converted
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """The optimizer to use; the step runs through `step`, which handles master weights."""
+        """The optimizer to use; the step runs through `step`, which handles master weights.
+
+        What is not an optimizer (``model.parameters()``, the class ``torch.optim.AdamW``, a list
+        of optimizers) is refused here in one line, not by an AttributeError at the first `step`
+        or `state_dict`."""
+        if not _is_optimizer(optimizer) or isinstance(optimizer, type):
+            given = (
+                f"the class {optimizer.__name__}"
+                if isinstance(optimizer, type)
+                else f"a {type(optimizer).__name__}"
+            )
+            raise UsageError(
+                f"precision.wrap_optimizer() takes an optimizer, not {given}; fix: optimizer = "
+                "precision.wrap_optimizer(torch.optim.AdamW(model.parameters())), once for each "
+                "optimizer"
+            )
         if all(known is not optimizer for known in self._optimizers):
             self._optimizers.append(optimizer)
             self.update.wrap(optimizer)
+            optimizer.register_step_pre_hook(_refuse_direct_step(self))
         self._apply_pending()
         return optimizer
+
+    def _direct_step_differs(self) -> str:
+        """What a wrapped optimizer's own ``optimizer.step()`` would skip of `step` ("" where it
+        steps as `step` does: fp32 parameters, no loss scaling, no amax histories)."""
+        if self.scaler.enabled:
+            return "it would apply the loss-scaled gradients and take a step that overflowed"
+        if self.param_dtype != torch.float32:
+            return (
+                "it would step the 16-bit weights with 16-bit optimizer states, without the "
+                "recipe's master weights or rounding of the update"
+            )
+        if any(layer.lowbit_state.histories for layer in self._layers().values()):
+            return "the delayed-scaling amax histories would not move on"
+        return ""
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -170,6 +202,15 @@ class Precision:
         self._move_scale()
         if self._prepared:
             self._forget_unstepped()
+        if self.scaler.enabled and self.scaler.holds_unscaled(
+            [p.grad for p in self._params() if p.grad is not None]
+        ):
+            # (GradScaler adds them silently: the next step divides the old gradients by the scale)
+            raise UsageError(
+                "precision.backward() onto gradients that precision.step() unscaled, without "
+                "optimizer.zero_grad() between: the new gradients would be scaled and the old "
+                "not; fix: optimizer.zero_grad() after precision.step(optimizer)"
+            )
         self.scaler.scale(loss).backward(**options)
 
     def _move_scale(self) -> None:
@@ -270,15 +311,19 @@ class Precision:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
         stepped = True
-        for optimizer in optimizers:
-            _, finite = self._prepare(optimizer)
-            if finite:
-                self.update.step(optimizer, closure)
-            else:
-                self.update.abort(optimizer)
-                stepped = False
-            # (the closure's `backward` may have dropped it already)
-            self._prepared.pop(id(optimizer), None)
+        self._stepping = True
+        try:
+            for optimizer in optimizers:
+                _, finite = self._prepare(optimizer)
+                if finite:
+                    self.update.step(optimizer, closure)
+                else:
+                    self.update.abort(optimizer)
+                    stepped = False
+                # (the closure's `backward` may have dropped it already)
+                self._prepared.pop(id(optimizer), None)
+        finally:
+            self._stepping = False
         if not stepped and not self._overflowed:
             self.skipped_steps += 1
         self._overflowed = bool(self._overflowed) or not stepped
@@ -397,6 +442,18 @@ class Precision:
         purpose (a bf16-mixed run continued in fp8) is legitimate, so it is not refused, but what
         this recipe keeps no place for (the other's fp32 master weights) is dropped silently
         otherwise, and the run would continue from the model's rounded weights unawares."""
+        if not isinstance(state, dict) or "scaler" not in state:
+            # (a whole checkpoint, or the model's or optimizer's state, failed with KeyError 'scaler')
+            given = (
+                f"a dict of {', '.join(map(str, list(state)[:6])) or 'nothing'}"
+                if isinstance(state, dict)
+                else f"a {type(state).__name__}"
+            )
+            raise UsageError(
+                f"precision.load_state_dict() takes what precision.state_dict() returned, not "
+                f"{given}; fix: save precision.state_dict() in the checkpoint and load that part, "
+                "e.g. precision.load_state_dict(checkpoint['precision'])"
+            )
         saved = state.get("recipe")
         if saved is not None and saved != self.recipe.name:
             warnings.warn(
@@ -488,6 +545,29 @@ class Precision:
         if all(i in given for values in entries.values() for i in values):
             for key in ("update", "params_per_optimizer", "update_done"):
                 del self._pending[key]
+
+
+def _refuse_direct_step(precision: Precision):
+    """A step pre-hook for an optimizer `Precision.wrap_optimizer` wrapped: its own ``step()``,
+    outside `Precision.step`, is refused where it would silently step otherwise (loss-scaled
+    gradients, 16-bit weights without their master weights, delayed scaling that never moves on);
+    a loop that stepped so under bf16-mixed would break unnoticed in another recipe. The precision
+    is held weakly: the optimizer does not keep it alive."""
+    owner = weakref.ref(precision)
+
+    def refuse(optimizer, args, kwargs) -> None:
+        precision = owner()
+        if precision is None or precision._stepping:
+            return
+        why = precision._direct_step_differs()
+        if why:
+            raise UsageError(
+                f"{type(optimizer).__name__}.step() of an optimizer precision.wrap_optimizer() "
+                f"wrapped, outside precision.step(), under {precision.recipe.name}: {why}; fix: "
+                "precision.step(optimizer)"
+            )
+
+    return refuse
 
 
 @functools.cache
