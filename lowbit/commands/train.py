@@ -130,7 +130,15 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The run's `TrainConfig`: saved config (resume) < config file < flags."""
-    from lowbit.train.config import build_config, given_settings, load_file, merge, read
+    from lowbit.distributed.context import torchrun_env
+    from lowbit.train.config import (
+        build_config,
+        given_settings,
+        is_run_config,
+        load_file,
+        merge,
+        read,
+    )
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
@@ -145,6 +153,10 @@ def config_from_args(args):
         overrides["out"] = args.resume
     _check_nproc(args.nproc)
     settings = load_file(_path(args.config)) if args.config else {}
+    if args.nproc is None and "nproc" in settings and not is_run_config(_path(args.config)):
+        # a hand-written file's nproc was given; a run's config.yaml records the count that run
+        # had, which follows torchrun's world size as an unset one does
+        _check_nproc(build_config(settings).nproc, args.config)
     if args.resume:
         # the run folder: --resume DIR, else --out, else the config file's out (a job script that
         # runs `lowbit train --config run.yaml --resume` again after each preemption)
@@ -152,7 +164,10 @@ def config_from_args(args):
         if out is None:
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
         settings = merge(given_settings(read(out)), settings)
-    return build_config(settings, overrides)
+    config = build_config(settings, overrides)
+    if torchrun_env():  # what a run recorded follows the world size; a given count was checked
+        config.nproc = int(os.environ["WORLD_SIZE"])
+    return config
 
 
 def _path(path: str) -> Path:
@@ -161,17 +176,21 @@ def _path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
-def _check_nproc(nproc: int | None) -> None:
-    """Under torchrun the run's processes are the ones torchrun started: a --nproc of another
-    number was replaced by torchrun's world size without a word."""
+def _check_nproc(nproc: int | None, config_file: str | None = None) -> None:
+    """Under torchrun the run's processes are the ones torchrun started: a --nproc (or a
+    ``config_file``'s nproc) of another number was replaced by torchrun's world size without a
+    word."""
     from lowbit.distributed.context import torchrun_env
 
     world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else None
-    if nproc is not None and world is not None and nproc != world:
-        raise UsageError(
-            f"--nproc {nproc}, but torchrun started {world} processes (WORLD_SIZE {world}); "
-            f"fix: --nproc {world}, or drop --nproc (under torchrun its processes are the run's)"
-        )
+    if nproc is None or world is None or nproc == world:
+        return
+    name, where = ("nproc", f"{config_file}: ") if config_file else ("--nproc", "")
+    there = " there" if config_file else ""
+    raise UsageError(
+        f"{where}{name} {nproc}, but torchrun started {world} processes (WORLD_SIZE {world}); "
+        f"fix: {name} {world}{there}, or drop {name} (under torchrun its processes are the run's)"
+    )
 
 
 def run(args) -> int:

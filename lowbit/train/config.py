@@ -115,7 +115,7 @@ def load_file(path) -> dict:
             f"{path}: unknown setting {unknown!r}; fix: use one of "
             f"{', '.join(TrainConfig.field_names())}"
         )
-    if Path(path).name == "config.yaml" and is_run_folder(Path(path).parent):
+    if is_run_config(path):
         given = given_settings(build_config(settings))
         settings = {name: value for name, value in settings.items() if name in given}
     return settings
@@ -546,6 +546,12 @@ def is_run_folder(path) -> bool:
     config.json (a Hugging Face folder, or a `lowbit export`, holds one)."""
     path = Path(path)
     return (path / "config.yaml").is_file() and not (path / "config.json").exists()
+
+
+def is_run_config(path) -> bool:
+    """``path`` is the config.yaml of a run folder (`is_run_folder`): settings a run recorded,
+    its derived ones among them, not a file the user wrote."""
+    return Path(path).name == "config.yaml" and is_run_folder(Path(path).parent)
 
 
 def read(folder) -> TrainConfig:
