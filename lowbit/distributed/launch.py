@@ -72,6 +72,10 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
     if STOP_SIGNAL is not None:  # before training starts, the launcher's stop is a Ctrl-C
         signal.signal(STOP_SIGNAL, signal.default_int_handler)
     try:
+        from lowbit.train.trainer import preflight, resolve_device
+
+        if resolve_device(config.device).type == "cuda":  # the launcher left this rank's GPU
+            preflight(config, resume)
         result = run_rank(config, resume, overwrite, quiet, on_step)
         if result is not None:
             (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
@@ -199,7 +203,8 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
     if torchrun_env():
         preflight(config, resume, _torchrun_process_counts())
         return run_rank(config, resume, overwrite, quiet, on_step)
-    if config.nproc == 1:
+    if config.nproc == 1:  # a rank's Trainer leaves the pre-flight to its launcher: this one
+        preflight(config, resume)
         return run_rank(config, resume, overwrite, quiet, on_step)
     if sys.platform == "win32":
         raise UsageError("--nproc needs Linux or macOS; fix: use torchrun")
@@ -208,7 +213,7 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
         raise UsageError(
             f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
         )
-    preflight(config, resume)
+    preflight(config, resume, gpu_memory=False)  # each rank checks its own GPU (`_worker`)
     return spawn(config, resume, overwrite, quiet, on_step)
 
 

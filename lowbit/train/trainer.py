@@ -381,44 +381,81 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(model, config: TrainConfig, available: int, processes: int) -> None:
+def available_device_memory(device: torch.device) -> int:
+    """Bytes free on the CUDA ``device`` (`torch.cuda.mem_get_info`: what the driver can still
+    give, other processes' allocations taken). Reading it creates the device's CUDA context, which
+    the run then trains in."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this process trains on: a rank torchrun (or the `--nproc` launcher) started
+    trains on the GPU of its local rank (`lowbit.distributed.context.join`), not on cuda:0."""
+    from lowbit.distributed.context import torchrun_env
+
+    if device.type != "cuda" or not torchrun_env():
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def check_memory(
+    model, config: TrainConfig, available: int, processes: int, device=None, shards: int = 1
+) -> None:
     """Refuse a run whose model states alone (parameters, gradients, master weights and optimizer
     states under its recipe, `model_state_bytes_per_param`: activations not counted) exceed the
-    ``available`` bytes, ``processes`` copies of them (DDP's ranks on this machine). Built, a model
-    beyond the machine's memory was killed for it, or swapped for minutes, before any message."""
+    ``available`` bytes, ``processes`` copies of them (DDP's ranks on this machine), or one of
+    ``shards`` (FSDP's ranks, one per GPU) on the CUDA ``device``. Built, a model beyond the
+    machine's memory was killed for it, or swapped for minutes, before any message."""
     from lowbit.memory.estimate import model_state_bytes_per_param
 
     per_param = model_state_bytes_per_param(recipe_of(config), config.optimizer_state)
     params = sum(p.numel() for p in model.parameters())
-    needed = per_param * params * processes
+    needed = per_param * params * processes / shards
     if needed <= available:
         return
     copies = f" x {processes} DDP processes" if processes > 1 else ""
+    copies += f", 1/{shards} per FSDP process" if shards > 1 else ""
+    where = f"free on {device}" if device is not None else "available here"
+    more = "--strategy fsdp over more GPUs" if device is not None else "a GPU"
     raise UsageError(
         f"model {config.model} ({params / 1e9:.2f}B parameters) needs {needed / 2**30:.1f} GiB for "
         f"its parameters, gradients and optimizer states alone ({per_param:.1f} bytes per "
         f"parameter under recipe {config.recipe}, --optimizer-state {config.optimizer_state}"
-        f"{copies}), more than the {available / 2**30:.1f} GiB available here; fix: plan it with "
+        f"{copies}), more than the {available / 2**30:.1f} GiB {where}; fix: plan it with "
         f"lowbit estimate --model {config.model} --recipe {config.recipe}, then a smaller "
-        "--model, --optimizer-state 8bit or a GPU"
+        f"--model, --optimizer-state 8bit or {more}"
     )
 
 
-def preflight(config: TrainConfig, resume: bool = False, process_counts: str = "--nproc {}"):
+def preflight(
+    config: TrainConfig,
+    resume: bool = False,
+    process_counts: str = "--nproc {}",
+    gpu_memory: bool = True,
+):
     """The checks that refuse a run before its model is built and its ranks are spawned (seconds
-    to minutes, or an out-of-memory kill, later): its model states against this machine's memory
-    on a CPU (`check_memory`; a CUDA device's free memory would cost a CUDA context to read), and
-    FSDP shards that split quantized optimizer-state blocks (`check_state_blocks`, where the
-    shapes are known before the data is read). Both read the shapes of `planned_model`."""
+    to minutes, or an out-of-memory kill, later): its model states against the memory of the
+    device it trains on (`check_memory`: this machine's on a CPU, the free bytes of this process's
+    GPU on CUDA), and FSDP shards that split quantized optimizer-state blocks
+    (`check_state_blocks`, where the shapes are known before the data is read). Both read the
+    shapes of `planned_model`. ``gpu_memory=False`` leaves a GPU's memory unread: the `--nproc`
+    launcher would hold the CUDA context that reading creates for the whole run, and each of its
+    ranks checks its own GPU."""
     fsdp = config.strategy == "fsdp" and config.nproc > 1
-    available = available_memory() if resolve_device(config.device).type == "cpu" else None
+    device = rank_device(resolve_device(config.device))
+    if device.type == "cpu":
+        available = available_memory()
+    else:
+        available = available_device_memory(device) if gpu_memory else None
     if available is None and not fsdp:
         return
     planned = planned_model(config, resume)
     if planned is None:
         return
     model, exact = planned
-    if available is not None:
+    if available is not None and device.type == "cuda":  # a GPU per rank
+        check_memory(model, config, available, 1, device, config.nproc if fsdp else 1)
+    elif available is not None:
         # DDP's ranks on this machine hold a copy each; FSDP's share one out
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", config.nproc))
         check_memory(model, config, available, local_ranks if config.strategy == "ddp" else 1)
@@ -1061,10 +1098,18 @@ def _stop_on_sigint(trainer: Trainer):
 def _under_torchrun(config: TrainConfig) -> TrainConfig:
     """Under torchrun the ranks train one run together: its world size is the run's process
     count and, unless a strategy was given, they use DDP (as ``--nproc`` does). Without this
-    each rank trained a run of its own into the same folder."""
+    each rank trained a run of its own into the same folder. An ``nproc`` other than the world
+    size and the default 1 was set for another count, which torchrun's replaced without a word."""
     from lowbit.distributed.context import torchrun_env
 
-    world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else 1
+    if not torchrun_env():
+        return config
+    world = int(os.environ["WORLD_SIZE"])
+    if config.nproc not in (1, world):
+        raise UsageError(
+            f"nproc {config.nproc}, but torchrun started {world} processes (WORLD_SIZE {world}); "
+            f"fix: nproc {world}, or leave it at 1 (under torchrun its processes are the run's)"
+        )
     if world == 1:
         return config
     return replace(config, nproc=world, strategy=config.strategy or "ddp")
