@@ -27,14 +27,17 @@ def run(args) -> int:
 
     info = export_hf(args.source, args.out, args.dtype, args.force)
     print(f"lowbit export: {info['source']} (step {info['step']}) -> {args.out}")
+    size = f"{info['bytes'] / 1e6:.3f} MB"
     if info["quantization"]:
         q = info["quantization"]
         print(
-            f"  weights: {q['format']} dequantized to {info['dtype']} (transformers has no "
-            f"matching {q['format']} format here); the recipe is in lowbit_export.json"
+            f"  weights: {q['format']} dequantized to {info['dtype']}, {size} (transformers has "
+            f"no matching {q['format']} format here); the recipe is in lowbit_export.json"
         )
         if q["mode"] == "weights-and-activations":
             print("  activation quantization is not exported: transformers runs plain GEMMs")
+    else:  # a bf16-low run's fp32 masters, as quantize and prune say
+        print(f"  weights: {info['original']} written as {info['dtype']}, {size}")
     if info["tokenizer_files"]:
         print(f"  tokenizer files: {', '.join(info['tokenizer_files'])}")
     print(f"  load: AutoModelForCausalLM.from_pretrained({args.out!r})")

@@ -49,7 +49,13 @@ def run(args) -> int:
         f"  {m['pruning']['rule']} magnitude pruning ({m['pruning']['sparsity']:.1%} of linear "
         f"weights are zero): {result.report.summary('pruned')}"
     )
-    print("  stored dense (zeros included): the size is unchanged; quantize it to shrink it")
+    # in fp32, whatever the run stored: a bf16-pure run's pruned folder is twice its checkpoint's
+    size = m["bytes"]
+    print(
+        f"  model.safetensors: {m['source']['original']} {size['original'] / 1e6:.3f} MB -> "
+        f"{size['quantized'] / 1e6:.3f} MB, stored dense in fp32 (zeros included); quantize it "
+        "to shrink it"
+    )
     batches = result.source.config.eval_batches if args.max_batches is None else args.max_batches
     try:
         # the run's data edited since it trained: the reference's numbers would be of other data

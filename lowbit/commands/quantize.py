@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.infer import quantize_run
+    from lowbit.infer.evaluate import size_change
 
     result = quantize_run(
         args.run_dir,
@@ -72,13 +73,15 @@ def run(args) -> int:
     q = m["quantization"]
     group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per row"
     print(f"  {q['format']} {q['mode']}, {group}: {result.report.summary('quantized')}")
+    # against what the quantization started from: a bf16-low run's fp32 master weights, not the
+    # 16-bit parameters its checkpoint also holds (lowbit.infer.io.load_source)
     print(
-        f"  model.safetensors {total['quantized'] / 1e6:.3f} MB vs original weights "
-        f"{total['original'] / 1e6:.3f} MB: {total['original'] / total['quantized']:.2f}x smaller"
+        f"  model.safetensors: {m['source']['original']} {total['original'] / 1e6:.3f} MB -> "
+        f"{total['quantized'] / 1e6:.3f} MB, {size_change(total['original'], total['quantized'])}"
     )
     print(
-        f"  linear weights    {linear['quantized'] / 1e6:.3f} MB vs "
-        f"{linear['original'] / 1e6:.3f} MB: {linear['original'] / linear['quantized']:.2f}x smaller"
+        f"  linear weights:    {linear['original'] / 1e6:.3f} MB -> "
+        f"{linear['quantized'] / 1e6:.3f} MB, {size_change(linear['original'], linear['quantized'])}"
     )
     out = shlex.quote(str(result.out))  # a command to paste into a shell
     print(f"  next: lowbit eval {out}   (metric change against the original)")

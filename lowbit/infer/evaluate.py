@@ -95,10 +95,20 @@ def compare(
     return out, lines
 
 
+def size_change(before: int, after: int) -> str:
+    """``2.95x smaller``, or ``1.12x larger`` where the new file is (int4 in groups of 1 or 2
+    stores more scale than it saves)."""
+    if after > before:
+        return f"{after / before:.2f}x larger"
+    return f"{before / after:.2f}x smaller"
+
+
 def evaluate_inference_dir(path, split="validation", max_batches=None, device=None):
     """Metrics and the printable report of an inference folder, against its source."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
+    if max_batches is not None and max_batches < 1:  # as `lowbit eval`: 0 would evaluate all
+        raise UsageError(f"--max-batches {max_batches}: fix: use 1 or more (or leave it out: all)")
     from lowbit.train.evaluate import check_same_data
     from lowbit.train.trainer import resolve_device
 
@@ -129,9 +139,10 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
         head.append(f"kernels: {note}")
     sizes = source.manifest.get("bytes")
     if sizes:
+        original = source.manifest["source"].get("original", "the source")  # older folders
         head.append(
-            f"size: {sizes['quantized'] / 1e6:.3f} MB vs {sizes['original'] / 1e6:.3f} MB "
-            f"({sizes['original'] / sizes['quantized']:.2f}x smaller)"
+            f"size: {original} {sizes['original'] / 1e6:.3f} MB -> {sizes['quantized'] / 1e6:.3f} "
+            f"MB ({size_change(sizes['original'], sizes['quantized'])})"
         )
     result = {"step": source.step, "split": split, **metrics}
     return result, "\n".join([*head, "", *lines])

@@ -51,6 +51,10 @@ class Source:
     manifest: dict | None  # None for a training run
     checkpoint: Path | None
     step: int
+    # What quantize and prune start from, for the sizes they print against it: the bytes of each
+    # state tensor by name, and their kind in words ("fp32 master weights", "bf16 weights")
+    original_sizes: dict[str, int] | None  # None for an inference folder: its file's size
+    original: str
 
     @property
     def quantized(self) -> bool:
@@ -158,7 +162,9 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
                 f"({_one_line(error)}); {again}"
             ) from None
         model.to(device).eval()
-        return Source(path, config, task, model, manifest, None, int(manifest["source"]["step"]))
+        step = int(manifest["source"]["step"])
+        original = f"fp32 weights ({describe_manifest(manifest)})"  # the model as loaded
+        return Source(path, config, task, model, manifest, None, step, None, original)
     found = checkpoint.find(path, checkpoint_path)
     state = checkpoint.load(found)
     task = build_task(config, run_dir=path)
@@ -170,20 +176,49 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             f"{found}: its weights do not fit the model {config.model} builds now "
             f"({_one_line(error)}); fix: restore {config.model} as the run trained from it"
         ) from None
-    _load_master_weights(model, state, config, found)
+    masters = _load_master_weights(model, state, config, found)
+    sizes = _original_sizes(state["model"], model, masters)
+    original = "fp32 master weights" if masters else f"{_dtype_names(state['model'])} weights"
     model.to(device).eval()
-    return Source(path, config, task, model, None, found, int(state["step"]))
+    return Source(path, config, task, model, None, found, int(state["step"]), sizes, original)
 
 
-def _load_master_weights(model: torch.nn.Module, state: dict, config, found: Path) -> None:
+def _original_sizes(tensors: dict, model: torch.nn.Module, masters: list) -> dict[str, int]:
+    """Bytes of each tensor of a checkpoint's model state, as quantize and prune start from it:
+    in the dtype the run stored it (bf16 for bf16-pure, though ``model`` is fp32), and fp32 for
+    a parameter given its master weights. A tied tensor (GPT-2's head and embedding) counts once,
+    as the checkpoint stores it, under its first name, which `named_parameters` gives it too."""
+    sizes, seen = {}, set()
+    for name, tensor in tensors.items():
+        key = torch.is_tensor(tensor) and (tensor.data_ptr(), tuple(tensor.shape))
+        if key and key not in seen:
+            seen.add(key)
+            sizes[name] = tensor.nbytes
+    master_ids = {id(p) for p in masters}
+    sizes.update({n: p.nbytes for n, p in model.named_parameters() if id(p) in master_ids})
+    return sizes
+
+
+def _dtype_names(tensors: dict) -> str:
+    """The floating dtypes of a checkpoint's weights as recipes name them (``bf16``,
+    ``bf16/fp32`` where some layers were kept in fp32)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    dtypes = {t.dtype for t in tensors.values() if torch.is_tensor(t) and t.is_floating_point()}
+    return "/".join(sorted(names.get(dtype, str(dtype)) for dtype in dtypes))
+
+
+def _load_master_weights(
+    model: torch.nn.Module, state: dict, config, found: Path
+) -> list[torch.nn.Parameter]:
     """Give ``model`` the fp32 master weights that a run of a recipe with them (``bf16-low``,
     ``fp16-low``) keeps in its checkpoint's precision state: the optimizer steps those, and the
     16-bit parameters are only their rounding, so the masters are the run's weights (what
     DeepSpeed's ``zero_to_fp32`` exports). The state keys each master by its parameter's position
-    among the optimizer's parameters, in the order the trainer's `build_optimizer` gives them."""
+    among the optimizer's parameters, in the order the trainer's `build_optimizer` gives them.
+    Returns the parameters given their masters."""
     masters = state.get("precision", {}).get("update", {}).get("masters")
     if not masters:
-        return
+        return []
     params = _in_optimizer_order(model, config)
     for index, master in masters.items():
         if index >= len(params) or params[index].shape != master.shape:
@@ -194,6 +229,7 @@ def _load_master_weights(model: torch.nn.Module, state: dict, config, found: Pat
     with torch.no_grad():
         for index, master in masters.items():
             params[index].copy_(master)
+    return [params[index] for index in masters]
 
 
 def _in_optimizer_order(model: torch.nn.Module, config) -> list[torch.Tensor]:
@@ -241,20 +277,12 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def source_bytes(source: Source) -> int:
-    """Size of the source's weights as its run stores them (checkpoint dtype, or the file); a
-    multi-process run's checkpoint (a DCP folder) is read as its full tensors."""
+    """Size of the weights quantize or prune start from (`Source.original_sizes`: the checkpoint's
+    dtype, bf16 for bf16-pure though `load_source` gives the model in fp32, and fp32 for a
+    parameter given its fp32 master weights), or of an inference folder's file."""
     if source.manifest is not None:
         return (source.path / WEIGHTS).stat().st_size
-    return sum(stored_sizes(source).values())
-
-
-def stored_sizes(source: Source) -> dict[str, int]:
-    """Bytes of each tensor of a training run's checkpoint by state-dict name, in the dtype the
-    run stored it (bf16 for bf16-pure, though `load_source` gives the model in fp32)."""
-    from lowbit.train import checkpoint
-
-    state = checkpoint.load(source.checkpoint)["model"]
-    return {n: t.numel() * t.element_size() for n, t in state.items() if torch.is_tensor(t)}
+    return sum(source.original_sizes.values())
 
 
 def default_out(path, suffix: str) -> Path:
@@ -449,7 +477,7 @@ def source_record(source: Source) -> dict:
     """Where an inference folder's model comes from. Call it before changing ``source.model``:
     it records the digest of the weights as loaded, which the folder's evaluation checks its
     reference against."""
-    record = {"path": str(source.path.resolve()), "step": source.step}
+    record = {"path": str(source.path.resolve()), "step": source.step, "original": source.original}
     if source.checkpoint is not None:
         record["checkpoint"] = str(source.checkpoint.resolve())
     record["weights"] = weights_digest(source.model)

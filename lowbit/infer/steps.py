@@ -43,14 +43,14 @@ def _linear_bytes(model) -> int:
 
 
 def _source_linear_bytes(source: io.Source) -> int:
-    """Bytes of the source's linear weights as stored: in a training run's checkpoint dtype (an
-    inference folder stores the fp32 model it loads as)."""
+    """Bytes of the source's linear weights as quantization starts from them (`io.source_bytes`;
+    an inference folder stores the fp32 model it loads as)."""
     from lowbit.infer.model import linear_weights
 
     if source.manifest is not None:
         return _linear_bytes(source.model)
-    sizes = io.stored_sizes(source)
-    names = {id(p): n for n, p in source.model.named_parameters(remove_duplicate=False)}
+    sizes = source.original_sizes
+    names = {id(p): n for n, p in source.model.named_parameters()}  # a tied weight's first name
     return sum(sizes[names[id(weight)]] for weight in linear_weights(source.model))
 
 
@@ -191,6 +191,9 @@ def _write_export(source: io.Source, model, dtype: str, out: Path) -> dict:
         "pruning": (source.manifest or {}).get("pruning"),
         "dtype": dtype,
         "stored": "dequantized" if source.quantized else "as trained",
+        "original": source.original,
+        # transformers shards a large model into model-0000N-of-0000M.safetensors
+        "bytes": sum(file.stat().st_size for file in out.glob("*.safetensors")),
         "tokenizer_files": copied,
     }
     (out / io.EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
