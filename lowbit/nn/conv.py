@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.nn.linear import LowbitModule, full_precision, lowbit_linear
+from lowbit.nn.linear import LowbitModule, check_floating_input, full_precision, lowbit_linear
 from lowbit.recipes.recipe import LayerSpec
 
 
@@ -24,13 +24,36 @@ def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
     return None
 
 
+def _channels_last_strides(tensor: torch.Tensor) -> bool:
+    """Whether ATen reads a 4-D tensor's strides as channels-last: c10's
+    ``is_channels_last_strides_2d``, which ``suggest_memory_format`` and so F.conv2d ask. The
+    strides must grow in the order C, W, H, N, a size-1 dimension's stride counting too, and an
+    N x 1 x 1 x 1 tensor reads as contiguous. (Here in a few integer comparisons, 1 us a call:
+    ``torch._prims_common.suggest_memory_format`` takes 20 us, and disagrees with F.conv2d on
+    tensors with a size-1 height or width.)"""
+    sizes, strides = tensor.shape, tensor.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for dim in (1, 3, 2, 0):
+        if sizes[dim] == 0 or strides[dim] < least or (dim == 0 and least == strides[1]):
+            return False
+        least = strides[dim] * sizes[dim] if sizes[dim] > 1 else strides[dim]
+    return True
+
+
 def _output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The memory format of nn.Conv2d's output: channels-last where the input or the weight is
     (F.conv2d), contiguous otherwise. The GEMM's N x L x O result viewed as N x O x H x W has
     channels-last strides, and code after a convolution may ``.view`` its output (the PyTorch
-    tutorial's ``x.view(-1, 16 * 5 * 5)``), which only contiguous strides allow."""
+    tutorial's ``x.view(-1, 16 * 5 * 5)``), which only contiguous strides allow.
+
+    "Is channels-last" is ATen's reading of the strides (`_channels_last_strides`, which F.conv2d
+    asks of both), not ``is_contiguous``: a one-channel image or a 1x1 kernel made channels-last
+    (``model.to(memory_format=torch.channels_last)``) is contiguous in both formats, and F.conv2d
+    still gives it a channels-last output."""
     for tensor in (x, weight):
-        if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        if _channels_last_strides(tensor):
             return torch.channels_last
     return torch.contiguous_format
 
@@ -99,6 +122,7 @@ class LowbitConv2d(LowbitModule):
     def _check_input(self, x: torch.Tensor) -> None:
         """F.conv2d's errors for an input it refuses; unfolded, a wrong channel count would
         surface as a mismatch of GEMM shapes that names neither channels nor image."""
+        check_floating_input(x, self.weight)
         if x.dim() != 4:
             raise RuntimeError(
                 "Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "

@@ -629,12 +629,24 @@ def _lean_backward(ctx, grad_out, x, weight) -> tuple:
     return (*grads, None, None)
 
 
+def check_floating_input(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Refuse an input of integers (or complex numbers), as nn.Linear and nn.Conv2d do. A converted
+    layer casts its input to the compute dtype and its output back to the input's dtype, so an
+    integer input would otherwise come out as the output truncated to integers, silently."""
+    if not x.is_floating_point():
+        raise RuntimeError(
+            f"a layer that a lowbit recipe converted takes floating-point inputs, as nn.Linear and "
+            f"nn.Conv2d do, and got a {x.dtype} input; fix: pass it as floats, x.to({weight.dtype})"
+        )
+
+
 def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
     """``op`` (``F.linear``, ``F.conv2d``) computed in fp32, as a spec with every operand fp32
     says, also under autocast (which would run it in 16 bits). Under autocast the result stays
     fp32, as autocast's own fp32 ops return it; otherwise it is handed on in the input's dtype, so
     a 16-bit model around the layer sees the dtype it expects. fp32 is a floor, not a rounding: a
     float64 layer computes in float64, as it would unconverted."""
+    check_floating_input(x, weight)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
@@ -646,6 +658,7 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
 
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
+    check_floating_input(x, weight)
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
         # of no values to lay out); F.linear's result, empty or the bias
@@ -680,6 +693,28 @@ class LowbitModule(torch.nn.Module):
     @property
     def spec(self) -> LayerSpec:
         return self.lowbit_state.spec
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` asks of every module before it compiles: a refusal in one
+        line. TorchScript cannot compile the layer's Python (its `LayerState`, the quantization's
+        dataclasses), and failed with an error about the source of ``LayerSpec.__init__``."""
+        raise UsageError(self._refused_by_jit("torch.jit.script cannot compile"))
+
+    def _slow_forward(self, *args, **kwargs):
+        """The forward nn.Module calls while ``torch.jit.trace`` records, and only then: refused in
+        one line where the layer quantizes, since the tracer cannot record its autograd function
+        with the layer's state as an argument (it failed with ``unordered_map::at``). A layer of
+        fp32 operands computes ``F.linear`` / ``F.conv2d``, which the tracer records."""
+        if not self.spec.is_identity:
+            raise UsageError(self._refused_by_jit("torch.jit.trace cannot record"))
+        return super()._slow_forward(*args, **kwargs)
+
+    def _refused_by_jit(self, what: str) -> str:
+        return (
+            f"{what} a {type(self).__name__}, a layer that a lowbit recipe converted "
+            f"({self.spec.describe()}); fix: torch.compile(model) compiles it, or script or trace "
+            f"the model before lowbit.convert"
+        )
 
 
 class LowbitLinear(LowbitModule):
