@@ -181,7 +181,7 @@ def get(name: str | Format) -> Format:
         return name
     try:
         return _FORMATS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a config file's list)
         raise UsageError(
             f"unknown number format {name!r}; valid formats: {', '.join(_FORMATS)}"
         ) from None

@@ -5,6 +5,7 @@ Each preset cites the paper or system it follows; docs/recipes.md tabulates them
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from lowbit.errors import UsageError
@@ -77,11 +78,27 @@ def register_preset(recipe: Recipe) -> Recipe:
     return recipe
 
 
+_NOT_IN_A_FOLDER_NAME = re.compile(r"[\s/\\]+")  # whitespace and path separators
+
+
 def register(recipe: Recipe) -> Recipe:
     """Make a user's recipe a preset that `get_recipe` (and ``lowbit train --recipe``) finds by
     name; registering it again replaces it. A built-in preset's name is refused: replaced, every
     run, report and test naming it would compute otherwise without a word; so is an ``auto:``
-    name, which `get_recipe` reads as the auto recipe's budget."""
+    name, which `get_recipe` reads as the auto recipe's budget, and a name with a slash or
+    whitespace: ``lowbit train --recipe NAME`` names the run folder ``runs/TASK-NAME-TIME``
+    (``my/fp8`` made ``runs/causal-lm-my/``)."""
+    if not isinstance(recipe, Recipe):  # a preset's name, say: an AttributeError below
+        raise UsageError(
+            f"register takes a Recipe, got {recipe!r}; fix: e.g. register(dataclasses.replace("
+            "get_recipe('fp8-tensorwise'), name='fp8-mine'))"
+        )
+    if _NOT_IN_A_FOLDER_NAME.search(recipe.name):
+        suggestion = _NOT_IN_A_FOLDER_NAME.sub("-", recipe.name)
+        raise UsageError(
+            f"recipe name {recipe.name!r}: a run folder is named after it; fix: a name without "
+            f"slashes or spaces, e.g. {suggestion!r}"
+        )
     if recipe.name in _BUILT_IN and _PRESETS[recipe.name] != recipe:
         raise UsageError(
             f"recipe {recipe.name!r} is a built-in preset; fix: give yours another name, e.g. "
@@ -245,9 +262,15 @@ def get_recipe(name: str | Recipe) -> Recipe:
         return auto_recipe(name.partition(":")[2])
     try:
         return _PRESETS[name]
-    except KeyError:
-        valid = ", ".join(accepted_names())
-        raise UsageError(f"unknown recipe {name!r}; valid recipes: {valid}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a config file)
+        valid = accepted_names()
+        spelt = str(name).strip().lower()
+        # another case or a space around it (a config file's 'FP8-Tensorwise '): name the preset
+        alike = next((known for known in valid if known.lower() == spelt), None)
+        fix = f"; fix: did you mean {alike!r}?" if alike else ""
+        raise UsageError(
+            f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}{fix}"
+        ) from None
 
 
 def parse_override(text: str, recipe: Recipe) -> Override:

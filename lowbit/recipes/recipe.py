@@ -23,11 +23,11 @@ import torch
 
 from lowbit.errors import UsageError, member
 from lowbit.formats import FloatFormat, Granularity, Rounding, ScaleRule, get
+from lowbit.formats import names as format_names
 from lowbit.formats.scaling import (
     MX_BLOCK,
     NVFP4_BLOCK,
     block_shape,
-    check_block_size,
     check_format_for_granularity,
     default_rule,
 )
@@ -97,6 +97,11 @@ class OperandSpec:
 
     def __post_init__(self) -> None:
         fmt = get(self.format)
+        if not isinstance(self.format, str) and fmt.name in format_names() and get(fmt.name) == fmt:
+            # a registered format given as its object (`lowbit.formats.get`) is its name: as an
+            # object it equalled no preset's spec, described as its repr, and get('bf16') was
+            # never a plain cast (refused as a scaled bf16)
+            object.__setattr__(self, "format", fmt.name)
         if isinstance(self.block_size, list):  # a config file's [128, 128]: hashable, as a tuple
             object.__setattr__(self, "block_size", tuple(self.block_size))
         object.__setattr__(
@@ -116,7 +121,9 @@ class OperandSpec:
                 f"{self.granularity.value}, whose one scale covers whole rows or the tensor; fix: "
                 "drop block_size, or granularity 'block' for 1 x block_size blocks"
             )
-        check_block_size(self.granularity, self.block_size)  # as quantize checks it
+        # as quantize checks it, a missing 'block'/'block2d' size included (the first forward
+        # refused it)
+        block_shape(self.granularity, (1, 1), self.block_size)
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")
         if type(self.amax_history) is int and self.amax_history < 1:
@@ -124,6 +131,20 @@ class OperandSpec:
         _positive_int(self.amax_history, "amax_history")  # 2.5, True: a whole number
         if self.is_plain_cast and self.granularity is not Granularity.TENSOR:
             raise UsageError(f"{fmt.name} operands are cast without scales; use granularity tensor")
+        # A plain cast rounds to nearest with no scale (`lowbit.nn.operand.plain_cast`): these
+        # were dropped without a word (a bf16 operand with stochastic rounding rounded to nearest)
+        asked = {
+            "stochastic rounding": self.rounding is not Rounding.NEAREST,
+            "delayed scaling": self.scaling is Scaling.DELAYED,
+            "a scale rule": self.scale_rule is not None,
+        }
+        ignored = [what for what, given in asked.items() if given]
+        if self.is_plain_cast and ignored:
+            raise UsageError(
+                f"{fmt.name} operands are cast to the dtype without a scale, rounding to nearest: "
+                f"{' and '.join(ignored)} would be ignored; fix: drop it, or a scaled format "
+                "(fp8_e4m3, fp8_e5m2, fp6/fp4 in MX blocks, int8)"
+            )
         # A scaled operand's largest values sit near its format's max, so the product of two such
         # operands (up to max**2) must fit the GEMM's fp32 accumulator: tf32 (max 3.4e38, fp32's
         # range) gave inf and NaN outputs; fp8_e5m2's 57344**2 is far below fp32's max.
@@ -151,7 +172,7 @@ class OperandSpec:
         and a 32-block recipe read alike)."""
         if self.is_plain_cast:
             return self.format
-        text = f"{self.format}/{self.granularity.value}"
+        text = f"{get(self.format).name}/{self.granularity.value}"
         if self.block_size is not None:
             rows, cols = block_shape(self.granularity, (1, 1), self.block_size)
             if (rows, cols) != _DEFAULT_BLOCKS.get(self.granularity):
@@ -330,7 +351,10 @@ class Override:
 
     pattern: str
     layer: LayerSpec | None = None
-    reason: str = "kept in high precision by the recipe"
+    # empty: ``override PATTERN=keep`` (or ``=`` the layer's specs), as `parse_override` words its
+    # own, so that `convert` reports a hand-written one that applies to no layer (a misspelt
+    # name) as it does those of ``--override``
+    reason: str = ""
     # an OPERAND:FORMAT override's named operands; its other operands are the recipe's own (under
     # `auto`, the controller's to choose). Empty: the override sets the whole layer.
     operands: tuple[str, ...] = ()
@@ -340,6 +364,9 @@ class Override:
             raise UsageError(f"an override's pattern is a module-name glob, got {self.pattern!r}")
         if self.layer is not None:  # "keep" or a preset name are parse_override's to read
             _check_type(self.layer, LayerSpec, "an override's layer", "None (keep) or a LayerSpec")
+        if not self.reason:
+            what = "keep" if self.layer is None else self.layer.describe()
+            object.__setattr__(self, "reason", f"override {self.pattern}={what}")
         object.__setattr__(self, "operands", tuple(self.operands))  # hashable, as the recipe
         unknown = set(self.operands) - set(LayerSpec().operands())
         if unknown:
@@ -415,18 +442,33 @@ class Recipe:
     reference: str = ""
 
     def __post_init__(self) -> None:
+        # `register` files a recipe under its name and `lowbit recipes` pads it: a number failed
+        # there with an AttributeError or TypeError, an empty name printed a blank row
+        examples = {"name": "'fp8-mine'", "description": "'fp8, bf16 head'", "reference": "''"}
+        for field_name, example in examples.items():
+            _check_type(getattr(self, field_name), str, f"a recipe's {field_name}", example)
+        if not self.name.strip():
+            raise UsageError("a recipe's name is empty; fix: a name, e.g. 'fp8-mine'")
         scaling = member(LossScaling, self.loss_scaling, "loss scaling")
         object.__setattr__(self, "loss_scaling", scaling)
         rounding = member(UpdateRounding, self.update_rounding, "update rounding")
         object.__setattr__(self, "update_rounding", rounding)
         for name in (self.param_dtype, self.master_dtype, self.grad_dtype, self.autocast):
-            if name is not None and name not in DTYPES:
+            # a list or dict (a config file's) is no key: `in` raised TypeError
+            if name is not None and (not isinstance(name, str) or name not in DTYPES):
                 raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
         if self.autocast == "fp32":  # torch.autocast warns and turns itself off for fp32
             raise UsageError("autocast is 'bf16' or 'fp16'; fix: autocast=None for fp32 compute")
         if self.master_dtype not in (None, "fp32"):
             raise UsageError(
                 f"master weights are fp32 (master_dtype 'fp32' or None), not {self.master_dtype!r}"
+            )
+        if self.master_dtype is not None and self.param_dtype == "fp32":
+            # `Precision` steps fp32 parameters in place, so the masters were silently none, while
+            # `lowbit recipes` printed "fp32 master"
+            raise UsageError(
+                "master weights are fp32 copies of 16-bit parameters, and param_dtype is 'fp32'; "
+                "fix: master_dtype=None, or param_dtype 'bf16' or 'fp16'"
             )
         if self.layer is not None and not isinstance(self.layer, LayerSpec):
             raise UsageError(
