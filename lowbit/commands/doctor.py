@@ -19,8 +19,13 @@ OWN_HELP = {
     "--steps": "length of the training run the probe is the start of: it sets the learning-rate "
     "schedule (warm-up, decay); the probe itself observes --probe-steps steps",
     "--epochs": "the run's length in passes over the data (sets the schedule, as --steps)",
+    "--nproc": "the run's processes: the probe runs in one, on the global batch --batch-size",
+    "--strategy": "the run's ddp or fsdp: the probe runs in one process, on the global batch",
 }
 DEFAULT_PROBE_STEPS = 8
+# Train flags a copied command line may carry that the probe has no use for: it saves no
+# checkpoint, runs no validation and logs nothing (--nproc/--strategy: `_one_process`).
+UNUSED = ("--save-interval", "--keep-last", "--eval-interval", "--eval-batches", "--wandb")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +114,15 @@ def run(args) -> int:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
+    unused = [flag for flag in UNUSED if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if unused:
+        print(
+            f"lowbit doctor: {', '.join(unused)} ignored: the probe saves no checkpoint, runs "
+            "no validation and logs nothing",
+            file=sys.stderr,
+        )
     # the probe's own scratch run folder (never the checkpoint's run)
-    config = resolve(replace(config, out=str(out / "probe"), wandb=False))
+    config = _one_process(resolve(replace(config, out=str(out / "probe"), wandb=False)))
     diagnosis = diagnose(config, steps=args.probe_steps, checkpoint_dir=args.checkpoint)
     print(diagnosis.table(top=args.top))
     if args.checkpoint:
@@ -122,3 +134,23 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _one_process(config):
+    """The probe runs in this process: a multi-process run's settings (``--nproc``, ``--strategy``,
+    given or the checkpointed run's) were probed so without a word. A step of N ranks is one
+    process's step on the global batch, with the scales one process computes (docs/distributed.md),
+    so the probe's statistics are the run's but for FSDP's bf16 all-gather of the weights (one
+    rounding more before fp8/MX quantize them); and the memory check is of this one process."""
+    from dataclasses import replace
+
+    if config.strategy is None:
+        return config
+    gather = ", but for FSDP's bf16 rounding of the gathered weights" * (config.strategy == "fsdp")
+    print(
+        f"lowbit doctor: note: the probe runs in one process, not --nproc {config.nproc} "
+        f"--strategy {config.strategy}: on the global batch of {config.batch_size}, as the ranks "
+        f"compute it together with the same scales{gather} (docs/distributed.md)",
+        file=sys.stderr,
+    )
+    return replace(config, nproc=1, strategy=None)
