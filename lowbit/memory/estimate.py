@@ -220,7 +220,8 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
             f"{name}: not a {kind} config ({first}); "
             f"fix: give the config.json of a model {auto.__name__} can build"
         ) from None
-    except (AssertionError, TypeError, KeyError, IndexError) as error:  # inconsistent fields
+    # inconsistent fields; RuntimeError: a size that makes no tensor (a negative hidden_size)
+    except (AssertionError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise UsageError(
             f"{name}: transformers cannot build a model from this config "
             f"({type(error).__name__}: {error}); fix: correct the config's fields"
