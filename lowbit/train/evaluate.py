@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def check_own_checkpoint(run_dir, path, saved: dict | None, config) -> None:
     if not saved:  # written before checkpoints held their settings: nothing to compare
         return
     change = changed_setting(saved, config, read_run_info(run_dir))
+    outside = Path(path).resolve().parent != (Path(run_dir) / "checkpoints").resolve()
+    if not change and outside and _other_out(saved.get("out"), config.out):
+        # `--out` is a setting a resume may change, but a checkpoint from outside this run's
+        # folder that was written into another folder is another run's: the same model, data and
+        # seed trained for other --steps was evaluated under this run's name
+        change = ("out", saved.get("out"), config.out)
     if change:
         name, was, now = change
         raise UsageError(
@@ -82,6 +89,14 @@ def check_own_checkpoint(run_dir, path, saved: dict | None, config) -> None:
             f"{run_dir}: {name} {now!r}); fix: give a checkpoint of {run_dir}, or that "
             "checkpoint's own run folder as RUN_DIR"
         )
+
+
+def _other_out(saved: str | None, out: str | None) -> bool:
+    """Whether a checkpoint's recorded run folder is not the run's (as written: both recorded
+    the same way, ``~`` expanded)."""
+    if not saved or not out:
+        return False
+    return os.path.normpath(os.path.expanduser(saved)) != os.path.normpath(os.path.expanduser(out))
 
 
 def _misfit(expected: dict, given: dict, error: Exception) -> str:
