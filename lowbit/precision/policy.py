@@ -28,7 +28,7 @@ import inspect
 import sys
 import warnings
 import weakref
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -43,6 +43,7 @@ from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
+from lowbit.recipes.presets import is_built_in
 from lowbit.recipes.recipe import DTYPES
 
 
@@ -419,6 +420,7 @@ class Precision:
         self._move_scale()
         state = {
             "recipe": self.recipe.name,
+            **({} if is_built_in(self.recipe.name) else {"definition": _definition(self.recipe)}),
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "update": self.update.state_dict(self._params()),
@@ -464,6 +466,8 @@ class Precision:
                 f"Precision({saved!r}) to continue that run's numerics",
                 stacklevel=2,
             )
+        if saved == self.recipe.name:  # another recipe's was warned about above
+            self._check_definition(state.get("definition"))
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -500,6 +504,23 @@ class Precision:
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _check_definition(self, saved: dict | None) -> None:
+        """Refuse a state saved under a user's recipe of this name that was defined otherwise
+        (`_definition`): resumed, a run of a recipe registered again with other formats (or a
+        process that registered another recipe under the name) continued in other numerics
+        without a word."""
+        if not isinstance(saved, dict) or is_built_in(self.recipe.name):
+            return
+        now = _definition(self.recipe)
+        changed = [field for field, value in now.items() if saved.get(field, value) != value]
+        if changed:
+            raise UsageError(
+                f"the precision state was saved under recipe {self.recipe.name!r} as it was "
+                f"defined then, and this Precision's {self.recipe.name!r} differs in "
+                f"{', '.join(changed)}; fix: register the recipe as it was when the run trained, "
+                "or give the new one another name (and start a new run)"
+            )
 
     def _apply_pending(self) -> None:
         """Hand the loaded state's parts to the models and optimizers there are now.
@@ -545,6 +566,14 @@ class Precision:
         if all(i in given for values in entries.values() for i in values):
             for key in ("update", "params_per_optimizer", "update_done"):
                 del self._pending[key]
+
+
+def _definition(recipe: Recipe) -> dict[str, str]:
+    """What a recipe computes, field by field (its texts left out), as `Precision.state_dict`
+    records it for a user's recipe: a registered recipe is found by its name alone, and the name
+    may be registered again with other numerics before a run resumes."""
+    texts = ("name", "description", "reference")
+    return {f.name: repr(getattr(recipe, f.name)) for f in fields(recipe) if f.name not in texts}
 
 
 def _refuse_direct_step(precision: Precision):

@@ -81,6 +81,12 @@ def register_preset(recipe: Recipe) -> Recipe:
 _NOT_IN_A_FOLDER_NAME = re.compile(r"[\s/\\]+")  # whitespace and path separators
 
 
+def is_built_in(name: str) -> bool:
+    """Whether ``name`` is one of lowbit's own presets (``auto:`` budgets included), whose
+    definitions lowbit's own releases own; a user's recipe is defined by whoever registered it."""
+    return name in _BUILT_IN or name.startswith("auto:")
+
+
 def register(recipe: Recipe) -> Recipe:
     """Make a user's recipe a preset that `get_recipe` (and ``lowbit train --recipe``) finds by
     name; registering it again replaces it. A built-in preset's name is refused: replaced, every
