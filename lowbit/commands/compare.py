@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cores: the report's throughput is under that load)",
     )
     group = parser.add_argument_group("train options (passed to every run)")
-    group.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override")
+    group.add_argument(
+        "--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override"
+    )
     for flag, kind, text in train_command.FLAGS:
         if flag not in OWN:
             group.add_argument(flag, type=kind, default=None, help=text)

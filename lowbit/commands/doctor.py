@@ -31,7 +31,9 @@ UNUSED = ("--save-interval", "--keep-last", "--eval-interval", "--eval-batches",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lowbit.commands.train import FLAGS, add_switches
 
-    parser.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override"
+    )
     for flag, kind, text in FLAGS:
         if flag != "--out":
             parser.add_argument(flag, type=kind, default=None, help=OWN_HELP.get(flag, text))
