@@ -30,13 +30,31 @@ def _options():
     return StateDictOptions(strict=True)
 
 
-def _template(trainer) -> dict:
+@contextlib.contextmanager
+def _creating_optimizer_states(trainer):
+    """Within: DCP may create the optimizer's states (``_init_optim_state``: a step of the
+    optimizer itself on zero gradients at learning rate 0), from fp32 stand-ins for 16-bit
+    parameters (`LowPrecisionUpdate.fp32_params`). That step is the checkpoint's, which changes
+    no weight, so it runs as the precision's own: the precision refuses a wrapped optimizer's own
+    step under loss scaling, 16-bit parameters or delayed scaling, which stopped every resume of
+    those recipes ("AdamW.step() ... outside precision.step()")."""
+    precision = trainer.precision
+    with precision.update.fp32_params(trainer.optimizer), precision.own_steps():
+        yield
+
+
+def _model_and_optimizer(trainer) -> tuple[dict, dict]:
+    """The model's and the optimizer's DCP state dicts; the optimizer's states are created first
+    where it has none yet (`_creating_optimizer_states`)."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
 
-    # 16-bit parameters: the states are created from (and loaded as) fp32, see LowPrecisionUpdate
-    with trainer.precision.update.fp32_params(trainer.optimizer):
+    with _creating_optimizer_states(trainer):
         _init_optim_state(trainer.optimizer)
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_options())
+    return get_state_dict(trainer.model, trainer.optimizer, options=_options())
+
+
+def _template(trainer) -> dict:
+    model_sd, optim_sd = _model_and_optimizer(trainer)
     return {"model": model_sd, "optimizer": optim_sd}
 
 
@@ -47,7 +65,6 @@ def _update_items(update: dict) -> dict:
 
 def save(trainer) -> Path:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     ranks, c, step = trainer.dist, trainer.config, trainer.step_idx
     final = run_checkpoint.path_for(c.out, step, kind="dcp")
@@ -57,10 +74,14 @@ def save(trainer) -> Path:
         for stale in final.parent.glob(".*.tmp"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     ranks.barrier()
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_options())
+    # False while every step so far was skipped (loss scaling): the optimizer has no states yet
+    stepped = bool(trainer.optimizer.state)
+    model_sd, optim_sd = _model_and_optimizer(trainer)
     precision = trainer.precision.state_dict()
     update = precision.pop("update")
     dcp.save({"model": model_sd, "optimizer": optim_sd, **_update_items(update)}, checkpoint_id=tmp)
+    if not stepped:  # created to be saved: dropped, as one process has none before its first step
+        trainer.optimizer.state.clear()
     random = _gather_random_states(ranks, precision.get("rng"))
     if ranks.is_main:
         extra = trainer.state_dict(model=False)
@@ -68,6 +89,7 @@ def save(trainer) -> Path:
         extra["rank_random_states"] = random
         extra["world_size"] = ranks.world_size
         extra["strategy"] = ranks.strategy
+        extra["optimizer_stepped"] = stepped
         with open(tmp / EXTRA, "wb") as f:
             torch.save(extra, f)
             f.flush()
@@ -169,6 +191,8 @@ def load(trainer, path, extra: dict) -> None:
             update[kind][int(index)] = value
     extra = _own_random_state(extra, trainer.dist.rank, trainer.dist.world_size)
     trainer.load_state_dict({**extra, "precision": {**extra["precision"], "update": update}})
+    if not extra.get("optimizer_stepped", True):  # saved before any step: DCP's zero states
+        trainer.optimizer.state.clear()
 
 
 def load_full(path) -> dict:

@@ -176,6 +176,17 @@ class Precision:
         self._apply_pending()
         return optimizer
 
+    @contextlib.contextmanager
+    def own_steps(self):
+        """Within, a wrapped optimizer's own ``step()`` is the precision's (`step`'s, or a
+        checkpoint's creation of optimizer states at learning rate 0), not refused as a step
+        outside `step` (`_refuse_direct_step`)."""
+        outer, self._stepping = self._stepping, True
+        try:
+            yield
+        finally:
+            self._stepping = outer
+
     def _direct_step_differs(self) -> str:
         """What a wrapped optimizer's own ``optimizer.step()`` would skip of `step` ("" where it
         steps as `step` does: fp32 parameters, no loss scaling, no amax histories)."""
@@ -312,8 +323,7 @@ class Precision:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
         stepped = True
-        self._stepping = True
-        try:
+        with self.own_steps():
             for optimizer in optimizers:
                 _, finite = self._prepare(optimizer)
                 if finite:
@@ -323,8 +333,6 @@ class Precision:
                     stepped = False
                 # (the closure's `backward` may have dropped it already)
                 self._prepared.pop(id(optimizer), None)
-        finally:
-            self._stepping = False
         if not stepped and not self._overflowed:
             self.skipped_steps += 1
         self._overflowed = bool(self._overflowed) or not stepped
