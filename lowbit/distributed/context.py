@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import signal
 import socket
@@ -44,10 +45,24 @@ def signals_handled(handler, *signums):
 
 
 def collective_timeout() -> datetime.timedelta:
-    """How long a rank waits for the others in any collective (``LOWBIT_DIST_TIMEOUT``)."""
-    return datetime.timedelta(
-        seconds=float(os.environ.get("LOWBIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    )
+    """How long a rank waits for the others in any collective (``LOWBIT_DIST_TIMEOUT``, seconds).
+    A value that is not a positive number of seconds is a `UsageError` naming the variable: every
+    rank failed with ``float``'s "could not convert string to float: '10m'", which named neither
+    the variable nor its unit, and with 0 or less with the rendezvous's "client socket has timed
+    out after 0ms"."""
+    value = os.environ.get("LOWBIT_DIST_TIMEOUT")
+    if value is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise UsageError(
+            f"LOWBIT_DIST_TIMEOUT={value} is not a positive number of seconds; fix: set it to "
+            f"seconds (e.g. LOWBIT_DIST_TIMEOUT=1800), or unset it (default {DEFAULT_TIMEOUT_S})"
+        )
+    return datetime.timedelta(seconds=seconds)
 
 
 class RankFailed(RuntimeError):
@@ -313,6 +328,7 @@ def join(strategy: str, device: torch.device) -> Ranks:
     one-process group when there is none; returns this rank's `Ranks`."""
     import torch.distributed as dist
 
+    timeout = collective_timeout()  # a bad LOWBIT_DIST_TIMEOUT fails before anything changes
     # One process: a group of one, in variables of its own. The caller's values of those are
     # put back on close: popped, a MASTER_ADDR/MASTER_PORT exported for a later torchrun or
     # init_process_group in the same process was gone after `lowbit.train.train`.
@@ -335,7 +351,7 @@ def join(strategy: str, device: torch.device) -> Ranks:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
-        dist.init_process_group(backend, timeout=collective_timeout())
+        dist.init_process_group(backend, timeout=timeout)
     except Exception as error:
         port = os.environ.get("MASTER_PORT")
         _restore_env(replaced_env)
