@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from lowbit.errors import UsageError
+from lowbit.errors import RunNotWritten, UsageError
 
 COMMAND_MODULES = [
     "formats",
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         _report_usage_error(f"lowbit: error: {error}")
         return 2
+    except RunNotWritten as error:  # a full disk: which run, what is kept, how to go on
+        _report_usage_error(f"lowbit: error: {error}")
+        return 1
     except KeyboardInterrupt:  # commands that save on Ctrl-C (train, compare) report it themselves
         print("lowbit: interrupted", file=sys.stderr)
         return 130

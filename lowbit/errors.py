@@ -13,11 +13,18 @@ class UsageError(ValueError):
     """Bad input from the user: one line that names the problem and how to fix it."""
 
 
+class RunNotWritten(RuntimeError):
+    """A run folder could not be written while training (a checkpoint, the metrics): a full disk,
+    a folder made read-only. The run stops; its last complete checkpoint is intact. Every command
+    prints it in one line and exits 1."""
+
+
 def choose(kind: str, name: str, valid) -> None:
     """Raise a `UsageError` unless ``name`` is one of ``valid``; the message lists the valid names."""
     valid = list(valid)
     if name not in valid:
-        raise UsageError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+        kinds = f"{kind[:-1]}ies" if kind.endswith("y") else f"{kind}s"  # strategies
+        raise UsageError(f"unknown {kind} {name!r}; valid {kinds}: {', '.join(valid)}")
 
 
 def member(kind: type[Enum], value, field_name: str) -> Enum:

@@ -77,7 +77,9 @@ def add_switches(parser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings; flags override")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override"
+    )
     for flag, kind, text in FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
     add_switches(parser)

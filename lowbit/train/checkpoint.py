@@ -61,8 +61,12 @@ def save(state: dict, run_dir, step: int, keep_last: int) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+            # torch's zip writer, closed after a write failed (a full disk), raises "unexpected
+            # pos" in place of the OSError that says why
+            raise error.__context__ from None
         raise
     _fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep_last]:

@@ -7,6 +7,7 @@ opened with ``purge_step`` so the curves have no duplicate tail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,9 +53,15 @@ class MetricsLogger:
         self._file.flush()
         self._tb.flush()
 
-    def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+    def close(self, quietly: bool = False) -> None:
+        """``quietly``: as the run stops on an error, a failed write of the buffered records is
+        not raised: on a full disk it would replace the error that says what stopped the run (and
+        the records after the last checkpoint are dropped on resume anyway)."""
+        failures = (OSError,) if quietly else ()
+        with contextlib.suppress(*failures):
+            self._file.close()
+        with contextlib.suppress(*failures):
+            self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
 
@@ -85,7 +92,7 @@ class NullLogger:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, quietly: bool = False) -> None:
         pass
 
 

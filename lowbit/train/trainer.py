@@ -7,11 +7,13 @@ step (``grad_accum`` micro-batches), the unit the overhead benchmark times.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from lowbit.diagnostics.monitor import build_monitor
-from lowbit.errors import UsageError
+from lowbit.errors import RunNotWritten, UsageError
 from lowbit.nn.convert import lowbit_layers
 from lowbit.train import checkpoint
 from lowbit.train.config import (
@@ -70,6 +72,10 @@ RESUMABLE_CHANGES = {
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a non-finite loss or gradient under a recipe that cannot skip the step."""
+
+
+# The errors of a write that the disk or the folder refuses: the user's to fix, not lowbit's bug
+_WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 @dataclass
@@ -191,7 +197,11 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
     A run that stopped before its first checkpoint (a non-finite first step, say) holds nothing to
     resume, so a fresh run may replace its files without ``--overwrite``, unless other files are
-    there too.
+    there too. Its run.json tells it from a config.yaml the user wrote (``--config exp/config.yaml
+    --out exp``), which is theirs, not a run's to replace.
+
+    ``--overwrite`` replaces a run: in a folder that holds none, files and folders of the user's
+    that bear the names a run writes (``checkpoints/``, ``tokenizer/``) are refused, not deleted.
     """
     from lowbit.infer import is_inference_dir
 
@@ -212,13 +222,24 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"({checkpoint.restart_command(run_dir)})"
             )
         return
-    if overwrite or not run_dir.exists():
+    if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if not names:
+    if overwrite and "config.yaml" not in names and names & {*RUN_FILES, *RUN_FOLDERS}:
+        theirs = ", ".join(sorted(names & {*RUN_FILES, *RUN_FOLDERS}))
+        raise UsageError(
+            f"{run_dir}: holds no run (no config.yaml) for --overwrite to replace, but files it "
+            f"would delete ({theirs}); fix: choose another --out, or move them away"
+        )
+    if overwrite or not names:
         return
     if "config.yaml" in names:
         found = checkpoint.latest(run_dir)
+        if found is None and RUN_INFO not in names:
+            raise UsageError(
+                f"{run_dir}: holds a config.yaml but no run (no {RUN_INFO}); fix: choose another "
+                "--out (a run writes its own config.yaml there), or --overwrite to replace it"
+            )
         if found is None and names <= {*RUN_FILES, *RUN_FOLDERS}:
             return
         if found is None:
@@ -786,8 +807,32 @@ class Trainer:
         logger.flush()
         return self.save()
 
+    def _not_written(self, error: OSError) -> RunNotWritten:
+        """The error for a write to the run folder that failed (``error``) while training: the
+        bare OSError of a full disk named no file, so the user learnt neither which folder filled
+        up, nor what was kept, nor how to continue."""
+        run_dir, kept = Path(self.config.out), checkpoint.latest(self.config.out)
+        if kept is None:
+            then, left = checkpoint.restart_command(run_dir), "no checkpoint was saved"
+        else:
+            then = f"lowbit train --resume {shlex.quote(str(run_dir))}"
+            left = f"the last complete checkpoint {kept.name} is intact"
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        return RunNotWritten(
+            f"{run_dir}: cannot write the run at step {self.step_idx} ({error.strerror}); {left}; "
+            f"fix: {'free disk space' if full else 'make the folder writable'}, then {then}"
+        )
+
     def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
-        """Train to ``total_steps``, writing the run folder; see `train`."""
+        """Train to ``total_steps``, writing the run folder; see `train`. The folder is locked
+        while the run writes it (`_RunLock`)."""
+        lock = _RunLock(Path(self.config.out))
+        try:
+            return self._fit(lock, resume, overwrite, on_step)
+        finally:
+            lock.release()
+
+    def _fit(self, lock: _RunLock, resume: bool, overwrite: bool, on_step) -> RunResult:
         from tqdm import tqdm
 
         if resume and not self.built_to_resume:  # its task built another tokenizer than the run's
@@ -800,6 +845,7 @@ class Trainer:
         c, run_dir, t_start = self.config, Path(self.config.out), time.perf_counter()
         main = self.dist.is_main
         if main:
+            lock.take()
             check_run_dir(run_dir, resume, overwrite)
         # run.json as the run left it: read before the barrier, after which rank 0 rewrites it
         recorded = read_run_info(run_dir) if resume else {}
@@ -815,6 +861,9 @@ class Trainer:
             # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
             self.start_metrics = self.evaluate()
             if main:  # check_run_dir let only --overwrite or a checkpointless run's files through
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock.take()  # checked again under the lock: a run may have started there since
+                check_run_dir(run_dir, resume, overwrite)
                 clear_run_dir(run_dir)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -887,13 +936,21 @@ class Trainer:
                         break
         except NonFiniteLoss as error:
             logger.log(self.step_idx + 1, "train", {"non_finite": 1})
+            logger.close(quietly=True)
             kept = f"last good checkpoint {last_saved}" if last_saved else "no checkpoint was saved"
             raise NonFiniteLoss(
                 f"{error} (recipe {c.recipe}); stopped, {kept}; fix: lower --lr, set --grad-clip, "
                 "or use a loss-scaled or higher-precision recipe"
             ) from None
-        finally:
-            logger.close()
+        except OSError as error:
+            logger.close(quietly=True)  # on a full disk its flush fails too
+            if error.errno not in _WRITE_REFUSED:
+                raise
+            raise self._not_written(error) from error
+        except BaseException:
+            logger.close(quietly=True)
+            raise
+        logger.close()
         return self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
 
     def _check_same_data(self, recorded: dict | None) -> None:
@@ -1027,7 +1084,9 @@ class Trainer:
         if self.sample and alone and self.config.task == "causal-lm" and status == "completed":
             from lowbit.train.generate import sample_text
 
-            with self.dist.alone():
+            # the run is complete and saved: a Ctrl-C while it samples skips the sample, not the
+            # summary (it was "aborted" with exit 130, and looked like a run to resume)
+            with self.dist.alone(), contextlib.suppress(KeyboardInterrupt):
                 sample = sample_text(
                     self.model,
                     self.task.tokenizer,
@@ -1058,6 +1117,46 @@ class Trainer:
             sample=sample,
             extra=extra,
         )
+
+
+class _RunLock:
+    """An exclusive lock (``flock``) on a run folder while a process writes it: a second `lowbit
+    train` into the folder of a live run (the same --out, or a --resume of it) is refused.
+    Unlocked, it cleared the live run's files (a traceback there, the run lost) or trained beside
+    it into the same checkpoints and metrics. The kernel drops the lock when the process ends
+    however it ends, so a killed run leaves no stale lock; a file system without locks (some
+    network ones) runs unguarded, as before."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        """Lock the folder, if it exists and is not locked by this lock already."""
+        try:
+            import fcntl  # POSIX; elsewhere the folder runs unguarded, as before
+        except ImportError:
+            return
+        if self._fd is not None or not self.run_dir.is_dir():
+            return
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"{self.run_dir}: another lowbit process is training into this folder; fix: wait "
+                "until it ends (or stop it), or choose another --out"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @contextlib.contextmanager
@@ -1136,10 +1235,14 @@ def train(
     """Train (or with ``resume``, continue) the run ``config`` describes, in ``config.out``.
 
     ``on_step(trainer)`` is called after every step (tests use it to interrupt or crash a run).
-    Raises `UsageError` for bad input (before anything is written) and `NonFiniteLoss` when a
-    recipe that cannot skip steps meets a non-finite loss.
+    Raises `UsageError` for bad input (before anything is written), `NonFiniteLoss` when a
+    recipe that cannot skip steps meets a non-finite loss, and `RunNotWritten` when the run folder
+    cannot be written (a full disk).
     """
     config = resolve(_under_torchrun(config))
+    probe = _RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
+    probe.take()
+    probe.release()
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
     if resume:
         config = _with_run_data(config)

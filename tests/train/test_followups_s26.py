@@ -40,3 +40,23 @@ def test_a_copy_of_the_runs_own_checkpoint_elsewhere_is_taken(runs, tmp_path, ca
     shutil.copy(a / "checkpoints" / "step-0000001.pt", copy)
     assert main(["eval", str(a), "--checkpoint", str(copy), "--max-batches", "1"]) == 0
     assert capsys.readouterr().out.startswith("causal-lm nano, recipe fp32, backup.pt")
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_from_any_command(monkeypatch, capsys):
+    """`lowbit compare` (or doctor) training into a full disk: the trainer's one-line error,
+    not a traceback, whichever command trained."""
+    from lowbit.commands import compare
+    from lowbit.train import RunNotWritten
+
+    def full_disk(args):
+        raise RunNotWritten("runs/x: cannot write the run at step 3 (No space left on device)")
+
+    monkeypatch.setattr(compare, "run", full_disk)
+    assert main(["compare", "--recipes", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert err == "lowbit: error: runs/x: cannot write the run at step 3 (No space left on device)\n"
+
+
+def test_a_choice_names_its_valid_values_in_english(capsys):
+    assert main(["train", "--strategy", "foo", "--steps", "1"]) == 2
+    assert "unknown strategy 'foo'; valid strategies: ddp, fsdp" in capsys.readouterr().err
