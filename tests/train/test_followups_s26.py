@@ -54,7 +54,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_from_any_command(monkey
     monkeypatch.setattr(compare, "run", full_disk)
     assert main(["compare", "--recipes", "fp32"]) == 1
     err = capsys.readouterr().err
-    assert err == "lowbit: error: runs/x: cannot write the run at step 3 (No space left on device)\n"
+    assert (
+        err == "lowbit: error: runs/x: cannot write the run at step 3 (No space left on device)\n"
+    )
 
 
 def test_a_choice_names_its_valid_values_in_english(capsys):
