@@ -78,6 +78,8 @@ class Precision:
         self._overflowed: bool | None = None  # in the steps since the scale last moved (None: none)
         self._pending: dict = {}  # parts of a loaded state whose model or optimizer is to come
         self._stepping = False  # within `step` (`_refuse_direct_step`)
+        self._backwards = 0  # `backward` calls so far
+        self._backward_at_step: dict[int, int] = {}  # id(optimizer) -> `_backwards` at its step
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -172,7 +174,7 @@ class Precision:
         if all(known is not optimizer for known in self._optimizers):
             self._optimizers.append(optimizer)
             self.update.wrap(optimizer)
-            optimizer.register_step_pre_hook(_refuse_direct_step(self))
+            _guard_steps(optimizer, self)
         self._apply_pending()
         return optimizer
 
@@ -214,15 +216,7 @@ class Precision:
         self._move_scale()
         if self._prepared:
             self._forget_unstepped()
-        if self.scaler.enabled and self.scaler.holds_unscaled(
-            [p.grad for p in self._params() if p.grad is not None]
-        ):
-            # (GradScaler adds them silently: the next step divides the old gradients by the scale)
-            raise UsageError(
-                "precision.backward() onto gradients that precision.step() unscaled, without "
-                "optimizer.zero_grad() between: the new gradients would be scaled and the old "
-                "not; fix: optimizer.zero_grad() after precision.step(optimizer)"
-            )
+        self._backwards += 1
         self.scaler.scale(loss).backward(**options)
 
     def _move_scale(self) -> None:
@@ -271,9 +265,21 @@ class Precision:
             self.wrap_optimizer(optimizer)
         if key not in self._prepared:
             stepped = self.update.prepare(optimizer)
-            grads = [t.grad for t in stepped]
+            # With no backward since this optimizer's last step, the gradients unscaled in place
+            # then (the optimizer's own parameters': not a 16-bit parameter's fresh fp32 copy) are
+            # stepped again as they are, as a plain loop's second step takes them; divided again,
+            # that step was the scale times too small.
+            if self._backward_at_step.get(key) == self._backwards:
+                own = {id(p) for p in optimizer_params(optimizer)}
+                scaled = [t.grad for t in stepped if id(t) not in own]
+                unscaled = [t.grad for t in stepped if id(t) in own]
+                finite = self.scaler.unscale_(unscaled, divide=False)
+                finite = self.scaler.unscale_(scaled) and finite
+            else:
+                finite = self.scaler.unscale_([t.grad for t in stepped])
+            self._backward_at_step[key] = self._backwards
             # Data-parallel ranks decide jointly, so all of them skip the same steps.
-            finite = scale_agreement().all_finite(self.scaler.unscale_(grads))
+            finite = scale_agreement().all_finite(finite)
             self._prepared[key] = (stepped, finite)
         return self._prepared[key]
 
@@ -582,6 +588,19 @@ def _definition(recipe: Recipe) -> dict[str, str]:
     may be registered again with other numerics before a run resumes."""
     texts = ("name", "description", "reference")
     return {f.name: repr(getattr(recipe, f.name)) for f in fields(recipe) if f.name not in texts}
+
+
+def _guard_steps(optimizer, precision: Precision) -> None:
+    """Register `_refuse_direct_step` on ``optimizer``, replacing an earlier precision's guard (a
+    loop that built a new Precision for the same optimizer). An optimizer that does not take step
+    hooks (a user's duck-typed one, a wrapper that skips ``Optimizer.__init__``) goes unguarded:
+    the guard is a safety net, not a condition of stepping."""
+    if not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        return
+    earlier = getattr(optimizer, "_lowbit_step_guard", None)
+    if earlier is not None:
+        earlier.remove()
+    optimizer._lowbit_step_guard = optimizer.register_step_pre_hook(_refuse_direct_step(precision))
 
 
 def _refuse_direct_step(precision: Precision):

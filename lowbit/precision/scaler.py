@@ -12,8 +12,6 @@ trajectory equals ``torch.amp.GradScaler``'s for the same gradients.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from lowbit.precision.update import local_values
@@ -25,12 +23,9 @@ class NoLossScaler:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def unscale_(self, grads: list[torch.Tensor]) -> bool:
+    def unscale_(self, grads: list[torch.Tensor], divide: bool = True) -> bool:
         """Returns whether every gradient is finite (always True: no check is made)."""
         return True
-
-    def holds_unscaled(self, grads: list[torch.Tensor]) -> bool:
-        return False
 
     def update(self, found_inf: bool) -> None:
         pass
@@ -65,58 +60,29 @@ class LossScaler:
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
         self.growth_interval = growth_interval
-        # id -> (a weak reference to a gradient unscaled in place, its version then), while it
-        # lives: a second step without a backward between reads it unscaled already
-        self._unscaled: dict[int, tuple[weakref.ref, int]] = {}
-
-    def __getstate__(self) -> dict:
-        # weak references do not pickle (``torch.save(precision)``); a restored scaler treats
-        # every gradient as scaled, as after a backward
-        return {**self.__dict__, "_unscaled": {}}
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self._scale.to(loss.device)
 
-    def unscale_(self, grads: list[torch.Tensor]) -> bool:
+    def unscale_(self, grads: list[torch.Tensor], divide: bool = True) -> bool:
         """Divide ``grads`` by the scale in place; returns whether all of them are finite.
+        ``divide=False`` only checks them (gradients unscaled by an earlier step already).
 
         A sparse gradient (``nn.Embedding(sparse=True)``) is checked and unscaled through its
-        values, as GradScaler does: PyTorch's fused unscale takes dense tensors only.
-
-        A gradient this scaler unscaled and nothing changed since (an fp32 parameter's ``.grad``
-        stepped again without a backward, as plain PyTorch steps it again) is only checked:
-        dividing it by the scale once more would shrink that step by the scale (GradScaler
-        refuses a second step instead)."""
+        values, as GradScaler does: PyTorch's fused unscale takes dense tensors only."""
         found_inf = torch.zeros(1, dtype=torch.float32)
         inv_scale = self._scale.double().reciprocal().float().reshape(1)
+        if not divide:
+            inv_scale = torch.ones_like(inv_scale)
         by_device: dict[tuple, list[torch.Tensor]] = {}
-        for grad in grads:
-            local = local_values(grad)  # FSDP: each rank checks and unscales its shard
-            values = local._values() if local.is_sparse else local  # a view: unscaled in place
-            again = self._is_unscaled(grad)
-            by_device.setdefault((values.device, values.dtype, again), []).append(values)
-        for (device, _, again), group in by_device.items():
+        for grad in map(local_values, grads):  # FSDP: each rank checks and unscales its shard
+            values = grad._values() if grad.is_sparse else grad  # a view: unscaled in place
+            by_device.setdefault((values.device, values.dtype), []).append(values)
+        for (device, _), group in by_device.items():
             found = found_inf.to(device)
-            factor = torch.ones_like(inv_scale) if again else inv_scale
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, factor.to(device))
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(device))
             found_inf = found_inf + found.cpu()
-        self._unscaled = {
-            key: seen for key, seen in self._unscaled.items() if seen[0]() is not None
-        }
-        for grad in grads:
-            self._unscaled[id(grad)] = (weakref.ref(grad), local_values(grad)._version)
         return found_inf.item() == 0
-
-    def _is_unscaled(self, grad: torch.Tensor) -> bool:
-        """Whether ``grad`` holds what this scaler's `unscale_` left in it (its version moves with
-        every write: a backward accumulating into it, ``zero_grad(set_to_none=False)``)."""
-        seen = self._unscaled.get(id(grad))
-        return seen is not None and seen[0]() is grad and seen[1] == local_values(grad)._version
-
-    def holds_unscaled(self, grads: list[torch.Tensor]) -> bool:
-        """Whether any of ``grads`` holds values this scaler unscaled (a backward onto them would
-        add scaled gradients to unscaled ones)."""
-        return any(self._is_unscaled(grad) for grad in grads)
 
     def update(self, found_inf: bool) -> None:
         if not self.dynamic:

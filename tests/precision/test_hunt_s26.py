@@ -1,5 +1,6 @@
-"""`Precision` in more loops users write (session 26): a second step without a backward, a
-backward onto the gradients a step left."""
+"""`Precision` in more loops users write (session 26): a second step without a backward, two
+optimizers in the DCGAN order, what is not an optimizer or a precision state, a wrapped
+optimizer's own step."""
 
 import pytest
 import torch
@@ -16,16 +17,20 @@ def backward(precision, model, x, y):
     precision.backward(loss)
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["", "clipped"])
 @pytest.mark.parametrize("recipe", ["fp32", "fp16-mixed"])
-def test_a_second_step_without_a_backward_steps_the_same_gradients_again(recipe):
+def test_a_second_step_without_a_backward_steps_the_same_gradients_again(recipe, clip):
     """Under loss scaling the fp32 parameters' gradients are unscaled in place; a second
     ``precision.step`` without a backward divided them by the scale once more, so the second
-    step moved the weights 65536 times less than plain PyTorch's second step does."""
+    step moved the weights 65536 times less than plain PyTorch's second step does. Clipping
+    before the first step (which writes into the gradients) changes nothing of that."""
     ((x, y),) = batches(1)
     precision = Precision(recipe)
     model = precision.convert(mlp())
     optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     backward(precision, model, x, y)
+    if clip:
+        precision.clip_grad_norm_(optimizer, 1e9)
     assert precision.step(optimizer)
     plain = [p.detach().clone().requires_grad_() for p in model.parameters()]
     for copy, p in zip(plain, model.parameters()):
@@ -35,21 +40,44 @@ def test_a_second_step_without_a_backward_steps_the_same_gradients_again(recipe)
     assert all(map(torch.equal, model.parameters(), plain))
 
 
-def test_a_backward_onto_the_gradients_a_step_unscaled_is_refused():
-    """Without ``zero_grad`` after the step, new (scaled) gradients would land on the unscaled
-    ones, and the next step would divide the old ones by the scale (GradScaler's silent result);
-    zeroed gradients, or ones set to None, take the next backward."""
-    (x, y), (x2, y2) = batches(2)
-    precision = Precision("fp16-mixed")
+def test_a_second_step_of_16_bit_parameters_without_a_backward_steps_the_same_gradients():
+    """fp16-low steps fresh fp32 copies of the 16-bit gradients, scaled: divided each time."""
+    ((x, y),) = batches(1)
+    precision = Precision("fp16-low")
     model = precision.convert(mlp())
     optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     backward(precision, model, x, y)
-    precision.step(optimizer)
-    with pytest.raises(UsageError, match="zero_grad"):
-        backward(precision, model, x2, y2)
-    optimizer.zero_grad(set_to_none=False)
-    backward(precision, model, x2, y2)
     assert precision.step(optimizer)
+    stepped = precision.unscale_(optimizer)  # the masters, with the gradients the step takes
+    plain = [t.detach().clone().requires_grad_() for t in stepped]
+    for copy, t in zip(plain, stepped):
+        copy.grad = t.grad.clone()
+    torch.optim.SGD(plain, lr=0.1).step()
+    assert precision.step(optimizer)
+    assert all(map(torch.equal, precision.unscale_(optimizer), plain))
+
+
+def test_two_optimizers_in_the_dcgan_order_step_as_with_gradscaler():
+    """The generator's backward goes through the discriminator, whose gradients its own step
+    has unscaled already, and which are zeroed before they are used again (PyTorch's DCGAN
+    example): GradScaler takes this loop, and so does the precision."""
+    ((x, _),) = batches(1)
+    precision = Precision("fp16-mixed")
+    generator, critic = precision.convert(mlp()), precision.convert(mlp())
+    opt_g = precision.wrap_optimizer(torch.optim.SGD(generator.parameters(), lr=0.1))
+    opt_c = precision.wrap_optimizer(torch.optim.SGD(critic.parameters(), lr=0.1))
+    for _ in range(2):
+        opt_c.zero_grad()
+        with precision.autocast():
+            loss_c = critic(generator(x).detach().float().softmax(-1) @ torch.eye(x.shape[1])[:10])
+        precision.backward(loss_c.float().square().mean())
+        assert precision.step(opt_c)
+        opt_g.zero_grad()
+        with precision.autocast():
+            loss_g = critic(generator(x).float().softmax(-1) @ torch.eye(x.shape[1])[:10])
+        precision.backward(loss_g.float().square().mean())
+        assert precision.step(opt_g)
+    assert all(torch.isfinite(p).all() for p in [*generator.parameters(), *critic.parameters()])
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "bf16-low"])
@@ -102,3 +130,43 @@ def test_a_wrapped_optimizers_own_step_is_refused_where_it_would_step_otherwise(
     else:
         optimizer.step()
     assert precision.step(optimizer)
+
+
+def test_an_optimizer_without_step_hooks_is_still_wrapped():
+    """A user's duck-typed optimizer (or a wrapper that skips ``Optimizer.__init__``) failed in
+    `wrap_optimizer` with an AttributeError once the step guard was registered on it."""
+
+    class Mine:
+        def __init__(self, params):
+            self.param_groups = [{"params": list(params), "lr": 0.1}]
+            self.state = {}
+
+        def step(self):
+            for p in self.param_groups[0]["params"]:
+                p.data.add_(p.grad, alpha=-0.1)
+
+        def zero_grad(self):
+            for p in self.param_groups[0]["params"]:
+                p.grad = None
+
+    ((x, y),) = batches(1)
+    precision = Precision("fp16-mixed")
+    model = precision.convert(mlp())
+    optimizer = precision.wrap_optimizer(Mine(model.parameters()))
+    backward(precision, model, x, y)
+    assert precision.step(optimizer)
+
+
+def test_a_new_precision_for_the_same_optimizer_replaces_the_old_ones_guard():
+    """The first precision's guard, left on the optimizer, refused the second one's own steps."""
+    ((x, y),) = batches(1)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = Precision("fp16-mixed")
+    first.wrap_optimizer(optimizer)
+    second = Precision("fp16-mixed")
+    model = second.convert(model)
+    second.wrap_optimizer(optimizer)
+    backward(second, model, x, y)
+    assert second.step(optimizer)
+    assert first is not None  # alive while the second steps
