@@ -668,7 +668,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [_finite(v) for v in values]
     if not values or not all(map(math.isfinite, values)):
         return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), _sample_std(values)
+
+
+def _sample_std(values: list[float]) -> float:
+    """The sample std over seeds; NaN (null in results.json) for one seed, whose spread is not
+    measured: 0 there read as seeds that agree exactly, and a script judging ``|gap| > 2 x
+    spread`` from results.json called every gap of a one-seed study significant."""
+    return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def _gap(values: list[float], base: list[float]) -> tuple[float, float]:
@@ -679,7 +686,7 @@ def _gap(values: list[float], base: list[float]) -> tuple[float, float]:
         return math.nan, math.nan
     base_mean = statistics.fmean(b for _, b in pairs)
     diffs = [100 * (v - b) / base_mean for v, b in pairs]
-    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+    return statistics.fmean(diffs), _sample_std(diffs)
 
 
 def verdict(gap: float, spread: float, target: Target, seeds: int) -> tuple[str, bool | None]:

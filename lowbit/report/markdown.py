@@ -28,9 +28,10 @@ def _pm(pair, digits=4, seeds=2) -> str:
 
 
 def _count(pair) -> str:
-    """A per-seed count's mean ± std: the count itself when every seed agrees, else two decimals."""
+    """A per-seed count's mean ± std: the count itself when every seed agrees or there is one
+    (whose std is NaN: not measured), else two decimals."""
     mean, std = pair
-    return f"{mean:g}" if not std else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:g}" if not std or not math.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
 
 
 def _pct(value, spread=None) -> str:
