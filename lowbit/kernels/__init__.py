@@ -155,8 +155,10 @@ def _build() -> None:
             verbose=False,
         )
     except RuntimeError as error:
-        if failed_before and str(error).startswith("Error building extension"):
-            failed_before.record(_build_failure(error))
+        reason = _build_failure(error)
+        compile_error = str(error).startswith("Error building extension")
+        if failed_before and compile_error and not _PASSING.search(reason):
+            failed_before.record(reason)  # which the next try would meet again
         raise
     seconds = time.perf_counter() - start
     if seconds > 3:  # a compile, not a cache hit
@@ -229,6 +231,8 @@ def _load() -> bool:
         fix = (
             "set TORCH_EXTENSIONS_DIR to a folder you can write"
             if getattr(error, "errno", None) in _FOLDER_ERRNOS
+            else "mend the compiler (the error above), then delete the record it names"
+            if earlier
             else "install a C++ compiler and `pip install ninja`"
         )
         warnings.warn(
@@ -244,6 +248,11 @@ def _load() -> bool:
 # The build folder's failures (no permission, a read-only filesystem, a file in the way, a full
 # disk), whose fix is another folder, not a compiler.
 _FOLDER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC}
+# A compile that failed for the machine's state at the time, not for the sources: the compiler
+# killed (out of memory on a busy machine), a full disk. Not recorded: the next process tries again.
+_PASSING = re.compile(
+    r"Killed|No space left|Cannot allocate memory|out of memory|Interrupt", re.IGNORECASE
+)
 # A line of a compiler's output (or the shell's) that says what went wrong.
 _REASON = re.compile(r"error:|not found", re.IGNORECASE)
 

@@ -25,7 +25,7 @@ def test_a_failed_compile_is_not_compiled_again_by_every_process(tmp_path):
     assert calls.read_text().count("x") == compiles  # nothing compiled this time
     record = next((tmp_path / "ext").glob("lowbit_kernels_*/lowbit-build-failed.txt"))
     assert again == f"{first} (an earlier build; delete {record} to try again)"
-    assert "Fix: install a C++ compiler" in err
+    assert "Fix: mend the compiler" in err
 
     record.unlink()
     quantize_in_a_process(tmp_path, **env)
@@ -44,3 +44,19 @@ def test_another_compiler_builds_again(tmp_path):
     _, _, (loaded, error), _ = quantize_in_a_process(tmp_path, CXX=str(compiler), **env)
     assert loaded == "False" and "an earlier build" not in error
     assert calls.exists()
+
+
+def test_a_compiler_killed_for_memory_is_not_recorded(tmp_path):
+    """A compile killed on a busy machine fails for the machine's state, not the sources: the
+    record turned the kernels off for every later process until someone deleted it."""
+    compiler = failing_compiler(tmp_path)
+    compiler.write_text(
+        compiler.read_text().replace(
+            "quantize.cpp:3:1: error: expected unqualified-id before numeric constant",
+            "c++: fatal error: Killed signal terminated program cc1plus",
+        )
+    )
+    env = {"CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    _, _, (loaded, error), _ = quantize_in_a_process(tmp_path, **env)
+    assert loaded == "False" and "Killed signal" in error
+    assert not list((tmp_path / "ext").glob("*/lowbit-build-failed.txt"))
