@@ -27,7 +27,13 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
 from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
-from lowbit.nn.layer_kinds import is_conv1d, is_linear, is_router, is_router_module
+from lowbit.nn.layer_kinds import (
+    is_conv1d,
+    is_linear,
+    is_router,
+    is_router_module,
+    weight_read_by_parent,
+)
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_KEPT, ROUTER_KEPT
@@ -320,6 +326,11 @@ def convert(
                 report.kept[name] = reason
                 continue
             unsupported = _computed_weight_reason(child)
+            if unsupported is None and (reader := weight_read_by_parent(module, child_name)):
+                unsupported = (
+                    f"{reader} multiplies by its weight itself, never calling the layer: "
+                    "not converted"
+                )
             if unsupported is None and isinstance(child, torch.nn.Conv2d):
                 unsupported = conv_unsupported_reason(child)
             if unsupported:

@@ -16,6 +16,33 @@ import torch
 LINEAR_EQUIVALENTS = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
 
 
+# (module, class) of modules, with the names of their linear layers whose weight they multiply by
+# themselves instead of calling the layer: the Mamba mixers' ``time_step = self.dt_proj.weight @
+# time_step`` (the bias is added later, inside the selective scan), MobileBERT's masked-LM head's
+# one GEMM with ``torch.cat([self.decoder.weight.t(), self.dense.weight])``. Swapped, such a layer
+# would be reported converted and never run, its GEMM in high precision. (Falcon-Mamba and Jamba
+# call ``dt_proj`` only where ``config._is_quantized`` is set, which other code reads as well.)
+WEIGHT_READ_BY_PARENT = {
+    ("transformers.models.mobilebert.modeling_mobilebert", "MobileBertLMPredictionHead"): (
+        "dense",
+        "decoder",
+    ),
+    ("transformers.models.mamba.modeling_mamba", "MambaMixer"): ("dt_proj",),
+    ("transformers.models.falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"): ("dt_proj",),
+    ("transformers.models.jamba.modeling_jamba", "JambaMambaMixer"): ("dt_proj",),
+}
+
+
+def weight_read_by_parent(parent: torch.nn.Module, child_name: str) -> str | None:
+    """The name of ``parent``'s class (or of the base class it has it from) when ``parent``
+    computes with the weight of its layer ``child_name`` itself (`WEIGHT_READ_BY_PARENT`), else
+    None."""
+    for kind in type(parent).__mro__:
+        if child_name in WEIGHT_READ_BY_PARENT.get((kind.__module__, kind.__name__), ()):
+            return kind.__name__
+    return None
+
+
 def conv1d_type() -> type | None:
     """transformers' ``Conv1D`` class, if transformers has loaded it (no model holds one before)."""
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
