@@ -63,9 +63,17 @@ class TensorBatches(SeekableBatches):
 
     Iterating yields tuples of tensors of ``batch_size`` rows (the last rows of an epoch that do not
     fill a batch are dropped). ``step`` counts the batches served.
+
+    ``grad_accum`` micro-batches make one optimizer step, and an epoch holds whole steps: the
+    rows that do not fill a step's ``grad_accum * batch_size`` are dropped. The micro-batches of
+    a step are then the rows, in order, of the one batch of ``grad_accum * batch_size`` rows of
+    the same step without accumulation (a step never takes rows from two epochs), and an epoch of
+    steps is one pass over the rows.
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0):
+    def __init__(
+        self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0, grad_accum: int = 1
+    ):
         self.tensors = tuple(tensors)
         self.num_rows = len(self.tensors[0])
         if any(len(t) != self.num_rows for t in self.tensors):
@@ -74,9 +82,16 @@ class TensorBatches(SeekableBatches):
             raise UsageError(
                 f"batch size {batch_size} needs 1..{self.num_rows} examples; fix: lower it"
             )
+        if batch_size * grad_accum > self.num_rows:
+            raise UsageError(
+                f"batch size {batch_size} x grad-accum {grad_accum} = {batch_size * grad_accum} "
+                f"examples per optimizer step, more than the {self.num_rows} there are; fix: "
+                "lower --batch-size or --grad-accum"
+            )
         self.batch_size = batch_size
         self.seed = seed
-        self.steps_per_epoch = self.num_rows // batch_size
+        # micro-batches per epoch: whole optimizer steps
+        self.steps_per_epoch = self.num_rows // (batch_size * grad_accum) * grad_accum
         self.step = 0
 
     def batch(self, index: int) -> tuple[torch.Tensor, ...]:

@@ -413,7 +413,9 @@ class TokenClassificationTask(Task):
             max_seq_len=config.seq_len,
         )
         self._encoded: dict[str, tuple] = {}
-        self.train_batches = TensorBatches(self.encoded("train"), config.batch_size, config.seed)
+        self.train_batches = TensorBatches(
+            self.encoded("train"), config.batch_size, config.seed, config.grad_accum
+        )
 
     def encoded(self, split):
         if split not in self._encoded:
@@ -428,7 +430,7 @@ class TokenClassificationTask(Task):
             self.vocab.save(Path(folder) / "vocab.json")
 
     def steps_per_epoch(self) -> int:
-        return max(1, self.train_batches.steps_per_epoch // self.config.grad_accum)
+        return self.train_batches.steps_per_epoch // self.config.grad_accum  # whole steps
 
     def loss(self, model, batch):
         input_ids, mask, labels = batch
@@ -591,10 +593,12 @@ class ImageClassificationTask(Task):
             **{k: {"images": len(v[1])} for k, v in self.splits.items()},
         }
         self.model = build_cnn(config.model, num_classes=NUM_CLASSES, seed=config.seed)
-        self.train_batches = TensorBatches(self.splits["train"], config.batch_size, config.seed)
+        self.train_batches = TensorBatches(
+            self.splits["train"], config.batch_size, config.seed, config.grad_accum
+        )
 
     def steps_per_epoch(self) -> int:
-        return max(1, self.train_batches.steps_per_epoch // self.config.grad_accum)
+        return self.train_batches.steps_per_epoch // self.config.grad_accum  # whole steps
 
     def loss(self, model, batch):
         images, labels = batch
