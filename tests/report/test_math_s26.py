@@ -38,7 +38,7 @@ def test_one_seed_has_no_spread_in_results_json_either(one_seed):
     assert row["skipped_steps"] == [0, None]
     assert "1 seed: no spread" in row["verdict"]
     report = (one_seed / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| bf16-mixed |")][0]
+    table = next(line for line in report.splitlines() if line.startswith("| bf16-mixed |"))
     assert "±" not in table and "nan" not in table
     assert table.split(" | ")[6] == "0"  # skipped steps: the count, not "0.00 ± nan"
     assert math.isfinite(row["val_gap_pct"])
