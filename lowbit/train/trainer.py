@@ -74,8 +74,23 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a non-finite loss or gradient under a recipe that cannot skip the step."""
 
 
-# The errors of a write that the disk or the folder refuses: the user's to fix, not lowbit's bug
-_WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+# The errors of a write that the disk refuses, whatever the file: the user's to fix, not lowbit's bug
+_DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# Errors a write to the run folder may meet, but a read of other files (the data) as well
+_FILE_REFUSED = (errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _refused_write(error: OSError, run_dir: Path) -> bool:
+    """Whether ``error`` is the disk or the run folder refusing a write: a full or read-only
+    disk, or no permission (an I/O error) on a file of the run folder, or on no file named. A
+    file outside it that cannot be read is the error it is, not a run that cannot be written."""
+    if error.errno in _DISK_REFUSED:
+        return True
+    if error.errno not in _FILE_REFUSED:
+        return False
+    if error.filename is None:
+        return True
+    return Path(os.fsdecode(error.filename)).resolve().is_relative_to(run_dir.resolve())
 
 
 @dataclass
@@ -225,7 +240,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if overwrite and "config.yaml" not in names and names & {*RUN_FILES, *RUN_FOLDERS}:
+    holds_run = bool(names & {"config.yaml", RUN_INFO})  # a run writes run.json first
+    if overwrite and not holds_run and names & {*RUN_FILES, *RUN_FOLDERS}:
         theirs = ", ".join(sorted(names & {*RUN_FILES, *RUN_FOLDERS}))
         raise UsageError(
             f"{run_dir}: holds no run (no config.yaml) for --overwrite to replace, but files it "
@@ -233,7 +249,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
     if overwrite or not names:
         return
-    if "config.yaml" in names:
+    if holds_run:
         found = checkpoint.latest(run_dir)
         if found is None and RUN_INFO not in names:
             raise UsageError(
@@ -867,10 +883,12 @@ class Trainer:
                 clear_run_dir(run_dir)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            # run.json first: a run killed before its config.yaml is still told from a
+            # config.yaml the user wrote (check_run_dir), and the next run replaces it
+            self._write_run_info(run_dir, resume_step)
             write(c, run_dir)
             if not resume:  # a resumed run has just read them; rewritten, a kill could tear them
                 self.task.save_artifacts(run_dir)
-            self._write_run_info(run_dir, resume_step)
         logger = (
             MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
             if main
@@ -944,7 +962,7 @@ class Trainer:
             ) from None
         except OSError as error:
             logger.close(quietly=True)  # on a full disk its flush fails too
-            if error.errno not in _WRITE_REFUSED:
+            if not _refused_write(error, run_dir):
                 raise
             raise self._not_written(error) from error
         except BaseException:

@@ -183,3 +183,44 @@ def test_ctrl_c_during_the_closing_sample_skips_it_not_the_summary(tmp_path, cap
     assert (code, err) == (0, "")
     assert "4 steps (completed)" in out
     assert "sample:" not in out
+
+
+def test_a_file_outside_the_run_that_cannot_be_read_is_not_called_a_run_not_written(
+    tmp_path, capsys, monkeypatch
+):
+    """A permission error on a file outside the run folder (the data, met mid-run) was reported
+    as the run folder refusing writes, with "make the folder writable" as the fix."""
+    run, data = tmp_path / "run", tmp_path / "elsewhere" / "data.txt"
+    log = logging_module.MetricsLogger.log
+
+    def log_reading_unreadable_data(self, step, split, metrics):
+        if step == 3:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(data))
+        return log(self, step, split, metrics)
+
+    monkeypatch.setattr(logging_module.MetricsLogger, "log", log_reading_unreadable_data)
+    code, _, err = run_cli(capsys, "train", *NANO_RUN, "--out", run)
+    assert code == 2
+    assert err.strip().startswith(f"lowbit: error: {data}: Permission denied; fix:")
+    assert "cannot write the run" not in err
+
+
+def test_a_run_killed_as_it_writes_its_first_files_is_replaced_by_the_next(
+    tmp_path, capsys, monkeypatch
+):
+    """A run killed after its config.yaml but before its run.json left a folder the next run
+    refused as holding a hand-written config.yaml ("no run"), asking for --overwrite."""
+    from lowbit.train.tasks import CausalLMTask
+
+    run = tmp_path / "run"
+
+    def killed(self, folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CausalLMTask, "save_artifacts", killed)
+    assert run_cli(capsys, "train", *NANO_RUN, "--out", run)[0] == 130
+    monkeypatch.undo()
+    assert (run / "config.yaml").is_file()
+    code, _, err = run_cli(capsys, "train", *NANO_RUN, "--out", run)
+    assert code == 0, err
+    assert [step for step, _ in _train_losses(run)] == [1, 2, 3, 4]
