@@ -191,7 +191,7 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
     from lowbit.models.causal_lm import is_causal_lm
-    from lowbit.models.pretrained import with_sdpa
+    from lowbit.models.pretrained import BUILD_ERRORS, with_sdpa
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
     architectures = getattr(config, "architectures", None) or []
@@ -220,8 +220,7 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
             f"{name}: not a {kind} config ({first}); "
             f"fix: give the config.json of a model {auto.__name__} can build"
         ) from None
-    # inconsistent fields; RuntimeError: a size that makes no tensor (a negative hidden_size)
-    except (AssertionError, TypeError, KeyError, IndexError, RuntimeError) as error:
+    except BUILD_ERRORS as error:
         raise UsageError(
             f"{name}: transformers cannot build a model from this config "
             f"({type(error).__name__}: {error}); fix: correct the config's fields"

@@ -34,6 +34,12 @@ def with_sdpa(build):
     return build()
 
 
+# What building a model of a config with inconsistent fields raises in transformers' code: a
+# RuntimeError for a size that makes no tensor (a negative hidden_size), ZeroDivisionError for a
+# head_dim of 0, assertions and lookups of fields that do not fit together.
+BUILD_ERRORS = (AssertionError, TypeError, KeyError, IndexError, RuntimeError, ZeroDivisionError)
+
+
 # What `save_pretrained` writes for the weights (one file, or an index of shards).
 WEIGHT_FILES = (
     "model.safetensors",
@@ -220,10 +226,18 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
     without the fp32 weights they promise."""
     config = load_config(folder, **kwargs)  # checked here also before a weights load reads it
     if not has_weights(folder):
-        # a copy each try: a refused SDPA model has set its attention implementation in the config
-        return with_sdpa(
-            lambda **kw: auto_class.from_config(copy.deepcopy(config), dtype=torch.float32, **kw)
-        )
+        try:  # a copy each try: a refused SDPA model has set its attention implementation in it
+            return with_sdpa(
+                lambda **kw: auto_class.from_config(
+                    copy.deepcopy(config), dtype=torch.float32, **kw
+                )
+            )
+        except (ValueError, *BUILD_ERRORS) as error:
+            raise UsageError(
+                f"{folder / 'config.json'}: transformers cannot build a model from this config "
+                f"({type(error).__name__}: {' '.join(str(error).split())}); fix: correct the "
+                "config's fields"
+            ) from None
     check_safetensors(folder)
     check_pytorch_bin(folder)
     return with_sdpa(
