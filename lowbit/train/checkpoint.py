@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -86,6 +87,11 @@ def read_file(path, name=None) -> dict:
     """``torch.load`` of a checkpoint file; a `UsageError` naming ``name`` (default: the file)
     when it cannot be read or holds something else."""
     name = Path(name or path)
+    if changed := _changed_record(path):
+        raise unreadable(
+            name,
+            f"its record {changed} fails its CRC-32 check: the file changed since it was saved",
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
@@ -93,6 +99,20 @@ def read_file(path, name=None) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise unreadable(name, "not a lowbit checkpoint")
     return state
+
+
+def _changed_record(path) -> str | None:
+    """The first record of the checkpoint's zip archive whose bytes no longer match the CRC-32
+    that `torch.save` wrote beside them (a bit flipped on the disk, bytes overwritten), else None.
+
+    torch's reader does not check them: a tensor whose bytes changed loads without a word, and a
+    run resumed from it trains on from other weights than it saved. A file that is not a zip
+    archive (torn, or foreign) is left to torch's reader to say so."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
 
 
 def unreadable(path: Path, problem: str) -> UsageError:

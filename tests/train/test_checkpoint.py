@@ -53,3 +53,40 @@ def test_a_foreign_only_checkpoint_says_to_start_the_run_again(tmp_path):
     torch.save(torch.ones(2), path)
     with pytest.raises(UsageError, match=r"not a lowbit checkpoint\); fix: .*only checkpoint"):
         checkpoint.load(path)
+
+
+def _flip_a_byte_of_the_largest_record(path):
+    """Flip one byte in the middle of the data of the checkpoint's largest zip record (a
+    tensor's storage): what a bit error on the disk does."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[record.header_offset + 26 : record.header_offset + 30]
+    )
+    start = record.header_offset + 30 + name_len + extra_len
+    data[start + record.file_size // 2] ^= 0x40
+    path.write_bytes(data)
+
+
+def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused_not_resumed(tmp_path, capsys):
+    """torch's reader does not check the CRC-32 it writes: a checkpoint with a flipped bit in a
+    tensor loaded without a word, and the run resumed from weights it never saved."""
+    from lowbit.cli import main
+
+    run = tmp_path / "run"
+    common = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
+    argv = ["train", *common, "--eval-interval", "2", "--quiet", "--out", str(run)]
+    assert main([*argv, "--steps", "2"]) == 0
+    saved = run / "checkpoints" / "step-0000002.pt"
+    _flip_a_byte_of_the_largest_record(saved)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"lowbit: error: {saved}: unreadable checkpoint (its record ")
+    assert "fails its CRC-32 check: the file changed since it was saved); fix: " in err
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["step-0000002.pt"]
