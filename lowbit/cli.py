@@ -62,7 +62,7 @@ def _version() -> str:
     return f"lowbit {__version__} (torch {torch_version}, Python {platform.python_version()})"
 
 
-def _report_usage_error(text: str) -> None:
+def report_error(text: str) -> None:
     """``text`` on stderr, once per torchrun job: every rank parses the same arguments and fails
     alike, so a rank other than 0 that torchrun started (its ``TORCHELASTIC_ERROR_FILE`` set)
     leaves the line to rank 0 and writes it to that file instead, where torchrun's failure summary
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UsageError as error:
-        _report_usage_error(f"lowbit: error: {error}")
+        report_error(f"lowbit: error: {error}")
         return 2
     except RunNotWritten as error:  # a full disk: which run, what is kept, how to go on
-        _report_usage_error(f"lowbit: error: {error}")
+        report_error(f"lowbit: error: {error}")
         return 1
     except KeyboardInterrupt:  # commands that save on Ctrl-C (train, compare) report it themselves
         print("lowbit: interrupted", file=sys.stderr)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         status, fix = FILESYSTEM_ERRORS[error.errno]
         where = f"{error.filename}: " if error.filename else ""
-        _report_usage_error(f"lowbit: error: {where}{error.strerror}; fix: {fix}")
+        report_error(f"lowbit: error: {where}{error.strerror}; fix: {fix}")
         return status
 
 

@@ -205,7 +205,9 @@ def run(args) -> int:
     try:
         result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     except (NonFiniteLoss, RankFailed) as error:
-        print(f"lowbit: error: {error}", file=sys.stderr)
+        from lowbit.cli import report_error
+
+        report_error(f"lowbit: error: {error}")  # once, though every torchrun rank stops alike
         return 1
     except KeyboardInterrupt:
         print("lowbit: aborted; the last complete checkpoint is intact", file=sys.stderr)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from lowbit.cli import main
+from lowbit.distributed.context import free_port
 
 UNKNOWN_RECIPE = ["train", "--recipe", "no-such-recipe", "--steps", "1"]
 
@@ -54,3 +55,24 @@ def test_nproc_prints_a_ranks_usage_error_once(tmp_path):
         f"lowbit: error: {tmp_path / 'missing'}: no such file, folder or glob; fix: check the "
         "data path"
     ]
+
+
+def test_a_non_finite_loss_under_torchrun_is_printed_once(tmp_path):
+    """Every rank stops at the same non-finite step (the loss and gradient norm are the ranks'
+    mean); each printed the error, so the user read it once per rank (session 27)."""
+    argv = ["--device", "cpu", "--model", "nano", "--seq-len", "16", "--batch-size", "4"]
+    argv += ["--eval-batches", "1", "--steps", "6", "--eval-interval", "6", "--lr", "1e6"]
+    argv += ["--grad-clip", "0", "--quiet", "--out", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-port", str(free_port())]  # tests run beside each other
+    done = subprocess.run(
+        [*torchrun, "-m", "lowbit", "train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode != 0
+    printed = [line for line in done.stderr.splitlines() if line.startswith("lowbit: error:")]
+    assert len(printed) == 1, done.stderr
+    assert " is nan at step " in printed[0] and "fix: lower --lr" in printed[0]
