@@ -4,14 +4,26 @@ File format: one token per line, the token in the first column and its tag in th
 tabs between columns: other Unicode whitespace, a no-break space say, is part of a token), a blank
 line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines between documents (they
 hold no token; `read_conll_documents` keeps the sentences of each document together). Tags are ``O``
-or ``B-TYPE`` / ``I-TYPE``. The file is UTF-8; a leading byte-order mark is dropped, not read as
-part of the first token. A folder of such files holds its train, validation and test splits under
-names `conll_split_of` reads (``train.txt``, ``dev.txt``, ``test.txt``; CoNLL-2003's ``eng.train``,
-``eng.testa``, ``eng.testb``): `read_conll_folder`.
+or ``B-TYPE`` / ``I-TYPE``, and IOBES's ``E-TYPE`` / ``S-TYPE``. The file is UTF-8; a leading
+byte-order mark is dropped, not read as part of the first token.
 
-`entity_f1` scores entity spans with conlleval's chunk rules: a chunk starts at ``B-``, at an
-``I-`` whose type differs from the previous tag's, or at an ``I-`` after ``O``; it ends where the
-next tag does not continue it. A predicted entity counts only when type, start and end all match.
+A treebank file (``.conllu``, Universal Dependencies' CoNLL-U, and its predecessor ``.conllx``)
+is read otherwise: 10 tab-separated columns, its words tagged with their part of speech, column 4
+(UPOS in CoNLL-U, CPOSTAG in CoNLL-X); the last column, the one a CoNLL file's tag is in, holds
+CoNLL-U's MISC notes. ``#`` lines are comments (``# newdoc`` starts a document), and the
+lines of a multiword token's range (``1-2``) and of an empty node (``1.1``) hold no word of their
+own, so they are skipped.
+
+A folder of such files holds its train, validation and test splits under names `conll_split_of`
+reads (``train.txt``, ``dev.txt``, ``test.txt``; CoNLL-2003's ``eng.train``, ``eng.testa``,
+``eng.testb``): `read_conll_folder`.
+
+`entity_f1` scores entity spans with conlleval's chunk rules: a chunk starts at ``B-`` or ``S-``,
+or at an ``I-`` / ``E-`` that does not continue the chunk before (after ``O``, after another type,
+after a chunk's ``E-`` / ``S-`` end); it ends at ``E-`` / ``S-`` or where the next tag does not
+continue it. A tag with none of these prefixes (a part of speech) is a chunk of one token, so on a
+treebank entity F1 is the tokens' micro F1. A predicted entity counts only when type, start and
+end all match.
 """
 
 from __future__ import annotations
@@ -33,9 +45,15 @@ class Sentence(NamedTuple):
     tags: list[str]
 
 
+CHUNK_PREFIXES = ("B", "I", "E", "S")  # IOB2 / IOB1 use B and I; IOBES adds E (end), S (single)
+TREEBANK_EXTENSIONS = (".conllu", ".conllx")
+TREEBANK_COLUMNS = 10  # ID FORM LEMMA UPOS XPOS FEATS HEAD DEPREL DEPS MISC (CoNLL-U)
+TREEBANK_TAG_COLUMN = 3  # UPOS (CoNLL-X: CPOSTAG), 0-based
+
+
 def is_valid_tag(tag: str) -> bool:
-    """``O``, or ``B-`` / ``I-`` followed by a non-empty type."""
-    return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)
+    """``O``, or ``B-`` / ``I-`` / ``E-`` / ``S-`` followed by a non-empty type."""
+    return tag == "O" or (tag[:1] in CHUNK_PREFIXES and tag[1:2] == "-" and len(tag) > 2)
 
 
 def read_conll(path) -> list[Sentence]:
@@ -45,34 +63,35 @@ def read_conll(path) -> list[Sentence]:
 
 
 def read_conll_documents(path) -> list[list[Sentence]]:
-    """The sentences of a CoNLL file grouped by document: a ``-DOCSTART-`` line starts one (the
-    sentences before the first make one too). Errors as `read_conll`."""
+    """The sentences of a CoNLL file grouped by document: a ``-DOCSTART-`` line (a treebank's
+    ``# newdoc`` comment) starts one (the sentences before the first make one too). Errors as
+    `read_conll`."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such CoNLL file; fix: check the path")
+    read_word = _treebank_word if path.suffix.lower() in TREEBANK_EXTENSIONS else _conll_word
     documents: list[list[Sentence]] = [[]]
     tokens: list[str] = []
     tags: list[str] = []
     for number, line in enumerate(read_lines(path), start=1):
-        columns = COLUMN_SEPARATOR.split(line.strip(" \t\r\n")) if line.strip() else []
-        if not columns or columns[0] == "-DOCSTART-":
+        if "\r" in line.rstrip("\r\n"):  # lines end at a line feed only: a lone CR is no end
+            raise UsageError(
+                f"{path}:{number}: a carriage return inside a line (old Mac line ends?), which "
+                "would join the lines it ends into one token and tag; fix: save the file with "
+                "LF (or CRLF) line ends"
+            )
+        word = read_word(f"{path}:{number}", line)
+        if word is None:
+            continue
+        if word in (SENTENCE_END, DOCUMENT_START):
             if tokens:
                 documents[-1].append(Sentence(tokens, tags))
                 tokens, tags = [], []
-            if columns and documents[-1]:
+            if word == DOCUMENT_START and documents[-1]:
                 documents.append([])
             continue
-        if len(columns) < 2:
-            raise UsageError(
-                f"{path}:{number}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
-                "(token first, tag last, separated by spaces or a tab)"
-            )
-        if not is_valid_tag(columns[-1]):
-            raise UsageError(
-                f"{path}:{number}: invalid IOB tag {columns[-1]!r}; fix: use O, B-TYPE or I-TYPE"
-            )
-        tokens.append(columns[0])
-        tags.append(columns[-1])
+        tokens.append(word[0])
+        tags.append(word[1])
     if tokens:
         documents[-1].append(Sentence(tokens, tags))
     documents = [document for document in documents if document]
@@ -81,10 +100,62 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     return documents
 
 
+SENTENCE_END = ("", "")  # what a line reads as, beside a (token, tag) pair or None (no word)
+DOCUMENT_START = ("-DOCSTART-", "")
+
+
+def _conll_word(where: str, line: str) -> tuple[str, str]:
+    """The (token, tag) of a CoNLL line: first column and last."""
+    columns = COLUMN_SEPARATOR.split(line.strip(" \t\r\n")) if line.strip() else []
+    if not columns:
+        return SENTENCE_END
+    if columns[0] == "-DOCSTART-":
+        return DOCUMENT_START
+    if len(columns) < 2:
+        raise UsageError(
+            f"{where}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
+            "(token first, tag last, separated by spaces or a tab)"
+        )
+    if not is_valid_tag(columns[-1]):
+        fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE)"
+        if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
+            fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
+        raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
+    return columns[0], columns[-1]
+
+
+def _treebank_word(where: str, line: str) -> tuple[str, str] | None:
+    """The (FORM, UPOS) of a CoNLL-U / CoNLL-X line; None for a comment, a multiword token's
+    range or an empty node. Columns are split at tabs only: a FORM may hold a space."""
+    if not line.strip():
+        return SENTENCE_END
+    if line.startswith("#"):
+        return DOCUMENT_START if line[1:].strip().startswith("newdoc") else None
+    columns = line.rstrip("\r\n").split("\t")
+    if len(columns) != TREEBANK_COLUMNS:
+        raise UsageError(
+            f"{where}: {len(columns)} tab-separated columns; fix: write the {TREEBANK_COLUMNS} "
+            "columns of CoNLL-U (ID FORM LEMMA UPOS ...) separated by tabs, or name the file "
+            ".txt to read it as 'TOKEN TAG' lines"
+        )
+    if "-" in columns[0] or "." in columns[0]:
+        return None
+    form, tag = columns[1], columns[TREEBANK_TAG_COLUMN]
+    if not form or tag in ("", "_"):
+        raise UsageError(
+            f"{where}: word {form!r} has no part-of-speech tag in column 4 (UPOS), the column "
+            "lowbit reads from a treebank file; fix: tag every word there"
+        )
+    return form, tag
+
+
 # The files of a CoNLL folder, by split: a name's stem (what comes before its extension) is a split
 # word, alone or followed by a digit, ``-``, ``_`` or ``.`` and more (``train.txt``, ``dev-2.iob``,
 # ``train_en.conll``; BioNLP's ``devel.tsv``), and its extension one that data files have; or
-# CoNLL-2003's own names (``eng.train``, ``eng.testa`` for development, ``eng.testb`` for test).
+# CoNLL-2003's own names (``eng.train``, ``eng.testa`` for development, ``eng.testb`` for test),
+# or Universal Dependencies' (``en_ewt-ud-train.conllu``, a large treebank's parts
+# ``cs_pdt-ud-train-ca.conllu``; only the .conllu files: a treebank's folder also holds its raw
+# text, ``en_ewt-ud-train.txt``, which is no tagged data).
 # A name with a second split's word after its first (BioBERT's ``train_dev.tsv``: the train and
 # devel sentences together) holds no one split and is left out.
 CONLL_SPLIT_WORDS = {
@@ -95,8 +166,10 @@ CONLL_SPLIT_WORDS = {
 CONLL_DATA_EXTENSIONS = (
     *("", ".txt", ".tsv", ".tab", ".data", ".dat", ".ner"),
     *(".conll", ".conllu", ".conllx", ".conll03", ".iob", ".iob1", ".iob2", ".bio", ".bioes"),
+    ".iobes",
 )
 CONLL_2003_EXTENSIONS = {".train": "train", ".testa": "validation", ".testb": "test"}
+UD_NAME = re.compile(r"[^.]+-ud-(train|dev|test)(-[a-z0-9]+)?\.conllu")  # cs_pdt-ud-train-c
 
 
 def conll_split_of(name: str) -> str | None:
@@ -113,6 +186,8 @@ def conll_split_of(name: str) -> str | None:
     lowered = Path(name.lower())
     if lowered.suffix in CONLL_2003_EXTENSIONS:
         return CONLL_2003_EXTENSIONS[lowered.suffix]
+    if ud := UD_NAME.fullmatch(lowered.name):
+        return {"train": "train", "dev": "validation", "test": "test"}[ud.group(1)]
     if lowered.suffix not in CONLL_DATA_EXTENSIONS:
         return None
     word = re.match(r"[a-z]+", lowered.stem)
@@ -146,8 +221,9 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
         raise UsageError(
             f"{folder}: no {' or '.join(missing)} file among {held or 'no files'}; expected "
             f"names such as train.txt, dev.txt, test.txt (stem {words}, alone or followed by "
-            f"-, _, . or a digit; extension {extensions}) or CoNLL-2003's *.train, *.testa, "
-            "*.testb; fix: rename the split files"
+            f"-, _, . or a digit; extension {extensions}), CoNLL-2003's *.train, *.testa, "
+            "*.testb or Universal Dependencies' *-ud-train.conllu, *-ud-dev.conllu, "
+            "*-ud-test.conllu; fix: rename the split files"
         )
     return found
 
@@ -162,17 +238,23 @@ def read_conll_folder(folder) -> dict[str, list[Sentence]]:
 
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """The ``(type, start, end_exclusive)`` chunks of one tag sequence (conlleval rules)."""
+    """The ``(type, start, end_exclusive)`` chunks of one tag sequence (conlleval rules, IOB and
+    IOBES; a tag without a chunk prefix is a one-token chunk: see the module doc)."""
     spans = set()
     start, kind = None, None
     for i, tag in enumerate([*tags, "O"]):
-        prefix, _, tag_kind = tag.partition("-")
-        continues = prefix == "I" and tag_kind == kind
+        prefix, dash, tag_kind = tag.partition("-")
+        if tag != "O" and not (dash and prefix in CHUNK_PREFIXES):
+            prefix, tag_kind = "S", tag
+        continues = start is not None and prefix in ("I", "E") and tag_kind == kind
         if start is not None and not continues:
             spans.add((kind, start, i))
-            start, kind = None, None
-        if prefix in ("B", "I") and not continues:
+            start = None
+        if prefix in CHUNK_PREFIXES and not continues:
             start, kind = i, tag_kind
+        if start is not None and prefix in ("E", "S"):  # the chunk ends with this token
+            spans.add((kind, start, i + 1))
+            start = None
     return spans
 
 

@@ -307,20 +307,23 @@ def encode_with_tokenizer(
 ) -> dict:
     """Like `WordVocab.encode` but with a pretrained (fast) Hugging Face tokenizer.
 
-    Words are split into word pieces; a word's label goes on its first piece, -100 on the rest and
-    on special tokens and padding. Words past ``max_len`` pieces are dropped. A word the tokenizer
-    makes no piece of (a zero-width or other Unicode space) is read as its unknown token, so that
-    its label is not lost. Each word after a sentence's first has the pieces it has in the running
-    text of the words joined by spaces (`_word_separator`).
+    Words are split into word pieces; a word's label goes on its first piece that holds a
+    character of the word, -100 on the rest and on special tokens and padding. Words past
+    ``max_len`` pieces are dropped. A word the tokenizer makes no piece of, or only pieces of
+    spaces (a zero-width or other Unicode space), is read as its unknown token, so that its label
+    is not lost. Each word after a sentence's first has the pieces it has in the running text of
+    the words joined by spaces (`_word_separator`).
     """
     unique = sorted({w for s in sentences for w in s.tokens})
     pieces = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
-    empty = {w for w, ids in zip(unique, pieces) if not ids}
+    word_pieces = {i for ids in pieces for i in ids}
+    blank = _blank_pieces(tokenizer, word_pieces)
+    empty = {w for w, ids in zip(unique, pieces) if blank.issuperset(ids)}
     unknown = tokenizer.unk_token
     if empty and unknown is None:
         raise UsageError(
-            f"the tokenizer makes no piece of the word {sorted(empty)[0]!r} and has no unknown "
-            "token; fix: remove such words from the data"
+            f"the tokenizer makes no piece of the word {sorted(empty)[0]!r} (or only pieces of "
+            "spaces) and has no unknown token; fix: remove such words from the data"
         )
     separator = _word_separator(tokenizer)
     words = [
@@ -335,18 +338,29 @@ def encode_with_tokenizer(
         padding="max_length",
         return_tensors="pt",
     )
+    blank |= _blank_pieces(tokenizer, set(enc["input_ids"].flatten().tolist()) - word_pieces)
     labels = torch.full(enc["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
     for row, sentence in enumerate(sentences):
-        previous = None
-        for col, word in enumerate(enc.word_ids(row)):
-            if word is not None and word != previous:
+        labelled = set()
+        for col, (word, piece) in enumerate(zip(enc.word_ids(row), enc["input_ids"][row].tolist())):
+            if word is not None and word not in labelled and piece not in blank:
                 labels[row, col] = label2id[sentence.tags[word]]
-            previous = word
+                labelled.add(word)
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "labels": labels,
     }
+
+
+def _blank_pieces(tokenizer, ids: set[int]) -> set[int]:
+    """The ids among ``ids`` of pieces that hold only spaces: byte-level BPE's lone "Ġ", which
+    Llama 3 puts before a number (" 1995" is "Ġ" "199" "5"), SentencePiece's lone "▁" before
+    Llama 2's digits. Such a piece is the space before a word, not the word: a label on it was a
+    label on a position whose input says nothing of the word. Read by decoding, not by the
+    piece's spelling, so every family's space marker counts; offsets cannot tell, as a
+    SentencePiece "▁" shares its offsets with the character after it."""
+    return {i for i in ids if not tokenizer.decode([i]).strip(" ")}
 
 
 def _word_separator(tokenizer) -> str:
