@@ -60,15 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gpus",
+        "--nproc",  # as `lowbit train` names them
+        dest="gpus",
         type=int,
         default=1,
-        help="data-parallel devices; with --sharding fsdp they share the model states (default 1)",
+        help="data-parallel devices (also --nproc, as in lowbit train); with --sharding fsdp they "
+        "share the model states (default 1)",
     )
     parser.add_argument(
         "--sharding",
+        "--strategy",
+        dest="sharding",
         default="none",
-        help=f"{' or '.join(SHARDING)} (default none): every device holds the whole model states "
-        "(DDP), or they are sharded over --gpus (FSDP)",
+        help=f"{' or '.join(SHARDING)} (default none; also --strategy, as in lowbit train, whose "
+        "ddp is none here): every device holds the whole model states (DDP), or they are sharded "
+        "over --gpus (FSDP)",
     )
     parser.add_argument(
         "--activation-checkpointing",
@@ -193,6 +199,8 @@ def _run_defaults(model: str) -> tuple[str | None, int | None]:
 
 
 def run(args) -> int:
+    if args.sharding == "ddp":  # `lowbit train --strategy ddp`: each device holds all the states
+        args.sharding = "none"
     task, seq = _run_defaults(args.model)
     # a tagger's run folder: token-classification; a CNN's is refused as the run's task
     args.task = args.task or (task if task in TASKS else None) or "causal-lm"
