@@ -16,6 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     parser.add_argument(
+        "--max-shard-size",
+        default="50GB",
+        metavar="SIZE",
+        help="split larger weights into model-0000N-of-0000M.safetensors files of at most SIZE "
+        "each, e.g. 5GB (default 50GB, as transformers)",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="replace what an earlier quantize, prune or export wrote in --out (other files stay)",
@@ -25,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from lowbit.infer import export_hf
 
-    info = export_hf(args.source, args.out, args.dtype, args.force)
+    info = export_hf(args.source, args.out, args.dtype, args.force, args.max_shard_size)
     print(f"lowbit export: {info['source']} (step {info['step']}) -> {args.out}")
-    size = f"{info['bytes'] / 1e6:.3f} MB"
+    shards = sum(name.endswith(".safetensors") for name in info["files"])  # --max-shard-size
+    size = f"{info['bytes'] / 1e6:.3f} MB" + (f" in {shards} files" if shards > 1 else "")
     if info["quantization"]:
         q = info["quantization"]
         print(

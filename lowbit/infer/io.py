@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -39,7 +40,18 @@ MANIFESTS = (MANIFEST, EXPORT_INFO)
 # What an inference folder or an export writes: ``--force`` into a folder holding either replaces
 # these (`_move_in`), so that no description (quantization.json, an exported config.json) outlives
 # the weights it described; the user's other files stay.
-_ARTIFACTS = (MANIFEST, WEIGHTS, *_COPIED, "config.json", "generation_config.json", EXPORT_INFO)
+_ARTIFACTS = (
+    MANIFEST,
+    WEIGHTS,
+    *_COPIED,
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",  # an export transformers sharded
+    EXPORT_INFO,
+)
+# transformers' shards of a large export (`save_pretrained`'s max_shard_size): an earlier export's
+# left beside a new one's would be loaded with it by anything that reads every *.safetensors file
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
 @dataclass
@@ -121,9 +133,16 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     device = resolve_device(str(device))
     path = Path(path)
     if not path.is_dir():
+        what = "a file, not a folder" if path.exists() else "no such folder"
         raise UsageError(
-            f"{path}: no such folder; fix: give a run folder (lowbit train --out) or a folder "
-            "written by lowbit quantize/prune"
+            f"{path}: {what}; fix: give a run folder (lowbit train --out) or a "
+            "folder written by lowbit quantize/prune"
+        )
+    if (path / EXPORT_INFO).is_file() and not is_inference_dir(path):
+        raise UsageError(
+            f"{path}: a Hugging Face folder that lowbit export wrote, not a run or a "
+            f"quantized/pruned folder; fix: give the folder it was exported from, "
+            f"{_exported_from(path)}"
         )
     if is_inference_dir(path) and not (path / "config.yaml").is_file():  # else: "not a run"
         raise UsageError(
@@ -181,6 +200,14 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     original = "fp32 master weights" if masters else f"{_dtype_names(state['model'])} weights"
     model.to(device).eval()
     return Source(path, config, task, model, None, found, int(state["step"]), sizes, original)
+
+
+def _exported_from(path: Path) -> str:
+    """The source an export's `EXPORT_INFO` names (in words where it is unreadable)."""
+    try:
+        return str(json.loads((path / EXPORT_INFO).read_text(encoding="utf-8"))["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"as its {EXPORT_INFO} would say (unreadable)"
 
 
 def _original_sizes(tensors: dict, model: torch.nn.Module, masters: list) -> dict[str, int]:
@@ -298,6 +325,11 @@ def _check_out(out: Path, force: bool) -> None:
     """Refuse an ``--out`` of a quantize/prune/export that holds something other than what an
     earlier inference folder or export wrote there (that only with ``force``). A training run's
     folder is refused even with ``force``: its checkpoints are no artifact to replace."""
+    if out.is_symlink() and not out.exists():  # renaming the finished folder onto it fails
+        raise UsageError(
+            f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; fix: "
+            "create that folder, or choose another --out"
+        )
     blocking = file_in_the_way(out)
     if blocking == out:
         raise UsageError(f"{out}: exists and is not a folder; fix: choose another --out")
@@ -331,19 +363,51 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _artifacts(out: Path) -> list[Path]:
-    """What an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, and the
-    tokenizer files an export lists), its manifests first: moved away in this order, a folder
+    """What an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, weight shards,
+    and the files an export lists), its manifests first: moved away in this order, a folder
     never looks complete while its weights are gone."""
-    names = list(_ARTIFACTS)
-    with contextlib.suppress(OSError, ValueError):
-        names += json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))["tokenizer_files"]
+    names = [*_ARTIFACTS, *(p.name for p in out.iterdir() if _SHARD.fullmatch(p.name))]
+    names += _listed_files(out)
     names = sorted(dict.fromkeys(names), key=lambda name: name not in MANIFESTS)
     return [out / name for name in names if (out / name).exists()]
 
 
+def _listed_files(out: Path) -> list[str]:
+    """The files an export's `EXPORT_INFO` says it wrote (``files``; ``tokenizer_files`` in
+    exports written before it listed them all). Only names of entries of ``out`` itself: a
+    hand-edited list naming ``../x`` or ``/x`` must not make ``--force`` move away a file
+    outside it."""
+    try:
+        info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    names = []
+    for key in ("files", "tokenizer_files"):
+        listed = info.get(key)
+        if isinstance(listed, list):
+            names += listed
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n]
+
+
+def _hidden(out: Path, kind: str) -> str:
+    """The start of the name of a hidden folder kept for ``out`` (``.<name>.partial-``,
+    ``.<name>.previous-``). A name near the filesystem's 255-byte limit, itself a valid --out,
+    would make that name too long to create: it is cut, and a digest of the whole name keeps
+    two such names from sharing their hidden folders. The name is the absolute path's: ``.`` or
+    ``run/..`` names no folder by itself, and an interrupted ``--force`` into ``q`` must be found
+    again by one given ``--out .`` from inside it."""
+    name = Path(os.path.abspath(out)).name
+    if len(name.encode()) > 200:
+        digest = hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
+        name = f"{name.encode()[:180].decode(errors='ignore')}~{digest}"
+    return f".{name}.{kind}-"
+
+
 def _is_previous(item: Path, out: Path) -> bool:
     """A hidden folder `_move_in` keeps an earlier folder's files in while replacing them."""
-    return item.name.startswith(f".{out.name}.previous-") and item.is_dir()
+    return item.name.startswith(_hidden(out, "previous")) and item.is_dir()
 
 
 def _move_in(staging: Path, out: Path) -> None:
@@ -353,10 +417,15 @@ def _move_in(staging: Path, out: Path) -> None:
     earlier folder as it was; where moving them back fails too, the error names the hidden
     folder, and the next quantize/prune/export into ``out`` refuses until it is dealt with
     (`_check_out`): the earlier files are never deleted before the new ones are all in."""
-    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out))
+    previous = Path(tempfile.mkdtemp(prefix=_hidden(out, "previous"), dir=out))
+    # a file that is none of the earlier folder's but has a name the new one writes (a user's
+    # tokenizer.json beside a quantized folder, which an export writes) is replaced as well:
+    # kept aside with the rest, so that a failure puts it back too
+    earlier = {item.name: item for item in _artifacts(out)}
+    earlier.update({i.name: out / i.name for i in staging.iterdir() if (out / i.name).exists()})
     moved_in = []
     try:
-        for item in _artifacts(out):
+        for item in earlier.values():
             os.replace(item, previous / item.name)
         for item in sorted(staging.iterdir(), key=lambda item: item.name in MANIFESTS):
             os.replace(item, out / item.name)
@@ -379,7 +448,7 @@ def _move_in(staging: Path, out: Path) -> None:
 
 def _is_partial(item: Path, out: Path) -> bool:
     """A hidden folder `staged_out` writes ``out`` into (left behind by a process killed hard)."""
-    return item.name.startswith(f".{out.name}.partial-") and item.is_dir()
+    return item.name.startswith(_hidden(out, "partial")) and item.is_dir()
 
 
 @contextlib.contextmanager
@@ -397,7 +466,7 @@ def staged_out(out, force: bool):
     holder.mkdir(parents=True, exist_ok=True)
     for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=holder))
+    staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
     try:
         yield staging
         _umask_modes(staging)
@@ -499,6 +568,11 @@ def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | No
         return None, (
             f"the source checkpoint {checkpoint} is gone; a resumed run keeps only its last "
             "--keep-last checkpoints"
+        )
+    if not checkpoint and not is_inference_dir(path):  # an export or another folder there now
+        return None, (
+            f"the source {path} is no longer a quantized/pruned folder (replaced since, e.g. by "
+            "lowbit export --force)"
         )
     baseline = load_source(path, device, checkpoint if checkpoint else None)
     recorded = src.get("weights")  # folders written before lowbit recorded it have none

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,10 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     reference = copy.deepcopy(source.model)
     record = io.source_record(source)  # the weights as loaded, before they are pruned
     report = prune_model(source.model, sparsity, nm)
-    rule = f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%} unstructured"
+    # the percentage as given (up to 6 digits): rounded to a whole one, 0.99999 read "100%" and
+    # 0.504 wrote the folder RUN_DIR-sparse50 that --force then took for 0.5's
+    percent = f"{sparsity * 100:g}" if nm is None else None
+    rule = f"{nm[0]}:{nm[1]}" if nm else f"{percent}% unstructured"
     manifest = {
         "quantization": None,
         "pruning": {"rule": rule, "sparsity": sparsity_of(source.model), "method": "magnitude"},
@@ -123,7 +127,7 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
         "layers": list(report.changed),
         "kept": report.kept,
     }
-    suffix = f"{nm[0]}of{nm[1]}" if nm else f"sparse{round(sparsity * 100)}"
+    suffix = f"{nm[0]}of{nm[1]}" if nm else f"sparse{percent}"
     target = out or io.default_out(source.path, suffix)
     written = io.save(source, source.model, manifest, target, force)
     return StepResult(written, io.read_manifest(written), report, source, source.model, reference)
@@ -153,11 +157,31 @@ def _end_of_text_ids(model, tokenizer) -> None:
             config.bos_token_id = config.eos_token_id = tokenizer.eot_id
 
 
-def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
-    """Write a causal LM (run or inference folder) as a Hugging Face folder, weights dequantized."""
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # as transformers reads them
+
+
+def _shard_bytes(size: str) -> int:
+    """``--max-shard-size`` in bytes: a positive number and a unit, as transformers' own
+    ``max_shard_size`` (``500MB``, ``5GB``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", size, re.IGNORECASE)
+    if match is None or float(match[1]) * _SIZE_UNITS[match[2].upper()] < 1:
+        raise UsageError(
+            f"--max-shard-size {size!r} is not a size; fix: give a positive number and a unit "
+            "(KB, MB, GB, TB), e.g. 5GB"
+        )
+    return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+
+
+def export_hf(
+    path, out, dtype: str = "fp32", force: bool = False, max_shard_size: str = "50GB"
+) -> dict:
+    """Write a causal LM (run or inference folder) as a Hugging Face folder, weights dequantized,
+    in ``model-0000N-of-0000M.safetensors`` shards of at most ``max_shard_size`` each where the
+    model is larger (one ``model.safetensors`` otherwise)."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
+    shard_bytes = _shard_bytes(max_shard_size)
     check_given(out, "--out")
     source = io.load_source(path, "cpu")
     if source.config.task != "causal-lm":
@@ -171,12 +195,12 @@ def export_hf(path, out, dtype: str = "fp32", force: bool = False) -> dict:
     _untie_quantized_head(source.model)
     _end_of_text_ids(source.model, source.task.tokenizer)
     with io.staged_out(out, force) as staging:
-        return _write_export(source, source.model.to(dtypes[dtype]), dtype, staging)
+        return _write_export(source, source.model.to(dtypes[dtype]), dtype, staging, shard_bytes)
 
 
-def _write_export(source: io.Source, model, dtype: str, out: Path) -> dict:
+def _write_export(source: io.Source, model, dtype: str, out: Path, shard_bytes: int) -> dict:
     """The files of a Hugging Face export of ``model``, written into the empty folder ``out``."""
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=shard_bytes)
     copied = []
     tokenizer = source.path / "tokenizer"
     if tokenizer.is_dir():
@@ -195,6 +219,8 @@ def _write_export(source: io.Source, model, dtype: str, out: Path) -> dict:
         # transformers shards a large model into model-0000N-of-0000M.safetensors
         "bytes": sum(file.stat().st_size for file in out.glob("*.safetensors")),
         "tokenizer_files": copied,
+        # everything this export wrote, itself included: what a later --force replaces
+        "files": sorted([*(item.name for item in out.iterdir()), io.EXPORT_INFO]),
     }
     (out / io.EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
