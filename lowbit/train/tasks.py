@@ -348,6 +348,7 @@ def _split_conll_file(source: Path) -> dict:
     phrases, to both training and validation; else sentence by sentence. A unit is named by the
     index of its first sentence in the file (`split_of` of ``"<file>:<index>"``)."""
     from lowbit.data import read_conll_documents, split_of
+    from lowbit.data.conll import TREEBANK_EXTENSIONS
 
     documents = read_conll_documents(source)
     by_document = len(documents) > 1  # else no -DOCSTART- line, or one at the top
@@ -359,7 +360,8 @@ def _split_conll_file(source: Path) -> dict:
         out[split_of(f"{source.name}:{first}")] += document
         first += len(document)
     unit = "documents" if by_document else "sentences"
-    remedy = ", or drop the -DOCSTART- lines to split by sentence" if by_document else ""
+    marks = "# newdoc" if source.suffix.lower() in TREEBANK_EXTENSIONS else "-DOCSTART-"
+    remedy = f", or drop the {marks} lines to split by sentence" if by_document else ""
     for split, part in out.items():
         if not part:
             raise UsageError(

@@ -247,3 +247,14 @@ def test_a_file_with_carriage_return_line_ends_is_refused_not_read_as_one_token(
     path.write_bytes(b"Paris B-LOC\rLondon B-LOC\r\rBob B-PER\r")
     with pytest.raises(UsageError, match=r"train\.\w+:1: a carriage return inside a line"):
         read_conll(path)
+
+
+def test_a_treebank_of_too_few_documents_names_its_own_document_marks(tmp_path):
+    """The fix for too few documents named CoNLL's -DOCSTART- lines, which a treebank has none
+    of: its documents are marked by ``# newdoc`` comments."""
+    from lowbit.train.tasks import conll_splits
+
+    path = tmp_path / "ud.conllu"
+    path.write_text(CONLLU + CONLLU.replace("d1", "d2"), "utf-8")
+    with pytest.raises(UsageError, match=r"or drop the # newdoc lines to split by sentence$"):
+        conll_splits(str(path))
