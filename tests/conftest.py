@@ -37,3 +37,14 @@ def compiled_kernels():
     from lowbit import kernels
 
     kernels.available()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def transformers_log_handler():
+    """Give transformers' log handler its stream before any test runs: made during a test that
+    captures stderr (``capsys``), it kept that test's stream, closed once the test ended, and a
+    later test's warning (a model's load report) printed "--- Logging error --- Traceback" into
+    whichever test's output came next, failing a test that checks for a one-line error."""
+    from transformers.utils import logging
+
+    logging.get_logger("transformers")

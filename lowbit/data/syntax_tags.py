@@ -315,19 +315,19 @@ def encode_with_tokenizer(
     the words joined by spaces (`_word_separator`).
     """
     unique = sorted({w for s in sentences for w in s.tokens})
-    pieces = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    pieces = tokenizer(unique, add_special_tokens=False, **AS_TEXT)["input_ids"] if unique else []
     word_pieces = {i for ids in pieces for i in ids}
     blank = _blank_pieces(tokenizer, word_pieces)
     empty = {w for w, ids in zip(unique, pieces) if blank.issuperset(ids)}
-    unknown = tokenizer.unk_token
-    if empty and unknown is None:
+    if empty and tokenizer.unk_token_id is None:
         raise UsageError(
             f"the tokenizer makes no piece of the word {sorted(empty)[0]!r} (or only pieces of "
             "spaces) and has no unknown token; fix: remove such words from the data"
         )
     separator = _word_separator(tokenizer)
+    stand_in = _one_piece_word(tokenizer, separator) if empty else None
     words = [
-        [unknown if w in empty else (separator if i else "") + w for i, w in enumerate(s.tokens)]
+        [stand_in if w in empty else (separator if i else "") + w for i, w in enumerate(s.tokens)]
         for s in sentences
     ]
     enc = tokenizer(
@@ -337,7 +337,12 @@ def encode_with_tokenizer(
         max_length=max_len,
         padding="max_length",
         return_tensors="pt",
+        **AS_TEXT,
     )
+    for row, sentence in enumerate(sentences):  # the stand-in's one piece becomes the unknown
+        for col, word in enumerate(enc.word_ids(row)):
+            if word is not None and sentence.tokens[word] in empty:
+                enc["input_ids"][row, col] = tokenizer.unk_token_id
     blank |= _blank_pieces(tokenizer, set(enc["input_ids"].flatten().tolist()) - word_pieces)
     labels = torch.full(enc["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
     for row, sentence in enumerate(sentences):
@@ -351,6 +356,29 @@ def encode_with_tokenizer(
         "attention_mask": enc["attention_mask"],
         "labels": labels,
     }
+
+
+# A word of the data is text: one that spells a special token ("[SEP]", "<s>", a sentence about
+# tokenizers) is that token's characters, not the token, which would end or pad the sentence
+# mid-way in the encoder's input.
+AS_TEXT = {"split_special_tokens": True}
+
+
+def _one_piece_word(tokenizer, separator: str) -> str:
+    """A word the tokenizer makes one piece of, first in a sentence and after another word: the
+    stand-in for a word it makes no piece of, replaced by the unknown token once encoded (the
+    unknown token's own spelling, as text, is several pieces)."""
+    for word in ("a", "x", "0", "the", ".", "I", "e"):
+        alone, spaced = tokenizer(
+            [[word], [word, separator + word]], is_split_into_words=True, add_special_tokens=False
+        )["input_ids"]
+        if len(alone) == 1 and len(spaced) == 2:
+            return word
+    raise UsageError(
+        "the tokenizer makes no piece of some words of the data (a zero-width space, say) and "
+        "no single piece of any common word to stand in for them; fix: remove such words from "
+        "the data"
+    )
 
 
 def _blank_pieces(tokenizer, ids: set[int]) -> set[int]:

@@ -258,3 +258,22 @@ def test_a_treebank_of_too_few_documents_names_its_own_document_marks(tmp_path):
     path.write_text(CONLLU + CONLLU.replace("d1", "d2"), "utf-8")
     with pytest.raises(UsageError, match=r"or drop the # newdoc lines to split by sentence$"):
         conll_splits(str(path))
+
+
+def test_a_word_that_spells_a_special_token_is_its_characters_not_the_token():
+    """A word "[SEP]" (or "<s>", "[PAD]") in the data was encoded as that special token: a
+    separator or padding in the middle of the encoder's input. A word the tokenizer drops still
+    becomes the unknown token, not the pieces of "[UNK]" spelled out."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "[", "]", "sep", "pad"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    sentence = Sentence(["a", "[SEP]", "\u200b", "b", "[PAD]"], ["O", "B-X", "B-X", "O", "B-X"])
+    enc = encode_with_tokenizer(tokenizer, [sentence], {"O": 0, "B-X": 1}, max_len=16)
+    pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    assert pieces[:11] == ["[CLS]", "a", "[", "sep", "]", "[UNK]", "b", "[", "pad", "]", "[SEP]"]
+    assert enc["attention_mask"][0].tolist() == [1] * 11 + [0] * 5
+    labels = enc["labels"][0].tolist()
+    assert [(pieces[i], label) for i, label in enumerate(labels) if label != -100] == [
+        ("a", 0), ("[", 1), ("[UNK]", 1), ("b", 0), ("[", 1)
+    ]  # fmt: skip
