@@ -8,6 +8,7 @@ import pytest
 from lowbit.data import Sentence, encode_with_tokenizer, entity_f1
 from lowbit.data.conll import read_conll_folder
 from lowbit.errors import UsageError
+from tests.data.bpe import llama3_bpe
 
 CONLLU = (
     "# newdoc id = d1\n"
@@ -128,11 +129,7 @@ def test_iobes_chunks_follow_conlleval(tags, entities):
     assert entity_spans(tags) == entities
 
 
-# Llama 3's pre-tokenizer pattern (tokenizer.json of Meta-Llama-3-8B): a number takes no space
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Llama 3's pre-tokenizer splits a number from the space before it
 WORDS = ["EU", "rejects", "1995", "call", "in", "42", "."]
 TAGS = ["B-ORG", "O", "B-DATE", "O", "O", "B-NUM", "O"]
 LABEL2ID = {"O": 0, "B-ORG": 1, "B-DATE": 2, "B-NUM": 3}
@@ -140,22 +137,10 @@ LABEL2ID = {"O": 0, "B-ORG": 1, "B-DATE": 2, "B-NUM": 3}
 
 def _llama3_tokenizer():
     """Byte-level BPE after Llama 3's regex split, no prefix space, trained here (offline)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        special_tokens=["<|end_of_text|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        vocab_size=330,
-    )
-    bpe.train_from_iterator([" ".join(WORDS) + " " + " ".join(WORDS)] * 20, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|end_of_text|>", pad_token="<|pad|>"
+        tokenizer_object=llama3_bpe(WORDS), eos_token="<|end_of_text|>", pad_token="<|pad|>"
     )
 
 

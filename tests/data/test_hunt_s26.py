@@ -4,32 +4,15 @@ import pytest
 
 from lowbit.data import Sentence, build_tokenizer, encode_with_tokenizer, load_tokenizer
 from lowbit.models import load_encoder_tokenizer
+from tests.data.bpe import llama3_bpe
 
-# Llama 3's pre-tokenizer pattern (tokenizer.json of Meta-Llama-3-8B; Qwen2's differs in \p{N})
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 WORDS = ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."]
 TAGS = ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"]
 
 
 def _llama3_backend():
     """Byte-level BPE after a regex split, with no prefix space: Llama 3's and Qwen2's kind."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        special_tokens=["<|end_of_text|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        vocab_size=330,
-    )
-    bpe.train_from_iterator([" ".join(WORDS) + " " + " ".join(WORDS)] * 20, trainer)
-    return bpe, "LlamaConfig"
+    return llama3_bpe(WORDS), "LlamaConfig"
 
 
 def _gemma_backend():
