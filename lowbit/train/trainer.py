@@ -955,6 +955,7 @@ class Trainer:
         except NonFiniteLoss as error:
             logger.log(self.step_idx + 1, "train", {"non_finite": 1})
             logger.close(quietly=True)
+            self._record_end(main, run_dir, "diverged", str(error))
             kept = f"last good checkpoint {last_saved}" if last_saved else "no checkpoint was saved"
             raise NonFiniteLoss(
                 f"{error} (recipe {c.recipe}); stopped, {kept}; fix: lower --lr, set --grad-clip, "
@@ -962,14 +963,39 @@ class Trainer:
             ) from None
         except OSError as error:
             logger.close(quietly=True)  # on a full disk its flush fails too
+            self._record_end(main, run_dir, "failed", str(error))
             if not _refused_write(error, run_dir):
                 raise
             raise self._not_written(error) from error
-        except BaseException:
+        except BaseException as error:
             logger.close(quietly=True)
+            aborted = isinstance(error, KeyboardInterrupt)
+            self._record_end(main, run_dir, "aborted" if aborted else "failed", repr(error))
             raise
         logger.close()
-        return self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
+        result = self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
+        self._record_end(main, run_dir, status, final_metrics=result.final_metrics)
+        return result
+
+    def _record_end(self, main: bool, run_dir: Path, status: str, error=None, **fields) -> None:
+        """Record in run.json how the run ended (completed, interrupted: resumable, diverged,
+        aborted by a second Ctrl-C, failed), at which step, and why where it failed, for a script that reads a folder of runs. Best effort: a disk that refused the
+        run's other writes may refuse this one too, and the error that ended the run is the one
+        to report."""
+        if not main:
+            return
+        info = read_run_info(run_dir)
+        if not info:  # none written (or unreadable): nothing to add to
+            return
+        info.update(status=status, step=self.step_idx, **fields)
+        if error is not None:
+            info["error"] = " ".join(error.split())
+        for name, value in (info.get("final_metrics") or {}).items():  # NaN is no JSON
+            if isinstance(value, float) and not math.isfinite(value):
+                info["final_metrics"][name] = None
+        with contextlib.suppress(OSError):
+            text = json.dumps(info, indent=2, default=str) + "\n"
+            write_atomically(run_dir / RUN_INFO, text)
 
     def _check_same_data(self, recorded: dict | None) -> None:
         """A resumed run trains on the contents it trained on (a file edited since, or a relative
@@ -1038,6 +1064,10 @@ class Trainer:
             "resumed_from_step": resume_step,
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
+            # until `_record_end` says how it ended; still "running" after a kill (no process
+            # holds the folder's lock then)
+            "status": "running",
+            "step": self.step_idx,
         }
         write_atomically(run_dir / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
