@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, check_given, file_in_the_way
+from lowbit.train.config import EXPORT_INFO, exported_from
 
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
 VERSION = 1
 _COPIED = ("config.yaml", "tokenizer", "vocab.json", "labels.json")
-EXPORT_INFO = "lowbit_export.json"  # written by `lowbit export` beside the Hugging Face files
 # what makes a folder an inference folder or an export: moved in last, moved away first
 MANIFESTS = (MANIFEST, EXPORT_INFO)
 # What an inference folder or an export writes: ``--force`` into a folder holding either replaces
@@ -142,7 +142,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         raise UsageError(
             f"{path}: a Hugging Face folder that lowbit export wrote, not a run or a "
             f"quantized/pruned folder; fix: give the folder it was exported from, "
-            f"{_exported_from(path)}"
+            f"{exported_from(path) or f'as its {EXPORT_INFO} would say (unreadable)'}"
         )
     if is_inference_dir(path) and not (path / "config.yaml").is_file():  # else: "not a run"
         raise UsageError(
@@ -200,14 +200,6 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     original = "fp32 master weights" if masters else f"{_dtype_names(state['model'])} weights"
     model.to(device).eval()
     return Source(path, config, task, model, None, found, int(state["step"]), sizes, original)
-
-
-def _exported_from(path: Path) -> str:
-    """The source an export's `EXPORT_INFO` names (in words where it is unreadable)."""
-    try:
-        return str(json.loads((path / EXPORT_INFO).read_text(encoding="utf-8"))["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"as its {EXPORT_INFO} would say (unreadable)"
 
 
 def _original_sizes(tensors: dict, model: torch.nn.Module, masters: list) -> dict[str, int]:

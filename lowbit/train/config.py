@@ -554,15 +554,30 @@ def is_run_config(path) -> bool:
     return Path(path).name == "config.yaml" and is_run_folder(Path(path).parent)
 
 
+EXPORT_INFO = "lowbit_export.json"  # written by `lowbit export` beside the Hugging Face files
+
+
+def exported_from(folder) -> str | None:
+    """The run or quantized folder that the `lowbit export` in ``folder`` was made from, as its
+    `EXPORT_INFO` names it; None where there is none, or it is unreadable."""
+    try:
+        source = json.loads((Path(folder) / EXPORT_INFO).read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
 def read(folder) -> TrainConfig:
     """The config a run folder recorded."""
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         if (Path(folder) / "config.json").is_file():  # `lowbit export`'s output, a checkpoint
+            source = exported_from(folder)
+            what = f"lowbit export of {source}" if source else "Hugging Face model folder"
+            use = shlex.quote(source) if source else "the run it came from"
             raise UsageError(
-                f"{folder}: a Hugging Face model folder (config.json), not a lowbit run folder; "
-                f"fix: evaluate the run it came from, or train from it with --model "
-                f"{shlex.quote(str(folder))}"
+                f"{folder}: a {what} (config.json), not a lowbit run folder; fix: give {use}, "
+                f"or train from it with --model {shlex.quote(str(folder))}"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     settings = _file_settings(path)
