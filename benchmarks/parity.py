@@ -3,6 +3,7 @@
     python benchmarks/parity.py --measure            # seconds per step of every recipe (sizing)
     python benchmarks/parity.py                      # the full study (3 seeds, every preset)
     python benchmarks/parity.py --jobs 1             # one run at a time (default: one per core)
+    python benchmarks/parity.py --device cpu         # on the CPU (default: a GPU where there is one)
     python benchmarks/parity.py --recipes fp32,bf16-mixed,mxfp4 --seeds 1 --lm-steps 150
     python benchmarks/parity.py --golden             # rewrite tests/golden/parity_tiny.json
 
@@ -28,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
-from lowbit.errors import UsageError  # noqa: E402
+from lowbit.errors import RunNotWritten, UsageError  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
-from lowbit.report.compare import check_out, check_runs  # noqa: E402
+from lowbit.report.compare import check_out, check_runs, not_written_in_study  # noqa: E402
 from lowbit.report.markdown import (  # noqa: E402
     md_table,
     non_finite_line,
@@ -110,7 +111,7 @@ SECTION = "## Parity (benchmarks/parity.py)"
 DOC_BEGIN, DOC_END = "<!-- parity results: begin -->", "<!-- parity results: end -->"
 
 
-def measure(recipes: list[str], tasks: list[str], steps: int = 3) -> dict:
+def measure(recipes: list[str], tasks: list[str], steps: int = 3, device: str = "auto") -> dict:
     """Seconds per training step of every recipe on every task's workload (after one warm-up)."""
     from lowbit.train import TrainConfig, Trainer
 
@@ -118,7 +119,11 @@ def measure(recipes: list[str], tasks: list[str], steps: int = 3) -> dict:
     for task in tasks:
         for recipe in recipes:
             config = TrainConfig(
-                **WORKLOADS[task], recipe=recipe, steps=100, out="/tmp/lowbit-parity-measure"
+                **WORKLOADS[task],
+                recipe=recipe,
+                steps=100,
+                device=device,
+                out="/tmp/lowbit-parity-measure",
             )
             trainer = Trainer(config, quiet=True)
             trainer.step()  # first-call allocations
@@ -131,8 +136,9 @@ def measure(recipes: list[str], tasks: list[str], steps: int = 3) -> dict:
     return out
 
 
-def task_study(task, recipes, seeds, steps, out):
+def task_study(task, recipes, seeds, steps, out, device="auto"):
     settings = {**WORKLOADS[task], "steps": steps, "eval_interval": max(1, steps // EVALS[task])}
+    settings["device"] = device
     return make_study(recipes, settings, seeds=seeds, out=Path(out) / task)
 
 
@@ -312,6 +318,13 @@ def main(argv=None) -> int:
     parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
     parser.add_argument("--out", default=str(ROOT / "runs" / "parity"))
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per run")
+    # a study continued on a machine with a GPU is refused unless it keeps the device its runs
+    # trained on, and the refusal names --device as the fix (`lowbit.report.compare`)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="device of every run: auto (a GPU where there is one), cpu, cuda or cuda:N",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -344,7 +357,10 @@ def main(argv=None) -> int:
         if recipe not in lowbit.recipe_names():
             parser.error(f"unknown recipe {recipe!r}; valid: {', '.join(lowbit.recipe_names())}")
     if args.measure:
-        measure(recipes, tasks)
+        try:
+            measure(recipes, tasks, device=args.device)
+        except UsageError as error:  # an unknown --device, or cuda on a machine without one
+            parser.error(str(error))
         return 0
     steps = {
         "causal-lm": args.lm_steps,
@@ -361,15 +377,25 @@ def main(argv=None) -> int:
             if task == "image-classification" and args.img_recipes:
                 task_recipes = args.img_recipes.split(",")
             seeds = args.seeds if lm or not args.task_seeds else args.task_seeds
-            studies[task] = task_study(task, task_recipes, seeds, steps[task], args.out)
+            studies[task] = task_study(
+                task, task_recipes, seeds, steps[task], args.out, args.device
+            )
             check_out(studies[task], overwrite=False)  # `compare` checks them after train_all
             check_runs(studies[task])
     except UsageError as error:
         parser.error(str(error))
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
     started = time.perf_counter()
-    trained = train_all(studies, jobs, args.threads) if jobs > 1 else None
-    all_results = {task: run_task(study, args.quiet) for task, study in studies.items()}
+    try:
+        trained = train_all(studies, jobs, args.threads) if jobs > 1 else None
+        all_results = {task: run_task(study, args.quiet) for task, study in studies.items()}
+    except RunNotWritten as error:  # a full disk: a traceback named neither the run nor the fix
+        again = "run the same command again to resume"
+        print(f"parity: error: {not_written_in_study(error, again)}", file=sys.stderr)
+        return 1
+    except UsageError as error:  # a --jobs worker killed (out of memory?), a run's own refusal
+        print(f"parity: error: {error}", file=sys.stderr)
+        return 2
     wall = (time.perf_counter() - started) / 60
     if trained is not None:
         print(f"parity: {wall:.0f} min with {jobs} jobs x {args.threads} threads", flush=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lowbit.commands import train as train_command
-from lowbit.errors import UsageError
+from lowbit.errors import RunNotWritten, UsageError
 
 NAME = "compare"
 HELP = (
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.report import compare, make_study
-    from lowbit.report.compare import parse_targets
+    from lowbit.report.compare import not_written_in_study, parse_targets
     from lowbit.report.markdown import speed_load_note, verdict_lines
     from lowbit.train import NonFiniteLoss
     from lowbit.train.config import build_config, load_file
@@ -153,13 +153,14 @@ def run(args) -> int:
     except NonFiniteLoss as error:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunNotWritten) as error:
         # --overwrite again would retrain the runs this invocation finished, and the one it stopped
         again = " without --overwrite" if args.overwrite else ""
-        print(
-            f"lowbit: interrupted; run the same command again{again} to resume (out {study.out})",
-            file=sys.stderr,
-        )
+        again = f"run the same command again{again} to resume (out {study.out})"
+        if isinstance(error, RunNotWritten):  # from this process or from a --jobs worker
+            print(f"lowbit: error: {not_written_in_study(error, again)}", file=sys.stderr)
+            return 1
+        print(f"lowbit: interrupted; {again}", file=sys.stderr)
         return 130
     print(f"\nbaseline {study.baseline}; verdicts:")
     for line in verdict_lines(result.results):

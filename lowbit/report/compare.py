@@ -179,6 +179,11 @@ def make_study(
             raise UsageError(f"--seeds must be positive, got {seeds}; fix: --seeds 3")
         seeds = list(range(seeds))
     seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise UsageError("no seeds given; fix: seeds=3, or a list such as [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):  # one run counted twice: seeds that agree exactly
+        dup = next(s for s in seeds if seeds.count(s) > 1)
+        raise UsageError(f"seed {dup} is listed twice; fix: list each seed once")
     if any(seed < 0 for seed in seeds):  # NumPy's generator takes none, and every run seeds it
         raise UsageError(f"seeds must be non-negative, got {min(seeds)}; fix: --first-seed 0")
     if max(seeds) >= 2**32:  # `lowbit train`'s range: refused here, not at the run that has it
@@ -598,6 +603,16 @@ def _write_record(run_dir: Path, record: dict) -> None:
     write_atomically(run_dir / RECORD, json.dumps(_jsonable(record), indent=1) + "\n")
 
 
+def not_written_in_study(error: Exception, again: str) -> str:
+    """A run's `lowbit.errors.RunNotWritten` (a full disk, a read-only run folder) as a study's
+    user reads it: the trainer's fix continues the one run with `lowbit train`, which finishes it
+    outside the study (no record of its load, a report still to write), or trains a run that saved
+    no checkpoint from scratch on the machine's default threads; ``again``, the command that
+    resumes the study (a rerun resumes the run from its last checkpoint), is the fix."""
+    problem, _, fix = str(error).rpartition("; fix: ")
+    return f"{problem}; fix: {fix.partition(', then ')[0]}, then {again}"
+
+
 def _diverged(config, recipe, seed, trainer, error: str, jobs: int, threads: list[int]) -> dict:
     """The record of a run stopped by a non-finite loss: no final loss, no memory measurement;
     its throughput, averaged into its recipe's, under the load of ``jobs`` (`speed_load`) on
@@ -807,6 +822,7 @@ def summarize(study: Study, records: dict) -> dict:
         },
         "speed_load": speed_load(records),
         "speed_threads": speed_threads(records),
+        "speed_devices": speed_devices(records),
         "task": task,
         "metric": metric,
         "baseline": study.baseline,
@@ -834,6 +850,14 @@ def speed_threads(records: dict) -> list[int]:
     study continued with other --threads, or a recipe added to it later, holds runs timed on
     different thread counts, whose throughput ratios measure the threads as much as the recipe."""
     return sorted({t for runs in records.values() for r in runs for t in r.get("threads", [])})
+
+
+def speed_devices(records: dict) -> list[str]:
+    """The devices the study's runs trained on (`device_of`: ``cpu``, or ``cuda`` with the GPU's
+    name; a bare type for a record from before session 26, none for a diverged one of then), in
+    order. One study's runs share one (`_check_device`), but its report is read beside other
+    studies': a throughput means nothing without the device that measured it."""
+    return sorted({d for runs in records.values() for r in runs if (d := _recorded_device(r))})
 
 
 def baseline_trend(curve: list) -> dict | None:

@@ -110,7 +110,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ),
         *([gap_by_evaluation(results)] if len(rows) > 1 else []),  # no rows without a recipe
         (
-            f"Speed and memory (peak memory: {_memory_kind(rows)}; "
+            f"Speed and memory ({_measured_on(results)}peak memory: {_memory_kind(rows)}; "
             f"bytes per parameter by component, measured on the live run{load})",
             ["recipe", "throughput", "vs baseline", "peak memory"]
             + [SHORT[c] for c in COMPONENTS]
@@ -268,6 +268,22 @@ def _mixed_speeds(how: str, flag: str, values: list[int], what: str, fix: str) -
         f"throughput ratios mix the {what} with the recipe: for speed, train again with one "
         f"{flag} for all ({fix})"
     )
+
+
+def _measured_on(results: dict) -> str:
+    """Where the speed table was measured, "measured on cpu, 1 thread; " (empty for results
+    from before session 27, which do not say): a throughput read beside another study's means
+    nothing without it. Mixed thread counts are `_threads_note`'s warning."""
+    devices = results.get("speed_devices") or []
+    if not devices:
+        return ""
+    threads = results.get("speed_threads") or []
+    count = (
+        f", {threads[0]} thread{'s' if threads[0] != 1 else ''}"
+        if len(threads) == 1 and devices == ["cpu"]
+        else ""
+    )
+    return f"measured on {' and '.join(devices)}{count}; "
 
 
 def _memory_kind(rows) -> str:

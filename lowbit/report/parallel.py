@@ -22,9 +22,11 @@ import os
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from lowbit.distributed.context import STOP_SIGNAL, signals_handled
+from lowbit.errors import UsageError
 
 
 def default_threads(jobs: int) -> int:
@@ -33,36 +35,51 @@ def default_threads(jobs: int) -> int:
 
 
 # In a worker: a stop was asked (by `_ask_to_stop`, or a Ctrl-C that interrupted a run), so the
-# runs still queued to this worker do not start.
+# runs still queued to this worker do not start; and whether a run is in progress.
 _stopped = False
+_running = False
+
+
+def _start_worker() -> None:
+    """Set up a worker for its lifetime: a stop request (`_ask_to_stop`, a Ctrl-C of the process
+    group) that reaches it between runs, idle and waiting for its next, marks the worker stopped.
+    Handled only while a run was in progress, it killed an idle worker (SIGUSR1's default), or
+    raised KeyboardInterrupt in the pool's idle loop, which printed a traceback under the one-line
+    error of the run that stopped the study."""
+    for signum in (signal.SIGINT, STOP_SIGNAL):
+        if signum is not None:
+            signal.signal(signum, _stop)
 
 
 def _stop(signum, frame) -> None:
-    """The parent's stop request outside a training loop (a trainer handles it as Ctrl-C's first
-    press, `lowbit.train.trainer._stop_on_sigint`): no run starts after it."""
+    """The parent's stop request, or a Ctrl-C, outside a training loop (a trainer handles either
+    as Ctrl-C's first press, `lowbit.train.trainer._stop_on_sigint`): no run starts after it, and
+    the run being set up stops."""
     global _stopped
     _stopped = True
-    raise KeyboardInterrupt
+    if _running:
+        raise KeyboardInterrupt
 
 
 def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool, float]:
     """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
     validation loss)."""
-    global _stopped
+    global _stopped, _running
     import torch
 
     from lowbit.report.compare import final_loss, run_one
 
-    if STOP_SIGNAL is not None:
-        signal.signal(STOP_SIGNAL, _stop)
-    if _stopped:
-        raise KeyboardInterrupt
     torch.set_num_threads(threads)
+    _running = True
     try:
+        if _stopped:  # after `_running` is set: a stop that comes between is not missed
+            raise KeyboardInterrupt
         record = run_one(study, recipe, seed, quiet=True, jobs=jobs)
     except KeyboardInterrupt:
         _stopped = True
         raise
+    finally:
+        _running = False
     return record["reused"], final_loss(record)
 
 
@@ -95,7 +112,9 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
         # saving a checkpoint; by default it ended this process alone and left the workers
         # training to the end, orphaned, where a rerun would train the same folders again
         signals_handled(_raise_interrupt, signal.SIGTERM),
-        ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
+        ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_start_worker
+        ) as pool,
     ):
         started = time.perf_counter()
         futures = {pool.submit(_train, *run, threads, jobs): run for run in runs}
@@ -105,7 +124,15 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     study, recipe, seed = futures[future]
-                    reused, loss = future.result()  # raises the run's error
+                    try:
+                        reused, loss = future.result()  # raises the run's error
+                    except BrokenProcessPool:  # a traceback from the pool's internals otherwise
+                        raise UsageError(
+                            f"a worker process died while training {study.out.name}'s runs, "
+                            f"{jobs} at a time (killed by the system: out of memory?); the runs "
+                            "keep their last checkpoints; fix: a lower --jobs (each worker holds "
+                            "its own model and data), then run the same command again to resume"
+                        ) from None
                     if not reused:
                         trained.add((study.out, recipe, seed))
                     how = "reused" if reused else "trained"
