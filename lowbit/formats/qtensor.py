@@ -249,7 +249,9 @@ def _quantize_fused(
             measure_amax=measure_amax,
         )
 
-    write_values = keep_values or not fold
+    # A traced graph (torch.compile, torch.export) cannot branch on the scales' values
+    # (`_fold_loses_values`): it writes the values from the start, the same bits.
+    write_values = keep_values or not fold or torch.compiler.is_compiling()
     values, scale, tensor_scale, folded, measured = run(write_values)
     if not write_values and _fold_loses_values(scale, fmt, granularity):
         # Rare (tiny data, or an inf in a block): `QTensor.values` could not be recovered from
@@ -408,9 +410,14 @@ _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
 def unit_scale(device: torch.device | str) -> torch.Tensor:
     """The 1 x 1 fp32 scale 1.0 of an unscaled tensor on ``device``: one shared tensor per device,
     never written, so that a GEMM can tell by identity that it has no scale to apply."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     device = torch.device(device)
     if device not in _UNIT_SCALES:
-        _UNIT_SCALES[device] = torch.ones(1, 1, device=device)
+        # a real tensor even when first asked for inside a trace (torch.export's fake tensors):
+        # a fake one kept here broke every later eager call of the process
+        with unset_fake_temporarily():
+            _UNIT_SCALES[device] = torch.ones(1, 1, device=device)
     return _UNIT_SCALES[device]
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.kernels import fake
 from lowbit.threadflag import ThreadFlag
 
 _SOURCES = [
@@ -242,6 +243,7 @@ def _load() -> bool:
             stacklevel=3,
         )
         return False
+    fake.register()  # so that torch.export and torch.compile can trace the ops (see fake.py)
     return True
 
 
