@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 NAME = "doctor"
 HELP = (
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         metavar="RUN_DIR",
-        help="start the probe from this run's latest checkpoint (its settings, --recipe's numerics)",
+        help="start the probe from this run's latest checkpoint, or from this checkpoint of a "
+        "run (RUN/checkpoints/step-N.pt or .dcp): its settings, --recipe's numerics",
     )
     parser.add_argument("--top", type=int, default=15, help="rows of the table to print")
     parser.add_argument(
@@ -68,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
     from lowbit.diagnostics.doctor import diagnose, write_outputs
     from lowbit.errors import UsageError, file_in_the_way
@@ -84,6 +85,11 @@ def run(args) -> int:
                 f"probe observes {DEFAULT_PROBE_STEPS} steps of it (--probe-steps N for more)",
                 file=sys.stderr,
             )
+    checkpoint_path = None
+    if args.checkpoint and _of_a_run(Path(args.checkpoint)):
+        # one of a run's checkpoints (an earlier one than its latest, say): that run, from it
+        checkpoint_path = Path(args.checkpoint)
+        args.checkpoint = str(checkpoint_path.parent.parent)
     if args.probe_steps < 1:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
     if args.top < 1:
@@ -125,7 +131,12 @@ def run(args) -> int:
         )
     # the probe's own scratch run folder (never the checkpoint's run)
     config = _one_process(resolve(replace(config, out=str(out / "probe"), wandb=False)))
-    diagnosis = diagnose(config, steps=args.probe_steps, checkpoint_dir=args.checkpoint)
+    diagnosis = diagnose(
+        config,
+        steps=args.probe_steps,
+        checkpoint_dir=args.checkpoint,
+        checkpoint_path=checkpoint_path,
+    )
     print(diagnosis.table(top=args.top))
     if args.checkpoint:
         from lowbit.diagnostics.auto import plan_over_time
@@ -136,6 +147,18 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _of_a_run(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint in a run's ``checkpoints`` folder."""
+    from lowbit.train import checkpoint
+
+    folder = path.parent
+    return (
+        folder.name == checkpoint.FOLDER
+        and (folder.parent / "config.yaml").is_file()
+        and checkpoint.is_checkpoint(path)
+    )
 
 
 def _one_process(config):

@@ -69,7 +69,11 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     if not path.strip():  # Path("") is the current directory
         raise UsageError("--tensor: an empty path; fix: pass a .pt or .safetensors file")
     file = Path(path)
-    if file.is_dir():
+    if file.suffix == ".dcp" and file.is_dir():  # a multi-process run's checkpoint: a folder
+        from lowbit.train.checkpoint import load
+
+        loaded = load(file)["model"]
+    elif file.is_dir():
         shards = sorted(file.glob("*.safetensors"))
         if not shards:
             torch_files = sorted(file.glob("*.pt"))  # a run's checkpoints folder, say
@@ -132,14 +136,15 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(file: Path):
     """``torch.load`` with ``weights_only``: unpickling runs no code from the file. numpy arrays
-    (of any dtype) are allowed too, because lowbit's checkpoints hold numpy's RNG state."""
+    (of any dtype) are allowed too, because lowbit's checkpoints hold numpy's RNG state, and so
+    are lowbit's own spec types (`_spec_types`)."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
     numpy_types = [core.multiarray._reconstruct, np.ndarray, np.dtype]
     numpy_types += [getattr(np.dtypes, name) for name in np.dtypes.__all__]
     try:
-        with torch.serialization.safe_globals(numpy_types):
+        with torch.serialization.safe_globals(numpy_types + _spec_types()):
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
         # torch's text is a page on loading the file unsafely; keep the unpickler's reason
@@ -150,6 +155,28 @@ def _read_torch(file: Path):
             "a .pt file saved with torch.save (tensors, state dicts, lowbit checkpoints) or a "
             ".safetensors file"
         ) from None
+
+
+def _spec_types() -> list[type]:
+    """The dataclasses and enums of lowbit's recipes and formats: an ``auto`` run's checkpoint
+    keeps each layer's `LayerSpec` (its plan) in the precision state, and a load that refuses
+    them refuses the checkpoint. They hold data only, rebuilt without running code from the
+    file."""
+    import dataclasses
+    import enum
+    import importlib
+    import inspect
+
+    # by name: ``lowbit.formats.cast`` is also the name of a function the package exports
+    names = ("recipes.recipe", "formats.scaling", "formats.cast", "formats.spec")
+    return [
+        kind
+        for module in (importlib.import_module(f"lowbit.{name}") for name in names)
+        for kind in vars(module).values()
+        if inspect.isclass(kind)
+        and kind.__module__ == module.__name__
+        and (issubclass(kind, enum.Enum) or dataclasses.is_dataclass(kind))
+    ]
 
 
 def error_table(tensors: dict[str, torch.Tensor]) -> str:

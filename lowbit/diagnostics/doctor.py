@@ -21,6 +21,8 @@ written as `lowbit train --override` takes it.
 
 The probe also flags the known failure patterns:
 
+- non-finite weights: parameters already inf or NaN where the probe starts (a checkpoint of a run
+  that diverged), which make every step non-finite in any format: no override is suggested;
 - loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more during the
   probe, or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
@@ -116,11 +118,13 @@ class Diagnosis:
 
     def table(self, top: int = 15) -> str:
         width = max([9, *(len(r.spec) for r in self.rows[:top])])
+        # a column as wide as the longest name shown: a BERT tagger's run to 43 characters
+        named = max([34, *(len(r.layer) for r in self.rows[:top])])
         lines = [
             f"lowbit doctor: recipe {self.recipe}, {self.steps} probe steps; "
             f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
             *([f"{self.stopped}; the table is of the steps observed"] if self.stopped else []),
-            f"{'#':>3} {'layer':<34} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
+            f"{'#':>3} {'layer':<{named}} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
         if not self.rows:
@@ -130,7 +134,7 @@ class Diagnosis:
             )
         for i, r in enumerate(self.rows[:top], 1):
             lines.append(
-                f"{i:>3} {r.layer:<34} {r.operand:<21} {r.spec:<{width}} {r.sqnr:>6.1f} "
+                f"{i:>3} {r.layer:<{named}} {r.operand:<21} {r.spec:<{width}} {r.sqnr:>6.1f} "
                 f"{r.nominal:>7.1f} {r.loss_db:>6.1f} {r.saturated:>8.2e} {r.underflow:>8.2e}  "
                 f"{r.reason or '-'}"
             )
@@ -142,6 +146,11 @@ class Diagnosis:
         if self.suggestions:
             lines.append("suggested overrides (lowbit train accepts them as they are):")
             lines.append("  " + " ".join(f"--override '{s}'" for s in self.suggestions))
+        elif any(flag["pattern"] == "non-finite-weights" for flag in self.flags):
+            lines.append(
+                "suggested overrides: none (the weights were inf or NaN before the probe: see "
+                "non-finite-weights above)"
+            )
         else:
             lines.append("suggested overrides: none (no operand flagged)")
         return "\n".join(lines)
@@ -280,11 +289,12 @@ def _same_numerics(run, config) -> bool:
     return all(getattr(run, name) == getattr(config, name) for name in fields)
 
 
-def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
+def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_path=None):
     """Train ``steps`` observed steps of ``config``; returns the `Diagnosis` inputs.
 
-    ``checkpoint_dir``: start from that run's latest checkpoint (its weights and optimizer state;
-    the recipe is ``config.recipe``). ``prepare(trainer)`` runs after set-up (tests and benchmarks
+    ``checkpoint_dir``: start from that run's latest checkpoint, or ``checkpoint_path`` (one of
+    its checkpoints, e.g. one saved before the run diverged): its weights and optimizer state;
+    the recipe is ``config.recipe``. ``prepare(trainer)`` runs after set-up (tests and benchmarks
     use it to build a case, e.g. `lowbit.diagnostics.cases.inject_outliers`).
     """
     from dataclasses import replace
@@ -307,9 +317,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
     trainer = Trainer(config, quiet=True, saved_run=checkpoint_dir)
     if checkpoint_dir is not None:
-        path = checkpoint.latest(checkpoint_dir)
-        if path is None:
-            raise UsageError(f"{checkpoint_dir}: no checkpoint to probe; fix: train first")
+        path = checkpoint.find(checkpoint_dir, checkpoint_path)
         state = checkpoint.load(path)
         try:
             trainer.model.load_state_dict(state["model"])
@@ -335,6 +343,14 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
     start_step = trainer.step_idx  # the checkpoint's step, 0 from scratch
     if prepare is not None:
         prepare(trainer)
+    # Weights already inf or NaN (a run that diverged before its checkpoint) make every step
+    # non-finite whatever the formats: the operands the probe then flags are their consequence,
+    # and overrides putting them in bf16 would fix nothing.
+    nonfinite_weights = [
+        (name, int((~p.isfinite()).sum()), p.numel())
+        for name, p in trainer.model.named_parameters()
+        if not bool(p.isfinite().all())
+    ]
     # where the probe starts: from a checkpoint of the run's own recipe, the run's loss scale,
     # which its earlier overflows may have lowered far below the recipe's initial one
     start_scale = trainer.precision.loss_scale
@@ -392,12 +408,28 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None):
         "rounded_away": rounded,
         "order": order,
         "start_step": start_step,
+        "nonfinite_weights": nonfinite_weights,
     }
 
 
 def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
     """The known failure patterns seen in a probe (see the module docstring)."""
     flags = []
+    broken = result.get("nonfinite_weights", [])
+    if broken:
+        name, count, numel = broken[0]
+        flags.append(
+            {
+                "pattern": "non-finite-weights",
+                "detail": f"{len(broken)} weight tensors hold inf or NaN before the probe's "
+                f"first step, e.g. {name} ({count} of {numel} values): every operand computed "
+                "from them is non-finite in any format, so no override fixes it; fix: probe "
+                "(and train again from) an earlier checkpoint, --checkpoint "
+                "RUN/checkpoints/step-N.pt, or train from scratch (a lower --lr, or a "
+                "higher-precision recipe)",
+                "parameters": [b[0] for b in broken],
+            }
+        )
     scales = result["loss_scales"]
     if result["dynamic_scaling"] and scales:
         start = result["initial_loss_scale"]
@@ -475,11 +507,13 @@ def _growing_outliers(per_step: list[dict], history: list | None) -> list[dict]:
     return found
 
 
-def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagnosis:
+def diagnose(
+    config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_path=None
+) -> Diagnosis:
     """Probe ``config`` and build the ranked table, failure patterns and suggestions."""
     from lowbit.diagnostics.stats import read_stats
 
-    result = probe(config, steps, checkpoint_dir, prepare)
+    result = probe(config, steps, checkpoint_dir, prepare, checkpoint_path)
     rows = rows_from(result["per_step"], result["specs"])
     history = None
     if checkpoint_dir is not None:
@@ -496,7 +530,8 @@ def diagnose(config, steps: int = 8, checkpoint_dir=None, prepare=None) -> Diagn
         steps=steps,
         rows=rows,
         flags=failure_patterns(result, history),
-        suggestions=suggestions_for(rows),
+        # with non-finite weights the flagged operands are their consequence, not a format's
+        suggestions=[] if result["nonfinite_weights"] else suggestions_for(rows),
         loss=result["losses"],
         stopped=result.get("stopped", ""),
         start_step=result["start_step"],
