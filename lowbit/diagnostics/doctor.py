@@ -120,8 +120,9 @@ class Diagnosis:
         width = max([9, *(len(r.spec) for r in self.rows[:top])])
         # a column as wide as the longest name shown: a BERT tagger's run to 43 characters
         named = max([34, *(len(r.layer) for r in self.rows[:top])])
+        steps = f"{self.steps} probe step" + ("s" if self.steps != 1 else "")
         lines = [
-            f"lowbit doctor: recipe {self.recipe}, {self.steps} probe steps; "
+            f"lowbit doctor: recipe {self.recipe}, {steps}; "
             f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
             *([f"{self.stopped}; the table is of the steps observed"] if self.stopped else []),
             f"{'#':>3} {'layer':<{named}} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "

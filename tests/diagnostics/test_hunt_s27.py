@@ -54,6 +54,7 @@ def test_doctor_table_columns_stay_aligned_for_long_layer_names(tmp_path, capsys
     for line in rows:
         assert line[column - 1] == " " and line[column] != " ", line
         assert line.split()[2] == line[column:].split()[0]
+    assert lines[0].startswith("lowbit doctor: recipe fp8-tensorwise, 1 probe step; ")
 
 
 def test_formats_reads_the_checkpoint_of_an_auto_run(tmp_path, capsys):
