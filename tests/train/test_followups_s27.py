@@ -63,3 +63,15 @@ def test_a_diverged_run_and_a_failed_one_say_so_and_where(tmp_path, capsys, monk
     info = _info(run)
     assert (info["status"], info["step"], info["resumed_from_step"]) == ("completed", 4, 2)
     assert "error" not in info
+
+
+@pytest.mark.parametrize("command", [["train", "--resume"], ["doctor", "--checkpoint"]])
+def test_a_run_folder_that_does_not_exist_is_named_so(tmp_path, capsys, command):
+    """A mistyped run folder read "no config.yaml, not a lowbit run folder", as if a folder
+    were there holding something else."""
+    missing = tmp_path / "no-such-run"
+    assert main([*command, str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"lowbit: error: {missing}: no such run folder; fix: give the --out folder of a run"
+    )
