@@ -1061,7 +1061,8 @@ def compare(
         from lowbit.report.parallel import default_threads, train_runs
 
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
-        in_workers = train_runs(runs, jobs, threads or default_threads(jobs), log)
+        workers = min(jobs, len(runs))  # fewer runs than --jobs: the cores are theirs to share
+        in_workers = train_runs(runs, workers, threads or default_threads(workers), log)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)

@@ -38,3 +38,15 @@ def test_a_recipe_given_two_targets_is_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--target bf16-mixed is given twice; fix: give each recipe one --target" in error
     assert not out.exists()  # refused before anything is trained
+
+
+def test_fewer_runs_than_jobs_share_the_cores_among_themselves(tmp_path):
+    """One run under --jobs 2 trained on half the cores, the other half idle, and was recorded
+    as measured beside a second run that never existed (session 27)."""
+    import os
+
+    out = tmp_path / "study"
+    assert _compare(out, "--recipes", "fp32", "--jobs", "2") == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    (run,) = results["runs"]["fp32"]
+    assert run["threads"] == [os.cpu_count()] and run["jobs"] == 1
