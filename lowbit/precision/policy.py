@@ -109,7 +109,15 @@ class Precision:
         to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`). An
         architecture whose forward fails under the recipe's autocast is refused (`check_autocast`)."""
         check_autocast(model, self.autocast_dtype, self.recipe.name)
-        if self.param_dtype != torch.float32:
+        # Under an fp32-parameter recipe a model whose trained parameters are fp32 is left as it
+        # is (plain PyTorch's bits, and a frozen 16-bit base under fp32 adapters keeps its
+        # memory); one trained in 16 bits (``from_pretrained(..., torch_dtype=torch.bfloat16)``,
+        # ``model.half()``) is cast up: left so, the optimizer would step its weights without the
+        # fp32 weights the recipe promises, and fp16 gradients would underflow unscaled.
+        if self.param_dtype != torch.float32 or any(
+            p.requires_grad and p.is_floating_point() and p.dtype != torch.float32
+            for p in model.parameters()
+        ):
             model.to(self.param_dtype)
         recipe = self.recipe
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:

@@ -23,6 +23,7 @@ import contextlib
 import sys
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from lowbit.errors import UsageError
 from lowbit.formats import cast
@@ -127,8 +128,13 @@ class LowPrecisionUpdate:
                 and torch.is_tensor(value)
                 and value.dtype in (torch.bfloat16, torch.float16)
             ]
-            # (Adagrad creates its sum in its constructor, at step 0: it holds nothing rounded)
-            if rounded and float(state.get("step", 1)) > 0:
+            # States a constructor made hold nothing rounded: Adagrad's sum, at step 0, and the
+            # zeros of an optimizer that counts no steps (a user's, making its buffers up front)
+            if "step" in state:
+                made_by_steps = float(state["step"]) > 0
+            else:
+                made_by_steps = any(bool(local_values(state[key]).any()) for key in rounded)
+            if rounded and made_by_steps:
                 raise UsageError(
                     f"precision.wrap_optimizer(): the {type(optimizer).__name__}'s states "
                     f"({', '.join(rounded)}) are 16-bit already, loaded or stepped before it was "
@@ -237,9 +243,16 @@ class LowPrecisionUpdate:
         pairs = self._stand_ins.pop(id(optimizer), {})
         self._swap_in(optimizer, pairs)
         try:
-            optimizer.step() if closure is None else optimizer.step(closure)
+            with _post_hooks_deferred(optimizer) as post_hooks:
+                optimizer.step() if closure is None else optimizer.step(closure)
         finally:
             self._swap_out(optimizer, pairs)
+        self._write_back(pairs)
+        for hook in post_hooks:
+            hook(optimizer, (optimizer,), {})
+
+    def _write_back(self, pairs: dict) -> None:
+        """Round each stepped stand-in into its 16-bit parameter (Kahan: keep what was lost)."""
         with torch.no_grad():
             for p, hp in pairs.values():
                 new = local_values(hp)
@@ -326,6 +339,32 @@ class LowPrecisionUpdate:
         for i, v in compensation.items():
             if i < len(params):
                 self.compensation[params[i]] = v.clone()
+
+
+@contextlib.contextmanager
+def _post_hooks_deferred(optimizer):
+    """Within, the optimizer's step post-hooks (its own, then the global ones, as torch calls
+    them) are taken out, and listed for the caller to call once the step is written back: called
+    by the optimizer's step they saw the stand-ins in its ``param_groups``, its states keyed by
+    them, and the model's weights before the step (an EMA updated from the model in a post-hook
+    lagged a step behind, ``optimizer.state[param]`` failed with KeyError). An optimizer without
+    step hooks (duck-typed) has none to defer."""
+    own = getattr(optimizer, "_optimizer_step_post_hooks", None)
+    if own is None:
+        yield []
+        return
+    shared = _global_optimizer_post_hooks
+    taken = [dict(own), dict(shared)]
+    own.clear()
+    shared.clear()
+    try:
+        yield [*taken[0].values(), *taken[1].values()]
+    finally:
+        for hooks, saved in zip((own, shared), taken, strict=True):
+            added = dict(hooks)  # registered by the step itself: kept, after the earlier ones
+            hooks.clear()
+            hooks.update(saved)
+            hooks.update(added)
 
 
 def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRounding) -> None:
