@@ -580,7 +580,9 @@ def read(folder) -> TrainConfig:
                 f"or train from it with --model {shlex.quote(str(folder))}"
             )
         if not Path(folder).exists():
-            raise UsageError(f"{folder}: no such run folder; fix: give the --out folder of a run")
+            raise UsageError(
+                f"{folder}: no such run folder (no config.yaml); fix: give the --out folder of a run"
+            )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     settings = _file_settings(path)
     unknown = _unknown_setting(settings)

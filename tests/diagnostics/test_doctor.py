@@ -50,7 +50,7 @@ def test_doctor_cli_probes_a_checkpoint_and_prints_overrides(lm_config, tmp_path
     code = main(["doctor", "--checkpoint", str(run), *probe])
     assert code == 0
     text = capsys.readouterr().out
-    assert "lowbit doctor: recipe fp8-tensorwise, 1 probe steps" in text
+    assert "lowbit doctor: recipe fp8-tensorwise, 1 probe step;" in text
     assert "failure patterns" in text
     assert (out / "doctor.json").is_file() and (out / "doctor.png").is_file()
     assert not (run / "checkpoints" / "step-0000003.pt").exists()  # the run is left alone

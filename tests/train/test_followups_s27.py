@@ -72,6 +72,5 @@ def test_a_run_folder_that_does_not_exist_is_named_so(tmp_path, capsys, command)
     missing = tmp_path / "no-such-run"
     assert main([*command, str(missing)]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err == f"lowbit: error: {missing}: no such run folder; fix: give the --out folder of a run"
-    )
+    expected = "no such run folder (no config.yaml); fix: give the --out folder of a run"
+    assert err == f"lowbit: error: {missing}: {expected}"
