@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from lowbit.errors import check_given
@@ -48,5 +49,15 @@ def run(args) -> int:
     run_dir = os.path.expanduser(args.run_dir)
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
     metrics, text = evaluate_run(run_dir, args.split, checkpoint, args.max_batches, args.device)
-    print(json.dumps(metrics) if args.json else text)
+    print(json.dumps(_json_numbers(metrics)) if args.json else text)
     return 0
+
+
+def _json_numbers(value):
+    """NaN and inf as strings ("nan", "inf"), as metrics.jsonl spells them: JSON has neither, and
+    json.dumps's bare NaN (a diverged checkpoint's loss) breaks strict parsers (jq, JavaScript)."""
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -57,7 +57,7 @@ def _check_utf8(prompt: str) -> None:
 
 def run(args) -> int:
     from lowbit.train import load_run, sample_text
-    from lowbit.train.generate import check_sampling
+    from lowbit.train.generate import check_sampling, visible
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
@@ -66,8 +66,10 @@ def run(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
+        task = loaded.config.task
+        article = "an" if task[0] in "aeiou" else "a"  # an image-classification run
         raise UsageError(
-            f"{args.run_dir} is a {loaded.config.task} run; fix: generate from a causal-lm run"
+            f"{args.run_dir} is {article} {task} run; fix: generate from a causal-lm run"
         )
     note = getattr(loaded.model, "lowbit_inference_note", None)
     if note:  # a quantized folder: say which layers run on real kernels and which are emulated
@@ -82,5 +84,9 @@ def run(args) -> int:
         args.top_k,
         args.seed,
     )
+    if sys.stdout.isatty():  # as the training summary's sample: an early byte-level model
+        # samples any byte, and a raw ESC sequence would drive the terminal; a pipe or a file
+        # gets the text as sampled
+        text = "\n".join(visible(line) for line in text.split("\n"))
     print(text)
     return 0

@@ -33,8 +33,19 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
             raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
         return load_as_run(run_dir, device)
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".pt":  # a checkpoint where its run folder goes
+        hint = (  # in a run's checkpoints/, its file name picks it there
+            f"{run_dir.parent.parent} --checkpoint {run_dir.name}"
+            if run_dir.parent.name == "checkpoints"
+            else f"RUN_DIR --checkpoint {run_dir}"
+        )
+        raise UsageError(
+            f"{run_dir}: a checkpoint file, not a run folder; fix: give its run folder, and the "
+            f"file as --checkpoint ({hint})"
+        )
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such run folder; fix: give the --out folder of a run")
+        what = "a file, not a run folder" if run_dir.is_file() else "no such run folder"
+        raise UsageError(f"{run_dir}: {what}; fix: give the --out folder of a run")
     config = with_recorded_data(run_dir, resolve(read(run_dir)))
     if device is not None:
         config = replace(config, device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import unicodedata
 
 import torch
 
@@ -73,10 +74,17 @@ def sample_text(
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
             past = getattr(out, cache_arg)
             logits = out.logits[0, -1, : tokenizer.vocab_size].float()
+            if torch.isnan(logits).any():  # argmax would pick an arbitrary id, multinomial fails
+                raise UsageError(
+                    f"the model's output is NaN at new token {len(new) + 1} (its weights or "
+                    "activations are not finite: a diverged checkpoint?); fix: generate from an "
+                    "earlier checkpoint (--checkpoint STEP) or a run that trained stably"
+                )
             scaled = logits / temperature if temperature else logits
             # greedy at 0, and at a temperature so small that the largest logits overflow to inf
-            # (softmax would give nan): greedy is its limit
-            if temperature == 0 or torch.isinf(scaled.max()):
+            # or, below float32's smallest value, a logit of 0 divides to nan (softmax would give
+            # nan): greedy is its limit
+            if temperature == 0 or not torch.isfinite(scaled.max()):
                 token = int(logits.argmax())
             else:
                 if top_k and top_k < scaled.numel():  # 0 or None: no limit
@@ -98,3 +106,19 @@ def _continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     before = tokenizer.decode(prompt_ids)
     text = tokenizer.decode([*prompt_ids, *new_ids])
     return text[len(before) :] if text.startswith(before) else tokenizer.decode(new_ids)
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters (ESC, NUL, ...) written as escapes (``\\x1b``): a
+    byte-level model early in training samples any byte, and a raw escape sequence in the run
+    summary would drive the terminal instead of showing what the model wrote."""
+    return "".join(
+        c.encode("unicode_escape").decode() if _control(c) and c != "\t" else c for c in text
+    )
+
+
+def _control(c: str) -> bool:
+    """A control character (Cc: ESC, NUL, CR, ...) or a format one (Cf: U+202E reverses the
+    text that follows on a terminal), except the zero-width joiners text uses."""
+    kind = unicodedata.category(c)
+    return kind == "Cc" or (kind == "Cf" and c not in "\u200c\u200d")

@@ -18,7 +18,6 @@ import shutil
 import signal
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from lowbit.train.config import (
     write,
     write_atomically,
 )
+from lowbit.train.generate import visible
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.tasks import build_task, to_device
 
@@ -142,24 +142,8 @@ class RunResult:
             lines += ["    " + line for line in self.extra["memory_table"].splitlines()]
         if self.sample is not None:
             sample = self.sample.split("\n")[:12]
-            lines += ["  sample:", *("    " + _visible(line) for line in sample)]
+            lines += ["  sample:", *("    " + visible(line) for line in sample)]
         return "\n".join(lines)
-
-
-def _visible(text: str) -> str:
-    """``text`` with its control characters (ESC, NUL, ...) written as escapes (``\\x1b``): a
-    byte-level model early in training samples any byte, and a raw escape sequence in the run
-    summary would drive the terminal instead of showing what the model wrote."""
-    return "".join(
-        c.encode("unicode_escape").decode() if _control(c) and c != "\t" else c for c in text
-    )
-
-
-def _control(c: str) -> bool:
-    """A control character (Cc: ESC, NUL, CR, ...) or a format one (Cf: U+202E reverses the
-    text that follows on a terminal), except the zero-width joiners text uses."""
-    kind = unicodedata.category(c)
-    return kind == "Cc" or (kind == "Cf" and c not in "\u200c\u200d")
 
 
 def _finite_mean(losses: list[float]) -> float:
@@ -1134,7 +1118,8 @@ class Trainer:
 
             # the run is complete and saved: a Ctrl-C while it samples skips the sample, not the
             # summary (it was "aborted" with exit 130, and looked like a run to resume)
-            with self.dist.alone(), contextlib.suppress(KeyboardInterrupt):
+            # (and a model whose output is NaN has none to give: `sample_text` refuses it)
+            with self.dist.alone(), contextlib.suppress(KeyboardInterrupt, UsageError):
                 sample = sample_text(
                     self.model,
                     self.task.tokenizer,
