@@ -339,7 +339,7 @@ def encode_with_tokenizer(
         return_tensors="pt",
         **AS_TEXT,
     )
-    for row, sentence in enumerate(sentences):  # the stand-in's one piece becomes the unknown
+    for row, sentence in enumerate(sentences if empty else []):  # the stand-in's piece: unknown
         for col, word in enumerate(enc.word_ids(row)):
             if word is not None and sentence.tokens[word] in empty:
                 enc["input_ids"][row, col] = tokenizer.unk_token_id

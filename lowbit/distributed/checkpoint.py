@@ -48,8 +48,9 @@ def _model_and_optimizer(trainer) -> tuple[dict, dict]:
     where it has none yet (`_creating_optimizer_states`)."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
 
-    with _creating_optimizer_states(trainer):
-        _init_optim_state(trainer.optimizer)
+    if not trainer.optimizer.state:  # stepped, it has them: no fp32 copies to make for nothing
+        with _creating_optimizer_states(trainer):
+            _init_optim_state(trainer.optimizer)
     return get_state_dict(trainer.model, trainer.optimizer, options=_options())
 
 

@@ -410,10 +410,10 @@ _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
 def unit_scale(device: torch.device | str) -> torch.Tensor:
     """The 1 x 1 fp32 scale 1.0 of an unscaled tensor on ``device``: one shared tensor per device,
     never written, so that a GEMM can tell by identity that it has no scale to apply."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     device = torch.device(device)
     if device not in _UNIT_SCALES:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         # a real tensor even when first asked for inside a trace (torch.export's fake tensors):
         # a fake one kept here broke every later eager call of the process
         with unset_fake_temporarily():

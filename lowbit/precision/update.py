@@ -350,7 +350,7 @@ def _post_hooks_deferred(optimizer):
     lagged a step behind, ``optimizer.state[param]`` failed with KeyError). An optimizer without
     step hooks (duck-typed) has none to defer."""
     own = getattr(optimizer, "_optimizer_step_post_hooks", None)
-    if own is None:
+    if not own and not _global_optimizer_post_hooks:  # none (or no hooks at all): the usual step
         yield []
         return
     shared = _global_optimizer_post_hooks

@@ -74,7 +74,8 @@ def sample_text(
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
             past = getattr(out, cache_arg)
             logits = out.logits[0, -1, : tokenizer.vocab_size].float()
-            if torch.isnan(logits).any():  # argmax would pick an arbitrary id, multinomial fails
+            top = float(logits.max())  # NaN where any logit is: one pass, one sync a token
+            if math.isnan(top):  # argmax would pick an arbitrary id, multinomial fails
                 raise UsageError(
                     f"the model's output is NaN at new token {len(new) + 1} (its weights or "
                     "activations are not finite: a diverged checkpoint?); fix: generate from an "
