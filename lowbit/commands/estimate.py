@@ -72,9 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         dest="sharding",
         default="none",
-        help=f"{' or '.join(SHARDING)} (default none; also --strategy, as in lowbit train, whose "
-        "ddp is none here): every device holds the whole model states (DDP), or they are sharded "
-        "over --gpus (FSDP)",
+        help=f"{', '.join(SHARDING)} (default none; also --strategy, as in lowbit train): every "
+        "device holds the whole model states (none, ddp), or they are sharded over --gpus (fsdp)",
     )
     parser.add_argument(
         "--activation-checkpointing",
@@ -117,7 +116,7 @@ def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
 
 def _settings(args, num_params: int) -> str:
     task = "" if args.task == "causal-lm" else f" ({args.task})"
-    sharding = f"sharding {args.sharding}"
+    sharding = f"sharding {'none' if args.sharding == 'ddp' else args.sharding}"
     if args.sharding == "fsdp" and args.gpus == 1:  # `estimate` counts it as none
         sharding = "sharding none (fsdp over one GPU shards nothing)"
     return (
@@ -199,8 +198,6 @@ def _run_defaults(model: str) -> tuple[str | None, int | None]:
 
 
 def run(args) -> int:
-    if args.sharding == "ddp":  # `lowbit train --strategy ddp`: each device holds all the states
-        args.sharding = "none"
     task, seq = _run_defaults(args.model)
     # a tagger's run folder: token-classification; a CNN's is refused as the run's task
     args.task = args.task or (task if task in TASKS else None) or "causal-lm"

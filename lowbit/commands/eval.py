@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 from lowbit.errors import check_given
@@ -41,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.train import evaluate_run
+    from lowbit.train.logging import json_number
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
@@ -49,15 +49,5 @@ def run(args) -> int:
     run_dir = os.path.expanduser(args.run_dir)
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
     metrics, text = evaluate_run(run_dir, args.split, checkpoint, args.max_batches, args.device)
-    print(json.dumps(_json_numbers(metrics)) if args.json else text)
+    print(json.dumps(json_number(metrics)) if args.json else text)
     return 0
-
-
-def _json_numbers(value):
-    """NaN and inf as strings ("nan", "inf"), as metrics.jsonl spells them: JSON has neither, and
-    json.dumps's bare NaN (a diverged checkpoint's loss) breaks strict parsers (jq, JavaScript)."""
-    if isinstance(value, dict):
-        return {key: _json_numbers(item) for key, item in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

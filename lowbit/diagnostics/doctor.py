@@ -282,9 +282,9 @@ def _same_numerics(run, config) -> bool:
     """Whether the probe's ``config`` computes as the ``run`` it starts from: recipe, overrides
     and optimizer-state precision. Recipes are compared as the presets they name, not as
     spelled: ``auto:fp8`` is ``auto``, whose plan the probe goes on with."""
-    from lowbit.recipes import get_recipe
+    from lowbit.recipes import same_recipe
 
-    if run.recipe != config.recipe and get_recipe(run.recipe) != get_recipe(config.recipe):
+    if not same_recipe(run.recipe, config.recipe):
         return False
     fields = ("overrides", "optimizer_state")
     return all(getattr(run, name) == getattr(config, name) for name in fields)

@@ -79,7 +79,7 @@ from lowbit.optim.states import BLOCK_SIZE, adam_state_bytes, keeps_fp32_states,
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.recipe import DTYPES, block_indices, dtype_of
 
-SHARDING = ("none", "fsdp")
+SHARDING = ("none", "ddp", "fsdp")  # ddp: `lowbit train --strategy ddp`, no sharding
 TASKS = ("causal-lm", "token-classification")  # the trainer's tasks whose models the trace builds
 # Nominal memory of common accelerators, GiB: RTX 4090 / A10 (24), A100-40GB (40),
 # A100/H100-80GB (80), H200 (141).
@@ -653,9 +653,7 @@ def estimate(
         raise UsageError(
             f"batch, seq and gpus must be at least 1 (got {batch}, {seq}, {gpus}); fix: raise them"
         )
-    if sharding == "fsdp" and gpus == 1:
-        sharding = "none"
-    fsdp = sharding == "fsdp"
+    fsdp = sharding == "fsdp" and gpus > 1  # ddp and fsdp over one GPU shard nothing
     shape, recipe, trace = _traced(
         *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp
     )

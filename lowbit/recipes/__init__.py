@@ -1,6 +1,6 @@
 """Recipes (what precision every operand uses) and the named presets."""
 
-from lowbit.recipes.presets import get_recipe, names, parse_override, register
+from lowbit.recipes.presets import get_recipe, names, parse_override, register, same_recipe
 from lowbit.recipes.recipe import (
     GemmSpec,
     LayerSpec,
@@ -28,6 +28,7 @@ __all__ = [
     "names",
     "parse_override",
     "register",
+    "same_recipe",
     "uniform_layer",
 ]
 from lowbit.recipes import (  # noqa: I001 (registration order: presets, then fine-grained, auto)

@@ -258,6 +258,18 @@ def accepted_names() -> list[str]:
     return [*_PRESETS, *(f"auto:{budget}" for budget in BUDGETS if budget != "fp8")]
 
 
+def same_recipe(a: str | None, b: str | None) -> bool:
+    """Whether two recipe names name one recipe, though spelled otherwise (``auto`` and its
+    default budget ``auto:fp8``); a name this lowbit does not know (a user's recipe not
+    registered in this process) is compared as spelled."""
+    if a == b:
+        return True
+    try:
+        return get_recipe(a) == get_recipe(b)
+    except UsageError:
+        return False
+
+
 def get_recipe(name: str | Recipe) -> Recipe:
     """The preset called ``name`` (a Recipe is returned as it is)."""
     if isinstance(name, Recipe):

@@ -39,7 +39,7 @@ class MetricsLogger:
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         values = {k: _number(v) for k, v in metrics.items() if v is not None}
-        written = {k: _json_number(v) for k, v in values.items()}
+        written = {k: json_number(v) for k, v in values.items()}
         self._file.write(json.dumps({"step": step, "split": split, **written}) + "\n")
         # TensorBoard and W&B take inf and NaN as numbers (a diverged loss, an SQNR of inf): only
         # the JSON line spells them as strings
@@ -100,9 +100,14 @@ def _number(value):
     return float(value) if hasattr(value, "item") else value
 
 
-def _json_number(value):
+def json_number(value):
+    """``value`` as metrics.jsonl (and ``lowbit eval --json``) write it: NaN and inf as the
+    strings "nan" and "inf" (JSON has neither, and a bare NaN breaks strict parsers), a dict's
+    values alike."""
+    if isinstance(value, dict):
+        return {key: json_number(item) for key, item in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no inf/nan
+        return str(value)
     return value
 
 

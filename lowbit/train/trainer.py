@@ -27,6 +27,7 @@ import torch
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import RunNotWritten, UsageError
 from lowbit.nn.convert import lowbit_layers
+from lowbit.recipes import same_recipe
 from lowbit.train import checkpoint
 from lowbit.train.config import (
     RUN_INFO,
@@ -276,23 +277,10 @@ def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = No
         given = now.get(name)
         if path and given not in (None, "stdlib") and data_path(given) == path:
             now[name] = saved[name]
-    if saved.get("recipe") != now.get("recipe") and _same_preset(
-        saved.get("recipe"), now["recipe"]
-    ):
+    if saved.get("recipe") != now.get("recipe") and same_recipe(saved.get("recipe"), now["recipe"]):
         now["recipe"] = saved["recipe"]  # another spelling of one recipe (auto:fp8 is auto)
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     return (changed[0], saved[changed[0]], now.get(changed[0])) if changed else None
-
-
-def _same_preset(saved: str | None, now: str | None) -> bool:
-    """Whether two recipe names name one preset (``auto`` and its default budget ``auto:fp8``);
-    a name this lowbit does not know is compared as spelled."""
-    from lowbit.recipes import get_recipe
-
-    try:
-        return get_recipe(saved) == get_recipe(now)
-    except UsageError:
-        return False
 
 
 def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
