@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import lowbit  # noqa: E402
 from lowbit.errors import RunNotWritten, UsageError  # noqa: E402
 from lowbit.report import compare, make_study  # noqa: E402
-from lowbit.report.compare import check_out, check_runs, not_written_in_study  # noqa: E402
+from lowbit.report.compare import check_out, check_runs  # noqa: E402
 from lowbit.report.markdown import (  # noqa: E402
     md_table,
     non_finite_line,
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
         all_results = {task: run_task(study, args.quiet) for task, study in studies.items()}
     except RunNotWritten as error:  # a full disk: a traceback named neither the run nor the fix
         again = "run the same command again to resume"
-        print(f"parity: error: {not_written_in_study(error, again)}", file=sys.stderr)
+        print(f"parity: error: {error.going_on_by(again)}", file=sys.stderr)
         return 1
     except UsageError as error:  # a --jobs worker killed (out of memory?), a run's own refusal
         print(f"parity: error: {error}", file=sys.stderr)

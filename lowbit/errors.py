@@ -16,7 +16,23 @@ class UsageError(ValueError):
 class RunNotWritten(RuntimeError):
     """A run folder could not be written while training (a checkpoint, the metrics): a full disk,
     a folder made read-only. The run stops; its last complete checkpoint is intact. Every command
-    prints it in one line and exits 1."""
+    prints it in one line and exits 1.
+
+    Its parts: ``problem`` (the run, the step, what is kept), ``remedy`` (free disk space, say) and
+    ``then``, the command that goes on; a caller that goes on otherwise (`lowbit compare`, which
+    resumes the whole study) says so with `going_on_by`. Kept as the exception's args, so that it
+    crosses from a worker process whole."""
+
+    def __init__(self, problem: str, remedy: str, then: str):
+        super().__init__(problem, remedy, then)
+        self.problem, self.remedy, self.then = problem, remedy, then
+
+    def __str__(self) -> str:
+        return self.going_on_by(self.then)
+
+    def going_on_by(self, then: str) -> str:
+        """The one line, with ``then`` as the command that goes on."""
+        return f"{self.problem}; fix: {self.remedy}, then {then}"
 
 
 def choose(kind: str, name: str, valid) -> None:

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.report import compare, make_study
-    from lowbit.report.compare import not_written_in_study, parse_targets
+    from lowbit.report.compare import parse_targets
     from lowbit.report.markdown import speed_load_note, verdict_lines
     from lowbit.train import NonFiniteLoss
     from lowbit.train.config import build_config, load_file
@@ -159,7 +159,8 @@ def run(args) -> int:
         again = " without --overwrite" if args.overwrite else ""
         again = f"run the same command again{again} to resume (out {study.out})"
         if isinstance(error, RunNotWritten):  # from this process or from a --jobs worker
-            print(f"lowbit: error: {not_written_in_study(error, again)}", file=sys.stderr)
+            # the run's own fix (`lowbit train` of the one run) would finish it outside the study
+            print(f"lowbit: error: {error.going_on_by(again)}", file=sys.stderr)
             return 1
         print(f"lowbit: interrupted; {again}", file=sys.stderr)
         return 130

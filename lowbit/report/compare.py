@@ -603,16 +603,6 @@ def _write_record(run_dir: Path, record: dict) -> None:
     write_atomically(run_dir / RECORD, json.dumps(_jsonable(record), indent=1) + "\n")
 
 
-def not_written_in_study(error: Exception, again: str) -> str:
-    """A run's `lowbit.errors.RunNotWritten` (a full disk, a read-only run folder) as a study's
-    user reads it: the trainer's fix continues the one run with `lowbit train`, which finishes it
-    outside the study (no record of its load, a report still to write), or trains a run that saved
-    no checkpoint from scratch on the machine's default threads; ``again``, the command that
-    resumes the study (a rerun resumes the run from its last checkpoint), is the fix."""
-    problem, _, fix = str(error).rpartition("; fix: ")
-    return f"{problem}; fix: {fix.partition(', then ')[0]}, then {again}"
-
-
 def _diverged(config, recipe, seed, trainer, error: str, jobs: int, threads: list[int]) -> dict:
     """The record of a run stopped by a non-finite loss: no final loss, no memory measurement;
     its throughput, averaged into its recipe's, under the load of ``jobs`` (`speed_load`) on

@@ -807,8 +807,9 @@ class Trainer:
             left = f"the last complete checkpoint {kept.name} is intact"
         full = error.errno in (errno.ENOSPC, errno.EDQUOT)
         return RunNotWritten(
-            f"{run_dir}: cannot write the run at step {self.step_idx} ({error.strerror}); {left}; "
-            f"fix: {'free disk space' if full else 'make the folder writable'}, then {then}"
+            f"{run_dir}: cannot write the run at step {self.step_idx} ({error.strerror}); {left}",
+            "free disk space" if full else "make the folder writable",
+            then,
         )
 
     def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
