@@ -69,6 +69,12 @@ class RankFailed(RuntimeError):
     """A rank of a multi-process run failed; the others were stopped."""
 
 
+def local_cuda_device() -> torch.device:
+    """The GPU of this process's local rank (``LOCAL_RANK``, 0 for a process of its own): the one
+    a rank trains on, and the one the memory pre-flight checks."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def torchrun_env() -> bool:
     """True inside a process started by torchrun (or the `--nproc` launcher)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
@@ -340,9 +346,8 @@ def join(strategy: str, device: torch.device) -> Ranks:
         )  # fmt: skip
         replaced_env = {key: os.environ.get(key) for key in own_env}
         os.environ.update(own_env)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = local_cuda_device()
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -400,11 +400,11 @@ def available_device_memory(device: torch.device) -> int:
 def rank_device(device: torch.device) -> torch.device:
     """The device this process trains on: a rank torchrun (or the `--nproc` launcher) started
     trains on the GPU of its local rank (`lowbit.distributed.context.join`), not on cuda:0."""
-    from lowbit.distributed.context import torchrun_env
+    from lowbit.distributed.context import local_cuda_device, torchrun_env
 
     if device.type != "cuda" or not torchrun_env():
         return device
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return local_cuda_device()
 
 
 def check_memory(
