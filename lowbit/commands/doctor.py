@@ -74,6 +74,7 @@ def run(args) -> int:
     from lowbit.diagnostics.doctor import diagnose, write_outputs
     from lowbit.errors import UsageError, file_in_the_way
     from lowbit.infer.io import is_inference_dir, training_run
+    from lowbit.train.checkpoint import run_of
     from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
 
     if args.probe_steps is None:
@@ -86,10 +87,9 @@ def run(args) -> int:
                 file=sys.stderr,
             )
     checkpoint_path = None
-    if args.checkpoint and _of_a_run(Path(args.checkpoint)):
+    if args.checkpoint and (run := run_of(args.checkpoint)):
         # one of a run's checkpoints (an earlier one than its latest, say): that run, from it
-        checkpoint_path = Path(args.checkpoint)
-        args.checkpoint = str(checkpoint_path.parent.parent)
+        checkpoint_path, args.checkpoint = Path(args.checkpoint), str(run)
     if args.probe_steps < 1:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
     if args.top < 1:
@@ -147,18 +147,6 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 0
-
-
-def _of_a_run(path: Path) -> bool:
-    """Whether ``path`` is a checkpoint in a run's ``checkpoints`` folder."""
-    from lowbit.train import checkpoint
-
-    folder = path.parent
-    return (
-        folder.name == checkpoint.FOLDER
-        and (folder.parent / "config.yaml").is_file()
-        and checkpoint.is_checkpoint(path)
-    )
 
 
 def _one_process(config):

@@ -147,6 +147,16 @@ def is_checkpoint(path) -> bool:
     return path.is_file() or (path.suffix == ".dcp" and path.is_dir())
 
 
+def run_of(path) -> Path | None:
+    """The run folder whose ``checkpoints/`` holds the checkpoint ``path`` (a file or a ``.dcp``
+    folder), None where ``path`` is no such checkpoint."""
+    path = Path(path)
+    run = path.parent.parent
+    if path.parent.name == FOLDER and is_checkpoint(path) and (run / "config.yaml").is_file():
+        return run
+    return None
+
+
 def find(run_dir, checkpoint: str | None = None) -> Path:
     """``checkpoint`` if given (a path; or, inside the run's checkpoint folder, a file name such as
     ``step-0000010.pt`` or a step number), else the run's latest; a `UsageError` when there is

@@ -34,11 +34,8 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
         return load_as_run(run_dir, device)
     run_dir = Path(run_dir)
     if run_dir.is_file() and run_dir.suffix == ".pt":  # a checkpoint where its run folder goes
-        hint = (  # in a run's checkpoints/, its file name picks it there
-            f"{run_dir.parent.parent} --checkpoint {run_dir.name}"
-            if run_dir.parent.name == "checkpoints"
-            else f"RUN_DIR --checkpoint {run_dir}"
-        )
+        run = checkpoint.run_of(run_dir)  # in a run's checkpoints/, its file name picks it there
+        hint = f"{run} --checkpoint {run_dir.name}" if run else f"RUN_DIR --checkpoint {run_dir}"
         raise UsageError(
             f"{run_dir}: a checkpoint file, not a run folder; fix: give its run folder, and the "
             f"file as --checkpoint ({hint})"
