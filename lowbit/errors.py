@@ -23,16 +23,19 @@ class RunNotWritten(RuntimeError):
     resumes the whole study) says so with `going_on_by`. Kept as the exception's args, so that it
     crosses from a worker process whole."""
 
-    def __init__(self, problem: str, remedy: str, then: str):
+    def __init__(self, problem: str, remedy: str | None = None, then: str | None = None):
         super().__init__(problem, remedy, then)
         self.problem, self.remedy, self.then = problem, remedy, then
 
     def __str__(self) -> str:
         return self.going_on_by(self.then)
 
-    def going_on_by(self, then: str) -> str:
-        """The one line, with ``then`` as the command that goes on."""
-        return f"{self.problem}; fix: {self.remedy}, then {then}"
+    def going_on_by(self, then: str | None) -> str:
+        """The one line, with ``then`` as the command that goes on (the problem alone where the
+        error was made with no remedy)."""
+        if self.remedy is None:
+            return self.problem
+        return f"{self.problem}; fix: {self.remedy}" + (f", then {then}" if then else "")
 
 
 def choose(kind: str, name: str, valid) -> None:
