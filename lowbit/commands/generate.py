@@ -1,4 +1,5 @@
-"""`lowbit generate RUN_DIR --prompt ...`: sample text from a trained causal LM."""
+"""`lowbit generate RUN_DIR --prompt ...` (or `--prompt-file PATH`): sample text from a trained
+causal LM."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from lowbit.errors import UsageError, check_given
 
 NAME = "generate"
 HELP = "Sample text from a causal-LM run's checkpoint."
+DEFAULT_PROMPT = "def "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="a run folder (lowbit train --out), or a folder lowbit quantize/prune wrote",
     )
-    parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    # no argparse default: run() tells a --prompt given alongside --prompt-file from none given
+    parser.add_argument("--prompt", help=f"text to continue (default {DEFAULT_PROMPT!r})")
+    parser.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read the text to continue from a UTF-8 file, exactly as it holds it (a final "
+        "newline included); '-' reads standard input; instead of --prompt",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
     parser.add_argument(
         "--temperature",
@@ -31,6 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=40,
         help="sample among the k likeliest; 0 is among all (default 40)",
     )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling: among the fewest likeliest tokens whose probabilities add up to P "
+        "or more, after --temperature and --top-k; P in (0, 1], 1 is among all (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
         "--checkpoint",
@@ -39,6 +56,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the latest)",
     )
     parser.add_argument("--device", default=None, help="device (default: the run's)")
+
+
+def _read_prompt_file(path: str) -> str:
+    """The text of ``path`` (standard input for ``-``), decoded strictly as UTF-8: a Latin-1
+    byte decoded leniently would reach the tokenizer as U+FFFD and change the sample unseen.
+    A byte-order mark (Windows Notepad's) is no part of the text and is dropped."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as file:
+                data = file.read()
+    except FileNotFoundError:
+        raise UsageError(
+            f"--prompt-file {path}: no such file; fix: check the path, or pass the text as --prompt"
+        ) from None
+    except IsADirectoryError:
+        raise UsageError(
+            f"--prompt-file {path}: a folder, not a file; fix: give a text file"
+        ) from None
+    except OSError as error:  # no permission, a file as a folder in the path, an I/O error
+        reason = error.strerror or type(error).__name__
+        raise UsageError(
+            f"--prompt-file {name}: cannot be read ({reason}); fix: check the path and its "
+            "permissions, or pass the text as --prompt"
+        ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        byte = data[error.start]
+        raise UsageError(
+            f"--prompt-file {name} is not UTF-8 text (byte 0x{byte:02x} at offset {error.start}); "
+            "fix: convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _prompt(args) -> str:
+    """The prompt: --prompt's text, --prompt-file's, or the default when neither is given."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("--prompt and --prompt-file both give the prompt; fix: give one of them")
+    if args.prompt_file is not None:
+        check_given(args.prompt_file, "--prompt-file", "give a file's path, or - for stdin")
+        return _read_prompt_file(args.prompt_file)
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    _check_utf8(prompt)
+    return prompt
 
 
 def _check_utf8(prompt: str) -> None:
@@ -61,9 +125,9 @@ def run(args) -> int:
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
-    _check_utf8(args.prompt)
     # before the model loads (seconds for a large one)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
+    prompt = _prompt(args)
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
         task = loaded.config.task
@@ -78,11 +142,12 @@ def run(args) -> int:
         loaded.model,
         loaded.task.tokenizer,
         loaded.precision,
-        args.prompt,
+        prompt,
         args.max_new_tokens,
         args.temperature,
         args.top_k,
         args.seed,
+        args.top_p,
     )
     if sys.stdout.isatty():  # as the training summary's sample: an early byte-level model
         # samples any byte, and a raw ESC sequence would drive the terminal; a pipe or a file

@@ -1,4 +1,5 @@
-"""Sampling text from a trained causal LM (temperature, top-k, seeded), with the recipe's numerics."""
+"""Sampling text from a trained causal LM (temperature, top-k, top-p, seeded), with the recipe's
+numerics."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from lowbit.models.causal_lm import max_positions
 from lowbit.train.tasks import evaluating
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, seed: int, top_p: float = 1.0
+) -> None:
     """Refuse sampling settings out of range in one line (`sample_text`; `lowbit generate` asks
     before it loads the model, which takes seconds for a large one)."""
     if max_new_tokens < 0:
@@ -27,6 +30,27 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, s
         raise UsageError(f"top_k {top_k} is negative; fix: use 0 (no limit) or more")
     if not 0 <= seed < 2**32:  # `lowbit train`'s range (torch's generator fails from 2**64)
         raise UsageError(f"seed must be in [0, 2**32), got {seed}; fix: e.g. --seed 0")
+    if not 0 < top_p <= 1:  # nan fails the comparison; 0 would keep no token but the likeliest
+        raise UsageError(
+            f"top_p {top_p} is not in (0, 1]; fix: use e.g. 0.9 (1 keeps every token: no limit)"
+        )
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits`` (the last axis: the vocabulary) with every token outside the nucleus set to
+    -inf: the nucleus is the smallest set of likeliest tokens whose probabilities add up to
+    ``top_p`` or more, and it always holds the likeliest token (Holtzman et al. 2020).
+
+    The arithmetic is transformers' ``TopPLogitsWarper`` (sort ascending, cumulative softmax,
+    drop while the sum is <= 1 - top_p), so that a ``top_p`` samples the same distribution here
+    as in ``model.generate``; tests compare the two bit for bit. Tokens already at -inf (cut by
+    top-k) have probability 0 and stay cut."""
+    sorted_logits, sorted_ids = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -1:] = False  # the likeliest token stays, whatever top_p
+    drop = drop_sorted.scatter(-1, sorted_ids, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_text(
@@ -38,16 +62,19 @@ def sample_text(
     temperature: float = 0.8,
     top_k: int | None = 40,
     seed: int = 0,
+    top_p: float = 1.0,
 ) -> str:
     """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0),
-    drawn among the ``top_k`` likeliest (0 or None: among all, as transformers' ``top_k=0``).
+    drawn among the ``top_k`` likeliest (0 or None: among all, as transformers' ``top_k=0``),
+    and of those, in the nucleus of probability ``top_p`` (1: all; `top_p_filter`). The order is
+    transformers': temperature, then top-k, then top-p.
 
     Stops early at the end-of-text token or at the model's maximum positions. The global RNG is
     untouched: sampling draws from its own generator seeded by ``seed``. A model may have more
     output ids than the tokenizer (a GPT-2 config's 50,257 trained on byte tokens): those ids
     decode to nothing, so they are never sampled.
     """
-    check_sampling(max_new_tokens, temperature, top_k, seed)
+    check_sampling(max_new_tokens, temperature, top_k, seed, top_p)
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     limit = max_positions(model)  # None: no position limit (ALiBi)
@@ -91,6 +118,8 @@ def sample_text(
                 if top_k and top_k < scaled.numel():  # 0 or None: no limit
                     cutoff = torch.topk(scaled, top_k).values[-1]
                     scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+                if top_p < 1:
+                    scaled = top_p_filter(scaled, top_p)
                 probs = torch.softmax(scaled, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
             if token == tokenizer.eot_id:
