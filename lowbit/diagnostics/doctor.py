@@ -27,7 +27,9 @@ The probe also flags the known failure patterns:
   probe, or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
 - fp16 gradient underflow: fp16 output-gradient operands losing more than `MAX_UNDERFLOW` of
-  their nonzero values (the reason loss scaling exists);
+  their nonzero values (the reason loss scaling exists): flushed by their cast to fp16, or, where
+  they are fp16 already (``fp16-low``), subnormal (`lowbit.diagnostics.stats`: what underflowed
+  upstream is zero there, and cannot be told from a true zero);
 - activation outliers growing: a layer's input crest factor ``amax / rms`` large and rising over
   the probe, or over the run's logged statistics with ``--checkpoint`` (the SwiGLU outlier
   amplification of Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs");
@@ -434,7 +436,9 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
     scales = result["loss_scales"]
     if result["dynamic_scaling"] and scales:
         start = result["initial_loss_scale"]
-        if scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE:
+        # a fall: a scale the user started below 1 that stayed there collapsed nowhere
+        fell = scales[-1] < start
+        if fell and (scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE):
             flags.append(
                 {
                     "pattern": "loss-scale-collapse",
@@ -454,9 +458,9 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
         flags.append(
             {
                 "pattern": "fp16-gradient-underflow",
-                "detail": f"{len(underflowing)} fp16 gradient operands flush more than "
-                f"{MAX_UNDERFLOW:.0%} of their values, e.g. {underflowing[0]}; fix: dynamic loss "
-                "scaling, or bf16 gradients",
+                "detail": f"{len(underflowing)} fp16 gradient operands flush (or hold as "
+                f"subnormals) more than {MAX_UNDERFLOW:.0%} of their values, e.g. "
+                f"{underflowing[0]}; fix: dynamic loss scaling, or bf16 gradients",
                 "operands": underflowing,
             }
         )

@@ -7,7 +7,14 @@ dequantized ``d = v * s``) of a format with largest finite value ``max``:
 - ``rms``        ``sqrt(mean(x^2))``; ``amax / rms`` is the crest factor, large for outliers
 - ``saturated``  fraction of elements clipped at the format's max: ``|x| / s > max`` (a scaled
                  value beyond the largest finite one; in an IEEE dtype without scale it becomes inf)
-- ``underflow``  fraction of the *nonzero* elements flushed to zero: ``x != 0`` and ``d == 0``
+- ``underflow``  fraction of the *nonzero* elements flushed to zero: ``x != 0`` and ``d == 0``.
+                 For a gradient already in the format's dtype (fp16-low's fp16 gradients) the
+                 cast flushes nothing: what underflowed did so upstream, in the 16-bit
+                 arithmetic that made ``x``, to zeros that cannot be told from true ones. Its
+                 subnormals (``0 < |x| <`` the format's smallest normal) are what is left of the
+                 values underflowing, and count as flushed. Only gradients: loss scaling exists
+                 to lift them out of that range, while a 16-bit activation's subnormals are what
+                 a mixed recipe's cast would make of it too (and does not count).
 - ``sqnr``       ``10 log10(sum x^2 / sum (x - d)^2)`` dB, as `lowbit.formats.error.sqnr`
 - ``scale``      the scale used: the tensor's scale, or the median of its block scales
 - ``nonfinite``  fraction of elements non-finite in ``x`` or in ``d``
@@ -61,8 +68,10 @@ _KERNEL_VALUES = (*_KERNEL_DTYPES, torch.int8)
 
 
 @torch.no_grad()
-def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
-    """The `STATS` of one quantized operand as a float64 vector (no host sync).
+def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor, gradient: bool = False) -> torch.Tensor:
+    """The `STATS` of one quantized operand as a float64 vector (no host sync). ``gradient``:
+    the operand is an output gradient, whose subnormals count as flushed where it is already in
+    its format's dtype (``underflow`` above).
 
     ``d = v * s`` in fp32 (exact for the carrier values and their power-of-two or fp32 scales up
     to one rounding); ``x - d`` and the squares in float64, where those of any finite fp32 value
@@ -74,12 +83,15 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     # clipped beyond the top code; the 2**-20 margin ignores the fp32 rounding of amax / scale
     saturation = float(q.fmt.max) * (1 + 2.0**-20)
     values = q.values
+    # a gradient already in the format: its subnormals count as flushed (`underflow`); 0: none
+    in_format = gradient and x_hp.dtype == q.fmt.torch_dtype
+    subnormal_below = float(q.fmt.min_normal) if in_format else 0.0
     if kernels.usable(values) and x_hp.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_VALUES:
         # one pass, the same arithmetic as below (stats.cpp: d in fp32, squares in float64)
         x = x_hp.detach().reshape(values.shape)
         grid = q.effective_scale().flatten()
         stats = kernels.operand_stats(
-            x.contiguous(), values.contiguous(), scale.contiguous(), saturation
+            x.contiguous(), values.contiguous(), scale.contiguous(), saturation, subnormal_below
         )
         stats[5] = grid.median().double() if grid.numel() else 1.0
         return stats
@@ -91,7 +103,7 @@ def operand_stats_tensor(x_hp: torch.Tensor, q: QTensor) -> torch.Tensor:
     err2 = x.double().sub_(d).square_()  # d promoted as it is read, not copied to float64
     saturated = finite_x & (ax > saturation * scale)
     nonzero = x != 0
-    flushed = nonzero & (d == 0)
+    flushed = nonzero & ((d == 0) | (ax < subnormal_below))
     signal = x.double().square_().sum()
     amax = torch.where(finite_x, ax, 0).amax().double() if x.numel() else signal * 0
     nonfinite = (~finite_x | ~torch.isfinite(d)).sum()
@@ -137,9 +149,9 @@ def _finish(raw: list[float]) -> dict[str, float]:
     }
 
 
-def operand_stats(x_hp: torch.Tensor, q: QTensor) -> dict[str, float]:
+def operand_stats(x_hp: torch.Tensor, q: QTensor, gradient: bool = False) -> dict[str, float]:
     """The `STATS` of one operand ``x_hp`` quantized to ``q`` (see the module docstring)."""
-    return _finish(operand_stats_tensor(x_hp, q).tolist())
+    return _finish(operand_stats_tensor(x_hp, q, gradient).tolist())
 
 
 class StatsCollector:
@@ -176,7 +188,8 @@ class StatsCollector:
         # the spec the layer quantized with now: `auto` changes it between steps, and its guard
         # within a step it retries
         spec = self.layers[layer].lowbit_state.spec.operands()[operand].describe()
-        self._pending[(layer, operand)] = (operand_stats_tensor(x_hp, q), q.fmt.name, spec)
+        raw = operand_stats_tensor(x_hp, q, gradient=operand.endswith("grad_out"))
+        self._pending[(layer, operand)] = (raw, q.fmt.name, spec)
         if self.extra is not None:
             self.extra(layer, operand, x_hp, q)
 

@@ -407,10 +407,15 @@ def cast_linear_backward(
 
 
 def operand_stats(
-    x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, saturation: float
+    x: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    saturation: float,
+    subnormal_below: float = 0.0,
 ) -> torch.Tensor:
     """The `lowbit.diagnostics.stats.STATS` vector (float64, its scale entry 0) of ``x`` (fp32,
     bf16 or fp16) against ``values * scale`` (carrier values fp32, bf16, fp16 or int8, both
     contiguous; ``scale`` fp32, one or one per element), with ``saturation`` the format's largest
-    value times (1 + 2**-20), in one pass (stats.cpp)."""
-    return torch.ops.lowbit.operand_stats(x, values, scale, saturation)
+    value times (1 + 2**-20), in one pass (stats.cpp). Nonzero ``|x| < subnormal_below`` count
+    as flushed too: an ``x`` already in its format's dtype holds what underflowed as subnormals."""
+    return torch.ops.lowbit.operand_stats(x, values, scale, saturation, subnormal_below)

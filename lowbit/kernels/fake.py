@@ -114,7 +114,7 @@ def _cast_linear_backward(
     )
 
 
-def _operand_stats(x, values, scale, saturation):
+def _operand_stats(x, values, scale, saturation, subnormal_below=0.0):
     """stats.cpp: the ten float64 entries of `lowbit.diagnostics.stats.STATS`."""
     return x.new_empty((10,), dtype=torch.float64)
 

@@ -15,6 +15,11 @@
 // does not depend on the thread count), which differs from PyTorch's float64 summation order only
 // in the last bits. x and the carrier values are read in their own dtypes (fp32, bf16, fp16; int8
 // values), not converted first (non-contiguous operands are copied by the caller).
+//
+// `subnormal_below` (0: off) is for an x already in its operand's format (fp16-low's fp16
+// gradients): the cast then flushes nothing, since what underflowed did so upstream, and the
+// nonzero x below the format's smallest normal (its subnormals, what is left of the values
+// underflowing) count as flushed. At 0 no value is below it: the counts are those without it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -54,7 +59,7 @@ struct Partial {
 // One chunk, in element order.
 template <typename X, typename V>
 Partial chunk_stats(const X* xp, const V* vp, const float* sp, int64_t scale_step, float threshold,
-                    int64_t begin, int64_t end) {
+                    float subnormal_below, int64_t begin, int64_t end) {
   const float inf = std::numeric_limits<float>::infinity();
   Partial p;
   for (int64_t i = begin; i < end; ++i) {
@@ -71,7 +76,7 @@ Partial chunk_stats(const X* xp, const V* vp, const float* sp, int64_t scale_ste
     const float limit = threshold * s;
     const bool saturated = finite && ax > limit;
     const bool nonzero = xv != 0.0f;
-    const bool flushed = nonzero && d == 0.0f;
+    const bool flushed = nonzero && (d == 0.0f || ax < subnormal_below);
     p.signal += square;
     p.noise += err2;
     if (saturated) {
@@ -91,7 +96,7 @@ Partial chunk_stats(const X* xp, const V* vp, const float* sp, int64_t scale_ste
 
 template <typename X, typename V>
 Partial all_stats(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale,
-                  float threshold) {
+                  float threshold, float subnormal_below) {
   const int64_t n = x.numel();
   const X* xp = x.const_data_ptr<X>();
   const V* vp = values.const_data_ptr<V>();
@@ -102,7 +107,8 @@ Partial all_stats(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       partials[static_cast<size_t>(c)] = chunk_stats<X, V>(
-          xp, vp, sp, scale_step, threshold, c * kChunk, std::min(n, (c + 1) * kChunk));
+          xp, vp, sp, scale_step, threshold, subnormal_below, c * kChunk,
+          std::min(n, (c + 1) * kChunk));
     }
   });
   Partial total;
@@ -112,16 +118,16 @@ Partial all_stats(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 
 template <typename X>
 Partial stats_of(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale,
-                 float threshold) {
+                 float threshold, float subnormal_below) {
   switch (values.scalar_type()) {
     case at::kFloat:
-      return all_stats<X, float>(x, values, scale, threshold);
+      return all_stats<X, float>(x, values, scale, threshold, subnormal_below);
     case at::kBFloat16:
-      return all_stats<X, c10::BFloat16>(x, values, scale, threshold);
+      return all_stats<X, c10::BFloat16>(x, values, scale, threshold, subnormal_below);
     case at::kHalf:
-      return all_stats<X, c10::Half>(x, values, scale, threshold);
+      return all_stats<X, c10::Half>(x, values, scale, threshold, subnormal_below);
     case at::kChar:
-      return all_stats<X, int8_t>(x, values, scale, threshold);
+      return all_stats<X, int8_t>(x, values, scale, threshold, subnormal_below);
     default:
       TORCH_CHECK(false, "operand_stats: values must be fp32, bf16, fp16 or int8, got ",
                   values.scalar_type());
@@ -130,9 +136,9 @@ Partial stats_of(const at::Tensor& x, const at::Tensor& values, const at::Tensor
 
 // x: fp32, bf16 or fp16; values: fp32, bf16, fp16 or int8 with x's size; both contiguous. scale:
 // fp32, 1 or one per element. Returns the `STATS` vector of lowbit.diagnostics.stats with its
-// scale entry 0 (the caller sets the median scale).
+// scale entry 0 (the caller sets the median scale). subnormal_below: see the top of this file.
 at::Tensor operand_stats(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale,
-                         double saturation) {
+                         double saturation, double subnormal_below) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && values.is_contiguous() &&
                   values.numel() == x.numel(),
               "operand_stats: x and values must be contiguous CPU tensors of one size");
@@ -140,16 +146,17 @@ at::Tensor operand_stats(const at::Tensor& x, const at::Tensor& values, const at
                   (scale.numel() == 1 || scale.numel() == x.numel()),
               "operand_stats: scale must be contiguous fp32, one or one per element");
   const float threshold = static_cast<float>(saturation);
+  const float below = static_cast<float>(subnormal_below);
   Partial total;
   switch (x.scalar_type()) {
     case at::kFloat:
-      total = stats_of<float>(x, values, scale, threshold);
+      total = stats_of<float>(x, values, scale, threshold, below);
       break;
     case at::kBFloat16:
-      total = stats_of<c10::BFloat16>(x, values, scale, threshold);
+      total = stats_of<c10::BFloat16>(x, values, scale, threshold, below);
       break;
     case at::kHalf:
-      total = stats_of<c10::Half>(x, values, scale, threshold);
+      total = stats_of<c10::Half>(x, values, scale, threshold, below);
       break;
     default:
       TORCH_CHECK(false, "operand_stats: x must be fp32, bf16 or fp16, got ", x.scalar_type());
@@ -175,7 +182,9 @@ at::Tensor operand_stats(const at::Tensor& x, const at::Tensor& values, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
-  m.def("operand_stats(Tensor x, Tensor values, Tensor scale, float saturation) -> Tensor");
+  m.def(
+      "operand_stats(Tensor x, Tensor values, Tensor scale, float saturation, "
+      "float subnormal_below=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("operand_stats", &operand_stats); }
