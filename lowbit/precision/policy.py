@@ -77,6 +77,8 @@ class Precision:
         self._prepared: dict[int, tuple[list[torch.Tensor], bool]] = {}
         self._overflowed: bool | None = None  # in the steps since the scale last moved (None: none)
         self._pending: dict = {}  # parts of a loaded state whose model or optimizer is to come
+        # from `load_state_dict` to the next `step`: `state_dict` saves `_pending` too
+        self._unstepped_load = False
         self._stepping = False  # within `step` (`_refuse_direct_step`)
         self._backwards = 0  # `backward` calls so far
         self._backward_at_step: dict[int, int] = {}  # id(optimizer) -> `_backwards` at its step
@@ -113,12 +115,16 @@ class Precision:
         # is (plain PyTorch's bits, and a frozen 16-bit base under fp32 adapters keeps its
         # memory); one trained in 16 bits (``from_pretrained(..., torch_dtype=torch.bfloat16)``,
         # ``model.half()``) is cast up: left so, the optimizer would step its weights without the
-        # fp32 weights the recipe promises, and fp16 gradients would underflow unscaled.
-        if self.param_dtype != torch.float32 or any(
+        # fp32 weights the recipe promises, and fp16 gradients would underflow unscaled. Its
+        # frozen GEMM weights that autocast casts anyway keep their 16 bits (`_kept_16_bit`).
+        if self.param_dtype != torch.float32:
+            model.to(self.param_dtype)
+        elif any(
             p.requires_grad and p.is_floating_point() and p.dtype != torch.float32
             for p in model.parameters()
         ):
-            model.to(self.param_dtype)
+            kept = self._kept_16_bit(model)
+            model._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.float())
         recipe = self.recipe
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
@@ -139,6 +145,28 @@ class Precision:
             self._models.append(model)
         self._apply_pending()
         return model
+
+    def _kept_16_bit(self, model: torch.nn.Module) -> set[int]:
+        """The ids of the frozen 16-bit parameters that stay 16-bit where `convert` casts a model
+        up to fp32: under autocast, those held only by linear and convolution layers (lowbit's
+        converted ones included). Autocast rounds such a weight to its dtype for every GEMM, and
+        a 16-bit value's rounding is the same from 16 bits as from its exact fp32 copy, so the
+        model computes what the wholesale cast computes, bit for bit, and a frozen bf16 base under
+        trainable adapters keeps half the memory. Elsewhere they are cast up: without autocast
+        (``fp32``, fp16 emulated on CPU) ``F.linear`` refuses an fp32 input with a bf16 weight,
+        and norms and embeddings (whose outputs set the dtype of the residual stream) compute in
+        their weight's dtype, as CPU's ``layer_norm`` refuses an fp32 input with bf16 weights."""
+        if self.autocast_dtype is None:
+            return set()
+        keeps: dict[int, bool] = {}  # id(param) -> whether every module holding it keeps it
+        for module in model.modules():
+            gemm = type(module) in _AUTOCAST_GEMMS or isinstance(module, LowbitModule)
+            for p in module.parameters(recurse=False):
+                # (a leftover .grad is cast up with the model, and a 16-bit weight refuses it)
+                frozen = not p.requires_grad and p.grad is None
+                keep = gemm and frozen and p.dtype in (torch.bfloat16, torch.float16)
+                keeps[id(p)] = keeps.get(id(p), True) and keep
+        return {key for key, keep in keeps.items() if keep}
 
     def _layers(self) -> dict[str, LowbitModule]:
         """The converted layers of every converted model by name; a second model's names carry
@@ -303,19 +331,32 @@ class Precision:
         """`unscale_` for ``precision.<call>()``, whose name a refused argument's error gives."""
         return [t for opt in _optimizers(call, optimizer) for t in self._prepare(opt)[0]]
 
-    def clip_grad_norm_(self, optimizer, max_norm: float | None) -> float:
-        """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure);
-        ``optimizer`` may be a list of optimizers, whose gradients are clipped together."""
-        grads = [t.grad for t in self._unscaled("clip_grad_norm_", optimizer)]
-        if not grads:
-            return 0.0
-        total = torch.nn.utils.get_total_norm(grads, 2.0)
+    def clip_grad_norm_(
+        self,
+        optimizer,
+        max_norm: float | None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Unscale, then clip the total gradient norm to ``max_norm`` (None: only measure), as
+        ``torch.nn.utils.clip_grad_norm_`` does (its arguments after the first, its arithmetic,
+        and its result: the total norm as a tensor, before clipping); ``optimizer`` may be a list
+        of optimizers, whose gradients are clipped together. The norm is that of the gradients
+        the step applies: unscaled, and fp32 (master weights' or stand-ins') for 16-bit
+        parameters, so that it does not depend on the recipe's rounding of the gradients.
+
+        The first argument is the optimizer, not ``model.parameters()``: the gradients the step
+        reads are those of the tensors the optimizer steps, which are not the model's under
+        16-bit parameters."""
+        stepped = self._unscaled("clip_grad_norm_", optimizer)
+        grads = [t.grad for t in stepped]
+        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         if hasattr(total, "full_tensor"):  # sharded (FSDP) gradients: the norm over all shards
             total = total.full_tensor()
-        if max_norm is not None:  # the arithmetic of torch.nn.utils.clip_grad_norm_
-            coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coefficient)
-        return total.item()
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(stepped, max_norm, total, foreach)
+        return total
 
     def step(self, *optimizers, closure=None) -> bool:
         """Unscale, check and update (or skip) each optimizer (given one by one, or in lists as to
@@ -337,6 +378,7 @@ class Precision:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
         stepped = True
+        self._unstepped_load = False
         with self.own_steps():
             for optimizer in optimizers:
                 _, finite = self._prepare(optimizer)
@@ -438,23 +480,69 @@ class Precision:
         weights or Kahan buffers, the layers' amax histories (and `auto`'s plan), and, where the
         recipe rounds stochastically, the state of torch's generators its draws come from
         (`random_state`), so that a run continued from this state alone draws what the
-        uninterrupted run would have drawn."""
+        uninterrupted run would have drawn.
+
+        Until the first `step` after `load_state_dict`, parts of the loaded state whose optimizer
+        or model has not come yet are saved as they were loaded: a save between the load and
+        `wrap_optimizer` (a checkpoint converted, a resumed run saved before its first step) lost
+        the master weights and Kahan buffers otherwise. From that step on, what has not come is
+        no part of the run (param groups come back before the next step) and is not saved."""
         self._move_scale()
+        self._apply_pending()  # param groups added since the load take their entries first
+        pending = self._pending if self._unstepped_load else {}
+        update, sizes = self._update_state(pending)
+        layers = {name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()}
         state = {
             "recipe": self.recipe.name,
             **({} if is_built_in(self.recipe.name) else {"definition": _definition(self.recipe)}),
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
-            "update": self.update.state_dict(self._params()),
-            # where each wrapped optimizer's share of the update's parameter indices ends
-            "params_per_optimizer": [len(optimizer_params(o)) for o in self._optimizers],
-            "layers": {
-                name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()
-            },
+            "update": update,
+            # where each optimizer's share of the update's parameter indices ends
+            "params_per_optimizer": sizes,
+            "layers": {**pending.get("layers", {}), **layers},
         }
-        if self._draws_random():
+        if "rng" in pending:  # restored only once every part has been applied
+            state["rng"] = pending["rng"]
+        elif self._draws_random():
             state["rng"] = self.random_state()
         return state
+
+    def _update_state(self, pending: dict) -> tuple[dict, list[int] | None]:
+        """The update's state (master weights, Kahan buffers) by parameter index, and where each
+        optimizer's share of the indices ends, with the loaded entries not handed on yet in their
+        places: an optimizer not wrapped again keeps its saved share, and one wrapped with fewer
+        parameters than it was saved with (param groups to be added) keeps the saved entries past
+        its own. A state saved without its optimizers' sizes stays without them."""
+        present = [optimizer_params(optimizer) for optimizer in self._optimizers]
+        if "update" not in pending:
+            return self.update.state_dict([p for params in present for p in params]), [
+                len(params) for params in present
+            ]
+        entries, sizes = pending["update"], pending["params_per_optimizer"]
+        entries = {part: entries.get(part, {}) for part in self.update.parts}
+        update = {part: {} for part in self.update.state_dict([])}
+        if sizes is None:
+            if not present:
+                return {**update, **entries}, None
+            # as `_apply_pending_update` splits it: the last optimizer takes the rest
+            sizes = [len(params) for params in present[:-1]] + [sys.maxsize]
+        saved_start = start = 0
+        out_sizes = []
+        for index in range(max(len(present), len(sizes))):
+            params = present[index] if index < len(present) else []
+            saved = sizes[index] if index < len(sizes) else 0
+            for part, values in self.update.state_dict(params).items():
+                update[part].update({start + i: v for i, v in values.items()})
+            for part, values in entries.items():  # this share's entries not handed on
+                first, end = saved_start + len(params), saved_start + saved
+                update[part].update(
+                    {start + i - saved_start: v for i, v in values.items() if first <= i < end}
+                )
+            size = max(len(params), saved)
+            out_sizes.append(size)
+            saved_start, start = saved_start + saved, start + size
+        return update, out_sizes if pending["params_per_optimizer"] is not None else None
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s pieces; master weights, Kahan buffers and layer states whose
@@ -500,6 +588,7 @@ class Precision:
         }
         if "rng" in state:
             self._pending["rng"] = state["rng"]
+        self._unstepped_load = True
         self._apply_pending()
 
     def _draws_random(self) -> bool:
@@ -645,6 +734,18 @@ def _step_needs_closure(optimizer_class: type) -> bool:
         return False
     return closure is not None and closure.default is inspect.Parameter.empty
 
+
+# The layers whose weights autocast casts to its dtype in their forward (exactly these types: a
+# subclass may use its weight otherwise)
+_AUTOCAST_GEMMS = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
 
 # The recipes that step an optimizer with a closure (`Precision._closure_refused`)
 _CLOSURE_RECIPES = (

@@ -60,6 +60,8 @@ class FullPrecisionUpdate:
     def release(self, optimizer) -> None:
         """A prepared step that will not be taken: nothing to drop."""
 
+    parts: tuple[str, ...] = ()  # the parts of a loaded state this update reads: none
+
     def state_dict(self, params: list) -> dict:
         return {}
 
@@ -296,6 +298,12 @@ class LowPrecisionUpdate:
             self._copied_grads.pop(id(p), None)
             hp.grad = None
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts of a loaded state this update reads (`state_dict`'s keys)."""
+        reads = {"masters": self.master, "compensation": self.rounding is UpdateRounding.KAHAN}
+        return tuple(part for part, read in reads.items() if read)
+
     def state_dict(self, params: list) -> dict:
         """Master weights and Kahan buffers by the index of their parameter in ``params``."""
         order = {p: index for index, p in enumerate(params)}
@@ -330,9 +338,8 @@ class LowPrecisionUpdate:
         # Only the parts this update reads: a state saved under another recipe (bf16-low's masters
         # loaded under bf16-pure-kahan) would otherwise keep entries that never move again and are
         # saved with every later state (and counted by `lowbit.memory.measure`).
-        masters = state.get("masters", {}) if self.master else {}
-        kahan = self.rounding is UpdateRounding.KAHAN
-        compensation = state.get("compensation", {}) if kahan else {}
+        masters = state.get("masters", {}) if "masters" in self.parts else {}
+        compensation = state.get("compensation", {}) if "compensation" in self.parts else {}
         for i, v in masters.items():
             if i < len(params):
                 self.masters[params[i]] = v.detach().clone().requires_grad_()
