@@ -8,7 +8,8 @@ module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converte
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
 lowbit does not convert (other convolutions, subclasses of `nn.Linear`, `nn.MultiheadAttention`:
 one layer with its ``out_proj``; mixture-of-experts routers that compute their logits with their
-own weight, `is_router`), so nothing is left out of the report. A layer converted before
+own weight, `is_router`; experts modules of 3-D weights in a layout of their own,
+`other_experts_layout`), so nothing is left out of the report. A layer converted before
 is left as it is when the recipe gives it the same spec (converting twice with one recipe is
 harmless) and refused otherwise: its original layer is gone, so another recipe needs the
 unconverted model.
@@ -26,7 +27,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
-from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts
+from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts, other_experts_layout
 from lowbit.nn.layer_kinds import (
     is_conv1d,
     is_linear,
@@ -74,7 +75,8 @@ _GEMM_MODULES = (
 def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     """Why a GEMM module of a kind lowbit does not convert is kept; None for other modules."""
     if not isinstance(module, _GEMM_MODULES):
-        return None
+        layout = other_experts_layout(module)
+        return f"{layout}: not converted" if layout else None
     kind = type(module).__name__
     if torch.nn.utils.parametrize.is_parametrized(module):  # a class made for it: Parametrized...
         names = ", ".join(module.parametrizations)

@@ -59,6 +59,25 @@ def is_experts(module: torch.nn.Module) -> bool:
     return all(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in (up, down))
 
 
+def other_experts_layout(module: torch.nn.Module) -> str | None:
+    """What keeps a mixture-of-experts module that holds its experts' matrices in 3-D Parameters
+    of its own layout from being converted (training) or quantized (inference), or None for other
+    modules: JetMoE's ``JetMoeParallelExperts`` (one ``weight``, split by expert in its forward)
+    and Llama-4's ``Llama4TextExperts`` (a ``bmm`` over every expert) have no
+    ``use_experts_implementation`` layout that `LowbitExperts` can route, and no ``nn.Linear``
+    inside. They hold most of the model's GEMMs: unreported, they computed in high precision
+    under a report that named only the attention layers."""
+    if "experts" not in type(module).__name__.lower() or is_experts(module):
+        return None
+    stacked = [name for name, p in module._parameters.items() if p is not None and p.dim() == 3]
+    if not stacked:
+        return None
+    return (
+        f"{type(module).__name__} holds its experts as 3-D Parameters ({', '.join(stacked)}) in a "
+        "layout of its own, not transformers' experts interface that lowbit handles"
+    )
+
+
 def route(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
