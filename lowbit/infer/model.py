@@ -20,7 +20,7 @@ from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import KERNELS, QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides
 from lowbit.nn.convert import output_head_names
-from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name
+from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name, other_experts_layout
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
 
 # Output layers kept dense by `prune_model`, besides the one transformers' get_output_embeddings()
@@ -87,6 +87,8 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
             report.kept[name] = "convolutions are not quantized"
         elif isinstance(module, torch.nn.Embedding):
             report.kept[name] = "embedding lookups stay in their dtype"
+        elif (layout := other_experts_layout(module)) is not None:
+            report.kept[name] = f"{layout}: not quantized"
     return report
 
 

@@ -86,3 +86,16 @@ def test_a_training_step_of_each_architecture_in_fp8(config_class, fields, floor
     assert sqnr(reference.logits, out.logits.float()) > floor
     precision.backward(out.loss)
     assert precision.step(optimizer)
+
+
+def test_quantize_reports_experts_of_a_layout_of_their_own_kept():
+    """`lowbit quantize` left JetMoE's experts in fp32 under "quantized 7/8 layers", unnamed."""
+    from lowbit.infer.model import quantize_model
+    from lowbit.infer.quant import QuantRecipe, Target
+
+    model = _model("JetMoeConfig", **JETMOE)
+    report = quantize_model(model, QuantRecipe(Target("int8")))
+    stacked = {name.rpartition(".")[0] for name, p in model.named_parameters() if p.dim() == 3}
+    assert stacked and all(
+        report.kept.get(name, "").endswith("not quantized") for name in stacked
+    ), report.kept
