@@ -195,7 +195,7 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
     architectures = getattr(config, "architectures", None) or []
-    if task == "causal-lm" and architectures and not is_causal_lm(architectures):
+    if task == "causal-lm" and architectures and not is_causal_lm(architectures, config.model_type):
         # as `lowbit train` refuses it (lowbit.models.causal_lm.load_causal_lm)
         raise UsageError(
             f"{name}: a {config.model_type!r} checkpoint ({', '.join(architectures)}) is not a "

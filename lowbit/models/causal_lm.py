@@ -32,9 +32,15 @@ from lowbit.models.pretrained import GONE, from_pretrained, has_weights, load_co
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 
 
-def is_causal_lm(architectures: list[str]) -> bool:
-    """Whether a checkpoint's ``architectures`` (config.json) name a causal-LM class."""
-    return any(name.endswith(_CAUSAL_SUFFIXES) for name in architectures)
+def is_causal_lm(architectures: list[str], model_type: str | None = None) -> bool:
+    """Whether a checkpoint's ``architectures`` (config.json) name a causal-LM class: by its
+    name's suffix, or as the class transformers' ``AutoModelForCausalLM`` builds for
+    ``model_type`` (Gemma 3's is ``Gemma3ForConditionalGeneration``, which generates text from
+    text alone too: published Gemma 3 checkpoints name only it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return any(name.endswith(_CAUSAL_SUFFIXES) or name == causal for name in architectures)
 
 
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -142,9 +148,17 @@ def model_config(size: str, vocab_size: int | None = None):
 POSITION_FIELDS = ("max_position_embeddings", "max_seq_len")
 
 
+def text_config(config):
+    """The config of a model's text decoder: ``config`` itself, or a multimodal model's text
+    config (Gemma 3's ``text_config``), which holds the vocabulary and position fields."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def config_positions(config) -> int | None:
     """The longest sequence a model config allows (`POSITION_FIELDS`); None for models without
-    a limit (ALiBi's BLOOM: its attention bias extends to any length)."""
+    a limit (ALiBi's BLOOM: its attention bias extends to any length). A multimodal config
+    (Gemma 3's) holds the limit in its text config."""
+    config = text_config(config)
     for field in POSITION_FIELDS:
         positions = getattr(config, field, None)
         if positions is not None:
@@ -196,7 +210,7 @@ def _not_causal(path, config, folder: Path) -> UsageError:
         "is not a causal language model"
     )
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-    if causal is None or not architectures or is_causal_lm(architectures):
+    if causal is None or not architectures or is_causal_lm(architectures, config.model_type):
         return UsageError(f"{refused}; fix: use a decoder checkpoint such as Llama or GPT-2")
     _, _, head = architectures[0].partition("For")  # LlamaForSequenceClassification
     head = re.sub(r"(?<=[a-z])(?=[A-Z])", "-", head).lower()  # sequence-classification
@@ -233,7 +247,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     config = load_config(folder)
     architectures = config.architectures or []
     model = None
-    if not architectures or is_causal_lm(architectures):
+    if not architectures or is_causal_lm(architectures, config.model_type):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -211,6 +211,7 @@ class CausalLMTask(Task):
 
     def __init__(self, config, run_dir=None):
         from lowbit.models import build_model
+        from lowbit.models.causal_lm import text_config
 
         super().__init__(config)
         self._corpus = None
@@ -222,9 +223,10 @@ class CausalLMTask(Task):
             max_seq_len=config.seq_len,
             seed=config.seed,
         )
-        if self.model.config.vocab_size < self.tokenizer.vocab_size:
+        vocab_size = text_config(self.model.config).vocab_size
+        if vocab_size < self.tokenizer.vocab_size:
             raise UsageError(
-                f"{config.model}: vocabulary of {self.model.config.vocab_size} ids is smaller than "
+                f"{config.model}: vocabulary of {vocab_size} ids is smaller than "
                 f"the {self.tokenizer.kind} tokenizer's {self.tokenizer.vocab_size}; fix: save the "
                 "model's tokenizer into its folder or choose a smaller tokenizer"
             )

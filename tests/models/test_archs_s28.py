@@ -99,3 +99,36 @@ def test_quantize_reports_experts_of_a_layout_of_their_own_kept():
     assert stacked and all(
         report.kept.get(name, "").endswith("not quantized") for name in stacked
     ), report.kept
+
+
+def test_a_multimodal_gemma3_checkpoint_trains_as_a_causal_lm(tmp_path, capsys):
+    """Published Gemma 3 checkpoints name only ``Gemma3ForConditionalGeneration``, the class
+    transformers' AutoModelForCausalLM builds for ``gemma3``: they were refused as "not a causal
+    language model" with that very class as the fix, and their vocabulary (in ``text_config``)
+    was read from the top config."""
+    import transformers
+
+    from lowbit.cli import main
+
+    text = GQA | {"vocab_size": 300, "head_dim": 8, "sliding_window": 16}
+    text |= {"max_position_embeddings": 64}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision)
+    config.mm_tokens_per_image = 4
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "gemma3")
+    args = ["--model", str(tmp_path / "gemma3"), "--steps", "1", "--seq-len", "16"]
+    args += ["--batch-size", "2", "--eval-batches", "1", "--out", str(tmp_path / "run")]
+    assert main(["train", *args, "--quiet"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    capsys.readouterr()
+    too_long = [
+        *args[:-2],
+        "--seq-len",
+        "65",
+        "--out",
+        str(tmp_path / "long"),
+    ]  # the last --seq-len
+    assert main(["train", *too_long, "--quiet"]) == 2
+    assert "exceeds the model's 64 positions" in capsys.readouterr().err
