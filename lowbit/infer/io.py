@@ -33,6 +33,7 @@ from lowbit.train.config import EXPORT_INFO, exported_from
 
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # transformers' map of a sharded export's weights
 VERSION = 1
 _COPIED = ("config.yaml", "tokenizer", "vocab.json", "labels.json")
 # what makes a folder an inference folder or an export: moved in last, moved away first
@@ -46,11 +47,12 @@ _ARTIFACTS = (
     *_COPIED,
     "config.json",
     "generation_config.json",
-    "model.safetensors.index.json",  # an export transformers sharded
+    INDEX,  # an export transformers sharded
     EXPORT_INFO,
 )
-# transformers' shards of a large export (`save_pretrained`'s max_shard_size): an earlier export's
-# left beside a new one's would be loaded with it by anything that reads every *.safetensors file
+# transformers' shards of a large export (`save_pretrained`'s max_shard_size): a folder of a model
+# whose shards no manifest describes is refused (`_check_out`); --force replaces an earlier
+# export's shards by their names in its file list or index, never by this pattern (`_artifacts`)
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
@@ -342,7 +344,8 @@ def _check_out(out: Path, force: bool) -> None:
     # files of the names a folder or export writes (config.yaml, a Hugging Face model's) beside
     # neither manifest are the user's own: --force replaces only what lowbit wrote
     described = any((out / name).is_file() for name in MANIFESTS)
-    foreign = [] if described else [p.name for p in _artifacts(out)]
+    shards = sorted(p.name for p in out.iterdir() if _SHARD.fullmatch(p.name))
+    foreign = [] if described else [*(p.name for p in _artifacts(out)), *shards]
     if foreign:
         raise UsageError(
             f"{out} holds {', '.join(foreign)} that no lowbit quantize, prune or export wrote "
@@ -355,31 +358,49 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _artifacts(out: Path) -> list[Path]:
-    """What an earlier inference folder or export wrote into ``out`` (`_ARTIFACTS`, weight shards,
-    and the files an export lists), its manifests first: moved away in this order, a folder
-    never looks complete while its weights are gone."""
-    names = [*_ARTIFACTS, *(p.name for p in out.iterdir() if _SHARD.fullmatch(p.name))]
-    names += _listed_files(out)
+    """What an earlier inference folder or export wrote into ``out``, its manifests first: moved
+    away in this order, a folder never looks complete while its weights are gone. An export lists
+    every file it wrote (`EXPORT_INFO`'s ``files``): those. A quantized or pruned folder, or an
+    export from before that list, is taken to have written the names such folders write
+    (`_ARTIFACTS`), the old export's tokenizer files and weight shards as its `EXPORT_INFO` and
+    its index name them. A file ``model-N-of-M.safetensors`` that neither names is the user's:
+    taken for a shard by its name alone, it was moved away and deleted."""
+    info = _export_info(out)
+    if isinstance(info.get("files"), list):
+        names = [*MANIFESTS, *_entries(info["files"])]
+    else:
+        names = [*_ARTIFACTS, *_entries(info.get("tokenizer_files"))]
+        if info:  # no quantized or pruned folder shards its weights
+            names += _indexed_shards(out)
     names = sorted(dict.fromkeys(names), key=lambda name: name not in MANIFESTS)
     return [out / name for name in names if (out / name).exists()]
 
 
-def _listed_files(out: Path) -> list[str]:
-    """The files an export's `EXPORT_INFO` says it wrote (``files``; ``tokenizer_files`` in
-    exports written before it listed them all). Only names of entries of ``out`` itself: a
-    hand-edited list naming ``../x`` or ``/x`` must not make ``--force`` move away a file
-    outside it."""
+def _export_info(out: Path) -> dict:
+    """An export's `EXPORT_INFO` in ``out``; empty where there is none or it is unreadable."""
     try:
         info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _indexed_shards(out: Path) -> list[str]:
+    """The weight shards transformers' index in ``out`` names (its ``weight_map``'s files)."""
+    try:
+        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        files = list(index["weight_map"].values())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return []
-    if not isinstance(info, dict):
+    return _entries(files)
+
+
+def _entries(names) -> list[str]:
+    """The names of entries of a folder itself in a list read from one of its files: a list
+    edited by hand to name ``../x`` or ``/x`` must not make ``--force`` move away a file outside
+    it (nor a number in it be a traceback)."""
+    if not isinstance(names, list):
         return []
-    names = []
-    for key in ("files", "tokenizer_files"):
-        listed = info.get(key)
-        if isinstance(listed, list):
-            names += listed
     return [n for n in names if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n]
 
 
