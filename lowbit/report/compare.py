@@ -479,12 +479,15 @@ def _check_device(run_dir: Path, state: str, recorded: str | None, device: str) 
     )
 
 
-def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1) -> dict:
+def run_one(
+    study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1, on_step=None
+) -> dict:
     """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
     study's runs before, `clear_runs`). ``jobs``: up to how many runs
     train at once on this machine beside this one (recorded: its throughput is measured under that
     load, `speed_load`; for a resumed run the largest of its parts', `_record_load`), as are the
-    PyTorch threads it trains on (`speed_threads`)."""
+    PyTorch threads it trains on (`speed_threads`). ``on_step``: `Trainer.fit`'s, called with the
+    trainer after each step (a --jobs worker stops its run there when another run failed)."""
     from lowbit.train import NonFiniteLoss
     from lowbit.train.trainer import Trainer
 
@@ -506,7 +509,7 @@ def run_one(study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int 
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     try:
-        result = trainer.fit(resume=resume, overwrite=not resume)
+        result = trainer.fit(resume=resume, overwrite=not resume, on_step=on_step)
     except NonFiniteLoss as error:
         record = _diverged(config, recipe, seed, trainer, str(error), jobs, threads)
         _write_record(run_dir, record)

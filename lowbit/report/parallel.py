@@ -11,7 +11,8 @@ interpreter per worker, not a fork of a process whose PyTorch thread pools are r
 The longest runs should come first in ``runs`` (a queue of longest-first jobs finishes closest to
 the ideal). Ctrl-C reaches the workers too (one process group): each interrupted run leaves its
 checkpoint, and the next invocation resumes it; a SIGINT sent to this process alone is passed on
-to the workers as a stop request (`_ask_to_stop`), with the same result.
+to the workers as a stop request (`_ask_to_stop`), with the same result. A run that fails stops
+the others the same way but quietly (`FAILED_SIGNAL`): each says where it stopped, in one line.
 """
 
 from __future__ import annotations
@@ -34,10 +35,28 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-# In a worker: a stop was asked (by `_ask_to_stop`, or a Ctrl-C that interrupted a run), so the
-# runs still queued to this worker do not start; and whether a run is in progress.
-_stopped = False
+# The study's request to its workers to stop because one of its runs failed. Not the trainer's
+# `STOP_SIGNAL`, whose handler says "interrupted: saving a checkpoint", as for a Ctrl-C nobody
+# pressed: the trainer leaves this one to the worker, which stops its run after the step in
+# progress (`_stop_after_step`) and tells the study at which step (`Stopped`).
+FAILED_SIGNAL = getattr(signal, "SIGUSR2", None)
+_INTERRUPTED, _FAILED = "interrupted", "failed"
+
+# In a worker: why its runs stop (None: they do not): _INTERRUPTED by a stop request or a Ctrl-C
+# that interrupted a run, _FAILED by another run's failure; the runs still queued to this worker do
+# not start. Whether a run is in progress, and the step it stopped at for a failure.
+_stopped: str | None = None
 _running = False
+_stopped_at: int | None = None
+
+
+class Stopped(Exception):
+    """A worker's answer for a run that stopped because another run failed: ``step``, the step
+    whose checkpoint it saved, or None when it had not started."""
+
+    def __init__(self, step: int | None):
+        super().__init__(step)  # as the args: it crosses back from the worker whole
+        self.step = step
 
 
 def _start_worker() -> None:
@@ -49,6 +68,8 @@ def _start_worker() -> None:
     for signum in (signal.SIGINT, STOP_SIGNAL):
         if signum is not None:
             signal.signal(signum, _stop)
+    if FAILED_SIGNAL is not None:
+        signal.signal(FAILED_SIGNAL, _stop_quietly)
 
 
 def _stop(signum, frame) -> None:
@@ -56,44 +77,65 @@ def _stop(signum, frame) -> None:
     as Ctrl-C's first press, `lowbit.train.trainer._stop_on_sigint`): no run starts after it, and
     the run being set up stops."""
     global _stopped
-    _stopped = True
+    _stopped = _stopped or _INTERRUPTED
     if _running:
         raise KeyboardInterrupt
+
+
+def _stop_quietly(signum, frame) -> None:
+    """Another run of the study failed: no run starts after it, and the run in progress (in its
+    set-up too, which is not interrupted halfway) stops after its next step, saved."""
+    global _stopped
+    _stopped = _stopped or _FAILED
+
+
+def _stop_after_step(trainer) -> None:
+    """`Trainer.fit`'s ``on_step`` in a worker: after another run's failure, stop as a first
+    Ctrl-C does (this step's checkpoint saved), without the trainer's "interrupted" line."""
+    global _stopped_at
+    if _stopped == _FAILED and not trainer.stop_requested:
+        trainer.stop_requested = True
+        _stopped_at = trainer.step_idx
 
 
 def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool, float]:
     """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
     validation loss)."""
-    global _stopped, _running
+    global _stopped, _running, _stopped_at
     import torch
 
     from lowbit.report.compare import final_loss, run_one
 
     torch.set_num_threads(threads)
-    _running = True
+    _running, _stopped_at = True, None
     try:
+        if _stopped == _FAILED:
+            raise Stopped(None)
         if _stopped:  # after `_running` is set: a stop that comes between is not missed
             raise KeyboardInterrupt
-        record = run_one(study, recipe, seed, quiet=True, jobs=jobs)
+        record = run_one(study, recipe, seed, quiet=True, jobs=jobs, on_step=_stop_after_step)
     except KeyboardInterrupt:
-        _stopped = True
+        if _stopped == _FAILED and _stopped_at is not None:  # the run stopped as asked, saved
+            raise Stopped(_stopped_at) from None
+        _stopped = _stopped or _INTERRUPTED
         raise
     finally:
         _running = False
     return record["reused"], final_loss(record)
 
 
-def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
+def _ask_to_stop(pool: ProcessPoolExecutor, signum) -> None:
     """Ask every worker to stop its run as a first Ctrl-C does (finish the step, save a
-    checkpoint): a SIGINT that reached this process alone (a scheduler, ``kill -INT``) would
-    otherwise leave the workers training to the end. Idempotent, so after a Ctrl-C that reached
-    the whole process group it does not escalate to an abort."""
-    if STOP_SIGNAL is None:
+    checkpoint): with `STOP_SIGNAL` on an interruption, as a SIGINT that reached this process
+    alone (a scheduler, ``kill -INT``) would otherwise leave the workers training to the end; with
+    `FAILED_SIGNAL` on a run's failure. Idempotent, so after a Ctrl-C that reached the whole
+    process group it does not escalate to an abort."""
+    if signum is None:
         return
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         if process.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, STOP_SIGNAL)
+                os.kill(process.pid, signum)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -118,34 +160,60 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
     ):
         started = time.perf_counter()
         futures = {pool.submit(_train, *run, threads, jobs): run for run in runs}
-        pending, finished = set(futures), 0
+        pending, reported = set(futures), set()
+
+        def name(future) -> str:
+            study, recipe, seed = futures[future]
+            return f"{study.out.name}: {recipe} seed {seed}"
+
+        def report(future) -> None:  # raises the run's error
+            study, recipe, seed = futures[future]
+            try:
+                reused, loss = future.result()
+            except BrokenProcessPool:  # a traceback from the pool's internals otherwise
+                raise UsageError(
+                    f"a worker process died while training {study.out.name}'s runs, "
+                    f"{jobs} at a time (killed by the system: out of memory?); the runs "
+                    "keep their last checkpoints; fix: a lower --jobs (each worker holds "
+                    "its own model and data), then run the same command again to resume"
+                ) from None
+            if not reused:
+                trained.add((study.out, recipe, seed))
+            reported.add(future)  # one by one: runs finishing together get their own numbers
+            minutes = (time.perf_counter() - started) / 60
+            log(
+                f"[{len(reported)}/{len(futures)}] {name(future)}: validation loss {loss:.4f} "
+                f"({'reused' if reused else 'trained'}; {minutes:.1f} min since the start, "
+                f"{jobs} jobs)"
+            )
+
+        failed = None
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    study, recipe, seed = futures[future]
-                    try:
-                        reused, loss = future.result()  # raises the run's error
-                    except BrokenProcessPool:  # a traceback from the pool's internals otherwise
-                        raise UsageError(
-                            f"a worker process died while training {study.out.name}'s runs, "
-                            f"{jobs} at a time (killed by the system: out of memory?); the runs "
-                            "keep their last checkpoints; fix: a lower --jobs (each worker holds "
-                            "its own model and data), then run the same command again to resume"
-                        ) from None
-                    if not reused:
-                        trained.add((study.out, recipe, seed))
-                    how = "reused" if reused else "trained"
-                    minutes = (time.perf_counter() - started) / 60
-                    finished += 1  # one by one: runs finishing together get their own numbers
-                    log(
-                        f"[{finished}/{len(futures)}] {study.out.name}: {recipe} seed {seed}: "
-                        f"validation loss {loss:.4f} ({how}; {minutes:.1f} min since the start, "
-                        f"{jobs} jobs)"
-                    )
-        except BaseException:
+                for failed in done:
+                    report(failed)
+        except KeyboardInterrupt:
             for future in pending:
                 future.cancel()
-            _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop
+            _ask_to_stop(pool, STOP_SIGNAL)  # the runs in progress save a checkpoint and stop
+            raise
+        except BaseException:
+            # the runs not yet started never start; those in progress (or finished meanwhile)
+            others = [f for f in futures if f not in reported and f is not failed]
+            others = [f for f in others if not f.cancel()]
+            _ask_to_stop(pool, FAILED_SIGNAL)
+            pool.shutdown()  # each run in progress saves its step and stops
+            for future in others:
+                error = future.exception()
+                if error is None:
+                    report(future)
+                elif isinstance(error, Stopped) and error.step is not None:
+                    log(
+                        f"stopped: {name(failed)} failed; {name(future)} saved at step "
+                        f"{error.step}, resumes with the same command"
+                    )
+                elif not isinstance(error, Stopped | KeyboardInterrupt | BrokenProcessPool):
+                    log(f"{name(future)}: failed too: {error}")
             raise
     return trained
