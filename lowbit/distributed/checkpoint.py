@@ -116,14 +116,18 @@ def _gather_random_states(ranks, precision_rng: dict | None) -> list | None:
     from lowbit.train.trainer import rng_state
 
     gathered = [None] * ranks.world_size if ranks.is_main else None
-    dist.gather_object({"rng": rng_state(), "precision": precision_rng}, gathered, dst=0)
+    own = ranks.random.state if ranks.random is not None else None  # its forwards' (dropout)
+    dist.gather_object(
+        {"rng": rng_state(), "precision": precision_rng, "forward": own}, gathered, dst=0
+    )
     return gathered
 
 
 def _own_random_state(extra: dict, rank: int, world_size: int) -> dict:
     """``extra`` with this rank's generator states where the run is resumed by as many ranks as
-    saved it (rank r continues rank r's streams); resharded (another world size, no stream to
-    continue per rank), or saved before the ranks' states were kept, every rank takes rank 0's."""
+    saved it (rank r continues rank r's streams, its forwards' own under ``forward``); resharded
+    (another world size, no stream to continue per rank), or saved before the ranks' states were
+    kept, every rank takes rank 0's (and derives its forwards' anew, `RankRandom.load`)."""
     saved = extra.get("rank_random_states")
     if saved is None or len(saved) != world_size:
         return extra
@@ -131,7 +135,7 @@ def _own_random_state(extra: dict, rank: int, world_size: int) -> dict:
     precision = {key: value for key, value in extra["precision"].items() if key != "rng"}
     if own["precision"] is not None:
         precision["rng"] = own["precision"]
-    return {**extra, "rng": own["rng"], "precision": precision}
+    return {**extra, "rng": own["rng"], "precision": precision, "forward": own.get("forward")}
 
 
 @contextlib.contextmanager
@@ -192,6 +196,8 @@ def load(trainer, path, extra: dict) -> None:
             update[kind][int(index)] = value
     extra = _own_random_state(extra, trainer.dist.rank, trainer.dist.world_size)
     trainer.load_state_dict({**extra, "precision": {**extra["precision"], "update": update}})
+    if trainer.dist.random is not None:  # after the shared stream, which it may derive from
+        trainer.dist.random.load(extra.get("forward"))
     if not extra.get("optimizer_stepped", True):  # saved before any step: DCP's zero states
         trainer.optimizer.state.clear()
 

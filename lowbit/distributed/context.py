@@ -104,6 +104,7 @@ class SingleProcess:
     rank, world_size, local_rank, strategy = 0, 1, 0, None
     is_main = True
     distributed = False
+    random = None  # one process draws everything from torch's global generators (`RankRandom`)
 
     def device(self, device: torch.device) -> torch.device:
         return device
@@ -170,6 +171,76 @@ class AllReduceAgreement(ScaleAgreement):
         return flag.item() == 0
 
 
+class RankRandom:
+    """This rank's own generator states, which its training forwards draw from (dropout masks,
+    stochastic rounding of forward operands); everything else draws from the stream that every
+    rank shares, seeded alike (``--seed``).
+
+    Seeded alike, every rank drew the same dropout mask for its own rows, correlated noise that
+    a data-parallel run is not meant to have. Reseeding the whole generator per rank instead
+    would part the ranks' stochastic rounding of the update: under DDP each rank rounds the same
+    averaged gradient into its replica, so their draws must stay the same or the replicas drift
+    apart (the rounding seeds come from torch's global CPU generator, `counter_rng.draw_seed`).
+    So the forward alone swaps this rank's states into torch's global generators and back (the
+    backward's draws, a recomputed checkpointed forward restoring its own, stay shared).
+    A rank's states derive from the shared stream and the rank (`derive`); the model is built
+    from seeds of its own and DDP broadcasts it, so its initialization does not depend on them."""
+
+    def __init__(self, rank: int, device: torch.device):
+        self.rank = rank
+        self.device = device
+        self.state = self.derive()  # outside a forward this rank's; inside, the shared stream's
+        self.inside = False
+
+    def derive(self) -> dict:
+        """States seeded from the shared CPU generator's next draw (read from a copy: the shared
+        stream does not move) and the rank, as a fresh run and a resharded resume start."""
+        import numpy as np
+
+        shared = torch.Generator()
+        shared.set_state(torch.get_rng_state())
+        base = int(torch.randint(0, 2**63 - 1, (), generator=shared))
+        mixed = np.random.SeedSequence([base, self.rank]).generate_state(1, dtype=np.uint64)[0]
+        seed = int(mixed) >> 1  # 63 bits: manual_seed takes a signed 64-bit seed
+        state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+        return state
+
+    def _swap(self) -> None:
+        """Exchange the global generators' states with the held ones."""
+        held = {"cpu": torch.get_rng_state()}
+        torch.set_rng_state(self.state["cpu"])
+        if "cuda" in self.state:
+            held["cuda"] = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.state["cuda"], self.device)
+        self.state = held
+        self.inside = not self.inside
+
+    def _enter(self, *_) -> None:
+        if not self.inside:
+            self._swap()  # this rank's states in, the shared held
+
+    def _leave(self, *_) -> None:
+        if self.inside:  # not where an earlier pre-forward hook (FSDP's all-gather) raised
+            self._swap()
+
+    def install(self, model) -> None:
+        """Draw ``model``'s forwards from this rank's states (always_call: a forward that raised
+        gives the shared stream back too)."""
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._leave, always_call=True)
+
+    def load(self, state: dict | None) -> None:
+        """Continue from a checkpoint's states of this rank. Derived anew from the restored shared
+        stream (so that the resumed steps do not repeat the first steps' masks) where there are
+        none (saved by another number of ranks, or before ranks had their own) or they are of
+        another device (a CPU run resumed on a GPU: no CUDA state, the masks drawn there would
+        be every rank's again)."""
+        fits = state is not None and ("cuda" in state) == (self.device.type == "cuda")
+        self.state = state if fits else self.derive()
+
+
 _warned_alone = False  # `warn_if_ranks_act_alone` warned in this process
 
 
@@ -221,6 +292,7 @@ class Ranks(SingleProcess):
         self.is_main = self.rank == 0
         self._device = device
         self.comm = None  # DDP: byte counts of the gradient all-reduce (ddp.CommStats)
+        self.random: RankRandom | None = None  # several ranks: their forwards' own streams
         backend = "gloo" if device.type == "cpu" else None
         # new_group's own default timeout is torch's 30 minutes, not the default group's: an
         # amax all-reduce that a hung rank never joined waited that long
@@ -241,11 +313,15 @@ class Ranks(SingleProcess):
             from lowbit.distributed.ddp import wrap_ddp
 
             wrapped, self.comm = wrap_ddp(model, precision, self._device)
-            return wrapped, model
-        from lowbit.distributed.fsdp import wrap_fsdp
+        else:
+            from lowbit.distributed.fsdp import wrap_fsdp
 
-        model = wrap_fsdp(model, precision, self._device)
-        return model, model
+            wrapped = model = wrap_fsdp(model, precision, self._device)
+        # a group of one draws what one process draws: the one stream, unchanged
+        self.random = RankRandom(self.rank, self._device) if self.world_size > 1 else None
+        if self.random is not None:
+            self.random.install(wrapped)
+        return wrapped, model
 
     def accumulating(self, model, more: bool):
         """Within: a micro-batch whose gradients are not yet reduced (all but the last)."""
