@@ -19,9 +19,19 @@ def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
     """Why a Conv2d cannot be converted, or None."""
     if conv.groups != 1:
         return "grouped convolution (groups > 1) is not converted"
-    if conv.padding == "same" or conv.padding_mode != "zeros":
-        return "only zero padding of fixed size is converted (not 'same', not other modes)"
     return None
+
+
+def _padding_sides(conv: torch.nn.Conv2d) -> list[tuple[int, int]]:
+    """The rows (columns) that nn.Conv2d pads before and after the image, per spatial dim.
+    ``padding="same"`` pads a dilated kernel's extent less one, the odd one of an even kernel
+    after the image (``F.conv2d``, and nn.Conv2d's ``_reversed_padding_repeated_twice``)."""
+    if conv.padding == "valid":
+        return [(0, 0), (0, 0)]
+    if conv.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(pad, pad) for pad in conv.padding]
 
 
 def _channels_last_strides(tensor: torch.Tensor) -> bool:
@@ -64,7 +74,11 @@ class _Unfold(torch.autograd.Function):
     fp32 and rounds it once (oneDNN's and cuDNN's bf16 kernels), where a fold in bf16 rounds after
     every addition: 7 dB more noise in a 5x5 convolution's input gradient (43.7 dB against
     fp64, nn.Conv2d 50.7 dB; bf16 model, 16 channels). In the form with ``setup_context`` that
-    torch.func's transforms take (``torch.func.grad`` of a converted model)."""
+    torch.func's transforms take (``torch.func.grad`` of a converted model), mappable and with a
+    forward-mode rule, so that ``vmap``, ``jacfwd`` and ``jvp`` reach the GEMM's refusal in one
+    line (`lowbit.nn.linear`) instead of failing here on a rule the unfold lacked."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, kernel_size, dilation, padding, stride):
@@ -80,44 +94,68 @@ class _Unfold(torch.autograd.Function):
         grad_x = F.fold(grad_cols.float(), *ctx.fold)
         return grad_x.to(grad_cols.dtype), None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, tangent_x, *_):
+        return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
+
 
 class LowbitConv2d(LowbitModule):
-    """Drop-in `nn.Conv2d` (groups=1, zero padding) whose GEMMs follow a `LayerSpec`."""
+    """Drop-in `nn.Conv2d` (groups=1) whose GEMMs follow a `LayerSpec`."""
 
     def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
         super().__init__(conv, spec, seed)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        # padding="valid" is no padding
-        self.padding = (0, 0) if conv.padding == "valid" else conv.padding
+        # what code that inspects an nn.Conv2d reads ("same" and "valid" included)
+        self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self.dilation = conv.dilation
-        # what code that inspects an nn.Conv2d reads; fixed by `conv_unsupported_reason`
-        self.groups, self.padding_mode = 1, "zeros"
+        self.groups = 1  # fixed by `conv_unsupported_reason`
+        # The unfold pads with zeros, as much on both sides; other padding (another mode, an
+        # even kernel's "same") is F.pad's first, in (left, right, top, bottom) order, as
+        # nn.Conv2d pads for a mode other than zeros (None: the unfold's padding is all).
+        sides = _padding_sides(conv)
+        self._padded_by = [before + after for before, after in sides]  # rows, columns
+        symmetric = all(before == after for before, after in sides)
+        if conv.padding_mode == "zeros" and symmetric:
+            self._unfold_padding, self._pad = tuple(before for before, _ in sides), None
+        else:
+            self._unfold_padding = (0, 0)
+            self._pad = (*sides[1], *sides[0])
+        self._pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
+            padding = self.padding
+            if self.padding_mode != "zeros":  # nn.Conv2d's own way
+                x, padding = F.pad(x, self._pad, mode=self._pad_mode), 0
             return full_precision(
                 F.conv2d,
                 x,
                 self.weight,
                 self.bias,
                 stride=self.stride,
-                padding=self.padding,
+                padding=padding,
                 dilation=self.dilation,
             )
         if x.dim() == 3:  # one unbatched C x H x W image, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x)
+        layout = x  # F.conv2d reads the output's layout off the image it is given
+        if self._pad is not None:
+            x = F.pad(x, self._pad, mode=self._pad_mode)
+            if self.padding_mode != "zeros":  # nn.Conv2d hands F.conv2d the padded image
+                layout = x
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
-        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = _Unfold.apply(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        pad_h, pad_w = self._unfold_padding
+        out_h = (h + 2 * pad_h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * pad_w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = _Unfold.apply(x, self.kernel_size, self.dilation, self._unfold_padding, self.stride)
         cols = cols.transpose(1, 2)  # N x L x C*kh*kw
         weight = self.weight.reshape(self.out_channels, -1)
         out = lowbit_linear(cols, weight, self.bias, self.lowbit_state)  # N x L x O
         out = out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
-        return out.contiguous(memory_format=_output_memory_format(x, self.weight))
+        return out.contiguous(memory_format=_output_memory_format(layout, self.weight))
 
     def _check_input(self, x: torch.Tensor) -> None:
         """F.conv2d's errors for an input it refuses; unfolded, a wrong channel count would
@@ -134,7 +172,7 @@ class LowbitConv2d(LowbitModule):
                 f"input{list(x.shape)} to have {self.in_channels} channels, but got "
                 f"{x.shape[1]} channels instead"
             )
-        padded = [size + 2 * pad for size, pad in zip(x.shape[2:], self.padding)]
+        padded = [size + pad for size, pad in zip(x.shape[2:], self._padded_by)]
         kernel = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]  # dilated
         if any(size < k for size, k in zip(padded, kernel)):  # unfold's error names neither
             raise RuntimeError(
@@ -147,5 +185,6 @@ class LowbitConv2d(LowbitModule):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, {self.spec.describe()}"
+            + (f"padding_mode={self.padding_mode}, " if self.padding_mode != "zeros" else "")
+            + f"bias={self.bias is not None}, {self.spec.describe()}"
         )
