@@ -63,6 +63,11 @@ def file_in_the_way(path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def a_task_run(task: str) -> str:
+    """ "a causal-lm run", "an image-classification run": a run named by its task in a message."""
+    return f"{'an' if task[:1] in tuple('aeiou') else 'a'} {task} run"
+
+
 def check_given(value, name: str, fix: str = "give its value (a shell variable unset?)") -> None:
     """Refuse an empty path or name (an unset shell variable: ``--out "$DIR"``), which as a path is
     the current folder: read as the model or data, or written (and with ``--force`` or

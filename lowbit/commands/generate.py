@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lowbit.errors import UsageError, check_given
+from lowbit.errors import UsageError, a_task_run, check_given
 
 NAME = "generate"
 HELP = "Sample text from a causal-LM run's checkpoint."
@@ -130,10 +130,8 @@ def run(args) -> int:
     prompt = _prompt(args)
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     if loaded.config.task != "causal-lm":
-        task = loaded.config.task
-        article = "an" if task[0] in "aeiou" else "a"  # an image-classification run
         raise UsageError(
-            f"{args.run_dir} is {article} {task} run; fix: generate from a causal-lm run"
+            f"{args.run_dir} is {a_task_run(loaded.config.task)}; fix: generate from a causal-lm run"
         )
     note = getattr(loaded.model, "lowbit_inference_note", None)
     if note:  # a quantized folder: say which layers run on real kernels and which are emulated

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, check_given
+from lowbit.errors import UsageError, a_task_run, check_given
 from lowbit.infer import io
 from lowbit.infer.model import (
     LayerReport,
@@ -186,8 +186,8 @@ def export_hf(
     source = io.load_source(path, "cpu")
     if source.config.task != "causal-lm":
         raise UsageError(
-            f"{path} is a {source.config.task} run; fix: export a causal-lm run (the Hugging Face "
-            "folder is an AutoModelForCausalLM)"
+            f"{path} is {a_task_run(source.config.task)}; fix: export a causal-lm run (the "
+            "Hugging Face folder is an AutoModelForCausalLM)"
         )
     if Path(out).resolve() == source.path.resolve():  # --force would delete the folder exported
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")

@@ -504,6 +504,10 @@ class LowbitLinearFunction(torch.autograd.Function):
                 grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_bias, None, None
 
+    @staticmethod
+    def jvp(ctx, *tangents):  # torch.autograd.forward_ad's dual tensors
+        raise _forward_mode_refused()
+
 
 # Whether torch.func's transforms are running (a private torch function, present since 2.0; a
 # torch without it runs the ordinary path, as before torch.func support)
@@ -517,6 +521,15 @@ class _ForwardRecord:
 
     def save_for_backward(self, *tensors) -> None:
         self.saved = tensors
+
+
+def _forward_mode_refused() -> UsageError:
+    return UsageError(
+        "forward-mode derivatives (torch.func.jvp, jacfwd, torch.autograd.forward_ad) cannot pass "
+        "a layer that a lowbit recipe converted: its quantized GEMMs have no derivative; fix: "
+        "reverse mode (torch.func.grad, vjp, jacrev), or keep the layer in high precision with "
+        "PATTERN=keep"
+    )
 
 
 def _vmap_refused() -> UsageError:
@@ -596,11 +609,7 @@ class _LinearUnderTransforms(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise UsageError(
-            "forward-mode derivatives (torch.func.jvp, jacfwd) cannot pass a layer that a lowbit "
-            "recipe converted: its quantized GEMMs have no derivative; fix: reverse mode "
-            "(torch.func.grad, vjp, jacrev), or keep the layer in high precision with PATTERN=keep"
-        )
+        raise _forward_mode_refused()
 
 
 def _release_forward_inputs() -> None:

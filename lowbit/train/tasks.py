@@ -476,7 +476,7 @@ class TokenClassificationTask(Task):
         loss, labels, preds = self.predict(model, precision, split, max_batches)
         true_tags, pred_tags = aligned_tags(labels, preds, self.id2label)
         keep = labels != IGNORE_INDEX
-        accuracy = float((labels[keep] == preds[keep]).float().mean())
+        accuracy = _accuracy(labels[keep], preds[keep])
         f1 = entity_f1(true_tags, pred_tags)
         metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": f1["f1"]}
         return metrics, true_tags, pred_tags, f1
@@ -583,8 +583,9 @@ def as_param_dtype(images: torch.Tensor, model) -> torch.Tensor:
 
 def _accuracy(labels: torch.Tensor, preds: torch.Tensor) -> float:
     """The fraction of correct predictions, divided in float64: a float32 mean printed 51 of 270
-    as 0.18888889253139496 (``lowbit eval --json``, results.json) where 51/270 is 0.1888...89."""
-    return (labels == preds).sum().item() / len(labels)
+    as 0.18888889253139496 (``lowbit eval --json``, results.json) where 51/270 is 0.1888...89.
+    NaN for no predictions, as the mean of none."""
+    return (labels == preds).sum().item() / len(labels) if len(labels) else float("nan")
 
 
 class ImageClassificationTask(Task):

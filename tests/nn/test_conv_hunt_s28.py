@@ -114,3 +114,14 @@ def test_a_reflect_padded_image_too_small_is_refused_with_nn_conv2ds_message():
     with pytest.raises(RuntimeError) as got:
         model(x)
     assert str(got.value) == str(want.value)
+
+
+def test_forward_mode_dual_tensors_through_a_converted_linear_are_refused_in_one_line():
+    """torch.autograd.forward_ad raised PyTorch's "You must implement the jvp function"."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    convert(layer, "fp8-tensorwise")
+    x = torch.randn(4, 8)
+    with fwAD.dual_level(), pytest.raises(UsageError, match="forward-mode derivatives"):
+        layer(fwAD.make_dual(x, torch.ones_like(x)))
