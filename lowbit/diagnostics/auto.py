@@ -4,7 +4,7 @@ Every ``check_interval`` steps (and at the first step) the controller observes o
 each converted layer's six GEMM operands are quantized, in addition to their current format, to
 every rung of the ladder (`lowbit.recipes.auto.LADDER`, from the budget up to bf16), and the
 statistics of `lowbit.diagnostics.stats` are measured for each. An operand *passes* a rung when,
-on that step's real tensor,
+on that step's real tensor (on each of them, with gradient accumulation),
 
     SQNR >= min_sqnr (24 dB: fp8 e4m3 and e5m2 on well-scaled tensors give ~31 and ~25.5 dB), or
            for a rung whose nominal SQNR is below that (MX fp4: ~18.8 dB) at most
@@ -31,16 +31,19 @@ overflowed to inf) move up a rung; when none did, the layer that ran just before
 whose input is non-finite (in forward order) moves up; failing that, every operand does. At most ``max_retries``
 retries; then the trainer's usual handling applies.
 
-Data parallelism (DDP, FSDP): each rank measures its own share of the batch, so the ranks agree
+Data parallelism (DDP, FSDP): each rank measures its own share of the batch (a tensorwise rung with
+the scale the ranks agree on, as the layer quantizes it), so the ranks agree
 (`AutoPrecision._agreed`, through the scale agreement's all-reduce): every operand takes the highest
-rung any rank's data needs, and the guard moves up what overflowed on any rank. The plan is the same
-on every rank, as the checkpoint (rank 0's) keeps it.
+rung any rank's data needs, the guard's finite check is one decision (`all_finite`), and the guard
+moves up what overflowed on any rank. The plan is the same on every rank, as the checkpoint (rank
+0's) keeps it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 
@@ -53,8 +56,9 @@ from lowbit.diagnostics.stats import (
     nominal_stats,
     operand_stats_tensor,
 )
+from lowbit.errors import UsageError
 from lowbit.nn.operand import scale_agreement
-from lowbit.recipes.auto import RUNGS, budget_of, operand_spec, rung_bits
+from lowbit.recipes.auto import RUNGS, auto_recipe, budget_of, operand_spec, rung_bits
 from lowbit.recipes.recipe import GemmSpec, LayerSpec
 
 MIN_SQNR_DB = 24.0
@@ -143,6 +147,7 @@ class AutoPrecision:
     def __post_init__(self):
         from lowbit.nn.convert import lowbit_layers
 
+        self._check_options()
         self.rungs = self.rungs or RUNGS[RUNGS.index(self.budget) :]
         # Operands whose spec an override chose (`lowbit train --override`) keep it: a whole
         # layer's, or those an OPERAND:FORMAT override names (the layer's others are planned).
@@ -159,7 +164,9 @@ class AutoPrecision:
             }
             for name, layer in self.layers.items()
         }
-        self._measured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        # (layer, operand) -> one {rung: raw stats} per quantization in the check step: each
+        # micro-batch of gradient accumulation quantizes the operand anew
+        self._measured: dict[tuple[str, str], list[dict[str, torch.Tensor]]] = {}
         # Between `begin` and `finish_check` (retried attempts included): only then is the ladder
         # measured; the collector also serves statistics steps and the guard's observed retries,
         # where quantizing every operand to every rung would triple a step's cost for nothing.
@@ -171,6 +178,39 @@ class AutoPrecision:
             planned = (op for op in OPERANDS if op not in self.fixed[name])
             self.plan.setdefault(name, {op: self.rungs[-1] for op in planned})
         self.apply()
+
+    def _check_options(self) -> None:
+        """One line for a bad option, before it fails later: a check interval of 0 divided by
+        zero at the second step, an unknown budget was a ValueError of ``tuple.index``, and a
+        threshold given as a string failed at the first check's comparison."""
+        auto_recipe(self.budget)  # an unknown budget: the recipe's own one-line error
+
+        def whole(name: str, least: int, example: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UsageError(
+                    f"auto {name} must be a whole number of at least {least}, got {value!r}; "
+                    f"fix: e.g. {example}"
+                )
+
+        def share(name: str, example: float) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
+                raise UsageError(
+                    f"auto {name} is a share of the elements, from 0 to 1, got {value!r}; fix: "
+                    f"e.g. {example:g}"
+                )
+
+        whole("check_interval", 1, CHECK_INTERVAL)
+        whole("patience", 1, PATIENCE)
+        whole("max_retries", 0, MAX_RETRIES)
+        share("max_saturated", MAX_SATURATED)
+        share("max_underflow", MAX_UNDERFLOW)
+        sqnr = self.min_sqnr
+        if isinstance(sqnr, bool) or not isinstance(sqnr, Real) or not math.isfinite(sqnr):
+            raise UsageError(
+                f"auto min_sqnr is a finite number of dB, got {sqnr!r}; fix: e.g. {MIN_SQNR_DB:g}"
+            )
 
     # --- plan -> layers ----------------------------------------------------------------------
 
@@ -203,16 +243,21 @@ class AutoPrecision:
         return not self.checked or step % self.check_interval == 0
 
     def _what_if(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
+        from lowbit.nn.linear import batch_axis
         from lowbit.nn.operand import quantize_operand
 
         if not self._checking or not self._controls(layer, operand):  # observed only
             return
         measured = {}
         x = x_hp.detach()
+        # as the layer quantizes it: under data parallelism a tensorwise rung scales this rank's
+        # share by the amax agreed over the ranks (by its own, a narrow share passed fp8 that the
+        # agreed scale of a wider one flushes)
+        batch = batch_axis(operand)
         for rung in self.rungs:
             spec = operand_spec(rung, operand)
-            measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec))
-        self._measured[(layer, operand)] = measured
+            measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec, batch=batch))
+        self._measured.setdefault((layer, operand), []).append(measured)
 
     def _controls(self, layer: str, operand: str) -> bool:
         """Whether the plan may move ``operand`` of ``layer``: not one an override set (absent
@@ -259,18 +304,21 @@ class AutoPrecision:
     def finish_check(self, step: int) -> tuple[dict, list]:
         """Decide from the observed step; returns (current stats, changes made)."""
         stats = self.collector.collect()
-        keys = list(self._measured)
+        samples = [(key, m) for key, ms in self._measured.items() for m in ms]
         verdicts = {}
-        if keys:
-            flat = torch.stack(
-                [self._measured[k][r].cpu() for k in keys for r in self.rungs]
-            ).tolist()
-            for i, key in enumerate(keys):
+        if samples:
+            flat = torch.stack([m[r].cpu() for _, m in samples for r in self.rungs]).tolist()
+            for i, (key, _) in enumerate(samples):
                 results = {
                     rung: _finish(flat[i * len(self.rungs) + j])
                     for j, rung in enumerate(self.rungs)
                 }
-                verdicts[key] = self._target(key[1], results)
+                # a rung must pass on every micro-batch it quantized (judged by the last alone,
+                # an outlier in an earlier one went unseen), as on every rank's share (`_agreed`)
+                rung, failures = self._target(key[1], results)
+                index = self.rungs.index(rung)
+                if key not in verdicts or index > self.rungs.index(verdicts[key][0]):
+                    verdicts[key] = rung, failures
         targets = self._agreed({key: self.rungs.index(t) for key, (t, _) in verdicts.items()})
         changes = []
         for key, index in targets.items():
@@ -414,13 +462,18 @@ def controller_for(model: torch.nn.Module, recipe, **kw) -> AutoPrecision | None
 
 
 def all_finite(loss: float, parameters) -> bool:
-    """Whether the loss and every gradient are finite (one host sync)."""
+    """Whether the loss and every gradient are finite (one host sync), on every rank alike.
+
+    An FSDP rank holds a shard of each gradient: judged by its own shard, the rank holding an
+    inf rolled the step back and ran it again alone, its collectives unmatched by the ranks that
+    stepped on. The ranks agree as they do on a loss-scaler skip (the loss is already the mean
+    over the ranks, so a non-finite one is every rank's)."""
     if not math.isfinite(loss):
         return False
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor: the shard
+    finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return scale_agreement().all_finite(finite)
 
 
 def plan_over_time(run_dir, until_step: int | None = None) -> str:

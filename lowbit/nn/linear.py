@@ -242,10 +242,10 @@ def _quantize(
     quantized the same input the same way (``forward.x``, ``grad_weight.x``)."""
     slot = name if name in _SHARED_OPERANDS else None
     history = state.histories.get(name)
-    return quantize_operand(x, spec, history, _batch(name), slot, hadamard, reader=state)
+    return quantize_operand(x, spec, history, batch_axis(name), slot, hadamard, reader=state)
 
 
-def _batch(name: str) -> BatchAxis:
+def batch_axis(name: str) -> BatchAxis:
     """Where an operand holds the batch's tokens: nowhere for the weight (``*.w``); along the
     contraction axis for the weight gradient's (``grad_weight.*``, contracted over tokens); one per
     row for the others (``forward.x``, ``grad_input.grad_out``)."""

@@ -52,15 +52,18 @@ AUTO = register_preset(
 def auto_recipe(budget: str) -> Recipe:
     """``auto:BUDGET``: the ``auto`` recipe whose lowest format is ``BUDGET`` (fp8, fp6, fp4)."""
     if budget not in BUDGETS:
-        raise UsageError(
-            f"unknown auto budget {budget!r}; valid: {', '.join(f'auto:{b}' for b in BUDGETS)}"
-        )
+        valid = ", ".join(f"auto:{b}" for b in BUDGETS)
+        spelt = str(budget).strip().lower()  # a config file's 'auto:FP4' or 'auto: fp4'
+        fix = f"; fix: did you mean 'auto:{spelt}'?" if spelt in BUDGETS else ""
+        raise UsageError(f"unknown auto budget {budget!r}; valid: {valid}{fix}")
     if budget == "fp8":
         return AUTO
-    cheapest = "/".join(RUNGS[RUNGS.index(budget) : RUNGS.index("bf16")])
+    cheapest = RUNGS[RUNGS.index(budget) : RUNGS.index("bf16")]
+    # the MX rungs whose names do not say so (auto:fp6 has no fp4 to name)
+    mx = " and ".join(rung for rung in reversed(cheapest) if rung in ("fp6", "fp4"))
     description = (
-        f"dynamic precision: each operand the cheapest of {cheapest}/bf16 within an error "
-        "threshold, re-checked during training (fp6 and fp4 in MX blocks)"
+        f"dynamic precision: each operand the cheapest of {'/'.join(cheapest)}/bf16 within an "
+        f"error threshold, re-checked during training ({mx} in MX blocks)"
     )
     return replace(AUTO, name=f"auto:{budget}", description=description)
 
