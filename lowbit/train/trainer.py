@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,6 @@ from lowbit.train.tasks import build_task, to_device
 # emulated on exact low-precision values.
 _NATIVE_ON_CPU = ("fp32", "bf16")
 
-MAX_ATTEMPTS = 3  # retries of a non-finite step under the `auto` guard (lowbit.diagnostics.auto)
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
 RUN_FILES = ("config.yaml", RUN_INFO, "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
@@ -687,7 +687,10 @@ class Trainer:
         batches = [to_device(next(self.task.train_batches), self.device) for _ in range(accum)]
         weights = self._loss_weights(batches)
         self.monitor.before_step(self.step_idx + 1)
-        for attempt in range(1 + MAX_ATTEMPTS):
+        # until the monitor's guard lets the step through: at once without `auto`, after at most
+        # its controller's `max_retries` rollbacks with it (a cap of the trainer's own, below the
+        # controller's, ended the loop on a rollback: an update of zeroed gradients, silently)
+        for attempt in itertools.count():
             loss_sum, count = 0.0, 0
             for i, batch in enumerate(batches):
                 with self.dist.accumulating(self.train_model, more=i < accum - 1):

@@ -174,3 +174,34 @@ def test_an_interrupted_auto_run_resumes_bit_identically(lm_config, tmp_path, mo
         return [r for r in map(json.loads, lines) if r["split"] in ("auto", "plan")]
 
     assert plans("a") == plans("b")
+
+
+def test_a_guard_allowed_more_retries_than_three_still_steps_on_real_gradients(
+    lm_config, monkeypatch
+):
+    """The trainer capped the guard's rollbacks at 3 of its own: a controller allowing more ended
+    the loop on a rollback, and the step updated with zeroed gradients, silently."""
+    from lowbit.diagnostics import auto, monitor
+    from lowbit.train import train
+
+    def patient(model, recipe, **options):
+        return auto.controller_for(model, recipe, max_retries=5, **options)
+
+    verdicts = iter([False] * 4 + [True] * 100)  # four rolled-back attempts, then a finite one
+    before = {}
+
+    def finite(loss, parameters):
+        parameters = list(parameters)
+        if not before:
+            before.update({id(p): p.detach().clone() for p in parameters})
+        return next(verdicts)
+
+    monkeypatch.setattr(monitor, "controller_for", patient)
+    monkeypatch.setattr(monitor, "all_finite", finite)
+    moved = []
+
+    def check(trainer):
+        moved.extend(not torch.equal(before[id(p)], p) for p in trainer.params if id(p) in before)
+
+    train(lm_config(model="nano", recipe="auto", steps=1), quiet=True, on_step=check)
+    assert moved and all(moved)
