@@ -228,12 +228,13 @@ class AutoPrecision:
             layer.lowbit_state.spec = self.layer_spec(name)
 
     def summary(self) -> dict:
-        """Counts per rung, the share of operands at 8 bits or below, the mean bits."""
+        """Counts per rung, the share of operands at 8 bits or below, the mean bits (None for a
+        plan of no operands, every layer kept by overrides: no share, and not 0 bits)."""
         rungs = [rung for ops in self.plan.values() for rung in ops.values()]
-        total = max(len(rungs), 1)
         out = {f"n_{r}": sum(1 for x in rungs if x == r) for r in self.rungs}
-        out["frac_8bit_or_below"] = sum(1 for r in rungs if rung_bits(r) <= 8.25) / total
-        out["mean_bits"] = sum(rung_bits(r) for r in rungs) / total
+        low = sum(1 for r in rungs if rung_bits(r) <= 8.25)
+        out["frac_8bit_or_below"] = low / len(rungs) if rungs else None
+        out["mean_bits"] = sum(rung_bits(r) for r in rungs) / len(rungs) if rungs else None
         return out
 
     # --- checks ------------------------------------------------------------------------------
@@ -504,7 +505,11 @@ def plan_over_time(run_dir, until_step: int | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = [str(r["step"]), *(str(r.get(f"n_{rung}", 0)) for rung in rungs)]
-        cells += [f"{r['frac_8bit_or_below']:.0%}", f"{r['mean_bits']:.2f}"]
+        share, bits = r["frac_8bit_or_below"], r["mean_bits"]
+        cells += [
+            "n/a" if share is None else f"{share:.0%}",
+            "n/a" if bits is None else f"{bits:.2f}",
+        ]
         cells += [str(r.get("changes", 0)), str(r.get("retries", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -205,3 +205,21 @@ def test_a_guard_allowed_more_retries_than_three_still_steps_on_real_gradients(
 
     train(lm_config(model="nano", recipe="auto", steps=1), quiet=True, on_step=check)
     assert moved and all(moved)
+
+
+def test_a_plan_of_no_operands_has_no_mean_bits(tmp_path):
+    """Every layer kept by overrides: the auto record said mean_bits 0.00 (and 0% at 8 bits)."""
+    import json
+
+    from lowbit.diagnostics.auto import AutoPrecision, plan_over_time
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    from lowbit.recipes import parse_override
+
+    recipe = lowbit.get_recipe("auto")
+    lowbit.convert(model, recipe.with_overrides(parse_override("0=fp32", recipe)))
+    summary = AutoPrecision(model, "fp8").summary()
+    assert summary["mean_bits"] is None and summary["frac_8bit_or_below"] is None
+    record = {"split": "auto", "step": 1, **summary}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert "| 1 | 0 | 0 | 0 | n/a | n/a | 0 | 0 |" in plan_over_time(tmp_path)
