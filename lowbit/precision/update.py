@@ -234,10 +234,26 @@ class LowPrecisionUpdate:
         return stepped
 
     def _round(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.rounding is UpdateRounding.STOCHASTIC:
-            name = "bf16" if dtype == torch.bfloat16 else "fp16"
-            return cast(value, name, "stochastic").to(dtype)
-        return value.to(dtype)
+        """The rounding to ``dtype`` of the values this process holds of ``value`` (a DTensor's
+        shard).
+
+        Stochastic rounding draws from torch's global CPU generator, which every rank shares
+        (seeded alike: under DDP each replica rounds the same averaged gradient, so the draws must
+        be the same or the replicas drift apart). A shard rounded on its own drew the draws of a
+        tensor of the shard's shape: element i of every rank's shard took the same uniform
+        (rounding noise correlated across shards), and ranks with shards of different sizes moved
+        the shared stream unequally. So a sharded value is rounded as the whole tensor, zeros
+        outside this rank's shard, and the shard kept: each element takes the draw one process
+        takes for it, every rank moves the shared stream as one process does, and an FSDP run's
+        update rounds bit for bit as one process's. The cost is one process's rounding of the
+        parameter on every rank (the serial bf16 draws cannot skip to a shard's offset)."""
+        if self.rounding is not UpdateRounding.STOCHASTIC:
+            return local_values(value).to(dtype)
+        name = "bf16" if dtype == torch.bfloat16 else "fp16"
+        if not _is_dtensor(value):
+            return cast(value.detach(), name, "stochastic").to(dtype)
+        whole, shard = _within_whole(value)
+        return cast(whole, name, "stochastic")[shard].to(dtype)
 
     def step(self, optimizer, closure=None) -> None:
         """(`Precision.step` refuses a ``closure`` here: the model does not read the stand-ins.)"""
@@ -258,7 +274,7 @@ class LowPrecisionUpdate:
         with torch.no_grad():
             for p, hp in pairs.values():
                 new = local_values(hp)
-                rounded = self._round(new, p.dtype)
+                rounded = self._round(hp, p.dtype)
                 if self.rounding is UpdateRounding.KAHAN:
                     if p not in self.compensation:
                         self.compensation[p] = torch.zeros_like(p.detach())
@@ -403,6 +419,20 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
     """The values this process holds: a DTensor's local shard (a view of FSDP's storage, so writes
     reach the next all-gather), or the tensor's data itself."""
     return t._local_tensor if _is_dtensor(t) else t.detach()
+
+
+def _within_whole(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """A DTensor's local values placed in a tensor of its global shape (zeros elsewhere), and the
+    index of that block. A shard of `Shard`/`Replicate` placements (FSDP2's dim-0 shards, uneven
+    ones included) is one block of the global tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = t._local_tensor.detach()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    block = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
+    whole = local.new_zeros(t.shape)
+    whole[block] = local
+    return whole, block
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -46,8 +46,9 @@ def _uninterrupted_and_resumed(rank, world, out):
 
 
 def test_a_run_resumed_by_as_many_ranks_draws_each_ranks_own_rounding(tmp_path):
-    """Each FSDP rank rounds its own shard stochastically, and shards of different sizes take
-    different numbers of draws, so after a step the ranks' generators differ. The checkpoint
+    """Each FSDP rank's generators are its own (before session 28, shards of different sizes took
+    different numbers of draws from the stream the ranks share; now the forward's streams, its
+    dropout, are each rank's, `RankRandom`), so after a step the ranks' states differ. The checkpoint
     kept rank 0's alone and every rank resumed with it: rank 1 drew other bits than the
     uninterrupted run, whose parameters the resumed run missed (README: a resumed run is
     bit-identical to an uninterrupted one)."""
