@@ -7,7 +7,8 @@
   changes three things: the fp32-states rule is decided on the global tensor (see
   `keeps_fp32_states`), the step runs eagerly unless ``compile=True`` (torchao always calls
   ``torch.compile``, which on a CPU costs tens of seconds per parameter shape), and Adam's
-  ``amsgrad`` and ``maximize`` are refused (as by the bf16 states), not ignored. The arithmetic
+  ``amsgrad`` and ``maximize`` are refused (as by the bf16 states), not ignored, as are complex
+  and fp64 parameters and sparse gradients (`_RealDenseOnly`). The arithmetic
   is torchao's, with its known limits (docs/memory.md): a positive second moment that the fp8 or
   8-bit block quantization rounds to 0 under a nonzero first moment makes the next update
   ``lr * m / eps`` (the zero-point problem that 4-bit's zero-free map avoids, Li et al. 2023), and
@@ -116,7 +117,21 @@ def _stored_in(moment: Tensor) -> str:
 def _check_saved_moments(optimizer: Optimizer, param: Tensor, index: int, entry: dict) -> None:
     """Refuse, in one line, saved moments that ``optimizer`` would not store as they are (saved
     with another state precision); fp32 Adam also takes a 16-bit parameter's own dtype (what
-    ``torch.optim.AdamW`` creates for it without `lowbit.Precision`)."""
+    ``torch.optim.AdamW`` creates for it without `lowbit.Precision`).
+
+    Saved states of another shape than their parameter (the state of another model, or of param
+    groups listed in another order) are refused first: loaded, they failed only at the next step,
+    on a size mismatch deep in the update, or were refused as being of another state precision
+    when they were not.
+    """
+    for key, saved in entry.items():
+        if key != "step" and isinstance(saved, Tensor) and saved.shape != param.shape:
+            raise UsageError(
+                f"the saved optimizer state of parameter {index} has {key} of shape "
+                f"{tuple(saved.shape)}, but the parameter has shape {tuple(param.shape)}; fix: load "
+                "the optimizer state saved with this model and these param groups (the same "
+                "parameters in the same order), or start without the saved optimizer state"
+            )
     precision = StatePrecision(optimizer.state_precision)
     expected = "fp32" if keeps_fp32_states(precision, param.numel()) else precision.value
     for key in ("exp_avg", "exp_avg_sq"):
@@ -192,6 +207,46 @@ class _CheckedGroups:
         super().add_param_group(param_group)
 
 
+class _RealDenseOnly(_CheckedGroups):
+    """Mixin of the optimizers whose update is written here or by torchao (bf16, fp8, 8-bit,
+    4-bit states), which handle neither complex parameters nor sparse gradients (nor, torchao's,
+    fp64 parameters); each is refused in one line instead. Unrefused, a complex parameter took a
+    wrong update without a word (its gradient's imaginary part dropped by ``.float()``, or read by
+    torchao as real), an fp64 parameter was rounded to fp32 by every step, and a sparse gradient
+    failed deep in ``lerp`` (bf16) or after the groups before it had already stepped.
+    ``torch.optim.AdamW`` (fp32 states) handles complex and fp64 parameters itself.
+    """
+
+    refused_dtypes: tuple[torch.dtype, ...] = ()  # real dtypes the update cannot keep
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        for index, p in enumerate(group["params"]):
+            if p.is_complex() or p.dtype in self.refused_dtypes:
+                self.param_groups.pop()  # the group is refused whole, as torch refuses one
+                raise UsageError(
+                    f"parameter {_param_name(group, group_index, index)} has dtype {p.dtype}, "
+                    f"which {self.state_precision.value} optimizer states cannot update; fix: "
+                    "state_precision fp32 (torch.optim.AdamW), or real parameters of at most "
+                    "32 bits (model.float(), torch.view_as_real)"
+                )
+
+    def _check_gradients(self) -> None:
+        """Refuse a sparse gradient before any parameter is updated, so that a refused step
+        leaves the parameters and states as they were."""
+        for group_index, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise UsageError(
+                        f"parameter {_param_name(group, group_index, index)} has a sparse "
+                        f"gradient, which {self.state_precision.value} optimizer states do not "
+                        "support; fix: a dense gradient (nn.Embedding(..., sparse=False)), or "
+                        "torch.optim.SparseAdam for that parameter"
+                    )
+
+
 class AdamW(_CheckedGroups, torch.optim.AdamW):
     """``torch.optim.AdamW`` whose ``load_state_dict`` keeps the saved states' dtypes."""
 
@@ -254,14 +309,15 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 def _storable_moments(exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
     """The bf16 states' moments to store: where ``g**2`` overflowed fp32 (``|g| > 1.8e19``: ``v``
-    is inf), ``v`` = fp32 max and ``m`` = 0.
+    is inf, or beyond fp32's range when an fp64 parameter's update runs in fp64), ``v`` = fp32
+    max and ``m`` = 0.
 
     fp32 states keep the inf, and PyTorch's update of that coordinate is 0 from then on. bf16's
     stochastic rounding saturates ``v`` to its max while ``m`` stays ~``g``, and the next update
     would be ~1e9 x lr. Stored as here, the coordinate's updates stay ~0 (``m / sqrt(fp32 max)``)
     while ``v`` decays, as PyTorch's do. NaN stays NaN.
     """
-    overflow = exp_avg_sq.isinf()
+    overflow = exp_avg_sq > _FP32_MAX  # inf in fp32; NaN stays NaN
     return torch.where(overflow, 0.0, exp_avg), torch.where(overflow, _FP32_MAX, exp_avg_sq)
 
 
@@ -279,13 +335,16 @@ def _param_name(group: dict, group_index: int, index: int) -> str:
     return repr(names[index]) if names else f"{index} of param group {group_index}"
 
 
-class _TorchaoStates(_CheckedGroups):
+class _TorchaoStates(_RealDenseOnly):
     """Mixin over a torchao ``_AdamBase`` subclass (see the module docstring)."""
 
     state_precision: StatePrecision
     compile: bool = False
 
     unsupported = ("maximize", "amsgrad")  # torchao's step ignores them
+    # torchao's step computes in fp32 and copies the result back: an fp64 parameter would be
+    # rounded to fp32 by every step, even at lr 0
+    refused_dtypes = (torch.float64,)
 
     def _new_buffer(self, p: Tensor, signed: bool, name: str):
         # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
@@ -318,6 +377,7 @@ class _TorchaoStates(_CheckedGroups):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()
         _, single_param_adam = _torchao()
         fn = (
             torch.compile(single_param_adam, fullgraph=True, dynamic=False)
@@ -330,8 +390,6 @@ class _TorchaoStates(_CheckedGroups):
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("sparse gradients are not supported")
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0)
@@ -381,10 +439,11 @@ def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
 # --- bf16 states with stochastic rounding ----------------------------------------------------
 
 
-class AdamWBf16States(_CheckedGroups, Optimizer):
+class AdamWBf16States(_RealDenseOnly, Optimizer):
     """Adam/AdamW with bf16 moments written back by stochastic rounding.
 
-    The arithmetic is torchao's ``single_param_adam`` (fp32 throughout)::
+    The arithmetic is torchao's ``single_param_adam`` (fp32 throughout; fp64 for an fp64
+    parameter)::
 
         p  <- p * (1 - lr * wd)                       (AdamW; Adam adds wd * p to g instead)
         m  <- lerp(m, g, 1 - beta1)                   v <- lerp(v, g*g, 1 - beta2)
@@ -428,6 +487,7 @@ class AdamWBf16States(_CheckedGroups, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()
         index_of = _param_index(self)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -447,23 +507,26 @@ class AdamWBf16States(_CheckedGroups, Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
                 state["step"] += 1
                 t = state["step"].item()
-                p32, g32 = p.float(), p.grad.float()
+                # fp32, or the parameter's own dtype where wider: an fp64 parameter computed in
+                # fp32 would be rounded to fp32 by every step, even at lr 0
+                hp = torch.promote_types(p.dtype, torch.float32)
+                p_hp, g_hp = p.to(hp), p.grad.to(hp)
                 if self.is_adamw:
-                    p32 = p32 - lr * wd * p32
+                    p_hp = p_hp - lr * wd * p_hp
                 else:
-                    g32 = g32 + wd * p32
-                m32 = state["exp_avg"].float().lerp(g32, 1 - beta1)
-                v32 = state["exp_avg_sq"].float().lerp(g32.square(), 1 - beta2)
-                denom = v32.sqrt() / (1 - beta2**t) ** 0.5 + eps
-                p.copy_(p32 - lr * (m32 / (1 - beta1**t)) / denom)
-                m32, v32 = _storable_moments(m32, v32)
+                    g_hp = g_hp + wd * p_hp
+                m_hp = state["exp_avg"].to(hp).lerp(g_hp, 1 - beta1)
+                v_hp = state["exp_avg_sq"].to(hp).lerp(g_hp.square(), 1 - beta2)
+                denom = v_hp.sqrt() / (1 - beta2**t) ** 0.5 + eps
+                p.copy_(p_hp - lr * (m_hp / (1 - beta1**t)) / denom)
+                m_hp, v_hp = _storable_moments(m_hp, v_hp)
                 if state["exp_avg"].dtype == torch.float32:
-                    state["exp_avg"].copy_(m32)
-                    state["exp_avg_sq"].copy_(v32)
+                    state["exp_avg"].copy_(m_hp)
+                    state["exp_avg_sq"].copy_(v_hp)
                 else:
                     # per shard for a DTensor (FSDP2): `cast` rounds plain tensors
                     generator = self._generator(p, int(t), index_of[id(p)])
-                    for key, value in (("exp_avg", m32), ("exp_avg_sq", v32)):
+                    for key, value in (("exp_avg", m_hp), ("exp_avg_sq", v_hp)):
                         rounded = cast(_local(value), "bf16", "stochastic", generator)
                         _local(state[key]).copy_(rounded)
         return loss
