@@ -333,14 +333,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"epochs must be positive, got {out.epochs}; fix: raise it")
     if not 0 <= out.seed < 2**32:  # NumPy's generator, which every run seeds, takes these
         raise UsageError(f"seed must be in [0, 2**32), got {out.seed}; fix: e.g. --seed 0")
-    for name in ("lr", "min_lr", "warmup_steps", "weight_decay"):
-        if getattr(out, name) < 0:
-            raise UsageError(f"{name} must not be negative, got {getattr(out, name)}")
-    if out.stats_interval < 0:
-        raise UsageError(f"stats_interval must not be negative, got {out.stats_interval}")
+    for name in ("lr", "min_lr", "warmup_steps", "weight_decay", "stats_interval", "grad_clip"):
+        value = getattr(out, name)
+        if value is not None and not (0 <= value < math.inf):
+            raise UsageError(
+                f"{name} must be a finite number of at least 0, got {value}; fix: give one, or "
+                f"leave --{name.replace('_', '-')} out for its default"
+            )
     recipe_of(out)  # an unknown recipe or a malformed override fails before anything runs
-    if out.grad_clip is not None and out.grad_clip < 0:
-        raise UsageError(f"grad_clip must not be negative, got {out.grad_clip}")
     if out.min_lr > out.lr:
         raise UsageError(f"min_lr {out.min_lr} is above lr {out.lr}; fix: lower --min-lr")
     if out.data is not None and out.task == "image-classification":
