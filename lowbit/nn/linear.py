@@ -24,6 +24,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from lowbit import kernels
 from lowbit.errors import UsageError
@@ -504,10 +505,6 @@ class LowbitLinearFunction(torch.autograd.Function):
                 grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_bias, None, None
 
-    @staticmethod
-    def jvp(ctx, *tangents):  # torch.autograd.forward_ad's dual tensors
-        raise _forward_mode_refused()
-
 
 # Whether torch.func's transforms are running (a private torch function, present since 2.0; a
 # torch without it runs the ordinary path, as before torch.func support)
@@ -521,6 +518,16 @@ class _ForwardRecord:
 
     def save_for_backward(self, *tensors) -> None:
         self.saved = tensors
+
+
+def _dual(*tensors) -> bool:
+    """Whether a tensor carries a forward-mode tangent (``torch.autograd.forward_ad``'s dual
+    tensors), asked only inside a ``dual_level``. Checked before the autograd function is called,
+    not by a ``jvp`` of it: Dynamo refuses to trace an autograd function that has one, which broke
+    a compiled model's graph at every converted layer."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _forward_mode_refused() -> UsageError:
@@ -674,6 +681,8 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
         dtype = _output_dtype(x)
         with _autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    if _dual(x, weight, bias):
+        raise _forward_mode_refused()
     x2d = x.reshape(-1, x.shape[-1])
     if _functorch_transforms_active():  # under torch.func.grad, vjp, vmap
         record = _ForwardRecord()

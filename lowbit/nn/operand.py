@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from enum import Enum
@@ -225,10 +224,25 @@ def quantize_operand(
     return q
 
 
-@functools.cache
+# `axis_quantizer`'s answers by spec. A plain dict, not `functools.cache`: Dynamo traces a dict
+# lookup, but warned at every compile that it ignores an lru_cache wrapper and traces the function.
+_AXIS_QUANTIZERS: dict[OperandSpec, AxisQuantizer | None] = {}
+_UNSEEN = object()
+
+
 def axis_quantizer(spec: OperandSpec) -> AxisQuantizer | None:
     """The `AxisQuantizer` of an integer operand with one current scale per row and nearest
-    rounding (int8's forward operands), None for every other spec."""
+    rounding (int8's forward operands), None for every other spec; made once per spec."""
+    quantizer = _AXIS_QUANTIZERS.get(spec, _UNSEEN)
+    if quantizer is _UNSEEN:
+        quantizer = _new_axis_quantizer(spec)
+        # inside a traced autograd function a write to a global is a side effect Dynamo refuses
+        if not torch.compiler.is_compiling():
+            _AXIS_QUANTIZERS[spec] = quantizer
+    return quantizer
+
+
+def _new_axis_quantizer(spec: OperandSpec) -> AxisQuantizer | None:
     if (
         spec.granularity is not Granularity.AXIS
         or spec.scaling is not Scaling.CURRENT
@@ -306,6 +320,8 @@ class SharedQuantization(threading.local):
         return result
 
     def release(self, slot: str) -> None:
+        if torch.compiler.is_compiling():  # a traced call neither reads nor writes the slots
+            return
         for name in (slot, f"{slot}.amax"):
             self.slots.pop(name, None)
 
@@ -317,10 +333,12 @@ def _identity(x: torch.Tensor) -> tuple:
 
 def _shareable(x: torch.Tensor, amax: torch.Tensor | None) -> bool:
     return (
-        (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
+        # first: traced tensors have no memory to key on, and Dynamo cannot trace `is_inference`
+        # (a graph break there dropped the layer's whole autograd function out of the graph)
+        not torch.compiler.is_compiling()
+        and (amax is None or (amax.device.type == "cpu" and amax.numel() == 1))  # no GPU sync
         and not _agreement.active
         and not x.is_inference()  # no version counter to tell an in-place change
-        and not torch.compiler.is_compiling()  # traced tensors have no memory to key on
     )
 
 
