@@ -8,16 +8,19 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.formats import FloatFormat, get, names, quantize
+from lowbit.formats import FloatFormat, cast, get, names, quantize
 from lowbit.formats.error import sqnr
 
 NAME = "formats"
 HELP = "Print every number format, or the quantization error of each on a tensor or checkpoint."
 
 # (format, granularity, block_size) combinations measured with --tensor, the ones recipes use.
+# bf16 and fp16 have no granularity: recipes cast those operands without a scale
+# (`lowbit.nn.operand.plain_cast`), so a bf16 tensor loses nothing in bf16 and fp16's range shows;
+# scaled by amax / max, a bf16 checkpoint would show a 56 dB loss and 1e-39 would fit in fp16.
 SCHEMES = [
-    ("bf16", "tensor", None),
-    ("fp16", "tensor", None),
+    ("bf16", None, None),
+    ("fp16", None, None),
     ("fp8_e4m3", "tensor", None),
     ("fp8_e4m3", "axis", None),
     ("fp8_e4m3", "block", 128),
@@ -185,7 +188,7 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
     covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
     to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond fp32's
     range, which become inf there, are noted as such rather than as inf or NaN."""
-    labels = [f"{f}/{g}{'' if b is None else b}" for f, g, b in SCHEMES]
+    labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
     notes = []
@@ -203,8 +206,11 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
             tensor = tensor.where(finite, 0)
         cells = []
         for fmt, granularity, block in SCHEMES:
-            q = quantize(tensor, fmt, granularity, block_size=block)
-            cells.append(f"{sqnr(tensor[finite], q.dequantize()[finite]):>18.2f}")
+            if granularity is None:  # saturating at max where a recipe's cast overflows to inf
+                approximation = cast(tensor, fmt)
+            else:
+                approximation = quantize(tensor, fmt, granularity, block_size=block).dequantize()
+            cells.append(f"{sqnr(tensor[finite], approximation[finite]):>18.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     title = "SQNR in dB (higher is better; quantized along the last axis)"
     return "\n".join([title, *lines, *notes])

@@ -99,14 +99,20 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     check_real(x, "transform", integers=True)
     check_signs(signs)
     n = signs.numel()
-    signs = signs.to(x.device, torch.float32).repeat(x.shape[-1] // n + 1)[: x.shape[-1]]
+    cols = x.shape[-1]
+    padded = padded_length(cols, n)
+    signs = signs.to(x.device, torch.float32).repeat(padded // n)
     # fp32 by type promotion (16-bit values are exact in fp32; times +-1 is exact), written
     # row-major whatever x's layout, so that the butterflies below reshape without a copy
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    torch.mul(x if x.dtype in (torch.bfloat16, torch.float16) else x.float(), signs, out=y)
-    pad = padded_length(x.shape[-1], n) - x.shape[-1]
-    if pad:
-        y = torch.nn.functional.pad(y, (0, pad))
+    y = torch.empty((*x.shape[:-1], padded), dtype=torch.float32, device=x.device)
+    torch.mul(
+        x if x.dtype in (torch.bfloat16, torch.float16) else x.float(),
+        signs[:cols],
+        out=y[..., :cols],
+    )
+    # The padding zeros are multiplied by their signs too (-1 * 0 = -0.0), as the kernel does:
+    # a block of zeros then sums to the same signed zeros on both paths.
+    y[..., cols:] = signs[cols:] * 0.0
     shape = y.shape
     h = 1
     while h < n:
