@@ -76,7 +76,6 @@ _MANTISSA_BITS, _F32_BIAS = 23, 127
 _MANTISSA_MASK, _EXPONENT_MASK, _INF_BITS = 0x007FFFFF, 0x7F800000, 0x7F800000
 _TWO_POW_M127_BITS = 0x00400000  # 2**-127, the subnormal e8m0's smallest scale stands for
 FP4_MAX = 6.0  # fp4_e2m1 largest value
-_SMALLEST_SUBNORMAL = 2.0**-149  # fp32's smallest positive number: the least amax scale
 
 
 def block_shape(
@@ -155,13 +154,10 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
     amax = amax.float()
     fmt_max = fmt.max
     if rule is ScaleRule.AMAX:
-        # A tiny block keeps a non-zero scale: amax / max, a subnormal where it falls below
-        # 2**-126 (a clamp there, at the smallest normal, left int8 data under ~1e-36 a few
-        # levels or none: 1e-39 quantized to zeros), and 2**-149 where it underflows; inf and
-        # NaN pass through the clamp; an all-zero block keeps scale 1 (its values are 0), and
-        # so does a negative given amax, as in the fused kernel (clamped to the smallest
-        # scale, it would saturate every value).
-        scale = (amax / fmt_max).clamp_(min=_SMALLEST_SUBNORMAL)
+        # A tiny block keeps a non-zero scale; inf and NaN pass through the clamp; an all-zero
+        # block keeps scale 1 (its values are 0), and so does a negative given amax, as in the
+        # fused kernel (clamped to the smallest normal, it would saturate every value).
+        scale = (amax / fmt_max).clamp_(min=torch.finfo(torch.float32).tiny)
         return scale.masked_fill_(amax <= 0, 1.0)
     if rule is ScaleRule.MX_FLOOR:
         emax_elem = math.floor(math.log2(fmt_max))

@@ -172,9 +172,8 @@ struct Grid {
                                                     int64_t rule) {
   const bool positive = amax > 0.0f;
   const float ratio = amax / fmt_max;
-  // kAmax: amax / max, at least the smallest subnormal (not zero); 1 for a zero (or NaN) amax
-  const float least = std::numeric_limits<float>::denorm_min();
-  const float by_amax = positive ? std::max(ratio, least) : 1.0f;
+  // kAmax: amax / max, at least the smallest normal; 1 for a zero (or NaN) amax
+  const float by_amax = positive ? std::max(ratio, std::numeric_limits<float>::min()) : 1.0f;
   // kMxFloor: 2**(floor(log2 amax) - emax of the element format)
   const int32_t floor_exponent = binade(amax) - emax_elem;
   // kPow2, kMxCeil: the smallest power of two with amax / s <= max (2**0 for a zero amax)

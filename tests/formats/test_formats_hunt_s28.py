@@ -5,7 +5,6 @@ import torch
 
 from lowbit import kernels
 from lowbit.formats import quantize
-from lowbit.formats.error import sqnr
 from lowbit.formats.hadamard import random_signs, transform
 
 
@@ -42,23 +41,6 @@ def test_hadamard_quantization_of_padded_zeros_is_bit_identical_on_both_paths(
         eager = quantize(x, fmt, granularity, **kwargs)
     assert torch.equal(_bits(fused.values), _bits(eager.values))
     assert torch.equal(_bits(fused.dequantize()), _bits(eager.dequantize()))
-
-
-@pytest.mark.parametrize("magnitude", [1e-37, 1e-39])
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("granularity", ["axis", "tensor"])
-def test_int8_keeps_its_precision_on_tiny_data(magnitude, fused, granularity):
-    """The amax scale ``amax / 127`` of data under ~1e-36 is an fp32 subnormal; it was clamped to
-    the smallest normal, 2**-126, which left such data a few int8 levels (1e-39: all zeros,
-    SQNR 0 dB). A subnormal scale keeps int8's ~44 dB."""
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * magnitude
-    if fused:
-        q = quantize(x, "int8", granularity)
-    else:
-        with kernels.disabled():
-            q = quantize(x, "int8", granularity)
-    assert int(q.values.abs().max()) == 127
-    assert sqnr(x, q.dequantize()) > 40
 
 
 def _sqnr_row(out: str, tensor: str) -> dict[str, str]:
