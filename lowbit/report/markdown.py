@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from lowbit.memory.breakdown import COMPONENTS, human
+from lowbit.report.compare import verdict_digits
 from lowbit.train.config import write_atomically
 
 SHORT = {
@@ -34,10 +35,21 @@ def _count(pair) -> str:
     return f"{mean:g}" if not std or not math.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _pct(value, spread=None) -> str:
+def _pct(value, spread=None, digits=3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    return f"{value:+.3f}%" + (f" ± {spread:.3f}" if spread is not None else "")
+    return f"{value:+.{digits}f}%" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def _val_gap(r: dict, seeds: int) -> str:
+    """The validation gap ± its seed spread, to as many decimals as the verdict prints (3 to 6,
+    `verdict_digits`): at 3 always, a gap a hair above its target read "+0.500%" beside "≤ 0.5%"
+    and ❌."""
+    gap, spread = r["val_gap_pct"], r["val_gap_spread_pct"] if seeds > 1 else None
+    if gap is None or not math.isfinite(gap):
+        return "n/a"
+    digits = verdict_digits(gap, 2 * (spread or 0.0), r["target"]["pct"], seeds)
+    return _pct(gap, spread, digits)
 
 
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -51,7 +63,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         target = r["target"]
         seeds = len(r["seeds"])
         # both gaps are paired over seeds, so both carry the spread of their differences
-        spread = r["val_gap_spread_pct"] if seeds > 1 else None
+        # (the validation gap's in `_val_gap`)
         train_spread = r["train_gap_spread_pct"] if seeds > 1 else None
         loss_rows.append(
             [
@@ -60,7 +72,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 _pm(r["val_loss"], seeds=seeds),
                 # the baseline has no gap to itself: a "+0.000%" read as a measured one
                 "—" if name == base else _pct(r["train_gap_pct"], train_spread),
-                "—" if name == base else _pct(r["val_gap_pct"], spread),
+                "—" if name == base else _val_gap(r, seeds),
                 _pm(m, 4 if metric != "ppl" else 2, seeds),
                 _count(r["skipped_steps"]),
                 "—"
@@ -76,8 +88,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         speed_rows.append(
             [
                 name,
-                f"{r['throughput']:,.0f} {r['unit']}/s",
-                f"{r['throughput_ratio']:.2f}x",
+                # NaN: no run of the recipe (or of the baseline) trained a step to time
+                f"{r['throughput']:,.0f} {r['unit']}/s"
+                if math.isfinite(r["throughput"])
+                else "n/a",
+                f"{r['throughput_ratio']:.2f}x" if math.isfinite(r["throughput_ratio"]) else "n/a",
                 human(peak) if peak is not None and math.isfinite(peak) else "n/a",
                 *(f"{per[c]:.2f}" if per else "n/a" for c in [*COMPONENTS, "model_states"]),
             ]

@@ -130,15 +130,25 @@ def _speed_memory(results, path):
     names = list(rows)
     plt, fig, (sx, mx) = _figure(1, 2, figsize=(max(10, 0.9 * len(names) + 4), 4.2))
     x = list(range(len(names)))
-    sx.bar(x, [rows[n]["throughput_ratio"] for n in names], color="#4c72b0")
+    ratios = [rows[n]["throughput_ratio"] for n in names]
+    sx.bar(x, ratios, color="#4c72b0")
     sx.axhline(1, color="k", lw=0.6)
     sx.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    sx.set_xlim(-0.6, len(names) - 0.4)  # every ratio n/a: no bar to size the axis by
     sx.set(ylabel=f"throughput / {results['baseline']}", title="speed (this device)")
     bottom = [0.0] * len(names)
     for c in COMPONENTS:
         vals = [(rows[n]["bytes_per_param"] or {}).get(c, 0.0) for n in names]
         mx.bar(x, vals, bottom=bottom, label=LABELS[c])
         bottom = [b + v for b, v in zip(bottom, vals)]
+    # a recipe (or a baseline) none of whose runs measured one has no bar, which read as no time
+    # or no memory: a recipe whose every seed stopped on a non-finite loss
+    at_bottom = {"ha": "center", "va": "bottom", "fontsize": 8}
+    for i, n in enumerate(names):
+        if not math.isfinite(ratios[i]):  # (no bar either to set the axis's range)
+            sx.text(i, 0, "n/a", transform=sx.get_xaxis_transform(), **at_bottom)
+        if not rows[n]["bytes_per_param"]:
+            mx.text(i, 0, "n/a", **at_bottom)
     mx.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
     mx.set(ylabel="bytes per parameter", title="training memory by component")
     mx.legend(fontsize=7)
@@ -158,15 +168,19 @@ def _per_label(results, path):
     ]
     finite = [abs(v) for row in grid for v in row if math.isfinite(v)]
     lim = max([*finite, 1.0])
-    image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    # a cell without a change (a recipe whose every seed stopped on a non-finite loss) was left
+    # blank, as white as "no change" in this colour map: a recipe that measured nothing read as
+    # one that forgot nothing
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#999999")
+    image = ax.imshow(grid, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     # a tag's "$" is a dollar sign, not the start of matplotlib's mathtext (a tag "B-$\foo$" raised)
     ticks = [label.replace("$", r"\$") for label in labels]
     ax.set_xticks(range(len(labels)), ticks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            if math.isfinite(v):
-                ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=6)
+            text = f"{v:+.1f}" if math.isfinite(v) else "n/a"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, label="accuracy change (pp)")
     ax.set_title(f"per-label validation accuracy change vs {results['baseline']}")
     fig.tight_layout()
