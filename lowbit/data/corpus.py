@@ -9,10 +9,17 @@ name: ``int(sha1(name)[:8], 16) % 100`` below 90 is train, below 95 validation, 
 document's split therefore never changes when other documents are added or removed. Names are
 relative paths for files, ``"<file>:<line>"`` for JSONL records and paragraphs of a single file.
 
+Data that comes split keeps its split (`split_documents`): where the top-level entries of a folder
+or glob name a train split and another (``train/``, ``valid/``, ``test/`` folders; ``train.txt``,
+``validation.jsonl``, ``test.jsonl`` files), each document under one of them is in that split, and
+only the others go by the rule. Without a validation entry, the train entry's documents that the
+rule puts in validation are the validation split.
+
 Files are read as UTF-8 with a leading byte-order mark dropped (`read_text`) and cut into lines at
 line feeds only (`read_lines`), so line numbers are the ones an editor shows. A folder or glob skips
-hidden files and folders (names starting with a dot), and a file reached under several names
-(symbolic links) is read once, under its first name, so that no text lands in two splits.
+hidden files and folders (names starting with a dot) and follows folder links (not back into a
+folder they are in), and a file reached under several names (symbolic links) is read once, under
+its first name, so that no text lands in two splits.
 
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
@@ -34,6 +41,18 @@ from lowbit.errors import UsageError, check_given, pipe_as_data
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
+# The names (before the first dot, any case) of a folder's or glob's top-level entries that hold
+# one split of data that comes split: Hugging Face datasets' train/validation/test, WikiText's
+# and fairseq's valid, CoNLL's and GLUE's dev. Not "training"/"testing": a folder of notes or docs
+# has such topics.
+SPLIT_NAMES = {
+    "train": "train",
+    "valid": "validation",
+    "validation": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
 FOLDER_SUFFIXES = (".txt", ".md", ".py")
 # Files read as JSON Lines. ``.json`` too: Hugging Face datasets' ``to_json`` and many exports write
@@ -85,7 +104,8 @@ class Corpus:
                 "documents: files of a folder or glob, JSONL records, or paragraphs of one text "
                 "file (a blank line between them); each lands in "
                 f"{name} with probability {SPLIT_PERCENT[name]}%, so ~100 documents make an empty "
-                "split unlikely"
+                "split unlikely; or, for data that comes split, a top-level folder or file named "
+                f"for the split ({'/'.join(k for k, v in SPLIT_NAMES.items() if v == name)})"
             )
         return docs
 
@@ -112,11 +132,28 @@ def name_bytes(name: str) -> bytes:
 
 
 def split_documents(docs: list[Document]) -> dict[str, list[Document]]:
-    """Group documents by `split_of` their name, keeping their order."""
+    """Group documents by `split_of` their name, keeping their order; data that comes split
+    (see the module docstring) keeps its split. Split by name alone, a user's ``test.txt`` was
+    trained on and their ``validation.jsonl`` too, while a few of their training files were
+    taken to validate on."""
+    named = {doc.name: _named_split(doc.name) for doc in docs}
+    given = set(named.values()) - {None}
+    if "train" not in given or len(given) < 2:  # not data that comes split
+        named = dict.fromkeys(named)
     splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
     for doc in docs:
-        splits[split_of(doc.name)].append(doc)
+        split = named[doc.name] or split_of(doc.name)
+        if split == "train" and "validation" not in given and split_of(doc.name) == "validation":
+            split = "validation"
+        splits[split].append(doc)
     return splits
+
+
+def _named_split(name: str) -> str | None:
+    """The split that a document's top-level folder or file names (`SPLIT_NAMES`), if any:
+    ``train/a.txt``, ``valid.txt``, ``test.jsonl:12`` (a JSONL record)."""
+    top = name.split("/", 1)[0] if "/" in name else name.rsplit(":", 1)[0]
+    return SPLIT_NAMES.get(top.split(".", 1)[0].lower())
 
 
 def fingerprint(docs: list[Document]) -> dict:
@@ -167,8 +204,9 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
     """Documents from user data, sorted by name.
 
-    - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden,
-      folder links not followed), one document per file, named by relative path;
+    - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
+      linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
+      by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
       fixed leading folder; matched ``.jsonl`` files are read as JSONL, ``.json`` ones where the
       pattern ends with ``.json`` (a file that links make a folder or glob reach under several
@@ -184,13 +222,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
     if path.is_dir():
-        files = _unique(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in FOLDER_SUFFIXES
-            and not _hidden(p.relative_to(path))
-            and p.is_file()
-        )
+        files = _unique(p for p in _folder_files(path) if p.suffix.lower() in FOLDER_SUFFIXES)
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
         if path.suffix.lower() in JSONL_SUFFIXES:
@@ -232,12 +264,15 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
 
 def _jsonl_below(folder: Path) -> Path | None:
     """The first JSON Lines file below ``folder`` (not hidden), if any."""
-    found = (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in JSONL_SUFFIXES)
-    return next((p for p in found if not _hidden(p.relative_to(folder)) and p.is_file()), None)
+    found = (p for p in sorted(_folder_files(folder)) if p.suffix.lower() in JSONL_SUFFIXES)
+    return next(found, None)
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _folder_files(folder: Path) -> list[Path]:
+    """The files below ``folder`` that the glob ``folder/**/*`` reads: not hidden, and through
+    folder links too. ``Path.rglob`` does not enter a linked folder, so a sub-corpus linked in
+    from another disk was left out of a folder, without a word, that its glob read."""
+    return _glob_files(os.path.join(glob.escape(str(folder)), "**", "*"))
 
 
 def _unique(files) -> list[Path]:
@@ -304,13 +339,31 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
+# Leading bytes of the compressed files datasets come in (The Pile's .jsonl.zst, C4's .json.gz):
+# "not UTF-8 text (byte 1)" told a user holding one to convert its encoding.
+COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+
+
 def read_text(path: Path) -> str:
     """The text of a UTF-8 file without its leading byte-order mark, if any (editors on Windows
     write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable."""
     try:
+        data = path.read_bytes()
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
-        return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
+        kind = next((name for magic, name in COMPRESSED.items() if data.startswith(magic)), None)
+        if kind is not None:
+            raise UsageError(
+                f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain "
+                "UTF-8 files)"
+            ) from None
         raise UsageError(
             f"{path}: not UTF-8 text (byte {error.start}); fix: convert it to UTF-8 or remove it"
         ) from None

@@ -153,13 +153,47 @@ class HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
+# The files a causal LM's folder brings its tokenizer in: lowbit's own, then those transformers
+# builds a tokenizer from. GPT-2's vocab.json (with merges.txt) and a SentencePiece
+# tokenizer.model (Llama 1/2, Mistral) come without the other two in older checkpoints: read as
+# "no tokenizer", such a model was fine-tuned on byte ids its embedding never saw, without a word.
+MODEL_TOKENIZER_FILES = (
+    "lowbit_tokenizer.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+)
+
+
 def model_tokenizer_file(model: str) -> Path | None:
     """The tokenizer file a causal LM's folder brings (lowbit's own, or a Hugging Face one), which
     the run then uses instead of --tokenizer; None for a named size or a folder without one."""
-    for name in ("lowbit_tokenizer.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in MODEL_TOKENIZER_FILES:
         if (Path(model) / name).is_file():
             return Path(model) / name
     return None
+
+
+def _hf_tokenizer(folder: Path, fix: str) -> HFTokenizer:
+    """The Hugging Face tokenizer saved in ``folder``, or a one-line error ending in ``fix``:
+    transformers raises many types (JSONDecodeError, KeyError, OSError, ...) for files it cannot
+    read, and builds a tokenizer of the special tokens alone from a tokenizer_config.json without
+    vocabulary files, which would have turned every word of the text into the unknown token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:
+        raise UsageError(
+            f"{folder}: the tokenizer is damaged ({' '.join(str(error).split())[:120]}); fix: {fix}"
+        ) from None
+    if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
+        raise UsageError(
+            f"{folder}: the tokenizer holds only its special tokens (no vocabulary files); "
+            f"fix: {fix}"
+        )
+    return HFTokenizer(tokenizer)
 
 
 def causal_lm_tokenizer(config, run_dir, corpus):
@@ -178,22 +212,12 @@ def causal_lm_tokenizer(config, run_dir, corpus):
             raise UsageError(
                 f"{run_dir}: no saved tokenizer ({folder}); fix: restore the run's tokenizer folder"
             )
-        from transformers import AutoTokenizer
-
-        try:
-            return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-        except Exception as error:  # transformers raises many types for a folder it cannot read
-            raise UsageError(
-                f"{folder}: the saved tokenizer is damaged ({' '.join(str(error).split())[:120]}); "
-                "fix: restore the run's tokenizer folder"
-            ) from None
+        return _hf_tokenizer(folder, "restore the run's tokenizer folder")
     own = model_tokenizer_file(config.model)
     if own is not None and own.name == "lowbit_tokenizer.json":
         return load_tokenizer(own.parent)
     if own is not None:
-        from transformers import AutoTokenizer
-
-        return HFTokenizer(AutoTokenizer.from_pretrained(own.parent, local_files_only=True))
+        return _hf_tokenizer(own.parent, "save the model's tokenizer into its folder again")
     if config.tokenizer == "bpe":
         tokenizer = build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
         if tokenizer.vocab_size < config.vocab_size:
