@@ -106,11 +106,10 @@ def save(trainer) -> Path:
 
 
 def _gather_random_states(ranks, precision_rng: dict | None) -> list | None:
-    """Every rank's generator states, on rank 0 (None on the others). The ranks' generators part
-    after the first step: each draws the stochastic rounding of its own FSDP shard (shards of
-    different sizes take different numbers of draws), or dropout on its own rows; restored from
-    rank 0's alone, a resumed bf16-pure-sr FSDP run drew other bits on rank 1 than the
-    uninterrupted run."""
+    """Every rank's generator states, on rank 0 (None on the others): the stream the ranks share
+    and each rank's own forward stream (`RankRandom`: dropout, the stochastic rounding of its
+    forward operands), which parts from the others' at the first step; restored from rank 0's
+    alone, a resumed run drew other bits on rank 1 than the uninterrupted run."""
     import torch.distributed as dist
 
     from lowbit.train.trainer import rng_state

@@ -16,7 +16,7 @@ live beside them, and converted low-precision layers quantize the all-gathered (
 all-gathered as they are. `LowPrecisionUpdate` keeps its fp32 master weights (bf16-low, fp16-low)
 and Kahan buffers (bf16-pure-kahan) as DTensors with the parameter's sharding, steps the optimizer
 on fp32 shards and rounds the result into each rank's 16-bit shard in place (stochastically for
-bf16-pure-sr, with the draws one process takes for the shard's elements of the whole tensor).
+bf16-pure-sr, with a generator per shard seeded from the stream the ranks share).
 """
 
 from __future__ import annotations

@@ -239,21 +239,20 @@ class LowPrecisionUpdate:
 
         Stochastic rounding draws from torch's global CPU generator, which every rank shares
         (seeded alike: under DDP each replica rounds the same averaged gradient, so the draws must
-        be the same or the replicas drift apart). A shard rounded on its own drew the draws of a
+        be the same or the replicas drift apart). A shard rounded from it drew the draws of a
         tensor of the shard's shape: element i of every rank's shard took the same uniform
         (rounding noise correlated across shards), and ranks with shards of different sizes moved
-        the shared stream unequally. So a sharded value is rounded as the whole tensor, zeros
-        outside this rank's shard, and the shard kept: each element takes the draw one process
-        takes for it, every rank moves the shared stream as one process does, and an FSDP run's
-        update rounds bit for bit as one process's. The cost is one process's rounding of the
-        parameter on every rank (the serial bf16 draws cannot skip to a shard's offset)."""
+        the shared stream unequally. So a shard takes one seed from the shared stream, as every
+        rank does whatever its shard's size, and rounds with a generator of its own seeded by it
+        and the shard's place in the whole tensor (`_shard_generator`): the shards' draws are
+        independent, at the cost of one shard's rounding."""
         if self.rounding is not UpdateRounding.STOCHASTIC:
             return local_values(value).to(dtype)
         name = "bf16" if dtype == torch.bfloat16 else "fp16"
         if not _is_dtensor(value):
             return cast(value.detach(), name, "stochastic").to(dtype)
-        whole, shard = _within_whole(value)
-        return cast(whole, name, "stochastic")[shard].to(dtype)
+        local = local_values(value)
+        return cast(local, name, "stochastic", _shard_generator(value)).to(dtype)
 
     def step(self, optimizer, closure=None) -> None:
         """(`Precision.step` refuses a ``closure`` here: the model does not read the stand-ins.)"""
@@ -421,18 +420,20 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if _is_dtensor(t) else t.detach()
 
 
-def _within_whole(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """A DTensor's local values placed in a tensor of its global shape (zeros elsewhere), and the
-    index of that block. A shard of `Shard`/`Replicate` placements (FSDP2's dim-0 shards, uneven
-    ones included) is one block of the global tensor."""
+def _shard_generator(t: torch.Tensor) -> torch.Generator:
+    """A generator for the stochastic rounding of a DTensor's local shard: seeded from one draw
+    of the shared CPU stream (the same on every rank) and the flat index in the whole tensor of
+    the shard's first element, so that no two shards draw alike."""
+    import numpy as np
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    local = t._local_tensor.detach()
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    block = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
-    whole = local.new_zeros(t.shape)
-    whole[block] = local
-    return whole, block
+    from lowbit.formats.counter_rng import draw_seed
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    strides = torch.empty(t.shape, device="meta").stride()
+    first = sum(index * stride for index, stride in zip(offset, strides, strict=True))
+    mixed = np.random.SeedSequence([draw_seed(), first]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=t.device).manual_seed(int(mixed) >> 1)  # 63 bits
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -33,8 +33,8 @@ RTOL = {
     },
     # FSDP all-gathers fp8/MX weights in bf16 (MixedPrecisionPolicy param_dtype) and the layer
     # quantizes that, one more rounding than one process does (measured 4.5e-3 for mxfp8; 4e-4
-    # when the all-gather is fp32). bf16-pure-sr: its rounding takes one process's draws, the
-    # gap is the order of the additions (measured 1.1e-4; 2.7e-4 when each shard drew its own).
+    # when the all-gather is fp32). bf16-pure-sr: each shard draws its rounding from a generator of
+    # its own, so the random bits differ from one process's (measured 2.7e-4).
     "fsdp": {
         "fp32": 1e-5,
         "bf16-mixed": 2e-3,
