@@ -12,7 +12,8 @@ The longest runs should come first in ``runs`` (a queue of longest-first jobs fi
 the ideal). Ctrl-C reaches the workers too (one process group): each interrupted run leaves its
 checkpoint, and the next invocation resumes it; a SIGINT sent to this process alone is passed on
 to the workers as a stop request (`_ask_to_stop`), with the same result. A run that fails stops
-the others the same way but quietly (`FAILED_SIGNAL`): each says where it stopped, in one line.
+the others the same way but quietly (an event the workers read after each step, `_failed`): each
+says where it stopped, in one line.
 """
 
 from __future__ import annotations
@@ -35,19 +36,18 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-# The study's request to its workers to stop because one of its runs failed. Not the trainer's
-# `STOP_SIGNAL`, whose handler says "interrupted: saving a checkpoint", as for a Ctrl-C nobody
-# pressed: the trainer leaves this one to the worker, which stops its run after the step in
-# progress (`_stop_after_step`) and tells the study at which step (`Stopped`).
-FAILED_SIGNAL = getattr(signal, "SIGUSR2", None)
-_INTERRUPTED, _FAILED = "interrupted", "failed"
-
-# In a worker: why its runs stop (None: they do not): _INTERRUPTED by a stop request or a Ctrl-C
-# that interrupted a run, _FAILED by another run's failure; the runs still queued to this worker do
-# not start. Whether a run is in progress, and the step it stopped at for a failure.
-_stopped: str | None = None
+# In a worker: a stop was asked (by `_ask_to_stop`, or a Ctrl-C that interrupted a run), so the
+# runs still queued to this worker do not start. Whether a run is in progress, and the step it
+# stopped at for another run's failure.
+_stopped = False
 _running = False
 _stopped_at: int | None = None
+# In a worker: the study's event, set when one of its runs failed (`_failed`). Not a signal: the
+# trainer's `STOP_SIGNAL` says "interrupted: saving a checkpoint", as for a Ctrl-C nobody pressed,
+# and any signal kills a worker still starting (its handlers are not installed yet). The worker
+# stops its run after the step in progress (`_stop_after_step`) and tells the study at which step
+# (`Stopped`).
+_failure = None
 
 
 class Stopped(Exception):
@@ -59,17 +59,22 @@ class Stopped(Exception):
         self.step = step
 
 
-def _start_worker() -> None:
+def _failed() -> bool:
+    """Whether another run of the study failed (`_failure`)."""
+    return _failure is not None and _failure.is_set()
+
+
+def _start_worker(failure=None) -> None:
     """Set up a worker for its lifetime: a stop request (`_ask_to_stop`, a Ctrl-C of the process
     group) that reaches it between runs, idle and waiting for its next, marks the worker stopped.
     Handled only while a run was in progress, it killed an idle worker (SIGUSR1's default), or
     raised KeyboardInterrupt in the pool's idle loop, which printed a traceback under the one-line
     error of the run that stopped the study."""
+    global _failure
+    _failure = failure
     for signum in (signal.SIGINT, STOP_SIGNAL):
         if signum is not None:
             signal.signal(signum, _stop)
-    if FAILED_SIGNAL is not None:
-        signal.signal(FAILED_SIGNAL, _stop_quietly)
 
 
 def _stop(signum, frame) -> None:
@@ -77,23 +82,16 @@ def _stop(signum, frame) -> None:
     as Ctrl-C's first press, `lowbit.train.trainer._stop_on_sigint`): no run starts after it, and
     the run being set up stops."""
     global _stopped
-    _stopped = _stopped or _INTERRUPTED
+    _stopped = True
     if _running:
         raise KeyboardInterrupt
-
-
-def _stop_quietly(signum, frame) -> None:
-    """Another run of the study failed: no run starts after it, and the run in progress (in its
-    set-up too, which is not interrupted halfway) stops after its next step, saved."""
-    global _stopped
-    _stopped = _stopped or _FAILED
 
 
 def _stop_after_step(trainer) -> None:
     """`Trainer.fit`'s ``on_step`` in a worker: after another run's failure, stop as a first
     Ctrl-C does (this step's checkpoint saved), without the trainer's "interrupted" line."""
     global _stopped_at
-    if _stopped == _FAILED and not trainer.stop_requested:
+    if _failed() and not trainer.stop_requested:
         trainer.stop_requested = True
         _stopped_at = trainer.step_idx
 
@@ -109,33 +107,32 @@ def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool
     torch.set_num_threads(threads)
     _running, _stopped_at = True, None
     try:
-        if _stopped == _FAILED:
+        if _failed():  # another run failed before this one started
             raise Stopped(None)
         if _stopped:  # after `_running` is set: a stop that comes between is not missed
             raise KeyboardInterrupt
         record = run_one(study, recipe, seed, quiet=True, jobs=jobs, on_step=_stop_after_step)
     except KeyboardInterrupt:
-        if _stopped == _FAILED and _stopped_at is not None:  # the run stopped as asked, saved
+        if _stopped_at is not None:  # stopped after another run failed, as asked, saved
             raise Stopped(_stopped_at) from None
-        _stopped = _stopped or _INTERRUPTED
+        _stopped = True
         raise
     finally:
         _running = False
     return record["reused"], final_loss(record)
 
 
-def _ask_to_stop(pool: ProcessPoolExecutor, signum) -> None:
+def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
     """Ask every worker to stop its run as a first Ctrl-C does (finish the step, save a
-    checkpoint): with `STOP_SIGNAL` on an interruption, as a SIGINT that reached this process
-    alone (a scheduler, ``kill -INT``) would otherwise leave the workers training to the end; with
-    `FAILED_SIGNAL` on a run's failure. Idempotent, so after a Ctrl-C that reached the whole
-    process group it does not escalate to an abort."""
-    if signum is None:
+    checkpoint): a SIGINT that reached this process alone (a scheduler, ``kill -INT``) would
+    otherwise leave the workers training to the end. Idempotent, so after a Ctrl-C that reached
+    the whole process group it does not escalate to an abort."""
+    if STOP_SIGNAL is None:
         return
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         if process.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
+                os.kill(process.pid, STOP_SIGNAL)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -149,13 +146,17 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
     runs = list(runs)
     trained: set[tuple[Path, str, int]] = set()
     context = multiprocessing.get_context("spawn")
+    failure = context.Event()  # one run failed: the others stop after their step (`_failed`)
     with (
         # a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the workers
         # saving a checkpoint; by default it ended this process alone and left the workers
         # training to the end, orphaned, where a rerun would train the same folders again
         signals_handled(_raise_interrupt, signal.SIGTERM),
         ProcessPoolExecutor(
-            max_workers=jobs, mp_context=context, initializer=_start_worker
+            max_workers=jobs,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(failure,),
         ) as pool,
     ):
         started = time.perf_counter()
@@ -196,13 +197,13 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
         except KeyboardInterrupt:
             for future in pending:
                 future.cancel()
-            _ask_to_stop(pool, STOP_SIGNAL)  # the runs in progress save a checkpoint and stop
+            _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop
             raise
         except BaseException:
             # the runs not yet started never start; those in progress (or finished meanwhile)
             others = [f for f in futures if f not in reported and f is not failed]
             others = [f for f in others if not f.cancel()]
-            _ask_to_stop(pool, FAILED_SIGNAL)
+            failure.set()
             pool.shutdown()  # each run in progress saves its step and stops
             for future in others:
                 error = future.exception()
