@@ -472,9 +472,11 @@ def all_finite(loss: float, parameters) -> bool:
     if not math.isfinite(loss):
         return False
     grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = any(hasattr(g, "to_local") for g in grads)
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor: the shard
     finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-    return scale_agreement().all_finite(finite)
+    # DDP's gradients are the same on every rank (all-reduced): only shards need the agreement
+    return scale_agreement().all_finite(finite) if sharded else finite
 
 
 def plan_over_time(run_dir, until_step: int | None = None) -> str:
