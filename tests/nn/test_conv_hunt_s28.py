@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import convert, get_recipe
+from lowbit import convert
 from lowbit.errors import UsageError
-from lowbit.formats.error import sqnr
-from lowbit.recipes import parse_override
+from tests.nn.test_conv_user_models import CONVS, forward_backward
 
 
 def converted_cnn() -> nn.Module:
@@ -38,55 +37,13 @@ def test_vmap_and_forward_mode_through_a_converted_conv_are_refused_in_one_line(
         TRANSFORMS[transform](model, torch.randn(2, 3, 5, 5))
 
 
-PADDINGS = {
-    "same": dict(kernel_size=3, padding="same"),
-    "same, even kernel": dict(kernel_size=(4, 2), padding="same"),
-    "same, dilated": dict(kernel_size=3, dilation=(2, 1), padding="same"),
-    "reflect": dict(kernel_size=3, padding=1, padding_mode="reflect"),
-    "replicate": dict(kernel_size=(3, 5), padding=(1, 2), padding_mode="replicate", stride=2),
-    "circular": dict(kernel_size=3, padding=(2, 1), padding_mode="circular", bias=False),
-}
-INPUTS = {
-    "batch": lambda x: x,
-    "channels-last": lambda x: x.to(memory_format=torch.channels_last),
-    "unbatched": lambda x: x[0],
-}
+# padding="same" and the reflect, replicate and circular modes were kept in high precision ("only
+# zero padding of fixed size is converted"): an fp8 recipe left such a CNN unquantized. Checked
+# against nn.Conv2d in tests/nn/test_conv_user_models.py; here, the padded image's bits.
+PADDINGS = {name: CONVS[name] for name in ("same, even kernel", "reflect", "circular")}
 
 
-def forward_backward(model, x):
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
-    return out.detach(), x.grad, model[0].weight.grad
-
-
-@pytest.mark.parametrize("inputs", INPUTS)
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_a_conv_that_pads_otherwise_is_converted_and_computes_what_nn_conv2d_does(padding, inputs):
-    # padding="same" and the reflect, replicate and circular modes were kept in high precision
-    # ("only zero padding of fixed size is converted"): an fp8 recipe left such a CNN unquantized
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(4, 8, **PADDINGS[padding]))
-    x = INPUTS[inputs](torch.randn(2, 4, 9, 10))
-    expected = forward_backward(plain, x)
-    fp32 = get_recipe("fp8-tensorwise")
-    fp32 = fp32.with_overrides(parse_override("0=fp32", fp32))  # converted, every operand fp32
-    for recipe, floor in ((fp32, None), ("fp8-tensorwise", 20), ("mxfp8", 20)):
-        model = copy.deepcopy(plain)
-        assert list(convert(model, recipe).converted) == ["0"]
-        mode = plain[0].padding_mode
-        assert (model[0].padding, model[0].padding_mode) == (plain[0].padding, mode)
-        assert (f"padding_mode={mode}" in repr(model)) == (mode != "zeros")
-        got = forward_backward(model, x)
-        for want, have in zip(expected, got):
-            assert have.shape == want.shape and have.stride() == want.stride()
-            if floor is None:
-                assert torch.equal(have, want)
-            else:
-                assert sqnr(want, have) > floor
-
-
-@pytest.mark.parametrize("padding", ["same, even kernel", "reflect", "circular"])
 def test_a_padded_conv_quantizes_the_padded_image_bit_for_bit(padding):
     # the same bits as the converted conv without padding on the image nn.Conv2d pads
     torch.manual_seed(0)

@@ -18,6 +18,13 @@ CONVS = {
     "non-square": dict(kernel_size=(1, 5), stride=(2, 1), padding=(0, 2)),
     "1x1 without bias": dict(kernel_size=1, bias=False),
     "valid": dict(kernel_size=(3, 2), stride=(1, 3), dilation=(2, 1), padding="valid"),
+    # padded otherwise than with zeros of fixed size: kept in high precision before session 28
+    "same": dict(kernel_size=3, padding="same"),
+    "same, even kernel": dict(kernel_size=(4, 2), padding="same"),
+    "same, dilated": dict(kernel_size=3, dilation=(2, 1), padding="same"),
+    "reflect": dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    "replicate": dict(kernel_size=(3, 5), padding=(1, 2), padding_mode="replicate", stride=2),
+    "circular": dict(kernel_size=3, padding=(2, 1), padding_mode="circular", bias=False),
 }
 INPUTS = {
     "batch": lambda x: x,
@@ -60,6 +67,9 @@ def test_a_converted_conv2d_computes_what_nn_conv2d_does(conv, inputs):
     for recipe, floor in ((fp32, None), ("fp8-tensorwise", 20), ("mxfp8", 20)):
         model = copy.deepcopy(plain)
         assert list(convert(model, recipe).converted) == ["0"]
+        mode = plain[0].padding_mode
+        assert (model[0].padding, model[0].padding_mode) == (plain[0].padding, mode)
+        assert (f"padding_mode={mode}" in repr(model)) == (mode != "zeros")
         got = forward_backward(model, x)
         for want, have in zip(expected, got):
             assert have.shape == want.shape and have.stride() == want.stride()

@@ -8,26 +8,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowbit.report import compare, make_study
 from lowbit.report.compare import Target, verdict
+from tests.report.conftest import quiet, study_on_one_thread
 
 IMAGES = {"task": "image-classification", "batch_size": 16, "steps": 2, "eval_batches": 1}
-
-
-def quiet(line):
-    pass
 
 
 @pytest.fixture(scope="module")
 def image_study(tmp_path_factory):
     """fp32 against bf16-mixed on the digits, two seeds (tests copy it before editing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("s28") / "img"
-    compare(make_study("fp32,bf16-mixed", IMAGES, seeds=2, out=out), plots=False, log=quiet)
-    torch.set_num_threads(threads)
+    study_on_one_thread(out, "fp32,bf16-mixed", IMAGES, seeds=2, plots=False)
     return out
 
 
