@@ -22,17 +22,24 @@ def test_complex_parameters_are_refused_where_the_update_would_be_wrong(state, n
     assert len(optimizer.param_groups) == 1  # the refused group was not kept
 
 
-def test_fp32_states_still_update_complex_parameters_as_torch_does():
-    torch.manual_seed(0)
-    start = torch.randn(16, dtype=torch.complex64)
+def _stepped_alike(start, steps: int, make, options=None):
+    """Two parameters from ``start`` stepped on the same random gradients, one by ``make``'s
+    optimizer and one by ``torch.optim.AdamW(**options)``; both parameters, both optimizers."""
+    options = {"weight_decay": 0.1} if options is None else options
     mine, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    optimizer = build_optimizer([mine], weight_decay=0.1)
-    reference = torch.optim.AdamW([theirs], weight_decay=0.1)
-    for _ in range(3):
+    optimizer, reference = make([mine]), torch.optim.AdamW([theirs], **options)
+    for _ in range(steps):
         grad = torch.randn_like(start)
         mine.grad, theirs.grad = grad.clone(), grad.clone()
         optimizer.step()
         reference.step()
+    return mine, theirs, optimizer, reference
+
+
+def test_fp32_states_still_update_complex_parameters_as_torch_does():
+    torch.manual_seed(0)
+    start = torch.randn(16, dtype=torch.complex64)
+    mine, theirs, *_ = _stepped_alike(start, 3, lambda p: build_optimizer(p, weight_decay=0.1))
     assert torch.equal(mine, theirs)
 
 
@@ -68,14 +75,9 @@ def test_a_sparse_gradient_is_refused_before_any_parameter_moves(state):
 def test_fp32_states_equal_torch_adamw_bit_for_bit(options):
     torch.manual_seed(0)
     start = torch.randn(8, 5)
-    mine, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    optimizer = AdamW([mine], **options)
-    reference = torch.optim.AdamW([theirs], **options)
-    for _ in range(4):
-        grad = torch.randn_like(start)
-        mine.grad, theirs.grad = grad.clone(), grad.clone()
-        optimizer.step()
-        reference.step()
+    mine, theirs, optimizer, reference = _stepped_alike(
+        start, 4, lambda p: AdamW(p, **options), options
+    )
     assert torch.equal(mine, theirs)
     # and the state dicts load into each other
     again = torch.optim.AdamW([torch.nn.Parameter(start.clone())], **options)
