@@ -66,6 +66,8 @@ def check_signs(signs: torch.Tensor) -> None:
             f"got shape {tuple(signs.shape)}"
         )
     _check_order(signs.numel())
+    if torch.compiler.is_compiling():  # Dynamo cannot guard on the cache (an internal error)
+        return  # and an entries' check would be a data-dependent branch: checked eagerly only
     if signs.device.type != "cpu" or _SIGNS_CHECKED.get(id(signs)) == (signs, signs._version):
         return  # (a layer's signs are checked once, not at every quantization: ~13 us each)
     if not bool(((signs == 1) | (signs == -1)).all()):
