@@ -7,16 +7,10 @@ therefore only a matter of restoring the step counter (`TensorBatches.state_dict
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from lowbit.errors import UsageError
-
-
-def seeded_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on ``(seed, index)`` (mixed by numpy's SeedSequence)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+from lowbit.formats.counter_rng import seeded_generator
 
 
 def check_state(kind: str, expected: dict, state: dict) -> None:

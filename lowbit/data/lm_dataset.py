@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.data.batches import SeekableBatches, seeded_generator
+from lowbit.data.batches import SeekableBatches
 from lowbit.errors import UsageError
+from lowbit.formats.counter_rng import seeded_generator
 
 
 def tokenize_split(tokenizer, texts: list[str]) -> torch.Tensor:

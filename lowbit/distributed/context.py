@@ -195,16 +195,14 @@ class RankRandom:
     def derive(self) -> dict:
         """States seeded from the shared CPU generator's next draw (read from a copy: the shared
         stream does not move) and the rank, as a fresh run and a resharded resume start."""
-        import numpy as np
+        from lowbit.formats.counter_rng import draw_seed, seeded_generator
 
         shared = torch.Generator()
         shared.set_state(torch.get_rng_state())
-        base = int(torch.randint(0, 2**63 - 1, (), generator=shared))
-        mixed = np.random.SeedSequence([base, self.rank]).generate_state(1, dtype=np.uint64)[0]
-        seed = int(mixed) >> 1  # 63 bits: manual_seed takes a signed 64-bit seed
-        state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        base = draw_seed(shared)
+        state = {"cpu": seeded_generator(base, self.rank).get_state()}
         if self.device.type == "cuda":
-            state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+            state["cuda"] = seeded_generator(base, self.rank, self.device).get_state()
         return state
 
     def _swap(self) -> None:

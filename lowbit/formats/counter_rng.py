@@ -39,6 +39,15 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def seeded_generator(seed: int, index: int, device="cpu") -> torch.Generator:
+    """A generator on ``device`` whose stream depends only on ``(seed, index)``, the two mixed by
+    numpy's SeedSequence: a batch order per epoch, a rank's own stream, a shard's rounding."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """One 63-bit seed from ``generator`` (default: the global CPU generator)."""
     device = generator.device if generator is not None else "cpu"

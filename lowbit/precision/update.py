@@ -424,16 +424,14 @@ def _shard_generator(t: torch.Tensor) -> torch.Generator:
     """A generator for the stochastic rounding of a DTensor's local shard: seeded from one draw
     of the shared CPU stream (the same on every rank) and the flat index in the whole tensor of
     the shard's first element, so that no two shards draw alike."""
-    import numpy as np
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from lowbit.formats.counter_rng import draw_seed
+    from lowbit.formats.counter_rng import draw_seed, seeded_generator
 
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     strides = torch.empty(t.shape, device="meta").stride()
     first = sum(index * stride for index, stride in zip(offset, strides, strict=True))
-    mixed = np.random.SeedSequence([draw_seed(), first]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=t.device).manual_seed(int(mixed) >> 1)  # 63 bits
+    return seeded_generator(draw_seed(), first, t.device)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
