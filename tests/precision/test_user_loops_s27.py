@@ -15,9 +15,8 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
-def _train(precision: lowbit.Precision, model: nn.Module, steps: int = 3) -> nn.Module:
-    model = precision.convert(model)
-    optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+def _steps(precision: lowbit.Precision, model: nn.Module, optimizer, steps: int):
+    """A user's loop of ``steps`` steps on seeded random batches; yields after each step."""
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(8, 16, generator=generator).to(precision.compute_dtype)
@@ -26,6 +25,14 @@ def _train(precision: lowbit.Precision, model: nn.Module, steps: int = 3) -> nn.
         precision.backward(loss)
         precision.step(optimizer)
         optimizer.zero_grad()
+        yield
+
+
+def _train(precision: lowbit.Precision, model: nn.Module, steps: int = 3) -> nn.Module:
+    model = precision.convert(model)
+    optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    for _ in _steps(precision, model, optimizer, steps):
+        pass
     return model
 
 
@@ -87,12 +94,8 @@ def test_an_optimizer_that_makes_its_states_in_its_constructor_is_wrapped(recipe
         precision = lowbit.Precision(recipe)
         model = precision.convert(_model())
         optimizer = precision.wrap_optimizer(_Momentum(model.parameters(), eager=eager))
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(8, 16, generator=generator).to(precision.compute_dtype)
-            precision.backward(model(x).float().pow(2).mean())
-            precision.step(optimizer)
-            optimizer.zero_grad()
+        for _ in _steps(precision, model, optimizer, 3):
+            pass
         assert {s["buf"].dtype for s in optimizer.state.values()} == {torch.float32}
         return model
 
@@ -130,12 +133,7 @@ def test_a_step_post_hook_sees_the_stepped_weights_and_their_states(recipe):
         )
 
     optimizer.register_step_post_hook(after_step)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        x = torch.randn(8, 16, generator=generator).to(precision.compute_dtype)
-        precision.backward(model(x).float().pow(2).mean())
-        precision.step(optimizer)
-        optimizer.zero_grad()
+    for _ in _steps(precision, model, optimizer, 2):
         weights, states = seen[-1]
         assert states == 3  # step, exp_avg, exp_avg_sq of the model's own parameter
         for got, want in zip(weights, model.parameters(), strict=True):
