@@ -184,8 +184,8 @@ def _spec_types() -> list[type]:
 
 def error_table(tensors: dict[str, torch.Tensor]) -> str:
     """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
-    are set to 0 before quantizing (an inf makes its scale inf, and with it every entry the scale
-    covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
+    are set to 0 before quantizing (an inf makes its scale inf, or NaN for an MX block, and with
+    it every entry the scale covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
     to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond fp32's
     range, which become inf there, are noted as such rather than as inf or NaN."""
     labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]

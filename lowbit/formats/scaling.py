@@ -138,7 +138,11 @@ def default_rule(granularity: Granularity) -> ScaleRule:
 def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.Tensor:
     """The fp32 dequantization scale of blocks with largest magnitude ``amax`` (see module doc).
 
-    A non-finite ``amax`` is its own scale (inf, or NaN, which then spreads to the block's values).
+    A non-finite ``amax`` is its own scale under ``amax`` and ``pow2`` (fp32 scales: inf, or NaN,
+    which then spreads to the block's values). Under the MX rules a block holding inf or NaN gets
+    the NaN scale: e8m0 has no inf, its only special code is NaN (0xFF), and a NaN scale makes
+    every element of its block NaN (OCP MX v1.0 §5.4.1; torchao's ``to_mx`` and microxcaling
+    give the same).
     The power-of-two rules are built from fp32 bit fields in a few elementwise ops (on a GPU each
     op is a kernel launch for every quantized operand):
 
@@ -173,7 +177,8 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
     scale = bits.view(torch.float32)
     if rule is not ScaleRule.MX_FLOOR:
         scale.masked_fill_(amax <= 0, 1.0)  # a negative given amax too, as in the fused kernel
-    return torch.where(amax < math.inf, scale, amax)  # False for inf and NaN
+    non_finite = amax if rule is ScaleRule.POW2 else math.nan  # AMAX returned above
+    return torch.where(amax < math.inf, scale, non_finite)  # False for inf and NaN
 
 
 def nvfp4_scales(

@@ -183,7 +183,10 @@ struct Grid {
   const int32_t exponent = rule == kMxFloor ? floor_exponent : ceil_exponent;
   const int32_t lo = rule == kPow2 ? -252 : -127;
   const float scale = rule == kAmax ? by_amax : pow2(std::min(std::max(exponent, lo), 127));
-  return std::isfinite(amax) ? scale : amax;  // inf and NaN amaxes pass through
+  // inf and NaN amaxes pass through as fp32 scales; e8m0 (MX) holds no inf, so there both are NaN
+  const bool e8m0 = rule == kMxFloor || rule == kMxCeil;
+  const float non_finite = e8m0 ? std::numeric_limits<float>::quiet_NaN() : amax;
+  return std::isfinite(amax) ? scale : non_finite;
 }
 
 // max |x| over n elements; NaN if any element is NaN. On the sign-cleared bit patterns integer

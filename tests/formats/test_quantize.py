@@ -167,8 +167,8 @@ def test_pow2_scales_are_powers_of_two_and_do_not_saturate():
 
 def _power_of_two_scale(amax: float, fmt_max: float, rule: str) -> float:
     """The rules of `lowbit.formats.scaling` in float64 arithmetic, one value at a time."""
-    if math.isnan(amax) or math.isinf(amax):
-        return amax
+    if math.isnan(amax) or math.isinf(amax):  # e8m0 has no inf: MX blocks get its NaN
+        return amax if rule == "pow2" else math.nan
     if rule == "mx_floor":  # floor(log2 amax); zero and fp32 subnormals read as 2**-127
         floor_log2 = math.frexp(amax)[1] - 1 if amax >= 2.0**-126 else -127
         return 2.0 ** min(max(floor_log2 - math.floor(math.log2(fmt_max)), -127), 127)
