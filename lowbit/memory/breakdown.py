@@ -28,8 +28,8 @@ LABELS = {
 
 def human(n: float) -> str:
     """Bytes in binary units: ``1536 -> '1.50 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
@@ -77,14 +77,18 @@ class Breakdown:
             (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
         ]
         rows.append(("total", self.total, other.total if other is not None else None))
-        head = f"{'component':<24}{titles[0]:>14}{'':>12}{'B/param':>9}"
-        if other is not None:
-            head += f"{titles[1]:>14}{'':>12}"
-        lines = [head, "-" * len(head)]
         n = max(self.num_params, 1)
+        # as wide as the largest figure and two spaces (a 70B model's batch of 64 x 4096 holds
+        # terabytes, whose 17 digits ran into the next column)
+        width = max(14, 2 + max(len(f"{value:,}") for row in rows for value in row[1:] if value))
+        per = max(9, 2 + max(len(f"{row[1] / n:.2f}") for row in rows))
+        head = f"{'component':<24}{titles[0]:>{width}}{'':>12}{'B/param':>{per}}"
+        if other is not None:
+            head += f"{titles[1]:>{width}}{'':>12}"
+        lines = [head, "-" * len(head)]
         for label, mine, theirs in rows:
-            line = f"{label:<24}{mine:>14,}{human(mine):>12}{mine / n:>9.2f}"
+            line = f"{label:<24}{mine:>{width},}{human(mine):>12}{mine / n:>{per}.2f}"
             if other is not None:
-                line += f"{theirs:>14,}{human(theirs):>12}"
+                line += f"{theirs:>{width},}{human(theirs):>12}"
             lines.append(line)
         return "\n".join(lines)

@@ -6,7 +6,9 @@ Parameter shapes come from instantiating the model on fake tensors (no memory, b
 tensor's size is known and the small-tensor rule of the optimizer states is applied per tensor.
 
 - parameters: ``numel x`` the recipe's ``param_dtype`` size;
-- gradients: the same dtype (autograd's ``.grad`` has the parameter's dtype);
+- gradients: the same dtype (autograd's ``.grad`` has the parameter's dtype), for the parameters
+  the traced loss reaches only (so master weights and optimizer states too): a multimodal model
+  trained on text leaves its vision tower without any;
 - master weights: 4 bytes per parameter with ``master_dtype="fp32"``; a Kahan recipe's compensation
   buffer instead, one parameter-dtype value per parameter;
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
@@ -418,6 +420,8 @@ class Trace:
     checkpoint_inputs: dict[str, dict[int, int]] = field(default_factory=dict)
     # where the forward saved a storage first: "" outside the blocks, or a block's name
     saved_in: dict[int, str] = field(default_factory=dict)
+    # sizes of the parameters the loss reaches (`_reached_numels`), which alone get gradients
+    trained_numels: tuple[int, ...] = ()
 
     def checkpointed(self) -> tuple[float, float]:
         """(activations, temporaries) with one checkpoint per block: what lies outside the
@@ -583,6 +587,7 @@ def _trace_activations(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
             loss = _forward_and_loss(model, task, batch, seq)
+        trace.trained_numels = _reached_numels(loss)
         del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
     except (RuntimeError, NotImplementedError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -594,6 +599,24 @@ def _trace_activations(
         for handle in handles:
             handle.remove()
     return trace
+
+
+def _reached_numels(loss: torch.Tensor) -> tuple[int, ...]:
+    """Sizes of the parameters ``loss``'s graph reaches (each once). Only these get a gradient,
+    and so master weights and optimizer states: a text batch through Gemma 3's multimodal model
+    leaves its vision tower without any, which the estimate counted as trained (1.5x the
+    gradients the run holds in a small one)."""
+    numels, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf parameter
+        if variable is not None:
+            numels.append(variable.numel())
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return tuple(numels)
 
 
 _TRACES: dict = {}  # (config, recipe, batch, seq, ...) -> `_traced`'s result; a few KB each
@@ -659,14 +682,15 @@ def estimate(
     )
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
+    trained = sum(trace.trained_numels)  # the rest get no gradient, master weight or state
     out = Breakdown(num_params=n)
     out.parameters = p_bytes * n
-    out.gradients = p_bytes * n
+    out.gradients = p_bytes * trained
     if recipe.param_dtype != "fp32" and recipe.master_dtype is not None:
-        out.master_weights = _bytes(recipe.master_dtype) * n
+        out.master_weights = _bytes(recipe.master_dtype) * trained
     elif recipe.param_dtype != "fp32" and recipe.update_rounding is UpdateRounding.KAHAN:
-        out.master_weights = p_bytes * n
-    out.optimizer_states = sum(adam_state_bytes(precision, k) for k in shape.param_numels)
+        out.master_weights = p_bytes * trained
+    out.optimizer_states = sum(adam_state_bytes(precision, k) for k in trace.trained_numels)
     if fsdp:
         for name in ("parameters", "gradients", "master_weights", "optimizer_states"):
             setattr(out, name, math.ceil(getattr(out, name) / gpus))
