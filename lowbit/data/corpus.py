@@ -21,11 +21,18 @@ hidden files and folders (names starting with a dot) and follows folder links (n
 folder they are in), and a file reached under several names (symbolic links) is read once, under
 its first name, so that no text lands in two splits.
 
+`load_corpus` warns (one ``lowbit: warning:`` line each, once per process) about what a run would
+otherwise take in without a word: text files that a folder does not read (a ``.jsonl`` beside the
+``.txt`` files), and validation or test documents whose text is also a training document's (the
+same file copied into ``train/`` and ``valid/``), which measure the validation loss on training
+text. It does not drop or move them: the splits stay as the data gives them.
+
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import functools
 import glob
@@ -33,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +93,8 @@ class Corpus:
 
     source: str
     splits: dict[str, list[Document]]
+    # what the user should know about the data (files a folder skipped, text shared by splits)
+    warnings: tuple[str, ...] = ()
 
     @functools.cached_property
     def fingerprint(self) -> dict:
@@ -195,10 +205,94 @@ def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
 
 
 def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
-    """The split corpus: the stdlib when ``source`` is None or ``"stdlib"``, else `load_texts`."""
+    """The split corpus: the stdlib when ``source`` is None or ``"stdlib"``, else `load_texts`;
+    its `Corpus.warnings` are printed to stderr by rank 0, each once per process (a study loads its
+    data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    return Corpus(str(source), split_documents(load_texts(source, text_field)))
+    splits = split_documents(load_texts(source, text_field))
+    warnings = tuple(filter(None, [_skipped_files(str(source)), _shared_text(str(source), splits)]))
+    for line in warnings if os.environ.get("RANK", "0") == "0" else ():  # rank 0 speaks
+        if line not in _WARNED:
+            _WARNED.add(line)
+            print(f"lowbit: warning: {line}", file=sys.stderr)
+    return Corpus(str(source), splits, warnings)
+
+
+_WARNED: set[str] = set()
+# The shortest text (whitespace around it left out) that `_shared_text` counts as shared by splits.
+SHARED_MIN_CHARS = 32
+
+
+def _skipped_files(spec: str) -> str | None:
+    """The warning for a folder's text files that it is not read for (`FOLDER_SUFFIXES`): JSON
+    Lines, ``.rst``, ``.csv``, code. Left out without a word, a folder of ``.txt`` and ``.jsonl``
+    files trained on the ``.txt`` ones alone, and one holding a README beside its ``train.jsonl``
+    on the README."""
+    folder = Path(os.path.expanduser(spec))
+    if not folder.is_dir():
+        return None
+    skipped = [
+        f.relative_to(folder).as_posix()
+        for f in _unique(_folder_files(folder))
+        if f.suffix.lower() not in FOLDER_SUFFIXES and _looks_like_text(f)
+    ]
+    if not skipped:
+        return None
+    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return (
+        f"{spec}: {len(skipped)} text file{'s' if len(skipped) > 1 else ''} not read ({shown}): "
+        f"a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files only; fix: to train on "
+        f"them too give a glob, --data '{(folder / '**' / '*').as_posix()}' reads every file "
+        "(.jsonl ones as JSON Lines), or move them out of the folder"
+    )
+
+
+def _looks_like_text(path: Path) -> bool:
+    """Whether ``path`` starts with UTF-8 text (its first 4 KiB: no NUL byte, not only
+    whitespace), as a text format that a glob reads does and an image or archive does not."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096)
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4 KiB is fine
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in head and bool(head.strip())
+
+
+def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
+    """The warning for validation and test documents whose text (up to line ends and whitespace
+    around it: a copy saved with Windows line ends too) is also a training document's: their loss
+    is then measured on text the model trained on, as with one file copied into both ``train/``
+    and ``valid/``. Texts of under `SHARED_MIN_CHARS` are left out: a heading, a ``* * *`` between
+    chapters, a "Thank you!" record recur in any text, and warning of them would teach users to
+    skip the warning."""
+
+    def key(doc: Document) -> bytes | None:  # a digest: the texts are not held twice
+        text = doc.text.replace("\r\n", "\n").strip()  # not split(): 3x slower on code
+        return (
+            hashlib.blake2b(text.encode("utf-8")).digest()
+            if len(text) >= SHARED_MIN_CHARS
+            else None
+        )
+
+    train: dict[bytes | None, str] = {}
+    for doc in splits["train"]:
+        train.setdefault(key(doc), doc.name)
+    train.pop(None, None)
+    counts, example = [], None
+    for split in ("validation", "test"):
+        shared = [(doc.name, train[k]) for doc in splits[split] if (k := key(doc)) in train]
+        if shared:
+            counts.append(f"{len(shared)} of {len(splits[split])} {split}")
+            example = example or "{} is {}".format(*shared[0])
+    if not counts:
+        return None
+    return (
+        f"{spec}: {' and '.join(counts)} documents have the text of a training document "
+        f"({example}), so their loss is measured on text the model trained on; fix: remove "
+        "the copies from the validation and test data (the splits are kept as given)"
+    )
 
 
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
@@ -247,7 +341,9 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
         raise pipe_as_data(spec)
     else:
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
-    if not any(d.text for d in docs):
+    # whitespace alone is no text: files of blank lines went on to "the train split holds 23
+    # tokens, fewer than one window", as if the data were merely short
+    if not any(d.text.strip() for d in docs):
         if path.is_dir() and (jsonl := _jsonl_below(path)):
             pattern = (path / "**" / f"*{jsonl.suffix}").as_posix()
             raise UsageError(
@@ -350,13 +446,27 @@ COMPRESSED = {
 }
 
 
+# Byte-order marks of the Unicode encodings other than UTF-8 (Windows Notepad's "Unicode" is
+# UTF-16 LE), UTF-32's first: its little-endian mark starts with UTF-16's.
+UNICODE_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32LE",
+    b"\x00\x00\xfe\xff": "UTF-32BE",
+    b"\xff\xfe": "UTF-16LE",
+    b"\xfe\xff": "UTF-16BE",
+}
+
+
 def read_text(path: Path) -> str:
     """The text of a UTF-8 file without its leading byte-order mark, if any (editors on Windows
-    write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable."""
+    write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable.
+
+    A NUL byte is refused too: it is valid UTF-8 but no text holds one, while binary files and
+    UTF-16 text do (ASCII in UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after
+    each letter, and trained as such without a word)."""
     try:
         data = path.read_bytes()
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
-        return data.decode("utf-8").removeprefix("\ufeff")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         kind = next((name for magic, name in COMPRESSED.items() if data.startswith(magic)), None)
         if kind is not None:
@@ -364,11 +474,23 @@ def read_text(path: Path) -> str:
                 f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain "
                 "UTF-8 files)"
             ) from None
+        encoding = next((name for bom, name in UNICODE_BOMS.items() if data.startswith(bom)), None)
+        if encoding is not None:
+            raise UsageError(
+                f"{path}: {encoding} text, not UTF-8; fix: convert it to UTF-8 "
+                f"(iconv -f {encoding} -t UTF-8)"
+            ) from None
         raise UsageError(
             f"{path}: not UTF-8 text (byte {error.start}); fix: convert it to UTF-8 or remove it"
         ) from None
     except OSError as error:
         raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
+    if "\0" in text:
+        raise UsageError(
+            f"{path}: holds NUL bytes (byte {data.index(0)}), as binary files and UTF-16 text do, "
+            "not UTF-8 text; fix: convert it to UTF-8 or remove it"
+        )
+    return text
 
 
 def read_lines(path: Path) -> list[str]:
@@ -421,6 +543,10 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
+        # a byte-order mark opening a line is where `cat a.jsonl b.jsonl` joined two files that
+        # a Windows editor saved: no part of the record, which json refused ("decode using
+        # utf-8-sig", an advice no user of lowbit can take)
+        line = line.removeprefix("\ufeff")
         record = _json_value(line, where, f"one JSON object per line{as_read}")
         found = _record_text(record, where, text_field, f"one object per line{as_read}")
         docs.append(Document(f"{name}:{number}", found))
