@@ -79,23 +79,33 @@ class AmaxHistory:
     and a run resumed from the checkpoint written after an evaluation would differ).
     The history lives on the device of the amaxes it records (moved there on first use, e.g. after
     loading a checkpoint onto the CPU), so that a GPU layer's scale never waits for a copy.
+
+    Under `torch.compile` the amaxes go into ``traced_pending`` instead, in place: a layer's
+    autograd function is traced whole, and Dynamo breaks the graph at an attribute assignment
+    inside it (``pending = ...``), not at a write into a tensor. `commit` takes both; eager runs
+    leave ``traced_pending`` at -inf (nothing recorded), so their ``pending`` is as it was.
     """
 
     def __init__(self, length: int):
         self.history = torch.zeros(length, dtype=torch.float32)
         self.filled = 0
+        # Whether the scale comes from the history (after the first commit), so that the current
+        # amax is needed only for the history. A bool of its own, not `filled > 0`: a compiled
+        # graph guards on the values it reads, and reading the count recompiled it at every
+        # commit until the history was full (past Dynamo's recompile limit: eager from then on).
+        self.delayed = False
         self.pending: torch.Tensor | None = None
+        self.traced_pending = torch.tensor(float("-inf"))
         self.recording = True
-
-    @property
-    def delayed(self) -> bool:
-        """Whether the scale comes from the history (after the first commit), so that the current
-        amax is needed only for the history, not before quantizing."""
-        return self.filled > 0
 
     def record(self, current: torch.Tensor) -> None:
         """Hold this step's amax for the next `commit` (in training mode)."""
-        if self.recording:
+        if not self.recording:
+            return
+        if torch.compiler.is_compiling():
+            held = self.traced_pending
+            held.copy_(torch.maximum(held.to(current.device), current.detach()))
+        else:
             self.pending = current if self.pending is None else torch.maximum(self.pending, current)
 
     def delayed_amax(self, device: torch.device) -> torch.Tensor:
@@ -111,16 +121,24 @@ class AmaxHistory:
     def _move_to(self, device: torch.device) -> None:
         if self.history.device != device:
             self.history = self.history.to(device)
+            self.traced_pending = self.traced_pending.to(device)
 
     def commit(self) -> None:
         """Roll the history and append this step's amax (called once per optimizer step)."""
-        if self.pending is None or not torch.isfinite(self.pending):
+        # -inf (nothing recorded) unless a compiled graph recorded: neutral under the maximum, and
+        # not finite, as a step with no amax at all (merged without a bool, which would sync a GPU)
+        traced = self.traced_pending
+        pending = traced.clone() if self.pending is None else torch.maximum(self.pending, traced)
+        traced.fill_(float("-inf"))
+        self.pending = pending
+        if not torch.isfinite(self.pending):
             self.pending = None  # an overflowing step does not poison the history
             return
         self._move_to(self.pending.device)
         self.history = torch.roll(self.history, 1)
         self.history[0] = self.pending.detach().float()
         self.filled = min(self.filled + 1, len(self.history))
+        self.delayed = True
         self.pending = None
 
     def state_dict(self) -> dict:
@@ -129,7 +147,9 @@ class AmaxHistory:
     def load_state_dict(self, state: dict) -> None:
         self.history = state["history"].clone().float()
         self.filled = int(state["filled"])
+        self.delayed = self.filled > 0
         self.pending = None
+        self.traced_pending.fill_(float("-inf"))
 
 
 def plain_cast(x: torch.Tensor, spec: OperandSpec) -> QTensor:
