@@ -214,10 +214,18 @@ class _FailureRecord:
 
 def available() -> bool:
     """True when the fused kernels are compiled and loaded (builds them on the first call)."""
-    if _state["loaded"] is None:
-        with _lock:
-            if _state["loaded"] is None:
-                _state["loaded"] = _load()
+    loaded = _state["loaded"]
+    return _load_once() if loaded is None else loaded
+
+
+@torch.compiler.assume_constant_result
+def _load_once() -> bool:
+    """`available`'s first call. Marked constant so that a model compiled before its first eager
+    step builds the kernels while Dynamo traces it (which runs such a function and keeps its
+    result), instead of breaking the graph at the lock around the build at every quantization."""
+    with _lock:
+        if _state["loaded"] is None:
+            _state["loaded"] = _load()
     return _state["loaded"]
 
 
