@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, file_in_the_way
+from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.tasks import data_fingerprint, same_data
 
@@ -41,6 +42,8 @@ RECORD = "compare.json"  # written into a run folder when the run is finished an
 LOAD = "compare-jobs.json"
 SETTINGS = "compare.json"  # written into the compare folder: what the study is
 REPORT_DIR = "report"
+# The files `compare` writes into the report folder (the plots among them unless --no-plots)
+REPORT_FILES = ("report.md", "report.html", "results.json", *PLOT_FILES)
 # Settings of a run that may differ for a finished run to be reused: where it is written, where
 # it logs, and which checkpoints it keeps (the losses do not depend on them); and the device as
 # spelled (`auto`), which is compared as it resolves instead (`_check_device`).
@@ -81,6 +84,9 @@ PARITY_TARGETS: dict[str, Target] = {
     "nvfp4": Target(2.0, "NVIDIA 2025: NVFP4 about 1-1.5%"),
     "mxfp4": Target(3.0, "Tseng 2025: MXFP4 with SR and random Hadamard"),
 }
+
+# The tasks whose runs count validation accuracy per label (`_per_label`: their tasks predict).
+LABELLED_TASKS = ("token-classification", "image-classification")
 
 TASK_METRIC = {
     "causal-lm": "ppl",
@@ -746,12 +752,57 @@ def verdict_digits(gap: float, noise: float, pct: float, seeds: int) -> int:
     return 3  # closer than 1e-6 %, or apart by binary noise alone: equal to any reader
 
 
+def _stalled_seeds(runs: list[dict]) -> list[int]:
+    """Seeds whose run skipped every one of its steps (non-finite gradients at every step, as
+    fp16 at too high a --loss-scale has): its weights never changed, and its final loss, the
+    untrained model's, beside a baseline that hardly moved (a low --lr, a few steps) read PASS."""
+    return [r["seed"] for r in runs if r.get("steps") and r.get("skipped_steps", 0) >= r["steps"]]
+
+
+def _judge(study: Study, recipe: str, runs, base_runs, gap: float, spread: float):
+    """The verdict line and whether ``recipe`` meets its target (None: no verdict), where a run of
+    it or of the baseline diverged or never updated its weights (`_stalled_seeds`) before the
+    gap decides (`verdict`)."""
+    baseline = study.baseline
+    fix = "a lower --lr" if _without_loss_scaling(recipe) else "a lower --loss-scale or --lr"
+    if recipe == baseline:
+        if seeds := _non_finite_seeds(runs):
+            return (
+                f"the baseline diverged (non-finite loss) with {_seeds(seeds)}: no recipe can be "
+                "judged against it; fix: a lower --lr or another --baseline"
+            ), False
+        if seeds := _stalled_seeds(runs):
+            return (
+                f"the baseline skipped every step (non-finite gradients) with {_seeds(seeds)}, so "
+                f"its weights never changed: no recipe can be judged against it; fix: {fix}, or "
+                "another --baseline"
+            ), False
+        return "baseline", True
+    if seeds := _non_finite_seeds(runs):
+        return f"FAIL: diverged (non-finite loss) with {_seeds(seeds)}", False
+    if seeds := _non_finite_seeds(base_runs):
+        return (
+            f"no verdict: the baseline {baseline} diverged (non-finite loss) with "
+            f"{_seeds(seeds)}, so there is no gap to judge"
+        ), None
+    if seeds := _stalled_seeds(base_runs):
+        return (
+            f"no verdict: the baseline {baseline} skipped every step with {_seeds(seeds)}, so "
+            "there is no gap to judge"
+        ), None
+    if seeds := _stalled_seeds(runs):
+        return (
+            f"no verdict: skipped every step (non-finite gradients) with {_seeds(seeds)}, so its "
+            f"weights never changed and its loss is the untrained model's; fix: {fix}"
+        ), None
+    return verdict(gap, spread, study.target(recipe), len(runs))
+
+
 def summarize(study: Study, records: dict) -> dict:
     """The study's results: per recipe means, gaps, verdicts, per-label changes, mean curves."""
     task = study.base["task"]
     metric = TASK_METRIC[task]
     base_runs = records[study.baseline]
-    base_failed = _non_finite_seeds(base_runs)
     base_val = [final_loss(r) for r in base_runs]
     base_train = [_finite(r["train_loss"]) for r in base_runs]
     base_tp = _throughput(base_runs)
@@ -765,31 +816,14 @@ def summarize(study: Study, records: dict) -> dict:
         train_gap, train_spread = _gap(train, base_train)
         target = study.target(recipe)
         diverged = _non_finite_seeds(runs)
-        if recipe == study.baseline:
-            line, ok = "baseline", True
-            if diverged:
-                line = (
-                    f"the baseline diverged (non-finite loss) with seed {diverged[0]}: no recipe "
-                    "can be judged against it; fix: a lower --lr or another --baseline"
-                )
-                ok = False
-        elif diverged:
-            line, ok = f"FAIL: diverged (non-finite loss) with seed {diverged[0]}", False
-        elif base_failed:
-            line = (
-                f"no verdict: the baseline {study.baseline} diverged (non-finite loss) with seed "
-                f"{base_failed[0]}, so there is no gap to judge"
-            )
-            ok = None
-        else:
-            line, ok = verdict(gap, spread, target, len(runs))
+        line, ok = _judge(study, recipe, runs, base_runs, gap, spread)
         throughput = _throughput(runs)
         metrics = {
             name: _mean_std([_finite(r["final_metrics"].get(name)) for r in runs])
             for name in ("accuracy", "entity_f1", "ppl")
             if any(name in r["final_metrics"] for r in runs)
         }
-        base_labels, labels = _paired_label_accuracy(base_runs, runs)
+        base_labels, labels, no_labels = _paired_label_accuracy(base_runs, runs, study.baseline)
         measured = [r for r in runs if r.get("memory")]
         label_change = {
             name: {
@@ -824,6 +858,10 @@ def summarize(study: Study, records: dict) -> dict:
             "verdict": line,
             "meets_target": ok,
             "per_label": label_change,
+            # why the recipe has no per-label change (None: it has one, or the task counts none)
+            "per_label_missing": (
+                no_labels if recipe != study.baseline and task in LABELLED_TASKS else None
+            ),
             "layers": runs[0].get("layers"),  # absent in records from before session 11
             "non_finite_evaluations": _non_finite_evaluations(runs, curves),
             "curves": _mean_curves(curves),
@@ -932,17 +970,36 @@ def _label_accuracy(runs: list[dict]) -> dict[str, float]:
     return {name: c / t for name, (c, t) in totals.items() if t}
 
 
-def _paired_label_accuracy(base_runs: list[dict], runs: list[dict]) -> tuple[dict, dict]:
+def _paired_label_accuracy(
+    base_runs: list[dict], runs: list[dict], baseline: str
+) -> tuple[dict, dict, str | None]:
     """Per-label accuracy of the baseline and of a recipe, each pooled over the seeds where both
     runs counted them: a seed stopped by a non-finite loss has no counts, and the baseline pooled
     over every seed against the recipe's others would read seed-to-seed differences as what the
-    recipe forgets. With no such seed, the baseline's over all of its seeds and none of the
-    recipe's (the report's "no seed finished")."""
+    recipe forgets. With no such seed, the baseline's over all of its seeds, none of the recipe's,
+    and why no change is measured, which the report prints: a baseline that finished no seed
+    left the section out without a word, and seeds finished by each side but none by both read
+    "no seed finished" for a recipe that had."""
     by_seed = {b["seed"]: b for b in base_runs if b.get("per_label")}
+    counted = [r["seed"] for r in runs if r.get("per_label")]
     paired = [(by_seed[r["seed"]], r) for r in runs if r.get("per_label") and r["seed"] in by_seed]
-    if not paired:
-        return _label_accuracy(base_runs), {}
-    return _label_accuracy([b for b, _ in paired]), _label_accuracy([r for _, r in paired])
+    if paired:
+        pooled = _label_accuracy([b for b, _ in paired]), _label_accuracy([r for _, r in paired])
+        return *pooled, None
+    if not by_seed:
+        why = f"the baseline {baseline} finished no seed: nothing to compare against"
+    elif not counted:
+        why = "no seed finished"
+    else:
+        why = (
+            f"no seed finished by both: the baseline {_seeds(sorted(by_seed))}, this recipe "
+            f"{_seeds(counted)}"
+        )
+    return _label_accuracy(base_runs), {}, why
+
+
+def _seeds(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def _non_finite_evaluations(runs: list[dict], curves: list[dict]) -> dict[int, list[int]]:
@@ -986,6 +1043,20 @@ def check_out(study: Study, overwrite: bool) -> None:
         raise UsageError(
             f"--out {study.out}: {blocking} is a file, not a folder; fix: choose another --out"
         )
+    # found only when the study writes there, the report's after every run has trained
+    report = study.out / REPORT_DIR
+    for path in (study.out / "runs", report):
+        if path.exists() and not path.is_dir():
+            raise UsageError(
+                f"--out {study.out}: {path} is a file where the study writes a folder; fix: "
+                "move it away, or choose another --out"
+            )
+    for path in (report / name for name in REPORT_FILES):
+        if path.is_dir():
+            raise UsageError(
+                f"--out {study.out}: {path} is a folder where the report writes a file; fix: "
+                "move it away, or choose another --out"
+            )
     path = study.out / SETTINGS
     if path.is_file() and not overwrite:
         try:
@@ -1069,7 +1140,6 @@ def compare(
     threads each (default: the cores shared out; `lowbit.report.parallel`)."""
     from lowbit.report.html import write_html
     from lowbit.report.markdown import write_markdown
-    from lowbit.report.plots import FILES as PLOT_FILES
     from lowbit.report.plots import write_plots
 
     check_out(study, overwrite)

@@ -18,6 +18,9 @@ SHORT = {
     "temporaries": "temp",
 }
 WORST_LABELS = 3  # per recipe in the "what the model forgets" table
+# Evaluations in the gap-by-evaluation table at most: a 5000-step run evaluated every 100 steps
+# made a table 51 columns wide, which no page shows (results.json holds every evaluation).
+GAP_COLUMNS = 12
 
 
 def _pm(pair, digits=4, seeds=2) -> str:
@@ -135,11 +138,12 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     ]
     label_rows = []
     for name, r in rows.items():
-        if name == base or not r["per_label"]:
+        if name == base:
             continue
-        if not any(math.isfinite(c["change_pp"]) for c in r["per_label"].values()):
-            # every seed stopped on a non-finite loss before its per-label evaluation
-            label_rows.append([name, "every label", "—", "n/a", "n/a (no seed finished)"])
+        if r.get("per_label_missing"):  # no seed both runs finished: none counted per label
+            label_rows.append([name, "every label", "—", "n/a", f"n/a ({r['per_label_missing']})"])
+            continue
+        if not r["per_label"]:
             continue
         worst = sorted(
             ((label, c) for label, c in r["per_label"].items() if _dropped(c["change_pp"])),
@@ -201,6 +205,14 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
             [],
             [],
         )
+    shown = ""
+    if len(steps) > GAP_COLUMNS:  # evenly spaced, the first and the last (the loss table's) kept
+        shown = (
+            f"; {GAP_COLUMNS} of the {len(steps)} evaluations, evenly spaced (results.json holds "
+            "every one)"
+        )
+        last = len(steps) - 1
+        steps = [steps[round(i * last / (GAP_COLUMNS - 1))] for i in range(GAP_COLUMNS)]
     table_rows = []
     for name, r in results["recipes"].items():
         if name == base:
@@ -210,7 +222,7 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
     return (
         "Validation gap by evaluation (gap to the baseline's mean validation loss at each "
         "evaluation: a gap that shrinks along a row is a recipe converging later, one that holds "
-        "or grows a cost in final loss)",
+        f"or grows a cost in final loss{shown})",
         ["recipe", *(f"step {step}" for step in steps)],
         table_rows,
     )

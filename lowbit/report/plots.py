@@ -61,24 +61,37 @@ def write_plots(results: dict, folder: Path) -> dict[str, Path]:
     return out
 
 
+COLORS = 10  # matplotlib's default colour cycle, "C0" to "C9"
+
+
+def _style(index: int) -> tuple[str, str, str]:
+    """The colour, line style and validation marker of the ``index``-th recipe's curves: a colour
+    each for the first ten, then the colours again with another line style and marker. By colour
+    alone, the 11th recipe of a study drew in the 1st's (the baseline's) colour, and the legend
+    could not tell them apart."""
+    cycle = index // COLORS % 4
+    return f"C{index % COLORS}", ("-", "--", ":", "-.")[cycle], ("o", "s", "^", "D")[cycle]
+
+
 def _loss_curves(results, path):
     plt, fig, (ax, dx) = _figure(1, 2, figsize=(13, 4.8))
     base = results["recipes"][results["baseline"]]["curves"]
     base_train = dict(base["train"])
     base_val = dict(base["validation"])
-    for name, r in results["recipes"].items():
+    for i, (name, r) in enumerate(results["recipes"].items()):
+        color, dashes, marker = _style(i)
         steps = [s for s, _ in r["curves"]["train"]]
         loss = _smooth([v for _, v in r["curves"]["train"]])
-        (line,) = ax.plot(steps, loss, label=name, lw=1.2)
+        ax.plot(steps, loss, dashes, label=name, lw=1.2, color=color)
         val = r["curves"]["validation"]
-        ax.plot([s for s, _ in val], [v for _, v in val], "o", ms=3, color=line.get_color())
-        _mark_non_finite(ax, val, line.get_color())
+        ax.plot([s for s, _ in val], [v for _, v in val], marker, ms=3, color=color)
+        _mark_non_finite(ax, val, color)
         common = [s for s in steps if s in base_train]
         diff = _smooth([dict(r["curves"]["train"])[s] - base_train[s] for s in common])
-        dx.plot(common, diff, lw=1.2, color=line.get_color(), label=name)
+        dx.plot(common, diff, dashes, lw=1.2, color=color, label=name)
         vcommon = [(s, v - base_val[s]) for s, v in val if s in base_val]
-        dx.plot([s for s, _ in vcommon], [d for _, d in vcommon], "o", ms=3, color=line.get_color())
-        _mark_non_finite(dx, vcommon, line.get_color())
+        dx.plot([s for s, _ in vcommon], [d for _, d in vcommon], marker, ms=3, color=color)
+        _mark_non_finite(dx, vcommon, color)
     ax.set(
         xlabel="step",
         ylabel="loss",
@@ -151,7 +164,9 @@ def _speed_memory(results, path):
             mx.text(i, 0, "n/a", **at_bottom)
     mx.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
     mx.set(ylabel="bytes per parameter", title="training memory by component")
-    mx.legend(fontsize=7)
+    # beside the axes: inside, where every bar reaches the top (a long recipe list), it covered
+    # the first recipes' bars
+    mx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
