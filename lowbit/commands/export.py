@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 NAME = "export"
 HELP = (
@@ -32,8 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from lowbit.infer import export_hf
 
-    info = export_hf(args.source, args.out, args.dtype, args.force, args.max_shard_size)
-    print(f"lowbit export: {info['source']} (step {info['step']}) -> {args.out}")
+    # a quoted ~ (`--out=~/q`, where the shell expands none, or a script's argument) is the
+    # home folder, as `lowbit eval` and `lowbit train` read it: it named a folder ~ here
+    out = os.path.expanduser(args.out)
+    info = export_hf(
+        os.path.expanduser(args.source), out, args.dtype, args.force, args.max_shard_size
+    )
+    print(f"lowbit export: {info['source']} (step {info['step']}) -> {out}")
     shards = sum(name.endswith(".safetensors") for name in info["files"])  # --max-shard-size
     size = f"{info['bytes'] / 1e6:.3f} MB" + (f" in {shards} files" if shards > 1 else "")
     if info["quantization"]:
@@ -48,5 +54,5 @@ def run(args) -> int:
         print(f"  weights: {info['original']} written as {info['dtype']}, {size}")
     if info["tokenizer_files"]:
         print(f"  tokenizer files: {', '.join(info['tokenizer_files'])}")
-    print(f"  load: AutoModelForCausalLM.from_pretrained({args.out!r})")
+    print(f"  load: AutoModelForCausalLM.from_pretrained({out!r})")
     return 0

@@ -4,6 +4,7 @@ causal LM."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lowbit.errors import UsageError, a_task_run, check_given
@@ -67,7 +68,7 @@ def _read_prompt_file(path: str) -> str:
         if path == "-":
             data = sys.stdin.buffer.read()
         else:
-            with open(path, "rb") as file:
+            with open(os.path.expanduser(path), "rb") as file:  # a quoted ~ too
                 data = file.read()
     except FileNotFoundError:
         raise UsageError(
@@ -128,7 +129,9 @@ def run(args) -> int:
     # before the model loads (seconds for a large one)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
     prompt = _prompt(args)
-    loaded = load_run(args.run_dir, args.checkpoint, args.device)
+    # a quoted ~ (a script's argument) is the home folder, as `lowbit eval` reads it
+    checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
+    loaded = load_run(os.path.expanduser(args.run_dir), checkpoint, args.device)
     if loaded.config.task != "causal-lm":
         raise UsageError(
             f"{args.run_dir} is {a_task_run(loaded.config.task)}; fix: generate from a causal-lm run"

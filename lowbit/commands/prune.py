@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -42,7 +43,12 @@ def run(args) -> int:
         raise UsageError(
             f"--max-batches {args.max_batches} is negative; fix: use 1 or more (0: all)"
         )
-    result = prune_run(args.run_dir, args.sparsity, args.pattern, args.out, args.force)
+    # a quoted ~ (`--out=~/q`, where the shell expands none, or a script's argument) is the
+    # home folder, as `lowbit eval` and `lowbit train` read it: it named a folder ~ here
+    out = args.out and os.path.expanduser(args.out)
+    result = prune_run(
+        os.path.expanduser(args.run_dir), args.sparsity, args.pattern, out, args.force
+    )
     m = result.manifest
     print(f"lowbit prune: {result.source.describe()} -> {result.out}")
     print(

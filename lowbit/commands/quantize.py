@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 NAME = "quantize"
@@ -58,13 +59,15 @@ def run(args) -> int:
     from lowbit.infer import quantize_run
     from lowbit.infer.evaluate import size_change
 
+    # a quoted ~ (`--out=~/q`, where the shell expands none, or a script's argument) is the
+    # home folder, as `lowbit eval` and `lowbit train` read it: it named a folder ~ here
     result = quantize_run(
-        args.run_dir,
+        os.path.expanduser(args.run_dir),
         args.to,
         args.mode or "weights-only",
         args.group_size,
         args.pad_groups,
-        args.out,
+        args.out and os.path.expanduser(args.out),
         args.force,
     )
     m = result.manifest

@@ -38,9 +38,8 @@ VERSION = 1
 _COPIED = ("config.yaml", "tokenizer", "vocab.json", "labels.json")
 # what makes a folder an inference folder or an export: moved in last, moved away first
 MANIFESTS = (MANIFEST, EXPORT_INFO)
-# What an inference folder or an export writes: ``--force`` into a folder holding either replaces
-# these (`_move_in`), so that no description (quantization.json, an exported config.json) outlives
-# the weights it described; the user's other files stay.
+# The names an inference folder or an export writes: beside neither manifest, a file of one of
+# them is the user's, and `_check_out` refuses such a folder even with --force.
 _ARTIFACTS = (
     MANIFEST,
     WEIGHTS,
@@ -50,6 +49,9 @@ _ARTIFACTS = (
     INDEX,  # an export transformers sharded
     EXPORT_INFO,
 )
+# What a quantized or pruned folder written before its manifest listed its files (`listing`) is
+# taken to hold: a folder of either kind never wrote an export's config.json or index.
+_FOLDER_WROTE = (MANIFEST, WEIGHTS, *_COPIED)
 # transformers' shards of a large export (`save_pretrained`'s max_shard_size): a folder of a model
 # whose shards no manifest describes is refused (`_check_out`); --force replaces an earlier
 # export's shards by their names in its file list or index, never by this pattern (`_artifacts`)
@@ -100,12 +102,43 @@ def read_manifest(path) -> dict:
         manifest = json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, ValueError) as error:
         raise UsageError(f"{path}/{MANIFEST}: unreadable ({error}); fix: quantize again") from None
-    if manifest.get("version") != VERSION:
+    if isinstance(manifest, dict) and manifest.get("version") != VERSION:
         raise UsageError(
             f"{path}: written by another lowbit version (format {manifest.get('version')}); "
             "fix: quantize again"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UsageError(f"{path}/{MANIFEST}: {problem} (edited by hand?); fix: quantize again")
     return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What keeps a manifest of this version from being read (a file edited or damaged into
+    other JSON): each reader takes these entries for granted, and one missing would be a
+    traceback in whichever command came to it first."""
+    from lowbit.infer.quant import QuantRecipe
+
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    source = manifest.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+        return "no source path"
+    if not isinstance(source.get("step"), int):
+        return "no source step"
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
+        return "no list of the layers it changed"
+    pruning = manifest.get("pruning")
+    if pruning is not None and not (isinstance(pruning, dict) and "rule" in pruning):
+        return "a pruning entry without its rule"
+    q = manifest.get("quantization")
+    if q is not None:
+        try:
+            QuantRecipe.from_dict(q)
+        except (UsageError, ValueError, TypeError, KeyError) as error:
+            return f"a quantization it cannot read ({_one_line(error).split('; fix:')[0]})"
+    return None
 
 
 def training_run(path) -> Path:
@@ -345,7 +378,7 @@ def _check_out(out: Path, force: bool) -> None:
     # neither manifest are the user's own: --force replaces only what lowbit wrote
     described = any((out / name).is_file() for name in MANIFESTS)
     shards = sorted(p.name for p in out.iterdir() if _SHARD.fullmatch(p.name))
-    foreign = [] if described else [*(p.name for p in _artifacts(out)), *shards]
+    foreign = [] if described else [n for n in _ARTIFACTS if (out / n).exists()] + shards
     if foreign:
         raise UsageError(
             f"{out} holds {', '.join(foreign)} that no lowbit quantize, prune or export wrote "
@@ -357,29 +390,40 @@ def _check_out(out: Path, force: bool) -> None:
         )
 
 
+def listing(out: Path, manifest: str) -> list[str]:
+    """Every name in the finished folder ``out`` and its ``manifest``, about to be written: the
+    ``files`` an inference folder or export records, and exactly what a later --force replaces
+    (`_artifacts`)."""
+    return sorted({*(item.name for item in out.iterdir()), manifest})
+
+
 def _artifacts(out: Path) -> list[Path]:
     """What an earlier inference folder or export wrote into ``out``, its manifests first: moved
-    away in this order, a folder never looks complete while its weights are gone. An export lists
-    every file it wrote (`EXPORT_INFO`'s ``files``): those. A quantized or pruned folder, or an
-    export from before that list, is taken to have written the names such folders write
-    (`_ARTIFACTS`), the old export's tokenizer files and weight shards as its `EXPORT_INFO` and
-    its index name them. A file ``model-N-of-M.safetensors`` that neither names is the user's:
-    taken for a shard by its name alone, it was moved away and deleted."""
-    info = _export_info(out)
-    if isinstance(info.get("files"), list):
-        names = [*MANIFESTS, *_entries(info["files"])]
-    else:
-        names = [*_ARTIFACTS, *_entries(info.get("tokenizer_files"))]
-        if info:  # no quantized or pruned folder shards its weights
-            names += _indexed_shards(out)
+    away in this order, a folder never looks complete while its weights are gone. Both manifests
+    go, so that no description outlives the weights it described; besides them, the files its
+    manifest lists (`listing`), never a name the folder did not write (a user's config.json beside
+    a quantized folder). A folder from before the lists: a quantized or pruned one's
+    `_FOLDER_WROTE`, an export's `_ARTIFACTS` and the tokenizer files and weight shards its
+    `EXPORT_INFO` and index name; a file ``model-N-of-M.safetensors`` that neither names is the
+    user's: taken for a shard by its name alone, it was moved away and deleted."""
+    names = list(MANIFESTS)
+    if (out / MANIFEST).is_file():
+        files = _read_dict(out / MANIFEST).get("files")
+        names += _entries(files) if isinstance(files, list) else _FOLDER_WROTE
+    if (out / EXPORT_INFO).is_file():
+        info = _read_dict(out / EXPORT_INFO)
+        if isinstance(info.get("files"), list):
+            names += _entries(info["files"])
+        else:
+            names += [*_ARTIFACTS, *_entries(info.get("tokenizer_files")), *_indexed_shards(out)]
     names = sorted(dict.fromkeys(names), key=lambda name: name not in MANIFESTS)
     return [out / name for name in names if (out / name).exists()]
 
 
-def _export_info(out: Path) -> dict:
-    """An export's `EXPORT_INFO` in ``out``; empty where there is none or it is unreadable."""
+def _read_dict(file: Path) -> dict:
+    """The JSON object in ``file`` (a manifest); empty where it is unreadable or no object."""
     try:
-        info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
+        info = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -502,12 +546,32 @@ def _umask_modes(folder: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
+# Folders of a source that a step reads or a run writes into: an --out inside one is refused.
+_SOURCE_FOLDERS = (*_COPIED, "checkpoints")
+
+
+def check_outside(out: Path, source: Path) -> None:
+    """Refuse an ``--out`` that is the source folder (--force would delete what the step reads)
+    or lies inside one of its folders the step reads or the run writes (`_SOURCE_FOLDERS`): one
+    written into the tokenizer/ it copies was copied into itself without end (a traceback), and
+    one written into the run's checkpoints/ became part of the run. Elsewhere inside the source
+    (``RUN/int8``) is a place to keep it."""
+    out, source = Path(out), Path(source)
+    if out.resolve() == source.resolve():
+        raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
+    for name in _SOURCE_FOLDERS:
+        inner = (source / name).resolve()
+        if out.resolve() == inner or inner in out.resolve().parents:
+            raise UsageError(
+                f"--out {out} is inside the source folder's {name}; fix: choose a folder outside it"
+            )
+
+
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
     """Write an inference folder for ``model`` (derived from ``source``) to ``out``; records the
     size of the source's weights and of the written ``model.safetensors`` in ``bytes``."""
     final = Path(out)
-    if final.resolve() == source.path.resolve():
-        raise UsageError(f"--out {final} is the source folder; fix: choose another folder")
+    check_outside(final, source.path)
     with staged_out(final, force) as out:
         _write(source, model, manifest, out)
     return final
@@ -539,6 +603,7 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         **manifest,
         "version": VERSION,
         "bytes": {"original": original, "quantized": (out / WEIGHTS).stat().st_size},
+        "files": listing(out, MANIFEST),  # what a later --force replaces, and nothing else
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

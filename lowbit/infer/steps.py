@@ -189,8 +189,7 @@ def export_hf(
             f"{path} is {a_task_run(source.config.task)}; fix: export a causal-lm run (the "
             "Hugging Face folder is an AutoModelForCausalLM)"
         )
-    if Path(out).resolve() == source.path.resolve():  # --force would delete the folder exported
-        raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
+    io.check_outside(Path(out), source.path)
     dequantize_model(source.model)
     _untie_quantized_head(source.model)
     _end_of_text_ids(source.model, source.task.tokenizer)
@@ -220,7 +219,7 @@ def _write_export(source: io.Source, model, dtype: str, out: Path, shard_bytes: 
         "bytes": sum(file.stat().st_size for file in out.glob("*.safetensors")),
         "tokenizer_files": copied,
         # everything this export wrote, itself included: what a later --force replaces
-        "files": sorted([*(item.name for item in out.iterdir()), io.EXPORT_INFO]),
+        "files": io.listing(out, io.EXPORT_INFO),
     }
     (out / io.EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
