@@ -74,6 +74,15 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
         for kind in GEMM_KINDS:
             in_features[f"{name} ({kind})"] = expert_linears(layer, kind)[0].in_features
     check_divides(recipe, in_features)
+    _check_finite(
+        [(name, as_linear(layer).weight) for _, _, name, layer in linears]
+        + [
+            (f"{name} ({kind})", linear.weight)
+            for _, _, name, layer in experts
+            for kind in GEMM_KINDS
+            for linear in expert_linears(layer, kind)
+        ]
+    )
     for parent, child_name, name, layer in linears:
         quantized = QuantLinear.from_linear(as_linear(layer), recipe)
         quantized.dense_type = type(layer)
@@ -90,6 +99,18 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
         elif (layout := other_experts_layout(module)) is not None:
             report.kept[name] = f"{layout}: not quantized"
     return report
+
+
+def _check_finite(weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse weights holding inf or NaN before any layer changes: no format's scale describes
+    them (MXFP4's e2m1 has no code for NaN at all: its packing failed with a traceback), and a
+    model that holds them computes NaN whatever it is quantized to."""
+    for name, weight in weights:
+        if not bool(torch.isfinite(weight).all()):
+            raise UsageError(
+                f"{name}: its weight holds inf or NaN, which no quantized format stores (the run "
+                "diverged?); fix: quantize a run whose checkpoint holds finite weights"
+            )
 
 
 def shell_model(model: torch.nn.Module, recipe: QuantRecipe, names) -> None:
