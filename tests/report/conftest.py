@@ -33,6 +33,19 @@ def study_on_one_thread(out, recipes: str, settings: dict, seeds: int, **options
         torch.set_num_threads(threads)
 
 
+# A two-step image-classification study: fast, and its per-label counts are real.
+IMAGES = {"task": "image-classification", "batch_size": 16, "steps": 2, "eval_batches": 1}
+
+
+@pytest.fixture(scope="session")
+def image_study(tmp_path_factory):
+    """fp32 against bf16-mixed on the digits, two seeds, built once: tests copy it before
+    editing (a module that wants another study defines its own ``image_study``)."""
+    out = tmp_path_factory.mktemp("images") / "img"
+    study_on_one_thread(out, "fp32,bf16-mixed", IMAGES, seeds=2, plots=False)
+    return out
+
+
 PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
 
 

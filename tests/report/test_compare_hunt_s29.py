@@ -11,17 +11,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.markdown import verdict_lines
-from tests.report.conftest import quiet, study_on_one_thread
-
-IMAGES = {"task": "image-classification", "batch_size": 16, "steps": 2, "eval_batches": 1}
-
-
-@pytest.fixture(scope="module")
-def image_study(tmp_path_factory):
-    """fp32 against bf16-mixed on the digits, two seeds (tests copy it before editing)."""
-    out = tmp_path_factory.mktemp("s29") / "img"
-    study_on_one_thread(out, "fp32,bf16-mixed", IMAGES, seeds=2, plots=False)
-    return out
+from tests.report.conftest import IMAGES, quiet
 
 
 def _edited(image_study, tmp_path, runs: dict, baseline=None):
