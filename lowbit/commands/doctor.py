@@ -122,6 +122,13 @@ def run(args) -> int:
     blocking = file_in_the_way(out)
     if blocking is not None:
         raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
+    # a folder where a report file goes failed when the results were written, after the probe
+    for name in ("doctor.json", "doctor.png"):
+        if (out / name).is_dir():
+            raise UsageError(
+                f"{out / name}: a folder where the doctor writes its {name}; fix: choose another "
+                "--out, or move that folder"
+            )
     unused = [flag for flag in UNUSED if getattr(args, flag[2:].replace("-", "_")) is not None]
     if unused:
         print(

@@ -49,7 +49,6 @@ import torch
 
 from lowbit.diagnostics.stats import (
     OPERANDS,
-    STATS,
     StatsCollector,
     _finish,
     clips_unbounded,
@@ -105,26 +104,6 @@ def judge(
     return None
 
 
-# the place of the non-finite share in the raw statistics vector (`_finish`'s order, as `STATS`')
-_NONFINITE = STATS.index("nonfinite")
-
-
-class GuardCollector(StatsCollector):
-    """The controller's `StatsCollector`. With gradient accumulation it keeps, per operand, the
-    last micro-batch's statistics unless an earlier micro-batch had more non-finite values: the
-    guard (`AutoPrecision.escalate`) names the operands that overflowed from them, and a step's
-    overflow can come from any micro-batch (from the last alone, a clean one, it found no
-    culprit and moved every operand of every layer up a rung). Healthy steps log as before."""
-
-    def _observe(self, layer: str, operand: str, x_hp: torch.Tensor, q) -> None:
-        earlier = self._pending.get((layer, operand))
-        super()._observe(layer, operand, x_hp, q)
-        if earlier is not None:
-            later, *names = self._pending[(layer, operand)]
-            worse = earlier[0][_NONFINITE] > later[_NONFINITE]
-            self._pending[(layer, operand)] = (torch.where(worse, earlier[0], later), *names)
-
-
 @dataclass
 class AutoPrecision:
     """The ``auto`` controller over a converted model (see the module docstring)."""
@@ -172,7 +151,7 @@ class AutoPrecision:
         # where quantizing every operand to every rung would triple a step's cost for nothing.
         self._checking = False
         self._input_hooks: list = []
-        self.collector = GuardCollector(self.model, extra=self._what_if)
+        self.collector = StatsCollector(self.model, extra=self._what_if)
         for name, layer in self.layers.items():
             layer.lowbit_state.dynamic_spec = True
             planned = (op for op in OPERANDS if op not in self.fixed[name])

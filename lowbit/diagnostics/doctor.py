@@ -26,6 +26,9 @@ The probe also flags the known failure patterns:
 - loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more during the
   probe, or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
+- loss scale overflow: probe steps that a dynamic loss scale skipped. What overflowed there is
+  the scaled gradient, not its format, so their output-gradient operands are left out of the
+  table (judged there, they read non-finite, and bf16 overrides fixed nothing);
 - fp16 gradient underflow: fp16 output-gradient operands losing more than `MAX_UNDERFLOW` of
   their nonzero values (the reason loss scaling exists): flushed by their cast to fp16, or, where
   they are fp16 already (``fp16-low``), subnormal (`lowbit.diagnostics.stats`: what underflowed
@@ -95,6 +98,7 @@ class Diagnosis:
     loss: list[float] = field(default_factory=list)
     stopped: str = ""  # why the probe ended before its steps (a non-finite step), or ""
     start_step: int = 0  # the step the probe starts from: the checkpoint's, 0 from scratch
+    moved: int = 0  # operands `auto` moved after their last observed step (`_moved_at_the_end`)
 
     @property
     def flagged(self) -> list[Row]:
@@ -116,6 +120,7 @@ class Diagnosis:
             "override_flags": " ".join(f"--override '{s}'" for s in self.suggestions),
             "probe_loss": [clean(v) for v in self.loss],
             "stopped": self.stopped,
+            "moved_after_probe": self.moved,
         }
 
     def table(self, top: int = 15) -> str:
@@ -127,6 +132,15 @@ class Diagnosis:
             f"lowbit doctor: recipe {self.recipe}, {steps}; "
             f"{len(self.flagged)} of {len(self.rows)} low-precision operands flagged",
             *([f"{self.stopped}; the table is of the steps observed"] if self.stopped else []),
+            *(
+                [
+                    f"{self.moved} operands moved to another format at the probe's last step "
+                    "(auto's check, or its guard), after it: the table judges them in the spec "
+                    "they ran in; more --probe-steps to see them run in the new one"
+                ]
+                if self.moved
+                else []
+            ),
             f"{'#':>3} {'layer':<{named}} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
@@ -372,7 +386,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
     bf16_params = {
         id(p) for p in trainer.model.parameters() if p.dtype == torch.bfloat16 and rounds_nearest
     }
-    per_step, scales, losses, rounded, order = [], [], [], [], []
+    per_step, scales, losses, rounded, order, skipped = [], [], [], [], [], []
     # every spec an operand may be observed in, by description (the statistics' ``spec``): the
     # layers' own, and under ``auto`` each rung's (its guard moves operands within a step)
     specs = {}
@@ -394,6 +408,9 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
             break
         record = next((r for split, r in trainer.records if split == "stats"), {})
         per_step.append(unflatten(record))
+        # skipped by the loss scale for its gradients alone: a non-finite loss overflowed in the
+        # forward pass, which the scale does not touch (its operands' format is the trouble)
+        skipped.append(not out["stepped"] and math.isfinite(out["loss"]))
         order = order or list(trainer.monitor.collector.order)
         scales.append(trainer.precision.loss_scale)
         losses.append(out["loss"])
@@ -409,6 +426,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         "losses": losses,
         "stopped": stopped,
         "rounded_away": rounded,
+        "skipped": skipped,
         "order": order,
         "start_step": start_step,
         "nonfinite_weights": nonfinite_weights,
@@ -434,20 +452,39 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
             }
         )
     scales = result["loss_scales"]
-    if result["dynamic_scaling"] and scales:
-        start = result["initial_loss_scale"]
-        # a fall: a scale the user started below 1 that stayed there collapsed nowhere
-        fell = scales[-1] < start
-        if fell and (scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE):
-            flags.append(
-                {
-                    "pattern": "loss-scale-collapse",
-                    "detail": f"loss scale fell from {start:g} to {scales[-1]:g} in "
-                    f"{len(scales)} steps: gradients overflow at every scale; fix: bf16 or "
-                    "a higher-precision recipe for the overflowing layers",
-                }
-            )
-    last = result["per_step"][-1] if result["per_step"] else {}
+    overflowed = _skipped(result)
+    if overflowed:
+        # the scale each skipped step ran at: the probe's start, then the scale after each step
+        at = [([result["initial_loss_scale"], *scales])[i] for i in overflowed]
+        n = len(result["per_step"])
+        fix = (
+            "fix: a lower --loss-scale (every probe step overflowed, so the probe trained "
+            f"nothing; the scale ended at {scales[-1]:g}) or more --probe-steps"
+            if len(overflowed) == n
+            else "nothing to fix if it settles (a dynamic loss scale halves on each overflow "
+            "until the gradients fit); a lower --loss-scale skips fewer steps"
+        )
+        flags.append(
+            {
+                "pattern": "loss-scale-overflow",
+                "detail": f"{len(overflowed)} of {n} probe steps overflowed at loss scale "
+                f"{max(at):g}" + (f" to {min(at):g}" if min(at) < max(at) else "") + " and were "
+                "skipped: their output-gradient operands are left out of the table (the scale "
+                f"overflowed, not their format); {fix}",
+                "steps": [result.get("start_step", 0) + i + 1 for i in overflowed],
+            }
+        )
+    if _collapsed(result):
+        flags.append(
+            {
+                "pattern": "loss-scale-collapse",
+                "detail": f"loss scale fell from {result['initial_loss_scale']:g} to "
+                f"{scales[-1]:g} in {len(scales)} steps: gradients overflow at every scale; "
+                "fix: bf16 or a higher-precision recipe for the overflowing layers",
+            }
+        )
+    judged = _judged_steps(result)
+    last = judged[-1] if judged else {}
     underflowing = [
         f"{layer}:{op}"
         for layer, ops in last.items()
@@ -455,12 +492,20 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
         if s["format"] == "fp16" and op.endswith("grad_out") and s["underflow"] > MAX_UNDERFLOW
     ]
     if underflowing:
+        # a recipe that scales dynamically already: its scale is too low for these gradients
+        # (it doubles only after --loss-scale-growth-interval overflow-free steps)
+        fix = (
+            f"a higher starting --loss-scale (this probe's ended at {scales[-1]:g}) or a shorter "
+            "--loss-scale-growth-interval"
+            if result["dynamic_scaling"] and scales
+            else "dynamic loss scaling"
+        )
         flags.append(
             {
                 "pattern": "fp16-gradient-underflow",
                 "detail": f"{len(underflowing)} fp16 gradient operands flush (or hold as "
                 f"subnormals) more than {MAX_UNDERFLOW:.0%} of their values, e.g. "
-                f"{underflowing[0]}; fix: dynamic loss scaling, or bf16 gradients",
+                f"{underflowing[0]}; fix: {fix}, or bf16 gradients",
                 "operands": underflowing,
             }
         )
@@ -491,6 +536,42 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
     return flags
 
 
+def _collapsed(result: dict) -> bool:
+    """Whether a dynamic loss scale fell `SCALE_COLLAPSE`-fold or below 1 during the probe (a
+    scale the user started below 1 that stayed there collapsed nowhere)."""
+    scales, start = result["loss_scales"], result["initial_loss_scale"]
+    if not result["dynamic_scaling"] or not scales or scales[-1] >= start:
+        return False
+    return scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE
+
+
+def _skipped(result: dict) -> list[int]:
+    """The probe steps (0-based) that a dynamic loss scale skipped for an overflow of the scaled
+    gradients (the loss finite: `probe`), while it searched for a scale the gradients fit; none
+    where it collapsed (`_collapsed`): then the gradients overflow at every scale, their format's
+    range is the trouble, and the table shows which of them overflowed."""
+    if not result["dynamic_scaling"] or _collapsed(result):
+        return []
+    return [i for i, skip in enumerate(result.get("skipped", ())) if skip]
+
+
+def _judged_steps(result: dict) -> list[dict]:
+    """Each probe step's statistics, less the output-gradient operands of the steps a dynamic
+    loss scale skipped: those gradients were scaled too far (they overflow in any format), and
+    the scaler, not an override, deals with them. The forward operands of those steps, and the
+    weights and inputs the backward GEMMs read, are as any step's."""
+    skipped = set(_skipped(result))
+    return [
+        {
+            layer: {
+                op: s for op, s in ops.items() if i not in skipped or not op.endswith("grad_out")
+            }
+            for layer, ops in stats.items()
+        }
+        for i, stats in enumerate(result["per_step"])
+    ]
+
+
 def _crest(s: dict) -> float:
     return s["amax"] / s["rms"] if s.get("rms", 0) > 0 else 0.0
 
@@ -519,7 +600,7 @@ def diagnose(
     from lowbit.diagnostics.stats import read_stats
 
     result = probe(config, steps, checkpoint_dir, prepare, checkpoint_path)
-    rows = rows_from(result["per_step"], result["specs"])
+    rows = rows_from(_judged_steps(result), result["specs"])
     history = None
     if checkpoint_dir is not None:
         # A run killed after its last checkpoint logged steps the checkpoint never reached (a
@@ -540,6 +621,21 @@ def diagnose(
         loss=result["losses"],
         stopped=result.get("stopped", ""),
         start_step=result["start_step"],
+        moved=_moved_at_the_end(result["trainer"], rows),
+    )
+
+
+def _moved_at_the_end(trainer, rows: list[Row]) -> int:
+    """How many operands ``auto`` put in another spec than the one the table judges them in: its
+    check at the probe's last step decides after the step ran (from scratch, a one-step probe is
+    its first check, run in bf16), so they never ran in the spec the run goes on with."""
+    from lowbit.nn.convert import lowbit_layers
+
+    if trainer.monitor.controller is None:
+        return 0
+    layers = lowbit_layers(trainer.model)
+    return sum(
+        layers[r.layer].lowbit_state.spec.operands()[r.operand].describe() != r.spec for r in rows
     )
 
 

@@ -53,6 +53,8 @@ STATS = (
     "noise_saturated",
     "noise_underflow",
 )
+# the place of the non-finite share in the raw statistics vector (`_finish`'s order, as `STATS`')
+_NONFINITE = STATS.index("nonfinite")
 OPERANDS = tuple(LayerSpec().operands())  # forward.x ... grad_weight.x, in GEMM order
 DEFAULT_INTERVAL = 50  # steps between statistics; measured overhead in BENCHMARKS.md
 
@@ -158,9 +160,13 @@ class StatsCollector:
     """Attaches observers to every low-precision layer of a model and gathers their statistics.
 
     ``collector.attach()`` before a step, ``collector.collect()`` after it: ``{layer: {operand:
-    {stat: value, "format": name, "spec": description}}}``. With gradient accumulation the last
-    micro-batch's values are kept. ``extra(layer, operand, x_hp, q)`` (optional) is called too,
-    for controllers that measure what other formats would do with the same tensor.
+    {stat: value, "format": name, "spec": description}}}``. With gradient accumulation each
+    operand keeps the last micro-batch's values unless an earlier micro-batch had more non-finite
+    values: a step's overflow can come from any micro-batch, and from the last alone, a clean
+    one, `lowbit doctor` flagged nothing and the ``auto`` guard (`AutoPrecision.escalate`) found
+    no culprit (it moved every operand of every layer up a rung). Healthy steps keep the last.
+    ``extra(layer, operand, x_hp, q)`` (optional) is called too, for controllers that measure
+    what other formats would do with the same tensor.
     """
 
     def __init__(self, model: torch.nn.Module, extra=None):
@@ -189,6 +195,9 @@ class StatsCollector:
         # within a step it retries
         spec = self.layers[layer].lowbit_state.spec.operands()[operand].describe()
         raw = operand_stats_tensor(x_hp, q, gradient=operand.endswith("grad_out"))
+        earlier = self._pending.get((layer, operand))
+        if earlier is not None:  # a later micro-batch (tensors: compared without a host sync)
+            raw = torch.where(earlier[0][_NONFINITE] > raw[_NONFINITE], earlier[0], raw)
         self._pending[(layer, operand)] = (raw, q.fmt.name, spec)
         if self.extra is not None:
             self.extra(layer, operand, x_hp, q)
