@@ -4,7 +4,8 @@ File format: one token per line, the token in the first column and its tag in th
 tabs between columns: other Unicode whitespace, a no-break space say, is part of a token), a blank
 line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines between documents (they
 hold no token; `read_conll_documents` keeps the sentences of each document together). Tags are ``O``
-or ``B-TYPE`` / ``I-TYPE``, and IOBES's ``E-TYPE`` / ``S-TYPE``. The file is UTF-8; a leading
+or ``B-TYPE`` / ``I-TYPE``, and IOBES's ``E-TYPE`` / ``S-TYPE`` (BILOU's ``L-TYPE`` / ``U-TYPE``,
+spaCy's, are read as these: last and unit are end and single). The file is UTF-8; a leading
 byte-order mark is dropped, not read as part of the first token.
 
 A treebank file (``.conllu``, Universal Dependencies' CoNLL-U, and its predecessor ``.conllx``)
@@ -45,14 +46,15 @@ class Sentence(NamedTuple):
     tags: list[str]
 
 
-CHUNK_PREFIXES = ("B", "I", "E", "S")  # IOB2 / IOB1 use B and I; IOBES adds E (end), S (single)
+CHUNK_PREFIXES = ("B", "I", "E", "S", "L", "U")  # IOB2 / IOB1: B, I; IOBES adds E (end), S (single)
+BILOU_AS_IOBES = {"L": "E", "U": "S"}  # BILOU's last and unit: IOBES's end and single
 TREEBANK_EXTENSIONS = (".conllu", ".conllx")
 TREEBANK_COLUMNS = 10  # ID FORM LEMMA UPOS XPOS FEATS HEAD DEPREL DEPS MISC (CoNLL-U)
 TREEBANK_TAG_COLUMN = 3  # UPOS (CoNLL-X: CPOSTAG), 0-based
 
 
 def is_valid_tag(tag: str) -> bool:
-    """``O``, or ``B-`` / ``I-`` / ``E-`` / ``S-`` followed by a non-empty type."""
+    """``O``, or ``B-`` / ``I-`` / ``E-`` / ``S-`` (``L-`` / ``U-``) followed by a non-empty type."""
     return tag == "O" or (tag[:1] in CHUNK_PREFIXES and tag[1:2] == "-" and len(tag) > 2)
 
 
@@ -117,7 +119,7 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
             "(token first, tag last, separated by spaces or a tab)"
         )
     if not is_valid_tag(columns[-1]):
-        fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE)"
+        fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE; BILOU's L-TYPE, U-TYPE)"
         if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
             fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
         raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
@@ -166,7 +168,7 @@ CONLL_SPLIT_WORDS = {
 CONLL_DATA_EXTENSIONS = (
     *("", ".txt", ".tsv", ".tab", ".data", ".dat", ".ner"),
     *(".conll", ".conllu", ".conllx", ".conll03", ".iob", ".iob1", ".iob2", ".bio", ".bioes"),
-    ".iobes",
+    *(".iobes", ".bilou", ".biluo"),
 )
 CONLL_2003_EXTENSIONS = {".train": "train", ".testa": "validation", ".testb": "test"}
 UD_NAME = re.compile(r"[^.]+-ud-(train|dev|test)(-[a-z0-9]+)?\.conllu")  # cs_pdt-ud-train-c
@@ -239,11 +241,12 @@ def read_conll_folder(folder) -> dict[str, list[Sentence]]:
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
     """The ``(type, start, end_exclusive)`` chunks of one tag sequence (conlleval rules, IOB and
-    IOBES; a tag without a chunk prefix is a one-token chunk: see the module doc)."""
+    IOBES, BILOU; a tag without a chunk prefix is a one-token chunk: see the module doc)."""
     spans = set()
     start, kind = None, None
     for i, tag in enumerate([*tags, "O"]):
         prefix, dash, tag_kind = tag.partition("-")
+        prefix = BILOU_AS_IOBES.get(prefix, prefix)
         if tag != "O" and not (dash and prefix in CHUNK_PREFIXES):
             prefix, tag_kind = "S", tag
         continues = start is not None and prefix in ("I", "E") and tag_kind == kind

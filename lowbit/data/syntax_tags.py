@@ -21,6 +21,7 @@ Every entity is one token (``B-``) except concatenated strings (``B-STRING I-STR
 `lowbit.data.conll.entity_f1` applies. The roles need context: the same name is DEF, CALL, STORE or
 LOAD depending on its neighbours. An example ("sentence") is a run of whole logical lines packed
 into at most ``window`` tokens; a longer logical line is cut into windows of ``window`` tokens.
+For a pretrained encoder the window counts the word pieces of its tokenizer instead.
 
 Files come from the stdlib corpus (`lowbit.data.corpus`) with its by-file split; files that do
 not parse are skipped. Input ids for a BERT-style model come from `WordVocab` (word-level, built on
@@ -155,24 +156,43 @@ def _name_roles(tree: ast.AST, tokens: list, lines: list[str]) -> dict:
     return roles
 
 
-def pack_sentences(lines: list[Sentence], window: int) -> list[Sentence]:
-    """Pack whole logical lines into sentences of at most ``window`` tokens (see module doc)."""
+def pack_sentences(
+    lines: list[Sentence], window: int, pieces: dict[str, int] | None = None
+) -> list[Sentence]:
+    """Pack whole logical lines into sentences of at most ``window`` tokens (see module doc).
+
+    ``pieces`` measures the window in a pretrained tokenizer's word pieces instead (a word's
+    count, `piece_counts`): a window of ``--seq-len`` words is several times as many pieces of
+    Python, so most of each sentence was cut off by the encoder's length, whatever the length."""
+
+    def size(words: list[str]) -> int:
+        return sum(pieces[w] for w in words) if pieces is not None else len(words)
+
     packed: list[Sentence] = []
     words: list[str] = []
     tags: list[str] = []
     for line in lines:
-        chunks = [
-            (line.tokens[i : i + window], line.tags[i : i + window])
-            for i in range(0, len(line.tokens), window)
-        ]
-        for chunk_words, chunk_tags in chunks:
-            if words and len(words) + len(chunk_words) > window:
+        for chunk_words, chunk_tags in _cut(line, window, pieces):
+            if words and size(words) + size(chunk_words) > window:
                 packed.append(_sentence(words, tags))
                 words, tags = [], []
             words, tags = words + chunk_words, tags + chunk_tags
     if words:
         packed.append(_sentence(words, tags))
     return packed
+
+
+def _cut(line: Sentence, window: int, pieces: dict[str, int] | None):
+    """``(words, tags)`` chunks of a line, each of at most ``window`` tokens (or pieces; a word
+    of more pieces than that is a chunk of its own)."""
+    start, used = 0, 0
+    for i, word in enumerate(line.tokens):
+        cost = pieces[word] if pieces is not None else 1
+        if used and used + cost > window:
+            yield line.tokens[start:i], line.tags[start:i]
+            start, used = i, 0
+        used += cost
+    yield line.tokens[start:], line.tags[start:]
 
 
 def _sentence(words: list[str], tags: list[str]) -> Sentence:
@@ -182,30 +202,39 @@ def _sentence(words: list[str], tags: list[str]) -> Sentence:
 
 
 def syntax_tag_task(
-    max_files: int = 60, max_eval_files: int = 15, window: int = 64, root: str | None = None
+    max_files: int = 60,
+    max_eval_files: int = 15,
+    window: int = 64,
+    root: str | None = None,
+    piece_counter=None,
 ) -> dict[str, list[Sentence]]:
     """Tagged sentences per split from the stdlib corpus.
 
     Each split takes its first files in sha1-of-path order (a fixed, well-mixed sample):
-    ``max_files`` for train, ``max_eval_files`` each for validation and test.
+    ``max_files`` for train, ``max_eval_files`` each for validation and test. ``piece_counter``
+    (`piece_counts` of a pretrained encoder's tokenizer) packs ``window`` word pieces, not words.
     """
     caps = {"train": max_files, "validation": max_eval_files, "test": max_eval_files}
-    out = {}
+    tagged: dict[str, list[list[Sentence]]] = {}
     for split, docs in split_documents(list(stdlib_documents(root))).items():
         ordered = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
-        sentences: list[Sentence] = []
-        used = 0
+        tagged[split] = []
         for doc in ordered:
-            if used == caps[split]:
+            if len(tagged[split]) == caps[split]:
                 break
             try:
-                lines = tag_source(doc.text)
+                tagged[split].append(tag_source(doc.text))
             except (SyntaxError, ValueError, RecursionError, tokenize.TokenError):
                 continue
-            sentences += pack_sentences(lines, window)
-            used += 1
-        out[split] = sentences
-    return out
+    pieces = None
+    if piece_counter is not None:
+        words = {w for files in tagged.values() for lines in files for s in lines for w in s.tokens}
+        unique = sorted(words)
+        pieces = dict(zip(unique, piece_counter(unique)))
+    return {
+        split: [s for lines in files for s in pack_sentences(lines, window, pieces)]
+        for split, files in tagged.items()
+    }
 
 
 def _shape(token: str) -> str:
@@ -356,6 +385,24 @@ def encode_with_tokenizer(
         "attention_mask": enc["attention_mask"],
         "labels": labels,
     }
+
+
+def piece_counts(tokenizer):
+    """A function of a list of words to the number of word pieces `encode_with_tokenizer` makes
+    of each: the more of its forms first in a sentence and after another word (with
+    `_word_separator`), one at least (a word of no piece is read as the unknown token)."""
+    separator = _word_separator(tokenizer)
+
+    def count(words: list[str]) -> list[int]:
+        if not words:
+            return []
+        forms = {tuple(words), tuple(separator + w for w in words)}
+        encoded = [
+            tokenizer(list(f), add_special_tokens=False, **AS_TEXT)["input_ids"] for f in forms
+        ]
+        return [max(1, *(len(ids[n]) for ids in encoded)) for n in range(len(words))]
+
+    return count
 
 
 # A word of the data is text: one that spells a special token ("[SEP]", "<s>", a sentence about

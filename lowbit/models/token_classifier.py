@@ -106,7 +106,7 @@ def build_token_classifier(
     if max_seq_len is not None and positions is not None and max_seq_len > positions:
         raise UsageError(
             f"sequence length {max_seq_len} exceeds the encoder's {positions} positions; "
-            "fix: use a shorter one"
+            f"fix: use --seq-len {positions} or less"
         )
     return model
 

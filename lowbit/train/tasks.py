@@ -408,8 +408,9 @@ class TokenClassificationTask(Task):
         super().__init__(config)
         if config.seq_len < 3:
             raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
+        pretrained = config.model not in SIZES  # a folder (or minilm) with its own tokenizer
         if config.data is None:
-            self.sentences = _syntax_tags(config.seq_len - 2)
+            self.sentences = _syntax_tags(config.seq_len, config.model if pretrained else None)
             labels = list(LABELS)
             self.fingerprint = {"source": "syntax-tags(stdlib)"}
         else:
@@ -420,7 +421,7 @@ class TokenClassificationTask(Task):
         self.labels = _run_labels(run_dir, labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.id2label = dict(enumerate(self.labels))
-        if config.model in SIZES:
+        if not pretrained:
             vocab_path = Path(run_dir or "", "vocab.json")
             if run_dir is not None and vocab_path.is_file():
                 self.vocab = WordVocab.load(vocab_path)
@@ -525,11 +526,19 @@ class TokenClassificationTask(Task):
 
 
 @functools.lru_cache(maxsize=2)
-def _syntax_tags(window: int) -> dict:
-    """The built-in task's sentences (a few seconds of parsing; cached, treated as read-only)."""
+def _syntax_tags(seq_len: int, model: str | None = None) -> dict:
+    """The built-in task's sentences, each filling at most ``seq_len`` positions with its special
+    tokens: ``seq_len - 2`` words for a fresh encoder, as many word pieces of the pretrained
+    ``model``'s tokenizer (a few seconds of parsing; cached, treated as read-only)."""
     from lowbit.data import syntax_tag_task
+    from lowbit.data.syntax_tags import piece_counts
+    from lowbit.models import load_encoder_tokenizer
 
-    return syntax_tag_task(window=window)
+    if model is None:
+        return syntax_tag_task(window=seq_len - 2)
+    tokenizer = load_encoder_tokenizer(model)
+    window = seq_len - tokenizer.num_special_tokens_to_add()
+    return syntax_tag_task(window=window, piece_counter=piece_counts(tokenizer))
 
 
 LABELS_FILE = "labels.json"  # a token-classification run's tags, in the order of its outputs

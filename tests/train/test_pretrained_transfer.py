@@ -12,18 +12,22 @@ from lowbit.train import train
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "def", "return", "self", "(", ")", ":", "="]
 
 
-@pytest.fixture(scope="module")
-def pretrained_bert(tmp_path_factory):
-    """A tiny 'pretrained' BERT folder with its own word-piece tokenizer (save_pretrained layout)."""
+def save_tiny_bert(folder, words: list[str]):
+    """A tiny 'pretrained' BERT folder with its own word-piece tokenizer of ``words``
+    (save_pretrained layout)."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("pretrained-bert")
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=64)  # fmt: skip
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained_bert(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("pretrained-bert"), WORDS)
 
 
 @pytest.mark.parametrize("recipe", lowbit.recipe_names())
