@@ -344,7 +344,13 @@ def encode_with_tokenizer(
     the words joined by spaces (`_word_separator`).
     """
     unique = sorted({w for s in sentences for w in s.tokens})
-    pieces = tokenizer(unique, add_special_tokens=False, **AS_TEXT)["input_ids"] if unique else []
+    # verbose=False: a word's pieces (a long string literal's past the model's length) are
+    # counted here, and a sentence's cut at ``max_len`` below, so transformers' warning is noise
+    pieces = (
+        tokenizer(unique, add_special_tokens=False, verbose=False, **AS_TEXT)["input_ids"]
+        if unique
+        else []
+    )
     word_pieces = {i for ids in pieces for i in ids}
     blank = _blank_pieces(tokenizer, word_pieces)
     empty = {w for w, ids in zip(unique, pieces) if blank.issuperset(ids)}
@@ -398,7 +404,9 @@ def piece_counts(tokenizer):
             return []
         forms = {tuple(words), tuple(separator + w for w in words)}
         encoded = [
-            tokenizer(list(f), add_special_tokens=False, **AS_TEXT)["input_ids"] for f in forms
+            # verbose=False: a long string literal's pieces are counted, not fed to the model
+            tokenizer(list(f), add_special_tokens=False, verbose=False, **AS_TEXT)["input_ids"]
+            for f in forms
         ]
         return [max(1, *(len(ids[n]) for ids in encoded)) for n in range(len(words))]
 
