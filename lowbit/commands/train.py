@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_switches(parser)
     parser.add_argument(
         "--wandb",
-        action="store_true",
+        # with its --no- form: a config file's (or a resumed run's) `wandb: true` could not be
+        # turned off from the command line, as flags override the file
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="also log to Weights & Biases in offline mode (if installed)",
     )
@@ -167,9 +169,44 @@ def config_from_args(args):
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
         settings = merge(given_settings(read(out)), settings)
     config = build_config(settings, overrides)
+    if not args.resume and (args.warmup_steps is not None or "warmup_steps" in settings):
+        _check_warmup(config)  # the default warmup is the task's, for its default length
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
     return config
+
+
+def _check_warmup(config) -> None:
+    """Warn of a given warmup that lasts the whole run (``--warmup-steps 100 --steps 10``): the
+    learning rate never reaches --lr nor decays, and the run trained on at a fraction of it
+    without a word, its results read as those of its --lr. A warning, not a refusal: a short
+    smoke test of a real run's config file (``--steps 5``) is such a run on purpose."""
+    from lowbit.train.config import lr_at, resolve
+
+    resolved = resolve(config)
+    steps, warmup = resolved.steps, resolved.warmup_steps
+    if steps is None or warmup < steps or os.environ.get("RANK", "0") != "0":  # --epochs: unknown
+        return
+    print(
+        f"lowbit: warning: warmup_steps {warmup} is not below the run's {steps} steps: the "
+        f"learning rate only ramps up, to {lr_at(resolved, steps - 1, steps):.3g} of lr "
+        f"{resolved.lr:.3g}, and never decays; fix: --warmup-steps below {steps}, or more --steps",
+        file=sys.stderr,
+    )
+
+
+def _kept(out: str | None) -> str:
+    """What an aborted run left to resume from. A run aborted before its first checkpoint (a
+    Ctrl-C in the first validation) was told "the last complete checkpoint is intact" of none.
+    Without --out the run folder's name (its start time) is not known here."""
+    from lowbit.train import checkpoint
+
+    saved = checkpoint.latest(_path(out)) if out is not None else None
+    if saved is not None:
+        return f"the last complete checkpoint {saved} is intact"
+    if out is not None:
+        return "no checkpoint was written, nothing to resume"
+    return "the last complete checkpoint is intact"
 
 
 def _path(path: str) -> Path:
@@ -210,7 +247,7 @@ def run(args) -> int:
         report_error(f"lowbit: error: {error}")  # once, though every torchrun rank stops alike
         return 1
     except KeyboardInterrupt:
-        print("lowbit: aborted; the last complete checkpoint is intact", file=sys.stderr)
+        print(f"lowbit: aborted; {_kept(config.out)}", file=sys.stderr)
         return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

@@ -110,13 +110,22 @@ def load_file(path) -> dict:
     config.yaml gives only the settings the run was given (`given_settings`)."""
     settings = _file_settings(path)
     unknown = _unknown_setting(settings)
+    if unknown and isinstance(settings[unknown], dict):  # a [train] table, a `train:` block
+        raise UsageError(
+            f"{path}: {unknown!r} is a section, and settings are not read from sections; fix: "
+            f"write its settings at the top level of the file, without {unknown!r}"
+        )
     if unknown:
         raise UsageError(
             f"{path}: unknown setting {unknown!r}; fix: use one of "
             f"{', '.join(TrainConfig.field_names())}"
         )
+    try:  # flags are typed by argparse: a wrong type is the file's, which the error must name
+        built = build_config(settings)
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     if is_run_config(path):
-        given = given_settings(build_config(settings))
+        given = given_settings(built)
         settings = {name: value for name, value in settings.items() if name in given}
     return settings
 
