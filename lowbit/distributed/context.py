@@ -86,6 +86,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def requested_port() -> int | None:
+    """The port ``MASTER_PORT`` asks the `--nproc` launcher for; None where it is unset or empty
+    (``export MASTER_PORT=``), which picks a free one. Anything but a port number is a
+    `UsageError` naming the variable: the launcher failed with ``int``'s traceback ("invalid
+    literal for int() with base 10: 'abc'") or the socket's ("port must be 0-65535")."""
+    value = os.environ.get("MASTER_PORT", "").strip()
+    if not value:
+        return None
+    port = int(value) if value.isdigit() else 0
+    if not 0 < port < 65536:
+        raise UsageError(
+            f"MASTER_PORT={value} is not a port number (1-65535); fix: set it to a free port, "
+            "or unset it to pick one"
+        )
+    return port
+
+
 def check_port(port: int, host: str = "127.0.0.1") -> None:
     """A `UsageError` when ``port`` is taken (another run, or a stale rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from lowbit.distributed.context import (
     check_port,
     free_port,
     join,
+    requested_port,
     signals_handled,
     torchrun_env,
 )
@@ -39,6 +41,9 @@ def _error_classes():
     from lowbit.train.trainer import NonFiniteLoss
 
     return {"UsageError": UsageError, "NonFiniteLoss": NonFiniteLoss}
+
+
+_FSDP_VIEW_OUTPUT = r"FSDP2-wrapped module \(.*\) returned a view tensor"
 
 
 def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
@@ -56,8 +61,13 @@ def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
         # all the cores, a one-process --strategy run overrode a library user's set_num_threads
         torch.set_num_threads(threads)
     try:
-        trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
-        result = trainer.fit(resume, overwrite, on_step)
+        with warnings.catch_warnings():
+            # FSDP2 warns, once in every rank, that a model returned a view (a token classifier's
+            # logits: a Linear with a bias over 3-d input) which an in-place op would detach from
+            # its pre-backward hook; the tasks' losses and metrics only read the outputs
+            warnings.filterwarnings("ignore", _FSDP_VIEW_OUTPUT, UserWarning)
+            trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
+            result = trainer.fit(resume, overwrite, on_step)
     finally:
         ranks.close()
     return result if ranks.is_main else None
@@ -68,6 +78,7 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
+    _progress_bars_lock_threads_only()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if STOP_SIGNAL is not None:  # before training starts, the launcher's stop is a Ctrl-C
         signal.signal(STOP_SIGNAL, signal.default_int_handler)
@@ -87,8 +98,26 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
             "message": str(error),
             "traceback": traceback.format_exc(),
         }
-        (Path(folder) / f"error-{local_rank}.pkl").write_bytes(pickle.dumps(record))
+        # whole or not at all (renamed into place): the launcher reads the records as soon as a
+        # rank fails, and torch stops the other ranks then, which tore a record being written
+        # (the launcher's "EOFError: Ran out of input" traceback)
+        partial = Path(folder) / f".error-{local_rank}.pkl.tmp"
+        partial.write_bytes(pickle.dumps(record))
+        os.replace(partial, Path(folder) / f"error-{local_rank}.pkl")
         raise
+
+
+def _progress_bars_lock_threads_only() -> None:
+    """tqdm's bars lock with a thread lock in this rank, not its default multiprocessing one.
+    That one is a named semaphore, which a rank killed (SIGKILL, or the launcher's SIGTERM to the
+    other ranks after one failed) never unlinks: the launcher's resource tracker then printed
+    "There appear to be 2 leaked semaphore objects to clean up at shutdown" after the run's one-line
+    error. Only rank 0 draws a bar, so no lock across processes is needed."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _failure(folder: Path, exited_rank: int | None, detail: str) -> BaseException:
@@ -129,11 +158,11 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
     """Run ``config.nproc`` local ranks and wait for them; rank 0's `RunResult`."""
     import torch.multiprocessing as mp
 
-    if "MASTER_PORT" in os.environ:
-        port = int(os.environ["MASTER_PORT"])
-        check_port(port)
-    else:
+    port = requested_port()
+    if port is None:
         port = free_port()
+    else:
+        check_port(port)
     with tempfile.TemporaryDirectory(prefix="lowbit-ranks-") as tmp:
         folder = Path(tmp)
         args = (config.nproc, port, config, resume, overwrite, quiet, on_step, str(folder))
@@ -145,9 +174,15 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         # SIGINT ignored (`lowbit train --nproc 2 ... &` in a shell script: Python then keeps the
         # inherited SIG_IGN, and a later `kill -INT` was swallowed while the ranks trained on to
         # the end, where a one-process run, which installs its own handler, stops).
-        with signals_handled(signal.default_int_handler, signal.SIGINT), _quiet_stops():
+        # A SIGTERM (how schedulers and `kill` end a job) is the same request, as it is to a
+        # one-process run: by default it ended this process alone, and the ranks, sent SIGINT by
+        # torch as their parent died, lost the step's collectives and saved nothing.
+        stops = (signal.SIGINT, signal.SIGTERM)
+        with signals_handled(signal.default_int_handler, *stops), _quiet_stops():
+            killed: dict[int, str] = {}
             while True:
                 try:
+                    killed = killed or _wait_for_an_exit(context)
                     if context.join():
                         break
                 except KeyboardInterrupt:
@@ -160,10 +195,14 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                     # same request, not a second Ctrl-C, for a rank that got the first.
                     _ask_to_stop(context)
                 except mp.ProcessRaisedException as error:
+                    if killed:  # the others' errors ("Connection reset by peer") followed
+                        raise _killed(killed) from None
                     raise _failure(folder, error.error_index, "an exception") from None
                 except mp.ProcessExitedException as error:
                     if interrupts:  # a rank stopped by the Ctrl-C before its handler was set
                         raise KeyboardInterrupt from None
+                    if killed:  # before the error a rank it broke may have recorded
+                        raise _killed(killed) from None
                     detail = (
                         f"signal {error.signal_name}"
                         if error.signal_name
@@ -175,6 +214,35 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
             raise _failure(folder, None, "it returned no result")
         return pickle.loads(result.read_bytes())
+
+
+def _wait_for_an_exit(context) -> dict[int, str]:
+    """Wait until a rank ends; the ranks killed by a signal by then (rank: signal name), read
+    before torch's ``join`` stops the others. A killed rank (SIGKILL: the OOM killer) breaks the
+    others' next collective, and torch reported whichever failure it met first: often a rank's
+    gloo "Connection reset by peer", naming the wrong rank and not the kill."""
+    from multiprocessing.connection import wait
+
+    running = [process.sentinel for process in context.processes if process.exitcode is None]
+    if running:
+        wait(running)
+    return {
+        rank: _signal_name(-process.exitcode)
+        for rank, process in enumerate(context.processes)
+        if process.exitcode is not None and process.exitcode < 0
+    }
+
+
+def _killed(killed: dict[int, str]) -> RankFailed:
+    rank, name = min(killed.items())
+    return RankFailed(f"rank {rank} died (signal {name}); the other ranks were stopped")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal has no name
+        return str(signum)
 
 
 def _ask_to_stop(context) -> None:
