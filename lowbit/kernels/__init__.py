@@ -85,8 +85,8 @@ def _clear_stale_lock(build_dir: Path) -> bool:
     that finds it waits for it to go, with no time limit: one left by a killed first build (a
     job stopped while the kernels compiled) would hang every later lowbit run on the machine,
     silently. A lock older than `_STALE_LOCK_SECONDS` is removed with a note; a recent one is
-    another process's build in progress (the ranks of a distributed run start together), which
-    is waited for, with a note saying where the lock is. True when there is such a build."""
+    another process's build or load in progress (the ranks of a distributed run start together),
+    which is waited for (`_note_a_long_wait`). True when there is such a lock."""
     lock = build_dir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
@@ -101,12 +101,29 @@ def _clear_stale_lock(build_dir: Path) -> bool:
             file=sys.stderr,
         )
         return False
-    print(
-        f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
-        "build is running, delete it)",
-        file=sys.stderr,
-    )
     return True
+
+
+# Seconds of waiting for another process's lock before saying so: torch takes the lock at every
+# load, a cached one too, so the ranks of every distributed run met each other's for a moment,
+# and each run printed the note below though nothing was being built.
+_QUIET_WAIT_SECONDS = 3
+
+
+def _note_a_long_wait(lock: Path) -> threading.Timer:
+    """A started timer that says, once the wait has lasted `_QUIET_WAIT_SECONDS`, where the lock
+    is (one left by a build killed minutes ago would otherwise hang the run without a word)."""
+    timer = threading.Timer(
+        _QUIET_WAIT_SECONDS,
+        lambda: print(
+            f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
+            "build is running, delete it)",
+            file=sys.stderr,
+        ),
+    )
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _absolute_extensions_dir() -> None:
@@ -146,6 +163,7 @@ def _build() -> None:
     if failed_before:
         failed_before.raise_if_recorded()
     start = time.perf_counter()
+    waiting = _note_a_long_wait(build_dir / "lock") if other_build else None
     try:
         cpp_extension.load(
             name=name,
@@ -161,6 +179,9 @@ def _build() -> None:
         if failed_before and compile_error and not _PASSING.search(reason):
             failed_before.record(reason)  # which the next try would meet again
         raise
+    finally:
+        if waiting is not None:
+            waiting.cancel()
     seconds = time.perf_counter() - start
     if seconds > 3:  # a compile, not a cache hit
         note = (

@@ -1,36 +1,11 @@
 """The kernels' build lock: one left by a killed build no longer hangs every later run."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
-from torch.utils import cpp_extension
-
-from lowbit import kernels
 
 LOAD = "from lowbit import kernels; print(kernels.available())"
-
-
-@pytest.fixture
-def build_copy(tmp_path):
-    """A copy of this machine's built kernels in a fresh TORCH_EXTENSIONS_DIR (loaded from there
-    in about a second, nothing to rebuild): (its build folder, the environment that uses it)."""
-    assert kernels.available(), kernels.build_error()
-    name = f"lowbit_kernels_{kernels._cpu_tag()}"
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    where = (
-        f"from torch.utils import cpp_extension as c; print(c._get_build_directory({name!r}, 0))"
-    )
-    folder = subprocess.run(
-        [sys.executable, "-c", where], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    shutil.rmtree(folder)
-    shutil.copytree(cpp_extension._get_build_directory(name, verbose=False), folder)
-    return Path(folder), env
 
 
 def test_a_lock_an_interrupted_build_left_is_removed(build_copy):
@@ -58,9 +33,10 @@ def test_a_build_in_progress_is_waited_for_and_said(build_copy):
     waiting = subprocess.Popen(
         [sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    time.sleep(5)
+    note = waiting.stderr.readline()  # said once the wait has lasted a few seconds
     assert waiting.poll() is None  # still waiting for the other build
     lock.unlink()  # that build is done
     out, err = waiting.communicate(timeout=120)
     assert out.decode().strip() == "True"
+    err = note + err
     assert f"waiting for another process's build of the kernels (lock: {lock};" in err.decode()

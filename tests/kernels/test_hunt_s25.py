@@ -15,7 +15,6 @@ import torch
 
 from lowbit.cli import main
 from lowbit.formats import quantize
-from tests.kernels.test_build_lock import build_copy  # noqa: F401 (a fixture, used by name)
 
 QUANTIZE = (
     "import sys, torch, warnings\n"
