@@ -24,7 +24,7 @@ The probe also flags the known failure patterns:
 - non-finite weights: parameters already inf or NaN where the probe starts (a checkpoint of a run
   that diverged), which make every step non-finite in any format: no override is suggested;
 - loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more during the
-  probe, or below 1
+  probe to below fp16's usual start (2^16), or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
 - loss scale overflow: probe steps that a dynamic loss scale skipped. What overflowed there is
   the scaled gradient, not its format, so their output-gradient operands are left out of the
@@ -59,6 +59,7 @@ MAX_SATURATED = 1e-4
 MAX_UNDERFLOW = 1e-2
 LOSS_DB = 6.0
 SCALE_COLLAPSE = 2.0**8
+DEFAULT_LOSS_SCALE = 2.0**16  # the fp16 recipes' starting scale (GradScaler's)
 CREST_OUTLIER = 50.0  # amax / rms of a layer input beyond which it holds outlier channels
 CREST_GROWTH = 1.5
 ROUNDED_AWAY = 0.1
@@ -537,12 +538,16 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
 
 
 def _collapsed(result: dict) -> bool:
-    """Whether a dynamic loss scale fell `SCALE_COLLAPSE`-fold or below 1 during the probe (a
-    scale the user started below 1 that stayed there collapsed nowhere)."""
+    """Whether a dynamic loss scale fell below 1, or `SCALE_COLLAPSE`-fold to below fp16's usual
+    start (`DEFAULT_LOSS_SCALE`), during the probe. A scale the user started below 1 that stayed
+    there collapsed nowhere; nor did one started far too high (``--loss-scale 1e30``), which falls
+    256-fold in the default 8 probe steps, halving at each, while still far above any scale the
+    gradients fit: that is the scaler's search (`_skipped`), whose fix is a lower start."""
     scales, start = result["loss_scales"], result["initial_loss_scale"]
     if not result["dynamic_scaling"] or not scales or scales[-1] >= start:
         return False
-    return scales[-1] < 1 or start / scales[-1] >= SCALE_COLLAPSE
+    fell = start / scales[-1] >= SCALE_COLLAPSE and scales[-1] < DEFAULT_LOSS_SCALE
+    return scales[-1] < 1 or fell
 
 
 def _skipped(result: dict) -> list[int]:

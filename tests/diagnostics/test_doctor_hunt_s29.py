@@ -132,3 +132,24 @@ def test_an_overflow_in_an_earlier_micro_batch_is_flagged(lm_config):
     assert all(v != v for v in diagnosis.loss)  # NaN: the overflow reached the loss
     flagged = {(r.layer, r.operand, r.reason) for r in diagnosis.flagged}
     assert ("model.layers.1.mlp.down_proj", "forward.x", "non-finite") in flagged
+
+
+def test_a_scale_started_far_too_high_is_an_overflow_at_the_default_probe_length():
+    """``--loss-scale 1e30`` halves at each of the default 8 probe steps: a 256-fold fall, which
+    read as a collapse ("overflow at every scale; fix: bf16"), its gradients in the table as
+    non-finite, though the scale was still 1e27, far above any the gradients fit."""
+    from lowbit.diagnostics.doctor import failure_patterns
+
+    grad = {"format": "fp16", "underflow": 0.0}
+    probe = {
+        "loss_scales": [1e30 / 2.0**i for i in range(1, 9)],
+        "initial_loss_scale": 1e30,
+        "dynamic_scaling": True,
+        "per_step": [{"fc": {"grad_input.grad_out": grad}}] * 8,
+        "skipped": [True] * 8,
+        "rounded_away": [],
+    }
+    flags = failure_patterns(probe)
+    assert [f["pattern"] for f in flags] == ["loss-scale-overflow"]
+    assert "8 of 8 probe steps overflowed" in flags[0]["detail"]
+    assert "fix: a lower --loss-scale" in flags[0]["detail"]
