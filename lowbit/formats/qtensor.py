@@ -406,7 +406,9 @@ def _checked_amax(amax, granularity: Granularity, device: torch.device) -> torch
 
 # The CPU's made at import: asked for first inside a `torch.compile` trace (a model compiled before
 # its first eager step), its creation below broke the graph at the context manager.
-_UNIT_SCALES: dict[torch.device, torch.Tensor] = {torch.device("cpu"): torch.ones(1, 1)}
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {
+    torch.device("cpu"): torch.ones(1, 1, dtype=torch.float32, device="cpu")
+}
 
 
 def unit_scale(device: torch.device | str) -> torch.Tensor:

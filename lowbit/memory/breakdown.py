@@ -80,7 +80,10 @@ class Breakdown:
         n = max(self.num_params, 1)
         # as wide as the largest figure and two spaces (a 70B model's batch of 64 x 4096 holds
         # terabytes, whose 17 digits ran into the next column)
-        width = max(14, 2 + max(len(f"{value:,}") for row in rows for value in row[1:] if value))
+        width = max(
+            14,
+            2 + max((len(f"{value:,}") for row in rows for value in row[1:] if value), default=0),
+        )
         per = max(9, 2 + max(len(f"{row[1] / n:.2f}") for row in rows))
         head = f"{'component':<24}{titles[0]:>{width}}{'':>12}{'B/param':>{per}}"
         if other is not None:

@@ -413,6 +413,8 @@ class TokenClassificationTask(Task):
             self.sentences = _syntax_tags(config.seq_len, config.model if pretrained else None)
             labels = list(LABELS)
             self.fingerprint = {"source": "syntax-tags(stdlib)"}
+            if pretrained:  # packed by word pieces since session 29 (before: by words)
+                self.fingerprint["packing"] = "word pieces"
         else:
             self.sentences = conll_splits(config.data)
             tags = {t for part in self.sentences.values() for s in part for t in s.tags}

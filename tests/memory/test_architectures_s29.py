@@ -61,3 +61,12 @@ def test_terabyte_rows_stay_in_their_columns(capsys):
         assert re.fullmatch(r"[A-Za-z /]+? {2,}[\d,]+ +[\d.]+ [KMGTP]?i?B +[\d.]+", row), row
     assert "PiB" not in rows and "TiB" in rows  # terabytes of activations: the case above
     assert human(14 * 2**50) == "14.00 PiB"
+
+
+def test_a_breakdown_of_nothing_prints_its_table():
+    """Every figure 0 (a model of no parameters): the widths' max() had no figure to take."""
+    from lowbit.memory.breakdown import Breakdown
+
+    lines = Breakdown(num_params=0).table().splitlines()
+    assert lines[0].split() == ["component", "estimate", "B/param"]
+    assert lines[-1].split()[:2] == ["total", "0"]
