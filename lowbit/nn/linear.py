@@ -186,9 +186,10 @@ class LayerState:
             _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
         return _SIGNS[key]
 
-    def commit(self) -> None:
+    def commit(self, device: torch.device | None = None) -> None:
+        """Commit every history, on ``device`` (the layer's) when given (`AmaxHistory.commit`)."""
         for history in self.histories.values():
-            history.commit()
+            history.commit(device)
 
     def state_dict(self) -> dict:
         state = {name: h.state_dict() for name, h in self.histories.items()}

@@ -123,8 +123,14 @@ class AmaxHistory:
             self.history = self.history.to(device)
             self.traced_pending = self.traced_pending.to(device)
 
-    def commit(self) -> None:
-        """Roll the history and append this step's amax (called once per optimizer step)."""
+    def commit(self, device: torch.device | None = None) -> None:
+        """Roll the history and append this step's amax (called once per optimizer step).
+
+        ``device`` (the layer's) moves the history there first, eagerly: a GPU model compiled
+        before its first eager step recorded into the CPU tensors the history starts as, and
+        moving them inside the next compiled step assigned attributes there (a graph break)."""
+        if device is not None:
+            self._move_to(device)
         # -inf (nothing recorded) unless a compiled graph recorded: neutral under the maximum, and
         # not finite, as a step with no amax at all (merged without a bool, which would sync a GPU)
         traced = self.traced_pending

@@ -393,7 +393,8 @@ class Precision:
             self.skipped_steps += 1
         self._overflowed = bool(self._overflowed) or not stepped
         for layer in self._layers().values():
-            layer.lowbit_state.commit()
+            weight = next(layer.parameters(), None)  # the histories live where the layer computes
+            layer.lowbit_state.commit(None if weight is None else weight.device)
         return stepped
 
     def _check_closure(self, optimizers) -> None:
