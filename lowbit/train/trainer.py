@@ -277,6 +277,8 @@ def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = No
         given = now.get(name)
         if path and given not in (None, "stdlib") and data_path(given) == path:
             now[name] = saved[name]
+    if saved.get("data") in (None, "stdlib") and now.get("data") in (None, "stdlib"):
+        now["data"] = saved.get("data")  # the built-in data, named or not
     if saved.get("recipe") != now.get("recipe") and same_recipe(saved.get("recipe"), now["recipe"]):
         now["recipe"] = saved["recipe"]  # another spelling of one recipe (auto:fp8 is auto)
     changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]

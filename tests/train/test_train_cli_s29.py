@@ -80,3 +80,19 @@ def test_a_run_aborted_before_its_first_checkpoint_says_there_is_none(
     assert _train("--resume", str(out), "--steps", "3") == 130
     saved = out / "checkpoints" / "step-0000002.pt"
     assert capsys.readouterr().err.strip().endswith(f"checkpoint {saved} is intact")
+
+
+def test_a_run_on_the_built_in_data_resumes_with_it_named(tmp_path, capsys):
+    """``--data stdlib`` names the built-in data a run without --data trained on (and the
+    reverse); resuming with it was refused: "the run was trained with None"."""
+    out = str(tmp_path / "run")
+    assert _train("--steps", "1", "--warmup-steps", "0", "--out", out) == 0
+    assert _train("--resume", out, "--steps", "2", "--data", "stdlib") == 0
+    named = str(tmp_path / "named")
+    assert _train("--steps", "1", "--warmup-steps", "0", "--data", "stdlib", "--out", named) == 0
+    assert _train("--resume", named, "--steps", "2") == 0
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text("other text\n" * 200, encoding="utf-8")
+    assert _train("--resume", named, "--steps", "3", "--data", str(text)) == 2
+    assert "cannot resume" in capsys.readouterr().err
