@@ -103,6 +103,8 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise UsageError("no recipes given; fix: --recipes fp32,bf16-mixed,...")
+    # auto:fp8 is auto (its default budget): one name, so that listing both is a duplicate
+    names = ["auto" if name == "auto:fp8" else name for name in names]
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:

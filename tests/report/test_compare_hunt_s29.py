@@ -178,3 +178,14 @@ def test_the_gap_by_evaluation_of_a_long_run_fits_a_page(image_study, tmp_path):
     assert header[1] == "step 100" and header[-1] == "step 5000"
     assert rows == [["bf16-mixed"] + ["+1.000%"] * 12]
     assert "12 of the 50 evaluations, evenly spaced (results.json holds every one)" in title
+
+
+def test_auto_spelt_with_its_default_budget_is_auto():
+    """``auto:fp8`` names the recipe ``auto`` (its default budget), as `lowbit train` reads it;
+    --recipes refused it as unknown. Listed beside ``auto`` it is the same recipe twice."""
+    from lowbit.errors import UsageError
+    from lowbit.report.compare import parse_recipes
+
+    assert parse_recipes("fp32,auto:fp8") == ["fp32", "auto"]
+    with pytest.raises(UsageError, match="'auto' is listed twice"):
+        parse_recipes("auto,auto:fp8")
