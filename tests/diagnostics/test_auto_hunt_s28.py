@@ -6,6 +6,7 @@ import torch
 import lowbit
 from lowbit.diagnostics.auto import AutoPrecision
 from lowbit.errors import UsageError
+from tests.train.test_resume import crashed_and_resumed
 
 
 def _plan_after_micro_batches(batches) -> dict:
@@ -156,14 +157,8 @@ def test_an_interrupted_auto_run_resumes_bit_identically(lm_config, tmp_path, mo
     settings["grad_accum"] = 2
     straight = train(lm_config(**settings, out=str(tmp_path / "a")), quiet=True)
 
-    def crash(trainer):
-        if trainer.step_idx == 5:  # after the checkpoint of step 4
-            raise RuntimeError("simulated crash")
-
-    config = lm_config(**settings, out=str(tmp_path / "b"))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config, quiet=True, on_step=crash)
-    resumed = train(config, resume=True, quiet=True)
+    # a crash at step 5, after the checkpoint of step 4
+    resumed = crashed_and_resumed(lm_config(**settings, out=str(tmp_path / "b")), 5)
     assert resumed.train_loss == straight.train_loss
     a, b = (checkpoint.load(checkpoint.latest(tmp_path / run)) for run in "ab")
     assert a["monitor"] == b["monitor"] and len(a["monitor"]["auto"]["history"]) > 1

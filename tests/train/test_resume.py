@@ -32,6 +32,14 @@ def crash_after(step):
     return crash
 
 
+def crashed_and_resumed(config, step: int):
+    """``config`` trained until a crash at ``step`` (after its last checkpoint), then resumed:
+    the resumed run's result, to compare with a run that went straight through."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, quiet=True, on_step=crash_after(step))
+    return train(config, resume=True, quiet=True)
+
+
 def test_a_relative_data_path_resumes_on_the_runs_data_from_another_folder(
     tiny_config, tmp_path, monkeypatch
 ):

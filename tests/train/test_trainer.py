@@ -11,6 +11,7 @@ from lowbit.errors import UsageError
 from lowbit.train import NonFiniteLoss, train
 from lowbit.train import checkpoint as ckpt
 from lowbit.train import trainer as trainer_module
+from tests.train.test_resume import crashed_and_resumed
 
 
 def final_params(run_dir):
@@ -302,14 +303,7 @@ def test_a_mixture_of_experts_checkpoint_trains_and_resumes_bit_identically(tiny
     # 8 projections and 2 experts modules; 2 routers (MixtralTopKRouter) and lm_head kept
     assert info["conversion"].startswith("converted 10/13 layers")
 
-    def crash(trainer):
-        if trainer.step_idx == 5:
-            raise RuntimeError("simulated crash")
-
-    run = tiny_config(**settings, out=str(tmp_path / "b"))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(run, quiet=True, on_step=crash)
-    resumed = train(run, resume=True, quiet=True)
+    resumed = crashed_and_resumed(tiny_config(**settings, out=str(tmp_path / "b")), 5)
     assert resumed.train_loss == straight.train_loss
     assert_same_params(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
 
