@@ -5,6 +5,8 @@ line, ``lowbit: error: <message>``, and exits with status 2. Its message names t
 fix. Anything else that escapes is a bug and keeps its traceback.
 """
 
+import os
+import sys
 from enum import Enum
 from pathlib import Path
 
@@ -85,3 +87,10 @@ def pipe_as_data(path, what: str = "text") -> UsageError:
         f"{path}: not a regular file or folder but a pipe or device, which cannot be read again "
         f"to evaluate or resume the run; fix: save the {what} to a file and give its path"
     )
+
+
+def warn(line: str) -> None:
+    """``lowbit: warning: line`` on stderr, from rank 0 only (``RANK``; every process of a run
+    alone): each rank of a distributed run meets the same data and settings, and said it again."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"lowbit: warning: {line}", file=sys.stderr)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 
 NAME = "train"
 HELP = (
@@ -185,13 +185,12 @@ def _check_warmup(config) -> None:
 
     resolved = resolve(config)
     steps, warmup = resolved.steps, resolved.warmup_steps
-    if steps is None or warmup < steps or os.environ.get("RANK", "0") != "0":  # --epochs: unknown
+    if steps is None or warmup < steps:  # --epochs: its steps are counted from the data
         return
-    print(
-        f"lowbit: warning: warmup_steps {warmup} is not below the run's {steps} steps: the "
-        f"learning rate only ramps up, to {lr_at(resolved, steps - 1, steps):.3g} of lr "
-        f"{resolved.lr:.3g}, and never decays; fix: --warmup-steps below {steps}, or more --steps",
-        file=sys.stderr,
+    warn(
+        f"warmup_steps {warmup} is not below the run's {steps} steps: the learning rate only "
+        f"ramps up, to {lr_at(resolved, steps - 1, steps):.3g} of lr {resolved.lr:.3g}, and "
+        f"never decays; fix: --warmup-steps below {steps}, or more --steps"
     )
 
 

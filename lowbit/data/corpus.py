@@ -40,12 +40,11 @@ import hashlib
 import io
 import json
 import os
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.errors import UsageError, check_given, pipe_as_data
+from lowbit.errors import UsageError, check_given, pipe_as_data, warn
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
@@ -212,10 +211,10 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
     splits = split_documents(load_texts(source, text_field))
     warnings = tuple(filter(None, [_skipped_files(str(source)), _shared_text(str(source), splits)]))
-    for line in warnings if os.environ.get("RANK", "0") == "0" else ():  # rank 0 speaks
+    for line in warnings:
         if line not in _WARNED:
             _WARNED.add(line)
-            print(f"lowbit: warning: {line}", file=sys.stderr)
+            warn(line)
     return Corpus(str(source), splits, warnings)
 
 
