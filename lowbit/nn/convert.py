@@ -46,12 +46,15 @@ class ConversionReport:
     converted: dict[str, str] = field(default_factory=dict)  # name -> spec description
     kept: dict[str, str] = field(default_factory=dict)  # name -> reason
     unused_overrides: list[str] = field(default_factory=list)  # user overrides no layer took
+    # an unused override's text -> the module other than a GEMM layer it names (`summary`)
+    unused_hints: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         total = len(self.converted) + len(self.kept)
         lines = [f"converted {len(self.converted)}/{total} layers"]
         for text in self.unused_overrides:
-            lines.append(f"  override {text} applies to no layer (lowbit doctor lists the names)")
+            hint = self.unused_hints.get(text, "lowbit doctor lists the names")
+            lines.append(f"  override {text} applies to no layer ({hint})")
         reasons: dict[str, list[str]] = {}
         for name, reason in self.kept.items():
             reasons.setdefault(reason, []).append(name)
@@ -352,7 +355,9 @@ def convert(
             report.converted[name] = spec.describe()
 
     visit(model, "")
-    report.unused_overrides += _unused_overrides(recipe, model)
+    unused = _unused_overrides(recipe, model)
+    report.unused_overrides += unused
+    report.unused_hints.update(_unused_hints(recipe, model, unused))
     _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
 
@@ -402,6 +407,28 @@ def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
         for override in recipe.overrides
         if override.reason.startswith("override ") and id(override) not in deciding
     ]
+
+
+def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> dict[str, str]:
+    """For each ``unused`` override that names a module of the model other than a GEMM layer,
+    what it names: a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern
+    matches whole names, not the layers inside) with the pattern that names them, or one that
+    computes no GEMM (``model.norm=fp32``). The bare "applies to no layer" read as a misspelt
+    name."""
+    hints = {}
+    for override in recipe.overrides:
+        text = override.reason.removeprefix("override ")
+        if text not in unused or text in hints:
+            continue
+        matched = [(n, m) for n, m in model.named_modules() if n and override.matches(n)]
+        holder = next(((n, m) for n, m in matched if any(map(_is_gemm, m.modules()))), None)
+        if holder:
+            name, kind = holder[0], type(holder[1]).__name__
+            hints[text] = f"{name} ({kind}) is no GEMM layer: {name}.* names its layers"
+        elif matched:
+            name, kind = matched[0][0], type(matched[0][1]).__name__
+            hints[text] = f"{name} ({kind}) computes no GEMM: not converted anyway"
+    return hints
 
 
 def _converted_before(recipe: Recipe, name: str, layer, report: ConversionReport) -> None:

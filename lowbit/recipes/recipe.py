@@ -376,50 +376,65 @@ class Override:
             )
 
     def matches(self, name: str) -> bool:
-        if self.pattern == FIRST_BLOCK:  # unresolved: block 0 at the outermost numbered level
-            block = block_of(name)
-            return block is not None and block[1] == 0
-        return any(fnmatch.fnmatchcase(name, alt) for alt in self.pattern.split("|"))
+        return any(_matches(name, alternative) for alternative in self.pattern.split("|"))
 
     def resolve(
         self, names: Iterable[str], layers: Sequence[str] = (), heads: Sequence[str] = ()
     ) -> Override:
-        """This override with its placeholders resolved against the module ``names`` of a model.
-        ``{last}`` becomes the largest number the names hold at that place:
-        ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama. `FIRST_BLOCK`
-        and `LAST_BLOCK` become the lowest and highest block of every stack (`block_of`):
-        ``model.layers.3.*`` there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. A model
-        without blocks (a Sequential of single layers, such as the digits CNN) ends in its first
-        and last GEMM layer: the first and last of ``layers``, the names of the model's GEMM
-        layers in module order. `OUTSIDE_BLOCKS` becomes the ``layers`` in no block (none in a
-        model without blocks). `OUTPUT_HEAD` becomes the names in ``heads`` (the modules
-        ``get_output_embeddings()`` returns). Without a match the pattern matches nothing."""
+        """This override with its placeholders resolved against the module ``names`` of a model,
+        each ``|`` alternative on its own (``lm_head|model.layers.{last}.*`` keeps both; resolved
+        as one glob, the ``|`` was matched literally and the last block converted without a
+        word). ``{last}`` becomes the largest number the names hold at that place:
+        ``model.layers.{last}.*`` becomes ``model.layers.3.*`` for a 4-block Llama, and each
+        further ``{last}`` the largest inside the one before it. `FIRST_BLOCK` and `LAST_BLOCK`
+        become the lowest and highest block of every stack (`block_of`): ``model.layers.3.*``
+        there, ``encoder.block.5.*|decoder.block.5.*`` for a T5. A model without blocks (a
+        Sequential of single layers, such as the digits CNN) ends in its first and last GEMM
+        layer: the first and last of ``layers``, the names of the model's GEMM layers in module
+        order. `OUTSIDE_BLOCKS` becomes the ``layers`` in no block (none in a model without
+        blocks). `OUTPUT_HEAD` becomes the names in ``heads`` (the modules
+        ``get_output_embeddings()`` returns). An alternative without a match matches nothing."""
         names = list(names)
-        if self.pattern == OUTPUT_HEAD:
-            return replace(self, pattern="|".join(heads)) if heads else self
-        if self.pattern == OUTSIDE_BLOCKS:
-            stacks = block_stacks(names)
-            outside = (
-                [layer for layer in layers if block_of(layer, stacks) is None] if stacks else []
-            )
-            return replace(self, pattern="|".join(outside)) if outside else self
-        if self.pattern in (FIRST_BLOCK, LAST_BLOCK):
-            found = block_indices(names)
-            first = self.pattern == FIRST_BLOCK
-            if not found:
-                return replace(self, pattern=layers[0 if first else -1]) if layers else self
-            end = min if first else max
-            ends = (f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in found.items())
-            return replace(self, pattern="|".join(ends))
-        if LAST not in self.pattern:
-            return self
-        sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped
-        regex = fnmatch.translate(self.pattern.replace(LAST, sentinel, 1))
-        regex = re.compile(regex.replace(sentinel, r"(\d+)", 1))
+        alternatives = self.pattern.split("|")
+        resolved = "|".join(_resolve(alt, names, layers, heads) for alt in alternatives)
+        return self if resolved == self.pattern else replace(self, pattern=resolved)
+
+
+def _matches(name: str, alternative: str) -> bool:
+    """Whether module ``name`` matches one alternative of an override's pattern."""
+    if alternative == FIRST_BLOCK:  # unresolved: block 0 at the outermost numbered level
+        block = block_of(name)
+        return block is not None and block[1] == 0
+    return fnmatch.fnmatchcase(name, alternative)
+
+
+def _resolve(
+    alternative: str, names: list[str], layers: Sequence[str], heads: Sequence[str]
+) -> str:
+    """One alternative of `Override.resolve`'s pattern, resolved (unchanged without a match)."""
+    if alternative == OUTPUT_HEAD:
+        return "|".join(heads) or alternative
+    if alternative == OUTSIDE_BLOCKS:
+        stacks = block_stacks(names)
+        outside = [layer for layer in layers if block_of(layer, stacks) is None] if stacks else []
+        return "|".join(outside) or alternative
+    if alternative in (FIRST_BLOCK, LAST_BLOCK):
+        found = block_indices(names)
+        first = alternative == FIRST_BLOCK
+        if not found:
+            return layers[0 if first else -1] if layers else alternative
+        end = min if first else max
+        return "|".join(f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in found.items())
+    sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped
+    while LAST in alternative:
+        # the first {last} captured, any later one a number of its own (resolved next, inside it)
+        regex = fnmatch.translate(alternative.replace(LAST, sentinel))
+        regex = re.compile(regex.replace(sentinel, r"(\d+)", 1).replace(sentinel, r"\d+"))
         found = [int(m.group(1)) for name in names if (m := regex.match(name))]
         if not found:
-            return self
-        return replace(self, pattern=self.pattern.replace(LAST, str(max(found)), 1))
+            return alternative
+        alternative = alternative.replace(LAST, str(max(found)), 1)
+    return alternative
 
 
 @dataclass(frozen=True)
@@ -476,12 +491,19 @@ class Recipe:
                 "uniform_layer(OperandSpec('fp8_e4m3')) or a preset's get_recipe(name).layer"
             )
         overrides = self.overrides
-        if not isinstance(overrides, (tuple, list)) or not all(
-            isinstance(override, Override) for override in overrides
-        ):
+        if not isinstance(overrides, (tuple, list)):
             raise UsageError(
                 f"overrides must be a tuple of Override values, got {overrides!r}; fix: e.g. "
                 "(parse_override('lm_head=keep', recipe),)"
+            )
+        # the wrong item alone: the whole tuple, a preset's own overrides included, ran to 800
+        # characters around a 'lm_head=keep'
+        wrong = next((o for o in overrides if not isinstance(o, Override)), None)
+        if wrong is not None:
+            text = wrong if isinstance(wrong, str) else "lm_head=keep"
+            raise UsageError(
+                f"an override must be an Override, got {wrong!r}; fix: e.g. "
+                f"recipe.with_overrides({text!r}) or parse_override({text!r}, recipe)"
             )
         object.__setattr__(self, "overrides", tuple(overrides))
         interval = self.loss_scale_growth_interval
@@ -501,6 +523,28 @@ class Recipe:
             )
         if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
             raise UsageError("Kahan compensation replaces master weights; use one or the other")
+        self._check_fp16_emulation()
+
+    def _check_fp16_emulation(self) -> None:
+        """fp16 emulation stands for fp16 compute: on a CPU autocast is off and the layer's fp16
+        operands do the GEMMs, on a GPU fp16 autocast does and the layer is dropped. With another
+        compute dtype or other operands (``replace(fp16-mixed, layer=fp8...)``, ``replace(
+        bf16-mixed, emulate_fp16_gemms_on_cpu=True)``) a CPU computed in fp32 or fp8 without
+        autocast and a GPU without the fp8 GEMMs, each without a word."""
+        emulate = self.emulate_fp16_gemms_on_cpu
+        if not isinstance(emulate, bool):  # a string "no" was true
+            raise UsageError(f"emulate_fp16_gemms_on_cpu is True or False, got {emulate!r}")
+        fp16_compute = (self.autocast or self.param_dtype) == "fp16"
+        # no layer: the GPU's own copy (`Precision.convert`), fp16 autocast doing the GEMMs
+        fp16_layer = self.layer is None or all(
+            spec.format == "fp16" for spec in self.layer.operands().values()
+        )
+        if emulate and not (fp16_compute and fp16_layer):
+            raise UsageError(
+                "emulate_fp16_gemms_on_cpu stands for fp16 compute: it needs autocast 'fp16' (or "
+                "fp16 params without autocast) and a layer of fp16 operands, which a GPU drops for "
+                "fp16 autocast; fix: emulate_fp16_gemms_on_cpu=False"
+            )
 
     def layer_for(self, name: str) -> tuple[LayerSpec | None, str]:
         """The layer spec for the module called ``name`` and why (first matching override wins).
@@ -559,9 +603,14 @@ class Recipe:
         overrides = tuple(override.resolve(names, layers, heads) for override in self.overrides)
         return self if overrides == self.overrides else replace(self, overrides=overrides)
 
-    def with_overrides(self, *overrides: Override) -> Recipe:
-        """A copy whose new overrides take precedence over the existing ones."""
-        return replace(self, overrides=tuple(overrides) + self.overrides)
+    def with_overrides(self, *overrides: Override | str) -> Recipe:
+        """A copy whose new overrides take precedence over the existing ones; a string is
+        ``PATTERN=WHAT`` as ``lowbit train --override`` takes it (`parse_override` against this
+        recipe)."""
+        from lowbit.recipes.presets import parse_override  # presets builds on this module
+
+        parsed = (parse_override(o, self) if isinstance(o, str) else o for o in overrides)
+        return replace(self, overrides=tuple(parsed) + self.overrides)
 
     @property
     def low_precision_formats(self) -> list[str]:
