@@ -45,6 +45,37 @@ from lowbit.recipes.recipe import DTYPES
 OPTIMIZERS = ("adamw", "adam")
 
 
+def check_saved_groups(optimizer: Optimizer, state_dict) -> None:
+    """Refuse, in one line, what ``optimizer.load_state_dict`` cannot take: what is not an
+    optimizer's ``state_dict()`` (a model's, a whole checkpoint), or one saved with other param
+    groups (another count of groups, or of parameters in a group).
+
+    Checked by the load's pre-hooks, before any of them changes the optimizer: torch refuses these
+    only after the pre-hooks ran, with a ValueError or KeyError, and `lowbit.Precision`'s pre-hook
+    had put fp32 stand-ins into the param groups by then, which no post-hook took out again: a
+    loop that went on after the refused load stepped the stand-ins, and the model never moved."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        given = (
+            f"a dict of {', '.join(map(str, list(state_dict)[:6])) or 'nothing'}"
+            if isinstance(state_dict, dict)
+            else f"a {type(state_dict).__name__}"
+        )
+        raise UsageError(
+            f"optimizer.load_state_dict() takes what optimizer.state_dict() returned, not {given}; "
+            "fix: load the optimizer's part of the checkpoint, e.g. "
+            "optimizer.load_state_dict(checkpoint['optimizer'])"
+        )
+    saved = [len(group["params"]) for group in state_dict["param_groups"]]
+    present = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != present:
+        raise UsageError(
+            f"the saved optimizer state has param groups of {saved} parameters, this "
+            f"{type(optimizer).__name__} has {present}; fix: load the optimizer state saved with "
+            "these param groups (the same parameters in the same groups and order), or start "
+            "without the saved optimizer state"
+        )
+
+
 def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
     """Make ``load_state_dict`` keep every saved state tensor's dtype (moved to the param's device),
     refuse states saved in another state precision, and leave the caller's dict unchanged.
@@ -61,11 +92,12 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
     saved: dict = {}
 
     def pre_hook(opt, state_dict):
+        check_saved_groups(opt, state_dict)
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in opt.param_groups for p in group["params"]]
-        if len(ids) == len(params):  # else `load_state_dict` refuses the groups itself
-            by_id = dict(zip(ids, params, strict=True))
-            for index, entry in state_dict["state"].items():
+        by_id = dict(zip(ids, params, strict=True))
+        for index, entry in state_dict["state"].items():
+            if index in by_id:  # torch keeps a state of no parameter as it is
                 _check_saved_moments(opt, by_id[index], index, entry)
         saved["state"] = state_dict["state"]
         saved["ids"] = ids
@@ -74,12 +106,19 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
         params = [p for group in opt.param_groups for p in group["params"]]
         by_id = dict(zip(saved.pop("ids"), params, strict=True))
         for index, entry in saved.pop("state").items():
+            if index not in by_id:
+                continue
             param = by_id[index]
+            fp32 = keeps_fp32_states(opt.state_precision, param.numel())
             for key, value in entry.items():
                 if not isinstance(value, Tensor):
                     continue
-                # the step counter as torch placed it; the moments as saved, on the param's device
-                loaded = opt.state[param][key] if key == "step" else value.to(device=param.device)
+                # The step counter as torch placed it; the moments as saved, on the param's device,
+                # but 16-bit moments of fp32 states (a 16-bit parameter's own, saved by a run
+                # without `lowbit.Precision`) as torch placed them: cast to the fp32 stand-in
+                # under `Precision`, whose fp32 update fails on 16-bit moments.
+                placed = key == "step" or (fp32 and value.dtype in (torch.bfloat16, torch.float16))
+                loaded = opt.state[param][key] if placed else value.to(device=param.device)
                 opt.state[param][key] = _copy(loaded) if loaded is value else loaded
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)

@@ -27,6 +27,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from lowbit.errors import UsageError
 from lowbit.formats import cast
+from lowbit.optim.adamw import check_saved_groups
 from lowbit.optim.states import StatePrecision
 from lowbit.recipes.recipe import UpdateRounding
 
@@ -149,6 +150,8 @@ class LowPrecisionUpdate:
         loading: list = []
 
         def before_load(opt, state_dict):
+            # refused before the swap: a load torch refuses calls no post-hook to swap back
+            check_saved_groups(opt, state_dict)
             loading.append(self._swap_in(opt, self._upcasts(opt)))
 
         def after_load(opt):
