@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -40,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensor",
         metavar="FILE",
         help="a .pt or .safetensors file, a folder of .safetensors files, or a lowbit checkpoint "
-        "(its model): report the SQNR (dB) of every format and granularity on each "
-        "floating-point tensor in it",
+        "or run folder (the model of its latest checkpoint): report the SQNR (dB) of every "
+        "format and granularity on each floating-point tensor in it",
     )
 
 
@@ -68,26 +70,40 @@ def format_table() -> str:
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
     """Floating-point tensors of a .pt/.safetensors file (a tensor, or a nested state dict), of
     every .safetensors file of a folder (a Hugging Face checkpoint, its shards), or of the model
-    of a lowbit checkpoint (its optimizer moments are no weights a format would hold)."""
+    of a lowbit checkpoint (its optimizer moments are no weights a format would hold) or of a
+    run folder's latest one."""
     if not path.strip():  # Path("") is the current directory
         raise UsageError("--tensor: an empty path; fix: pass a .pt or .safetensors file")
-    file = Path(path)
-    if file.suffix == ".dcp" and file.is_dir():  # a multi-process run's checkpoint: a folder
-        from lowbit.train.checkpoint import load
+    from lowbit.train import checkpoint
 
-        loaded = load(file)["model"]
+    file = Path(path)
+    shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
+    run_checkpoint = None if shards else checkpoint.latest(file)
+    if run_checkpoint is not None:
+        # a run folder, as every other command takes it: its latest checkpoint (the refusal sent
+        # the user to the checkpoints folder, which a multi-process run fills with .dcp folders)
+        file = run_checkpoint
+        print(
+            f"lowbit formats: note: measuring {path}'s latest checkpoint, {file}", file=sys.stderr
+        )
+    if file.suffix == ".dcp" and file.is_dir():  # a multi-process run's checkpoint: a folder
+        loaded = checkpoint.load(file)["model"]
     elif file.is_dir():
-        shards = sorted(file.glob("*.safetensors"))
         if not shards:
             torch_files = sorted(file.glob("*.pt"))  # a run's checkpoints folder, say
-            fix = (
-                f"pass one of its .pt files (the last: {torch_files[-1]})"
-                if torch_files
-                else "pass a .pt or .safetensors file (a lowbit run's are in its checkpoints "
-                "folder)"
-            )
+            # a multi-process run's checkpoints are folders
+            dcp_folders = sorted(d for d in file.glob("*.dcp") if d.is_dir())
+            if torch_files:
+                fix = f"pass one of its .pt files (the last: {torch_files[-1]})"
+            elif dcp_folders:
+                fix = f"pass one of its .dcp checkpoints (the last: {dcp_folders[-1]})"
+            else:
+                fix = "pass a .pt or .safetensors file, or a lowbit run folder"
             raise UsageError(f"{path}: a folder, with no .safetensors file in it; fix: {fix}")
-        loaded = {name: t for shard in shards for name, t in _read_safetensors(shard).items()}
+        loaded = {}
+        for shard in shards:
+            for name, tensor in _read_safetensors(shard).items():
+                loaded[_unique(name, loaded)] = tensor
     elif not file.exists():
         raise UsageError(f"{path}: no such file; fix: pass a .pt or .safetensors file")
     elif not file.is_file():
@@ -109,7 +125,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             # tensor it stands for (the formats quantize its zeros too)
             if obj.is_floating_point() and obj.numel() > 1 and not obj.is_meta:
                 dense = obj if obj.layout is torch.strided else obj.to_dense()
-                found[prefix or "tensor"] = dense.detach()  # its own dtype: `error_table`
+                name = _unique(prefix or "tensor", found)
+                found[name] = dense.detach()  # its own dtype: `error_table`
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
@@ -123,6 +140,17 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             f"{path!r} holds no floating-point tensor with values and more than one element"
         )
     return found
+
+
+def _unique(name: str, taken) -> str:
+    """``name``, numbered ``name#2``, ``name#3``... past those in ``taken``: a nested
+    ``{"a": {"b": t}}`` and a flat ``"a.b"``, or one name in two .safetensors files of a folder,
+    shared a row, and the first tensor vanished from the table without a word."""
+    unique, number = name, 1
+    while unique in taken:
+        number += 1
+        unique = f"{name}#{number}"
+    return unique
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -152,6 +180,13 @@ def _read_torch(file: Path):
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
         # torch's text is a page on loading the file unsafely; keep the unpickler's reason
         text = str(error).split("WeightsUnpickler error:")[-1]
+        if pickled := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+            # torch.save(model): torch's own fix is to trust the class, which runs its code
+            raise UsageError(
+                f"{file}: it holds a pickled {pickled[1]} object, which a safe load does not "
+                "rebuild (unpickling it could run any code); fix: save its tensors alone, "
+                "torch.save(model.state_dict(), path), and pass that"
+            ) from None
         reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise UsageError(
             f"{file}: cannot read it as a torch file ({reason or type(error).__name__}); fix: pass "
@@ -187,7 +222,8 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
     are set to 0 before quantizing (an inf makes its scale inf, or NaN for an MX block, and with
     it every entry the scale covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
     to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond fp32's
-    range, which become inf there, are noted as such rather than as inf or NaN."""
+    range, which become inf there, are noted as such rather than as inf or NaN, and so are those
+    below it, which become 0."""
     labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
@@ -200,6 +236,13 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         overflowed = int((~finite & given.isfinite()).sum()) if given.dtype == torch.float64 else 0
         if count:
             notes.append(_non_finite_note(name, tensor.numel(), count, overflowed))
+        if given.dtype == torch.float64 and (lost := int(((tensor == 0) & (given != 0)).sum())):
+            # flushed to 0 in fp32, they measured as exact: an all-tiny tensor read inf everywhere
+            notes.append(
+                f"note: {name}: {lost} of {tensor.numel()} entries round to 0 in fp32 (|x| <= "
+                f"{2.0**-150:.4g}), through which every format quantizes, and count as 0 in its "
+                "SQNR; fix: scale the tensor into fp32's range (e.g. divide it by its largest |x|)"
+            )
         if count == tensor.numel():
             continue
         if count:
@@ -210,7 +253,9 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
                 approximation = cast(tensor, fmt)
             else:
                 approximation = quantize(tensor, fmt, granularity, block_size=block).dequantize()
-            cells.append(f"{sqnr(tensor[finite], approximation[finite]):>18.2f}")
+            # over the whole tensor: its zeroed entries quantize to 0 and add nothing to either
+            # sum, and picking the finite ones out with a mask took ten times the quantization
+            cells.append(f"{sqnr(tensor, approximation):>18.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     title = "SQNR in dB (higher is better; quantized along the last axis)"
     return "\n".join([title, *lines, *notes])
