@@ -149,12 +149,21 @@ def _end_of_text_ids(model, tokenizer) -> None:
     do: a named size's config otherwise keeps LlamaConfig's defaults, 1 and 2, which are bytes
     here, so transformers' ``generate`` would stop at byte 0x02 and not where the run's documents
     end (and start an empty prompt at byte 0x01, where `lowbit generate` starts at end-of-text).
-    A Hugging Face tokenizer's ids are the model folder's own and stay as they are."""
-    if tokenizer.kind not in ("byte", "bpe"):
-        return
+    A Hugging Face tokenizer's ids are the model folder's own and stay, but its end-of-text id
+    (the one the run joined documents with and `lowbit generate` stops at) is added to an
+    ``eos_token_id`` that lacks it: a fresh model from a config.json beside a tokenizer keeps
+    LlamaConfig's eos 2 whatever the tokenizer's is, and transformers' ``generate`` then ran on
+    past the end of every document."""
     for config in (model.config, getattr(model, "generation_config", None)):
-        if config is not None:
+        if config is None:
+            continue
+        if tokenizer.kind in ("byte", "bpe"):
             config.bos_token_id = config.eos_token_id = tokenizer.eot_id
+            continue
+        eos = getattr(config, "eos_token_id", None)  # Gemma 3's top config names none
+        ids = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
+        if tokenizer.eot_id not in ids:
+            config.eos_token_id = [*ids, tokenizer.eot_id] if ids else tokenizer.eot_id
 
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # as transformers reads them
@@ -172,6 +181,24 @@ def _shard_bytes(size: str) -> int:
     return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
 
 
+def _refuse_other_tasks(path) -> None:
+    """Refuse a run (or a folder quantized or pruned from one) of another task than causal-lm by
+    its config.yaml, before loading it: building a token-classification run's task reads its
+    data, and where that had moved the refusal that applies hid behind "no such CoNLL file". A
+    folder without config.yaml is left to `io.load_source`, which says what it is."""
+    from lowbit.train.config import read, resolve
+
+    check_given(path, "RUN_DIR")
+    if not (Path(path) / "config.yaml").is_file():
+        return
+    task = resolve(read(path)).task
+    if task != "causal-lm":
+        raise UsageError(
+            f"{path} is {a_task_run(task)}; fix: export a causal-lm run (the Hugging Face folder "
+            "is an AutoModelForCausalLM)"
+        )
+
+
 def export_hf(
     path, out, dtype: str = "fp32", force: bool = False, max_shard_size: str = "50GB"
 ) -> dict:
@@ -183,12 +210,8 @@ def export_hf(
         raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
     shard_bytes = _shard_bytes(max_shard_size)
     check_given(out, "--out")
+    _refuse_other_tasks(path)
     source = io.load_source(path, "cpu")
-    if source.config.task != "causal-lm":
-        raise UsageError(
-            f"{path} is {a_task_run(source.config.task)}; fix: export a causal-lm run (the "
-            "Hugging Face folder is an AutoModelForCausalLM)"
-        )
     io.check_outside(Path(out), source.path)
     dequantize_model(source.model)
     _untie_quantized_head(source.model)
