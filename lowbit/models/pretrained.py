@@ -250,3 +250,35 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
             **kw,
         )
     )
+
+
+# Files of a model folder up to this size are fingerprinted by their contents (config, tokenizer,
+# index files); larger ones, the weights, by size and modification time: hashing gigabytes of
+# weights on every `lowbit compare` would cost as much as a short run.
+HASHED_MAX_BYTES = 1 << 20
+
+
+def folder_fingerprint(path) -> dict[str, str] | None:
+    """What a model folder (or a config.json file) holds now, file by file: ``sha256:<hex>`` of a
+    small file's contents, ``size:<bytes>,mtime:<ns>`` of a large one. A compare study records it
+    with each run, so that weights trained again or a config edited in the same folder since are
+    told from the contents its finished runs trained from. Top-level files only (transformers
+    reads no subfolder), hidden files and Markdown (a model card) left out; None where nothing
+    readable is at ``path``."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+        out = {}
+        for file in files:
+            if file.name.startswith(".") or file.suffix == ".md" or not file.is_file():
+                continue
+            stat = file.stat()
+            if stat.st_size <= HASHED_MAX_BYTES:
+                out[file.name] = "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+            else:
+                out[file.name] = f"size:{stat.st_size},mtime:{stat.st_mtime_ns}"
+    except OSError:  # unreadable: the run that builds the model names the problem
+        return None
+    return out or None

@@ -103,8 +103,7 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise UsageError("no recipes given; fix: --recipes fp32,bf16-mixed,...")
-    # auto:fp8 is auto (its default budget): one name, so that listing both is a duplicate
-    names = ["auto" if name == "auto:fp8" else name for name in names]
+    names = [_recipe_name(name) for name in names]
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:
@@ -117,21 +116,28 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     return names
 
 
+def _recipe_name(name: str) -> str:
+    """A recipe as a study names it: auto:fp8 is auto (its default budget), one name, so that
+    listing both is a duplicate and ``--baseline auto:fp8`` or ``--target auto:fp8=2`` name the
+    ``auto`` of ``--recipes auto:fp8`` (refused as not in --recipes, they were)."""
+    name = name.strip()
+    return "auto" if name == "auto:fp8" else name
+
+
 def parse_targets(items) -> dict[str, float]:
     """``["mxfp4=3", ...]`` -> ``{"mxfp4": 3.0}``; a recipe given twice is refused (the last
     value silently won: ``--target mxfp4=3 --target mxfp4=1`` judged mxfp4 by 1% alone)."""
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")
-        if name.strip() in out:
-            raise UsageError(
-                f"--target {name.strip()} is given twice; fix: give each recipe one --target"
-            )
+        name = _recipe_name(name)
+        if name in out:
+            raise UsageError(f"--target {name} is given twice; fix: give each recipe one --target")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not math.isfinite(out.get(name.strip(), math.nan)):
+        if not sep or not math.isfinite(out.get(name, math.nan)):
             raise UsageError(f"--target {item!r}: expected RECIPE=PERCENT; fix: e.g. mxfp4=3")
     return out
 
@@ -198,7 +204,8 @@ def make_study(
         raise UsageError(
             f"seeds must be below 2**32, got {max(seeds)}; fix: a lower --first-seed, e.g. 0"
         )
-    baseline = recipes[0] if baseline is None else baseline
+    baseline = recipes[0] if baseline is None else _recipe_name(baseline)
+    targets = {_recipe_name(name): pct for name, pct in (targets or {}).items()}
     if baseline not in recipes:
         raise UsageError(
             f"baseline {baseline!r} is not in --recipes ({','.join(recipes)}); fix: add it to "
@@ -352,11 +359,51 @@ def load_record(run_dir: Path, config) -> dict | None:
             f"{run_dir}: holds a finished run trained on other contents of {config.data}; fix: "
             "--overwrite to retrain on the data as it is now, or restore the data"
         )
+    _check_same_model(run_dir, "a finished", record.get("model_fingerprint"), config)
     return record
 
 
-# The data's fingerprint as it is now, read once per process for every run of a study.
+def model_fingerprint(task: str, model: str) -> dict | None:
+    """The `folder_fingerprint` of the --model folder a task's runs load; None for a named
+    model (a size, built afresh from the seed, or the digits CNN) and ``minilm`` where its
+    package is not installed (the run names the problem)."""
+    from lowbit.models import causal_lm, token_classifier
+    from lowbit.models.pretrained import folder_fingerprint
+
+    if task == "image-classification":
+        return None
+    sizes = causal_lm.SIZES if task == "causal-lm" else token_classifier.SIZES
+    if model in sizes:
+        return None
+    if task == "token-classification" and model == "minilm":
+        folder = token_classifier.find_minilm()
+        return None if folder is None else folder_fingerprint(folder)
+    return folder_fingerprint(model)
+
+
+def _check_same_model(run_dir: Path, state: str, recorded: dict | None, config) -> None:
+    """Refuse to reuse or resume a run whose --model folder holds other files than it trained from
+    (weights trained again, a config edited): its results would be reported as the model's as
+    it is now. A record from before session 30, or a named model, has no fingerprint: reused."""
+    now = _model_now(config.task, config.model)
+    if not recorded or not now or recorded == now:
+        return
+    changed = sorted(
+        name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name)
+    )
+    shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+    raise UsageError(
+        f"{run_dir}: holds {state} run trained from other contents of the model folder "
+        f"{config.model} ({shown} changed since); fix: --overwrite to retrain from the model as "
+        "it is now, or restore the folder"
+    )
+
+
+# The data's and the model folder's fingerprints as they are now, read once per process for every
+# run of a study, and read again by the next study (`compare` clears them: the files may have
+# changed in between, in a notebook or a script that runs several studies).
 _data_now = functools.lru_cache(maxsize=4)(data_fingerprint)
+_model_now = functools.lru_cache(maxsize=4)(model_fingerprint)
 
 
 def _memory(trainer) -> dict:
@@ -443,9 +490,11 @@ def _prepare(study: Study, recipe: str, seed: int) -> tuple:
                 "--overwrite to retrain, or another --out"
             )
         # a load file from before session 26 does not say: run.json names the device type
-        recorded = _read_load(run_dir).get("device")
+        load = _read_load(run_dir)
+        recorded = load.get("device")
         recorded = recorded or read_run_info(run_dir).get("device", "").partition(":")[0]
         _check_device(run_dir, "an unfinished", recorded or None, device)
+        _check_same_model(run_dir, "an unfinished", load.get("model_fingerprint"), config)
     return config, trained, None, resume
 
 
@@ -512,7 +561,8 @@ def run_one(
         )
     trainer.sample = False  # a sample text per run is slow and not compared
     device = device_of(trainer.device)
-    jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume, device)
+    model = _model_now(config.task, config.model)  # what the run trains from (`_prepare` checked)
+    jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume, device, model)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -520,6 +570,7 @@ def run_one(
         result = trainer.fit(resume=resume, overwrite=not resume, on_step=on_step)
     except NonFiniteLoss as error:
         record = _diverged(config, recipe, seed, trainer, str(error), jobs, threads)
+        record["model_fingerprint"] = model
         _write_record(run_dir, record)
         return {**record, "reused": False}
     if result.status != "completed":
@@ -544,6 +595,7 @@ def run_one(
         "loss_scale": result.loss_scale,
         "memory": memory,
         "data_fingerprint": trainer.task.fingerprint,
+        "model_fingerprint": model,
         "device": device,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
@@ -576,17 +628,18 @@ def _transformers_warnings(on: bool):
 
 
 def _record_load(
-    run_dir: Path, jobs: int, threads: int, resume: bool, device: str
+    run_dir: Path, jobs: int, threads: int, resume: bool, device: str, model: dict | None
 ) -> tuple[int, list[int]]:
     """The largest ``jobs`` the run's parts trained under and the thread counts they trained on
     (smallest first), this one's included, kept in the run folder (`LOAD`) for the invocation
     that finishes the run and writes its record, with the ``device`` they train on (a later part
-    must train on it too, `_check_device`). A resumed run's throughput counts the steps of
-    every part (the checkpoint holds their tokens and seconds): recorded as the last part's
-    ``jobs`` alone, a run begun under --jobs 2 and finished under --jobs 1 read as trained alone,
-    and a study of such runs had no word in its report about the shared load; so with threads,
-    a run begun on 4 threads and resumed on 1. A load file from before session 25 has no threads:
-    the earlier parts' are unknown and left out."""
+    must train on it too, `_check_device`) and the --model folder's fingerprint (a resumed run
+    continues the weights it loaded as it started, `_check_same_model`). A resumed run's
+    throughput counts the steps of every part (the checkpoint holds their tokens and seconds):
+    recorded as the last part's ``jobs`` alone, a run begun under --jobs 2 and finished under
+    --jobs 1 read as trained alone, and a study of such runs had no word in its report about the
+    shared load; so with threads, a run begun on 4 threads and resumed on 1. A load file from
+    before session 25 has no threads: the earlier parts' are unknown and left out."""
     thread_counts = {threads}
     if resume:
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -595,7 +648,7 @@ def _record_load(
             thread_counts.update(int(count) for count in saved.get("threads", []))
     run_dir.mkdir(parents=True, exist_ok=True)
     thread_counts = sorted(thread_counts)
-    load = {"jobs": jobs, "threads": thread_counts, "device": device}
+    load = {"jobs": jobs, "threads": thread_counts, "device": device, "model_fingerprint": model}
     write_atomically(run_dir / LOAD, json.dumps(load) + "\n")
     return jobs, thread_counts
 
@@ -1139,11 +1192,23 @@ def compare(
 ) -> CompareResult:
     """Train every (recipe, seed) of ``study`` (reusing finished runs), write the report. With
     ``jobs`` > 1 the runs train that many at a time in worker processes of ``threads`` PyTorch
-    threads each (default: the cores shared out; `lowbit.report.parallel`)."""
+    threads each (default: the cores shared out; `lowbit.report.parallel`), which together with
+    this process say each warning once (`warnings_once`)."""
+    if jobs > 1:
+        from lowbit.report.parallel import warnings_once
+
+        with warnings_once():
+            return _compare(study, overwrite, quiet, plots, log, jobs, threads)
+    return _compare(study, overwrite, quiet, plots, log, jobs, threads)
+
+
+def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> CompareResult:
     from lowbit.report.html import write_html
     from lowbit.report.markdown import write_markdown
     from lowbit.report.plots import write_plots
 
+    _data_now.cache_clear()  # read afresh: the files may have changed since the last study
+    _model_now.cache_clear()
     check_out(study, overwrite)
     if not overwrite:  # before anything is written: a refused command leaves the study as it was
         check_runs(study)
@@ -1156,6 +1221,8 @@ def compare(
     if jobs > 1:
         from lowbit.report.parallel import default_threads, train_runs
 
+        # the data read here first: its warnings said once, before the workers start
+        _data_now(study.base["task"], study.base["data"], study.base["text_field"])
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
         workers = min(jobs, len(runs))  # fewer runs than --jobs: the cores are theirs to share
         in_workers = train_runs(runs, workers, threads or default_threads(workers), log)

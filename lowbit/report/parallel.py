@@ -19,9 +19,12 @@ says where it stopped, in one line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 import signal
+import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -64,14 +67,84 @@ def _failed() -> bool:
     return _failure is not None and _failure.is_set()
 
 
-def _start_worker(failure=None) -> None:
+WARNING = "lowbit: warning: "
+
+
+class _WarnedOnce:
+    """A text stream (stderr) that passes on every line but a ``lowbit: warning:`` line said
+    before by any process of the study: each process says a data warning once (`lowbit.errors.warn`,
+    the tasks' own), and with --jobs N every worker loads the data and said it again, N times
+    over, and the study's process once more as it read the finished runs' data. The lines said
+    are files named by their hash in ``folder``, created exclusively: the first process to
+    create one says the line."""
+
+    def __init__(self, stream, folder: str):
+        self.stream, self.folder, self.pending = stream, folder, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while self.pending:
+            line, newline, rest = self.pending.partition("\n")
+            if not WARNING.startswith(self.pending[: len(WARNING)]):  # not a warning: as it is
+                self.stream.write(line + newline)
+            elif not newline:  # a warning whose end is still to come
+                break
+            elif self._first(line):
+                self.stream.write(line + newline)
+            self.pending = rest
+        return len(text)
+
+    def _first(self, line: str) -> bool:
+        name = hashlib.sha256(line.encode()).hexdigest()
+        try:
+            os.close(os.open(os.path.join(self.folder, name), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        except OSError:  # the folder is gone (the study ended): say it rather than lose it
+            pass
+        return True
+
+    def flush(self) -> None:
+        self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding: the stream's
+        return getattr(self.stream, name)
+
+
+_warned: str | None = None  # the study's folder of lines said (`warnings_once`), in this process
+
+
+@contextlib.contextmanager
+def warnings_once():
+    """Within: every ``lowbit: warning:`` line is said once by this process and the --jobs
+    workers it starts (`train_runs`) together (`_WarnedOnce`). Nested: the outer one's."""
+    global _warned
+    if _warned is not None:
+        yield
+        return
+    stream = sys.stderr
+    with tempfile.TemporaryDirectory(prefix="lowbit-warned-") as folder:
+        _warned, sys.stderr = folder, _WarnedOnce(stream, folder)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            _warned, sys.stderr = None, stream
+
+
+def _start_worker(failure=None, warned: str | None = None) -> None:
     """Set up a worker for its lifetime: a stop request (`_ask_to_stop`, a Ctrl-C of the process
     group) that reaches it between runs, idle and waiting for its next, marks the worker stopped.
     Handled only while a run was in progress, it killed an idle worker (SIGUSR1's default), or
     raised KeyboardInterrupt in the pool's idle loop, which printed a traceback under the one-line
-    error of the run that stopped the study."""
+    error of the run that stopped the study. ``warned``: the study's folder of warnings said
+    (`warnings_once`)."""
     global _failure
     _failure = failure
+    if warned is not None:
+        sys.stderr = _WarnedOnce(sys.stderr, warned)
     for signum in (signal.SIGINT, STOP_SIGNAL):
         if signum is not None:
             signal.signal(signum, _stop)
@@ -148,6 +221,7 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
     context = multiprocessing.get_context("spawn")
     failure = context.Event()  # one run failed: the others stop after their step (`_failed`)
     with (
+        warnings_once(),
         # a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the workers
         # saving a checkpoint; by default it ended this process alone and left the workers
         # training to the end, orphaned, where a rerun would train the same folders again
@@ -156,7 +230,7 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
             max_workers=jobs,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(failure,),
+            initargs=(failure, _warned),
         ) as pool,
     ):
         started = time.perf_counter()
@@ -199,7 +273,8 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
                 future.cancel()
             _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop
             raise
-        except BaseException:
+        except BaseException as stopping:
+            raised = str(stopping)
             # the runs not yet started never start; those in progress (or finished meanwhile)
             others = [f for f in futures if f not in reported and f is not failed]
             others = [f for f in others if not f.cancel()]
@@ -214,7 +289,10 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
                         f"stopped: {name(failed)} failed; {name(future)} saved at step "
                         f"{error.step}, resumes with the same command"
                     )
-                elif not isinstance(error, Stopped | KeyboardInterrupt | BrokenProcessPool):
+                # the same error (bad data every run reads) is said once, as the study's error
+                elif not isinstance(error, Stopped | KeyboardInterrupt | BrokenProcessPool) and (
+                    str(error) != raised
+                ):
                     log(f"{name(future)}: failed too: {error}")
             raise
     return trained
