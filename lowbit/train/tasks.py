@@ -669,8 +669,30 @@ class ImageClassificationTask(Task):
         return total / len(labels), labels, preds
 
     def evaluate(self, model, precision, split="validation", max_batches=None):
+        if max_batches is None:  # the trainer's validation, which other tasks bound by the config
+            self._warn_eval_batches_ignored(split)
         loss, labels, preds = self.predict(model, precision, split, max_batches)
         return {"loss": loss, "accuracy": _accuracy(labels, preds)}
+
+    def _warn_eval_batches_ignored(self, split: str) -> None:
+        """Say, once a process, that a given --eval-batches too few for the split does not bound
+        this task's validation: it evaluates every image (270, a few batches), the numbers that
+        recorded runs and studies compare. Unsaid, a user believed the bound took effect."""
+        from lowbit.errors import warn
+        from lowbit.train.config import TrainConfig
+
+        given, size = self.config.eval_batches, self.config.batch_size
+        images = len(self.splits[split][1])
+        if given == TrainConfig.eval_batches or given * size >= images:
+            return
+        line = (
+            f"eval_batches (--eval-batches) {given} does not apply to task image-classification, "
+            f"which evaluates its whole {split} split ({images} images, "
+            f"{math.ceil(images / size)} batches of {size}); ignored"
+        )
+        if line not in _said:  # compare trains many runs of one setting
+            _said.add(line)
+            warn(line)
 
     def report(self, model, precision, split, max_batches=None):
         from sklearn.metrics import classification_report
