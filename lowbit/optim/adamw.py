@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 from lowbit.formats import cast
 from lowbit.optim.states import BLOCK_SIZE, StatePrecision, keeps_fp32_states
 from lowbit.optim.states import state_precision as _state_precision
@@ -385,6 +385,26 @@ class _TorchaoStates(_RealDenseOnly):
     # rounded to fp32 by every step, even at lr 0
     refused_dtypes = (torch.float64,)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Keep the group's learning rate as given (a float stays a float).
+
+        torchao turns it into a 0-dim fp32 tensor (its compiled update would otherwise be
+        recompiled for every new value), and ``scheduler.get_last_lr()`` then returned
+        ``[tensor(0.0025)]``, which a user's logging could not ``json.dumps``. The step passes
+        the update a tensor of the lr instead (`_lr_tensor`)."""
+        given = param_group.get("lr", self.defaults["lr"])
+        super().add_param_group(param_group)
+        self.param_groups[-1]["lr"] = given
+
+    def load_state_dict(self, state_dict) -> None:
+        """A group whose lr is a float keeps a float lr: checkpoints saved before lowbit kept
+        floats hold torchao's 0-dim tensor there, which ``load_state_dict`` would put back."""
+        floats = [not isinstance(group["lr"], Tensor) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, was_float in zip(self.param_groups, floats, strict=True):
+            if was_float and isinstance(group["lr"], Tensor):
+                group["lr"] = group["lr"].item()
+
     def _new_buffer(self, p: Tensor, signed: bool, name: str):
         # torchao decides on the local shard (``p.to_local().numel()``); lowbit decides on the
         # global tensor (``DTensor.numel()`` is global) so that every rank agrees.
@@ -424,8 +444,7 @@ class _TorchaoStates(_RealDenseOnly):
             else None
         )
         for group_index, group in enumerate(self.param_groups):
-            if not isinstance(group["lr"], Tensor):  # an LR scheduler wrote a float
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            lr = _lr_tensor(group["lr"])
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -445,7 +464,7 @@ class _TorchaoStates(_RealDenseOnly):
                     state["exp_avg"],
                     state["exp_avg_sq"],
                     state.get("max_exp_avg_sq"),
-                    group["lr"],
+                    lr,
                     group["betas"][0],
                     group["betas"][1],
                     group["weight_decay"],
@@ -459,6 +478,13 @@ class _TorchaoStates(_RealDenseOnly):
                     with torch._dynamo.utils.disable_cache_limit():
                         fn(*args)
         return loss
+
+
+def _lr_tensor(lr) -> Tensor:
+    """The learning rate as torchao's update takes it: a 0-dim fp32 tensor, a graph input of the
+    compiled update (``compile=True``), so that a scheduler's new value each step is not a new
+    constant to recompile for; a tensor lr (the user's own) is passed as it is."""
+    return lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float32)
 
 
 def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
@@ -490,7 +516,8 @@ class AdamWBf16States(_RealDenseOnly, Optimizer):
 
     with ``m`` and ``v`` used in fp32 for the update and stored as ``SR_bf16(m)``, ``SR_bf16(v)``
     (``E[SR(x)] = x``). The random bits come from a generator seeded by ``(seed, step, parameter
-    index)``, so a run resumed from a checkpoint draws the same bits as the uninterrupted one.
+    index)``, so a run resumed from a checkpoint draws the same bits as the uninterrupted one (the
+    seed is saved with the state, `load_state_dict`).
     Tensors that `keeps_fp32_states` (fewer than 4096 values) keep fp32 moments.
     """
 
@@ -514,6 +541,28 @@ class AdamWBf16States(_RealDenseOnly, Optimizer):
     state_precision = StatePrecision.BF16
 
     unsupported = ("maximize", "amsgrad")
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state, and the ``seed`` of the stochastic rounding: resumed with
+        another ``seed=``, a run drew other rounding bits than the uninterrupted one."""
+        return {**super().state_dict(), "seed": self.seed}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load torch's optimizer state and continue with the saved ``seed``, as torch continues
+        with the saved lr and betas; a different ``seed=`` given to the constructor is named in a
+        warning. A state saved without a seed (before lowbit saved it) keeps this optimizer's."""
+        saved = state_dict.get("seed") if isinstance(state_dict, dict) else None
+        super().load_state_dict(state_dict)
+        if saved is None:
+            return
+        if int(saved) != self.seed:
+            warn(
+                f"the loaded bf16 optimizer states were saved with seed {int(saved)}; their "
+                f"stochastic rounding continues with it, not with seed {self.seed} given to this "
+                "optimizer (a resumed run rounds as the uninterrupted one); to draw other bits, "
+                f"set optimizer.seed = {self.seed} after loading"
+            )
+        self.seed = int(saved)
 
     def _generator(self, p: Tensor, step: int, index: int) -> torch.Generator:
         generator = torch.Generator(device=p.device)

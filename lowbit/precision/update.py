@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks
@@ -159,6 +160,7 @@ class LowPrecisionUpdate:
 
         optimizer.register_load_state_dict_pre_hook(before_load)
         optimizer.register_load_state_dict_post_hook(after_load)
+        _undo_swap_on_failed_load(optimizer, loading, self._swap_out)
 
     @contextlib.contextmanager
     def fp32_params(self, optimizer):
@@ -364,6 +366,30 @@ class LowPrecisionUpdate:
         for i, v in compensation.items():
             if i < len(params):
                 self.compensation[params[i]] = v.clone()
+
+
+def _undo_swap_on_failed_load(optimizer, loading: list, swap_out) -> None:
+    """Make ``optimizer.load_state_dict`` swap the parameters back in when the load fails after
+    the pre-hook swapped the stand-ins in (``loading`` holds that swap until the post-hook undoes
+    it): torch runs no post-hook when a later pre-hook (a user's) raises, or when it cannot cast a
+    saved state, and the optimizer went on stepping the stand-ins, so the model stopped training.
+
+    The wrapper is a method of the optimizer, not a closure over it: a deep copy of the optimizer
+    binds it to the copy. It wraps what loads now (the class's method, or another precision's
+    wrapper of it), so each precision that wrapped the optimizer undoes its own swap."""
+    inner = getattr(optimizer.load_state_dict, "__func__", None)
+    if inner is None:  # not a method (a user's function put there): not wrapped, as before
+        return
+
+    def load_state_dict(opt, state_dict):
+        try:
+            return inner(opt, state_dict)
+        except BaseException:
+            if loading:  # the post-hook did not run
+                swap_out(opt, loading.pop())
+            raise
+
+    optimizer.load_state_dict = types.MethodType(load_state_dict, optimizer)
 
 
 @contextlib.contextmanager
