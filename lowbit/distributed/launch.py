@@ -34,7 +34,7 @@ from lowbit.distributed.context import (
     signals_handled,
     torchrun_env,
 )
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 
 
 def _error_classes():
@@ -282,6 +282,14 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
             f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
         )
     preflight(config, resume, gpu_memory=False)  # each rank checks its own GPU (`_worker`)
+    cores = os.cpu_count() or 1
+    if not gpus and config.nproc > cores:
+        # it runs (one thread a rank), but the ranks take turns on the cores: a user who took
+        # --nproc for a count of workers to speed the run up got a slower run, silently
+        warn(
+            f"--nproc {config.nproc} CPU processes on {cores} cores: the ranks share cores and "
+            f"train slower than fewer would; fix: --nproc {cores} or fewer"
+        )
     return spawn(config, resume, overwrite, quiet, on_step)
 
 

@@ -118,6 +118,9 @@ class RunResult:
     def summary(self) -> str:
         c = self.config
         start, end = self.start_metrics, self.final_metrics
+        # several processes: the memory figures are rank 0's alone (each rank holds about as
+        # much, its own shards under FSDP2), unlabelled they read as the whole run's
+        whose = f" (rank 0's, one of {c.nproc} processes)" if c.nproc > 1 else ""
         lines = [
             f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} "
             f"step{'' if self.steps == 1 else 's'} ({self.status})",
@@ -131,7 +134,7 @@ class RunResult:
             f"  train loss       {self.train_loss:.4f} (mean of the last steps)",
             f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
             f"  peak memory      {self.peak_rss_mb:,.0f} MB RSS; parameters + optimizer state "
-            f"{self.tensor_mb:,.1f} MB" + self.extra.get("device_memory", ""),
+            f"{self.tensor_mb:,.1f} MB" + self.extra.get("device_memory", "") + whose,
             f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}",
             f"  wall time        {_duration(self.wall_time)}",
             f"  run folder       {self.run_dir}",
@@ -1065,7 +1068,11 @@ class Trainer:
                 return self.task.loss(self.train_model, batch)[0]
 
         live = measure(self.model, self.optimizer, self.precision)
-        with checkpointed_peak(self.model), _unobserved(self.model):
+        # its forward's draws (dropout masks) from a copy of the generators: drawn from the run's,
+        # they changed every later step's masks, and a one-process run (a token classifier)
+        # trained otherwise than the same run with --strategy, which takes no report
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with checkpointed_peak(self.model), _unobserved(self.model), torch.random.fork_rng(cuda):
             saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
         if self.config.task not in TASKS:
