@@ -76,6 +76,8 @@ _MANTISSA_BITS, _F32_BIAS = 23, 127
 _MANTISSA_MASK, _EXPONENT_MASK, _INF_BITS = 0x007FFFFF, 0x7F800000, 0x7F800000
 _TWO_POW_M127_BITS = 0x00400000  # 2**-127, the subnormal e8m0's smallest scale stands for
 FP4_MAX = 6.0  # fp4_e2m1 largest value
+# 2**-149: NVFP4's tensor-scale floor (`nvfp4_scales`)
+_F32_SMALLEST_SUBNORMAL = torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
 
 
 def block_shape(
@@ -184,11 +186,20 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.T
 def nvfp4_scales(
     block_amax: torch.Tensor, tensor_amax: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4's two-level scales: (e4m3-valued block scales, fp32 per-tensor scale)."""
+    """NVFP4's two-level scales: (e4m3-valued block scales, fp32 per-tensor scale).
+
+    A tensor amax of 0 takes tensor scale 1 (Transformer Engine's choice), and so do a NaN one
+    and a negative given one. A positive amax below ``6 * 448 * 2**-150`` (about 1.9e-42) would
+    round the tensor scale to 0, and the block scales to ``0 / 0`` (NaN) or ``x / 0`` (saturated
+    to 448): a NaN or all-zero tensor. The scale is floored at fp32's smallest subnormal instead,
+    where such a tensor's block scales stay below 448 and map it onto the fp4 grid. An inf amax
+    is its own scale, as under the ``amax`` rule: the tensor reads back as NaN, so that an
+    overflow stays visible to the loss scaler (docs/formats.md; Transformer Engine takes 1 and
+    saturates).
+    """
     tensor_amax = tensor_amax.float()
-    tensor_scale = torch.where(
-        tensor_amax > 0, tensor_amax / (FP4_MAX * E4M3_MAX), torch.ones_like(tensor_amax)
-    )
+    tensor_scale = (tensor_amax / (FP4_MAX * E4M3_MAX)).clamp_(min=_F32_SMALLEST_SUBNORMAL)
+    tensor_scale = torch.where(tensor_amax > 0, tensor_scale, torch.ones_like(tensor_amax))
     block_scale = cast((block_amax.float() / FP4_MAX) / tensor_scale, "fp8_e4m3")
     return block_scale, tensor_scale
 

@@ -742,7 +742,10 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
   float tensor_scale = 1.0f;
   if (p.rule == kNvfp4) {
     const float amax = measured_tensor_amax();
-    tensor_scale = amax > 0.0f ? amax / (kFp4Max * kE4m3Max) : 1.0f;
+    // `nvfp4_scales`: 1 for a zero (or NaN) amax; a tiny one's scale, which would round to 0
+    // (NaN or saturated block scales), is floored at fp32's smallest subnormal
+    const float ratio = amax / (kFp4Max * kE4m3Max);
+    tensor_scale = amax > 0.0f ? std::max(ratio, std::numeric_limits<float>::denorm_min()) : 1.0f;
     tensor_scale_out.fill_(tensor_scale);
   } else if (given_amax.has_value()) {
     row_amax = given_amax->const_data_ptr<float>();
