@@ -123,6 +123,9 @@ class LowbitConv2d(LowbitModule):
             self._pad = (*sides[1], *sides[0])
         self._pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
 
+    def _init_parameters(self) -> None:
+        torch.nn.Conv2d.reset_parameters(self)  # reads only weight, bias (and their shapes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
             padding = self.padding

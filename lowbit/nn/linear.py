@@ -186,6 +186,12 @@ class LayerState:
             _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
         return _SIGNS[key]
 
+    def reset(self) -> None:
+        """Forget the amaxes recorded so far (`AmaxHistory.reset`): they were measured on weights
+        that `LowbitModule.reset_parameters` has drawn again, and would scale the new ones."""
+        for history in self.histories.values():
+            history.reset()
+
     def commit(self, device: torch.device | None = None) -> None:
         """Commit every history, on ``device`` (the layer's) when given (`AmaxHistory.commit`)."""
         for history in self.histories.values():
@@ -664,6 +670,8 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     a 16-bit model around the layer sees the dtype it expects. fp32 is a floor, not a rounding: a
     float64 layer computes in float64, as it would unconverted."""
     check_floating_input(x, weight)
+    if _on_meta(x, weight):
+        return _meta_forward(op, x, weight, bias, **options)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
@@ -673,9 +681,39 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     return out if autocast else out.to(x.dtype)
 
 
+class MetaDeviceError(UsageError, RuntimeError):
+    """A converted layer's input and weight of which one is on the meta device: a `UsageError`
+    (one line, with the fix) that is also the RuntimeError nn.Linear raises for it."""
+
+
+def _on_meta(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a forward gets a tensor on the meta device, which `_meta_forward` answers."""
+    return x.is_meta or weight.is_meta
+
+
+def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
+    """A forward on the meta device, whose tensors have shapes but no values (shape inference:
+    FLOP counters, memory estimators and accelerate-style tools run a model built there): the
+    unconverted ``op``'s meta output, in the dtype the layer returns (the input's: autocast has no
+    meta device), with nothing to quantize; a backward gives meta gradients. Weights on meta with
+    an input elsewhere (or the reverse) are refused: the int8 kernels read the weight's missing
+    values and returned garbage."""
+    if not (x.is_meta and weight.is_meta and (bias is None or bias.is_meta)):
+        raise MetaDeviceError(
+            f"a layer that a lowbit recipe converted got an input on {x.device} and its weight on "
+            f"{weight.device}, and the meta device holds no values; fix: model.to_empty(device="
+            f"...) and then initialise (reset_parameters) or load the weights before a forward "
+            f"on real inputs (a forward on meta needs the input on meta too)"
+        )
+    dtype = x.dtype
+    return op(x, weight.to(dtype), None if bias is None else bias.to(dtype), **options)
+
+
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
     check_floating_input(x, weight)
+    if _on_meta(x, weight):
+        return _meta_forward(F.linear, x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
         # of no values to lay out); F.linear's result, empty or the bias
@@ -713,6 +751,20 @@ class LowbitModule(torch.nn.Module):
     def spec(self) -> LayerSpec:
         return self.lowbit_state.spec
 
+    def reset_parameters(self) -> None:
+        """Draw the Parameters as the layer this one replaced initialises them, from the same
+        random numbers (`_init_parameters`), and forget the amaxes recorded on the old ones.
+        Deferred initialisation calls it on every module that has it: a model built on the meta
+        device, converted, then ``to_empty`` (FSDP2's and torchtitan's flow) holds uninitialised
+        memory, which the converted layers kept, without it, and trained on to NaN."""
+        with torch.no_grad():
+            self._init_parameters()
+        self.lowbit_state.reset()
+
+    def _init_parameters(self) -> None:
+        """The replaced layer's initialisation of the Parameters; none for a layer without its
+        own (an expert's GEMM reads a slice of its experts module's)."""
+
     def __prepare_scriptable__(self):
         """What ``torch.jit.script`` asks of every module before it compiles: a refusal in one
         line. TorchScript cannot compile the layer's Python (its `LayerState`, the quantization's
@@ -744,6 +796,9 @@ class LowbitLinear(LowbitModule):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
 
+    def _init_parameters(self) -> None:
+        torch.nn.Linear.reset_parameters(self)  # reads only weight and bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
             return full_precision(F.linear, x, self.weight, self.bias)
@@ -765,6 +820,13 @@ class LowbitConv1D(LowbitModule):
     def __init__(self, conv1d: torch.nn.Module, spec: LayerSpec, seed: int = 0):
         super().__init__(conv1d, spec, seed)
         self.nf, self.nx = conv1d.nf, conv1d.nx
+
+    def _init_parameters(self) -> None:
+        """What transformers' ``Conv1D`` constructor draws (it has no ``reset_parameters``; its
+        models' ``_init_weights`` draws with the config's ``initializer_range``)."""
+        torch.nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:

@@ -87,7 +87,17 @@ class AmaxHistory:
     """
 
     def __init__(self, length: int):
-        self.history = torch.zeros(length, dtype=torch.float32)
+        self.recording = True
+        self.reset(length)
+
+    def reset(self, length: int | None = None) -> None:
+        """The state of a new history of ``length`` steps (the current length when not given):
+        no amax recorded, the recording mode as it is. Made on the CPU whatever the default
+        device: a layer converted under ``with torch.device("meta")`` got a history with no
+        values, which ``model.to_empty`` does not reach (it is not a buffer) and which failed at
+        the first commit; the history moves to the amaxes' device on first use."""
+        length = len(self.history) if length is None else length
+        self.history = torch.zeros(length, dtype=torch.float32, device="cpu")
         self.filled = 0
         # Whether the scale comes from the history (after the first commit), so that the current
         # amax is needed only for the history. A bool of its own, not `filled > 0`: a compiled
@@ -95,8 +105,7 @@ class AmaxHistory:
         # commit until the history was full (past Dynamo's recompile limit: eager from then on).
         self.delayed = False
         self.pending: torch.Tensor | None = None
-        self.traced_pending = torch.tensor(float("-inf"))
-        self.recording = True
+        self.traced_pending = torch.tensor(float("-inf"), device="cpu")
 
     def record(self, current: torch.Tensor) -> None:
         """Hold this step's amax for the next `commit` (in training mode)."""
