@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate only this many batches (default: the whole split)",
     )
-    parser.add_argument("--device", default=None, help="device (default: the run's)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device (default: the run's; cpu for a quantized or pruned folder)",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
 

@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a checkpoint: its path, its file name in the run's checkpoints/, or its step number "
         "(default: the latest)",
     )
-    parser.add_argument("--device", default=None, help="device (default: the run's)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device (default: the run's; cpu for a quantized or pruned folder)",
+    )
 
 
 def _read_prompt_file(path: str) -> str:
