@@ -119,10 +119,33 @@ def is_parameter_cast(t: torch.Tensor) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _not_recording(model: torch.nn.Module):
+    """Within: the delayed-scaling amax histories of ``model``'s converted layers record nothing.
+    A measuring forward is no training step: recorded, its amaxes (dropout draws other masks than
+    the step's own forward) entered the next commit, and a run that measured its memory (the
+    trainer's report at step 2) scaled its fp8 operands otherwise from then on."""
+    histories = [
+        history
+        for module in model.modules()
+        for history in getattr(getattr(module, "lowbit_state", None), "histories", {}).values()
+    ]
+    recording = [history.recording for history in histories]
+    for history in histories:
+        history.recording = False
+    try:
+        yield
+    finally:
+        for history, was in zip(histories, recording, strict=True):
+            history.recording = was
+
+
 def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
     """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
     step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
-    casts). The returned loss is discarded; run backward separately if needed. One process's
+    casts). The returned loss is discarded; run backward separately if needed. The forward leaves
+    the layers' delayed-scaling amax histories as they were (`_not_recording`); its random draws
+    (dropout) are the caller's to fork (``torch.random.fork_rng``). One process's
     unsharded model only: FSDP frees each block's gathered parameters after its forward and
     reuses their memory, so storages would not say which tensor a saved one is."""
     from torch.distributed.tensor import DTensor
@@ -145,7 +168,7 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
             totals["temporaries" if is_parameter_cast(t) else "activations"] += key[2]
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _not_recording(model):
         loss = forward()
     del loss
     return Breakdown(

@@ -1075,8 +1075,9 @@ class Trainer:
         with checkpointed_peak(self.model), _unobserved(self.model), torch.random.fork_rng(cuda):
             saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
+        # the live column alone is titled so: `table`'s single column is an estimate's by default
         if self.config.task not in TASKS:
-            return live.table()
+            return live.table(titles=("measured",))
         c = self.config
         try:
             planned = estimate(
@@ -1089,7 +1090,7 @@ class Trainer:
                 task=c.task,
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
-            return live.table()
+            return live.table(titles=("measured",))
         table = planned.table(live)
         emulated = self.precision.emulates_fp16 or any(
             not layer.spec.is_identity for layer in lowbit_layers(self.model).values()
