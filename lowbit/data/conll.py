@@ -297,16 +297,17 @@ def _scores(true: set, pred: set) -> dict:
     }
 
 
-def token_report(true_tags: list[list[str]], pred_tags: list[list[str]]) -> tuple[str, dict]:
-    """Per-tag token-level report from scikit-learn: ``(text, dict)`` of precision/recall/F1."""
-    from sklearn.metrics import classification_report
+def token_report(
+    true_tags: list[list[str]], pred_tags: list[list[str]], labels: list[str] | None = None
+) -> tuple[str, dict]:
+    """Per-tag token-level report (`lowbit.data.label_report`): ``(text, dict)`` of precision,
+    recall, F1 and integer support, a row for each tag in ``labels`` (every tag of the task: one
+    the sentences evaluated lack still has its row) and for any other tag found, in name order."""
+    from lowbit.data.label_report import label_report
 
     flat_true = [tag for sentence in true_tags for tag in sentence]
     flat_pred = [tag for sentence in pred_tags for tag in sentence]
-    labels = sorted(set(flat_true) | set(flat_pred))
-    kwargs = {"labels": labels, "zero_division": 0, "digits": 4}
-    text = classification_report(flat_true, flat_pred, **kwargs)
-    return text, classification_report(flat_true, flat_pred, output_dict=True, **kwargs)
+    return label_report(flat_true, flat_pred, sorted({*(labels or ()), *flat_true, *flat_pred}))
 
 
 def aligned_tags(labels, predictions, id2label: dict[int, str]):

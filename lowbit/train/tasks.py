@@ -513,17 +513,25 @@ class TokenClassificationTask(Task):
         return self._scores(model, precision, split, limit)[0]
 
     def report(self, model, precision, split, max_batches=None):
-        from lowbit.data import token_report
+        from lowbit.data import entity_spans, token_report
+        from lowbit.data.label_report import UNSCORED, UNSCORED_NOTE
 
         metrics, true_tags, pred_tags, f1 = self._scores(model, precision, split, max_batches)
-        text, _ = token_report(true_tags, pred_tags)
+        text, _ = token_report(true_tags, pred_tags, self.labels)
         lines = [format_metrics(metrics), "", "per-label (token level):", text, "entity level:"]
         lines.append(f"{'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'true':>8}")
-        for kind, s in [*f1["per_type"].items(), ("ALL", f1)]:
-            lines.append(
-                f"{kind:<12}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}"
-                f"{s['true']:>8}"
-            )
+        # every entity type of the run's tags has a row, as every tag has above: a type that the
+        # sentences evaluated neither hold nor predict has no score, and counts 0 true entities
+        kinds = {kind for tag in self.labels for kind, _, _ in entity_spans([tag])}
+        unscored = dict.fromkeys(("precision", "recall", "f1")) | {"true": 0}
+        per_type = {k: f1["per_type"].get(k, unscored) for k in sorted(kinds | set(f1["per_type"]))}
+        for kind, s in [*per_type.items(), ("ALL", f1)]:
+            cells = [
+                UNSCORED if s[k] is None else f"{s[k]:.4f}" for k in ("precision", "recall", "f1")
+            ]
+            lines.append(f"{kind:<12}" + "".join(f"{c:>10}" for c in cells) + f"{s['true']:>8}")
+        if unscored in per_type.values():
+            lines.append(UNSCORED_NOTE)
         return metrics, "\n".join(lines)
 
 
@@ -695,9 +703,11 @@ class ImageClassificationTask(Task):
             warn(line)
 
     def report(self, model, precision, split, max_batches=None):
-        from sklearn.metrics import classification_report
+        from lowbit.data import NUM_CLASSES
+        from lowbit.data.label_report import label_report
 
         loss, labels, preds = self.predict(model, precision, split, max_batches)
         metrics = {"loss": loss, "accuracy": _accuracy(labels, preds)}
-        text = classification_report(labels.numpy(), preds.numpy(), digits=4, zero_division=0)
+        # every digit has a row, one that a subset (--max-batches) lacks too
+        text, _ = label_report(labels.tolist(), preds.tolist(), list(range(NUM_CLASSES)))
         return metrics, f"{format_metrics(metrics)}\n\nper-label:\n{text}"
