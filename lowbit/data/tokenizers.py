@@ -74,6 +74,8 @@ class BPETokenizer:
         # where the byte tokenizer saw one. The flag is not saved in tokenizer.json: set it here.
         self._tok.encode_special_tokens = True
         self.eot_id = tokenizer.token_to_id(EOT_TEXT)
+        if self.eot_id is None:  # another tokenizer.json put in the folder: no document boundary
+            raise ValueError(f"tokenizer.json has no {EOT_TEXT} token")
         self.vocab_size = tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:

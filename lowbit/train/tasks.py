@@ -115,6 +115,14 @@ def to_device(batch, device):
 # --------------------------------------------------------------------------------------- causal-lm
 
 
+# A model whose embedding lacks ids of its Hugging Face tokenizer (tokens added to the tokenizer
+# after the model was made): what brings the two together.
+RESIZE_FIX = (
+    "resize the model's embeddings to the tokenizer "
+    "(model.resize_token_embeddings(len(tokenizer))) and save it"
+)
+
+
 class HFTokenizer:
     """Adapter giving a Hugging Face tokenizer the interface of `lowbit.data` tokenizers."""
 
@@ -132,22 +140,51 @@ class HFTokenizer:
                 file=sys.stderr,
             )
         self.vocab_size = len(tokenizer)
+        # the rows of a model's embedding that has fewer than the tokenizer's ids (set by
+        # `CausalLMTask`): a text holding an id from there up is refused, not an IndexError
+        self.rows: int | None = None
 
-    def encode(self, text: str) -> list[int]:
+    def _ids(self, text: str) -> list[int]:
         # verbose=False: no warning that a document is longer than the model's positions; the
         # trainer cuts the ids into windows of --seq-len, which is checked against them
         return self._tok.encode(text, add_special_tokens=False, verbose=False)
 
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids(text)
+        if found := self.lacking(ids):
+            raise UsageError(f"the text holds {found}; fix: remove it, or {RESIZE_FIX}")
+        return ids
+
     def encode_documents(self, texts):
+        """The texts' ids joined by ``eot_id``, unchecked: `CausalLMTask.tokens` names the
+        split of an id the model lacks."""
         import numpy as np
 
         ids: list[int] = []
         for i, text in enumerate(texts):
-            ids += ([self.eot_id] if i else []) + self.encode(text)
+            ids += ([self.eot_id] if i else []) + self._ids(text)
         return np.asarray(ids, dtype=np.int32)
+
+    def lacking(self, ids) -> str | None:
+        """The first of ``ids`` that the model's embedding has no row for, in words; None if none."""
+        if self.rows is None:
+            return None
+        ids = torch.as_tensor(ids)
+        beyond = ids[ids >= self.rows]
+        if not len(beyond):
+            return None
+        first = int(beyond[0])
+        return (
+            f"the token {self.token(first)!r} (id {first}), which the model's embedding of "
+            f"{self.rows} ids lacks"
+        )
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    def token(self, token_id: int) -> str:
+        """The token of ``token_id`` as the vocabulary spells it (for messages)."""
+        return self._tok.convert_ids_to_tokens(token_id)
 
     def save(self, folder) -> None:
         self._tok.save_pretrained(folder)
@@ -249,13 +286,42 @@ class CausalLMTask(Task):
         )
         vocab_size = text_config(self.model.config).vocab_size
         if vocab_size < self.tokenizer.vocab_size:
-            raise UsageError(
-                f"{config.model}: vocabulary of {vocab_size} ids is smaller than "
-                f"the {self.tokenizer.kind} tokenizer's {self.tokenizer.vocab_size}; fix: save the "
-                "model's tokenizer into its folder or choose a smaller tokenizer"
-            )
+            self._check_vocabulary(vocab_size)
         self._tokens: dict[str, torch.Tensor] = {}
         self._train_batches = None
+
+    def _check_vocabulary(self, rows: int) -> None:
+        """A tokenizer with more ids than the model's embedding has ``rows``. lowbit's own use
+        every id: refused. A Hugging Face tokenizer's extra ids are most often tokens added after
+        the model was made (a pad token saved without resizing the embedding), which texts do not
+        hold: warned about, and `tokens` refuses a text that holds one. Its end-of-text id joins
+        every two documents: refused where the embedding lacks it."""
+        tokenizer, model = self.tokenizer, self.config.model
+        if tokenizer.kind != "hf":
+            raise UsageError(
+                f"{model}: vocabulary of {rows} ids is smaller than "
+                f"the {tokenizer.kind} tokenizer's {tokenizer.vocab_size}; fix: save the "
+                "model's tokenizer into its folder or choose a smaller tokenizer"
+            )
+        if tokenizer.eot_id >= rows:
+            raise UsageError(
+                f"{model}: the tokenizer's end-of-text token {tokenizer.token(tokenizer.eot_id)!r} "
+                f"(id {tokenizer.eot_id}) has no row in the model's embedding of {rows} ids, and "
+                f"it joins the documents; fix: {RESIZE_FIX}"
+            )
+        extra = range(rows, tokenizer.vocab_size)
+        names = ", ".join(repr(tokenizer.token(i)) for i in extra[:3]) + ", ..." * (len(extra) > 3)
+        ids = (
+            f"id {rows} ({names}) has"
+            if len(extra) == 1
+            else f"ids {rows}..{extra[-1]} ({names}) have"
+        )
+        _warn_once(
+            f"lowbit: warning: {model}: the tokenizer has {tokenizer.vocab_size} ids, the model's "
+            f"embedding {rows}: {ids} no row, and a text that holds one is refused; "
+            f"fix: {RESIZE_FIX}"
+        )
+        tokenizer.rows = rows
 
     @property
     def corpus(self):
@@ -297,6 +363,11 @@ class CausalLMTask(Task):
 
         if split not in self._tokens:
             tokens = tokenize_split(self.tokenizer, self.corpus.texts(split))
+            if self.tokenizer.kind == "hf" and (found := self.tokenizer.lacking(tokens)):
+                raise UsageError(
+                    f"{self.corpus.source}: the {split} split holds {found}; fix: remove it from "
+                    f"the text, or {RESIZE_FIX}"
+                )
             window = self.config.seq_len + 1
             if len(tokens) < window:
                 raise UsageError(
