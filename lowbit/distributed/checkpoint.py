@@ -163,6 +163,25 @@ def read(path) -> dict:
     return run_checkpoint.read_file(Path(path) / EXTRA, name=path)
 
 
+def _saved_tensors_as_tensors(state, metadata: dict, prefix: str = "") -> None:
+    """Make each number of the load template ``state`` that the checkpoint saved as a tensor a
+    tensor of the saved dtype and shape, for DCP to read into. A param group's lr is one: lowbit
+    kept torchao's 0-dim tensor lr until session 30, and a float lr now (the optimizer's
+    ``load_state_dict`` turns a loaded tensor back into a float), and DCP refused the older
+    checkpoints ("expected BytesStorageMetadata but found TensorStorageMetadata")."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for key, value in list(items):
+        name = f"{prefix}{key}"
+        if isinstance(value, dict | list):
+            _saved_tensors_as_tensors(value, metadata, f"{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            saved = metadata.get(name)
+            if isinstance(saved, TensorStorageMetadata):
+                state[key] = torch.full(saved.size, value, dtype=saved.properties.dtype)
+
+
 def load(trainer, path, extra: dict) -> None:
     """Load a DCP checkpoint into a trainer of this process group (any world size)."""
     import torch.distributed.checkpoint as dcp
@@ -174,6 +193,7 @@ def load(trainer, path, extra: dict) -> None:
     params = optimizer_params(trainer.optimizer)
     with _reading(path):
         keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    _saved_tensors_as_tensors(state, keys)
     update: dict = {"masters": {}, "compensation": {}}
     for key in keys:
         if key.startswith("update."):

@@ -670,7 +670,7 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     a 16-bit model around the layer sees the dtype it expects. fp32 is a floor, not a rounding: a
     float64 layer computes in float64, as it would unconverted."""
     check_floating_input(x, weight)
-    if _on_meta(x, weight):
+    if _on_meta(x, weight, bias):
         return _meta_forward(op, x, weight, bias, **options)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
@@ -686,9 +686,9 @@ class MetaDeviceError(UsageError, RuntimeError):
     (one line, with the fix) that is also the RuntimeError nn.Linear raises for it."""
 
 
-def _on_meta(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _on_meta(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     """Whether a forward gets a tensor on the meta device, which `_meta_forward` answers."""
-    return x.is_meta or weight.is_meta
+    return x.is_meta or weight.is_meta or (bias is not None and bias.is_meta)
 
 
 def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
@@ -712,7 +712,7 @@ def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
     check_floating_input(x, weight)
-    if _on_meta(x, weight):
+    if _on_meta(x, weight, bias):
         return _meta_forward(F.linear, x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales

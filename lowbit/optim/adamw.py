@@ -517,7 +517,8 @@ class AdamWBf16States(_RealDenseOnly, Optimizer):
     with ``m`` and ``v`` used in fp32 for the update and stored as ``SR_bf16(m)``, ``SR_bf16(v)``
     (``E[SR(x)] = x``). The random bits come from a generator seeded by ``(seed, step, parameter
     index)``, so a run resumed from a checkpoint draws the same bits as the uninterrupted one (the
-    seed is saved with the state, `load_state_dict`).
+    seed is saved with a one-process state, `load_state_dict`; torch.distributed.checkpoint keeps
+    only ``state`` and ``param_groups``).
     Tensors that `keeps_fp32_states` (fewer than 4096 values) keep fp32 moments.
     """
 

@@ -374,9 +374,10 @@ def _undo_swap_on_failed_load(optimizer, loading: list, swap_out) -> None:
     it): torch runs no post-hook when a later pre-hook (a user's) raises, or when it cannot cast a
     saved state, and the optimizer went on stepping the stand-ins, so the model stopped training.
 
-    The wrapper is a method of the optimizer, not a closure over it: a deep copy of the optimizer
-    binds it to the copy. It wraps what loads now (the class's method, or another precision's
-    wrapper of it), so each precision that wrapped the optimizer undoes its own swap."""
+    The wrapper is an attribute of this optimizer alone, as the load hooks are: a deep copy or an
+    unpickled copy (``Optimizer.__getstate__`` keeps its defaults, state and param groups) has
+    neither. It wraps what loads now (the class's method, or another precision's wrapper of it),
+    so each precision that wrapped the optimizer undoes its own swap."""
     inner = getattr(optimizer.load_state_dict, "__func__", None)
     if inner is None:  # not a method (a user's function put there): not wrapped, as before
         return

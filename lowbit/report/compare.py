@@ -391,12 +391,22 @@ def _check_same_model(run_dir: Path, state: str, recorded: dict | None, config) 
     changed = sorted(
         name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name)
     )
-    shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+    shown = ", ".join(map(_touched, changed[:3], [recorded] * 3, [now] * 3))
+    shown += ", ..." if len(changed) > 3 else ""
     raise UsageError(
         f"{run_dir}: holds {state} run trained from other contents of the model folder "
         f"{config.model} ({shown} changed since); fix: --overwrite to retrain from the model as "
         "it is now, or restore the folder"
     )
+
+
+def _touched(name: str, recorded: dict, now: dict) -> str:
+    """``name`` as the refusal lists it, saying so where a large file's size is the same and only
+    its modification time changed: a copy without ``-p`` (``cp -r``, a re-extraction) of
+    unchanged weights, which the user can tell from retrained ones."""
+    before, after = recorded.get(name, ""), now.get(name, "")
+    same_size = before.startswith("size:") and before.split(",")[0] == after.split(",")[0]
+    return f"{name} (same size, modification time only)" if same_size else name
 
 
 # The data's and the model folder's fingerprints as they are now, read once per process for every

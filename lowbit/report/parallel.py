@@ -80,17 +80,26 @@ class _WarnedOnce:
 
     def __init__(self, stream, folder: str):
         self.stream, self.folder, self.pending = stream, folder, ""
+        # a warning's indented lines (a multi-line warning) go as its first line went
+        self.continuation_said = True
 
     def write(self, text: str) -> int:
         self.pending += text
         while self.pending:
             line, newline, rest = self.pending.partition("\n")
-            if not WARNING.startswith(self.pending[: len(WARNING)]):  # not a warning: as it is
+            indented = self.pending[:1] in (" ", "\t")
+            if indented and not self.continuation_said:  # a warning said before: its next line
+                if not newline:
+                    break
+            elif not indented and WARNING.startswith(self.pending[: len(WARNING)]):
+                if not newline:  # a warning whose end is still to come
+                    break
+                self.continuation_said = self._first(line)
+                if self.continuation_said:
+                    self.stream.write(line + newline)
+            else:  # not a warning (nor a line of one said before): as it is
                 self.stream.write(line + newline)
-            elif not newline:  # a warning whose end is still to come
-                break
-            elif self._first(line):
-                self.stream.write(line + newline)
+                self.continuation_said = True
             self.pending = rest
         return len(text)
 

@@ -114,18 +114,6 @@ def test_a_load_failing_after_the_swap_leaves_the_model_training(name, where):
     assert not torch.equal(before, model2[0].weight)
 
 
-def test_a_deep_copy_of_a_wrapped_optimizer_loads_into_the_copy():
-    precision, model, optimizer = _wrapped(OPTIMIZERS["lowbit-8bit"])
-    _train_step(precision, model, optimizer)
-    saved = copy.deepcopy(optimizer.state_dict())
-    copied = copy.deepcopy(optimizer)
-    _train_step(precision, model, optimizer)
-    step = [s["step"].item() for s in optimizer.state.values()]
-    copied.load_state_dict(saved)
-    assert [s["step"].item() for s in optimizer.state.values()] == step  # the original: untouched
-    assert [s["step"].item() for s in copied.state.values()] == [1.0, 1.0]
-
-
 def _bf16_run(seed, steps, weight):
     optimizer = build_optimizer([weight], lr=1e-3, state_precision="bf16", seed=seed)
     for i in range(steps):

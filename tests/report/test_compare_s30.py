@@ -87,7 +87,9 @@ def test_large_weight_files_are_told_apart_by_size_and_time(tmp_path, capsys, mo
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     capsys.readouterr()
     assert main(argv) == 2
-    assert "model.safetensors changed" in capsys.readouterr().err
+    assert "model.safetensors (same size, modification time only) changed" in (
+        capsys.readouterr().err
+    )
 
 
 def test_records_without_a_model_fingerprint_are_still_reused(tmp_path, capsys):
@@ -195,3 +197,25 @@ def test_baseline_and_targets_may_name_auto_as_recipes_does():
     assert study.target("auto").pct == 2
     with pytest.raises(UsageError, match="--target auto is given twice"):
         parse_targets(["auto:fp8=2", "auto=3"])
+
+
+def test_a_repeated_multi_line_warning_is_said_once_whole(capsys):
+    """A warning said before was left out by its first line alone: its indented lines printed
+    again, orphaned (the trainer's 'keeps every GEMM layer' warning has them)."""
+    import sys
+
+    from lowbit.report.parallel import warnings_once
+
+    with warnings_once():
+        for _ in range(2):
+            print("lowbit: warning: the recipe keeps every layer:", file=sys.stderr)
+            print("  model.layers.0.q_proj: kept", file=sys.stderr)
+            print("progress line", file=sys.stderr)
+        print("  an indented line of its own", file=sys.stderr)
+    assert capsys.readouterr().err.splitlines() == [
+        "lowbit: warning: the recipe keeps every layer:",
+        "  model.layers.0.q_proj: kept",
+        "progress line",
+        "progress line",
+        "  an indented line of its own",
+    ]
