@@ -147,6 +147,16 @@ def test_meta_weights_with_a_real_input_are_refused_in_one_line(recipe):
     assert isinstance(error.value, RuntimeError) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "int8"])
+def test_a_meta_bias_with_a_real_weight_and_input_is_refused(recipe):
+    """Only the input and weight were checked: a bias left on meta gave wrong numbers."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    lowbit.convert(model, recipe)
+    model[0].bias = torch.nn.Parameter(torch.empty(16, device="meta"))
+    with pytest.raises(UsageError, match="to_empty"):
+        model(torch.randn(4, 32))
+
+
 def test_copies_and_dtype_casts_of_a_trained_converted_model_keep_working():
     model, precision = _deferred("fp8-delayed")
     _train(model, precision)
