@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device (default: the run's; cpu for a quantized or pruned folder)",
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (on a terminal) or note of a large split's batches",
+    )
 
 
 def run(args) -> int:
@@ -52,6 +57,8 @@ def run(args) -> int:
     # shell expands an unquoted one; a step number or file name passes through unchanged
     run_dir = os.path.expanduser(args.run_dir)
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
-    metrics, text = evaluate_run(run_dir, args.split, checkpoint, args.max_batches, args.device)
+    metrics, text = evaluate_run(
+        run_dir, args.split, checkpoint, args.max_batches, args.device, progress=not args.quiet
+    )
     print(json.dumps(json_number(metrics)) if args.json else text)
     return 0

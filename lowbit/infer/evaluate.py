@@ -8,6 +8,8 @@ a quantized one was made from); when it is gone, only the folder's own metrics a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lowbit.errors import UsageError
@@ -103,13 +105,14 @@ def size_change(before: int, after: int) -> str:
     return f"{before / after:.2f}x smaller"
 
 
-def evaluate_inference_dir(path, split="validation", max_batches=None, device=None):
-    """Metrics and the printable report of an inference folder, against its source."""
+def evaluate_inference_dir(path, split="validation", max_batches=None, device=None, progress=False):
+    """Metrics and the printable report of an inference folder, against its source; with
+    ``progress``, `lowbit.train.evaluate.eval_progress` on stderr meanwhile."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     if max_batches is not None and max_batches < 1:  # as `lowbit eval`: 0 would evaluate all
         raise UsageError(f"--max-batches {max_batches}: fix: use 1 or more (or leave it out: all)")
-    from lowbit.train.evaluate import check_same_data
+    from lowbit.train.evaluate import check_same_data, eval_progress
     from lowbit.train.trainer import resolve_device
 
     device = resolve_device(device or "cpu")
@@ -123,9 +126,15 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     # the data the training run read, as its run.json recorded it
     check_same_data(training_run(path), source.config, source.task.fingerprint)
     baseline, missing = load_baseline(source.manifest, device)
-    metrics, lines = compare(
-        source.task, source.model, baseline and baseline.model, split, max_batches, device, missing
-    )
+    reference = baseline and baseline.model
+    models = [source.model] if reference is None else [source.model, reference]
+    # `compare`: each model's metrics, and for a classifier each model's predictions again
+    passes = len(models) * (2 if reference is not None and hasattr(source.task, "predict") else 1)
+    shown = eval_progress(source.task, models, split, max_batches, passes)
+    with shown if progress else contextlib.nullcontext():
+        metrics, lines = compare(
+            source.task, source.model, reference, split, max_batches, device, missing
+        )
     c = source.config
     head = [
         f"{c.task} {c.model}: {describe_manifest(source.manifest)}, from "

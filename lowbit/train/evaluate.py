@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -131,10 +134,74 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
         )
 
 
+# A whole split past this many batches takes minutes on a CPU (the built-in validation split is
+# 14,325 batches of 4 x 16 tokens, 5 minutes and more for a small model): say how many, and
+# that --max-batches bounds them, before the wait
+LARGE_SPLIT_BATCHES = 100
+
+
+def eval_batch_count(task, split: str, max_batches=None) -> int:
+    """The batches `Task.report` (and `Task.evaluate` with ``max_batches or 0``) runs on
+    ``split``: all of it, or ``max_batches`` of them."""
+    c = task.config
+    if c.task == "causal-lm":  # non-overlapping windows (`lowbit.data.eval_batches`)
+        rows = (len(task.tokens(split)) - 1) // c.seq_len
+    elif c.task == "token-classification":
+        rows = len(task.encoded(split)[0])
+    else:  # image-classification
+        rows = len(task.splits[split][1])
+    whole = math.ceil(rows / c.batch_size)
+    return min(whole, max_batches) if max_batches else whole
+
+
+@contextlib.contextmanager
+def eval_progress(task, models, split: str, max_batches=None, passes: int = 1):
+    """Progress of an evaluation of ``split`` by ``models`` (``passes`` passes over its batches in
+    all): a note first where the whole split is large, then a bar on stderr, as `lowbit train`'s,
+    when stderr is a terminal (a log or a test's capture gets no carriage-return lines). The bar
+    counts the models' forward calls, one a batch, through hooks that only count: the metrics
+    are those of an evaluation without it. The hooks are removed after."""
+    from tqdm import tqdm
+
+    batches = eval_batch_count(task, split, max_batches)
+    if max_batches is None and batches > LARGE_SPLIT_BATCHES:
+        both = ", through the model and its reference" if passes > 1 else ""
+        print(
+            f"lowbit: note: evaluating the whole {split} split: {batches:,} batches of "
+            f"{task.config.batch_size}{both}; --max-batches N bounds it to N",
+            file=sys.stderr,
+        )
+    bar = tqdm(
+        total=batches * passes,
+        disable=not sys.stderr.isatty(),
+        desc=f"eval {split}",
+        unit="batch",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+    def count(*_) -> None:  # returns None: a forward hook's other value replaces the output
+        bar.update(1)
+
+    hooks = [model.register_forward_hook(count) for model in models]
+    try:
+        with bar:
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def evaluate_run(
-    run_dir, split: str = "validation", checkpoint_path=None, max_batches=None, device=None
+    run_dir,
+    split: str = "validation",
+    checkpoint_path=None,
+    max_batches=None,
+    device=None,
+    progress: bool = False,
 ) -> tuple[dict, str]:
-    """Metrics and the printable report of a run's checkpoint on ``split``."""
+    """Metrics and the printable report of a run's checkpoint on ``split``; with ``progress``
+    (`lowbit eval` without --quiet), `eval_progress` on stderr meanwhile."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     if max_batches is not None and max_batches < 1:
@@ -144,10 +211,12 @@ def evaluate_run(
     if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source
         if checkpoint_path:
             raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
-        return evaluate_inference_dir(run_dir, split, max_batches, device)
+        return evaluate_inference_dir(run_dir, split, max_batches, device, progress)
     run = load_run(run_dir, checkpoint_path, device)
     check_same_data(run_dir, run.config, run.task.fingerprint)
-    metrics, text = run.task.report(run.model, run.precision, split, max_batches)
+    shown = eval_progress(run.task, [run.model], split, max_batches)
+    with shown if progress else contextlib.nullcontext():
+        metrics, text = run.task.report(run.model, run.precision, split, max_batches)
     head = (
         f"{run.config.task} {run.config.model}, recipe {run.config.recipe}, "
         f"{run.checkpoint.name} (step {run.step}), {split} split"

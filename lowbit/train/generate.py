@@ -78,15 +78,17 @@ def sample_text(
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     limit = max_positions(model)  # None: no position limit (ALiBi)
-    if limit is not None and len(ids) >= limit:
+    if limit is not None and len(ids) > limit:
         raise UsageError(
             f"the prompt has {len(ids)} tokens, the model takes {limit}; fix: shorten it"
         )
-    steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))
+    # the last token sampled is never fed back: a prompt of L tokens leaves room for
+    # limit - L + 1 new ones (the forwards cover positions 0 .. limit - 1), one at the limit
+    steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids) + 1)
     if steps < max_new_tokens:
         print(
             f"lowbit: note: the model takes {limit} positions and the prompt has {len(ids)} "
-            f"tokens: at most {steps} new tokens, not {max_new_tokens}",
+            f"tokens: at most {steps} new token{'s' if steps != 1 else ''}, not {max_new_tokens}",
             file=sys.stderr,
         )
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -36,6 +36,6 @@ def test_a_sample_cut_short_by_the_positions_says_so(capsys):
     model = tiny_llama(vocab_size=257, positions=16)
     sample_text(model, tokenizer, Precision("fp32"), "abcd", 50, 0.0, top_k=None)
     note = capsys.readouterr().err
-    assert "the model takes 16 positions and the prompt has 4 tokens: at most 12 new" in note
+    assert "the model takes 16 positions and the prompt has 4 tokens: at most 13 new" in note
     sample_text(model, tokenizer, Precision("fp32"), "abcd", 12, 0.0, top_k=None)
     assert capsys.readouterr().err == ""
