@@ -215,6 +215,8 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
                 f"{weights}: its tensors do not fit the layers {MANIFEST} names "
                 f"({_one_line(error)}); {again}"
             ) from None
+        # rebuilt from the source run's --model folder, as the run itself is (below)
+        checkpoint.check_model_folder(training_run(path))
         model.to(device).eval()
         step = int(manifest["source"]["step"])
         original = f"fp32 weights ({describe_manifest(manifest)})"  # the model as loaded
@@ -230,6 +232,9 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             f"{found}: its weights do not fit the model {config.model} builds now "
             f"({_one_line(error)}); fix: restore {config.model} as the run trained from it"
         ) from None
+    # weights that fit may still be loaded into another model (another rope_theta, hidden_act):
+    # the folder's config is checked against the one the run recorded
+    checkpoint.check_model_folder(path)
     masters = _load_master_weights(model, state, config, found)
     sizes = _original_sizes(state["model"], model, masters)
     original = "fp32 master weights" if masters else f"{_dtype_names(state['model'])} weights"

@@ -282,3 +282,113 @@ def folder_fingerprint(path) -> dict[str, str] | None:
     except OSError:  # unreadable: the run that builds the model names the problem
         return None
     return out or None
+
+
+# Fields of a config.json that do not change the network a checkpoint is loaded into: what
+# save_pretrained writes of itself and of where the model came from (a folder saved again by
+# another transformers version still builds the model its runs trained), the dtype, which
+# `from_pretrained` overrides (fp32 whatever it names), the special token ids, which say where
+# generation starts and stops (an export copies them, as the folder names them now), and whether
+# generation caches keys and values.
+UNMODELLED_FIELDS = (
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+)
+
+# The files a Hugging Face tokenizer is read from. A token classifier reads its --model folder's
+# tokenizer every time it is loaded (a causal LM's run keeps its own copy in tokenizer/).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+)
+
+
+def _config_fields(path) -> dict | None:
+    """The fields of a --model folder's config.json (or of that file) that decide the model,
+    None where it cannot be read (the load that builds the model names the problem)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        fields = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    return {key: value for key, value in fields.items() if key not in UNMODELLED_FIELDS}
+
+
+def model_record(path) -> dict | None:
+    """What a run trained from the --model folder (or config.json) ``path`` records of it, so that
+    loading the run later can tell whether the folder still builds the model its checkpoint was
+    trained in (`model_changes`): the config's fields and the tokenizer files' fingerprints
+    (`folder_fingerprint`). The weights are left out on purpose: a checkpoint holds every trained
+    weight, so weights trained again or replaced in the folder change nothing a run loads."""
+    config = _config_fields(path)
+    if config is None:
+        return None
+    files = folder_fingerprint(path) if Path(path).is_dir() else None
+    tokenizer = {name: value for name, value in (files or {}).items() if name in TOKENIZER_FILES}
+    return {"config": config, "tokenizer": tokenizer}
+
+
+def model_changes(recorded: dict, path, tokenizer: bool) -> list[str]:
+    """What differs between a `model_record` and the folder at ``path`` now, in words: each
+    config field changed (``rope_theta 10000.0 -> 500000.0``), and with ``tokenizer`` (a run
+    that reads its tokenizer from the folder) each tokenizer file changed, added or removed.
+    Empty where nothing that matters changed, or where the folder cannot be read now (the load
+    names that)."""
+    now = model_record(path)
+    if now is None or not isinstance(recorded, dict):
+        return []
+    then_config, now_config = _flat(recorded.get("config") or {}), _flat(now["config"])
+    changes = [
+        f"config.json {key} {_short(then_config, key)} -> {_short(now_config, key)}"
+        for key in sorted(set(then_config) | set(now_config))
+        if then_config.get(key, _ABSENT) != now_config.get(key, _ABSENT)
+    ]
+    if tokenizer:
+        then_files, now_files = recorded.get("tokenizer") or {}, now["tokenizer"]
+        for name in sorted(set(then_files) | set(now_files)):
+            if name not in now_files:
+                changes.append(f"{name} removed")
+            elif then_files.get(name) != now_files[name]:
+                changes.append(f"{name} {'changed' if name in then_files else 'added'}")
+    return changes
+
+
+_ABSENT = object()
+
+
+def _flat(fields: dict, prefix: str = "") -> dict:
+    """A config's fields with those of nested objects under dotted names
+    (``rope_parameters.rope_theta``): a change is named by the field that changed in them."""
+    out = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(fields: dict, key: str, limit: int = 40) -> str:
+    """A config field's value as JSON, cut short (a long list), or "absent"."""
+    if key not in fields:
+        return "absent"
+    text = json.dumps(fields[key])
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -157,6 +157,36 @@ def run_of(path) -> Path | None:
     return None
 
 
+def check_model_folder(run_dir) -> None:
+    """Refuse to load the run in ``run_dir`` where the --model folder it trained from (recorded in
+    its run.json) no longer builds the model its checkpoints hold: every load rebuilds the
+    architecture from the folder's config.json and loads a checkpoint into it, and another
+    rope_theta, hidden_act or context length loaded without a word, quantizing or exporting a
+    model the run never trained. A token classifier reads its tokenizer from the folder too:
+    other ids for the same words. Only the weights changed is fine (the checkpoint holds the
+    trained ones); a run recorded before run.json held `model_record`, or a folder moved away
+    (the load names it), is not checked. Loaders call it once the checkpoint is in the model (a
+    shape that no longer fits is told by the load, naming the tensor); a resumed run before it
+    builds its model (the folder's own weights may no longer fit its config)."""
+    from lowbit.models.pretrained import model_changes
+    from lowbit.train.config import read_run_info
+
+    info = read_run_info(run_dir)
+    folder, recorded = info.get("model_path"), info.get("model_record")
+    if not folder or not recorded:
+        return
+    changes = model_changes(recorded, folder, tokenizer=info.get("task") == "token-classification")
+    if not changes:
+        return
+    shown = "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    raise UsageError(
+        f"{run_dir}: the --model folder {folder} changed since the run trained from it "
+        f"({shown}), so its checkpoints no longer fit the model the folder builds; fix: put "
+        "those back as they were (run.json's model_record holds the config the run trained "
+        "from), or train a new run from the folder as it is now"
+    )
+
+
 def find(run_dir, checkpoint: str | None = None) -> Path:
     """``checkpoint`` if given (a path; or, inside the run's checkpoint folder, a file name such as
     ``step-0000010.pt`` or a step number), else the run's latest; a `UsageError` when there is

@@ -70,6 +70,8 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
             f"{path}: its weights do not fit the model of {run_dir} "
             f"({_misfit(model.state_dict(), state['model'], error)}); fix: {fix}"
         ) from None
+    # weights that fit may still be loaded into another model (another rope_theta, hidden_act)
+    checkpoint.check_model_folder(run_dir)
     check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
     return LoadedRun(config, task, model, precision, path, int(state["step"]))

@@ -612,6 +612,8 @@ class Trainer:
         if not self.dist.distributed:  # a rank's: the launcher checked before starting it
             preflight(config, resume)  # before the model is built: it may not fit
         seed_everything(config.seed)
+        if resume:  # before the model is built from a --model folder changed since
+            checkpoint.check_model_folder(config.out)
         with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
         self.built_to_resume = resume
@@ -1029,13 +1031,18 @@ class Trainer:
 
     def _write_run_info(self, run_dir: Path, resume_step) -> None:
         import lowbit
+        from lowbit.models.pretrained import model_record
 
+        folder = model_path(self.config)
         info = {
             "task": self.config.task,
             "data_fingerprint": self.task.fingerprint,
             # where a relative --data pointed from the folder the run was started in
             "data_path": data_path(self.config.data),
-            "model_path": model_path(self.config),  # likewise for a --model folder
+            "model_path": folder,  # likewise for a --model folder
+            # its config (and tokenizer files), which every later load of the run builds the
+            # model from again: `checkpoint.check_model_folder`
+            "model_record": model_record(folder) if folder else None,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),
