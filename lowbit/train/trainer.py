@@ -133,8 +133,11 @@ class RunResult:
             ),
             f"  train loss       {self.train_loss:.4f} (mean of the last steps)",
             f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
-            f"  peak memory      {self.peak_rss_mb:,.0f} MB RSS; parameters + optimizer state "
-            f"{self.tensor_mb:,.1f} MB" + self.extra.get("device_memory", "") + whose,
+            # MiB (2**20 bytes) each, as the memory table's units: ru_maxrss is in KiB on Linux
+            f"  peak memory      {self.peak_rss_mb:,.0f} MiB RSS; parameters, optimizer and "
+            f"precision state {self.tensor_mb:,.1f} MiB"
+            + self.extra.get("device_memory", "")
+            + whose,
             f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}",
             f"  wall time        {_duration(self.wall_time)}",
             f"  run folder       {self.run_dir}",
@@ -801,9 +804,13 @@ class Trainer:
 
     def _save(self, logger) -> Path:
         """The checkpoint, after the metrics up to it are out of the logger's buffers: a run
-        killed later (SIGKILL, out of memory) resumes with its curves complete to that step."""
+        killed later (SIGKILL, out of memory) resumes with its curves complete to that step. Its
+        step goes into run.json too (`_record_end` says how the run ended): a run killed after its
+        last checkpoint, in the final evaluation or sample, read as "running" at step 0."""
         logger.flush()
-        return self.save()
+        saved = self.save()
+        self._record_progress(self.dist.is_main, Path(self.config.out))
+        return saved
 
     def _not_written(self, error: OSError) -> RunNotWritten:
         """The error for a write to the run folder that failed (``error``) while training: the
@@ -959,6 +966,17 @@ class Trainer:
         result = self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
         self._record_end(main, run_dir, status, final_metrics=result.final_metrics)
         return result
+
+    def _record_progress(self, main: bool, run_dir: Path) -> None:
+        """Record in run.json the step of the checkpoint just saved (best effort, as `_record_end`:
+        the checkpoint is what a resume needs)."""
+        if not main:
+            return
+        info = read_run_info(run_dir)
+        if info:
+            info["step"] = self.step_idx
+            with contextlib.suppress(OSError):
+                write_atomically(run_dir / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
     def _record_end(self, main: bool, run_dir: Path, status: str, error=None, **fields) -> None:
         """Record in run.json how the run ended (completed, interrupted: resumable, diverged,
@@ -1116,7 +1134,7 @@ class Trainer:
         extra = {}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-            extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MB"
+            extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MiB"
         if self.memory:
             extra["memory_table"] = self.memory
         sample = None
