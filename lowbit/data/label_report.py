@@ -76,3 +76,18 @@ def _text(report: dict, names: list[str], total: int, digits: int) -> str:
     if any(report[name]["precision"] is None for name in names):
         lines += ["", UNSCORED_NOTE]
     return "\n".join(lines) + "\n"
+
+
+def f1_rows(report: dict, labels: Sequence[Hashable]) -> dict[str, dict]:
+    """``{label: {"this": F1 or None, "support": n}}`` of a `label_report` dict, for each of
+    ``labels``: what ``lowbit eval --json`` prints as ``per_label_f1``. "this" is the model
+    evaluated, as the JSON of a quantized or pruned folder names its own model's F1 beside its
+    source's "reference", so that a script reads a run's and its folder's rows alike; None for a
+    label neither present nor predicted."""
+    return {
+        str(label): {
+            "this": report[str(label)]["f1-score"],
+            "support": report[str(label)]["support"],
+        }
+        for label in labels
+    }

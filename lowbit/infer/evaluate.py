@@ -42,19 +42,47 @@ def _change(before: float, after: float) -> str:
     return f"{after - before:+.4f} ({(after - before) / abs(before):+.2%})"
 
 
-def _per_label(task, labels, preds) -> dict[str, dict]:
-    """F1 and support per label from flat label/prediction ids (ignored positions dropped)."""
-    from sklearn.metrics import precision_recall_fscore_support
+def _scored(task, model, precision, split: str, max_batches) -> tuple[dict, dict | None]:
+    """(metrics, a classifier's per-label F1 rows or None) of ``model`` on ``split``, from the
+    task's report: one pass over the batches, whose metrics are `Task.evaluate`'s (a classifier's
+    predictions for its per-label F1 were a second pass before)."""
+    metrics, _ = task.report(model, precision, split, max_batches)
+    return metrics, metrics.pop("per_label_f1", None)
 
-    keep = labels != -100
-    labels, preds = labels[keep].numpy(), preds[keep].numpy()
-    names = getattr(task, "id2label", None)
-    ids = sorted(set(labels.tolist()) | set(preds.tolist()))
-    _, _, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    return {
-        str(names[i] if names else i): {"f1": float(f), "support": int(s)}
-        for i, f, s in zip(ids, f1, support)
-    }
+
+def _per_label(task, per_b: dict | None, per_q: dict) -> tuple[dict, list]:
+    """(``per_label_f1`` of the JSON, the table's lines) of the model's per-label F1 rows
+    (`lowbit.data.label_report.f1_rows`) and of its reference's (None: there is none). Every
+    class of the task has a row; one that neither model met (absent from the batches and never
+    predicted) has no F1, ``-``. One that only the other model predicted scores 0 as scikit-learn
+    scores it (``zero_division=0``), the number this table showed before."""
+    from lowbit.data.label_report import UNSCORED, UNSCORED_NOTE
+
+    def cell(value, sign="") -> str:
+        return f"{UNSCORED:>10}" if value is None else f"{value:>{sign}10.4f}"
+
+    token = task.config.task == "token-classification"
+    lines = ["per-label F1 (token level)" if token else "per-label F1"]
+    if per_b is None:
+        lines.append(f"{'label':<14}{'this':>10}{'support':>9}")
+    else:
+        lines.append(f"{'label':<14}{'reference':>10}{'this':>10}{'change':>10}{'support':>9}")
+    per = {}
+    for label in sorted(per_q, key=lambda x: (len(x), x)):
+        q, support = per_q[label]["this"], per_q[label]["support"]
+        if per_b is None:
+            per[label] = {"this": q, "support": support}
+            lines.append(f"{label:<14}{cell(q)}{support:>9}")
+            continue
+        b = per_b[label]["this"]
+        if (b is None) != (q is None):  # met by one model only: the other scores 0 on it
+            b, q = (0.0 if b is None else b), (0.0 if q is None else q)
+        per[label] = {"reference": b, "this": q, "support": support}
+        change = None if q is None else q - b
+        lines.append(f"{label:<14}{cell(b)}{cell(q)}{cell(change, '+')}{support:>9}")
+    if any(row["this"] is None for row in per.values()):
+        lines.append(UNSCORED_NOTE)
+    return per, lines
 
 
 def compare(
@@ -62,38 +90,30 @@ def compare(
 ) -> tuple[dict, list]:
     """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``;
     without a ``baseline``, the model's own metrics and why there is none (``missing``, or the
-    source run is gone)."""
+    source run is gone). A classifier's metrics add ``per_label_f1``. Each model runs the batches
+    once."""
     precision = fp32_precision(device)
-    metrics = task.evaluate(model, precision, split, max_batches or 0)
+    metrics, per_q = _scored(task, model, precision, split, max_batches)
     if baseline is None:  # the folder's own metrics, with nothing to compare them to
         lines = [f"{'metric':<12}{'this':>12}"]
         lines += [
             f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
         ]
         gone = missing or "the source run is gone"
-        return metrics, [*lines, f"({gone}: no reference to compare against)"]
-    base = task.evaluate(baseline, precision, split, max_batches or 0)
+        lines.append(f"({gone}: no reference to compare against)")
+        if per_q is None:
+            return metrics, lines
+        per, table = _per_label(task, None, per_q)
+        return {**metrics, "per_label_f1": per}, [*lines, "", *table]
+    base, per_b = _scored(task, baseline, precision, split, max_batches)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
         if isinstance(value, float) and key in base:
             lines.append(f"{key:<12}{base[key]:>12.4f}{value:>12.4f}   {_change(base[key], value)}")
     out = {**metrics, "baseline": base}
-    if hasattr(task, "predict"):
-        _, labels_b, preds_b = task.predict(baseline, precision, split, max_batches)
-        _, labels_q, preds_q = task.predict(model, precision, split, max_batches)
-        per_b, per_q = _per_label(task, labels_b, preds_b), _per_label(task, labels_q, preds_q)
-        lines += ["", "per-label F1 (token level)" if labels_q.dim() > 1 else "per-label F1"]
-        lines.append(f"{'label':<14}{'reference':>10}{'this':>10}{'change':>10}{'support':>9}")
-        per = {}
-        for label in sorted(set(per_b) | set(per_q), key=lambda x: (len(x), x)):
-            fb = per_b.get(label, {"f1": 0.0, "support": 0})
-            fq = per_q.get(label, {"f1": 0.0, "support": 0})
-            per[label] = {"reference": fb["f1"], "this": fq["f1"]}
-            lines.append(
-                f"{label:<14}{fb['f1']:>10.4f}{fq['f1']:>10.4f}{fq['f1'] - fb['f1']:>+10.4f}"
-                f"{max(fb['support'], fq['support']):>9}"
-            )
-        out["per_label_f1"] = per
+    if per_q is not None:
+        out["per_label_f1"], table = _per_label(task, per_b, per_q)
+        lines += ["", *table]
     return out, lines
 
 
@@ -128,9 +148,8 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     baseline, missing = load_baseline(source.manifest, device)
     reference = baseline and baseline.model
     models = [source.model] if reference is None else [source.model, reference]
-    # `compare`: each model's metrics, and for a classifier each model's predictions again
-    passes = len(models) * (2 if reference is not None and hasattr(source.task, "predict") else 1)
-    shown = eval_progress(source.task, models, split, max_batches, passes)
+    # `compare` runs the batches once through each model
+    shown = eval_progress(source.task, models, split, max_batches, passes=len(models))
     with shown if progress else contextlib.nullcontext():
         metrics, lines = compare(
             source.task, source.model, reference, split, max_batches, device, missing

@@ -86,6 +86,9 @@ class Task:
         raise NotImplementedError
 
     def report(self, model, precision, split: str, max_batches=None) -> tuple[dict, str]:
+        """(metrics, printable report) from one pass over ``split``'s batches; a classifier's
+        metrics add ``per_label_f1`` (`lowbit.data.label_report.f1_rows`), the rows of its table,
+        so that neither ``lowbit eval --json`` nor a folder's comparison runs the model again."""
         metrics = self.evaluate(model, precision, split, max_batches or 0)  # 0: every batch
         return metrics, format_metrics(metrics)
 
@@ -585,10 +588,10 @@ class TokenClassificationTask(Task):
 
     def report(self, model, precision, split, max_batches=None):
         from lowbit.data import entity_spans, token_report
-        from lowbit.data.label_report import UNSCORED, UNSCORED_NOTE
+        from lowbit.data.label_report import UNSCORED, UNSCORED_NOTE, f1_rows
 
         metrics, true_tags, pred_tags, f1 = self._scores(model, precision, split, max_batches)
-        text, _ = token_report(true_tags, pred_tags, self.labels)
+        text, per_label = token_report(true_tags, pred_tags, self.labels)
         lines = [format_metrics(metrics), "", "per-label (token level):", text, "entity level:"]
         lines.append(f"{'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'true':>8}")
         # every entity type of the run's tags has a row, as every tag has above: a type that the
@@ -603,7 +606,9 @@ class TokenClassificationTask(Task):
             lines.append(f"{kind:<12}" + "".join(f"{c:>10}" for c in cells) + f"{s['true']:>8}")
         if unscored in per_type.values():
             lines.append(UNSCORED_NOTE)
-        return metrics, "\n".join(lines)
+        # the table's numbers for `lowbit eval --json`, from the same pass (every tag is a label)
+        per_label_f1 = f1_rows(per_label, sorted(self.labels))
+        return {**metrics, "per_label_f1": per_label_f1}, "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=2)
@@ -775,10 +780,13 @@ class ImageClassificationTask(Task):
 
     def report(self, model, precision, split, max_batches=None):
         from lowbit.data import NUM_CLASSES
-        from lowbit.data.label_report import label_report
+        from lowbit.data.label_report import f1_rows, label_report
 
         loss, labels, preds = self.predict(model, precision, split, max_batches)
         metrics = {"loss": loss, "accuracy": _accuracy(labels, preds)}
         # every digit has a row, one that a subset (--max-batches) lacks too
-        text, _ = label_report(labels.tolist(), preds.tolist(), list(range(NUM_CLASSES)))
-        return metrics, f"{format_metrics(metrics)}\n\nper-label:\n{text}"
+        digits = list(range(NUM_CLASSES))
+        text, per_label = label_report(labels.tolist(), preds.tolist(), digits)
+        text = f"{format_metrics(metrics)}\n\nper-label:\n{text}"
+        # the table's numbers for `lowbit eval --json`, from the same pass
+        return {**metrics, "per_label_f1": f1_rows(per_label, digits)}, text

@@ -72,8 +72,8 @@ def test_eval_on_a_terminal_shows_a_bar_and_the_same_metrics(digits_run, capsys,
 def test_eval_of_a_quantized_folder_counts_the_model_and_its_reference(
     digits_run, tmp_path, capsys, monkeypatch
 ):
-    """`compare` runs the batches through both models, and a classifier's twice (metrics, then
-    predictions): 4 x 135."""
+    """`compare` runs the batches once through each model, the folder's and its reference
+    (metrics and per-label F1 from the one pass): 2 x 135."""
     folder = tmp_path / "int8"
     assert main(["quantize", str(digits_run), "--to", "int8", "--out", str(folder)]) == 0
     capsys.readouterr()
@@ -81,7 +81,7 @@ def test_eval_of_a_quantized_folder_counts_the_model_and_its_reference(
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["eval", str(folder)]) == 0
     assert "135 batches of 2, through the model and its reference" in terminal.getvalue()
-    assert "540/540" in terminal.getvalue()
+    assert "270/270" in terminal.getvalue()
 
 
 def test_eval_bar_of_a_causal_lm_counts_its_batches(lm_run, capsys, monkeypatch):
