@@ -7,26 +7,15 @@ import os
 import random
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.cli import main
 from lowbit.errors import UsageError
 from lowbit.report import compare, make_study
 from lowbit.report.compare import parse_targets, run_one
+from tests.llama import save_llama
 
 TINY = ["--seq-len", "16", "--batch-size", "4", "--eval-batches", "1", "--steps", "2"]
 QUIET = ["--quiet", "--no-plots", "--threads", "1"]
-
-
-def save_llama(folder, seed: int) -> None:
-    """A tiny Llama checkpoint folder (weights drawn from ``seed``), as save_pretrained writes."""
-    config = LlamaConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 def study_argv(tmp_path, recipes="fp32,bf16-mixed"):

@@ -24,3 +24,14 @@ def tiny_config(tmp_path):
         return TrainConfig(**settings)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A 2-step digits run at batch 8, shared by the tests that evaluate one (read only)."""
+    from lowbit.cli import main
+
+    run = tmp_path_factory.mktemp("digits") / "run"
+    argv = ["train", "--task", "image-classification", "--steps", "2", "--batch-size", "8"]
+    assert main([*argv, "--quiet", "--out", str(run)]) == 0
+    return run

@@ -38,14 +38,6 @@ def _f1(cell: str):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("digits") / "run"
-    argv = ["train", "--task", "image-classification", "--steps", "2", "--batch-size", "8"]
-    assert main([*argv, "--quiet", "--out", str(run)]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
 def quantized(digits_run):
     folder = digits_run.parent / "int8"
     assert main(["quantize", str(digits_run), "--to", "int8", "--out", str(folder)]) == 0

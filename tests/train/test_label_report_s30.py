@@ -39,14 +39,6 @@ def test_token_report_of_present_tags_keeps_scikit_learns_numbers_and_layout():
     assert report["macro avg"]["f1-score"] == pytest.approx(7 / 9)
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("digits") / "run"
-    argv = ["train", "--task", "image-classification", "--steps", "2", "--batch-size", "8"]
-    assert main([*argv, "--quiet", "--out", str(run)]) == 0
-    return run
-
-
 def test_eval_of_a_digits_subset_lists_every_class_with_integer_supports(digits_run, capsys):
     """The first 8 validation images hold no 1 and no 3: their rows were missing, and the
     supports read ``1.0`` when no prediction was right."""

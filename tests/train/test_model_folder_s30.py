@@ -7,22 +7,11 @@ trained ones), and runs recorded before run.json held the folder's record load a
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.cli import main
+from tests.llama import save_llama
 
 TINY = ["--seq-len", "16", "--batch-size", "4", "--eval-batches", "1", "--quiet"]
-
-
-def save_llama(folder, seed: int = 0) -> None:
-    """A tiny Llama checkpoint folder (weights drawn from ``seed``), as save_pretrained writes."""
-    config = LlamaConfig(
-        vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 def edit_config(folder, **fields) -> None:
