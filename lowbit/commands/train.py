@@ -156,7 +156,8 @@ def config_from_args(args):
             raise UsageError(f"--resume {args.resume} and --out {args.out} differ; fix: give one")
         overrides["out"] = args.resume
     _check_nproc(args.nproc)
-    settings = load_file(_path(args.config)) if args.config else {}
+    flags = {name for name, value in overrides.items() if value is not None}
+    settings = load_file(_path(args.config), flags) if args.config else {}
     if args.nproc is None and "nproc" in settings and not is_run_config(_path(args.config)):
         # a hand-written file's nproc was given; a run's config.yaml records the count that run
         # had, which follows torchrun's world size as an unset one does

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lowbit.errors import UsageError, check_given, choose
+from lowbit.errors import UsageError, check_given, choose, warn
 
 TASKS = ("causal-lm", "token-classification", "image-classification")
 TOKENIZERS = ("byte", "bpe")
@@ -104,11 +104,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_file(path) -> dict:
+def load_file(path, flags=()) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's
-    config.yaml gives only the settings the run was given (`given_settings`)."""
-    settings = _file_settings(path)
+    config.yaml gives only the settings the run was given (`given_settings`).
+
+    ``flags`` names the settings given on the command line, which replace the file's (`merge`):
+    a file's value of the wrong type that one of them replaces is left out with a warning, not
+    refused, as the run never reads it (``lr: fast`` beside ``--lr 1e-3``); the warning keeps the
+    mistake from going unnoticed by the runs that read the file without the flag."""
+    settings = _without_replaced_mistypes(path, _file_settings(path), flags)
     unknown = _unknown_setting(settings)
     if unknown and isinstance(settings[unknown], dict):  # a [train] table, a `train:` block
         raise UsageError(
@@ -128,6 +133,24 @@ def load_file(path) -> dict:
         given = given_settings(built)
         settings = {name: value for name, value in settings.items() if name in given}
     return settings
+
+
+def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
+    """``settings`` less those of the wrong type that ``flags`` replace, each warned about."""
+    kept = dict(settings)
+    for name in sorted(_replaced(flags) & settings.keys()):
+        try:
+            build_config({name: settings[name]})
+        except UsageError as error:
+            problem = str(error).partition("; fix:")[0]
+            flag = next(f for f in (name, "steps", "epochs") if f in flags)  # `_replaced`'s
+            flag = "--override" if flag == "overrides" else f"--{flag.replace('_', '-')}"
+            warn(
+                f"{path}: {problem}; ignored, as {flag} replaces it; fix: correct it in the file, "
+                f"which a run without {flag} refuses"
+            )
+            del kept[name]
+    return kept
 
 
 def _unknown_setting(settings: dict) -> str | None:
@@ -200,8 +223,15 @@ def merge(settings: dict, overrides: dict) -> dict:
 
     A run's length is one setting, given as steps or as epochs: an override of either replaces both
     (``--epochs`` over a config file's or a resumed run's ``steps``)."""
-    replaced = {"steps", "epochs"} if overrides.keys() & {"steps", "epochs"} else set()
+    replaced = _replaced(overrides)
     return {k: v for k, v in settings.items() if k not in replaced} | overrides
+
+
+def _replaced(names) -> set[str]:
+    """The settings that overrides of ``names`` replace: their own, and both of steps and epochs
+    where either is one (`merge`)."""
+    names = set(names)
+    return names | ({"steps", "epochs"} if names & {"steps", "epochs"} else set())
 
 
 def build_config(file_settings: dict | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -49,8 +49,18 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     config = with_recorded_data(run_dir, resolve(read(run_dir)))
     if device is not None:
         config = replace(config, device=device)
-    path = checkpoint.find(run_dir, checkpoint_path)
-    state = checkpoint.load(path)
+    tries = 3
+    for attempt in range(1, tries + 1):
+        path = checkpoint.find(run_dir, checkpoint_path)
+        try:
+            state = checkpoint.load(path)
+            break
+        except UsageError:
+            # a run still training with --keep-last deletes its older checkpoints as it saves a
+            # new one: the latest picked may be gone when it is opened ("unreadable checkpoint
+            # (No such file...)"), and the new one is the latest now. A given one is not replaced.
+            if checkpoint_path or checkpoint.is_checkpoint(path) or attempt == tries:
+                raise
     target = resolve_device(config.device)
     task = build_task(config, run_dir=run_dir)
     precision = lowbit.Precision(recipe_of(config), device=target)
