@@ -15,7 +15,11 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_DIR_or_QUANT_DIR", help="what to export")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        help="fp32 (default), bf16 or fp16 (fp16 holds |w| up to 65504 only)",
+    )
     parser.add_argument(
         "--max-shard-size",
         default="50GB",

@@ -22,6 +22,7 @@ from lowbit.infer.model import (
     sparsity_of,
 )
 from lowbit.infer.quant import QuantRecipe
+from lowbit.train.trainer import progress_bars_off
 
 
 @dataclass
@@ -73,7 +74,8 @@ def quantize_run(
             "--group-size G"
         )
     check_given(out, "--out")
-    source = io.load_source(path, "cpu")
+    with progress_bars_off(True):  # transformers' "Loading weights": the step reports itself
+        source = io.load_source(path, "cpu")
     if source.quantized:
         raise UsageError(
             f"{path} is already quantized ({io.describe_manifest(source.manifest)}); fix: "
@@ -105,7 +107,8 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
     check_given(out, "--out")
-    source = io.load_source(path, "cpu")
+    with progress_bars_off(True):  # transformers' "Loading weights": the step reports itself
+        source = io.load_source(path, "cpu")
     if source.manifest is not None:
         raise UsageError(
             f"{path} is already {io.describe_manifest(source.manifest)}; fix: prune the run it "
@@ -136,11 +139,15 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
 def _untie_quantized_head(model) -> None:
     """A tied LM head (GPT-2's, a tied Llama's) that was quantized no longer equals the embedding,
     which stays as trained: the exported config says so, or a loader that ties by the config
-    would give the head the embedding's weights (transformers 5 keeps both, with a warning)."""
+    would give the head the embedding's weights (transformers 5 keeps both, with a warning).
+    A multimodal config (Gemma 3's) says it twice, at the top and in its ``text_config``: both
+    are set, as a loader may read either."""
     config, head = getattr(model, "config", None), model.get_output_embeddings()
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied and head is not None and head.weight is not model.get_input_embeddings().weight:
-        config.tie_word_embeddings = False
+    if config is None or head is None or head.weight is model.get_input_embeddings().weight:
+        return
+    for part in (config, config.get_text_config()):  # the same config where there is one
+        if getattr(part, "tie_word_embeddings", False):
+            part.tie_word_embeddings = False
 
 
 def _end_of_text_ids(model, tokenizer) -> None:
@@ -199,6 +206,22 @@ def _refuse_other_tasks(path) -> None:
         )
 
 
+def _refuse_beyond_fp16(model) -> None:
+    """An fp16 export of weights past fp16's largest value (65504; 65520 and above round to inf)
+    wrote them as inf without a word, and transformers then computes inf/NaN logits."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if (torch.isinf(tensor.to(torch.float16)) & finite).any():
+            largest = tensor[finite].abs().max().item()
+            raise UsageError(
+                f"--dtype fp16: {name} holds |w| up to {largest:.6g}, beyond fp16's largest "
+                f"{torch.finfo(torch.float16).max:g} (it would be written as inf); fix: use "
+                "--dtype bf16 (fp32's range) or --dtype fp32"
+            )
+
+
 def export_hf(
     path, out, dtype: str = "fp32", force: bool = False, max_shard_size: str = "50GB"
 ) -> dict:
@@ -211,13 +234,18 @@ def export_hf(
     shard_bytes = _shard_bytes(max_shard_size)
     check_given(out, "--out")
     _refuse_other_tasks(path)
-    source = io.load_source(path, "cpu")
-    io.check_outside(Path(out), source.path)
-    dequantize_model(source.model)
-    _untie_quantized_head(source.model)
-    _end_of_text_ids(source.model, source.task.tokenizer)
-    with io.staged_out(out, force) as staging:
-        return _write_export(source, source.model.to(dtypes[dtype]), dtype, staging, shard_bytes)
+    # transformers' "Loading weights" and "Writing model shards" bars: the command reports itself
+    with progress_bars_off(True):
+        source = io.load_source(path, "cpu")
+        io.check_outside(Path(out), source.path)
+        dequantize_model(source.model)
+        if dtype == "fp16":  # before anything is written to --out
+            _refuse_beyond_fp16(source.model)
+        _untie_quantized_head(source.model)
+        _end_of_text_ids(source.model, source.task.tokenizer)
+        with io.staged_out(out, force) as staging:
+            model = source.model.to(dtypes[dtype])
+            return _write_export(source, model, dtype, staging, shard_bytes)
 
 
 def _write_export(source: io.Source, model, dtype: str, out: Path, shard_bytes: int) -> dict:

@@ -568,7 +568,7 @@ def _unobserved(model):
 
 
 @contextlib.contextmanager
-def _progress_bars_off(off: bool):
+def progress_bars_off(off: bool):
     """transformers' progress bars off within (a quiet run, a rank other than the first)."""
     from transformers.utils import logging as hf_logging
 
@@ -617,7 +617,7 @@ class Trainer:
         seed_everything(config.seed)
         if resume:  # before the model is built from a --model folder changed since
             checkpoint.check_model_folder(config.out)
-        with _progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
+        with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
         self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
