@@ -99,7 +99,10 @@ def run(args) -> int:
         if flag not in OWN
     }
     overrides["overrides"] = args.override
-    settings = load_file(args.config) if args.config else {}
+    # a flag replaces the file's setting: a mistyped one there is warned of, not refused; so are
+    # the recipe, seed and folder, which the study sets
+    given = {name for name, value in overrides.items() if value is not None}
+    settings = load_file(args.config, given | {"recipe", "seed", "out"}) if args.config else {}
     # a `lowbit train` config file names one run's; a study sets every run's itself
     ignored = [key for key in ("recipe", "seed", "out") if key in settings]
     if ignored:

@@ -115,7 +115,8 @@ def run(args) -> int:
         else {}
     )
     if args.config:
-        base.update(load_file(args.config))
+        # a flag replaces the file's setting: a mistyped one there is warned of, not refused
+        base.update(load_file(args.config, {k for k, v in flags.items() if v is not None}))
     config = build_config(base, flags)
     out = Path(args.out or Path("runs") / f"doctor-{config.recipe.replace(':', '-')}")
     # refused before the probe (minutes of training), not when the results are written

@@ -98,3 +98,17 @@ def test_eval_of_a_given_checkpoint_deleted_as_it_is_opened_is_not_replaced(
     assert main(["eval", str(run), "--checkpoint", "2", "--max-batches", "1"]) == 2
     assert len(given) == 1
     assert "step-0000002.pt: unreadable checkpoint (" in capsys.readouterr().err
+
+
+def test_compare_takes_a_flag_over_a_mistyped_config_setting(tmp_path, capsys):
+    """`lowbit compare --config` refused the file's mistyped lr that its --lr replaces, as train
+    did."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("lr: fast\n")
+    argv = ["compare", "--recipes", "fp32", "--seeds", "1", "--config", str(config), "--lr", "1e-3"]
+    tiny = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--steps", "1"]
+    out = ["--quiet", "--no-plots", "--threads", "1", "--out", str(tmp_path / "study")]
+    assert main([*argv, *tiny, "--model", "nano", *out]) == 0
+    assert (
+        "lr must be a number, got 'fast'; ignored, as --lr replaces it" in capsys.readouterr().err
+    )
