@@ -63,16 +63,18 @@ def sample_text(
     top_k: int | None = 40,
     seed: int = 0,
     top_p: float = 1.0,
+    say_cut: bool = True,
 ) -> str:
     """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (greedy at temperature 0),
     drawn among the ``top_k`` likeliest (0 or None: among all, as transformers' ``top_k=0``),
     and of those, in the nucleus of probability ``top_p`` (1: all; `top_p_filter`). The order is
     transformers': temperature, then top-k, then top-p.
 
-    Stops early at the end-of-text token or at the model's maximum positions. The global RNG is
-    untouched: sampling draws from its own generator seeded by ``seed``. A model may have more
-    output ids than the tokenizer (a GPT-2 config's 50,257 trained on byte tokens): those ids
-    decode to nothing, so they are never sampled.
+    Stops early at the end-of-text token or at the model's maximum positions, which a note on
+    stderr says when ``say_cut`` (`lowbit generate`; the trainer's own sample asks no length).
+    The global RNG is untouched: sampling draws from its own generator seeded by ``seed``. A
+    model may have more output ids than the tokenizer (a GPT-2 config's 50,257 trained on byte
+    tokens): those ids decode to nothing, so they are never sampled.
     """
     check_sampling(max_new_tokens, temperature, top_k, seed, top_p)
     device = next(model.parameters()).device
@@ -85,7 +87,7 @@ def sample_text(
     # the last token sampled is never fed back: a prompt of L tokens leaves room for
     # limit - L + 1 new ones (the forwards cover positions 0 .. limit - 1), one at the limit
     steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids) + 1)
-    if steps < max_new_tokens:
+    if steps < max_new_tokens and say_cut:
         print(
             f"lowbit: note: the model takes {limit} positions and the prompt has {len(ids)} "
             f"tokens: at most {steps} new token{'s' if steps != 1 else ''}, not {max_new_tokens}",

@@ -1156,6 +1156,7 @@ class Trainer:
                     temperature=0.8,
                     top_k=40,
                     seed=0,
+                    say_cut=False,  # the run's own sample: no length was asked for
                 )
         return RunResult(
             run_dir=run_dir,

@@ -27,3 +27,16 @@ def test_run_json_holds_the_step_of_the_last_checkpoint_while_the_run_trains(tmp
         ("running", 2),
     ]
     assert "MiB RSS" in result.summary() and " MB" not in result.summary()
+
+
+def test_the_runs_own_sample_cut_by_the_positions_says_nothing(tmp_path, capsys, monkeypatch):
+    """A model of few positions printed "note: the model takes 16 positions ... at most N new
+    tokens, not 160" after training, --quiet or not: the run asked for no length."""
+    from lowbit.train import trainer as trainer_module
+    from tests.llama import save_llama
+
+    save_llama(tmp_path / "model")  # 64 positions
+    monkeypatch.setattr(trainer_module, "SAMPLE_TOKENS", 100)
+    settings = {**TINY, "model": str(tmp_path / "model")}
+    result = train(TrainConfig(steps=1, out=str(tmp_path / "run"), **settings), quiet=True)
+    assert result.sample is not None and "note:" not in capsys.readouterr().err
