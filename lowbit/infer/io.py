@@ -162,7 +162,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
     from lowbit.train import checkpoint
     from lowbit.train.config import read, resolve, with_recorded_data
     from lowbit.train.tasks import build_task
-    from lowbit.train.trainer import resolve_device
+    from lowbit.train.trainer import progress_bars_off, resolve_device
 
     check_given(path, "RUN_DIR")
     device = resolve_device(str(device))
@@ -192,7 +192,8 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         if checkpoint_path:
             raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")
         manifest = read_manifest(path)
-        task = build_task(config, run_dir=path)
+        with progress_bars_off(True):  # transformers' "Loading weights" bar
+            task = build_task(config, run_dir=path)
         model = task.model
         q = manifest.get("quantization")
         if q:
@@ -223,7 +224,8 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         return Source(path, config, task, model, manifest, None, step, None, original)
     found = checkpoint.find(path, checkpoint_path)
     state = checkpoint.load(found)
-    task = build_task(config, run_dir=path)
+    with progress_bars_off(True):  # transformers' "Loading weights" bar
+        task = build_task(config, run_dir=path)
     model = task.model.float()
     try:
         model.load_state_dict(state["model"], strict=True)

@@ -30,6 +30,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     import lowbit
     from lowbit.infer import is_inference_dir, load_as_run
     from lowbit.train.tasks import build_task
+    from lowbit.train.trainer import progress_bars_off
 
     if is_inference_dir(run_dir):  # a `lowbit quantize` / `lowbit prune` folder
         if checkpoint_path:
@@ -62,7 +63,8 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
             if checkpoint_path or checkpoint.is_checkpoint(path) or attempt == tries:
                 raise
     target = resolve_device(config.device)
-    task = build_task(config, run_dir=run_dir)
+    with progress_bars_off(True):  # transformers' "Loading weights" bar
+        task = build_task(config, run_dir=run_dir)
     precision = lowbit.Precision(recipe_of(config), device=target)
     model = precision.convert(task.model.to(target))
     try:

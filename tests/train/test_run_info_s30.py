@@ -40,3 +40,19 @@ def test_the_runs_own_sample_cut_by_the_positions_says_nothing(tmp_path, capsys,
     settings = {**TINY, "model": str(tmp_path / "model")}
     result = train(TrainConfig(steps=1, out=str(tmp_path / "run"), **settings), quiet=True)
     assert result.sample is not None and "note:" not in capsys.readouterr().err
+
+
+def test_eval_and_generate_of_a_model_folder_run_print_no_loading_bar(tmp_path, capsys):
+    """transformers' "Loading weights" bar came through on every load of a run trained from a
+    --model folder (training hides it under --quiet; the other commands report themselves)."""
+    from lowbit.cli import main
+    from tests.llama import save_llama
+
+    save_llama(tmp_path / "model")
+    run = str(tmp_path / "run")
+    settings = ["--model", str(tmp_path / "model"), "--seq-len", "16", "--batch-size", "2"]
+    assert main(["train", *settings, "--steps", "1", "--quiet", "--out", run]) == 0
+    capsys.readouterr()
+    assert main(["eval", run, "--max-batches", "1"]) == 0
+    assert main(["generate", run, "--max-new-tokens", "2"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
