@@ -110,20 +110,28 @@ def _clear_stale_lock(build_dir: Path) -> bool:
 _QUIET_WAIT_SECONDS = 3
 
 
-def _note_a_long_wait(lock: Path) -> threading.Timer:
-    """A started timer that says, once the wait has lasted `_QUIET_WAIT_SECONDS`, where the lock
-    is (one left by a build killed minutes ago would otherwise hang the run without a word)."""
-    timer = threading.Timer(
-        _QUIET_WAIT_SECONDS,
-        lambda: print(
+def _note_a_long_wait(lock: Path) -> threading.Event:
+    """Say, once another process's ``lock`` has been waited for `_QUIET_WAIT_SECONDS`, where it is
+    (one left by a build killed minutes ago would otherwise hang the run without a word). A
+    watcher thread looks for the lock every tenth of a second: a lock released before then is no
+    long wait, whatever follows (this process's own build, or a slow load, which held a timer
+    over the whole load past the deadline, and named a lock no process held). Set the returned
+    event when the load is over."""
+    over = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + _QUIET_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if over.wait(0.1) or not lock.exists():
+                return
+        print(
             f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
             "build is running, delete it)",
             file=sys.stderr,
-        ),
-    )
-    timer.daemon = True
-    timer.start()
-    return timer
+        )
+
+    threading.Thread(target=watch, daemon=True).start()
+    return over
 
 
 def _absolute_extensions_dir() -> None:
@@ -181,7 +189,7 @@ def _build() -> None:
         raise
     finally:
         if waiting is not None:
-            waiting.cancel()
+            waiting.set()
     seconds = time.perf_counter() - start
     if seconds > 3:  # a compile, not a cache hit
         note = (
