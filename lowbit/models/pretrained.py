@@ -285,14 +285,14 @@ def folder_fingerprint(path) -> dict[str, str] | None:
 
 
 # Fields of a config.json that do not change the network a checkpoint is loaded into: what
-# save_pretrained writes of itself and of where the model came from (a folder saved again by
-# another transformers version still builds the model its runs trained), the dtype, which
-# `from_pretrained` overrides (fp32 whatever it names), the special token ids, which say where
-# generation starts and stops (an export copies them, as the folder names them now), and whether
-# generation caches keys and values.
+# save_pretrained writes of itself and of where the model came from, the class it names (the
+# task builds its own head), the dtype, which `from_pretrained` overrides (fp32 whatever it
+# names), the special token ids, which say where generation starts and stops (an export copies
+# them, as the folder names them now), and whether generation caches keys and values.
 UNMODELLED_FIELDS = (
     "transformers_version",
     "_name_or_path",
+    "architectures",
     "torch_dtype",
     "dtype",
     "bos_token_id",
@@ -335,27 +335,52 @@ def _config_fields(path) -> dict | None:
 def model_record(path) -> dict | None:
     """What a run trained from the --model folder (or config.json) ``path`` records of it, so that
     loading the run later can tell whether the folder still builds the model its checkpoint was
-    trained in (`model_changes`): the config's fields and the tokenizer files' fingerprints
-    (`folder_fingerprint`). The weights are left out on purpose: a checkpoint holds every trained
-    weight, so weights trained again or replaced in the folder change nothing a run loads."""
+    trained in (`model_changes`): the config's fields and the tokenizer files' sha256 (hashed
+    whatever their size, a few MB at most: a copy that only touched one is no change). The
+    weights are left out on purpose: a checkpoint holds every trained weight, so weights trained
+    again or replaced in the folder change nothing a run loads."""
+    import hashlib
+
     config = _config_fields(path)
     if config is None:
         return None
-    files = folder_fingerprint(path) if Path(path).is_dir() else None
-    tokenizer = {name: value for name, value in (files or {}).items() if name in TOKENIZER_FILES}
+    folder = Path(path)
+    tokenizer = {}
+    for name in TOKENIZER_FILES if folder.is_dir() else ():
+        try:
+            tokenizer[name] = "sha256:" + hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        except OSError:  # not there (or unreadable: the load that reads it names the problem)
+            continue
     return {"config": config, "tokenizer": tokenizer}
+
+
+def _as_built(fields: dict) -> dict:
+    """A config's fields as the installed transformers builds them (``AutoConfig.for_model``
+    then ``to_dict``): defaults written out, older spellings moved (transformers 4's top-level
+    ``rope_theta`` is 5's ``rope_parameters.rope_theta``), so that a folder saved again, by this
+    version or another, compares equal to the fields it was trained with. The fields as given
+    where transformers does not know the model type."""
+    from transformers import AutoConfig
+
+    given = dict(fields)
+    try:
+        built = AutoConfig.for_model(given.pop("model_type"), **given).to_dict()
+    except Exception:  # no model_type, or one this transformers lacks: compared as written
+        return fields
+    return {key: value for key, value in built.items() if key not in UNMODELLED_FIELDS}
 
 
 def model_changes(recorded: dict, path, tokenizer: bool) -> list[str]:
     """What differs between a `model_record` and the folder at ``path`` now, in words: each
-    config field changed (``rope_theta 10000.0 -> 500000.0``), and with ``tokenizer`` (a run
-    that reads its tokenizer from the folder) each tokenizer file changed, added or removed.
-    Empty where nothing that matters changed, or where the folder cannot be read now (the load
-    names that)."""
+    config field changed (``rope_theta 10000.0 -> 500000.0``), compared as transformers builds
+    both (`_as_built`), and with ``tokenizer`` (a run that reads its tokenizer from the folder)
+    each tokenizer file changed, added or removed. Empty where nothing that matters changed, or
+    where the folder cannot be read now (the load names that)."""
     now = model_record(path)
     if now is None or not isinstance(recorded, dict):
         return []
-    then_config, now_config = _flat(recorded.get("config") or {}), _flat(now["config"])
+    then_config = _flat(_as_built(recorded.get("config") or {}))
+    now_config = _flat(_as_built(now["config"]))
     changes = [
         f"config.json {key} {_short(then_config, key)} -> {_short(now_config, key)}"
         for key in sorted(set(then_config) | set(now_config))

@@ -138,3 +138,44 @@ def test_a_token_classifier_is_refused_after_its_folder_tokenizer_changed(tmp_pa
     file.write_text(json.dumps(tokenizer))
     err = refusal(["quantize", str(run), "--to", "int8", "--out", str(tmp_path / "q")], capsys)
     assert "tokenizer.json changed" in err
+
+
+def test_a_config_saved_again_by_transformers_is_no_change(tmp_path, capsys):
+    """The raw config.json was compared: a transformers-4 config (top-level rope_theta, defaults
+    left out), saved again by this transformers (rope_parameters, defaults written out), read as
+    a dozen changed fields, and every later load of the run was refused."""
+    from transformers import AutoConfig
+
+    model, run = tmp_path / "model", tmp_path / "run"
+    model.mkdir()
+    v4 = {
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+        "rope_theta": 10000.0, "rope_scaling": None, "transformers_version": "4.46.0",
+    }  # fmt: skip
+    (model / "config.json").write_text(json.dumps(v4))
+    assert main(["train", "--model", str(model), *TINY, "--steps", "1", "--out", str(run)]) == 0
+    AutoConfig.from_pretrained(model).save_pretrained(model)
+    assert "rope_parameters" in json.loads((model / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--max-batches", "1"]) == 0
+    edit_config(model, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert "rope_theta 10000.0 -> 500000.0" in refusal(["eval", str(run)], capsys)
+
+
+def test_a_large_tokenizer_file_copied_back_unchanged_is_no_change(tmp_path):
+    """Tokenizer files over 1 MiB were told apart by size and modification time: the same bytes
+    copied back (cp without -p, a checkout) refused every load of a token classifier."""
+    import os
+
+    from lowbit.models.pretrained import model_changes, model_record
+
+    save_llama(tmp_path)
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(json.dumps({"vocab": ["x" * 64] * 40_000}))  # about 2.7 MB
+    recorded = model_record(tmp_path)
+    stat = tokenizer.stat()
+    os.utime(tokenizer, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert model_changes(recorded, tmp_path, tokenizer=True) == []
+    tokenizer.write_text(json.dumps({"vocab": ["y" * 64] * 40_000}))
+    assert model_changes(recorded, tmp_path, tokenizer=True) == ["tokenizer.json changed"]
