@@ -208,8 +208,11 @@ def _refuse_other_tasks(path) -> None:
 
 def _refuse_beyond_fp16(model) -> None:
     """An fp16 export of weights past fp16's largest value (65504; 65520 and above round to inf)
-    wrote them as inf without a word, and transformers then computes inf/NaN logits."""
-    for name, tensor in model.state_dict().items():
+    wrote them as inf without a word, and transformers then computes inf/NaN logits. Parameters
+    only: a buffer may hold fp32's extremes on purpose (a mask, a clip bound), which fp16's inf
+    stands for as well."""
+    for name, tensor in model.named_parameters():
+        tensor = tensor.detach()
         if not tensor.is_floating_point():
             continue
         finite = torch.isfinite(tensor)
