@@ -101,8 +101,9 @@ def run(args) -> int:
     overrides["overrides"] = args.override
     # a flag replaces the file's setting: a mistyped one there is warned of, not refused; so are
     # the recipe, seed and folder, which the study sets
-    given = {name for name, value in overrides.items() if value is not None}
-    settings = load_file(args.config, given | {"recipe", "seed", "out"}) if args.config else {}
+    given = {name: None for name, value in overrides.items() if value is not None}
+    given |= {"recipe": "--recipes", "seed": "--first-seed", "out": "--out"}
+    settings = load_file(args.config, given) if args.config else {}
     # a `lowbit train` config file names one run's; a study sets every run's itself
     ignored = [key for key in ("recipe", "seed", "out") if key in settings]
     if ignored:

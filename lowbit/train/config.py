@@ -109,7 +109,8 @@ def load_file(path, flags=()) -> dict:
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's
     config.yaml gives only the settings the run was given (`given_settings`).
 
-    ``flags`` names the settings given on the command line, which replace the file's (`merge`):
+    ``flags`` names the settings given on the command line, which replace the file's (`merge`;
+    a dict maps a name to the flag that gives it where that is not ``--name``):
     a file's value of the wrong type that one of them replaces is left out with a warning, not
     refused, as the run never reads it (``lr: fast`` beside ``--lr 1e-3``); the warning keeps the
     mistake from going unnoticed by the runs that read the file without the flag."""
@@ -144,7 +145,11 @@ def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
         except UsageError as error:
             problem = str(error).partition("; fix:")[0]
             flag = next(f for f in (name, "steps", "epochs") if f in flags)  # `_replaced`'s
-            flag = "--override" if flag == "overrides" else f"--{flag.replace('_', '-')}"
+            # a command's own spelling where it gives one (compare sets the seed by --first-seed)
+            spelled = flags.get(flag) if isinstance(flags, dict) else None
+            flag = spelled or (
+                "--override" if flag == "overrides" else f"--{flag.replace('_', '-')}"
+            )
             warn(
                 f"{path}: {problem}; ignored, as {flag} replaces it; fix: correct it in the file, "
                 f"which a run without {flag} refuses"

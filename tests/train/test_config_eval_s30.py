@@ -112,3 +112,16 @@ def test_compare_takes_a_flag_over_a_mistyped_config_setting(tmp_path, capsys):
     assert (
         "lr must be a number, got 'fast'; ignored, as --lr replaces it" in capsys.readouterr().err
     )
+
+
+def test_compare_names_its_own_flag_for_a_mistyped_seed(tmp_path, capsys):
+    """compare sets each run's seed by --first-seed: the warning named --seed, a flag compare
+    does not have."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("seed: abc\n")
+    argv = ["compare", "--recipes", "fp32", "--seeds", "1", "--config", str(config)]
+    tiny = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--steps", "1"]
+    out = ["--quiet", "--no-plots", "--threads", "1", "--out", str(tmp_path / "study")]
+    assert main([*argv, *tiny, "--model", "nano", *out]) == 0
+    err = capsys.readouterr().err
+    assert "ignored, as --first-seed replaces it" in err and "--seed " not in err, err
