@@ -102,26 +102,14 @@ def test_eval_of_a_given_checkpoint_deleted_as_it_is_opened_is_not_replaced(
 
 def test_compare_takes_a_flag_over_a_mistyped_config_setting(tmp_path, capsys):
     """`lowbit compare --config` refused the file's mistyped lr that its --lr replaces, as train
-    did."""
+    did; and compare sets each run's seed by --first-seed, where the warning named --seed, a flag
+    compare does not have."""
     config = tmp_path / "cfg.yaml"
-    config.write_text("lr: fast\n")
+    config.write_text("lr: fast\nseed: abc\n")
     argv = ["compare", "--recipes", "fp32", "--seeds", "1", "--config", str(config), "--lr", "1e-3"]
     tiny = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--steps", "1"]
     out = ["--quiet", "--no-plots", "--threads", "1", "--out", str(tmp_path / "study")]
     assert main([*argv, *tiny, "--model", "nano", *out]) == 0
-    assert (
-        "lr must be a number, got 'fast'; ignored, as --lr replaces it" in capsys.readouterr().err
-    )
-
-
-def test_compare_names_its_own_flag_for_a_mistyped_seed(tmp_path, capsys):
-    """compare sets each run's seed by --first-seed: the warning named --seed, a flag compare
-    does not have."""
-    config = tmp_path / "cfg.yaml"
-    config.write_text("seed: abc\n")
-    argv = ["compare", "--recipes", "fp32", "--seeds", "1", "--config", str(config)]
-    tiny = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--steps", "1"]
-    out = ["--quiet", "--no-plots", "--threads", "1", "--out", str(tmp_path / "study")]
-    assert main([*argv, *tiny, "--model", "nano", *out]) == 0
     err = capsys.readouterr().err
+    assert "lr must be a number, got 'fast'; ignored, as --lr replaces it" in err, err
     assert "ignored, as --first-seed replaces it" in err and "--seed " not in err, err
