@@ -149,7 +149,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     reference = baseline and baseline.model
     models = [source.model] if reference is None else [source.model, reference]
     # `compare` runs the batches once through each model
-    shown = eval_progress(source.task, models, split, max_batches, passes=len(models))
+    shown = eval_progress(source.task, models, split, max_batches)
     with shown if progress else contextlib.nullcontext():
         metrics, lines = compare(
             source.task, source.model, reference, split, max_batches, device, missing

@@ -169,9 +169,9 @@ def eval_batch_count(task, split: str, max_batches=None) -> int:
 
 
 @contextlib.contextmanager
-def eval_progress(task, models, split: str, max_batches=None, passes: int = 1):
-    """Progress of an evaluation of ``split`` by ``models`` (``passes`` passes over its batches in
-    all): a note first where the whole split is large, then a bar on stderr, as `lowbit train`'s,
+def eval_progress(task, models, split: str, max_batches=None):
+    """Progress of an evaluation of ``split`` by ``models`` (each runs its batches once; a
+    quantized folder's model and its reference are two): a note first where the whole split is large, then a bar on stderr, as `lowbit train`'s,
     when stderr is a terminal (a log or a test's capture gets no carriage-return lines). The bar
     counts the models' forward calls, one a batch, through hooks that only count: the metrics
     are those of an evaluation without it. The hooks are removed after."""
@@ -179,14 +179,14 @@ def eval_progress(task, models, split: str, max_batches=None, passes: int = 1):
 
     batches = eval_batch_count(task, split, max_batches)
     if max_batches is None and batches > LARGE_SPLIT_BATCHES:
-        both = ", through the model and its reference" if passes > 1 else ""
+        both = ", through the model and its reference" if len(models) > 1 else ""
         print(
             f"lowbit: note: evaluating the whole {split} split: {batches:,} batches of "
             f"{task.config.batch_size}{both}; --max-batches N bounds it to N",
             file=sys.stderr,
         )
     bar = tqdm(
-        total=batches * passes,
+        total=batches * len(models),
         disable=not sys.stderr.isatty(),
         desc=f"eval {split}",
         unit="batch",

@@ -970,27 +970,27 @@ class Trainer:
     def _record_progress(self, main: bool, run_dir: Path) -> None:
         """Record in run.json the step of the checkpoint just saved (best effort, as `_record_end`:
         the checkpoint is what a resume needs)."""
-        if not main:
-            return
-        info = read_run_info(run_dir)
-        if info:
-            info["step"] = self.step_idx
-            with contextlib.suppress(OSError):
-                write_atomically(run_dir / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
+        self._update_run_info(main, run_dir, step=self.step_idx)
 
     def _record_end(self, main: bool, run_dir: Path, status: str, error=None, **fields) -> None:
         """Record in run.json how the run ended (completed, interrupted: resumable, diverged,
-        aborted by a second Ctrl-C, failed), at which step, and why where it failed, for a script that reads a folder of runs. Best effort: a disk that refused the
-        run's other writes may refuse this one too, and the error that ended the run is the one
-        to report."""
+        aborted by a second Ctrl-C, failed), at which step, and why where it failed, for a script
+        that reads a folder of runs."""
+        if error is not None:
+            fields["error"] = " ".join(error.split())
+        self._update_run_info(main, run_dir, status=status, step=self.step_idx, **fields)
+
+    @staticmethod
+    def _update_run_info(main: bool, run_dir: Path, **fields) -> None:
+        """Set ``fields`` in the run.json rank 0 wrote as the run started. Best effort: a disk that
+        refused the run's other writes may refuse this one too, and the error that ended the run
+        (or the checkpoint just saved) is what counts."""
         if not main:
             return
         info = read_run_info(run_dir)
         if not info:  # none written (or unreadable): nothing to add to
             return
-        info.update(status=status, step=self.step_idx, **fields)
-        if error is not None:
-            info["error"] = " ".join(error.split())
+        info.update(fields)
         for name, value in (info.get("final_metrics") or {}).items():  # NaN is no JSON
             if isinstance(value, float) and not math.isfinite(value):
                 info["final_metrics"][name] = None
