@@ -48,7 +48,11 @@ def _interrupt_when(path, text):
     def watch():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if path.is_file() and text in path.read_text(encoding="utf-8", errors="replace"):
+            try:  # --overwrite clears the run folder: the file may go between a look and a read
+                held = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                held = ""
+            if text in held:
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.005)
