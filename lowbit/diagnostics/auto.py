@@ -14,6 +14,11 @@ on that step's real tensor (on each of them, with gradient accumulation),
     fraction of the nonzero values at most max_underflow (1e-2) above what the rung flushes on a
     normal tensor, and nothing non-finite.
 
+An operand whose every value is zero in the check step (a zero-initialised weight, the gradient
+that flows back through it) passes every rung: zeros are exact in any format. That says nothing
+of the values it will hold, so it keeps its rung until a check sees some (the first check put
+such operands on the cheapest rung, fp4 under ``auto:fp4``, for ``check_interval`` steps).
+
 The operand's target is the cheapest rung it passes. It moves *up* at once when the target is
 above its current rung (saturation, outliers, lost SQNR), and *down* only after ``patience``
 consecutive checks agree that a cheaper rung passes (hysteresis: a layer moves down again once it
@@ -293,6 +298,9 @@ class AutoPrecision:
                     rung: _finish(flat[i * len(self.rungs) + j])
                     for j, rung in enumerate(self.rungs)
                 }
+                measured = results[self.rungs[-1]]
+                if measured["amax"] == 0 and measured["nonfinite"] == 0:
+                    continue  # all zeros: no evidence for any rung (module docstring)
                 # a rung must pass on every micro-batch it quantized (judged by the last alone,
                 # an outlier in an earlier one went unseen), as on every rank's share (`_agreed`)
                 rung, failures = self._target(key[1], results)

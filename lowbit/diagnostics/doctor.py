@@ -17,12 +17,19 @@ being worse than fp4 usually is. An operand is flagged when
 
 (or holds non-finite values). Its reason is the cause that carries the larger share of the error
 energy. The suggestion for a layer is one ``--override`` that puts its flagged operands in bf16,
-written as `lowbit train --override` takes it.
+written as `lowbit train --override` takes it; none for an operand whose high-precision values were
+already inf or NaN before its cast (`Row.nonfinite_input`): no format made them, and in bf16 they
+stay non-finite.
 
 The probe also flags the known failure patterns:
 
 - non-finite weights: parameters already inf or NaN where the probe starts (a checkpoint of a run
   that diverged), which make every step non-finite in any format: no override is suggested;
+- non-finite input: operands whose high-precision values were inf or NaN before their cast, where
+  no cast made any (every non-finite operand read them so): a NaN that one layer's input brings
+  reaches every later layer and every gradient, and the table flagged them all, with bf16
+  overrides for dozens of layers that fix nothing. The flag names the first layer (in forward
+  order) that read them, which is where to look;
 - loss scale collapse: a dynamic loss scale that fell by `SCALE_COLLAPSE` or more during the
   probe to below fp16's usual start (2^16), or below 1
   (Micikevicius et al. 2018: the scale backs off on every overflow);
@@ -79,6 +86,8 @@ class Row:
     reason: str = ""
     lost: float = 0.0  # share of values clipped or flushed beyond the format's nominal shares
     spec: str = ""  # `OperandSpec.describe` of the spec judged: fp8_e4m3/tensor, fp8_e4m3/mx, ...
+    # inf or NaN already in the high-precision values, before the cast (`_nonfinite_input`)
+    nonfinite_input: bool = False
 
     @property
     def loss_db(self) -> float:
@@ -161,13 +170,19 @@ class Diagnosis:
             lines += [f"  [{f['pattern']}] {f['detail']}" for f in self.flags]
         else:
             lines.append("failure patterns: none seen")
+        patterns = {flag["pattern"] for flag in self.flags}
         if self.suggestions:
             lines.append("suggested overrides (lowbit train accepts them as they are):")
             lines.append("  " + " ".join(f"--override '{s}'" for s in self.suggestions))
-        elif any(flag["pattern"] == "non-finite-weights" for flag in self.flags):
+        elif "non-finite-weights" in patterns:
             lines.append(
                 "suggested overrides: none (the weights were inf or NaN before the probe: see "
                 "non-finite-weights above)"
+            )
+        elif "non-finite-input" in patterns:
+            lines.append(
+                "suggested overrides: none (the operands were inf or NaN before their casts: see "
+                "non-finite-input above)"
             )
         else:
             lines.append("suggested overrides: none (no operand flagged)")
@@ -193,6 +208,14 @@ def reason_of(stats: dict, nominal: dict) -> str:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def _nonfinite_input(stats: dict) -> bool:
+    """Whether the operand's high-precision values held inf or NaN before its cast. Its ``rms``
+    tells: the squares and their sum are taken in float64 (`lowbit.diagnostics.stats`), where
+    those of any finite fp32 value stay finite, so ``rms`` is non-finite exactly when an input
+    value is; a cast that overflows (fp16's inf beyond 65504) leaves it finite."""
+    return not math.isfinite(stats.get("rms", 0.0))
 
 
 def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
@@ -239,19 +262,22 @@ def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
                 crest,
                 reason_of(mean, nominal),
                 spec=steps[-1]["spec"],
+                nonfinite_input=any(_nonfinite_input(s) for s in steps),
             )
         )
         rows[-1].lost = max(0.0, mean["saturated"] - nominal["saturated"]) + max(
             0.0, mean["underflow"] - nominal["underflow"]
         )
-    return sorted(rows, key=lambda r: (not r.reason, -r.lost, -r.loss_db))
+    # what a format made (an fp16 cast's overflow) above what merely read non-finite values
+    return sorted(rows, key=lambda r: (not r.reason, r.nonfinite_input, -r.lost, -r.loss_db))
 
 
 def suggestions_for(rows: list[Row]) -> list[str]:
-    """One override per layer with flagged operands: those operands in bf16."""
+    """One override per layer with flagged operands: those operands in bf16; not those that
+    were inf or NaN before their cast (`Row.nonfinite_input`), which stay so in bf16."""
     by_layer: dict[str, list[str]] = {}
     for r in rows:
-        if r.reason:
+        if r.reason and not r.nonfinite_input:
             by_layer.setdefault(r.layer, []).append(r.operand)
     return [
         f"{layer}=" + ",".join(f"{op}:bf16" for op in OPERANDS if op in ops)
@@ -406,6 +432,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
             # diagnosis (still held by the observer, or under `auto` read by its guard)
             per_step.append(trainer.monitor.unfinished_stats())
             stopped = f"probe stopped: {error}"
+            order = order or list(trainer.monitor.collector.order)  # a first step's own
             break
         record = next((r for split, r in trainer.records if split == "stats"), {})
         per_step.append(unflatten(record))
@@ -452,6 +479,8 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
                 "parameters": [b[0] for b in broken],
             }
         )
+    if not broken:  # non-finite weights are those inputs' known cause
+        flags += _nonfinite_input_flag(result)
     scales = result["loss_scales"]
     overflowed = _skipped(result)
     if overflowed:
@@ -535,6 +564,45 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
                 }
             )
     return flags
+
+
+def _nonfinite_input_flag(result: dict) -> list[dict]:
+    """The ``non-finite-input`` pattern (module docstring) of the first judged step with
+    non-finite operands, none of them made so by its cast: the first layer, in forward order,
+    with a forward operand (else, the gradient flowing back, the last with an output gradient)
+    that was inf or NaN before its cast."""
+    for i, stats in enumerate(_judged_steps(result)):
+        bad = {
+            (layer, op): _nonfinite_input(s)
+            for layer, ops in stats.items()
+            for op, s in ops.items()
+            if s.get("nonfinite", 0) > 0
+        }
+        if not bad:
+            continue
+        if not all(bad.values()):  # a cast made some: the table names them, with their fixes
+            return []
+        order = [name for name in result.get("order") or stats if name in stats]
+        order += [name for name in stats if name not in order]
+        forward = [(n, op) for n in order for op in ("forward.x", "forward.w") if (n, op) in bad]
+        backward = [(n, op) for n in reversed(order) for op in OPERANDS if (n, op) in bad]
+        layer, op = (forward or backward)[0]
+        step = result.get("start_step", 0) + i + 1
+        before = order.index(layer)
+        after = f", after {order[before - 1]} ran" if before and forward else ""
+        return [
+            {
+                "pattern": "non-finite-input",
+                "detail": f"{layer} read {op} already inf or NaN before its cast at probe step "
+                f"{step}{after}: {len(bad)} operands hold them, none made so by its format, so no "
+                "format override fixes them; fix: find where the high-precision values overflow "
+                "before that layer (a lower --lr, or an earlier --checkpoint)",
+                "layer": layer,
+                "operand": op,
+                "step": step,
+            }
+        ]
+    return []
 
 
 def _collapsed(result: dict) -> bool:

@@ -1,10 +1,16 @@
 """Per-layer, per-GEMM-operand numerics statistics, collected at an interval during training.
 
 For one operand ``x`` (high precision) quantized to ``q`` (values ``v`` with per-element scale ``s``,
-dequantized ``d = v * s``) of a format with largest finite value ``max``:
+dequantized ``d = v * s``) of a format with largest finite value ``max``. ``s`` is the scale the
+layer's cast used (current or delayed, per tensor, row or block), so ``saturated`` and
+``underflow`` are what that cast clipped and flushed: a value flushes where ``|x| / s`` falls below
+half the format's smallest subnormal (a tie rounds to zero), not ``|x|`` itself (e4m3 tensorwise
+with ``amax = A`` flushes at or below ``A / 448 * 2**-10``; a stale delayed amax ``A' < A`` lowers
+that to ``A' / 448 * 2**-10``, flushing less, and clips what lies above ``A'``):
 
 - ``amax``       ``max |x|`` over the finite elements
-- ``rms``        ``sqrt(mean(x^2))``; ``amax / rms`` is the crest factor, large for outliers
+- ``rms``        ``sqrt(mean(x^2))``; ``amax / rms`` is the crest factor, large for outliers;
+                 non-finite exactly when ``x`` holds inf or NaN (squares summed in float64)
 - ``saturated``  fraction of elements clipped at the format's max: ``|x| / s > max`` (a scaled
                  value beyond the largest finite one; in an IEEE dtype without scale it becomes inf)
 - ``underflow``  fraction of the *nonzero* elements flushed to zero: ``x != 0`` and ``d == 0``.
