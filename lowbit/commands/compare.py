@@ -14,6 +14,10 @@ HELP = (
     "(report.md, report.html, results.json, plots): loss gap to the baseline with a verdict, task "
     "metric, speed, memory by component, per-label accuracy change. Finished runs are reused."
 )
+# `--fail-on-miss`'s exit status when a recipe misses its target: not 1 (an error), 2 (a usage
+# error) nor 130 (interrupted), so that a CI script can tell a finished study that missed from one
+# that did not finish.
+MISSED = 3
 # Train flags that compare sets itself (one run folder and one seed per run; every run is one
 # process, trained in this one, so no multi-process flags).
 OWN = {"--recipe", "--out", "--seed", "--nproc", "--strategy"}
@@ -51,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", help="compare folder (default runs/compare-<task>-<model>); reruns reuse it"
     )
     parser.add_argument("--overwrite", action="store_true", help="retrain every run in --out")
+    parser.add_argument(
+        "--fail-on-miss",
+        action="store_true",
+        help=f"exit with status {MISSED} (after writing the report) when a recipe is not shown to "
+        "meet its target: FAIL, INCONCLUSIVE (the seeds cannot tell: not a demonstrated pass), "
+        "no verdict (its runs or the baseline's diverged or never updated the weights); "
+        "PASS (unresolved) passes. Without it the exit status is 0 whatever the verdicts",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -134,6 +146,11 @@ def run(args) -> int:
         parity_targets=not args.no_parity_targets,
     )
     judged = [name for name in study.recipes if name != study.baseline]
+    if args.fail_on_miss and not judged:  # a gate that judged nothing would pass every time
+        raise UsageError(
+            f"--fail-on-miss with only the baseline ({study.baseline}) in --recipes judges no "
+            "recipe; fix: add the recipes to judge to --recipes, or leave out --fail-on-miss"
+        )
     if (
         args.tolerance is not None
         and judged
@@ -175,4 +192,23 @@ def run(args) -> int:
     if note:
         print(f"speed: {note}")
     print(f"report: {result.report_dir / 'report.md'} (and report.html, results.json)")
+    missed = missed_recipes(result.results) if args.fail_on_miss else []
+    if missed:
+        print(
+            f"lowbit: --fail-on-miss: not shown to meet the target (exit status {MISSED}): "
+            + "; ".join(missed),
+            file=sys.stderr,
+        )
+        return MISSED
     return 0
+
+
+def missed_recipes(results: dict) -> list[str]:
+    """``recipe (how)`` for each recipe not shown to meet its target (``meets_target`` False:
+    FAIL, MISSES the expectation, a baseline that diverged; None: INCONCLUSIVE, no verdict), how
+    being its verdict without the figures (report.md has them) or the fix."""
+    return [
+        f"{name} ({row['verdict'].split(' (gap ')[0].split('; fix:')[0]})"
+        for name, row in results["recipes"].items()
+        if row["meets_target"] is not True
+    ]

@@ -28,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from itertools import takewhile
 from pathlib import Path
 
 from lowbit.distributed.context import STOP_SIGNAL, signals_handled
@@ -70,41 +71,67 @@ def _failed() -> bool:
 WARNING = "lowbit: warning: "
 
 
+def _is_indented(line: str) -> bool:
+    return line[:1] in (" ", "\t")
+
+
 class _WarnedOnce:
-    """A text stream (stderr) that passes on every line but a ``lowbit: warning:`` line said
-    before by any process of the study: each process says a data warning once (`lowbit.errors.warn`,
-    the tasks' own), and with --jobs N every worker loads the data and said it again, N times
-    over, and the study's process once more as it read the finished runs' data. The lines said
-    are files named by their hash in ``folder``, created exclusively: the first process to
-    create one says the line."""
+    """A text stream (stderr) that passes on every line but a ``lowbit: warning:`` said before by
+    any process of the study: each process says a data warning once (`lowbit.errors.warn`, the
+    tasks' own), and with --jobs N every worker loads the data and said it again, N times over,
+    and the study's process once more as it read the finished runs' data. The warnings said are
+    files named by their hash in ``folder``, created exclusively: the first process to create one
+    says the warning.
+
+    A multi-line warning (indented lines after its first) is left out whole, and only its own
+    lines are: a warning is its first line with the indented lines that came in the same write
+    (one ``print``, as the trainer says one), one file, so a worker whose warning has other lines
+    says it. An indented line written after that is said once as the warning so far (its lines
+    up to this one), and always by the process that said the warning: a worker's line of its own
+    that follows a warning said before (progress, an error's detail) is new and passes on, where,
+    taken for the warning's by its indentation alone, it was lost."""
 
     def __init__(self, stream, folder: str):
         self.stream, self.folder, self.pending = stream, folder, ""
-        # a warning's indented lines (a multi-line warning) go as its first line went
-        self.continuation_said = True
+        # the warning whose indented lines may follow (its lines so far), None after other lines
+        self.warning: str | None = None
+        self.said_warning = False  # whether this process said it (and so says its lines)
+        self.covered = 0  # its indented lines still to come that were part of it when judged
 
     def write(self, text: str) -> int:
         self.pending += text
         while self.pending:
             line, newline, rest = self.pending.partition("\n")
-            indented = self.pending[:1] in (" ", "\t")
-            if indented and not self.continuation_said:  # a warning said before: its next line
+            indented = _is_indented(self.pending)
+            if indented and self.warning is not None:  # the warning's line, or another's
                 if not newline:
                     break
+                if self.covered:  # said or left out with the warning's first line
+                    self.covered -= 1
+                    say = self.said_warning
+                else:
+                    self.warning += "\n" + line
+                    say = self._first(self.warning) or self.said_warning
+                if say:
+                    self.stream.write(line + newline)
             elif not indented and WARNING.startswith(self.pending[: len(WARNING)]):
                 if not newline:  # a warning whose end is still to come
                     break
-                self.continuation_said = self._first(line)
-                if self.continuation_said:
+                # its indented lines of the same write (the last one's newline may come in the
+                # next, as print writes it)
+                follows = list(takewhile(_is_indented, rest.split("\n")))
+                self.warning, self.covered = "\n".join([line, *follows]), len(follows)
+                self.said_warning = self._first(self.warning)
+                if self.said_warning:
                     self.stream.write(line + newline)
-            else:  # not a warning (nor a line of one said before): as it is
+            else:  # not a warning (nor a line of one): as it is
                 self.stream.write(line + newline)
-                self.continuation_said = True
+                self.warning = None
             self.pending = rest
         return len(text)
 
-    def _first(self, line: str) -> bool:
-        name = hashlib.sha256(line.encode()).hexdigest()
+    def _first(self, text: str) -> bool:
+        name = hashlib.sha256(text.encode()).hexdigest()
         try:
             os.close(os.open(os.path.join(self.folder, name), os.O_CREAT | os.O_EXCL))
         except FileExistsError:
