@@ -1,12 +1,14 @@
 """CoNLL / IOB token-classification data and its metrics.
 
 File format: one token per line, the token in the first column and its tag in the last (spaces or
-tabs between columns: other Unicode whitespace, a no-break space say, is part of a token), a blank
-line (or one of whitespace only) between sentences, ``-DOCSTART-`` lines between documents (they
-hold no token; `read_conll_documents` keeps the sentences of each document together). Tags are ``O``
-or ``B-TYPE`` / ``I-TYPE``, and IOBES's ``E-TYPE`` / ``S-TYPE`` (BILOU's ``L-TYPE`` / ``U-TYPE``,
-spaCy's, are read as these: last and unit are end and single). The file is UTF-8; a leading
-byte-order mark is dropped, not read as part of the first token.
+tabs between columns: other Unicode whitespace, a no-break space say, is part of a token; a word
+line with more columns than most of the file's is warned of, as a token written with a space whose
+other words are not read), a blank line (or one of whitespace only) between sentences,
+``-DOCSTART-`` lines between documents (they hold no token; `read_conll_documents` keeps the
+sentences of each document together). Tags are ``O`` or ``B-TYPE`` / ``I-TYPE``, and IOBES's
+``E-TYPE`` / ``S-TYPE`` (BILOU's ``L-TYPE`` / ``U-TYPE``, spaCy's, are read as these: last and unit
+are end and single). The file is UTF-8; a leading byte-order mark is dropped, not read as part of
+the first token.
 
 A treebank file (``.conllu``, Universal Dependencies' CoNLL-U, and its predecessor ``.conllx``)
 is read otherwise: 10 tab-separated columns, its words tagged with their part of speech, column 4
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lowbit.data.corpus import read_lines
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 
 COLUMN_SEPARATOR = re.compile(r"[ \t]+")
 
@@ -75,6 +77,7 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     documents: list[list[Sentence]] = [[]]
     tokens: list[str] = []
     tags: list[str] = []
+    widths: dict[int, list] = {}  # columns of a word's line: [lines, first line number, text]
     for number, line in enumerate(read_lines(path), start=1):
         if "\r" in line.rstrip("\r\n"):  # lines end at a line feed only: a lone CR is no end
             raise UsageError(
@@ -94,12 +97,42 @@ def read_conll_documents(path) -> list[list[Sentence]]:
             continue
         tokens.append(word[0])
         tags.append(word[1])
+        if read_word is _conll_word:
+            width = len(COLUMN_SEPARATOR.split(line.strip(" \t\r\n")))
+            widths.setdefault(width, [0, number, line.strip()])[0] += 1
     if tokens:
         documents[-1].append(Sentence(tokens, tags))
+    _warn_wide_lines(path, widths)
     documents = [document for document in documents if document]
     if not documents:
         raise UsageError(f"{path}: no sentences; fix: one 'TOKEN TAG' per line, blank line between")
     return documents
+
+
+_WARNED: set[str] = set()  # a file is read more than once per run (its fingerprint, its task)
+
+
+def _warn_wide_lines(path: Path, widths: dict[int, list]) -> None:
+    """Warn of the word lines with more columns than most of the file's: a token written with a
+    space (``New York B-LOC`` among ``TOKEN TAG`` lines) was read as ``New`` tagged ``B-LOC``,
+    its other words dropped without a word. A line with fewer columns loses nothing."""
+    usual = max(widths, key=lambda width: widths[width][0], default=0)
+    wide = sorted(
+        (number, width, text) for width, (_, number, text) in widths.items() if width > usual
+    )
+    if not wide:
+        return
+    count = sum(widths[width][0] for _, width, _ in wide)
+    number, width, text = wide[0]
+    line = (
+        f"{path}:{number}: {count} word line{'s' if count > 1 else ''} of more columns than the "
+        f"file's {usual} ({text!r}: {width}); the token is the first column and the tag the "
+        "last, so the columns between are not read; fix: write each token without spaces "
+        f"(one word per line), in the file's {usual} columns"
+    )
+    if line not in _WARNED:
+        _WARNED.add(line)
+        warn(line)
 
 
 SENTENCE_END = ("", "")  # what a line reads as, beside a (token, tag) pair or None (no word)

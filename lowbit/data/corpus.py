@@ -23,9 +23,10 @@ its first name, so that no text lands in two splits.
 
 `load_corpus` warns (one ``lowbit: warning:`` line each, once per process) about what a run would
 otherwise take in without a word: text files that a folder does not read (a ``.jsonl`` beside the
-``.txt`` files), and validation or test documents whose text is also a training document's (the
-same file copied into ``train/`` and ``valid/``), which measure the validation loss on training
-text. It does not drop or move them: the splits stay as the data gives them.
+``.txt`` files), binary files that a glob matched and does not read, and validation or test
+documents whose text is also a training document's (the same file copied into ``train/`` and
+``valid/``), which measure the validation loss on training text. It does not drop or move them:
+the splits stay as the data gives them.
 
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
@@ -210,7 +211,16 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
     splits = split_documents(load_texts(source, text_field))
-    warnings = tuple(filter(None, [_skipped_files(str(source)), _shared_text(str(source), splits)]))
+    warnings = tuple(
+        filter(
+            None,
+            [
+                _skipped_files(str(source)),
+                _skipped_binary(str(source)),
+                _shared_text(str(source), splits),
+            ],
+        )
+    )
     for line in warnings:
         if line not in _WARNED:
             _WARNED.add(line)
@@ -245,6 +255,44 @@ def _skipped_files(spec: str) -> str | None:
         f"them too give a glob, --data '{(folder / '**' / '*').as_posix()}' reads every file "
         "(.jsonl ones as JSON Lines), or move them out of the folder"
     )
+
+
+def _skipped_binary(spec: str) -> str | None:
+    """The warning for the binary files that a glob matched and `load_texts` left out (a
+    ``__pycache__``'s ``.pyc``, an image beside the text): ``folder/**/*``, which the warning of
+    `_skipped_files` advises, stopped the run at the first of them ("not UTF-8 text (byte 0);
+    fix: convert it to UTF-8")."""
+    pattern = os.path.expanduser(spec)
+    if Path(pattern).exists() or not glob.has_magic(pattern):
+        return None
+    skipped = [
+        os.path.relpath(f, _glob_base(pattern)).replace(os.sep, "/")
+        for f in _unique(_glob_files(pattern))
+        if _is_binary(f)
+    ]
+    if not skipped:
+        return None
+    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return (
+        f"{spec}: {len(skipped)} binary file{'s' if len(skipped) > 1 else ''} not read "
+        f"({shown}): they hold no text; fix: none if they are no data, else convert them to "
+        "UTF-8 text (a narrower glob leaves them out without this warning)"
+    )
+
+
+def _is_binary(path: Path) -> bool:
+    """Whether ``path`` holds no text, as git decides: a NUL byte in its first 8000 bytes. Not
+    a compressed file nor UTF-16 or UTF-32 text (which hold NUL bytes too): `read_text` names
+    those with their fix."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(8000)
+    except OSError:  # read_text names the error
+        return False
+    if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS)):
+        return False
+    # ASCII in UTF-16 without a byte-order mark: a NUL beside every letter, on one side
+    return bool(head[0::2].strip(b"\0")) and bool(head[1::2].strip(b"\0"))
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -302,8 +350,9 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
       by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
       fixed leading folder; matched ``.jsonl`` files are read as JSONL, ``.json`` ones where the
-      pattern ends with ``.json`` (a file that links make a folder or glob reach under several
-      names is read once, under the first);
+      pattern ends with ``.json``, binary files (`_is_binary`: an image, a ``.pyc``) are left out
+      (a file that links make a folder or glob reach under several names is read once, under the
+      first);
     - a ``.jsonl`` or ``.json`` file: one document per line, from the string field ``text_field``
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
@@ -324,7 +373,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             docs = _paragraph_documents(path)
     elif glob.has_magic(spec):
         base = _glob_base(spec)
-        files = _unique(_glob_files(spec))
+        files = [f for f in _unique(_glob_files(spec)) if not _is_binary(f)]
         # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
         # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
         records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
@@ -526,18 +575,26 @@ def _paragraph_documents(path: Path) -> list[Document]:
 
 def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
     """One document per record of a JSON Lines file (named by line number), or of a ``.json``
-    file holding one JSON array of records (named by position: ``name:#3``)."""
+    file holding one JSON array of records (named by position: ``name:#3``). Records that cannot
+    be read refuse the file after all of it is read, counted (`_Refusal`)."""
     # a .json file may hold one JSON document (a glob's package.json): say how it was read
     as_read = " (a .json file is read as JSON Lines)" if path.suffix.lower() == ".json" else ""
     text = read_text(path)
+    refusal = _Refusal()
+    docs = []
     if as_read and text.lstrip().startswith("["):  # a JSON array (json.dump of a list of records)
         shape = "one JSON array of objects"
-        records = _json_value(text, str(path), shape)
-        return [
-            Document(f"{name}:#{i}", _record_text(record, f"{path}: record {i}", text_field, shape))
-            for i, record in enumerate(records, start=1)
-        ]
-    docs = []
+        for i, record in enumerate(_json_value(text, str(path), shape), start=1):
+            try:
+                found = _record_text(record, f"{path}: record {i}", text_field, shape)
+            except UsageError as error:
+                refusal.add(i, error)
+                continue
+            docs.append(Document(f"{name}:#{i}", found))
+        refusal.check(len(docs), "records")
+        return docs
+    if as_read and text.lstrip().startswith("{"):
+        _check_not_one_object(path, text, text_field)
     for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
@@ -546,10 +603,77 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
         # a Windows editor saved: no part of the record, which json refused ("decode using
         # utf-8-sig", an advice no user of lowbit can take)
         line = line.removeprefix("\ufeff")
-        record = _json_value(line, where, f"one JSON object per line{as_read}")
-        found = _record_text(record, where, text_field, f"one object per line{as_read}")
+        try:
+            record = _json_value(line, where, f"one JSON object per line{as_read}")
+            found = _record_text(record, where, text_field, f"one object per line{as_read}")
+        except UsageError as error:
+            refusal.add(number, error)
+            continue
         docs.append(Document(f"{name}:{number}", found))
+    refusal.check(len(docs), "lines")
     return docs
+
+
+class _Refusal:
+    """The records of a file that cannot be read: refused in one line, the first one's error with
+    the number and places (line or record numbers) of the others. Refused at the first, a corpus
+    with a few hundred null texts took as many runs to learn what to fix."""
+
+    SHOWN = 5  # places of other records named
+
+    def __init__(self):
+        self.first: UsageError | None = None
+        self.places: list[int] = []
+        self.count = 0
+
+    def add(self, place: int, error: UsageError) -> None:
+        if self.first is None:
+            self.first = error
+        elif len(self.places) < self.SHOWN:
+            self.places.append(place)
+        self.count += 1
+
+    def check(self, good: int, unit: str) -> None:
+        """Raise the refusal, if any record failed (``good`` records read; ``unit`` names the
+        places: ``"lines"``)."""
+        if self.first is None:
+            return
+        if self.count == 1:
+            raise self.first
+        problem, _, fix = str(self.first).partition("; fix: ")
+        others = ", ".join(map(str, self.places))
+        more = ", ..." if self.count - 1 > len(self.places) else ""
+        raise UsageError(
+            f"{problem} ({self.count - 1} more of its {self.count + good} {unit} fail too: "
+            f"{others}{more}); fix: {fix}"
+        )
+
+
+def _check_not_one_object(path: Path, text: str, text_field: str) -> None:
+    """Refuse a ``.json`` file that holds one JSON object (``{"data": [...records...]}``, as
+    SQuAD and many exports are) rather than records, naming the array that holds them: read as
+    JSON Lines it was "no field 'text' (found: data)", whose fix (``--text-field``) cannot work,
+    or, printed over several lines, "invalid JSON" at its first."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # JSON Lines (or invalid: the reading names where)
+        return
+    if not isinstance(value, dict) or isinstance(value.get(text_field), str):
+        return  # one record on one line: JSON Lines, read as such
+    arrays = [
+        key
+        for key, item in value.items()
+        if isinstance(item, list) and item and all(isinstance(r, dict) for r in item)
+    ]
+    if not arrays:  # no records in it: read as JSON Lines, its error names the field
+        return
+    key = arrays[0]
+    select = f".{key}[]" if key.isidentifier() else f".[{json.dumps(key)}][]"
+    raise UsageError(
+        f"{path}: one JSON object holding its records in an array ({key!r}), not JSON Lines or "
+        f"an array of records; fix: write them one per line (jq -c '{select}' {path.name} > "
+        f"{path.stem}.jsonl) and give that file"
+    )
 
 
 def _json_value(text: str, where: str, shape: str):
