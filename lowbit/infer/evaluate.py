@@ -42,15 +42,21 @@ def _change(before: float, after: float) -> str:
     return f"{after - before:+.4f} ({(after - before) / abs(before):+.2%})"
 
 
-def _scored(task, model, precision, split: str, max_batches) -> tuple[dict, dict | None]:
-    """(metrics, a classifier's per-label F1 rows or None) of ``model`` on ``split``, from the
-    task's report: one pass over the batches, whose metrics are `Task.evaluate`'s (a classifier's
-    predictions for its per-label F1 were a second pass before)."""
+# a report's rows of F1 (`lowbit.data.label_report.f1_rows`' shape), each paired with the
+# reference's: a classifier's per label, a tagger's per entity type too; and their tables' titles
+ROWS = {"per_label_f1": "per-label F1", "per_entity_f1": "entity F1"}
+
+
+def _scored(task, model, precision, split: str, max_batches) -> tuple[dict, dict]:
+    """(metrics, ``{key: rows}`` of the `ROWS` the report has: none for a causal LM) of ``model``
+    on ``split``, from the task's report: one pass over the batches, whose metrics are
+    `Task.evaluate`'s (a classifier's predictions for its per-label F1 were a second pass
+    before)."""
     metrics, _ = task.report(model, precision, split, max_batches)
-    return metrics, metrics.pop("per_label_f1", None)
+    return metrics, {key: metrics.pop(key) for key in ROWS if key in metrics}
 
 
-def _per_label(task, per_b: dict | None, per_q: dict) -> tuple[dict, list]:
+def _per_label(task, per_b: dict | None, per_q: dict, key="per_label_f1") -> tuple[dict, list]:
     """(``per_label_f1`` of the JSON, the table's lines) of the model's per-label F1 rows
     (`lowbit.data.label_report.f1_rows`) and of its reference's (None: there is none). Every
     class of the task has a row; one that neither model met (absent from the batches and never
@@ -61,8 +67,8 @@ def _per_label(task, per_b: dict | None, per_q: dict) -> tuple[dict, list]:
     def cell(value, sign="") -> str:
         return f"{UNSCORED:>10}" if value is None else f"{value:>{sign}10.4f}"
 
-    token = task.config.task == "token-classification"
-    lines = ["per-label F1 (token level)" if token else "per-label F1"]
+    token = task.config.task == "token-classification" and key == "per_label_f1"
+    lines = [f"{ROWS[key]} (token level)" if token else ROWS[key]]
     if per_b is None:
         lines.append(f"{'label':<14}{'this':>10}{'support':>9}")
     else:
@@ -101,18 +107,18 @@ def compare(
         ]
         gone = missing or "the source run is gone"
         lines.append(f"({gone}: no reference to compare against)")
-        if per_q is None:
-            return metrics, lines
-        per, table = _per_label(task, None, per_q)
-        return {**metrics, "per_label_f1": per}, [*lines, "", *table]
+        for key, rows in per_q.items():
+            metrics[key], table = _per_label(task, None, rows, key)
+            lines += ["", *table]
+        return metrics, lines
     base, per_b = _scored(task, baseline, precision, split, max_batches)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
         if isinstance(value, float) and key in base:
             lines.append(f"{key:<12}{base[key]:>12.4f}{value:>12.4f}   {_change(base[key], value)}")
     out = {**metrics, "baseline": base}
-    if per_q is not None:
-        out["per_label_f1"], table = _per_label(task, per_b, per_q)
+    for key, rows in per_q.items():
+        out[key], table = _per_label(task, per_b[key], rows, key)
         lines += ["", *table]
     return out, lines
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -11,7 +10,14 @@ from pathlib import Path
 
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
-from lowbit.train.config import read, read_run_info, recipe_of, resolve, with_recorded_data
+from lowbit.train.config import (
+    RUN_INFO,
+    read,
+    read_run_info,
+    recipe_of,
+    resolve,
+    with_recorded_data,
+)
 from lowbit.train.trainer import resolve_device
 
 
@@ -50,6 +56,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     config = with_recorded_data(run_dir, resolve(read(run_dir)))
     if device is not None:
         config = replace(config, device=device)
+    check_has_checkpoint(run_dir, checkpoint_path, config)
     tries = 3
     for attempt in range(1, tries + 1):
         path = checkpoint.find(run_dir, checkpoint_path)
@@ -87,6 +94,22 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
     return LoadedRun(config, task, model, precision, path, int(state["step"]))
+
+
+def check_has_checkpoint(run_dir: Path, checkpoint_path, config) -> None:
+    """Refuse a run that has saved no checkpoint yet, saying why and what to run. The general
+    "no checkpoint" error's fix, ``lowbit train --out RUN``, started a fresh run of the default
+    settings (a causal LM) in the folder of a tagger that stopped before its first save, its
+    run.json replaced, since such a run may be replaced without --overwrite."""
+    if checkpoint_path or checkpoint.latest(run_dir) is not None:
+        return
+    if not (run_dir / RUN_INFO).is_file():  # not a training run's folder: `checkpoint.find` says
+        return
+    raise UsageError(
+        f"{run_dir}: the run has saved no checkpoint yet (it saves every {config.save_interval} "
+        f"steps and at its end); fix: wait for its first if it is still training, else start it "
+        f"again ({checkpoint.restart_command(run_dir)})"
+    )
 
 
 def check_own_checkpoint(run_dir, path, saved: dict | None, config) -> None:
@@ -155,17 +178,9 @@ LARGE_SPLIT_BATCHES = 100
 
 
 def eval_batch_count(task, split: str, max_batches=None) -> int:
-    """The batches `Task.report` (and `Task.evaluate` with ``max_batches or 0``) runs on
-    ``split``: all of it, or ``max_batches`` of them."""
-    c = task.config
-    if c.task == "causal-lm":  # non-overlapping windows (`lowbit.data.eval_batches`)
-        rows = (len(task.tokens(split)) - 1) // c.seq_len
-    elif c.task == "token-classification":
-        rows = len(task.encoded(split)[0])
-    else:  # image-classification
-        rows = len(task.splits[split][1])
-    whole = math.ceil(rows / c.batch_size)
-    return min(whole, max_batches) if max_batches else whole
+    """The batches `Task.report` runs on ``split`` (`Task.eval_batch_count`; kept here, where
+    callers of this module found it)."""
+    return task.eval_batch_count(split, max_batches)
 
 
 @contextlib.contextmanager

@@ -85,10 +85,21 @@ class Task:
     def evaluate(self, model, precision, split: str = "validation", max_batches=None) -> dict:
         raise NotImplementedError
 
+    def eval_rows(self, split: str) -> int:
+        """How many examples (an LM's windows) an evaluation of all of ``split`` batches up."""
+        raise NotImplementedError
+
+    def eval_batch_count(self, split: str, max_batches=None) -> int:
+        """The batches `report` (and `evaluate` with ``max_batches or 0``) runs on ``split``: all
+        of it, or ``max_batches`` of them (for `lowbit eval`'s progress bar and note)."""
+        whole = math.ceil(self.eval_rows(split) / self.config.batch_size)
+        return min(whole, max_batches) if max_batches else whole
+
     def report(self, model, precision, split: str, max_batches=None) -> tuple[dict, str]:
         """(metrics, printable report) from one pass over ``split``'s batches; a classifier's
-        metrics add ``per_label_f1`` (`lowbit.data.label_report.f1_rows`), the rows of its table,
-        so that neither ``lowbit eval --json`` nor a folder's comparison runs the model again."""
+        metrics add ``per_label_f1`` (`lowbit.data.label_report.f1_rows`), the rows of its table
+        (a tagger's ``per_entity_f1`` too, its entity table's), so that neither
+        ``lowbit eval --json`` nor a folder's comparison runs the model again."""
         metrics = self.evaluate(model, precision, split, max_batches or 0)  # 0: every batch
         return metrics, format_metrics(metrics)
 
@@ -393,6 +404,9 @@ class CausalLMTask(Task):
         logits = model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), input_ids.numel()
 
+    def eval_rows(self, split: str) -> int:
+        return (len(self.tokens(split)) - 1) // self.config.seq_len  # `eval_batches`' windows
+
     def evaluate(self, model, precision, split="validation", max_batches=None):
         from lowbit.data import eval_batches
 
@@ -548,6 +562,9 @@ class TokenClassificationTask(Task):
     def loss_terms(self, batch) -> int:
         return int((batch[2] != IGNORE_INDEX).sum())  # a word's first piece; padding is ignored
 
+    def eval_rows(self, split: str) -> int:
+        return len(self.encoded(split)[0])
+
     def predict(self, model, precision, split, max_batches=None):
         from lowbit.data import fixed_batches
 
@@ -606,9 +623,12 @@ class TokenClassificationTask(Task):
             lines.append(f"{kind:<12}" + "".join(f"{c:>10}" for c in cells) + f"{s['true']:>8}")
         if unscored in per_type.values():
             lines.append(UNSCORED_NOTE)
-        # the table's numbers for `lowbit eval --json`, from the same pass (every tag is a label)
+        # the tables' numbers for `lowbit eval --json`, from the same pass (every tag is a label):
+        # the entity table's rows in the per-label rows' shape, its ALL row being ``entity_f1``
         per_label_f1 = f1_rows(per_label, sorted(self.labels))
-        return {**metrics, "per_label_f1": per_label_f1}, "\n".join(lines)
+        per_entity_f1 = {k: {"this": s["f1"], "support": s["true"]} for k, s in per_type.items()}
+        out = {**metrics, "per_label_f1": per_label_f1, "per_entity_f1": per_entity_f1}
+        return out, "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=2)
@@ -729,6 +749,9 @@ class ImageClassificationTask(Task):
 
     def steps_per_epoch(self) -> int:
         return self.train_batches.steps_per_epoch // self.config.grad_accum  # whole steps
+
+    def eval_rows(self, split: str) -> int:
+        return len(self.splits[split][1])
 
     def loss(self, model, batch):
         images, labels = batch
