@@ -508,6 +508,7 @@ class TokenClassificationTask(Task):
             tags = {t for part in self.sentences.values() for s in part for t in s.tags}
             labels = ["O", *sorted(tags - {"O"})]
             self.fingerprint = _sentences_fingerprint(config.data, self.sentences)
+            _warn_untrained_tags(config.data, self.sentences)
         self.labels = _run_labels(run_dir, labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.id2label = dict(enumerate(self.labels))
@@ -683,6 +684,23 @@ def _warn_truncated(split: str, sentences, labels: torch.Tensor, seq_len: int) -
     )
     if cut:
         _warn_once(message)
+
+
+def _warn_untrained_tags(source: str, sentences: dict) -> None:
+    """Say which tags occur only in the validation or test split: the model gets an output for
+    each that no training word teaches, so their words are mostly mispredicted and their entities
+    count as missed in entity F1 (a typo, ``B-LCO``, or a type the training file lacks)."""
+    trained = {tag for sentence in sentences["train"] for tag in sentence.tags}
+    for split in ("validation", "test"):
+        extra = sorted({t for s in sentences.get(split, []) for t in s.tags} - trained)
+        if extra:
+            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+            _warn_once(
+                f"lowbit: warning: {source}: {len(extra)} tag{'s' if len(extra) > 1 else ''} of "
+                f"the {split} split never occur in training ({shown}): the model cannot learn "
+                "them and their words count as errors; fix: correct the tags if mistyped, else "
+                "add training sentences that hold them"
+            )
 
 
 def _warn_once(message: str) -> None:

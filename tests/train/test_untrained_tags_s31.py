@@ -1,0 +1,29 @@
+"""Session 31: tags that occur only in the validation or test split (a typo, a type the training
+file lacks) are warned of: the model gets an output for each that no training word teaches."""
+
+from lowbit.cli import main
+
+
+def _train(tmp_path, dev: list[str]) -> int:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    train = ["Ann B-PER", "Lee I-PER", "ran O", ""] * 8
+    for name, lines in (("train.txt", train), ("dev.txt", dev), ("test.txt", train)):
+        (folder / name).write_text("\n".join(lines))
+    argv = ["train", "--task", "token-classification", "--model", "tiny", "--seq-len", "12"]
+    argv += ["--batch-size", "4", "--steps", "1", "--data", str(folder), "--quiet"]
+    return main([*argv, "--out", str(tmp_path / "run")])
+
+
+def test_a_tag_found_only_in_validation_is_warned_of(tmp_path, capsys):
+    assert _train(tmp_path, ["Rome B-LCO", "ran O", "", "Ann B-PER", "Lee I-PER", ""] * 4) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "never occur in training" in line]
+    assert len(warned) == 1, err
+    assert "1 tag of the validation split" in warned[0] and "(B-LCO)" in warned[0]
+    assert "fix:" in warned[0]
+
+
+def test_splits_tagged_as_training_is_no_warning(tmp_path, capsys):
+    assert _train(tmp_path, ["Ann B-PER", "Lee I-PER", "ran O", ""] * 4) == 0
+    assert "never occur in training" not in capsys.readouterr().err
