@@ -330,17 +330,22 @@ _BF16_MIN_SUBNORMAL_EXPONENT = -133  # bf16's smallest subnormal, 2**-133 (fp32'
 
 def _fold_loses_values(scale: torch.Tensor, fmt: Format, granularity: Granularity) -> bool:
     """Whether the folded operand (values times block scales, in bf16) may not give the values
-    back: a block scale of inf (an inf amax: its zeros fold to NaN), or a power-of-two scale so
-    small that a value times it is not a bf16 number. The product of a value (a multiple of the
-    format's smallest subnormal ``2**(emin - mbits)``) and a power-of-two scale ``s`` is exact in
-    bf16 when ``s * 2**(emin - mbits) >= 2**-133``; MX and pow2 scales go down to 2**-127 (data of
-    magnitude ~1e-35). NVFP4's e4m3 block scales (>= 2**-9, or 0) times e2m1 values always fit.
-    One `aminmax` pass over the scales; a NaN scale answers True (the values are then written)."""
+    back: a block scale of inf (an inf amax: its zeros fold to NaN), a power-of-two scale so
+    small that a value times it is not a bf16 number, or one so large that the format's largest
+    value times it overflows to inf. The product of a value (a multiple of the format's smallest
+    subnormal ``2**(emin - mbits)``) and a power-of-two scale ``s`` is exact in bf16 when
+    ``s * 2**(emin - mbits) >= 2**-133``; MX and pow2 scales go down to 2**-127 (data of
+    magnitude ~1e-35). At the top, ``pow2`` and ``mx_ceil`` scales of an amax near fp32's max
+    round it up onto ``2**128`` (3.4e38 in e4m3: 256 * 2**120), which reads back as inf, no value
+    of the format (``mx_floor``'s ``max * s`` stays below ``2**128``). NVFP4's e4m3 block scales
+    (>= 2**-9, or 0) times e2m1 values always fit. One `aminmax` pass over the scales; a NaN
+    scale answers True (the values are then written)."""
     if granularity is Granularity.NVFP4 or not isinstance(fmt, FloatFormat) or scale.numel() == 0:
         return False
     smallest = 2.0 ** (_BF16_MIN_SUBNORMAL_EXPONENT - fmt.emin + fmt.mbits)
     low, high = torch.aminmax(scale)
-    return not bool((low >= smallest) & (high < math.inf))
+    # exact for power-of-two scales: inf exactly where some value times the scale may overflow
+    return not bool((low >= smallest) & (high * fmt.max < math.inf))
 
 
 def _with_length(shape: torch.Size, axis: int, length: int) -> torch.Size:
