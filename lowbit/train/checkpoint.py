@@ -216,10 +216,14 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
             "quantization.json back, or quantize/prune the source run again"
         )
     if path is None:
-        raise UsageError(
-            f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first "
-            f"(lowbit train --out {shlex.quote(str(run_dir))})"
+        # a run that stopped before its first save starts again from its own settings: `lowbit
+        # train --out RUN` alone trained the default task there, or was refused
+        again = (
+            restart_command(run_dir)
+            if (Path(run_dir) / "config.yaml").is_file()
+            else f"lowbit train --out {shlex.quote(str(run_dir))}"
         )
+        raise UsageError(f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first ({again})")
     return path
 
 

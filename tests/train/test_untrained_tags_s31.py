@@ -1,5 +1,8 @@
 """Session 31: tags that occur only in the validation or test split (a typo, a type the training
-file lacks) are warned of: the model gets an output for each that no training word teaches."""
+file lacks) are warned of: the model gets an output for each that no training word teaches. A
+folder with a run's settings and no checkpoint is told the command that restarts it."""
+
+import pytest
 
 from lowbit.cli import main
 
@@ -27,3 +30,15 @@ def test_a_tag_found_only_in_validation_is_warned_of(tmp_path, capsys):
 def test_splits_tagged_as_training_is_no_warning(tmp_path, capsys):
     assert _train(tmp_path, ["Ann B-PER", "Lee I-PER", "ran O", ""] * 4) == 0
     assert "never occur in training" not in capsys.readouterr().err
+
+
+def test_a_folder_with_settings_but_no_checkpoint_names_its_restart(tmp_path, capsys):
+    """A folder holding a run's config.yaml (no run.json, no checkpoint) was told `lowbit train
+    --out RUN`, which trains the default task there, not the run's own settings."""
+    from lowbit.errors import UsageError
+    from lowbit.train import checkpoint
+
+    (tmp_path / "config.yaml").write_text("task: token-classification\n")
+    with pytest.raises(UsageError) as error:
+        checkpoint.find(tmp_path)
+    assert f"--config {tmp_path / 'config.yaml'}" in str(error.value)
