@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from lowbit.errors import UsageError
-from lowbit.memory.breakdown import human
+from lowbit.memory.breakdown import COMPONENTS, human
 from lowbit.memory.estimate import (
     ACCELERATORS_GIB,
     NOT_CHECKPOINTABLE,
@@ -19,7 +20,7 @@ from lowbit.memory.estimate import (
 )
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
-from lowbit.recipes import get_recipe
+from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import accepted_names
 
 NAME = "estimate"
@@ -80,21 +81,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep only each block's input for the backward and recompute the rest",
     )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=WHAT",
+        help="per-layer precision as lowbit train takes it, repeatable: "
+        "PATTERN=keep|PRESET|OPERAND:FORMAT,... (e.g. lm_head=fp32); first match wins",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the estimate as one JSON object (bytes per component, as the table)",
+    )
 
 
-def _recipes(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
+def _recipes(args) -> dict[str, Recipe]:
+    """The recipes of ``--recipe`` by name, each with the ``--override`` list applied as
+    `lowbit train` applies it (`lowbit.train.config`): the run the estimate stands for."""
+    names = [name.strip() for name in args.recipe.split(",") if name.strip()]
     if not names:
         raise UsageError("no recipe given; fix: --recipe bf16-mixed (or a,b,c to compare)")
-    for name in names:
-        get_recipe(name)  # unknown names fail here, listing the valid ones
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"recipe {dup!r} is listed twice in --recipe; fix: list it once")
-    return names
+    # unknown names and malformed overrides fail here, in one line
+    return {name: get_recipe(name).with_overrides(*args.override) for name in names}
 
 
-def _largest_batches(args, recipe: str) -> list[tuple[int, float, int]]:
+def _largest_batches(args, recipe: Recipe) -> list[tuple[int, float, int]]:
     """(GiB, usable bytes, largest micro-batch) per accelerator in `ACCELERATORS_GIB`."""
     out = []
     for gib in ACCELERATORS_GIB:
@@ -124,10 +139,11 @@ def _settings(args, num_params: int) -> str:
         f"{args.optimizer_state} optimizer states; "
         f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), {sharding}"
         + ("; activation checkpointing" if args.activation_checkpointing else "")
+        + "".join(f"; --override {text}" for text in args.override)
     )
 
 
-def compare_recipes(args, names: list[str]) -> int:
+def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
     """One row per recipe: memory per device by component, its ratio to the first recipe's, and
     the largest micro-batch that fits each accelerator."""
     kw = dict(
@@ -136,12 +152,26 @@ def compare_recipes(args, names: list[str]) -> int:
         activation_checkpointing=args.activation_checkpointing,
         task=args.task,
     )
+    names = list(recipes)
     rows = [
-        (name, estimate(args.model, name, args.optimizer_state, args.batch, args.seq, **kw))
-        for name in names
+        (name, estimate(args.model, recipe, args.optimizer_state, args.batch, args.seq, **kw))
+        for name, recipe in recipes.items()
     ]
     _check_checkpointing(args, rows[0][1])
     _warn_split_state_blocks(rows[0][1])  # the model and states of every row
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "settings": _json_settings(args, rows[0][1].num_params),
+                    "recipes": {
+                        name: _json_estimate(b, _largest_batches(args, recipes[name]))
+                        for name, b in rows
+                    },
+                }
+            )
+        )
+        return 0
     print(_settings(args, rows[0][1].num_params))
     head = (
         f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
@@ -152,7 +182,9 @@ def compare_recipes(args, names: list[str]) -> int:
     print("-" * len(head))
     base = rows[0][1].total
     for name, b in rows:
-        batches = "".join(f"{largest:>8}" for _, _, largest in _largest_batches(args, name))
+        batches = "".join(
+            f"{largest:>8}" for _, _, largest in _largest_batches(args, recipes[name])
+        )
         print(
             f"{name:<17}{human(b.model_states):>13}{human(b.activations):>13}"
             f"{human(b.temporaries):>13}{human(b.total):>13}"
@@ -164,6 +196,37 @@ def compare_recipes(args, names: list[str]) -> int:
         "fragmentation)"
     )
     return 0
+
+
+def _json_settings(args, num_params: int) -> dict:
+    """What the table's settings line says, as `--json` gives it."""
+    return {
+        "model": args.model,
+        "task": args.task,
+        "num_params": num_params,
+        "optimizer_state": args.optimizer_state,
+        "batch": args.batch,
+        "seq": args.seq,
+        "gpus": args.gpus,
+        # `estimate` counts ddp, and fsdp over one GPU, as no sharding (`_settings` says so)
+        "sharding": args.sharding if args.sharding == "fsdp" and args.gpus > 1 else "none",
+        "activation_checkpointing": args.activation_checkpointing,
+        "overrides": args.override,
+    }
+
+
+def _json_estimate(planned, largest_batches) -> dict:
+    """``planned``'s bytes per device by component (the table's rows, `COMPONENTS` and
+    ``total``), its notes, and for each accelerator whether it fits and the largest micro-batch."""
+    out = {name: getattr(planned, name) for name in COMPONENTS}
+    out["model_states"] = planned.model_states
+    out["total"] = planned.total
+    out["notes"] = planned.notes
+    out["fits"] = {
+        f"{gib} GB": {"fits": planned.total <= capacity, "largest_batch": largest}
+        for gib, capacity, largest in largest_batches
+    }
+    return out
 
 
 def _warn_split_state_blocks(planned) -> None:
@@ -203,10 +266,10 @@ def run(args) -> int:
     args.task = args.task or (task if task in TASKS else None) or "causal-lm"
     if args.seq is None:  # a run folder's own length: an encoder's 64 positions refuse 1024
         args.seq = seq or DEFAULT_SEQ
-    names = _recipes(args.recipe)
-    if len(names) > 1:
-        return compare_recipes(args, names)
-    recipe = names[0]  # as listed, without the spaces or a trailing comma around it
+    recipes = _recipes(args)
+    if len(recipes) > 1:
+        return compare_recipes(args, recipes)
+    name, recipe = next(iter(recipes.items()))  # as listed, without spaces or a trailing comma
     kw = dict(gpus=args.gpus, sharding=args.sharding, task=args.task)
     without = estimate(args.model, recipe, args.optimizer_state, args.batch, args.seq, **kw)
     with_ckpt = estimate(
@@ -221,7 +284,15 @@ def run(args) -> int:
     unsupported = not _check_checkpointing(args, with_ckpt)
     _warn_split_state_blocks(without)
     chosen = with_ckpt if args.activation_checkpointing else without
-    print(_settings(args, chosen.num_params).replace("; ", f"; recipe {recipe}; ", 1))
+    largest_batches = _largest_batches(args, recipe)
+    if args.json:
+        out = _json_estimate(chosen, largest_batches)
+        out["activations_without_checkpointing"] = without.activations
+        out["activations_with_checkpointing"] = None if unsupported else with_ckpt.activations
+        settings = _json_settings(args, chosen.num_params)
+        print(json.dumps({"settings": settings | {"recipe": name}, **out}))
+        return 0
+    print(_settings(args, chosen.num_params).replace("; ", f"; recipe {name}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
     print(
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
@@ -235,7 +306,7 @@ def run(args) -> int:
         f"\nfits (N GB taken as N GiB; {RESERVE:.0%} of each device reserved for context and "
         "fragmentation):"
     )
-    for gib, capacity, largest in _largest_batches(args, recipe):
+    for gib, capacity, largest in largest_batches:
         verdict = "yes" if chosen.total <= capacity else "no"
         print(f"  {gib:>4} GB  {verdict:<4} largest batch {largest}")
     return 0

@@ -563,6 +563,7 @@ def _trace_activations(
             where["converted"] = False
 
     handles = []
+    in_fp32 = contextlib.ExitStack()
     for name, module in model.named_modules():
         if is_experts(module):
             spec, _ = recipe.layer_for(name)
@@ -570,6 +571,8 @@ def _trace_activations(
         else:
             spec, _ = recipe.layer_for(name) if is_linear(module) else (None, "")
             enter, leave = enter_converted(name), leave_converted
+            if spec is not None and spec.is_identity:
+                in_fp32.enter_context(_computed_in_fp32(module))
         if spec is not None and not spec.is_identity:
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave))
@@ -579,6 +582,7 @@ def _trace_activations(
     model.train()
     try:
         with (
+            in_fp32,
             _as_in_a_real_run(grouped_linear),
             _quiet_fake_tensor_errors(),
             mode,
@@ -599,6 +603,24 @@ def _trace_activations(
         for handle in handles:
             handle.remove()
     return trace
+
+
+def _computed_in_fp32(linear: torch.nn.Module):
+    """A context in which ``linear`` computes as the layer `convert` makes of it for a spec of
+    fp32 operands (an override ``PATTERN=fp32``): in fp32 under autocast too, from an fp32 cast of
+    its input and, for 16-bit parameters, of its weight, which the backward keeps
+    (`lowbit.nn.linear.full_precision`). Traced as it was, the layer ran in the recipe's autocast
+    dtype: ``lm_head=fp32`` under bf16-mixed read as bf16-mixed itself (8 KiB short of the
+    measured activations of `nano`, 32 KiB over its temporaries), and ``model.layers.0.*=fp32``
+    under bf16-low counted none of the fp32 weight copies the run keeps."""
+    from lowbit.nn.layer_kinds import is_conv1d
+    from lowbit.nn.linear import full_precision
+
+    def forward(x):
+        weight = linear.weight.t() if is_conv1d(linear) else linear.weight  # Conv1D: in x out
+        return full_precision(F.linear, x, weight, linear.bias)
+
+    return mock.patch.object(linear, "forward", forward)
 
 
 def _reached_numels(loss: torch.Tensor) -> tuple[int, ...]:
@@ -671,6 +693,12 @@ def estimate(
     recipe = get_recipe(recipe)
     precision = state_precision(state_precision_name)
     choose("sharding", sharding, SHARDING)
+    if task == "image-classification":  # a `lowbit train` task, but no transformers model
+        raise UsageError(
+            "the estimator traces transformers models (causal-lm, token-classification), not "
+            "the image-classification CNN; fix: measure a short run (lowbit train --task "
+            "image-classification --steps 2 prints its memory by component)"
+        )
     choose("task", task, TASKS)
     if batch < 1 or seq < 1 or gpus < 1:
         raise UsageError(
