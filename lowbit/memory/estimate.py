@@ -13,9 +13,10 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
   buffer instead, one parameter-dtype value per parameter;
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
 
-With ``sharding="fsdp"`` these four are divided evenly over ``gpus`` (ZeRO-3 / FSDP full
-sharding); the fp32-states rule is decided on the global tensor, so the division is exact up to
-rounding. FSDP gathers the parameters in the compute dtype (`lowbit.distributed.fsdp`: the
+With ``sharding="fsdp"`` these four are the first rank's shards (ZeRO-3 / FSDP full sharding,
+`_first_shard`: ``ceil(rows / gpus)`` rows of each parameter, to which FSDP2 pads every rank's
+parameters and gradients; the step counter and code maps of each tensor whole on every rank);
+the fp32-states rule is decided on the global tensor. FSDP gathers the parameters in the compute dtype (`lowbit.distributed.fsdp`: the
 recipe's autocast dtype, else its parameter dtype), so the forward is traced with parameters in
 that dtype (autocast then makes no weight copies), and the gathered parameters of the current and
 the prefetched block, and of the root (embeddings, final norm, head: FSDP2 keeps the root's
@@ -60,7 +61,6 @@ import copy
 import functools
 import json
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
@@ -77,7 +77,17 @@ from lowbit.models.causal_lm import config_positions
 from lowbit.nn.convert import recipe_for_model
 from lowbit.nn.experts import is_experts
 from lowbit.nn.layer_kinds import is_linear
-from lowbit.optim.states import BLOCK_SIZE, adam_state_bytes, keeps_fp32_states, state_precision
+from lowbit.optim.states import (
+    ADAM_STATES,
+    BLOCK_SIZE,
+    SMALL_TENSOR_NUMEL,
+    STEP_BYTES,
+    StatePrecision,
+    adam_state_bytes,
+    keeps_fp32_states,
+    state_precision,
+    state_tensor_bytes,
+)
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.recipe import DTYPES, block_indices, dtype_of
 
@@ -420,8 +430,9 @@ class Trace:
     checkpoint_inputs: dict[str, dict[int, int]] = field(default_factory=dict)
     # where the forward saved a storage first: "" outside the blocks, or a block's name
     saved_in: dict[int, str] = field(default_factory=dict)
-    # sizes of the parameters the loss reaches (`_reached_numels`), which alone get gradients
-    trained_numels: tuple[int, ...] = ()
+    # (numel, rows along dim 0) of the parameters the loss reaches (`_reached_parameters`),
+    # which alone get gradients
+    trained: tuple[tuple[int, int], ...] = ()
 
     def checkpointed(self) -> tuple[float, float]:
         """(activations, temporaries) with one checkpoint per block: what lies outside the
@@ -591,7 +602,7 @@ def _trace_activations(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
             loss = _forward_and_loss(model, task, batch, seq)
-        trace.trained_numels = _reached_numels(loss)
+        trace.trained = _reached_parameters(loss)
         del loss  # kept alive until here: its graph holds the saved tensors, so no key is reused
     except (RuntimeError, NotImplementedError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -623,8 +634,9 @@ def _computed_in_fp32(linear: torch.nn.Module):
     return mock.patch.object(linear, "forward", forward)
 
 
-def _reached_numels(loss: torch.Tensor) -> tuple[int, ...]:
-    """Sizes of the parameters ``loss``'s graph reaches (each once). Only these get a gradient,
+def _reached_parameters(loss: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """(numel, rows along dim 0, which FSDP2 shards) of the parameters ``loss``'s graph reaches
+    (each once). Only these get a gradient,
     and so master weights and optimizer states: a text batch through Gemma 3's multimodal model
     leaves its vision tower without any, which the estimate counted as trained (1.5x the
     gradients the run holds in a small one)."""
@@ -636,7 +648,7 @@ def _reached_numels(loss: torch.Tensor) -> tuple[int, ...]:
         seen.add(fn)
         variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf parameter
         if variable is not None:
-            numels.append(variable.numel())
+            numels.append((variable.numel(), variable.shape[0] if variable.dim() else 1))
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return tuple(numels)
 
@@ -675,6 +687,34 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
     return _TRACES[key]
 
 
+def _first_shard(numel: int, rows: int, ranks: int) -> int:
+    """Values of the first rank's shard of a parameter of ``numel`` values and ``rows`` along dim
+    0 that FSDP2 shards over ``ranks`` (``torch.chunk``: ``ceil(rows / ranks)`` rows; the whole
+    tensor for one rank). The first rank holds the most: its master weights and optimizer states
+    are of its shard, and every rank's parameters and gradients are padded to that shard's size
+    (FSDP2's ``padded_sharded_param_size``). Dividing the model's bytes evenly, as the estimate
+    did until session 31, left out the padding of a parameter whose rows do not divide (a
+    257-token vocabulary), and the per-tensor step counters and code maps every rank holds."""
+    return numel if ranks == 1 else -(-rows // ranks) * (numel // rows)
+
+
+def _shard_state_bytes(precision, numel: int, shard: int) -> int:
+    """Adam's state of a ``shard`` of a parameter of ``numel`` values: its two moments (fp32 or
+    quantized as the *whole* tensor decides, `keeps_fp32_states`), and a step counter and, for
+    8-bit and 4-bit states, code maps per tensor, whole on every rank."""
+    if shard == numel:
+        return adam_state_bytes(precision, numel)
+    if keeps_fp32_states(precision, numel):
+        moment = 4 * shard
+    elif precision is StatePrecision.BF16:
+        moment = 2 * shard
+    else:  # codes and block scales per value (a shard is whole blocks), a code map per tensor
+        one = BLOCK_SIZE[precision] * SMALL_TENSOR_NUMEL  # whole blocks, large enough to quantize
+        values = state_tensor_bytes(precision, 2 * one) - state_tensor_bytes(precision, one)
+        moment = shard * values // one + state_tensor_bytes(precision, one) - values
+    return ADAM_STATES * moment + STEP_BYTES
+
+
 def estimate(
     config_or_size,
     recipe: str | Recipe = "fp32",
@@ -710,18 +750,23 @@ def estimate(
     )
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
-    trained = sum(trace.trained_numels)  # the rest get no gradient, master weight or state
+    ranks = gpus if fsdp else 1
+    held = sum(
+        _first_shard(k, rows, ranks) for k, rows in zip(shape.param_numels, shape.param_rows)
+    )
+    # the rest get no gradient, master weight or state
+    trained = sum(_first_shard(k, rows, ranks) for k, rows in trace.trained)
     out = Breakdown(num_params=n)
-    out.parameters = p_bytes * n
+    out.parameters = p_bytes * held
     out.gradients = p_bytes * trained
     if recipe.param_dtype != "fp32" and recipe.master_dtype is not None:
         out.master_weights = _bytes(recipe.master_dtype) * trained
     elif recipe.param_dtype != "fp32" and recipe.update_rounding is UpdateRounding.KAHAN:
         out.master_weights = p_bytes * trained
-    out.optimizer_states = sum(adam_state_bytes(precision, k) for k in trace.trained_numels)
+    out.optimizer_states = sum(
+        _shard_state_bytes(precision, k, _first_shard(k, rows, ranks)) for k, rows in trace.trained
+    )
     if fsdp:
-        for name in ("parameters", "gradients", "master_weights", "optimizer_states"):
-            setattr(out, name, math.ceil(getattr(out, name) / gpus))
         gathered = _gathered_dtype(recipe)
         out.notes.append(
             f"fsdp: parameters gathered in {gathered}: two blocks (current and prefetched) and "

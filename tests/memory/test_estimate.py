@@ -272,8 +272,9 @@ def test_docs_table_is_the_estimators():
 def test_sharding_checkpointing_and_fits():
     plain = estimate("llama-1b", "bf16-low", "8bit", 2, 2048)
     sharded = estimate("llama-1b", "bf16-low", "8bit", 2, 2048, gpus=8, sharding="fsdp")
-    for name in MODEL_STATES:
-        assert getattr(sharded, name) == -(-getattr(plain, name) // 8)
+    for name in MODEL_STATES:  # the first rank's shards: an even split, or a little more
+        even = -(-getattr(plain, name) // 8)
+        assert even <= getattr(sharded, name) <= even * 1.001  # (per-tensor code maps, padding)
     assert sharded.activations == plain.activations
     ckpt = estimate("llama-1b", "bf16-low", "8bit", 2, 2048, activation_checkpointing=True)
     assert ckpt.activations < plain.activations / 3
