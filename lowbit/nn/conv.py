@@ -99,7 +99,7 @@ class _Unfold(torch.autograd.Function):
         return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
 
 
-class LowbitConv2d(LowbitModule):
+class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
     """Drop-in `nn.Conv2d` (groups=1) whose GEMMs follow a `LayerSpec`."""
 
     def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
@@ -110,6 +110,7 @@ class LowbitConv2d(LowbitModule):
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self.dilation = conv.dilation
         self.groups = 1  # fixed by `conv_unsupported_reason`
+        self.transposed, self.output_padding = False, (0, 0)  # nn.Conv2d's, for code reading them
         # The unfold pads with zeros, as much on both sides; other padding (another mode, an
         # even kernel's "same") is F.pad's first, in (left, right, top, bottom) order, as
         # nn.Conv2d pads for a mode other than zeros (None: the unfold's padding is all).

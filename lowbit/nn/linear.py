@@ -732,10 +732,27 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
 
 
 class LowbitModule(torch.nn.Module):
-    """A converted GEMM layer: the original layer's Parameters plus its numerics state."""
+    """A converted GEMM layer: the original layer's Parameters plus its numerics state.
+
+    Each converted layer is also an instance of the class it replaced (`LowbitLinear` an
+    ``nn.Linear``, `LowbitConv2d` an ``nn.Conv2d``, `LowbitConv1D` transformers' ``Conv1D``),
+    without that class's constructor: its Parameters are the replaced layer's. Initialisation by
+    ``isinstance`` then reaches it: transformers' ``_init_weights`` (``init_weights()``,
+    ``initialize_weights()``, ``apply(model._init_weights)``) draws normal(0, initializer_range)
+    for those classes, and skipped the converted layers, which kept the uninitialised memory of
+    ``to_empty`` after a model built on the meta device (and every later draw came from
+    different random numbers)."""
 
     def __init__(self, layer: torch.nn.Module, spec: LayerSpec, seed: int = 0):
-        super().__init__()
+        torch.nn.Module.__init__(self)  # not the replaced class's: it would make new Parameters
+        # The replaced layer's own flags, which initialisation code reads with the isinstance:
+        # transformers' ``_is_hf_initialized`` (set, the layer is not drawn again; without it
+        # ``init_weights()`` redrew a converted layer of a model initialised before), nanoGPT's
+        # ``NANOGPT_SCALE_INIT``. Only plain values: an accelerate hook's ``forward`` would
+        # replace the layer's own.
+        for name, value in vars(layer).items():
+            if isinstance(value, (bool, int, float, str)) and name not in vars(self):
+                setattr(self, name, value)
         self.weight = layer.weight
         self.bias = layer.bias
         self.lowbit_state = LayerState(spec, seed)
@@ -756,9 +773,26 @@ class LowbitModule(torch.nn.Module):
         random numbers (`_init_parameters`), and forget the amaxes recorded on the old ones.
         Deferred initialisation calls it on every module that has it: a model built on the meta
         device, converted, then ``to_empty`` (FSDP2's and torchtitan's flow) holds uninitialised
-        memory, which the converted layers kept, without it, and trained on to NaN."""
+        memory, which the converted layers kept, without it, and trained on to NaN.
+
+        16-bit Parameters (fp16-low's) are drawn in fp32 and rounded, as in a model built in fp32
+        and then converted: a draw in 16 bits consumes the same random numbers but is not their
+        rounding (``uniform_`` in bf16 or fp16 turns the values that round up to its upper bound
+        into its lower bound, 0.1-0.2% of nn.Linear's weights with their sign flipped)."""
+        halves = {
+            name: p
+            for name, p in self._parameters.items()
+            if p is not None and p.dtype in (torch.float16, torch.bfloat16)
+        }
         with torch.no_grad():
-            self._init_parameters()
+            for name, p in halves.items():  # swapped for fp32 tensors during the draw
+                self._parameters[name] = torch.empty_like(p, dtype=torch.float32)
+            try:
+                self._init_parameters()
+            finally:
+                for name, p in halves.items():
+                    p.copy_(self._parameters[name])
+                    self._parameters[name] = p
         self.lowbit_state.reset()
 
     def _init_parameters(self) -> None:
@@ -788,7 +822,7 @@ class LowbitModule(torch.nn.Module):
         )
 
 
-class LowbitLinear(LowbitModule):
+class LowbitLinear(LowbitModule, torch.nn.Linear):
     """Drop-in `nn.Linear` whose GEMMs follow a `LayerSpec`; shares the original Parameters."""
 
     def __init__(self, linear: torch.nn.Linear, spec: LayerSpec, seed: int = 0):
@@ -815,7 +849,15 @@ class LowbitConv1D(LowbitModule):
     """Drop-in for transformers' ``Conv1D`` (GPT-2's projections): a linear layer whose weight is
     stored transposed, ``nx x nf`` (in x out), so ``y = x @ W + b``. The same Parameter is kept
     (checkpoints keep their keys and shapes); the GEMMs read its transpose ``W.T`` (out x in), a
-    view, so each operand is quantized along the same axis as an ``nn.Linear``'s."""
+    view, so each operand is quantized along the same axis as an ``nn.Linear``'s.
+
+    lowbit does not import transformers, so the layer made is of a subclass that is also a
+    ``Conv1D`` (`_TransformersLowbitConv1D`), made when a Conv1D is converted."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is LowbitConv1D:
+            cls = _transformers_conv1d_layer()
+        return super().__new__(cls)
 
     def __init__(self, conv1d: torch.nn.Module, spec: LayerSpec, seed: int = 0):
         super().__init__(conv1d, spec, seed)
@@ -835,3 +877,23 @@ class LowbitConv1D(LowbitModule):
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self.spec.describe()}"
+
+    __repr__ = torch.nn.Module.__repr__  # not Conv1D's, which leaves out the spec
+
+
+@functools.cache
+def _transformers_conv1d_layer() -> type:
+    """`LowbitConv1D` as a subclass of transformers' ``Conv1D`` too (`LowbitModule`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    namespace = {"__module__": __name__, "__qualname__": "_TransformersLowbitConv1D"}
+    return type(
+        "LowbitConv1D", (LowbitConv1D, Conv1D), namespace | {"__doc__": LowbitConv1D.__doc__}
+    )
+
+
+def __getattr__(name: str):
+    # pickle finds a converted Conv1D's class by its name in this module, also in a new process
+    if name == "_TransformersLowbitConv1D":
+        return _transformers_conv1d_layer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
