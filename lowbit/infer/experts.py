@@ -13,7 +13,15 @@ import torch
 
 from lowbit.infer.modules import QuantLinear
 from lowbit.infer.quant import QuantRecipe
-from lowbit.nn.experts import GEMM_KINDS, expert_matrices, matrix_name, route
+from lowbit.nn.experts import (
+    GEMM_KINDS,
+    dispatch_config,
+    expert_matrices,
+    has_own_forward,
+    matrix_name,
+    own_forward,
+    route,
+)
 
 
 def expert_linears(experts: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
@@ -41,7 +49,13 @@ class QuantExperts(torch.nn.Module):
         # dequantized matrices back (`dense`); held outside the module tree, so that its dense
         # Parameters are not saved with the quantized ones.
         self.__dict__["experts"] = experts
-        if getattr(experts, "has_post_expert_norm", False):
+        self.__dict__["dispatch_config"] = (
+            dispatch_config(experts) if has_own_forward(experts) else None
+        )
+        self.has_post_expert_norm = getattr(experts, "has_post_expert_norm", False)
+        # Registered whenever the module has one, so that a quantized checkpoint saves it: Ergo's
+        # per-expert norm is applied by its class's own forward, not by `route`.
+        if getattr(experts, "post_expert_norm", None) is not None:
             self.post_expert_norm = experts.post_expert_norm
         for kind in GEMM_KINDS:
             layers = []
@@ -58,12 +72,24 @@ class QuantExperts(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        config = self.dispatch_config
+        if config is not None:  # a class that wraps the dispatch (`lowbit.nn.experts.own_forward`)
+            return own_forward(
+                self.experts, config, self.routed, hidden_states, top_k_index, top_k_weights
+            )
+        return self.routed(hidden_states, top_k_index, top_k_weights)
+
+    def routed(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The quantized experts on routed rows (what transformers' experts dispatch computes)."""
+
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             h = self.up[e](rows)
             h = self.experts._apply_gate(h) if self.has_gate else self.experts.act_fn(h)
             return self.down[e](h)
 
-        norm = getattr(self, "post_expert_norm", None)
+        norm = self.post_expert_norm if self.has_post_expert_norm else None
         return route(hidden_states, top_k_index, top_k_weights, self.num_experts, expert, norm)
 
     def dense(self) -> torch.nn.Module:

@@ -10,9 +10,13 @@ each expert's up and down projection as its own low-precision layer (`LowbitExpe
 three GEMMs of `lowbit.nn.linear`), each operand quantized per expert, as fp8 MoE training
 quantizes each expert's GEMM (DeepSeek-V3, Transformer Engine's grouped GEMMs). The Parameters
 are the original ones under their original names, so checkpoints and optimizers are unchanged.
+A class that wraps the dispatch in a forward of its own (Ergo's) runs that forward, its dispatch
+answered by lowbit's routing (`own_forward`).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +80,49 @@ def other_experts_layout(module: torch.nn.Module) -> str | None:
         f"{type(module).__name__} holds its experts as 3-D Parameters ({', '.join(stacked)}) in a "
         "layout of its own, not transformers' experts interface that lowbit handles"
     )
+
+
+# The name under which lowbit answers transformers' experts dispatch (`own_forward`).
+_DISPATCH = "lowbit"
+
+
+def _dispatch(experts, hidden_states, top_k_index, top_k_weights):
+    """transformers' experts dispatch while `own_forward` runs: the routing it was handed."""
+    return experts.__dict__["lowbit_route"](hidden_states, top_k_index, top_k_weights)
+
+
+def has_own_forward(experts: torch.nn.Module) -> bool:
+    """Whether an experts module's class wraps the decorator's dispatch in a forward of its own:
+    Ergo's ``ErgoExperts`` gives each (token, expert) row its own row, calls the decorated class's
+    forward, then applies each expert's RMSNorm before the weighted sum. Routed by `route` alone,
+    the norm and the repetition were skipped: a converted model computed something else, silently
+    (the decorator's forward carries ``__wrapped__``, an overriding one does not)."""
+    return not hasattr(type(experts).forward, "__wrapped__")
+
+
+def dispatch_config(experts: torch.nn.Module):
+    """A private copy of an experts module's config that names lowbit's implementation for
+    transformers' experts dispatch (a copy: the model's config, and the original module that
+    `lowbit export` hands back, keep theirs)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(_DISPATCH, _dispatch)
+    config = copy.deepcopy(experts.config)
+    config._experts_implementation = _DISPATCH
+    return config
+
+
+def own_forward(experts, config, routed, hidden_states, top_k_index, top_k_weights):
+    """``experts``' own forward, its call of the dispatch answered by ``routed`` (same
+    arguments): whatever the class does around its experts' GEMMs runs as in transformers."""
+    original = experts.config
+    experts.config = config
+    experts.__dict__["lowbit_route"] = routed
+    try:
+        return experts.forward(hidden_states, top_k_index, top_k_weights)
+    finally:
+        experts.config = original
+        del experts.__dict__["lowbit_route"]
 
 
 def route(
@@ -176,6 +223,9 @@ class LowbitExperts(torch.nn.Module):
         # gpt-oss's clamped SwiGLU) and the activation of gateless experts; held outside the
         # module tree so that its Parameters are not registered twice.
         self.__dict__["experts"] = experts
+        self.__dict__["dispatch_config"] = (
+            dispatch_config(experts) if has_own_forward(experts) else None
+        )
         specs = gemm_specs or {}
         self.gemms = torch.nn.ModuleDict(
             {
@@ -194,6 +244,17 @@ class LowbitExperts(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        config = self.dispatch_config
+        if config is not None:
+            return own_forward(
+                self.experts, config, self.routed, hidden_states, top_k_index, top_k_weights
+            )
+        return self.routed(hidden_states, top_k_index, top_k_weights)
+
+    def routed(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The experts' GEMMs on routed rows (what transformers' experts dispatch computes)."""
         up, down = expert_matrices(self, "up"), expert_matrices(self, "down")
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
