@@ -7,14 +7,27 @@ and gradients are divided by ``S`` (unscaled) before the optimizer step. Dynamic
 (``torch._amp_foreach_non_finite_check_and_unscale_``, ``torch._amp_update_scale_``), so the scale
 trajectory equals ``torch.amp.GradScaler``'s for the same gradients.
 
+Unlike GradScaler's, the scale has a floor, fp32's smallest normal number 2^-126: GradScaler's
+halves on to 0 (after 165 overflows in a row from 2^16), and from 2^-128 down its reciprocal, by
+which the gradients are unscaled, is inf. PyTorch's unscale checks the gradients before it
+multiplies them, so the next step with finite gradients took inf and NaN ones and wrote them into
+the weights. The trajectories agree until GradScaler's falls below the floor.
+
 `NoLossScaler` is the disabled feature as an object: scale 1, nothing to unscale, never skips.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from lowbit.errors import UsageError
 from lowbit.precision.update import local_values
+
+# The loss scale's floor: 2^-126, fp32's smallest normal, whose reciprocal is finite (see the
+# module's docstring)
+_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 
 
 class NoLossScaler:
@@ -54,6 +67,13 @@ class LossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ):
+        if not init_scale >= _SMALLEST_SCALE:
+            raise UsageError(
+                f"loss scale {init_scale!r} is below its floor {_SMALLEST_SCALE:.4g} (2^-126, "
+                "fp32's smallest normal): from 2^-128 down the reciprocal that unscales the "
+                "gradients is inf, and the step writes inf into the weights; fix: e.g. 65536 "
+                "(2^16, GradScaler's start)"
+            )
         self._scale = torch.full((), init_scale, dtype=torch.float32)
         self._growth_tracker = torch.zeros((), dtype=torch.int32)
         self.dynamic = dynamic
@@ -95,6 +115,14 @@ class LossScaler:
             self.backoff_factor,
             self.growth_interval,
         )
+        if self._scale < _SMALLEST_SCALE:
+            self._scale.fill_(_SMALLEST_SCALE)
+            warnings.warn(
+                f"lowbit: the loss scale fell to its floor {_SMALLEST_SCALE:.4g} (2^-126): the "
+                "gradients overflow at every scale, so every step is skipped; fix: find the "
+                "non-finite loss, weight or input (lowbit doctor), or a lower learning rate",
+                stacklevel=4,  # the loop's `backward` (update <- _move_scale <- backward)
+            )
 
     @property
     def value(self) -> float:

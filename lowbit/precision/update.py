@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import warnings
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks
@@ -274,10 +275,22 @@ class LowPrecisionUpdate:
             hook(optimizer, (optimizer,), {})
 
     def _write_back(self, pairs: dict) -> None:
-        """Round each stepped stand-in into its 16-bit parameter (Kahan: keep what was lost)."""
+        """Round each stepped stand-in into its 16-bit parameter (Kahan: keep what was lost).
+
+        An updated value past fp16's largest finite value, 65504, is held at
+        that value, in the parameter and in its master weight, with a warning: rounded, it became
+        inf, the next forward's loss NaN, and loss scaling skipped every later step without a word
+        (the loss scaler guards the gradients, not the weights; Apex's O2 copies such a master
+        into an fp16 inf as well). The values past the range are counted on the device and read
+        once per step, not once per parameter."""
+        beyond = []  # per parameter, how many of its values the clamp held
         with torch.no_grad():
             for p, hp in pairs.values():
                 new = local_values(hp)
+                if p.dtype == torch.float16:  # bf16's range is fp32's: no update reaches it
+                    largest = torch.finfo(p.dtype).max
+                    beyond.append((new.abs() > largest).sum())
+                    new.clamp_(-largest, largest)  # in place: the master weight too; NaN stays
                 rounded = self._round(hp, p.dtype)
                 if self.rounding is UpdateRounding.KAHAN:
                     if p not in self.compensation:
@@ -288,6 +301,15 @@ class LowPrecisionUpdate:
                 )  # in place: a sharded parameter's shard is FSDP's storage
                 if self.master:
                     self._master_versions[p] = local_values(p)._version
+        held = int(torch.stack([n.to(beyond[0].device) for n in beyond]).sum()) if beyond else 0
+        if held:
+            warnings.warn(
+                f"lowbit: the optimizer's update took {held} parameter value(s) past the largest "
+                "value of their 16-bit format (fp16: 65504); they are held there instead of "
+                "becoming inf; fix: a lower learning rate, weight decay, or bf16 parameters "
+                "(bf16-low)",
+                stacklevel=4,
+            )
 
     def _check_copies(self, pairs: dict) -> None:
         """The step reads the fp32 gradient copies `prepare` made, so a change to a 16-bit

@@ -516,10 +516,15 @@ class Recipe:
             raise UsageError("stochastic/Kahan update rounding needs 16-bit parameters")
         scale = self.initial_loss_scale
         # the scale is an fp32 tensor; a string (a config's "65536") failed in the comparison
-        if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 < scale <= _FP32_MAX:
+        # at least fp32's smallest normal, whose reciprocal (the unscale) is finite: the loss
+        # scaler's floor (`lowbit.precision.scaler`); checked here too, so that `lowbit compare`
+        # refuses it before the study's first run, not at its first fp16 run
+        tiny = torch.finfo(torch.float32).tiny
+        if isinstance(scale, bool) or not isinstance(scale, Real) or not tiny <= scale <= _FP32_MAX:
             raise UsageError(
-                f"loss scale must be a positive fp32 number (at most {_FP32_MAX:.3g}), got "
-                f"{scale!r}; fix: e.g. 65536 (2^16, GradScaler's start)"
+                f"loss scale must be a positive fp32 number (at least 2^-126, {tiny:.4g}, and "
+                f"at most {_FP32_MAX:.3g}), got {scale!r}; fix: e.g. 65536 (2^16, GradScaler's "
+                "start)"
             )
         if self.master_dtype is not None and self.update_rounding is UpdateRounding.KAHAN:
             raise UsageError("Kahan compensation replaces master weights; use one or the other")
