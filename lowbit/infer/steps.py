@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +253,53 @@ def export_hf(
             return _write_export(source, model, dtype, staging, shard_bytes)
 
 
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> character table (``bytes_to_unicode``), which the ``tokenizers`` library's
+    ByteLevel pre-tokenizer and decoder use: printable Latin-1 bytes stand for themselves, the
+    others for the characters from U+0100 on, in byte order."""
+    keep = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def _transformers_tokenizer(tokenizer, saved: Path, out: Path) -> list[str]:
+    """The files that make lowbit's byte or BPE tokenizer load with transformers'
+    ``AutoTokenizer.from_pretrained(out)`` (the names written): lowbit_tokenizer.json is lowbit's
+    own, which transformers cannot read, and a BPE tokenizer.json without a tokenizer_config.json
+    was taken for the config's model type's tokenizer (Llama's), which rebuilds it with other
+    pre-tokenization. The byte tokenizer becomes a byte-level BPE without merges whose ids are
+    the bytes, so both give the ids the model was trained on; the end-of-text id is its eos, as
+    the exported config's (`_end_of_text_ids`). A Hugging Face tokenizer's own files, copied from
+    the run, need nothing. Files the run's tokenizer folder brought (BPE's tokenizer.json) stay as
+    copied."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.data.tokenizers import EOT_TEXT
+
+    if tokenizer.kind == "byte":
+        vocab = {char: byte for byte, char in _byte_level_chars().items()}
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([EOT_TEXT])  # id 256, the byte tokenizer's end-of-text
+    elif tokenizer.kind == "bpe":
+        backend = Tokenizer.from_file(str(saved / "tokenizer.json"))
+    else:
+        return []
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOT_TEXT, bos_token=EOT_TEXT
+    )
+    written = []
+    with tempfile.TemporaryDirectory(dir=out) as folder:
+        wrapped.save_pretrained(folder)
+        for item in sorted(Path(folder).iterdir()):
+            if item.is_file() and not (out / item.name).exists():
+                os.replace(item, out / item.name)
+                written.append(item.name)
+    return written
+
+
 def _write_export(source: io.Source, model, dtype: str, out: Path, shard_bytes: int) -> dict:
     """The files of a Hugging Face export of ``model``, written into the empty folder ``out``."""
     model.save_pretrained(out, safe_serialization=True, max_shard_size=shard_bytes)
@@ -261,6 +310,7 @@ def _write_export(source: io.Source, model, dtype: str, out: Path, shard_bytes: 
             if item.is_file():
                 shutil.copy2(item, out / item.name)
                 copied.append(item.name)
+    copied += _transformers_tokenizer(source.task.tokenizer, tokenizer, out)
     info = {
         "source": str(source.path.resolve()),
         "step": source.step,
