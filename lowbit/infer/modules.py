@@ -83,6 +83,14 @@ class QuantLinear(torch.nn.Module):
         return self.weight_qtensor().dequantize(torch.float32)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (fp32, N x K), for model code that reads a linear layer's
+        ``weight`` (Ergo's decoder layer takes ``o_proj.weight.dtype`` in every forward: an
+        AttributeError from a quantized folder). Made once: the weights-only GEMM's own copy,
+        one more fp32 copy for the others."""
+        return self._get("w", self.dequantized_weight)
+
+    @property
     def uses_int8_kernel(self) -> bool:
         return (
             self.recipe.format is Target.INT8

@@ -42,3 +42,20 @@ def test_a_quantized_checkpoint_holds_the_experts_norm():
     norm = model["experts"].post_expert_norm.weight.detach().clone()
     quantize_model(model, QuantRecipe("int8"))
     assert torch.equal(model.state_dict()["experts.post_expert_norm.weight"], norm)
+
+
+def test_a_quantized_model_that_reads_a_layers_weight_runs():
+    """Ergo's decoder layer reads ``self_attn.o_proj.weight.dtype`` in its forward: a quantized
+    layer had no ``weight``, and `lowbit eval`/`generate` of a quantized Ergo folder failed with
+    an AttributeError."""
+    from tests.nn.test_experts_edges_s31 import IDS
+
+    model = ergo().eval()
+    with torch.no_grad():
+        reference = model(IDS).logits
+    quantize_model(model, QuantRecipe("int8"))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.weight.dtype == torch.float32 and o_proj.weight.shape == (32, 32)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    assert logits.shape == reference.shape and torch.isfinite(logits).all()
