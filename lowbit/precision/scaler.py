@@ -27,7 +27,7 @@ from lowbit.precision.update import local_values
 
 # The loss scale's floor: 2^-126, fp32's smallest normal, whose reciprocal is finite (see the
 # module's docstring)
-_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 
 
 class NoLossScaler:
@@ -67,9 +67,9 @@ class LossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ):
-        if not init_scale >= _SMALLEST_SCALE:
+        if not init_scale >= SMALLEST_SCALE:
             raise UsageError(
-                f"loss scale {init_scale!r} is below its floor {_SMALLEST_SCALE:.4g} (2^-126, "
+                f"loss scale {init_scale!r} is below its floor {SMALLEST_SCALE:.4g} (2^-126, "
                 "fp32's smallest normal): from 2^-128 down the reciprocal that unscales the "
                 "gradients is inf, and the step writes inf into the weights; fix: e.g. 65536 "
                 "(2^16, GradScaler's start)"
@@ -115,10 +115,10 @@ class LossScaler:
             self.backoff_factor,
             self.growth_interval,
         )
-        if self._scale < _SMALLEST_SCALE:
-            self._scale.fill_(_SMALLEST_SCALE)
+        if self._scale < SMALLEST_SCALE:
+            self._scale.fill_(SMALLEST_SCALE)
             warnings.warn(
-                f"lowbit: the loss scale fell to its floor {_SMALLEST_SCALE:.4g} (2^-126): the "
+                f"lowbit: the loss scale fell to its floor {SMALLEST_SCALE:.4g} (2^-126): the "
                 "gradients overflow at every scale, so every step is skipped; fix: find the "
                 "non-finite loss, weight or input (lowbit doctor), or a lower learning rate",
                 stacklevel=4,  # the loop's `backward` (update <- _move_scale <- backward)

@@ -28,6 +28,7 @@ import torch
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import RunNotWritten, UsageError
 from lowbit.nn.convert import lowbit_layers
+from lowbit.precision.scaler import SMALLEST_SCALE
 from lowbit.recipes import same_recipe
 from lowbit.train import checkpoint
 from lowbit.train.config import (
@@ -730,6 +731,14 @@ class Trainer:
         if stop and not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {self.step_idx + 1}")
         stepped = precision.step(self.optimizer)
+        if not stepped and precision.loss_scale <= SMALLEST_SCALE:
+            # a dynamic scale that halved to its floor (~142 overflows in a row from 2^16): every
+            # step overflows whatever the scale, and skipping them all trained nothing, silently
+            raise NonFiniteLoss(
+                f"step {self.step_idx + 1} overflowed at the smallest loss scale, 2^-126, to which "
+                "the dynamic scale fell backing off at each overflow: the loss or gradients are "
+                "inf or NaN at any scale"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.step_idx += 1
         self.records = self.monitor.after_step(self.step_idx, grad_norm, precision.loss_scale)

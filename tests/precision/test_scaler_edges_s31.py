@@ -165,3 +165,21 @@ def test_a_recipe_with_a_subnormal_loss_scale_is_refused_where_it_is_made():
     was refused only when the study reached its first fp16 run, after the baseline had trained."""
     with pytest.raises(UsageError, match=r"2\^-126"):
         replace(get_recipe("fp16-mixed"), initial_loss_scale=1e-39)
+
+
+def test_a_run_whose_every_step_overflows_stops_at_the_scale_floor(tmp_path, monkeypatch):
+    """A loss that is NaN at every step skipped every step under fp16 loss scaling, the scale
+    halving each time: the run went on to its last step having trained nothing (now the scale
+    stops at its floor, and the trainer stops there)."""
+    from lowbit.train import NonFiniteLoss, TrainConfig, train
+    from tests.train.conftest import TINY
+    from tests.train.test_trainer import nan_after
+
+    nan_after(2, monkeypatch)  # steps 3 on
+    settings = {**TINY["image-classification"], "task": "image-classification"}
+    settings |= {"steps": 400, "eval_interval": 1000, "save_interval": 1000}
+    config = TrainConfig(**settings, recipe="fp16-mixed", out=str(tmp_path / "run"))
+    with pytest.raises(NonFiniteLoss, match="overflowed at the smallest loss scale") as error:
+        train(config, quiet=True)
+    # 2^16 halves to 2^-126 in 142 overflows, from step 3 on: steps 3..144
+    assert "step 144 overflowed" in str(error.value)
