@@ -21,9 +21,14 @@ on CPU tensors whose compute dtype is bf16 or fp16 (from autocast, or 16-bit inp
   is that the probabilities it recomputes and the products with them are not rounded to 16 bits
   in between.
 
-Calls the flash kernel does not take as they are (dropout, boolean masks, grouped-query
-broadcasting, unequal head sizes) run `F.scaled_dot_product_attention` unchanged, as do CUDA
-tensors and other dtypes.
+A boolean mask (Transformers' padding masks) becomes the additive mask of 0 and -inf that
+`F.scaled_dot_product_attention` itself hands the flash kernel; grouped-query attention
+(``enable_gqa``, fewer key/value heads) is the flash kernels' own, as in PyTorch. Calls for which
+PyTorch would not choose its flash kernel (``torch._fused_sdp_choice``: dropout, a mask that
+needs a gradient, masks of other ranks, operands whose last dimension is strided, empty
+sequences, unequal head or batch sizes, a ``sdpa_kernel`` context that rules it out), and
+``is_causal`` with a mask, which this function does not take, run
+`F.scaled_dot_product_attention` unchanged, as do CUDA tensors and other dtypes.
 
 A torch-function mode sees every torch call made while it is active (~2,000 per step of the tiny
 model, ~12 ms of Python in a cProfile of the first version, which wrapped the whole forward), so
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
 # The compute dtypes rerouted, and whether their forward runs in fp32 too (see above).
@@ -73,9 +79,14 @@ def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> to
     query, key, value = (t.to(dtype) for t in (query, key, value))
     mask = options.get("attn_mask")
     if mask is not None and mask.is_floating_point():
-        mask = mask.to(dtype)
-    if not _flash_takes(query, key, value, options):
-        return func(query, key, value, **{**options, "attn_mask": mask})
+        mask = mask.to(dtype)  # as autocast rounds it
+    options = {**options, "attn_mask": mask}
+    # a boolean mask (Transformers' padding masks) as the flash kernel reads it: the mask of 0
+    # and -inf that `F.scaled_dot_product_attention` makes of it (ATen's convert_boolean_attn_mask)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+    if not _flash_takes(query, key, value, {**options, "attn_mask": mask}):
+        return func(query, key, value, **options)
     is_causal = bool(options.get("is_causal", False))
     out, _ = _Fp32Attention.apply(
         query, key, value, mask, is_causal, options.get("scale"), _FORWARD_IN_FP32[dtype]
@@ -84,16 +95,26 @@ def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> to
 
 
 def _flash_takes(query, key, value, options: dict) -> bool:
-    """The flash kernels compute this call as `F.scaled_dot_product_attention` would."""
+    """PyTorch would compute this call with its CPU flash kernel, as `_Fp32Attention` does.
+    PyTorch's own choice decides (``torch._fused_sdp_choice``, 2 us): called directly, the kernel
+    computes garbage from operands whose last dimension is strided, drops a mask's gradient,
+    refuses 3-D masks, and crashes the process (SIGFPE) on an empty sequence. The remaining
+    conditions are what `_Fp32Attention` does not implement."""
+    mask = options.get("attn_mask")
+    chosen = torch._fused_sdp_choice(
+        query,
+        key,
+        value,
+        mask,
+        options.get("dropout_p") or 0.0,
+        bool(options.get("is_causal", False)),
+        scale=options.get("scale"),
+        enable_gqa=bool(options.get("enable_gqa", False)),
+    )
     return (
-        query.dim() == key.dim() == value.dim() == 4
-        and query.shape[:2] == key.shape[:2] == value.shape[:2]
-        and query.shape[-1] == key.shape[-1] == value.shape[-1]
-        and key.shape[-2] == value.shape[-2]
-        and not options.get("dropout_p")
-        and not options.get("enable_gqa")
-        and (options.get("attn_mask") is None or options["attn_mask"].is_floating_point())
-        and not (options.get("is_causal") and options.get("attn_mask") is not None)
+        chosen == SDPBackend.FLASH_ATTENTION.value  # the choice is an int, not the enum
+        and (mask is None or mask.is_floating_point())
+        and not (options.get("is_causal") and mask is not None)
     )
 
 
