@@ -44,6 +44,8 @@ def _error_classes():
 
 
 _FSDP_VIEW_OUTPUT = r"FSDP2-wrapped module \(.*\) returned a view tensor"
+# In the ranks' folder once the launcher stops them for good (`_stop_unless_aborted`)
+ABORTED = "aborted"
 
 
 def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
@@ -82,6 +84,7 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if STOP_SIGNAL is not None:  # before training starts, the launcher's stop is a Ctrl-C
         signal.signal(STOP_SIGNAL, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _stop_unless_aborted(Path(folder)))
     try:
         from lowbit.train.trainer import preflight, resolve_device
 
@@ -105,6 +108,28 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
         partial.write_bytes(pickle.dumps(record))
         os.replace(partial, Path(folder) / f"error-{local_rank}.pkl")
         raise
+
+
+def _stop_unless_aborted(folder: Path):
+    """A rank's SIGTERM handler. A SIGTERM to the whole process group (Slurm's preemption,
+    ``timeout``, systemd, ``kill -TERM -- -PGID``) reaches every rank with the launcher's: it is
+    the launcher's stop request (`STOP_SIGNAL`: save at the next step boundary, which the ranks
+    agree on). With SIGTERM's default action the ranks died where they were and the steps since
+    the last checkpoint were lost. The launcher's own SIGTERM, once it has given up on the run (a
+    failed rank: torch's ``join``; a second Ctrl-C), comes after its `ABORTED` mark in ``folder``
+    and ends the rank as the default action did (once its main thread runs Python again; one
+    stuck in a collective is killed after a grace period)."""
+
+    def handler(signum, frame):
+        if (folder / ABORTED).exists():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif not asked:  # once: a repeated SIGTERM must not abort the save it asked for
+            asked.append(signum)
+            signal.getsignal(STOP_SIGNAL)(signum, frame)
+
+    asked: list[int] = []
+    return handler
 
 
 def _progress_bars_lock_threads_only() -> None:
@@ -169,7 +194,13 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         context = mp.start_processes(
             _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
         )
-        interrupts = 0
+        asked = False  # the ranks were asked to stop
+        received: list[int] = []  # the signals that stopped this process
+
+        def stop(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
+
         # A SIGINT raises KeyboardInterrupt here even where this process was started with
         # SIGINT ignored (`lowbit train --nproc 2 ... &` in a shell script: Python then keeps the
         # inherited SIG_IGN, and a later `kill -INT` was swallowed while the ranks trained on to
@@ -177,19 +208,26 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         # A SIGTERM (how schedulers and `kill` end a job) is the same request, as it is to a
         # one-process run: by default it ended this process alone, and the ranks, sent SIGINT by
         # torch as their parent died, lost the step's collectives and saved nothing.
-        stops = (signal.SIGINT, signal.SIGTERM)
-        with signals_handled(signal.default_int_handler, *stops), _quiet_stops():
+        with signals_handled(stop, signal.SIGINT, signal.SIGTERM), _quiet_stops():
             killed: dict[int, str] = {}
             while True:
                 try:
                     killed = killed or _wait_for_an_exit(context)
+                    if any(p.exitcode not in (None, 0) for p in context.processes):
+                        # a rank failed: `join` stops the others with SIGTERM, which is no
+                        # request to save any more
+                        (folder / ABORTED).touch()
                     if context.join():
                         break
                 except KeyboardInterrupt:
-                    interrupts += 1
-                    if interrupts > 1:
-                        _terminate(context)
-                        raise
+                    if asked:
+                        if received[-1] == signal.SIGINT:  # a second Ctrl-C aborts
+                            _terminate(context, folder)
+                            raise
+                        # a repeated SIGTERM (the group's and a `kill` of this process) lets
+                        # the ranks finish their save, as in one process
+                        continue
+                    asked = True
                     # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill
                     # -INT, a scheduler) does not: ask every rank to save and stop, which is the
                     # same request, not a second Ctrl-C, for a rank that got the first.
@@ -199,7 +237,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                         raise _killed(killed) from None
                     raise _failure(folder, error.error_index, "an exception") from None
                 except mp.ProcessExitedException as error:
-                    if interrupts:  # a rank stopped by the Ctrl-C before its handler was set
+                    if asked:  # a rank stopped by the Ctrl-C before its handler was set
                         raise KeyboardInterrupt from None
                     if killed:  # before the error a rank it broke may have recorded
                         raise _killed(killed) from None
@@ -220,12 +258,20 @@ def _wait_for_an_exit(context) -> dict[int, str]:
     """Wait until a rank ends; the ranks killed by a signal by then (rank: signal name), read
     before torch's ``join`` stops the others. A killed rank (SIGKILL: the OOM killer) breaks the
     others' next collective, and torch reported whichever failure it met first: often a rank's
-    gloo "Connection reset by peer", naming the wrong rank and not the kill."""
+    gloo "Connection reset by peer", naming the wrong rank and not the kill.
+
+    A rank whose sentinel fired is reaped (``join``) before its exit code is read: the kernel
+    closes a killed process's files before it can be waited for, so its ``exitcode`` could still
+    read None. The launcher then missed the failure, did not mark the run `ABORTED` before torch's
+    ``join`` sent the other ranks SIGTERM, and they took it for a stop request: rank 0 reported the
+    gloo error of its save's collectives, not the kill."""
     from multiprocessing.connection import wait
 
-    running = [process.sentinel for process in context.processes if process.exitcode is None]
-    if running:
-        wait(running)
+    running = {
+        process.sentinel: process for process in context.processes if process.exitcode is None
+    }
+    for sentinel in wait(list(running)) if running else ():
+        running[sentinel].join(timeout=1)
     return {
         rank: _signal_name(-process.exitcode)
         for rank, process in enumerate(context.processes)
@@ -254,12 +300,15 @@ def _ask_to_stop(context) -> None:
                 os.kill(process.pid, STOP_SIGNAL)
 
 
-def _terminate(context) -> None:
+def _terminate(context, folder: Path) -> None:
+    (folder / ABORTED).touch()  # before the SIGTERM: the ranks take it as an end, not a request
     for process in context.processes:
         if process.is_alive():
             process.terminate()
     for process in context.processes:
         process.join(10)
+        if process.is_alive():  # its SIGTERM handler waits for Python code: stuck in a collective
+            process.kill()
 
 
 def train(config, resume=False, overwrite=False, quiet=False, on_step=None):

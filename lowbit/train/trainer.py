@@ -1236,8 +1236,9 @@ def _stop_on_sigint(trainer: Trainer):
 
     So does a SIGTERM to a one-process run: it is how schedulers (Slurm, Kubernetes, systemd)
     end a job before a later SIGKILL, and by default it killed the run without a checkpoint, losing
-    the steps since the last save. The ranks of a multi-process run keep SIGTERM's default: the
-    launcher aborts them with it (a second Ctrl-C, a failed rank)."""
+    the steps since the last save. A rank of the `--nproc` launcher leaves SIGTERM to the
+    launcher's handler (`lowbit.distributed.launch`): it calls this one as for `STOP_SIGNAL`,
+    unless the launcher is aborting the ranks with it (a second Ctrl-C, a failed rank)."""
     from lowbit.distributed.context import STOP_SIGNAL, signals_handled
 
     def request_stop(signum) -> None:
