@@ -70,6 +70,11 @@ def _read_prompt_file(path: str) -> str:
     name = "standard input" if path == "-" else path
     try:
         if path == "-":
+            if sys.stdin is None:  # started with standard input closed (`<&-`, some daemons)
+                raise UsageError(
+                    "--prompt-file -: standard input is closed; fix: give the prompt's file "
+                    "path, or pass the text as --prompt"
+                )
             data = sys.stdin.buffer.read()
         else:
             with open(os.path.expanduser(path), "rb") as file:  # a quoted ~ too
@@ -130,6 +135,8 @@ def run(args) -> int:
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
+    if sys.stdout is None:  # started with standard output closed (`>&-`): the sample goes nowhere
+        raise UsageError("standard output is closed; fix: write it to a file (> sample.txt)")
     # before the model loads (seconds for a large one)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
     prompt = _prompt(args)
@@ -158,5 +165,26 @@ def run(args) -> int:
         # samples any byte, and a raw ESC sequence would drive the terminal; a pipe or a file
         # gets the text as sampled
         text = "\n".join(visible(line) for line in text.split("\n"))
-    print(text)
+    _write(text)
     return 0
+
+
+def _write(text: str) -> None:
+    """Print ``text``; the characters standard output's encoding cannot hold (an ASCII or
+    Latin-1 locale, Windows' cp1252 for a redirected file) are written as escapes (``\\ufffd``)
+    with a warning: a byte-level model samples any character, U+FFFD for bytes that are not
+    UTF-8, and a UnicodeEncodeError traceback would end the command after the sampling with
+    nothing printed."""
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError as error:
+        print(
+            f"lowbit: warning: standard output's encoding ({encoding}) cannot write "
+            f"U+{ord(text[error.start]):04X} (character {error.start}); such characters are "
+            "written as escapes; fix: set PYTHONUTF8=1 (or PYTHONIOENCODING=utf-8) for UTF-8 "
+            "output",
+            file=sys.stderr,
+        )
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    print(text)
