@@ -131,7 +131,7 @@ def _check_utf8(prompt: str) -> None:
 
 def run(args) -> int:
     from lowbit.train import load_run, sample_text
-    from lowbit.train.generate import check_sampling, visible
+    from lowbit.train.generate import check_sampling, print_encodable, visible
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
@@ -165,26 +165,5 @@ def run(args) -> int:
         # samples any byte, and a raw ESC sequence would drive the terminal; a pipe or a file
         # gets the text as sampled
         text = "\n".join(visible(line) for line in text.split("\n"))
-    _write(text)
+    print_encodable(text)
     return 0
-
-
-def _write(text: str) -> None:
-    """Print ``text``; the characters standard output's encoding cannot hold (an ASCII or
-    Latin-1 locale, Windows' cp1252 for a redirected file) are written as escapes (``\\ufffd``)
-    with a warning: a byte-level model samples any character, U+FFFD for bytes that are not
-    UTF-8, and a UnicodeEncodeError traceback would end the command after the sampling with
-    nothing printed."""
-    encoding = sys.stdout.encoding or "utf-8"
-    try:
-        text.encode(encoding)
-    except UnicodeEncodeError as error:
-        print(
-            f"lowbit: warning: standard output's encoding ({encoding}) cannot write "
-            f"U+{ord(text[error.start]):04X} (character {error.start}); such characters are "
-            "written as escapes; fix: set PYTHONUTF8=1 (or PYTHONIOENCODING=utf-8) for UTF-8 "
-            "output",
-            file=sys.stderr,
-        )
-        text = text.encode(encoding, "backslashreplace").decode(encoding)
-    print(text)

@@ -251,7 +251,9 @@ def run(args) -> int:
         return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
-    print(result.summary())
+    from lowbit.train.generate import print_encodable
+
+    print_encodable(result.summary())  # its closing sample may hold any character
     run_dir = shlex.quote(str(result.run_dir))  # the commands printed must paste into a shell
     if result.status == "interrupted":
         print(f"resume with: lowbit train --resume {run_dir}")

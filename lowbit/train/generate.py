@@ -156,3 +156,24 @@ def _control(c: str) -> bool:
     text that follows on a terminal), except the zero-width joiners text uses."""
     kind = unicodedata.category(c)
     return kind == "Cc" or (kind == "Cf" and c not in "\u200c\u200d")
+
+
+def print_encodable(text: str) -> None:
+    """Print ``text``; the characters standard output's encoding cannot hold (an ASCII or
+    Latin-1 locale, Windows' cp1252 for a redirected file) are written as escapes (``\\ufffd``)
+    with a warning: a byte-level model samples any character, U+FFFD for bytes that are not
+    UTF-8, and a UnicodeEncodeError traceback would end the command after the sampling with
+    nothing printed (`lowbit generate`'s sample, and the one in `lowbit train`'s summary)."""
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError as error:
+        print(
+            f"lowbit: warning: standard output's encoding ({encoding}) cannot write "
+            f"U+{ord(text[error.start]):04X} (character {error.start}); such characters are "
+            "written as escapes; fix: set PYTHONUTF8=1 (or PYTHONIOENCODING=utf-8) for UTF-8 "
+            "output",
+            file=sys.stderr,
+        )
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    print(text)

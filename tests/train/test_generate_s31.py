@@ -107,3 +107,21 @@ def test_a_closed_standard_output_is_refused_before_the_model_loads(run, capsys,
     monkeypatch.setattr(sys, "stdout", None)
     assert main(["generate", str(run), "--max-new-tokens", "2"]) == 2
     one_line_error(capsys, "standard output is closed", "> sample.txt")
+
+
+def test_train_summary_characters_the_output_encoding_lacks_are_escaped(
+    tmp_path, capsys, monkeypatch
+):
+    """`lowbit train`'s summary ends with a sample of the model, which may hold any character:
+    an ASCII standard output ended the finished run on a UnicodeEncodeError traceback, exit 1."""
+    from lowbit.train.trainer import RunResult
+
+    summary = RunResult.summary
+    monkeypatch.setattr(RunResult, "summary", lambda self: summary(self) + "\nsample: caf\u00e9")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["train", "--task", "image-classification", "--steps", "1", "--batch-size", "8"]
+    assert main([*argv, "--quiet", "--out", str(tmp_path / "run")]) == 0
+    stdout.flush()
+    assert "sample: caf\\xe9" in stdout.buffer.getvalue().decode("ascii")
+    assert "(ascii) cannot write U+00E9" in capsys.readouterr().err
