@@ -101,6 +101,7 @@ class LowPrecisionUpdate:
         self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         # id(param) -> its 16-bit gradient that `prepare` copied, and that gradient's version then
         self._copied_grads: dict[int, tuple[torch.Tensor, int]] = {}
+        self._held_warned = False  # `_write_back`'s warning of fp16 values held at 65504
 
     # Its master weights and Kahan buffers are saved for the optimizers `wrap` was given.
     needs_wrapping = True
@@ -282,14 +283,16 @@ class LowPrecisionUpdate:
         inf, the next forward's loss NaN, and loss scaling skipped every later step without a word
         (the loss scaler guards the gradients, not the weights; Apex's O2 copies such a master
         into an fp16 inf as well). The values past the range are counted on the device and read
-        once per step, not once per parameter."""
-        beyond = []  # per parameter, how many of its values the clamp held
+        once per step, not once per parameter, from each tensor's extremes (no temporary of its
+        size), and warned of once per run: a diverging run pushes them past it at every step."""
+        beyond = []  # per fp16 parameter, whether the clamp held any of its values
+        largest = torch.finfo(torch.float16).max
         with torch.no_grad():
             for p, hp in pairs.values():
                 new = local_values(hp)
-                if p.dtype == torch.float16:  # bf16's range is fp32's: no update reaches it
-                    largest = torch.finfo(p.dtype).max
-                    beyond.append((new.abs() > largest).sum())
+                if p.dtype == torch.float16 and new.numel():  # bf16's range is fp32's
+                    low, high = torch.aminmax(new)
+                    beyond.append(torch.maximum(high, -low) > largest)
                     new.clamp_(-largest, largest)  # in place: the master weight too; NaN stays
                 rounded = self._round(hp, p.dtype)
                 if self.rounding is UpdateRounding.KAHAN:
@@ -301,13 +304,14 @@ class LowPrecisionUpdate:
                 )  # in place: a sharded parameter's shard is FSDP's storage
                 if self.master:
                     self._master_versions[p] = local_values(p)._version
-        held = int(torch.stack([n.to(beyond[0].device) for n in beyond]).sum()) if beyond else 0
-        if held:
+        if self._held_warned or not beyond:
+            return
+        if bool(torch.stack([b.to(beyond[0].device) for b in beyond]).any()):
+            self._held_warned = True
             warnings.warn(
-                f"lowbit: the optimizer's update took {held} parameter value(s) past the largest "
-                "value of their 16-bit format (fp16: 65504); they are held there instead of "
-                "becoming inf; fix: a lower learning rate, weight decay, or bf16 parameters "
-                "(bf16-low)",
+                "lowbit: the optimizer's update took parameter values past fp16's largest value, "
+                "65504; they are held there instead of becoming inf (said once); fix: a lower "
+                "learning rate, weight decay, or bf16 parameters (bf16-low)",
                 stacklevel=4,
             )
 
