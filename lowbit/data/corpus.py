@@ -291,8 +291,26 @@ def _is_binary(path: Path) -> bool:
         return False
     if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS)):
         return False
-    # ASCII in UTF-16 without a byte-order mark: a NUL beside every letter, on one side
-    return bool(head[0::2].strip(b"\0")) and bool(head[1::2].strip(b"\0"))
+    return not _wide_text(head)
+
+
+def _wide_text(head: bytes) -> bool:
+    """Whether ``head`` reads as UTF-16 or UTF-32 text without a byte-order mark: it decodes
+    (a code unit split by the 8000-byte cut aside) to characters printable or white space, 95%
+    or more. Any text does; bytes of an image or archive decode, as UTF-16, to a mix of
+    unassigned, private-use and control units (NUL among them) far below that."""
+    for encoding, width in (("utf-32-le", 4), ("utf-32-be", 4), ("utf-16-le", 2), ("utf-16-be", 2)):
+        whole = len(head) - len(head) % 4
+        for cut in (whole, whole - width):  # a surrogate pair the cut split: one unit less
+            try:
+                text = head[: max(cut, 0)].decode(encoding)
+            except UnicodeDecodeError:
+                continue
+            printable = sum(c.isprintable() or c.isspace() for c in text)
+            if text and printable >= 0.95 * len(text):
+                return True
+            break
+    return False
 
 
 def _looks_like_text(path: Path) -> bool:

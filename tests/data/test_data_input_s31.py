@@ -38,11 +38,14 @@ def test_a_glob_reads_past_the_binary_files_it_matches_with_a_warning(tmp_path, 
     assert "extra.jsonl:1" in names and not any(n.endswith((".png", ".pyc")) for n in names)
 
 
-@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
-def test_utf16_text_without_a_mark_in_a_glob_is_still_refused_as_such(tmp_path, encoding):
-    """UTF-16 text holds NUL bytes as binary files do: it is text to convert, not to skip."""
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+@pytest.mark.parametrize("script", ["latin", "cyrillic"])
+def test_utf16_text_without_a_mark_in_a_glob_is_still_refused_as_such(tmp_path, encoding, script):
+    """UTF-16 text holds NUL bytes as binary files do: it is text to convert, not to skip (text
+    beyond ASCII, no NUL beside each letter, was skipped as binary)."""
     data = text_folder(tmp_path / "data")
-    (data / "notes.txt").write_bytes(paragraph(7).encode(encoding))
+    text = paragraph(7) if script == "latin" else "Привет, мир! Это текст на русском.\n" * 40
+    (data / "notes.txt").write_bytes(text.encode(encoding))
     with pytest.raises(UsageError, match=r"notes\.txt: holds NUL bytes .*fix: convert"):
         load_texts(f"{data}/*.txt")
 
