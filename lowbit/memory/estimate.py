@@ -695,7 +695,9 @@ def _first_shard(numel: int, rows: int, ranks: int) -> int:
     (FSDP2's ``padded_sharded_param_size``). Dividing the model's bytes evenly, as the estimate
     did until session 31, left out the padding of a parameter whose rows do not divide (a
     257-token vocabulary), and the per-tensor step counters and code maps every rank holds."""
-    return numel if ranks == 1 else -(-rows // ranks) * (numel // rows)
+    if ranks == 1 or rows == 0:  # a zero-row parameter shards to nothing: whole (empty)
+        return numel
+    return -(-rows // ranks) * (numel // rows)
 
 
 def _shard_state_bytes(precision, numel: int, shard: int) -> int:
