@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import UsageError
 from lowbit.infer.onednn import onednn_int8_is_fast
 from lowbit.infer.quant import (
     Mode,
@@ -89,6 +90,14 @@ class QuantLinear(torch.nn.Module):
         AttributeError from a quantized folder). Made once: the weights-only GEMM's own copy,
         one more fp32 copy for the others."""
         return self._get("w", self.dequantized_weight)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # transformers' tie_weights, resize_token_embeddings
+            raise UsageError(
+                "a quantized layer's weight is stored quantized and cannot be replaced (tied or "
+                "resized); fix: tie or resize the model's embeddings before quantizing it"
+            )
+        super().__setattr__(name, value)
 
     @property
     def uses_int8_kernel(self) -> bool:

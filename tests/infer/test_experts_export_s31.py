@@ -3,6 +3,7 @@ in a forward of its own (Ergo's ``ErgoExperts``), and its export to dense weight
 
 import copy
 
+import pytest
 import torch
 
 from lowbit.infer import QuantRecipe, dequantize_model, quantize_model
@@ -59,3 +60,15 @@ def test_a_quantized_model_that_reads_a_layers_weight_runs():
     with torch.no_grad():
         logits = model(IDS).logits
     assert logits.shape == reference.shape and torch.isfinite(logits).all()
+
+
+def test_tying_a_quantized_layers_weight_is_one_line():
+    """With a ``weight`` property, transformers' ``tie_weights`` on a quantized head failed with
+    a KeyError ("attribute 'weight' already exists"); before it, the embedding was registered
+    beside the quantized weight, unused."""
+    from lowbit.errors import UsageError
+
+    model = torch.nn.ModuleDict({"head": torch.nn.Linear(8, 4), "embed": torch.nn.Embedding(4, 8)})
+    quantize_model(model, QuantRecipe("int8"))
+    with pytest.raises(UsageError, match="fix: tie or resize the model's embeddings before"):
+        model["head"].weight = model["embed"].weight
