@@ -19,7 +19,7 @@ from lowbit.nn.experts import (
     expert_matrices,
     has_own_forward,
     matrix_name,
-    own_forward,
+    replacement_forward,
     route,
 )
 
@@ -72,12 +72,7 @@ class QuantExperts(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        config = self.dispatch_config
-        if config is not None:  # a class that wraps the dispatch (`lowbit.nn.experts.own_forward`)
-            return own_forward(
-                self.experts, config, self.routed, hidden_states, top_k_index, top_k_weights
-            )
-        return self.routed(hidden_states, top_k_index, top_k_weights)
+        return replacement_forward(self, hidden_states, top_k_index, top_k_weights)
 
     def routed(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -125,6 +125,18 @@ def own_forward(experts, config, routed, hidden_states, top_k_index, top_k_weigh
         del experts.__dict__["lowbit_route"]
 
 
+def replacement_forward(module, hidden_states, top_k_index, top_k_weights):
+    """The forward of a module that replaces an experts module (`LowbitExperts`, the quantized
+    `lowbit.infer.experts.QuantExperts`): its ``routed`` rows, inside the experts class's own
+    forward where it has one (its ``dispatch_config``, `own_forward`)."""
+    config = module.dispatch_config
+    if config is not None:
+        return own_forward(
+            module.experts, config, module.routed, hidden_states, top_k_index, top_k_weights
+        )
+    return module.routed(hidden_states, top_k_index, top_k_weights)
+
+
 def route(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -244,12 +256,7 @@ class LowbitExperts(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        config = self.dispatch_config
-        if config is not None:
-            return own_forward(
-                self.experts, config, self.routed, hidden_states, top_k_index, top_k_weights
-            )
-        return self.routed(hidden_states, top_k_index, top_k_weights)
+        return replacement_forward(self, hidden_states, top_k_index, top_k_weights)
 
     def routed(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -98,6 +98,22 @@ def both_paths(x, *args, seed=None, **kwargs):
     return fused, plain
 
 
+def assert_paths_agree(cases, *args, extra=None, **kwargs):
+    """Quantize each case's tensor (``(label, tensor, seed)``) in every layout and with both
+    roundings, with the kernels and without: the same bits (``extra(fused, plain)`` checks
+    more), a failure naming the case, layout and rounding."""
+    for label, base, seed in cases:
+        for layout, x in layouts(base):
+            for rounding in ("nearest", "stochastic"):
+                try:
+                    fused, plain = both_paths(x, *args, rounding=rounding, seed=seed, **kwargs)
+                    assert_same_qtensor(fused, plain)
+                    if extra is not None:
+                        extra(fused, plain)
+                except AssertionError as error:
+                    raise AssertionError(f"{label} {layout} {rounding}: {error}") from error
+
+
 SHAPES = [(0, 64), (5, 0), (1, 1), (3, 33), (2, 129), (17, 48), (32, 47)]
 
 
@@ -106,23 +122,8 @@ SHAPES = [(0, 64), (5, 0), (1, 1), (3, 33), (2, 129), (17, 48), (32, 47)]
 def test_edge_shapes_layouts_and_values_match_the_pytorch_path(
     name, granularity, block, rule, dtype
 ):
-    for seed, shape in enumerate(SHAPES):
-        base = edge_tensor(shape, seed).to(dtype)
-        for layout, x in layouts(base):
-            for rounding in ("nearest", "stochastic"):
-                try:
-                    fused, plain = both_paths(
-                        x,
-                        name,
-                        granularity,
-                        block_size=block,
-                        scale_rule=rule,
-                        rounding=rounding,
-                        seed=seed + 1,
-                    )
-                    assert_same_qtensor(fused, plain)
-                except AssertionError as error:
-                    raise AssertionError(f"{shape} {layout} {rounding}: {error}") from error
+    cases = [(shape, edge_tensor(shape, i).to(dtype), i + 1) for i, shape in enumerate(SHAPES)]
+    assert_paths_agree(cases, name, granularity, block_size=block, scale_rule=rule)
 
 
 @pytest.mark.parametrize(("name", "granularity", "block", "rule"), SCHEMES, ids=str)
@@ -388,24 +389,12 @@ def test_hadamard_with_ragged_rows_and_special_values_matches_the_pytorch_path(n
 
     signs = random_signs(64, 0)
     block = 32 if granularity == "block" else None
+    cases = []
     for shape in [(1, 1), (3, 33), (5, 100), (40, 64)]:
         base = edge_tensor(shape, 8)
         base[torch.isnan(base)] = 1.0  # NaN spreads over its whole transform block
-        for layout, x in layouts(base):
-            for rounding in ("nearest", "stochastic"):
-                fused, plain = both_paths(
-                    x,
-                    name,
-                    granularity,
-                    block_size=block,
-                    hadamard=signs,
-                    rounding=rounding,
-                    seed=5,
-                )
-                try:
-                    assert_same_qtensor(fused, plain)
-                except AssertionError as error:
-                    raise AssertionError(f"{shape} {layout} {rounding}: {error}") from error
+        cases.append((shape, base, 5))
+    assert_paths_agree(cases, name, granularity, block_size=block, hadamard=signs)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
@@ -465,29 +454,27 @@ def test_folded_operand_and_recovered_values_match_the_pytorch_path(
     also for tiny (2**-127 scales), infinite and NaN blocks."""
     from lowbit.nn.gemm import _fold
 
+    cases = []
     for seed, shape in enumerate([(1, 1), (3, 33), (17, 48), (32, 47)]):
         base = edge_tensor(shape, seed).to(dtype)
         if base.numel() > 40:
             base.view(-1)[:40] = base.view(-1)[:40] * 2.0**-120  # blocks of tiny scales
-        for layout, x in layouts(base):
-            for rounding in ("nearest", "stochastic"):
-                fused, plain = both_paths(
-                    x,
-                    name,
-                    granularity,
-                    block_size=block,
-                    scale_rule=rule,
-                    rounding=rounding,
-                    seed=seed,
-                    fold=True,
-                    keep_values=False,
-                )
-                try:
-                    assert_same_qtensor(fused, plain)
-                    if fused.folded is not None:
-                        assert_same_bits(fused.folded, _fold(plain)[0])
-                except AssertionError as error:
-                    raise AssertionError(f"{shape} {layout} {rounding}: {error}") from error
+        cases.append((shape, base, seed))
+
+    def same_fold(fused, plain):
+        if fused.folded is not None:
+            assert_same_bits(fused.folded, _fold(plain)[0])
+
+    assert_paths_agree(
+        cases,
+        name,
+        granularity,
+        block_size=block,
+        scale_rule=rule,
+        fold=True,
+        keep_values=False,
+        extra=same_fold,
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,22 +517,8 @@ def extreme_tensors(dtype):
 @pytest.mark.parametrize(("name", "granularity", "block", "rule"), SCHEMES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_extreme_tensors_match_the_pytorch_path(name, granularity, block, rule, dtype):
-    for what, base in extreme_tensors(dtype):
-        for layout, x in layouts(base):
-            for rounding in ("nearest", "stochastic"):
-                fused, plain = both_paths(
-                    x,
-                    name,
-                    granularity,
-                    block_size=block,
-                    scale_rule=rule,
-                    rounding=rounding,
-                    seed=1,
-                )
-                try:
-                    assert_same_qtensor(fused, plain)
-                except AssertionError as error:
-                    raise AssertionError(f"{what} {layout} {rounding}: {error}") from error
+    cases = [(what, base, 1) for what, base in extreme_tensors(dtype)]
+    assert_paths_agree(cases, name, granularity, block_size=block, scale_rule=rule)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
