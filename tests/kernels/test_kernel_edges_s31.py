@@ -17,6 +17,7 @@ from lowbit import kernels
 from lowbit.formats import quantize
 from tests.formats.test_fast_paths import assert_same_bits
 from tests.kernels.test_quantize_kernel import assert_same_qtensor
+from tests.recipes.test_fine_grained import ML_DTYPES
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the fused kernels did not build")
 
@@ -164,15 +165,6 @@ def test_one_thread_and_two_give_the_same_bits(name, granularity, block, rule):
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         assert_same_qtensor(a, b)
-
-
-ML_DTYPES = {
-    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2,
-    "fp6_e3m2": ml_dtypes.float6_e3m2fn,
-    "fp6_e2m3": ml_dtypes.float6_e2m3fn,
-    "fp4_e2m1": ml_dtypes.float4_e2m1fn,
-}
 
 
 def grid_and_ties(name):

@@ -11,19 +11,12 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.cli import main
 from lowbit.memory import measure, measure_activations
+from lowbit.memory.breakdown import COMPONENTS
 from lowbit.memory.estimate import estimate
 from lowbit.models import build_causal_lm
 from lowbit.optim import build_optimizer
 from lowbit.recipes import get_recipe
 
-COMPONENTS = (
-    "parameters",
-    "gradients",
-    "master_weights",
-    "optimizer_states",
-    "activations",
-    "temporaries",
-)
 BATCH, SEQ = 2, 32
 
 
