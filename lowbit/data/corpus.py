@@ -210,13 +210,14 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    splits = split_documents(load_texts(source, text_field))
+    documents, binary = _read_texts(source, text_field)
+    splits = split_documents(documents)
     warnings = tuple(
         filter(
             None,
             [
                 _skipped_files(str(source)),
-                _skipped_binary(str(source)),
+                _skipped_binary(str(source), binary),
                 _shared_text(str(source), splits),
             ],
         )
@@ -257,19 +258,11 @@ def _skipped_files(spec: str) -> str | None:
     )
 
 
-def _skipped_binary(spec: str) -> str | None:
+def _skipped_binary(spec: str, skipped: list[str]) -> str | None:
     """The warning for the binary files that a glob matched and `load_texts` left out (a
-    ``__pycache__``'s ``.pyc``, an image beside the text): ``folder/**/*``, which the warning of
-    `_skipped_files` advises, stopped the run at the first of them ("not UTF-8 text (byte 0);
-    fix: convert it to UTF-8")."""
-    pattern = os.path.expanduser(spec)
-    if Path(pattern).exists() or not glob.has_magic(pattern):
-        return None
-    skipped = [
-        os.path.relpath(f, _glob_base(pattern)).replace(os.sep, "/")
-        for f in _unique(_glob_files(pattern))
-        if _is_binary(f)
-    ]
+    ``__pycache__``'s ``.pyc``, an image beside the text; ``skipped``, named as the documents
+    are): ``folder/**/*``, which the warning of `_skipped_files` advises, stopped the run at the
+    first of them ("not UTF-8 text (byte 0); fix: convert it to UTF-8")."""
     if not skipped:
         return None
     shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
@@ -361,7 +354,13 @@ def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
 
 
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
-    """Documents from user data, sorted by name.
+    """Documents from user data, sorted by name (`_read_texts`)."""
+    return _read_texts(path_or_glob, text_field)[0]
+
+
+def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str]]:
+    """Documents from user data, sorted by name, and the names of the binary files a glob
+    matched and left out (for `load_corpus`'s warning).
 
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
       linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
@@ -381,6 +380,7 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     check_given(path_or_glob, "the data path")
     spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
+    binary: list[str] = []
     if path.is_dir():
         files = _unique(p for p in _folder_files(path) if p.suffix.lower() in FOLDER_SUFFIXES)
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
@@ -391,7 +391,12 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
             docs = _paragraph_documents(path)
     elif glob.has_magic(spec):
         base = _glob_base(spec)
-        files = [f for f in _unique(_glob_files(spec)) if not _is_binary(f)]
+        files = []
+        for f in _unique(_glob_files(spec)):
+            if _is_binary(f):
+                binary.append(os.path.relpath(f, base).replace(os.sep, "/"))
+            else:
+                files.append(f)
         # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
         # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
         records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
@@ -417,11 +422,16 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
                 f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
                 f"a glob for those, --data '{pattern}'"
             )
+        if binary and not docs:  # a glob of images, say: "matches files" was its fix
+            raise UsageError(
+                f"{spec}: every file it matches is binary ({', '.join(binary[:3])}"
+                f"{', ...' if len(binary) > 3 else ''}); fix: a glob of the UTF-8 text files"
+            )
         raise UsageError(
             f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
-    return sorted(docs, key=lambda d: d.name)
+    return sorted(docs, key=lambda d: d.name), binary
 
 
 def _jsonl_below(folder: Path) -> Path | None:

@@ -157,3 +157,14 @@ def test_a_conll_2003_file_of_four_columns_and_docstart_lines_is_no_warning(tmp_
     )
     assert len(read_conll(path)) == 3
     assert capsys.readouterr().err == ""
+
+
+def test_a_glob_of_binary_files_only_is_refused_naming_them(tmp_path):
+    """Every file left out as binary, the refusal was "no text found; fix: ... or a glob that
+    matches files", though the glob matched files."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(UsageError, match=r"every file it matches is binary \(a\.png, b\.png\)"):
+        load_texts(f"{folder}/*")
