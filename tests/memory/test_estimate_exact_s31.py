@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.cli import main
 from lowbit.memory import measure, measure_activations
-from lowbit.memory.breakdown import COMPONENTS
+from lowbit.memory.breakdown import COMPONENTS, LABELS
 from lowbit.memory.estimate import estimate
 from lowbit.models import build_causal_lm
 from lowbit.optim import build_optimizer
@@ -106,15 +106,7 @@ def test_cli_json_is_the_table(capsys):
     table = capsys.readouterr().out
     out = _cli_json(capsys, "--recipe", "bf16-pure-kahan", "--optimizer-state", "8bit")
     rows = dict(re.findall(r"^(\S[\w /]+?)\s{2,}([\d,]+)\s", table, re.MULTILINE))
-    labels = {
-        "parameters": "parameters",
-        "gradients": "gradients",
-        "master_weights": "master weights / Kahan",
-        "optimizer_states": "optimizer states",
-        "activations": "activations",
-        "temporaries": "temporary copies",
-        "total": "total",
-    }
+    labels = {**LABELS, "total": "total"}  # the table's row labels
     for key, label in labels.items():
         assert out[key] == int(rows[label].replace(",", "")), key
     fits = re.findall(r"^\s+(\d+) GB\s+(yes|no)\s+largest batch (\d+)$", table, re.MULTILINE)
