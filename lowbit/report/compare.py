@@ -212,7 +212,10 @@ def make_study(
             "--recipes or choose one of them"
         )
     if not math.isfinite(tolerance) or tolerance < 0:
-        raise UsageError(f"--tolerance must be a non-negative percent, got {tolerance}")
+        raise UsageError(
+            f"--tolerance must be a non-negative percent, got {tolerance:g}; fix: e.g. "
+            "--tolerance 1"
+        )
     for name, pct in (targets or {}).items():
         if name not in recipes:
             raise UsageError(f"--target {name}: not in --recipes; fix: drop it or add the recipe")

@@ -89,7 +89,10 @@ class _WarnedOnce:
     says it. An indented line written after that is said once as the warning so far (its lines
     up to this one), and always by the process that said the warning: a worker's line of its own
     that follows a warning said before (progress, an error's detail) is new and passes on, where,
-    taken for the warning's by its indentation alone, it was lost."""
+    taken for the warning's by its indentation alone, it was lost. The same text is judged the
+    same however it is cut into writes: a warning said whole marks its shorter forms (its first
+    line, ...) said too, for a process that writes it line by line; a line still being written
+    waits for its end, and a flush judges it as it is then (its rest going the same way)."""
 
     def __init__(self, stream, folder: str):
         self.stream, self.folder, self.pending = stream, folder, ""
@@ -97,14 +100,32 @@ class _WarnedOnce:
         self.warning: str | None = None
         self.said_warning = False  # whether this process said it (and so says its lines)
         self.covered = 0  # its indented lines still to come that were part of it when judged
+        # a warning's line judged before its end (at a flush): whether the rest of it is said;
+        # None at the start of a line
+        self.said_line: bool | None = None
 
     def write(self, text: str) -> int:
         self.pending += text
+        self._say(flushing=False)
+        return len(text)
+
+    def _say(self, flushing: bool) -> None:
+        """Pass on or leave out each line of ``pending``; a warning (or its line) whose end is
+        still to come waits for it, unless ``flushing``: then it is judged as it is, and the rest
+        of it, when it comes, goes where it went (`said_line`)."""
         while self.pending:
             line, newline, rest = self.pending.partition("\n")
+            if self.said_line is not None:  # the rest of a line judged at a flush
+                if self.said_line:
+                    self.stream.write(line + newline)
+                self.said_line = None if newline else self.said_line
+                self.pending = rest
+                continue
+            ends = bool(newline) or flushing
+            say = True
             indented = _is_indented(self.pending)
             if indented and self.warning is not None:  # the warning's line, or another's
-                if not newline:
+                if not ends:
                     break
                 if self.covered:  # said or left out with the warning's first line
                     self.covered -= 1
@@ -112,23 +133,31 @@ class _WarnedOnce:
                 else:
                     self.warning += "\n" + line
                     say = self._first(self.warning) or self.said_warning
-                if say:
-                    self.stream.write(line + newline)
-            elif not indented and WARNING.startswith(self.pending[: len(WARNING)]):
-                if not newline:  # a warning whose end is still to come
+            # a warning, or the start of one still being written (at a flush, the start of any
+            # line but a warning is said as it is, as every other line is)
+            elif not indented and (
+                line.startswith(WARNING) or (not ends and WARNING.startswith(line))
+            ):
+                # its indented lines of the same write (one print: the last one's newline comes
+                # in the next write, so a line still being written waits for it, to be judged
+                # whole, as a process that wrote it whole judges it)
+                lines = rest.split("\n")
+                follows = list(takewhile(_is_indented, lines))
+                if not ends or (len(follows) == len(lines) and not flushing):
                     break
-                # its indented lines of the same write (the last one's newline may come in the
-                # next, as print writes it)
-                follows = list(takewhile(_is_indented, rest.split("\n")))
                 self.warning, self.covered = "\n".join([line, *follows]), len(follows)
-                self.said_warning = self._first(self.warning)
-                if self.said_warning:
-                    self.stream.write(line + newline)
+                self.said_warning = say = self._first(self.warning)
+                # its shorter forms too, as a process that writes its lines one write each
+                # judges them: that one says it again otherwise
+                for end in range(len(follows) if say else 0):
+                    self._first("\n".join([line, *follows[:end]]))
             else:  # not a warning (nor a line of one): as it is
-                self.stream.write(line + newline)
                 self.warning = None
+            if say:
+                self.stream.write(line + newline)
+            if not newline and self.warning is not None:
+                self.said_line = say
             self.pending = rest
-        return len(text)
 
     def _first(self, text: str) -> bool:
         name = hashlib.sha256(text.encode()).hexdigest()
@@ -141,8 +170,7 @@ class _WarnedOnce:
         return True
 
     def flush(self) -> None:
-        self.stream.write(self.pending)
-        self.pending = ""
+        self._say(flushing=True)
         self.stream.flush()
 
     def __getattr__(self, name):  # fileno, isatty, encoding: the stream's
