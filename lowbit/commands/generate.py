@@ -4,6 +4,7 @@ causal LM."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 
@@ -63,6 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The byte-order marks of UTF-32 and UTF-16 (Windows Notepad's "Unicode", Windows PowerShell's
+# `>`), UTF-32's first as it begins with UTF-16's: such a file is not UTF-8, and the fix for a
+# Latin-1 one (iconv -f latin1) would turn it into a prompt of NUL bytes between its letters.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
 def _read_prompt_file(path: str) -> str:
     """The text of ``path`` (standard input for ``-``), decoded strictly as UTF-8: a Latin-1
     byte decoded leniently would reach the tokenizer as U+FFFD and change the sample unseen.
@@ -93,6 +105,12 @@ def _read_prompt_file(path: str) -> str:
             f"--prompt-file {name}: cannot be read ({reason}); fix: check the path and its "
             "permissions, or pass the text as --prompt"
         ) from None
+    for bom, encoding in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise UsageError(
+                f"--prompt-file {name} is {encoding} text (its byte-order mark), not UTF-8; fix: "
+                f"convert it to UTF-8 (e.g. iconv -f {encoding} -t utf-8)"
+            )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -138,7 +156,9 @@ def run(args) -> int:
     if sys.stdout is None:  # started with standard output closed (`>&-`): the sample goes nowhere
         raise UsageError("standard output is closed; fix: write it to a file (> sample.txt)")
     # before the model loads (seconds for a large one)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
+    check_sampling(
+        args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p, flags=True
+    )
     prompt = _prompt(args)
     # a quoted ~ (a script's argument) is the home folder, as `lowbit eval` reads it
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)

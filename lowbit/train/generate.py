@@ -16,24 +16,48 @@ from lowbit.train.tasks import evaluating
 
 
 def check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, seed: int, top_p: float = 1.0
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    top_p: float = 1.0,
+    flags: bool = False,
 ) -> None:
     """Refuse sampling settings out of range in one line (`sample_text`; `lowbit generate` asks
-    before it loads the model, which takes seconds for a large one)."""
+    before it loads the model, which takes seconds for a large one). With ``flags`` the message
+    names the option the user typed (``--top-k``), not this function's parameter (``top_k``)."""
+    name = _FLAGS.get if flags else lambda parameter: parameter
     if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens {max_new_tokens} is negative; fix: use 0 or more")
+        raise UsageError(
+            f"{name('max_new_tokens')} {max_new_tokens} is negative; fix: use 0 or more"
+        )
     if not temperature >= 0 or math.isinf(temperature):  # nan fails the comparison
         raise UsageError(
-            f"temperature {temperature} is not a finite value >= 0; fix: use 0 (greedy) or more"
+            f"{name('temperature')} {temperature} is not a finite value >= 0; fix: use 0 "
+            "(greedy) or more"
         )
     if top_k is not None and top_k < 0:
-        raise UsageError(f"top_k {top_k} is negative; fix: use 0 (no limit) or more")
+        raise UsageError(f"{name('top_k')} {top_k} is negative; fix: use 0 (no limit) or more")
     if not 0 <= seed < 2**32:  # `lowbit train`'s range (torch's generator fails from 2**64)
-        raise UsageError(f"seed must be in [0, 2**32), got {seed}; fix: e.g. --seed 0")
+        raise UsageError(
+            f"{name('seed')} must be in [0, 2**32), got {seed}; fix: e.g. "
+            + ("--seed 0" if flags else "seed=0")
+        )
     if not 0 < top_p <= 1:  # nan fails the comparison; 0 would keep no token but the likeliest
         raise UsageError(
-            f"top_p {top_p} is not in (0, 1]; fix: use e.g. 0.9 (1 keeps every token: no limit)"
+            f"{name('top_p')} {top_p} is not in (0, 1]; fix: use e.g. 0.9 (1 keeps every token: "
+            "no limit)"
         )
+
+
+# `lowbit generate`'s option for each of `check_sampling`'s parameters
+_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "top_p": "--top-p",
+}
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -194,7 +194,10 @@ class HFTokenizer:
         )
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        """The text of ``ids`` as the tokens spell it. No clean-up of spaces: a tokenizer_config
+        with ``clean_up_tokenization_spaces`` (many Hub models') would turn the sampled " ." into
+        "." (and for a BPE tokenizer, which transformers spares, log a warning on each run)."""
+        return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
     def token(self, token_id: int) -> str:
         """The token of ``token_id`` as the vocabulary spells it (for messages)."""

@@ -29,11 +29,11 @@ def test_pad_groups_without_groups_is_refused(lm_run, tmp_path, capsys, to):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--max-new-tokens", "-1", "max_new_tokens -1 is negative"),
+        ("--max-new-tokens", "-1", "--max-new-tokens -1 is negative"),
         ("--temperature", "-0.5", "temperature -0.5 is not a finite value >= 0"),
         ("--temperature", "nan", "temperature nan is not a finite value >= 0"),
         ("--temperature", "inf", "temperature inf is not a finite value >= 0"),
-        ("--top-k", "-3", "top_k -3 is negative"),
+        ("--top-k", "-3", "--top-k -3 is negative"),
         ("--seed", "-1", "seed must be in [0, 2**32), got -1"),
     ],
 )

@@ -59,7 +59,7 @@ def test_generate_top_k_0_samples_among_every_token(runs, capsys):
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]  # a barely trained model: the top 40 of 257 differ
     assert main(["generate", str(a), "--top-k", "-1"]) == 2
-    assert "top_k -1 is negative; fix: use 0 (no limit) or more" in capsys.readouterr().err
+    assert "--top-k -1 is negative; fix: use 0 (no limit) or more" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", [2**64, 2**32, -1])

@@ -88,7 +88,7 @@ def test_generate_top_p_samples_from_the_nucleus_reproducibly(run, capsys):
 @pytest.mark.parametrize("top_p", ["0", "-0.1", "1.5", "nan", "inf"])
 def test_generate_refuses_a_top_p_outside_0_1_in_one_line(run, capsys, top_p):
     assert main(["generate", str(run), "--top-p", top_p]) == 2
-    one_line_error(capsys, f"top_p {float(top_p)} is not in (0, 1]", "fix: use e.g. 0.9")
+    one_line_error(capsys, f"--top-p {float(top_p)} is not in (0, 1]", "fix: use e.g. 0.9")
 
 
 def test_generate_reads_the_prompt_from_a_utf8_file(run, tmp_path, capsys):
