@@ -466,6 +466,33 @@ def _expert_gemm_overrides(recipe: Recipe, name: str, spec, experts: int) -> dic
     return out
 
 
+def swapped_layers(model: torch.nn.Module) -> set[str]:
+    """The names of the modules `convert` put in the model (converted layers, experts modules
+    and their GEMMs): what `replaced_by_plain_layers` compares the model against."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (LowbitModule, LowbitExperts))
+    }
+
+
+def replaced_by_plain_layers(model: torch.nn.Module, swapped: set[str]) -> list[str]:
+    """The names in ``swapped`` (`swapped_layers` at the last `convert`) at which the model now
+    holds a layer of a kind `convert` swaps, unconverted: transformers' ``resize_token_embeddings``
+    builds a new ``nn.Linear`` output head of an untied model, which computes in the compute
+    dtype, not the recipe's format. A wrapper in a converted layer's place (a LoRA layer holding
+    it as its ``base_layer``) is no such layer."""
+    replaced = []
+    for name in sorted(swapped):
+        try:
+            now = model.get_submodule(name)
+        except AttributeError:  # removed, or a part of an experts module replaced as a whole
+            continue
+        if is_convertible(now) and not isinstance(now, (LowbitModule, LowbitExperts)):
+            replaced.append(name)
+    return replaced
+
+
 def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:
     """Every converted layer by fully qualified name."""
     return {

@@ -37,7 +37,15 @@ from lowbit.errors import UsageError
 from lowbit.formats import Granularity, Rounding
 from lowbit.models.pretrained import check_autocast
 from lowbit.nn.attention import route_attention
-from lowbit.nn.convert import ConversionReport, convert, is_convertible, lowbit_layers
+from lowbit.nn.convert import (
+    ConversionReport,
+    convert,
+    is_convertible,
+    lowbit_layers,
+    replaced_by_plain_layers,
+    swapped_layers,
+)
+from lowbit.nn.experts import LowbitExperts
 from lowbit.nn.linear import LowbitModule
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
@@ -70,6 +78,9 @@ class Precision:
         self.skipped_steps = 0  # iterations in which an overflow skipped a step
         self.conversion_report = ConversionReport()
         self._models: list[torch.nn.Module] = []
+        # for each model, the names of the modules its last `convert` swapped in, less those
+        # found replaced by plain layers since and warned about (`_warn_replaced_layers`)
+        self._swapped: list[set[str]] = []
         self._optimizers: list[torch.optim.Optimizer] = []
         # id(optimizer) -> the tensors its step updates, whose .grad hold the unscaled
         # high-precision gradients, and whether all are finite, from `unscale_` (or
@@ -129,7 +140,9 @@ class Precision:
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
         if recipe.layer is not None or recipe.overrides:  # overrides apply under autocast too
-            if is_convertible(model):  # a bare layer: nothing holds it, the new layer is returned
+            # a bare layer, converted or not (converting again is harmless): nothing holds it,
+            # the new layer is returned
+            if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
                 holder = torch.nn.Sequential(model)
                 convert(holder, recipe, self.conversion_report)
                 model = holder[0]
@@ -143,6 +156,9 @@ class Precision:
             route_attention(model)
         if all(known is not model for known in self._models):
             self._models.append(model)
+            self._swapped.append(set())
+        index = next(i for i, known in enumerate(self._models) if known is model)
+        self._swapped[index] = swapped_layers(model)
         self._apply_pending()
         return model
 
@@ -211,8 +227,38 @@ class Precision:
             self._optimizers.append(optimizer)
             self.update.wrap(optimizer)
             _guard_steps(optimizer, self)
+        self._warn_replaced_layers(3)
         self._apply_pending()
         return optimizer
+
+    def _warn_at_first_steps(self, optimizers: list, stacklevel: int) -> None:
+        """`_warn_replaced_layers` at the first step (or unscaling) of an optimizer, which may
+        not be wrapped (fp32 parameters step without it); not at every step."""
+        if any(id(optimizer) not in self._backward_at_step for optimizer in optimizers):
+            self._warn_replaced_layers(stacklevel + 1)
+
+    def _warn_replaced_layers(self, stacklevel: int) -> None:
+        """Warn, once for each, of the layers `convert` swapped that the model has since replaced
+        by plain ones (`replaced_by_plain_layers`): transformers' ``resize_token_embeddings``
+        gives an untied model a new ``nn.Linear`` output head, and the head trained on in the
+        compute dtype, not the recipe's format, without a word. Checked at `wrap_optimizer` (a
+        resized model needs a new optimizer for its new Parameters) and at each optimizer's first
+        step (`_warn_at_first_steps`)."""
+        for index, (model, swapped) in enumerate(zip(self._models, self._swapped)):
+            names = replaced_by_plain_layers(model, swapped)
+            if not names:
+                continue
+            swapped.difference_update(names)
+            where = f" of model {index + 1} given to precision.convert()" if index else ""
+            dtype = str(self.compute_dtype).removeprefix("torch.")
+            warnings.warn(
+                f"lowbit: layers that precision.convert() converted were replaced since by plain, "
+                f"unconverted ones (resize_token_embeddings makes a new output head): "
+                f"{', '.join(names)}{where}; they compute in {dtype}, not in recipe "
+                f"{self.recipe.name}'s formats; fix: call precision.convert(model) again after "
+                "resize_token_embeddings (it converts only the new layers)",
+                stacklevel=stacklevel,
+            )
 
     @contextlib.contextmanager
     def own_steps(self):
@@ -329,7 +375,9 @@ class Precision:
 
     def _unscaled(self, call: str, optimizer) -> list[torch.Tensor]:
         """`unscale_` for ``precision.<call>()``, whose name a refused argument's error gives."""
-        return [t for opt in _optimizers(call, optimizer) for t in self._prepare(opt)[0]]
+        optimizers = _optimizers(call, optimizer)
+        self._warn_at_first_steps(optimizers, 4)
+        return [t for opt in optimizers for t in self._prepare(opt)[0]]
 
     def clip_grad_norm_(
         self,
@@ -377,6 +425,7 @@ class Precision:
         else:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
+        self._warn_at_first_steps(optimizers, 3)
         stepped = True
         self._unstepped_load = False
         with self.own_steps():

@@ -208,17 +208,30 @@ class LowPrecisionUpdate:
                 optimizer.state[p] = optimizer.state.pop(hp)
 
     def _high_precision(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s fp32 stand-in. A parameter resized in place since its master weight or Kahan
+        buffer was made (``resize_token_embeddings`` assigns the embedding's ``.data``; the step
+        failed with "attempting to assign a gradient of size [80, 32] to a tensor of size
+        [64, 32]") gets a master weight or Kahan buffer of its new shape, which keeps the old
+        one's values in the rows both have."""
         if self.master:
-            if p not in self.masters:
+            master = self.masters.get(p)
+            if master is None:
                 self.masters[p] = _fp32_leaf(p)
+            elif master.shape != p.shape:
+                self.masters[p] = _leading_rows(master, _fp32_leaf(p))
+                _follow_parameter(self.masters[p], p, self.rounding)  # kept rows p no longer holds
             elif self._master_versions.get(p) != local_values(p)._version:
-                _follow_parameter(self.masters[p], p, self.rounding)
+                _follow_parameter(master, p, self.rounding)
             self._master_versions[p] = local_values(p)._version
             return self.masters[p]
         value = _fp32_leaf(p)
-        if self.rounding is UpdateRounding.KAHAN and p in self.compensation:
+        compensation = self.compensation.get(p)
+        if self.rounding is UpdateRounding.KAHAN and compensation is not None:
+            if compensation.shape != p.shape:
+                compensation = _leading_rows(compensation, torch.zeros_like(p.detach()))
+                self.compensation[p] = compensation
             with torch.no_grad():
-                value.add_(self.compensation[p])
+                value.add_(compensation)
         return value
 
     # --- the step ----------------------------------------------------------------------------
@@ -463,6 +476,18 @@ def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRou
         else:
             stale = high.to(low.dtype) != low
         high.copy_(torch.where(stale, widened, high))
+
+
+def _leading_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` with the rows it shares with ``old`` (a tensor of its parameter's shape before a
+    resize in place, which keeps the leading rows: new tokens are rows added at the end) copied
+    from ``old``; ``new`` as it is where the rows differ in shape or the tensors are sharded."""
+    if old.shape[1:] != new.shape[1:] or _is_dtensor(new) or not new.dim():
+        return new
+    rows = min(len(old), len(new))
+    with torch.no_grad():
+        new[:rows].copy_(old[:rows])
+    return new
 
 
 def _fp32_leaf(p: torch.Tensor) -> torch.Tensor:
