@@ -109,6 +109,8 @@ class Diagnosis:
     stopped: str = ""  # why the probe ended before its steps (a non-finite step), or ""
     start_step: int = 0  # the step the probe starts from: the checkpoint's, 0 from scratch
     moved: int = 0  # operands `auto` moved after their last observed step (`_moved_at_the_end`)
+    # low-precision layers no probe step ran (`_not_run`): absent from the table, not judged fine
+    not_run: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[Row]:
@@ -131,7 +133,16 @@ class Diagnosis:
             "probe_loss": [clean(v) for v in self.loss],
             "stopped": self.stopped,
             "moved_after_probe": self.moved,
+            "not_run": self.not_run,
         }
+
+    def _not_run_line(self) -> str:
+        shown = ", ".join(self.not_run[:3]) + (", ..." if len(self.not_run) > 3 else "")
+        return (
+            f"{len(self.not_run)} low-precision layers never ran in the probe ({shown}): not "
+            "judged, and not in the table (experts no token was routed to, or modules the "
+            "model's forward does not call); doctor.json's not_run lists them all"
+        )
 
     def table(self, top: int = 15) -> str:
         width = max([9, *(len(r.spec) for r in self.rows[:top])])
@@ -151,6 +162,7 @@ class Diagnosis:
                 if self.moved
                 else []
             ),
+            *([self._not_run_line()] if self.not_run else []),
             f"{'#':>3} {'layer':<{named}} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
@@ -695,7 +707,23 @@ def diagnose(
         stopped=result.get("stopped", ""),
         start_step=result["start_step"],
         moved=_moved_at_the_end(result["trainer"], rows),
+        not_run=_not_run(result["trainer"], result["per_step"]),
     )
+
+
+def _not_run(trainer, per_step: list[dict]) -> list[str]:
+    """The low-precision layers no probe step observed: never called in the forward pass (a
+    mixture-of-experts layer's experts that no token was routed to, a module the forward
+    skips). They have no statistics, so without this they vanished from the table and the
+    count of operands judged, as if they were fine."""
+    from lowbit.nn.convert import lowbit_layers
+
+    ran = {layer for stats in per_step for layer in stats}
+    return [
+        name
+        for name, layer in lowbit_layers(trainer.model).items()
+        if name not in ran and not layer.lowbit_state.spec.is_identity
+    ]
 
 
 def _moved_at_the_end(trainer, rows: list[Row]) -> int:

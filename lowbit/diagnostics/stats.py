@@ -66,8 +66,10 @@ DEFAULT_INTERVAL = 50  # steps between statistics; measured overhead in BENCHMAR
 
 
 def _per_element_scale(q: QTensor) -> torch.Tensor:
-    if q.granularity is Granularity.TENSOR:
-        return q.effective_scale().reshape(())  # broadcasts; no expanded copy
+    # One tensor scale broadcasts (no expanded copy). An empty operand's scale grid is empty
+    # ((0, 1) for no rows), not a single value: laid out as its (empty) values instead.
+    if q.granularity is Granularity.TENSOR and q.effective_scale().numel() == 1:
+        return q.effective_scale().reshape(())
     return q.expanded_scale()
 
 
