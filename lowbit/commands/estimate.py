@@ -33,18 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         help=f"a size ({', '.join(list_sizes())}), the config.json (or checkpoint folder) of "
-        "any causal LM transformers builds, or a lowbit run folder (the model it trained)",
+        "any causal LM transformers builds, or a lowbit run folder (that run: its model and "
+        "settings, each replaced by the flag that gives it)",
     )
     parser.add_argument(
         "--recipe",
-        default="bf16-mixed",
-        help="a recipe (default bf16-mixed), or several separated by commas for a side-by-side "
-        "table: " + ", ".join(accepted_names()),
+        default=None,
+        help="a recipe (default bf16-mixed, or a run folder's), or several separated by commas "
+        "for a side-by-side table: " + ", ".join(accepted_names()),
     )
     parser.add_argument(
         "--optimizer-state",
-        default="fp32",
-        help=f"Adam state precision (default fp32): {', '.join(STATE_PRECISIONS)}",
+        default=None,
+        help="Adam state precision (default fp32, or a run folder's): "
+        + ", ".join(STATE_PRECISIONS),
     )
     parser.add_argument(
         "--task",
@@ -52,7 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"{' or '.join(TASKS)} (default causal-lm, or a lowbit run folder's own task; token "
         "classification: an encoder's config.json or folder)",
     )
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch per device (default 1)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="micro-batch per device (default 1; for a lowbit run folder, the run's --batch-size "
+        "over --gpus, as its processes split it)",
+    )
     parser.add_argument(
         "--seq",
         type=int,
@@ -64,30 +72,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nproc",  # as `lowbit train` names them
         dest="gpus",
         type=int,
-        default=1,
+        default=None,
         help="data-parallel devices (also --nproc, as in lowbit train); with --sharding fsdp they "
-        "share the model states (default 1)",
+        "share the model states (default 1, or a run folder's --nproc)",
     )
     parser.add_argument(
         "--sharding",
         "--strategy",
         dest="sharding",
-        default="none",
-        help=f"{', '.join(SHARDING)} (default none; also --strategy, as in lowbit train): every "
-        "device holds the whole model states (none, ddp), or they are sharded over --gpus (fsdp)",
+        default=None,
+        help=f"{', '.join(SHARDING)} (default none, or a run folder's --strategy; also "
+        "--strategy, as in lowbit train): every device holds the whole model states (none, ddp), "
+        "or they are sharded over --gpus (fsdp)",
     )
     parser.add_argument(
         "--activation-checkpointing",
-        action="store_true",
-        help="keep only each block's input for the backward and recompute the rest",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep only each block's input for the backward and recompute the rest (default off, "
+        "or a run folder's; --no-activation-checkpointing turns a run's off)",
     )
     parser.add_argument(
         "--override",
         action="append",
-        default=[],
+        default=None,
         metavar="PATTERN=WHAT",
         help="per-layer precision as lowbit train takes it, repeatable: "
-        "PATTERN=keep|PRESET|OPERAND:FORMAT,... (e.g. lm_head=fp32); first match wins",
+        "PATTERN=keep|PRESET|OPERAND:FORMAT,... (e.g. lm_head=fp32); first match wins; given, "
+        "they replace a run folder's overrides",
     )
     parser.add_argument(
         "--json",
@@ -250,22 +262,53 @@ def _check_checkpointing(args, planned) -> bool:
     return False
 
 
-def _run_defaults(model: str) -> tuple[str | None, int | None]:
-    """The task and --seq-len of a lowbit run folder; (None, None) for anything else."""
+# What `lowbit estimate` estimates where neither a flag nor a run folder says otherwise
+DEFAULTS = dict(
+    task="causal-lm", recipe="bf16-mixed", override=[], optimizer_state="fp32", batch=1,
+    seq=DEFAULT_SEQ, gpus=1, sharding="none", activation_checkpointing=False,
+)  # fmt: skip
+
+
+def _with_run_settings(args) -> None:
+    """Fill the settings ``args`` leaves unset (None) from the lowbit run folder ``--model`` names,
+    so that its estimate is that run's (until session 32 a run folder gave only its model, task and
+    --seq-len, and was estimated as bf16-mixed with fp32 states, batch 1 and no checkpointing
+    whatever it ran); a flag that is given wins. The rest get `DEFAULTS`."""
     from lowbit.train.config import TASK_DEFAULTS, is_run_folder, read
 
-    if not is_run_folder(model):
-        return None, None
-    run = read(model)
-    return run.task, run.seq_len or TASK_DEFAULTS[run.task]["seq_len"]
+    if is_run_folder(args.model):
+        run = read(args.model)
+        recorded = {
+            # a tagger's run folder: token-classification; a CNN's is refused as the run's task
+            "task": run.task if run.task in TASKS else None,
+            # an encoder's 64 positions refuse the default 1024
+            "seq": run.seq_len or TASK_DEFAULTS[run.task]["seq_len"],
+            "recipe": run.recipe,
+            "override": run.overrides,
+            "optimizer_state": run.optimizer_state,
+            "gpus": run.nproc,
+            "sharding": run.strategy,
+            "activation_checkpointing": run.activation_checkpointing,
+        }
+        for name, value in recorded.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        if args.batch is None and run.batch_size is not None and args.gpus >= 1:
+            # its --batch-size is the global batch, which its processes split (`lowbit train`)
+            if run.batch_size % args.gpus:
+                raise UsageError(
+                    f"{args.model}: the run's batch size {run.batch_size} (its global batch) "
+                    f"does not split evenly over {args.gpus} GPUs; fix: --batch N (the "
+                    f"micro-batch per device), or --gpus dividing {run.batch_size}"
+                )
+            args.batch = run.batch_size // args.gpus
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def run(args) -> int:
-    task, seq = _run_defaults(args.model)
-    # a tagger's run folder: token-classification; a CNN's is refused as the run's task
-    args.task = args.task or (task if task in TASKS else None) or "causal-lm"
-    if args.seq is None:  # a run folder's own length: an encoder's 64 positions refuse 1024
-        args.seq = seq or DEFAULT_SEQ
+    _with_run_settings(args)
     recipes = _recipes(args)
     if len(recipes) > 1:
         return compare_recipes(args, recipes)
