@@ -231,7 +231,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                     # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill
                     # -INT, a scheduler) does not: ask every rank to save and stop, which is the
                     # same request, not a second Ctrl-C, for a rank that got the first.
-                    _ask_to_stop(context)
+                    _ask_to_stop(context, received[-1])
                 except mp.ProcessRaisedException as error:
                     if killed:  # the others' errors ("Connection reset by peer") followed
                         raise _killed(killed) from None
@@ -291,13 +291,20 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
-def _ask_to_stop(context) -> None:
+def _ask_to_stop(context, signum: int) -> None:
+    """Ask the ranks to save and stop, after this process got ``signum``: a SIGTERM goes on as
+    itself, which each rank's `_stop_unless_aborted` takes as the request, so that rank 0 says
+    the run was terminated; a SIGINT as `STOP_SIGNAL` (another SIGINT would abort a rank that
+    had the terminal's Ctrl-C). All as `STOP_SIGNAL`, a group's SIGTERM was reported as a
+    Ctrl-C ("interrupted ... Ctrl-C again to abort"): a rank handles its pending signals in
+    number order, SIGUSR1 before SIGTERM."""
     if STOP_SIGNAL is None:
         return
+    request = signal.SIGTERM if signum == signal.SIGTERM else STOP_SIGNAL
     for process in context.processes:
         if process.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, STOP_SIGNAL)
+                os.kill(process.pid, request)
 
 
 def _terminate(context, folder: Path) -> None:

@@ -1234,16 +1234,25 @@ def _stop_on_sigint(trainer: Trainer):
     """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once. The
     launcher's `lowbit.distributed.context.STOP_SIGNAL` asks for the first, however often it comes.
 
-    So does a SIGTERM to a one-process run: it is how schedulers (Slurm, Kubernetes, systemd)
-    end a job before a later SIGKILL, and by default it killed the run without a checkpoint, losing
-    the steps since the last save. A rank of the `--nproc` launcher leaves SIGTERM to the
-    launcher's handler (`lowbit.distributed.launch`): it calls this one as for `STOP_SIGNAL`,
-    unless the launcher is aborting the ranks with it (a second Ctrl-C, a failed rank)."""
+    So does a SIGTERM: it is how schedulers (Slurm, Kubernetes, systemd) end a job before a later
+    SIGKILL, and how torchrun, itself stopped, stops its ranks (it SIGKILLs them after its
+    ``--shutdown-timeout``); by default it killed the run without a checkpoint, losing the steps
+    since the last save (a torchrun rank, or one process with ``--strategy``, kept the default).
+    A rank of the `--nproc` launcher leaves SIGTERM to the launcher's handler
+    (`lowbit.distributed.launch`): it calls this one as for `STOP_SIGNAL`, unless the launcher is
+    aborting the ranks with it (a second Ctrl-C, a failed rank)."""
     from lowbit.distributed.context import STOP_SIGNAL, signals_handled
+
+    # torchrun (its ranks in sessions of their own) passes its Ctrl-C on to them as SIGINT, and
+    # its second one as the SIGTERM of its shutdown: after a SIGINT that SIGTERM is the second
+    # Ctrl-C the stop message offers, and aborts, as it did when SIGTERM killed the ranks
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    first: list[int] = []  # the signal that asked for the stop
 
     def request_stop(signum) -> None:
         if not trainer.stop_requested:
             trainer.stop_requested = True
+            first.append(signum)
             if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
                 print(
                     "\nterminated (SIGTERM): saving a checkpoint after this step"
@@ -1254,12 +1263,16 @@ def _stop_on_sigint(trainer: Trainer):
                 )
 
     def handler(signum, frame):
-        if trainer.stop_requested and signum == signal.SIGINT:
+        again = signum == signal.SIGINT or (
+            signum == signal.SIGTERM and torchrun and first == [signal.SIGINT]
+        )
+        if trainer.stop_requested and again:
             raise KeyboardInterrupt
         request_stop(signum)
 
     signals = [signal.SIGINT] + ([STOP_SIGNAL] if STOP_SIGNAL is not None else [])
-    if not trainer.dist.distributed:
+    # the launcher's ranks have their handler already; a rank's own program may have its own too
+    if not trainer.dist.distributed or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signals.append(signal.SIGTERM)
     with signals_handled(handler, *signals):
         yield

@@ -1,0 +1,125 @@
+"""Session 32: a SIGTERM to a run whose ranks lowbit's own launcher did not set up (torchrun's, or
+one process with ``--strategy``) saves at a step boundary, and a SIGTERM is reported as one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# far more steps than a run reaches before its signal: it stops on the signal, not at its end
+STEPS = 10_000
+FLAGS = ["--quiet", "--device", "cpu", "--model", "nano", "--seq-len", "32", "--batch-size", "8"]
+FLAGS += ["--eval-batches", "1", "--eval-interval", str(STEPS), "--steps", str(STEPS)]
+FLAGS += ["--save-interval", "1"]  # its first checkpoint: every rank trains, its handlers set
+TIMEOUT = 180  # generous: the machine's cores are shared
+
+
+def _start(run: Path, *flags: str, launcher=()) -> tuple[subprocess.Popen, Path]:
+    """``lowbit train`` into ``run`` behind ``launcher`` (``python -m`` arguments), in a session
+    of its own (a signal meant for it reaches nothing else); stderr goes to a file (a pipe nobody
+    reads could block it)."""
+    argv = [sys.executable, "-m", *launcher, "lowbit", "train", *FLAGS, *flags, "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_DIST_TIMEOUT": "60"}
+    err = run.with_suffix(".err")
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True,
+        )  # fmt: skip
+    return process, err
+
+
+def _term_after_first_checkpoint(process: subprocess.Popen, run: Path) -> int:
+    """SIGTERM to ``process`` alone once the run's first checkpoint exists; its exit code."""
+    first = run / "checkpoints" / "step-0000001.dcp"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not first.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no first checkpoint (exit {process.returncode})")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of a failed run
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _stopped_step(run: Path, stderr: str) -> int:
+    """The step a run stopped at on its SIGTERM, checked to be resumable from its checkpoint."""
+    assert "terminated (SIGTERM): saving a checkpoint after this step" in stderr, stderr
+    assert "Ctrl-C" not in stderr, stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted", stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[-1] == f"step-{info['step']:07d}.dcp", names
+    return info["step"]
+
+
+def test_torchrun_ranks_save_on_the_sigterm_torchrun_sends_them(tmp_path):
+    """torchrun, itself stopped (Slurm's preemption, ``scancel``), SIGTERMs its ranks, and SIGKILLs
+    them after its shutdown timeout. The ranks kept SIGTERM's default action and died at once:
+    run.json still said "running" and the steps since the last checkpoint were lost."""
+    run = tmp_path / "run"
+    process, err = _start(run, launcher=("torch.distributed.run", "--nproc-per-node", "2", "-m"))
+    _term_after_first_checkpoint(process, run)  # torchrun's own exit: its SignalException
+    assert _stopped_step(run, err.read_text()) >= 1
+
+
+def test_one_process_with_a_strategy_saves_on_sigterm(tmp_path):
+    """One process with ``--strategy`` runs as a group of one: it kept SIGTERM's default action,
+    as a rank does, and died unsaved (exit 143) where one without a strategy saves."""
+    run = tmp_path / "run"
+    process, err = _start(run, "--strategy", "ddp")
+    code = _term_after_first_checkpoint(process, run)
+    assert code == 130, err.read_text()
+    _stopped_step(run, err.read_text())
+
+
+def test_a_sigterm_to_the_launcher_is_reported_as_a_sigterm(tmp_path):
+    """A SIGTERM to the ``--nproc`` launcher reached the ranks as its Ctrl-C stop request: the run
+    said "interrupted: ... (Ctrl-C again to abort)", which no one pressed, and a second Ctrl-C
+    would not reach a launcher a scheduler is stopping."""
+    run = tmp_path / "run"
+    process, err = _start(run, "--nproc", "2")
+    code = _term_after_first_checkpoint(process, run)
+    assert code == 130, err.read_text()
+    _stopped_step(run, err.read_text())
+
+
+def test_a_second_ctrl_c_to_torchrun_aborts_its_ranks(tmp_path):
+    """torchrun passes its first Ctrl-C on to its ranks as SIGINT (they save and stop) and the
+    second as its shutdown's SIGTERM. Taken as one more stop request, that SIGTERM let the ranks
+    finish their save where the stop message offers "Ctrl-C again to abort"; it aborts them, the
+    last whole checkpoint kept."""
+    run = tmp_path / "run"
+    torchrun = ("torch.distributed.run", "--nproc-per-node", "2", "-m")
+    # steps long enough for the second Ctrl-C to come before the ranks end the first's step
+    process, err = _start(run, "--seq-len", "256", launcher=torchrun)
+    first = run / "checkpoints" / "step-0000001.dcp"
+    deadline, pressed = time.monotonic() + TIMEOUT, False
+    try:
+        while "saving a checkpoint" not in err.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no stop message (exit {process.returncode})")
+            if first.exists() and not pressed:
+                process.send_signal(signal.SIGINT)  # the terminal's Ctrl-C: torchrun alone
+                pressed = True
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = err.read_text()
+    assert "lowbit: aborted; the last complete checkpoint" in stderr, stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "aborted", stderr
