@@ -36,7 +36,7 @@ from enum import Enum
 import torch
 
 from lowbit.errors import UsageError, member
-from lowbit.formats.counter_rng import draw_seed, uniforms
+from lowbit.formats.counter_rng import seed_tensor, uniforms
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
 
@@ -80,7 +80,7 @@ def _round(r: torch.Tensor, rounding: Rounding, generator: torch.Generator | Non
     if rounding is Rounding.NEAREST:
         return torch.round(r)
     low = torch.floor(r)
-    u = uniforms(r.shape, draw_seed(generator), r.device).to(r.dtype)
+    u = uniforms(r.shape, seed_tensor(generator), r.device).to(r.dtype)
     return torch.copysign(low + (u < (r - low)).to(r.dtype), r)
 
 
@@ -136,7 +136,7 @@ def _cast_e8m0(x32: torch.Tensor, rounding: Rounding, generator) -> torch.Tensor
     if rounding is Rounding.NEAREST:
         up = mantissa >= 0.75  # m*2 >= 1.5 rounds up
     else:
-        u = uniforms(x64.shape, draw_seed(generator), x64.device)
+        u = uniforms(x64.shape, seed_tensor(generator), x64.device)
         up = u < mantissa * 2 - 1  # f = m*2 - 1, exact in float64
     e = exponent - 1 + up.to(exponent.dtype)
     e = e.clamp(-127, 127)

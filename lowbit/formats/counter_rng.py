@@ -50,13 +50,22 @@ def seeded_generator(seed: int, index: int, device="cpu") -> torch.Generator:
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """One 63-bit seed from ``generator`` (default: the global CPU generator)."""
+    return int(seed_tensor(generator))
+
+
+def seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
+    """`draw_seed`'s draw as a 0-dim int64 tensor, on the generator's device. What quantization
+    draws: under `torch.compile` the ``int()`` of a tensor breaks the graph (and a graph break in
+    a layer's backward sent its whole autograd function back to eager), while a tensor seed stays
+    in the graph, drawn afresh at every call from the same generator, so the bits are eager's."""
     device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+    return torch.randint(0, 2**63 - 1, (), generator=generator, device=device)
 
 
-def uniforms(shape, seed: int, device=None) -> torch.Tensor:
+def uniforms(shape, seed: int | torch.Tensor, device=None) -> torch.Tensor:
     """float32 draws ``u[i]`` for the row-major index ``i`` of ``shape``: of ``z = hash(seed, i // 2)``,
     ``(z >> 40) / 2**24`` for even ``i`` and ``((z >> 16) & (2**24 - 1)) / 2**24`` for odd ``i``.
+    ``seed``: an int, or a 0-dim int64 tensor (`seed_tensor`'s, in [0, 2**63): the same bits).
 
     Integer tensor arithmetic wraps modulo 2**64 (two's complement), as the C++ kernel's uint64 does.
     """
@@ -64,7 +73,7 @@ def uniforms(shape, seed: int, device=None) -> torch.Tensor:
     for size in shape:
         count *= size
     z = torch.arange(1, (count + 1) // 2 + 1, dtype=torch.int64, device=device) * _signed(_GOLDEN)
-    z += _signed(seed % _U64)
+    z += seed.to(z.device) if isinstance(seed, torch.Tensor) else _signed(seed % _U64)
     z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
     z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
     z ^= _shift_right(z, 31)

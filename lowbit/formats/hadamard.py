@@ -42,6 +42,11 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (h / math.sqrt(n)).to(dtype)
 
 
+# A pure function of its arguments, so Dynamo may run it while tracing and keep the tensor: a
+# `torch.Generator` made inside a traced graph breaks it, and a model compiled before its first
+# eager step draws its layers' signs there (in each `mxfp4` layer's backward: its autograd
+# function ran eagerly).
+@torch.compiler.assume_constant_result
 def random_signs(n: int, seed: int) -> torch.Tensor:
     """``n`` random signs (fp32 +-1) drawn from ``seed``: the diagonal ``S`` of the transform."""
     _check_order(n)
@@ -104,24 +109,31 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     cols = x.shape[-1]
     padded = padded_length(cols, n)
     signs = signs.to(x.device, torch.float32).repeat(padded // n)
-    # fp32 by type promotion (16-bit values are exact in fp32; times +-1 is exact), written
-    # row-major whatever x's layout, so that the butterflies below reshape without a copy
-    y = torch.empty((*x.shape[:-1], padded), dtype=torch.float32, device=x.device)
-    torch.mul(
-        x if x.dtype in (torch.bfloat16, torch.float16) else x.float(),
-        signs[:cols],
-        out=y[..., :cols],
-    )
+    # fp32 by type promotion (16-bit values are exact in fp32; times +-1 is exact)
+    x = x if x.dtype in (torch.bfloat16, torch.float16) else x.float()
     # The padding zeros are multiplied by their signs too (-1 * 0 = -0.0), as the kernel does:
     # a block of zeros then sums to the same signed zeros on both paths.
-    y[..., cols:] = signs[cols:] * 0.0
+    padding = signs[cols:] * 0.0
+    # Dynamo refuses ``out=`` tensors that are not contiguous (a graph break, which in a layer's
+    # backward ran its whole autograd function eagerly): a traced graph writes new tensors, the
+    # same values; eagerly each stage writes its two halves in place (two ops, no copy).
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        y = torch.cat((x * signs[:cols], padding.expand(*x.shape[:-1], padded - cols)), dim=-1)
+    else:  # written row-major whatever x's layout, so that the butterflies reshape without a copy
+        y = torch.empty((*x.shape[:-1], padded), dtype=torch.float32, device=x.device)
+        torch.mul(x, signs[:cols], out=y[..., :cols])
+        y[..., cols:] = padding
     shape = y.shape
     h = 1
     while h < n:
         pairs = y.reshape(-1, n // (2 * h), 2, h)  # groups of 2h within each block: (a, b) halves
-        out = torch.empty_like(pairs)  # a + b and a - b written in place: two ops per stage
-        torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
-        torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
-        y = out
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        if compiling:
+            y = torch.stack((a + b, a - b), dim=2)
+        else:
+            y = torch.empty_like(pairs)
+            torch.add(a, b, out=y[:, :, 0])
+            torch.sub(a, b, out=y[:, :, 1])
         h *= 2
     return y.reshape(shape).mul_(torch.tensor(1 / math.sqrt(n), dtype=torch.float32))

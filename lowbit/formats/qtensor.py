@@ -16,7 +16,7 @@ import torch
 from lowbit import kernels
 from lowbit.errors import UsageError, member
 from lowbit.formats.cast import Rounding, cast_to_carrier_, check_real
-from lowbit.formats.counter_rng import draw_seed
+from lowbit.formats.counter_rng import seed_tensor
 from lowbit.formats.hadamard import check_signs, padded_length, transform
 from lowbit.formats.scaling import (
     Granularity,
@@ -221,7 +221,7 @@ def _quantize_fused(
         _pad_to_blocks(matrix, block, pad)  # raises the usual error
     if amax is not None and granularity is Granularity.AXIS:
         amax = _external_block_amax(amax, rows, granularity).reshape(rows)
-    noise_seed = draw_seed(generator) if rounding is Rounding.STOCHASTIC else None
+    noise_seed = seed_tensor(generator) if rounding is Rounding.STOCHASTIC else None
     nvfp4 = granularity is Granularity.NVFP4
     fold = (
         fold

@@ -281,6 +281,7 @@ def _load() -> bool:
         )
         return False
     fake.register()  # so that torch.export and torch.compile can trace the ops (see fake.py)
+    _define_traced_quantize_rows()
     return True
 
 
@@ -334,7 +335,7 @@ def quantize_rows(
     fmt_max: float,
     rule: int,
     amax: torch.Tensor | None,
-    noise_seed: int | None = None,
+    noise_seed: int | torch.Tensor | None = None,
     fold: bool = False,
     hadamard: torch.Tensor | None = None,
     write_values: bool = True,
@@ -343,13 +344,21 @@ def quantize_rows(
     """``(values, scale, tensor_scale, folded, measured_amax)`` of a 2-D CPU tensor; see
     quantize.cpp.
 
-    ``noise_seed``: stochastic rounding with `lowbit.formats.counter_rng.uniforms` of that seed.
+    ``noise_seed``: stochastic rounding with `lowbit.formats.counter_rng.uniforms` of that seed, an
+    int or a 0-dim int64 tensor (`lowbit.formats.counter_rng.seed_tensor`'s; a traced graph keeps
+    it a tensor, see `_define_traced_quantize_rows`).
     ``hadamard``: random signs; the rows are first transformed by `lowbit.formats.hadamard.transform`
     (zero-padded to whole blocks of its length), and the results have the padded columns.
     ``write_values=False`` (with ``fold``): ``values`` comes back empty, only ``folded`` is written.
     ``measure_amax`` (``block`` 0): ``measured_amax`` is max |x| (one fp32), taken in the rounding
     pass when ``amax`` is given; otherwise it comes back empty."""
-    return torch.ops.lowbit.quantize_rows(
+    op = torch.ops.lowbit.quantize_rows
+    if isinstance(noise_seed, torch.Tensor):
+        if torch.compiler.is_compiling():
+            op = torch.ops.lowbit_traced.quantize_rows
+        else:
+            noise_seed = int(noise_seed)
+    return op(
         x,
         block,
         block_rows,
@@ -366,6 +375,48 @@ def quantize_rows(
         write_values,
         measure_amax,
     )
+
+
+def _define_traced_quantize_rows() -> None:
+    """``lowbit_traced::quantize_rows``: ``quantize_rows`` with its stochastic-rounding seed a
+    0-dim int64 tensor, the op a traced graph (`torch.compile`, `torch.export`) calls. The C++
+    op takes the seed as an int, and a graph cannot turn its tensor seed into one: Dynamo broke
+    the graph there, in the backward of every layer with stochastic rounding (`mxfp4`, `nvfp4`),
+    and so ran each such layer's autograd function eagerly. This op takes the int at run time,
+    so the traced graph draws a new seed at every call, as eager does (the same bits). A namespace
+    of its own: ``lowbit`` holds the C++ kernels, each with its fake in fake.py."""
+
+    def run(x, block, block_rows, kind, mbits, emin, emax, fmt_max, rule, amax, noise_seed, *rest):
+        return torch.ops.lowbit.quantize_rows(
+            x,
+            block,
+            block_rows,
+            kind,
+            mbits,
+            emin,
+            emax,
+            fmt_max,
+            rule,
+            amax,
+            int(noise_seed),
+            *rest,
+        )
+
+    op = torch.library.custom_op(
+        "lowbit_traced::quantize_rows",
+        run,
+        mutates_args=(),
+        schema=_QUANTIZE_ROWS_SCHEMA.replace("int? noise_seed", "Tensor noise_seed"),
+    )
+    op.register_fake(fake.quantize_rows)
+
+
+# quantize.cpp's schema of ``quantize_rows`` (without its name).
+_QUANTIZE_ROWS_SCHEMA = (
+    "(Tensor x, int block, int block_rows, int kind, int mbits, int emin, int emax, float fmt_max, "
+    "int rule, Tensor? amax, int? noise_seed, bool fold, Tensor? hadamard, bool write_values=True, "
+    "bool measure_amax=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def scale_rows_cols(

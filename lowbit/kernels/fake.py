@@ -17,7 +17,7 @@ _INT_KIND = 1  # quantize_rows' kind for symmetric integer formats (values in in
 _NVFP4_RULE = 4  # quantize_rows' rule with a tensor scale (e4m3 block scales, fp32 tensor scale)
 
 
-def _quantize_rows(
+def quantize_rows(
     x,
     block,
     block_rows,
@@ -34,8 +34,9 @@ def _quantize_rows(
     write_values=True,
     measure_amax=False,
 ):
-    """quantize.cpp's ``quantize_rows``: values and folded have the columns padded to whole
-    Hadamard blocks, and a transposed contiguous input gives them as transposed views."""
+    """quantize.cpp's ``quantize_rows`` (and ``lowbit_traced::quantize_rows``'s, `lowbit.kernels`): values
+    and folded have the columns padded to whole Hadamard blocks, and a transposed contiguous input
+    gives them as transposed views."""
     torch._check(x.dim() == 2, lambda: "quantize_rows needs a 2-D CPU tensor")
     rows, in_cols = x.shape
     cols = in_cols
@@ -122,7 +123,7 @@ def _operand_stats(x, values, scale, saturation, subnormal_below=0.0):
 def register() -> None:
     """Give every op of the ``lowbit`` library its fake implementation."""
     for name, fake in (
-        ("quantize_rows", _quantize_rows),
+        ("quantize_rows", quantize_rows),
         ("scale_rows_cols", _scale_rows_cols),
         ("add_scaled_rows_cols_", _accumulate_in_place),
         ("add_scaled_blocks_", _accumulate_in_place),
