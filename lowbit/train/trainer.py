@@ -620,6 +620,10 @@ class Trainer:
             checkpoint.check_model_folder(config.out)
         with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
+        # Python's `random` again: the first task built in a process imports its data's libraries
+        # (scikit-learn's rich draws from `random` as it loads), so a later run, or a run resumed
+        # in the same process, started from another state than the first and saved it otherwise
+        random.seed(config.seed)
         self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
         self.precision = lowbit.Precision(recipe, device=self.device)
