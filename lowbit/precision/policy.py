@@ -224,12 +224,47 @@ class Precision:
                 "optimizer"
             )
         if all(known is not optimizer for known in self._optimizers):
-            self._optimizers.append(optimizer)
+            self._add_optimizer(optimizer)
             self.update.wrap(optimizer)
             _guard_steps(optimizer, self)
         self._warn_replaced_layers(3)
         self._apply_pending()
         return optimizer
+
+    def _add_optimizer(self, optimizer) -> None:
+        """List a newly wrapped optimizer. One that shares a parameter with optimizers wrapped
+        before supersedes them (an optimizer rebuilt after ``resize_token_embeddings``, or to
+        change its param groups when unfreezing layers): it takes the place of the first, the
+        others leave the list, and the master weights and Kahan buffers of the parameters no
+        optimizer holds any more are dropped. Kept, the old optimizer's share of `state_dict`
+        went on being saved, and a resumed run, which builds only the new one, paired it with
+        the new parameters by position ("the saved master weight of parameter 11 has shape
+        (64, 32), the parameter (80, 32)"); and its dropped parameters stayed in memory with
+        their fp32 masters. Optimizers over disjoint parameters (a GAN's two) all stay."""
+        own = {id(p) for p in optimizer_params(optimizer)}
+        superseded = [
+            index
+            for index, known in enumerate(self._optimizers)
+            if any(id(p) in own for p in optimizer_params(known))
+        ]
+        if not superseded:
+            self._optimizers.append(optimizer)
+            return
+        for index in superseded:
+            old = self._optimizers[index]
+            self.update.release(old)
+            self._prepared.pop(id(old), None)
+            self._backward_at_step.pop(id(old), None)
+        order = [index for index in range(len(self._optimizers)) if index not in superseded[1:]]
+        done = self._pending.get("update_done")
+        if done:  # a loaded state being handed on: its optimizers' positions, as they move
+            self._pending["update_done"] = {
+                new: done[old] for new, old in enumerate(order) if old in done
+            }
+        self._optimizers = [
+            optimizer if index == superseded[0] else self._optimizers[index] for index in order
+        ]
+        self.update.keep_only(self._params())
 
     def _warn_at_first_steps(self, optimizers: list, stacklevel: int) -> None:
         """`_warn_replaced_layers` at the first step (or unscaling) of an optimizer, which may
@@ -337,6 +372,14 @@ class Precision:
             # Unwrapped, its master weights and Kahan buffers would be left out of `state_dict`
             # (a resumed run would lose them): a fresh optimizer is wrapped here; one that holds
             # states already (loaded or stepped as a plain optimizer) has them rounded to 16 bits.
+            wrapped = {id(p) for p in self._params()}
+            if optimizer.state and any(id(p) in wrapped for p in optimizer_params(optimizer)):
+                raise UsageError(
+                    f"precision got a {type(optimizer).__name__} that a newer optimizer given to "
+                    "precision.wrap_optimizer() superseded: the two share parameters, whose master "
+                    "weights belong to the newer one; fix: step only the newer optimizer (or give "
+                    "each optimizer parameters of its own)"
+                )
             if optimizer.state:
                 raise UsageError(
                     f"precision got a {type(optimizer).__name__} with states that "

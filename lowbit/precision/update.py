@@ -63,6 +63,9 @@ class FullPrecisionUpdate:
     def release(self, optimizer) -> None:
         """A prepared step that will not be taken: nothing to drop."""
 
+    def keep_only(self, params: list) -> None:
+        """No state per parameter to drop."""
+
     parts: tuple[str, ...] = ()  # the parts of a loaded state this update reads: none
 
     def state_dict(self, params: list) -> dict:
@@ -356,6 +359,14 @@ class LowPrecisionUpdate:
         for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
             self._copied_grads.pop(id(p), None)
             hp.grad = None
+
+    def keep_only(self, params: list) -> None:
+        """Drop the master weights and Kahan buffers of parameters not in ``params`` (no wrapped
+        optimizer holds them any more): they kept those parameters and their fp32 copies alive."""
+        kept = set(params)
+        self.masters = {k: v for k, v in self.masters.items() if k in kept}
+        self._master_versions = {k: v for k, v in self._master_versions.items() if k in kept}
+        self.compensation = {k: v for k, v in self.compensation.items() if k in kept}
 
     @property
     def parts(self) -> tuple[str, ...]:
