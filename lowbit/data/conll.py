@@ -31,6 +31,7 @@ end all match.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -241,7 +242,18 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
     name order (`conll_split_of` reads a name); a split without a file raises `UsageError`
     naming the files the folder holds and the names it takes."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    entries = sorted(folder.iterdir())
+    # a split file's link to nothing (a disk not mounted) was left out: "no test file among
+    # dev.txt, train.txt; fix: rename the split files", or, beside another file of its split,
+    # its sentences missed without a word
+    dead = [p for p in entries if conll_split_of(p.name) and p.is_symlink() and not p.exists()]
+    if dead:
+        others = f" (and {len(dead) - 1} more such)" if len(dead) > 1 else ""
+        raise UsageError(
+            f"{dead[0]}: a link to {os.readlink(dead[0])}, which does not exist{others}; fix: "
+            "restore its target (mount the disk) or remove the link"
+        )
+    files = [p for p in entries if p.is_file()]
     found: dict[str, list[Path]] = {split: [] for split in CONLL_SPLIT_WORDS}
     for path in files:
         split = conll_split_of(path.name)

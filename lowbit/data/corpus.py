@@ -25,8 +25,9 @@ its first name, so that no text lands in two splits.
 otherwise take in without a word: text files that a folder does not read (a ``.jsonl`` beside the
 ``.txt`` files), binary files that a glob matched and does not read, and validation or test
 documents whose text is also a training document's (the same file copied into ``train/`` and
-``valid/``), which measure the validation loss on training text. It does not drop or move them:
-the splits stay as the data gives them.
+``valid/``), which measure the validation loss on training text; and links to nothing and
+folders that cannot be listed, which a folder or glob reached and could not read. It drops or
+moves no document: the splits stay as the data gives them.
 
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
@@ -189,6 +190,9 @@ def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
     """The stdlib's ``.py`` files (see module docstring), sorted by relative path.
 
     Files that are not valid UTF-8 are skipped. Cached in memory for the life of the process.
+    A `UsageError` where there are none: an interpreter may ship its standard library compiled
+    only (``.pyc`` files, a zip), and the run stopped at "the train split is empty (train 0,
+    validation 0, test 0 documents)", whose fix spoke of adding documents to data never given.
     """
     base = Path(root) if root else stdlib_root()
     docs = []
@@ -201,6 +205,12 @@ def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
         except UnicodeDecodeError:
             continue
         docs.append(Document(rel.as_posix(), text))
+    if not docs:
+        raise UsageError(
+            f"{base}: no Python standard library sources (.py files) there, the data lowbit "
+            "reads without --data (this Python ships none, or only compiled ones); fix: give "
+            "your own data with --data, or use a Python installed with its library sources"
+        )
     return tuple(sorted(docs, key=lambda d: d.name))
 
 
@@ -210,7 +220,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    documents, binary = _read_texts(source, text_field)
+    documents, binary, unread = _read_texts(source, text_field)
     splits = split_documents(documents)
     warnings = tuple(
         filter(
@@ -218,6 +228,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
             [
                 _skipped_files(str(source)),
                 _skipped_binary(str(source), binary),
+                _unread_entries(str(source), unread),
                 _shared_text(str(source), splits),
             ],
         )
@@ -273,16 +284,37 @@ def _skipped_binary(spec: str, skipped: list[str]) -> str | None:
     )
 
 
+def _unread_entries(spec: str, unread: dict[str, str]) -> str | None:
+    """The warning for what a folder or glob reached and could not read (`_glob_files`): read
+    as if absent, a folder of links into a disk not mounted trained on the files beside them."""
+    if not unread:
+        return None
+    return f"{spec}: {_unread_list(unread)}, and any text there is left out; fix: {UNREAD_FIX}"
+
+
+UNREAD_FIX = (
+    "restore the links' targets (mount the disk) or the folders' permissions, or remove them"
+)
+
+
+def _unread_list(unread: dict[str, str]) -> str:
+    """``N entries not read (name: why; ...)``, the first three named."""
+    shown = "; ".join(f"{name}: {why}" for name, why in sorted(unread.items())[:3])
+    count = len(unread)
+    more = "; ..." if count > 3 else ""
+    return f"{count} entr{'ies' if count > 1 else 'y'} not read ({shown}{more})"
+
+
 def _is_binary(path: Path) -> bool:
     """Whether ``path`` holds no text, as git decides: a NUL byte in its first 8000 bytes. Not
-    a compressed file nor UTF-16 or UTF-32 text (which hold NUL bytes too): `read_text` names
-    those with their fix."""
+    a compressed or Parquet file nor UTF-16 or UTF-32 text (which hold NUL bytes too):
+    `read_text` names those with their fix."""
     try:
         with path.open("rb") as file:
             head = file.read(8000)
     except OSError:  # read_text names the error
         return False
-    if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS)):
+    if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS, PARQUET)):
         return False
     return not _wide_text(head)
 
@@ -358,9 +390,10 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     return _read_texts(path_or_glob, text_field)[0]
 
 
-def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str]]:
-    """Documents from user data, sorted by name, and the names of the binary files a glob
-    matched and left out (for `load_corpus`'s warning).
+def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str], dict[str, str]]:
+    """Documents from user data, sorted by name, the names of the binary files a glob matched
+    and left out, and what a folder or glob could not read (`_glob_files`' ``unread``), for
+    `load_corpus`'s warnings.
 
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
       linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
@@ -381,8 +414,11 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
     spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
     binary: list[str] = []
+    unread: dict[str, str] = {}
     if path.is_dir():
-        files = _unique(p for p in _folder_files(path) if p.suffix.lower() in FOLDER_SUFFIXES)
+        files = _unique(
+            p for p in _folder_files(path, unread) if p.suffix.lower() in FOLDER_SUFFIXES
+        )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
         if path.suffix.lower() in JSONL_SUFFIXES:
@@ -392,7 +428,7 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
     elif glob.has_magic(spec):
         base = _glob_base(spec)
         files = []
-        for f in _unique(_glob_files(spec)):
+        for f in _unique(_glob_files(spec, unread)):
             if _is_binary(f):
                 binary.append(os.path.relpath(f, base).replace(os.sep, "/"))
             else:
@@ -410,6 +446,11 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
             )
     elif path.exists():
         raise pipe_as_data(spec)
+    elif path.is_symlink():  # "no such file" of a path that `ls` lists
+        raise UsageError(
+            f"{spec}: a link to {os.readlink(path)}, which does not exist; fix: restore its "
+            "target (mount the disk) or point at the data itself"
+        )
     else:
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
     # whitespace alone is no text: files of blank lines went on to "the train split holds 23
@@ -422,6 +463,8 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
                 f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
                 f"a glob for those, --data '{pattern}'"
             )
+        if unread and not docs:  # a folder that cannot be listed, links to an unmounted disk
+            raise UsageError(f"{spec}: no text read, {_unread_list(unread)}; fix: {UNREAD_FIX}")
         if binary and not docs:  # a glob of images, say: "matches files" was its fix
             raise UsageError(
                 f"{spec}: every file it matches is binary ({', '.join(binary[:3])}"
@@ -431,7 +474,7 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
             f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
-    return sorted(docs, key=lambda d: d.name), binary
+    return sorted(docs, key=lambda d: d.name), binary, unread
 
 
 def _jsonl_below(folder: Path) -> Path | None:
@@ -440,11 +483,12 @@ def _jsonl_below(folder: Path) -> Path | None:
     return next(found, None)
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def _folder_files(folder: Path, unread: dict[str, str] | None = None) -> list[Path]:
     """The files below ``folder`` that the glob ``folder/**/*`` reads: not hidden, and through
-    folder links too. ``Path.rglob`` does not enter a linked folder, so a sub-corpus linked in
-    from another disk was left out of a folder, without a word, that its glob read."""
-    return _glob_files(os.path.join(glob.escape(str(folder)), "**", "*"))
+    folder links too (``unread`` as `_glob_files`). ``Path.rglob`` does not enter a linked
+    folder, so a sub-corpus linked in from another disk was left out of a folder, without a
+    word, that its glob read."""
+    return _glob_files(os.path.join(glob.escape(str(folder)), "**", "*"), unread)
 
 
 def _unique(files) -> list[Path]:
@@ -460,46 +504,72 @@ def _unique(files) -> list[Path]:
     return out
 
 
-def _glob_files(pattern: str) -> list[Path]:
+def _glob_files(pattern: str, unread: dict[str, str] | None = None) -> list[Path]:
     """The files that ``glob.glob(pattern, recursive=True)`` matches (hidden names only where the
     pattern spells their dot), except that ``**`` does not enter a folder link back to a folder it
-    is inside: glob follows such a loop ~40 folders deep, and two loops multiply into hours."""
+    is inside: glob follows such a loop ~40 folders deep, and two loops multiply into hours.
+
+    ``unread`` receives, by name relative to the pattern's fixed folder, what the walk reached
+    and could not read: a link to nothing (a disk not mounted, a target moved) and a folder it
+    may not list (permission denied). glob passes both over without a word, and the run trained
+    on part of the data."""
     parts = Path(pattern).parts
     first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    base = Path(*parts[:first])
     found: list[Path] = []
+    lost = {} if unread is None else unread
+
+    def listed(folder: Path, part: str) -> list[Path]:
+        try:
+            return _matching(folder, part)
+        except (FileNotFoundError, NotADirectoryError):  # a glob's folder that is not there
+            return []
+        except OSError as error:
+            if folder.name == "lost+found":  # a disk's root-only folder of fsck's: no data
+                return []
+            name = f"{_relative(folder, base)}/" if folder != base else str(folder)
+            lost[name] = f"cannot list it: {error.strerror}"
+            return []
+
+    def add(entry: Path, last: bool) -> None:  # last: the pattern's last part matched it
+        if last and entry.is_file():
+            found.append(entry)
+        elif entry.is_symlink() and not entry.exists():  # it may have been a folder to enter
+            lost[_relative(entry, base)] = f"a link to {os.readlink(entry)}, which does not exist"
 
     def walk(folder: Path, rest: tuple[str, ...], inside: frozenset[str]) -> None:
         head, tail = rest[0], rest[1:]
         if head == "**":  # zero or more folders
             if tail:
                 walk(folder, tail, inside)
-            for entry in _matching(folder, "*"):
+            for entry in listed(folder, "*"):
                 if entry.is_dir():
                     real = os.path.realpath(entry)
                     if real not in inside:
                         walk(entry, rest, inside | {real})
-                elif not tail and entry.is_file():
-                    found.append(entry)
+                else:
+                    add(entry, not tail)
             return
-        entries = _matching(folder, head) if glob.has_magic(head) else [folder / head]
+        entries = listed(folder, head) if glob.has_magic(head) else [folder / head]
         for entry in entries:
             if tail and entry.is_dir():
                 walk(entry, tail, inside | {os.path.realpath(entry)})
-            elif not tail and entry.is_file():
-                found.append(entry)
+            else:
+                add(entry, not tail)
 
-    base = Path(*parts[:first])
     walk(base, parts[first:], frozenset({os.path.realpath(base)}))
     return found
 
 
+def _relative(path: Path, base: Path) -> str:
+    """``path``'s name relative to ``base`` with forward slashes, as documents are named."""
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
 def _matching(folder: Path, pattern: str) -> list[Path]:
     """The entries of ``folder`` whose name matches ``pattern``, hidden ones only if it starts
-    with a dot (as `glob` does)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
+    with a dot (as `glob` does); an `OSError` if it cannot be listed."""
+    names = os.listdir(folder)
     if not pattern.startswith("."):
         names = [n for n in names if not n.startswith(".")]
     return [folder / n for n in fnmatch.filter(names, pattern)]
@@ -522,6 +592,12 @@ COMPRESSED = {
 }
 
 
+# Apache Parquet's magic number, which opens and closes its files: the Hugging Face Hub serves
+# every dataset as Parquet, and "holds NUL bytes ...; fix: convert it to UTF-8" sent a user
+# holding one to iconv.
+PARQUET = b"PAR1"
+
+
 # Byte-order marks of the Unicode encodings other than UTF-8 (Windows Notepad's "Unicode" is
 # UTF-16 LE), UTF-32's first: its little-endian mark starts with UTF-16's.
 UNICODE_BOMS = {
@@ -541,6 +617,14 @@ def read_text(path: Path) -> str:
     each letter, and trained as such without a word)."""
     try:
         data = path.read_bytes()
+        if data.startswith(PARQUET) and data.endswith(PARQUET):
+            jsonl = path.with_suffix(".jsonl").name
+            raise UsageError(
+                f"{path}: a Parquet file, not text; fix: write its records as JSON Lines and "
+                'give that file (python -c "import pandas; pandas.read_parquet('
+                f"'{path.name}').to_json('{jsonl}', orient='records', lines=True, "
+                'force_ascii=False)")'
+            )
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:

@@ -115,8 +115,14 @@ def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Each merge shortens the text by a symbol at least, so no text of N bytes learns more than
+    # N merges. The trainer reserves memory for the size asked up front (~70 bytes an id): a
+    # mistyped --vocab-size 1000000000 aborted the process from Rust ("memory allocation of
+    # 70866960400 bytes failed"), and one past 2**64 raised an OverflowError; capped here, the
+    # same merges are learned and the caller warns of the smaller size.
+    most = minimum + sum(len(text.encode("utf-8")) for text in texts)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=min(vocab_size, most),
         special_tokens=[EOT_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
