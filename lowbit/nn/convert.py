@@ -399,9 +399,10 @@ def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
             names += [
                 f"{name}.gemms.{kind}.{e}" for kind in GEMM_KINDS for e in range(module.num_experts)
             ]
-    # the first override matching a layer decides it (`Recipe.layer_for`), also where it changes
-    # nothing (an operand of a kept layer set to the compute dtype it has): not a misspelt name
-    deciding = {next((id(o) for o in recipe.overrides if o.matches(name)), None) for name in names}
+    # the overrides that decide an operand of a layer (`Recipe.deciding_overrides`), also where
+    # they change nothing (an operand of a kept layer set to the compute dtype it has): not a
+    # misspelt name
+    deciding = {id(o) for name in names for o in recipe.deciding_overrides(name)}
     return [
         override.reason.removeprefix("override ")
         for override in recipe.overrides

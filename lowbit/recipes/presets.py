@@ -5,6 +5,7 @@ Each preset cites the paper or system it follows; docs/recipes.md tabulates them
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import replace
 
@@ -270,6 +271,19 @@ def same_recipe(a: str | None, b: str | None) -> bool:
         return False
 
 
+def _spelt_alike(name: str, valid: list[str]) -> str | None:
+    """The one of ``valid`` that ``name`` misspells, if any: in another case, with spaces around
+    it or underscores for hyphens (a config file's 'FP8-Tensorwise ', 'fp8_tensorwise', written as
+    the format names are), else a near miss ('fp8-rowise', 'bf16mixed'); those were refused with
+    the list of 22 names and no hint."""
+    hyphened = {re.sub(r"[\s_]+", "-", known.lower()): known for known in valid}
+    spelt = re.sub(r"[\s_]+", "-", name.strip().lower())
+    if spelt in hyphened:
+        return hyphened[spelt]
+    close = difflib.get_close_matches(spelt, list(hyphened), n=1, cutoff=0.8)
+    return hyphened[close[0]] if close else None
+
+
 def get_recipe(name: str | Recipe) -> Recipe:
     """The preset called ``name`` (a Recipe is returned as it is)."""
     if isinstance(name, Recipe):
@@ -282,9 +296,7 @@ def get_recipe(name: str | Recipe) -> Recipe:
         return _PRESETS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a config file)
         valid = accepted_names()
-        spelt = str(name).strip().lower()
-        # another case or a space around it (a config file's 'FP8-Tensorwise '): name the preset
-        alike = next((known for known in valid if known.lower() == spelt), None)
+        alike = _spelt_alike(str(name), valid)
         fix = f"; fix: did you mean {alike!r}?" if alike else ""
         raise UsageError(
             f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}{fix}"
@@ -326,6 +338,10 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     repeated = sorted({operand for operand in named if named.count(operand) > 1})
     if repeated:  # the last one silently won; a typo for another operand, most likely
         raise UsageError(f"override {text!r} names {', '.join(repeated)} more than once")
+    # a misspelt 'keep' or preset ('Keep', 'fp8_tensorwise') read as a malformed operand list
+    alike = None if ":" in what else _spelt_alike(what, ["keep", *_PRESETS])
+    if alike:
+        raise UsageError(f"override {text!r}: unknown {what!r}; fix: did you mean {alike!r}?")
     for item in what.split(","):
         operand, _, fmt = item.partition(":")
         if operand not in operands or not fmt:

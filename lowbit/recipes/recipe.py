@@ -552,14 +552,20 @@ class Recipe:
             )
 
     def layer_for(self, name: str) -> tuple[LayerSpec | None, str]:
-        """The layer spec for the module called ``name`` and why (first matching override wins).
+        """The layer spec for the module called ``name`` and why (first matching override wins,
+        operand by operand).
 
         An ``OPERAND:FORMAT`` override changes the named operands of the layer as it is without
-        the override. A layer the recipe keeps computes in the recipe's compute dtype, so its
-        other operands stay there (as under a recipe that converts no layers), and an override
-        that changes none of them leaves it kept. (`parse_override` builds the override's layer
-        from the recipe's converted operands; used as it is, ``*=grad_weight.grad_out:bf16``
-        under fp8-tensorwise put the output head it keeps in fp8.)"""
+        the override: the layer the later matching overrides give (a whole-layer one, or other
+        operands' ``OPERAND:FORMAT`` ones), else the recipe's. So a `lowbit doctor` suggestion
+        added beside a user's own operand override for the same layer changes both operands,
+        and where two name one operand the earlier one wins (the first deciding the whole layer
+        dropped the later one's operands, and the suggestion was made again). A layer the recipe
+        keeps computes in the recipe's compute dtype, so its other operands stay there (as
+        under a recipe that converts no layers), and an override that changes none of them
+        leaves it kept. (`parse_override` builds the override's layer from the recipe's
+        converted operands; used as it is, ``*=grad_weight.grad_out:bf16`` under fp8-tensorwise
+        put the output head it keeps in fp8.)"""
         return self._decide(name, self.overrides)[:2]
 
     def fixed_operands(self, name: str) -> frozenset[str]:
@@ -567,6 +573,23 @@ class Recipe:
         whole-layer override, the named ones for an ``OPERAND:FORMAT`` one (every operand of a
         layer the recipe keeps: the others stay in the compute dtype), none without one."""
         return self._decide(name, self.overrides)[2]
+
+    def deciding_overrides(self, name: str) -> tuple[Override, ...]:
+        """The overrides that decide an operand of module ``name`` (`layer_for`: first match
+        wins, operand by operand), also where they change nothing (an operand of a kept layer
+        set to the compute dtype it has): every override matching ``name`` but those whose
+        operands (a whole-layer one's: all six) earlier matching ones decided already. `convert`
+        warns of the user's overrides that decide no layer (a misspelt or shadowed pattern)."""
+        every = frozenset(LayerSpec().operands())
+        decided: frozenset[str] = frozenset()
+        found = []
+        for override in filter(lambda o: o.matches(name), self.overrides):
+            whole = not override.operands or override.layer is None
+            named = every if whole else frozenset(override.operands)
+            if named - decided:
+                found.append(override)
+            decided |= named
+        return tuple(found)
 
     def _decide(
         self, name: str, overrides: Sequence[Override]
@@ -578,11 +601,15 @@ class Recipe:
                 continue
             if not override.operands or override.layer is None:
                 return override.layer, override.reason, every
-            kept, reason, _ = self._decide(name, overrides[index + 1 :])
-            if kept is not None:
-                return override.layer, override.reason, frozenset(override.operands)
-            compute = uniform_layer(OperandSpec(self.autocast or self.param_dtype))
+            later, reason, fixed = self._decide(name, overrides[index + 1 :])
             named = {operand: override.layer.operands()[operand] for operand in override.operands}
+            if later is not None:
+                # the reasons of every override that set an operand (`_shared_reason` shows them)
+                why = (
+                    override.reason if reason == RECIPE_DEFAULT else f"{override.reason}; {reason}"
+                )
+                return later.with_operands(named), why, fixed | frozenset(override.operands)
+            compute = uniform_layer(OperandSpec(self.autocast or self.param_dtype))
             layer = compute.with_operands(named)
             return (None, reason, every) if layer == compute else (layer, override.reason, every)
         if self.layer is None:
