@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -122,10 +123,15 @@ def load_file(path, flags=()) -> dict:
             f"write its settings at the top level of the file, without {unknown!r}"
         )
     if unknown:
-        raise UsageError(
-            f"{path}: unknown setting {unknown!r}; fix: use one of "
-            f"{', '.join(TrainConfig.field_names())}"
-        )
+        names = TrainConfig.field_names()
+        # a typo's setting named first: in the list of every setting it was easy to miss
+        nearest = difflib.get_close_matches(unknown.lower(), names, n=1)
+        if nearest:
+            raise UsageError(
+                f"{path}: unknown setting {unknown!r}; fix: did you mean {nearest[0]!r}? "
+                f"(the settings: {', '.join(names)})"
+            )
+        raise UsageError(f"{path}: unknown setting {unknown!r}; fix: use one of {', '.join(names)}")
     try:  # flags are typed by argparse: a wrong type is the file's, which the error must name
         built = build_config(settings)
     except UsageError as error:
@@ -133,6 +139,12 @@ def load_file(path, flags=()) -> dict:
     if is_run_config(path):
         given = given_settings(built)
         settings = {name: value for name, value in settings.items() if name in given}
+        # a relative data path or model folder names files from the folder the run was started
+        # in: read from another folder, a repeat of the run trained on other data (or none)
+        recorded = with_recorded_data(Path(path).parent, built)
+        for name in ("data", "model"):
+            if name in settings:
+                settings[name] = getattr(recorded, name)
     return settings
 
 
@@ -175,23 +187,23 @@ def _file_settings(path) -> dict:
         raise UsageError(
             f"{path}: unknown config type {path.suffix!r}; fix: use {', '.join(CONFIG_SUFFIXES)}"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # -sig: a byte order mark (Windows editors write one) is not part of the settings
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise UsageError(
             f"{path}: not UTF-8 text (byte {error.start}); fix: save it in UTF-8"
         ) from None
     try:
-        if path.suffix == ".toml":
+        if path.suffix == ".toml":  # refuses a key given twice itself
             import tomllib
 
             data = tomllib.loads(text)
         elif path.suffix == ".json":
-            data = json.loads(text) if text.strip() else {}
+            data = json.loads(text, object_pairs_hook=_once_each(path)) if text.strip() else {}
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_once_each(path, text)
+    except UsageError:
+        raise
     except Exception as error:  # each parser has its own error class; all mean "malformed"
         raise UsageError(
             f"{path}: malformed config ({_one_line(error)}); fix: correct it"
@@ -211,6 +223,47 @@ def _file_settings(path) -> dict:
             )
         spellings[name] = key
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _given_twice(path, key, where: str = "") -> UsageError:
+    """The refusal of a key a file gives twice: YAML and JSON parsers keep the later value without
+    a word, so of two ``lr:`` lines the first, perhaps the one the user edited, was ignored."""
+    return UsageError(f"{path}: {key!r} is given twice{where}; fix: keep one")
+
+
+def _once_each(path):
+    """A `json.loads` ``object_pairs_hook`` that refuses a key given twice (`_given_twice`)."""
+
+    def pairs_to_dict(pairs):
+        data = {}
+        for key, value in pairs:
+            if key in data:
+                raise _given_twice(path, key)
+            data[key] = value
+        return data
+
+    return pairs_to_dict
+
+
+def _yaml_once_each(path, text: str):
+    """``text`` parsed as YAML, refusing a key given twice in a mapping (`_given_twice`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: dict = {}  # key -> the line that gave it
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # unhashable: the parser's own error
+                    if key in lines:
+                        where = f" (lines {lines[key]} and {key_node.start_mark.line + 1})"
+                        raise _given_twice(path, key, where)
+                    lines[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: it builds no Python objects
 
 
 def _one_line(error: Exception) -> str:
@@ -281,6 +334,15 @@ def _check_types(config: TrainConfig) -> None:
     paths given as `os.PathLike` (a `pathlib.Path` in Python) become strings, and a run folder or
     model folder starting with ``~`` is under the home folder, as --data's is: the shell expands
     a flag's ``~``, not a config file's, and ``out: ~/runs/x`` wrote a folder named ``~``."""
+    for item in fields(config):
+        # a key left without a value (``seed:``) is null: where None means nothing (its default is
+        # not None; grad_clip's None is "measure only"), the run failed on it with a traceback
+        meaningless = item.default is not None and item.name != "grad_clip"
+        if meaningless and getattr(config, item.name) is None:
+            raise UsageError(
+                f"{item.name} has no value (null); fix: give it one, or leave the setting out "
+                "for its default"
+            )
     for name in ("data", "out", "model"):
         if isinstance(getattr(config, name), os.PathLike):
             setattr(config, name, os.fspath(getattr(config, name)))
