@@ -22,8 +22,9 @@
 Every optimizer works with `lowbit.Precision`: during ``Precision.step`` the optimizer's param
 groups hold an fp32 stand-in for each 16-bit parameter (its master weight, or an upcast copy), so
 the states are created from fp32 data. Its
-``state_dict()`` loads into a fresh optimizer with every state's dtype kept (plain
-``torch.optim.Optimizer.load_state_dict`` would cast fp32 states to a bf16 parameter's dtype).
+``state_dict()`` loads into a fresh optimizer with the bf16, fp8, 8-bit and 4-bit states' dtypes
+kept (plain ``torch.optim.Optimizer.load_state_dict`` would cast bf16 moments to the fp32 stand-in's
+dtype); fp32 states are placed in the parameter's dtype, as torch's update reads them.
 """
 
 from __future__ import annotations
@@ -77,12 +78,15 @@ def check_saved_groups(optimizer: Optimizer, state_dict) -> None:
 
 
 def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
-    """Make ``load_state_dict`` keep every saved state tensor's dtype (moved to the param's device),
-    refuse states saved in another state precision, and leave the caller's dict unchanged.
+    """Make ``load_state_dict`` keep the saved moments' dtypes where the update is lowbit's or
+    torchao's (moved to the param's device), refuse states saved in another state precision or
+    with options the update would ignore, and leave the caller's dict unchanged.
 
-    ``Optimizer.load_state_dict`` casts floating-point states to the parameter's dtype; under a
-    16-bit-parameter recipe that rounds fp32 moments to bf16 and a resumed run is no longer the
-    same run. A pre-hook remembers the saved states, a post-hook puts them back unchanged. Saved
+    ``Optimizer.load_state_dict`` casts floating-point states to the parameter's dtype, which
+    would make bf16 moments fp32 (the fp32 stand-in under `lowbit.Precision`) or round fp32
+    moments of small tensors to a 16-bit parameter's dtype, and a resumed run would no longer be
+    the same run. A pre-hook remembers the saved states, a post-hook puts them back unchanged
+    (torch's own update, fp32 states, keeps torch's placement: it reads the parameter's dtype). Saved
     moments of another state precision would otherwise be kept as they are (an ``8bit`` optimizer
     silently stepping fp32 moments) or fail deep in the first step (fp32 Adam on torchao's
     states); the pre-hook refuses them before anything is loaded. The loaded tensors are copies:
@@ -93,6 +97,7 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
 
     def pre_hook(opt, state_dict):
         check_saved_groups(opt, state_dict)
+        _check_saved_options(opt, state_dict)
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in opt.param_groups for p in group["params"]]
         by_id = dict(zip(ids, params, strict=True))
@@ -103,6 +108,11 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
         saved["ids"] = ids
 
     def post_hook(opt):
+        # torch's own update (fp32 states) reads its moments in the parameter's dtype: kept fp32
+        # on a bf16 or fp64 parameter (saved under `lowbit.Precision` or of an fp32 model, loaded
+        # into a plain loop over `model.bfloat16()`), its first step failed in ``lerp``; they are
+        # placed as ``torch.optim.AdamW`` places them
+        torch_update = opt.state_precision is StatePrecision.FP32
         params = [p for group in opt.param_groups for p in group["params"]]
         by_id = dict(zip(saved.pop("ids"), params, strict=True))
         for index, entry in saved.pop("state").items():
@@ -117,12 +127,35 @@ def _keep_state_dtypes_on_load(optimizer: Optimizer) -> None:
                 # but 16-bit moments of fp32 states (a 16-bit parameter's own, saved by a run
                 # without `lowbit.Precision`) as torch placed them: cast to the fp32 stand-in
                 # under `Precision`, whose fp32 update fails on 16-bit moments.
-                placed = key == "step" or (fp32 and value.dtype in (torch.bfloat16, torch.float16))
+                placed = (
+                    key == "step"
+                    or torch_update
+                    or (fp32 and value.dtype in (torch.bfloat16, torch.float16))
+                )
                 loaded = opt.state[param][key] if placed else value.to(device=param.device)
                 opt.state[param][key] = _copy(loaded) if loaded is value else loaded
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
     optimizer.register_load_state_dict_post_hook(post_hook)
+
+
+def _check_saved_options(optimizer: Optimizer, state_dict: dict) -> None:
+    """Refuse, in one line, saved param groups with an option this optimizer refuses when given
+    it (``maximize``, ``amsgrad``: `_CheckedGroups.unsupported`).
+
+    ``load_state_dict`` replaces each group's options with the saved ones, so a state saved by
+    ``torch.optim.AdamW(maximize=True)`` (whose moments of small tensors are fp32, as these
+    optimizers keep them too) loaded into bf16 states put ``maximize=True`` in the groups, and the
+    step, which ignores it, then minimized the objective without a word."""
+    for index, group in enumerate(state_dict["param_groups"]):
+        for key in optimizer.unsupported:
+            if group.get(key):
+                raise UsageError(
+                    f"the saved optimizer state has {key}=True in param group {index}, which "
+                    f"{StatePrecision(optimizer.state_precision).value} optimizer states do not "
+                    "support; fix: load it into an optimizer with fp32 states (--optimizer-state "
+                    "fp32, torch.optim.AdamW), or start without the saved optimizer state"
+                )
 
 
 def _copy(t: Tensor) -> Tensor:
@@ -237,13 +270,33 @@ def _param_index(optimizer: Optimizer) -> dict[int, int]:
 
 class _CheckedGroups:
     """Mixin: every param group (the constructor's too) is checked by `_check_group`, refusing the
-    options in ``unsupported`` that the optimizer would otherwise ignore."""
+    options in ``unsupported`` that the optimizer would otherwise ignore; a copy
+    (``copy.deepcopy``, pickling: ``torch.save(optimizer)``) keeps the optimizer's settings and
+    its load hooks (`_keep_state_dtypes_on_load`).
+
+    ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``: the copy of
+    a bf16, fp8, 8-bit or 4-bit optimizer had lost ``is_adamw`` (and ``seed``, ``block_size``),
+    and its first step failed with an AttributeError; the copy of any of them loaded states
+    without the refusals and with torch's casts."""
 
     unsupported: tuple[str, ...] = ()
+    # instance settings the step reads (torchao's, and those `build_optimizer` sets)
+    _settings = ("is_adamw", "seed", "block_size", "bf16_stochastic_round", "compile")
 
     def add_param_group(self, param_group: dict) -> None:
         _check_group(self, param_group, self.unsupported)
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        settings = {key: self.__dict__[key] for key in self._settings if key in self.__dict__}
+        return {**super().__getstate__(), **settings}
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict calls this too, on an optimizer that has its hooks already
+        copying = "_optimizer_load_state_dict_pre_hooks" not in self.__dict__
+        super().__setstate__(state)
+        if copying:
+            _keep_state_dtypes_on_load(self)
 
 
 class _RealDenseOnly(_CheckedGroups):
@@ -287,7 +340,8 @@ class _RealDenseOnly(_CheckedGroups):
 
 
 class AdamW(_CheckedGroups, torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose ``load_state_dict`` keeps the saved states' dtypes."""
+    """``torch.optim.AdamW`` whose ``load_state_dict`` refuses, in one line, states it cannot
+    continue from, and leaves the loaded dict unchanged by later steps."""
 
     state_precision = StatePrecision.FP32
 
@@ -297,7 +351,8 @@ class AdamW(_CheckedGroups, torch.optim.AdamW):
 
 
 class Adam(_CheckedGroups, torch.optim.Adam):
-    """``torch.optim.Adam`` whose ``load_state_dict`` keeps the saved states' dtypes."""
+    """``torch.optim.Adam`` whose ``load_state_dict`` refuses, in one line, states it cannot
+    continue from, and leaves the loaded dict unchanged by later steps."""
 
     state_precision = StatePrecision.FP32
 
@@ -380,7 +435,9 @@ class _TorchaoStates(_RealDenseOnly):
     state_precision: StatePrecision
     compile: bool = False
 
-    unsupported = ("maximize", "amsgrad")  # torchao's step ignores them
+    # torchao's step ignores maximize, and its amsgrad fails on a quantized state (torchao
+    # implements no ``aten.maximum`` for them)
+    unsupported = ("maximize", "amsgrad")
     # torchao's step computes in fp32 and copies the result back: an fp64 parameter would be
     # rounded to fp32 by every step, even at lr 0
     refused_dtypes = (torch.float64,)
@@ -487,18 +544,39 @@ def _lr_tensor(lr) -> Tensor:
     return lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float32)
 
 
+# torchao's optimizer class of each (state precision, AdamW or Adam)
+_TORCHAO_BASES = {
+    (StatePrecision.FP8, True): "AdamWFp8",
+    (StatePrecision.INT8, True): "AdamW8bit",
+    (StatePrecision.INT4, True): "AdamW4bit",
+    (StatePrecision.FP8, False): "AdamFp8",
+    (StatePrecision.INT8, False): "Adam8bit",
+    (StatePrecision.INT4, False): "Adam4bit",
+}
+_torchao_classes: dict[tuple[StatePrecision, bool], type] = {}
+
+
 def _torchao_class(precision: StatePrecision, adamw: bool) -> type:
-    ao, _ = _torchao()
-    _torchao_states()  # copyable before the first state exists
-    base = {
-        (StatePrecision.FP8, True): ao.AdamWFp8,
-        (StatePrecision.INT8, True): ao.AdamW8bit,
-        (StatePrecision.INT4, True): ao.AdamW4bit,
-        (StatePrecision.FP8, False): ao.AdamFp8,
-        (StatePrecision.INT8, False): ao.Adam8bit,
-        (StatePrecision.INT4, False): ao.Adam4bit,
-    }[precision, adamw]
-    return type(f"{base.__name__}Lowbit", (_TorchaoStates, base), {"state_precision": precision})
+    """lowbit's subclass of torchao's optimizer, made once (torchao is imported when one is
+    needed) and reachable as this module's ``AdamW8bitLowbit`` etc. (`__getattr__`)."""
+    if (precision, adamw) not in _torchao_classes:
+        ao, _ = _torchao()
+        _torchao_states()  # copyable before the first state exists
+        base = getattr(ao, _TORCHAO_BASES[precision, adamw])
+        _torchao_classes[precision, adamw] = type(
+            f"{base.__name__}Lowbit", (_TorchaoStates, base), {"state_precision": precision}
+        )
+    return _torchao_classes[precision, adamw]
+
+
+def __getattr__(name: str) -> type:
+    """The fp8, 8-bit and 4-bit optimizer classes by name (``AdamW8bitLowbit``), which pickle
+    looks up to save and load a whole optimizer (``torch.save(optimizer)``): made on first use,
+    so that importing lowbit does not import torchao."""
+    for key, base in _TORCHAO_BASES.items():
+        if name == f"{base}Lowbit":
+            return _torchao_class(*key)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- bf16 states with stochastic rounding ----------------------------------------------------
