@@ -562,16 +562,22 @@ def check_outside(out: Path, source: Path) -> None:
     or lies inside one of its folders the step reads or the run writes (`_SOURCE_FOLDERS`): one
     written into the tokenizer/ it copies was copied into itself without end (a traceback), and
     one written into the run's checkpoints/ became part of the run. Elsewhere inside the source
-    (``RUN/int8``) is a place to keep it."""
+    (``RUN/int8``) is a place to keep it. A pruned source's training run (`training_run`) is
+    checked too: a folder written into its checkpoints/ (``step-0000099.dcp``) was taken for its
+    newest checkpoint, and ``lowbit eval RUN`` failed on it."""
     out, source = Path(out), Path(source)
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the source folder; fix: choose another folder")
-    for name in _SOURCE_FOLDERS:
-        inner = (source / name).resolve()
-        if out.resolve() == inner or inner in out.resolve().parents:
-            raise UsageError(
-                f"--out {out} is inside the source folder's {name}; fix: choose a folder outside it"
-            )
+    for folder in dict.fromkeys([source, training_run(source)]):
+        for name in _SOURCE_FOLDERS:
+            inner = (folder / name).resolve()
+            if out.resolve() == inner or inner in out.resolve().parents:
+                where = (
+                    f"the source folder's {name}"
+                    if folder == source
+                    else f"{name}/ of {folder}, the run the source came from"
+                )
+                raise UsageError(f"--out {out} is inside {where}; fix: choose a folder outside it")
 
 
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
