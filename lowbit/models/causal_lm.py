@@ -222,6 +222,18 @@ def _not_causal(path, config, folder: Path) -> UsageError:
     return UsageError(f"{refused}: its config names {what}; fix: {fix}")
 
 
+def _as_decoder(config) -> dict:
+    """The config fields that make an encoder's causal-LM class causal, where the config leaves
+    them unset: ``is_decoder`` (BERT's BertLMHeadModel, RoBERTa's, ELECTRA's, ...) and XLM's
+    ``causal``. Without them it attends both ways, which transformers only logs; trained so,
+    each position saw the token it was to predict and the loss fell without the model learning
+    to predict anything. Decoders whose config has no such field (Llama, GPT-2) are built as
+    they are."""
+    return {
+        field: True for field in ("is_decoder", "causal") if getattr(config, field, None) is False
+    }
+
+
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
@@ -251,7 +263,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = from_pretrained(AutoModelForCausalLM, folder)
+                model = from_pretrained(AutoModelForCausalLM, folder, **_as_decoder(config))
         except UsageError:  # a ValueError too: an unreadable weights file, named
             raise
         except ValueError:  # no causal-LM class for this model type

@@ -194,7 +194,19 @@ def load_config(path: Path, **kwargs):
     if not isinstance(fields, dict):
         raise UsageError(f"{file}: not a JSON object; fix: write it with save_pretrained")
     kind = fields.get("model_type")
-    if isinstance(kind, str) and kind not in CONFIG_MAPPING:  # transformers' own text is a page
+    known = isinstance(kind, str) and kind in CONFIG_MAPPING
+    # An "auto_map" names Python files shipped in the folder that define the architecture
+    # (trust_remote_code): "upgrade transformers" misled, as the architecture is the folder's
+    # own, and lowbit never runs code from a model folder. Where transformers has the model_type itself,
+    # it builds its own class, as transformers does without trust_remote_code.
+    if "auto_map" in fields and not known:
+        raise UsageError(
+            f"{file}: the architecture{f' {kind!r}' if isinstance(kind, str) else ''} is "
+            "defined by Python code in the folder (auto_map), which lowbit does not run "
+            "(no trust_remote_code); fix: use a checkpoint of an architecture transformers has "
+            "(Llama, Qwen2, Mistral, GPT-2, BERT, ...)"
+        )
+    if isinstance(kind, str) and not known:  # transformers' own text is a page
         raise UsageError(
             f"{file}: unknown model_type {kind!r}; fix: correct it, or upgrade transformers if "
             "the architecture is newer than it"
