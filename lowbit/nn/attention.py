@@ -101,21 +101,52 @@ def _flash_takes(query, key, value, options: dict) -> bool:
     refuses 3-D masks, and crashes the process (SIGFPE) on an empty sequence. The remaining
     conditions are what `_Fp32Attention` does not implement."""
     mask = options.get("attn_mask")
-    chosen = torch._fused_sdp_choice(
-        query,
-        key,
-        value,
-        mask,
+    rest = (
         options.get("dropout_p") or 0.0,
         bool(options.get("is_causal", False)),
-        scale=options.get("scale"),
-        enable_gqa=bool(options.get("enable_gqa", False)),
+        options.get("scale"),
+        bool(options.get("enable_gqa", False)),
     )
+    if torch.compiler.is_compiling():
+        layouts = tuple(None if t is None else _layout(t) for t in (query, key, value, mask))
+        chosen = _traced_choice(layouts, rest)
+    else:
+        chosen = _choice(query, key, value, mask, rest)
     return (
         chosen == SDPBackend.FLASH_ATTENTION.value  # the choice is an int, not the enum
         and (mask is None or mask.is_floating_point())
         and not (options.get("is_causal") and mask is not None)
     )
+
+
+def _choice(query, key, value, mask, rest: tuple) -> int:
+    dropout_p, is_causal, scale, enable_gqa = rest
+    return torch._fused_sdp_choice(
+        query, key, value, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """What PyTorch's choice reads of a tensor, as constants a traced graph can pass on."""
+    return tuple(t.shape), t.stride(), t.dtype, t.requires_grad
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(layouts: tuple, rest: tuple) -> int:
+    """`_choice` in a traced graph (`torch.compile`), decided while tracing: the chooser returns
+    an int, which broke the graph at every attention, and on the traced operands (fake tensors)
+    it answers "math" whatever they are. It is asked about uninitialized CPU tensors of the
+    traced operands' shapes, strides, dtypes and ``requires_grad`` (pages never touched), so the
+    graph takes the path eager takes, with eager's bits. Shapes the graph leaves dynamic are not
+    constants: the graph breaks there, as before. An ``sdpa_kernel`` context is read when the
+    graph is traced, not at each call."""
+    tensors = [
+        None
+        if layout is None
+        else torch.empty_strided(layout[0], layout[1], dtype=layout[2]).requires_grad_(layout[3])
+        for layout in layouts
+    ]
+    return _choice(*tensors, rest)
 
 
 class _Fp32Attention(torch.autograd.Function):

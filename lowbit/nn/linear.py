@@ -132,6 +132,7 @@ class LayerState:
     """
 
     def __init__(self, spec: LayerSpec, seed: int = 0):
+        self.seed = seed  # of the Hadamard signs, which the spec setter draws
         self.spec = spec  # also decides which quantized operands the backward reuses
         self.observer = None
         self.dynamic_spec = False
@@ -142,7 +143,6 @@ class LayerState:
             for name, operand in spec.operands().items()
             if operand.scaling is Scaling.DELAYED and name not in self.reused
         }
-        self.seed = seed
         # Round GEMM outputs to this dtype's values (fp16 emulation: overflow becomes inf as on
         # a GPU) while returning the autocast/input dtype so that other ops see one dtype.
         self.output_rounding: torch.dtype | None = None
@@ -177,12 +177,30 @@ class LayerState:
             and len(self.cast_gemms) == 2
             else None
         )
+        for gemm in (spec.forward, spec.grad_input, spec.grad_weight):
+            if gemm.transform is Transform.HADAMARD:  # drawn now, eagerly (see `hadamard_signs`)
+                self.hadamard_signs(gemm, torch.device("cpu"))
+
+    def __setstate__(self, state: dict) -> None:
+        """An unpickled state (a model saved whole) draws its Hadamard signs in this process."""
+        self.__dict__.update(state)
+        self.spec = self._spec
 
     def hadamard_signs(self, gemm: GemmSpec, device: torch.device) -> torch.Tensor:
         """The random signs of this layer's Hadamard transforms, drawn from its seed: one tensor
-        for every layer with the same seed (see `_SIGNS`)."""
+        for every layer with the same seed (see `_SIGNS`).
+
+        The CPU ones are drawn when the spec is set, eagerly: a traced graph (`torch.compile`
+        before the first eager step) only reads them. Drawing and caching them there broke it: a
+        write to a global is a side effect Dynamo refuses in the layer's autograd function (which
+        then ran eagerly), and two layers drawing them in one graph failed to compile
+        (`random_signs` is an assumed constant, which one graph takes once). On another device a
+        traced graph copies the CPU ones there, and caches nothing."""
         key = (gemm.transform_block, self.seed, device)
         if key not in _SIGNS:
+            drawn = _SIGNS.get((gemm.transform_block, self.seed, torch.device("cpu")))
+            if drawn is not None and torch.compiler.is_compiling():
+                return drawn.to(device)
             _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
         return _SIGNS[key]
 
