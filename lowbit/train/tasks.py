@@ -428,7 +428,17 @@ class CausalLMTask(Task):
                 total += loss.item()
                 count += labels.numel()
         loss = total / count
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+        return {"loss": loss, "ppl": _perplexity(loss), "tokens": count}
+
+
+def _perplexity(loss: float) -> float:
+    """``exp(loss)``, inf past float64's range (a loss above ~709.78) and NaN for a NaN loss. It
+    was ``exp(min(loss, 50))``: a diverged model's loss of 1016 printed a perplexity of
+    5.18e21, a finite number that read as measured, in eval, metrics.jsonl and comparisons."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 # ---------------------------------------------------------------------------- token classification
@@ -598,9 +608,10 @@ class TokenClassificationTask(Task):
         loss, labels, preds = self.predict(model, precision, split, max_batches)
         true_tags, pred_tags = aligned_tags(labels, preds, self.id2label)
         keep = labels != IGNORE_INDEX
-        accuracy = _accuracy(labels[keep], preds[keep])
+        accuracy = _accuracy(labels[keep], preds[keep], loss)
         f1 = entity_f1(true_tags, pred_tags)
-        metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": f1["f1"]}
+        entity = math.nan if math.isnan(loss) else f1["f1"]  # as accuracy: no real predictions
+        metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": entity}
         return metrics, true_tags, pred_tags, f1
 
     def evaluate(self, model, precision, split="validation", max_batches=None):
@@ -613,7 +624,7 @@ class TokenClassificationTask(Task):
 
         metrics, true_tags, pred_tags, f1 = self._scores(model, precision, split, max_batches)
         text, per_label = token_report(true_tags, pred_tags, self.labels)
-        lines = [format_metrics(metrics), "", "per-label (token level):", text, "entity level:"]
+        lines = [_metrics_line(metrics), "", "per-label (token level):", text, "entity level:"]
         lines.append(f"{'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'true':>8}")
         # every entity type of the run's tags has a row, as every tag has above: a type that the
         # sentences evaluated neither hold nor predict has no score, and counts 0 true entities
@@ -741,11 +752,27 @@ def as_param_dtype(images: torch.Tensor, model) -> torch.Tensor:
     return images.to(next(model.parameters()).dtype)
 
 
-def _accuracy(labels: torch.Tensor, preds: torch.Tensor) -> float:
+NON_FINITE_NOTE = (
+    "(the model's output holds NaN or inf: the metrics above are NaN, and the tables below count "
+    "its argmax, the first class of a NaN row; fix: evaluate an earlier checkpoint)"
+)
+
+
+def _metrics_line(metrics: dict) -> str:
+    """A classifier's metrics line, and `NON_FINITE_NOTE` under it where its loss is NaN."""
+    note = f"\n{NON_FINITE_NOTE}" if math.isnan(metrics["loss"]) else ""
+    return format_metrics(metrics) + note
+
+
+def _accuracy(labels: torch.Tensor, preds: torch.Tensor, loss: float = 0.0) -> float:
     """The fraction of correct predictions, divided in float64: a float32 mean printed 51 of 270
     as 0.18888889253139496 (``lowbit eval --json``, results.json) where 51/270 is 0.1888...89.
-    NaN for no predictions, as the mean of none."""
-    return (labels == preds).sum().item() / len(labels) if len(labels) else float("nan")
+    NaN for no predictions, as the mean of none, and where the summed ``loss`` is NaN: some
+    output was NaN or inf (a diverged or overflowing model), whose argmax is the first class of a
+    NaN row, not a prediction: a tagger gone NaN scored the share of its "O" words as accuracy."""
+    if not len(labels) or math.isnan(loss):
+        return math.nan
+    return (labels == preds).sum().item() / len(labels)
 
 
 class ImageClassificationTask(Task):
@@ -800,7 +827,7 @@ class ImageClassificationTask(Task):
         if max_batches is None:  # the trainer's validation, which other tasks bound by the config
             self._warn_eval_batches_ignored(split)
         loss, labels, preds = self.predict(model, precision, split, max_batches)
-        return {"loss": loss, "accuracy": _accuracy(labels, preds)}
+        return {"loss": loss, "accuracy": _accuracy(labels, preds, loss)}
 
     def _warn_eval_batches_ignored(self, split: str) -> None:
         """Say, once a process, that a given --eval-batches too few for the split does not bound
@@ -827,10 +854,10 @@ class ImageClassificationTask(Task):
         from lowbit.data.label_report import f1_rows, label_report
 
         loss, labels, preds = self.predict(model, precision, split, max_batches)
-        metrics = {"loss": loss, "accuracy": _accuracy(labels, preds)}
+        metrics = {"loss": loss, "accuracy": _accuracy(labels, preds, loss)}
         # every digit has a row, one that a subset (--max-batches) lacks too
         digits = list(range(NUM_CLASSES))
         text, per_label = label_report(labels.tolist(), preds.tolist(), digits)
-        text = f"{format_metrics(metrics)}\n\nper-label:\n{text}"
+        text = f"{_metrics_line(metrics)}\n\nper-label:\n{text}"
         # the table's numbers for `lowbit eval --json`, from the same pass
         return {**metrics, "per_label_f1": f1_rows(per_label, digits)}, text
