@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the probe from this run's latest checkpoint, or from this checkpoint of a "
         "run (RUN/checkpoints/step-N.pt or .dcp): its settings, --recipe's numerics",
     )
-    parser.add_argument("--top", type=int, default=15, help="rows of the table to print")
+    parser.add_argument(
+        "--top", type=int, default=15, help="rows of the table to print (default 15)"
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",

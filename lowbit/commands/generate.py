@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the text to continue from a UTF-8 file, exactly as it holds it (a final "
         "newline included); '-' reads standard input; instead of --prompt",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)"
+    )
     parser.add_argument(
         "--temperature",
         type=float,
