@@ -207,8 +207,9 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     there too. Its run.json tells it from a config.yaml the user wrote (``--config exp/config.yaml
     --out exp``), which is theirs, not a run's to replace.
 
-    ``--overwrite`` replaces a run: in a folder that holds none, files and folders of the user's
-    that bear the names a run writes (``checkpoints/``, ``tokenizer/``) are refused, not deleted.
+    ``--overwrite`` replaces a run: in a folder that holds none (a config.yaml without a run.json
+    or a checkpoint is the user's), files and folders of the user's that bear the names a run
+    writes (``checkpoints/``, ``tokenizer/``) are refused, not deleted.
     """
     from lowbit.infer import is_inference_dir
 
@@ -233,17 +234,26 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     names = {p.name for p in run_dir.iterdir()}
     holds_run = bool(names & {"config.yaml", RUN_INFO})  # a run writes run.json first
-    if overwrite and not holds_run and names & {*RUN_FILES, *RUN_FOLDERS}:
-        theirs = ", ".join(sorted(names & {*RUN_FILES, *RUN_FOLDERS}))
+    found = checkpoint.latest(run_dir) if holds_run else None
+    # A config.yaml alone may be the user's (the run writes its own in its place); a run is told
+    # by its run.json or a checkpoint, and without one the other names a run writes are theirs.
+    theirs = ", ".join(sorted(names & {*RUN_FILES, *RUN_FOLDERS} - {"config.yaml"}))
+    no_run = RUN_INFO not in names and found is None
+    if overwrite and no_run and theirs:
+        held = "a config.yaml but no run.json" if holds_run else "no config.yaml"
         raise UsageError(
-            f"{run_dir}: holds no run (no config.yaml) for --overwrite to replace, but files it "
-            f"would delete ({theirs}); fix: choose another --out, or move them away"
+            f"{run_dir}: holds no run ({held}) for --overwrite to replace, but files it would "
+            f"delete ({theirs}); fix: choose another --out, or move them away"
         )
     if overwrite or not names:
         return
     if holds_run:
-        found = checkpoint.latest(run_dir)
-        if found is None and RUN_INFO not in names:
+        if no_run and theirs:
+            raise UsageError(
+                f"{run_dir}: holds a config.yaml but no run (no {RUN_INFO}), and files a run "
+                f"would replace ({theirs}); fix: choose another --out, or move them away"
+            )
+        if no_run:
             raise UsageError(
                 f"{run_dir}: holds a config.yaml but no run (no {RUN_INFO}); fix: choose another "
                 "--out (a run writes its own config.yaml there), or --overwrite to replace it"
@@ -902,15 +912,19 @@ class Trainer:
         try:
             if not resume:
                 logger.log(0, "validation", self.start_metrics)
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step_idx,
-                disable=self.quiet,
-                desc=f"{c.task} {c.recipe}",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
+            desc = f"{c.task} {c.recipe}"
+            if self.quiet or sys.stderr.isatty():
+                bar = tqdm(
+                    total=self.total_steps,
+                    initial=self.step_idx,
+                    disable=self.quiet,
+                    desc=desc,
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            else:
+                bar = _LogProgress(self.total_steps, self.step_idx, desc)
             with bar, _stop_on_sigint(self):
                 while self.step_idx < self.total_steps:
                     t0 = time.perf_counter()
@@ -933,10 +947,11 @@ class Trainer:
                     )
                     for split, record in self.records:
                         logger.log(self.step_idx, split, record)
-                    bar.update(1)
+                    # the step's postfix before the update that shows it
                     bar.set_postfix_str(
                         f"loss {out['loss']:.4f} {rate:,.0f} {self.task.unit}/s", refresh=False
                     )
+                    bar.update(1)
                     last = self.step_idx == self.total_steps
                     if self.step_idx % c.eval_interval == 0 or last:
                         metrics = self.last_metrics = self.evaluate()
@@ -1191,6 +1206,50 @@ class Trainer:
             sample=sample,
             extra=extra,
         )
+
+
+class _LogProgress:
+    """The training progress on a stderr that is no terminal (``2> log``, a batch job, CI): tqdm's
+    bar there is a refresh per step joined by carriage returns into one huge line. This writes a
+    plain line of the same (step, loss, speed, time left) at most once a minute, so that a log
+    shows the run moving between its validation lines; it has the part of tqdm's interface the
+    training loop uses."""
+
+    interval = 60.0  # seconds between lines
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
+        self.start_n, self.start = initial, time.monotonic()
+        self.last = self.start
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        left = (now - self.start) / (self.n - self.start_n) * (self.total - self.n)
+        print(
+            f"{self.desc}: step {self.n}/{self.total}, {self.postfix}, "
+            f"about {_duration(left)} left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def write(self, text: str) -> None:
+        """A line of the loop's own (a validation loss), to stdout as tqdm's; the next progress
+        line a full interval after it."""
+        print(text, flush=True)
+        self.last = time.monotonic()
 
 
 class _RunLock:
