@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -118,12 +119,20 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
         if isinstance(loaded, dict) and {"step", "model"} <= loaded.keys():  # lowbit checkpoint
             loaded = loaded["model"]
     found: dict[str, torch.Tensor] = {}
+    packed: dict[str, torch.dtype] = {}
 
     def walk(prefix: str, obj) -> None:
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.Tensor) and obj.is_nested:
+            # a nested tensor (variable-length sequences) has no dense form to measure: each of
+            # its tensors is a row, as a list's are (measured whole, it ended in a traceback)
+            walk(prefix, list(obj.unbind()))
+        elif isinstance(obj, torch.Tensor):
             # a meta tensor has a shape but no values; a sparse one is measured as the dense
             # tensor it stands for (the formats quantize its zeros too)
             if obj.is_floating_point() and obj.numel() > 1 and not obj.is_meta:
+                if not _converts_to_fp32(obj.dtype):
+                    packed[_unique(prefix or "tensor", packed)] = obj.dtype
+                    return
                 dense = obj if obj.layout is torch.strided else obj.to_dense()
                 name = _unique(prefix or "tensor", found)
                 found[name] = dense.detach()  # its own dtype: `error_table`
@@ -135,11 +144,43 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 walk(f"{prefix}.{index}" if prefix else str(index), value)
 
     walk("", loaded)
+    if packed:
+        if not found:
+            raise UsageError(
+                f"{path!r}: {_packed_text(packed)}, and no other floating-point tensor; fix: pass "
+                "the checkpoint before it was packed (fp32, bf16, fp16 or fp8 tensors)"
+            )
+        print(f"lowbit formats: note: {_packed_text(packed)}; not measured", file=sys.stderr)
     if not found:
         raise UsageError(
             f"{path!r} holds no floating-point tensor with values and more than one element"
         )
     return found
+
+
+@functools.cache
+def _converts_to_fp32(dtype: torch.dtype) -> bool:
+    """Whether PyTorch converts ``dtype`` to fp32, through which every format quantizes: not so
+    for packed dtypes (``float4_e2m1fn_x2``, two fp4 codes a byte, with no conversion kernel),
+    whose tensors made `lowbit formats` end in a traceback. The probe holds values (an empty
+    tensor converts without reaching the kernel): 8 bytes, one or more of any dtype."""
+    try:
+        torch.zeros(8, dtype=torch.uint8).view(dtype).float()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def _packed_text(packed: dict[str, torch.dtype]) -> str:
+    """What the skipped tensors of dtypes without an fp32 conversion are, naming a few."""
+    shown = ", ".join(list(packed)[:3]) + (
+        f" and {len(packed) - 3} more" if len(packed) > 3 else ""
+    )
+    dtypes = ", ".join(sorted({str(dtype).removeprefix("torch.") for dtype in packed.values()}))
+    return (
+        f"{len(packed)} tensor{'s' if len(packed) > 1 else ''} ({shown}) of packed dtype {dtypes}, "
+        "which PyTorch cannot convert to fp32, through which every format quantizes"
+    )
 
 
 def _unique(name: str, taken) -> str:
