@@ -40,12 +40,20 @@ Converted (fp8/int8/MX) layers are the exception: their operands are quantized i
 kernels, into bf16 carriers on the CPU, so the trace replaces what such a layer saves with a
 model of the hardware that stores the formats natively: its input quantized (the format's bits
 per value) when the forward's quantized operand can be reused by the weight gradient (tensorwise
-current scaling), else in high precision (one copy per layer under autocast, shared without;
-one cast shared by the layers that read the input where the weight gradient is a GEMM of plain
-casts, as int8's bf16 one, `_kept_input_dtype`), and
+scaling), else in high precision (one copy per layer under autocast, shared without; a cast
+where the weight gradient is a GEMM of plain casts, as int8's bf16 one, `_kept_input_dtype`), and
 its weight as a quantized temporary copy; a converted mixture-of-experts layer likewise for each
 grouped expert GEMM (`lowbit.nn.experts`). (The CPU emulation keeps quantized values in a bf16
-carrier.) With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
+carrier.) Layers that read one tensor one after another (a block's q, k and v; gate and up) keep
+one quantization or cast of it between them where the run shares it
+(`lowbit.nn.operand.SharedQuantization`, modelled by `_SharedSlot`), which it does only where no
+GPU sync is needed to know the quantizations equal: in one process (``gpus=1``; ranks that agree
+on scales quantize per layer), with current scaling (a delayed scale is a tensor on the GPU: per
+layer). That is a GPU's run; on a CPU the delayed scale is a CPU scalar and those layers share
+too (`nano`'s fp8-delayed at 8 x 128: 589,824 bytes fewer than this estimate; docs/memory.md).
+Until session 32 every layer's quantized input was counted (those 589,824 bytes too many for
+fp8-tensorwise) and int8's cast once over several ranks too (1,179,648 bytes too few at two).
+With activation checkpointing (one checkpoint per block: the outermost numbered blocks,
 `lowbit.recipes.recipe.block_stacks`) only each block's inputs are kept (its positional tensor
 arguments, which a non-reentrant checkpoint saves: the hidden states, and BERT's attention mask,
 one tensor for every block), plus one block's activations recomputed during its backward (each
@@ -89,7 +97,7 @@ from lowbit.optim.states import (
     state_tensor_bytes,
 )
 from lowbit.recipes import Recipe, UpdateRounding, get_recipe
-from lowbit.recipes.recipe import DTYPES, block_indices, dtype_of
+from lowbit.recipes.recipe import DTYPES, Scaling, block_indices, dtype_of
 
 SHARDING = ("none", "ddp", "fsdp")  # ddp: `lowbit train --strategy ddp`, no sharding
 TASKS = ("causal-lm", "token-classification")  # the trainer's tasks whose models the trace builds
@@ -413,6 +421,32 @@ NOT_CHECKPOINTABLE = (
 )
 
 
+class _SharedSlot:
+    """One slot of `lowbit.nn.operand.SharedQuantization` on the trace's fake tensors: whether a
+    layer's quantization of its input is the one the layer before it made (the same tensor, the
+    same quantization, a layer that has not had it yet), or its own, which the slot then holds.
+    A slot holds the last quantization only: layers share it when they read one tensor one after
+    another (q, k and v; gate and up), as the run does."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.readers: set[int] = set()
+
+    def reused(self, x: torch.Tensor, quantization, layer, shares: bool) -> bool:
+        """Whether ``layer`` reuses the slot's quantization of ``x``; ``shares``: whether the run
+        shares this one (an unshared quantization leaves the slot as it was)."""
+        if not shares:
+            return False
+        storage = x.untyped_storage()
+        key = (storage._cdata, x.storage_offset(), x.shape, x.stride(), x.dtype, x._version)
+        key = (*key, quantization)
+        if key == self.key and id(layer) not in self.readers:
+            self.readers.add(id(layer))
+            return True
+        self.key, self.readers = key, {id(layer)}
+        return False
+
+
 @dataclass
 class Trace:
     """Bytes one forward and loss save for the backward (`_trace_activations`): activations, and
@@ -473,11 +507,19 @@ def _forward_and_loss(model, task: str, batch: int, seq: int) -> torch.Tensor:
 
 
 def _trace_activations(
-    model, mode, recipe: Recipe, batch: int, seq: int, task: str = "causal-lm"
+    model,
+    mode,
+    recipe: Recipe,
+    batch: int,
+    seq: int,
+    task: str = "causal-lm",
+    alone: bool = True,
 ) -> Trace:
     """Run the trainer's forward and loss of ``model`` (built in the fake-tensor ``mode``) for
     ``batch x seq`` tokens with ``recipe``'s parameter dtype and autocast, and sum what it saves
-    for the backward (see the module docstring); ``recipe`` resolved for the model's names."""
+    for the backward (see the module docstring); ``recipe`` resolved for the model's names.
+    ``alone``: one process, whose layers share quantized inputs; ranks that agree on scales do not
+    (`lowbit.nn.operand.SharedQuantization`)."""
     from lowbit.memory.measure import is_parameter_cast
 
     autocast = recipe.autocast is not None
@@ -503,20 +545,29 @@ def _trace_activations(
             count(t.untyped_storage().nbytes(), temporary=is_parameter_cast(t))
         return t
 
-    casts_counted: set = set()  # inputs whose kept cast (`_kept_input_dtype`) is counted
+    # the forward's shared quantizations of layer inputs, as `SharedQuantization` holds them
+    quantized_inputs, input_casts = _SharedSlot(), _SharedSlot()
 
     def enter_converted(name: str):
         x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
         kept_dtype = None if quantized else _kept_input_dtype(recipe, name)
+        spec, _ = recipe.layer_for(name)
+        x_quantization = (spec.forward.a, spec.forward.transform)
+        # a delayed scale is a tensor on the GPU, which `SharedQuantization` does not read back
+        shares_x = alone and spec.forward.a.scaling is not Scaling.DELAYED
 
         def hook(module, args):
             x = args[0]
             key = x.untyped_storage()._cdata
+            # every converted layer quantizes its input through the slot, kept or not
+            shared = quantized_inputs.reused(x, x_quantization, module, shares_x)
             if kept_dtype is not None and x.dtype != kept_dtype:  # one cast for its readers
-                if key not in casts_counted:
-                    casts_counted.add(key)
+                if not input_casts.reused(x, spec.grad_weight.b, module, alone):
                     count(kept_dtype.itemsize * x.numel())
-            elif quantized or (autocast and kept_dtype is None):  # a copy per layer
+            elif quantized:  # kept for the weight gradient, unless the layer before kept it
+                if not shared:
+                    count(x_bytes * x.numel())
+            elif autocast and kept_dtype is None:  # a copy per layer
                 count(x_bytes * x.numel())
             elif key not in seen:  # the shared input itself
                 seen.add(key)
@@ -578,14 +629,14 @@ def _trace_activations(
     for name, module in model.named_modules():
         if is_experts(module):
             spec, _ = recipe.layer_for(name)
-            enter, leave = enter_experts(name), leave_experts
+            enter, leave = enter_experts, leave_experts
         else:
             spec, _ = recipe.layer_for(name) if is_linear(module) else (None, "")
-            enter, leave = enter_converted(name), leave_converted
+            enter, leave = enter_converted, leave_converted
             if spec is not None and spec.is_identity:
                 in_fp32.enter_context(_computed_in_fp32(module))
         if spec is not None and not spec.is_identity:
-            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_pre_hook(enter(name)))
             handles.append(module.register_forward_hook(leave))
     for name, block in _blocks(model).items():
         handles.append(block.register_forward_pre_hook(enter_block(name), with_kwargs=True))
@@ -661,11 +712,13 @@ def _gathered_dtype(recipe: Recipe) -> str:
     return recipe.autocast or recipe.param_dtype
 
 
-def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, fsdp: bool):
+def _traced(
+    config, name: str, recipe: Recipe, batch: int, seq: int, task: str, fsdp: bool, alone: bool
+):
     """(`ModelShape`, ``recipe`` resolved for the model's names, `Trace`), remembered: `fits` and
     `lowbit estimate` ask for the same model and batch several times. ``fsdp``: the parameters
-    are FSDP's gathered ones, in `_gathered_dtype`."""
-    key = (config.to_json_string(), name, recipe, batch, seq, task, fsdp)
+    are FSDP's gathered ones, in `_gathered_dtype`; ``alone``: one process (`_trace_activations`)."""
+    key = (config.to_json_string(), name, recipe, batch, seq, task, fsdp, alone)
     param_dtype = _gathered_dtype(recipe) if fsdp else recipe.param_dtype
     if recipe.emulate_fp16_gemms_on_cpu:  # a GPU computes these GEMMs in fp16 natively
         recipe = replace(recipe, layer=None)  # (autocast, or fp16 parameters), as `Precision`
@@ -682,7 +735,7 @@ def _traced(config, name: str, recipe: Recipe, batch: int, seq: int, task: str, 
         resolved = recipe_for_model(recipe, model)
         if len(_TRACES) >= 32:
             _TRACES.clear()
-        trace = _trace_activations(model, mode, resolved, batch, seq, task)
+        trace = _trace_activations(model, mode, resolved, batch, seq, task, alone)
         _TRACES[key] = (shape, resolved, trace)
     return _TRACES[key]
 
@@ -748,7 +801,7 @@ def estimate(
         )
     fsdp = sharding == "fsdp" and gpus > 1  # ddp and fsdp over one GPU shard nothing
     shape, recipe, trace = _traced(
-        *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp
+        *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp, gpus == 1
     )
     p_bytes = _bytes(recipe.param_dtype)
     n = shape.num_params
