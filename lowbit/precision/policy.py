@@ -240,12 +240,17 @@ class Precision:
         went on being saved, and a resumed run, which builds only the new one, paired it with
         the new parameters by position ("the saved master weight of parameter 11 has shape
         (64, 32), the parameter (80, 32)"); and its dropped parameters stayed in memory with
-        their fp32 masters. Optimizers over disjoint parameters (a GAN's two) all stay."""
+        their fp32 masters. Optimizers over disjoint parameters (a GAN's two), and one that
+        shares some of its parameters with the new one and keeps others the model still holds
+        (a main optimizer beside a head-only one), all stay."""
         own = {id(p) for p in optimizer_params(optimizer)}
+        # without a converted model, every parameter counts as still held
+        holders = self._models or [torch.nn.ParameterList(self._params())]
+        in_models = {id(p) for model in holders for p in model.parameters()}
         superseded = [
             index
             for index, known in enumerate(self._optimizers)
-            if any(id(p) in own for p in optimizer_params(known))
+            if _supersedes(own, {id(p) for p in optimizer_params(known)}, in_models)
         ]
         if not superseded:
             self._optimizers.append(optimizer)
@@ -585,6 +590,8 @@ class Precision:
         pending = self._pending if self._unstepped_load else {}
         update, sizes = self._update_state(pending)
         layers = {name: layer.lowbit_state.state_dict() for name, layer in self._layers().items()}
+        # each layer's spec as it computed, for a resumed one to compare (`_warn_changed_specs`)
+        specs = {name: layer.lowbit_state.spec.describe() for name, layer in self._layers().items()}
         state = {
             "recipe": self.recipe.name,
             **({} if is_built_in(self.recipe.name) else {"definition": _definition(self.recipe)}),
@@ -594,6 +601,7 @@ class Precision:
             # where each optimizer's share of the update's parameter indices ends
             "params_per_optimizer": sizes,
             "layers": {**pending.get("layers", {}), **layers},
+            "layer_specs": {**pending.get("layer_specs", {}), **specs},
         }
         if "rng" in pending:  # restored only once every part has been applied
             state["rng"] = pending["rng"]
@@ -679,6 +687,8 @@ class Precision:
             "params_per_optimizer": state.get("params_per_optimizer"),
             "layers": dict(state.get("layers", {})),
         }
+        if "layer_specs" in state:  # absent from a state saved before lowbit recorded them
+            self._pending["layer_specs"] = dict(state["layer_specs"])
         if "rng" in state:
             self._pending["rng"] = state["rng"]
         self._unstepped_load = True
@@ -735,11 +745,51 @@ class Precision:
         if "update" in self._pending and self._optimizers:
             self._apply_pending_update()
         layers = self._pending.get("layers", {})
-        for name, layer in self._layers().items():
-            if name in layers:
-                layer.lowbit_state.load_state_dict(layers.pop(name))
+        loaded = {name: layer for name, layer in self._layers().items() if name in layers}
+        self._warn_changed_specs(loaded, layers)
+        for name, layer in loaded.items():
+            layer.lowbit_state.load_state_dict(layers.pop(name))
         if "rng" in self._pending and "update" not in self._pending and not layers:
             self._set_random_state(self._pending.pop("rng"))
+
+    def _warn_changed_specs(self, loaded: dict[str, LowbitModule], layers: dict) -> None:
+        """Warn, once for the layers loaded now, of those whose spec is not the one they were
+        saved with (`state_dict`'s ``layer_specs``). Several overrides matching one layer are read
+        operand by operand since lowbit's session 32 (the first match decided the whole layer
+        before), so a run with two such overrides, resumed, computed in other formats without a
+        word. A state saved before specs were recorded is suspect where two or more overrides
+        decide a layer (`Recipe.deciding_overrides`). A warning, not a refusal: a library user may
+        load a state under other overrides on purpose. `auto`'s layers are left out: their plan
+        moves during training and is restored with the state (`LayerState.load_state_dict`)."""
+        saved_specs = self._pending.get("layer_specs")
+        changed = []
+        for name, layer in loaded.items():
+            saved = saved_specs.pop(name, None) if saved_specs is not None else None
+            state = layer.lowbit_state
+            if "spec" in layers[name] or state.dynamic_spec:
+                continue
+            now = state.spec.describe()
+            if saved_specs is None:
+                deciding = self.recipe.deciding_overrides(name.split(":", 1)[-1])
+                if len(deciding) > 1:
+                    which = " and ".join(o.reason.removeprefix("override ") for o in deciding)
+                    changed.append(
+                        f"{name} (saved before lowbit recorded specs; decided by {which})"
+                    )
+            elif saved is not None and saved != now:
+                changed.append(f"{name} (saved: {saved}; now: {now})")
+        if changed:
+            more = f" and {len(changed) - 1} more layers" if len(changed) > 1 else ""
+            verb = "may compute" if saved_specs is None else "computes"
+            warnings.warn(
+                f"lowbit: precision.load_state_dict(): layer {changed[0]}{more} {verb} in other "
+                "formats than when the state was saved: several overrides matching one layer are "
+                "read operand by operand (first match per operand) since session 32, where the "
+                "first match decided the whole layer before; fix: keep the overrides that decide "
+                "these operands first (or load under the overrides the state was saved with), or "
+                "start a new run",
+                stacklevel=4,
+            )
 
     def _apply_pending_update(self) -> None:
         """The loaded master weights and Kahan buffers, keyed by their parameter's position in the
@@ -850,6 +900,15 @@ _CLOSURE_RECIPES = (
 def _is_optimizer(candidate) -> bool:
     """Anything with ``param_groups`` steps as an optimizer (torch's, torchao's, a user's own)."""
     return hasattr(candidate, "param_groups")
+
+
+def _supersedes(new: set[int], old: set[int], in_models: set[int]) -> bool:
+    """Whether an optimizer over the parameters ``new`` (ids) replaces one over ``old``: they
+    share a parameter, and each of the old one's is the new one's or no longer in a model given
+    to `Precision.convert` (``in_models``; the output head ``resize_token_embeddings`` replaced).
+    So rebuilding an optimizer (after a resize, or to unfreeze layers) replaces the old one, and
+    an optimizer over a part of the model (a head-only probe) leaves the main one be."""
+    return bool(new & old) and all(p in new or p not in in_models for p in old)
 
 
 def _optimizers(call: str, given) -> list:

@@ -115,3 +115,29 @@ def test_a_superseded_optimizer_stepped_again_is_refused_in_one_line():
     step(precision, model, new, 1)
     with pytest.raises(UsageError, match=r"superseded.*fix: step only the newer optimizer"):
         step(precision, model, old, 2)
+
+
+@pytest.mark.parametrize("recipe", ["fp16-low", "bf16-mixed"])
+def test_an_optimizer_over_part_of_the_model_leaves_the_main_one_be(recipe):
+    """A head-only optimizer (a probe, a head warm-up) beside the main one shares the head's
+    parameters but not the rest, which the model still holds: both stay, and the main one goes
+    on stepping with its master weights (the supersession refused it, and dropped them)."""
+    torch.manual_seed(0)
+    precision = Precision(recipe)
+    model = precision.convert(
+        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    )
+    main = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+    def step(optimizer):
+        with precision.autocast():
+            loss = model(torch.randn(8, 16)).float().pow(2).mean()
+        precision.backward(loss)
+        precision.step(optimizer)
+        optimizer.zero_grad()
+
+    step(main)
+    probe = precision.wrap_optimizer(torch.optim.SGD(model[2].parameters(), lr=1e-2))
+    step(probe)
+    step(main)
+    assert precision.state_dict()["params_per_optimizer"] == [4, 2]
