@@ -29,6 +29,11 @@ documents whose text is also a training document's (the same file copied into ``
 folders that cannot be listed, which a folder or glob reached and could not read. It drops or
 moves no document: the splits stay as the data gives them.
 
+What lowbit wrote inside the data is no data, and a folder or glob leaves it out (with a warning):
+a training run's files (``--out data/run``, or ``--out data --overwrite``) and a quantized, pruned
+or exported model's folder. Read, a resumed run trained on its own metrics and checkpoints, on
+data that changed as the first run wrote it.
+
 `fingerprint` hashes the names and contents so that a run records exactly which text it saw.
 """
 
@@ -220,7 +225,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    documents, binary, unread = _read_texts(source, text_field)
+    documents, binary, unread, written = _read_texts(source, text_field)
     splits = split_documents(documents)
     warnings = tuple(
         filter(
@@ -229,6 +234,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
                 _skipped_files(str(source)),
                 _skipped_binary(str(source), binary),
                 _unread_entries(str(source), unread),
+                _lowbit_written(str(source), written),
                 _shared_text(str(source), splits),
             ],
         )
@@ -290,6 +296,20 @@ def _unread_entries(spec: str, unread: dict[str, str]) -> str | None:
     if not unread:
         return None
     return f"{spec}: {_unread_list(unread)}, and any text there is left out; fix: {UNREAD_FIX}"
+
+
+def _lowbit_written(spec: str, written: dict[str, str]) -> str | None:
+    """The warning for the folders lowbit wrote into inside the data, which a folder or glob
+    left out (`_lowbit_output`): said once, so that a user who meant to train on such files
+    learns why they are not read."""
+    if not written:
+        return None
+    shown = "; ".join(what for _, what in sorted(written.items())[:3])
+    more = "; ..." if len(written) > 3 else ""
+    return (
+        f"{spec}: left out {shown}{more}: what lowbit writes is no data (and read, it would "
+        "change as a run writes); fix: none needed, or keep --out outside the data"
+    )
 
 
 UNREAD_FIX = (
@@ -390,10 +410,12 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
     return _read_texts(path_or_glob, text_field)[0]
 
 
-def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str], dict[str, str]]:
+def _read_texts(
+    path_or_glob, text_field: str
+) -> tuple[list[Document], list[str], dict[str, str], dict[str, str]]:
     """Documents from user data, sorted by name, the names of the binary files a glob matched
-    and left out, and what a folder or glob could not read (`_glob_files`' ``unread``), for
-    `load_corpus`'s warnings.
+    and left out, what a folder or glob could not read and the folders lowbit wrote into that it
+    left out (`_glob_files`' ``unread`` and ``written``), for `load_corpus`'s warnings.
 
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
       linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
@@ -415,9 +437,10 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
     path = Path(spec)
     binary: list[str] = []
     unread: dict[str, str] = {}
+    written: dict[str, str] = {}
     if path.is_dir():
         files = _unique(
-            p for p in _folder_files(path, unread) if p.suffix.lower() in FOLDER_SUFFIXES
+            p for p in _folder_files(path, unread, written) if p.suffix.lower() in FOLDER_SUFFIXES
         )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
     elif path.is_file():
@@ -428,7 +451,7 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
     elif glob.has_magic(spec):
         base = _glob_base(spec)
         files = []
-        for f in _unique(_glob_files(spec, unread)):
+        for f in _unique(_glob_files(spec, unread, written)):
             if _is_binary(f):
                 binary.append(os.path.relpath(f, base).replace(os.sep, "/"))
             else:
@@ -463,6 +486,12 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
                 f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
                 f"a glob for those, --data '{pattern}'"
             )
+        if written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
+            raise UsageError(
+                f"{spec}: no text read, only what lowbit wrote "
+                f"({'; '.join(what for _, what in sorted(written.items()))}), which is no data; "
+                "fix: point at the data itself"
+            )
         if unread and not docs:  # a folder that cannot be listed, links to an unmounted disk
             raise UsageError(f"{spec}: no text read, {_unread_list(unread)}; fix: {UNREAD_FIX}")
         if binary and not docs:  # a glob of images, say: "matches files" was its fix
@@ -474,7 +503,7 @@ def _read_texts(path_or_glob, text_field: str) -> tuple[list[Document], list[str
             f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
-    return sorted(docs, key=lambda d: d.name), binary, unread
+    return sorted(docs, key=lambda d: d.name), binary, unread, written
 
 
 def _jsonl_below(folder: Path) -> Path | None:
@@ -483,12 +512,14 @@ def _jsonl_below(folder: Path) -> Path | None:
     return next(found, None)
 
 
-def _folder_files(folder: Path, unread: dict[str, str] | None = None) -> list[Path]:
+def _folder_files(
+    folder: Path, unread: dict[str, str] | None = None, written: dict[str, str] | None = None
+) -> list[Path]:
     """The files below ``folder`` that the glob ``folder/**/*`` reads: not hidden, and through
-    folder links too (``unread`` as `_glob_files`). ``Path.rglob`` does not enter a linked
-    folder, so a sub-corpus linked in from another disk was left out of a folder, without a
-    word, that its glob read."""
-    return _glob_files(os.path.join(glob.escape(str(folder)), "**", "*"), unread)
+    folder links too (``unread`` and ``written`` as `_glob_files`). ``Path.rglob`` does not
+    enter a linked folder, so a sub-corpus linked in from another disk was left out of a
+    folder, without a word, that its glob read."""
+    return _glob_files(os.path.join(glob.escape(str(folder)), "**", "*"), unread, written)
 
 
 def _unique(files) -> list[Path]:
@@ -504,32 +535,42 @@ def _unique(files) -> list[Path]:
     return out
 
 
-def _glob_files(pattern: str, unread: dict[str, str] | None = None) -> list[Path]:
+def _glob_files(
+    pattern: str, unread: dict[str, str] | None = None, written: dict[str, str] | None = None
+) -> list[Path]:
     """The files that ``glob.glob(pattern, recursive=True)`` matches (hidden names only where the
     pattern spells their dot), except that ``**`` does not enter a folder link back to a folder it
-    is inside: glob follows such a loop ~40 folders deep, and two loops multiply into hours.
+    is inside: glob follows such a loop ~40 folders deep, and two loops multiply into hours; and
+    that a wildcard does not match what lowbit wrote inside the data (`_lowbit_output`).
 
     ``unread`` receives, by name relative to the pattern's fixed folder, what the walk reached
     and could not read: a link to nothing (a disk not mounted, a target moved) and a folder it
     may not list (permission denied). glob passes both over without a word, and the run trained
-    on part of the data."""
+    on part of the data. ``written`` receives, by the same names, the folders that lowbit wrote
+    into and what of them was left out."""
     parts = Path(pattern).parts
     first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
     base = Path(*parts[:first])
     found: list[Path] = []
     lost = {} if unread is None else unread
+    ours = {} if written is None else written
 
     def listed(folder: Path, part: str) -> list[Path]:
+        name = f"{_relative(folder, base)}/" if folder != base else str(folder)
         try:
-            return _matching(folder, part)
+            names = os.listdir(folder)
         except (FileNotFoundError, NotADirectoryError):  # a glob's folder that is not there
             return []
         except OSError as error:
             if folder.name == "lost+found":  # a disk's root-only folder of fsck's: no data
                 return []
-            name = f"{_relative(folder, base)}/" if folder != base else str(folder)
             lost[name] = f"cannot list it: {error.strerror}"
             return []
+        output = _lowbit_output(folder, names, folder == base, name)
+        if output is not None:
+            ours[name], left_out = output
+            names = [n for n in names if n not in left_out]
+        return _matching(folder, names, part)
 
     def add(entry: Path, last: bool) -> None:  # last: the pattern's last part matched it
         if last and entry.is_file():
@@ -561,15 +602,43 @@ def _glob_files(pattern: str, unread: dict[str, str] | None = None) -> list[Path
     return found
 
 
+def _lowbit_output(
+    folder: Path, names: list[str], top: bool, shown: str
+) -> tuple[str, set[str]] | None:
+    """What lowbit wrote into ``folder`` (whose entries are ``names``; ``top``: the folder the
+    data walk starts from; ``shown``: its name in messages), as ``(what it is, the names it
+    wrote)``, or None.
+
+    A training run's folder (a run.json of lowbit's, or a config.yaml beside a checkpoint) loses
+    only the names a run writes (`RUN_FILES`, `RUN_FOLDERS`): ``--out data --overwrite`` leaves
+    the user's files there beside them. A quantize, prune or export folder (its manifest) is
+    lowbit's alone, unless the user points the data at it. Read as data, ``--out data/run``
+    with ``--data 'data/**/*'`` trained the resumed run on its own config, metrics and
+    checkpoints (or refused it: "step-0000002.pt: zip-compressed, not text"), and a folder of
+    .txt files on a saved tokenizer's merges.txt: data that changed as the run wrote."""
+    # imported here: lowbit.train and lowbit.infer build on this module
+    from lowbit.infer.io import MANIFESTS
+    from lowbit.train import checkpoint
+    from lowbit.train.config import RUN_INFO, read_run_info
+    from lowbit.train.trainer import RUN_FILES, RUN_FOLDERS
+
+    if not top and set(MANIFESTS).intersection(names):
+        return f"{shown}, a lowbit quantize, prune or export folder", set(names)
+    run = RUN_INFO in names and "lowbit" in read_run_info(folder)
+    if run or ("config.yaml" in names and checkpoint.latest(folder) is not None):
+        ours = {*RUN_FILES, *RUN_FOLDERS}.intersection(names)
+        return f"the lowbit run in {shown} ({', '.join(sorted(ours))})", ours
+    return None
+
+
 def _relative(path: Path, base: Path) -> str:
     """``path``'s name relative to ``base`` with forward slashes, as documents are named."""
     return os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def _matching(folder: Path, pattern: str) -> list[Path]:
-    """The entries of ``folder`` whose name matches ``pattern``, hidden ones only if it starts
-    with a dot (as `glob` does); an `OSError` if it cannot be listed."""
-    names = os.listdir(folder)
+def _matching(folder: Path, names: list[str], pattern: str) -> list[Path]:
+    """The entries of ``folder`` (named ``names``) whose name matches ``pattern``, hidden ones
+    only if it starts with a dot (as `glob` does)."""
     if not pattern.startswith("."):
         names = [n for n in names if not n.startswith(".")]
     return [folder / n for n in fnmatch.filter(names, pattern)]
