@@ -153,12 +153,30 @@ def _scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> to
 
     The scale multiplies the GEMM's fp32 accumulator before its single rounding to the bf16
     output (``addmm``'s ``alpha``), as a GPU's scaled GEMM applies its scales in the epilogue; no
-    second pass over the output, and no second rounding."""
+    second pass over the output, and no second rounding. ``alpha`` is a number, which a traced
+    graph (`torch.compile`) cannot read from a tensor (a graph break in every tensorwise layer's
+    forward under autocast), so there the same computation is one op that reads it at run time,
+    `_traced_scaled_bf16_mm`: no tensor-only form gives these bits (an fp32 GEMM times the scale,
+    rounded to bf16, differs in the last bit of a few outputs)."""
+    if torch.compiler.is_compiling():
+        return _traced_scaled_bf16_mm(a, b, scale)
     alpha = scale.item()
     if alpha == 1.0:
         return a @ b.t()
     ignored = _constant(0.0, (), torch.bfloat16, a.device)  # addmm's input, weighted by beta=0
     return torch.addmm(ignored, a, b.t(), beta=0, alpha=alpha)
+
+
+@torch.library.custom_op("lowbit_traced::scaled_bf16_mm", mutates_args=())
+def _traced_scaled_bf16_mm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_scaled_bf16_mm` as a traced graph calls it (the operands' values come from a quantization
+    that needs no gradient, so the op needs no derivative)."""
+    return _scaled_bf16_mm(a, b, scale)
+
+
+@_traced_scaled_bf16_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[0])
 
 
 # Partial products of at most this many bytes per batched GEMM in `_grouped_mm` (K blocks are
@@ -229,7 +247,15 @@ def _k_block_scale(q: QTensor, block: int) -> torch.Tensor:
 
 
 def _epilogue_takes(acc: torch.Tensor) -> bool:
-    """The fused epilogue (`lowbit.kernels`) serves this accumulator: CPU, unit column stride."""
+    """The fused epilogue (`lowbit.kernels`) serves this accumulator: CPU, unit column stride.
+
+    Not in a traced graph (`torch.compile`), which takes the PyTorch ops (the same bits): Dynamo
+    refuses to read a stride in an autograd function's backward and traces that backward again,
+    and that second trace left the layer's ``torch.autocast(enabled=False)`` entered, so the
+    rest of the model was traced without autocast (torch 2.13: "Global autocast state changed
+    while dynamo tracing" from `torch._dynamo.explain`, other numbers from `torch.compile`)."""
+    if torch.compiler.is_compiling():
+        return False
     return kernels.usable(acc) and (acc.stride(-1) == 1 or acc.shape[-1] <= 1)
 
 
