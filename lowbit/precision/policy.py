@@ -779,8 +779,9 @@ class Precision:
             elif saved is not None and saved != now:
                 changed.append(f"{name} (saved: {saved}; now: {now})")
         if changed:
-            more = f" and {len(changed) - 1} more layers" if len(changed) > 1 else ""
-            verb = "may compute" if saved_specs is None else "computes"
+            others = len(changed) - 1
+            more = f" and {others} more layer{'s' * (others > 1)}" if others else ""
+            verb = "may compute" if saved_specs is None else "compute" if others else "computes"
             warnings.warn(
                 f"lowbit: precision.load_state_dict(): layer {changed[0]}{more} {verb} in other "
                 "formats than when the state was saved: several overrides matching one layer are "
