@@ -443,6 +443,7 @@ def _read_texts(
             p for p in _folder_files(path, unread, written) if p.suffix.lower() in FOLDER_SUFFIXES
         )
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
+        unread = _may_have_held_text(unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES))
     elif path.is_file():
         if path.suffix.lower() in JSONL_SUFFIXES:
             docs = _jsonl_documents(path, path.name, text_field)
@@ -451,7 +452,9 @@ def _read_texts(
     elif glob.has_magic(spec):
         base = _glob_base(spec)
         files = []
-        for f in _unique(_glob_files(spec, unread, written)):
+        matched = _unique(_glob_files(spec, unread, written))
+        unread = _may_have_held_text(unread, lambda name: fnmatch.fnmatch(name, path.name))
+        for f in matched:
             if _is_binary(f):
                 binary.append(os.path.relpath(f, base).replace(os.sep, "/"))
             else:
@@ -629,6 +632,17 @@ def _lowbit_output(
         ours = {*RUN_FILES, *RUN_FOLDERS}.intersection(names)
         return f"the lowbit run in {shown} ({', '.join(sorted(ours))})", ours
     return None
+
+
+def _may_have_held_text(unread: dict[str, str], read) -> dict[str, str]:
+    """``unread`` without the links to nothing whose file the data would not have read anyway
+    (``read(file name)`` False: a ``weights.bin`` beside the ``.txt`` files), which lose no
+    text; a link without a suffix may have been a folder, and stays."""
+    return {
+        name: why
+        for name, why in unread.items()
+        if not why.startswith("a link to") or not Path(name).suffix or read(Path(name).name)
+    }
 
 
 def _relative(path: Path, base: Path) -> str:

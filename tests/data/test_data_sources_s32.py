@@ -50,6 +50,7 @@ def test_a_link_to_nothing_in_the_data_is_warned_of(tmp_path, capsys):
     data = text_folder(tmp_path / "data")
     os.symlink(tmp_path / "unmounted" / "book.txt", data / "book.txt")
     os.symlink(tmp_path / "unmounted" / "wiki", data / "wiki")
+    os.symlink(tmp_path / "unmounted" / "weights.bin", data / "weights.bin")  # not read anyway
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), *TINY, "--out", str(out)]) == 0
     (line,) = warnings_of(capsys.readouterr().err)
