@@ -210,7 +210,7 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
     dtype into it)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
-    from lowbit.models.causal_lm import is_causal_lm
+    from lowbit.models.causal_lm import _as_decoder, is_causal_lm
     from lowbit.models.pretrained import BUILD_ERRORS, with_sdpa
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
@@ -229,7 +229,10 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
         # ended `lowbit train` at its memory report), so the weight initialization is skipped;
         # weight tying, which decides which parameters are one, still runs.
         with mock.patch.object(PreTrainedModel, "initialize_weights", lambda self: None):
-            return auto.from_config(copy.deepcopy(config), dtype=dtype, **kw)
+            built = copy.deepcopy(config)
+            # an encoder's causal LM as `lowbit train` builds it: a decoder (its attention mask)
+            built.update(_as_decoder(config) if task == "causal-lm" else {})
+            return auto.from_config(built, dtype=dtype, **kw)
 
     try:
         return with_sdpa(build)

@@ -234,6 +234,18 @@ def _as_decoder(config) -> dict:
     }
 
 
+def decoder_fields(path) -> list[str]:
+    """The fields `load_causal_lm` sets to build the --model folder (or config.json) ``path`` as a
+    decoder (`_as_decoder`): a run records them, as runs trained before lowbit did so attended
+    both ways, and their weights do not fit the causal model built now
+    (`lowbit.train.checkpoint.check_model_folder`). Empty where the config cannot be read: the
+    load that reads it names the problem."""
+    try:
+        return sorted(_as_decoder(load_config(Path(path))))
+    except (OSError, UsageError):
+        return []
+
+
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config

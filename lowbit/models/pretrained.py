@@ -344,14 +344,18 @@ def _config_fields(path) -> dict | None:
     return {key: value for key, value in fields.items() if key not in UNMODELLED_FIELDS}
 
 
-def model_record(path) -> dict | None:
-    """What a run trained from the --model folder (or config.json) ``path`` records of it, so that
-    loading the run later can tell whether the folder still builds the model its checkpoint was
-    trained in (`model_changes`): the config's fields and the tokenizer files' sha256 (hashed
-    whatever their size, a few MB at most: a copy that only touched one is no change). The
-    weights are left out on purpose: a checkpoint holds every trained weight, so weights trained
-    again or replaced in the folder change nothing a run loads."""
+def model_record(path, task: str = "causal-lm") -> dict | None:
+    """What a run of ``task`` trained from the --model folder (or config.json) ``path`` records of
+    it, so that loading the run later can tell whether the folder still builds the model its
+    checkpoint was trained in (`model_changes`): the config's fields and the tokenizer files'
+    sha256 (hashed whatever their size, a few MB at most: a copy that only touched one is no
+    change). The weights are left out on purpose: a checkpoint holds every trained weight, so
+    weights trained again or replaced in the folder change nothing a run loads. An encoder's
+    causal LM also records ``as_decoder``, the fields that built it as a decoder
+    (`lowbit.models.causal_lm.decoder_fields`): a run without them attended both ways."""
     import hashlib
+
+    from lowbit.models.causal_lm import decoder_fields
 
     config = _config_fields(path)
     if config is None:
@@ -363,7 +367,9 @@ def model_record(path) -> dict | None:
             tokenizer[name] = "sha256:" + hashlib.sha256((folder / name).read_bytes()).hexdigest()
         except OSError:  # not there (or unreadable: the load that reads it names the problem)
             continue
-    return {"config": config, "tokenizer": tokenizer}
+    record = {"config": config, "tokenizer": tokenizer}
+    as_decoder = decoder_fields(path) if task == "causal-lm" else []
+    return {**record, "as_decoder": as_decoder} if as_decoder else record
 
 
 def _as_built(fields: dict) -> dict:

@@ -167,13 +167,29 @@ def check_model_folder(run_dir) -> None:
     trained ones); a run recorded before run.json held `model_record`, or a folder moved away
     (the load names it), is not checked. Loaders call it once the checkpoint is in the model (a
     shape that no longer fits is told by the load, naming the tensor); a resumed run before it
-    builds its model (the folder's own weights may no longer fit its config)."""
+    builds its model (the folder's own weights may no longer fit its config).
+
+    A causal-LM run from an encoder folder (BERT, RoBERTa, XLM) whose record lacks the fields
+    that built it as a decoder (``as_decoder``) trained before lowbit built it so: its weights
+    learned to attend both ways, and loaded into the causal model they evaluate, generate and
+    export as another model, without a word (config.json unchanged, nothing above tells it)."""
+    from lowbit.models.causal_lm import decoder_fields
     from lowbit.models.pretrained import model_changes
     from lowbit.train.config import read_run_info
 
     info = read_run_info(run_dir)
     folder, recorded = info.get("model_path"), info.get("model_record")
-    if not folder or not recorded:
+    if not folder:
+        return
+    built_as_decoder = isinstance(recorded, dict) and recorded.get("as_decoder")
+    causal = info.get("task", "causal-lm") == "causal-lm"
+    if causal and not built_as_decoder and decoder_fields(folder):
+        raise UsageError(
+            f"{run_dir} was trained from encoder {folder} with attention in both directions "
+            "(before lowbit built such models as decoders); its weights do not fit the causal "
+            "model; fix: train a new run from the folder"
+        )
+    if not recorded:
         return
     changes = model_changes(recorded, folder, tokenizer=info.get("task") == "token-classification")
     if not changes:

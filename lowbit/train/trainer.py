@@ -1088,7 +1088,7 @@ class Trainer:
             "model_path": folder,  # likewise for a --model folder
             # its config (and tokenizer files), which every later load of the run builds the
             # model from again: `checkpoint.check_model_folder`
-            "model_record": model_record(folder) if folder else None,
+            "model_record": model_record(folder, self.config.task) if folder else None,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),
