@@ -10,10 +10,9 @@ tracing") and `torch.compile` traced the rest of the model without autocast (`mx
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 import lowbit
-from lowbit.models.causal_lm import model_config
+from tests.nn.test_compile_breaks_s32 import nano
 
 
 def mlp(precision: lowbit.Precision) -> torch.nn.Module:
@@ -21,16 +20,6 @@ def mlp(precision: lowbit.Precision) -> torch.nn.Module:
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 64, bias=False), torch.nn.ReLU(), torch.nn.Linear(64, 64, bias=False)
     )
-    precision.convert(model)
-    return model
-
-
-def nano(precision: lowbit.Precision) -> torch.nn.Module:
-    config = model_config("nano", 257)
-    config.num_hidden_layers = 1  # compiling is slow on a CPU
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     precision.convert(model)
     return model
 
