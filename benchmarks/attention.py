@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     shape = (args.batch, args.heads, args.seq, args.head_dim)
+    if min(*shape, args.rounds) < 1:  # --rounds 0 was a StatisticsError traceback (no median)
+        parser.error("--batch, --heads, --seq, --head-dim and --rounds must be at least 1")
     times = {name: [] for name in CASES}
     for round_ in range(args.rounds + 2):
         for name, case in CASES.items():

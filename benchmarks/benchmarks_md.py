@@ -7,6 +7,9 @@ import re
 import sys
 from pathlib import Path
 
+from lowbit.errors import UsageError
+from lowbit.train.config import write_atomically
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -19,7 +22,8 @@ def write_section(heading: str, text: str, path: Path = BENCHMARKS_MD) -> None:
         new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
     else:
         new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
+    # whole or not at all: a Ctrl-C mid-write left a truncated page, every other section lost
+    write_atomically(path, new)
 
 
 def cpu_description() -> str:
@@ -51,3 +55,14 @@ def publish(heading: str, text: str, write: bool) -> None:
     print(text)
     if write:
         write_section(heading, text)
+
+
+def run_script(main) -> None:
+    """Exit with ``main()``'s status; lowbit's refusal of a setting (an unknown --recipe, a run
+    folder that is none) is one line naming the fix, as `lowbit` prints it, not a traceback."""
+    try:
+        code = main()
+    except UsageError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

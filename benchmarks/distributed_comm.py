@@ -5,11 +5,12 @@ counted by lowbit's comm hook, FSDP2's all-gathers and reduce-scatters by wrappi
 ``torch.distributed.all_gather_single`` / ``reduce_scatter_single`` (what FSDP2 calls), and the
 scale agreement's amax all-reduces by its call and byte counters. Prints a markdown table.
 
-    .venv/bin/python benchmarks/distributed_comm.py
+    .venv/bin/python benchmarks/distributed_comm.py [strategy:recipe ...]   # e.g. fsdp:bf16-low
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -26,13 +27,31 @@ RUNS = [
     ("fsdp", "bf16-mixed"), ("fsdp", "bf16-low"), ("fsdp", "bf16-pure-sr"),
     ("fsdp", "fp8-tensorwise"), ("fsdp", "mxfp8"),
 ]  # fmt: skip
-# `benchmarks/distributed_comm.py fsdp:bf16-low ddp:nvfp4` measures only those runs
-if sys.argv[1:]:
-    RUNS = [tuple(run.split(":")) for run in sys.argv[1:]]
 STEPS = 2
 
 
-def _rank(rank, world, port, out, queue):
+def parse_runs(argv=None) -> list[tuple[str, str]]:
+    """The runs named on the command line (all of RUNS without any), each checked here: a bad one
+    failed in both ranks as a spawn traceback (and so did --help)."""
+    import lowbit
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "runs", nargs="*", metavar="strategy:recipe", help="only these runs, e.g. fsdp:bf16-low"
+    )
+    runs = []
+    for run in parser.parse_args(argv).runs:
+        strategy, _, recipe = run.partition(":")
+        if strategy not in ("ddp", "fsdp") or recipe not in lowbit.recipe_names():
+            parser.error(
+                f"{run!r} is not strategy:recipe; fix: ddp or fsdp, a colon and one of "
+                f"{', '.join(lowbit.recipe_names())}, e.g. fsdp:bf16-low"
+            )
+        runs.append((strategy, recipe))
+    return runs or RUNS
+
+
+def _rank(rank, world, port, out, queue, runs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
@@ -53,7 +72,7 @@ def _rank(rank, world, port, out, queue):
     from lowbit.train import TrainConfig, Trainer
 
     rows = []
-    for strategy, recipe in RUNS:
+    for strategy, recipe in runs:
         ranks = Ranks(strategy, torch.device("cpu"))
         config = TrainConfig(recipe=recipe, steps=STEPS, seq_len=32, batch_size=8,
                              out=f"{out}/{strategy}-{recipe}", strategy=strategy, nproc=world)  # fmt: skip
@@ -80,9 +99,10 @@ def _rank(rank, world, port, out, queue):
 def main():
     from lowbit.distributed.context import free_port
 
+    runs = parse_runs()
     queue = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(2, free_port(), out, queue), nprocs=2)
+        mp.spawn(_rank, args=(2, free_port(), out, queue, runs), nprocs=2)
         rows = queue.get()
     print("| strategy | recipe | parameters | all-reduce B/param | all-gather B/param | "
           "reduce-scatter B/param | amax all-reduces/step | amax B/step |")  # fmt: skip

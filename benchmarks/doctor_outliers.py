@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks_md import run_script
+
 from lowbit.diagnostics.cases import inject_outliers
 from lowbit.diagnostics.doctor import diagnose
 from lowbit.train import TrainConfig
@@ -80,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import run_script, write_section  # noqa: E402
 
 from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
 from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
@@ -270,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

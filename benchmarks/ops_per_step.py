@@ -23,7 +23,7 @@ import contextlib
 import sys
 
 import torch
-from benchmarks_md import command_line, publish
+from benchmarks_md import command_line, publish, run_script
 from recipe_speed import Run
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402
+from benchmarks_md import run_script, write_section  # noqa: E402
 
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
@@ -373,4 +373,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -4,12 +4,13 @@
     python benchmarks/parity.py                      # the full study (3 seeds, every preset)
     python benchmarks/parity.py --jobs 1             # one run at a time (default: one per core)
     python benchmarks/parity.py --device cpu         # on the CPU (default: a GPU where there is one)
-    python benchmarks/parity.py --recipes fp32,bf16-mixed,mxfp4 --seeds 1 --lm-steps 150
+    python benchmarks/parity.py --recipes fp32,bf16-mixed,mxfp4 --seeds 1 --lm-steps 150 --no-write
     python benchmarks/parity.py --golden             # rewrite tests/golden/parity_tiny.json
 
 Results go to ``<out>/<task>/report/`` (report.md, report.html, results.json, plots) and, unless
 ``--no-write``, into the "Parity" section of BENCHMARKS.md and the results section of
-docs/parity.md. Every task uses one workload for every recipe: nothing is tuned per recipe.
+docs/parity.md, replacing the recorded study there (a quick run, as the one above, keeps it with
+``--no-write``). Every task uses one workload for every recipe: nothing is tuned per recipe.
 Runs are reused, so an interrupted study continues where it stopped when started again.
 """
 
@@ -39,6 +40,7 @@ from lowbit.report.markdown import (  # noqa: E402
     trend_line,
     verdict_lines,
 )
+from lowbit.train.config import write_atomically  # noqa: E402
 
 # One workload per task. Sized for 2 CPU cores: the causal LM (Llama size nano, 0.18 M parameters,
 # byte tokens of the Python stdlib) runs 128 x 64 tokens per step. The batch is what narrows the
@@ -250,7 +252,7 @@ def golden(path: Path = GOLDEN) -> dict:
         "references": references,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
     print(f"wrote {path} (reference {kind}; kept: {', '.join(sorted(references))})")
     return data
 
@@ -291,14 +293,15 @@ def replace_section(path: Path, text: str) -> None:
         if pattern.search(old)
         else (old.rstrip() + "\n\n" + text.rstrip() + "\n")
     )
-    path.write_text(new, encoding="utf-8")
+    # whole or not at all: a Ctrl-C mid-write truncated the page, every other benchmark's section
+    write_atomically(path, new)
 
 
 def replace_doc_results(path: Path, text: str) -> None:
     old = path.read_text(encoding="utf-8")
     start, end = old.index(DOC_BEGIN) + len(DOC_BEGIN), old.index(DOC_END)
     body = text.replace(SECTION, "### Measured").strip()
-    path.write_text(old[:start] + "\n" + body + "\n" + old[end:], encoding="utf-8")
+    write_atomically(path, old[:start] + "\n" + body + "\n" + old[end:])
 
 
 def main(argv=None) -> int:
@@ -332,7 +335,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--measure", action="store_true", help="only time a few steps per recipe")
     parser.add_argument("--golden", action="store_true", help="rewrite the golden loss curves")
-    parser.add_argument("--no-write", action="store_true", help="do not touch the .md files")
+    parser.add_argument(
+        "--no-write",
+        action="store_true",
+        help="leave BENCHMARKS.md and docs/parity.md as they are (by default this study's "
+        "results replace the recorded ones there)",
+    )
     parser.add_argument("--note", default="", help="a line written above the results")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

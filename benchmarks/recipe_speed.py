@@ -195,6 +195,11 @@ def main() -> int:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # checked before --profile builds anything: its unknown recipe or missing GPU was a traceback
+    if args.profile and args.profile not in lowbit.recipe_names():
+        parser.error(f"--profile: unknown recipe {args.profile}; see `lowbit recipes`")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; fix: leave --device out")
     if args.profile:
         profile(
             args.profile,
@@ -214,8 +219,6 @@ def main() -> int:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; see `lowbit recipes`")
     if "fp32" not in recipes:
         recipes.insert(0, "fp32")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device here; fix: leave --device out")
     if args.worker:  # one process's medians, as JSON on the last line
         medians = measure(
             recipes, args.rounds, args.warmup, args.batch, args.seq, args.size, args.device

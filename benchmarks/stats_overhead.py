@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from benchmarks_md import run_script
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
 from lowbit.train import TrainConfig
+from lowbit.train.config import write_atomically
 from lowbit.train.logging import MetricsLogger
 from lowbit.train.trainer import Trainer
 
@@ -108,7 +110,7 @@ def write_section(text: str) -> None:
     page = path.read_text() if path.is_file() else "# Benchmarks\n"
     pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
     page = pattern.sub(text + "\n", page) if pattern.search(page) else page + "\n" + text
-    path.write_text(page)
+    write_atomically(path, page)  # a Ctrl-C mid-write truncated the page (benchmarks_md.py)
 
 
 def main() -> None:
@@ -128,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

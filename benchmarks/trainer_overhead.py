@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchmarks_md import run_script
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -92,6 +93,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--quiet", action="store_true", help="time the trainer without its bar")
     args = parser.parse_args(argv)
+    # A trainer step is timed from the end of the one before, so the first is never timed: with
+    # --warmup 0 one timed step fewer, and --steps 1 was `StatisticsError: no median`.
+    if args.steps < 1 or args.warmup < 1:
+        parser.error(
+            "--steps and --warmup must be at least 1 (the trainer's first step is untimed)"
+        )
     trainer_times, hand_times = measure(args)
     t_med, h_med = statistics.median(trainer_times), statistics.median(hand_times)
     t_mean, h_mean = statistics.fmean(trainer_times), statistics.fmean(hand_times)
@@ -114,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)
