@@ -112,7 +112,8 @@ _QUIET_WAIT_SECONDS = 3
 
 def _note_a_long_wait(lock: Path) -> threading.Event:
     """Say, once another process's ``lock`` has been waited for `_QUIET_WAIT_SECONDS`, where it is
-    (one left by a build killed minutes ago would otherwise hang the run without a word). A
+    (one left by a build killed minutes ago would otherwise hang the run without a word), and
+    remove it once it is stale (`_clear_stale_lock`) if it is still there. A
     watcher thread looks for the lock every tenth of a second: a lock released before then is no
     long wait, whatever follows (this process's own build, or a slow load, which held a timer
     over the whole load past the deadline, and named a lock no process held). Set the returned
@@ -129,6 +130,12 @@ def _note_a_long_wait(lock: Path) -> threading.Event:
             "build is running, delete it)",
             file=sys.stderr,
         )
+        # A lock whose process was killed while it held it is never released, and torch waits
+        # for it without a limit: it was stale only to a later run, so a run started just after
+        # the kill (a job stopped at start-up, when every load takes the lock) hung for good.
+        # Removed once it is stale, torch's wait ends and the load goes on.
+        while not over.wait(1.0) and _clear_stale_lock(lock.parent):
+            pass
 
     threading.Thread(target=watch, daemon=True).start()
     return over

@@ -40,3 +40,24 @@ def test_a_build_in_progress_is_waited_for_and_said(build_copy):
     assert out.decode().strip() == "True"
     err = note + err
     assert f"waiting for another process's build of the kernels (lock: {lock};" in err.decode()
+
+
+def test_a_lock_that_goes_stale_while_waited_for_is_removed(build_copy):
+    """A lock left by a process killed while it held it (every load takes it, so a run stopped
+    at start-up leaves one) was stale only to a later run: a run started just after the kill
+    waited for it for good. The waiting run removes it once it is stale and loads."""
+    folder, env = build_copy
+    lock = folder / "lock"
+    lock.touch()
+    # made 4 s short of stale once lowbit is imported (the import's time varies with the load)
+    load = (
+        "import os, sys, time; from lowbit import kernels; "
+        "t = time.time() - kernels._STALE_LOCK_SECONDS + 4; os.utime(sys.argv[1], (t, t)); "
+        "print(kernels.available())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(lock)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "True", done.stderr
+    assert f"lowbit: removed {lock}, a build lock 10 minutes old" in done.stderr
+    assert not lock.exists()
