@@ -393,21 +393,11 @@ def _define_traced_quantize_rows() -> None:
     so the traced graph draws a new seed at every call, as eager does (the same bits). A namespace
     of its own: ``lowbit`` holds the C++ kernels, each with its fake in fake.py."""
 
-    def run(x, block, block_rows, kind, mbits, emin, emax, fmt_max, rule, amax, noise_seed, *rest):
-        return torch.ops.lowbit.quantize_rows(
-            x,
-            block,
-            block_rows,
-            kind,
-            mbits,
-            emin,
-            emax,
-            fmt_max,
-            rule,
-            amax,
-            int(noise_seed),
-            *rest,
-        )
+    seed_at = 10  # noise_seed's place among quantize_rows' arguments (`_QUANTIZE_ROWS_SCHEMA`)
+
+    def run(*args):
+        seed = int(args[seed_at])
+        return torch.ops.lowbit.quantize_rows(*args[:seed_at], seed, *args[seed_at + 1 :])
 
     op = torch.library.custom_op(
         "lowbit_traced::quantize_rows",
