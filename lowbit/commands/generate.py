@@ -4,10 +4,10 @@ causal LM."""
 from __future__ import annotations
 
 import argparse
-import codecs
 import os
 import sys
 
+from lowbit.data.corpus import UNICODE_BOMS
 from lowbit.errors import UsageError, a_task_run, check_given
 
 NAME = "generate"
@@ -66,17 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# The byte-order marks of UTF-32 and UTF-16 (Windows Notepad's "Unicode", Windows PowerShell's
-# `>`), UTF-32's first as it begins with UTF-16's: such a file is not UTF-8, and the fix for a
-# Latin-1 one (iconv -f latin1) would turn it into a prompt of NUL bytes between its letters.
-_WIDE_BOMS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-
-
 def _read_prompt_file(path: str) -> str:
     """The text of ``path`` (standard input for ``-``), decoded strictly as UTF-8: a Latin-1
     byte decoded leniently would reach the tokenizer as U+FFFD and change the sample unseen.
@@ -107,8 +96,11 @@ def _read_prompt_file(path: str) -> str:
             f"--prompt-file {name}: cannot be read ({reason}); fix: check the path and its "
             "permissions, or pass the text as --prompt"
         ) from None
-    for bom, encoding in _WIDE_BOMS:
+    # UTF-16 or UTF-32 (Windows Notepad's "Unicode", PowerShell's `>`): the fix for a Latin-1
+    # file (iconv -f latin1) would make it a prompt of NUL bytes between its letters
+    for bom, named in UNICODE_BOMS.items():  # UTF-32's first: its mark begins with UTF-16's
         if data.startswith(bom):
+            encoding = named[:-2]  # the mark tells the byte order: iconv's UTF-16 reads it
             raise UsageError(
                 f"--prompt-file {name} is {encoding} text (its byte-order mark), not UTF-8; fix: "
                 f"convert it to UTF-8 (e.g. iconv -f {encoding} -t utf-8)"
