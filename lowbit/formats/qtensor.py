@@ -23,6 +23,7 @@ from lowbit.formats.scaling import (
     ScaleRule,
     block_shape,
     check_format_for_granularity,
+    check_rule_for_granularity,
     default_rule,
     nvfp4_scales,
     scale_from_amax,
@@ -504,8 +505,11 @@ class QTensor:
 
     @property
     def nbytes_packed(self) -> int:
-        """Storage a packed encoding needs: ``bits`` per element plus the scales' own bits."""
-        scale_bits = {Granularity.MX: 8, Granularity.NVFP4: 8}.get(self.granularity, 32)
+        """Storage a packed encoding needs: ``bits`` per element plus the scales' own bits: 8 for
+        NVFP4's e4m3 scales and for MX's powers of two (e8m0), 32 for fp32 scales, MX blocks
+        under the ``amax`` rule included (any fp32 value; counted as e8m0 they read 8 bits)."""
+        e8m0 = self.granularity is Granularity.MX and self.scale_rule is not ScaleRule.AMAX
+        scale_bits = 8 if e8m0 or self.granularity is Granularity.NVFP4 else 32
         element_bits = self.values.numel() * self.fmt.bits
         return (element_bits + self.scale.numel() * scale_bits + 7) // 8 + (
             4 if self.tensor_scale is not None else 0
@@ -572,11 +576,11 @@ def quantize(
     fmt = get(fmt)
     granularity = member(Granularity, granularity, "granularity")
     check_format_for_granularity(fmt, granularity)
-    rule = (
-        member(ScaleRule, scale_rule, "scale rule")
-        if scale_rule is not None
-        else default_rule(granularity)
-    )
+    if scale_rule is not None:
+        rule = member(ScaleRule, scale_rule, "scale rule")
+        check_rule_for_granularity(rule, granularity)
+    else:
+        rule = default_rule(granularity)
     if amax is not None and granularity not in _EXTERNAL_AMAX:
         raise UsageError(
             f"an external amax needs granularity 'tensor', 'axis' or 'nvfp4', got {granularity.value}"

@@ -30,10 +30,15 @@ value is ``max``:
 - ``mx_ceil``: the round-up variant, ``s = 2**ceil(log2(amax / max))`` clamped to e8m0's range,
   which never saturates (torchao's ``RCEIL``).
 
+Granularity ``mx`` under ``amax`` is a deliberate variant, not an OCP MX format: 1 x 32 blocks with
+fp32 scales (no e8m0 value), to compare scale rules at MX's block size; under ``pow2`` the scales
+are ``mx_ceil``'s but for a non-finite block (its amax as the scale, not NaN).
+
 NVFP4 (NVIDIA, "Pretraining LLMs with NVFP4", 2025) uses two levels: a per-tensor fp32 scale
 ``s_t = amax_tensor / (6 * 448)`` maps the tensor into the range of (fp4 max) x (e4m3 max), and each
 16-element block gets ``s_b = cast_e4m3(amax_block / 6 / s_t)``; elements are ``cast_e2m1(x / (s_b *
-s_t))``. A block whose e4m3 scale underflows to zero holds zeros.
+s_t))``. A block whose e4m3 scale underflows to zero holds zeros. No `ScaleRule` applies: one asked
+for is refused (`check_rule_for_granularity`).
 
 Integer formats use the ``amax`` rule with ``max = qmax`` (symmetric quantization).
 """
@@ -135,6 +140,18 @@ def check_block_size(granularity: Granularity, block_size) -> None:
 
 def default_rule(granularity: Granularity) -> ScaleRule:
     return ScaleRule.MX_FLOOR if granularity is Granularity.MX else ScaleRule.AMAX
+
+
+def check_rule_for_granularity(rule: ScaleRule, granularity: Granularity) -> None:
+    """Refuse a scale rule asked of NVFP4, whose two-level scales (`nvfp4_scales`) follow no
+    `ScaleRule`: the rule was dropped without a word (``scale_rule="pow2"`` gave e4m3 block
+    scales, not powers of two). Called where a rule is given, so specs without one pay nothing."""
+    if granularity is Granularity.NVFP4:
+        raise UsageError(
+            f"granularity 'nvfp4' sets its own scales (e4m3 block scales of amax / 6 under an "
+            f"fp32 tensor scale), so scale rule {rule.value!r} would be ignored; fix: leave "
+            "scale_rule out, or granularity 'mx' for power-of-two (e8m0) block scales"
+        )
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: Format, rule: ScaleRule) -> torch.Tensor:

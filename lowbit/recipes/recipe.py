@@ -29,6 +29,7 @@ from lowbit.formats.scaling import (
     NVFP4_BLOCK,
     block_shape,
     check_format_for_granularity,
+    check_rule_for_granularity,
     default_rule,
 )
 
@@ -114,6 +115,7 @@ class OperandSpec:
         check_format_for_granularity(fmt, self.granularity)
         if self.scale_rule is not None:
             rule = member(ScaleRule, self.scale_rule, "scale rule")
+            check_rule_for_granularity(rule, self.granularity)
             object.__setattr__(self, "scale_rule", rule)
         if self.block_size is not None and self.granularity in _WHOLE_ROWS:
             raise UsageError(
