@@ -33,6 +33,7 @@ import torch
 from lowbit.errors import UsageError, file_in_the_way
 from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
+from lowbit.train.logging import METRICS
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
@@ -363,6 +364,11 @@ def load_record(run_dir: Path, config) -> dict | None:
             "--overwrite to retrain on the data as it is now, or restore the data"
         )
     _check_same_model(run_dir, "a finished", record.get("model_fingerprint"), config)
+    if not (Path(run_dir) / METRICS).is_file():  # found before any run trains, not at the report
+        raise UsageError(
+            f"{run_dir}: holds a finished run without its {METRICS}, the loss curves the "
+            f"report reads; fix: restore the file, or remove {run_dir} to train that run again"
+        )
     return record
 
 
@@ -446,12 +452,18 @@ def _memory(trainer) -> dict:
     }
 
 
-def _per_label(trainer) -> dict | None:
-    """Validation accuracy of every true label (token or image class), over the whole split."""
+def _per_label(trainer) -> tuple[dict | None, bool]:
+    """Validation accuracy of every true label (token or image class), over the whole split, and
+    whether the outputs were not finite. Counts are None for a task that does not predict, and
+    where some output was NaN or inf (fp16 that skipped its overflowing steps finishes so): the
+    argmax of a NaN row is the first label, so its counts put that label at 100% and every other
+    at 0, which the report read as what the recipe forgets (`_label_counts`)."""
     task = trainer.task
     if not hasattr(task, "predict"):
-        return None
-    _, labels, preds = task.predict(trainer.model, trainer.precision, "validation", None)
+        return None, False
+    loss, labels, preds = task.predict(trainer.model, trainer.precision, "validation", None)
+    if not math.isfinite(loss):  # the summed loss of the split: NaN or inf where any output was
+        return None, True
     labels, preds = labels.flatten(), preds.flatten()
     keep = labels >= 0  # token classification marks skipped positions with -100
     labels, preds = labels[keep], preds[keep]
@@ -461,7 +473,7 @@ def _per_label(trainer) -> dict | None:
         mask = labels == label
         name = names[label] if names else str(label)
         out[name] = {"correct": int((preds[mask] == label).sum()), "total": int(mask.sum())}
-    return out
+    return out, False
 
 
 def _layers(trainer) -> dict:
@@ -589,6 +601,7 @@ def run_one(
     if result.status != "completed":
         raise KeyboardInterrupt
     memory = _memory(trainer)
+    per_label, non_finite_outputs = _per_label(trainer)
     peak = torch.cuda.max_memory_allocated(trainer.device) if cuda else memory["bytes"]["total"]
     record = {
         "recipe": recipe,
@@ -612,7 +625,8 @@ def run_one(
         "device": device,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if cuda else "tensor accounting",
-        "per_label": _per_label(trainer),
+        "per_label": per_label,
+        "non_finite_outputs": non_finite_outputs,
         "layers": _layers(trainer),
         "resumed": resume,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -723,7 +737,7 @@ def read_curves(run_dir: Path) -> dict:
     such number): left out, an evaluation whose loss was NaN vanished from the curves, the plots
     and the gap table as if it had never run."""
     train, val = {}, {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
@@ -1027,11 +1041,21 @@ def _finite(value) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
 
 
-def _label_accuracy(runs: list[dict]) -> dict[str, float]:
-    """Accuracy per label pooled over seeds."""
+def _label_counts(run: dict) -> dict | None:
+    """A run's per-label counts where they are predictions: None for a run stopped by a
+    non-finite loss (it counted none) and for one whose validation outputs were NaN or inf
+    (`_per_label`), which a record from before session 33 counted as if its argmax were
+    predictions; its validation loss, not finite, tells it (`final_loss`)."""
+    if run.get("non_finite_outputs") or not math.isfinite(final_loss(run)):
+        return None
+    return run.get("per_label") or None
+
+
+def _label_accuracy(counts: list[dict]) -> dict[str, float]:
+    """Accuracy per label pooled over seeds (``counts``: one `_label_counts` per seed)."""
     totals: dict[str, list[int]] = {}
-    for run in runs:
-        for name, c in (run.get("per_label") or {}).items():
+    for run in counts:
+        for name, c in run.items():
             acc = totals.setdefault(name, [0, 0])
             acc[0] += c["correct"]
             acc[1] += c["total"]
@@ -1042,28 +1066,50 @@ def _paired_label_accuracy(
     base_runs: list[dict], runs: list[dict], baseline: str
 ) -> tuple[dict, dict, str | None]:
     """Per-label accuracy of the baseline and of a recipe, each pooled over the seeds where both
-    runs counted them: a seed stopped by a non-finite loss has no counts, and the baseline pooled
-    over every seed against the recipe's others would read seed-to-seed differences as what the
-    recipe forgets. With no such seed, the baseline's over all of its seeds, none of the recipe's,
-    and why no change is measured, which the report prints: a baseline that finished no seed
-    left the section out without a word, and seeds finished by each side but none by both read
-    "no seed finished" for a recipe that had."""
-    by_seed = {b["seed"]: b for b in base_runs if b.get("per_label")}
-    counted = [r["seed"] for r in runs if r.get("per_label")]
-    paired = [(by_seed[r["seed"]], r) for r in runs if r.get("per_label") and r["seed"] in by_seed]
+    runs counted them (`_label_counts`): a seed stopped by a non-finite loss has no counts, and
+    the baseline pooled over every seed against the recipe's others would read seed-to-seed
+    differences as what the recipe forgets. With no such seed, the baseline's over all of its
+    counted seeds, none of the recipe's, and why no change is measured, which the report prints:
+    a baseline that finished no seed left the section out without a word, and seeds finished by
+    each side but none by both read "no seed finished" for a recipe that had."""
+    by_seed = {b["seed"]: counts for b in base_runs if (counts := _label_counts(b))}
+    counted = {r["seed"]: counts for r in runs if (counts := _label_counts(r))}
+    paired = [(by_seed[seed], counts) for seed, counts in counted.items() if seed in by_seed]
     if paired:
         pooled = _label_accuracy([b for b, _ in paired]), _label_accuracy([r for _, r in paired])
         return *pooled, None
     if not by_seed:
-        why = f"the baseline {baseline} finished no seed: nothing to compare against"
+        if seeds := _non_finite_output_seeds(base_runs):
+            why = (
+                f"the baseline {baseline} predicted nothing: its validation outputs were NaN or "
+                f"inf with {_seeds(seeds)}"
+            )
+        else:
+            why = f"the baseline {baseline} finished no seed: nothing to compare against"
     elif not counted:
-        why = "no seed finished"
+        seeds = _non_finite_output_seeds(runs)
+        why = (
+            f"no prediction: its validation outputs were NaN or inf with {_seeds(seeds)}"
+            if seeds
+            else "no seed finished"
+        )
     else:
         why = (
             f"no seed finished by both: the baseline {_seeds(sorted(by_seed))}, this recipe "
-            f"{_seeds(counted)}"
+            f"{_seeds(list(counted))}"
         )
-    return _label_accuracy(base_runs), {}, why
+    return _label_accuracy(list(by_seed.values())), {}, why
+
+
+def _non_finite_output_seeds(runs: list[dict]) -> list[int]:
+    """Seeds that trained to the end but whose validation outputs were NaN or inf, so counted no
+    prediction per label (`_label_counts`); a seed stopped by a non-finite loss is not one."""
+    return [
+        r["seed"]
+        for r in runs
+        if not r.get("diverged")
+        and (r.get("non_finite_outputs") or not math.isfinite(final_loss(r)))
+    ]
 
 
 def _seeds(seeds: list[int]) -> str:
