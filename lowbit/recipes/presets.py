@@ -271,7 +271,7 @@ def same_recipe(a: str | None, b: str | None) -> bool:
         return False
 
 
-def _spelt_alike(name: str, valid: list[str]) -> str | None:
+def spelt_alike(name: str, valid: list[str]) -> str | None:
     """The one of ``valid`` that ``name`` misspells, if any: in another case, with spaces around
     it or underscores for hyphens (a config file's 'FP8-Tensorwise ', 'fp8_tensorwise', written as
     the format names are), else a near miss ('fp8-rowise', 'bf16mixed'); those were refused with
@@ -296,7 +296,7 @@ def get_recipe(name: str | Recipe) -> Recipe:
         return _PRESETS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a config file)
         valid = accepted_names()
-        alike = _spelt_alike(str(name), valid)
+        alike = spelt_alike(str(name), valid)
         fix = f"; fix: did you mean {alike!r}?" if alike else ""
         raise UsageError(
             f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}{fix}"
@@ -339,7 +339,7 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     if repeated:  # the last one silently won; a typo for another operand, most likely
         raise UsageError(f"override {text!r} names {', '.join(repeated)} more than once")
     # a misspelt 'keep' or preset ('Keep', 'fp8_tensorwise') read as a malformed operand list
-    alike = None if ":" in what else _spelt_alike(what, ["keep", *_PRESETS])
+    alike = None if ":" in what else spelt_alike(what, ["keep", *_PRESETS])
     if alike:
         raise UsageError(f"override {text!r}: unknown {what!r}; fix: did you mean {alike!r}?")
     for item in what.split(","):

@@ -98,7 +98,7 @@ TASK_METRIC = {
 
 def parse_recipes(text: str | list[str]) -> list[str]:
     """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
-    from lowbit.recipes.presets import accepted_names
+    from lowbit.recipes.presets import accepted_names, spelt_alike
 
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
@@ -108,9 +108,9 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:
-            raise UsageError(
-                f"unknown recipe {name!r} in --recipes; fix: use names from: {', '.join(valid)}"
-            )
+            alike = None if ":" in name else spelt_alike(name, valid)  # auto:fp3: the list
+            fix = f"did you mean {alike!r}?" if alike else f"use names from: {', '.join(valid)}"
+            raise UsageError(f"unknown recipe {name!r} in --recipes; fix: {fix}")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"recipe {dup!r} is listed twice in --recipes; fix: list it once")

@@ -89,3 +89,9 @@ def test_a_finished_run_without_its_metrics_file_is_refused_before_training(
         "seed-0 to train that run again"
     )
     assert (out / "report" / "report.md").read_text() == report
+
+
+def test_a_misspelt_recipe_in_recipes_gets_the_name_it_misspells(capsys):
+    """`lowbit train --recipe bf16_mixed` named 'bf16-mixed'; compare listed all 22 names."""
+    assert main(["compare", "--recipes", "fp32,bf16_mixed", "--steps", "1"]) == 2
+    assert "fix: did you mean 'bf16-mixed'?" in capsys.readouterr().err
