@@ -216,8 +216,12 @@ def _quantize_fused(
         shape = _with_length(x.shape, axis, cols)
     block = block_shape(granularity, (rows, cols), block_size)
     tiles = granularity is not Granularity.TENSOR and block[0] > 1  # 2-D blocks
-    if tiles and matrix.stride(1) != 1 and cols > 1:
-        matrix = matrix.contiguous()  # 2-D tiles read whole rows of each tile
+    # 2-D tiles read whole rows of each tile. A traced graph (`torch.compile`) asks for the copy
+    # without reading the stride (a no-op on a contiguous matrix): reading it in an autograd
+    # function's backward makes Dynamo trace the backward again and leave autocast off for the
+    # rest of the model (torch 2.13; see `lowbit.nn.gemm._epilogue_takes`).
+    if tiles and cols > 1 and (torch.compiler.is_compiling() or matrix.stride(1) != 1):
+        matrix = matrix.contiguous()
     if (cols % block[1] or rows % block[0]) and not pad:
         _pad_to_blocks(matrix, block, pad)  # raises the usual error
     if amax is not None and granularity is Granularity.AXIS:

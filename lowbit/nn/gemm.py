@@ -224,8 +224,11 @@ def _k_blocks(values: torch.Tensor, block: int) -> torch.Tensor:
     rows, k = values.shape
     blocks = values.view(rows, k // block, block).transpose(0, 1)
     # Column-major (a transposed operand): BLAS takes the blocks as they are. Row-major blocks,
-    # whose row stride is the whole row, are faster copied.
-    return blocks if values.stride(0) == 1 else blocks.contiguous()
+    # whose row stride is the whole row, are faster copied. A traced graph (`torch.compile`)
+    # copies both without reading the stride (see `_epilogue_takes`); the products are the same.
+    if torch.compiler.is_compiling() or values.stride(0) != 1:
+        return blocks.contiguous()
+    return blocks
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -289,8 +292,9 @@ def add_scaled_blocks_(
 ) -> torch.Tensor:
     """``out += (partials[k].float() * row[k]) * col[k].T`` for k = 0, 1, ... in turn (fp32
     ``out`` M x N, ``partials`` blocks x M x N, ``row`` blocks x M, ``col`` blocks x N): one fused
-    pass on CPU, an `add_scaled_rows_cols_` per block elsewhere; the same bits."""
-    if kernels.usable(partials) and out.is_contiguous():
+    pass on CPU, an `add_scaled_rows_cols_` per block elsewhere (and in a traced graph, which
+    must not read ``out``'s layout, see `_epilogue_takes`); the same bits."""
+    if not torch.compiler.is_compiling() and kernels.usable(partials) and out.is_contiguous():
         return kernels.add_scaled_blocks_(out, partials, row, col)
     for partial, row_k, col_k in zip(partials, row, col):
         add_scaled_rows_cols_(out, partial, row_k[:, None], col_k[:, None])
