@@ -34,8 +34,9 @@ Guard: the trainer checks the loss and the gradients before the optimizer step. 
 non-finite, nothing has been applied yet, so the step is *rolled back* (gradients dropped) and
 retried on the same batches with an observer attached; the operands that saturated (clipped, or
 overflowed to inf) move up a rung; when none did, the layer that ran just before the first layer
-whose input is non-finite (in forward order) moves up; failing that, every operand does. At most ``max_retries``
-retries; then the trainer's usual handling applies.
+whose input is non-finite (in forward order) moves up; only operands the plan may move move (an
+override's stay, and a fault located in one moves nothing); where nothing located the fault, every
+operand does. At most ``max_retries`` retries; then the trainer's usual handling applies.
 
 Data parallelism (DDP, FSDP): each rank measures its own share of the batch (a tensorwise rung with
 the scale the ranks agree on, as the layer quantizes it), so the ranks agree
@@ -376,7 +377,14 @@ class AutoPrecision:
     # --- guard -------------------------------------------------------------------------------
 
     def escalate(self, stats: dict, step: int) -> list:
-        """After a non-finite step observed with ``stats``: move the offending operands up."""
+        """After a non-finite step observed with ``stats``: move the offending operands up.
+
+        Only operands the plan may move (`_controls`) move. Where the fault is located (an
+        operand that saturated, or the first layer whose input is non-finite) and lies in none of
+        them (an operand an override pinned, a layer that reads the model's input, the model's
+        input itself), nothing moves: until session 33 every operand of every layer then moved up
+        a rung at each retry, costing precision everywhere for a fault none of their rungs could
+        fix. Every operand moves only where no rank located the fault."""
         offenders = [
             (layer, op)
             for layer, ops in stats.items()
@@ -384,17 +392,20 @@ class AutoPrecision:
             if s["saturated"] > self.max_saturated  # includes IEEE overflow to inf
             and self._clips_unbounded(layer, op)  # not MX's by-design ~1% (fp4: ~2%)
         ]
+        located = bool(offenders)
         if not offenders:  # the layer whose output turned the next layer's input non-finite
             order = self.collector.order
             first = next(
                 (i for i, name in enumerate(order) if stats[name]["forward.x"]["nonfinite"] > 0),
                 None,
             )
+            located = first is not None  # the first layer's: the input came non-finite
             if first:
                 offenders = [(order[first - 1], op) for op in OPERANDS]
         offenders = [(layer, op) for layer, op in offenders if self._controls(layer, op)]
-        offenders = list(self._agreed(dict.fromkeys(offenders, 1)))  # any rank's offenders
-        offenders = offenders or [(layer, op) for layer, ops in self.plan.items() for op in ops]
+        offenders, located = self._agreed_offenders(offenders, located)
+        if not located:
+            offenders = [(layer, op) for layer, ops in self.plan.items() for op in ops]
         changes = []
         for layer, op in offenders:
             current = self.plan[layer][op]
@@ -411,12 +422,24 @@ class AutoPrecision:
             self.history.append({"step": step, **self.summary(), "changes": changes})
         return changes
 
+    def _agreed_offenders(self, offenders: list, located: bool) -> tuple[list, bool]:
+        """The operands any rank found offending, and whether any rank located the fault, in one
+        all-reduce (`_agreed`): a rank that moved every operand up while another moved one would
+        train the model in other formats from then on."""
+        agreement = scale_agreement()
+        if not agreement.active:
+            return offenders, located
+        order = [(layer, op) for layer, ops in self.plan.items() for op in ops]
+        mine = torch.tensor([float(key in offenders) for key in order] + [float(located)])
+        *marks, anywhere = agreement.amax(mine).tolist()
+        return [key for key, mark in zip(order, marks, strict=True) if mark > 0], anywhere > 0
+
     def _clips_unbounded(self, layer: str, op: str) -> bool:
-        """Whether ``op`` of ``layer`` is on a rung whose saturation is a loss, not by design
-        (`clips_unbounded`); True for a layer outside the plan (it does not move anyway)."""
-        if op not in self.plan.get(layer, ()):
-            return True
-        return clips_unbounded(nominal_stats(operand_spec(self.plan[layer][op], op)))
+        """Whether ``op`` of ``layer`` computes in a format whose saturation is a loss, not by
+        design (`clips_unbounded`). Read from the layer's spec, so that an override's MX operand,
+        which clips a share of every tensor by design, is not taken for the step's fault."""
+        spec = self.collector.layers[layer].lowbit_state.spec.operands()[op]
+        return clips_unbounded(nominal_stats(spec))
 
     # --- state -------------------------------------------------------------------------------
 
