@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import command_line, cpu_description, publish
+from benchmarks_md import command_line, cpu_description, publish, run_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.nn.attention import AttentionInFp32
@@ -94,4 +93,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

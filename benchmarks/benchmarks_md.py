@@ -16,14 +16,25 @@ BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 def write_section(heading: str, text: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace the section under ``heading`` (up to the next ``## ``) with ``text``, or append it."""
     section = f"{heading}\n\n{text}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(heading) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    # whole or not at all: a Ctrl-C mid-write left a truncated page, every other section lost
-    write_atomically(path, new)
+    try:
+        old = path.read_text() if path.exists() else "# Benchmarks\n"
+        pattern = re.compile(re.escape(heading) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(old):
+            new = pattern.sub(lambda _: section + "\n", old, count=1).rstrip("\n") + "\n"
+        else:
+            new = old.rstrip("\n") + "\n\n" + section
+        # whole or not at all: a Ctrl-C mid-write left a truncated page, every other section lost
+        write_atomically(path, new)
+    except OSError as error:  # a read-only checkout: a traceback after the whole benchmark ran
+        raise UsageError(page_not_written(path, error)) from None
+
+
+def page_not_written(path: Path, error: OSError) -> str:
+    """The one line for a page that could not be updated; the results are printed above it."""
+    return (
+        f"{path} not updated ({error.strerror or error}); the results are printed above; fix: "
+        "make the page writable and run again, or leave out --write"
+    )
 
 
 def cpu_description() -> str:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
-from benchmarks_md import command_line, cpu_description, publish
+from benchmarks_md import command_line, cpu_description, publish, run_script
 
 SHAPES = [
     (4096, 128, 128),
@@ -101,4 +100,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

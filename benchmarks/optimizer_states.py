@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -48,6 +49,7 @@ from benchmarks_md import run_script, write_section  # noqa: E402
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
 from lowbit.data.lm_dataset import eval_batches  # noqa: E402
+from lowbit.errors import UsageError  # noqa: E402
 from lowbit.formats import cast  # noqa: E402
 from lowbit.memory import measure  # noqa: E402
 from lowbit.models import build_causal_lm  # noqa: E402
@@ -58,6 +60,7 @@ from lowbit.optim import (  # noqa: E402
     build_optimizer,
     keeps_fp32_states,
 )
+from lowbit.train.config import write_atomically  # noqa: E402
 
 HEADING = "## Optimizer-state precision (benchmarks/optimizer_states.py)"
 PEAK_LR = 3e-3  # the trainer's default for causal-lm (lowbit.train.config)
@@ -96,8 +99,9 @@ def _train_step(model, precision, optimizer, x, y, lr: float, last: bool = False
         loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
     precision.backward(loss)
     precision.clip_grad_norm_(optimizer, 1.0)
-    states = measure(model, optimizer, precision).optimizer_states if last else None
     precision.step(optimizer)
+    # after the step: before the first one there are no states (--steps 1 measured 0 bytes)
+    states = measure(model, optimizer, precision).optimizer_states if last else None
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), states
 
@@ -307,6 +311,27 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def read_saved(path: Path) -> dict:
+    """The settings and rows that ``--json`` wrote to ``path``; a `UsageError` naming the file where
+    it is missing or not such a file."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not text"
+        raise UsageError(f"--from-json {path}: {reason}; fix: a file written by --json") from None
+    except ValueError as error:
+        raise UsageError(
+            f"--from-json {path}: not JSON ({error}); fix: a file written by --json"
+        ) from None
+    if not (
+        isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and saved.get("rows")
+    ):
+        raise UsageError(
+            f"--from-json {path}: no 'settings' and 'rows' of runs; fix: a file written by --json"
+        )
+    return saved
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -315,22 +340,33 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--recipe", default="bf16-low")
     parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
-    parser.add_argument("--states", nargs="+", default=list(STATE_PRECISIONS))
+    parser.add_argument(
+        "--states", nargs="+", choices=STATE_PRECISIONS, default=list(STATE_PRECISIONS)
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write every run's row here (after each run)")
     parser.add_argument("--from-json", type=Path, help="print the table of saved rows, no runs")
     parser.add_argument("--state-error", type=int, metavar="STEP", help="also the storage error")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     args = parser.parse_args(argv)
+    for name in ("steps", "seeds", "batch", "seq", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.json and not args.from_json:  # checked before the runs it would lose
+        folder = args.json.resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: cannot write into {folder}; fix: an existing folder")
     torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer("byte")
-    train = tokenize_split(tokenizer, load_corpus().texts("train"))
     states = ["fp32"] + [s for s in args.states if s != "fp32"]
     if args.from_json:  # the saved settings name the command line, not this one's defaults
-        saved = json.loads(args.from_json.read_text())
+        saved = read_saved(args.from_json)
         vars(args).update({"lr": PEAK_LR, **saved["settings"]})  # files without lr: the default
         rows = saved["rows"]
-    else:
+    if args.state_error is not None and not 1 <= args.state_error <= args.steps:
+        parser.error(f"--state-error must be a step from 1 to --steps ({args.steps})")
+    tokenizer = build_tokenizer("byte")
+    train = tokenize_split(tokenizer, load_corpus().texts("train"))
+    if not args.from_json:
         val = eval_batches(
             tokenize_split(tokenizer, load_corpus().texts("validation")),
             16,
@@ -358,7 +394,9 @@ def main(argv=None) -> int:
                     settings = {
                         k: getattr(args, k) for k in ("steps", "batch", "seq", "recipe", "lr")
                     }
-                    args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+                    # whole or not at all: a Ctrl-C mid-write lost every saved run
+                    data = json.dumps({"settings": settings, "rows": rows}, indent=1)
+                    write_atomically(args.json, data)
     text = table(rows, args)
     if args.state_error is not None:
         at = args.state_error

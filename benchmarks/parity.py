@@ -10,7 +10,8 @@
 Results go to ``<out>/<task>/report/`` (report.md, report.html, results.json, plots) and, unless
 ``--no-write``, into the "Parity" section of BENCHMARKS.md and the results section of
 docs/parity.md, replacing the recorded study there (a quick run, as the one above, keeps it with
-``--no-write``). Every task uses one workload for every recipe: nothing is tuned per recipe.
+``--no-write``); a run of some ``--tasks`` replaces those tasks' results only, each under the
+command that made it. Every task uses one workload for every recipe: nothing is tuned per recipe.
 Runs are reused, so an interrupted study continues where it stopped when started again.
 """
 
@@ -257,7 +258,9 @@ def golden(path: Path = GOLDEN) -> dict:
     return data
 
 
-def markdown(all_results: dict, command: str, note: str) -> str:
+def markdown(all_results: dict, command: str, note: str, alone: bool = False) -> str:
+    """The Parity section; ``alone``: each task's part names the command and note itself, for a
+    run of some tasks whose parts go beside the recorded ones of the others (`replace_section`)."""
     lines = [SECTION, "", note, "", "```bash", command, "```", ""]
     for task, results in all_results.items():
         s = results["settings"]
@@ -271,6 +274,15 @@ def markdown(all_results: dict, command: str, note: str) -> str:
             "summed)",
             "",
         ]
+        if alone:
+            lines += [
+                f"Rerun of this task alone: {note}".rstrip(),
+                "",
+                "```bash",
+                command,
+                "```",
+                "",
+            ]
         # as report.md writes them: cells escaped (a `|` or `<` in a label), and a table without
         # a header (the baseline did not evaluate, `gap_by_evaluation`) its title alone
         for title, header, rows in tables(results):
@@ -284,12 +296,41 @@ def markdown(all_results: dict, command: str, note: str) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Replace the Parity section of BENCHMARKS.md (up to the next '## '), or append it."""
+def _parts(text: str) -> list[str]:
+    """``text`` cut before each ``### `` heading: a task's results are one part."""
+    return [part.rstrip() + "\n\n" for part in re.split(r"(?m)^(?=### )", text) if part.strip()]
+
+
+def _task_of(part: str) -> str | None:
+    return next((task for task in WORKLOADS if part.startswith(f"### {task}: ")), None)
+
+
+def merge_results(old: str, text: str, rerun: tuple[list[str], str] | None) -> str:
+    """The results of ``old`` (a page's recorded Parity results) replaced by ``text``; with
+    ``rerun`` (the tasks of a run of some tasks, and `markdown` of them ``alone``), only those
+    tasks' parts are replaced and the recorded results of the other tasks kept: a rerun of one
+    task dropped the others' results of the full study. Where no other task is recorded, all of
+    ``text``."""
+    if rerun is None:
+        return text
+    tasks, alone = rerun
+    parts = _parts(old)
+    if all(_task_of(part) in (None, *tasks) for part in parts):
+        return text
+    new = {_task_of(part): part for part in _parts(alone) if _task_of(part)}
+    last = max(i for i, part in enumerate(parts) if _task_of(part))
+    merged = [new.pop(_task_of(part), part) for part in parts]
+    merged[last + 1 : last + 1] = new.values()  # tasks not recorded before: after the others
+    return "".join(merged)
+
+
+def replace_section(path: Path, text: str, rerun: tuple[list[str], str] | None = None) -> None:
+    """Replace the Parity section of BENCHMARKS.md (up to the next '## '), or append it; a
+    ``rerun`` of some tasks replaces those tasks' results only (`merge_results`)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = (
-        pattern.sub(lambda m: text.rstrip() + "\n\n", old)
+        pattern.sub(lambda m: merge_results(m[0], text, rerun).rstrip() + "\n\n", old)
         if pattern.search(old)
         else (old.rstrip() + "\n\n" + text.rstrip() + "\n")
     )
@@ -297,11 +338,36 @@ def replace_section(path: Path, text: str) -> None:
     write_atomically(path, new)
 
 
-def replace_doc_results(path: Path, text: str) -> None:
+def replace_doc_results(path: Path, text: str, rerun: tuple[list[str], str] | None = None) -> None:
     old = path.read_text(encoding="utf-8")
     start, end = old.index(DOC_BEGIN) + len(DOC_BEGIN), old.index(DOC_END)
-    body = text.replace(SECTION, "### Measured").strip()
+    if rerun is not None:
+        rerun = (rerun[0], rerun[1].replace(SECTION, "### Measured"))
+    body = merge_results(old[start:end], text.replace(SECTION, "### Measured"), rerun).strip()
     write_atomically(path, old[:start] + "\n" + body + "\n" + old[end:])
+
+
+def check_pages(root: Path) -> None:
+    """Refuse, before any run, pages the results cannot be written into: a docs/parity.md without
+    its two markers failed with a traceback after BENCHMARKS.md was already written."""
+    doc = root / "docs" / "parity.md"
+    if not doc.is_file():
+        raise UsageError(f"{doc}: no such file; fix: restore it, or run with --no-write")
+    text = doc.read_text(encoding="utf-8")
+    for marker in (DOC_BEGIN, DOC_END):
+        if marker not in text:
+            raise UsageError(
+                f"{doc}: no line {marker!r} around its results; fix: put it back (begin above "
+                "the results, end below), or run with --no-write"
+            )
+    if text.index(DOC_END) < text.index(DOC_BEGIN):
+        raise UsageError(
+            f"{doc}: {DOC_END!r} stands above {DOC_BEGIN!r}; fix: put begin above the results "
+            "and end below, or run with --no-write"
+        )
+    for page in (root / "BENCHMARKS.md", doc):
+        if not os.access(page.parent, os.W_OK) or (page.exists() and not os.access(page, os.W_OK)):
+            raise UsageError(f"{page}: not writable; fix: make it writable, or run with --no-write")
 
 
 def main(argv=None) -> int:
@@ -376,6 +442,11 @@ def main(argv=None) -> int:
         "image-classification": args.img_steps,
     }
     studies = {}
+    if not args.no_write:
+        try:
+            check_pages(ROOT)
+        except UsageError as error:
+            parser.error(str(error))
     # bad settings (a recipe listed twice, --seeds 0, an --out of another study, a run folder of
     # another device) before any run
     try:
@@ -414,8 +485,11 @@ def main(argv=None) -> int:
             if len(trained) == total:
                 command += f"  # {wall:.0f} min wall, {jobs} jobs x {args.threads} threads"
         text = markdown(all_results, command.strip(), args.note)
-        replace_section(ROOT / "BENCHMARKS.md", text)
-        replace_doc_results(ROOT / "docs" / "parity.md", text)
+        rerun = None
+        if set(tasks) != set(WORKLOADS):  # the other tasks' recorded results are kept
+            rerun = (tasks, markdown(all_results, command.strip(), args.note, alone=True))
+        replace_section(ROOT / "BENCHMARKS.md", text, rerun)
+        replace_doc_results(ROOT / "docs" / "parity.md", text, rerun)
     return 0
 
 

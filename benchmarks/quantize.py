@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import cpu_description, write_section  # noqa: E402
+from benchmarks_md import cpu_description, run_script, write_section  # noqa: E402
 
 from lowbit import kernels  # noqa: E402
 from lowbit.formats import cast, quantize  # noqa: E402
@@ -233,4 +233,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

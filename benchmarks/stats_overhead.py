@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import run_script
+from benchmarks_md import page_not_written, run_script
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
+from lowbit.errors import UsageError
 from lowbit.train import TrainConfig
 from lowbit.train.config import write_atomically
 from lowbit.train.logging import MetricsLogger
@@ -107,10 +108,13 @@ def table(args, r: dict) -> str:
 
 def write_section(text: str) -> None:
     path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-    page = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    page = pattern.sub(text + "\n", page) if pattern.search(page) else page + "\n" + text
-    write_atomically(path, page)  # a Ctrl-C mid-write truncated the page (benchmarks_md.py)
+    try:
+        page = path.read_text() if path.is_file() else "# Benchmarks\n"
+        pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+        page = pattern.sub(text + "\n", page) if pattern.search(page) else page + "\n" + text
+        write_atomically(path, page)  # a Ctrl-C mid-write truncated the page (benchmarks_md.py)
+    except OSError as error:
+        raise UsageError(page_not_written(path, error)) from None
 
 
 def main() -> None:
@@ -122,6 +126,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    for flag in ("interval", "intervals", "batch_size", "seq_len"):
+        if getattr(args, flag) < 1:  # an --interval 0 measured no step: a StatisticsError
+            parser.error(
+                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
     result = measure(args)
     text = table(args, result)
     print(text)
