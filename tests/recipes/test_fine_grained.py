@@ -382,9 +382,10 @@ def outlier_data(seed=0):
 def test_hadamard_raises_mxfp4_gradient_sqnr_on_outliers():
     # Without the transform an outlier token or channel sets the e8m0 scale of its 32-block, and
     # stochastic rounding of the block's other values has a variance set by that scale (Tseng et
-    # al. 2025, §4). Measured gains: grad_input +1.7..+2.0 dB, grad_weight +3.5..+6.8 dB.
+    # al. 2025, §4). Measured gains: `benchmarks/hadamard_sqnr.py` (docs/recipes-fine-grained.md).
     # (NVFP4's RHT is not tested this way: with e4m3 block scales the block maximum is nearly
-    # exact, and on this data the 16x16 RHT lowers single-GEMM SQNR by ~1 dB; see the docs.)
+    # exact, and on outlier data the 16x16 RHT lowers single-GEMM SQNR; the same script says how
+    # much.)
     layer = get_recipe("mxfp4").layer
     without = LayerSpec(
         layer.forward,
