@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from lowbit.diagnostics.doctor import diagnose, write_outputs
+    from lowbit.diagnostics.doctor import OUTPUT_FILES, diagnose, write_outputs
     from lowbit.errors import UsageError, file_in_the_way
     from lowbit.infer.io import is_inference_dir, training_run
     from lowbit.train.checkpoint import run_of
@@ -126,7 +126,7 @@ def run(args) -> int:
     if blocking is not None:
         raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
     # a folder where a report file goes failed when the results were written, after the probe
-    for name in ("doctor.json", "doctor.png"):
+    for name in OUTPUT_FILES:
         if (out / name).is_dir():
             raise UsageError(
                 f"{out / name}: a folder where the doctor writes its {name}; fix: choose another "

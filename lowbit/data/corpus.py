@@ -618,20 +618,52 @@ def _lowbit_output(
     lowbit's alone, unless the user points the data at it. Read as data, ``--out data/run``
     with ``--data 'data/**/*'`` trained the resumed run on its own config, metrics and
     checkpoints (or refused it: "step-0000002.pt: zip-compressed, not text"), and a folder of
-    .txt files on a saved tokenizer's merges.txt: data that changed as the run wrote."""
-    # imported here: lowbit.train and lowbit.infer build on this module
+    .txt files on a saved tokenizer's merges.txt: data that changed as the run wrote.
+
+    A `lowbit compare` folder (its settings, `_json_keys`) is lowbit's alone as well: its
+    report.md was read as text from a data folder, and with a glob its report and JSON records
+    too. So are the files `lowbit doctor` writes (doctor.json beside its heat map) and the records
+    compare writes into its runs, in a folder that may hold the user's files beside them."""
+    # imported here: lowbit.train, lowbit.infer and lowbit.report build on this module
+    from lowbit.diagnostics.doctor import OUTPUT_FILES as DOCTOR_FILES
     from lowbit.infer.io import MANIFESTS
+    from lowbit.report.compare import LOAD, RECORD, SETTINGS
     from lowbit.train import checkpoint
     from lowbit.train.config import RUN_INFO, read_run_info
     from lowbit.train.trainer import RUN_FILES, RUN_FOLDERS
 
     if not top and set(MANIFESTS).intersection(names):
         return f"{shown}, a lowbit quantize, prune or export folder", set(names)
+    if not top and SETTINGS in names and _json_keys(folder / SETTINGS) >= _COMPARE_KEYS:
+        return f"{shown}, a lowbit compare folder", set(names)
     run = RUN_INFO in names and "lowbit" in read_run_info(folder)
     if run or ("config.yaml" in names and checkpoint.latest(folder) is not None):
-        ours = {*RUN_FILES, *RUN_FOLDERS}.intersection(names)
+        ours = {*RUN_FILES, *RUN_FOLDERS, LOAD, RECORD}.intersection(names)
         return f"the lowbit run in {shown} ({', '.join(sorted(ours))})", ours
+    if DOCTOR_FILES[0] in names and _json_keys(folder / DOCTOR_FILES[0]) >= _DOCTOR_KEYS:
+        ours = set(DOCTOR_FILES).intersection(names)
+        return f"the lowbit doctor output in {shown} ({', '.join(sorted(ours))})", ours
     return None
+
+
+# Keys that tell the JSON files lowbit writes from a user's file of the same name: a compare
+# folder's settings (`lowbit.report.compare.Study.settings`) and doctor.json (`Diagnosis.to_json`)
+_COMPARE_KEYS = {"recipes", "seeds", "baseline", "base"}
+_DOCTOR_KEYS = {"recipe", "probe_steps", "rows", "override_flags"}
+# Larger files are no settings or table of lowbit's (a data set under that name): not read whole
+_MARKER_BYTES = 64 * 2**20
+
+
+def _json_keys(path: Path) -> set[str]:
+    """The keys of the JSON object in ``path``; none where it holds no such object or is larger
+    than lowbit's own files (`_MARKER_BYTES`)."""
+    try:
+        if path.stat().st_size > _MARKER_BYTES:
+            return set()
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(value) if isinstance(value, dict) else set()
 
 
 def _may_have_held_text(unread: dict[str, str], read) -> dict[str, str]:

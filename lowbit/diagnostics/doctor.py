@@ -740,13 +740,16 @@ def _moved_at_the_end(trainer, rows: list[Row]) -> int:
     )
 
 
+# What `write_outputs` writes: the whole table, then its heat map
+OUTPUT_FILES = ("doctor.json", "doctor.png")
+
+
 def write_outputs(diagnosis: Diagnosis, folder) -> tuple[Path, Path]:
     """``doctor.json`` (the whole table) and ``doctor.png`` (SQNR loss, layers x operands)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / "doctor.json"
+    json_path, png_path = (folder / name for name in OUTPUT_FILES)
     json_path.write_text(json.dumps(diagnosis.to_json(), indent=2) + "\n")
-    png_path = folder / "doctor.png"
     heatmap(diagnosis, png_path)
     return json_path, png_path
 
