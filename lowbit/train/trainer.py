@@ -840,7 +840,9 @@ class Trainer:
         bare OSError of a full disk named no file, so the user learnt neither which folder filled
         up, nor what was kept, nor how to continue."""
         run_dir, kept = Path(self.config.out), checkpoint.latest(self.config.out)
-        if kept is None:
+        if kept is None and not (run_dir / "config.yaml").is_file():  # the disk refused it
+            then, left = None, "no checkpoint was saved"  # nothing to restart from: run it again
+        elif kept is None:
             then, left = checkpoint.restart_command(run_dir), "no checkpoint was saved"
         else:
             then = f"lowbit train --resume {shlex.quote(str(run_dir))}"
@@ -894,19 +896,25 @@ class Trainer:
                 lock.take()  # checked again under the lock: a run may have started there since
                 check_run_dir(run_dir, resume, overwrite)
                 clear_run_dir(run_dir)
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # run.json first: a run killed before its config.yaml is still told from a
-            # config.yaml the user wrote (check_run_dir), and the next run replaces it
-            self._write_run_info(run_dir, resume_step)
-            write(c, run_dir)
-            if not resume:  # a resumed run has just read them; rewritten, a kill could tear them
-                self.task.save_artifacts(run_dir)
-        logger = (
-            MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
-            if main
-            else NullLogger()
-        )
+        try:  # a full disk here named no folder: the bare "No space left on device"
+            if main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # run.json first: a run killed before its config.yaml is still told from a
+                # config.yaml the user wrote (check_run_dir), and the next run replaces it
+                self._write_run_info(run_dir, resume_step)
+                write(c, run_dir)
+                if not resume:  # a resumed run has just read them; rewritten, a kill could tear
+                    self.task.save_artifacts(run_dir)
+            logger = (
+                MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
+                if main
+                else NullLogger()
+            )
+        except OSError as error:
+            self._record_end(main, run_dir, "failed", str(error))
+            if not _refused_write(error, run_dir):
+                raise
+            raise self._not_written(error) from error
         last_saved = checkpoint.latest(run_dir)
         status = "completed"
         try:
@@ -970,6 +978,7 @@ class Trainer:
                             last_saved = self._save(logger)
                         status = "interrupted"
                         break
+            logger.close()  # its last records: on a full disk, the error of a run not written
         except NonFiniteLoss as error:
             logger.log(self.step_idx + 1, "train", {"non_finite": 1})
             logger.close(quietly=True)
@@ -990,9 +999,12 @@ class Trainer:
             aborted = isinstance(error, KeyboardInterrupt)
             self._record_end(main, run_dir, "aborted" if aborted else "failed", repr(error))
             raise
-        logger.close()
         result = self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
-        self._record_end(main, run_dir, status, final_metrics=result.final_metrics)
+        # a run.json left "running" (a full disk) reads as a run that was killed: the run is
+        # saved, but the folder is not as it says, and the exit status said all was well
+        unrecorded = self._record_end(main, run_dir, status, final_metrics=result.final_metrics)
+        if unrecorded is not None and _refused_write(unrecorded, run_dir):
+            raise self._not_written(unrecorded) from unrecorded
         return result
 
     def _record_progress(self, main: bool, run_dir: Path) -> None:
@@ -1000,31 +1012,37 @@ class Trainer:
         the checkpoint is what a resume needs)."""
         self._update_run_info(main, run_dir, step=self.step_idx)
 
-    def _record_end(self, main: bool, run_dir: Path, status: str, error=None, **fields) -> None:
+    def _record_end(
+        self, main: bool, run_dir: Path, status: str, error=None, **fields
+    ) -> OSError | None:
         """Record in run.json how the run ended (completed, interrupted: resumable, diverged,
         aborted by a second Ctrl-C, failed), at which step, and why where it failed, for a script
-        that reads a folder of runs."""
+        that reads a folder of runs; the error of a write that failed (`_update_run_info`)."""
         if error is not None:
             fields["error"] = " ".join(error.split())
-        self._update_run_info(main, run_dir, status=status, step=self.step_idx, **fields)
+        return self._update_run_info(main, run_dir, status=status, step=self.step_idx, **fields)
 
     @staticmethod
-    def _update_run_info(main: bool, run_dir: Path, **fields) -> None:
+    def _update_run_info(main: bool, run_dir: Path, **fields) -> OSError | None:
         """Set ``fields`` in the run.json rank 0 wrote as the run started. Best effort: a disk that
         refused the run's other writes may refuse this one too, and the error that ended the run
-        (or the checkpoint just saved) is what counts."""
+        (or the checkpoint just saved) is what counts; the write's error is returned, for a run
+        that ends well to report."""
         if not main:
-            return
+            return None
         info = read_run_info(run_dir)
         if not info:  # none written (or unreadable): nothing to add to
-            return
+            return None
         info.update(fields)
         for name, value in (info.get("final_metrics") or {}).items():  # NaN is no JSON
             if isinstance(value, float) and not math.isfinite(value):
                 info["final_metrics"][name] = None
-        with contextlib.suppress(OSError):
+        try:
             text = json.dumps(info, indent=2, default=str) + "\n"
             write_atomically(run_dir / RUN_INFO, text)
+        except OSError as error:
+            return error
+        return None
 
     def _check_same_data(self, recorded: dict | None) -> None:
         """A resumed run trains on the contents it trained on (a file edited since, or a relative
