@@ -58,8 +58,32 @@ def seed_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
     draws: under `torch.compile` the ``int()`` of a tensor breaks the graph (and a graph break in
     a layer's backward sent its whole autograd function back to eager), while a tensor seed stays
     in the graph, drawn afresh at every call from the same generator, so the bits are eager's."""
+    if generator is None and torch.compiler.is_compiling():
+        return _traced_seed()
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**63 - 1, (), generator=generator, device=device)
+
+
+# A traced graph's seed: `seed_tensor`'s draw from the global CPU generator, as an op with an
+# ordered side effect. A plain ``randint`` has no inputs, and AOTAutograd's partitioner may move
+# a backward quantization whose operand comes from the forward (the weight gradient's ``x.T``),
+# its seed draw with it, into the forward graph when saving the quantized operand costs fewer
+# bytes than saving ``x`` (an fp32 input of 640 rows, 64 wide: its bf16 MXFP4 operand is half
+# the size). The compiled step then drew that seed first, every other one a place later than
+# eager did, and the weight gradients differed from eager's in bits. An effectful op stays in
+# the graph (forward or backward) it was traced in, in trace order with the others: eager's order.
+# (A caller's own generator still draws by ``randint``: an op takes no generator; layers use none.)
+@torch.library.custom_op("lowbit_traced::seed", mutates_args=())
+def _traced_seed() -> torch.Tensor:
+    return torch.randint(0, 2**63 - 1, (), device="cpu")
+
+
+@_traced_seed.register_fake
+def _() -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+_traced_seed.register_effect(torch.library.EffectType.ORDERED)
 
 
 def uniforms(shape, seed: int | torch.Tensor, device=None) -> torch.Tensor:
