@@ -28,7 +28,6 @@ import inspect
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import fields, replace
 
 import torch
@@ -82,7 +81,7 @@ class Precision:
         # for each model, the names of the modules its last `convert` swapped in, less those
         # found replaced by plain layers since and warned about (`_warn_replaced_layers`)
         self._swapped: list[set[str]] = []
-        self._wrapped: list[_Wrapped] = []  # the wrapped optimizers, in wrapping order
+        self._optimizers: list[torch.optim.Optimizer] = []
         # id(optimizer) -> the tensors its step updates, whose .grad hold the unscaled
         # high-precision gradients, and whether all are finite, from `unscale_` (or
         # `clip_grad_norm_`, `step`) until its step is taken
@@ -194,74 +193,10 @@ class Precision:
             layers.update({prefix + name: layer for name, layer in lowbit_layers(model).items()})
         return layers
 
-    @property
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        """The wrapped optimizers the loop still holds, in wrapping order.
-
-        They are held weakly (`_Wrapped`): one the loop dropped without a replacement (a probe
-        stepped a few times, a throwaway head's) kept its states, its parameters and their master
-        weights alive for the whole run, went on being saved in `state_dict`, and a resumed run
-        that did not build it again took its share of the saved master weights for the next
-        optimizer's parameters ("the saved master weight of parameter 0 has shape (10, 32), the
-        parameter (64, 32)"). A dropped one is forgotten once the run goes on without it
-        (`_forget_dropped`)."""
-        return [optimizer for entry in self._wrapped if (optimizer := entry.ref()) is not None]
-
-    def _optimizer_params(self) -> list[list[torch.Tensor]]:
-        """The parameters of each wrapped optimizer (a dropped one's as it last had them), in
-        wrapping order."""
-        for entry in self._wrapped:
-            optimizer = entry.ref()
-            if optimizer is not None:
-                entry.params = optimizer_params(optimizer)
-        return [entry.params for entry in self._wrapped]
-
-    def _forget_dropped(self) -> None:
-        """Forget the wrapped optimizers the loop dropped, as the run goes on (a `backward`, a
-        `step`) without them, with the master weights and Kahan buffers of the parameters no
-        other optimizer holds. Until then they count as they were: a precision saved at the end
-        of a function that dropped its model and optimizer (or a checkpoint converted: an
-        optimizer wrapped, a state loaded and saved again) keeps their state."""
-        dropped = [index for index, entry in enumerate(self._wrapped) if entry.ref() is None]
-        if dropped:
-            self._forget_optimizers(dropped)
-            self.update.keep_only(self._params())
-
-    def _forget_optimizers(self, indices: list[int]) -> None:
-        """Take the optimizers at ``indices`` (wrapping order) off the list, with their prepared
-        step; a loaded state's record of the optimizers it was handed to follows the positions
-        of the others as they move."""
-        for index in indices:
-            self._release(self._wrapped[index].key)
-        order = [index for index in range(len(self._wrapped)) if index not in indices]
-        done = self._pending.get("update_done")
-        if done:  # a loaded state being handed on: its optimizers' positions, as they move
-            self._pending["update_done"] = {
-                new: done[old] for new, old in enumerate(order) if old in done
-            }
-        self._wrapped = [self._wrapped[index] for index in order]
-
-    def _release(self, key: int | None) -> None:
-        """Drop the prepared step and step count of the optimizer whose id is ``key``."""
-        self.update.release(key)
-        self._prepared.pop(key, None)
-        self._backward_at_step.pop(key, None)
-
-    def __getstate__(self) -> dict:
-        """A copy (``copy.deepcopy((model, optimizer, precision))``) or pickle holds the wrapped
-        optimizers themselves: a weak reference is neither copied nor pickled."""
-        state = dict(self.__dict__)
-        state["_wrapped"] = [(entry.ref(), entry.params) for entry in self._wrapped]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        state["_wrapped"] = [_Wrapped(optimizer, params) for optimizer, params in state["_wrapped"]]
-        self.__dict__.update(state)
-
     def _params(self) -> list[torch.Tensor]:
         """The parameters of every wrapped optimizer, in wrapping order (the indices by which
         `state_dict` keys master weights and Kahan buffers)."""
-        return [p for params in self._optimizer_params() for p in params]
+        return [p for optimizer in self._optimizers for p in optimizer_params(optimizer)]
 
     @property
     def keeps_every_layer(self) -> bool:
@@ -314,21 +249,26 @@ class Precision:
         in_models = {id(p) for model in holders for p in model.parameters()}
         superseded = [
             index
-            for index, known in enumerate(self._optimizer_params())
-            if _supersedes(own, {id(p) for p in known}, in_models)
+            for index, known in enumerate(self._optimizers)
+            if _supersedes(own, {id(p) for p in optimizer_params(known)}, in_models)
         ]
-        for entry in self._wrapped:  # a dropped optimizer's id, which this one took over
-            if entry.key == id(optimizer):
-                self._release(entry.key)
-                entry.key = None
-        entry = _Wrapped(optimizer, optimizer_params(optimizer))
         if not superseded:
-            self._wrapped.append(entry)
+            self._optimizers.append(optimizer)
             return
-        # the new optimizer takes the first one's place, and its share of a loaded state
-        self._release(self._wrapped[superseded[0]].key)
-        self._forget_optimizers(superseded[1:])
-        self._wrapped[superseded[0]] = entry
+        for index in superseded:
+            old = self._optimizers[index]
+            self.update.release(old)
+            self._prepared.pop(id(old), None)
+            self._backward_at_step.pop(id(old), None)
+        order = [index for index in range(len(self._optimizers)) if index not in superseded[1:]]
+        done = self._pending.get("update_done")
+        if done:  # a loaded state being handed on: its optimizers' positions, as they move
+            self._pending["update_done"] = {
+                new: done[old] for new, old in enumerate(order) if old in done
+            }
+        self._optimizers = [
+            optimizer if index == superseded[0] else self._optimizers[index] for index in order
+        ]
         self.update.keep_only(self._params())
 
     def _warn_at_first_steps(self, optimizers: list, stacklevel: int) -> None:
@@ -396,7 +336,6 @@ class Precision:
     def backward(self, loss: torch.Tensor, **options) -> None:
         """``loss.backward(**options)`` (``retain_graph``, ``inputs``) on the scaled loss."""
         self._move_scale()
-        self._forget_dropped()
         if self._prepared:
             self._forget_unstepped()
         self._backwards += 1
@@ -415,8 +354,8 @@ class Precision:
         parameters under loss scaling) cannot take scaled ones on top of them."""
         prepared = [t.grad for stepped, _ in self._prepared.values() for t in stepped]
         self._prepared.clear()
-        for entry in self._wrapped:
-            self.update.release(entry.key)
+        for optimizer in self._optimizers:
+            self.update.release(optimizer)
         if not self.scaler.enabled:
             return
         live = {id(p.grad) for p in self._params() if p.grad is not None}
@@ -534,7 +473,6 @@ class Precision:
         else:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
-        self._forget_dropped()
         self._warn_at_first_steps(optimizers, 3)
         stepped = True
         self._unstepped_load = False
@@ -677,7 +615,7 @@ class Precision:
         places: an optimizer not wrapped again keeps its saved share, and one wrapped with fewer
         parameters than it was saved with (param groups to be added) keeps the saved entries past
         its own. A state saved without its optimizers' sizes stays without them."""
-        present = self._optimizer_params()
+        present = [optimizer_params(optimizer) for optimizer in self._optimizers]
         if "update" not in pending:
             return self.update.state_dict([p for params in present for p in params]), [
                 len(params) for params in present
@@ -804,7 +742,7 @@ class Precision:
         Master weights and Kahan buffers go to the parameters that are there; each later call (an
         optimizer wrapped, a param group added before the next step) hands on only the entries of
         the parameters that came since, so that masters a step has moved are not loaded again."""
-        if "update" in self._pending and self._wrapped:
+        if "update" in self._pending and self._optimizers:
             self._apply_pending_update()
         layers = self._pending.get("layers", {})
         loaded = {name: layer for name, layer in self._layers().items() if name in layers}
@@ -863,12 +801,12 @@ class Precision:
         entries, sizes = self._pending["update"], self._pending["params_per_optimizer"]
         done = self._pending.setdefault("update_done", {})  # optimizer index -> params given theirs
         start, given = 0, set()  # the first saved index of each optimizer's share; handed indices
-        wrapped = self._optimizer_params()
-        for index, params in enumerate(wrapped):
+        for index, optimizer in enumerate(self._optimizers):
+            params = optimizer_params(optimizer)
             if sizes is not None:
                 size = sizes[index] if index < len(sizes) else 0
             else:
-                size = len(params) if index < len(wrapped) - 1 else sys.maxsize
+                size = len(params) if index < len(self._optimizers) - 1 else sys.maxsize
             first, present = done.get(index, 0), start + min(size, len(params))
             self.update.load_state_dict(
                 {
@@ -958,22 +896,6 @@ _CLOSURE_RECIPES = (
     "a recipe with fp32 parameters and no loss scaling (fp32, bf16-mixed, the fp8, MX and int8 "
     "presets)"
 )
-
-
-class _Wrapped:
-    """A wrapped optimizer as `Precision` lists it: weakly (`Precision._optimizers`; a strong
-    reference where the optimizer takes no weak one, a user's class with ``__slots__``), with its
-    id and its parameters as last seen, which a dropped one keeps until it is forgotten."""
-
-    __slots__ = ("key", "params", "ref")
-
-    def __init__(self, optimizer, params: list[torch.Tensor]):
-        try:
-            self.ref: Callable[[], torch.optim.Optimizer | None] = weakref.ref(optimizer)
-        except TypeError:
-            self.ref = lambda: optimizer
-        self.key: int | None = id(optimizer) if optimizer is not None else None
-        self.params = params
 
 
 def _is_optimizer(candidate) -> bool:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 import warnings
-import weakref
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks
@@ -60,7 +60,7 @@ class FullPrecisionUpdate:
     def abort(self, optimizer) -> None:
         """A skipped step: nothing to undo."""
 
-    def release(self, key: int | None) -> None:
+    def release(self, optimizer) -> None:
         """A prepared step that will not be taken: nothing to drop."""
 
     def keep_only(self, params: list) -> None:
@@ -353,11 +353,10 @@ class LowPrecisionUpdate:
             self._copied_grads.pop(id(p), None)
             hp.grad = None
 
-    def release(self, key: int | None) -> None:
-        """Drop `prepare`'s fp32 gradient copies of a step that will not be taken by the optimizer
-        whose id is ``key`` (by its id: it may be gone, `Precision` holds it weakly); the 16-bit
+    def release(self, optimizer) -> None:
+        """Drop `prepare`'s fp32 gradient copies of a step that will not be taken; the 16-bit
         gradients stay (more may accumulate on them)."""
-        for p, hp in self._stand_ins.pop(key, {}).values():
+        for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
             self._copied_grads.pop(id(p), None)
             hp.grad = None
 
@@ -441,17 +440,7 @@ def _undo_swap_on_failed_load(optimizer, loading: list, swap_out) -> None:
                 swap_out(opt, loading.pop())
             raise
 
-    # Bound through a weak reference: a bound method kept in the optimizer's own attributes made
-    # it a reference cycle, which outlived a ``del optimizer`` until the garbage collector ran
-    # (`Precision._optimizers` holds optimizers weakly). ``__func__`` is what a later precision
-    # wraps, as it would a bound method's.
-    owner = weakref.ref(optimizer)
-
-    def bound(state_dict):
-        return load_state_dict(owner(), state_dict)
-
-    bound.__func__ = load_state_dict
-    optimizer.load_state_dict = bound
+    optimizer.load_state_dict = types.MethodType(load_state_dict, optimizer)
 
 
 @contextlib.contextmanager
