@@ -488,8 +488,17 @@ def main(argv=None) -> int:
         rerun = None
         if set(tasks) != set(WORKLOADS):  # the other tasks' recorded results are kept
             rerun = (tasks, markdown(all_results, command.strip(), args.note, alone=True))
-        replace_section(ROOT / "BENCHMARKS.md", text, rerun)
-        replace_doc_results(ROOT / "docs" / "parity.md", text, rerun)
+        try:
+            replace_section(ROOT / "BENCHMARKS.md", text, rerun)
+            replace_doc_results(ROOT / "docs" / "parity.md", text, rerun)
+        except OSError as error:  # a full disk: a traceback after the whole study
+            print(
+                f"parity.py: error: BENCHMARKS.md and docs/parity.md not both updated "
+                f"({error.strerror or error}); the reports are in {args.out}/<task>/report; fix: "
+                "free disk space and run the same command again (finished runs are reused)",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 

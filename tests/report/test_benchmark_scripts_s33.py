@@ -202,3 +202,19 @@ def test_stats_overhead_refuses_no_measured_step_in_one_line(argv, tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"stats_overhead.py: error: {argv[0]} must be at least 1, got 0"
     )
+
+
+def test_a_full_disk_as_the_pages_are_written_is_one_line(
+    parity, pages, tmp_path, capsys, monkeypatch
+):
+    """The study has run and its reports are saved; a page write that fails ended in a traceback."""
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(parity, "write_atomically", full_disk)
+    assert parity.main([*QUICK, "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("parity.py: error: BENCHMARKS.md and docs/parity.md not both updated")
+    assert "(No space left on device)" in error and str(tmp_path / "out") in error
+    assert (pages / "BENCHMARKS.md").read_text() == RECORDED
