@@ -410,20 +410,32 @@ def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
     ]
 
 
+def _kept_reason_of_kind(module: torch.nn.Module) -> str | None:
+    """Why a GEMM layer that `convert` never swaps is kept (`_kept_gemm_reason`); None for the
+    others, a layer it swaps or swapped included."""
+    if is_convertible(module) or isinstance(module, (LowbitModule, LowbitExperts)):
+        return None
+    return _kept_gemm_reason(module)
+
+
 def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> dict[str, str]:
-    """For each ``unused`` override that names a module of the model other than a GEMM layer,
-    what it names: a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern
-    matches whole names, not the layers inside) with the pattern that names them, or one that
-    computes no GEMM (``model.norm=fp32``). The bare "applies to no layer" read as a misspelt
-    name."""
+    """For each ``unused`` override that names a module of the model other than a converted GEMM
+    layer, what it names: a GEMM layer lowbit keeps (``nn.Conv1d``, ``nn.ConvTranspose2d``) with
+    the reason, a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern matches
+    whole names, not the layers inside) with the pattern that names them, or one that computes no
+    GEMM (``model.norm=fp32``). The bare "applies to no layer" read as a misspelt name, and a
+    kept GEMM layer was called no GEMM layer, its ``NAME.*`` offered, which names nothing."""
     hints = {}
     for override in recipe.overrides:
         text = override.reason.removeprefix("override ")
         if text not in unused or text in hints:
             continue
         matched = [(n, m) for n, m in model.named_modules() if n and override.matches(n)]
+        kept = next(((n, r) for n, m in matched if (r := _kept_reason_of_kind(m))), None)
         holder = next(((n, m) for n, m in matched if any(map(_is_gemm, m.modules()))), None)
-        if holder:
+        if kept:
+            hints[text] = f"{kept[0]}: {kept[1]}"
+        elif holder:
             name, kind = holder[0], type(holder[1]).__name__
             hints[text] = f"{name} ({kind}) is no GEMM layer: {name}.* names its layers"
         elif matched:

@@ -1,0 +1,29 @@
+"""Session 33: convolutions lowbit keeps, named by a user's override."""
+
+import pytest
+from torch import nn
+
+from lowbit import convert, get_recipe
+from lowbit.recipes import parse_override
+
+KEPT_KIND = "is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
+
+
+@pytest.mark.parametrize(
+    ("layer", "kind"),
+    [
+        (nn.Conv1d(4, 4, 3), "Conv1d"),
+        (nn.ConvTranspose2d(4, 4, 3), "ConvTranspose2d"),
+        (nn.Conv3d(4, 4, 1), "Conv3d"),
+    ],
+)
+def test_an_override_naming_a_convolution_lowbit_keeps_says_why_it_is_kept(layer, kind):
+    """``--override 'up=mxfp8'`` on a ConvTranspose2d was answered "up (ConvTranspose2d) is no
+    GEMM layer: up.* names its layers", and up.* names nothing."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), layer)
+    base = get_recipe("fp8-tensorwise")
+    report = convert(model, base.with_overrides(parse_override("1=mxfp8", base)))
+    assert report.unused_overrides == ["1=mxfp8"]
+    summary = report.summary()
+    assert f"override 1=mxfp8 applies to no layer (1: {kind} {KEPT_KIND})" in summary
+    assert "names its layers" not in summary
