@@ -72,9 +72,10 @@ class TensorBatches(SeekableBatches):
         self.num_rows = len(self.tensors[0])
         if any(len(t) != self.num_rows for t in self.tensors):
             raise ValueError("all tensors need the same number of rows")
-        if not 0 < batch_size <= self.num_rows:
+        if not 0 < batch_size <= self.num_rows:  # below 1: refused with the flag's other checks
             raise UsageError(
-                f"batch size {batch_size} needs 1..{self.num_rows} examples; fix: lower it"
+                f"batch size {batch_size} is more than the {self.num_rows} training examples "
+                f"there are; fix: --batch-size {self.num_rows} or less"
             )
         if batch_size * grad_accum > self.num_rows:
             raise UsageError(
