@@ -421,7 +421,8 @@ def _kept_reason_of_kind(module: torch.nn.Module) -> str | None:
 def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> dict[str, str]:
     """For each ``unused`` override that names a module of the model other than a converted GEMM
     layer, what it names: a GEMM layer lowbit keeps (``nn.Conv1d``, ``nn.ConvTranspose2d``) with
-    the reason, a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern matches
+    the reason, a GEMM layer whose operands earlier overrides decide (``0=keep`` then
+    ``0=mxfp8``, which was called no GEMM layer), a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern matches
     whole names, not the layers inside) with the pattern that names them, or one that computes no
     GEMM (``model.norm=fp32``). The bare "applies to no layer" read as a misspelt name, and a
     kept GEMM layer was called no GEMM layer, its ``NAME.*`` offered, which names nothing."""
@@ -432,9 +433,16 @@ def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> 
             continue
         matched = [(n, m) for n, m in model.named_modules() if n and override.matches(n)]
         kept = next(((n, r) for n, m in matched if (r := _kept_reason_of_kind(m))), None)
+        layer = next((n for n, m in matched if _is_gemm(m)), None)
+        # every operand this one sets of that layer is decided by an override before it
+        first = ", ".join(o.reason for o in recipe.deciding_overrides(layer)) if layer else ""
         holder = next(((n, m) for n, m in matched if any(map(_is_gemm, m.modules()))), None)
         if kept:
             hints[text] = f"{kept[0]}: {kept[1]}"
+        elif first:
+            hints[text] = (
+                f"{layer} takes {first} first: the first override to name an operand decides it"
+            )
         elif holder:
             name, kind = holder[0], type(holder[1]).__name__
             hints[text] = f"{name} ({kind}) is no GEMM layer: {name}.* names its layers"

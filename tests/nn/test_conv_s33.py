@@ -27,3 +27,16 @@ def test_an_override_naming_a_convolution_lowbit_keeps_says_why_it_is_kept(layer
     summary = report.summary()
     assert f"override 1=mxfp8 applies to no layer (1: {kind} {KEPT_KIND})" in summary
     assert "names its layers" not in summary
+
+
+def test_an_override_shadowed_by_an_earlier_one_says_which():
+    """``0=keep`` then ``0=mxfp8``: the second decides nothing, and the hint called layer 0 "no
+    GEMM layer" and offered ``0.*``, which names nothing."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    base = get_recipe("fp8-tensorwise")
+    recipe = base.with_overrides(parse_override("0=keep", base), parse_override("0=mxfp8", base))
+    summary = convert(model, recipe).summary()
+    assert (
+        "override 0=mxfp8 applies to no layer (0 takes override 0=keep first: the first override "
+        "to name an operand decides it)"
+    ) in summary
