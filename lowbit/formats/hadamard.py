@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from lowbit.dynamo_marks import assume_constant_result
 from lowbit.errors import UsageError
 from lowbit.formats.cast import check_real
 
@@ -46,7 +47,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 # `torch.Generator` made inside a traced graph breaks it, and a model compiled before its first
 # eager step draws its layers' signs there (in each `mxfp4` layer's backward: its autograd
 # function ran eagerly).
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def random_signs(n: int, seed: int) -> torch.Tensor:
     """``n`` random signs (fp32 +-1) drawn from ``seed``: the diagonal ``S`` of the transform."""
     _check_order(n)

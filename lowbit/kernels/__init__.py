@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.dynamo_marks import assume_constant_result
 from lowbit.kernels import fake
 from lowbit.threadflag import ThreadFlag
 
@@ -254,7 +255,7 @@ def available() -> bool:
     return _load_once() if loaded is None else loaded
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _load_once() -> bool:
     """`available`'s first call. Marked constant so that a model compiled before its first eager
     step builds the kernels while Dynamo traces it (which runs such a function and keeps its

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
+from lowbit.dynamo_marks import assume_constant_result
+
 # The compute dtypes rerouted, and whether their forward runs in fp32 too (see above).
 _FORWARD_IN_FP32 = {torch.bfloat16: False, torch.float16: True}
 _OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -131,7 +133,7 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.dtype, t.requires_grad
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _traced_choice(layouts: tuple, rest: tuple) -> int:
     """`_choice` in a traced graph (`torch.compile`), decided while tracing: the chooser returns
     an int, which broke the graph at every attention, and on the traced operands (fake tensors)
