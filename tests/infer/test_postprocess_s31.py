@@ -19,8 +19,13 @@ def test_an_exported_tokenizer_loads_with_autotokenizer_and_gives_the_runs_ids(
     from transformers import AutoConfig, AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
+    # a small text: the built-in corpus takes seconds to learn BPE from and to encode
+    code = "".join(
+        f"def f{i}(x):\n    return x * {i} + {i % 7}  # note {i}\n\n" for i in range(300)
+    )
+    (tmp_path / "text.txt").write_text(code, encoding="utf-8")
     extra = ["--tokenizer", "bpe", "--vocab-size", "300"] if kind == "bpe" else []
-    assert main(["train", *TRAIN, *extra, "--out", "run"]) == 0
+    assert main(["train", *TRAIN, *extra, "--data", "text.txt", "--out", "run"]) == 0
     assert main(["export", "run", "--out", "hf"]) == 0
     assert "tokenizer_config.json" in capsys.readouterr().out
     ours = load_tokenizer(tmp_path / "run" / "tokenizer")

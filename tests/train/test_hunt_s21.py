@@ -234,20 +234,27 @@ def test_a_resume_on_other_data_names_the_data_before_the_batches(tiny_config, t
         train(tiny_config(data=str(data), steps=4, eval_interval=1), resume=True, quiet=True)
 
 
-def test_a_resume_leaves_the_runs_tokenizer_files_as_they_are(tiny_config):
+def test_a_resume_leaves_the_runs_tokenizer_files_as_they_are(tiny_config, tmp_path):
     """A resume rewrote the tokenizer it had just read, in place: a kill in that write left a
     torn tokenizer.json that no later resume could read (a BPE one cannot be rebuilt the same)."""
     import os
 
     from lowbit.train import train
 
-    config = tiny_config(tokenizer="bpe", vocab_size=300, steps=2, eval_interval=1)
+    # a small text (the built-in corpus takes seconds to learn BPE from and to encode, twice)
+    data = tmp_path / "text.txt"
+    data.write_text(
+        "".join(
+            f"paragraph {i}: some words {i * 7 % 13} here, {i**2} more.\n\n" for i in range(300)
+        )
+    )
+    config = tiny_config(data=str(data), tokenizer="bpe", vocab_size=300, steps=2, eval_interval=1)
     result = train(config, quiet=True)
     files = [p for p in (result.run_dir / "tokenizer").iterdir() if p.is_file()]
     for path in files:
         os.utime(path, (1_000_000, 1_000_000))
     resumed = train(
-        tiny_config(tokenizer="bpe", vocab_size=300, steps=3, eval_interval=1),
+        tiny_config(data=str(data), tokenizer="bpe", vocab_size=300, steps=3, eval_interval=1),
         resume=True,
         quiet=True,
     )

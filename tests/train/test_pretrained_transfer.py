@@ -30,8 +30,29 @@ def pretrained_bert(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("pretrained-bert"), WORDS)
 
 
+@pytest.fixture(scope="module")
+def encode_once():
+    """Encode the syntax-tag splits with the pretrained tokenizer once per module: the encoding
+    (~2 s, every train sentence) does not depend on the recipe, and training only reads it."""
+    from lowbit.train import tasks
+
+    encode, done = tasks._encode_pretrained, {}
+
+    def memo(tokenizer, sentences, label2id, config):
+        key = (id(sentences), tuple(label2id.items()), config.seq_len, config.model)
+        if key not in done:
+            done[key] = (sentences, encode(tokenizer, sentences, label2id, config))
+        return done[key][1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks, "_encode_pretrained", memo)
+        yield
+
+
 @pytest.mark.parametrize("recipe", lowbit.recipe_names())
-def test_pretrained_encoder_fine_tunes_in_every_recipe(tiny_config, pretrained_bert, recipe):
+def test_pretrained_encoder_fine_tunes_in_every_recipe(
+    tiny_config, pretrained_bert, encode_once, recipe
+):
     config = tiny_config(
         "token-classification", model=str(pretrained_bert), recipe=recipe, steps=2, eval_interval=2
     )
