@@ -1,5 +1,8 @@
 import importlib.util
+import runpy
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,3 +59,38 @@ def parity():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+BENCHMARKS = PARITY.parent
+
+
+@pytest.fixture
+def as_script(monkeypatch, capsys):
+    """``as_script(name, *argv, cwd=folder)``: `python benchmarks/NAME.py ARGV` started in
+    ``folder``, run in this process instead (its `__main__` block, the script's folder first on
+    sys.path as Python puts it; sys.path and the folder restored after the test): its
+    ``returncode`` (as the interpreter makes it of a `SystemExit`, 0 without one), ``stdout`` and
+    ``stderr``. Any other exception fails the test, as a traceback would. For tests of what a
+    script prints, not of starting a process (a fresh interpreter costs seconds on a busy
+    machine); PyTorch runs on the test's one thread."""
+
+    def run(name, *argv, cwd):
+        path = BENCHMARKS / f"{name}.py"
+        monkeypatch.chdir(cwd)
+        monkeypatch.syspath_prepend(str(BENCHMARKS))  # undone with whatever the script adds
+        monkeypatch.setattr(sys, "argv", [str(path), *argv])
+        capsys.readouterr()
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exit:  # as the interpreter turns it into an exit status
+            code = exit.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

@@ -82,10 +82,10 @@ def _script(name, *argv, cwd):
 
 
 @pytest.mark.parametrize("name", ["distributed_comm", "fsdp_16bit"])
-def test_the_two_rank_benchmarks_answer_help(name, tmp_path):
+def test_the_two_rank_benchmarks_answer_help(name, tmp_path, as_script):
     """Their arguments were read from sys.argv as runs: `--help` spawned two ranks that each
     failed with a traceback."""
-    done = _script(name, "--help", cwd=tmp_path)
+    done = as_script(name, "--help", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
@@ -98,8 +98,10 @@ def test_the_two_rank_benchmarks_answer_help(name, tmp_path):
         ("fsdp_16bit", "bf16", "unknown recipe(s) bf16; valid: fp32"),
     ],
 )
-def test_the_two_rank_benchmarks_refuse_a_bad_run_in_one_line(name, arg, message, tmp_path):
-    done = _script(name, arg, cwd=tmp_path)
+def test_the_two_rank_benchmarks_refuse_a_bad_run_in_one_line(
+    name, arg, message, tmp_path, as_script
+):
+    done = as_script(name, arg, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 2
 
@@ -111,11 +113,11 @@ def test_the_two_rank_benchmarks_refuse_a_bad_run_in_one_line(name, arg, message
         (["--profile", "fp32", "--device", "cuda:7"], "--device cuda:7: no CUDA device here"),
     ],
 )
-def test_recipe_speed_profile_refuses_bad_settings_in_one_line(argv, message, tmp_path):
+def test_recipe_speed_profile_refuses_bad_settings_in_one_line(argv, message, tmp_path, as_script):
     """--profile built its run before any check: an unknown recipe was a traceback."""
     if "--device" in argv and __import__("torch").cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    done = _script("recipe_speed", *argv, cwd=tmp_path)
+    done = as_script("recipe_speed", *argv, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
@@ -151,10 +153,10 @@ def test_recipe_speed_runs_tiny_from_another_folder(tmp_path):
         ),
     ],
 )
-def test_a_bad_setting_is_one_line_not_a_traceback(name, argv, message, tmp_path):
+def test_a_bad_setting_is_one_line_not_a_traceback(name, argv, message, tmp_path, as_script):
     """lowbit's UsageError (an unknown --recipe) reached the user as a traceback, and attention's
     --rounds 0 as `StatisticsError: no median for empty data`."""
-    done = _script(name, *argv, cwd=tmp_path)
+    done = as_script(name, *argv, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"{name}.py: error: ")

@@ -101,10 +101,9 @@ def optimizer_states(monkeypatch):
     return module
 
 
-def test_from_json_of_a_missing_file_is_one_line(tmp_path):
+def test_from_json_of_a_missing_file_is_one_line(tmp_path, as_script):
     """`optimizer_states.py --from-json missing.json` was a FileNotFoundError traceback."""
-    command = [sys.executable, str(BENCHMARKS / "optimizer_states.py"), "--from-json", "gone.json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = as_script("optimizer_states", "--from-json", "gone.json", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == (
         "optimizer_states.py: error: --from-json gone.json: No such file or directory; "
@@ -194,10 +193,9 @@ def test_stats_overhead_refuses_a_page_it_cannot_write_in_one_line(tmp_path, mon
 
 
 @pytest.mark.parametrize("argv", [["--interval", "0"], ["--intervals", "0"]])
-def test_stats_overhead_refuses_no_measured_step_in_one_line(argv, tmp_path):
+def test_stats_overhead_refuses_no_measured_step_in_one_line(argv, tmp_path, as_script):
     """`--interval 0` or `--intervals 0` timed no step: `StatisticsError` after the warm-up."""
-    command = [sys.executable, str(BENCHMARKS / "stats_overhead.py"), *argv]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = as_script("stats_overhead", *argv, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"stats_overhead.py: error: {argv[0]} must be at least 1, got 0"

@@ -2,19 +2,12 @@
 exist, answer a bad setting in one line, and one (fast) reproduces its figure to the digit."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def _script(name, *argv, cwd):
-    command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_every_benchmark_script_the_docs_name_exists():
@@ -28,8 +21,8 @@ def test_every_benchmark_script_the_docs_name_exists():
     assert named and not missing, missing
 
 
-def test_state_zero_point_prints_the_figures_docs_memory_quotes(tmp_path):
-    done = _script("state_zero_point", cwd=tmp_path)
+def test_state_zero_point_prints_the_figures_docs_memory_quotes(tmp_path, as_script):
+    done = as_script("state_zero_point", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     moves = re.findall(r"(\w+) states: largest move (\S+) x lr", done.stdout)
     page = (ROOT / "docs" / "memory.md").read_text()
@@ -50,8 +43,8 @@ def test_state_zero_point_prints_the_figures_docs_memory_quotes(tmp_path):
         ("fp16_attention_sqnr", ["--batches", "0"], "--batches and --threads must be"),
     ],
 )
-def test_a_bad_setting_is_one_line_not_a_traceback(name, argv, message, tmp_path):
-    done = _script(name, *argv, cwd=tmp_path)
+def test_a_bad_setting_is_one_line_not_a_traceback(name, argv, message, tmp_path, as_script):
+    done = as_script(name, *argv, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"{name}.py: error: ")

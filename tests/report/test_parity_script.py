@@ -1,12 +1,6 @@
 """`benchmarks/parity.py`'s command line: bad names fail at once with one line, nothing run."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
 
 
 @pytest.mark.parametrize(
@@ -17,8 +11,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"
         (["--task-recipes", "bf16"], "unknown recipe 'bf16'"),
     ],
 )
-def test_bad_names_are_one_line_errors(argv, message, tmp_path):
-    argv = [sys.executable, str(SCRIPT), *argv, "--no-write", "--out", str(tmp_path)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+def test_bad_names_are_one_line_errors(argv, message, tmp_path, as_script):
+    done = as_script("parity", *argv, "--no-write", "--out", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr and not any(tmp_path.iterdir())
