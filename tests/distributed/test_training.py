@@ -64,6 +64,7 @@ def fit(config, ranks, resume=False):
 
     losses = []
     trainer = Trainer(config, quiet=True, dist=ranks, resume=resume)
+    trainer.sample = False  # the closing sample text: seconds a run, and no part of the checks
     trainer.fit(
         resume=resume, overwrite=not resume, on_step=lambda t: losses.append(t.recent_losses[-1])
     )
@@ -204,10 +205,14 @@ def _on_two_ranks(rank, world, out, resume_from):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One spawn of two ranks runs every multi-process part (spawning costs seconds per rank)."""
+    from lowbit.train import Trainer
+
     out = tmp_path_factory.mktemp("ranks")
     torch.manual_seed(0)
     # one process under --strategy ddp (a group of one), stopped at step 2: resumed with two
-    train(config(out / "one-stopped", steps=2, strategy="ddp"), quiet=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "sample", False)  # no closing sample text (seconds)
+        train(config(out / "one-stopped", steps=2, strategy="ddp"), quiet=True)
     return out, on_ranks(
         _on_two_ranks, 2, timeout=400, out=str(out), resume_from=str(out / "one-stopped")
     )
@@ -216,15 +221,19 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
     """Per-step losses of one process with the same global batch, per recipe."""
+    from lowbit.train import Trainer
+
     out = tmp_path_factory.mktemp("one")
     curves = {}
-    for recipe in RECIPES:
-        losses = curves[recipe] = []
-        train(
-            config(out / recipe, recipe),
-            quiet=True,
-            on_step=lambda t, ls=losses: ls.append(t.recent_losses[-1]),
-        )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "sample", False)  # no closing sample text (seconds a run)
+        for recipe in RECIPES:
+            losses = curves[recipe] = []
+            train(
+                config(out / recipe, recipe),
+                quiet=True,
+                on_step=lambda t, ls=losses: ls.append(t.recent_losses[-1]),
+            )
     return curves
 
 
@@ -265,8 +274,11 @@ def test_token_classification_weighs_ranks_by_their_labelled_words(two_ranks, tm
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy):
+def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy, monkeypatch):
     from lowbit.distributed.context import join
+    from lowbit.train import Trainer
+
+    monkeypatch.setattr(Trainer, "sample", False)  # no closing sample text (seconds)
 
     out, ranks = two_ranks
     recipe = STOPPED[strategy]
