@@ -36,7 +36,8 @@ def step(run, x, precision: lowbit.Precision) -> list[torch.Tensor]:
     return [out] + [p.grad for p in getattr(run, "_orig_mod", run).parameters()]
 
 
-def assert_one_graph_with_eager_bits(build, x, precision: lowbit.Precision) -> None:
+def assert_one_graph(build, x, precision: lowbit.Precision) -> None:
+    """The model ``build(precision)`` makes, run under the recipe's autocast, traces to one graph."""
     torch._dynamo.reset()
     model = build(precision)
 
@@ -47,6 +48,10 @@ def assert_one_graph_with_eager_bits(build, x, precision: lowbit.Precision) -> N
     explained = torch._dynamo.explain(forward)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()
+
+
+def assert_one_graph_with_eager_bits(build, x, precision: lowbit.Precision) -> None:
+    assert_one_graph(build, x, precision)
     eager = step(build(precision), x, precision)
     compiled = step(torch.compile(build(precision), backend="aot_eager"), x, precision)
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowbit
-from tests.nn.test_compile_autocast_s32 import output
+from tests.nn.test_compile_autocast_s32 import assert_one_graph, output
 from tests.nn.test_compile_breaks_s32 import nano
 
 
@@ -56,17 +56,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_fp8_blockwise_under_autocast_compiles_to_one_graph_with_the_eager_bits(case):
     build, x = CASES[case]
-    torch._dynamo.reset()
-    precision = lowbit.Precision("fp8-blockwise")
-    model = build(precision)
-
-    def forward(x):
-        with precision.autocast():
-            return output(model, x)
-
-    explained = torch._dynamo.explain(forward)(x)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    torch._dynamo.reset()
+    assert_one_graph(build, x, lowbit.Precision("fp8-blockwise"))
     eager = train(build, x, compiled=False)
     compiled = train(build, x, compiled=True)
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):

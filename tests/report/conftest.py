@@ -94,3 +94,15 @@ def as_script(monkeypatch, capsys):
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
+
+
+@pytest.fixture
+def pages(parity, tmp_path, monkeypatch, request):
+    """A copy of the two pages parity.py writes (the test module's ``RECORDED`` and ``DOC``), in
+    place of the repository's."""
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "BENCHMARKS.md").write_text(request.module.RECORDED)
+    (root / "docs" / "parity.md").write_text(request.module.DOC)
+    monkeypatch.setattr(parity, "ROOT", root)
+    return root

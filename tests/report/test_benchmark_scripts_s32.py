@@ -16,17 +16,6 @@ QUICK = ["--tasks", "image-classification", "--recipes", "fp32", "--seeds", "1"]
 QUICK += ["--img-steps", "1", "--jobs", "1", "--quiet"]
 
 
-@pytest.fixture
-def pages(parity, tmp_path, monkeypatch):
-    """A copy of the two pages parity.py writes, in place of the repository's."""
-    root = tmp_path / "repo"
-    (root / "docs").mkdir(parents=True)
-    (root / "BENCHMARKS.md").write_text(RECORDED)
-    (root / "docs" / "parity.md").write_text(DOC)
-    monkeypatch.setattr(parity, "ROOT", root)
-    return root
-
-
 def test_parity_replaces_the_recorded_results_whole(parity, pages, tmp_path):
     """The study's results replace the recorded ones (as issue 6 asks), written whole."""
     assert parity.main([*QUICK, "--out", str(tmp_path / "out")]) == 0

@@ -33,17 +33,6 @@ QUICK = ["--tasks", "image-classification", "--recipes", "fp32", "--seeds", "1"]
 QUICK += ["--img-steps", "1", "--jobs", "1", "--quiet", "--note", "a quick rerun"]
 
 
-@pytest.fixture
-def pages(parity, tmp_path, monkeypatch):
-    """A copy of the two pages parity.py writes, in place of the repository's."""
-    root = tmp_path / "repo"
-    (root / "docs").mkdir(parents=True)
-    (root / "BENCHMARKS.md").write_text(RECORDED)
-    (root / "docs" / "parity.md").write_text(DOC)
-    monkeypatch.setattr(parity, "ROOT", root)
-    return root
-
-
 def test_a_run_of_one_task_keeps_the_other_tasks_results(parity, pages, tmp_path):
     """`--tasks image-classification` rewrote the whole Parity section of both pages: the causal-LM
     and token-classification results of the full study were gone."""
