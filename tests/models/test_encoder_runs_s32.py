@@ -10,6 +10,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.models.pretrained import model_record
 from tests.llama import save_llama
+from tests.train.test_model_folder_s30 import refusal
 
 TINY = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--quiet"]
 REFUSED = "with attention in both directions (before lowbit built such models as decoders)"
@@ -37,16 +38,6 @@ def bert_run(tmp_path):
     save_bert(model)
     assert main(["train", "--model", str(model), *TINY, "--steps", "2", "--out", str(run)]) == 0
     return model, run
-
-
-def refusal(argv, capsys) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line and "Loading weights" not in line]
-    assert len(lines) == 1 and lines[0].startswith("lowbit: error: "), err
-    return lines[0]
 
 
 def test_a_run_from_an_encoder_folder_records_it_was_built_as_a_decoder(bert_run, capsys):
