@@ -692,6 +692,7 @@ class Trainer:
         self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
         self.stop_requested = False
+        self.abort_requested = False  # a second Ctrl-C (`_stop_on_sigint`)
         self.start_metrics: dict = {}
         self.last_metrics: dict = {}
         self.recent_losses: list[float] = []
@@ -996,8 +997,13 @@ class Trainer:
             raise self._not_written(error) from error
         except BaseException as error:
             logger.close(quietly=True)
-            aborted = isinstance(error, KeyboardInterrupt)
+            # A second Ctrl-C inside a checkpoint save across ranks reaches here wrapped in
+            # torch.distributed.checkpoint's CheckpointException: a traceback, "failed", where
+            # the run was aborted as asked
+            aborted = isinstance(error, KeyboardInterrupt) or self.abort_requested
             self._record_end(main, run_dir, "aborted" if aborted else "failed", repr(error))
+            if aborted and not isinstance(error, KeyboardInterrupt):
+                raise KeyboardInterrupt from error
             raise
         result = self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
         # a run.json left "running" (a full disk) reads as a run that was killed: the run is
@@ -1348,6 +1354,7 @@ def _stop_on_sigint(trainer: Trainer):
             signum == signal.SIGTERM and torchrun and first == [signal.SIGINT]
         )
         if trainer.stop_requested and again:
+            trainer.abort_requested = True
             raise KeyboardInterrupt
         request_stop(signum)
 
