@@ -104,3 +104,23 @@ def test_a_full_disk_as_the_run_starts_names_the_folder(tmp_path, capsys, monkey
     )
     assert _status(run) == ("failed", 0)
     assert run_cli(capsys, "train", *NANO_RUN, "--out", run)[0] == 0
+
+
+class _WrappedInterrupt(BaseException):
+    """As torch.distributed.checkpoint wraps a rank's KeyboardInterrupt (CheckpointException)."""
+
+
+def test_a_second_ctrl_c_wrapped_by_a_save_still_aborts(tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C inside a save across ranks reached the trainer wrapped in DCP's
+    CheckpointException: a traceback and run.json "failed" where the run was aborted as asked."""
+    run = tmp_path / "run"
+
+    def save_interrupted_twice(self, logger):
+        self.abort_requested = True  # what the second Ctrl-C's handler records
+        raise _WrappedInterrupt("KeyboardInterrupt on rank 0")
+
+    monkeypatch.setattr(trainer_module.Trainer, "_save", save_interrupted_twice)
+    code, _, err = run_cli(capsys, "train", *NANO_RUN, "--out", run)
+    assert code == 130
+    assert err.strip().startswith("lowbit: aborted;"), err
+    assert _status(run)[0] == "aborted"
