@@ -7,8 +7,10 @@ other words are not read), a blank line (or one of whitespace only) between sent
 ``-DOCSTART-`` lines between documents (they hold no token; `read_conll_documents` keeps the
 sentences of each document together). Tags are ``O`` or ``B-TYPE`` / ``I-TYPE``, and IOBES's
 ``E-TYPE`` / ``S-TYPE`` (BILOU's ``L-TYPE`` / ``U-TYPE``, spaCy's, are read as these: last and unit
-are end and single). The file is UTF-8; a leading byte-order mark is dropped, not read as part of
-the first token.
+are end and single). The file is UTF-8; a byte-order mark opening a line is dropped, not read as
+part of its token (the file's first line, or where ``cat`` joined files that each begin with one).
+A tag holds no whitespace nor invisible character: a no-break space left after one is refused, not
+read as a tag of its own.
 
 A treebank file (``.conllu``, Universal Dependencies' CoNLL-U, and its predecessor ``.conllx``)
 is read otherwise: 10 tab-separated columns, its words tagged with their part of speech, column 4
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,6 +83,9 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     tags: list[str] = []
     widths: dict[int, list] = {}  # columns of a word's line: [lines, first line number, text]
     for number, line in enumerate(read_lines(path), start=1):
+        # a mark opening a line after the first is where `cat a.txt b.txt` joined files that a
+        # Windows editor saved: read as part of the token, b's "-DOCSTART-" line was a word
+        line = line.removeprefix("\ufeff")
         if "\r" in line.rstrip("\r\n"):  # lines end at a line feed only: a lone CR is no end
             raise UsageError(
                 f"{path}:{number}: a carriage return inside a line (old Mac line ends?), which "
@@ -152,12 +158,29 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
             f"{where}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
             "(token first, tag last, separated by spaces or a tab)"
         )
+    _check_tag_characters(where, columns[-1])
     if not is_valid_tag(columns[-1]):
         fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE; BILOU's L-TYPE, U-TYPE)"
         if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
             fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
         raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
     return columns[0], columns[-1]
+
+
+def _check_tag_characters(where: str, tag: str) -> None:
+    """A `UsageError` for a tag holding whitespace that the columns were not split at, or an
+    invisible character (a no-break or zero-width space pasted after ``B-ORG``, a space typed
+    after a treebank's ``NOUN``): read as it is, the tag was a label of its own beside ``B-ORG``,
+    printed alike in the per-label report, and the words it tags were counted apart from their
+    entity type's."""
+    unseen = (c for c in tag if c.isspace() or unicodedata.category(c) in ("Cc", "Cf"))
+    char = next(unseen, None)
+    if char is not None:
+        name = unicodedata.name(char, "control character").lower()
+        raise UsageError(
+            f"{where}: the tag {tag!r} holds a {name} (U+{ord(char):04X}), which no tag has; "
+            "fix: remove it from the tag"
+        )
 
 
 def _treebank_word(where: str, line: str) -> tuple[str, str] | None:
@@ -177,6 +200,7 @@ def _treebank_word(where: str, line: str) -> tuple[str, str] | None:
     if "-" in columns[0] or "." in columns[0]:
         return None
     form, tag = columns[1], columns[TREEBANK_TAG_COLUMN]
+    _check_tag_characters(where, tag)
     if not form or tag in ("", "_"):
         raise UsageError(
             f"{where}: word {form!r} has no part-of-speech tag in column 4 (UPOS), the column "
