@@ -1,0 +1,35 @@
+"""Session 34 hunt in fine-tuning a local encoder folder for token classification."""
+
+import importlib.util
+
+import pytest
+
+from lowbit.cli import main
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentencepiece") is not None,
+    reason="the refusal is of a SentencePiece tokenizer without the sentencepiece package",
+)
+def test_a_sentencepiece_tokenizer_without_the_package_names_the_package(tmp_path, capsys):
+    """An ALBERT folder saved with its slow tokenizer holds spiece.model and no tokenizer.json;
+    without sentencepiece transformers fell back to tiktoken's reader, and the error said
+    "`tiktoken` is required ... fix: save the tokenizer files (tokenizer.json or vocab.txt) into
+    the folder", which holds them: neither installing tiktoken nor saving files helped."""
+    from transformers import AlbertConfig
+
+    model = tmp_path / "albert"
+    AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, intermediate_size=64).save_pretrained(model)  # fmt: skip
+    (model / "spiece.model").write_bytes(b"\x0a\x05hello")  # sentencepiece is never reached
+    data = tmp_path / "ner.txt"
+    data.write_text("".join(f"w{i} O\nx B-PER\n\n" for i in range(200)), encoding="utf-8")
+    args = ["train", "--task", "token-classification", "--model", str(model), "--data",
+            str(data), "--steps", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert (
+        f"lowbit: error: {model / 'spiece.model'}: a SentencePiece tokenizer, which needs the "
+        "sentencepiece package (not installed); fix: pip install sentencepiece"
+    ) in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
