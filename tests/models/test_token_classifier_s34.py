@@ -1,4 +1,4 @@
-"""Session 34 hunt in fine-tuning a local encoder folder for token classification."""
+"""Session 34 hunt: local Hugging Face folders whose tokenizer needs sentencepiece."""
 
 import importlib.util
 
@@ -30,6 +30,33 @@ def test_a_sentencepiece_tokenizer_without_the_package_names_the_package(tmp_pat
     err = capsys.readouterr().err
     assert (
         f"lowbit: error: {model / 'spiece.model'}: a SentencePiece tokenizer, which needs the "
+        "sentencepiece package (not installed); fix: pip install sentencepiece"
+    ) in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentencepiece") is not None,
+    reason="the refusal is of a SentencePiece tokenizer without the sentencepiece package",
+)
+def test_a_causal_lm_folder_with_a_sentencepiece_tokenizer_names_the_package(tmp_path, capsys):
+    """A Llama 1/2 or Mistral folder brings tokenizer.model and no tokenizer.json: without
+    sentencepiece the causal-LM run said "the tokenizer is damaged (`tiktoken` is required ...);
+    fix: save the model's tokenizer into its folder again", which would not help either."""
+    from transformers import LlamaConfig
+
+    model = tmp_path / "llama"
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2).save_pretrained(model)  # fmt: skip
+    (model / "tokenizer.model").write_bytes(b"\x0a\x05hello")  # sentencepiece is never reached
+    data = tmp_path / "text.txt"
+    data.write_text("def f(x):\n    return x\n" * 200, encoding="utf-8")
+    args = ["train", "--model", str(model), "--data", str(data), "--steps", "1",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert (
+        f"lowbit: error: {model / 'tokenizer.model'}: a SentencePiece tokenizer, which needs the "
         "sentencepiece package (not installed); fix: pip install sentencepiece"
     ) in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
