@@ -60,6 +60,7 @@ from lowbit.optim import (  # noqa: E402
     build_optimizer,
     keeps_fp32_states,
 )
+from lowbit.recipes import get_recipe  # noqa: E402
 from lowbit.train.config import write_atomically  # noqa: E402
 
 HEADING = "## Optimizer-state precision (benchmarks/optimizer_states.py)"
@@ -364,6 +365,9 @@ def main(argv=None) -> int:
         rows = saved["rows"]
     if args.state_error is not None and not 1 <= args.state_error <= args.steps:
         parser.error(f"--state-error must be a step from 1 to --steps ({args.steps})")
+    # refused (with `lowbit train`'s did-you-mean) before the corpus is read and tokenized,
+    # seconds of work that the first run's set-up refused it after
+    get_recipe(args.recipe)
     tokenizer = build_tokenizer("byte")
     train = tokenize_split(tokenizer, load_corpus().texts("train"))
     if not args.from_json:

@@ -523,6 +523,12 @@ def _prepare(study: Study, recipe: str, seed: int) -> tuple:
     return config, trained, None, resume
 
 
+def reusable_record(study: Study, recipe: str, seed: int) -> dict | None:
+    """The record of the run when it is finished and is reused as it is, else None (it trains or
+    resumes); a run folder that can be neither is refused (`_prepare`)."""
+    return _prepare(study, recipe, seed)[2]
+
+
 def device_of(device: torch.device) -> str:
     """What a run's throughput and peak memory are measured on: ``cpu``, or ``cuda`` with the
     GPU's name (another GPU times the same run differently)."""
@@ -1278,13 +1284,13 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
         clear_runs(study)  # from here on a run is retrained because it holds nothing
     in_workers = set()
     if jobs > 1:
-        from lowbit.report.parallel import default_threads, train_runs
+        from lowbit.report.parallel import train_runs
 
         # the data read here first: its warnings said once, before the workers start
         _data_now(study.base["task"], study.base["data"], study.base["text_field"])
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
-        workers = min(jobs, len(runs))  # fewer runs than --jobs: the cores are theirs to share
-        in_workers = train_runs(runs, workers, threads or default_threads(workers), log)
+        # fewer runs left than --jobs: the cores are theirs to share (`train_runs`)
+        in_workers = train_runs(runs, jobs, threads, log)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []
     total = len(study.recipes) * len(study.seeds)

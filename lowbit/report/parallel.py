@@ -276,12 +276,35 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def train_runs(runs, jobs: int, threads: int, log=print) -> set:
-    """Train every ``(study, recipe, seed)`` of ``runs``, ``jobs`` at a time in worker processes
-    of ``threads`` PyTorch threads; returns the ``(study.out, recipe, seed)`` it trained (not
-    reused). The first run that fails stops the queue and raises its error here."""
-    runs = list(runs)
+def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
+    """Train every ``(study, recipe, seed)`` of ``runs``, up to ``jobs`` at a time in worker
+    processes of ``threads`` PyTorch threads (None: the cores shared out between them); returns
+    the ``(study.out, recipe, seed)`` it trained (not reused). The first run that fails stops the
+    queue and raises its error here.
+
+    A finished run is reused here, not in a worker: each worker is a fresh interpreter that
+    imports PyTorch, seconds before it reads a record, and the rerun of a finished study took
+    that long for nothing. Only the runs left start workers, no more of them than there are
+    runs, and none when every run is finished."""
+    from lowbit.report.compare import final_loss, reusable_record
+
+    runs, left, finished = list(runs), [], 0
+    for study, recipe, seed in runs:
+        record = reusable_record(study, recipe, seed)
+        if record is None:
+            left.append((study, recipe, seed))
+            continue
+        finished += 1
+        log(
+            f"[{finished}/{len(runs)}] {study.out.name}: {recipe} seed {seed}: validation loss "
+            f"{final_loss(record):.4f} (reused)"
+        )
+    runs = left  # numbered after the runs reused (`finished`)
     trained: set[tuple[Path, str, int]] = set()
+    if not runs:
+        return trained
+    jobs = min(jobs, len(runs))
+    threads = threads or default_threads(jobs)
     context = multiprocessing.get_context("spawn")
     failure = context.Event()  # one run failed: the others stop after their step (`_failed`)
     with (
@@ -321,9 +344,9 @@ def train_runs(runs, jobs: int, threads: int, log=print) -> set:
             reported.add(future)  # one by one: runs finishing together get their own numbers
             minutes = (time.perf_counter() - started) / 60
             log(
-                f"[{len(reported)}/{len(futures)}] {name(future)}: validation loss {loss:.4f} "
-                f"({'reused' if reused else 'trained'}; {minutes:.1f} min since the start, "
-                f"{jobs} jobs)"
+                f"[{finished + len(reported)}/{finished + len(futures)}] {name(future)}: "
+                f"validation loss {loss:.4f} ({'reused' if reused else 'trained'}; "
+                f"{minutes:.1f} min since the start, {jobs} jobs)"
             )
 
         failed = None

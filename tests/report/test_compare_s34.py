@@ -1,0 +1,78 @@
+"""Session 34's follow-ups to `lowbit compare`: a --jobs study starts workers only for the runs
+left to train, and benchmarks/optimizer_states.py refuses an unknown recipe before any work."""
+
+import json
+import shutil
+
+import pytest
+
+import lowbit.data
+from lowbit.cli import main
+from lowbit.report import parallel
+
+LM_FLAGS = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
+LM_FLAGS += ["--steps", "2", "--eval-interval", "2", "--warmup-steps", "1", "--seeds", "1"]
+
+
+def _compare(out, *flags) -> int:
+    argv = ["compare", *LM_FLAGS, "--quiet", "--no-plots", "--recipes", "fp32,bf16-mixed"]
+    return main([*argv, "--out", str(out), *flags])
+
+
+def _no_workers(*args, **kwargs):
+    raise AssertionError("a worker pool was started")
+
+
+def test_a_finished_study_rerun_with_jobs_starts_no_worker(tmp_path, monkeypatch, capsys):
+    """Every run finished: `lowbit compare --jobs 2` spawned two interpreters that imported
+    PyTorch (seconds each, 13 s against 0.1 s without --jobs on a busy machine) only to read
+    the runs' records."""
+    out = tmp_path / "study"
+    assert _compare(out, "--threads", "1") == 0
+    capsys.readouterr()
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", _no_workers)
+    assert _compare(out, "--jobs", "2") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[1/2] study: fp32 seed 0: validation loss ")
+    assert printed[1].startswith("[2/2] study: bf16-mixed seed 0: validation loss ")
+    assert all(line.endswith("(reused)") for line in printed[:2])
+
+
+def test_the_one_run_left_under_jobs_trains_alone_on_every_core(tmp_path, capsys):
+    """A study resumed with one run of two left (its folder deleted): under --jobs 2 both runs
+    went to workers, the finished one was reused at once, and the one left trained on half the
+    cores (the other half idle) and was recorded as measured beside a second run."""
+    import os
+
+    out = tmp_path / "study"
+    assert _compare(out, "--threads", "1") == 0
+    shutil.rmtree(out / "runs" / "bf16-mixed")
+    capsys.readouterr()
+    assert _compare(out, "--jobs", "2") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[1/2] study: fp32 seed 0: validation loss ")
+    assert printed[0].endswith("(reused)")
+    assert printed[1].startswith("[2/2] study: bf16-mixed seed 0: validation loss ")
+    assert "(trained; " in printed[1] and printed[1].endswith(", 1 jobs)")
+    results = json.loads((out / "report" / "results.json").read_text())
+    (run,) = results["runs"]["bf16-mixed"]
+    assert run["jobs"] == 1 and run["threads"] == [os.cpu_count()]
+
+
+@pytest.mark.parametrize("recipe", ["fp8-rowise", "no-such-recipe"])
+def test_optimizer_states_refuses_an_unknown_recipe_before_any_work(
+    recipe, tmp_path, monkeypatch, as_script
+):
+    """The unknown --recipe was found by the first run's set-up, after the corpus was read and
+    tokenized (about 10 s on a busy machine)."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(lowbit.data, "load_corpus", read)
+    done = as_script("optimizer_states", "--recipe", recipe, "--steps", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"optimizer_states.py: error: unknown recipe {recipe!r}")
+    if recipe == "fp8-rowise":  # the near miss named, as `lowbit train` names it
+        assert line.endswith("fix: did you mean 'fp8-rowwise'?")
