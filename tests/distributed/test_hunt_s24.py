@@ -56,12 +56,13 @@ def test_a_run_resumed_by_as_many_ranks_draws_each_ranks_own_rounding(tmp_path):
         assert torch.equal(straight, resumed)
 
 
-HANG_S = 8.0  # how long rank 1 stays away from the collective rank 0 is in
+HANG_S = 8.0  # how long rank 1 stays away from the collective rank 0 is in, at most
 TIMEOUT_S = 2  # LOWBIT_DIST_TIMEOUT
 
 
-def _seconds_to_fail_an_amax_all_reduce(rank, world):
-    """Rank 0 agrees on an amax with rank 1, which hangs for ``HANG_S`` seconds first; the seconds
+def _seconds_to_fail_an_amax_all_reduce(rank, world, given_up):
+    """Rank 0 agrees on an amax with rank 1, which hangs for ``HANG_S`` seconds first, or until
+    rank 0 has given up on it (the file ``given_up``: no need to sit out the rest); the seconds
     rank 0 waited before its all-reduce failed (None: it did not)."""
     import torch.distributed as dist
 
@@ -74,20 +75,24 @@ def _seconds_to_fail_an_amax_all_reduce(rank, world):
     Ranks("ddp", torch.device("cpu"))
     start = time.monotonic()
     if rank == 1:
-        time.sleep(HANG_S)
+        while not Path(given_up).exists() and time.monotonic() - start < HANG_S:
+            time.sleep(0.05)
         return None
     try:
         scale_agreement().amax(torch.ones(1))
     except RuntimeError:
         return time.monotonic() - start
+    finally:
+        Path(given_up).touch()
     return None
 
 
-def test_a_hung_rank_times_out_the_scale_agreement_after_lowbit_dist_timeout():
+def test_a_hung_rank_times_out_the_scale_agreement_after_lowbit_dist_timeout(tmp_path):
     """docs/distributed.md: every collective times out after LOWBIT_DIST_TIMEOUT seconds. The
     amax all-reduces run on a process group of their own, which torch's ``new_group`` gave its
     default timeout of 30 minutes: rank 0 waited for the hung rank as long as it hung."""
-    waited, _ = on_ranks(_seconds_to_fail_an_amax_all_reduce, 2, timeout=30)
+    given_up = str(tmp_path / "given-up")
+    waited, _ = on_ranks(_seconds_to_fail_an_amax_all_reduce, 2, timeout=30, given_up=given_up)
     assert waited is not None and waited < HANG_S / 2
 
 
