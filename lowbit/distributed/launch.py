@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import pickle
 import signal
@@ -46,6 +47,9 @@ def _error_classes():
 _FSDP_VIEW_OUTPUT = r"FSDP2-wrapped module \(.*\) returned a view tensor"
 # In the ranks' folder once the launcher stops them for good (`_stop_unless_aborted`)
 ABORTED = "aborted"
+# The ranks' folder, in the environment the spawned ranks inherit: the one way to tell the
+# launcher why a rank failed before it got its arguments (`_refuse_unguarded_main`)
+_RANKS_FOLDER = "LOWBIT_RANKS_FOLDER"
 
 
 def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
@@ -94,20 +98,63 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
         if result is not None:
             (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
     except BaseException as error:
-        record = {
-            "rank": local_rank,
-            "time": time.time(),
-            "kind": type(error).__name__,
-            "message": str(error),
-            "traceback": traceback.format_exc(),
-        }
-        # whole or not at all (renamed into place): the launcher reads the records as soon as a
-        # rank fails, and torch stops the other ranks then, which tore a record being written
-        # (the launcher's "EOFError: Ran out of input" traceback)
-        partial = Path(folder) / f".error-{local_rank}.pkl.tmp"
-        partial.write_bytes(pickle.dumps(record))
-        os.replace(partial, Path(folder) / f"error-{local_rank}.pkl")
+        _record(Path(folder), local_rank, error, f"error-{local_rank}.pkl")
         raise
+
+
+def _record(folder: Path, rank: int | None, error: BaseException, name: str) -> None:
+    """Write the record of a rank's ``error`` that `_failure` reads."""
+    record = {
+        "rank": rank,
+        "time": time.time(),
+        "kind": type(error).__name__,
+        "message": str(error),
+        "traceback": traceback.format_exc(),
+    }
+    # whole or not at all (renamed into place): the launcher reads the records as soon as a
+    # rank fails, and torch stops the other ranks then, which tore a record being written
+    # (the launcher's "EOFError: Ran out of input" traceback)
+    partial = folder / f".{name}.tmp"
+    partial.write_bytes(pickle.dumps(record))
+    os.replace(partial, folder / name)
+
+
+def _refuse_unguarded_main(config) -> None:
+    """Refuse a call made by a spawned rank as it imports the calling script again (Python's
+    spawn runs the main module in each new process), which is a call not under ``if __name__ ==
+    "__main__":``. Python refused the rank's own spawn instead: each rank printed a screenful
+    of "An attempt has been made to start a new process before the current process has finished
+    its bootstrapping phase", and the caller got `RankFailed: rank 0 died (exit 1)`, naming
+    neither the guard nor lowbit's call. Here the rank hands the launcher the `UsageError` to
+    raise (`_failure`), and exits without a traceback of its own."""
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return  # set by multiprocessing while a spawned process imports the main module
+    error = UsageError(
+        f"train(TrainConfig(nproc={config.nproc})) ran again in every rank as it imported "
+        f"the calling script {sys.argv[0] or '(main module)'}: the call is not under "
+        f'`if __name__ == "__main__":`; fix: put the call under that guard'
+    )
+    folder = os.environ.get(_RANKS_FOLDER)
+    if folder is None:  # not one of lowbit's ranks: the error is all there is to say
+        raise error
+    _record(Path(folder), None, error, f"error-pid{os.getpid()}.pkl")
+    raise SystemExit(1)
+
+
+def _check_sendable(on_step, nproc: int) -> None:
+    """Refuse an ``on_step`` that the spawned ranks, which each call it in a process of their own,
+    cannot be sent: spawn pickles it, and a lambda or nested function pickled only as a
+    `PicklingError` traceback from inside multiprocessing, after the pre-flight."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        ForkingPickler.dumps(on_step)
+    except Exception as error:  # pickle raises PicklingError, AttributeError or TypeError
+        raise UsageError(
+            f"on_step {on_step!r} cannot be sent to the {nproc} spawned ranks, each of which "
+            f"calls it in its own process ({type(error).__name__}: {error}); fix: a function "
+            "defined at the top level of a module"
+        ) from None
 
 
 def _stop_unless_aborted(folder: Path):
@@ -191,9 +238,10 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
     with tempfile.TemporaryDirectory(prefix="lowbit-ranks-") as tmp:
         folder = Path(tmp)
         args = (config.nproc, port, config, resume, overwrite, quiet, on_step, str(folder))
-        context = mp.start_processes(
-            _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
-        )
+        with _environment(**{_RANKS_FOLDER: str(folder)}):
+            context = mp.start_processes(
+                _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
+            )
         asked = False  # the ranks were asked to stop
         received: list[int] = []  # the signals that stopped this process
 
@@ -252,6 +300,22 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
             raise _failure(folder, None, "it returned no result")
         return pickle.loads(result.read_bytes())
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Within: ``variables`` set in this process's environment, which a spawned process
+    inherits; after, as they were."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _wait_for_an_exit(context) -> dict[int, str]:
@@ -330,6 +394,8 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
     if config.nproc == 1:  # a rank's Trainer leaves the pre-flight to its launcher: this one
         preflight(config, resume)
         return run_rank(config, resume, overwrite, quiet, on_step)
+    _refuse_unguarded_main(config)
+    _check_sendable(on_step, config.nproc)
     if sys.platform == "win32":
         raise UsageError("--nproc needs Linux or macOS; fix: use torchrun")
     gpus = torch.cuda.device_count() if config.device != "cpu" else 0
