@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def run(args) -> int:
     if args.checkpoint and (run := run_of(args.checkpoint)):
         # one of a run's checkpoints (an earlier one than its latest, say): that run, from it
         checkpoint_path, args.checkpoint = Path(args.checkpoint), str(run)
+    elif args.checkpoint:
+        _refuse_missing_checkpoint(Path(args.checkpoint))
     if args.probe_steps < 1:
         raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
     if args.top < 1:
@@ -157,6 +160,29 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _refuse_missing_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint path of a run that has no such checkpoint (``step-2.pt`` for
+    ``step-0000002.pt``), naming the ones it has: read as a run folder instead, it was refused
+    as "no such run folder (no config.yaml)", the run's folder two levels up unnamed."""
+    from lowbit.errors import UsageError
+    from lowbit.train.checkpoint import FOLDER, list_checkpoints
+
+    run = path.parent.parent
+    if path.parent.name != FOLDER or not (run / "config.yaml").is_file():
+        return
+    have = list_checkpoints(run)
+    if not have:
+        raise UsageError(f"{path}: no such checkpoint, and {run} has none yet; fix: train first")
+    # the step the name meant, in the run's spelling of it
+    step = re.fullmatch(r"\D*0*(\d+)\D*", path.name)
+    meant = [p for p in have if step and re.fullmatch(rf"step-0*{step[1]}\.\w+", p.name)]
+    fix = f"--checkpoint {shlex.quote(str(meant[0]))}" if meant else "one of them"
+    raise UsageError(
+        f"{path}: no such checkpoint ({run} has {', '.join(p.name for p in have)}); fix: {fix}, "
+        f"or --checkpoint {shlex.quote(str(run))} for its latest"
+    )
 
 
 def _one_process(config):

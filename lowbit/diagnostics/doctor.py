@@ -24,7 +24,8 @@ stay non-finite.
 The probe also flags the known failure patterns:
 
 - non-finite weights: parameters already inf or NaN where the probe starts (a checkpoint of a run
-  that diverged), which make every step non-finite in any format: no override is suggested;
+  that diverged; from scratch, a --model folder's weights beyond fp16's 65504 in fp16-low's fp16
+  parameters), which make every step non-finite in any format: no override is suggested;
 - non-finite input: operands whose high-precision values were inf or NaN before their cast, where
   no cast made any (every non-finite operand read them so): a NaN that one layer's input brings
   reaches every later layer and every gradient, and the table flagged them all, with bf16
@@ -54,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ import torch
 
 from lowbit.diagnostics.stats import OPERANDS, clips_unbounded, nominal_stats, unflatten
 from lowbit.errors import UsageError
+from lowbit.train.config import write_atomically
 
 MAX_SATURATED = 1e-4
 MAX_UNDERFLOW = 1e-2
@@ -407,6 +410,14 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         for name, p in trainer.model.named_parameters()
         if not bool(p.isfinite().all())
     ]
+    # From scratch, inf (no NaN) in fp16 parameters is the recipe's cast (fp16-low) of the model's
+    # weights (a --model folder's) beyond fp16's largest value: there is no earlier checkpoint to
+    # probe, and the fix is parameters that hold them.
+    overflowed = checkpoint_dir is None and all(
+        p.dtype == torch.float16 and not bool(p.isnan().any())
+        for p in trainer.model.parameters()
+        if not bool(p.isfinite().all())
+    )
     # where the probe starts: from a checkpoint of the run's own recipe, the run's loss scale,
     # which its earlier overflows may have lowered far below the recipe's initial one
     start_scale = trainer.precision.loss_scale
@@ -470,6 +481,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         "order": order,
         "start_step": start_step,
         "nonfinite_weights": nonfinite_weights,
+        "weights_overflowed": overflowed,
     }
 
 
@@ -479,15 +491,21 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
     broken = result.get("nonfinite_weights", [])
     if broken:
         name, count, numel = broken[0]
+        fix = (
+            "the model's weights hold values beyond fp16's largest, 65504, which the recipe's "
+            "fp16 parameters hold as inf; fix: a recipe with fp32 parameters (fp16-mixed, "
+            "bf16-mixed) or bf16 ones (bf16-low)"
+            if result.get("weights_overflowed")
+            else "fix: probe (and train again from) an earlier checkpoint, --checkpoint "
+            "RUN/checkpoints/step-N.pt, or train from scratch (a lower --lr, or a "
+            "higher-precision recipe)"
+        )
         flags.append(
             {
                 "pattern": "non-finite-weights",
                 "detail": f"{len(broken)} weight tensors hold inf or NaN before the probe's "
                 f"first step, e.g. {name} ({count} of {numel} values): every operand computed "
-                "from them is non-finite in any format, so no override fixes it; fix: probe "
-                "(and train again from) an earlier checkpoint, --checkpoint "
-                "RUN/checkpoints/step-N.pt, or train from scratch (a lower --lr, or a "
-                "higher-precision recipe)",
+                f"from them is non-finite in any format, so no override fixes it; {fix}",
                 "parameters": [b[0] for b in broken],
             }
         )
@@ -749,8 +767,16 @@ def write_outputs(diagnosis: Diagnosis, folder) -> tuple[Path, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, png_path = (folder / name for name in OUTPUT_FILES)
-    json_path.write_text(json.dumps(diagnosis.to_json(), indent=2) + "\n")
-    heatmap(diagnosis, png_path)
+    # whole or not at all: an interrupted or full-disk write left a torn doctor.json
+    write_atomically(json_path, json.dumps(diagnosis.to_json(), indent=2) + "\n")
+    # the heat map too, as `write_atomically` writes (a torn doctor.png beside a whole report)
+    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
+    try:
+        heatmap(diagnosis, tmp)
+        os.replace(tmp, png_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return json_path, png_path
 
 
@@ -766,7 +792,7 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"{diagnosis.recipe}: no low-precision operands", ha="center")
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, format="png")
         plt.close(fig)
         return
     grid = np.full((len(layers), len(OPERANDS)), np.nan)
@@ -790,7 +816,7 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
     fig.colorbar(image, ax=ax, label="SQNR below nominal (dB)")
     ax.set_title(f"lowbit doctor: {diagnosis.recipe}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 

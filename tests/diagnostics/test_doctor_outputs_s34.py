@@ -1,0 +1,97 @@
+"""Session 34 hunt of `lowbit doctor`'s outputs and statistics."""
+
+import errno
+import json
+from pathlib import Path
+
+from lowbit.cli import main
+
+BASE = ["--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--probe-steps", "1"]
+
+
+def test_a_full_disk_while_writing_doctor_json_keeps_the_earlier_report(
+    tmp_path, monkeypatch, capsys
+):
+    """doctor.json was written in place: a disk that filled up (or a kill) mid-write left a torn
+    JSON file where the previous probe's whole report had been."""
+    out = tmp_path / "doctor"
+    out.mkdir()
+    earlier = json.dumps({"recipe": "fp8-tensorwise", "rows": []}) + "\n"
+    (out / "doctor.json").write_text(earlier)
+    write_text = Path.write_text
+
+    def disk_fills_up(self, text, *args, **kwargs):
+        if "doctor.json" in self.name:  # half of the report lands, then the disk is full
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills_up)
+    assert main(["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert (out / "doctor.json").read_text() == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["doctor.json"]  # no temporary file left
+
+
+def test_model_weights_beyond_fp16_are_not_blamed_on_an_earlier_checkpoint(tmp_path, capsys):
+    """A --model folder with a weight beyond fp16's 65504 probed under fp16-low: the recipe's
+    fp16 parameters hold it as inf, and the doctor's fix was "probe an earlier checkpoint, or
+    train from scratch", for a probe that had no checkpoint and trained from scratch."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.llama import save_llama
+
+    folder = tmp_path / "llama"
+    save_llama(folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "layers.0.mlp.up_proj" in k)
+    weights[name][0, 0] = 1e6
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    out = tmp_path / "doctor"
+    argv = ["doctor", *BASE, "--model", str(folder), "--recipe", "fp16-low", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    flags = json.loads((out / "doctor.json").read_text())["flags"]
+    (detail,) = [f["detail"] for f in flags if f["pattern"] == "non-finite-weights"]
+    assert "beyond fp16's largest, 65504" in detail and "bf16-low" in detail, detail
+    assert "earlier checkpoint" not in detail
+
+
+def test_a_checkpoint_path_the_run_lacks_names_the_checkpoints_it_has(tmp_path, capsys):
+    """--checkpoint RUN/checkpoints/step-2.pt (the help's step-N.pt, for step-0000002.pt) was
+    refused as "no such run folder (no config.yaml); fix: give the --out folder of a run": the
+    run was there, the checkpoint's name was wrong, and neither was said."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: fp8-tensorwise\n")
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step:07d}.pt").write_bytes(b"")
+    argv = ["doctor", "--checkpoint", str(run / "checkpoints" / "step-2.pt"), "--out", "d"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "step-2.pt: no such checkpoint" in err and "step-0000004.pt" in err, err
+    assert f"fix: --checkpoint {run / 'checkpoints' / 'step-0000002.pt'}" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_while_drawing_doctor_png_keeps_the_earlier_heat_map(
+    tmp_path, monkeypatch, capsys
+):
+    """doctor.png was saved in place: a disk that filled up mid-save left a torn image."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "doctor"
+    out.mkdir()
+    earlier = b"\x89PNG an earlier heat map"
+    (out / "doctor.png").write_bytes(earlier)
+
+    def disk_fills_up(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG torn")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", disk_fills_up)
+    assert main(["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert (out / "doctor.png").read_bytes() == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["doctor.json", "doctor.png"]
