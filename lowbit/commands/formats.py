@@ -76,6 +76,7 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     if not path.strip():  # Path("") is the current directory
         raise UsageError("--tensor: an empty path; fix: pass a .pt or .safetensors file")
     from lowbit.train import checkpoint
+    from lowbit.train.config import is_run_folder
 
     file = Path(path)
     shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
@@ -98,6 +99,12 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 fix = f"pass one of its .pt files (the last: {torch_files[-1]})"
             elif dcp_folders:
                 fix = f"pass one of its .dcp checkpoints (the last: {dcp_folders[-1]})"
+            elif is_run_folder(file):  # the fix below asked for what it already is
+                raise UsageError(
+                    f"{path}: a lowbit run folder that has saved no checkpoint yet; fix: wait for "
+                    "its first if it is still training, else start it again "
+                    f"({checkpoint.restart_command(file)})"
+                )
             else:
                 fix = "pass a .pt or .safetensors file, or a lowbit run folder"
             raise UsageError(f"{path}: a folder, with no .safetensors file in it; fix: {fix}")
