@@ -1,8 +1,6 @@
 """Session 32's hunt through the benchmark scripts: pages written whole, and every script's command
 line answering --help and bad arguments in one line."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,11 +63,6 @@ def test_a_page_interrupted_while_written_keeps_what_it_held(writer, parity, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]
 
 
-def _script(name, *argv, cwd):
-    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
-
-
 @pytest.mark.parametrize("name", ["distributed_comm", "fsdp_16bit"])
 def test_the_two_rank_benchmarks_answer_help(name, tmp_path, as_script):
     """Their arguments were read from sys.argv as runs: `--help` spawned two ranks that each
@@ -111,12 +104,13 @@ def test_recipe_speed_profile_refuses_bad_settings_in_one_line(argv, message, tm
     assert "Traceback" not in done.stderr
 
 
-def test_recipe_speed_runs_tiny_from_another_folder(tmp_path):
+def test_recipe_speed_runs_tiny_from_another_folder(tmp_path, as_script):
     """The smallest run it allows: one process, one round; a table of fp32 and the recipe, the
-    ratio against the fp32 of the same process; BENCHMARKS.md untouched."""
+    ratio against the fp32 of the same process; BENCHMARKS.md untouched. (The script is run in
+    this process, from ``tmp_path``; the process it times the recipes in is still its own.)"""
     page = (BENCHMARKS.parent / "BENCHMARKS.md").read_text()
     argv = ["--recipes", "bf16-mixed", "--rounds", "1", "--warmup", "0", "--processes", "1"]
-    done = _script("recipe_speed", *argv, "--batch", "2", "--seq", "16", cwd=tmp_path)
+    done = as_script("recipe_speed", *argv, "--batch", "2", "--seq", "16", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[0] == "| recipe | step time (ms) | ratio to fp32 |"

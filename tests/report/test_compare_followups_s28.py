@@ -11,7 +11,8 @@ LM_FLAGS += ["--seeds", "1", "--quiet", "--no-plots", "--threads", "1"]
 
 # Imported by the --jobs workers (spawned interpreters with its folder on PYTHONPATH). With
 # LOWBIT_TEST_FAIL set, bf16-mixed saves its step-1 checkpoint and waits, in its training loop,
-# until fp32's first checkpoint has failed on a full disk and the study has had time to stop it.
+# until fp32's first checkpoint has failed on a full disk and the study has asked it to stop (the
+# study's failure event, which the worker reads after each step, is set).
 HOOK = textwrap.dedent(
     """
     import errno, os, time
@@ -34,11 +35,13 @@ HOOK = textwrap.dedent(
             path = save(state, run_dir, step, keep_last)
             if step == 1:
                 (runs / "bf16-saved").touch()
-                for _ in range(600):
-                    if (runs / "fp32-failed").exists():
+                from lowbit.report import parallel
+
+                # the failure reaches the study, which stops this run: its event set
+                for _ in range(1200):
+                    if (runs / "fp32-failed").exists() and parallel._failed():
                         break
-                    time.sleep(0.1)
-                time.sleep(3)  # the failure reaches the study, which stops this run
+                    time.sleep(0.05)
             return path
 
         checkpoint.save = held

@@ -22,8 +22,9 @@ GPU = "NVIDIA H100 80GB HBM3"
 # fresh interpreters), not the test's own process, which started before. LOWBIT_TEST_DISK is
 # "RECIPE,OTHER,HOW": RECIPE's checkpoint waits until the study's other run has finished (its
 # worker then waits for a next run, as the stop request reaches it), then meets a full disk
-# (HOW "full") or is written 5 s later (HOW "slow"); or its worker is killed at once (HOW "kill",
-# as the kernel's out-of-memory killer does).
+# (HOW "full") or is written once the test has sent its Ctrl-C (HOW "slow": the file
+# runs/interrupted, which the test writes after the signal); or its worker is killed at once
+# (HOW "kill", as the kernel's out-of-memory killer does).
 DISK = textwrap.dedent(
     """
     import errno, os, time
@@ -45,9 +46,13 @@ DISK = textwrap.dedent(
                 if record.is_file():
                     break
                 time.sleep(0.1)
-            time.sleep(1 if how == "full" else 5)  # its worker back in the pool's loop
             if how == "full":
+                time.sleep(1)  # its worker back in the pool's loop
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            for _ in range(1200):  # "slow": held until the Ctrl-C has been sent
+                if (Path(run_dir).parents[1] / "interrupted").exists():
+                    break
+                time.sleep(0.05)
             return save(state, run_dir, step, keep_last)
 
         checkpoint.save = held
@@ -112,6 +117,7 @@ def test_a_ctrl_c_that_finds_a_worker_between_runs_prints_no_traceback(tmp_path,
             time.sleep(0.1)
         time.sleep(1)  # fp32 in its checkpoint's wait, bf16-mixed's worker idle
         os.killpg(parent.pid, signal.SIGINT)
+        (out / "runs" / "interrupted").touch()  # fp32's checkpoint, held till now, is written
         _, err = parent.communicate(timeout=120)
     finally:
         if parent.poll() is None:
