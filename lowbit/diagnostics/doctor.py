@@ -24,8 +24,7 @@ stay non-finite.
 The probe also flags the known failure patterns:
 
 - non-finite weights: parameters already inf or NaN where the probe starts (a checkpoint of a run
-  that diverged; from scratch, a --model folder's weights beyond fp16's 65504 in fp16-low's fp16
-  parameters), which make every step non-finite in any format: no override is suggested;
+  that diverged), which make every step non-finite in any format: no override is suggested;
 - non-finite input: operands whose high-precision values were inf or NaN before their cast, where
   no cast made any (every non-finite operand read them so): a NaN that one layer's input brings
   reaches every later layer and every gradient, and the table flagged them all, with bf16
@@ -410,14 +409,6 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         for name, p in trainer.model.named_parameters()
         if not bool(p.isfinite().all())
     ]
-    # From scratch, inf (no NaN) in fp16 parameters is the recipe's cast (fp16-low) of the model's
-    # weights (a --model folder's) beyond fp16's largest value: there is no earlier checkpoint to
-    # probe, and the fix is parameters that hold them.
-    overflowed = checkpoint_dir is None and all(
-        p.dtype == torch.float16 and not bool(p.isnan().any())
-        for p in trainer.model.parameters()
-        if not bool(p.isfinite().all())
-    )
     # where the probe starts: from a checkpoint of the run's own recipe, the run's loss scale,
     # which its earlier overflows may have lowered far below the recipe's initial one
     start_scale = trainer.precision.loss_scale
@@ -481,7 +472,6 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         "order": order,
         "start_step": start_step,
         "nonfinite_weights": nonfinite_weights,
-        "weights_overflowed": overflowed,
     }
 
 
@@ -491,21 +481,15 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
     broken = result.get("nonfinite_weights", [])
     if broken:
         name, count, numel = broken[0]
-        fix = (
-            "the model's weights hold values beyond fp16's largest, 65504, which the recipe's "
-            "fp16 parameters hold as inf; fix: a recipe with fp32 parameters (fp16-mixed, "
-            "bf16-mixed) or bf16 ones (bf16-low)"
-            if result.get("weights_overflowed")
-            else "fix: probe (and train again from) an earlier checkpoint, --checkpoint "
-            "RUN/checkpoints/step-N.pt, or train from scratch (a lower --lr, or a "
-            "higher-precision recipe)"
-        )
         flags.append(
             {
                 "pattern": "non-finite-weights",
                 "detail": f"{len(broken)} weight tensors hold inf or NaN before the probe's "
                 f"first step, e.g. {name} ({count} of {numel} values): every operand computed "
-                f"from them is non-finite in any format, so no override fixes it; {fix}",
+                "from them is non-finite in any format, so no override fixes it; fix: probe "
+                "(and train again from) an earlier checkpoint, --checkpoint "
+                "RUN/checkpoints/step-N.pt, or train from scratch (a lower --lr, or a "
+                "higher-precision recipe)",
                 "parameters": [b[0] for b in broken],
             }
         )

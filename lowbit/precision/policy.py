@@ -129,6 +129,7 @@ class Precision:
         # fp32 weights the recipe promises, and fp16 gradients would underflow unscaled. Its
         # frozen GEMM weights that autocast casts anyway keep their 16 bits (`_kept_16_bit`).
         if self.param_dtype != torch.float32:
+            self._check_parameters_fit(model)
             model.to(self.param_dtype)
         elif any(
             p.requires_grad and p.is_floating_point() and p.dtype != torch.float32
@@ -161,6 +162,32 @@ class Precision:
         self._swapped[index] = swapped_layers(model)
         self._apply_pending()
         return model
+
+    def _check_parameters_fit(self, model: torch.nn.Module) -> None:
+        """Refuse a model whose finite parameters the recipe's 16-bit dtype would hold as inf:
+        fp16's largest value is 65504 (a value from 65520 up rounds to inf), and a pretrained
+        folder's weight beyond it became inf without a word, in the parameters and in the fp32
+        master copy made from them; every step then overflowed, the dynamic scale backed off for
+        ~140 steps and the run stopped with a loss that was never finite. (bf16's largest is
+        within 0.4% of fp32's: a weight is rarely beyond it.)"""
+        dtype = self.param_dtype
+        limit = torch.finfo(dtype).max
+        short = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        for name, p in model.named_parameters():
+            weights = p.detach()
+            if not p.is_floating_point() or p.dtype == dtype or weights.numel() == 0:
+                continue
+            low, high = torch.aminmax(weights)  # a NaN or inf among them: the mask below
+            if max(-float(low), float(high)) <= limit:
+                continue  # the common case: one pass, nothing allocated
+            overflow = weights.isfinite() & weights.to(dtype).isinf()
+            if bool(overflow.any()):
+                largest = float(weights[overflow].abs().amax())
+                raise UsageError(
+                    f"{name} holds {largest:.4g}, beyond {short}'s largest value {limit:.6g}: "
+                    f"{self.recipe.name}'s {short} parameters would hold it as inf; fix: a recipe "
+                    "with fp32 parameters (fp16-mixed, bf16-mixed) or bf16 ones (bf16-low)"
+                )
 
     def _kept_16_bit(self, model: torch.nn.Module) -> set[int]:
         """The ids of the frozen 16-bit parameters that stay 16-bit where `convert` casts a model

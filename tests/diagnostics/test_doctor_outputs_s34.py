@@ -33,29 +33,35 @@ def test_a_full_disk_while_writing_doctor_json_keeps_the_earlier_report(
     assert sorted(p.name for p in out.iterdir()) == ["doctor.json"]  # no temporary file left
 
 
-def test_model_weights_beyond_fp16_are_not_blamed_on_an_earlier_checkpoint(tmp_path, capsys):
+def test_model_weights_beyond_fp16_are_refused_before_the_probe(tmp_path, capsys):
     """A --model folder with a weight beyond fp16's 65504 probed under fp16-low: the recipe's
-    fp16 parameters hold it as inf, and the doctor's fix was "probe an earlier checkpoint, or
-    train from scratch", for a probe that had no checkpoint and trained from scratch."""
+    fp16 parameters held it as inf, and the doctor's fix was "probe an earlier checkpoint, or
+    train from scratch", for a probe that had no checkpoint and trained from scratch. The
+    conversion now refuses the weight in one line, naming it and the recipes that hold it."""
+    folder = _llama_with_a_large_weight(tmp_path / "llama")
+    out = tmp_path / "doctor"
+    argv = ["doctor", *BASE, "--model", str(folder), "--recipe", "fp16-low", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "lowbit: error: model.layers.0.mlp.up_proj.weight holds 1e+06, beyond fp16's largest "
+        "value 65504: fp16-low's fp16 parameters would hold it as inf; fix: a recipe with fp32 "
+        "parameters (fp16-mixed, bf16-mixed) or bf16 ones (bf16-low)"
+    )
+    assert "Traceback" not in err and not out.exists()
+
+
+def _llama_with_a_large_weight(folder):
     from safetensors.torch import load_file, save_file
 
     from tests.llama import save_llama
 
-    folder = tmp_path / "llama"
     save_llama(folder)
     weights = load_file(folder / "model.safetensors")
     name = next(k for k in weights if "layers.0.mlp.up_proj" in k)
     weights[name][0, 0] = 1e6
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-
-    out = tmp_path / "doctor"
-    argv = ["doctor", *BASE, "--model", str(folder), "--recipe", "fp16-low", "--out", str(out)]
-    assert main(argv) == 0
-    capsys.readouterr()
-    flags = json.loads((out / "doctor.json").read_text())["flags"]
-    (detail,) = [f["detail"] for f in flags if f["pattern"] == "non-finite-weights"]
-    assert "beyond fp16's largest, 65504" in detail and "bf16-low" in detail, detail
-    assert "earlier checkpoint" not in detail
+    return folder
 
 
 def test_a_checkpoint_path_the_run_lacks_names_the_checkpoints_it_has(tmp_path, capsys):
