@@ -5,6 +5,7 @@ threads buy nothing and, with pytest-xdist workers or other jobs sharing 2 cores
 contention made steps up to ~50x slower. One thread keeps the suite fast and its timing stable.
 """
 
+import os
 import signal
 
 import pytest
@@ -48,3 +49,21 @@ def transformers_log_handler():
     from transformers.utils import logging
 
     logging.get_logger("transformers")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lowbit_cache_dir(tmp_path_factory):
+    """lowbit's on-disk cache (`lowbit.data.cache`) in a folder of this session's, never the
+    user's home, so that every session starts cold. Set in ``os.environ`` for the subprocesses
+    tests start; one folder for all pytest-xdist workers, whose own base folders (``gw0``, ...)
+    lie in the session's, so the workers share what one of them tagged."""
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent
+    before = os.environ.get("LOWBIT_CACHE_DIR")
+    os.environ["LOWBIT_CACHE_DIR"] = str(base / "lowbit-cache")
+    yield
+    if before is None:
+        del os.environ["LOWBIT_CACHE_DIR"]
+    else:
+        os.environ["LOWBIT_CACHE_DIR"] = before

@@ -26,22 +26,30 @@ For a pretrained encoder the window counts the word pieces of its tokenizer inst
 Files come from the stdlib corpus (`lowbit.data.corpus`) with its by-file split; files that do
 not parse are skipped. Input ids for a BERT-style model come from `WordVocab` (word-level, built on
 the train split) or from a pretrained model's own tokenizer (`encode_with_tokenizer`).
+
+Each file's tags are cached on disk (`lowbit.data.cache`, ``syntax-tags``): tagging the ~90 files
+took every process that built the task seconds. An entry is keyed by the file's text, and its
+generation by this module's source and Python's version (`tokenize` and `ast` change between
+versions), so a changed file, tagger or interpreter never reads a stale entry.
 """
 
 from __future__ import annotations
 
 import ast
 import bisect
+import functools
 import hashlib
 import io
 import json
 import keyword
+import sys
 import tokenize
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from lowbit.data.cache import JsonCache, digest
 from lowbit.data.conll import Sentence
 from lowbit.data.corpus import split_documents, stdlib_documents
 from lowbit.errors import UsageError
@@ -185,9 +193,14 @@ def pack_sentences(
 def _cut(line: Sentence, window: int, pieces: dict[str, int] | None):
     """``(words, tags)`` chunks of a line, each of at most ``window`` tokens (or pieces; a word
     of more pieces than that is a chunk of its own)."""
+    if pieces is None:  # slices of ``window`` words: the word-by-word walk below cost most of
+        step = max(window, 1)  # a run whose tags came from the cache
+        for start in range(0, max(len(line.tokens), 1), step):
+            yield line.tokens[start : start + step], line.tags[start : start + step]
+        return
     start, used = 0, 0
     for i, word in enumerate(line.tokens):
-        cost = pieces[word] if pieces is not None else 1
+        cost = pieces[word]
         if used and used + cost > window:
             yield line.tokens[start:i], line.tags[start:i]
             start, used = i, 0
@@ -215,6 +228,7 @@ def syntax_tag_task(
     (`piece_counts` of a pretrained encoder's tokenizer) packs ``window`` word pieces, not words.
     """
     caps = {"train": max_files, "validation": max_eval_files, "test": max_eval_files}
+    cache = JsonCache("syntax-tags", _generation())
     tagged: dict[str, list[list[Sentence]]] = {}
     for split, docs in split_documents(list(stdlib_documents(root))).items():
         ordered = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
@@ -223,7 +237,7 @@ def syntax_tag_task(
             if len(tagged[split]) == caps[split]:
                 break
             try:
-                tagged[split].append(tag_source(doc.text))
+                tagged[split].append(_tag_cached(cache, doc.text))
             except (SyntaxError, ValueError, RecursionError, tokenize.TokenError):
                 continue
     pieces = None
@@ -235,6 +249,70 @@ def syntax_tag_task(
         split: [s for lines in files for s in pack_sentences(lines, window, pieces)]
         for split, files in tagged.items()
     }
+
+
+@functools.cache
+def _generation() -> str | None:
+    """What every cached tagging depends on besides the text: this module's code and the exact
+    Python (its version string names the build too). None, no caching, where the code cannot be
+    read (an install from a zip): another version's entries could not be told apart."""
+    try:
+        code = Path(__file__).read_bytes()
+    except OSError:
+        return None
+    major, minor = sys.version_info[:2]
+    return f"py{major}{minor}-{digest(code, sys.version)[:20]}"
+
+
+def _tag_cached(cache: JsonCache, text: str) -> list[Sentence]:
+    """`tag_source` of ``text`` through the on-disk cache (see module doc). A file that does not
+    parse is not cached: it raises on every call, as uncached (a RecursionError depends on the
+    process's recursion limit, not on the text alone)."""
+    key = digest(text)
+    cached = _from_entry(cache.get(key))
+    if cached is not None:
+        return cached
+    sentences = tag_source(text)
+    cache.put(key, _to_entry(sentences))
+    return sentences
+
+
+# An entry holds a file's tokens in one flat list, its tags as one letter each ("a" for LABELS[0])
+# and each line's length: nested lists of tag strings took JSON five times as long to read.
+_TAG_CODE = {label: chr(ord("a") + i) for i, label in enumerate(LABELS)}
+_CODE_TAG = {code: label for label, code in _TAG_CODE.items()}
+
+
+def _to_entry(sentences: list[Sentence]) -> dict:
+    return {
+        "tokens": [w for s in sentences for w in s.tokens],
+        "tags": "".join(_TAG_CODE[t] for s in sentences for t in s.tags),
+        "lines": [len(s.tokens) for s in sentences],
+    }
+
+
+def _from_entry(entry) -> list[Sentence] | None:
+    """The sentences of an entry `_to_entry` made; None for anything else (absent, a foreign
+    value: the entry's checksum already rules out damage)."""
+    if not isinstance(entry, dict) or entry.keys() != {"tokens", "tags", "lines"}:
+        return None
+    tokens, codes, lines = entry["tokens"], entry["tags"], entry["lines"]
+    if not (
+        isinstance(tokens, list)
+        and isinstance(codes, str)
+        and isinstance(lines, list)
+        and all(type(w) is str for w in tokens)
+        and _CODE_TAG.keys() >= set(codes)
+        and all(type(n) is int and n > 0 for n in lines)
+        and sum(lines) == len(tokens) == len(codes)
+    ):
+        return None
+    tags = [_CODE_TAG[c] for c in codes]
+    sentences, at = [], 0
+    for n in lines:
+        sentences.append(Sentence(tokens[at : at + n], tags[at : at + n]))
+        at += n
+    return sentences
 
 
 def _shape(token: str) -> str:

@@ -1,0 +1,124 @@
+"""An on-disk cache of derived data that is slow to compute and a pure function of its inputs.
+
+Built for the token-classification task's tagged stdlib files (`lowbit.data.syntax_tags`), which
+every process that builds the task (each `lowbit compare --jobs` worker, each test subprocess)
+took seconds to recompute. Entries are plain JSON, never pickle: a cache folder is not a place to
+trust code from.
+
+Where: ``$LOWBIT_CACHE_DIR`` if set (set and empty turns the cache off), else
+``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``. Each user of the cache names a
+*generation*: everything its entries depend on besides their own key (its code, Python's
+version). A process that starts a new generation deletes all but the `KEPT_GENERATIONS` most
+recent ones beside it, so upgrades of lowbit or Python never grow the folder without bound.
+
+The cache never fails a run. An entry is one file written whole and renamed into place
+(`os.replace`), so concurrent processes read either nothing or a whole entry; an entry that
+cannot be read, is cut short, was edited (its payload no longer matches the checksum in its
+header) or belongs to another key is a miss, recomputed and rewritten; a folder that cannot be
+written (read-only home, full disk) just leaves every lookup a miss, without a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMAT = 1  # the layout of an entry file below; a change makes older entries misses
+KEPT_GENERATIONS = 4  # generations kept per user: a few lowbit/Python versions side by side
+
+
+def cache_root() -> Path | None:
+    """The cache folder, or None where the cache is off (or no home folder is known)."""
+    if "LOWBIT_CACHE_DIR" in os.environ:
+        given = os.environ["LOWBIT_CACHE_DIR"]
+        return Path(given).expanduser() if given else None
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored
+        return Path(xdg) / "lowbit"
+    try:
+        return Path.home() / ".cache" / "lowbit"
+    except RuntimeError:  # no HOME and no passwd entry
+        return None
+
+
+def digest(*parts: str | bytes) -> str:
+    """sha256 of the parts, each length-prefixed so that no two lists of parts collide."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", errors="surrogatepass") if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+class JsonCache:
+    """JSON values by key (a hex digest) under ``<root>/<name>/<generation>/``.
+
+    An entry file is two lines: a JSON header (format, key, sha256 of the second line) and the
+    value as JSON. The header's checksum catches an entry cut short or edited by hand, which a
+    JSON parse alone would take for a shorter (wrong) value.
+    """
+
+    def __init__(self, name: str, generation: str | None):
+        """``generation`` None: no caching (the caller cannot tell what its entries depend on)."""
+        root = cache_root()
+        self.folder = root / name / generation if root is not None and generation else None
+        self.writable = self.folder is not None
+
+    def get(self, key: str):
+        """The value stored under ``key``, or None for a miss (absent, unreadable, damaged)."""
+        if self.folder is None:
+            return None
+        try:
+            header, _, payload = (self.folder / f"{key}.json").read_bytes().partition(b"\n")
+            meta = json.loads(header)
+            if meta != {
+                "format": FORMAT,
+                "key": key,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }:
+                return None
+            return json.loads(payload)
+        except (OSError, ValueError):  # ValueError: not UTF-8 or not JSON
+            return None
+
+    def put(self, key: str, value) -> None:
+        """Store ``value`` under ``key``; a folder that cannot be written turns writing off for
+        this cache object (one failed attempt, not one per entry)."""
+        if not self.writable:
+            return
+        payload = json.dumps(value, separators=(",", ":")).encode("ascii")  # lone surrogates too
+        meta = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}
+        temp = None
+        try:
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _prune(self.folder)
+            fd, temp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "wb") as out:
+                out.write(json.dumps(meta).encode("utf-8") + b"\n" + payload)
+            os.replace(temp, self.folder / f"{key}.json")
+        except OSError:
+            self.writable = False
+            if temp is not None:
+                Path(temp).unlink(missing_ok=True)
+
+
+def _prune(generation: Path) -> None:
+    """Delete all but the `KEPT_GENERATIONS` most recently changed generations beside (and
+    counting) ``generation``, just made. A folder another process still writes to only loses
+    that process's later entries (its writes fail and it computes, as without a cache)."""
+
+    def changed(folder: Path) -> float:
+        try:
+            return folder.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process's pruning
+            return 0.0
+
+    others = [p for p in generation.parent.iterdir() if p.is_dir() and p != generation]
+    for old in sorted(others, key=changed, reverse=True)[KEPT_GENERATIONS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
