@@ -2,9 +2,8 @@
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from torch.utils import cpp_extension
@@ -18,13 +17,12 @@ def build_copy(tmp_path):
     in about a second, nothing to rebuild): (its build folder, the environment that uses it)."""
     assert kernels.available(), kernels.build_error()
     name = f"lowbit_kernels_{kernels._cpu_tag()}"
+    built = cpp_extension._get_build_directory(name, verbose=False)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    where = (
-        f"from torch.utils import cpp_extension as c; print(c._get_build_directory({name!r}, 0))"
-    )
-    folder = subprocess.run(
-        [sys.executable, "-c", where], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    # torch's folder for that environment, found in this process (it reads the variable when
+    # called): a process started only to ask it cost a second or two per test
+    with mock.patch.dict(os.environ, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}):
+        folder = cpp_extension._get_build_directory(name, verbose=False)
     shutil.rmtree(folder)
-    shutil.copytree(cpp_extension._get_build_directory(name, verbose=False), folder)
+    shutil.copytree(built, folder)
     return Path(folder), env
