@@ -1172,7 +1172,10 @@ class Trainer:
         emulated = self.precision.emulates_fp16 or any(
             not layer.spec.is_identity for layer in lowbit_layers(self.model).values()
         )
-        if emulated:  # docs/memory.md: the estimate models native kernels
+        # said only where the columns differ: recipes whose layers keep their input as it came
+        # (fp8-rowwise, blockwise, MX, NVFP4) save on the CPU what the estimate counts
+        differ = (planned.activations, planned.temporaries) != (live.activations, live.temporaries)
+        if emulated and differ:  # docs/memory.md: the estimate models native kernels
             table += (
                 "\n(activations and temporaries: the estimate is a GPU storing the formats "
                 "natively; this CPU emulation saves other tensors, docs/memory.md)"
