@@ -15,7 +15,8 @@ makes an int8 layer's forward and backward one call each (`lowbit.nn.linear._lea
 
 The extension is built by `torch.utils.cpp_extension` (with ninja) into PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU tensor is
-quantized: about half a minute once per machine, then milliseconds. A build lock that a build
+quantized: about half a minute once per machine (and per checkout of lowbit and virtual
+environment: `_build_tag`), then milliseconds. A build lock that a build
 killed mid-way left is removed after ten minutes (`_clear_stale_lock`); torch would wait for it
 for ever. When there is no compiler, a compile fails or the cache folder cannot be written,
 lowbit warns once, in one line saying why, and uses the PyTorch path (same results, slower);
@@ -62,15 +63,22 @@ _state = {"loaded": None, "error": None}
 _disabled = ThreadFlag()
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's instruction-set flags: ``-march=native`` code built on one CPU may
-    not run on another, so machines sharing a home directory (and so the cache) get their own build."""
+def _build_tag() -> str:
+    """A short hash of what a build folder's objects depend on besides the sources' contents, which
+    names the folder (``lowbit_kernels_TAG``). This CPU's instruction-set flags: ``-march=native``
+    code built on one CPU may not run on another, so machines sharing a home directory (and so the
+    cache) get their own build. The sources' folder and torch's: ninja rebuilds an object whose
+    command line changed, and another checkout of lowbit, or another virtual environment's torch
+    (its include path), compiles other command lines. Sharing one folder, two of them rebuilt each
+    other's objects at every load (about half a minute each, under the folder's lock, which every
+    process loading the kernels then waited for); each has its own folder now."""
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags += platform.processor()
+    flags += f"\n{_SOURCES[0].parent.resolve()}\n{Path(torch.__file__).parent.resolve()}"
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
@@ -169,7 +177,7 @@ def _build() -> None:
     if not shutil.which(compiler.split(" ")[0]):
         raise RuntimeError(f"no C++ compiler: {compiler!r} ($CXX, default c++) is not on PATH")
     _absolute_extensions_dir()
-    name = f"lowbit_kernels_{_cpu_tag()}"
+    name = f"lowbit_kernels_{_build_tag()}"
     other_build = False  # another process's, which this one waits for rather than compiling
     build_dir = None
     with contextlib.suppress(AttributeError, OSError):  # torch's helper for the folder it builds in

@@ -16,7 +16,7 @@ def build_copy(tmp_path):
     """A copy of this machine's built kernels in a fresh TORCH_EXTENSIONS_DIR (loaded from there
     in about a second, nothing to rebuild): (its build folder, the environment that uses it)."""
     assert kernels.available(), kernels.build_error()
-    name = f"lowbit_kernels_{kernels._cpu_tag()}"
+    name = f"lowbit_kernels_{kernels._build_tag()}"
     built = cpp_extension._get_build_directory(name, verbose=False)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     # torch's folder for that environment, found in this process (it reads the variable when
