@@ -97,8 +97,9 @@ class LowPrecisionUpdate:
         # of its master weight or Kahan buffer, where copied ids would pair none.
         # param -> fp32 master (DTensor if sharded)
         self.masters: dict[torch.Tensor, torch.Tensor] = {}
-        # param -> the version counter of its values when they last were its master's rounding
-        self._master_versions: dict[torch.Tensor, int] = {}
+        # param -> the version counter of its values when they last were its master's rounding, or
+        # (Kahan) the rounding its buffer compensates
+        self._written_versions: dict[torch.Tensor, int] = {}
         self.compensation: dict[torch.Tensor, torch.Tensor] = {}  # param -> 16-bit Kahan buffer
         # id(optimizer) -> {id(param): (param, fp32 stand-in)} of its prepared step
         self._stand_ins: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -181,7 +182,11 @@ class LowPrecisionUpdate:
 
     @staticmethod
     def _low(p: torch.Tensor) -> bool:
-        return p.is_floating_point() and p.dtype != torch.float32
+        """Whether ``p`` is stepped through an fp32 stand-in: 16-bit parameters only. An fp64
+        one (added beside the converted model) steps as it is, as under fp32 recipes: through a
+        stand-in it lost every update below fp32's precision, and stochastic rounding rounded it
+        to fp16 (held at 65504)."""
+        return p.dtype in (torch.bfloat16, torch.float16)
 
     def _upcasts(self, optimizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {
@@ -223,9 +228,9 @@ class LowPrecisionUpdate:
             elif master.shape != p.shape:
                 self.masters[p] = _leading_rows(master, _fp32_leaf(p))
                 _follow_parameter(self.masters[p], p, self.rounding)  # kept rows p no longer holds
-            elif self._master_versions.get(p) != local_values(p)._version:
+            elif self._written_versions.get(p) != local_values(p)._version:
                 _follow_parameter(master, p, self.rounding)
-            self._master_versions[p] = local_values(p)._version
+            self._written_versions[p] = local_values(p)._version
             return self.masters[p]
         value = _fp32_leaf(p)
         compensation = self.compensation.get(p)
@@ -233,6 +238,10 @@ class LowPrecisionUpdate:
             if compensation.shape != p.shape:
                 compensation = _leading_rows(compensation, torch.zeros_like(p.detach()))
                 self.compensation[p] = compensation
+                _drop_stale_compensation(compensation, p)  # kept rows p no longer holds
+            elif self._written_versions.get(p) != local_values(p)._version:
+                _drop_stale_compensation(compensation, p)
+            self._written_versions[p] = local_values(p)._version
             with torch.no_grad():
                 value.add_(compensation)
         return value
@@ -318,8 +327,8 @@ class LowPrecisionUpdate:
                 local_values(p).copy_(
                     rounded
                 )  # in place: a sharded parameter's shard is FSDP's storage
-                if self.master:
-                    self._master_versions[p] = local_values(p)._version
+                if self.master or self.rounding is UpdateRounding.KAHAN:
+                    self._written_versions[p] = local_values(p)._version
         if self._held_warned or not beyond:
             return
         if bool(torch.stack([b.to(beyond[0].device) for b in beyond]).any()):
@@ -365,7 +374,7 @@ class LowPrecisionUpdate:
         optimizer holds them any more): they kept those parameters and their fp32 copies alive."""
         kept = set(params)
         self.masters = {k: v for k, v in self.masters.items() if k in kept}
-        self._master_versions = {k: v for k, v in self._master_versions.items() if k in kept}
+        self._written_versions = {k: v for k, v in self._written_versions.items() if k in kept}
         self.compensation = {k: v for k, v in self.compensation.items() if k in kept}
 
     @property
@@ -403,7 +412,7 @@ class LowPrecisionUpdate:
                     )
         known = set(params)
         self.masters = {k: v for k, v in self.masters.items() if k not in known}
-        self._master_versions = {k: v for k, v in self._master_versions.items() if k not in known}
+        self._written_versions = {k: v for k, v in self._written_versions.items() if k not in known}
         self.compensation = {k: v for k, v in self.compensation.items() if k not in known}
         # Only the parts this update reads: a state saved under another recipe (bf16-low's masters
         # loaded under bf16-pure-kahan) would otherwise keep entries that never move again and are
@@ -487,6 +496,23 @@ def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRou
         else:
             stale = high.to(low.dtype) != low
         high.copy_(torch.where(stale, widened, high))
+
+
+def _drop_stale_compensation(compensation: torch.Tensor, p: torch.Tensor) -> None:
+    """Where the Kahan buffer no longer fits the 16-bit ``p``, it is zeroed: it compensates values
+    that a write into the parameter between steps replaced (weights pruned to 0 in place, a weight
+    constraint, the best weights restored), and the next step added it to them (a pruned weight
+    came back as what the rounding of its old value lost).
+
+    The write-back's buffer is what rounding ``v`` to ``w`` lost, at most half of w's spacing to
+    its neighbour on that side (rounded to 16 bits it may reach that half: not ``round(w + c) ==
+    w`` at a tie), so a buffer within it is kept: a resumed run loads the model and the precision
+    state in either order."""
+    with torch.no_grad():
+        low, buffer = local_values(p), local_values(compensation).float()
+        toward = torch.where(buffer > 0, torch.inf, -torch.inf).to(low.dtype)
+        spacing = (torch.nextafter(low, toward).float() - low.float()).abs()
+        local_values(compensation).masked_fill_(2 * buffer.abs() > spacing, 0)
 
 
 def _leading_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
