@@ -76,9 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="runs trained at a time, each in its own process (default 1); with --jobs N each "
-        "gets --threads threads, by default the CPU cores divided by N, or by the runs left to "
-        "train where fewer (the runs then share the cores: the report's throughput is under "
-        "that load); finished runs are reused without starting a worker",
+        "gets --threads threads, by default the CPU cores divided by N, or by the study's runs "
+        "where fewer (the runs then share the cores: the report's throughput is under that "
+        "load); finished runs are reused without starting a worker",
     )
     group = parser.add_argument_group("train options (passed to every run)")
     group.add_argument(

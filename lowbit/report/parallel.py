@@ -285,10 +285,15 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
     A finished run is reused here, not in a worker: each worker is a fresh interpreter that
     imports PyTorch, seconds before it reads a record, and the rerun of a finished study took
     that long for nothing. Only the runs left start workers, no more of them than there are
-    runs, and none when every run is finished."""
+    runs left, and none when every run is finished. The runs left train under the load of the
+    whole study (``jobs`` capped at its runs, the threads shared out between those), as the
+    finished ones did: trained on more threads, a resumed run's speed was not comparable with
+    theirs, and the report warned of mixed loads and thread counts."""
     from lowbit.report.compare import final_loss, reusable_record
 
     runs, left, finished = list(runs), [], 0
+    jobs = min(jobs, len(runs))  # fewer runs than --jobs: the cores are theirs to share
+    threads = threads or default_threads(jobs)
     for study, recipe, seed in runs:
         record = reusable_record(study, recipe, seed)
         if record is None:
@@ -303,8 +308,6 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
     trained: set[tuple[Path, str, int]] = set()
     if not runs:
         return trained
-    jobs = min(jobs, len(runs))
-    threads = threads or default_threads(jobs)
     context = multiprocessing.get_context("spawn")
     failure = context.Event()  # one run failed: the others stop after their step (`_failed`)
     with (
@@ -314,7 +317,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
         # training to the end, orphaned, where a rerun would train the same folders again
         signals_handled(_raise_interrupt, signal.SIGTERM),
         ProcessPoolExecutor(
-            max_workers=jobs,
+            max_workers=min(jobs, len(runs)),
             mp_context=context,
             initializer=_start_worker,
             initargs=(failure, _warned),

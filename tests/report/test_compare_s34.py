@@ -38,25 +38,39 @@ def test_a_finished_study_rerun_with_jobs_starts_no_worker(tmp_path, monkeypatch
     assert all(line.endswith("(reused)") for line in printed[:2])
 
 
-def test_the_one_run_left_under_jobs_trains_alone_on_every_core(tmp_path, capsys):
-    """A study resumed with one run of two left (its folder deleted): under --jobs 2 both runs
-    went to workers, the finished one was reused at once, and the one left trained on half the
-    cores (the other half idle) and was recorded as measured beside a second run."""
-    import os
-
+def test_the_one_run_left_under_jobs_trains_in_one_worker_under_the_studys_load(
+    tmp_path, monkeypatch, capsys
+):
+    """A --jobs 2 study resumed with one run of two left (its folder deleted): both runs went to
+    workers, the finished one only to be read. Now one worker trains the run left, under the load
+    the study's runs trained with (its threads, 2 jobs): on more threads its speed would not
+    compare with the finished run's, and the report would warn of mixed loads."""
     out = tmp_path / "study"
-    assert _compare(out, "--threads", "1") == 0
+    assert _compare(out, "--jobs", "2") == 0
+    before = json.loads((out / "report" / "results.json").read_text())
+    (finished,) = before["runs"]["fp32"]
     shutil.rmtree(out / "runs" / "bf16-mixed")
     capsys.readouterr()
+    pools = []
+
+    class Pool(parallel.ProcessPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", Pool)
     assert _compare(out, "--jobs", "2") == 0
+    assert pools == [1]
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("[1/2] study: fp32 seed 0: validation loss ")
     assert printed[0].endswith("(reused)")
     assert printed[1].startswith("[2/2] study: bf16-mixed seed 0: validation loss ")
-    assert "(trained; " in printed[1] and printed[1].endswith(", 1 jobs)")
+    assert "(trained; " in printed[1] and printed[1].endswith(", 2 jobs)")
     results = json.loads((out / "report" / "results.json").read_text())
     (run,) = results["runs"]["bf16-mixed"]
-    assert run["jobs"] == 1 and run["threads"] == [os.cpu_count()]
+    assert run["jobs"] == finished["jobs"] == 2 and run["threads"] == finished["threads"]
+    report = (out / "report" / "report.md").read_text()
+    assert "different loads" not in report and "thread counts" not in report
 
 
 @pytest.mark.parametrize("recipe", ["fp8-rowise", "no-such-recipe"])
