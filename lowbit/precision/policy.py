@@ -177,6 +177,9 @@ class Precision:
             weights = p.detach()
             if not p.is_floating_point() or p.dtype == dtype or weights.numel() == 0:
                 continue
+            if weights.is_meta or type(weights) is not torch.Tensor:
+                continue  # no values to read here: a meta model (`lowbit export` converts one), a
+                # fake tensor; a DTensor's shard (one rank refusing alone left the others waiting)
             low, high = torch.aminmax(weights)  # a NaN or inf among them: the mask below
             if max(-float(low), float(high)) <= limit:
                 continue  # the common case: one pass, nothing allocated

@@ -46,3 +46,15 @@ def test_weights_the_dtype_holds_or_already_non_finite_are_converted(recipe, val
     )
     expected = torch.tensor(value).to(weight.dtype)
     assert torch.equal(weight[2, 3], expected) or (expected.isnan() and weight[2, 3].isnan())
+
+
+@pytest.mark.parametrize("recipe", ["fp16-low", "bf16-low"])
+def test_a_model_on_the_meta_device_converts(recipe):
+    """`lowbit export` and `quantize` convert a meta copy of a run's model to read its master
+    weights in order: the range check read values a meta tensor does not have (a traceback for
+    every bf16-low and fp16-low run)."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    converted = Precision(recipe, device="cpu").convert(model)
+    assert converted[1].weight.is_meta
+    assert converted[1].weight.dtype == (torch.float16 if recipe == "fp16-low" else torch.bfloat16)
