@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit.errors import UsageError, warn
+from lowbit.errors import UsageError
 
 NAME = "train"
 HELP = (
@@ -178,21 +178,13 @@ def config_from_args(args):
 
 
 def _check_warmup(config) -> None:
-    """Warn of a given warmup that lasts the whole run (``--warmup-steps 100 --steps 10``): the
-    learning rate never reaches --lr nor decays, and the run trained on at a fraction of it
-    without a word, its results read as those of its --lr. A warning, not a refusal: a short
-    smoke test of a real run's config file (``--steps 5``) is such a run on purpose."""
-    from lowbit.train.config import lr_at, resolve
+    """`warn_long_warmup` of a run of --steps; the trainer checks a run of --epochs, whose steps
+    are counted from the data."""
+    from lowbit.train.config import resolve, warn_long_warmup
 
     resolved = resolve(config)
-    steps, warmup = resolved.steps, resolved.warmup_steps
-    if steps is None or warmup < steps:  # --epochs: its steps are counted from the data
-        return
-    warn(
-        f"warmup_steps {warmup} is not below the run's {steps} steps: the learning rate only "
-        f"ramps up, to {lr_at(resolved, steps - 1, steps):.3g} of lr {resolved.lr:.3g}, and "
-        f"never decays; fix: --warmup-steps below {steps}, or more --steps"
-    )
+    if resolved.steps is not None:
+        warn_long_warmup(resolved, resolved.steps)
 
 
 def _kept(out: str | None) -> str:

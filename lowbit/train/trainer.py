@@ -40,6 +40,7 @@ from lowbit.train.config import (
     read_run_info,
     recipe_of,
     resolve,
+    warn_long_warmup,
     with_recorded_data,
     write,
     write_atomically,
@@ -115,6 +116,7 @@ class RunResult:
     checkpoint: Path | None
     sample: str | None = None
     extra: dict = field(default_factory=dict)
+    evaluated_at: int | None = None  # the step of ``final_metrics``
 
     def summary(self) -> str:
         c = self.config
@@ -131,6 +133,13 @@ class RunResult:
                 f"   {k} {start[k]:.4g} -> {end[k]:.4g}"
                 for k in ("ppl", "accuracy", "entity_f1")
                 if k in end and k in start
+            )
+            # an interrupted run's last validation came before its last step: unlabelled, its
+            # loss read as the checkpoint's
+            + (
+                f" (at step {self.evaluated_at})"
+                if end and self.evaluated_at not in (None, self.steps)
+                else ""
             ),
             f"  train loss       {self.train_loss:.4f} (mean of the last steps)",
             f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
@@ -695,6 +704,7 @@ class Trainer:
         self.abort_requested = False  # a second Ctrl-C (`_stop_on_sigint`)
         self.start_metrics: dict = {}
         self.last_metrics: dict = {}
+        self.last_metrics_step = 0  # the step `last_metrics` evaluated
         self.recent_losses: list[float] = []
         self.counted = 0  # tokens (or images) trained on
         self.step_seconds = 0.0
@@ -964,6 +974,7 @@ class Trainer:
                     last = self.step_idx == self.total_steps
                     if self.step_idx % c.eval_interval == 0 or last:
                         metrics = self.last_metrics = self.evaluate()
+                        self.last_metrics_step = self.step_idx
                         logger.log(self.step_idx, "validation", metrics)
                         if not self.quiet:
                             bar.write(
@@ -1183,9 +1194,9 @@ class Trainer:
         return table
 
     def _result(self, run_dir, status, last_saved, wall) -> RunResult:
-        final = (
-            (self.last_metrics or self.evaluate()) if status == "completed" else self.last_metrics
-        )
+        final, evaluated_at = self.last_metrics, self.last_metrics_step
+        if status == "completed" and not final:
+            final, evaluated_at = self.evaluate(), self.step_idx
         extra = {}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -1232,6 +1243,7 @@ class Trainer:
             checkpoint=last_saved,
             sample=sample,
             extra=extra,
+            evaluated_at=evaluated_at,
         )
 
 
@@ -1414,6 +1426,7 @@ def train(
     recipe that cannot skip steps meets a non-finite loss, and `RunNotWritten` when the run folder
     cannot be written (a full disk).
     """
+    given_warmup = config.warmup_steps is not None  # before resolve puts the task's default in
     config = resolve(_under_torchrun(config))
     probe = _RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
     probe.take()
@@ -1426,4 +1439,8 @@ def train(
 
         return train_ranks(config, resume, overwrite, quiet, on_step)
     trainer = Trainer(config, quiet=quiet, resume=resume)
+    if given_warmup and config.epochs is not None and not resume:
+        # the steps of --epochs are counted from the data (`lowbit train` checks --steps); the
+        # task's default warmup is for its default length, as there
+        warn_long_warmup(trainer.config, trainer.total_steps, "--epochs")
     return trainer.fit(resume=resume, overwrite=overwrite, on_step=on_step)
