@@ -173,14 +173,16 @@ def _refuse_missing_checkpoint(path: Path) -> None:
     if path.parent.name != FOLDER or not (run / "config.yaml").is_file():
         return
     have = list_checkpoints(run)
+    # a path that is there but no checkpoint (a step folder without .dcp, a file of another kind)
+    what = "not a lowbit checkpoint" if path.exists() else "no such checkpoint"
     if not have:
-        raise UsageError(f"{path}: no such checkpoint, and {run} has none yet; fix: train first")
+        raise UsageError(f"{path}: {what}, and {run} has none yet; fix: train first")
     # the step the name meant, in the run's spelling of it
     step = re.fullmatch(r"\D*0*(\d+)\D*", path.name)
     meant = [p for p in have if step and re.fullmatch(rf"step-0*{step[1]}\.\w+", p.name)]
     fix = f"--checkpoint {shlex.quote(str(meant[0]))}" if meant else "one of them"
     raise UsageError(
-        f"{path}: no such checkpoint ({run} has {', '.join(p.name for p in have)}); fix: {fix}, "
+        f"{path}: {what} ({run} has {', '.join(p.name for p in have)}); fix: {fix}, "
         f"or --checkpoint {shlex.quote(str(run))} for its latest"
     )
 

@@ -79,6 +79,12 @@ def test_a_checkpoint_path_the_run_lacks_names_the_checkpoints_it_has(tmp_path, 
     assert "step-2.pt: no such checkpoint" in err and "step-0000004.pt" in err, err
     assert f"fix: --checkpoint {run / 'checkpoints' / 'step-0000002.pt'}" in err
     assert len(err.strip().splitlines()) == 1
+    # a path that is there but no checkpoint (a step folder without .dcp) is not called missing
+    (run / "checkpoints" / "step-0000003").mkdir()
+    argv[2] = str(run / "checkpoints" / "step-0000003")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "step-0000003: not a lowbit checkpoint (" in err and "no such" not in err, err
 
 
 def test_a_full_disk_while_drawing_doctor_png_keeps_the_earlier_heat_map(
