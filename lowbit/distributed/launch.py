@@ -109,7 +109,7 @@ def _record(folder: Path, rank: int | None, error: BaseException, name: str) -> 
         "time": time.time(),
         "kind": type(error).__name__,
         "message": str(error),
-        "traceback": traceback.format_exc(),
+        "traceback": "".join(traceback.format_exception(error)),
     }
     # whole or not at all (renamed into place): the launcher reads the records as soon as a
     # rank fails, and torch stops the other ranks then, which tore a record being written
