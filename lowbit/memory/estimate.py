@@ -576,6 +576,7 @@ def _trace_activations(
             elif key not in seen:  # the input itself, as it came (autocast casts no input of
                 # lowbit's autograd function), once for the layers that read it
                 seen.add(key)
+                trace.saved_in[key] = where["block"] or ""  # a checkpoint keeps it too
                 count(x.untyped_storage().nbytes())
                 # held as the run's backward holds it: the traced layer saves its autocast cast
                 # instead, and a freed storage's key, reused, hid the next tensor saved there

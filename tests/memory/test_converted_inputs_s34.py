@@ -1,3 +1,5 @@
+"""Session 34: converted layers that keep their input as it came, estimated as the run saves it."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,3 +31,26 @@ def test_converted_layers_keeping_their_input_are_estimated_as_the_run_saves_it(
     estimated = estimate("nano", recipe, "fp32", batch, seq)
     assert estimated.activations == saved.activations
     assert estimated.temporaries == saved.temporaries
+
+
+def _row(table: str, label: str) -> tuple[str, str]:
+    """(estimate, measured) bytes of a component's row in a run's memory table."""
+    (line,) = [line for line in table.splitlines() if line.strip().startswith(label)]
+    cells = line.strip()[len(label) :].split()
+    return cells[0], cells[-3]
+
+
+def test_a_checkpointed_encoders_kept_input_is_counted_once(tmp_path):
+    """With activation checkpointing the block's input is kept by its checkpoint and read, as
+    it came, by the block's first converted layers (BERT's q, k and v): the estimate counted it
+    for both, one hidden state (32,768 bytes at 2 x 32) over the run's measured activations."""
+    from lowbit.train import TrainConfig, train
+
+    config = TrainConfig(
+        task="token-classification", model="tiny", recipe="fp8-rowwise", batch_size=2,
+        seq_len=32, steps=2, eval_interval=2, eval_batches=1, activation_checkpointing=True,
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    table = train(config, quiet=True).extra["memory_table"]
+    estimated, measured = _row(table, "activations")
+    assert estimated == measured, table
