@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -733,11 +734,11 @@ def read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
         if data.startswith(PARQUET) and data.endswith(PARQUET):
-            jsonl = path.with_suffix(".jsonl").name
+            jsonl = str(path.with_suffix(".jsonl"))
             raise UsageError(
                 f"{path}: a Parquet file, not text; fix: write its records as JSON Lines and "
                 'give that file (python -c "import pandas; pandas.read_parquet('
-                f"'{path.name}').to_json('{jsonl}', orient='records', lines=True, "
+                f"{str(path)!r}).to_json({jsonl!r}, orient='records', lines=True, "
                 'force_ascii=False)")'
             )
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
@@ -898,8 +899,9 @@ def _check_not_one_object(path: Path, text: str, text_field: str) -> None:
     select = f".{key}[]" if key.isidentifier() else f".[{json.dumps(key)}][]"
     raise UsageError(
         f"{path}: one JSON object holding its records in an array ({key!r}), not JSON Lines or "
-        f"an array of records; fix: write them one per line (jq -c '{select}' {path.name} > "
-        f"{path.stem}.jsonl) and give that file"
+        f"an array of records; fix: write them one per line (jq -c '{select}' "
+        f"{shlex.quote(str(path))} > {shlex.quote(str(path.with_suffix('.jsonl')))}) and give "
+        "that file"
     )
 
 

@@ -103,7 +103,9 @@ def test_a_json_object_holding_its_records_is_named(tmp_path, capsys, indent):
     data.write_text(json.dumps({"version": 1, "data": records}, indent=indent))
     err = one_line_refusal(capsys, ["train", "--data", str(data), *TINY], tmp_path / "run")
     assert f"{data}: one JSON object holding its records in an array ('data')" in err
-    assert "fix: write them one per line (jq -c '.data[]' squad.json > squad.jsonl)" in err
+    # the paths as given, so that the command works from where the user typed --data
+    jsonl = data.with_suffix(".jsonl")
+    assert f"fix: write them one per line (jq -c '.data[]' {data} > {jsonl})" in err
 
 
 def test_a_json_file_of_one_record_on_one_line_is_still_json_lines(tmp_path):

@@ -156,7 +156,9 @@ def test_a_parquet_file_is_named_with_the_command_that_writes_json_lines(tmp_pat
         load_corpus(spec)
     message = str(caught.value)
     assert message.startswith(f"{path}: a Parquet file, not text; fix: write its records as JSON")
-    assert "to_json('train-00000-of-00001.jsonl', orient='records', lines=True" in message
+    # the paths as given, so that the command works from where the user typed --data
+    assert f"read_parquet({str(path)!r}).to_json({str(path.with_suffix('.jsonl'))!r}, " in message
+    assert "orient='records', lines=True" in message
 
 
 def test_a_conll_split_file_that_links_to_nothing_is_named(tmp_path, capsys):
