@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -370,6 +371,12 @@ def check_pages(root: Path) -> None:
             raise UsageError(f"{page}: not writable; fix: make it writable, or run with --no-write")
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command written above the results, quoted as a shell reads it back: a --note of
+    several words was written bare, and typed again it failed ("unrecognized arguments")."""
+    return "python benchmarks/parity.py " + shlex.join(argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
@@ -479,7 +486,7 @@ def main(argv=None) -> int:
     if trained is not None:
         print(f"parity: {wall:.0f} min with {jobs} jobs x {args.threads} threads", flush=True)
     if not args.no_write:
-        command = "python benchmarks/parity.py " + " ".join(argv or sys.argv[1:])
+        command = recorded_command(argv or sys.argv[1:])
         if trained:  # a measured wall time only where this invocation trained every run
             total = sum(len(s.recipes) * len(s.seeds) for s in studies.values())
             if len(trained) == total:
