@@ -303,6 +303,11 @@ def get_recipe(name: str | Recipe) -> Recipe:
         ) from None
 
 
+def _spaces_dropped(text: str, separator: str) -> str:
+    """``text`` without the spaces around each ``separator`` and at its ends."""
+    return separator.join(part.strip() for part in text.split(separator))
+
+
 def parse_override(text: str, recipe: Recipe) -> Override:
     """An override from ``PATTERN=WHAT`` as `lowbit train --override` takes it.
 
@@ -315,6 +320,12 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     of a layer the recipe keeps, the operands of its compute dtype: `Recipe.layer_for`).
     """
     pattern, sep, what = text.partition("=")
+    # spaces around the separators (a config file's 'lm_head = keep', 'forward.x:bf16,
+    # forward.w:bf16') are dropped: no module name, recipe name or format holds one at either
+    # end. Kept, ' keep' was refused as a misspelt 'keep', and 'lm_head ' or ' lm_head' matched
+    # no layer.
+    pattern = _spaces_dropped(pattern, "|")
+    what = ",".join(_spaces_dropped(item, ":") for item in what.split(","))
     if not sep or not pattern or not what:
         raise UsageError(
             f"override {text!r} is not PATTERN=WHAT; e.g. 'lm_head=keep' or "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -79,6 +80,7 @@ def _positive_int(value, field_name: str) -> None:
         raise UsageError(f"{field_name} must be a positive whole number, got {value!r}")
 
 
+AMAX_HISTORY = 16  # steps in a delayed scaling's amax history, unless a spec says otherwise
 _WHOLE_ROWS = (Granularity.TENSOR, Granularity.AXIS)  # granularities without blocks
 # the blocks of the granularities whose block_size may be left out (`block_shape`)
 _DEFAULT_BLOCKS = {Granularity.MX: (1, MX_BLOCK), Granularity.NVFP4: (1, NVFP4_BLOCK)}
@@ -94,7 +96,7 @@ class OperandSpec:
     scale_rule: ScaleRule | None = None
     rounding: Rounding = Rounding.NEAREST
     scaling: Scaling = Scaling.CURRENT
-    amax_history: int = 16
+    amax_history: int = AMAX_HISTORY
 
     def __post_init__(self) -> None:
         fmt = get(self.format)
@@ -131,6 +133,16 @@ class OperandSpec:
         if type(self.amax_history) is int and self.amax_history < 1:
             raise UsageError("amax_history must be at least 1")
         _positive_int(self.amax_history, "amax_history")  # 2.5, True: a whole number
+        if self.scaling is not Scaling.DELAYED and self.amax_history != AMAX_HISTORY:
+            # a history length without scaling='delayed' read as delayed scaling, and the operand
+            # scaled from its current amax without a word (`describe` shows no history)
+            delayed = "" if self.is_plain_cast else "scaling='delayed' (granularity 'tensor'), or "
+            warnings.warn(
+                f"amax_history={self.amax_history} is unused: it is the length of delayed "
+                f"scaling's amax history, and this {fmt.name} operand's scaling is "
+                f"'{self.scaling.value}'; fix: {delayed}leave amax_history out",
+                stacklevel=3,
+            )
         if self.is_plain_cast and self.granularity is not Granularity.TENSOR:
             raise UsageError(f"{fmt.name} operands are cast without scales; use granularity tensor")
         # A plain cast rounds to nearest with no scale (`lowbit.nn.operand.plain_cast`): these
