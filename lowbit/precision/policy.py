@@ -173,7 +173,11 @@ class Precision:
         dtype = self.param_dtype
         limit = torch.finfo(dtype).max
         short = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-        for name, p in model.named_parameters():
+        fix = "a recipe with fp32 parameters (fp16-mixed, bf16-mixed)" + (
+            " or bf16 ones (bf16-low)" if dtype == torch.float16 else ""
+        )
+        # buffers too: `model.to` casts a floating buffer (a scale, a table) the same way
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
             weights = p.detach()
             if not p.is_floating_point() or p.dtype == dtype or weights.numel() == 0:
                 continue
@@ -188,8 +192,7 @@ class Precision:
                 largest = float(weights[overflow].abs().amax())
                 raise UsageError(
                     f"{name} holds {largest:.4g}, beyond {short}'s largest value {limit:.6g}: "
-                    f"{self.recipe.name}'s {short} parameters would hold it as inf; fix: a recipe "
-                    "with fp32 parameters (fp16-mixed, bf16-mixed) or bf16 ones (bf16-low)"
+                    f"{self.recipe.name}'s {short} parameters would hold it as inf; fix: {fix}"
                 )
 
     def _kept_16_bit(self, model: torch.nn.Module) -> set[int]:

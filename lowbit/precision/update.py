@@ -182,11 +182,11 @@ class LowPrecisionUpdate:
 
     @staticmethod
     def _low(p: torch.Tensor) -> bool:
-        """Whether ``p`` is stepped through an fp32 stand-in: 16-bit parameters only. An fp64
-        one (added beside the converted model) steps as it is, as under fp32 recipes: through a
-        stand-in it lost every update below fp32's precision, and stochastic rounding rounded it
-        to fp16 (held at 65504)."""
-        return p.dtype in (torch.bfloat16, torch.float16)
+        """Whether ``p`` is stepped through an fp32 stand-in: floating parameters narrower than
+        fp32 (bf16, fp16). An fp64 one (added beside the converted model) steps as it is, as
+        under fp32 recipes: through a stand-in it lost every update below fp32's precision, and
+        stochastic rounding rounded it to fp16 (held at 65504)."""
+        return p.is_floating_point() and p.element_size() < 4
 
     def _upcasts(self, optimizer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {
@@ -419,11 +419,13 @@ class LowPrecisionUpdate:
         # saved with every later state (and counted by `lowbit.memory.measure`).
         masters = state.get("masters", {}) if "masters" in self.parts else {}
         compensation = state.get("compensation", {}) if "compensation" in self.parts else {}
+        # an entry of a parameter this update no longer steps through a stand-in (an fp64 one,
+        # stepped so before session 34) would never move again and be saved with every state
         for i, v in masters.items():
-            if i < len(params):
+            if i < len(params) and self._low(params[i]):
                 self.masters[params[i]] = v.detach().clone().requires_grad_()
         for i, v in compensation.items():
-            if i < len(params):
+            if i < len(params) and self._low(params[i]):
                 self.compensation[params[i]] = v.clone()
 
 
@@ -500,9 +502,12 @@ def _follow_parameter(master: torch.Tensor, p: torch.Tensor, rounding: UpdateRou
 
 def _drop_stale_compensation(compensation: torch.Tensor, p: torch.Tensor) -> None:
     """Where the Kahan buffer no longer fits the 16-bit ``p``, it is zeroed: it compensates values
-    that a write into the parameter between steps replaced (weights pruned to 0 in place, a weight
-    constraint, the best weights restored), and the next step added it to them (a pruned weight
-    came back as what the rounding of its old value lost).
+    that a write into the parameter between steps replaced, and the next step added it to them
+    (a weight pruned to 0 in place came back as what the rounding of its old value lost). Only
+    a write that leaves the buffer beyond half the new value's spacing is seen so (pruning, a
+    weight moved to a much smaller magnitude): after one that keeps the magnitude (the best
+    weights restored, most clamps) a buffer within that half is kept and added, at most half a
+    unit in the last place, as no record of the old values tells it apart.
 
     The write-back's buffer is what rounding ``v`` to ``w`` lost, at most half of w's spacing to
     its neighbour on that side (rounded to 16 bits it may reach that half: not ``round(w + c) ==

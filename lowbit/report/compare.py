@@ -1289,7 +1289,8 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
         # the data read here first: its warnings said once, before the workers start
         _data_now(study.base["task"], study.base["data"], study.base["text_field"])
         runs = [(study, recipe, seed) for recipe in study.recipes for seed in study.seeds]
-        # fewer runs left than --jobs: the cores are theirs to share (`train_runs`)
+        # fewer runs than --jobs: the cores are theirs to share; finished runs are reused
+        # without a worker (`train_runs`)
         in_workers = train_runs(runs, jobs, threads, log)
     records: dict[str, list[dict]] = {}
     trained, reused = [], []

@@ -338,9 +338,9 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
             except BrokenProcessPool:  # a traceback from the pool's internals otherwise
                 raise UsageError(
                     f"a worker process died while training {study.out.name}'s runs, "
-                    f"{jobs} at a time (killed by the system: out of memory?); the runs "
-                    "keep their last checkpoints; fix: a lower --jobs (each worker holds "
-                    "its own model and data), then run the same command again to resume"
+                    f"{min(jobs, len(runs))} at a time (killed by the system: out of memory?); "
+                    "the runs keep their last checkpoints; fix: a lower --jobs (each worker "
+                    "holds its own model and data), then run the same command again to resume"
                 ) from None
             if not reused:
                 trained.add((study.out, recipe, seed))

@@ -58,3 +58,18 @@ def test_a_model_on_the_meta_device_converts(recipe):
     converted = Precision(recipe, device="cpu").convert(model)
     assert converted[1].weight.is_meta
     assert converted[1].weight.dtype == (torch.float16 if recipe == "fp16-low" else torch.bfloat16)
+
+
+def test_a_buffer_beyond_fp16_is_refused_and_bf16_names_no_bf16_recipe():
+    """`model.to(fp16)` casts a floating buffer too (a scale, a table): one beyond 65504 became
+    inf as a weight did. And for bf16 parameters the fix named bf16-low, the recipe refused."""
+    model = _model(1.0)
+    model[0].register_buffer("scale", torch.tensor([1.0, 1e6]))
+    with pytest.raises(UsageError, match=r"^0\.scale holds 1e\+06, beyond fp16's"):
+        Precision("fp16-low").convert(model)
+    with pytest.raises(UsageError) as caught:
+        Precision("bf16-low").convert(_model(3.4e38))
+    assert str(caught.value).endswith(
+        "bf16-low's bf16 parameters would hold it as inf; fix: a recipe with fp32 parameters "
+        "(fp16-mixed, bf16-mixed)"
+    )
