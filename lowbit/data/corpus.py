@@ -202,15 +202,13 @@ def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
     """
     base = Path(root) if root else stdlib_root()
     docs = []
-    for path in base.rglob("*.py"):
-        rel = path.relative_to(base)
-        if STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1]) or not path.is_file():
-            continue
+    for name, path in _stdlib_files(str(base)):
         try:
-            text = path.read_bytes().decode("utf-8")
+            with open(path, "rb") as file:
+                text = file.read().decode("utf-8")
         except UnicodeDecodeError:
             continue
-        docs.append(Document(rel.as_posix(), text))
+        docs.append(Document(name, text))
     if not docs:
         raise UsageError(
             f"{base}: no Python standard library sources (.py files) there, the data lowbit "
@@ -218,6 +216,31 @@ def stdlib_documents(root: str | None = None) -> tuple[Document, ...]:
             "your own data with --data, or use a Python installed with its library sources"
         )
     return tuple(sorted(docs, key=lambda d: d.name))
+
+
+def _stdlib_files(base: str):
+    """``(name, path)`` of the ``.py`` files under ``base`` that `stdlib_documents` reads: those
+    in no `STDLIB_EXCLUDED_DIRS` folder, files or links to files, named by their relative path
+    with forward slashes. The files that ``Path(base).rglob("*.py")`` finds (folder links not
+    followed, hidden entries included, a folder that cannot be listed left out), but the
+    excluded folders are never entered: rglob walked site-packages and the test suites and
+    matched their ~13,000 ``.py`` files, to drop them, in ~0.4 s of every run's start."""
+    folders = [("", base)]
+    while folders:
+        prefix, folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                found = list(entries)
+        except OSError:
+            continue
+        for entry in found:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in STDLIB_EXCLUDED_DIRS:
+                    folders.append((f"{prefix}{entry.name}/", entry.path))
+            # normcase: rglob matches "*.py" without regard to case where the file system does;
+            # os.path.isfile as Path.is_file: False (not an OSError) for a link that loops
+            elif os.path.normcase(entry.name).endswith(".py") and os.path.isfile(entry.path):
+                yield prefix + entry.name, entry.path
 
 
 def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
