@@ -170,21 +170,9 @@ def config_from_args(args):
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
         settings = merge(given_settings(read(out)), settings)
     config = build_config(settings, overrides)
-    if not args.resume and (args.warmup_steps is not None or "warmup_steps" in settings):
-        _check_warmup(config)  # the default warmup is the task's, for its default length
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
     return config
-
-
-def _check_warmup(config) -> None:
-    """`warn_long_warmup` of a run of --steps; the trainer checks a run of --epochs, whose steps
-    are counted from the data."""
-    from lowbit.train.config import resolve, warn_long_warmup
-
-    resolved = resolve(config)
-    if resolved.steps is not None:
-        warn_long_warmup(resolved, resolved.steps)
 
 
 def _kept(out: str | None) -> str:

@@ -592,15 +592,18 @@ def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def warn_long_warmup(config: TrainConfig, steps: int, length_flag: str = "--steps") -> None:
-    """Warn of a given warmup that lasts the whole run of ``steps`` steps (``--warmup-steps 100
+def warn_long_warmup(config: TrainConfig, steps: int) -> None:
+    """Warn of a warmup that lasts the whole new run of ``steps`` steps (``--warmup-steps 100
     --steps 10``, or ``--epochs`` of fewer steps): the learning rate never reaches lr nor decays,
     and the run trained on at a fraction of it without a word, its results read as those of its
     lr. A warning, not a refusal: a short smoke test of a real run's config file (``--steps 5``)
-    is such a run on purpose. ``config`` is resolved; ``length_flag`` sets the run's length."""
+    is such a run on purpose. The task's default warmup is for its default length: a short run
+    that keeps it is not warned of. ``config`` is resolved; `Trainer.fit` calls this once for a
+    new run (every entry point trains through it; `lowbit compare` for its first run only)."""
     warmup = config.warmup_steps
-    if warmup < steps:
+    if warmup < steps or warmup == TASK_DEFAULTS[config.task]["warmup_steps"]:
         return
+    length_flag = "--steps" if config.steps is not None else "--epochs"
     warn(
         f"warmup_steps {warmup} is not below the run's {steps} steps: the learning rate only "
         f"ramps up, to {lr_at(config, steps - 1, steps):.3g} of lr {config.lr:.3g}, and "

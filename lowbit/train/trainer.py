@@ -606,6 +606,9 @@ class Trainer:
     """A run being trained: task, model, precision, optimizer, and the step counter."""
 
     sample = True  # end a completed causal-lm run with a sample text (compare turns it off)
+    # warn of a warmup as long as a new run (`warn_long_warmup`); compare, whose runs share
+    # their length, warns of its first run's only
+    warn_warmup = True
 
     def __init__(
         self,
@@ -900,6 +903,8 @@ class Trainer:
             resume_step = self.step_idx
             self._check_length()
         else:
+            if self.warn_warmup:  # rank 0's (`warn`); a resumed run was warned of as it started
+                warn_long_warmup(c, self.total_steps)
             # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
             self.start_metrics = self.evaluate()
             if main:  # check_run_dir let only --overwrite or a checkpointless run's files through
@@ -1019,7 +1024,15 @@ class Trainer:
         result = self._result(run_dir, status, last_saved, time.perf_counter() - t_start)
         # a run.json left "running" (a full disk) reads as a run that was killed: the run is
         # saved, but the folder is not as it says, and the exit status said all was well
-        unrecorded = self._record_end(main, run_dir, status, final_metrics=result.final_metrics)
+        # with the step they were measured at: an interrupted run's last validation may come
+        # before its `step`, and read as the metrics of the checkpoint there
+        unrecorded = self._record_end(
+            main,
+            run_dir,
+            status,
+            final_metrics=result.final_metrics,
+            final_metrics_step=result.evaluated_at,
+        )
         if unrecorded is not None and _refused_write(unrecorded, run_dir):
             raise self._not_written(unrecorded) from unrecorded
         return result
@@ -1197,6 +1210,8 @@ class Trainer:
         final, evaluated_at = self.last_metrics, self.last_metrics_step
         if status == "completed" and not final:
             final, evaluated_at = self.evaluate(), self.step_idx
+        if not final:  # a resumed run interrupted before its first validation measured none
+            evaluated_at = None
         extra = {}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -1426,7 +1441,6 @@ def train(
     recipe that cannot skip steps meets a non-finite loss, and `RunNotWritten` when the run folder
     cannot be written (a full disk).
     """
-    given_warmup = config.warmup_steps is not None  # before resolve puts the task's default in
     config = resolve(_under_torchrun(config))
     probe = _RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
     probe.take()
@@ -1439,8 +1453,4 @@ def train(
 
         return train_ranks(config, resume, overwrite, quiet, on_step)
     trainer = Trainer(config, quiet=quiet, resume=resume)
-    if given_warmup and config.epochs is not None and not resume:
-        # the steps of --epochs are counted from the data (`lowbit train` checks --steps); the
-        # task's default warmup is for its default length, as there
-        warn_long_warmup(trainer.config, trainer.total_steps, "--epochs")
     return trainer.fit(resume=resume, overwrite=overwrite, on_step=on_step)
