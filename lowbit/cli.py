@@ -94,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):  # `lowbit recipes | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
+        # Inside the try: building the parser imports every command module (Transformers among
+        # them), still part of the start-up a Ctrl-C may interrupt.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return 2
         return int(args.run(args) or 0)
     except UsageError as error:
         report_error(f"lowbit: error: {error}")
@@ -117,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         report_error(f"lowbit: error: {where}{error.strerror}; fix: {fix}")
         return status
+    finally:
+        # The command is done: a Ctrl-C while Python shuts down (its exit handlers, some of them
+        # torch's) ends the process as it would any program, not with a traceback from a handler.
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

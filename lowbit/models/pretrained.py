@@ -10,9 +10,11 @@ initialized model of that architecture, drawn from the caller's torch RNG.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -248,11 +250,21 @@ def load_config(path: Path, **kwargs):
         ) from None
 
 
-def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = False, **kwargs):
+def from_pretrained(
+    auto_class,
+    folder: Path,
+    ignore_mismatched_sizes: bool = False,
+    loading_info: bool = False,
+    **kwargs,
+):
     """``auto_class.from_pretrained(folder)`` offline, with SDPA attention where it exists; a
     fresh model from the folder's config where it holds no weights (see the module doc).
     ``kwargs`` set config fields; ``ignore_mismatched_sizes``: initialize afresh the weights whose
     shape those fields changed (a head of other labels) instead of refusing to load.
+    ``loading_info``: return ``(model, info)``, ``info`` transformers' ``missing_keys``,
+    ``unexpected_keys`` and ``mismatched_keys`` (all empty where the folder has no weights), and
+    leave transformers' load report unprinted: it tabulates the same keys in a dozen lines, most
+    of them expected in a fine-tuning (a head drawn afresh), so the caller says what matters.
 
     Parameters are fp32 whatever dtype the config names (a published config.json or a
     ``lowbit export --dtype bf16`` says bfloat16, and transformers builds in that dtype): the
@@ -261,7 +273,7 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
     config = load_config(folder, **kwargs)  # checked here also before a weights load reads it
     if not has_weights(folder):
         try:  # a copy each try: a refused SDPA model has set its attention implementation in it
-            return with_sdpa(
+            model = with_sdpa(
                 lambda **kw: auto_class.from_config(
                     copy.deepcopy(config), dtype=torch.float32, **kw
                 )
@@ -272,18 +284,48 @@ def from_pretrained(auto_class, folder: Path, ignore_mismatched_sizes: bool = Fa
                 f"({type(error).__name__}: {' '.join(str(error).split())}); fix: correct the "
                 "config's fields"
             ) from None
+        empty = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}
+        return (model, empty) if loading_info else model
     check_safetensors(folder)
     check_pytorch_bin(folder)
-    return with_sdpa(
-        lambda **kw: auto_class.from_pretrained(
-            folder,
-            local_files_only=True,
-            ignore_mismatched_sizes=ignore_mismatched_sizes,
-            dtype=torch.float32,
-            **kwargs,
-            **kw,
+    with _load_report_unsaid(loading_info):
+        return with_sdpa(
+            lambda **kw: auto_class.from_pretrained(
+                folder,
+                local_files_only=True,
+                ignore_mismatched_sizes=ignore_mismatched_sizes,
+                output_loading_info=loading_info,
+                dtype=torch.float32,
+                **kwargs,
+                **kw,
+            )
         )
-    )
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    """False for transformers' load report, unless it lists weight conversion errors: transformers
+    raises after such a report, pointing the user to its "CONVERSION entries" above."""
+    text = record.getMessage()
+    return "LOAD REPORT" not in text or "CONVERSION" in text
+
+
+@contextlib.contextmanager
+def _load_report_unsaid(on: bool):
+    """transformers' load report kept off the stderr handler transformers installs, within, when
+    ``on``. The record is still logged for the handlers a program adds (pytest's caplog among
+    them), so the filter goes on that one handler, not on the logger. transformers names it only
+    privately (``_default_handler``); should that name go, the report prints as before."""
+    from transformers.utils import logging as hf_logging
+
+    handler = getattr(hf_logging, "_default_handler", None) if on else None
+    if handler is None:
+        yield
+        return
+    handler.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        handler.removeFilter(_drop_load_report)
 
 
 # Files of a model folder up to this size are fingerprinted by their contents (config, tokenizer,

