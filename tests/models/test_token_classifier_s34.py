@@ -25,14 +25,8 @@ def test_a_sentencepiece_tokenizer_without_the_package_names_the_package(tmp_pat
     data = tmp_path / "ner.txt"
     data.write_text("".join(f"w{i} O\nx B-PER\n\n" for i in range(200)), encoding="utf-8")
     args = ["train", "--task", "token-classification", "--model", str(model), "--data",
-            str(data), "--steps", "1", "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(args) != 0
-    err = capsys.readouterr().err
-    assert (
-        f"lowbit: error: {model / 'spiece.model'}: a SentencePiece tokenizer, which needs the "
-        "sentencepiece package (not installed); fix: pip install sentencepiece"
-    ) in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
+            str(data), "--steps", "1"]  # fmt: skip
+    _refused_for_the_package(args, model / "spiece.model", tmp_path / "run", capsys)
 
 
 @pytest.mark.skipif(
@@ -51,12 +45,17 @@ def test_a_causal_lm_folder_with_a_sentencepiece_tokenizer_names_the_package(tmp
     (model / "tokenizer.model").write_bytes(b"\x0a\x05hello")  # sentencepiece is never reached
     data = tmp_path / "text.txt"
     data.write_text("def f(x):\n    return x\n" * 200, encoding="utf-8")
-    args = ["train", "--model", str(model), "--data", str(data), "--steps", "1",
-            "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(args) != 0
+    args = ["train", "--model", str(model), "--data", str(data), "--steps", "1"]
+    _refused_for_the_package(args, model / "tokenizer.model", tmp_path / "run", capsys)
+
+
+def _refused_for_the_package(args, tokenizer_file, out, capsys) -> None:
+    """`lowbit train ARGS --out OUT` fails in one line naming the sentencepiece package for
+    ``tokenizer_file``, with no traceback and no run folder."""
+    assert main([*args, "--out", str(out)]) != 0
     err = capsys.readouterr().err
     assert (
-        f"lowbit: error: {model / 'tokenizer.model'}: a SentencePiece tokenizer, which needs the "
+        f"lowbit: error: {tokenizer_file}: a SentencePiece tokenizer, which needs the "
         "sentencepiece package (not installed); fix: pip install sentencepiece"
     ) in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    assert "Traceback" not in err and not out.exists()
