@@ -8,6 +8,7 @@ import lowbit
 from lowbit.memory import measure_activations
 from lowbit.memory.estimate import estimate
 from lowbit.models import build_causal_lm
+from tests.memory_table import memory_rows
 
 
 @pytest.mark.parametrize("recipe", ["fp8-rowwise", "mxfp8"])
@@ -33,13 +34,6 @@ def test_converted_layers_keeping_their_input_are_estimated_as_the_run_saves_it(
     assert estimated.temporaries == saved.temporaries
 
 
-def _row(table: str, label: str) -> tuple[str, str]:
-    """(estimate, measured) bytes of a component's row in a run's memory table."""
-    (line,) = [line for line in table.splitlines() if line.strip().startswith(label)]
-    cells = line.strip()[len(label) :].split()
-    return cells[0], cells[-3]
-
-
 def test_a_checkpointed_encoders_kept_input_is_counted_once(tmp_path):
     """With activation checkpointing the block's input is kept by its checkpoint and read, as
     it came, by the block's first converted layers (BERT's q, k and v): the estimate counted it
@@ -52,5 +46,5 @@ def test_a_checkpointed_encoders_kept_input_is_counted_once(tmp_path):
         out=str(tmp_path / "run"),
     )  # fmt: skip
     table = train(config, quiet=True).extra["memory_table"]
-    estimated, measured = _row(table, "activations")
+    estimated, measured = memory_rows(table)["activations"]
     assert estimated == measured, table

@@ -13,6 +13,7 @@ from lowbit.train import checkpoint as ckpt
 from lowbit.train import train
 from lowbit.train.config import build_config, load_file
 from lowbit.train.trainer import Trainer
+from tests.memory_table import memory_rows
 
 NANO = {"model": "nano", "steps": 3, "eval_interval": 3}
 
@@ -84,14 +85,6 @@ def test_the_config_file_key(tiny_config, tmp_path):
     path.write_text("activation-checkpointing: 'yes'\n")
     with pytest.raises(UsageError, match="activation_checkpointing must be true or false"):
         build_config(load_file(path))
-
-
-def memory_rows(table: str) -> dict[str, tuple[int, int]]:
-    """(estimate, measured) bytes of each component of the trainer's memory table."""
-    rows = {}
-    for line in table.splitlines():  # columns of `Breakdown.table`
-        rows[line[:24].strip()] = (line[24:38].replace(",", ""), line[59:73].replace(",", ""))
-    return {k: (int(a), int(b)) for k, (a, b) in rows.items() if a.strip().isdigit()}
 
 
 def test_the_memory_report_measures_less_activation_memory(tiny_config, tmp_path):

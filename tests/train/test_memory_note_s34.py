@@ -3,16 +3,9 @@
 import pytest
 
 from lowbit.train import train
+from tests.memory_table import memory_rows
 
 NOTE = "the estimate is a GPU storing the formats natively"
-
-
-def _estimate_and_measured(table: str, label: str) -> tuple[str, str]:
-    """The bytes of a component's row: ``label  ESTIMATE  HUMAN UNIT  B/PARAM  MEASURED  HUMAN
-    UNIT`` (its human-readable figures hold a space)."""
-    (line,) = [line for line in table.splitlines() if line.startswith(label)]
-    cells = line[len(label) :].split()
-    return cells[0], cells[-3]
 
 
 @pytest.mark.parametrize("recipe", ["fp8-rowwise", "mxfp8"])
@@ -22,7 +15,8 @@ def test_a_recipe_whose_estimate_equals_the_run_says_no_emulation_note(tiny_conf
     tensors" was printed under a table whose estimate and measurement were the same bytes."""
     result = train(tiny_config(steps=2, eval_interval=2, recipe=recipe), quiet=True)
     table = result.extra["memory_table"]
+    rows = memory_rows(table)
     for label in ("activations", "temporary copies"):
-        estimated, measured = _estimate_and_measured(table, label)
+        estimated, measured = rows[label]
         assert estimated == measured, table
     assert NOTE not in table
