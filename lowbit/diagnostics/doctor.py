@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,7 @@ import torch
 
 from lowbit.diagnostics.stats import OPERANDS, clips_unbounded, nominal_stats, unflatten
 from lowbit.errors import UsageError
-from lowbit.train.config import write_atomically
+from lowbit.train.config import replace_atomically, write_atomically
 
 MAX_SATURATED = 1e-4
 MAX_UNDERFLOW = 1e-2
@@ -753,14 +752,8 @@ def write_outputs(diagnosis: Diagnosis, folder) -> tuple[Path, Path]:
     json_path, png_path = (folder / name for name in OUTPUT_FILES)
     # whole or not at all: an interrupted or full-disk write left a torn doctor.json
     write_atomically(json_path, json.dumps(diagnosis.to_json(), indent=2) + "\n")
-    # the heat map too, as `write_atomically` writes (a torn doctor.png beside a whole report)
-    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-    try:
-        heatmap(diagnosis, tmp)
-        os.replace(tmp, png_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # the heat map too (a torn doctor.png beside a whole report)
+    replace_atomically(png_path, lambda tmp: heatmap(diagnosis, tmp))
     return json_path, png_path
 
 

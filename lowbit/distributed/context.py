@@ -399,10 +399,10 @@ class Ranks(SingleProcess):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-            _restore_env(getattr(self, "replaced_env", {}))
+            restore_env(getattr(self, "replaced_env", {}))
 
 
-def _restore_env(replaced: dict) -> None:
+def restore_env(replaced: dict) -> None:
     """Put back the variables a one-process group replaced (None: it was unset)."""
     for key, value in replaced.items():
         if value is None:
@@ -450,7 +450,7 @@ def join(strategy: str, device: torch.device) -> Ranks:
         dist.init_process_group(backend, timeout=timeout)
     except Exception as error:
         port = os.environ.get("MASTER_PORT")
-        _restore_env(replaced_env)
+        restore_env(replaced_env)
         if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
             raise UsageError(
                 f"port {port} is in use (another run?); fix: choose "

@@ -32,6 +32,7 @@ from lowbit.distributed.context import (
     free_port,
     join,
     requested_port,
+    restore_env,
     signals_handled,
     torchrun_env,
 )
@@ -311,11 +312,7 @@ def _environment(**variables: str):
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        restore_env(before)
 
 
 def _wait_for_an_exit(context) -> dict[int, str]:

@@ -624,9 +624,16 @@ def write_atomically(path: Path, text: str) -> Path:
     """``path`` holds ``text`` whole, or what it held before: a kill mid-write (Ctrl-C as a resumed
     run starts) leaves no torn config.yaml or run.json for the next --resume to misread, only a
     temporary file (`is_write_leftover`)."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_atomically(path: Path, write) -> Path:
+    """`write_atomically` for any writer: ``write(tmp)`` fills a temporary file beside ``path``,
+    renamed over it once whole; on any failure the temporary file goes and ``path`` is as it
+    was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
