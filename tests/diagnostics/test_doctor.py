@@ -153,7 +153,8 @@ def test_doctor_from_a_checkpoint_of_the_same_recipe_continues_its_plan(lm_confi
 def test_a_probe_that_goes_non_finite_is_diagnosed_not_a_traceback(lm_config, tmp_path):
     """A recipe whose step goes non-finite (and cannot skip it) is what the doctor is for: it
     raised NonFiniteLoss out of `lowbit doctor` instead of naming the non-finite operands."""
-    diagnosis = diagnose(resolve(lm_config(recipe="fp8-tensorwise", lr=1e4)), steps=3)
+    # an lr far past divergence: at 1e4 one CPU's kernels went non-finite by step 3, another's not
+    diagnosis = diagnose(resolve(lm_config(recipe="fp8-tensorwise", lr=1e12)), steps=3)
     assert "probe stopped" in diagnosis.stopped and "probe stopped" in diagnosis.table()
     assert "non-finite" in {r.reason for r in diagnosis.flagged}
     json_path, _ = write_outputs(diagnosis, tmp_path / "doctor")

@@ -122,7 +122,8 @@ def test_gap_by_evaluation_says_why_when_the_baseline_diverged_before_evaluating
     """The table was a header of "recipe" alone over a row of recipe names."""
     out = tmp_path / "div"
     argv = ["compare", "--recipes", "fp32,bf16-mixed", "--seeds", "1", *FLAGS, "--steps", "4"]
-    argv += ["--eval-interval", "2", "--lr", "1e6", "--warmup-steps", "0", "--no-plots"]
+    # an lr far past divergence: at 1e6 one CPU's fp32 still evaluated at step 2
+    argv += ["--eval-interval", "2", "--lr", "1e12", "--warmup-steps", "0", "--no-plots"]
     assert main([*argv, "--quiet", "--out", str(out)]) == 0
     capsys.readouterr()
     report = (out / "report" / "report.md").read_text()

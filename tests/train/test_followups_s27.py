@@ -1,6 +1,7 @@
 """Session 27: run.json says how a run ended, for a script reading a folder of runs."""
 
 import json
+import re
 
 import pytest
 
@@ -40,7 +41,8 @@ def test_a_diverged_run_and_a_failed_one_say_so_and_where(tmp_path, capsys, monk
     assert main([*argv, "--lr", "1e6", "--grad-clip", "0", "--out", str(run)]) == 1
     info = _info(run)
     assert info["status"] == "diverged"
-    assert info["error"].startswith("gradient norm is nan at step ")
+    # which goes non-finite first, the loss or the gradients, depends on the CPU's kernels
+    assert re.fullmatch(r"(loss|gradient norm) is (nan|inf) at step \d+", info["error"])
     assert info["step"] == int(info["error"].rsplit(" ", 1)[1]) - 1  # the last step taken
 
     log = logging_module.MetricsLogger.log
