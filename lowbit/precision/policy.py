@@ -627,7 +627,7 @@ class Precision:
         specs = {name: layer.lowbit_state.spec.describe() for name, layer in self._layers().items()}
         state = {
             "recipe": self.recipe.name,
-            **({} if is_built_in(self.recipe.name) else {"definition": _definition(self.recipe)}),
+            **_recorded_definition(self.recipe),
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "update": update,
@@ -711,7 +711,7 @@ class Precision:
                 stacklevel=2,
             )
         if saved == self.recipe.name:  # another recipe's was warned about above
-            self._check_definition(state.get("definition"))
+            self._check_definition(state)
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -752,21 +752,55 @@ class Precision:
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
-    def _check_definition(self, saved: dict | None) -> None:
-        """Refuse a state saved under a user's recipe of this name that was defined otherwise
-        (`_definition`): resumed, a run of a recipe registered again with other formats (or a
-        process that registered another recipe under the name) continued in other numerics
-        without a word."""
-        if not isinstance(saved, dict) or is_built_in(self.recipe.name):
+    def _check_definition(self, state: dict) -> None:
+        """Refuse a state saved under this recipe's name by a recipe that computed otherwise.
+
+        A user's recipe is compared field by field (`_definition`): resumed, a run of a recipe
+        registered again with other formats (or a process that registered another recipe under
+        the name) continued in other numerics without a word. A built-in preset changed in place
+        (``dataclasses.replace(get_recipe('bf16-mixed'), param_dtype='bf16', ...)``) keeps the
+        preset's name too, and a state saved by it loaded into the preset (or the other way
+        round) without a word, the preset's fp32 parameters dropping the other's master weights;
+        so its changes from the preset are compared (`_preset_changes`), and a state that
+        records none (saved before lowbit recorded them) is taken as it is.
+
+        Refused, not warned of, as a user's recipe is: the name claims the numerics the state
+        was saved with, and the way to switch on purpose stays open, under a name of its own (a
+        state loaded into another recipe is warned of, `load_state_dict`). Left out of a
+        preset's comparison are the options a run sets on top of a preset, which the trainer
+        checks on resume itself (`check_resume_config`) and a library user may change on
+        purpose: the overrides (``--override``, `Recipe.with_overrides`), whose layers in other
+        formats than the state's are warned of (`_warn_changed_specs`), and the loss scale's
+        start and growth interval (``--loss-scale``, ``--loss-scale-growth-interval``), whose
+        scale the state's replaces. A run resumed with the options it was trained with resumes
+        silently, as before."""
+        name = self.recipe.name
+        if not is_built_in(name):
+            saved = state.get("definition")
+            if not isinstance(saved, dict):
+                return
+            now = _definition(self.recipe)
+            changed = [field for field, value in now.items() if saved.get(field, value) != value]
+            if changed:
+                raise UsageError(
+                    f"the precision state was saved under recipe {name!r} as it was defined "
+                    f"then, and this Precision's {name!r} differs in {', '.join(changed)}; fix: "
+                    "register the recipe as it was when the run trained, or give the new one "
+                    "another name (and start a new run)"
+                )
             return
-        now = _definition(self.recipe)
-        changed = [field for field, value in now.items() if saved.get(field, value) != value]
+        saved = state.get("preset_changes")
+        if not isinstance(saved, dict):
+            return
+        now = _preset_changes(self.recipe)
+        changed = [f.name for f in fields(self.recipe) if saved.get(f.name) != now.get(f.name)]
         if changed:
+            then = f"{name} changed in {', '.join(saved)}" if saved else f"the preset {name}"
             raise UsageError(
-                f"the precision state was saved under recipe {self.recipe.name!r} as it was "
-                f"defined then, and this Precision's {self.recipe.name!r} differs in "
-                f"{', '.join(changed)}; fix: register the recipe as it was when the run trained, "
-                "or give the new one another name (and start a new run)"
+                f"the precision state was saved under {then}, and this Precision's {name} "
+                f"differs from it in {', '.join(changed)}; fix: load it into the recipe it was "
+                f"saved under, or give one of the two a name of its own (dataclasses.replace(recipe, "
+                f"name='{name}-custom')) to switch recipes on purpose (warned of)"
             )
 
     def _apply_pending(self) -> None:
@@ -862,6 +896,42 @@ def _definition(recipe: Recipe) -> dict[str, str]:
     may be registered again with other numerics before a run resumes."""
     texts = ("name", "description", "reference")
     return {f.name: repr(getattr(recipe, f.name)) for f in fields(recipe) if f.name not in texts}
+
+
+# What a state saved under a preset's name leaves out of the preset's changes it records
+# (`_check_definition` says why): the texts, and the options a run sets on top of a preset
+_NOT_PRESET_CHANGES = (
+    "name",
+    "description",
+    "reference",
+    "overrides",
+    "initial_loss_scale",
+    "loss_scale_growth_interval",
+)
+
+
+def _preset_changes(recipe: Recipe) -> dict[str, str]:
+    """The fields in which ``recipe``, under a built-in preset's name, differs from that preset
+    (`_definition`'s), less `_NOT_PRESET_CHANGES`: none for the preset itself or one with
+    ``--override`` and ``--loss-scale``. Relative to the preset, so that a preset that a later
+    release of lowbit defines otherwise still resumes a run saved under it."""
+    try:
+        preset = _definition(get_recipe(recipe.name))
+    except UsageError:  # a name lowbit reserves but does not define (``auto:fp2``)
+        preset = {}
+    return {
+        field: value
+        for field, value in _definition(recipe).items()
+        if field not in _NOT_PRESET_CHANGES and preset.get(field) != value
+    }
+
+
+def _recorded_definition(recipe: Recipe) -> dict:
+    """What `Precision.state_dict` records of its recipe beside the name: a user's recipe's
+    `_definition`, a preset's `_preset_changes` (checked by `Precision._check_definition`)."""
+    if is_built_in(recipe.name):
+        return {"preset_changes": _preset_changes(recipe)}
+    return {"definition": _definition(recipe)}
 
 
 def _guard_steps(optimizer, precision: Precision) -> None:
