@@ -297,7 +297,15 @@ def get_recipe(name: str | Recipe) -> Recipe:
     except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a config file)
         valid = accepted_names()
         alike = spelt_alike(str(name), valid)
-        fix = f"; fix: did you mean {alike!r}?" if alike else ""
+        # a user's recipe is registered in the process that runs the user's script: `lowbit train
+        # --recipe NAME` (a process of its own) refused it as if it were misspelt
+        fix = (
+            f"; fix: did you mean {alike!r}?"
+            if alike
+            else "; fix: one of those, or for a recipe of your own (lowbit.recipes.register), "
+            "the Python process that registers it: no other knows it (docs/recipes.md, Your own "
+            "recipe)"
+        )
         raise UsageError(
             f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}{fix}"
         ) from None
