@@ -10,6 +10,7 @@ Rank 0's `RunResult` comes back to the caller.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from lowbit.distributed.context import (
     STOP_SIGNAL,
     RankFailed,
     check_port,
+    collective_timeout,
     free_port,
     join,
     requested_port,
@@ -401,6 +403,7 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
             f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
         )
     preflight(config, resume, gpu_memory=False)  # each rank checks its own GPU (`_worker`)
+    _check_inputs(config)
     cores = os.cpu_count() or 1
     if not gpus and config.nproc > cores:
         # it runs (one thread a rank), but the ranks take turns on the cores: a user who took
@@ -410,6 +413,31 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
             f"train slower than fewer would; fix: --nproc {cores} or fewer"
         )
     return spawn(config, resume, overwrite, quiet, on_step)
+
+
+def _check_inputs(config) -> None:
+    """Refuse here, before the ranks start, the input that a one-process run refuses as its
+    `Trainer` sets up and that each rank refused only then, after two interpreters had imported
+    torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
+    inherit; a causal LM's --model folder (`folder_config`, what `load_causal_lm` reads before
+    the weights) and its positions against --seq-len (`check_positions`); the --data, read by
+    the functions the run's task reads it with (`data_fingerprint`: `load_corpus`,
+    `conll_splits`). The ranks check again (under torchrun no launcher runs), and make the checks
+    that need the run's tokenizer or built model. The data's warnings are rank 0's to print, as
+    under torchrun: said here too, each was read twice."""
+    from lowbit.models import causal_lm
+    from lowbit.train.tasks import data_fingerprint
+
+    collective_timeout()
+    if config.task == "causal-lm":
+        if config.model in causal_lm.SIZES:
+            model_config = causal_lm.model_config(config.model)
+        else:
+            model_config = causal_lm.folder_config(config.model)
+        causal_lm.check_positions(model_config, config.seq_len)
+    if config.data is not None:  # the built-in data (stdlib, syntax tags) is not read here
+        with contextlib.redirect_stderr(io.StringIO()):
+            data_fingerprint(config.task, config.data, config.text_field)
 
 
 def process_count_flag() -> str:

@@ -173,9 +173,16 @@ def max_positions(model) -> int | None:
 
 def check_seq_len(model, seq_len: int) -> None:
     """Raise a `UsageError` when ``seq_len`` exceeds the model's maximum positions."""
-    if max_positions(model) is not None and seq_len > max_positions(model):
+    check_positions(model.config, seq_len)
+
+
+def check_positions(config, seq_len: int) -> None:
+    """`check_seq_len` of the model a config builds, without building it (the `--nproc`
+    launcher's check before its ranks each build the model)."""
+    positions = config_positions(config)
+    if positions is not None and seq_len > positions:
         raise UsageError(
-            f"sequence length {seq_len} exceeds the model's {max_positions(model)} positions; "
+            f"sequence length {seq_len} exceeds the model's {positions} positions; "
             "fix: use a shorter sequence length or a model with more positions"
         )
 
@@ -246,12 +253,11 @@ def decoder_fields(path) -> list[str]:
         return []
 
 
-def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
-    """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
-    a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
-    initialized from ``seed`` (the global torch RNG is left untouched)."""
-    from transformers import AutoModelForCausalLM
-
+def folder_config(path):
+    """The config of the --model folder (or config.json) ``path`` that `load_causal_lm` builds,
+    read without its weights; a `UsageError` where ``path`` is no checkpoint folder or its
+    config.json cannot be read. The `--nproc` launcher checks a folder with it before it starts
+    the ranks, which each build the model."""
     folder = Path(path)
     config_file = folder.is_file() and folder.suffix == ".json"  # a config.json by itself
     if not (config_file or (folder / "config.json").is_file()):
@@ -268,7 +274,17 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
             f"{path}: {what}; fix: give a named size ({', '.join(SIZES)}), a folder written by "
             "save_pretrained or a config.json"
         )
-    config = load_config(folder)
+    return load_config(folder)
+
+
+def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
+    """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
+    a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
+    initialized from ``seed`` (the global torch RNG is left untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    config = folder_config(path)
     architectures = config.architectures or []
     model = None
     if not architectures or is_causal_lm(architectures, config.model_type):

@@ -40,9 +40,14 @@ def test_under_torchrun_rank_0_prints_and_the_others_tell_torchrun(monkeypatch, 
 
 def test_nproc_prints_a_ranks_usage_error_once(tmp_path):
     """The ranks fail on the data; the launcher prints the error, and nothing else (torch's
-    "Terminating process N via signal SIGTERM" warning came with it)."""
+    "Terminating process N via signal SIGTERM" warning came with it). The data's warning is said
+    once too, by rank 0 (the launcher reads the data before the ranks start, silently). The
+    error is one only the ranks can meet: too few tokens for a window needs the run's tokenizer,
+    which the launcher does not build (a missing --data it refuses itself: test_preflight_s35)."""
+    data = tmp_path / "short.txt"  # 20 copies of a paragraph: shared by the splits, 644 tokens
+    data.write_text("\n\n".join(["the same paragraph, again and again."] * 20))
     argv = ["train", "--nproc", "2", "--device", "cpu", "--model", "nano", "--steps", "1"]
-    argv += ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    argv += ["--data", str(data), "--seq-len", "1000", "--out", str(tmp_path / "run")]
     done = subprocess.run(
         [sys.executable, "-m", "lowbit", *argv],
         capture_output=True,
@@ -51,10 +56,12 @@ def test_nproc_prints_a_ranks_usage_error_once(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        f"lowbit: error: {tmp_path / 'missing'}: no such file, folder or glob; fix: check the "
-        "data path"
-    ]
+    warning, error = done.stderr.splitlines()
+    assert warning.startswith(f"lowbit: warning: {data}: 2 of 2 validation and 1 of 1 test")
+    assert error == (
+        f"lowbit: error: {data}: the train split holds 644 tokens, fewer than one window of "
+        "--seq-len + 1 = 1001; fix: use more data or a shorter --seq-len"
+    )
 
 
 def test_a_non_finite_loss_under_torchrun_is_printed_once(tmp_path):
