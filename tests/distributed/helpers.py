@@ -1,22 +1,39 @@
-"""Running a function on N spawned gloo ranks (one torch thread each) with a deadline."""
+"""Running a function on N gloo ranks (one torch thread each) with a deadline.
+
+The ranks are forked from a server process that imported torch and lowbit once (multiprocessing's
+"forkserver", started by the first call in each pytest process): a spawned rank spent about 5 s
+of CPU importing them, on every call. A forked rank starts as a spawned one did: the server only
+imported modules (none of the caller's state reaches a rank), and each rank takes the caller's
+environment and working folder of the call and generators seeded afresh.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import pickle
 import tempfile
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
 from lowbit.distributed.context import free_port
 
 TINY = {"seq_len": 32, "batch_size": 8, "eval_batches": 1, "eval_interval": 100, "lr": 3e-3}
+# what every rank imports; a test module (the ``fn``'s) is imported by each rank, quickly then
+_PRELOAD = ["torch.distributed.fsdp", "lowbit.train", "lowbit.distributed"]
 
 
-def _entry(rank, fn, nproc, port, folder, kwargs, group):
+def _entry(rank, fn, nproc, port, folder, kwargs, group, environ):
+    os.environ.clear()  # the server's, as the first call found it: the caller's now instead
+    os.environ.update(environ)
+    # a fresh process's generators (seeded from the system's entropy): forked, every rank had
+    # the server's, and unseeded draws were the same on every rank and in every call
+    torch.seed()
+    numpy.random.seed()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -52,9 +69,12 @@ def on_ranks(fn, nproc: int = 2, timeout: float = 240, group: bool = True, **kwa
     """
     import torch.multiprocessing as mp
 
+    multiprocessing.forkserver.set_forkserver_preload(_PRELOAD)  # once the server runs: no-op
     with tempfile.TemporaryDirectory() as folder:
-        args = (fn, nproc, free_port(), folder, kwargs, group)
-        context = mp.start_processes(_entry, args=args, nprocs=nproc, join=False)
+        args = (fn, nproc, free_port(), folder, kwargs, group, dict(os.environ))
+        context = mp.start_processes(
+            _entry, args=args, nprocs=nproc, join=False, start_method="forkserver"
+        )
         deadline = time.monotonic() + timeout
         try:
             while not context.join(timeout=1):
