@@ -811,6 +811,10 @@ class Trainer:
             "rng": rng_state(),
             "trainer": {
                 "start_metrics": self.start_metrics,
+                # the run's last validation, which a resumed run stopped before its next one
+                # reports (its run.json read {} there, as if the run had never been validated)
+                "last_metrics": self.last_metrics,
+                "last_metrics_step": self.last_metrics_step,
                 "recent_losses": self.recent_losses,
                 "counted": self.counted,
                 "step_seconds": self.step_seconds,
@@ -907,6 +911,9 @@ class Trainer:
                 warn_long_warmup(c, self.total_steps)
             # Before anything is written: bad validation data (or a Ctrl-C) leaves no folder.
             self.start_metrics = self.evaluate()
+            # the run's last validation until the first interval's: a run stopped before that
+            # reports it, as its metrics.jsonl has it
+            self.last_metrics, self.last_metrics_step = self.start_metrics, 0
             if main:  # check_run_dir let only --overwrite or a checkpointless run's files through
                 run_dir.mkdir(parents=True, exist_ok=True)
                 lock.take()  # checked again under the lock: a run may have started there since
