@@ -40,6 +40,7 @@ data that changed as the first run wrote it.
 from __future__ import annotations
 
 import codecs
+import csv
 import fnmatch
 import functools
 import glob
@@ -453,7 +454,8 @@ def _read_texts(
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
-      yields validation and test text.
+      yields validation and test text; but a ``.csv`` or ``.tsv`` table (one file, or a glob of
+      such names) is refused with the command that writes its rows as JSON Lines.
     """
     # an empty path would read the current folder, as `lowbit train --data ""` refuses to
     check_given(path_or_glob, "the data path")
@@ -469,6 +471,7 @@ def _read_texts(
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
         unread = _may_have_held_text(unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES))
     elif path.is_file():
+        _check_not_table(path)
         if path.suffix.lower() in JSONL_SUFFIXES:
             docs = _jsonl_documents(path, path.name, text_field)
         else:
@@ -488,6 +491,8 @@ def _read_texts(
         records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
         docs = []
         for f in files:
+            if f.suffix.lower() == path.suffix.lower():  # 'data/*.csv' asks for tables
+                _check_not_table(f)
             name = os.path.relpath(f, base).replace(os.sep, "/")
             docs += (
                 _jsonl_documents(f, name, text_field)
@@ -531,6 +536,37 @@ def _read_texts(
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
     return sorted(docs, key=lambda d: d.name), binary, unread, written
+
+
+# Table files by their separator: data exported from a spreadsheet or a dataframe. Read as plain
+# text, a table trained on its header, ids and separators, and as one paragraph without blank
+# lines it stopped at "the validation split is empty", whose fix spoke of paragraphs.
+TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def _check_not_table(path: Path) -> None:
+    """Refuse a CSV or TSV file (`TABLE_SEPARATORS`), with the command that writes its rows as
+    JSON Lines (Python's own csv module: no package to install) and the columns to pick the
+    text from with ``--text-field``."""
+    separator = TABLE_SEPARATORS.get(path.suffix.lower())
+    if separator is None:
+        return
+    first = read_text(path).split("\n", 1)[0].rstrip("\r")
+    header = next(csv.reader([first], delimiter=separator), [])
+    columns = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
+    code = (
+        "import csv, json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
+        f"csv.DictReader(open(sys.argv[1], newline='', encoding='utf-8-sig'), "
+        f"delimiter={separator!r})]"
+    )
+    jsonl = path.with_suffix(".jsonl")
+    raise UsageError(
+        f"{path}: a {path.suffix[1:].upper()} table (columns: {columns or 'none'}), which read "
+        "as plain text would train on its header, ids and separators; fix: write its rows as "
+        f'JSON Lines with python -c "{code}" {shlex.quote(str(path))} > '
+        f"{shlex.quote(str(jsonl))} and give that file with --text-field COLUMN, or rename it "
+        ".txt to train on it as plain text"
+    )
 
 
 def _jsonl_below(folder: Path) -> Path | None:
