@@ -395,12 +395,24 @@ def _check_types(config: TrainConfig) -> None:
     config.overrides = list(config.overrides)
 
 
+def _check_tokenizer(name: str) -> None:
+    """``name`` is one of `TOKENIZERS`; a path (a user's own tokenizer folder, or its
+    tokenizer.json) is refused with where such a tokenizer is read from: a --model folder."""
+    if name not in TOKENIZERS and os.path.exists(os.path.expanduser(name)):
+        raise UsageError(
+            f"--tokenizer {name}: takes byte or bpe, not a tokenizer of your own; fix: copy its "
+            "files (tokenizer.json, tokenizer_config.json, ...) beside the config.json of the "
+            "model to train in one folder and give --model DIR, whose tokenizer the run reads"
+        )
+    choose("tokenizer", name, TOKENIZERS)
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the task defaults in and check every value; returns a new config."""
     out = dataclasses.replace(config)
     _check_types(out)  # a TrainConfig made in Python has not been through `build_config`
     choose("task", out.task, TASKS)
-    choose("tokenizer", out.tokenizer, TOKENIZERS)
+    _check_tokenizer(out.tokenizer)
     from lowbit.optim import STATE_PRECISIONS
 
     choose("optimizer state precision", out.optimizer_state, STATE_PRECISIONS)
