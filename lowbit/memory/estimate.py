@@ -156,11 +156,25 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise UsageError(
-            f"{text!r} is neither a model size ({', '.join(list_sizes())}) nor a config.json; "
-            "fix: give a size name or the path of a Hugging Face config.json"
-        )
+        raise UsageError(_no_model_at(Path(text), list_sizes()))
     return load_config(path), str(path)  # a config.json transformers rejects: one line
+
+
+def _no_model_at(given: Path, sizes) -> str:
+    """Why ``--model`` names no model, and the fix: a mistyped path, a `lowbit compare` folder
+    (whose runs are run folders), or a folder without a config.json. One message for all three
+    read "is neither a model size nor a config.json" of a compare folder, and of a missing
+    ``x/config.json``, with a fix that left out the run folders that --model takes."""
+    from lowbit.report.compare import SETTINGS
+
+    fix = "fix: a size name, a Hugging Face config.json or its folder, or a lowbit run folder"
+    if not given.exists():
+        return f"{given}: nothing at that path, nor a model size ({', '.join(sizes)}); {fix}"
+    if (given / SETTINGS).is_file() and (given / "runs").is_dir():
+        run = next(iter(sorted((given / "runs").glob("*/seed-*"))), None)
+        example = f" such as {run}" if run else ""
+        return f"{given}: a lowbit compare study, not one run; fix: one of its runs{example}"
+    return f"{given}: holds no config.json, and is no lowbit run folder; {fix}"
 
 
 def _run_config(run_dir: Path, task: str):

@@ -288,7 +288,7 @@ def test_sharding_checkpointing_and_fits():
 
 
 def test_bad_inputs_are_usage_errors(tmp_path):
-    with pytest.raises(UsageError, match="neither a model size"):
+    with pytest.raises(UsageError, match="nothing at that path, nor a model size"):
         estimate(tmp_path / "missing.json")
     with pytest.raises(UsageError, match="exceeds"):
         estimate("tiny", seq=4096)
