@@ -8,6 +8,7 @@ from pathlib import Path
 from lowbit.memory.breakdown import COMPONENTS, human
 from lowbit.report.compare import verdict_digits
 from lowbit.train.config import write_atomically
+from lowbit.train.trainer import TRAIN_LOSS_STEPS
 
 SHORT = {
     "parameters": "params",
@@ -18,6 +19,13 @@ SHORT = {
     "temporaries": "temp",
 }
 WORST_LABELS = 3  # per recipe in the "what the model forgets" table
+# What the train loss column holds: the run's record (`lowbit train`'s summary line), a mean over
+# its last steps, which in a short study includes the first, untrained ones; read as the last
+# step's loss it did not match metrics.jsonl (a 16-step run: 4.87 in the table, 4.05 there).
+TRAIN_LOSS = (
+    f"train loss = a run's mean over its last {TRAIN_LOSS_STEPS} training steps, or all of a "
+    "shorter run's, as lowbit train prints it, not its last step's"
+)
 # Evaluations in the gap-by-evaluation table at most: a 5000-step run evaluated every 100 steps
 # made a table 51 columns wide, which no page shows (results.json holds every evaluation).
 GAP_COLUMNS = 12
@@ -108,10 +116,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             (
                 "Loss and task metric (one seed: no spread, so no difference is called "
                 "significant; gaps = differences to the baseline's final train and validation "
-                "losses)"
+                f"losses; {TRAIN_LOSS})"
                 if one_seed
                 else "Loss and task metric (mean ± std over seeds; gaps = paired differences to "
-                "the baseline's final train and validation losses, ± their seed spread)"
+                "the baseline's final train and validation losses, ± their seed spread; "
+                f"{TRAIN_LOSS})"
             ),
             [
                 "recipe",

@@ -54,6 +54,7 @@ from lowbit.train.tasks import build_task, to_device
 _NATIVE_ON_CPU = ("fp32", "bf16")
 
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
+TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, run.json)
 RUN_FILES = ("config.yaml", RUN_INFO, "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
@@ -963,7 +964,7 @@ class Trainer:
                     dt = time.perf_counter() - t0 - out["measuring_seconds"]  # training only
                     self.step_seconds += dt
                     self.counted += out["count"]
-                    self.recent_losses = [*self.recent_losses[-19:], out["loss"]]
+                    self.recent_losses = [*self.recent_losses[1 - TRAIN_LOSS_STEPS :], out["loss"]]
                     rate = out["count"] / dt
                     logger.log(
                         self.step_idx,
