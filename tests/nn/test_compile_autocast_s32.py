@@ -13,6 +13,7 @@ import torch
 
 import lowbit
 from tests.nn.test_compile_breaks_s32 import nano
+from tests.nn.test_compile_s28 import compile_counted, graph_breaks
 
 
 def mlp(precision: lowbit.Precision) -> torch.nn.Module:
@@ -29,31 +30,33 @@ def output(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
-def step(run, x, precision: lowbit.Precision) -> list[torch.Tensor]:
-    with precision.autocast():
-        out = output(run, x)
-    out.float().square().mean().backward()
-    return [out] + [p.grad for p in getattr(run, "_orig_mod", run).parameters()]
-
-
-def assert_one_graph(build, x, precision: lowbit.Precision) -> None:
-    """The model ``build(precision)`` makes, run under the recipe's autocast, traces to one graph."""
-    torch._dynamo.reset()
-    model = build(precision)
+def under_autocast(model, precision: lowbit.Precision):
+    """The model's output under the recipe's autocast, entered inside what is compiled: a trace
+    that leaves autocast as it was not fails Dynamo's check of the global state."""
 
     def forward(x):
         with precision.autocast():
             return output(model, x)
 
-    explained = torch._dynamo.explain(forward)(x)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    torch._dynamo.reset()
+    return forward
+
+
+def step(forward, model, x) -> list[torch.Tensor]:
+    out = forward(x)
+    out.float().square().mean().backward()
+    return [out] + [p.grad for p in model.parameters()]
 
 
 def assert_one_graph_with_eager_bits(build, x, precision: lowbit.Precision) -> None:
-    assert_one_graph(build, x, precision)
-    eager = step(build(precision), x, precision)
-    compiled = step(torch.compile(build(precision), backend="aot_eager"), x, precision)
+    """The model ``build(precision)`` makes, compiled and run under the recipe's autocast, traces
+    to one graph and gives eager's output and gradients."""
+    torch._dynamo.reset()
+    model = build(precision)
+    eager = step(under_autocast(model, precision), model, x)
+    model = build(precision)
+    forward, graphs = compile_counted(under_autocast(model, precision))
+    compiled = step(forward, model, x)
+    assert graphs.frame_count == 1 and not graph_breaks(), (graphs.frame_count, graph_breaks())
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
         assert torch.equal(a, b), i
 

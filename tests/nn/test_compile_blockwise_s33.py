@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import lowbit
-from tests.nn.test_compile_autocast_s32 import assert_one_graph, output
+from tests.nn.test_compile_autocast_s32 import under_autocast
 from tests.nn.test_compile_breaks_s32 import nano
+from tests.nn.test_compile_s28 import compile_counted, graph_breaks
 
 
 def wide(precision: lowbit.Precision) -> torch.nn.Module:
@@ -31,19 +32,22 @@ def wide(precision: lowbit.Precision) -> torch.nn.Module:
 
 
 def train(build, x, compiled: bool, steps: int = 3) -> list[torch.Tensor]:
-    """Outputs and gradients of each step, then the trained weights."""
+    """Outputs and gradients of each step, then the trained weights; compiled, the model traces
+    to one graph for all the steps."""
     precision = lowbit.Precision("fp8-blockwise")
     model = build(precision)
-    run = torch.compile(model, backend="aot_eager") if compiled else model
+    forward = under_autocast(model, precision)
+    forward, graphs = compile_counted(forward) if compiled else (forward, None)
     optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
     seen = []
     for _ in range(steps):
-        with precision.autocast():
-            out = output(run, x)
+        out = forward(x)
         precision.backward(out.float().square().mean())
         seen += [out.detach()] + [p.grad.clone() for p in model.parameters()]
         precision.step(optimizer)
         optimizer.zero_grad()
+    if compiled:
+        assert graphs.frame_count == 1 and not graph_breaks(), (graphs.frame_count, graph_breaks())
     return seen + [p.detach() for p in model.parameters()]
 
 
@@ -56,7 +60,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_fp8_blockwise_under_autocast_compiles_to_one_graph_with_the_eager_bits(case):
     build, x = CASES[case]
-    assert_one_graph(build, x, lowbit.Precision("fp8-blockwise"))
+    torch._dynamo.reset()
     eager = train(build, x, compiled=False)
     compiled = train(build, x, compiled=True)
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 import lowbit
 import lowbit.nn.linear
 from lowbit.models.causal_lm import model_config
+from tests.nn.test_compile_s28 import compile_counted, graph_breaks
 
 
 def mlp() -> torch.nn.Module:
@@ -37,9 +38,9 @@ def test_an_mxfp4_model_compiled_before_its_first_eager_step_is_one_graph(monkey
     monkeypatch.setattr(lowbit.nn.linear, "_SIGNS", {})  # as in a new process: no signs drawn yet
     torch._dynamo.reset()
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    explained = torch._dynamo.explain(mlp())(x)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    compiled = mlp_step(torch.compile(mlp(), backend="aot_eager"), x)
+    model, graphs = compile_counted(mlp())
+    compiled = mlp_step(model, x)
+    assert graphs.frame_count == 1 and not graph_breaks(), (graphs.frame_count, graph_breaks())
     eager = mlp_step(mlp(), x)
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
         assert torch.equal(a, b), i
@@ -56,11 +57,19 @@ def nano(precision: lowbit.Precision) -> torch.nn.Module:
     return model
 
 
-def step(run, ids, precision: lowbit.Precision) -> list[torch.Tensor]:
-    with precision.autocast():
-        logits = run(ids).logits
-    logits.float().square().mean().backward()
-    return [logits] + [p.grad for p in getattr(run, "_orig_mod", run).parameters()]
+def step(model, ids, precision: lowbit.Precision, compiled: bool = False) -> list:
+    """The logits and gradients of a step under the recipe's autocast, entered inside what is
+    compiled; compiled, also the graph count and breaks."""
+
+    def logits(x):
+        with precision.autocast():
+            return model(x).logits
+
+    run, graphs = compile_counted(logits) if compiled else (logits, None)
+    out = run(ids)
+    out.float().square().mean().backward()
+    seen = [out] + [p.grad for p in model.parameters()]
+    return [*seen, (graphs.frame_count, graph_breaks())] if compiled else seen
 
 
 def test_rerouted_attention_under_autocast_compiles_to_one_graph_with_the_eager_bits():
@@ -69,15 +78,8 @@ def test_rerouted_attention_under_autocast_compiles_to_one_graph_with_the_eager_
     torch._dynamo.reset()
     precision = lowbit.Precision("bf16-mixed")
     ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
-    model = nano(precision)
-
-    def logits(x):
-        with precision.autocast():
-            return model(x).logits
-
-    explained = torch._dynamo.explain(logits)(ids)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     eager = step(nano(precision), ids, precision)
-    compiled = step(torch.compile(nano(precision), backend="aot_eager"), ids, precision)
+    *compiled, graphs = step(nano(precision), ids, precision, compiled=True)
+    assert graphs == (1, []), graphs
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
         assert torch.equal(a, b), i

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from transformers import LlamaForCausalLM
 
 import lowbit
 from lowbit.models.causal_lm import model_config
+from tests.nn.test_compile_s28 import compile_counted, graph_breaks
 
 
 def nano() -> tuple[torch.nn.Module, lowbit.Precision, torch.optim.Optimizer]:
@@ -34,22 +34,21 @@ def nano() -> tuple[torch.nn.Module, lowbit.Precision, torch.optim.Optimizer]:
     return model, precision, optimizer
 
 
-def train(ids: torch.Tensor, compiled: bool, steps: int = 4) -> list[torch.Tensor]:
+def train(ids: torch.Tensor, compiled: bool, steps: int = 4) -> tuple[list[torch.Tensor], list]:
     """Logits and gradients of each step, then the histories; `precision.step` commits the
-    histories between steps, so every step after the first scales with them."""
+    histories between steps, so every step after the first scales with them. And how many graphs
+    the compiled model had traced after each step (a graph break anywhere fails)."""
     model, precision, optimizer = nano()
-    run = torch.compile(model, backend="aot_eager") if compiled else model
-    seen = []
-    for step in range(steps):
-        if step == 2:
-            graphs = counters["stats"]["unique_graphs"]
+    run, graphs = compile_counted(model) if compiled else (model, None)
+    seen, traced = [], []
+    for _ in range(steps):
         logits = run(ids).logits
         precision.backward(logits.float().square().mean())
         seen += [logits.detach()] + [p.grad.clone() for p in model.parameters()]
         precision.step(optimizer)
         optimizer.zero_grad()
-    if compiled:  # compiled for the first step and for the first delayed one, not again
-        assert counters["stats"]["unique_graphs"] == graphs
+        traced.append(graphs.frame_count if compiled else 0)
+    assert not graph_breaks(), graph_breaks()
     histories = [
         h.state_dict()
         for layer in model.modules()
@@ -57,7 +56,7 @@ def train(ids: torch.Tensor, compiled: bool, steps: int = 4) -> list[torch.Tenso
         for h in layer.lowbit_state.histories.values()
     ]
     assert histories and all(h["filled"] == steps for h in histories)
-    return seen + [h["history"] for h in histories]
+    return seen + [h["history"] for h in histories], traced
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +64,35 @@ def ids():
     return torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
-def test_a_delayed_scaling_model_compiles_to_one_graph(ids):
+@pytest.fixture(scope="module")
+def runs(ids):
+    """Eager and compiled training, once for the module's tests (each compile traces for
+    seconds on a CPU)."""
     torch._dynamo.reset()
-    model, precision, optimizer = nano()
-    precision.backward(model(ids).logits.float().square().mean())  # an eager step first
-    precision.step(optimizer)  # so that the scales come from the history
-    explained = torch._dynamo.explain(lambda x: model(x).logits)(ids)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    return train(ids, compiled=False), train(ids, compiled=True)
 
 
-def test_compiled_delayed_scaling_steps_give_the_eager_bits(ids):
-    torch._dynamo.reset()
-    eager = train(ids, compiled=False)
-    compiled = train(ids, compiled=True)
+def test_a_delayed_scaling_model_compiles_to_one_graph(runs):
+    """One whole graph for the first step, and one more for the second, the first whose scales
+    come from the history that the first step's commit started."""
+    _, (_, traced) = runs
+    assert traced[:2] == [1, 2]
+
+
+def test_compiled_delayed_scaling_steps_give_the_eager_bits(runs):
+    (eager, _), (compiled, traced) = runs
+    assert traced[1:] == [2] * (len(traced) - 1)  # not compiled again after each commit
     for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
         assert torch.equal(a, b), i
 
 
 FIRST_STEP_COMPILED = """
 import sys, torch
-from tests.nn.test_compile_s28 import nano, step
+from tests.nn.test_compile_s28 import compile_counted, graph_breaks, nano, step
 ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
-model = nano(sys.argv[1])
-explained = torch._dynamo.explain(lambda x: model(x).logits)(ids)
-assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
-compiled = step(torch.compile(nano(sys.argv[1]), backend="aot_eager"), ids)
+model, graphs = compile_counted(nano(sys.argv[1]))
+compiled = step(model, ids)
+assert graphs.frame_count == 1 and not graph_breaks(), graph_breaks()
 eager = step(nano(sys.argv[1]), ids)
 assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
 """
