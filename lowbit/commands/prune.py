@@ -75,6 +75,7 @@ def run(args) -> int:
         out = shlex.quote(str(result.out))
         print(f"  validation: not evaluated ({error}); later: lowbit eval {out}", file=sys.stderr)
         return 0
-    print(f"  validation ({batches or 'all'} batches), reference = the unpruned run:")
+    counted = "all batches" if not batches else f"{batches} batch" + "es" * (batches > 1)
+    print(f"  validation ({counted}), reference = the unpruned run:")
     print("\n".join("    " + line for line in lines))
     return 0
