@@ -51,7 +51,7 @@ from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
-from lowbit.recipes.presets import is_built_in
+from lowbit.recipes.presets import is_built_in, own_name_fix
 from lowbit.recipes.recipe import DTYPES
 
 
@@ -508,6 +508,8 @@ class Precision:
         warn_if_ranks_act_alone(self._acting_alone_differs)
         self._warn_at_first_steps(optimizers, 3)
         stepped = True
+        if self._unstepped_load:
+            self._warn_kept_now()
         self._unstepped_load = False
         with self.own_steps():
             for optimizer in optimizers:
@@ -722,6 +724,7 @@ class Precision:
         }
         if "layer_specs" in state:  # absent from a state saved before lowbit recorded them
             self._pending["layer_specs"] = dict(state["layer_specs"])
+            self._pending["told_converted"] = set()  # layers converted now, kept then, warned of
         if "rng" in state:
             self._pending["rng"] = state["rng"]
         self._unstepped_load = True
@@ -770,7 +773,8 @@ class Precision:
         preset's comparison are the options a run sets on top of a preset, which the trainer
         checks on resume itself (`check_resume_config`) and a library user may change on
         purpose: the overrides (``--override``, `Recipe.with_overrides`), whose layers in other
-        formats than the state's are warned of (`_warn_changed_specs`), and the loss scale's
+        formats than the state's, converted or kept, are warned of (`_warn_changed_specs`,
+        `_warn_kept_now`), and the loss scale's
         start and growth interval (``--loss-scale``, ``--loss-scale-growth-interval``), whose
         scale the state's replaces. A run resumed with the options it was trained with resumes
         silently, as before."""
@@ -799,8 +803,8 @@ class Precision:
             raise UsageError(
                 f"the precision state was saved under {then}, and this Precision's {name} "
                 f"differs from it in {', '.join(changed)}; fix: load it into the recipe it was "
-                f"saved under, or give one of the two a name of its own (dataclasses.replace(recipe, "
-                f"name='{name}-custom')) to switch recipes on purpose (warned of)"
+                f"saved under, or give one of the two a name of its own ({own_name_fix(name)}) "
+                "to switch recipes on purpose (warned of)"
             )
 
     def _apply_pending(self) -> None:
@@ -812,52 +816,101 @@ class Precision:
         if "update" in self._pending and self._optimizers:
             self._apply_pending_update()
         layers = self._pending.get("layers", {})
-        loaded = {name: layer for name, layer in self._layers().items() if name in layers}
-        self._warn_changed_specs(loaded, layers)
+        present = self._layers()
+        loaded = {name: layer for name, layer in present.items() if name in layers}
+        self._warn_changed_specs(present, layers)
         for name, layer in loaded.items():
             layer.lowbit_state.load_state_dict(layers.pop(name))
         if "rng" in self._pending and "update" not in self._pending and not layers:
             self._set_random_state(self._pending.pop("rng"))
 
-    def _warn_changed_specs(self, loaded: dict[str, LowbitModule], layers: dict) -> None:
-        """Warn, once for the layers loaded now, of those whose spec is not the one they were
-        saved with (`state_dict`'s ``layer_specs``). Several overrides matching one layer are read
-        operand by operand since lowbit's session 32 (the first match decided the whole layer
-        before), so a run with two such overrides, resumed, computed in other formats without a
-        word. A state saved before specs were recorded is suspect where two or more overrides
-        decide a layer (`Recipe.deciding_overrides`). A warning, not a refusal: a library user may
-        load a state under other overrides on purpose. `auto`'s layers are left out: their plan
-        moves during training and is restored with the state (`LayerState.load_state_dict`)."""
+    def _warn_changed_specs(self, present: dict[str, LowbitModule], layers: dict) -> None:
+        """Warn, once for the layers loaded now (those of ``present`` with an entry in
+        ``layers``), of those whose spec is not the one they were saved with (`state_dict`'s
+        ``layer_specs``), and of the layers converted now that the state's model kept (absent
+        from its specs; the saved-converted, kept-now ones are told at the first step,
+        `_warn_kept_now`): under other overrides than the state's, or where several overrides
+        match one layer, read operand by operand since lowbit's session 32 (the first match
+        decided the whole layer before), a resumed run computed in other formats without a word.
+        A state saved before specs were recorded is suspect where two or more overrides decide a
+        layer (`Recipe.deciding_overrides`). A warning, not a refusal: a library user may load a
+        state under other overrides on purpose. `auto`'s layers are left out: their plan moves
+        during training and is restored with the state (`LayerState.load_state_dict`). A second
+        model of which the state has no converted layer (one converted after the load that the
+        saved run did not have) is no change."""
         saved_specs = self._pending.get("layer_specs")
+        # the saved run's models: the first one, and the others it converted a layer of
+        saved_models = {"", *(_model_of(name) for name in saved_specs or ())}
+        told = self._pending.get("told_converted", set())
         changed = []
-        for name, layer in loaded.items():
-            saved = saved_specs.pop(name, None) if saved_specs is not None else None
+        for name, layer in present.items():
             state = layer.lowbit_state
-            if "spec" in layers[name] or state.dynamic_spec:
+            if state.dynamic_spec or (name in layers and "spec" in layers[name]):
                 continue
             now = state.spec.describe()
-            if saved_specs is None:
+            if name in layers and saved_specs is None:
                 deciding = self.recipe.deciding_overrides(name.split(":", 1)[-1])
                 if len(deciding) > 1:
                     which = " and ".join(o.reason.removeprefix("override ") for o in deciding)
                     changed.append(
                         f"{name} (saved before lowbit recorded specs; decided by {which})"
                     )
-            elif saved is not None and saved != now:
-                changed.append(f"{name} (saved: {saved}; now: {now})")
-        if changed:
-            others = len(changed) - 1
-            more = f" and {others} more layer{'s' * (others > 1)}" if others else ""
-            verb = "may compute" if saved_specs is None else "compute" if others else "computes"
-            warnings.warn(
-                f"lowbit: precision.load_state_dict(): layer {changed[0]}{more} {verb} in other "
-                "formats than when the state was saved: several overrides matching one layer are "
-                "read operand by operand (first match per operand) since session 32, where the "
-                "first match decided the whole layer before; fix: keep the overrides that decide "
-                "these operands first (or load under the overrides the state was saved with), or "
-                "start a new run",
-                stacklevel=4,
-            )
+            elif name in layers and saved_specs.get(name, now) != now:
+                changed.append(f"{name} (saved: {saved_specs[name]}; now: {now})")
+            elif (
+                name not in layers
+                and saved_specs is not None
+                and name not in saved_specs
+                and name not in told
+                and _model_of(name) in saved_models
+                and not self._device_decides(now)
+            ):
+                told.add(name)
+                changed.append(f"{name} (saved: kept; now: {now})")
+        self._warn_other_formats(changed, saved_specs is None, stacklevel=5)
+
+    def _warn_kept_now(self) -> None:
+        """At the first step after `load_state_dict`, where what has not come is no part of the
+        run (`state_dict`): warn of the layers the state's model converted that this one keeps
+        (their saved states still pending), as `_warn_changed_specs` warns of the converse. The
+        layers of a model not converted (a saved run's second model this run does without) are
+        not kept layers."""
+        saved_specs = self._pending.get("layer_specs") or {}
+        models = {str(index) if index else "" for index in range(len(self._models))}
+        changed = [
+            f"{name} (saved: {saved_specs.get(name, 'converted')}; now: kept)"
+            for name in self._pending.get("layers", {})
+            if _model_of(name) in models
+            # on a GPU an fp16 recipe's layers compute under fp16 autocast, kept or not
+            and (self.emulates_fp16 or not self._device_decides(saved_specs.get(name)))
+        ]
+        self._warn_other_formats(changed, False, stacklevel=4)
+
+    def _device_decides(self, spec: str | None) -> bool:
+        """Whether ``spec`` is an fp16 recipe's own layer spec, which a CPU converts (emulated
+        fp16) and a GPU keeps (fp16 autocast computes it, as it computes a kept layer there,
+        `convert`): such a layer converted now but kept in a state saved on a GPU is no change."""
+        layer = self.recipe.layer
+        emulated = self.recipe.emulate_fp16_gemms_on_cpu and layer is not None
+        return emulated and spec == layer.describe()
+
+    def _warn_other_formats(self, changed: list[str], suspect: bool, stacklevel: int) -> None:
+        """One warning for the layers ``changed`` names (its first, and how many more), whose
+        formats differ from the loaded state's (``suspect``: may differ)."""
+        if not changed:
+            return
+        others = len(changed) - 1
+        more = f" and {others} more layer{'s' * (others > 1)}" if others else ""
+        verb = "may compute" if suspect else "compute" if others else "computes"
+        warnings.warn(
+            f"lowbit: precision.load_state_dict(): layer {changed[0]}{more} {verb} in other "
+            "formats than when the state was saved: its overrides differ from the ones it was "
+            "saved with, or several overrides match one layer, which are read operand by operand "
+            "(first match per operand) since session 32, where the first match decided the whole "
+            "layer before; fix: keep the overrides the state was saved with (those that decide "
+            "these operands first), or start a new run",
+            stacklevel=stacklevel,
+        )
 
     def _apply_pending_update(self) -> None:
         """The loaded master weights and Kahan buffers, keyed by their parameter's position in the
@@ -890,6 +943,12 @@ class Precision:
                 del self._pending[key]
 
 
+def _model_of(layer: str) -> str:
+    """Which converted model a `Precision._layers` name is of: its prefix (the first model's
+    names have none)."""
+    return layer.partition(":")[0] if ":" in layer else ""
+
+
 def _definition(recipe: Recipe) -> dict[str, str]:
     """What a recipe computes, field by field (its texts left out), as `Precision.state_dict`
     records it for a user's recipe: a registered recipe is found by its name alone, and the name
@@ -898,16 +957,9 @@ def _definition(recipe: Recipe) -> dict[str, str]:
     return {f.name: repr(getattr(recipe, f.name)) for f in fields(recipe) if f.name not in texts}
 
 
-# What a state saved under a preset's name leaves out of the preset's changes it records
-# (`_check_definition` says why): the texts, and the options a run sets on top of a preset
-_NOT_PRESET_CHANGES = (
-    "name",
-    "description",
-    "reference",
-    "overrides",
-    "initial_loss_scale",
-    "loss_scale_growth_interval",
-)
+# What a state saved under a preset's name leaves out of the preset's changes it records besides
+# `_definition`'s texts (`_check_definition` says why): the options a run sets on top of a preset
+_NOT_PRESET_CHANGES = ("overrides", "initial_loss_scale", "loss_scale_growth_interval")
 
 
 def _preset_changes(recipe: Recipe) -> dict[str, str]:

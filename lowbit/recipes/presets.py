@@ -88,6 +88,12 @@ def is_built_in(name: str) -> bool:
     return name in _BUILT_IN or name.startswith("auto:")
 
 
+def own_name_fix(name: str) -> str:
+    """The way to give a recipe changed from preset ``name`` a name of its own, as the errors
+    that refuse it under the preset's name (`register`, a precision state's check) write it."""
+    return f"dataclasses.replace(recipe, name='{name}-custom')"
+
+
 def register(recipe: Recipe) -> Recipe:
     """Make a user's recipe a preset that `get_recipe` (and ``lowbit train --recipe``) finds by
     name; registering it again replaces it. A built-in preset's name is refused: replaced, every
@@ -109,7 +115,7 @@ def register(recipe: Recipe) -> Recipe:
     if recipe.name in _BUILT_IN and _PRESETS[recipe.name] != recipe:
         raise UsageError(
             f"recipe {recipe.name!r} is a built-in preset; fix: give yours another name, e.g. "
-            f"dataclasses.replace(recipe, name='{recipe.name}-custom')"
+            + own_name_fix(recipe.name)
         )
     if recipe.name == "auto" or recipe.name.startswith("auto:"):
         raise UsageError(
@@ -298,16 +304,16 @@ def get_recipe(name: str | Recipe) -> Recipe:
         valid = accepted_names()
         alike = spelt_alike(str(name), valid)
         # a user's recipe is registered in the process that runs the user's script: `lowbit train
-        # --recipe NAME` (a process of its own) refused it as if it were misspelt
-        fix = (
-            f"; fix: did you mean {alike!r}?"
-            if alike
-            else "; fix: one of those, or for a recipe of your own (lowbit.recipes.register), "
-            "the Python process that registers it: no other knows it (docs/recipes.md, Your own "
-            "recipe)"
+        # --recipe NAME` (a process of its own) refused it as if it were misspelt, and a name of
+        # one's own may well be spelt like a preset's (``fp8-rows``, "did you mean 'fp8-rowwise'?")
+        own = (
+            "a recipe of your own (lowbit.recipes.register) is known only to the Python process "
+            "that registers it (docs/recipes.md, Your own recipe)"
         )
+        # the hint before a near miss's fix, which ends the line as every "did you mean" does
+        fix = f"{own}; fix: did you mean {alike!r}?" if alike else f"fix: one of those ({own})"
         raise UsageError(
-            f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}{fix}"
+            f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}; {fix}"
         ) from None
 
 

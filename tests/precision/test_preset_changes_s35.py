@@ -77,24 +77,28 @@ def test_other_overrides_and_loss_scale_options_leave_a_preset_loadable():
 def test_a_run_with_overrides_and_loss_scaling_options_resumes_silently_and_identically(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(trainer_module, "SAMPLE_TOKENS", 8)  # short closing samples
+    monkeypatch.setattr(trainer_module.Trainer, "sample", False)  # no closing samples (slow)
     settings = dict(
         model="nano",
-        seq_len=16,
-        batch_size=4,
+        seq_len=8,
+        batch_size=2,
         eval_batches=1,
-        eval_interval=2,
+        steps=2,
         recipe="fp16-mixed",
         overrides=["model.layers.0.*=keep"],
         loss_scale=1024.0,
-        loss_scale_growth_interval=1,
+        loss_scale_growth_interval=1,  # the scale grows at each step, the resumed one's too
     )
-    train(TrainConfig(**settings, steps=3, out=str(tmp_path / "a")), quiet=True)
-    config = TrainConfig(**settings, steps=2, out=str(tmp_path / "b"))
-    train(config, quiet=True)
+    train(TrainConfig(**settings, out=str(tmp_path / "a")), quiet=True)
+
+    def stop_after_the_first_step(trainer):
+        trainer.stop_requested = True  # a Ctrl-C's
+
+    config = TrainConfig(**settings, out=str(tmp_path / "b"))
+    assert train(config, quiet=True, on_step=stop_after_the_first_step).status == "interrupted"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(replace(config, steps=3), resume=True, quiet=True)
+        assert train(config, resume=True, quiet=True).status == "completed"
     assert records(tmp_path / "b") == records(tmp_path / "a")
     final = [ckpt.load(ckpt.latest(tmp_path / run)) for run in "ab"]
     assert differences(*final) == []

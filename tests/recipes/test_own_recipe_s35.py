@@ -48,5 +48,17 @@ def test_the_command_line_says_where_a_recipe_of_ones_own_is_known(own_presets, 
     assert main(["train", "--recipe", "fp8-e4m3-grads", "--out", str(tmp_path / "run")]) != 0
     error = capsys.readouterr().err
     assert "unknown recipe 'fp8-e4m3-grads'" in error
-    assert "a recipe of your own (lowbit.recipes.register), the Python process that " in error
+    assert "a recipe of your own (lowbit.recipes.register) is known only to the Python " in error
     assert len(error.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_recipe_of_ones_own_spelt_like_a_preset_is_told_where_it_is_known_too(
+    own_presets, tmp_path, capsys
+):
+    """The docs' own ``fp8-rows`` was answered "did you mean 'fp8-rowwise'?" alone: the hint
+    that a registered recipe is known only to its process was given where no preset was alike."""
+    assert main(["train", "--recipe", "fp8-rows"]) != 0
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "unknown recipe 'fp8-rows'" in error
+    assert "is known only to the Python process that registers it" in error
+    assert error.endswith("did you mean 'fp8-rowwise'?") and not list(tmp_path.iterdir())

@@ -8,10 +8,11 @@ threads instead of one; ``reorder_max_abs``, 0 here: these tiny GEMMs do not spl
 the tolerance, four times that drift and at least 5e-4 (1.4e-4 relative to a loss near 3.7).
 Another *kind* of CPU is not: its bf16 GEMMs sum in another order before rounding their outputs to
 bf16, and over 12 steps a flipped rounding grows (up to 3e-3 for bf16-mixed and 2e-2 for mxfp4
-between AMX, AVX512-BF16, plain AVX-512 and AVX2 kernels), more than fp32 and bf16-mixed differ. So the file holds
-one reference per kind of CPU and a rerun must match one of them within the tolerance;
-``test_golden_curves_separate_recipes`` checks that no recipe's curve of any kind comes within the
-tolerance of another recipe's, so a recipe whose numerics silently turn into another's fails.
+between AMX, AVX512-BF16, plain AVX-512 and AVX2 kernels), more than fp32 and bf16-mixed differ.
+So the file holds one reference per kind of CPU and a rerun must match one of them within the
+tolerance; ``test_golden_curves_separate_recipes`` checks that no recipe's curve of any kind comes
+within the tolerance of another recipe's, so a recipe whose numerics silently turn into another's
+fails.
 """
 
 import itertools
