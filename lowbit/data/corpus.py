@@ -116,6 +116,9 @@ class Corpus:
         """The documents of split ``name``; a `UsageError` if it is empty."""
         docs = self.splits[name]
         if not docs:
+            one_line = _one_line_file(self.source, self.splits, name)
+            if one_line is not None:
+                raise UsageError(one_line)
             counts = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
             raise UsageError(
                 f"{self.source}: the {name} split is empty ({counts} documents); fix: provide more "
@@ -130,6 +133,37 @@ class Corpus:
     def texts(self, name: str) -> list[str]:
         """The texts of split ``name`` (non-empty split)."""
         return [d.text for d in self.split(name)]
+
+
+# The paragraphs `_one_line_file`'s fix cuts a file into: about this many, so that every split
+# gets some (the validation split is 5% of them).
+ONE_LINE_PARAGRAPHS = 500
+
+
+def _one_line_file(source: str, splits: dict[str, list[Document]], empty: str) -> str | None:
+    """The error for a split left empty because ``source`` is one text file of a single line (a
+    text8-style dump: no line breaks, so one paragraph, one document), with the command that cuts
+    it into paragraphs; None for any other data. The usual fix, "paragraphs of one text file (a
+    blank line between them)", does not say how to get them from a file without line breaks.
+    ``empty``: the name of the split that is empty."""
+    path = Path(os.path.expanduser(source))
+    docs = [d for split in splits.values() for d in split]
+    # old Mac line ends (carriage returns) are line breaks too, which this fix does not mend
+    if len(docs) != 1 or any(end in docs[0].text.strip() for end in "\n\r"):
+        return None
+    if not path.is_file() or path.suffix.lower() in JSONL_SUFFIXES:  # a JSONL record: add more
+        return None
+    size = len(docs[0].text.encode("utf-8"))
+    width = max(100, size // ONE_LINE_PARAGRAPHS)
+    if size // width < 100:  # too short to cut into enough paragraphs: more text is the fix
+        return None
+    out = shlex.quote(str(path.with_name(f"{path.stem}.paragraphs.txt")))
+    return (
+        f"{source}: one line of {size:,} bytes without line breaks (as text8 is): one paragraph, "
+        f"one document, so the {empty} split is empty; fix: cut it into paragraphs at spaces, fold "
+        f"-s -w {width} {shlex.quote(str(path))} | sed G > {out} (lines of up to {width} bytes, "
+        f"a blank line after each), then --data {out}"
+    )
 
 
 def split_of(name: str) -> str:
@@ -285,17 +319,25 @@ def _skipped_files(spec: str) -> str | None:
     if not folder.is_dir():
         return None
     skipped = [
-        f.relative_to(folder).as_posix()
+        f
         for f in _unique(_folder_files(folder))
         if f.suffix.lower() not in FOLDER_SUFFIXES and _looks_like_text(f)
     ]
     if not skipped:
         return None
-    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    names = [f.relative_to(folder).as_posix() for f in skipped]
+    read = f"a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files only"
+    tables = [f for f in skipped if f.suffix.lower() in TABLE_SEPARATORS]
+    if tables:  # '**/*' would train on a table as text (and a new run refuses it)
+        return (
+            f"{spec}: {len(skipped)} file{'s' if len(skipped) > 1 else ''} not read "
+            f"({_shown(names)}): {read}; to train on a table's text, "
+            f"{_table_fix(tables[0], glob=True)}"
+        )
     return (
-        f"{spec}: {len(skipped)} text file{'s' if len(skipped) > 1 else ''} not read ({shown}): "
-        f"a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files only; fix: to train on "
-        f"them too give a glob, --data '{(folder / '**' / '*').as_posix()}' reads every file "
+        f"{spec}: {len(skipped)} text file{'s' if len(skipped) > 1 else ''} not read "
+        f"({_shown(names)}): {read}; fix: to train on them too give a glob, "
+        f"--data '{(folder / '**' / '*').as_posix()}' reads every file "
         "(.jsonl ones as JSON Lines), or move them out of the folder"
     )
 
@@ -454,8 +496,8 @@ def _read_texts(
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
       whitespace, a form feed included: a page break also ends a paragraph), so that one file still
-      yields validation and test text; but a ``.csv`` or ``.tsv`` table (one file, or a glob of
-      such names) is refused with the command that writes its rows as JSON Lines.
+      yields validation and test text (a ``.csv`` or ``.tsv`` table too: a new run refuses one,
+      `check_not_tables`, but a run trained on one before is resumed and evaluated on it).
     """
     # an empty path would read the current folder, as `lowbit train --data ""` refuses to
     check_given(path_or_glob, "the data path")
@@ -471,7 +513,6 @@ def _read_texts(
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
         unread = _may_have_held_text(unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES))
     elif path.is_file():
-        _check_not_table(path)
         if path.suffix.lower() in JSONL_SUFFIXES:
             docs = _jsonl_documents(path, path.name, text_field)
         else:
@@ -491,8 +532,6 @@ def _read_texts(
         records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
         docs = []
         for f in files:
-            if f.suffix.lower() == path.suffix.lower():  # 'data/*.csv' asks for tables
-                _check_not_table(f)
             name = os.path.relpath(f, base).replace(os.sep, "/")
             docs += (
                 _jsonl_documents(f, name, text_field)
@@ -517,6 +556,11 @@ def _read_texts(
                 f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
                 f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
                 f"a glob for those, --data '{pattern}'"
+            )
+        if path.is_dir() and (tables := _tables_below(path)):
+            raise UsageError(
+                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
+                f"none, only tables ({_shown(tables)}); fix: {_table_fix(path / tables[0])}"
             )
         if written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
             raise UsageError(
@@ -544,29 +588,128 @@ def _read_texts(
 TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 
 
-def _check_not_table(path: Path) -> None:
-    """Refuse a CSV or TSV file (`TABLE_SEPARATORS`), with the command that writes its rows as
-    JSON Lines (Python's own csv module: no package to install) and the columns to pick the
-    text from with ``--text-field``."""
-    separator = TABLE_SEPARATORS.get(path.suffix.lower())
-    if separator is None:
+# The most of a table's first line read for its column names: its header, not the whole file
+# (a 310 MB CSV was decoded whole, 6.9 s and 837 MB, for its first line).
+TABLE_HEADER_CHARS = 1 << 16
+
+
+def check_not_tables(source: str | None) -> None:
+    """Refuse the --data of a NEW run that is a CSV or TSV table (`TABLE_SEPARATORS`), or a glob
+    that matches one (``data/*.csv``, or ``data/*`` over a folder holding tables), with its columns
+    and the command that writes its rows as JSON Lines. Read as plain text, a table trained on its
+    header, ids and separators. Only a new run's choice is refused: `load_corpus` reads a table
+    as text, so that a run trained on one before is still resumed, evaluated and pruned on it
+    (renamed ``.txt``, its fingerprint, which names its files, no longer matched)."""
+    if source in (None, "stdlib"):
         return
-    first = read_text(path).split("\n", 1)[0].rstrip("\r")
+    spec = os.path.expanduser(str(source))
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in TABLE_SEPARATORS:
+        raise UsageError(f"{path}: {_table_columns(path)}; fix: {_table_fix(path)}")
+    if path.exists() or not glob.has_magic(spec):
+        return  # a folder reads no tables (`_skipped_files` names them)
+    tables = [f for f in _unique(_glob_files(spec)) if f.suffix.lower() in TABLE_SEPARATORS]
+    if tables:
+        base = _glob_base(spec)
+        names = [os.path.relpath(f, base).replace(os.sep, "/") for f in tables]
+        raise UsageError(
+            f"{spec}: matches {len(tables)} table{'s' if len(tables) > 1 else ''} "
+            f"({_shown(names)}), the first {_table_columns(tables[0])}; fix: "
+            f"{_table_fix(tables[0], glob=True)}"
+        )
+
+
+def check_quickly(source: str | None, text_field: str = "text") -> None:
+    """What `load_corpus` refuses that shows without reading all of the data, for the `--nproc`
+    launcher, whose ranks then read it (read and fingerprinted there, the data took ~2 minutes a
+    GB before any rank started, on every start): the path exists and a folder or glob finds files,
+    the first of them holds text, not NUL bytes, and a JSON Lines file's first record has
+    ``text_field``. Data that fails one of these is read in full (`_read_texts`), for the very
+    error the run gives, or none where the rest of it reads. Nothing is warned: the ranks warn."""
+    if source in (None, "stdlib"):
+        return
+    spec = os.path.expanduser(str(source))
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in _folder_files(path) if p.suffix.lower() in FOLDER_SUFFIXES]
+    elif path.is_file():
+        files = [path]
+    elif glob.has_magic(spec) and not path.exists():
+        files = _glob_files(spec)
+    else:
+        files = []
+    if not files or not _starts_readable(files[0], text_field):
+        _read_texts(source, text_field)
+
+
+def _starts_readable(path: Path, text_field: str) -> bool:
+    """Whether the first 64 KiB of ``path`` (`TABLE_HEADER_CHARS` bytes) hold text and, for a
+    JSON Lines file, a first record with the string field ``text_field`` (`check_quickly`)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(TABLE_HEADER_CHARS)
+    except OSError:
+        return False
+    if not head.strip() or b"\0" in head:
+        return False
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        return True
+    line = next(line for line in head.split(b"\n") if line.strip())
+    try:
+        record = json.loads(line)
+    except ValueError:  # a first line longer than the head, a .json array: read in full
+        return False
+    return isinstance(record, dict) and isinstance(record.get(text_field), str)
+
+
+def _shown(names: list[str]) -> str:
+    """Up to three of ``names``, for a one-line message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _table_columns(path: Path) -> str:
+    """What a table is, with its columns (its first line's), to pick ``--text-field`` from."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as file:
+            first = file.readline(TABLE_HEADER_CHARS).rstrip("\r\n")
+    except OSError:
+        first = ""
+    separator = TABLE_SEPARATORS[path.suffix.lower()]
     header = next(csv.reader([first], delimiter=separator), [])
     columns = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
+    return (
+        f"a {path.suffix[1:].upper()} table (columns: {columns or 'none'}), which read as plain "
+        "text would train on its header, ids and separators"
+    )
+
+
+def _table_fix(path: Path, glob: bool = False) -> str:
+    """The fix for a table: the command that writes its rows as JSON Lines (Python's own csv
+    module: no package to install; ``python3``, which stock Debian and Ubuntu have and ``python``
+    they lack)."""
+    separator = TABLE_SEPARATORS[path.suffix.lower()]
     code = (
         "import csv, json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
         f"csv.DictReader(open(sys.argv[1], newline='', encoding='utf-8-sig'), "
         f"delimiter={separator!r})]"
     )
-    jsonl = path.with_suffix(".jsonl")
-    raise UsageError(
-        f"{path}: a {path.suffix[1:].upper()} table (columns: {columns or 'none'}), which read "
-        "as plain text would train on its header, ids and separators; fix: write its rows as "
-        f'JSON Lines with python -c "{code}" {shlex.quote(str(path))} > '
-        f"{shlex.quote(str(jsonl))} and give that file with --text-field COLUMN, or rename it "
-        ".txt to train on it as plain text"
+    jsonl = shlex.quote(str(path.with_suffix(".jsonl")))
+    given = (
+        "give a glob of such files that matches no table"
+        if glob
+        else f"give that file ({jsonl}) as --data"
     )
+    return (
+        f'write its rows as JSON Lines with python3 -c "{code}" {shlex.quote(str(path))} > '
+        f"{jsonl} and {given} with --text-field COLUMN, or rename it .txt to train on it as plain "
+        "text"
+    )
+
+
+def _tables_below(folder: Path) -> list[str]:
+    """The tables below ``folder`` (not hidden), by relative name: a folder does not read them."""
+    found = sorted(_folder_files(folder))
+    return [p.relative_to(folder).as_posix() for p in found if p.suffix.lower() in TABLE_SEPARATORS]
 
 
 def _jsonl_below(folder: Path) -> Path | None:
@@ -815,9 +958,7 @@ def read_text(path: Path) -> str:
                 f"{path}: {encoding} text, not UTF-8; fix: convert it to UTF-8 "
                 f"(iconv -f {encoding} -t UTF-8)"
             ) from None
-        raise UsageError(
-            f"{path}: not UTF-8 text (byte {error.start}); fix: convert it to UTF-8 or remove it"
-        ) from None
+        raise UsageError(_not_utf8(path, data, error.start)) from None
     except OSError as error:
         raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
     if "\0" in text:
@@ -826,6 +967,35 @@ def read_text(path: Path) -> str:
             "not UTF-8 text; fix: convert it to UTF-8 or remove it"
         )
     return text
+
+
+def _not_utf8(path: Path, data: bytes, start: int) -> str:
+    """The error for a file that is not UTF-8 at byte ``start``: the byte and its line, and the
+    iconv command that converts it. "fix: convert it to UTF-8" said neither how nor from what.
+    No encoding can be told from the bytes for sure (any bytes read as Latin-1 text), so cp1252
+    (Windows' Latin-1, the usual one) is offered as a guess only where the whole file reads as
+    cp1252 and the byte is what it shows there for the user to judge; a file that holds UTF-8
+    text before the byte mixes encodings, which no conversion of the whole file mends."""
+    byte, line = data[start], data.count(b"\n", 0, start) + 1
+    where = f"byte 0x{byte:02x} at offset {start}, line {line}"
+    if not data[:start].removeprefix(b"\xef\xbb\xbf").isascii():
+        return (
+            f"{path}: not UTF-8 text ({where}) after UTF-8 text: the file mixes encodings; fix: "
+            f"retype line {line}'s text (and any other line refused so) in UTF-8, or remove it"
+        )
+    quoted = shlex.quote(str(path))
+    try:
+        shown = data.decode("cp1252")[start]
+        encoding = "CP1252"
+        guess = f", cp1252 (Windows' Latin-1) if {shown!r} belongs there (a guess)"
+    except UnicodeDecodeError:
+        encoding, guess = "ENCODING", f" (file -i {quoted} may tell which)"
+    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return (
+        f"{path}: not UTF-8 text ({where}); fix: convert it from the encoding it was written "
+        f"in{guess}: iconv -f {encoding} -t UTF-8 {quoted} > {shlex.quote(str(out))}, and use "
+        "that file in its place; or remove it"
+    )
 
 
 def read_lines(path: Path) -> list[str]:

@@ -403,7 +403,7 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
             f"--nproc {config.nproc} but {torch.cuda.device_count()} GPUs; fix: lower --nproc"
         )
     preflight(config, resume, gpu_memory=False)  # each rank checks its own GPU (`_worker`)
-    _check_inputs(config)
+    _check_inputs(config, resume)
     cores = os.cpu_count() or 1
     if not gpus and config.nproc > cores:
         # it runs (one thread a rank), but the ranks take turns on the cores: a user who took
@@ -415,16 +415,19 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
     return spawn(config, resume, overwrite, quiet, on_step)
 
 
-def _check_inputs(config) -> None:
+def _check_inputs(config, resume: bool) -> None:
     """Refuse here, before the ranks start, the input that a one-process run refuses as its
     `Trainer` sets up and that each rank refused only then, after two interpreters had imported
     torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
     inherit; a causal LM's --model folder (`folder_config`, what `load_causal_lm` reads before
-    the weights) and its positions against --seq-len (`check_positions`); the --data, read by
-    the functions the run's task reads it with (`data_fingerprint`: `load_corpus`,
-    `conll_splits`). The ranks check again (under torchrun no launcher runs), and make the checks
-    that need the run's tokenizer or built model. The data's warnings are rank 0's to print, as
-    under torchrun: said here too, each was read twice."""
+    the weights) and its positions against --seq-len (`check_positions`); a new run's table
+    (`check_not_tables`), and the --data as far as it shows without reading it all
+    (`check_quickly`: its full read, ~2 minutes a GB, is the ranks'). A tagger's CoNLL data is
+    read as its task does (`data_fingerprint`), its warnings left for rank 0 (saved and restored
+    around the read: recorded as said here, the run in this process never said them). The ranks
+    check again (under torchrun no launcher runs), and make the checks that need the run's
+    tokenizer or built model."""
+    from lowbit.data import conll, corpus
     from lowbit.models import causal_lm
     from lowbit.train.tasks import data_fingerprint
 
@@ -435,9 +438,17 @@ def _check_inputs(config) -> None:
         else:
             model_config = causal_lm.folder_config(config.model)
         causal_lm.check_positions(model_config, config.seq_len)
-    if config.data is not None:  # the built-in data (stdlib, syntax tags) is not read here
-        with contextlib.redirect_stderr(io.StringIO()):
-            data_fingerprint(config.task, config.data, config.text_field)
+        if not resume:
+            corpus.check_not_tables(config.data)
+        corpus.check_quickly(config.data, config.text_field)
+    elif config.task == "token-classification" and config.data is not None:
+        warned = set(conll._WARNED)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                data_fingerprint(config.task, config.data, config.text_field)
+        finally:
+            conll._WARNED.clear()
+            conll._WARNED.update(warned)
 
 
 def process_count_flag() -> str:

@@ -592,6 +592,7 @@ def run_one(
         )
     trainer.sample = False  # a sample text per run is slow and not compared
     trainer.warn_warmup = first_run  # the study's runs are as long: once, not once per run
+    trainer.run_name = f"{study.out.name}: {recipe} seed {seed}"  # as its stop says it
     device = device_of(trainer.device)
     model = _model_now(config.task, config.model)  # what the run trains from (`_prepare` checked)
     jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume, device, model)

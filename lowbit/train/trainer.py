@@ -54,7 +54,7 @@ from lowbit.train.tasks import build_task, to_device
 _NATIVE_ON_CPU = ("fp32", "bf16")
 
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
-TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, run.json)
+TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, report)
 RUN_FILES = ("config.yaml", RUN_INFO, "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
@@ -610,6 +610,9 @@ class Trainer:
     # warn of a warmup as long as a new run (`warn_long_warmup`); compare, whose runs share
     # their length, warns of its first run's only
     warn_warmup = True
+    # the run as a stop message names it, where one process says it for one of several runs
+    # (`lowbit compare`'s, "study: fp32 seed 0"); None: the process's one run, as `lowbit train`
+    run_name: str | None = None
 
     def __init__(
         self,
@@ -636,6 +639,11 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.device = self.dist.device(resolve_device(config.device))
         recipe = recipe_of(config)
+        if config.task == "causal-lm" and not resume and saved_run is None:
+            from lowbit.data.corpus import check_not_tables
+
+            # a new run's choice of data only: a run trained on a table is resumed on it
+            check_not_tables(config.data)
         if not self.dist.distributed:  # a rank's: the launcher checked before starting it
             preflight(config, resume)  # before the model is built: it may not fit
         seed_everything(config.seed)
@@ -706,6 +714,7 @@ class Trainer:
         self.step_idx = 0
         self.stop_requested = False
         self.abort_requested = False  # a second Ctrl-C (`_stop_on_sigint`)
+        self.stop_step = 1  # the step after which a stop asked now saves and stops (`_fit`)
         self.start_metrics: dict = {}
         self.last_metrics: dict = {}
         self.last_metrics_step = 0  # the step `last_metrics` evaluated
@@ -958,13 +967,14 @@ class Trainer:
             else:
                 bar = _LogProgress(self.total_steps, self.step_idx, desc)
             with bar, _stop_on_sigint(self):
+                self.stop_step = self.step_idx + 1
                 while self.step_idx < self.total_steps:
                     t0 = time.perf_counter()
                     out = self.step()
                     dt = time.perf_counter() - t0 - out["measuring_seconds"]  # training only
                     self.step_seconds += dt
                     self.counted += out["count"]
-                    self.recent_losses = [*self.recent_losses[1 - TRAIN_LOSS_STEPS :], out["loss"]]
+                    self.recent_losses = [*self.recent_losses, out["loss"]][-TRAIN_LOSS_STEPS:]
                     rate = out["count"] / dt
                     logger.log(
                         self.step_idx,
@@ -998,7 +1008,9 @@ class Trainer:
                         last_saved = self._save(logger)
                     if on_step is not None:
                         on_step(self)
-                    if self.dist.any(self.stop_requested) and not last:  # all ranks stop together
+                    asked = self.stop_requested
+                    self.stop_step = self.step_idx + 1  # a stop asked from here: the next step's
+                    if self.dist.any(asked) and not last:  # all ranks stop together
                         if not saved_now:  # a stop on a save step keeps the step's checkpoint
                             last_saved = self._save(logger)
                         status = "interrupted"
@@ -1025,7 +1037,11 @@ class Trainer:
             # torch.distributed.checkpoint's CheckpointException: a traceback, "failed", where
             # the run was aborted as asked
             aborted = isinstance(error, KeyboardInterrupt) or self.abort_requested
-            self._record_end(main, run_dir, "aborted" if aborted else "failed", repr(error))
+            if aborted:  # its repr, "KeyboardInterrupt()", said neither what nor where
+                by = "a second Ctrl-C" if self.abort_requested else "KeyboardInterrupt"
+                self._record_end(main, run_dir, "aborted", f"{by} after step {self.step_idx}")
+            else:
+                self._record_end(main, run_dir, "failed", repr(error))
             if aborted and not isinstance(error, KeyboardInterrupt):
                 raise KeyboardInterrupt from error
             raise
@@ -1072,9 +1088,13 @@ class Trainer:
         if not info:  # none written (or unreadable): nothing to add to
             return None
         info.update(fields)
-        for name, value in (info.get("final_metrics") or {}).items():  # NaN is no JSON
-            if isinstance(value, float) and not math.isfinite(value):
-                info["final_metrics"][name] = None
+        # NaN is no JSON: None in a copy, as the metrics given may be the run's own (its
+        # start_metrics, the last validation's), which its summary formats after this write
+        if info.get("final_metrics"):
+            info["final_metrics"] = {
+                name: None if isinstance(value, float) and not math.isfinite(value) else value
+                for name, value in info["final_metrics"].items()
+            }
         try:
             text = json.dumps(info, indent=2, default=str) + "\n"
             write_atomically(run_dir / RUN_INFO, text)
@@ -1354,6 +1374,17 @@ class _RunLock:
             self._fd = None
 
 
+def _stop_message(trainer: Trainer, signum: int) -> str:
+    """What a stop request says as it comes. A named run (`Trainer.run_name`) says its name and the
+    step it saves: the workers of ``lowbit compare --jobs N`` each said the bare "interrupted:
+    saving a checkpoint after this step", N times over, naming neither the run nor the step."""
+    how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    again = "" if signum == signal.SIGTERM else " (Ctrl-C again to abort)"
+    if trainer.run_name is None:
+        return f"\n{how}: saving a checkpoint after this step{again}"
+    return f"\n{how}: {trainer.run_name} saves a checkpoint after step {trainer.stop_step}{again}"
+
+
 @contextlib.contextmanager
 def _stop_on_sigint(trainer: Trainer):
     """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once. The
@@ -1379,13 +1410,7 @@ def _stop_on_sigint(trainer: Trainer):
             trainer.stop_requested = True
             first.append(signum)
             if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
-                print(
-                    "\nterminated (SIGTERM): saving a checkpoint after this step"
-                    if signum == signal.SIGTERM
-                    else "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to "
-                    "abort)",
-                    file=sys.stderr,
-                )
+                print(_stop_message(trainer, signum), file=sys.stderr)
 
     def handler(signum, frame):
         again = signum == signal.SIGINT or (

@@ -95,7 +95,10 @@ def test_aligned_tags_drop_ignored_positions():
 def test_non_utf8_file_is_a_one_line_error_and_a_bom_is_not_a_token(tmp_path):
     latin = tmp_path / "dev.txt"
     latin.write_bytes(b"EU B-ORG\n\ncaf\xe9 O\n")
-    with pytest.raises(UsageError, match=r"dev\.txt: not UTF-8 text \(byte 13\); fix: convert"):
+    with pytest.raises(
+        UsageError,
+        match=r"dev\.txt: not UTF-8 text \(byte 0xe9 at offset 13, line 3\); fix: convert",
+    ):
         read_conll(latin)
     bom = tmp_path / "train.txt"
     bom.write_bytes(b"\xef\xbb\xbfEU B-ORG\n")  # as Windows editors save "UTF-8"

@@ -166,7 +166,9 @@ def test_missing_empty_and_undecodable_data(tmp_path):
     with pytest.raises(UsageError, match="no text found"):
         load_texts(str(tmp_path / "*.nothing"))
     (tmp_path / "bad.txt").write_bytes(b"ok\xff")
-    with pytest.raises(UsageError, match=r"bad\.txt: not UTF-8 text \(byte 2\)"):
+    with pytest.raises(
+        UsageError, match=r"bad\.txt: not UTF-8 text \(byte 0xff at offset 2, line 1\)"
+    ):
         load_texts(tmp_path / "bad.txt")
 
 

@@ -63,3 +63,28 @@ def test_a_bad_collective_timeout_is_refused_before_any_rank(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("lowbit: error: LOWBIT_DIST_TIMEOUT=10m is not a positive number")
     assert no_ranks == []
+
+
+def test_the_launcher_does_not_read_all_of_healthy_data_nor_swallow_its_warnings(
+    tmp_path, capsys, no_ranks, monkeypatch
+):
+    """The launcher read and fingerprinted all of --data before the ranks started (~2 minutes a
+    GB, on every healthy start), its warnings silenced but recorded as said, so a one-process
+    load later in the same Python process never printed them."""
+    import lowbit.data.corpus as corpus
+    from lowbit.data import load_corpus
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("some text\n\nmore text\n" * 40, encoding="utf-8")
+    (data / "notes.rst").write_text("a text file a folder does not read\n", encoding="utf-8")
+    read = []
+    real = corpus._read_texts
+    monkeypatch.setattr(corpus, "_read_texts", lambda *a: read.append(a) or real(*a))
+    argv = [*ARGV, "--data", str(data), "--out", str(tmp_path / "run"), "--nproc", "2"]
+    with pytest.raises(AssertionError, match="a rank was started"):
+        main(argv)
+    assert read == [] and no_ranks == [2]
+    capsys.readouterr()
+    load_corpus(str(data))
+    assert "1 text file not read (notes.rst)" in capsys.readouterr().err

@@ -3,6 +3,9 @@ across a resume and from the validation at step 0 (README: "the final_metrics of
 validation with the final_metrics_step they were measured at")."""
 
 import json
+import math
+
+import pytest
 
 from lowbit.train import train
 
@@ -48,3 +51,26 @@ def test_a_run_stopped_before_its_first_validation_reports_step_0s(tiny_config):
     assert (info["status"], info["step"], info["final_metrics_step"]) == ("interrupted", 1, 0)
     assert info["final_metrics"]["loss"] == _validation_loss(result, 0)
     assert "not evaluated" not in result.summary()
+
+
+@pytest.mark.parametrize("nan_at, stop_at", [(0, 1), (3, 4)])
+def test_a_nan_validation_is_null_in_run_json_and_nan_in_the_summary(
+    tiny_config, monkeypatch, nan_at, stop_at
+):
+    """run.json's None for a NaN loss was written into the run's own metrics (the step-0
+    validation's, or the last interval's), and the summary then crashed formatting None."""
+    from lowbit.train.trainer import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def overflowed(self, *args, **kwargs):
+        out = evaluate(self, *args, **kwargs)
+        return {**out, "loss": math.nan} if self.step_idx == nan_at else out
+
+    monkeypatch.setattr(Trainer, "evaluate", overflowed)
+    config = tiny_config(model="nano", seq_len=16, batch_size=4, eval_batches=1, steps=7)
+    config.eval_interval = 3
+    result = train(config, quiet=True, on_step=_stop_at(stop_at))
+    assert _info(result)["final_metrics"]["loss"] is None
+    assert math.isnan(result.final_metrics["loss"])
+    assert "validation loss" in result.summary()
