@@ -31,6 +31,22 @@ def default_sigint():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def bf16_gemms_as_native():
+    """Every test, and the processes it starts, runs as on a CPU with bf16 GEMM instructions:
+    `lowbit train` warns of bf16 recipes on one without them (`lowbit.cpu`), which would change
+    the output the tests read by machine. tests/train/test_cpu_bf16_s35.py sets it otherwise."""
+    from lowbit.cpu import BF16_GEMMS_ENV
+
+    before = os.environ.get(BF16_GEMMS_ENV)
+    os.environ[BF16_GEMMS_ENV] = "native"
+    yield
+    if before is None:
+        del os.environ[BF16_GEMMS_ENV]
+    else:
+        os.environ[BF16_GEMMS_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def compiled_kernels():
     """Build (or load) the fused kernels before any test runs: a first build prints a line on
     stderr, which would land in whichever test's captured output came first (and fail a test that

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.cpu import bf16_gemm_warning
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import RunNotWritten, UsageError
 from lowbit.nn.convert import lowbit_layers
@@ -703,6 +704,8 @@ class Trainer:
                 "native kernels)",
                 file=sys.stderr,
             )
+        if warn and self.device.type == "cpu" and (slow := bf16_gemm_warning(recipe)):
+            print(f"lowbit: warning: {slow}", file=sys.stderr)
         if config.steps:
             self.total_steps = config.steps
         else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
