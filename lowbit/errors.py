@@ -40,12 +40,14 @@ class RunNotWritten(RuntimeError):
         return f"{self.problem}; fix: {self.remedy}" + (f", then {then}" if then else "")
 
 
-def choose(kind: str, name: str, valid) -> None:
-    """Raise a `UsageError` unless ``name`` is one of ``valid``; the message lists the valid names."""
+def choose(kind: str, name: str, valid, fix: str | None = None) -> None:
+    """Raise a `UsageError` unless ``name`` is one of ``valid``; the message lists the valid names,
+    then ``fix`` (the flag to give, e.g. ``--task causal-lm``) where there is one."""
     valid = list(valid)
     if name not in valid:
         kinds = f"{kind[:-1]}ies" if kind.endswith("y") else f"{kind}s"  # strategies
-        raise UsageError(f"unknown {kind} {name!r}; valid {kinds}: {', '.join(valid)}")
+        fix = f"; fix: {fix}" if fix else ""
+        raise UsageError(f"unknown {kind} {name!r}; valid {kinds}: {', '.join(valid)}{fix}")
 
 
 def member(kind: type[Enum], value, field_name: str) -> Enum:

@@ -127,7 +127,10 @@ def run(args) -> int:
     base = build_config(settings, overrides)
     if args.threads is not None:
         if args.threads <= 0:
-            raise UsageError(f"--threads must be positive, got {args.threads}")
+            raise UsageError(
+                f"--threads must be positive, got {args.threads}; fix: --threads 1, or leave it "
+                "out for PyTorch's default"
+            )
         import torch
 
         torch.set_num_threads(args.threads)

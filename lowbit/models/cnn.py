@@ -31,7 +31,8 @@ class DigitsCNN(nn.Module):
 
 def build_cnn(size: str = "small", num_classes: int = 10, seed: int = 0) -> DigitsCNN:
     """A freshly initialized `DigitsCNN` of a named size; the init depends only on ``seed``."""
-    choose("CNN size", size, SIZES)
+    # image-classification trains this CNN: a language model's size or folder is no --model here
+    choose("CNN size", size, SIZES, fix=f"--model {' or '.join(SIZES)} for image-classification")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DigitsCNN(SIZES[size], num_classes)

@@ -391,7 +391,10 @@ def _check_types(config: TrainConfig) -> None:
     if not isinstance(config.overrides, list | tuple) or not all(
         isinstance(o, str) for o in config.overrides
     ):
-        raise UsageError(f"overrides must be a list of PATTERN=WHAT, got {config.overrides!r}")
+        raise UsageError(
+            f"overrides must be a list of PATTERN=WHAT, got {config.overrides!r}; fix: e.g. "
+            "overrides: ['lm_head=fp32'] in the file, or --override lm_head=fp32"
+        )
     config.overrides = list(config.overrides)
 
 
@@ -404,18 +407,23 @@ def _check_tokenizer(name: str) -> None:
             "files (tokenizer.json, tokenizer_config.json, ...) beside the config.json of the "
             "model to train in one folder and give --model DIR, whose tokenizer the run reads"
         )
-    choose("tokenizer", name, TOKENIZERS)
+    choose("tokenizer", name, TOKENIZERS, fix="--tokenizer byte, or bpe to learn one from the data")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the task defaults in and check every value; returns a new config."""
     out = dataclasses.replace(config)
     _check_types(out)  # a TrainConfig made in Python has not been through `build_config`
-    choose("task", out.task, TASKS)
+    choose("task", out.task, TASKS, fix=f"--task {TASKS[0]}, or another of those")
     _check_tokenizer(out.tokenizer)
     from lowbit.optim import STATE_PRECISIONS
 
-    choose("optimizer state precision", out.optimizer_state, STATE_PRECISIONS)
+    choose(
+        "optimizer state precision",
+        out.optimizer_state,
+        STATE_PRECISIONS,
+        fix="--optimizer-state fp32 (the default), or another of those",
+    )
     defaults = TASK_DEFAULTS[out.task]
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
         if getattr(out, name) is None:
@@ -433,7 +441,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if out.nproc > 1 and out.strategy is None:
         out.strategy = "ddp"
     if out.strategy is not None:
-        choose("strategy", out.strategy, ("ddp", "fsdp"))
+        choose("strategy", out.strategy, ("ddp", "fsdp"), fix="--strategy ddp or fsdp")
         if out.nproc > 0 and out.batch_size % out.nproc:
             raise UsageError(
                 f"batch size {out.batch_size} (the global batch) does not split evenly over "
