@@ -100,10 +100,15 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
     from lowbit.recipes.presets import accepted_names, spelt_alike
 
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    if not names:
+    names = [str(n).strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    if not any(names):
         raise UsageError("no recipes given; fix: --recipes fp32,bf16-mixed,...")
+    if not all(names):  # `fp32,,bf16-mixed`: a recipe left out by mistake, not a spacer
+        position = names.index("") + 1
+        raise UsageError(
+            f"--recipes entry {position} is empty ({','.join(names)!r}); fix: name a recipe "
+            "there or drop the extra comma"
+        )
     names = [_recipe_name(name) for name in names]
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
@@ -259,6 +264,7 @@ def make_study(
         for name in recipes
     }
     _check_autocast(resolved.values())
+    _check_model(resolved[baseline])
     base = {
         k: v for k, v in resolved[baseline].to_dict().items() if k not in ("recipe", "seed", "out")
     }
@@ -275,6 +281,21 @@ def make_study(
         targets=dict(targets or {}),
         parity_targets=parity_targets,
     )
+
+
+def _check_model(config) -> None:
+    """Refuse a --model the task cannot build (a causal LM's size for the digits CNN, a path with
+    nothing at it) before the study writes its folder, in the words of the run's own set-up, which
+    refuses it only after the study's compare.json is written. A checkpoint folder's weights are
+    left to the run to read: only its config is."""
+    from lowbit.models import build_cnn, causal_lm, token_classifier
+
+    if config.task == "image-classification":
+        build_cnn(config.model)  # a few thousand parameters
+    elif config.task == "causal-lm" and config.model not in causal_lm.SIZES:
+        causal_lm.folder_config(config.model)
+    elif config.task == "token-classification" and config.model not in token_classifier.SIZES:
+        token_classifier._resolve(config.model)  # minilm's folder, or a folder with config.json
 
 
 def _check_autocast(configs) -> None:
@@ -826,7 +847,8 @@ def verdict_digits(gap: float, noise: float, pct: float, seeds: int) -> int:
     """Decimals (3 to 6) at which the gap and twice its spread, as the verdict prints them, give
     the comparisons the verdict made the answers it got. At 3 always, a gap a hair above the
     target read "FAIL: outside 0.5% of the baseline (gap +0.500%, ...)", and one a hair above
-    twice its spread "gap +0.003%, 2x seed spread 0.003%, difference significant"."""
+    twice its spread "gap +0.003%, 2x seed spread 0.003%, difference significant"; and so that
+    the spread itself shows as nonzero (`spread_digits`)."""
 
     def comparisons(g: float, n: float, clean) -> tuple[bool, ...]:
         above = (clean(g - pct) > n, g <= pct)  # outside the target by more than 2x spread
@@ -835,12 +857,25 @@ def verdict_digits(gap: float, noise: float, pct: float, seeds: int) -> int:
         return (*above, abs(g) > n, clean(g + n) > pct)  # significant; unresolved
 
     exact = comparisons(gap, noise, lambda x: x)
-    for digits in range(3, 7):
-        # a printed sum has no binary noise: 0.1 + 0.2 is above 0.3 in floating point
-        shown = comparisons(round(gap, digits), round(noise, digits), lambda x: round(x, 9))
-        if shown == exact:
-            return digits
-    return 3  # closer than 1e-6 %, or apart by binary noise alone: equal to any reader
+    digits = next(
+        (
+            digits
+            for digits in range(3, 7)
+            # a printed sum has no binary noise: 0.1 + 0.2 is above 0.3 in floating point
+            if comparisons(round(gap, digits), round(noise, digits), lambda x: round(x, 9)) == exact
+        ),
+        3,  # closer than 1e-6 %, or apart by binary noise alone: equal to any reader
+    )
+    return spread_digits(noise / 2, digits)
+
+
+def spread_digits(spread: float, digits: int = 3) -> int:
+    """``digits``, or more (up to 6) where a nonzero seed spread would print as zero: the report's
+    "+0.003% ± 0.000" read as seeds that agree exactly, beside a verdict that called the
+    difference significant against a spread it printed as 0.001%."""
+    while digits < 6 and spread and math.isfinite(spread) and round(spread, digits) == 0:
+        digits += 1
+    return digits
 
 
 def _stalled_seeds(runs: list[dict]) -> list[int]:
@@ -1231,8 +1266,8 @@ def _without_loss_scale(settings: dict) -> dict:
 
 def _holds_only_settings(out: Path) -> bool:
     """Whether a compare folder holds nothing but a study's settings (and empty folders): that
-    study stopped on an error before its first run wrote a file (a --model or --data path that
-    does not exist, which only the run's set-up finds), so the corrected command, whose settings
+    study stopped on an error before its first run wrote a file (a --data path that does not
+    exist, which only the run's set-up finds), so the corrected command, whose settings
     differ, replaces nothing in taking the folder over."""
     settings = (out / SETTINGS, *(p for p in out.iterdir() if is_write_leftover(p.name, SETTINGS)))
     return all(path.is_dir() or path in settings for path in out.rglob("*"))

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from lowbit.memory.breakdown import COMPONENTS, human
-from lowbit.report.compare import verdict_digits
+from lowbit.report.compare import spread_digits, verdict_digits
 from lowbit.train.config import write_atomically
 from lowbit.train.trainer import TRAIN_LOSS_STEPS
 
@@ -82,7 +82,9 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 _pm(r["train_loss"], seeds=seeds),
                 _pm(r["val_loss"], seeds=seeds),
                 # the baseline has no gap to itself: a "+0.000%" read as a measured one
-                "—" if name == base else _pct(r["train_gap_pct"], train_spread),
+                "—"
+                if name == base
+                else _pct(r["train_gap_pct"], train_spread, spread_digits(train_spread or 0.0)),
                 "—" if name == base else _val_gap(r, seeds),
                 _pm(m, 4 if metric != "ppl" else 2, seeds),
                 _count(r["skipped_steps"]),
@@ -145,12 +147,13 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             speed_rows,
         ),
     ]
-    label_rows = []
+    label_rows, counted, dropped, missing = [], False, False, False
     for name, r in rows.items():
         if name == base:
             continue
         if r.get("per_label_missing"):  # no seed both runs finished: none counted per label
             label_rows.append([name, "every label", "—", "n/a", f"n/a ({r['per_label_missing']})"])
+            missing = True
             continue
         if not r["per_label"]:
             continue
@@ -158,6 +161,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ((label, c) for label, c in r["per_label"].items() if _dropped(c["change_pp"])),
             key=lambda kv: kv[1]["change_pp"],
         )[:WORST_LABELS]
+        counted, dropped = True, dropped or bool(worst)
         if not worst:
             label_rows.append([name, "no label dropped", "—", "—", "—"])
         for label, c in worst:
@@ -171,12 +175,19 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 ]
             )
     if label_rows:
+        # where no recipe drops a label, "the 3 labels whose accuracy drops most" named none
+        what = (
+            f"the {WORST_LABELS} labels whose validation accuracy drops most against the "
+            "baseline, labels that held or rose left out"
+            if dropped or not counted
+            else "no label's validation accuracy drops against the baseline"
+            + (" where it was counted" if missing else "")
+        )
         out.append(
             (
-                f"What the model forgets: the {WORST_LABELS} labels whose validation accuracy "
-                "drops most against the baseline, labels that held or rose left out (over the "
-                "whole validation split, not only the --eval-batches of the loss table, so that "
-                "rare labels count; pooled over the seeds both runs finished)",
+                f"What the model forgets: {what} (over the whole validation split, not only the "
+                "--eval-batches of the loss table, so that rare labels count; pooled over the "
+                "seeds both runs finished)",
                 ["recipe", "label", "baseline acc", "recipe acc", "change"],
                 label_rows,
             )
