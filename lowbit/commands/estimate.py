@@ -17,6 +17,7 @@ from lowbit.memory.estimate import (
     TASKS,
     estimate,
     fits,
+    load_model_config,
 )
 from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task",
         default=None,
         help=f"{' or '.join(TASKS)} (default causal-lm, or a lowbit run folder's own task; token "
-        "classification: an encoder's config.json or folder)",
+        "classification: an encoder's config.json or folder, with one output per tag of the "
+        "built-in task as lowbit train builds it without --data, or a run folder with its own)",
     )
     parser.add_argument(
         "--batch",
@@ -143,16 +145,27 @@ def _largest_batches(args, recipe: Recipe) -> list[tuple[int, float, int]]:
 
 def _settings(args, num_params: int) -> str:
     task = "" if args.task == "causal-lm" else f" ({args.task})"
+    head = "" if args.task == "causal-lm" else f" ({_head(args)})"
     sharding = f"sharding {'none' if args.sharding == 'ddp' else args.sharding}"
     if args.sharding == "fsdp" and args.gpus == 1:  # `estimate` counts it as none
         sharding = "sharding none (fsdp over one GPU shards nothing)"
     return (
-        f"model {args.model}{task}: {num_params:,} parameters; "
+        f"model {args.model}{task}: {num_params:,} parameters{head}; "
         f"{args.optimizer_state} optimizer states; "
         f"batch {args.batch} x seq {args.seq}; {args.gpus} GPU(s), {sharding}"
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + "".join(f"; --override {text}" for text in args.override)
     )
+
+
+def _head(args) -> str:
+    """A token classifier's labels as estimated: a run folder's own, or for a model folder the
+    built-in task's, as `lowbit train` without --data trains it (`load_model_config`)."""
+    from lowbit.train.config import is_run_folder
+
+    labels = load_model_config(args.model, args.task)[0].num_labels
+    where = "the run's" if is_run_folder(args.model) else "the built-in task's"
+    return f"a head of {labels} labels, {where}"
 
 
 def compare_recipes(args, recipes: dict[str, Recipe]) -> int:

@@ -127,7 +127,9 @@ class ModelShape:
 
 def load_model_config(config_or_size, task: str = "causal-lm"):
     """``(transformers config, model name)`` of a named size, a ``--model`` folder or config, or a
-    run folder (its saved settings), without building the model."""
+    run folder (its saved settings), without building the model. A token classifier's labels are
+    the run folder's, or for a folder or config.json the built-in task's, as `lowbit train`
+    without --data trains it; a ``PretrainedConfig`` keeps its own (the caller set them)."""
     from transformers import PretrainedConfig
 
     from lowbit.models import list_sizes, model_config
@@ -157,7 +159,20 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
         path = path / "config.json"
     if not path.is_file():
         raise UsageError(_no_model_at(Path(text), list_sizes()))
-    return load_config(path), str(path)  # a config.json transformers rejects: one line
+    config = load_config(path)  # a config.json transformers rejects: one line
+    if task == "token-classification":
+        # the head `lowbit train --model DIR` builds on the built-in task: one output per tag of
+        # its data, not the config's own labels (a default BertConfig's 2 estimated 2 of its 11)
+        from lowbit.data.syntax_tags import LABELS
+
+        _with_labels(config, LABELS)
+    return config, str(path)
+
+
+def _with_labels(config, labels) -> None:
+    """Give ``config`` one output per label (`lowbit.models.token_classifier`'s head)."""
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
 
 
 def _no_model_at(given: Path, sizes) -> str:
@@ -213,8 +228,7 @@ def _run_config(run_dir: Path, task: str):
     # a pretrained encoder with the run's head: one output per tag, not the checkpoint's own
     # labels (`lowbit.models.token_classifier`)
     config, name = load_model_config(run.model, task)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
+    _with_labels(config, labels)
     return config, name
 
 

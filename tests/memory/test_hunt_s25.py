@@ -77,5 +77,7 @@ def test_estimate_counts_mixed_type_layer_norm_statistics_as_the_cpu_kernel_save
             return F.cross_entropy(logits.flatten(0, 1).float(), torch.zeros_like(ids).flatten())
 
     saved = measure_activations(model, forward)
-    planned = estimate(tmp_path, "bf16-mixed", "fp32", batch, seq, task="token-classification")
+    # the config of the model measured, with its 3 labels (a folder's is estimated with the
+    # built-in task's 11, as `lowbit train` builds its head)
+    planned = estimate(config, "bf16-mixed", "fp32", batch, seq, task="token-classification")
     assert (planned.activations, planned.temporaries) == (saved.activations, saved.temporaries)
