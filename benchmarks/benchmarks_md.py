@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,9 +57,10 @@ def cpu_description() -> str:
 
 
 def command_line() -> str:
-    """The command that ran this benchmark, as a reader would type it."""
+    """The command that ran this benchmark, as a reader would type it (an argument with a space
+    quoted, as a shell reads it back)."""
     script = Path(sys.argv[0]).name
-    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+    return shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]])
 
 
 def publish(heading: str, text: str, write: bool) -> None:

@@ -77,12 +77,28 @@ def main() -> int:
     parser.add_argument(
         "--budget", type=float, default=2.0, help="seconds per kernel and shape at most (about)"
     )
+    parser.add_argument(
+        "--kernels",
+        default="",
+        help="comma-separated kernel names to time, matched by their start (fp32,bf16: oneDNN's "
+        "int8 reference fallback takes minutes on some CPUs); default: all",
+    )
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    wanted = [name.strip() for name in args.kernels.split(",") if name.strip()]
     rows = []
     names: list[str] = []
     for shape in SHAPES:
-        times = {name: timed(fn, args.rounds, args.budget) for name, fn in kernels(*shape).items()}
+        chosen = {
+            name: fn
+            for name, fn in kernels(*shape).items()
+            if not wanted or any(name.startswith(w) for w in wanted)
+        }
+        if not chosen:
+            raise SystemExit(
+                f"gemm.py: --kernels {args.kernels!r} names no kernel; fix: e.g. fp32,bf16"
+            )
+        times = {name: timed(fn, args.rounds, args.budget) for name, fn in chosen.items()}
         names = names or list(times)
         rows.append((shape, times))
     header = "| M x K -> N | " + " | ".join(f"{name} (ms)" for name in names) + " |"
