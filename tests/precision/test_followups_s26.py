@@ -3,12 +3,11 @@
 from dataclasses import replace
 
 import pytest
-import torch
 
-import lowbit
 from lowbit.errors import UsageError
 from lowbit.recipes import get_recipe, presets, register
 from lowbit.train import TrainConfig, train
+from tests.precision.one_step import one_step
 
 
 @pytest.fixture
@@ -16,35 +15,22 @@ def own_presets(monkeypatch):
     monkeypatch.setattr(presets, "_PRESETS", dict(presets._PRESETS))  # registered ones go after
 
 
-def _step(recipe):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    precision = lowbit.Precision(recipe)
-    model = precision.convert(model)
-    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    with precision.autocast():
-        loss = model(torch.randn(4, 32)).square().mean()
-    precision.backward(loss)
-    precision.step(optimizer)
-    return precision
-
-
 def test_a_state_of_a_recipe_defined_otherwise_under_its_name_is_refused(own_presets):
     """The name alone was recorded: a state saved under 'mine' as fp8-tensorwise loaded into a
     'mine' registered as mxfp8 without a word, and the run went on in other numerics."""
     mine = register(replace(get_recipe("fp8-tensorwise"), name="mine"))
-    state = _step(mine).state_dict()
-    assert _step(get_recipe("mine")).load_state_dict(state) is None  # as it was: loads
+    state = one_step(mine).state_dict()
+    assert one_step(get_recipe("mine")).load_state_dict(state) is None  # as it was: loads
     register(replace(get_recipe("mxfp8"), name="mine", description="another text"))
     with pytest.raises(UsageError, match=r"recipe 'mine' .* differs in layer; fix: register"):
-        _step(get_recipe("mine")).load_state_dict(state)
+        one_step(get_recipe("mine")).load_state_dict(state)
 
 
 def test_a_changed_text_alone_loads(own_presets):
     mine = register(replace(get_recipe("fp8-tensorwise"), name="mine"))
-    state = _step(mine).state_dict()
+    state = one_step(mine).state_dict()
     register(replace(mine, description="renamed in the docs", reference="a paper"))
-    _step(get_recipe("mine")).load_state_dict(state)
+    one_step(get_recipe("mine")).load_state_dict(state)
 
 
 def test_a_run_resumed_under_a_recipe_registered_again_otherwise_is_refused(own_presets, tmp_path):

@@ -6,14 +6,13 @@ import warnings
 from dataclasses import replace
 
 import pytest
-import torch
 
-import lowbit
 from lowbit.errors import UsageError
 from lowbit.recipes import get_recipe
 from lowbit.train import TrainConfig, train
 from lowbit.train import checkpoint as ckpt
 from lowbit.train import trainer as trainer_module
+from tests.precision.one_step import one_step
 from tests.train.test_resume_matrix_s31 import differences, records
 
 CHANGES = {
@@ -25,39 +24,26 @@ CHANGES = {
 }
 
 
-def _step(recipe):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    precision = lowbit.Precision(recipe)
-    model = precision.convert(model)
-    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    with precision.autocast():
-        loss = model(torch.randn(4, 32, dtype=precision.compute_dtype)).float().square().mean()
-    precision.backward(loss)
-    precision.step(optimizer)
-    return precision
-
-
 @pytest.mark.parametrize("changed", CHANGES.values(), ids=list(CHANGES))
 def test_a_state_of_a_changed_preset_and_the_presets_refuse_each_other(changed):
     preset = get_recipe(changed.name)
-    saved_changed, saved_preset = _step(changed).state_dict(), _step(preset).state_dict()
+    saved_changed, saved_preset = one_step(changed).state_dict(), one_step(preset).state_dict()
     fix = rf"fix: .*dataclasses.replace\(recipe, name='{changed.name}-custom'\)"
     with pytest.raises(UsageError, match=rf"saved under {changed.name} changed in .*{fix}"):
-        _step(preset).load_state_dict(saved_changed)
+        one_step(preset).load_state_dict(saved_changed)
     with pytest.raises(UsageError, match=rf"saved under the preset {changed.name}, .*{fix}"):
-        _step(changed).load_state_dict(saved_preset)
+        one_step(changed).load_state_dict(saved_preset)
     with warnings.catch_warnings():  # each into its own: silently
         warnings.simplefilter("error")
-        _step(replace(changed)).load_state_dict(saved_changed)
-        _step(preset).load_state_dict(saved_preset)
+        one_step(replace(changed)).load_state_dict(saved_changed)
+        one_step(preset).load_state_dict(saved_preset)
 
 
 def test_the_fix_a_name_of_its_own_loads_as_a_warned_switch():
     changed = CHANGES["bf16 params, fp32 masters"]
-    state = _step(get_recipe("bf16-mixed")).state_dict()
+    state = one_step(get_recipe("bf16-mixed")).state_dict()
     with pytest.warns(UserWarning, match="saved under recipe bf16-mixed, this Precision's is mine"):
-        _step(replace(changed, name="mine")).load_state_dict(state)
+        one_step(replace(changed, name="mine")).load_state_dict(state)
 
 
 def test_other_overrides_and_loss_scale_options_leave_a_preset_loadable():
@@ -68,10 +54,10 @@ def test_other_overrides_and_loss_scale_options_leave_a_preset_loadable():
     changed = replace(
         fp16.with_overrides("0=keep"), initial_loss_scale=1024.0, loss_scale_growth_interval=5
     )
-    state = _step(changed).state_dict()
-    _step(fp16).load_state_dict(state)
+    state = one_step(changed).state_dict()
+    one_step(fp16).load_state_dict(state)
     with pytest.warns(UserWarning, match=r"layer 2 \(saved: fwd fp16 .* now: fwd fp32"):
-        _step(changed.with_overrides("2=fp32")).load_state_dict(state)
+        one_step(changed.with_overrides("2=fp32")).load_state_dict(state)
 
 
 def test_a_run_with_overrides_and_loss_scaling_options_resumes_silently_and_identically(
