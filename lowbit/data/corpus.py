@@ -643,14 +643,19 @@ def check_quickly(source: str | None, text_field: str = "text") -> None:
 
 
 def _starts_readable(path: Path, text_field: str) -> bool:
-    """Whether the first 64 KiB of ``path`` (`TABLE_HEADER_CHARS` bytes) hold text and, for a
-    JSON Lines file, a first record with the string field ``text_field`` (`check_quickly`)."""
+    """Whether the first 64 KiB of ``path`` (`TABLE_HEADER_CHARS` bytes) hold UTF-8 text and,
+    for a JSON Lines file, a first record with the string field ``text_field``
+    (`check_quickly`)."""
     try:
         with open(path, "rb") as file:
             head = file.read(TABLE_HEADER_CHARS)
     except OSError:
         return False
     if not head.strip() or b"\0" in head:
+        return False
+    try:  # a character the 64 KiB cut in two is no error of the file's
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TABLE_HEADER_CHARS)
+    except UnicodeDecodeError:  # read in full for the error the run gives (byte, line, iconv)
         return False
     if path.suffix.lower() not in JSONL_SUFFIXES:
         return True

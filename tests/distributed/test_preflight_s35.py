@@ -30,6 +30,7 @@ def _bad_input(tmp_path, case: str) -> list[str]:
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "folder").mkdir()
     (tmp_path / "records.jsonl").write_text('{"body": "a text"}\n' * 4)
+    (tmp_path / "latin1.txt").write_bytes("un café\n\nau lait\n\n".encode("latin-1") * 40)
     return {
         "missing": ["--data", str(tmp_path / "missing.txt")],
         "empty": ["--data", str(tmp_path / "empty.txt")],
@@ -37,11 +38,12 @@ def _bad_input(tmp_path, case: str) -> list[str]:
         "conll": ["--task", "token-classification", "--data", str(tmp_path / "missing.conll")],
         "model folder": ["--model", str(tmp_path / "folder")],
         "seq len": ["--seq-len", "100000"],  # nano has 1024 positions
+        "not utf-8": ["--data", str(tmp_path / "latin1.txt")],  # no NUL byte: text, not UTF-8
     }[case]
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "empty", "json field", "conll", "model folder", "seq len"]
+    "case", ["missing", "empty", "json field", "conll", "model folder", "seq len", "not utf-8"]
 )
 def test_bad_input_is_refused_as_one_process_does_before_any_rank(tmp_path, capsys, no_ranks, case):
     argv = [*ARGV, *_bad_input(tmp_path, case)]
