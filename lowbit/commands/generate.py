@@ -6,13 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
 
 from lowbit.data.corpus import UNICODE_BOMS
 from lowbit.errors import UsageError, a_task_run, check_given
-
-# ATen's `at::internal::GRAIN_SIZE`: the fewest elements its parallel loops hand a thread
-GRAIN_SIZE = 32768
 
 NAME = "generate"
 HELP = "Sample text from a causal-LM run's checkpoint."
@@ -145,33 +141,6 @@ def _check_utf8(prompt: str) -> None:
         ) from None
 
 
-def _mean_matrix(model) -> float:
-    """Mean elements of the model's matrices (weights, and a quantized layer's packed buffers):
-    the multiply-adds of a typical matrix-vector product while decoding one token."""
-    matrices = [t.numel() for t in (*model.parameters(), *model.buffers()) if t.dim() >= 2]
-    return sum(matrices) / max(len(matrices), 1)
-
-
-@contextmanager
-def _decoding_threads(model):
-    """Sample a small model on one intra-op thread. Decoding runs matrix-vector products, a few
-    a layer and token; oneDNN's bf16 GEMM (autocast's, on a CPU) hands even a 64x64 one to every
-    thread, and the hand-off, not the arithmetic, then costs the time: 7.5 ms of CPU per 64x64
-    linear on 2 threads of a loaded 2-core machine, 0.01 ms on one (~100 ms of CPU per token of
-    the nano model instead of ~2). ATen's own loops take a second thread only for more than
-    `GRAIN_SIZE` elements each: a model whose typical product gives two threads less than that
-    gets one. The tokens sampled are the same (tests/infer/test_generate_speed_s35.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if _mean_matrix(model) < 2 * GRAIN_SIZE:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run(args) -> int:
     from lowbit.train import load_run, sample_text
     from lowbit.train.generate import check_sampling, print_encodable, visible
@@ -195,18 +164,17 @@ def run(args) -> int:
     note = getattr(loaded.model, "lowbit_inference_note", None)
     if note:  # a quantized folder: say which layers run on real kernels and which are emulated
         print(f"(quantized model: {note})", file=sys.stderr)
-    with _decoding_threads(loaded.model):
-        text = sample_text(
-            loaded.model,
-            loaded.task.tokenizer,
-            loaded.precision,
-            prompt,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k,
-            args.seed,
-            args.top_p,
-        )
+    text = sample_text(
+        loaded.model,
+        loaded.task.tokenizer,
+        loaded.precision,
+        prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        args.top_p,
+    )
     if sys.stdout.isatty():  # as the training summary's sample: an early byte-level model
         # samples any byte, and a raw ESC sequence would drive the terminal; a pipe or a file
         # gets the text as sampled

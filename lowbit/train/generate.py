@@ -7,12 +7,16 @@ import inspect
 import math
 import sys
 import unicodedata
+from contextlib import contextmanager
 
 import torch
 
 from lowbit.errors import UsageError
 from lowbit.models.causal_lm import max_positions
 from lowbit.train.tasks import evaluating
+
+# ATen's `at::internal::GRAIN_SIZE`: the fewest elements its parallel loops hand a thread
+GRAIN_SIZE = 32768
 
 
 def check_sampling(
@@ -123,7 +127,7 @@ def sample_text(
         "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     )
     new: list[int] = []
-    with evaluating(model, precision):
+    with evaluating(model, precision), _decoding_threads(model):
         inputs, past = torch.tensor([ids], device=device), None
         for _ in range(steps):
             out = model(input_ids=inputs, use_cache=True, **{cache_arg: past})
@@ -155,6 +159,31 @@ def sample_text(
             new.append(token)
             inputs = torch.tensor([[token]], device=device)
     return prompt + _continuation(tokenizer, ids, new)
+
+
+def _mean_matrix(model) -> float:
+    """Mean elements of the model's matrices (weights, and a quantized layer's packed buffers):
+    the multiply-adds of a typical matrix-vector product while decoding one token."""
+    matrices = [t.numel() for t in (*model.parameters(), *model.buffers()) if t.dim() >= 2]
+    return sum(matrices) / max(len(matrices), 1)
+
+
+@contextmanager
+def _decoding_threads(model):
+    """Sample a small model on one intra-op thread. Decoding runs matrix-vector products, a few
+    a layer and token; oneDNN's bf16 GEMM (autocast's, on a CPU) hands even a 64x64 one to every
+    thread, and the hand-off, not the arithmetic, then costs the time: 7.5 ms of CPU per 64x64
+    linear on 2 threads of a loaded 2-core machine, 0.01 ms on one (~100 ms of CPU per token of
+    the nano model instead of ~2). ATen's own loops take a second thread only for more than
+    `GRAIN_SIZE` elements each: a model whose typical product gives two threads less than that
+    gets one. The tokens sampled are the same (tests/infer/test_generate_speed_s35.py)."""
+    threads = torch.get_num_threads()
+    if _mean_matrix(model) < 2 * GRAIN_SIZE:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:

@@ -1,14 +1,16 @@
 """Session 35: `lowbit generate` of a small model spent ~135 ms of CPU a token (against ~1 ms of
 arithmetic): autocast's bf16 GEMM handed every 64x64 matrix-vector product to all of torch's
-threads, and the hand-off cost the time. It now samples such a model on one thread, with the
-same tokens as before."""
+threads, and the hand-off cost the time. `sample_text` (the command's and the trainer's closing
+sample) now samples such a model on one thread, with the same tokens as before."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from lowbit.cli import main
 from lowbit.infer import load_as_run
-from lowbit.train import load_run, sample_text
+from lowbit.train import generate, load_run, sample_text
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,21 @@ def _argv(folder, seed, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("kind", ["run", "int4"])
-def test_a_seed_samples_what_it_sampled_on_every_thread(folders, kind, two_threads, capsys):
+def test_a_seed_samples_what_it_sampled_on_every_thread(
+    folders, kind, two_threads, capsys, monkeypatch
+):
     """The command's sample for a seed, temperature, top-k and top-p equals `sample_text`'s on
-    the caller's two threads, token for token: the thread count changes the speed only."""
+    the caller's two threads (its choice of one thread turned off), token for token: the thread
+    count changes the speed only."""
     folder = folders[kind]
     loaded = load_run(str(folder), None, "cpu") if kind == "run" else load_as_run(str(folder))
     model, tokenizer, precision = loaded.model, loaded.task.tokenizer, loaded.precision
     for seed, temperature, top_k, top_p in SETTINGS:
-        expected = sample_text(
-            model, tokenizer, precision, "def ", TOKENS, temperature, top_k, seed, top_p
-        )
+        with monkeypatch.context() as on_two_threads:
+            on_two_threads.setattr(generate, "_decoding_threads", lambda model: nullcontext())
+            expected = sample_text(
+                model, tokenizer, precision, "def ", TOKENS, temperature, top_k, seed, top_p
+            )
         capsys.readouterr()
         assert main(_argv(folder, seed, temperature, top_k, top_p)) == 0
         assert capsys.readouterr().out == expected + "\n"
