@@ -13,6 +13,7 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.formats import FloatFormat, cast, get, names, quantize
 from lowbit.formats.error import sqnr
+from lowbit.models.pretrained import weight_files
 
 NAME = "formats"
 HELP = "Print every number format, or the quantization error of each on a tensor or checkpoint."
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor",
         metavar="FILE",
-        help="a .pt or .safetensors file, a folder of .safetensors files, or a lowbit checkpoint "
+        help="a .pt or .safetensors file, a Hugging Face model folder (its .safetensors or "
+        "pytorch_model.bin files), or a lowbit checkpoint "
         "or run folder (the model of its latest checkpoint): report the SQNR (dB) of every "
         "format and granularity on each floating-point tensor in it",
     )
@@ -70,9 +72,11 @@ def format_table() -> str:
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
     """Floating-point tensors of a .pt/.safetensors file (a tensor, or a nested state dict), of
-    every .safetensors file of a folder (a Hugging Face checkpoint, its shards), or of the model
-    of a lowbit checkpoint (its optimizer moments are no weights a format would hold) or of a
-    run folder's latest one."""
+    every .safetensors file of a folder (a Hugging Face checkpoint, its shards) or, in a folder
+    without one, of its ``pytorch_model.bin`` (or the shards its index lists: an older Hugging
+    Face checkpoint, which was refused as a folder of nothing to read), or of the model of a
+    lowbit checkpoint (its optimizer moments are no weights a format would hold) or of a run
+    folder's latest one."""
     if not path.strip():  # Path("") is the current directory
         raise UsageError("--tensor: an empty path; fix: pass a .pt or .safetensors file")
     from lowbit.train import checkpoint
@@ -80,6 +84,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
 
     file = Path(path)
     shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
+    if file.is_dir() and not shards:
+        shards = weight_files(file, "pytorch_model.bin")
     run_checkpoint = None if shards else checkpoint.latest(file)
     if run_checkpoint is not None:
         # a run folder, as every other command takes it: its latest checkpoint (the refusal sent
@@ -110,7 +116,10 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             raise UsageError(f"{path}: a folder, with no .safetensors file in it; fix: {fix}")
         loaded = {}
         for shard in shards:
-            for name, tensor in _read_safetensors(shard).items():
+            state = (_read_safetensors if shard.suffix == ".safetensors" else _read_torch)(shard)
+            if not isinstance(state, dict):  # a .bin of something else than a state dict
+                state = {shard.name: state}
+            for name, tensor in state.items():
                 loaded[_unique(name, loaded)] = tensor
     elif not file.exists():
         raise UsageError(f"{path}: no such file; fix: pass a .pt or .safetensors file")

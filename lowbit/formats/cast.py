@@ -231,20 +231,46 @@ class NotRealError(UsageError, TypeError):
 
 def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
     """Refuse, in one line naming the dtype and the fix, a tensor the formats cannot round: a
-    complex one (its imaginary part would be dropped silently), a bool one, and, unless
-    ``integers`` (`quantize`, whose values come back in a carrier dtype), an integer one: `cast`
-    returns ``x``'s dtype, which then holds none of a format's fractions."""
-    if x.is_floating_point() or (integers and not x.is_complex() and x.dtype != torch.bool):
+    complex one (its imaginary part would be dropped silently), a bool one, a PyTorch-quantized
+    one (``qint8``: PyTorch's error on a missing operator), and, unless ``integers``
+    (`quantize`, whose values come back in a carrier dtype), an integer one: `cast` returns
+    ``x``'s dtype, which then holds none of a format's fractions. Something that is no tensor at
+    all (a numpy array, a list, a Python float), which ended in an AttributeError, is refused
+    too. A floating-point tensor pays two checks: `quantize` runs this for every GEMM operand."""
+    if not isinstance(x, torch.Tensor):
+        kind = type(x).__qualname__
+        if type(x).__module__ != "builtins":
+            kind = f"{type(x).__module__.split('.')[0]}.{kind}"
+        raise NotRealError(
+            f"{call}() takes a torch.Tensor, got a {kind}; fix: {call}(torch.as_tensor(x), ...)"
+        )
+    if x.is_floating_point() or (
+        integers and not x.is_complex() and x.dtype != torch.bool and not x.is_quantized
+    ):
         return
     fix = f"{call}(x.float(), ...)"
     if x.is_complex():
         problem, fix = "its imaginary part would be dropped", f"{call}() x.real and x.imag apart"
     elif x.dtype == torch.bool:
         problem = "it holds no numbers"
+    elif x.is_quantized:
+        problem, fix = "a PyTorch-quantized tensor", f"{call}(x.dequantize(), ...)"
     else:
         problem = "the result would keep that dtype, which holds no fractions"
     kind = "real" if integers else "floating-point"
     raise NotRealError(f"{call}() takes a {kind} tensor, got {x.dtype} ({problem}); fix: {fix}")
+
+
+def check_generator(generator) -> None:
+    """Refuse a given ``generator`` (callers skip None) that is not a `torch.Generator` (a seed
+    given as an int, say), in one line naming the fix: it ended in an AttributeError deep in the
+    draws, or in torch's page-long list of ``randint`` signatures for bf16 and tf32."""
+    if not isinstance(generator, torch.Generator):
+        seed = generator if isinstance(generator, int) and not isinstance(generator, bool) else 0
+        raise UsageError(
+            f"generator must be a torch.Generator, got {type(generator).__name__} "
+            f"{generator!r}; fix: generator=torch.Generator().manual_seed({seed})"
+        )
 
 
 def cast_reference(
@@ -255,6 +281,8 @@ def cast_reference(
 ) -> torch.Tensor:
     """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
     check_real(x, "cast_reference")
+    if generator is not None:
+        check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
     if isinstance(fmt, IntFormat):
@@ -287,6 +315,8 @@ def cast(
     an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
     """
     check_real(x, "cast")
+    if generator is not None:
+        check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
     if x.element_size() == 1:

@@ -9,13 +9,14 @@ dtype for bf16/fp16/fp32. Emulated GEMMs consume the carrier directly.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from lowbit import kernels
 from lowbit.errors import UsageError, member
-from lowbit.formats.cast import Rounding, cast_to_carrier_, check_real
+from lowbit.formats.cast import Rounding, cast_to_carrier_, check_generator, check_real
 from lowbit.formats.counter_rng import seed_tensor
 from lowbit.formats.hadamard import check_signs, padded_length, transform
 from lowbit.formats.scaling import (
@@ -389,7 +390,16 @@ def _external_block_amax(amax: torch.Tensor, rows: int, granularity: Granularity
 
 def _checked_axis(axis: int, dim: int) -> int:
     """``axis`` as an index in ``[0, dim)``, refused outside ``[-dim, dim)`` as PyTorch refuses a
-    dim (a 0-d tensor takes 0 and -1): taken modulo ``dim`` it would quietly be another axis."""
+    dim (a 0-d tensor takes 0 and -1): taken modulo ``dim`` it would quietly be another axis.
+    An axis that is no whole number is refused as well (``"last"`` ended in a TypeError, ``1.0``
+    passed as a float index)."""
+    try:
+        axis = operator.index(axis)  # ints, numpy's, 0-d integer tensors
+    except TypeError:
+        raise UsageError(
+            f"axis must be a whole number (a dimension of x), got {axis!r}; fix: e.g. axis=-1 "
+            "for the last dimension"
+        ) from None
     size = max(dim, 1)
     if not -size <= axis < size:
         raise UsageError(
@@ -403,7 +413,12 @@ def _checked_amax(amax, granularity: Granularity, device: torch.device) -> torch
     'tensor' or 'nvfp4' is given more than one value (the count per row is checked with the rows,
     `_external_block_amax`)."""
     if not isinstance(amax, torch.Tensor):
-        amax = torch.tensor(float(amax), device=device)
+        try:
+            amax = torch.tensor(float(amax), device=device)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"amax must be a number or a tensor, got {amax!r}; fix: e.g. amax=x.abs().amax()"
+            ) from None
     if granularity is not Granularity.AXIS:
         if amax.numel() != 1:
             raise UsageError(
@@ -577,6 +592,8 @@ def quantize(
     rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
     check_real(x, "quantize", integers=True)
+    if generator is not None:
+        check_generator(generator)
     fmt = get(fmt)
     granularity = member(Granularity, granularity, "granularity")
     check_format_for_granularity(fmt, granularity)

@@ -118,10 +118,19 @@ _BLOCKED = (*_ONE_LENGTH, Granularity.BLOCK2D, Granularity.NVFP4)  # granulariti
 
 def check_block_size(granularity: Granularity, block_size) -> None:
     """Refuse a block size that cannot cut a matrix, naming the fix: a length below 1 (further on
-    a division by zero or a kernel's check; for MX and NVFP4 a 0 read as "the default"), or a
-    pair of lengths where blocks are 1-D (MX, ``block``)."""
-    if block_size is None or granularity not in _BLOCKED:
+    a division by zero or a kernel's check; for MX and NVFP4 a 0 read as "the default"), a pair
+    of lengths where blocks are 1-D (MX, ``block``), or any size for ``tensor`` and ``axis``,
+    whose scales cover the whole tensor or whole rows: ``quantize(x, "int8", block_size=32)``
+    quantized per tensor without a word (`OperandSpec` refused it; `quantize` did not)."""
+    if block_size is None:
         return
+    if granularity not in _BLOCKED:
+        scales = "for the whole tensor" if granularity is Granularity.TENSOR else "per row"
+        raise UsageError(
+            f"granularity {granularity.value!r} has no blocks (one scale {scales}), so block_size "
+            f"{block_size!r} would be ignored; fix: leave block_size out, or granularity='block' "
+            "for 1 x block_size blocks"
+        )
     pair = isinstance(block_size, tuple | list)
     sizes = tuple(block_size) if pair else (block_size,)
     whole = all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes)

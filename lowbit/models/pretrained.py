@@ -100,7 +100,7 @@ def has_weights(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in WEIGHT_FILES)
 
 
-def _weight_files(folder: Path, single: str) -> list[Path]:
+def weight_files(folder: Path, single: str) -> list[Path]:
     """The files transformers reads for the weights named ``single`` (``model.safetensors`` or
     ``pytorch_model.bin``): that file, or the shards its ``.index.json`` lists (none where the
     index cannot be read: transformers names the index itself). A shard the index lists that is
@@ -140,7 +140,7 @@ def check_safetensors(folder: Path) -> None:
     that the file is whole without reading the weights."""
     from safetensors import safe_open
 
-    for file in _weight_files(Path(folder), "model.safetensors"):
+    for file in weight_files(Path(folder), "model.safetensors"):
         try:
             with safe_open(str(file), framework="pt"):
                 pass
@@ -162,7 +162,7 @@ def check_pytorch_bin(folder: Path) -> None:
     safetensors = ("model.safetensors", "model.safetensors.index.json")
     if any((folder / name).is_file() for name in safetensors):
         return
-    for file in _weight_files(folder, "pytorch_model.bin"):
+    for file in weight_files(folder, "pytorch_model.bin"):
         with open(file, "rb") as stream:
             magic = stream.read(2)
         if magic[:1] == b"\x80":  # a pickle (protocol 2 or later): torch's legacy format

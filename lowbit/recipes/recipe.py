@@ -81,7 +81,6 @@ def _positive_int(value, field_name: str) -> None:
 
 
 AMAX_HISTORY = 16  # steps in a delayed scaling's amax history, unless a spec says otherwise
-_WHOLE_ROWS = (Granularity.TENSOR, Granularity.AXIS)  # granularities without blocks
 # the blocks of the granularities whose block_size may be left out (`block_shape`)
 _DEFAULT_BLOCKS = {Granularity.MX: (1, MX_BLOCK), Granularity.NVFP4: (1, NVFP4_BLOCK)}
 
@@ -119,14 +118,8 @@ class OperandSpec:
             rule = member(ScaleRule, self.scale_rule, "scale rule")
             check_rule_for_granularity(rule, self.granularity)
             object.__setattr__(self, "scale_rule", rule)
-        if self.block_size is not None and self.granularity in _WHOLE_ROWS:
-            raise UsageError(
-                f"block_size applies to blocked granularities (block, block2d, mx, nvfp4), not "
-                f"{self.granularity.value}, whose one scale covers whole rows or the tensor; fix: "
-                "drop block_size, or granularity 'block' for 1 x block_size blocks"
-            )
-        # as quantize checks it, a missing 'block'/'block2d' size included (the first forward
-        # refused it)
+        # as quantize checks it: a size given to 'tensor'/'axis', which have no blocks, and a
+        # missing 'block'/'block2d' size (the first forward refused it)
         block_shape(self.granularity, (1, 1), self.block_size)
         if self.scaling is Scaling.DELAYED and self.granularity is not Granularity.TENSOR:
             raise UsageError("delayed scaling needs granularity 'tensor' (one amax per tensor)")

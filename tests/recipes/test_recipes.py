@@ -169,7 +169,7 @@ def test_bytes_per_param_of_classic_recipes():
         (dict(format="e8m0"), "e8m0 is a scale format"),
         (dict(format="fp8_e4m3", granularity="nvfp4"), "'nvfp4' needs format fp4_e2m1"),
         (dict(format="int8", granularity="mx"), "'mx' needs a float element format"),
-        (dict(format="int8", granularity="axis", block_size=32), "block_size applies to blocked"),
+        (dict(format="int8", granularity="axis", block_size=32), "has no blocks"),
     ],
 )
 def test_an_operand_its_granularity_cannot_quantize_is_refused_when_written(spec, message):
