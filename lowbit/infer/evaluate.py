@@ -3,7 +3,8 @@
 Both models run with fp32 activations and the same batches, so the difference is what the
 quantization (or pruning) costs: perplexity for a causal LM, accuracy and per-label F1 for
 classification. The reference is the folder's source (the run's checkpoint, or the pruned folder
-a quantized one was made from); when it is gone, only the folder's own metrics are reported.
+a quantized one was made from); when it is not there (moved or deleted), only the folder's own
+metrics are reported.
 """
 
 from __future__ import annotations
@@ -95,9 +96,8 @@ def compare(
     task, model, baseline, split: str, max_batches=None, device="cpu", missing=None
 ) -> tuple[dict, list]:
     """(metrics with ``baseline`` and ``change`` entries, report lines) of ``model`` vs ``baseline``;
-    without a ``baseline``, the model's own metrics and why there is none (``missing``, or the
-    source run is gone). A classifier's metrics add ``per_label_f1``. Each model runs the batches
-    once."""
+    without a ``baseline``, the model's own metrics and why there is none (``missing``). A
+    classifier's metrics add ``per_label_f1``. Each model runs the batches once."""
     precision = fp32_precision(device)
     metrics, per_q = _scored(task, model, precision, split, max_batches)
     if baseline is None:  # the folder's own metrics, with nothing to compare them to
@@ -105,8 +105,7 @@ def compare(
         lines += [
             f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
         ]
-        gone = missing or "the source run is gone"
-        lines.append(f"({gone}: no reference to compare against)")
+        lines.append(f"(no reference to compare against{f': {missing}' if missing else ''})")
         for key, rows in per_q.items():
             metrics[key], table = _per_label(task, None, rows, key)
             lines += ["", *table]
@@ -166,7 +165,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
         f"{source.manifest['source']['path']} (step {source.step}), {split} split",
         "reference: the source model in fp32; this: the folder's model (kernels below)"
         if baseline is not None
-        else f"this: the folder's model (kernels below); {missing or 'its source run is gone'}",
+        else f"this: the folder's model (kernels below); {missing}",
     ]
     note = kernel_note(source.model)
     if note:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -527,10 +528,20 @@ def staged_out(out, force: bool):
     out = Path(out)
     _check_out(out, force)
     holder = out if out.is_dir() else out.parent
-    holder.mkdir(parents=True, exist_ok=True)
-    for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
+    try:
+        holder.mkdir(parents=True, exist_ok=True)
+        for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
+    except OSError as error:  # /proc's ENOENT was a traceback, a hidden name the user never gave
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the CLI's disk-full line (status 1)
+            raise
+        reason = error.strerror or type(error).__name__
+        there = next(p for p in (holder, *holder.parents) if p.exists())  # /proc of /proc/x/y
+        raise UsageError(
+            f"--out {out}: no folder can be made in {there} ({reason}); fix: choose a folder "
+            "you may write to"
+        ) from None
     try:
         yield staging
         _umask_modes(staging)
@@ -580,6 +591,15 @@ def check_outside(out: Path, source: Path) -> None:
                 raise UsageError(f"--out {out} is inside {where}; fix: choose a folder outside it")
 
 
+def check_target(out, source_path, force: bool) -> None:
+    """The refusals of an ``--out`` that need no model (`check_outside`, `_check_out`), made
+    before the source loads: they came after the model was loaded and quantized or pruned,
+    minutes for a large one. Writing makes them again (`save`, `staged_out`): the folder may
+    have changed meanwhile."""
+    check_outside(Path(out), Path(source_path))
+    _check_out(Path(out), force)
+
+
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:
     """Write an inference folder for ``model`` (derived from ``source``) to ``out``; records the
     size of the source's weights and of the written ``model.safetensors`` in ``bytes``."""
@@ -601,6 +621,7 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
             shutil.copytree(item, out / name, dirs_exist_ok=True)
         elif item.is_file():
             shutil.copy2(item, out / name)
+    _record_paths(source.path, out)
     tensors, seen = {}, {}
     for name, tensor in model.state_dict().items():
         ptr = (tensor.data_ptr(), tuple(tensor.shape))
@@ -619,6 +640,20 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         "files": listing(out, MANIFEST),  # what a later --force replaces, and nothing else
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _record_paths(source_path: Path, out: Path) -> None:
+    """Write the config.yaml copied into ``out`` again with the absolute ``--data`` and
+    ``--model`` paths the training run recorded in place of relative ones (`with_recorded_data`):
+    a relative path names a file from the folder the run was started in, which only the run's
+    run.json tells, and with the run moved or deleted the folder read it from the current folder
+    ("text.txt: no such file", a path the user never gave `lowbit eval`)."""
+    from lowbit.train.config import read, with_recorded_data, write
+
+    config = read(source_path)
+    recorded = with_recorded_data(training_run(source_path), config)
+    if recorded != config:
+        write(recorded, out)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -647,14 +682,17 @@ def source_record(source: Source) -> dict:
 def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | None]:
     """The model an inference folder was made from (a run, or the folder it quantized), if it is
     still there and still holds those weights: the reference its metric change is measured
-    against; else None and why, in words (None where the source folder itself is gone)."""
+    against; else None and why, in words."""
     from lowbit.train.checkpoint import is_checkpoint
 
-    src = manifest.get("source", {})
-    path = Path(src.get("path", ""))
-    if not src or not path.is_dir():
-        return None, None
+    src = manifest["source"]  # `read_manifest` checked its path
+    path = Path(src["path"])
     checkpoint = src.get("checkpoint")
+    if not path.is_dir():  # moved or deleted: which, nothing here can tell
+        return None, (
+            f"the source {'run' if checkpoint else 'folder'} {path} that {MANIFEST} records is "
+            "not there, moved or deleted; to compare against it, move it back there"
+        )
     if checkpoint and not is_checkpoint(checkpoint):
         return None, (
             f"the source checkpoint {checkpoint} is gone; a resumed run keeps only its last "

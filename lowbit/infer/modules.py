@@ -119,7 +119,11 @@ class QuantLinear(torch.nn.Module):
                 return f"int8 x int8 GEMM ({kernel}), per-token activation scales"
             return "int8-weight GEMM (torch.ops.aten._weight_int8pack_mm)"
         if r.mode is Mode.WEIGHTS_ONLY and r.format is Target.INT8 and r.group is None:
-            return "int8 weights dequantized once, fp32 GEMM (kernel='int8pack' for the int8 one)"
+            # the kernel is the Python API's choice: the command line has no flag for it
+            return (
+                "int8 weights dequantized once, fp32 GEMM (the int8-weight kernel, slower on the "
+                "CPUs measured: lowbit.infer.set_kernel(model, 'int8pack') in Python)"
+            )
         if r.mode is Mode.WEIGHTS_ONLY:
             return f"{r.format.value} weights dequantized to fp32 (emulated: no {r.format.value} kernel)"
         return (

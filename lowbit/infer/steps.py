@@ -76,6 +76,8 @@ def quantize_run(
             "--group-size G"
         )
     check_given(out, "--out")
+    target = out or io.default_out(path, recipe.format.value)
+    io.check_target(target, path, force)  # before loading and quantizing
     with progress_bars_off(True):  # transformers' "Loading weights": the step reports itself
         source = io.load_source(path, "cpu")
     if source.quantized:
@@ -96,7 +98,6 @@ def quantize_run(
         "kept": report.kept,
         "linear_bytes": {"original": linear_before, "quantized": _linear_bytes(source.model)},
     }
-    target = out or io.default_out(source.path, recipe.format.value)
     written = io.save(source, source.model, manifest, target, force)
     return StepResult(written, io.read_manifest(written), report, source, source.model)
 
@@ -109,6 +110,11 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UsageError(f"--sparsity {sparsity} is outside [0, 1); fix: use e.g. 0.5")
     check_given(out, "--out")
+    # the percentage as given (up to 6 digits): rounded to a whole one, 0.99999 read "100%" and
+    # 0.504 wrote the folder RUN_DIR-sparse50 that --force then took for 0.5's
+    percent = f"{sparsity * 100:g}" if nm is None else None
+    target = out or io.default_out(path, f"{nm[0]}of{nm[1]}" if nm else f"sparse{percent}")
+    io.check_target(target, path, force)  # before loading and pruning
     with progress_bars_off(True):  # transformers' "Loading weights": the step reports itself
         source = io.load_source(path, "cpu")
     if source.manifest is not None:
@@ -119,9 +125,6 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     reference = copy.deepcopy(source.model)
     record = io.source_record(source)  # the weights as loaded, before they are pruned
     report = prune_model(source.model, sparsity, nm)
-    # the percentage as given (up to 6 digits): rounded to a whole one, 0.99999 read "100%" and
-    # 0.504 wrote the folder RUN_DIR-sparse50 that --force then took for 0.5's
-    percent = f"{sparsity * 100:g}" if nm is None else None
     rule = f"{nm[0]}:{nm[1]}" if nm else f"{percent}% unstructured"
     manifest = {
         "quantization": None,
@@ -132,8 +135,6 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
         "layers": list(report.changed),
         "kept": report.kept,
     }
-    suffix = f"{nm[0]}of{nm[1]}" if nm else f"sparse{percent}"
-    target = out or io.default_out(source.path, suffix)
     written = io.save(source, source.model, manifest, target, force)
     return StepResult(written, io.read_manifest(written), report, source, source.model, reference)
 
@@ -239,10 +240,10 @@ def export_hf(
     shard_bytes = _shard_bytes(max_shard_size)
     check_given(out, "--out")
     _refuse_other_tasks(path)
+    io.check_target(out, path, force)  # before loading
     # transformers' "Loading weights" and "Writing model shards" bars: the command reports itself
     with progress_bars_off(True):
         source = io.load_source(path, "cpu")
-        io.check_outside(Path(out), source.path)
         dequantize_model(source.model)
         if dtype == "fp16":  # before anything is written to --out
             _refuse_beyond_fp16(source.model)

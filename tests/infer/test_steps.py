@@ -147,7 +147,7 @@ def test_eval_of_a_folder_whose_source_is_gone_reports_its_own_metrics(lm_run, t
     capsys.readouterr()
     assert main(["eval", str(out), "--max-batches", "1"]) == 0
     text = capsys.readouterr().out
-    assert "the source run is gone" in text and "reference: the source model" not in text
+    assert "is not there, moved or deleted" in text and "reference: the source model" not in text
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
     assert float(rows["loss"][0]) > 0 and float(rows["ppl"][0]) > 1
 

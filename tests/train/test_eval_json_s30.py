@@ -142,4 +142,4 @@ def test_a_folder_whose_source_is_gone_still_reports_per_label_f1(digits_run, tm
     capsys.readouterr()
     assert main(["eval", str(folder), "--max-batches", "1"]) == 0
     text = capsys.readouterr().out
-    assert "source run is gone" in text and "per-label F1" in text
+    assert "is not there, moved or deleted" in text and "per-label F1" in text
