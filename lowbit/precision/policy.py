@@ -25,16 +25,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import numbers
 import sys
 import warnings
 import weakref
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
+from enum import Enum
 
 import torch
 
 from lowbit.distributed.context import warn_if_ranks_act_alone
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, Rounding
+from lowbit.formats.scaling import block_shape, default_rule
 from lowbit.models.pretrained import check_autocast
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import (
@@ -52,7 +55,7 @@ from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.presets import is_built_in, own_name_fix
-from lowbit.recipes.recipe import DTYPES
+from lowbit.recipes.recipe import DTYPES, OperandSpec
 
 
 class Precision:
@@ -783,8 +786,7 @@ class Precision:
             saved = state.get("definition")
             if not isinstance(saved, dict):
                 return
-            now = _definition(self.recipe)
-            changed = [field for field, value in now.items() if saved.get(field, value) != value]
+            changed = _changed_fields(saved, self.recipe)
             if changed:
                 raise UsageError(
                     f"the precision state was saved under recipe {name!r} as it was defined "
@@ -796,8 +798,7 @@ class Precision:
         saved = state.get("preset_changes")
         if not isinstance(saved, dict):
             return
-        now = _preset_changes(self.recipe)
-        changed = [f.name for f in fields(self.recipe) if saved.get(f.name) != now.get(f.name)]
+        changed = _changed_fields(saved, self.recipe, _preset_definition(name))
         if changed:
             then = f"{name} changed in {', '.join(saved)}" if saved else f"the preset {name}"
             raise UsageError(
@@ -952,9 +953,55 @@ def _model_of(layer: str) -> str:
 def _definition(recipe: Recipe) -> dict[str, str]:
     """What a recipe computes, field by field (its texts left out), as `Precision.state_dict`
     records it for a user's recipe: a registered recipe is found by its name alone, and the name
-    may be registered again with other numerics before a run resumes."""
+    may be registered again with other numerics before a run resumes. Each field is the repr of
+    its value as it computes (`_as_computed`), so that equal definitions are one: a recipe that
+    writes out a default its preset leaves unsaid (``grad_dtype='fp32'`` of fp32 parameters,
+    an MX operand without the preset's explicit floor rule) was refused a state its preset
+    saved, compared by the repr of what was written."""
+    values = _fields(recipe)
+    values["grad_dtype"] = recipe.grad_dtype or recipe.param_dtype  # None: the parameters'
+    return {name: repr(_as_computed(value)) for name, value in values.items()}
+
+
+def _as_written(recipe: Recipe) -> dict[str, str]:
+    """A recipe's fields as states saved before session 36 recorded them (the repr of the value
+    as written), which a state of the recipe as it was written then matches too."""
+    return {name: repr(value) for name, value in _fields(recipe).items()}
+
+
+def _fields(recipe: Recipe) -> dict:
     texts = ("name", "description", "reference")
-    return {f.name: repr(getattr(recipe, f.name)) for f in fields(recipe) if f.name not in texts}
+    return {f.name: getattr(recipe, f.name) for f in fields(recipe) if f.name not in texts}
+
+
+def _as_computed(value):
+    """A recipe field's value as plain data that two values share exactly when they compute
+    alike: an operand's block and scale rule with the defaults it leaves unsaid written out
+    (`block_shape`: MX's 1x32, NVFP4's 1x16, a 2-D block's side as rows x columns;
+    `default_rule`: MX's floor, amax otherwise; a plain cast and NVFP4 take none), enum members
+    as their values, numbers as Python's int or float (numpy's ``int64(32)`` is 32), lists as
+    tuples."""
+    if isinstance(value, OperandSpec):
+        computed = {f.name: getattr(value, f.name) for f in fields(value)}
+        if value.granularity not in (Granularity.TENSOR, Granularity.AXIS):
+            computed["block_size"] = block_shape(value.granularity, (1, 1), value.block_size)
+        if not (value.is_plain_cast or value.granularity is Granularity.NVFP4):
+            computed["scale_rule"] = value.scale_rule or default_rule(value.granularity)
+        return ("OperandSpec", tuple((k, _as_computed(v)) for k, v in computed.items()))
+    if is_dataclass(value) and not isinstance(value, type):
+        parts = tuple((f.name, _as_computed(getattr(value, f.name))) for f in fields(value))
+        return (type(value).__name__, parts)
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, tuple | list):
+        return tuple(map(_as_computed, value))
+    return value
 
 
 # What a state saved under a preset's name leaves out of the preset's changes it records besides
@@ -964,18 +1011,43 @@ _NOT_PRESET_CHANGES = ("overrides", "initial_loss_scale", "loss_scale_growth_int
 
 def _preset_changes(recipe: Recipe) -> dict[str, str]:
     """The fields in which ``recipe``, under a built-in preset's name, differs from that preset
-    (`_definition`'s), less `_NOT_PRESET_CHANGES`: none for the preset itself or one with
-    ``--override`` and ``--loss-scale``. Relative to the preset, so that a preset that a later
-    release of lowbit defines otherwise still resumes a run saved under it."""
-    try:
-        preset = _definition(get_recipe(recipe.name))
-    except UsageError:  # a name lowbit reserves but does not define (``auto:fp2``)
-        preset = {}
+    (`_definition`'s), less `_NOT_PRESET_CHANGES`: none for the preset itself, one with
+    ``--override`` and ``--loss-scale``, or one that writes out the preset's defaults. Relative
+    to the preset, so that a preset that a later release of lowbit defines otherwise still
+    resumes a run saved under it."""
+    preset = _preset_definition(recipe.name)
     return {
         field: value
         for field, value in _definition(recipe).items()
         if field not in _NOT_PRESET_CHANGES and preset.get(field) != value
     }
+
+
+def _preset_definition(name: str) -> dict[str, str]:
+    try:
+        return _definition(get_recipe(name))
+    except UsageError:  # a name lowbit reserves but does not define (``auto:fp2``)
+        return {}
+
+
+def _changed_fields(saved: dict, recipe: Recipe, preset: dict[str, str] | None = None) -> list:
+    """The fields in which ``recipe`` differs from the definition a state recorded: ``saved``,
+    a user's recipe's `_definition`, or with ``preset`` (the preset's `_definition`) a preset's
+    changes, a field they leave out being the preset's. A recorded field matches the recipe as it
+    computes or, for a state saved before session 36, as it is written (`_as_written`); a field
+    a user's recipe's state does not record (added to `Recipe` since) matches."""
+    now, written = _definition(recipe), _as_written(recipe)
+    changed = []
+    for field, value in now.items():
+        if preset is not None and field in _NOT_PRESET_CHANGES:
+            continue
+        if field in saved:
+            same = saved[field] in (value, written[field])
+        else:
+            same = preset is None or preset.get(field) == value
+        if not same:
+            changed.append(field)
+    return changed
 
 
 def _recorded_definition(recipe: Recipe) -> dict:

@@ -277,17 +277,50 @@ def same_recipe(a: str | None, b: str | None) -> bool:
         return False
 
 
-def spelt_alike(name: str, valid: list[str]) -> str | None:
-    """The one of ``valid`` that ``name`` misspells, if any: in another case, with spaces around
-    it or underscores for hyphens (a config file's 'FP8-Tensorwise ', 'fp8_tensorwise', written as
-    the format names are), else a near miss ('fp8-rowise', 'bf16mixed'); those were refused with
-    the list of 22 names and no hint."""
+def spelt_alike(name: str, valid: list[str]) -> list[str]:
+    """The names of ``valid`` that ``name`` misspells or shortens, in their order (empty: none).
+
+    One name where ``name`` is it in another case, with spaces around it or underscores for
+    hyphens (a config file's 'FP8-Tensorwise ', 'fp8_tensorwise', written as the format names
+    are). Otherwise every name whose parts (split at hyphens and colons) ``name``'s parts begin
+    or, from three characters on, end: ``bf16`` is 'bf16-mixed', 'bf16-low', 'bf16-pure', ...;
+    ``mx`` the MX recipes; ``fp4`` 'mxfp4' and 'nvfp4'; ``fp8-row`` 'fp8-rowwise' (these had no
+    hint but the list of 22 names). Else a near miss ('fp8-rowise', 'bf16mixed') with the same
+    numbers: a bit width is no typo ('mxfp4-rceil' was answered 'mxfp8-rceil', 'nvfp8' 'nvfp4',
+    'fp32-mixed' 'fp16-mixed')."""
     hyphened = {re.sub(r"[\s_]+", "-", known.lower()): known for known in valid}
     spelt = re.sub(r"[\s_]+", "-", name.strip().lower())
     if spelt in hyphened:
-        return hyphened[spelt]
-    close = difflib.get_close_matches(spelt, list(hyphened), n=1, cutoff=0.8)
-    return hyphened[close[0]] if close else None
+        return [hyphened[spelt]]
+    parts = _parts(spelt.strip("-:"))  # 'bf16-' too
+    if len(spelt) >= 2 and all(parts):
+        shortened = [
+            known
+            for hyphen, known in hyphened.items()
+            if all(any(_shortens(part, own) for own in _parts(hyphen)) for part in parts)
+        ]
+        if shortened:
+            return shortened
+    numbers = re.findall(r"\d+", spelt)
+    close = difflib.get_close_matches(spelt, list(hyphened), n=3, cutoff=0.8)
+    return [hyphened[c] for c in close if re.findall(r"\d+", c) == numbers][:1]
+
+
+def _parts(name: str) -> list[str]:
+    return re.split(r"[-:]", name)
+
+
+def _shortens(part: str, own: str) -> bool:
+    """Whether ``part`` of a typed name is the start of ``own``, a part of a recipe's name, or
+    (three characters or more) its end: ``fp4`` of ``mxfp4``, not ``ed`` of ``mixed``."""
+    return own.startswith(part) or (len(part) >= 3 and own.endswith(part))
+
+
+def did_you_mean(names: list[str]) -> str:
+    """``did you mean 'a'?``, or ``did you mean 'a', 'b' or 'c'?`` for several (`spelt_alike`)."""
+    quoted = [repr(name) for name in names]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f"did you mean {listed}?"
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
@@ -311,7 +344,7 @@ def get_recipe(name: str | Recipe) -> Recipe:
             "that registers it (docs/recipes.md, Your own recipe)"
         )
         # the hint before a near miss's fix, which ends the line as every "did you mean" does
-        fix = f"{own}; fix: did you mean {alike!r}?" if alike else f"fix: one of those ({own})"
+        fix = f"{own}; fix: {did_you_mean(alike)}" if alike else f"fix: one of those ({own})"
         raise UsageError(
             f"unknown recipe {name!r}; valid recipes: {', '.join(valid)}; {fix}"
         ) from None
@@ -364,9 +397,11 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     if repeated:  # the last one silently won; a typo for another operand, most likely
         raise UsageError(f"override {text!r} names {', '.join(repeated)} more than once")
     # a misspelt 'keep' or preset ('Keep', 'fp8_tensorwise') read as a malformed operand list
-    alike = None if ":" in what else spelt_alike(what, ["keep", *_PRESETS])
-    if alike:
-        raise UsageError(f"override {text!r}: unknown {what!r}; fix: did you mean {alike!r}?")
+    # one name alone: 'bf16' (a prefix of five presets) is more likely a format, which the
+    # OPERAND:FORMAT refusal below shows how to write
+    alike = [] if ":" in what else spelt_alike(what, ["keep", *_PRESETS])
+    if len(alike) == 1:
+        raise UsageError(f"override {text!r}: unknown {what!r}; fix: {did_you_mean(alike)}")
     for item in what.split(","):
         operand, _, fmt = item.partition(":")
         if operand not in operands or not fmt:

@@ -98,7 +98,7 @@ TASK_METRIC = {
 
 def parse_recipes(text: str | list[str]) -> list[str]:
     """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
-    from lowbit.recipes.presets import accepted_names, spelt_alike
+    from lowbit.recipes.presets import accepted_names, did_you_mean, spelt_alike
 
     names = [str(n).strip() for n in (text.split(",") if isinstance(text, str) else text)]
     if not any(names):
@@ -113,8 +113,8 @@ def parse_recipes(text: str | list[str]) -> list[str]:
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:
-            alike = None if ":" in name else spelt_alike(name, valid)  # auto:fp3: the list
-            fix = f"did you mean {alike!r}?" if alike else f"use names from: {', '.join(valid)}"
+            alike = [] if ":" in name else spelt_alike(name, valid)  # auto:fp3: the list
+            fix = did_you_mean(alike) if alike else f"use names from: {', '.join(valid)}"
             raise UsageError(f"unknown recipe {name!r} in --recipes; fix: {fix}")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -589,31 +589,29 @@ def _check_device(run_dir: Path, state: str, recorded: str | None, device: str) 
 
 
 def run_one(
-    study: Study, recipe: str, seed: int, quiet: bool = True, jobs: int = 1, on_step=None
+    study: Study,
+    recipe: str,
+    seed: int,
+    quiet: bool = True,
+    jobs: int = 1,
+    on_step=None,
+    trainer=None,
 ) -> dict:
     """Train (or reuse, or resume) one run and return its record (``--overwrite`` cleared the
     study's runs before, `clear_runs`). ``jobs``: up to how many runs
     train at once on this machine beside this one (recorded: its throughput is measured under that
     load, `speed_load`; for a resumed run the largest of its parts', `_record_load`), as are the
     PyTorch threads it trains on (`speed_threads`). ``on_step``: `Trainer.fit`'s, called with the
-    trainer after each step (a --jobs worker stops its run there when another run failed)."""
+    trainer after each step (a --jobs worker stops its run there when another run failed).
+    ``trainer``: the run's, set up already (`_set_up_first_new_run`)."""
     from lowbit.train import NonFiniteLoss
-    from lowbit.train.trainer import Trainer
 
     config, trained, record, resume = _prepare(study, recipe, seed)
     if record is not None:
         return {**record, "reused": True}
     run_dir = Path(config.out)
-    # the emulation warning is the same for every seed of a recipe: said for its first one only,
-    # and transformers' report of the --model folder's load for the study's first run only
-    first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
-    with _transformers_warnings(first_run):
-        trainer = Trainer(
-            trained, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume
-        )
-    trainer.sample = False  # a sample text per run is slow and not compared
-    trainer.warn_warmup = first_run  # the study's runs are as long: once, not once per run
-    trainer.run_name = f"{study.out.name}: {recipe} seed {seed}"  # as its stop says it
+    if trainer is None:
+        trainer = _trainer(study, recipe, seed, trained, quiet, resume)
     device = device_of(trainer.device)
     model = _model_now(config.task, config.model)  # what the run trains from (`_prepare` checked)
     jobs, threads = _record_load(run_dir, jobs, torch.get_num_threads(), resume, device, model)
@@ -662,6 +660,51 @@ def run_one(
     }
     _write_record(run_dir, record)
     return {**record, "reused": False}
+
+
+def _trainer(study: Study, recipe: str, seed: int, config, quiet: bool, resume: bool, say=True):
+    """The `Trainer` of one run of ``study`` (``config``: as `_prepare` gives it), set up: its
+    data read, its model built and converted. ``say=False`` leaves transformers' report of the
+    --model folder's load to the process that trains the run."""
+    from lowbit.train.trainer import Trainer
+
+    # the emulation warning is the same for every seed of a recipe: said for its first one only,
+    # and transformers' report of the --model folder's load for the study's first run only
+    first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
+    with _transformers_warnings(first_run and say):
+        trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
+    trainer.sample = False  # a sample text per run is slow and not compared
+    trainer.warn_warmup = first_run  # the study's runs are as long: once, not once per run
+    trainer.run_name = f"{study.out.name}: {recipe} seed {seed}"  # as its stop says it
+    return trainer
+
+
+def _set_up_first_new_run(study: Study, overwrite: bool, quiet: bool, jobs: int):
+    """``((recipe, seed), trainer)`` of the first run that this invocation trains, where it is a
+    new one (not resumed), set up before the study writes anything: a bad input that only a
+    run's set-up finds (a --data table, a path with nothing at it, data shorter than one window,
+    a --seq-len past the model's positions) was refused after the study's compare.json was
+    written, over an earlier study's with --overwrite, whose runs were cleared too. None where
+    the first run to train resumes (its settings are the study's already) or none trains.
+
+    The trainer is the run's own where this process trains it next (``jobs`` 1: every run
+    before it is reused), so the set-up is not paid twice; with --jobs a worker sets the run up
+    again (its own process), and the one here is only the check (None)."""
+    from lowbit.train.config import resolve
+
+    for recipe in study.recipes:
+        for seed in study.seeds:
+            if overwrite:  # every run is retrained (`clear_runs`)
+                config, resume = resolve(run_config(study, recipe, seed)), False
+            else:
+                _, config, record, resume = _prepare(study, recipe, seed)
+                if record is not None:
+                    continue
+            if resume:
+                return None
+            trainer = _trainer(study, recipe, seed, config, quiet, False, say=jobs == 1)
+            return ((recipe, seed), trainer) if jobs == 1 else None
+    return None
 
 
 @contextlib.contextmanager
@@ -1266,9 +1309,10 @@ def _without_loss_scale(settings: dict) -> dict:
 
 def _holds_only_settings(out: Path) -> bool:
     """Whether a compare folder holds nothing but a study's settings (and empty folders): that
-    study stopped on an error before its first run wrote a file (a --data path that does not
-    exist, which only the run's set-up finds), so the corrected command, whose settings
-    differ, replaces nothing in taking the folder over."""
+    study stopped before its first run wrote a file (killed, or refused by a lowbit from before
+    session 36, which set the first run up only after writing them: a --data path that does not
+    exist), so the corrected command, whose settings differ, replaces nothing in taking the
+    folder over."""
     settings = (out / SETTINGS, *(p for p in out.iterdir() if is_write_leftover(p.name, SETTINGS)))
     return all(path.is_dir() or path in settings for path in out.rglob("*"))
 
@@ -1315,6 +1359,7 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
     check_out(study, overwrite)
     if not overwrite:  # before anything is written: a refused command leaves the study as it was
         check_runs(study)
+    set_up = _set_up_first_new_run(study, overwrite, quiet, jobs)
     study.out.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
     write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
@@ -1337,7 +1382,10 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
         records[recipe] = []
         for seed in study.seeds:
             t0 = time.perf_counter()
-            record = run_one(study, recipe, seed, quiet=quiet)
+            trainer = None
+            if set_up is not None and set_up[0] == (recipe, seed):
+                trainer, set_up = set_up[1], None
+            record = run_one(study, recipe, seed, quiet=quiet, trainer=trainer)
             if (study.out, recipe, seed) in in_workers:
                 record = {**record, "reused": False}
             records[recipe].append(record)

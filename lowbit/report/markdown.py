@@ -183,11 +183,16 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             else "no label's validation accuracy drops against the baseline"
             + (" where it was counted" if missing else "")
         )
+        # an image classifier's loss is over the whole split too (--eval-batches is ignored)
+        split = (
+            "as the loss table's"
+            if results["task"] == "image-classification"
+            else "not only the --eval-batches of the loss table, so that rare labels count"
+        )
         out.append(
             (
-                f"What the model forgets: {what} (over the whole validation split, not only the "
-                "--eval-batches of the loss table, so that rare labels count; pooled over the "
-                "seeds both runs finished)",
+                f"What the model forgets: {what} (over the whole validation split, {split}; "
+                "pooled over the seeds both runs finished)",
                 ["recipe", "label", "baseline acc", "recipe acc", "change"],
                 label_rows,
             )
