@@ -172,18 +172,38 @@ def config_from_args(args):
     config = build_config(settings, overrides)
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
+    if args.config:
+        _check_file_values(config, overrides, args.config)
     return config
 
 
+def _check_file_values(config, overrides: dict, path: str) -> None:
+    """Refuse a value of the config file at ``path`` that `resolve` refuses (``recipe: fp7``,
+    ``eval_interval: 0``) naming the file: the error named the setting only, and its fix a flag
+    the user never gave. A refusal that the flags alone meet too is theirs, and left to `train`."""
+    from lowbit.train.config import build_config, resolve
+
+    try:
+        resolve(config)
+    except UsageError as error:
+        try:
+            resolve(build_config({}, overrides))
+        except UsageError:
+            return
+        raise UsageError(f"{path}: {error}") from None
+
+
 def _kept(out: str | None) -> str:
-    """What an aborted run left to resume from. A run aborted before its first checkpoint (a
-    Ctrl-C in the first validation) was told "the last complete checkpoint is intact" of none.
-    Without --out the run folder's name (its start time) is not known here."""
+    """What an aborted run left to resume from, and the command that does. A run aborted before
+    its first checkpoint (a Ctrl-C in the first validation) was told "the last complete
+    checkpoint is intact" of none. Without --out the run folder's name (its start time) is not
+    known here."""
     from lowbit.train import checkpoint
+    from lowbit.train.runstate import resume_command
 
     saved = checkpoint.latest(_path(out)) if out is not None else None
     if saved is not None:
-        return f"the last complete checkpoint {saved} is intact"
+        return f"the last complete checkpoint {saved} is intact; resume with: {resume_command(out)}"
     if out is not None:
         return "no checkpoint was written, nothing to resume"
     return "the last complete checkpoint is intact"

@@ -44,6 +44,12 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_of(path) -> int | None:
+    """The step of a checkpoint named as `path_for` names it, else None."""
+    found = _NAME.match(Path(path).name)
+    return int(found[1]) if found else None
+
+
 def latest(run_dir) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -203,10 +209,11 @@ def check_model_folder(run_dir) -> None:
     )
 
 
-def find(run_dir, checkpoint: str | None = None) -> Path:
+def find(run_dir, checkpoint: str | None = None, note: bool = True) -> Path:
     """``checkpoint`` if given (a path; or, inside the run's checkpoint folder, a file name such as
     ``step-0000010.pt`` or a step number), else the run's latest; a `UsageError` when there is
-    none."""
+    none. The latest of a run that did not finish (still training, killed, interrupted) is
+    warned of, with ``note``: it was taken without a word, as if it were the trained model."""
     if checkpoint:
         path = Path(checkpoint)
         if is_checkpoint(path):
@@ -216,7 +223,7 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
             inside = [path_for(run_dir, int(checkpoint), kind) for kind in ("pt", "dcp")]
         found = next((p for p in inside if is_checkpoint(p)), None)
         if found is None:
-            steps = [int(_NAME.match(p.name)[1]) for p in list_checkpoints(run_dir)]
+            steps = [step_of(p) for p in list_checkpoints(run_dir)]
             have = f" (the run has steps {', '.join(map(str, steps))})" if steps else ""
             raise UsageError(
                 f"{checkpoint}: no such checkpoint{have}; fix: a checkpoint's path, its file "
@@ -240,6 +247,10 @@ def find(run_dir, checkpoint: str | None = None) -> Path:
             else f"lowbit train --out {shlex.quote(str(run_dir))}"
         )
         raise UsageError(f"{run_dir}: no checkpoint in {FOLDER}/; fix: train first ({again})")
+    if note:
+        from lowbit.train.runstate import note_unfinished
+
+        note_unfinished(run_dir, path)
     return path
 
 

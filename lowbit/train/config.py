@@ -187,12 +187,11 @@ def _file_settings(path) -> dict:
         raise UsageError(
             f"{path}: unknown config type {path.suffix!r}; fix: use {', '.join(CONFIG_SUFFIXES)}"
         )
-    try:  # -sig: a byte order mark (Windows editors write one) is not part of the settings
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UsageError(
-            f"{path}: not UTF-8 text (byte {error.start}); fix: save it in UTF-8"
-        ) from None
+    from lowbit.data.corpus import read_text
+
+    # as --data is read: a byte order mark (Windows editors write one) is no part of the settings,
+    # and a file in another encoding is told by its byte, line and the iconv that converts it
+    text = read_text(path)
     try:
         if path.suffix == ".toml":  # refuses a key given twice itself
             import tomllib
@@ -269,10 +268,11 @@ def _yaml_once_each(path, text: str):
 def _one_line(error: Exception) -> str:
     mark = getattr(error, "problem_mark", None)  # PyYAML
     if mark is not None:
-        return f"line {mark.line + 1}: {getattr(error, 'problem', None) or error}"
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {getattr(error, 'problem', None) or error}"
     lineno = getattr(error, "lineno", None)  # json
     if lineno is not None and hasattr(error, "msg"):
-        return f"line {lineno}: {error.msg}"
+        return f"line {lineno}, column {error.colno}: {error.msg}"
     return " ".join(str(error).split())
 
 

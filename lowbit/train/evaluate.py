@@ -59,7 +59,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     check_has_checkpoint(run_dir, checkpoint_path, config)
     tries = 3
     for attempt in range(1, tries + 1):
-        path = checkpoint.find(run_dir, checkpoint_path)
+        path = checkpoint.find(run_dir, checkpoint_path, note=attempt == 1)
         try:
             state = checkpoint.load(path)
             break
@@ -100,15 +100,31 @@ def check_has_checkpoint(run_dir: Path, checkpoint_path, config) -> None:
     """Refuse a run that has saved no checkpoint yet, saying why and what to run. The general
     "no checkpoint" error's fix, ``lowbit train --out RUN``, started a fresh run of the default
     settings (a causal LM) in the folder of a tagger that stopped before its first save, its
-    run.json replaced, since such a run may be replaced without --overwrite."""
+    run.json replaced, since such a run may be replaced without --overwrite. Where the run is
+    known to be still training, or to have stopped (killed, failed: `lowbit.train.runstate`), the
+    fix is the one that applies."""
     if checkpoint_path or checkpoint.latest(run_dir) is not None:
         return
     if not (run_dir / RUN_INFO).is_file():  # not a training run's folder: `checkpoint.find` says
         return
+    from lowbit.train.runstate import state
+
+    every = f"it saves every {config.save_interval} steps and at its end"
+    again = f"start it again ({checkpoint.restart_command(run_dir)})"
+    now = state(run_dir)
+    if now == "running":
+        raise UsageError(
+            f"{run_dir}: the run is still training and has saved no checkpoint yet ({every}); "
+            "fix: wait for its first"
+        )
+    if now not in ("killed", "failed", "diverged", "aborted"):  # cannot be told: both said
+        raise UsageError(
+            f"{run_dir}: the run has saved no checkpoint yet ({every}); fix: wait for its first "
+            f"if it is still training, else {again}"
+        )
     raise UsageError(
-        f"{run_dir}: the run has saved no checkpoint yet (it saves every {config.save_interval} "
-        f"steps and at its end); fix: wait for its first if it is still training, else start it "
-        f"again ({checkpoint.restart_command(run_dir)})"
+        f"{run_dir}: the run stopped ({now}) before it saved its first checkpoint ({every}); "
+        f"fix: {again}"
     )
 
 

@@ -119,7 +119,9 @@ def _truncate_after(path: Path, step: int) -> None:
     for line in lines:
         try:
             if json.loads(line)["step"] <= step:
-                keep.append(line)
+                # a kill between a record and its line feed (a buffer flushed in two writes) left
+                # a whole record without one, which the resumed run's first record joined
+                keep.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a crash
     tmp = path.with_suffix(".tmp")

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import resource
-import shlex
 import shutil
 import signal
 import sys
@@ -48,6 +47,7 @@ from lowbit.train.config import (
 )
 from lowbit.train.generate import visible
 from lowbit.train.logging import MetricsLogger, NullLogger
+from lowbit.train.runstate import RunLock, killed_text, process_fields, resume_command
 from lowbit.train.tasks import build_task, to_device
 
 # Operand formats a CPU computes natively; every other one (fp16, fp8, MX, int8 operands) is
@@ -876,7 +876,7 @@ class Trainer:
         elif kept is None:
             then, left = checkpoint.restart_command(run_dir), "no checkpoint was saved"
         else:
-            then = f"lowbit train --resume {shlex.quote(str(run_dir))}"
+            then = resume_command(run_dir)
             left = f"the last complete checkpoint {kept.name} is intact"
         full = error.errno in (errno.ENOSPC, errno.EDQUOT)
         return RunNotWritten(
@@ -887,14 +887,14 @@ class Trainer:
 
     def fit(self, resume: bool = False, overwrite: bool = False, on_step=None) -> RunResult:
         """Train to ``total_steps``, writing the run folder; see `train`. The folder is locked
-        while the run writes it (`_RunLock`)."""
-        lock = _RunLock(Path(self.config.out))
+        while the run writes it (`RunLock`)."""
+        lock = RunLock(Path(self.config.out))
         try:
             return self._fit(lock, resume, overwrite, on_step)
         finally:
             lock.release()
 
-    def _fit(self, lock: _RunLock, resume: bool, overwrite: bool, on_step) -> RunResult:
+    def _fit(self, lock: RunLock, resume: bool, overwrite: bool, on_step) -> RunResult:
         from tqdm import tqdm
 
         if resume and not self.built_to_resume:  # its task built another tokenizer than the run's
@@ -919,6 +919,8 @@ class Trainer:
             self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
             self._check_length()
+            if main and recorded.get("status") == "running":  # this process holds the lock now
+                self._note_killed(run_dir, recorded)
         else:
             if self.warn_warmup:  # rank 0's (`warn`); a resumed run was warned of as it started
                 warn_long_warmup(c, self.total_steps)
@@ -1140,6 +1142,16 @@ class Trainer:
         check_resume_config(state["config"], self.config, recorded)
         self.load_state_dict(state)
 
+    def _note_killed(self, run_dir: Path, recorded: dict) -> None:
+        """Say that the run resumed had died without a word (`lowbit.train.runstate`), and from
+        which step it goes on: the steps it took after that checkpoint are lost."""
+        name = self.run_name or run_dir
+        print(
+            f"lowbit: note: {name}: {killed_text(run_dir, recorded)}; resuming from its "
+            f"checkpoint at step {self.step_idx}",
+            file=sys.stderr,
+        )
+
     def _check_length(self) -> None:
         """A resumed run can be lengthened, not shortened below the step it has reached."""
         c, step = self.config, self.step_idx
@@ -1178,9 +1190,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
             # until `_record_end` says how it ended; still "running" after a kill (no process
-            # holds the folder's lock then)
+            # holds the folder's lock then: `lowbit.train.runstate`)
             "status": "running",
             "step": self.step_idx,
+            **process_fields(),
         }
         write_atomically(run_dir / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
@@ -1337,46 +1350,6 @@ class _LogProgress:
         self.last = time.monotonic()
 
 
-class _RunLock:
-    """An exclusive lock (``flock``) on a run folder while a process writes it: a second `lowbit
-    train` into the folder of a live run (the same --out, or a --resume of it) is refused.
-    Unlocked, it cleared the live run's files (a traceback there, the run lost) or trained beside
-    it into the same checkpoints and metrics. The kernel drops the lock when the process ends
-    however it ends, so a killed run leaves no stale lock; a file system without locks (some
-    network ones) runs unguarded, as before."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self._fd: int | None = None
-
-    def take(self) -> None:
-        """Lock the folder, if it exists and is not locked by this lock already."""
-        try:
-            import fcntl  # POSIX; elsewhere the folder runs unguarded, as before
-        except ImportError:
-            return
-        if self._fd is not None or not self.run_dir.is_dir():
-            return
-        fd = os.open(self.run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(
-                f"{self.run_dir}: another lowbit process is training into this folder; fix: wait "
-                "until it ends (or stop it), or choose another --out"
-            ) from None
-        except OSError:
-            os.close(fd)
-            return
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 def _stop_message(trainer: Trainer, signum: int) -> str:
     """What a stop request says as it comes. A named run (`Trainer.run_name`) says its name and the
     step it saves: the workers of ``lowbit compare --jobs N`` each said the bare "interrupted:
@@ -1478,7 +1451,7 @@ def train(
     cannot be written (a full disk).
     """
     config = resolve(_under_torchrun(config))
-    probe = _RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
+    probe = RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
     probe.take()
     probe.release()
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up

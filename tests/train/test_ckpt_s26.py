@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,8 @@ def test_a_second_run_into_the_folder_of_a_live_run_is_refused(tmp_path):
 
     first = train(config, quiet=True, on_step=start_another)
     expected = (
-        f"{config.out}: another lowbit process is training into this folder; fix: wait until it "
+        f"{config.out}: another lowbit process (pid {os.getpid()} on host "
+        f"{socket.gethostname()}) is training into this folder; fix: wait until it "
         "ends (or stop it), or choose another --out"
     )
     assert refusals == [expected, expected]

@@ -108,7 +108,9 @@ def test_settings_of_the_wrong_type_are_refused(tmp_path, text, expected):
 def test_a_config_that_is_not_utf8_is_a_usage_error(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(b"steps: 3\n\xe9\n")
-    with pytest.raises(UsageError, match=r"run.yaml: not UTF-8 text \(byte 9\); fix"):
+    with pytest.raises(
+        UsageError, match=r"run.yaml: not UTF-8 text \(byte 0xe9 at offset 9, line 2\); fix"
+    ):
         load_file(path)
 
 

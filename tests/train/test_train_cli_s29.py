@@ -79,7 +79,11 @@ def test_a_run_aborted_before_its_first_checkpoint_says_there_is_none(
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", interrupt)
     assert _train("--resume", str(out), "--steps", "3") == 130
     saved = out / "checkpoints" / "step-0000002.pt"
-    assert capsys.readouterr().err.strip().endswith(f"checkpoint {saved} is intact")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"checkpoint {saved} is intact; resume with: lowbit train --resume {out}")
+    )
 
 
 def test_a_run_on_the_built_in_data_resumes_with_it_named(tmp_path, capsys):

@@ -1,0 +1,199 @@
+"""Whether the run in a run folder is training now, ended, or died, for whatever reads the folder.
+
+A run's run.json reads ``"status": "running"`` from its start until the run records how it ended;
+a run killed with SIGKILL (``kill -9``, the out-of-memory killer, a node lost) records nothing, and
+its run.json reads "running" for good. What tells a live run from a dead one is the folder's lock
+(`RunLock`): the training process holds an exclusive ``flock`` on the folder while it writes it,
+and the kernel drops that lock when the process ends, however it ends. Unlike a pid (reused by
+another process after the run's died) or a heartbeat file (how old is too old, on a machine paused
+or busy for minutes?) it cannot call a dead run live or a live one dead on the machine that trains
+it. run.json also records the run's ``pid`` and ``host``, for the messages, and for the cases the
+lock cannot tell: a file system without locks (then the pid is checked on the run's own host), and
+a folder shared by another host whose locks this one may not see (some network file systems).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+from pathlib import Path
+
+from lowbit.errors import UsageError, warn
+
+
+def process_fields() -> dict:
+    """What run.json records of the process training the run: ``pid`` and ``host``."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+class RunLock:
+    """An exclusive lock (``flock``) on a run folder while a process writes it: a second `lowbit
+    train` into the folder of a live run (the same --out, or a --resume of it) is refused.
+    Unlocked, it cleared the live run's files (a traceback there, the run lost) or trained beside
+    it into the same checkpoints and metrics. The kernel drops the lock when the process ends
+    however it ends, so a killed run leaves no stale lock; a file system without locks (some
+    network ones) runs unguarded, as before."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        """Lock the folder, if it exists and is not locked by this lock already."""
+        try:
+            import fcntl  # POSIX; elsewhere the folder runs unguarded, as before
+        except ImportError:
+            return
+        if self._fd is not None or not self.run_dir.is_dir():
+            return
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"{self.run_dir}: another lowbit process{_holder(self.run_dir)} is training into "
+                "this folder; fix: wait until it ends (or stop it), or choose another --out"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _held(run_dir: Path) -> bool | None:
+    """Whether a process holds ``run_dir``'s `RunLock` (this one's own counts too); None where it
+    cannot be told (no ``flock``, a file system without locks, a folder that cannot be opened).
+    The probe is a shared lock taken and dropped at once."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the probe's lock with it
+    return False
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def state(run_dir, info: dict | None = None) -> str | None:
+    """The state of the run in ``run_dir``: run.json's status (``completed``, ``interrupted``,
+    ``diverged``, ``aborted``, ``failed``), where it says ``running``: ``running`` while a process
+    trains it, ``killed`` where none does (it died without a word), ``unknown`` where this machine
+    cannot tell (`_held`); None where there is no run.json. ``info``: run.json, if read already."""
+    from lowbit.train.config import read_run_info
+
+    info = read_run_info(run_dir) if info is None else info
+    status = info.get("status")
+    if status != "running":
+        return status
+    held = _held(Path(run_dir))
+    if held:
+        return "running"
+    # no host: a run.json from before it was recorded, taken as this machine's
+    here = info.get("host") in (None, socket.gethostname())
+    if held is False:  # another machine's lock may not be seen from here (some network folders)
+        return "killed" if here else "unknown"
+    if here and info.get("pid") is not None:
+        return "running" if _pid_alive(info["pid"]) else "killed"
+    return "unknown"
+
+
+def _process(run_dir, info: dict | None = None) -> str:
+    """`` (pid N on host H)`` of the process run.json records, or nothing."""
+    from lowbit.train.config import read_run_info
+
+    info = read_run_info(run_dir) if info is None else info
+    if info.get("pid") is None:
+        return ""
+    return f" (pid {info['pid']} on host {info.get('host', '?')})"
+
+
+def _holder(run_dir) -> str:
+    """`_process` of the process that holds ``run_dir``'s lock, where run.json names it: a run
+    starts (evaluates, loads its checkpoint) holding the lock before it writes its own run.json,
+    and the one there until then may name an earlier process, gone."""
+    from lowbit.train.config import read_run_info
+
+    info = read_run_info(run_dir)
+    here = info.get("host") == socket.gethostname()
+    if info.get("status") != "running" or (here and not _pid_alive(info.get("pid"))):
+        return ""
+    return _process(run_dir, info)
+
+
+def resume_command(run_dir) -> str:
+    """The command that continues the run in ``run_dir``, quoted to paste into a shell."""
+    return f"lowbit train --resume {shlex.quote(str(run_dir))}"
+
+
+def killed_text(run_dir, info: dict) -> str:
+    """How a run that died without a word is described (`state` ``killed``)."""
+    return (
+        f"its process{_process(run_dir, info)} died after saving step {info.get('step')}: "
+        "run.json still says running, but no process holds the folder (killed by SIGKILL or "
+        "the out-of-memory killer, or its machine went down)"
+    )
+
+
+def unfinished_note(run_dir, path: Path) -> str | None:
+    """The note for a reader given no checkpoint (`lowbit eval`, quantize, generate) that picked
+    ``path``, the latest of ``run_dir``'s, where the run did not finish: which step of how many it
+    is, that the run is still training or stopped, and how to continue it. None for a finished run
+    (or a folder without run.json)."""
+    from lowbit.train.checkpoint import step_of
+    from lowbit.train.config import read_run_info
+
+    info = read_run_info(run_dir)
+    now = state(run_dir, info)
+    if now in (None, "completed"):
+        return None
+    total = info.get("total_steps")
+    using = f"using its latest checkpoint, step {step_of(path)}" + (f" of {total}" if total else "")
+    resume = f"; resume with: {resume_command(run_dir)}"
+    if now == "running":
+        return f"{run_dir}: the run is still training{_process(run_dir, info)}; {using}"
+    if now == "killed":
+        return f"{run_dir}: the run did not finish: {killed_text(run_dir, info)}; {using}{resume}"
+    if now == "unknown":
+        return (
+            f"{run_dir}: the run did not finish, or is still training on another machine "
+            f"(run.json says running{_process(run_dir, info)}, and this machine cannot tell); "
+            f"{using}; if it is not running, resume with: {resume_command(run_dir)}"
+        )
+    step = info.get("step")
+    why = f"{now} at step {step}" if step is not None else now
+    if now == "diverged":  # resumed, it diverges again: the fix is in the error it recorded
+        resume = ""
+    return f"{run_dir}: the run did not finish ({why}); {using}{resume}"
+
+
+def note_unfinished(run_dir, path: Path) -> None:
+    """`unfinished_note` as a warning, if there is one."""
+    note = unfinished_note(run_dir, path)
+    if note is not None:
+        warn(note)
