@@ -23,6 +23,7 @@ from lowbit.models import list_sizes
 from lowbit.optim import STATE_PRECISIONS
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import accepted_names
+from lowbit.train.config import TASK_DEFAULTS
 
 NAME = "estimate"
 DEFAULT_SEQ = 1024
@@ -67,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq",
         type=int,
         default=None,
-        help=f"sequence length (default {DEFAULT_SEQ}; for a lowbit run folder, the run's --seq-len)",
+        help=f"sequence length (default {DEFAULT_SEQ}, or lowbit train's "
+        f"{TASK_DEFAULTS['token-classification']['seq_len']} with --task token-classification; "
+        "for a lowbit run folder, the run's --seq-len)",
     )
     parser.add_argument(
         "--gpus",
@@ -275,11 +278,20 @@ def _check_checkpointing(args, planned) -> bool:
     return False
 
 
-# What `lowbit estimate` estimates where neither a flag nor a run folder says otherwise
+# What `lowbit estimate` estimates where neither a flag nor a run folder says otherwise (--seq:
+# `_default_seq`)
 DEFAULTS = dict(
     task="causal-lm", recipe="bf16-mixed", override=[], optimizer_state="fp32", batch=1,
-    seq=DEFAULT_SEQ, gpus=1, sharding="none", activation_checkpointing=False,
+    gpus=1, sharding="none", activation_checkpointing=False,
 )  # fmt: skip
+
+
+def _default_seq(task: str) -> int:
+    """--seq where neither the flag nor a run folder gives it: 1024 for a causal LM, `lowbit
+    train`'s default for a tagger (64). Until session 36 it was 1024 for both, which every
+    BERT-family encoder (512 positions) refused."""
+    tagger = task == "token-classification"  # other tasks: refused by the estimate, not here
+    return TASK_DEFAULTS[task]["seq_len"] if tagger else DEFAULT_SEQ
 
 
 def _with_run_settings(args) -> None:
@@ -287,7 +299,7 @@ def _with_run_settings(args) -> None:
     so that its estimate is that run's (until session 32 a run folder gave only its model, task and
     --seq-len, and was estimated as bf16-mixed with fp32 states, batch 1 and no checkpointing
     whatever it ran); a flag that is given wins. The rest get `DEFAULTS`."""
-    from lowbit.train.config import TASK_DEFAULTS, is_run_folder, read
+    from lowbit.train.config import is_run_folder, read
 
     if is_run_folder(args.model):
         run = read(args.model)
@@ -318,6 +330,8 @@ def _with_run_settings(args) -> None:
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.seq is None:
+        args.seq = _default_seq(args.task)
 
 
 def run(args) -> int:

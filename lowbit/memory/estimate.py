@@ -71,6 +71,9 @@ import copy
 import functools
 import json
 import logging
+import numbers
+import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
@@ -137,6 +140,14 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
 
     if isinstance(config_or_size, PretrainedConfig):
         return config_or_size, getattr(config_or_size, "name_or_path", "") or "config"
+    if not isinstance(config_or_size, (str, os.PathLike)):
+        # a model itself read as a path: "[Errno 36] File name too long: 'LlamaForCausalLM(...'"
+        own = isinstance(getattr(config_or_size, "config", None), PretrainedConfig)
+        raise UsageError(
+            f"the model to estimate is a {type(config_or_size).__name__}, not a named size, a "
+            "path or a transformers config; fix: "
+            + ("its config, estimate(model.config, ...)" if own else "one of those")
+        )
     text = str(config_or_size)
     if task == "token-classification" and text == "minilm":
         from lowbit.models.token_classifier import _resolve
@@ -157,6 +168,13 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
         return _run_config(path, task)
     if path.is_dir():
         path = path / "config.json"
+    # a run's file or folder (a checkpoint, checkpoints/, config.yaml) is no model, its run is
+    not_a_config = not path.is_file() or path.name != "config.json"
+    if not_a_config and (run := _run_folder_above(Path(text))) is not None:
+        raise UsageError(
+            f"{text}: inside the lowbit run folder {run}, not a model; fix: --model {run} (that "
+            "run's model and settings)"
+        )
     if not path.is_file():
         raise UsageError(_no_model_at(Path(text), list_sizes()))
     config = load_config(path)  # a config.json transformers rejects: one line
@@ -175,20 +193,60 @@ def _with_labels(config, labels) -> None:
     config.label2id = {label: i for i, label in enumerate(labels)}
 
 
+def _run_folder_above(given: Path) -> Path | None:
+    """The lowbit run folder that the existing ``given`` lies in, within three levels (a
+    checkpoint, a ``.dcp`` checkpoint's files, ``checkpoints/``, ``config.yaml``), as the path
+    given names it where it does, else absolute; None where there is none. Such a path read as
+    a config.json said "not valid JSON ('utf-8' codec can't decode byte 0x80 ...)" of a
+    checkpoint, and "holds no config.json" of a run's checkpoints/."""
+    from lowbit.train.config import is_run_folder
+
+    if not given.exists():
+        return None
+    for parents in (given.parents, given.absolute().parents):
+        found = next((p for p in list(parents)[:3] if is_run_folder(p)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _hub_name(given: Path) -> bool:
+    """Whether the missing path ``given`` reads as a Hugging Face Hub name (``owner/model``, as
+    ``meta-llama/Llama-2-7b-hf``), not as a mistyped path: no file suffix of a config or
+    checkpoint, and no folder here named as its owner (``runs/typo``)."""
+    return (
+        re.fullmatch(r"[\w.-]+/[\w.-]+", str(given)) is not None
+        and given.suffix not in (".json", ".yaml", ".yml", ".pt", ".safetensors")
+        and not Path(given.parts[0]).exists()
+    )
+
+
 def _no_model_at(given: Path, sizes) -> str:
-    """Why ``--model`` names no model, and the fix: a mistyped path, a `lowbit compare` folder
-    (whose runs are run folders), or a folder without a config.json. One message for all three
-    read "is neither a model size nor a config.json" of a compare folder, and of a missing
-    ``x/config.json``, with a fix that left out the run folders that --model takes."""
+    """Why ``--model`` names no model, and the fix: a mistyped path, a Hugging Face Hub name, a
+    `lowbit compare` folder (whose runs are run folders), a folder of runs (``runs/``), or a
+    folder without a config.json. One message for all read "is neither a model size nor a
+    config.json" of a compare folder, and of a missing ``x/config.json``, with a fix that left out
+    the run folders that --model takes; a Hub name was "nothing at that path" until session 36."""
     from lowbit.report.compare import SETTINGS
+    from lowbit.train.config import is_run_folder
 
     fix = "fix: a size name, a Hugging Face config.json or its folder, or a lowbit run folder"
+    if not given.exists() and _hub_name(given):  # the estimate needs its config.json only
+        return (
+            f"{given}: nothing at that path, and lowbit reads no Hugging Face Hub names, only "
+            f"local files; fix: hf download {given} config.json --local-dir DIR (the config is "
+            "all an estimate needs), then --model DIR"
+        )
     if not given.exists():
         return f"{given}: nothing at that path, nor a model size ({', '.join(sizes)}); {fix}"
     if (given / SETTINGS).is_file() and (given / "runs").is_dir():
         run = next(iter(sorted((given / "runs").glob("*/seed-*"))), None)
         example = f" such as {run}" if run else ""
         return f"{given}: a lowbit compare study, not one run; fix: one of its runs{example}"
+    with contextlib.suppress(OSError):  # a folder that cannot be listed: the message below
+        if runs := sorted(p for p in given.iterdir() if is_run_folder(p)):
+            fix = f"fix: one of them, such as {runs[0]}"
+            return f"{given}: a folder of lowbit runs, not one run; {fix}"
     return f"{given}: holds no config.json, and is no lowbit run folder; {fix}"
 
 
@@ -832,10 +890,13 @@ def estimate(
             "image-classification --steps 2 prints its memory by component)"
         )
     choose("task", task, TASKS)
-    if batch < 1 or seq < 1 or gpus < 1:
-        raise UsageError(
-            f"batch, seq and gpus must be at least 1 (got {batch}, {seq}, {gpus}); fix: raise them"
-        )
+    for name, value in (("batch", batch), ("seq", seq), ("gpus", gpus)):
+        # a float batch failed deep in the trace ("zeros() takes 1 positional argument")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise UsageError(
+                f"{name} must be a whole number of at least 1 (--{name}), got {value!r}; "
+                "fix: give 1 or more"
+            )
     fsdp = sharding == "fsdp" and gpus > 1  # ddp and fsdp over one GPU shard nothing
     shape, recipe, trace = _traced(
         *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp, gpus == 1
