@@ -67,6 +67,29 @@ def file_in_the_way(path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def check_writable(out, flag: str = "--out") -> None:
+    """Refuse, before a command's slow work rather than after it, an output folder that cannot
+    be made or written in: no permission, a read-only file system, or /proc (whose ENOENT the CLI
+    keeps as a bug's traceback). Tried by making, and removing, an empty folder in the nearest
+    folder of the path that exists; nothing is left behind. A full disk keeps its `OSError`,
+    which the CLI reports in its own line (status 1)."""
+    import errno
+    import tempfile
+
+    out = Path(out)
+    there = next(p for p in (out, *out.parents) if p.exists())  # /proc of /proc/x/y
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lowbit-check-", dir=there))
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = "nothing can be written in" if there == out else "no folder can be made in"
+        reason = error.strerror or type(error).__name__
+        raise UsageError(
+            f"{flag} {out}: {what} {there} ({reason}); fix: choose a folder you may write to"
+        ) from None
+
+
 def a_task_run(task: str) -> str:
     """ "a causal-lm run", "an image-classification run": a run named by its task in a message."""
     return f"{'an' if task[:1] in tuple('aeiou') else 'a'} {task} run"

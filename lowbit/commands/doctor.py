@@ -25,6 +25,8 @@ OWN_HELP = {
     "--strategy": "the run's ddp or fsdp: the probe runs in one process, on the global batch",
 }
 DEFAULT_PROBE_STEPS = 8
+# the probe's own flags, which a --config file (a run's settings) does not give
+OWN_FLAGS = ("--probe-steps", "--top", "--checkpoint")
 # Train flags a copied command line may carry that the probe has no use for: it saves no
 # checkpoint, runs no validation and logs nothing (--nproc/--strategy: `_one_process`).
 UNUSED = ("--save-interval", "--keep-last", "--eval-interval", "--eval-batches", "--wandb")
@@ -75,11 +77,15 @@ def run(args) -> int:
     from dataclasses import replace
 
     from lowbit.diagnostics.doctor import OUTPUT_FILES, diagnose, write_outputs
-    from lowbit.errors import UsageError, file_in_the_way
+    from lowbit.errors import UsageError, check_given, check_writable, file_in_the_way
     from lowbit.infer.io import is_inference_dir, training_run
+    from lowbit.train import checkpoint
     from lowbit.train.checkpoint import run_of
     from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
 
+    # an unset shell variable: "" is the current folder, probed as a run or left for the default
+    check_given(args.checkpoint, "--checkpoint", "give a run folder or one of its checkpoints")
+    check_given(args.out, "--out", "give a folder, or drop --out for the default")
     if args.probe_steps is None:
         args.probe_steps = DEFAULT_PROBE_STEPS
         if args.steps is not None or args.epochs is not None:
@@ -96,7 +102,10 @@ def run(args) -> int:
     elif args.checkpoint:
         _refuse_missing_checkpoint(Path(args.checkpoint))
     if args.probe_steps < 1:
-        raise UsageError(f"--probe-steps must be positive, got {args.probe_steps}")
+        raise UsageError(
+            f"--probe-steps must be positive, got {args.probe_steps}; fix: e.g. --probe-steps "
+            f"{DEFAULT_PROBE_STEPS}"
+        )
     if args.top < 1:
         raise UsageError(f"--top must be positive, got {args.top}; fix: e.g. --top 15")
     if args.checkpoint and is_inference_dir(args.checkpoint):  # it holds no training state
@@ -105,6 +114,10 @@ def run(args) -> int:
             f"{args.checkpoint}: a quantized or pruned model, which holds no training state to "
             f"probe; fix: --checkpoint {run} (the run it was made from)"
         )
+    if args.checkpoint:
+        # a run stopped before its first save, refused before the set-up (seconds to minutes):
+        # there it was "no saved tokenizer; fix: restore the run's tokenizer folder"
+        checkpoint.find(args.checkpoint, checkpoint_path, note=False)
     from lowbit.commands.train import FLAGS, SWITCHES
 
     flags = {
@@ -120,6 +133,7 @@ def run(args) -> int:
         else {}
     )
     if args.config:
+        _refuse_own_flags(args.config)
         # a flag replaces the file's setting: a mistyped one there is warned of, not refused
         base.update(load_file(args.config, {k for k, v in flags.items() if v is not None}))
     config = build_config(base, flags)
@@ -135,6 +149,7 @@ def run(args) -> int:
                 f"{out / name}: a folder where the doctor writes its {name}; fix: choose another "
                 "--out, or move that folder"
             )
+    check_writable(out)
     unused = [flag for flag in UNUSED if getattr(args, flag[2:].replace("-", "_")) is not None]
     if unused:
         print(
@@ -159,16 +174,44 @@ def run(args) -> int:
             print(f"auto plan of {args.checkpoint} over time:\n{timeline}")
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
-    return 0
+    return 130 if diagnosis.interrupted else 0  # as `lowbit train` interrupted
+
+
+def _refuse_own_flags(path) -> None:
+    """Refuse a --config file that gives the probe's own flags: the file holds a run's settings,
+    where ``probe_steps`` was an unknown setting whose fix read "did you mean 'steps'?", the
+    length of the run probed (its schedule), not of the probe."""
+    from lowbit.errors import UsageError
+    from lowbit.train.config import file_settings
+
+    settings = file_settings(path)
+    given = [flag for flag in OWN_FLAGS if flag[2:].replace("-", "_") in settings]
+    if given:
+        name = given[0][2:].replace("-", "_")
+        raise UsageError(
+            f"{path}: {name!r} is a lowbit doctor flag, not a setting of the run the file "
+            f"describes; fix: give {given[0]} on the command line, not in the file"
+        )
 
 
 def _refuse_missing_checkpoint(path: Path) -> None:
     """Refuse a checkpoint path of a run that has no such checkpoint (``step-2.pt`` for
     ``step-0000002.pt``), naming the ones it has: read as a run folder instead, it was refused
-    as "no such run folder (no config.yaml)", the run's folder two levels up unnamed."""
+    as "no such run folder (no config.yaml)", the run's folder two levels up unnamed. So is a
+    file or folder of a run that is no checkpoint (its config.yaml, its checkpoints folder),
+    which read "RUN/config.yaml: no config.yaml, not a lowbit run folder"."""
     from lowbit.errors import UsageError
     from lowbit.train.checkpoint import FOLDER, list_checkpoints
 
+    run = path.parent
+    inside = path.exists() and not (path / "config.yaml").is_file()  # not a run folder itself
+    if inside and (run / "config.yaml").is_file():
+        what = "file" if path.is_file() else "folder"
+        have = ", ".join(p.name for p in list_checkpoints(run)) or "none yet"
+        raise UsageError(
+            f"{path}: a {what} of the run {run}, not a checkpoint; fix: --checkpoint "
+            f"{shlex.quote(str(run))} for its latest, or one in {run / FOLDER} ({have})"
+        )
     run = path.parent.parent
     if path.parent.name != FOLDER or not (run / "config.yaml").is_file():
         return

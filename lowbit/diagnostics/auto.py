@@ -61,6 +61,7 @@ from lowbit.diagnostics.stats import (
     clips_unbounded,
     nominal_stats,
     operand_stats_tensor,
+    read_records,
 )
 from lowbit.errors import UsageError
 from lowbit.nn.operand import scale_agreement
@@ -487,25 +488,16 @@ def all_finite(loss: float, parameters) -> bool:
 
 def plan_over_time(run_dir, until_step: int | None = None) -> str:
     """The ``auto`` plan of a run at each change, from its ``metrics.jsonl`` (a Markdown table):
-    step, operands per rung, share at 8 bits or below, mean bits, changes, retried attempts.
+    step, operands per rung, share at 8 bits or below, mean bits, changes, retried attempts;
+    "" for a run of another recipe. A folder that is not there is refused (`read_records`).
 
     ``until_step``: only the changes up to that step, e.g. a checkpoint's: a run killed after its
     last checkpoint logged changes the checkpoint never reached (a resume drops them)."""
-    import json
-    from pathlib import Path
-
-    path = Path(run_dir) / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("split") == "auto" and (
-                until_step is None or record["step"] <= until_step
-            ):
-                records.append(record)
+    records = [
+        record
+        for record in read_records(run_dir, "auto")
+        if until_step is None or record["step"] <= until_step
+    ]
     if not records:
         return ""
     rungs = [k[2:] for k in records[0] if k.startswith("n_")]

@@ -102,12 +102,13 @@ class Row:
 @dataclass
 class Diagnosis:
     recipe: str
-    steps: int
+    steps: int  # probe steps observed, the table's (`stopped` says why fewer than asked)
     rows: list[Row]
     flags: list[dict] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     stopped: str = ""  # why the probe ended before its steps (a non-finite step), or ""
+    interrupted: bool = False  # stopped early by a Ctrl-C or SIGTERM (`_interruptible`)
     start_step: int = 0  # the step the probe starts from: the checkpoint's, 0 from scratch
     moved: int = 0  # operands `auto` moved after their last observed step (`_moved_at_the_end`)
     # low-precision layers no probe step ran (`_not_run`): absent from the table, not judged fine
@@ -435,28 +436,33 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         rung_specs = (operand_spec(rung, op) for op in OPERANDS)
         specs.update({spec.describe(): spec for spec in rung_specs})
     stopped = ""
-    for _ in range(steps):
-        for layer in layers.values():
-            specs.update({s.describe(): s for s in layer.spec.operands().values()})
-        try:
-            out = trainer.step()
-        except NonFiniteLoss as error:
-            # a step the recipe cannot skip went non-finite: what its operands held is the
-            # diagnosis (still held by the observer, or under `auto` read by its guard)
-            per_step.append(trainer.monitor.unfinished_stats())
-            stopped = f"probe stopped: {error}"
-            order = order or list(trainer.monitor.collector.order)  # a first step's own
-            break
-        record = next((r for split, r in trainer.records if split == "stats"), {})
-        per_step.append(unflatten(record))
-        # skipped by the loss scale for its gradients alone: a non-finite loss overflowed in the
-        # forward pass, which the scale does not touch (its operands' format is the trouble)
-        skipped.append(not out["stepped"] and math.isfinite(out["loss"]))
-        order = order or list(trainer.monitor.collector.order)
-        scales.append(trainer.precision.loss_scale)
-        losses.append(out["loss"])
-        if bf16_params:
-            rounded.append(rounded_away_fraction(trainer.optimizer, bf16_params)[0])
+    interrupted: list[int] = []  # the signal that asked the probe to stop (`_interruptible`)
+    with _interruptible(interrupted):
+        for _ in range(steps):
+            for layer in layers.values():
+                specs.update({s.describe(): s for s in layer.spec.operands().values()})
+            try:
+                out = trainer.step()
+            except NonFiniteLoss as error:
+                # a step the recipe cannot skip went non-finite: what its operands held is the
+                # diagnosis (still held by the observer, or under `auto` read by its guard)
+                per_step.append(trainer.monitor.unfinished_stats())
+                stopped = f"probe stopped: {error}"
+                order = order or list(trainer.monitor.collector.order)  # a first step's own
+                break
+            record = next((r for split, r in trainer.records if split == "stats"), {})
+            per_step.append(unflatten(record))
+            # skipped by the loss scale for its gradients alone: a non-finite loss overflowed in the
+            # forward pass, which the scale does not touch (its operands' format is the trouble)
+            skipped.append(not out["stepped"] and math.isfinite(out["loss"]))
+            order = order or list(trainer.monitor.collector.order)
+            scales.append(trainer.precision.loss_scale)
+            losses.append(out["loss"])
+            if bf16_params:
+                rounded.append(rounded_away_fraction(trainer.optimizer, bf16_params)[0])
+            if interrupted:
+                stopped = f"probe interrupted after {len(per_step)} of {steps} steps"
+                break
     return {
         "trainer": trainer,
         "per_step": per_step,
@@ -469,9 +475,38 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         "rounded_away": rounded,
         "skipped": skipped,
         "order": order,
+        "interrupted": bool(interrupted),
         "start_step": start_step,
         "nonfinite_weights": nonfinite_weights,
     }
+
+
+def _interruptible(interrupted: list[int]):
+    """Within: a Ctrl-C (or the SIGTERM a scheduler ends a job with) lets the step under way
+    finish, then the probe stops and is diagnosed on the steps it observed, as `lowbit train`
+    saves a checkpoint after the step; a second Ctrl-C aborts. Before, a Ctrl-C lost the steps
+    already observed (minutes, on a large model) with the whole command. The signal is noted
+    in ``interrupted``."""
+    import signal
+    import sys
+
+    from lowbit.distributed.context import signals_handled
+
+    def handler(signum, frame):
+        if interrupted and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not interrupted:
+            interrupted.append(signum)
+            # as `lowbit train` says it (`_stop_message`): a SIGTERM comes from no keyboard
+            how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+            again = "" if signum == signal.SIGTERM else " (Ctrl-C again to abort)"
+            print(
+                f"\n{how}: the probe stops after this step and diagnoses the steps it "
+                f"observed{again}",
+                file=sys.stderr,
+            )
+
+    return signals_handled(handler, signal.SIGINT, signal.SIGTERM)
 
 
 def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
@@ -699,13 +734,15 @@ def diagnose(
         ]
     return Diagnosis(
         recipe=config.recipe,
-        steps=steps,
+        # the steps observed: fewer than asked where a non-finite step or a Ctrl-C stopped it
+        steps=len(result["per_step"]),
         rows=rows,
         flags=failure_patterns(result, history),
         # with non-finite weights the flagged operands are their consequence, not a format's
         suggestions=[] if result["nonfinite_weights"] else suggestions_for(rows),
         loss=result["losses"],
         stopped=result.get("stopped", ""),
+        interrupted=result.get("interrupted", False),
         start_step=result["start_step"],
         moved=_moved_at_the_end(result["trainer"], rows),
         not_run=_not_run(result["trainer"], result["per_step"]),

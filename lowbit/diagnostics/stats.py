@@ -277,8 +277,11 @@ def unflatten(record: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
-def read_stats(run_dir) -> list[tuple[int, dict]]:
-    """Every ``stats`` record of a run's ``metrics.jsonl`` as ``(step, nested stats)``."""
+def read_records(run_dir, split: str) -> list[dict]:
+    """The records of one ``split`` (``stats``, ``auto``, ...) of a run's ``metrics.jsonl``, in
+    the order written; none where the run has logged none yet. A line that is not JSON (torn by
+    a kill mid-write) is skipped. A folder that is not there is refused: a mistyped path read as
+    a run that had logged nothing."""
     import json
     from pathlib import Path
 
@@ -295,6 +298,11 @@ def read_stats(run_dir) -> list[tuple[int, dict]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("split") == "stats":
-            found.append((int(record["step"]), unflatten(record)))
+        if record.get("split") == split:
+            found.append(record)
     return found
+
+
+def read_stats(run_dir) -> list[tuple[int, dict]]:
+    """Every ``stats`` record of a run's ``metrics.jsonl`` as ``(step, nested stats)``."""
+    return [(int(record["step"]), unflatten(record)) for record in read_records(run_dir, "stats")]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, check_given, file_in_the_way
+from lowbit.errors import UsageError, check_given, check_writable, file_in_the_way
 from lowbit.train.config import EXPORT_INFO, exported_from
 
 MANIFEST = "quantization.json"
@@ -528,20 +527,11 @@ def staged_out(out, force: bool):
     out = Path(out)
     _check_out(out, force)
     holder = out if out.is_dir() else out.parent
-    try:
-        holder.mkdir(parents=True, exist_ok=True)
-        for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
-    except OSError as error:  # /proc's ENOENT was a traceback, a hidden name the user never gave
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the CLI's disk-full line (status 1)
-            raise
-        reason = error.strerror or type(error).__name__
-        there = next(p for p in (holder, *holder.parents) if p.exists())  # /proc of /proc/x/y
-        raise UsageError(
-            f"--out {out}: no folder can be made in {there} ({reason}); fix: choose a folder "
-            "you may write to"
-        ) from None
+    check_writable(out)  # /proc's ENOENT was a traceback, a hidden name the user never gave
+    holder.mkdir(parents=True, exist_ok=True)
+    for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
     try:
         yield staging
         _umask_modes(staging)
@@ -598,6 +588,7 @@ def check_target(out, source_path, force: bool) -> None:
     have changed meanwhile."""
     check_outside(Path(out), Path(source_path))
     _check_out(Path(out), force)
+    check_writable(out)
 
 
 def save(source: Source, model: torch.nn.Module, manifest: dict, out, force: bool = False) -> Path:

@@ -115,7 +115,7 @@ def load_file(path, flags=()) -> dict:
     a file's value of the wrong type that one of them replaces is left out with a warning, not
     refused, as the run never reads it (``lr: fast`` beside ``--lr 1e-3``); the warning keeps the
     mistake from going unnoticed by the runs that read the file without the flag."""
-    settings = _without_replaced_mistypes(path, _file_settings(path), flags)
+    settings = _without_replaced_mistypes(path, file_settings(path), flags)
     unknown = _unknown_setting(settings)
     if unknown and isinstance(settings[unknown], dict):  # a [train] table, a `train:` block
         raise UsageError(
@@ -175,7 +175,7 @@ def _unknown_setting(settings: dict) -> str | None:
     return min(set(settings) - set(TrainConfig.field_names()), default=None)
 
 
-def _file_settings(path) -> dict:
+def file_settings(path) -> dict:
     """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``."""
     path = Path(path)
     if (path / "config.yaml").is_file():  # a run folder (was: "no such config file")
@@ -736,7 +736,7 @@ def read(folder) -> TrainConfig:
                 f"{folder}: no such run folder (no config.yaml); fix: give the --out folder of a run"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
-    settings = _file_settings(path)
+    settings = file_settings(path)
     unknown = _unknown_setting(settings)
     if unknown:
         raise _unknown_run_setting(folder, path, unknown)
