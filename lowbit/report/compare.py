@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, file_in_the_way
+from lowbit.errors import UsageError, check_writable, file_in_the_way
 from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.logging import METRICS
@@ -1244,6 +1244,7 @@ def check_out(study: Study, overwrite: bool) -> None:
         raise UsageError(
             f"--out {study.out}: {blocking} is a file, not a folder; fix: choose another --out"
         )
+    check_writable(study.out)  # /proc/x: a traceback where the folder was made
     # found only when the study writes there, the report's after every run has trained
     report = study.out / REPORT_DIR
     for path in (study.out / "runs", report):

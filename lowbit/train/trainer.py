@@ -26,7 +26,7 @@ import torch
 
 from lowbit.cpu import bf16_gemm_warning
 from lowbit.diagnostics.monitor import build_monitor
-from lowbit.errors import RunNotWritten, UsageError
+from lowbit.errors import RunNotWritten, UsageError, check_writable
 from lowbit.nn.convert import lowbit_layers
 from lowbit.precision.scaler import SMALLEST_SCALE
 from lowbit.recipes import same_recipe
@@ -1455,6 +1455,7 @@ def train(
     probe.take()
     probe.release()
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
+    check_writable(config.out)  # /proc/x: a traceback where the folder was made
     if resume:
         config = _with_run_data(config)
     if config.strategy is not None:  # DDP/FSDP: spawned ranks, or this rank under torchrun
