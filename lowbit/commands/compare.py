@@ -115,7 +115,7 @@ def run(args) -> int:
     # the recipe, seed and folder, which the study sets
     given = {name: None for name, value in overrides.items() if value is not None}
     given |= {"recipe": "--recipes", "seed": "--first-seed", "out": "--out"}
-    settings = load_file(args.config, given) if args.config else {}
+    settings = load_file(args.config, given, ("lowbit compare", args)) if args.config else {}
     # a `lowbit train` config file names one run's; a study sets every run's itself
     ignored = [key for key in ("recipe", "seed", "out") if key in settings]
     if ignored:

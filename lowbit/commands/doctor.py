@@ -25,8 +25,6 @@ OWN_HELP = {
     "--strategy": "the run's ddp or fsdp: the probe runs in one process, on the global batch",
 }
 DEFAULT_PROBE_STEPS = 8
-# the probe's own flags, which a --config file (a run's settings) does not give
-OWN_FLAGS = ("--probe-steps", "--top", "--checkpoint")
 # Train flags a copied command line may carry that the probe has no use for: it saves no
 # checkpoint, runs no validation and logs nothing (--nproc/--strategy: `_one_process`).
 UNUSED = ("--save-interval", "--keep-last", "--eval-interval", "--eval-batches", "--wandb")
@@ -133,9 +131,9 @@ def run(args) -> int:
         else {}
     )
     if args.config:
-        _refuse_own_flags(args.config)
         # a flag replaces the file's setting: a mistyped one there is warned of, not refused
-        base.update(load_file(args.config, {k for k, v in flags.items() if v is not None}))
+        given = {k for k, v in flags.items() if v is not None}
+        base.update(load_file(args.config, given, ("lowbit doctor", args)))
     config = build_config(base, flags)
     out = Path(args.out or Path("runs") / f"doctor-{config.recipe.replace(':', '-')}")
     # refused before the probe (minutes of training), not when the results are written
@@ -175,23 +173,6 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 130 if diagnosis.interrupted else 0  # as `lowbit train` interrupted
-
-
-def _refuse_own_flags(path) -> None:
-    """Refuse a --config file that gives the probe's own flags: the file holds a run's settings,
-    where ``probe_steps`` was an unknown setting whose fix read "did you mean 'steps'?", the
-    length of the run probed (its schedule), not of the probe."""
-    from lowbit.errors import UsageError
-    from lowbit.train.config import file_settings
-
-    settings = file_settings(path)
-    given = [flag for flag in OWN_FLAGS if flag[2:].replace("-", "_") in settings]
-    if given:
-        name = given[0][2:].replace("-", "_")
-        raise UsageError(
-            f"{path}: {name!r} is a lowbit doctor flag, not a setting of the run the file "
-            f"describes; fix: give {given[0]} on the command line, not in the file"
-        )
 
 
 def _refuse_missing_checkpoint(path: Path) -> None:

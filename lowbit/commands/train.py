@@ -157,7 +157,7 @@ def config_from_args(args):
         overrides["out"] = args.resume
     _check_nproc(args.nproc)
     flags = {name for name, value in overrides.items() if value is not None}
-    settings = load_file(_path(args.config), flags) if args.config else {}
+    settings = load_file(_path(args.config), flags, ("lowbit train", args)) if args.config else {}
     if args.nproc is None and "nproc" in settings and not is_run_config(_path(args.config)):
         # a hand-written file's nproc was given; a run's config.yaml records the count that run
         # had, which follows torchrun's world size as an unset one does

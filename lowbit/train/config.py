@@ -105,22 +105,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_file(path, flags=()) -> dict:
+def load_file(path, flags=(), command=None) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's
     config.yaml gives only the settings the run was given (`given_settings`).
+
+    ``command``: ``(name, args)`` of the command that reads the file (``"lowbit doctor"``, its
+    parsed `argparse.Namespace`): a key that is one of its own flags, not a setting
+    (``overwrite``, ``probe_steps``), is refused as such, where its fix read "did you mean
+    'overrides'?" ('steps' for ``probe_steps``: the run's length, not the probe's).
 
     ``flags`` names the settings given on the command line, which replace the file's (`merge`;
     a dict maps a name to the flag that gives it where that is not ``--name``):
     a file's value of the wrong type that one of them replaces is left out with a warning, not
     refused, as the run never reads it (``lr: fast`` beside ``--lr 1e-3``); the warning keeps the
     mistake from going unnoticed by the runs that read the file without the flag."""
-    settings = _without_replaced_mistypes(path, file_settings(path), flags)
+    settings = _without_replaced_mistypes(path, _file_settings(path), flags)
     unknown = _unknown_setting(settings)
     if unknown and isinstance(settings[unknown], dict):  # a [train] table, a `train:` block
         raise UsageError(
             f"{path}: {unknown!r} is a section, and settings are not read from sections; fix: "
             f"write its settings at the top level of the file, without {unknown!r}"
+        )
+    if unknown and command is not None and unknown in vars(command[1]):
+        flag = f"--{unknown.replace('_', '-')}"
+        raise UsageError(
+            f"{path}: {unknown!r} is a {command[0]} flag, not a setting of the run the file "
+            f"describes; fix: give {flag} on the command line, not in the file"
         )
     if unknown:
         names = TrainConfig.field_names()
@@ -175,7 +186,7 @@ def _unknown_setting(settings: dict) -> str | None:
     return min(set(settings) - set(TrainConfig.field_names()), default=None)
 
 
-def file_settings(path) -> dict:
+def _file_settings(path) -> dict:
     """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``."""
     path = Path(path)
     if (path / "config.yaml").is_file():  # a run folder (was: "no such config file")
@@ -736,7 +747,7 @@ def read(folder) -> TrainConfig:
                 f"{folder}: no such run folder (no config.yaml); fix: give the --out folder of a run"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
-    settings = file_settings(path)
+    settings = _file_settings(path)
     unknown = _unknown_setting(settings)
     if unknown:
         raise _unknown_run_setting(folder, path, unknown)

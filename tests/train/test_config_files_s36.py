@@ -72,3 +72,30 @@ def test_a_value_the_file_gave_is_refused_naming_the_file(tmp_path, capsys, text
     path.write_text("steps: 2\n", encoding="utf-8")
     flag = config_error(capsys, tmp_path, "--config", path, "--lr", "-1")
     assert flag.startswith("lowbit: error: lr must be a finite number of at least 0")
+
+
+@pytest.mark.parametrize(
+    "command, key, flag",
+    [
+        (["train", "--model", "nano", "--steps", "2"], "overwrite", "lowbit train"),
+        (
+            ["compare", "--recipes", "fp32", "--task", "image-classification"],
+            "seeds",
+            "lowbit compare",
+        ),
+        (["doctor", "--model", "nano"], "probe_steps", "lowbit doctor"),
+    ],
+    ids=["train", "compare", "doctor"],
+)
+def test_a_command_flag_in_a_config_file_is_named_as_the_flag(command, key, flag, tmp_path, capsys):
+    # read as an unknown setting, its fix was a setting spelt alike ('overrides', 'recipe',
+    # 'steps'), which changed the run instead
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{key}: 2\n", encoding="utf-8")
+    assert main([*command, "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    dashed = "--" + key.replace("_", "-")
+    assert capsys.readouterr().err == (
+        f"lowbit: error: {config}: {key!r} is a {flag} flag, not a setting of the run the file "
+        f"describes; fix: give {dashed} on the command line, not in the file\n"
+    )
+    assert not (tmp_path / "out").exists()
