@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, check_given
 from lowbit.memory.breakdown import COMPONENTS, human
 from lowbit.memory.estimate import (
     ACCELERATORS_GIB,
@@ -335,6 +335,8 @@ def _with_run_settings(args) -> None:
 
 
 def run(args) -> int:
+    # an unset shell variable (--model "$RUN"): read as the current folder, a run folder there too
+    check_given(args.model, "--model", "give a size, a config.json or its folder, or a run folder")
     _with_run_settings(args)
     recipes = _recipes(args)
     if len(recipes) > 1:
@@ -364,6 +366,9 @@ def run(args) -> int:
         return 0
     print(_settings(args, chosen.num_params).replace("; ", f"; recipe {name}; ", 1))
     print(chosen.table(titles=("bytes/device", "")))
+    for note in chosen.notes:  # as --json gives them; a split state block's is warned above
+        if SPLIT_STATE_BLOCKS not in note:
+            print(f"note: {note}")
     print(
         f"activations without checkpointing {without.activations:,} ({human(without.activations)}), "
         + (

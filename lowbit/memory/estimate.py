@@ -136,7 +136,7 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
     from transformers import PretrainedConfig
 
     from lowbit.models import list_sizes, model_config
-    from lowbit.models.pretrained import load_config
+    from lowbit.models.pretrained import load_config, run_folder_above
 
     if isinstance(config_or_size, PretrainedConfig):
         return config_or_size, getattr(config_or_size, "name_or_path", "") or "config"
@@ -170,7 +170,7 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
         path = path / "config.json"
     # a run's file or folder (a checkpoint, checkpoints/, config.yaml) is no model, its run is
     not_a_config = not path.is_file() or path.name != "config.json"
-    if not_a_config and (run := _run_folder_above(Path(text))) is not None:
+    if not_a_config and (run := run_folder_above(Path(text))) is not None:
         raise UsageError(
             f"{text}: inside the lowbit run folder {run}, not a model; fix: --model {run} (that "
             "run's model and settings)"
@@ -191,23 +191,6 @@ def _with_labels(config, labels) -> None:
     """Give ``config`` one output per label (`lowbit.models.token_classifier`'s head)."""
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
-
-
-def _run_folder_above(given: Path) -> Path | None:
-    """The lowbit run folder that the existing ``given`` lies in, within three levels (a
-    checkpoint, a ``.dcp`` checkpoint's files, ``checkpoints/``, ``config.yaml``), as the path
-    given names it where it does, else absolute; None where there is none. Such a path read as
-    a config.json said "not valid JSON ('utf-8' codec can't decode byte 0x80 ...)" of a
-    checkpoint, and "holds no config.json" of a run's checkpoints/."""
-    from lowbit.train.config import is_run_folder
-
-    if not given.exists():
-        return None
-    for parents in (given.parents, given.absolute().parents):
-        found = next((p for p in list(parents)[:3] if is_run_folder(p)), None)
-        if found is not None:
-            return found
-    return None
 
 
 def _hub_name(given: Path) -> bool:
@@ -250,6 +233,26 @@ def _no_model_at(given: Path, sizes) -> str:
     return f"{given}: holds no config.json, and is no lowbit run folder; {fix}"
 
 
+def _no_cnn_estimate(run_dir: Path | None = None) -> UsageError:
+    """The refusal of the image-classification CNN (of ``run_dir``, a CNN's run folder), which
+    `lowbit train` measures instead: its summary's memory table, measured at step 2. A run folder
+    was refused with "fix: a run of one of causal-lm, token-classification" until session 36."""
+    import shlex
+
+    traced = "the estimator traces transformers models (causal-lm, token-classification)"
+    if run_dir is None:
+        return UsageError(
+            f"{traced}, not the image-classification CNN; fix: measure a short run (lowbit train "
+            "--task image-classification --steps 2 prints its memory by component)"
+        )
+    config = shlex.quote(str(Path(run_dir) / "config.yaml"))
+    return UsageError(
+        f"{run_dir}: an image-classification run, and {traced}, not its CNN; fix: the memory "
+        "table its lowbit train printed (measured at step 2), or measure it again: lowbit train "
+        f"--config {config} --steps 2 --out DIR"
+    )
+
+
 def _run_config(run_dir: Path, task: str):
     """(config, name) of the model a lowbit run folder trained: a named size with the run's own
     vocabulary (its saved tokenizer; a tagger's vocab.json and labels.json, as the trainer builds
@@ -260,6 +263,8 @@ def _run_config(run_dir: Path, task: str):
     from lowbit.train.config import read, with_recorded_data
 
     run = with_recorded_data(run_dir, read(run_dir))  # a relative --model, as the run named it
+    if run.task == "image-classification":
+        raise _no_cnn_estimate(run_dir)
     if run.task != task:
         fix = f"--task {run.task}" if run.task in TASKS else f"a run of one of {', '.join(TASKS)}"
         raise UsageError(f"{run_dir}: the run's task is {run.task}, not {task}; fix: {fix}")
@@ -884,11 +889,7 @@ def estimate(
     precision = state_precision(state_precision_name)
     choose("sharding", sharding, SHARDING)
     if task == "image-classification":  # a `lowbit train` task, but no transformers model
-        raise UsageError(
-            "the estimator traces transformers models (causal-lm, token-classification), not "
-            "the image-classification CNN; fix: measure a short run (lowbit train --task "
-            "image-classification --steps 2 prints its memory by component)"
-        )
+        raise _no_cnn_estimate()
     choose("task", task, TASKS)
     for name, value in (("batch", batch), ("seq", seq), ("gpus", gpus)):
         # a float batch failed deep in the trace ("zeros() takes 1 positional argument")

@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, choose
-from lowbit.models.pretrained import GONE, from_pretrained, has_weights, load_config
+from lowbit.models.pretrained import (
+    GONE,
+    from_pretrained,
+    has_weights,
+    load_config,
+    run_folder_above,
+)
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
 
@@ -267,6 +273,17 @@ def folder_config(path):
                 f"or quantized/pruned one; fix: lowbit export it (lowbit export "
                 f"{shlex.quote(str(path))} --out DIR) and train with --model DIR, or --resume the run"
             )
+        if (run := run_folder_above(folder)) is not None:  # a checkpoint, checkpoints/, ...
+            from lowbit.infer.io import is_inference_dir
+
+            export = f"lowbit export {shlex.quote(str(run))} --out DIR"
+            fix = (
+                f"{export} and train with --model DIR"
+                if is_inference_dir(run)  # a quantized/pruned folder: no run to resume
+                else f"{export} (its last checkpoint) and train with --model DIR, or --resume "
+                f"{shlex.quote(str(run))}"
+            )
+            raise UsageError(f"{path}: inside the lowbit run folder {run}, not a model; fix: {fix}")
         what = "not a Hugging Face checkpoint folder (no config.json)"
         if not folder.exists():  # a typo, or the folder a run was fine-tuned from, moved since
             what += f", nor a size ({GONE})"

@@ -26,6 +26,24 @@ from lowbit.errors import UsageError
 GONE = "nothing is at that path; a run trained from a folder needs it where it was"
 
 
+def run_folder_above(given: Path) -> Path | None:
+    """The lowbit run folder that the existing ``given`` lies in, within three levels (a
+    checkpoint, a ``.dcp`` checkpoint's files, ``checkpoints/``, ``config.yaml``), as the path
+    given names it where it does, else absolute; None where there is none. Such a path given as a
+    --model is no model: `lowbit estimate` names the run folder it takes instead, `lowbit train`
+    the way to train from a run's weights (`lowbit.models.causal_lm.folder_config`)."""
+    from lowbit.train.config import is_run_folder
+
+    given = Path(given)
+    if not given.exists():
+        return None
+    for parents in (given.parents, given.absolute().parents):
+        found = next((p for p in list(parents)[:3] if is_run_folder(p)), None)
+        if found is not None:
+            return found
+    return None
+
+
 def with_sdpa(build):
     """``build(attn_implementation="sdpa")``: the model with PyTorch's SDPA attention, or with its
     own (eager) attention, ``build()``, for architectures that have no SDPA version (BLOOM)."""

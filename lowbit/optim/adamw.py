@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from lowbit.errors import UsageError, warn
+from lowbit.errors import UsageError, choose, warn
 from lowbit.formats import cast
 from lowbit.optim.states import BLOCK_SIZE, StatePrecision, keeps_fp32_states
 from lowbit.optim.states import state_precision as _state_precision
@@ -721,9 +721,10 @@ def build_optimizer(
     first step compiles for tens of seconds per parameter shape). ``seed`` seeds the stochastic
     rounding of bf16 states.
     """
-    if name not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    precision = _state_precision(state_precision)
+    choose("optimizer", name, OPTIMIZERS, fix='name="adamw" (the default), or "adam"')
+    precision = _state_precision(
+        state_precision, fix='state_precision="fp32" (the default), or another of those'
+    )
     adamw = name == "adamw"
     kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     _check_hyperparameters(kwargs)

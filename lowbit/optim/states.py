@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, choose
 
 
 class StatePrecision(str, Enum):
@@ -51,13 +51,14 @@ STEP_BYTES = 4  # the per-parameter step counter: a 0-dim fp32 tensor (torch and
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
 
-def state_precision(name: str | StatePrecision) -> StatePrecision:
-    try:
-        return StatePrecision(name)
-    except ValueError:
-        raise UsageError(
-            f"unknown optimizer-state precision {name!r}; valid: {', '.join(STATE_PRECISIONS)}"
-        ) from None
+def state_precision(
+    name: str | StatePrecision,
+    fix: str = "--optimizer-state fp32 (the default), or another of those",
+) -> StatePrecision:
+    """``name`` as a `StatePrecision`; an unknown one is a `UsageError` listing the valid names
+    and ``fix``, how the caller's user gives one (the flag; `build_optimizer` its argument)."""
+    choose("optimizer state precision", name, STATE_PRECISIONS, fix=fix)
+    return StatePrecision(name)
 
 
 def keeps_fp32_states(precision: str | StatePrecision, numel: int) -> bool:

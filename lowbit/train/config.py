@@ -427,14 +427,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_types(out)  # a TrainConfig made in Python has not been through `build_config`
     choose("task", out.task, TASKS, fix=f"--task {TASKS[0]}, or another of those")
     _check_tokenizer(out.tokenizer)
-    from lowbit.optim import STATE_PRECISIONS
+    from lowbit.optim.states import state_precision
 
-    choose(
-        "optimizer state precision",
-        out.optimizer_state,
-        STATE_PRECISIONS,
-        fix="--optimizer-state fp32 (the default), or another of those",
-    )
+    state_precision(out.optimizer_state)  # an unknown one: refused, naming --optimizer-state
     defaults = TASK_DEFAULTS[out.task]
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
         if getattr(out, name) is None:
@@ -748,6 +743,11 @@ def read(folder) -> TrainConfig:
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
     settings = _file_settings(path)
+    if not settings:  # `write` records every setting: an emptied file, read as the defaults
+        raise UsageError(
+            f"{path}: empty, where a run records all its settings (model, recipe, data, ...); "
+            "fix: restore the run's config.yaml from a copy of the run"
+        )
     unknown = _unknown_setting(settings)
     if unknown:
         raise _unknown_run_setting(folder, path, unknown)

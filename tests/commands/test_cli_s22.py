@@ -54,15 +54,16 @@ def test_doctor_takes_trains_switches(tmp_path):
 
 
 def test_estimate_of_a_cnn_run_names_the_runs_task(tmp_path, capsys):
-    """A CNN's run folder has no estimate: the refusal names the run's task and the runs that
-    have one, not an 'unknown task' the user never gave."""
+    """A CNN's run folder has no estimate: the refusal names the run's task and the memory table
+    that run measured (session 36; it named the runs that have an estimate), not an 'unknown
+    task' the user never gave."""
     from lowbit.train.config import TrainConfig, write
 
     write(TrainConfig(task="image-classification"), tmp_path)
     assert main(["estimate", "--model", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
-    assert "the run's task is image-classification" in error
-    assert "fix: a run of one of causal-lm, token-classification" in error
+    assert f"{tmp_path}: an image-classification run" in error
+    assert "fix: the memory table its lowbit train printed (measured at step 2)" in error
 
 
 def test_estimate_says_when_a_model_cannot_checkpoint(tmp_path, capsys):

@@ -44,7 +44,8 @@ def test_estimate_takes_a_lowbit_run_folder(tmp_path, capsys):
 
 def test_estimate_usage_errors_exit_2(capsys):
     assert main(["estimate", "--model", "tiny", "--optimizer-state", "2bit"]) == 2
-    assert "valid: fp32, bf16, fp8, 8bit, 4bit" in capsys.readouterr().err
+    fix = "fix: --optimizer-state fp32"
+    assert f"precisions: fp32, bf16, fp8, 8bit, 4bit; {fix}" in capsys.readouterr().err
     assert main(["estimate", "--model", "llama-9b"]) == 2
     assert "model size" in capsys.readouterr().err
 

@@ -176,9 +176,10 @@ def test_float_learning_rate_from_a_scheduler_is_accepted():
 
 def test_unknown_names_are_usage_errors():
     w = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.raises(UsageError, match="valid: fp32, bf16, fp8, 8bit, 4bit"):
+    fix = 'fix: state_precision="fp32"'
+    with pytest.raises(UsageError, match=f"precisions: fp32, bf16, fp8, 8bit, 4bit; {fix}"):
         build_optimizer(w, state_precision="int3")
-    with pytest.raises(UsageError, match="valid optimizers"):
+    with pytest.raises(UsageError, match='valid optimizers: adamw, adam; fix: name="adamw"'):
         build_optimizer(w, name="lion")
 
 
