@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batches",
         type=int,
         default=None,
-        help="evaluate only this many batches (default: the whole split)",
+        help="evaluate only this many batches (default, or 0: the whole split)",
     )
     parser.add_argument(
         "--device",

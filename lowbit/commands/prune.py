@@ -37,12 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.infer import compare, prune_run
-    from lowbit.train.evaluate import check_same_data
+    from lowbit.train.evaluate import check_max_batches, check_same_data
 
-    if args.max_batches is not None and args.max_batches < 0:  # checked before anything is written
-        raise UsageError(
-            f"--max-batches {args.max_batches} is negative; fix: use 1 or more (0: all)"
-        )
+    check_max_batches(args.max_batches)  # before anything is written
     # a quoted ~ (`--out=~/q`, where the shell expands none, or a script's argument) is the
     # home folder, as `lowbit eval` and `lowbit train` read it: it named a folder ~ here
     out = args.out and os.path.expanduser(args.out)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 
 NAME = "train"
 HELP = (
@@ -123,7 +123,8 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="log per-layer, per-operand numerics statistics (amax, saturation, underflow, "
-        f"SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off without the flag)",
+        f"SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off without the flag, or "
+        "with 0: a --resume then logs none)",
     )
     parser.add_argument(
         "--quiet",
@@ -170,6 +171,12 @@ def config_from_args(args):
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
         settings = merge(given_settings(read(out)), settings)
     config = build_config(settings, overrides)
+    if overrides["stats_interval"] == 0:  # --eval-interval 0 is refused; this one has a use
+        warn(
+            "--stats-interval 0 turns the numerics statistics off (a fresh run logs none without "
+            "the flag either; a --resume stops those its run logged); --stats-interval N logs "
+            "them every N steps"
+        )
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
     if args.config:

@@ -135,11 +135,10 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     ``progress``, `lowbit.train.evaluate.eval_progress` on stderr meanwhile."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
-    if max_batches is not None and max_batches < 1:  # as `lowbit eval`: 0 would evaluate all
-        raise UsageError(f"--max-batches {max_batches}: fix: use 1 or more (or leave it out: all)")
-    from lowbit.train.evaluate import check_same_data, eval_progress
+    from lowbit.train.evaluate import check_max_batches, check_same_data, eval_progress
     from lowbit.train.trainer import resolve_device
 
+    max_batches = check_max_batches(max_batches) or None  # 0: every batch, as `lowbit eval`
     device = resolve_device(device or "cpu")
 
     source = load_source(path, device)

@@ -18,7 +18,7 @@ import torch
 from lowbit.errors import UsageError
 from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import KERNELS, QuantLinear
-from lowbit.infer.quant import QuantRecipe, check_divides
+from lowbit.infer.quant import QuantRecipe, check_divides, common_divisors
 from lowbit.nn.convert import output_head_names
 from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name, other_experts_layout
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
@@ -220,12 +220,6 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
         if name.split(".")[-1] in PRUNE_SKIP or name in heads:
             report.kept[name] = "output head kept dense"
             continue
-        for matrix in matrices:
-            if pattern is not None and matrix.in_features % pattern[1]:
-                raise UsageError(
-                    f"{pattern[0]}:{pattern[1]} needs in-features divisible by {pattern[1]}; "
-                    f"{name} has {matrix.in_features}; fix: use --sparsity instead"
-                )
         linears.append((name, matrices))
     if not linears:
         heads = (
@@ -236,6 +230,8 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
         raise UsageError(
             f"the model has no linear layer to prune{heads}; fix: prune a transformer run"
         )
+    if pattern is not None:
+        _check_pattern(pattern, {name: m.in_features for name, ms in linears for m in ms})
     for name, matrices in linears:
         zeros = total = 0
         for matrix in matrices:
@@ -244,6 +240,34 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
             zeros, total = zeros + int((~mask).sum()), total + mask.numel()
         report.changed[name] = f"{zeros / total:.1%} zeros"
     return report
+
+
+def _check_pattern(pattern: tuple[int, int], in_features: dict[str, int]) -> None:
+    """Refuse an N:M pattern whose M does not divide every pruned layer's in-features (by layer
+    name): its groups of M consecutive inputs would not tile a row. The fix names the M that fit
+    (`common_divisors`) and a pattern of them: it offered --sparsity alone, as if no N:M fit."""
+    n, m = pattern
+    failing = [(name, k) for name, k in in_features.items() if k % m]
+    if not failing:
+        return
+    name, k = failing[0]
+    others = len(failing) - 1
+    more = f" (and {others} more layer{'s' * (others > 1)})" if others else ""
+    fits = common_divisors(in_features)
+    if fits:
+        wide = next((d for d in fits if d > n), fits[-1])  # N kept where an M fits it
+        example = f"{n}:{wide}" if wide > n else f"{wide // 2}:{wide}"
+        shown = ", ".join(map(str, fits))
+        fix = (
+            f"use an M that divides every pruned layer's in-features ({shown}), e.g. --pattern "
+            f"{example}, or --sparsity"
+        )
+    else:
+        fix = "use --sparsity (no M of 2 or more divides every pruned layer's in-features)"
+    raise UsageError(
+        f"--pattern {n}:{m} needs in-features divisible by {m}, and {name} has {k}{more}; "
+        f"fix: {fix}"
+    )
 
 
 def parse_pattern(text: str) -> tuple[int, int]:

@@ -163,13 +163,20 @@ def check_divides(recipe: QuantRecipe, in_features: dict[str, int]) -> None:
         return
     name, k = failing[0]
     more = f" (and {len(failing) - 1} more layers)" if len(failing) > 1 else ""
-    common = math.gcd(*in_features.values())
-    divisors = [d for d in range(2, min(common, 256) + 1) if common % d == 0][:6]
+    divisors = common_divisors(in_features)
     raise UsageError(
         f"--group-size {group} does not divide the {k} in-features of {name}{more}; fix: use a "
         f"group size that divides every layer's ({', '.join(map(str, divisors)) or 'none'}) or "
         "add --pad-groups to zero-pad each row's last group"
     )
+
+
+def common_divisors(in_features: dict[str, int]) -> list[int]:
+    """The first six sizes from 2 up to 256 that divide every layer's in-features (by layer
+    name): the group sizes (`check_divides`), or the M of N:M pruning patterns, that fit them
+    all."""
+    common = math.gcd(*in_features.values())
+    return [d for d in range(2, min(common, 256) + 1) if common % d == 0][:6]
 
 
 def stored_shapes(

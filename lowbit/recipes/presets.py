@@ -12,6 +12,7 @@ from dataclasses import replace
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
 from lowbit.recipes.recipe import (
+    DTYPES,
     OUTPUT_HEAD,
     GemmSpec,
     LayerSpec,
@@ -375,7 +376,7 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     what = ",".join(_spaces_dropped(item, ":") for item in what.split(","))
     if not sep or not pattern or not what:
         raise UsageError(
-            f"override {text!r} is not PATTERN=WHAT; e.g. 'lm_head=keep' or "
+            f"override {text!r} is not PATTERN=WHAT; fix: write it as e.g. 'lm_head=keep' or "
             "'model.layers.0.*=grad_weight.grad_out:bf16'"
         )
     if what == "keep":
@@ -395,7 +396,10 @@ def parse_override(text: str, recipe: Recipe) -> Override:
     named = [item.partition(":")[0] for item in what.split(",")]
     repeated = sorted({operand for operand in named if named.count(operand) > 1})
     if repeated:  # the last one silently won; a typo for another operand, most likely
-        raise UsageError(f"override {text!r} names {', '.join(repeated)} more than once")
+        raise UsageError(
+            f"override {text!r} names {', '.join(repeated)} more than once; fix: name each "
+            "operand once, with the format it is to have"
+        )
     # a misspelt 'keep' or preset ('Keep', 'fp8_tensorwise') read as a malformed operand list
     # one name alone: 'bf16' (a prefix of five presets) is more likely a format, which the
     # OPERAND:FORMAT refusal below shows how to write
@@ -406,11 +410,20 @@ def parse_override(text: str, recipe: Recipe) -> Override:
         operand, _, fmt = item.partition(":")
         if operand not in operands or not fmt:
             raise UsageError(
-                f"override {text!r}: {item!r} is not OPERAND:FORMAT with OPERAND one of "
-                f"{', '.join(operands)} (or use 'keep' or a recipe name)"
+                f"override {text!r}: {item!r} is not OPERAND:FORMAT; fix: OPERAND:FORMAT with "
+                f"OPERAND one of {', '.join(operands)} (e.g. forward.x:bf16), or 'keep', or a "
+                "recipe name"
             )
         old = operands[operand]
-        plain = fmt in ("fp32", "bf16", "fp16")
-        operands[operand] = OperandSpec(fmt) if plain else replace(old, format=fmt)
+        plain = fmt in DTYPES
+        try:
+            operands[operand] = OperandSpec(fmt) if plain else replace(old, format=fmt)
+        except UsageError as error:  # an unknown format, or one the operand's scaling refuses
+            problem = str(error).partition("; fix: ")[0]  # its fix is the Python API's
+            raise UsageError(
+                f"override {text!r}: {problem}; fix: give {operand} a format its "
+                f"{old.granularity.value} scaling takes, or fp32, bf16 or fp16 (cast without a "
+                "scale)"
+            ) from None
     layer = base.with_operands(operands)
     return Override(pattern, layer, f"override {text}", operands=tuple(named))

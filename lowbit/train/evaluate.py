@@ -18,7 +18,8 @@ from lowbit.train.config import (
     resolve,
     with_recorded_data,
 )
-from lowbit.train.trainer import resolve_device
+from lowbit.train.runstate import unfinished_state
+from lowbit.train.trainer import progress_bar, resolve_device
 
 
 @dataclass
@@ -29,6 +30,9 @@ class LoadedRun:
     precision: object
     checkpoint: Path
     step: int
+    # where the run's latest checkpoint was taken (none given) and the run did not finish: its
+    # state (`lowbit.train.runstate.unfinished_state`), as the warning of it says
+    run_state: str | None = None
 
 
 def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = None) -> LoadedRun:
@@ -93,7 +97,8 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     checkpoint.check_model_folder(run_dir)
     check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
-    return LoadedRun(config, task, model, precision, path, int(state["step"]))
+    unfinished = None if checkpoint_path else unfinished_state(run_dir)
+    return LoadedRun(config, task, model, precision, path, int(state["step"]), unfinished)
 
 
 def check_has_checkpoint(run_dir: Path, checkpoint_path, config) -> None:
@@ -193,6 +198,17 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
 LARGE_SPLIT_BATCHES = 100
 
 
+def check_max_batches(max_batches: int | None) -> int | None:
+    """``--max-batches`` as given, where it is a count: 0 is every batch of the split, in `lowbit
+    eval` as in `lowbit prune` (whose default is the run's --eval-batches); a negative count is
+    refused (it was a traceback from the data loader)."""
+    if max_batches is not None and max_batches < 0:
+        raise UsageError(
+            f"--max-batches {max_batches} is negative; fix: use 1 or more, or 0 for every batch"
+        )
+    return max_batches
+
+
 def eval_batch_count(task, split: str, max_batches=None) -> int:
     """The batches `Task.report` runs on ``split`` (`Task.eval_batch_count`; kept here, where
     callers of this module found it)."""
@@ -202,12 +218,11 @@ def eval_batch_count(task, split: str, max_batches=None) -> int:
 @contextlib.contextmanager
 def eval_progress(task, models, split: str, max_batches=None):
     """Progress of an evaluation of ``split`` by ``models`` (each runs its batches once; a
-    quantized folder's model and its reference are two): a note first where the whole split is large, then a bar on stderr, as `lowbit train`'s,
-    when stderr is a terminal (a log or a test's capture gets no carriage-return lines). The bar
-    counts the models' forward calls, one a batch, through hooks that only count: the metrics
-    are those of an evaluation without it. The hooks are removed after."""
-    from tqdm import tqdm
-
+    quantized folder's model and its reference are two): a note first where the whole split is
+    large, then `lowbit train`'s progress on stderr (`progress_bar`): a bar on a terminal, a plain
+    line at most once a minute in a log (which gets no carriage-return lines). It counts the
+    models' forward calls, one a batch, through hooks that only count: the metrics are those of
+    an evaluation without it. The hooks are removed after."""
     batches = eval_batch_count(task, split, max_batches)
     if max_batches is None and batches > LARGE_SPLIT_BATCHES:
         both = ", through the model and its reference" if len(models) > 1 else ""
@@ -216,14 +231,7 @@ def eval_progress(task, models, split: str, max_batches=None):
             f"{task.config.batch_size}{both}; --max-batches N bounds it to N",
             file=sys.stderr,
         )
-    bar = tqdm(
-        total=batches * len(models),
-        disable=not sys.stderr.isatty(),
-        desc=f"eval {split}",
-        unit="batch",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = progress_bar(batches * len(models), f"eval {split}", "batch")
 
     def count(*_) -> None:  # returns None: a forward hook's other value replaces the output
         bar.update(1)
@@ -249,8 +257,7 @@ def evaluate_run(
     (`lowbit eval` without --quiet), `eval_progress` on stderr meanwhile."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
-    if max_batches is not None and max_batches < 1:
-        raise UsageError(f"--max-batches {max_batches}: fix: use 1 or more (or leave it out: all)")
+    max_batches = check_max_batches(max_batches) or None  # 0: the whole split, as left out
     from lowbit.infer import evaluate_inference_dir, is_inference_dir
 
     if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source
@@ -266,4 +273,5 @@ def evaluate_run(
         f"{run.config.task} {run.config.model}, recipe {run.config.recipe}, "
         f"{run.checkpoint.name} (step {run.step}), {split} split"
     )
-    return {"step": run.step, "split": split, **metrics}, f"{head}\n{text}"
+    unfinished = {"run_state": run.run_state} if run.run_state else {}  # as warned on stderr
+    return {"step": run.step, **unfinished, "split": split, **metrics}, f"{head}\n{text}"

@@ -66,6 +66,13 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def refuse_held(self) -> None:
+        """Refuse (`take`'s error) the folder while another process holds it, leaving it unlocked:
+        a check before anything is written there (`lowbit compare` wrote a live run's files
+        before its trainer took the lock)."""
+        self.take()
+        self.release()
+
 
 def _held(run_dir: Path) -> bool | None:
     """Whether a process holds ``run_dir``'s `RunLock` (this one's own counts too); None where it
@@ -160,6 +167,15 @@ def killed_text(run_dir, info: dict) -> str:
     )
 
 
+def unfinished_state(run_dir, info: dict | None = None) -> str | None:
+    """`state` of a run that did not finish (``running``, ``killed``, ``unknown``,
+    ``interrupted``, ``diverged``, ``aborted``, ``failed``): what `unfinished_note` says, and
+    `lowbit eval --json` carries as ``run_state``; None for a finished run, or a folder without
+    run.json."""
+    now = state(run_dir, info)
+    return None if now in (None, "completed") else now
+
+
 def unfinished_note(run_dir, path: Path) -> str | None:
     """The note for a reader given no checkpoint (`lowbit eval`, quantize, generate) that picked
     ``path``, the latest of ``run_dir``'s, where the run did not finish: which step of how many it
@@ -169,8 +185,8 @@ def unfinished_note(run_dir, path: Path) -> str | None:
     from lowbit.train.config import read_run_info
 
     info = read_run_info(run_dir)
-    now = state(run_dir, info)
-    if now in (None, "completed"):
+    now = unfinished_state(run_dir, info)
+    if now is None:
         return None
     total = info.get("total_steps")
     using = f"using its latest checkpoint, step {step_of(path)}" + (f" of {total}" if total else "")

@@ -895,8 +895,6 @@ class Trainer:
             lock.release()
 
     def _fit(self, lock: RunLock, resume: bool, overwrite: bool, on_step) -> RunResult:
-        from tqdm import tqdm
-
         if resume and not self.built_to_resume:  # its task built another tokenizer than the run's
             raise ValueError("a Trainer resumes only if made with Trainer(config, resume=True)")
         if self.step_idx and not resume:  # a fresh start would clear the folder it trained into
@@ -959,18 +957,7 @@ class Trainer:
             if not resume:
                 logger.log(0, "validation", self.start_metrics)
             desc = f"{c.task} {c.recipe}"
-            if self.quiet or sys.stderr.isatty():
-                bar = tqdm(
-                    total=self.total_steps,
-                    initial=self.step_idx,
-                    disable=self.quiet,
-                    desc=desc,
-                    unit="step",
-                    dynamic_ncols=True,
-                    file=sys.stderr,
-                )
-            else:
-                bar = _LogProgress(self.total_steps, self.step_idx, desc)
+            bar = progress_bar(self.total_steps, desc, "step", self.step_idx, self.quiet)
             with bar, _stop_on_sigint(self):
                 self.stop_step = self.step_idx + 1
                 while self.step_idx < self.total_steps:
@@ -1306,17 +1293,36 @@ class Trainer:
         )
 
 
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0, quiet: bool = False):
+    """Progress on stderr, of training (``unit`` step) or of an evaluation (batch): tqdm's bar on
+    a terminal, `_LogProgress`'s plain line elsewhere (a log, a batch job, CI), none with
+    ``quiet``."""
+    from tqdm import tqdm
+
+    if quiet or sys.stderr.isatty():
+        return tqdm(
+            total=total,
+            initial=initial,
+            disable=quiet,
+            desc=desc,
+            unit=unit,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+    return _LogProgress(total, initial, desc, unit)
+
+
 class _LogProgress:
-    """The training progress on a stderr that is no terminal (``2> log``, a batch job, CI): tqdm's
-    bar there is a refresh per step joined by carriage returns into one huge line. This writes a
+    """The progress on a stderr that is no terminal (``2> log``, a batch job, CI): tqdm's bar
+    there is a refresh per step joined by carriage returns into one huge line. This writes a
     plain line of the same (step, loss, speed, time left) at most once a minute, so that a log
-    shows the run moving between its validation lines; it has the part of tqdm's interface the
-    training loop uses."""
+    shows the run moving between its validation lines, and a long `lowbit eval` its batches; it
+    has the part of tqdm's interface the training loop and `eval_progress` use."""
 
     interval = 60.0  # seconds between lines
 
-    def __init__(self, total: int, initial: int, desc: str):
-        self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
+    def __init__(self, total: int, initial: int, desc: str, unit: str):
+        self.total, self.n, self.desc, self.unit, self.postfix = total, initial, desc, unit, ""
         self.start_n, self.start = initial, time.monotonic()
         self.last = self.start
 
@@ -1336,8 +1342,9 @@ class _LogProgress:
             return
         self.last = now
         left = (now - self.start) / (self.n - self.start_n) * (self.total - self.n)
+        postfix = f", {self.postfix}" if self.postfix else ""  # an evaluation has none
         print(
-            f"{self.desc}: step {self.n}/{self.total}, {self.postfix}, "
+            f"{self.desc}: {self.unit} {self.n}/{self.total}{postfix}, "
             f"about {_duration(left)} left",
             file=sys.stderr,
             flush=True,
@@ -1451,9 +1458,7 @@ def train(
     cannot be written (a full disk).
     """
     config = resolve(_under_torchrun(config))
-    probe = RunLock(Path(config.out))  # a live run there is refused before the slow set-up too
-    probe.take()
-    probe.release()
+    RunLock(Path(config.out)).refuse_held()  # a live run there: refused before the slow set-up
     check_run_dir(Path(config.out), resume, overwrite)  # fail before the slow set-up
     check_writable(config.out)  # /proc/x: a traceback where the folder was made
     if resume:

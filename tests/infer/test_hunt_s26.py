@@ -58,20 +58,17 @@ def test_a_bf16_pure_runs_pruned_folder_is_printed_as_twice_its_checkpoint(tmp_p
     )
 
 
-@pytest.mark.parametrize("max_batches", [0, -1])
-def test_evaluate_inference_dir_refuses_no_batches_as_lowbit_eval_does(
-    lm_run, tmp_path, max_batches
-):
+def test_evaluate_inference_dir_refuses_a_negative_count_as_lowbit_eval_does(lm_run, tmp_path):
     """`lowbit.infer.evaluate_inference_dir(max_batches=-1)` was a traceback from deep in the
-    data loader, and 0 evaluated the whole split, where `lowbit eval` refuses both."""
+    data loader. (0 is every batch in both since session 36: tests/infer/test_followups_s36.py.)"""
     quant = quantize_run(lm_run, "int8", out=tmp_path / "q").out
-    with pytest.raises(UsageError, match=f"--max-batches {max_batches}: fix: use 1 or more"):
-        evaluate_inference_dir(quant, max_batches=max_batches)
+    with pytest.raises(UsageError, match="--max-batches -1 is negative; fix: use 1 or more"):
+        evaluate_inference_dir(quant, max_batches=-1)
 
 
-def test_eval_max_batches_zero_names_the_flag_and_its_value(lm_run, capsys):
-    assert main(["eval", str(lm_run), "--max-batches", "0"]) == 2
-    one_line_error(capsys, "--max-batches 0: fix: use 1 or more")
+def test_eval_max_batches_names_the_flag_and_its_value(lm_run, capsys):
+    assert main(["eval", str(lm_run), "--max-batches", "-2"]) == 2
+    one_line_error(capsys, "--max-batches -2 is negative; fix: use 1 or more")
 
 
 def test_a_tied_head_and_embedding_count_once_in_the_original_size(gpt2_run, tmp_path):

@@ -78,7 +78,7 @@ def test_eval_refuses_a_negative_batch_count_and_another_runs_checkpoint(
     assert main([*tagger, "--out", "tagger"]) == 0
     other = next((tmp_path / "tagger" / "checkpoints").glob("*.pt"))
     for argv, message in (
-        (["eval", "lm", "--max-batches", "-1"], "--max-batches -1: fix: use 1 or more"),
+        (["eval", "lm", "--max-batches", "-1"], "--max-batches -1 is negative; fix: use 1"),
         (["eval", "lm", "--checkpoint", str(other)], "its weights do not fit the model of lm"),
     ):
         capsys.readouterr()
