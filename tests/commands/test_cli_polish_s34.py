@@ -119,10 +119,18 @@ def _encoder_folder(folder: Path, drop: str | None = None, extra: str | None = N
 
 def _fine_tune(folder: Path, out: Path) -> str:
     """The stderr of `lowbit train` fine-tuning ``folder`` for one step (a subprocess: in pytest,
-    transformers' log handler may hold a stream other than the one a capture fixture reads)."""
+    transformers' log handler may hold a stream other than the one a capture fixture reads), on a
+    few CoNLL sentences of the encoder's words: the built-in syntax-tag task parses and encodes
+    a whole source tree first, most of the run's time and none of what these tests read."""
+    data = out.parent / "conll"
+    data.mkdir()
+    sentence = ["def O", "x B-VAR", "( O", "x B-VAR", ") O", ": O", "return O", "x B-VAR", ""]
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.txt").write_text("\n".join(sentence * 4))
     done = subprocess.run(
         [str(BIN / "lowbit"), "train", "--task", "token-classification", "--model", str(folder),
-         "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet", "--out", str(out)],
+         "--data", str(data), "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet",
+         "--out", str(out)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -59,22 +59,42 @@ def train(ids: torch.Tensor, compiled: bool, steps: int = 4) -> tuple[list[torch
     return seen + [h["history"] for h in histories], traced
 
 
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+# The compiled run in a fresh process, before any eager step there (the kernels not yet loaded,
+# no CPU unit scale made): the model a user compiles before training. Then the eager run, for its
+# bits; both written to argv[1].
+COMPILED_FIRST = """
+import sys, torch
+from tests.nn.test_compile_s29 import train
+torch.set_num_threads(1)
+ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+compiled = train(ids, compiled=True)
+torch.save({"compiled": compiled, "eager": train(ids, compiled=False)}, sys.argv[1])
+"""
 
 
 @pytest.fixture(scope="module")
-def runs(ids):
-    """Eager and compiled training, once for the module's tests (each compile traces for
-    seconds on a CPU)."""
-    torch._dynamo.reset()
-    return train(ids, compiled=False), train(ids, compiled=True)
+def runs(tmp_path_factory):
+    """Compiled and eager training of a fresh process, once for the module's tests (each compile
+    traces for seconds on a CPU): (eager, compiled), each (tensors, graphs traced after each
+    step)."""
+    out = tmp_path_factory.mktemp("s29") / "runs.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_FIRST, str(out)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = torch.load(out)
+    return saved["eager"], saved["compiled"]
 
 
 def test_a_delayed_scaling_model_compiles_to_one_graph(runs):
     """One whole graph for the first step, and one more for the second, the first whose scales
-    come from the history that the first step's commit started."""
+    come from the history that the first step's commit started. In a fresh process: before, Dynamo
+    broke the graph at the lock around the kernels' build and at the unit scale's first creation,
+    at every quantization."""
     _, (_, traced) = runs
     assert traced[:2] == [1, 2]
 
@@ -98,14 +118,14 @@ assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
 """
 
 
-@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "fp8-delayed"])
-def test_a_model_compiled_before_its_first_eager_step_is_one_graph(recipe):
+def test_a_model_compiled_before_its_first_eager_step_is_one_graph():
     """In a fresh process (the kernels not yet loaded, no CPU unit scale made): the model a user
     compiles before training. Before, Dynamo broke the graph at the lock around the kernels' build
-    and at the unit scale's first creation, at every quantization: 13 breaks for fp8-tensorwise."""
+    and at the unit scale's first creation, at every quantization: 13 breaks for fp8-tensorwise.
+    (fp8-delayed's fresh process is the module's `runs`.)"""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-c", FIRST_STEP_COMPILED, recipe],
+        [sys.executable, "-c", FIRST_STEP_COMPILED, "fp8-tensorwise"],
         cwd=root,
         capture_output=True,
         text=True,

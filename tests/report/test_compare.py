@@ -327,9 +327,14 @@ def test_loss_scale_reaches_only_the_recipes_that_scale_the_loss(tmp_path, capsy
 
 def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
     # nvfp4 keeps the first and last block in bf16: both blocks of the tiny token classifier.
-    # Batches of 64: the per-label accuracies read the whole validation split, in far fewer steps.
-    settings = {"task": "token-classification", "seq_len": 16, "batch_size": 64, "steps": 2}
-    settings["eval_batches"] = 1
+    # A few CoNLL sentences: the per-label accuracies read the whole validation split, and the
+    # built-in task parses a source tree first; the layers kept are the model's, whatever the data.
+    data = tmp_path / "conll"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.txt").write_text("\n".join(["Ann B-PER", "Lee I-PER", "ran O", ""] * 8))
+    settings = {"task": "token-classification", "data": str(data), "seq_len": 16}
+    settings.update(batch_size=4, steps=1, eval_batches=1)
     study = make_study("fp32,nvfp4,fp8-tensorwise", settings, seeds=1, out=tmp_path / "tok")
     result = compare(study, plots=False, log=lambda line: None)
     rows = result.results["recipes"]
