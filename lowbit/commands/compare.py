@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from lowbit.report import compare, make_study
-    from lowbit.report.compare import parse_targets
+    from lowbit.report.compare import InterruptedBeforeRuns, parse_targets
     from lowbit.report.markdown import speed_load_note, verdict_lines
     from lowbit.train import NonFiniteLoss
     from lowbit.train.config import build_config, load_file
@@ -178,6 +178,13 @@ def run(args) -> int:
     except NonFiniteLoss as error:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 1
+    except InterruptedBeforeRuns as error:  # no run trained, none of the earlier study's cleared
+        done = "before any run trained" if error.written else "before the study changed anything"
+        print(
+            f"lowbit: interrupted {done}; run the same command again (out {study.out})",
+            file=sys.stderr,
+        )
+        return 130
     except (KeyboardInterrupt, RunNotWritten) as error:
         # --overwrite again would retrain the runs this invocation finished, and the one it stopped
         again = " without --overwrite" if args.overwrite else ""

@@ -86,6 +86,13 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
     if file.is_dir() and not shards:
         shards = weight_files(file, "pytorch_model.bin")
+        index = file / "pytorch_model.bin.index.json"
+        if not shards and index.is_file():  # read as no weights, it was "no .safetensors file"
+            raise UsageError(
+                f"{index}: no index of shards lowbit can read (JSON with a weight_map naming "
+                "the .bin files); fix: pass one of the shards (a pytorch_model-*.bin file), or "
+                "write the folder again with save_pretrained"
+            )
     run_checkpoint = None if shards else checkpoint.latest(file)
     if run_checkpoint is not None:
         # a run folder, as every other command takes it: its latest checkpoint (the refusal sent
@@ -113,7 +120,9 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 )
             else:
                 fix = "pass a .pt or .safetensors file, or a lowbit run folder"
-            raise UsageError(f"{path}: a folder, with no .safetensors file in it; fix: {fix}")
+            raise UsageError(
+                f"{path}: a folder, with no .safetensors or pytorch_model.bin file in it; fix: {fix}"
+            )
         loaded = {}
         for shard in shards:
             state = (_read_safetensors if shard.suffix == ".safetensors" else _read_torch)(shard)

@@ -10,7 +10,6 @@ Rank 0's `RunResult` comes back to the caller.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import multiprocessing
 import os
@@ -419,36 +418,13 @@ def _check_inputs(config, resume: bool) -> None:
     """Refuse here, before the ranks start, the input that a one-process run refuses as its
     `Trainer` sets up and that each rank refused only then, after two interpreters had imported
     torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
-    inherit; a causal LM's --model folder (`folder_config`, what `load_causal_lm` reads before
-    the weights) and its positions against --seq-len (`check_positions`); a new run's table
-    (`check_not_tables`), and the --data as far as it shows without reading it all
-    (`check_quickly`: its full read, ~2 minutes a GB, is the ranks'). A tagger's CoNLL data is
-    read as its task does (`data_fingerprint`), its warnings left for rank 0 (saved and restored
-    around the read: recorded as said here, the run in this process never said them). The ranks
-    check again (under torchrun no launcher runs), and make the checks that need the run's
-    tokenizer or built model."""
-    from lowbit.data import conll, corpus
-    from lowbit.models import causal_lm
-    from lowbit.train.tasks import data_fingerprint
+    inherit, and the run's inputs (`lowbit.train.tasks.check_inputs`). The ranks check again
+    (under torchrun no launcher runs), and make the checks that need the run's tokenizer or
+    built model."""
+    from lowbit.train.tasks import check_inputs
 
     collective_timeout()
-    if config.task == "causal-lm":
-        if config.model in causal_lm.SIZES:
-            model_config = causal_lm.model_config(config.model)
-        else:
-            model_config = causal_lm.folder_config(config.model)
-        causal_lm.check_positions(model_config, config.seq_len)
-        if not resume:
-            corpus.check_not_tables(config.data)
-        corpus.check_quickly(config.data, config.text_field)
-    elif config.task == "token-classification" and config.data is not None:
-        warned = set(conll._WARNED)
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                data_fingerprint(config.task, config.data, config.text_field)
-        finally:
-            conll._WARNED.clear()
-            conll._WARNED.update(warned)
+    check_inputs(config, resume)
 
 
 def process_count_flag() -> str:

@@ -262,10 +262,11 @@ def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
 
 
 def check_generator(generator) -> None:
-    """Refuse a given ``generator`` (callers skip None) that is not a `torch.Generator` (a seed
-    given as an int, say), in one line naming the fix: it ended in an AttributeError deep in the
-    draws, or in torch's page-long list of ``randint`` signatures for bf16 and tf32."""
-    if not isinstance(generator, torch.Generator):
+    """Refuse a ``generator`` that is neither None (the default generator) nor a
+    `torch.Generator` (a seed given as an int, say), in one line naming the fix: it ended in an
+    AttributeError deep in the draws, or in torch's page-long list of ``randint`` signatures for
+    bf16 and tf32."""
+    if generator is not None and not isinstance(generator, torch.Generator):
         seed = generator if isinstance(generator, int) and not isinstance(generator, bool) else 0
         raise UsageError(
             f"generator must be a torch.Generator, got {type(generator).__name__} "
@@ -281,8 +282,7 @@ def cast_reference(
 ) -> torch.Tensor:
     """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
     check_real(x, "cast_reference")
-    if generator is not None:
-        check_generator(generator)
+    check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
     if isinstance(fmt, IntFormat):
@@ -315,8 +315,7 @@ def cast(
     an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
     """
     check_real(x, "cast")
-    if generator is not None:
-        check_generator(generator)
+    check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
     if x.element_size() == 1:

@@ -592,8 +592,7 @@ def quantize(
     rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
     check_real(x, "quantize", integers=True)
-    if generator is not None:
-        check_generator(generator)
+    check_generator(generator)
     fmt = get(fmt)
     granularity = member(Granularity, granularity, "granularity")
     check_format_for_granularity(fmt, granularity)

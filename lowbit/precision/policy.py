@@ -782,11 +782,14 @@ class Precision:
         scale the state's replaces. A run resumed with the options it was trained with resumes
         silently, as before."""
         name = self.recipe.name
-        if not is_built_in(name):
-            saved = state.get("definition")
-            if not isinstance(saved, dict):
-                return
-            changed = _changed_fields(saved, self.recipe)
+        built_in = is_built_in(name)
+        key = "preset_changes" if built_in else "definition"
+        computed = state.get(f"{key}_computed")  # absent from a state saved before session 36
+        saved = computed if isinstance(computed, dict) else state.get(key)
+        if not isinstance(saved, dict):
+            return
+        if not built_in:
+            changed = _changed_fields(saved, self.recipe, exact=computed is saved)
             if changed:
                 raise UsageError(
                     f"the precision state was saved under recipe {name!r} as it was defined "
@@ -795,10 +798,8 @@ class Precision:
                     "another name (and start a new run)"
                 )
             return
-        saved = state.get("preset_changes")
-        if not isinstance(saved, dict):
-            return
-        changed = _changed_fields(saved, self.recipe, _preset_definition(name))
+        preset = _preset_definition(name, _definition)
+        changed = _changed_fields(saved, self.recipe, preset, exact=computed is saved)
         if changed:
             then = f"{name} changed in {', '.join(saved)}" if saved else f"the preset {name}"
             raise UsageError(
@@ -952,20 +953,23 @@ def _model_of(layer: str) -> str:
 
 def _definition(recipe: Recipe) -> dict[str, str]:
     """What a recipe computes, field by field (its texts left out), as `Precision.state_dict`
-    records it for a user's recipe: a registered recipe is found by its name alone, and the name
-    may be registered again with other numerics before a run resumes. Each field is the repr of
-    its value as it computes (`_as_computed`), so that equal definitions are one: a recipe that
-    writes out a default its preset leaves unsaid (``grad_dtype='fp32'`` of fp32 parameters,
-    an MX operand without the preset's explicit floor rule) was refused a state its preset
-    saved, compared by the repr of what was written."""
+    records it for a user's recipe (``definition_computed``): a registered recipe is found by its
+    name alone, and the name may be registered again with other numerics before a run resumes.
+    Each field is the repr of its value as it computes (`_as_computed`), so that equal
+    definitions are one: a recipe that writes out a default its preset leaves unsaid
+    (``grad_dtype='fp32'`` of fp32 parameters, an MX operand without the preset's explicit floor
+    rule) was refused a state its preset saved, compared by the repr of what was written."""
     values = _fields(recipe)
     values["grad_dtype"] = recipe.grad_dtype or recipe.param_dtype  # None: the parameters'
     return {name: repr(_as_computed(value)) for name, value in values.items()}
 
 
 def _as_written(recipe: Recipe) -> dict[str, str]:
-    """A recipe's fields as states saved before session 36 recorded them (the repr of the value
-    as written), which a state of the recipe as it was written then matches too."""
+    """A recipe's fields as states record them under ``definition`` (and a preset's changes under
+    ``preset_changes``) as lowbit did before session 36: the repr of each value as written, which
+    a lowbit from before compares with its recipe's (it refused the form `_definition` gives), so
+    a state saved now loads there too. Alone in a state saved before, matched by the recipe as it
+    is written (`_changed_fields`)."""
     return {name: repr(value) for name, value in _fields(recipe).items()}
 
 
@@ -1009,40 +1013,45 @@ def _as_computed(value):
 _NOT_PRESET_CHANGES = ("overrides", "initial_loss_scale", "loss_scale_growth_interval")
 
 
-def _preset_changes(recipe: Recipe) -> dict[str, str]:
-    """The fields in which ``recipe``, under a built-in preset's name, differs from that preset
-    (`_definition`'s), less `_NOT_PRESET_CHANGES`: none for the preset itself, one with
-    ``--override`` and ``--loss-scale``, or one that writes out the preset's defaults. Relative
-    to the preset, so that a preset that a later release of lowbit defines otherwise still
-    resumes a run saved under it."""
-    preset = _preset_definition(recipe.name)
+def _preset_changes(recipe: Recipe, definition=_definition) -> dict[str, str]:
+    """The fields in which ``recipe``, under a built-in preset's name, differs from that preset,
+    both given by ``definition`` (`_definition`: as they compute, ``preset_changes_computed``;
+    `_as_written`: as written, ``preset_changes``), less `_NOT_PRESET_CHANGES`: none for the
+    preset itself or one with ``--override`` and ``--loss-scale``, and as they compute none for
+    one that writes out the preset's defaults. Relative to the preset, so that a preset that a
+    later release of lowbit defines otherwise still resumes a run saved under it."""
+    preset = _preset_definition(recipe.name, definition)
     return {
         field: value
-        for field, value in _definition(recipe).items()
+        for field, value in definition(recipe).items()
         if field not in _NOT_PRESET_CHANGES and preset.get(field) != value
     }
 
 
-def _preset_definition(name: str) -> dict[str, str]:
+def _preset_definition(name: str, definition) -> dict[str, str]:
     try:
-        return _definition(get_recipe(name))
+        return definition(get_recipe(name))
     except UsageError:  # a name lowbit reserves but does not define (``auto:fp2``)
         return {}
 
 
-def _changed_fields(saved: dict, recipe: Recipe, preset: dict[str, str] | None = None) -> list:
+def _changed_fields(
+    saved: dict, recipe: Recipe, preset: dict[str, str] | None = None, exact: bool = True
+) -> list:
     """The fields in which ``recipe`` differs from the definition a state recorded: ``saved``,
     a user's recipe's `_definition`, or with ``preset`` (the preset's `_definition`) a preset's
     changes, a field they leave out being the preset's. A recorded field matches the recipe as it
-    computes or, for a state saved before session 36, as it is written (`_as_written`); a field
-    a user's recipe's state does not record (added to `Recipe` since) matches."""
+    computes; ``exact=False``, for a state that records only the form read before session 36
+    (``definition``, ``preset_changes``), as it is written (`_as_written`) too, or as it computes
+    (as lowbit recorded it there for a while in session 36, before the ``_computed`` keys). A field a user's recipe's
+    state does not record (added to `Recipe` since) matches."""
     now, written = _definition(recipe), _as_written(recipe)
     changed = []
     for field, value in now.items():
         if preset is not None and field in _NOT_PRESET_CHANGES:
             continue
         if field in saved:
-            same = saved[field] in (value, written[field])
+            same = saved[field] == value or (not exact and saved[field] == written[field])
         else:
             same = preset is None or preset.get(field) == value
         if not same:
@@ -1051,11 +1060,16 @@ def _changed_fields(saved: dict, recipe: Recipe, preset: dict[str, str] | None =
 
 
 def _recorded_definition(recipe: Recipe) -> dict:
-    """What `Precision.state_dict` records of its recipe beside the name: a user's recipe's
-    `_definition`, a preset's `_preset_changes` (checked by `Precision._check_definition`)."""
+    """What `Precision.state_dict` records of its recipe beside the name (checked by
+    `Precision._check_definition`): a user's recipe's fields, a preset's `_preset_changes`,
+    each as written (`_as_written`, which a lowbit from before session 36 reads) and as they
+    compute (`_definition`, under the key ending ``_computed``)."""
     if is_built_in(recipe.name):
-        return {"preset_changes": _preset_changes(recipe)}
-    return {"definition": _definition(recipe)}
+        return {
+            "preset_changes": _preset_changes(recipe, _as_written),
+            "preset_changes_computed": _preset_changes(recipe),
+        }
+    return {"definition": _as_written(recipe), "definition_computed": _definition(recipe)}
 
 
 def _guard_steps(optimizer, precision: Precision) -> None:

@@ -34,6 +34,7 @@ from lowbit.errors import UsageError, check_writable, file_in_the_way
 from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.logging import METRICS
+from lowbit.train.runstate import RunLock
 from lowbit.train.tasks import data_fingerprint, same_data
 
 RECORD = "compare.json"  # written into a run folder when the run is finished and measured
@@ -662,16 +663,15 @@ def run_one(
     return {**record, "reused": False}
 
 
-def _trainer(study: Study, recipe: str, seed: int, config, quiet: bool, resume: bool, say=True):
+def _trainer(study: Study, recipe: str, seed: int, config, quiet: bool, resume: bool):
     """The `Trainer` of one run of ``study`` (``config``: as `_prepare` gives it), set up: its
-    data read, its model built and converted. ``say=False`` leaves transformers' report of the
-    --model folder's load to the process that trains the run."""
+    data read, its model built and converted."""
     from lowbit.train.trainer import Trainer
 
     # the emulation warning is the same for every seed of a recipe: said for its first one only,
     # and transformers' report of the --model folder's load for the study's first run only
     first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
-    with _transformers_warnings(first_run and say):
+    with _transformers_warnings(first_run):
         trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
     trainer.sample = False  # a sample text per run is slow and not compared
     trainer.warn_warmup = first_run  # the study's runs are as long: once, not once per run
@@ -680,17 +680,23 @@ def _trainer(study: Study, recipe: str, seed: int, config, quiet: bool, resume: 
 
 
 def _set_up_first_new_run(study: Study, overwrite: bool, quiet: bool, jobs: int):
-    """``((recipe, seed), trainer)`` of the first run that this invocation trains, where it is a
-    new one (not resumed), set up before the study writes anything: a bad input that only a
-    run's set-up finds (a --data table, a path with nothing at it, data shorter than one window,
-    a --seq-len past the model's positions) was refused after the study's compare.json was
-    written, over an earlier study's with --overwrite, whose runs were cleared too. None where
-    the first run to train resumes (its settings are the study's already) or none trains.
+    """Check the first run that this invocation trains, where it is a new one (not resumed),
+    before the study writes anything: a bad input that only a run's set-up finds (a --data
+    table, a path with nothing at it, a --seq-len past the model's positions) was refused after
+    the study's compare.json was written, over an earlier study's with --overwrite, whose runs
+    were cleared too. None where the first run to train resumes (its settings are the study's
+    already) or none trains.
 
-    The trainer is the run's own where this process trains it next (``jobs`` 1: every run
-    before it is reused), so the set-up is not paid twice; with --jobs a worker sets the run up
-    again (its own process), and the one here is only the check (None)."""
+    With ``jobs`` 1 the run is set up here, as this process trains it next (every run before it
+    is reused): ``((recipe, seed), trainer, seconds)``, the seconds its set-up took (the run's
+    "trained in" counts them). With --jobs a worker sets the run up in its own process, and a
+    trainer built here as a check would be thrown away (seconds, and its model's memory held for
+    the whole study): its inputs are checked without a model (`check_inputs`) and None returned.
+    What that check leaves to the run's set-up (data shorter than one window, which needs the
+    run's tokenizer; a --model folder's weights; the model's memory) a worker refuses, after the
+    study's compare.json is written and, with --overwrite, its runs cleared."""
     from lowbit.train.config import resolve
+    from lowbit.train.tasks import check_inputs
 
     for recipe in study.recipes:
         for seed in study.seeds:
@@ -702,8 +708,12 @@ def _set_up_first_new_run(study: Study, overwrite: bool, quiet: bool, jobs: int)
                     continue
             if resume:
                 return None
-            trainer = _trainer(study, recipe, seed, config, quiet, False, say=jobs == 1)
-            return ((recipe, seed), trainer) if jobs == 1 else None
+            if jobs > 1:
+                check_inputs(config, resume=False)
+                return None
+            start = time.perf_counter()
+            trainer = _trainer(study, recipe, seed, config, quiet, False)
+            return (recipe, seed), trainer, time.perf_counter() - start
     return None
 
 
@@ -746,6 +756,7 @@ def _record_load(
             saved = _read_load(run_dir)
             jobs = max(jobs, int(saved.get("jobs", jobs)))
             thread_counts.update(int(count) for count in saved.get("threads", []))
+    RunLock(run_dir).refuse_held()  # a run another process has begun since `check_live`
     run_dir.mkdir(parents=True, exist_ok=True)
     thread_counts = sorted(thread_counts)
     load = {"jobs": jobs, "threads": thread_counts, "device": device, "model_fingerprint": model}
@@ -1304,6 +1315,15 @@ def check_runs(study: Study) -> None:
             _prepare(study, recipe, seed)
 
 
+def check_live(study: Study) -> None:
+    """Refuse a study one of whose runs another process is training (a second `lowbit compare`
+    of a study still running): its trainer's lock refused it only after this invocation had
+    written the run's load file, and with --overwrite cleared the live run's files."""
+    for recipe in study.recipes:
+        for seed in study.seeds:
+            RunLock(study.run_dir(recipe, seed)).refuse_held()
+
+
 def _without_loss_scale(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _LOSS_SCALE_SETTINGS}
 
@@ -1316,6 +1336,20 @@ def _holds_only_settings(out: Path) -> bool:
     folder over."""
     settings = (out / SETTINGS, *(p for p in out.iterdir() if is_write_leftover(p.name, SETTINGS)))
     return all(path.is_dir() or path in settings for path in out.rglob("*"))
+
+
+class InterruptedBeforeRuns(KeyboardInterrupt):
+    """A Ctrl-C that stopped `compare` before it trained a run and, with --overwrite, before it
+    had cleared the earlier study's runs (`clear_runs`, most often during the first run's set-up,
+    `_set_up_first_new_run`): the same command goes on. The command without --overwrite, which
+    goes on from an interrupted run once the runs were cleared, would here reuse the earlier
+    study's runs as this one's, or refuse its other settings. ``written``: whether this
+    invocation had begun to write the study's folder (its settings; a part of the runs cleared),
+    else nothing was changed."""
+
+    def __init__(self, written: bool):
+        super().__init__(written)
+        self.written = written
 
 
 def clear_runs(study: Study) -> None:
@@ -1357,15 +1391,21 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
 
     _data_now.cache_clear()  # read afresh: the files may have changed since the last study
     _model_now.cache_clear()
-    check_out(study, overwrite)
-    if not overwrite:  # before anything is written: a refused command leaves the study as it was
-        check_runs(study)
-    set_up = _set_up_first_new_run(study, overwrite, quiet, jobs)
-    study.out.mkdir(parents=True, exist_ok=True)
-    # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
-    write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
-    if overwrite:
-        clear_runs(study)  # from here on a run is retrained because it holds nothing
+    written = False
+    try:
+        check_out(study, overwrite)
+        check_live(study)
+        if not overwrite:  # before anything is written: a refused command leaves it as it was
+            check_runs(study)
+        set_up = _set_up_first_new_run(study, overwrite, quiet, jobs)
+        written = True
+        study.out.mkdir(parents=True, exist_ok=True)
+        # Written whole or not at all: parallel parts of one study (parity.py) write it at once.
+        write_atomically(study.out / SETTINGS, json.dumps(study.settings(), indent=1) + "\n")
+        if overwrite:
+            clear_runs(study)  # from here on a run is retrained because it holds nothing
+    except KeyboardInterrupt as interrupt:
+        raise InterruptedBeforeRuns(written) from interrupt
     in_workers = set()
     if jobs > 1:
         from lowbit.report.parallel import train_runs
@@ -1385,7 +1425,8 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
             t0 = time.perf_counter()
             trainer = None
             if set_up is not None and set_up[0] == (recipe, seed):
-                trainer, set_up = set_up[1], None
+                (_, trainer, seconds), set_up = set_up, None
+                t0 -= seconds  # its set-up, before the study wrote anything, is its time too
             record = run_one(study, recipe, seed, quiet=quiet, trainer=trainer)
             if (study.out, recipe, seed) in in_workers:
                 record = {**record, "reused": False}

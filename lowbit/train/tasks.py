@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import math
 import sys
@@ -56,6 +57,41 @@ def same_data(recorded: dict | None, current: dict | None) -> bool:
         return {key: value for key, value in fingerprint.items() if key != "source"}
 
     return contents(recorded) == contents(current)
+
+
+def check_inputs(config, resume: bool) -> None:
+    """Refuse, in seconds and without building a model or reading all of the data, the inputs
+    that a run's `Trainer` refuses only as it sets up: for the `--nproc` launcher before its ranks
+    start (each had imported torch and joined a process group first), for `lowbit compare --jobs`
+    before the study writes anything (a worker refused them after). A causal LM's --model folder
+    (`folder_config`, what `load_causal_lm` reads before the weights) and its positions against
+    --seq-len (`check_positions`); a new run's table (`check_not_tables`), and the --data as far
+    as it shows without reading it all (`check_quickly`: its full read, ~2 minutes a GB, is the
+    run's). A tagger's CoNLL data is read as its task does (`data_fingerprint`), its warnings left
+    for the run (saved and restored around the read: recorded as said here, the run, in another
+    process, never said them). Left to the run's set-up: what needs its tokenizer or built model
+    (a causal LM's data shorter than one window and its --model folder's weights, a tagger's
+    --model folder, the model's memory, which `preflight` checks)."""
+    from lowbit.data import conll, corpus
+    from lowbit.models import causal_lm
+
+    if config.task == "causal-lm":
+        if config.model in causal_lm.SIZES:
+            model_config = causal_lm.model_config(config.model)
+        else:
+            model_config = causal_lm.folder_config(config.model)
+        causal_lm.check_positions(model_config, config.seq_len)
+        if not resume:
+            corpus.check_not_tables(config.data)
+        corpus.check_quickly(config.data, config.text_field)
+    elif config.task == "token-classification" and config.data is not None:
+        warned = set(conll._WARNED)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                data_fingerprint(config.task, config.data, config.text_field)
+        finally:
+            conll._WARNED.clear()
+            conll._WARNED.update(warned)
 
 
 class Task:

@@ -70,7 +70,7 @@ def test_formats_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for path, message in [
         (tmp_path / "garbage.safetensors", "not a safetensors file (Error while deserializing"),
-        (tmp_path / "empty", "a folder, with no .safetensors file in it; fix: pass a .pt"),
+        (tmp_path / "empty", "a folder, with no .safetensors or pytorch_model.bin file in it"),
         (tmp_path / "missing.pt", "no such file; fix: pass a .pt or .safetensors file"),
     ]:
         assert main(["formats", "--tensor", str(path)]) == 2

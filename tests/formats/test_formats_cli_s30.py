@@ -37,7 +37,8 @@ def test_a_folder_of_dcp_checkpoints_names_its_last_one_as_the_fix(tmp_path, cap
         (tmp_path / f"step-{step:07d}.dcp").mkdir()
     assert main(["formats", "--tensor", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
-        f"lowbit: error: {tmp_path}: a folder, with no .safetensors file in it; fix: pass one of "
+        f"lowbit: error: {tmp_path}: a folder, with no .safetensors or pytorch_model.bin file in "
+        "it; fix: pass one of "
         f"its .dcp checkpoints (the last: {tmp_path / 'step-0000010.dcp'})\n"
     )
 

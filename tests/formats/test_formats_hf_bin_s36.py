@@ -38,3 +38,24 @@ def test_a_folder_with_one_pytorch_model_bin_is_measured(tmp_path, capsys):
     torch.save({"w": torch.randn(8, 64)}, tmp_path / "pytorch_model.bin")
     assert main(["formats", "--tensor", str(tmp_path)]) == 0
     assert list(rows(capsys.readouterr().out)) == ["w"]
+
+
+def test_a_folder_without_weights_names_both_kinds_it_reads(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["formats", "--tensor", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"lowbit: error: {tmp_path}: a folder, with no .safetensors or pytorch_model.bin file in "
+        "it; fix: pass a .pt or .safetensors file"
+    )
+
+
+def test_an_unreadable_shard_index_is_named(tmp_path, capsys):
+    """It read as a folder of no weights ("no .safetensors file in it"), the shards beside it
+    unnamed."""
+    torch.save({"w": torch.randn(8, 64)}, tmp_path / "pytorch_model-00001-of-00001.bin")
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text('{"weight_map": ')  # cut short
+    assert main(["formats", "--tensor", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"lowbit: error: {index}: no index of shards lowbit can read"), line
+    assert "fix: pass one of the shards (a pytorch_model-*.bin file)" in line

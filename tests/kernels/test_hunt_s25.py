@@ -148,7 +148,8 @@ def test_formats_on_a_checkpoints_folder_names_its_last_checkpoint(tmp_path, cap
         torch.save({"step": step, "model": {"w": torch.randn(4, 8)}}, tmp_path / f"step-{step}.pt")
     assert main(["formats", "--tensor", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
-        f"lowbit: error: {tmp_path}: a folder, with no .safetensors file in it; fix: pass one of "
+        f"lowbit: error: {tmp_path}: a folder, with no .safetensors or pytorch_model.bin file in "
+        "it; fix: pass one of "
         f"its .pt files (the last: {tmp_path / 'step-4.pt'})\n"
     )
 
