@@ -1,11 +1,15 @@
 """Session 30: what a user of ``--nproc`` reads in the summary and on stderr, and a one-process
-group that trains what one process trains."""
+group that trains what one process trains. Session 29's FSDP2 token classifier shares this
+module's one ``--nproc 2`` run (a launch costs seconds of CPU a rank)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import sys
+import tempfile
 
 import pytest
 
@@ -14,19 +18,41 @@ from lowbit.train import TrainConfig, train
 from tests.distributed.helpers import TINY
 
 
+@contextlib.contextmanager
+def _file_descriptor_2(into: io.StringIO):
+    """Within: what is written to file descriptor 2 (the spawned ranks' stderr) goes to ``into``
+    (``contextlib.redirect_stderr`` takes this process's ``sys.stderr`` alone)."""
+    with tempfile.TemporaryFile("w+") as file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            into.write(file.read())
+
+
 @pytest.fixture(scope="module")
 def two_ranks_on_one_core(tmp_path_factory):
-    """(stdout, stderr) of a one-step ``lowbit train --nproc 2`` on a machine of one core."""
+    """(stdout, stderr: the launcher's and its ranks') of a one-step ``lowbit train --nproc 2``
+    of a token classifier under FSDP2 on a machine of one core."""
     out = tmp_path_factory.mktemp("s30") / "run"
     stdout, stderr = io.StringIO(), io.StringIO()
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "batch_size": 4}.items()]
+    flags += ["--task=token-classification", "--strategy=fsdp", "--steps=1", "--nproc=2"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         patch.setenv("LOWBIT_DIST_TIMEOUT", "120")
         patch.setattr("os.cpu_count", lambda: 1)  # the launcher's count; the ranks are spawned
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = ["train", *flags, "--recipe=fp32", "--steps=1", "--nproc=2", "--out", str(out)]
-            code = main([*args, "--quiet"])
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            _file_descriptor_2(stderr),
+        ):
+            code = main(["train", *flags, "--out", str(out), "--quiet"])
     assert code == 0, stderr.getvalue()
     return stdout.getvalue(), stderr.getvalue()
 
@@ -48,6 +74,14 @@ def test_more_processes_than_cores_is_a_warning(two_ranks_on_one_core):
         "slower than fewer would; fix: --nproc 1 or fewer"
     ) in stderr
     assert stderr.count("lowbit: warning: --nproc") == 1
+
+
+def test_token_classification_under_fsdp_prints_no_view_warning_per_rank(two_ranks_on_one_core):
+    """Session 29: FSDP2's "returned a view tensor" warning about the token classifier's logits
+    (which the task only reads) was printed by every rank."""
+    stdout, stderr = two_ranks_on_one_core
+    assert "lowbit train: token-classification" in stdout and "(completed)" in stdout
+    assert "returned a view tensor" not in stderr
 
 
 def _train_losses(run) -> list[float]:

@@ -40,10 +40,16 @@ def test_a_sigint_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(
 ):
     """A Ctrl-C reaches every process of the terminal's group; a SIGINT sent to the launcher
     alone must stop the ranks the same way (it was swallowed and the run went on to its end).
-    One rank says so (each rank printed it)."""
+    One rank says so (each rank printed it). Session 21, the same run: a launcher started with
+    SIGINT ignored, as a shell script's background job (``lowbit train --nproc 2 ... &``) is,
+    swallowed a later ``kill -INT`` and the run went on to its end."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
-    result = train(config, quiet=True, on_step=signal_the_launcher)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(config, quiet=True, on_step=signal_the_launcher)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.status == "interrupted" and 2 <= result.steps < 50
     assert result.checkpoint is not None and result.checkpoint.exists()
     assert capfd.readouterr().err.count("interrupted: saving a checkpoint") == 1
@@ -80,11 +86,17 @@ def test_a_multi_process_checkpoint_needs_a_strategy_to_resume(tmp_path):
         )
 
 
-def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """(folder, result) of a two-step run under --strategy fsdp, which the tests only read."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    return out, train(TrainConfig(steps=2, out=str(out), strategy="fsdp", **TINY), quiet=True)
+
+
+def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path, fsdp_run):
     from lowbit.train import evaluate_run
 
-    out = tmp_path / "run"
-    result = train(TrainConfig(steps=2, out=str(out), strategy="fsdp", **TINY), quiet=True)
+    out, result = fsdp_run
     metrics, _ = evaluate_run(out, max_batches=TINY["eval_batches"])
     assert metrics["step"] == 2
     assert metrics["loss"] == pytest.approx(result.final_metrics["loss"], rel=1e-4)
@@ -96,13 +108,12 @@ def test_lowbit_eval_reads_a_multi_process_checkpoint(tmp_path):
     assert main(["eval", str(tmp_path / "q"), "--max-batches", "1"]) == 0
 
 
-def test_eval_of_a_quantized_multi_process_run_compares_with_its_source(tmp_path, capsys):
+def test_eval_of_a_quantized_multi_process_run_compares_with_its_source(tmp_path, capsys, fsdp_run):
     """The source checkpoint of a quantized .dcp run is a folder: eval took it for gone ("the
     source checkpoint ... is gone") and showed no reference."""
     from lowbit.cli import main
 
-    out = tmp_path / "run"
-    train(TrainConfig(steps=2, out=str(out), strategy="fsdp", **TINY), quiet=True)
+    out, _ = fsdp_run
     assert main(["quantize", str(out), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "q"), "--max-batches", "1"]) == 0

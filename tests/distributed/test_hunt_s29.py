@@ -1,5 +1,6 @@
-"""Session 29: what a user of ``--nproc`` sees when a rank is killed, when the launcher is sent
-SIGTERM, under FSDP2 token classification, and with a MASTER_PORT that is not a port."""
+"""Session 29: what a user of ``--nproc`` sees when a rank is killed and with a MASTER_PORT that
+is not a port. The session's launcher sent SIGTERM is checked by test_sigterm_s32 (the same run),
+its FSDP2 token classifier by test_distributed_s30 (one run shared)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _launch(tmp_path, on_step: str) -> subprocess.CompletedProcess:
-    """A 50-step two-rank run, its launcher a process of its own (which a signal may end, and
-    whose resource tracker speaks as it exits), calling ``on_step`` of this module in the ranks;
-    prints the result's status and checkpoint, or the `RankFailed` as the CLI does."""
+    """A 50-step two-rank run, its launcher a process of its own (whose resource tracker speaks
+    as it exits), calling ``on_step`` of this module in the ranks; prints the result's status and
+    checkpoint, or the `RankFailed` as the CLI does."""
     script = textwrap.dedent(
         f"""
         import sys
@@ -70,38 +71,6 @@ def test_a_killed_rank_is_one_line_without_a_leaked_semaphore_warning(tmp_path):
     done = _launch(tmp_path, "kill_rank_1")
     assert "rank 1 died (signal SIGKILL); the other ranks were stopped" in done.stderr
     assert "leaked semaphore" not in done.stderr, done.stderr
-
-
-def terminate_the_launcher(trainer):
-    if trainer.dist.rank == 0 and trainer.step_idx == 2:
-        os.kill(os.getppid(), signal.SIGTERM)  # `kill PID`, `timeout`, a scheduler's stop
-
-
-def test_a_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
-    """SIGTERM ended the launcher at once (exit 143); its ranks, sent SIGINT by torch as their
-    parent died, started to save, lost each other in the checkpoint's collectives and left a
-    torn ``.step-*.dcp.tmp``: the steps since the last save were lost, where a one-process run
-    saves on SIGTERM."""
-    done = _launch(tmp_path, "terminate_the_launcher")
-    assert done.returncode == 0, done.stderr
-    status, steps, checkpoint = done.stdout.split()
-    assert status == "interrupted" and 2 <= int(steps) < 50
-    assert Path(checkpoint).name == f"step-{int(steps):07d}.dcp" and Path(checkpoint).is_dir()
-
-
-def test_token_classification_under_fsdp_prints_no_view_warning_per_rank(
-    tmp_path, capfd, monkeypatch
-):
-    """FSDP2's "returned a view tensor" warning about the token classifier's logits (which the
-    task only reads) was printed by every rank."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = TrainConfig(
-        task="token-classification", strategy="fsdp", nproc=2, steps=1, out=str(tmp_path / "run"),
-        **{**TINY, "batch_size": 4},
-    )  # fmt: skip
-    result = train(config, quiet=True)
-    assert result.status == "completed"
-    assert "returned a view tensor" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["abc", "70000"])

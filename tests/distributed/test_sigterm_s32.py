@@ -23,18 +23,18 @@ FLAGS += ["--save-interval", "1"]  # its first checkpoint: every rank trains, it
 TIMEOUT = 180  # generous: the machine's cores are shared
 
 
-def _start(run: Path, *flags: str, launcher=()) -> tuple[subprocess.Popen, Path]:
+def _start(run: Path, *flags: str, launcher=(), stdout=False) -> tuple[subprocess.Popen, Path]:
     """``lowbit train`` into ``run`` behind ``launcher`` (``python -m`` arguments), in a session
-    of its own (a signal meant for it reaches nothing else); stderr goes to a file (a pipe nobody
-    reads could block it)."""
+    of its own (a signal meant for it reaches nothing else); stderr goes to the file ``run``.err
+    (a pipe nobody reads could block it), stdout to ``run``.out where ``stdout``."""
     argv = [sys.executable, "-m", *launcher, "lowbit", "train", *FLAGS, *flags, "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_DIST_TIMEOUT": "60"}
     err = run.with_suffix(".err")
-    with open(err, "w") as stderr:
+    out = run.with_suffix(".out") if stdout else os.devnull
+    with open(out, "w") as output, open(err, "w") as stderr:
         process = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-            start_new_session=True,
-        )  # fmt: skip
+            argv, cwd=REPO, env=env, stdout=output, stderr=stderr, start_new_session=True
+        )
     return process, err
 
 
@@ -88,12 +88,23 @@ def test_one_process_with_a_strategy_saves_on_sigterm(tmp_path):
 def test_a_sigterm_to_the_launcher_is_reported_as_a_sigterm(tmp_path):
     """A SIGTERM to the ``--nproc`` launcher reached the ranks as its Ctrl-C stop request: the run
     said "interrupted: ... (Ctrl-C again to abort)", which no one pressed, and a second Ctrl-C
-    would not reach a launcher a scheduler is stopping."""
+    would not reach a launcher a scheduler is stopping. Session 29, the same run: SIGTERM ended
+    the launcher at once (exit 143); its ranks, sent SIGINT by torch as their parent died,
+    started to save, lost each other in the checkpoint's collectives and left a torn
+    ``.step-*.dcp.tmp``: the steps since the last save were lost, where one process saves."""
     run = tmp_path / "run"
-    process, err = _start(run, "--nproc", "2")
+    process, err = _start(run, "--nproc", "2", stdout=True)
     code = _term_after_first_checkpoint(process, run)
     assert code == 130, err.read_text()
-    _stopped_step(run, err.read_text())
+    step = _stopped_step(run, err.read_text())
+    assert 1 <= step < STEPS
+    # the launcher returned the run's result (no "lowbit: aborted"): its whole checkpoint, none torn
+    stdout = run.with_suffix(".out").read_text().splitlines()
+    assert stdout[-1:] == [f"resume with: lowbit train --resume {run}"], err.read_text()
+    (checkpoint,) = [line.split()[-1] for line in stdout if line.startswith("  checkpoint ")]
+    assert Path(checkpoint) == run / "checkpoints" / f"step-{step:07d}.dcp"
+    assert Path(checkpoint).is_dir()
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_a_second_ctrl_c_to_torchrun_aborts_its_ranks(tmp_path):
