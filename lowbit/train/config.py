@@ -127,7 +127,9 @@ def load_file(path, flags=(), command=None) -> dict:
             f"{path}: {unknown!r} is a section, and settings are not read from sections; fix: "
             f"write its settings at the top level of the file, without {unknown!r}"
         )
-    if unknown and command is not None and unknown in vars(command[1]):
+    # the Namespace's own entries that are no flag: `lowbit.cli.build_parser`'s subcommand
+    # ("command") and the function it runs ("run")
+    if unknown and command is not None and unknown in set(vars(command[1])) - {"command", "run"}:
         flag = f"--{unknown.replace('_', '-')}"
         raise UsageError(
             f"{path}: {unknown!r} is a {command[0]} flag, not a setting of the run the file "

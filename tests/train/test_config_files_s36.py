@@ -99,3 +99,13 @@ def test_a_command_flag_in_a_config_file_is_named_as_the_flag(command, key, flag
         f"describes; fix: give {dashed} on the command line, not in the file\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["run", "command"])
+def test_the_parsers_own_entries_are_unknown_settings_not_flags(key, tmp_path, capsys):
+    # argparse's Namespace holds them too, and they were named as flags --run, --command
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{key}: 1\n", encoding="utf-8")
+    assert main(["train", "--model", "nano", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown setting {key!r}" in err and "flag" not in err
