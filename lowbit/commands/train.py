@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit.errors import UsageError, warn
+from lowbit.errors import UsageError
 
 NAME = "train"
 HELP = (
@@ -169,14 +169,16 @@ def config_from_args(args):
         out = build_config(settings, overrides).out
         if out is None:
             raise UsageError("--resume needs the run folder; fix: --resume RUN_DIR")
-        settings = merge(given_settings(read(out)), settings)
+        recorded = given_settings(read(out))
+        settings = merge(recorded, settings)
+        # --eval-interval 0 is refused; this one stops the statistics a resumed run logged
+        if overrides["stats_interval"] == 0 and recorded.get("stats_interval"):
+            print(
+                f"lowbit: note: --stats-interval 0 stops the numerics statistics this run logged "
+                f"(--stats-interval {recorded['stats_interval']})",
+                file=sys.stderr,
+            )
     config = build_config(settings, overrides)
-    if overrides["stats_interval"] == 0:  # --eval-interval 0 is refused; this one has a use
-        warn(
-            "--stats-interval 0 turns the numerics statistics off (a fresh run logs none without "
-            "the flag either; a --resume stops those its run logged); --stats-interval N logs "
-            "them every N steps"
-        )
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
     if args.config:

@@ -931,9 +931,11 @@ UNICODE_BOMS = {
 }
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
     """The text of a UTF-8 file without its leading byte-order mark, if any (editors on Windows
     write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable.
+    ``or_else``: the fix besides converting it (a --data file can be left out; a --config file,
+    None, cannot).
 
     A NUL byte is refused too: it is valid UTF-8 but no text holds one, while binary files and
     UTF-16 text do (ASCII in UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after
@@ -963,18 +965,18 @@ def read_text(path: Path) -> str:
                 f"{path}: {encoding} text, not UTF-8; fix: convert it to UTF-8 "
                 f"(iconv -f {encoding} -t UTF-8)"
             ) from None
-        raise UsageError(_not_utf8(path, data, error.start)) from None
+        raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
     except OSError as error:
         raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
     if "\0" in text:
         raise UsageError(
             f"{path}: holds NUL bytes (byte {data.index(0)}), as binary files and UTF-16 text do, "
-            "not UTF-8 text; fix: convert it to UTF-8 or remove it"
+            "not UTF-8 text; fix: convert it to UTF-8" + (f" or {or_else}" if or_else else "")
         )
     return text
 
 
-def _not_utf8(path: Path, data: bytes, start: int) -> str:
+def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
     """The error for a file that is not UTF-8 at byte ``start``: the byte and its line, and the
     iconv command that converts it. "fix: convert it to UTF-8" said neither how nor from what.
     No encoding can be told from the bytes for sure (any bytes read as Latin-1 text), so cp1252
@@ -986,7 +988,8 @@ def _not_utf8(path: Path, data: bytes, start: int) -> str:
     if not data[:start].removeprefix(b"\xef\xbb\xbf").isascii():
         return (
             f"{path}: not UTF-8 text ({where}) after UTF-8 text: the file mixes encodings; fix: "
-            f"retype line {line}'s text (and any other line refused so) in UTF-8, or remove it"
+            f"retype line {line}'s text (and any other line refused so) in UTF-8"
+            + (f", or {or_else}" if or_else else "")
         )
     quoted = shlex.quote(str(path))
     try:
@@ -999,7 +1002,7 @@ def _not_utf8(path: Path, data: bytes, start: int) -> str:
     return (
         f"{path}: not UTF-8 text ({where}); fix: convert it from the encoding it was written "
         f"in{guess}: iconv -f {encoding} -t UTF-8 {quoted} > {shlex.quote(str(out))}, and use "
-        "that file in its place; or remove it"
+        "that file in its place" + (f"; or {or_else}" if or_else else "")
     )
 
 

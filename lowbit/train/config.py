@@ -204,7 +204,7 @@ def _file_settings(path) -> dict:
 
     # as --data is read: a byte order mark (Windows editors write one) is no part of the settings,
     # and a file in another encoding is told by its byte, line and the iconv that converts it
-    text = read_text(path)
+    text = read_text(path, or_else=None)  # not "or remove it": the settings are in it
     try:
         if path.suffix == ".toml":  # refuses a key given twice itself
             import tomllib

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, warn
 from lowbit.train import checkpoint
 from lowbit.train.config import (
     RUN_INFO,
@@ -18,7 +18,7 @@ from lowbit.train.config import (
     resolve,
     with_recorded_data,
 )
-from lowbit.train.runstate import unfinished_state
+from lowbit.train.runstate import state_note, unfinished_state
 from lowbit.train.trainer import progress_bar, resolve_device
 
 
@@ -63,7 +63,7 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     check_has_checkpoint(run_dir, checkpoint_path, config)
     tries = 3
     for attempt in range(1, tries + 1):
-        path = checkpoint.find(run_dir, checkpoint_path, note=attempt == 1)
+        path = checkpoint.find(run_dir, checkpoint_path, note=False)  # said below
         try:
             state = checkpoint.load(path)
             break
@@ -73,6 +73,11 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
             # (No such file...)"), and the new one is the latest now. A given one is not replaced.
             if checkpoint_path or checkpoint.is_checkpoint(path) or attempt == tries:
                 raise
+    # the run's state worked out once: the warning and `lowbit eval --json`'s run_state agree
+    info = read_run_info(run_dir)
+    unfinished = None if checkpoint_path else unfinished_state(run_dir, info)
+    if unfinished is not None:
+        warn(state_note(run_dir, path, info, unfinished))
     target = resolve_device(config.device)
     with progress_bars_off(True):  # transformers' "Loading weights" bar
         task = build_task(config, run_dir=run_dir)
@@ -97,7 +102,6 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
     checkpoint.check_model_folder(run_dir)
     check_own_checkpoint(run_dir, path, state.get("config"), config)  # fitting, yet another run's?
     precision.load_state_dict(state["precision"])
-    unfinished = None if checkpoint_path else unfinished_state(run_dir)
     return LoadedRun(config, task, model, precision, path, int(state["step"]), unfinished)
 
 

@@ -32,8 +32,8 @@ class RunLock:
     train` into the folder of a live run (the same --out, or a --resume of it) is refused.
     Unlocked, it cleared the live run's files (a traceback there, the run lost) or trained beside
     it into the same checkpoints and metrics. The kernel drops the lock when the process ends
-    however it ends, so a killed run leaves no stale lock; a file system without locks (some
-    network ones) runs unguarded, as before."""
+    however it ends, so a killed run leaves no stale lock; on a file system without locks (some
+    network ones) run.json's pid on this host refuses a live run instead (`_refuse_live_pid`)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -42,8 +42,9 @@ class RunLock:
     def take(self) -> None:
         """Lock the folder, if it exists and is not locked by this lock already."""
         try:
-            import fcntl  # POSIX; elsewhere the folder runs unguarded, as before
+            import fcntl  # POSIX; elsewhere run.json's pid guards it (`_refuse_live_pid`)
         except ImportError:
+            self._refuse_live_pid()
             return
         if self._fd is not None or not self.run_dir.is_dir():
             return
@@ -52,14 +53,28 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(
-                f"{self.run_dir}: another lowbit process{_holder(self.run_dir)} is training into "
-                "this folder; fix: wait until it ends (or stop it), or choose another --out"
-            ) from None
-        except OSError:
+            raise _busy(self.run_dir) from None
+        except OSError:  # no locks here (an exclusive flock on NFS needs a file open to write)
             os.close(fd)
+            self._refuse_live_pid()
             return
         self._fd = fd
+
+    def _refuse_live_pid(self) -> None:
+        """Without a lock, refuse a folder whose run.json says a live process on this host trains
+        it (`state`'s fallback): unguarded, a second --resume trained beside it."""
+        from lowbit.train.config import read_run_info
+
+        info = read_run_info(self.run_dir)
+        pid = info.get("pid")
+        if (
+            info.get("status") == "running"
+            and info.get("host") in (None, socket.gethostname())
+            and pid != os.getpid()
+            and pid is not None
+            and _pid_alive(pid)
+        ):
+            raise _busy(self.run_dir)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -74,10 +89,20 @@ class RunLock:
         self.release()
 
 
+def _busy(run_dir: Path) -> UsageError:
+    """The refusal of a folder another process trains into."""
+    return UsageError(
+        f"{run_dir}: another lowbit process{_holder(run_dir)} is training into "
+        "this folder; fix: wait until it ends (or stop it), or choose another --out"
+    )
+
+
 def _held(run_dir: Path) -> bool | None:
     """Whether a process holds ``run_dir``'s `RunLock` (this one's own counts too); None where it
     cannot be told (no ``flock``, a file system without locks, a folder that cannot be opened).
-    The probe is a shared lock taken and dropped at once."""
+    The probe is `RunLock.take`'s own exclusive lock, dropped at once: where that cannot be taken
+    (NFS, whose exclusive flock needs a file open to write), the run trained unlocked, and a
+    shared probe that worked there called it dead."""
     try:
         import fcntl
     except ImportError:
@@ -87,7 +112,7 @@ def _held(run_dir: Path) -> bool | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:
@@ -167,6 +192,18 @@ def killed_text(run_dir, info: dict) -> str:
     )
 
 
+def resumed_text(run_dir, info: dict) -> str:
+    """What a --resume (holding the folder now) says of a run whose run.json says running: died
+    without a word (`killed_text`) where it ran on this machine, whose lock or pid would have
+    refused a live one; where it ran on another host, this one cannot tell."""
+    if info.get("host") in (None, socket.gethostname()):
+        return killed_text(run_dir, info)
+    return (
+        f"run.json says running on another host{_process(run_dir, info)}; if it still "
+        "runs there, stop this one (both would write the same checkpoints)"
+    )
+
+
 def unfinished_state(run_dir, info: dict | None = None) -> str | None:
     """`state` of a run that did not finish (``running``, ``killed``, ``unknown``,
     ``interrupted``, ``diverged``, ``aborted``, ``failed``): what `unfinished_note` says, and
@@ -181,11 +218,17 @@ def unfinished_note(run_dir, path: Path) -> str | None:
     ``path``, the latest of ``run_dir``'s, where the run did not finish: which step of how many it
     is, that the run is still training or stopped, and how to continue it. None for a finished run
     (or a folder without run.json)."""
-    from lowbit.train.checkpoint import step_of
     from lowbit.train.config import read_run_info
 
     info = read_run_info(run_dir)
-    now = unfinished_state(run_dir, info)
+    return state_note(run_dir, path, info, unfinished_state(run_dir, info))
+
+
+def state_note(run_dir, path: Path, info: dict, now: str | None) -> str | None:
+    """`unfinished_note` of a run whose `unfinished_state` is ``now``, worked out already (`lowbit
+    eval` says it, and --json carries it: one probe, or they may disagree)."""
+    from lowbit.train.checkpoint import step_of
+
     if now is None:
         return None
     total = info.get("total_steps")

@@ -47,7 +47,7 @@ from lowbit.train.config import (
 )
 from lowbit.train.generate import visible
 from lowbit.train.logging import MetricsLogger, NullLogger
-from lowbit.train.runstate import RunLock, killed_text, process_fields, resume_command
+from lowbit.train.runstate import RunLock, process_fields, resume_command, resumed_text
 from lowbit.train.tasks import build_task, to_device
 
 # Operand formats a CPU computes natively; every other one (fp16, fp8, MX, int8 operands) is
@@ -1130,11 +1130,12 @@ class Trainer:
         self.load_state_dict(state)
 
     def _note_killed(self, run_dir: Path, recorded: dict) -> None:
-        """Say that the run resumed had died without a word (`lowbit.train.runstate`), and from
-        which step it goes on: the steps it took after that checkpoint are lost."""
+        """Say that the run resumed had died without a word, or may still run on another host
+        (`lowbit.train.runstate.resumed_text`), and from which step it goes on: the steps it took
+        after that checkpoint are lost."""
         name = self.run_name or run_dir
         print(
-            f"lowbit: note: {name}: {killed_text(run_dir, recorded)}; resuming from its "
+            f"lowbit: note: {name}: {resumed_text(run_dir, recorded)}; resuming from its "
             f"checkpoint at step {self.step_idx}",
             file=sys.stderr,
         )

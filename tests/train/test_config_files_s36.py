@@ -24,7 +24,7 @@ def test_a_latin1_config_names_the_byte_its_line_and_the_iconv_that_converts_it(
         f"lowbit: error: {path}: not UTF-8 text (byte 0xe9 at offset 33, line 2); fix: convert "
         "it from the encoding it was written in, cp1252 (Windows' Latin-1) if 'é' belongs there "
         f"(a guess): iconv -f CP1252 -t UTF-8 {path} > {tmp_path / 'run.utf8.yaml'}, and use "
-        "that file in its place; or remove it"
+        "that file in its place"
     )
 
 

@@ -40,13 +40,20 @@ def test_eval_max_batches_zero_is_the_whole_split_as_in_prune(digits_run, capsys
 
 def test_stats_interval_zero_says_the_statistics_are_off(tmp_path, capsys):
     """It turned them off without a word (--eval-interval 0 is refused; this one turns off, on a
-    --resume, the statistics the run logged, so it is taken and said)."""
-    argv = ["train", *NANO, "--steps", "1", "--quiet", "--stats-interval", "0"]
-    code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "run")
-    assert code == 0
-    assert "lowbit: warning: --stats-interval 0 turns the numerics statistics off" in err
-    code, _, err = run_cli(capsys, *argv[:-2], "--out", tmp_path / "other")
+    --resume, the statistics the run logged, so it is taken and said there, and only there: a
+    fresh run logs none without the flag either)."""
+    argv = ["train", *NANO, "--steps", "1", "--quiet", "--stats-interval"]
+    code, _, err = run_cli(capsys, *argv, "0", "--out", tmp_path / "other")
     assert code == 0 and "--stats-interval" not in err
+    code, _, err = run_cli(capsys, *argv, "1", "--out", tmp_path / "run")
+    assert code == 0
+    resume = ["train", "--resume", tmp_path / "run", "--steps", "2", "--quiet"]
+    code, _, err = run_cli(capsys, *resume, "--stats-interval", "0")
+    assert code == 0
+    assert err.strip() == (
+        "lowbit: note: --stats-interval 0 stops the numerics statistics this run logged "
+        "(--stats-interval 1)"
+    )
 
 
 def _eval_json(capsys, *argv) -> dict:
