@@ -112,10 +112,6 @@ def run(args) -> int:
             f"{args.checkpoint}: a quantized or pruned model, which holds no training state to "
             f"probe; fix: --checkpoint {run} (the run it was made from)"
         )
-    if args.checkpoint:
-        # a run stopped before its first save, refused before the set-up (seconds to minutes):
-        # there it was "no saved tokenizer; fix: restore the run's tokenizer folder"
-        checkpoint.find(args.checkpoint, checkpoint_path, note=False)
     from lowbit.commands.train import FLAGS, SWITCHES
 
     flags = {
@@ -130,6 +126,10 @@ def run(args) -> int:
         if args.checkpoint
         else {}
     )
+    if args.checkpoint:  # a run folder (`read`): one stopped before its first save is refused
+        # before the set-up (seconds to minutes), where it was "no saved tokenizer; fix: restore
+        # the run's tokenizer folder"
+        checkpoint.find(args.checkpoint, checkpoint_path, note=False)
     if args.config:
         # a flag replaces the file's setting: a mistyped one there is warned of, not refused
         given = {k for k, v in flags.items() if v is not None}

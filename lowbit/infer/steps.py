@@ -76,18 +76,15 @@ def quantize_run(
             "--group-size G"
         )
     check_given(out, "--out")
-    # before --out's checks: its default folder, there from the first quantization, was refused
-    # as not empty, and this only once the user had cleared it
-    manifest = io.read_manifest(path) if io.is_inference_dir(path) else None
-    if manifest and manifest.get("quantization"):
-        raise UsageError(
-            f"{path} is already quantized ({io.describe_manifest(manifest)}); fix: "
-            f"quantize its source, {manifest['source']['path']}"
-        )
     target = out or io.default_out(path, recipe.format.value)
     io.check_target(target, path, force)  # before loading and quantizing
     with progress_bars_off(True):  # transformers' "Loading weights": the step reports itself
         source = io.load_source(path, "cpu")
+    if source.quantized:
+        raise UsageError(
+            f"{path} is already quantized ({io.describe_manifest(source.manifest)}); fix: "
+            f"quantize its source, {source.manifest['source']['path']}"
+        )
     linear_before = _source_linear_bytes(source)
     record = io.source_record(source)  # the weights as loaded, before they are quantized
     report = quantize_model(source.model, recipe)

@@ -98,17 +98,3 @@ def test_the_weight_only_int8_note_says_how_its_kernel_is_chosen(lm_run, tmp_pat
         "kernels: int8 weights dequantized once, fp32 GEMM (faster on the CPUs measured than the "
         "int8-weight kernel, which lowbit.infer.set_kernel(model, 'int8pack') picks)\n"
     ) in capsys.readouterr().out
-
-
-def test_quantizing_a_quantized_folder_is_refused_before_its_default_out(lm_run, tmp_path, capsys):
-    # the folder's default --out (q-int8) is there from an earlier try: its "exists and is not
-    # empty" came first, and "already quantized" only once the user had cleared it
-    quant = tmp_path / "q"
-    assert main(["quantize", str(lm_run), "--to", "int8", "--out", str(quant)]) == 0
-    (tmp_path / "q-int8").mkdir()
-    (tmp_path / "q-int8" / "notes.txt").write_text("mine\n")
-    capsys.readouterr()
-    assert main(["quantize", str(quant), "--to", "int8"]) == 2
-    err = capsys.readouterr().err
-    assert f"{quant} is already quantized" in err and err.count("\n") == 1
-    assert (tmp_path / "q-int8" / "notes.txt").read_text() == "mine\n"
