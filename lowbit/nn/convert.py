@@ -253,22 +253,36 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
     )
 
 
+def check_model(model, call: str) -> None:
+    """Refuse, in one line, a ``model`` that is not a module (a list of layers, a state dict, a
+    pipeline); ``call`` names the function given it (``convert``, ``precision.convert``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"{call} swaps the GEMM layers of a torch.nn.Module, got a {type(model).__name__}; "
+            "fix: pass the model itself (e.g. a pipeline's .model, or torch.nn.Sequential(*layers) "
+            "for a list of them)"
+        )
+
+
 def convert(
     model: torch.nn.Module, recipe: Recipe | str, report: ConversionReport | None = None
 ) -> ConversionReport:
     """Swap the model's GEMM layers for low-precision ones as ``recipe`` says; returns the report
     of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
     level INFO)."""
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(
-            f"convert swaps the GEMM layers of a torch.nn.Module, got a {type(model).__name__}; "
-            f"fix: pass the model itself (e.g. a pipeline's .model)"
-        )
+    check_model(model, "convert")
     if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
         raise UsageError(
             f"convert swaps the GEMM layers inside a model, in place, and a bare "
             f"{type(model).__name__} has no parent to be swapped in; fix: convert a model that "
             f"holds it, e.g. torch.nn.Sequential(layer)"
+        )
+    if isinstance(getattr(recipe, "recipe", None), Recipe):  # a lowbit.Precision (not imported:
+        # it imports this module); get_recipe listed every preset's name as the fix
+        raise UsageError(
+            "lowbit.convert(model, recipe) takes a recipe (its name or a Recipe), not a "
+            f"{type(recipe).__name__}; fix: model = precision.convert(model), which also casts "
+            "the model to the recipe's parameter dtype and keeps the report"
         )
     recipe = recipe_for_model(recipe, model)
     _refuse_uninitialized(recipe, model)

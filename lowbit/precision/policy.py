@@ -42,6 +42,7 @@ from lowbit.models.pretrained import check_autocast
 from lowbit.nn.attention import route_attention
 from lowbit.nn.convert import (
     ConversionReport,
+    check_model,
     convert,
     is_convertible,
     lowbit_layers,
@@ -59,6 +60,11 @@ from lowbit.recipes.recipe import DTYPES, OperandSpec
 
 
 class Precision:
+    """The hooks of a training loop's precision under ``recipe`` (a preset's name or a `Recipe`;
+    see the module's docstring for the loop). ``device``: where the model computes, ``"cpu"`` by
+    default; `autocast` is that device's autocast, and `backward` refuses a loss on another device
+    where the recipe computes otherwise there (`_check_loss`)."""
+
     def __init__(self, recipe: Recipe | str, device: torch.device | str | None = None):
         self.recipe = get_recipe(recipe)
         self.device = torch.device(device or "cpu")
@@ -124,6 +130,7 @@ class Precision:
         For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
         to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`). An
         architecture whose forward fails under the recipe's autocast is refused (`check_autocast`)."""
+        check_model(model, "precision.convert")
         check_autocast(model, self.autocast_dtype, self.recipe.name)
         # Under an fp32-parameter recipe a model whose trained parameters are fp32 is left as it
         # is (plain PyTorch's bits, and a frozen 16-bit base under fp32 adapters keeps its
@@ -371,11 +378,39 @@ class Precision:
 
     def backward(self, loss: torch.Tensor, **options) -> None:
         """``loss.backward(**options)`` (``retain_graph``, ``inputs``) on the scaled loss."""
+        self._check_loss(loss)
         self._move_scale()
         if self._prepared:
             self._forget_unstepped()
         self._backwards += 1
         self.scaler.scale(loss).backward(**options)
+
+    def _check_loss(self, loss) -> None:
+        """Refuse what is not a tensor, and a loss on another kind of device than this
+        Precision's where the recipe computes otherwise there: `autocast` is the device's own
+        ``torch.autocast``, which leaves a forward on another device as it is (``Precision
+        ("bf16-mixed")``, made for the CPU by default, trained a GPU model in fp32 without a
+        word), fp16 is emulated on a CPU only, `convert` routes a model's 16-bit attention for a
+        CPU, and stochastic rounding's generator state is the device's. The fp32 recipe computes
+        alike on any device."""
+        if not isinstance(loss, torch.Tensor):
+            raise UsageError(
+                f"precision.backward() takes the loss tensor, not a {type(loss).__name__}; fix: "
+                "precision.backward(loss), with loss the tensor the loss function returned"
+            )
+        where, made_for = loss.device.type, self.device.type
+        if where in (made_for, "meta"):
+            return
+        if self.compute_dtype == torch.float32 and not (
+            self.recipe.emulate_fp16_gemms_on_cpu or self._draws_random()
+        ):
+            return
+        raise UsageError(
+            f"precision.backward() got a loss on {where}, and this Precision computes recipe "
+            f"{self.recipe.name} for {made_for} (its autocast is {made_for}'s, which leaves a "
+            f"forward on {where} as it is); fix: lowbit.Precision({self.recipe.name!r}, "
+            f"device={where!r})"
+        )
 
     def _move_scale(self) -> None:
         """The loss scale's one move for the steps taken since it last moved."""
@@ -430,6 +465,8 @@ class Precision:
                 )
             self.wrap_optimizer(optimizer)
         if key not in self._prepared:
+            if self.scaler.enabled and not self._backwards:
+                self._refuse_unscaled_gradients(optimizer)
             stepped = self.update.prepare(optimizer)
             # With no backward since this optimizer's last step, the gradients unscaled in place
             # then (the optimizer's own parameters': not a 16-bit parameter's fresh fp32 copy) are
@@ -449,6 +486,19 @@ class Precision:
             self._prepared[key] = (stepped, finite)
         return self._prepared[key]
 
+    def _refuse_unscaled_gradients(self, optimizer) -> None:
+        """Refuse gradients that no `backward` made, under loss scaling: ``loss.backward()`` in
+        place of ``precision.backward(loss)`` left them unscaled, and the step divided them by the
+        loss scale (65536 at the start): fp16-mixed's first update was that much too small, and
+        fp16-low's weights never moved."""
+        if any(p.grad is not None for p in optimizer_params(optimizer)):
+            raise UsageError(
+                "precision got gradients that precision.backward() did not make (loss.backward()?):"
+                f" recipe {self.recipe.name} scales the loss (now by {self.scaler.value:g}) before "
+                "the backward and divides the gradients by that at the step; fix: "
+                "precision.backward(loss) in place of loss.backward()"
+            )
+
     def unscale_(self, optimizer) -> list[torch.Tensor]:
         """Unscale the gradients of ``optimizer`` (or of a list of optimizers), as GradScaler's
         ``unscale_``; returns the tensors its next `step` updates, whose ``.grad`` hold them, for
@@ -461,6 +511,7 @@ class Precision:
         """`unscale_` for ``precision.<call>()``, whose name a refused argument's error gives."""
         optimizers = _optimizers(call, optimizer)
         self._warn_at_first_steps(optimizers, 4)
+        self._refuse_16_bit_parameters(optimizers, call)
         return [t for opt in optimizers for t in self._prepare(opt)[0]]
 
     def clip_grad_norm_(
@@ -510,6 +561,7 @@ class Precision:
             self._check_no_closure(optimizers)
         warn_if_ranks_act_alone(self._acting_alone_differs)
         self._warn_at_first_steps(optimizers, 3)
+        self._refuse_16_bit_parameters(optimizers, "step")
         stepped = True
         if self._unstepped_load:
             self._warn_kept_now()
@@ -531,6 +583,37 @@ class Precision:
             weight = next(layer.parameters(), None)  # the histories live where the layer computes
             layer.lowbit_state.commit(None if weight is None else weight.device)
         return stepped
+
+    def _refuse_16_bit_parameters(self, optimizers: list, call: str) -> None:
+        """Refuse trainable 16-bit parameters under a recipe of fp32 parameters, before anything
+        is unscaled or stepped. `convert` casts them to fp32, but a model cast after it
+        (``model.to(torch.bfloat16)``, ``model.half()``) had its optimizer step the 16-bit weights
+        without the fp32 ones the recipe promises: updates below half a 16-bit spacing were lost,
+        and fp16-mixed's AdamW wrote inf into fp16 weights (its eps, 1e-8, is 0 in fp16). Frozen
+        16-bit parameters are the user's to keep (a frozen base under fp32 adapters)."""
+        if self.param_dtype != torch.float32:
+            return
+        low = next(
+            (
+                p
+                for optimizer in optimizers
+                for p in optimizer_params(optimizer)
+                if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+            ),
+            None,
+        )
+        if low is None:
+            return
+        names = (name for model in self._models for name, p in model.named_parameters() if p is low)
+        name = next(names, "a parameter of the optimizer")
+        dtype = str(low.dtype).removeprefix("torch.")
+        raise UsageError(
+            f"precision.{call}(): {name} is {dtype}, and recipe {self.recipe.name} trains fp32 "
+            f"parameters (was the model cast after precision.convert(), e.g. "
+            f"model.to(torch.{dtype})?): the optimizer would step {dtype} weights without fp32 "
+            "ones; fix: model = precision.convert(model) after the cast, which casts the trained "
+            "parameters back to fp32"
+        )
 
     def _check_closure(self, optimizers) -> None:
         """A closure re-evaluates the loss on the model while the optimizer moves the tensors it
