@@ -91,9 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_again(unraisable, default=sys.unraisablehook) -> None:
+    """`sys.unraisablehook` of the command: a Ctrl-C that lands in code that cannot raise (an
+    import lock's weakref callback, as the start-up imports) was printed as "Exception ignored
+    in: ... KeyboardInterrupt" and lost, the command going on. It is raised again in the main
+    thread, where `main` reports it: from a timer thread, 10 ms on (a signal made pending here
+    would be raised in this hook again, and lost the same way); ``interrupt_main`` does nothing
+    once SIGINT is no longer Python's (the command done, `main`'s ``finally``)."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import _thread
+        import threading
+
+        timer = threading.Timer(0.01, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+        return
+    default(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):  # `lowbit recipes | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if argv is None:  # the command's process (not a test's or a program's call)
+        sys.unraisablehook = _interrupt_again
     try:
         # Inside the try: building the parser imports every command module (Transformers among
         # them), still part of the start-up a Ctrl-C may interrupt.

@@ -73,6 +73,37 @@ def test_ctrl_c_as_the_finished_command_exits_prints_no_traceback(tmp_path):
     assert "fp8" in done.stdout  # the command ran to its end first
 
 
+# The same Ctrl-C landing in a weakref callback as lowbit.commands.formats is imported: code that
+# cannot raise, where Python printed "Exception ignored in: ... KeyboardInterrupt" and the command
+# went on (an import lock's callback, in a real Ctrl-C at start-up, session 36's clean-clone run).
+INTERRUPT_IN_CALLBACK = """
+import os, signal, sys, weakref
+
+class Target:
+    pass
+
+def interrupted(_):
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))  # Python code, where Python's own handler raises KeyboardInterrupt
+
+class InterruptInCallback:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lowbit.commands.formats":
+            sys.meta_path.remove(self)
+            target = Target()
+            self.ref = weakref.ref(target, interrupted)
+            del target
+        return None
+
+sys.meta_path.insert(0, InterruptInCallback())
+"""
+
+
+def test_ctrl_c_in_a_callback_at_start_up_stops_the_command_in_one_line(tmp_path):
+    done = _interrupted(tmp_path, [str(BIN / "lowbit"), "recipes"], INTERRUPT_IN_CALLBACK)
+    assert (done.returncode, done.stderr, done.stdout) == (130, INTERRUPTED, "")
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
 def test_a_real_ctrl_c_at_start_up_never_prints_a_traceback(delay):
     process = subprocess.Popen(
