@@ -12,15 +12,7 @@ import sys
 
 import pytest
 
-from lowbit.cli import main
-
-NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.train.test_run_state_s36 import NANO, run_cli
 
 
 @pytest.fixture
