@@ -48,10 +48,23 @@ class ConversionReport:
     unused_overrides: list[str] = field(default_factory=list)  # user overrides no layer took
     # an unused override's text -> the module other than a GEMM layer it names (`summary`)
     unused_hints: dict[str, str] = field(default_factory=dict)
+    searched: bool = False  # whether `convert` walked a model (a recipe may convert no layer)
 
     def summary(self) -> str:
+        """``converted N/M layers`` and why the rest were kept; where there were no layers, why:
+        "converted 0/0 layers" read as if every layer had been left out."""
         total = len(self.converted) + len(self.kept)
-        lines = [f"converted {len(self.converted)}/{total} layers"]
+        if not total:
+            first = (
+                "no GEMM layer found (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D "
+                "and mixture-of-experts weights): nothing converted"
+                if self.searched
+                else "no layer converted: the recipe computes its GEMMs in its compute dtype, as "
+                "PyTorch does (under autocast or in the parameters' dtype)"
+            )
+        else:
+            first = f"converted {len(self.converted)}/{total} layers"
+        lines = [first]
         for text in self.unused_overrides:
             hint = self.unused_hints.get(text, "lowbit doctor lists the names")
             lines.append(f"  override {text} applies to no layer ({hint})")
@@ -287,6 +300,7 @@ def convert(
     recipe = recipe_for_model(recipe, model)
     _refuse_uninitialized(recipe, model)
     report = report if report is not None else ConversionReport()
+    report.searched = True
     # Each module visited, by id: (the module, what took its place: a replacement or itself). A
     # module may sit at several places (one layer applied twice, `Sequential(lin, act, lin)`);
     # ``named_children`` lists it once, so its later places would keep the original layer and

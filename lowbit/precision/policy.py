@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import numbers
 import sys
 import warnings
@@ -61,13 +62,17 @@ from lowbit.recipes.recipe import DTYPES, OperandSpec
 
 class Precision:
     """The hooks of a training loop's precision under ``recipe`` (a preset's name or a `Recipe`;
-    see the module's docstring for the loop). ``device``: where the model computes, ``"cpu"`` by
-    default; `autocast` is that device's autocast, and `backward` refuses a loss on another device
-    where the recipe computes otherwise there (`_check_loss`)."""
+    see the module's docstring for the loop). ``device``: where the model computes; without it,
+    the device of the first model `convert` is given (the CPU until then, and for a model on the
+    meta device). `autocast` is that device's autocast, and `autocast` and `backward` refuse a
+    model or loss on another device where the recipe computes otherwise there (`_check_loss`)."""
 
     def __init__(self, recipe: Recipe | str, device: torch.device | str | None = None):
         self.recipe = get_recipe(recipe)
         self.device = torch.device(device or "cpu")
+        # how `device` was set: "given", "model" (taken from the first model converted), or
+        # None (neither yet: the CPU)
+        self._device_from = "given" if device is not None else None
         self.param_dtype = DTYPES[self.recipe.param_dtype]
         self.scaler = (
             NoLossScaler()
@@ -129,8 +134,13 @@ class Precision:
 
         For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
         to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`). An
-        architecture whose forward fails under the recipe's autocast is refused (`check_autocast`)."""
+        architecture whose forward fails under the recipe's autocast is refused (`check_autocast`).
+        A Precision given no device takes the model's (`_take_device`).
+
+        Under 16-bit parameters (bf16-low, fp16-low, bf16-pure) the model's floating buffers are
+        cast with them, except a Hugging Face rotary embedding's frequencies (`_rotary_buffers`)."""
         check_model(model, "precision.convert")
+        self._take_device(model)
         check_autocast(model, self.autocast_dtype, self.recipe.name)
         # Under an fp32-parameter recipe a model whose trained parameters are fp32 is left as it
         # is (plain PyTorch's bits, and a frozen 16-bit base under fp32 adapters keeps its
@@ -140,7 +150,10 @@ class Precision:
         # frozen GEMM weights that autocast casts anyway keep their 16 bits (`_kept_16_bit`).
         if self.param_dtype != torch.float32:
             self._check_parameters_fit(model)
+            rotary = _rotary_buffers(model)
             model.to(self.param_dtype)
+            for (module, name), frequencies in rotary.items():
+                module._buffers[name] = frequencies
         elif any(
             p.requires_grad and p.is_floating_point() and p.dtype != torch.float32
             for p in model.parameters()
@@ -172,6 +185,37 @@ class Precision:
         self._swapped[index] = swapped_layers(model)
         self._apply_pending()
         return model
+
+    def _take_device(self, model: torch.nn.Module) -> None:
+        """A Precision given no device computes on the device of the first model `convert` is
+        given, its parameters' (a user's loop on a GPU model got the CPU's autocast, which left
+        its forward in fp32: refused at the first backward, or unnoticed in a loop of forward
+        passes only). A model spread over several devices is refused: which one's autocast is
+        the user's to say. Parameters on the meta device say nothing (a model built there is
+        converted before `to_empty`). A later model on another device is refused too."""
+        if self._device_from == "given":
+            return
+        devices = sorted({str(p.device) for p in model.parameters() if not p.is_meta})
+        name = self.recipe.name
+        if len(devices) > 1:
+            accelerator = next((d for d in devices if d != "cpu"), devices[0])
+            raise UsageError(
+                f"precision.convert() got a model spread over {', '.join(devices)}, and this "
+                f"Precision was given no device to compute on; fix: lowbit.Precision({name!r}, "
+                f"device={accelerator!r}), or the device its forward computes on"
+            )
+        if not devices:
+            return
+        device = torch.device(devices[0])
+        if self._device_from is None:
+            self.device, self._device_from = device, "model"
+        elif device != self.device:
+            raise UsageError(
+                f"precision.convert() got a model on {device}, and this Precision computes on "
+                f"{self.device}, the device of the first model it converted; fix: move the models "
+                f"to one device before converting them, or lowbit.Precision({name!r}, "
+                f"device={str(device)!r}) for this one"
+            )
 
     def _check_parameters_fit(self, model: torch.nn.Module) -> None:
         """Refuse a model whose finite parameters the recipe's 16-bit dtype would hold as inf:
@@ -371,10 +415,19 @@ class Precision:
     # --- the loop ----------------------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The forward's context: the recipe's autocast (none: a no-op context)."""
+        """The forward's context: the recipe's autocast (none: a no-op context) on this
+        Precision's device. Refused where every converted model lies on another kind of device:
+        that device's forward would run without it (in fp32), which a loop of forward passes
+        only (no `backward` to refuse it) did unnoticed."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        here = self.device.type
+        params = [model.parameters() for model in self._models]
+        if not any(p.device.type == here for p in itertools.chain(*params)):  # mostly the first
+            elsewhere = {p.device.type for model in self._models for p in model.parameters()}
+            if elsewhere := sorted(elsewhere - {"meta"}):
+                self._refuse_other_device("precision.autocast() found the model", elsewhere[0])
+        return torch.autocast(here, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor, **options) -> None:
         """``loss.backward(**options)`` (``retain_graph``, ``inputs``) on the scaled loss."""
@@ -388,11 +441,11 @@ class Precision:
     def _check_loss(self, loss) -> None:
         """Refuse what is not a tensor, and a loss on another kind of device than this
         Precision's where the recipe computes otherwise there: `autocast` is the device's own
-        ``torch.autocast``, which leaves a forward on another device as it is (``Precision
-        ("bf16-mixed")``, made for the CPU by default, trained a GPU model in fp32 without a
-        word), fp16 is emulated on a CPU only, `convert` routes a model's 16-bit attention for a
-        CPU, and stochastic rounding's generator state is the device's. The fp32 recipe computes
-        alike on any device."""
+        ``torch.autocast``, which leaves a forward on another device as it is (a bf16-mixed
+        Precision made for the CPU trained a GPU model in fp32 without a word), fp16 is emulated
+        on a CPU only, `convert` routes a model's 16-bit attention for a CPU, and stochastic
+        rounding's generator state is the device's. The fp32 recipe computes alike on any
+        device."""
         if not isinstance(loss, torch.Tensor):
             raise UsageError(
                 f"precision.backward() takes the loss tensor, not a {type(loss).__name__}; fix: "
@@ -405,11 +458,21 @@ class Precision:
             self.recipe.emulate_fp16_gemms_on_cpu or self._draws_random()
         ):
             return
+        self._refuse_other_device("precision.backward() got a loss", where)
+
+    def _refuse_other_device(self, found: str, where: str) -> None:
+        """Refuse a model or loss found on the device type ``where``, not this Precision's."""
+        made_for, name = self.device.type, self.recipe.name
+        # a device taken from the model: the model moved after `convert`
+        move = (
+            f"move the model to {where} before precision.convert(model), or "
+            if self._device_from == "model"
+            else ""
+        )
         raise UsageError(
-            f"precision.backward() got a loss on {where}, and this Precision computes recipe "
-            f"{self.recipe.name} for {made_for} (its autocast is {made_for}'s, which leaves a "
-            f"forward on {where} as it is); fix: lowbit.Precision({self.recipe.name!r}, "
-            f"device={where!r})"
+            f"{found} on {where}, and this Precision computes recipe {name} for {made_for} (its "
+            f"autocast is {made_for}'s, which leaves a forward on {where} as it is); fix: {move}"
+            f"lowbit.Precision({name!r}, device={where!r})"
         )
 
     def _move_scale(self) -> None:
@@ -1026,6 +1089,33 @@ class Precision:
         if all(i in given for values in entries.values() for i in values):
             for key in ("update", "params_per_optimizer", "update_done"):
                 del self._pending[key]
+
+
+def _rotary_buffers(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str], torch.Tensor]:
+    """The rotary embeddings' inverse frequencies of a Hugging Face model, which `convert` leaves
+    as they are (fp32, as transformers makes them) under 16-bit parameters, by (module, buffer
+    name): floating buffers named ``inv_freq`` or ``..._inv_freq`` (``original_inv_freq``, Gemma
+    3's ``sliding_attention_inv_freq``) of modules that transformers defines.
+
+    The angle of position p is ``p * inv_freq``: rounded to bf16 (8 significant bits) a frequency
+    is off by up to 2^-9 of itself, and the angle by p times that, so a Llama's cos/sin (head dim
+    64) were off by up to 0.86 at position 2047 (tests/precision/test_device_and_buffers_s37.py).
+    ``from_pretrained(..., dtype=torch.bfloat16)`` leaves them in fp32 (they are computed in
+    fp32 explicitly), and transformers' rotary forwards compute cos/sin from them in fp32 and cast
+    the result to the activations' dtype, so that keeping them changes no other dtype. Not every
+    non-persistent buffer: a sinusoidal position table (M2M100's ``weights``) is added to the
+    hidden states, and kept in fp32 it turned them to fp32, which a 16-bit layer norm refuses.
+    Other modules' buffers are cast, as ``model.to`` casts them: lowbit cannot know how their
+    forwards use them."""
+    return {
+        (module, name): buffer
+        for module in model.modules()
+        if type(module).__module__.startswith("transformers")
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+        and buffer.is_floating_point()
+        and (name == "inv_freq" or name.endswith("_inv_freq"))
+    }
 
 
 def _model_of(layer: str) -> str:
