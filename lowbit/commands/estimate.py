@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lowbit.errors import UsageError, check_given
@@ -223,7 +224,22 @@ def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
         f"of that memory (N GB taken as N GiB; {RESERVE:.0%} reserved for context and "
         "fragmentation)"
     )
+    _print_notes(rows)
     return 0
+
+
+def _print_notes(rows) -> None:
+    """Each distinct note of the ``(recipe name, estimate)`` rows once, as the single-recipe text
+    prints them, with the recipes it applies to (until session 37 the table printed none); a
+    split state block's is warned (`_warn_split_state_blocks`)."""
+    applies: dict[str, list[str]] = {}
+    for name, planned in rows:
+        for note in planned.notes:
+            if SPLIT_STATE_BLOCKS not in note:
+                applies.setdefault(note, []).append(name)
+    for note, names in applies.items():
+        which = "every recipe" if len(names) == len(rows) else ", ".join(names)
+        print(f"note ({which}): {note}")
 
 
 def _json_settings(args, num_params: int) -> dict:
@@ -337,6 +353,9 @@ def _with_run_settings(args) -> None:
 def run(args) -> int:
     # an unset shell variable (--model "$RUN"): read as the current folder, a run folder there too
     check_given(args.model, "--model", "give a size, a config.json or its folder, or a run folder")
+    # a quoted ~ (`--model=~/runs/r`, a script's argument) is the home folder, as lowbit train
+    # reads its --model: it was "nothing at that path"
+    args.model = os.path.expanduser(args.model)
     _with_run_settings(args)
     recipes = _recipes(args)
     if len(recipes) > 1:

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowbit.errors import UsageError, choose
+from lowbit.errors import UsageError, check_given, choose
 from lowbit.formats import get as get_format
 from lowbit.memory.breakdown import Breakdown
 from lowbit.models.causal_lm import config_positions
@@ -148,6 +148,13 @@ def load_model_config(config_or_size, task: str = "causal-lm"):
             "path or a transformers config; fix: "
             + ("its config, estimate(model.config, ...)" if own else "one of those")
         )
+    # "" as a path is the current folder, read as the model or run folder meant (the CLI's
+    # --model "" is refused before, by its flag's name)
+    check_given(
+        config_or_size,
+        "the model to estimate",
+        "give a size, a config.json or its folder, or a run folder",
+    )
     text = str(config_or_size)
     if task == "token-classification" and text == "minilm":
         from lowbit.models.token_classifier import _resolve
@@ -276,6 +283,7 @@ def _run_config(run_dir: Path, task: str):
         saved = (run_dir / "tokenizer").is_dir() or run.tokenizer != "byte"
         tokenizer = causal_lm_tokenizer(run, run_dir, None) if saved else build_tokenizer("byte")
         return model_config(run.model, tokenizer.vocab_size), str(run_dir)
+    _check_model_there(run_dir, run.model, (*LM_SIZES, *TAGGER_SIZES, "minilm"))
     if task == "causal-lm":
         return load_model_config(run.model, task)
     if not (run_dir / "labels.json").is_file():
@@ -293,6 +301,19 @@ def _run_config(run_dir: Path, task: str):
     config, name = load_model_config(run.model, task)
     _with_labels(config, labels)
     return config, name
+
+
+def _check_model_there(run_dir: Path, model: str, names) -> None:
+    """Refuse a run whose --model folder (not one of ``names``) is gone, naming the run: it was
+    "nothing at that path, nor a model size; fix: a size name, ..." of a path the user never
+    typed."""
+    from lowbit.models.pretrained import GONE
+
+    if model not in names and not Path(model).exists():
+        raise UsageError(
+            f"{run_dir}: the model the run trained from, {model}, is gone ({GONE}); fix: put it "
+            "back there, or --model its new place with the run's settings as flags"
+        )
 
 
 def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
@@ -563,6 +584,8 @@ class Trace:
     # (numel, rows along dim 0) of the parameters the loss reaches (`_reached_parameters`),
     # which alone get gradients
     trained: tuple[tuple[int, int], ...] = ()
+    # what `lowbit train` warns of the recipe on this model (`_conversion_notes`)
+    conversion_notes: tuple[str, ...] = ()
 
     def checkpointed(self) -> tuple[float, float]:
         """(activations, temporaries) with one checkpoint per block: what lies outside the
@@ -830,14 +853,44 @@ def _traced(
         if shape.max_positions and seq > shape.max_positions:
             raise UsageError(
                 f"sequence length {seq} exceeds the model's {shape.max_positions} positions; "
-                "fix: use a shorter --seq"
+                f"fix: --seq {shape.max_positions} or less"
             )
         resolved = recipe_for_model(recipe, model)
         if len(_TRACES) >= 32:
             _TRACES.clear()
         trace = _trace_activations(model, mode, resolved, batch, seq, task, alone)
+        trace.conversion_notes = _conversion_notes(resolved, model)
         _TRACES[key] = (shape, resolved, trace)
     return _TRACES[key]
+
+
+def _conversion_notes(recipe: Recipe, model: torch.nn.Module) -> tuple[str, ...]:
+    """What `lowbit train` warns of ``recipe`` (resolved for ``model``) on this model, said by
+    the estimate too, which until session 37 gave a recipe that converts no layer of the model
+    the numbers of its compute dtype without a word: a recipe that keeps every GEMM layer in high
+    precision (nvfp4's end blocks on a 2-block model; `Precision.keeps_every_layer`), and the
+    user's overrides that apply to no layer (a misspelt or shadowed pattern); and that an
+    ``auto`` recipe is estimated at the plan it starts from, which docs/memory.md says only."""
+    from lowbit.nn.convert import _unused_overrides
+    from lowbit.recipes.auto import budget_of
+
+    notes = []
+    gemms = [
+        name for name, module in model.named_modules() if is_linear(module) or is_experts(module)
+    ]
+    if recipe.layer is not None and gemms and all(recipe.layer_for(n)[0] is None for n in gemms):
+        notes.append(
+            "the recipe keeps every GEMM layer of this model in high precision (lowbit train "
+            "warns of it too), so it trains, and is estimated, as its compute dtype does"
+        )
+    elif budget_of(recipe) is not None:  # docs/memory.md: its cheaper rungs save less
+        notes.append(
+            "auto is estimated at the plan it starts from, every converted layer in bf16: the "
+            "most it holds (its fp8 and MX rungs save a quantized or bf16 input and at most a "
+            "1-byte weight copy)"
+        )
+    notes += [f"override {text} applies to no layer" for text in _unused_overrides(recipe, model)]
+    return tuple(notes)
 
 
 def _first_shard(numel: int, rows: int, ranks: int) -> int:
@@ -911,6 +964,7 @@ def estimate(
     # the rest get no gradient, master weight or state
     trained = sum(_first_shard(k, rows, ranks) for k, rows in trace.trained)
     out = Breakdown(num_params=n)
+    out.notes.extend(trace.conversion_notes)
     out.parameters = p_bytes * held
     out.gradients = p_bytes * trained
     if recipe.param_dtype != "fp32" and recipe.master_dtype is not None:

