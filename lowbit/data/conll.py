@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -328,6 +329,26 @@ def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
             spans.add((kind, start, i + 1))
             start = None
     return spans
+
+
+def iob_scheme(sentences: list[Sentence]) -> str | None:
+    """How most of the sentences' entities that do not follow one of their type open: ``"IOB1"``
+    with ``I-`` (CoNLL-2003's own files: ``B-`` only between two entities of one type),
+    ``"IOB2"`` with ``B-``. Most, not all: a file of one scheme with a slip (or a sentence
+    pasted from another file) is still of that scheme. None for as many of each, or none (IOBES's
+    ``S-`` alone, tags without a chunk prefix)."""
+    openings = Counter()
+    for sentence in sentences:
+        before = None  # the entity type of the tag before, None after "O" or a sentence's start
+        for tag in sentence.tags:
+            prefix, dash, kind = tag.partition("-")
+            kind = kind if dash and prefix in CHUNK_PREFIXES else None
+            if kind is not None and kind != before and prefix in ("B", "I"):
+                openings["IOB2" if prefix == "B" else "IOB1"] += 1
+            before = kind
+    if openings["IOB1"] == openings["IOB2"]:
+        return None
+    return "IOB1" if openings["IOB1"] > openings["IOB2"] else "IOB2"
 
 
 def entity_f1(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
