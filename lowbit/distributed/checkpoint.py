@@ -80,7 +80,9 @@ def save(trainer) -> Path:
     model_sd, optim_sd = _model_and_optimizer(trainer)
     precision = trainer.precision.state_dict()
     update = precision.pop("update")
-    dcp.save({"model": model_sd, "optimizer": optim_sd, **_update_items(update)}, checkpoint_id=tmp)
+    with _writing(tmp, ranks.is_main):
+        items = {"model": model_sd, "optimizer": optim_sd, **_update_items(update)}
+        dcp.save(items, storage_writer=_writer(tmp))
     if not stepped:  # created to be saved: dropped, as one process has none before its first step
         trainer.optimizer.state.clear()
     random = _gather_random_states(ranks, precision.get("rng"))
@@ -91,7 +93,7 @@ def save(trainer) -> Path:
         extra["world_size"] = ranks.world_size
         extra["strategy"] = ranks.strategy
         extra["optimizer_stepped"] = stepped
-        with open(tmp / EXTRA, "wb") as f:
+        with _writing(tmp, ranks.is_main), open(tmp / EXTRA, "wb") as f:
             torch.save(extra, f)
             f.flush()
             os.fsync(f.fileno())
@@ -103,6 +105,49 @@ def save(trainer) -> Path:
             run_checkpoint.remove(old)
     ranks.barrier()
     return final
+
+
+def _writer(path: Path):
+    """DCP's file writer for ``path``, whose failed write raises the `OSError` that says why.
+    torch's zip writer raises "unexpected pos" in its place (`run_checkpoint.write_error`), and
+    DCP pickles each rank's error to the others, which drops the OSError that the RuntimeError
+    held: no rank could tell a full disk from a bug."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            try:
+                return super().write_data(plan, planner)
+            except RuntimeError as error:
+                if (refused := run_checkpoint.write_error(error)) is not None:
+                    raise refused from None
+                raise
+
+    return Writer(path)
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, main: bool):
+    """Within: a checkpoint write that fails raises the `OSError` that says why, for the trainer
+    to report as a run not written (`RunNotWritten`: which run, what is kept, how to go on), and
+    rank 0 removes the partial folder ``tmp``. DCP wraps every rank's error in a
+    `CheckpointException`, a `BaseException`: a full disk printed each rank's traceback and
+    `rank 1 failed: OSError: [Errno 28] No space left on device`, and left the partial shards
+    filling the disk. A failed `dcp.save` fails on every rank alike once all have written (it
+    gathers their results), so no rank writes into ``tmp`` as rank 0 removes it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except BaseException as error:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failures = error.failures.values() if isinstance(error, CheckpointException) else ()
+        causes = [error, *(failure[0] for failure in failures)]
+        refused = next((e for e in map(run_checkpoint.write_error, causes) if e is not None), None)
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def _gather_random_states(ranks, precision_rng: dict | None) -> list | None:

@@ -140,6 +140,9 @@ class SingleProcess:
         """Within: this rank computes by itself (no scale agreement with the others)."""
         return contextlib.nullcontext()
 
+    def check_same_data(self, fingerprint: dict | None) -> None:
+        """Refuse ranks that read other data (`Ranks`); one process has nothing to compare."""
+
     def mean(self, value: float) -> float:
         return value
 
@@ -362,6 +365,26 @@ class Ranks(SingleProcess):
             t = t.float()
         dist.all_reduce(t, op=op)
         return t.item()
+
+    def check_same_data(self, fingerprint: dict | None) -> None:
+        """Refuse a run whose ranks read other contents as their data (``fingerprint``, the
+        task's). Under torchrun across nodes each node reads its own copy of --data, and where
+        one differed (half synced, another version) every rank trained on, silently, each on
+        its rows of another global batch. Every rank gathers every rank's fingerprint and
+        refuses alike: none is left waiting in a collective."""
+        import torch.distributed as dist
+
+        from lowbit.train.tasks import same_data
+
+        seen: list = [None] * self.world_size
+        dist.all_gather_object(seen, fingerprint)
+        other = next((r for r, theirs in enumerate(seen) if not same_data(seen[0], theirs)), None)
+        if other is not None:
+            raise UsageError(
+                f"rank {other} reads other data than rank 0 (their --data holds other contents: "
+                "on another node, another copy?); fix: give every rank the same data (a shared "
+                "folder, or identical copies)"
+            )
 
     def mean(self, value: float) -> float:
         import torch.distributed as dist

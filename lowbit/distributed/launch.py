@@ -3,7 +3,8 @@
 
 The launcher picks a free port (or checks MASTER_PORT), starts the ranks, and waits. When a rank
 fails it stops the others at once (none is left blocked in a collective) and raises the failing
-rank's error: a `UsageError` or `NonFiniteLoss` as such, anything else as `RankFailed`.
+rank's error: a `UsageError`, `NonFiniteLoss` or `RunNotWritten` (a full disk) as such, anything
+else as `RankFailed`.
 Rank 0's `RunResult` comes back to the caller.
 """
 
@@ -37,13 +38,17 @@ from lowbit.distributed.context import (
     signals_handled,
     torchrun_env,
 )
-from lowbit.errors import UsageError, warn
+from lowbit.errors import RunNotWritten, UsageError, warn
 
 
 def _error_classes():
     from lowbit.train.trainer import NonFiniteLoss
 
-    return {"UsageError": UsageError, "NonFiniteLoss": NonFiniteLoss}
+    return {
+        "UsageError": UsageError,
+        "NonFiniteLoss": NonFiniteLoss,
+        "RunNotWritten": RunNotWritten,
+    }
 
 
 _FSDP_VIEW_OUTPUT = r"FSDP2-wrapped module \(.*\) returned a view tensor"
@@ -111,6 +116,8 @@ def _record(folder: Path, rank: int | None, error: BaseException, name: str) -> 
         "time": time.time(),
         "kind": type(error).__name__,
         "message": str(error),
+        # as text: what `_failure` rebuilds the error from (`RunNotWritten`'s parts)
+        "args": tuple(None if arg is None else str(arg) for arg in error.args),
         "traceback": "".join(traceback.format_exception(error)),
     }
     # whole or not at all (renamed into place): the launcher reads the records as soon as a
@@ -203,7 +210,7 @@ def _failure(folder: Path, exited_rank: int | None, detail: str) -> BaseExceptio
     first = min(records, key=lambda r: r["time"])
     kind = _error_classes().get(first["kind"])
     if kind is not None:
-        return kind(first["message"])
+        return kind(*first.get("args") or (first["message"],))
     if first["kind"] == "KeyboardInterrupt":
         return KeyboardInterrupt()
     last = first["traceback"].strip().splitlines()[-1]
@@ -418,13 +425,18 @@ def _check_inputs(config, resume: bool) -> None:
     """Refuse here, before the ranks start, the input that a one-process run refuses as its
     `Trainer` sets up and that each rank refused only then, after two interpreters had imported
     torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
-    inherit, and the run's inputs (`lowbit.train.tasks.check_inputs`). The ranks check again
+    inherit, the run's inputs (`lowbit.train.tasks.check_inputs`), and a one-process checkpoint
+    to resume. The ranks check again
     (under torchrun no launcher runs), and make the checks that need the run's tokenizer or
     built model."""
+    from lowbit.train import checkpoint
     from lowbit.train.tasks import check_inputs
+    from lowbit.train.trainer import check_checkpoint_kind
 
     collective_timeout()
     check_inputs(config, resume)
+    if resume and (latest := checkpoint.latest(config.out)) is not None:
+        check_checkpoint_kind(latest, distributed=True)
 
 
 def process_count_flag() -> str:

@@ -70,15 +70,24 @@ def save(state: dict, run_dir, step: int, keep_last: int) -> Path:
         os.replace(tmp, final)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
-            # torch's zip writer, closed after a write failed (a full disk), raises "unexpected
-            # pos" in place of the OSError that says why
-            raise error.__context__ from None
+        if (refused := write_error(error)) is not None:
+            raise refused from None
         raise
     _fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         remove(old)
     return final
+
+
+def write_error(error: BaseException) -> OSError | None:
+    """The `OSError` that says why a checkpoint write failed with ``error`` (None where it is not
+    the disk's): torch's zip writer, closed after a write failed (a full disk), raises "unexpected
+    pos" in place of the OSError that says why."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        return error.__context__
+    return None
 
 
 def load(path) -> dict:

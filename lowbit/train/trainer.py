@@ -466,6 +466,21 @@ def check_memory(
     )
 
 
+def check_checkpoint_kind(path: Path, distributed: bool) -> None:
+    """Refuse to resume a multi-process checkpoint (a ``.dcp`` folder) in one process, or a
+    one-process checkpoint with a strategy (also the `--nproc` launcher's, before its ranks
+    start: they refused it only after each had built the model)."""
+    if path.is_dir() and not distributed:
+        raise UsageError(
+            f"{path}: a multi-process checkpoint; fix: resume with --strategy (and --nproc N, any N)"
+        )
+    if not path.is_dir() and distributed:
+        raise UsageError(
+            f"{path}: a one-process checkpoint cannot resume with --strategy; fix: resume "
+            "without --strategy/--nproc"
+        )
+
+
 def preflight(
     config: TrainConfig,
     resume: bool = False,
@@ -652,6 +667,7 @@ class Trainer:
             checkpoint.check_model_folder(config.out)
         with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
+        self.dist.check_same_data(self.task.fingerprint)
         # Python's `random` again: the first task built in a process imports its data's libraries
         # (scikit-learn's rich draws from `random` as it loads), so a later run, or a run resumed
         # in the same process, started from another state than the first and saved it otherwise
@@ -1108,23 +1124,14 @@ class Trainer:
             )
 
     def _resume(self, path: Path, recorded: dict | None = None) -> None:
+        check_checkpoint_kind(path, self.dist.distributed)
         if path.is_dir():  # a multi-process checkpoint
             from lowbit.distributed import checkpoint as dcp_checkpoint
 
-            if not self.dist.distributed:
-                raise UsageError(
-                    f"{path}: a multi-process checkpoint; fix: resume with --strategy "
-                    "(and --nproc N, any N)"
-                )
             state = dcp_checkpoint.read(path)
             check_resume_config(state["config"], self.config, recorded)
             dcp_checkpoint.load(self, path, state)
             return
-        if self.dist.distributed:
-            raise UsageError(
-                f"{path}: a one-process checkpoint cannot resume with --strategy; fix: resume "
-                "without --strategy/--nproc"
-            )
         state = checkpoint.load(path)
         check_resume_config(state["config"], self.config, recorded)
         self.load_state_dict(state)
