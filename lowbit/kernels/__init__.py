@@ -71,7 +71,10 @@ def _build_tag() -> str:
     command line changed, and another checkout of lowbit, or another virtual environment's torch
     (its include path), compiles other command lines. Sharing one folder, two of them rebuilt each
     other's objects at every load (about half a minute each, under the folder's lock, which every
-    process loading the kernels then waited for); each has its own folder now."""
+    process loading the kernels then waited for); each has its own folder now. And the ninja on
+    PATH, which torch runs: ninja 1.11 and 1.13 hash the command lines in ``.ninja_log``
+    differently, so a process that found pip's ninja first (``.venv/bin`` on PATH) and one that
+    found the system's rebuilt every object for each other (67-138 s a build, session 37)."""
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -79,6 +82,8 @@ def _build_tag() -> str:
     except OSError:
         flags += platform.processor()
     flags += f"\n{_SOURCES[0].parent.resolve()}\n{Path(torch.__file__).parent.resolve()}"
+    ninja = shutil.which("ninja")
+    flags += f"\n{Path(ninja).resolve() if ninja else None}"
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
