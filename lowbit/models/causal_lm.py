@@ -178,13 +178,12 @@ def max_positions(model) -> int | None:
 
 def check_seq_len(model, seq_len: int) -> None:
     """Raise a `UsageError` when ``seq_len`` exceeds the model's maximum positions."""
-    check_positions(model.config, seq_len)
+    check_positions(max_positions(model), seq_len)
 
 
-def check_positions(config, seq_len: int) -> None:
-    """`check_seq_len` of the model a config builds, without building it (the `--nproc`
-    launcher's check before its ranks each build the model)."""
-    positions = config_positions(config)
+def check_positions(positions: int | None, seq_len: int) -> None:
+    """`check_seq_len` against a model's ``positions`` (`config_positions`; None: no limit),
+    without building the model (the `--nproc` launcher's check before its ranks each build it)."""
     if positions is not None and seq_len > positions:
         raise UsageError(
             f"sequence length {seq_len} exceeds the model's {positions} positions; "

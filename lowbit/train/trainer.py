@@ -606,17 +606,35 @@ def _unobserved(model):
 
 @contextlib.contextmanager
 def progress_bars_off(off: bool):
-    """transformers' progress bars off within (a quiet run, a rank other than the first)."""
-    from transformers.utils import logging as hf_logging
+    """transformers' progress bars off within (a quiet run, a rank other than the first).
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    if off and was_on:
-        hf_logging.disable_progress_bar()
+    Where the process has not imported transformers, without importing it (~1 s of CPU; a model
+    not Hugging Face's, an image classifier, needs none): huggingface_hub's switch is then turned,
+    which transformers takes for its own as it is imported within."""
+    if not off:
+        yield
+        return
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        was_on = transformers_logging.is_progress_bar_enabled()
+    else:
+        import huggingface_hub.utils as hub_utils
+
+        was_on = not hub_utils.are_progress_bars_disabled()
+    if was_on:  # transformers' switch turns huggingface_hub's with its own
+        if transformers_logging is not None:
+            transformers_logging.disable_progress_bar()
+        else:
+            hub_utils.disable_progress_bars()
     try:
         yield
     finally:
-        if off and was_on:
-            hf_logging.enable_progress_bar()
+        if was_on:
+            transformers_logging = sys.modules.get("transformers.utils.logging")
+            if transformers_logging is not None:  # imported before or within
+                transformers_logging.enable_progress_bar()
+            else:
+                hub_utils.enable_progress_bars()
 
 
 class Trainer:
