@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import command_line, cpu_description, publish, run_script
+from benchmarks_md import DefaultsFormatter, command_line, cpu_description, publish, run_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.nn.attention import AttentionInFp32
@@ -54,7 +54,9 @@ def one_call(shape, dtype, backend, rerouted) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)

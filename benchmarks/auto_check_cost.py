@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import torch
-from benchmarks_md import run_script
+from benchmarks_md import DefaultsFormatter, run_script
 
 from lowbit.diagnostics.auto import CHECK_INTERVAL
 from lowbit.train import TrainConfig
@@ -27,7 +27,9 @@ from lowbit.train.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--recipe", default="auto")
     parser.add_argument("--checks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

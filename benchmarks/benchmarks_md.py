@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import platform
 import re
 import shlex
@@ -70,6 +72,29 @@ def publish(heading: str, text: str, write: bool) -> None:
         write_section(heading, text)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """`--help` names each setting's default where it has one and its help does not already say
+    it (most flags had no help at all): a quick run's smallest settings are found there."""
+
+    def _format_action(self, action):
+        if not action.help and _has_default(action):  # a bare flag: its default alone
+            action = copy.copy(action)
+            action.help = "default %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if not _has_default(action) or "default" in action.help:
+            return action.help
+        return f"{action.help} (default %(default)s)"
+
+
+def _has_default(action) -> bool:
+    """Whether --help should name ``action``'s default: not None, False (a switch), "" or
+    argparse's SUPPRESS."""
+    default = action.default
+    return not (default is None or default is False or default in ("", argparse.SUPPRESS))
+
+
 def run_script(main) -> None:
     """Exit with ``main()``'s status; lowbit's refusal of a setting (an unknown --recipe, a run
     folder that is none) is one line naming the fix, as `lowbit` prints it, not a traceback."""
@@ -79,3 +104,15 @@ def run_script(main) -> None:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+if __name__ == "__main__":  # run by hand it measured nothing and said nothing, exit status 0
+    argparse.ArgumentParser(
+        description=__doc__ + " A module the benchmark scripts import: it measures nothing."
+    ).parse_args()
+    print(
+        f"{Path(sys.argv[0]).name}: error: a module the benchmark scripts import, not a "
+        "benchmark; fix: run one of the other scripts in benchmarks/ (each has --help)",
+        file=sys.stderr,
+    )
+    sys.exit(2)

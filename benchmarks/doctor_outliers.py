@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks_md import run_script
+from benchmarks_md import DefaultsFormatter, run_script
 
 from lowbit.diagnostics.cases import inject_outliers
 from lowbit.diagnostics.doctor import diagnose
@@ -38,7 +38,9 @@ def run(config: TrainConfig, gain: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--recipe", default="fp8-tensorwise")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--gain", type=float, default=2.0**16)
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--probe-steps", type=int, default=4)
     args = parser.parse_args()
+    if min(args.steps, args.batch_size, args.seq_len, args.probe_steps) < 1:
+        # --steps 0 was refused as "eval_interval must be positive", a setting it has not
+        parser.error("--steps, --batch-size, --seq-len and --probe-steps must be at least 1")
     folder = Path(tempfile.mkdtemp(prefix="lowbit-doctor-"))
     base = TrainConfig(
         recipe=args.recipe,

@@ -19,7 +19,7 @@ import statistics
 import tempfile
 
 import torch
-from benchmarks_md import run_script
+from benchmarks_md import DefaultsFormatter, run_script
 
 from lowbit.formats.error import sqnr
 from lowbit.train import TrainConfig
@@ -49,7 +49,9 @@ def gradients(t: Trainer, batch) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from benchmarks_md import command_line, cpu_description, publish, run_script
+from benchmarks_md import DefaultsFormatter, command_line, cpu_description, publish, run_script
 
 SHAPES = [
     (4096, 128, 128),
@@ -72,7 +72,9 @@ def kernels(m: int, k: int, n: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
         "--budget", type=float, default=2.0, help="seconds per kernel and shape at most (about)"
@@ -85,6 +87,8 @@ def main() -> int:
     )
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.rounds < 1 or args.budget <= 0:  # --rounds 0 timed forever
+        parser.error("--rounds must be at least 1 and --budget above 0")
     wanted = [name.strip() for name in args.kernels.split(",") if name.strip()]
     rows = []
     names: list[str] = []

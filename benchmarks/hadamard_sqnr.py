@@ -20,7 +20,7 @@ import math
 from dataclasses import replace
 
 import torch
-from benchmarks_md import run_script
+from benchmarks_md import DefaultsFormatter, run_script
 
 from lowbit import get_recipe
 from lowbit.formats.error import sqnr
@@ -68,7 +68,9 @@ def gradients(w, spec, x, g, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--recipes", default="nvfp4,mxfp4")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()

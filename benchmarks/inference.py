@@ -18,7 +18,6 @@ import argparse
 import copy
 import inspect
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import run_script, write_section  # noqa: E402
+from benchmarks_md import (  # noqa: E402
+    DefaultsFormatter,
+    command_line,
+    cpu_description,
+    run_script,
+    write_section,
+)
 
 from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
 from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
@@ -193,19 +198,19 @@ def layer_speed(args) -> list[tuple]:
 
 def table(source, rows, speeds, args, layers=None) -> str:
     ref = rows[0]
+    config = source.config
+    data = "stdlib" if config.data is None else config.data
+    # the run's own settings: every run was called "the default `lowbit train`", and the command
+    # written was always `--write` without the --quick or --no-speed it ran with
     lines = [
-        f"Run: `{args.run}` (the default `lowbit train`: tiny Llama, {source.config.recipe}, "
-        f"{source.step} steps on stdlib bytes). Validation: {ref['tokens']:,} tokens "
+        f"Run: `{args.run}` (`lowbit train` of model {config.model}, {config.recipe}, "
+        f"{source.step} steps on {data} {config.tokenizer} tokens; settings in its config.yaml). "
+        f"Validation: {ref['tokens']:,} tokens "
         f"({args.max_batches} batches of 16 x 256). Sizes are the written `model.safetensors` "
         "(embeddings and norms stay fp32 in every row). Machine: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}.",
+        f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
-        "```",
-        f"lowbit train --out {args.run}",
-        f"python benchmarks/inference.py --run {args.run} --max-batches {args.max_batches} "
-        f"--rounds {args.rounds}{f' --threads {args.threads}' if args.threads else ''} --write",
-        "```",
+        f"Command: `{command_line()}`",
         "",
         "| model | size MB | vs fp32 | perplexity | change | how it runs |",
         "|---|---:|---:|---:|---:|---|",
@@ -245,10 +250,12 @@ def table(source, rows, speeds, args, layers=None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--run", required=True, help="a causal-lm run folder (lowbit train --out)")
-    parser.add_argument("--max-batches", type=int, default=8, help="validation batches (8)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (5)")
+    parser.add_argument("--max-batches", type=int, default=8, help="validation batches")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--quick", action="store_true", help="4 rows, no pruning")
     parser.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")

@@ -23,7 +23,7 @@ import contextlib
 import sys
 
 import torch
-from benchmarks_md import command_line, publish, run_script
+from benchmarks_md import DefaultsFormatter, command_line, publish, run_script
 from recipe_speed import Run
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -76,13 +76,19 @@ def count(recipe: str, tokens: torch.Tensor, batch: int, seq: int) -> collection
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
+    parser.add_argument(
+        "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--note", default="", help="text written under the table")
     args = parser.parse_args()
+    if min(args.batch, args.seq) < 1:  # --batch 0 was a reshape traceback
+        parser.error("--batch and --seq must be at least 1")
     rows = ["| recipe | ops per step | most frequent |", "|---|---:|---|"]
     tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
     for name in args.recipes.split(","):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import run_script, write_section  # noqa: E402
+from benchmarks_md import DefaultsFormatter, run_script, write_section  # noqa: E402
 
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
@@ -334,7 +334,9 @@ def read_saved(path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, paired across states")
     parser.add_argument("--batch", type=int, default=8)

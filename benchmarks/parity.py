@@ -379,12 +379,26 @@ def recorded_command(argv: list[str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
-    parser.add_argument("--tasks", default=",".join(WORKLOADS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--lm-steps", type=int, default=DEFAULT_STEPS["causal-lm"])
-    parser.add_argument("--tok-steps", type=int, default=DEFAULT_STEPS["token-classification"])
-    parser.add_argument("--img-steps", type=int, default=DEFAULT_STEPS["image-classification"])
+    parser.add_argument(
+        "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
+    )
+    parser.add_argument("--tasks", default=",".join(WORKLOADS), help="default %(default)s")
+    parser.add_argument("--seeds", type=int, default=3, help="default %(default)s")
+    parser.add_argument(
+        "--lm-steps", type=int, default=DEFAULT_STEPS["causal-lm"], help="default %(default)s"
+    )
+    parser.add_argument(
+        "--tok-steps",
+        type=int,
+        default=DEFAULT_STEPS["token-classification"],
+        help="default %(default)s",
+    )
+    parser.add_argument(
+        "--img-steps",
+        type=int,
+        default=DEFAULT_STEPS["image-classification"],
+        help="default %(default)s",
+    )
     parser.add_argument(
         "--task-recipes", help="recipes of the two classification tasks (default: --recipes)"
     )
@@ -392,8 +406,14 @@ def main(argv=None) -> int:
         "--img-recipes", help="recipes of image-classification (default: --task-recipes)"
     )
     parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "parity"))
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per run")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "parity"),
+        help="the studies' folder (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="PyTorch threads per run (default %(default)s)"
+    )
     # a study continued on a machine with a GPU is refused unless it keeps the device its runs
     # trained on, and the refusal names --device as the fix (`lowbit.report.compare`)
     parser.add_argument(
@@ -415,7 +435,7 @@ def main(argv=None) -> int:
         "results replace the recorded ones there)",
     )
     parser.add_argument("--note", default="", help="a line written above the results")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no line per run")
     args = parser.parse_args(argv)
     if args.threads <= 0:
         parser.error(f"--threads must be positive, got {args.threads}")

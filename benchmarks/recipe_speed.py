@@ -40,7 +40,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import cpu_description, run_script, write_section
+from benchmarks_md import DefaultsFormatter, cpu_description, run_script, write_section
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -175,8 +175,12 @@ def profile(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(lowbit.recipe_names()))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
+    parser.add_argument(
+        "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)

@@ -12,6 +12,8 @@ in units of lr.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from lowbit.optim import build_optimizer
@@ -20,6 +22,8 @@ LR = 1e-3
 
 
 def main() -> None:
+    # no settings; --help says what it measures, and a flag it does not take is refused
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     for state, small in (("fp8", 1e-3), ("8bit", 1e-4), ("fp32", 1e-3)):
         param = torch.nn.Parameter(torch.zeros(8192))
         optimizer = build_optimizer([param], lr=LR, state_precision=state)

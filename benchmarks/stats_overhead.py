@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import page_not_written, run_script
+from benchmarks_md import DefaultsFormatter, page_not_written, run_script
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
 from lowbit.errors import UsageError
@@ -82,6 +82,8 @@ def measure(args) -> dict:
 
 def table(args, r: dict) -> str:
     command = "benchmarks/stats_overhead.py " + shlex.join(sys.argv[1:])
+    # lowbit train's own interval is "(default)"; every --interval was labelled so
+    default = " (default)" if args.interval == DEFAULT_INTERVAL else ""
     return "\n".join(
         [
             SECTION,
@@ -93,7 +95,7 @@ def table(args, r: dict) -> str:
             "| statistics | mean step (s) | vs off |",
             "|---|---|---|",
             f"| off | {r['plain']:.3f} | 1.00 |",
-            f"| every {args.interval} steps (default), with JSONL + TensorBoard | {r['on']:.3f} | "
+            f"| every {args.interval} steps{default}, with JSONL + TensorBoard | {r['on']:.3f} | "
             f"{1 + r['overhead']:.3f} ({r['overhead']:+.1%}) |",
             f"| one observed step ({r['observed_steps']} measured) | - | "
             f"{r['observed_ratio']:.2f} |",
@@ -118,7 +120,9 @@ def write_section(text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--recipe", default="fp8-tensorwise")
     parser.add_argument("--interval", type=int, default=DEFAULT_INTERVAL)
     parser.add_argument("--intervals", type=int, default=2)

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import run_script
+from benchmarks_md import DefaultsFormatter, run_script
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -85,7 +85,9 @@ def measure(args) -> tuple[list[float], list[float]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--recipe", default="bf16-mixed")
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each loop")
     parser.add_argument("--warmup", type=int, default=5)
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
         parser.error(
             "--steps and --warmup must be at least 1 (the trainer's first step is untimed)"
         )
+    if min(args.batch_size, args.seq_len) < 1:  # refused as "batch_size", a name it has not
+        parser.error("--batch-size and --seq-len must be at least 1")
     trainer_times, hand_times = measure(args)
     t_med, h_med = statistics.median(trainer_times), statistics.median(hand_times)
     t_mean, h_mean = statistics.fmean(trainer_times), statistics.fmean(hand_times)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     print(
         f"| **overhead** | **{100 * (t_med / h_med - 1):+.1f}%** | {100 * (t_mean / h_mean - 1):+.1f}% |"
     )
-    print(f"\nproduced by: `{command}`")
+    print(f"\nCommand: `{command}`")  # as BENCHMARKS.md and the other scripts write it
     return 0
 
 
