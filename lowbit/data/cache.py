@@ -2,8 +2,9 @@
 
 Built for the token-classification task's tagged stdlib files (`lowbit.data.syntax_tags`), which
 every process that builds the task (each `lowbit compare --jobs` worker, each test subprocess)
-took seconds to recompute. Entries are plain JSON, never pickle: a cache folder is not a place to
-trust code from.
+took seconds to recompute, and a pretrained tokenizer's pieces of their words (and the digits
+task's split). Entries are plain JSON, never pickle: a cache folder is not a place to trust code
+from.
 
 Where: ``$LOWBIT_CACHE_DIR`` if set (set and empty turns the cache off), else
 ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``. Each user of the cache names a

@@ -30,12 +30,15 @@ the train split) or from a pretrained model's own tokenizer (`encode_with_tokeni
 Each file's tags are cached on disk (`lowbit.data.cache`, ``syntax-tags``): tagging the ~90 files
 took every process that built the task seconds. An entry is keyed by the file's text, and its
 generation by this module's source and Python's version (`tokenize` and `ast` change between
-versions), so a changed file, tagger or interpreter never reads a stale entry.
+versions), so a changed file, tagger or interpreter never reads a stale entry. What a pretrained
+tokenizer makes of the words (their pieces, each split's encoding) is cached as well
+(``word-pieces``, `_through_cache`), keyed by the tokenizer's state, not its files.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
 import bisect
 import functools
 import hashlib
@@ -44,9 +47,11 @@ import json
 import keyword
 import sys
 import tokenize
+import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.data.cache import JsonCache, digest
@@ -179,12 +184,14 @@ def pack_sentences(
     packed: list[Sentence] = []
     words: list[str] = []
     tags: list[str] = []
+    used = 0  # size(words), kept as it grows: summing the whole sentence per chunk was quadratic
     for line in lines:
         for chunk_words, chunk_tags in _cut(line, window, pieces):
-            if words and size(words) + size(chunk_words) > window:
+            cost = size(chunk_words)
+            if words and used + cost > window:
                 packed.append(_sentence(words, tags))
-                words, tags = [], []
-            words, tags = words + chunk_words, tags + chunk_tags
+                words, tags, used = [], [], 0
+            words, tags, used = words + chunk_words, tags + chunk_tags, used + cost
     if words:
         packed.append(_sentence(words, tags))
     return packed
@@ -420,7 +427,30 @@ def encode_with_tokenizer(
     spaces (a zero-width or other Unicode space), is read as its unknown token, so that its label
     is not lost. Each word after a sentence's first has the pieces it has in the running text of
     the words joined by spaces (`_word_separator`).
+
+    Encodings are cached on disk (`_through_cache`): the tokenizer's passes over every word took
+    each process that built a task on a pretrained encoder a second or two (each `lowbit compare
+    --jobs` worker, each test subprocess).
     """
+    inputs = (
+        json.dumps([s.tokens for s in sentences], ensure_ascii=False),
+        json.dumps([s.tags for s in sentences], ensure_ascii=False),
+        json.dumps(list(label2id.items()), ensure_ascii=False),
+        str(max_len),
+    )
+    return _through_cache(
+        tokenizer,
+        ("encoding", *inputs),
+        lambda: _encode_pieces(tokenizer, sentences, label2id, max_len),
+        _tensors_to_entry,
+        _tensors_from_entry,
+    )
+
+
+def _encode_pieces(
+    tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_len: int
+) -> dict:
+    """`encode_with_tokenizer` without its cache."""
     unique = sorted({w for s in sentences for w in s.tokens})
     # verbose=False: a word's pieces (a long string literal's past the model's length) are
     # counted here, and a sentence's cut at ``max_len`` below, so transformers' warning is noise
@@ -457,18 +487,120 @@ def encode_with_tokenizer(
             if word is not None and sentence.tokens[word] in empty:
                 enc["input_ids"][row, col] = tokenizer.unk_token_id
     blank |= _blank_pieces(tokenizer, set(enc["input_ids"].flatten().tolist()) - word_pieces)
-    labels = torch.full(enc["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
-    for row, sentence in enumerate(sentences):
-        labelled = set()
-        for col, (word, piece) in enumerate(zip(enc.word_ids(row), enc["input_ids"][row].tolist())):
-            if word is not None and word not in labelled and piece not in blank:
-                labels[row, col] = label2id[sentence.tags[word]]
+    rows = []  # built as lists and made a tensor once: a tensor write per word took ~5 us
+    for row, (sentence, ids) in enumerate(zip(sentences, enc["input_ids"].tolist())):
+        labelled, out = set(), []
+        for word, piece in zip(enc.word_ids(row), ids):
+            if word is None or word in labelled or piece in blank:
+                out.append(IGNORE_INDEX)
+            else:
+                out.append(label2id[sentence.tags[word]])
                 labelled.add(word)
+        rows.append(out)
+    labels = torch.tensor(rows, dtype=torch.long).reshape(enc["input_ids"].shape)
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "labels": labels,
     }
+
+
+_ENCODED = ("input_ids", "attention_mask", "labels")  # an encoding's tensors, (n, max_len) each
+# What the tokenizer object adds to its backend's state (`_tokenizer_state`): padding and truncation
+# sides and ids, the unknown id (`_one_piece_word`'s stand-in), decoding (`_blank_pieces`).
+_WRAPPER_STATE = (
+    "padding_side",
+    "truncation_side",
+    "pad_token_id",
+    "pad_token_type_id",
+    "unk_token_id",
+    "clean_up_tokenization_spaces",
+)
+
+
+@functools.cache
+def _pieces_generation() -> str | None:
+    """`_generation` and the versions of transformers and tokenizers: their code splits the words
+    and lays out each row (special tokens, truncation, padding)."""
+    import tokenizers
+    import transformers
+
+    code = _generation()
+    return code and f"{code}-{digest(transformers.__version__, tokenizers.__version__)[:12]}"
+
+
+def _through_cache(tokenizer, inputs: tuple[str, ...], compute, to_entry, from_entry):
+    """``compute()``, a function of ``tokenizer`` and ``inputs`` alone, through the on-disk cache
+    (`lowbit.data.cache`, ``word-pieces``): ``from_entry`` makes the value of an entry that
+    ``to_entry`` made, None for anything else. The tokenizer counts by `_tokenizer_state`; the
+    generation is this module's code and the versions of transformers and tokenizers
+    (`_pieces_generation`). A tokenizer without a state to read is not cached."""
+    state = _tokenizer_state(tokenizer)
+    cache = JsonCache("word-pieces", _pieces_generation() if state else None)
+    key = digest(state or "", *inputs)
+    value = from_entry(cache.get(key))
+    if value is None:
+        value = compute()
+        cache.put(key, to_entry(value))
+    return value
+
+
+def _tokenizer_state(tokenizer) -> str | None:
+    """A digest of the tokenizer as it splits words: its backend's serialization (vocabulary,
+    normalizer, pre-tokenizer, special-token template, with lowbit's own settings of them) and
+    what the Python object adds (`_WRAPPER_STATE`); None for a tokenizer without a backend. Not
+    its files or folder: one tokenizer is saved in several layouts, and `load_encoder_tokenizer`
+    changes it after loading."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    state = Tokenizer.from_str(backend.to_str())  # a copy without the truncation and padding
+    state.no_truncation()  # that the last call left: each call sets its own
+    state.no_padding()
+    wrapper = {name: getattr(tokenizer, name, None) for name in _WRAPPER_STATE}
+    return digest(
+        type(tokenizer).__name__,
+        json.dumps(wrapper, sort_keys=True, default=repr),
+        state.to_str(),
+    )
+
+
+# An entry holds each tensor as the base64 of its little-endian int32 values (ids, which are
+# below the vocabulary's size, labels, mask), compressed: lists of numbers took JSON ten times as
+# long to read, and the padding made the train split's entry of MiniLM's pieces 4 MB (0.45 MB).
+def _tensors_to_entry(encoded: dict) -> dict:
+    def text(tensor: torch.Tensor) -> str:
+        packed = zlib.compress(tensor.numpy().astype("<i4").tobytes(), 1)
+        return base64.b64encode(packed).decode("ascii")
+
+    return {"shape": list(encoded["input_ids"].shape), **{n: text(encoded[n]) for n in _ENCODED}}
+
+
+def _tensors_from_entry(entry) -> dict | None:
+    """The tensors (int64) of an entry `_tensors_to_entry` made; None for anything else (as
+    `_from_entry`)."""
+    if not isinstance(entry, dict) or entry.keys() != {"shape", *_ENCODED}:
+        return None
+    shape = entry["shape"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(type(n) is int and n >= 0 for n in shape)
+    ):
+        return None
+    out = {}
+    for name in _ENCODED:
+        try:
+            data = zlib.decompress(base64.b64decode(entry[name], validate=True))
+        except (TypeError, ValueError, zlib.error):  # not a string, not base64, not compressed
+            return None
+        if len(data) != 4 * shape[0] * shape[1]:
+            return None
+        values = np.frombuffer(data, dtype="<i4").astype(np.int64)
+        out[name] = torch.from_numpy(values).reshape(shape)
+    return out
 
 
 def piece_counts(tokenizer):
@@ -488,7 +620,18 @@ def piece_counts(tokenizer):
         ]
         return [max(1, *(len(ids[n]) for ids in encoded)) for n in range(len(words))]
 
-    return count
+    def cached(words: list[str]) -> list[int]:
+        """`count` through the cache (`_through_cache`): as slow as encoding, for the same
+        reason (a tokenizer pass over every word)."""
+
+        def read(entry):
+            valid = isinstance(entry, list) and len(entry) == len(words)
+            return entry if valid and all(type(n) is int and n > 0 for n in entry) else None
+
+        inputs = ("piece-counts", json.dumps(words, ensure_ascii=False))
+        return _through_cache(tokenizer, inputs, lambda: count(words), list, read)
+
+    return cached
 
 
 # A word of the data is text: one that spells a special token ("[SEP]", "<s>", a sentence about
