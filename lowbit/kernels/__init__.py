@@ -100,7 +100,7 @@ def _clear_stale_lock(build_dir: Path) -> bool:
     job stopped while the kernels compiled) would hang every later lowbit run on the machine,
     silently. A lock older than `_STALE_LOCK_SECONDS` is removed with a note; a recent one is
     another process's build or load in progress (the ranks of a distributed run start together),
-    which is waited for (`_note_a_long_wait`). True when there is such a lock."""
+    which is waited for (`_LongWait`). True when there is such a lock."""
     lock = build_dir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
@@ -124,35 +124,70 @@ def _clear_stale_lock(build_dir: Path) -> bool:
 _QUIET_WAIT_SECONDS = 3
 
 
-def _note_a_long_wait(lock: Path) -> threading.Event:
+class _LongWait:
     """Say, once another process's ``lock`` has been waited for `_QUIET_WAIT_SECONDS`, where it is
     (one left by a build killed minutes ago would otherwise hang the run without a word), and
-    remove it once it is stale (`_clear_stale_lock`) if it is still there. A
-    watcher thread looks for the lock every tenth of a second: a lock released before then is no
-    long wait, whatever follows (this process's own build, or a slow load, which held a timer
-    over the whole load past the deadline, and named a lock no process held). Set the returned
-    event when the load is over."""
-    over = threading.Event()
+    remove it once it is stale (`_clear_stale_lock`) if it is still there. A watcher thread looks
+    for the lock every tenth of a second: a lock released before then is no long wait, whatever
+    follows (this process's own build, or a slow load, which held a timer over the whole load
+    past the deadline, and named a lock no process held). Call `end` when the load is over.
 
-    def watch() -> None:
+    Of the processes that wait for one lock together (the ranks of a distributed run, the
+    workers of ``lowbit compare --jobs``), one says so (`said`): each printed the note, and its
+    own "waited" line after it. That one holds a ``flock`` on the build folder while it waits;
+    the kernel drops it however the process ends, so a killed one silences no later wait."""
+
+    def __init__(self, lock: Path):
+        self.said = False
+        self._over = threading.Event()
+        threading.Thread(target=self._watch, args=(lock,), daemon=True).start()
+
+    def end(self) -> None:
+        self._over.set()
+
+    def _watch(self, lock: Path) -> None:
         deadline = time.monotonic() + _QUIET_WAIT_SECONDS
         while time.monotonic() < deadline:
-            if over.wait(0.1) or not lock.exists():
+            if self._over.wait(0.1) or not lock.exists():
                 return
-        print(
-            f"lowbit: waiting for another process's build of the kernels (lock: {lock}; if no "
-            "build is running, delete it)",
-            file=sys.stderr,
-        )
-        # A lock whose process was killed while it held it is never released, and torch waits
-        # for it without a limit: it was stale only to a later run, so a run started just after
-        # the kill (a job stopped at start-up, when every load takes the lock) hung for good.
-        # Removed once it is stale, torch's wait ends and the load goes on.
-        while not over.wait(1.0) and _clear_stale_lock(lock.parent):
-            pass
+        held = _first_to_wait(lock.parent)
+        try:
+            if held is not False:
+                self.said = True
+                print(
+                    f"lowbit: waiting for another process's build of the kernels (lock: {lock}; "
+                    "if no build is running, delete it)",
+                    file=sys.stderr,
+                )
+            # A lock whose process was killed while it held it is never released, and torch
+            # waits for it without a limit: it was stale only to a later run, so a run started
+            # just after the kill (a job stopped at start-up, when every load takes the lock)
+            # hung for good. Removed once it is stale, torch's wait ends and the load goes on.
+            while not self._over.wait(1.0) and _clear_stale_lock(lock.parent):
+                pass
+        finally:
+            if isinstance(held, int):
+                os.close(held)  # drops the flock with it
 
-    threading.Thread(target=watch, daemon=True).start()
-    return over
+
+def _first_to_wait(folder: Path) -> int | bool | None:
+    """An exclusive ``flock`` on ``folder`` for the process that says it waits: the descriptor
+    that holds it (close it to drop it), False when another process holds it, None where there
+    are no locks (no ``fcntl``, a file system without them), where each process says it."""
+    try:
+        import fcntl  # POSIX
+    except ImportError:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        return False if isinstance(error, BlockingIOError) else None
+    return fd
 
 
 def _absolute_extensions_dir() -> None:
@@ -192,7 +227,7 @@ def _build() -> None:
     if failed_before:
         failed_before.raise_if_recorded()
     start = time.perf_counter()
-    waiting = _note_a_long_wait(build_dir / "lock") if other_build else None
+    waiting = _LongWait(build_dir / "lock") if other_build else None
     try:
         cpp_extension.load(
             name=name,
@@ -210,15 +245,15 @@ def _build() -> None:
         raise
     finally:
         if waiting is not None:
-            waiting.set()
+            waiting.end()
     seconds = time.perf_counter() - start
-    if seconds > 3:  # a compile, not a cache hit
-        note = (
-            f"waited {seconds:.0f} s for another process's build of the fused quantization kernels"
-            if other_build
-            else f"compiled the fused quantization kernels in {seconds:.0f} s"
+    what = "the fused quantization kernels"
+    if waiting is not None and waiting.said:
+        print(
+            f"lowbit: waited {seconds:.0f} s for another process's build of {what}", file=sys.stderr
         )
-        print(f"lowbit: {note}", file=sys.stderr)
+    elif seconds > 3 and not other_build:  # a compile, not a cache hit
+        print(f"lowbit: compiled {what} in {seconds:.0f} s", file=sys.stderr)
 
 
 class _EarlierBuildFailure(RuntimeError):

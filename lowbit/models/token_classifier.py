@@ -54,6 +54,15 @@ def find_minilm() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def package_folder(task: str, model: str) -> Path | None:
+    """The installed package's folder that ``model`` names as a --model of ``task`` (``minilm``
+    of a token classifier: `find_minilm`), else None. A run records that folder's config and
+    tokenizer (run.json's ``model_record``; no ``model_path``, which is a path given, read again
+    by a resumed or evaluated run), so that an upgrade of the package since the run trained is
+    told as a --model folder's change is (`lowbit.train.checkpoint.check_model_folder`)."""
+    return find_minilm() if task == "token-classification" and model == "minilm" else None
+
+
 def _resolve(size_or_path: str) -> Path:
     if size_or_path == "minilm":
         folder = find_minilm()

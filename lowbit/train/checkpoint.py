@@ -190,10 +190,14 @@ def check_model_folder(run_dir) -> None:
     export as another model, without a word (config.json unchanged, nothing above tells it)."""
     from lowbit.models.causal_lm import decoder_fields
     from lowbit.models.pretrained import model_changes
+    from lowbit.models.token_classifier import MINILM_PACKAGE, package_folder
     from lowbit.train.config import read_run_info
 
     info = read_run_info(run_dir)
     folder, recorded = info.get("model_path"), info.get("model_record")
+    package = not folder and bool(recorded)  # a --model minilm run's: the package installed now
+    if package:
+        folder = package_folder(info.get("task", "causal-lm"), "minilm")
     if not folder:
         return
     built_as_decoder = isinstance(recorded, dict) and recorded.get("as_decoder")
@@ -210,11 +214,15 @@ def check_model_folder(run_dir) -> None:
     if not changes:
         return
     shown = "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    what, put_back = f"the --model folder {folder}", "put those back as they were"
+    if package:
+        name = MINILM_PACKAGE.replace("_", "-")  # as pip names it
+        what = f"--model minilm's folder {folder} (package {name})"
+        put_back = f"install the {name} version the run trained with"
     raise UsageError(
-        f"{run_dir}: the --model folder {folder} changed since the run trained from it "
-        f"({shown}), so its checkpoints no longer fit the model the folder builds; fix: put "
-        "those back as they were (run.json's model_record holds the config the run trained "
-        "from), or train a new run from the folder as it is now"
+        f"{run_dir}: {what} changed since the run trained from it ({shown}), so its checkpoints "
+        f"no longer fit the model the folder builds; fix: {put_back} (run.json's model_record "
+        "holds the config the run trained from), or train a new run from the folder as it is now"
     )
 
 

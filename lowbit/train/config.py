@@ -456,10 +456,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
                 f"{out.nproc} processes; fix: use a multiple of {out.nproc} or another --nproc"
             )
     positive = ["batch_size", "grad_accum", "eval_interval", "eval_batches", "save_interval"]
-    positive.append("nproc")
     positive += ["keep_last", "steps"] if out.steps is not None else ["keep_last"]
     if out.seq_len is not None:
         positive.append("seq_len")
+    if out.nproc <= 0:  # a count of processes, not a size to raise: say which, and the bounds
+        raise UsageError(
+            f"--nproc must be positive, got {out.nproc}; fix: --nproc 1 or more (at most the "
+            "GPUs, or the CPU cores where there are none)"
+        )
     for name in positive:
         if getattr(out, name) <= 0:
             raise UsageError(f"{name} must be positive, got {getattr(out, name)}; fix: raise it")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ class MetricsLogger:
         tensorboard = Path(run_dir) / "tensorboard"
         if resume_step is not None:
             _after_earlier_event_files(tensorboard)
+        _quiet_event_writer_threads()
         self._tb = SummaryWriter(str(tensorboard), purge_step=purge_step)
         self._wandb = _start_wandb(run_dir, config, resume_step) if wandb else None
 
@@ -64,6 +66,28 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _quiet_event_writer_threads() -> None:
+    """Keep `threading.excepthook` from printing the error of TensorBoard's writer thread.
+
+    TensorBoard writes its event file from a thread of its own: a write that fails there (a full
+    disk between two checkpoints) ended the thread with a 15-line traceback, then the next record
+    or flush raised the same error in the run's thread, which the trainer reports in lowbit's one
+    line (`RunNotWritten`). The hook in place is wrapped to pass over that thread's `OSError`, so
+    the error is said once; any other thread's error, and any other error of that thread, still
+    reaches it. Wrapped once: a hook already wrapped is left as it is."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_event_writer", False):
+        return
+
+    def excepthook(args) -> None:
+        writer = type(args.thread).__module__ == "tensorboard.summary.writer.event_file_writer"
+        if not (writer and issubclass(args.exc_type, OSError)):
+            hook(args)
+
+    excepthook.quiet_event_writer = True
+    threading.excepthook = excepthook
 
 
 def _after_earlier_event_files(folder: Path) -> None:

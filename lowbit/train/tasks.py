@@ -565,6 +565,7 @@ class TokenClassificationTask(Task):
             _warn_untrained_tags(config.data, self.sentences)
             _warn_other_scheme(config.data, self.sentences)
         self.labels = _run_labels(run_dir, labels)
+        self.run_given = run_dir is not None  # a run that exists: its --seq-len is fixed
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.id2label = dict(enumerate(self.labels))
         if not pretrained:
@@ -600,7 +601,12 @@ class TokenClassificationTask(Task):
             self._encoded[split] = (enc["input_ids"], enc["attention_mask"], enc["labels"])
             positions = encoder_positions(self.model)
             _warn_truncated(
-                split, self.sentences[split], enc["labels"], self.config.seq_len, positions
+                split,
+                self.sentences[split],
+                enc["labels"],
+                self.config.seq_len,
+                positions,
+                self.run_given,
             )
         return self._encoded[split]
 
@@ -736,24 +742,28 @@ _said: set[str] = set()  # warnings given in this process (compare trains many r
 
 
 def _warn_truncated(
-    split: str, sentences, labels: torch.Tensor, seq_len: int, positions: int | None
+    split: str, sentences, labels: torch.Tensor, seq_len: int, positions: int | None, run: bool
 ) -> None:
-    """Say how many sentences lose words to the sequence length: those words are neither trained
-    on nor counted in the metrics, which then cover part of the split. Where --seq-len is already
-    the encoder's ``positions``, the fix is shorter sentences: "raise --seq-len" was refused next
-    ("exceeds the encoder's 512 positions")."""
+    """Say how many sentences lose words to the sequence length: a training sentence's words past
+    it are not trained on, a validation or test one's not counted in the metrics, which then cover
+    part of the split. ``run``: the task is built for a run that exists (resumed, evaluated): its
+    training was told of its own split as it started, and its --seq-len is fixed, so the fix is a
+    new run (`lowbit eval` said "left out of training", "fix: raise --seq-len", a training option).
+    Where --seq-len is already the encoder's ``positions``, the fix is shorter sentences: "raise
+    --seq-len" was refused next ("exceeds the encoder's 512 positions")."""
+    if run and split == "train":
+        return
     words = torch.tensor([len(sentence.tokens) for sentence in sentences], dtype=torch.long)
     kept = (labels != IGNORE_INDEX).sum(1)
     cut = int((kept < words).sum()) if len(sentences) else 0
-    fix = "raise --seq-len"
+    shorter = "split such sentences into shorter ones (a blank line between the parts)"
+    fix = f"train a run with a longer --seq-len, or {shorter}" if run else "raise --seq-len"
     if positions is not None and seq_len >= positions:
-        fix = (
-            f"split such sentences into shorter ones (a blank line between the parts): --seq-len "
-            f"{seq_len} is the most the encoder's {positions} positions hold"
-        )
+        fix = f"{shorter}: --seq-len {seq_len} is the most the encoder's {positions} positions hold"
+    whose, left_out = "the run's " if run else "", "training" if split == "train" else "the metrics"
     message = (
-        f"lowbit: warning: {cut} of {len(sentences)} {split} sentences are longer than --seq-len "
-        f"{seq_len} holds; their words past it are left out of training and metrics; fix: {fix}"
+        f"lowbit: warning: {cut} of {len(sentences)} {split} sentences are longer than {whose}"
+        f"--seq-len {seq_len} holds; their words past it are left out of {left_out}; fix: {fix}"
     )
     if cut:
         _warn_once(message)
@@ -767,12 +777,14 @@ def _warn_untrained_tags(source: str, sentences: dict) -> None:
     for split in ("validation", "test"):
         extra = sorted({t for s in sentences.get(split, []) for t in s.tags} - trained)
         if extra:
+            several = len(extra) > 1
             shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
             _warn_once(
-                f"lowbit: warning: {source}: {len(extra)} tag{'s' if len(extra) > 1 else ''} of "
-                f"the {split} split never occur in training ({shown}): the model cannot learn "
-                "them and their words count as errors; fix: correct the tags if mistyped, else "
-                "add training sentences that hold them"
+                f"lowbit: warning: {source}: {len(extra)} {'tags' if several else 'tag'} of the "
+                f"{split} split never {'occur' if several else 'occurs'} in training ({shown}): "
+                f"the model cannot learn {'them and their' if several else 'it and its'} words "
+                "count as errors; fix: correct the tags if mistyped, else add training sentences "
+                f"that hold {'them' if several else 'it'}"
             )
 
 

@@ -1182,8 +1182,12 @@ class Trainer:
     def _write_run_info(self, run_dir: Path, resume_step) -> None:
         import lowbit
         from lowbit.models.pretrained import model_record
+        from lowbit.models.token_classifier import package_folder
 
         folder = model_path(self.config)
+        # --model minilm: the installed package's folder, recorded (not as a model_path, which a
+        # resumed or evaluated run reads --model from) so that an upgrade of it is told
+        built_from = folder or package_folder(self.config.task, self.config.model)
         info = {
             "task": self.config.task,
             "data_fingerprint": self.task.fingerprint,
@@ -1192,7 +1196,7 @@ class Trainer:
             "model_path": folder,  # likewise for a --model folder
             # its config (and tokenizer files), which every later load of the run builds the
             # model from again: `checkpoint.check_model_folder`
-            "model_record": model_record(folder, self.config.task) if folder else None,
+            "model_record": model_record(built_from, self.config.task) if built_from else None,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),

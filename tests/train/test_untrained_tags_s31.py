@@ -6,10 +6,12 @@ import pytest
 
 from lowbit.cli import main
 
+TRAINED = ["Ann B-PER", "Lee I-PER", ""]
+
 
 def _train(tmp_path, dev: list[str]) -> int:
     folder = tmp_path / "data"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     train = ["Ann B-PER", "Lee I-PER", "ran O", ""] * 8
     for name, lines in (("train.txt", train), ("dev.txt", dev), ("test.txt", train)):
         (folder / name).write_text("\n".join(lines))
@@ -18,18 +20,27 @@ def _train(tmp_path, dev: list[str]) -> int:
     return main([*argv, "--out", str(tmp_path / "run")])
 
 
-def test_a_tag_found_only_in_validation_is_warned_of(tmp_path, capsys):
-    assert _train(tmp_path, ["Rome B-LCO", "ran O", "", "Ann B-PER", "Lee I-PER", ""] * 4) == 0
-    err = capsys.readouterr().err
-    warned = [line for line in err.splitlines() if "never occur in training" in line]
-    assert len(warned) == 1, err
-    assert "1 tag of the validation split" in warned[0] and "(B-LCO)" in warned[0]
-    assert "fix:" in warned[0]
+def _untrained_warning(tmp_path, capsys, dev: list[str]) -> str:
+    assert _train(tmp_path, dev) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "in training (" in line]
+    assert len(warned) == 1, warned
+    return warned[0]
+
+
+def test_tags_found_only_in_validation_are_warned_of(tmp_path, capsys):
+    """One tag in the singular (session 37: "1 tag ... never occur"), two in the plural."""
+    one = _untrained_warning(tmp_path, capsys, ["Rome B-LCO", "ran O", "", *TRAINED] * 4)
+    assert "1 tag of the validation split never occurs in training (B-LCO)" in one
+    assert "the model cannot learn it and its words count as errors; fix:" in one
+    two = ["Rome B-LCO", "Acme B-ORGG", "ran O", "", *TRAINED] * 4
+    two = _untrained_warning(tmp_path / "two", capsys, two)
+    assert "2 tags of the validation split never occur in training (B-LCO, B-ORGG)" in two
+    assert "the model cannot learn them and their words count as errors; fix:" in two
 
 
 def test_splits_tagged_as_training_is_no_warning(tmp_path, capsys):
     assert _train(tmp_path, ["Ann B-PER", "Lee I-PER", "ran O", ""] * 4) == 0
-    assert "never occur in training" not in capsys.readouterr().err
+    assert "never occur" not in capsys.readouterr().err  # nor "never occurs"
 
 
 def test_a_folder_with_settings_but_no_checkpoint_names_its_restart(tmp_path, capsys):
