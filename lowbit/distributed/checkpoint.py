@@ -139,7 +139,7 @@ def _writing(tmp: Path, main: bool):
 
     try:
         yield
-    except BaseException as error:
+    except (Exception, CheckpointException) as error:  # not a Ctrl-C: the others may still write
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         failures = error.failures.values() if isinstance(error, CheckpointException) else ()

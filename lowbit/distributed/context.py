@@ -381,9 +381,9 @@ class Ranks(SingleProcess):
         other = next((r for r, theirs in enumerate(seen) if not same_data(seen[0], theirs)), None)
         if other is not None:
             raise UsageError(
-                f"rank {other} reads other data than rank 0 (their --data holds other contents: "
-                "on another node, another copy?); fix: give every rank the same data (a shared "
-                "folder, or identical copies)"
+                f"rank {other} reads other data than rank 0 (--data, or the built-in corpus of "
+                "each node's Python, holds other contents: another node, another copy?); fix: "
+                "give every rank the same data (a shared folder, identical copies, one Python)"
             )
 
     def mean(self, value: float) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.errors import UsageError, pipe_as_data
+from lowbit.errors import UsageError, pipe_as_data, warn
 
 IGNORE_INDEX = -100
 
@@ -757,7 +757,8 @@ def _warn_truncated(
     kept = (labels != IGNORE_INDEX).sum(1)
     cut = int((kept < words).sum()) if len(sentences) else 0
     shorter = "split such sentences into shorter ones (a blank line between the parts)"
-    fix = f"train a run with a longer --seq-len, or {shorter}" if run else "raise --seq-len"
+    longer = "--seq-len" if positions is None else f"--seq-len (up to the encoder's {positions})"
+    fix = f"train a run with a longer {longer}, or {shorter}" if run else f"raise {longer}"
     if positions is not None and seq_len >= positions:
         fix = f"{shorter}: --seq-len {seq_len} is the most the encoder's {positions} positions hold"
     whose, left_out = "the run's " if run else "", "training" if split == "train" else "the metrics"
@@ -812,10 +813,11 @@ def _warn_other_scheme(source: str, sentences: dict) -> None:
 
 
 def _warn_once(message: str) -> None:
-    """Print ``message`` to stderr unless this process already did."""
+    """Print ``message`` (``lowbit: warning: ...``) to stderr unless this process already did,
+    from rank 0 only (`lowbit.errors.warn`: every rank meets the same data, and said it again)."""
     if message not in _said:
         _said.add(message)
-        print(message, file=sys.stderr)
+        warn(message.removeprefix("lowbit: warning: "))
 
 
 def _encode_pretrained(tokenizer, sentences, label2id, config):
@@ -927,7 +929,6 @@ class ImageClassificationTask(Task):
         """Say, once a process, that a given --eval-batches too few for the split does not bound
         this task's validation: it evaluates every image (270, a few batches), the numbers that
         recorded runs and studies compare. Unsaid, a user believed the bound took effect."""
-        from lowbit.errors import warn
         from lowbit.train.config import TrainConfig
 
         given, size = self.config.eval_batches, self.config.batch_size

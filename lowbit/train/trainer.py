@@ -476,8 +476,8 @@ def check_checkpoint_kind(path: Path, distributed: bool) -> None:
         )
     if not path.is_dir() and distributed:
         raise UsageError(
-            f"{path}: a one-process checkpoint cannot resume with --strategy; fix: resume "
-            "without --strategy/--nproc"
+            f"{path}: a one-process checkpoint cannot resume in several processes (--nproc, "
+            "--strategy, torchrun); fix: resume without --strategy/--nproc"
         )
 
 

@@ -105,9 +105,9 @@ def test_ranks_that_read_other_data_are_refused(tmp_path):
     for code, err in ranks:
         assert code == 2, err
         assert err.strip().splitlines() == [
-            "lowbit: error: rank 1 reads other data than rank 0 (their --data holds other "
-            "contents: on another node, another copy?); fix: give every rank the same data "
-            "(a shared folder, or identical copies)"
+            "lowbit: error: rank 1 reads other data than rank 0 (--data, or the built-in "
+            "corpus of each node's Python, holds other contents: another node, another copy?); "
+            "fix: give every rank the same data (a shared folder, identical copies, one Python)"
         ]
     assert not out.exists()
 
@@ -129,5 +129,6 @@ def test_a_one_process_run_resumed_with_nproc_is_refused_before_the_ranks_start(
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"lowbit: error: {run}/checkpoints/step-0000001.pt: a one-process checkpoint cannot "
-        "resume with --strategy; fix: resume without --strategy/--nproc"
+        "resume in several processes (--nproc, --strategy, torchrun); fix: resume without "
+        "--strategy/--nproc"
     )

@@ -23,13 +23,34 @@ def test_eval_says_the_metrics_and_a_new_run(tmp_path, capsys):
     assert main(argv) == 0
     assert _warnings(capsys.readouterr().err) == [
         "lowbit: warning: 1 of 7 train sentences are longer than --seq-len 12 holds; their words "
-        "past it are left out of training; fix: raise --seq-len",
+        "past it are left out of training; fix: raise --seq-len (up to the encoder's 512)",
         "lowbit: warning: 1 of 7 validation sentences are longer than --seq-len 12 holds; their "
-        "words past it are left out of the metrics; fix: raise --seq-len",
+        "words past it are left out of the metrics; fix: raise --seq-len (up to the encoder's "
+        "512)",
     ]
     assert main(["eval", str(run), "--split", "test", "--quiet"]) == 0
     assert _warnings(capsys.readouterr().err) == [
         "lowbit: warning: 1 of 7 test sentences are longer than the run's --seq-len 12 holds; "
         "their words past it are left out of the metrics; fix: train a run with a longer "
-        "--seq-len, or split such sentences into shorter ones (a blank line between the parts)"
+        "--seq-len (up to the encoder's 512), or split such sentences into shorter ones (a blank line between the parts)"
     ]
+
+
+def test_a_rank_other_than_the_first_says_no_data_warning(tmp_path, capsys, monkeypatch):
+    """Every rank of a distributed run reads the same data: each printed the task's data
+    warnings (six lines for three warnings on two ranks); rank 0 alone says them now."""
+
+    def train(rank: str, tag: str) -> str:
+        data = tmp_path / rank / "data"
+        data.mkdir(parents=True)
+        (data / "train.txt").write_text("\n".join(SHORT * 6))
+        (data / "dev.txt").write_text("\n".join([f"Rome {tag}", "ran O", ""] + SHORT * 3))
+        (data / "test.txt").write_text("\n".join(SHORT * 3))
+        argv = ["train", "--task", "token-classification", "--model", "tiny", "--seq-len", "12"]
+        argv += ["--batch-size", "4", "--steps", "1", "--data", str(data), "--quiet"]
+        monkeypatch.setenv("RANK", rank)  # as torchrun sets it; a run alone still (no WORLD_SIZE)
+        assert main([*argv, "--out", str(tmp_path / rank / "run")]) == 0
+        return capsys.readouterr().err
+
+    assert "never occurs in training" not in train("1", "B-LOC")
+    assert "1 tag of the validation split never occurs in training (B-ORG)" in train("0", "B-ORG")
