@@ -71,10 +71,9 @@ def _build_tag() -> str:
     command line changed, and another checkout of lowbit, or another virtual environment's torch
     (its include path), compiles other command lines. Sharing one folder, two of them rebuilt each
     other's objects at every load (about half a minute each, under the folder's lock, which every
-    process loading the kernels then waited for); each has its own folder now. And the ninja on
-    PATH, which torch runs: ninja 1.11 and 1.13 hash the command lines in ``.ninja_log``
-    differently, so a process that found pip's ninja first (``.venv/bin`` on PATH) and one that
-    found the system's rebuilt every object for each other (67-138 s a build, session 37)."""
+    process loading the kernels then waited for); each has its own folder now. And the ninja that
+    builds them (`_ninja`): ninja 1.11 and 1.13 hash the command lines in ``.ninja_log``
+    differently, so two of them sharing a folder rebuilt every object for each other."""
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -82,9 +81,42 @@ def _build_tag() -> str:
     except OSError:
         flags += platform.processor()
     flags += f"\n{_SOURCES[0].parent.resolve()}\n{Path(torch.__file__).parent.resolve()}"
-    ninja = shutil.which("ninja")
+    ninja = _ninja()
     flags += f"\n{Path(ninja).resolve() if ninja else None}"
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _ninja() -> str | None:
+    """The ninja that builds the kernels: the ``ninja`` package's, lowbit's dependency
+    (`_own_ninja_first`), else the first on PATH; None where there is none."""
+    try:
+        import ninja
+
+        own = Path(ninja.BIN_DIR) / "ninja"
+    except (ImportError, AttributeError):
+        own = None
+    return str(own) if own is not None and own.is_file() else shutil.which("ninja")
+
+
+@contextlib.contextmanager
+def _own_ninja_first():
+    """Within: the folder of `_ninja` first on PATH, where torch's build runs ``ninja`` by name.
+    Torch ran the first on PATH: a process of a virtual environment not activated (``.venv/bin``
+    not on PATH) found the system's ninja, an activated one pip's, and ninja 1.11 and 1.13 hash
+    ``.ninja_log``'s command lines differently, so each rebuilt every object of the other's
+    (67-138 s a build, under the lock every process loading the kernels waits for; session 37);
+    with no system ninja the unactivated one fell back to the slower PyTorch path."""
+    ninja = _ninja()
+    path = os.environ.get("PATH")
+    if ninja is not None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(ninja).parent), *filter(None, [path])])
+    try:
+        yield
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 # A build lock older than this is taken for one an interrupted build left (a build takes well
@@ -208,6 +240,11 @@ def _absolute_extensions_dir() -> None:
 
 
 def _build() -> None:
+    with _own_ninja_first():
+        _build_here()
+
+
+def _build_here() -> None:
     from torch.utils import cpp_extension
 
     # Without this check torch runs the build anyway, prints a page-long warning that "c++" is
