@@ -610,11 +610,18 @@ def progress_bars_off(off: bool):
 
     Where the process has not imported transformers, without importing it (~1 s of CPU; a model
     not Hugging Face's, an image classifier, needs none): huggingface_hub's switch is then turned,
-    which transformers takes for its own as it is imported within."""
+    which transformers takes for its own as it is imported within. Except where
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` is set false, which pins huggingface_hub's switch on (it
+    refuses the turn) but not transformers' own: transformers is imported to turn that one."""
     if not off:
         yield
         return
     transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is None:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_DISABLE_PROGRESS_BARS is False:
+            from transformers.utils import logging as transformers_logging
     if transformers_logging is not None:
         was_on = transformers_logging.is_progress_bar_enabled()
     else:
