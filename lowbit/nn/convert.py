@@ -40,6 +40,9 @@ from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_KEPT, ROUTER_KEPT
 from lowbit.recipes.recipe import Override, block_of, block_stacks
 
+# the GEMM layers `convert` swaps (and a mixture-of-experts layer's weights), as reports name them
+_CONVERTED_KINDS = "nn.Linear, nn.Conv2d, transformers' Conv1D"
+
 
 @dataclass
 class ConversionReport:
@@ -50,14 +53,20 @@ class ConversionReport:
     unused_hints: dict[str, str] = field(default_factory=dict)
     searched: bool = False  # whether `convert` walked a model (a recipe may convert no layer)
 
+    @property
+    def kept_every_layer(self) -> bool:
+        """GEMM layers were found and every one was kept (nvfp4's end blocks on a 2-block
+        model): `lowbit train` warns of it (`Precision.keeps_every_layer`), the estimate notes it."""
+        return bool(self.kept) and not self.converted
+
     def summary(self) -> str:
         """``converted N/M layers`` and why the rest were kept; where there were no layers, why:
         "converted 0/0 layers" read as if every layer had been left out."""
         total = len(self.converted) + len(self.kept)
         if not total:
             first = (
-                "no GEMM layer found (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D "
-                "and mixture-of-experts weights): nothing converted"
+                f"no GEMM layer found (lowbit converts {_CONVERTED_KINDS} and mixture-of-experts "
+                "weights): nothing converted"
                 if self.searched
                 else "no layer converted: the recipe computes its GEMMs in its compute dtype, as "
                 "PyTorch does (under autocast or in the parameters' dtype)"
@@ -105,7 +114,7 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
     for base in (torch.nn.Linear, torch.nn.Conv2d):
         if isinstance(module, base):
             return f"{kind} subclasses nn.{base.__name__} and may compute otherwise: not converted"
-    return f"{kind} is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
+    return f"{kind} is not converted (lowbit converts {_CONVERTED_KINDS})"
 
 
 def _refuse_uninitialized(recipe: Recipe, model: torch.nn.Module) -> None:

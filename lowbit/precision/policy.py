@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import numbers
 import sys
 import warnings
@@ -63,9 +62,10 @@ from lowbit.recipes.recipe import DTYPES, OperandSpec
 class Precision:
     """The hooks of a training loop's precision under ``recipe`` (a preset's name or a `Recipe`;
     see the module's docstring for the loop). ``device``: where the model computes; without it,
-    the device of the first model `convert` is given (the CPU until then, and for a model on the
-    meta device). `autocast` is that device's autocast, and `autocast` and `backward` refuse a
-    model or loss on another device where the recipe computes otherwise there (`_check_loss`)."""
+    the device type of the first model `convert` is given (`_model_device`; the CPU until then).
+    `autocast` is that device's autocast, and `backward` refuses a loss on another device type
+    where the recipe computes otherwise there (`_check_loss`), `autocast` a model moved off a
+    device taken from it."""
 
     def __init__(self, recipe: Recipe | str, device: torch.device | str | None = None):
         self.recipe = get_recipe(recipe)
@@ -135,12 +135,27 @@ class Precision:
         For bf16 and fp16 compute on CPU a Hugging Face model's ``sdpa`` attention is also switched
         to ``lowbit_sdpa``, whose slow 16-bit kernels run in fp32 (`lowbit.nn.attention`). An
         architecture whose forward fails under the recipe's autocast is refused (`check_autocast`).
-        A Precision given no device takes the model's (`_take_device`).
+        A Precision given no device takes the model's device type (`_model_device`), once the
+        model is converted: a refused model leaves it to the next.
 
         Under 16-bit parameters (bf16-low, fp16-low, bf16-pure) the model's floating buffers are
         cast with them, except a Hugging Face rotary embedding's frequencies (`_rotary_buffers`)."""
         check_model(model, "precision.convert")
-        self._take_device(model)
+        device = self._model_device(model)  # refused before anything changes
+        if device is None:
+            return self._convert(model)
+        kept, self.device = self.device, device  # what `_convert` does depends on it (fp16
+        # emulation, attention routing, `check_autocast`)
+        try:
+            model = self._convert(model)
+        except BaseException:
+            self.device = kept
+            raise
+        self._device_from = "model"
+        return model
+
+    def _convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`convert` on this Precision's device."""
         check_autocast(model, self.autocast_dtype, self.recipe.name)
         # Under an fp32-parameter recipe a model whose trained parameters are fp32 is left as it
         # is (plain PyTorch's bits, and a frozen 16-bit base under fp32 adapters keeps its
@@ -186,36 +201,60 @@ class Precision:
         self._apply_pending()
         return model
 
-    def _take_device(self, model: torch.nn.Module) -> None:
-        """A Precision given no device computes on the device of the first model `convert` is
-        given, its parameters' (a user's loop on a GPU model got the CPU's autocast, which left
-        its forward in fp32: refused at the first backward, or unnoticed in a loop of forward
-        passes only). A model spread over several devices is refused: which one's autocast is
-        the user's to say. Parameters on the meta device say nothing (a model built there is
-        converted before `to_empty`). A later model on another device is refused too."""
-        if self._device_from == "given":
-            return
-        devices = sorted({str(p.device) for p in model.parameters() if not p.is_meta})
+    def _model_device(self, model: torch.nn.Module) -> torch.device | None:
+        """The device a Precision given no device takes from the first model `convert` is given,
+        refusing what it cannot take (a user's loop on a GPU model got the CPU's autocast, which
+        left its forward in fp32: refused at the first backward, unnoticed in a loop of forward
+        passes only). Its parameters' device *type* (``cuda``, not ``cuda:0``): autocast works
+        per type, so a model over several GPUs (a ``device_map``), or a student and its teacher
+        on two, compute alike. A model over several types (layers offloaded to the CPU) is
+        refused, as is a later model of another type than the first's: whose autocast is the
+        user's to say. None, taking and refusing nothing: a device given, a recipe that computes
+        alike on any device (`_computes_alike_anywhere`), and a model on the meta device (built
+        there, it is converted before ``to_empty``)."""
+        if self._device_from == "given" or self._computes_alike_anywhere():
+            return None
+        types = sorted({p.device.type for p in model.parameters()} - {"meta"})
         name = self.recipe.name
-        if len(devices) > 1:
-            accelerator = next((d for d in devices if d != "cpu"), devices[0])
+        if len(types) > 1:
+            accelerator = next(kind for kind in types if kind != "cpu")
             raise UsageError(
-                f"precision.convert() got a model spread over {', '.join(devices)}, and this "
+                f"precision.convert() got a model spread over {', '.join(types)}, and this "
                 f"Precision was given no device to compute on; fix: lowbit.Precision({name!r}, "
                 f"device={accelerator!r}), or the device its forward computes on"
             )
-        if not devices:
-            return
-        device = torch.device(devices[0])
-        if self._device_from is None:
-            self.device, self._device_from = device, "model"
-        elif device != self.device:
+        if not types:
+            return None
+        device = torch.device(types[0])
+        if self._device_from == "model" and device != self.device:
             raise UsageError(
                 f"precision.convert() got a model on {device}, and this Precision computes on "
                 f"{self.device}, the device of the first model it converted; fix: move the models "
-                f"to one device before converting them, or lowbit.Precision({name!r}, "
-                f"device={str(device)!r}) for this one"
+                f"to one device type before converting them, or lowbit.Precision({name!r}, "
+                f"device={device.type!r}) for this one"
             )
+        return device
+
+    def _computes_alike_anywhere(self) -> bool:
+        """Whether the device changes nothing of what is computed: fp32 compute (no autocast, no
+        16-bit parameters), no fp16 emulated (a CPU's only), no random draws (stochastic
+        rounding's generator is the device's), in the recipe (before `convert` swaps a layer) or
+        a converted layer (`auto`'s plan). Such a Precision takes no device from a model and
+        refuses none (`_model_device`, `_check_loss`; its `autocast` is a no-op context): the
+        ``fp32`` preset on a model over a GPU and the CPU, or a teacher on another device."""
+        recipe = self.recipe
+        specs = [recipe.layer, *(override.layer for override in recipe.overrides)]
+        return (
+            self.compute_dtype == torch.float32
+            and not recipe.emulate_fp16_gemms_on_cpu
+            and not self._draws_random()
+            and not any(
+                operand.rounding is Rounding.STOCHASTIC
+                for spec in specs
+                if spec is not None
+                for operand in spec.operands().values()
+            )
+        )
 
     def _check_parameters_fit(self, model: torch.nn.Module) -> None:
         """Refuse a model whose finite parameters the recipe's 16-bit dtype would hold as inf:
@@ -290,8 +329,7 @@ class Precision:
         """The recipe converts layers but kept every GEMM layer of this model in high precision
         (nvfp4's end blocks on a 2-block model); False where `convert` did not run (fp16 recipes
         on a GPU compute under autocast instead)."""
-        report = self.conversion_report
-        return self.recipe.layer is not None and bool(report.kept) and not report.converted
+        return self.recipe.layer is not None and self.conversion_report.kept_every_layer
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer to use; the step runs through `step`, which handles master weights.
@@ -416,17 +454,25 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward's context: the recipe's autocast (none: a no-op context) on this
-        Precision's device. Refused where every converted model lies on another kind of device:
-        that device's forward would run without it (in fp32), which a loop of forward passes
-        only (no `backward` to refuse it) did unnoticed."""
+        Precision's device type.
+
+        Where that device was taken from a model (`_model_device`), refused when the first
+        parameter of each converted model lies on another device type: the model moved after
+        `convert` (``model.cpu()`` for a loop of forward passes only, which no `backward` refuses),
+        and that device's forward would run without autocast, in fp32. A device given is not
+        checked: the user named it, and a model may sit elsewhere between steps (FSDP's CPU
+        offloading keeps the parameters on the CPU, moving them to the GPU within each forward).
+        Only each model's first parameter (`_first_parameter`), as this runs every step: checking
+        them all took about 3 times torch.autocast's own time (`convert` refused a model over
+        several device types)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         here = self.device.type
-        params = [model.parameters() for model in self._models]
-        if not any(p.device.type == here for p in itertools.chain(*params)):  # mostly the first
-            elsewhere = {p.device.type for model in self._models for p in model.parameters()}
-            if elsewhere := sorted(elsewhere - {"meta"}):
-                self._refuse_other_device("precision.autocast() found the model", elsewhere[0])
+        if self._device_from == "model":
+            firsts = [_first_parameter(model) for model in self._models]
+            found = [p.device.type for p in firsts if p is not None and not p.is_meta]
+            if found and here not in found:
+                self._refuse_other_device("precision.autocast() found the model", found[0])
         return torch.autocast(here, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor, **options) -> None:
@@ -444,8 +490,7 @@ class Precision:
         ``torch.autocast``, which leaves a forward on another device as it is (a bf16-mixed
         Precision made for the CPU trained a GPU model in fp32 without a word), fp16 is emulated
         on a CPU only, `convert` routes a model's 16-bit attention for a CPU, and stochastic
-        rounding's generator state is the device's. The fp32 recipe computes alike on any
-        device."""
+        rounding's generator state is the device's (`_computes_alike_anywhere`)."""
         if not isinstance(loss, torch.Tensor):
             raise UsageError(
                 f"precision.backward() takes the loss tensor, not a {type(loss).__name__}; fix: "
@@ -454,9 +499,7 @@ class Precision:
         where, made_for = loss.device.type, self.device.type
         if where in (made_for, "meta"):
             return
-        if self.compute_dtype == torch.float32 and not (
-            self.recipe.emulate_fp16_gemms_on_cpu or self._draws_random()
-        ):
+        if self._computes_alike_anywhere():
             return
         self._refuse_other_device("precision.backward() got a loss", where)
 
@@ -1095,7 +1138,9 @@ def _rotary_buffers(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str],
     """The rotary embeddings' inverse frequencies of a Hugging Face model, which `convert` leaves
     as they are (fp32, as transformers makes them) under 16-bit parameters, by (module, buffer
     name): floating buffers named ``inv_freq`` or ``..._inv_freq`` (``original_inv_freq``, Gemma
-    3's ``sliding_attention_inv_freq``) of modules that transformers defines.
+    3's ``sliding_attention_inv_freq``) of modules that the transformers package defines (not
+    ``transformers_modules``: a ``trust_remote_code`` model's own code, whose forwards lowbit
+    cannot know).
 
     The angle of position p is ``p * inv_freq``: rounded to bf16 (8 significant bits) a frequency
     is off by up to 2^-9 of itself, and the angle by p times that, so a Llama's cos/sin (head dim
@@ -1110,12 +1155,25 @@ def _rotary_buffers(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str],
     return {
         (module, name): buffer
         for module in model.modules()
-        if type(module).__module__.startswith("transformers")
+        if type(module).__module__.split(".")[0] == "transformers"
         for name, buffer in module._buffers.items()
         if buffer is not None
         and buffer.is_floating_point()
         and (name == "inv_freq" or name.endswith("_inv_freq"))
     }
+
+
+def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """``next(module.parameters(), None)`` without the set-up of its generators (of
+    `named_modules`, which tracks every module visited): 0.9 us against 7.2 us for a 2-layer
+    Llama, by timeit (`autocast` runs it every step)."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None and (param := _first_parameter(child)) is not None:
+            return param
+    return None
 
 
 def _model_of(layer: str) -> str:
