@@ -49,14 +49,18 @@ def ratios(size: str, recipe: str, batch: int, seq: int) -> tuple[int, int, int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="nano", help="a named causal-LM size (default nano)")
+    # here, not at the top: tests load this file as a module, without benchmarks/ on sys.path
+    from benchmarks_md import DefaultsFormatter, at_least
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter
+    )
+    parser.add_argument("--size", default="nano", help="a named causal-LM size")
     parser.add_argument("--recipes", default=",".join(names()), help="default: every preset")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.seq < 1:
-        parser.error("--batch and --seq must be at least 1")
+    at_least(parser, args, 1, "batch", "seq")
     print(f"{args.size}, {args.batch} x {args.seq}: estimate / measured activations (bytes)")
     for recipe in args.recipes.split(","):
         est, got, est_tmp, got_tmp = ratios(args.size, recipe, args.batch, args.seq)

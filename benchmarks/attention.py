@@ -18,7 +18,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import DefaultsFormatter, command_line, cpu_description, publish, run_script
+from benchmarks_md import (
+    DefaultsFormatter,
+    at_least,
+    command_line,
+    cpu_description,
+    publish,
+    run_script,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.nn.attention import AttentionInFp32
@@ -64,9 +71,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    # --rounds 0 was a StatisticsError traceback (no median)
+    at_least(parser, args, 1, "batch", "heads", "seq", "head_dim", "rounds")
     shape = (args.batch, args.heads, args.seq, args.head_dim)
-    if min(*shape, args.rounds) < 1:  # --rounds 0 was a StatisticsError traceback (no median)
-        parser.error("--batch, --heads, --seq, --head-dim and --rounds must be at least 1")
     times = {name: [] for name in CASES}
     for round_ in range(args.rounds + 2):
         for name, case in CASES.items():

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import torch
-from benchmarks_md import DefaultsFormatter, run_script
+from benchmarks_md import DefaultsFormatter, at_least, run_script
 
 from lowbit.diagnostics.auto import CHECK_INTERVAL
 from lowbit.train import TrainConfig
@@ -38,8 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.recipe.split(":")[0] != "auto":  # another recipe has no check steps to time
         parser.error(f"--recipe {args.recipe}: not an auto recipe (auto, auto:fp6, auto:fp4)")
-    if min(args.checks, args.threads, args.batch_size, args.seq_len) < 1:
-        parser.error("--checks, --threads, --batch-size and --seq-len must be at least 1")
+    at_least(parser, args, 1, "checks", "threads", "batch_size", "seq_len")
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         recipe=args.recipe,

@@ -95,6 +95,17 @@ def _has_default(action) -> bool:
     return not (default is None or default is False or default in ("", argparse.SUPPRESS))
 
 
+def at_least(parser: argparse.ArgumentParser, args, low: int, *names: str) -> None:
+    """Refuse, with ``parser``'s one-line error (exit status 2), the first of the settings
+    ``names`` (attribute names of ``args``, e.g. "batch_size" for --batch-size) below ``low``,
+    naming its flag and value: "--rounds must be at least 1, got 0". A setting left at None (not
+    given, no default) is not checked."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
 def run_script(main) -> None:
     """Exit with ``main()``'s status; lowbit's refusal of a setting (an unknown --recipe, a run
     folder that is none) is one line naming the fix, as `lowbit` prints it, not a traceback."""

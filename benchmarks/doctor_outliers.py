@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks_md import DefaultsFormatter, run_script
+from benchmarks_md import DefaultsFormatter, at_least, run_script
 
 from lowbit.diagnostics.cases import inject_outliers
 from lowbit.diagnostics.doctor import diagnose
@@ -48,9 +48,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--probe-steps", type=int, default=4)
     args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.seq_len, args.probe_steps) < 1:
-        # --steps 0 was refused as "eval_interval must be positive", a setting it has not
-        parser.error("--steps, --batch-size, --seq-len and --probe-steps must be at least 1")
+    # --steps 0 was refused as "eval_interval must be positive", a setting it has not
+    at_least(parser, args, 1, "steps", "batch_size", "seq_len", "probe_steps")
     folder = Path(tempfile.mkdtemp(prefix="lowbit-doctor-"))
     base = TrainConfig(
         recipe=args.recipe,

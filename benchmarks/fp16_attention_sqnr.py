@@ -19,7 +19,7 @@ import statistics
 import tempfile
 
 import torch
-from benchmarks_md import DefaultsFormatter, run_script
+from benchmarks_md import DefaultsFormatter, at_least, run_script
 
 from lowbit.formats.error import sqnr
 from lowbit.train import TrainConfig
@@ -55,8 +55,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if min(args.batches, args.threads) < 1:
-        parser.error("--batches and --threads must be at least 1")
+    at_least(parser, args, 1, "batches", "threads")
     torch.set_num_threads(args.threads)
     reference, low = trainer("fp32"), trainer("fp16-low")
     arms = {"routed": [], "native": []}

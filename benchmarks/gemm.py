@@ -16,7 +16,14 @@ import statistics
 import time
 
 import torch
-from benchmarks_md import DefaultsFormatter, command_line, cpu_description, publish, run_script
+from benchmarks_md import (
+    DefaultsFormatter,
+    at_least,
+    command_line,
+    cpu_description,
+    publish,
+    run_script,
+)
 
 SHAPES = [
     (4096, 128, 128),
@@ -87,8 +94,9 @@ def main() -> int:
     )
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    if args.rounds < 1 or args.budget <= 0:  # --rounds 0 timed forever
-        parser.error("--rounds must be at least 1 and --budget above 0")
+    at_least(parser, args, 1, "rounds")  # --rounds 0 timed forever
+    if args.budget <= 0:
+        parser.error(f"--budget must be above 0, got {args.budget}")
     wanted = [name.strip() for name in args.kernels.split(",") if name.strip()]
     rows = []
     names: list[str] = []

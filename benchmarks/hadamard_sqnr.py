@@ -20,7 +20,7 @@ import math
 from dataclasses import replace
 
 import torch
-from benchmarks_md import DefaultsFormatter, run_script
+from benchmarks_md import DefaultsFormatter, at_least, run_script
 
 from lowbit import get_recipe
 from lowbit.formats.error import sqnr
@@ -74,8 +74,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="nvfp4,mxfp4")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    if args.seeds < 1:  # the means over no seed were a ZeroDivisionError traceback
-        parser.error("--seeds must be at least 1")
+    at_least(parser, args, 1, "seeds")  # the means over no seed were a ZeroDivisionError
     for name in args.recipes.split(","):
         gemms = (get_recipe(name).layer.grad_input, get_recipe(name).layer.grad_weight)
         if all(gemm.transform is not Transform.HADAMARD for gemm in gemms):

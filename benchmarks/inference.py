@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import (  # noqa: E402
     DefaultsFormatter,
+    at_least,
     command_line,
     cpu_description,
     run_script,
@@ -44,6 +45,7 @@ from benchmarks_md import (  # noqa: E402
 from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
 from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
 from lowbit.infer.model import parse_pattern  # noqa: E402
+from lowbit.train.evaluate import check_max_batches  # noqa: E402
 
 HEADING = "## Inference (benchmarks/inference.py)"
 
@@ -200,13 +202,18 @@ def table(source, rows, speeds, args, layers=None) -> str:
     ref = rows[0]
     config = source.config
     data = "stdlib" if config.data is None else config.data
+    # the batches `quality` evaluated, of the run's own batch size and length (every run's were
+    # written "16 x 256", and --max-batches 0, every batch, "0 batches")
+    batches = source.task.eval_batch_count("validation", args.max_batches)
+    shape = f"{config.batch_size} x {config.seq_len}"
     # the run's own settings: every run was called "the default `lowbit train`", and the command
     # written was always `--write` without the --quick or --no-speed it ran with
     lines = [
         f"Run: `{args.run}` (`lowbit train` of model {config.model}, {config.recipe}, "
         f"{source.step} steps on {data} {config.tokenizer} tokens; settings in its config.yaml). "
         f"Validation: {ref['tokens']:,} tokens "
-        f"({args.max_batches} batches of 16 x 256). Sizes are the written `model.safetensors` "
+        f"({batches} batch{'es' if batches != 1 else ''} of {shape}). "
+        "Sizes are the written `model.safetensors` "
         "(embeddings and norms stay fp32 in every row). Machine: "
         f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
@@ -254,13 +261,21 @@ def main(argv=None) -> int:
         description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
     )
     parser.add_argument("--run", required=True, help="a causal-lm run folder (lowbit train --out)")
-    parser.add_argument("--max-batches", type=int, default=8, help="validation batches")
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=8,
+        help="validation batches; 0: every batch, as in lowbit eval",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--quick", action="store_true", help="4 rows, no pruning")
     parser.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args(argv)
+    # before the quality pass: --rounds 0 was a StatisticsError after it, --threads 0 all threads
+    at_least(parser, args, 1, "rounds", "threads")
+    check_max_batches(args.max_batches)  # as lowbit eval: 0 is every batch, below 0 refused
     if args.threads:
         torch.set_num_threads(args.threads)
     source = io.load_source(args.run, "cpu")

@@ -23,7 +23,7 @@ import contextlib
 import sys
 
 import torch
-from benchmarks_md import DefaultsFormatter, command_line, publish, run_script
+from benchmarks_md import DefaultsFormatter, at_least, command_line, publish, run_script
 from recipe_speed import Run
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -87,8 +87,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--note", default="", help="text written under the table")
     args = parser.parse_args()
-    if min(args.batch, args.seq) < 1:  # --batch 0 was a reshape traceback
-        parser.error("--batch and --seq must be at least 1")
+    at_least(parser, args, 1, "batch", "seq")  # --batch 0 was a reshape traceback
     rows = ["| recipe | ops per step | most frequent |", "|---|---:|---|"]
     tokens = tokenize_split(build_tokenizer("byte"), load_corpus().texts("train"))
     for name in args.recipes.split(","):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import DefaultsFormatter, run_script, write_section  # noqa: E402
+from benchmarks_md import DefaultsFormatter, at_least, run_script, write_section  # noqa: E402
 
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
@@ -352,9 +352,7 @@ def main(argv=None) -> int:
     parser.add_argument("--state-error", type=int, metavar="STEP", help="also the storage error")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     args = parser.parse_args(argv)
-    for name in ("steps", "seeds", "batch", "seq", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    at_least(parser, args, 1, "steps", "seeds", "batch", "seq", "threads")
     if args.json and not args.from_json:  # checked before the runs it would lose
         folder = args.json.resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):

@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# lowbit from this checkout, and benchmarks_md from this folder also where this file is loaded as
+# a module (the tests), not run as a script
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from benchmarks_md import DefaultsFormatter, at_least  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.errors import RunNotWritten, UsageError  # noqa: E402
@@ -378,42 +382,28 @@ def recorded_command(argv: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument(
         "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
     )
-    parser.add_argument("--tasks", default=",".join(WORKLOADS), help="default %(default)s")
-    parser.add_argument("--seeds", type=int, default=3, help="default %(default)s")
-    parser.add_argument(
-        "--lm-steps", type=int, default=DEFAULT_STEPS["causal-lm"], help="default %(default)s"
-    )
-    parser.add_argument(
-        "--tok-steps",
-        type=int,
-        default=DEFAULT_STEPS["token-classification"],
-        help="default %(default)s",
-    )
-    parser.add_argument(
-        "--img-steps",
-        type=int,
-        default=DEFAULT_STEPS["image-classification"],
-        help="default %(default)s",
-    )
+    parser.add_argument("--tasks", default=",".join(WORKLOADS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lm-steps", type=int, default=DEFAULT_STEPS["causal-lm"])
+    parser.add_argument("--tok-steps", type=int, default=DEFAULT_STEPS["token-classification"])
+    parser.add_argument("--img-steps", type=int, default=DEFAULT_STEPS["image-classification"])
     parser.add_argument(
         "--task-recipes", help="recipes of the two classification tasks (default: --recipes)"
     )
     parser.add_argument(
         "--img-recipes", help="recipes of image-classification (default: --task-recipes)"
     )
-    parser.add_argument("--task-seeds", type=int, help="seeds of the classification tasks")
     parser.add_argument(
-        "--out",
-        default=str(ROOT / "runs" / "parity"),
-        help="the studies' folder (default %(default)s)",
+        "--task-seeds", type=int, help="seeds of the classification tasks (default: --seeds)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="PyTorch threads per run (default %(default)s)"
-    )
+    parser.add_argument("--out", default=str(ROOT / "runs" / "parity"), help="the studies' folder")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per run")
     # a study continued on a machine with a GPU is refused unless it keeps the device its runs
     # trained on, and the refusal names --device as the fix (`lowbit.report.compare`)
     parser.add_argument(
@@ -437,10 +427,9 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a line written above the results")
     parser.add_argument("--quiet", action="store_true", help="no line per run")
     args = parser.parse_args(argv)
-    if args.threads <= 0:
-        parser.error(f"--threads must be positive, got {args.threads}")
-    if args.jobs is not None and args.jobs <= 0:
-        parser.error(f"--jobs must be positive, got {args.jobs} (leave it out: cores / --threads)")
+    # --task-seeds 0 was taken for --seeds, and --img-steps 0 was refused as "steps"
+    settings = ("seeds", "task_seeds", "lm_steps", "tok_steps", "img_steps", "threads", "jobs")
+    at_least(parser, args, 1, *settings)
     torch.set_num_threads(args.threads)
     if args.golden:
         golden()

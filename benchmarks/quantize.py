@@ -35,7 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import DefaultsFormatter, cpu_description, run_script, write_section  # noqa: E402
+from benchmarks_md import (  # noqa: E402
+    DefaultsFormatter,
+    at_least,
+    cpu_description,
+    run_script,
+    write_section,
+)
 
 from lowbit import kernels  # noqa: E402
 from lowbit.formats import cast, quantize  # noqa: E402
@@ -215,12 +221,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 configurations, 3 repeats")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (7)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per row (default 7; 3 with --quick)"
+    )
     parser.add_argument("--mib", type=int, default=64, help="input size in MiB")
     args = parser.parse_args(argv)
     # --mib 0 timed empty tensors at 0.00 GB/s; --repeats 0 was taken for the default
-    if args.mib < 1 or (args.repeats is not None and args.repeats < 1):
-        parser.error("--mib and --repeats must be at least 1")
+    at_least(parser, args, 1, "mib", "repeats")
     repeats = args.repeats or (3 if args.quick else 7)
     configs = [c for c in CONFIGS if not args.quick or c in QUICK]
     numel = args.mib * 2**20 // 4

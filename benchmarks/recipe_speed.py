@@ -40,7 +40,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import DefaultsFormatter, cpu_description, run_script, write_section
+from benchmarks_md import (
+    DefaultsFormatter,
+    at_least,
+    cpu_description,
+    run_script,
+    write_section,
+)
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -182,7 +188,7 @@ def main() -> int:
         "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
     )
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per model")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--size", default="tiny")
@@ -199,6 +205,9 @@ def main() -> int:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # before any process starts: --batch 0 was a worker's traceback after the corpus was read
+    at_least(parser, args, 1, "rounds", "batch", "seq", "profile_steps", "processes")
+    at_least(parser, args, 0, "warmup")
     # checked before --profile builds anything: its unknown recipe or missing GPU was a traceback
     if args.profile and args.profile not in lowbit.recipe_names():
         parser.error(f"--profile: unknown recipe {args.profile}; see `lowbit recipes`")
@@ -215,8 +224,6 @@ def main() -> int:
             args.device,
         )
         return 0
-    if args.processes < 1 or args.rounds < 1:
-        parser.error("--processes and --rounds must be at least 1")
     recipes = args.recipes.split(",")
     unknown = [name for name in recipes if name not in lowbit.recipe_names()]
     if unknown:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import DefaultsFormatter, page_not_written, run_script
+from benchmarks_md import DefaultsFormatter, at_least, page_not_written, run_script
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
 from lowbit.errors import UsageError
@@ -130,11 +130,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    for flag in ("interval", "intervals", "batch_size", "seq_len"):
-        if getattr(args, flag) < 1:  # an --interval 0 measured no step: a StatisticsError
-            parser.error(
-                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
-            )
+    # an --interval 0 measured no step: a StatisticsError
+    at_least(parser, args, 1, "interval", "intervals", "batch_size", "seq_len")
     result = measure(args)
     text = table(args, result)
     print(text)

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import DefaultsFormatter, run_script
+from benchmarks_md import DefaultsFormatter, at_least, run_script
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -90,19 +90,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--recipe", default="bf16-mixed")
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each loop")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps first (the first is never timed)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--quiet", action="store_true", help="time the trainer without its bar")
     args = parser.parse_args(argv)
     # A trainer step is timed from the end of the one before, so the first is never timed: with
     # --warmup 0 one timed step fewer, and --steps 1 was `StatisticsError: no median`.
-    if args.steps < 1 or args.warmup < 1:
-        parser.error(
-            "--steps and --warmup must be at least 1 (the trainer's first step is untimed)"
-        )
-    if min(args.batch_size, args.seq_len) < 1:  # refused as "batch_size", a name it has not
-        parser.error("--batch-size and --seq-len must be at least 1")
+    # --batch-size 0 was refused as "batch_size", a name it has not
+    at_least(parser, args, 1, "steps", "warmup", "batch_size", "seq_len")
     trainer_times, hand_times = measure(args)
     t_med, h_med = statistics.median(trainer_times), statistics.median(hand_times)
     t_mean, h_mean = statistics.fmean(trainer_times), statistics.fmean(hand_times)

@@ -132,7 +132,7 @@ def test_recipe_speed_runs_tiny_from_another_folder(tmp_path, as_script):
         (
             "trainer_overhead",
             ["--steps", "1", "--warmup", "0", "--batch-size", "1", "--seq-len", "8", "--quiet"],
-            "--steps and --warmup must be at least 1",
+            "--warmup must be at least 1, got 0",
         ),
     ],
 )

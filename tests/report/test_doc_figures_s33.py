@@ -39,8 +39,8 @@ def test_state_zero_point_prints_the_figures_docs_memory_quotes(tmp_path, as_scr
         ("hadamard_sqnr", ["--recipes", "fp8-tensorwise"], "fp8-tensorwise transforms no GEMM"),
         ("hadamard_sqnr", ["--recipes", "nosuch"], "unknown recipe 'nosuch'"),
         ("auto_check_cost", ["--recipe", "fp32"], "not an auto recipe"),
-        ("auto_check_cost", ["--checks", "0"], "--checks, --threads"),
-        ("fp16_attention_sqnr", ["--batches", "0"], "--batches and --threads must be"),
+        ("auto_check_cost", ["--checks", "0"], "--checks must be at least 1, got 0"),
+        ("fp16_attention_sqnr", ["--batches", "0"], "--batches must be at least 1, got 0"),
     ],
 )
 def test_a_bad_setting_is_one_line_not_a_traceback(name, argv, message, tmp_path, as_script):

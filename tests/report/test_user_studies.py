@@ -167,11 +167,11 @@ def test_plots_of_an_earlier_invocation_do_not_outlive_it(finished_study, tmp_pa
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--seeds", "0"], "--seeds must be positive, got 0"),
-        (["--threads", "0"], "--threads must be positive, got 0"),
-        (["--jobs", "0"], "--jobs must be positive, got 0"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--jobs", "0"], "--jobs must be at least 1, got 0"),
         (["--recipes", "fp32,fp32"], "recipe 'fp32' is listed twice"),
-        (["--img-steps", "0"], "steps must be positive, got 0"),
+        (["--img-steps", "0"], "--img-steps must be at least 1, got 0"),
     ],
 )
 def test_parity_settings_are_one_line_errors_before_anything_runs(
