@@ -4,8 +4,10 @@
 - ``fp8`` / ``8bit`` / ``4bit``: torchao's ``AdamWFp8`` / ``AdamW8bit`` / ``AdamW4bit`` (and the
   Adam variants): the state tensors are torchao tensor subclasses that quantize on write and
   dequantize on read; the update itself runs in fp32 (torchao's ``single_param_adam``). lowbit
-  changes three things: the fp32-states rule is decided on the global tensor (see
-  `keeps_fp32_states`), the step runs eagerly unless ``compile=True`` (torchao always calls
+  changes four things: the fp32-states rule is decided on the global tensor (see
+  `keeps_fp32_states`), a block is scaled by its largest value however small (torchao floors
+  the scale at 1e-12, which coarsened the moments of small gradients: `_block_scales`), the
+  step runs eagerly unless ``compile=True`` (torchao always calls
   ``torch.compile``, which on a CPU costs tens of seconds per parameter shape), and Adam's
   ``amsgrad`` and ``maximize`` are refused (as by the bf16 states), not ignored, as are complex
   and fp64 parameters and sparse gradients (`_RealDenseOnly`). The arithmetic
@@ -373,10 +375,16 @@ def _torchao():
 
 def _torchao_states() -> dict[type, StatePrecision]:
     """torchao's quantized state tensor classes and the state precision of each; each copies by
-    ``clone`` (`_clone_states`)."""
+    ``clone`` (`_clone_states`) and scales its blocks by their own largest value at any
+    magnitude (`_block_scales`)."""
+    from torchao.optim import subclass_4bit, subclass_8bit, subclass_fp8
     from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
     from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    # the quantizers each class's ``copy_`` (the state's write) looks up in its module
+    subclass_8bit.scale_tensor = subclass_4bit.scale_tensor = _scale_blocks
+    subclass_fp8.quantize_fp8 = _quantize_fp8
 
     classes = {
         OptimStateFp8: StatePrecision.FP8,
@@ -396,6 +404,42 @@ def _clone_states(func, types, args, kwargs):
     The copy holds copies of the codes, block scales and code map: the same values, bit for bit,
     in storage of its own."""
     return _copy(args[0])
+
+
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _block_scales(blocks: Tensor) -> Tensor:
+    """Each block's largest magnitude (a row of ``blocks``), by which its values are divided before
+    they are coded; an all-zero block's is fp32's smallest normal number (its codes are 0).
+
+    torchao floors it at 1e-12 instead, so a block of smaller values was coded as a fraction of
+    1e-12 and lost the resolution of its codes: a second moment ``v`` (a squared gradient) is
+    below 1e-12 wherever gradients are below ~1e-6, as a large model's often are. With
+    gradients of 1e-7, eps 1e-8 and 50 steps, 4-bit states moved the parameters 0.10 times as far
+    as fp32 states (they stalled) and 8-bit states 1.12 times; with gradients of 1e-8, fp8 states
+    1.71 times, their ``v`` rounded to 0 (the zero point, docs/memory.md). Adam's update does not
+    depend on the gradients' scale (but for eps), and with this floor neither do the codes: a
+    gradient scaled by a power of two gives the same codes and the same update.
+    """
+    return blocks.abs().amax(-1).clip(_FP32_TINY)
+
+
+def _scale_blocks(input: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """torchao's ``quant_utils.scale_tensor`` (8-bit and 4-bit states) with `_block_scales`: each
+    block divided by its largest magnitude, and the scales."""
+    blocks = input.view(-1, block_size)
+    scale = _block_scales(blocks)
+    return (blocks / scale.view(-1, 1)).view(input.shape), scale
+
+
+def _quantize_fp8(input: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """torchao's ``subclass_fp8.quantize_fp8`` with `_block_scales`: each block's e4m3 codes,
+    its largest magnitude at e4m3's largest value, and the scales."""
+    blocks = input.view(-1, block_size)
+    scale = _block_scales(blocks) / torch.finfo(torch.float8_e4m3fn).max
+    codes = (blocks / scale.view(-1, 1)).to(torch.float8_e4m3fn)
+    return codes.view(input.shape), scale
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -494,6 +538,7 @@ class _TorchaoStates(_RealDenseOnly):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        _warn_if_nothing_quantized(self)
         _, single_param_adam = _torchao()
         fn = (
             torch.compile(single_param_adam, fullgraph=True, dynamic=False)
@@ -535,6 +580,28 @@ class _TorchaoStates(_RealDenseOnly):
                     with torch._dynamo.utils.disable_cache_limit():
                         fn(*args)
         return loss
+
+
+def _warn_if_nothing_quantized(optimizer: Optimizer) -> None:
+    """Warn, at the first step, where every parameter keeps fp32 states (`keeps_fp32_states`):
+    the state precision then saves no memory (a small CNN's tensors are all under 4096 values),
+    which the user asked for and could otherwise read only from the memory table's bytes."""
+    if optimizer.state:  # not the first step (or states loaded to resume)
+        return
+    precision = optimizer.state_precision
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.numel()]
+    if not any(p.grad is not None for p in params):  # no states made: not warned yet
+        return
+    if not all(keeps_fp32_states(precision, p.numel()) for p in params):
+        return
+    block = BLOCK_SIZE.get(precision)
+    blocks = f", or not a multiple of the {block}-value blocks" if block else ""
+    warn(
+        f"{precision.value} optimizer states save no memory here: each of the {len(params)} "
+        f"parameter tensors keeps fp32 states (fewer than 4096 values{blocks}), 8 bytes per "
+        "parameter; fix: state_precision fp32 (lowbit train: --optimizer-state fp32) for the "
+        "same memory, or a model with larger tensors"
+    )
 
 
 def _lr_tensor(lr) -> Tensor:
@@ -655,6 +722,7 @@ class AdamWBf16States(_RealDenseOnly, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        _warn_if_nothing_quantized(self)
         index_of = _param_index(self)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
