@@ -11,6 +11,9 @@ Where: ``$LOWBIT_CACHE_DIR`` if set (set and empty turns the cache off), else
 *generation*: everything its entries depend on besides their own key (its code, Python's
 version). A process that starts a new generation deletes all but the `KEPT_GENERATIONS` most
 recent ones beside it, so upgrades of lowbit or Python never grow the folder without bound.
+Within a generation, a user whose keys vary with the run's settings (a tokenizer, a length) bounds
+its number of entries: writing one past the bound deletes the least recently used (by the
+entry file's modification time, which a read refreshes).
 
 The cache never fails a run. An entry is one file written whole and renamed into place
 (`os.replace`), so concurrent processes read either nothing or a whole entry; an entry that
@@ -21,6 +24,7 @@ written (read-only home, full disk) just leaves every lookup a miss, without a w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,18 +68,21 @@ class JsonCache:
     JSON parse alone would take for a shorter (wrong) value.
     """
 
-    def __init__(self, name: str, generation: str | None):
-        """``generation`` None: no caching (the caller cannot tell what its entries depend on)."""
+    def __init__(self, name: str, generation: str | None, max_entries: int | None = None):
+        """``generation`` None: no caching (the caller cannot tell what its entries depend on).
+        ``max_entries``: the most entries the generation keeps (see module doc); None, no bound."""
         root = cache_root()
         self.folder = root / name / generation if root is not None and generation else None
         self.writable = self.folder is not None
+        self.max_entries = max_entries
 
     def get(self, key: str):
         """The value stored under ``key``, or None for a miss (absent, unreadable, damaged)."""
         if self.folder is None:
             return None
+        path = self.folder / f"{key}.json"
         try:
-            header, _, payload = (self.folder / f"{key}.json").read_bytes().partition(b"\n")
+            header, _, payload = path.read_bytes().partition(b"\n")
             meta = json.loads(header)
             if meta != {
                 "format": FORMAT,
@@ -83,9 +90,13 @@ class JsonCache:
                 "sha256": hashlib.sha256(payload).hexdigest(),
             }:
                 return None
-            return json.loads(payload)
+            value = json.loads(payload)
         except (OSError, ValueError):  # ValueError: not UTF-8 or not JSON
             return None
+        if self.max_entries is not None:  # used now: the last to go when the bound is reached
+            with contextlib.suppress(OSError):  # a read-only folder, or deleted meanwhile
+                os.utime(path)
+        return value
 
     def put(self, key: str, value) -> None:
         """Store ``value`` under ``key``; a folder that cannot be written turns writing off for
@@ -103,10 +114,29 @@ class JsonCache:
             with os.fdopen(fd, "wb") as out:
                 out.write(json.dumps(meta).encode("utf-8") + b"\n" + payload)
             os.replace(temp, self.folder / f"{key}.json")
+            if self.max_entries is not None:
+                _evict(self.folder, self.max_entries)
         except OSError:
             self.writable = False
             if temp is not None:
                 Path(temp).unlink(missing_ok=True)
+
+
+def _evict(folder: Path, kept: int) -> None:
+    """Delete all but the ``kept`` most recently used entries of ``folder`` (a generation). Each
+    is statted only once the folder holds more; one deleted meanwhile (by another process's
+    eviction) is passed over, and one being read by another process is read whole or missed."""
+    names = [n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+    if len(names) <= kept:
+        return
+    used = []
+    for name in names:
+        try:
+            used.append((os.stat(folder / name).st_mtime_ns, name))
+        except OSError:
+            continue
+    for _, name in sorted(used, reverse=True)[kept:]:
+        (folder / name).unlink(missing_ok=True)
 
 
 def _prune(generation: Path) -> None:

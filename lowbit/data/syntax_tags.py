@@ -32,7 +32,8 @@ took every process that built the task seconds. An entry is keyed by the file's 
 generation by this module's source and Python's version (`tokenize` and `ast` change between
 versions), so a changed file, tagger or interpreter never reads a stale entry. What a pretrained
 tokenizer makes of the words (their pieces, each split's encoding) is cached as well
-(``word-pieces``, `_through_cache`), keyed by the tokenizer's state, not its files.
+(``word-pieces``, `_through_cache`), keyed by the tokenizer's state, not its files; its
+`PIECES_KEPT` most recently used entries are kept.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import json
 import keyword
 import sys
 import tokenize
+import weakref
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.data.cache import JsonCache, digest
+from lowbit.data.cache import JsonCache, cache_root, digest
 from lowbit.data.conll import Sentence
 from lowbit.data.corpus import split_documents, stdlib_documents
 from lowbit.errors import UsageError
@@ -235,7 +237,7 @@ def syntax_tag_task(
     (`piece_counts` of a pretrained encoder's tokenizer) packs ``window`` word pieces, not words.
     """
     caps = {"train": max_files, "validation": max_eval_files, "test": max_eval_files}
-    cache = JsonCache("syntax-tags", _generation())
+    cache = JsonCache("syntax-tags", _generation(), max_entries=TAGS_KEPT)
     tagged: dict[str, list[list[Sentence]]] = {}
     for split, docs in split_documents(list(stdlib_documents(root))).items():
         ordered = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
@@ -505,6 +507,11 @@ def _encode_pieces(
     }
 
 
+TAGS_KEPT = 1024  # syntax-tags entries per generation: ~90 files per corpus root
+# word-pieces entries per generation: a run on a new tokenizer adds 3 (its piece counts, the
+# train and validation encodings), on a new length or label map 2, of up to 0.45 MB each (MiniLM's
+# train split), so 64 keep the last 21 settings at least, in 30 MB at most
+PIECES_KEPT = 64
 _ENCODED = ("input_ids", "attention_mask", "labels")  # an encoding's tensors, (n, max_len) each
 # What the tokenizer object adds to its backend's state (`_tokenizer_state`): padding and truncation
 # sides and ids, the unknown id (`_one_piece_word`'s stand-in), decoding (`_blank_pieces`).
@@ -534,9 +541,12 @@ def _through_cache(tokenizer, inputs: tuple[str, ...], compute, to_entry, from_e
     (`lowbit.data.cache`, ``word-pieces``): ``from_entry`` makes the value of an entry that
     ``to_entry`` made, None for anything else. The tokenizer counts by `_tokenizer_state`; the
     generation is this module's code and the versions of transformers and tokenizers
-    (`_pieces_generation`). A tokenizer without a state to read is not cached."""
+    (`_pieces_generation`). A tokenizer without a state to read is not cached; with the cache
+    off, the state is not read either."""
+    if cache_root() is None:
+        return compute()
     state = _tokenizer_state(tokenizer)
-    cache = JsonCache("word-pieces", _pieces_generation() if state else None)
+    cache = JsonCache("word-pieces", _pieces_generation() if state else None, PIECES_KEPT)
     key = digest(state or "", *inputs)
     value = from_entry(cache.get(key))
     if value is None:
@@ -551,19 +561,56 @@ def _tokenizer_state(tokenizer) -> str | None:
     what the Python object adds (`_WRAPPER_STATE`); None for a tokenizer without a backend. Not
     its files or folder: one tokenizer is saved in several layouts, and `load_encoder_tokenizer`
     changes it after loading."""
-    from tokenizers import Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    state = Tokenizer.from_str(backend.to_str())  # a copy without the truncation and padding
-    state.no_truncation()  # that the last call left: each call sets its own
-    state.no_padding()
     wrapper = {name: getattr(tokenizer, name, None) for name in _WRAPPER_STATE}
     return digest(
         type(tokenizer).__name__,
         json.dumps(wrapper, sort_keys=True, default=repr),
-        state.to_str(),
+        _backend_digest(backend),
+    )
+
+
+# `_backend_digest` by backend object, for the process: serializing a Llama-3-size backend (128k
+# pieces, 5.5 MB of JSON) took a run a second or more for its piece counts and each split.
+_BACKEND_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend_digest(backend) -> str:
+    """The digest of ``backend``'s serialization without the truncation and padding that the
+    last call left on it (each call sets its own), which are put back as they were. Computed once
+    per backend while what can change it in place stays the same (`_backend_changes`)."""
+    changes = _backend_changes(backend)
+    known = _BACKEND_DIGESTS.get(backend)
+    if known is not None and known[0] == changes:
+        return known[1]
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        value = digest(backend.to_str())
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
+    _BACKEND_DIGESTS[backend] = (changes, value)
+    return value
+
+
+def _backend_changes(backend) -> tuple:
+    """What a backend's owner can change in place, cheap to read (small JSON texts, about a
+    millisecond for a Llama-3-size backend): its added tokens (`add_tokens`, a new special
+    token), its pipeline's steps (`load_encoder_tokenizer` sets a pre-tokenizer's prefix space),
+    its model's kind and size. A model's vocabulary and merges cannot be edited in place (a new
+    model of the same kind and size put in its place would go unnoticed)."""
+    steps = (backend.normalizer, backend.pre_tokenizer, backend.post_processor, backend.decoder)
+    return (
+        type(backend.model).__name__,
+        backend.get_vocab_size(with_added_tokens=True),
+        repr(sorted(backend.get_added_tokens_decoder().items())),
+        *(None if step is None else step.__getstate__() for step in steps),
     )
 
 

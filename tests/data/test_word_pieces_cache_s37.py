@@ -4,16 +4,19 @@ Every process that built the task on a pretrained encoder ran its tokenizer over
 tagged corpus again (a second or two: each `lowbit compare --jobs` worker, each test
 subprocess): once to count each word's pieces (packing), once per split to encode it. Both are
 read back now, identical to encoding, and never for another tokenizer, length or label map.
+Reading the tokenizer's state, in turn, serialized it twice on every lookup (a second for a
+Llama-3-size one), with the cache off too; and the folder grew by entries per setting unbounded.
 """
 
 import hashlib
 import json
+import time
 
 import pytest
 import torch
 
 from lowbit.data import syntax_tag_task
-from lowbit.data.syntax_tags import LABELS, encode_with_tokenizer, piece_counts
+from lowbit.data.syntax_tags import LABELS, PIECES_KEPT, encode_with_tokenizer, piece_counts
 from lowbit.train import TrainConfig
 from lowbit.train.tasks import _syntax_tags, build_task
 from tests.train.test_pretrained_transfer import save_tiny_bert
@@ -151,6 +154,103 @@ def test_a_damaged_or_foreign_entry_is_encoded_again(
     tokenized.clear()
     assert_same(encode_with_tokenizer(*inputs), expected)
     assert not tokenized
+
+
+class Serializations:
+    """A tokenizer's backend that counts its serializations (``to_str``): the cost of reading a
+    large tokenizer's state, a second for a Llama-3-size one (128k pieces, 5.5 MB of JSON)."""
+
+    def __init__(self, backend):
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "count", 0)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.backend, name, value)
+
+    def to_str(self, *args, **kwargs):
+        object.__setattr__(self, "count", self.count + 1)
+        return self.backend.to_str(*args, **kwargs)
+
+
+def counted():
+    tokenizer = bert()
+    tokenizer._tokenizer = Serializations(tokenizer.backend_tokenizer)
+    return tokenizer, tokenizer.backend_tokenizer
+
+
+def test_a_tokenizer_is_serialized_once_per_process_and_not_with_the_cache_off(
+    cache, sentences, monkeypatch
+):
+    """A task's piece counts and each split's encoding read the tokenizer's state once in all
+    (not once each), and not at all with the cache off (``LOWBIT_CACHE_DIR=``)."""
+    words = sorted({w for s in sentences for w in s.tokens})
+    tokenizer, backend = counted()
+    with monkeypatch.context() as patch:
+        patch.setenv("LOWBIT_CACHE_DIR", "")
+        piece_counts(tokenizer)(words)
+        encode_with_tokenizer(tokenizer, sentences, LABEL2ID, 32)
+    assert backend.count == 0
+    piece_counts(tokenizer)(words)
+    for part in (sentences[:3], sentences[3:]):  # two splits
+        expected = uncached(monkeypatch, tokenizer, part, LABEL2ID, 32)
+        assert_same(encode_with_tokenizer(tokenizer, part, LABEL2ID, 32), expected)
+    assert backend.count == 1
+
+
+def test_the_key_outlives_a_call_that_sets_truncation_and_padding_but_not_added_tokens(
+    cache, sentences, tokenized, monkeypatch
+):
+    """A call that leaves truncation and padding on the tokenizer keeps its key, whether the
+    process read the key before or reads it first then (which leaves them as they were); a word
+    added to its vocabulary makes a new key, though the process read the key before."""
+    tokenizer = bert()
+    expected = uncached(monkeypatch, tokenizer, sentences, LABEL2ID, 32)
+    encode_with_tokenizer(tokenizer, sentences, LABEL2ID, 32)
+    for reader in (tokenizer, bert()):
+        reader([["x", "y"]], is_split_into_words=True, truncation=True, max_length=5, padding=True)
+        backend = reader.backend_tokenizer
+        left = (backend.truncation, backend.padding)
+        assert None not in left
+        tokenized.clear()
+        assert_same(encode_with_tokenizer(reader, sentences, LABEL2ID, 32), expected)
+        assert not tokenized
+        assert (backend.truncation, backend.padding) == left
+
+    word = next(w for s in sentences for w in s.tokens if w.isalpha() and w not in WORDS)
+    assert tokenizer.add_tokens([word]) == 1  # a word of the sentences, [UNK] before
+    added = uncached(monkeypatch, tokenizer, sentences, LABEL2ID, 32)
+    assert not torch.equal(added["input_ids"], expected["input_ids"])
+    tokenized.clear()
+    assert_same(encode_with_tokenizer(tokenizer, sentences, LABEL2ID, 32), added)
+    assert tokenized
+
+
+def test_the_word_pieces_keep_their_most_recently_used_entries(cache, tokenized):
+    """Each new word list (as each new tokenizer, length or label map) adds an entry; past
+    `PIECES_KEPT` the least recently used goes: one read since is kept over one written after
+    it."""
+    count = piece_counts(bert())
+    count(["w0"])
+    time.sleep(0.02)  # the entries' times apart on a file system of coarse times
+    count(["w1"])
+    time.sleep(0.02)
+    for n in range(2, PIECES_KEPT):
+        count([f"w{n}"])
+    time.sleep(0.02)
+    tokenized.clear()
+    count(["w0"])  # read: now the most recently used
+    assert not tokenized
+    count([f"w{PIECES_KEPT}"])
+    assert len(list(cache.glob("word-pieces/*/*.json"))) == PIECES_KEPT
+    tokenized.clear()
+    count(["w0"])
+    count([f"w{PIECES_KEPT}"])
+    assert not tokenized
+    count(["w1"])  # the least recently used: gone
+    assert tokenized == ["w1"]
 
 
 @pytest.mark.slow  # the whole built-in task, twice (its tags are cold in a new session)
