@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from lowbit.dynamo_marks import assume_constant_result
+from lowbit.folder_lock import lock_folder
 from lowbit.kernels import fake
 from lowbit.threadflag import ThreadFlag
 
@@ -182,7 +183,7 @@ class _LongWait:
         while time.monotonic() < deadline:
             if self._over.wait(0.1) or not lock.exists():
                 return
-        held = _first_to_wait(lock.parent)
+        held = lock_folder(lock.parent)  # the one that says it waits; False: another
         try:
             if held is not False:
                 self.said = True
@@ -200,26 +201,6 @@ class _LongWait:
         finally:
             if isinstance(held, int):
                 os.close(held)  # drops the flock with it
-
-
-def _first_to_wait(folder: Path) -> int | bool | None:
-    """An exclusive ``flock`` on ``folder`` for the process that says it waits: the descriptor
-    that holds it (close it to drop it), False when another process holds it, None where there
-    are no locks (no ``fcntl``, a file system without them), where each process says it."""
-    try:
-        import fcntl  # POSIX
-    except ImportError:
-        return None
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        return False if isinstance(error, BlockingIOError) else None
-    return fd
 
 
 def _absolute_extensions_dir() -> None:

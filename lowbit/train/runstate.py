@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from lowbit.errors import UsageError, warn
+from lowbit.folder_lock import lock_folder
 
 
 def process_fields() -> dict:
@@ -40,25 +41,18 @@ class RunLock:
         self._fd: int | None = None
 
     def take(self) -> None:
-        """Lock the folder, if it exists and is not locked by this lock already."""
-        try:
-            import fcntl  # POSIX; elsewhere run.json's pid guards it (`_refuse_live_pid`)
-        except ImportError:
-            self._refuse_live_pid()
-            return
+        """Lock the folder, if it exists and is not locked by this lock already; where locks
+        cannot be had (not POSIX; NFS, where an exclusive flock needs a file open to write),
+        run.json's pid guards it (`_refuse_live_pid`)."""
         if self._fd is not None or not self.run_dir.is_dir():
             return
-        fd = os.open(self.run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _busy(self.run_dir) from None
-        except OSError:  # no locks here (an exclusive flock on NFS needs a file open to write)
-            os.close(fd)
+        held = lock_folder(self.run_dir)
+        if held is False:
+            raise _busy(self.run_dir)
+        if held is None:
             self._refuse_live_pid()
             return
-        self._fd = fd
+        self._fd = held
 
     def _refuse_live_pid(self) -> None:
         """Without a lock, refuse a folder whose run.json says a live process on this host trains
@@ -103,22 +97,12 @@ def _held(run_dir: Path) -> bool | None:
     The probe is `RunLock.take`'s own exclusive lock, dropped at once: where that cannot be taken
     (NFS, whose exclusive flock needs a file open to write), the run trained unlocked, and a
     shared probe that worked there called it dead."""
-    try:
-        import fcntl
-    except ImportError:
+    held = lock_folder(run_dir)
+    if held is None:
         return None
-    try:
-        fd = os.open(run_dir, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if held is False:  # another process's
         return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # drops the probe's lock with it
+    os.close(held)  # drops the probe's lock with it
     return False
 
 
