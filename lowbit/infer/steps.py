@@ -65,13 +65,16 @@ def _load_source(path) -> io.Source:
         return io.load_source(path, "cpu")
 
 
-def _inference_folder(path) -> io.Source | None:
-    """The quantized or pruned folder ``path`` loaded, before --out's checks: quantize refuses a
-    quantized one and prune both, and their default --out, there from the step that made the
-    folder, was refused first as not empty, the real problem said only once the user had cleared
-    it. Loaded, not only its manifest read, so that a damaged or config-less folder's own error
-    comes first. None for a run folder, loaded after --out's checks (before its slow load)."""
-    return _load_source(path) if io.is_inference_dir(path) else None
+def _refused_folder(path, refused) -> io.Source | None:
+    """The inference folder ``path`` loaded where its manifest is one that the step refuses
+    (``refused(manifest)``: quantize a quantized one, prune any), before --out's checks: their
+    default --out, there from the step that made the folder, was refused first as not empty, the
+    real problem said only once the user had cleared it. Loaded, not only its manifest read, so
+    that a damaged or config-less folder's own error comes first. None for a run or a folder the
+    step takes: --out is checked before their load (seconds, minutes at 7B)."""
+    if not io.is_inference_dir(path) or not refused(io.read_manifest(path)):
+        return None
+    return _load_source(path)
 
 
 def quantize_run(
@@ -92,15 +95,15 @@ def quantize_run(
             "--group-size G"
         )
     check_given(out, "--out")
-    source = _inference_folder(path)
-    if source is not None and source.quantized:
+    source = _refused_folder(path, lambda manifest: manifest.get("quantization"))
+    if source is not None:
         raise UsageError(
             f"{path} is already quantized ({io.describe_manifest(source.manifest)}); fix: "
             f"quantize its source, {source.manifest['source']['path']}"
         )
     target = out or io.default_out(path, recipe.format.value)
-    io.check_target(target, path, force)  # before loading and quantizing a run
-    source = source or _load_source(path)
+    io.check_target(target, path, force)  # before loading and quantizing
+    source = _load_source(path)
     linear_before = _source_linear_bytes(source)
     record = io.source_record(source)  # the weights as loaded, before they are quantized
     report = quantize_model(source.model, recipe)
@@ -129,11 +132,11 @@ def prune_run(path, sparsity=None, pattern: str | None = None, out=None, force=F
     # the percentage as given (up to 6 digits): rounded to a whole one, 0.99999 read "100%" and
     # 0.504 wrote the folder RUN_DIR-sparse50 that --force then took for 0.5's
     percent = f"{sparsity * 100:g}" if nm is None else None
-    source = _inference_folder(path)
-    if source is not None:
+    source = _refused_folder(path, lambda manifest: True)
+    if source is not None:  # a quantized folder's source may itself be pruned: the run, first
         raise UsageError(
             f"{path} is already {io.describe_manifest(source.manifest)}; fix: prune the run it "
-            f"came from, {source.manifest['source']['path']}, then quantize"
+            f"came from, {io.training_run(path)}, then quantize"
         )
     target = out or io.default_out(path, f"{nm[0]}of{nm[1]}" if nm else f"sparse{percent}")
     io.check_target(target, path, force)  # before loading and pruning

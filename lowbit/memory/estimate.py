@@ -859,26 +859,27 @@ def _traced(
         if len(_TRACES) >= 32:
             _TRACES.clear()
         trace = _trace_activations(model, mode, resolved, batch, seq, task, alone)
-        trace.conversion_notes = _conversion_notes(resolved, model)
+        trace.conversion_notes = _conversion_notes(resolved, model, mode)
         _TRACES[key] = (shape, resolved, trace)
     return _TRACES[key]
 
 
-def _conversion_notes(recipe: Recipe, model: torch.nn.Module) -> tuple[str, ...]:
+def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str, ...]:
     """What `lowbit train` warns of ``recipe`` (resolved for ``model``) on this model, said by
     the estimate too, which until session 37 gave a recipe that converts no layer of the model
     the numbers of its compute dtype without a word: a recipe that keeps every GEMM layer in high
     precision (nvfp4's end blocks on a 2-block model; `Precision.keeps_every_layer`), and the
     user's overrides that apply to no layer (a misspelt or shadowed pattern); and that an
-    ``auto`` recipe is estimated at the plan it starts from, which docs/memory.md says only."""
-    from lowbit.nn.convert import _unused_overrides
+    ``auto`` recipe is estimated at the plan it starts from, which docs/memory.md says only.
+    Both warnings come from `convert`'s own report on the traced fake model (in its ``mode``;
+    the trace is done with it), so that the note and the warning cannot disagree."""
+    from lowbit.nn.convert import convert
     from lowbit.recipes.auto import budget_of
 
+    with mode:
+        report = convert(model, recipe)
     notes = []
-    gemms = [
-        name for name, module in model.named_modules() if is_linear(module) or is_experts(module)
-    ]
-    if recipe.layer is not None and gemms and all(recipe.layer_for(n)[0] is None for n in gemms):
+    if recipe.layer is not None and report.kept_every_layer:
         notes.append(
             "the recipe keeps every GEMM layer of this model in high precision (lowbit train "
             "warns of it too), so it trains, and is estimated, as its compute dtype does"
@@ -889,7 +890,7 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module) -> tuple[str, ...]
             "most it holds (its fp8 and MX rungs save a quantized or bf16 input and at most a "
             "1-byte weight copy)"
         )
-    notes += [f"override {text} applies to no layer" for text in _unused_overrides(recipe, model)]
+    notes += [f"override {text} applies to no layer" for text in report.unused_overrides]
     return tuple(notes)
 
 

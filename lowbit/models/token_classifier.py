@@ -266,9 +266,10 @@ def _keep_leading_spaces(tokenizer) -> None:
 def load_encoder_tokenizer(size_or_path: str):
     """The fast tokenizer saved with a pretrained encoder folder (or ``"minilm"``), set up to
     tokenize pre-split words as the encoder saw running text (`PREFIX_SPACE_TYPES`,
-    `_keep_leading_spaces`). Refused in one line where it cannot feed the encoder: without a
-    padding token (sentences are padded to one length) or with more ids than the encoder's
-    embedding has rows."""
+    `_keep_leading_spaces`). Sentences are padded to one length: a tokenizer without a padding
+    token (a decoder's: GPT-2, Llama) pads with its end-of-text or unknown token. Refused in one
+    line where it cannot feed the encoder: with none of those, or with more ids than the
+    encoder's embedding has rows."""
     from transformers import AutoTokenizer
 
     folder = _resolve(size_or_path)
@@ -294,6 +295,11 @@ def load_encoder_tokenizer(size_or_path: str):
             "every word would be unknown); fix: save the encoder's tokenizer (tokenizer.json or "
             "vocab.txt) into the folder"
         )
+    if tokenizer.pad_token is None and (tokenizer.eos_token or tokenizer.unk_token):
+        # a decoder's tokenizer (GPT-2's, Llama's, a `lowbit export` of a causal-lm run) has no
+        # padding token: as Hugging Face's users do, its end-of-text (else unknown) token pads,
+        # at positions the attention mask hides from the model and the labels ignore
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise UsageError(
             f"{folder}: the tokenizer has no padding token; fix: set its pad_token (e.g. "

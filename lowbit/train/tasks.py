@@ -260,7 +260,13 @@ MODEL_TOKENIZER_FILES = (
 
 def model_tokenizer_file(model: str) -> Path | None:
     """The tokenizer file a causal LM's folder brings (lowbit's own, or a Hugging Face one), which
-    the run then uses instead of --tokenizer; None for a named size or a folder without one."""
+    the run then uses instead of --tokenizer; None for a named size or a folder without one. A
+    lowbit run folder, or a path in one, is refused as no model (`run_as_model`) first: a
+    tagger run's vocab.json was read as the model's tokenizer, "the tokenizer is damaged"."""
+    from lowbit.models.pretrained import run_as_model
+
+    if not (Path(model) / "config.json").is_file() and (refusal := run_as_model(model)):
+        raise refusal
     for name in MODEL_TOKENIZER_FILES:
         if (Path(model) / name).is_file():
             return Path(model) / name

@@ -109,3 +109,19 @@ def test_a_run_whose_model_folder_is_gone_names_the_run(tmp_path, capsys):
         "that path; a run trained from a folder needs it where it was); fix: put it back there, "
         "or --model its new place with the run's settings as flags\n"
     )
+
+
+def test_the_keeps_every_layer_note_is_converts_own(tmp_path):
+    """The note worked out from the recipe's decisions alone (`Recipe.layer_for`), where
+    `convert` (and so `lowbit train`'s warning) also keeps a layer whose weight its parent reads
+    itself: a Mamba mixer's dt_proj. With the mixers' other projections kept, convert converts
+    no layer, and lowbit train warns so; the estimate said nothing."""
+    from transformers import MambaConfig
+
+    config = MambaConfig(
+        hidden_size=32, num_hidden_layers=2, vocab_size=300, state_size=4, conv_kernel=4
+    )
+    config.save_pretrained(tmp_path / "mamba")
+    others_kept = get_recipe("mxfp8").with_overrides("*.in_proj|*.x_proj|*.out_proj=keep")
+    assert estimate(tmp_path / "mamba", others_kept, seq=16).notes == [KEEPS_EVERY]
+    assert estimate(tmp_path / "mamba", "mxfp8", seq=16).notes == []

@@ -98,12 +98,15 @@ def test_a_tagger_with_the_same_labels_keeps_its_head_in_the_data_order(tmp_path
 
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "def", "return", "(", ")", ":"]
+# neither a padding token nor one to pad with (an end-of-text or unknown token, as a decoder's
+# tokenizer pads: tests/models/test_run_as_model_s37.py)
+NO_PAD = {"pad_token": None, "unk_token": None}
 
 
 @pytest.mark.parametrize(
     ("vocab_size", "tokens", "message"),
     [
-        (len(WORDS), {"pad_token": None}, "the tokenizer has no padding token; fix: set its"),
+        (len(WORDS), NO_PAD, "the tokenizer has no padding token; fix: set its"),
         (6, {}, "the tokenizer has 10 ids, the encoder's embedding 6; fix: save the encoder's own"),
     ],
 )
