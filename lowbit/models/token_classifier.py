@@ -300,6 +300,10 @@ def load_encoder_tokenizer(size_or_path: str):
         # padding token: as Hugging Face's users do, its end-of-text (else unknown) token pads,
         # at positions the attention mask hides from the model and the labels ignore
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # padding after the words: a decoder's tokenizer may pad before them (Llama's is saved with
+    # padding_side "left", for generation), which put each sentence at other positions than its
+    # length alone gives (the model numbers positions from the first token, padding or not)
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         raise UsageError(
             f"{folder}: the tokenizer has no padding token; fix: set its pad_token (e.g. "
