@@ -105,6 +105,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def flag_of(name: str) -> str:
+    """The `lowbit train` flag that gives setting ``name``: ``--name-with-dashes``, and
+    ``--override`` (once per entry) for the list ``overrides``."""
+    return "--override" if name == "overrides" else f"--{name.replace('_', '-')}"
+
+
 def load_file(path, flags=(), command=None) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's
@@ -172,9 +178,7 @@ def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
             flag = next(f for f in (name, "steps", "epochs") if f in flags)  # `_replaced`'s
             # a command's own spelling where it gives one (compare sets the seed by --first-seed)
             spelled = flags.get(flag) if isinstance(flags, dict) else None
-            flag = spelled or (
-                "--override" if flag == "overrides" else f"--{flag.replace('_', '-')}"
-            )
+            flag = spelled or flag_of(flag)
             warn(
                 f"{path}: {problem}; ignored, as {flag} replaces it; fix: correct it in the file, "
                 f"which a run without {flag} refuses"
@@ -397,7 +401,7 @@ def _check_types(config: TrainConfig) -> None:
         # an unset shell variable (--data "$CORPUS"): as a path, "" is the current folder, whose
         # files a run would train on (or, as --out, write and --overwrite into)
         if isinstance(getattr(config, name), str):
-            fix = f"give a value, or drop --{name.replace('_', '-')} for the default"
+            fix = f"give a value, or drop {flag_of(name)} for the default"
             check_given(getattr(config, name), name, fix)
     if isinstance(config.overrides, str):
         config.overrides = [config.overrides]
@@ -476,7 +480,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if value is not None and not (0 <= value < math.inf):
             raise UsageError(
                 f"{name} must be a finite number of at least 0, got {value}; fix: give one, or "
-                f"leave --{name.replace('_', '-')} out for its default"
+                f"leave {flag_of(name)} out for its default"
             )
     recipe_of(out)  # an unknown recipe or a malformed override fails before anything runs
     if out.min_lr > out.lr:
@@ -545,7 +549,7 @@ def ignored_settings(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if value is None or value == getattr(default, name):
             continue
-        flag = f"{name} (--{name.replace('_', '-')})"
+        flag = f"{name} ({flag_of(name)})"
         if config.task not in _TASK_SETTINGS[name]:
             lines.append(f"{flag} does not apply to task {config.task}; ignored")
         elif name in ("tokenizer", "vocab_size") and own_tokenizer is not None:

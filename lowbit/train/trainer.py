@@ -14,6 +14,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -34,6 +35,7 @@ from lowbit.train import checkpoint
 from lowbit.train.config import (
     RUN_INFO,
     TrainConfig,
+    flag_of,
     ignored_settings,
     lr_at,
     read,
@@ -314,14 +316,29 @@ def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = No
 
 
 def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
-    """Refuse a resumed run whose settings differ from the checkpoint's (`changed_setting`)."""
+    """Refuse a resumed run whose settings differ from the checkpoint's (`changed_setting`),
+    naming the setting both as `TrainConfig` (a script's) and `lowbit train` (a user's) spell it,
+    and the flags that give the run's value, which override a --config file's as well."""
     change = changed_setting(saved, config, recorded)
     if change:
         name, was, now = change
+        flag, given = flag_of(name), _as_flags(name, was)
+        keep = f"with the run's {given} or without {flag}" if given else f"without {flag}"
+        may = ", ".join(sorted(map(flag_of, RESUMABLE_CHANGES)))
         raise UsageError(
-            f"cannot resume with {name} {now!r}: the run was trained with {was!r}; "
-            f"fix: drop that setting (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+            f"cannot resume with {name} {now!r} ({flag}): the run was trained with "
+            f"{'its default' if was is None else repr(was)}; "
+            f"fix: resume {keep}, or start a new run with another --out (a resume may "
+            f"change only {may})"
         )
+
+
+def _as_flags(name: str, value) -> str:
+    """Setting ``name`` at ``value`` as the flags that give it, to paste into a shell
+    (``--lr 0.003``, one ``--override`` per entry); empty for None or no entries, which a run
+    without the flag has. A float is written as its repr, which reads back as the same float."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return " ".join(f"{flag_of(name)} {shlex.quote(str(v))}" for v in values)
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
@@ -953,8 +970,6 @@ class Trainer:
         self.dist.barrier()  # the other ranks read the run folder only after rank 0 checked it
         resume_step = None
         if resume:
-            # the data first: a checkpoint of other data fails its batches' state with less clue
-            self._check_same_data(recorded.get("data_fingerprint"))
             self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
             self._check_length()
@@ -1148,18 +1163,24 @@ class Trainer:
                 + split_rule_note(self.config)
             )
 
-    def _resume(self, path: Path, recorded: dict | None = None) -> None:
+    def _resume(self, path: Path, recorded: dict) -> None:
+        """Load the checkpoint at ``path`` after the checks that name why it may not be: its
+        settings (a --data naming another file is a setting changed, not data whose contents
+        changed), then its data's contents, before the batches' state fails with less clue."""
         check_checkpoint_kind(path, self.dist.distributed)
-        if path.is_dir():  # a multi-process checkpoint
+        sharded = path.is_dir()  # a multi-process checkpoint
+        if sharded:
             from lowbit.distributed import checkpoint as dcp_checkpoint
 
             state = dcp_checkpoint.read(path)
-            check_resume_config(state["config"], self.config, recorded)
-            dcp_checkpoint.load(self, path, state)
-            return
-        state = checkpoint.load(path)
+        else:
+            state = checkpoint.load(path)
         check_resume_config(state["config"], self.config, recorded)
-        self.load_state_dict(state)
+        self._check_same_data(recorded.get("data_fingerprint"))
+        if sharded:
+            dcp_checkpoint.load(self, path, state)
+        else:
+            self.load_state_dict(state)
 
     def _note_killed(self, run_dir: Path, recorded: dict) -> None:
         """Say that the run resumed had died without a word, or may still run on another host

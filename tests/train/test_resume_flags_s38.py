@@ -1,0 +1,129 @@
+"""A resume refused for a changed setting names the flag that sets it, the run's value as flags to
+paste, and the fix: it named the config key alone ("cannot resume with optimizer_state '8bit'";
+fix: "drop that setting", of a setting a config file may have given) and listed the settings a
+resume may change as keys (eval_interval) that no command line takes."""
+
+import re
+import shlex
+import shutil
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.errors import UsageError
+from lowbit.train import train
+from lowbit.train.config import read
+
+TINY = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step nano run on the built-in data (read only: a test that resumes it copies it)."""
+    run = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def _files(run) -> dict:
+    return {p: p.stat().st_mtime_ns for p in sorted(run.rglob("*"))}
+
+
+def _refused(run, capsys, *argv) -> str:
+    """The one-line error of a refused ``lowbit train --resume RUN ARGV``, which left ``run``
+    as it was."""
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "3", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lowbit: error: ")
+    assert _files(run) == before
+    return err
+
+
+@pytest.mark.parametrize(
+    ("given", "named", "runs"),
+    [
+        (
+            ["--optimizer-state", "8bit"],
+            "optimizer_state '8bit' (--optimizer-state): the run was trained with 'fp32'",
+            "--optimizer-state fp32",
+        ),
+        (
+            ["--batch-size", "8"],
+            "batch_size 8 (--batch-size): the run was trained with 4",
+            "--batch-size 4",
+        ),
+        (
+            ["--seq-len", "32"],
+            "seq_len 32 (--seq-len): the run was trained with 16",
+            "--seq-len 16",
+        ),
+        (
+            ["--recipe", "fp32"],
+            "recipe 'fp32' (--recipe): the run was trained with 'bf16-mixed'",
+            "--recipe bf16-mixed",
+        ),
+    ],
+)
+def test_a_refused_resume_names_the_flag_and_the_runs_value(run, capsys, given, named, runs):
+    err = _refused(run, capsys, *given)
+    assert f"cannot resume with {named}" in err
+    assert f"fix: resume with the run's {runs} or without {given[0]}, or start a new run" in err
+    assert "another --out" in err
+    # the settings a resume may change, as flags
+    assert "--eval-interval, --keep-last, --nproc, --out" in err and "eval_interval" not in err
+
+
+def test_a_setting_the_run_had_none_of_is_to_be_left_out(run, capsys):
+    """The run's value is no flag at all (no --override, the built-in data): "without" alone;
+    --data naming another file was refused as data whose contents changed ("restore the data")."""
+    err = _refused(run, capsys, "--override", "lm_head=keep")
+    assert "cannot resume with overrides ['lm_head=keep'] (--override)" in err
+    assert "fix: resume without --override, or start a new run with another --out" in err
+    other = run.parent / "other.txt"
+    other.write_text("".join(f"paragraph {i}: other words.\n\n" for i in range(200)))
+    err = _refused(run, capsys, "--data", str(other))
+    assert f"cannot resume with data {str(other)!r} (--data): the run was trained with its default" in err
+    assert "fix: resume without --data" in err and "other contents" not in err
+
+
+def test_the_runs_value_as_the_message_gives_it_resumes_over_a_config_file(run, tmp_path, capsys):
+    """The fix's flags paste into a shell and override a --config file's setting, which "drop
+    that setting" did not (the flag was never given); a derived min_lr (lr / 10, a float of many
+    digits) reads back as the same value."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("optimizer_state: 8bit\n")
+    for argv in (["--config", str(settings)], ["--min-lr", "0.001"]):
+        err = _refused(copy, capsys, *argv)
+        fix = re.search(r"fix: resume with the run's (.+?) or without", err).group(1)
+        capsys.readouterr()
+        steps = ["--steps", "3" if argv[0] == "--config" else "4"]
+        assert main(["train", "--resume", str(copy), *argv, *shlex.split(fix), *steps]) == 0
+        assert f"{steps[1]} steps (completed)" in capsys.readouterr().out
+
+
+def test_a_script_is_told_the_setting_and_its_flag(run):
+    """`train(config, resume=True)` raises the same message: the TrainConfig field first."""
+    config = read(run)
+    config.lr = 0.5
+    before = _files(run)
+    with pytest.raises(UsageError, match=r"cannot resume with lr 0\.5 \(--lr\): .* with 0\.003;"):
+        train(config, resume=True, quiet=True)
+    assert _files(run) == before
+
+
+def test_every_setting_a_resume_refuses_is_named_by_a_flag_of_lowbit_train(capsys):
+    """The message names each setting's flag as `flag_of` derives it from the field's name: one
+    that `lowbit train` does not take would send the user to a flag that does not exist."""
+    from lowbit.train.config import TrainConfig, flag_of
+    from lowbit.train.trainer import RESUMABLE_CHANGES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    usage = capsys.readouterr().out
+    flags = {flag_of(name) for name in TrainConfig.field_names()}
+    assert {flag for flag in flags if f"{flag} " not in usage} == set()
+    assert RESUMABLE_CHANGES.issubset(TrainConfig.field_names())
