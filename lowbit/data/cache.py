@@ -16,10 +16,14 @@ its number of entries: writing one past the bound deletes the least recently use
 entry file's modification time, which a read refreshes).
 
 The cache never fails a run. An entry is one file written whole and renamed into place
-(`os.replace`), so concurrent processes read either nothing or a whole entry; an entry that
-cannot be read, is cut short, was edited (its payload no longer matches the checksum in its
-header) or belongs to another key is a miss, recomputed and rewritten; a folder that cannot be
-written (read-only home, full disk) just leaves every lookup a miss, without a warning.
+(`os.replace`), so concurrent processes read either nothing or a whole entry (two writing one
+entry at once each rename a whole file over it); an entry that cannot be read, is cut short, was
+edited (its payload no longer matches the checksum in its header) or belongs to another key is a
+miss, recomputed and rewritten; a folder that cannot be written (read-only home, full disk) just
+leaves every lookup a miss, without a warning. A write that fails or is interrupted (Ctrl-C)
+removes its temporary file; one that a killed process (SIGKILL, the OOM killer) left behind is
+removed once it is `STALE_SECONDS` old, by the next process to use its generation
+(`_remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,16 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 FORMAT = 1  # the layout of an entry file below; a change makes older entries misses
 KEPT_GENERATIONS = 4  # generations kept per user: a few lowbit/Python versions side by side
+TEMPORARY = ".tmp-"  # the name's start of an entry file being written, before its rename
+# A temporary file unchanged this long is taken for one whose writer was killed: a live one is
+# renamed within seconds of its last write (see `_remove_stale_temporaries`).
+STALE_SECONDS = 3600
+_swept: set[Path] = set()  # the generations this process has swept of stale temporary files
 
 
 def cache_root() -> Path | None:
@@ -80,6 +90,9 @@ class JsonCache:
         """The value stored under ``key``, or None for a miss (absent, unreadable, damaged)."""
         if self.folder is None:
             return None
+        if self.folder not in _swept:
+            _swept.add(self.folder)
+            _remove_stale_temporaries(self.folder)
         path = self.folder / f"{key}.json"
         try:
             header, _, payload = path.read_bytes().partition(b"\n")
@@ -91,7 +104,7 @@ class JsonCache:
             }:
                 return None
             value = json.loads(payload)
-        except (OSError, ValueError):  # ValueError: not UTF-8 or not JSON
+        except (OSError, ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
             return None
         if self.max_entries is not None:  # used now: the last to go when the bound is reached
             with contextlib.suppress(OSError):  # a read-only folder, or deleted meanwhile
@@ -110,16 +123,42 @@ class JsonCache:
             if not self.folder.is_dir():
                 self.folder.mkdir(parents=True, exist_ok=True)
                 _prune(self.folder)
-            fd, temp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
+            fd, temp = tempfile.mkstemp(dir=self.folder, prefix=TEMPORARY, suffix=".json")
             with os.fdopen(fd, "wb") as out:
                 out.write(json.dumps(meta).encode("utf-8") + b"\n" + payload)
             os.replace(temp, self.folder / f"{key}.json")
+            temp = None
             if self.max_entries is not None:
                 _evict(self.folder, self.max_entries)
         except OSError:
             self.writable = False
+        finally:  # not renamed into place: a failed write, or one interrupted (KeyboardInterrupt)
             if temp is not None:
-                Path(temp).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+
+
+def _remove_stale_temporaries(generation: Path) -> None:
+    """Delete the temporary files in ``generation`` that writers killed between writing an entry
+    and renaming it into place left behind (each as large as its entry, up to megabytes), those
+    unchanged for `STALE_SECONDS`. Once per process and generation, at its first lookup: one
+    listing, not one per entry read (a file is statted only where its name is a temporary's).
+
+    Told by age, not by a pid in the name: a pid says nothing of a process on another machine
+    sharing the folder (a home folder over NFS), or in another container, and may have been
+    reused. The age is measured by this machine's clock against the file server's times, which
+    may differ (by seconds where NTP runs), far less than the hour allowed. A live writer's file is seconds old at most;
+    one removed from a writer stopped (Ctrl-Z) for longer only loses that writer its entry: its
+    rename fails, and it goes on without the cache (`JsonCache.put`)."""
+    try:
+        names = [name for name in os.listdir(generation) if name.startswith(TEMPORARY)]
+    except OSError:  # no such folder yet, or one that cannot be read
+        return
+    before = time.time() - STALE_SECONDS
+    for name in names:
+        with contextlib.suppress(OSError):  # renamed or removed meanwhile; a read-only folder
+            if os.stat(generation / name).st_mtime < before:
+                os.unlink(generation / name)
 
 
 def _evict(folder: Path, kept: int) -> None:
