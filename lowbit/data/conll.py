@@ -10,7 +10,8 @@ sentences of each document together). Tags are ``O`` or ``B-TYPE`` / ``I-TYPE``,
 are end and single). The file is UTF-8; a byte-order mark opening a line is dropped, not read as
 part of its token (the file's first line, or where ``cat`` joined files that each begin with one).
 A tag holds no whitespace nor invisible character: a no-break space left after one is refused, not
-read as a tag of its own.
+read as a tag of its own. JSON (a ``.jsonl`` / ``.json`` file, or one whose first line is a JSON
+record: Hugging Face datasets' ``to_json``) is refused as such.
 
 A treebank file (``.conllu``, Universal Dependencies' CoNLL-U, and its predecessor ``.conllx``)
 is read otherwise: 10 tab-separated columns, its words tagged with their part of speech, column 4
@@ -33,6 +34,7 @@ end all match.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -40,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from lowbit.data.corpus import read_lines
+from lowbit.data.corpus import JSONL_SUFFIXES, read_lines
 from lowbit.errors import UsageError, warn
 
 COLUMN_SEPARATOR = re.compile(r"[ \t]+")
@@ -83,7 +85,10 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     tokens: list[str] = []
     tags: list[str] = []
     widths: dict[int, list] = {}  # columns of a word's line: [lines, first line number, text]
-    for number, line in enumerate(read_lines(path), start=1):
+    lines = read_lines(path)
+    if _is_json(path, next((line for line in lines if line.strip()), "")):
+        raise _json_refusal(path)
+    for number, line in enumerate(lines, start=1):
         # a mark opening a line after the first is where `cat a.txt b.txt` joined files that a
         # Windows editor saved: read as part of the token, b's "-DOCSTART-" line was a word
         line = line.removeprefix("\ufeff")
@@ -115,6 +120,31 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     if not documents:
         raise UsageError(f"{path}: no sentences; fix: one 'TOKEN TAG' per line, blank line between")
     return documents
+
+
+def _is_json(path: Path, first: str) -> bool:
+    """Whether the file at ``path``, whose first line of text is ``first``, holds JSON: by its
+    name (``.jsonl``, ``.json``), or a first line that is a JSON object or array."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return True
+    text = first.strip().removeprefix("\ufeff")
+    if not text.startswith(("{", "[")):
+        return False
+    try:
+        return isinstance(json.loads(text), dict | list)
+    except ValueError:  # a CoNLL line that opens with a bracket ("[ O")
+        return False
+
+
+def _json_refusal(path) -> UsageError:
+    """The refusal of JSON data given as a tagger's CoNLL file (Hugging Face datasets'
+    ``to_json``: a record of ``tokens`` and ``ner_tags`` per line). Read as 'TOKEN TAG' lines,
+    it was refused as holding the tag ``"O"]}`` with a fix that listed the valid tags."""
+    return UsageError(
+        f"{path}: JSON, not the CoNLL text that token classification reads; fix: write each word "
+        "and its tag on a line of their own ('Ann B-PER'), a blank line between sentences, into "
+        "a .txt file"
+    )
 
 
 _WARNED: set[str] = set()  # a file is read more than once per run (its fingerprint, its task)
@@ -164,6 +194,10 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
         fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE; BILOU's L-TYPE, U-TYPE)"
         if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
             fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
+        elif is_valid_tag(capital := columns[-1][:1].upper() + columns[-1][1:]):  # 'b-per'
+            fix = f"write the tag's prefix in capitals ({capital})"
+        elif is_valid_tag(columns[0]):  # 'B-PER Ann': the listed tags were no help there
+            fix = f"write the token first and its tag last ({columns[-1]} {columns[0]})"
         raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
     return columns[0], columns[-1]
 
@@ -286,16 +320,28 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
             found[split].append(path)
     missing = [split for split, paths in found.items() if not paths]
     if missing:
+        # split files of JSON: renamed as the error below says, each was refused as JSON next
+        json_files = [
+            p
+            for p in files
+            if p.suffix.lower() in JSONL_SUFFIXES and conll_split_of(p.with_suffix(".txt").name)
+        ]
+        if json_files:
+            raise _json_refusal(json_files[0])
         names = [p.name for p in files]
         held = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         words = ", ".join("|".join(words) for words in CONLL_SPLIT_WORDS.values())
         extensions = ", ".join(e or "none" for e in CONLL_DATA_EXTENSIONS)
+        fix = "rename the split files"
+        if files and all(conll_split_of(p.name) for p in files):  # train.txt, dev.txt: no test
+            named = {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"}
+            fix = f"add {' and '.join(named[s] for s in missing)}: sentences held out of the others"
         raise UsageError(
             f"{folder}: no {' or '.join(missing)} file among {held or 'no files'}; expected "
             f"names such as train.txt, dev.txt, test.txt (stem {words}, alone or followed by "
             f"-, _, . or a digit; extension {extensions}), CoNLL-2003's *.train, *.testa, "
-            "*.testb or Universal Dependencies' *-ud-train.conllu, *-ud-dev.conllu, "
-            "*-ud-test.conllu; fix: rename the split files"
+            f"*.testb or Universal Dependencies' *-ud-train.conllu, *-ud-dev.conllu, "
+            f"*-ud-test.conllu; fix: {fix}"
         )
     return found
 

@@ -143,6 +143,28 @@ def encoder_positions(model) -> int | None:
     return positions
 
 
+def sees_left_context_only(model) -> bool:
+    """Whether each position of the token classifier ``model`` sees only the tokens before it
+    (causal attention: GPT-2's, Llama's, a BERT config with ``is_decoder``), so that a word's tag
+    cannot depend on the words after it. Told by the model's outputs, not its config: a config
+    names no such property for every family (GPT-2's and Llama's ``is_decoder`` is False; XLNet's
+    type has a causal-LM class, yet its tagger attends both ways). Two inputs of two tokens that
+    differ in the second alone give the first the same logits where it cannot see the second (the
+    same arithmetic on the same values); an encoder's differ there, far past rounding. The ids
+    are from the middle of the vocabulary, where no special token is (they come first or last)."""
+    training = model.training
+    device = next(model.parameters()).device
+    middle = model.get_input_embeddings().num_embeddings // 2
+    ids = torch.tensor([[middle, middle + 1], [middle, middle + 2]], device=device)
+    model.eval()  # no dropout: the two rows differ by their tokens alone
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+    finally:
+        model.train(training)
+    return torch.allclose(logits[0, 0], logits[1, 0], rtol=1e-4, atol=1e-6)
+
+
 def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
     """The folder's encoder with a token-classification head of ``labels`` (its own family's class).
 

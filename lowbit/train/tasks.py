@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import io
 import json
 import math
@@ -504,6 +505,11 @@ def conll_splits(path: str) -> dict:
         return _split_conll_file(source)
     if source.exists():
         raise pipe_as_data(path, "CoNLL text")
+    if glob.has_magic(path):  # causal-lm's --data takes one: "no such file" sent users to typos
+        raise UsageError(
+            f"{path}: a glob, which token-classification data is not read from; fix: give the "
+            "folder that holds its train, dev and test files, or one CoNLL file"
+        )
     raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
 
 
@@ -557,8 +563,10 @@ class TokenClassificationTask(Task):
         if config.seq_len < 3:
             raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
         pretrained = config.model not in SIZES  # a folder (or minilm) with its own tokenizer
+        tokenizer = None  # the pretrained encoder's, once loaded (the built-in task's packing)
         if config.data is None:
-            self.sentences = _syntax_tags(config.seq_len, config.model if pretrained else None)
+            model = config.model if pretrained else None
+            self.sentences, tokenizer = _syntax_tags(config.seq_len, model)
             labels = list(LABELS)
             self.fingerprint = {"source": "syntax-tags(stdlib)"}
             if pretrained:  # packed by word pieces since session 29 (before: by words)
@@ -568,10 +576,10 @@ class TokenClassificationTask(Task):
             tags = {t for part in self.sentences.values() for s in part for t in s.tags}
             labels = ["O", *sorted(tags - {"O"})]
             self.fingerprint = _sentences_fingerprint(config.data, self.sentences)
-            _warn_untrained_tags(config.data, self.sentences)
-            _warn_other_scheme(config.data, self.sentences)
         self.labels = _run_labels(run_dir, labels)
         self.run_given = run_dir is not None  # a run that exists: its --seq-len is fixed
+        if not self.run_given:  # a new run is told of every split as it starts
+            self._warn_data(("validation", "test"))
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.id2label = dict(enumerate(self.labels))
         if not pretrained:
@@ -584,7 +592,8 @@ class TokenClassificationTask(Task):
             vocab_size = len(self.vocab)
         else:
             self.vocab = None
-            tokenizer = load_encoder_tokenizer(config.model)
+            if tokenizer is None:
+                tokenizer = load_encoder_tokenizer(config.model)
             self._encode = lambda s: _encode_pretrained(tokenizer, s, self.label2id, config)
             vocab_size = None
         self.model = build_token_classifier(
@@ -594,27 +603,52 @@ class TokenClassificationTask(Task):
             seed=config.seed,
             max_seq_len=config.seq_len,
         )
+        if pretrained and not self.run_given:  # a new run's choice of model, told as it starts
+            _warn_left_context(config.model, self.model)
         self._encoded: dict[str, tuple] = {}
+        self._cut: dict[str, int] = {}  # per split: its sentences that lose words to --seq-len
         self.train_batches = TensorBatches(
-            self.encoded("train"), config.batch_size, config.seed, config.grad_accum
+            self._encoding("train"), config.batch_size, config.seed, config.grad_accum
         )
+        if not self.run_given:  # a run resumed or evaluated was told as its training started
+            self._warn_cut("train", "training")
 
-    def encoded(self, split):
-        from lowbit.models.token_classifier import encoder_positions
-
+    def _encoding(self, split):
         if split not in self._encoded:
             enc = self._encode(self.sentences[split])
             self._encoded[split] = (enc["input_ids"], enc["attention_mask"], enc["labels"])
-            positions = encoder_positions(self.model)
+            self._cut[split] = _cut_sentences(self.sentences[split], enc["labels"])
+        return self._encoded[split]
+
+    def encoded(self, split):
+        """``split`` encoded for evaluation; its sentences cut by --seq-len are told (once), and
+        for a run that exists, the data's warnings of this split alone (`lowbit eval --split
+        test` told of the validation split's tags)."""
+        out = self._encoding(split)
+        self._warn_cut(split, "the metrics")
+        if self.run_given:
+            self._warn_data((split,))
+        return out
+
+    def _warn_data(self, splits) -> None:
+        """The CoNLL data's warnings of ``splits``: tags not trained, another IOB scheme."""
+        if self.config.data is not None:  # the built-in task's tags are all trained
+            _warn_untrained_tags(self.config.data, self.sentences, splits)
+            _warn_other_scheme(self.config.data, self.sentences, splits)
+
+    def _warn_cut(self, split: str, left_out: str) -> None:
+        from lowbit.models.token_classifier import encoder_positions
+
+        if self._cut[split]:
             _warn_truncated(
                 split,
-                self.sentences[split],
-                enc["labels"],
+                self._cut[split],
+                len(self.sentences[split]),
                 self.config.seq_len,
-                positions,
+                encoder_positions(self.model),
                 self.run_given,
+                left_out,
             )
-        return self._encoded[split]
 
     def save_artifacts(self, folder) -> None:
         (Path(folder) / LABELS_FILE).write_text(json.dumps(self.labels) + "\n", encoding="utf-8")
@@ -709,19 +743,22 @@ class TokenClassificationTask(Task):
 
 
 @functools.lru_cache(maxsize=2)
-def _syntax_tags(seq_len: int, model: str | None = None) -> dict:
+def _syntax_tags(seq_len: int, model: str | None = None) -> tuple[dict, object]:
     """The built-in task's sentences, each filling at most ``seq_len`` positions with its special
     tokens: ``seq_len - 2`` words for a fresh encoder, as many word pieces of the pretrained
-    ``model``'s tokenizer (a few seconds of parsing; cached, treated as read-only)."""
+    ``model``'s tokenizer (a few seconds of parsing; cached, treated as read-only); and that
+    tokenizer (None for a fresh encoder), which the task encodes them with: the task loaded it a
+    second time (~40 ms of CPU for MiniLM's, and a second serialization for the word-pieces
+    cache's key). Its calls set their own truncation and padding, so runs may share it."""
     from lowbit.data import syntax_tag_task
     from lowbit.data.syntax_tags import piece_counts
     from lowbit.models import load_encoder_tokenizer
 
     if model is None:
-        return syntax_tag_task(window=seq_len - 2)
+        return syntax_tag_task(window=seq_len - 2), None
     tokenizer = load_encoder_tokenizer(model)
     window = seq_len - tokenizer.num_special_tokens_to_add()
-    return syntax_tag_task(window=window, piece_counter=piece_counts(tokenizer))
+    return syntax_tag_task(window=window, piece_counter=piece_counts(tokenizer)), tokenizer
 
 
 LABELS_FILE = "labels.json"  # a token-classification run's tags, in the order of its outputs
@@ -747,41 +784,50 @@ def _run_labels(run_dir, found: list[str]) -> list[str]:
 _said: set[str] = set()  # warnings given in this process (compare trains many runs of one data)
 
 
-def _warn_truncated(
-    split: str, sentences, labels: torch.Tensor, seq_len: int, positions: int | None, run: bool
-) -> None:
-    """Say how many sentences lose words to the sequence length: a training sentence's words past
-    it are not trained on, a validation or test one's not counted in the metrics, which then cover
-    part of the split. ``run``: the task is built for a run that exists (resumed, evaluated): its
-    training was told of its own split as it started, and its --seq-len is fixed, so the fix is a
-    new run (`lowbit eval` said "left out of training", "fix: raise --seq-len", a training option).
-    Where --seq-len is already the encoder's ``positions``, the fix is shorter sentences: "raise
-    --seq-len" was refused next ("exceeds the encoder's 512 positions")."""
-    if run and split == "train":
-        return
+def _cut_sentences(sentences, labels: torch.Tensor) -> int:
+    """How many ``sentences`` lose words to the sequence length: fewer of their words have a
+    label (a first piece kept) than they hold."""
+    if not len(sentences):
+        return 0
     words = torch.tensor([len(sentence.tokens) for sentence in sentences], dtype=torch.long)
-    kept = (labels != IGNORE_INDEX).sum(1)
-    cut = int((kept < words).sum()) if len(sentences) else 0
+    return int(((labels != IGNORE_INDEX).sum(1) < words).sum())
+
+
+def _warn_truncated(
+    split: str,
+    cut: int,
+    total: int,
+    seq_len: int,
+    positions: int | None,
+    run: bool,
+    left_out: str,
+) -> None:
+    """Say that ``cut`` of the ``total`` sentences of ``split`` lose words to the sequence length,
+    words ``left_out`` of "training" (a new run's train split) or of "the metrics" (a split
+    evaluated, the train split too under `lowbit eval --split train`), which then cover part of
+    the split. ``run``: the task is built for a run that exists (resumed, evaluated): its
+    --seq-len is fixed, so the fix is a new run (`lowbit eval` said "fix: raise --seq-len", a
+    training option). Where --seq-len is already the encoder's ``positions``, the fix is shorter
+    sentences: "raise --seq-len" was refused next ("exceeds the encoder's 512 positions")."""
     shorter = "split such sentences into shorter ones (a blank line between the parts)"
     longer = "--seq-len" if positions is None else f"--seq-len (up to the encoder's {positions})"
     fix = f"train a run with a longer {longer}, or {shorter}" if run else f"raise {longer}"
     if positions is not None and seq_len >= positions:
         fix = f"{shorter}: --seq-len {seq_len} is the most the encoder's {positions} positions hold"
-    whose, left_out = "the run's " if run else "", "training" if split == "train" else "the metrics"
-    message = (
-        f"lowbit: warning: {cut} of {len(sentences)} {split} sentences are longer than {whose}"
-        f"--seq-len {seq_len} holds; their words past it are left out of {left_out}; fix: {fix}"
+    whose = "the run's " if run else ""
+    _warn_once(
+        f"lowbit: warning: {cut} of {total} {split} sentences are longer than {whose}--seq-len "
+        f"{seq_len} holds; their words past it are left out of {left_out}; fix: {fix}"
     )
-    if cut:
-        _warn_once(message)
 
 
-def _warn_untrained_tags(source: str, sentences: dict) -> None:
-    """Say which tags occur only in the validation or test split: the model gets an output for
-    each that no training word teaches, so their words are mostly mispredicted and their entities
-    count as missed in entity F1 (a typo, ``B-LCO``, or a type the training file lacks)."""
+def _warn_untrained_tags(source: str, sentences: dict, splits) -> None:
+    """Say which tags occur in a split of ``splits`` and not in training: the model gets an
+    output for each that no training word teaches, so their words are mostly mispredicted and
+    their entities count as missed in entity F1 (a typo, ``B-LCO``, or a type the training file
+    lacks)."""
     trained = {tag for sentence in sentences["train"] for tag in sentence.tags}
-    for split in ("validation", "test"):
+    for split in splits:
         extra = sorted({t for s in sentences.get(split, []) for t in s.tags} - trained)
         if extra:
             several = len(extra) > 1
@@ -795,8 +841,8 @@ def _warn_untrained_tags(source: str, sentences: dict) -> None:
             )
 
 
-def _warn_other_scheme(source: str, sentences: dict) -> None:
-    """Say where the validation or test split opens its entities otherwise than training does
+def _warn_other_scheme(source: str, sentences: dict, splits) -> None:
+    """Say where a split of ``splits`` opens its entities otherwise than training does
     (`lowbit.data.conll.iob_scheme`: IOB1's ``I-`` against IOB2's ``B-``): entity F1 reads both
     alike, but the model tags each entity's first word as training did, which token accuracy and
     the per-label table count as wrong (MiniLM, 20 fp32 steps on IOB2 train and IOB1 dev files:
@@ -806,7 +852,7 @@ def _warn_other_scheme(source: str, sentences: dict) -> None:
     opens = {"IOB1": "I-", "IOB2": "B-"}
     trained = iob_scheme(sentences["train"])
     other = {"IOB1": "IOB2", "IOB2": "IOB1"}.get(trained)
-    splits = [s for s in ("validation", "test") if iob_scheme(sentences.get(s, [])) == other]
+    splits = [s for s in splits if iob_scheme(sentences.get(s, [])) == other]
     if other and splits:
         _warn_once(
             f"lowbit: warning: {source}: the {' and '.join(splits)} split"
@@ -815,6 +861,22 @@ def _warn_other_scheme(source: str, sentences: dict) -> None:
             f"tag an entity's first word {opens[trained]}, which token accuracy and the "
             "per-label table count as wrong there (entity F1 reads both alike); fix: write every "
             "split in one scheme, e.g. IOB2 (B- on each entity's first word)"
+        )
+
+
+def _warn_left_context(name: str, model) -> None:
+    """Say that the pretrained ``model`` (the --model ``name``) is a decoder, whose positions see
+    only the words before them (`sees_left_context_only`): a tag that the words after decide (an
+    entity's type, told by what follows its name) is guessed from its left alone, which an
+    encoder, seeing both sides, does not."""
+    from lowbit.models.token_classifier import sees_left_context_only
+
+    if sees_left_context_only(model):
+        _warn_once(
+            f"lowbit: warning: {name}: a decoder ({model.config.model_type!r}, causal attention): "
+            "each word is tagged from the words before it alone, never those after, which costs "
+            "accuracy where the words after decide a tag (named entities); fix: fine-tune an "
+            "encoder that reads both sides, --model minilm or a BERT-style folder"
         )
 
 
