@@ -22,6 +22,7 @@ from lowbit.memory.estimate import estimate
 from lowbit.models import build_model, model_config
 from lowbit.optim import build_optimizer
 from lowbit.recipes import names
+from lowbit.report.compare import parse_recipes
 
 
 def ratios(size: str, recipe: str, batch: int, seq: int) -> tuple[int, int, int, int]:
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     args = parser.parse_args(argv)
     at_least(parser, args, 1, "batch", "seq")
+    # before any is measured: an unknown name was a traceback after the recipes before it
+    model_config(args.size)
+    recipes = parse_recipes(args.recipes)
     print(f"{args.size}, {args.batch} x {args.seq}: estimate / measured activations (bytes)")
-    for recipe in args.recipes.split(","):
+    for recipe in recipes:
         est, got, est_tmp, got_tmp = ratios(args.size, recipe, args.batch, args.seq)
         both = (est + est_tmp) / (got + got_tmp)
         print(
@@ -73,4 +77,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks_md import run_script  # an unknown --size or --recipes: one line
+
+    run_script(main)

@@ -16,8 +16,10 @@ from lowbit.train.config import write_atomically
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
-def write_section(heading: str, text: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the section under ``heading`` (up to the next ``## ``) with ``text``, or append it."""
+def write_section(heading: str, text: str, path: Path | None = None) -> None:
+    """Replace the section under ``heading`` (up to the next ``## ``) of ``path`` (default
+    `BENCHMARKS_MD`, looked up at the call) with ``text``, or append it."""
+    path = BENCHMARKS_MD if path is None else path
     section = f"{heading}\n\n{text}\n"
     try:
         old = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -108,12 +110,17 @@ def at_least(parser: argparse.ArgumentParser, args, low: int, *names: str) -> No
 
 def run_script(main) -> None:
     """Exit with ``main()``'s status; lowbit's refusal of a setting (an unknown --recipe, a run
-    folder that is none) is one line naming the fix, as `lowbit` prints it, not a traceback."""
+    folder that is none) is one line naming the fix, as `lowbit` prints it, not a traceback, and
+    a Ctrl-C one line and status 130, as `lowbit` says it (a page is written whole at the end,
+    `write_section`, so one stopped midway is left as it was)."""
     try:
         code = main()
     except UsageError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        code = 130
     sys.exit(code)
 
 

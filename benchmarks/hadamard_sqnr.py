@@ -76,7 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     at_least(parser, args, 1, "seeds")  # the means over no seed were a ZeroDivisionError
     for name in args.recipes.split(","):
-        gemms = (get_recipe(name).layer.grad_input, get_recipe(name).layer.grad_weight)
+        layer = get_recipe(name).layer  # None: fp32 and the 16-bit presets quantize no GEMM
+        gemms = () if layer is None else (layer.grad_input, layer.grad_weight)
         if all(gemm.transform is not Transform.HADAMARD for gemm in gemms):
             parser.error(f"--recipes: {name} transforms no GEMM (mxfp4 and nvfp4 do)")
     print("| recipe | data | GEMM | SQNR with RHT (dB) | without (dB) | RHT gain (dB), range |")

@@ -9,7 +9,8 @@ the folder is written to a temporary directory (its ``model.safetensors`` size i
 reported), and validation perplexity is measured on the same ``--max-batches`` batches as the
 fp32 reference. Speed: tokens/s of fp32 and of the int8 kernels, measured side by side in
 interleaved rounds (medians; these machines are noisy, read the ratios), for batched evaluation
-(16 x 256 tokens a forward) and for greedy decoding (one sequence, one token a forward).
+(16 x 256 tokens a forward, fewer where the validation split or the model's positions
+hold fewer) and for greedy decoding (one sequence, one token a forward).
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from benchmarks_md import (  # noqa: E402
     write_section,
 )
 
+from lowbit.errors import a_task_run  # noqa: E402
 from lowbit.infer import QuantRecipe, io, prune_model, quantize_model, set_kernel  # noqa: E402
 from lowbit.infer.evaluate import fp32_precision, kernel_note  # noqa: E402
 from lowbit.infer.model import parse_pattern  # noqa: E402
+from lowbit.models.causal_lm import max_positions  # noqa: E402
 from lowbit.train.evaluate import check_max_batches  # noqa: E402
 
 HEADING = "## Inference (benchmarks/inference.py)"
@@ -126,6 +129,30 @@ def _decode(model, tokens: int):
             out = model(input_ids=nxt, use_cache=True, **{cache: getattr(out, cache)})
 
 
+EVAL_SHAPE = (16, 256)  # the batched-evaluation workload: sequences x tokens a forward
+
+
+def eval_batch(source) -> torch.Tensor:
+    """The first validation tokens as `EVAL_SHAPE`, or, where the split (a small --data corpus)
+    or the model's positions hold fewer, as many sequences of as many tokens as they do: a note
+    says which (the 16 x 256 slice was a RuntimeError after the whole quality pass). The split
+    holds at least one window of the run's --seq-len + 1 tokens, so one sequence always fits."""
+    tokens = source.task.tokens("validation")
+    rows, length = EVAL_SHAPE
+    positions = max_positions(source.model)  # None: no limit (ALiBi)
+    length = min(length, len(tokens), positions or length)
+    rows = min(rows, len(tokens) // length)
+    if (rows, length) != EVAL_SHAPE:
+        why = f"the validation split holds {len(tokens):,} tokens"
+        if length == positions < EVAL_SHAPE[1]:
+            why += f" and the model takes {positions} positions"
+        print(
+            f"note: {why}: batched evaluation is timed on {rows} x {length} tokens a forward, "
+            f"not {EVAL_SHAPE[0]} x {EVAL_SHAPE[1]}"
+        )
+    return tokens[: rows * length].reshape(rows, length).long()
+
+
 def speed(source, args) -> dict:
     """tokens/s per int8 kernel and fp32, interleaved rounds; medians and ratios to fp32."""
     variants = {"fp32": build(source, None, None, None, None, None)}
@@ -137,10 +164,13 @@ def speed(source, args) -> dict:
     int8pack = build(source, None, "int8", "weights-only", None, None)
     set_kernel(int8pack, "int8pack")
     variants["int8 weight-only (_weight_int8pack_mm)"] = int8pack
-    batch = source.task.tokens("validation")[: 16 * 256].reshape(16, 256).long()
+    batch = eval_batch(source)
     decode_tokens = 32
     workloads = {
-        "eval 16x256": (lambda m: _eval_forward(m, batch), batch.numel()),
+        f"eval {batch.shape[0]}x{batch.shape[1]}": (
+            lambda m: _eval_forward(m, batch),
+            batch.numel(),
+        ),
         f"decode 1x{decode_tokens}": (lambda m: _decode(m, decode_tokens), decode_tokens),
     }
     times = {(w, v): [] for w in workloads for v in variants}
@@ -278,9 +308,17 @@ def main(argv=None) -> int:
     check_max_batches(args.max_batches)  # as lowbit eval: 0 is every batch, below 0 refused
     if args.threads:
         torch.set_num_threads(args.threads)
+    if io.is_inference_dir(args.run):  # its "fp32 (reference)" row was the quantized model
+        parser.error(
+            f"{args.run} is a quantized/pruned folder, not a training run; fix: give the run it "
+            f"was made from, --run {io.training_run(args.run)}"
+        )
     source = io.load_source(args.run, "cpu")
     if source.config.task != "causal-lm":
-        parser.error(f"{args.run} is a {source.config.task} run; give a causal-lm run")
+        parser.error(
+            f"{args.run} is {a_task_run(source.config.task)}, not a causal LM's; fix: give a "
+            "causal-lm run folder (lowbit train --out)"
+        )
     rows = quality(source, args)
     speeds = None if args.no_speed else speed(source, args)
     layers = None if args.no_speed else layer_speed(args)

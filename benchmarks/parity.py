@@ -491,6 +491,13 @@ def main(argv=None) -> int:
     except UsageError as error:  # a --jobs worker killed (out of memory?), a run's own refusal
         print(f"parity: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # was a traceback; the pages are written after the runs, whole
+        print(
+            f"parity: interrupted; BENCHMARKS.md and docs/parity.md left as they were; run the "
+            f"same command again to resume (the finished runs in {args.out} are reused)",
+            file=sys.stderr,
+        )
+        return 130
     wall = (time.perf_counter() - started) / 60
     if trained is not None:
         print(f"parity: {wall:.0f} min with {jobs} jobs x {args.threads} threads", flush=True)

@@ -51,6 +51,7 @@ from benchmarks_md import (
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
 from lowbit.models import build_causal_lm
+from lowbit.report.compare import parse_recipes
 
 
 class Run:
@@ -224,10 +225,8 @@ def main() -> int:
             args.device,
         )
         return 0
-    recipes = args.recipes.split(",")
-    unknown = [name for name in recipes if name not in lowbit.recipe_names()]
-    if unknown:
-        parser.error(f"unknown recipe(s) {', '.join(unknown)}; see `lowbit recipes`")
+    # `--recipes ""` was "unknown recipe(s) ; see `lowbit recipes`"
+    recipes = parse_recipes(args.recipes)
     if "fp32" not in recipes:
         recipes.insert(0, "fp32")
     if args.worker:  # one process's medians, as JSON on the last line

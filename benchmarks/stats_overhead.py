@@ -15,21 +15,16 @@ one (so the overhead at another interval K is about ``(observed - 1) / K``). Wri
 from __future__ import annotations
 
 import argparse
-import re
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, page_not_written, run_script
+from benchmarks_md import DefaultsFormatter, at_least, command_line, publish, run_script
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
-from lowbit.errors import UsageError
 from lowbit.train import TrainConfig
-from lowbit.train.config import write_atomically
 from lowbit.train.logging import MetricsLogger
 from lowbit.train.trainer import Trainer
 
@@ -37,7 +32,13 @@ SECTION = "## Statistics overhead (benchmarks/stats_overhead.py)"
 
 
 def measure(args) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="lowbit-stats-"))
+    # the observed trainer's metrics.jsonl and TensorBoard files: each run (a refused one too)
+    # left a lowbit-stats-* folder behind in the temporary directory
+    with tempfile.TemporaryDirectory(prefix="lowbit-stats-") as folder:
+        return _measure(args, Path(folder))
+
+
+def _measure(args, folder: Path) -> dict:
     common = dict(
         recipe=args.recipe,
         batch_size=args.batch_size,
@@ -81,14 +82,11 @@ def measure(args) -> dict:
 
 
 def table(args, r: dict) -> str:
-    command = "benchmarks/stats_overhead.py " + shlex.join(sys.argv[1:])
     # lowbit train's own interval is "(default)"; every --interval was labelled so
     default = " (default)" if args.interval == DEFAULT_INTERVAL else ""
     return "\n".join(
         [
-            SECTION,
-            "",
-            f"`{command.strip()}`: causal-lm tiny, recipe {args.recipe}, batch {args.batch_size} x "
+            f"`{command_line()}`: causal-lm tiny, recipe {args.recipe}, batch {args.batch_size} x "
             f"{args.seq_len}, {args.intervals * args.interval} alternating steps, "
             f"{torch.get_num_threads()} threads (CPU, shared machine).",
             "",
@@ -103,20 +101,8 @@ def table(args, r: dict) -> str:
             f"An observed step costs {r['observed_ratio']:.2f}x a plain one, so the overhead at "
             f"an interval K is about {r['observed_ratio'] - 1:.2f} / K. Off, no observer is "
             "attached and the layers run no extra code.",
-            "",
         ]
     )
-
-
-def write_section(text: str) -> None:
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-    try:
-        page = path.read_text() if path.is_file() else "# Benchmarks\n"
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-        page = pattern.sub(text + "\n", page) if pattern.search(page) else page + "\n" + text
-        write_atomically(path, page)  # a Ctrl-C mid-write truncated the page (benchmarks_md.py)
-    except OSError as error:
-        raise UsageError(page_not_written(path, error)) from None
 
 
 def main() -> None:
@@ -133,10 +119,7 @@ def main() -> None:
     # an --interval 0 measured no step: a StatisticsError
     at_least(parser, args, 1, "interval", "intervals", "batch_size", "seq_len")
     result = measure(args)
-    text = table(args, result)
-    print(text)
-    if args.write:
-        write_section(text)
+    publish(SECTION, table(args, result), args.write)
 
 
 if __name__ == "__main__":

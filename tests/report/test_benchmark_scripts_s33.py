@@ -1,6 +1,7 @@
 """Session 33's hunt through the benchmark scripts: a parity run of some tasks keeps the others'
 recorded results, pages checked before any run, and bad input files or pages one line each."""
 
+import importlib
 import importlib.util
 import json
 import shutil
@@ -168,17 +169,23 @@ def test_a_page_that_cannot_be_written_is_one_line_after_the_results(tmp_path):
     )
 
 
-def test_stats_overhead_refuses_a_page_it_cannot_write_in_one_line(tmp_path, monkeypatch):
-    (tmp_path / "benchmarks").mkdir()
-    shutil.copy(BENCHMARKS / "stats_overhead.py", tmp_path / "benchmarks" / "stats_overhead.py")
-    (tmp_path / "BENCHMARKS.md").mkdir()
+def test_stats_overhead_refuses_a_page_it_cannot_write_in_one_line(
+    tmp_path, monkeypatch, as_script
+):
+    """A page it cannot write (a read-only checkout): one line after the results, not a
+    traceback."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    path = tmp_path / "benchmarks" / "stats_overhead.py"
-    spec = importlib.util.spec_from_file_location("stats_overhead_s33", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(UsageError, match=r"BENCHMARKS.md not updated \(Is a directory\)"):
-        module.write_section(module.SECTION + "\n\nnew figures\n")
+    page = tmp_path / "BENCHMARKS.md"
+    page.mkdir()  # unwritable to root too
+    monkeypatch.setattr(importlib.import_module("benchmarks_md"), "BENCHMARKS_MD", page)
+    argv = ["--interval", "1", "--intervals", "1", "--batch-size", "1", "--seq-len", "8"]
+    done = as_script("stats_overhead", *argv, "--write", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "| one observed step (1 measured) |" in done.stdout  # the results, printed first
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"stats_overhead.py: error: {page} not updated (Is a directory); the results are printed "
+        "above; fix: make the page writable and run again, or leave out --write"
+    )
 
 
 @pytest.mark.parametrize("argv", [["--interval", "0"], ["--intervals", "0"]])
