@@ -1,5 +1,6 @@
-"""What this machine's CPU computes in hardware, as far as lowbit's recipes care: whether its bf16
-GEMMs run on bf16 instructions.
+"""What this machine's CPU computes in hardware, as far as lowbit's recipes care: which operand
+formats it has kernels for (fp32 and bf16; a layer in any other is emulated, `emulated_layers`), and
+whether its bf16 GEMMs run on bf16 instructions.
 
 An x86 CPU without AVX512-BF16 or AMX-BF16 has no instruction that multiplies bf16 values: PyTorch
 (oneDNN) widens each bf16 operand to fp32 and runs an fp32 GEMM, so the numbers are the same and
@@ -67,3 +68,21 @@ def bf16_gemm_warning(recipe) -> str | None:
         f"time, so recipe {recipe.name} trains slower than fp32 here (docs/recipes.md, 'What "
         "runs natively')"
     )
+
+
+# Operand formats a CPU computes natively; every other one (fp16, fp8, MX, int8 operands) is
+# emulated on exact low-precision values.
+NATIVE_FORMATS = ("fp32", "bf16")
+
+
+def emulated_layers(model) -> list[str]:
+    """The names of ``model``'s low-precision layers a CPU runs in emulation: an operand format
+    outside `NATIVE_FORMATS`, or auto's formats, which move during training."""
+    from lowbit.nn.convert import lowbit_layers
+
+    return [
+        name
+        for name, layer in lowbit_layers(model).items()
+        if layer.lowbit_state.dynamic_spec
+        or any(op.format not in NATIVE_FORMATS for op in layer.spec.operands().values())
+    ]

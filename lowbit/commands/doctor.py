@@ -165,11 +165,14 @@ def run(args) -> int:
     )
     print(diagnosis.table(top=args.top))
     if args.checkpoint:
-        from lowbit.diagnostics.auto import plan_over_time
+        from lowbit.diagnostics.auto import moves_after_first_plan, plan_over_time
 
         timeline = plan_over_time(args.checkpoint, until_step=diagnosis.start_step)
         if timeline:
             print(f"auto plan of {args.checkpoint} over time:\n{timeline}")
+        moves = moves_after_first_plan(args.checkpoint, until_step=diagnosis.start_step)
+        if moves:
+            print(moves)
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 130 if diagnosis.interrupted else 0  # as `lowbit train` interrupted

@@ -219,6 +219,22 @@ class AutoPrecision:
         out["mean_bits"] = sum(rung_bits(r) for r in rungs) / len(rungs) if rungs else None
         return out
 
+    def describe(self) -> str:
+        """The plan in one line, for a run's summary: operands per rung, mean bits, and the
+        steps it changed at (``87 fp4, 20 fp6, 19 fp8 of 126 operands (5.13 mean bits); set at
+        step 1, changed at 25, 50``); what moved and why is in the run's ``moves`` records."""
+        counts = self.summary()
+        total = sum(counts[f"n_{rung}"] for rung in self.rungs)
+        if not total:
+            return "no operand planned (overrides decide every layer)"
+        rungs = ", ".join(
+            f"{counts[f'n_{rung}']} {rung}" for rung in self.rungs if counts[f"n_{rung}"]
+        )
+        steps = [str(entry["step"]) for entry in self.history]
+        when = f"; set at step {steps[0]}" if steps else "; not checked yet"
+        when += f", changed at {', '.join(steps[1:])}" if len(steps) > 1 else ""
+        return f"{rungs} of {total} operands ({counts['mean_bits']:.2f} mean bits){when}"
+
     # --- checks ------------------------------------------------------------------------------
 
     def wants_check(self, step: int) -> bool:
@@ -241,6 +257,16 @@ class AutoPrecision:
             spec = operand_spec(rung, operand)
             measured[rung] = operand_stats_tensor(x, quantize_operand(x, spec, batch=batch))
         self._measured.setdefault((layer, operand), []).append(measured)
+
+    def held(self) -> dict[str, str]:
+        """Why the operands that no check moves are where they are, as the run's ``moves``
+        records write it (``LAYER/OPERAND``: ``bf16: kept, ...``): those of the layers that read
+        the model's input (`_watch_inputs`), found at the first check."""
+        return {
+            f"{layer}/{op}": f"{rung}: kept, the layer reads the model's input (raw data)"
+            for layer in sorted(self.input_layers)
+            for op, rung in self.plan.get(layer, {}).items()
+        }
 
     def _controls(self, layer: str, operand: str) -> bool:
         """Whether the plan may move ``operand`` of ``layer``: not one an override set (absent
@@ -362,7 +388,7 @@ class AutoPrecision:
             if target == current:
                 return None
             # up although this rank's share passed at `current`: another rank's data needed it
-            reason = failures.get(current, "another rank's data") if up else "initial plan"
+            reason = failures.get(current, "another rank's data") if up else _first_plan(failures)
         elif down:
             self.stable[key] = self.stable.get(key, 0) + 1
             if self.stable[key] < self.patience:
@@ -463,6 +489,13 @@ class AutoPrecision:
         self.apply()
 
 
+def _first_plan(failures: dict) -> str:
+    """Why the first check put an operand on its rung: the cheaper rungs it failed, and how
+    (``initial plan: fp4 underflow, fp6 low SQNR``); the cheapest rung needs no reason."""
+    failed = ", ".join(f"{rung} {why}" for rung, why in failures.items())
+    return f"initial plan: {failed}" if failed else "initial plan: the cheapest rung passes"
+
+
 def controller_for(model: torch.nn.Module, recipe, **kw) -> AutoPrecision | None:
     """The controller of an ``auto`` recipe, None for other recipes."""
     budget = budget_of(recipe)
@@ -514,3 +547,26 @@ def plan_over_time(run_dir, until_step: int | None = None) -> str:
         cells += [str(r.get("changes", 0)), str(r.get("retries", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def moves_after_first_plan(run_dir, until_step: int | None = None, limit: int = 12) -> str:
+    """The operands a run's ``auto`` checks and guard moved after its first plan, with why, from
+    its ``metrics.jsonl`` ``moves`` records (``step 25  model.layers.2.mlp.down_proj
+    grad_weight.grad_out fp4 -> fp6: underflow``), the latest ``limit``; "" where none moved (or
+    the run is older than those records). ``until_step`` as in `plan_over_time`."""
+    records = [
+        record
+        for record in read_records(run_dir, "moves")
+        if record["step"] > 1 and (until_step is None or record["step"] <= until_step)
+    ]
+    moves = [
+        f"  step {record['step']}  {key.replace('/', ' ')} {why}"
+        for record in records
+        for key, why in record.items()
+        if key not in ("step", "split")
+    ]
+    if not moves:
+        return ""
+    shown = moves[-limit:]
+    more = f" (the latest {len(shown)} of {len(moves)})" if len(moves) > limit else ""
+    return "\n".join([f"moved after the first plan{more}:", *shown])

@@ -19,7 +19,8 @@ being worse than fp4 usually is. An operand is flagged when
 energy. The suggestion for a layer is one ``--override`` that puts its flagged operands in bf16,
 written as `lowbit train --override` takes it; none for an operand whose high-precision values were
 already inf or NaN before its cast (`Row.nonfinite_input`): no format made them, and in bf16 they
-stay non-finite.
+stay non-finite; nor for one whose cast lost nothing (`Row.exact`: fp16-low's gradients, whose
+values underflowed upstream in fp16 arithmetic).
 
 The probe also flags the known failure patterns:
 
@@ -89,6 +90,15 @@ class Row:
     spec: str = ""  # `OperandSpec.describe` of the spec judged: fp8_e4m3/tensor, fp8_e4m3/mx, ...
     # inf or NaN already in the high-precision values, before the cast (`_nonfinite_input`)
     nonfinite_input: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether its cast lost nothing (SQNR infinite) though it is flagged: fp16-low's fp16
+        gradients, flagged for their subnormals (`lowbit.diagnostics.stats`), what is left of
+        values that underflowed upstream in the recipe's fp16 arithmetic. A bf16 override of the
+        operand recovers none of them (the probe then counts only what its cast flushes: none,
+        and the flag is gone, the gradient rounded to bf16); a higher loss scale is the fix."""
+        return bool(self.reason) and self.sqnr == math.inf
 
     @property
     def loss_db(self) -> float:
@@ -198,6 +208,12 @@ class Diagnosis:
                 "suggested overrides: none (the operands were inf or NaN before their casts: see "
                 "non-finite-input above)"
             )
+        elif any(r.exact for r in self.flagged):
+            lines.append(
+                "suggested overrides: none (the flagged gradients underflowed before their "
+                "casts, in the recipe's fp16 arithmetic, which no format override changes: see "
+                "fp16-gradient-underflow above)"
+            )
         else:
             lines.append("suggested overrides: none (no operand flagged)")
         return "\n".join(lines)
@@ -288,10 +304,11 @@ def rows_from(per_step: list[dict], specs: dict) -> list[Row]:
 
 def suggestions_for(rows: list[Row]) -> list[str]:
     """One override per layer with flagged operands: those operands in bf16; not those that
-    were inf or NaN before their cast (`Row.nonfinite_input`), which stay so in bf16."""
+    were inf or NaN before their cast (`Row.nonfinite_input`), which stay so in bf16, nor those
+    whose cast lost nothing (`Row.exact`), whose values were lost before it."""
     by_layer: dict[str, list[str]] = {}
     for r in rows:
-        if r.reason and not r.nonfinite_input:
+        if r.reason and not r.nonfinite_input and not r.exact:
             by_layer.setdefault(r.layer, []).append(r.operand)
     return [
         f"{layer}=" + ",".join(f"{op}:bf16" for op in OPERANDS if op in ops)
@@ -374,6 +391,7 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         )
     # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
     trainer = Trainer(config, quiet=True, saved_run=checkpoint_dir)
+    _refuse_unused_overrides(trainer, read(checkpoint_dir).overrides if checkpoint_dir else [])
     if checkpoint_dir is not None:
         path = checkpoint.find(checkpoint_dir, checkpoint_path)
         state = checkpoint.load(path)
@@ -481,6 +499,32 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
     }
 
 
+def _refuse_unused_overrides(trainer, run_overrides: list[str]) -> None:
+    """Refuse an ``--override`` of the probe that applies to no layer of the model (a misspelt
+    name, a module that holds layers): the probe ran the recipe without it, and the check of a
+    fix read as the fix failing, under one warning. A run's own overrides (``--checkpoint``,
+    none given) are the run's, which trained with them, and are not refused."""
+    import difflib
+
+    from lowbit.nn.convert import lowbit_layers
+
+    report = trainer.precision.conversion_report
+    typed = [text for text in report.unused_overrides if text not in (run_overrides or [])]
+    if not typed:
+        return
+    text = typed[0]
+    hint = report.unused_hints.get(text)
+    if hint is None:  # a misspelt name: the layers nearest to it, as the table names them
+        names = list(lowbit_layers(trainer.model))
+        near = difflib.get_close_matches(text.split("=")[0], names, n=2, cutoff=0) or names[:2]
+        hint = f"the model's layers are named as {', '.join(near)}" if near else "no layer"
+    raise UsageError(
+        f"--override '{text}' applies to no layer of this model ({hint}), so the probe would "
+        "run without it; fix: a PATTERN matching the layer names (as the doctor's table names "
+        "them), or drop that --override"
+    )
+
+
 def _interruptible(interrupted: list[int]):
     """Within: a Ctrl-C (or the SIGTERM a scheduler ends a job with) lets the step under way
     finish, then the probe stops and is diagnosed on the steps it observed, as `lowbit train`
@@ -563,12 +607,13 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
         )
     judged = _judged_steps(result)
     last = judged[-1] if judged else {}
-    underflowing = [
-        f"{layer}:{op}"
+    low = {
+        f"{layer}:{op}": s
         for layer, ops in last.items()
         for op, s in ops.items()
         if s["format"] == "fp16" and op.endswith("grad_out") and s["underflow"] > MAX_UNDERFLOW
-    ]
+    }
+    underflowing = list(low)
     if underflowing:
         # a recipe that scales dynamically already: its scale is too low for these gradients
         # (it doubles only after --loss-scale-growth-interval overflow-free steps)
@@ -583,7 +628,13 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
                 "pattern": "fp16-gradient-underflow",
                 "detail": f"{len(underflowing)} fp16 gradient operands flush (or hold as "
                 f"subnormals) more than {MAX_UNDERFLOW:.0%} of their values, e.g. "
-                f"{underflowing[0]}; fix: {fix}, or bf16 gradients",
+                f"{underflowing[0]}; fix: {fix}, or bf16 gradients"
+                # fp16 already (fp16-low), lost in fp16 arithmetic that no override changes
+                + (
+                    " (--recipe bf16-low)"
+                    if all(s.get("sqnr") == math.inf for s in low.values())
+                    else ""
+                ),
                 "operands": underflowing,
             }
         )
@@ -794,6 +845,15 @@ def write_outputs(diagnosis: Diagnosis, folder) -> tuple[Path, Path]:
     return json_path, png_path
 
 
+# a flagged cell's label in the heat map, as the table's columns name the reasons
+_CELL_LABELS = {
+    "saturation": "sat",
+    "underflow": "under",
+    "low SQNR": "SQNR",
+    "non-finite": "nonfin",
+}
+
+
 def heatmap(diagnosis: Diagnosis, path) -> None:
     import matplotlib
 
@@ -813,21 +873,30 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
     for r in diagnosis.rows:
         grid[layers.index(r.layer), OPERANDS.index(r.operand)] = min(r.loss_db, 60.0)
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * max(len(layers), 1)))
-    image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0)
+    # the scale reaches at least the flagging threshold: scaled to the largest loss alone, a
+    # healthy probe's 0.4 dB of noise was drawn black, darker than the flagged cells
+    top = max(LOSS_DB, float(np.nanmax(grid)))
+    image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=top)
     ax.set_xticks(range(len(OPERANDS)), OPERANDS, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
     for r in diagnosis.rows:
-        if r.reason:
+        if r.reason:  # framed and named: most flags are no SQNR loss (underflow, saturation)
+            x, y = OPERANDS.index(r.operand), layers.index(r.layer)
+            frame = plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="tab:blue")
+            ax.add_patch(frame)
+            dark = grid[y, x] > top / 2
+            label = _CELL_LABELS[r.reason]
             ax.text(
-                OPERANDS.index(r.operand),
-                layers.index(r.layer),
-                r.reason[:4],
+                x,
+                y,
+                label,
                 ha="center",
                 va="center",
                 fontsize=6,
-                color="cyan",
+                weight="bold",
+                color="cyan" if dark else "tab:blue",
             )
-    fig.colorbar(image, ax=ax, label="SQNR below nominal (dB)")
+    fig.colorbar(image, ax=ax, label=f"SQNR below nominal (dB; flagged from {LOSS_DB:g})")
     ax.set_title(f"lowbit doctor: {diagnosis.recipe}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

@@ -78,7 +78,7 @@ class TrainingMonitor(NoMonitor):
             self._observed = None
             self._given_up = observed
             return False
-        self._retries.append({"attempt": attempt + 1, "changes": len(changes)})
+        self._retries.append({"attempt": attempt + 1, "changes": len(changes), "moves": changes})
         # the next attempt runs observed, so its offenders can be named if it fails again; a
         # check step stays one, decided from the attempt that succeeds (as "stats" the check was
         # dropped: the first plan waited a step, a periodic one a whole interval)
@@ -92,6 +92,7 @@ class TrainingMonitor(NoMonitor):
     def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
         records = []
         kind, self._observed = self._observed, None
+        first = kind == "check" and not self.controller.checked  # the first plan
         if kind == "check":
             stats, changes = self.controller.finish_check(step)
         elif kind == "stats":
@@ -114,6 +115,17 @@ class TrainingMonitor(NoMonitor):
                 for op, rung in ops.items()
             }
             records.append(("plan", plan))
+            # what moved and why (`AutoPrecision._decide`, the guard's `escalate`), the guard's
+            # moves first: a check after them decides last
+            moved = [*(c for r in self._retries for c in r["moves"]), *changes]
+            why = {
+                f"{c['layer']}/{c['operand']}": f"{c['from']} -> {c['to']}: {c['why']}"
+                for c in moved
+            }
+            if first:  # and what the first plan holds where it is, whatever a check measures
+                why.update(self.controller.held())
+            if why:
+                records.append(("moves", why))
         return records
 
     def unfinished_stats(self) -> dict:

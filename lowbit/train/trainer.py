@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.cpu import bf16_gemm_warning
+from lowbit.cpu import bf16_gemm_warning, emulated_layers
 from lowbit.diagnostics.monitor import build_monitor
 from lowbit.errors import RunNotWritten, UsageError, check_writable
 from lowbit.nn.convert import lowbit_layers
@@ -51,10 +51,6 @@ from lowbit.train.generate import visible
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.runstate import RunLock, process_fields, resume_command, resumed_text
 from lowbit.train.tasks import build_task, to_device
-
-# Operand formats a CPU computes natively; every other one (fp16, fp8, MX, int8 operands) is
-# emulated on exact low-precision values.
-_NATIVE_ON_CPU = ("fp32", "bf16")
 
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
 TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, report)
@@ -153,6 +149,11 @@ class RunResult:
             + self.extra.get("device_memory", "")
             + whose,
             f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}",
+            *(
+                [f"  auto plan        {self.extra['auto_plan']}"]
+                if "auto_plan" in self.extra
+                else []
+            ),
             f"  wall time        {_duration(self.wall_time)}",
             f"  run folder       {self.run_dir}",
         ]
@@ -748,12 +749,7 @@ class Trainer:
                 print(f"lowbit: warning: {line}", file=sys.stderr)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, config))
         self.monitor = build_monitor(self.model, recipe, config.stats_interval)
-        emulated = [
-            name
-            for name, layer in lowbit_layers(self.model).items()
-            if layer.lowbit_state.dynamic_spec  # auto: its formats move during training
-            or any(op.format not in _NATIVE_ON_CPU for op in layer.spec.operands().values())
-        ]
+        emulated = emulated_layers(self.model)
         if emulated and warn and self.device.type == "cpu":
             print(
                 f"lowbit: warning: recipe {config.recipe} has no native kernels on the CPU; its "
@@ -1307,6 +1303,8 @@ class Trainer:
             extra["device_memory"] = f"; CUDA peak allocated {peak:,.0f} MiB"
         if self.memory:
             extra["memory_table"] = self.memory
+        if self.monitor.controller is not None:  # auto: its plan, why in metrics.jsonl's "moves"
+            extra["auto_plan"] = self.monitor.controller.describe()
         sample = None
         # Sampling is one process's job; FSDP's forward needs every rank: no sample there.
         alone = self.dist.is_main and self.dist.strategy != "fsdp"
