@@ -53,6 +53,18 @@ class ConversionReport:
     unused_hints: dict[str, str] = field(default_factory=dict)
     searched: bool = False  # whether `convert` walked a model (a recipe may convert no layer)
 
+    def __getattr__(self, name: str):
+        """A module's attribute asked of the report: ``model = lowbit.convert(model, recipe)``
+        kept the report in place of the model, and ``model.parameters()`` failed with "object has
+        no attribute" and no word of why. Still an AttributeError (``hasattr`` answers False)."""
+        if name.startswith("_") or not hasattr(torch.nn.Module, name):
+            raise AttributeError(f"'ConversionReport' object has no attribute {name!r}")
+        raise AttributeError(
+            f"a ConversionReport has no .{name}(): lowbit.convert(model, recipe) converts the model "
+            "in place and returns this report of it; fix: call lowbit.convert(model, recipe) "
+            "without assigning it to model (or model = precision.convert(model))"
+        )
+
     @property
     def kept_every_layer(self) -> bool:
         """GEMM layers were found and every one was kept (nvfp4's end blocks on a 2-block
@@ -278,6 +290,12 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
 def check_model(model, call: str) -> None:
     """Refuse, in one line, a ``model`` that is not a module (a list of layers, a state dict, a
     pipeline); ``call`` names the function given it (``convert``, ``precision.convert``)."""
+    if isinstance(model, ConversionReport):
+        raise UsageError(
+            f"{call} got a ConversionReport, which lowbit.convert(model, recipe) returns after "
+            "converting the model in place; fix: keep the model (lowbit.convert(model, recipe) "
+            "without assigning it to model) and pass that"
+        )
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
             f"{call} swaps the GEMM layers of a torch.nn.Module, got a {type(model).__name__}; "

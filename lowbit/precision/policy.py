@@ -53,7 +53,12 @@ from lowbit.nn.experts import LowbitExperts
 from lowbit.nn.linear import LowbitModule
 from lowbit.nn.operand import scale_agreement
 from lowbit.precision.scaler import LossScaler, NoLossScaler
-from lowbit.precision.update import FullPrecisionUpdate, LowPrecisionUpdate, optimizer_params
+from lowbit.precision.update import (
+    FullPrecisionUpdate,
+    LowPrecisionUpdate,
+    local_values,
+    optimizer_params,
+)
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.presets import is_built_in, own_name_fix
 from lowbit.recipes.recipe import DTYPES, OperandSpec
@@ -107,6 +112,10 @@ class Precision:
         self._stepping = False  # within `step` (`_refuse_direct_step`)
         self._backwards = 0  # `backward` calls so far
         self._backward_at_step: dict[int, int] = {}  # id(optimizer) -> `_backwards` at its step
+        # id(optimizer) -> `_grad_marks` of its gradients as the last `backward` left them, under
+        # loss scaling (`_warn_scaled_gradients_changed`)
+        self._marks: dict[int, list[tuple[int, int]]] = {}
+        self._changed_warned = False
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -466,7 +475,7 @@ class Precision:
         them all took about 3 times torch.autocast's own time (`convert` refused a model over
         several device types)."""
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            return _NoAutocast()
         here = self.device.type
         if self._device_from == "model":
             firsts = [_first_parameter(model) for model in self._models]
@@ -483,6 +492,8 @@ class Precision:
             self._forget_unstepped()
         self._backwards += 1
         self.scaler.scale(loss).backward(**options)
+        if self.scaler.enabled:
+            self._marks = {id(opt): _grad_marks(opt) for opt in self._optimizers}
 
     def _check_loss(self, loss) -> None:
         """Refuse what is not a tensor, and a loss on another kind of device than this
@@ -543,10 +554,10 @@ class Precision:
                 "precision.step(optimizer), or optimizer.zero_grad() to skip the step, first"
             )
 
-    def _prepare(self, optimizer) -> tuple[list[torch.Tensor], bool]:
+    def _prepare(self, optimizer, stacklevel: int) -> tuple[list[torch.Tensor], bool]:
         """Once per step of ``optimizer``: the tensors it updates, whose ``.grad`` hold its
         high-precision gradients, unscaled, and whether all of those are finite (decided jointly
-        by data-parallel ranks)."""
+        by data-parallel ranks). ``stacklevel``: the user's call's, for a warning."""
         key = id(optimizer)
         if "update" in self._pending:  # param groups added since the state was loaded
             self._apply_pending()
@@ -573,6 +584,8 @@ class Precision:
         if key not in self._prepared:
             if self.scaler.enabled and not self._backwards:
                 self._refuse_unscaled_gradients(optimizer)
+            if self.scaler.enabled:
+                self._warn_scaled_gradients_changed(optimizer, stacklevel + 1)
             stepped = self.update.prepare(optimizer)
             # With no backward since this optimizer's last step, the gradients unscaled in place
             # then (the optimizer's own parameters': not a 16-bit parameter's fresh fp32 copy) are
@@ -591,6 +604,35 @@ class Precision:
             finite = scale_agreement().all_finite(finite)
             self._prepared[key] = (stepped, finite)
         return self._prepared[key]
+
+    def _warn_scaled_gradients_changed(self, optimizer, stacklevel: int) -> None:
+        """Warn, once, where the loss-scaled gradients of ``optimizer`` changed in place between
+        `backward` and their unscaling (`_grad_marks`): ``torch.nn.utils.clip_grad_norm_(
+        model.parameters(), 1.0)`` there, a loop written for bf16-mixed, measured the norm of the
+        scaled gradients (the scale, 65536 at the start, times too large) and cut them to
+        ``max_norm`` before the step divided them by the scale, so fp16-mixed's SGD updates were
+        that much too small without a word (Adam's normalize it away, all but its eps), as in
+        GradScaler's loop without ``unscale_``. A warning, not a refusal: a change that is linear
+        in the gradients (a mask, an all-reduce, a division) commutes with the scale and is
+        right."""
+        if self._changed_warned or self._backward_at_step.get(id(optimizer)) == self._backwards:
+            return  # unscaled at this optimizer's last step, with no backward since
+        marks, now = self._marks.get(id(optimizer)), _grad_marks(optimizer)
+        if not marks or len(now) != len(marks):
+            return
+        if any(then == mark for then, mark in zip(marks, now)):  # one end unchanged: no clipping
+            return
+        self._changed_warned = True
+        warnings.warn(
+            "lowbit: the gradients changed in place after precision.backward(), while they were "
+            f"scaled by recipe {self.recipe.name}'s loss scale (now {self.scaler.value:g}): "
+            "clipped then (torch.nn.utils.clip_grad_norm_(model.parameters(), ...)), they were cut "
+            "by a norm that many times too large (an SGD step that much too small); fix: "
+            "precision.clip_grad_norm_(optimizer, max_norm), or clip the tensors "
+            "precision.unscale_(optimizer) returns (said once; a change linear in the gradients, "
+            "a mask or an all-reduce, is right as it is)",
+            stacklevel=stacklevel,
+        )
 
     def _refuse_unscaled_gradients(self, optimizer) -> None:
         """Refuse gradients that no `backward` made, under loss scaling: ``loss.backward()`` in
@@ -618,7 +660,7 @@ class Precision:
         optimizers = _optimizers(call, optimizer)
         self._warn_at_first_steps(optimizers, 4)
         self._refuse_16_bit_parameters(optimizers, call)
-        return [t for opt in optimizers for t in self._prepare(opt)[0]]
+        return [t for opt in optimizers for t in self._prepare(opt, 4)[0]]
 
     def clip_grad_norm_(
         self,
@@ -674,7 +716,7 @@ class Precision:
         self._unstepped_load = False
         with self.own_steps():
             for optimizer in optimizers:
-                _, finite = self._prepare(optimizer)
+                _, finite = self._prepare(optimizer, 3)
                 if finite:
                     self.update.step(optimizer, closure)
                 else:
@@ -1161,6 +1203,28 @@ def _rotary_buffers(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str],
         and buffer.is_floating_point()
         and (name == "inv_freq" or name.endswith("_inv_freq"))
     }
+
+
+class _NoAutocast(contextlib.ContextDecorator, contextlib.nullcontext):
+    """`Precision.autocast` of a recipe without autocast: a no-op context that, as
+    ``torch.autocast`` does, also decorates (``@precision.autocast()`` on a forward worked under
+    bf16-mixed and failed with "'nullcontext' object is not callable" under fp32 and fp16-low)."""
+
+
+def _grad_marks(optimizer) -> list[tuple[int, int]]:
+    """The identity and version counter of the gradients of the first and the last parameter of
+    ``optimizer`` that have one; none where fewer than two have one. A clipping
+    (``clip_grad_norm_``, ``clip_grad_value_``) writes into every gradient, a mask (a new token's
+    embedding rows) or an injected value rarely into both ends. Two, not all: `Precision.backward`
+    reads them at every call."""
+    groups = optimizer.param_groups
+    forward = (p for group in groups for p in group["params"] if p.grad is not None)
+    backward = (p for group in reversed(groups) for p in reversed(group["params"]))
+    first = next(forward, None)
+    last = next((p for p in backward if p.grad is not None), None)
+    if first is None or first is last:
+        return []
+    return [(id(p.grad), local_values(p.grad)._version) for p in (first, last)]
 
 
 def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
