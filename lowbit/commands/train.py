@@ -52,7 +52,12 @@ FLAGS = [
     ("--eval-batches", int, "validation batches per evaluation (default 8)"),
     ("--save-interval", int, "steps between checkpoints (default: the eval interval)"),
     ("--keep-last", int, "checkpoints to keep (default 2)"),
-    ("--out", str, "run folder (default runs/<task>-<recipe>-<timestamp>)"),
+    (
+        "--out",
+        str,
+        "run folder: checkpoints, metrics.jsonl, tensorboard/ (default "
+        "runs/<task>-<recipe>-<timestamp>)",
+    ),
     ("--device", str, "auto (default), cpu, cuda or cuda:N"),
     ("--nproc", int, "processes (ranks) on this machine; --batch-size is the global batch"),
     ("--strategy", str, "ddp (default with --nproc > 1) or fsdp; under torchrun: this rank's"),
@@ -78,7 +83,10 @@ def add_switches(parser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML, TOML or JSON settings; flags override"
+        "--config",
+        metavar="FILE",
+        help="YAML, TOML or JSON settings, keyed by the flags' names (a run folder's config.yaml "
+        "repeats its run); relative paths in it are from the working folder; flags override",
     )
     for flag, kind, text in FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
@@ -89,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # turned off from the command line, as flags override the file
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also log to Weights & Biases in offline mode (if installed)",
+        help="also log to Weights & Biases, offline, into RUN/wandb (if installed; a --resume "
+        "goes on in the same W&B run)",
     )
     parser.add_argument(
         "--resume",
@@ -122,14 +131,15 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
         const=DEFAULT_INTERVAL,
         default=None,
         metavar="N",
-        help="log per-layer, per-operand numerics statistics (amax, saturation, underflow, "
-        f"SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off without the flag, or "
-        "with 0: a --resume then logs none)",
+        help="log numerics statistics of each layer the recipe converts, per operand (amax, "
+        f"saturation, underflow, SQNR, scale) every N steps (default N {DEFAULT_INTERVAL}; off "
+        "without the flag, or with 0: a --resume then logs none)",
     )
     parser.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bar or validation lines (the summary and its sample still print)",
+        help="no progress bar, validation lines or W&B lines (the summary and its sample still "
+        "print)",
     )
 
 
@@ -202,6 +212,24 @@ def _check_file_values(config, overrides: dict, path: str) -> None:
         raise UsageError(f"{path}: {error}") from None
 
 
+def _warn_stats_without_layers(config) -> None:
+    """Warn of a ``--stats-interval`` of a recipe that converts no layer (fp32, bf16-mixed, the
+    bf16 low and pure recipes: autocast or bf16 parameters), which has no layer to measure: the
+    run logged no statistics without a word."""
+    from lowbit.errors import warn
+    from lowbit.train.config import recipe_of, resolve
+
+    if not config.stats_interval:
+        return
+    recipe = recipe_of(resolve(config))  # a bad setting refused as `train` refuses it
+    if recipe.layer is None and not recipe.overrides:
+        warn(
+            f"--stats-interval: recipe {config.recipe} converts no layer, so no numerics "
+            "statistics are logged (they measure the layers a recipe converts); fix: a recipe "
+            "with low-precision layers (lowbit recipes), or no --stats-interval"
+        )
+
+
 def _kept(out: str | None) -> str:
     """What an aborted run left to resume from, and the command that does. A run aborted before
     its first checkpoint (a Ctrl-C in the first validation) was told "the last complete
@@ -244,10 +272,12 @@ def _check_nproc(nproc: int | None, config_file: str | None = None) -> None:
 def run(args) -> int:
     from lowbit.distributed import RankFailed
     from lowbit.train import NonFiniteLoss, train
+    from lowbit.train.logging import WANDB_RUN_ID
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; fix: give one")
     config = config_from_args(args)
+    _warn_stats_without_layers(config)
     try:
         result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     except (NonFiniteLoss, RankFailed) as error:
@@ -267,5 +297,9 @@ def run(args) -> int:
     if result.status == "interrupted":
         print(f"resume with: lowbit train --resume {run_dir}")
         return 130
-    print(f"next: lowbit eval {run_dir}  |  tensorboard --logdir {run_dir}")
+    nexts = [f"lowbit eval {run_dir}", f"tensorboard --logdir {run_dir}"]
+    if config.wandb and (Path(result.run_dir) / "wandb" / WANDB_RUN_ID).is_file():
+        # W&B's own lines, cut to where it keeps the run, no longer end with this command
+        nexts.append(f"wandb sync {run_dir}/wandb/offline-run-*")
+    print(f"next: {'  |  '.join(nexts)}")
     return 0

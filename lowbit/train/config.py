@@ -128,6 +128,8 @@ def load_file(path, flags=(), command=None) -> dict:
     mistake from going unnoticed by the runs that read the file without the flag."""
     settings = _without_replaced_mistypes(path, _file_settings(path), flags)
     unknown = _unknown_setting(settings)
+    if unknown and (fix := _other_files_fix(Path(path), settings)):
+        raise UsageError(f"{path}: {fix}")
     if unknown and isinstance(settings[unknown], dict):  # a [train] table, a `train:` block
         raise UsageError(
             f"{path}: {unknown!r} is a section, and settings are not read from sections; fix: "
@@ -155,6 +157,8 @@ def load_file(path, flags=(), command=None) -> dict:
         built = build_config(settings)
     except UsageError as error:
         raise UsageError(f"{path}: {error}") from None
+    if "data" in settings and "data" not in flags and not is_run_config(path):
+        _check_data_beside(path, built.data)
     if is_run_config(path):
         given = given_settings(built)
         settings = {name: value for name, value in settings.items() if name in given}
@@ -165,6 +169,40 @@ def load_file(path, flags=(), command=None) -> dict:
             if name in settings:
                 settings[name] = getattr(recorded, name)
     return settings
+
+
+def _other_files_fix(path: Path, settings: dict) -> str | None:
+    """What the file at ``path``, which holds keys no setting has, is and the fix, where it is
+    another file lowbit reads: a Hugging Face model config (``--model``'s) or a run folder's
+    run.json. They were told "unknown setting 'architectures'" and the list of settings."""
+    if "model_type" in settings or "architectures" in settings:
+        model = shlex.quote(str(path.parent if path.name == "config.json" else path))
+        return (
+            "a Hugging Face model config, not training settings; fix: --model "
+            f"{model} to train that model (--config takes a file of training settings)"
+        )
+    if path.name == RUN_INFO and (path.parent / "config.yaml").is_file():
+        config = shlex.quote(str(path.parent / "config.yaml"))
+        return f"a run's record, not its settings; fix: --config {config}, the run's settings"
+    return None
+
+
+def _check_data_beside(path, data: str | None) -> None:
+    """Refuse a relative ``data`` of the config file ``path`` that names nothing from the working
+    folder, where relative paths are read from (as on the command line), but names data beside
+    the file: "no such file" did not say that the path was not read from the file's folder."""
+    import glob
+
+    if data in (None, "stdlib") or Path(os.path.expanduser(data)).is_absolute():
+        return
+    beside = Path(path).parent / data
+    if glob.glob(data) or not glob.glob(str(beside)):
+        return
+    raise UsageError(
+        f"{path}: data {data!r} does not exist in the working folder {Path.cwd()}, which a "
+        f"relative path is read from, not the file's folder; fix: data: "
+        f"{os.path.relpath(beside)} (or an absolute path) in the file"
+    )
 
 
 def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
@@ -198,9 +236,15 @@ def _file_settings(path) -> dict:
     if (path / "config.yaml").is_file():  # a run folder (was: "no such config file")
         fix = f"--config {shlex.quote(str(path / 'config.yaml'))}, the run's settings"
         raise UsageError(f"{path}: a run folder, not a config file; fix: {fix}")
+    if path.is_dir():  # was "no such config file" of a folder that exists
+        raise UsageError(
+            f"{path}: a folder, not a config file; fix: --config FILE, a "
+            f"{', '.join(CONFIG_SUFFIXES)} file of settings"
+        )
     if not path.is_file():
         raise UsageError(f"{path}: no such config file; fix: check the path")
-    if path.suffix not in CONFIG_SUFFIXES:
+    suffix = path.suffix.lower()  # RUN.YAML, as some editors and systems name files
+    if suffix not in CONFIG_SUFFIXES:
         raise UsageError(
             f"{path}: unknown config type {path.suffix!r}; fix: use {', '.join(CONFIG_SUFFIXES)}"
         )
@@ -210,11 +254,11 @@ def _file_settings(path) -> dict:
     # and a file in another encoding is told by its byte, line and the iconv that converts it
     text = read_text(path, or_else=None)  # not "or remove it": the settings are in it
     try:
-        if path.suffix == ".toml":  # refuses a key given twice itself
+        if suffix == ".toml":  # refuses a key given twice itself
             import tomllib
 
             data = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             data = json.loads(text, object_pairs_hook=_once_each(path)) if text.strip() else {}
         else:
             data = _yaml_once_each(path, text)

@@ -18,10 +18,18 @@ import warnings
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
+WANDB_RUN_ID = "lowbit_run_id"  # in the run folder's wandb/: the W&B run a resume continues
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, config: dict, resume_step: int | None = None, wandb: bool = False):
+    def __init__(
+        self,
+        run_dir,
+        config: dict,
+        resume_step: int | None = None,
+        wandb: bool = False,
+        quiet: bool = False,
+    ):
         self.path = Path(run_dir) / METRICS
         if resume_step is not None:
             _truncate_after(self.path, resume_step)
@@ -37,7 +45,7 @@ class MetricsLogger:
             _after_earlier_event_files(tensorboard)
         _quiet_event_writer_threads()
         self._tb = SummaryWriter(str(tensorboard), purge_step=purge_step)
-        self._wandb = _start_wandb(run_dir, config, resume_step) if wandb else None
+        self._wandb = _start_wandb(run_dir, config, resume_step, quiet) if wandb else None
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         values = {k: _number(v) for k, v in metrics.items() if v is not None}
@@ -58,14 +66,15 @@ class MetricsLogger:
     def close(self, quietly: bool = False) -> None:
         """``quietly``: as the run stops on an error, a failed write of the buffered records is
         not raised: on a full disk it would replace the error that says what stopped the run (and
-        the records after the last checkpoint are dropped on resume anyway)."""
+        the records after the last checkpoint are dropped on resume anyway); the W&B run is
+        marked failed (exit code 1), where it read "finished" whatever stopped it."""
         failures = (OSError,) if quietly else ()
         with contextlib.suppress(*failures):
             self._file.close()
         with contextlib.suppress(*failures):
             self._tb.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if quietly else 0)
 
 
 def _quiet_event_writer_threads() -> None:
@@ -153,7 +162,14 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _start_wandb(run_dir, config: dict, resume_step):
+def _start_wandb(run_dir, config: dict, resume_step, quiet: bool = False):
+    """The W&B run (offline) of the run folder ``run_dir``; None without the wandb package.
+
+    A resumed run continues the W&B run its folder started, by the id kept in
+    ``wandb/lowbit_run_id``: wandb gave each ``wandb.init`` a new id, so every resume was a run of
+    its own in W&B, and ``wandb sync RUN/wandb`` uploaded one run in pieces (with one id it
+    uploads the pieces into one run, in order). W&B's own lines are cut to the few that say where
+    the run is kept (its closing history repeated lowbit's summary), and to none with ``quiet``."""
     try:
         import wandb
     except ImportError:
@@ -163,10 +179,20 @@ def _start_wandb(run_dir, config: dict, resume_step):
             file=sys.stderr,
         )
         return None
-    return wandb.init(
+    id_file = Path(run_dir) / "wandb" / WANDB_RUN_ID
+    run_id = None
+    if resume_step is not None and id_file.is_file():
+        run_id = id_file.read_text(encoding="utf-8").strip() or None
+    run = wandb.init(
         mode="offline",
         dir=str(run_dir),
         config=config,
         name=Path(run_dir).name,
+        id=run_id,
         resume="allow" if resume_step is not None else None,
+        settings=wandb.Settings(quiet=True, silent=quiet),
     )
+    if run_id is None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(f"{run.id}\n", encoding="utf-8")
+    return run

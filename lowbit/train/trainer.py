@@ -994,7 +994,7 @@ class Trainer:
                 if not resume:  # a resumed run has just read them; rewritten, a kill could tear
                     self.task.save_artifacts(run_dir)
             logger = (
-                MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb)
+                MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb, quiet=self.quiet)
                 if main
                 else NullLogger()
             )
@@ -1028,6 +1028,7 @@ class Trainer:
                             "lr": out["lr"],
                             "grad_norm": out["grad_norm"],
                             "loss_scale": self.precision.loss_scale,
+                            "skipped_steps": self.precision.skipped_steps,  # the run's so far
                             f"{self.task.unit}_per_s": rate,
                         },
                     )
