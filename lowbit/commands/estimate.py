@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         default=None,
-        help="a recipe (default bf16-mixed, or a run folder's), or several separated by commas "
+        help="a recipe (default bf16-mixed, or a run folder's: an auto run's at the plan it "
+        "logged last), or several separated by commas "
         "for a side-by-side table: " + ", ".join(accepted_names()),
     )
     parser.add_argument(
@@ -124,7 +125,28 @@ def _recipes(args) -> dict[str, Recipe]:
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"recipe {dup!r} is listed twice in --recipe; fix: list it once")
     # unknown names and malformed overrides fail here, in one line
-    return {name: get_recipe(name).with_overrides(*args.override) for name in names}
+    return {
+        name: _at_run_plan(args, get_recipe(name)).with_overrides(*args.override) for name in names
+    }
+
+
+def _at_run_plan(args, recipe: Recipe) -> Recipe:
+    """``recipe`` at the plan of the ``auto`` run folder ``--model`` names, where ``recipe`` is
+    that run's (same budget) and the run logged a plan (`last_plan`): the formats it trains in.
+    Until session 38 every auto run was estimated at the bf16 plan it starts from (`nano`'s
+    auto:fp4 run: 301,056 bytes of temporary copies over the measured); a run stopped before its
+    first check still is, and says so."""
+    from lowbit.diagnostics.auto import last_plan
+    from lowbit.recipes.auto import at_plan, budget_of
+    from lowbit.train.config import is_run_folder, read
+
+    budget = budget_of(recipe)
+    if budget is None or not is_run_folder(args.model):
+        return recipe
+    if budget_of(get_recipe(read(args.model).recipe)) != budget:
+        return recipe
+    found = last_plan(args.model)
+    return recipe if found is None else at_plan(recipe, found[1], found[0])
 
 
 def _largest_batches(args, recipe: Recipe) -> list[tuple[int, float, int]]:

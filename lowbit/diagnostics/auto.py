@@ -570,3 +570,27 @@ def moves_after_first_plan(run_dir, until_step: int | None = None, limit: int = 
     shown = moves[-limit:]
     more = f" (the latest {len(shown)} of {len(moves)})" if len(moves) > limit else ""
     return "\n".join([f"moved after the first plan{more}:", *shown])
+
+
+def last_plan(run_dir) -> tuple[int, dict[str, dict[str, str]]] | None:
+    """The latest ``auto`` plan of a run, ``(step, {layer: {operand: rung}})``, from the last
+    ``plan`` record of its ``metrics.jsonl`` (the plan at every change; a resume drops the records
+    after its checkpoint, so this is the plan the run goes on with); None where it logged none
+    (another recipe, or a run stopped before its first check). Read there, not from a checkpoint:
+    no checkpoint's weights to load, and a run killed before its first save has one too."""
+    records = read_records(run_dir, "plan")
+    if not records:
+        return None
+    record = records[-1]
+    plan: dict[str, dict[str, str]] = {}
+    for key, rung in record.items():
+        if key in ("step", "split"):
+            continue
+        if rung not in RUNGS:
+            raise UsageError(
+                f"{run_dir}/metrics.jsonl: unknown auto rung {rung!r} for {key} at step "
+                f"{record['step']} (valid: {', '.join(RUNGS)}); fix: restore the run's file"
+            )
+        layer, _, operand = key.rpartition("/")
+        plan.setdefault(layer, {})[operand] = rung
+    return int(record["step"]), plan

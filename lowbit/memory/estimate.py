@@ -869,12 +869,13 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
     the estimate too, which until session 37 gave a recipe that converts no layer of the model
     the numbers of its compute dtype without a word: a recipe that keeps every GEMM layer in high
     precision (nvfp4's end blocks on a 2-block model; `Precision.keeps_every_layer`), and the
-    user's overrides that apply to no layer (a misspelt or shadowed pattern); and that an
-    ``auto`` recipe is estimated at the plan it starts from, which docs/memory.md says only.
+    user's overrides that apply to no layer (a misspelt or shadowed pattern); and the plan an
+    ``auto`` recipe is estimated at: a run's (`at_plan`, session 38), else the one it starts
+    from (until session 37 said in docs/memory.md only).
     Both warnings come from `convert`'s own report on the traced fake model (in its ``mode``;
     the trace is done with it), so that the note and the warning cannot disagree."""
     from lowbit.nn.convert import convert
-    from lowbit.recipes.auto import budget_of
+    from lowbit.recipes.auto import budget_of, plan_of
 
     with mode:
         report = convert(model, recipe)
@@ -884,6 +885,8 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
             "the recipe keeps every GEMM layer of this model in high precision (lowbit train "
             "warns of it too), so it trains, and is estimated, as its compute dtype does"
         )
+    elif plan_of(recipe) is not None:  # a run's plan (`at_plan`: `lowbit estimate RUN`)
+        notes.append(f"estimated at the {plan_of(recipe)}")
     elif budget_of(recipe) is not None:  # docs/memory.md: its cheaper rungs save less
         notes.append(
             "auto is estimated at the plan it starts from, every converted layer in bf16: the "

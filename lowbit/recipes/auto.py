@@ -15,7 +15,7 @@ from dataclasses import replace
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
 from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register_preset
-from lowbit.recipes.recipe import OperandSpec, Recipe, uniform_layer
+from lowbit.recipes.recipe import OperandSpec, Override, Recipe, uniform_layer
 
 
 def _mx(fmt: str) -> OperandSpec:
@@ -87,3 +87,40 @@ def operand_spec(rung: str, operand: str) -> OperandSpec:
 
 def rung_bits(rung: str) -> float:
     return next(bits for name, bits, _, _ in LADDER if name == rung)
+
+
+# The reason of the overrides `at_plan` adds (`lowbit.memory.estimate` notes the plan from it)
+PLAN_REASON = "auto plan"
+
+
+def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int) -> Recipe:
+    """``recipe`` (an ``auto`` one) with each layer's operands on the rungs ``plan`` gives them
+    (``{layer: {operand: rung}}``, `AutoPrecision.plan`, as of ``step``): what the run computes
+    in, for `lowbit.memory.estimate` (which otherwise sees the bf16 start). The plan's operands
+    are those the recipe's overrides leave open, so each layer's become an ``OPERAND:FORMAT``
+    override after the recipe's own; layers on the same rungs share one (``a|b|...``). The
+    overrides' reason says which plan (``auto plan of step 25: 97 fp4, 29 fp8 of 126
+    operands``)."""
+    rungs = [rung for ops in plan.values() for rung in ops.values()]
+    counts = ", ".join(f"{rungs.count(r)} {r}" for r in RUNGS if r in rungs)
+    reason = f"{PLAN_REASON} of step {step}: {counts} of {len(rungs)} operands"
+    by_rungs: dict[tuple, list[str]] = {}
+    for layer, ops in plan.items():
+        if ops:
+            by_rungs.setdefault(tuple(sorted(ops.items())), []).append(layer)
+    base = recipe.compute_layer
+    planned = tuple(
+        Override(
+            "|".join(layers),
+            base.with_operands({op: operand_spec(rung, op) for op, rung in ops}),
+            reason,
+            operands=tuple(op for op, _ in ops),
+        )
+        for ops, layers in by_rungs.items()
+    )
+    return replace(recipe, overrides=recipe.overrides + planned)
+
+
+def plan_of(recipe: Recipe) -> str | None:
+    """The plan `at_plan` gave ``recipe``, as its overrides' reason says it; None for none."""
+    return next((o.reason for o in recipe.overrides if o.reason.startswith(PLAN_REASON)), None)

@@ -117,6 +117,9 @@ class RunResult:
     sample: str | None = None
     extra: dict = field(default_factory=dict)
     evaluated_at: int | None = None  # the step of ``final_metrics``
+    # whether the recipe scales the loss (fp16's): the others have no scale to report, and a
+    # non-finite step stops them (or `auto`'s guard retries it) rather than being skipped
+    loss_scaling: bool = True
 
     def summary(self) -> str:
         c = self.config
@@ -148,7 +151,10 @@ class RunResult:
             f"precision state {self.tensor_mb:,.1f} MiB"
             + self.extra.get("device_memory", "")
             + whose,
-            f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}",
+            # "loss scale 1" of a recipe without loss scaling (bf16, fp32, auto) meant nothing
+            f"  precision        skipped steps {self.skipped_steps}, loss scale {self.loss_scale:g}"
+            if self.loss_scaling
+            else "  precision        no loss scaling",
             *(
                 [f"  auto plan        {self.extra['auto_plan']}"]
                 if "auto_plan" in self.extra
@@ -1266,10 +1272,15 @@ class Trainer:
         if self.config.task not in TASKS:
             return live.table(titles=("measured",))
         c = self.config
+        recipe = self.precision.recipe
+        if self.monitor.controller is not None:  # auto: the plan this step computes in
+            from lowbit.recipes.auto import at_plan
+
+            recipe = at_plan(recipe, self.monitor.controller.plan, self.step_idx)
         try:
             planned = estimate(
                 self.model.config,
-                self.precision.recipe,
+                recipe,
                 c.optimizer_state,
                 c.batch_size,
                 c.seq_len,
@@ -1343,6 +1354,7 @@ class Trainer:
             tensor_mb=tensor_bytes(self.model, self.optimizer, self.precision) / 2**20,
             skipped_steps=int(self.precision.skipped_steps),
             loss_scale=float(self.precision.loss_scale),
+            loss_scaling=self.precision.scaler.enabled,
             checkpoint=last_saved,
             sample=sample,
             extra=extra,
