@@ -296,6 +296,22 @@ def conll_split_of(name: str) -> str | None:
     return split
 
 
+def _split_file_name(name: str, split: str) -> str:
+    """The name of ``split``'s file beside the split file called ``name``, in its pattern:
+    ``eng.testb`` beside CoNLL-2003's ``eng.train``, ``en_ewt-ud-test.conllu`` beside
+    ``en_ewt-ud-train.conllu``, ``test.conllu`` beside ``train.conllu`` (its extension: a
+    ``test.txt`` beside treebank files is read as IOB text, not CoNLL-U)."""
+    word = {"train": "train", "validation": "dev", "test": "test"}[split]
+    path = Path(name)
+    if path.suffix.lower() in CONLL_2003_EXTENSIONS:
+        ending = {v: k for k, v in CONLL_2003_EXTENSIONS.items()}[split]
+        return path.stem + ending
+    if ud := UD_NAME.fullmatch(name.lower()):  # a treebank part's -c, -l suffix is dropped
+        return f"{name[: ud.start(1)]}{word}{path.suffix}"
+    stem = re.match(r"[a-z]+", path.stem.lower())
+    return f"{word}{path.stem[stem.end() :]}{path.suffix}"
+
+
 def conll_folder_files(folder) -> dict[str, list[Path]]:
     """``{"train" | "validation" | "test": [files]}`` of a CoNLL folder, each split's files in
     name order (`conll_split_of` reads a name); a split without a file raises `UsageError`
@@ -334,8 +350,8 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
         extensions = ", ".join(e or "none" for e in CONLL_DATA_EXTENSIONS)
         fix = "rename the split files"
         if files and all(conll_split_of(p.name) for p in files):  # train.txt, dev.txt: no test
-            named = {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"}
-            fix = f"add {' and '.join(named[s] for s in missing)}: sentences held out of the others"
+            named = " and ".join(_split_file_name(files[0].name, split) for split in missing)
+            fix = f"add {named}: sentences held out of the others"
         raise UsageError(
             f"{folder}: no {' or '.join(missing)} file among {held or 'no files'}; expected "
             f"names such as train.txt, dev.txt, test.txt (stem {words}, alone or followed by "

@@ -505,12 +505,15 @@ def conll_splits(path: str) -> dict:
         return _split_conll_file(source)
     if source.exists():
         raise pipe_as_data(path, "CoNLL text")
-    if glob.has_magic(path):  # causal-lm's --data takes one: "no such file" sent users to typos
+    instead = "give the folder that holds its train, dev and test files, or one CoNLL file"
+    if glob.has_magic(path) and glob.glob(path):  # causal-lm's --data takes one: "no such file"
         raise UsageError(
-            f"{path}: a glob, which token-classification data is not read from; fix: give the "
-            "folder that holds its train, dev and test files, or one CoNLL file"
+            f"{path}: a glob, which token-classification data is not read from; fix: {instead}"
         )
-    raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path")
+    # a path that matches nothing is told as one, whatever its characters: a mistyped path
+    # holding [ or ? (data[1]) was called a glob
+    also = f" (a glob is not read: {instead})" if glob.has_magic(path) else ""
+    raise UsageError(f"{path}: no such CoNLL file or folder; fix: check the data path{also}")
 
 
 def split_rule_note(config) -> str:
@@ -604,7 +607,7 @@ class TokenClassificationTask(Task):
             max_seq_len=config.seq_len,
         )
         if pretrained and not self.run_given:  # a new run's choice of model, told as it starts
-            _warn_left_context(config.model, self.model)
+            _warn_left_context(config.model, self.model, config.seq_len)
         self._encoded: dict[str, tuple] = {}
         self._cut: dict[str, int] = {}  # per split: its sentences that lose words to --seq-len
         self.train_batches = TensorBatches(
@@ -864,14 +867,15 @@ def _warn_other_scheme(source: str, sentences: dict, splits) -> None:
         )
 
 
-def _warn_left_context(name: str, model) -> None:
+def _warn_left_context(name: str, model, seq_len: int) -> None:
     """Say that the pretrained ``model`` (the --model ``name``) is a decoder, whose positions see
     only the words before them (`sees_left_context_only`): a tag that the words after decide (an
     entity's type, told by what follows its name) is guessed from its left alone, which an
-    encoder, seeing both sides, does not."""
+    encoder, seeing both sides, does not. Probed at the run's ``seq_len`` (which the model was
+    checked to hold), at most 16 tokens: a short forward pass, long enough for Funnel's pooling."""
     from lowbit.models.token_classifier import sees_left_context_only
 
-    if sees_left_context_only(model):
+    if sees_left_context_only(model, min(seq_len, 16)):
         _warn_once(
             f"lowbit: warning: {name}: a decoder ({model.config.model_type!r}, causal attention): "
             "each word is tagged from the words before it alone, never those after, which costs "

@@ -325,25 +325,49 @@ def changed_setting(saved: dict, config: TrainConfig, recorded: dict | None = No
 def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None = None) -> None:
     """Refuse a resumed run whose settings differ from the checkpoint's (`changed_setting`),
     naming the setting both as `TrainConfig` (a script's) and `lowbit train` (a user's) spell it,
-    and the flags that give the run's value, which override a --config file's as well."""
+    and the flags that give the run's value, which override a --config file's as well; where no
+    flag gives it (a run without --override), leaving it out of a --config file too."""
     change = changed_setting(saved, config, recorded)
     if change:
         name, was, now = change
-        flag, given = flag_of(name), _as_flags(name, was)
+        flag, given = flag_of(name), _as_flags(name, was, saved.get("task"))
         keep = f"with the run's {given} or without {flag}" if given else f"without {flag}"
+        if not given:
+            keep += f" or a --config file's {name}"
         may = ", ".join(sorted(map(flag_of, RESUMABLE_CHANGES)))
+        default = was is None and getattr(TrainConfig(), name) is None
         raise UsageError(
-            f"cannot resume with {name} {now!r} ({flag}): the run was trained with "
-            f"{'its default' if was is None else repr(was)}; "
+            f"cannot resume with {name} {_shown(name, now)} ({flag}): the run was trained with "
+            f"{'its default' if default else _shown(name, was)}; "
             f"fix: resume {keep}, or start a new run with another --out (a resume may "
             f"change only {may})"
         )
 
 
-def _as_flags(name: str, value) -> str:
+def _none_as(name: str, task: str | None) -> str | None:
+    """The value of flag ``--name`` that gives setting ``name`` None, where one does: grad_clip's
+    0 (measure the norm only, which `resolve` stores as None), causal-lm's --data stdlib (the
+    built-in data; token classification's --data takes no such name)."""
+    if name == "grad_clip":
+        return "0"
+    if name == "data" and task == "causal-lm":
+        return "stdlib"
+    return None
+
+
+def _shown(name: str, value) -> str:
+    """Setting ``name``'s ``value`` as a user wrote it: grad_clip's None as the 0 that gave it
+    (``--grad-clip 0``, a file's ``grad_clip: 0``), another value as its repr."""
+    return "0" if value is None and name == "grad_clip" else repr(value)
+
+
+def _as_flags(name: str, value, task: str | None) -> str:
     """Setting ``name`` at ``value`` as the flags that give it, to paste into a shell
-    (``--lr 0.003``, one ``--override`` per entry); empty for None or no entries, which a run
-    without the flag has. A float is written as its repr, which reads back as the same float."""
+    (``--lr 0.003``, one ``--override`` per entry, ``--grad-clip 0`` for None: `_none_as` of the
+    run's ``task``); empty for no entries, or a None that no flag gives, which a run without the
+    flag has. A float is written as its repr, which reads back as the same float."""
+    if value is None:
+        value = _none_as(name, task)
     values = value if isinstance(value, list) else [] if value is None else [value]
     return " ".join(f"{flag_of(name)} {shlex.quote(str(v))}" for v in values)
 

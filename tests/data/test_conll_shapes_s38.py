@@ -56,6 +56,20 @@ def test_a_glob_is_named_as_one(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("name", ["data[1]", "dat?", "*.txt"])
+def test_a_path_that_names_nothing_is_no_such_file_whatever_its_characters(tmp_path, capsys, name):
+    """A mistyped path holding [ or ? (data[1], of a folder called data[l]) was called a glob,
+    which misread it; one that matches nothing is told as the path it names, and that a glob is
+    not read."""
+    (tmp_path / "data[l]").mkdir()
+    path = f"{tmp_path}/{name}"
+    assert _train(path, tmp_path, capsys) == (
+        f"lowbit: error: {path}: no such CoNLL file or folder; fix: check the data path (a glob "
+        "is not read: give the folder that holds its train, dev and test files, or one CoNLL "
+        "file)\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "fix"),
     [
@@ -76,13 +90,26 @@ def test_a_tag_reversed_or_in_small_letters_is_named_so(tmp_path, line, fix):
     assert str(refused.value).endswith(f"; fix: {fix}")
 
 
-def test_a_folder_without_a_test_file_is_told_to_add_one(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("names", "added"),
+    [
+        (("dev.txt", "train.txt"), "test.txt"),
+        (("dev.conllu", "train.conllu"), "test.conllu"),
+        (("en_ewt-ud-dev.conllu", "en_ewt-ud-train.conllu"), "en_ewt-ud-test.conllu"),
+        (("eng.testa", "eng.train"), "eng.testb"),
+        (("eng.train",), "eng.testa and eng.testb"),
+    ],
+)
+def test_a_folder_without_a_test_file_is_told_to_add_one(tmp_path, capsys, names, added):
     """train.txt and dev.txt alone (a shared task's hidden test set) were told "rename the split
-    files", which were named right."""
+    files", which were named right. The file to add is named as those there are: "add test.txt"
+    beside a treebank's files was then read as IOB text (not CoNLL-U), and beside CoNLL-2003's,
+    was a name of another pattern than eng.train's."""
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("dev.txt", "train.txt"):
+    for name in names:
         (data / name).write_text("Ann B-PER\nran O\n")
     err = _train(str(data), tmp_path, capsys)
-    assert err.startswith(f"lowbit: error: {data}: no test file among dev.txt, train.txt; ")
-    assert err.endswith("; fix: add test.txt: sentences held out of the others\n")
+    missing = "test" if len(names) == 2 else "validation or test"
+    assert err.startswith(f"lowbit: error: {data}: no {missing} file among {', '.join(names)}; ")
+    assert err.endswith(f"; fix: add {added}: sentences held out of the others\n")

@@ -76,16 +76,67 @@ def test_a_refused_resume_names_the_flag_and_the_runs_value(run, capsys, given, 
 
 
 def test_a_setting_the_run_had_none_of_is_to_be_left_out(run, capsys):
-    """The run's value is no flag at all (no --override, the built-in data): "without" alone;
-    --data naming another file was refused as data whose contents changed ("restore the data")."""
+    """The run's value is no flag at all (no --override): "without" it, on the command line or in
+    a --config file; --data naming another file was refused as data whose contents changed
+    ("restore the data"), and the built-in data the run read is --data stdlib."""
     err = _refused(run, capsys, "--override", "lm_head=keep")
     assert "cannot resume with overrides ['lm_head=keep'] (--override)" in err
-    assert "fix: resume without --override, or start a new run with another --out" in err
+    assert (
+        "fix: resume without --override or a --config file's overrides, or start a new run with "
+        "another --out"
+    ) in err
     other = run.parent / "other.txt"
     other.write_text("".join(f"paragraph {i}: other words.\n\n" for i in range(200)))
     err = _refused(run, capsys, "--data", str(other))
-    assert f"cannot resume with data {str(other)!r} (--data): the run was trained with its default" in err
-    assert "fix: resume without --data" in err and "other contents" not in err
+    assert (
+        f"cannot resume with data {str(other)!r} (--data): the run was trained with its default"
+        in err
+    )
+    assert "fix: resume with the run's --data stdlib or without --data" in err
+    assert "other contents" not in err
+
+
+def test_no_clipping_is_told_as_the_grad_clip_0_that_gives_it(run, tmp_path, capsys):
+    """A run trained with --grad-clip 0 (kept as None, "measure only") was said to be "trained with
+    its default", which is 1.0, with the fix "resume without --grad-clip", which a --config file's
+    grad_clip defeats; a file's `grad_clip: 0` was refused as "grad_clip None"."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("grad_clip: 0\n")
+    err = _refused(run, capsys, "--config", str(settings))
+    assert "cannot resume with grad_clip 0 (--grad-clip): the run was trained with 1.0;" in err
+    unclipped = tmp_path / "unclipped"
+    argv = ["train", *TINY, "--steps", "2", "--grad-clip", "0", "--out", str(unclipped)]
+    assert main([*argv, "--quiet"]) == 0
+    err = _refused(unclipped, capsys, "--grad-clip", "1")
+    assert "cannot resume with grad_clip 1.0 (--grad-clip): the run was trained with 0;" in err
+    assert "fix: resume with the run's --grad-clip 0 or without --grad-clip" in err
+    settings.write_text("grad_clip: 0.5\n")
+    _pasted(unclipped, capsys, ["--config", str(settings)])
+
+
+def test_the_built_in_data_as_the_message_gives_it_resumes_over_a_config_file(
+    run, tmp_path, capsys
+):
+    """A run on the built-in data, resumed with a --config file naming other data: "resume
+    without --data" did nothing there; the run's --data stdlib overrides the file's."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"paragraph {i}: other words.\n\n" for i in range(200)))
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"data: {other}\n")
+    _pasted(copy, capsys, ["--config", str(settings)])
+
+
+def _pasted(run, capsys, argv, steps: int = 3) -> None:
+    """Resume ``run`` with ``argv`` (a setting changed), refused, then with the flags the
+    refusal's fix gives as the run's value added, which resumes to ``steps``."""
+    err = _refused(run, capsys, *argv)
+    fix = re.search(r"fix: resume with the run's (.+?) or without", err).group(1)
+    capsys.readouterr()
+    resumed = ["train", "--resume", str(run), *argv, *shlex.split(fix), "--steps", str(steps)]
+    assert main(resumed) == 0
+    assert f"{steps} steps (completed)" in capsys.readouterr().out
 
 
 def test_the_runs_value_as_the_message_gives_it_resumes_over_a_config_file(run, tmp_path, capsys):
@@ -96,13 +147,8 @@ def test_the_runs_value_as_the_message_gives_it_resumes_over_a_config_file(run, 
     shutil.copytree(run, copy)
     settings = tmp_path / "settings.yaml"
     settings.write_text("optimizer_state: 8bit\n")
-    for argv in (["--config", str(settings)], ["--min-lr", "0.001"]):
-        err = _refused(copy, capsys, *argv)
-        fix = re.search(r"fix: resume with the run's (.+?) or without", err).group(1)
-        capsys.readouterr()
-        steps = ["--steps", "3" if argv[0] == "--config" else "4"]
-        assert main(["train", "--resume", str(copy), *argv, *shlex.split(fix), *steps]) == 0
-        assert f"{steps[1]} steps (completed)" in capsys.readouterr().out
+    _pasted(copy, capsys, ["--config", str(settings)])
+    _pasted(copy, capsys, ["--min-lr", "0.001"], steps=4)
 
 
 def test_a_script_is_told_the_setting_and_its_flag(run):

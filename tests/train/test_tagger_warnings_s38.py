@@ -3,6 +3,8 @@ split, and its sentences cut by --seq-len are left out of those metrics: it said
 warning skipped every run's train split, told once as training started), while `lowbit train`
 says each cut split once."""
 
+import pytest
+
 from lowbit.cli import main
 
 LONG = [f"w{i} O" for i in range(20)] + [""]  # 20 words: past --seq-len 12
@@ -117,3 +119,27 @@ def test_eval_tells_of_the_split_it_evaluates_alone(tmp_path, capsys, monkeypatc
         monkeypatch.setattr("lowbit.train.tasks._said", set())  # a new process, as each command
         assert main(["eval", str(run), "--split", split, "--quiet"]) == 0
         assert (told in capsys.readouterr().err) is said
+
+
+def _funnel():
+    from transformers import FunnelConfig
+
+    sizes = {"d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 32}
+    return FunnelConfig(vocab_size=9, block_sizes=[1, 1, 1], **sizes)
+
+
+def _ibert():
+    from transformers import IBertConfig
+
+    sizes = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    return IBertConfig(vocab_size=9, intermediate_size=32, **sizes)
+
+
+@pytest.mark.parametrize("config", [_funnel, _ibert], ids=["funnel", "ibert"])
+def test_the_decoder_probe_does_not_stop_an_encoder_that_trains(tmp_path, capsys, config):
+    """The probe of every new pretrained tagger ran 2 tokens through it: Funnel, which pools its
+    positions, raised RuntimeError there ('index 8 is out of bounds') and I-BERT's QuantEmbedding
+    has no num_embeddings (AttributeError), each ending a run that trains."""
+    folder = _folder(tmp_path / "model", config())
+    _train(tmp_path, folder)
+    assert _decoder_warnings(capsys.readouterr().err) == []
