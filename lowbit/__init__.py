@@ -41,8 +41,10 @@ try:
     # (glibc; lowbit/allocator.py says what it measured and costs; LOWBIT_MALLOC=0 turns it off).
     keep_freed_memory()
     quiet_torchao.install()  # torchao's log noise on a CPU-only torch (lowbit/quiet_torchao.py)
-except KeyboardInterrupt:
-    if not _started_as_command():
+except (KeyboardInterrupt, RuntimeError) as error:
+    from lowbit.errors import is_interrupt
+
+    if not is_interrupt(error) or not _started_as_command():
         raise
     print("lowbit: interrupted", file=sys.stderr)
     raise SystemExit(130) from None

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from lowbit.errors import RunNotWritten, UsageError
+from lowbit.errors import RunNotWritten, UsageError, is_interrupt
 
 COMMAND_MODULES = [
     "formats",
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunNotWritten as error:  # a full disk: which run, what is kept, how to go on
         report_error(f"lowbit: error: {error}")
         return 1
-    except KeyboardInterrupt:  # commands that save on Ctrl-C (train, compare) report it themselves
+    # commands that save on Ctrl-C (train, compare) report it themselves
+    except (KeyboardInterrupt, RuntimeError) as error:
+        if not is_interrupt(error):
+            raise
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     except OSError as error:

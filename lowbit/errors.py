@@ -114,6 +114,14 @@ def pipe_as_data(path, what: str = "text") -> UsageError:
     )
 
 
+def is_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C: a KeyboardInterrupt, or the error Python raises in its place
+    where one lands in a class's ``__set_name__`` (Python 3.11: "RuntimeError: Error calling
+    __set_name__ ...", the KeyboardInterrupt its cause; a Ctrl-C at the command's start-up met one
+    in `platform`'s class ``uname_result`` as torch imports it)."""
+    return isinstance(error, KeyboardInterrupt) or isinstance(error.__cause__, KeyboardInterrupt)
+
+
 def warn(line: str) -> None:
     """``lowbit: warning: line`` on stderr, from rank 0 only (``RANK``; every process of a run
     alone): each rank of a distributed run meets the same data and settings, and said it again."""

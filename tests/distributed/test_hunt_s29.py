@@ -53,7 +53,7 @@ def _launch(tmp_path, on_step: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # two spawned ranks: about a minute on a busy machine
     )
 
 

@@ -44,7 +44,7 @@ def test_a_call_without_the_main_guard_names_the_guard(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=120,
+        timeout=300,  # two spawned ranks: about a minute on a busy machine
     )  # fmt: skip
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

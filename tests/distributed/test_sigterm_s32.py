@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,6 +22,30 @@ FLAGS = ["--quiet", "--device", "cpu", "--model", "nano", "--seq-len", "32", "--
 FLAGS += ["--eval-batches", "1", "--eval-interval", str(STEPS), "--steps", str(STEPS)]
 FLAGS += ["--save-interval", "1"]  # its first checkpoint: every rank trains, its handlers set
 TIMEOUT = 180  # generous: the machine's cores are shared
+
+# Imported by every interpreter started with its folder on PYTHONPATH (torchrun's ranks): a rank
+# asked to stop is held at the step boundary where the ranks agree on the stop, in Python code
+# (where a signal is handled) for up to a minute, until a second signal ends it. Without it the
+# second Ctrl-C raced the ranks' last step and save: sent half a second after the stop message
+# on a busy machine, it found them done and gone.
+HOLD_THE_STOP = textwrap.dedent(
+    """
+    import os, time
+
+    if os.environ.get("LOWBIT_TEST_HOLD_STOP"):
+        from lowbit.distributed.context import Ranks
+
+        agree = Ranks.any
+
+        def held(self, flag):
+            deadline = time.monotonic() + 60
+            while flag and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return agree(self, flag)
+
+        Ranks.any = held
+    """
+)
 
 
 def _start(run: Path, *flags: str, launcher=(), stdout=False) -> tuple[subprocess.Popen, Path]:
@@ -107,15 +132,19 @@ def test_a_sigterm_to_the_launcher_is_reported_as_a_sigterm(tmp_path):
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_a_second_ctrl_c_to_torchrun_aborts_its_ranks(tmp_path):
+def test_a_second_ctrl_c_to_torchrun_aborts_its_ranks(tmp_path, monkeypatch):
     """torchrun passes its first Ctrl-C on to its ranks as SIGINT (they save and stop) and the
     second as its shutdown's SIGTERM. Taken as one more stop request, that SIGTERM let the ranks
     finish their save where the stop message offers "Ctrl-C again to abort"; it aborts them, the
     last whole checkpoint kept."""
     run = tmp_path / "run"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_THE_STOP)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("LOWBIT_TEST_HOLD_STOP", "1")
     torchrun = ("torch.distributed.run", "--nproc-per-node", "2", "-m")
-    # steps long enough for the second Ctrl-C to come before the ranks end the first's step
-    process, err = _start(run, "--seq-len", "256", launcher=torchrun)
+    process, err = _start(run, launcher=torchrun)
     first = run / "checkpoints" / "step-0000001.dcp"
     deadline, pressed = time.monotonic() + TIMEOUT, False
     try:

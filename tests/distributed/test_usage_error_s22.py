@@ -52,7 +52,7 @@ def test_nproc_prints_a_ranks_usage_error_once(tmp_path):
         [sys.executable, "-m", "lowbit", *argv],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # two spawned ranks: about a minute on a busy machine
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 2

@@ -464,11 +464,15 @@ def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path, stop):
         start_new_session=True,  # its own process group: a signal to it reaches no worker
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("runs/*/seed-0/run.json"))) < 2:  # both runs are training
+        deadline = time.monotonic() + 300
+        # both runs past their set-up, whose last slow part is the TensorBoard log (importing it
+        # took 4.6 s in a fresh process on a busy machine): a stop before the training loop ends a
+        # run without a checkpoint, as a Ctrl-C in its set-up does. Waiting for run.json (written
+        # before it) and a second more failed once that part took 3 s.
+        while len(list(out.glob("runs/*/seed-0/tensorboard/events.out.tfevents.*"))) < 2:
             assert parent.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(1)
+        time.sleep(1)  # the few milliseconds from there to the loop, with a wide margin
         started = time.monotonic()
         parent.send_signal(stop)
         _, err = parent.communicate(timeout=120)
