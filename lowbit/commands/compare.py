@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use --tolerance for every recipe instead of the parity targets (fp32 baseline)",
     )
     parser.add_argument(
-        "--out", help="compare folder (default runs/compare-<task>-<model>); reruns reuse it"
+        "--out",
+        help="compare folder (default runs/compare-<task>-<model>, a --model folder named with "
+        "its parent's name: RUN/model -> runs/compare-causal-lm-RUN-model); reruns reuse it",
     )
     parser.add_argument("--overwrite", action="store_true", help="retrain every run in --out")
     parser.add_argument(

@@ -110,7 +110,7 @@ def parse_recipes(text: str | list[str]) -> list[str]:
             f"--recipes entry {position} is empty ({','.join(names)!r}); fix: name a recipe "
             "there or drop the extra comma"
         )
-    names = [_recipe_name(name) for name in names]
+    given, names = names, [_recipe_name(name) for name in names]
     valid = accepted_names()  # the presets, and auto:fp6 / auto:fp4
     for name in names:
         if name not in valid:
@@ -119,7 +119,12 @@ def parse_recipes(text: str | list[str]) -> list[str]:
             raise UsageError(f"unknown recipe {name!r} in --recipes; fix: {fix}")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"recipe {dup!r} is listed twice in --recipes; fix: list it once")
+        spelt = sorted({g for g, n in zip(given, names) if n == dup})
+        # `auto:fp8,auto`: two spellings of one recipe, which the message names
+        alias = f" ({' and '.join(spelt)} are one recipe)" if len(spelt) > 1 else ""
+        raise UsageError(
+            f"recipe {spelt[0]!r} is listed twice in --recipes{alias}; fix: list it once"
+        )
     return names
 
 
@@ -271,7 +276,7 @@ def make_study(
     }
     base.update(scaling)  # the baseline's runs may not take them; the fp16 recipes' do
     if out is None:
-        out = Path("runs") / f"compare-{base['task']}-{Path(str(base['model'])).name}"
+        out = default_out(base["task"], base["model"])
     return Study(
         recipes=recipes,
         seeds=seeds,
@@ -282,6 +287,29 @@ def make_study(
         targets=dict(targets or {}),
         parity_targets=parity_targets,
     )
+
+
+def default_out(task: str, model: str) -> Path:
+    """``runs/compare-<task>-<name>``: a named model by its name, a --model folder by its parent
+    folder's name and its own (``RUN/model`` -> ``RUN-model``, ``~/models/llama/model`` ->
+    ``llama-model``). Named by the folder alone, every run's exported ``model`` folder (or any
+    other folder of that name) shared one study folder, which the next such study was refused."""
+    if not _is_model_folder(task, model):
+        return Path("runs") / f"compare-{task}-{model}"
+    folder = Path(model).resolve()  # `.`, `..`, a trailing `/`: the folder's own names
+    name = "-".join(part for part in (folder.parent.name, folder.name) if part)
+    return Path("runs") / f"compare-{task}-{name}"
+
+
+def _is_model_folder(task: str, model: str) -> bool:
+    """Whether ``model`` names a --model folder a task's runs load, not a named model (a size,
+    built afresh from the seed; ``minilm``, an installed package's; the digits CNN's size)."""
+    from lowbit.models import causal_lm, token_classifier
+
+    if task == "image-classification":
+        return False
+    named = causal_lm.SIZES if task == "causal-lm" else (*token_classifier.SIZES, "minilm")
+    return model not in named
 
 
 def _check_model(config) -> None:
@@ -398,18 +426,13 @@ def model_fingerprint(task: str, model: str) -> dict | None:
     """The `folder_fingerprint` of the --model folder a task's runs load; None for a named
     model (a size, built afresh from the seed, or the digits CNN) and ``minilm`` where its
     package is not installed (the run names the problem)."""
-    from lowbit.models import causal_lm, token_classifier
+    from lowbit.models import token_classifier
     from lowbit.models.pretrained import folder_fingerprint
 
-    if task == "image-classification":
-        return None
-    sizes = causal_lm.SIZES if task == "causal-lm" else token_classifier.SIZES
-    if model in sizes:
-        return None
     if task == "token-classification" and model == "minilm":
         folder = token_classifier.find_minilm()
         return None if folder is None else folder_fingerprint(folder)
-    return folder_fingerprint(model)
+    return folder_fingerprint(model) if _is_model_folder(task, model) else None
 
 
 def _check_same_model(run_dir: Path, state: str, recorded: dict | None, config) -> None:
@@ -499,12 +522,17 @@ def _per_label(trainer) -> tuple[dict | None, bool]:
 
 
 def _layers(trainer) -> dict:
-    """How many of the model's GEMM layers the recipe put in its own formats (`convert`)."""
+    """How many of the model's GEMM layers the recipe put in its own formats (`convert`), and how
+    many of them a CPU emulated (0 on a GPU), whose throughput is the emulation's."""
+    from lowbit.cpu import emulated_layers
+
     report = trainer.precision.conversion_report
+    on_cpu = trainer.device.type == "cpu"
     return {
         "converted": len(report.converted),
         "total": len(report.converted) + len(report.kept),
         "kept_every_layer": trainer.precision.keeps_every_layer,
+        "cpu_emulated": len(emulated_layers(trainer.model)) if on_cpu else 0,
     }
 
 
@@ -939,6 +967,25 @@ def _stalled_seeds(runs: list[dict]) -> list[int]:
     return [r["seed"] for r in runs if r.get("steps") and r.get("skipped_steps", 0) >= r["steps"]]
 
 
+def _worsened_seeds(runs: list[dict]) -> list[int]:
+    """Seeds whose final validation loss is above the one their run started from (its model
+    before the first step, `start_metrics`): training made the model worse, as a --lr far too
+    high does, whose loss grows for many steps, finite, before it overflows if it ever does.
+    Judged against such a baseline, fp8 read "PASS (unresolved)" (fp32 from 5.5 to 920, fp8 to
+    590: "gap -35.9%")."""
+    return [
+        r["seed"]
+        for r in runs
+        if final_loss(r) > _finite(r.get("start_metrics", {}).get("loss"))  # NaN: False
+    ]
+
+
+def _rise(runs: list[dict], seeds: list[int]) -> str:
+    """``"5.5343 -> 1156.6388"``: the first of ``seeds``' validation loss at its start and end."""
+    run = next(r for r in runs if r["seed"] == seeds[0])
+    return f"{run['start_metrics']['loss']:.4f} -> {final_loss(run):.4f}"
+
+
 def _judge(study: Study, recipe: str, runs, base_runs, gap: float, spread: float):
     """The verdict line and whether ``recipe`` meets its target (None: no verdict), where a run of
     it or of the baseline diverged or never updated its weights (`_stalled_seeds`) before the
@@ -957,6 +1004,12 @@ def _judge(study: Study, recipe: str, runs, base_runs, gap: float, spread: float
                 f"its weights never changed: no recipe can be judged against it; fix: {fix}, or "
                 "another --baseline"
             ), False
+        if seeds := _worsened_seeds(runs):
+            return (
+                f"the baseline's validation loss ended above where it started with "
+                f"{_seeds(seeds)} ({_rise(runs, seeds)}): training made it worse, so no recipe "
+                "can be judged against it; fix: a lower --lr, or another --baseline"
+            ), False
         return "baseline", True
     if seeds := _non_finite_seeds(runs):
         return f"FAIL: diverged (non-finite loss) with {_seeds(seeds)}", False
@@ -969,6 +1022,11 @@ def _judge(study: Study, recipe: str, runs, base_runs, gap: float, spread: float
         return (
             f"no verdict: the baseline {baseline} skipped every step with {_seeds(seeds)}, so "
             "there is no gap to judge"
+        ), None
+    if seeds := _worsened_seeds(base_runs):
+        return (
+            f"no verdict: the baseline {baseline}'s validation loss ended above where it started "
+            f"with {_seeds(seeds)}, so there is no gap to judge"
         ), None
     if seeds := _stalled_seeds(runs):
         return (
@@ -1287,7 +1345,7 @@ def check_out(study: Study, overwrite: bool) -> None:
         if changed and not _holds_only_settings(study.out):
             raise UsageError(
                 f"{study.out}: holds a compare study with other settings ({changed}); fix: "
-                "--overwrite to retrain, or another --out"
+                "another --out to keep it, or --overwrite to replace its runs"
             )
     elif study.out.is_dir() and not overwrite:
         ours = ("runs", REPORT_DIR)
@@ -1434,7 +1492,10 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
             (reused if record["reused"] else trained).append((recipe, seed))
             if jobs > 1:
                 continue  # `train_runs` logged each run as its worker finished it
-            how = "reused" if record["reused"] else f"trained in {time.perf_counter() - t0:.0f}s"
+            how = run_how(record)
+            if how != "reused":
+                elapsed = f"trained in {time.perf_counter() - t0:.0f}s"
+                how = f"resumed, {elapsed}" if how == "resumed" else elapsed
             log(
                 f"[{len(trained) + len(reused)}/{total}] {recipe} seed {seed}: validation loss "
                 f"{final_loss(record):.4f} ({how})"
@@ -1453,6 +1514,15 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
     write_markdown(results, report_dir / "report.md")
     write_html(results, report_dir / "report.html", images)
     return CompareResult(study, results, report_dir, trained, reused)
+
+
+def run_how(record: dict) -> str:
+    """How this invocation got a run, as its progress line says: "reused", "resumed" (from the
+    checkpoint an interrupted invocation left: after a Ctrl-C, every rerun run read "trained",
+    as if begun again) or "trained"."""
+    if record["reused"]:
+        return "reused"
+    return "resumed" if record.get("resumed") else "trained"
 
 
 def _jsonable(obj):

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from lowbit.report.markdown import describe, tables, verdicts
+from lowbit.report.markdown import describe, tables, targets_line, verdicts
 from lowbit.train.config import write_atomically
 
 STYLE = """
@@ -38,6 +38,8 @@ def write_html(results: dict, path: Path, images: dict[str, Path]) -> Path:
         kind = "pass" if ok else ("fail" if ok is False else "unsure")
         parts.append(f"<li class='{kind}'>{html.escape(line)}</li>")
     parts.append("</ul>")
+    if targets := targets_line(results):
+        parts.append(f"<p>{html.escape(targets)}</p>")
     for title, header, rows in tables(results):
         parts.append(f"<h2>{html.escape(title.split(' (')[0].split(':')[0])}</h2>")
         parts.append(f"<p>{html.escape(title)}.</p>" + (_table(header, rows) if header else ""))

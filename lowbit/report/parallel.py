@@ -233,13 +233,13 @@ def _stop_after_step(trainer) -> None:
         _stopped_at = trainer.step_idx
 
 
-def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool, float]:
-    """In a worker: train (or reuse) one run, one of ``jobs`` at a time; (reused, final
-    validation loss)."""
+def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[str, float]:
+    """In a worker: train (or reuse, or resume) one run, one of ``jobs`` at a time; (how:
+    `run_how`, final validation loss)."""
     global _stopped, _running, _stopped_at
     import torch
 
-    from lowbit.report.compare import final_loss, run_one
+    from lowbit.report.compare import final_loss, run_how, run_one
 
     torch.set_num_threads(threads)
     _running, _stopped_at = True, None
@@ -256,7 +256,7 @@ def _train(study, recipe: str, seed: int, threads: int, jobs: int) -> tuple[bool
         raise
     finally:
         _running = False
-    return record["reused"], final_loss(record)
+    return run_how(record), final_loss(record)
 
 
 def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
@@ -334,7 +334,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
         def report(future) -> None:  # raises the run's error
             study, recipe, seed = futures[future]
             try:
-                reused, loss = future.result()
+                how, loss = future.result()
             except BrokenProcessPool:  # a traceback from the pool's internals otherwise
                 raise UsageError(
                     f"a worker process died while training {study.out.name}'s runs, "
@@ -342,13 +342,13 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                     "the runs keep their last checkpoints; fix: a lower --jobs (each worker "
                     "holds its own model and data), then run the same command again to resume"
                 ) from None
-            if not reused:
+            if how != "reused":
                 trained.add((study.out, recipe, seed))
             reported.add(future)  # one by one: runs finishing together get their own numbers
             minutes = (time.perf_counter() - started) / 60
             log(
                 f"[{finished + len(reported)}/{finished + len(futures)}] {name(future)}: "
-                f"validation loss {loss:.4f} ({'reused' if reused else 'trained'}; "
+                f"validation loss {loss:.4f} ({how}; "
                 f"{minutes:.1f} min since the start, {jobs} jobs)"
             )
 

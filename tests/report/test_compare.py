@@ -338,7 +338,9 @@ def test_a_recipe_that_keeps_every_layer_is_flagged_in_the_verdicts(tmp_path):
     study = make_study("fp32,nvfp4,fp8-tensorwise", settings, seeds=1, out=tmp_path / "tok")
     result = compare(study, plots=False, log=lambda line: None)
     rows = result.results["recipes"]
-    assert rows["nvfp4"]["layers"] == {"converted": 0, "total": 13, "kept_every_layer": True}
+    assert rows["nvfp4"]["layers"] == {
+        "converted": 0, "total": 13, "kept_every_layer": True, "cpu_emulated": 0,
+    }  # fmt: skip
     assert rows["fp8-tensorwise"]["layers"]["converted"] == 12
     md = (result.report_dir / "report.md").read_text()
     (nvfp4,) = [line for line in md.splitlines() if line.startswith("- nvfp4:")]
