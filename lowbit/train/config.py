@@ -153,6 +153,8 @@ def load_file(path, flags=(), command=None) -> dict:
                 f"(the settings: {', '.join(names)})"
             )
         raise UsageError(f"{path}: unknown setting {unknown!r}; fix: use one of {', '.join(names)}")
+    if not is_run_config(path) and (valueless := _valueless(settings)):  # a run's: its record
+        raise UsageError(f"{path}: {_without_value(valueless)}")
     try:  # flags are typed by argparse: a wrong type is the file's, which the error must name
         built = build_config(settings)
     except UsageError as error:
@@ -206,10 +208,14 @@ def _check_data_beside(path, data: str | None) -> None:
 
 
 def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
-    """``settings`` less those of the wrong type that ``flags`` replace, each warned about."""
+    """``settings`` less those of the wrong type, or without a value (`_valueless`), that
+    ``flags`` replace, each warned about."""
     kept = dict(settings)
+    valueless = [] if is_run_config(path) else _valueless(settings)
     for name in sorted(_replaced(flags) & settings.keys()):
         try:
+            if name in valueless:
+                raise UsageError(_without_value([name]))
             build_config({name: settings[name]})
         except UsageError as error:
             problem = str(error).partition("; fix:")[0]
@@ -223,6 +229,54 @@ def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
             )
             del kept[name]
     return kept
+
+
+# Settings whose null a run's config.yaml records, a value of its own: the built-in data, no
+# clipping (--grad-clip 0), one process, the recipe's loss scaling. Read back from a file (the
+# run's, or a copy of it), null means that again.
+_RECORDED_NULLS = ("data", "grad_clip", "strategy", "loss_scale", "loss_scale_growth_interval")
+
+
+def _valueless(settings: dict) -> list[str]:
+    """The names, in file order, of a config file's ``settings`` left without a value (``steps:``,
+    JSON's null) where null is no value of its own: a blank left to fill in, refused. ``steps:``
+    ran the task's 400 steps without a word, where ``wandb:`` or ``recipe:`` were refused. Null is
+    kept where a run's config.yaml records it (`_RECORDED_NULLS`; the one of steps and epochs
+    that does not give the run's length; the digits' seq_len), so a run's settings read back."""
+    kept = set(_RECORDED_NULLS)
+    if settings.get("epochs") is not None:
+        kept.add("steps")
+    if settings.get("steps") is not None:
+        kept.add("epochs")
+    if settings.get("task") == "image-classification":  # no sequences: resolve leaves it None
+        kept.add("seq_len")
+    return [name for name, value in settings.items() if value is None and name not in kept]
+
+
+def _without_value(names: list[str], spelled: str = " (null)") -> str:
+    """The refusal of settings ``names`` given without a value, ``spelled`` so in the file."""
+    if len(names) == 1:
+        fix = "give it one, or leave the setting out for its default"
+        return f"{names[0]} has no value{spelled}; fix: {fix}"
+    return (
+        f"{', '.join(names)} have no value{spelled}; fix: give each one, or leave them out for "
+        "their defaults"
+    )
+
+
+def _blank_value(text: str, error: Exception) -> tuple[int, str] | None:
+    """``(line, key)`` where the TOML or JSON parser's ``error`` is at a key left without a value
+    (``steps =``, ``"steps": ,``): TOML has no null, and "malformed config (Invalid value (at line
+    3, column 8))" did not say that the value was missing, nor which."""
+    line, column = getattr(error, "lineno", None), getattr(error, "colno", None)  # json
+    if line is None and (at := re.search(r"at line (\d+), column (\d+)", str(error))):  # tomllib
+        line, column = int(at[1]), int(at[2])
+    if line is None or not 0 < line <= len(lines := text.splitlines()):
+        return None
+    before, after = lines[line - 1][: column - 1], lines[line - 1][column - 1 :]
+    key = re.search(r'(?:^|[{,])\s*(?:"([^"]+)"|([A-Za-z0-9_-]+))\s*[:=]\s*$', before)
+    ends = re.fullmatch(r"\s*([#,}].*)?", after)  # a comment, the next key, the mapping's end
+    return (line, key[1] or key[2]) if key and ends else None
 
 
 def _unknown_setting(settings: dict) -> str | None:
@@ -265,6 +319,9 @@ def _file_settings(path) -> dict:
     except UsageError:
         raise
     except Exception as error:  # each parser has its own error class; all mean "malformed"
+        if suffix in (".toml", ".json") and (blank := _blank_value(text, error)):  # YAML: null
+            line, key = blank
+            raise UsageError(f"{path}: line {line}: {_without_value([key], '')}") from None
         raise UsageError(
             f"{path}: malformed config ({_one_line(error)}); fix: correct it"
         ) from None
@@ -400,10 +457,7 @@ def _check_types(config: TrainConfig) -> None:
         # not None; grad_clip's None is "measure only"), the run failed on it with a traceback
         meaningless = item.default is not None and item.name != "grad_clip"
         if meaningless and getattr(config, item.name) is None:
-            raise UsageError(
-                f"{item.name} has no value (null); fix: give it one, or leave the setting out "
-                "for its default"
-            )
+            raise UsageError(_without_value([item.name]))
     for name in ("data", "out", "model"):
         if isinstance(getattr(config, name), os.PathLike):
             setattr(config, name, os.fspath(getattr(config, name)))

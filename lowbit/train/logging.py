@@ -11,11 +11,12 @@ import contextlib
 import json
 import math
 import os
-import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+
+from lowbit.errors import warn
 
 METRICS = "metrics.jsonl"
 WANDB_RUN_ID = "lowbit_run_id"  # in the run folder's wandb/: the W&B run a resume continues
@@ -57,7 +58,9 @@ class MetricsLogger:
             if isinstance(value, int | float):
                 self._tb.add_scalar(f"{split}/{name}", value, step)
         if self._wandb is not None:
-            self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+            wandb_values = {f"{split}/{k}": v for k, v in values.items()}
+            failed = f"failed logging step {step}", "the run goes on without it"
+            self._to_wandb(failed, self._wandb.log, wandb_values, step=step)
 
     def flush(self) -> None:
         self._file.flush()
@@ -74,7 +77,25 @@ class MetricsLogger:
         with contextlib.suppress(*failures):
             self._tb.close()
         if self._wandb is not None:
-            self._wandb.finish(exit_code=1 if quietly else 0)
+            failed = "failed to finish", "the run's own files are complete"
+            self._to_wandb(failed, self._wandb.finish, exit_code=1 if quietly else 0)
+            self._wandb = None  # finished: not again
+
+    def _to_wandb(self, failed: tuple[str, str], call, *args, **kwargs) -> None:
+        """``call(*args, **kwargs)``, a call of the W&B run's (log, finish); one that fails is
+        warned of once, by ``failed`` (what failed, what happens now), and W&B left out from then
+        on. It raised into the trainer: a run stopped with W&B's traceback and was marked failed,
+        where its checkpoints and metrics.jsonl were fine (a completed run's, of a finish that
+        failed). W&B is a copy of what metrics.jsonl and TensorBoard hold: the run does without."""
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            self._wandb = None
+            what, now = failed
+            _warn_wandb(
+                f"W&B {what} ({_gist(error)}); {now}, W&B keeping what it logged before",
+                f"see the logs in {self.path.parent / 'wandb'} for why",
+            )
 
 
 def _quiet_event_writer_threads() -> None:
@@ -173,26 +194,48 @@ def _start_wandb(run_dir, config: dict, resume_step, quiet: bool = False):
     try:
         import wandb
     except ImportError:
-        print(
-            "lowbit: warning: --wandb: the wandb package is not installed; logging without it "
-            "(fix: pip install wandb)",
-            file=sys.stderr,
-        )
+        missing = "the wandb package is not installed; logging without it"
+        warn(f"--wandb: {missing} (fix: pip install wandb)")
+        return None
+    except Exception as error:  # an install that fails to import (a protobuf too new for it)
+        _warn_wandb(f"the wandb package does not import ({_gist(error)}); logging without it")
         return None
     id_file = Path(run_dir) / "wandb" / WANDB_RUN_ID
     run_id = None
     if resume_step is not None and id_file.is_file():
         run_id = id_file.read_text(encoding="utf-8").strip() or None
-    run = wandb.init(
-        mode="offline",
-        dir=str(run_dir),
-        config=config,
-        name=Path(run_dir).name,
-        id=run_id,
-        resume="allow" if resume_step is not None else None,
-        settings=wandb.Settings(quiet=True, silent=quiet),
-    )
+    try:
+        run = wandb.init(
+            mode="offline",
+            dir=str(run_dir),
+            config=config,
+            name=Path(run_dir).name,
+            id=run_id,
+            resume="allow" if resume_step is not None else None,
+            settings=wandb.Settings(quiet=True, silent=quiet),
+        )
+    except Exception as error:
+        # Warned of, not raised: the start evaluation has run and the run folder is set up, and a
+        # W&B setting in the environment (WANDB_MODE=bogus), an unwritable RUN/wandb or a wandb
+        # without these settings stopped the run there with W&B's traceback
+        _warn_wandb(
+            f"W&B did not start ({_gist(error)}); logging without it",
+            "check the WANDB_* environment variables (unset a wrong one) and that "
+            f"{id_file.parent} is writable, update wandb (pip install -U wandb), or drop --wandb",
+        )
+        return None
     if run_id is None:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(f"{run.id}\n", encoding="utf-8")
     return run
+
+
+def _warn_wandb(problem: str, fix: str = "pip install -U wandb, or drop --wandb") -> None:
+    """One line on W&B failing, after which the run logs to metrics.jsonl and TensorBoard."""
+    warn(f"--wandb: {problem}; fix: {fix}")
+
+
+def _gist(error: Exception) -> str:
+    """``error`` in a few words: its type and first line (W&B's errors run to many lines)."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
