@@ -8,7 +8,7 @@ import os
 import sys
 
 from lowbit.data.corpus import UNICODE_BOMS
-from lowbit.errors import UsageError, a_task_run, check_given
+from lowbit.errors import UsageError, check_given
 
 NAME = "generate"
 HELP = "Sample text from a causal-LM run's checkpoint."
@@ -142,6 +142,7 @@ def _check_utf8(prompt: str) -> None:
 
 
 def run(args) -> int:
+    from lowbit.infer.steps import refuse_other_tasks
     from lowbit.train import load_run, sample_text
     from lowbit.train.generate import check_sampling, print_encodable, visible
 
@@ -156,11 +157,9 @@ def run(args) -> int:
     prompt = _prompt(args)
     # a quoted ~ (a script's argument) is the home folder, as `lowbit eval` reads it
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
-    loaded = load_run(os.path.expanduser(args.run_dir), checkpoint, args.device)
-    if loaded.config.task != "causal-lm":
-        raise UsageError(
-            f"{args.run_dir} is {a_task_run(loaded.config.task)}; fix: generate from a causal-lm run"
-        )
+    run_dir = os.path.expanduser(args.run_dir)
+    refuse_other_tasks(run_dir, "generate from a causal-lm run")  # before it loads
+    loaded = load_run(run_dir, checkpoint, args.device)
     note = getattr(loaded.model, "lowbit_inference_note", None)
     if note:  # a quantized folder: say which layers run on real kernels and which are emulated
         print(f"(quantized model: {note})", file=sys.stderr)

@@ -172,9 +172,16 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     sizes = source.manifest.get("bytes")
     if sizes:
         original = source.manifest["source"].get("original", "the source")  # older folders
+        # a folder only pruned is no smaller, as `lowbit prune` said: "1.00x larger" (its file's
+        # header against the checkpoint's tensors) read as if pruning had grown the model
+        change = (
+            size_change(sizes["original"], sizes["quantized"])
+            if source.manifest.get("quantization")
+            else "stored dense in fp32, zeros included"
+        )
         head.append(
             f"size: {original} {sizes['original'] / 1e6:.3f} MB -> {sizes['quantized'] / 1e6:.3f} "
-            f"MB ({size_change(sizes['original'], sizes['quantized'])})"
+            f"MB ({change})"
         )
     result = {"step": source.step, "split": split, **metrics}
     return result, "\n".join([*head, "", *lines])

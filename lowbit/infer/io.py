@@ -153,19 +153,11 @@ def training_run(path) -> Path:
     return path
 
 
-def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
-    """A training run (weights of its checkpoint in fp32: its master weights where the recipe
-    keeps them) or an inference folder, on ``device`` (``auto``, ``cpu``, ``cuda[:N]``: a one-line
-    error for a device that is not here)."""
-    from safetensors.torch import load_file
-
-    from lowbit.train import checkpoint
-    from lowbit.train.config import read, resolve, with_recorded_data
-    from lowbit.train.tasks import build_task
-    from lowbit.train.trainer import progress_bars_off, resolve_device
-
+def check_source(path) -> None:
+    """Refuse what is no run or quantized/pruned folder by what it holds, before the source
+    loads and before --out is checked (`check_target`): a folder lowbit export wrote was refused
+    only once an --out in the way had been cleared, as "exists and is not empty"."""
     check_given(path, "RUN_DIR")
-    device = resolve_device(str(device))
     path = Path(path)
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "no such folder"
@@ -184,6 +176,23 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             f"{path}: a quantized/pruned folder without its config.yaml (the source run's "
             f"settings); fix: copy config.yaml back from {read_manifest(path)['source']['path']}"
         )
+
+
+def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) -> Source:
+    """A training run (weights of its checkpoint in fp32: its master weights where the recipe
+    keeps them) or an inference folder, on ``device`` (``auto``, ``cpu``, ``cuda[:N]``: a one-line
+    error for a device that is not here)."""
+    from safetensors.torch import load_file
+
+    from lowbit.train import checkpoint
+    from lowbit.train.config import read, resolve, with_recorded_data
+    from lowbit.train.evaluate import check_has_checkpoint
+    from lowbit.train.tasks import build_task
+    from lowbit.train.trainer import progress_bars_off, resolve_device
+
+    check_source(path)
+    device = resolve_device(str(device))
+    path = Path(path)
     config = resolve(read(path))
     config = replace(config, device=str(device))
     # the data as the (source) run read it, whatever the current folder
@@ -222,6 +231,8 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         step = int(manifest["source"]["step"])
         original = f"fp32 weights ({describe_manifest(manifest)})"  # the model as loaded
         return Source(path, config, task, model, manifest, None, step, None, original)
+    # a run killed before its first save is told so, with the command that starts it again
+    check_has_checkpoint(path, checkpoint_path, config)
     found = checkpoint.find(path, checkpoint_path)
     state = checkpoint.load(found)
     with progress_bars_off(True):  # transformers' "Loading weights" bar
@@ -586,6 +597,7 @@ def check_target(out, source_path, force: bool) -> None:
     before the source loads: they came after the model was loaded and quantized or pruned,
     minutes for a large one. Writing makes them again (`save`, `staged_out`): the folder may
     have changed meanwhile."""
+    check_source(source_path)
     check_outside(Path(out), Path(source_path))
     _check_out(Path(out), force)
     check_writable(out)

@@ -110,6 +110,11 @@ class QuantRecipe:
 
     @property
     def pads(self) -> bool:
+        """Whether each row's last group is zero-padded where the group size does not divide
+        K; never with one scale per row, which has no group to pad (quantization.json said
+        ``"pad_groups": true`` of an int8 folder, ``"group_size": null``)."""
+        if self.group is None:
+            return False
         if self.pad_groups is not None:
             return self.pad_groups
         return self.group_size is None or _TABLE[self.format][3] is not None

@@ -88,7 +88,7 @@ def quantize_run(
 ) -> StepResult:
     """Quantize every linear layer of a run (or of a pruned folder) and write the folder."""
     recipe = QuantRecipe(to, mode, group_size, pad_groups)  # bad flags fail before loading
-    if pad_groups and recipe.group is None:  # checked here: a stored recipe records pads=True
+    if pad_groups and recipe.group is None:  # the flag, not `recipe.pads` (False per row)
         raise UsageError(
             f"--pad-groups pads the last group of a row, and {recipe.format.value} without "
             "--group-size keeps one scale per row (no groups); fix: drop --pad-groups, or add "
@@ -210,11 +210,11 @@ def _shard_bytes(size: str) -> int:
     return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
 
 
-def _refuse_other_tasks(path) -> None:
+def refuse_other_tasks(path, fix: str) -> None:
     """Refuse a run (or a folder quantized or pruned from one) of another task than causal-lm by
     its config.yaml, before loading it: building a token-classification run's task reads its
     data, and where that had moved the refusal that applies hid behind "no such CoNLL file". A
-    folder without config.yaml is left to `io.load_source`, which says what it is."""
+    folder without config.yaml is left to the loader, which says what it is."""
     from lowbit.train.config import read, resolve
 
     check_given(path, "RUN_DIR")
@@ -222,10 +222,10 @@ def _refuse_other_tasks(path) -> None:
         return
     task = resolve(read(path)).task
     if task != "causal-lm":
-        raise UsageError(
-            f"{path} is {a_task_run(task)}; fix: export a causal-lm run (the Hugging Face folder "
-            "is an AutoModelForCausalLM)"
-        )
+        what = a_task_run(task)
+        if io.is_inference_dir(path):  # the folder is no run: it was made from one
+            what = f"a folder quantized or pruned from {what}"
+        raise UsageError(f"{path} is {what}; fix: {fix}")
 
 
 def _refuse_beyond_fp16(model) -> None:
@@ -258,7 +258,9 @@ def export_hf(
         raise UsageError(f"unknown --dtype {dtype!r}; fix: use {', '.join(dtypes)}")
     shard_bytes = _shard_bytes(max_shard_size)
     check_given(out, "--out")
-    _refuse_other_tasks(path)
+    refuse_other_tasks(
+        path, "export a causal-lm run (the Hugging Face folder is an AutoModelForCausalLM)"
+    )
     io.check_target(out, path, force)  # before loading
     # transformers' "Loading weights" and "Writing model shards" bars: the command reports itself
     with progress_bars_off(True):

@@ -31,7 +31,7 @@ def test_a_token_classifier_whose_data_moved_is_refused_as_such(tmp_path, capsys
     for source in ("tagger", "tagger-int8"):
         assert main(["export", source, "--out", "hf"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is a token-classification run" in err, err
+        assert err.count("\n") == 1 and "a token-classification run; fix:" in err, err
         assert "export a causal-lm run" in err and not (tmp_path / "hf").exists()
 
 
