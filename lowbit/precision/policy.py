@@ -114,8 +114,11 @@ class Precision:
         self._backward_at_step: dict[int, int] = {}  # id(optimizer) -> `_backwards` at its step
         # id(optimizer) -> `_grad_marks` of its gradients as the last `backward` left them, under
         # loss scaling (`_warn_scaled_gradients_changed`)
-        self._marks: dict[int, list[tuple[int, int]]] = {}
+        self._marks: dict[int, list[tuple[int, int | torch.Tensor]]] = {}
         self._changed_warned = False
+        # id(optimizer) -> an optimizer stepped under loss scaling without `wrap_optimizer` (fp32
+        # parameters step it as it is), held weakly: `backward` marks its gradients too
+        self._unwrapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -493,7 +496,8 @@ class Precision:
         self._backwards += 1
         self.scaler.scale(loss).backward(**options)
         if self.scaler.enabled:
-            self._marks = {id(opt): _grad_marks(opt) for opt in self._optimizers}
+            optimizers = {id(opt): opt for opt in (*self._optimizers, *self._unwrapped.values())}
+            self._marks = {key: _grad_marks(opt) for key, opt in optimizers.items()}
 
     def _check_loss(self, loss) -> None:
         """Refuse what is not a tensor, and a loss on another kind of device than this
@@ -586,6 +590,8 @@ class Precision:
                 self._refuse_unscaled_gradients(optimizer)
             if self.scaler.enabled:
                 self._warn_scaled_gradients_changed(optimizer, stacklevel + 1)
+                if all(known is not optimizer for known in self._optimizers):
+                    self._unwrapped[key] = optimizer  # marked from its next backward
             stepped = self.update.prepare(optimizer)
             # With no backward since this optimizer's last step, the gradients unscaled in place
             # then (the optimizer's own parameters': not a 16-bit parameter's fresh fp32 copy) are
@@ -612,25 +618,28 @@ class Precision:
         scaled gradients (the scale, 65536 at the start, times too large) and cut them to
         ``max_norm`` before the step divided them by the scale, so fp16-mixed's SGD updates were
         that much too small without a word (Adam's normalize it away, all but its eps), as in
-        GradScaler's loop without ``unscale_``. A warning, not a refusal: a change that is linear
-        in the gradients (a mask, an all-reduce, a division) commutes with the scale and is
-        right."""
+        GradScaler's loop without ``unscale_``; with ``max_norm=inf`` (to log the norm) it
+        changes no value, but moves the version counters, and the norm it returns is as wrong.
+        A warning, not a refusal: a change that is linear in the gradients (a mask, an
+        all-reduce, a division) commutes with the scale and is right. An optimizer not given
+        to `wrap_optimizer` is marked from the `backward` after its first step or unscaling."""
         if self._changed_warned or self._backward_at_step.get(id(optimizer)) == self._backwards:
             return  # unscaled at this optimizer's last step, with no backward since
         marks, now = self._marks.get(id(optimizer)), _grad_marks(optimizer)
         if not marks or len(now) != len(marks):
             return
-        if any(then == mark for then, mark in zip(marks, now)):  # one end unchanged: no clipping
+        if any(map(_same_mark, marks, now)):  # one end unchanged: no clipping
             return
         self._changed_warned = True
         warnings.warn(
             "lowbit: the gradients changed in place after precision.backward(), while they were "
             f"scaled by recipe {self.recipe.name}'s loss scale (now {self.scaler.value:g}): "
-            "clipped then (torch.nn.utils.clip_grad_norm_(model.parameters(), ...)), they were cut "
-            "by a norm that many times too large (an SGD step that much too small); fix: "
-            "precision.clip_grad_norm_(optimizer, max_norm), or clip the tensors "
-            "precision.unscale_(optimizer) returns (said once; a change linear in the gradients, "
-            "a mask or an all-reduce, is right as it is)",
+            "measured or clipped then (torch.nn.utils.clip_grad_norm_(model.parameters(), ...)), "
+            "their norm was that many times too large, and a clipping by it made the SGD step "
+            "that much too small; fix: precision.clip_grad_norm_(optimizer, max_norm) (max_norm "
+            "None only measures), or clip the tensors precision.unscale_(optimizer) returns "
+            "(said once; a change linear in the gradients, a mask or an all-reduce, is right as "
+            "it is)",
             stacklevel=stacklevel,
         )
 
@@ -1211,12 +1220,12 @@ class _NoAutocast(contextlib.ContextDecorator, contextlib.nullcontext):
     bf16-mixed and failed with "'nullcontext' object is not callable" under fp32 and fp16-low)."""
 
 
-def _grad_marks(optimizer) -> list[tuple[int, int]]:
-    """The identity and version counter of the gradients of the first and the last parameter of
-    ``optimizer`` that have one; none where fewer than two have one. A clipping
-    (``clip_grad_norm_``, ``clip_grad_value_``) writes into every gradient, a mask (a new token's
-    embedding rows) or an injected value rarely into both ends. Two, not all: `Precision.backward`
-    reads them at every call."""
+def _grad_marks(optimizer) -> list[tuple[int, int | torch.Tensor]]:
+    """Marks (`_grad_mark`) of the gradients of the first and the last parameter of ``optimizer``
+    that have one; none where fewer than two have one. A clipping (``clip_grad_norm_``,
+    ``clip_grad_value_``) writes into every gradient, a mask (a new token's embedding rows) or an
+    injected value rarely into both ends. Two, not all: `Precision.backward` reads them at every
+    call."""
     groups = optimizer.param_groups
     forward = (p for group in groups for p in group["params"] if p.grad is not None)
     backward = (p for group in reversed(groups) for p in reversed(group["params"]))
@@ -1224,7 +1233,36 @@ def _grad_marks(optimizer) -> list[tuple[int, int]]:
     last = next((p for p in backward if p.grad is not None), None)
     if first is None or first is last:
         return []
-    return [(id(p.grad), local_values(p.grad)._version) for p in (first, last)]
+    return [_grad_mark(p.grad) for p in (first, last)]
+
+
+_SAMPLED = 64  # values of a gradient `_grad_mark` keeps where its version counter tells nothing
+
+
+def _grad_mark(grad: torch.Tensor) -> tuple[int, int | torch.Tensor]:
+    """The identity of ``grad`` and its version counter, which every in-place op moves; or, where
+    that counter is not the gradient's own, up to `_SAMPLED` of its (local) values spread over
+    it, copied. A view's counter is its base's, which every other view moves: DDP's
+    ``gradient_as_bucket_view=True`` makes each gradient a view of its bucket, and a mask on one
+    gradient moved the counters of the rest of the bucket (the two ends changed, and a false
+    warning). In-place ops on a DTensor (FSDP2's gradients) move no counter, the DTensor's nor
+    its local shard's (torch 2.13). Values miss a clipping of the sampled ones by a factor that
+    leaves them all as they were (zeros; ``max_norm=inf``), which at most misses a warning."""
+    local = local_values(grad)
+    if grad._base is None and not hasattr(grad, "full_tensor"):
+        return id(grad), local._version
+    flat = local.reshape(-1)
+    return id(grad), flat[:: max(1, flat.numel() // _SAMPLED)][:_SAMPLED].clone()
+
+
+def _same_mark(then: tuple[int, int | torch.Tensor], now: tuple[int, int | torch.Tensor]) -> bool:
+    """Whether two `_grad_mark` are of one gradient, unchanged; values compared by their bits
+    (an overflow's NaN is the same NaN)."""
+    if then[0] != now[0] or type(then[1]) is not type(now[1]):  # (an id reused: another tensor)
+        return False
+    if isinstance(then[1], torch.Tensor):
+        return torch.equal(then[1].view(torch.uint8), now[1].view(torch.uint8))
+    return then[1] == now[1]
 
 
 def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:

@@ -17,6 +17,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import UsageError
 from lowbit.recipes import LossScaling
+from tests.distributed.helpers import on_ranks
 
 # fp32 parameters under dynamic loss scaling: the arithmetic of GradScaler's fp32 loop, bit for bit
 SCALED_FP32 = replace(
@@ -172,3 +173,88 @@ def test_autocast_decorates_a_forward_under_every_recipe(recipe):
     with precision.autocast():
         expected = model(x)
     assert torch.equal(forward(x), expected) and expected.dtype == precision.compute_dtype
+
+
+def _clip_measured(precision, model, optimizer):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measures, changes nothing
+
+
+def test_an_optimizer_not_wrapped_is_warned_of_from_its_second_step():
+    """fp16-mixed steps an optimizer never given to `wrap_optimizer` (fp32 parameters) as plain
+    PyTorch does; `backward` marked only wrapped ones, and clipping its scaled gradients was never
+    warned of. Now it is known from its first step, and warned of at the second."""
+    precision = lowbit.Precision("fp16-mixed")
+    model = precision.convert(_model())
+    optimizer = _optimizer(model)
+    steps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, micro in enumerate(_batches(steps=3, accumulate=1)):
+            x, y, seen = *micro[0], len(caught)
+            with precision.autocast():
+                loss = F.cross_entropy(model(x.to(precision.compute_dtype)).float(), y)
+            precision.backward(loss)
+            _clip_scaled(precision, model, optimizer)
+            precision.step(optimizer)
+            optimizer.zero_grad()
+            steps += [step for w in caught[seen:] if "changed in place" in str(w.message)]
+    assert steps == [1]
+
+
+def test_a_measured_norm_is_warned_of_as_measured_or_clipped():
+    """``clip_grad_norm_(params, inf)`` only measures the norm (no value changes) and was warned
+    of as "an SGD step that much too small"; the norm it returned is what is wrong."""
+    caught = _precision_loop("fp16-mixed", _batches(steps=2, accumulate=1), _clip_measured)[2]
+    assert len(caught) == 1 and "measured or clipped then" in str(caught[0].message)
+
+
+def _data_parallel_loops(rank, world) -> dict[str, int]:
+    """``strategy/clip -> the warnings`` of 2 steps of fp16-mixed (2 micro-batches each) on this
+    rank, for DDP (its gradients their own tensors, or views of its buckets) and FSDP2."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowbit.distributed import Ranks
+
+    def mask(precision, model, optimizer):  # 4 columns of one gradient: right as it is
+        next(model.parameters()).grad[:, :4].zero_()
+        precision.clip_grad_norm_(optimizer, 0.5)
+
+    clips = {"scaled": _clip_scaled, "mask": mask, "unscaled": _unscale_then_clip}
+    found = {}
+    for strategy in ("ddp", "ddp-bucket-view", "fsdp"):
+        ranks = Ranks("fsdp" if strategy == "fsdp" else "ddp", torch.device("cpu"))
+        for name, clip in clips.items():
+            precision = lowbit.Precision("fp16-mixed")
+            model = precision.convert(_model())
+            if strategy == "fsdp":
+                _, train = ranks.wrap(model, precision)
+            else:
+                train = DistributedDataParallel(
+                    model, gradient_as_bucket_view=strategy == "ddp-bucket-view"
+                )
+            optimizer = precision.wrap_optimizer(_optimizer(model))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for micro in _batches(steps=2, accumulate=2):
+                    for i, (x, y) in enumerate(micro):
+                        with ranks.accumulating(train, more=i < len(micro) - 1):
+                            with precision.autocast():
+                                out = train(x.to(precision.compute_dtype)).float()
+                            precision.backward(F.cross_entropy(out, y) / len(micro))
+                    clip(precision, model, optimizer)
+                    precision.step(optimizer)
+                    optimizer.zero_grad()
+            found[f"{strategy}/{name}"] = sum("changed in place" in str(w.message) for w in caught)
+    return found
+
+
+def test_clipping_scaled_gradients_is_warned_of_under_ddp_and_fsdp2_and_a_mask_is_not():
+    """DDP's ``gradient_as_bucket_view=True`` makes each gradient a view of its bucket, sharing
+    its version counter: a mask on one gradient moved both ends' and was warned of. FSDP2's
+    DTensor gradients move no version counter: a clipping of the scaled gradients was not."""
+    for found in on_ranks(_data_parallel_loops, 2, timeout=240):
+        assert found == {
+            f"{strategy}/{name}": int(name == "scaled")
+            for strategy in ("ddp", "ddp-bucket-view", "fsdp")
+            for name in ("scaled", "mask", "unscaled")
+        }
