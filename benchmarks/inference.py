@@ -135,20 +135,22 @@ EVAL_SHAPE = (16, 256)  # the batched-evaluation workload: sequences x tokens a 
 def eval_batch(source) -> torch.Tensor:
     """The first validation tokens as `EVAL_SHAPE`, or, where the split (a small --data corpus)
     or the model's positions hold fewer, as many sequences of as many tokens as they do: a note
-    says which (the 16 x 256 slice was a RuntimeError after the whole quality pass). The split
-    holds at least one window of the run's --seq-len + 1 tokens, so one sequence always fits."""
+    says which of them (the 16 x 256 slice was a RuntimeError after the whole quality pass). The
+    split holds at least one window of the run's --seq-len + 1 tokens, so one sequence fits."""
     tokens = source.task.tokens("validation")
     rows, length = EVAL_SHAPE
     positions = max_positions(source.model)  # None: no limit (ALiBi)
     length = min(length, len(tokens), positions or length)
     rows = min(rows, len(tokens) // length)
     if (rows, length) != EVAL_SHAPE:
-        why = f"the validation split holds {len(tokens):,} tokens"
+        why = []  # what limited it: the split (fewer rows; one, where it limits the length)
+        if rows < EVAL_SHAPE[0]:
+            why.append(f"the validation split holds {len(tokens):,} tokens")
         if length == positions < EVAL_SHAPE[1]:
-            why += f" and the model takes {positions} positions"
+            why.append(f"the model takes {positions} positions")
         print(
-            f"note: {why}: batched evaluation is timed on {rows} x {length} tokens a forward, "
-            f"not {EVAL_SHAPE[0]} x {EVAL_SHAPE[1]}"
+            f"note: {' and '.join(why)}: batched evaluation is timed on {rows} x {length} "
+            f"tokens a forward, not {EVAL_SHAPE[0]} x {EVAL_SHAPE[1]}"
         )
     return tokens[: rows * length].reshape(rows, length).long()
 

@@ -403,8 +403,10 @@ class AutoPrecision:
 
     # --- guard -------------------------------------------------------------------------------
 
-    def escalate(self, stats: dict, step: int) -> list:
-        """After a non-finite step observed with ``stats``: move the offending operands up.
+    def escalate(self, stats: dict, step: int, retried: bool = True) -> list:
+        """After a non-finite step observed with ``stats``: move the offending operands up, for
+        the step's next attempt, or, ``retried=False``, for the steps after it (the guard gave
+        up on this one: its `max_retries` are spent), as each move's ``why`` says.
 
         Only operands the plan may move (`_controls`) move. Where the fault is located (an
         operand that saturated, or the first layer whose input is non-finite) and lies in none of
@@ -443,7 +445,12 @@ class AutoPrecision:
                 changes.append(
                     {"layer": layer, "operand": op, "from": current, "to": self.rungs[index + 1]}
                 )
-                changes[-1]["why"] = "non-finite step retried"
+                changes[-1]["why"] = (
+                    "non-finite step retried"
+                    if retried
+                    else f"non-finite step, not retried: the guard's retries ({self.max_retries}) "
+                    "were spent"
+                )
         if changes:
             self.apply()
             self.history.append({"step": step, **self.summary(), "changes": changes})

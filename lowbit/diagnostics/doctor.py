@@ -390,8 +390,14 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
             "--task, the probe of a checkpoint takes the run's task"
         )
     # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
-    trainer = Trainer(config, quiet=True, saved_run=checkpoint_dir)
-    _refuse_unused_overrides(trainer, read(checkpoint_dir).overrides if checkpoint_dir else [])
+    run_overrides = read(checkpoint_dir).overrides if checkpoint_dir else []
+    trainer = Trainer(
+        config,
+        quiet=True,
+        saved_run=checkpoint_dir,
+        # before the trainer warns of the override and of emulation: the refusal is one line
+        check_conversion=lambda built: _refuse_unused_overrides(built, run_overrides),
+    )
     if checkpoint_dir is not None:
         path = checkpoint.find(checkpoint_dir, checkpoint_path)
         state = checkpoint.load(path)
@@ -501,9 +507,11 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
 
 def _refuse_unused_overrides(trainer, run_overrides: list[str]) -> None:
     """Refuse an ``--override`` of the probe that applies to no layer of the model (a misspelt
-    name, a module that holds layers): the probe ran the recipe without it, and the check of a
-    fix read as the fix failing, under one warning. A run's own overrides (``--checkpoint``,
-    none given) are the run's, which trained with them, and are not refused."""
+    name, a module that holds layers, a layer an override before it decides): the probe ran the
+    recipe without it, and the check of a fix read as the fix failing, under one warning. Called
+    as the trainer's ``check_conversion``, before it warns of the override, so that the refusal
+    is one line. A run's own overrides (``--checkpoint``, none given) are the run's, which
+    trained with them, and are not refused."""
     import difflib
 
     from lowbit.nn.convert import lowbit_layers
@@ -518,10 +526,16 @@ def _refuse_unused_overrides(trainer, run_overrides: list[str]) -> None:
         names = list(lowbit_layers(trainer.model))
         near = difflib.get_close_matches(text.split("=")[0], names, n=2, cutoff=0) or names[:2]
         hint = f"the model's layers are named as {', '.join(near)}" if near else "no layer"
+    fix = (
+        "a PATTERN matching the layer names (as the doctor's table names them), or drop that "
+        "--override"
+    )
+    if text in report.shadowed:  # its layer's operands taken by the overrides before it
+        earlier = " and ".join(f"'{first}'" for first in report.shadowed[text])
+        fix = f"drop '{text}' or {earlier}, or give first the one you mean"
     raise UsageError(
         f"--override '{text}' applies to no layer of this model ({hint}), so the probe would "
-        "run without it; fix: a PATTERN matching the layer names (as the doctor's table names "
-        "them), or drop that --override"
+        f"run without it; fix: {fix}"
     )
 
 

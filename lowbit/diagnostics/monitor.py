@@ -5,6 +5,7 @@
     ... forward / backward ...
     if monitor.retry(step, loss, parameters, attempt): drop the gradients, run the batches again
     records = monitor.after_step(step, grad_norm, loss_scale)   # [(split, record)] to log
+    records = monitor.stopped_records()   # instead, where the step stopped the run (non-finite)
 
 `build_monitor` returns `NoMonitor` (every hook a no-op) when statistics are off and the recipe
 is not ``auto``, so a run without diagnostics pays nothing.
@@ -29,6 +30,9 @@ class NoMonitor:
     def after_step(self, step: int, grad_norm: float, loss_scale: float) -> list:
         return []
 
+    def stopped_records(self) -> list:
+        return []
+
     def unfinished_stats(self) -> dict:
         return {}
 
@@ -49,14 +53,15 @@ class TrainingMonitor(NoMonitor):
             self.controller.collector if self.controller is not None else StatsCollector(model)
         )
         self._observed = None  # "stats", "check" or None for the step in flight
-        self._retries: list = []
+        self._retries = 0  # the step's attempts the guard rolled back and ran again
+        self._moves: list = []  # the guard's moves in the step, the attempt it gave up on's too
         self._given_up: dict = {}  # the statistics of the attempt the guard gave up on
 
     def before_step(self, step: int) -> None:
         check = self.controller is not None and self.controller.wants_check(step)
         stats = self.stats_interval > 0 and step % self.stats_interval == 0
         self._observed = "check" if check else ("stats" if stats else None)
-        self._retries = []
+        self._retries, self._moves = 0, []
         self._given_up = {}
         if check:
             self.controller.begin()
@@ -70,15 +75,15 @@ class TrainingMonitor(NoMonitor):
         if all_finite(loss, parameters):
             return False
         observed = self.collector.collect() if self._observed else {}
+        retried = attempt < self.controller.max_retries
         if attempt > 0 or observed:  # the retried attempt ran observed: move its offenders up
-            changes = self.controller.escalate(observed, step)
-        else:
-            changes = []
-        if attempt >= self.controller.max_retries:
+            # also where the guard gives up: the moves hold for the steps after it, if any
+            self._moves += self.controller.escalate(observed, step, retried=retried)
+        if not retried:
             self._observed = None
             self._given_up = observed
             return False
-        self._retries.append({"attempt": attempt + 1, "changes": len(changes), "moves": changes})
+        self._retries += 1
         # the next attempt runs observed, so its offenders can be named if it fails again; a
         # check step stays one, decided from the attempt that succeeds (as "stats" the check was
         # dropped: the first plan waited a step, a periodic one a whole interval)
@@ -103,11 +108,11 @@ class TrainingMonitor(NoMonitor):
             record = flatten(stats)
             record.update(grad_norm=grad_norm, loss_scale=loss_scale)
             records.append(("stats", record))
-        if self.controller is not None and (changes or self._retries or step == 1):
+        if self.controller is not None and (changes or self._moves or self._retries or step == 1):
             summary = self.controller.summary()
             # the guard's moves count too: a retried step's counts per rung moved by them
-            summary["changes"] = len(changes) + sum(r["changes"] for r in self._retries)
-            summary["retries"] = len(self._retries)
+            summary["changes"] = len(changes) + len(self._moves)
+            summary["retries"] = self._retries
             records.append(("auto", summary))
             plan = {
                 f"{layer}/{op}": rung
@@ -115,18 +120,30 @@ class TrainingMonitor(NoMonitor):
                 for op, rung in ops.items()
             }
             records.append(("plan", plan))
-            # what moved and why (`AutoPrecision._decide`, the guard's `escalate`), the guard's
-            # moves first: a check after them decides last
-            moved = [*(c for r in self._retries for c in r["moves"]), *changes]
-            why = {
-                f"{c['layer']}/{c['operand']}": f"{c['from']} -> {c['to']}: {c['why']}"
-                for c in moved
-            }
+            # the guard's moves first: a check after them decides last
+            why = self._why([*self._moves, *changes])
             if first:  # and what the first plan holds where it is, whatever a check measures
                 why.update(self.controller.held())
             if why:
                 records.append(("moves", why))
         return records
+
+    def stopped_records(self) -> list:
+        """The records of a step the trainer stopped at (non-finite after the guard gave up,
+        `lowbit.train.trainer.NonFiniteLoss`): what the guard moved in its attempts and why
+        (``moves``), which named the operands it blamed; not the plan they made, which no step
+        trained with."""
+        why = self._why(self._moves)
+        return [("moves", why)] if why else []
+
+    @staticmethod
+    def _why(moved: list) -> dict:
+        """The ``moves`` record of ``moved`` (`AutoPrecision._decide`'s and the guard's
+        `escalate`'s changes): ``LAYER/OPERAND``: ``fp4 -> fp6: underflow``; the last move of an
+        operand decides."""
+        return {
+            f"{c['layer']}/{c['operand']}": f"{c['from']} -> {c['to']}: {c['why']}" for c in moved
+        }
 
     def unfinished_stats(self) -> dict:
         """The statistics of a step that stopped before its optimizer step (non-finite): what the

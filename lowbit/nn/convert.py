@@ -51,6 +51,8 @@ class ConversionReport:
     unused_overrides: list[str] = field(default_factory=list)  # user overrides no layer took
     # an unused override's text -> the module other than a GEMM layer it names (`summary`)
     unused_hints: dict[str, str] = field(default_factory=dict)
+    # an unused override's text -> the overrides before it that decide its layer's operands
+    shadowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     searched: bool = False  # whether `convert` walked a model (a recipe may convert no layer)
 
     def __getattr__(self, name: str):
@@ -412,7 +414,7 @@ def convert(
     visit(model, "")
     unused = _unused_overrides(recipe, model)
     report.unused_overrides += unused
-    report.unused_hints.update(_unused_hints(recipe, model, unused))
+    report.unused_hints.update(_unused_hints(recipe, model, unused, report.shadowed))
     _log.info("convert, recipe %s: %s", recipe.name, report.summary())
     return report
 
@@ -473,14 +475,17 @@ def _kept_reason_of_kind(module: torch.nn.Module) -> str | None:
     return _kept_gemm_reason(module)
 
 
-def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> dict[str, str]:
+def _unused_hints(
+    recipe: Recipe, model: torch.nn.Module, unused: list[str], shadowed: dict
+) -> dict[str, str]:
     """For each ``unused`` override that names a module of the model other than a converted GEMM
     layer, what it names: a GEMM layer lowbit keeps (``nn.Conv1d``, ``nn.ConvTranspose2d``) with
     the reason, a GEMM layer whose operands earlier overrides decide (``0=keep`` then
     ``0=mxfp8``, which was called no GEMM layer), a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern matches
     whole names, not the layers inside) with the pattern that names them, or one that computes no
     GEMM (``model.norm=fp32``). The bare "applies to no layer" read as a misspelt name, and a
-    kept GEMM layer was called no GEMM layer, its ``NAME.*`` offered, which names nothing."""
+    kept GEMM layer was called no GEMM layer, its ``NAME.*`` offered, which names nothing.
+    The earlier overrides of a GEMM layer go into ``shadowed`` (`ConversionReport.shadowed`)."""
     hints = {}
     for override in recipe.overrides:
         text = override.reason.removeprefix("override ")
@@ -490,11 +495,13 @@ def _unused_hints(recipe: Recipe, model: torch.nn.Module, unused: list[str]) -> 
         kept = next(((n, r) for n, m in matched if (r := _kept_reason_of_kind(m))), None)
         layer = next((n for n, m in matched if _is_gemm(m)), None)
         # every operand this one sets of that layer is decided by an override before it
-        first = ", ".join(o.reason for o in recipe.deciding_overrides(layer)) if layer else ""
+        deciding = recipe.deciding_overrides(layer) if layer else ()
+        first = ", ".join(o.reason for o in deciding)
         holder = next(((n, m) for n, m in matched if any(map(_is_gemm, m.modules()))), None)
         if kept:
             hints[text] = f"{kept[0]}: {kept[1]}"
         elif first:
+            shadowed[text] = tuple(o.reason.removeprefix("override ") for o in deciding)
             hints[text] = (
                 f"{layer} takes {first} first: the first override to name an operand decides it"
             )

@@ -711,6 +711,7 @@ class Trainer:
         warn_emulation: bool = True,
         resume: bool = False,
         saved_run=None,
+        check_conversion=None,
     ):
         """``warn_emulation=False`` leaves out the warnings that the recipe runs in emulation on
         the CPU and that an override applies to no layer (`lowbit compare` says them once per
@@ -719,7 +720,9 @@ class Trainer:
         vocabulary and tags) that run saved: built again, a BPE tokenizer trained by another
         ``tokenizers`` version could hand the resumed model other ids. ``saved_run``: another
         run folder whose tokenizer (vocabulary, tags) the task reads, for a model that starts
-        from that run's checkpoint (`lowbit doctor --checkpoint`)."""
+        from that run's checkpoint (`lowbit doctor --checkpoint`). ``check_conversion(trainer)``
+        runs once the model is converted, before the warnings of its conversion: `lowbit doctor`
+        refuses an override that applies to no layer there, in one line, not after them."""
         import lowbit
         from lowbit.distributed import SINGLE
 
@@ -759,6 +762,8 @@ class Trainer:
             enable_activation_checkpointing(converted, config.model)
         # train_model: the forward of training steps (DDP's wrapper); model: everything else.
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
+        if check_conversion is not None:
+            check_conversion(self)
         report = self.precision.conversion_report
         warn = warn_emulation and self.dist.is_main  # quiet runs too, once per compare recipe
         if self.precision.keeps_every_layer and warn:
@@ -1093,6 +1098,8 @@ class Trainer:
             logger.close()  # its last records: on a full disk, the error of a run not written
         except NonFiniteLoss as error:
             logger.log(self.step_idx + 1, "train", {"non_finite": 1})
+            for split, record in self.monitor.stopped_records():  # auto: what the guard blamed
+                logger.log(self.step_idx + 1, split, record)
             logger.close(quietly=True)
             self._record_end(main, run_dir, "diverged", str(error))
             kept = f"last good checkpoint {last_saved}" if last_saved else "no checkpoint was saved"

@@ -4,15 +4,21 @@ gradient underflow (for which a bf16 override hid the flag and fixed nothing), a
 put each operand where it is."""
 
 import json
+import math
+from pathlib import Path
+
+import pytest
 
 from lowbit.cli import main
+from lowbit.diagnostics.stats import OPERANDS
 
 PROBE = ["doctor", "--model", "nano", "--probe-steps", "1", "--seq-len", "16", "--batch-size", "2"]
 
 
 def test_an_override_that_names_no_layer_is_refused_and_nothing_is_written(tmp_path, capsys):
     """A misspelt pattern probed the recipe without the fix under one warning, and the check of
-    the fix read as the fix failing; the report of that probe replaced the one before it."""
+    the fix read as the fix failing; the report of that probe replaced the one before it. The
+    refusal is one line: the trainer's warnings of the override and of emulation came first."""
     out = tmp_path / "doctor"
     out.mkdir()
     (out / "doctor.json").write_text("earlier report\n")
@@ -21,12 +27,27 @@ def test_an_override_that_names_no_layer_is_refused_and_nothing_is_written(tmp_p
     assert main(argv) == 2
     printed, err = capsys.readouterr()
     assert printed == ""  # no probe, no table
-    error = err.splitlines()[-1]
+    (error,) = err.splitlines()
     assert error.startswith(f"lowbit: error: --override '{typo}' applies to no layer")
     assert "model.layers.0.mlp.down_proj" in error  # the nearest name, as the table writes it
     assert "fix: a PATTERN matching the layer names" in error
     assert (out / "doctor.json").read_text() == "earlier report\n"
     assert not (out / "doctor.png").exists()
+
+
+def test_an_override_another_one_before_it_decides_is_refused_naming_both(tmp_path, capsys):
+    """Two overrides of one layer: the second decides nothing, and the fix offered was "a
+    PATTERN matching the layer names", which it was already."""
+    layer = "model.layers.0.mlp.down_proj"
+    argv = [*PROBE, "--recipe", "fp8-tensorwise", "--out", str(tmp_path / "doctor")]
+    argv += ["--override", f"{layer}=keep", "--override", f"{layer}=mxfp8"]
+    assert main(argv) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"lowbit: error: --override '{layer}=mxfp8' applies to no layer")
+    assert error.endswith(
+        f"fix: drop '{layer}=mxfp8' or '{layer}=keep', or give first the one you mean"
+    )
+    assert not (tmp_path / "doctor").exists()
 
 
 def test_fp16_low_gradient_underflow_gets_no_bf16_override_that_hides_it(tmp_path, capsys):
@@ -139,3 +160,37 @@ def test_the_heat_map_draws_noise_below_the_threshold_pale(tmp_path):
     healthy, noisy = dark_pixels([0.0, 0.0]), dark_pixels([0.4, 0.0])
     assert noisy < healthy + 200  # the cell, a tenth of the way to the 6 dB flag, stays pale
     assert dark_pixels([20.0, 0.0]) > healthy + 3000  # a loss well past the flag is dark
+
+
+def test_the_moves_of_the_attempt_the_guard_gives_up_on_are_logged(lm_config, monkeypatch):
+    """The guard moves the operands it blames up at every failed attempt, the last one's too,
+    and the trainer then stops the run: metrics.jsonl said "non_finite" and not which operands
+    the guard blamed (that attempt's moves were applied and in no record)."""
+    from lowbit.diagnostics import monitor
+    from lowbit.recipes.auto import operand_spec
+    from lowbit.train.trainer import NonFiniteLoss, Trainer
+
+    controller_for = monitor.controller_for
+
+    def one_retry(model, recipe, **options):  # an unobserved failure, then an observed one
+        return controller_for(model, recipe, max_retries=1, **options)
+
+    monkeypatch.setattr(monitor, "controller_for", one_retry)
+    trainer = Trainer(lm_config(recipe="auto", steps=2, seq_len=16, batch_size=2), quiet=True)
+    layer = trainer.model.model.layers[1].mlp.down_proj
+    original = layer.forward
+
+    def overflows_in_fp8(x):  # fine at step 1 (bf16, before the first plan), inf from step 2
+        out = original(x)
+        return out * math.inf if layer.spec.forward.a == operand_spec("fp8", "forward.x") else out
+
+    layer.forward = overflows_in_fp8
+    with pytest.raises(NonFiniteLoss):
+        trainer.fit()
+    records = [json.loads(line) for line in (Path(trainer.config.out) / "metrics.jsonl").open()]
+    (moves,) = [r for r in records if r["split"] == "moves" and r["step"] == 2]
+    blamed = {k: v for k, v in moves.items() if k not in ("step", "split")}
+    assert set(blamed) == {f"model.layers.1.mlp.down_proj/{op}" for op in OPERANDS}
+    assert set(blamed.values()) == {
+        "fp8 -> mxfp8: non-finite step, not retried: the guard's retries (1) were spent"
+    }

@@ -272,3 +272,21 @@ def test_a_ctrl_c_of_the_parity_study_is_one_line_and_resumes(
     assert (pages / "docs" / "parity.md").read_text() == DOC
     assert parity.main([*PARITY, "--out", str(out)]) == 0
     assert "### image-classification: model tiny, 1 steps" in (pages / "BENCHMARKS.md").read_text()
+
+
+def test_the_eval_note_names_the_model_alone_where_only_its_positions_limit(inference, capsys):
+    """A long split and a model of 64 positions: the note began "the validation split holds
+    2,048 tokens", which limited nothing, before the positions that did."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=64)
+    tokens = torch.arange(2048) % 16  # 32 sequences of 64
+    task = SimpleNamespace(tokens=lambda split: tokens)
+    source = SimpleNamespace(task=task, model=GPT2LMHeadModel(config))
+    assert inference.eval_batch(source).shape == (16, 64)
+    assert capsys.readouterr().out == (
+        "note: the model takes 64 positions: batched evaluation is timed on 16 x 64 tokens a "
+        "forward, not 16 x 256\n"
+    )
