@@ -6,12 +6,13 @@ import argparse
 import functools
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.formats import FloatFormat, cast, get, names, quantize
+from lowbit.formats import FloatFormat, IntFormat, cast, get, names, quantize
 from lowbit.formats.error import sqnr
 from lowbit.models.pretrained import weight_files
 
@@ -56,17 +57,29 @@ def format_table() -> str:
         f"{'min normal':>13}{'min subnorm':>13}{'rel. prec.':>12}  inf/nan"
     )
     lines = [header, "-" * len(header)]
-    for name in names():
-        fmt = get(name)
+    every = [get(name) for name in names()]
+    for fmt in every:
         if isinstance(fmt, FloatFormat):
             e, m, bias = fmt.ebits, fmt.mbits, fmt.bias
             special = f"{'inf' if fmt.has_inf else '-'}/{'nan' if fmt.has_nan else '-'}"
         else:
             e, m, bias, special = "-", "-", "-", "-/-"
         lines.append(
-            f"{name:<10}{fmt.bits:>5}{e:>3}{m:>3}{bias:>6}{fmt.max:>13.6g}"
+            f"{fmt.name:<10}{fmt.bits:>5}{e:>3}{m:>3}{bias:>6}{fmt.max:>13.6g}"
             f"{fmt.min_normal:>13.6g}{fmt.min_subnormal:>13.6g}{fmt.epsilon:>12.4g}  {special}"
         )
+    # what the columns cannot say: a max of 127 read as int8's -128..127, e8m0 as a signed float
+    ints = [fmt for fmt in every if isinstance(fmt, IntFormat)]
+    lines.append(
+        f"{', '.join(f.name for f in ints)}: symmetric, "
+        f"{' and '.join(f'-{f.qmax}..{f.qmax}' for f in ints)} (the most negative code is unused)"
+    )
+    for fmt in every:
+        if isinstance(fmt, FloatFormat) and not fmt.signed:
+            lines.append(
+                f"{fmt.name}: no sign bit, the powers of two 2^{fmt.emin}..2^{fmt.emax} "
+                "(MX block scales)"
+            )
     return "\n".join(lines)
 
 
@@ -130,6 +143,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 state = {shard.name: state}
             for name, tensor in state.items():
                 loaded[_unique(name, loaded)] = tensor
+        if shards[0].suffix == ".safetensors":
+            loaded = _model_order(loaded)
     elif not file.exists():
         raise UsageError(f"{path}: no such file; fix: pass a .pt or .safetensors file")
     elif not file.is_file():
@@ -138,13 +153,14 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             ".pt or .safetensors file and pass that"
         )
     elif file.suffix == ".safetensors":
-        loaded = _read_safetensors(file)
+        loaded = _model_order(_read_safetensors(file))
     else:
         loaded = _read_torch(file)
         if isinstance(loaded, dict) and {"step", "model"} <= loaded.keys():  # lowbit checkpoint
             loaded = loaded["model"]
     found: dict[str, torch.Tensor] = {}
     packed: dict[str, torch.dtype] = {}
+    others: set[str] = set()  # what the tensors not measured are, for the error of no row
 
     def walk(prefix: str, obj) -> None:
         if isinstance(obj, torch.Tensor) and obj.is_nested:
@@ -161,6 +177,11 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 dense = obj if obj.layout is torch.strided else obj.to_dense()
                 name = _unique(prefix or "tensor", found)
                 found[name] = dense.detach()  # its own dtype: `error_table`
+            else:
+                kind = "meta" if obj.is_meta else str(obj.dtype).removeprefix("torch.")
+                if obj.is_floating_point() and not obj.is_meta:
+                    kind += f" of {'one element' if obj.numel() else 'no element'}"
+                others.add(kind)
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
@@ -177,8 +198,11 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             )
         print(f"lowbit formats: note: {_packed_text(packed)}; not measured", file=sys.stderr)
     if not found:
+        held = f" (its tensors: {', '.join(sorted(others))})" if others else ""
         raise UsageError(
-            f"{path!r} holds no floating-point tensor with values and more than one element"
+            f"{path!r} holds no floating-point tensor with values and more than one element{held};"
+            " fix: pass a file of floating-point weights or activations (an integer tensor of "
+            "values: save x.float())"
         )
     return found
 
@@ -231,6 +255,18 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _model_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Safetensors tensors sorted with the numbers in their names compared as numbers: a
+    safetensors header lists them in string order (``layers.10`` before ``layers.2``), and each
+    shard of a folder its own, so that a model's rows came out of its order. (``re.split`` with
+    a group alternates text and numbers: two keys never compare a number with text.)"""
+
+    def key(item: tuple[str, torch.Tensor]) -> list[str | int]:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", item[0])]
+
+    return dict(sorted(tensors.items(), key=key))
+
+
 def _read_torch(file: Path):
     """``torch.load`` with ``weights_only``: unpickling runs no code from the file. numpy arrays
     (of any dtype) are allowed too, because lowbit's checkpoints hold numpy's RNG state, and so
@@ -240,8 +276,19 @@ def _read_torch(file: Path):
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
     numpy_types = [core.multiarray._reconstruct, np.ndarray, np.dtype]
     numpy_types += [getattr(np.dtypes, name) for name in np.dtypes.__all__]
+    fix = (
+        "fix: pass a .pt file saved with torch.save (tensors, state dicts, lowbit checkpoints) or "
+        "a .safetensors file"
+    )
+    if (problem := _torch_file_problem(file, fix)) is not None:
+        raise UsageError(f"{file}: {problem}")
     try:
-        with torch.serialization.safe_globals(numpy_types + _spec_types()):
+        with (
+            torch.serialization.safe_globals(numpy_types + _spec_types()),
+            warnings.catch_warnings(),
+        ):
+            # a legacy file of protocol 3, which it reads, came with two warnings about protocols
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
         # torch's text is a page on loading the file unsafely; keep the unpickler's reason
@@ -254,11 +301,80 @@ def _read_torch(file: Path):
                 "torch.save(model.state_dict(), path), and pass that"
             ) from None
         reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        # a torn zip's reason goes on for four sentences about checkpoints being corrupted
+        reason = reason.split(". This is an internal miniz error")[0]
         raise UsageError(
-            f"{file}: cannot read it as a torch file ({reason or type(error).__name__}); fix: pass "
-            "a .pt file saved with torch.save (tensors, state dicts, lowbit checkpoints) or a "
-            ".safetensors file"
+            f"{file}: cannot read it as a torch file ({reason or type(error).__name__}); {fix}"
         ) from None
+
+
+def _torch_file_problem(file: Path, fix: str) -> str | None:
+    """Why ``file``, by its first bytes (a zip archive's by its entries), is no file torch.load
+    reads, with ``fix`` or its own; None for a zip archive with its directory (torch.save's
+    format; not TorchScript's, nor numpy's .npz, whose torch.load errors were a page long) or a
+    pickle that starts as torch's legacy format does (its magic number,
+    ``torch.serialization.MAGIC_NUMBER``) with a protocol torch's safe unpickler reads (2 or 3).
+    torch.load's own reasons named nothing to act on: a text file was "(101)", a plain pickle
+    "(Unsupported operand 149)" under a warning about pickle protocols, an empty file
+    "(EOFError)", a torch file cut short "([Errno 22] Invalid argument)"."""
+    import zipfile
+
+    with open(file, "rb") as stream:
+        head = stream.read(512)
+    # torch's legacy format: its magic number, pickled (LONG1 of 10 bytes) with the file's
+    # protocol, behind a FRAME opcode from protocol 4 on
+    legacy = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    if head.startswith(b"\x80") and legacy in head[:24]:
+        if head[1] <= 3:
+            return None
+        return (
+            f"torch's legacy format pickled with protocol {head[1]}, whose frames a safe load "
+            "(weights_only) does not read; fix: if you trust the file, save it again, "
+            "torch.save(torch.load(path, weights_only=False), 'x.pt')"
+        )
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(file) as archive:  # reads the directory at the end
+                entries = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return (
+                "a zip archive without the directory at its end: cut short (an interrupted save "
+                "or copy); fix: save or copy it again"
+            )
+        if any(entry.endswith("/constants.pkl") for entry in entries):  # torch's own test
+            what = (
+                "a TorchScript archive: torch.save(torch.jit.load(path).state_dict(), 'x.pt') "
+                "saves its weights"
+            )
+        elif entries and all(entry.endswith(".npy") for entry in entries):
+            what = (
+                "a numpy .npz archive: torch.save({k: torch.from_numpy(v) for k, v in "
+                "numpy.load(path).items()}, 'x.pt') saves it"
+            )
+        else:
+            return None
+    elif not head:
+        what = "an empty file"
+    elif head.startswith(b"\x80"):  # pickle protocol 2 or later
+        what = "a plain pickle"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "a numpy .npy file: torch.save(torch.from_numpy(numpy.load(path)), 'x.pt') saves it"
+    elif head[8:10] == b'{"':  # safetensors: a little-endian header length, then its JSON
+        what = f"a safetensors file: name it {file.with_suffix('.safetensors').name}"
+    elif b"\x00" not in head and _is_text(head):
+        what = "a text file"
+    else:
+        what = "neither a zip archive nor a pickle"
+    return f"not a file torch.save wrote ({what}); {fix}"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether ``head``, a file's first bytes, is UTF-8 (its last character may be cut)."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(head) - 3
+    return True
 
 
 def _spec_types() -> list[type]:
@@ -286,10 +402,14 @@ def _spec_types() -> list[type]:
 def error_table(tensors: dict[str, torch.Tensor]) -> str:
     """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
     are set to 0 before quantizing (an inf makes its scale inf, or NaN for an MX block, and with
-    it every entry the scale covers) and left out of its SQNR. Every format quantizes through fp32 (as PyTorch's own casts
-    to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond fp32's
-    range, which become inf there, are noted as such rather than as inf or NaN, and so are those
-    below it, which become 0."""
+    it every entry the scale covers) and left out of its SQNR. A 4-D tensor is read as a Conv2d
+    weight (O x C x kh x kw) and quantized as the O x C*kh*kw matrix its GEMM multiplies
+    (`LowbitConv2d`): along its last axis, kw, a 3x3 kernel's blocks held 3 entries and its SQNR
+    was up to 5 dB off training's, either way (the digits CNN's second convolution: int8/axis
+    52.0 dB, 47.2 as trained; fp8_e4m3/mx 28.4, 30.7 as trained). Every format quantizes
+    through fp32 (as PyTorch's own casts to fp8 do), so a float64 tensor is measured as its fp32
+    rounding, and its values beyond fp32's range, which become inf there, are noted as such
+    rather than as inf or NaN, and so are those below it, which become 0."""
     labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
@@ -314,6 +434,8 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         if count:
             tensor = tensor.where(finite, 0)
         cells = []
+        if tensor.dim() == 4:  # a Conv2d weight, O x C x kh x kw: as its GEMM reads it
+            tensor = tensor.reshape(tensor.shape[0], -1)
         for fmt, granularity, block in SCHEMES:
             if granularity is None:  # saturating at max where a recipe's cast overflows to inf
                 approximation = cast(tensor, fmt)
@@ -323,7 +445,10 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
             # sum, and picking the finite ones out with a mask took ten times the quantization
             cells.append(f"{sqnr(tensor, approximation):>18.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    title = "SQNR in dB (higher is better; quantized along the last axis)"
+    title = (
+        "SQNR in dB (higher is better; quantized along the last axis, a 4-D tensor's along "
+        "C*kh*kw: a convolution weight as its GEMM reads it)"
+    )
     return "\n".join([title, *lines, *notes])
 
 

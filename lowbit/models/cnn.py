@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from lowbit.errors import choose
+from lowbit.errors import UsageError, choose
 
 SIZES: dict[str, tuple[int, int]] = {"tiny": (8, 16), "small": (16, 32)}  # conv channels
 
@@ -32,7 +35,36 @@ class DigitsCNN(nn.Module):
 def build_cnn(size: str = "small", num_classes: int = 10, seed: int = 0) -> DigitsCNN:
     """A freshly initialized `DigitsCNN` of a named size; the init depends only on ``seed``."""
     # image-classification trains this CNN: a language model's size or folder is no --model here
-    choose("CNN size", size, SIZES, fix=f"--model {' or '.join(SIZES)} for image-classification")
+    fix = f"--model {' or '.join(SIZES)} for image-classification"
+    if size not in SIZES and (run := _run_folder(size)) is not None:
+        # a digits run's folder or checkpoint, to train on from: "unknown CNN size" named no way
+        if _run_task(run) == "image-classification":
+            fix += f" (a new CNN), or --resume {shlex.quote(str(run))} to go on training that one"
+        where = "a lowbit run" if Path(size) == run else f"inside the lowbit run {run}"
+        raise UsageError(
+            f"--model {size}: {where}, not a CNN size; image-classification builds its CNN "
+            f"afresh at a size ({', '.join(SIZES)}); fix: {fix}"
+        )
+    choose("CNN size", size, SIZES, fix=fix)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DigitsCNN(SIZES[size], num_classes)
+
+
+def _run_folder(path: str) -> Path | None:
+    """The lowbit run folder ``path`` is or lies in (`run_folder_above`), or None."""
+    from lowbit.models.pretrained import run_folder_above
+    from lowbit.train.config import is_run_folder
+
+    return Path(path) if is_run_folder(path) else run_folder_above(Path(path))
+
+
+def _run_task(run: Path) -> str | None:
+    """The task of the run in ``run``; None where its config.yaml cannot be read (its own error
+    comes with the run's next use)."""
+    from lowbit.train.config import read
+
+    try:
+        return read(run).task
+    except UsageError:
+        return None

@@ -73,6 +73,9 @@ class ConversionReport:
         model): `lowbit train` warns of it (`Precision.keeps_every_layer`), the estimate notes it."""
         return bool(self.kept) and not self.converted
 
+    def __str__(self) -> str:  # print(report): the summary, not the dataclass's one-line dicts
+        return self.summary()
+
     def summary(self) -> str:
         """``converted N/M layers`` and why the rest were kept; where there were no layers, why:
         "converted 0/0 layers" read as if every layer had been left out."""

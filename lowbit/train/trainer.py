@@ -148,7 +148,12 @@ class RunResult:
             f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
             # MiB (2**20 bytes) each, as the memory table's units: ru_maxrss is in KiB on Linux
             f"  peak memory      {self.peak_rss_mb:,.0f} MiB RSS; parameters, optimizer and "
-            f"precision state {self.tensor_mb:,.1f} MiB"
+            # the digits CNN's 45 KiB read "0.0 MiB"
+            + (
+                f"precision state {self.tensor_mb:,.1f} MiB"
+                if self.tensor_mb >= 0.1
+                else f"precision state {self.tensor_mb * 1024:,.1f} KiB"
+            )
             + self.extra.get("device_memory", "")
             + whose,
             # "loss scale 1" of a recipe without loss scaling (bf16, fp32, auto) meant nothing
