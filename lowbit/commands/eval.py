@@ -1,4 +1,5 @@
-"""`lowbit eval RUN_DIR`: evaluate a run's checkpoint on its validation or test split."""
+"""`lowbit eval RUN_DIR`: evaluate a run's checkpoint on its validation or test split, or on new
+data (--data)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="a run folder (lowbit train --out), or a folder lowbit quantize/prune wrote",
     )
-    parser.add_argument("--split", default="validation", help="validation (default), test or train")
+    parser.add_argument(
+        "--split",
+        default="validation",
+        help="validation (default), test or train (of --data: a folder's split)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="evaluate on this data instead of the run's (the kinds lowbit train --data takes for "
+        "the task): one file whole, or a folder's --split; with the run's tokenizer or "
+        "vocabulary, tags and --seq-len",
+    )
     parser.add_argument(
         "--checkpoint",
         metavar="CKPT",
@@ -53,12 +65,20 @@ def run(args) -> int:
 
     check_given(args.run_dir, "RUN_DIR")
     check_given(args.checkpoint, "--checkpoint")
+    check_given(args.data, "--data")
     # a quoted ~ (`lowbit eval '~/runs/x'`, or a script's argument) is the home folder, as the
     # shell expands an unquoted one; a step number or file name passes through unchanged
     run_dir = os.path.expanduser(args.run_dir)
     checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
+    data = args.data and os.path.expanduser(args.data)
     metrics, text = evaluate_run(
-        run_dir, args.split, checkpoint, args.max_batches, args.device, progress=not args.quiet
+        run_dir,
+        args.split,
+        checkpoint,
+        args.max_batches,
+        args.device,
+        progress=not args.quiet,
+        data=data,
     )
     print(json.dumps(json_number(metrics)) if args.json else text)
     return 0

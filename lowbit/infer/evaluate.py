@@ -21,6 +21,7 @@ from lowbit.infer.io import (
     training_run,
 )
 from lowbit.infer.model import quant_layers
+from lowbit.train.tasks import metric_text
 
 SPLITS = ("train", "validation", "test")
 
@@ -102,8 +103,11 @@ def compare(
     metrics, per_q = _scored(task, model, precision, split, max_batches)
     if baseline is None:  # the folder's own metrics, with nothing to compare them to
         lines = [f"{'metric':<12}{'this':>12}"]
+        # None: a metric that does not apply (entity F1 of a split without entities), n/a
         lines += [
-            f"{key:<12}{value:>12.4f}" for key, value in metrics.items() if isinstance(value, float)
+            f"{key:<12}{metric_text(value):>12}"
+            for key, value in metrics.items()
+            if isinstance(value, float) or value is None
         ]
         lines.append(f"(no reference to compare against{f': {missing}' if missing else ''})")
         for key, rows in per_q.items():
@@ -113,8 +117,11 @@ def compare(
     base, per_b = _scored(task, baseline, precision, split, max_batches)
     lines = [f"{'metric':<12}{'reference':>12}{'this':>12}   change"]
     for key, value in metrics.items():
-        if isinstance(value, float) and key in base:
+        if isinstance(value, float) and isinstance(base.get(key), float):
             lines.append(f"{key:<12}{base[key]:>12.4f}{value:>12.4f}   {_change(base[key], value)}")
+        elif key in base and (value is None or base[key] is None):  # n/a for one or both
+            shown = f"{metric_text(base[key]):>12}{metric_text(value):>12}"
+            lines.append(f"{key:<12}{shown}   {metric_text(None)}")
     out = {**metrics, "baseline": base}
     for key, rows in per_q.items():
         out[key], table = _per_label(task, per_b[key], rows, key)
@@ -130,12 +137,21 @@ def size_change(before: int, after: int) -> str:
     return f"{before / after:.2f}x smaller"
 
 
-def evaluate_inference_dir(path, split="validation", max_batches=None, device=None, progress=False):
+def evaluate_inference_dir(
+    path, split="validation", max_batches=None, device=None, progress=False, data=None
+):
     """Metrics and the printable report of an inference folder, against its source; with
-    ``progress``, `lowbit.train.evaluate.eval_progress` on stderr meanwhile."""
+    ``progress``, `lowbit.train.evaluate.eval_progress` on stderr meanwhile; ``data``: on that
+    file or folder instead of the run's (`lowbit eval --data`, `Task.use_eval_data`)."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
-    from lowbit.train.evaluate import check_max_batches, check_same_data, eval_progress
+    from lowbit.train.evaluate import (
+        check_max_batches,
+        check_same_data,
+        data_fields,
+        eval_progress,
+        evaluated_on,
+    )
     from lowbit.train.trainer import resolve_device
 
     max_batches = check_max_batches(max_batches) or None  # 0: every batch, as `lowbit eval`
@@ -147,8 +163,10 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
             f"{path}: a training run, not a folder written by lowbit quantize/prune; fix: "
             "evaluate it with lowbit.train.evaluate_run (lowbit eval reads either)"
         )
-    # the data the training run read, as its run.json recorded it
-    check_same_data(training_run(path), source.config, source.task.fingerprint)
+    if data is None:  # the data the training run read, as its run.json recorded it
+        check_same_data(training_run(path), source.config, source.task.fingerprint)
+    else:
+        source.task.use_eval_data(data, split)
     baseline, missing = load_baseline(source.manifest, device)
     reference = baseline and baseline.model
     models = [source.model] if reference is None else [source.model, reference]
@@ -161,7 +179,7 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
     c = source.config
     head = [
         f"{c.task} {c.model}: {describe_manifest(source.manifest)}, from "
-        f"{source.manifest['source']['path']} (step {source.step}), {split} split",
+        f"{source.manifest['source']['path']} (step {source.step}), {evaluated_on(split, data)}",
         "reference: the source model in fp32; this: the folder's model (kernels below)"
         if baseline is not None
         else f"this: the folder's model (kernels below); {missing}",
@@ -183,5 +201,5 @@ def evaluate_inference_dir(path, split="validation", max_batches=None, device=No
             f"size: {original} {sizes['original'] / 1e6:.3f} MB -> {sizes['quantized'] / 1e6:.3f} "
             f"MB ({change})"
         )
-    result = {"step": source.step, "split": split, **metrics}
+    result = {"step": source.step, **data_fields(split, data), **metrics}
     return result, "\n".join([*head, "", *lines])

@@ -56,7 +56,10 @@ def load_run(run_dir, checkpoint_path: str | None = None, device: str | None = N
         )
     if not run_dir.is_dir():
         what = "a file, not a run folder" if run_dir.is_file() else "no such run folder"
-        raise UsageError(f"{run_dir}: {what}; fix: give the --out folder of a run")
+        raise UsageError(
+            f"{run_dir}: {what}; fix: give the --out folder of a run, or a folder that "
+            "lowbit quantize/prune wrote"
+        )
     config = with_recorded_data(run_dir, resolve(read(run_dir)))
     if device is not None:
         config = replace(config, device=device)
@@ -256,9 +259,12 @@ def evaluate_run(
     max_batches=None,
     device=None,
     progress: bool = False,
+    data: str | None = None,
 ) -> tuple[dict, str]:
     """Metrics and the printable report of a run's checkpoint on ``split``; with ``progress``
-    (`lowbit eval` without --quiet), `eval_progress` on stderr meanwhile."""
+    (`lowbit eval` without --quiet), `eval_progress` on stderr meanwhile. ``data`` (`lowbit eval
+    --data`): evaluate on that file (whole) or folder (its ``split``) instead of the run's data,
+    with the run's tokenizer or vocabulary and tags (`Task.use_eval_data`)."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     max_batches = check_max_batches(max_batches) or None  # 0: the whole split, as left out
@@ -267,15 +273,35 @@ def evaluate_run(
     if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source
         if checkpoint_path:
             raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
-        return evaluate_inference_dir(run_dir, split, max_batches, device, progress)
+        return evaluate_inference_dir(run_dir, split, max_batches, device, progress, data)
     run = load_run(run_dir, checkpoint_path, device)
-    check_same_data(run_dir, run.config, run.task.fingerprint)
+    if data is None:
+        check_same_data(run_dir, run.config, run.task.fingerprint)
+    else:
+        run.task.use_eval_data(data, split)
     shown = eval_progress(run.task, [run.model], split, max_batches)
     with shown if progress else contextlib.nullcontext():
         metrics, text = run.task.report(run.model, run.precision, split, max_batches)
     head = (
         f"{run.config.task} {run.config.model}, recipe {run.config.recipe}, "
-        f"{run.checkpoint.name} (step {run.step}), {split} split"
+        f"{run.checkpoint.name} (step {run.step}), {evaluated_on(split, data)}"
     )
     unfinished = {"run_state": run.run_state} if run.run_state else {}  # as warned on stderr
-    return {"step": run.step, **unfinished, "split": split, **metrics}, f"{head}\n{text}"
+    out = {"step": run.step, **unfinished, **data_fields(split, data), **metrics}
+    return out, f"{head}\n{text}"
+
+
+def evaluated_on(split: str, data: str | None) -> str:
+    """What an evaluation ran on, for its report's head: the run's ``split``, or that of the
+    `lowbit eval --data` folder, or the file given, whole."""
+    if data is None:
+        return f"{split} split"
+    return f"{split} split of {data}" if Path(data).is_dir() else f"{data} (whole file)"
+
+
+def data_fields(split: str, data: str | None) -> dict:
+    """The `lowbit eval --json` keys of what was evaluated: ``split``, and ``data`` where given
+    (a file evaluated whole has no split: null)."""
+    if data is None:
+        return {"split": split}
+    return {"data": data, "split": split if Path(data).is_dir() else None}

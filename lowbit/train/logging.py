@@ -49,7 +49,10 @@ class MetricsLogger:
         self._wandb = _start_wandb(run_dir, config, resume_step, quiet) if wandb else None
 
     def log(self, step: int, split: str, metrics: dict) -> None:
-        values = {k: _number(v) for k, v in metrics.items() if v is not None}
+        # an evaluation's metric that does not apply (entity F1 of a split without entities) is
+        # written null, as `lowbit eval --json` writes it; a train record leaves a None out
+        kept = {k: v for k, v in metrics.items() if v is not None or split == "validation"}
+        values = {k: _number(v) for k, v in kept.items()}
         written = {k: json_number(v) for k, v in values.items()}
         self._file.write(json.dumps({"step": step, "split": split, **written}) + "\n")
         # TensorBoard and W&B take inf and NaN as numbers (a diverged loss, an SQNR of inf): only
@@ -58,7 +61,7 @@ class MetricsLogger:
             if isinstance(value, int | float):
                 self._tb.add_scalar(f"{split}/{name}", value, step)
         if self._wandb is not None:
-            wandb_values = {f"{split}/{k}": v for k, v in values.items()}
+            wandb_values = {f"{split}/{k}": v for k, v in values.items() if v is not None}
             failed = f"failed logging step {step}", "the run goes on without it"
             self._to_wandb(failed, self._wandb.log, wandb_values, step=step)
 

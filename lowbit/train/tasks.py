@@ -134,6 +134,15 @@ class Task:
         whole = math.ceil(self.eval_rows(split) / self.config.batch_size)
         return min(whole, max_batches) if max_batches else whole
 
+    def use_eval_data(self, path: str, split: str) -> None:
+        """Evaluate ``split`` on the data at ``path`` instead of the run's own (`lowbit eval
+        --data`): a single file whole, a folder's ``split``; with the run's tokenizer or
+        vocabulary, tags and --seq-len. Nothing of the run's folder is written."""
+        raise UsageError(
+            f"--data {path}: task {self.config.task} evaluates on its built-in data only; "
+            "fix: drop --data"
+        )
+
     def report(self, model, precision, split: str, max_batches=None) -> tuple[dict, str]:
         """(metrics, printable report) from one pass over ``split``'s batches; a classifier's
         metrics add ``per_label_f1`` (`lowbit.data.label_report.f1_rows`), the rows of its table
@@ -144,9 +153,18 @@ class Task:
 
 
 def format_metrics(metrics: dict) -> str:
-    return "  ".join(
-        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-    )
+    return "  ".join(f"{k} {metric_text(v)}" for k, v in metrics.items())
+
+
+def metric_text(value, form: str = ".4f") -> str:
+    """A metric as reports print it: a float to ``form``, None (a metric that does not apply:
+    entity F1 of sentences without entities) as ``n/a``, any other value as it is."""
+    if value is None:
+        return NOT_APPLICABLE
+    return format(value, form) if isinstance(value, float) else str(value)
+
+
+NOT_APPLICABLE = "n/a"
 
 
 @contextlib.contextmanager
@@ -443,6 +461,18 @@ class CausalLMTask(Task):
             self._tokens[split] = tokens
         return self._tokens[split]
 
+    def use_eval_data(self, path: str, split: str) -> None:
+        from lowbit.data.corpus import SPLITS, Corpus, load_texts
+
+        if Path(path).is_file():  # the file itself, every document (paragraph, JSONL record)
+            documents = load_texts(path, self.config.text_field)
+            self._corpus = Corpus(str(path), {s: documents if s == split else [] for s in SPLITS})
+        else:  # a folder (or glob) splits as training data does: its ``split``
+            from lowbit.data import load_corpus
+
+            self._corpus = load_corpus(path, self.config.text_field)
+        self._tokens.clear()
+
     def save_artifacts(self, folder) -> None:
         self.tokenizer.save(Path(folder) / "tokenizer")
 
@@ -558,7 +588,7 @@ class TokenClassificationTask(Task):
     """Per-token tags (CoNLL/IOB files, or the built-in Python syntax-tag task) with a BERT encoder."""
 
     def __init__(self, config, run_dir=None):
-        from lowbit.data import LABELS, TensorBatches, WordVocab
+        from lowbit.data import WordVocab
         from lowbit.models import build_token_classifier, load_encoder_tokenizer
         from lowbit.models.token_classifier import SIZES
 
@@ -567,20 +597,21 @@ class TokenClassificationTask(Task):
             raise UsageError(f"seq_len {config.seq_len} leaves no room for tokens; fix: raise it")
         pretrained = config.model not in SIZES  # a folder (or minilm) with its own tokenizer
         tokenizer = None  # the pretrained encoder's, once loaded (the built-in task's packing)
+        self.run_dir = run_dir
+        self.run_given = run_dir is not None  # a run that exists: its --seq-len is fixed
+        self._sentences: dict | None = None  # CoNLL data: read when first needed (`sentences`)
+        self._eval_source: str | None = None  # `use_eval_data`'s file, evaluated instead
+        self._fingerprint: dict | None = None  # of the run's data, worked out once
         if config.data is None:
             model = config.model if pretrained else None
-            self.sentences, tokenizer = _syntax_tags(config.seq_len, model)
-            labels = list(LABELS)
-            self.fingerprint = {"source": "syntax-tags(stdlib)"}
+            self._sentences, tokenizer = _syntax_tags(config.seq_len, model)
+            self._fingerprint = {"source": "syntax-tags(stdlib)"}
             if pretrained:  # packed by word pieces since session 29 (before: by words)
-                self.fingerprint["packing"] = "word pieces"
-        else:
-            self.sentences = conll_splits(config.data)
-            tags = {t for part in self.sentences.values() for s in part for t in s.tags}
-            labels = ["O", *sorted(tags - {"O"})]
-            self.fingerprint = _sentences_fingerprint(config.data, self.sentences)
-        self.labels = _run_labels(run_dir, labels)
-        self.run_given = run_dir is not None  # a run that exists: its --seq-len is fixed
+                self._fingerprint["packing"] = "word pieces"
+        # a run's labels.json (and vocab.json) build its model without its data: `lowbit
+        # quantize` of a tagger whose CoNLL files moved failed with "no such CoNLL file"
+        saved = _saved_labels(run_dir)
+        self.labels = saved if saved is not None else self._data_labels()
         if not self.run_given:  # a new run is told of every split as it starts
             self._warn_data(("validation", "test"))
         self.label2id = {label: i for i, label in enumerate(self.labels)}
@@ -610,11 +641,83 @@ class TokenClassificationTask(Task):
             _warn_left_context(config.model, self.model, config.seq_len)
         self._encoded: dict[str, tuple] = {}
         self._cut: dict[str, int] = {}  # per split: its sentences that lose words to --seq-len
-        self.train_batches = TensorBatches(
-            self._encoding("train"), config.batch_size, config.seed, config.grad_accum
-        )
+        self._train_batches = None
         if not self.run_given:  # a run resumed or evaluated was told as its training started
+            self._encoding("train")
             self._warn_cut("train", "training")
+
+    def _data_labels(self) -> list[str]:
+        """The tags of the data, "O" first: the built-in task's, else those of every split."""
+        from lowbit.data import LABELS
+
+        if self.config.data is None:
+            return list(LABELS)
+        tags = {t for part in self.sentences.values() for s in part for t in s.tags}
+        return ["O", *sorted(tags - {"O"})]
+
+    @property
+    def sentences(self) -> dict:
+        """The sentences of each split, the run's CoNLL data read when first needed; a run's
+        data that gained a tag it did not train with is refused (`_check_run_labels`)."""
+        if self._sentences is None:
+            data = self.config.data
+            if self.run_given and not Path(data).exists() and self._is_run_data(data):
+                raise UsageError(
+                    f"{data}: no such CoNLL file or folder (the data {self.run_dir} was trained "
+                    "on, moved or deleted since); fix: restore it there (to evaluate on other "
+                    f"data: lowbit eval {self.run_dir} --data PATH)"
+                )
+            self._sentences = conll_splits(data)
+            if self.run_given:
+                _check_run_labels(self.run_dir, self._data_labels())
+        return self._sentences
+
+    def _is_run_data(self, data: str) -> bool:
+        """Whether ``data`` is what the run (of a quantized/pruned folder: its source) trained
+        on, as its run.json recorded it: `lowbit doctor --checkpoint RUN --data` reads its own."""
+        from lowbit.infer.io import training_run
+        from lowbit.train.config import read_run_info
+        from lowbit.train.trainer import data_path
+
+        return data_path(data) == read_run_info(training_run(self.run_dir)).get("data_path")
+
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = _sentences_fingerprint(self.config.data, self.sentences)
+        return self._fingerprint
+
+    @property
+    def train_batches(self):
+        if self._train_batches is None:
+            from lowbit.data import TensorBatches
+
+            c = self.config
+            self._train_batches = TensorBatches(
+                self._encoding("train"), c.batch_size, c.seed, c.grad_accum
+            )
+        return self._train_batches
+
+    @train_batches.setter
+    def train_batches(self, batches) -> None:  # a data-parallel rank's shard (the trainer)
+        self._train_batches = batches
+
+    def use_eval_data(self, path: str, split: str) -> None:
+        """Tags the run did not train with are warned of, and given ids past the model's
+        outputs: their words count as errors (and their entities as missed), out of the loss."""
+        from lowbit.data.conll import read_conll
+
+        sentences = read_conll(path) if Path(path).is_file() else conll_splits(path)[split]
+        if not sentences:
+            raise UsageError(f"{path}: no sentences to evaluate; fix: give a CoNLL file of tags")
+        self._sentences, self._eval_source = {split: sentences}, str(path)
+        self._encoded.clear()
+        self._cut.clear()
+        where = f"the {split} split" if Path(path).is_dir() else "the file"
+        extra = _warn_untrained_tags(path, set(self.labels), {where: sentences})
+        for tag in extra:
+            self.label2id[tag] = len(self.label2id)
+        self.id2label = {i: label for label, i in self.label2id.items()}
 
     def _encoding(self, split):
         if split not in self._encoded:
@@ -635,8 +738,12 @@ class TokenClassificationTask(Task):
 
     def _warn_data(self, splits) -> None:
         """The CoNLL data's warnings of ``splits``: tags not trained, another IOB scheme."""
+        if self._eval_source is not None:  # told by `use_eval_data`
+            return
         if self.config.data is not None:  # the built-in task's tags are all trained
-            _warn_untrained_tags(self.config.data, self.sentences, splits)
+            trained = {tag for sentence in self.sentences["train"] for tag in sentence.tags}
+            named = {f"the {split} split": self.sentences.get(split, []) for split in splits}
+            _warn_untrained_tags(self.config.data, trained, named)
             _warn_other_scheme(self.config.data, self.sentences, splits)
 
     def _warn_cut(self, split: str, left_out: str) -> None:
@@ -687,13 +794,15 @@ class TokenClassificationTask(Task):
             for batch in batches:
                 input_ids, mask, labels = to_device(batch, device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+                # a tag the model has no output for (`use_eval_data`) is no term of the loss
+                scored = labels.masked_fill(labels >= logits.shape[-1], IGNORE_INDEX)
                 total += F.cross_entropy(
                     logits.flatten(0, 1),
-                    labels.flatten(),
+                    scored.flatten(),
                     ignore_index=IGNORE_INDEX,
                     reduction="sum",
                 ).item()
-                count += int((labels != IGNORE_INDEX).sum())
+                count += int((scored != IGNORE_INDEX).sum())
                 labels_all.append(labels.cpu())
                 preds_all.append(logits.argmax(-1).cpu())
         return total / max(count, 1), torch.cat(labels_all), torch.cat(preds_all)
@@ -707,6 +816,8 @@ class TokenClassificationTask(Task):
         accuracy = _accuracy(labels[keep], preds[keep], loss)
         f1 = entity_f1(true_tags, pred_tags)
         entity = math.nan if math.isnan(loss) else f1["f1"]  # as accuracy: no real predictions
+        if not f1["true"]:  # no entity to find (only O tags): no score, where 0.0 read as a miss
+            entity = None
         metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": entity}
         return metrics, true_tags, pred_tags, f1
 
@@ -739,7 +850,7 @@ class TokenClassificationTask(Task):
             lines.append(UNSCORED_NOTE)
         # the tables' numbers for `lowbit eval --json`, from the same pass (every tag is a label):
         # the entity table's rows in the per-label rows' shape, its ALL row being ``entity_f1``
-        per_label_f1 = f1_rows(per_label, sorted(self.labels))
+        per_label_f1 = f1_rows(per_label, sorted(self.label2id))
         per_entity_f1 = {k: {"this": s["f1"], "support": s["true"]} for k, s in per_type.items()}
         out = {**metrics, "per_label_f1": per_label_f1, "per_entity_f1": per_entity_f1}
         return out, "\n".join(lines)
@@ -767,21 +878,28 @@ def _syntax_tags(seq_len: int, model: str | None = None) -> tuple[dict, object]:
 LABELS_FILE = "labels.json"  # a token-classification run's tags, in the order of its outputs
 
 
-def _run_labels(run_dir, found: list[str]) -> list[str]:
-    """The tags a run trained with (its labels.json), else ``found`` (those of the data). The
-    model has one output per tag in that order: reading them again from data that has gained a
-    tag since would shift the ids of the others."""
+def _saved_labels(run_dir) -> list[str] | None:
+    """The tags a run trained with, in the order of its outputs (its labels.json); None for no
+    run, or one written before runs saved them."""
     path = Path(run_dir) / LABELS_FILE if run_dir is not None else None
     if path is None or not path.is_file():
-        return found
-    saved = json.loads(path.read_text(encoding="utf-8"))
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_run_labels(run_dir, found: list[str]) -> None:
+    """Refuse data whose tags ``found`` are not all among those the run trained with (its
+    labels.json), where it has them. The model has one output per tag in that order: reading
+    them again from data that has gained a tag since would shift the ids of the others."""
+    saved = _saved_labels(run_dir)
+    if saved is None:
+        return
     unknown = [label for label in found if label not in saved]
     if unknown:
         raise UsageError(
             f"{run_dir}: the data has tags the run did not train with ({', '.join(unknown[:5])}); "
             f"fix: use data tagged with the run's tags ({', '.join(saved)})"
         )
-    return saved
 
 
 _said: set[str] = set()  # warnings given in this process (compare trains many runs of one data)
@@ -824,24 +942,27 @@ def _warn_truncated(
     )
 
 
-def _warn_untrained_tags(source: str, sentences: dict, splits) -> None:
-    """Say which tags occur in a split of ``splits`` and not in training: the model gets an
-    output for each that no training word teaches, so their words are mostly mispredicted and
-    their entities count as missed in entity F1 (a typo, ``B-LCO``, or a type the training file
-    lacks)."""
-    trained = {tag for sentence in sentences["train"] for tag in sentence.tags}
-    for split in splits:
-        extra = sorted({t for s in sentences.get(split, []) for t in s.tags} - trained)
+def _warn_untrained_tags(source: str, trained: set[str], named: dict) -> list[str]:
+    """Say which tags occur in the sentences of ``named`` (``{"the validation split": [...]}``)
+    and not in ``trained``: the model gets an output for each that no training word teaches (or,
+    evaluated on new data, none), so their words are mostly mispredicted and their entities
+    count as missed in entity F1 (a typo, ``B-LCO``, or a type the training file lacks). Returns
+    those tags, of every part."""
+    every: list[str] = []
+    for where, sentences in named.items():
+        extra = sorted({t for s in sentences for t in s.tags} - trained)
+        every += [tag for tag in extra if tag not in every]
         if extra:
             several = len(extra) > 1
             shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
             _warn_once(
-                f"lowbit: warning: {source}: {len(extra)} {'tags' if several else 'tag'} of the "
-                f"{split} split never {'occur' if several else 'occurs'} in training ({shown}): "
+                f"lowbit: warning: {source}: {len(extra)} {'tags' if several else 'tag'} of "
+                f"{where} never {'occur' if several else 'occurs'} in training ({shown}): "
                 f"the model cannot learn {'them and their' if several else 'it and its'} words "
                 "count as errors; fix: correct the tags if mistyped, else add training sentences "
                 f"that hold {'them' if several else 'it'}"
             )
+    return every
 
 
 def _warn_other_scheme(source: str, sentences: dict, splits) -> None:

@@ -50,7 +50,7 @@ from lowbit.train.config import (
 from lowbit.train.generate import visible
 from lowbit.train.logging import MetricsLogger, NullLogger
 from lowbit.train.runstate import RunLock, process_fields, resume_command, resumed_text
-from lowbit.train.tasks import build_task, to_device
+from lowbit.train.tasks import build_task, metric_text, to_device
 
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
 TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, report)
@@ -133,7 +133,7 @@ class RunResult:
             f"  validation loss  {start.get('loss', float('nan')):.4f} -> "
             + (f"{end['loss']:.4f}" if "loss" in end else "(not evaluated in this session)")
             + "".join(
-                f"   {k} {start[k]:.4g} -> {end[k]:.4g}"
+                f"   {k} {metric_text(start[k], '.4g')} -> {metric_text(end[k], '.4g')}"
                 for k in ("ppl", "accuracy", "entity_f1")
                 if k in end and k in start
             )
