@@ -197,6 +197,8 @@ def _check_data_beside(path, data: str | None) -> None:
 
     if data in (None, "stdlib") or Path(os.path.expanduser(data)).is_absolute():
         return
+    if os.path.lexists(data):  # found as spelt: a `[` in its name is no glob's (`data[1].txt`)
+        return
     beside = Path(path).parent / data
     if glob.glob(data) or not glob.glob(str(beside)):
         return
@@ -815,9 +817,18 @@ def is_run_folder(path) -> bool:
 
 
 def is_run_config(path) -> bool:
-    """``path`` is the config.yaml of a run folder (`is_run_folder`): settings a run recorded,
-    its derived ones among them, not a file the user wrote."""
-    return Path(path).name == "config.yaml" and is_run_folder(Path(path).parent)
+    """``path`` is the config.yaml of a run folder (`is_run_folder`) that the run's `RUN_INFO` or
+    a quantized or pruned folder's manifest is beside: settings a run recorded, its derived ones
+    among them, not a file the user wrote. The name alone took a user's own config.yaml for a
+    run's, past the refusal of a setting without a value and `_check_data_beside`."""
+    path = Path(path)
+    if path.name != "config.yaml" or not is_run_folder(path.parent):
+        return False
+    if (path.parent / RUN_INFO).is_file():
+        return True
+    from lowbit.infer.io import is_inference_dir  # here: lowbit.infer imports this module
+
+    return is_inference_dir(path.parent)
 
 
 EXPORT_INFO = "lowbit_export.json"  # written by `lowbit export` beside the Hugging Face files

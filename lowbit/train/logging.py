@@ -69,11 +69,16 @@ class MetricsLogger:
         self._file.flush()
         self._tb.flush()
 
-    def close(self, quietly: bool = False) -> None:
+    def close(self, quietly: bool = False, aborted: bool = False) -> None:
         """``quietly``: as the run stops on an error, a failed write of the buffered records is
         not raised: on a full disk it would replace the error that says what stopped the run (and
         the records after the last checkpoint are dropped on resume anyway); the W&B run is
-        marked failed (exit code 1), where it read "finished" whatever stopped it."""
+        marked failed (exit code 1), where it read "finished" whatever stopped it.
+
+        ``aborted`` (with ``quietly``): the user stopped the run (a second Ctrl-C, a
+        KeyboardInterrupt), which is no error of the run's: its W&B run is finished (exit code 0)
+        as a run stopped by one Ctrl-C is. W&B's finish knows only finished (0) and failed (any
+        other code); run.json says "aborted"."""
         failures = (OSError,) if quietly else ()
         with contextlib.suppress(*failures):
             self._file.close()
@@ -81,7 +86,7 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             failed = "failed to finish", "the run's own files are complete"
-            self._to_wandb(failed, self._wandb.finish, exit_code=1 if quietly else 0)
+            self._to_wandb(failed, self._wandb.finish, exit_code=int(quietly and not aborted))
             self._wandb = None  # finished: not again
 
     def _to_wandb(self, failed: tuple[str, str], call, *args, **kwargs) -> None:
@@ -149,7 +154,7 @@ class NullLogger:
     def flush(self) -> None:
         pass
 
-    def close(self, quietly: bool = False) -> None:
+    def close(self, quietly: bool = False, aborted: bool = False) -> None:
         pass
 
 

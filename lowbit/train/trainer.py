@@ -27,7 +27,7 @@ import torch
 
 from lowbit.cpu import bf16_gemm_warning, emulated_layers
 from lowbit.diagnostics.monitor import build_monitor
-from lowbit.errors import RunNotWritten, UsageError, check_writable
+from lowbit.errors import RunNotWritten, UsageError, check_writable, is_interrupt
 from lowbit.nn.convert import lowbit_layers
 from lowbit.precision.scaler import SMALLEST_SCALE
 from lowbit.recipes import same_recipe
@@ -1119,11 +1119,12 @@ class Trainer:
                 raise
             raise self._not_written(error) from error
         except BaseException as error:
-            logger.close(quietly=True)
             # A second Ctrl-C inside a checkpoint save across ranks reaches here wrapped in
-            # torch.distributed.checkpoint's CheckpointException: a traceback, "failed", where
-            # the run was aborted as asked
-            aborted = isinstance(error, KeyboardInterrupt) or self.abort_requested
+            # torch.distributed.checkpoint's CheckpointException, and one Python raises in a
+            # class's __set_name__ in a RuntimeError (`is_interrupt`): a traceback, "failed",
+            # where the run was aborted as asked
+            aborted = is_interrupt(error) or self.abort_requested
+            logger.close(quietly=True, aborted=aborted)
             if aborted:  # its repr, "KeyboardInterrupt()", said neither what nor where
                 by = "a second Ctrl-C" if self.abort_requested else "KeyboardInterrupt"
                 self._record_end(main, run_dir, "aborted", f"{by} after step {self.step_idx}")

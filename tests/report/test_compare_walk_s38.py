@@ -1,6 +1,7 @@
 """Session 38's `lowbit compare` walk: the default study folder of a --model folder tells studies
 apart (a run's exported ``RUN/model`` folder named every such study ``compare-causal-lm-model``)."""
 
+import json
 import shutil
 
 import pytest
@@ -73,6 +74,33 @@ def test_a_baseline_that_trained_worse_than_it_started_judges_no_recipe(blown_up
     assert "fix: a lower --lr" in base["verdict"]
     assert fp8["meets_target"] is None and fp8["verdict"].startswith("no verdict: the baseline")
     assert "- fp32: the baseline's validation loss ended above" in report
+
+
+def test_a_baseline_that_rose_within_the_tightest_target_still_judges(blown_up, tmp_path):
+    """Fine-tuning a trained model at --lr 1e-5, fp32's loss went 2.9090 -> 2.9091 (+0.003%):
+    "ended above where it started", every recipe "no verdict" and --fail-on-miss exit 3, where
+    the fix it offered (a lower --lr) did not help. A rise within the tightest target (fp8's
+    1%) is no difference; one above it still judges no recipe."""
+    out, results, _ = blown_up
+    shutil.copytree(out, tmp_path / "study")
+    record_path = tmp_path / "study" / "runs" / "fp32" / "seed-0" / "compare.json"
+    record = json.loads(record_path.read_text())
+
+    def judged_with_start(start):
+        record["start_metrics"]["loss"] = start
+        record_path.write_text(json.dumps(record))
+        study = make_study("fp32,fp8-tensorwise", BLOWN_UP, seeds=1, out=tmp_path / "study")
+        return compare(study, plots=False, log=quiet).results["recipes"]
+
+    final = results["recipes"]["fp32"]["val_loss"][0]
+    rows = judged_with_start(final / 1.0003)  # +0.03%
+    assert rows["fp32"]["verdict"] == "baseline" and rows["fp32"]["meets_target"] is True
+    assert rows["fp8-tensorwise"]["verdict"].startswith("PASS: within 1% of the baseline")
+    rows = judged_with_start(final / 1.02)  # +2%: above the 1% target
+    assert rows["fp32"]["meets_target"] is False
+    assert "by more than the tightest target (1%), with seed 0" in rows["fp32"]["verdict"]
+    assert "+2.0%)" in rows["fp32"]["verdict"]
+    assert rows["fp8-tensorwise"]["verdict"].startswith("no verdict: the baseline fp32's")
 
 
 def test_an_overflowing_perplexity_is_printed_in_exponent_notation(blown_up):

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,34 @@ def test_a_wandb_that_fails_to_import_is_one_warning(tmp_path, monkeypatch, caps
         "cannot be created directly.); logging without it; fix: pip install -U wandb, or drop "
         "--wandb"
     ]
+
+
+def test_a_users_own_config_yaml_gets_a_hand_written_files_checks(tmp_path, monkeypatch, capsys):
+    """A file of the user's named config.yaml, in a folder of theirs, was taken for a run's own
+    by its name: ``steps:`` ran the task's 400 steps, and data beside it was "no such file"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "train.txt").write_text("text\n" * 50)
+    config = tmp_path / "configs" / "config.yaml"
+    config.write_text("model: nano\nsteps:\ndata: data/train.txt\n")
+    assert _train("--config", "configs/config.yaml", "--out", "run", "--quiet") == 2
+    assert capsys.readouterr().err == (
+        "lowbit: error: configs/config.yaml: steps has no value (null); fix: give it one, or "
+        "leave the setting out for its default\n"
+    )
+    config.write_text("model: nano\nsteps: 1\ndata: data/train.txt\n")
+    assert _train("--config", "configs/config.yaml", "--out", "run", "--quiet") == 2
+    assert "fix: data: configs/data/train.txt (or an absolute path)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_whose_name_holds_a_bracket_is_read_as_spelt(tmp_path, monkeypatch, capsys):
+    """``data: corpus[1].txt``, there in the working folder, was read as a glob (``corpus1.txt``)
+    and refused for the corpus1.txt beside the config file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus[1].txt").write_text(Path(_small_data(tmp_path)).read_text())
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "corpus1.txt").write_text("another corpus\n")
+    (tmp_path / "exp" / "run.yaml").write_text("data: corpus[1].txt\nsteps: 1\n")
+    assert _train("--config", "exp/run.yaml", "--out", "run", "--quiet") == 0, capsys.readouterr()
+    assert (tmp_path / "run" / "run.json").is_file()

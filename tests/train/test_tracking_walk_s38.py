@@ -4,8 +4,10 @@ import json
 import sys
 import types
 
+import pytest
 import yaml
 
+import lowbit.train.trainer as trainer_module
 from lowbit.cli import main
 
 NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1"]
@@ -159,3 +161,40 @@ def test_config_files_named_in_capitals_are_read_and_a_folder_is_named_as_one(tm
         f"lowbit: error: {tmp_path}: a folder, not a config file; fix: --config FILE, a .yaml, "
         ".yml, .toml, .json file of settings"
     )
+
+
+def _interrupt_at_step_2(monkeypatch, wrapped: bool) -> None:
+    """The run's step 2 meets a Ctrl-C: a KeyboardInterrupt, or (``wrapped``) the RuntimeError
+    Python raises in its place where one lands in a class's ``__set_name__``."""
+    step = trainer_module.Trainer.step
+
+    def interrupted(self):
+        if self.step_idx != 2:
+            return step(self)
+        if not wrapped:
+            raise KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError(
+                "Error calling __set_name__ on '_tuplegetter' instance"
+            ) from interrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", interrupted)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["KeyboardInterrupt", "RuntimeError"])
+def test_a_run_the_user_aborted_is_aborted_not_failed(tmp_path, monkeypatch, capsys, wrapped):
+    """A Ctrl-C wrapped in a RuntimeError was printed "lowbit: interrupted" by the command but
+    recorded "failed" in run.json; and every abort was marked failed in W&B (exit code 1), as a
+    run stopped by an error, where the user stopped it (as one Ctrl-C does, finished there)."""
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _interrupt_at_step_2(monkeypatch, wrapped)
+    out = tmp_path / "run"
+    argv = ["--data", _small_data(tmp_path), "--steps", "4", "--wandb", "--out", str(out)]
+    assert _train(*argv, "--quiet") == 130
+    assert "Traceback" not in capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    assert (info["status"], info["error"]) == ("aborted", "KeyboardInterrupt after step 2")
+    assert fake.exit_codes == [0]
