@@ -135,8 +135,11 @@ def _at_run_plan(args, recipe: Recipe) -> Recipe:
     that run's (same budget) and the run logged a plan (`last_plan`): the formats it trains in.
     Until session 38 every auto run was estimated at the bf16 plan it starts from (`nano`'s
     auto:fp4 run: 301,056 bytes of temporary copies over the measured); a run stopped before its
-    first check still is, and says so."""
+    first check still is, and says so. A folder quantized or pruned from an auto run (its
+    config.yaml, the run's settings) is that run's training, at the run's plan (`training_run`;
+    until session 38 at the start); one whose run is moved or deleted, at the start."""
     from lowbit.diagnostics.auto import last_plan
+    from lowbit.infer.io import training_run
     from lowbit.recipes.auto import at_plan, budget_of
     from lowbit.train.config import is_run_folder, read
 
@@ -145,7 +148,8 @@ def _at_run_plan(args, recipe: Recipe) -> Recipe:
         return recipe
     if budget_of(get_recipe(read(args.model).recipe)) != budget:
         return recipe
-    found = last_plan(args.model)
+    run = training_run(args.model)
+    found = last_plan(run) if run.is_dir() else None
     return recipe if found is None else at_plan(recipe, found[1], found[0])
 
 

@@ -886,7 +886,7 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
             "warns of it too), so it trains, and is estimated, as its compute dtype does"
         )
     elif plan_of(recipe) is not None:  # a run's plan (`at_plan`: `lowbit estimate RUN`)
-        notes.append(f"estimated at the {plan_of(recipe)}")
+        notes.append(_plan_note(recipe, report))
     elif budget_of(recipe) is not None:  # docs/memory.md: its cheaper rungs save less
         notes.append(
             "auto is estimated at the plan it starts from, every converted layer in bf16: the "
@@ -895,6 +895,29 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
         )
     notes += [f"override {text} applies to no layer" for text in report.unused_overrides]
     return tuple(notes)
+
+
+def _plan_note(recipe: Recipe, report) -> str:
+    """Which ``auto`` plan (`at_plan`) ``recipe`` is estimated at, and the plan's layers that
+    match no GEMM layer the conversion ``report`` found (a metrics.jsonl of another model, or
+    edited): those stay at the start, in bf16. Until session 38 such a plan was noted as
+    estimated while none of it applied."""
+    from lowbit.recipes.auto import plan_layers, plan_of
+
+    found = report.converted.keys() | report.kept.keys()
+    missing = [name for name in plan_layers(recipe) if name not in found]
+    shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+    if len(missing) == len(plan_layers(recipe)):
+        return (
+            f"the {plan_of(recipe)} names no layer of this model ({shown}): estimated at the "
+            "plan it starts from, every converted layer in bf16"
+        )
+    if missing:
+        return (
+            f"estimated at the {plan_of(recipe)}; {len(missing)} of its layers match no layer "
+            f"of this model ({shown}): those at the start, in bf16"
+        )
+    return f"estimated at the {plan_of(recipe)}"
 
 
 def _first_shard(numel: int, rows: int, ranks: int) -> int:

@@ -124,3 +124,9 @@ def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int) -> Recip
 def plan_of(recipe: Recipe) -> str | None:
     """The plan `at_plan` gave ``recipe``, as its overrides' reason says it; None for none."""
     return next((o.reason for o in recipe.overrides if o.reason.startswith(PLAN_REASON)), None)
+
+
+def plan_layers(recipe: Recipe) -> list[str]:
+    """The layer names `at_plan` gave ``recipe`` rungs for (its overrides' ``a|b|...``)."""
+    plan = plan_of(recipe)
+    return [name for o in recipe.overrides if o.reason == plan for name in o.pattern.split("|")]

@@ -3,6 +3,7 @@ metrics.jsonl's latest), not the bf16 plan it starts from; and a run summary say
 scaling" for a recipe without one, where it printed "loss scale 1"."""
 
 import json
+import shutil
 
 from lowbit.cli import main
 from lowbit.train import train
@@ -111,3 +112,53 @@ def test_a_recipe_with_loss_scaling_still_prints_its_scale(lm_config, tmp_path):
     config = lm_config(model="nano", recipe="bf16-mixed", steps=1, out=str(tmp_path / "b"))
     result = train(config, quiet=True)
     assert "  precision        no loss scaling" in result.summary().splitlines()
+
+
+def test_a_plan_of_layers_the_model_lacks_is_said_so(tmp_path, capsys):
+    """A plan whose layer names match no layer of the model (or some of them) left those layers
+    at the bf16 start while the note said "estimated at the auto plan": now the note names them."""
+    components = ("activations", "temporaries", "total")
+    start = _estimate_json(capsys, "--model", "nano", "--recipe", "auto", "--seq", "64")
+    fp8 = _estimate_json(capsys, "--model", "nano", "--recipe", "fp8-tensorwise", "--seq", "64")
+    _auto_run(tmp_path, {1: "fp8"})
+    metrics = tmp_path / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text(text.replace('"model.layers.', '"encoder.layers.'))  # none matches
+    out = _estimate_json(capsys, "--model", str(tmp_path))
+    assert [out[c] for c in components] == [start[c] for c in components]
+    assert out["notes"] == [
+        "the auto plan of step 1: 126 fp8 of 126 operands names no layer of this model "
+        "(encoder.layers.0.self_attn.q_proj, encoder.layers.0.self_attn.k_proj, "
+        "encoder.layers.0.self_attn.v_proj (+18 more)): estimated at the plan it starts from, "
+        "every converted layer in bf16"
+    ]
+    metrics.write_text(text.replace('"model.layers.0.', '"model.layers.9.'))  # block 0's don't
+    out = _estimate_json(capsys, "--model", str(tmp_path))
+    assert fp8["temporaries"] < out["temporaries"] < start["temporaries"]
+    assert out["notes"] == [
+        "estimated at the auto plan of step 1: 126 fp8 of 126 operands; 7 of its layers match "
+        "no layer of this model (model.layers.9.self_attn.q_proj, model.layers.9.self_attn.k_proj, "
+        "model.layers.9.self_attn.v_proj (+4 more)): those at the start, in bf16"
+    ]
+
+
+def test_a_folder_quantized_or_pruned_from_an_auto_run_is_estimated_at_its_plan(
+    lm_config, tmp_path, capsys
+):
+    """Such a folder holds the run's config.yaml, so its estimate is the run's training; it has
+    no metrics.jsonl, and was estimated at the bf16 start: now at its source run's plan."""
+    config = lm_config(model="nano", recipe="auto:fp4", steps=2)
+    result = train(config, quiet=True)
+    run = str(result.run_dir)
+    pruned, quantized = str(tmp_path / "pruned"), str(tmp_path / "q")
+    assert main(["prune", run, "--sparsity", "0.5", "--out", pruned]) == 0
+    assert main(["quantize", pruned, "--to", "int8", "--out", quantized]) == 0
+    capsys.readouterr()
+    expected = _estimate_json(capsys, "--model", run)
+    assert expected["notes"][0].startswith("estimated at the auto plan of step 1: ")
+    for folder in (pruned, quantized):
+        assert _estimate_json(capsys, "--model", folder) == expected | {
+            "settings": expected["settings"] | {"model": folder}
+        }
+    shutil.rmtree(run)  # its run deleted: no plan to read, the start (as before)
+    assert "plan it starts from" in _estimate_json(capsys, "--model", quantized)["notes"][0]
