@@ -251,12 +251,21 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             context = mp.start_processes(
                 _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
             )
-        asked = False  # the ranks were asked to stop
-        received: list[int] = []  # the signals that stopped this process
+        asked = aborted = False  # the ranks were asked to stop; were stopped for good
+        received: list[int] = []  # the signals that stopped this process, in order
+        handled = 0  # how many of them were handled
+        # Whether the loop is not waiting (handling a signal, or on its way to): a signal that
+        # comes then waits its turn in `received`. Raised there, a second one escaped the loop
+        # while the ranks were being asked to stop or terminated, and left them running. True at
+        # the top of the loop, which is outside its ``try``.
+        handling = True
 
         def stop(signum, frame):
+            nonlocal handling
             received.append(signum)
-            raise KeyboardInterrupt
+            if not handling:  # wake the loop's wait: it handles `received` in order
+                handling = True
+                raise KeyboardInterrupt
 
         # A SIGINT raises KeyboardInterrupt here even where this process was started with
         # SIGINT ignored (`lowbit train --nproc 2 ... &` in a shell script: Python then keeps the
@@ -269,6 +278,27 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
             killed: dict[int, str] = {}
             while True:
                 try:
+                    while handled < len(received) and not aborted:
+                        handled += 1
+                        signum = received[handled - 1]
+                        if not asked:
+                            asked = True
+                            # A Ctrl-C reaches the ranks too; a SIGINT sent to this process
+                            # alone (kill -INT, a scheduler) does not: ask every rank to save and
+                            # stop, which is the same request, not a second Ctrl-C, for a rank
+                            # that got the first.
+                            _ask_to_stop(context, signum)
+                        elif signum == signal.SIGINT:  # a second Ctrl-C aborts
+                            _terminate(context, folder)
+                            aborted = True
+                        # a repeated SIGTERM (the group's and a `kill` of this process) lets the
+                        # ranks finish their save, as in one process
+                    if aborted:
+                        break
+                    handling = False  # from here on a signal wakes the wait
+                    if handled < len(received):  # one that came before: its turn first
+                        handling = True
+                        continue
                     killed = killed or _wait_for_an_exit(context)
                     if any(p.exitcode not in (None, 0) for p in context.processes):
                         # a rank failed: `join` stops the others with SIGTERM, which is no
@@ -276,19 +306,9 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                         (folder / ABORTED).touch()
                     if context.join():
                         break
+                    handling = True
                 except KeyboardInterrupt:
-                    if asked:
-                        if received[-1] == signal.SIGINT:  # a second Ctrl-C aborts
-                            _terminate(context, folder)
-                            raise
-                        # a repeated SIGTERM (the group's and a `kill` of this process) lets
-                        # the ranks finish their save, as in one process
-                        continue
-                    asked = True
-                    # A Ctrl-C reaches the ranks too; a SIGINT sent to this process alone (kill
-                    # -INT, a scheduler) does not: ask every rank to save and stop, which is the
-                    # same request, not a second Ctrl-C, for a rank that got the first.
-                    _ask_to_stop(context, received[-1])
+                    continue  # a signal (`stop`): handled at the top of the loop
                 except mp.ProcessRaisedException as error:
                     if killed:  # the others' errors ("Connection reset by peer") followed
                         raise _killed(killed) from None
@@ -304,6 +324,8 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                         else f"exit {error.exit_code}"
                     )
                     raise _failure(folder, error.error_index, detail) from None
+            if aborted:
+                raise KeyboardInterrupt
         result = folder / "result.pkl"
         if not result.exists():  # torch's worker wrapper exits 0 on a KeyboardInterrupt (a
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors

@@ -411,10 +411,13 @@ def trend_line(results: dict) -> str:
     if not trend:
         return ""
     change = trend["change_pct"]
+    # a one-seed study's loss is its one run's: "mean over seeds" said there were several
+    seeds = results.get("settings", {}).get("seeds") or []
+    over = f"seed {seeds[0]}" if len(seeds) == 1 else "mean over seeds"
     text = (
         f"The baseline's validation loss moved {change:+.2f}% over the last "
         f"{trend['to_step'] - trend['from_step']} steps ({trend['from_loss']:.4f} -> "
-        f"{trend['to_loss']:.4f}, mean over seeds)"
+        f"{trend['to_loss']:.4f}, {over})"
     )
     targets = [
         r["target"]["pct"]

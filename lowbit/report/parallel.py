@@ -11,9 +11,12 @@ interpreter per worker, not a fork of a process whose PyTorch thread pools are r
 The longest runs should come first in ``runs`` (a queue of longest-first jobs finishes closest to
 the ideal). Ctrl-C reaches the workers too (one process group): each interrupted run leaves its
 checkpoint, and the next invocation resumes it; a SIGINT sent to this process alone is passed on
-to the workers as a stop request (`_ask_to_stop`), with the same result. A run that fails stops
-the others the same way but quietly (an event the workers read after each step, `_failed`): each
-says where it stopped, in one line.
+to the workers as a stop request (`_ask_to_stop`), with the same result. A worker still starting
+holds either until it can handle it (`_held_while_workers_start`): the study stops once its
+workers have started, quietly. This process says the study's last line after every worker has
+ended (the pool's shutdown waits for them). A run that fails stops the others the same way but
+quietly (an event the workers read after each step, `_failed`): each says where it stopped, in
+one line.
 """
 
 from __future__ import annotations
@@ -198,20 +201,50 @@ def warnings_once():
             _warned, sys.stderr = None, stream
 
 
+# The signals a worker handles as a stop request (`_stop`), held pending while it starts
+_STOPS = {signal.SIGINT} | ({STOP_SIGNAL} if STOP_SIGNAL is not None else set())
+
+
+@contextlib.contextmanager
+def _held_while_workers_start():
+    """Within: the workers started (spawned) start with `_STOPS` blocked, held pending until
+    `_start_worker` handles them. A spawned worker imports the main module again (parity.py, the
+    ``lowbit`` script: torch, seconds): a Ctrl-C then printed each worker's KeyboardInterrupt
+    traceback through those imports, and a stop request sent to this process alone
+    (`_ask_to_stop`) killed the workers still starting (SIGUSR1's default action), which broke
+    the pool, and ``lowbit compare`` died of SIGPIPE (its default in the command) as the pool
+    shut down, with no line of its own. A mask is what a spawned process inherits (not a
+    handler); multiprocessing's resource tracker starts the same way (bpo-33613), and it is
+    started first, as starting it unblocks them here."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGUSR1 stop, no masks
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _start_worker(failure=None, warned: str | None = None) -> None:
     """Set up a worker for its lifetime: a stop request (`_ask_to_stop`, a Ctrl-C of the process
     group) that reaches it between runs, idle and waiting for its next, marks the worker stopped.
     Handled only while a run was in progress, it killed an idle worker (SIGUSR1's default), or
     raised KeyboardInterrupt in the pool's idle loop, which printed a traceback under the one-line
-    error of the run that stopped the study. ``warned``: the study's folder of warnings said
-    (`warnings_once`)."""
+    error of the run that stopped the study. One that came while the worker started, held till
+    now (`_held_while_workers_start`), is handled as its handler is set. ``warned``: the study's
+    folder of warnings said (`warnings_once`)."""
     global _failure
     _failure = failure
     if warned is not None:
         sys.stderr = _WarnedOnce(sys.stderr, warned)
-    for signum in (signal.SIGINT, STOP_SIGNAL):
-        if signum is not None:
-            signal.signal(signum, _stop)
+    for signum in _STOPS:
+        signal.signal(signum, _stop)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
 def _stop(signum, frame) -> None:
@@ -324,8 +357,8 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
         ) as pool,
     ):
         started = time.perf_counter()
-        futures = {pool.submit(_train, *run, threads, jobs): run for run in runs}
-        pending, reported = set(futures), set()
+        futures: dict = {}
+        pending, reported = set(), set()
 
         def name(future) -> str:
             study, recipe, seed = futures[future]
@@ -354,6 +387,12 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
 
         failed = None
         try:
+            # submitted in the try: a stop while the workers start is passed on to them
+            with _held_while_workers_start():  # `submit` starts the workers
+                for run in runs:
+                    future = pool.submit(_train, *run, threads, jobs)
+                    futures[future] = run
+                    pending.add(future)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for failed in done:
@@ -362,6 +401,8 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
             for future in pending:
                 future.cancel()
             _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop
+            # the pool's shutdown (leaving the ``with``) waits for every worker to end: their
+            # lines ("interrupted: ... saves a checkpoint after step S") come before the study's
             raise
         except BaseException as stopping:
             raised = str(stopping)
