@@ -10,9 +10,10 @@ mixes in the allocator's caching and the Python heap, so `measure_activations` c
 forward pass saves for the backward, which is what activation memory *is*: every tensor passed to
 autograd's pack hook (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage,
 parameters excluded. Saved tensors that are casts of a parameter (autocast's bf16 weight copies)
-are reported as ``temporaries``. Not seen: tensors an autograd function keeps on ``ctx`` outside
-``save_for_backward`` (lowbit's converted layers keep their quantized operands so) and transient
-buffers of the backward; on a GPU, compare with ``torch.cuda.max_memory_allocated``.
+or a converted layer's quantized weight (`lowbit.nn.linear.kept_weight_copies`) are reported as
+``temporaries``. Not seen: tensors an autograd function keeps on ``ctx`` outside
+``save_for_backward`` and transient buffers of the backward; on a GPU, compare with
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
     reuses their memory, so storages would not say which tensor a saved one is."""
     from torch.distributed.tensor import DTensor
 
+    from lowbit.nn.linear import kept_weight_copies
+
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise UsageError(
             "measure_activations needs an unsharded model (an FSDP model's parameters are "
@@ -165,10 +168,16 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)
-            totals["temporaries" if is_parameter_cast(t) else "activations"] += key[2]
+            # a converted layer saves its quantized weight after its forward recorded it
+            copy = is_parameter_cast(t) or any(key == _storage_key(w) for w in weight_copies)
+            totals["temporaries" if copy else "activations"] += key[2]
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _not_recording(model):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        _not_recording(model),
+        kept_weight_copies() as weight_copies,
+    ):
         loss = forward()
     del loss
     return Breakdown(

@@ -82,6 +82,27 @@ def _rebuilt(layout: QTensor | None, tensors) -> QTensor | None:
     return dataclasses.replace(layout, **dict(zip(_TENSOR_FIELDS, tensors, strict=True)))
 
 
+# The quantized weights the forwards keep for the backward, recorded within `kept_weight_copies`
+# (None: not recording, nothing to do).
+_kept_weights: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def kept_weight_copies():
+    """A context in which the converted layers' forwards record the tensors of the quantized
+    weights they save for the backward (a reused ``forward.w``: tensorwise scaling, its values and
+    scale), and yields the list they are appended to. They are low-precision copies of a
+    parameter that no parameter cast made: `lowbit.memory.measure_activations` finds them in this
+    list to report them as temporary copies, as the estimate counts them (until session 38 it
+    measured them as activations)."""
+    global _kept_weights
+    outer, _kept_weights = _kept_weights, []
+    try:
+        yield _kept_weights
+    finally:
+        _kept_weights = outer
+
+
 def _reusable(forward: OperandSpec, backward: OperandSpec) -> bool:
     """A tensorwise operand quantizes to the same values along any axis, so a backward GEMM with
     the same spec reuses the forward's quantized tensor (transposed). With delayed scaling the
@@ -450,6 +471,8 @@ class LowbitLinearFunction(torch.autograd.Function):
             if reuse_x:
                 state.observer("grad_weight.x", x, qx)
         kept_w, kept_x = (qw if reuse_w else None), (qx if reuse_x else None)
+        if _kept_weights is not None and kept_w is not None:
+            _kept_weights.extend(t for t in _tensors(kept_w) if t is not None)
         ctx.quantized_layouts = (_layout(kept_w), _layout(kept_x))
         ctx.save_for_backward(
             None if reuse_x else _kept_input(x, state),
