@@ -262,7 +262,9 @@ def _model_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     a group alternates text and numbers: two keys never compare a number with text.)"""
 
     def key(item: tuple[str, torch.Tensor]) -> list[str | int]:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", item[0])]
+        # by position, not isdigit(), which '²' passes and int() refuses
+        parts = re.split(r"(\d+)", item[0])
+        return [int(part) if i % 2 else part for i, part in enumerate(parts)]
 
     return dict(sorted(tensors.items(), key=key))
 
@@ -313,29 +315,35 @@ def _torch_file_problem(file: Path, fix: str) -> str | None:
     reads, with ``fix`` or its own; None for a zip archive with its directory (torch.save's
     format; not TorchScript's, nor numpy's .npz, whose torch.load errors were a page long) or a
     pickle that starts as torch's legacy format does (its magic number,
-    ``torch.serialization.MAGIC_NUMBER``) with a protocol torch's safe unpickler reads (2 or 3).
+    ``torch.serialization.MAGIC_NUMBER``), either pickled with a protocol torch's safe unpickler
+    reads (2 or 3), and for a file it cannot open (torch.load names the OSError, as before).
     torch.load's own reasons named nothing to act on: a text file was "(101)", a plain pickle
     "(Unsupported operand 149)" under a warning about pickle protocols, an empty file
     "(EOFError)", a torch file cut short "([Errno 22] Invalid argument)"."""
     import zipfile
 
-    with open(file, "rb") as stream:
-        head = stream.read(512)
-    # torch's legacy format: its magic number, pickled (LONG1 of 10 bytes) with the file's
-    # protocol, behind a FRAME opcode from protocol 4 on
-    legacy = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
-    if head.startswith(b"\x80") and legacy in head[:24]:
-        if head[1] <= 3:
-            return None
-        return (
-            f"torch's legacy format pickled with protocol {head[1]}, whose frames a safe load "
-            "(weights_only) does not read; fix: if you trust the file, save it again, "
-            "torch.save(torch.load(path, weights_only=False), 'x.pt')"
-        )
+    try:
+        with open(file, "rb") as stream:
+            head = stream.read(512)
+    except OSError:  # not readable (permissions, I/O): torch.load's own error says so
+        return None
+    magic = torch.serialization.MAGIC_NUMBER
+    # torch's legacy format: its magic number, pickled with the file's protocol: from protocol 2
+    # on as LONG1 of 10 bytes (behind a FRAME opcode from protocol 4 on), before as LONG's text
+    if head.startswith(b"\x80") and b"\x8a\x0a" + magic.to_bytes(10, "little") in head[:24]:
+        protocol = head[1]
+    elif head.startswith(b"L%dL\n." % magic):  # then the format's version: INT text only in 0
+        protocol = 0 if head[len(b"L%dL\n." % magic) :].startswith(b"I") else 1
+    else:
+        protocol = None
+    if protocol is not None:
+        return None if protocol in (2, 3) else _protocol_problem("torch's legacy format", protocol)
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(file) as archive:  # reads the directory at the end
                 entries = archive.namelist()
+                pickles = [entry for entry in entries if entry.endswith("/data.pkl")]
+                pickled = archive.read(pickles[0])[:2] if pickles else b""
         except (zipfile.BadZipFile, OSError):
             return (
                 "a zip archive without the directory at its end: cut short (an interrupted save "
@@ -351,6 +359,10 @@ def _torch_file_problem(file: Path, fix: str) -> str | None:
                 "a numpy .npz archive: torch.save({k: torch.from_numpy(v) for k, v in "
                 "numpy.load(path).items()}, 'x.pt') saves it"
             )
+        elif pickles and not pickled.startswith((b"\x80\x02", b"\x80\x03")):  # pickle_protocol
+            # protocols 0 and 1 have no PROTO opcode to say which
+            protocol = pickled[1] if pickled.startswith(b"\x80") else "0 or 1"
+            return _protocol_problem("a torch zip archive", protocol)
         else:
             return None
     elif not head:
@@ -359,13 +371,25 @@ def _torch_file_problem(file: Path, fix: str) -> str | None:
         what = "a plain pickle"
     elif head.startswith(b"\x93NUMPY"):
         what = "a numpy .npy file: torch.save(torch.from_numpy(numpy.load(path)), 'x.pt') saves it"
-    elif head[8:10] == b'{"':  # safetensors: a little-endian header length, then its JSON
+    elif head[5:8] == b"\0\0\0" and head[8:10] == b'{"':  # safetensors: a header length
+        # (8 bytes, little-endian, far below 2**40), then its JSON
         what = f"a safetensors file: name it {file.with_suffix('.safetensors').name}"
     elif b"\x00" not in head and _is_text(head):
         what = "a text file"
     else:
         what = "neither a zip archive nor a pickle"
     return f"not a file torch.save wrote ({what}); {fix}"
+
+
+def _protocol_problem(what: str, protocol: int | str) -> str:
+    """The problem of a torch file, ``what``, pickled with a ``protocol`` other than the 2 and 3
+    torch's safe unpickler reads (torch.load's reason was "Unsupported operand 149", protocol 4's
+    FRAME, or an opcode of protocol 0's or 1's, such as 76, LONG)."""
+    return (
+        f"{what} pickled with protocol {protocol}, which a safe load (weights_only) does not "
+        "read (it reads protocols 2 and 3); fix: if you trust the file, save it again, "
+        "torch.save(torch.load(path, weights_only=False), 'x.pt')"
+    )
 
 
 def _is_text(head: bytes) -> bool:
@@ -402,18 +426,20 @@ def _spec_types() -> list[type]:
 def error_table(tensors: dict[str, torch.Tensor]) -> str:
     """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
     are set to 0 before quantizing (an inf makes its scale inf, or NaN for an MX block, and with
-    it every entry the scale covers) and left out of its SQNR. A 4-D tensor is read as a Conv2d
-    weight (O x C x kh x kw) and quantized as the O x C*kh*kw matrix its GEMM multiplies
-    (`LowbitConv2d`): along its last axis, kw, a 3x3 kernel's blocks held 3 entries and its SQNR
-    was up to 5 dB off training's, either way (the digits CNN's second convolution: int8/axis
-    52.0 dB, 47.2 as trained; fp8_e4m3/mx 28.4, 30.7 as trained). Every format quantizes
-    through fp32 (as PyTorch's own casts to fp8 do), so a float64 tensor is measured as its fp32
-    rounding, and its values beyond fp32's range, which become inf there, are noted as such
-    rather than as inf or NaN, and so are those below it, which become 0."""
+    it every entry the scale covers) and left out of its SQNR. A 4-D tensor whose name ends in
+    "weight" (a Conv2d's state-dict key) is read as a Conv2d weight (O x C x kh x kw) and
+    quantized as the O x C*kh*kw matrix its GEMM multiplies (`LowbitConv2d`), named in a note:
+    along its last axis, kw, a 3x3 kernel's blocks held 3 entries and its SQNR was up to 5 dB
+    off training's, either way (the digits CNN's second convolution: int8/axis 52.0 dB, 47.2 as
+    trained; fp8_e4m3/mx 28.4, 30.7 as trained). Any other tensor, an N x C x H x W activation
+    too, is quantized along its last axis. Every format quantizes through fp32 (as PyTorch's own
+    casts to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond
+    fp32's range, which become inf there, are noted as such rather than as inf or NaN, and so are
+    those below it, which become 0."""
     labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
-    notes = []
+    notes, convolutions = [], []
     for name, given in tensors.items():
         tensor = given.float()
         finite = tensor.isfinite()
@@ -434,8 +460,9 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         if count:
             tensor = tensor.where(finite, 0)
         cells = []
-        if tensor.dim() == 4:  # a Conv2d weight, O x C x kh x kw: as its GEMM reads it
+        if tensor.dim() == 4 and name.endswith("weight"):  # a Conv2d's: as its GEMM reads it
             tensor = tensor.reshape(tensor.shape[0], -1)
+            convolutions.append(name)
         for fmt, granularity, block in SCHEMES:
             if granularity is None:  # saturating at max where a recipe's cast overflows to inf
                 approximation = cast(tensor, fmt)
@@ -445,10 +472,13 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
             # sum, and picking the finite ones out with a mask took ten times the quantization
             cells.append(f"{sqnr(tensor, approximation):>18.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    title = (
-        "SQNR in dB (higher is better; quantized along the last axis, a 4-D tensor's along "
-        "C*kh*kw: a convolution weight as its GEMM reads it)"
-    )
+    title = "SQNR in dB (higher is better; quantized along the last axis)"
+    if convolutions:
+        notes.insert(
+            0,
+            f"note: {', '.join(convolutions)}: 4-D weights, measured as Conv2d weights, the "
+            "O x C*kh*kw matrix their GEMM multiplies (quantized along C*kh*kw, not kw)",
+        )
     return "\n".join([title, *lines, *notes])
 
 

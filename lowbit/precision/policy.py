@@ -591,7 +591,10 @@ class Precision:
             if self.scaler.enabled:
                 self._warn_scaled_gradients_changed(optimizer, stacklevel + 1)
                 if all(known is not optimizer for known in self._optimizers):
-                    self._unwrapped[key] = optimizer  # marked from its next backward
+                    # marked from its next backward; a class with __slots__ and no __weakref__
+                    # is not (TypeError): at most a missed warning
+                    with contextlib.suppress(TypeError):
+                        self._unwrapped[key] = optimizer
             stepped = self.update.prepare(optimizer)
             # With no backward since this optimizer's last step, the gradients unscaled in place
             # then (the optimizer's own parameters': not a 16-bit parameter's fresh fp32 copy) are

@@ -2,6 +2,8 @@
 its GEMM quantizes it, a safetensors model's rows in layer order, and files torch.save did not
 write refused in one line saying what they are."""
 
+import builtins
+import errno
 import io
 import warnings
 
@@ -55,7 +57,32 @@ def test_a_conv_weight_is_measured_along_c_kh_kw_as_its_gemm_reads_it(tmp_path, 
     ]:
         expected = sqnr(matrix, quantize(matrix, fmt, granularity).dequantize())
         assert cells[label] == pytest.approx(expected, abs=0.006), label
-    assert "a 4-D tensor's along C*kh*kw" in out.splitlines()[0]
+    assert out.splitlines()[-1] == (
+        "note: conv.weight: 4-D weights, measured as Conv2d weights, the O x C*kh*kw matrix "
+        "their GEMM multiplies (quantized along C*kh*kw, not kw)"
+    )
+
+
+def test_a_4d_tensor_not_named_weight_is_measured_along_its_last_axis(tmp_path, capsys):
+    """Every 4-D tensor was reshaped to O x rest: an N x C x H x W activation's int8/axis read
+    35.35 dB where along its last axis (as before, and as it quantizes) it reads 48.15, without a
+    word. Only a name ending in "weight" (a Conv2d's state-dict key) is read as a convolution."""
+    torch.manual_seed(0)
+    activation = torch.randn(4, 8, 6, 6) * torch.rand(1, 1, 6, 1) * 10
+    weight = torch.nn.Conv2d(8, 16, 3).weight.detach()
+    torch.save({"act": activation, "conv.weight": weight}, tmp_path / "w.pt")
+    assert main(["formats", "--tensor", str(tmp_path / "w.pt")]) == 0
+    out = capsys.readouterr().out
+    rows = table(out)
+    for name, matrix in [("act", activation), ("conv.weight", weight.reshape(16, -1))]:
+        cells = dict(zip(header(out), rows[name]))
+        expected = sqnr(matrix, quantize(matrix, "int8", "axis").dequantize())
+        assert cells["int8/axis"] == pytest.approx(expected, abs=0.006), name
+    assert out.splitlines()[0] == "SQNR in dB (higher is better; quantized along the last axis)"
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        "note: conv.weight: 4-D weights, measured as Conv2d weights, the O x C*kh*kw matrix "
+        "their GEMM multiplies (quantized along C*kh*kw, not kw)"
+    ]
 
 
 def test_a_safetensors_models_rows_follow_its_layer_numbers(tmp_path, capsys):
@@ -66,6 +93,15 @@ def test_a_safetensors_models_rows_follow_its_layer_numbers(tmp_path, capsys):
     save_file({name: torch.randn(4, 32) for name in names[1::2]}, tmp_path / "b.safetensors")
     assert main(["formats", "--tensor", str(tmp_path)]) == 0
     assert list(table(capsys.readouterr().out)) == names
+
+
+def test_a_name_with_a_digit_regex_does_not_read_as_a_number_is_ordered(tmp_path, capsys):
+    """'²' is a digit to str.isdigit() but not to \\d (nor to int()): a safetensors file with such
+    a name failed with a ValueError traceback."""
+    names = ["layers.2.w", "layers.10.w", "x²", "x²0", "²"]
+    save_file({name: torch.randn(4, 32) for name in names}, tmp_path / "w.safetensors")
+    assert main(["formats", "--tensor", str(tmp_path / "w.safetensors")]) == 0
+    assert list(table(capsys.readouterr().out)) == ["layers.2.w", "layers.10.w", "x²", "x²0", "²"]
 
 
 @pytest.mark.parametrize(
@@ -96,6 +132,8 @@ def test_a_safetensors_models_rows_follow_its_layer_numbers(tmp_path, capsys):
             lambda path: path.write_bytes(bytes(range(7, 256)) * 4),
             "neither a zip archive nor a pickle",
         ),
+        # bytes 8-9 '{"' alone were called a safetensors file
+        (lambda path: path.write_text('        {"a": 1}\n'), "a text file"),
     ],
 )
 def test_a_file_torch_save_did_not_write_says_what_it_is(tmp_path, capsys, write, what):
@@ -179,6 +217,56 @@ def test_torchs_legacy_format_is_read_up_to_protocol_3_and_named_past_it(tmp_pat
     assert main(["formats", "--tensor", str(tmp_path / "p4.pt")]) == 2
     assert capsys.readouterr().err == (
         f"lowbit: error: {tmp_path / 'p4.pt'}: torch's legacy format pickled with protocol 4, "
-        "whose frames a safe load (weights_only) does not read; fix: if you trust the file, save "
-        "it again, torch.save(torch.load(path, weights_only=False), 'x.pt')\n"
+        "which a safe load (weights_only) does not read (it reads protocols 2 and 3); fix: if you "
+        "trust the file, save it again, torch.save(torch.load(path, weights_only=False), 'x.pt')\n"
     )
+
+
+@pytest.mark.parametrize(
+    "legacy, protocol, what",
+    [(True, 0, "torch's legacy format"), (True, 1, "torch's legacy format")]
+    + [(False, protocol, "a torch zip archive") for protocol in (0, 1, 4, 5)],
+)
+def test_a_torch_file_of_a_protocol_a_safe_load_does_not_read_names_it(
+    tmp_path, capsys, legacy, protocol, what
+):
+    """A legacy file of protocol 0 or 1 was "neither a zip archive nor a pickle"; a zip archive
+    saved with pickle_protocol 4 or 5 read "(Unsupported operand 149)", 0 or 1 "(... 100)"."""
+    path = tmp_path / "w.pt"
+    torch.save(
+        {"w": torch.randn(4, 32)},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+        pickle_protocol=protocol,
+    )
+    assert main(["formats", "--tensor", str(path)]) == 2
+    if not legacy and protocol < 2:  # no PROTO opcode in the archive's pickle to tell them apart
+        protocol = "0 or 1"
+    assert capsys.readouterr().err == (
+        f"lowbit: error: {path}: {what} pickled with protocol {protocol}, which a safe load "
+        "(weights_only) does not read (it reads protocols 2 and 3); fix: if you trust the file, "
+        "save it again, torch.save(torch.load(path, weights_only=False), 'x.pt')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "error", [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EIO, "I/O error")]
+)
+def test_a_file_that_cannot_be_read_names_the_os_error(tmp_path, capsys, monkeypatch, error):
+    """Opening the file to look at its first bytes came before the read's error handling: a
+    file denied to the user was told to "choose a path you may write to", and an I/O error was
+    a traceback."""
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.randn(4, 32)}, path)
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise type(error)(error.errno, error.strerror, str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert main(["formats", "--tensor", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lowbit: error: {path}: cannot read it as a torch file ([Errno ")
+    assert error.strerror in err and len(err.splitlines()) == 1

@@ -258,3 +258,49 @@ def test_clipping_scaled_gradients_is_warned_of_under_ddp_and_fsdp2_and_a_mask_i
             for strategy in ("ddp", "ddp-bucket-view", "fsdp")
             for name in ("scaled", "mask", "unscaled")
         }
+
+
+class _SlottedSGD:
+    """A duck-typed optimizer with ``__slots__`` and no ``__weakref__``: no weak reference to it
+    can be made."""
+
+    __slots__ = ("param_groups", "state")
+
+    def __init__(self, params, lr: float):
+        self.param_groups = [{"params": list(params), "lr": lr}]
+        self.state = {}
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+    def zero_grad(self, set_to_none: bool = True):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+class _WeakSGD(_SlottedSGD):
+    """The same optimizer, weakly referable (a subclass without ``__slots__``)."""
+
+
+def test_an_optimizer_with_slots_and_no_weakref_steps_under_loss_scaling():
+    """fp16-mixed keeps a weak reference to an optimizer not given to `wrap_optimizer`: one whose
+    class has ``__slots__`` without ``__weakref__`` failed its first step with "cannot create
+    weak reference to '_SlottedSGD' object". It steps as a weakly referable one does."""
+    models = []
+    for kind in (_SlottedSGD, _WeakSGD):
+        precision = lowbit.Precision("fp16-mixed")
+        model = precision.convert(_model())
+        optimizer = kind(model.parameters(), lr=0.1)
+        for micro in _batches(steps=3, accumulate=1):
+            x, y = micro[0]
+            with precision.autocast():
+                loss = F.cross_entropy(model(x.to(precision.compute_dtype)).float(), y)
+            precision.backward(loss)
+            precision.step(optimizer)
+            optimizer.zero_grad()
+        models.append(model)
+    assert all(map(torch.equal, models[0].parameters(), models[1].parameters()))
+    assert not torch.equal(models[0][0].weight, _model()[0].weight)
