@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, a_task_run
+from lowbit.models.torch_file import torch_file_problem
 
 # Said of a --model path where nothing is: a run trained from a folder reads it again when it is
 # evaluated, quantized or resumed, so a folder moved since looks like a typo.
@@ -215,31 +216,26 @@ def check_pytorch_bin(folder: Path) -> None:
     which transformers reads only where there is no safetensors file: torch.save writes a zip
     archive, whose directory at the end of the file is gone when the file is cut short, and
     torch's reader reports that as a traceback ("Invalid argument") naming no file. Reading the
-    directory checks the file without reading the weights. A file of torch's legacy format (a
-    pickle, before PyTorch 1.6) has no directory: it is loaded onto the meta device, which reads
-    it through and fails on a file cut short ("unexpected EOF") but keeps no weight in memory."""
-    import zipfile
-
+    directory checks the file without reading the weights; a file of no format or pickle protocol
+    transformers' safe load reads is named as `lowbit formats --tensor` names it
+    (`torch_file_problem`). A file of torch's legacy format (a pickle, before PyTorch 1.6) has no
+    directory: it is loaded onto the meta device, which reads it through and fails on a file cut
+    short ("unexpected EOF") but keeps no weight in memory."""
     folder = Path(folder)
     safetensors = ("model.safetensors", "model.safetensors.index.json")
     if any((folder / name).is_file() for name in safetensors):
         return
+    fix = "fix: copy it again, or write the folder again with save_pretrained"
     for file in weight_files(folder, "pytorch_model.bin"):
+        if (problem := torch_file_problem(file, fix)) is not None:
+            raise UsageError(f"{file}: {problem}")
         with open(file, "rb") as stream:
-            magic = stream.read(2)
-        if magic[:1] == b"\x80":  # a pickle (protocol 2 or later): torch's legacy format
+            legacy = stream.read(1) == b"\x80"  # a zip archive starts with PK
+        if legacy:  # of protocol 2 or 3
             try:
                 torch.load(file, map_location="meta", weights_only=True)
             except Exception as error:  # a storage's bytes cut short, or a torn pickle
                 raise _unreadable(file, str(error)) from None
-            continue
-        if magic != b"PK":
-            raise _unreadable(file, "neither a zip archive nor a pickle: not torch.save's file")
-        try:
-            with zipfile.ZipFile(file):
-                pass
-        except (zipfile.BadZipFile, OSError) as error:  # cut short: no directory at the end
-            raise _unreadable(file, f"a zip archive without its directory: {error}") from None
 
 
 # The SentencePiece model files of Hugging Face folders (ALBERT's and XLNet's, XLM-R's and

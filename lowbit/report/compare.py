@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,7 @@ def make_study(
     }
     base.update(scaling)  # the baseline's runs may not take them; the fp16 recipes' do
     if out is None:
-        out = default_out(base["task"], base["model"])
+        out = _default_or_older_out(base)
     return Study(
         recipes=recipes,
         seeds=seeds,
@@ -299,6 +300,22 @@ def default_out(task: str, model: str) -> Path:
     folder = Path(model).resolve()  # `.`, `..`, a trailing `/`: the folder's own names
     name = "-".join(part for part in (folder.parent.name, folder.name) if part)
     return Path("runs") / f"compare-{task}-{name}"
+
+
+def _default_or_older_out(base: dict) -> Path:
+    """`default_out`, or the name a --model folder's study had before session 38
+    (``runs/compare-<task>-<folder name>``) where the new one does not exist and the old one holds
+    a study of these settings (`_saved_changes`): the same command, run again, goes on with that
+    study's runs instead of retraining every one of them in a new folder."""
+    task, model = base["task"], base["model"]
+    out = default_out(task, model)
+    if out.exists() or not _is_model_folder(task, model):
+        return out
+    older = Path("runs") / f"compare-{task}-{Path(str(model)).name}"
+    if older != out and (older / SETTINGS).is_file() and not _saved_changes(older, base):
+        print(f"lowbit: reusing the study in {older} (named before session 38)", file=sys.stderr)
+        return older
+    return out
 
 
 def _is_model_folder(task: str, model: str) -> bool:
@@ -1347,20 +1364,8 @@ def check_out(study: Study, overwrite: bool) -> None:
                 f"--out {study.out}: {path} is a folder where the report writes a file; fix: "
                 "move it away, or choose another --out"
             )
-    path = study.out / SETTINGS
-    if path.is_file() and not overwrite:
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            saved = {}
-        # The runs depend on the base settings only: a study with another baseline or another
-        # subset of recipes (parity.py's parallel parts) reuses them and rewrites the report.
-        # The loss-scale settings reach the fp16 recipes' runs alone (`_recipe_settings`), whose
-        # own settings `run_one` compares: fp32 against fp16-mixed at another loss scale reuses
-        # fp32's runs.
-        changed = _changed_settings(
-            _without_loss_scale(saved.get("base", {})), _without_loss_scale(study.base)
-        )
+    if (study.out / SETTINGS).is_file() and not overwrite:
+        changed = _saved_changes(study.out, study.base)
         if changed and not _holds_only_settings(study.out):
             raise UsageError(
                 f"{study.out}: holds a compare study with other settings ({changed}); fix: "
@@ -1399,6 +1404,21 @@ def check_live(study: Study) -> None:
     for recipe in study.recipes:
         for seed in study.seeds:
             RunLock(study.run_dir(recipe, seed)).refuse_held()
+
+
+def _saved_changes(out: Path, base: dict) -> str:
+    """The settings in which the study saved in ``out`` (its `SETTINGS` file) differs from one of
+    base settings ``base`` (`_changed_settings`; empty when its runs are this study's).
+
+    The runs depend on the base settings only: a study with another baseline or another subset of
+    recipes (parity.py's parallel parts) reuses them and rewrites the report. The loss-scale
+    settings reach the fp16 recipes' runs alone (`_recipe_settings`), whose own settings `run_one`
+    compares: fp32 against fp16-mixed at another loss scale reuses fp32's runs."""
+    try:
+        saved = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+    except ValueError:
+        saved = {}
+    return _changed_settings(_without_loss_scale(saved.get("base", {})), _without_loss_scale(base))
 
 
 def _without_loss_scale(settings: dict) -> dict:

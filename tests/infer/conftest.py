@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from lowbit.train import trainer as trainer_module
+
+TRAIN = ["--steps", "1", "--eval-interval", "1", "--batch-size", "2", "--seq-len", "16", "--quiet"]
 
 
 def _train(folder, **settings):
@@ -16,6 +19,25 @@ def _train(folder, **settings):
         patch.undo()
         torch.set_num_threads(threads)
     return folder
+
+
+@pytest.fixture
+def moved_tagger(tmp_path, monkeypatch):
+    """``tmp_path``, made the working folder, holding ``tagger`` (a token-classification run of
+    `TRAIN` on CoNLL data) and ``tagger-int8`` (quantized from it), whose data has since moved
+    from ``conll`` to ``moved``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conll").mkdir()
+    for split in ("train", "validation", "test"):
+        lines = []
+        for i in range(30):
+            lines += [f"w{j} {'B-LOC' if j == 0 else 'O'}" for j in range(4 + i % 3)] + [""]
+        (tmp_path / "conll" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    tagger = ["train", "--task", "token-classification", "--data", "conll", *TRAIN]
+    assert main([*tagger, "--out", "tagger"]) == 0
+    assert main(["quantize", "tagger", "--to", "int8", "--out", "tagger-int8"]) == 0
+    (tmp_path / "conll").rename(tmp_path / "moved")
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

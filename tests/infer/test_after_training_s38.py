@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from lowbit.cli import main
-from tests.infer.test_export_s30 import TRAIN, _conll
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_told_so(lm_run, tmp_path, capsys):
@@ -35,16 +34,10 @@ def test_a_run_killed_before_its_first_checkpoint_is_told_so(lm_run, tmp_path, c
         assert not out.exists()
 
 
-def test_generate_refuses_a_tagger_whose_data_moved_for_its_task(tmp_path, capsys, monkeypatch):
+def test_generate_refuses_a_tagger_whose_data_moved_for_its_task(moved_tagger, capsys):
     """generate built the run's task before it checked the task: a token-classification run (or
     a folder quantized from it) whose CoNLL data had moved was refused with "no such CoNLL file;
     fix: check the data path", a fix that led only to the refusal for its task."""
-    monkeypatch.chdir(tmp_path)
-    _conll(tmp_path / "conll")
-    tagger = ["train", "--task", "token-classification", "--data", "conll", *TRAIN]
-    assert main([*tagger, "--out", "tagger"]) == 0
-    assert main(["quantize", "tagger", "--to", "int8", "--out", "tagger-int8"]) == 0
-    (tmp_path / "conll").rename(tmp_path / "moved")
     capsys.readouterr()
     expected = {
         "tagger": "tagger is a token-classification run",

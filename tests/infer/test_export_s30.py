@@ -4,35 +4,19 @@ and the export's end-of-text id is the one its tokenizer ends documents with."""
 import torch
 
 from lowbit.cli import main
-
-TRAIN = ["--steps", "1", "--eval-interval", "1", "--batch-size", "2", "--seq-len", "16", "--quiet"]
-
-
-def _conll(folder):
-    folder.mkdir()
-    for split in ("train", "validation", "test"):
-        lines = []
-        for i in range(30):
-            lines += [f"w{j} {'B-LOC' if j == 0 else 'O'}" for j in range(4 + i % 3)] + [""]
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+from tests.infer.conftest import TRAIN
 
 
-def test_a_token_classifier_whose_data_moved_is_refused_as_such(tmp_path, capsys, monkeypatch):
+def test_a_token_classifier_whose_data_moved_is_refused_as_such(moved_tagger, capsys):
     """Export built the run's task before it checked the task: a token-classification run (or
     a folder quantized from it) whose CoNLL data had moved was refused with "no such CoNLL file;
     fix: check the data path", and with the data back, refused again for its task."""
-    monkeypatch.chdir(tmp_path)
-    _conll(tmp_path / "conll")
-    tagger = ["train", "--task", "token-classification", "--data", "conll", *TRAIN]
-    assert main([*tagger, "--out", "tagger"]) == 0
-    assert main(["quantize", "tagger", "--to", "int8", "--out", "tagger-int8"]) == 0
-    (tmp_path / "conll").rename(tmp_path / "moved")
     capsys.readouterr()
     for source in ("tagger", "tagger-int8"):
         assert main(["export", source, "--out", "hf"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "a token-classification run; fix:" in err, err
-        assert "export a causal-lm run" in err and not (tmp_path / "hf").exists()
+        assert "export a causal-lm run" in err and not (moved_tagger / "hf").exists()
 
 
 def _model_with_tokenizer(folder, eos_token_id):

@@ -74,10 +74,10 @@ def test_a_truncated_pytorch_model_bin_is_one_line_naming_it(tmp_path, capsys):
         file.truncate(weights.stat().st_size // 2)
     capsys.readouterr()
     assert main(["train", "--model", str(folder), "--out", str(tmp_path / "r2"), *settings]) == 2
-    one_line_error(capsys, f"{weights}: unreadable weights (a zip archive without its directory")
+    one_line_error(capsys, f"{weights}: a zip archive without the directory at its end: cut short")
     weights.write_text("<html>502 Bad Gateway</html>")
     assert main(["train", "--model", str(folder), "--out", str(tmp_path / "r3"), *settings]) == 2
-    one_line_error(capsys, f"{weights}: unreadable weights (neither a zip archive nor a pickle")
+    one_line_error(capsys, f"{weights}: not a file torch.save wrote (a text file); fix: copy it")
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 

@@ -161,3 +161,26 @@ def test_a_recipe_listed_under_two_spellings_names_both(capsys):
         "lowbit: error: recipe 'auto' is listed twice in --recipes (auto and auto:fp8 are one "
         "recipe); fix: list it once"
     )
+
+
+def test_a_study_in_the_folder_named_before_session_38_is_reused(tmp_path, monkeypatch, capsys):
+    """A study of ``--model a/model`` begun under the old default name (``compare-causal-lm-model``)
+    goes on there when the same command runs again: the new name retrained every run. A study of
+    another model in the old folder is not this one's, which takes the new name."""
+    monkeypatch.chdir(tmp_path)
+    for run in ("a", "b"):
+        save_llama(tmp_path / run / "model", seed=0 if run == "a" else 1)
+    argv = ["compare", "--recipes", "fp32", "--seeds", "1", *TINY, *QUIET]
+    old = ["--out", "runs/compare-causal-lm-model"]
+    assert main([*argv, "--model", "a/model", *old]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--model", "a/model"]) == 0
+    out, err = capsys.readouterr()
+    assert "(reused)" in out
+    assert "report: runs/compare-causal-lm-model/report/report.md" in out
+    assert "reusing the study in runs/compare-causal-lm-model (named before session 38)" in err
+    assert not (tmp_path / "runs" / "compare-causal-lm-a-model").exists()
+    assert main([*argv, "--model", "b/model"]) == 0
+    out, err = capsys.readouterr()
+    assert "report: runs/compare-causal-lm-b-model/report/report.md" in out
+    assert "reusing" not in err
