@@ -312,10 +312,10 @@ def _split_file_name(name: str, split: str) -> str:
     return f"{word}{path.stem[stem.end() :]}{path.suffix}"
 
 
-def conll_folder_files(folder) -> dict[str, list[Path]]:
-    """``{"train" | "validation" | "test": [files]}`` of a CoNLL folder, each split's files in
-    name order (`conll_split_of` reads a name); a split without a file raises `UsageError`
-    naming the files the folder holds and the names it takes."""
+def conll_folder_files(folder, splits=CONLL_SPLIT_WORDS) -> dict[str, list[Path]]:
+    """``{"train" | "validation" | "test": [files]}`` of a CoNLL folder (of ``splits`` alone
+    where given), each split's files in name order (`conll_split_of` reads a name); a split
+    without a file raises `UsageError` naming the files the folder holds and the names it takes."""
     folder = Path(folder)
     entries = sorted(folder.iterdir())
     # a split file's link to nothing (a disk not mounted) was left out: "no test file among
@@ -329,10 +329,10 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
             "restore its target (mount the disk) or remove the link"
         )
     files = [p for p in entries if p.is_file()]
-    found: dict[str, list[Path]] = {split: [] for split in CONLL_SPLIT_WORDS}
+    found: dict[str, list[Path]] = {split: [] for split in splits}
     for path in files:
         split = conll_split_of(path.name)
-        if split is not None:
+        if split in found:
             found[split].append(path)
     missing = [split for split, paths in found.items() if not paths]
     if missing:
@@ -362,10 +362,10 @@ def conll_folder_files(folder) -> dict[str, list[Path]]:
     return found
 
 
-def read_conll_folder(folder) -> dict[str, list[Sentence]]:
-    """The sentences of each split of a CoNLL folder (`conll_folder_files`), each split's files
-    read in name order."""
-    files = conll_folder_files(folder)
+def read_conll_folder(folder, splits=CONLL_SPLIT_WORDS) -> dict[str, list[Sentence]]:
+    """The sentences of each split of a CoNLL folder (of ``splits`` alone where given:
+    `conll_folder_files`), each split's files read in name order."""
+    files = conll_folder_files(folder, splits)
     return {
         split: [s for path in paths for s in read_conll(path)] for split, paths in files.items()
     }

@@ -662,10 +662,18 @@ class TokenClassificationTask(Task):
         if self._sentences is None:
             data = self.config.data
             if self.run_given and not Path(data).exists() and self._is_run_data(data):
+                from lowbit.infer.io import training_run
+
+                # a run without labels.json reads its tags from this data, even to evaluate
+                # other data: no --data helps it
+                why = "; the run predates labels.json, so its tags come from its data"
+                other = ""
+                if _saved_labels(self.run_dir) is not None:
+                    why = ""
+                    other = f" (to evaluate on other data: lowbit eval {self.run_dir} --data PATH)"
                 raise UsageError(
-                    f"{data}: no such CoNLL file or folder (the data {self.run_dir} was trained "
-                    "on, moved or deleted since); fix: restore it there (to evaluate on other "
-                    f"data: lowbit eval {self.run_dir} --data PATH)"
+                    f"{data}: no such CoNLL file or folder (the data {training_run(self.run_dir)} "
+                    f"was trained on, moved or deleted since{why}); fix: restore it there{other}"
                 )
             self._sentences = conll_splits(data)
             if self.run_given:
@@ -705,9 +713,12 @@ class TokenClassificationTask(Task):
     def use_eval_data(self, path: str, split: str) -> None:
         """Tags the run did not train with are warned of, and given ids past the model's
         outputs: their words count as errors (and their entities as missed), out of the loss."""
-        from lowbit.data.conll import read_conll
+        from lowbit.data.conll import read_conll, read_conll_folder
 
-        sentences = read_conll(path) if Path(path).is_file() else conll_splits(path)[split]
+        if Path(path).is_dir():  # the split's files alone: a folder of dev.txt and test.txt
+            sentences = read_conll_folder(path, (split,))[split]
+        else:
+            sentences = read_conll(path) if Path(path).is_file() else conll_splits(path)[split]
         if not sentences:
             raise UsageError(f"{path}: no sentences to evaluate; fix: give a CoNLL file of tags")
         self._sentences, self._eval_source = {split: sentences}, str(path)
@@ -815,9 +826,12 @@ class TokenClassificationTask(Task):
         keep = labels != IGNORE_INDEX
         accuracy = _accuracy(labels[keep], preds[keep], loss)
         f1 = entity_f1(true_tags, pred_tags)
-        entity = math.nan if math.isnan(loss) else f1["f1"]  # as accuracy: no real predictions
-        if not f1["true"]:  # no entity to find (only O tags): no score, where 0.0 read as a miss
-            entity = None
+        # no score where there is nothing to score: no entity to find (only O tags) and none
+        # predicted, where 0.0 read as a miss; entities predicted where there are none score
+        # 0.0 (precision 0), and a NaN loss keeps NaN, as accuracy (no real predictions)
+        entity = f1["f1"] if f1["true"] or f1["pred"] else None
+        if math.isnan(loss):
+            entity = math.nan
         metrics = {"loss": loss, "accuracy": accuracy, "entity_f1": entity}
         return metrics, true_tags, pred_tags, f1
 

@@ -2,11 +2,13 @@
 CoNLL file or folder, a causal LM on a text file), with the run's vocabulary, tags and --seq-len,
 writing nothing into the run; the digits CNN has no --data. A tagger run quantizes without its
 CoNLL data (labels.json and vocab.json are in the run); entity F1 of sentences without entities
-is n/a (null), not 0.0; a missing folder's fix names the quantized/pruned folders too."""
+is n/a (null), not 0.0, where none is predicted either (else 0.0; NaN for a NaN loss); a folder
+given as data needs only the split evaluated; a missing folder's fix names the quantized/pruned folders too."""
 
 import json
 
 import pytest
+import torch
 
 from lowbit.cli import main
 
@@ -16,10 +18,11 @@ TAGGER = ["train", "--task", "token-classification", "--model", "tiny", "--seq-l
 TAGGER += ["--batch-size", "4", "--steps", "1", "--quiet"]
 
 
-def _tagger(tmp_path, dev=TAGGED, name="run"):
+def _tagger(tmp_path, dev=TAGGED, name="run", others=TAGGED):
+    """A run trained on ``others`` (its train and test files) and validated on ``dev``."""
     data = tmp_path / f"{name}-data"
     data.mkdir()
-    for split, lines in (("train.txt", TAGGED), ("dev.txt", dev), ("test.txt", TAGGED)):
+    for split, lines in (("train.txt", others), ("dev.txt", dev), ("test.txt", others)):
         (data / split).write_text("\n".join(lines))
     run = tmp_path / name
     assert main([*TAGGER, "--data", str(data), "--out", str(run)]) == 0
@@ -72,6 +75,23 @@ def test_a_folder_given_as_data_is_evaluated_on_its_split(tagger, tmp_path, caps
     assert metrics["per_entity_f1"]["PER"]["support"] == 5
 
 
+def test_a_folder_given_as_data_needs_only_the_split_evaluated(tagger, tmp_path, capsys):
+    """A folder of dev.txt and test.txt failed "no train file"; one without the split's file
+    says so in one line."""
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for split, count in (("dev", 2), ("test", 3)):
+        (folder / f"{split}.txt").write_text("\n".join(["Bob B-PER", "sat O", ""] * count))
+    capsys.readouterr()
+    argv = ["eval", str(tagger), "--data", str(folder), "--json", "--quiet", "--split", "test"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["per_entity_f1"]["PER"]["support"] == 3
+    (folder / "test.txt").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder}: no test file among dev.txt;" in err, err
+
+
 def test_a_causal_lm_is_evaluated_on_a_whole_text_file(tmp_path, capsys):
     lm = ["train", "--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--steps", "1"]
     run = tmp_path / "lm"
@@ -106,6 +126,10 @@ def test_a_tagger_quantizes_without_its_data_and_eval_names_what_is_missing(tmp_
     assert main(["eval", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert gone in err and f"lowbit eval {run} --data PATH)" in err, err
+    quantized = tmp_path / "q"  # the run named as the one trained on the data, not the folder
+    assert main(["eval", str(quantized), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert gone in err and f"lowbit eval {quantized} --data PATH)" in err, err
     new = tmp_path / "new.txt"  # the quantized folder against its source, on other data
     new.write_text("\n".join(["Ann B-PER", "sat O", ""] * 2))
     assert main(["eval", str(tmp_path / "q"), "--data", str(new), "--json", "--quiet"]) == 0
@@ -114,9 +138,24 @@ def test_a_tagger_quantizes_without_its_data_and_eval_names_what_is_missing(tmp_
     assert metrics["per_entity_f1"]["PER"]["support"] == 2
 
 
+def test_a_run_from_before_labels_json_whose_data_moved_needs_its_data(tmp_path, capsys):
+    """Its tags come from its data: --data cannot help it, and was offered as the fix."""
+    run, data = _tagger(tmp_path)
+    (run / "labels.json").unlink()  # as a run from before labels.json
+    data.rename(tmp_path / "moved")
+    new = tmp_path / "new.txt"
+    new.write_text("\n".join(["Ann B-PER", "sat O", ""] * 2))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(new), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" not in err, err
+    assert "the run predates labels.json, so its tags come from its data); fix: restore" in err
+
+
 def test_entity_f1_of_a_split_without_entities_is_not_applicable(tmp_path, capsys):
-    """It read 0.0 (a model that finds nothing) in the summary, eval, metrics.jsonl and run.json."""
-    run, _ = _tagger(tmp_path, dev=ONLY_O)
+    """It read 0.0 (a model that finds nothing) in the summary, eval, metrics.jsonl and run.json,
+    where the model predicted no entity either (a run of "O" tags alone)."""
+    run, _ = _tagger(tmp_path, dev=ONLY_O, others=ONLY_O)
     out = capsys.readouterr().out
     assert "entity_f1 n/a -> n/a" in out
     records = (run / "metrics.jsonl").read_text().splitlines()
@@ -127,6 +166,31 @@ def test_entity_f1_of_a_split_without_entities_is_not_applicable(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["entity_f1"] is None
     assert main(["eval", str(run), "--quiet"]) == 0
     assert "entity_f1 n/a" in capsys.readouterr().out
+
+
+def test_entities_predicted_where_there_are_none_score_0(tagger, tmp_path, capsys):
+    """They scored n/a, as if the model had found nothing: precision 0 must show."""
+    new = tmp_path / "only-o.txt"
+    new.write_text("\n".join(["Ann O", "Lee O", "ran O", ""] * 3))
+    capsys.readouterr()
+    assert main(["eval", str(tagger), "--data", str(new), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["entity_f1"] == 0.0
+    assert main(["eval", str(tagger), "--data", str(new), "--quiet"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert next(r for r in rows if r.startswith("ALL")).split()[1:] == ["0.0000"] * 3 + ["0"]
+
+
+def test_a_nan_tagger_without_entities_scores_nan_not_n_a(tmp_path, capsys):
+    """A NaN loss is told as NaN entity F1 too; the n/a of a split without entities hid it."""
+    run, _ = _tagger(tmp_path, dev=ONLY_O, others=ONLY_O)
+    path = run / "checkpoints" / "step-0000001.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"]["classifier.weight"].fill_(float("nan"))
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["loss"] == metrics["entity_f1"] == "nan"
 
 
 @pytest.mark.parametrize("command", ["eval", "generate"])
@@ -143,7 +207,7 @@ def test_a_missing_folder_names_the_quantized_folders_too(command, tmp_path, cap
 
 def test_compare_reports_entity_f1_of_a_split_without_entities_as_n_a(tmp_path, capsys):
     """compare's table and results.json read the runs' null entity F1 as n/a / null."""
-    _, data = _tagger(tmp_path, dev=ONLY_O, name="source")
+    _, data = _tagger(tmp_path, dev=ONLY_O, name="source", others=ONLY_O)
     study = tmp_path / "study"
     argv = ["compare", "--task", "token-classification", "--model", "tiny", "--data", str(data)]
     argv += ["--recipes", "fp32,bf16-mixed", "--steps", "1", "--seq-len", "12", "--seeds", "1"]
