@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from lowbit.commands import train as train_command
@@ -101,9 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from lowbit.distributed.context import signals_handled
     from lowbit.report import compare, make_study
     from lowbit.report.compare import InterruptedBeforeRuns, parse_targets
     from lowbit.report.markdown import speed_load_note, verdict_lines
+    from lowbit.report.parallel import raise_interrupt
     from lowbit.train import NonFiniteLoss
     from lowbit.train.config import build_config, load_file
 
@@ -168,15 +171,19 @@ def run(args) -> int:
             file=sys.stderr,
         )
     try:
-        result = compare(
-            study,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            plots=not args.no_plots,
-            log=lambda line: print(line, flush=True),
-            jobs=args.jobs,
-            threads=args.threads,
-        )
+        # a SIGINT raises KeyboardInterrupt even where this process was started with it ignored
+        # (``lowbit compare ... &`` in a shell script), as in `lowbit train`: a `kill -INT` was
+        # lost between runs (and, with --jobs, altogether: the study trained to the end)
+        with signals_handled(raise_interrupt, signal.SIGINT):
+            result = compare(
+                study,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                plots=not args.no_plots,
+                log=lambda line: print(line, flush=True),
+                jobs=args.jobs,
+                threads=args.threads,
+            )
     except NonFiniteLoss as error:
         print(f"lowbit: error: {error}", file=sys.stderr)
         return 1

@@ -305,6 +305,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                         # request to save any more
                         (folder / ABORTED).touch()
                     if context.join():
+                        handling = True  # a signal now is not raised out of a completed run
                         break
                     handling = True
                 except KeyboardInterrupt:

@@ -905,11 +905,15 @@ def _sample_std(values: list[float]) -> float:
 
 def _gap(values: list[float], base: list[float]) -> tuple[float, float]:
     """Paired gap in percent of the baseline's mean, and its spread (std of the differences);
-    NaN when a seed of either side has no finite value (`_mean_std`)."""
+    NaN when a seed of either side has no finite value (`_mean_std`), or the baseline's mean is
+    0 (a model that fits its data exactly, train loss 0.0: no percent of it is defined, where
+    the division raised ZeroDivisionError and the study ended without a report)."""
     pairs = list(zip(values, base))
     if not pairs or not all(math.isfinite(v) and math.isfinite(b) for v, b in pairs):
         return math.nan, math.nan
     base_mean = statistics.fmean(b for _, b in pairs)
+    if base_mean == 0:
+        return math.nan, math.nan
     diffs = [100 * (v - b) / base_mean for v, b in pairs]
     return statistics.fmean(diffs), _sample_std(diffs)
 
@@ -1068,6 +1072,11 @@ def _judge(study: Study, recipe: str, runs, base_runs, gap: float, spread: float
         return (
             f"no verdict: skipped every step (non-finite gradients) with {_seeds(seeds)}, so its "
             f"weights never changed and its loss is the untrained model's; fix: {fix}"
+        ), None
+    if not math.isfinite(gap):  # every loss finite (above): the baseline's mean is 0 (`_gap`)
+        return (
+            f"no verdict: the baseline {baseline}'s validation loss is 0, so there is no gap in "
+            "percent of it to judge (compare the losses themselves)"
         ), None
     return verdict(gap, spread, study.target(recipe), len(runs))
 

@@ -258,11 +258,14 @@ def gap_by_evaluation(results: dict) -> tuple[str, list[str], list[list[str]]]:
 def _step_gap(curve: dict, base_curve: dict, step: int) -> str:
     """One cell of the gap by evaluation: "—" where the recipe did not evaluate at ``step``,
     "non-finite" where its or the baseline's mean validation loss was NaN or inf there (a seed's,
-    named by `non_finite_line`), else the gap."""
+    named by `non_finite_line`), "n/a" where the baseline's was 0 (no percent of it), else the
+    gap."""
     if step not in curve:
         return "—"
     if not (math.isfinite(curve[step]) and math.isfinite(base_curve[step])):
         return "non-finite"
+    if base_curve[step] == 0:
+        return "n/a"
     return _pct(100 * (curve[step] - base_curve[step]) / base_curve[step])
 
 

@@ -305,7 +305,9 @@ def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
                 os.kill(process.pid, STOP_SIGNAL)
 
 
-def _raise_interrupt(signum, frame) -> None:
+def raise_interrupt(signum, frame) -> None:
+    """A signal handler that stops as Ctrl-C does: Python's own for SIGINT, which a process
+    started with SIGINT ignored (a shell script's background job) does not install."""
     raise KeyboardInterrupt
 
 
@@ -347,8 +349,10 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
         warnings_once(),
         # a SIGTERM (how a scheduler ends a job) stops the study as a Ctrl-C does, the workers
         # saving a checkpoint; by default it ended this process alone and left the workers
-        # training to the end, orphaned, where a rerun would train the same folders again
-        signals_handled(_raise_interrupt, signal.SIGTERM),
+        # training to the end, orphaned, where a rerun would train the same folders again. So
+        # does a SIGINT where this process was started with it ignored (``... --jobs 2 &`` in a
+        # shell script: Python keeps the SIG_IGN), where a `kill -INT` was lost
+        signals_handled(raise_interrupt, signal.SIGINT, signal.SIGTERM),
         ProcessPoolExecutor(
             max_workers=min(jobs, len(runs)),
             mp_context=context,

@@ -10,7 +10,7 @@ from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.compare import run_one
 from tests.llama import save_llama
-from tests.report.conftest import quiet, study_on_one_thread
+from tests.report.conftest import IMAGES, quiet, study_on_one_thread
 
 TINY = ["--seq-len", "16", "--batch-size", "4", "--eval-batches", "1", "--steps", "2"]
 QUIET = ["--quiet", "--no-plots", "--threads", "1"]
@@ -184,3 +184,28 @@ def test_a_study_in_the_folder_named_before_session_38_is_reused(tmp_path, monke
     out, err = capsys.readouterr()
     assert "report: runs/compare-causal-lm-b-model/report/report.md" in out
     assert "reusing" not in err
+
+
+def test_a_baseline_whose_loss_is_zero_gives_no_verdict_not_a_crash(image_study, tmp_path):
+    """A tagger that memorised its 8 sentences (loss 0.0): `lowbit compare` died of
+    ZeroDivisionError (the gap in percent of the baseline's loss), with no report. The gaps are
+    n/a now, and the recipe has no verdict."""
+    out = tmp_path / "img"
+    shutil.copytree(image_study, out)
+    for seed in (0, 1):
+        run = out / "runs" / "fp32" / f"seed-{seed}"
+        record = json.loads((run / "compare.json").read_text())
+        record["final_metrics"]["loss"], record["train_loss"] = 0.0, 0.0
+        (run / "compare.json").write_text(json.dumps(record))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if "loss" in row:
+                row["loss"] = 0.0
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    study = make_study("fp32,bf16-mixed", IMAGES, seeds=2, out=out)
+    bf16 = compare(study, plots=True, log=quiet).results["recipes"]["bf16-mixed"]
+    assert bf16["meets_target"] is None
+    assert bf16["verdict"].startswith("no verdict: the baseline fp32's validation loss is 0")
+    report = (out / "report" / "report.md").read_text()
+    assert "| n/a | n/a |" in report  # the loss table's train and val gaps
+    assert "| bf16-mixed | n/a |" in report  # the gap by evaluation's

@@ -123,3 +123,44 @@ def test_compare_interrupted_while_its_workers_start_ends_with_its_line(tmp_path
     assert not [line for line in lines if "Traceback" in line], lines
     assert lines[-1].startswith("lowbit: interrupted"), lines
     assert sum(line.startswith("lowbit: interrupted") for line in lines) == 1, lines
+
+
+def _ignoring_sigint() -> None:  # as a shell starts a script's background job (``... &``)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_a_kill_int_stops_compare_jobs_started_with_sigint_ignored(tmp_path):
+    """``lowbit compare --jobs 2 ... &`` from a script: Python keeps the SIGINT ignored that it
+    was started with, and a later ``kill -INT`` was lost: the study trained on to its end. It
+    stops as a Ctrl-C does now: exit 130, each run in progress saved."""
+    out = tmp_path / "study"
+    argv = [sys.executable, "-m", "lowbit", "compare", "--recipes", "fp32,bf16-mixed"]
+    argv += ["--seeds", "1", "--jobs", "2", "--threads", "1", "--steps", "100000"]
+    argv += ["--seq-len", "16", "--batch-size", "4", "--quiet", "--no-plots", "--out", str(out)]
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            argv, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            preexec_fn=_ignoring_sigint,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        metrics = out / "runs" / "fp32" / "seed-0" / "metrics.jsonl"
+        # a step trained (its train row), so the run is in its training loop
+        while not (metrics.is_file() and '"split": "train"' in metrics.read_text()):
+            assert process.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)  # to the study's process alone, as `kill -INT $pid`
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the SIGINT was lost: the study trained on")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    lines = err.read_text().splitlines()
+    assert code == 130, lines
+    assert lines[-1].startswith("lowbit: interrupted; run the same command again"), lines
+    assert any((out / "runs" / "fp32" / "seed-0" / "checkpoints").iterdir())
