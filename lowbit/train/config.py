@@ -111,6 +111,18 @@ def flag_of(name: str) -> str:
     return "--override" if name == "overrides" else f"--{name.replace('_', '-')}"
 
 
+def spelled_none(name: str, task: str | None) -> str | None:
+    """The value of flag ``--name`` that `resolve` stores as None in setting ``name``, where one
+    does: grad_clip's 0 (measure the norm only), causal-lm's data ``stdlib`` (the built-in data;
+    token classification's --data takes no such name); None for a setting whose None no flag
+    gives (no --override)."""
+    if name == "grad_clip":
+        return "0"
+    if name == "data" and task == "causal-lm":
+        return "stdlib"
+    return None
+
+
 def load_file(path, flags=(), command=None) -> dict:
     """The settings in a YAML, TOML or JSON file; a malformed file, or one with a setting
     `TrainConfig` does not have (a typo), raises a one-line `UsageError`. A run folder's

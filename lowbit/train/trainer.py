@@ -42,6 +42,7 @@ from lowbit.train.config import (
     read_run_info,
     recipe_of,
     resolve,
+    spelled_none,
     warn_long_warmup,
     with_recorded_data,
     write,
@@ -335,44 +336,35 @@ def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None 
     change = changed_setting(saved, config, recorded)
     if change:
         name, was, now = change
-        flag, given = flag_of(name), _as_flags(name, was, saved.get("task"))
+        task = saved.get("task")
+        flag, given = flag_of(name), _as_flags(name, was, task)
         keep = f"with the run's {given} or without {flag}" if given else f"without {flag}"
         if not given:
             keep += f" or a --config file's {name}"
         may = ", ".join(sorted(map(flag_of, RESUMABLE_CHANGES)))
         default = was is None and getattr(TrainConfig(), name) is None
         raise UsageError(
-            f"cannot resume with {name} {_shown(name, now)} ({flag}): the run was trained with "
-            f"{'its default' if default else _shown(name, was)}; "
+            f"cannot resume with {name} {_shown(name, now, task)} ({flag}): the run was trained "
+            f"with {'its default' if default else _shown(name, was, task)}; "
             f"fix: resume {keep}, or start a new run with another --out (a resume may "
             f"change only {may})"
         )
 
 
-def _none_as(name: str, task: str | None) -> str | None:
-    """The value of flag ``--name`` that gives setting ``name`` None, where one does: grad_clip's
-    0 (measure the norm only, which `resolve` stores as None), causal-lm's --data stdlib (the
-    built-in data; token classification's --data takes no such name)."""
-    if name == "grad_clip":
-        return "0"
-    if name == "data" and task == "causal-lm":
-        return "stdlib"
-    return None
-
-
-def _shown(name: str, value) -> str:
-    """Setting ``name``'s ``value`` as a user wrote it: grad_clip's None as the 0 that gave it
-    (``--grad-clip 0``, a file's ``grad_clip: 0``), another value as its repr."""
-    return "0" if value is None and name == "grad_clip" else repr(value)
+def _shown(name: str, value, task: str | None) -> str:
+    """Setting ``name``'s ``value`` as a user wrote it: a None as the flag value that gives it
+    (`spelled_none`: grad_clip's 0, causal-lm's data ``stdlib``), another value as its repr."""
+    spelled = spelled_none(name, task) if value is None else None
+    return repr(value) if spelled is None else spelled
 
 
 def _as_flags(name: str, value, task: str | None) -> str:
     """Setting ``name`` at ``value`` as the flags that give it, to paste into a shell
-    (``--lr 0.003``, one ``--override`` per entry, ``--grad-clip 0`` for None: `_none_as` of the
-    run's ``task``); empty for no entries, or a None that no flag gives, which a run without the
-    flag has. A float is written as its repr, which reads back as the same float."""
+    (``--lr 0.003``, one ``--override`` per entry, ``--grad-clip 0`` for None: `spelled_none` of
+    the run's ``task``); empty for no entries, or a None that no flag gives, which a run without
+    the flag has. A float is written as its repr, which reads back as the same float."""
     if value is None:
-        value = _none_as(name, task)
+        value = spelled_none(name, task)
     values = value if isinstance(value, list) else [] if value is None else [value]
     return " ".join(f"{flag_of(name)} {shlex.quote(str(v))}" for v in values)
 
