@@ -171,7 +171,7 @@ def evaluate_inference_dir(
     reference = baseline and baseline.model
     models = [source.model] if reference is None else [source.model, reference]
     # `compare` runs the batches once through each model
-    shown = eval_progress(source.task, models, split, max_batches)
+    shown = eval_progress(source.task, models, split, max_batches, data)
     with shown if progress else contextlib.nullcontext():
         metrics, lines = compare(
             source.task, source.model, reference, split, max_batches, device, missing

@@ -94,13 +94,34 @@ class ConversionReport:
         for text in self.unused_overrides:
             hint = self.unused_hints.get(text, "lowbit doctor lists the names")
             lines.append(f"  override {text} applies to no layer ({hint})")
+        for reason, names, shown in self._kept_by_reason():
+            lines.append(f"  kept {len(names)}: {reason}: {shown}")
+        return "\n".join(lines)
+
+    def kept_line(self, dtype: str) -> str:
+        """One line of the layers kept, grouped by reason (a few names each, then a count), for
+        `lowbit train`'s start-up: ``converted 28/29 layers; kept in bf16: lm_head (output head
+        kept in high precision)``. ``dtype``: what the kept layers compute in."""
+        total = len(self.converted) + len(self.kept)
+        groups = [
+            (shown if len(names) == 1 else f"{len(names)} layers, {shown}") + f" ({reason})"
+            for reason, names, shown in self._kept_by_reason()
+        ]
+        return f"converted {len(self.converted)}/{total} layers; kept in {dtype}: " + "; ".join(
+            groups
+        )
+
+    def _kept_by_reason(self) -> list[tuple[str, list[str], str]]:
+        """``(reason, names, shown)`` per reason a layer was kept, in the order first met;
+        ``shown``: the first 4 names and how many more."""
         reasons: dict[str, list[str]] = {}
         for name, reason in self.kept.items():
             reasons.setdefault(reason, []).append(name)
+        groups = []
         for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-            lines.append(f"  kept {len(names)}: {reason}: {shown}")
-        return "\n".join(lines)
+            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
+            groups.append((reason, names, ", ".join(names[:4]) + more))
+        return groups
 
 
 _log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from lowbit.errors import UsageError, choose, warn
 from lowbit.formats import cast
 from lowbit.optim.states import BLOCK_SIZE, StatePrecision, keeps_fp32_states
 from lowbit.optim.states import state_precision as _state_precision
-from lowbit.recipes.recipe import DTYPES
+from lowbit.recipes.recipe import dtype_name
 
 OPTIMIZERS = ("adamw", "adam")
 
@@ -173,19 +173,13 @@ def _copy(t: Tensor) -> Tensor:
     return type(t).__tensor_unflatten__(inner, context, t.size(), t.stride())
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    """The recipes' name of a dtype (``fp32``, ``bf16``, ``fp16``), else torch's."""
-    names = {value: name for name, value in DTYPES.items()}
-    return names.get(dtype, str(dtype).removeprefix("torch."))
-
-
 def _stored_in(moment: Tensor) -> str:
     """The precision a moment is stored in: a torchao quantized state's (``fp8``, ``8bit``,
     ``4bit``), else its dtype's (``fp32``, ``bf16``)."""
     moment = _local(moment)
     if is_traceable_wrapper_subclass(moment):
         return _torchao_states()[type(moment)].value
-    return _dtype_name(moment.dtype)
+    return dtype_name(moment.dtype)
 
 
 def _check_saved_moments(optimizer: Optimizer, param: Tensor, index: int, entry: dict) -> None:
@@ -213,7 +207,7 @@ def _check_saved_moments(optimizer: Optimizer, param: Tensor, index: int, entry:
         if not isinstance(moment, Tensor):
             continue
         stored = _stored_in(moment)
-        params_own = expected == "fp32" and stored == _dtype_name(param.dtype)
+        params_own = expected == "fp32" and stored == dtype_name(param.dtype)
         if stored != expected and not params_own:
             raise UsageError(
                 f"the saved optimizer state of parameter {index} ({param.numel()} values) has "

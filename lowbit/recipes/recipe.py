@@ -66,6 +66,12 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     return None if name is None else DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The recipes' name of a dtype (``fp32``, ``bf16``, ``fp16``), else torch's."""
+    names = {value: name for name, value in DTYPES.items()}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def _check_type(value, kind: type, what: str, example: str) -> None:
     """Refuse a spec of another type when it is written: read later (a format name where an
     `OperandSpec` belongs), it failed at the first conversion with an AttributeError."""

@@ -138,7 +138,8 @@ def load_file(path, flags=(), command=None) -> dict:
     a file's value of the wrong type that one of them replaces is left out with a warning, not
     refused, as the run never reads it (``lr: fast`` beside ``--lr 1e-3``); the warning keeps the
     mistake from going unnoticed by the runs that read the file without the flag."""
-    settings = _without_replaced_mistypes(path, _file_settings(path), flags)
+    settings, blank = _file_settings(path)
+    settings = _without_replaced_mistypes(path, settings, flags, blank)
     unknown = _unknown_setting(settings)
     if unknown and (fix := _other_files_fix(Path(path), settings)):
         raise UsageError(f"{path}: {fix}")
@@ -165,7 +166,8 @@ def load_file(path, flags=(), command=None) -> dict:
                 f"(the settings: {', '.join(names)})"
             )
         raise UsageError(f"{path}: unknown setting {unknown!r}; fix: use one of {', '.join(names)}")
-    if not is_run_config(path) and (valueless := _valueless(settings)):  # a run's: its record
+    valueless = [] if is_run_config(path) else _valueless(settings, blank)  # a run's: its record
+    if valueless:
         raise UsageError(f"{path}: {_without_value(valueless)}")
     try:  # flags are typed by argparse: a wrong type is the file's, which the error must name
         built = build_config(settings)
@@ -221,11 +223,11 @@ def _check_data_beside(path, data: str | None) -> None:
     )
 
 
-def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
+def _without_replaced_mistypes(path, settings: dict, flags, blank: set[str]) -> dict:
     """``settings`` less those of the wrong type, or without a value (`_valueless`), that
     ``flags`` replace, each warned about."""
     kept = dict(settings)
-    valueless = [] if is_run_config(path) else _valueless(settings)
+    valueless = [] if is_run_config(path) else _valueless(settings, blank)
     for name in sorted(_replaced(flags) & settings.keys()):
         try:
             if name in valueless:
@@ -251,12 +253,15 @@ def _without_replaced_mistypes(path, settings: dict, flags) -> dict:
 _RECORDED_NULLS = ("data", "grad_clip", "strategy", "loss_scale", "loss_scale_growth_interval")
 
 
-def _valueless(settings: dict) -> list[str]:
+def _valueless(settings: dict, blank: set[str]) -> list[str]:
     """The names, in file order, of a config file's ``settings`` left without a value (``steps:``,
     JSON's null) where null is no value of its own: a blank left to fill in, refused. ``steps:``
     ran the task's 400 steps without a word, where ``wandb:`` or ``recipe:`` were refused. Null is
     kept where a run's config.yaml records it (`_RECORDED_NULLS`; the one of steps and epochs
-    that does not give the run's length; the digits' seq_len), so a run's settings read back."""
+    that does not give the run's length; the digits' seq_len), so a run's settings read back,
+    but only written out: the ``blank`` names, a YAML ``grad_clip:`` with nothing after it, are
+    refused there too, as a run never writes one (a user's ``grad_clip:`` was meant to be filled
+    in, and ran without clipping)."""
     kept = set(_RECORDED_NULLS)
     if settings.get("epochs") is not None:
         kept.add("steps")
@@ -264,7 +269,11 @@ def _valueless(settings: dict) -> list[str]:
         kept.add("epochs")
     if settings.get("task") == "image-classification":  # no sequences: resolve leaves it None
         kept.add("seq_len")
-    return [name for name, value in settings.items() if value is None and name not in kept]
+    return [
+        name
+        for name, value in settings.items()
+        if value is None and (name not in kept or name in blank)
+    ]
 
 
 def _without_value(names: list[str], spelled: str = " (null)") -> str:
@@ -298,8 +307,9 @@ def _unknown_setting(settings: dict) -> str | None:
     return min(set(settings) - set(TrainConfig.field_names()), default=None)
 
 
-def _file_settings(path) -> dict:
-    """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``."""
+def _file_settings(path) -> tuple[dict, set[str]]:
+    """The settings of `load_file`, any names: keys with ``-`` spelled with ``_``; and the names
+    of those left blank (YAML's ``key:`` with no value, not ``key: null``: `_valueless`)."""
     path = Path(path)
     if (path / "config.yaml").is_file():  # a run folder (was: "no such config file")
         fix = f"--config {shlex.quote(str(path / 'config.yaml'))}, the run's settings"
@@ -321,6 +331,7 @@ def _file_settings(path) -> dict:
     # as --data is read: a byte order mark (Windows editors write one) is no part of the settings,
     # and a file in another encoding is told by its byte, line and the iconv that converts it
     text = read_text(path, or_else=None)  # not "or remove it": the settings are in it
+    blank: set = set()  # JSON and TOML have no blank that parses (`_blank_value`)
     try:
         if suffix == ".toml":  # refuses a key given twice itself
             import tomllib
@@ -329,7 +340,7 @@ def _file_settings(path) -> dict:
         elif suffix == ".json":
             data = json.loads(text, object_pairs_hook=_once_each(path)) if text.strip() else {}
         else:
-            data = _yaml_once_each(path, text)
+            data, blank = _yaml_once_each(path, text)
     except UsageError:
         raise
     except Exception as error:  # each parser has its own error class; all mean "malformed"
@@ -353,7 +364,8 @@ def _file_settings(path) -> dict:
                 f"{path}: {spellings[name]!r} and {key!r} are the same setting; fix: keep one"
             )
         spellings[name] = key
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    settings = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return settings, {key.replace("-", "_") for key in blank}
 
 
 def _given_twice(path, key, where: str = "") -> UsageError:
@@ -376,11 +388,22 @@ def _once_each(path):
     return pairs_to_dict
 
 
-def _yaml_once_each(path, text: str):
-    """``text`` parsed as YAML, refusing a key given twice in a mapping (`_given_twice`)."""
+def _yaml_once_each(path, text: str) -> tuple[object, set[str]]:
+    """``text`` parsed as YAML, refusing a key given twice in a mapping (`_given_twice`); and the
+    top-level keys given no value at all (``key:``), which YAML reads as null as it does
+    ``key: null``."""
     import yaml
 
+    blank: set[str] = set()
+
     class Loader(yaml.SafeLoader):
+        def construct_document(self, node):
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
+                        blank.add(str(key_node.value))
+            return super().construct_document(node)
+
         def construct_mapping(self, node, deep=False):
             lines: dict = {}  # key -> the line that gave it
             for key_node, _ in node.value:
@@ -394,7 +417,7 @@ def _yaml_once_each(path, text: str):
                     lines[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep)
 
-    return yaml.load(text, Loader=Loader)  # a SafeLoader: it builds no Python objects
+    return yaml.load(text, Loader=Loader), blank  # a SafeLoader: it builds no Python objects
 
 
 def _one_line(error: Exception) -> str:
@@ -873,7 +896,7 @@ def read(folder) -> TrainConfig:
                 f"{folder}: no such run folder (no config.yaml); fix: give the --out folder of a run"
             )
         raise UsageError(f"{folder}: no config.yaml, not a lowbit run folder; fix: check the path")
-    settings = _file_settings(path)
+    settings, _ = _file_settings(path)
     if not settings:  # `write` records every setting: an emptied file, read as the defaults
         raise UsageError(
             f"{path}: empty, where a run records all its settings (model, recipe, data, ...); "

@@ -223,22 +223,25 @@ def eval_batch_count(task, split: str, max_batches=None) -> int:
 
 
 @contextlib.contextmanager
-def eval_progress(task, models, split: str, max_batches=None):
+def eval_progress(task, models, split: str, max_batches=None, data: str | None = None):
     """Progress of an evaluation of ``split`` by ``models`` (each runs its batches once; a
     quantized folder's model and its reference are two): a note first where the whole split is
-    large, then `lowbit train`'s progress on stderr (`progress_bar`): a bar on a terminal, a plain
-    line at most once a minute in a log (which gets no carriage-return lines). It counts the
+    large (naming the `lowbit eval --data` file or folder, ``data``, that stands in for it),
+    then `lowbit train`'s progress on stderr (`progress_bar`): a bar on a terminal, a plain line
+    at most once a minute in a log (which gets no carriage-return lines). It counts the
     models' forward calls, one a batch, through hooks that only count: the metrics are those of
     an evaluation without it. The hooks are removed after."""
     batches = eval_batch_count(task, split, max_batches)
     if max_batches is None and batches > LARGE_SPLIT_BATCHES:
         both = ", through the model and its reference" if len(models) > 1 else ""
+        whole = f"the whole {split} split" if data is None else evaluated_on(split, data)
         print(
-            f"lowbit: note: evaluating the whole {split} split: {batches:,} batches of "
+            f"lowbit: note: evaluating {whole}: {batches:,} batches of "
             f"{task.config.batch_size}{both}; --max-batches N bounds it to N",
             file=sys.stderr,
         )
-    bar = progress_bar(batches * len(models), f"eval {split}", "batch")
+    named = split if data is None or Path(data).is_dir() else Path(data).name
+    bar = progress_bar(batches * len(models), f"eval {named}", "batch")
 
     def count(*_) -> None:  # returns None: a forward hook's other value replaces the output
         bar.update(1)
@@ -279,7 +282,7 @@ def evaluate_run(
         check_same_data(run_dir, run.config, run.task.fingerprint)
     else:
         run.task.use_eval_data(data, split)
-    shown = eval_progress(run.task, [run.model], split, max_batches)
+    shown = eval_progress(run.task, [run.model], split, max_batches, data)
     with shown if progress else contextlib.nullcontext():
         metrics, text = run.task.report(run.model, run.precision, split, max_batches)
     head = (

@@ -761,8 +761,12 @@ class TokenClassificationTask(Task):
         from lowbit.models.token_classifier import encoder_positions
 
         if self._cut[split]:
+            sentences = f"{split} sentences"
+            if self._eval_source is not None:  # `lowbit eval --data`: the user's data, named
+                whole = Path(self._eval_source).is_file()  # not the split it stands in for
+                sentences = f"{'sentences' if whole else sentences} of {self._eval_source}"
             _warn_truncated(
-                split,
+                sentences,
                 self._cut[split],
                 len(self.sentences[split]),
                 self.config.seq_len,
@@ -854,13 +858,15 @@ class TokenClassificationTask(Task):
         # as wide as the longest type (BioNLP's Gene_or_gene_product), so the columns stay in line
         width = max([12, *(len(kind) + 2 for kind in per_type)])
         lines.append(f"{'type':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'true':>8}")
-        for kind, s in [*per_type.items(), ("ALL", f1)]:
+        # ALL: as the metric, no score where no entity is true or predicted (it printed 0.0000)
+        overall = unscored if metrics["entity_f1"] is None else f1
+        for kind, s in [*per_type.items(), ("ALL", overall)]:
             cells = [
                 UNSCORED if s[k] is None else f"{s[k]:.4f}" for k in ("precision", "recall", "f1")
             ]
             row = f"{kind:<{width}}" + "".join(f"{c:>10}" for c in cells) + f"{s['true']:>8}"
             lines.append(row)
-        if unscored in per_type.values():
+        if unscored in [*per_type.values(), overall]:
             lines.append(UNSCORED_NOTE)
         # the tables' numbers for `lowbit eval --json`, from the same pass (every tag is a label):
         # the entity table's rows in the per-label rows' shape, its ALL row being ``entity_f1``
@@ -929,7 +935,7 @@ def _cut_sentences(sentences, labels: torch.Tensor) -> int:
 
 
 def _warn_truncated(
-    split: str,
+    sentences: str,
     cut: int,
     total: int,
     seq_len: int,
@@ -937,13 +943,14 @@ def _warn_truncated(
     run: bool,
     left_out: str,
 ) -> None:
-    """Say that ``cut`` of the ``total`` sentences of ``split`` lose words to the sequence length,
-    words ``left_out`` of "training" (a new run's train split) or of "the metrics" (a split
-    evaluated, the train split too under `lowbit eval --split train`), which then cover part of
-    the split. ``run``: the task is built for a run that exists (resumed, evaluated): its
-    --seq-len is fixed, so the fix is a new run (`lowbit eval` said "fix: raise --seq-len", a
-    training option). Where --seq-len is already the encoder's ``positions``, the fix is shorter
-    sentences: "raise --seq-len" was refused next ("exceeds the encoder's 512 positions")."""
+    """Say that ``cut`` of the ``total`` ``sentences`` ("test sentences", "sentences of new.txt")
+    lose words to the sequence length, words ``left_out`` of "training" (a new run's train split)
+    or of "the metrics" (a split evaluated, the train split too under `lowbit eval --split
+    train`), which then cover part of the split. ``run``: the task is built for a run that
+    exists (resumed, evaluated): its --seq-len is fixed, so the fix is a new run (`lowbit eval`
+    said "fix: raise --seq-len", a training option). Where --seq-len is already the encoder's
+    ``positions``, the fix is shorter sentences: "raise --seq-len" was refused next ("exceeds
+    the encoder's 512 positions")."""
     shorter = "split such sentences into shorter ones (a blank line between the parts)"
     longer = "--seq-len" if positions is None else f"--seq-len (up to the encoder's {positions})"
     fix = f"train a run with a longer {longer}, or {shorter}" if run else f"raise {longer}"
@@ -951,7 +958,7 @@ def _warn_truncated(
         fix = f"{shorter}: --seq-len {seq_len} is the most the encoder's {positions} positions hold"
     whose = "the run's " if run else ""
     _warn_once(
-        f"lowbit: warning: {cut} of {total} {split} sentences are longer than {whose}--seq-len "
+        f"lowbit: warning: {cut} of {total} {sentences} are longer than {whose}--seq-len "
         f"{seq_len} holds; their words past it are left out of {left_out}; fix: {fix}"
     )
 

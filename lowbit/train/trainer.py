@@ -31,6 +31,7 @@ from lowbit.errors import RunNotWritten, UsageError, check_writable, is_interrup
 from lowbit.nn.convert import lowbit_layers
 from lowbit.precision.scaler import SMALLEST_SCALE
 from lowbit.recipes import same_recipe
+from lowbit.recipes.recipe import dtype_name
 from lowbit.train import checkpoint
 from lowbit.train.config import (
     RUN_INFO,
@@ -776,6 +777,10 @@ class Trainer:
         elif report.unused_overrides and warn:
             for text in report.unused_overrides:
                 print(f"lowbit: warning: override {text} applies to no layer", file=sys.stderr)
+        if report.kept and report.converted and not config.overrides and warn and not self.quiet:
+            # the overrides' summary above names them already
+            kept_in = dtype_name(self.precision.compute_dtype)
+            print(f"lowbit: recipe {config.recipe} {report.kept_line(kept_in)}", file=sys.stderr)
         if warn:
             for line in ignored_settings(config):
                 print(f"lowbit: warning: {line}", file=sys.stderr)

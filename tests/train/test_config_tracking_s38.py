@@ -42,7 +42,7 @@ def test_a_copy_of_a_runs_config_reads_its_nulls_and_refuses_a_blank(tmp_path, c
     capsys.readouterr()
     text = (run / "config.yaml").read_text().replace("lr: 0.003\n", "lr:\n")
     text = text.replace("seed: 0\n", "seed:\n")  # lr and seed left blank
-    text = text.replace("grad_clip: 1.0\n", "grad_clip:\n")  # as --grad-clip 0 records it
+    text = text.replace("grad_clip: 1.0\n", "grad_clip: null\n")  # as --grad-clip 0 records it
     copy = tmp_path / "copy.yaml"
     copy.write_text(text)
     assert _train("--config", str(copy), "--out", str(tmp_path / "new"), "--quiet") == 2
