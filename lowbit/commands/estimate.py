@@ -67,10 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over --gpus, as its processes split it)",
     )
     parser.add_argument(
-        "--seq",
+        "--batch-size",
         type=int,
         default=None,
-        help=f"sequence length (default {DEFAULT_SEQ}, or lowbit train's "
+        help="lowbit train's --batch-size instead of --batch: the global batch, which the --gpus "
+        "split (--batch-size 16 --gpus 2 is --batch 8)",
+    )
+    parser.add_argument(
+        "--seq",
+        "--seq-len",  # as `lowbit train` names it
+        dest="seq",
+        type=int,
+        default=None,
+        help=f"sequence length (also --seq-len, as in lowbit train; default {DEFAULT_SEQ}, or "
+        "lowbit train's "
         f"{TASK_DEFAULTS['token-classification']['seq_len']} with --task token-classification; "
         "for a lowbit run folder, the run's --seq-len)",
     )
@@ -360,20 +370,38 @@ def _with_run_settings(args) -> None:
         for name, value in recorded.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        if args.batch is None and run.batch_size is not None and args.gpus >= 1:
+        if args.batch is None and args.batch_size is None and run.batch_size is not None:
             # its --batch-size is the global batch, which its processes split (`lowbit train`)
-            if run.batch_size % args.gpus:
-                raise UsageError(
-                    f"{args.model}: the run's batch size {run.batch_size} (its global batch) "
-                    f"does not split evenly over {args.gpus} GPUs; fix: --batch N (the "
-                    f"micro-batch per device), or --gpus dividing {run.batch_size}"
-                )
-            args.batch = run.batch_size // args.gpus
+            whose = f"{args.model}: the run's batch size"
+            args.batch = _split_run_batch(run.batch_size, args.gpus, whose)
+    if args.batch is not None and args.batch_size is not None:
+        raise UsageError(
+            f"--batch {args.batch} and --batch-size {args.batch_size} both give the batch; fix: "
+            "one of them (--batch per device, or lowbit train's --batch-size over the GPUs)"
+        )
+    if args.batch_size is not None:
+        gpus = DEFAULTS["gpus"] if args.gpus is None else args.gpus
+        args.batch = _split_run_batch(args.batch_size, gpus, "--batch-size")
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.seq is None:
         args.seq = _default_seq(args.task)
+
+
+def _split_run_batch(global_batch: int, gpus: int, whose: str) -> int:
+    """The micro-batch per device of `lowbit train`'s ``--batch-size`` (``whose``: a run
+    folder's, or the flag's): the global batch, which its ``gpus`` processes split."""
+    if not gpus or gpus < 1:  # the estimate refuses it, naming --gpus
+        return global_batch
+    if global_batch < 1:
+        raise UsageError(f"{whose} must be at least 1, got {global_batch}; fix: give 1 or more")
+    if global_batch % gpus:
+        raise UsageError(
+            f"{whose} {global_batch} (its global batch) does not split evenly over {gpus} GPUs; "
+            f"fix: --batch N (the micro-batch per device), or --gpus dividing {global_batch}"
+        )
+    return global_batch // gpus
 
 
 def run(args) -> int:

@@ -13,6 +13,9 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
   buffer instead, one parameter-dtype value per parameter;
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
 
+Under DDP (``sharding="ddp"``, or ``"none"`` over several GPUs: `lowbit train --nproc N`) the
+gradients are counted twice: ``.grad`` and DistributedDataParallel's all-reduce buckets.
+
 With ``sharding="fsdp"`` these four are the first rank's shards (ZeRO-3 / FSDP full sharding,
 `_first_shard`: ``ceil(rows / gpus)`` rows of each parameter, to which FSDP2 pads every rank's
 parameters and gradients; the step counter and code maps of each tensor whole on every rank);
@@ -640,6 +643,7 @@ def _trace_activations(
     ``alone``: one process, whose layers share quantized inputs; ranks that agree on scales do not
     (`lowbit.nn.operand.SharedQuantization`)."""
     from lowbit.memory.measure import is_parameter_cast
+    from lowbit.nn.linear import _output_dtype
 
     autocast = recipe.autocast is not None
     hp_bytes = _bytes(recipe.autocast or recipe.param_dtype)
@@ -735,17 +739,32 @@ def _trace_activations(
 
     def grouped_linear(original, x, weight, *args, **kwargs):
         """A converted mixture-of-experts layer's grouped GEMM (every expert's at once): its
-        input and weights as the layer keeps them (`lowbit.nn.experts`), not as the op saves."""
-        if where["experts"] is None:
+        input and weights as the layer keeps them (`lowbit.nn.experts`), not as the op saves,
+        and its output in the dtype a converted GEMM gives (`lowbit.nn.linear`: the autocast
+        dtype, else the input's), where transformers' op gives the weight's. Until session 39
+        the input was counted in the autocast dtype and the output left in fp32: a small
+        Mixtral's fp8-rowwise activations read 27% over the measured bytes."""
+        name = where["experts"]
+        if name is None:
             return original(x, weight, *args, **kwargs)
-        x_bytes, w_bytes, _ = _layer_input_bytes(recipe, where["experts"], hp_bytes)
-        count(x_bytes * x.numel())  # each expert GEMM's own input, quantized or not
+        x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
+        kept_dtype = None if quantized else _kept_input_dtype(recipe, name)
+        if quantized:  # each expert GEMM's own input, quantized
+            count(x_bytes * x.numel())
+        elif kept_dtype is not None and x.dtype != kept_dtype:  # each expert's own cast
+            count(kept_dtype.itemsize * x.numel())
+        elif (key := x.untyped_storage()._cdata) not in seen:  # the input as it came, once
+            seen.add(key)
+            trace.saved_in[key] = where["block"] or ""
+            count(x.untyped_storage().nbytes())
+            held_inputs.append(x)
         count(w_bytes * weight.numel(), temporary=True)
         where["converted"] = True
         try:
-            return original(x, weight, *args, **kwargs)
+            out = original(x, weight, *args, **kwargs)
         finally:
             where["converted"] = False
+        return out.to(_output_dtype(x))
 
     handles = []
     in_fp32 = contextlib.ExitStack()
@@ -1001,6 +1020,16 @@ def estimate(
     out.optimizer_states = sum(
         _shard_state_bytes(precision, k, _first_shard(k, rows, ranks)) for k, rows in trace.trained
     )
+    if sharding == "ddp" or (sharding == "none" and gpus > 1):  # `lowbit train`'s DDP
+        # DistributedDataParallel's all-reduce buckets: one flat buffer of every parameter's
+        # gradient, in its dtype, held beside ``.grad`` (lowbit.distributed.ddp wraps it without
+        # ``gradient_as_bucket_view``) for the run's life; until session 39 left out, 4 of
+        # bf16-mixed's 20 bytes per parameter per rank
+        out.gradients += p_bytes * held
+        out.notes.append(
+            "ddp: gradients twice: .grad and DistributedDataParallel's all-reduce buckets, a "
+            "copy of every gradient"
+        )
     if fsdp:
         gathered = _gathered_dtype(recipe)
         out.notes.append(

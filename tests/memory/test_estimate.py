@@ -204,8 +204,9 @@ def test_checkpointed_estimate_is_the_checkpointed_run_plus_one_block(recipe):
 
 def test_converted_experts_keep_quantized_inputs_and_weights(tmp_path):
     # fp8-tensorwise converts every expert GEMM (lowbit.nn.experts): each keeps its input and
-    # weight in fp8, 1 byte a value, where the same layer kept in high precision saves its
-    # inputs in fp32 and makes no weight copy (transformers' grouped GEMM is not autocast's).
+    # weight in fp8, 1 byte a value, and gives its output in bf16 (autocast's dtype), where the
+    # same layer kept in high precision saves its inputs in fp32, computes in fp32 and makes no
+    # weight copy (transformers' grouped GEMM is not autocast's).
     from lowbit.recipes import get_recipe
     from lowbit.recipes.recipe import Override
 
@@ -218,12 +219,14 @@ def test_converted_experts_keep_quantized_inputs_and_weights(tmp_path):
     weights = mixtral["num_hidden_layers"] * mixtral["num_local_experts"] * experts
     assert converted.temporaries - kept.temporaries == weights
     routed = 2 * 32 * mixtral["num_experts_per_tok"]  # (token, expert) rows per layer
-    inputs = (
-        mixtral["num_hidden_layers"]
-        * routed
-        * (mixtral["hidden_size"] + mixtral["intermediate_size"])
+    hidden, inner = mixtral["hidden_size"], mixtral["intermediate_size"]
+    # per routed row, bytes kept - converted: the up GEMM's input (4 - 1) x H, its gate-and-up
+    # output saved by the activation (4 - 2) x 2I, the activation's output (4 - 2) x I, the down
+    # GEMM's input (4 - 1) x I, its output saved by the routing weights' product (4 - 2) x H
+    per_row = 3 * hidden + 2 * 2 * inner + 2 * inner + 3 * inner + 2 * hidden
+    assert kept.activations - converted.activations == (
+        mixtral["num_hidden_layers"] * routed * per_row
     )
-    assert kept.activations - converted.activations == (4 - 1) * inputs
 
 
 def test_fp16_recipes_are_estimated_as_a_gpu_runs_them():
