@@ -44,6 +44,18 @@ def signals_handled(handler, *signums):
             signal.signal(signum, old)
 
 
+def progress_bars_lock_threads_only() -> None:
+    """tqdm's bars lock with a thread lock in this process, not its default multiprocessing one.
+    That one is a named semaphore, which a process killed (SIGKILL, the out-of-memory killer, or
+    the SIGTERM that stops the others after one failed) never unlinks: the resource tracker then
+    printed "There appear to be 2 leaked semaphore objects to clean up at shutdown" after the
+    one-line error. For the `--nproc` launcher's ranks (only rank 0 draws a bar) and the workers
+    of `lowbit compare --jobs` (quiet): no lock across processes is needed."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def collective_timeout() -> datetime.timedelta:
     """How long a rank waits for the others in any collective (``LOWBIT_DIST_TIMEOUT``, seconds).
     A value that is not a positive number of seconds is a `UsageError` naming the variable: every

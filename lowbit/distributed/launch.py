@@ -33,6 +33,7 @@ from lowbit.distributed.context import (
     collective_timeout,
     free_port,
     join,
+    progress_bars_lock_threads_only,
     requested_port,
     restore_env,
     signals_handled,
@@ -91,7 +92,7 @@ def _worker(local_rank, nproc, port, config, resume, overwrite, quiet, on_step, 
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    _progress_bars_lock_threads_only()
+    progress_bars_lock_threads_only()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if STOP_SIGNAL is not None:  # before training starts, the launcher's stop is a Ctrl-C
         signal.signal(STOP_SIGNAL, signal.default_int_handler)
@@ -186,19 +187,6 @@ def _stop_unless_aborted(folder: Path):
 
     asked: list[int] = []
     return handler
-
-
-def _progress_bars_lock_threads_only() -> None:
-    """tqdm's bars lock with a thread lock in this rank, not its default multiprocessing one.
-    That one is a named semaphore, which a rank killed (SIGKILL, or the launcher's SIGTERM to the
-    other ranks after one failed) never unlinks: the launcher's resource tracker then printed
-    "There appear to be 2 leaked semaphore objects to clean up at shutdown" after the run's one-line
-    error. Only rank 0 draws a bar, so no lock across processes is needed."""
-    import threading
-
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
 
 
 def _failure(folder: Path, exited_rank: int | None, detail: str) -> BaseException:

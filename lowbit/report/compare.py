@@ -1010,11 +1010,19 @@ def _worsened_seeds(runs: list[dict], pct: float) -> list[int]:
     ]
 
 
+def tightest_target(targets) -> float | None:
+    """The smallest tolerance, in percent, of ``targets`` (`Target`) that claim parity, None where
+    none does: a target expected to be worse (``bf16-pure``) is a floor the gap must exceed, not
+    a margin within which the study calls a difference none. One rule for the study's judging of
+    its baseline (`_tightest_target`) and the report's trend line (`markdown.trend_line`)."""
+    return min((t.pct for t in targets if not t.expect_worse), default=None)
+
+
 def _tightest_target(study: Study) -> float:
-    """The smallest tolerance, in percent, of the recipes judged for parity (those expected to
-    be worse excluded), or the study's --tolerance where none is."""
-    judged = [study.target(name) for name in study.recipes if name != study.baseline]
-    return min((t.pct for t in judged if not t.expect_worse), default=study.tolerance)
+    """`tightest_target` of the recipes the study judges, or its --tolerance where none claims
+    parity (the baseline alone, or every recipe expected to be worse)."""
+    pct = tightest_target(study.target(name) for name in study.recipes if name != study.baseline)
+    return study.tolerance if pct is None else pct
 
 
 def _rise(runs: list[dict], seeds: list[int]) -> str:

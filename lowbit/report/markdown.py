@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from lowbit.memory.breakdown import COMPONENTS, human
-from lowbit.report.compare import spread_digits, verdict_digits
+from lowbit.report.compare import Target, spread_digits, tightest_target, verdict_digits
 from lowbit.train.config import write_atomically
 from lowbit.train.trainer import TRAIN_LOSS_STEPS
 
@@ -422,14 +422,14 @@ def trend_line(results: dict) -> str:
         f"{trend['to_step'] - trend['from_step']} steps ({trend['from_loss']:.4f} -> "
         f"{trend['to_loss']:.4f}, {over})"
     )
-    targets = [
-        r["target"]["pct"]
+    pct = tightest_target(
+        Target(r["target"]["pct"], expect_worse=r["target"]["expect_worse"])
         for name, r in results["recipes"].items()
-        if name != results["baseline"] and not r["target"]["expect_worse"]
-    ]
-    if targets and -change > min(targets):
+        if name != results["baseline"]
+    )
+    if pct is not None and -change > pct:
         return (
-            f"{text}: still falling by more than the tightest target ({min(targets):g}%), so a "
+            f"{text}: still falling by more than the tightest target ({pct:g}%), so a "
             "gap partly measures how fast a recipe converges, not only where it ends."
         )
     return text + "."

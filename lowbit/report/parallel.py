@@ -16,7 +16,11 @@ holds either until it can handle it (`_held_while_workers_start`): the study sto
 workers have started, quietly. This process says the study's last line after every worker has
 ended (the pool's shutdown waits for them). A run that fails stops the others the same way but
 quietly (an event the workers read after each step, `_failed`): each says where it stopped, in
-one line.
+one line. A worker killed outright (SIGKILL, the out-of-memory killer) breaks the pool, which
+stops the others with a SIGTERM (each saves its step): the study's error names the run whose
+worker died (`_killed`), and the same command goes on. Not a new pool for the runs left: what
+killed the worker (memory) kills the next at the same --jobs, and the study cannot report without
+the run that died; every run's checkpoint is kept for the rerun, at a lower --jobs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import takewhile
 from pathlib import Path
 
-from lowbit.distributed.context import STOP_SIGNAL, signals_handled
+from lowbit.distributed.context import (
+    STOP_SIGNAL,
+    progress_bars_lock_threads_only,
+    signals_handled,
+)
 from lowbit.errors import UsageError
 
 
@@ -203,6 +211,9 @@ def warnings_once():
 
 # The signals a worker handles as a stop request (`_stop`), held pending while it starts
 _STOPS = {signal.SIGINT} | ({STOP_SIGNAL} if STOP_SIGNAL is not None else set())
+# Blocked while the pool starts: `_STOPS`, and SIGPIPE, for good in the pool's own threads
+# (`_held_while_workers_start`)
+_HELD = _STOPS | ({signal.SIGPIPE} if hasattr(signal, "SIGPIPE") else set())
 
 
 @contextlib.contextmanager
@@ -215,14 +226,23 @@ def _held_while_workers_start():
     the pool, and ``lowbit compare`` died of SIGPIPE (its default in the command) as the pool
     shut down, with no line of its own. A mask is what a spawned process inherits (not a
     handler); multiprocessing's resource tracker starts the same way (bpo-33613), and it is
-    started first, as starting it unblocks them here."""
+    started first, as starting it unblocks them here.
+
+    SIGPIPE is blocked too, and stays blocked in the threads the pool starts meanwhile (its
+    manager thread, and the feeder thread of its queue of runs, which inherit this thread's
+    mask): after a worker died (SIGKILL, the out-of-memory killer) the pool closes its end of
+    that queue and ends the other workers, and the feeder's next write (the workers' "stop"
+    sentinels) went to a pipe no process read. In ``lowbit compare``, whose SIGPIPE is the
+    default action (`lowbit.cli.main`, for ``lowbit recipes | head``), that killed the study
+    without a line; blocked, the write fails with EPIPE, which the pool ignores. This thread's
+    own writes (the progress lines to a closed ``| head``) are as before, its mask restored."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGUSR1 stop, no masks
         yield
         return
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         yield
     finally:
@@ -241,10 +261,11 @@ def _start_worker(failure=None, warned: str | None = None) -> None:
     _failure = failure
     if warned is not None:
         sys.stderr = _WarnedOnce(sys.stderr, warned)
+    progress_bars_lock_threads_only()  # a worker killed leaves no semaphore behind
     for signum in _STOPS:
         signal.signal(signum, _stop)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
 def _stop(signum, frame) -> None:
@@ -303,6 +324,23 @@ def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, STOP_SIGNAL)
+
+
+def _killed(runs, pids: set[int]) -> list[tuple]:
+    """The runs of ``runs`` whose worker died without a word: run.json says running, in one of
+    ``pids`` (the pool's workers: not a run killed in an earlier invocation, queued here), and no
+    process holds the run's folder (`lowbit.train.runstate.state`). Empty where the worker died
+    before its run wrote run.json, or the folder's lock cannot be told."""
+    from lowbit.train.config import read_run_info
+    from lowbit.train.runstate import state
+
+    killed = []
+    for study, recipe, seed in runs:
+        folder = study.run_dir(recipe, seed)
+        info = read_run_info(folder)
+        if info.get("pid") in pids and state(folder, info) == "killed":
+            killed.append((study, recipe, seed))
+    return killed
 
 
 def raise_interrupt(signum, frame) -> None:
@@ -373,11 +411,23 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
             try:
                 how, loss = future.result()
             except BrokenProcessPool:  # a traceback from the pool's internals otherwise
+                # the pool ends the other workers (SIGTERM: they save a checkpoint); once they
+                # have, the dead worker's folder is surely unlocked (its lock can outlive the
+                # pipe that told the pool it died, by a moment)
+                pool.shutdown()
+                killed = _killed(runs, pids)
+                workers = min(jobs, len(runs))
+                what = (
+                    " and ".join(name(f) for f in futures if futures[f] in killed)
+                    + f", one of {workers} runs at a time"
+                    if killed
+                    else f"{study.out.name}'s runs, {workers} at a time"
+                )
                 raise UsageError(
-                    f"a worker process died while training {study.out.name}'s runs, "
-                    f"{min(jobs, len(runs))} at a time (killed by the system: out of memory?); "
-                    "the runs keep their last checkpoints; fix: a lower --jobs (each worker "
-                    "holds its own model and data), then run the same command again to resume"
+                    f"a worker process died while training {what} (killed by the system: out of "
+                    "memory?); the other runs stopped, every run keeps its last checkpoint and the "
+                    "finished ones are reused; fix: a lower --jobs (each worker holds its own "
+                    "model and data), then run the same command again to resume"
                 ) from None
             if how != "reused":
                 trained.add((study.out, recipe, seed))
@@ -389,7 +439,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                 f"{minutes:.1f} min since the start, {jobs} jobs)"
             )
 
-        failed = None
+        failed, pids = None, set()
         try:
             # submitted in the try: a stop while the workers start is passed on to them
             with _held_while_workers_start():  # `submit` starts the workers
@@ -397,6 +447,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                     future = pool.submit(_train, *run, threads, jobs)
                     futures[future] = run
                     pending.add(future)
+            pids = set(getattr(pool, "_processes", None) or ())  # started by now, for good
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for failed in done:

@@ -16,6 +16,10 @@ from lowbit.cli import main
 
 LM_FLAGS = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 LM_FLAGS += ["--steps", "2", "--eval-interval", "2", "--warmup-steps", "1", "--seeds", "1"]
+# the digits CNN, for the --jobs studies: what is checked is a worker's failure or stop, the same
+# for every task, and a worker starts without importing transformers (seconds of CPU each)
+JOBS_FLAGS = ["--task", "image-classification", "--batch-size", "4", "--steps", "2"]
+JOBS_FLAGS += ["--eval-interval", "2", "--warmup-steps", "1", "--seeds", "1", "--jobs", "2"]
 GPU = "NVIDIA H100 80GB HBM3"
 
 # Imported by every interpreter started with its folder on PYTHONPATH: the --jobs workers (spawned,
@@ -68,8 +72,8 @@ def _hook(tmp_path, monkeypatch, how: str) -> None:
     monkeypatch.setenv("LOWBIT_TEST_DISK", f"fp32,bf16-mixed,{how}")
 
 
-def _compare(out, *flags) -> int:
-    argv = ["compare", *LM_FLAGS, "--quiet", "--no-plots", "--threads", "1", "--out", str(out)]
+def _compare(out, *flags, task_flags=LM_FLAGS) -> int:
+    argv = ["compare", *task_flags, "--quiet", "--no-plots", "--threads", "1", "--out", str(out)]
     return main([*argv, *flags])
 
 
@@ -81,7 +85,7 @@ def test_a_full_disk_in_a_worker_is_one_line_naming_the_study_fix(tmp_path, monk
     which printed a traceback."""
     _hook(tmp_path, monkeypatch, "full")
     out = tmp_path / "study"
-    assert _compare(out, "--recipes", "fp32,bf16-mixed", "--jobs", "2") == 1
+    assert _compare(out, "--recipes", "fp32,bf16-mixed", task_flags=JOBS_FLAGS) == 1
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     error = err.strip().splitlines()[-1]
@@ -91,7 +95,7 @@ def test_a_full_disk_in_a_worker_is_one_line_naming_the_study_fix(tmp_path, monk
         f"fix: free disk space, then run the same command again to resume (out {out})"
     )
     monkeypatch.delenv("LOWBIT_TEST_DISK")  # the disk freed: the same command finishes
-    assert _compare(out, "--recipes", "fp32,bf16-mixed", "--jobs", "2") == 0
+    assert _compare(out, "--recipes", "fp32,bf16-mixed", task_flags=JOBS_FLAGS) == 0
     assert (out / "runs" / "fp32" / "seed-0" / "compare.json").is_file()
 
 
@@ -101,8 +105,8 @@ def test_a_ctrl_c_that_finds_a_worker_between_runs_prints_no_traceback(tmp_path,
     died of it with a KeyboardInterrupt traceback under the study's "interrupted" line."""
     _hook(tmp_path, monkeypatch, "slow")
     out = tmp_path / "study"
-    argv = ["compare", *LM_FLAGS, "--quiet", "--no-plots", "--threads", "1", "--out", str(out)]
-    argv += ["--recipes", "fp32,bf16-mixed", "--jobs", "2"]
+    argv = ["compare", *JOBS_FLAGS, "--quiet", "--no-plots", "--threads", "1", "--out", str(out)]
+    argv += ["--recipes", "fp32,bf16-mixed"]
     code = f"import sys; from lowbit.cli import main; sys.exit(main({argv!r}))"
     parent = subprocess.Popen(
         [sys.executable, "-c", code],
@@ -132,11 +136,11 @@ def test_a_worker_killed_for_memory_is_one_line_naming_jobs(tmp_path, monkeypatc
     BrokenProcessPool reached the user as a traceback of concurrent.futures' internals."""
     _hook(tmp_path, monkeypatch, "kill")
     out = tmp_path / "study"
-    assert _compare(out, "--recipes", "fp32,bf16-mixed", "--jobs", "2") == 2
+    assert _compare(out, "--recipes", "fp32,bf16-mixed", task_flags=JOBS_FLAGS) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     (error,) = [line for line in err.splitlines() if line.startswith("lowbit: error: ")]
-    assert "a worker process died while training study's runs, 2 at a time" in error
+    assert "a worker process died while training study: fp32 seed 0, one of 2 runs" in error
     assert error.endswith(
         "fix: a lower --jobs (each worker holds its own model and data), then "
         "run the same command again to resume"
