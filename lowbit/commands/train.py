@@ -27,7 +27,11 @@ FLAGS = [
         str,
         "a folder, glob, text, JSONL or .json file (causal-lm), or CoNLL file/folder",
     ),
-    ("--text-field", str, "the JSON records' field that holds the text (default text)"),
+    (
+        "--text-field",
+        str,
+        "the JSON records' field that holds the text (default text; a.b: b in a)",
+    ),
     ("--tokenizer", str, "byte (default) or bpe (trained on the train split)"),
     ("--vocab-size", int, "BPE vocabulary size (default 2048)"),
     ("--steps", int, "optimizer steps (task default; or use --epochs)"),

@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from lowbit.data.corpus import JSONL_SUFFIXES, read_lines
+from lowbit.data.corpus import JSONL_SUFFIXES, read_lines, unpack_fix, unpacked_path
 from lowbit.errors import UsageError, warn
 
 COLUMN_SEPARATOR = re.compile(r"[ \t]+")
@@ -194,6 +194,16 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
         fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE; BILOU's L-TYPE, U-TYPE)"
         if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
             fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
+        elif columns[0].startswith("#") and len(columns) > 2:  # '# sent_id = 3': "tag '3'"
+            fix = (
+                "remove the comment lines (those opening with #): 'TOKEN TAG' files hold none "
+                "(a treebank's .conllu file does)"
+            )
+        elif columns[-1].isdigit():  # a Hugging Face dataset's ner_tags written out as ids
+            fix = (
+                "write each tag's name, not its number (a Hugging Face dataset's ner_tags ids "
+                "name the tags of features['ner_tags'].feature.names)"
+            )
         elif is_valid_tag(capital := columns[-1][:1].upper() + columns[-1][1:]):  # 'b-per'
             fix = f"write the tag's prefix in capitals ({capital})"
         elif is_valid_tag(columns[0]):  # 'B-PER Ann': the listed tags were no help there
@@ -344,6 +354,13 @@ def conll_folder_files(folder, splits=CONLL_SPLIT_WORDS) -> dict[str, list[Path]
         ]
         if json_files:
             raise _json_refusal(json_files[0])
+        # compressed split files (train.txt.gz): "rename the split files" was the fix
+        packed = [p.name for p in files if (u := unpacked_path(p)) and conll_split_of(u.name)]
+        if packed:
+            raise UsageError(
+                f"{folder}: its split files are compressed ({', '.join(packed[:3])}), and lowbit "
+                f"reads plain UTF-8 files; fix: {unpack_fix(folder, packed)}"
+            )
         names = [p.name for p in files]
         held = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         words = ", ".join("|".join(words) for words in CONLL_SPLIT_WORDS.values())

@@ -16,10 +16,11 @@ only the others go by the rule. Without a validation entry, the train entry's do
 rule puts in validation are the validation split.
 
 Files are read as UTF-8 with a leading byte-order mark dropped (`read_text`) and cut into lines at
-line feeds only (`read_lines`), so line numbers are the ones an editor shows. A folder or glob skips
-hidden files and folders (names starting with a dot) and follows folder links (not back into a
-folder they are in), and a file reached under several names (symbolic links) is read once, under
-its first name, so that no text lands in two splits.
+line feeds only (`read_lines`), so line numbers are the ones an editor shows (one text file of old
+Mac line ends, carriage returns and no line feed, is cut at those: `_paragraph_documents`). A
+folder or glob skips hidden files and folders (names starting with a dot) and follows folder links
+(not back into a folder they are in), and a file reached under several names (symbolic links) is
+read once, under its first name, so that no text lands in two splits.
 
 `load_corpus` warns (one ``lowbit: warning:`` line each, once per process) about what a run would
 otherwise take in without a word: text files that a folder does not read (a ``.jsonl`` beside the
@@ -286,11 +287,14 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
     documents, binary, unread, written = _read_texts(source, text_field)
     splits = split_documents(documents)
+    folder = Path(os.path.expanduser(str(source)))
+    listed = _unique(_folder_files(folder)) if folder.is_dir() else []  # one walk for both
     warnings = tuple(
         filter(
             None,
             [
-                _skipped_files(str(source)),
+                _skipped_files(str(source), listed),
+                _compressed_files(str(source), listed),
                 _skipped_binary(str(source), binary),
                 _unread_entries(str(source), unread),
                 _lowbit_written(str(source), written),
@@ -310,19 +314,13 @@ _WARNED: set[str] = set()
 SHARED_MIN_CHARS = 32
 
 
-def _skipped_files(spec: str) -> str | None:
+def _skipped_files(spec: str, listed: list[Path]) -> str | None:
     """The warning for a folder's text files that it is not read for (`FOLDER_SUFFIXES`): JSON
     Lines, ``.rst``, ``.csv``, code. Left out without a word, a folder of ``.txt`` and ``.jsonl``
     files trained on the ``.txt`` ones alone, and one holding a README beside its ``train.jsonl``
-    on the README."""
+    on the README. ``listed``: the folder's files (`_folder_files`), none for other data."""
     folder = Path(os.path.expanduser(spec))
-    if not folder.is_dir():
-        return None
-    skipped = [
-        f
-        for f in _unique(_folder_files(folder))
-        if f.suffix.lower() not in FOLDER_SUFFIXES and _looks_like_text(f)
-    ]
+    skipped = [f for f in listed if f.suffix.lower() not in FOLDER_SUFFIXES and _looks_like_text(f)]
     if not skipped:
         return None
     names = [f.relative_to(folder).as_posix() for f in skipped]
@@ -339,6 +337,54 @@ def _skipped_files(spec: str) -> str | None:
         f"({_shown(names)}): {read}; fix: to train on them too give a glob, "
         f"--data '{(folder / '**' / '*').as_posix()}' reads every file "
         "(.jsonl ones as JSON Lines), or move them out of the folder"
+    )
+
+
+def _compressed_files(spec: str, listed: list[Path]) -> str | None:
+    """The warning for a folder's compressed text files (`_compressed_below`), which it does not
+    read: left out without a word (binary, so not named by `_skipped_files`), a folder of
+    ``.txt`` files with some gzipped trained on the others alone. ``listed`` as there."""
+    folder = Path(os.path.expanduser(spec))
+    packed = _compressed_below(folder, listed)
+    if not packed:
+        return None
+    return (
+        f"{spec}: {len(packed)} compressed file{'s' if len(packed) > 1 else ''} not read "
+        f"({_shown(packed)}): lowbit reads plain UTF-8 files; fix: {unpack_fix(folder, packed)}"
+    )
+
+
+def _compressed_below(folder: Path, listed: list[Path]) -> list[str]:
+    """The compressed text files of ``listed``, the files below ``folder``, by relative name: a
+    text or JSON Lines file's name with a compressed format's extension (`UNPACK`: ``a.txt.gz``,
+    ``c4-train.00000-of-01024.json.gz``), whose unpacked file is not beside it. Not a zip
+    archive, which holds files under names of their own."""
+    text = (*FOLDER_SUFFIXES, *JSONL_SUFFIXES)
+    return [
+        p.relative_to(folder).as_posix()
+        for p in listed
+        if (unpacked := unpacked_path(p)) and unpacked.suffix.lower() in text
+    ]
+
+
+def unpacked_path(path: Path) -> Path | None:
+    """The file that unpacking the compressed file ``path`` writes beside it (``a.txt.gz``:
+    ``a.txt``), where ``path`` is named as one (`UNPACK`, not a zip archive, which holds files
+    under names of their own) and that file is not there yet; else None."""
+    extensions = tuple(extension for kind, (extension, _) in UNPACK.items() if kind != "zip")
+    if path.suffix.lower() not in extensions or path.with_suffix("").exists():
+        return None
+    return path.with_suffix("")
+
+
+def unpack_fix(folder: Path, packed: list[str]) -> str:
+    """The command that unpacks the compressed files ``packed`` of ``folder`` beside themselves
+    (a ``find`` for each format among them)."""
+    found = dict.fromkeys(Path(name).suffix.lower() for name in packed)
+    return "decompress them: " + " && ".join(
+        f"find {shlex.quote(str(folder))} -name '*{extension}' -exec {unpack} {{}} +"
+        for extension, unpack in UNPACK.values()
+        if extension in found
     )
 
 
@@ -398,9 +444,17 @@ def _is_binary(path: Path) -> bool:
     `read_text` names those with their fix."""
     try:
         with path.open("rb") as file:
-            head = file.read(8000)
+            head = file.read(BINARY_HEAD)
     except OSError:  # read_text names the error
         return False
+    return _binary_head(head)
+
+
+BINARY_HEAD = 8000  # the bytes of a file's start that git looks at for a NUL byte
+
+
+def _binary_head(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (`BINARY_HEAD` bytes) holds no text (`_is_binary`)."""
     if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS, PARQUET)):
         return False
     return not _wide_text(head)
@@ -557,10 +611,20 @@ def _read_texts(
                 f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
                 f"a glob for those, --data '{pattern}'"
             )
+        if path.is_dir() and (packed := _compressed_below(path, _unique(_folder_files(path)))):
+            raise UsageError(
+                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
+                f"none, only compressed ones ({_shown(packed)}); fix: {unpack_fix(path, packed)}"
+            )
         if path.is_dir() and (tables := _tables_below(path)):
             raise UsageError(
                 f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
                 f"none, only tables ({_shown(tables)}); fix: {_table_fix(path / tables[0])}"
+            )
+        if docs and path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
+            raise UsageError(  # it was "fix: point at ... a JSONL file with a 'text' field"
+                f"{spec}: the {text_field!r} field of all {len(docs)} records is empty or "
+                "whitespace; fix: name the field that holds the text with --text-field"
             )
         if written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
             raise UsageError(
@@ -664,7 +728,7 @@ def _starts_readable(path: Path, text_field: str) -> bool:
         record = json.loads(line)
     except ValueError:  # a first line longer than the head, a .json array: read in full
         return False
-    return isinstance(record, dict) and isinstance(record.get(text_field), str)
+    return isinstance(record, dict) and isinstance(_field(record, text_field)[0], str)
 
 
 def _shown(names: list[str]) -> str:
@@ -913,6 +977,14 @@ COMPRESSED = {
     b"\x28\xb5\x2f\xfd": "zstd",
     b"PK\x03\x04": "zip",
 }
+# Each compressed format's file extension and the command that unpacks a file beside itself.
+UNPACK = {
+    "gzip": (".gz", "gunzip -k"),
+    "bzip2": (".bz2", "bunzip2 -k"),
+    "xz": (".xz", "unxz -k"),
+    "zstd": (".zst", "unzstd"),
+    "zip": (".zip", "unzip"),
+}
 
 
 # Apache Parquet's magic number, which opens and closes its files: the Hugging Face Hub serves
@@ -957,7 +1029,13 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
         if kind is not None:
             raise UsageError(
                 f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain "
-                "UTF-8 files)"
+                f"UTF-8 files): {UNPACK[kind][1]} {shlex.quote(str(path))}, and give the file it "
+                "writes"
+            ) from None
+        if _binary_head(data[:BINARY_HEAD]):  # an image named .txt: no encoding converts it
+            raise UsageError(
+                f"{path}: a binary file (a NUL byte at offset {data.index(0)}), not text; fix: "
+                + (or_else or "give a UTF-8 text file")
             ) from None
         encoding = next((name for bom, name in UNICODE_BOMS.items() if data.startswith(bom)), None)
         if encoding is not None:
@@ -967,10 +1045,25 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
             ) from None
         raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
     except OSError as error:
-        raise UsageError(f"{path}: cannot read ({error.strerror}); fix: check the path") from None
+        fix = "check the path"
+        if isinstance(error, PermissionError):  # "check the path" of a file that is there
+            fix = f"make it readable (chmod u+r {shlex.quote(str(path))})" + (
+                f" or {or_else}" if or_else else ""
+            )
+        raise UsageError(f"{path}: cannot read ({error.strerror}); fix: {fix}") from None
     if "\0" in text:
+        first = data.index(0)
+        if not _wide_text(data[:BINARY_HEAD]):  # UTF-8 text but for NUL bytes (a log's padding)
+            clean = shlex.quote(str(path.with_name(f"{path.stem}.clean{path.suffix}")))
+            line = data.count(b"\n", 0, first) + 1
+            raise UsageError(
+                f"{path}: holds NUL bytes (byte {first}, line {line}), "
+                "which no text has; fix: if the rest is its text, delete them (tr -d '\\000' < "
+                f"{shlex.quote(str(path))} > {clean}) and use that file in its place"
+                + (f"; or {or_else}" if or_else else "")
+            )
         raise UsageError(
-            f"{path}: holds NUL bytes (byte {data.index(0)}), as binary files and UTF-16 text do, "
+            f"{path}: holds NUL bytes (byte {first}), as binary files and UTF-16 text do, "
             "not UTF-8 text; fix: convert it to UTF-8" + (f" or {or_else}" if or_else else "")
         )
     return text
@@ -1024,8 +1117,15 @@ def _file_documents(path: Path, name: str) -> list[Document]:
 
 
 def _paragraph_documents(path: Path) -> list[Document]:
+    """One document per paragraph of ``path`` (see `_read_texts`). A file with carriage returns
+    and no line feed (old Mac line ends, which editors show as lines) is cut at carriage returns:
+    cut at line feeds, it was one paragraph, and its run stopped at "the validation split is
+    empty" with a fix (a blank line between paragraphs) that the file already followed."""
+    text = read_text(path)
+    old_mac = "\r" in text and "\n" not in text
+    lines = io.StringIO(text, newline="\r").readlines() if old_mac else split_lines(text)
     docs, block, start = [], [], 1
-    for number, line in enumerate(read_lines(path), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             if not block:
                 start = number
@@ -1157,21 +1257,45 @@ def _json_value(text: str, where: str, shape: str):
         raise UsageError(f"{where}: invalid JSON ({problem}); fix: {shape}") from None
 
 
+_ABSENT = object()  # what `_field` finds where a record has no such field
+
+
+def _field(record: dict, text_field: str):
+    """``(value, names)``: ``record[text_field]``, or for a dotted name that is no key of the
+    record a nested field (``meta.text``, as Hugging Face datasets' ``flatten`` names it), and the
+    names of the fields of the object where the lookup ended (``meta.id, meta.title``), with
+    `_ABSENT` as the value where it found none."""
+    if text_field in record or "." not in text_field:
+        return record.get(text_field, _ABSENT), list(record)
+    value, prefix = record, ""
+    for key in text_field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            break
+        value, prefix = value[key], f"{prefix}{key}."
+    else:
+        return value, list(record)
+    names = [f"{prefix}{k}" for k in value] if isinstance(value, dict) else [prefix[:-1]]
+    return _ABSENT, names
+
+
 def _record_text(record, where: str, text_field: str, shape: str) -> str:
     """The string field ``text_field`` of a JSON record, or a one-line error naming ``where`` (and
     the expected ``shape`` of the file, for a record that is no object)."""
     if not isinstance(record, dict):
         raise UsageError(f"{where}: {JSON_TYPES[type(record)]}, not a JSON object; fix: {shape}")
-    if text_field not in record:
+    text, found = _field(record, text_field)
+    if text is _ABSENT:
         raise UsageError(
-            f"{where}: no field {text_field!r} (found: {', '.join(record) or 'none'}); "
+            f"{where}: no field {text_field!r} (found: {', '.join(found) or 'none'}); "
             "fix: add it or name the field that holds the text with --text-field"
         )
-    text = record[text_field]
     if not isinstance(text, str):
+        inner = [k for k, v in text.items() if isinstance(v, str)] if isinstance(text, dict) else []
+        name = f"--text-field {text_field}.{inner[0]}" if inner else ""
         raise UsageError(
             f"{where}: field {text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
-            "fix: make it the text, drop the record, or name the text field with --text-field"
+            "fix: make it the text, drop the record, or name the text field with "
+            + (f"{name} (a field inside it)" if name else "--text-field")
         )
     try:
         text.encode("utf-8")
