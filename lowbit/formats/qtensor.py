@@ -444,8 +444,10 @@ def unit_scale(device: torch.device | str) -> torch.Tensor:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         # a real tensor even when first asked for inside a trace (torch.export's fake tensors):
-        # a fake one kept here broke every later eager call of the process
-        with unset_fake_temporarily():
+        # a fake one kept here broke every later eager call of the process; and a normal one when
+        # first asked for under `torch.inference_mode()` (a GPU model evaluated before it
+        # trains): an inference tensor kept here failed every later backward that saved it
+        with unset_fake_temporarily(), torch.inference_mode(False):
             _UNIT_SCALES[device] = torch.ones(1, 1, device=device)
     return _UNIT_SCALES[device]
 

@@ -129,8 +129,11 @@ class AmaxHistory:
 
     def _move_to(self, device: torch.device) -> None:
         if self.history.device != device:
-            self.history = self.history.to(device)
-            self.traced_pending = self.traced_pending.to(device)
+            # normal tensors even when first moved under `torch.inference_mode()` (a history
+            # loaded on the CPU, its GPU model evaluated first): `commit` writes into them
+            with torch.inference_mode(False):
+                self.history = self.history.to(device)
+                self.traced_pending = self.traced_pending.to(device)
 
     def commit(self, device: torch.device | None = None) -> None:
         """Roll the history and append this step's amax (called once per optimizer step).

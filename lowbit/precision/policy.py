@@ -61,7 +61,7 @@ from lowbit.precision.update import (
 )
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.presets import is_built_in, own_name_fix
-from lowbit.recipes.recipe import DTYPES, OperandSpec
+from lowbit.recipes.recipe import DTYPES, OperandSpec, dtype_name
 
 
 class Precision:
@@ -361,12 +361,44 @@ class Precision:
                 "optimizer"
             )
         if all(known is not optimizer for known in self._optimizers):
+            self._refuse_infinite_parameters(optimizer)
             self._add_optimizer(optimizer)
             self.update.wrap(optimizer)
             _guard_steps(optimizer, self)
         self._warn_replaced_layers(3)
         self._apply_pending()
         return optimizer
+
+    def _refuse_infinite_parameters(self, optimizer) -> None:
+        """Refuse an optimizer of a 16-bit parameter that holds inf, before anything is wrapped.
+
+        `convert` refuses a model whose values its 16-bit dtype cannot hold
+        (`_check_parameters_fit`), but not one on the meta device, which has no values yet: loaded
+        after ``to_empty``, a pretrained weight beyond fp16's 65504 became inf in the fp16
+        parameter and its master copy, and every step was skipped as an overflow without a word
+        (``precision.step`` returned False, the loss scale backing off for ever)."""
+        if self.param_dtype == torch.float32:
+            return
+        params = [
+            p
+            for p in optimizer_params(optimizer)
+            if p.dtype == self.param_dtype and type(p.detach()) is torch.Tensor  # a DTensor's
+            # shard: one rank refusing alone left the others waiting
+        ]
+        if not params or not bool(torch.stack([p.detach().isinf().any() for p in params]).any()):
+            return
+        first = next(p for p in params if bool(p.detach().isinf().any()))
+        names = {id(p): name for model in self._models for name, p in model.named_parameters()}
+        name = names.get(id(first), f"a parameter of shape {tuple(first.shape)}")
+        short = dtype_name(self.param_dtype)
+        limit = torch.finfo(self.param_dtype).max
+        raise UsageError(
+            f"{name} holds inf, and training it under {self.recipe.name}'s {short} parameters "
+            f"would skip every step: a value beyond {short}'s largest {limit:.6g} was written "
+            "into it (weights loaded after precision.convert() of a model on the meta device); "
+            "fix: load the weights before precision.convert() (to_empty, load_state_dict, then "
+            "convert), which refuses what the recipe cannot hold"
+        )
 
     def _add_optimizer(self, optimizer) -> None:
         """List a newly wrapped optimizer. One that shares a parameter with optimizers wrapped
