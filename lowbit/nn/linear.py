@@ -30,6 +30,7 @@ from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, QTensor
 from lowbit.formats.hadamard import random_signs, transform
+from lowbit.nn.eager_roundings import keep_eager_roundings
 from lowbit.nn.gemm import bf16_outputs, cast_gemm, emulated_gemm
 from lowbit.nn.operand import (
     AmaxHistory,
@@ -753,6 +754,7 @@ def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
 def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
     check_floating_input(x, weight)
+    keep_eager_roundings()
     if _on_meta(x, weight, bias):
         return _meta_forward(F.linear, x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
