@@ -21,7 +21,8 @@ from lowbit.infer.modules import KERNELS, QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides, common_divisors
 from lowbit.nn.convert import output_head_names
 from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name, other_experts_layout
-from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear
+from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear, is_router
+from lowbit.recipes.presets import ROUTER_KEPT
 
 # Output layers kept dense by `prune_model`, besides the one transformers' get_output_embeddings()
 # returns whatever its name (BioGPT's output_projection, GPT-NeoX-Japanese's embed_out).
@@ -98,6 +99,8 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
             report.kept[name] = "embedding lookups stay in their dtype"
         elif (layout := other_experts_layout(module)) is not None:
             report.kept[name] = f"{layout}: not quantized"
+        elif is_router(module):  # a GEMM with its own weight, not a linear layer
+            report.kept[name] = ROUTER_KEPT
     return report
 
 

@@ -42,12 +42,18 @@ and registers ``lowbit_sdpa`` again when it is loaded (`_Registration`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
 from lowbit.dynamo_marks import assume_constant_result
+from lowbit.nn.eager_roundings import keep_eager_roundings
 
 # The compute dtypes rerouted, and whether their forward runs in fp32 too (see above).
 _FORWARD_IN_FP32 = {torch.bfloat16: False, torch.float16: True}
@@ -78,6 +84,7 @@ class AttentionInFp32(TorchFunctionMode):
 
 
 def _attention(func, query, key, value, dtype: torch.dtype, options: dict) -> torch.Tensor:
+    keep_eager_roundings()  # its output's rounding to 16 bits
     query, key, value = (t.to(dtype) for t in (query, key, value))
     mask = options.get("attn_mask")
     if mask is not None and mask.is_floating_point():
@@ -214,11 +221,12 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
 def route_attention(model: torch.nn.Module) -> bool:
     """Switch a Hugging Face model using ``sdpa`` attention to ``lowbit_sdpa``; True if switched.
 
-    Other models are left as they are (their attention keeps PyTorch's 16-bit kernels)."""
+    Other models are left as they are (their attention keeps PyTorch's 16-bit kernels), and so
+    are models whose code branches on the name ``sdpa`` (`_tests_for_sdpa`)."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if not hasattr(model, "set_attn_implementation"):
+    if not hasattr(model, "set_attn_implementation") or _tests_for_sdpa(model):
         return False
     _register()
     model.set_attn_implementation(ATTENTION_NAME)
@@ -227,6 +235,31 @@ def route_attention(model: torch.nn.Module) -> bool:
         if getattr(getattr(module, "config", None), "_attn_implementation", None) == ATTENTION_NAME:
             module.lowbit_attention_registration = registration
     return True
+
+
+# A comparison of the attention implementation's name with "sdpa" in a model's code:
+# ``config._attn_implementation in ("eager", "sdpa")`` (DeepSeek-V3.2's, GLM-MoE-DSA's and
+# Mistral-Large-4's sparse attention mask the unselected keys only then, and otherwise hand
+# ``sparse_indices`` to a kernel that reads them), ``== "sdpa"`` (GLM-5-Next's mask, Gemma 4's
+# logits_to_keep).
+_SDPA_NAMED = re.compile(r"""_attn_implementation\s*(?:[!=]=|(?:not\s+)?in\b)[^\n]*["']sdpa["']""")
+
+
+def _tests_for_sdpa(model: torch.nn.Module) -> bool:
+    """Whether the code of any of ``model``'s modules compares its attention implementation with
+    the name ``sdpa``: under ``lowbit_sdpa`` that code takes the branch of another implementation
+    (DeepSeek-V3.2's attention would attend to every key instead of its selected top-k: other
+    logits, silently), so such a model keeps Transformers' own ``sdpa``."""
+    return any(_source_names_sdpa(name) for name in {type(m).__module__ for m in model.modules()})
+
+
+@functools.cache
+def _source_names_sdpa(module_name: str) -> bool:
+    try:
+        source = inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):  # no source (a built-in, a frozen or compiled module)
+        return False
+    return _SDPA_NAMED.search(source) is not None
 
 
 def _register() -> None:

@@ -19,13 +19,17 @@ LINEAR_EQUIVALENTS = {("transformers.models.falcon.modeling_falcon", "FalconLine
 # (module, class) of modules, with the names of their linear layers whose weight they multiply by
 # themselves instead of calling the layer: the Mamba mixers' ``time_step = self.dt_proj.weight @
 # time_step`` (the bias is added later, inside the selective scan), MobileBERT's masked-LM head's
-# one GEMM with ``torch.cat([self.decoder.weight.t(), self.dense.weight])``. Swapped, such a layer
+# one GEMM with ``torch.cat([self.decoder.weight.t(), self.dense.weight])``, NeoMME's masked-LM
+# ``hidden_states @ self.unembedding_projection.weight``. Swapped, such a layer
 # would be reported converted and never run, its GEMM in high precision. (Falcon-Mamba and Jamba
 # call ``dt_proj`` only where ``config._is_quantized`` is set, which other code reads as well.)
 WEIGHT_READ_BY_PARENT = {
     ("transformers.models.mobilebert.modeling_mobilebert", "MobileBertLMPredictionHead"): (
         "dense",
         "decoder",
+    ),
+    ("transformers.models.neomme.modeling_neomme", "NeoMMEForMaskedLM"): (
+        "unembedding_projection",
     ),
     ("transformers.models.mamba.modeling_mamba", "MambaMixer"): ("dt_proj",),
     ("transformers.models.falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"): ("dt_proj",),
