@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import re
 import sys
 import warnings
@@ -13,6 +12,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.formats import FloatFormat, IntFormat, cast, get, names, quantize
+from lowbit.formats.cast import converts_to_fp32
 from lowbit.formats.error import sqnr
 from lowbit.models.pretrained import weight_files
 from lowbit.models.torch_file import torch_file_problem
@@ -172,7 +172,7 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             # a meta tensor has a shape but no values; a sparse one is measured as the dense
             # tensor it stands for (the formats quantize its zeros too)
             if obj.is_floating_point() and obj.numel() > 1 and not obj.is_meta:
-                if not _converts_to_fp32(obj.dtype):
+                if not converts_to_fp32(obj.dtype):
                     packed[_unique(prefix or "tensor", packed)] = obj.dtype
                     return
                 dense = obj if obj.layout is torch.strided else obj.to_dense()
@@ -206,19 +206,6 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             "values: save x.float())"
         )
     return found
-
-
-@functools.cache
-def _converts_to_fp32(dtype: torch.dtype) -> bool:
-    """Whether PyTorch converts ``dtype`` to fp32, through which every format quantizes: not so
-    for packed dtypes (``float4_e2m1fn_x2``, two fp4 codes a byte, with no conversion kernel),
-    whose tensors made `lowbit formats` end in a traceback. The probe holds values (an empty
-    tensor converts without reaching the kernel): 8 bytes, one or more of any dtype."""
-    try:
-        torch.zeros(8, dtype=torch.uint8).view(dtype).float()
-    except (NotImplementedError, RuntimeError):
-        return False
-    return True
 
 
 def _packed_text(packed: dict[str, torch.dtype]) -> str:

@@ -229,6 +229,25 @@ class NotRealError(UsageError, TypeError):
     TypeError `cast` raised for an integer tensor before, so code catching that still does."""
 
 
+# The dtypes of training operands: `check_real` asks `converts_to_fp32` only of others, so that a
+# compiled graph does not trace the probe (Dynamo ignores `functools.cache` there, with a warning).
+_CONVERTS_TO_FP32 = frozenset((torch.float32, torch.bfloat16, torch.float16))
+
+
+@functools.cache
+def converts_to_fp32(dtype: torch.dtype) -> bool:
+    """Whether PyTorch converts ``dtype`` to fp32, through which every format rounds: not so for
+    packed dtypes (``float4_e2m1fn_x2``, two fp4 codes a byte; ``uint4``, ``bits8``...), which
+    have no conversion kernel. The probe holds values (an empty tensor converts without reaching
+    the kernel): 8 bytes, one or more of any dtype, on the CPU whatever the default device (a
+    meta tensor converts without a kernel, and its answer would be cached)."""
+    try:
+        torch.zeros(8, dtype=torch.uint8, device="cpu").view(dtype).float()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
     """Refuse, in one line naming the dtype and the fix, a tensor the formats cannot round: a
     complex one (its imaginary part would be dropped silently), a bool one, a PyTorch-quantized
@@ -236,7 +255,10 @@ def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
     (`quantize`, whose values come back in a carrier dtype), an integer one: `cast` returns
     ``x``'s dtype, which then holds none of a format's fractions. Something that is no tensor at
     all (a numpy array, a list, a Python float), which ended in an AttributeError, is refused
-    too. A floating-point tensor pays two checks: `quantize` runs this for every GEMM operand."""
+    too, and so is a packed dtype without a conversion to fp32 (`converts_to_fp32`: a packed
+    fp4 weight, ``float4_e2m1fn_x2``, ended in PyTorch's NotImplementedError on "copy_kernel").
+    An fp32, bf16 or fp16 tensor pays two checks and a set lookup: `quantize` runs this for
+    every GEMM operand."""
     if not isinstance(x, torch.Tensor):
         kind = type(x).__qualname__
         if type(x).__module__ != "builtins":
@@ -244,9 +266,10 @@ def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
         raise NotRealError(
             f"{call}() takes a torch.Tensor, got a {kind}; fix: {call}(torch.as_tensor(x), ...)"
         )
-    if x.is_floating_point() or (
-        integers and not x.is_complex() and x.dtype != torch.bool and not x.is_quantized
-    ):
+    if (
+        x.is_floating_point()
+        or (integers and not x.is_complex() and x.dtype != torch.bool and not x.is_quantized)
+    ) and (x.dtype in _CONVERTS_TO_FP32 or converts_to_fp32(x.dtype)):
         return
     fix = f"{call}(x.float(), ...)"
     if x.is_complex():
@@ -255,6 +278,18 @@ def check_real(x: torch.Tensor, call: str, integers: bool = False) -> None:
         problem = "it holds no numbers"
     elif x.is_quantized:
         problem, fix = "a PyTorch-quantized tensor", f"{call}(x.dequantize(), ...)"
+    elif not converts_to_fp32(x.dtype):
+        fix = "unpack its codes into a float tensor first"
+        if str(x.dtype) == "torch.float4_e2m1fn_x2":  # two e2m1 codes a byte, low nibble first
+            # (by name: an older PyTorch has no such attribute)
+            fix += (
+                ": from lowbit.infer.packing import codes_to_fp4, unpack_nibbles; "
+                "x = codes_to_fp4(unpack_nibbles(x.view(torch.uint8), 2 * x.shape[-1]))"
+            )
+        raise NotRealError(
+            f"{call}() cannot read {x.dtype}, a packed dtype that PyTorch cannot convert to fp32, "
+            f"through which every format rounds; fix: {fix}"
+        )
     else:
         problem = "the result would keep that dtype, which holds no fractions"
     kind = "real" if integers else "floating-point"
