@@ -23,6 +23,9 @@ import torch
 from lowbit.distributed.context import free_port
 
 TINY = {"seq_len": 32, "batch_size": 8, "eval_batches": 1, "eval_interval": 100, "lr": 3e-3}
+# the digits CNN, for runs whose check is the same for every task (a launcher's signals, a rank's
+# failure): its ranks start without importing transformers, seconds of CPU each
+DIGITS = {"task": "image-classification", "batch_size": 8, "eval_interval": 100, "lr": 3e-3}
 # what every rank imports; a test module (the ``fn``'s) is imported by each rank, quickly then.
 # The rest: what a `Trainer` imports as it first runs (its data, model, evaluation, memory
 # plan and TensorBoard log): 2.5 s of CPU in each rank that trained, 0.3 s once preloaded here

@@ -12,7 +12,9 @@ import pytest
 from lowbit.distributed import RankFailed
 from lowbit.errors import UsageError
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY
+from tests.distributed.helpers import DIGITS, TINY
+
+STEPS = 10_000
 
 
 def crash_on_rank_1(trainer):
@@ -25,7 +27,7 @@ def test_a_crashed_rank_stops_the_others_with_its_error(tmp_path, monkeypatch):
     # rank 0, left waiting for rank 1, would wait this long: far past the bound below (the whole
     # run, its ranks' start included, took 41 s on a busy machine here)
     monkeypatch.setenv("LOWBIT_DIST_TIMEOUT", "600")
-    config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
+    config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **DIGITS)
     start = time.monotonic()
     with pytest.raises(RankFailed, match=r"rank 1 failed: RuntimeError: boom; the other ranks"):
         train(config, quiet=True, on_step=crash_on_rank_1)
@@ -46,13 +48,14 @@ def test_a_sigint_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(
     SIGINT ignored, as a shell script's background job (``lowbit train --nproc 2 ... &``) is,
     swallowed a later ``kill -INT`` and the run went on to its end."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = TrainConfig(steps=50, out=str(tmp_path / "run"), nproc=2, **TINY)
+    # far more steps than the ranks take before the stop reaches them (a digits step is quick)
+    config = TrainConfig(steps=STEPS, out=str(tmp_path / "run"), nproc=2, **DIGITS)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         result = train(config, quiet=True, on_step=signal_the_launcher)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert result.status == "interrupted" and 2 <= result.steps < 50
+    assert result.status == "interrupted" and 2 <= result.steps < STEPS
     assert result.checkpoint is not None and result.checkpoint.exists()
     assert capfd.readouterr().err.count("interrupted: saving a checkpoint") == 1
 

@@ -15,7 +15,7 @@ import pytest
 
 from lowbit.errors import UsageError
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY
+from tests.distributed.helpers import DIGITS, TINY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def _launch(tmp_path, on_step: str) -> subprocess.CompletedProcess:
         from lowbit.train import TrainConfig, train
         from tests.distributed.test_hunt_s29 import {on_step}
 
-        config = TrainConfig(steps=50, out={str(tmp_path / "run")!r}, nproc=2, **{TINY!r})
+        config = TrainConfig(steps=50, out={str(tmp_path / "run")!r}, nproc=2, **{DIGITS!r})
         try:
             result = train(config, quiet=True, on_step={on_step})
         except RankFailed as error:

@@ -14,7 +14,7 @@ import pytest
 
 from lowbit.errors import UsageError
 from lowbit.train import TrainConfig, evaluate_run, train
-from tests.distributed.helpers import TINY
+from tests.distributed.helpers import DIGITS, TINY
 
 
 def test_a_torn_shard_of_a_multi_process_checkpoint_is_a_one_line_error(tmp_path):
@@ -44,7 +44,7 @@ def test_ranks_stopped_by_a_ctrl_c_before_they_save_are_an_interrupt(tmp_path, m
     wrapper turns into exit code 0; the launcher then failed with a FileNotFoundError traceback
     (no result.pkl from rank 0) instead of the interrupt ``lowbit train`` reports."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = TrainConfig(steps=8, out=str(tmp_path / "run"), nproc=2, **TINY)
+    config = TrainConfig(steps=8, out=str(tmp_path / "run"), nproc=2, **DIGITS)
     with pytest.raises(KeyboardInterrupt):
         train(config, quiet=True, on_step=interrupt_every_rank)
 

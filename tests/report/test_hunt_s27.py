@@ -136,7 +136,9 @@ def test_a_worker_killed_for_memory_is_one_line_naming_jobs(tmp_path, monkeypatc
     BrokenProcessPool reached the user as a traceback of concurrent.futures' internals."""
     _hook(tmp_path, monkeypatch, "kill")
     out = tmp_path / "study"
-    assert _compare(out, "--recipes", "fp32,bf16-mixed", task_flags=JOBS_FLAGS) == 2
+    # the nano Llama, not digits: on digits, bf16-mixed was once named beside fp32 as killed (its
+    # worker, it seems, met the pool's SIGTERM before its run could save on it)
+    assert _compare(out, "--recipes", "fp32,bf16-mixed", "--jobs", "2") == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     (error,) = [line for line in err.splitlines() if line.startswith("lowbit: error: ")]

@@ -20,6 +20,9 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 240  # generous: the machine's cores are shared
+# the digits CNN for a study that trains: a stop is the same for every task, and its workers
+# start without importing transformers (seconds of CPU each)
+DIGITS = ["--task", "image-classification"]
 
 # Imported by every interpreter started with its folder on PYTHONPATH: a spawned worker (its
 # command line has --multiprocessing-fork) is held as it starts to import the main module again,
@@ -135,8 +138,8 @@ def test_a_kill_int_stops_compare_jobs_started_with_sigint_ignored(tmp_path):
     stops as a Ctrl-C does now: exit 130, each run in progress saved."""
     out = tmp_path / "study"
     argv = [sys.executable, "-m", "lowbit", "compare", "--recipes", "fp32,bf16-mixed"]
-    argv += ["--seeds", "1", "--jobs", "2", "--threads", "1", "--steps", "100000"]
-    argv += ["--seq-len", "16", "--batch-size", "4", "--quiet", "--no-plots", "--out", str(out)]
+    argv += ["--seeds", "1", "--jobs", "2", "--threads", "1", "--steps", "100000", *DIGITS]
+    argv += ["--batch-size", "4", "--quiet", "--no-plots", "--out", str(out)]
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
         process = subprocess.Popen(
