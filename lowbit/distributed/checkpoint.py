@@ -49,6 +49,10 @@ def _model_and_optimizer(trainer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
 
     if not trainer.optimizer.state:  # stepped, it has them: no fp32 copies to make for nothing
+        # DCP creates none where a gradient exists, and DDP's are kept, zeroed, between steps
+        # (`Ranks.zero_grad`): kept, a run whose every step overflowed would save no optimizer
+        # states, and its resume be refused ("Missing key in checkpoint state_dict")
+        trainer.optimizer.zero_grad(set_to_none=True)
         with _creating_optimizer_states(trainer):
             _init_optim_state(trainer.optimizer)
     return get_state_dict(trainer.model, trainer.optimizer, options=_options())

@@ -148,6 +148,10 @@ class SingleProcess:
     def accumulating(self, model, more: bool):
         return contextlib.nullcontext()
 
+    def zero_grad(self, optimizer) -> None:
+        """Clear the gradients of a step taken (or given up); dropped, their memory freed."""
+        optimizer.zero_grad(set_to_none=True)
+
     def alone(self):
         """Within: this rank computes by itself (no scale agreement with the others)."""
         return contextlib.nullcontext()
@@ -360,6 +364,13 @@ class Ranks(SingleProcess):
         if self.strategy == "ddp":
             return model.no_sync()
         return _fsdp_no_sync(model)
+
+    def zero_grad(self, optimizer) -> None:
+        """DDP's gradients are views of its all-reduce buckets (`lowbit.distributed.ddp`): zeroed,
+        not dropped, so that the next backward accumulates into the buckets, ``--grad-accum``'s
+        micro-batches under ``no_sync`` included. Dropped, those micro-batches made gradients of
+        their own beside the buckets, a second copy of every gradient until the last one."""
+        optimizer.zero_grad(set_to_none=self.strategy != "ddp")
 
     @contextlib.contextmanager
     def alone(self):

@@ -8,6 +8,15 @@ it and counts the bytes it sent (`CommStats`, the figures in docs/distributed.md
 Every recipe is wrapped in `DistributedDataParallel`, the 16-bit-parameter ones included: their
 update (`LowPrecisionUpdate`) writes the rounded result into the 16-bit parameters in place, so
 the parameters' gradient accumulators, on which DDP hangs its hooks, stay the same objects.
+
+Each ``.grad`` is a view of its all-reduce bucket (``gradient_as_bucket_view=True``), zeroed
+rather than dropped between steps (`Ranks.zero_grad`), so that ``--grad-accum``'s micro-batches
+under ``no_sync`` accumulate into the buckets too: a rank holds every gradient once. Until
+session 39 it held them twice, ``.grad`` and the buckets' flat copy (4 of bf16-mixed's 20 bytes
+per parameter, 146 MiB of a 38M-parameter model's rank; peak RSS in docs/memory.md). Every recipe
+trains bit for bit as before (tests/distributed/test_bucket_view_s39.py): lowbit changes
+gradients in place (unscaling, clipping) and gives 16-bit parameters' fp32 stand-ins a copy
+(`LowPrecisionUpdate.prepare`), never assigning a parameter's ``.grad``.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ def wrap_ddp(model, precision, device: torch.device):
 
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (rotary tables) are computed identically on every rank: nothing to broadcast.
-    wrapped = DDP(model, device_ids=ids, forward_sync_buffers=False)
+    wrapped = DDP(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
     stats = CommStats(reduce_dtype(precision.recipe), dist.get_world_size())
     wrapped.register_comm_hook(stats, _reduce_hook)
     return wrapped, stats

@@ -14,7 +14,8 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
 
 Under DDP (``sharding="ddp"``, or ``"none"`` over several GPUs: `lowbit train --nproc N`) the
-gradients are counted twice: ``.grad`` and DistributedDataParallel's all-reduce buckets.
+gradients are counted once: each ``.grad`` is a view of DistributedDataParallel's all-reduce
+buckets (`lowbit.distributed.ddp`).
 
 With ``sharding="fsdp"`` these four are the first rank's shards (ZeRO-3 / FSDP full sharding,
 `_first_shard`: ``ceil(rows / gpus)`` rows of each parameter, to which FSDP2 pads every rank's
@@ -1020,16 +1021,6 @@ def estimate(
     out.optimizer_states = sum(
         _shard_state_bytes(precision, k, _first_shard(k, rows, ranks)) for k, rows in trace.trained
     )
-    if sharding == "ddp" or (sharding == "none" and gpus > 1):  # `lowbit train`'s DDP
-        # DistributedDataParallel's all-reduce buckets: one flat buffer of every parameter's
-        # gradient, in its dtype, held beside ``.grad`` (lowbit.distributed.ddp wraps it without
-        # ``gradient_as_bucket_view``) for the run's life; until session 39 left out, 4 of
-        # bf16-mixed's 20 bytes per parameter per rank
-        out.gradients += p_bytes * held
-        out.notes.append(
-            "ddp: gradients twice: .grad and DistributedDataParallel's all-reduce buckets, a "
-            "copy of every gradient"
-        )
     if fsdp:
         gathered = _gathered_dtype(recipe)
         out.notes.append(

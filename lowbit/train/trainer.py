@@ -848,7 +848,7 @@ class Trainer:
             # the `auto` guard: a non-finite step is rolled back and retried in higher precision
             if not self.monitor.retry(self.step_idx + 1, loss_value, self.params, attempt):
                 break
-            self.optimizer.zero_grad(set_to_none=True)
+            self.dist.zero_grad(self.optimizer)
         count = int(self.dist.total(count))
         # Plain one-process runs only: DDP/FSDP parameters (DTensors) are per-rank accounting.
         measuring = 0.0  # seconds of this step spent on the memory report, not on training
@@ -871,7 +871,7 @@ class Trainer:
                 "the dynamic scale fell backing off at each overflow: the loss or gradients are "
                 "inf or NaN at any scale"
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.dist.zero_grad(self.optimizer)
         self.step_idx += 1
         self.records = self.monitor.after_step(self.step_idx, grad_norm, precision.loss_scale)
         return {

@@ -54,14 +54,17 @@ def test_converted_experts_are_estimated_as_a_step_holds_them(recipe):
         assert getattr(planned, name) == getattr(live, name), name
 
 
-def test_ddp_ranks_hold_the_all_reduce_buckets_too():
+def test_ddp_ranks_hold_each_gradient_once():
     """`lowbit train --nproc N` wraps the model in DistributedDataParallel, whose all-reduce
-    buckets copy every gradient on every rank, beside ``.grad``; the estimate of a DDP rank
-    counted ``.grad`` alone (4 of bf16-mixed's 20 bytes per parameter left out)."""
+    buckets held a copy of every gradient beside ``.grad`` until session 39 (4 of bf16-mixed's 20
+    bytes per parameter per rank, which the estimate then counted); each ``.grad`` is now a view
+    of its bucket (`lowbit.distributed.ddp`): the gradients live in the buckets' storages alone,
+    and a DDP rank's estimate holds them once, as one process's does."""
     import torch.distributed as dist
 
     from lowbit.distributed.context import free_port
     from lowbit.distributed.ddp import wrap_ddp
+    from lowbit.memory.measure import tensor_bytes
     from lowbit.models import build_causal_lm
 
     whole = estimate("nano", "bf16-low", "fp32", BATCH, SEQ)
@@ -72,14 +75,21 @@ def test_ddp_ranks_hold_the_all_reduce_buckets_too():
     try:
         ddp, _ = wrap_ddp(model, precision, torch.device("cpu"))
         sizes = ddp._get_ddp_logging_data()["bucket_sizes"]  # bytes, ", "-separated
+        tokens = torch.randint(0, 257, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+        with precision.autocast():
+            loss = ddp(tokens).logits.float().mean()
+        precision.backward(loss)
     finally:
         dist.destroy_process_group()
-    buckets = sum(int(size) for size in sizes.split(","))
-    assert buckets == whole.gradients  # bf16 gradients, a copy of each
+    buckets = sorted(int(size) for size in sizes.split(","))
+    grads = [p.grad for p in model.parameters()]
+    storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+    assert sorted(storages.values()) == buckets  # every gradient in a bucket, no copy beside
+    assert tensor_bytes(grads) == sum(buckets) == whole.gradients
     for gpus, sharding in ((1, "ddp"), (2, "ddp"), (2, "none")):  # train's --nproc 2: DDP
         rank = estimate("nano", "bf16-low", "fp32", BATCH, SEQ, gpus=gpus, sharding=sharding)
-        assert rank.gradients == whole.gradients + buckets
-        assert any("all-reduce buckets" in note for note in rank.notes)
+        assert rank.gradients == whole.gradients
+        assert not any("bucket" in note for note in rank.notes)
 
 
 def _estimate_json(capsys, *argv) -> dict:
