@@ -16,6 +16,7 @@ from lowbit.memory.estimate import (
     SHARDING,
     SPLIT_STATE_BLOCKS,
     TASKS,
+    check_count,
     estimate,
     fits,
     load_model_config,
@@ -29,6 +30,24 @@ from lowbit.train.config import TASK_DEFAULTS
 NAME = "estimate"
 DEFAULT_SEQ = 1024
 HELP = "Estimate training memory (parameters, gradients, master weights, states, activations)."
+
+
+class _Spelled(argparse.Action):
+    """Store the value, and which of the option's spellings the user typed (``--seq`` or
+    ``--seq-len``, ``--gpus`` or ``--nproc``), for an error to name that flag (`_flag`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.spelled = {
+            **(getattr(namespace, "spelled", None) or {}),
+            self.dest: option_string,
+        }
+
+
+def _flag(args, dest: str) -> str:
+    """The flag of setting ``dest`` as the user typed it (`_Spelled`); its first spelling where
+    it was not typed (a run folder's setting, a default)."""
+    return (getattr(args, "spelled", None) or {}).get(dest) or f"--{dest.replace('_', '-')}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch",
+        action=_Spelled,
         type=int,
         default=None,
         help="micro-batch per device (default 1; for a lowbit run folder, the run's --batch-size "
@@ -68,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-size",
+        action=_Spelled,
         type=int,
         default=None,
         help="lowbit train's --batch-size instead of --batch: the global batch, which the --gpus "
@@ -77,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq",
         "--seq-len",  # as `lowbit train` names it
         dest="seq",
+        action=_Spelled,
         type=int,
         default=None,
         help=f"sequence length (also --seq-len, as in lowbit train; default {DEFAULT_SEQ}, or "
@@ -88,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpus",
         "--nproc",  # as `lowbit train` names them
         dest="gpus",
+        action=_Spelled,
         type=int,
         default=None,
         help="data-parallel devices (also --nproc, as in lowbit train); with --sharding fsdp they "
@@ -373,7 +396,7 @@ def _with_run_settings(args) -> None:
         if args.batch is None and args.batch_size is None and run.batch_size is not None:
             # its --batch-size is the global batch, which its processes split (`lowbit train`)
             whose = f"{args.model}: the run's batch size"
-            args.batch = _split_run_batch(run.batch_size, args.gpus, whose)
+            args.batch = _split_run_batch(run.batch_size, args.gpus, whose, _flag(args, "gpus"))
     if args.batch is not None and args.batch_size is not None:
         raise UsageError(
             f"--batch {args.batch} and --batch-size {args.batch_size} both give the batch; fix: "
@@ -381,7 +404,7 @@ def _with_run_settings(args) -> None:
         )
     if args.batch_size is not None:
         gpus = DEFAULTS["gpus"] if args.gpus is None else args.gpus
-        args.batch = _split_run_batch(args.batch_size, gpus, "--batch-size")
+        args.batch = _split_run_batch(args.batch_size, gpus, "--batch-size", _flag(args, "gpus"))
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -389,19 +412,27 @@ def _with_run_settings(args) -> None:
         args.seq = _default_seq(args.task)
 
 
-def _split_run_batch(global_batch: int, gpus: int, whose: str) -> int:
+def _split_run_batch(global_batch: int, gpus: int, whose: str, gpus_flag: str) -> int:
     """The micro-batch per device of `lowbit train`'s ``--batch-size`` (``whose``: a run
-    folder's, or the flag's): the global batch, which its ``gpus`` processes split."""
-    if not gpus or gpus < 1:  # the estimate refuses it, naming --gpus
+    folder's, or the flag's): the global batch, which its ``gpus`` processes split (``gpus_flag``:
+    --gpus or --nproc, as typed)."""
+    if gpus < 1:  # a run folder's --nproc edited to 0: the estimate refuses it
         return global_batch
-    if global_batch < 1:
-        raise UsageError(f"{whose} must be at least 1, got {global_batch}; fix: give 1 or more")
     if global_batch % gpus:
         raise UsageError(
             f"{whose} {global_batch} (its global batch) does not split evenly over {gpus} GPUs; "
-            f"fix: --batch N (the micro-batch per device), or --gpus dividing {global_batch}"
+            f"fix: --batch N (the micro-batch per device), or {gpus_flag} dividing {global_batch}"
         )
     return global_batch // gpus
+
+
+def _check_counts(args) -> None:
+    """Refuse a count flag given below 1 (`check_count`), named as the user typed it, before a
+    run folder's settings fill the rest: ``--seq-len 0`` was refused as "(--seq)", and
+    ``--batch-size 0 --gpus 0`` as --batch's."""
+    for dest in ("batch", "batch_size", "seq", "gpus"):
+        if getattr(args, dest) is not None:
+            check_count(getattr(args, dest), _flag(args, dest))
 
 
 def run(args) -> int:
@@ -410,6 +441,7 @@ def run(args) -> int:
     # a quoted ~ (`--model=~/runs/r`, a script's argument) is the home folder, as lowbit train
     # reads its --model: it was "nothing at that path"
     args.model = os.path.expanduser(args.model)
+    _check_counts(args)
     _with_run_settings(args)
     recipes = _recipes(args)
     if len(recipes) > 1:

@@ -25,13 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
         default="validation",
-        help="validation (default), test or train (of --data: a folder's split)",
+        help="validation (default), test or train (of --data: a folder's or glob's split)",
     )
     parser.add_argument(
         "--data",
         metavar="PATH",
         help="evaluate on this data instead of the run's (the kinds lowbit train --data takes for "
-        "the task): one file whole, or a folder's --split; with the run's tokenizer or "
+        "the task): one file whole, or a folder's or glob's --split; with the run's tokenizer or "
         "vocabulary, tags and --seq-len",
     )
     parser.add_argument(

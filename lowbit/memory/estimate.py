@@ -970,6 +970,17 @@ def _shard_state_bytes(precision, numel: int, shard: int) -> int:
     return ADAM_STATES * moment + STEP_BYTES
 
 
+def check_count(value, name: str) -> None:
+    """Refuse ``value`` unless it is a whole number of at least 1 (a batch, a sequence length, a
+    device count), naming it ``name``: `estimate`'s argument, or the flag `lowbit estimate` was
+    given (``--seq-len``, where "(--seq)" was named whichever the user typed). A float batch
+    failed deep in the trace ("zeros() takes 1 positional argument")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(
+            f"{name} must be a whole number of at least 1, got {value!r}; fix: give 1 or more"
+        )
+
+
 def estimate(
     config_or_size,
     recipe: str | Recipe = "fp32",
@@ -992,12 +1003,7 @@ def estimate(
         raise _no_cnn_estimate()
     choose("task", task, TASKS)
     for name, value in (("batch", batch), ("seq", seq), ("gpus", gpus)):
-        # a float batch failed deep in the trace ("zeros() takes 1 positional argument")
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise UsageError(
-                f"{name} must be a whole number of at least 1 (--{name}), got {value!r}; "
-                "fix: give 1 or more"
-            )
+        check_count(value, name)
     fsdp = sharding == "fsdp" and gpus > 1  # ddp and fsdp over one GPU shard nothing
     shape, recipe, trace = _traced(
         *load_model_config(config_or_size, task), recipe, batch, seq, task, fsdp, gpus == 1

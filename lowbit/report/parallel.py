@@ -343,6 +343,17 @@ def _killed(runs, pids: set[int]) -> list[tuple]:
     return killed
 
 
+def _listed(names: list[str]) -> str:
+    """``names`` as a sentence lists them: "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _in_words(count: int) -> str:
+    """``count`` in words up to nine, the number past it: "two of 4 runs at a time"."""
+    words = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return words[count - 1] if 0 < count <= len(words) else str(count)
+
+
 def raise_interrupt(signum, frame) -> None:
     """A signal handler that stops as Ctrl-C does: Python's own for SIGINT, which a process
     started with SIGINT ignored (a shell script's background job) does not install."""
@@ -415,16 +426,17 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                 # have, the dead worker's folder is surely unlocked (its lock can outlive the
                 # pipe that told the pool it died, by a moment)
                 pool.shutdown()
-                killed = _killed(runs, pids)
+                dead = _killed(runs, pids)
+                killed = [name(f) for f in futures if futures[f] in dead]
                 workers = min(jobs, len(runs))
                 what = (
-                    " and ".join(name(f) for f in futures if futures[f] in killed)
-                    + f", one of {workers} runs at a time"
+                    f"{_listed(killed)}, {_in_words(len(killed))} of {workers} runs at a time"
                     if killed
                     else f"{study.out.name}'s runs, {workers} at a time"
                 )
+                who = "a worker process" if len(killed) < 2 else "worker processes"
                 raise UsageError(
-                    f"a worker process died while training {what} (killed by the system: out of "
+                    f"{who} died while training {what} (killed by the system: out of "
                     "memory?); the other runs stopped, every run keeps its last checkpoint and the "
                     "finished ones are reused; fix: a lower --jobs (each worker holds its own "
                     "model and data), then run the same command again to resume"

@@ -168,7 +168,7 @@ def load_file(path, flags=(), command=None) -> dict:
         raise UsageError(f"{path}: unknown setting {unknown!r}; fix: use one of {', '.join(names)}")
     valueless = [] if is_run_config(path) else _valueless(settings, blank)  # a run's: its record
     if valueless:
-        raise UsageError(f"{path}: {_without_value(valueless)}")
+        raise UsageError(f"{path}: {_without_value(valueless, blank)}")
     try:  # flags are typed by argparse: a wrong type is the file's, which the error must name
         built = build_config(settings)
     except UsageError as error:
@@ -231,7 +231,7 @@ def _without_replaced_mistypes(path, settings: dict, flags, blank: set[str]) -> 
     for name in sorted(_replaced(flags) & settings.keys()):
         try:
             if name in valueless:
-                raise UsageError(_without_value([name]))
+                raise UsageError(_without_value([name], blank))
             build_config({name: settings[name]})
         except UsageError as error:
             problem = str(error).partition("; fix:")[0]
@@ -247,10 +247,15 @@ def _without_replaced_mistypes(path, settings: dict, flags, blank: set[str]) -> 
     return kept
 
 
-# Settings whose null a run's config.yaml records, a value of its own: the built-in data, no
-# clipping (--grad-clip 0), one process, the recipe's loss scaling. Read back from a file (the
-# run's, or a copy of it), null means that again.
-_RECORDED_NULLS = ("data", "grad_clip", "strategy", "loss_scale", "loss_scale_growth_interval")
+# Settings whose null a run's config.yaml records, a value of its own, and what it means. Read
+# back from a file (the run's, or a copy of it), null means that again.
+_RECORDED_NULLS = {
+    "data": "the built-in data",
+    "grad_clip": "no clipping",  # as --grad-clip 0
+    "strategy": "one process",
+    "loss_scale": "the recipe's loss scaling",
+    "loss_scale_growth_interval": "the recipe's growth interval",
+}
 
 
 def _valueless(settings: dict, blank: set[str]) -> list[str]:
@@ -276,14 +281,29 @@ def _valueless(settings: dict, blank: set[str]) -> list[str]:
     ]
 
 
-def _without_value(names: list[str], spelled: str = " (null)") -> str:
-    """The refusal of settings ``names`` given without a value, ``spelled`` so in the file."""
+def _without_value(names: list[str], blank=(), toml: bool = False) -> str:
+    """The refusal of settings ``names`` given without a value: "(null)" where each was written
+    so (JSON's null, YAML's ``key: null``), nothing where one of them is ``blank``, left empty
+    (YAML's ``key:``, TOML's ``key =``). Its fix names the values of a setting whose null means
+    something (`_RECORDED_NULLS`), as the file spells them (``toml``: ``key = 0``, and no null):
+    of a blank ``grad_clip:`` it said "give it one", not that ``grad_clip: null`` (or 0) is no
+    clipping."""
+    spelled = "" if set(names) & set(blank) else " (null)"
+    means = []
+    for name in names:
+        setting = name.replace("-", "_")  # a TOML key as spelled
+        meaning = _RECORDED_NULLS.get(setting)
+        values = [v for v in (None if toml else "null", spelled_none(setting, None)) if v]
+        if meaning and values:
+            written = " or ".join(f"{name}{' =' if toml else ':'} {value}" for value in values)
+            means.append(f"{written} for {meaning}")
+    also = f" ({'; '.join(means)})" if means else ""
     if len(names) == 1:
-        fix = "give it one, or leave the setting out for its default"
+        fix = f"give it one{also}, or leave the setting out for its default"
         return f"{names[0]} has no value{spelled}; fix: {fix}"
     return (
-        f"{', '.join(names)} have no value{spelled}; fix: give each one, or leave them out for "
-        "their defaults"
+        f"{', '.join(names)} have no value{spelled}; fix: give each one{also}, or leave them out "
+        "for their defaults"
     )
 
 
@@ -344,9 +364,10 @@ def _file_settings(path) -> tuple[dict, set[str]]:
     except UsageError:
         raise
     except Exception as error:  # each parser has its own error class; all mean "malformed"
-        if suffix in (".toml", ".json") and (blank := _blank_value(text, error)):  # YAML: null
-            line, key = blank
-            raise UsageError(f"{path}: line {line}: {_without_value([key], '')}") from None
+        if suffix in (".toml", ".json") and (at := _blank_value(text, error)):  # YAML: null
+            line, key = at
+            refusal = _without_value([key], [key], toml=suffix == ".toml")
+            raise UsageError(f"{path}: line {line}: {refusal}") from None
         raise UsageError(
             f"{path}: malformed config ({_one_line(error)}); fix: correct it"
         ) from None

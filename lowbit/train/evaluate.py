@@ -19,6 +19,7 @@ from lowbit.train.config import (
     with_recorded_data,
 )
 from lowbit.train.runstate import state_note, unfinished_state
+from lowbit.train.tasks import evaluated_whole
 from lowbit.train.trainer import progress_bar, resolve_device
 
 
@@ -232,15 +233,16 @@ def eval_progress(task, models, split: str, max_batches=None, data: str | None =
     models' forward calls, one a batch, through hooks that only count: the metrics are those of
     an evaluation without it. The hooks are removed after."""
     batches = eval_batch_count(task, split, max_batches)
+    whole = data is not None and evaluated_whole(data)  # a file given: named, not the split
     if max_batches is None and batches > LARGE_SPLIT_BATCHES:
         both = ", through the model and its reference" if len(models) > 1 else ""
-        whole = f"the whole {split} split" if data is None else evaluated_on(split, data)
+        what = evaluated_on(split, data) if whole else f"the whole {evaluated_on(split, data)}"
         print(
-            f"lowbit: note: evaluating {whole}: {batches:,} batches of "
+            f"lowbit: note: evaluating {what}: {batches:,} batches of "
             f"{task.config.batch_size}{both}; --max-batches N bounds it to N",
             file=sys.stderr,
         )
-    named = split if data is None or Path(data).is_dir() else Path(data).name
+    named = Path(data).name if whole else split
     bar = progress_bar(batches * len(models), f"eval {named}", "batch")
 
     def count(*_) -> None:  # returns None: a forward hook's other value replaces the output
@@ -296,15 +298,15 @@ def evaluate_run(
 
 def evaluated_on(split: str, data: str | None) -> str:
     """What an evaluation ran on, for its report's head: the run's ``split``, or that of the
-    `lowbit eval --data` folder, or the file given, whole."""
+    `lowbit eval --data` folder or glob, or the file given, whole (`evaluated_whole`)."""
     if data is None:
         return f"{split} split"
-    return f"{split} split of {data}" if Path(data).is_dir() else f"{data} (whole file)"
+    return f"{data} (whole file)" if evaluated_whole(data) else f"{split} split of {data}"
 
 
 def data_fields(split: str, data: str | None) -> dict:
     """The `lowbit eval --json` keys of what was evaluated: ``split``, and ``data`` where given
-    (a file evaluated whole has no split: null)."""
+    (a file evaluated whole has no split: null, `evaluated_whole`)."""
     if data is None:
         return {"split": split}
-    return {"data": data, "split": split if Path(data).is_dir() else None}
+    return {"data": data, "split": None if evaluated_whole(data) else split}

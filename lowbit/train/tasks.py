@@ -136,8 +136,9 @@ class Task:
 
     def use_eval_data(self, path: str, split: str) -> None:
         """Evaluate ``split`` on the data at ``path`` instead of the run's own (`lowbit eval
-        --data`): a single file whole, a folder's ``split``; with the run's tokenizer or
-        vocabulary, tags and --seq-len. Nothing of the run's folder is written."""
+        --data`): a single file whole, a folder's or a glob's ``split`` (`evaluated_whole`);
+        with the run's tokenizer or vocabulary, tags and --seq-len. Nothing of the run's folder
+        is written."""
         raise UsageError(
             f"--data {path}: task {self.config.task} evaluates on its built-in data only; "
             "fix: drop --data"
@@ -150,6 +151,15 @@ class Task:
         ``lowbit eval --json`` nor a folder's comparison runs the model again."""
         metrics = self.evaluate(model, precision, split, max_batches or 0)  # 0: every batch
         return metrics, format_metrics(metrics)
+
+
+def evaluated_whole(data: str) -> bool:
+    """Whether `lowbit eval --data` ``data`` is evaluated whole: a single file is, every document
+    (or sentence) of it; a folder or a glob splits as training data does, and its ``--split`` is
+    evaluated. The one rule of the data read (`Task.use_eval_data`), of what the report's head,
+    its --json ``split`` (null for a file alone), the note and the progress bar name, and of the
+    warnings: a glob was said to be a whole file, where its validation split was evaluated."""
+    return Path(data).is_file()
 
 
 def format_metrics(metrics: dict) -> str:
@@ -359,6 +369,7 @@ class CausalLMTask(Task):
 
         super().__init__(config)
         self._corpus = None
+        self._eval_source: str | None = None  # `use_eval_data`'s data, evaluated instead
         self.tokenizer = causal_lm_tokenizer(config, run_dir, lambda: self.corpus)
         self.model = build_model(
             "causal-lm",
@@ -453,24 +464,39 @@ class CausalLMTask(Task):
                 )
             window = self.config.seq_len + 1
             if len(tokens) < window:
-                raise UsageError(
-                    f"{self.corpus.source}: the {split} split holds {len(tokens)} tokens, fewer "
-                    f"than one window of --seq-len + 1 = {window}; fix: use more data or a "
-                    "shorter --seq-len"
-                )
+                raise UsageError(self._too_short(split, len(tokens), window))
             self._tokens[split] = tokens
         return self._tokens[split]
+
+    def _too_short(self, split: str, count: int, window: int) -> str:
+        """The refusal of a split shorter than one window. `lowbit eval --data` keeps the run's
+        --seq-len (it has no such flag), so its fix is more text, and it names the user's data
+        (a file is evaluated whole, not as a split)."""
+        if self._eval_source is None:
+            return (
+                f"{self.corpus.source}: the {split} split holds {count} tokens, fewer than one "
+                f"window of --seq-len + 1 = {window}; fix: use more data or a shorter --seq-len"
+            )
+        where = self._eval_source
+        if not evaluated_whole(where):
+            where += f": the {split} split"
+        return (
+            f"--data {where} holds {count} tokens, fewer than one window of the run's --seq-len "
+            f"+ 1 = {window}; fix: give at least {window} tokens of text (lowbit eval keeps the "
+            "run's --seq-len)"
+        )
 
     def use_eval_data(self, path: str, split: str) -> None:
         from lowbit.data.corpus import SPLITS, Corpus, load_texts
 
-        if Path(path).is_file():  # the file itself, every document (paragraph, JSONL record)
+        if evaluated_whole(path):  # the file itself, every document (paragraph, JSONL record)
             documents = load_texts(path, self.config.text_field)
             self._corpus = Corpus(str(path), {s: documents if s == split else [] for s in SPLITS})
         else:  # a folder (or glob) splits as training data does: its ``split``
             from lowbit.data import load_corpus
 
             self._corpus = load_corpus(path, self.config.text_field)
+        self._eval_source = str(path)
         self._tokens.clear()
 
     def save_artifacts(self, folder) -> None:
@@ -715,16 +741,19 @@ class TokenClassificationTask(Task):
         outputs: their words count as errors (and their entities as missed), out of the loss."""
         from lowbit.data.conll import read_conll, read_conll_folder
 
-        if Path(path).is_dir():  # the split's files alone: a folder of dev.txt and test.txt
+        whole = evaluated_whole(path)
+        if whole:
+            sentences = read_conll(path)
+        elif Path(path).is_dir():  # the split's files alone: a folder of dev.txt and test.txt
             sentences = read_conll_folder(path, (split,))[split]
-        else:
-            sentences = read_conll(path) if Path(path).is_file() else conll_splits(path)[split]
+        else:  # refused there, as training refuses it (a glob, a path that names nothing)
+            sentences = conll_splits(path)[split]
         if not sentences:
             raise UsageError(f"{path}: no sentences to evaluate; fix: give a CoNLL file of tags")
         self._sentences, self._eval_source = {split: sentences}, str(path)
         self._encoded.clear()
         self._cut.clear()
-        where = f"the {split} split" if Path(path).is_dir() else "the file"
+        where = "the file" if whole else f"the {split} split"
         extra = _warn_untrained_tags(path, set(self.labels), {where: sentences})
         for tag in extra:
             self.label2id[tag] = len(self.label2id)
@@ -763,7 +792,7 @@ class TokenClassificationTask(Task):
         if self._cut[split]:
             sentences = f"{split} sentences"
             if self._eval_source is not None:  # `lowbit eval --data`: the user's data, named
-                whole = Path(self._eval_source).is_file()  # not the split it stands in for
+                whole = evaluated_whole(self._eval_source)  # not the split it stands in for
                 sentences = f"{'sentences' if whole else sentences} of {self._eval_source}"
             _warn_truncated(
                 sentences,

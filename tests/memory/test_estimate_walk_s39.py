@@ -103,10 +103,15 @@ def test_estimate_takes_train_batch_size_and_seq_len(capsys):
     train = _estimate_json(capsys, "--batch-size", "8", "--seq-len", "32", "--nproc", "2")
     assert train == _estimate_json(capsys, "--batch", "4", "--seq", "32", "--gpus", "2")
     assert (train["settings"]["batch"], train["settings"]["seq"]) == (4, 32)
+    at_least = "must be a whole number of at least 1, got"  # one wording for every count
     for argv, error in (
-        (("--batch-size", "7", "--nproc", "2"), "--batch-size 7 (its global batch) does not "),
+        (("--batch-size", "7", "--nproc", "2"), "does not split evenly over 2 GPUs; fix: --batch "
+         "N (the micro-batch per device), or --nproc dividing 7"),  # it named --gpus
         (("--batch-size", "4", "--batch", "2"), "--batch 2 and --batch-size 4 both give the "),
-        (("--batch-size", "0",), "--batch-size must be at least 1, got 0; fix: "),
+        (("--batch-size", "0",), f"error: --batch-size {at_least} 0; fix: "),
+        (("--batch-size", "0", "--gpus", "0"), f"error: --batch-size {at_least} 0"),  # --batch's
+        (("--seq-len", "0",), f"error: --seq-len {at_least} 0; fix: "),  # "(--seq)"
+        (("--nproc", "0",), f"error: --nproc {at_least} 0; fix: "),
     ):  # fmt: skip
         assert main(["estimate", "--model", "nano", *argv]) == 2
         err = capsys.readouterr().err

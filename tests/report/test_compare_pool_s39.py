@@ -81,49 +81,63 @@ HOOK = textwrap.dedent(
 )
 
 
-def test_a_worker_killed_mid_run_ends_compare_with_one_line_naming_its_run(tmp_path):
-    """Exit 2 and one last line: the run whose worker died, and the same command to go on."""
-    hook, events, out = tmp_path / "hook", tmp_path / "events", tmp_path / "study"
-    hook.mkdir()
-    events.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK)
-    env = {**os.environ, "PYTHONPATH": str(hook), "LOWBIT_TEST_POOL": str(events)}
-    env["OMP_NUM_THREADS"] = "1"
+def _study(tmp_path, env: dict):
+    """`lowbit compare --jobs 2` of two digits runs (fp32, bf16-mixed) long enough to be killed
+    mid-run, started in a session of its own: its process, the runs' folders and its stderr."""
+    out, err = tmp_path / "study", tmp_path / "stderr"
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "lowbit", "compare", "--recipes", "fp32,bf16-mixed"]
     argv += ["--seeds", "1", "--jobs", "2", "--threads", "1", "--steps", "100000"]
     # the digits CNN: a worker starts without importing transformers (seconds of CPU)
     argv += ["--task", "image-classification", "--batch-size", "4"]
     argv += ["--quiet", "--no-plots", "--out", str(out)]
-    err = tmp_path / "stderr"
     with open(err, "w") as stderr:
         process = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
             start_new_session=True,
         )  # fmt: skip
+    return process, [out / "runs" / recipe / "seed-0" for recipe in ("fp32", "bf16-mixed")], err
+
+
+def _kill_when_training(process, runs, err, count: int) -> tuple[list[Path], int, list[str]]:
+    """SIGKILL the workers of the first ``count`` of ``runs`` to train a step (its train row: the
+    run is in its training loop, its run.json written), at once: the runs killed, the study's
+    exit status and its stderr's lines (the study is killed if it does not end)."""
     try:
         deadline = time.monotonic() + TIMEOUT
-        runs = [out / "runs" / recipe / "seed-0" for recipe in ("fp32", "bf16-mixed")]
-        # a step trained (its train row): the run is in its training loop, its run.json written
-        while not (
-            training := [
+        while True:
+            training = [
                 run
                 for run in runs
                 if (run / "metrics.jsonl").is_file()
                 and '"split": "train"' in (run / "metrics.jsonl").read_text()
             ]
-        ):
+            if len(training) >= count:
+                break
             assert process.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "no run started training"
+            assert time.monotonic() < deadline, "the runs did not start training"
             time.sleep(0.05)
-        (run,) = training
-        os.kill(json.loads((run / "run.json").read_text())["pid"], signal.SIGKILL)
+        pids = [json.loads((run / "run.json").read_text())["pid"] for run in training[:count]]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         code = process.wait(timeout=TIMEOUT)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     lines = [line for line in err.read_text().splitlines() if line.strip()]
-    assert code == 2, (code, lines)  # -13: SIGPIPE
     assert not [line for line in lines if "Traceback" in line], lines
+    return training[:count], code, lines
+
+
+def test_a_worker_killed_mid_run_ends_compare_with_one_line_naming_its_run(tmp_path):
+    """Exit 2 and one last line: the run whose worker died, and the same command to go on."""
+    hook, events = tmp_path / "hook", tmp_path / "events"
+    hook.mkdir()
+    events.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    env = {"PYTHONPATH": str(hook), "LOWBIT_TEST_POOL": str(events)}
+    (run,), code, lines = _kill_when_training(*_study(tmp_path, env), 1)
+    assert code == 2, (code, lines)  # -13: SIGPIPE
     recipe = run.parent.name
     assert lines[-1].startswith(
         f"lowbit: error: a worker process died while training study: {recipe} seed 0, one of 2 "
@@ -131,3 +145,13 @@ def test_a_worker_killed_mid_run_ends_compare_with_one_line_naming_its_run(tmp_p
     ), lines
     assert lines[-1].endswith("then run the same command again to resume"), lines
     assert (run / "run.json").is_file() and (run / "metrics.jsonl").is_file()  # nothing cleared
+
+
+def test_two_workers_killed_are_both_named_in_one_line(tmp_path):
+    """Both runs' workers killed at once: "A and B, one of 2 runs at a time" said one of them."""
+    _, code, lines = _kill_when_training(*_study(tmp_path, {}), 2)
+    assert code == 2, (code, lines)
+    assert lines[-1].startswith(
+        "lowbit: error: worker processes died while training study: fp32 seed 0 and study: "
+        "bf16-mixed seed 0, two of 2 runs at a time (killed by the system: out of memory?)"
+    ), lines

@@ -88,7 +88,7 @@ def test_a_setting_left_without_a_value_is_refused_in_one_line(tmp_path, capsys,
     assert main(["train", "--config", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"lowbit: error: {path}: {name} has no value (null); fix: give it one, or leave the "
+        f"lowbit: error: {path}: {name} has no value; fix: give it one, or leave the "
         "setting out for its default\n"
     )
     assert not out.exists()

@@ -9,7 +9,7 @@ import pytest
 from tests.train.test_tracking_walk_s38 import _FakeWandb, _small_data, _train
 
 BLANK_STEPS = {  # `steps` left without a value, as each format spells it
-    "run.yaml": ("steps:\nlr: 1e-3\n", "steps has no value (null)"),
+    "run.yaml": ("steps:\nlr: 1e-3\n", "steps has no value"),
     "run.json": ('{"steps": null, "lr": 1e-3}', "steps has no value (null)"),
     "run.toml": ("lr = 1e-3\nsteps =   # to do\n", "line 2: steps has no value"),
 }
@@ -47,7 +47,7 @@ def test_a_copy_of_a_runs_config_reads_its_nulls_and_refuses_a_blank(tmp_path, c
     copy.write_text(text)
     assert _train("--config", str(copy), "--out", str(tmp_path / "new"), "--quiet") == 2
     assert capsys.readouterr().err == (
-        f"lowbit: error: {copy}: lr, seed have no value (null); fix: give each one, or leave "
+        f"lowbit: error: {copy}: lr, seed have no value; fix: give each one, or leave "
         "them out for their defaults\n"
     )
     copy.write_text(text.replace("seed:\n", ""))
@@ -55,7 +55,7 @@ def test_a_copy_of_a_runs_config_reads_its_nulls_and_refuses_a_blank(tmp_path, c
     assert _train("--config", str(copy), "--lr", "1e-3", "--out", str(new), "--quiet") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "no value" in line]
     assert warnings == [
-        f"lowbit: warning: {copy}: lr has no value (null); ignored, as --lr replaces it; fix: "
+        f"lowbit: warning: {copy}: lr has no value; ignored, as --lr replaces it; fix: "
         "correct it in the file, which a run without --lr refuses"
     ]
     assert "grad_clip: null\n" in (new / "config.yaml").read_text()  # not clipped
@@ -147,7 +147,7 @@ def test_a_users_own_config_yaml_gets_a_hand_written_files_checks(tmp_path, monk
     config.write_text("model: nano\nsteps:\ndata: data/train.txt\n")
     assert _train("--config", "configs/config.yaml", "--out", "run", "--quiet") == 2
     assert capsys.readouterr().err == (
-        "lowbit: error: configs/config.yaml: steps has no value (null); fix: give it one, or "
+        "lowbit: error: configs/config.yaml: steps has no value; fix: give it one, or "
         "leave the setting out for its default\n"
     )
     config.write_text("model: nano\nsteps: 1\ndata: data/train.txt\n")

@@ -1,9 +1,12 @@
 """Session 39: `lowbit train` says in one start-up line which layers its recipe kept, and why; a
 config file's blank ``grad_clip:`` or ``data:`` is refused as other blanks are (a written
 ``null``, as a run's config.yaml records it, still reads); `lowbit eval --data FILE` names the
-file, not the split it stands in for, in its warnings; the entity table's ALL row has no score
-where no entity is true or predicted, as the metric (it printed 0.0000)."""
+file, not the split it stands in for, in its warnings, and a glob's split as a folder's (not
+as a whole file); the entity table's ALL row has no score where no entity is true or predicted,
+as the metric (it printed 0.0000)."""
 
+import json
+import sys
 from dataclasses import replace
 
 import torch
@@ -11,6 +14,7 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.train import TrainConfig, Trainer
+from tests.commands.test_eval_progress_s30 import Terminal
 from tests.train.test_eval_data_s38 import ONLY_O, _tagger
 from tests.train.test_tracking_walk_s38 import _small_data, _train
 
@@ -47,18 +51,30 @@ def _config(tmp_path, text: str):
     return config
 
 
+BLANKS = {  # a blank whose null means something: the fix says what (it said "(null)" too)
+    "grad_clip:\nlr: 1e-3\n": "grad_clip has no value; fix: give it one (grad_clip: null or "
+    "grad_clip: 0 for no clipping), or leave the setting out for its default",
+    "data:  # to do\n": "data has no value; fix: give it one (data: null for the built-in "
+    "data), or leave the setting out for its default",
+    "data:\ngrad_clip:\n": "data, grad_clip have no value; fix: give each one (data: null for "
+    "the built-in data; grad_clip: null or grad_clip: 0 for no clipping), or leave them out for "
+    "their defaults",
+}
+
+
 def test_a_blank_grad_clip_or_data_in_a_config_file_is_refused(tmp_path, capsys):
     """``grad_clip:`` ran without clipping and ``data:`` on the built-in data, without a word;
     a run's config.yaml writes ``null`` there, never a blank, and that still reads."""
     out = tmp_path / "run"
-    for text, name in (("grad_clip:\nlr: 1e-3\n", "grad_clip"), ("data:  # to do\n", "data")):
+    for text, problem in BLANKS.items():
         config = _config(tmp_path, text)
         assert _train("--config", str(config), "--out", str(out), "--quiet") == 2
-        assert capsys.readouterr().err == (
-            f"lowbit: error: {config}: {name} has no value (null); fix: give it one, or leave "
-            "the setting out for its default\n"
-        )
+        assert capsys.readouterr().err == f"lowbit: error: {config}: {problem}\n"
         assert not out.exists()
+    config = tmp_path / "run.toml"  # TOML has no null: 0 alone
+    config.write_text("grad_clip =  # to do\n")
+    assert _train("--config", str(config), "--out", str(out), "--quiet") == 2
+    assert "fix: give it one (grad_clip = 0 for no clipping), or" in capsys.readouterr().err
     config = _config(tmp_path, f"grad_clip: null\ndata: {_small_data(tmp_path)}\nsteps: 1\n")
     assert _train("--config", str(config), "--out", str(out), "--quiet") == 0
     assert "grad_clip: null\n" in (out / "config.yaml").read_text()
@@ -94,3 +110,32 @@ def test_the_all_row_of_a_split_without_entities_has_no_score(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()
     assert next(r for r in rows if r.startswith("ALL")).split() == ["ALL", "-", "-", "-", "0"]
     assert "(-: neither present nor predicted in the data evaluated; not averaged)" in rows
+
+
+def test_eval_data_a_glob_is_evaluated_and_named_by_its_split(tmp_path, capsys, monkeypatch):
+    """``--data 'd/*.txt'`` evaluated the glob's validation split (here validation.txt) and called
+    it ``d/*.txt (whole file)`` in the note and the report's head, ``eval *.txt`` on the bar and
+    ``"split": null`` in the --json line; a folder's note read "evaluating validation split of"."""
+    lm = ["train", "--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--steps", "1"]
+    run = tmp_path / "lm"
+    assert main([*lm, "--quiet", "--out", str(run)]) == 0
+    data = tmp_path / "d"
+    data.mkdir()
+    for split, words in (("train", 50), ("validation", 3500), ("test", 50)):
+        (data / f"{split}.txt").write_text("a " * words)  # 7,000 byte tokens: 110 batches of 4
+    glob = f"{data}/*.txt"
+    capsys.readouterr()
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["eval", str(run), "--data", glob, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "validation" and metrics["tokens"] == 437 * 16
+    shown = terminal.getvalue()
+    assert f"lowbit: note: evaluating the whole validation split of {glob}: 110 batches" in shown
+    assert "eval validation" in shown and "whole file" not in shown, shown
+    monkeypatch.undo()
+    assert main(["eval", str(run), "--data", glob, "--max-batches", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"validation split of {glob}")
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    note = f"lowbit: note: evaluating the whole validation split of {data}: 110 batches of 4;"
+    assert note in capsys.readouterr().err
