@@ -4,7 +4,9 @@ layer for a `QuantExperts`), or prune it by magnitude.
 Both walk the module tree post-order and touch linear layers only (`lowbit.nn.layer_kinds`:
 ``nn.Linear``, Falcon's linear layers, and transformers' ``Conv1D``, GPT-2's projections, whose
 weight is stored in x out). Embeddings, norms and convolutions are kept, with the reason reported.
-Quantization takes every linear layer, the LM head included; pruning leaves the output head dense
+Quantization takes every linear layer, the LM head included, but the routers, kept in high
+precision as training's presets keep them (`lowbit.nn.convert.router_overrides`: a rounding would
+change where they send tokens); pruning leaves the output head dense
 (``PRUNE_SKIP``), as magnitude- and SparseGPT-style pruning of LLMs does: the head's rows are the
 vocabulary and pruning it costs the most for the fewest weights.
 """
@@ -19,7 +21,7 @@ from lowbit.errors import UsageError
 from lowbit.infer.experts import QuantExperts, expert_linears
 from lowbit.infer.modules import KERNELS, QuantLinear
 from lowbit.infer.quant import QuantRecipe, check_divides, common_divisors
-from lowbit.nn.convert import output_head_names
+from lowbit.nn.convert import output_head_names, router_overrides
 from lowbit.nn.experts import GEMM_KINDS, is_experts, matrix_name, other_experts_layout
 from lowbit.nn.layer_kinds import as_linear, conv1d_type, is_linear, is_router
 from lowbit.recipes.presets import ROUTER_KEPT
@@ -61,9 +63,19 @@ def _layers(model: torch.nn.Module):
 
 
 def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
-    """Replace every linear layer by a `QuantLinear` of ``recipe`` in place; checks first."""
+    """Replace every linear layer but the routers by a `QuantLinear` of ``recipe`` in place;
+    checks first."""
     report = LayerReport()
-    linears = [item for item in _layers(model) if is_linear(item[3])]
+    routers = router_overrides(model)
+    linears = []
+    for item in _layers(model):
+        if not is_linear(item[3]):
+            continue
+        kept = next((router.reason for router in routers if router.matches(item[2])), None)
+        if kept is None:
+            linears.append(item)
+        else:
+            report.kept[item[2]] = kept
     if not linears:
         raise UsageError(
             f"the model ({type(model).__name__}) has no linear layer to quantize; fix: quantize "

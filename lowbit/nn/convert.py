@@ -254,6 +254,20 @@ def router_layer_names(model: torch.nn.Module, mixture_of_experts: bool = True) 
     ]
 
 
+def router_overrides(model: torch.nn.Module) -> list[Override]:
+    """The overrides that keep ``model``'s router layers in high precision, the one rule that
+    training's presets (`recipe_for_model`) and ``lowbit quantize`` (`lowbit.infer.quantize_model`)
+    share: `KEEP_ROUTERS` (routers that are plain linear layers, by name) with the layers inside
+    the model's mixture-of-experts router modules added (`router_layer_names`), then, if it has
+    any, the layers of its other routers, kept with `OTHER_ROUTER_KEPT`."""
+    kept = KEEP_ROUTERS
+    if names := router_layer_names(model):
+        kept = dataclasses.replace(KEEP_ROUTERS, pattern="|".join([KEEP_ROUTERS.pattern, *names]))
+    if names := router_layer_names(model, False):
+        return [kept, Override("|".join(names), None, OTHER_ROUTER_KEPT)]
+    return [kept]
+
+
 def _is_gemm(module: torch.nn.Module) -> bool:
     """A GEMM module: one `convert` swaps, one it swapped before, or one it keeps."""
     return is_convertible(module) or isinstance(
@@ -293,17 +307,17 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
     """``recipe`` with its override placeholders resolved against ``model``
     (`Recipe.resolved_for`: its module names, GEMM layers and output head), and with the layers
     that the presets' `KEEP_ROUTERS` and `KEEP_CLASSIFIERS` cannot name by pattern added to them
-    (`router_layer_names`, `cnn_classifier_names`)."""
+    (`router_overrides`, `cnn_classifier_names`)."""
     recipe = get_recipe(recipe)
-    found = ((KEEP_ROUTERS, router_layer_names), (KEEP_CLASSIFIERS, cnn_classifier_names))
     overrides = list(recipe.overrides)
-    if KEEP_ROUTERS in overrides and (names := router_layer_names(model, False)):
-        other_routers = Override("|".join(names), None, OTHER_ROUTER_KEPT)
-        overrides.insert(overrides.index(KEEP_ROUTERS) + 1, other_routers)
-    for kept, names_in in found:
-        if kept in overrides and (names := names_in(model)):
-            pattern = "|".join([kept.pattern, *names])
-            overrides[overrides.index(kept)] = dataclasses.replace(kept, pattern=pattern)
+    if KEEP_ROUTERS in overrides:
+        at = overrides.index(KEEP_ROUTERS)
+        overrides[at : at + 1] = router_overrides(model)
+    if KEEP_CLASSIFIERS in overrides and (names := cnn_classifier_names(model)):
+        pattern = "|".join([KEEP_CLASSIFIERS.pattern, *names])
+        overrides[overrides.index(KEEP_CLASSIFIERS)] = dataclasses.replace(
+            KEEP_CLASSIFIERS, pattern=pattern
+        )
     if overrides != list(recipe.overrides):
         recipe = dataclasses.replace(recipe, overrides=tuple(overrides))
     return recipe.resolved_for(

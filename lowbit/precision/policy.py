@@ -376,18 +376,26 @@ class Precision:
         (`_check_parameters_fit`), but not one on the meta device, which has no values yet: loaded
         after ``to_empty``, a pretrained weight beyond fp16's 65504 became inf in the fp16
         parameter and its master copy, and every step was skipped as an overflow without a word
-        (``precision.step`` returned False, the loss scale backing off for ever)."""
+        (``precision.step`` returned False, the loss scale backing off for ever).
+
+        Checked per device, one read each (a model placed over devices by a ``device_map``: one
+        stack of all the flags failed on the first parameter elsewhere); a parameter still on the
+        meta device holds no values to check."""
         if self.param_dtype == torch.float32:
             return
-        params = [
-            p
-            for p in optimizer_params(optimizer)
-            if p.dtype == self.param_dtype and type(p.detach()) is torch.Tensor  # a DTensor's
-            # shard: one rank refusing alone left the others waiting
-        ]
-        if not params or not bool(torch.stack([p.detach().isinf().any() for p in params]).any()):
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in optimizer_params(optimizer):
+            # a DTensor's shard is skipped: one rank refusing alone left the others waiting
+            if p.dtype == self.param_dtype and type(p.detach()) is torch.Tensor and not p.is_meta:
+                by_device.setdefault(p.device, []).append(p)
+        first = None
+        for params in by_device.values():
+            flags = torch.stack([p.detach().isinf().any() for p in params]).tolist()
+            if True in flags:
+                first = params[flags.index(True)]
+                break
+        if first is None:
             return
-        first = next(p for p in params if bool(p.detach().isinf().any()))
         names = {id(p): name for model in self._models for name, p in model.named_parameters()}
         name = names.get(id(first), f"a parameter of shape {tuple(first.shape)}")
         short = dtype_name(self.param_dtype)

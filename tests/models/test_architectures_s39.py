@@ -127,3 +127,79 @@ def test_a_layer_whose_weight_its_parent_multiplies_is_reported_kept():
     report = lowbit.convert(model, "fp8-tensorwise")
     assert "unembedding_projection" not in report.converted
     assert "never calling the layer" in report.kept["unembedding_projection"]
+
+
+def test_quantize_keeps_the_router_layers_training_keeps():
+    """Switch Transformers' router is a module holding a linear layer, ``router.classifier``:
+    training's presets keep it in high precision (a rounding changes where tokens go), but
+    `quantize_model` quantized it with the experts, as any linear layer."""
+    import transformers
+
+    from lowbit.infer import QuantRecipe, Target, quantize_model
+    from lowbit.recipes.presets import ROUTER_KEPT
+
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=16,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        num_experts=2,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+    )
+    model = transformers.SwitchTransformersForConditionalGeneration(config)
+    trained = lowbit.convert(copy.deepcopy(model), "fp8-tensorwise")
+    routers = {name for name, reason in trained.kept.items() if reason == ROUTER_KEPT}
+    assert "encoder.block.0.layer.1.mlp.router.classifier" in routers
+    report = quantize_model(model, QuantRecipe(Target("int8")))
+    assert {name for name, reason in report.kept.items() if reason == ROUTER_KEPT} == routers
+    assert type(model.get_submodule("encoder.block.0.layer.1.mlp.router.classifier")) is (
+        torch.nn.Linear
+    )
+
+
+def test_a_quantized_mixture_of_experts_keeps_its_shared_expert_gate_through_export_and_eval(
+    tmp_path, capsys
+):
+    """Qwen2-MoE's ``shared_expert_gate``, a linear layer that training keeps as a router, was
+    quantized by ``lowbit quantize``; kept, it is stored and exported as trained, and the folder
+    evaluates."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from lowbit.cli import main
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    config.save_pretrained(tmp_path / "qwen")
+    run, folder, hf = tmp_path / "run", tmp_path / "int8", tmp_path / "hf"
+    args = ["--model", str(tmp_path / "qwen"), "--recipe", "bf16-mixed", "--steps", "1"]
+    args += ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--out", str(run)]
+    assert main(["train", *args]) == 0
+    assert main(["quantize", str(run), "--to", "int8", "--out", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "mixture-of-experts router kept in high precision" in out, out
+    manifest = json.loads((folder / "quantization.json").read_text())
+    gate = "model.layers.0.mlp.shared_expert_gate"
+    assert gate not in manifest["layers"]
+    assert manifest["kept"][gate] == "mixture-of-experts router kept in high precision"
+    assert main(["eval", str(folder), "--max-batches", "1"]) == 0
+    assert main(["export", str(folder), "--out", str(hf)]) == 0
+    kept = load_file(folder / "model.safetensors")[f"{gate}.weight"]  # as trained, in fp32
+    assert torch.equal(load_file(hf / "model.safetensors")[f"{gate}.weight"], kept)

@@ -111,3 +111,22 @@ def test_weights_beyond_fp16_loaded_into_a_model_converted_on_meta_are_refused_a
     assert "2.weight holds inf" in message and "65504" in message and "\n" not in message
     assert "load the weights before precision.convert()" in message
     assert precision.state_dict()["params_per_optimizer"] == []  # nothing wrapped
+
+
+def test_the_inf_check_at_wrapping_takes_a_model_over_devices():
+    """A model placed over devices (a ``device_map``) was refused by the check itself, which
+    stacked one flag per parameter into one tensor: "Tensor on device meta is not on the expected
+    device cpu". Each device is checked on its own; a layer left on meta holds no values, and an
+    inf on another device is still refused."""
+    precision = lowbit.Precision("fp16-low")
+    model = precision.convert(_model())
+    model[0].to("meta")
+    precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    precision = lowbit.Precision("fp16-low")
+    model = precision.convert(_model())
+    model[0].to("meta")
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(UsageError, match=r"2\.weight holds inf"):
+        precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
