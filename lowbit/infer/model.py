@@ -71,7 +71,7 @@ def quantize_model(model: torch.nn.Module, recipe: QuantRecipe) -> LayerReport:
     for item in _layers(model):
         if not is_linear(item[3]):
             continue
-        kept = next((router.reason for router in routers if router.matches(item[2])), None)
+        kept = _router_reason(routers, item[2])
         if kept is None:
             linears.append(item)
         else:
@@ -210,9 +210,15 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float | None = None, pattern=
     return mask.reshape(w.shape)
 
 
+def _router_reason(routers, name: str) -> str | None:
+    """Why the layer ``name`` is kept as a router (`router_overrides`, training's rule), or None:
+    a zeroed or rounded weight would change where the router sends tokens."""
+    return next((router.reason for router in routers if router.matches(name)), None)
+
+
 def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=None) -> LayerReport:
-    """Zero the smallest weights of every linear layer but the output head, in place (each
-    expert's matrices of a mixture-of-experts layer as linear layers of their own)."""
+    """Zero the smallest weights of every linear layer but the output head and the routers, in
+    place (each expert's matrices of a mixture-of-experts layer as linear layers of their own)."""
     if (sparsity is None) == (pattern is None):
         raise UsageError("give one of --sparsity S or --pattern N:M")
     if sparsity is not None and not 0 <= sparsity < 1:
@@ -220,6 +226,7 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
     report = LayerReport()
     # a head tied to the input embedding (BioGPT's) shares its weight: pruning it prunes both
     heads = set(output_head_names(model))
+    routers = router_overrides(model)
     linears = []  # (name, [the layer's matrices as linear layers: one, or one per expert GEMM])
     for _, _, name, layer in _layers(model):
         if isinstance(layer, QuantLinear | QuantExperts):
@@ -231,6 +238,9 @@ def prune_model(model: torch.nn.Module, sparsity: float | None = None, pattern=N
         elif is_linear(layer):
             matrices = [as_linear(layer)]
         else:
+            continue
+        if (kept := _router_reason(routers, name)) is not None:  # as quantize and training keep
+            report.kept[name] = kept  # (Switch's router.classifier read "output head" below)
             continue
         if name.split(".")[-1] in PRUNE_SKIP or name in heads:
             report.kept[name] = "output head kept dense"

@@ -129,13 +129,14 @@ def test_a_layer_whose_weight_its_parent_multiplies_is_reported_kept():
     assert "never calling the layer" in report.kept["unembedding_projection"]
 
 
-def test_quantize_keeps_the_router_layers_training_keeps():
+def test_quantize_and_prune_keep_the_router_layers_training_keeps():
     """Switch Transformers' router is a module holding a linear layer, ``router.classifier``:
     training's presets keep it in high precision (a rounding changes where tokens go), but
-    `quantize_model` quantized it with the experts, as any linear layer."""
+    `quantize_model` quantized it with the experts, as any linear layer, and `prune_model`
+    zeroed half its weights."""
     import transformers
 
-    from lowbit.infer import QuantRecipe, Target, quantize_model
+    from lowbit.infer import QuantRecipe, Target, prune_model, quantize_model
     from lowbit.recipes.presets import ROUTER_KEPT
 
     config = transformers.SwitchTransformersConfig(
@@ -151,6 +152,7 @@ def test_quantize_keeps_the_router_layers_training_keeps():
         decoder_sparse_step=1,
     )
     model = transformers.SwitchTransformersForConditionalGeneration(config)
+    fresh = copy.deepcopy(model)
     trained = lowbit.convert(copy.deepcopy(model), "fp8-tensorwise")
     routers = {name for name, reason in trained.kept.items() if reason == ROUTER_KEPT}
     assert "encoder.block.0.layer.1.mlp.router.classifier" in routers
@@ -159,6 +161,10 @@ def test_quantize_keeps_the_router_layers_training_keeps():
     assert type(model.get_submodule("encoder.block.0.layer.1.mlp.router.classifier")) is (
         torch.nn.Linear
     )
+    pruned = prune_model(pruned_model := copy.deepcopy(fresh), sparsity=0.5)  # and pruning
+    assert {name for name, reason in pruned.kept.items() if reason == ROUTER_KEPT} == routers
+    router = "encoder.block.0.layer.1.mlp.router.classifier.weight"
+    assert torch.equal(pruned_model.state_dict()[router], fresh.state_dict()[router])
 
 
 def test_a_quantized_mixture_of_experts_keeps_its_shared_expert_gate_through_export_and_eval(
