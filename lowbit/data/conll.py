@@ -173,6 +173,13 @@ def _warn_wide_lines(path: Path, widths: dict[int, list]) -> None:
         warn(line)
 
 
+COMMENT_FIX = (
+    "remove the comment lines (those opening with #): 'TOKEN TAG' files hold none (a "
+    "treebank's .conllu file does)"
+)
+# The label of the word pieces after a word's first in a tokenized token-classification set
+# (PyTorch's cross-entropy ignore_index), written out as a tag
+IGNORE_INDEX = "-100"
 SENTENCE_END = ("", "")  # what a line reads as, beside a (token, tag) pair or None (no word)
 DOCUMENT_START = ("-DOCSTART-", "")
 
@@ -185,20 +192,24 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
     if columns[0] == "-DOCSTART-":
         return DOCUMENT_START
     if len(columns) < 2:
+        fix = "write 'TOKEN TAG' (token first, tag last, separated by spaces or a tab)"
         raise UsageError(
-            f"{where}: one column {line.strip()!r}; fix: write 'TOKEN TAG' "
-            "(token first, tag last, separated by spaces or a tab)"
+            f"{where}: one column {line.strip()!r}; fix: "
+            + (COMMENT_FIX if _comment(columns[0]) else fix)  # '#newdoc'
         )
     _check_tag_characters(where, columns[-1])
     if not is_valid_tag(columns[-1]):
         fix = "use O, B-TYPE, I-TYPE (or IOBES's E-TYPE, S-TYPE; BILOU's L-TYPE, U-TYPE)"
         if len(line.rstrip("\r\n").split("\t")) == TREEBANK_COLUMNS:  # a treebank's line
             fix = "name the file .conllu to read it as CoNLL-U (words tagged with their UPOS)"
-        elif columns[0].startswith("#") and len(columns) > 2:  # '# sent_id = 3': "tag '3'"
+        elif columns[-1] == IGNORE_INDEX:  # a tokenized label set's word pieces ('##e -100')
             fix = (
-                "remove the comment lines (those opening with #): 'TOKEN TAG' files hold none "
-                "(a treebank's .conllu file does)"
+                f"write each word's tag name: {IGNORE_INDEX} is the label that tokenized data "
+                "gives the word pieces after a word's first, which no loss counts, not a tag "
+                "(write out the words and ner_tags from before tokenizing)"
             )
+        elif _comment(columns[0]):  # '# sent_id = 3': "tag '3'"; '# newdoc'
+            fix = COMMENT_FIX
         elif columns[-1].isdigit():  # a Hugging Face dataset's ner_tags written out as ids
             fix = (
                 "write each tag's name, not its number (a Hugging Face dataset's ner_tags ids "
@@ -210,6 +221,12 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
             fix = f"write the token first and its tag last ({columns[-1]} {columns[0]})"
         raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
     return columns[0], columns[-1]
+
+
+def _comment(token: str) -> bool:
+    """Whether a line whose first column is ``token`` is a comment (``# newdoc``), not a word:
+    a WordPiece tokenizer's pieces open with ``##``."""
+    return token.startswith("#") and not token.startswith("##")
 
 
 def _check_tag_characters(where: str, tag: str) -> None:

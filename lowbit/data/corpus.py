@@ -285,7 +285,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    documents, binary, unread, written = _read_texts(source, text_field)
+    documents, binary, unread, written, beside = _read_texts(source, text_field)
     splits = split_documents(documents)
     folder = Path(os.path.expanduser(str(source)))
     listed = _unique(_folder_files(folder)) if folder.is_dir() else []  # one walk for both
@@ -296,6 +296,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
                 _skipped_files(str(source), listed),
                 _compressed_files(str(source), listed),
                 _skipped_binary(str(source), binary),
+                _compressed_beside(str(source), beside),
                 _unread_entries(str(source), unread),
                 _lowbit_written(str(source), written),
                 _shared_text(str(source), splits),
@@ -377,15 +378,73 @@ def unpacked_path(path: Path) -> Path | None:
     return path.with_suffix("")
 
 
+# The compressed files that `unpack_fix` names one by one; for more, a find of their suffixes.
+UNPACK_LISTED = 5
+
+
 def unpack_fix(folder: Path, packed: list[str]) -> str:
-    """The command that unpacks the compressed files ``packed`` of ``folder`` beside themselves
-    (a ``find`` for each format among them)."""
-    found = dict.fromkeys(Path(name).suffix.lower() for name in packed)
-    return "decompress them: " + " && ".join(
-        f"find {shlex.quote(str(folder))} -name '*{extension}' -exec {unpack} {{}} +"
-        for extension, unpack in UNPACK.values()
-        if extension in found
+    """The command that unpacks the compressed files ``packed`` (names relative to ``folder``,
+    none with its unpacked file beside it: `unpacked_path`) beside themselves: each format's tool
+    (`UNPACK`) on the files by name, or for more than `UNPACK_LISTED` a ``find`` of their
+    suffixes (``*.txt.gz``) that passes over hidden entries and files unpacked before, as the
+    folder's walk does. A ``find`` of every ``*.gz`` stopped at the first file unpacked before
+    (gunzip: "already exists", so ``&&`` ran no other format's) and unpacked ``.tar.gz``
+    archives and hidden folders' files too."""
+    tools = dict(tool for kind, tool in UNPACK.items() if kind != "zip")
+    by_extension: dict[str, list[str]] = {}
+    for name in packed:
+        by_extension.setdefault(Path(name).suffix.lower(), []).append(name)
+    commands = []
+    for extension, names in by_extension.items():
+        if len(packed) <= UNPACK_LISTED:
+            commands.append(
+                " ".join([tools[extension], *(shlex.quote(str(folder / n)) for n in names)])
+            )
+            continue
+        suffixes = dict.fromkeys("".join(Path(name).suffixes[-2:]) for name in names)
+        named = " -o ".join(f"-name {shlex.quote('*' + suffix)}" for suffix in suffixes)
+        commands.append(
+            f"find {shlex.quote(str(folder))} -mindepth 1 -name '.*' -prune -o \\( {named} \\) "
+            f'-exec sh -c \'for f; do [ -e "${{f%.*}}" ] || {tools[extension]} "$f"; done\' '
+            "sh {} +"
+        )
+    return f"decompress {'them' if len(packed) > 1 else 'it'}: " + " && ".join(commands)
+
+
+def _compressed_beside(spec: str, beside: list[Path]) -> str | None:
+    """The warning for the compressed files that a glob matched and left out, each with its
+    unpacked file beside it (``beside``, `_read_texts`): read, they were "gzip-compressed; fix:
+    gunzip -k" once more after ``gunzip -k``, the same error on every run."""
+    if not beside:
+        return None
+    names = [_relative(f, Path(_glob_base(spec))) for f in beside]
+    then = _glob_of_unpacked(spec, beside)
+    its, file, sits, it = (
+        ("their", "files", "sit", "them") if len(beside) > 1 else ("its", "file", "sits", "it")
     )
+    return (
+        f"{spec}: {len(beside)} compressed {'files' if len(beside) > 1 else 'file'} not read "
+        f"({_shown(names)}): lowbit reads plain UTF-8 files, and {its} unpacked {file} {sits} "
+        + (
+            f"beside {it}, which the glob does not match; fix: {then}"
+            if then
+            else f"beside {it}, read in {its} place; fix: none needed (a narrower glob leaves "
+            f"{it} out without this warning)"
+        )
+    )
+
+
+def _glob_of_unpacked(spec: str, packed: list[Path]) -> str:
+    """What a glob that matched the compressed files ``packed`` needs to read the files that
+    unpacking them writes beside them: nothing (``""``) where it matches those too (``data/*``),
+    else the glob that does (``data/*.txt.gz``: ``--data 'data/*.txt'``)."""
+    last = Path(spec).name
+    if last == "**" or all(_matching(f.parent, [f.with_suffix("").name], last) for f in packed):
+        return ""
+    extension = next((e for e, _ in UNPACK.values() if spec.lower().endswith(e)), None)
+    if extension is None:
+        return "a glob that matches the files they write"
+    return f"--data '{spec[: -len(extension)]}'"
 
 
 def _skipped_binary(spec: str, skipped: list[str]) -> str | None:
@@ -438,26 +497,88 @@ def _unread_list(unread: dict[str, str]) -> str:
     return f"{count} entr{'ies' if count > 1 else 'y'} not read ({shown}{more})"
 
 
-def _is_binary(path: Path) -> bool:
-    """Whether ``path`` holds no text, as git decides: a NUL byte in its first 8000 bytes. Not
-    a compressed or Parquet file nor UTF-16 or UTF-32 text (which hold NUL bytes too):
-    `read_text` names those with their fix."""
+def _head(path: Path) -> bytes:
+    """The first `BINARY_HEAD` bytes of ``path``; none where it cannot be read (`read_text`
+    names the error)."""
     try:
         with path.open("rb") as file:
-            head = file.read(BINARY_HEAD)
-    except OSError:  # read_text names the error
-        return False
-    return _binary_head(head)
+            return file.read(BINARY_HEAD)
+    except OSError:
+        return b""
 
 
 BINARY_HEAD = 8000  # the bytes of a file's start that git looks at for a NUL byte
 
 
 def _binary_head(head: bytes) -> bool:
-    """Whether a file starting with ``head`` (`BINARY_HEAD` bytes) holds no text (`_is_binary`)."""
+    """Whether a file starting with ``head`` (`BINARY_HEAD` bytes) holds no text, as git decides
+    (a NUL byte in it), unless the NUL bytes are those of UTF-16 or UTF-32 text or of UTF-8 text
+    padded with them (`_nul_kind`), and not a compressed or Parquet file nor text with a
+    byte-order mark: `read_text` names those with their fix."""
     if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS, PARQUET)):
         return False
-    return not _wide_text(head)
+    return _nul_kind(head) is None
+
+
+def _compressed_kind(data: bytes) -> str | None:
+    """The compressed format (`COMPRESSED`) whose magic number opens ``data``, if any."""
+    return next((name for magic, name in COMPRESSED.items() if data.startswith(magic)), None)
+
+
+def _nul_kind(data: bytes) -> str | None:
+    """What the NUL bytes of ``data`` (which holds one) are, judged from its head or, where
+    that holds none, from `BINARY_HEAD` bytes around the first: ``"wide"``, those of UTF-16 or
+    UTF-32 text without a byte-order mark (`_wide_text`); ``"stray"``, NULs in UTF-8 text (a
+    crashed log's padding), which reads as text once they are deleted (`_utf8_text`); None,
+    neither: a binary file.
+
+    ASCII text decodes as printable UTF-16 (two letters a CJK character), so `_wide_text` alone
+    called a padded log UTF-16; and UTF-16 text of ASCII reads as UTF-8 once its NULs are
+    deleted. Where they fall tells those two apart (`_ascii_wide`)."""
+    first = data.index(0)
+    # the file's head, or where its NULs start: a code unit's first byte (no byte-order mark)
+    start = 0 if first < BINARY_HEAD else first - first % 4
+    region = data[start : start + BINARY_HEAD]
+    around = data[max(0, first - BINARY_HEAD // 2) : first + BINARY_HEAD // 2]
+    if not _utf8_text(around, cut=first > BINARY_HEAD // 2):
+        return "wide" if _wide_text(region) else None
+    return "wide" if _ascii_wide(region) and _wide_text(region) else "stray"
+
+
+# UTF-16 text of ASCII is NUL bytes for half of its bytes, UTF-32's for three quarters: at least
+# one byte in `WIDE_NUL_SHARE` (and `WIDE_NULS` in all), and at most `WIDE_SKEW` as many at the
+# other offsets as at those of its code units' high bytes.
+WIDE_NUL_SHARE = 4
+WIDE_NULS = 4
+WIDE_SKEW = 0.1
+
+
+def _ascii_wide(region: bytes) -> bool:
+    """Whether the NUL bytes of ``region`` (from a multiple of 4 bytes into a file) are those of
+    UTF-16 or UTF-32 text of ASCII (`WIDE_NUL_SHARE`, `WIDE_SKEW`): a NUL at every other byte,
+    at odd offsets (little-endian) or even ones, or at three offsets of every four. A log's
+    padding (a run of NULs), NUL-separated records or a stray NUL fall at every offset alike,
+    or too seldom."""
+    counts = [region[offset::4].count(0) for offset in range(4)]
+    if sum(counts) < max(WIDE_NULS, len(region) // WIDE_NUL_SHARE):
+        return False
+    pairs = (counts[0] + counts[2], counts[1] + counts[3])
+    return min(pairs) <= WIDE_SKEW * max(pairs) or min(counts) <= WIDE_SKEW * max(counts)
+
+
+def _utf8_text(window: bytes, cut: bool) -> bool:
+    """Whether ``window``, bytes of a file (from its middle where ``cut``: a character's first
+    bytes may be cut off), is UTF-8 text once its NUL bytes are deleted: it decodes (a character
+    the window's end cuts aside) to characters printable or white space, 95% or more."""
+    window = window.replace(b"\0", b"")
+    if cut:
+        window = window[next((i for i, b in enumerate(window[:3]) if b & 0xC0 != 0x80), 3) :]
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(window)
+    except UnicodeDecodeError:
+        return False
+    printable = sum(c.isprintable() or c.isspace() for c in text)
+    return bool(text.strip()) and printable >= 0.95 * len(text)
 
 
 def _wide_text(head: bytes) -> bool:
@@ -533,19 +654,21 @@ def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> lis
 
 def _read_texts(
     path_or_glob, text_field: str
-) -> tuple[list[Document], list[str], dict[str, str], dict[str, str]]:
+) -> tuple[list[Document], list[str], dict[str, str], dict[str, str], list[Path]]:
     """Documents from user data, sorted by name, the names of the binary files a glob matched
     and left out, what a folder or glob could not read and the folders lowbit wrote into that it
-    left out (`_glob_files`' ``unread`` and ``written``), for `load_corpus`'s warnings.
+    left out (`_glob_files`' ``unread`` and ``written``), and the compressed files a glob matched
+    and left out, whose unpacked files sit beside them, for `load_corpus`'s warnings.
 
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
       linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
       by relative path;
     - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
       fixed leading folder; matched ``.jsonl`` files are read as JSONL, ``.json`` ones where the
-      pattern ends with ``.json``, binary files (`_is_binary`: an image, a ``.pyc``) are left out
-      (a file that links make a folder or glob reach under several names is read once, under the
-      first);
+      pattern ends with ``.json``, binary files (`_binary_head`: an image, a ``.pyc``) are left out,
+      and so are compressed files whose unpacked file sits beside them, while one without is
+      refused with the command that unpacks it (a file that links make a folder or glob reach
+      under several names is read once, under the first);
     - a ``.jsonl`` or ``.json`` file: one document per line, from the string field ``text_field``
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
@@ -560,6 +683,8 @@ def _read_texts(
     binary: list[str] = []
     unread: dict[str, str] = {}
     written: dict[str, str] = {}
+    beside: list[Path] = []
+    records = 0  # documents that are JSON records
     if path.is_dir():
         files = _unique(
             p for p in _folder_files(path, unread, written) if p.suffix.lower() in FOLDER_SUFFIXES
@@ -567,31 +692,44 @@ def _read_texts(
         docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
         unread = _may_have_held_text(unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES))
     elif path.is_file():
+        # the file is all the data: "remove it" is no fix (`read_text`'s ``or_else``)
         if path.suffix.lower() in JSONL_SUFFIXES:
-            docs = _jsonl_documents(path, path.name, text_field)
+            docs = _jsonl_documents(path, path.name, text_field, or_else=None)
+            records = len(docs)
         else:
             docs = _paragraph_documents(path)
     elif glob.has_magic(spec):
         base = _glob_base(spec)
-        files = []
+        files, packed = [], []
         matched = _unique(_glob_files(spec, unread, written))
         unread = _may_have_held_text(unread, lambda name: fnmatch.fnmatch(name, path.name))
         for f in matched:
-            if _is_binary(f):
-                binary.append(os.path.relpath(f, base).replace(os.sep, "/"))
+            head = _head(f)
+            if _binary_head(head):
+                binary.append(_relative(f, Path(base)))
+            elif (kind := _compressed_kind(head)) in UNPACK and f.suffix.lower() == UNPACK[kind][0]:
+                (packed if unpacked_path(f) else beside).append(f)
             else:
                 files.append(f)
+        if packed:  # read, the first was refused: "fix: gunzip -k it, and give the file it writes"
+            names = [_relative(f, Path(base)) for f in packed]
+            then = _glob_of_unpacked(spec, packed)
+            raise UsageError(
+                f"{spec}: matches {len(packed)} compressed file{'s' if len(packed) > 1 else ''} "
+                f"({_shown(names)}), and lowbit reads plain UTF-8 files; fix: "
+                f"{unpack_fix(Path(base), names)}" + (f", then {then}" if then else "")
+            )
         # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
         # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
-        records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
+        as_records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
         docs = []
         for f in files:
-            name = os.path.relpath(f, base).replace(os.sep, "/")
-            docs += (
-                _jsonl_documents(f, name, text_field)
-                if f.suffix.lower() in records
-                else _file_documents(f, name)
-            )
+            name = _relative(f, Path(base))
+            if f.suffix.lower() in as_records:
+                docs += (found := _jsonl_documents(f, name, text_field))
+                records += len(found)
+            else:
+                docs += _file_documents(f, name)
     elif path.exists():
         raise pipe_as_data(spec)
     elif path.is_symlink():  # "no such file" of a path that `ls` lists
@@ -621,10 +759,17 @@ def _read_texts(
                 f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
                 f"none, only tables ({_shown(tables)}); fix: {_table_fix(path / tables[0])}"
             )
-        if docs and path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
+        if docs and records == len(docs):  # a JSONL file, or a glob of them
             raise UsageError(  # it was "fix: point at ... a JSONL file with a 'text' field"
                 f"{spec}: the {text_field!r} field of all {len(docs)} records is empty or "
                 "whitespace; fix: name the field that holds the text with --text-field"
+            )
+        if beside and not docs:  # 'data/*.gz' after gunzip -k: only what it leaves out
+            names = [_relative(f, Path(_glob_base(spec))) for f in beside]
+            raise UsageError(
+                f"{spec}: matches only compressed files ({_shown(names)}), "
+                "whose unpacked files sit beside them, and lowbit reads plain UTF-8 files; fix: "
+                f"{_glob_of_unpacked(spec, beside)}"
             )
         if written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
             raise UsageError(
@@ -643,7 +788,7 @@ def _read_texts(
             f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
             f"a JSONL file with a {text_field!r} field, or a glob that matches files"
         )
-    return sorted(docs, key=lambda d: d.name), binary, unread, written
+    return sorted(docs, key=lambda d: d.name), binary, unread, written, beside
 
 
 # Table files by their separator: data exported from a spreadsheet or a dataframe. Read as plain
@@ -1003,11 +1148,15 @@ UNICODE_BOMS = {
 }
 
 
-def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
+# The fix besides converting it for a file of a folder's or glob's data (`read_text`'s or_else).
+LEAVE_OUT = "remove it"
+
+
+def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
     """The text of a UTF-8 file without its leading byte-order mark, if any (editors on Windows
     write one; it is no part of the text); a `UsageError` if the file is not UTF-8 or unreadable.
-    ``or_else``: the fix besides converting it (a --data file can be left out; a --config file,
-    None, cannot).
+    ``or_else``: the fix besides converting it (a folder's or glob's file can be left out; a
+    --config file or the one file of --data, None, cannot).
 
     A NUL byte is refused too: it is valid UTF-8 but no text holds one, while binary files and
     UTF-16 text do (ASCII in UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after
@@ -1025,7 +1174,7 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
-        kind = next((name for magic, name in COMPRESSED.items() if data.startswith(magic)), None)
+        kind = _compressed_kind(data)
         if kind is not None:
             raise UsageError(
                 f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain "
@@ -1033,10 +1182,7 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
                 "writes"
             ) from None
         if _binary_head(data[:BINARY_HEAD]):  # an image named .txt: no encoding converts it
-            raise UsageError(
-                f"{path}: a binary file (a NUL byte at offset {data.index(0)}), not text; fix: "
-                + (or_else or "give a UTF-8 text file")
-            ) from None
+            raise _binary_file(path, data, or_else) from None
         encoding = next((name for bom, name in UNICODE_BOMS.items() if data.startswith(bom)), None)
         if encoding is not None:
             raise UsageError(
@@ -1053,12 +1199,15 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
         raise UsageError(f"{path}: cannot read ({error.strerror}); fix: {fix}") from None
     if "\0" in text:
         first = data.index(0)
-        if not _wide_text(data[:BINARY_HEAD]):  # UTF-8 text but for NUL bytes (a log's padding)
+        kind = _nul_kind(data)
+        if kind is None:  # NUL bytes and control characters: a binary file, though valid UTF-8
+            raise _binary_file(path, data, or_else)
+        if kind == "stray":  # UTF-8 text but for NUL bytes (a log's padding)
             clean = shlex.quote(str(path.with_name(f"{path.stem}.clean{path.suffix}")))
             line = data.count(b"\n", 0, first) + 1
             raise UsageError(
-                f"{path}: holds NUL bytes (byte {first}, line {line}), "
-                "which no text has; fix: if the rest is its text, delete them (tr -d '\\000' < "
+                f"{path}: holds NUL bytes (byte {first}, line {line}), which no text has, amid "
+                "UTF-8 text; fix: if the rest is its text, delete them (tr -d '\\000' < "
                 f"{shlex.quote(str(path))} > {clean}) and use that file in its place"
                 + (f"; or {or_else}" if or_else else "")
             )
@@ -1067,6 +1216,15 @@ def read_text(path: Path, *, or_else: str | None = "remove it") -> str:
             "not UTF-8 text; fix: convert it to UTF-8" + (f" or {or_else}" if or_else else "")
         )
     return text
+
+
+def _binary_file(path: Path, data: bytes, or_else: str | None) -> UsageError:
+    """The error for a binary file (`_binary_head`): an image named .txt, which no encoding
+    converts."""
+    return UsageError(
+        f"{path}: a binary file (a NUL byte at offset {data.index(0)}), not text; fix: "
+        + (or_else or "give a UTF-8 text file")
+    )
 
 
 def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
@@ -1121,7 +1279,7 @@ def _paragraph_documents(path: Path) -> list[Document]:
     and no line feed (old Mac line ends, which editors show as lines) is cut at carriage returns:
     cut at line feeds, it was one paragraph, and its run stopped at "the validation split is
     empty" with a fix (a blank line between paragraphs) that the file already followed."""
-    text = read_text(path)
+    text = read_text(path, or_else=None)  # the one file of --data: not "remove it"
     old_mac = "\r" in text and "\n" not in text
     lines = io.StringIO(text, newline="\r").readlines() if old_mac else split_lines(text)
     docs, block, start = [], [], 1
@@ -1138,13 +1296,16 @@ def _paragraph_documents(path: Path) -> list[Document]:
     return docs
 
 
-def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
+def _jsonl_documents(
+    path: Path, name: str, text_field: str, or_else: str | None = LEAVE_OUT
+) -> list[Document]:
     """One document per record of a JSON Lines file (named by line number), or of a ``.json``
     file holding one JSON array of records (named by position: ``name:#3``). Records that cannot
-    be read refuse the file after all of it is read, counted (`_Refusal`)."""
+    be read refuse the file after all of it is read, counted (`_Refusal`). ``or_else`` as
+    `read_text`'s."""
     # a .json file may hold one JSON document (a glob's package.json): say how it was read
     as_read = " (a .json file is read as JSON Lines)" if path.suffix.lower() == ".json" else ""
-    text = read_text(path)
+    text = read_text(path, or_else=or_else)
     refusal = _Refusal()
     docs = []
     if as_read and text.lstrip().startswith("["):  # a JSON array (json.dump of a list of records)

@@ -35,8 +35,7 @@ def test_a_latin1_file_gets_the_iconv_command_and_its_byte(tmp_path, capsys):
     assert err == (
         f"lowbit: error: {data}: not UTF-8 text (byte 0xe9 at offset 9, line 2); fix: convert it "
         "from the encoding it was written in, cp1252 (Windows' Latin-1) if 'é' belongs there (a "
-        f"guess): iconv -f CP1252 -t UTF-8 {data} > {converted}, and use that file in its place; "
-        "or remove it"
+        f"guess): iconv -f CP1252 -t UTF-8 {data} > {converted}, and use that file in its place"
     )
     command = err.split(": iconv ", 1)[1].split(",", 1)[0]
     subprocess.run(f"iconv {command}", shell=True, check=True)
@@ -60,7 +59,7 @@ def test_a_file_mixing_utf8_and_latin1_is_not_sent_to_iconv(tmp_path, capsys):
     err = _error(capsys, data, tmp_path)
     assert err.endswith(
         "(byte 0xe9 at offset 9, line 2) after UTF-8 text: the file mixes encodings; fix: retype "
-        "line 2's text (and any other line refused so) in UTF-8, or remove it"
+        "line 2's text (and any other line refused so) in UTF-8"
     )
 
 

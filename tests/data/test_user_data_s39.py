@@ -2,11 +2,14 @@
 text in a folder, a binary file named .txt, an unreadable file, comment lines and tag ids in a
 CoNLL file, and JSON records whose text is inside an object or empty."""
 
+import bz2
 import gzip
 import json
 import re
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from lowbit.cli import main
 from lowbit.data import load_corpus
@@ -81,8 +84,9 @@ def test_a_folder_of_compressed_text_only_is_refused_with_the_command(tmp_path, 
     )
     err = _error(capsys)
     assert "holds none, only compressed ones (doc00.txt.gz" in err
-    assert f"fix: decompress them: find {data} -name '*.gz' -exec gunzip -k {{}} +" in err
     assert not (tmp_path / "r").exists()
+    subprocess.run(["bash", "-c", err.split("; fix: decompress them: ")[1]], check=True)
+    assert sum(len(docs) for docs in load_corpus(str(data)).splits.values()) == 20
 
 
 def test_a_compressed_jsonl_file_is_refused_with_the_command_that_unpacks_it(tmp_path, capsys):
@@ -242,7 +246,191 @@ def test_nul_bytes_in_utf8_text_are_refused_with_the_command_that_deletes_them(t
     )
     err = _error(capsys)
     assert err.startswith(f"lowbit: error: {path}: holds NUL bytes (byte {cut}, line 11), ")
-    command = re.search(r"\((tr -d .*)\) and use that file in its place; or remove it$", err)
+    command = re.search(r"\((tr -d .*)\) and use that file in its place$", err)
     subprocess.run(["bash", "-c", command.group(1)], check=True)
     corpus = load_corpus(str(tmp_path / "server.clean.log"))
     assert sum(len(docs) for docs in corpus.splits.values()) == PARAGRAPHS
+
+
+# Review R2 of the above (session 39)
+
+
+def _text_folder(folder, count=20):
+    folder.mkdir()
+    for i, text in enumerate(_paragraphs(count)):
+        (folder / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def _gzip(path, text):
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        out.write(text)
+
+
+def test_a_glob_reads_past_a_compressed_file_once_it_is_unpacked(tmp_path, capsys):
+    """``--data 'd1/*'`` matching ``z.txt.gz`` was "gzip-compressed; fix: gunzip -k d1/z.txt.gz,
+    and give the file it writes", and after ``gunzip -k`` the same error again: the glob still
+    matched the ``.gz``. Its fix, run, makes the same command read the data."""
+    data = _text_folder(tmp_path / "d1")
+    _gzip(data / "z.txt.gz", "the last document, compressed\n")
+    spec = f"{data}/*"
+    argv = ["train", "--data", spec, "--model", "nano", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert err == (
+        f"lowbit: error: {spec}: matches 1 compressed file (z.txt.gz), and lowbit reads plain "
+        f"UTF-8 files; fix: decompress it: gunzip -k {data / 'z.txt.gz'}"
+    )
+    subprocess.run(["bash", "-c", err.split("; fix: decompress it: ")[1]], check=True)
+    corpus = load_corpus(spec)
+    docs = [d.name for split in corpus.splits.values() for d in split]
+    assert len(docs) == 21 and "z.txt" in docs and "z.txt.gz" not in docs
+    (warning,) = corpus.warnings
+    assert warning.startswith(f"{spec}: 1 compressed file not read (z.txt.gz): ")
+    assert "its unpacked file sits beside it, read in its place" in warning
+    assert warning in capsys.readouterr().err
+
+
+def test_a_glob_of_compressed_files_alone_names_the_glob_of_their_unpacked_files(tmp_path):
+    """``--data 'd1/*.gz'`` does not match the files that unpacking writes: its fix says which
+    glob does, and, unpacked, the glob is refused with that one rather than read as nothing."""
+    data = tmp_path / "d1"
+    data.mkdir()
+    for i, text in enumerate(_paragraphs(3)):
+        _gzip(data / f"doc{i}.txt.gz", text)
+    try:
+        load_corpus(f"{data}/*.gz")
+    except UsageError as error:
+        message = str(error)
+    else:
+        raise AssertionError("compressed files were read")
+    command, then = message.split("; fix: decompress them: ")[1].split(", then ")
+    assert then == f"--data '{data}/*'"
+    subprocess.run(["bash", "-c", command], check=True)
+    try:
+        load_corpus(f"{data}/*.gz")
+    except UsageError as error:
+        assert str(error).endswith(f"; fix: --data '{data}/*'"), error
+    else:
+        raise AssertionError("a glob of compressed files was read")
+    assert sum(len(docs) for docs in load_corpus(f"{data}/*").splits.values()) == 3
+
+
+def _packed_folder(tmp_path, count):
+    """A folder of ``count`` gzipped text files, a bzip2 one, one gzipped beside its unpacked
+    file, a hidden folder's and a tar archive: the last three are not the folder's to unpack."""
+    data = _text_folder(tmp_path / "d3", 5)
+    for i in range(count):
+        _gzip(data / f"packed{i}.txt.gz", f"packed document {i}\n")
+    (data / "c.txt.bz2").write_bytes(bz2.compress(b"a bzip2 document\n"))
+    _gzip(data / "doc00.txt.gz", "an older copy of doc00\n")
+    (data / ".cache").mkdir()
+    _gzip(data / ".cache" / "h.txt.gz", "hidden\n")
+    _gzip(data / "archive.tar.gz", "not a text file\n")
+    return data
+
+
+@pytest.mark.parametrize("count", [2, 8])
+def test_a_folders_unpack_command_unpacks_the_files_it_names(tmp_path, count):
+    """ "find d3 -name '*.gz' -exec gunzip -k {} + && find ... bunzip2 -k" stopped at the
+    ``doc00.txt.gz`` beside ``doc00.txt`` (gunzip: "already exists"), so no ``.bz2`` was
+    unpacked, and unpacked the hidden folder's and the tar archive's files too."""
+    data = _packed_folder(tmp_path, count)
+    (warning,) = load_corpus(str(data)).warnings
+    assert f"{count + 1} compressed files not read" in warning
+    subprocess.run(["bash", "-c", warning.split("; fix: decompress them: ")[1]], check=True)
+    corpus = load_corpus(str(data))
+    assert corpus.warnings == ()
+    assert sum(len(docs) for docs in corpus.splits.values()) == 5 + count + 1
+    assert (data / "doc00.txt").read_text() == _paragraphs(1)[0]  # not overwritten
+    assert not (data / ".cache" / "h.txt").exists() and not (data / "archive.tar").exists()
+
+
+LOG = b"2026-01-01 INFO service started ok\n" * 3000
+
+
+@pytest.mark.parametrize("padding", ["end", "start"])
+def test_a_nul_padded_log_gets_the_same_fix_alone_and_in_a_glob(tmp_path, capsys, padding):
+    """A log padded with NULs past its first 8000 bytes was "as binary files and UTF-16 text
+    do; fix: convert it to UTF-8" (ASCII reads as printable UTF-16); padded within them, a glob
+    left it out as "binary ... they hold no text", while alone it got the ``tr -d`` fix."""
+    data = _text_folder(tmp_path / "logs")
+    log = data / "service.log"
+    log.write_bytes(LOG + b"\0" * 4096 if padding == "end" else LOG[:70] + b"\0" * 64 + LOG[70:])
+    first = log.read_bytes().index(0)
+    for spec, or_else in ((log, ""), (f"{data}/*", "; or remove it")):
+        argv = ["train", "--data", str(spec), "--steps", "1", "--model", "nano"]
+        assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+        err = _error(capsys)
+        assert err.startswith(f"lowbit: error: {log}: holds NUL bytes (byte {first}, "), err
+        assert err.endswith(f" and use that file in its place{or_else}"), err
+    subprocess.run(["bash", "-c", re.search(r"\((tr -d .*)\)", err).group(1)], check=True)
+    assert (data / "service.clean.log").read_bytes() == LOG
+
+
+def test_a_file_that_is_all_the_data_is_not_to_be_removed(tmp_path, capsys, monkeypatch):
+    """``--data img.txt`` (a PNG) was "fix: remove it", and an unreadable ``--data notes.txt``
+    "... or remove it": the fix for the one file of the data is a text file in its place."""
+    image = tmp_path / "img.txt"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(_paragraphs()), encoding="utf-8")
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    read_bytes = Path.read_bytes
+
+    def denied(path):  # the tests run as root, whom permissions do not stop
+        if path == notes:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    fixes = {
+        image: "give a UTF-8 text file",
+        records: "give a UTF-8 text file",
+        notes: f"make it readable (chmod u+r {notes})",
+    }
+    for path, fix in fixes.items():
+        argv = ["train", "--data", str(path), "--model", "nano", "--out", str(tmp_path / "r")]
+        assert main(argv) == 2
+        assert _error(capsys).endswith(f"; fix: {fix}")
+
+
+@pytest.mark.parametrize("comment", ["# newdoc", "#newdoc"])
+def test_every_conll_comment_line_is_named_as_such(tmp_path, capsys, comment):
+    """``# newdoc`` (two columns) was "invalid IOB tag 'newdoc'; fix: use O, B-TYPE, I-TYPE",
+    and ``#newdoc`` "one column; fix: write 'TOKEN TAG'"."""
+    path = tmp_path / "ner.txt"
+    path.write_text(f"{comment}\nAnn B-PER\nsaw O\nRome B-LOC\n\n" * 30, encoding="utf-8")
+    argv = ["train", "--task", "token-classification", "--data", str(path), "--model", "nano"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    assert "fix: remove the comment lines (those opening with #)" in _error(capsys)
+
+
+def test_a_conll_tag_of_minus_100_is_named_as_the_ignore_index(tmp_path, capsys):
+    """Word pieces labelled -100 (a tokenized set's labels written out) were "invalid IOB tag
+    '-100'; fix: use O, B-TYPE, I-TYPE": not seen as a number."""
+    path = tmp_path / "ner.txt"
+    path.write_text("Ann B-PER\n##e -100\nsaw O\n\n" * 30, encoding="utf-8")
+    argv = ["train", "--task", "token-classification", "--data", str(path), "--model", "nano"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"lowbit: error: {path}:2: invalid IOB tag '-100'; fix: write each ")
+    assert "-100 is the label that tokenized data gives the word pieces" in err
+
+
+def test_a_glob_of_records_whose_text_fields_are_all_empty_names_the_field(tmp_path, capsys):
+    """Only one file of them got "the 'text' field of all N records is empty"; a glob of such
+    files was "no text found; fix: point at ... a JSONL file with a 'text' field"."""
+    data = tmp_path / "ej"
+    data.mkdir()
+    for part in range(3):
+        records = ({"text": " ", "body": text} for text in _paragraphs(10))
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (data / f"part{part}.jsonl").write_text(lines, encoding="utf-8")
+    spec = f"{data}/*.jsonl"
+    assert main(["train", "--data", spec, "--model", "nano", "--out", str(tmp_path / "r")]) == 2
+    assert _error(capsys) == (
+        f"lowbit: error: {spec}: the 'text' field of all 30 records is empty or whitespace; fix: "
+        "name the field that holds the text with --text-field"
+    )
