@@ -129,23 +129,21 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 _PROMOTE_EXACTLY = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _reciprocal_is_exact(rule: ScaleRule, scale: torch.Tensor, granularity: Granularity) -> bool:
-    """Whether ``x * (1 / scale)`` equals ``x / scale`` bit for bit for these scales.
+def _reciprocal_is_exact(rule: ScaleRule, granularity: Granularity) -> bool:
+    """Whether ``x * (1 / scale)`` equals ``x / scale`` bit for bit for this rule's scales.
 
     For a power-of-two ``s`` whose reciprocal is an fp32 number, both are the correctly rounded
     value of the same real ``x / s``, so they agree for every x (also for inf and NaN scales:
-    ``1/inf = 0``, ``1/NaN = NaN``). MX scales are ``2**e`` with ``e`` in [-127, 127], whose
-    reciprocals are all fp32 numbers; ``pow2`` scales reach ``2**-252`` and are checked on the
-    CPU (on a GPU reading the check's result would wait for the device, so they divide there).
-    ``amax`` scales are not powers of two: ``x / s`` and ``x * (1/s)`` differ, so they divide.
+    ``1/inf = 0``, ``1/NaN = NaN``). The MX and ``pow2`` rules give ``2**e`` with ``e`` in
+    [-127, 127] (`scale_from_amax`; 1 for an all-zero block), whose reciprocals are all fp32
+    numbers (2**-127's is 2**127). ``amax`` scales and NVFP4's ``e4m3 x fp32`` products are not
+    powers of two: ``x / s`` and ``x * (1/s)`` differ, so they divide.
     """
-    if granularity is Granularity.NVFP4:
-        return False
-    if rule in (ScaleRule.MX_FLOOR, ScaleRule.MX_CEIL):
-        return True
-    if rule is ScaleRule.POW2 and scale.device.type == "cpu":  # elsewhere the check would wait
-        return bool((scale >= torch.finfo(torch.float32).tiny).all())  # 2**-126: 1/s <= 2**126
-    return False
+    return granularity is not Granularity.NVFP4 and rule in (
+        ScaleRule.POW2,
+        ScaleRule.MX_FLOOR,
+        ScaleRule.MX_CEIL,
+    )
 
 
 _KERNEL_RULES = {
@@ -672,7 +670,7 @@ def quantize(
         divisor = scale
 
     # `blocks` may be x itself: the first op allocates the temporary every later op may overwrite.
-    if _reciprocal_is_exact(rule, scale, granularity):
+    if _reciprocal_is_exact(rule, granularity):
         scaled = blocks * torch.reciprocal(divisor)  # == blocks / divisor for power-of-two scales
     else:
         scaled = blocks / divisor

@@ -64,7 +64,8 @@ constexpr float kE4m3Max = 448.0f;
   return static_cast<int32_t>((bits_of(x) >> kMantissaBits) & 0xFF) - kBias;
 }
 
-// Exact 2**e for e in [-252, 127] as the product of two normal powers of two, as `pow2`.
+// Exact 2**e for e in [-127, 127] (2**-127 an fp32 subnormal) as the product of two normal powers
+// of two, as `pow2`.
 [[gnu::always_inline]] inline float pow2(int32_t e) {
   const int32_t high = std::max(e, -126) + kBias;
   const int32_t low = std::min(std::max(e + 126, -126), 0) + kBias;
@@ -176,13 +177,13 @@ struct Grid {
   const float by_amax = positive ? std::max(ratio, std::numeric_limits<float>::min()) : 1.0f;
   // kMxFloor: 2**(floor(log2 amax) - emax of the element format)
   const int32_t floor_exponent = binade(amax) - emax_elem;
-  // kPow2, kMxCeil: the smallest power of two with amax / s <= max (2**0 for a zero amax)
+  // kPow2, kMxCeil: the smallest power of two with amax / s <= max (2**0 for a zero amax), at
+  // least 2**-127: binade reads a subnormal ratio as -127
   const int32_t guess = binade(ratio);
-  const int32_t ceil_exponent =
-      positive ? guess + (ratio > pow2(std::min(std::max(guess, -252), 127)) ? 1 : 0) : 0;
+  const int32_t ceil_exponent = positive ? guess + (ratio > pow2(std::min(guess, 127)) ? 1 : 0) : 0;
   const int32_t exponent = rule == kMxFloor ? floor_exponent : ceil_exponent;
-  const int32_t lo = rule == kPow2 ? -252 : -127;
-  const float scale = rule == kAmax ? by_amax : pow2(std::min(std::max(exponent, lo), 127));
+  // 2**[-127, 127], e8m0's range, which kPow2 keeps too: only kMxFloor's exponent falls below it
+  const float scale = rule == kAmax ? by_amax : pow2(std::min(std::max(exponent, -127), 127));
   // inf and NaN amaxes pass through as fp32 scales; e8m0 (MX) holds no inf, so there both are NaN
   const bool e8m0 = rule == kMxFloor || rule == kMxCeil;
   const float non_finite = e8m0 ? std::numeric_limits<float>::quiet_NaN() : amax;

@@ -402,13 +402,12 @@ def _layer_input_bytes(recipe: Recipe, name: str, hp_bytes: int) -> tuple[float,
     spec, _ = recipe.layer_for(name)
     if spec is None or spec.is_identity:
         return hp_bytes, 0.0, False
-    from lowbit.nn.linear import _reusable
+    from lowbit.nn.linear import reused_operands
 
-    ops = spec.operands()
-    x_bits = get_format(ops["forward.x"].format).bits
-    w_bits = get_format(ops["forward.w"].format).bits
-    reuse_x = _reusable(ops["forward.x"], ops["grad_weight.x"])
-    reuse_w = _reusable(ops["forward.w"], ops["grad_input.w"])
+    reused = reused_operands(spec)
+    x_bits = get_format(spec.forward.a.format).bits
+    w_bits = get_format(spec.forward.b.format).bits
+    reuse_x, reuse_w = "grad_weight.x" in reused, "grad_input.w" in reused
     return (x_bits / 8 if reuse_x else hp_bytes), (w_bits / 8 if reuse_w else 0.0), reuse_x
 
 
@@ -644,7 +643,7 @@ def _trace_activations(
     ``alone``: one process, whose layers share quantized inputs; ranks that agree on scales do not
     (`lowbit.nn.operand.SharedQuantization`)."""
     from lowbit.memory.measure import is_parameter_cast
-    from lowbit.nn.linear import _output_dtype
+    from lowbit.nn.linear import gemm_output_dtype
 
     autocast = recipe.autocast is not None
     hp_bytes = _bytes(recipe.autocast or recipe.param_dtype)
@@ -673,9 +672,34 @@ def _trace_activations(
     quantized_inputs, input_casts = _SharedSlot(), _SharedSlot()
     held_inputs: list = []  # the inputs converted layers keep as they came
 
-    def enter_converted(name: str):
+    def enter_gemm(
+        name: str, x, weight, quantization_shared=False, cast_shared=lambda: False
+    ) -> None:
+        """Count what the converted GEMM of the layer ``name`` keeps for its backward: of its input
+        ``x`` for the weight gradient a cast (int8's bf16), else its quantization, else ``x``
+        itself as it came (autocast casts no input of lowbit's autograd function), once per
+        storage; and its quantized ``weight`` as a temporary. ``quantization_shared``: a layer
+        before kept this quantization of ``x``; ``cast_shared()``, asked only where a cast is
+        kept: one before kept this cast (`_SharedSlot.reused`, which records it)."""
         x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
         kept_dtype = None if quantized else _kept_input_dtype(recipe, name)
+        if kept_dtype is not None and x.dtype != kept_dtype:
+            if not cast_shared():
+                count(kept_dtype.itemsize * x.numel())
+        elif quantized:
+            if not quantization_shared:
+                count(x_bytes * x.numel())
+        elif (key := x.untyped_storage()._cdata) not in seen:
+            seen.add(key)
+            trace.saved_in[key] = where["block"] or ""  # a checkpoint keeps it too
+            count(x.untyped_storage().nbytes())
+            # held as the run's backward holds it: the traced layer saves its autocast cast
+            # instead, and a freed storage's key, reused, hid the next tensor saved there
+            held_inputs.append(x)
+        count(w_bytes * weight.numel(), temporary=True)
+        where["converted"] = True
+
+    def enter_converted(name: str):
         spec, _ = recipe.layer_for(name)
         x_quantization = (spec.forward.a, spec.forward.transform)
         # a delayed scale is a tensor on the GPU, which `SharedQuantization` does not read back
@@ -683,25 +707,16 @@ def _trace_activations(
 
         def hook(module, args):
             x = args[0]
-            key = x.untyped_storage()._cdata
-            # every converted layer quantizes its input through the slot, kept or not
+            # every converted layer quantizes its input through the slot, kept or not; one
+            # quantization or cast of an input for the layers that read it
             shared = quantized_inputs.reused(x, x_quantization, module, shares_x)
-            if kept_dtype is not None and x.dtype != kept_dtype:  # one cast for its readers
-                if not input_casts.reused(x, spec.grad_weight.b, module, alone):
-                    count(kept_dtype.itemsize * x.numel())
-            elif quantized:  # kept for the weight gradient, unless the layer before kept it
-                if not shared:
-                    count(x_bytes * x.numel())
-            elif key not in seen:  # the input itself, as it came (autocast casts no input of
-                # lowbit's autograd function), once for the layers that read it
-                seen.add(key)
-                trace.saved_in[key] = where["block"] or ""  # a checkpoint keeps it too
-                count(x.untyped_storage().nbytes())
-                # held as the run's backward holds it: the traced layer saves its autocast cast
-                # instead, and a freed storage's key, reused, hid the next tensor saved there
-                held_inputs.append(x)
-            count(w_bytes * module.weight.numel(), temporary=True)  # its quantized weight
-            where["converted"] = True
+            enter_gemm(
+                name,
+                x,
+                module.weight,
+                quantization_shared=shared,
+                cast_shared=lambda: input_casts.reused(x, spec.grad_weight.b, module, alone),
+            )
 
         return hook
 
@@ -744,28 +759,16 @@ def _trace_activations(
         and its output in the dtype a converted GEMM gives (`lowbit.nn.linear`: the autocast
         dtype, else the input's), where transformers' op gives the weight's. Until session 39
         the input was counted in the autocast dtype and the output left in fp32: a small
-        Mixtral's fp8-rowwise activations read 27% over the measured bytes."""
+        Mixtral's fp8-rowwise activations read 23% over the measured bytes (docs/memory.md)."""
         name = where["experts"]
         if name is None:
             return original(x, weight, *args, **kwargs)
-        x_bytes, w_bytes, quantized = _layer_input_bytes(recipe, name, hp_bytes)
-        kept_dtype = None if quantized else _kept_input_dtype(recipe, name)
-        if quantized:  # each expert GEMM's own input, quantized
-            count(x_bytes * x.numel())
-        elif kept_dtype is not None and x.dtype != kept_dtype:  # each expert's own cast
-            count(kept_dtype.itemsize * x.numel())
-        elif (key := x.untyped_storage()._cdata) not in seen:  # the input as it came, once
-            seen.add(key)
-            trace.saved_in[key] = where["block"] or ""
-            count(x.untyped_storage().nbytes())
-            held_inputs.append(x)
-        count(w_bytes * weight.numel(), temporary=True)
-        where["converted"] = True
+        enter_gemm(name, x, weight)  # each expert GEMM's own quantization or cast of its input
         try:
             out = original(x, weight, *args, **kwargs)
         finally:
             where["converted"] = False
-        return out.to(_output_dtype(x))
+        return out.to(gemm_output_dtype(x))
 
     handles = []
     in_fp32 = contextlib.ExitStack()

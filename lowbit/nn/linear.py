@@ -309,7 +309,9 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
+def gemm_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a converted GEMM returns for the input ``x``: autocast's where autocast is on for
+    ``x``'s device, else ``x``'s own."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -760,7 +762,7 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
         # of no values to lay out); F.linear's result, empty or the bias
-        dtype = _output_dtype(x)
+        dtype = gemm_output_dtype(x)
         with _autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if _dual(x, weight, bias):
@@ -768,9 +770,9 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
     x2d = x.reshape(-1, x.shape[-1])
     if _functorch_transforms_active():  # under torch.func.grad, vjp, vmap
         record = _ForwardRecord()
-        out = _LinearUnderTransforms.apply(x2d, weight, bias, state, _output_dtype(x), record)
+        out = _LinearUnderTransforms.apply(x2d, weight, bias, state, gemm_output_dtype(x), record)
     else:
-        out = LowbitLinearFunction.apply(x2d, weight, bias, state, _output_dtype(x))
+        out = LowbitLinearFunction.apply(x2d, weight, bias, state, gemm_output_dtype(x))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -2,53 +2,28 @@
 
 A converted mixture-of-experts layer (`lowbit.nn.experts`) keeps each expert GEMM's input as it
 came (fp32 hidden states under autocast) and gives its output in autocast's dtype; the trace
-counted the input in bf16 and left transformers' grouped GEMM output in fp32, so a small Mixtral's
-`fp8-rowwise` activations read 27% over the measured bytes (3,653,668 against 2,867,236 at
-`lowbit train --batch-size 4 --seq-len 64`)."""
+counted the input in bf16 and left transformers' grouped GEMM output in fp32, so the small
+Mixtral of `tests.moe.mixtral_config()`, saved with ``save_pretrained``, read 23% over the measured
+`fp8-rowwise` activations (3,190,820 against 2,600,996 bytes at `lowbit train --batch-size 4
+--seq-len 64`: docs/memory.md has the commands)."""
 
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lowbit
 from lowbit.cli import main
-from lowbit.memory import measure, measure_activations
 from lowbit.memory.breakdown import COMPONENTS
 from lowbit.memory.estimate import estimate
-from lowbit.optim import build_optimizer
+from tests.memory.test_estimate_exact_s31 import BATCH, SEQ, _measured  # the step it measures
 from tests.moe import mixtral, mixtral_config
-
-BATCH, SEQ = 2, 32
-
-
-def _measured(model, recipe: str):
-    """What a training step of ``model`` holds after a first step made the optimizer states."""
-    precision = lowbit.Precision(recipe)
-    model = precision.convert(model)
-    optimizer = precision.wrap_optimizer(build_optimizer(model.parameters(), lr=1e-3))
-    windows = torch.randint(0, 257, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    x, y = windows[:, :-1], windows[:, 1:]
-
-    def forward():
-        with precision.autocast():
-            return F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
-
-    precision.backward(forward())
-    precision.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    saved = measure_activations(model, forward)
-    precision.backward(forward())
-    live = measure(model, optimizer, precision)
-    live.activations, live.temporaries = saved.activations, saved.temporaries
-    return live
 
 
 @pytest.mark.parametrize("recipe", ["fp8-rowwise", "int8"])
 def test_converted_experts_are_estimated_as_a_step_holds_them(recipe):
     # fp8-rowwise keeps the input as it came; int8 a bf16 cast of it for each expert
-    live = _measured(mixtral(), recipe)
+    live = _measured(mixtral(), recipe, "fp32")
     planned = estimate(mixtral_config(), recipe, "fp32", BATCH, SEQ)
     for name in COMPONENTS:
         assert getattr(planned, name) == getattr(live, name), name
