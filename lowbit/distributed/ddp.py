@@ -11,9 +11,11 @@ the parameters' gradient accumulators, on which DDP hangs its hooks, stay the sa
 
 Each ``.grad`` is a view of its all-reduce bucket (``gradient_as_bucket_view=True``), zeroed
 rather than dropped between steps (`Ranks.zero_grad`), so that ``--grad-accum``'s micro-batches
-under ``no_sync`` accumulate into the buckets too: a rank holds every gradient once. Until
-session 39 it held them twice, ``.grad`` and the buckets' flat copy (4 of bf16-mixed's 20 bytes
-per parameter, 146 MiB of a 38M-parameter model's rank; peak RSS in docs/memory.md). Every recipe
+under ``no_sync`` accumulate into the buckets too: between steps a rank holds every gradient
+once (DDP's one rebuild of its buckets, before the second step's forward, holds the old and the
+new ones for a moment: `lowbit.memory.estimate` counts that). Until session 39 it held them
+twice for the whole run, ``.grad`` and the buckets' flat copy (4 of bf16-mixed's 20 bytes per
+parameter, 146 MiB of a 38M-parameter model's rank; peak RSS in docs/memory.md). Every recipe
 trains bit for bit as before (tests/distributed/test_bucket_view_s39.py): lowbit changes
 gradients in place (unscaling, clipping) and gives 16-bit parameters' fp32 stand-ins a copy
 (`LowPrecisionUpdate.prepare`), never assigning a parameter's ``.grad``.

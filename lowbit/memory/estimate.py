@@ -14,8 +14,9 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
 
 Under DDP (``sharding="ddp"``, or ``"none"`` over several GPUs: `lowbit train --nproc N`) the
-gradients are counted once: each ``.grad`` is a view of DistributedDataParallel's all-reduce
-buckets (`lowbit.distributed.ddp`).
+gradients are counted twice: each ``.grad`` is a view of DistributedDataParallel's all-reduce
+buckets (`lowbit.distributed.ddp`), but DDP rebuilds the buckets once, at the second step, and
+holds the old and the new ones for a moment.
 
 With ``sharding="fsdp"`` these four are the first rank's shards (ZeRO-3 / FSDP full sharding,
 `_first_shard`: ``ceil(rows / gpus)`` rows of each parameter, to which FSDP2 pads every rank's
@@ -1030,6 +1031,18 @@ def estimate(
     out.optimizer_states = sum(
         _shard_state_bytes(precision, k, _first_shard(k, rows, ranks)) for k, rows in trace.trained
     )
+    if sharding == "ddp" or (sharding == "none" and gpus > 1):  # `lowbit train`'s DDP
+        # Each .grad is a view of DDP's all-reduce buckets (lowbit.distributed.ddp), but DDP
+        # rebuilds its buckets once, before the second step's forward, making the new ones before
+        # it frees the old (torch's `_pre_forward`): a second copy of every gradient then, beside
+        # the parameters and optimizer states. Counted as the peak's, it over-counts by the
+        # smaller of the gradients and a step's activations: the true peak is
+        # model states + max(gradients, activations + temporaries).
+        out.gradients *= 2
+        out.notes.append(
+            "ddp: gradients twice: DDP rebuilds its all-reduce buckets once, at the second step, "
+            "holding the old and the new ones for a moment"
+        )
     if fsdp:
         gathered = _gathered_dtype(recipe)
         out.notes.append(

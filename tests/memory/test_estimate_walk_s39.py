@@ -33,8 +33,10 @@ def test_ddp_ranks_hold_each_gradient_once():
     """`lowbit train --nproc N` wraps the model in DistributedDataParallel, whose all-reduce
     buckets held a copy of every gradient beside ``.grad`` until session 39 (4 of bf16-mixed's 20
     bytes per parameter per rank, which the estimate then counted); each ``.grad`` is now a view
-    of its bucket (`lowbit.distributed.ddp`): the gradients live in the buckets' storages alone,
-    and a DDP rank's estimate holds them once, as one process's does."""
+    of its bucket (`lowbit.distributed.ddp`): the gradients live in the buckets' storages alone.
+    The estimate, of the peak, still counts them twice: DDP rebuilds its buckets once, before the
+    second step's forward, and holds the old and the new ones for a moment (a 1-rank DDP run of
+    `medium` rose by one gradient copy, 138 MiB, over its second step)."""
     import torch.distributed as dist
 
     from lowbit.distributed.context import free_port
@@ -63,8 +65,9 @@ def test_ddp_ranks_hold_each_gradient_once():
     assert tensor_bytes(grads) == sum(buckets) == whole.gradients
     for gpus, sharding in ((1, "ddp"), (2, "ddp"), (2, "none")):  # train's --nproc 2: DDP
         rank = estimate("nano", "bf16-low", "fp32", BATCH, SEQ, gpus=gpus, sharding=sharding)
-        assert rank.gradients == whole.gradients
-        assert not any("bucket" in note for note in rank.notes)
+        # but the peak's: DDP rebuilds its buckets at the second step, old and new held at once
+        assert rank.gradients == 2 * whole.gradients
+        assert any("rebuilds its all-reduce buckets" in note for note in rank.notes)
 
 
 def _estimate_json(capsys, *argv) -> dict:
