@@ -393,6 +393,9 @@ def _with_run_settings(args) -> None:
         for name, value in recorded.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+        for what, value in (("batch size", run.batch_size), ("nproc", run.nproc)):
+            if value is not None:  # a config.yaml edited by hand: named as the run's, not a flag's
+                check_count(value, f"{args.model}: the run's {what}")
         if args.batch is None and args.batch_size is None and run.batch_size is not None:
             # its --batch-size is the global batch, which its processes split (`lowbit train`)
             whose = f"{args.model}: the run's batch size"

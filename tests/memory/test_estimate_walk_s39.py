@@ -8,6 +8,7 @@ Mixtral of `tests.moe.mixtral_config()`, saved with ``save_pretrained``, read 23
 --seq-len 64`: docs/memory.md has the commands)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,3 +95,16 @@ def test_estimate_takes_train_batch_size_and_seq_len(capsys):
         assert main(["estimate", "--model", "nano", *argv]) == 2
         err = capsys.readouterr().err
         assert error in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_folders_edited_batch_size_of_0_is_named_as_the_runs(tmp_path, capsys):
+    """A config.yaml edited to ``batch_size: 0``: "batch must be a whole number ..." named
+    neither the folder nor the setting."""
+    from lowbit.train.config import TrainConfig, resolve, write
+
+    write(resolve(TrainConfig(model="nano", out=str(tmp_path))), tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(re.sub(r"(?m)^batch_size: .*$", "batch_size: 0", config.read_text()))
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path}: the run's batch size must be a whole number of at least 1, got 0" in err
