@@ -436,18 +436,17 @@ def _check_inputs(config, resume: bool) -> None:
     """Refuse here, before the ranks start, the input that a one-process run refuses as its
     `Trainer` sets up and that each rank refused only then, after two interpreters had imported
     torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
-    inherit, the run's inputs (`lowbit.train.tasks.check_inputs`), and a one-process checkpoint
-    to resume. The ranks check again
+    inherit, the run's inputs (`lowbit.train.tasks.check_inputs`), and a checkpoint whose kind
+    or settings the resume refuses (`check_resumable`). The ranks check again
     (under torchrun no launcher runs), and make the checks that need the run's tokenizer or
     built model."""
-    from lowbit.train import checkpoint
     from lowbit.train.tasks import check_inputs
-    from lowbit.train.trainer import check_checkpoint_kind
+    from lowbit.train.trainer import check_resumable
 
     collective_timeout()
     check_inputs(config, resume)
-    if resume and (latest := checkpoint.latest(config.out)) is not None:
-        check_checkpoint_kind(latest, distributed=True)
+    if resume:
+        check_resumable(config, distributed=True)
 
 
 def process_count_flag() -> str:

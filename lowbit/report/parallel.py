@@ -326,11 +326,22 @@ def _ask_to_stop(pool: ProcessPoolExecutor) -> None:
                 os.kill(process.pid, STOP_SIGNAL)
 
 
+def _system_killed(workers: dict) -> set[int]:
+    """The pids of the pool's ``workers`` (pid: process, ended) that the system killed: those a
+    signal ended, but for the SIGTERM with which the broken pool ends the others. A worker still
+    setting up its run (before its trainer handles SIGTERM as a stop that saves) dies of that
+    one, its run.json left running as a killed run's, and was named as killed too. Where only
+    SIGTERMs ended workers (one sent from outside broke the pool), every one they ended."""
+    ended = {pid: -p.exitcode for pid, p in workers.items() if (p.exitcode or 0) < 0}
+    return {pid for pid, signum in ended.items() if signum != signal.SIGTERM} or set(ended)
+
+
 def _killed(runs, pids: set[int]) -> list[tuple]:
     """The runs of ``runs`` whose worker died without a word: run.json says running, in one of
-    ``pids`` (the pool's workers: not a run killed in an earlier invocation, queued here), and no
-    process holds the run's folder (`lowbit.train.runstate.state`). Empty where the worker died
-    before its run wrote run.json, or the folder's lock cannot be told."""
+    ``pids`` (the workers the system killed, `_system_killed`: not a run killed in an earlier
+    invocation, queued here), and no process holds the run's folder
+    (`lowbit.train.runstate.state`). Empty where the worker died before its run wrote run.json,
+    or the folder's lock cannot be told."""
     from lowbit.train.config import read_run_info
     from lowbit.train.runstate import state
 
@@ -426,7 +437,8 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                 # have, the dead worker's folder is surely unlocked (its lock can outlive the
                 # pipe that told the pool it died, by a moment)
                 pool.shutdown()
-                dead = _killed(runs, pids)
+                killed_pids = _system_killed(processes)
+                dead = _killed(runs, killed_pids)
                 killed = [name(f) for f in futures if futures[f] in dead]
                 workers = min(jobs, len(runs))
                 what = (
@@ -435,11 +447,13 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                     else f"{study.out.name}'s runs, {workers} at a time"
                 )
                 who = "a worker process" if len(killed) < 2 else "worker processes"
+                # every worker killed: no other run was in progress to stop
+                others = "the other runs stopped, " if len(killed_pids) < len(processes) else ""
                 raise UsageError(
                     f"{who} died while training {what} (killed by the system: out of "
-                    "memory?); the other runs stopped, every run keeps its last checkpoint and the "
-                    "finished ones are reused; fix: a lower --jobs (each worker holds its own "
-                    "model and data), then run the same command again to resume"
+                    f"memory?); {others}every run keeps its last checkpoint and the finished "
+                    "ones are reused; fix: a lower --jobs (each worker holds its own model and "
+                    "data), then run the same command again to resume"
                 ) from None
             if how != "reused":
                 trained.add((study.out, recipe, seed))
@@ -451,7 +465,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                 f"{minutes:.1f} min since the start, {jobs} jobs)"
             )
 
-        failed, pids = None, set()
+        failed, processes = None, {}
         try:
             # submitted in the try: a stop while the workers start is passed on to them
             with _held_while_workers_start():  # `submit` starts the workers
@@ -459,7 +473,8 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                     future = pool.submit(_train, *run, threads, jobs)
                     futures[future] = run
                     pending.add(future)
-            pids = set(getattr(pool, "_processes", None) or ())  # started by now, for good
+            # started by now, for good; kept: the pool drops them as it shuts down (`_killed`)
+            processes = dict(getattr(pool, "_processes", None) or {})
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for failed in done:

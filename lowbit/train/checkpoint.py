@@ -116,6 +116,22 @@ def read_file(path, name=None) -> dict:
     return state
 
 
+def read_settings(path) -> dict | None:
+    """The checkpoint at ``path`` with its tensors mapped from the file, not read (a DCP folder's
+    rank-0 part, which holds no weights): its ``config``, for the refusals a resumed
+    run makes before it builds its model. None where it cannot be read so: the full load that
+    follows says why."""
+    if Path(path).is_dir():
+        from lowbit.distributed.checkpoint import read
+
+        return read(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # torn, foreign or old (non-zip) bytes: `read_file` names the problem
+        return None
+    return state if isinstance(state, dict) and "config" in state else None
+
+
 def _changed_record(path) -> str | None:
     """The first record of the checkpoint's zip archive whose bytes no longer match the CRC-32
     that `torch.save` wrote beside them (a bit flipped on the disk, bytes overwritten), else None.

@@ -352,6 +352,21 @@ def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None 
         )
 
 
+def check_resumable(config: TrainConfig, distributed: bool) -> dict | None:
+    """Refuse a resume that its newest checkpoint refuses (`check_checkpoint_kind`,
+    `check_resume_config`) before the model is built: a refused resume printed the start-up
+    lines (layers kept, emulation warnings) of a run it would not start. `Trainer._resume` checks
+    again as it loads (a checkpoint unreadable here is named there). Returns the checkpoint's
+    state (`checkpoint.read_settings`), None where there is none to read."""
+    path = checkpoint.latest(config.out)
+    if path is None:
+        return None
+    check_checkpoint_kind(path, distributed)
+    if (state := checkpoint.read_settings(path)) is not None:
+        check_resume_config(state["config"], config, read_run_info(config.out))
+    return state
+
+
 def _shown(name: str, value, task: str | None) -> str:
     """Setting ``name``'s ``value`` as a user wrote it: a None as the flag value that gives it
     (`spelled_none`: grad_clip's 0, causal-lm's data ``stdlib``), another value as its repr."""
@@ -697,7 +712,7 @@ class Trainer:
     # warn of a warmup as long as a new run (`warn_long_warmup`); compare, whose runs share
     # their length, warns of its first run's only
     warn_warmup = True
-    # the run as a stop message names it, where one process says it for one of several runs
+    # the run as its stop message and validation lines name it, where one process trains several
     # (`lowbit compare`'s, "study: fp32 seed 0"); None: the process's one run, as `lowbit train`
     run_name: str | None = None
 
@@ -734,6 +749,8 @@ class Trainer:
 
             # a new run's choice of data only: a run trained on a table is resumed on it
             check_not_tables(config.data)
+        # a refused resume says only why: before the set-up and its start-up lines
+        saved = check_resumable(config, self.dist.distributed) if resume else None
         if not self.dist.distributed:  # a rank's: the launcher checked before starting it
             preflight(config, resume)  # before the model is built: it may not fit
         seed_everything(config.seed)
@@ -748,6 +765,14 @@ class Trainer:
         random.seed(config.seed)
         self.built_to_resume = resume
         self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
+        if config.steps:
+            self.total_steps = config.steps
+        else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
+            steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
+            # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
+            self.total_steps = max(1, steps)
+        if saved is not None:  # before the start-up lines, as `check_resumable`
+            self._check_length(saved["step"])
         self.precision = lowbit.Precision(recipe, device=self.device)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
@@ -797,12 +822,6 @@ class Trainer:
             )
         if warn and self.device.type == "cpu" and (slow := bf16_gemm_warning(recipe)):
             print(f"lowbit: warning: {slow}", file=sys.stderr)
-        if config.steps:
-            self.total_steps = config.steps
-        else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
-            steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
-            # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
-            self.total_steps = max(1, steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
@@ -1005,7 +1024,7 @@ class Trainer:
         if resume:
             self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
-            self._check_length()
+            self._check_length(self.step_idx)
             if main and recorded.get("status") == "running":  # this process holds the lock now
                 self._note_killed(run_dir, recorded)
         else:
@@ -1081,9 +1100,11 @@ class Trainer:
                         metrics = self.last_metrics = self.evaluate()
                         self.last_metrics_step = self.step_idx
                         logger.log(self.step_idx, "validation", metrics)
-                        if not self.quiet:
+                        if not self.quiet:  # a study's run (`run_name`) named, as its stop is
+                            named = f"{self.run_name}: " if self.run_name else ""
                             bar.write(
-                                f"step {self.step_idx}: validation loss {metrics['loss']:.4f}"
+                                f"{named}step {self.step_idx}: validation loss "
+                                f"{metrics['loss']:.4f}"
                             )
                     saved_now = self.step_idx % c.save_interval == 0 or last
                     if saved_now:
@@ -1230,9 +1251,9 @@ class Trainer:
             file=sys.stderr,
         )
 
-    def _check_length(self) -> None:
-        """A resumed run can be lengthened, not shortened below the step it has reached."""
-        c, step = self.config, self.step_idx
+    def _check_length(self, step: int) -> None:
+        """A resumed run can be lengthened, not shortened below the ``step`` it has reached."""
+        c = self.config
         if self.total_steps < step:
             asked = (
                 f"steps {c.steps}"

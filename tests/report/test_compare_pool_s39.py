@@ -144,6 +144,7 @@ def test_a_worker_killed_mid_run_ends_compare_with_one_line_naming_its_run(tmp_p
         "runs at a time (killed by the system: out of memory?)"
     ), lines
     assert lines[-1].endswith("then run the same command again to resume"), lines
+    assert "; the other runs stopped, every run keeps its last checkpoint" in lines[-1], lines
     assert (run / "run.json").is_file() and (run / "metrics.jsonl").is_file()  # nothing cleared
 
 
@@ -153,5 +154,57 @@ def test_two_workers_killed_are_both_named_in_one_line(tmp_path):
     assert code == 2, (code, lines)
     assert lines[-1].startswith(
         "lowbit: error: worker processes died while training study: fp32 seed 0 and study: "
-        "bf16-mixed seed 0, two of 2 runs at a time (killed by the system: out of memory?)"
+        "bf16-mixed seed 0, two of 2 runs at a time (killed by the system: out of memory?); "
+        "every run keeps its last checkpoint"  # no other run stopped: every worker died
+    ), lines
+
+
+# The second --jobs worker to start stops in its run's set-up, its run.json written ("running",
+# its pid) but its trainer not yet handling SIGTERM as a stop: the broken pool's SIGTERM kills it
+# there, as it does a worker still setting up, and its run.json reads as a killed run's.
+SETTING_UP = textwrap.dedent(
+    """
+    import os, signal, sys
+
+    folder = os.environ.get("LOWBIT_TEST_POOL")
+    if folder and "--multiprocessing-fork" in sys.orig_argv:
+        try:
+            os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            from lowbit.train.trainer import Trainer
+
+            written = Trainer._write_run_info
+
+            def write_and_wait(self, *args):
+                written(self, *args)
+                while True:
+                    signal.pause()
+
+            Trainer._write_run_info = write_and_wait
+    """
+)
+
+
+def test_a_worker_the_pool_ends_as_it_sets_up_is_not_named_killed(tmp_path):
+    """Only the worker the system killed (SIGKILL) is named: the other, ended by the pool's
+    SIGTERM before it could save, left run.json "running" too, and the line named both runs."""
+    hook, events = tmp_path / "hook", tmp_path / "events"
+    hook.mkdir()
+    events.mkdir()
+    (hook / "sitecustomize.py").write_text(SETTING_UP)
+    env = {"PYTHONPATH": str(hook), "LOWBIT_TEST_POOL": str(events)}
+    process, runs, err = _study(tmp_path, env)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not all((run / "run.json").is_file() for run in runs):  # both runs set up
+            assert process.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    (run,), code, lines = _kill_when_training(process, runs, err, 1)
+    assert code == 2, (code, lines)
+    assert lines[-1].startswith(
+        f"lowbit: error: a worker process died while training study: {run.parent.name} seed 0, "
+        "one of 2 runs at a time (killed by the system: out of memory?); the other runs stopped"
     ), lines

@@ -9,11 +9,14 @@ import json
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 import lowbit
 from lowbit.cli import main
+from lowbit.errors import UsageError
 from lowbit.train import TrainConfig, Trainer
+from lowbit.train.config import read
 from tests.commands.test_eval_progress_s30 import Terminal
 from tests.train.test_eval_data_s38 import ONLY_O, _tagger
 from tests.train.test_tracking_walk_s38 import _small_data, _train
@@ -139,3 +142,25 @@ def test_eval_data_a_glob_is_evaluated_and_named_by_its_split(tmp_path, capsys, 
     assert main(["eval", str(run), "--data", str(data)]) == 0
     note = f"lowbit: note: evaluating the whole validation split of {data}: 110 batches of 4;"
     assert note in capsys.readouterr().err
+
+
+def test_a_refused_resume_prints_only_its_error(tmp_path, capsys):
+    """`lowbit train --resume RUN --optimizer-state 8bit` (or --steps below the run's step)
+    printed the kept-layers line and the CPU-emulation warning of a run it did not start before
+    its one-line refusal; a library user's `Trainer(config, resume=True)` likewise."""
+    run = str(tmp_path / "digits")
+    digits = ["train", "--task", "image-classification", "--batch-size", "2", "--steps", "2"]
+    assert main([*digits, "--recipe", "fp8-tensorwise", "--quiet", "--out", run]) == 0
+    capsys.readouterr()
+    refusals = {
+        ("--optimizer-state", "8bit"): "cannot resume with optimizer_state '8bit'",
+        ("--steps", "1"): "steps 1 is below the run's step 2;",
+    }
+    for flags, problem in refusals.items():
+        assert main(["train", "--resume", run, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lowbit: error: {problem}") and err.count("\n") == 1, err
+    config = replace(read(run), optimizer_state="8bit", steps=3)
+    with pytest.raises(UsageError, match="cannot resume with optimizer_state"):
+        Trainer(config, resume=True)
+    assert capsys.readouterr().err == ""
