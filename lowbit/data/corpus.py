@@ -708,7 +708,10 @@ def _read_texts(
             if _binary_head(head):
                 binary.append(_relative(f, Path(base)))
             elif (kind := _compressed_kind(head)) in UNPACK and f.suffix.lower() == UNPACK[kind][0]:
-                (packed if unpacked_path(f) else beside).append(f)
+                if kind == "zip":  # an archive of its own names: read, refused with its unzip
+                    files.append(f)
+                else:
+                    (packed if unpacked_path(f) else beside).append(f)
             else:
                 files.append(f)
         if packed:  # read, the first was refused: "fix: gunzip -k it, and give the file it writes"

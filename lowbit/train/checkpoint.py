@@ -129,7 +129,7 @@ def read_settings(path) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # torn, foreign or old (non-zip) bytes: `read_file` names the problem
         return None
-    return state if isinstance(state, dict) and "config" in state else None
+    return state if isinstance(state, dict) and {"config", "step"} <= state.keys() else None
 
 
 def _changed_record(path) -> str | None:

@@ -1261,7 +1261,7 @@ class Trainer:
                 else f"epochs {c.epochs} ({self.total_steps} steps)"
             )
             raise UsageError(
-                f"{asked} is below the run's step {step}; fix: ask for more than {step} steps, "
+                f"{asked} is below the run's step {step}; fix: ask for at least {step} steps, "
                 "or leave --steps/--epochs out to keep the run's length"
             )
 

@@ -434,3 +434,15 @@ def test_a_glob_of_records_whose_text_fields_are_all_empty_names_the_field(tmp_p
         f"lowbit: error: {spec}: the 'text' field of all 30 records is empty or whitespace; fix: "
         "name the field that holds the text with --text-field"
     )
+
+
+def test_a_zip_archive_a_glob_matches_is_refused_with_its_unzip(tmp_path):
+    """A zip holds files under names of its own, so no unpacked file sits beside it: a glob
+    left it out as one that had ("fix: none needed"), its text silently not trained on."""
+    import zipfile
+
+    (tmp_path / "plain.txt").write_text("plain text\n" * 300)
+    with zipfile.ZipFile(tmp_path / "books.zip", "w") as archive:
+        archive.writestr("inner.txt", "zipped text\n" * 300)
+    with pytest.raises(UsageError, match=r"books\.zip: zip-compressed.*unzip"):
+        load_corpus(str(tmp_path / "*"))

@@ -164,3 +164,23 @@ def test_a_refused_resume_prints_only_its_error(tmp_path, capsys):
     with pytest.raises(UsageError, match="cannot resume with optimizer_state"):
         Trainer(config, resume=True)
     assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_without_its_step_is_named_not_a_lowbit_checkpoint(tmp_path, capsys):
+    """`read_settings` took any dict with a ``config`` for a checkpoint: a foreign or edited file
+    without its ``step`` ended the resume in a KeyError traceback."""
+    import torch
+
+    from lowbit.train import checkpoint
+
+    out = tmp_path / "run"
+    digits = ["--task", "image-classification", "--steps", "2", "--batch-size", "4"]
+    assert main(["train", *digits, "--eval-interval", "2", "--out", str(out), "--quiet"]) == 0
+    latest = checkpoint.latest(out)
+    state = torch.load(latest, weights_only=False)
+    del state["step"]
+    torch.save(state, latest)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--steps", "4", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err, err
