@@ -8,9 +8,9 @@ given as data needs only the split evaluated; a missing folder's fix names the q
 import json
 
 import pytest
-import torch
 
 from lowbit.cli import main
+from tests.train.test_eval_metrics_s32 import diverge_classifier
 
 TAGGED = ["Ann B-PER", "Lee I-PER", "ran O", ""] * 8
 ONLY_O = ["it O", "ran O", ""] * 4
@@ -183,10 +183,7 @@ def test_entities_predicted_where_there_are_none_score_0(tagger, tmp_path, capsy
 def test_a_nan_tagger_without_entities_scores_nan_not_n_a(tmp_path, capsys):
     """A NaN loss is told as NaN entity F1 too; the n/a of a split without entities hid it."""
     run, _ = _tagger(tmp_path, dev=ONLY_O, others=ONLY_O)
-    path = run / "checkpoints" / "step-0000001.pt"
-    state = torch.load(path, weights_only=False)
-    state["model"]["classifier.weight"].fill_(float("nan"))
-    torch.save(state, path)
+    diverge_classifier(run)
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--quiet"]) == 0
     metrics = json.loads(capsys.readouterr().out)

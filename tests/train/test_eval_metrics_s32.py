@@ -48,6 +48,14 @@ def test_perplexity_of_a_trained_model_is_exp_of_its_loss(lm_run, capsys):
     assert metrics["ppl"] == math.exp(metrics["loss"])
 
 
+def diverge_classifier(run) -> None:
+    """Make a one-step tagger run diverged: its checkpoint's classifier weights all NaN."""
+    path = run / "checkpoints" / "step-0000001.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"]["classifier.weight"].fill_(float("nan"))
+    torch.save(state, path)
+
+
 def test_a_tagger_whose_output_is_nan_scores_nan_not_its_share_of_o_words(tmp_path, capsys):
     """NaN logits' argmax is tag 0, "O": a diverged tagger's accuracy read as the share of "O"
     words (most of a NER set) and its entity F1 as 0, beside a NaN loss."""
@@ -59,10 +67,7 @@ def test_a_tagger_whose_output_is_nan_scores_nan_not_its_share_of_o_words(tmp_pa
     run = tmp_path / "run"
     argv = ["train", "--task", "token-classification", "--data", str(data), "--seq-len", "12"]
     assert main([*argv, "--batch-size", "2", "--steps", "1", "--quiet", "--out", str(run)]) == 0
-    path = run / "checkpoints" / "step-0000001.pt"
-    state = torch.load(path, weights_only=False)
-    state["model"]["classifier.weight"].fill_(float("nan"))
-    torch.save(state, path)
+    diverge_classifier(run)
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--quiet"]) == 0
     metrics = json.loads(capsys.readouterr().out)
