@@ -144,6 +144,14 @@ def _shares_grad_out(spec: LayerSpec) -> bool:
 _SIGNS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
+def _faking_tensors() -> bool:
+    """Whether a `FakeTensorMode` is active outside a Dynamo trace (`lowbit.estimate`'s fake
+    model), where new tensors are fake: shapes only, no values to keep for a real run."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 class LayerState:
     """Per-layer numerics state: delayed-scaling histories and the seed of its Hadamard signs.
 
@@ -217,8 +225,12 @@ class LayerState:
         write to a global is a side effect Dynamo refuses in the layer's autograd function (which
         then ran eagerly), and two layers drawing them in one graph failed to compile
         (`random_signs` is an assumed constant, which one graph takes once). On another device a
-        traced graph copies the CPU ones there, and caches nothing."""
+        traced graph copies the CPU ones there, and caches nothing. Under a `FakeTensorMode` (an
+        estimate's fake model) they are fake, drawn per call and never cached: fake signs in the
+        cache crashed the backward of the next real run in the process, and real ones an estimate."""
         key = (gemm.transform_block, self.seed, device)
+        if _faking_tensors():
+            return random_signs(gemm.transform_block, self.seed).to(device)
         if key not in _SIGNS:
             drawn = _SIGNS.get((gemm.transform_block, self.seed, torch.device("cpu")))
             if drawn is not None and torch.compiler.is_compiling():
