@@ -526,78 +526,48 @@ def _compressed_kind(data: bytes) -> str | None:
 
 
 def _nul_kind(data: bytes) -> str | None:
-    """What the NUL bytes of ``data`` (which holds one) are, judged from its head or, where
-    that holds none, from `BINARY_HEAD` bytes around the first: ``"wide"``, those of UTF-16 or
-    UTF-32 text without a byte-order mark (`_wide_text`); ``"stray"``, NULs in UTF-8 text (a
-    crashed log's padding), which reads as text once they are deleted (`_utf8_text`); None,
-    neither: a binary file.
+    """What the NUL bytes of ``data`` (which holds one) are: the encoding of UTF-16 or UTF-32 text
+    without a byte-order mark (``"UTF-16LE"``, `_wide_encoding`), ``"stray"`` for UTF-8 text
+    padded with them (a crashed log), None for a binary file; judged from the file's head, or
+    from `BINARY_HEAD` bytes around the first NUL where the head holds none.
 
-    ASCII text decodes as printable UTF-16 (two letters a CJK character), so `_wide_text` alone
-    called a padded log UTF-16; and UTF-16 text of ASCII reads as UTF-8 once its NULs are
-    deleted. Where they fall tells those two apart (`_ascii_wide`)."""
+    The bytes are UTF-16 or UTF-32 text where they read as such and either NULs are a third of
+    them or more (ASCII's half, or three quarters) or they do not read as UTF-8 once the NULs are
+    deleted. Else they are a padded log where they read as UTF-8 so, and binary where not (ASCII
+    reads as UTF-16 too, but a log's padding, a NUL run, is U+0000 characters there, or a stray
+    NUL too few to be a third)."""
     first = data.index(0)
-    # the file's head, or where its NULs start: a code unit's first byte (no byte-order mark)
-    start = 0 if first < BINARY_HEAD else first - first % 4
-    region = data[start : start + BINARY_HEAD]
-    around = data[max(0, first - BINARY_HEAD // 2) : first + BINARY_HEAD // 2]
-    if not _utf8_text(around, cut=first > BINARY_HEAD // 2):
-        return "wide" if _wide_text(region) else None
-    return "wide" if _ascii_wide(region) and _wide_text(region) else "stray"
+    start = 0 if first < BINARY_HEAD else (first - BINARY_HEAD // 2) // 4 * 4  # a unit's start
+    window = data[start : start + BINARY_HEAD]
+    utf8 = _reads_as_text(window.replace(b"\0", b"").decode("utf-8", "replace"))
+    wide = _wide_encoding(window)
+    if wide and (3 * window.count(0) >= len(window) or not utf8):
+        return wide
+    return "stray" if utf8 else None
 
 
-# UTF-16 text of ASCII is NUL bytes for half of its bytes, UTF-32's for three quarters: at least
-# one byte in `WIDE_NUL_SHARE` (and `WIDE_NULS` in all), and at most `WIDE_SKEW` as many at the
-# other offsets as at those of its code units' high bytes.
-WIDE_NUL_SHARE = 4
-WIDE_NULS = 4
-WIDE_SKEW = 0.1
+def _wide_encoding(window: bytes) -> str | None:
+    """The encoding, UTF-32 or else UTF-16, in which ``window`` (from a multiple of 4 bytes into a
+    file) reads as text (`_reads_as_text`), if any: ASCII reads as UTF-16 in both byte orders, so
+    first in the one its NUL bytes give (an ASCII character's high byte: odd offsets are
+    little-endian), then in the other (CJK text's U+4E00 puts a NUL at the other offsets)."""
+    orders = ("UTF-16LE", "UTF-16BE")
+    if window[1::2].count(0) < window[0::2].count(0):
+        orders = orders[::-1]
+    for encoding in ("UTF-32LE", "UTF-32BE", *orders):
+        if _reads_as_text(window.decode(encoding, "replace")):
+            return encoding
+    return None
 
 
-def _ascii_wide(region: bytes) -> bool:
-    """Whether the NUL bytes of ``region`` (from a multiple of 4 bytes into a file) are those of
-    UTF-16 or UTF-32 text of ASCII (`WIDE_NUL_SHARE`, `WIDE_SKEW`): a NUL at every other byte,
-    at odd offsets (little-endian) or even ones, or at three offsets of every four. A log's
-    padding (a run of NULs), NUL-separated records or a stray NUL fall at every offset alike,
-    or too seldom."""
-    counts = [region[offset::4].count(0) for offset in range(4)]
-    if sum(counts) < max(WIDE_NULS, len(region) // WIDE_NUL_SHARE):
-        return False
-    pairs = (counts[0] + counts[2], counts[1] + counts[3])
-    return min(pairs) <= WIDE_SKEW * max(pairs) or min(counts) <= WIDE_SKEW * max(counts)
-
-
-def _utf8_text(window: bytes, cut: bool) -> bool:
-    """Whether ``window``, bytes of a file (from its middle where ``cut``: a character's first
-    bytes may be cut off), is UTF-8 text once its NUL bytes are deleted: it decodes (a character
-    the window's end cuts aside) to characters printable or white space, 95% or more."""
-    window = window.replace(b"\0", b"")
-    if cut:
-        window = window[next((i for i, b in enumerate(window[:3]) if b & 0xC0 != 0x80), 3) :]
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(window)
-    except UnicodeDecodeError:
-        return False
-    printable = sum(c.isprintable() or c.isspace() for c in text)
-    return bool(text.strip()) and printable >= 0.95 * len(text)
-
-
-def _wide_text(head: bytes) -> bool:
-    """Whether ``head`` reads as UTF-16 or UTF-32 text without a byte-order mark: it decodes
-    (a code unit split by the 8000-byte cut aside) to characters printable or white space, 95%
-    or more. Any text does; bytes of an image or archive decode, as UTF-16, to a mix of
-    unassigned, private-use and control units (NUL among them) far below that."""
-    for encoding, width in (("utf-32-le", 4), ("utf-32-be", 4), ("utf-16-le", 2), ("utf-16-be", 2)):
-        whole = len(head) - len(head) % 4
-        for cut in (whole, whole - width):  # a surrogate pair the cut split: one unit less
-            try:
-                text = head[: max(cut, 0)].decode(encoding)
-            except UnicodeDecodeError:
-                continue
-            printable = sum(c.isprintable() or c.isspace() for c in text)
-            if text and printable >= 0.95 * len(text):
-                return True
-            break
-    return False
+def _reads_as_text(text: str) -> bool:
+    """Whether ``text``, bytes decoded with errors replaced, is text: not only white space, and
+    95% or more of its characters printable or white space, none a replacement character (a
+    character the cut of a file's bytes split is one of the other 5%). Bytes of an image or
+    archive decode, as UTF-16, to a mix of unassigned, private-use and control units (NUL among
+    them) far below that."""
+    shown = sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text)
+    return bool(text.strip()) and shown >= 0.95 * len(text)
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -1179,19 +1149,12 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
     except UnicodeDecodeError as error:
         kind = _compressed_kind(data)
         if kind is not None:
-            raise UsageError(
-                f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain "
-                f"UTF-8 files): {UNPACK[kind][1]} {shlex.quote(str(path))}, and give the file it "
-                "writes"
-            ) from None
-        if _binary_head(data[:BINARY_HEAD]):  # an image named .txt: no encoding converts it
-            raise _binary_file(path, data, or_else) from None
+            raise UsageError(_compressed_error(path, kind, or_else)) from None
         encoding = next((name for bom, name in UNICODE_BOMS.items() if data.startswith(bom)), None)
-        if encoding is not None:
-            raise UsageError(
-                f"{path}: {encoding} text, not UTF-8; fix: convert it to UTF-8 "
-                f"(iconv -f {encoding} -t UTF-8)"
-            ) from None
+        if encoding is not None:  # iconv's UTF-16 reads the mark for the byte order, drops it
+            raise _unicode_error(path, f"{encoding} text", encoding[:-2], or_else) from None
+        if 0 in data and (kind := _nul_kind(data)) != "stray":  # else a padded cp1252 log
+            raise _nul_error(path, data, kind, or_else) from None
         raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
     except OSError as error:
         fix = "check the path"
@@ -1203,8 +1166,6 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
     if "\0" in text:
         first = data.index(0)
         kind = _nul_kind(data)
-        if kind is None:  # NUL bytes and control characters: a binary file, though valid UTF-8
-            raise _binary_file(path, data, or_else)
         if kind == "stray":  # UTF-8 text but for NUL bytes (a log's padding)
             clean = shlex.quote(str(path.with_name(f"{path.stem}.clean{path.suffix}")))
             line = data.count(b"\n", 0, first) + 1
@@ -1214,19 +1175,56 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
                 f"{shlex.quote(str(path))} > {clean}) and use that file in its place"
                 + (f"; or {or_else}" if or_else else "")
             )
-        raise UsageError(
-            f"{path}: holds NUL bytes (byte {first}), as binary files and UTF-16 text do, "
-            "not UTF-8 text; fix: convert it to UTF-8" + (f" or {or_else}" if or_else else "")
-        )
+        raise _nul_error(path, data, kind, or_else)
     return text
 
 
-def _binary_file(path: Path, data: bytes, or_else: str | None) -> UsageError:
-    """The error for a binary file (`_binary_head`): an image named .txt, which no encoding
-    converts."""
+def _nul_error(path: Path, data: bytes, encoding: str | None, or_else: str | None) -> UsageError:
+    """The error for a file whose NUL bytes are not a log's padding (`_nul_kind`): UTF-16 or
+    UTF-32 text without a byte-order mark (``encoding``), with the iconv command that converts
+    it (the cp1252 guess of `_not_utf8` that it got kept a NUL after each letter of "Grüße"),
+    or a binary file (None): an image named .txt, which no encoding converts."""
+    first = data.index(0)
+    if encoding is None:
+        return UsageError(
+            f"{path}: a binary file (a NUL byte at offset {first}), not text; fix: "
+            + (or_else or "give a UTF-8 text file")
+        )
+    found = f"holds NUL bytes (byte {first}): {encoding} text without a byte-order mark"
+    return _unicode_error(path, found, encoding, or_else)
+
+
+def _unicode_error(path: Path, found: str, encoding: str, or_else: str | None) -> UsageError:
+    """The error for UTF-16 or UTF-32 text (``found``: what tells it), with the iconv command
+    that converts it from ``encoding``."""
     return UsageError(
-        f"{path}: a binary file (a NUL byte at offset {data.index(0)}), not text; fix: "
-        + (or_else or "give a UTF-8 text file")
+        f"{path}: {found}, not UTF-8; fix: convert it to UTF-8: "
+        + _rewrite_fix(path, f"iconv -f {encoding} -t UTF-8", "utf8", or_else)
+    )
+
+
+def _compressed_error(path: Path, kind: str, or_else: str | None) -> str:
+    """The error for a compressed file (``kind``, `COMPRESSED`), with the command that unpacks
+    it (`UNPACK`). One not named with its format's extension (a gzipped ``a.txt``) is unpacked
+    to standard output (``gunzip -c``): ``gunzip -k a.txt`` refuses it ("unknown suffix")."""
+    extension, unpack = UNPACK[kind]
+    problem = (
+        f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain UTF-8 "
+        "files): "
+    )
+    if kind == "zip" or path.suffix.lower() == extension:  # unzip reads any name
+        return f"{problem}{unpack} {shlex.quote(str(path))}, and give the file it writes"
+    tool = unpack.split()[0]  # gunzip, bunzip2, unxz, unzstd: each writes to stdout with -c
+    return problem + _rewrite_fix(path, f"{tool} -c", "unpacked", or_else)
+
+
+def _rewrite_fix(path: Path, command: str, tag: str, or_else: str | None) -> str:
+    """The fix that writes ``path`` converted by ``command`` (``iconv -f CP1252 -t UTF-8``,
+    ``gunzip -c``) to the file beside it named with ``tag`` (``a.utf8.txt``)."""
+    out = path.with_name(f"{path.stem}.{tag}{path.suffix}")
+    return (
+        f"{command} {shlex.quote(str(path))} > {shlex.quote(str(out))}, and use that file in "
+        "its place" + (f"; or {or_else}" if or_else else "")
     )
 
 
@@ -1245,18 +1243,15 @@ def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
             f"retype line {line}'s text (and any other line refused so) in UTF-8"
             + (f", or {or_else}" if or_else else "")
         )
-    quoted = shlex.quote(str(path))
     try:
         shown = data.decode("cp1252")[start]
         encoding = "CP1252"
         guess = f", cp1252 (Windows' Latin-1) if {shown!r} belongs there (a guess)"
     except UnicodeDecodeError:
-        encoding, guess = "ENCODING", f" (file -i {quoted} may tell which)"
-    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        encoding, guess = "ENCODING", f" (file -i {shlex.quote(str(path))} may tell which)"
     return (
         f"{path}: not UTF-8 text ({where}); fix: convert it from the encoding it was written "
-        f"in{guess}: iconv -f {encoding} -t UTF-8 {quoted} > {shlex.quote(str(out))}, and use "
-        "that file in its place" + (f"; or {or_else}" if or_else else "")
+        f"in{guess}: " + _rewrite_fix(path, f"iconv -f {encoding} -t UTF-8", "utf8", or_else)
     )
 
 

@@ -33,8 +33,9 @@ def test_a_utf16_config_is_told_by_its_byte_order_mark(tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_bytes('{"steps": 3}'.encode("utf-16"))
     assert config_error(capsys, tmp_path, "--config", path) == (
-        f"lowbit: error: {path}: UTF-16LE text, not UTF-8; fix: convert it to UTF-8 "
-        "(iconv -f UTF-16LE -t UTF-8)"
+        f"lowbit: error: {path}: UTF-16LE text, not UTF-8; fix: convert it to UTF-8: "
+        f"iconv -f UTF-16 -t UTF-8 {path} > {tmp_path / 'run.utf8.json'}, and use that file in "
+        "its place"
     )
 
 
