@@ -1,6 +1,7 @@
-"""Low-precision layers (`LowbitLinear`, `LowbitConv2d`, `LowbitConv1D`) and `convert`."""
+"""Low-precision layers (`LowbitLinear`, `LowbitConv2d`, `LowbitConvTranspose2d`, `LowbitConv1D`)
+and `convert`."""
 
-from lowbit.nn.conv import LowbitConv2d
+from lowbit.nn.conv import LowbitConv2d, LowbitConvTranspose2d
 from lowbit.nn.convert import ConversionReport, convert, lowbit_layers
 from lowbit.nn.gemm import emulated_gemm, exact_accumulation
 from lowbit.nn.linear import LayerState, LowbitConv1D, LowbitLinear, lowbit_linear
@@ -11,6 +12,7 @@ __all__ = [
     "LayerState",
     "LowbitConv1D",
     "LowbitConv2d",
+    "LowbitConvTranspose2d",
     "LowbitLinear",
     "convert",
     "emulated_gemm",

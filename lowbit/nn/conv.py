@@ -4,6 +4,21 @@ A convolution with weight ``w`` (O x C x kh x kw) is the GEMM ``cols @ w.reshape
 unfolded input ``cols`` (N*L x C*kh*kw, L output positions), so its forward, input-gradient and
 weight-gradient GEMMs are exactly a linear layer's, contracted over C*kh*kw, O and N*L. Gradients
 flow back through ``F.unfold`` to the image.
+
+A grouped convolution (``groups=G``, depthwise where G = C) is G such GEMMs side by side: group g
+multiplies its C/G*kh*kw columns of ``cols`` by its O/G rows of the weight (`_grouped_linear`).
+Each group is a linear layer's three GEMMs of its own, so every operand is quantized along its
+own group's contraction axis (C/G*kh*kw, O/G, N*L): no scale block straddles two groups, and a
+depthwise K of kh*kw (9) is zero-padded to a whole block as a linear layer's K of 9 is. A
+tensorwise scale is then one per group's operand (current scaling); delayed scaling's history
+records the largest amax of the step over the groups, so from the first commit on every group
+scales with the layer's one delayed amax.
+
+A transposed convolution (`LowbitConvTranspose2d`) is the same GEMM read the other way: each input
+pixel's C channels times the weight (C x O*kh*kw) give the O*kh*kw values it adds to the output,
+which ``F.fold`` (col2im) sums into place. Its forward contracts over C (C/G per group), its input
+gradient over O*kh*kw (the unfolded output gradient: a convolution's forward GEMM) and its weight
+gradient over N*H*W, the three GEMMs of a linear layer again.
 """
 
 from __future__ import annotations
@@ -11,15 +26,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.nn.linear import LowbitModule, check_floating_input, full_precision, lowbit_linear
+from lowbit.nn.linear import (
+    LowbitModule,
+    autocast_off,
+    check_floating_input,
+    full_precision,
+    gemm_output_dtype,
+    lowbit_linear,
+    on_meta,
+)
 from lowbit.recipes.recipe import LayerSpec
-
-
-def conv_unsupported_reason(conv: torch.nn.Conv2d) -> str | None:
-    """Why a Conv2d cannot be converted, or None."""
-    if conv.groups != 1:
-        return "grouped convolution (groups > 1) is not converted"
-    return None
 
 
 def _padding_sides(conv: torch.nn.Conv2d) -> list[tuple[int, int]]:
@@ -68,6 +84,22 @@ def _output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory
     return torch.contiguous_format
 
 
+def _check_image(x: torch.Tensor, weight, channels: int, op: str, given: str) -> None:
+    """PyTorch's errors (``op``: F.conv2d's, F.conv_transpose2d's, ``given`` their first words)
+    for an input that is not a floating-point N x C x H x W batch of ``channels`` channels."""
+    check_floating_input(x, weight)
+    if x.dim() != 4:
+        raise RuntimeError(
+            f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: "
+            f"{list(x.shape)}"
+        )
+    if x.shape[1] != channels:
+        raise RuntimeError(
+            f"Given {given}, weight of size {list(weight.shape)}, expected input{list(x.shape)} "
+            f"to have {channels} channels, but got {x.shape[1]} channels instead"
+        )
+
+
 class _Unfold(torch.autograd.Function):
     """``F.unfold`` whose backward sums in fp32. The backward (``F.fold``) adds up each pixel's
     gradient over the kh*kw kernel positions that read it; a convolution accumulates that sum in
@@ -99,8 +131,28 @@ class _Unfold(torch.autograd.Function):
         return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
 
 
+def _grouped_linear(cols: torch.Tensor, weight: torch.Tensor, bias, state, groups: int):
+    """``lowbit_linear`` of each group: the columns of ``cols`` (N x L x C*kh*kw) in ``groups``
+    equal parts, each by its share of the rows of ``weight`` (O x C/groups*kh*kw) and of ``bias``;
+    the outputs side by side (N x L x O). One `LayerState` for all: each group's GEMMs quantize
+    their own operands (see the module docstring). ``split`` hands the gradients back to ``cols``
+    and the weight in one concatenation, not one full-size sum per group."""
+    if groups == 1:
+        return lowbit_linear(cols, weight, bias, state)
+    biases = (None,) * groups if bias is None else bias.chunk(groups)
+    return torch.cat(
+        [
+            lowbit_linear(part, rows, part_bias, state)
+            for part, rows, part_bias in zip(
+                cols.chunk(groups, -1), weight.chunk(groups), biases, strict=True
+            )
+        ],
+        -1,
+    )
+
+
 class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
-    """Drop-in `nn.Conv2d` (groups=1) whose GEMMs follow a `LayerSpec`."""
+    """Drop-in `nn.Conv2d` (any ``groups``, depthwise too) whose GEMMs follow a `LayerSpec`."""
 
     def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
         super().__init__(conv, spec, seed)
@@ -109,7 +161,7 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
         # what code that inspects an nn.Conv2d reads ("same" and "valid" included)
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self.dilation = conv.dilation
-        self.groups = 1  # fixed by `conv_unsupported_reason`
+        self.groups = conv.groups
         self.transposed, self.output_padding = False, (0, 0)  # nn.Conv2d's, for code reading them
         # The unfold pads with zeros, as much on both sides; other padding (another mode, an
         # even kernel's "same") is F.pad's first, in (left, right, top, bottom) order, as
@@ -140,6 +192,7 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
                 stride=self.stride,
                 padding=padding,
                 dilation=self.dilation,
+                groups=self.groups,
             )
         if x.dim() == 3:  # one unbatched C x H x W image, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
@@ -157,25 +210,14 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
         cols = _Unfold.apply(x, self.kernel_size, self.dilation, self._unfold_padding, self.stride)
         cols = cols.transpose(1, 2)  # N x L x C*kh*kw
         weight = self.weight.reshape(self.out_channels, -1)
-        out = lowbit_linear(cols, weight, self.bias, self.lowbit_state)  # N x L x O
+        out = _grouped_linear(cols, weight, self.bias, self.lowbit_state, self.groups)  # N x L x O
         out = out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
         return out.contiguous(memory_format=_output_memory_format(layout, self.weight))
 
     def _check_input(self, x: torch.Tensor) -> None:
         """F.conv2d's errors for an input it refuses; unfolded, a wrong channel count would
         surface as a mismatch of GEMM shapes that names neither channels nor image."""
-        check_floating_input(x, self.weight)
-        if x.dim() != 4:
-            raise RuntimeError(
-                "Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
-                f"{list(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise RuntimeError(
-                f"Given groups=1, weight of size {list(self.weight.shape)}, expected "
-                f"input{list(x.shape)} to have {self.in_channels} channels, but got "
-                f"{x.shape[1]} channels instead"
-            )
+        _check_image(x, self.weight, self.in_channels, "conv2d", f"groups={self.groups}")
         padded = [size + pad for size, pad in zip(x.shape[2:], self._padded_by)]
         kernel = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]  # dilated
         if any(size < k for size, k in zip(padded, kernel)):  # unfold's error names neither
@@ -189,6 +231,85 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            + (f"groups={self.groups}, " if self.groups != 1 else "")
             + (f"padding_mode={self.padding_mode}, " if self.padding_mode != "zeros" else "")
             + f"bias={self.bias is not None}, {self.spec.describe()}"
         )
+
+
+class LowbitConvTranspose2d(LowbitModule, torch.nn.ConvTranspose2d):
+    """Drop-in `nn.ConvTranspose2d` (any stride, padding, output_padding, dilation, groups) whose
+    GEMMs follow a `LayerSpec`: ``x @ W`` per input pixel, then ``F.fold`` (module docstring).
+
+    The GEMM returns fp32 and the fold adds the overlapping kernel positions (stride < kernel) in
+    fp32, rounded once to the compute dtype with the bias, as a transposed-convolution kernel
+    accumulates; where the kernel positions do not overlap (stride = kernel, a U-Net's 2x2
+    up-sampling) the fold only moves values."""
+
+    def __init__(self, conv: torch.nn.ConvTranspose2d, spec: LayerSpec, seed: int = 0):
+        super().__init__(conv, spec, seed)
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "output_padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
+            setattr(self, name, getattr(conv, name))
+        self.transposed = True
+
+    def _init_parameters(self) -> None:
+        torch.nn.ConvTranspose2d.reset_parameters(self)  # reads only weight, bias
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        # (on the meta device, shapes only: full_precision's meta forward)
+        if self.spec.is_identity or on_meta(x, self.weight, self.bias):
+            return full_precision(
+                F.conv_transpose2d,
+                x,
+                self.weight,
+                self.bias,
+                stride=self.stride,
+                padding=self.padding,
+                output_padding=output_padding,
+                groups=self.groups,
+                dilation=self.dilation,
+            )
+        if x.dim() == 3:  # one unbatched C x H x W image, as nn.ConvTranspose2d takes it
+            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
+        self._check_input(x)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # N x L x C, one row per pixel
+        # per group, (O/G*kh*kw) x C/G: the weight's rows as a linear layer's out x in
+        per_group = self.weight.reshape(self.groups, c // self.groups, -1)
+        weight = per_group.transpose(1, 2).reshape(-1, c // self.groups)
+        out_dtype = gemm_output_dtype(x)
+        with autocast_off(x.device.type):  # fp32 out of the GEMM, for the fold to sum
+            cols = _grouped_linear(rows.float(), weight, None, self.lowbit_state, self.groups)
+        # every kernel position summed into place, then ``padding`` cut off at the start and
+        # ``padding - output_padding`` at the end (zeros added where that is negative)
+        size = [
+            (length - 1) * s + d * (k - 1) + 1
+            for length, s, d, k in zip((h, w), self.stride, self.dilation, self.kernel_size)
+        ]
+        out = F.fold(cols.transpose(1, 2), size, self.kernel_size, self.dilation, 0, self.stride)
+        (pad_h, pad_w), (extra_h, extra_w) = self.padding, output_padding
+        out = F.pad(out, (-pad_w, extra_w - pad_w, -pad_h, extra_h - pad_h))
+        if self.bias is not None:
+            out = out + self.bias.float()[:, None, None]
+        return out.to(out_dtype).contiguous(memory_format=_output_memory_format(x, self.weight))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """F.conv_transpose2d's errors (`_check_image`): reshaped into rows, a wrong channel
+        count would surface as a mismatch of GEMM shapes."""
+        _check_image(x, self.weight, self.in_channels, "conv_transpose2d", "transposed=1")
+
+    def extra_repr(self) -> str:
+        return f"{torch.nn.ConvTranspose2d.extra_repr(self)}, {self.spec.describe()}"

@@ -1,8 +1,9 @@
 """Swapping GEMM layers for their low-precision versions, in place.
 
 A post-order walk over the module tree: each linear layer (`lowbit.nn.layer_kinds`: `nn.Linear`,
-Falcon's, transformers' ``Conv1D`` of GPT-2) and `nn.Conv2d` whose fully qualified name the recipe
-assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/`LowbitConv2d` that holds the
+Falcon's, transformers' ``Conv1D`` of GPT-2), `nn.Conv2d` and `nn.ConvTranspose2d` (any groups) whose
+fully qualified name the recipe assigns a layer spec is replaced by a `LowbitLinear`/`LowbitConv1D`/
+`LowbitConv2d`/`LowbitConvTranspose2d` that holds the
 *same* Parameter objects (optimizers and tied weights keep working), and each mixture-of-experts
 module of 3-D expert weights by a `LowbitExperts` (every expert's GEMMs converted). Every other
 such layer is kept, with the reason recorded, and so is every other module that computes a GEMM
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.nn.conv import LowbitConv2d, conv_unsupported_reason
+from lowbit.nn.conv import LowbitConv2d, LowbitConvTranspose2d
 from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts, other_experts_layout
 from lowbit.nn.layer_kinds import (
     is_conv1d,
@@ -41,7 +43,7 @@ from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_
 from lowbit.recipes.recipe import Override, block_of, block_stacks
 
 # the GEMM layers `convert` swaps (and a mixture-of-experts layer's weights), as reports name them
-_CONVERTED_KINDS = "nn.Linear, nn.Conv2d, transformers' Conv1D"
+_CONVERTED_KINDS = "nn.Linear, nn.Conv2d, nn.ConvTranspose2d, transformers' Conv1D"
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _kept_gemm_reason(module: torch.nn.Module) -> str | None:
             f"{kind} is not converted (its projections, out_proj included, compute inside "
             f"F.multi_head_attention_forward)"
         )
-    for base in (torch.nn.Linear, torch.nn.Conv2d):
+    for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d):
         if isinstance(module, base):
             return f"{kind} subclasses nn.{base.__name__} and may compute otherwise: not converted"
     return f"{kind} is not converted (lowbit converts {_CONVERTED_KINDS})"
@@ -212,7 +214,11 @@ def _move_hooks(layer: torch.nn.Module, replacement: torch.nn.Module) -> None:
 
 def is_convertible(module: torch.nn.Module) -> bool:
     """A GEMM module `convert` swaps when the recipe gives it a spec."""
-    return is_experts(module) or is_linear(module) or type(module) is torch.nn.Conv2d
+    return (
+        is_experts(module)
+        or is_linear(module)
+        or type(module) in (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    )
 
 
 def gemm_layer_names(model: torch.nn.Module) -> list[str]:
@@ -259,12 +265,15 @@ def router_overrides(model: torch.nn.Module) -> list[Override]:
     training's presets (`recipe_for_model`) and ``lowbit quantize`` (`lowbit.infer.quantize_model`)
     share: `KEEP_ROUTERS` (routers that are plain linear layers, by name) with the layers inside
     the model's mixture-of-experts router modules added (`router_layer_names`), then, if it has
-    any, the layers of its other routers, kept with `OTHER_ROUTER_KEPT`."""
+    any, the layers of its other routers, kept with `OTHER_ROUTER_KEPT`. The names enter the glob
+    escaped (`glob.escape`): a module may be named ``moe[0]`` (``add_module`` takes any name
+    without a dot), which as a glob matches ``moe0`` and not itself."""
     kept = KEEP_ROUTERS
     if names := router_layer_names(model):
+        names = [glob.escape(name) for name in names]
         kept = dataclasses.replace(KEEP_ROUTERS, pattern="|".join([KEEP_ROUTERS.pattern, *names]))
     if names := router_layer_names(model, False):
-        return [kept, Override("|".join(names), None, OTHER_ROUTER_KEPT)]
+        return [kept, Override("|".join(map(glob.escape, names)), None, OTHER_ROUTER_KEPT)]
     return [kept]
 
 
@@ -431,13 +440,13 @@ def convert(
                     f"{reader} multiplies by its weight itself, never calling the layer: "
                     "not converted"
                 )
-            if unsupported is None and isinstance(child, torch.nn.Conv2d):
-                unsupported = conv_unsupported_reason(child)
             if unsupported:
                 report.kept[name] = unsupported
                 continue
             if isinstance(child, torch.nn.Conv2d):
                 replacement = LowbitConv2d(child, spec)
+            elif isinstance(child, torch.nn.ConvTranspose2d):
+                replacement = LowbitConvTranspose2d(child, spec)
             elif is_conv1d(child):
                 replacement = LowbitConv1D(child, spec)
             else:
@@ -517,7 +526,7 @@ def _unused_hints(
     recipe: Recipe, model: torch.nn.Module, unused: list[str], shadowed: dict
 ) -> dict[str, str]:
     """For each ``unused`` override that names a module of the model other than a converted GEMM
-    layer, what it names: a GEMM layer lowbit keeps (``nn.Conv1d``, ``nn.ConvTranspose2d``) with
+    layer, what it names: a GEMM layer lowbit keeps (``nn.Conv1d``, ``nn.Conv3d``) with
     the reason, a GEMM layer whose operands earlier overrides decide (``0=keep`` then
     ``0=mxfp8``, which was called no GEMM layer), a module that holds GEMM layers (``model.layers.0.mlp=keep``: a pattern matches
     whole names, not the layers inside) with the pattern that names them, or one that computes no

@@ -314,7 +314,7 @@ def batch_axis(name: str) -> BatchAxis:
     return BatchAxis.COLUMNS if name.startswith("grad_weight.") else BatchAxis.ROWS
 
 
-def _autocast_off(device_type: str):
+def autocast_off(device_type: str):
     """A context with autocast off: a no-op one where it is off already (the usual backward)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -523,7 +523,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             else None
         )
         casts = state.cast_gemms if state.observer is None else {}
-        with _autocast_off(grad_out.device.type):
+        with autocast_off(grad_out.device.type):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if "grad_input" in casts and qw is None:
@@ -726,12 +726,12 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     a 16-bit model around the layer sees the dtype it expects. fp32 is a floor, not a rounding: a
     float64 layer computes in float64, as it would unconverted."""
     check_floating_input(x, weight)
-    if _on_meta(x, weight, bias):
+    if on_meta(x, weight, bias):
         return _meta_forward(op, x, weight, bias, **options)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    with _autocast_off(device):
+    with autocast_off(device):
         bias = None if bias is None else bias.to(dtype)
         out = op(x.to(dtype), weight.to(dtype), bias, **options)
     return out if autocast else out.to(x.dtype)
@@ -742,7 +742,7 @@ class MetaDeviceError(UsageError, RuntimeError):
     (one line, with the fix) that is also the RuntimeError nn.Linear raises for it."""
 
 
-def _on_meta(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+def on_meta(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     """Whether a forward gets a tensor on the meta device, which `_meta_forward` answers."""
     return x.is_meta or weight.is_meta or (bias is not None and bias.is_meta)
 
@@ -769,13 +769,13 @@ def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Ten
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
     check_floating_input(x, weight)
     keep_eager_roundings()
-    if _on_meta(x, weight, bias):
+    if on_meta(x, weight, bias):
         return _meta_forward(F.linear, x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
         # of no values to lay out); F.linear's result, empty or the bias
         dtype = gemm_output_dtype(x)
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if _dual(x, weight, bias):
         raise _forward_mode_refused()

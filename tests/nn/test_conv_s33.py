@@ -6,20 +6,24 @@ from torch import nn
 from lowbit import convert, get_recipe
 from lowbit.recipes import parse_override
 
-KEPT_KIND = "is not converted (lowbit converts nn.Linear, nn.Conv2d, transformers' Conv1D)"
+KEPT_KIND = (
+    "is not converted (lowbit converts nn.Linear, nn.Conv2d, nn.ConvTranspose2d, transformers' "
+    "Conv1D)"
+)
 
 
 @pytest.mark.parametrize(
     ("layer", "kind"),
     [
         (nn.Conv1d(4, 4, 3), "Conv1d"),
-        (nn.ConvTranspose2d(4, 4, 3), "ConvTranspose2d"),
+        (nn.ConvTranspose1d(4, 4, 3), "ConvTranspose1d"),
         (nn.Conv3d(4, 4, 1), "Conv3d"),
     ],
 )
 def test_an_override_naming_a_convolution_lowbit_keeps_says_why_it_is_kept(layer, kind):
     """``--override 'up=mxfp8'`` on a ConvTranspose2d was answered "up (ConvTranspose2d) is no
-    GEMM layer: up.* names its layers", and up.* names nothing."""
+    GEMM layer: up.* names its layers", and up.* names nothing (ConvTranspose2d is converted
+    since session 40; the other transposed convolutions are kept)."""
     model = nn.Sequential(nn.Conv2d(4, 4, 3), layer)
     base = get_recipe("fp8-tensorwise")
     report = convert(model, base.with_overrides(parse_override("1=mxfp8", base)))
