@@ -473,16 +473,18 @@ def join(strategy: str, device: torch.device) -> Ranks:
 
     timeout = collective_timeout()  # a bad LOWBIT_DIST_TIMEOUT fails before anything changes
     # One process: a group of one, in variables of its own. The caller's values of those are
-    # put back on close: popped, a MASTER_ADDR/MASTER_PORT exported for a later torchrun or
-    # init_process_group in the same process was gone after `lowbit.train.train`.
-    replaced_env = {}
+    # put back on close: popped, those exported for a later torchrun or init_process_group in
+    # the same process were gone after `lowbit.train.train`. Its store is
+    # in this process (a `HashStore`): no port. A port from `free_port` was free only until
+    # init_process_group bound it again, a race with every process picking ports beside it
+    # (another run's ranks, whose clients could join this store), and a MASTER_PORT of the
+    # caller's was replaced for nothing.
+    replaced_env, store = {}, None
     if not torchrun_env():
-        own_env = dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-        )  # fmt: skip
+        own_env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         replaced_env = {key: os.environ.get(key) for key in own_env}
         os.environ.update(own_env)
+        store = dist.HashStore()
     if device.type == "cuda":
         device = local_cuda_device()
         torch.cuda.set_device(device)
@@ -493,7 +495,10 @@ def join(strategy: str, device: torch.device) -> Ranks:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
-        dist.init_process_group(backend, timeout=timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     except Exception as error:
         port = os.environ.get("MASTER_PORT")
         restore_env(replaced_env)

@@ -56,6 +56,7 @@ def _start(run: Path, *flags: str, launcher=(), stdout=False) -> tuple[subproces
     (a pipe nobody reads could block it), stdout to ``run``.out where ``stdout``."""
     argv = [sys.executable, "-m", *launcher, "lowbit", "train", *FLAGS, *flags, "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_DIST_TIMEOUT": "60"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung run's stacks, on the SIGABRT of a failed test
     err = run.with_suffix(".err")
     out = run.with_suffix(".out") if stdout else os.devnull
     with open(out, "w") as output, open(err, "w") as stderr:
@@ -66,13 +67,21 @@ def _start(run: Path, *flags: str, launcher=(), stdout=False) -> tuple[subproces
 
 
 def _term_after_first_checkpoint(process: subprocess.Popen, run: Path) -> int:
-    """SIGTERM to ``process`` alone once the run's first checkpoint exists; its exit code."""
+    """SIGTERM to ``process`` alone once the run's first checkpoint exists; its exit code. A run
+    that never gets there fails the test with its stderr (`_start`'s ``run``.err): what it said,
+    or, still running, where it hung (the SIGABRT makes `faulthandler` print every thread's
+    stack; a full test run once waited here 180 s for a run that said nothing)."""
     first = run / "checkpoints" / "step-0000001.dcp"
     deadline = time.monotonic() + TIMEOUT
     try:
         while not first.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no first checkpoint (exit {process.returncode})")
+                if process.poll() is None:
+                    process.send_signal(signal.SIGABRT)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(timeout=10)
+                stderr = run.with_suffix(".err").read_text()
+                pytest.fail(f"no first checkpoint (exit {process.returncode}); stderr:\n{stderr}")
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         return process.wait(timeout=TIMEOUT)
@@ -152,7 +161,9 @@ def test_a_second_ctrl_c_to_torchrun_aborts_its_ranks(tmp_path, monkeypatch):
     try:
         while "saving a checkpoint" not in err.read_text():
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no stop message (exit {process.returncode})")
+                pytest.fail(
+                    f"no stop message (exit {process.returncode}); stderr:\n{err.read_text()}"
+                )
             if first.exists() and not pressed:
                 process.send_signal(signal.SIGINT)  # the terminal's Ctrl-C: torchrun alone
                 pressed = True
