@@ -66,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default=None,
-        help="where doctor.json/png go (default runs/doctor-R)",
+        help="where doctor.json/png go (default runs/doctor-R, or runs/doctor-R-2, ... where "
+        "an earlier report is)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the report already in --out"
     )
     parser.add_argument("--wandb", action="store_true", default=None, help=argparse.SUPPRESS)
 
@@ -135,7 +139,7 @@ def run(args) -> int:
         given = {k for k, v in flags.items() if v is not None}
         base.update(load_file(args.config, given, ("lowbit doctor", args)))
     config = build_config(base, flags)
-    out = Path(args.out or Path("runs") / f"doctor-{config.recipe.replace(':', '-')}")
+    out = _report_folder(args.out, config.recipe, args.overwrite)
     # refused before the probe (minutes of training), not when the results are written
     blocking = file_in_the_way(out)
     if blocking is not None:
@@ -176,6 +180,33 @@ def run(args) -> int:
     json_path, png_path = write_outputs(diagnosis, out)
     print(f"wrote {json_path} and {png_path}")
     return 130 if diagnosis.interrupted else 0  # as `lowbit train` interrupted
+
+
+def _report_folder(out: str | None, recipe: str, overwrite: bool) -> Path:
+    """Where the report goes: ``--out``, or ``runs/doctor-RECIPE``. An earlier report there was
+    replaced without a word (the probe before a fix, when the fix was checked); as `lowbit train`
+    treats a run in its --out, an ``--out`` that holds one is refused without ``--overwrite``,
+    and the default goes on to a fresh ``runs/doctor-RECIPE-2``, ``-3``, ..."""
+    from lowbit.diagnostics.doctor import OUTPUT_FILES
+    from lowbit.errors import UsageError
+
+    def report_in(folder: Path) -> list[str]:
+        return [name for name in OUTPUT_FILES if (folder / name).is_file()]
+
+    if out is not None:
+        folder = Path(out)
+        if report_in(folder) and not overwrite:
+            raise UsageError(
+                f"{folder}: holds an earlier doctor report ({', '.join(report_in(folder))}); fix: "
+                "--overwrite to replace it, or another --out"
+            )
+        return folder
+    default = Path("runs") / f"doctor-{recipe.replace(':', '-')}"
+    folder, n = default, 1
+    while report_in(folder) and not overwrite:
+        n += 1
+        folder = default.with_name(f"{default.name}-{n}")
+    return folder
 
 
 def _refuse_missing_checkpoint(path: Path) -> None:

@@ -235,13 +235,20 @@ def nominal_stats(spec, shape: tuple[int, int] = (256, 256)) -> dict[str, float]
     What the format gives when nothing is wrong: e.g. 31.5 dB SQNR for e4m3 tensorwise, 18.8 dB
     and 8.8% of values flushed for MX e2m1 (docs/diagnostics.md names the command). Measured
     errors are judged against it.
+
+    A stochastically rounded spec draws its noise seeded too, in a forked global generator: drawn
+    from the global one, its nominal moved from run to run (MX e2m1 with SR: 15.61 and 15.69 dB in
+    two probes of the same recipe) and the draw shifted the random numbers of the training
+    around it (its SR and dropout), by when the first check asked for it.
     """
     from lowbit.nn.operand import quantize_operand
 
     key = (spec, tuple(shape))
     if key not in _NOMINAL:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        _NOMINAL[key] = operand_stats(x, quantize_operand(x, spec))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _NOMINAL[key] = operand_stats(x, quantize_operand(x, spec))
     return _NOMINAL[key]
 
 

@@ -24,7 +24,7 @@ def test_an_override_that_names_no_layer_is_refused_and_nothing_is_written(tmp_p
     (out / "doctor.json").write_text("earlier report\n")
     typo = "model.layer.0.mlp.down_proj=keep"  # model.layers
     argv = [*PROBE, "--recipe", "fp8-tensorwise", "--out", str(out), "--override", typo]
-    assert main(argv) == 2
+    assert main([*argv, "--overwrite"]) == 2
     printed, err = capsys.readouterr()
     assert printed == ""  # no probe, no table
     (error,) = err.splitlines()

@@ -27,7 +27,8 @@ def test_a_full_disk_while_writing_doctor_json_keeps_the_earlier_report(
         return write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", disk_fills_up)
-    assert main(["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out)]) == 1
+    argv = ["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out), "--overwrite"]
+    assert main(argv) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (out / "doctor.json").read_text() == earlier
     assert sorted(p.name for p in out.iterdir()) == ["doctor.json"]  # no temporary file left
@@ -103,7 +104,8 @@ def test_a_full_disk_while_drawing_doctor_png_keeps_the_earlier_heat_map(
         raise OSError(errno.ENOSPC, "No space left on device", str(fname))
 
     monkeypatch.setattr(Figure, "savefig", disk_fills_up)
-    assert main(["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out)]) == 1
+    argv = ["doctor", *BASE, "--recipe", "fp8-tensorwise", "--out", str(out), "--overwrite"]
+    assert main(argv) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (out / "doctor.png").read_bytes() == earlier
     assert sorted(p.name for p in out.iterdir()) == ["doctor.json", "doctor.png"]
