@@ -14,5 +14,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+  # The fused C++ kernels, compiled here (about a minute) rather than by the first command or
+  # test that needs them; without a compiler lowbit says so and runs its PyTorch path.
+  .venv/bin/python -c "from lowbit import kernels; kernels.available()"
   echo "$want" > "$stamp"
 fi
