@@ -227,7 +227,9 @@ class LayerState:
         (`random_signs` is an assumed constant, which one graph takes once). On another device a
         traced graph copies the CPU ones there, and caches nothing. Under a `FakeTensorMode` (an
         estimate's fake model) they are fake, drawn per call and never cached: fake signs in the
-        cache crashed the backward of the next real run in the process, and real ones an estimate."""
+        cache crashed the backward of the next real run in the process, and real ones an estimate.
+        Drawn under `torch.inference_mode()` (a model converted or unpickled there) they are
+        normal tensors: an inference tensor kept failed every later backward (no version counter)."""
         key = (gemm.transform_block, self.seed, device)
         if _faking_tensors():
             return random_signs(gemm.transform_block, self.seed).to(device)
@@ -235,7 +237,8 @@ class LayerState:
             drawn = _SIGNS.get((gemm.transform_block, self.seed, torch.device("cpu")))
             if drawn is not None and torch.compiler.is_compiling():
                 return drawn.to(device)
-            _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
+            with torch.inference_mode(False):  # kept: a normal tensor, as `unit_scale`'s
+                _SIGNS[key] = random_signs(gemm.transform_block, self.seed).to(device)
         return _SIGNS[key]
 
     def reset(self) -> None:

@@ -16,14 +16,21 @@ import lowbit
 from lowbit.memory import estimate
 
 recipe, order = sys.argv[1], sys.argv[2].split(",")
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
 for i, what in enumerate(order):
-    if what == "estimate":  # a new batch each time: a fresh trace
+    if what == "convert-in-inference":
+        with torch.inference_mode():
+            lowbit.convert(mlp(), recipe)
+    elif what == "estimate":  # a new batch each time: a fresh trace
         assert estimate("nano", recipe, batch=2 + i, seq=8).activations > 0
     else:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)
-        )
+        model = mlp()
         lowbit.convert(model, recipe)
         model(torch.randn(32, 64)).square().mean().backward()
         print([float(p.grad.double().sum()) for p in model.parameters()])
@@ -43,8 +50,12 @@ def _run(recipe: str, order: str) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
-def test_training_after_an_estimate_gives_the_gradients_of_training_alone():
+def test_training_after_an_estimate_or_an_inference_mode_convert_gives_the_same_gradients():
     """Estimate, train, estimate again, train again: each time the gradients of training alone
-    (nvfp4's layers draw the same kind of signs: mxfp4 stands for both)."""
+    (nvfp4's layers draw the same kind of signs: mxfp4 stands for both). And after a model
+    converted under `torch.inference_mode()` (a serving process that later fine-tunes), whose
+    signs were an inference tensor in the cache: the backward failed ("Inference tensors do not
+    track version counter")."""
     alone = _run("mxfp4", "train")
     assert _run("mxfp4", "estimate,train,estimate,train") == alone * 2
+    assert _run("mxfp4", "convert-in-inference,train") == alone
