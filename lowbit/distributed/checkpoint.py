@@ -208,8 +208,31 @@ def _reading(path):
 
 
 def read(path) -> dict:
-    """The rank-0 part (``lowbit.pt``) of a DCP checkpoint folder."""
+    """The rank-0 part (``lowbit.pt``) of a DCP checkpoint folder, once its shard files are
+    checked (`check_shards`)."""
+    check_shards(path)
     return run_checkpoint.read_file(Path(path) / EXTRA, name=path)
+
+
+def check_shards(path) -> None:
+    """Refuse (`_reading`) a checkpoint folder whose ``.metadata`` does not read, or whose shard
+    file is missing or shorter than the bytes its ``.metadata`` lists there (a copy or a write cut
+    short), from the metadata and each shard's size: a resume reads it before the model is built
+    (`lowbit.train.checkpoint.read_settings`; the `--nproc` launcher before starting its ranks),
+    not as each rank loads it (DCP's "EOFError"). A byte changed in a shard is not seen: DCP
+    writes no checksum."""
+    import torch.distributed.checkpoint as dcp
+
+    with _reading(path):
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data or {}
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            end = info.offset + info.length
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+        for name, end in sorted(ends.items()):
+            size = (Path(path) / name).stat().st_size
+            if size < end:
+                raise EOFError(f"{name} holds {size} of the {end} bytes its .metadata lists")
 
 
 def _saved_tensors_as_tensors(state, metadata: dict, prefix: str = "") -> None:

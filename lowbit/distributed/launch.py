@@ -436,8 +436,8 @@ def _check_inputs(config, resume: bool) -> None:
     """Refuse here, before the ranks start, the input that a one-process run refuses as its
     `Trainer` sets up and that each rank refused only then, after two interpreters had imported
     torch (15-20 s) and joined a process group: ``LOWBIT_DIST_TIMEOUT``, which the ranks
-    inherit, the run's inputs (`lowbit.train.tasks.check_inputs`), and a checkpoint whose kind
-    or settings the resume refuses (`check_resumable`). The ranks check again
+    inherit, the run's inputs (`lowbit.train.tasks.check_inputs`), and a checkpoint whose kind,
+    bytes, settings or --steps the resume refuses (`check_resumable`). The ranks check again
     (under torchrun no launcher runs), and make the checks that need the run's tokenizer or
     built model."""
     from lowbit.train.tasks import check_inputs

@@ -9,6 +9,7 @@ Multi-process runs write ``step-NNNNNNN.dcp`` folders instead (`lowbit.distribut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -110,40 +111,73 @@ def read_file(path, name=None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
-        raise unreadable(name, " ".join(str(error).split())) from None
+        problem = " ".join(str(error).split())
+        if not zipfile.is_zipfile(path):  # torch's words for it: "[Errno 22] Invalid argument"
+            problem = (
+                "not a whole zip archive: cut short (an interrupted save or copy), or another "
+                f"kind of file: {problem}"
+            )
+        raise unreadable(name, problem) from None
     if not isinstance(state, dict) or "step" not in state:
         raise unreadable(name, "not a lowbit checkpoint")
     return state
 
 
-def read_settings(path) -> dict | None:
+def read_settings(path) -> dict:
     """The checkpoint at ``path`` with its tensors mapped from the file, not read (a DCP folder's
-    rank-0 part, which holds no weights): its ``config``, for the refusals a resumed
-    run makes before it builds its model. None where it cannot be read so: the full load that
-    follows says why."""
+    rank-0 part, which holds no weights, once its shard files are checked): its ``config`` and
+    ``step``, for the refusals a resumed run makes before it builds its model. Its records other
+    than the tensors' (the pickle that holds them: kilobytes) are checked against their CRC-32
+    first: a byte changed there was read as another setting (a resume refused for a --task the
+    user never changed). The tensors' are left to the full load (`read_file`), which checks them
+    all: checked here too, a checkpoint of gigabytes was read once more on every resume. A
+    checkpoint that fails, or cannot be mapped (torn, foreign, legacy non-zip bytes), is read by
+    `read_file`, whose `UsageError` names the file, the problem and the checkpoint to go on from."""
     if Path(path).is_dir():
         from lowbit.distributed.checkpoint import read
 
-        return read(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # torn, foreign or old (non-zip) bytes: `read_file` names the problem
-        return None
-    return state if isinstance(state, dict) and {"config", "step"} <= state.keys() else None
+        state = read(path)
+    else:
+        state = None
+        if _changed_record(path, tensors=False) is None:
+            with contextlib.suppress(Exception):  # `read_file` below names the problem
+                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(state, dict) or "step" not in state:
+            state = read_file(path)
+    if "config" not in state:
+        raise unreadable(Path(path), "not a lowbit checkpoint")
+    return state
 
 
-def _changed_record(path) -> str | None:
+def _changed_record(path, tensors: bool = True) -> str | None:
     """The first record of the checkpoint's zip archive whose bytes no longer match the CRC-32
-    that `torch.save` wrote beside them (a bit flipped on the disk, bytes overwritten), else None.
+    that `torch.save` wrote beside them (a bit flipped on the disk, bytes overwritten), else None;
+    ``tensors=False``: of its records other than the tensors' (``<archive>/data/<n>``) only.
 
     torch's reader does not check them: a tensor whose bytes changed loads without a word, and a
     run resumed from it trains on from other weights than it saved. A file that is not a zip
     archive (torn, or foreign) is left to torch's reader to say so."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            if tensors:
+                return archive.testzip()
+            for record in archive.infolist():
+                if "/data/" not in record.filename and _crc_fails(archive, record):
+                    return record.filename
     except (zipfile.BadZipFile, OSError, EOFError):
-        return None
+        pass
+    return None
+
+
+def _crc_fails(archive: zipfile.ZipFile, record: zipfile.ZipInfo) -> bool:
+    """Whether ``record``'s bytes fail their CRC-32 (`zipfile` raises at the end of a read)."""
+    try:
+        with archive.open(record) as f:
+            while f.read(1 << 20):
+                pass
+    except zipfile.BadZipFile:
+        return True
+    return False
 
 
 def unreadable(path: Path, problem: str) -> UsageError:

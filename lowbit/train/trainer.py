@@ -353,18 +353,36 @@ def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None 
 
 
 def check_resumable(config: TrainConfig, distributed: bool) -> dict | None:
-    """Refuse a resume that its newest checkpoint refuses (`check_checkpoint_kind`,
-    `check_resume_config`) before the model is built: a refused resume printed the start-up
-    lines (layers kept, emulation warnings) of a run it would not start. `Trainer._resume` checks
-    again as it loads (a checkpoint unreadable here is named there). Returns the checkpoint's
-    state (`checkpoint.read_settings`), None where there is none to read."""
+    """Refuse a resume that its newest checkpoint refuses (`check_checkpoint_kind`, a checkpoint
+    that cannot be read, `check_resume_config`, a --steps below its step: `check_length`) before
+    the model is built: a refused resume printed the start-up lines (layers kept, emulation
+    warnings) of a run it would not start. A length in --epochs is checked by the `Trainer`, once
+    its data gives the steps of an epoch. `Trainer._resume` checks again as it loads. Returns the
+    checkpoint's state (`checkpoint.read_settings`), None where the run has none."""
     path = checkpoint.latest(config.out)
     if path is None:
         return None
     check_checkpoint_kind(path, distributed)
-    if (state := checkpoint.read_settings(path)) is not None:
-        check_resume_config(state["config"], config, read_run_info(config.out))
+    state = checkpoint.read_settings(path)
+    check_resume_config(state["config"], config, read_run_info(config.out))
+    if config.steps:  # the run's length as the `Trainer` takes it (`total_steps`)
+        check_length(config, config.steps, state["step"])
     return state
+
+
+def check_length(config: TrainConfig, total_steps: int, step: int) -> None:
+    """A resumed run can be lengthened, not shortened below the ``step`` it has reached:
+    ``total_steps`` is the length ``config`` asks for."""
+    if total_steps < step:
+        asked = (
+            f"steps {config.steps}"
+            if config.steps is not None
+            else f"epochs {config.epochs} ({total_steps} steps)"
+        )
+        raise UsageError(
+            f"{asked} is below the run's step {step}; fix: ask for at least {step} steps, "
+            "or leave --steps/--epochs out to keep the run's length"
+        )
 
 
 def _shown(name: str, value, task: str | None) -> str:
@@ -759,6 +777,8 @@ class Trainer:
         with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
             self.task = build_task(config, run_dir=config.out if resume else saved_run)
         self.dist.check_same_data(self.task.fingerprint)
+        if resume:  # before the start-up lines, as `check_resumable`; `_resume` checks again
+            self._check_same_data(read_run_info(config.out).get("data_fingerprint"))
         # Python's `random` again: the first task built in a process imports its data's libraries
         # (scikit-learn's rich draws from `random` as it loads), so a later run, or a run resumed
         # in the same process, started from another state than the first and saved it otherwise
@@ -772,7 +792,7 @@ class Trainer:
             # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
             self.total_steps = max(1, steps)
         if saved is not None:  # before the start-up lines, as `check_resumable`
-            self._check_length(saved["step"])
+            check_length(config, self.total_steps, saved["step"])
         self.precision = lowbit.Precision(recipe, device=self.device)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
@@ -1024,9 +1044,17 @@ class Trainer:
         if resume:
             self._resume(checkpoint.latest(run_dir), recorded)
             resume_step = self.step_idx
-            self._check_length(self.step_idx)
+            check_length(c, self.total_steps, self.step_idx)
             if main and recorded.get("status") == "running":  # this process holds the lock now
                 self._note_killed(run_dir, recorded)
+            if main and self.step_idx == self.total_steps and self.run_name is None:
+                # a resume without a longer --steps trains nothing: it printed the run's summary
+                # again, as if it had trained (a study's run is resumed for its record)
+                print(
+                    f"lowbit: note: {run_dir} has trained its {self.total_steps} steps already; "
+                    f"to train it on, resume with --steps above {self.total_steps}",
+                    file=sys.stderr,
+                )
         else:
             if self.warn_warmup:  # rank 0's (`warn`); a resumed run was warned of as it started
                 warn_long_warmup(c, self.total_steps)
@@ -1250,20 +1278,6 @@ class Trainer:
             f"checkpoint at step {self.step_idx}",
             file=sys.stderr,
         )
-
-    def _check_length(self, step: int) -> None:
-        """A resumed run can be lengthened, not shortened below the ``step`` it has reached."""
-        c = self.config
-        if self.total_steps < step:
-            asked = (
-                f"steps {c.steps}"
-                if c.steps is not None
-                else f"epochs {c.epochs} ({self.total_steps} steps)"
-            )
-            raise UsageError(
-                f"{asked} is below the run's step {step}; fix: ask for at least {step} steps, "
-                "or leave --steps/--epochs out to keep the run's length"
-            )
 
     def _write_run_info(self, run_dir: Path, resume_step) -> None:
         import lowbit

@@ -27,7 +27,8 @@ def test_a_torn_shard_of_a_multi_process_checkpoint_is_a_one_line_error(tmp_path
     newest = out / "checkpoints" / "step-0000002.dcp"
     shard = next(newest.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    fix = r"step-0000002.dcp: unreadable checkpoint \(EOFError\); fix: move it out of .*, so that "
+    fix = r"step-0000002.dcp: unreadable checkpoint \(EOFError: __0_0.distcp holds 1000 of the "
+    fix += r"\d+ bytes its .metadata lists\); fix: move it out of .*, so that "
     fix += "step-0000001.dcp is the newest"
     with pytest.raises(UsageError, match=fix):
         evaluate_run(out, max_batches=1)
