@@ -38,7 +38,12 @@ def human(n: float) -> str:
 @dataclass
 class Breakdown:
     """Bytes per component (per device when sharded); ``num_params`` is the model's parameter
-    count (unsharded), used by `per_param`."""
+    count (unsharded), used by `per_param`.
+
+    ``bucket_rebuild`` is a DDP rank's second copy of its gradients while DistributedDataParallel
+    rebuilds its all-reduce buckets, once, before the second step's forward (new buckets made
+    before the old are freed): it never coexists with the activations and temporaries, so the
+    peak, `total`, is the model states plus the larger of the two (`peak_set_by`)."""
 
     parameters: int = 0
     gradients: int = 0
@@ -46,6 +51,7 @@ class Breakdown:
     optimizer_states: int = 0
     activations: int = 0
     temporaries: int = 0
+    bucket_rebuild: int = 0
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -56,7 +62,16 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.temporaries
+        """The peak: model states + max(bucket rebuild, activations + temporaries)."""
+        return self.model_states + max(self.bucket_rebuild, self.activations + self.temporaries)
+
+    @property
+    def peak_set_by(self) -> str:
+        """Which term sets `total`: ``"bucket rebuild"`` or ``"activations"`` (with the
+        temporaries; also where there is no rebuild, and on a tie)."""
+        if self.bucket_rebuild > self.activations + self.temporaries:
+            return "bucket rebuild"
+        return "activations"
 
     def per_param(self) -> dict[str, float]:
         """Bytes per model parameter of each component (and ``model_states``, ``total``)."""
@@ -76,6 +91,10 @@ class Breakdown:
         rows = [
             (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
         ]
+        if self.bucket_rebuild:  # a DDP estimate's; `total` counts it or the activations
+            rows.append(
+                ("DDP bucket rebuild", self.bucket_rebuild, getattr(other, "bucket_rebuild", None))
+            )
         rows.append(("total", self.total, other.total if other is not None else None))
         n = max(self.num_params, 1)
         # as wide as the largest figure and two spaces (a 70B model's batch of 64 x 4096 holds

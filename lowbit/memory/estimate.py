@@ -13,10 +13,13 @@ tensor's size is known and the small-tensor rule of the optimizer states is appl
   buffer instead, one parameter-dtype value per parameter;
 - optimizer states: Adam's two moments and step counter per tensor (`lowbit.optim.adam_state_bytes`).
 
-Under DDP (``sharding="ddp"``, or ``"none"`` over several GPUs: `lowbit train --nproc N`) the
-gradients are counted twice: each ``.grad`` is a view of DistributedDataParallel's all-reduce
-buckets (`lowbit.distributed.ddp`), but DDP rebuilds the buckets once, at the second step, and
-holds the old and the new ones for a moment.
+Under DDP (``sharding="ddp"``, or ``"none"`` over several GPUs: `lowbit train --nproc N`) each
+``.grad`` is a view of DistributedDataParallel's all-reduce buckets (`lowbit.distributed.ddp`):
+the gradients are held once, but DDP rebuilds the buckets once, before the second step's forward
+(torch's ``_pre_forward``), making the new ones before the old are freed: a second copy of the
+gradients (``bucket_rebuild``) while no activations are live. So the peak, `Breakdown.total`, is
+model states + max(gradients, activations + temporaries), and a note names the term that sets it
+(until session 40 both were added: over by the smaller of the two).
 
 With ``sharding="fsdp"`` these four are the first rank's shards (ZeRO-3 / FSDP full sharding,
 `_first_shard`: ``ceil(rows / gpus)`` rows of each parameter, to which FSDP2 pads every rank's
@@ -1031,18 +1034,9 @@ def estimate(
     out.optimizer_states = sum(
         _shard_state_bytes(precision, k, _first_shard(k, rows, ranks)) for k, rows in trace.trained
     )
-    if sharding == "ddp" or (sharding == "none" and gpus > 1):  # `lowbit train`'s DDP
-        # Each .grad is a view of DDP's all-reduce buckets (lowbit.distributed.ddp), but DDP
-        # rebuilds its buckets once, before the second step's forward, making the new ones before
-        # it frees the old (torch's `_pre_forward`): a second copy of every gradient then, beside
-        # the parameters and optimizer states. Counted as the peak's, it over-counts by the
-        # smaller of the gradients and a step's activations: the true peak is
-        # model states + max(gradients, activations + temporaries).
-        out.gradients *= 2
-        out.notes.append(
-            "ddp: gradients twice: DDP rebuilds its all-reduce buckets once, at the second step, "
-            "holding the old and the new ones for a moment"
-        )
+    ddp = sharding == "ddp" or (sharding == "none" and gpus > 1)  # `lowbit train`'s DDP
+    if ddp:  # the module docstring: a second gradient copy, never beside the activations
+        out.bucket_rebuild = out.gradients
     if fsdp:
         gathered = _gathered_dtype(recipe)
         out.notes.append(
@@ -1065,6 +1059,12 @@ def estimate(
         out.notes.append("activation checkpointing: the model has no numbered blocks")
     out.activations = round(activations)
     out.temporaries = round(temporaries + fsdp_gather)
+    if ddp:
+        out.notes.append(
+            "ddp: peak = model states + max(bucket rebuild, activations + temporaries), set by "
+            f"the {out.peak_set_by}: DDP rebuilds its all-reduce buckets once, before the second "
+            "step's forward, holding the old and the new ones (the gradients twice) for a moment"
+        )
     return out
 
 
@@ -1076,13 +1076,18 @@ def fits(
     capacity_bytes: float,
     **kw,
 ) -> int:
-    """The largest micro-batch that fits ``capacity_bytes`` (0: not even batch 1)."""
+    """The largest micro-batch that fits ``capacity_bytes`` (0: not even batch 1). The batch
+    grows the activations and temporaries alone, linearly; what batch 1 fits (the model states,
+    and a DDP rank's bucket rebuild, whatever the batch: `Breakdown.total`) bounds nothing more,
+    so the activations' term decides (until session 40 the growth of `total` was extrapolated,
+    which a rebuild setting batch 1's peak made flat)."""
     one = estimate(config_or_size, recipe, state_precision_name, 1, seq, **kw)
-    two = estimate(config_or_size, recipe, state_precision_name, 2, seq, **kw)
-    per_sample = two.total - one.total
-    fixed = one.total - per_sample
     if one.total > capacity_bytes:
         return 0
+    two = estimate(config_or_size, recipe, state_precision_name, 2, seq, **kw)
+    step = one.activations + one.temporaries
+    per_sample = two.activations + two.temporaries - step
+    fixed = one.model_states + step - per_sample
     return int((capacity_bytes - fixed) // per_sample) if per_sample > 0 else 1 << 30
 
 

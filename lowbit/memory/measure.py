@@ -237,3 +237,51 @@ def checkpointed_peak(model: torch.nn.Module):
         handle.remove()
         holders.clear()
         blocks[-1].gradient_checkpointing = True
+
+
+class Allocations:
+    """Within: every allocation and free of the CPU allocator on this thread, recorded
+    (``torch.profiler`` with ``profile_memory=True``: kineto's signed ``[memory]`` events), and
+    the moments `mark` names; after: `rise`, the most bytes allocated between two marks above
+    those live at the first. A CPU has no ``torch.cuda.max_memory_allocated``; add the bytes live
+    at the first mark (`measure`'s model states between steps) for the peak. It counts from a
+    mark because frees on other threads are not recorded: in some 1-rank gloo DDP runs a
+    gradient-sized buffer of the first step was freed off this thread, and the live bytes from
+    the start read one gradient copy high ever after. docs/memory.md's DDP peaks
+    (`benchmarks/ddp_peak.py`) are such."""
+
+    def __enter__(self) -> Allocations:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._labels: set[str] = set()
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def mark(self, label: str) -> None:
+        """Note this moment as ``label``, on the profiler's clock."""
+        self._labels.add(label)
+        with torch.profiler.record_function(label):
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        self.events, self.marks = [], {}
+        for e in self._profile.profiler.kineto_results.events():
+            if e.name() == "[memory]":
+                self.events.append((e.start_ns(), e.nbytes()))
+            elif e.name() in self._labels:
+                self.marks.setdefault(e.name(), []).append(e.start_ns())
+        self.events.sort()
+        for stamps in self.marks.values():
+            stamps.sort()
+
+    def rise(self, start: int, end: int) -> int:
+        """The most bytes live from ``start`` to ``end`` (stamps of `marks`) above those live at
+        ``start`` (0 where nothing more was)."""
+        live = peak = 0
+        for stamp, nbytes in self.events:
+            if start <= stamp < end:
+                live += nbytes
+                peak = max(peak, live)
+        return peak
