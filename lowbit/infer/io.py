@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import UsageError, check_given, check_writable, file_in_the_way
+from lowbit.folder_lock import lock_folder
 from lowbit.train.config import EXPORT_INFO, exported_from
 
 MANIFEST = "quantization.json"
@@ -218,6 +219,11 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             state = load_file(weights)
         except Exception as error:  # torn or foreign bytes fail in safetensors' header reader
             raise UsageError(f"{weights}: unreadable ({_one_line(error)}); {again}") from None
+        # a tied tensor stored once under its first name (`_write`); a folder from before that
+        # holds a copy under each name, which loads as it is
+        state.update(
+            {n: state[f] for n, f in tied_names(model).items() if n not in state and f in state}
+        )
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:  # another folder's file: missing, extra or reshaped tensors
@@ -269,6 +275,18 @@ def _original_sizes(tensors: dict, model: torch.nn.Module, masters: list) -> dic
     master_ids = {id(p) for p in masters}
     sizes.update({n: p.nbytes for n, p in model.named_parameters() if id(p) in master_ids})
     return sizes
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each name of ``model``'s state that is a tensor an earlier name holds too (a head tied to
+    its embedding: ``lm_head.weight`` -> ``model.embed_tokens.weight``), with that first name."""
+    first, tied = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and key in first:
+            tied[name] = first[key]
+        first.setdefault(key, name)
+    return tied
 
 
 def _dtype_names(tensors: dict) -> str:
@@ -541,16 +559,26 @@ def staged_out(out, force: bool):
     check_writable(out)  # /proc's ENOENT was a traceback, a hidden name the user never gave
     holder.mkdir(parents=True, exist_ok=True)
     for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
-        shutil.rmtree(stale, ignore_errors=True)
+        held = lock_folder(stale)  # False: another quantize/prune/export still writes into it
+        if held is not False:
+            shutil.rmtree(stale, ignore_errors=True)
+        if isinstance(held, int):
+            os.close(held)
     staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
+    held = lock_folder(staging)
     try:
         yield staging
         _umask_modes(staging)
+        # another step into the same --out may have finished meanwhile: its folder is kept as
+        # an earlier one is (a rename onto it was an OSError traceback, or replaced it unasked)
+        _check_out(out, force)
         if not out.exists():
             os.replace(staging, out)
             return
         _move_in(staging, out)
     finally:
+        if isinstance(held, int):
+            os.close(held)
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -625,16 +653,14 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         elif item.is_file():
             shutil.copy2(item, out / name)
     _record_paths(source.path, out)
-    tensors, seen = {}, {}
-    for name, tensor in model.state_dict().items():
-        ptr = (tensor.data_ptr(), tuple(tensor.shape))
-        # safetensors refuses shared storage (tied embeddings): store a copy under each name
-        tensors[name] = (
-            tensor.detach().cpu().contiguous().clone()
-            if ptr in seen
-            else (tensor.detach().cpu().contiguous())
-        )
-        seen[ptr] = name
+    # a tied tensor (a head that is its embedding) is stored once, as the checkpoint stores it:
+    # a copy under each name made a pruned folder larger than its source by the embedding
+    tied = tied_names(model)
+    tensors = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if name not in tied
+    }
     save_file(tensors, out / WEIGHTS, metadata={"lowbit": json.dumps(manifest.get("quantization"))})
     manifest = {
         **manifest,
