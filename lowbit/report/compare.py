@@ -716,7 +716,9 @@ def _trainer(study: Study, recipe: str, seed: int, config, quiet: bool, resume: 
     # the emulation warning is the same for every seed of a recipe: said for its first one only,
     # and transformers' report of the --model folder's load for the study's first run only
     first_run = (recipe, seed) == (study.recipes[0], study.seeds[0])
-    with _transformers_warnings(first_run):
+    # the digits CNN is no transformers model: importing transformers to quiet it cost each of
+    # its runs in a fresh process (a --jobs worker's) ~0.6 s of CPU
+    with _transformers_warnings(first_run or config.task == "image-classification"):
         trainer = Trainer(config, quiet=quiet, warn_emulation=seed == study.seeds[0], resume=resume)
     trainer.sample = False  # a sample text per run is slow and not compared
     trainer.warn_warmup = first_run  # the study's runs are as long: once, not once per run
@@ -769,11 +771,11 @@ def _transformers_warnings(on: bool):
     initialized", a fine-tuning head drawn afresh) is a dozen lines each time: a study says it
     once, as `lowbit train` does (a token classifier's load says only what is unexpected in it,
     `lowbit.models.token_classifier`)."""
-    from transformers.utils import logging as hf_logging
-
     if on:
         yield
         return
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

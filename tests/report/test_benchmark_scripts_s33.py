@@ -4,9 +4,6 @@ recorded results, pages checked before any run, and bad input files or pages one
 import importlib
 import importlib.util
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,19 +52,20 @@ def test_a_run_of_one_task_keeps_the_other_tasks_results(parity, pages, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("doc", "message"),
+    ("doc", "message", "fix"),
     [
-        (DOC.replace(END, ""), f"no line '{END}' around its results"),
-        (DOC.replace(BEGIN, ""), f"no line '{BEGIN}' around its results"),
-        (DOC.replace(BEGIN, "@").replace(END, BEGIN).replace("@", END), "stands above"),
-        (None, "parity.md: no such file"),
+        (DOC.replace(END, ""), f"no line '{END}' around its results", True),
+        (DOC.replace(BEGIN, ""), f"no line '{BEGIN}' around its results", False),
+        (DOC.replace(BEGIN, "@").replace(END, BEGIN).replace("@", END), "stands above", False),
+        (None, "parity.md: no such file", True),
     ],
 )
 def test_a_doc_without_its_markers_is_refused_before_any_run(
-    doc, message, parity, pages, tmp_path, capsys
+    doc, message, fix, parity, pages, tmp_path, capsys
 ):
     """docs/parity.md without its markers: a traceback after the study, with BENCHMARKS.md already
-    written (half a result)."""
+    written (half a result). The fix, --no-write, reads neither page (whatever the markers): a
+    doc with its markers wrong and one missing run it (a study each)."""
     page = pages / "docs" / "parity.md"
     page.unlink() if doc is None else page.write_text(doc)
     with pytest.raises(SystemExit) as stopped:
@@ -77,7 +75,8 @@ def test_a_doc_without_its_markers_is_refused_before_any_run(
     assert str(page) in error and message in error and error.endswith("or run with --no-write")
     assert (pages / "BENCHMARKS.md").read_text() == RECORDED
     assert not (tmp_path / "out").exists()
-    assert parity.main([*QUICK, "--no-write", "--out", str(tmp_path / "out")]) == 0  # the fix
+    if fix:
+        assert parity.main([*QUICK, "--no-write", "--out", str(tmp_path / "out")]) == 0
 
 
 @pytest.fixture
@@ -150,22 +149,22 @@ def test_one_step_measures_the_optimizer_states(optimizer_states, tmp_path, caps
     assert row["state_bytes"] > 0 and row["bytes_per_param"] == pytest.approx(8, rel=0.01)
 
 
-def test_a_page_that_cannot_be_written_is_one_line_after_the_results(tmp_path):
+def test_a_page_that_cannot_be_written_is_one_line_after_the_results(
+    tmp_path, monkeypatch, as_script
+):
     """`--write` into a page that cannot be written (a read-only checkout) was a traceback after
     the whole benchmark ran; the scripts without `run_script` let any refusal out as one too."""
-    (tmp_path / "benchmarks").mkdir()
-    for name in ("attention.py", "benchmarks_md.py"):
-        shutil.copy(BENCHMARKS / name, tmp_path / "benchmarks" / name)
-    (tmp_path / "BENCHMARKS.md").mkdir()  # unwritable to root too
-    command = [sys.executable, str(tmp_path / "benchmarks" / "attention.py"), "--write"]
-    command += ["--rounds", "1", "--batch", "1", "--heads", "1", "--seq", "8", "--head-dim", "8"]
-    env = {"PYTHONPATH": str(BENCHMARKS.parent), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    page = tmp_path / "BENCHMARKS.md"
+    page.mkdir()  # unwritable to root too
+    monkeypatch.setattr(importlib.import_module("benchmarks_md"), "BENCHMARKS_MD", page)
+    argv = ["--write", "--rounds", "1", "--batch", "1", "--heads", "1", "--seq", "8"]
+    done = as_script("attention", *argv, "--head-dim", "8", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "| fp16 via lowbit" in done.stdout  # the results, printed before the refusal
     assert done.stderr.strip() == (
-        f"attention.py: error: {tmp_path / 'BENCHMARKS.md'} not updated (Is a directory); the "
-        "results are printed above; fix: make the page writable and run again, or leave out --write"
+        f"attention.py: error: {page} not updated (Is a directory); the results are printed "
+        "above; fix: make the page writable and run again, or leave out --write"
     )
 
 

@@ -19,6 +19,7 @@ from lowbit.report import compare, make_study
 from lowbit.report.compare import PARITY_TARGETS, Target, verdict
 from lowbit.report.markdown import tables
 from lowbit.train import TrainConfig, train
+from tests.report.conftest import IMAGES
 
 LM = {"task": "causal-lm", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
 LM_STEPS = {"steps": 6, "eval_interval": 3, "warmup_steps": 2}
@@ -114,23 +115,54 @@ def test_interrupted_run_is_resumed_to_the_same_loss(study_result, tmp_path):
     assert record["final_metrics"]["loss"] == uninterrupted["final_metrics"]["loss"]
 
 
-def test_jobs_train_the_same_runs_in_worker_processes(study_result, tmp_path):
+# Imported by the --jobs workers (spawned interpreters with its folder on PYTHONPATH): the file
+# "transformers" in the folder LOWBIT_TEST_IMPORTS once a worker imports transformers.
+WATCH_TRANSFORMERS = """
+import os, sys
+from pathlib import Path
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers":
+            Path(os.environ["LOWBIT_TEST_IMPORTS"], "transformers").touch()
+        return None
+
+if os.environ.get("LOWBIT_TEST_IMPORTS"):
+    sys.meta_path.insert(0, Watch())
+"""
+
+
+def test_jobs_train_the_same_runs_in_worker_processes(image_study, tmp_path, monkeypatch):
     """--jobs 2: two runs at a time in spawned worker processes (one thread each, as the
-    module's study was trained), every run bit-identical to the sequential study's."""
+    session's digits study was trained), every run bit-identical to the sequential study's. (The
+    digits CNN: running a study in workers is the same for every task; causal-LM runs train in
+    workers in test_compare_s30's --jobs tests.) Its workers import no transformers:
+    quieting transformers' load report for every run after the study's first imported it (~0.6 s
+    of CPU in each worker), though the CNN is no transformers model."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WATCH_TRANSFORMERS)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("LOWBIT_TEST_IMPORTS", str(hook))
+    sequential = json.loads((image_study / "report" / "results.json").read_text())
     lines = []
-    result = compare(lm_study(tmp_path / "study"), plots=False, log=lines.append, jobs=2, threads=1)
-    assert sorted(result.trained) == sorted(study_result.trained) and result.reused == []
+    study = make_study("fp32,bf16-mixed", IMAGES, seeds=2, out=tmp_path / "study")
+    result = compare(study, plots=False, log=lines.append, jobs=2, threads=1)
+    runs = [(recipe, seed) for recipe in ("bf16-mixed", "fp32") for seed in (0, 1)]
+    assert sorted(result.trained) == runs and result.reused == []
     # one line per run, as its worker finishes it (the runs were also listed a second time)
     assert len(lines) == 4 and all("(trained;" in line for line in lines)
-    for recipe, runs in study_result.results["runs"].items():
-        for ours, sequential in zip(result.results["runs"][recipe], runs):
-            assert ours["final_metrics"]["loss"] == sequential["final_metrics"]["loss"]
-            assert ours["train_loss"] == sequential["train_loss"]
+    for recipe, records in sequential["runs"].items():
+        assert len(result.results["runs"][recipe]) == len(records) == 2
+        for ours, record in zip(result.results["runs"][recipe], records):
+            assert ours["final_metrics"]["loss"] == record["final_metrics"]["loss"]
+            assert ours["train_loss"] == record["train_loss"]
     again = compare(result.study, plots=False, log=lines.append, jobs=2, threads=1)
     assert again.trained == [] and len(again.reused) == 4
     # their throughput was measured two runs at a time, and the report says so
     assert result.results["speed_load"] == [2]
     assert "trained up to 2 at a time (--jobs 2)" in (result.report_dir / "report.md").read_text()
+    assert not (hook / "transformers").exists()
 
 
 def test_speed_table_warns_when_runs_trained_under_different_loads(study_result):
