@@ -159,6 +159,33 @@ def _finish(raw: list[float]) -> dict[str, float]:
     }
 
 
+def _merged_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The raw `STATS` vector of one operand quantized in parts (a grouped convolution's one
+    GEMM per group, `lowbit.nn.conv._grouped_linear`) from each part's vector and its element
+    and nonzero counts: as if the operand had been measured whole, up to ``scale``. ``amax`` the
+    largest; the shares ``saturated`` and ``nonfinite`` weighted by the parts' elements,
+    ``underflow`` by their nonzero elements; the energies (signal, error, its saturated and
+    flushed shares) summed, so ``rms`` and ``sqnr`` are those of the whole operand; ``scale`` the
+    median of the parts' (tensorwise: one scale per group; blocks: the median of the medians).
+    No host sync."""
+    raw = torch.stack([vector for vector, _ in parts])
+    elements, nonzero = torch.stack([counts for _, counts in parts]).unbind(1)
+    total = elements.sum().clamp(min=1)
+    signal = raw[:, 4].sum()
+    return torch.stack(
+        [
+            raw[:, 0].amax(),
+            (signal / total).sqrt(),
+            (raw[:, 2] * elements).sum() / total,
+            (raw[:, 3] * nonzero).sum() / nonzero.sum().clamp(min=1),
+            signal,
+            raw[:, 5].median(),
+            (raw[:, 6] * elements).sum() / total,
+            *raw[:, 7:].sum(0),
+        ]
+    )
+
+
 def operand_stats(x_hp: torch.Tensor, q: QTensor, gradient: bool = False) -> dict[str, float]:
     """The `STATS` of one operand ``x_hp`` quantized to ``q`` (see the module docstring)."""
     return _finish(operand_stats_tensor(x_hp, q, gradient).tolist())
@@ -173,6 +200,11 @@ class StatsCollector:
     values: a step's overflow can come from any micro-batch, and from the last alone, a clean
     one, `lowbit doctor` flagged nothing and the ``auto`` guard (`AutoPrecision.escalate`) found
     no culprit (it moved every operand of every layer up a rung). Healthy steps keep the last.
+    A grouped convolution quantizes each operand in one part per group, G calls in a row per
+    forward or backward: each G calls are merged into one measurement of the whole operand
+    (`_merged_parts`) before the micro-batch rule applies (the last group alone hid a saturated
+    or outlying other group). Micro-batches are not merged so: each is a cast of its own, with
+    its own (current) scale, as each step's is.
     ``extra(layer, operand, x_hp, q)`` (optional) is called too, for controllers that measure
     what other formats would do with the same tensor.
     """
@@ -184,10 +216,13 @@ class StatsCollector:
         self.extra = extra
         # (layer, operand) -> (raw statistics, element format, spec description)
         self._pending: dict[tuple[str, str], tuple[torch.Tensor, str, str]] = {}
+        # (layer, operand) -> the parts of a grouped layer's call so far: (raw, counts) each
+        self._parts: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.order: list[str] = []  # layers in the order their forward GEMM ran
 
     def attach(self) -> None:
         self._pending.clear()
+        self._parts.clear()
         self.order = []
         for name, layer in self.layers.items():
             layer.lowbit_state.observer = functools.partial(self._observe, name)
@@ -202,13 +237,21 @@ class StatsCollector:
         # the spec the layer quantized with now: `auto` changes it between steps, and its guard
         # within a step it retries
         spec = self.layers[layer].lowbit_state.spec.operands()[operand].describe()
+        if self.extra is not None:  # each part of a grouped layer's operand (`auto` judges each)
+            self.extra(layer, operand, x_hp, q)
         raw = operand_stats_tensor(x_hp, q, gradient=operand.endswith("grad_out"))
+        groups = getattr(self.layers[layer], "groups", 1)  # a grouped conv's GEMMs, one a group
+        if groups > 1:
+            counts = torch.stack([raw.new_tensor(x_hp.numel()), x_hp.count_nonzero().to(raw)])
+            parts = self._parts.setdefault((layer, operand), [])
+            parts.append((raw, counts))
+            if len(parts) < groups:
+                return
+            raw = _merged_parts(self._parts.pop((layer, operand)))
         earlier = self._pending.get((layer, operand))
         if earlier is not None:  # a later micro-batch (tensors: compared without a host sync)
             raw = torch.where(earlier[0][_NONFINITE] > raw[_NONFINITE], earlier[0], raw)
         self._pending[(layer, operand)] = (raw, q.fmt.name, spec)
-        if self.extra is not None:
-            self.extra(layer, operand, x_hp, q)
 
     def collect(self) -> dict[str, dict[str, dict]]:
         """Detach, read every pending statistic back in one transfer; ``{}`` when none ran."""

@@ -5,14 +5,13 @@ unfolded input ``cols`` (N*L x C*kh*kw, L output positions), so its forward, inp
 weight-gradient GEMMs are exactly a linear layer's, contracted over C*kh*kw, O and N*L. Gradients
 flow back through ``F.unfold`` to the image.
 
-A grouped convolution (``groups=G``, depthwise where G = C) is G such GEMMs side by side: group g
-multiplies its C/G*kh*kw columns of ``cols`` by its O/G rows of the weight (`_grouped_linear`).
-Each group is a linear layer's three GEMMs of its own, so every operand is quantized along its
-own group's contraction axis (C/G*kh*kw, O/G, N*L): no scale block straddles two groups, and a
-depthwise K of kh*kw (9) is zero-padded to a whole block as a linear layer's K of 9 is. A
-tensorwise scale is then one per group's operand (current scaling); delayed scaling's history
-records the largest amax of the step over the groups, so from the first commit on every group
-scales with the layer's one delayed amax.
+A grouped convolution (``groups=G``) is G such GEMMs side by side: group g multiplies its
+C/G*kh*kw columns of ``cols`` by its O/G rows of the weight (`_grouped_linear`). Each group is a
+linear layer's three GEMMs of its own, so every operand is quantized along its own group's
+contraction axis (C/G*kh*kw, O/G, N*L): no scale block straddles two groups. A tensorwise scale is
+then one per group's operand (current scaling); delayed scaling's history records the largest amax
+of the step over the groups, so from the first commit on every group scales with the layer's one
+delayed amax. A depthwise convolution (G = C) is kept (`depthwise_kept_reason`).
 
 A transposed convolution (`LowbitConvTranspose2d`) is the same GEMM read the other way: each input
 pixel's C channels times the weight (C x O*kh*kw) give the O*kh*kw values it adds to the output,
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 
 from lowbit.nn.linear import (
     LowbitModule,
-    autocast_off,
     check_floating_input,
     full_precision,
     gemm_output_dtype,
@@ -36,6 +34,26 @@ from lowbit.nn.linear import (
     on_meta,
 )
 from lowbit.recipes.recipe import LayerSpec
+
+# Why `convert` keeps a depthwise convolution. Measured with 96 channels, 28x28, batch 8,
+# forward + backward on one CPU thread (docs/recipes.md): fp8-tensorwise 589 ms, mxfp8 697 ms,
+# nn.Conv2d 9 and 12 ms.
+DEPTHWISE_KEPT = (
+    "depthwise convolution (groups = in_channels) kept: its GEMMs, one per channel over kh*kw "
+    "values, gain nothing from low precision and emulated channel by channel run ~60x slower "
+    "than nn.Conv2d"
+)
+
+
+def depthwise_kept_reason(conv: torch.nn.Module) -> str | None:
+    """`DEPTHWISE_KEPT` for a depthwise ``nn.Conv2d`` or ``nn.ConvTranspose2d`` (groups =
+    in_channels > 1), None for any other layer. Converted, it ran a loop of 3*C GEMMs per step,
+    each contracting over kh*kw values (9, zero-padded to a 32-wide MX block) or fewer, too small
+    to gain from low precision. Convolutions of fewer groups are converted (`_grouped_linear`)."""
+    convolution = isinstance(conv, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    if convolution and 1 < conv.groups == conv.in_channels:
+        return DEPTHWISE_KEPT
+    return None
 
 
 def _padding_sides(conv: torch.nn.Conv2d) -> list[tuple[int, int]]:
@@ -131,18 +149,21 @@ class _Unfold(torch.autograd.Function):
         return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
 
 
-def _grouped_linear(cols: torch.Tensor, weight: torch.Tensor, bias, state, groups: int):
+def _grouped_linear(
+    cols: torch.Tensor, weight: torch.Tensor, bias, state, groups: int, out_dtype=None
+):
     """``lowbit_linear`` of each group: the columns of ``cols`` (N x L x C*kh*kw) in ``groups``
     equal parts, each by its share of the rows of ``weight`` (O x C/groups*kh*kw) and of ``bias``;
-    the outputs side by side (N x L x O). One `LayerState` for all: each group's GEMMs quantize
-    their own operands (see the module docstring). ``split`` hands the gradients back to ``cols``
-    and the weight in one concatenation, not one full-size sum per group."""
+    the outputs side by side (N x L x O), in ``out_dtype`` (None: `gemm_output_dtype`'s). One
+    `LayerState` for all: each group's GEMMs quantize their own operands (see the module
+    docstring). ``split`` hands the gradients back to ``cols`` and the weight in one
+    concatenation, not one full-size sum per group."""
     if groups == 1:
-        return lowbit_linear(cols, weight, bias, state)
+        return lowbit_linear(cols, weight, bias, state, out_dtype)
     biases = (None,) * groups if bias is None else bias.chunk(groups)
     return torch.cat(
         [
-            lowbit_linear(part, rows, part_bias, state)
+            lowbit_linear(part, rows, part_bias, state, out_dtype)
             for part, rows, part_bias in zip(
                 cols.chunk(groups, -1), weight.chunk(groups), biases, strict=True
             )
@@ -152,7 +173,8 @@ def _grouped_linear(cols: torch.Tensor, weight: torch.Tensor, bias, state, group
 
 
 class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
-    """Drop-in `nn.Conv2d` (any ``groups``, depthwise too) whose GEMMs follow a `LayerSpec`."""
+    """Drop-in `nn.Conv2d` (any ``groups``; `convert` keeps a depthwise one) whose GEMMs follow
+    a `LayerSpec`."""
 
     def __init__(self, conv: torch.nn.Conv2d, spec: LayerSpec, seed: int = 0):
         super().__init__(conv, spec, seed)
@@ -290,9 +312,10 @@ class LowbitConvTranspose2d(LowbitModule, torch.nn.ConvTranspose2d):
         # per group, (O/G*kh*kw) x C/G: the weight's rows as a linear layer's out x in
         per_group = self.weight.reshape(self.groups, c // self.groups, -1)
         weight = per_group.transpose(1, 2).reshape(-1, c // self.groups)
+        # fp32 out of the GEMM, for the fold to sum; the input in its own dtype, which the
+        # backward saves (an fp32 copy of a bf16 input held twice its bytes)
         out_dtype = gemm_output_dtype(x)
-        with autocast_off(x.device.type):  # fp32 out of the GEMM, for the fold to sum
-            cols = _grouped_linear(rows.float(), weight, None, self.lowbit_state, self.groups)
+        cols = _grouped_linear(rows, weight, None, self.lowbit_state, self.groups, torch.float32)
         # every kernel position summed into place, then ``padding`` cut off at the start and
         # ``padding - output_padding`` at the end (zeros added where that is negative)
         size = [

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import UsageError
-from lowbit.nn.conv import LowbitConv2d, LowbitConvTranspose2d
+from lowbit.nn.conv import LowbitConv2d, LowbitConvTranspose2d, depthwise_kept_reason
 from lowbit.nn.experts import GEMM_KINDS, LowbitExperts, is_experts, other_experts_layout
 from lowbit.nn.layer_kinds import (
     is_conv1d,
@@ -40,7 +39,7 @@ from lowbit.nn.layer_kinds import (
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_KEPT, ROUTER_KEPT
-from lowbit.recipes.recipe import Override, block_of, block_stacks
+from lowbit.recipes.recipe import Override, block_of, block_stacks, names_pattern
 
 # the GEMM layers `convert` swaps (and a mixture-of-experts layer's weights), as reports name them
 _CONVERTED_KINDS = "nn.Linear, nn.Conv2d, nn.ConvTranspose2d, transformers' Conv1D"
@@ -265,15 +264,14 @@ def router_overrides(model: torch.nn.Module) -> list[Override]:
     training's presets (`recipe_for_model`) and ``lowbit quantize`` (`lowbit.infer.quantize_model`)
     share: `KEEP_ROUTERS` (routers that are plain linear layers, by name) with the layers inside
     the model's mixture-of-experts router modules added (`router_layer_names`), then, if it has
-    any, the layers of its other routers, kept with `OTHER_ROUTER_KEPT`. The names enter the glob
-    escaped (`glob.escape`): a module may be named ``moe[0]`` (``add_module`` takes any name
-    without a dot), which as a glob matches ``moe0`` and not itself."""
+    any, the layers of its other routers, kept with `OTHER_ROUTER_KEPT` (names glob-escaped,
+    `names_pattern`)."""
     kept = KEEP_ROUTERS
     if names := router_layer_names(model):
-        names = [glob.escape(name) for name in names]
-        kept = dataclasses.replace(KEEP_ROUTERS, pattern="|".join([KEEP_ROUTERS.pattern, *names]))
+        pattern = f"{KEEP_ROUTERS.pattern}|{names_pattern(names)}"
+        kept = dataclasses.replace(KEEP_ROUTERS, pattern=pattern)
     if names := router_layer_names(model, False):
-        return [kept, Override("|".join(map(glob.escape, names)), None, OTHER_ROUTER_KEPT)]
+        return [kept, Override(names_pattern(names), None, OTHER_ROUTER_KEPT)]
     return [kept]
 
 
@@ -323,7 +321,7 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
         at = overrides.index(KEEP_ROUTERS)
         overrides[at : at + 1] = router_overrides(model)
     if KEEP_CLASSIFIERS in overrides and (names := cnn_classifier_names(model)):
-        pattern = "|".join([KEEP_CLASSIFIERS.pattern, *names])
+        pattern = f"{KEEP_CLASSIFIERS.pattern}|{names_pattern(names)}"
         overrides[overrides.index(KEEP_CLASSIFIERS)] = dataclasses.replace(
             KEEP_CLASSIFIERS, pattern=pattern
         )
@@ -434,7 +432,7 @@ def convert(
             if spec is None:
                 report.kept[name] = reason
                 continue
-            unsupported = _computed_weight_reason(child)
+            unsupported = _computed_weight_reason(child) or depthwise_kept_reason(child)
             if unsupported is None and (reader := weight_read_by_parent(module, child_name)):
                 unsupported = (
                     f"{reader} multiplies by its weight itself, never calling the layer: "

@@ -317,7 +317,7 @@ def batch_axis(name: str) -> BatchAxis:
     return BatchAxis.COLUMNS if name.startswith("grad_weight.") else BatchAxis.ROWS
 
 
-def autocast_off(device_type: str):
+def _autocast_off(device_type: str):
     """A context with autocast off: a no-op one where it is off already (the usual backward)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -526,7 +526,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             else None
         )
         casts = state.cast_gemms if state.observer is None else {}
-        with autocast_off(grad_out.device.type):
+        with _autocast_off(grad_out.device.type):
             if ctx.needs_input_grad[0]:
                 gemm = spec.grad_input
                 if "grad_input" in casts and qw is None:
@@ -734,7 +734,7 @@ def full_precision(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    with autocast_off(device):
+    with _autocast_off(device):
         bias = None if bias is None else bias.to(dtype)
         out = op(x.to(dtype), weight.to(dtype), bias, **options)
     return out if autocast else out.to(x.dtype)
@@ -768,26 +768,31 @@ def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
     return op(x, weight.to(dtype), None if bias is None else bias.to(dtype), **options)
 
 
-def lowbit_linear(x: torch.Tensor, weight, bias, state: LayerState) -> torch.Tensor:
-    """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims."""
+def lowbit_linear(
+    x: torch.Tensor, weight, bias, state: LayerState, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims. The result
+    in ``out_dtype``, `gemm_output_dtype` by default (`LowbitConvTranspose2d` asks fp32 of a
+    bf16 input, for its fold to sum, where an fp32 copy of the input would be saved for the
+    backward)."""
     check_floating_input(x, weight)
     keep_eager_roundings()
     if on_meta(x, weight, bias):
         return _meta_forward(F.linear, x, weight, bias)
+    dtype = out_dtype or gemm_output_dtype(x)
     if x.numel() == 0 or weight.numel() == 0:
         # an empty batch, or a layer without in- or out-features: no values to scale (nor scales
         # of no values to lay out); F.linear's result, empty or the bias
-        dtype = gemm_output_dtype(x)
-        with autocast_off(x.device.type):
+        with _autocast_off(x.device.type):
             return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if _dual(x, weight, bias):
         raise _forward_mode_refused()
     x2d = x.reshape(-1, x.shape[-1])
     if _functorch_transforms_active():  # under torch.func.grad, vjp, vmap
         record = _ForwardRecord()
-        out = _LinearUnderTransforms.apply(x2d, weight, bias, state, gemm_output_dtype(x), record)
+        out = _LinearUnderTransforms.apply(x2d, weight, bias, state, dtype, record)
     else:
-        out = LowbitLinearFunction.apply(x2d, weight, bias, state, gemm_output_dtype(x))
+        out = LowbitLinearFunction.apply(x2d, weight, bias, state, dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -15,7 +15,14 @@ from dataclasses import replace
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, ScaleRule
 from lowbit.recipes.presets import BF16, KEEP_HIGH_PRECISION, register_preset
-from lowbit.recipes.recipe import OperandSpec, Override, Recipe, uniform_layer
+from lowbit.recipes.recipe import (
+    OperandSpec,
+    Override,
+    Recipe,
+    names_pattern,
+    pattern_names,
+    uniform_layer,
+)
 
 
 def _mx(fmt: str) -> OperandSpec:
@@ -111,7 +118,7 @@ def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int) -> Recip
     base = recipe.compute_layer
     planned = tuple(
         Override(
-            "|".join(layers),
+            names_pattern(layers),
             base.with_operands({op: operand_spec(rung, op) for op, rung in ops}),
             reason,
             operands=tuple(op for op, _ in ops),
@@ -129,4 +136,4 @@ def plan_of(recipe: Recipe) -> str | None:
 def plan_layers(recipe: Recipe) -> list[str]:
     """The layer names `at_plan` gave ``recipe`` rungs for (its overrides' ``a|b|...``)."""
     plan = plan_of(recipe)
-    return [name for o in recipe.overrides if o.reason == plan for name in o.pattern.split("|")]
+    return [name for o in recipe.overrides if o.reason == plan for name in pattern_names(o.pattern)]

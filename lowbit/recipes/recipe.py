@@ -13,6 +13,7 @@ Everything outside those GEMMs (bias, norms, softmax, losses) runs in the recipe
 from __future__ import annotations
 
 import fnmatch
+import glob
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -305,6 +306,27 @@ OUTSIDE_BLOCKS = "{outside blocks}"
 OUTPUT_HEAD = "{output head}"
 
 
+def names_pattern(names: Iterable[str], inside: bool = False) -> str:
+    """An override pattern (`Override`) that matches exactly the module ``names`` (``inside``:
+    every module inside them instead, ``NAME.*``): each name glob-escaped (`glob.escape`:
+    ``add_module`` takes any name without a dot, and ``fc[0]`` as a glob matches ``fc0``, not
+    itself), joined by ``|``. The one way names enter a pattern. A name holding ``|``, the
+    separator of a pattern's alternatives, cannot be written in one: refused."""
+    names = list(names)
+    if bad := next((name for name in names if "|" in name), None):
+        raise UsageError(
+            f"module {bad!r} has a '|' in its name, which separates the alternatives of an "
+            "override's pattern, so lowbit cannot name it in one; fix: name the module without "
+            "'|' (add_module, or the attribute it is stored under)"
+        )
+    return "|".join(glob.escape(name) + (".*" if inside else "") for name in names)
+
+
+def pattern_names(pattern: str) -> list[str]:
+    """The module names a `names_pattern` pattern was made of."""
+    return [re.sub(r"\[([\[*?])\]", r"\1", alternative) for alternative in pattern.split("|")]
+
+
 def numbered_levels(name: str) -> list[tuple[str, int]]:
     """Every ``(container, index)`` along module ``name`` whose numbered child holds modules
     itself, outermost first: ``model.layers.3.mlp.experts.7.up`` -> ``[("model.layers", 3),
@@ -426,18 +448,19 @@ def _resolve(
 ) -> str:
     """One alternative of `Override.resolve`'s pattern, resolved (unchanged without a match)."""
     if alternative == OUTPUT_HEAD:
-        return "|".join(heads) or alternative
+        return names_pattern(heads) or alternative
     if alternative == OUTSIDE_BLOCKS:
         stacks = block_stacks(names)
         outside = [layer for layer in layers if block_of(layer, stacks) is None] if stacks else []
-        return "|".join(outside) or alternative
+        return names_pattern(outside) or alternative
     if alternative in (FIRST_BLOCK, LAST_BLOCK):
         found = block_indices(names)
         first = alternative == FIRST_BLOCK
         if not found:
-            return layers[0 if first else -1] if layers else alternative
+            return names_pattern([layers[0 if first else -1]]) if layers else alternative
         end = min if first else max
-        return "|".join(f"{stack}.{end(indices)}.*".lstrip(".") for stack, indices in found.items())
+        blocks = [f"{stack}.{end(indices)}".lstrip(".") for stack, indices in found.items()]
+        return names_pattern(blocks, inside=True)
     sentinel = "LOWBITLASTINDEX"  # survives fnmatch.translate unescaped
     while LAST in alternative:
         # the first {last} captured, any later one a number of its own (resolved next, inside it)

@@ -4,6 +4,7 @@ converted and why the rest were kept."""
 from torch import nn
 
 import lowbit
+from lowbit.nn.conv import DEPTHWISE_KEPT
 
 
 def test_printing_the_report_of_a_users_cnn_prints_its_summary():
@@ -24,7 +25,8 @@ def test_printing_the_report_of_a_users_cnn_prints_its_summary():
         == report.summary()
         == "\n".join(
             [
-                "converted 4/5 layers",
+                "converted 3/5 layers",
+                f"  kept 1: {DEPTHWISE_KEPT}: 2",
                 "  kept 1: classification head kept in high precision: 6",
             ]
         )

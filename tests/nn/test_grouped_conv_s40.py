@@ -1,6 +1,6 @@
-"""Session 40: grouped (depthwise included) and transposed convolutions are converted like any
-Conv2d, each group's three GEMMs quantized along that group's contraction axis; and the router
-overrides match module names literally."""
+"""Session 40: grouped and transposed convolutions are converted like any Conv2d, each group's
+three GEMMs quantized along that group's contraction axis, depthwise ones kept with the reason; and
+the router overrides match module names literally."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 import lowbit
 from lowbit.data.digits import load_digit_splits
 from lowbit.models.cnn import build_cnn
+from lowbit.nn.conv import DEPTHWISE_KEPT
 from lowbit.nn.convert import router_overrides
 from lowbit.nn.gemm import exact_accumulation
 from lowbit.nn.operand import quantize_operand
@@ -64,13 +65,13 @@ def _reference(conv: nn.Conv2d, spec, x, grad_out, groups: int):
     return out, grad_x, torch.cat(grad_ws).reshape(conv.weight.shape)
 
 
-@pytest.mark.parametrize("groups", [8, 2], ids=["depthwise", "groups2"])
+@pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("recipe", [*DETERMINISTIC, "nvfp4"])
 def test_a_grouped_convolution_computes_each_groups_quantized_gemms(recipe, groups):
     """A grouped Conv2d was kept in high precision ("grouped convolution (groups > 1) is not
     converted"). Converted, its output and both gradients are those of each group's GEMMs on
-    operands quantized per group (mxfp8's blocks of 32 within a group's 9 or 36 columns, zero-padded
-    as a linear layer's K of 9): to fp32 accumulation where the backward is deterministic; nvfp4's
+    operands quantized per group (mxfp8's blocks of 32 within a group's 18 or 36 columns,
+    zero-padded as a linear layer's K of 18): to fp32 accumulation where the backward is deterministic; nvfp4's
     stochastically rounded, Hadamard-transformed gradients by their SQNR against the full-precision
     convolution."""
     model = _model(groups)
@@ -99,28 +100,51 @@ def test_a_grouped_convolution_computes_each_groups_quantized_gemms(recipe, grou
 
 
 def test_the_report_and_repr_show_a_grouped_convolution_converted():
-    model = _model(8)
+    model = _model(4)
     report = lowbit.convert(model, "fp8-rowwise")
     assert report.summary() == "converted 3/3 layers"
-    assert "groups=8" in repr(model[1])
-    with pytest.raises(RuntimeError, match="Given groups=8, weight of size"):
+    assert "groups=4" in repr(model[1])
+    with pytest.raises(RuntimeError, match="Given groups=4, weight of size"):
         model[1](torch.randn(1, 4, 5, 5))
 
 
-def test_the_digits_cnn_with_a_depthwise_convolution_trains_in_mxfp8():
-    """The digits CNN with a depthwise 3x3 convolution after its first: every convolution is
+@pytest.mark.parametrize("recipe", ["fp8-tensorwise", "mxfp8", "nvfp4"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_a_depthwise_convolution_is_kept_with_the_reason(recipe, transposed):
+    """A depthwise convolution (groups = in_channels) was converted: 3*C GEMMs of K = kh*kw per
+    step in a Python loop, ~60x slower than nn.Conv2d (review R2). Kept, it computes as
+    nn.Conv2d does, and the report says why; the grouped convolution beside it is converted."""
+    torch.manual_seed(0)
+    kind = nn.ConvTranspose2d if transposed else nn.Conv2d
+    depthwise = kind(8, 8, 3, padding=1, groups=8)
+    plain = kind(8, 8, 3, padding=1, groups=8)
+    plain.load_state_dict(depthwise.state_dict())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), depthwise, kind(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1)
+    )
+    report = lowbit.convert(model, recipe)
+    assert report.kept["1"] == DEPTHWISE_KEPT
+    assert "2" in report.converted
+    assert f"kept 1: {DEPTHWISE_KEPT}: 1" in report.summary()
+    assert type(model[1]) is kind
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(model[1](x), plain(x), rtol=0, atol=0)
+
+
+def test_the_digits_cnn_with_a_grouped_convolution_trains_in_mxfp8():
+    """The digits CNN with a 4-group 3x3 convolution after its first: every convolution is
     converted (the head is kept) and ten steps lower the loss."""
     torch.manual_seed(0)
     model = build_cnn("tiny")
     first = model.features[0].out_channels
-    model.features.insert(2, nn.Conv2d(first, first, 3, padding=1, groups=first))
+    model.features.insert(2, nn.Conv2d(first, first, 3, padding=1, groups=4))
     model.features.insert(3, nn.ReLU())
     precision = lowbit.Precision("mxfp8")
     model = precision.convert(model)
     assert set(precision.conversion_report.converted) == {"features.0", "features.2", "features.4"}
     images, labels = load_digit_splits()["train"]
     optimizer = precision.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=3e-3))
-    depthwise = model.features[2].weight.detach().clone()
+    grouped = model.features[2].weight.detach().clone()
     losses = []
     for step in range(10):
         batch = slice(64 * step, 64 * step + 64)
@@ -132,7 +156,7 @@ def test_the_digits_cnn_with_a_depthwise_convolution_trains_in_mxfp8():
         losses.append(loss.item())
     assert torch.isfinite(torch.tensor(losses)).all()
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert not torch.equal(model.features[2].weight, depthwise)
+    assert not torch.equal(model.features[2].weight, grouped)
 
 
 class _Router(nn.Module):
@@ -252,3 +276,35 @@ def test_a_converted_transposed_convolution_takes_what_nn_conv_transpose2d_takes
     assert model[0](x[0]).shape == plain(x[0]).shape == (2, 9, 9)
     with pytest.raises(RuntimeError, match="to have 4 channels, but got 3 channels"):
         model[0](torch.randn(1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-rowwise", "mxfp8"])
+def test_a_transposed_convolution_under_bf16_autocast_saves_its_input_in_bf16(recipe):
+    """The GEMM took ``rows.float()`` (for an fp32 result to fold), so under bf16 autocast the
+    backward saved an fp32 copy of the bf16 input: twice the bytes nn.Conv2d's path saves
+    (recipes that keep the input for the weight gradient). The same output and gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 8, 2, stride=2), nn.Conv2d(8, 4, 1)
+    )
+    lowbit.convert(model, recipe)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    x32 = x.detach().float().requires_grad_()
+    grad_out = torch.randn(2, 8, 12, 12)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autocast("cpu", torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model[1](x)
+        out32 = model[1](x32)
+    inputs = [t for t in saved if t.shape == (2 * 6 * 6, 16)]  # the image's rows, N*H*W x C
+    assert inputs and all(t.dtype == torch.bfloat16 for t in inputs)
+    assert out.dtype == out32.dtype == torch.bfloat16
+    assert torch.equal(out, out32)
+    out.backward(grad_out)
+    out32.backward(grad_out)
+    assert torch.equal(x.grad, x32.grad.bfloat16())
