@@ -49,6 +49,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import sysconfig
 from dataclasses import dataclass
@@ -532,40 +533,73 @@ def _nul_kind(data: bytes) -> str | None:
     from `BINARY_HEAD` bytes around the first NUL where the head holds none.
 
     The bytes are UTF-16 or UTF-32 text where they read as such and either NULs are a third of
-    them or more (ASCII's half, or three quarters) or they do not read as UTF-8 once the NULs are
-    deleted. Else they are a padded log where they read as UTF-8 so, and binary where not (ASCII
-    reads as UTF-16 too, but a log's padding, a NUL run, is U+0000 characters there, or a stray
-    NUL too few to be a third)."""
+    them or more (ASCII's half, or three quarters), or they all fall at every other byte
+    (`_one_parity`), or the bytes are not UTF-8 text once the NULs are deleted (`_utf8_text`).
+    Else they are a padded log where they are UTF-8 text so, and binary where not (ASCII reads as
+    UTF-16 too, but a log's padding, a NUL run, is U+0000 characters there and falls at both
+    parities, and a stray NUL is too few to be a third)."""
     first = data.index(0)
     start = 0 if first < BINARY_HEAD else (first - BINARY_HEAD // 2) // 4 * 4  # a unit's start
     window = data[start : start + BINARY_HEAD]
-    utf8 = _reads_as_text(window.replace(b"\0", b"").decode("utf-8", "replace"))
+    utf8 = _utf8_text(window.replace(b"\0", b""), cut=start > 0)
     wide = _wide_encoding(window)
-    if wide and (3 * window.count(0) >= len(window) or not utf8):
+    if wide and (3 * window.count(0) >= len(window) or _one_parity(window, wide) or not utf8):
         return wide
     return "stray" if utf8 else None
 
 
+# The fewest NUL bytes at one parity that `_one_parity` takes for UTF-16 text's.
+WIDE_NULS = 8
+
+
+def _one_parity(window: bytes, encoding: str) -> bool:
+    """Whether the NUL bytes of ``window`` (from a multiple of 4 bytes into a file), `WIDE_NULS`
+    or more, all fall at the offsets of the high bytes of ``encoding``'s code units (odd ones in
+    UTF-16LE), as those of UTF-16 text's spaces, digits and punctuation do: in Indic scripts
+    (U+0900-U+0DFF) the letters' high bytes are tab to carriage return, so deleting the NULs
+    leaves ASCII text. A log's padding (a NUL run) and NUL-separated records fall at both."""
+    high, low = window[1::2].count(0), window[0::2].count(0)
+    if encoding.endswith("BE"):
+        high, low = low, high
+    return low == 0 and high >= WIDE_NULS
+
+
+def _utf8_text(data: bytes, cut: bool) -> bool:
+    """Whether ``data``, bytes of a file (from its middle where ``cut``: up to three bytes of a
+    character may open it), is UTF-8 text (`_reads_as_text`): a strict decode, which forgives
+    only a character cut at either end: the bytes of a ``.pyc`` or ``.mo`` file, their NULs
+    deleted and decoded with errors replaced, read as text, under 5% replacement characters."""
+    if cut:
+        data = data[next((i for i, b in enumerate(data[:3]) if b & 0xC0 != 0x80), 3) :]
+    try:
+        return _reads_as_text(codecs.getincrementaldecoder("utf-8")().decode(data))
+    except UnicodeDecodeError:
+        return False
+
+
 def _wide_encoding(window: bytes) -> str | None:
     """The encoding, UTF-32 or else UTF-16, in which ``window`` (from a multiple of 4 bytes into a
-    file) reads as text (`_reads_as_text`), if any: ASCII reads as UTF-16 in both byte orders, so
-    first in the one its NUL bytes give (an ASCII character's high byte: odd offsets are
-    little-endian), then in the other (CJK text's U+4E00 puts a NUL at the other offsets)."""
+    file) reads as text (`_reads_as_text`) with no U+0000 character, if any: ASCII reads as
+    UTF-16 in both byte orders, so first in the one its NUL bytes give (an ASCII character's high
+    byte: odd offsets are little-endian), then in the other (CJK text's U+4E00 puts a NUL at the
+    other offsets). A ``.pyc`` or ``.mo`` file's numbers hold U+0000 (its flags, its revision at
+    byte 4), though a long docstring's ASCII reads as printable UTF-16 (``Ex`` is U+4578)."""
     orders = ("UTF-16LE", "UTF-16BE")
     if window[1::2].count(0) < window[0::2].count(0):
         orders = orders[::-1]
     for encoding in ("UTF-32LE", "UTF-32BE", *orders):
-        if _reads_as_text(window.decode(encoding, "replace")):
+        text = window.decode(encoding, "replace")
+        if "\0" not in text and _reads_as_text(text):
             return encoding
     return None
 
 
 def _reads_as_text(text: str) -> bool:
-    """Whether ``text``, bytes decoded with errors replaced, is text: not only white space, and
-    95% or more of its characters printable or white space, none a replacement character (a
-    character the cut of a file's bytes split is one of the other 5%). Bytes of an image or
-    archive decode, as UTF-16, to a mix of unassigned, private-use and control units (NUL among
-    them) far below that."""
+    """Whether ``text``, decoded bytes, is text: not only white space, and 95% or more of its
+    characters printable or white space and not a replacement character (a character that the
+    cut of a file's bytes split, decoded with errors replaced, is among the other 5%). Bytes of
+    an image or archive decode, as UTF-16, to a mix of unassigned, private-use and control units
+    (NUL among them) far below that."""
     shown = sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text)
     return bool(text.strip()) and shown >= 0.95 * len(text)
 
@@ -1103,6 +1137,8 @@ UNPACK = {
     "zstd": (".zst", "unzstd"),
     "zip": (".zip", "unzip"),
 }
+# The suffixes a compressed file is named with: `UNPACK`'s and their other spellings.
+PACKED_SUFFIXES = (*(extension for extension, _ in UNPACK.values()), ".gzip", ".bzip2", ".zstd")
 
 
 # Apache Parquet's magic number, which opens and closes its files: the Hugging Face Hub serves
@@ -1153,7 +1189,7 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
         encoding = next((name for bom, name in UNICODE_BOMS.items() if data.startswith(bom)), None)
         if encoding is not None:  # iconv's UTF-16 reads the mark for the byte order, drops it
             raise _unicode_error(path, f"{encoding} text", encoding[:-2], or_else) from None
-        if 0 in data and (kind := _nul_kind(data)) != "stray":  # else a padded cp1252 log
+        if 0 in data and (kind := _nul_kind(data)) != "stray" and not _padded_text(data, kind):
             raise _nul_error(path, data, kind, or_else) from None
         raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
     except OSError as error:
@@ -1167,16 +1203,35 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
         first = data.index(0)
         kind = _nul_kind(data)
         if kind == "stray":  # UTF-8 text but for NUL bytes (a log's padding)
-            clean = shlex.quote(str(path.with_name(f"{path.stem}.clean{path.suffix}")))
+            clean = shlex.quote(str(_beside(path, "clean")))
             line = data.count(b"\n", 0, first) + 1
+            fix = "if the rest is its text, delete them (tr -d '\\000'"
+            if data.count(0) > 1 and not re.search(b"[\0\n]\0|\0\n", data):  # no NUL run
+                fix = "if they separate its records, make them line ends (tr '\\000' '\\n'"
             raise UsageError(
                 f"{path}: holds NUL bytes (byte {first}, line {line}), which no text has, amid "
-                "UTF-8 text; fix: if the rest is its text, delete them (tr -d '\\000' < "
-                f"{shlex.quote(str(path))} > {clean}) and use that file in its place"
-                + (f"; or {or_else}" if or_else else "")
+                f"UTF-8 text; fix: {fix} < {shlex.quote(str(path))} > {clean}) and use that file "
+                "in its place" + (f"; or {or_else}" if or_else else "")
             )
         raise _nul_error(path, data, kind, or_else)
     return text
+
+
+# The fewest NUL bytes a run of them holds on average in a log's padding (`_padded_text`).
+PAD_RUN = 16
+
+
+def _padded_text(data: bytes, kind: str | None) -> bool:
+    """Whether ``data``, not UTF-8 and whose NUL bytes are not UTF-8 text's (`_nul_kind`:
+    ``kind``), is text of another encoding padded with NULs (a crashed cp1252 log): no UTF-16 or
+    UTF-32 text, NULs in runs of `PAD_RUN` on average (a ``.pyc`` file's fall one to three
+    apart, in its numbers), and text (`_reads_as_text`) in cp1252 once they are deleted."""
+    runs = len(re.findall(b"\0+", data))
+    return (
+        kind is None
+        and data.count(0) >= PAD_RUN * runs
+        and _reads_as_text(data.replace(b"\0", b"").decode("cp1252", "replace"))
+    )
 
 
 def _nul_error(path: Path, data: bytes, encoding: str | None, or_else: str | None) -> UsageError:
@@ -1218,14 +1273,27 @@ def _compressed_error(path: Path, kind: str, or_else: str | None) -> str:
     return problem + _rewrite_fix(path, f"{tool} -c", "unpacked", or_else)
 
 
-def _rewrite_fix(path: Path, command: str, tag: str, or_else: str | None) -> str:
+def _rewrite_fix(path: Path, command: str, tag: str, or_else: str | None, then: str = "") -> str:
     """The fix that writes ``path`` converted by ``command`` (``iconv -f CP1252 -t UTF-8``,
-    ``gunzip -c``) to the file beside it named with ``tag`` (``a.utf8.txt``)."""
-    out = path.with_name(f"{path.stem}.{tag}{path.suffix}")
-    return (
-        f"{command} {shlex.quote(str(path))} > {shlex.quote(str(out))}, and use that file in "
-        "its place" + (f"; or {or_else}" if or_else else "")
+    ``gunzip -c``), piped through ``then`` where given (``| tr -d '\\000'``), to the file beside it
+    named with ``tag`` (`_beside`)."""
+    out = shlex.quote(str(_beside(path, tag)))
+    return f"{command} {shlex.quote(str(path))}{then} > {out}, and use that file in its place" + (
+        f"; or {or_else}" if or_else else ""
     )
+
+
+def _beside(path: Path, tag: str) -> Path:
+    """The file beside ``path`` that a fix writes, named with ``tag`` (``a.utf8.txt``; a
+    compressed file's name without the compression suffix of `PACKED_SUFFIXES`:
+    ``d.unpacked.jsonl`` for ``d.jsonl.zstd``, whose fix wrote ``d.jsonl.unpacked.zstd``, read
+    as one raw paragraph), numbered where that file is there (``a.utf8.2.txt``): a fix
+    overwrites no file."""
+    name = path.with_suffix("") if path.suffix.lower() in PACKED_SUFFIXES else path
+    out, number = path.with_name(f"{name.stem}.{tag}{name.suffix}"), 2
+    while out.exists():
+        out, number = path.with_name(f"{name.stem}.{tag}.{number}{name.suffix}"), number + 1
+    return out
 
 
 def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
@@ -1249,9 +1317,12 @@ def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
         guess = f", cp1252 (Windows' Latin-1) if {shown!r} belongs there (a guess)"
     except UnicodeDecodeError:
         encoding, guess = "ENCODING", f" (file -i {shlex.quote(str(path))} may tell which)"
-    return (
-        f"{path}: not UTF-8 text ({where}); fix: convert it from the encoding it was written "
-        f"in{guess}: " + _rewrite_fix(path, f"iconv -f {encoding} -t UTF-8", "utf8", or_else)
+    problem, fix, then = f"{path}: not UTF-8 text ({where})", "convert it", ""
+    if 0 in data:  # a log padded with NULs (`_padded_text`): iconv keeps them
+        problem += f", and NUL bytes (byte {data.index(0)}), as a crashed log's padding"
+        fix, then = "delete the NULs and convert it", " | tr -d '\\000'"
+    return f"{problem}; fix: {fix} from the encoding it was written in{guess}: " + _rewrite_fix(
+        path, f"iconv -f {encoding} -t UTF-8", "utf8", or_else, then
     )
 
 

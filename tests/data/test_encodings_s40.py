@@ -3,9 +3,11 @@ beyond ASCII, through `lowbit train --data`: each refused with a command that wo
 
 import bz2
 import gzip
+import json
 import lzma
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,75 @@ def test_utf16_text_in_a_glob_is_named_with_its_byte_order(tmp_path):
         message
     )
     assert message.endswith("and use that file in its place; or remove it"), message
+
+
+# Review R1 of the above (session 40)
+
+
+def test_a_pyc_file_in_a_glob_is_left_out_as_binary(tmp_path):
+    """The ``.pyc`` file of a module with a long docstring, its NULs deleted, read as UTF-8 text
+    with a few replacement characters: a glob stopped at "not UTF-8 text ...; iconv -f CP1252"
+    where it had left the file out (README: binary files are left out)."""
+    import py_compile
+
+    module = tmp_path / "m.py"
+    module.write_text('"""' + "Explains. " * 250 + '"""\nX = 1\n')
+    pyc = Path(py_compile.compile(str(module)))
+    corpus = load_corpus(f"{tmp_path}/**/*")
+    assert [d.text for docs in corpus.splits.values() for d in docs]
+    assert any(pyc.name in line and "binary" in line for line in corpus.warnings), corpus.warnings
+
+
+def test_a_cp1252_log_padded_with_nuls_gets_one_command_for_both(tmp_path, capsys):
+    """A cp1252 log padded with NULs by a crash was "a binary file ...; fix: remove it"."""
+    path = tmp_path / "server.log"
+    path.write_bytes(_text().encode("cp1252") + b"\0" * 2000)
+    err = _refusal(path, capsys)
+    assert "cp1252" in err and "NUL bytes" in err, err
+    _run_fix(err, re.search(r"; fix: (.*?): ", err).group(1))
+    assert (tmp_path / "server.utf8.log").read_text() == _text()
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gzip", "d.jsonl.bz2"])
+def test_a_compressed_file_unpacks_to_its_own_suffix_and_overwrites_nothing(tmp_path, name):
+    """``d.jsonl.zstd`` got ``unzstd -c d.jsonl.zstd > d.jsonl.unpacked.zstd``, which loaded as
+    one raw paragraph; and a file of the name the fix writes to was overwritten."""
+    records = "".join(json.dumps({"text": f"record {i} of the set"}) + "\n" for i in range(40))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / name).write_bytes(gzip.compress(records.encode()))  # gzip, whatever the name says
+    (data / "d.unpacked.jsonl").write_text('{"text": "kept"}\n')
+    with pytest.raises(UsageError) as caught:
+        load_corpus(str(data / name))
+    _run_fix(str(caught.value), "decompress it (lowbit reads plain UTF-8 files)")
+    assert (data / "d.unpacked.jsonl").read_text() == '{"text": "kept"}\n'
+    assert len(_documents(data / "d.unpacked.2.jsonl")) == 40
+
+
+# Devanagari (U+0900): its letters' high byte is 0x09, a tab
+HINDI = "नमस्ते दुनिया, यह एक पाठ है।"
+
+
+@pytest.mark.parametrize("order", ["le", "be"])
+def test_utf16_text_of_hindi_gets_iconv(tmp_path, capsys, order):
+    """Its letters' high bytes are white space, so with the NULs of the spaces and digits
+    deleted the text read as ASCII: "tr -d '\\000'", whose file loaded as garbage."""
+    text = "\n\n".join(f"{i}. {HINDI}" for i in range(PARAGRAPHS)) + "\n"
+    path = tmp_path / "notes.txt"
+    path.write_bytes(text.encode(f"utf-16-{order}"))
+    err = _refusal(path, capsys)
+    assert f"UTF-16{order.upper()} text" in err, err
+    _run_fix(err, "convert it to UTF-8")
+    assert (tmp_path / "notes.utf8.txt").read_text() == text
+
+
+def test_nul_separated_records_become_lines_not_one_glued_line(tmp_path, capsys):
+    """``find -print0``'s output got ``tr -d '\\000'``, which glued its records (``r0r1r2``)."""
+    path = tmp_path / "files.txt"
+    records = [f"./src/dir{i}/file_{i}.py" for i in range(300)]
+    path.write_bytes(b"\0".join(r.encode() for r in records) + b"\0")
+    err = _refusal(path, capsys)
+    command = re.search(r"\((tr .*)\) and use that file in its place$", err)
+    assert command, err
+    subprocess.run(["bash", "-c", command.group(1)], check=True)
+    assert (tmp_path / "files.clean.txt").read_text().split("\n") == [*records, ""]
