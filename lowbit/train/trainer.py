@@ -122,6 +122,8 @@ class RunResult:
     # whether the recipe scales the loss (fp16's): the others have no scale to report, and a
     # non-finite step stops them (or `auto`'s guard retries it) rather than being skipped
     loss_scaling: bool = True
+    # how many of the steps `train_loss` averages over had a non-finite loss, left out of it
+    nonfinite_losses: int = 0
 
     def summary(self) -> str:
         c = self.config
@@ -146,7 +148,13 @@ class RunResult:
                 if end and self.evaluated_at not in (None, self.steps)
                 else ""
             ),
-            f"  train loss       {self.train_loss:.4f} (mean of the last steps)",
+            f"  train loss       {self.train_loss:.4f} (mean of the last steps"
+            # an fp16 run whose loss went NaN for good read as the mean of its steps before
+            + (
+                f"; {self.nonfinite_losses} of them non-finite, left out)"
+                if self.nonfinite_losses
+                else ")"
+            ),
             f"  throughput       {self.throughput:,.0f} {self.unit}/s ({self.step_time:.3f} s/step)",
             # MiB (2**20 bytes) each, as the memory table's units: ru_maxrss is in KiB on Linux
             f"  peak memory      {self.peak_rss_mb:,.0f} MiB RSS; parameters, optimizer and "
@@ -1415,6 +1423,7 @@ class Trainer:
             start_metrics=self.start_metrics,
             final_metrics=final,
             train_loss=_finite_mean(self.recent_losses),
+            nonfinite_losses=sum(not math.isfinite(loss) for loss in self.recent_losses),
             throughput=self.counted / max(self.step_seconds, 1e-9),
             unit=self.task.unit,
             step_time=self.step_seconds / max(1, self.step_idx),
