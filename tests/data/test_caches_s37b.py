@@ -5,6 +5,7 @@ damaged word-pieces or syntax-tags entry is.
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -30,15 +31,28 @@ DAMAGES = {  # an edit of the digits entry, each a whole JSON value of another s
 }
 
 
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """The splits as made without a cache, and a cache folder holding their pristine entry, made
+    once for the module's tests (each copies the folder)."""
+    folder = tmp_path_factory.mktemp("digits-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOWBIT_CACHE_DIR", "")
+        expected = load_digit_splits(seed=0)
+        patch.setenv("LOWBIT_CACHE_DIR", str(folder))
+        load_digit_splits(seed=0)
+    return expected, folder
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_a_damaged_digits_entry_is_made_again(tmp_path, monkeypatch, damage):
+def test_a_damaged_digits_entry_is_made_again(tmp_path, monkeypatch, digits_cache, damage):
     """An entry edited by hand, its checksum made to match, is a miss: the splits are made
     again from scikit-learn, as without a cache, and the entry rewritten."""
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", "")
-    expected = load_digit_splits(seed=0)
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    load_digit_splits(seed=0)
-    (path,) = tmp_path.glob("digits/*/*.json")
+    expected, pristine_cache = digits_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(pristine_cache, cache)
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(cache))
+    (path,) = cache.glob("digits/*/*.json")
     pristine = path.read_bytes()
     header, _, payload = pristine.partition(b"\n")
     entry = json.loads(payload)

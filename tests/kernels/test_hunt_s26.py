@@ -1,23 +1,42 @@
 """A compile that fails is remembered: later processes fall back at once, until something the
 build depends on changes or the record is deleted."""
 
+from pathlib import Path
+
 import torch
 
 from tests.kernels.test_hunt_s25 import failing_compiler, quantize_in_a_process
 
 
+def counting_compiler(folder: Path, calls: Path) -> Path:
+    """`failing_compiler` in ``folder``, adding an ``x`` line to ``calls`` at every compile."""
+    folder.mkdir(exist_ok=True)
+    compiler = failing_compiler(folder)
+    compiler.write_text(compiler.read_text().replace("exit 1\n", f"echo x >> {calls}\nexit 1\n"))
+    return compiler
+
+
 def test_a_failed_compile_is_not_compiled_again_by_every_process(tmp_path):
     """Each process compiled again (about half a minute on a real compiler) before falling back
-    to the same failure; every `lowbit` command and every rank of a run paid it."""
-    compiler = failing_compiler(tmp_path)
+    to the same failure; every `lowbit` command and every rank of a run paid it. And the first
+    process's note names the compile error, not the compile command (500 characters) as before
+    (session 25). The record names what the build depends on: another compiler is tried, not
+    skipped."""
     calls = tmp_path / "calls"
-    compiler.write_text(compiler.read_text().replace("exit 1\n", f"echo x >> {calls}\nexit 1\n"))
-    env = {"CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = {
+        "CXX": str(counting_compiler(tmp_path, calls)),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    }
 
     values, expected, (loaded, first), _ = quantize_in_a_process(tmp_path, **env)
+    assert torch.equal(values.view(torch.uint8), expected.view(torch.uint8))  # the PyTorch path
     compiles = calls.read_text().count("x")
     assert loaded == "False" and compiles >= 1
-    assert first.endswith("error: expected unqualified-id before numeric constant")
+    assert first.startswith("RuntimeError: Error building extension 'lowbit_kernels_")
+    assert first.endswith(
+        ": quantize.cpp:3:1: error: expected unqualified-id before numeric constant"
+    )
+    assert "-DTORCH_EXTENSION_NAME" not in first
 
     values, expected, (loaded, again), err = quantize_in_a_process(tmp_path, **env)
     assert torch.equal(values.view(torch.uint8), expected.view(torch.uint8))  # the PyTorch path
@@ -27,23 +46,15 @@ def test_a_failed_compile_is_not_compiled_again_by_every_process(tmp_path):
     assert again == f"{first} (an earlier build; delete {record} to try again)"
     assert "Fix: mend the compiler" in err
 
+    other_calls = tmp_path / "other-calls"
+    other = counting_compiler(tmp_path / "other", other_calls)
+    _, _, (loaded, error), _ = quantize_in_a_process(tmp_path, **{**env, "CXX": str(other)})
+    assert loaded == "False" and "an earlier build" not in error
+    assert other_calls.exists()  # another compiler: compiled, not skipped
+
     record.unlink()
     quantize_in_a_process(tmp_path, **env)
     assert calls.read_text().count("x") == 2 * compiles  # deleting the record tries again
-
-
-def test_another_compiler_builds_again(tmp_path):
-    """The record names what the build depends on: a changed compiler is tried, not skipped."""
-    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    quantize_in_a_process(tmp_path, CXX=str(failing_compiler(tmp_path)), **env)
-    other = tmp_path / "other"
-    other.mkdir()
-    compiler = failing_compiler(other)
-    calls = tmp_path / "calls"
-    compiler.write_text(compiler.read_text().replace("exit 1\n", f"echo x >> {calls}\nexit 1\n"))
-    _, _, (loaded, error), _ = quantize_in_a_process(tmp_path, CXX=str(compiler), **env)
-    assert loaded == "False" and "an earlier build" not in error
-    assert calls.exists()
 
 
 def test_a_compiler_killed_for_memory_is_not_recorded(tmp_path):
