@@ -112,10 +112,12 @@ def read_file(path, name=None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torn or foreign bytes fail in torch's reader or in unpickling
         problem = " ".join(str(error).split())
-        if not zipfile.is_zipfile(path):  # torch's words for it: "[Errno 22] Invalid argument"
+        # a file cut short: torch's words for it were "[Errno 22] Invalid argument", or a
+        # paragraph on an "internal miniz error" (a missing file or a folder keeps its errno)
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
             problem = (
                 "not a whole zip archive: cut short (an interrupted save or copy), or another "
-                f"kind of file: {problem}"
+                "kind of file"
             )
         raise unreadable(name, problem) from None
     if not isinstance(state, dict) or "step" not in state:

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from lowbit.cli import main
+from lowbit.errors import UsageError
 from lowbit.train import checkpoint
 
 DIGITS = ["--task", "image-classification", "--batch-size", "4", "--recipe", "fp8-tensorwise"]
@@ -54,9 +55,17 @@ def test_a_checkpoint_cut_short_is_refused_in_one_line(run, capsys):
         f.truncate(newest.stat().st_size // 2)
     assert _refusal(run, capsys) == (
         f"lowbit: error: {newest}: unreadable checkpoint (not a whole zip archive: cut short (an "
-        "interrupted save or copy), or another kind of file: [Errno 22] Invalid argument); fix: move it out of "
+        "interrupted save or copy), or another kind of file); fix: move it out of "
         f"{newest.parent}, so that step-0000002.pt is the newest"
     )
+
+
+def test_a_missing_checkpoint_file_keeps_its_errno(tmp_path):
+    """Not described as a zip archive cut short (review R3): a DCP folder's lowbit.pt gone."""
+    with pytest.raises(UsageError) as caught:
+        checkpoint.read_file(tmp_path / "lowbit.pt")
+    assert "zip" not in str(caught.value)
+    assert "No such file or directory" in str(caught.value)
 
 
 def test_a_setting_changed_in_the_checkpoint_file_is_refused_as_its_bytes(run, capsys):
