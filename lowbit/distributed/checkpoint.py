@@ -224,7 +224,11 @@ def check_shards(path) -> None:
     import torch.distributed.checkpoint as dcp
 
     with _reading(path):
-        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data or {}
+        try:
+            metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        except (EOFError, pickle.UnpicklingError) as error:  # it said "pickle data was truncated"
+            raise EOFError(f".metadata cut short or not DCP's ({error})") from None
+        storage = metadata.storage_data or {}
         ends: dict[str, int] = {}
         for info in storage.values():
             end = info.offset + info.length

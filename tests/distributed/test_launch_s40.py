@@ -53,3 +53,21 @@ def test_a_shard_cut_short_is_refused_before_any_rank(dcp_run, tmp_path, capsys,
         f"{newest.parent}, so that step-0000002.dcp is the newest"
     )
     assert no_ranks == []
+
+
+def test_a_metadata_file_cut_short_is_named(dcp_run, tmp_path, capsys, no_ranks):  # noqa: F811
+    """It read "(UnpicklingError: pickle data was truncated)", naming no file (review R3)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(dcp_run, run)
+    newest = checkpoint.latest(run)
+    (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--nproc", "2", "--steps", "6"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"lowbit: error: {newest}: unreadable checkpoint (EOFError: .metadata cut short or not "
+        "DCP's ("
+    ), line
+    assert no_ranks == []
