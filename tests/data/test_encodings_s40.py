@@ -191,10 +191,15 @@ def test_utf16_text_of_hindi_gets_iconv(tmp_path, capsys, order):
     assert (tmp_path / "notes.utf8.txt").read_text() == text
 
 
-def test_nul_separated_records_become_lines_not_one_glued_line(tmp_path, capsys):
-    """``find -print0``'s output got ``tr -d '\\000'``, which glued its records (``r0r1r2``)."""
+@pytest.mark.parametrize("width", [None, 15], ids=["find-print0", "even-length"])
+def test_nul_separated_records_become_lines_not_one_glued_line(tmp_path, capsys, width):
+    """``find -print0``'s output got ``tr -d '\\000'``, which glued its records (``r0r1r2``);
+    records of an even length with their NUL (``printf '%015x\\0'``) were called UTF-16LE text,
+    their NULs all at odd offsets (review R5), and iconv made CJK of them."""
     path = tmp_path / "files.txt"
     records = [f"./src/dir{i}/file_{i}.py" for i in range(300)]
+    if width:
+        records = [f"{i * 7919:0{width}x}" for i in range(300)]
     path.write_bytes(b"\0".join(r.encode() for r in records) + b"\0")
     err = _refusal(path, capsys)
     command = re.search(r"\((tr .*)\) and use that file in its place$", err)
