@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -43,22 +45,30 @@ SCHEMES = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="FORMAT",
+        help="only these formats (e.g. fp8_e4m3 fp4_e2m1): their rows of the table, or with "
+        "--tensor their columns",
+    )
+    parser.add_argument(
         "--tensor",
         metavar="FILE",
-        help="a .pt or .safetensors file, a Hugging Face model folder (its .safetensors or "
+        help="a .pt, .safetensors, .npy or .npz file, a Hugging Face model folder (its .safetensors or "
         "pytorch_model.bin files), or a lowbit checkpoint "
         "or run folder (the model of its latest checkpoint): report the SQNR (dB) of every "
         "format and granularity on each floating-point tensor in it",
     )
 
 
-def format_table() -> str:
+def format_table(chosen: list[str] | None = None) -> str:
+    """The table of every format, or of the ``chosen`` ones."""
     header = (
         f"{'format':<10}{'bits':>5}{'e':>3}{'m':>3}{'bias':>6}{'max':>13}"
         f"{'min normal':>13}{'min subnorm':>13}{'rel. prec.':>12}  inf/nan"
     )
     lines = [header, "-" * len(header)]
-    every = [get(name) for name in names()]
+    every = [get(name) for name in names() if chosen is None or name in chosen]
     for fmt in every:
         if isinstance(fmt, FloatFormat):
             e, m, bias = fmt.ebits, fmt.mbits, fmt.bias
@@ -71,10 +81,11 @@ def format_table() -> str:
         )
     # what the columns cannot say: a max of 127 read as int8's -128..127, e8m0 as a signed float
     ints = [fmt for fmt in every if isinstance(fmt, IntFormat)]
-    lines.append(
-        f"{', '.join(f.name for f in ints)}: symmetric, "
-        f"{' and '.join(f'-{f.qmax}..{f.qmax}' for f in ints)} (the most negative code is unused)"
-    )
+    if ints:
+        lines.append(
+            f"{', '.join(f.name for f in ints)}: symmetric, "
+            f"{' and '.join(f'-{f.qmax}..{f.qmax}' for f in ints)} (the most negative code is unused)"
+        )
     for fmt in every:
         if isinstance(fmt, FloatFormat) and not fmt.signed:
             lines.append(
@@ -97,6 +108,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     from lowbit.train.config import is_run_folder
 
     file = Path(path)
+    if file.is_dir() and (problem := _quantized_folder_problem(file)) is not None:
+        raise UsageError(problem)
     shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
     if file.is_dir() and not shards:
         shards = weight_files(file, "pytorch_model.bin")
@@ -155,6 +168,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
         )
     elif file.suffix == ".safetensors":
         loaded = _model_order(_read_safetensors(file))
+    elif file.suffix in (".npy", ".npz"):
+        loaded = _read_numpy(file)
     else:
         loaded = _read_torch(file)
         if isinstance(loaded, dict) and {"step", "model"} <= loaded.keys():  # lowbit checkpoint
@@ -183,12 +198,19 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 if obj.is_floating_point() and not obj.is_meta:
                     kind += f" of {'one element' if obj.numel() else 'no element'}"
                 others.add(kind)
+        elif isinstance(obj, np.ndarray):  # a .npy/.npz file's, or saved in a torch file
+            try:
+                walk(prefix, torch.from_numpy(np.ascontiguousarray(obj)))
+            except TypeError:  # a dtype torch has not (object, ml_dtypes' bfloat16, strings)
+                others.add(f"numpy {obj.dtype}")
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         elif isinstance(obj, list | tuple):
             for index, value in enumerate(obj):
                 walk(f"{prefix}.{index}" if prefix else str(index), value)
+
+    import numpy as np
 
     walk("", loaded)
     if packed:
@@ -200,12 +222,88 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
         print(f"lowbit formats: note: {_packed_text(packed)}; not measured", file=sys.stderr)
     if not found:
         held = f" (its tensors: {', '.join(sorted(others))})" if others else ""
+        if any("complex" in kind for kind in others):
+            values = "a complex tensor: save x.real and x.imag apart"
+        elif any(kind.startswith("numpy ") for kind in others):  # numpy reads bfloat16 as void
+            values = "a numpy array of another dtype: save x.astype(numpy.float32)"
+        else:
+            values = "an integer tensor of values: save x.float()"
         raise UsageError(
             f"{path!r} holds no floating-point tensor with values and more than one element{held};"
-            " fix: pass a file of floating-point weights or activations (an integer tensor of "
-            "values: save x.float())"
+            f" fix: pass a file of floating-point weights or activations ({values})"
         )
     return found
+
+
+def conv1d_weights(path: str, names) -> set[str]:
+    """The names among ``names`` of transformers ``Conv1D`` weights (GPT-2's projections), stored
+    in x out and multiplied as their transpose (`LowbitConv1D` quantizes that along in), found by
+    building the model of the config.json that describes ``path`` on the meta device (no memory,
+    no weights read): the folder's own, that beside a file, or a run's --model folder. Empty where
+    none does or transformers cannot build it: the tensors are then measured as they are stored."""
+    folder = _model_folder(Path(path))
+    if folder is None:
+        return set()
+    from transformers import AutoModel
+
+    from lowbit.models.pretrained import load_config
+    from lowbit.nn.layer_kinds import is_conv1d
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModel.from_config(load_config(folder))
+    except Exception:  # any failure of a foreign build: measure the tensors as stored
+        return set()
+    layers = [f"{name}.weight" for name, module in model.named_modules() if is_conv1d(module)]
+    return {
+        name
+        for name in names
+        if any(name == layer or name.endswith(f".{layer}") for layer in layers)
+    }
+
+
+def _quantized_folder_problem(folder: Path) -> str | None:
+    """The refusal of a `lowbit quantize` output folder: its linear weights are integer or fp4
+    codes beside their scales, so the table measured the scales as if they were weights (an int8
+    folder's rows were ``lm_head.scale`` and the like); None for any other folder, a pruned one
+    (float weights) too."""
+    from lowbit.infer.io import MANIFEST
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no manifest: no quantized folder
+        return None
+    quantization = manifest.get("quantization") if isinstance(manifest, dict) else None
+    if not isinstance(quantization, dict):
+        return None
+    source = manifest.get("source")
+    run = source.get("path") if isinstance(source, dict) else None
+    fix = f"lowbit formats --tensor {shlex.quote(run)}" if isinstance(run, str) else "pass its run"
+    return (
+        f"{folder}: a lowbit quantize output, whose weights are {quantization.get('format')} "
+        f"codes already (beside their scales), not weights a format would quantize; fix: measure "
+        f"the run it came from ({fix})"
+    )
+
+
+def _model_folder(path: Path) -> Path | None:
+    """The Hugging Face folder whose config.json describes the tensors at ``path`` (see
+    `conv1d_weights`), or None."""
+    from lowbit.models.pretrained import run_folder_above
+    from lowbit.train.config import is_run_folder, read
+
+    for folder in (path, path.parent):
+        if (folder / "config.json").is_file():
+            return folder
+    run = path if is_run_folder(path) else run_folder_above(path)
+    if run is None:
+        return None
+    try:
+        model = Path(read(run).model or "")
+    except UsageError:
+        return None
+    return model if (model / "config.json").is_file() else None
 
 
 def _packed_text(packed: dict[str, torch.dtype]) -> str:
@@ -241,6 +339,25 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise UsageError(
             f"{file}: not a safetensors file ({error}); fix: pass a file written by safetensors"
         ) from None
+
+
+def _read_numpy(file: Path):
+    """The array of a .npy file, or the arrays of a .npz archive by name, read without pickle
+    (an object array could run code as it is rebuilt)."""
+    import numpy as np
+
+    try:
+        data = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # torn, foreign or pickled objects
+        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+        raise UsageError(
+            f"{file}: cannot read it as a numpy file ({reason}); fix: pass a file numpy.save or "
+            "numpy.savez wrote of numeric arrays, or a .pt or .safetensors file"
+        ) from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {name: data[name] for name in data.files}
+    return data
 
 
 def _model_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -320,7 +437,9 @@ def _spec_types() -> list[type]:
     ]
 
 
-def error_table(tensors: dict[str, torch.Tensor]) -> str:
+def error_table(
+    tensors: dict[str, torch.Tensor], conv1d: set[str] = frozenset(), schemes=SCHEMES
+) -> str:
     """The SQNR table, with a note under it for each tensor holding inf or NaN: those entries
     are set to 0 before quantizing (an inf makes its scale inf, or NaN for an MX block, and with
     it every entry the scale covers) and left out of its SQNR. A 4-D tensor whose name ends in
@@ -328,15 +447,18 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
     quantized as the O x C*kh*kw matrix its GEMM multiplies (`LowbitConv2d`), named in a note:
     along its last axis, kw, a 3x3 kernel's blocks held 3 entries and its SQNR was up to 5 dB
     off training's, either way (the digits CNN's second convolution: int8/axis 52.0 dB, 47.2 as
-    trained; fp8_e4m3/mx 28.4, 30.7 as trained). Any other tensor, an N x C x H x W activation
-    too, is quantized along its last axis. Every format quantizes through fp32 (as PyTorch's own
+    trained; fp8_e4m3/mx 28.4, 30.7 as trained). The 2-D tensors named in ``conv1d``
+    (`conv1d_weights`: in x out) are quantized transposed, along in, as their GEMM reads them:
+    along out, a GPT-2 c_attn weight with one input feature 30x the others read 31.60 dB under
+    fp8_e4m3/axis and 43.44 under int8/axis, 43.22 and 35.13 as trained. Any other tensor, an
+    N x C x H x W activation too, is quantized along its last axis. Every format quantizes through fp32 (as PyTorch's own
     casts to fp8 do), so a float64 tensor is measured as its fp32 rounding, and its values beyond
     fp32's range, which become inf there, are noted as such rather than as inf or NaN, and so are
     those below it, which become 0."""
-    labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in SCHEMES]
+    labels = [f"{f}/{g or 'cast'}{'' if b is None else b}" for f, g, b in schemes]
     width = max(12, *(len(name) for name in tensors)) + 2
     lines = [f"{'tensor':<{width}}" + "".join(f"{label:>18}" for label in labels)]
-    notes, convolutions = [], []
+    notes, convolutions, transposed = [], [], []
     for name, given in tensors.items():
         tensor = given.float()
         finite = tensor.isfinite()
@@ -360,7 +482,10 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
         if tensor.dim() == 4 and name.endswith("weight"):  # a Conv2d's: as its GEMM reads it
             tensor = tensor.reshape(tensor.shape[0], -1)
             convolutions.append(name)
-        for fmt, granularity, block in SCHEMES:
+        elif tensor.dim() == 2 and name in conv1d:  # a Conv1D's, in x out: as its GEMM reads it
+            tensor = tensor.t()
+            transposed.append(name)
+        for fmt, granularity, block in schemes:
             if granularity is None:  # saturating at max where a recipe's cast overflows to inf
                 approximation = cast(tensor, fmt)
             else:
@@ -375,6 +500,12 @@ def error_table(tensors: dict[str, torch.Tensor]) -> str:
             0,
             f"note: {', '.join(convolutions)}: 4-D weights, measured as Conv2d weights, the "
             "O x C*kh*kw matrix their GEMM multiplies (quantized along C*kh*kw, not kw)",
+        )
+    if transposed:
+        notes.insert(
+            0,
+            f"note: {', '.join(transposed)}: transformers Conv1D weights (in x out), measured "
+            "transposed, as their GEMM reads them (quantized along in, not out)",
         )
     return "\n".join([title, *lines, *notes])
 
@@ -401,9 +532,27 @@ def _non_finite_note(name: str, numel: int, count: int, overflowed: int) -> str:
     return f"note: {name}: {what}; its SQNR is over the others, set to 0 to quantize; {fix}"
 
 
+def _schemes_of(chosen: list[str] | None) -> list:
+    """The `SCHEMES` of the ``chosen`` formats (all of them without a choice); a `UsageError`
+    where none has one (fp32, tf32, e8m0: no recipe quantizes an operand to them)."""
+    if chosen is None:
+        return SCHEMES
+    schemes = [scheme for scheme in SCHEMES if scheme[0] in chosen]
+    if not schemes:
+        measured = ", ".join(dict.fromkeys(scheme[0] for scheme in SCHEMES))
+        raise UsageError(
+            f"--tensor measures no scheme of {', '.join(chosen)} (no recipe quantizes an operand "
+            f"to it); fix: choose among {measured}, or leave the formats out"
+        )
+    return schemes
+
+
 def run(args: argparse.Namespace) -> int:
+    chosen = [get(name).name for name in args.names] or None  # an unknown name: its error
     if args.tensor is not None:  # an empty --tensor is refused, not taken for no --tensor
-        print(error_table(load_tensors(args.tensor)))
+        schemes = _schemes_of(chosen)
+        tensors = load_tensors(args.tensor)
+        print(error_table(tensors, conv1d_weights(args.tensor, tensors), schemes))
     else:
-        print(format_table())
+        print(format_table(chosen))
     return 0

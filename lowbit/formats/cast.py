@@ -31,12 +31,14 @@ bit for bit (tests/formats/test_cast.py, test_fast_paths.py).
 from __future__ import annotations
 
 import functools
+import math
 from enum import Enum
 
 import torch
 
 from lowbit.errors import UsageError, member
 from lowbit.formats.counter_rng import seed_tensor, uniforms
+from lowbit.formats.eager_roundings import keep_eager_roundings
 from lowbit.formats.spec import Encoding, FloatFormat, Format, IntFormat, get
 
 
@@ -317,6 +319,7 @@ def cast_reference(
 ) -> torch.Tensor:
     """`cast` without native dtype shortcuts: the bit-layout algorithm for every format."""
     check_real(x, "cast_reference")
+    keep_eager_roundings()
     check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
@@ -348,8 +351,10 @@ def cast(
     pair the fp32 result is rounded again to ``x``'s dtype. Cast ``x.float()`` to avoid that.
     A float64 ``x`` is rounded to fp32 first, as PyTorch's own casts to fp8 do: a value within half
     an fp32 ulp of a tie of ``fmt`` can then round the other way than rounding it directly would.
+    Under `torch.compile` it gives eager's bits (`lowbit.formats.eager_roundings`).
     """
     check_real(x, "cast")
+    keep_eager_roundings()
     check_generator(generator)
     fmt = get(fmt)
     rounding = member(Rounding, rounding, "rounding")
@@ -373,9 +378,13 @@ def cast(
     return cast_reference(x, fmt, rounding, generator)
 
 
-@functools.cache
 def _holds_exactly(dtype: torch.dtype, value: float) -> bool:
-    """Whether ``dtype`` represents ``value`` exactly (65504 is not a bf16 number, 2**127 no fp16)."""
-    return dtype == torch.float64 or (
-        abs(value) <= torch.finfo(dtype).max and torch.tensor(value, dtype=dtype).item() == value
-    )
+    """Whether ``dtype`` represents the normal number ``value`` exactly (65504 is not a bf16
+    number, 2**127 no fp16): within its range, and no more significant bits than it holds
+    (``1 - log2(eps)``). Plain arithmetic on Python floats, which Dynamo folds into constants when
+    it traces `cast` (a `functools.cache` made it warn that it ignores the cache)."""
+    if dtype == torch.float64:
+        return True
+    info = torch.finfo(dtype)
+    significand = math.ldexp(math.frexp(value)[0], 1 - round(math.log2(info.eps)))
+    return abs(value) <= info.max and significand == math.floor(significand)

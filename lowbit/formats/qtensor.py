@@ -18,6 +18,7 @@ from lowbit import kernels
 from lowbit.errors import UsageError, member
 from lowbit.formats.cast import Rounding, cast_to_carrier_, check_generator, check_real
 from lowbit.formats.counter_rng import seed_tensor
+from lowbit.formats.eager_roundings import keep_eager_roundings
 from lowbit.formats.hadamard import check_signs, padded_length, transform
 from lowbit.formats.scaling import (
     Granularity,
@@ -520,6 +521,7 @@ class QTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``values * scale``, computed in fp32 and returned as ``dtype``."""
+        keep_eager_roundings()  # the rounding to a 16-bit dtype, read fused under inductor
         return (self.values.float() * self.expanded_scale()).to(dtype)
 
     @property
@@ -592,6 +594,7 @@ def quantize(
     rounding pass, so delayed scaling needs no separate pass over ``x`` for its history.
     """
     check_real(x, "quantize", integers=True)
+    keep_eager_roundings()
     check_generator(generator)
     fmt = get(fmt)
     granularity = member(Granularity, granularity, "granularity")

@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
 from lowbit.dynamo_marks import assume_constant_result
-from lowbit.nn.eager_roundings import keep_eager_roundings
+from lowbit.formats.eager_roundings import keep_eager_roundings
 
 # The compute dtypes rerouted, and whether their forward runs in fp32 too (see above).
 _FORWARD_IN_FP32 = {torch.bfloat16: False, torch.float16: True}

@@ -29,8 +29,8 @@ from torch.autograd import forward_ad
 from lowbit import kernels
 from lowbit.errors import UsageError
 from lowbit.formats import Granularity, QTensor
+from lowbit.formats.eager_roundings import keep_eager_roundings
 from lowbit.formats.hadamard import random_signs, transform
-from lowbit.nn.eager_roundings import keep_eager_roundings
 from lowbit.nn.gemm import bf16_outputs, cast_gemm, emulated_gemm
 from lowbit.nn.operand import (
     AmaxHistory,
