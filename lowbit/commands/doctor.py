@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -76,14 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from dataclasses import replace
-
-    from lowbit.diagnostics.doctor import OUTPUT_FILES, diagnose, write_outputs
-    from lowbit.errors import UsageError, check_given, check_writable, file_in_the_way
+    from lowbit.errors import UsageError, check_given, warn
     from lowbit.infer.io import is_inference_dir, training_run
     from lowbit.train import checkpoint
     from lowbit.train.checkpoint import run_of
-    from lowbit.train.config import build_config, load_file, read, resolve, with_recorded_data
+    from lowbit.train.config import build_config, load_file, read, with_recorded_data
 
     # an unset shell variable: "" is the current folder, probed as a run or left for the default
     check_given(args.checkpoint, "--checkpoint", "give a run folder or one of its checkpoints")
@@ -134,24 +132,32 @@ def run(args) -> int:
         # before the set-up (seconds to minutes), where it was "no saved tokenizer; fix: restore
         # the run's tokenizer folder"
         checkpoint.find(args.checkpoint, checkpoint_path, note=False)
+    settings = {}
     if args.config:
         # a flag replaces the file's setting: a mistyped one there is warned of, not refused
         given = {k for k, v in flags.items() if v is not None}
-        base.update(load_file(args.config, given, ("lowbit doctor", args)))
+        settings = load_file(args.config, given, ("lowbit doctor", args))
+        base.update(settings)
     config = build_config(base, flags)
-    out = _report_folder(args.out, config.recipe, args.overwrite)
-    # refused before the probe (minutes of training), not when the results are written
-    blocking = file_in_the_way(out)
-    if blocking is not None:
-        raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
-    # a folder where a report file goes failed when the results were written, after the probe
-    for name in OUTPUT_FILES:
-        if (out / name).is_dir():
-            raise UsageError(
-                f"{out / name}: a folder where the doctor writes its {name}; fix: choose another "
-                "--out, or move that folder"
-            )
-    check_writable(out)
+    out, held, made = _report_folder(args.out, config.recipe, args.overwrite)
+    if "out" in settings and args.out is None:  # a `lowbit train` file's: the run's folder
+        warn(
+            f"{args.config}: out ignored: it names the folder of the run, not of the doctor's "
+            f"report, which goes to {out} (--out DIR to choose)"
+        )
+    try:
+        return _probe(args, config, out, checkpoint_path)
+    finally:
+        _let_go(held, made)
+
+
+def _probe(args, config, out: Path, checkpoint_path: Path | None) -> int:
+    """Probe ``config`` and write the report into ``out`` (held by this doctor)."""
+    from dataclasses import replace
+
+    from lowbit.diagnostics.doctor import diagnose, write_outputs
+    from lowbit.train.config import resolve
+
     unused = [flag for flag in UNUSED if getattr(args, flag[2:].replace("-", "_")) is not None]
     if unused:
         print(
@@ -182,31 +188,94 @@ def run(args) -> int:
     return 130 if diagnosis.interrupted else 0  # as `lowbit train` interrupted
 
 
-def _report_folder(out: str | None, recipe: str, overwrite: bool) -> Path:
-    """Where the report goes: ``--out``, or ``runs/doctor-RECIPE``. An earlier report there was
-    replaced without a word (the probe before a fix, when the fix was checked); as `lowbit train`
-    treats a run in its --out, an ``--out`` that holds one is refused without ``--overwrite``,
-    and the default goes on to a fresh ``runs/doctor-RECIPE-2``, ``-3``, ..."""
-    from lowbit.diagnostics.doctor import OUTPUT_FILES
-    from lowbit.errors import UsageError
-
-    def report_in(folder: Path) -> list[str]:
-        return [name for name in OUTPUT_FILES if (folder / name).is_file()]
-
-    if out is not None:
-        folder = Path(out)
-        if report_in(folder) and not overwrite:
-            raise UsageError(
-                f"{folder}: holds an earlier doctor report ({', '.join(report_in(folder))}); fix: "
-                "--overwrite to replace it, or another --out"
-            )
-        return folder
+def _report_folder(
+    out: str | None, recipe: str, overwrite: bool
+) -> tuple[Path, int | None, list[Path]]:
+    """Where the report goes, the descriptor of this doctor's lock on it (`_hold`), and the
+    folders made for it (`_let_go` removes them where the probe never started): ``--out``, or
+    ``runs/doctor-RECIPE``. An earlier report there was replaced without a word (the probe before
+    a fix, when the fix was checked); as `lowbit train` treats a run in its --out, an ``--out``
+    that holds one is refused without ``--overwrite``, and the default goes on to a fresh
+    ``runs/doctor-RECIPE-2``, ``-3``, ...; so it does past a folder another doctor holds."""
     default = Path("runs") / f"doctor-{recipe.replace(':', '-')}"
-    folder, n = default, 1
-    while report_in(folder) and not overwrite:
+    folder, n = (default if out is None else Path(out)), 1
+    while True:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+        held = _hold(folder, overwrite, explicit=out is not None)  # False: not for an --out
+        if held is not False:
+            return folder, held, made
         n += 1
         folder = default.with_name(f"{default.name}-{n}")
-    return folder
+
+
+def _hold(folder: Path, overwrite: bool, explicit: bool) -> int | bool | None:
+    """Make ``folder`` and lock it (`lock_folder`) for this doctor's report: the descriptor, None
+    where locks cannot be had (NFS; not POSIX), or False, for the default to go on to the next
+    folder, where it holds an earlier report (without ``--overwrite``) or another doctor holds it.
+    Two doctors started together both wrote into the same folder, and trained in its probe/, one
+    report lost. An explicit ``--out`` is refused instead, as is a folder no report can go in,
+    before the probe (minutes of training) rather than when the results are written."""
+    from lowbit.diagnostics.doctor import OUTPUT_FILES
+    from lowbit.errors import UsageError, check_writable, file_in_the_way
+    from lowbit.folder_lock import lock_folder
+    from lowbit.train.config import RUN_INFO
+    from lowbit.train.runstate import _busy
+
+    def earlier_report() -> bool:
+        found = [name for name in OUTPUT_FILES if (folder / name).is_file()]
+        if found and explicit and not overwrite:
+            raise UsageError(
+                f"{folder}: holds an earlier doctor report ({', '.join(found)}); fix: "
+                "--overwrite to replace it, or another --out"
+            )
+        return bool(found) and not overwrite
+
+    if earlier_report():
+        return False
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise UsageError(f"{blocking}: exists and is not a folder; fix: choose another --out")
+    # a folder where a report file goes failed when the results were written, after the probe
+    for name in OUTPUT_FILES:
+        if (folder / name).is_dir():
+            raise UsageError(
+                f"{folder / name}: a folder where the doctor writes its {name}; fix: choose "
+                "another --out, or move that folder"
+            )
+    check_writable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    held = lock_folder(folder)
+    if held is False and explicit:
+        if (folder / RUN_INFO).is_file():  # a run trains there: `lowbit train`'s refusal
+            raise _busy(folder)
+        raise UsageError(
+            f"{folder}: another lowbit doctor is writing its report into this folder; fix: wait "
+            "until it ends (or stop it), or choose another --out"
+        )
+    if held is None or held is False:
+        return held
+    try:  # a report written by a doctor that ended since it was looked for
+        late = earlier_report()
+    except UsageError:
+        os.close(held)
+        raise
+    if late:
+        os.close(held)
+        return False
+    return held
+
+
+def _let_go(held: int | None, made: list[Path]) -> None:
+    """Drop this doctor's lock on its report's folder (`_hold`), and remove the folders made for
+    it that stayed empty (a refusal of the settings before the probe started), as before they
+    were made when the folder was picked."""
+    if held is not None:
+        os.close(held)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: the report, the probe's files, another doctor's folder
+            break
 
 
 def _refuse_missing_checkpoint(path: Path) -> None:

@@ -282,15 +282,18 @@ def nominal_stats(spec, shape: tuple[int, int] = (256, 256)) -> dict[str, float]
     A stochastically rounded spec draws its noise seeded too, in a forked global generator: drawn
     from the global one, its nominal moved from run to run (MX e2m1 with SR: 15.61 and 15.69 dB in
     two probes of the same recipe) and the draw shifted the random numbers of the training
-    around it (its SR and dropout), by when the first check asked for it.
+    around it (its SR and dropout), by when the first check asked for it. Only the CPU generator
+    is seeded and restored: a GPU run's CUDA generators are left as they are.
     """
     from lowbit.nn.operand import quantize_operand
 
     key = (spec, tuple(shape))
     if key not in _NOMINAL:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        # the CPU generator alone (x is on the CPU): torch.manual_seed also reseeds every CUDA
+        # generator, which fork_rng(devices=[]) does not restore (dropout's stream in a GPU run)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)
             _NOMINAL[key] = operand_stats(x, quantize_operand(x, spec))
     return _NOMINAL[key]
 

@@ -111,3 +111,118 @@ def test_doctor_json_rows_hold_the_underflow_they_are_judged_against():
     for row in judged.values():
         assert row["nominal_underflow"] == nominal["underflow"]
         assert 0.05 < row["nominal_underflow"] < 0.15  # MX e2m1 flushes ~9% of a normal tensor
+
+
+def _live_doctor(folder):
+    """A doctor writing into ``folder`` now: its lock held (by this process's own descriptor, as
+    another process's would be), its probe/ made."""
+    from lowbit.folder_lock import lock_folder
+
+    (folder / "probe").mkdir(parents=True)
+    held = lock_folder(folder)
+    assert held not in (None, False)
+    return held
+
+
+def test_a_second_doctor_goes_past_the_default_folder_a_live_one_writes_into(
+    tmp_path, monkeypatch, capsys
+):
+    """Two doctors started together (seeds 1 and 2) both printed `wrote
+    runs/doctor-bf16-mixed/doctor.json`, one report lost, both probes trained in one probe/."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "runs" / "doctor-fp8-tensorwise"
+    held = _live_doctor(first)
+    try:
+        assert main([*PROBE, *SMALL]) == 0
+    finally:
+        os.close(held)
+    assert capsys.readouterr().out.endswith(
+        "wrote runs/doctor-fp8-tensorwise-2/doctor.json and runs/doctor-fp8-tensorwise-2/doctor.png\n"
+    )
+    assert sorted(p.name for p in first.iterdir()) == ["probe"]  # the live doctor's, untouched
+
+
+def test_an_out_a_live_doctor_writes_into_is_refused_naming_it(tmp_path, capsys):
+    """An explicit --out is refused in one line, as `lowbit train` refuses a live run's folder
+    (--overwrite too: it replaces an earlier report, not one being written)."""
+    import os
+
+    out = tmp_path / "report"
+    held = _live_doctor(out)
+    try:
+        for overwrite in ([], ["--overwrite"]):
+            assert main([*PROBE, *SMALL, "--out", str(out), *overwrite]) == 2
+            printed, err = capsys.readouterr()
+            assert printed == ""  # no probe ran
+            assert err == (
+                f"lowbit: error: {out}: another lowbit doctor is writing its "
+                "report into this folder; fix: wait until it ends (or stop it), or choose "
+                "another --out\n"
+            )
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.iterdir()) == ["probe"]
+
+
+def test_an_out_a_run_trains_into_is_refused_as_lowbit_train_refuses_it(tmp_path, capsys):
+    """The report and the probe's folder went into a live run's folder beside its files."""
+    import os
+    import socket
+
+    from lowbit.folder_lock import lock_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    info = {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    (run / "run.json").write_text(json.dumps(info))
+    held = lock_folder(run)
+    try:
+        assert main([*PROBE, *SMALL, "--out", str(run)]) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err == (
+        f"lowbit: error: {run}: another lowbit process (pid {os.getpid()} on host "
+        f"{socket.gethostname()}) is training into this folder; fix: wait until it ends (or "
+        "stop it), or choose another --out\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_the_nominal_of_a_stochastically_rounded_spec_leaves_the_cuda_generators_alone(
+    monkeypatch,
+):
+    """torch.manual_seed(0) in the fork reseeded every CUDA generator, which the fork (of the CPU
+    one only) never restored: an `auto` run on a GPU, which asks for each new spec's nominal while
+    it trains, had its CUDA random numbers (dropout) reset mid-run."""
+    import torch
+
+    from lowbit.diagnostics.stats import nominal_stats
+    from lowbit.recipes import OperandSpec
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    spec = OperandSpec("fp4_e2m1", "mx", block_size=32, rounding="stochastic")
+    torch.manual_seed(1)
+    seeded.clear()
+    first = nominal_stats(spec, shape=(24, 64))
+    assert seeded == []
+    assert first == nominal_stats(spec, shape=(24, 64))
+
+
+def test_an_out_in_the_config_file_is_not_ignored_without_a_word(tmp_path, monkeypatch, capsys):
+    """A `lowbit train` config file's out: is its run's folder; the doctor's report went
+    elsewhere without a word. (Read as the report's folder, the doctor's files would keep a later
+    `lowbit train --config` from starting there: "folder is not empty".)"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("model: nano\nout: runs/mine\n")
+    assert main([*PROBE, *SMALL, "--config", "c.yaml"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "lowbit: warning: c.yaml: out ignored: it names the folder of the run, not of the "
+        "doctor's report, which goes to runs/doctor-fp8-tensorwise (--out DIR to choose)\n" in err
+    )
+    assert not (tmp_path / "runs" / "mine").exists()
+    assert (tmp_path / "runs" / "doctor-fp8-tensorwise" / "doctor.json").is_file()
