@@ -65,6 +65,24 @@ def _reference(conv: nn.Conv2d, spec, x, grad_out, groups: int):
     return out, grad_x, torch.cat(grad_ws).reshape(conv.weight.shape)
 
 
+def _check_against(want, recipe, conv, plain, x, out, grad_out, weight_db: float) -> None:
+    """``out`` and the gradients of ``conv`` against ``want`` (the reference's output and
+    gradients on the quantized operands): to fp32 accumulation order where the backward is
+    deterministic; nvfp4's stochastically rounded, Hadamard-transformed gradients by their SQNR
+    against the full-precision ``plain`` layer (e2m1: ~16 dB on a normal tensor)."""
+    want_out, want_grad_x, want_grad_w = want
+    assert _sqnr(want_out, out) > 100  # fp32 accumulation order only
+    if recipe in DETERMINISTIC:
+        assert _sqnr(want_grad_x, x.grad) > 100
+        assert _sqnr(want_grad_w, conv.weight.grad) > 100
+    else:
+        x_plain = x.detach().clone().requires_grad_()
+        plain(x_plain).backward(grad_out)
+        assert _sqnr(x_plain.grad, x.grad) > 12
+        assert _sqnr(plain.weight.grad, conv.weight.grad) > weight_db
+    torch.testing.assert_close(conv.bias.grad, grad_out.sum((0, 2, 3)))
+
+
 @pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("recipe", [*DETERMINISTIC, "nvfp4"])
 def test_a_grouped_convolution_computes_each_groups_quantized_gemms(recipe, groups):
@@ -86,17 +104,8 @@ def test_a_grouped_convolution_computes_each_groups_quantized_gemms(recipe, grou
     with exact_accumulation():
         out = conv(x)
         out.backward(grad_out)
-    want_out, want_grad_x, want_grad_w = _reference(conv, spec, x.detach(), grad_out, groups)
-    assert _sqnr(want_out, out) > 100  # fp32 accumulation order only
-    if recipe in DETERMINISTIC:
-        assert _sqnr(want_grad_x, x.grad) > 100
-        assert _sqnr(want_grad_w, conv.weight.grad) > 100
-    else:
-        x_plain = x.detach().clone().requires_grad_()
-        plain(x_plain).backward(grad_out)
-        assert _sqnr(x_plain.grad, x.grad) > 12  # e2m1: ~16 dB on a normal tensor
-        assert _sqnr(plain.weight.grad, conv.weight.grad) > 8
-    torch.testing.assert_close(conv.bias.grad, grad_out.sum((0, 2, 3)))
+    want = _reference(conv, spec, x.detach(), grad_out, groups)
+    _check_against(want, recipe, conv, plain, x, out, grad_out, weight_db=8)
 
 
 def test_the_report_and_repr_show_a_grouped_convolution_converted():
@@ -247,17 +256,8 @@ def test_a_transposed_convolution_computes_its_quantized_gemms(recipe):
         out = conv(x)
         out.backward(grad_out)
     assert out.shape == plain(x).shape == (2, 6, 8, 10)
-    want_out, want_grad_x, want_grad_w = _transposed_reference(conv, spec, x.detach(), grad_out)
-    assert _sqnr(want_out, out) > 100
-    if recipe in DETERMINISTIC:
-        assert _sqnr(want_grad_x, x.grad) > 100
-        assert _sqnr(want_grad_w, conv.weight.grad) > 100
-    else:
-        x_plain = x.detach().clone().requires_grad_()
-        plain(x_plain).backward(grad_out)
-        assert _sqnr(x_plain.grad, x.grad) > 12
-        assert _sqnr(plain.weight.grad, conv.weight.grad) > 12
-    torch.testing.assert_close(conv.bias.grad, grad_out.sum((0, 2, 3)))
+    want = _transposed_reference(conv, spec, x.detach(), grad_out)
+    _check_against(want, recipe, conv, plain, x, out, grad_out, weight_db=12)
 
 
 def test_a_converted_transposed_convolution_takes_what_nn_conv_transpose2d_takes():
