@@ -1,6 +1,8 @@
-"""A Ctrl-C while the `lowbit` command starts, and transformers' load report of a fine-tuning."""
+"""A Ctrl-C as the `lowbit` command starts; transformers' load report and bar of a fine-tuning."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,35 +172,78 @@ def _encoder_folder(folder: Path, drop: str | None = None, extra: str | None = N
     return folder
 
 
-def _fine_tune(folder: Path, out: Path) -> str:
-    """The stderr of `lowbit train` fine-tuning ``folder`` for one step (a subprocess: in pytest,
-    transformers' log handler may hold a stream other than the one a capture fixture reads), on a
+# One process fine-tunes each folder in turn: transformers' import (~5 s of CPU, torchao's with it)
+# is most of a fine-tuning's cost. The intact encoder goes first, so that its run is the process's
+# first, as a `lowbit train` command's is: transformers' progress switch and log handler as a new
+# process has them (run by a subprocess: in pytest, transformers' log handler may hold a stream
+# other than the one a capture fixture reads). HF_HUB_DISABLE_PROGRESS_BARS=0 pins
+# huggingface_hub's progress switch on, which a quiet run must not take for transformers' own.
+FINE_TUNE_EACH = """
+import json, sys
+from lowbit.cli import main
+
+for i, argv in enumerate(json.loads(sys.argv[1])):
+    print("=== run", i, file=sys.stderr, flush=True)
+    code = main(argv)
+    if code != 0:
+        sys.exit(f"run {i} exited {code}")
+"""
+
+FOLDERS = {
+    "intact": {},
+    "missing": {"drop": "encoder.layer.0.output.dense.bias"},
+    "extra": {"extra": "encoder.layer.1.output.dense.bias"},
+}
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory) -> dict[str, str]:
+    """The stderr of `lowbit train` fine-tuning each of FOLDERS for one step, by its name, on a
     few CoNLL sentences of the encoder's words: the built-in syntax-tag task parses and encodes
     a whole source tree first, most of the run's time and none of what these tests read."""
-    data = out.parent / "conll"
+    base = tmp_path_factory.mktemp("fine-tunes")
+    data = base / "conll"
     data.mkdir()
     sentence = ["def O", "x B-VAR", "( O", "x B-VAR", ") O", ": O", "return O", "x B-VAR", ""]
     for split in ("train", "dev", "test"):
         (data / f"{split}.txt").write_text("\n".join(sentence * 4))
+    runs = []
+    for name, change in FOLDERS.items():
+        folder = _encoder_folder(base / name, **change)
+        runs.append([
+            "train", "--task", "token-classification", "--model", str(folder), "--data",
+            str(data), "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet",
+            "--out", str(base / f"run-{name}"),
+        ])  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
     done = subprocess.run(
-        [str(BIN / "lowbit"), "train", "--task", "token-classification", "--model", str(folder),
-         "--data", str(data), "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet",
-         "--out", str(out)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [sys.executable, "-c", FINE_TUNE_EACH, json.dumps(runs)],
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return done.stderr
+    said = re.split(r"^=== run \d+\n", done.stderr, flags=re.MULTILINE)[1:]
+    assert len(said) == len(FOLDERS), done.stderr
+    return dict(zip(FOLDERS, said, strict=True))
 
 
-def test_fine_tuning_an_encoder_prints_no_load_report(tmp_path):
-    err = _fine_tune(_encoder_folder(tmp_path / "encoder"), tmp_path / "run")
+def test_fine_tuning_an_encoder_prints_no_load_report(fine_tuned):
+    err = fine_tuned["intact"]
     assert "LOAD REPORT" not in err
     assert "pooler" not in err and "classifier" not in err  # expected of every fine-tuning
 
 
-def test_an_encoder_weight_missing_from_the_folder_is_named(tmp_path):
-    folder = _encoder_folder(tmp_path / "encoder", drop="encoder.layer.0.output.dense.bias")
-    err = _fine_tune(folder, tmp_path / "run")
+def test_a_quiet_run_shows_no_loading_bar_with_the_hubs_bars_pinned_on(fine_tuned):
+    """Session 37: a quiet run turns transformers' progress bars off without importing
+    transformers where it can; where ``HF_HUB_DISABLE_PROGRESS_BARS`` is set false (which pins
+    huggingface_hub's switch, not transformers'), transformers' own switch is turned as before, so
+    a quiet fine-tuning run prints no "Loading weights" bar (the review of that change found one).
+    """
+    err = fine_tuned["intact"]
+    assert "Loading weights" not in err, err
+
+
+def test_an_encoder_weight_missing_from_the_folder_is_named(fine_tuned):
+    err = fine_tuned["missing"]
     assert "LOAD REPORT" not in err
     warnings = [line for line in err.splitlines() if "drawn afresh" in line]
     assert len(warnings) == 1
@@ -206,9 +251,8 @@ def test_an_encoder_weight_missing_from_the_folder_is_named(tmp_path):
     assert "pooler" not in warnings[0] and "classifier" not in warnings[0]
 
 
-def test_a_folder_weight_the_encoder_has_no_place_for_is_named(tmp_path):
-    folder = _encoder_folder(tmp_path / "encoder", extra="encoder.layer.1.output.dense.bias")
-    err = _fine_tune(folder, tmp_path / "run")
+def test_a_folder_weight_the_encoder_has_no_place_for_is_named(fine_tuned):
+    err = fine_tuned["extra"]
     warnings = [line for line in err.splitlines() if "did not use" in line]
     assert len(warnings) == 1 and "encoder.layer.1.output.dense.bias" in warnings[0]
     assert "pooler" not in warnings[0] and "drawn afresh" not in warnings[0]

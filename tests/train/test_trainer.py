@@ -27,16 +27,18 @@ def assert_same_params(a, b):
 @pytest.mark.parametrize(
     ("task", "settings"),
     [
-        ("causal-lm", {"steps": 40, "lr": 3e-3, "warmup_steps": 5}),
+        # 20 steps: the loss is 0.61 (causal-lm) and 0.35 (token-classification) of the start
+        # at 20, 0.58 and 0.32 at 40, the tagger's accuracy 0.70 and 0.75
+        ("causal-lm", {"steps": 20, "lr": 3e-3, "warmup_steps": 5}),
         ("image-classification", {"steps": 40, "lr": 1e-2, "warmup_steps": 2}),
-        ("token-classification", {"steps": 40, "lr": 3e-3, "warmup_steps": 5}),
+        ("token-classification", {"steps": 20, "lr": 3e-3, "warmup_steps": 5}),
     ],
 )
 def test_each_task_learns(tiny_config, task, settings):
-    result = train(tiny_config(task, eval_interval=40, **settings), quiet=True)
+    result = train(tiny_config(task, eval_interval=settings["steps"], **settings), quiet=True)
     start, end = result.start_metrics["loss"], result.final_metrics["loss"]
     assert end < 0.7 * start, (start, end)
-    assert result.status == "completed" and result.steps == 40
+    assert result.status == "completed" and result.steps == settings["steps"]
     if task != "causal-lm":
         assert result.final_metrics["accuracy"] > 0.5
 
@@ -70,8 +72,9 @@ def test_run_folder_contents(tiny_config):
         ("causal-lm", "fp16-mixed"),
         ("causal-lm", "bf16-pure-sr"),
         ("token-classification", "bf16-mixed"),
+        # fp8-delayed's crash of a causal LM is this one's and lm-fp8-delayed-stop-off-save's
+        # (test_resume_matrix_s31): its amax history restored is the same for either task
         ("token-classification", "fp8-delayed"),
-        ("causal-lm", "fp8-delayed"),
     ],
 )
 def test_resume_after_crash_is_bit_identical(tiny_config, tmp_path, task, recipe):
