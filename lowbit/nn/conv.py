@@ -39,9 +39,8 @@ from lowbit.recipes.recipe import LayerSpec
 # forward + backward on one CPU thread (docs/recipes.md): fp8-tensorwise 589 ms, mxfp8 697 ms,
 # nn.Conv2d 9 and 12 ms.
 DEPTHWISE_KEPT = (
-    "depthwise convolution (groups = in_channels) kept: its GEMMs, one per channel over kh*kw "
-    "values, gain nothing from low precision and emulated channel by channel run ~60x slower "
-    "than nn.Conv2d"
+    "depthwise convolution (groups = in_channels): its per-channel GEMMs are too small to gain "
+    "from low precision, and emulated channel by channel ran ~60x slower than nn.Conv2d"
 )
 
 

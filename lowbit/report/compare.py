@@ -442,14 +442,15 @@ def load_record(run_dir: Path, config) -> dict | None:
 
 def _check_same_length(run_dir: Path, record: dict) -> None:
     """Refuse a finished run whose folder trained again after its record was written, to another
-    step (`lowbit train --resume --steps N` in it, or `--overwrite` with other --steps): the
-    record, reused as it was, reported fp32's seed 0 at step 20, loss 3.8750, beside the
-    metrics.jsonl and checkpoint of its run at step 30, loss 3.5879."""
+    step (`lowbit train --resume --steps N` in it, finished or stopped on the way, or
+    `--overwrite` with other --steps): the record, reused as it was, reported fp32's seed 0 at
+    step 20, loss 3.8750, beside the metrics.jsonl and checkpoint of its run at step 30, loss
+    3.5879."""
     from lowbit.train.config import read_run_info
 
-    info = read_run_info(run_dir)  # a run stopped by a non-finite loss did not complete
+    info = read_run_info(run_dir)  # completed, or stopped again: interrupted, non-finite
     step, steps = info.get("step"), record.get("steps")
-    if info.get("status") == "completed" and isinstance(step, int) and step != steps:
+    if isinstance(step, int) and step != steps:
         raise UsageError(
             f"{run_dir}: holds a finished run that trained again after the study recorded it "
             f"(now at step {step}, recorded at step {steps}); fix: remove {run_dir} to train "

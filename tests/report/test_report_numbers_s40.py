@@ -36,10 +36,12 @@ def test_a_diverged_runs_train_loss_is_not_its_steps_before_the_divergence(nan_s
     assert "| fp16-mixed | n/a | n/a | n/a | n/a |" in table
 
 
-def test_a_run_continued_after_the_study_recorded_it_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("status", ["completed", "interrupted"])
+def test_a_run_continued_after_the_study_recorded_it_is_refused(tmp_path, capsys, status):
     """`lowbit train --resume --steps N` in a study's run folder lengthened the run, and the study
     reused its old record: the report gave seed 0 at its old step and loss beside a checkpoint
-    and a metrics.jsonl that had trained on."""
+    and a metrics.jsonl that had trained on; so too where that run was stopped on its way (its
+    run.json says interrupted at the step it reached: review R7)."""
     out = tmp_path / "img"
     flags = ["--task", "image-classification", "--batch-size", "16", "--steps", "1", "--seeds"]
     flags += ["1", "--eval-batches", "1", "--quiet", "--no-plots", "--threads", "1"]
@@ -47,6 +49,8 @@ def test_a_run_continued_after_the_study_recorded_it_is_refused(tmp_path, capsys
     assert main(study) == 0
     run = out / "runs" / "bf16-mixed" / "seed-0"
     assert main(["train", "--resume", "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": status}))
     report = (out / "report" / "results.json").read_text()
     capsys.readouterr()
     assert main(study) == 2
