@@ -7,8 +7,9 @@ Each rank steps as `lowbit train --nproc 2 --strategy ddp` does (gradients zeroe
 views of DDP's buckets) and records its CPU allocator (`lowbit.memory.measure.Allocations`):
 for the second and third steps, the most bytes live before the model's forward (in the second
 step DDP rebuilds its buckets there) and from the forward on, each the model states between
-steps (`measure`) plus the allocator's rise above them. Printed beside the estimate's terms: model states + the bucket
-rebuild, model states + activations + temporaries, and the estimate's peak.
+steps (`measure`) plus the allocator's rise above them. Printed beside the estimate's terms:
+model states + the bucket rebuild, model states + activations + temporaries + the logits'
+gradient, and the estimate's peak.
 """
 
 from __future__ import annotations
@@ -80,8 +81,16 @@ def _rank(rank, world, port, folder, size, recipe, shape):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--recipe", default="bf16-mixed")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="a named model size, as lowbit train --model takes (nano, tiny, small, ...)",
+    )
+    parser.add_argument(
+        "--recipe",
+        default="bf16-mixed",
+        help="a recipe, as lowbit train --recipe takes (lowbit recipes lists them)",
+    )
     parser.add_argument("--shapes", default="1x16,8x128", help="batch x seq per rank, commas")
     args = parser.parse_args()
     from lowbit.distributed.context import free_port
@@ -103,9 +112,10 @@ def main() -> None:
             print(f"  rank {r}: {cells}")
         print(
             f"  estimate: model states + bucket rebuild {e.model_states + e.bucket_rebuild:,}; "
-            f"model states + activations + temporaries "
-            f"{e.model_states + e.activations + e.temporaries:,}; peak {e.total:,} (set by the "
-            f"{e.peak_set_by}); session 39's sum {e.total + min(e.bucket_rebuild, e.activations + e.temporaries):,}"
+            f"model states + activations + temporaries + logits' gradient "
+            f"{e.model_states + e.step_peak:,}; peak {e.total:,} (set by the {e.peak_set_by}); "
+            f"session 39's sum "
+            f"{e.model_states + e.bucket_rebuild + e.activations + e.temporaries:,}"
         )
 
 

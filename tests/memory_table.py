@@ -1,9 +1,14 @@
 """Reading the memory table a run prints (`lowbit.memory.Breakdown.table`) in tests."""
 
 
-def memory_rows(table: str) -> dict[str, tuple[int, int]]:
-    """(estimate, measured) bytes of each component of the trainer's memory table."""
+def memory_rows(table: str) -> dict[str, tuple[int, int | None]]:
+    """(estimate, measured) bytes of each component of the trainer's memory table; measured None
+    where the run measures none (the estimate's logits gradient, a transient)."""
     rows = {}
     for line in table.splitlines():  # columns of `Breakdown.table`
         rows[line[:24].strip()] = (line[24:38].replace(",", ""), line[59:73].replace(",", ""))
-    return {k: (int(a), int(b)) for k, (a, b) in rows.items() if a.strip().isdigit()}
+    return {
+        k: (int(a), int(b) if b.strip() else None)
+        for k, (a, b) in rows.items()
+        if a.strip().isdigit()
+    }

@@ -320,12 +320,14 @@ def _json_settings(args, num_params: int) -> dict:
 
 def _json_estimate(planned, largest_batches) -> dict:
     """``planned``'s bytes per device by component (the table's rows, `COMPONENTS` and
-    ``total``, the peak; a DDP rank's ``bucket_rebuild`` and which term, it or the activations,
+    ``total``, the peak; the backward's transient ``logits_gradient``; a DDP rank's
+    ``bucket_rebuild`` and which term, it or the activations,
     sets the peak: ``peak_set_by``), its notes, and for each accelerator whether it fits and the
     largest micro-batch."""
     out = {name: getattr(planned, name) for name in COMPONENTS}
     out["model_states"] = planned.model_states
     out["bucket_rebuild"] = planned.bucket_rebuild
+    out["logits_gradient"] = planned.logits_gradient
     out["total"] = planned.total
     out["peak_set_by"] = planned.peak_set_by
     out["notes"] = planned.notes

@@ -51,10 +51,15 @@ def _model_and_optimizer(trainer) -> tuple[dict, dict]:
     if not trainer.optimizer.state:  # stepped, it has them: no fp32 copies to make for nothing
         # DCP creates none where a gradient exists, and DDP's are kept, zeroed, between steps
         # (`Ranks.zero_grad`): kept, a run whose every step overflowed would save no optimizer
-        # states, and its resume be refused ("Missing key in checkpoint state_dict")
+        # states, and its resume be refused ("Missing key in checkpoint state_dict"). Given back
+        # after: DDP's are views of its buckets (`lowbit.distributed.ddp.grads_as_bucket_views`),
+        # and a resumed run's first micro-batch under ``no_sync`` made a copy beside them.
+        kept = [(p, p.grad) for p in trainer.model.parameters()]
         trainer.optimizer.zero_grad(set_to_none=True)
         with _creating_optimizer_states(trainer):
             _init_optim_state(trainer.optimizer)
+        for p, grad in kept:
+            p.grad = grad
     return get_state_dict(trainer.model, trainer.optimizer, options=_options())
 
 

@@ -9,11 +9,12 @@ Every recipe is wrapped in `DistributedDataParallel`, the 16-bit-parameter ones 
 update (`LowPrecisionUpdate`) writes the rounded result into the 16-bit parameters in place, so
 the parameters' gradient accumulators, on which DDP hangs its hooks, stay the same objects.
 
-Each ``.grad`` is a view of its all-reduce bucket (``gradient_as_bucket_view=True``), zeroed
-rather than dropped between steps (`Ranks.zero_grad`), so that ``--grad-accum``'s micro-batches
-under ``no_sync`` accumulate into the buckets too: between steps a rank holds every gradient
-once (DDP's one rebuild of its buckets, before the second step's forward, holds the old and the
-new ones for a moment: `lowbit.memory.estimate` counts that). Until session 39 it held them
+Each ``.grad`` is a view of its all-reduce bucket (``gradient_as_bucket_view=True``), made before
+the first step (`grads_as_bucket_views`) and zeroed rather than dropped between steps
+(`Ranks.zero_grad`), so that ``--grad-accum``'s micro-batches under ``no_sync`` accumulate into
+the buckets too: a rank holds every gradient once (DDP's one rebuild of its buckets, before the
+second step's forward, holds the old and the new ones for a moment: `lowbit.memory.estimate`
+counts that). Until session 39 it held them
 twice for the whole run, ``.grad`` and the buckets' flat copy (4 of bf16-mixed's 20 bytes per
 parameter, 146 MiB of a 38M-parameter model's rank; peak RSS in docs/memory.md). Every recipe
 trains bit for bit as before (tests/distributed/test_bucket_view_s39.py): lowbit changes
@@ -66,12 +67,27 @@ def _reduce_hook(state: CommStats, bucket):
     return future.then(unpack)
 
 
+def grads_as_bucket_views(model) -> None:
+    """Gives every trainable parameter without one a zero ``.grad``, before DDP wraps ``model``:
+    its reducer makes each existing gradient a view of its bucket as it builds them (copying the
+    zeros in; torch's ``Reducer::initialize_bucket_views``), and one that does not exist yet it
+    makes a view only at the first synchronised backward. Until session 40, ``--grad-accum``'s
+    first micro-batch under ``no_sync`` made gradients of its own beside the buckets, two copies
+    of every gradient beside that step's activations (8% over the estimated peak of a DDP rank).
+    Adding a micro-batch's gradient to zeros gives it unchanged; DDP without
+    ``find_unused_parameters`` gives every trainable parameter a gradient at every step anyway."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def wrap_ddp(model, precision, device: torch.device):
     """(the model for training forwards, its gradient all-reduce `CommStats`)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
+    grads_as_bucket_views(model)
     # Buffers (rotary tables) are computed identically on every rank: nothing to broadcast.
     wrapped = DDP(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
     stats = CommStats(reduce_dtype(precision.recipe), dist.get_world_size())

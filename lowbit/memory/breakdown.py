@@ -43,7 +43,12 @@ class Breakdown:
     ``bucket_rebuild`` is a DDP rank's second copy of its gradients while DistributedDataParallel
     rebuilds its all-reduce buckets, once, before the second step's forward (new buckets made
     before the old are freed): it never coexists with the activations and temporaries, so the
-    peak, `total`, is the model states plus the larger of the two (`peak_set_by`)."""
+    peak, `total`, is the model states plus the larger of the two (`peak_set_by`).
+
+    ``logits_gradient`` is the loss's backward transient: at its start, every activation still
+    live, cross-entropy's backward holds the gradient of the fp32 logits twice (the loss's, then
+    the log-softmax's), ``2 x batch x seq x vocab x 4`` bytes, freed before the first layer's
+    backward (`lowbit.memory.estimate`)."""
 
     parameters: int = 0
     gradients: int = 0
@@ -52,6 +57,7 @@ class Breakdown:
     activations: int = 0
     temporaries: int = 0
     bucket_rebuild: int = 0
+    logits_gradient: int = 0
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -61,15 +67,22 @@ class Breakdown:
         return self.parameters + self.gradients + self.master_weights + self.optimizer_states
 
     @property
+    def step_peak(self) -> int:
+        """What a step's forward and backward add to the model states at their peak, the start
+        of the backward: activations + temporaries + the logits' gradient."""
+        return self.activations + self.temporaries + self.logits_gradient
+
+    @property
     def total(self) -> int:
-        """The peak: model states + max(bucket rebuild, activations + temporaries)."""
-        return self.model_states + max(self.bucket_rebuild, self.activations + self.temporaries)
+        """The peak: model states + max(bucket rebuild, `step_peak`)."""
+        return self.model_states + max(self.bucket_rebuild, self.step_peak)
 
     @property
     def peak_set_by(self) -> str:
         """Which term sets `total`: ``"bucket rebuild"`` or ``"activations"`` (with the
-        temporaries; also where there is no rebuild, and on a tie)."""
-        if self.bucket_rebuild > self.activations + self.temporaries:
+        temporaries and the logits' gradient, `step_peak`; also where there is no rebuild, and on a
+        tie)."""
+        if self.bucket_rebuild > self.step_peak:
             return "bucket rebuild"
         return "activations"
 
@@ -91,6 +104,10 @@ class Breakdown:
         rows = [
             (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
         ]
+        if self.logits_gradient:  # an estimate's; `total` counts it with the activations
+            # a live measurement (`measure`) holds no transient: its cells left blank, not 0
+            theirs = getattr(other, "logits_gradient", None) or None
+            rows.append(("logits gradient", self.logits_gradient, theirs))
         if self.bucket_rebuild:  # a DDP estimate's; `total` counts it or the activations
             rows.append(
                 ("DDP bucket rebuild", self.bucket_rebuild, getattr(other, "bucket_rebuild", None))
@@ -110,7 +127,7 @@ class Breakdown:
         lines = [head, "-" * len(head)]
         for label, mine, theirs in rows:
             line = f"{label:<24}{mine:>{width},}{human(mine):>12}{mine / n:>{per}.2f}"
-            if other is not None:
+            if other is not None and theirs is not None:
                 line += f"{theirs:>{width},}{human(theirs):>12}"
             lines.append(line)
         return "\n".join(lines)

@@ -48,13 +48,13 @@ def test_ddp_peak_as_measured(batch, seq, sets):
     # but for a scalar of a few bytes some runs allocate there)
     assert planned.bucket_rebuild == planned.gradients
     assert 0 <= rebuild - (planned.model_states + planned.bucket_rebuild) < 64
-    # from the forward on, no second copy: what the activations' term counts, and transient
-    # workspace it does not model (the logits' gradient)
-    assert planned.model_states + planned.activations + planned.temporaries <= step
+    # from the forward on, no second copy: what the activations' term counts with the logits'
+    # gradient (left out until session 40: 9.7% under the measured step at 8 x 64), within 2%
+    assert abs(step - (planned.model_states + planned.step_peak)) <= step / 50
     if sets == "bucket rebuild":  # the peak (counted beside the activations: over)
         assert rebuild > step and 0 <= rebuild - planned.total < 64
     else:
-        assert planned.total == planned.model_states + planned.activations + planned.temporaries
+        assert planned.total == planned.model_states + planned.step_peak
 
 
 def test_largest_batch_of_a_ddp_rank():
@@ -89,4 +89,4 @@ def test_estimate_command_names_the_term_that_sets_the_peak(capsys):
     assert main([*argv, "--batch", "8", "--seq", "64"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"^DDP bucket rebuild +735,488 ", text, re.M)  # nano's fp32 gradients
-    assert "max(bucket rebuild, activations + temporaries), set by the activations" in text
+    assert "activations + temporaries + logits' gradient), set by the activations" in text
