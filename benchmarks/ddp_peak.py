@@ -28,11 +28,14 @@ import torch.nn.functional as F
 STEPS = 3
 
 
-def step_peaks(size: str, recipe: str, tokens: torch.Tensor, steps: int = STEPS) -> list:
-    """In a gloo process group already up, ``steps`` training steps of ``size`` under ``recipe``
-    on ``tokens``, wrapped as `lowbit train`'s DDP wraps it; the peak bytes, (before the forward,
-    from it on), of each step from the second: the model states between steps (`measure`) plus
-    the allocator's rise above them (the first step starts without gradients' values or states)."""
+def step_peaks(
+    size: str, recipe: str, tokens: torch.Tensor, steps: int = STEPS, vocab: int = 257, ddp=True
+) -> list:
+    """In a gloo process group already up, ``steps`` training steps of ``size`` (of a ``vocab``
+    vocabulary) under ``recipe`` on ``tokens``, wrapped as `lowbit train`'s DDP wraps it (or not:
+    ``ddp=False``, one process without a group); the peak bytes, (before the forward, from it
+    on), of each step from the second: the model states between steps (`measure`) plus the
+    allocator's rise above them (the first step starts without gradients' values or states)."""
     import lowbit
     from lowbit.distributed.ddp import wrap_ddp
     from lowbit.memory.measure import Allocations, measure
@@ -41,14 +44,14 @@ def step_peaks(size: str, recipe: str, tokens: torch.Tensor, steps: int = STEPS)
 
     with Allocations() as allocations:
         precision = lowbit.Precision(recipe)
-        model = precision.convert(build_causal_lm(size, 257))
-        ddp, _ = wrap_ddp(model, precision, torch.device("cpu"))
+        model = precision.convert(build_causal_lm(size, vocab))
+        wrapped = wrap_ddp(model, precision, torch.device("cpu"))[0] if ddp else model
         optimizer = precision.wrap_optimizer(build_optimizer(model.parameters()))
         model.register_forward_pre_hook(lambda *_: allocations.mark("forward"))
         for _ in range(steps):
             allocations.mark("step")
             with precision.autocast():
-                logits = ddp(tokens).logits
+                logits = wrapped(tokens).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
             del logits
             precision.backward(loss)

@@ -7,45 +7,20 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import lowbit
+from benchmarks.ddp_peak import step_peaks
 from lowbit.memory.estimate import estimate
-from lowbit.memory.measure import Allocations, measure
-from lowbit.models import build_causal_lm
-from lowbit.optim import build_optimizer
+from lowbit.models import causal_lm
 
 RECIPE = "bf16-mixed"
 
 
-def _peak(vocab: int, batch: int, seq: int):
-    """(the measured peak of a one-process step after the first: the model states between steps
-    plus the CPU allocator's rise above them, the model)."""
-    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with Allocations() as allocations:
-        precision = lowbit.Precision(RECIPE)
-        model = precision.convert(build_causal_lm("nano", vocab))
-        optimizer = precision.wrap_optimizer(build_optimizer(model.parameters()))
-        for _ in range(2):
-            allocations.mark("step")
-            with precision.autocast():
-                logits = model(tokens).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-            del logits
-            precision.backward(loss)
-            del loss
-            precision.step(optimizer)
-            optimizer.zero_grad(set_to_none=False)
-        allocations.mark("step")
-    between = measure(model, optimizer, precision).model_states
-    stamps = allocations.marks["step"]
-    return between + allocations.rise(stamps[1], stamps[2]), model
-
-
 @pytest.mark.parametrize("vocab, batch, seq", [(257, 8, 64), (8192, 4, 32)])
 def test_a_steps_peak_is_estimated_with_the_logits_gradient(vocab, batch, seq):
-    peak, model = _peak(vocab, batch, seq)
-    planned = estimate(model.config, RECIPE, "fp32", batch, seq)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    # the second step's peak: before its forward, and from it on (one process, no DDP)
+    peak = max(step_peaks("nano", RECIPE, tokens, steps=2, vocab=vocab, ddp=False)[0])
+    planned = estimate(causal_lm.model_config("nano", vocab), RECIPE, "fp32", batch, seq)
     assert abs(peak - planned.total) <= peak / 100, (peak, planned.total)
     assert planned.logits_gradient == 2 * batch * seq * vocab * 4
 
