@@ -11,17 +11,21 @@ import pytest
 
 from lowbit.report import compare, make_study
 from lowbit.report.compare import Target, verdict
+from lowbit.train.config import RUN_INFO
 from tests.report.conftest import IMAGES, quiet
 
 
 def _edited(image_study, tmp_path, edit, plots=False):
-    """The study again after ``edit(recipe, seed, record)`` changed its runs' records."""
+    """The study again after ``edit(recipe, seed, record)`` changed its runs' records (and the
+    step in a run's run.json to the record's: a run whose folder trained on is refused)."""
     out = tmp_path / "img"
     shutil.copytree(image_study, out)
     for path in sorted((out / "runs").glob("*/seed-*/compare.json")):
         record = json.loads(path.read_text())
         edit(record["recipe"], record["seed"], record)
         path.write_text(json.dumps(record))
+        info = json.loads((path.parent / RUN_INFO).read_text())
+        (path.parent / RUN_INFO).write_text(json.dumps({**info, "step": record["steps"]}))
     study = make_study("fp32,bf16-mixed", IMAGES, seeds=2, out=out)
     return compare(study, plots=plots, log=quiet)
 
