@@ -108,7 +108,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     from lowbit.train.config import is_run_folder
 
     file = Path(path)
-    if file.is_dir() and (problem := _quantized_folder_problem(file)) is not None:
+    # a quantize output, or one of its files (its codes and scales read as weights too)
+    if (problem := _quantized_folder_problem(file)) is not None:
         raise UsageError(problem)
     shards = sorted(file.glob("*.safetensors")) if file.is_dir() else []
     if file.is_dir() and not shards:
@@ -177,6 +178,7 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     packed: dict[str, torch.dtype] = {}
     others: set[str] = set()  # what the tensors not measured are, for the error of no row
+    skipped: dict[str, str] = {}  # and by name, for the note on an .npz's
 
     def walk(prefix: str, obj) -> None:
         if isinstance(obj, torch.Tensor) and obj.is_nested:
@@ -198,11 +200,13 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 if obj.is_floating_point() and not obj.is_meta:
                     kind += f" of {'one element' if obj.numel() else 'no element'}"
                 others.add(kind)
+                skipped[_unique(prefix or "tensor", skipped)] = kind
         elif isinstance(obj, np.ndarray):  # a .npy/.npz file's, or saved in a torch file
             try:
                 walk(prefix, torch.from_numpy(np.ascontiguousarray(obj)))
             except TypeError:  # a dtype torch has not (object, ml_dtypes' bfloat16, strings)
                 others.add(f"numpy {obj.dtype}")
+                skipped[_unique(prefix or "tensor", skipped)] = f"numpy {obj.dtype}"
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
@@ -220,6 +224,13 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 "the checkpoint before it was packed (fp32, bf16, fp16 or fp8 tensors)"
             )
         print(f"lowbit formats: note: {_packed_text(packed)}; not measured", file=sys.stderr)
+    if skipped and found and file.suffix == ".npz":  # the others measured, these went unsaid
+        kinds = ", ".join(sorted(set(skipped.values())))
+        print(
+            f"lowbit formats: note: {_named(skipped, 'array')} of {kinds}, no floating-point "
+            "values of more than one element; not measured",
+            file=sys.stderr,
+        )
     if not found:
         held = f" (its tensors: {', '.join(sorted(others))})" if others else ""
         if any("complex" in kind for kind in others):
@@ -240,7 +251,8 @@ def conv1d_weights(path: str, names) -> set[str]:
     in x out and multiplied as their transpose (`LowbitConv1D` quantizes that along in), found by
     building the model of the config.json that describes ``path`` on the meta device (no memory,
     no weights read): the folder's own, that beside a file, or a run's --model folder. Empty where
-    none does or transformers cannot build it: the tensors are then measured as they are stored."""
+    none does or transformers cannot build it (said in a note): the tensors are then measured as
+    they are stored."""
     folder = _model_folder(Path(path))
     if folder is None:
         return set()
@@ -253,7 +265,15 @@ def conv1d_weights(path: str, names) -> set[str]:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModel.from_config(load_config(folder))
-    except Exception:  # any failure of a foreign build: measure the tensors as stored
+    except Exception as error:  # any failure of a foreign build: measure the tensors as stored
+        problem = next(iter(str(error).splitlines()), "") or type(error).__name__
+        if not isinstance(error, UsageError):  # load_config's names the file and a fix already
+            problem = f"{folder / 'config.json'}: transformers cannot build its model ({problem})"
+        print(
+            "lowbit formats: note: Conv1D weights (in x out), if any, are measured as stored, "
+            f"along out, not as their GEMM reads them: {problem}",
+            file=sys.stderr,
+        )
         return set()
     layers = [f"{name}.weight" for name, module in model.named_modules() if is_conv1d(module)]
     return {
@@ -263,13 +283,16 @@ def conv1d_weights(path: str, names) -> set[str]:
     }
 
 
-def _quantized_folder_problem(folder: Path) -> str | None:
-    """The refusal of a `lowbit quantize` output folder: its linear weights are integer or fp4
-    codes beside their scales, so the table measured the scales as if they were weights (an int8
-    folder's rows were ``lm_head.scale`` and the like); None for any other folder, a pruned one
-    (float weights) too."""
+def _quantized_folder_problem(given: Path) -> str | None:
+    """The refusal of a `lowbit quantize` output folder, or of a file in one: its linear weights
+    are integer or fp4 codes beside their scales, so the table measured the scales as if they
+    were weights (an int8 folder's rows were ``lm_head.scale`` and the like); None for any other
+    path, a pruned folder (float weights) too."""
     from lowbit.infer.io import MANIFEST
 
+    if not given.exists():  # its refusal says so
+        return None
+    folder = given if given.is_dir() else given.parent
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # no manifest: no quantized folder
@@ -280,8 +303,9 @@ def _quantized_folder_problem(folder: Path) -> str | None:
     source = manifest.get("source")
     run = source.get("path") if isinstance(source, dict) else None
     fix = f"lowbit formats --tensor {shlex.quote(run)}" if isinstance(run, str) else "pass its run"
+    where = f"{given}: a file of" if given != folder else f"{folder}:"
     return (
-        f"{folder}: a lowbit quantize output, whose weights are {quantization.get('format')} "
+        f"{where} a lowbit quantize output, whose weights are {quantization.get('format')} "
         f"codes already (beside their scales), not weights a format would quantize; fix: measure "
         f"the run it came from ({fix})"
     )
@@ -291,7 +315,7 @@ def _model_folder(path: Path) -> Path | None:
     """The Hugging Face folder whose config.json describes the tensors at ``path`` (see
     `conv1d_weights`), or None."""
     from lowbit.models.pretrained import run_folder_above
-    from lowbit.train.config import is_run_folder, read
+    from lowbit.train.config import is_run_folder, read, with_recorded_data
 
     for folder in (path, path.parent):
         if (folder / "config.json").is_file():
@@ -299,21 +323,25 @@ def _model_folder(path: Path) -> Path | None:
     run = path if is_run_folder(path) else run_folder_above(path)
     if run is None:
         return None
-    try:
-        model = Path(read(run).model or "")
+    try:  # a relative --model names a folder from where the run was started: run.json's path
+        model = Path(with_recorded_data(run, read(run)).model or "")
     except UsageError:
         return None
     return model if (model / "config.json").is_file() else None
 
 
+def _named(names, noun: str) -> str:
+    """``names`` counted and a few of them shown: "4 tensors (a, b, c and 1 more)"."""
+    names = list(names)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} {noun}{'s' if len(names) > 1 else ''} ({shown})"
+
+
 def _packed_text(packed: dict[str, torch.dtype]) -> str:
     """What the skipped tensors of dtypes without an fp32 conversion are, naming a few."""
-    shown = ", ".join(list(packed)[:3]) + (
-        f" and {len(packed) - 3} more" if len(packed) > 3 else ""
-    )
     dtypes = ", ".join(sorted({str(dtype).removeprefix("torch.") for dtype in packed.values()}))
     return (
-        f"{len(packed)} tensor{'s' if len(packed) > 1 else ''} ({shown}) of packed dtype {dtypes}, "
+        f"{_named(packed, 'tensor')} of packed dtype {dtypes}, "
         "which PyTorch cannot convert to fp32, through which every format quantizes"
     )
 

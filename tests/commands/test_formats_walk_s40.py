@@ -118,9 +118,11 @@ def test_a_format_name_it_cannot_use_is_refused_in_one_line(argv, problem, capsy
     assert err.count("\n") == 1 and problem in err and "fp8_e4m3" in err
 
 
-def test_a_quantized_folder_is_refused_naming_its_run(tmp_path, capsys):
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_a_quantized_folder_is_refused_naming_its_run(tmp_path, given, capsys):
     """A `lowbit quantize` output's weights are codes (int8) beside fp32 scales: the table
-    skipped the codes and measured the scales as weights (rows ``lm_head.scale`` ...)."""
+    skipped the codes and measured the scales as weights (rows ``lm_head.scale`` ...), and went
+    on doing so for its .safetensors file once the folder was refused."""
     from safetensors.torch import save_file
 
     folder = tmp_path / "q"
@@ -131,7 +133,61 @@ def test_a_quantized_folder_is_refused_naming_its_run(tmp_path, capsys):
     )
     manifest = {"quantization": {"format": "int8"}, "source": {"path": "runs/my run"}}
     (folder / "quantization.json").write_text(json.dumps(manifest))
-    assert main(["formats", "--tensor", str(folder)]) == 2
+    path = folder if given == "folder" else folder / "w.safetensors"
+    assert main(["formats", "--tensor", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "int8 codes" in err
+    assert err.count("\n") == 1 and f"{path}: " in err and "int8 codes" in err
     assert "fix: measure the run it came from (lowbit formats --tensor 'runs/my run')" in err
+
+
+def test_a_run_of_a_relative_model_folder_is_measured_as_trained_from_any_folder(
+    gpt2_folder, tmp_path, monkeypatch, capsys
+):
+    """config.yaml keeps --model as typed, a path relative to where the run started: from another
+    folder it named nothing, and the Conv1D weights were measured along out without a word.
+    run.json's absolute ``model_path`` names the folder from anywhere."""
+    from safetensors.torch import load_file
+
+    from lowbit.train.checkpoint import path_for
+    from lowbit.train.config import TrainConfig, write
+
+    folder, weight = gpt2_folder
+    run = tmp_path / "run"
+    run.mkdir()
+    write(TrainConfig(task="causal-lm", model=folder.name), run)  # started in folder.parent
+    (run / "run.json").write_text(json.dumps({"model_path": str(folder)}))
+    path_for(run, 2).parent.mkdir()
+    torch.save({"step": 2, "model": load_file(folder / "model.safetensors")}, path_for(run, 2))
+    monkeypatch.chdir(tmp_path)  # where folder.name names nothing
+    assert main(["formats", "--tensor", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn.weight" in next(
+        line for line in out.splitlines() if "Conv1D" in line
+    )
+    trained = quantize(weight.t(), "int8", "axis").dequantize()
+    assert rows(out)["transformer.h.0.attn.c_attn.weight"][AXIS_COLUMNS["int8/axis"]] == (
+        f"{sqnr(weight.t(), trained):.2f}"
+    )
+
+
+def test_a_config_that_cannot_be_built_is_noted(tmp_path, capsys):
+    """Its Conv1D weights, if any, were measured as stored (along out), without a word."""
+    pytest.importorskip("transformers")
+    config = {"model_type": "gpt2", "n_embd": 10, "n_head": 3, "n_layer": 1}  # 10 / 3 heads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save({"w": torch.randn(4, 8)}, tmp_path / "w.pt")
+    assert main(["formats", "fp8_e4m3", "--tensor", str(tmp_path / "w.pt")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lowbit formats: note: Conv1D weights")
+    assert "measured as stored" in err and "cannot build its model" in err
+
+
+def test_the_arrays_of_an_npz_left_out_are_named(tmp_path, capsys):
+    """An integer array (or one of one element) beside float ones vanished from the table."""
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", w=x, steps=np.arange(3), lr=np.float32(0.1))
+    assert main(["formats", "fp8_e4m3", "--tensor", str(tmp_path / "x.npz")]) == 0
+    captured = capsys.readouterr()
+    assert list(rows(captured.out)) == ["w"]
+    assert captured.err.count("\n") == 1 and "2 arrays (steps, lr)" in captured.err
+    assert "int64" in captured.err and "float32 of one element" in captured.err
