@@ -231,6 +231,30 @@ def _head(args) -> str:
     return f"a head of {labels} labels, {where}"
 
 
+REBUILD = "DDP rebuild"  # the several-recipe table's column of `Breakdown.bucket_rebuild`
+
+
+def _memory_columns(planned: list) -> list[tuple]:
+    """The several-recipe table's memory columns before its total, as ``(title, cell)`` with
+    ``cell(estimate) -> str``: model states, activations, temporaries, and where any row has one,
+    the logits' gradient and a DDP rank's bucket rebuild. A row's total is its model states + its
+    activations + temporaries + logits' gradient, or + its bucket rebuild where that is larger
+    (`Breakdown.total`; the two never coexist), whose cell is then marked ``*``, the others
+    padded by a space to stay aligned."""
+    columns = [
+        ("model states", lambda b: human(b.model_states)),
+        ("activations", lambda b: human(b.activations)),
+        ("temporaries", lambda b: human(b.temporaries)),
+    ]
+    if any(b.logits_gradient for b in planned):
+        columns.append(("logits grad", lambda b: human(b.logits_gradient)))
+    if any(b.bucket_rebuild for b in planned):
+        columns.append(
+            (REBUILD, lambda b: human(b.bucket_rebuild) + "* "[b.peak_set_by != "bucket rebuild"])
+        )
+    return columns
+
+
 def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
     """One row per recipe: memory per device by component, its ratio to the first recipe's, and
     the largest micro-batch that fits each accelerator."""
@@ -261,9 +285,12 @@ def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
         )
         return 0
     print(_settings(args, rows[0][1].num_params))
+    columns = _memory_columns([b for _, b in rows])
+    vs = max(9, len(names[0]) + 4)
     head = (
-        f"{'recipe':<17}{'model states':>13}{'activations':>13}{'temporaries':>13}{'total':>13}"
-        f"{'vs ' + names[0]:>{max(9, len(names[0]) + 4)}}"
+        f"{'recipe':<17}"
+        + "".join(f"{title:>13}" for title, _ in columns)
+        + f"{'total':>13}{'vs ' + names[0]:>{vs}}"
         + "".join(f"{f'{gib} GB':>8}" for gib in ACCELERATORS_GIB)
     )
     print(head)
@@ -274,14 +301,17 @@ def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
             f"{largest:>8}" for _, _, largest in _largest_batches(args, recipes[name])
         )
         print(
-            f"{name:<17}{human(b.model_states):>13}{human(b.activations):>13}"
-            f"{human(b.temporaries):>13}{human(b.total):>13}"
-            f"{f'{b.total / base:.2f}x':>{max(9, len(names[0]) + 4)}}{batches}"
+            f"{name:<17}"
+            + "".join(f"{cell(b):>13}" for _, cell in columns)
+            + f"{human(b.total):>13}{f'{b.total / base:.2f}x':>{vs}}{batches}"
         )
+    terms = " + ".join(title for title, _ in columns if title != REBUILD)
+    if any(b.bucket_rebuild for _, b in rows):
+        terms += f", or model states + {REBUILD} where marked * (the larger: they never coexist)"
     print(
-        f"\nbytes per device; the GB columns: the largest micro-batch that fits an accelerator "
-        f"of that memory (N GB taken as N GiB; {RESERVE:.0%} reserved for context and "
-        "fragmentation)"
+        f"\nbytes per device; total = {terms}; the GB columns: the largest micro-batch "
+        f"that fits an accelerator of that memory (N GB taken as N GiB; {RESERVE:.0%} reserved "
+        "for context and fragmentation)"
     )
     _print_notes(rows)
     return 0
