@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from lowbit.data.corpus import UNICODE_BOMS
+from lowbit.data.corpus import UNICODE_BOMS, decode_text
 from lowbit.errors import UsageError, check_given
 
 NAME = "generate"
@@ -69,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_prompt_file(path: str) -> str:
     """The text of ``path`` (standard input for ``-``), decoded strictly as UTF-8: a Latin-1
     byte decoded leniently would reach the tokenizer as U+FFFD and change the sample unseen.
-    A byte-order mark (Windows Notepad's) is no part of the text and is dropped."""
+    A byte-order mark (Windows Notepad's) is no part of the text and is dropped. A file gets a
+    data file's checks, errors and fixes (`decode_text`): UTF-16 text without a byte-order mark
+    was a prompt with a NUL between its letters, and a cp1252 file was told "iconv -f latin1"."""
     name = "standard input" if path == "-" else path
     try:
         if path == "-":
@@ -96,8 +99,14 @@ def _read_prompt_file(path: str) -> str:
             f"--prompt-file {name}: cannot be read ({reason}); fix: check the path and its "
             "permissions, or pass the text as --prompt"
         ) from None
-    # UTF-16 or UTF-32 (Windows Notepad's "Unicode", PowerShell's `>`): the fix for a Latin-1
-    # file (iconv -f latin1) would make it a prompt of NUL bytes between its letters
+    if path != "-":
+        try:  # the prompt file is all the prompt: "remove it" is no fix
+            return decode_text(Path(os.path.expanduser(path)), data, or_else=None)
+        except UsageError as error:
+            raise UsageError(f"--prompt-file {error}") from None
+    # standard input, which no fix can name as a file. UTF-16 or UTF-32 (Windows Notepad's
+    # "Unicode", PowerShell's `>`): the fix for a Latin-1 file (iconv -f latin1) would make it a
+    # prompt of NUL bytes between its letters
     for bom, named in UNICODE_BOMS.items():  # UTF-32's first: its mark begins with UTF-16's
         if data.startswith(bom):
             encoding = named[:-2]  # the mark tells the byte order: iconv's UTF-16 reads it

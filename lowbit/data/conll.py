@@ -42,7 +42,13 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from lowbit.data.corpus import JSONL_SUFFIXES, read_lines, unpack_fix, unpacked_path
+from lowbit.data.corpus import (
+    JSONL_SUFFIXES,
+    LEAVE_OUT,
+    read_lines,
+    unpack_fix,
+    unpacked_path,
+)
 from lowbit.errors import UsageError, warn
 
 COLUMN_SEPARATOR = re.compile(r"[ \t]+")
@@ -67,16 +73,18 @@ def is_valid_tag(tag: str) -> bool:
     return tag == "O" or (tag[:1] in CHUNK_PREFIXES and tag[1:2] == "-" and len(tag) > 2)
 
 
-def read_conll(path) -> list[Sentence]:
+def read_conll(path, or_else: str | None = None) -> list[Sentence]:
     """The sentences of a CoNLL file; a malformed line or a file that is not UTF-8 raises
-    `UsageError` naming the file and the line or byte."""
-    return [sentence for document in read_conll_documents(path) for sentence in document]
+    `UsageError` naming the file and the line or byte. ``or_else``: the fix besides converting
+    such a file (`read_text`'s): none for the one file of --data, "remove it" for one of several
+    files of a folder's split."""
+    return [s for document in read_conll_documents(path, or_else) for s in document]
 
 
-def read_conll_documents(path) -> list[list[Sentence]]:
+def read_conll_documents(path, or_else: str | None = None) -> list[list[Sentence]]:
     """The sentences of a CoNLL file grouped by document: a ``-DOCSTART-`` line (a treebank's
-    ``# newdoc`` comment) starts one (the sentences before the first make one too). Errors as
-    `read_conll`."""
+    ``# newdoc`` comment) starts one (the sentences before the first make one too). Errors and
+    ``or_else`` as `read_conll`."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such CoNLL file; fix: check the path")
@@ -85,7 +93,7 @@ def read_conll_documents(path) -> list[list[Sentence]]:
     tokens: list[str] = []
     tags: list[str] = []
     widths: dict[int, list] = {}  # columns of a word's line: [lines, first line number, text]
-    lines = read_lines(path)
+    lines = read_lines(path, or_else=or_else)
     if _is_json(path, next((line for line in lines if line.strip()), "")):
         raise _json_refusal(path)
     for number, line in enumerate(lines, start=1):
@@ -400,8 +408,9 @@ def read_conll_folder(folder, splits=CONLL_SPLIT_WORDS) -> dict[str, list[Senten
     """The sentences of each split of a CoNLL folder (of ``splits`` alone where given:
     `conll_folder_files`), each split's files read in name order."""
     files = conll_folder_files(folder, splits)
-    return {
-        split: [s for path in paths for s in read_conll(path)] for split, paths in files.items()
+    return {  # a split's only file cannot be left out
+        split: [s for p in paths for s in read_conll(p, LEAVE_OUT if len(paths) > 1 else None)]
+        for split, paths in files.items()
     }
 
 

@@ -516,13 +516,16 @@ def _binary_head(head: bytes) -> bool:
     (a NUL byte in it), unless the NUL bytes are those of UTF-16 or UTF-32 text or of UTF-8 text
     padded with them (`_nul_kind`), and not a compressed or Parquet file nor text with a
     byte-order mark: `read_text` names those with their fix."""
-    if b"\0" not in head or head.startswith((*COMPRESSED, *UNICODE_BOMS, PARQUET)):
+    if b"\0" not in head or _compressed_kind(head) or head.startswith((*UNICODE_BOMS, PARQUET)):
         return False
     return _nul_kind(head) is None
 
 
 def _compressed_kind(data: bytes) -> str | None:
-    """The compressed format (`COMPRESSED`) whose magic number opens ``data``, if any."""
+    """The compressed format (`COMPRESSED`) whose magic number opens ``data``, or ``"tar"`` for
+    a tar archive (`TAR_MAGIC`, after a header's NUL-padded fields: no text's "custard"), if any."""
+    if data[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC and 0 in data[:TAR_MAGIC_AT]:
+        return "tar"
     return next((name for magic, name in COMPRESSED.items() if data.startswith(magic)), None)
 
 
@@ -1132,6 +1135,10 @@ COMPRESSED = {
     b"\x28\xb5\x2f\xfd": "zstd",
     b"PK\x03\x04": "zip",
 }
+# A tar archive's magic number and its offset (POSIX and GNU tar write it in each file's header).
+# An archive of text files is UTF-8 text padded with NULs: a glob that matched one stopped at
+# "delete them (tr -d '\000' < docs.tar > docs.clean.tar)", which made one text of its headers.
+TAR_MAGIC, TAR_MAGIC_AT = b"ustar", 257
 # Each compressed format's file extension and the command that unpacks a file beside itself.
 UNPACK = {
     "gzip": (".gz", "gunzip -k"),
@@ -1175,6 +1182,21 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
     each letter, and trained as such without a word)."""
     try:
         data = path.read_bytes()
+    except OSError as error:
+        fix = "check the path"
+        if isinstance(error, PermissionError):  # "check the path" of a file that is there
+            fix = f"make it readable (chmod u+r {shlex.quote(str(path))})" + (
+                f" or {or_else}" if or_else else ""
+            )
+        raise UsageError(f"{path}: cannot read ({error.strerror}); fix: {fix}") from None
+    return decode_text(path, data, or_else=or_else)
+
+
+def decode_text(path: Path, data: bytes, *, or_else: str | None = LEAVE_OUT) -> str:
+    """The text of ``data``, the bytes read from the file ``path``, with `read_text`'s checks,
+    errors and fixes (``or_else`` as there): for a file read otherwise (``lowbit generate
+    --prompt-file``)."""
+    try:
         if data.startswith(PARQUET) and data.endswith(PARQUET):
             jsonl = str(path.with_suffix(".jsonl"))
             raise UsageError(
@@ -1183,6 +1205,8 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
                 f"{str(path)!r}).to_json({jsonl!r}, orient='records', lines=True, "
                 'force_ascii=False)")'
             )
+        if _compressed_kind(data) == "tar":  # its NULs are no text's: refused before decoding
+            raise UsageError(_compressed_error(path, "tar", or_else))
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
@@ -1195,13 +1219,6 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
         if 0 in data and (kind := _nul_kind(data)) != "stray" and not _padded_text(data, kind):
             raise _nul_error(path, data, kind, or_else) from None
         raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
-    except OSError as error:
-        fix = "check the path"
-        if isinstance(error, PermissionError):  # "check the path" of a file that is there
-            fix = f"make it readable (chmod u+r {shlex.quote(str(path))})" + (
-                f" or {or_else}" if or_else else ""
-            )
-        raise UsageError(f"{path}: cannot read ({error.strerror}); fix: {fix}") from None
     if "\0" in text:
         first = data.index(0)
         kind = _nul_kind(data)
@@ -1268,7 +1285,13 @@ def _unicode_error(path: Path, found: str, encoding: str, or_else: str | None) -
 def _compressed_error(path: Path, kind: str, or_else: str | None) -> str:
     """The error for a compressed file (``kind``, `COMPRESSED`), with the command that unpacks
     it (`UNPACK`). One not named with its format's extension (a gzipped ``a.txt``) is unpacked
-    to standard output (``gunzip -c``): ``gunzip -k a.txt`` refuses it ("unknown suffix")."""
+    to standard output (``gunzip -c``): ``gunzip -k a.txt`` refuses it ("unknown suffix"). A tar
+    archive (``kind`` ``"tar"``), like a zip one, holds files under names of its own."""
+    if kind == "tar":
+        return (
+            f"{path}: a tar archive, not text; fix: unpack it (lowbit reads plain UTF-8 files): "
+            f"tar -xf {shlex.quote(str(path))}, and give the files it writes"
+        )
     extension, unpack = UNPACK[kind]
     problem = (
         f"{path}: {kind}-compressed, not text; fix: decompress it (lowbit reads plain UTF-8 "
@@ -1333,12 +1356,12 @@ def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
     )
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of `read_text`, each with its end, cut after line feeds only (a carriage return
-    before one stays: whitespace to the callers). `str.splitlines` would also cut at U+2028,
-    U+0085, form feed and other characters that JSON leaves unescaped inside strings, and would
-    number lines differently from an editor."""
-    return split_lines(read_text(path))
+def read_lines(path: Path, *, or_else: str | None = LEAVE_OUT) -> list[str]:
+    """The lines of `read_text` (``or_else`` as there), each with its end, cut after line feeds
+    only (a carriage return before one stays: whitespace to the callers). `str.splitlines` would
+    also cut at U+2028, U+0085, form feed and other characters that JSON leaves unescaped inside
+    strings, and would number lines differently from an editor."""
+    return split_lines(read_text(path, or_else=or_else))
 
 
 def split_lines(text: str) -> list[str]:

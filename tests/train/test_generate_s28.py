@@ -137,7 +137,7 @@ def test_generate_refuses_a_prompt_file_that_is_not_utf8(run, tmp_path, capsys, 
     path = tmp_path / "latin1.txt"
     path.write_bytes("def café".encode("latin-1"))
     assert main(["generate", str(run), "--prompt-file", str(path)]) == 2
-    one_line_error(capsys, f"--prompt-file {path} is not UTF-8 text (byte 0xe9 at offset 7)")
+    one_line_error(capsys, f"--prompt-file {path}: not UTF-8 text (byte 0xe9 at offset 7")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff")))
     assert main(["generate", str(run), "--prompt-file", "-"]) == 2
     one_line_error(capsys, "--prompt-file standard input is not UTF-8 text", "iconv")

@@ -73,5 +73,5 @@ def test_a_utf16_prompt_file_is_refused_with_the_conversion_that_reads_it(
     assert main(["generate", str(tmp_path / "run"), "--prompt-file", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error: ") and err.count("\n") == 1, err
-    assert f"is {named} text (its byte-order mark), not UTF-8" in err, err
-    assert f"iconv -f {named} -t utf-8" in err and "latin1" not in err, err
+    assert f"{named}LE text, not UTF-8" in err, err
+    assert f"iconv -f {named} -t UTF-8" in err and "latin1" not in err, err
