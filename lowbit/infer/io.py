@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -544,6 +545,21 @@ def _is_partial(item: Path, out: Path) -> bool:
     return item.name.startswith(_hidden(out, "partial")) and item.is_dir()
 
 
+# A hidden folder `staged_out` writes into, unchanged this long where no lock tells whether its
+# writer lives (NFS), is taken for one a killed process left: a live writer adds to it or grows a
+# file in it at least every few minutes (a model's file is written as it is saved).
+STALE_PARTIAL_SECONDS = 3600
+
+
+def _age(folder: Path) -> float:
+    """Seconds since ``folder`` or anything in it last changed (0 for a folder gone meanwhile)."""
+    newest = 0.0
+    for item in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):
+            newest = max(newest, item.lstat().st_mtime)
+    return time.time() - newest if newest else 0.0
+
+
 @contextlib.contextmanager
 def staged_out(out, force: bool):
     """A hidden folder to write an inference folder or export into, moved into ``out`` when the
@@ -552,7 +568,12 @@ def staged_out(out, force: bool):
     sibling's one rename; an existing one holds the hidden folder itself (its parent may be a
     folder the user cannot write to, or another filesystem when ``out`` is a mount point) and
     takes its files one by one, the manifest last (what makes a folder an inference folder or
-    export), the earlier folder's files kept aside until they are all in (`_move_in`)."""
+    export), the earlier folder's files kept aside until they are all in (`_move_in`).
+
+    A hidden folder of ``out``'s left by a process killed hard is removed first: one no process
+    holds the lock on, or where the filesystem has no such locks (NFS), one unchanged for
+    `STALE_PARTIAL_SECONDS` (an hour), so that two steps into one --out leave each other's alone.
+    A step whose hidden folder was deleted all the same ends in one line, not a traceback."""
     out = Path(out)
     _check_out(out, force)
     holder = out if out.is_dir() else out.parent
@@ -560,9 +581,10 @@ def staged_out(out, force: bool):
     holder.mkdir(parents=True, exist_ok=True)
     for stale in (p for p in holder.iterdir() if _is_partial(p, out)):
         held = lock_folder(stale)  # False: another quantize/prune/export still writes into it
-        if held is not False:
-            shutil.rmtree(stale, ignore_errors=True)
-        if isinstance(held, int):
+        if held is False or (held is None and _age(stale) < STALE_PARTIAL_SECONDS):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        if held is not None:
             os.close(held)
     staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=holder))
     held = lock_folder(staging)
@@ -576,8 +598,15 @@ def staged_out(out, force: bool):
             os.replace(staging, out)
             return
         _move_in(staging, out)
+    except Exception as error:
+        if staging.is_dir():
+            raise
+        raise UsageError(
+            f"{out}: the hidden folder {staging.name} this step was writing into was deleted "
+            f"meanwhile ({_one_line(error)}); fix: run it again, one step at a time into {out}"
+        ) from error
     finally:
-        if isinstance(held, int):
+        if held is not None and held is not False:  # (False is an int: os.close(False) is fd 0)
             os.close(held)
         shutil.rmtree(staging, ignore_errors=True)
 

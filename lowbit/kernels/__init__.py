@@ -199,7 +199,7 @@ class _LongWait:
             while not self._over.wait(1.0) and _clear_stale_lock(lock.parent):
                 pass
         finally:
-            if isinstance(held, int):
+            if held is not None and held is not False:  # a descriptor (False is an int too)
                 os.close(held)  # drops the flock with it
 
 

@@ -38,6 +38,7 @@ from lowbit.nn.layer_kinds import (
 )
 from lowbit.nn.linear import LowbitConv1D, LowbitLinear, LowbitModule
 from lowbit.recipes import Recipe, get_recipe
+from lowbit.recipes.auto import check_plannable
 from lowbit.recipes.presets import KEEP_CLASSIFIERS, KEEP_ROUTERS, OTHER_ROUTER_KEPT, ROUTER_KEPT
 from lowbit.recipes.recipe import Override, block_of, block_stacks, names_pattern
 
@@ -372,6 +373,9 @@ def convert(
             "the model to the recipe's parameter dtype and keeps the report"
         )
     recipe = recipe_for_model(recipe, model)
+    check_plannable(
+        recipe, (n for n, m in model.named_modules() if is_convertible(m) or is_experts(m))
+    )
     _refuse_uninitialized(recipe, model)
     report = report if report is not None else ConversionReport()
     report.searched = True

@@ -96,6 +96,14 @@ def rung_bits(rung: str) -> float:
     return next(bits for name, bits, _, _ in LADDER if name == rung)
 
 
+def check_plannable(recipe: Recipe, layers) -> None:
+    """Refuse, in one line (`names_pattern`'s), an ``auto`` recipe for a model whose converted
+    ``layers`` include a name holding ``|``: `at_plan` names each layer in a pattern, and such a
+    name failed only later, in the trainer's memory report or ``lowbit estimate``."""
+    if budget_of(recipe) is not None:
+        names_pattern(layers)
+
+
 # The reason of the overrides `at_plan` adds (`lowbit.memory.estimate` notes the plan from it)
 PLAN_REASON = "auto plan"
 

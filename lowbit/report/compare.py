@@ -1193,8 +1193,16 @@ def summarize(study: Study, records: dict) -> dict:
         "baseline": study.baseline,
         "baseline_trend": baseline_trend(rows[study.baseline]["curves"]["validation"]),
         "recipes": rows,
+        # a diverged run's train_loss null, as in its recipe's row (`_train_loss`)
         "runs": {
-            recipe: [{k: v for k, v in r.items() if k != "config"} for r in runs]
+            recipe: [
+                {
+                    k: _train_loss(r) if k == "train_loss" else v
+                    for k, v in r.items()
+                    if k != "config"
+                }
+                for r in runs
+            ]
             for recipe, runs in records.items()
         },
     }
