@@ -35,6 +35,9 @@ def _ddp_steps(batch: int, seq: int) -> tuple[int, int]:
         dist.destroy_process_group()
 
 
+SMALL = 1024  # bytes: a few scalars' allocations, far below one gradient copy
+
+
 @pytest.mark.parametrize(
     "batch, seq, sets",
     [(1, 8, "bucket rebuild"), (8, 64, "activations")],
@@ -45,14 +48,14 @@ def test_ddp_peak_as_measured(batch, seq, sets):
     assert planned.peak_set_by == sets
     assert any(f"set by the {sets}" in note for note in planned.notes)
     # before the forward: every model state and a second copy of the gradients (to the byte,
-    # but for a scalar of a few bytes some runs allocate there)
+    # but for small tensors some runs allocate there: up to 124 bytes seen, of a 735,488-byte copy)
     assert planned.bucket_rebuild == planned.gradients
-    assert 0 <= rebuild - (planned.model_states + planned.bucket_rebuild) < 64
+    assert 0 <= rebuild - (planned.model_states + planned.bucket_rebuild) < SMALL
     # from the forward on, no second copy: what the activations' term counts with the logits'
     # gradient (left out until session 40: 9.7% under the measured step at 8 x 64), within 2%
     assert abs(step - (planned.model_states + planned.step_peak)) <= step / 50
     if sets == "bucket rebuild":  # the peak (counted beside the activations: over)
-        assert rebuild > step and 0 <= rebuild - planned.total < 64
+        assert rebuild > step and 0 <= rebuild - planned.total < SMALL
     else:
         assert planned.total == planned.model_states + planned.step_peak
 
