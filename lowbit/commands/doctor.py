@@ -219,7 +219,7 @@ def _hold(folder: Path, overwrite: bool, explicit: bool) -> int | bool | None:
     from lowbit.errors import UsageError, check_writable, file_in_the_way
     from lowbit.folder_lock import lock_folder
     from lowbit.train.config import RUN_INFO
-    from lowbit.train.runstate import _busy
+    from lowbit.train.runstate import busy_error
 
     def earlier_report() -> bool:
         found = [name for name in OUTPUT_FILES if (folder / name).is_file()]
@@ -247,7 +247,7 @@ def _hold(folder: Path, overwrite: bool, explicit: bool) -> int | bool | None:
     held = lock_folder(folder)
     if held is False and explicit:
         if (folder / RUN_INFO).is_file():  # a run trains there: `lowbit train`'s refusal
-            raise _busy(folder)
+            raise busy_error(folder)
         raise UsageError(
             f"{folder}: another lowbit doctor is writing its report into this folder; fix: wait "
             "until it ends (or stop it), or choose another --out"

@@ -48,7 +48,7 @@ class RunLock:
             return
         held = lock_folder(self.run_dir)
         if held is False:
-            raise _busy(self.run_dir)
+            raise busy_error(self.run_dir)
         if held is None:
             self._refuse_live_pid()
             return
@@ -68,7 +68,7 @@ class RunLock:
             and pid is not None
             and _pid_alive(pid)
         ):
-            raise _busy(self.run_dir)
+            raise busy_error(self.run_dir)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -83,7 +83,7 @@ class RunLock:
         self.release()
 
 
-def _busy(run_dir: Path) -> UsageError:
+def busy_error(run_dir: Path) -> UsageError:
     """The refusal of a folder another process trains into."""
     return UsageError(
         f"{run_dir}: another lowbit process{_holder(run_dir)} is training into "
