@@ -509,7 +509,7 @@ def run(args) -> int:
         print(json.dumps({"settings": settings | {"recipe": name}, **out}))
         return 0
     print(_settings(args, chosen.num_params).replace("; ", f"; recipe {name}; ", 1))
-    print(chosen.table(titles=("bytes/device", "")))
+    print(chosen.table(titles=("bytes/device", ""), checkpointed=args.activation_checkpointing))
     for note in chosen.notes:  # as --json gives them; a split state block's is warned above
         if SPLIT_STATE_BLOCKS not in note:
             print(f"note: {note}")

@@ -55,7 +55,7 @@ def run(args) -> int:
     # in fp32, whatever the run stored: a bf16-pure run's pruned folder is twice its checkpoint's
     size = m["bytes"]
     print(
-        f"  model.safetensors: {m['source']['original']} {size['original'] / 1e6:.3f} MB -> "
+        f"  tensors: {m['source']['original']} {size['original'] / 1e6:.3f} MB -> "
         f"{size['quantized'] / 1e6:.3f} MB, stored dense in fp32 (zeros included); quantize it "
         "to shrink it"
     )

@@ -77,10 +77,12 @@ def run(args) -> int:
     group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per row"
     print(f"  {q['format']} {q['mode']}, {group}: {result.report.summary('quantized')}")
     # against what the quantization started from: a bf16-low run's fp32 master weights, not the
-    # 16-bit parameters its checkpoint also holds (lowbit.infer.io.load_source)
+    # 16-bit parameters its checkpoint also holds (lowbit.infer.io.load_source); tensor bytes on
+    # both sides, the file's header left out (`lowbit.infer.io.tensor_bytes_of`)
     print(
-        f"  model.safetensors: {m['source']['original']} {total['original'] / 1e6:.3f} MB -> "
-        f"{total['quantized'] / 1e6:.3f} MB, {size_change(total['original'], total['quantized'])}"
+        f"  tensors:           {m['source']['original']} {total['original'] / 1e6:.3f} MB -> "
+        f"{total['quantized'] / 1e6:.3f} MB, {size_change(total['original'], total['quantized'])} "
+        "(model.safetensors less its header)"
     )
     print(
         f"  linear weights:    {linear['original'] / 1e6:.3f} MB -> "

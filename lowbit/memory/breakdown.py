@@ -23,6 +23,7 @@ LABELS = {
     "optimizer_states": "optimizer states",
     "activations": "activations",
     "temporaries": "temporary copies",
+    "logits_gradient": "logits gradient",  # no component: the loss backward's transient
 }
 
 
@@ -87,9 +88,10 @@ class Breakdown:
         return "activations"
 
     def per_param(self) -> dict[str, float]:
-        """Bytes per model parameter of each component (and ``model_states``, ``total``)."""
+        """Bytes per model parameter of each component, the logits' gradient (and
+        ``model_states``, ``total``)."""
         n = max(self.num_params, 1)
-        out = {name: getattr(self, name) / n for name in COMPONENTS}
+        out = {name: getattr(self, name) / n for name in (*COMPONENTS, "logits_gradient")}
         out["model_states"] = self.model_states / n
         out["total"] = self.total / n
         return out
@@ -99,15 +101,22 @@ class Breakdown:
         out["total"] = self.total
         return out
 
-    def table(self, other: Breakdown | None = None, titles=("estimate", "measured")) -> str:
-        """A printable table; with ``other``, two columns side by side (e.g. estimate, measured)."""
+    def table(
+        self,
+        other: Breakdown | None = None,
+        titles=("estimate", "measured"),
+        checkpointed: bool = False,
+    ) -> str:
+        """A printable table; with ``other``, two columns side by side (e.g. estimate, measured),
+        and a line that says what the total adds (``checkpointed``: a run with activation
+        checkpointing, whose rows are not all live at once)."""
         rows = [
             (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
         ]
-        if self.logits_gradient:  # an estimate's; `total` counts it with the activations
-            # a live measurement (`measure`) holds no transient: its cells left blank, not 0
+        if self.logits_gradient:  # `total` counts it with the activations
+            # blank, not 0, where the other column has none (a loss on no layer's output)
             theirs = getattr(other, "logits_gradient", None) or None
-            rows.append(("logits gradient", self.logits_gradient, theirs))
+            rows.append((LABELS["logits_gradient"], self.logits_gradient, theirs))
         if self.bucket_rebuild:  # a DDP estimate's; `total` counts it or the activations
             rows.append(
                 ("DDP bucket rebuild", self.bucket_rebuild, getattr(other, "bucket_rebuild", None))
@@ -130,4 +139,28 @@ class Breakdown:
             if other is not None and theirs is not None:
                 line += f"{theirs:>{width},}{human(theirs):>12}"
             lines.append(line)
-        return "\n".join(lines)
+        return "\n".join([*lines, self._total_note(checkpointed)])
+
+    def _total_note(self, checkpointed: bool) -> str:
+        """The line under `table` that says what its total adds: the logits' gradient, the loss
+        backward's transient, is in the peak with the rest (`step_peak`); a DDP bucket rebuild is
+        an alternative to them; with checkpointing the recomputed block comes later."""
+        if self.bucket_rebuild:
+            return (
+                "(total: model states + the larger of the DDP bucket rebuild and activations + "
+                "temporary copies + logits gradient, never live at once)"
+            )
+        transient = (
+            "; the logits gradient is the loss backward's transient, made then and freed before "
+            "the layers' backward"
+            if self.logits_gradient
+            else ""
+        )
+        if checkpointed:
+            return (
+                "(total: the rows above added, an upper bound of the step's peak: with activation "
+                "checkpointing the block the backward recomputes is live after the start of the "
+                f"backward{transient})"
+            )
+        peak = "the rows above, all live at the start of the backward, the step's peak"
+        return f"(total: {peak}{transient})"

@@ -11,9 +11,10 @@ forward pass saves for the backward, which is what activation memory *is*: every
 autograd's pack hook (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage,
 parameters excluded. Saved tensors that are casts of a parameter (autocast's bf16 weight copies)
 or a converted layer's quantized weight (`lowbit.nn.linear.kept_weight_copies`) are reported as
-``temporaries``. Not seen: tensors an autograd function keeps on ``ctx`` outside
-``save_for_backward`` and transient buffers of the backward; on a GPU, compare with
-``torch.cuda.max_memory_allocated``.
+``temporaries``. The backward's first transient, the gradient of the logits, is measured by
+running the loss's backward up to the model (`loss_gradient_peak`). Not seen: tensors an
+autograd function keeps on ``ctx`` outside ``save_for_backward`` and the layers' transient
+buffers of the backward; on a GPU, compare with ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -141,10 +142,55 @@ def _not_recording(model: torch.nn.Module):
             history.recording = was
 
 
+def _loss_chain(loss: torch.Tensor) -> tuple[list, tuple | None]:
+    """The backward nodes from ``loss`` to the model's output, each with one input edge (a
+    cross-entropy's nll and log-softmax, the fp32 cast and views of the logits), and the edge
+    out of the last into the model's output layer (the first node with two or more: its GEMM
+    reads a weight too), or None."""
+    chain, node = [], loss.grad_fn
+    while node is not None:
+        chain.append(node)
+        edges = [edge for edge in node.next_functions if edge[0] is not None]
+        if len(edges) != 1 or type(edges[0][0]).__name__ == "AccumulateGrad":
+            return chain, None  # the loss of no layer's output: nothing to stop at
+        if sum(nf is not None for nf, _ in edges[0][0].next_functions) != 1:
+            return chain, edges[0]
+        node = edges[0][0]
+    return chain, None
+
+
+def loss_gradient_peak(loss: torch.Tensor) -> int:
+    """The most bytes the backward of ``loss`` holds at once before it reaches the model (the
+    estimate's ``logits_gradient``), measured by running that part alone
+    (``torch.autograd.grad`` to the edge into the model's output layer: no ``.grad`` is written,
+    ``loss``'s graph is freed). As each node runs, its incoming gradient and the one it makes are
+    live (the engine frees the incoming one after it), counted by storage: for cross-entropy,
+    the log-softmax's two fp32 gradients of the logits' size. 0 where ``loss`` is no chain of
+    one-input ops on a layer's output."""
+    chain, edge = _loss_chain(loss)
+    if edge is None:
+        return 0
+    peak = 0
+
+    def count(grad_inputs, grad_outputs):
+        nonlocal peak
+        peak = max(peak, tensor_bytes([*grad_inputs, *grad_outputs]))
+
+    handles = [node.register_hook(count) for node in chain]
+    try:
+        torch.autograd.grad(loss, inputs=[torch.autograd.graph.GradientEdge(*edge)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peak
+
+
 def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
     """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
     step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
-    casts). The returned loss is discarded; run backward separately if needed. The forward leaves
+    casts), and ``logits_gradient``, the loss backward's transient before it reaches the model's
+    output layer (`loss_gradient_peak`: no ``.grad`` is written, the loss's graph is freed).
+    The forward leaves
     the layers' delayed-scaling amax histories as they were (`_not_recording`); its random draws
     (dropout) are the caller's to fork (``torch.random.fork_rng``). One process's
     unsharded model only: FSDP frees each block's gathered parameters after its forward and
@@ -179,10 +225,10 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
         kept_weight_copies() as weight_copies,
     ):
         loss = forward()
-    del loss
     return Breakdown(
         activations=totals["activations"],
         temporaries=totals["temporaries"],
+        logits_gradient=loss_gradient_peak(loss),
         num_params=sum(p.numel() for p in model.parameters()),
     )
 

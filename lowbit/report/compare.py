@@ -526,6 +526,7 @@ def _memory(trainer) -> dict:
     states = measure(model, trainer.optimizer, precision)
     trainer.optimizer.zero_grad(set_to_none=True)
     states.activations, states.temporaries = saved.activations, saved.temporaries
+    states.logits_gradient = saved.logits_gradient
     return {
         "bytes": {k: v for k, v in states.as_dict().items() if k != "notes"},
         "bytes_per_param": states.per_param(),

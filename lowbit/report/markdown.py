@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lowbit.memory.breakdown import COMPONENTS, human
+from lowbit.memory.breakdown import human
 from lowbit.report.compare import Target, spread_digits, tightest_target, verdict_digits
 from lowbit.train.config import write_atomically
 from lowbit.train.trainer import TRAIN_LOSS_STEPS
@@ -17,6 +17,8 @@ SHORT = {
     "optimizer_states": "optim",
     "activations": "activ",
     "temporaries": "temp",
+    "logits_gradient": "logits grad",  # the loss backward's transient, in the CPU's peak
+    "model_states": "model states",
 }
 WORST_LABELS = 3  # per recipe in the "what the model forgets" table
 # What the train loss column holds: the run's record (`lowbit train`'s summary line), a mean over
@@ -109,7 +111,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 else "n/a",
                 f"{r['throughput_ratio']:.2f}x" if math.isfinite(r["throughput_ratio"]) else "n/a",
                 human(peak) if peak is not None and math.isfinite(peak) else "n/a",
-                *(f"{per[c]:.2f}" if per else "n/a" for c in [*COMPONENTS, "model_states"]),
+                # records written before session 41 have no logits gradient
+                *(f"{per[c]:.2f}" if per and c in per else "n/a" for c in SHORT),
             ]
         )
     one_seed = all(len(r["seeds"]) == 1 for r in rows.values())
@@ -143,9 +146,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         (
             f"Speed and memory ({_measured_on(results)}peak memory: {_memory_kind(rows)}; "
             f"bytes per parameter by component, measured on the live run{load})",
-            ["recipe", "throughput", "vs baseline", "peak memory"]
-            + [SHORT[c] for c in COMPONENTS]
-            + ["model states"],
+            ["recipe", "throughput", "vs baseline", "peak memory", *SHORT.values()],
             speed_rows,
         ),
     ]

@@ -1345,10 +1345,14 @@ class Trainer:
         with checkpointed_peak(self.model), _unobserved(self.model), torch.random.fork_rng(cuda):
             saved = measure_activations(self.model, forward)
         live.activations, live.temporaries = saved.activations, saved.temporaries
-        # the live column alone is titled so: `table`'s single column is an estimate's by default
-        if self.config.task not in TASKS:
-            return live.table(titles=("measured",))
+        live.logits_gradient = saved.logits_gradient
         c = self.config
+
+        def alone() -> str:  # titled so: `table`'s single column is an estimate's by default
+            return live.table(titles=("measured",), checkpointed=c.activation_checkpointing)
+
+        if c.task not in TASKS:
+            return alone()
         recipe = self.precision.recipe
         if self.monitor.controller is not None:  # auto: the plan this step computes in
             from lowbit.recipes.auto import at_plan
@@ -1365,8 +1369,8 @@ class Trainer:
                 task=c.task,
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
-            return live.table(titles=("measured",))
-        table = planned.table(live)
+            return alone()
+        table = planned.table(live, checkpointed=c.activation_checkpointing)
         emulated = self.precision.emulates_fp16 or any(
             not layer.spec.is_identity for layer in lowbit_layers(self.model).values()
         )
