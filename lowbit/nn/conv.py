@@ -18,9 +18,18 @@ pixel's C channels times the weight (C x O*kh*kw) give the O*kh*kw values it add
 which ``F.fold`` (col2im) sums into place. Its forward contracts over C (C/G per group), its input
 gradient over O*kh*kw (the unfolded output gradient: a convolution's forward GEMM) and its weight
 gradient over N*H*W, the three GEMMs of a linear layer again.
+
+What the backward keeps of ``cols`` for the weight gradient is kept as an image (`_Unfolding`):
+``cols`` holds every pixel kh*kw times, and so does what a GEMM makes of it value by value (its
+cast, a tensorwise quantization), so the image holds the same values once, and the backward reads
+``cols`` off it again, bit for bit: the image itself where ``cols`` is kept in high precision (no
+copy: the layer before keeps it too, as nn.Conv2d's own backward does), else the kept tensor's
+values gathered into one image of its dtype.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -148,23 +157,94 @@ class _Unfold(torch.autograd.Function):
         return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
 
 
+@dataclasses.dataclass(frozen=True)
+class _Unfolding:
+    """How ``F.unfold`` (this kernel size, dilation, padding and stride) reads the rows of a
+    convolution's GEMM input (N*L x C*kh*kw) off an N x C x H x W image, in both directions:
+    `rows` reads them, `image` gathers a tensor of their shape back into an image. A tensor whose
+    every value is a function of the one value of ``cols`` at its place, zero for zero (a cast, a
+    tensorwise quantization), gathered and read again, is the same tensor bit for bit: each pixel's
+    copies hold one value, the padding reads zeros. The linear layer's autograd function keeps what
+    it saves of its input so (`lowbit.nn.linear`), kh*kw times fewer values than the rows."""
+
+    kernel_size: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+
+    def rows(self, image: torch.Tensor) -> torch.Tensor:
+        """The rows F.unfold reads off ``image`` (N*L x C*kh*kw, contiguous as the forward's); an
+        int8 carrier, which F.unfold refuses, through fp16, which holds its values exactly."""
+        options = (self.kernel_size, self.dilation, self.padding, self.stride)
+        integer = not image.is_floating_point()
+        cols = F.unfold(image.half() if integer else image, *options).transpose(1, 2)
+        cols = cols.reshape(-1, cols.shape[-1])
+        return cols.to(image.dtype) if integer else cols
+
+    def image(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``rows`` (shaped as `rows` reads them off an image of ``shape``) as that image: each
+        pixel one of the values that copy it (a pixel no kernel position reads holds any)."""
+        n, channels, *size = shape
+        per_channel = self.kernel_size[0] * self.kernel_size[1]
+        outputs = [
+            (length + 2 * pad - d * (k - 1) - 1) // s + 1
+            for length, pad, d, k, s in zip(
+                size, self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        ]
+        # a row's value (l, (c, ky, kx)) of output position l = oy * out_w + ox sits at
+        # l * C*kh*kw + c * kh*kw + ky * kw + kx of the image's rows: a sum of one term per axis
+        width = channels * per_channel
+        steps = ((outputs[1] * width, self.kernel_size[1]), (width, 1))  # (per output, per tap)
+        terms = [
+            self._readers(length, out, k, d, s, pad, per_out, per_tap, rows.device)
+            for length, out, k, d, s, pad, (per_out, per_tap) in zip(
+                size, outputs, self.kernel_size, self.dilation, self.stride, self.padding, steps
+            )
+        ]
+        by_channel = torch.arange(channels, device=rows.device) * per_channel
+        where = by_channel[:, None, None] + terms[0][:, None] + terms[1]
+        return rows.reshape(n, -1).index_select(1, where.reshape(-1)).view(shape)
+
+    @staticmethod
+    def _readers(length, out, k, d, s, pad, per_out, per_tap, device) -> torch.Tensor:
+        """Along one axis, per pixel: ``o * per_out + j * per_tap`` of one output position ``o``
+        and kernel tap ``j`` that read it (``o * s + j * d - pad``), 0 where none does."""
+        o = torch.arange(out, device=device)[:, None]
+        j = torch.arange(k, device=device)[None, :]
+        pixel = (o * s + j * d - pad).reshape(-1)
+        pixel = torch.where((pixel >= 0) & (pixel < length), pixel, length)  # padding: dropped
+        term = (o * per_out + j * per_tap).reshape(-1)
+        readers = term.new_zeros(length + 1)
+        return readers.scatter_reduce_(0, pixel, term, "amax", include_self=False)[:length]
+
+
 def _grouped_linear(
-    cols: torch.Tensor, weight: torch.Tensor, bias, state, groups: int, out_dtype=None
+    cols: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    state,
+    groups: int,
+    out_dtype=None,
+    image: torch.Tensor | None = None,
+    unfolding: _Unfolding | None = None,
 ):
     """``lowbit_linear`` of each group: the columns of ``cols`` (N x L x C*kh*kw) in ``groups``
     equal parts, each by its share of the rows of ``weight`` (O x C/groups*kh*kw) and of ``bias``;
     the outputs side by side (N x L x O), in ``out_dtype`` (None: `gemm_output_dtype`'s). One
     `LayerState` for all: each group's GEMMs quantize their own operands (see the module
     docstring). ``split`` hands the gradients back to ``cols`` and the weight in one
-    concatenation, not one full-size sum per group."""
+    concatenation, not one full-size sum per group. ``image``: what ``unfolding`` reads ``cols``
+    off, each group's from its share of the channels (what the backward keeps, `_Unfolding`)."""
     if groups == 1:
-        return lowbit_linear(cols, weight, bias, state, out_dtype)
+        return lowbit_linear(cols, weight, bias, state, out_dtype, image, unfolding)
     biases = (None,) * groups if bias is None else bias.chunk(groups)
+    images = (None,) * groups if image is None else image.chunk(groups, 1)
     return torch.cat(
         [
-            lowbit_linear(part, rows, part_bias, state, out_dtype)
-            for part, rows, part_bias in zip(
-                cols.chunk(groups, -1), weight.chunk(groups), biases, strict=True
+            lowbit_linear(part, rows, part_bias, state, out_dtype, part_image, unfolding)
+            for part, rows, part_bias, part_image in zip(
+                cols.chunk(groups, -1), weight.chunk(groups), biases, images, strict=True
             )
         ],
         -1,
@@ -231,7 +311,10 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
         cols = _Unfold.apply(x, self.kernel_size, self.dilation, self._unfold_padding, self.stride)
         cols = cols.transpose(1, 2)  # N x L x C*kh*kw
         weight = self.weight.reshape(self.out_channels, -1)
-        out = _grouped_linear(cols, weight, self.bias, self.lowbit_state, self.groups)  # N x L x O
+        unfolding = _Unfolding(self.kernel_size, self.dilation, self._unfold_padding, self.stride)
+        out = _grouped_linear(
+            cols, weight, self.bias, self.lowbit_state, self.groups, None, x, unfolding
+        )  # N x L x O
         out = out.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
         return out.contiguous(memory_format=_output_memory_format(layout, self.weight))
 

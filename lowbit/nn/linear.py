@@ -76,6 +76,42 @@ def _layout(q: QTensor | None) -> QTensor | None:
     return dataclasses.replace(q, **dict.fromkeys(_TENSOR_FIELDS), measured_amax=None)
 
 
+# The fields of a tensorwise quantized input that hold one value per input value, which a
+# convolution's layer keeps as an image (`_saved_input`); its scales are a few values.
+_VALUE_FIELDS = ("values", "folded")
+
+
+def _saved_input(t, x: torch.Tensor, image, unfolding):
+    """What the forward saves of ``t``, a tensor shaped as its input ``x``: ``t`` itself, or for a
+    convolution, whose ``x`` is read off ``image`` by ``unfolding`` (`lowbit.nn.conv._Unfolding`),
+    the image (``t`` is ``x``) or ``t`` gathered into one (a cast or a tensorwise quantization of
+    ``x``): the backward reads it as ``t`` again (`_input_of`), bit for bit."""
+    if unfolding is None or t is None:
+        return t
+    return image if t is x else unfolding.image(t, image.shape)
+
+
+def _input_of(saved, unfolding):
+    """The tensor `_saved_input` saved ``saved`` for."""
+    return saved if unfolding is None or saved is None else unfolding.rows(saved)
+
+
+def _saved_operand(q: QTensor | None, x: torch.Tensor, image, unfolding) -> tuple:
+    """`_tensors` of ``q``, a quantization of ``x``, saved as `_saved_input` saves them."""
+    return tuple(
+        _saved_input(t, x, image, unfolding) if name in _VALUE_FIELDS else t
+        for name, t in zip(_TENSOR_FIELDS, _tensors(q), strict=True)
+    )
+
+
+def _operand_tensors(saved, unfolding) -> tuple:
+    """The `_tensors` that `_saved_operand` saved as ``saved``."""
+    return tuple(
+        _input_of(t, unfolding) if name in _VALUE_FIELDS else t
+        for name, t in zip(_TENSOR_FIELDS, saved, strict=True)
+    )
+
+
 def _rebuilt(layout: QTensor | None, tensors) -> QTensor | None:
     """The QTensor of `_layout` and `_tensors` (None for None)."""
     if layout is None:
@@ -443,20 +479,27 @@ def _refusing_second_derivatives(grads: tuple, tensors: list, anchors: tuple = (
 
 
 class LowbitLinearFunction(torch.autograd.Function):
+    """The three GEMMs. ``image`` and ``unfolding`` (a convolution's, else None): ``x`` holds the
+    rows ``unfolding`` reads off ``image``, and what the backward keeps of ``x`` is kept as an
+    image (`_saved_input`)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype):
+    def forward(
+        ctx, x, weight, bias, state: LayerState, out_dtype: torch.dtype, image=None, unfolding=None
+    ):
         ctx.state = state
         ctx.has_bias = bias is not None
         ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.unfolding = unfolding
         ctx.lean = _lean(x, weight, state)
         if ctx.lean:
             out = _lean_forward(x, weight, bias, state, out_dtype)
-            ctx.save_for_backward(_kept_input(x, state), weight)
+            ctx.save_for_backward(_saved_input(_kept_input(x, state), x, image, unfolding), weight)
             return out
         # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
         # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
         gemm_dtype = out_dtype if bias is None and state.output_rounding is None else torch.float32
-        out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype)
+        out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype, image, unfolding)
         if bias is not None:
             out.add_(bias)
         if state.output_rounding is not None:
@@ -464,7 +507,9 @@ class LowbitLinearFunction(torch.autograd.Function):
         return out.to(out_dtype)
 
     @staticmethod
-    def _forward(ctx, x, weight, state: LayerState, gemm_dtype: torch.dtype) -> torch.Tensor:
+    def _forward(
+        ctx, x, weight, state: LayerState, gemm_dtype: torch.dtype, image, unfolding
+    ) -> torch.Tensor:
         """The general path: the forward GEMM, and what the backward needs saved on ``ctx``."""
         spec = state.spec
         with torch.autocast(x.device.type, enabled=False):
@@ -493,10 +538,10 @@ class LowbitLinearFunction(torch.autograd.Function):
             _kept_weights.extend(t for t in _tensors(kept_w) if t is not None)
         ctx.quantized_layouts = (_layout(kept_w), _layout(kept_x))
         ctx.save_for_backward(
-            None if reuse_x else _kept_input(x, state),
+            None if reuse_x else _saved_input(_kept_input(x, state), x, image, unfolding),
             None if reuse_w else weight,
             *_tensors(kept_w),
-            *_tensors(kept_x),
+            *_saved_operand(kept_x, x, image, unfolding),
         )
         return out
 
@@ -506,15 +551,17 @@ class LowbitLinearFunction(torch.autograd.Function):
         state: LayerState = ctx.state
         if ctx.lean:  # nothing quantized was saved (`_lean`)
             x, weight = ctx.saved_tensors
+            x = _input_of(x, ctx.unfolding)
             qw = qx = None
             if state.observer is None:
                 return _lean_backward(ctx, grad_out, x, weight)
         else:
             x, weight, *quantized = ctx.saved_tensors
+            x = _input_of(x, ctx.unfolding)
             layout_w, layout_x = ctx.quantized_layouts
             count = len(_TENSOR_FIELDS)
             qw = _rebuilt(layout_w, quantized[:count])
-            qx = _rebuilt(layout_x, quantized[count:])
+            qx = _rebuilt(layout_x, _operand_tensors(quantized[count:], ctx.unfolding))
         _release_forward_inputs()
         spec = state.spec
         grad_x = grad_w = grad_bias = None
@@ -569,7 +616,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                     )
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_out.float().sum(0).to(ctx.weight_dtype)
-        return grad_x, grad_w, grad_bias, None, None
+        return grad_x, grad_w, grad_bias, None, None, None, None
 
 
 # Whether torch.func's transforms are running (a private torch function, present since 2.0; a
@@ -666,7 +713,8 @@ class _LinearUnderTransforms(torch.autograd.Function):
         # on the plain tensors, with torch.func's transforms off (under them an op's result is a
         # wrapper, whose values quantization cannot read)
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            grads = LowbitLinearFunction.backward.__wrapped__(_PlainContext(ctx), _plain(grad_out))
+            backward = LowbitLinearFunction.backward.__wrapped__
+            grads = backward(_PlainContext(ctx), _plain(grad_out))[:5]  # no image, no unfolding
         if torch.is_grad_enabled():
             # torch.func.grad differentiates with create_graph=True, and refuses requires_grad_:
             # a second derivative (an outer transform, or autograd through the gradients it
@@ -708,7 +756,7 @@ def _lean_backward(ctx, grad_out, x, weight) -> tuple:
         ctx.weight_dtype,
         bf16_outputs(),
     )
-    return (*grads, None, None)
+    return (*grads, None, None, None, None)
 
 
 def check_floating_input(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -769,12 +817,20 @@ def _meta_forward(op, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
 
 
 def lowbit_linear(
-    x: torch.Tensor, weight, bias, state: LayerState, out_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    weight,
+    bias,
+    state: LayerState,
+    out_dtype: torch.dtype | None = None,
+    image: torch.Tensor | None = None,
+    unfolding=None,
 ) -> torch.Tensor:
     """``F.linear`` with the three GEMMs quantized by ``state.spec``; any leading dims. The result
     in ``out_dtype``, `gemm_output_dtype` by default (`LowbitConvTranspose2d` asks fp32 of a
     bf16 input, for its fold to sum, where an fp32 copy of the input would be saved for the
-    backward)."""
+    backward). ``image`` and ``unfolding``: a convolution's ``x`` (N x L x C*kh*kw) holds the rows
+    ``unfolding`` reads off ``image``, which the backward keeps instead (`LowbitLinearFunction`;
+    under torch.func's transforms the rows themselves)."""
     check_floating_input(x, weight)
     keep_eager_roundings()
     if on_meta(x, weight, bias):
@@ -792,7 +848,7 @@ def lowbit_linear(
         record = _ForwardRecord()
         out = _LinearUnderTransforms.apply(x2d, weight, bias, state, dtype, record)
     else:
-        out = LowbitLinearFunction.apply(x2d, weight, bias, state, dtype)
+        out = LowbitLinearFunction.apply(x2d, weight, bias, state, dtype, image, unfolding)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
