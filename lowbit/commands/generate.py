@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from lowbit.data.corpus import UNICODE_BOMS, decode_text
+from lowbit.data.corpus import STANDARD_INPUT, decode_text
 from lowbit.errors import UsageError, check_given
 
 NAME = "generate"
@@ -70,9 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_prompt_file(path: str) -> str:
     """The text of ``path`` (standard input for ``-``), decoded strictly as UTF-8: a Latin-1
     byte decoded leniently would reach the tokenizer as U+FFFD and change the sample unseen.
-    A byte-order mark (Windows Notepad's) is no part of the text and is dropped. A file gets a
-    data file's checks, errors and fixes (`decode_text`): UTF-16 text without a byte-order mark
-    was a prompt with a NUL between its letters, and a cp1252 file was told "iconv -f latin1"."""
+    A byte-order mark (Windows Notepad's) is no part of the text and is dropped. A file and
+    standard input get a data file's checks, errors and fixes (`decode_text`; for standard input
+    the command to pipe it through): UTF-16 text without a byte-order mark was a prompt with a
+    NUL between its letters, and a cp1252 file was told "iconv -f latin1"."""
     name = "standard input" if path == "-" else path
     try:
         if path == "-":
@@ -99,29 +100,12 @@ def _read_prompt_file(path: str) -> str:
             f"--prompt-file {name}: cannot be read ({reason}); fix: check the path and its "
             "permissions, or pass the text as --prompt"
         ) from None
-    if path != "-":
-        try:  # the prompt file is all the prompt: "remove it" is no fix
-            return decode_text(Path(os.path.expanduser(path)), data, or_else=None)
-        except UsageError as error:
-            raise UsageError(f"--prompt-file {error}") from None
-    # standard input, which no fix can name as a file. UTF-16 or UTF-32 (Windows Notepad's
-    # "Unicode", PowerShell's `>`): the fix for a Latin-1 file (iconv -f latin1) would make it a
-    # prompt of NUL bytes between its letters
-    for bom, named in UNICODE_BOMS.items():  # UTF-32's first: its mark begins with UTF-16's
-        if data.startswith(bom):
-            encoding = named[:-2]  # the mark tells the byte order: iconv's UTF-16 reads it
-            raise UsageError(
-                f"--prompt-file {name} is {encoding} text (its byte-order mark), not UTF-8; fix: "
-                f"convert it to UTF-8 (e.g. iconv -f {encoding} -t utf-8)"
-            )
+    # the prompt file is all the prompt: "remove it" is no fix
+    source = STANDARD_INPUT if path == "-" else Path(os.path.expanduser(path))
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        byte = data[error.start]
-        raise UsageError(
-            f"--prompt-file {name} is not UTF-8 text (byte 0x{byte:02x} at offset {error.start}); "
-            "fix: convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+        return decode_text(source, data, or_else=None)
+    except UsageError as error:
+        raise UsageError(f"--prompt-file {error}") from None
 
 
 def _prompt(args) -> str:

@@ -52,7 +52,8 @@ import os
 import re
 import shlex
 import sysconfig
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit.errors import UsageError, check_given, pipe_as_data, warn
@@ -286,8 +287,8 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
     data once per run)."""
     if source in (None, "stdlib"):
         return Corpus("stdlib", split_documents(list(stdlib_documents())))
-    documents, binary, unread, written, beside = _read_texts(source, text_field)
-    splits = split_documents(documents)
+    read = _read_texts(source, text_field)
+    splits = split_documents(read.docs)
     folder = Path(os.path.expanduser(str(source)))
     listed = _unique(_folder_files(folder)) if folder.is_dir() else []  # one walk for both
     warnings = tuple(
@@ -296,10 +297,10 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
             [
                 _skipped_files(str(source), listed),
                 _compressed_files(str(source), listed),
-                _skipped_binary(str(source), binary),
-                _compressed_beside(str(source), beside),
-                _unread_entries(str(source), unread),
-                _lowbit_written(str(source), written),
+                _skipped_binary(str(source), read.binary),
+                _compressed_beside(str(source), read.beside),
+                _unread_entries(str(source), read.unread),
+                _lowbit_written(str(source), read.written),
                 _shared_text(str(source), splits),
             ],
         )
@@ -373,8 +374,7 @@ def unpacked_path(path: Path) -> Path | None:
     """The file that unpacking the compressed file ``path`` writes beside it (``a.txt.gz``:
     ``a.txt``), where ``path`` is named as one (`UNPACK`, not a zip archive, which holds files
     under names of their own) and that file is not there yet; else None."""
-    extensions = tuple(extension for kind, (extension, _) in UNPACK.items() if kind != "zip")
-    if path.suffix.lower() not in extensions or path.with_suffix("").exists():
+    if path.suffix.lower() not in UNPACK_BESIDE or path.with_suffix("").exists():
         return None
     return path.with_suffix("")
 
@@ -391,7 +391,6 @@ def unpack_fix(folder: Path, packed: list[str]) -> str:
     folder's walk does. A ``find`` of every ``*.gz`` stopped at the first file unpacked before
     (gunzip: "already exists", so ``&&`` ran no other format's) and unpacked ``.tar.gz``
     archives and hidden folders' files too."""
-    tools = dict(tool for kind, tool in UNPACK.items() if kind != "zip")
     by_extension: dict[str, list[str]] = {}
     for name in packed:
         by_extension.setdefault(Path(name).suffix.lower(), []).append(name)
@@ -399,15 +398,15 @@ def unpack_fix(folder: Path, packed: list[str]) -> str:
     for extension, names in by_extension.items():
         if len(packed) <= UNPACK_LISTED:
             commands.append(
-                " ".join([tools[extension], *(shlex.quote(str(folder / n)) for n in names)])
+                " ".join([UNPACK_BESIDE[extension], *(shlex.quote(str(folder / n)) for n in names)])
             )
             continue
         suffixes = dict.fromkeys("".join(Path(name).suffixes[-2:]) for name in names)
         named = " -o ".join(f"-name {shlex.quote('*' + suffix)}" for suffix in suffixes)
         commands.append(
             f"find {shlex.quote(str(folder))} -mindepth 1 -name '.*' -prune -o \\( {named} \\) "
-            f'-exec sh -c \'for f; do [ -e "${{f%.*}}" ] || {tools[extension]} "$f"; done\' '
-            "sh {} +"
+            f'-exec sh -c \'for f; do [ -e "${{f%.*}}" ] || {UNPACK_BESIDE[extension]} "$f"; '
+            "done' sh {} +"
         )
     return f"decompress {'them' if len(packed) > 1 else 'it'}: " + " && ".join(commands)
 
@@ -418,7 +417,7 @@ def _compressed_beside(spec: str, beside: list[Path]) -> str | None:
     gunzip -k" once more after ``gunzip -k``, the same error on every run."""
     if not beside:
         return None
-    names = [_relative(f, Path(_glob_base(spec))) for f in beside]
+    names = [_relative(f, _glob_base(spec)) for f in beside]
     then = _glob_of_unpacked(spec, beside)
     its, file, sits, it = (
         ("their", "files", "sit", "them") if len(beside) > 1 else ("its", "file", "sits", "it")
@@ -455,11 +454,10 @@ def _skipped_binary(spec: str, skipped: list[str]) -> str | None:
     first of them ("not UTF-8 text (byte 0); fix: convert it to UTF-8")."""
     if not skipped:
         return None
-    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
     return (
         f"{spec}: {len(skipped)} binary file{'s' if len(skipped) > 1 else ''} not read "
-        f"({shown}): they hold no text; fix: none if they are no data, else convert them to "
-        "UTF-8 text (a narrower glob leaves them out without this warning)"
+        f"({_shown(skipped)}): they hold no text; fix: none if they are no data, else convert "
+        "them to UTF-8 text (a narrower glob leaves them out without this warning)"
     )
 
 
@@ -477,11 +475,10 @@ def _lowbit_written(spec: str, written: dict[str, str]) -> str | None:
     learns why they are not read."""
     if not written:
         return None
-    shown = "; ".join(what for _, what in sorted(written.items())[:3])
-    more = "; ..." if len(written) > 3 else ""
     return (
-        f"{spec}: left out {shown}{more}: what lowbit writes is no data (and read, it would "
-        "change as a run writes); fix: none needed, or keep --out outside the data"
+        f"{spec}: left out {_shown([what for _, what in sorted(written.items())], '; ')}: "
+        "what lowbit writes is no data (and read, it would change as a run writes); fix: none "
+        "needed, or keep --out outside the data"
     )
 
 
@@ -492,23 +489,31 @@ UNREAD_FIX = (
 
 def _unread_list(unread: dict[str, str]) -> str:
     """``N entries not read (name: why; ...)``, the first three named."""
-    shown = "; ".join(f"{name}: {why}" for name, why in sorted(unread.items())[:3])
-    count = len(unread)
-    more = "; ..." if count > 3 else ""
-    return f"{count} entr{'ies' if count > 1 else 'y'} not read ({shown}{more})"
+    shown = _shown([f"{name}: {why}" for name, why in sorted(unread.items())], "; ")
+    return f"{len(unread)} entr{'ies' if len(unread) > 1 else 'y'} not read ({shown})"
 
 
-def _head(path: Path) -> bytes:
-    """The first `BINARY_HEAD` bytes of ``path``; none where it cannot be read (`read_text`
-    names the error)."""
+BINARY_HEAD = 8000  # the bytes of a file's start that git looks at for a NUL byte
+
+
+def _head(path: Path, size: int = BINARY_HEAD) -> bytes:
+    """The first ``size`` bytes of ``path``; none where it cannot be read (`read_text` names the
+    error)."""
     try:
-        with path.open("rb") as file:
-            return file.read(BINARY_HEAD)
+        with open(path, "rb") as file:
+            return file.read(size)
     except OSError:
         return b""
 
 
-BINARY_HEAD = 8000  # the bytes of a file's start that git looks at for a NUL byte
+def _utf8_start(head: bytes, final: bool) -> bool:
+    """Whether ``head``, the start of a file (all of it where ``final``: else a character cut at
+    its end is no error), is UTF-8 text: no NUL byte, not only whitespace."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=final)
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head and bool(head.strip())
 
 
 def _binary_head(head: bytes) -> bool:
@@ -551,23 +556,82 @@ def _nul_kind(data: bytes) -> str | None:
     return "stray" if utf8 else None
 
 
-# The fewest NUL bytes at one parity that `_one_parity` takes for UTF-16 text's.
+# The fewest NUL bytes at one parity that `_one_parity` takes for UTF-16 text's where the other
+# high bytes are of several Indic blocks.
 WIDE_NULS = 8
+# High bytes that `_one_parity` does not take alone for UTF-16 text's: line ends at every other
+# byte are a file of one-character lines (a character vocabulary), no Gurmukhi or Malayalam.
+LINE_ENDS = {0x0A, 0x0D}
 
 
 def _one_parity(window: bytes, encoding: str) -> bool:
-    """Whether the NUL bytes of ``window`` (from a multiple of 4 bytes into a file), `WIDE_NULS`
-    or more, all fall at the offsets of the high bytes of ``encoding``'s code units (odd ones in
-    UTF-16LE), as those of UTF-16 text's spaces, digits and punctuation do: in Indic scripts
+    """Whether the bytes of ``window`` (from a multiple of 4 bytes into a file) at the offsets of
+    the high bytes of ``encoding``'s code units (odd ones in UTF-16LE) are all NUL or C0 control
+    bytes, and none of the others NUL, as in UTF-16 text of ASCII (high byte NUL) and of the
+    scripts of U+0100-U+1FFF (Greek, Cyrillic, Arabic, Indic, Thai: 0x01-0x1F). In Indic scripts
     (U+0900-U+0DFF) the letters' high bytes are tab to carriage return, so deleting the NULs
-    leaves ASCII text; and every high byte is one of those or NUL. A log's padding (a NUL run)
-    falls at both offsets, and NUL-terminated records of an even length, whose NULs fall at one,
-    have letters there too."""
+    leaves ASCII text, and without spaces the text holds no NUL to delete. Taken for UTF-16:
+    `WIDE_NULS` NULs or more with the other high bytes tab to carriage return, or one block's
+    high byte alone besides NULs (one script's, a one-line text's), other than a line end
+    (`LINE_ENDS`). A log's padding (a NUL run) falls at both offsets, and NUL-terminated records
+    of an even length, whose NULs fall at one, have letters there too."""
     highs, lows = window[1::2], window[0::2]
     if encoding.endswith("BE"):
         highs, lows = lows, highs
-    indic = set(highs) <= {0, *range(0x09, 0x0E)}
-    return indic and lows.count(0) == 0 and highs.count(0) >= WIDE_NULS
+    blocks = set(highs) - {0}
+    if not highs or 0 in lows or max(blocks, default=0) >= 0x20:
+        return False
+    if blocks <= set(range(0x09, 0x0E)) and highs.count(0) >= WIDE_NULS:
+        return True
+    return len(blocks) == 1 and not blocks & LINE_ENDS
+
+
+def _wide_without_nuls(data: bytes) -> str | None:
+    """The UTF-16 encoding of ``data``, UTF-8 without a NUL byte, where it is UTF-16 text without
+    a byte-order mark and without ASCII (`_one_parity`: a line of Hindi or Russian without spaces
+    or line end), whose high bytes, C0 controls, read as UTF-8 too: trained on, it was
+    ``(\\t.\\t`` for "नम". Judged on the file's first `BINARY_HEAD` bytes, after two checks
+    that pass text."""
+    if len(data) % 2 or len(data) < 4 or min(data[:2]) >= 0x20:
+        return None
+    window = data[:BINARY_HEAD]
+    for encoding in ("UTF-16LE", "UTF-16BE"):
+        if _one_parity(window, encoding) and _reads_as_text(window.decode(encoding, "replace")):
+            return encoding
+    return None
+
+
+# The East Asian text that UTF-16 without a byte-order mark holds without a NUL byte (no ASCII):
+# CJK punctuation, kana, ideographs, fullwidth forms, and the dashes, quotes and ellipsis of
+# U+2014-U+2026 (`_east_asian_utf16`); Hangul syllables in UTF-16LE only: in UTF-16BE, GBK's
+# common Chinese characters (lead bytes 0xB0-0xD7) read as them.
+EAST_ASIAN = ((0x2014, 0x2026), (0x3000, 0x30FF), (0x3400, 0x9FFF), (0xF900, 0xFAFF))
+EAST_ASIAN += ((0xFF00, 0xFFEF), (0x20000, 0x3FFFF))
+HANGUL = (0xAC00, 0xD7A3)
+
+
+def _east_asian_utf16(data: bytes) -> tuple[str, str] | None:
+    """``(encoding, text)`` where ``data`` (its first `BINARY_HEAD` bytes), not UTF-8 and without
+    a NUL byte, reads in UTF-16LE or UTF-16BE as East Asian text (`EAST_ASIAN`, assigned
+    characters only); else None. One line of Chinese, Japanese or Korean in UTF-16 holds no NUL
+    where no character has one, and was told to convert it from cp1252. None either where the
+    bytes read as Latin-1 text (cp1252 characters beyond ASCII all letters: ``Café`` reads as two
+    ideographs in UTF-16BE) or as Shift-JIS text with kana (whose kana and kanji read as
+    ideographs in UTF-16BE)."""
+    if len(data) % 2 or 0 in data:
+        return None
+    if all(c.isalpha() for c in data.decode("cp1252", "replace") if not c.isascii()):
+        return None
+    if any("\u3040" <= c <= "\u30ff" for c in data.decode("shift_jis", "replace")):
+        return None
+    for encoding, scripts in (("UTF-16LE", (*EAST_ASIAN, HANGUL)), ("UTF-16BE", EAST_ASIAN)):
+        text = codecs.getincrementaldecoder(encoding)("replace").decode(data[:BINARY_HEAD])
+        if all(
+            any(low <= ord(c) <= high for low, high in scripts) and unicodedata.category(c) != "Cn"
+            for c in text
+        ):
+            return encoding, text
+    return None
 
 
 def _utf8_text(data: bytes, cut: bool) -> bool:
@@ -611,15 +675,9 @@ def _reads_as_text(text: str) -> bool:
 
 
 def _looks_like_text(path: Path) -> bool:
-    """Whether ``path`` starts with UTF-8 text (its first 4 KiB: no NUL byte, not only
-    whitespace), as a text format that a glob reads does and an image or archive does not."""
-    try:
-        with path.open("rb") as file:
-            head = file.read(4096)
-        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4 KiB is fine
-    except (OSError, UnicodeDecodeError):
-        return False
-    return b"\0" not in head and bool(head.strip())
+    """Whether ``path`` starts with UTF-8 text (its first 4 KiB, `_utf8_start`), as a text
+    format that a glob reads does and an image or archive does not."""
+    return _utf8_start(_head(path, 4096), final=False)
 
 
 def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
@@ -659,26 +717,32 @@ def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
 
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
     """Documents from user data, sorted by name (`_read_texts`)."""
-    return _read_texts(path_or_glob, text_field)[0]
+    return _read_texts(path_or_glob, text_field).docs
 
 
-def _read_texts(
-    path_or_glob, text_field: str
-) -> tuple[list[Document], list[str], dict[str, str], dict[str, str], list[Path]]:
-    """Documents from user data, sorted by name, the names of the binary files a glob matched
-    and left out, what a folder or glob could not read and the folders lowbit wrote into that it
-    left out (`_glob_files`' ``unread`` and ``written``), and the compressed files a glob matched
-    and left out, whose unpacked files sit beside them, for `load_corpus`'s warnings.
+@dataclass
+class _Read:
+    """What `_read_texts` read from user data, and what it left out, for `load_corpus`'s
+    warnings: ``binary``, the names of the binary files a glob matched; ``unread`` and
+    ``written``, what a folder or glob could not read and the folders lowbit wrote into
+    (`_glob_files`); ``beside``, the compressed files a glob matched whose unpacked files sit
+    beside them; ``records``, how many of ``docs`` are JSON records."""
+
+    docs: list[Document] = field(default_factory=list)
+    binary: list[str] = field(default_factory=list)
+    unread: dict[str, str] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)
+    beside: list[Path] = field(default_factory=list)
+    records: int = 0
+
+
+def _read_texts(path_or_glob, text_field: str) -> _Read:
+    """Documents from user data, sorted by name, and what was left out (`_Read`).
 
     - a folder: every ``*.txt``, ``*.md``, ``*.py`` below it (not in hidden folders, not hidden;
       linked folders too, as the glob ``folder/**/*`` reads them), one document per file, named
       by relative path;
-    - a glob (``data/**/*.txt``): one document per matched file, named relative to the pattern's
-      fixed leading folder; matched ``.jsonl`` files are read as JSONL, ``.json`` ones where the
-      pattern ends with ``.json``, binary files (`_binary_head`: an image, a ``.pyc``) are left out,
-      and so are compressed files whose unpacked file sits beside them, while one without is
-      refused with the command that unpacks it (a file that links make a folder or glob reach
-      under several names is read once, under the first);
+    - a glob (``data/**/*.txt``): `_glob_documents`;
     - a ``.jsonl`` or ``.json`` file: one document per line, from the string field ``text_field``
       (a ``.json`` file holding one JSON array: one document per record of the array);
     - any other single file: one document per paragraph (a block between lines holding only
@@ -690,59 +754,26 @@ def _read_texts(
     check_given(path_or_glob, "the data path")
     spec = os.path.expanduser(str(path_or_glob))  # a config file's "~/data" too
     path = Path(spec)
-    binary: list[str] = []
-    unread: dict[str, str] = {}
-    written: dict[str, str] = {}
-    beside: list[Path] = []
-    records = 0  # documents that are JSON records
+    read = _Read()
     if path.is_dir():
         files = _unique(
-            p for p in _folder_files(path, unread, written) if p.suffix.lower() in FOLDER_SUFFIXES
+            p
+            for p in _folder_files(path, read.unread, read.written)
+            if p.suffix.lower() in FOLDER_SUFFIXES
         )
-        docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
-        unread = _may_have_held_text(unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES))
+        read.docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
+        read.unread = _may_have_held_text(
+            read.unread, lambda name: name.lower().endswith(FOLDER_SUFFIXES)
+        )
     elif path.is_file():
         # the file is all the data: "remove it" is no fix (`read_text`'s ``or_else``)
         if path.suffix.lower() in JSONL_SUFFIXES:
-            docs = _jsonl_documents(path, path.name, text_field, or_else=None)
-            records = len(docs)
+            read.docs = _jsonl_documents(path, path.name, text_field, or_else=None)
+            read.records = len(read.docs)
         else:
-            docs = _paragraph_documents(path)
+            read.docs = _paragraph_documents(path)
     elif glob.has_magic(spec):
-        base = _glob_base(spec)
-        files, packed = [], []
-        matched = _unique(_glob_files(spec, unread, written))
-        unread = _may_have_held_text(unread, lambda name: fnmatch.fnmatch(name, path.name))
-        for f in matched:
-            head = _head(f)
-            if _binary_head(head):
-                binary.append(_relative(f, Path(base)))
-            elif (kind := _compressed_kind(head)) in UNPACK and f.suffix.lower() == UNPACK[kind][0]:
-                if kind == "zip":  # an archive of its own names: read, refused with its unzip
-                    files.append(f)
-                else:
-                    (packed if unpacked_path(f) else beside).append(f)
-            else:
-                files.append(f)
-        if packed:  # read, the first was refused: "fix: gunzip -k it, and give the file it writes"
-            names = [_relative(f, Path(base)) for f in packed]
-            then = _glob_of_unpacked(spec, packed)
-            raise UsageError(
-                f"{spec}: matches {len(packed)} compressed file{'s' if len(packed) > 1 else ''} "
-                f"({_shown(names)}), and lowbit reads plain UTF-8 files; fix: "
-                f"{unpack_fix(Path(base), names)}" + (f", then {then}" if then else "")
-            )
-        # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
-        # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
-        as_records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
-        docs = []
-        for f in files:
-            name = _relative(f, Path(base))
-            if f.suffix.lower() in as_records:
-                docs += (found := _jsonl_documents(f, name, text_field))
-                records += len(found)
-            else:
-                docs += _file_documents(f, name)
+        _glob_documents(spec, text_field, read)
     elif path.exists():
         raise pipe_as_data(spec)
     elif path.is_symlink():  # "no such file" of a path that `ls` lists
@@ -754,54 +785,106 @@ def _read_texts(
         raise UsageError(f"{spec}: no such file, folder or glob; fix: check the data path")
     # whitespace alone is no text: files of blank lines went on to "the train split holds 23
     # tokens, fewer than one window", as if the data were merely short
-    if not any(d.text.strip() for d in docs):
-        if path.is_dir() and (jsonl := _jsonl_below(path)):
-            pattern = (path / "**" / f"*{jsonl.suffix}").as_posix()
-            raise UsageError(
-                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
-                f"none, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: give "
-                f"a glob for those, --data '{pattern}'"
-            )
-        if path.is_dir() and (packed := _compressed_below(path, _unique(_folder_files(path)))):
-            raise UsageError(
-                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
-                f"none, only compressed ones ({_shown(packed)}); fix: {unpack_fix(path, packed)}"
-            )
-        if path.is_dir() and (tables := _tables_below(path)):
-            raise UsageError(
-                f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds "
-                f"none, only tables ({_shown(tables)}); fix: {_table_fix(path / tables[0])}"
-            )
-        if docs and records == len(docs):  # a JSONL file, or a glob of them
-            raise UsageError(  # it was "fix: point at ... a JSONL file with a 'text' field"
-                f"{spec}: the {text_field!r} field of all {len(docs)} records is empty or "
-                "whitespace; fix: name the field that holds the text with --text-field"
-            )
-        if beside and not docs:  # 'data/*.gz' after gunzip -k: only what it leaves out
-            names = [_relative(f, Path(_glob_base(spec))) for f in beside]
-            raise UsageError(
-                f"{spec}: matches only compressed files ({_shown(names)}), "
-                "whose unpacked files sit beside them, and lowbit reads plain UTF-8 files; fix: "
-                f"{_glob_of_unpacked(spec, beside)}"
-            )
-        if written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
-            raise UsageError(
-                f"{spec}: no text read, only what lowbit wrote "
-                f"({'; '.join(what for _, what in sorted(written.items()))}), which is no data; "
-                "fix: point at the data itself"
-            )
-        if unread and not docs:  # a folder that cannot be listed, links to an unmounted disk
-            raise UsageError(f"{spec}: no text read, {_unread_list(unread)}; fix: {UNREAD_FIX}")
-        if binary and not docs:  # a glob of images, say: "matches files" was its fix
-            raise UsageError(
-                f"{spec}: every file it matches is binary ({', '.join(binary[:3])}"
-                f"{', ...' if len(binary) > 3 else ''}); fix: a glob of the UTF-8 text files"
-            )
+    if not any(d.text.strip() for d in read.docs):
+        raise _no_text(spec, text_field, read)
+    read.docs.sort(key=lambda d: d.name)
+    return read
+
+
+def _glob_documents(spec: str, text_field: str, read: _Read) -> None:
+    """Read into ``read`` the files that the glob ``spec`` matches: one document per file, named
+    relative to the pattern's fixed leading folder; matched ``.jsonl`` files are read as JSONL,
+    ``.json`` ones where the pattern ends with ``.json``, binary files (`_binary_head`: an image,
+    a ``.pyc``) are left out, and so are compressed files whose unpacked file sits beside them,
+    while one without is refused with the command that unpacks it (a file that links make the
+    glob reach under several names is read once, under the first)."""
+    base = _glob_base(spec)
+    files, packed = [], []
+    matched = _unique(_glob_files(spec, read.unread, read.written))
+    last = Path(spec).name
+    read.unread = _may_have_held_text(read.unread, lambda name: fnmatch.fnmatch(name, last))
+    for f in matched:
+        head = _head(f)
+        if _binary_head(head):
+            read.binary.append(_relative(f, base))
+        elif (kind := _compressed_kind(head)) in UNPACK and f.suffix.lower() == UNPACK[kind][0]:
+            if kind == "zip":  # an archive of its own names: read, refused with its unzip
+                files.append(f)
+            else:
+                (packed if unpacked_path(f) else read.beside).append(f)
+        else:
+            files.append(f)
+    if packed:  # read, the first was refused: "fix: gunzip -k it, and give the file it writes"
+        names = [_relative(f, base) for f in packed]
+        then = _glob_of_unpacked(spec, packed)
         raise UsageError(
-            f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
-            f"a JSONL file with a {text_field!r} field, or a glob that matches files"
+            f"{spec}: matches {len(packed)} compressed file{'s' if len(packed) > 1 else ''} "
+            f"({_shown(names)}), and lowbit reads plain UTF-8 files; fix: "
+            f"{unpack_fix(base, names)}" + (f", then {then}" if then else "")
         )
-    return sorted(docs, key=lambda d: d.name), binary, unread, written, beside
+    # .jsonl files are records; .json ones only where the pattern asks for them (data/*.json):
+    # a glob over a code tree ('src/**/*') reads its package.json as text, as it always did
+    as_records = (".jsonl", ".json") if spec.lower().endswith(".json") else (".jsonl",)
+    for f in files:
+        name = _relative(f, base)
+        if f.suffix.lower() in as_records:
+            read.docs += (found := _jsonl_documents(f, name, text_field))
+            read.records += len(found)
+        else:
+            read.docs += _file_documents(f, name)
+
+
+def _no_text(spec: str, text_field: str, read: _Read) -> UsageError:
+    """The error for data ``spec`` that `_read_texts` read no text from (``read``), naming what
+    it holds instead where that is known."""
+    path, docs = Path(spec), read.docs
+    holds_none = (
+        f"{spec}: a folder is read for its {'/'.join(FOLDER_SUFFIXES)} files and holds none"
+    )
+    if path.is_dir() and (jsonl := _jsonl_below(path)):
+        pattern = (path / "**" / f"*{jsonl.suffix}").as_posix()
+        return UsageError(
+            f"{holds_none}, only JSON Lines such as {jsonl.relative_to(path).as_posix()}; fix: "
+            f"give a glob for those, --data '{pattern}'"
+        )
+    if path.is_dir() and (packed := _compressed_below(path, _unique(_folder_files(path)))):
+        return UsageError(
+            f"{holds_none}, only compressed ones ({_shown(packed)}); fix: "
+            f"{unpack_fix(path, packed)}"
+        )
+    if path.is_dir() and (tables := _tables_below(path)):
+        return UsageError(
+            f"{holds_none}, only tables ({_shown(tables)}); fix: {_table_fix(path / tables[0])}"
+        )
+    if docs and read.records == len(docs):  # a JSONL file, or a glob of them
+        return UsageError(  # it was "fix: point at ... a JSONL file with a 'text' field"
+            f"{spec}: the {text_field!r} field of all {len(docs)} records is empty or "
+            "whitespace; fix: name the field that holds the text with --text-field"
+        )
+    if read.beside and not docs:  # 'data/*.gz' after gunzip -k: only what it leaves out
+        names = [_relative(f, _glob_base(spec)) for f in read.beside]
+        return UsageError(
+            f"{spec}: matches only compressed files ({_shown(names)}), "
+            "whose unpacked files sit beside them, and lowbit reads plain UTF-8 files; fix: "
+            f"{_glob_of_unpacked(spec, read.beside)}"
+        )
+    if read.written and not docs:  # 'run/**/*.jsonl', which matched only the run's metrics
+        return UsageError(
+            f"{spec}: no text read, only what lowbit wrote "
+            f"({'; '.join(what for _, what in sorted(read.written.items()))}), which is no "
+            "data; fix: point at the data itself"
+        )
+    if read.unread and not docs:  # a folder that cannot be listed, links to an unmounted disk
+        return UsageError(f"{spec}: no text read, {_unread_list(read.unread)}; fix: {UNREAD_FIX}")
+    if read.binary and not docs:  # a glob of images, say: "matches files" was its fix
+        return UsageError(
+            f"{spec}: every file it matches is binary ({_shown(read.binary)}); fix: a glob of "
+            "the UTF-8 text files"
+        )
+    return UsageError(
+        f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
+        f"a JSONL file with a {text_field!r} field, or a glob that matches files"
+    )
 
 
 # Table files by their separator: data exported from a spreadsheet or a dataframe. Read as plain
@@ -832,8 +915,7 @@ def check_not_tables(source: str | None) -> None:
         return  # a folder reads no tables (`_skipped_files` names them)
     tables = [f for f in _unique(_glob_files(spec)) if f.suffix.lower() in TABLE_SEPARATORS]
     if tables:
-        base = _glob_base(spec)
-        names = [os.path.relpath(f, base).replace(os.sep, "/") for f in tables]
+        names = [_relative(f, _glob_base(spec)) for f in tables]
         raise UsageError(
             f"{spec}: matches {len(tables)} table{'s' if len(tables) > 1 else ''} "
             f"({_shown(names)}), the first {_table_columns(tables[0])}; fix: "
@@ -868,16 +950,9 @@ def _starts_readable(path: Path, text_field: str) -> bool:
     """Whether the first 64 KiB of ``path`` (`TABLE_HEADER_CHARS` bytes) hold UTF-8 text and,
     for a JSON Lines file, a first record with the string field ``text_field``
     (`check_quickly`)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(TABLE_HEADER_CHARS)
-    except OSError:
-        return False
-    if not head.strip() or b"\0" in head:
-        return False
-    try:  # a character the 64 KiB cut in two is no error of the file's
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TABLE_HEADER_CHARS)
-    except UnicodeDecodeError:  # read in full for the error the run gives (byte, line, iconv)
+    head = _head(path, TABLE_HEADER_CHARS)
+    # not: read in full for the error the run gives (byte, line, iconv)
+    if not _utf8_start(head, final=len(head) < TABLE_HEADER_CHARS):
         return False
     if path.suffix.lower() not in JSONL_SUFFIXES:
         return True
@@ -889,9 +964,9 @@ def _starts_readable(path: Path, text_field: str) -> bool:
     return isinstance(record, dict) and isinstance(_field(record, text_field)[0], str)
 
 
-def _shown(names: list[str]) -> str:
+def _shown(names: list[str], separator: str = ", ") -> str:
     """Up to three of ``names``, for a one-line message."""
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return separator.join(names[:3]) + (f"{separator}..." if len(names) > 3 else "")
 
 
 def _table_columns(path: Path) -> str:
@@ -981,9 +1056,7 @@ def _glob_files(
     may not list (permission denied). glob passes both over without a word, and the run trained
     on part of the data. ``written`` receives, by the same names, the folders that lowbit wrote
     into and what of them was left out."""
-    parts = Path(pattern).parts
-    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    base = Path(*parts[:first])
+    base, rest = _glob_split(pattern)
     found: list[Path] = []
     lost = {} if unread is None else unread
     ours = {} if written is None else written
@@ -1031,7 +1104,7 @@ def _glob_files(
             else:
                 add(entry, not tail)
 
-    walk(base, parts[first:], frozenset({os.path.realpath(base)}))
+    walk(base, rest, frozenset({os.path.realpath(base)}))
     return found
 
 
@@ -1120,10 +1193,16 @@ def _matching(folder: Path, names: list[str], pattern: str) -> list[Path]:
     return [folder / n for n in fnmatch.filter(names, pattern)]
 
 
-def _glob_base(pattern: str) -> str:
+def _glob_base(pattern: str) -> Path:
+    """The folder of ``pattern``'s parts before its first wildcard (``.`` where none)."""
+    return _glob_split(pattern)[0]
+
+
+def _glob_split(pattern: str) -> tuple[Path, tuple[str, ...]]:
+    """``pattern``'s fixed folder (`_glob_base`) and its parts from the first wildcard on."""
     parts = Path(pattern).parts
-    fixed = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
-    return str(Path(*fixed)) if fixed else "."
+    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    return Path(*parts[:first]), parts[first:]
 
 
 # Leading bytes of the compressed files datasets come in (The Pile's .jsonl.zst, C4's .json.gz):
@@ -1147,6 +1226,9 @@ UNPACK = {
     "zstd": (".zst", "unzstd"),
     "zip": (".zip", "unzip"),
 }
+# The tool of each compressed format that unpacks a file beside itself, by extension: not zip's,
+# an archive of files under names of their own.
+UNPACK_BESIDE = {extension: tool for kind, (extension, tool) in UNPACK.items() if kind != "zip"}
 # The suffixes a compressed file is named with: `UNPACK`'s and their other spellings.
 PACKED_SUFFIXES = (*(extension for extension, _ in UNPACK.values()), ".gzip", ".bzip2", ".zstd")
 
@@ -1192,12 +1274,20 @@ def read_text(path: Path, *, or_else: str | None = LEAVE_OUT) -> str:
     return decode_text(path, data, or_else=or_else)
 
 
+# `decode_text`'s path for bytes read from standard input (``lowbit generate --prompt-file -``),
+# told by identity: its fixes pipe the bytes through a command instead of naming a file.
+STANDARD_INPUT = Path("standard input")
+
+
 def decode_text(path: Path, data: bytes, *, or_else: str | None = LEAVE_OUT) -> str:
-    """The text of ``data``, the bytes read from the file ``path``, with `read_text`'s checks,
-    errors and fixes (``or_else`` as there): for a file read otherwise (``lowbit generate
-    --prompt-file``)."""
+    """The text of ``data``, the bytes read from the file ``path`` (or from `STANDARD_INPUT`),
+    with `read_text`'s checks, errors and fixes (``or_else`` as there): for a file read otherwise
+    (``lowbit generate --prompt-file``)."""
     try:
-        if data.startswith(PARQUET) and data.endswith(PARQUET):
+        kind = _file_format(data)
+        if kind and path is STANDARD_INPUT:  # its fixes name the file to unpack
+            raise UsageError(f"{path}: a {kind}, not text; fix: give the text itself, in UTF-8")
+        if kind == "Parquet file":
             jsonl = str(path.with_suffix(".jsonl"))
             raise UsageError(
                 f"{path}: a Parquet file, not text; fix: write its records as JSON Lines and "
@@ -1205,7 +1295,7 @@ def decode_text(path: Path, data: bytes, *, or_else: str | None = LEAVE_OUT) -> 
                 f"{str(path)!r}).to_json({jsonl!r}, orient='records', lines=True, "
                 'force_ascii=False)")'
             )
-        if _compressed_kind(data) == "tar":  # its NULs are no text's: refused before decoding
+        if kind == "tar archive":  # its NULs are no text's: refused before decoding
             raise UsageError(_compressed_error(path, "tar", or_else))
         # decoded as plain UTF-8, not utf-8-sig, so that the error's byte offset counts the BOM
         text = data.decode("utf-8").removeprefix("\ufeff")
@@ -1220,21 +1310,43 @@ def decode_text(path: Path, data: bytes, *, or_else: str | None = LEAVE_OUT) -> 
             raise _nul_error(path, data, kind, or_else) from None
         raise UsageError(_not_utf8(path, data, error.start, or_else)) from None
     if "\0" in text:
-        first = data.index(0)
         kind = _nul_kind(data)
         if kind == "stray":  # UTF-8 text but for NUL bytes (a log's padding)
-            clean = shlex.quote(str(_beside(path, "clean")))
-            line = data.count(b"\n", 0, first) + 1
-            fix = "if the rest is its text, delete them (tr -d '\\000'"
-            if data.count(0) > 1 and not re.search(b"[\0\n]\0|\0\n", data):  # no NUL run
-                fix = "if they separate its records, make them line ends (tr '\\000' '\\n'"
-            raise UsageError(
-                f"{path}: holds NUL bytes (byte {first}, line {line}), which no text has, amid "
-                f"UTF-8 text; fix: {fix} < {shlex.quote(str(path))} > {clean}) and use that file "
-                "in its place" + (f"; or {or_else}" if or_else else "")
-            )
+            raise _stray_nuls(path, data, or_else)
         raise _nul_error(path, data, kind, or_else)
+    if wide := _wide_without_nuls(data):
+        found = f"every other byte a control character ({text[:8]!r} as UTF-8): {wide} text"
+        raise _unicode_error(path, f"{found} without a byte-order mark", wide, or_else)
     return text
+
+
+def _file_format(data: bytes) -> str | None:
+    """``"Parquet file"``, ``"tar archive"`` or ``"zip archive"`` where ``data`` is one: files of
+    files, whose fixes (`_compressed_error`) name the file to unpack."""
+    if data.startswith(PARQUET) and data.endswith(PARQUET):
+        return "Parquet file"
+    kind = _compressed_kind(data)
+    return f"{kind} archive" if kind in ("tar", "zip") else None
+
+
+def _stray_nuls(path: Path, data: bytes, or_else: str | None) -> UsageError:
+    """The error for UTF-8 text but for NUL bytes (a log's padding, `_nul_kind`'s ``"stray"``),
+    with the ``tr`` command that deletes them, or that makes them line ends where they fall
+    one by one (records that ``find -print0`` separated)."""
+    first = data.index(0)
+    line = data.count(b"\n", 0, first) + 1
+    fix, tr = "if the rest is its text, delete them", "tr -d '\\000'"
+    if data.count(0) > 1 and not re.search(b"[\0\n]\0|\0\n", data):  # no NUL run
+        fix, tr = "if they separate its records, make them line ends", "tr '\\000' '\\n'"
+    if path is STANDARD_INPUT:
+        command = f"pipe it through {tr})"
+    else:
+        clean = shlex.quote(str(_beside(path, "clean")))
+        command = f"{tr} < {shlex.quote(str(path))} > {clean}) and use that file in its place"
+    return UsageError(
+        f"{path}: holds NUL bytes (byte {first}, line {line}), which no text has, amid UTF-8 "
+        f"text; fix: {fix} ({command}" + (f"; or {or_else}" if or_else else "")
+    )
 
 
 # The fewest NUL bytes a run of them holds on average in a log's padding (`_padded_text`).
@@ -1306,7 +1418,9 @@ def _compressed_error(path: Path, kind: str, or_else: str | None) -> str:
 def _rewrite_fix(path: Path, command: str, tag: str, or_else: str | None, then: str = "") -> str:
     """The fix that writes ``path`` converted by ``command`` (``iconv -f CP1252 -t UTF-8``,
     ``gunzip -c``), piped through ``then`` where given (``| tr -d '\\000'``), to the file beside it
-    named with ``tag`` (`_beside`)."""
+    named with ``tag`` (`_beside`); for `STANDARD_INPUT`, the pipe through them."""
+    if path is STANDARD_INPUT:
+        return f"pipe it through {command}{then}" + (f"; or {or_else}" if or_else else "")
     out = shlex.quote(str(_beside(path, tag)))
     return f"{command} {shlex.quote(str(path))}{then} > {out}, and use that file in its place" + (
         f"; or {or_else}" if or_else else ""
@@ -1335,6 +1449,13 @@ def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
     text before the byte mixes encodings, which no conversion of the whole file mends."""
     byte, line = data[start], data.count(b"\n", 0, start) + 1
     where = f"byte 0x{byte:02x} at offset {start}, line {line}"
+    problem, fix, then = f"{path}: not UTF-8 text ({where})", "convert it", ""
+    if east_asian := _east_asian_utf16(data):
+        encoding, text = east_asian
+        guess = f", {encoding} without a byte-order mark if it reads {text[:12]!r} (a guess)"
+        return f"{problem}; fix: {fix} from the encoding it was written in{guess}: " + _rewrite_fix(
+            path, f"iconv -f {encoding} -t UTF-8", "utf8", or_else
+        )
     if not data[:start].removeprefix(b"\xef\xbb\xbf").isascii():
         return (
             f"{path}: not UTF-8 text ({where}) after UTF-8 text: the file mixes encodings; fix: "
@@ -1346,8 +1467,8 @@ def _not_utf8(path: Path, data: bytes, start: int, or_else: str | None) -> str:
         encoding = "CP1252"
         guess = f", cp1252 (Windows' Latin-1) if {shown!r} belongs there (a guess)"
     except UnicodeDecodeError:
-        encoding, guess = "ENCODING", f" (file -i {shlex.quote(str(path))} may tell which)"
-    problem, fix, then = f"{path}: not UTF-8 text ({where})", "convert it", ""
+        named = "-" if path is STANDARD_INPUT else shlex.quote(str(path))
+        encoding, guess = "ENCODING", f" (file -i {named} may tell which)"
     if 0 in data:  # a log padded with NULs (`_padded_text`): iconv keeps them
         problem += f", and NUL bytes (byte {data.index(0)}), as a crashed log's padding"
         fix, then = "delete the NULs and convert it", " | tr -d '\\000'"

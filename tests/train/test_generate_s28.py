@@ -140,7 +140,7 @@ def test_generate_refuses_a_prompt_file_that_is_not_utf8(run, tmp_path, capsys, 
     one_line_error(capsys, f"--prompt-file {path}: not UTF-8 text (byte 0xe9 at offset 7")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff")))
     assert main(["generate", str(run), "--prompt-file", "-"]) == 2
-    one_line_error(capsys, "--prompt-file standard input is not UTF-8 text", "iconv")
+    one_line_error(capsys, "--prompt-file standard input: not UTF-8 text", "iconv")
 
 
 def test_generate_help_documents_top_p_and_prompt_file(capsys):
