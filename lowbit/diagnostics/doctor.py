@@ -9,8 +9,12 @@ being worse than fp4 usually is. An operand is flagged when
 - it saturates (more than `MAX_SATURATED` of its values clipped at the format's max), where
   clipping is unbounded: a tensor scale that is too small (delayed scaling, a stale amax) clips
   outliers by any ratio. Block-scaled formats clip by design (MX's power-of-two scales, rounded
-  down, clip ~1% of a normal block, NVFP4's e4m3 block scales ~0.3%), each value by a bounded
-  ratio that their SQNR already counts (`clips_unbounded`),
+  down, clip ~0.6% of a normal block beyond rounding, 0.9% in e2m1; NVFP4's e4m3 block scales
+  clip within rounding there), each value by a bounded ratio that their SQNR already counts
+  (`clips_unbounded`). Clipped means beyond rounding (`lowbit.diagnostics.stats.clip_threshold`):
+  a value that rounds to the format's largest, as it would with no limit on the range, is not
+  counted. One clipped value is more than `MAX_SATURATED` of a tensor under 10**4 elements,
+  and it is a loss: clipped by at least half the top step (3.4% of the value in e4m3),
 - it underflows (flushes more than `MAX_UNDERFLOW` of its nonzero values beyond the share its
   format flushes on a normal tensor), or
 - its SQNR is more than `LOSS_DB` below nominal,
@@ -126,6 +130,8 @@ class Diagnosis:
     moved: int = 0  # operands `auto` moved after their last observed step (`_moved_at_the_end`)
     # low-precision layers no probe step ran (`_not_run`): absent from the table, not judged fine
     not_run: list[str] = field(default_factory=list)
+    # backward GEMMs of layers that ran which no probe step computed (`_not_computed`)
+    not_computed: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[Row]:
@@ -149,6 +155,7 @@ class Diagnosis:
             "stopped": self.stopped,
             "moved_after_probe": self.moved,
             "not_run": self.not_run,
+            "not_computed": self.not_computed,
         }
 
     def _not_run_line(self) -> str:
@@ -157,6 +164,15 @@ class Diagnosis:
             f"{len(self.not_run)} low-precision layers never ran in the probe ({shown}): not "
             "judged, and not in the table (experts no token was routed to, or modules the "
             "model's forward does not call); doctor.json's not_run lists them all"
+        )
+
+    def _not_computed_line(self) -> str:
+        shown = ", ".join(g.replace("/", " ") for g in self.not_computed[:3])
+        shown += ", ..." if len(self.not_computed) > 3 else ""
+        return (
+            f"not computed, so not in the table: {shown} (a GEMM whose result nothing needs: the "
+            "input gradient of a layer reading the model's input, the pixels of a CNN's first "
+            "convolution; doctor.json's not_computed lists them all)"
         )
 
     def table(self, top: int = 15) -> str:
@@ -178,6 +194,7 @@ class Diagnosis:
                 else []
             ),
             *([self._not_run_line()] if self.not_run else []),
+            *([self._not_computed_line()] if self.not_computed else []),
             f"{'#':>3} {'layer':<{named}} {'operand':<21} {'spec':<{width}} {'SQNR':>6} {'nominal':>7} "
             f"{'loss':>6} {'sat':>8} {'under':>8}  reason",
         ]
@@ -821,7 +838,27 @@ def diagnose(
         start_step=result["start_step"],
         moved=_moved_at_the_end(result["trainer"], rows),
         not_run=_not_run(result["trainer"], result["per_step"]),
+        not_computed=_not_computed(result["per_step"]),
     )
+
+
+def _not_computed(per_step: list[dict]) -> list[str]:
+    """``LAYER/GEMM`` of each backward GEMM that no probe step computed while its layer's other
+    backward GEMM ran: autograd computes no input gradient for a layer whose input needs none
+    (the model's own input: a CNN's first convolution reading the pixels), nor a weight gradient
+    for a weight that needs none. Those GEMMs have no statistics and are not judged; a layer no
+    backward reached (a probe stopped in its forward) is not named."""
+    ran: dict[str, set[str]] = {}
+    for stats in per_step:
+        for layer, ops in stats.items():
+            ran.setdefault(layer, set()).update(op.split(".")[0] for op in ops)
+    backward = ("grad_input", "grad_weight")
+    return [
+        f"{layer}/{gemm}"
+        for layer, gemms in ran.items()
+        for gemm in backward
+        if gemm not in gemms and any(other in gemms for other in backward)
+    ]
 
 
 def _not_run(trainer, per_step: list[dict]) -> list[str]:
@@ -896,7 +933,8 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
     grid = np.full((len(layers), len(OPERANDS)), np.nan)
     for r in diagnosis.rows:
         grid[layers.index(r.layer), OPERANDS.index(r.operand)] = min(r.loss_db, 60.0)
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * max(len(layers), 1)))
+    # at least 3 inches: the colour bar's label, drawn along it, was cut off for few layers
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 1.5 + 0.28 * len(layers))))
     # the scale reaches at least the flagging threshold: scaled to the largest loss alone, a
     # healthy probe's 0.4 dB of noise was drawn black, darker than the flagged cells
     top = max(LOSS_DB, float(np.nanmax(grid)))
@@ -920,7 +958,13 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
                 weight="bold",
                 color="cyan" if dark else "tab:blue",
             )
-    fig.colorbar(image, ax=ax, label=f"SQNR below nominal (dB; flagged from {LOSS_DB:g})")
+    for name in diagnosis.not_computed:  # blank: say why, not leave it to read as missing data
+        layer, gemm = name.rsplit("/", 1)
+        for x, op in enumerate(OPERANDS):
+            if op.startswith(gemm + ".") and layer in layers:
+                y = layers.index(layer)
+                ax.text(x, y, "not run", ha="center", va="center", fontsize=6, color="gray")
+    fig.colorbar(image, ax=ax, label=f"SQNR below nominal (dB)\nflagged from {LOSS_DB:g}")
     ax.set_title(f"lowbit doctor: {diagnosis.recipe}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

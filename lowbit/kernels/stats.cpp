@@ -8,13 +8,14 @@
 // ladder at each check (a check step of the parity study's model, one thread, took 3.0 s against
 // 0.16 s for a plain step; 0.9-1.1 s with this kernel, scratch timing). Here it is one pass with
 // the same elementwise arithmetic as the PyTorch path: d = v * s rounded to fp32, the saturation
-// threshold fp32(max * (1 + 2^-20)) times s in fp32, x - d, (x - d)^2 and x^2 in float64 (in fp32
-// the squares of finite values above ~1.8e19 overflow and those below ~1e-23 flush to zero, which
-// would make a healthy tensor read as non-finite or hide its error); counts are exact and the sums
-// are accumulated in float64 (in chunks of a fixed size, added in chunk order, so the result
-// does not depend on the thread count), which differs from PyTorch's float64 summation order only
-// in the last bits. x and the carrier values are read in their own dtypes (fp32, bf16, fp16; int8
-// values), not converted first (non-contiguous operands are copied by the caller).
+// threshold (`clip_threshold`) times s in fp32 (a zero scale clips nothing: it flushes), x - d,
+// (x - d)^2 and x^2 in float64 (in fp32 the squares of finite values above ~1.8e19 overflow and
+// those below ~1e-23 flush to zero, which would make a healthy tensor read as non-finite or hide
+// its error); counts are exact and the sums are accumulated in float64 (in chunks of a fixed size,
+// added in chunk order, so the result does not depend on the thread count), which differs from
+// PyTorch's float64 summation order only in the last bits. x and the carrier values are read in
+// their own dtypes (fp32, bf16, fp16; int8 values), not converted first (non-contiguous operands
+// are copied by the caller).
 //
 // `subnormal_below` (0: off) is for an x already in its operand's format (fp16-low's fp16
 // gradients): the cast then flushes nothing, since what underflowed did so upstream, and the
@@ -74,7 +75,7 @@ Partial chunk_stats(const X* xp, const V* vp, const float* sp, int64_t scale_ste
     const double err2 = diff * diff;
     const double square = x64 * x64;
     const float limit = threshold * s;
-    const bool saturated = finite && ax > limit;
+    const bool saturated = finite && s > 0.0f && ax > limit;
     const bool nonzero = xv != 0.0f;
     const bool flushed = nonzero && (d == 0.0f || ax < subnormal_below);
     p.signal += square;

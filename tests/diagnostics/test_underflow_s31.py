@@ -41,13 +41,16 @@ def _log_uniform(low: float, high: float, seed: int = 0) -> torch.Tensor:
 
 def _truth(x: torch.Tensor, q) -> tuple[float, float]:
     """What the cast did, counted directly: nonzero inputs that came back zero (of the nonzero),
-    and elements clipped: their scaled magnitude beyond the format's largest value by more than
-    the fp32 rounding of ``amax / scale`` (a row's amax lands there, one ulp above, unclipped)."""
+    and elements clipped: their cast error beyond half a step of the format's top binade (the
+    most rounding loses; session 41: a value that rounds to the largest one is not clipped), where
+    the scale is not zero (an NVFP4 block's rounded to zero flushes the block)."""
     d = q.dequantize()
     nonzero = x != 0
     flushed = (nonzero & (d == 0)).sum().item() / nonzero.sum().item()
-    top = float(q.fmt.max) * q.expanded_scale().double()
-    clipped = (x.abs().double() > top * (1 + 2.0**-20)).double().mean().item()
+    step = 1.0 if q.fmt.kind == "int" else 2.0 ** (q.fmt.emax - q.fmt.mbits)
+    scale = q.expanded_scale().double()
+    beyond = (x.double() - d.double()).abs() > step / 2 * scale
+    clipped = (beyond & (scale > 0)).double().mean().item()
     return flushed, clipped
 
 
