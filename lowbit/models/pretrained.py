@@ -499,10 +499,12 @@ def _as_built(fields: dict) -> dict:
     then ``to_dict``): defaults written out, older spellings moved (transformers 4's top-level
     ``rope_theta`` is 5's ``rope_parameters.rope_theta``), so that a folder saved again, by this
     version or another, compares equal to the fields it was trained with. The fields as given
-    where transformers does not know the model type."""
+    where transformers does not know the model type. The special token ids, left out of the
+    record, are built as None, not as the class's defaults: GPT-2's 50256 outside a small
+    vocabulary made transformers warn of the user's config at every load of the run."""
     from transformers import AutoConfig
 
-    given = dict(fields)
+    given = {**fields, **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))}
     try:
         built = AutoConfig.for_model(given.pop("model_type"), **given).to_dict()
     except Exception:  # no model_type, or one this transformers lacks: compared as written

@@ -98,8 +98,8 @@ def build_token_classifier(
     """
     from transformers import BertConfig, BertForTokenClassification
 
-    label_fields = {
-        "num_labels": len(labels),
+    label_fields = {  # num_labels follows id2label; given as well, a saved config's id2label of
+        # other labels made transformers warn twice that the two disagree
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
     }

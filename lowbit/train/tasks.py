@@ -333,6 +333,7 @@ def causal_lm_tokenizer(config, run_dir, corpus):
     lost it is refused rather than given a tokenizer built again, whose ids could differ.
     """
     from lowbit.data import build_tokenizer, load_tokenizer
+    from lowbit.models.pretrained import load_config
 
     if run_dir is not None:
         folder = Path(run_dir) / "tokenizer"
@@ -347,7 +348,10 @@ def causal_lm_tokenizer(config, run_dir, corpus):
     if own is not None and own.name == "lowbit_tokenizer.json":
         return load_tokenizer(own.parent)
     if own is not None:
+        if (own.parent / "config.json").is_file():  # named in one line before transformers'
+            load_config(own.parent)  # tokenizer reads it (and logs of an unknown model_type)
         return _hf_tokenizer(own.parent, "save the model's tokenizer into its folder again")
+    _warn_untokenized_weights(config)
     if config.tokenizer == "bpe":
         tokenizer = build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
         if tokenizer.vocab_size < config.vocab_size:
@@ -358,6 +362,23 @@ def causal_lm_tokenizer(config, run_dir, corpus):
             )
         return tokenizer
     return build_tokenizer("byte")
+
+
+def _warn_untokenized_weights(config) -> None:
+    """Warn where the --model folder holds trained weights but no tokenizer files (a
+    ``model.save_pretrained`` without ``tokenizer.save_pretrained``): its embedding rows stand for
+    its own tokenizer's tokens, and the run feeds it lowbit's byte or BPE ids instead."""
+    from lowbit.models.causal_lm import SIZES
+    from lowbit.models.pretrained import has_weights
+
+    folder = Path(config.model)
+    if config.model not in SIZES and folder.is_dir() and has_weights(folder):
+        _warn_once(
+            f"lowbit: warning: {folder} holds weights but no tokenizer files, so the run "
+            f"feeds it --tokenizer {config.tokenizer} ids its embedding was not trained on; fix: "
+            "save the model's tokenizer into the folder (tokenizer.save_pretrained), or "
+            "remove its weights to train the architecture from a fresh initialization"
+        )
 
 
 class CausalLMTask(Task):
