@@ -583,6 +583,15 @@ def _check_tokenizer(name: str) -> None:
     choose("tokenizer", name, TOKENIZERS, fix="--tokenizer byte, or bpe to learn one from the data")
 
 
+def _process_counts(batch: int, nproc: int) -> str:
+    """The process counts nearest ``nproc`` that split the global ``batch`` evenly, as a fix:
+    ``--nproc 2 or 4`` for 8 over 3. "Use a multiple of 3" was no fix for a resume, which keeps
+    the run's batch size and may change only --nproc."""
+    below = max(n for n in range(1, nproc) if batch % n == 0)
+    above = next((n for n in range(nproc + 1, batch + 1) if batch % n == 0), None)
+    return f"--nproc {below}" + (f" or {above}" if above is not None else "")
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the task defaults in and check every value; returns a new config."""
     out = dataclasses.replace(config)
@@ -613,7 +622,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if out.nproc > 0 and out.batch_size % out.nproc:
             raise UsageError(
                 f"batch size {out.batch_size} (the global batch) does not split evenly over "
-                f"{out.nproc} processes; fix: use a multiple of {out.nproc} or another --nproc"
+                f"{out.nproc} processes; fix: {_process_counts(out.batch_size, out.nproc)} (a "
+                f"divisor of {out.batch_size}), or in a new run a --batch-size that is a multiple "
+                f"of {out.nproc} (a resume keeps the run's)"
             )
     positive = ["batch_size", "grad_accum", "eval_interval", "eval_batches", "save_interval"]
     positive += ["keep_last", "steps"] if out.steps is not None else ["keep_last"]
