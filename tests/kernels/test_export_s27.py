@@ -2,11 +2,10 @@
 implementation (`lowbit.kernels.fake`) against its kernel.
 
 Without the fake implementations, ``torch.export.export`` of any model converted to a quantizing
-recipe failed with ``UnsupportedOperatorException: lowbit.quantize_rows.default``.
+recipe failed with ``UnsupportedOperatorException: lowbit.quantize_rows.default``. (An export
+before any eager call, in a fresh process: tests/nn/test_compile_s29.py, whose fresh process
+traces models before their first eager step.)
 """
-
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -46,22 +45,6 @@ def test_an_exported_converted_model_gives_the_eager_bits(recipe):
     assert torch.equal(program.module()(x), expected)
     other = torch.randn(4, 32)
     assert torch.equal(program.module()(other), model(other))
-
-
-def test_exporting_before_any_eager_call_leaves_eager_calls_working():
-    """`unit_scale` kept the fake 1 x 1 tensor it first made inside the trace, and every later
-    eager GEMM failed on it ("Cannot access data pointer"). In a fresh process: the cache is
-    per process."""
-    code = (
-        "import torch, lowbit\n"
-        "model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 16))\n"
-        "lowbit.convert(model, 'fp8-tensorwise')\n"
-        "x = torch.randn(4, 32)\n"
-        "program = torch.export.export(model, (x,))\n"
-        "assert torch.equal(program.module()(x), model(x))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
