@@ -15,7 +15,7 @@ import pytest
 
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY
+from tests.distributed.helpers import TINY, once_per_session
 
 
 @contextlib.contextmanager
@@ -38,7 +38,11 @@ def _file_descriptor_2(into: io.StringIO):
 @pytest.fixture(scope="module")
 def two_ranks_on_one_core(tmp_path_factory):
     """(stdout, stderr: the launcher's and its ranks') of a one-step ``lowbit train --nproc 2``
-    of a token classifier under FSDP2 on a machine of one core."""
+    of a token classifier under FSDP2 on a machine of one core, launched once per session."""
+    return once_per_session(tmp_path_factory, "s30-two-ranks", lambda: _launch(tmp_path_factory))
+
+
+def _launch(tmp_path_factory) -> tuple[str, str]:
     out = tmp_path_factory.mktemp("s30") / "run"
     stdout, stderr = io.StringIO(), io.StringIO()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "batch_size": 4}.items()]

@@ -11,7 +11,7 @@ import torch
 
 from lowbit.distributed import SINGLE
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY, on_ranks
+from tests.distributed.helpers import TINY, on_ranks, once_per_session
 
 STEPS = 4
 RECIPES = ("fp32", "bf16-mixed", "fp8-tensorwise", "mxfp8", "bf16-low", "bf16-pure-sr")
@@ -204,7 +204,14 @@ def _on_two_ranks(rank, world, out, resume_from):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """One spawn of two ranks runs every multi-process part (spawning costs seconds per rank)."""
+    """One spawn of two ranks runs every multi-process part (spawning costs seconds per rank),
+    once per session."""
+    return once_per_session(
+        tmp_path_factory, "training-two-ranks", lambda: _two_ranks(tmp_path_factory)
+    )
+
+
+def _two_ranks(tmp_path_factory):
     from lowbit.train import Trainer
 
     out = tmp_path_factory.mktemp("ranks")
@@ -220,7 +227,13 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
-    """Per-step losses of one process with the same global batch, per recipe."""
+    """Per-step losses of one process with the same global batch, per recipe (once per session)."""
+    return once_per_session(
+        tmp_path_factory, "training-one-process", lambda: _one_process(tmp_path_factory)
+    )
+
+
+def _one_process(tmp_path_factory) -> dict:
     from lowbit.train import Trainer
 
     out = tmp_path_factory.mktemp("one")

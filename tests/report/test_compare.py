@@ -501,14 +501,17 @@ def test_sigint_to_the_compare_process_alone_stops_its_workers(tmp_path, stop):
     )
     try:
         deadline = time.monotonic() + 300
-        # both runs past their set-up, whose last slow part is the TensorBoard log (importing it
-        # took 4.6 s in a fresh process on a busy machine): a stop before the training loop ends a
-        # run without a checkpoint, as a Ctrl-C in its set-up does. Waiting for run.json (written
-        # before it) and a second more failed once that part took 3 s.
-        while len(list(out.glob("runs/*/seed-0/tensorboard/events.out.tfevents.*"))) < 2:
+        # both runs in their training loop (a train row in metrics.jsonl, logged after a step
+        # there): a stop before the loop ends a run without a checkpoint, as a Ctrl-C in its
+        # set-up does. Waiting for run.json and a second more failed once when the set-up's
+        # TensorBoard log took 3 s; waiting for that log and a second more burnt the workers'
+        # CPU for the second.
+        metrics = [
+            out / "runs" / recipe / "seed-0" / "metrics.jsonl" for recipe in ("fp32", "bf16-mixed")
+        ]
+        while not all(m.is_file() and '"split": "train"' in m.read_text() for m in metrics):
             assert parent.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(1)  # the few milliseconds from there to the loop, with a wide margin
+            time.sleep(0.05)
         started = time.monotonic()
         parent.send_signal(stop)
         _, err = parent.communicate(timeout=120)
