@@ -9,7 +9,6 @@ environment and working folder of the call and generators seeded afresh.
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing.forkserver
 import os
 import pickle
@@ -99,22 +98,3 @@ def on_ranks(fn, nproc: int = 2, timeout: float = 240, group: bool = True, **kwa
                 if process.is_alive():
                     process.kill()
         return [pickle.loads((Path(folder) / f"rank-{r}.pkl").read_bytes()) for r in range(nproc)]
-
-
-def once_per_session(tmp_path_factory, name: str, make):
-    """``make()``'s result (pickled), made by one pytest process of the session and read by the rest.
-
-    Under ``pytest -n 2`` the tests of a module may be split between the two workers, and each
-    ran the module's fixture: a module whose tests share one ``--nproc`` launch paid for two. The
-    workers' base folders (``gw0``, ...) lie in the session's, where the first worker to take the
-    lock makes the result and the others wait for it (a ``make`` that raises writes nothing: each
-    test then fails with its own error)."""
-    base = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        base = base.parent
-    made = base / f"{name}.pkl"
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # dropped as the file closes
-        if not made.exists():
-            made.write_bytes(pickle.dumps(make()))
-        return pickle.loads(made.read_bytes())

@@ -15,7 +15,8 @@ import pytest
 
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY, once_per_session
+from tests.distributed.helpers import TINY
+from tests.once import once_per_session
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ import torch
 
 from lowbit.distributed import SINGLE
 from lowbit.train import TrainConfig, train
-from tests.distributed.helpers import TINY, on_ranks, once_per_session
+from tests.distributed.helpers import TINY, on_ranks
+from tests.once import once_per_session
 
 STEPS = 4
 RECIPES = ("fp32", "bf16-mixed", "fp8-tensorwise", "mxfp8", "bf16-low", "bf16-pure-sr")

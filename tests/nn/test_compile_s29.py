@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 import lowbit
 from lowbit.models.causal_lm import model_config
 from tests.nn.test_compile_s28 import compile_counted, graph_breaks
+from tests.once import once_per_session
 
 
 def nano() -> tuple[torch.nn.Module, lowbit.Precision, torch.optim.Optimizer]:
@@ -108,6 +109,14 @@ def runs(tmp_path_factory):
     traces for seconds on a CPU): the delayed-scaling (eager, compiled) training, each (tensors,
     graphs traced after each step), the tensorwise step's (eager, compiled, (graphs, breaks)), and
     `export_then_eager`'s outputs."""
+    saved = once_per_session(
+        tmp_path_factory, "s29-compiled-first", lambda: _fresh(tmp_path_factory)
+    )
+    return saved["eager"], saved["compiled"], saved["tensorwise"], saved["exported"]
+
+
+def _fresh(tmp_path_factory) -> dict:
+    """What `COMPILED_FIRST` saved, run in a fresh process."""
     out = tmp_path_factory.mktemp("s29") / "runs.pt"
     done = subprocess.run(
         [sys.executable, "-c", COMPILED_FIRST, str(out)],
@@ -117,8 +126,7 @@ def runs(tmp_path_factory):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    saved = torch.load(out)
-    return saved["eager"], saved["compiled"], saved["tensorwise"], saved["exported"]
+    return torch.load(out)
 
 
 def test_a_delayed_scaling_model_compiles_to_one_graph(runs):
