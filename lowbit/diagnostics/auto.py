@@ -126,6 +126,8 @@ class AutoPrecision:
     history: list = field(default_factory=list)
     checked: bool = False
     input_layers: set = field(default_factory=set)  # layers that read the model's input
+    # (layer, operand) of the GEMMs that did not run in the last check (`_note_idle`)
+    idle: set = field(default_factory=set)
 
     def __post_init__(self):
         from lowbit.nn.convert import lowbit_layers
@@ -212,8 +214,15 @@ class AutoPrecision:
 
     def summary(self) -> dict:
         """Counts per rung, the share of operands at 8 bits or below, the mean bits (None for a
-        plan of no operands, every layer kept by overrides: no share, and not 0 bits)."""
-        rungs = [rung for ops in self.plan.values() for rung in ops.values()]
+        plan of no operands, every layer kept by overrides: no share, and not 0 bits), of the
+        operands whose GEMMs run (not `idle`: a CNN's first convolution computes no input
+        gradient, so 10 of the digits CNN's 12 planned operands run)."""
+        rungs = [
+            rung
+            for layer, ops in self.plan.items()
+            for op, rung in ops.items()
+            if (layer, op) not in self.idle
+        ]
         out = {f"n_{r}": sum(1 for x in rungs if x == r) for r in self.rungs}
         low = sum(1 for r in rungs if rung_bits(r) <= 8.25)
         out["frac_8bit_or_below"] = low / len(rungs) if rungs else None
@@ -267,6 +276,7 @@ class AutoPrecision:
             f"{layer}/{op}": f"{rung}: kept, the layer reads the model's input (raw data)"
             for layer in sorted(self.input_layers)
             for op, rung in self.plan.get(layer, {}).items()
+            if (layer, op) not in self.idle
         }
 
     def _controls(self, layer: str, operand: str) -> bool:
@@ -314,6 +324,7 @@ class AutoPrecision:
     def finish_check(self, step: int) -> tuple[dict, list]:
         """Decide from the observed step; returns (current stats, changes made)."""
         stats = self.collector.collect()
+        self._note_idle(stats)
         samples = [(key, m) for key, ms in self._measured.items() for m in ms]
         verdicts = {}
         if samples:
@@ -349,6 +360,19 @@ class AutoPrecision:
             self.apply()
             self.history.append({"step": step, **self.summary(), "changes": changes})
         return stats, changes
+
+    def _note_idle(self, stats: dict) -> None:
+        """Note the planned operands that the check step's ``stats`` (`StatsCollector.collect`)
+        leave out, those of GEMMs that did not run (an input gradient of a layer whose input
+        needs none), as `idle`: the plan keeps their rungs, its counts leave them out. A step
+        that observed nothing tells nothing, and changes nothing."""
+        if stats:
+            self.idle = {
+                (layer, op)
+                for layer, ops in self.plan.items()
+                for op in ops
+                if op not in stats.get(layer, {})
+            }
 
     def _target(self, operand: str, results: dict) -> tuple[str, dict]:
         """The cheapest rung whose ``results`` pass, and why each cheaper one failed."""
@@ -486,6 +510,7 @@ class AutoPrecision:
             "history": list(self.history),
             "checked": self.checked,
             "input_layers": sorted(self.input_layers),
+            "idle": sorted(f"{layer}|{op}" for layer, op in self.idle),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -494,6 +519,8 @@ class AutoPrecision:
         self.history = list(state["history"])
         self.checked = bool(state["checked"])
         self.input_layers = set(state.get("input_layers", ()))  # absent before they were kept
+        # absent before session 41: every operand counts until the next check notes them
+        self.idle = {tuple(k.split("|")) for k in state.get("idle", ())}
         self.apply()
 
 

@@ -380,6 +380,17 @@ def _kept_input(x: torch.Tensor, state: LayerState) -> torch.Tensor:
     return _quantize(x, state.spec.grad_weight.b, state, "forward.x.cast").values
 
 
+def _gemms_to_run(ctx) -> tuple[bool, bool]:
+    """Whether the backward will run the input-gradient GEMM and the weight-gradient GEMM: what
+    autograd asks of this call (``ctx.needs_input_grad``, from the input's and the weight's
+    ``requires_grad``). The forward saves only what those need: a CNN's first convolution reads
+    the image, which needs no gradient, so it keeps no weight (nor its quantization) for an input
+    gradient; a frozen weight (a LoRA-style fine-tune) keeps no input for a weight gradient.
+    torch.func's transforms (`_ForwardRecord`) say nothing before the forward: both."""
+    needs = getattr(ctx, "needs_input_grad", None)
+    return (True, True) if needs is None else (bool(needs[0]), bool(needs[1]))
+
+
 def _lean(x: torch.Tensor, weight: torch.Tensor, state: LayerState) -> bool:
     """Whether this call takes the lean path: a layer with `LayerState.lean_quantizers` whose
     operands the fused kernels take, with no observer and no scales to agree across ranks.
@@ -492,14 +503,20 @@ class LowbitLinearFunction(torch.autograd.Function):
         ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.unfolding = unfolding
         ctx.lean = _lean(x, weight, state)
+        grad_input, grad_weight = _gemms_to_run(ctx)
         if ctx.lean:
             out = _lean_forward(x, weight, bias, state, out_dtype)
-            ctx.save_for_backward(_saved_input(_kept_input(x, state), x, image, unfolding), weight)
+            ctx.save_for_backward(
+                _saved_input(_kept_input(x, state), x, image, unfolding) if grad_weight else None,
+                weight if grad_input else None,
+            )
             return out
         # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
         # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
         gemm_dtype = out_dtype if bias is None and state.output_rounding is None else torch.float32
-        out = LowbitLinearFunction._forward(ctx, x, weight, state, gemm_dtype, image, unfolding)
+        out = LowbitLinearFunction._forward(
+            ctx, x, weight, state, gemm_dtype, image, unfolding, grad_input, grad_weight
+        )
         if bias is not None:
             out.add_(bias)
         if state.output_rounding is not None:
@@ -508,9 +525,19 @@ class LowbitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward(
-        ctx, x, weight, state: LayerState, gemm_dtype: torch.dtype, image, unfolding
+        ctx,
+        x,
+        weight,
+        state: LayerState,
+        gemm_dtype: torch.dtype,
+        image,
+        unfolding,
+        grad_input: bool,
+        grad_weight: bool,
     ) -> torch.Tensor:
-        """The general path: the forward GEMM, and what the backward needs saved on ``ctx``."""
+        """The general path: the forward GEMM, and what the backward needs saved on ``ctx``: for
+        each gradient GEMM that will run (``grad_input``, ``grad_weight``: `_gemms_to_run`) its
+        forward operand, as is or quantized for reuse."""
         spec = state.spec
         with torch.autocast(x.device.type, enabled=False):
             forward = spec.forward
@@ -527,7 +554,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                 out = quantized_gemm(
                     x, weight, forward, state, ("forward.x", "forward.w"), gemm_dtype
                 )
-        reuse_w, reuse_x = state.reuse_w, state.reuse_x
+        reuse_w, reuse_x = state.reuse_w and grad_input, state.reuse_x and grad_weight
         if state.observer is not None:  # reused tensorwise operands: the same values, same stats
             if reuse_w:
                 state.observer("grad_input.w", weight, qw)
@@ -538,8 +565,10 @@ class LowbitLinearFunction(torch.autograd.Function):
             _kept_weights.extend(t for t in _tensors(kept_w) if t is not None)
         ctx.quantized_layouts = (_layout(kept_w), _layout(kept_x))
         ctx.save_for_backward(
-            None if reuse_x else _saved_input(_kept_input(x, state), x, image, unfolding),
-            None if reuse_w else weight,
+            _saved_input(_kept_input(x, state), x, image, unfolding)
+            if grad_weight and not reuse_x
+            else None,
+            weight if grad_input and not reuse_w else None,
             *_tensors(kept_w),
             *_saved_operand(kept_x, x, image, unfolding),
         )
@@ -745,6 +774,9 @@ def _lean_backward(ctx, grad_out, x, weight) -> tuple:
     state: LayerState = ctx.state
     _release_forward_inputs()
     needs = ctx.needs_input_grad
+    if x is None or weight is None:  # not saved for a GEMM that does not run: never read
+        unsaved = grad_out.new_empty(0)
+        x, weight = (unsaved if x is None else x), (unsaved if weight is None else weight)
     grads = kernels.cast_linear_backward(
         grad_out,
         x,
