@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if flag not in OWN:
             group.add_argument(flag, type=kind, default=None, help=text)
     train_command.add_switches(group)
+    for flag in ("--nproc", "--strategy"):  # refused in one line, not as unrecognized arguments
+        group.add_argument(flag, action=_OneProcess, help=argparse.SUPPRESS)
     group.add_argument(
         "--override",
         action="append",
@@ -99,6 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-layer precision for every recipe's runs, repeatable, as `lowbit train "
         "--override` takes it (e.g. 'lm_head=fp32'); first match wins",
     )
+
+
+class _OneProcess(argparse.Action):
+    """Refuse ``--nproc`` and ``--strategy`` as a --config file's nproc and strategy are refused
+    (`make_study`): they were argparse's bare "unrecognized arguments"."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from lowbit.report.compare import ONE_PROCESS
+
+        raise UsageError(f"{option_string} {values}: {ONE_PROCESS}; fix: drop {option_string}")
 
 
 def run(args) -> int:

@@ -22,6 +22,7 @@ from lowbit.memory.estimate import (
     load_model_config,
 )
 from lowbit.models import list_sizes
+from lowbit.models.causal_lm import config_positions, default_seq_len
 from lowbit.optim import STATE_PRECISIONS
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.recipes.presets import accepted_names
@@ -449,6 +450,9 @@ def _with_run_settings(args) -> None:
             setattr(args, name, value)
     if args.seq is None:
         args.seq = _default_seq(args.task)
+        if args.task == "causal-lm":  # a small folder's positions, as `lowbit train` takes them
+            positions = config_positions(load_model_config(args.model, args.task)[0])
+            args.seq = default_seq_len(args.seq, positions, "--seq")
 
 
 def _split_run_batch(global_batch: int, gpus: int, whose: str, gpus_flag: str) -> int:

@@ -150,7 +150,9 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args):
     """The run's `TrainConfig`: saved config (resume) < config file < flags."""
     from lowbit.distributed.context import torchrun_env
+    from lowbit.models.causal_lm import default_seq_len, model_positions
     from lowbit.train.config import (
+        TASK_DEFAULTS,
         build_config,
         given_settings,
         is_run_config,
@@ -195,6 +197,10 @@ def config_from_args(args):
     config = build_config(settings, overrides)
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
+    if config.seq_len is None and config.task == "causal-lm":  # a small folder's positions
+        config.seq_len = default_seq_len(
+            TASK_DEFAULTS[config.task]["seq_len"], model_positions(config.model), "--seq-len"
+        )
     if args.config:
         _check_file_values(config, overrides, args.config)
     return config

@@ -339,18 +339,15 @@ def build_planned_model(config, name: str, dtype: torch.dtype, task: str):
     dtype into it)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
-    from lowbit.models.causal_lm import _as_decoder, is_causal_lm
+    from lowbit.models.causal_lm import _as_decoder, is_causal_lm, not_causal
     from lowbit.models.pretrained import BUILD_ERRORS, with_sdpa
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForTokenClassification
     architectures = getattr(config, "architectures", None) or []
     if task == "causal-lm" and architectures and not is_causal_lm(architectures, config.model_type):
-        # as `lowbit train` refuses it (lowbit.models.causal_lm.load_causal_lm)
-        raise UsageError(
-            f"{name}: a {config.model_type!r} checkpoint ({', '.join(architectures)}) is not a "
-            "causal language model; fix: give a decoder's config.json, or --task "
-            "token-classification for an encoder"
-        )
+        # as `lowbit train` refuses it (`load_causal_lm`), in the same words
+        folder = Path(name).parent if Path(name).name == "config.json" else Path(name)
+        raise not_causal(name, config, folder)
 
     def build(**kw):  # a fresh copy per attempt: a failed SDPA attempt leaves its choice in it
         # Fake tensors hold no values to initialize, and some initializers read them (torch's

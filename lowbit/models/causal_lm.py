@@ -20,7 +20,9 @@ let a precision recipe treat the LM head separately from the embedding lookup.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -176,6 +178,31 @@ def max_positions(model) -> int | None:
     return config_positions(model.config)
 
 
+def model_positions(model: str) -> int | None:
+    """`config_positions` of a --model: a named size's row (importing transformers for its
+    LlamaConfig, ~2 s of CPU, is no part of a check in a process that builds no model: `lowbit
+    compare --jobs`'s), or a checkpoint folder's config (`folder_config`)."""
+    if model in SIZES:
+        return SIZES[model]["max_position_embeddings"]
+    return config_positions(folder_config(model))
+
+
+def default_seq_len(default: int, positions: int | None, flag: str) -> int:
+    """The sequence length of a run (or estimate) given none: ``default``, or the model's
+    ``positions`` where it takes fewer, said in a note naming ``flag``. A small --model folder
+    (64 positions) was refused "sequence length 256 exceeds the model's 64 positions" (1024 by
+    `lowbit estimate`), of a length the user never gave; one given above the limit still is."""
+    if positions is None or default <= positions:
+        return default
+    if os.environ.get("RANK", "0") == "0":  # each torchrun rank reads the same model
+        print(
+            f"lowbit: note: no {flag} given: {positions}, the most the model's {positions} "
+            f"positions take (the default is {default})",
+            file=sys.stderr,
+        )
+    return positions
+
+
 def check_seq_len(model, seq_len: int) -> None:
     """Raise a `UsageError` when ``seq_len`` exceeds the model's maximum positions."""
     check_positions(max_positions(model), seq_len)
@@ -208,7 +235,7 @@ def build_causal_lm(size: str, vocab_size: int, max_seq_len: int | None = None, 
     return model
 
 
-def _not_causal(path, config, folder: Path) -> UsageError:
+def not_causal(path, config, folder: Path) -> UsageError:
     """Why a checkpoint (or config) is no causal LM. Where its ``architectures`` name another head
     (or none) of a model type that has a causal-LM class, "use a decoder such as Llama" contradicted
     a Llama config: the message names the head, and the fix the class to ask for (written into a
@@ -221,8 +248,12 @@ def _not_causal(path, config, folder: Path) -> UsageError:
         "is not a causal language model"
     )
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    # an encoder's own task here: `lowbit estimate` said so, `lowbit train` did not (session 41)
+    tagger = ", or --task token-classification for an encoder" if _is_encoder(config) else ""
     if causal is None or not architectures or is_causal_lm(architectures, config.model_type):
-        return UsageError(f"{refused}; fix: use a decoder checkpoint such as Llama or GPT-2")
+        return UsageError(
+            f"{refused}; fix: use a decoder checkpoint such as Llama or GPT-2{tagger}"
+        )
     _, _, head = architectures[0].partition("For")  # LlamaForSequenceClassification
     head = re.sub(r"(?<=[a-z])(?=[A-Z])", "-", head).lower()  # sequence-classification
     what = f"a {head} head" if head else "the base model without a head"
@@ -230,7 +261,22 @@ def _not_causal(path, config, folder: Path) -> UsageError:
         fix = f"a checkpoint with a causal-LM head ({causal})"
     else:
         fix = f'set "architectures": ["{causal}"] in the config.json for a fresh causal LM'
-    return UsageError(f"{refused}: its config names {what}; fix: {fix}")
+    return UsageError(f"{refused}: its config names {what}; fix: {fix}{tagger}")
+
+
+def _is_encoder(config) -> bool:
+    """Whether ``config``'s model type is an encoder that `lowbit train --task
+    token-classification` trains: transformers builds a masked-LM and a token-classification
+    model of it (BERT, RoBERTa, DeBERTa; not Llama, which has no masked LM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and kind in (
+        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+    )
 
 
 def _as_decoder(config) -> dict:
@@ -297,7 +343,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
         except ValueError:  # no causal-LM class for this model type
             model = None
     if model is None:
-        raise _not_causal(path, config, folder)
+        raise not_causal(path, config, folder)
     if max_seq_len is not None:
         check_seq_len(model, max_seq_len)
     return model

@@ -98,6 +98,13 @@ TASK_METRIC = {
 }
 
 
+# why a study refuses --nproc and --strategy, as flags (`lowbit.commands.compare`) or in a
+# --config file (`make_study`)
+ONE_PROCESS = (
+    "a compare study trains every run in one process (--jobs trains several runs at a time)"
+)
+
+
 def parse_recipes(text: str | list[str]) -> list[str]:
     """``"fp32,bf16-mixed"`` -> names, checked against the registry (`UsageError` otherwise)."""
     from lowbit.recipes.presets import accepted_names, did_you_mean, spelt_alike
@@ -250,9 +257,8 @@ def make_study(
         base.pop(key, None)
     if base.get("nproc", 1) != 1 or base.get("strategy") is not None:  # from a --config file
         raise UsageError(
-            f"nproc {base.get('nproc')}, strategy {base.get('strategy')}: a compare study trains "
-            "every run in one process (--jobs trains several runs at a time); fix: drop nproc and "
-            "strategy from the --config file"
+            f"nproc {base.get('nproc')}, strategy {base.get('strategy')}: {ONE_PROCESS}; fix: "
+            "drop nproc and strategy from the --config file"
         )
     scaling = {key: base.get(key) for key in _LOSS_SCALE_SETTINGS}
     if any(v is not None for v in scaling.values()) and all(

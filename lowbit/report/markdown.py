@@ -178,10 +178,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 ]
             )
     if label_rows:
-        # where no recipe drops a label, "the 3 labels whose accuracy drops most" named none
+        # where no recipe drops a label, "the 3 labels whose accuracy drops most" named none; a
+        # recipe that drops fewer shows fewer rows (`_dropped`: a drop printed as -0.1 pp or more)
         what = (
-            f"the {WORST_LABELS} labels whose validation accuracy drops most against the "
-            "baseline, labels that held or rose left out"
+            f"per recipe, up to {WORST_LABELS} labels whose validation accuracy drops most "
+            "against the baseline (by 0.05 pp or more), labels that held or rose left out"
             if dropped or not counted
             else "no label's validation accuracy drops against the baseline"
             + (" where it was counted" if missing else "")

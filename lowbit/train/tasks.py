@@ -77,13 +77,7 @@ def check_inputs(config, resume: bool) -> None:
     from lowbit.models import causal_lm
 
     if config.task == "causal-lm":
-        if config.model in causal_lm.SIZES:
-            # its row, not its LlamaConfig: importing transformers (~2 s of CPU) is no part of a
-            # check in a process that builds no model (`lowbit compare --jobs`'s)
-            positions = causal_lm.SIZES[config.model]["max_position_embeddings"]
-        else:
-            positions = causal_lm.config_positions(causal_lm.folder_config(config.model))
-        causal_lm.check_positions(positions, config.seq_len)
+        causal_lm.check_positions(causal_lm.model_positions(config.model), config.seq_len)
         if not resume:
             corpus.check_not_tables(config.data)
         corpus.check_quickly(config.data, config.text_field)

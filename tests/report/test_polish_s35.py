@@ -111,4 +111,7 @@ def test_the_forgets_heading_says_so_when_no_label_dropped(image_results, tmp_pa
     first = next(iter(per_label.values()))
     first["recipe"], first["change_pp"] = first["baseline"] - 0.5, -50.0
     report, _ = _written(results, tmp_path)
-    assert "What the model forgets: the 3 labels whose validation accuracy drops most" in report
+    assert (
+        "What the model forgets: per recipe, up to 3 labels whose validation accuracy drops most "
+        "against the baseline (by 0.05 pp or more)"
+    ) in report
