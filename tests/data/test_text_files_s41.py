@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from lowbit.cli import main
-from lowbit.data import load_corpus
+from lowbit.data import load_corpus, load_texts
 from lowbit.errors import UsageError
 
 
@@ -44,7 +44,10 @@ def test_one_line_of_utf16_without_nul_bytes_is_refused_with_iconv(tmp_path, cap
     path = tmp_path / "line.txt"
     path.write_bytes(text.encode(f"utf-16-{order}"))
     err = _refusal(path, capsys)
-    assert f"UTF-16{order.upper()} text without a byte-order mark" in err, err
+    named = f"UTF-16{order.upper()} text without a byte-order mark"  # its NULs tell it
+    if " " not in text:  # a guess, showing the UTF-16 reading
+        named = f"UTF-16{order.upper()} without a byte-order mark if it reads {text!r} (a guess)"
+    assert named in err, err
     assert _converted(err) == text
 
 
@@ -57,7 +60,7 @@ def test_only_the_utf16_file_of_a_folder_is_refused(tmp_path):
     with pytest.raises(UsageError) as caught:
         load_corpus(str(tmp_path))
     assert str(caught.value).startswith(f"{tmp_path / 'c_hindi.txt'}: "), caught.value
-    assert "UTF-16LE text without a byte-order mark" in str(caught.value)
+    assert "UTF-16LE without a byte-order mark if it reads 'नमस्ते'" in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +70,8 @@ def test_one_line_of_cjk_in_utf16_without_nul_bytes_gets_the_utf16_guess(
     tmp_path, capsys, text, encoding
 ):
     """It was offered cp1252 ("if '‡' belongs there"), whose conversion is mojibake. A cp1252
-    word and Shift-JIS text, which read as ideographs in UTF-16BE, get no UTF-16 guess."""
+    word gets no UTF-16 guess, and Shift-JIS text, which reads as ideographs in UTF-16BE, gets
+    Shift-JIS's first."""
     path = tmp_path / "line.txt"
     path.write_bytes(text.encode(encoding))
     err = _refusal(path, capsys)
@@ -76,10 +80,8 @@ def test_one_line_of_cjk_in_utf16_without_nul_bytes_gets_the_utf16_guess(
     path.write_bytes("Café".encode("cp1252"))
     err = _refusal(path, capsys)
     assert "cp1252 (Windows' Latin-1) if 'é' belongs there" in err, err
-    path.write_bytes(
-        "日本語のテキストです。".encode("shift_jis")
-    )  # reads as ideographs in UTF-16BE
-    assert "UTF-16" not in _refusal(path, capsys)
+    path.write_bytes("日本語のテキストです。".encode("shift_jis"))
+    assert _converted(_refusal(path, capsys)) == "日本語のテキストです。"
 
 
 def _stdin_refusal(tmp_path, capsys, monkeypatch, data: bytes) -> str:
@@ -128,3 +130,50 @@ def test_an_archive_on_standard_input_is_refused_without_a_file_command(
         archive.addfile(info, io.BytesIO(b"def "))
     err = _stdin_refusal(tmp_path, capsys, monkeypatch, buffer.getvalue())
     assert err.endswith("a tar archive, not text; fix: give the text itself, in UTF-8"), err
+
+
+# Review R3 of the UTF-16 guesses: short cp1252 text, white space and tables read as UTF-16
+# without NULs, a large cp1252 file's refusal, and legacy East Asian encodings.
+
+
+@pytest.mark.parametrize("text", ["It’s", "“Hi”", "50°F", "€100", "’tis", "…and"])
+def test_short_cp1252_text_keeps_its_cp1252_guess(tmp_path, capsys, text):
+    """A prompt file or one-liner with a curly quote, a dash, a degree or euro sign read as two
+    ideographs in UTF-16 and got that guess alone ('瑉玒' for It’s)."""
+    path = tmp_path / "line.txt"
+    path.write_bytes(text.encode("cp1252"))
+    err = _refusal(path, capsys)
+    assert "fix: convert it from the encoding it was written in, cp1252 (Windows' Latin-1)" in err
+    assert _converted(err) == text
+
+
+@pytest.mark.parametrize(
+    "data", [b"\t\t\t\t", b"a\tb\t", b"\tx\ty\tz", b"a\x0bb\x0b", b"\x1b[\x1b[", b"x\ty\tz\tw\t"]
+)
+def test_utf8_with_control_bytes_between_its_characters_is_read(tmp_path, data):
+    """Tabs alone, one-letter cells between tabs, vertical tabs and escape codes were refused as
+    UTF-16 text (stated as fact), and a folder's file of tabs stopped the whole run."""
+    (tmp_path / "a.txt").write_text("some text to train on\n" * 20)
+    (tmp_path / "b.txt").write_bytes(data)
+    documents = {d.name: d.text for d in load_texts(str(tmp_path))}
+    assert documents["b.txt"] == data.decode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "text, encoding, named",
+    [
+        ("東京都庁", "shift_jis", "SHIFT_JIS"),
+        ("台灣", "big5", "BIG5"),
+        ("สวัสดี", "cp874", "CP874"),
+        ("한국", "euc_kr", "EUC-KR"),
+    ],
+)
+def test_legacy_east_asian_text_gets_its_own_guess(tmp_path, capsys, text, encoding, named):
+    """Shift-JIS kanji read as ideographs in UTF-16BE ('鎌讞鍳銡'), and short Big5, Thai and
+    EUC-KR text as Hangul in UTF-16LE, and that guess came alone: the encoding that reads as its
+    script is offered too, and converts it when named to iconv."""
+    path = tmp_path / "line.txt"
+    path.write_bytes(text.encode(encoding))
+    err = _refusal(path, capsys)
+    assert f"{named} if it reads {text!r}" in err, err
+    assert _converted(re.sub(r"iconv -f \S+", f"iconv -f {named}", err)) == text
