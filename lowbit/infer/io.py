@@ -371,10 +371,20 @@ def tensor_bytes_of(weights: Path) -> int:
     """Bytes of the tensors a safetensors file stores: its size less its header (the 8-byte
     length and the JSON of names, dtypes, shapes and metadata: 696 of the 8,328 bytes of the
     digits CNN's int8 file), the measure a checkpoint's sizes are in (`source_bytes`), so that
-    the two compare."""
+    the two compare. A file too short for the header it announces is refused in one line."""
+    size = weights.stat().st_size
     with open(weights, "rb") as file:
         header = int.from_bytes(file.read(8), "little")
-    return weights.stat().st_size - 8 - header
+    if size < 8 or header > size - 8:  # empty, cut short, or no safetensors file at all
+        why = (
+            f"{size} bytes, short of the 8 that give its header's length"
+            if size < 8
+            else f"a header of {header:,} bytes announced in a file of {size:,}"
+        )
+        raise UsageError(
+            f"{weights}: unreadable ({why}); fix: write it again (lowbit quantize/prune)"
+        )
+    return size - 8 - header
 
 
 def source_bytes(source: Source) -> int:

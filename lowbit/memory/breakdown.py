@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field, fields
 
 # Components in the order they are printed. ``temporaries`` are the low-precision copies of
@@ -25,6 +26,7 @@ LABELS = {
     "temporaries": "temporary copies",
     "logits_gradient": "logits gradient",  # no component: the loss backward's transient
 }
+NOTE_WIDTH = 88  # columns of the lines under `Breakdown.table` (a two-column table's 85, about)
 
 
 def human(n: float) -> str:
@@ -69,13 +71,16 @@ class Breakdown:
 
     @property
     def step_peak(self) -> int:
-        """What a step's forward and backward add to the model states at their peak, the start
-        of the backward: activations + temporaries + the logits' gradient."""
+        """What a step's forward and backward add to the model states at the start of the
+        backward: activations + temporaries + the logits' gradient. With the model states, the
+        step's peak where the gradients are live then too (DDP's; a later micro-batch's), else
+        an upper bound of it (`_total_note`)."""
         return self.activations + self.temporaries + self.logits_gradient
 
     @property
     def total(self) -> int:
-        """The peak: model states + max(bucket rebuild, `step_peak`)."""
+        """The peak, or an upper bound of it (`_total_note`): model states + max(bucket rebuild,
+        `step_peak`)."""
         return self.model_states + max(self.bucket_rebuild, self.step_peak)
 
     @property
@@ -106,10 +111,12 @@ class Breakdown:
         other: Breakdown | None = None,
         titles=("estimate", "measured"),
         checkpointed: bool = False,
+        grad_accum: int | None = None,
     ) -> str:
         """A printable table; with ``other``, two columns side by side (e.g. estimate, measured),
-        and a line that says what the total adds (``checkpointed``: a run with activation
-        checkpointing, whose rows are not all live at once)."""
+        and lines that say what the total adds (`_total_note`: ``checkpointed``, a run with
+        activation checkpointing; ``grad_accum``, the run's micro-batches per step, None where
+        not known, as in `lowbit estimate`)."""
         rows = [
             (LABELS[name], getattr(self, name), getattr(other, name, None)) for name in COMPONENTS
         ]
@@ -139,28 +146,54 @@ class Breakdown:
             if other is not None and theirs is not None:
                 line += f"{theirs:>{width},}{human(theirs):>12}"
             lines.append(line)
-        return "\n".join([*lines, self._total_note(checkpointed)])
+        # wrapped as wide as the table's rows usually are (a line of 230-300 characters before)
+        note = textwrap.wrap(
+            self._total_note(checkpointed, grad_accum), NOTE_WIDTH, subsequent_indent=" "
+        )
+        return "\n".join([*lines, *note])
 
-    def _total_note(self, checkpointed: bool) -> str:
-        """The line under `table` that says what its total adds: the logits' gradient, the loss
-        backward's transient, is in the peak with the rest (`step_peak`); a DDP bucket rebuild is
-        an alternative to them; with checkpointing the recomputed block comes later."""
+    def _total_note(self, checkpointed: bool, grad_accum: int | None) -> str:
+        """What the total adds (`total`), in words, where it is the step's peak and where only
+        an upper bound of it: the rows are all live at the start of the backward (where the
+        logits gradient, the loss backward's transient, is made and freed) only where the
+        gradients are held then, a DDP run's (bucket views, zeroed, not dropped) or a later
+        micro-batch's of ``grad_accum`` (a one-process or FSDP run sets them to None after each
+        step, so with one micro-batch they are made during the backward as the activations are
+        freed); with ``checkpointed``, the block the backward recomputes is live only after the
+        logits gradient is freed."""
+        recompute = (
+            "with activation checkpointing the recomputed block is live only after the logits "
+            "gradient is freed"
+        )
         if self.bucket_rebuild:
+            bound = f"; the latter an upper bound: {recompute}" if checkpointed else ""
             return (
                 "(total: model states + the larger of the DDP bucket rebuild and activations + "
-                "temporary copies + logits gradient, never live at once)"
+                f"temporary copies + logits gradient, never live at once{bound})"
             )
         transient = (
-            "; the logits gradient is the loss backward's transient, made then and freed before "
-            "the layers' backward"
+            "; the logits gradient, the loss backward's transient, is freed before the layers' "
+            "backward"
             if self.logits_gradient
             else ""
         )
-        if checkpointed:
+        made = "made during the backward as activations are freed"
+        if grad_accum is None and not checkpointed:  # `lowbit estimate`: the run's is not known
             return (
-                "(total: the rows above added, an upper bound of the step's peak: with activation "
-                "checkpointing the block the backward recomputes is live after the start of the "
-                f"backward{transient})"
+                "(total: the rows above added: the step's peak of a run with --grad-accum 2 or "
+                "more, every row live at the start of a later micro-batch's backward; with 1 an "
+                f"upper bound, the gradients (set to None after each step) {made}{transient})"
             )
-        peak = "the rows above, all live at the start of the backward, the step's peak"
-        return f"(total: {peak}{transient})"
+        reasons = [recompute] if checkpointed else []
+        if grad_accum is None or grad_accum == 1:
+            accum = "with --grad-accum 1" if grad_accum is None else "at --grad-accum 1"
+            reasons.insert(0, f"{accum} the gradients, set to None after each step, are {made}")
+        if reasons:
+            return (
+                "(total: the rows above added, an upper bound of the step's peak: "
+                f"{'; '.join(reasons)}{transient})"
+            )
+        return (
+            "(total: the rows above, all live at the start of a later micro-batch's backward, "
+            f"the step's peak{transient})"
+        )

@@ -142,31 +142,58 @@ def _not_recording(model: torch.nn.Module):
             history.recording = was
 
 
-def _loss_chain(loss: torch.Tensor) -> tuple[list, tuple | None]:
-    """The backward nodes from ``loss`` to the model's output, each with one input edge (a
-    cross-entropy's nll and log-softmax, the fp32 cast and views of the logits), and the edge
-    out of the last into the model's output layer (the first node with two or more: its GEMM
-    reads a weight too), or None."""
-    chain, node = [], loss.grad_fn
-    while node is not None:
+# The backward nodes of what a loss does to a model's output (`_loss_chain`): cross-entropy's
+# nll and log-softmax, the fp32 cast and the views of the logits; each takes one tensor
+_LOSS_SIDE = _VIEWS | {
+    "NllLossBackward0",
+    "NllLoss2DBackward0",
+    "LogSoftmaxBackward0",
+    "ToCopyBackward0",
+    "CloneBackward0",
+    "ReshapeAliasBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "UnsqueezeBackward0",
+}
+# and those on its values before the nll (``loss / accum``, ``loss * weight``, a
+# ``reduction="none"`` loss's mean): elsewhere a Mul is the model's (Gemma 2's logit softcap)
+_ON_LOSS_VALUES = {"MulBackward0", "DivBackward0", "MeanBackward0", "SumBackward0"}
+
+
+def _loss_chain(loss) -> tuple[list, tuple | None]:
+    """The backward nodes from ``loss`` to the model's output, each a one-input op of the loss
+    (`_LOSS_SIDE`, `_ON_LOSS_VALUES`: a cross-entropy's nll and log-softmax, the fp32 cast and
+    views of the logits), and the edge out of the last into the first node that is none (the
+    model's output layer, its GEMM; a frozen one's reads no trained weight but is no loss op
+    either), or None where there is no such chain: ``loss`` no scalar tensor with a graph (a
+    non-scalar output, a Hugging Face output object), or a chain that ends at a leaf, branches
+    or starts with no loss op. Nothing past the edge runs in `loss_gradient_peak`, so the
+    model's layers are never touched."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+        return [], None
+    chain, node, edge = [], loss.grad_fn, None
+    while type(node).__name__ in _LOSS_SIDE or (
+        type(node).__name__ in _ON_LOSS_VALUES
+        and not any(type(n).__name__.startswith("NllLoss") for n in chain)
+    ):
         chain.append(node)
         edges = [edge for edge in node.next_functions if edge[0] is not None]
         if len(edges) != 1 or type(edges[0][0]).__name__ == "AccumulateGrad":
             return chain, None  # the loss of no layer's output: nothing to stop at
-        if sum(nf is not None for nf, _ in edges[0][0].next_functions) != 1:
-            return chain, edges[0]
-        node = edges[0][0]
-    return chain, None
+        edge = edges[0]
+        node = edge[0]
+    return chain, edge
 
 
-def loss_gradient_peak(loss: torch.Tensor) -> int:
+def loss_gradient_peak(loss) -> int:
     """The most bytes the backward of ``loss`` holds at once before it reaches the model (the
     estimate's ``logits_gradient``), measured by running that part alone
-    (``torch.autograd.grad`` to the edge into the model's output layer: no ``.grad`` is written,
-    ``loss``'s graph is freed). As each node runs, its incoming gradient and the one it makes are
-    live (the engine frees the incoming one after it), counted by storage: for cross-entropy,
-    the log-softmax's two fp32 gradients of the logits' size. 0 where ``loss`` is no chain of
-    one-input ops on a layer's output."""
+    (``torch.autograd.grad`` to the edge into the model's output layer, `_loss_chain`: no
+    ``.grad`` is written, no layer's backward runs, ``loss``'s graph is freed). As each node
+    runs, its incoming gradient and the one it makes are live (the engine frees the incoming one
+    after it), counted by storage: for cross-entropy, the log-softmax's two fp32 gradients of
+    the logits' size. 0 where ``loss`` is no scalar tensor or no chain of loss ops on a layer's
+    output."""
     chain, edge = _loss_chain(loss)
     if edge is None:
         return 0
@@ -189,12 +216,12 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
     """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
     step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
     casts), and ``logits_gradient``, the loss backward's transient before it reaches the model's
-    output layer (`loss_gradient_peak`: no ``.grad`` is written, the loss's graph is freed).
-    The forward leaves
-    the layers' delayed-scaling amax histories as they were (`_not_recording`); its random draws
-    (dropout) are the caller's to fork (``torch.random.fork_rng``). One process's
-    unsharded model only: FSDP frees each block's gathered parameters after its forward and
-    reuses their memory, so storages would not say which tensor a saved one is."""
+    output layer (`loss_gradient_peak`: no ``.grad`` is written, the loss's graph is freed; 0
+    where ``forward`` returns no scalar tensor, e.g. the logits or a Hugging Face output object).
+    The forward leaves the layers' delayed-scaling amax histories as they were (`_not_recording`);
+    its random draws (dropout) are the caller's to fork (``torch.random.fork_rng``). One
+    process's unsharded model only: FSDP frees each block's gathered parameters after its forward
+    and reuses their memory, so storages would not say which tensor a saved one is."""
     from torch.distributed.tensor import DTensor
 
     from lowbit.nn.linear import kept_weight_copies
@@ -225,10 +252,11 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
         kept_weight_copies() as weight_copies,
     ):
         loss = forward()
+        logits_gradient = loss_gradient_peak(loss)  # histories unrecorded here too
     return Breakdown(
         activations=totals["activations"],
         temporaries=totals["temporaries"],
-        logits_gradient=loss_gradient_peak(loss),
+        logits_gradient=logits_gradient,
         num_params=sum(p.numel() for p in model.parameters()),
     )
 

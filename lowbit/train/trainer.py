@@ -1348,8 +1348,11 @@ class Trainer:
         live.logits_gradient = saved.logits_gradient
         c = self.config
 
+        # what the total line says: whether the gradients are live as the backward starts
+        said = dict(checkpointed=c.activation_checkpointing, grad_accum=c.grad_accum)
+
         def alone() -> str:  # titled so: `table`'s single column is an estimate's by default
-            return live.table(titles=("measured",), checkpointed=c.activation_checkpointing)
+            return live.table(titles=("measured",), **said)
 
         if c.task not in TASKS:
             return alone()
@@ -1370,7 +1373,7 @@ class Trainer:
             )
         except UsageError:  # the estimator cannot trace this architecture's forward
             return alone()
-        table = planned.table(live, checkpointed=c.activation_checkpointing)
+        table = planned.table(live, **said)
         emulated = self.precision.emulates_fp16 or any(
             not layer.spec.is_identity for layer in lowbit_layers(self.model).values()
         )

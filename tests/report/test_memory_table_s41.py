@@ -27,6 +27,15 @@ def summary_table(capsys, argv) -> str:
     return "\n".join(line[4:] for line in itertools.takewhile(lambda x: x[:4] == "    ", after))
 
 
+def total_note(table: str) -> str:
+    """The lines under the table from "(total" on, joined (wrapped to <= 100 columns)."""
+    lines = table.splitlines()
+    note = lines[next(i for i, line in enumerate(lines) if line.startswith("(total")) :]
+    note = note[: next(i for i, line in enumerate(note) if line.endswith(")")) + 1]
+    assert all(len(line) <= 100 for line in note), note
+    return " ".join(line.strip() for line in note)
+
+
 def test_every_column_adds_up_to_its_total_and_the_logits_gradient_is_measured(tmp_path, capsys):
     argv = [*TRAIN, "--batch-size", "4", "--seq-len", "16", "--out", str(tmp_path / "run")]
     table = summary_table(capsys, argv)
@@ -36,14 +45,36 @@ def test_every_column_adds_up_to_its_total_and_the_logits_gradient_is_measured(t
         assert parts == rows["total"][column], table
     # cross-entropy's backward: the nll's and the log-softmax's fp32 gradients of the logits
     assert rows["logits gradient"] == (2 * 4 * 4 * 16 * VOCAB,) * 2, table
-    assert "(total: the rows above, all live at the start of the backward" in table
+    # --grad-accum 1: the gradients, set to None after each step, are made in the backward
+    said = (
+        "(total: the rows above added, an upper bound of the step's peak: at --grad-accum 1 the "
+        "gradients, set to None after each step, are made during the backward"
+    )
+    assert total_note(table).startswith(said), table
+
+
+def test_a_run_accumulating_gradients_calls_its_total_the_steps_peak(tmp_path, capsys):
+    argv = [*TRAIN, "--batch-size", "4", "--seq-len", "16", "--grad-accum", "2"]
+    note = total_note(summary_table(capsys, [*argv, "--out", str(tmp_path / "run")]))
+    assert note.startswith("(total: the rows above, all live at the start of a later micro-batch")
+    assert "the step's peak" in note and "upper bound" not in note
+
+
+def test_a_ddp_estimate_with_checkpointing_calls_its_total_an_upper_bound(capsys):
+    argv = ["estimate", "--model", "nano", "--gpus", "2", "--seq", "16"]
+    assert main([*argv, "--activation-checkpointing"]) == 0
+    note = total_note(capsys.readouterr().out)
+    assert "the larger of the DDP bucket rebuild" in note
+    assert "the latter an upper bound: with activation checkpointing" in note
 
 
 def test_a_checkpointed_runs_total_is_called_an_upper_bound(tmp_path, capsys):
     argv = [*TRAIN, "--batch-size", "2", "--seq-len", "16", "--activation-checkpointing"]
     table = summary_table(capsys, [*argv, "--out", str(tmp_path / "run")])
-    assert "an upper bound of the step's peak" in table
-    assert "all live at the start" not in table
+    note = total_note(table)
+    assert "an upper bound of the step's peak" in note
+    assert "with activation checkpointing the recomputed block is live only after" in note
+    assert "all live at the start" not in note
 
 
 def test_the_digits_cnns_measured_table_counts_its_logits_gradient(tmp_path, capsys):
