@@ -13,15 +13,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.data import load_corpus, load_texts
 from lowbit.errors import UsageError
-
-
-def _refusal(path, capsys) -> str:
-    argv = ["train", "--data", str(path), "--model", "nano", "--out", str(path.parent / "r")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert not (path.parent / "r").exists()
-    return err
+from tests.data.test_encodings_s40 import _refusal
 
 
 def _converted(err: str) -> str:
