@@ -5,6 +5,15 @@ from __future__ import annotations
 import fcntl
 import os
 import pickle
+import shutil
+from pathlib import Path
+
+
+def shared_base(tmp_path_factory) -> Path:
+    """The session's base temp folder, which every xdist worker sees (a worker's own, ``gw0``,
+    ``gw1``, ..., lies in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
 def once_per_session(tmp_path_factory, name: str, make):
@@ -12,15 +21,26 @@ def once_per_session(tmp_path_factory, name: str, make):
 
     Under ``pytest -n 2`` the tests of a module may be split between the two workers, and each
     ran the module's fixture: a module whose tests share one ``--nproc`` launch paid for two. The
-    workers' base folders (``gw0``, ...) lie in the session's, where the first worker to take the
-    lock makes the result and the others wait for it (a ``make`` that raises writes nothing: each
-    test then fails with its own error)."""
-    base = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        base = base.parent
+    first worker to take the lock in the session's base folder makes the result and the others
+    wait for it (a ``make`` that raises writes nothing: each test then fails with its own error)."""
+    base = shared_base(tmp_path_factory)
     made = base / f"{name}.pkl"
     with open(base / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # dropped as the file closes
         if not made.exists():
             made.write_bytes(pickle.dumps(make()))
         return pickle.loads(made.read_bytes())
+
+
+def folder_once_per_session(tmp_path_factory, name: str, make):
+    """``make(folder)``'s result, made as ``once_per_session`` makes it, into a new ``folder``
+    (``once-NAME``) of the session's base folder: a run that every worker's tests read (a test
+    that changes it changes a copy: ``shutil.copytree`` into its ``tmp_path``)."""
+
+    def made():
+        folder = shared_base(tmp_path_factory) / f"once-{name}"
+        shutil.rmtree(folder, ignore_errors=True)  # what a make that raised left behind
+        folder.mkdir()
+        return make(folder)
+
+    return once_per_session(tmp_path_factory, name, made)

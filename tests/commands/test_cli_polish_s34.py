@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.once import folder_once_per_session
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INTERRUPTED = "lowbit: interrupted\n"
@@ -200,8 +202,12 @@ FOLDERS = {
 def fine_tuned(tmp_path_factory) -> dict[str, str]:
     """The stderr of `lowbit train` fine-tuning each of FOLDERS for one step, by its name, on a
     few CoNLL sentences of the encoder's words: the built-in syntax-tag task parses and encodes
-    a whole source tree first, most of the run's time and none of what these tests read."""
-    base = tmp_path_factory.mktemp("fine-tunes")
+    a whole source tree first, most of the run's time and none of what these tests read. Made
+    once per session."""
+    return folder_once_per_session(tmp_path_factory, "cli-polish-s34", _fine_tune)
+
+
+def _fine_tune(base) -> dict[str, str]:
     data = base / "conll"
     data.mkdir()
     sentence = ["def O", "x B-VAR", "( O", "x B-VAR", ") O", ": O", "return O", "x B-VAR", ""]

@@ -10,6 +10,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.train import checkpoint
 from tests.distributed.test_preflight_s35 import no_ranks  # noqa: F401 (a fixture)
+from tests.once import folder_once_per_session
 
 DIGITS = ["--task", "image-classification", "--batch-size", "4", "--device", "cpu"]
 
@@ -17,11 +18,16 @@ DIGITS = ["--task", "image-classification", "--batch-size", "4", "--device", "cp
 @pytest.fixture(scope="module")
 def dcp_run(tmp_path_factory):
     """A digits run of one process with --strategy ddp (its checkpoints are DCP folders, as two
-    processes write them) at step 4, checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("dcp") / "run"
-    argv = ["train", *DIGITS, "--strategy", "ddp", "--steps", "4", "--save-interval", "2"]
-    assert main([*argv, "--quiet", "--out", str(out)]) == 0
-    return out
+    processes write them) at step 4, checkpoints at steps 2 and 4. Trained once per session
+    (tests that resume it copy it)."""
+
+    def make(folder):
+        out = folder / "run"
+        argv = ["train", *DIGITS, "--strategy", "ddp", "--steps", "4", "--save-interval", "2"]
+        assert main([*argv, "--quiet", "--out", str(out)]) == 0
+        return out
+
+    return folder_once_per_session(tmp_path_factory, "launch-s40", make)
 
 
 def test_a_resume_shorter_than_the_run_is_refused_before_any_rank(dcp_run, capsys, no_ranks):  # noqa: F811

@@ -12,20 +12,25 @@ import torch
 
 from lowbit.train import TrainConfig
 from tests.distributed.helpers import TINY, on_ranks
+from tests.once import folder_once_per_session
 
 
 @pytest.fixture(scope="module")
 def dropout_model(tmp_path_factory) -> Path:
-    """A two-block GPT-2 that drops half of its embeddings and of every residual branch."""
+    """A two-block GPT-2 that drops half of its embeddings and of every residual branch, saved
+    once per session."""
+    return folder_once_per_session(tmp_path_factory, "ranks-s28-gpt2", _save_dropout_model)
+
+
+def _save_dropout_model(folder) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    folder = tmp_path_factory.mktemp("gpt2") / "gpt2"
     config = GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=257, n_positions=64, resid_pdrop=0.5,
         embd_pdrop=0.5, attn_pdrop=0.0,
     )  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
+    GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
+    return folder / "gpt2"
 
 
 def config(out, model, **kw) -> TrainConfig:
@@ -72,8 +77,12 @@ def _ranks_run(rank, world, out, model):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, dropout_model) -> list:
-    out = tmp_path_factory.mktemp("ranks")
-    return on_ranks(_ranks_run, 2, timeout=120, out=str(out), model=str(dropout_model))
+    """What each of two ranks returned, launched once per session."""
+
+    def make(out):
+        return on_ranks(_ranks_run, 2, timeout=120, out=str(out), model=str(dropout_model))
+
+    return folder_once_per_session(tmp_path_factory, "ranks-s28", make)
 
 
 def test_each_rank_drops_units_of_its_own(two_ranks):

@@ -4,6 +4,7 @@ import torch
 from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from lowbit.train import trainer as trainer_module
+from tests.once import folder_once_per_session
 
 TRAIN = ["--steps", "1", "--eval-interval", "1", "--batch-size", "2", "--seq-len", "16", "--quiet"]
 
@@ -43,23 +44,31 @@ def moved_tagger(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory):
     """A tiny Llama trained 12 steps on stdlib bytes (default recipe bf16-mixed)."""
-    folder = tmp_path_factory.mktemp("infer") / "lm"
-    return _train(folder, steps=12, seq_len=32, batch_size=8, eval_batches=2)
+    settings = {"steps": 12, "seq_len": 32, "batch_size": 8, "eval_batches": 2}
+    return folder_once_per_session(
+        tmp_path_factory, "infer-lm", lambda folder: _train(folder / "lm", **settings)
+    )
 
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """The digits CNN trained a few steps (a Linear head, two convolutions)."""
-    folder = tmp_path_factory.mktemp("infer") / "digits"
-    return _train(folder, task="image-classification", steps=6, batch_size=32, eval_batches=2)
+    settings = {"task": "image-classification", "steps": 6, "batch_size": 32, "eval_batches": 2}
+    return folder_once_per_session(
+        tmp_path_factory, "infer-digits", lambda folder: _train(folder / "digits", **settings)
+    )
 
 
 @pytest.fixture(scope="session")
 def gpt2_run(tmp_path_factory):
-    """A 2-block GPT-2 (transformers' Conv1D projections) trained a few steps from a local folder."""
+    """A 2-block GPT-2 (transformers' Conv1D projections) trained a few steps from a local folder,
+    once per session."""
+    return folder_once_per_session(tmp_path_factory, "infer-gpt2", _gpt2_run)
+
+
+def _gpt2_run(folder):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    folder = tmp_path_factory.mktemp("infer")
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=257, n_positions=64)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
@@ -69,10 +78,14 @@ def gpt2_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mixtral_run(tmp_path_factory):
-    """A 2-layer Mixtral (4 experts of 3-D weights, top-2) trained a few steps in fp8-tensorwise."""
+    """A 2-layer Mixtral (4 experts of 3-D weights, top-2) trained a few steps in fp8-tensorwise,
+    once per session."""
+    return folder_once_per_session(tmp_path_factory, "infer-mixtral", _mixtral_run)
+
+
+def _mixtral_run(folder):
     from tests.moe import mixtral
 
-    folder = tmp_path_factory.mktemp("infer")
     mixtral(max_position_embeddings=64).save_pretrained(folder / "mixtral")
     settings = {"steps": 4, "seq_len": 32, "batch_size": 8, "eval_batches": 2}
     return _train(

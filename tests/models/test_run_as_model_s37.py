@@ -12,6 +12,7 @@ import pytest
 
 from lowbit.cli import main
 from lowbit.train.config import TrainConfig, resolve, write
+from tests.once import folder_once_per_session
 
 
 def _run(folder, **settings):
@@ -52,13 +53,18 @@ def test_a_causal_lm_run_as_a_taggers_model_says_to_export_it(tmp_path, capsys, 
 @pytest.fixture(scope="module")
 def tagger_run(tmp_path_factory):
     """A real 1-step token-classification run on the built-in data: its folder holds the word
-    vocabulary (vocab.json) that a causal LM's --model folder brings its tokenizer in."""
-    run = tmp_path_factory.mktemp("tagger") / "T"
-    argv = ["train", "--task", "token-classification", "--steps", "1", "--eval-interval", "1"]
-    settings = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--quiet"]
-    assert main([*argv, *settings, "--out", str(run)]) == 0
-    assert (run / "vocab.json").is_file()
-    return run
+    vocabulary (vocab.json) that a causal LM's --model folder brings its tokenizer in. Trained
+    once per session (read only)."""
+
+    def make(folder):
+        run = folder / "T"
+        argv = ["train", "--task", "token-classification", "--steps", "1", "--eval-interval", "1"]
+        settings = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--quiet"]
+        assert main([*argv, *settings, "--out", str(run)]) == 0
+        assert (run / "vocab.json").is_file()
+        return run
+
+    return folder_once_per_session(tmp_path_factory, "run-as-model-s37", make)
 
 
 def test_a_tagger_run_as_a_taggers_model_says_to_resume_it(tagger_run, tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.nn.attention import AttentionInFp32
+from tests.once import once_per_session
 
 ENV = "TORCHINDUCTOR_EMULATE_PRECISION_CASTS"
 LINE = "set torch._inductor.config.emulate_precision_casts = True"
@@ -33,7 +34,7 @@ def step(forward, model, precision: lowbit.Precision, x) -> list[torch.Tensor]:
     with precision.autocast():
         out = forward(x)
     out.float().square().mean().backward()
-    return [out] + [p.grad for p in model.parameters()]
+    return [out.detach()] + [p.grad for p in model.parameters()]
 
 
 class Lines(logging.Handler):
@@ -48,11 +49,17 @@ class Lines(logging.Handler):
 
 
 @pytest.fixture(scope="module", params=["fp8-tensorwise"])  # fp16-low: the same setting
-def compiled(request):
+def compiled(request, tmp_path_factory):
     """Eager's and inductor's output and gradients of one step of the MLP, compiled from the
     default setting (False), and the lines lowbit logged; the setting restored afterwards (by
-    torch's ``config.patch``: a monkeypatch of the config module deletes the setting when undone)."""
-    precision = lowbit.Precision(request.param)
+    torch's ``config.patch``: a monkeypatch of the config module deletes the setting when undone).
+    Once per session."""
+    name = f"compile-casts-s39-{request.param}"
+    return once_per_session(tmp_path_factory, name, lambda: _compiled(request.param))
+
+
+def _compiled(recipe: str):
+    precision = lowbit.Precision(recipe)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     model = mlp(precision)
     eager = step(model, model, precision, x)

@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM
 
 import lowbit
 from lowbit.models.causal_lm import model_config
+from tests.once import once_per_session
 
 LAYERS = 1  # the smallest nano decoder: compiling is slow on a CPU
 
@@ -53,7 +54,7 @@ def step(model, ids):
     torch.manual_seed(1)  # the same stochastic-rounding seeds in both runs
     logits = model(ids).logits
     logits.square().mean().backward()
-    return [logits] + [p.grad for p in model.parameters()]
+    return [logits.detach()] + [p.grad for p in model.parameters()]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,14 @@ def ids():
 
 
 @pytest.fixture(scope="module")
-def steps(ids):
+def steps(ids, tmp_path_factory):
     """An eager step of the model, then (its gradients cleared) a compiled one: their bits, and
     the compiled one's warnings, graph count and graph breaks, for the module's tests (one trace
-    for both)."""
+    for both, once per session)."""
+    return once_per_session(tmp_path_factory, "compile-s28", lambda: _steps(ids))
+
+
+def _steps(ids):
     torch._dynamo.reset()
     model = nano("fp8-tensorwise")
     eager = step(model, ids)  # an eager step first, as in training: kernels built, state filled

@@ -21,6 +21,7 @@ from lowbit.nn import LowbitLinear, exact_accumulation
 from lowbit.nn.operand import quantize_operand
 from lowbit.recipes import GemmSpec, LayerSpec, OperandSpec, Override, Recipe, Transform
 from lowbit.recipes.recipe import FIRST_BLOCK, LAST_BLOCK
+from tests.once import once_per_session
 
 PRESETS = ["fp8-blockwise", "mxfp8", "mxfp6", "mxfp8-rceil", "mxfp6-rceil", "mxfp4", "nvfp4"]
 SEED = 11  # the LowbitLinear seed: its random Hadamard signs
@@ -614,8 +615,9 @@ def train_tiny_lm(preset: str, steps: int = 4) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def fp32_losses():
-    return train_tiny_lm("fp32")
+def fp32_losses(tmp_path_factory):
+    """fp32's losses, trained once per session."""
+    return once_per_session(tmp_path_factory, "fine-grained-fp32", lambda: train_tiny_lm("fp32"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)

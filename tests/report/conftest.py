@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit.report import compare, make_study
+from tests.once import folder_once_per_session
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +44,14 @@ IMAGES = {"task": "image-classification", "batch_size": 16, "steps": 2, "eval_ba
 @pytest.fixture(scope="session")
 def image_study(tmp_path_factory):
     """fp32 against bf16-mixed on the digits, two seeds, built once: tests copy it before
-    editing (a module that wants another study defines its own ``image_study``)."""
-    out = tmp_path_factory.mktemp("images") / "img"
-    study_on_one_thread(out, "fp32,bf16-mixed", IMAGES, seeds=2, plots=False)
-    return out
+    editing (a module that wants another study defines its own ``image_study``); once per
+    session, whichever xdist worker asks first."""
+
+    def make(folder):
+        study_on_one_thread(folder / "img", "fp32,bf16-mixed", IMAGES, seeds=2, plots=False)
+        return folder / "img"
+
+    return folder_once_per_session(tmp_path_factory, "report-images", make)
 
 
 PARITY = Path(__file__).resolve().parents[2] / "benchmarks" / "parity.py"

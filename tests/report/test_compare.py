@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from lowbit.report import compare, make_study
 from lowbit.report.compare import PARITY_TARGETS, Target, verdict
 from lowbit.report.markdown import tables
 from lowbit.train import TrainConfig, train
+from tests.once import folder_once_per_session
 from tests.report.conftest import IMAGES
 
 LM = {"task": "causal-lm", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
@@ -32,13 +34,25 @@ def lm_study(out, recipes=RECIPES, seeds=2):
 
 @pytest.fixture(scope="module")
 def study_result(tmp_path_factory):
-    import torch
+    """fp32 against bf16-mixed, two seeds, compared once per session (tests that compare again
+    compare a copy)."""
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    study = lm_study(tmp_path_factory.mktemp("compare") / "study")
-    yield compare(study, log=lambda line: None)
-    torch.set_num_threads(threads)
+    def make(folder):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return compare(lm_study(folder / "study"), log=lambda line: None)
+        finally:
+            torch.set_num_threads(threads)
+
+    return folder_once_per_session(tmp_path_factory, "compare", make)
+
+
+def _copy(study_result, tmp_path):
+    """A study of ``study_result``'s settings in a copy of its folder, to compare again."""
+    study = lm_study(tmp_path / "copy")
+    shutil.copytree(study_result.study.out, study.out)
+    return study
 
 
 def test_report_files_tables_and_verdicts(study_result):
@@ -87,9 +101,9 @@ def test_skipped_steps_read_as_a_count_and_a_spread_only_where_seeds_differ(stud
     assert cell == {"fp32 (baseline)": "0", "bf16-mixed": "0.67 ± 1.15"}
 
 
-def test_second_invocation_reuses_finished_runs(study_result):
+def test_second_invocation_reuses_finished_runs(study_result, tmp_path):
     first = study_result.results
-    again = compare(study_result.study, log=lambda line: None)
+    again = compare(_copy(study_result, tmp_path), log=lambda line: None)
     assert again.trained == [] and len(again.reused) == 4
     for recipe in ("fp32", "bf16-mixed"):
         assert again.results["recipes"][recipe]["val_loss"] == first["recipes"][recipe]["val_loss"]
@@ -259,9 +273,9 @@ def test_folder_of_another_study_is_refused_naming_what_differs(study_result):
     assert f"lr {lr:.6g}, now {lr * 2:.6g}" in str(refused.value)
 
 
-def test_other_checkpoint_settings_reuse_the_runs(study_result):
+def test_other_checkpoint_settings_reuse_the_runs(study_result, tmp_path):
     """How often a run saved and how many checkpoints it kept do not change its losses."""
-    study = lm_study(study_result.study.out)
+    study = _copy(study_result, tmp_path)
     study.base = {**study.base, "keep_last": 1, "save_interval": 1}
     again = compare(study, plots=False, log=lambda line: None)
     assert again.trained == [] and sorted(again.reused) == sorted(study_result.trained)

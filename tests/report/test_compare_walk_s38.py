@@ -10,6 +10,7 @@ from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.compare import run_one
 from tests.llama import save_llama
+from tests.once import folder_once_per_session
 from tests.report.conftest import IMAGES, quiet, study_on_one_thread
 
 TINY = ["--seq-len", "16", "--batch-size", "4", "--eval-batches", "1", "--steps", "2"]
@@ -59,9 +60,15 @@ BLOWN_UP = {
 
 @pytest.fixture(scope="module")
 def blown_up(tmp_path_factory):
-    out = tmp_path_factory.mktemp("blown") / "study"
-    result = study_on_one_thread(out, "fp32,fp8-tensorwise", BLOWN_UP, seeds=1, plots=False)
-    return out, result.results, (out / "report" / "report.md").read_text()
+    """The study's folder (tests copy it before editing), results and report.md, compared once
+    per session."""
+
+    def make(folder):
+        out = folder / "study"
+        result = study_on_one_thread(out, "fp32,fp8-tensorwise", BLOWN_UP, seeds=1, plots=False)
+        return out, result.results, (out / "report" / "report.md").read_text()
+
+    return folder_once_per_session(tmp_path_factory, "compare-walk-s38", make)
 
 
 def test_a_baseline_that_trained_worse_than_it_started_judges_no_recipe(blown_up):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.report import compare, make_study
+from tests.once import folder_once_per_session
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "parity_tiny.json"
 DATA = json.loads(GOLDEN.read_text())
@@ -31,18 +32,25 @@ REFERENCES = DATA["references"]  # per kind of CPU: its curves
 
 @pytest.fixture(scope="module")
 def rerun(tmp_path_factory):
-    import torch
+    """The golden study's results, rerun once per session."""
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DATA["threads"])
-    study = make_study(
-        ",".join(DATA["recipes"]),
-        DATA["settings"],
-        seeds=[DATA["seed"]],
-        out=tmp_path_factory.mktemp("golden") / "study",
-    )
-    yield compare(study, plots=False, log=lambda line: None).results
-    torch.set_num_threads(threads)
+    def make(folder):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(DATA["threads"])
+        try:
+            study = make_study(
+                ",".join(DATA["recipes"]),
+                DATA["settings"],
+                seeds=[DATA["seed"]],
+                out=folder / "study",
+            )
+            return compare(study, plots=False, log=lambda line: None).results
+        finally:
+            torch.set_num_threads(threads)
+
+    return folder_once_per_session(tmp_path_factory, "golden", make)
 
 
 @pytest.mark.parametrize("recipe", DATA["recipes"])

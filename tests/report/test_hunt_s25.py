@@ -10,6 +10,7 @@ import pytest
 
 from lowbit.cli import main
 from lowbit.report import compare, make_study
+from tests.once import folder_once_per_session
 from tests.report.conftest import quiet, study_on_one_thread
 
 LM = {"model": "nano", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
@@ -19,10 +20,14 @@ FLAGS = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batc
 
 @pytest.fixture(scope="module")
 def lm_study(tmp_path_factory):
-    """fp32 against bf16-mixed on the tiny causal LM, two seeds (tests copy it before editing)."""
-    out = tmp_path_factory.mktemp("s25") / "lm"
-    study_on_one_thread(out, "fp32,bf16-mixed", {**LM, **LM_STEPS}, seeds=2)
-    return out
+    """fp32 against bf16-mixed on the tiny causal LM, two seeds (tests copy it before editing),
+    compared once per session."""
+
+    def make(folder):
+        study_on_one_thread(folder / "lm", "fp32,bf16-mixed", {**LM, **LM_STEPS}, seeds=2)
+        return folder / "lm"
+
+    return folder_once_per_session(tmp_path_factory, "hunt-s25", make)
 
 
 def _loss_row(report: str, name: str) -> list[str]:

@@ -18,6 +18,7 @@ from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.compare import run_one
 from lowbit.report.markdown import write_markdown
+from tests.once import folder_once_per_session
 from tests.report.conftest import quiet, study_on_one_thread
 
 LM = {"model": "nano", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
@@ -25,10 +26,14 @@ LM = {"model": "nano", "seq_len": 16, "batch_size": 4, "eval_batches": 1}
 
 @pytest.fixture(scope="module")
 def lm_study(tmp_path_factory):
-    """fp32 against bf16-mixed on the tiny causal LM, one seed (tests copy it before editing)."""
-    out = tmp_path_factory.mktemp("s25b") / "lm"
+    """fp32 against bf16-mixed on the tiny causal LM, one seed (tests copy it before editing),
+    compared once per session."""
     settings = {**LM, "steps": 4, "eval_interval": 2, "warmup_steps": 1}
-    return study_on_one_thread(out, "fp32,bf16-mixed", settings, seeds=1)
+
+    def make(folder):
+        return study_on_one_thread(folder / "lm", "fp32,bf16-mixed", settings, seeds=1)
+
+    return folder_once_per_session(tmp_path_factory, "hunt-s25b", make)
 
 
 def _interrupt_when(condition) -> threading.Thread:

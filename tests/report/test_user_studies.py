@@ -11,6 +11,8 @@ import pytest
 from lowbit.cli import main
 from lowbit.report import compare, make_study
 from lowbit.report.markdown import verdict_lines
+from tests.once import folder_once_per_session
+from tests.report.conftest import study_on_one_thread
 
 SETTINGS = {
     "task": "causal-lm",
@@ -30,15 +32,15 @@ def quiet(line):
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
-    """fp32 against bf16-mixed, two seeds, every run finished (tests copy it before editing)."""
-    import torch
+    """fp32 against bf16-mixed, two seeds, every run finished (tests copy it before editing),
+    compared once per session."""
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    study = make_study("fp32,bf16-mixed", SETTINGS, seeds=2, out=tmp_path_factory.mktemp("s") / "s")
-    compare(study, plots=False, log=quiet)
-    torch.set_num_threads(threads)
-    return study.out
+    def make(folder):
+        return study_on_one_thread(
+            folder / "s", "fp32,bf16-mixed", SETTINGS, 2, plots=False
+        ).study.out
+
+    return folder_once_per_session(tmp_path_factory, "user-studies", make)
 
 
 def _copy_with_non_finite_loss(finished_study, tmp_path, recipe, seed):

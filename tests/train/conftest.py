@@ -2,6 +2,7 @@ import pytest
 
 from lowbit.train import TrainConfig
 from lowbit.train import trainer as trainer_module
+from tests.once import folder_once_per_session
 
 # Small enough that a causal-lm step takes milliseconds on a CPU.
 TINY = {
@@ -28,10 +29,29 @@ def tiny_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """A 2-step digits run at batch 8, shared by the tests that evaluate one (read only)."""
+    """A 2-step digits run at batch 8, shared by the tests that evaluate one (read only), trained
+    once per session."""
     from lowbit.cli import main
 
-    run = tmp_path_factory.mktemp("digits") / "run"
-    argv = ["train", "--task", "image-classification", "--steps", "2", "--batch-size", "8"]
-    assert main([*argv, "--quiet", "--out", str(run)]) == 0
-    return run
+    def make(folder):
+        argv = ["train", "--task", "image-classification", "--steps", "2", "--batch-size", "8"]
+        assert main([*argv, "--quiet", "--out", str(folder / "run")]) == 0
+        return folder / "run"
+
+    return folder_once_per_session(tmp_path_factory, "train-digits", make)
+
+
+@pytest.fixture(scope="session")
+def nano_run(tmp_path_factory):
+    """A one-step causal-LM run on bytes in the default recipe (bf16-mixed), validated at its step:
+    its next-token distributions are nearly flat. Read only (tests that change its checkpoint
+    copy it), trained once per session."""
+    from lowbit.cli import main
+
+    def make(folder):
+        argv = ["train", "--model", "nano", "--seq-len", "16", "--batch-size", "4"]
+        argv += ["--eval-batches", "1", "--steps", "1", "--eval-interval", "1", "--quiet"]
+        assert main([*argv, "--out", str(folder / "run")]) == 0
+        return folder / "run"
+
+    return folder_once_per_session(tmp_path_factory, "train-nano", make)

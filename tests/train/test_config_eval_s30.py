@@ -9,6 +9,7 @@ import yaml
 
 from lowbit.cli import main
 from lowbit.train import checkpoint
+from tests.once import folder_once_per_session
 
 NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
@@ -40,11 +41,16 @@ def test_a_flag_replaces_a_mistyped_config_setting_with_a_warning(tmp_path, caps
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-    """A run with checkpoints at steps 1 and 2 (--keep-last 2)."""
-    run = tmp_path_factory.mktemp("keep_last") / "run"
-    argv = ["train", *NANO, "--steps", "2", "--eval-interval", "1", "--keep-last", "2"]
-    assert main([*argv, "--quiet", "--out", str(run)]) == 0
-    return run
+    """A run with checkpoints at steps 1 and 2 (--keep-last 2), trained once per session (tests
+    copy it)."""
+
+    def make(folder):
+        run = folder / "run"
+        argv = ["train", *NANO, "--steps", "2", "--eval-interval", "1", "--keep-last", "2"]
+        assert main([*argv, "--quiet", "--out", str(run)]) == 0
+        return run
+
+    return folder_once_per_session(tmp_path_factory, "config-eval-s30", make)
 
 
 def _saving_meanwhile(monkeypatch, times):

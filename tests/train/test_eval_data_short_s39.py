@@ -7,20 +7,24 @@ text."""
 import pytest
 
 from lowbit.cli import main
+from tests.once import folder_once_per_session
 
 LM = ["train", "--model", "nano", "--seq-len", "16", "--batch-size", "4", "--steps", "1"]
 
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("short")
-    text = folder / "text.txt"  # faster to read than the stdlib
-    text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(100)))
-    run = folder / "lm"
-    assert (
-        main([*LM, "--data", str(text), "--eval-batches", "1", "--quiet", "--out", str(run)]) == 0
-    )
-    return run
+    """A causal-LM run on a small text file, trained once per session (read only)."""
+
+    def make(folder):
+        text = folder / "text.txt"  # faster to read than the stdlib
+        text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(100)))
+        run = folder / "lm"
+        argv = [*LM, "--data", str(text), "--eval-batches", "1", "--quiet", "--out", str(run)]
+        assert main(argv) == 0
+        return run
+
+    return folder_once_per_session(tmp_path_factory, "eval-data-short-s39", make)
 
 
 def test_a_text_file_shorter_than_a_window_is_refused_with_a_fix_eval_takes(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit.cli import main
+from tests.once import folder_once_per_session
 
 NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
@@ -15,15 +16,30 @@ NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batch
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
     """A causal-LM run whose checkpoint holds NaN weights (its output layer), as one that
-    diverged in its last steps without the gradient check catching it."""
-    run = tmp_path_factory.mktemp("eval_generate") / "run"
-    argv = ["train", *NANO, "--steps", "2", "--eval-interval", "2", "--quiet", "--out", str(run)]
-    assert main(argv) == 0
-    path = run / "checkpoints" / "step-0000002.pt"
-    state = torch.load(path, weights_only=False)
-    state["model"]["lm_head.weight"].fill_(float("nan"))
-    torch.save(state, path)
-    return run
+    diverged in its last steps without the gradient check catching it. Made once per session
+    (read only)."""
+
+    def make(folder):
+        run = folder / "run"
+        argv = [
+            "train",
+            *NANO,
+            "--steps",
+            "2",
+            "--eval-interval",
+            "2",
+            "--quiet",
+            "--out",
+            str(run),
+        ]
+        assert main(argv) == 0
+        path = run / "checkpoints" / "step-0000002.pt"
+        state = torch.load(path, weights_only=False)
+        state["model"]["lm_head.weight"].fill_(float("nan"))
+        torch.save(state, path)
+        return run
+
+    return folder_once_per_session(tmp_path_factory, "eval-generate-s27", make)
 
 
 @pytest.mark.parametrize("temperature", ["0", "0.8"])

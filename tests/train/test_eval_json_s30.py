@@ -12,6 +12,7 @@ from lowbit.cli import main
 from lowbit.infer import load_source
 from lowbit.infer.evaluate import fp32_precision
 from lowbit.train.tasks import ImageClassificationTask
+from tests.once import folder_once_per_session
 
 ROW = re.compile(r"^\s*(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$")  # label, p, r, f1, support
 DIGITS = [str(d) for d in range(10)]
@@ -38,10 +39,15 @@ def _f1(cell: str):
 
 
 @pytest.fixture(scope="module")
-def quantized(digits_run):
-    folder = digits_run.parent / "int8"
-    assert main(["quantize", str(digits_run), "--to", "int8", "--out", str(folder)]) == 0
-    return folder
+def quantized(digits_run, tmp_path_factory):
+    """`digits_run` quantized to int8, once per session (read only)."""
+
+    def make(folder):
+        argv = ["quantize", str(digits_run), "--to", "int8", "--out", str(folder / "int8")]
+        assert main(argv) == 0
+        return folder / "int8"
+
+    return folder_once_per_session(tmp_path_factory, "eval-json-s30-int8", make)
 
 
 def test_eval_json_of_a_digits_run_carries_its_per_label_table(digits_run, capsys):

@@ -9,16 +9,11 @@ import torch
 
 from lowbit.cli import main
 
-NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    """A 1-step causal-LM run (read only; tests that change its checkpoint copy it)."""
-    run = tmp_path_factory.mktemp("eval_metrics") / "run"
-    argv = ["train", *NANO, "--steps", "1", "--eval-interval", "1", "--quiet", "--out", str(run)]
-    assert main(argv) == 0
-    return run
+@pytest.fixture
+def lm_run(nano_run):
+    """The session's one-step nano run (tests/train/conftest.py)."""
+    return nano_run
 
 
 def _eval_json(run, capsys) -> dict:

@@ -11,17 +11,11 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from lowbit.cli import main
 from lowbit.train.generate import top_p_filter
 
-NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A one-step causal-LM run on bytes: its next-token distributions are nearly flat, so a
-    nucleus below 1 cuts many tokens and changes what a seed samples."""
-    folder = tmp_path_factory.mktemp("generate_s28") / "run"
-    argv = ["train", *NANO, "--steps", "1", "--eval-interval", "1", "--quiet", "--out", str(folder)]
-    assert main(argv) == 0
-    return folder
+@pytest.fixture
+def run(nano_run):
+    """The session's one-step nano run (tests/train/conftest.py)."""
+    return nano_run
 
 
 def generate(run, capsys, *flags: str) -> str:

@@ -11,16 +11,11 @@ from lowbit.cli import main
 from lowbit.train import load_run, sample_text
 from lowbit.train.tasks import evaluating
 
-NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A one-step causal-LM run on bytes, in the default recipe (bf16-mixed)."""
-    folder = tmp_path_factory.mktemp("generate_s31") / "run"
-    argv = ["train", *NANO, "--steps", "1", "--eval-interval", "1", "--quiet", "--out", str(folder)]
-    assert main(argv) == 0
-    return folder
+@pytest.fixture
+def run(nano_run):
+    """The session's one-step nano run (tests/train/conftest.py)."""
+    return nano_run
 
 
 def one_line_error(capsys, *parts: str) -> None:

@@ -19,7 +19,9 @@ TINY = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batch
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-step nano run on the built-in data (read only: a test that resumes it copies it)."""
+    """A 2-step nano run on the built-in data (read only: a test that resumes it copies it). One
+    per xdist worker, not per session: the refused resumes take and drop the run's lock, and two
+    workers' at the same moment would find it held."""
     run = tmp_path_factory.mktemp("resume") / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(run), "--quiet"]) == 0
     return run
@@ -75,7 +77,7 @@ def test_a_refused_resume_names_the_flag_and_the_runs_value(run, capsys, given, 
     assert "--eval-interval, --keep-last, --nproc, --out" in err and "eval_interval" not in err
 
 
-def test_a_setting_the_run_had_none_of_is_to_be_left_out(run, capsys):
+def test_a_setting_the_run_had_none_of_is_to_be_left_out(run, tmp_path, capsys):
     """The run's value is no flag at all (no --override): "without" it, on the command line or in
     a --config file; --data naming another file was refused as data whose contents changed
     ("restore the data"), and the built-in data the run read is --data stdlib."""
@@ -85,7 +87,7 @@ def test_a_setting_the_run_had_none_of_is_to_be_left_out(run, capsys):
         "fix: resume without --override or a --config file's overrides, or start a new run with "
         "another --out"
     ) in err
-    other = run.parent / "other.txt"
+    other = tmp_path / "other.txt"
     other.write_text("".join(f"paragraph {i}: other words.\n\n" for i in range(200)))
     err = _refused(run, capsys, "--data", str(other))
     assert (
