@@ -10,6 +10,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -77,18 +78,51 @@ def report_error(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a flag is taken only as spelt in full. argparse took any unique prefix
+    # (`compare --seed 2` ran as --seeds 2), and a prefix unique today would turn ambiguous, and
+    # break a script, the day a flag is added; `unrecognized` suggests the flags one may mean.
     parser = argparse.ArgumentParser(
         prog="lowbit",
         description="Train language models in mixed and low precision, and measure what it costs.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(f"lowbit.commands.{module_name}")
-        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(
+            module.NAME, help=module.HELP, description=module.HELP, allow_abbrev=False
+        )
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
+
+
+def unrecognized(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> str:
+    """The one line refusing the arguments no parser took (``extras``; argparse's own message was
+    the whole usage and "unrecognized arguments: ..."): the first flag among them, with the flags
+    of ``command`` it may mean (`spelt_alike`: a shortened flag, one part of a flag, a near miss)
+    and the gist of each one's help, up to its first "; " or " (": ``--seed`` of `lowbit compare`
+    is '--seeds' (seeds per recipe) or '--first-seed' (seeds are N, N+1, ...)."""
+    from lowbit.recipes.presets import did_you_mean, spelt_alike
+
+    if command is not None:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[command]
+    gists = {
+        flag: re.split(r"; | \(", action.help or "")[0]
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS  # a flag refused on purpose (compare --nproc)
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+    given = next((arg for arg in extras if arg.startswith("-")), extras[0]).split("=", 1)[0]
+    where = f"{command} {given}" if command else given
+    alike = spelt_alike(given, list(gists)) if given.startswith("--") else []
+    if not alike or len(alike) > 3:
+        return f"{where}: unrecognized argument; fix: see {parser.prog} --help"
+    shortened = " (a flag is taken only in full)" if alike[0].startswith(given) else ""
+    return f"{where}: unrecognized argument{shortened}; fix: {did_you_mean(alike, gists)}"
 
 
 def _interrupt_again(unraisable, default=sys.unraisablehook) -> None:
@@ -118,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         # Inside the try: building the parser imports every command module (Transformers among
         # them), still part of the start-up a Ctrl-C may interrupt.
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            raise UsageError(unrecognized(parser, getattr(args, "command", None), extras))
         if not hasattr(args, "run"):
             parser.print_help()
             return 2

@@ -317,9 +317,11 @@ def _shortens(part: str, own: str) -> bool:
     return own.startswith(part) or (len(part) >= 3 and own.endswith(part))
 
 
-def did_you_mean(names: list[str]) -> str:
-    """``did you mean 'a'?``, or ``did you mean 'a', 'b' or 'c'?`` for several (`spelt_alike`)."""
-    quoted = [repr(name) for name in names]
+def did_you_mean(names: list[str], notes: dict[str, str] | None = None) -> str:
+    """``did you mean 'a'?``, or ``did you mean 'a', 'b' or 'c'?`` for several (`spelt_alike`);
+    a name's note, where ``notes`` has one, follows it in parentheses (a flag's help)."""
+    notes = notes or {}
+    quoted = [repr(name) + (f" ({notes[name]})" if notes.get(name) else "") for name in names]
     listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
     return f"did you mean {listed}?"
 
