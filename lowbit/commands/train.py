@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from lowbit.errors import UsageError
@@ -240,22 +241,6 @@ def _warn_stats_without_layers(config) -> None:
         )
 
 
-def _kept(out: str | None) -> str:
-    """What an aborted run left to resume from, and the command that does. A run aborted before
-    its first checkpoint (a Ctrl-C in the first validation) was told "the last complete
-    checkpoint is intact" of none. Without --out the run folder's name (its start time) is not
-    known here."""
-    from lowbit.train import checkpoint
-    from lowbit.train.runstate import resume_command
-
-    saved = checkpoint.latest(_path(out)) if out is not None else None
-    if saved is not None:
-        return f"the last complete checkpoint {saved} is intact; resume with: {resume_command(out)}"
-    if out is not None:
-        return "no checkpoint was written, nothing to resume"
-    return "the last complete checkpoint is intact"
-
-
 def _path(path: str) -> Path:
     """A path option's folder or file; a leading ``~`` is the home folder, as the shell expands it
     unquoted: quoted (``--config '~/run.yaml'``, or from a script) it named a folder ``~``."""
@@ -288,6 +273,7 @@ def run(args) -> int:
         raise UsageError("--resume and --overwrite contradict each other; fix: give one")
     config = config_from_args(args)
     _warn_stats_without_layers(config)
+    since = time.time() if args.overwrite else None  # `kept_text`: older checkpoints are replaced
     try:
         result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     except (NonFiniteLoss, RankFailed) as error:
@@ -296,7 +282,9 @@ def run(args) -> int:
         report_error(f"lowbit: error: {error}")  # once, though every torchrun rank stops alike
         return 1
     except KeyboardInterrupt:
-        print(f"lowbit: aborted; {_kept(config.out)}", file=sys.stderr)
+        from lowbit.train.runstate import kept_text
+
+        print(f"lowbit: aborted; {kept_text(config.out, since)}", file=sys.stderr)
         return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

@@ -172,7 +172,8 @@ class Diagnosis:
         return (
             f"not computed, so not in the table: {shown} (a GEMM whose result nothing needs: the "
             "input gradient of a layer reading the model's input, the pixels of a CNN's first "
-            "convolution; doctor.json's not_computed lists them all)"
+            "convolution, or the weight gradient of a frozen weight; doctor.json's not_computed "
+            "lists them all)"
         )
 
     def table(self, top: int = 15) -> str:
@@ -958,12 +959,12 @@ def heatmap(diagnosis: Diagnosis, path) -> None:
                 weight="bold",
                 color="cyan" if dark else "tab:blue",
             )
-    for name in diagnosis.not_computed:  # blank: say why, not leave it to read as missing data
+    for name in diagnosis.not_computed:  # blank: say why, in the table's words
         layer, gemm = name.rsplit("/", 1)
         for x, op in enumerate(OPERANDS):
             if op.startswith(gemm + ".") and layer in layers:
                 y = layers.index(layer)
-                ax.text(x, y, "not run", ha="center", va="center", fontsize=6, color="gray")
+                ax.text(x, y, "not\ncomputed", ha="center", va="center", fontsize=6, color="gray")
     fig.colorbar(image, ax=ax, label=f"SQNR below nominal (dB)\nflagged from {LOSS_DB:g}")
     ax.set_title(f"lowbit doctor: {diagnosis.recipe}", fontsize=10)
     fig.tight_layout()

@@ -13,10 +13,11 @@ past what rounds to ``A'``):
 - ``rms``        ``sqrt(mean(x^2))``; ``amax / rms`` is the crest factor, large for outliers;
                  non-finite exactly when ``x`` holds inf or NaN (squares summed in float64)
 - ``saturated``  fraction of elements clipped at the format's max beyond rounding: ``|x| / s``
-                 half a step of the top binade or more past ``max`` (`clip_threshold`: 464 in
-                 e4m3), where an IEEE dtype without scale overflows to inf; a value closer to
-                 ``max`` rounds to it as it would with no limit on the range. A zero scale (an
-                 NVFP4 block scale rounded to zero) flushes its values: they count in
+                 past the midpoint half a step of the top binade above ``max``, or at it where
+                 round-to-nearest-even takes it up (`clip_threshold`: above 464 in e4m3, from
+                 65520 in fp16), where an IEEE dtype without scale overflows to inf; a value
+                 closer to ``max`` rounds to it as it would with no limit on the range. A zero
+                 scale (an NVFP4 block scale rounded to zero) flushes its values: they count in
                  ``underflow``, not here
 - ``underflow``  fraction of the *nonzero* elements flushed to zero: ``x != 0`` and ``d == 0``.
                  For a gradient already in the format's dtype (fp16-low's fp16 gradients) the
@@ -80,17 +81,23 @@ def _per_element_scale(q: QTensor) -> torch.Tensor:
 
 @functools.cache
 def clip_threshold(fmt) -> float:
-    """The scaled magnitude ``|x| / s`` from which a value counts as clipped (``saturated``):
-    half a step of the format's top binade above its largest value (464 in e4m3, 61440 in e5m2,
-    65520 in fp16, 7 in MX e2m1, 127.5 in int8), where an IEEE cast overflows to inf. A value
-    below it rounds to the largest value on the grid continued past it too, so clamping it loses
-    nothing that rounding did not. Counted from the largest value itself (until session 41),
-    fp8-delayed flagged 0.4-0.6% of the digits CNN's second convolution weight at each step: its
-    amax had grown 0.3-1% past the history's, all within e4m3's rounding at the top. Returned as
-    the largest fp32 below the bound, so that ``|x| / s > threshold`` counts the tie, which an
-    IEEE cast overflows."""
+    """The scaled magnitude ``|x| / s`` above which a value counts as clipped (``saturated``):
+    where round-to-nearest-even on the format's grid continued past its largest value ``max``
+    leaves ``max``, so that the saturating cast gives another value than rounding with no limit
+    on the range would. That is the midpoint half a step of the top binade above ``max`` (464 in
+    e4m3, 61440 in e5m2, 65520 in fp16, 7 in MX e2m1, 127.5 in int8), the midpoint itself
+    included where ``max`` is an odd multiple of the step (its tie rounds up, as an IEEE cast
+    overflows to inf): every format lowbit has but e4m3, whose 448 is 14 steps of 32, so 464
+    rounds to 448 (counted as clipped until session 41). A value below rounds to ``max`` with
+    no limit too, so clamping it loses nothing that rounding did not. Counted from ``max`` itself
+    (until session 41), fp8-delayed flagged 0.4-0.6% of the digits CNN's second convolution
+    weight at each step: its amax had grown 0.3-1% past the history's, all within e4m3's rounding
+    at the top. Returned for ``|x| / s > threshold``: the midpoint, or the largest fp32 below it
+    where the tie counts."""
     step = 1.0 if fmt.kind == "int" else 2.0 ** (fmt.emax - fmt.mbits)
     bound = torch.tensor(float(fmt.max) + step / 2, dtype=torch.float32)
+    if round(float(fmt.max) / step) % 2 == 0:  # the tie rounds down, to max: not clipped
+        return bound.item()
     return torch.nextafter(bound, bound.new_zeros(())).item()
 
 

@@ -189,13 +189,17 @@ def _stop_unless_aborted(folder: Path):
     return handler
 
 
-def _failure(folder: Path, exited_rank: int | None, detail: str, out) -> BaseException:
+def _failure(folder: Path, exited_rank: int | None, detail: str, out, since) -> BaseException:
     """The exception to raise for a failed run: the first rank's own error (a `RankFailed` says
-    what the run in ``out`` kept, `_kept`)."""
+    what the run in ``out`` kept, `kept_text`, ``since`` as there)."""
+    from lowbit.train.runstate import kept_text
+
     records = [pickle.loads(p.read_bytes()) for p in folder.glob("error-*.pkl")]
     if not records:
         rank = "a rank" if exited_rank is None else f"rank {exited_rank}"
-        return RankFailed(f"{rank} died ({detail}); the other ranks were stopped; {_kept(out)}")
+        return RankFailed(
+            f"{rank} died ({detail}); the other ranks were stopped; {kept_text(out, since)}"
+        )
     first = min(records, key=lambda r: r["time"])
     kind = _error_classes().get(first["kind"])
     if kind is not None:
@@ -204,21 +208,8 @@ def _failure(folder: Path, exited_rank: int | None, detail: str, out) -> BaseExc
         return KeyboardInterrupt()
     last = first["traceback"].strip().splitlines()[-1]
     return RankFailed(
-        f"rank {first['rank']} failed: {last}; the other ranks were stopped; {_kept(out)}"
+        f"rank {first['rank']} failed: {last}; the other ranks were stopped; {kept_text(out, since)}"
     )
-
-
-def _kept(out) -> str:
-    """What the run in ``out`` kept when a rank failed or died, and the command that goes on from
-    it: the line named the rank alone, and a user whose rank the out-of-memory killer took had to
-    find the checkpoint and the command themselves."""
-    from lowbit.train import checkpoint
-    from lowbit.train.runstate import resume_command
-
-    kept = checkpoint.latest(out)
-    if kept is None:
-        return "no checkpoint was written, nothing to resume"
-    return f"the last complete checkpoint {kept.name} is intact; resume with: {resume_command(out)}"
 
 
 @contextlib.contextmanager
@@ -248,6 +239,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         port = free_port()
     else:
         check_port(port)
+    since = time.time() if overwrite else None  # `kept_text`: older checkpoints are replaced
     with tempfile.TemporaryDirectory(prefix="lowbit-ranks-") as tmp:
         folder = Path(tmp)
         args = (config.nproc, port, config, resume, overwrite, quiet, on_step, str(folder))
@@ -316,25 +308,27 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                     continue  # a signal (`stop`): handled at the top of the loop
                 except mp.ProcessRaisedException as error:
                     if killed:  # the others' errors ("Connection reset by peer") followed
-                        raise _killed(killed, config.out) from None
-                    raise _failure(folder, error.error_index, "an exception", config.out) from None
+                        raise _killed(killed, config.out, since) from None
+                    raise _failure(
+                        folder, error.error_index, "an exception", config.out, since
+                    ) from None
                 except mp.ProcessExitedException as error:
                     if asked:  # a rank stopped by the Ctrl-C before its handler was set
                         raise KeyboardInterrupt from None
                     if killed:  # before the error a rank it broke may have recorded
-                        raise _killed(killed, config.out) from None
+                        raise _killed(killed, config.out, since) from None
                     detail = (
                         f"signal {error.signal_name}"
                         if error.signal_name
                         else f"exit {error.exit_code}"
                     )
-                    raise _failure(folder, error.error_index, detail, config.out) from None
+                    raise _failure(folder, error.error_index, detail, config.out, since) from None
             if aborted:
                 raise KeyboardInterrupt
         result = folder / "result.pkl"
         if not result.exists():  # torch's worker wrapper exits 0 on a KeyboardInterrupt (a
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
-            raise _failure(folder, None, "it returned no result", config.out)
+            raise _failure(folder, None, "it returned no result", config.out, since)
         return pickle.loads(result.read_bytes())
 
 
@@ -375,10 +369,12 @@ def _wait_for_an_exit(context) -> dict[int, str]:
     }
 
 
-def _killed(killed: dict[int, str], out) -> RankFailed:
+def _killed(killed: dict[int, str], out, since) -> RankFailed:
+    from lowbit.train.runstate import kept_text
+
     rank, name = min(killed.items())
     return RankFailed(
-        f"rank {rank} died (signal {name}); the other ranks were stopped; {_kept(out)}"
+        f"rank {rank} died (signal {name}); the other ranks were stopped; {kept_text(out, since)}"
     )
 
 

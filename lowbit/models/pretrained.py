@@ -501,15 +501,22 @@ def _as_built(fields: dict) -> dict:
     version or another, compares equal to the fields it was trained with. The fields as given
     where transformers does not know the model type. The special token ids, left out of the
     record, are built as None, not as the class's defaults: GPT-2's 50256 outside a small
-    vocabulary made transformers warn of the user's config at every load of the run."""
+    vocabulary made transformers warn of the user's config at every load of the run. A strict
+    config class that refuses None ids (17 types in transformers 5.25, ModernBERT's decoder among
+    them) is built with its own: refused, the fields were compared as written, with no defaults,
+    and the folder saved again read as changed."""
     from transformers import AutoConfig
 
-    given = {**fields, **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))}
-    try:
-        built = AutoConfig.for_model(given.pop("model_type"), **given).to_dict()
-    except Exception:  # no model_type, or one this transformers lacks: compared as written
-        return fields
-    return {key: value for key, value in built.items() if key not in UNMODELLED_FIELDS}
+    given = dict(fields)
+    model_type = given.pop("model_type", None)
+    no_ids = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
+    for tried in ({**given, **no_ids}, given):
+        try:
+            built = AutoConfig.for_model(model_type, **tried).to_dict()
+        except Exception:  # no model_type, or one this transformers lacks: compared as written
+            continue
+        return {key: value for key, value in built.items() if key not in UNMODELLED_FIELDS}
+    return fields
 
 
 def model_changes(recorded: dict, path, tokenizer: bool) -> list[str]:

@@ -585,11 +585,18 @@ def _check_tokenizer(name: str) -> None:
 
 def _process_counts(batch: int, nproc: int) -> str:
     """The process counts nearest ``nproc`` that split the global ``batch`` evenly, as a fix:
-    ``--nproc 2 or 4`` for 8 over 3. "Use a multiple of 3" was no fix for a resume, which keeps
-    the run's batch size and may change only --nproc."""
-    below = max(n for n in range(1, nproc) if batch % n == 0)
-    above = next((n for n in range(nproc + 1, batch + 1) if batch % n == 0), None)
-    return f"--nproc {below}" + (f" or {above}" if above is not None else "")
+    ``--nproc 2 or 4`` for 8 over 3 (under torchrun its own flag, which refuses ``--nproc``).
+    "Use a multiple of 3" was no fix for a resume, which keeps the run's batch size and may change
+    only --nproc. The divisors come in pairs up to the square root of ``batch`` (a loop up to
+    --nproc 300000000 took 29 s)."""
+    from lowbit.distributed.launch import process_count_flag
+
+    small = [n for n in range(1, math.isqrt(batch) + 1) if batch % n == 0]
+    divisors = sorted({*small, *(batch // n for n in small)})
+    below = max(n for n in divisors if n < nproc)
+    above = min((n for n in divisors if n > nproc), default=None)
+    counts = f"{below}" + (f" or {above}" if above is not None else "")
+    return process_count_flag().format(counts)
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -619,7 +626,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         out.strategy = "ddp"
     if out.strategy is not None:
         choose("strategy", out.strategy, ("ddp", "fsdp"), fix="--strategy ddp or fsdp")
-        if out.nproc > 0 and out.batch_size % out.nproc:
+        if out.nproc > 0 and out.batch_size > 0 and out.batch_size % out.nproc:
             raise UsageError(
                 f"batch size {out.batch_size} (the global batch) does not split evenly over "
                 f"{out.nproc} processes; fix: {_process_counts(out.batch_size, out.nproc)} (a "

@@ -167,6 +167,23 @@ def resume_command(run_dir) -> str:
     return f"lowbit train --resume {shlex.quote(str(run_dir))}"
 
 
+def kept_text(out, since: float | None = None) -> str:
+    """What a run stopped early (a rank failed or died, a Ctrl-C) left in ``out`` to resume
+    from, and the command that does (a run stopped before its first checkpoint was told "the
+    last complete checkpoint is intact" of none). ``since``: the start of an --overwrite run,
+    whose folder holds the run it replaces until rank 0 clears it: an older checkpoint is that
+    run's, not this one's, and its resume continued the old run. Without ``out`` the run
+    folder's name (its start time) is not known here."""
+    from lowbit.train import checkpoint
+
+    if out is None:
+        return "the last complete checkpoint is intact"
+    saved = checkpoint.latest(Path(os.path.expanduser(out)))
+    if saved is None or (since is not None and saved.stat().st_mtime < since):
+        return "no checkpoint was written, nothing to resume"
+    return f"the last complete checkpoint {saved} is intact; resume with: {resume_command(out)}"
+
+
 def killed_text(run_dir, info: dict) -> str:
     """How a run that died without a word is described (`state` ``killed``)."""
     return (

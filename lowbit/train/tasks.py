@@ -268,29 +268,21 @@ class HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
-# The files a causal LM's folder brings its tokenizer in: lowbit's own, then those transformers
-# builds a tokenizer from. GPT-2's vocab.json (with merges.txt) and a SentencePiece
-# tokenizer.model (Llama 1/2, Mistral) come without the other two in older checkpoints: read as
-# "no tokenizer", such a model was fine-tuned on byte ids its embedding never saw, without a word.
-MODEL_TOKENIZER_FILES = (
-    "lowbit_tokenizer.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "tokenizer.model",
-)
-
-
 def model_tokenizer_file(model: str) -> Path | None:
     """The tokenizer file a causal LM's folder brings (lowbit's own, or a Hugging Face one), which
     the run then uses instead of --tokenizer; None for a named size or a folder without one. A
     lowbit run folder, or a path in one, is refused as no model (`run_as_model`) first: a
-    tagger run's vocab.json was read as the model's tokenizer, "the tokenizer is damaged"."""
-    from lowbit.models.pretrained import run_as_model
+    tagger run's vocab.json was read as the model's tokenizer, "the tokenizer is damaged".
+    Looked for: lowbit's own file, then every file transformers builds a tokenizer from
+    (`TOKENIZER_FILES`): GPT-2's vocab.json, a SentencePiece tokenizer.model (Llama 1/2) or BERT's
+    vocab.txt come without tokenizer.json in older checkpoints, and read as "no tokenizer" such a
+    model was fine-tuned on byte ids its embedding never saw (a folder with vocab.txt was told it
+    had "no tokenizer files")."""
+    from lowbit.models.pretrained import TOKENIZER_FILES, run_as_model
 
     if not (Path(model) / "config.json").is_file() and (refusal := run_as_model(model)):
         raise refusal
-    for name in MODEL_TOKENIZER_FILES:
+    for name in ("lowbit_tokenizer.json", *TOKENIZER_FILES):
         if (Path(model) / name).is_file():
             return Path(model) / name
     return None
@@ -314,8 +306,8 @@ def _hf_tokenizer(folder: Path, fix: str) -> HFTokenizer:
         ) from None
     if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
         raise UsageError(
-            f"{folder}: the tokenizer holds only its special tokens (no vocabulary files); "
-            f"fix: {fix}"
+            f"{folder}: the tokenizer holds only its special tokens (no vocabulary file that "
+            f"{type(tokenizer).__name__} reads); fix: {fix}"
         )
     return HFTokenizer(tokenizer)
 

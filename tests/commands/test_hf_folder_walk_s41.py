@@ -1,5 +1,6 @@
 """A user's own Hugging Face folders, end to end (session 41 walk): what lowbit says of them."""
 
+import json
 import logging
 
 import pytest
@@ -152,3 +153,44 @@ def test_tagger_head_of_other_labels_loads_without_transformers_warnings(
     tagger = ["train", "--task", "token-classification", "--model", "bert", "--data", "conll"]
     assert main([*tagger, *TRAIN, "--out", "run"]) == 0
     assert not [m for m in transformers_log if "num_labels" in m]
+
+
+def _bert_lm(folder):
+    """A BERT causal LM saved with BERT's own tokenizer file alone, vocab.txt (older checkpoints
+    come without tokenizer.json)."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64, is_decoder=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertLMHeadModel(config).save_pretrained(folder)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(special + WORDS) + "\n")
+    return folder
+
+
+def test_a_folder_with_vocab_txt_trains_with_its_own_tokenizer(text, capsys):
+    """Review R4: a folder with weights and vocab.txt was told it had "no tokenizer files" and
+    was fed byte ids (here refused, its 32 rows fewer than the bytes): its tokenizer is read, and
+    saved with the run."""
+    _bert_lm(text / "bert")
+    assert main(["train", "--model", "bert", "--data", "text", *TRAIN, "--out", "run"]) == 0
+    assert "no tokenizer files" not in capsys.readouterr().err
+    saved = json.loads((text / "run" / "tokenizer" / "tokenizer.json").read_text())
+    assert set(saved["model"]["vocab"]) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS}
+
+
+def test_a_vocabulary_file_its_tokenizer_does_not_read_is_named_so(text, capsys):
+    """A GPT-2 folder with BERT's vocab.txt: GPT-2's tokenizer reads vocab.json, not that file;
+    the run says lowbit cannot read it, not that the folder has no tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(text / "gpt2")
+    (text / "gpt2" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", *WORDS]) + "\n")
+    assert main(["train", "--model", "gpt2", "--data", "text", *TRAIN, "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer holds only its special tokens (no vocabulary file that GPT2" in err
+    assert not (text / "run").exists()

@@ -111,3 +111,34 @@ def test_a_block_whose_scale_rounds_to_zero_is_flushed_not_saturated():
     x[0, :16] = 100.0
     stats = operand_stats(x, quantize_operand(x, OperandSpec("fp4_e2m1", granularity="nvfp4")))
     assert stats["saturated"] == 0.0 and stats["underflow"] > 0.9
+
+
+def test_e4m3s_tie_rounds_to_its_largest_value_and_is_not_clipped():
+    """Review R4: e4m3's midpoint 464 (scaled) counted as clipped, though round-to-nearest-even
+    takes it to 448 (14 steps of 32, even) as it would with no limit on the range; 465 is
+    clipped. fp16's midpoint, 65520, rounds up (65504 is 2047 steps) and stays counted above."""
+    from lowbit.formats import quantize
+
+    x = torch.tensor([[464.0, 465.0, 1.0, 2.0]])
+    q = quantize(x, "fp8_e4m3", "tensor", amax=torch.tensor(448.0))
+    assert operand_stats(x, q)["saturated"] == 0.25
+
+
+def test_the_heat_map_and_the_table_name_a_gemm_not_computed_alike(tmp_path, capsys, monkeypatch):
+    """Review R4: the heat map said "not run" of the GEMMs the table called "not computed" (and
+    "not run" names the layers no probe called); the line named input gradients alone, though a
+    frozen weight's gradient is not computed either."""
+    from matplotlib.figure import Figure
+
+    labels = []
+    real_savefig = Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        labels.extend(t.get_text() for ax in figure.axes for t in ax.texts)
+        return real_savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    _report(tmp_path, *CNN, "--recipe", "fp8-tensorwise")
+    assert "or the weight gradient of a frozen weight" in capsys.readouterr().out
+    gray = [label.replace("\n", " ") for label in labels if label.startswith("not")]
+    assert gray and set(gray) == {"not computed"}
