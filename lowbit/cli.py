@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from lowbit.errors import RunNotWritten, UsageError, is_interrupt
+from lowbit.errors import RunNotWritten, UsageError, drop_held_notes, is_interrupt
 
 COMMAND_MODULES = [
     "formats",
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         report_error(f"lowbit: error: {where}{error.strerror}; fix: {fix}")
         return status
     finally:
+        drop_held_notes()  # a refused command's notes are not the next one's
         # The command is done: a Ctrl-C while Python shuts down (its exit handlers, some of them
         # torch's) ends the process as it would any program, not with a traceback from a handler.
         if argv is None:

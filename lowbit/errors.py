@@ -127,3 +127,27 @@ def warn(line: str) -> None:
     alone): each rank of a distributed run meets the same data and settings, and said it again."""
     if os.environ.get("RANK", "0") == "0":
         print(f"lowbit: warning: {line}", file=sys.stderr)
+
+
+_held_notes: list[str] = []
+
+
+def note_later(line: str) -> None:
+    """Hold ``lowbit: note: line`` until the command is past its refusals (`say_held_notes`): a
+    note of a setting the command chose (a --model folder's shorter sequence length) came before
+    the one-line error of a run then refused (its folder's weights torn)."""
+    _held_notes.append(line)
+
+
+def say_held_notes() -> None:
+    """Print the notes `note_later` held, once, from rank 0 only (as `warn`)."""
+    while _held_notes:
+        line = _held_notes.pop(0)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lowbit: note: {line}", file=sys.stderr)
+
+
+def drop_held_notes() -> None:
+    """Forget the notes of a command that ended (refused): the next command in the process (a
+    test's, a program's) says its own."""
+    _held_notes.clear()

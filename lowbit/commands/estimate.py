@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lowbit.errors import UsageError, check_given
+from lowbit.errors import UsageError, check_given, say_held_notes
 from lowbit.memory.breakdown import COMPONENTS, human
 from lowbit.memory.estimate import (
     ACCELERATORS_GIB,
@@ -271,6 +271,7 @@ def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
         for name, recipe in recipes.items()
     ]
     _check_checkpointing(args, rows[0][1])
+    say_held_notes()  # a --model folder's sequence length, once the estimate stands
     _warn_split_state_blocks(rows[0][1])  # the model and states of every row
     if args.json:
         print(
@@ -502,6 +503,7 @@ def run(args) -> int:
         activation_checkpointing=True,
     )
     unsupported = not _check_checkpointing(args, with_ckpt)
+    say_held_notes()  # a --model folder's sequence length, once the estimate stands
     _warn_split_state_blocks(without)
     chosen = with_ckpt if args.activation_checkpointing else without
     largest_batches = _largest_batches(args, recipe)

@@ -39,7 +39,7 @@ from lowbit.distributed.context import (
     signals_handled,
     torchrun_env,
 )
-from lowbit.errors import RunNotWritten, UsageError, warn
+from lowbit.errors import RunNotWritten, UsageError, say_held_notes, warn
 
 
 def _error_classes():
@@ -443,6 +443,7 @@ def train(config, resume=False, overwrite=False, quiet=False, on_step=None):
             f"--nproc {config.nproc} CPU processes on {cores} cores: the ranks share cores and "
             f"train slower than fewer would; fix: --nproc {cores} or fewer"
         )
+    say_held_notes()  # past the launcher's refusals (a rank's own come after its start-up)
     return spawn(config, resume, overwrite, quiet, on_step)
 
 

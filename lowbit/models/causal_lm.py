@@ -20,14 +20,12 @@ let a precision recipe treat the LM head separately from the embedding lookup.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, choose
+from lowbit.errors import UsageError, choose, note_later
 from lowbit.models.pretrained import (
     GONE,
     from_pretrained,
@@ -191,15 +189,15 @@ def default_seq_len(default: int, positions: int | None, flag: str) -> int:
     """The sequence length of a run (or estimate) given none: ``default``, or the model's
     ``positions`` where it takes fewer, said in a note naming ``flag``. A small --model folder
     (64 positions) was refused "sequence length 256 exceeds the model's 64 positions" (1024 by
-    `lowbit estimate`), of a length the user never gave; one given above the limit still is."""
+    `lowbit estimate`), of a length the user never gave; one given above the limit still is.
+    The note is held (`note_later`) until the command is past its refusals: a run refused for
+    its folder's weights prints its error alone."""
     if positions is None or default <= positions:
         return default
-    if os.environ.get("RANK", "0") == "0":  # each torchrun rank reads the same model
-        print(
-            f"lowbit: note: no {flag} given: {positions}, the most the model's {positions} "
-            f"positions take (the default is {default})",
-            file=sys.stderr,
-        )
+    note_later(
+        f"no {flag} given: {positions}, the most the model's {positions} positions take "
+        f"(the default is {default})"
+    )
     return positions
 
 

@@ -337,7 +337,6 @@ def causal_lm_tokenizer(config, run_dir, corpus):
         if (own.parent / "config.json").is_file():  # named in one line before transformers'
             load_config(own.parent)  # tokenizer reads it (and logs of an unknown model_type)
         return _hf_tokenizer(own.parent, "save the model's tokenizer into its folder again")
-    _warn_untokenized_weights(config)
     if config.tokenizer == "bpe":
         tokenizer = build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
         if tokenizer.vocab_size < config.vocab_size:
@@ -353,12 +352,15 @@ def causal_lm_tokenizer(config, run_dir, corpus):
 def _warn_untokenized_weights(config) -> None:
     """Warn where the --model folder holds trained weights but no tokenizer files (a
     ``model.save_pretrained`` without ``tokenizer.save_pretrained``): its embedding rows stand for
-    its own tokenizer's tokens, and the run feeds it lowbit's byte or BPE ids instead."""
+    its own tokenizer's tokens, and the run feeds it lowbit's byte or BPE ids instead. Called
+    once the model is built from them: a folder whose weights are refused (torn) says only why."""
     from lowbit.models.causal_lm import SIZES
     from lowbit.models.pretrained import has_weights
 
     folder = Path(config.model)
-    if config.model not in SIZES and folder.is_dir() and has_weights(folder):
+    if config.model in SIZES or not folder.is_dir() or model_tokenizer_file(config.model):
+        return
+    if has_weights(folder):
         _warn_once(
             f"lowbit: warning: {folder} holds weights but no tokenizer files, so the run "
             f"feeds it --tokenizer {config.tokenizer} ids its embedding was not trained on; fix: "
@@ -388,6 +390,8 @@ class CausalLMTask(Task):
         vocab_size = text_config(self.model.config).vocab_size
         if vocab_size < self.tokenizer.vocab_size:
             self._check_vocabulary(vocab_size)
+        if run_dir is None:  # a new run: its tokenizer was not saved with it
+            _warn_untokenized_weights(config)
         self._tokens: dict[str, torch.Tensor] = {}
         self._train_batches = None
 

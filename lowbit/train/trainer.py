@@ -27,7 +27,13 @@ import torch
 
 from lowbit.cpu import bf16_gemm_warning, emulated_layers
 from lowbit.diagnostics.monitor import build_monitor
-from lowbit.errors import RunNotWritten, UsageError, check_writable, is_interrupt
+from lowbit.errors import (
+    RunNotWritten,
+    UsageError,
+    check_writable,
+    is_interrupt,
+    say_held_notes,
+)
 from lowbit.nn.convert import lowbit_layers
 from lowbit.precision.scaler import SMALLEST_SCALE
 from lowbit.recipes import same_recipe
@@ -815,6 +821,7 @@ class Trainer:
         self.train_model, self.model = self.dist.wrap(converted, self.precision)
         if check_conversion is not None:
             check_conversion(self)
+        say_held_notes()  # past the set-up's refusals: a refused run says only why
         report = self.precision.conversion_report
         warn = warn_emulation and self.dist.is_main  # quiet runs too, once per compare recipe
         if self.precision.keeps_every_layer and warn:
