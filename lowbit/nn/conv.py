@@ -30,6 +30,7 @@ values gathered into one image of its dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -173,50 +174,88 @@ class _Unfolding:
     stride: tuple[int, int]
 
     def rows(self, image: torch.Tensor) -> torch.Tensor:
-        """The rows F.unfold reads off ``image`` (N*L x C*kh*kw, contiguous as the forward's); an
-        int8 carrier, which F.unfold refuses, through fp16, which holds its values exactly."""
-        options = (self.kernel_size, self.dilation, self.padding, self.stride)
-        integer = not image.is_floating_point()
-        cols = F.unfold(image.half() if integer else image, *options).transpose(1, 2)
-        cols = cols.reshape(-1, cols.shape[-1])
-        return cols.to(image.dtype) if integer else cols
+        """The rows F.unfold reads off ``image`` (N*L x C*kh*kw, contiguous as the forward's), of
+        any dtype (F.unfold refuses an int8 or fp8 carrier): one strided copy per kernel tap into
+        its column of every channel, where F.unfold's columns still had to be transposed."""
+        n, channels, height, width = image.shape
+        (pad_h, pad_w), (out_h, out_w) = self.padding, self._outputs(image.shape)
+        padded = image
+        if pad_h or pad_w:  # zeros around, as F.unfold reads them
+            padded = image.new_zeros(n, channels, height + 2 * pad_h, width + 2 * pad_w)
+            padded[:, :, pad_h : pad_h + height, pad_w : pad_w + width] = image
+        kh, kw = self.kernel_size
+        rows = image.new_empty(n, out_h, out_w, channels, kh, kw)
+        for ky in range(kh):
+            for kx in range(kw):
+                starts = (ky * self.dilation[0], kx * self.dilation[1])
+                tap = self._pixels(padded, starts, (out_h, out_w))
+                rows[..., ky, kx] = tap.permute(0, 2, 3, 1)
+        return rows.view(-1, channels * kh * kw)
 
     def image(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``rows`` (shaped as `rows` reads them off an image of ``shape``) as that image: each
-        pixel one of the values that copy it (a pixel no kernel position reads holds any)."""
-        n, channels, *size = shape
-        per_channel = self.kernel_size[0] * self.kernel_size[1]
-        outputs = [
+        pixel one of the values that copy it, a pixel no kernel position reads zero. A few strided
+        copies (`_segments`: one where a tap reads every pixel, as in a "same" convolution), no
+        gather index."""
+        n, channels, height, width = shape
+        (out_h, out_w), (kh, kw) = self._outputs(shape), self.kernel_size
+        per_row = rows.reshape(n, out_h, out_w, channels, kh, kw)
+        image = rows.new_zeros(shape)
+        padding, axes = self.padding, zip((height, width), (out_h, out_w), self.kernel_size)
+        along = [
+            _segments(length, out, k, d, s, pad)
+            for (length, out, k), d, s, pad in zip(axes, self.dilation, self.stride, padding)
+        ]
+        for tap_y, first_y, count_y, pixel_y in along[0]:
+            for tap_x, first_x, count_x, pixel_x in along[1]:
+                read = per_row[:, first_y : first_y + count_y, first_x : first_x + count_x]
+                where = self._pixels(image, (pixel_y, pixel_x), (count_y, count_x))
+                where.copy_(read[..., tap_y, tap_x].permute(0, 3, 1, 2))
+        return image
+
+    def _outputs(self, shape) -> tuple[int, int]:
+        """The output positions along each spatial axis of an image of ``shape``."""
+        return tuple(
             (length + 2 * pad - d * (k - 1) - 1) // s + 1
             for length, pad, d, k, s in zip(
-                size, self.padding, self.dilation, self.kernel_size, self.stride
+                shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
             )
-        ]
-        # a row's value (l, (c, ky, kx)) of output position l = oy * out_w + ox sits at
-        # l * C*kh*kw + c * kh*kw + ky * kw + kx of the image's rows: a sum of one term per axis
-        width = channels * per_channel
-        steps = ((outputs[1] * width, self.kernel_size[1]), (width, 1))  # (per output, per tap)
-        terms = [
-            self._readers(length, out, k, d, s, pad, per_out, per_tap, rows.device)
-            for length, out, k, d, s, pad, (per_out, per_tap) in zip(
-                size, outputs, self.kernel_size, self.dilation, self.stride, self.padding, steps
-            )
-        ]
-        by_channel = torch.arange(channels, device=rows.device) * per_channel
-        where = by_channel[:, None, None] + terms[0][:, None] + terms[1]
-        return rows.reshape(n, -1).index_select(1, where.reshape(-1)).view(shape)
+        )
 
-    @staticmethod
-    def _readers(length, out, k, d, s, pad, per_out, per_tap, device) -> torch.Tensor:
-        """Along one axis, per pixel: ``o * per_out + j * per_tap`` of one output position ``o``
-        and kernel tap ``j`` that read it (``o * s + j * d - pad``), 0 where none does."""
-        o = torch.arange(out, device=device)[:, None]
-        j = torch.arange(k, device=device)[None, :]
-        pixel = (o * s + j * d - pad).reshape(-1)
-        pixel = torch.where((pixel >= 0) & (pixel < length), pixel, length)  # padding: dropped
-        term = (o * per_out + j * per_tap).reshape(-1)
-        readers = term.new_zeros(length + 1)
-        return readers.scatter_reduce_(0, pixel, term, "amax", include_self=False)[:length]
+    def _pixels(self, image, starts, counts) -> torch.Tensor:
+        """The view of ``image``'s pixels that ``counts`` output positions in a row read at one
+        kernel tap, from pixel ``starts`` on (a stride apart)."""
+        return image[
+            :,
+            :,
+            starts[0] : starts[0] + self.stride[0] * (counts[0] - 1) + 1 : self.stride[0],
+            starts[1] : starts[1] + self.stride[1] * (counts[1] - 1) + 1 : self.stride[1],
+        ]
+
+
+@functools.lru_cache(maxsize=256)
+def _segments(length: int, out: int, k: int, d: int, s: int, pad: int) -> tuple:
+    """Along one axis of ``length`` pixels read at ``out`` output positions by ``k`` taps (dilation
+    ``d``, stride ``s``, ``pad`` zeros before): (tap j, first output o, count, first pixel) of
+    runs of output positions whose pixels ``o * s + j * d - pad`` no run before holds, together
+    each pixel that some tap reads once. Taps reading the most pixels first (a "same"
+    convolution's middle tap reads all: one run). What tap ``i`` reads at ``o + (j - i) * d / s``
+    is what ``j`` reads at ``o``, so the taps before leave ``j`` one range of ``o``."""
+
+    def readable(j: int) -> tuple[int, int]:  # the o whose pixel is in the image
+        return max(0, -((j * d - pad) // s)), min(out, (length - 1 + pad - j * d) // s + 1)
+
+    runs, done = [], []
+    for j in sorted(range(k), key=lambda j: -(readable(j)[1] - readable(j)[0])):
+        low, high = readable(j)
+        for i in done:
+            if (j - i) * d % s == 0:
+                shift = (j - i) * d // s
+                low, high = (max(low, out - shift), high) if shift > 0 else (low, min(high, -shift))
+        done.append(j)
+        if high > low:
+            runs.append((j, low, high - low, low * s + j * d - pad))
+    return tuple(runs)
 
 
 def _grouped_linear(

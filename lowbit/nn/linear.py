@@ -510,6 +510,7 @@ class LowbitLinearFunction(torch.autograd.Function):
                 _saved_input(_kept_input(x, state), x, image, unfolding) if grad_weight else None,
                 weight if grad_input else None,
             )
+            _release_unfolded(unfolding)
             return out
         # Without a bias or fp16 rounding to apply in fp32, the GEMM's epilogue rounds to the
         # output dtype itself (the same bits as rounding its fp32 result, fewer passes).
@@ -521,6 +522,7 @@ class LowbitLinearFunction(torch.autograd.Function):
             out.add_(bias)
         if state.output_rounding is not None:
             out = out.to(state.output_rounding)
+        _release_unfolded(unfolding)
         return out.to(out_dtype)
 
     @staticmethod
@@ -578,6 +580,7 @@ class LowbitLinearFunction(torch.autograd.Function):
     @_first_derivative_only  # quantization has no derivative: a double backward is refused
     def backward(ctx, grad_out):
         state: LayerState = ctx.state
+        _release_forward_inputs()  # first: not alive beside a convolution's `cols` read again
         if ctx.lean:  # nothing quantized was saved (`_lean`)
             x, weight = ctx.saved_tensors
             x = _input_of(x, ctx.unfolding)
@@ -591,7 +594,6 @@ class LowbitLinearFunction(torch.autograd.Function):
             count = len(_TENSOR_FIELDS)
             qw = _rebuilt(layout_w, quantized[:count])
             qx = _rebuilt(layout_x, _operand_tensors(quantized[count:], ctx.unfolding))
-        _release_forward_inputs()
         spec = state.spec
         grad_x = grad_w = grad_bias = None
         # A tensorwise grad_out quantizes to the same values for both gradient GEMMs: do it once
@@ -768,11 +770,19 @@ def _release_forward_inputs() -> None:
         shared_quantization.release(slot)
 
 
+def _release_unfolded(unfolding) -> None:
+    """After a convolution's forward (``unfolding`` not None): let the shared quantizations of its
+    input go. Its input is the ``cols`` it unfolded for this call, which no other layer reads, so
+    the slots would only hold ``cols`` (kh*kw times the image) and its quantization alive until
+    the backward starts, what the layer keeps the image to avoid (`_saved_input`)."""
+    if unfolding is not None:
+        _release_forward_inputs()
+
+
 def _lean_backward(ctx, grad_out, x, weight) -> tuple:
     """The lean path's backward (no observer): both gradient GEMMs and the bias gradient in one
     call (`lowbit.kernels.cast_linear_backward`), as the general backward computes them."""
     state: LayerState = ctx.state
-    _release_forward_inputs()
     needs = ctx.needs_input_grad
     if x is None or weight is None:  # not saved for a GEMM that does not run: never read
         unsaved = grad_out.new_empty(0)
