@@ -107,22 +107,45 @@ def unrecognized(parser: argparse.ArgumentParser, command: str | None, extras: l
     from lowbit.recipes.presets import did_you_mean, spelt_alike
 
     if command is not None:
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = subparsers.choices[command]
+        parser = _subparsers(parser).choices[command]
     gists = {
-        flag: re.split(r"; | \(", action.help or "")[0]
+        # a --no-X spelling shares its action, and the help, of --X, which says the opposite
+        flag: "" if flag.startswith("--no-") else re.split(r"; | \(", action.help or "")[0]
         for action in parser._actions
         if action.help != argparse.SUPPRESS  # a flag refused on purpose (compare --nproc)
         for flag in action.option_strings
         if flag.startswith("--")
     }
-    given = next((arg for arg in extras if arg.startswith("-")), extras[0]).split("=", 1)[0]
+    named = [arg for arg in extras if arg != "--"] or extras  # `--` itself names nothing
+    given = next((arg for arg in named if arg.startswith("-")), named[0]).split("=", 1)[0]
     where = f"{command} {given}" if command else given
     alike = spelt_alike(given, list(gists)) if given.startswith("--") else []
     if not alike or len(alike) > 3:
         return f"{where}: unrecognized argument; fix: see {parser.prog} --help"
     shortened = " (a flag is taken only in full)" if alike[0].startswith(given) else ""
     return f"{where}: unrecognized argument{shortened}; fix: {did_you_mean(alike, gists)}"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, str] | None:
+    """The first ``--flag`` (or ``--flag=value``) in ``argv`` that neither lowbit nor its command
+    takes, with the command it was given to (None: before any), or None. Looked for before
+    argparse parses: a shortened required flag (``compare --recipe``, train's spelling of
+    --recipes) was otherwise reported as the required one missing, in argparse's usage block,
+    before the unknown one was seen. Arguments after a bare ``--`` are values, not flags."""
+    commands = _subparsers(parser).choices
+    command, taken = None, set(parser._option_string_actions)
+    for arg in argv:
+        if arg == "--":
+            return None
+        if command is None and arg in commands:
+            command, taken = arg, set(commands[arg]._option_string_actions)
+        elif arg.startswith("--") and arg.split("=", 1)[0] not in taken:
+            return command, arg
+    return None
 
 
 def _interrupt_again(unraisable, default=sys.unraisablehook) -> None:
@@ -152,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         # Inside the try: building the parser imports every command module (Transformers among
         # them), still part of the start-up a Ctrl-C may interrupt.
         parser = build_parser()
+        unknown = unknown_flag(parser, sys.argv[1:] if argv is None else argv)
+        if unknown is not None:
+            raise UsageError(unrecognized(parser, *unknown[:1], [unknown[1]]))
         args, extras = parser.parse_known_args(argv)
         if extras:
             raise UsageError(unrecognized(parser, getattr(args, "command", None), extras))

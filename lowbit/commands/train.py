@@ -6,7 +6,6 @@ import argparse
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from lowbit.errors import UsageError
@@ -151,9 +150,7 @@ def add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args):
     """The run's `TrainConfig`: saved config (resume) < config file < flags."""
     from lowbit.distributed.context import torchrun_env
-    from lowbit.models.causal_lm import default_seq_len, model_positions
     from lowbit.train.config import (
-        TASK_DEFAULTS,
         build_config,
         given_settings,
         is_run_config,
@@ -198,10 +195,6 @@ def config_from_args(args):
     config = build_config(settings, overrides)
     if torchrun_env():  # what a run recorded follows the world size; a given count was checked
         config.nproc = int(os.environ["WORLD_SIZE"])
-    if config.seq_len is None and config.task == "causal-lm":  # a small folder's positions
-        config.seq_len = default_seq_len(
-            TASK_DEFAULTS[config.task]["seq_len"], model_positions(config.model), "--seq-len"
-        )
     if args.config:
         _check_file_values(config, overrides, args.config)
     return config
@@ -273,7 +266,9 @@ def run(args) -> int:
         raise UsageError("--resume and --overwrite contradict each other; fix: give one")
     config = config_from_args(args)
     _warn_stats_without_layers(config)
-    since = time.time() if args.overwrite else None  # `kept_text`: older checkpoints are replaced
+    from lowbit.train.runstate import checkpoints_present
+
+    replaced = checkpoints_present(config.out) if args.overwrite else None  # `kept_text`
     try:
         result = train(config, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
     except (NonFiniteLoss, RankFailed) as error:
@@ -284,7 +279,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         from lowbit.train.runstate import kept_text
 
-        print(f"lowbit: aborted; {kept_text(config.out, since)}", file=sys.stderr)
+        print(f"lowbit: aborted; {kept_text(config.out, replaced)}", file=sys.stderr)
         return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

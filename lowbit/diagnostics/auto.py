@@ -515,12 +515,12 @@ class AutoPrecision:
 
     def load_state_dict(self, state: dict) -> None:
         self.plan = {k: dict(v) for k, v in state["plan"].items()}
-        self.stable = {tuple(k.split("|")): v for k, v in state["stable"].items()}
+        self.stable = {tuple(k.rsplit("|", 1)): v for k, v in state["stable"].items()}
         self.history = list(state["history"])
         self.checked = bool(state["checked"])
         self.input_layers = set(state.get("input_layers", ()))  # absent before they were kept
         # absent before session 41: every operand counts until the next check notes them
-        self.idle = {tuple(k.split("|")) for k in state.get("idle", ())}
+        self.idle = {tuple(k.rsplit("|", 1)) for k in state.get("idle", ())}
         self.apply()
 
 

@@ -189,16 +189,16 @@ def _stop_unless_aborted(folder: Path):
     return handler
 
 
-def _failure(folder: Path, exited_rank: int | None, detail: str, out, since) -> BaseException:
+def _failure(folder: Path, exited_rank: int | None, detail: str, out, replaced) -> BaseException:
     """The exception to raise for a failed run: the first rank's own error (a `RankFailed` says
-    what the run in ``out`` kept, `kept_text`, ``since`` as there)."""
+    what the run in ``out`` kept, `kept_text`, ``replaced`` as there)."""
     from lowbit.train.runstate import kept_text
 
     records = [pickle.loads(p.read_bytes()) for p in folder.glob("error-*.pkl")]
     if not records:
         rank = "a rank" if exited_rank is None else f"rank {exited_rank}"
         return RankFailed(
-            f"{rank} died ({detail}); the other ranks were stopped; {kept_text(out, since)}"
+            f"{rank} died ({detail}); the other ranks were stopped; {kept_text(out, replaced)}"
         )
     first = min(records, key=lambda r: r["time"])
     kind = _error_classes().get(first["kind"])
@@ -208,7 +208,7 @@ def _failure(folder: Path, exited_rank: int | None, detail: str, out, since) -> 
         return KeyboardInterrupt()
     last = first["traceback"].strip().splitlines()[-1]
     return RankFailed(
-        f"rank {first['rank']} failed: {last}; the other ranks were stopped; {kept_text(out, since)}"
+        f"rank {first['rank']} failed: {last}; the other ranks were stopped; {kept_text(out, replaced)}"
     )
 
 
@@ -239,7 +239,9 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
         port = free_port()
     else:
         check_port(port)
-    since = time.time() if overwrite else None  # `kept_text`: older checkpoints are replaced
+    from lowbit.train.runstate import checkpoints_present
+
+    replaced = checkpoints_present(config.out) if overwrite else None  # `kept_text`
     with tempfile.TemporaryDirectory(prefix="lowbit-ranks-") as tmp:
         folder = Path(tmp)
         args = (config.nproc, port, config, resume, overwrite, quiet, on_step, str(folder))
@@ -308,27 +310,29 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                     continue  # a signal (`stop`): handled at the top of the loop
                 except mp.ProcessRaisedException as error:
                     if killed:  # the others' errors ("Connection reset by peer") followed
-                        raise _killed(killed, config.out, since) from None
+                        raise _killed(killed, config.out, replaced) from None
                     raise _failure(
-                        folder, error.error_index, "an exception", config.out, since
+                        folder, error.error_index, "an exception", config.out, replaced
                     ) from None
                 except mp.ProcessExitedException as error:
                     if asked:  # a rank stopped by the Ctrl-C before its handler was set
                         raise KeyboardInterrupt from None
                     if killed:  # before the error a rank it broke may have recorded
-                        raise _killed(killed, config.out, since) from None
+                        raise _killed(killed, config.out, replaced) from None
                     detail = (
                         f"signal {error.signal_name}"
                         if error.signal_name
                         else f"exit {error.exit_code}"
                     )
-                    raise _failure(folder, error.error_index, detail, config.out, since) from None
+                    raise _failure(
+                        folder, error.error_index, detail, config.out, replaced
+                    ) from None
             if aborted:
                 raise KeyboardInterrupt
         result = folder / "result.pkl"
         if not result.exists():  # torch's worker wrapper exits 0 on a KeyboardInterrupt (a
             # Ctrl-C in the ranks' set-up, before they save on one): the ranks' own errors
-            raise _failure(folder, None, "it returned no result", config.out, since)
+            raise _failure(folder, None, "it returned no result", config.out, replaced)
         return pickle.loads(result.read_bytes())
 
 
@@ -369,12 +373,12 @@ def _wait_for_an_exit(context) -> dict[int, str]:
     }
 
 
-def _killed(killed: dict[int, str], out, since) -> RankFailed:
+def _killed(killed: dict[int, str], out, replaced) -> RankFailed:
     from lowbit.train.runstate import kept_text
 
     rank, name = min(killed.items())
     return RankFailed(
-        f"rank {rank} died (signal {name}); the other ranks were stopped; {kept_text(out, since)}"
+        f"rank {rank} died (signal {name}); the other ranks were stopped; {kept_text(out, replaced)}"
     )
 
 

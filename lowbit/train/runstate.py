@@ -167,20 +167,38 @@ def resume_command(run_dir) -> str:
     return f"lowbit train --resume {shlex.quote(str(run_dir))}"
 
 
-def kept_text(out, since: float | None = None) -> str:
+def checkpoints_present(out) -> frozenset:
+    """The checkpoints in ``out`` now, each as (name, inode, modification time in ns): an
+    --overwrite run's `kept_text` leaves these out, the run's it replaces until rank 0 clears
+    them (a checkpoint written again under the same name is a new file, another inode). The
+    files' own marks, not the clock: a network file system's server clock may lag this one's."""
+    from lowbit.train import checkpoint
+
+    folder = Path(os.path.expanduser(out))
+    return frozenset(
+        (path.name, (stat := path.stat()).st_ino, stat.st_mtime_ns)
+        for path in checkpoint.list_checkpoints(folder)
+        if path.exists()
+    )
+
+
+def kept_text(out, replaced: frozenset | None = None) -> str:
     """What a run stopped early (a rank failed or died, a Ctrl-C) left in ``out`` to resume
     from, and the command that does (a run stopped before its first checkpoint was told "the
-    last complete checkpoint is intact" of none). ``since``: the start of an --overwrite run,
-    whose folder holds the run it replaces until rank 0 clears it: an older checkpoint is that
-    run's, not this one's, and its resume continued the old run. Without ``out`` the run
-    folder's name (its start time) is not known here."""
+    last complete checkpoint is intact" of none). ``replaced``: what `checkpoints_present` found
+    as an --overwrite run started, the run it replaces: its checkpoints are not this run's, and
+    their resume continued the old run. Without ``out`` the run folder's name (its start time)
+    is not known here."""
     from lowbit.train import checkpoint
 
     if out is None:
         return "the last complete checkpoint is intact"
     saved = checkpoint.latest(Path(os.path.expanduser(out)))
-    if saved is None or (since is not None and saved.stat().st_mtime < since):
+    if saved is None:
         return "no checkpoint was written, nothing to resume"
+    stat = saved.stat()
+    if replaced is not None and (saved.name, stat.st_ino, stat.st_mtime_ns) in replaced:
+        return "this run wrote no checkpoint of its own, nothing of it to resume"
     return f"the last complete checkpoint {saved} is intact; resume with: {resume_command(out)}"
 
 

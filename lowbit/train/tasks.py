@@ -268,21 +268,38 @@ class HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
+# The files that bring a causal LM's tokenizer: lowbit's own, then those of `TOKENIZER_FILES`
+# (lowbit.models.pretrained) that hold a vocabulary or say where it is (tokenizer_config.json).
+# special_tokens_map.json, added_tokens.json or merges.txt alone hold none: a folder with only
+# those brings no tokenizer (review R7: it was refused as "the tokenizer is damaged").
+VOCABULARY_FILES = (
+    "lowbit_tokenizer.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+)
+
+
 def model_tokenizer_file(model: str) -> Path | None:
     """The tokenizer file a causal LM's folder brings (lowbit's own, or a Hugging Face one), which
     the run then uses instead of --tokenizer; None for a named size or a folder without one. A
     lowbit run folder, or a path in one, is refused as no model (`run_as_model`) first: a
     tagger run's vocab.json was read as the model's tokenizer, "the tokenizer is damaged".
-    Looked for: lowbit's own file, then every file transformers builds a tokenizer from
-    (`TOKENIZER_FILES`): GPT-2's vocab.json, a SentencePiece tokenizer.model (Llama 1/2) or BERT's
+    Looked for: lowbit's own file, then the files transformers reads a vocabulary from
+    (`VOCABULARY_FILES`): GPT-2's vocab.json, a SentencePiece tokenizer.model (Llama 1/2) or BERT's
     vocab.txt come without tokenizer.json in older checkpoints, and read as "no tokenizer" such a
     model was fine-tuned on byte ids its embedding never saw (a folder with vocab.txt was told it
     had "no tokenizer files")."""
-    from lowbit.models.pretrained import TOKENIZER_FILES, run_as_model
+    from lowbit.models.pretrained import run_as_model
 
     if not (Path(model) / "config.json").is_file() and (refusal := run_as_model(model)):
         raise refusal
-    for name in ("lowbit_tokenizer.json", *TOKENIZER_FILES):
+    for name in VOCABULARY_FILES:
         if (Path(model) / name).is_file():
             return Path(model) / name
     return None

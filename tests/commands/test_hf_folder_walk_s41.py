@@ -194,3 +194,15 @@ def test_a_vocabulary_file_its_tokenizer_does_not_read_is_named_so(text, capsys)
     err = capsys.readouterr().err
     assert "the tokenizer holds only its special tokens (no vocabulary file that GPT2" in err
     assert not (text / "run").exists()
+
+
+@pytest.mark.parametrize("stray", ["special_tokens_map.json", "added_tokens.json", "merges.txt"])
+def test_a_config_folder_with_a_file_of_no_vocabulary_trains_on_bytes(text, capsys, stray):
+    """Review R7: a config-only folder beside a tokenizer file that holds no vocabulary was taken
+    as bringing its tokenizer and refused as "the tokenizer is damaged"; it trains on lowbit's
+    byte ids, as a config-only folder does."""
+    _llama(text / "weights", tokenizer=False, vocab_size=257)
+    (text / "fresh").mkdir()
+    (text / "fresh" / "config.json").write_text((text / "weights" / "config.json").read_text())
+    (text / "fresh" / stray).write_text("{}\n" if stray.endswith(".json") else "#version: 0.2\n")
+    assert main(["train", "--model", "fresh", "--data", "text", *TRAIN, "--out", "run"]) == 0

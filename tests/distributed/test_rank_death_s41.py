@@ -128,4 +128,6 @@ def test_a_failed_overwrite_run_does_not_offer_the_old_runs_checkpoint(tmp_path)
         timeout=300,
     )
     assert "rank 1 out of memory in its set-up" in done.stderr, done.stderr
-    assert "no checkpoint was written, nothing to resume" in done.stderr, done.stderr
+    assert "this run wrote no checkpoint of its own, nothing of it to resume" in done.stderr, (
+        done.stderr
+    )
