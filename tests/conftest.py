@@ -11,6 +11,8 @@ import signal
 import pytest
 import torch
 
+from tests.once import shared_base
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -73,9 +75,7 @@ def lowbit_cache_dir(tmp_path_factory):
     user's home, so that every session starts cold. Set in ``os.environ`` for the subprocesses
     tests start; one folder for all pytest-xdist workers, whose own base folders (``gw0``, ...)
     lie in the session's, so the workers share what one of them tagged."""
-    base = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        base = base.parent
+    base = shared_base(tmp_path_factory)
     before = os.environ.get("LOWBIT_CACHE_DIR")
     os.environ["LOWBIT_CACHE_DIR"] = str(base / "lowbit-cache")
     yield

@@ -27,8 +27,10 @@ def once_per_session(tmp_path_factory, name: str, make):
     made = base / f"{name}.pkl"
     with open(base / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # dropped as the file closes
-        if not made.exists():
-            made.write_bytes(pickle.dumps(make()))
+        if not made.exists():  # written whole or not at all: a worker killed mid-write
+            part = made.with_suffix(".part")  # would leave a cut pickle every later reader met
+            part.write_bytes(pickle.dumps(make()))
+            os.replace(part, made)
         return pickle.loads(made.read_bytes())
 
 

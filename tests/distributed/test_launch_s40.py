@@ -5,6 +5,8 @@ digits run on a busy 2-core machine: 17 s and 41 s, now 4 s and 8 s)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from lowbit.cli import main
@@ -30,9 +32,13 @@ def dcp_run(tmp_path_factory):
     return folder_once_per_session(tmp_path_factory, "launch-s40", make)
 
 
-def test_a_resume_shorter_than_the_run_is_refused_before_any_rank(dcp_run, capsys, no_ranks):  # noqa: F811
+def test_a_resume_shorter_than_the_run_is_refused_before_any_rank(
+    dcp_run, tmp_path, capsys, no_ranks
+):  # noqa: F811
+    run = tmp_path / "run"  # a copy: a refused resume locks the run and checks it is writable
+    shutil.copytree(dcp_run, run)
     capsys.readouterr()
-    assert main(["train", "--resume", str(dcp_run), "--nproc", "2", "--steps", "2"]) == 2
+    assert main(["train", "--resume", str(run), "--nproc", "2", "--steps", "2"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "lowbit: error: steps 2 is below the run's step 4; fix: ask for at least 4 steps, or "
         "leave --steps/--epochs out to keep the run's length"

@@ -4,6 +4,7 @@ ranks stay identical, scales and overflow decisions are agreed, checkpoints resh
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -288,7 +289,7 @@ def test_token_classification_weighs_ranks_by_their_labelled_words(two_ranks, tm
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy, monkeypatch):
+def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy, monkeypatch, tmp_path):
     from lowbit.distributed.context import join
     from lowbit.train import Trainer
 
@@ -296,7 +297,9 @@ def test_saved_by_two_processes_resumes_with_one(two_ranks, strategy, monkeypatc
 
     out, ranks = two_ranks
     recipe = STOPPED[strategy]
-    cfg = replace(config(out / f"{strategy}-stopped", recipe, strategy=strategy), nproc=1)
+    stopped = tmp_path / f"{strategy}-stopped"  # a copy: the shared run is read only
+    shutil.copytree(out / f"{strategy}-stopped", stopped)
+    cfg = replace(config(stopped, recipe, strategy=strategy), nproc=1)
     # loaded by one process: parameters, master weights, optimizer states as the two saved them
     one = join(strategy, torch.device("cpu"))
     try:
