@@ -135,8 +135,10 @@ _held_notes: list[str] = []
 def note_later(line: str) -> None:
     """Hold ``lowbit: note: line`` until the command is past its refusals (`say_held_notes`): a
     note of a setting the command chose (a --model folder's shorter sequence length) came before
-    the one-line error of a run then refused (its folder's weights torn)."""
-    _held_notes.append(line)
+    the one-line error of a run then refused (its folder's weights torn). A note held again (each
+    recipe of a compare study resolves the same default) is said once."""
+    if line not in _held_notes:
+        _held_notes.append(line)
 
 
 def say_held_notes() -> None:

@@ -79,7 +79,7 @@ def test_a_jobs_study_checks_its_named_model_without_importing_transformers(tmp_
     assert status == 2
     assert err.strip().splitlines() == [
         "lowbit: error: sequence length 5000 exceeds the model's 1024 positions; "
-        "fix: use a shorter sequence length or a model with more positions"
+        "fix: --seq-len 1024 or less, or a model with more positions"
     ]
     assert "transformers" not in imported, imported
     assert not (tmp_path / "study").exists()

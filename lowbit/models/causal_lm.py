@@ -212,7 +212,7 @@ def check_positions(positions: int | None, seq_len: int) -> None:
     if positions is not None and seq_len > positions:
         raise UsageError(
             f"sequence length {seq_len} exceeds the model's {positions} positions; "
-            "fix: use a shorter sequence length or a model with more positions"
+            f"fix: --seq-len {positions} or less, or a model with more positions"
         )
 
 

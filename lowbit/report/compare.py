@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, check_writable, file_in_the_way
+from lowbit.errors import UsageError, check_writable, file_in_the_way, say_held_notes
 from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.logging import METRICS
@@ -1556,6 +1556,7 @@ def _compare(study: Study, overwrite, quiet, plots, log, jobs: int, threads) -> 
         if not overwrite:  # before anything is written: a refused command leaves it as it was
             check_runs(study)
         set_up = _set_up_first_new_run(study, overwrite, quiet, jobs)
+        say_held_notes()  # a --model folder's sequence length (`resolve`), once for the study
         written = True
         study.out.mkdir(parents=True, exist_ok=True)
         # Written whole or not at all: parallel parts of one study (parity.py) write it at once.

@@ -609,6 +609,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
     state_precision(out.optimizer_state)  # an unknown one: refused, naming --optimizer-state
     defaults = TASK_DEFAULTS[out.task]
+    if out.seq_len is None and out.task == "causal-lm":
+        # a --model folder of fewer positions than the default: its own, in a note (train,
+        # compare and doctor alike; a resume keeps the length its run recorded)
+        from lowbit.models.causal_lm import default_seq_len, model_positions
+
+        positions = model_positions(out.model)
+        out.seq_len = default_seq_len(defaults["seq_len"], positions, "--seq-len")
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
         if getattr(out, name) is None:
             setattr(out, name, defaults[name])

@@ -85,3 +85,42 @@ def test_compare_refuses_multi_process_flags_in_one_line(flag, value, tmp_path, 
         f"trains several runs at a time); fix: drop {flag}"
     )
     assert not out.exists()
+
+
+def test_compare_and_doctor_without_seq_len_take_the_models_own_limit(
+    small_folder, tmp_path, capsys
+):
+    """Both refused "sequence length 256 exceeds the model's 64 positions" where `lowbit train`
+    took 64 (`resolve` chooses it now for all three); a study says so once, not once per run."""
+    study, note = tmp_path / "study", "lowbit: note: no --seq-len given: 64"
+    argv = ["compare", "--model", small_folder, "--recipes", "fp32", "--seeds", "2", "--steps"]
+    argv += ["1", "--batch-size", "2", "--eval-batches", "1", "--no-plots", "--out", str(study)]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count(note) == 1
+    for seed in (0, 1):
+        config = (study / "runs" / "fp32" / f"seed-{seed}" / "config.yaml").read_text()
+        assert yaml.safe_load(config)["seq_len"] == 64
+    assert main(argv) == 0  # the same study again: its runs reused, its settings unchanged
+    out, err = capsys.readouterr()
+    assert out.count("reused") == 2 and err.count(note) == 1
+    doctor = ["doctor", "--model", small_folder, "--probe-steps", "1", "--batch-size", "2"]
+    assert main([*doctor, "--out", str(tmp_path / "doctor")]) == 0
+    assert capsys.readouterr().err.count(note) == 1
+
+
+def test_a_length_past_the_positions_is_refused_naming_the_flag(small_folder, tmp_path, capsys):
+    """The fix said "use a shorter sequence length", naming no flag; a resumed run keeps the
+    length it recorded."""
+    run = tmp_path / "run"
+    argv = ["train", "--model", small_folder, "--batch-size", "2", "--eval-batches", "1", "--quiet"]
+    assert main([*argv, "--steps", "1", "--seq-len", "32", "--out", str(run)]) == 0
+    assert main([*argv, "--steps", "2", "--resume", str(run)]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["seq_len"] == 32
+    capsys.readouterr()
+    for command in (argv, ["compare", "--model", small_folder, "--recipes", "fp32"]):
+        assert main([*command, "--seq-len", "100", "--out", str(tmp_path / "other")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "lowbit: error: sequence length 100 exceeds the model's 64 positions; fix: --seq-len "
+            "64 or less, or a model with more positions"
+        )
+        assert not (tmp_path / "other").exists()

@@ -33,8 +33,11 @@ def dcp_run(tmp_path_factory):
 
 
 def test_a_resume_shorter_than_the_run_is_refused_before_any_rank(
-    dcp_run, tmp_path, capsys, no_ranks
-):  # noqa: F811
+    dcp_run,
+    tmp_path,
+    capsys,
+    no_ranks,  # noqa: F811
+):
     run = tmp_path / "run"  # a copy: a refused resume locks the run and checks it is writable
     shutil.copytree(dcp_run, run)
     capsys.readouterr()
