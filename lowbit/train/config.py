@@ -612,9 +612,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if out.seq_len is None and out.task == "causal-lm":
         # a --model folder of fewer positions than the default: its own, in a note (train,
         # compare and doctor alike; a resume keeps the length its run recorded)
-        from lowbit.models.causal_lm import default_seq_len, model_positions
+        from lowbit.models.causal_lm import SIZES, default_seq_len, model_positions
 
-        positions = model_positions(out.model)
+        # a --model path that is not there is refused later, naming it (a config file's
+        # `model: ~/models/m` is checked here only for what it expands to)
+        found = out.model in SIZES or Path(os.path.expanduser(out.model)).exists()
+        positions = model_positions(out.model) if found else None
         out.seq_len = default_seq_len(defaults["seq_len"], positions, "--seq-len")
     for name in ("batch_size", "seq_len", "lr", "warmup_steps", "eval_interval", "weight_decay"):
         if getattr(out, name) is None:
