@@ -13,6 +13,7 @@ from torch import nn
 
 import lowbit
 from lowbit.recipes.presets import parse_override
+from tests.nn.test_conv_saved_s41 import _saved_bytes
 
 RECIPES = (
     "fp8-tensorwise",
@@ -23,23 +24,6 @@ RECIPES = (
     "nvfp4",
     "int8",
 )
-
-
-def _saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``module(x)`` and the bytes of the storages its forward saves for the backward (each once,
-    the parameters left out)."""
-    left_out = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in left_out:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(x)
-    return out, sum(seen.values())
 
 
 def _precision(recipe: str) -> lowbit.Precision:
