@@ -12,7 +12,10 @@ from __future__ import annotations
 import multiprocessing.forkserver
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -98,3 +101,38 @@ def on_ranks(fn, nproc: int = 2, timeout: float = 240, group: bool = True, **kwa
                 if process.is_alive():
                     process.kill()
         return [pickle.loads((Path(folder) / f"rank-{r}.pkl").read_bytes()) for r in range(nproc)]
+
+
+def launch_in_a_process(out: Path, on_step: str, module: str, **settings):
+    """A 50-step two-rank digits run (`DIGITS` and ``settings``) into ``out``, its launcher a
+    process of its own, calling ``on_step`` of the test ``module`` in the ranks; prints the
+    result's status, steps and checkpoint, or the `RankFailed` as the CLI does."""
+    repo = Path(__file__).resolve().parents[2]
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        from lowbit.distributed import RankFailed
+        from lowbit.train import TrainConfig, train
+        from {module} import {on_step}
+
+        settings = {{**{DIGITS!r}, **{settings!r}}}
+        config = TrainConfig(steps=50, out={str(out)!r}, nproc=2, **settings)
+        try:
+            result = train(config, quiet=True, on_step={on_step})
+        except RankFailed as error:
+            print(f"lowbit: error: {{error}}", file=sys.stderr)
+        else:
+            print(result.status, result.steps, result.checkpoint)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_DIST_TIMEOUT": "60"}
+    env["PYTHONPATH"] = str(repo)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # two spawned ranks: about a minute on a busy machine
+    )

@@ -9,43 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-from tests.distributed.helpers import DIGITS
+from tests.distributed.helpers import DIGITS, launch_in_a_process
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _launch(run: Path, on_step: str) -> subprocess.CompletedProcess:
-    """A two-rank digits run saving every 2 steps, calling ``on_step`` of this module in the
-    ranks; prints the `RankFailed` as the CLI does."""
-    script = textwrap.dedent(
-        f"""
-        import sys
-
-        from lowbit.distributed import RankFailed
-        from lowbit.train import TrainConfig, train
-        from tests.distributed.test_rank_death_s41 import {on_step}
-
-        settings = {{**{DIGITS!r}, "save_interval": 2}}
-        config = TrainConfig(steps=50, out={str(run)!r}, nproc=2, **settings)
-        try:
-            train(config, quiet=True, on_step={on_step})
-        except RankFailed as error:
-            print(f"lowbit: error: {{error}}", file=sys.stderr)
-        """
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_DIST_TIMEOUT": "60"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # two spawned ranks: about a minute on a busy machine
-    )
 
 
 def kill_rank_1_at_step_3(trainer):
@@ -60,7 +28,7 @@ def fail_rank_1_at_step_1(trainer):
 
 def test_a_killed_rank_names_the_checkpoint_kept_and_the_resume_command(tmp_path):
     run = tmp_path / "run"
-    done = _launch(run, "kill_rank_1_at_step_3")
+    done = launch_in_a_process(run, "kill_rank_1_at_step_3", __name__, save_interval=2)
     expected = (
         "rank 1 died (signal SIGKILL); the other ranks were stopped; the last complete "
         f"checkpoint {run / 'checkpoints' / 'step-0000002.dcp'} is intact; resume with: lowbit "
@@ -70,7 +38,7 @@ def test_a_killed_rank_names_the_checkpoint_kept_and_the_resume_command(tmp_path
 
 
 def test_a_failed_rank_before_any_checkpoint_says_nothing_was_kept(tmp_path):
-    done = _launch(tmp_path / "run", "fail_rank_1_at_step_1")
+    done = launch_in_a_process(tmp_path / "run", "fail_rank_1_at_step_1", __name__, save_interval=2)
     expected = (
         "rank 1 failed: RuntimeError: a bug in rank 1; the other ranks were stopped; no "
         "checkpoint was written, nothing to resume"
