@@ -1,11 +1,10 @@
-"""The docs against the code (session 39): the Python blocks of README.md ("As a library") and the
-"Your own recipe" script of docs/recipes.md run as a reader copies them. tests/test_docs_s30.py
-checks that the names they quote exist; this runs them, so a changed signature or return value
-(a keyword renamed, `with_overrides` taking another argument) fails here too."""
+"""The docs against the code (session 39): the Python blocks of README.md ("As a library") run as a
+reader copies them (docs/recipes.md's "Your own recipe" script: tests/recipes/test_own_recipe_s35.py
+runs it). tests/test_docs_s30.py checks that the names they quote exist; this runs them, so a
+changed signature or return value (a keyword renamed, `with_overrides` taking another argument)
+fails here too."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,18 +64,3 @@ def test_the_block_check_catches_a_snippet_that_no_longer_runs():
     page = "```python\nimport lowbit\n\nlowbit.get_recipe('fp8-tensorwise', scaling='row')\n```\n"
     with pytest.raises(AssertionError, match=r"the block at line 2 fails: TypeError"):
         _run_blocks("page.md", page, {})
-
-
-@pytest.mark.slow
-def test_the_own_recipe_script_of_the_recipes_page_runs(tmp_path):
-    """The script as a reader saves it: registers two recipes, trains one in a fresh process
-    (a 2-step nano run) and prints its status."""
-    blocks = _python_blocks((ROOT / "docs" / "recipes.md").read_text())
-    (line, script), *_ = [(n, code) for n, code in blocks if "register(" in code]
-    (tmp_path / "own_recipe.py").write_text(script)
-    done = subprocess.run(
-        [sys.executable, "own_recipe.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, f"docs/recipes.md:{line}: {done.stderr[-2000:]}"
-    assert done.stdout.splitlines()[-1].startswith("completed ")
-    assert (tmp_path / "runs" / "fp8-e4m3-grads" / "run.json").is_file()

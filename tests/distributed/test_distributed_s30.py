@@ -17,6 +17,7 @@ from lowbit.cli import main
 from lowbit.train import TrainConfig, train
 from tests.distributed.helpers import TINY
 from tests.once import once_per_session
+from tests.train.test_run_data import _conll_folder
 
 
 @contextlib.contextmanager
@@ -48,6 +49,9 @@ def _launch(tmp_path_factory) -> tuple[str, str]:
     stdout, stderr = io.StringIO(), io.StringIO()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "batch_size": 4}.items()]
     flags += ["--task=token-classification", "--strategy=fsdp", "--steps=1", "--nproc=2"]
+    # a few CoNLL sentences: each rank tagged and encoded the built-in task's source tree first
+    # (seconds of CPU a rank), and nothing checked here comes from the data
+    flags += [f"--data={_conll_folder(out.parent / 'conll')}"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         patch.setenv("LOWBIT_DIST_TIMEOUT", "120")
@@ -100,7 +104,8 @@ def test_a_one_process_group_trains_a_token_classifier_as_one_process(tmp_path, 
     run with --strategy ddp (no memory report) had another loss from step 3 on (2.4762 against
     2.4677), where a group of one is documented to draw exactly what one process draws."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    settings = dict(task="token-classification", recipe="fp32", steps=3, batch_size=8)
+    data = str(_conll_folder(tmp_path / "conll"))  # a few sentences: the built-in task's tagging
+    settings = dict(task="token-classification", data=data, recipe="fp32", steps=3, batch_size=8)
     settings.update(eval_batches=1, eval_interval=100)
     one = train(TrainConfig(out=str(tmp_path / "one"), **settings), quiet=True)
     group = train(TrainConfig(out=str(tmp_path / "ddp"), strategy="ddp", **settings), quiet=True)

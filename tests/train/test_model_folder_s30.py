@@ -127,9 +127,13 @@ def test_a_token_classifier_is_refused_after_its_folder_tokenizer_changed(tmp_pa
     """A token classifier reads its tokenizer from the --model folder at each load: another
     vocab.txt gave the same words other ids, evaluated without a word."""
     from tests.train.test_pretrained_transfer import WORDS, save_tiny_bert
+    from tests.train.test_run_data import _conll_folder
 
     model, run = save_tiny_bert(tmp_path / "bert", WORDS), tmp_path / "run"
-    argv = ["train", "--task", "token-classification", "--model", str(model), *TINY]
+    # a few CoNLL sentences: the built-in task tags and encodes a source tree first (seconds)
+    data = _conll_folder(tmp_path / "conll", sentences=4)
+    argv = ["train", "--task", "token-classification", "--model", str(model), "--data", str(data)]
+    argv += TINY
     assert main([*argv, "--steps", "2", "--out", str(run)]) == 0
     file = model / "tokenizer.json"
     tokenizer = json.loads(file.read_text())
