@@ -25,6 +25,7 @@ LABELS = {
     "activations": "activations",
     "temporaries": "temporary copies",
     "logits_gradient": "logits gradient",  # no component: the loss backward's transient
+    "backward_workspace": "backward workspace",  # nor this: the layers' backward's, measured
 }
 NOTE_WIDTH = 88  # columns of the lines under `Breakdown.table` (a two-column table's 85, about)
 
@@ -51,7 +52,17 @@ class Breakdown:
     ``logits_gradient`` is the loss's backward transient: at its start, every activation still
     live, cross-entropy's backward holds the gradient of the fp32 logits twice (the loss's, then
     the log-softmax's), ``2 x batch x seq x vocab x 4`` bytes, freed before the first layer's
-    backward (`lowbit.memory.estimate`)."""
+    backward (`lowbit.memory.estimate`).
+
+    ``backward_workspace`` is what the step's peak holds beyond the other rows: a layer's
+    backward makes its operands' quantized and cast copies (on a CPU, in bf16 or fp32 carriers
+    for the emulated GEMMs), a convolution reads its unfolded rows again and makes their fp32
+    gradient, while only the activations of the layers after it are freed; and the forward
+    leaves some tensors alive that no backward saved (the last shared quantization of an input,
+    `lowbit.nn.operand.SharedQuantization`). Measured on a live run
+    (`lowbit.memory.measure_activations` with ``backward=True``); the estimate leaves it at 0
+    (not modelled): the digits CNN's converted convolutions held 7.5 MB beyond a 1.0 MB table
+    (docs/memory.md)."""
 
     parameters: int = 0
     gradients: int = 0
@@ -61,6 +72,7 @@ class Breakdown:
     temporaries: int = 0
     bucket_rebuild: int = 0
     logits_gradient: int = 0
+    backward_workspace: int = 0
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -71,11 +83,11 @@ class Breakdown:
 
     @property
     def step_peak(self) -> int:
-        """What a step's forward and backward add to the model states at the start of the
-        backward: activations + temporaries + the logits' gradient. With the model states, the
-        step's peak where the gradients are live then too (DDP's; a later micro-batch's), else
-        an upper bound of it (`_total_note`)."""
-        return self.activations + self.temporaries + self.logits_gradient
+        """What a step's forward and backward add to the model states at the backward's peak:
+        activations + temporaries + the logits' gradient + the backward workspace. With the
+        model states, the step's peak where the gradients are live then too (DDP's; a later
+        micro-batch's), else an upper bound of it (`_total_note`)."""
+        return self.activations + self.temporaries + self.logits_gradient + self.backward_workspace
 
     @property
     def total(self) -> int:
@@ -96,7 +108,8 @@ class Breakdown:
         """Bytes per model parameter of each component, the logits' gradient (and
         ``model_states``, ``total``)."""
         n = max(self.num_params, 1)
-        out = {name: getattr(self, name) / n for name in (*COMPONENTS, "logits_gradient")}
+        transients = ("logits_gradient", "backward_workspace")
+        out = {name: getattr(self, name) / n for name in (*COMPONENTS, *transients)}
         out["model_states"] = self.model_states / n
         out["total"] = self.total / n
         return out
@@ -124,6 +137,10 @@ class Breakdown:
             # blank, not 0, where the other column has none (a loss on no layer's output)
             theirs = getattr(other, "logits_gradient", None) or None
             rows.append((LABELS["logits_gradient"], self.logits_gradient, theirs))
+        theirs = getattr(other, "backward_workspace", 0)
+        if self.backward_workspace or theirs:  # measured only: the estimate's is 0
+            mine = self.backward_workspace
+            rows.append((LABELS["backward_workspace"], mine, theirs if other is not None else None))
         if self.bucket_rebuild:  # a DDP estimate's; `total` counts it or the activations
             rows.append(
                 ("DDP bucket rebuild", self.bucket_rebuild, getattr(other, "bucket_rebuild", None))
@@ -147,9 +164,16 @@ class Breakdown:
                 line += f"{theirs:>{width},}{human(theirs):>12}"
             lines.append(line)
         # wrapped as wide as the table's rows usually are (a line of 230-300 characters before)
-        note = textwrap.wrap(
-            self._total_note(checkpointed, grad_accum), NOTE_WIDTH, subsequent_indent=" "
-        )
+        said = [self._total_note(checkpointed, grad_accum)]
+        if other is not None and other.backward_workspace and not self.backward_workspace:
+            said.append(
+                f"(backward workspace: measured only, what the step's peak holds beyond the "
+                f"rows above it; the {titles[0]} does not model it, and its total is short of "
+                "the measured peak by it)"
+            )
+        note = [
+            line for text in said for line in textwrap.wrap(text, NOTE_WIDTH, subsequent_indent=" ")
+        ]
         return "\n".join([*lines, *note])
 
     def _total_note(self, checkpointed: bool, grad_accum: int | None) -> str:
@@ -177,6 +201,12 @@ class Breakdown:
             if self.logits_gradient
             else ""
         )
+        if self.backward_workspace:
+            transient = (
+                "; the backward workspace is what the step's peak holds beyond the rows above "
+                "it: the layers' backward copies of their operands (emulated GEMMs, a "
+                "convolution's unfolded rows), and what the forward leaves alive unsaved"
+            )
         made = "made during the backward as activations are freed"
         if grad_accum is None and not checkpointed:  # `lowbit estimate`: the run's is not known
             return (

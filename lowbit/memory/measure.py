@@ -12,14 +12,18 @@ autograd's pack hook (``torch.autograd.graph.saved_tensors_hooks``), deduplicate
 parameters excluded. Saved tensors that are casts of a parameter (autocast's bf16 weight copies)
 or a converted layer's quantized weight (`lowbit.nn.linear.kept_weight_copies`) are reported as
 ``temporaries``. The backward's first transient, the gradient of the logits, is measured by
-running the loss's backward up to the model (`loss_gradient_peak`). Not seen: tensors an
-autograd function keeps on ``ctx`` outside ``save_for_backward`` and the layers' transient
-buffers of the backward; on a GPU, compare with ``torch.cuda.max_memory_allocated``.
+running the loss's backward up to the model (`loss_gradient_peak`), and what the step's peak
+holds beyond these by running the whole backward with the CPU allocator recorded
+(`measure_activations`' ``backward``, `Allocations`; on a GPU, ``torch.cuda.max_memory_allocated``
+is the peak). Not seen: tensors an autograd function keeps on ``ctx`` outside
+``save_for_backward``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -185,7 +189,7 @@ def _loss_chain(loss) -> tuple[list, tuple | None]:
     return chain, edge
 
 
-def loss_gradient_peak(loss) -> int:
+def loss_gradient_peak(loss, retain_graph: bool = False) -> int:
     """The most bytes the backward of ``loss`` holds at once before it reaches the model (the
     estimate's ``logits_gradient``), measured by running that part alone
     (``torch.autograd.grad`` to the edge into the model's output layer, `_loss_chain`: no
@@ -193,7 +197,7 @@ def loss_gradient_peak(loss) -> int:
     runs, its incoming gradient and the one it makes are live (the engine frees the incoming one
     after it), counted by storage: for cross-entropy, the log-softmax's two fp32 gradients of
     the logits' size. 0 where ``loss`` is no scalar tensor or no chain of loss ops on a layer's
-    output."""
+    output. ``retain_graph``: keep the graph for a backward after (`measure_activations`)."""
     chain, edge = _loss_chain(loss)
     if edge is None:
         return 0
@@ -205,19 +209,32 @@ def loss_gradient_peak(loss) -> int:
 
     handles = [node.register_hook(count) for node in chain]
     try:
-        torch.autograd.grad(loss, inputs=[torch.autograd.graph.GradientEdge(*edge)])
+        torch.autograd.grad(
+            loss, inputs=[torch.autograd.graph.GradientEdge(*edge)], retain_graph=retain_graph
+        )
     finally:
         for handle in handles:
             handle.remove()
     return peak
 
 
-def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Breakdown:
+def measure_activations(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], backward: bool = False
+) -> Breakdown:
     """Bytes saved for backward while ``forward()`` (the forward pass and loss of one training
     step, in the recipe's autocast) runs; returns ``activations`` and ``temporaries`` (parameter
     casts), and ``logits_gradient``, the loss backward's transient before it reaches the model's
     output layer (`loss_gradient_peak`: no ``.grad`` is written, the loss's graph is freed; 0
     where ``forward`` returns no scalar tensor, e.g. the logits or a Hugging Face output object).
+    With ``backward`` (and a model on the CPU), the whole backward runs too
+    (`_backward_dropping_gradients`: no ``.grad`` is changed), the CPU allocator recorded from the
+    forward's start to the backward's end (`Allocations`), and ``backward_workspace`` is what that peak holds beyond the activations, temporaries and
+    logits' gradient: each layer's backward workspace, and what the forward leaves alive outside
+    the saved tensors (a shared quantization of the last input, `lowbit.nn.operand`); 0 where
+    ``forward`` returns no scalar loss on a layer's output. With it, the model states and these
+    rows add up to the step's peak (saved inputs made before the forward, a batch's token ids,
+    are in both the activations and the bytes live before it: left out of the workspace). Its
+    random draws (stochastic rounding's seeds) are the caller's to fork too.
     The forward leaves the layers' delayed-scaling amax histories as they were (`_not_recording`);
     its random draws (dropout) are the caller's to fork (``torch.random.fork_rng``). One
     process's unsharded model only: FSDP frees each block's gathered parameters after its forward
@@ -246,19 +263,72 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], torch.Tens
             totals["temporaries" if copy else "activations"] += key[2]
         return t
 
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        _not_recording(model),
-        kept_weight_copies() as weight_copies,
-    ):
-        loss = forward()
-        logits_gradient = loss_gradient_peak(loss)  # histories unrecorded here too
+    # On a GPU the run's own peak is torch.cuda.max_memory_allocated (its summary prints it)
+    devices = {p.device.type for p in model.parameters()}
+    backward = backward and devices <= {"cpu"}
+    # recorded from the forward's start: the free of a tensor allocated before the records began
+    # is not recorded, so the activations the backward frees must be made within; the histories
+    # record nothing in the forward, the loss's backward, nor the whole backward
+    with _not_recording(model), Allocations() if backward else _NoRecords() as allocations:
+        allocations.mark("start")
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            kept_weight_copies() as weight_copies,
+        ):
+            loss = forward()
+        logits_gradient = loss_gradient_peak(loss, retain_graph=backward)
+        if backward and logits_gradient:  # a scalar loss on a layer's output
+            _backward_dropping_gradients(loss, model)
+        allocations.mark("end")
+    workspace = 0
+    if backward and logits_gradient:
+        peak = allocations.rise(allocations.marks["start"][0], allocations.marks["end"][0])
+        workspace = max(0, peak - sum(totals.values()) - logits_gradient)
     return Breakdown(
         activations=totals["activations"],
         temporaries=totals["temporaries"],
         logits_gradient=logits_gradient,
+        backward_workspace=workspace,
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+class _NoRecords(contextlib.nullcontext):
+    """`Allocations`' stand-in where nothing is recorded: its marks do nothing."""
+
+    def __enter__(self) -> _NoRecords:
+        return self
+
+    def mark(self, label: str) -> None:
+        pass
+
+
+def _backward_dropping_gradients(loss: torch.Tensor, model: torch.nn.Module) -> None:
+    """Run the backward of ``loss`` to ``model``'s trainable parameters, each gradient freed as
+    it is made (a post-accumulate hook), every ``.grad`` left as it was; ``loss``'s graph is
+    freed. What it holds at its peak above its start is then what the backward holds besides
+    the gradients it makes: the logits' gradient at its start, then each layer's workspace (an
+    emulated GEMM's quantized, cast and dequantized operands, a convolution's unfolded rows read
+    again and their fp32 gradient, the input gradient it returns) less the activations freed by
+    then."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    kept = [p.grad for p in params]
+
+    def drop(param):
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(drop) for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(loss, inputs=params)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(params, kept, strict=True):
+            p.grad = grad
 
 
 class _SaveInputs(torch.autograd.Function):
@@ -313,6 +383,24 @@ def checkpointed_peak(model: torch.nn.Module):
         blocks[-1].gradient_checkpointing = True
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Within: the process's file descriptor 2 goes to /dev/null. Kineto writes a line to it as
+    a profiler starts and stops (``USDT: ... profiler_start``, torch 2.13; no setting turns it
+    off), which `lowbit train`'s memory report (`measure_activations`' backward) printed among
+    its own lines. Python's exceptions still propagate; only what C++ writes to the descriptor
+    while a profiler starts or stops is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Allocations:
     """Within: every allocation and free of the CPU allocator on this thread, recorded
     (``torch.profiler`` with ``profile_memory=True``: kineto's signed ``[memory]`` events), and
@@ -329,7 +417,8 @@ class Allocations:
 
         self._labels: set[str] = set()
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
+        with _stderr_silenced():
+            self._profile.__enter__()
         return self
 
     def mark(self, label: str) -> None:
@@ -339,7 +428,8 @@ class Allocations:
             pass
 
     def __exit__(self, *exc) -> None:
-        self._profile.__exit__(*exc)
+        with _stderr_silenced():
+            self._profile.__exit__(*exc)
         self.events, self.marks = [], {}
         for e in self._profile.profiler.kineto_results.events():
             if e.name() == "[memory]":

@@ -527,12 +527,13 @@ def _memory(trainer) -> dict:
             return task.loss(model, batch)[0]
 
     with checkpointed_peak(model):
-        saved = measure_activations(model, forward)
+        saved = measure_activations(model, forward, backward=True)
     precision.backward(forward())
     states = measure(model, trainer.optimizer, precision)
     trainer.optimizer.zero_grad(set_to_none=True)
     states.activations, states.temporaries = saved.activations, saved.temporaries
     states.logits_gradient = saved.logits_gradient
+    states.backward_workspace = saved.backward_workspace
     return {
         "bytes": {k: v for k, v in states.as_dict().items() if k != "notes"},
         "bytes_per_param": states.per_param(),

@@ -18,6 +18,7 @@ SHORT = {
     "activations": "activ",
     "temporaries": "temp",
     "logits_gradient": "logits grad",  # the loss backward's transient, in the CPU's peak
+    "backward_workspace": "bwd workspace",  # the layers' backward's, in the CPU's peak (s42)
     "model_states": "model states",
 }
 WORST_LABELS = 3  # per recipe in the "what the model forgets" table
@@ -111,7 +112,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 else "n/a",
                 f"{r['throughput_ratio']:.2f}x" if math.isfinite(r["throughput_ratio"]) else "n/a",
                 human(peak) if peak is not None and math.isfinite(peak) else "n/a",
-                # records written before session 41 have no logits gradient
+                # records written before session 41 have no logits gradient, before 42 no workspace
                 *(f"{per[c]:.2f}" if per and c in per else "n/a" for c in SHORT),
             ]
         )

@@ -150,7 +150,8 @@ def _speed_memory(results, path):
     sx.set_xlim(-0.6, len(names) - 0.4)  # every ratio n/a: no bar to size the axis by
     sx.set(ylabel=f"throughput / {results['baseline']}", title="speed (this device)")
     bottom = [0.0] * len(names)
-    for c in (*COMPONENTS, "logits_gradient"):  # up to the peak (not in records before s41)
+    # up to the peak (the transients are not in records before sessions 41 and 42)
+    for c in (*COMPONENTS, "logits_gradient", "backward_workspace"):
         vals = [(rows[n]["bytes_per_param"] or {}).get(c, 0.0) for n in names]
         mx.bar(x, vals, bottom=bottom, label=LABELS[c])
         bottom = [b + v for b, v in zip(bottom, vals)]

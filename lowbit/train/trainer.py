@@ -1350,9 +1350,10 @@ class Trainer:
         # trained otherwise than the same run with --strategy, which takes no report
         cuda = [self.device] if self.device.type == "cuda" else []
         with checkpointed_peak(self.model), _unobserved(self.model), torch.random.fork_rng(cuda):
-            saved = measure_activations(self.model, forward)
+            saved = measure_activations(self.model, forward, backward=True)
         live.activations, live.temporaries = saved.activations, saved.temporaries
         live.logits_gradient = saved.logits_gradient
+        live.backward_workspace = saved.backward_workspace
         c = self.config
 
         # what the total line says: whether the gradients are live as the backward starts

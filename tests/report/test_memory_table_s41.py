@@ -111,10 +111,12 @@ def test_compares_tensor_accounting_peak_counts_the_logits_gradient(tmp_path):
     assert held["logits_gradient"] == 2 * 4 * 2 * 16 * VOCAB
     assert results["peak_memory_bytes"] == held["total"]
     parts = ("parameters", "gradients", "master_weights", "optimizer_states", "activations")
-    assert held["total"] == sum(held[k] for k in (*parts, "temporaries", "logits_gradient"))
+    transients = ("logits_gradient", "backward_workspace")
+    assert held["total"] == sum(held[k] for k in (*parts, "temporaries", *transients))
     # the report's table shows it beside the components, per parameter as they are
     report = (out / "report" / "report.md").read_text()
     head = next(line for line in report.splitlines() if "| peak memory |" in line)
-    assert "| temp | logits grad | model states |" in head
-    per = results["bytes_per_param"]["logits_gradient"]
-    assert f"| {per:.2f} | 16.00 |" in report  # fp32: 16 bytes of model states
+    assert "| temp | logits grad | bwd workspace | model states |" in head
+    per = results["bytes_per_param"]
+    cells = f"| {per['logits_gradient']:.2f} | {per['backward_workspace']:.2f} | 16.00 |"
+    assert cells in report  # fp32: 16 bytes of model states
