@@ -5,6 +5,7 @@ line, ``lowbit: error: <message>``, and exits with status 2. Its message names t
 fix. Anything else that escapes is a bug and keeps its traceback.
 """
 
+import contextlib
 import os
 import sys
 from enum import Enum
@@ -124,12 +125,22 @@ def is_interrupt(error: BaseException) -> bool:
 
 def warn(line: str) -> None:
     """``lowbit: warning: line`` on stderr, from rank 0 only (``RANK``; every process of a run
-    alone): each rank of a distributed run meets the same data and settings, and said it again."""
-    if os.environ.get("RANK", "0") == "0":
+    alone): each rank of a distributed run meets the same data and settings, and said it again.
+    Within `warnings_held`, held as `note_later`'s notes are, until the command is past its
+    refusals."""
+    if _holding_warnings:
+        _hold(f"lowbit: warning: {line}")
+    elif os.environ.get("RANK", "0") == "0":
         print(f"lowbit: warning: {line}", file=sys.stderr)
 
 
-_held_notes: list[str] = []
+_held_notes: list[str] = []  # the lines held, "lowbit: note: ..." or "lowbit: warning: ..."
+_holding_warnings = False  # within `warnings_held`, until `say_held_notes`
+
+
+def _hold(text: str) -> None:
+    if text not in _held_notes:
+        _held_notes.append(text)
 
 
 def note_later(line: str) -> None:
@@ -137,19 +148,41 @@ def note_later(line: str) -> None:
     note of a setting the command chose (a --model folder's shorter sequence length) came before
     the one-line error of a run then refused (its folder's weights torn). A note held again (each
     recipe of a compare study resolves the same default) is said once."""
-    if line not in _held_notes:
-        _held_notes.append(line)
+    _hold(f"lowbit: note: {line}")
 
 
 def say_held_notes() -> None:
-    """Print the notes `note_later` held, once, from rank 0 only (as `warn`)."""
+    """Print the notes `note_later` held, and the warnings `warnings_held` held, once, in the
+    order they came, from rank 0 only (as `warn`); later warnings are printed as they come."""
+    global _holding_warnings
+    _holding_warnings = False
     while _held_notes:
         line = _held_notes.pop(0)
         if os.environ.get("RANK", "0") == "0":
-            print(f"lowbit: note: {line}", file=sys.stderr)
+            print(line, file=sys.stderr)
 
 
 def drop_held_notes() -> None:
     """Forget the notes of a command that ended (refused): the next command in the process (a
     test's, a program's) says its own."""
+    global _holding_warnings
+    _holding_warnings = False
     _held_notes.clear()
+
+
+@contextlib.contextmanager
+def warnings_held():
+    """Within: `warn`'s warnings are held with `note_later`'s notes until `say_held_notes`, which
+    the command calls once past its refusals (the trainer's, once its model is converted), and
+    dropped where the block raises: a refused command prints its one-line error alone. Until
+    session 42 a warning of the data read while the task was built (a CoNLL line of more
+    columns) came before the error of a refusal that needs the built model (FSDP splitting the
+    8-bit optimizer states' blocks; `lowbit doctor`'s override that applies to no layer)."""
+    global _holding_warnings
+    _holding_warnings = True
+    try:
+        yield
+    except BaseException:
+        drop_held_notes()
+        raise
+    say_held_notes()

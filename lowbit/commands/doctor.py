@@ -6,7 +6,6 @@ import argparse
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 NAME = "doctor"
@@ -77,7 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from lowbit.errors import UsageError, check_given, warn
+    from lowbit.errors import warnings_held
+
+    # the notes and warnings of the settings wait until the probe is set up: a refused doctor
+    # (a bad --top, an --override that applies to no layer, a checkpoint of another model)
+    # prints its one-line error alone
+    with warnings_held():
+        return _run(args)
+
+
+def _run(args) -> int:
+    from lowbit.errors import UsageError, check_given, note_later, warn
     from lowbit.infer.io import is_inference_dir, training_run
     from lowbit.train import checkpoint
     from lowbit.train.checkpoint import run_of
@@ -90,10 +99,9 @@ def run(args) -> int:
         args.probe_steps = DEFAULT_PROBE_STEPS
         if args.steps is not None or args.epochs is not None:
             length = "--steps" if args.steps is not None else "--epochs"
-            print(
-                f"lowbit doctor: note: {length} sets the schedule of the run being probed; the "
-                f"probe observes {DEFAULT_PROBE_STEPS} steps of it (--probe-steps N for more)",
-                file=sys.stderr,
+            note_later(
+                f"{length} sets the schedule of the run being probed; the probe observes "
+                f"{DEFAULT_PROBE_STEPS} steps of it (--probe-steps N for more)"
             )
     checkpoint_path = None
     if args.checkpoint and (run := run_of(args.checkpoint)):
@@ -156,14 +164,14 @@ def _probe(args, config, out: Path, checkpoint_path: Path | None) -> int:
     from dataclasses import replace
 
     from lowbit.diagnostics.doctor import diagnose, write_outputs
+    from lowbit.errors import warn
     from lowbit.train.config import resolve
 
     unused = [flag for flag in UNUSED if getattr(args, flag[2:].replace("-", "_")) is not None]
-    if unused:
-        print(
-            f"lowbit doctor: {', '.join(unused)} ignored: the probe saves no checkpoint, runs "
-            "no validation and logs nothing",
-            file=sys.stderr,
+    if unused:  # held until the probe is set up (`warnings_held`)
+        warn(
+            f"{', '.join(unused)} ignored: the probe saves no checkpoint, runs no validation "
+            "and logs nothing"
         )
     # the probe's own scratch run folder (never the checkpoint's run)
     config = _one_process(resolve(replace(config, out=str(out / "probe"), wandb=False)))
@@ -322,13 +330,14 @@ def _one_process(config):
     rounding more before fp8/MX quantize them); and the memory check is of this one process."""
     from dataclasses import replace
 
+    from lowbit.errors import note_later
+
     if config.strategy is None:
         return config
     gather = ", but for FSDP's bf16 rounding of the gathered weights" * (config.strategy == "fsdp")
-    print(
-        f"lowbit doctor: note: the probe runs in one process, not --nproc {config.nproc} "
-        f"--strategy {config.strategy}: on the global batch of {config.batch_size}, as the ranks "
-        f"compute it together with the same scales{gather} (docs/distributed.md)",
-        file=sys.stderr,
+    note_later(
+        f"the probe runs in one process, not --nproc {config.nproc} --strategy "
+        f"{config.strategy}: on the global batch of {config.batch_size}, as the ranks compute it "
+        f"together with the same scales{gather} (docs/distributed.md)"
     )
     return replace(config, nproc=1, strategy=None)

@@ -184,7 +184,10 @@ def _at_run_plan(args, recipe: Recipe) -> Recipe:
         return recipe
     run = training_run(args.model)
     found = last_plan(run) if run.is_dir() else None
-    return recipe if found is None else at_plan(recipe, found[1], found[0])
+    if found is None:
+        return recipe
+    step, plan, idle = found
+    return at_plan(recipe, plan, step, idle)
 
 
 def _largest_batches(args, recipe: Recipe) -> list[tuple[int, float, int]]:

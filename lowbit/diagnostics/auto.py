@@ -65,7 +65,14 @@ from lowbit.diagnostics.stats import (
 )
 from lowbit.errors import UsageError
 from lowbit.nn.operand import scale_agreement
-from lowbit.recipes.auto import RUNGS, auto_recipe, budget_of, operand_spec, rung_bits
+from lowbit.recipes.auto import (
+    RUNGS,
+    auto_recipe,
+    budget_of,
+    operand_spec,
+    rung_bits,
+    running_rungs,
+)
 from lowbit.recipes.recipe import GemmSpec, LayerSpec
 
 MIN_SQNR_DB = 24.0
@@ -217,12 +224,7 @@ class AutoPrecision:
         plan of no operands, every layer kept by overrides: no share, and not 0 bits), of the
         operands whose GEMMs run (not `idle`: a CNN's first convolution computes no input
         gradient, so 10 of the digits CNN's 12 planned operands run)."""
-        rungs = [
-            rung
-            for layer, ops in self.plan.items()
-            for op, rung in ops.items()
-            if (layer, op) not in self.idle
-        ]
+        rungs = running_rungs(self.plan, self.idle)
         out = {f"n_{r}": sum(1 for x in rungs if x == r) for r in self.rungs}
         low = sum(1 for r in rungs if rung_bits(r) <= 8.25)
         out["frac_8bit_or_below"] = low / len(rungs) if rungs else None
@@ -607,19 +609,22 @@ def moves_after_first_plan(run_dir, until_step: int | None = None, limit: int = 
     return "\n".join([f"moved after the first plan{more}:", *shown])
 
 
-def last_plan(run_dir) -> tuple[int, dict[str, dict[str, str]]] | None:
-    """The latest ``auto`` plan of a run, ``(step, {layer: {operand: rung}})``, from the last
-    ``plan`` record of its ``metrics.jsonl`` (the plan at every change; a resume drops the records
-    after its checkpoint, so this is the plan the run goes on with); None where it logged none
-    (another recipe, or a run stopped before its first check). Read there, not from a checkpoint:
-    no checkpoint's weights to load, and a run killed before its first save has one too."""
+def last_plan(run_dir) -> tuple[int, dict[str, dict[str, str]], set] | None:
+    """The latest ``auto`` plan of a run, ``(step, {layer: {operand: rung}}, idle)``, from the
+    last ``plan`` record of its ``metrics.jsonl`` (the plan at every change; a resume drops the
+    records after its checkpoint, so this is the plan the run goes on with); None where it logged
+    none (another recipe, or a run stopped before its first check). Read there, not from a
+    checkpoint: no checkpoint's weights to load, and a run killed before its first save has one
+    too. ``idle``: the ``(layer, operand)`` pairs whose GEMMs did not run at that check (the
+    record's ``idle`` list, `AutoPrecision.idle`; empty in a record made before session 42)."""
     records = read_records(run_dir, "plan")
     if not records:
         return None
     record = records[-1]
     plan: dict[str, dict[str, str]] = {}
+    idle = {tuple(key.rsplit("/", 1)) for key in record.get("idle", ())}
     for key, rung in record.items():
-        if key in ("step", "split"):
+        if key in ("step", "split", "idle"):
             continue
         if rung not in RUNGS:
             raise UsageError(
@@ -628,4 +633,4 @@ def last_plan(run_dir) -> tuple[int, dict[str, dict[str, str]]] | None:
             )
         layer, _, operand = key.rpartition("/")
         plan.setdefault(layer, {})[operand] = rung
-    return int(record["step"]), plan
+    return int(record["step"]), plan, idle

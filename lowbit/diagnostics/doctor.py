@@ -396,7 +396,6 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
     """
     from dataclasses import replace
 
-    from lowbit.train import checkpoint
     from lowbit.train.config import read
     from lowbit.train.trainer import NonFiniteLoss, Trainer
 
@@ -413,28 +412,19 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         )
     # from a checkpoint: the tokenizer (a tagger's vocabulary and tags) its run trained with
     run_overrides = read(checkpoint_dir).overrides if checkpoint_dir else []
+    state = {}
+
+    def check_conversion(built) -> None:
+        # before the trainer's warnings (of the data, the override, emulation): a refusal is
+        # one line
+        _refuse_unused_overrides(built, run_overrides)
+        if checkpoint_dir is not None:
+            state.update(_load_weights(built, checkpoint_dir, checkpoint_path))
+
     trainer = Trainer(
-        config,
-        quiet=True,
-        saved_run=checkpoint_dir,
-        # before the trainer warns of the override and of emulation: the refusal is one line
-        check_conversion=lambda built: _refuse_unused_overrides(built, run_overrides),
+        config, quiet=True, saved_run=checkpoint_dir, check_conversion=check_conversion
     )
     if checkpoint_dir is not None:
-        path = checkpoint.find(checkpoint_dir, checkpoint_path)
-        state = checkpoint.load(path)
-        try:
-            trainer.model.load_state_dict(state["model"])
-        except RuntimeError as error:  # a --model (or --task) other than the run's
-            from lowbit.train.evaluate import _misfit
-
-            run = read(checkpoint_dir)
-            raise UsageError(
-                f"{path}: its weights do not fit the model of these settings (model "
-                f"{config.model!r}, the run trained {run.model!r}: "
-                f"{_misfit(trainer.model.state_dict(), state['model'], error)}); fix: drop "
-                "--model, the probe of a checkpoint takes the run's model"
-            ) from None
         # another recipe's optimizer layout: probe with fresh moments
         with contextlib.suppress(ValueError, KeyError, RuntimeError):
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -525,6 +515,29 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
         "start_step": start_step,
         "nonfinite_weights": nonfinite_weights,
     }
+
+
+def _load_weights(trainer, checkpoint_dir, checkpoint_path=None) -> dict:
+    """Load the weights of ``checkpoint_dir``'s latest checkpoint (or ``checkpoint_path``) into
+    the ``trainer``'s model; returns the checkpoint's state. A --model (or --task) other than
+    the run's is refused in one line naming the misfit."""
+    from lowbit.train import checkpoint
+    from lowbit.train.config import read
+    from lowbit.train.evaluate import _misfit
+
+    path = checkpoint.find(checkpoint_dir, checkpoint_path)
+    state = checkpoint.load(path)
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as error:  # a --model (or --task) other than the run's
+        run = read(checkpoint_dir)
+        raise UsageError(
+            f"{path}: its weights do not fit the model of these settings (model "
+            f"{trainer.config.model!r}, the run trained {run.model!r}: "
+            f"{_misfit(trainer.model.state_dict(), state['model'], error)}); fix: drop "
+            "--model, the probe of a checkpoint takes the run's model"
+        ) from None
+    return state
 
 
 def _refuse_unused_overrides(trainer, run_overrides: list[str]) -> None:

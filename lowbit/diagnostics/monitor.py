@@ -119,6 +119,9 @@ class TrainingMonitor(NoMonitor):
                 for layer, ops in self.controller.plan.items()
                 for op, rung in ops.items()
             }
+            idle = self.controller.idle  # kept by the plan, left out of its counts
+            if idle:  # for `at_plan`, which counts as the summary does (`lowbit estimate RUN`)
+                plan["idle"] = sorted(f"{layer}/{op}" for layer, op in idle)
             records.append(("plan", plan))
             # the guard's moves first: a check after them decides last
             why = self._why([*self._moves, *changes])

@@ -39,7 +39,7 @@ from lowbit.distributed.context import (
     signals_handled,
     torchrun_env,
 )
-from lowbit.errors import RunNotWritten, UsageError, say_held_notes, warn
+from lowbit.errors import RunNotWritten, UsageError, say_held_notes, warn, warnings_held
 
 
 def _error_classes():
@@ -80,7 +80,8 @@ def run_rank(config, resume=False, overwrite=False, quiet=False, on_step=None):
             # logits: a Linear with a bias over 3-d input) which an in-place op would detach from
             # its pre-backward hook; the tasks' losses and metrics only read the outputs
             warnings.filterwarnings("ignore", _FSDP_VIEW_OUTPUT, UserWarning)
-            trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
+            with warnings_held():  # FSDP's state-block refusal (`check_state_blocks`) alone
+                trainer = Trainer(config, quiet=quiet, dist=ranks, resume=resume)
             result = trainer.fit(resume, overwrite, on_step)
     finally:
         ranks.close()

@@ -925,7 +925,7 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
             "warns of it too), so it trains, and is estimated, as its compute dtype does"
         )
     elif plan_of(recipe) is not None:  # a run's plan (`at_plan`: `lowbit estimate RUN`)
-        notes.append(_plan_note(recipe, report))
+        notes.append(_plan_note(recipe, report, model))
     elif budget_of(recipe) is not None:  # docs/memory.md: its cheaper rungs save less
         notes.append(
             "auto is estimated at the plan it starts from, every converted layer in bf16: the "
@@ -936,14 +936,17 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
     return tuple(notes)
 
 
-def _plan_note(recipe: Recipe, report) -> str:
+def _plan_note(recipe: Recipe, report, model: torch.nn.Module) -> str:
     """Which ``auto`` plan (`at_plan`) ``recipe`` is estimated at, and the plan's layers that
-    match no GEMM layer the conversion ``report`` found (a metrics.jsonl of another model, or
-    edited): those stay at the start, in bf16. Until session 38 such a plan was noted as
-    estimated while none of it applied."""
+    match no GEMM layer the conversion ``report`` found, nor a low-precision layer of the
+    converted ``model`` (a metrics.jsonl of another model, or edited): those stay at the start,
+    in bf16. Until session 38 such a plan was noted as estimated while none of it applied; until
+    session 42 a mixture of experts' GEMMs (``...experts.gemms.up.7``, which the report names as
+    their ``...experts`` layer) were noted as matching none, while the plan applied to them."""
+    from lowbit.nn.convert import lowbit_layers
     from lowbit.recipes.auto import plan_layers, plan_of
 
-    found = report.converted.keys() | report.kept.keys()
+    found = report.converted.keys() | report.kept.keys() | lowbit_layers(model).keys()
     missing = [name for name in plan_layers(recipe) if name not in found]
     shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
     if len(missing) == len(plan_layers(recipe)):

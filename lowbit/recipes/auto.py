@@ -108,15 +108,28 @@ def check_plannable(recipe: Recipe, layers) -> None:
 PLAN_REASON = "auto plan"
 
 
-def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int) -> Recipe:
+def running_rungs(plan: dict[str, dict[str, str]], idle=frozenset()) -> list[str]:
+    """The rungs of the operands of ``plan`` (``{layer: {operand: rung}}``) whose GEMMs run: not
+    those in ``idle`` (``(layer, operand)`` pairs, `AutoPrecision.idle`: the input gradient of a
+    layer whose input needs none, an expert no token was routed to), which the plan keeps but
+    no step computes in."""
+    return [
+        rung for layer, ops in plan.items() for op, rung in ops.items() if (layer, op) not in idle
+    ]
+
+
+def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int, idle=frozenset()) -> Recipe:
     """``recipe`` (an ``auto`` one) with each layer's operands on the rungs ``plan`` gives them
     (``{layer: {operand: rung}}``, `AutoPrecision.plan`, as of ``step``): what the run computes
     in, for `lowbit.memory.estimate` (which otherwise sees the bf16 start). The plan's operands
     are those the recipe's overrides leave open, so each layer's become an ``OPERAND:FORMAT``
     override after the recipe's own; layers on the same rungs share one (``a|b|...``). The
     overrides' reason says which plan (``auto plan of step 25: 97 fp4, 29 fp8 of 126
-    operands``)."""
-    rungs = [rung for ops in plan.values() for rung in ops.values()]
+    operands``), counting the operands whose GEMMs ran (not ``idle``, `running_rungs`), as the
+    run's summary does: until session 42 it counted every planned one (a one-layer mixture of
+    experts whose step routed its 8 tokens to 3 of 16 experts: "60 fp8, 156 bf16 of 216
+    operands", where the run said "60 fp8 of 60 operands")."""
+    rungs = running_rungs(plan, idle)
     counts = ", ".join(f"{rungs.count(r)} {r}" for r in RUNGS if r in rungs)
     reason = f"{PLAN_REASON} of step {step}: {counts} of {len(rungs)} operands"
     by_rungs: dict[tuple, list[str]] = {}

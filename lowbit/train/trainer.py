@@ -33,6 +33,7 @@ from lowbit.errors import (
     check_writable,
     is_interrupt,
     say_held_notes,
+    warnings_held,
 )
 from lowbit.nn.convert import lowbit_layers
 from lowbit.precision.scaler import SMALLEST_SCALE
@@ -1368,7 +1369,8 @@ class Trainer:
         if self.monitor.controller is not None:  # auto: the plan this step computes in
             from lowbit.recipes.auto import at_plan
 
-            recipe = at_plan(recipe, self.monitor.controller.plan, self.step_idx)
+            controller = self.monitor.controller
+            recipe = at_plan(recipe, controller.plan, self.step_idx, controller.idle)
         try:
             planned = estimate(
                 self.model.config,
@@ -1629,5 +1631,6 @@ def train(
         from lowbit.distributed.launch import train as train_ranks
 
         return train_ranks(config, resume, overwrite, quiet, on_step)
-    trainer = Trainer(config, quiet=quiet, resume=resume)
+    with warnings_held():  # a run refused once its model is built says only why
+        trainer = Trainer(config, quiet=quiet, resume=resume)
     return trainer.fit(resume=resume, overwrite=overwrite, on_step=on_step)
