@@ -56,8 +56,10 @@ from lowbit.precision.scaler import LossScaler, NoLossScaler
 from lowbit.precision.update import (
     FullPrecisionUpdate,
     LowPrecisionUpdate,
+    dtype_following_states,
     local_values,
     optimizer_params,
+    upcast_states,
 )
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
 from lowbit.recipes.presets import is_built_in, own_name_fix
@@ -116,6 +118,10 @@ class Precision:
         # loss scaling (`_warn_scaled_gradients_changed`)
         self._marks: dict[int, list[tuple[int, int | torch.Tensor]]] = {}
         self._changed_warned = False
+        self._unconverted_warned = False  # `_warn_unconverted`'s warning, said once
+        # id(param) -> a weak reference to each parameter `convert` cast up to fp32, whose
+        # optimizer states are cast with it (`_upcast_states`)
+        self._cast_up: dict[int, weakref.ref] = {}
         # id(optimizer) -> an optimizer stepped under loss scaling without `wrap_optimizer` (fp32
         # parameters step it as it is), held weakly: `backward` marks its gradients too
         self._unwrapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -186,7 +192,14 @@ class Precision:
             for p in model.parameters()
         ):
             kept = self._kept_16_bit(model)
+            self._cast_up.update(
+                (id(p), weakref.ref(p))
+                for p in model.parameters()
+                if id(p) not in kept and p.is_floating_point() and p.dtype != torch.float32
+            )
             model._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.float())
+            for optimizer in (*self._optimizers, *self._unwrapped.values()):
+                self._upcast_states(optimizer)
         recipe = self.recipe
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
@@ -212,6 +225,19 @@ class Precision:
         self._swapped[index] = swapped_layers(model)
         self._apply_pending()
         return model
+
+    def _upcast_states(self, optimizer) -> None:
+        """Cast to fp32 the states ``optimizer`` holds of parameters `convert` cast up from 16 bits
+        (or fp64): an optimizer built on the 16-bit model before `convert` keeps the states its
+        constructor made in the parameters' old dtype (Adagrad's sum), which torch's step then
+        used beside the fp32 weights: in fp16, Adagrad's eps of 1e-10 is 0, and its first step
+        divided 0 by 0 and wrote NaN into every weight. Called where an optimizer and such
+        parameters meet: `convert` (optimizers known then), `wrap_optimizer` and each step."""
+        if not self._cast_up:
+            return
+        refs = [(p, self._cast_up.get(id(p))) for p in optimizer_params(optimizer)]
+        cast = [p for p, ref in refs if ref is not None and ref() is p]
+        upcast_states(dtype_following_states(optimizer, cast))
 
     def _model_device(self, model: torch.nn.Module) -> torch.device | None:
         """The device a Precision given no device takes from the first model `convert` is given,
@@ -324,11 +350,14 @@ class Precision:
 
     def _layers(self) -> dict[str, LowbitModule]:
         """The converted layers of every converted model by name; a second model's names carry
-        its position (``1:model.layers.0.mlp.up_proj``), so that no two layers share a key."""
+        its position (``1:model.layers.0.mlp.up_proj``), so that no two layers share a key. The
+        names are the uncompiled model's (`_uncompiled`)."""
         layers = {}
         for index, model in enumerate(self._models):
             prefix = f"{index}:" if index else ""
-            layers.update({prefix + name: layer for name, layer in lowbit_layers(model).items()})
+            layers.update(
+                {prefix + _uncompiled(name): layer for name, layer in lowbit_layers(model).items()}
+            )
         return layers
 
     def _params(self) -> list[torch.Tensor]:
@@ -364,6 +393,7 @@ class Precision:
             self._refuse_infinite_parameters(optimizer)
             self._add_optimizer(optimizer)
             self.update.wrap(optimizer)
+            self._upcast_states(optimizer)
             _guard_steps(optimizer, self)
         self._warn_replaced_layers(3)
         self._apply_pending()
@@ -453,6 +483,35 @@ class Precision:
         not be wrapped (fp32 parameters step without it); not at every step."""
         if any(id(optimizer) not in self._backward_at_step for optimizer in optimizers):
             self._warn_replaced_layers(stacklevel + 1)
+            self._warn_unconverted(stacklevel + 1)
+
+    def _warn_unconverted(self, stacklevel: int) -> None:
+        """Warn, once, at the first step of a Precision that `convert` was given no model, where
+        its recipe converts layers or casts the parameters. A model converted by
+        ``lowbit.convert(model, recipe)`` alone trained silently otherwise than under
+        `convert`: fp8-delayed's amax histories, which `step` commits for the layers of the models
+        it converted, never moved (every step scaled with its current amax, fp8-tensorwise's
+        losses bit for bit), fp16-mixed on a CPU left out the fp16 rounding of the GEMM outputs,
+        and `state_dict` left the layers out; an unconverted model trained in its own dtype and
+        formats (bf16-low's weights stayed fp32)."""
+        if self._models or self._unconverted_warned:
+            return
+        recipe = self.recipe
+        converts = recipe.layer is not None or bool(recipe.overrides)
+        if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
+            converts = False  # fp16 autocast on a GPU computes the GEMMs: `convert` swaps none
+        if not converts and self.param_dtype == torch.float32:
+            return
+        self._unconverted_warned = True
+        warnings.warn(
+            f"lowbit: precision.step() under recipe {recipe.name}, and precision.convert() was "
+            "given no model: a model converted by lowbit.convert() alone trains without what "
+            "precision.convert() sets up (the parameter dtype, delayed-scaling histories that move, "
+            "fp16's emulated roundings, the layers' part of precision.state_dict()), an "
+            "unconverted one in its own formats; fix: model = precision.convert(model) before "
+            "training (it leaves layers converted with this recipe as they are)",
+            stacklevel=stacklevel,
+        )
 
     def _warn_replaced_layers(self, stacklevel: int) -> None:
         """Warn, once for each, of the layers `convert` swapped that the model has since replaced
@@ -626,6 +685,7 @@ class Precision:
                 )
             self.wrap_optimizer(optimizer)
         if key not in self._prepared:
+            self._upcast_states(optimizer)  # an optimizer stepped without `wrap_optimizer`
             if self.scaler.enabled and not self._backwards:
                 self._refuse_unscaled_gradients(optimizer)
             if self.scaler.enabled:
@@ -810,9 +870,10 @@ class Precision:
         raise UsageError(
             f"precision.{call}(): {name} is {dtype}, and recipe {self.recipe.name} trains fp32 "
             f"parameters (was the model cast after precision.convert(), e.g. "
-            f"model.to(torch.{dtype})?): the optimizer would step {dtype} weights without fp32 "
-            "ones; fix: model = precision.convert(model) after the cast, which casts the trained "
-            "parameters back to fp32"
+            f"model.to(torch.{dtype}), or a frozen weight it kept {dtype} unfrozen since?): the "
+            f"optimizer would step {dtype} weights without fp32 ones; fix: model = "
+            "precision.convert(model) after the cast or the unfreezing, which casts the trained "
+            "parameters to fp32"
         )
 
     def _check_closure(self, optimizers) -> None:
@@ -1006,10 +1067,11 @@ class Precision:
         self._pending = {
             "update": state.get("update", {}),
             "params_per_optimizer": state.get("params_per_optimizer"),
-            "layers": dict(state.get("layers", {})),
+            "layers": {_uncompiled(name): v for name, v in state.get("layers", {}).items()},
         }
         if "layer_specs" in state:  # absent from a state saved before lowbit recorded them
-            self._pending["layer_specs"] = dict(state["layer_specs"])
+            specs = state["layer_specs"]
+            self._pending["layer_specs"] = {_uncompiled(name): v for name, v in specs.items()}
             self._pending["told_converted"] = set()  # layers converted now, kept then, warned of
         if "rng" in state:
             self._pending["rng"] = state["rng"]
@@ -1319,6 +1381,16 @@ def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
         if child is not None and (param := _first_parameter(child)) is not None:
             return param
     return None
+
+
+def _uncompiled(name: str) -> str:
+    """A `Precision._layers` name without the ``_orig_mod`` parts that `torch.compile`'s wrapper
+    adds (``_orig_mod.0`` for a model compiled before `Precision.convert`, ``0`` after it), as
+    `state_dict` saves it and `load_state_dict` reads a state saved before session 42: a run
+    compiled one way and resumed the other (or uncompiled) lost fp8-delayed's amax histories,
+    with a warning that every layer was converted in one run and kept in the other."""
+    model, colon, layer = name.rpartition(":")
+    return model + colon + ".".join(part for part in layer.split(".") if part != "_orig_mod")
 
 
 def _model_of(layer: str) -> str:

@@ -38,6 +38,23 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def dtype_following_states(optimizer: torch.optim.Optimizer, params: list) -> list[dict]:
+    """The states of ``params`` in ``optimizer`` whose dtypes follow their parameter's, as
+    `Optimizer.load_state_dict` casts them: none of lowbit's bf16 optimizer states
+    (`AdamWBf16States`), whose moments are bf16 by design whatever the parameter's dtype."""
+    if getattr(optimizer, "state_precision", None) == StatePrecision.BF16:
+        return []
+    return [optimizer.state.get(p, {}) for p in params]
+
+
+def upcast_states(states: list[dict]) -> None:
+    """Cast the floating tensors of each state (`dtype_following_states`) to fp32, in place."""
+    for state in states:
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                state[key] = value.float()
+
+
 class FullPrecisionUpdate:
     # An optimizer stepped without `wrap` loses nothing here: there is no state per parameter.
     needs_wrapping = False
@@ -124,12 +141,9 @@ class LowPrecisionUpdate:
         silently differ from the uninterrupted one, so they are refused. The bf16 moments of
         lowbit's bf16 optimizer states (`AdamWBf16States`) are bf16 by design and stay bf16.
         """
-        if getattr(optimizer, "state_precision", None) == StatePrecision.BF16:
-            states = []  # the optimizer picks its states' dtypes itself, whatever the parameter's
-        else:
-            states = [
-                optimizer.state.get(p, {}) for p in optimizer_params(optimizer) if self._low(p)
-            ]
+        states = dtype_following_states(
+            optimizer, [p for p in optimizer_params(optimizer) if self._low(p)]
+        )
         for state in states:
             rounded = [
                 key
@@ -151,9 +165,7 @@ class LowPrecisionUpdate:
                     "wrapped; fix: optimizer = precision.wrap_optimizer(optimizer) before "
                     "optimizer.load_state_dict(...) and before its first step"
                 )
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    state[key] = value.float()
+        upcast_states(states)
         loading: list = []
 
         def before_load(opt, state_dict):
