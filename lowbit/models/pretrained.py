@@ -475,20 +475,13 @@ def model_record(path, task: str = "causal-lm") -> dict | None:
     weights trained again or replaced in the folder change nothing a run loads. An encoder's
     causal LM also records ``as_decoder``, the fields that built it as a decoder
     (`lowbit.models.causal_lm.decoder_fields`): a run without them attended both ways."""
-    import hashlib
-
     from lowbit.models.causal_lm import decoder_fields
 
     config = _config_fields(path)
     if config is None:
         return None
     folder = Path(path)
-    tokenizer = {}
-    for name in TOKENIZER_FILES if folder.is_dir() else ():
-        try:
-            tokenizer[name] = "sha256:" + hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        except OSError:  # not there (or unreadable: the load that reads it names the problem)
-            continue
+    tokenizer = file_hashes(folder, TOKENIZER_FILES) if folder.is_dir() else {}
     record = {"config": config, "tokenizer": tokenizer}
     as_decoder = decoder_fields(path) if task == "causal-lm" else []
     return {**record, "as_decoder": as_decoder} if as_decoder else record
@@ -536,12 +529,36 @@ def model_changes(recorded: dict, path, tokenizer: bool) -> list[str]:
         if then_config.get(key, _ABSENT) != now_config.get(key, _ABSENT)
     ]
     if tokenizer:
-        then_files, now_files = recorded.get("tokenizer") or {}, now["tokenizer"]
-        for name in sorted(set(then_files) | set(now_files)):
-            if name not in now_files:
-                changes.append(f"{name} removed")
-            elif then_files.get(name) != now_files[name]:
-                changes.append(f"{name} {'changed' if name in then_files else 'added'}")
+        changes += file_changes(recorded.get("tokenizer") or {}, now["tokenizer"])
+    return changes
+
+
+def file_hashes(folder, names) -> dict[str, str]:
+    """The sha256 (``sha256:HEX``) of each file of ``names`` in ``folder`` that is there, by name;
+    hashed whatever its size (tokenizer files: a few MB at most). One not there, or unreadable
+    (the load that reads it names the problem), is left out."""
+    import hashlib
+
+    hashes = {}
+    for name in names:
+        try:
+            hashes[name] = (
+                "sha256:" + hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()
+            )
+        except OSError:
+            continue
+    return hashes
+
+
+def file_changes(then: dict, now: dict) -> list[str]:
+    """Each file of two `file_hashes` that was changed, added or removed, in words
+    (``tokenizer.json changed``)."""
+    changes = []
+    for name in sorted(set(then) | set(now)):
+        if name not in now:
+            changes.append(f"{name} removed")
+        elif then.get(name) != now[name]:
+            changes.append(f"{name} {'changed' if name in then else 'added'}")
     return changes
 
 

@@ -224,6 +224,45 @@ def run_of(path) -> Path | None:
     return None
 
 
+def _first(changes: list[str]) -> str:
+    """The first three ``changes`` for a one-line message, "; ..." for the rest."""
+    return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+
+
+def run_files_record(run_dir) -> dict[str, str]:
+    """The sha256 of each file a run's task saved beside its checkpoints and reads again at every
+    load (`Task.save_artifacts`): a causal LM's tokenizer/ (lowbit_tokenizer.json, tokenizer.json,
+    a Hugging Face tokenizer's files), a tagger's labels.json and vocab.json; by path in the run
+    folder. run.json holds it as ``run_files`` (`check_run_files`)."""
+    from lowbit.models.pretrained import TOKENIZER_FILES, file_hashes
+    from lowbit.train.tasks import LABELS_FILE, VOCABULARY_FILES
+
+    tokenizer = dict.fromkeys((*VOCABULARY_FILES, *TOKENIZER_FILES))
+    names = (LABELS_FILE, "vocab.json", *(f"tokenizer/{name}" for name in tokenizer))
+    return file_hashes(run_dir, names)
+
+
+def check_run_files(run_dir) -> None:
+    """Refuse the run in ``run_dir`` where a file its task reads again at every load (its
+    tokenizer, tags, vocabulary: `run_files_record`) changed since the run saved it: its
+    checkpoints would be resumed, evaluated or exported on other token ids (or tag ids) without a
+    word, as long as the counts still fit the embedding. A run whose run.json has no
+    ``run_files`` (before session 42, or killed before it was written) is not checked."""
+    from lowbit.models.pretrained import file_changes
+    from lowbit.train.config import read_run_info
+
+    recorded = read_run_info(run_dir).get("run_files")
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    changes = file_changes(recorded, run_files_record(run_dir))
+    if changes:
+        raise UsageError(
+            f"{run_dir}: the run's own files changed since it saved them ({_first(changes)}), so its "
+            "checkpoints would read other token or tag ids; fix: put those back as they were "
+            "(run.json's run_files holds their sha256), or train a new run"
+        )
+
+
 def check_model_folder(run_dir) -> None:
     """Refuse to load the run in ``run_dir`` where the --model folder it trained from (recorded in
     its run.json) no longer builds the model its checkpoints hold: every load rebuilds the
@@ -265,7 +304,7 @@ def check_model_folder(run_dir) -> None:
     changes = model_changes(recorded, folder, tokenizer=info.get("task") == "token-classification")
     if not changes:
         return
-    shown = "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    shown = _first(changes)
     what, put_back = f"the --model folder {folder}", "put those back as they were"
     if package:
         name = MINILM_PACKAGE.replace("_", "-")  # as pip names it

@@ -27,13 +27,20 @@ IGNORE_INDEX = -100
 
 
 def build_task(config, run_dir=None) -> Task:
-    """The task object of a resolved config (``run_dir``: reuse that run's tokenizer/vocab)."""
+    """The task object of a resolved config (``run_dir``: reuse that run's tokenizer/vocab, checked
+    against the sha256 the run recorded of them, `checkpoint.check_run_files`, once read: a file
+    missing or unreadable is named by its reader)."""
+    from lowbit.train.checkpoint import check_run_files
+
     cls = {
         "causal-lm": CausalLMTask,
         "token-classification": TokenClassificationTask,
         "image-classification": ImageClassificationTask,
     }[config.task]
-    return cls(config, run_dir)
+    task = cls(config, run_dir)
+    if run_dir is not None:
+        check_run_files(run_dir)
+    return task
 
 
 def data_fingerprint(task: str, data: str | None, text_field: str = "text") -> dict | None:

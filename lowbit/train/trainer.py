@@ -359,12 +359,28 @@ def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None 
             keep += f" or a --config file's {name}"
         may = ", ".join(sorted(map(flag_of, RESUMABLE_CHANGES)))
         default = was is None and getattr(TrainConfig(), name) is None
+        source = flag
+        if _run_file_says(config.out, name, now):  # edited since: without the flag, still refused
+            source += ", as the run's config.yaml says now"
+            keep = f"with {name}: {json.dumps(was)} put back into its config.yaml" + (
+                f", or with the run's {given}" if given else ""
+            )
         raise UsageError(
-            f"cannot resume with {name} {_shown(name, now, task)} ({flag}): the run was trained "
+            f"cannot resume with {name} {_shown(name, now, task)} ({source}): the run was trained "
             f"with {'its default' if default else _shown(name, was, task)}; "
             f"fix: resume {keep}, or start a new run with another --out (a resume may "
             f"change only {may})"
         )
+
+
+def _run_file_says(run_dir, name: str, value) -> bool:
+    """Whether the config.yaml of the run in ``run_dir`` gives setting ``name`` as ``value``: a
+    value refused for a resume that came from the file (edited after the run saved it) is not
+    dropped by leaving its flag out, the fix the refusal offered alone."""
+    try:
+        return getattr(read(run_dir), name) == value
+    except (UsageError, OSError, ValueError):  # unreadable: the refusal names the flag alone
+        return False
 
 
 def check_resumable(config: TrainConfig, distributed: bool) -> dict | None:
@@ -1093,6 +1109,10 @@ class Trainer:
                 write(c, run_dir)
                 if not resume:  # a resumed run has just read them; rewritten, a kill could tear
                     self.task.save_artifacts(run_dir)
+                    # their sha256, which every later load checks (`check_run_files`)
+                    files = checkpoint.run_files_record(run_dir)
+                    if error := self._update_run_info(main, run_dir, run_files=files):
+                        raise error
             logger = (
                 MetricsLogger(run_dir, c.to_dict(), resume_step, wandb=c.wandb, quiet=self.quiet)
                 if main
@@ -1313,6 +1333,9 @@ class Trainer:
             # its config (and tokenizer files), which every later load of the run builds the
             # model from again: `checkpoint.check_model_folder`
             "model_record": model_record(built_from, self.config.task) if built_from else None,
+            # a resumed run's own tokenizer, tags, vocabulary (checked as it was built; a new
+            # run's are saved, and recorded, after this file: `_fit`)
+            "run_files": checkpoint.run_files_record(run_dir) if resume_step is not None else {},
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),
