@@ -126,8 +126,8 @@ def unrecognized(parser: argparse.ArgumentParser, command: str | None, extras: l
     return f"{where}: unrecognized argument{shortened}; fix: {did_you_mean(alike, gists)}"
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
 def unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, str] | None:
@@ -135,8 +135,9 @@ def unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str 
     takes, with the command it was given to (None: before any), or None. Looked for before
     argparse parses: a shortened required flag (``compare --recipe``, train's spelling of
     --recipes) was otherwise reported as the required one missing, in argparse's usage block,
-    before the unknown one was seen. Arguments after a bare ``--`` are values, not flags."""
-    commands = _subparsers(parser).choices
+    before the unknown one was seen. Arguments after a bare ``--`` are values, not flags. A
+    parser without commands (a benchmark script's) is its own command, None."""
+    commands = getattr(_subparsers(parser), "choices", {})
     command, taken = None, set(parser._option_string_actions)
     for arg in argv:
         if arg == "--":
@@ -146,6 +147,46 @@ def unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str 
         elif arg.startswith("--") and arg.split("=", 1)[0] not in taken:
             return command, arg
     return None
+
+
+def parse_in_full(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` (None: the process's arguments) for a parser made with
+    ``allow_abbrev=False``, a flag taken only as spelt in full: a flag that neither it nor the
+    command given takes is refused in one line (`UsageError`, `unrecognized`), not argparse's
+    usage block. lowbit's parser and the benchmark scripts' (benchmarks/benchmarks_md.py)."""
+    unknown = unknown_flag(parser, sys.argv[1:] if argv is None else argv)
+    if unknown is not None:
+        raise UsageError(unrecognized(parser, *unknown[:1], [unknown[1]]))
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = getattr(args, "command", None)
+        raise UsageError(
+            expanded_glob(args, command, extras) or unrecognized(parser, command, extras)
+        )
+    return args
+
+
+def expanded_glob(args: argparse.Namespace, command: str | None, extras: list[str]) -> str | None:
+    """The refusal of a `--data` glob the shell expanded (``--data docs/*.md`` unquoted): its
+    first file became the value and the others were extra arguments, refused with only --help
+    as the fix. None where ``extras`` are not all paths that exist beside a --data file."""
+    data = getattr(args, "data", None)
+    if not data or not os.path.isfile(data) or any(not os.path.lexists(p) for p in extras):
+        return None
+    files = [data, *extras]
+    folders = {os.path.dirname(path) for path in files}
+    suffixes = {os.path.splitext(path)[1] for path in files}
+    glob = (
+        os.path.join(folders.pop(), "*" + suffixes.pop())
+        if len(folders) == len(suffixes) == 1
+        else "GLOB"
+    )
+    where = f"{command} {extras[0]}" if command else extras[0]
+    return (
+        f"{where}: unrecognized argument after --data {data}, {len(extras)} more path"
+        f"{'s' if len(extras) > 1 else ''} (a glob the shell expanded?); fix: quote the glob, "
+        f"--data '{glob}', for lowbit to read every file it matches, or give their folder"
+    )
 
 
 def _interrupt_again(unraisable, default=sys.unraisablehook) -> None:
@@ -175,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         # Inside the try: building the parser imports every command module (Transformers among
         # them), still part of the start-up a Ctrl-C may interrupt.
         parser = build_parser()
-        unknown = unknown_flag(parser, sys.argv[1:] if argv is None else argv)
-        if unknown is not None:
-            raise UsageError(unrecognized(parser, *unknown[:1], [unknown[1]]))
-        args, extras = parser.parse_known_args(argv)
-        if extras:
-            raise UsageError(unrecognized(parser, getattr(args, "command", None), extras))
+        args = parse_in_full(parser, argv)
         if not hasattr(args, "run"):
             parser.print_help()
             return 2

@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vocabulary, tags and --seq-len",
     )
     parser.add_argument(
+        "--text-field",
+        metavar="FIELD",
+        help="the field of --data's JSON records that holds the text (default: the run's "
+        "--text-field; a.b: b in a)",
+    )
+    parser.add_argument(
         "--checkpoint",
         metavar="CKPT",
         help="a checkpoint: its path, its file name in the run's checkpoints/, or its step number "
@@ -79,6 +85,7 @@ def run(args) -> int:
         args.device,
         progress=not args.quiet,
         data=data,
+        text_field=args.text_field,
     )
     print(json.dumps(json_number(metrics)) if args.json else text)
     return 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -227,8 +228,26 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
             fix = f"write the tag's prefix in capitals ({capital})"
         elif is_valid_tag(columns[0]):  # 'B-PER Ann': the listed tags were no help there
             fix = f"write the token first and its tag last ({columns[-1]} {columns[0]})"
+        elif "-" not in columns[-1]:  # 'dog NN': a part of speech, which no B-/I- fits
+            fix = f"prefix entity tags with B-/I-, or for parts of speech {_as_treebank(where)}"
         raise UsageError(f"{where}: invalid IOB tag {columns[-1]!r}; fix: {fix}")
     return columns[0], columns[-1]
+
+
+def _as_treebank(where: str) -> str:
+    """The fix of a 'TOKEN TAG' file of tags without B-/I- prefixes (``where``: its
+    ``path:line``): the awk command that writes it as CoNLL-U, whose words are tagged with their
+    part of speech (column 4), each scored as a one-token chunk; into a new file, numbered
+    where ``train.conllu`` is there (``train.2.conllu``, still a train file)."""
+    path = Path(where.rsplit(":", 1)[0])
+    out, number = path.with_suffix(".conllu"), 2
+    while out.exists():
+        out, number = path.with_name(f"{path.stem}.{number}.conllu"), number + 1
+    program = '$1=="-DOCSTART-"{next} NF{print ++i,$1,"_",$NF,"_","_","_","_","_","_";next} {i=0;print ""}'
+    return (
+        f"write the file as CoNLL-U: awk -v OFS='\\t' '{program}' {shlex.quote(str(path))} > "
+        f"{shlex.quote(str(out))}"
+    )
 
 
 def _comment(token: str) -> bool:

@@ -971,6 +971,16 @@ def _no_text(spec: str, text_field: str, read: _Read) -> UsageError:
             f"{spec}: every file it matches is binary ({_shown(read.binary)}); fix: a glob of "
             "the UTF-8 text files"
         )
+    # text files read, all empty or blank: their fix was to point at the UTF-8 .txt files they are
+    if path.is_file():
+        size = path.stat().st_size
+        held = f"only whitespace ({size:,} bytes)" if size else "nothing (0 bytes)"
+        return UsageError(f"{spec}: the file holds {held}, no text; fix: give a file of text")
+    if docs:
+        return UsageError(
+            f"{spec}: all {len(docs)} files it reads hold only whitespace or nothing, no text; "
+            "fix: give files of text"
+        )
     return UsageError(
         f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
         f"a JSONL file with a {text_field!r} field, or a glob that matches files"

@@ -141,16 +141,24 @@ def size_change(before: int, after: int) -> str:
 
 
 def evaluate_inference_dir(
-    path, split="validation", max_batches=None, device=None, progress=False, data=None
+    path,
+    split="validation",
+    max_batches=None,
+    device=None,
+    progress=False,
+    data=None,
+    text_field=None,
 ):
     """Metrics and the printable report of an inference folder, against its source; with
     ``progress``, `lowbit.train.evaluate.eval_progress` on stderr meanwhile; ``data``: on that
-    file or folder instead of the run's (`lowbit eval --data`, `Task.use_eval_data`)."""
+    file or folder instead of the run's (`lowbit eval --data`, `Task.use_eval_data`), its JSON
+    records' ``text_field`` (`lowbit eval --text-field`)."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     from lowbit.train.evaluate import (
         check_max_batches,
         check_same_data,
+        check_text_field,
         data_fields,
         eval_progress,
         evaluated_on,
@@ -166,10 +174,11 @@ def evaluate_inference_dir(
             f"{path}: a training run, not a folder written by lowbit quantize/prune; fix: "
             "evaluate it with lowbit.train.evaluate_run (lowbit eval reads either)"
         )
+    check_text_field(source.config, data, text_field)
     if data is None:  # the data the training run read, as its run.json recorded it
-        check_same_data(training_run(path), source.config, source.task.fingerprint)
+        check_same_data(training_run(path), source.config, source.task.fingerprint, path)
     else:
-        source.task.use_eval_data(data, split)
+        source.task.use_eval_data(data, split, text_field)
     baseline, missing = load_baseline(source.manifest, device)
     reference = baseline and baseline.model
     models = [source.model] if reference is None else [source.model, reference]

@@ -743,12 +743,12 @@ def ignored_settings(config: TrainConfig) -> list[str]:
             )
         elif name == "vocab_size" and config.tokenizer != "bpe":
             lines.append(f"{flag} applies to --tokenizer bpe only, not {config.tokenizer}; ignored")
-        elif name == "text_field" and (without := _without_jsonl(config.data)):
+        elif name == "text_field" and (without := without_jsonl(config.data)):
             lines.append(f"{flag} applies to JSONL data only, and {without}; ignored")
     return lines
 
 
-def _without_jsonl(data: str | None) -> str | None:
+def without_jsonl(data: str | None) -> str | None:
     """Why ``data`` is read without JSONL records, where that is certain; None where it may hold
     some (a .jsonl file, a glob, a path that does not exist and fails later)."""
     from lowbit.data.corpus import FOLDER_SUFFIXES, JSONL_SUFFIXES

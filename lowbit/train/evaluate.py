@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lowbit.errors import UsageError, warn
+from lowbit.errors import UsageError, check_given, warn
 from lowbit.train import checkpoint
 from lowbit.train.config import (
     RUN_INFO,
@@ -185,9 +185,36 @@ def _misfit(expected: dict, given: dict, error: Exception) -> str:
     return shapes[0].rstrip(".") if shapes else type(error).__name__
 
 
-def check_same_data(run_dir, config, current: dict | None) -> None:
+def check_text_field(config, data: str | None, text_field: str | None) -> None:
+    """`lowbit eval --text-field`: the field of the JSON records of ``data`` (a causal LM's
+    `lowbit eval --data`), where it differs from the run's own --text-field (a JSONL file whose
+    records name the text otherwise was refused, its fix naming a --text-field that eval did
+    not take). Refused without --data (the run's own data is read with the run's field) and for
+    another task; warned of as ignored for data that holds no JSON records."""
+    from lowbit.train.config import without_jsonl
+
+    if text_field is None:
+        return
+    check_given(text_field, "--text-field")
+    if data is None:
+        raise UsageError(
+            f"--text-field {text_field} names the field of --data's JSON records, and no --data "
+            "is given (the run's own data is read with its own field); fix: give --data PATH, "
+            "or drop --text-field"
+        )
+    if config.task != "causal-lm":
+        raise UsageError(
+            f"--text-field applies to causal-lm runs, whose data may be JSON records, not to "
+            f"task {config.task}; fix: drop --text-field"
+        )
+    if without := without_jsonl(data):
+        warn(f"--text-field applies to JSONL data only, and {without}; ignored")
+
+
+def check_same_data(run_dir, config, current: dict | None, evaluated=None) -> None:
     """Refuse to evaluate a run on other data than it trained on: its data path is read again,
-    and the files there may have changed since (or a relative path may name another folder)."""
+    and the files there may have changed since (or a relative path may name another folder).
+    ``evaluated``: the folder `lowbit eval` was given, whose fix also offers its ``--data``."""
     from lowbit.train.tasks import same_data, split_rule_note
 
     if not same_data(read_run_info(run_dir).get("data_fingerprint"), current):
@@ -196,7 +223,13 @@ def check_same_data(run_dir, config, current: dict | None) -> None:
         raise UsageError(
             f"{run_dir}: its data {config.data or '(built-in)'} holds other contents than the run "
             "trained on (the fingerprint in run.json differs); fix: restore the data the run "
-            f"read{where}" + split_rule_note(config)
+            f"read{where}"
+            + split_rule_note(config)
+            + (
+                f", or evaluate it as it is now: lowbit eval {evaluated} --data {config.data}"
+                if evaluated and config.data is not None
+                else ""
+            )
         )
 
 
@@ -265,11 +298,13 @@ def evaluate_run(
     device=None,
     progress: bool = False,
     data: str | None = None,
+    text_field: str | None = None,
 ) -> tuple[dict, str]:
     """Metrics and the printable report of a run's checkpoint on ``split``; with ``progress``
     (`lowbit eval` without --quiet), `eval_progress` on stderr meanwhile. ``data`` (`lowbit eval
     --data`): evaluate on that file (whole) or folder (its ``split``) instead of the run's data,
-    with the run's tokenizer or vocabulary and tags (`Task.use_eval_data`)."""
+    with the run's tokenizer or vocabulary and tags (`Task.use_eval_data`); ``text_field``: its
+    JSON records' field (`check_text_field`; default: the run's --text-field)."""
     if split not in ("train", "validation", "test"):
         raise UsageError(f"unknown split {split!r}; fix: use train, validation or test")
     max_batches = check_max_batches(max_batches) or None  # 0: the whole split, as left out
@@ -278,12 +313,15 @@ def evaluate_run(
     if is_inference_dir(run_dir):  # quantized/pruned: report the change against its source
         if checkpoint_path:
             raise UsageError(f"{run_dir} is a quantized/pruned folder; fix: drop --checkpoint")
-        return evaluate_inference_dir(run_dir, split, max_batches, device, progress, data)
+        return evaluate_inference_dir(
+            run_dir, split, max_batches, device, progress, data, text_field
+        )
     run = load_run(run_dir, checkpoint_path, device)
+    check_text_field(run.config, data, text_field)
     if data is None:
-        check_same_data(run_dir, run.config, run.task.fingerprint)
+        check_same_data(run_dir, run.config, run.task.fingerprint, run_dir)
     else:
-        run.task.use_eval_data(data, split)
+        run.task.use_eval_data(data, split, text_field)
     shown = eval_progress(run.task, [run.model], split, max_batches, data)
     with shown if progress else contextlib.nullcontext():
         metrics, text = run.task.report(run.model, run.precision, split, max_batches)

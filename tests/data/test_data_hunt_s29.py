@@ -115,4 +115,4 @@ def test_a_folder_of_blank_files_is_no_text(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), *TINY, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{data}: no text found; fix:" in err
+    assert err.count("\n") == 1 and f"{data}: all 5 files it reads hold only whitespace" in err
