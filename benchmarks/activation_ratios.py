@@ -11,8 +11,6 @@ gaps (the CPU emulation keeps quantized values in bf16 carriers).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
@@ -51,11 +49,9 @@ def ratios(size: str, recipe: str, batch: int, seq: int) -> tuple[int, int, int,
 
 def main(argv=None) -> int:
     # here, not at the top: tests load this file as a module, without benchmarks/ on sys.path
-    from benchmarks_md import DefaultsFormatter, at_least
+    from benchmarks_md import DefaultsFormatter, ScriptParser, at_least
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--size", default="nano", help="a named causal-LM size")
     parser.add_argument("--recipes", default=",".join(names()), help="default: every preset")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")

@@ -11,7 +11,6 @@ measures the kernels side by side at the default workload's attention shape (tin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from benchmarks_md import (
     DefaultsFormatter,
+    ScriptParser,
     at_least,
     command_line,
     cpu_description,
@@ -61,9 +61,7 @@ def one_call(shape, dtype, backend, rerouted) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)

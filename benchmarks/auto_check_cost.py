@@ -13,13 +13,12 @@ counted), their ratio, and the share a check adds to a run (``(ratio - 1) / 25``
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, run_script
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script
 
 from lowbit.diagnostics.auto import CHECK_INTERVAL
 from lowbit.train import TrainConfig
@@ -27,9 +26,7 @@ from lowbit.train.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--recipe", default="auto")
     parser.add_argument("--checks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from lowbit.cli import parse_in_full
 from lowbit.errors import UsageError
 from lowbit.train.config import write_atomically
 
@@ -74,6 +75,22 @@ def publish(heading: str, text: str, write: bool) -> None:
         write_section(heading, text)
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """A benchmark script's parser, refusing flags as `lowbit` does (`parse_in_full`): a flag is
+    taken only as spelt in full (argparse took any unique prefix: ``--round 3`` ran as
+    ``--rounds 3``, and a prefix unique today turns ambiguous the day a flag is added), and one it
+    does not take is refused in one line naming the flags it may mean, exit status 2."""
+
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, **options)
+
+    def parse_args(self, args=None):
+        try:
+            return parse_in_full(self, args)
+        except UsageError as error:
+            self.exit(2, f"{self.prog}: error: {error}\n")
+
+
 class DefaultsFormatter(argparse.HelpFormatter):
     """`--help` names each setting's default where it has one and its help does not already say
     it (most flags had no help at all): a quick run's smallest settings are found there."""
@@ -125,7 +142,7 @@ def run_script(main) -> None:
 
 
 if __name__ == "__main__":  # run by hand it measured nothing and said nothing, exit status 0
-    argparse.ArgumentParser(
+    ScriptParser(
         description=__doc__ + " A module the benchmark scripts import: it measures nothing."
     ).parse_args()
     print(

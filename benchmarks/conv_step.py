@@ -15,7 +15,6 @@ machine's timings drift).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -94,7 +93,9 @@ def step_ms(recipe: str, batch: int = 32, steps: int = 160, skipped: int = 20) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    from benchmarks_md import ScriptParser
+
+    parser = ScriptParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--batch-size", type=int, default=32, help="the timed steps' batch")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -14,7 +14,6 @@ gradient, and the estimate's peak.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import tempfile
@@ -83,7 +82,9 @@ def _rank(rank, world, port, folder, size, recipe, shape):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from benchmarks_md import ScriptParser
+
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
         default="tiny",

@@ -10,7 +10,6 @@ scale agreement's amax all-reduces by its call and byte counters. Prints a markd
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -33,9 +32,11 @@ STEPS = 2
 def parse_runs(argv=None) -> list[tuple[str, str]]:
     """The runs named on the command line (all of RUNS without any), each checked here: a bad one
     failed in both ranks as a spawn traceback (and so did --help)."""
+    from benchmarks_md import ScriptParser
+
     import lowbit
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "runs", nargs="*", metavar="strategy:recipe", help="only these runs, e.g. fsdp:bf16-low"
     )

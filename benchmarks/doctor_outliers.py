@@ -13,13 +13,12 @@ close.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks_md import DefaultsFormatter, at_least, run_script
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script
 
 from lowbit.diagnostics.cases import inject_outliers
 from lowbit.diagnostics.doctor import diagnose
@@ -38,9 +37,7 @@ def run(config: TrainConfig, gain: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--recipe", default="fp8-tensorwise")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--gain", type=float, default=2.0**16)

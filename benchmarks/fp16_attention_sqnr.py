@@ -14,12 +14,11 @@ overall, for both arms. docs/parity.md quotes the result.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, run_script
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script
 
 from lowbit.formats.error import sqnr
 from lowbit.train import TrainConfig
@@ -49,9 +48,7 @@ def gradients(t: Trainer, batch) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -9,7 +9,6 @@ steps and whether both ranks end with the same (gathered) parameters. Prints a m
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -35,9 +34,11 @@ def config(out, recipe, **kw):
 def parse_recipes(argv=None) -> list[str]:
     """The recipes named on the command line (RECIPES without any), checked here: an unknown one
     failed in both ranks as a spawn traceback (and so did --help)."""
+    from benchmarks_md import ScriptParser
+
     import lowbit
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "recipes", nargs="*", metavar="recipe", help=f"default: {' '.join(RECIPES)}"
     )

@@ -11,13 +11,13 @@ the weight packed once (inference) and packed on every call (training, where the
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 from benchmarks_md import (
     DefaultsFormatter,
+    ScriptParser,
     at_least,
     command_line,
     cpu_description,
@@ -79,9 +79,7 @@ def kernels(m: int, k: int, n: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
         "--budget", type=float, default=2.0, help="seconds per kernel and shape at most (about)"

@@ -15,12 +15,11 @@ quoted in docs/recipes-fine-grained.md come from this script.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import replace
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, run_script
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script
 
 from lowbit import get_recipe
 from lowbit.formats.error import sqnr
@@ -68,9 +67,7 @@ def gradients(w, spec, x, g, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--recipes", default="nvfp4,mxfp4")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()

@@ -15,7 +15,6 @@ hold fewer) and for greedy decoding (one sequence, one token a forward).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import os
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import (  # noqa: E402
     DefaultsFormatter,
+    ScriptParser,
     at_least,
     command_line,
     cpu_description,
@@ -289,9 +289,7 @@ def table(source, rows, speeds, args, layers=None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--run", required=True, help="a causal-lm run folder (lowbit train --out)")
     parser.add_argument(
         "--max-batches",

@@ -16,7 +16,6 @@ come from a command:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 
@@ -69,7 +68,9 @@ def plain(recipe: str, seed: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from benchmarks_md import ScriptParser
+
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="the Gaussian data of `layers`")
     args = parser.parse_args()
     print("| data | preset | output | grad_input | grad_weight |")

@@ -17,13 +17,19 @@ after two warm-up steps.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import sys
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, command_line, publish, run_script
+from benchmarks_md import (
+    DefaultsFormatter,
+    ScriptParser,
+    at_least,
+    command_line,
+    publish,
+    run_script,
+)
 from recipe_speed import Run
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -76,9 +82,7 @@ def count(recipe: str, tokens: torch.Tensor, batch: int, seq: int) -> collection
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument(
         "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
     )

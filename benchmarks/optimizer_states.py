@@ -29,7 +29,6 @@ runs and measures only this.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import DefaultsFormatter, at_least, run_script, write_section  # noqa: E402
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script, write_section  # noqa: E402
 
 from lowbit import Precision  # noqa: E402
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split  # noqa: E402
@@ -334,9 +333,7 @@ def read_saved(path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, paired across states")
     parser.add_argument("--batch", type=int, default=8)

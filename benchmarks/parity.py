@@ -17,7 +17,6 @@ Runs are reused, so an interrupted study continues where it stopped when started
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a module (the tests), not run as a script
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from benchmarks_md import DefaultsFormatter, at_least  # noqa: E402
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.errors import RunNotWritten, UsageError  # noqa: E402
@@ -382,9 +381,7 @@ def recorded_command(argv: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument(
         "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
     )

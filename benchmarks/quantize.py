@@ -19,7 +19,6 @@ path (what runs on CUDA, and on CPU with ``LOWBIT_KERNELS=0``), ``compiled`` tha
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import (  # noqa: E402
     DefaultsFormatter,
+    ScriptParser,
     at_least,
     cpu_description,
     run_script,
@@ -215,9 +215,7 @@ def table(rows, nbytes: int, repeats: int, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--quick", action="store_true", help="4 configurations, 3 repeats")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md's section")
     parser.add_argument("--no-compile", action="store_true", help="eager only")

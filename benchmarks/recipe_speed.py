@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from benchmarks_md import (
     DefaultsFormatter,
+    ScriptParser,
     at_least,
     cpu_description,
     run_script,
@@ -182,9 +183,7 @@ def profile(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument(
         "--recipes", default=",".join(lowbit.recipe_names()), help="default: every preset"
     )

@@ -12,8 +12,6 @@ in units of lr.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from lowbit.optim import build_optimizer
@@ -23,7 +21,9 @@ LR = 1e-3
 
 def main() -> None:
     # no settings; --help says what it measures, and a flag it does not take is refused
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    from benchmarks_md import ScriptParser  # here: the module is also imported as benchmarks.NAME
+
+    ScriptParser(description=__doc__.split("\n\n")[0]).parse_args()
     for state, small in (("fp8", 1e-3), ("8bit", 1e-4), ("fp32", 1e-3)):
         param = torch.nn.Parameter(torch.zeros(8192))
         optimizer = build_optimizer([param], lr=LR, state_precision=state)

@@ -14,14 +14,20 @@ one (so the overhead at another interval K is about ``(observed - 1) / K``). Wri
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import DefaultsFormatter, at_least, command_line, publish, run_script
+from benchmarks_md import (
+    DefaultsFormatter,
+    ScriptParser,
+    at_least,
+    command_line,
+    publish,
+    run_script,
+)
 
 from lowbit.diagnostics.stats import DEFAULT_INTERVAL
 from lowbit.train import TrainConfig
@@ -106,9 +112,7 @@ def table(args, r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--recipe", default="fp8-tensorwise")
     parser.add_argument("--interval", type=int, default=DEFAULT_INTERVAL)
     parser.add_argument("--intervals", type=int, default=2)

@@ -13,7 +13,6 @@ window (they happen at the end). Target: overhead below 3%.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import sys
@@ -22,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks_md import DefaultsFormatter, at_least, run_script
+from benchmarks_md import DefaultsFormatter, ScriptParser, at_least, run_script
 
 import lowbit
 from lowbit.data import LMBatches, build_tokenizer, load_corpus, tokenize_split
@@ -85,9 +84,7 @@ def measure(args) -> tuple[list[float], list[float]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter
-    )
+    parser = ScriptParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--recipe", default="bf16-mixed")
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each loop")
     parser.add_argument(

@@ -4,12 +4,16 @@
 about a second of every process's ``import lowbit`` (half of it; 2 cores, torch 2.13), paid by
 each rank, worker and CLI call whether it compiles or not. Dynamo reads the attribute when it
 traces a call, by which time a compiling process has imported it. tests/nn/test_dynamo_marks_s33.py
-checks that the mark is the one torch's decorator sets.
+checks that the mark is the one torch's decorator sets. And `cache`, a ``functools.cache`` that a
+traced graph may call.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+
+import torch
 
 
 def assume_constant_result(fn: Callable) -> Callable:
@@ -17,3 +21,23 @@ def assume_constant_result(fn: Callable) -> Callable:
     result as a constant of the graph."""
     fn._dynamo_marked_constant = True
     return fn
+
+
+def cache(fn: Callable) -> Callable:
+    """``functools.cache`` of ``fn`` (hashable positional arguments) for a function that a traced
+    graph calls: Dynamo traces through an ``lru_cache`` wrapper with a warning at every compile.
+    Traced, ``fn`` is traced and the cache left alone: a write to it inside a traced autograd
+    function is a side effect Dynamo refuses, and a read guards the graph on what the cache holds,
+    recompiling it once an eager call adds the answer (a compiled model's first step before an
+    eager one)."""
+    answers: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        if args not in answers:
+            answers[args] = fn(*args)
+        return answers[args]
+
+    return cached

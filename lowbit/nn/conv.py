@@ -30,13 +30,15 @@ values gathered into one image of its dtype.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
 
+from lowbit.dynamo_marks import cache
 from lowbit.nn.linear import (
     LowbitModule,
+    _dual,
+    _functorch_transforms_active,
     check_floating_input,
     full_precision,
     gemm_output_dtype,
@@ -133,9 +135,9 @@ class _Unfold(torch.autograd.Function):
     fp32 and rounds it once (oneDNN's and cuDNN's bf16 kernels), where a fold in bf16 rounds after
     every addition: 7 dB more noise in a 5x5 convolution's input gradient (43.7 dB against
     fp64, nn.Conv2d 50.7 dB; bf16 model, 16 channels). In the form with ``setup_context`` that
-    torch.func's transforms take (``torch.func.grad`` of a converted model), mappable and with a
-    forward-mode rule, so that ``vmap``, ``jacfwd`` and ``jvp`` reach the GEMM's refusal in one
-    line (`lowbit.nn.linear`) instead of failing here on a rule the unfold lacked."""
+    torch.func's transforms take (``torch.func.grad`` of a converted model), and mappable. No
+    forward-mode rule: Dynamo refuses to trace an autograd function that has one, which broke a
+    compiled model's graph at every converted convolution (`_UnfoldForwardMode` has it)."""
 
     generate_vmap_rule = True
 
@@ -153,9 +155,22 @@ class _Unfold(torch.autograd.Function):
         grad_x = F.fold(grad_cols.float(), *ctx.fold)
         return grad_x.to(grad_cols.dtype), None, None, None, None
 
+
+class _UnfoldForwardMode(_Unfold):
+    """`_Unfold` with a forward-mode rule, taken only under torch.func's transforms or for a dual
+    tensor (`_unfold`), so that ``vmap``, ``jacfwd`` and ``jvp`` reach the GEMM's refusal in one
+    line (`lowbit.nn.linear`) instead of failing here on a rule the unfold lacked."""
+
     @staticmethod
     def jvp(ctx, tangent_x, *_):
         return F.unfold(tangent_x, *ctx.fold[1:])  # unfolding is linear: its own derivative
+
+
+def _unfold(x: torch.Tensor, *options) -> torch.Tensor:
+    """``F.unfold(x, kernel_size, dilation, padding, stride)`` by `_Unfold`, or where a
+    forward-mode derivative may be asked of it, `_UnfoldForwardMode`."""
+    forward_mode = _functorch_transforms_active() or _dual(x)
+    return (_UnfoldForwardMode if forward_mode else _Unfold).apply(x, *options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +248,7 @@ class _Unfolding:
         ]
 
 
-@functools.lru_cache(maxsize=256)
+@cache
 def _segments(length: int, out: int, k: int, d: int, s: int, pad: int) -> tuple:
     """Along one axis of ``length`` pixels read at ``out`` output positions by ``k`` taps (dilation
     ``d``, stride ``s``, ``pad`` zeros before): (tap j, first output o, count, first pixel) of
@@ -347,7 +362,7 @@ class LowbitConv2d(LowbitModule, torch.nn.Conv2d):
         pad_h, pad_w = self._unfold_padding
         out_h = (h + 2 * pad_h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         out_w = (w + 2 * pad_w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = _Unfold.apply(x, self.kernel_size, self.dilation, self._unfold_padding, self.stride)
+        cols = _unfold(x, self.kernel_size, self.dilation, self._unfold_padding, self.stride)
         cols = cols.transpose(1, 2)  # N x L x C*kh*kw
         weight = self.weight.reshape(self.out_channels, -1)
         unfolding = _Unfolding(self.kernel_size, self.dilation, self._unfold_padding, self.stride)

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from lowbit.dynamo_marks import cache
 from lowbit.formats import Granularity, QTensor, quantize, tensor_amax, unit_scale
 from lowbit.formats.cast import Rounding
 from lowbit.formats.hadamard import transform
@@ -262,25 +263,12 @@ def quantize_operand(
     return q
 
 
-# `axis_quantizer`'s answers by spec. A plain dict, not `functools.cache`: Dynamo traces a dict
-# lookup, but warned at every compile that it ignores an lru_cache wrapper and traces the function.
-_AXIS_QUANTIZERS: dict[OperandSpec, AxisQuantizer | None] = {}
-_UNSEEN = object()
-
-
+# Not `functools.cache`: Dynamo warned at every compile that it ignores an lru_cache wrapper, and
+# a dict read in the trace recompiled a model compiled before its first eager step at that step.
+@cache
 def axis_quantizer(spec: OperandSpec) -> AxisQuantizer | None:
     """The `AxisQuantizer` of an integer operand with one current scale per row and nearest
     rounding (int8's forward operands), None for every other spec; made once per spec."""
-    quantizer = _AXIS_QUANTIZERS.get(spec, _UNSEEN)
-    if quantizer is _UNSEEN:
-        quantizer = _new_axis_quantizer(spec)
-        # inside a traced autograd function a write to a global is a side effect Dynamo refuses
-        if not torch.compiler.is_compiling():
-            _AXIS_QUANTIZERS[spec] = quantizer
-    return quantizer
-
-
-def _new_axis_quantizer(spec: OperandSpec) -> AxisQuantizer | None:
     if (
         spec.granularity is not Granularity.AXIS
         or spec.scaling is not Scaling.CURRENT
