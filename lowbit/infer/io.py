@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -232,6 +233,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
                 f"{weights}: its tensors do not fit the layers {MANIFEST} names "
                 f"({_one_line(error)}); {again}"
             ) from None
+        check_crc32(weights, manifest.get("crc32"), again)  # the tensors fit: are they its?
         # rebuilt from the source run's --model folder, as the run itself is (below)
         checkpoint.check_model_folder(training_run(path))
         model.to(device).eval()
@@ -717,9 +719,36 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         **manifest,
         "version": VERSION,
         "bytes": {"original": original, "quantized": tensor_bytes_of(out / WEIGHTS)},
+        "crc32": file_crc32(out / WEIGHTS),  # what `load_source` checks the file against
         "files": listing(out, MANIFEST),  # what a later --force replaces, and nothing else
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def file_crc32(path: Path) -> str:
+    """The CRC-32 of the file's bytes, as 8 hex digits (read in 1 MiB pieces)."""
+    crc = 0
+    with open(path, "rb") as file:
+        while piece := file.read(1 << 20):
+            crc = zlib.crc32(piece, crc)
+    return f"{crc:08x}"
+
+
+class ChangedBytes(UsageError):
+    """A folder's ``model.safetensors`` whose bytes no longer match its CRC-32 (`check_crc32`)."""
+
+
+def check_crc32(weights: Path, recorded, again: str) -> None:
+    """Refuse ``weights`` whose bytes no longer match the CRC-32 that `_write` recorded in the
+    manifest (``recorded``; a folder from before session 42 has none and is not checked), as a
+    checkpoint is refused (`lowbit.train.checkpoint.read_file`): safetensors checks only its
+    header, so a tensor whose bytes changed on the disk (a bit flipped, bytes overwritten)
+    loaded, and was evaluated, generated from or exported, without a word."""
+    if recorded is not None and file_crc32(weights) != recorded:
+        raise ChangedBytes(
+            f"{weights}: its bytes changed since it was written (their CRC-32 no longer matches "
+            f"the one {MANIFEST} records); {again}"
+        )
 
 
 def _record_paths(source_path: Path, out: Path) -> None:
@@ -783,7 +812,11 @@ def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | No
             f"the source {path} is no longer a quantized/pruned folder (replaced since, e.g. by "
             "lowbit export --force)"
         )
-    baseline = load_source(path, device, checkpoint if checkpoint else None)
+    try:
+        baseline = load_source(path, device, checkpoint if checkpoint else None)
+    except ChangedBytes as error:  # a pruned source folder's: this folder's metrics still show
+        problem, fix = str(error).split("; fix: ")
+        return None, f"{problem}; to compare against it, {fix}"
     recorded = src.get("weights")  # folders written before lowbit recorded it have none
     changed = recorded is not None and recorded != weights_digest(baseline.model)
     if changed and not _made_from_rounded_weights(baseline, recorded):
