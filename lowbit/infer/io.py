@@ -204,6 +204,8 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         if checkpoint_path:
             raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")
         manifest = read_manifest(path)
+        again = f"fix: write it again from {manifest['source']['path']} (lowbit quantize/prune)"
+        check_folder_files(path, manifest.get("run_files"), again)  # before the model is built
         with progress_bars_off(True):  # transformers' "Loading weights" bar
             task = build_task(config, run_dir=path)
         model = task.model
@@ -216,7 +218,6 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
         weights = path / WEIGHTS
         if not weights.is_file():
             raise UsageError(f"{path}: no {WEIGHTS}; fix: quantize or prune again")
-        again = f"fix: write it again from {manifest['source']['path']} (lowbit quantize/prune)"
         try:
             state = load_file(weights)
         except Exception as error:  # torn or foreign bytes fail in safetensors' header reader
@@ -698,6 +699,8 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
     """The files of an inference folder, written into the empty folder ``out``."""
     from safetensors.torch import save_file
 
+    from lowbit.train.checkpoint import run_files_record
+
     original = source_bytes(source)
     for name in _COPIED:
         item = source.path / name
@@ -720,6 +723,7 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         "version": VERSION,
         "bytes": {"original": original, "quantized": tensor_bytes_of(out / WEIGHTS)},
         "crc32": file_crc32(out / WEIGHTS),  # what `load_source` checks the file against
+        "run_files": run_files_record(out),  # the copied tokenizer, tags: `check_folder_files`
         "files": listing(out, MANIFEST),  # what a later --force replaces, and nothing else
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -735,7 +739,9 @@ def file_crc32(path: Path) -> str:
 
 
 class ChangedBytes(UsageError):
-    """A folder's ``model.safetensors`` whose bytes no longer match its CRC-32 (`check_crc32`)."""
+    """A folder's file whose bytes no longer match what its manifest records: its
+    ``model.safetensors``'s CRC-32 (`check_crc32`), its tokenizer's or tags' sha256
+    (`check_folder_files`)."""
 
 
 def check_crc32(weights: Path, recorded, again: str) -> None:
@@ -748,6 +754,22 @@ def check_crc32(weights: Path, recorded, again: str) -> None:
         raise ChangedBytes(
             f"{weights}: its bytes changed since it was written (their CRC-32 no longer matches "
             f"the one {MANIFEST} records); {again}"
+        )
+
+
+def check_folder_files(path: Path, recorded, again: str) -> None:
+    """Refuse the inference folder ``path`` where the tokenizer, tags or word vocabulary `_write`
+    copied into it changed since (``recorded``: their sha256, `checkpoint.run_files_record`; a
+    folder from before session 42 has none and is not checked): one of another size was blamed
+    on its model.safetensors (its tensors did not fit), one of the same size was read on other
+    token or tag ids without a word."""
+    from lowbit.train.checkpoint import run_files_changed
+
+    changed = run_files_changed(path, recorded)
+    if changed:
+        raise ChangedBytes(
+            f"{path}: its tokenizer, tags or vocabulary changed since it was written ({changed}), "
+            f"so its model would read other token or tag ids; {again}"
         )
 
 

@@ -242,22 +242,31 @@ def run_files_record(run_dir) -> dict[str, str]:
     return file_hashes(run_dir, names)
 
 
+def run_files_changed(folder, recorded) -> str | None:
+    """The files of `run_files_record` in ``folder`` changed, added or removed since ``recorded``
+    (an earlier `run_files_record` of them: a run's run.json, an inference folder's manifest), in
+    words for a one-line message; None where none did or nothing was recorded (written before
+    session 42: not checked)."""
+    from lowbit.models.pretrained import file_changes
+
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+    changes = file_changes(recorded, run_files_record(folder))
+    return _first(changes) if changes else None
+
+
 def check_run_files(run_dir) -> None:
     """Refuse the run in ``run_dir`` where a file its task reads again at every load (its
     tokenizer, tags, vocabulary: `run_files_record`) changed since the run saved it: its
     checkpoints would be resumed, evaluated or exported on other token ids (or tag ids) without a
     word, as long as the counts still fit the embedding. A run whose run.json has no
     ``run_files`` (before session 42, or killed before it was written) is not checked."""
-    from lowbit.models.pretrained import file_changes
     from lowbit.train.config import read_run_info
 
-    recorded = read_run_info(run_dir).get("run_files")
-    if not isinstance(recorded, dict) or not recorded:
-        return
-    changes = file_changes(recorded, run_files_record(run_dir))
-    if changes:
+    changed = run_files_changed(run_dir, read_run_info(run_dir).get("run_files"))
+    if changed:
         raise UsageError(
-            f"{run_dir}: the run's own files changed since it saved them ({_first(changes)}), so its "
+            f"{run_dir}: the run's own files changed since it saved them ({changed}), so its "
             "checkpoints would read other token or tag ids; fix: put those back as they were "
             "(run.json's run_files holds their sha256), or train a new run"
         )
