@@ -932,7 +932,7 @@ def _conversion_notes(recipe: Recipe, model: torch.nn.Module, mode) -> tuple[str
             "most it holds (its fp8 and MX rungs save a quantized or bf16 input and at most a "
             "1-byte weight copy)"
         )
-    notes += [f"override {text} applies to no layer" for text in report.unused_overrides]
+    notes += [report.unused_override_line(text) for text in report.unused_overrides]
     return tuple(notes)
 
 

@@ -75,6 +75,12 @@ class ConversionReport:
         model): `lowbit train` warns of it (`Precision.keeps_every_layer`), the estimate notes it."""
         return bool(self.kept) and not self.converted
 
+    def unused_override_line(self, text: str) -> str:
+        """That override ``text`` applies to no layer, and what it names instead (`summary`, and
+        `lowbit train`'s warning under ``--quiet``, which said only the first half)."""
+        hint = self.unused_hints.get(text, "lowbit doctor lists the names")
+        return f"override {text} applies to no layer ({hint})"
+
     def __str__(self) -> str:  # print(report): the summary, not the dataclass's one-line dicts
         return self.summary()
 
@@ -93,9 +99,7 @@ class ConversionReport:
         else:
             first = f"converted {len(self.converted)}/{total} layers"
         lines = [first]
-        for text in self.unused_overrides:
-            hint = self.unused_hints.get(text, "lowbit doctor lists the names")
-            lines.append(f"  override {text} applies to no layer ({hint})")
+        lines += [f"  {self.unused_override_line(text)}" for text in self.unused_overrides]
         for reason, names, shown in self._kept_by_reason():
             lines.append(f"  kept {len(names)}: {reason}: {shown}")
         return "\n".join(lines)

@@ -853,7 +853,8 @@ class Trainer:
             print(f"lowbit: with the overrides, {summary}", file=sys.stderr)
         elif report.unused_overrides and warn:
             for text in report.unused_overrides:
-                print(f"lowbit: warning: override {text} applies to no layer", file=sys.stderr)
+                line = report.unused_override_line(text)
+                print(f"lowbit: warning: {line}", file=sys.stderr)
         if report.kept and report.converted and not config.overrides and warn and not self.quiet:
             # the overrides' summary above names them already
             kept_in = dtype_name(self.precision.compute_dtype)
