@@ -59,6 +59,7 @@ from lowbit.precision.update import (
     dtype_following_states,
     local_values,
     optimizer_params,
+    rounded_states,
     upcast_states,
 )
 from lowbit.recipes import LossScaling, Recipe, UpdateRounding, get_recipe
@@ -122,6 +123,9 @@ class Precision:
         # id(param) -> a weak reference to each parameter `convert` cast up to fp32, whose
         # optimizer states are cast with it (`_upcast_states`)
         self._cast_up: dict[int, weakref.ref] = {}
+        # the optimizers `_upcast_states` has met, whose states it casts only where `convert`
+        # casts more parameters up
+        self._met: weakref.WeakSet = weakref.WeakSet()
         # id(optimizer) -> an optimizer stepped under loss scaling without `wrap_optimizer` (fp32
         # parameters step it as it is), held weakly: `backward` marks its gradients too
         self._unwrapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -192,14 +196,18 @@ class Precision:
             for p in model.parameters()
         ):
             kept = self._kept_16_bit(model)
-            self._cast_up.update(
-                (id(p), weakref.ref(p))
+            cast = [
+                p
                 for p in model.parameters()
                 if id(p) not in kept and p.is_floating_point() and p.dtype != torch.float32
-            )
+            ]
+            self._cast_up.update((id(p), weakref.ref(p)) for p in cast)
             model._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.float())
-            for optimizer in (*self._optimizers, *self._unwrapped.values()):
-                self._upcast_states(optimizer)
+            met = {
+                id(opt): opt for opt in (*self._optimizers, *self._unwrapped.values(), *self._met)
+            }
+            for optimizer in met.values():
+                self._upcast_states(optimizer, 4, cast)
         recipe = self.recipe
         if recipe.emulate_fp16_gemms_on_cpu and not self.emulates_fp16:
             recipe = replace(recipe, layer=None)  # fp16 autocast computes the recipe's GEMMs
@@ -226,18 +234,42 @@ class Precision:
         self._apply_pending()
         return model
 
-    def _upcast_states(self, optimizer) -> None:
+    def _upcast_states(self, optimizer, stacklevel: int, params: list | None = None) -> None:
         """Cast to fp32 the states ``optimizer`` holds of parameters `convert` cast up from 16 bits
         (or fp64): an optimizer built on the 16-bit model before `convert` keeps the states its
         constructor made in the parameters' old dtype (Adagrad's sum), which torch's step then
         used beside the fp32 weights: in fp16, Adagrad's eps of 1e-10 is 0, and its first step
-        divided 0 by 0 and wrote NaN into every weight. Called where an optimizer and such
-        parameters meet: `convert` (optimizers known then), `wrap_optimizer` and each step."""
-        if not self._cast_up:
-            return
-        refs = [(p, self._cast_up.get(id(p))) for p in optimizer_params(optimizer)]
-        cast = [p for p, ref in refs if ref is not None and ref() is p]
-        upcast_states(dtype_following_states(optimizer, cast))
+        divided 0 by 0 and wrote NaN into every weight.
+
+        Once where an optimizer and such parameters meet: `convert` casts the states of the
+        ``params`` it cast in the optimizers met before, and an optimizer met after it (at
+        `wrap_optimizer`, or the first step of one never wrapped) has those of every parameter
+        cast so far cast then. Not at every step: the states it makes itself afterwards are in
+        the dtypes it chose (a momentum kept bf16 on purpose stays bf16), and reading every state
+        at every step cost time in proportion to the parameters.
+
+        Warned of (``stacklevel``: the user's call's): 16-bit states a step or
+        a load made (`rounded_states`), which torch's ``load_state_dict`` rounded to the 16-bit
+        parameters' dtype, so that a run resumed so was silently not the saved one."""
+        if params is None:
+            if optimizer in self._met:
+                return
+            with contextlib.suppress(TypeError):  # not weakly referable: met again at each step
+                self._met.add(optimizer)
+            refs = [(p, self._cast_up.get(id(p))) for p in optimizer_params(optimizer)]
+            params = [p for p, ref in refs if ref is not None and ref() is p]
+        states = dtype_following_states(optimizer, params)
+        rounded = sorted({key for state in states for key in rounded_states(state)})
+        if rounded:
+            warnings.warn(
+                f"lowbit: the {type(optimizer).__name__}'s states ({', '.join(rounded)}) were "
+                "stepped or loaded on the 16-bit model, rounded to its dtype, before "
+                "precision.convert() cast it to fp32: cast up now, they are not the saved or fp32 "
+                "ones (a resumed run is not the saved one); fix: load the optimizer state after "
+                "model = precision.convert(model)",
+                stacklevel=stacklevel,
+            )
+        upcast_states(states)
 
     def _model_device(self, model: torch.nn.Module) -> torch.device | None:
         """The device a Precision given no device takes from the first model `convert` is given,
@@ -351,12 +383,12 @@ class Precision:
     def _layers(self) -> dict[str, LowbitModule]:
         """The converted layers of every converted model by name; a second model's names carry
         its position (``1:model.layers.0.mlp.up_proj``), so that no two layers share a key. The
-        names are the uncompiled model's (`_uncompiled`)."""
+        names are the uncompiled model's (`_uncompiled_layers`)."""
         layers = {}
         for index, model in enumerate(self._models):
             prefix = f"{index}:" if index else ""
             layers.update(
-                {prefix + _uncompiled(name): layer for name, layer in lowbit_layers(model).items()}
+                {prefix + name: layer for name, layer in _uncompiled_layers(model).items()}
             )
         return layers
 
@@ -393,7 +425,7 @@ class Precision:
             self._refuse_infinite_parameters(optimizer)
             self._add_optimizer(optimizer)
             self.update.wrap(optimizer)
-            self._upcast_states(optimizer)
+            self._upcast_states(optimizer, 3)
             _guard_steps(optimizer, self)
         self._warn_replaced_layers(3)
         self._apply_pending()
@@ -685,7 +717,7 @@ class Precision:
                 )
             self.wrap_optimizer(optimizer)
         if key not in self._prepared:
-            self._upcast_states(optimizer)  # an optimizer stepped without `wrap_optimizer`
+            self._upcast_states(optimizer, stacklevel + 1)  # one stepped without `wrap_optimizer`
             if self.scaler.enabled and not self._backwards:
                 self._refuse_unscaled_gradients(optimizer)
             if self.scaler.enabled:
@@ -984,6 +1016,7 @@ class Precision:
             "params_per_optimizer": sizes,
             "layers": {**pending.get("layers", {}), **layers},
             "layer_specs": {**pending.get("layer_specs", {}), **specs},
+            "layer_names": "uncompiled",  # `_uncompiled_layers`' (`_legacy_uncompiled`)
         }
         if "rng" in pending:  # restored only once every part has been applied
             state["rng"] = pending["rng"]
@@ -1064,14 +1097,15 @@ class Precision:
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        uncompiled = _legacy_uncompiled if state.get("layer_names") != "uncompiled" else str
         self._pending = {
             "update": state.get("update", {}),
             "params_per_optimizer": state.get("params_per_optimizer"),
-            "layers": {_uncompiled(name): v for name, v in state.get("layers", {}).items()},
+            "layers": {uncompiled(name): v for name, v in state.get("layers", {}).items()},
         }
         if "layer_specs" in state:  # absent from a state saved before lowbit recorded them
             specs = state["layer_specs"]
-            self._pending["layer_specs"] = {_uncompiled(name): v for name, v in specs.items()}
+            self._pending["layer_specs"] = {uncompiled(name): v for name, v in specs.items()}
             self._pending["told_converted"] = set()  # layers converted now, kept then, warned of
         if "rng" in state:
             self._pending["rng"] = state["rng"]
@@ -1383,12 +1417,38 @@ def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
     return None
 
 
-def _uncompiled(name: str) -> str:
-    """A `Precision._layers` name without the ``_orig_mod`` parts that `torch.compile`'s wrapper
-    adds (``_orig_mod.0`` for a model compiled before `Precision.convert`, ``0`` after it), as
-    `state_dict` saves it and `load_state_dict` reads a state saved before session 42: a run
-    compiled one way and resumed the other (or uncompiled) lost fp8-delayed's amax histories,
-    with a warning that every layer was converted in one run and kept in the other."""
+def _uncompiled_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:
+    """`lowbit_layers` of ``model`` named as the uncompiled model names them: without the
+    ``_orig_mod`` parts that `torch.compile`'s wrappers (``OptimizedModule``) add (``_orig_mod.0``
+    for a model compiled before `Precision.convert`, ``0`` after it), as `state_dict` saves them: a
+    run compiled one way and resumed the other (or uncompiled) lost fp8-delayed's amax histories,
+    with a warning that every layer was converted in one run and kept in the other. A module a
+    user named ``_orig_mod`` keeps its part of the names (dropping every such part named its
+    ``_orig_mod.a`` and a sibling ``a`` alike, one layer lost from the state)."""
+    layers = lowbit_layers(model)
+    if not any("_orig_mod" in name.split(".") for name in layers):
+        return layers
+    from torch._dynamo.eval_frame import OptimizedModule  # imported by whatever compiled one
+
+    wrappers = {
+        name for name, module in model.named_modules() if isinstance(module, OptimizedModule)
+    }
+
+    def uncompiled(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(
+            part
+            for i, part in enumerate(parts)
+            if part != "_orig_mod" or ".".join(parts[:i]) not in wrappers
+        )
+
+    return {uncompiled(name): layer for name, layer in layers.items()}
+
+
+def _legacy_uncompiled(name: str) -> str:
+    """A `Precision._layers` name of a state saved before `state_dict` recorded its names as
+    `_uncompiled_layers`' (``layer_names``): without its ``_orig_mod`` parts, which a compiled
+    model's names had."""
     model, colon, layer = name.rpartition(":")
     return model + colon + ".".join(part for part in layer.split(".") if part != "_orig_mod")
 

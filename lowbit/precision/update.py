@@ -47,6 +47,25 @@ def dtype_following_states(optimizer: torch.optim.Optimizer, params: list) -> li
     return [optimizer.state.get(p, {}) for p in params]
 
 
+def rounded_states(state: dict) -> list[str]:
+    """The keys of the 16-bit tensors of an optimizer's ``state`` (its ``step`` count aside)
+    that a step or a load made, rounded to 16 bits already; none where the constructor made
+    them, which holds nothing rounded: Adagrad's sum, at step 0, and the zeros of an optimizer
+    that counts no steps (a user's, making its buffers up front)."""
+    rounded = [
+        key
+        for key, value in state.items()
+        if key != "step"
+        and torch.is_tensor(value)
+        and value.dtype in (torch.bfloat16, torch.float16)
+    ]
+    if "step" in state:
+        made_by_steps = float(state["step"]) > 0
+    else:
+        made_by_steps = any(bool(local_values(state[key]).any()) for key in rounded)
+    return rounded if made_by_steps else []
+
+
 def upcast_states(states: list[dict]) -> None:
     """Cast the floating tensors of each state (`dtype_following_states`) to fp32, in place."""
     for state in states:
@@ -145,20 +164,8 @@ class LowPrecisionUpdate:
             optimizer, [p for p in optimizer_params(optimizer) if self._low(p)]
         )
         for state in states:
-            rounded = [
-                key
-                for key, value in state.items()
-                if key != "step"
-                and torch.is_tensor(value)
-                and value.dtype in (torch.bfloat16, torch.float16)
-            ]
-            # States a constructor made hold nothing rounded: Adagrad's sum, at step 0, and the
-            # zeros of an optimizer that counts no steps (a user's, making its buffers up front)
-            if "step" in state:
-                made_by_steps = float(state["step"]) > 0
-            else:
-                made_by_steps = any(bool(local_values(state[key]).any()) for key in rounded)
-            if rounded and made_by_steps:
+            rounded = rounded_states(state)
+            if rounded:
                 raise UsageError(
                     f"precision.wrap_optimizer(): the {type(optimizer).__name__}'s states "
                     f"({', '.join(rounded)}) are 16-bit already, loaded or stepped before it was "

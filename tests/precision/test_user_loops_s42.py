@@ -179,3 +179,126 @@ def test_a_frozen_16_bit_weight_unfrozen_after_convert_is_refused_naming_the_unf
     model = precision.convert(model)  # the fix
     assert model[0].weight.dtype == torch.float32
     assert precision.step(optimizer)
+
+
+class _Bf16Momentum(torch.optim.Optimizer):
+    """SGD with momentum kept in bf16 on purpose, whatever the parameter's dtype."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["momentum"].copy_(state["momentum"].float() * 0.9 + p.grad)
+                p.add_(state["momentum"].float(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-mixed"])
+def test_an_optimizer_built_after_convert_keeps_the_state_dtypes_it_chose(recipe):
+    """`convert` casts a bf16 model's parameters to fp32; the states of an optimizer built after
+    it were cast to fp32 at every step (its bf16 momentum fp32 from the second step on)."""
+    precision = lowbit.Precision(recipe)
+    model = precision.convert(_mlp().to(torch.bfloat16))
+    optimizer = precision.wrap_optimizer(_Bf16Momentum(model.parameters()))
+    for i in range(3):
+        _steps(precision, model, optimizer, [i])
+        assert optimizer.state[model[0].weight]["momentum"].dtype == torch.bfloat16
+
+
+def _adam_run(order: str, saved: dict | None = None):
+    """fp32 parameters from a bf16 model, and an Adam whose state is loaded in ``order``."""
+    precision = lowbit.Precision("fp32")
+    model = _mlp().to(torch.bfloat16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    steps = order.split(",")
+    for step in steps:
+        if step == "convert":
+            model = precision.convert(model)
+            if saved:
+                model.load_state_dict(saved["model"])
+        elif step == "wrap":
+            optimizer = precision.wrap_optimizer(optimizer)
+        elif saved:  # a copy: a loaded fp32 tensor (the step count) is the saved one, stepped
+            optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    return precision, model, optimizer
+
+
+@pytest.mark.parametrize("order", ["wrap,load,convert", "load,convert,wrap"])
+def test_optimizer_states_loaded_on_the_16_bit_model_before_convert_are_warned_of(order):
+    """Loaded on the bf16 model, Adam's saved fp32 moments are rounded to bf16 by torch's
+    ``load_state_dict``; `convert` cast the rounded moments up, and the resumed run silently
+    differed from the uninterrupted one."""
+    precision, model, optimizer = _adam_run("convert,wrap")
+    _steps(precision, model, optimizer, range(2))
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    uninterrupted = _steps(precision, model, optimizer, range(2, 4))
+
+    with pytest.warns(UserWarning, match=r"Adam's states \(exp_avg, exp_avg_sq\)") as caught:
+        precision, model, optimizer = _adam_run(order, saved)
+    (warning,) = [w for w in caught if "Adam's states" in str(w.message)]  # once
+    assert "fix: load the optimizer state after model = precision.convert(model)" in str(
+        warning.message
+    )
+    assert warning.filename == __file__
+    assert _steps(precision, model, optimizer, range(2, 4)) != uninterrupted
+
+    with warnings.catch_warnings():  # the fix, and states made by a constructor: no warning
+        warnings.simplefilter("error")
+        precision, model, optimizer = _adam_run("convert,wrap,load", saved)
+        assert _steps(precision, model, optimizer, range(2, 4)) == uninterrupted
+        _adagrad_losses("fp32", torch.bfloat16, "wrapped before convert")
+
+
+class _OwnOrigMod(nn.Module):
+    """A module a user named ``_orig_mod`` (as torch.compile's wrapper names its model) beside a
+    layer of the name its child has."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self._orig_mod = nn.Module()
+        self._orig_mod.a = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self._orig_mod.a(self.a(x))
+
+
+def test_a_module_named_orig_mod_keeps_its_layers_in_the_precision_state():
+    """Precision states drop the ``_orig_mod`` parts of a compiled model's layer names; a user's
+    module of that name lost them too, and its ``_orig_mod.a`` and the sibling ``a`` were both
+    saved as ``a``, one layer's amax histories lost to a resumed run."""
+    precision = lowbit.Precision("fp8-delayed")
+    model = precision.convert(_OwnOrigMod())
+    optimizer = precision.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    _steps(precision, model, optimizer, range(3))
+    state = precision.state_dict()
+    assert sorted(state["layers"]) == ["_orig_mod.a", "a"]
+
+    resumed = lowbit.Precision("fp8-delayed")
+    resumed.load_state_dict(copy.deepcopy(state))
+    model = resumed.convert(_OwnOrigMod())
+    for name, layer in (("a", model.a), ("_orig_mod.a", model._orig_mod.a)):
+        loaded = layer.lowbit_state.state_dict()
+        for operand, saved in state["layers"][name].items():  # each amax history and its fill
+            assert saved["filled"] == 3 and loaded[operand]["filled"] == 3
+            assert torch.equal(loaded[operand]["history"], saved["history"])
+
+    # a state saved before the names were recorded as the uncompiled model's (a compiled
+    # model's ``_orig_mod.0``) loads into the uncompiled model
+    precision, model, optimizer = _delayed_run(compiled_first=False)
+    _steps(precision, model, optimizer, range(2))
+    legacy = precision.state_dict()
+    del legacy["layer_names"]
+    legacy["layers"] = {f"_orig_mod.{k}": v for k, v in legacy["layers"].items()}
+    legacy["layer_specs"] = {f"_orig_mod.{k}": v for k, v in legacy["layer_specs"].items()}
+    resumed, model, _ = _delayed_run(compiled_first=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(legacy)
+    assert resumed.state_dict()["layers"].keys() == precision.state_dict()["layers"].keys()
