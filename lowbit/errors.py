@@ -128,14 +128,37 @@ def warn(line: str) -> None:
     alone): each rank of a distributed run meets the same data and settings, and said it again.
     Within `warnings_held`, held as `note_later`'s notes are, until the command is past its
     refusals."""
+    if _silenced:
+        return
     if _holding_warnings:
         _hold(f"lowbit: warning: {line}")
-    elif os.environ.get("RANK", "0") == "0":
-        print(f"lowbit: warning: {line}", file=sys.stderr)
+    else:
+        _say(f"lowbit: warning: {line}")
+
+
+def warn_once(line: str) -> None:
+    """`warn`, unless this process printed ``line`` already (`lowbit compare` trains many runs of
+    one data; a file is read more than once per run: its fingerprint, its task). Said means
+    printed: a warning held (`warnings_held`) and dropped with a refused command is said by the
+    next command that meets it. Until session 42 each module kept a set of its own, which
+    counted a warning held as said: dropped with a refusal, it never came again in the process."""
+    if f"lowbit: warning: {line}" not in _said:
+        warn(line)
 
 
 _held_notes: list[str] = []  # the lines held, "lowbit: note: ..." or "lowbit: warning: ..."
 _holding_warnings = False  # within `warnings_held`, until `say_held_notes`
+_silenced = False  # within `warnings_silenced`
+_said: set[str] = set()  # the warnings printed by this process (`warn_once`)
+
+
+def _say(text: str) -> None:
+    """Print ``text`` on stderr from rank 0 only (as `warn`); a warning counts as said
+    (`warn_once`) on every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
+    if text.startswith("lowbit: warning: "):
+        _said.add(text)
 
 
 def _hold(text: str) -> None:
@@ -157,9 +180,7 @@ def say_held_notes() -> None:
     global _holding_warnings
     _holding_warnings = False
     while _held_notes:
-        line = _held_notes.pop(0)
-        if os.environ.get("RANK", "0") == "0":
-            print(line, file=sys.stderr)
+        _say(_held_notes.pop(0))
 
 
 def drop_held_notes() -> None:
@@ -175,9 +196,10 @@ def warnings_held():
     """Within: `warn`'s warnings are held with `note_later`'s notes until `say_held_notes`, which
     the command calls once past its refusals (the trainer's, once its model is converted), and
     dropped where the block raises: a refused command prints its one-line error alone. Until
-    session 42 a warning of the data read while the task was built (a CoNLL line of more
-    columns) came before the error of a refusal that needs the built model (FSDP splitting the
-    8-bit optimizer states' blocks; `lowbit doctor`'s override that applies to no layer)."""
+    session 42 the doctor's notes and the warnings of its settings came before the error of a
+    refusal that needs the built model (`lowbit doctor`'s override that applies to no layer; FSDP
+    splitting the 8-bit optimizer states' blocks). The warnings of the data and the --model
+    folder, read as the task is built, are not held (`warnings_as_they_come`)."""
     global _holding_warnings
     _holding_warnings = True
     try:
@@ -186,3 +208,30 @@ def warnings_held():
         drop_held_notes()
         raise
     say_held_notes()
+
+
+@contextlib.contextmanager
+def warnings_as_they_come():
+    """Within (a part of a `warnings_held` block): `warn` prints as it comes, then holds again as
+    before. The trainer builds its task (reads the data) so: a warning of the data may explain a
+    refusal of it (a folder's compressed file not read, then its train split empty), which held,
+    was dropped with it (session 42)."""
+    global _holding_warnings
+    holding, _holding_warnings = _holding_warnings, False
+    try:
+        yield
+    finally:
+        _holding_warnings = holding
+
+
+@contextlib.contextmanager
+def warnings_silenced():
+    """Within: `warn`'s warnings are neither printed nor held, nor said (`warn_once`): a check
+    that reads the data as the run will (`lowbit.train.tasks.check_inputs`, in the launcher of
+    ranks that read it again) leaves the run to say them."""
+    global _silenced
+    silenced, _silenced = _silenced, True
+    try:
+        yield
+    finally:
+        _silenced = silenced

@@ -50,7 +50,7 @@ from lowbit.data.corpus import (
     unpack_fix,
     unpacked_path,
 )
-from lowbit.errors import UsageError, warn
+from lowbit.errors import UsageError, warn_once
 
 COLUMN_SEPARATOR = re.compile(r"[ \t]+")
 
@@ -156,9 +156,6 @@ def _json_refusal(path) -> UsageError:
     )
 
 
-_WARNED: set[str] = set()  # a file is read more than once per run (its fingerprint, its task)
-
-
 def _warn_wide_lines(path: Path, widths: dict[int, list]) -> None:
     """Warn of the word lines with more columns than most of the file's: a token written with a
     space (``New York B-LOC`` among ``TOKEN TAG`` lines) was read as ``New`` tagged ``B-LOC``,
@@ -177,9 +174,7 @@ def _warn_wide_lines(path: Path, widths: dict[int, list]) -> None:
         "last, so the columns between are not read; fix: write each token without spaces "
         f"(one word per line), in the file's {usual} columns"
     )
-    if line not in _WARNED:
-        _WARNED.add(line)
-        warn(line)
+    warn_once(line)  # a file is read more than once per run (its fingerprint, its task)
 
 
 COMMENT_FIX = (

@@ -56,7 +56,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.errors import UsageError, check_given, pipe_as_data, warn
+from lowbit.errors import UsageError, check_given, pipe_as_data, warn_once
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
@@ -306,13 +306,10 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
         )
     )
     for line in warnings:
-        if line not in _WARNED:
-            _WARNED.add(line)
-            warn(line)
+        warn_once(line)
     return Corpus(str(source), splits, warnings)
 
 
-_WARNED: set[str] = set()
 # The shortest text (whitespace around it left out) that `_shared_text` counts as shared by splits.
 SHARED_MIN_CHARS = 32
 

@@ -415,16 +415,18 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
     state = {}
 
     def check_conversion(built) -> None:
-        # before the trainer's warnings (of the data, the override, emulation): a refusal is
-        # one line
+        # before the trainer's warnings (of the override, emulation): a refusal is one line
         _refuse_unused_overrides(built, run_overrides)
         if checkpoint_dir is not None:
-            state.update(_load_weights(built, checkpoint_dir, checkpoint_path))
+            state.update(_fitting_state(built, checkpoint_dir, checkpoint_path))
 
     trainer = Trainer(
         config, quiet=True, saved_run=checkpoint_dir, check_conversion=check_conversion
     )
     if checkpoint_dir is not None:
+        # loaded once the trainer is built, as a run resumed: its optimizer refuses weights
+        # already inf or NaN, which the probe of a diverged run is to report (below)
+        trainer.model.load_state_dict(state["model"])
         # another recipe's optimizer layout: probe with fresh moments
         with contextlib.suppress(ValueError, KeyError, RuntimeError):
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -517,26 +519,32 @@ def probe(config, steps: int = 8, checkpoint_dir=None, prepare=None, checkpoint_
     }
 
 
-def _load_weights(trainer, checkpoint_dir, checkpoint_path=None) -> dict:
-    """Load the weights of ``checkpoint_dir``'s latest checkpoint (or ``checkpoint_path``) into
-    the ``trainer``'s model; returns the checkpoint's state. A --model (or --task) other than
-    the run's is refused in one line naming the misfit."""
+def _fitting_state(trainer, checkpoint_dir, checkpoint_path=None) -> dict:
+    """The state of ``checkpoint_dir``'s latest checkpoint (or ``checkpoint_path``), whose weights
+    fit the ``trainer``'s model, their names and shapes: a --model (or --task) other than the
+    run's is refused in one line naming the misfit, before the trainer's set-up warns. Not loaded
+    here (session 42 did, and the optimizer, built after, refused a diverged run's inf weights
+    with a wrong cause)."""
     from lowbit.train import checkpoint
     from lowbit.train.config import read
     from lowbit.train.evaluate import _misfit
 
     path = checkpoint.find(checkpoint_dir, checkpoint_path)
     state = checkpoint.load(path)
-    try:
-        trainer.model.load_state_dict(state["model"])
-    except RuntimeError as error:  # a --model (or --task) other than the run's
-        run = read(checkpoint_dir)
+    own, saved = trainer.model.state_dict(), state["model"]
+    shapes = [
+        f"size mismatch for {name}: copying a param with shape {saved[name].shape} from "
+        f"checkpoint, the shape in current model is {own[name].shape}."
+        for name in own.keys() & saved.keys()
+        if own[name].shape != saved[name].shape
+    ]
+    if own.keys() != saved.keys() or shapes:  # as `load_state_dict` would refuse them
+        misfit = _misfit(own, saved, RuntimeError("\n".join(sorted(shapes))))
         raise UsageError(
             f"{path}: its weights do not fit the model of these settings (model "
-            f"{trainer.config.model!r}, the run trained {run.model!r}: "
-            f"{_misfit(trainer.model.state_dict(), state['model'], error)}); fix: drop "
-            "--model, the probe of a checkpoint takes the run's model"
-        ) from None
+            f"{trainer.config.model!r}, the run trained {read(checkpoint_dir).model!r}: "
+            f"{misfit}); fix: drop --model, the probe of a checkpoint takes the run's model"
+        )
     return state
 
 

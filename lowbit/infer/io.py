@@ -205,7 +205,7 @@ def load_source(path, device: str | torch.device = "cpu", checkpoint_path=None) 
             raise UsageError(f"{path} is a quantized/pruned folder; fix: drop --checkpoint")
         manifest = read_manifest(path)
         again = f"fix: write it again from {manifest['source']['path']} (lowbit quantize/prune)"
-        check_folder_files(path, manifest.get("run_files"), again)  # before the model is built
+        check_folder_files(path, manifest.get("run_files"), config, again)  # before the build
         with progress_bars_off(True):  # transformers' "Loading weights" bar
             task = build_task(config, run_dir=path)
         model = task.model
@@ -723,7 +723,8 @@ def _write(source: Source, model: torch.nn.Module, manifest: dict, out: Path) ->
         "version": VERSION,
         "bytes": {"original": original, "quantized": tensor_bytes_of(out / WEIGHTS)},
         "crc32": file_crc32(out / WEIGHTS),  # what `load_source` checks the file against
-        "run_files": run_files_record(out),  # the copied tokenizer, tags: `check_folder_files`
+        # the copied tokenizer, tags its task reads: `check_folder_files`
+        "run_files": run_files_record(out, source.config),
         "files": listing(out, MANIFEST),  # what a later --force replaces, and nothing else
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -757,18 +758,20 @@ def check_crc32(weights: Path, recorded, again: str) -> None:
         )
 
 
-def check_folder_files(path: Path, recorded, again: str) -> None:
+def check_folder_files(path: Path, recorded, config, again: str) -> None:
     """Refuse the inference folder ``path`` where the tokenizer, tags or word vocabulary `_write`
-    copied into it changed since (``recorded``: their sha256, `checkpoint.run_files_record`; a
+    copied into it, those its task (of ``config``) reads, changed since (``recorded``: their
+    sha256, `checkpoint.run_files_record`; a
     folder from before session 42 has none and is not checked): one of another size was blamed
     on its model.safetensors (its tensors did not fit), one of the same size was read on other
     token or tag ids without a word."""
-    from lowbit.train.checkpoint import run_files_changed
+    from lowbit.train.checkpoint import first_changes, run_files_changed
 
-    changed = run_files_changed(path, recorded)
-    if changed:
+    changes = run_files_changed(path, recorded, config)
+    if changes:
         raise ChangedBytes(
-            f"{path}: its tokenizer, tags or vocabulary changed since it was written ({changed}), "
+            f"{path}: its tokenizer, tags or vocabulary changed since it was written "
+            f"({first_changes(changes)}), "
             f"so its model would read other token or tag ids; {again}"
         )
 

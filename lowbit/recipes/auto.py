@@ -127,8 +127,8 @@ def at_plan(recipe: Recipe, plan: dict[str, dict[str, str]], step: int, idle=fro
     overrides' reason says which plan (``auto plan of step 25: 97 fp4, 29 fp8 of 126
     operands``), counting the operands whose GEMMs ran (not ``idle``, `running_rungs`), as the
     run's summary does: until session 42 it counted every planned one (a one-layer mixture of
-    experts whose step routed its 8 tokens to 3 of 16 experts: "60 fp8, 156 bf16 of 216
-    operands", where the run said "60 fp8 of 60 operands")."""
+    experts whose step routed its 8 tokens to 2 of 16 experts, `docs/memory.md`: "48 fp8, 168
+    bf16 of 216 operands", where the run said "48 fp8 of 48 operands")."""
     rungs = running_rungs(plan, idle)
     counts = ", ".join(f"{rungs.count(r)} {r}" for r in RUNGS if r in rungs)
     reason = f"{PLAN_REASON} of step {step}: {counts} of {len(rungs)} operands"

@@ -224,52 +224,64 @@ def run_of(path) -> Path | None:
     return None
 
 
-def _first(changes: list[str]) -> str:
+def first_changes(changes: list[str]) -> str:
     """The first three ``changes`` for a one-line message, "; ..." for the rest."""
     return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
 
 
-def run_files_record(run_dir) -> dict[str, str]:
-    """The sha256 of each file a run's task saved beside its checkpoints and reads again at every
-    load (`Task.save_artifacts`): a causal LM's tokenizer/ (lowbit_tokenizer.json, tokenizer.json,
-    a Hugging Face tokenizer's files), a tagger's labels.json and vocab.json; by path in the run
-    folder. run.json holds it as ``run_files`` (`check_run_files`)."""
-    from lowbit.models.pretrained import TOKENIZER_FILES, file_hashes
-    from lowbit.train.tasks import LABELS_FILE, VOCABULARY_FILES
+def run_files_record(folder, config) -> dict[str, str]:
+    """The sha256 of each file in ``folder`` (a run's, or an inference folder's copy of them)
+    that the task of ``config`` saved beside its checkpoints and reads again at every load
+    (`tasks.run_file_names`): a causal LM's tokenizer/ (lowbit_tokenizer.json, a Hugging Face
+    tokenizer's files), a tagger's labels.json (and vocab.json, without a pretrained encoder); by
+    path in the folder. run.json holds it as ``run_files`` (`check_run_files`)."""
+    from lowbit.models.pretrained import file_hashes
+    from lowbit.train.tasks import run_file_names
 
-    tokenizer = dict.fromkeys((*VOCABULARY_FILES, *TOKENIZER_FILES))
-    names = (LABELS_FILE, "vocab.json", *(f"tokenizer/{name}" for name in tokenizer))
-    return file_hashes(run_dir, names)
+    return file_hashes(folder, run_file_names(config))
 
 
-def run_files_changed(folder, recorded) -> str | None:
+def run_files_changed(folder, recorded, config, removed: bool = True) -> list[str]:
     """The files of `run_files_record` in ``folder`` changed, added or removed since ``recorded``
     (an earlier `run_files_record` of them: a run's run.json, an inference folder's manifest), in
-    words for a one-line message; None where none did or nothing was recorded (written before
-    session 42: not checked)."""
+    `file_changes`' words; none where nothing was recorded (written before session 42: not
+    checked). A name recorded that the task of ``config`` does not read is left out (a record
+    of session 42 held a tagger's names for every task); so are those removed since, unless
+    ``removed``."""
     from lowbit.models.pretrained import file_changes
+    from lowbit.train.tasks import run_file_names
 
     if not isinstance(recorded, dict) or not recorded:
-        return None
-    changes = file_changes(recorded, run_files_record(folder))
-    return _first(changes) if changes else None
+        return []
+    now = run_files_record(folder, config)
+    compared = set(run_file_names(config)) if removed else set(now)
+    return file_changes({k: v for k, v in recorded.items() if k in compared}, now)
 
 
-def check_run_files(run_dir) -> None:
-    """Refuse the run in ``run_dir`` where a file its task reads again at every load (its
-    tokenizer, tags, vocabulary: `run_files_record`) changed since the run saved it: its
-    checkpoints would be resumed, evaluated or exported on other token ids (or tag ids) without a
-    word, as long as the counts still fit the embedding. A run whose run.json has no
-    ``run_files`` (before session 42, or killed before it was written) is not checked."""
+def check_run_files(run_dir, config, removed: bool = True) -> None:
+    """Refuse the run in ``run_dir`` where a file its task (of ``config``) reads again at every
+    load (its tokenizer, tags, vocabulary: `run_files_record`) changed since the run saved it:
+    its checkpoints would be resumed, evaluated or exported on other token ids (or tag ids)
+    without a word, as long as the counts still fit the embedding. ``removed=False``: a file
+    removed since is left to the task's reader of it to name. A run whose run.json
+    has no ``run_files`` (before session 42, or killed before it was written) is not checked."""
     from lowbit.train.config import read_run_info
 
-    changed = run_files_changed(run_dir, read_run_info(run_dir).get("run_files"))
-    if changed:
-        raise UsageError(
-            f"{run_dir}: the run's own files changed since it saved them ({changed}), so its "
-            "checkpoints would read other token or tag ids; fix: put those back as they were "
-            "(run.json's run_files holds their sha256), or train a new run"
-        )
+    changes = run_files_changed(run_dir, read_run_info(run_dir).get("run_files"), config, removed)
+    if not changes:
+        return
+    added = [change for change in changes if change.endswith(" added")]
+    put_back = "put those back as they were (run.json's run_files holds their sha256)"
+    if not added:
+        fix = put_back
+    elif len(added) == len(changes):
+        fix = "remove it" if len(added) == 1 else "remove them"
+    else:
+        fix = f"remove those added and {put_back.replace('those', 'the others')}"
+    raise UsageError(
+        f"{run_dir}: the run's own files changed since it saved them ({first_changes(changes)}), "
+        f"so its checkpoints would read other token or tag ids; fix: {fix}, or train a new run"
+    )
 
 
 def check_model_folder(run_dir) -> None:
@@ -313,7 +325,7 @@ def check_model_folder(run_dir) -> None:
     changes = model_changes(recorded, folder, tokenizer=info.get("task") == "token-classification")
     if not changes:
         return
-    shown = _first(changes)
+    shown = first_changes(changes)
     what, put_back = f"the --model folder {folder}", "put those back as they were"
     if package:
         name = MINILM_PACKAGE.replace("_", "-")  # as pip names it

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import io
 import json
 import math
 import sys
@@ -21,26 +20,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.errors import UsageError, pipe_as_data, warn
+from lowbit.errors import UsageError, pipe_as_data, warn_once, warnings_silenced
 
 IGNORE_INDEX = -100
 
 
 def build_task(config, run_dir=None) -> Task:
     """The task object of a resolved config (``run_dir``: reuse that run's tokenizer/vocab, checked
-    against the sha256 the run recorded of them, `checkpoint.check_run_files`, once read: a file
-    missing or unreadable is named by its reader)."""
+    against the sha256 the run recorded of them, `checkpoint.check_run_files`). Checked before
+    they are read: a foreign tokenizer of more ids was refused as the --model folder's ("save the
+    model's tokenizer into its folder", which would damage it). A file removed since is named by
+    its reader, or after the build where the task did without it (labels taken from the data)."""
     from lowbit.train.checkpoint import check_run_files
 
-    cls = {
+    if run_dir is not None:
+        check_run_files(run_dir, config, removed=False)
+    task = _task_class(config)(config, run_dir)
+    if run_dir is not None:
+        check_run_files(run_dir, config)
+    return task
+
+
+def _task_class(config) -> type[Task]:
+    return {
         "causal-lm": CausalLMTask,
         "token-classification": TokenClassificationTask,
         "image-classification": ImageClassificationTask,
     }[config.task]
-    task = cls(config, run_dir)
-    if run_dir is not None:
-        check_run_files(run_dir)
-    return task
+
+
+def run_file_names(config) -> tuple[str, ...]:
+    """The files in a run folder that the task of ``config`` reads again at every load (those its
+    `Task.save_artifacts` writes), by path in the folder: what `checkpoint.run_files_record`
+    hashes. A file of another task's (a tagger's vocab.json beside a causal LM) is never read."""
+    return _task_class(config).artifact_names(config)
 
 
 def data_fingerprint(task: str, data: str | None, text_field: str = "text") -> dict | None:
@@ -76,11 +89,11 @@ def check_inputs(config, resume: bool) -> None:
     --seq-len (`check_positions`); a new run's table (`check_not_tables`), and the --data as far
     as it shows without reading it all (`check_quickly`: its full read, ~2 minutes a GB, is the
     run's). A tagger's CoNLL data is read as its task does (`data_fingerprint`), its warnings left
-    for the run (saved and restored around the read: recorded as said here, the run, in another
-    process, never said them). Left to the run's set-up: what needs its tokenizer or built model
+    for the run (`warnings_silenced`: said here, by a process that trains nothing, the run never
+    said them). Left to the run's set-up: what needs its tokenizer or built model
     (a causal LM's data shorter than one window and its --model folder's weights, a tagger's
     --model folder, the model's memory, which `preflight` checks)."""
-    from lowbit.data import conll, corpus
+    from lowbit.data import corpus
     from lowbit.models import causal_lm
 
     if config.task == "causal-lm":
@@ -89,13 +102,8 @@ def check_inputs(config, resume: bool) -> None:
             corpus.check_not_tables(config.data)
         corpus.check_quickly(config.data, config.text_field)
     elif config.task == "token-classification" and config.data is not None:
-        warned = set(conll._WARNED)
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                data_fingerprint(config.task, config.data, config.text_field)
-        finally:
-            conll._WARNED.clear()
-            conll._WARNED.update(warned)
+        with warnings_silenced():
+            data_fingerprint(config.task, config.data, config.text_field)
 
 
 class Task:
@@ -107,6 +115,11 @@ class Task:
 
     def save_artifacts(self, folder) -> None:
         pass
+
+    @staticmethod
+    def artifact_names(config) -> tuple[str, ...]:
+        """The files `save_artifacts` may write, which a load of the run reads (`run_file_names`)."""
+        return ()
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps that see every training example (or token) about once."""
@@ -367,8 +380,8 @@ def causal_lm_tokenizer(config, run_dir, corpus):
     if config.tokenizer == "bpe":
         tokenizer = build_tokenizer("bpe", corpus().texts("train"), config.vocab_size)
         if tokenizer.vocab_size < config.vocab_size:
-            _warn_once(
-                f"lowbit: warning: BPE learned {tokenizer.vocab_size} ids, not the "
+            warn_once(
+                f"BPE learned {tokenizer.vocab_size} ids, not the "
                 f"--vocab-size {config.vocab_size} asked: the training text holds no more merges "
                 "(the model is built for the ids learned); fix: more text or a smaller --vocab-size"
             )
@@ -388,8 +401,8 @@ def _warn_untokenized_weights(config) -> None:
     if config.model in SIZES or not folder.is_dir() or model_tokenizer_file(config.model):
         return
     if has_weights(folder):
-        _warn_once(
-            f"lowbit: warning: {folder} holds weights but no tokenizer files, so the run "
+        warn_once(
+            f"{folder} holds weights but no tokenizer files, so the run "
             f"feeds it --tokenizer {config.tokenizer} ids its embedding was not trained on; fix: "
             "save the model's tokenizer into the folder (tokenizer.save_pretrained), or "
             "remove its weights to train the architecture from a fresh initialization"
@@ -448,8 +461,8 @@ class CausalLMTask(Task):
             if len(extra) == 1
             else f"ids {rows}..{extra[-1]} ({names}) have"
         )
-        _warn_once(
-            f"lowbit: warning: {model}: the tokenizer has {tokenizer.vocab_size} ids, the model's "
+        warn_once(
+            f"{model}: the tokenizer has {tokenizer.vocab_size} ids, the model's "
             f"embedding {rows}: {ids} no row, and a text that holds one is refused; "
             f"fix: {RESIZE_FIX}"
         )
@@ -540,6 +553,13 @@ class CausalLMTask(Task):
 
     def save_artifacts(self, folder) -> None:
         self.tokenizer.save(Path(folder) / "tokenizer")
+
+    @staticmethod
+    def artifact_names(config) -> tuple[str, ...]:
+        from lowbit.models.pretrained import TOKENIZER_FILES
+
+        names = dict.fromkeys((*VOCABULARY_FILES, *TOKENIZER_FILES))  # lowbit's or Hugging Face's
+        return tuple(f"tokenizer/{name}" for name in names)
 
     def steps_per_epoch(self) -> int:
         c = self.config
@@ -848,6 +868,13 @@ class TokenClassificationTask(Task):
         if self.vocab is not None:
             self.vocab.save(Path(folder) / "vocab.json")
 
+    @staticmethod
+    def artifact_names(config) -> tuple[str, ...]:
+        from lowbit.models.token_classifier import SIZES
+
+        # a pretrained encoder reads its tokenizer from its --model folder (`check_model_folder`)
+        return (LABELS_FILE,) if config.model not in SIZES else (LABELS_FILE, "vocab.json")
+
     def steps_per_epoch(self) -> int:
         return self.train_batches.steps_per_epoch // self.config.grad_accum  # whole steps
 
@@ -990,9 +1017,6 @@ def _check_run_labels(run_dir, found: list[str]) -> None:
         )
 
 
-_said: set[str] = set()  # warnings given in this process (compare trains many runs of one data)
-
-
 def _cut_sentences(sentences, labels: torch.Tensor) -> int:
     """How many ``sentences`` lose words to the sequence length: fewer of their words have a
     label (a first piece kept) than they hold."""
@@ -1025,8 +1049,8 @@ def _warn_truncated(
     if positions is not None and seq_len >= positions:
         fix = f"{shorter}: --seq-len {seq_len} is the most the encoder's {positions} positions hold"
     whose = "the run's " if run else ""
-    _warn_once(
-        f"lowbit: warning: {cut} of {total} {sentences} are longer than {whose}--seq-len "
+    warn_once(
+        f"{cut} of {total} {sentences} are longer than {whose}--seq-len "
         f"{seq_len} holds; their words past it are left out of {left_out}; fix: {fix}"
     )
 
@@ -1044,8 +1068,8 @@ def _warn_untrained_tags(source: str, trained: set[str], named: dict) -> list[st
         if extra:
             several = len(extra) > 1
             shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
-            _warn_once(
-                f"lowbit: warning: {source}: {len(extra)} {'tags' if several else 'tag'} of "
+            warn_once(
+                f"{source}: {len(extra)} {'tags' if several else 'tag'} of "
                 f"{where} never {'occur' if several else 'occurs'} in training ({shown}): "
                 f"the model cannot learn {'them and their' if several else 'it and its'} words "
                 "count as errors; fix: correct the tags if mistyped, else add training sentences "
@@ -1067,8 +1091,8 @@ def _warn_other_scheme(source: str, sentences: dict, splits) -> None:
     other = {"IOB1": "IOB2", "IOB2": "IOB1"}.get(trained)
     splits = [s for s in splits if iob_scheme(sentences.get(s, [])) == other]
     if other and splits:
-        _warn_once(
-            f"lowbit: warning: {source}: the {' and '.join(splits)} split"
+        warn_once(
+            f"{source}: the {' and '.join(splits)} split"
             f"{'s open their' if len(splits) > 1 else ' opens its'} entities with {opens[other]} "
             f"({other}), the train split with {opens[trained]} ({trained}): the model learns to "
             f"tag an entity's first word {opens[trained]}, which token accuracy and the "
@@ -1086,20 +1110,12 @@ def _warn_left_context(name: str, model, seq_len: int) -> None:
     from lowbit.models.token_classifier import sees_left_context_only
 
     if sees_left_context_only(model, min(seq_len, 16)):
-        _warn_once(
-            f"lowbit: warning: {name}: a decoder ({model.config.model_type!r}, causal attention): "
+        warn_once(
+            f"{name}: a decoder ({model.config.model_type!r}, causal attention): "
             "each word is tagged from the words before it alone, never those after, which costs "
             "accuracy where the words after decide a tag (named entities); fix: fine-tune an "
             "encoder that reads both sides, --model minilm or a BERT-style folder"
         )
-
-
-def _warn_once(message: str) -> None:
-    """Print ``message`` (``lowbit: warning: ...``) to stderr unless this process already did,
-    from rank 0 only (`lowbit.errors.warn`: every rank meets the same data, and said it again)."""
-    if message not in _said:
-        _said.add(message)
-        warn(message.removeprefix("lowbit: warning: "))
 
 
 def _encode_pretrained(tokenizer, sentences, label2id, config):
@@ -1222,9 +1238,7 @@ class ImageClassificationTask(Task):
             f"which evaluates its whole {split} split ({images} images, "
             f"{math.ceil(images / size)} batches of {size}); ignored"
         )
-        if line not in _said:  # compare trains many runs of one setting
-            _said.add(line)
-            warn(line)
+        warn_once(line)  # compare trains many runs of one setting
 
     def report(self, model, precision, split, max_batches=None):
         from lowbit.data import NUM_CLASSES

@@ -33,6 +33,7 @@ from lowbit.errors import (
     check_writable,
     is_interrupt,
     say_held_notes,
+    warnings_as_they_come,
     warnings_held,
 )
 from lowbit.nn.convert import lowbit_layers
@@ -362,9 +363,10 @@ def check_resume_config(saved: dict, config: TrainConfig, recorded: dict | None 
         source = flag
         if _run_file_says(config.out, name, now):  # edited since: without the flag, still refused
             source += ", as the run's config.yaml says now"
-            keep = f"with {name}: {json.dumps(was)} put back into its config.yaml" + (
-                f", or with the run's {given}" if given else ""
-            )
+            # and without the flag: given too, with the file's value (the config cannot tell), it
+            # would be refused again once the file is put back
+            keep = f"with {name}: {json.dumps(was)} put back into its config.yaml"
+            keep += f" and without {flag}" + (f", or with the run's {given}" if given else "")
         raise UsageError(
             f"cannot resume with {name} {_shown(name, now, task)} ({source}): the run was trained "
             f"with {'its default' if default else _shown(name, was, task)}; "
@@ -805,25 +807,30 @@ class Trainer:
         seed_everything(config.seed)
         if resume:  # before the model is built from a --model folder changed since
             checkpoint.check_model_folder(config.out)
-        with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
-            self.task = build_task(config, run_dir=config.out if resume else saved_run)
-        self.dist.check_same_data(self.task.fingerprint)
-        if resume:  # before the start-up lines, as `check_resumable`; `_resume` checks again
-            self._check_same_data(read_run_info(config.out).get("data_fingerprint"))
-        # Python's `random` again: the first task built in a process imports its data's libraries
-        # (scikit-learn's rich draws from `random` as it loads), so a later run, or a run resumed
-        # in the same process, started from another state than the first and saved it otherwise
-        random.seed(config.seed)
-        self.built_to_resume = resume
-        self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
-        if config.steps:
-            self.total_steps = config.steps
-        else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001 steps
-            steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
-            # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
-            self.total_steps = max(1, steps)
-        if saved is not None:  # before the start-up lines, as `check_resumable`
-            check_length(config, self.total_steps, saved["step"])
+        # the task built and its data read (lazily: its fingerprint, its batches) with their
+        # warnings said as they come, not held (`train`) with those of the set-up: one may
+        # explain a refusal of the data (a compressed file not read, then the train split empty)
+        with warnings_as_they_come():
+            with progress_bars_off(self.quiet):  # transformers' "Loading weights" bar
+                self.task = build_task(config, run_dir=config.out if resume else saved_run)
+            self.dist.check_same_data(self.task.fingerprint)
+            if resume:  # before the start-up lines, as `check_resumable`; `_resume` checks again
+                self._check_same_data(read_run_info(config.out).get("data_fingerprint"))
+            # Python's `random` again: the first task built in a process imports its data's
+            # libraries (scikit-learn's rich draws from `random` as it loads), so a later run, or
+            # a run resumed in the same process, started from another state than the first and
+            # saved it otherwise
+            random.seed(config.seed)
+            self.built_to_resume = resume
+            self.task.train_batches = self.dist.shard_batches(self.task.train_batches)
+            if config.steps:
+                self.total_steps = config.steps
+            else:  # rounded before the ceiling: 1.1 epochs of 100 steps are 110.00000000000001
+                steps = math.ceil(round(config.epochs * self.task.steps_per_epoch(), 9))
+                # at least one: rounded to 0, `--epochs 1e-12` "completed" 0 steps, no checkpoint
+                self.total_steps = max(1, steps)
+            if saved is not None:  # before the start-up lines, as `check_resumable`
+                check_length(config, self.total_steps, saved["step"])
         self.precision = lowbit.Precision(recipe, device=self.device)
         # Training mode: from_pretrained returns a checkpoint's model in eval mode, which would
         # train it with dropout off (`evaluating` restores this mode after each evaluation).
@@ -1111,7 +1118,7 @@ class Trainer:
                 if not resume:  # a resumed run has just read them; rewritten, a kill could tear
                     self.task.save_artifacts(run_dir)
                     # their sha256, which every later load checks (`check_run_files`)
-                    files = checkpoint.run_files_record(run_dir)
+                    files = checkpoint.run_files_record(run_dir, c)
                     if error := self._update_run_info(main, run_dir, run_files=files):
                         raise error
             logger = (
@@ -1336,7 +1343,9 @@ class Trainer:
             "model_record": model_record(built_from, self.config.task) if built_from else None,
             # a resumed run's own tokenizer, tags, vocabulary (checked as it was built; a new
             # run's are saved, and recorded, after this file: `_fit`)
-            "run_files": checkpoint.run_files_record(run_dir) if resume_step is not None else {},
+            "run_files": (
+                checkpoint.run_files_record(run_dir, self.config) if resume_step is not None else {}
+            ),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "total_steps": self.total_steps,
             "device": str(self.device),
@@ -1655,6 +1664,7 @@ def train(
         from lowbit.distributed.launch import train as train_ranks
 
         return train_ranks(config, resume, overwrite, quiet, on_step)
-    with warnings_held():  # a run refused once its model is built says only why
+    # a run refused once its task is built (its model folder, its conversion) says only why
+    with warnings_held():
         trainer = Trainer(config, quiet=quiet, resume=resume)
     return trainer.fit(resume=resume, overwrite=overwrite, on_step=on_step)

@@ -36,7 +36,7 @@ def body_run(tmp_path_factory):
     data = folder / "train.jsonl"
     _records(data, "body", 120)
     run = folder / "run"
-    argv = ["train", "--data", str(data), "--text-field", "body", "--model", "tiny"]
+    argv = ["train", "--data", str(data), "--text-field", "body", "--model", "nano"]
     argv += ["--seq-len", str(SEQ_LEN), "--batch-size", "2", "--steps", "1", "--quiet"]
     assert main([*argv, "--out", str(run)]) == 0
     return run

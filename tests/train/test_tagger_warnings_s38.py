@@ -116,7 +116,7 @@ def test_eval_tells_of_the_split_it_evaluates_alone(tmp_path, capsys, monkeypatc
     told = "1 tag of the validation split never occurs in training (B-LOC)"
     assert told in capsys.readouterr().err
     for split, said in (("test", False), ("validation", True)):
-        monkeypatch.setattr("lowbit.train.tasks._said", set())  # a new process, as each command
+        monkeypatch.setattr("lowbit.errors._said", set())  # a new process, as each command
         assert main(["eval", str(run), "--split", split, "--quiet"]) == 0
         assert (told in capsys.readouterr().err) is said
 
