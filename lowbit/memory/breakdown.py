@@ -202,7 +202,7 @@ class Breakdown:
             else ""
         )
         if self.backward_workspace:
-            transient = (
+            transient += (
                 "; the backward workspace is what the step's peak holds beyond the rows above "
                 "it: the layers' backward copies of their operands (emulated GEMMs, a "
                 "convolution's unfolded rows), and what the forward leaves alive unsaved"

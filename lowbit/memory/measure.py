@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 
 import torch
@@ -226,14 +228,17 @@ def measure_activations(
     casts), and ``logits_gradient``, the loss backward's transient before it reaches the model's
     output layer (`loss_gradient_peak`: no ``.grad`` is written, the loss's graph is freed; 0
     where ``forward`` returns no scalar tensor, e.g. the logits or a Hugging Face output object).
-    With ``backward`` (and a model on the CPU), the whole backward runs too
+    With ``backward`` (a model on the CPU, no profiler already on: the user's would end with
+    ours, so the workspace is left at 0 under one), the whole backward runs too
     (`_backward_dropping_gradients`: no ``.grad`` is changed), the CPU allocator recorded from the
     forward's start to the backward's end (`Allocations`), and ``backward_workspace`` is what that peak holds beyond the activations, temporaries and
     logits' gradient: each layer's backward workspace, and what the forward leaves alive outside
     the saved tensors (a shared quantization of the last input, `lowbit.nn.operand`); 0 where
     ``forward`` returns no scalar loss on a layer's output. With it, the model states and these
-    rows add up to the step's peak (saved inputs made before the forward, a batch's token ids,
-    are in both the activations and the bytes live before it: left out of the workspace). Its
+    rows add up to the forward and backward's peak, less the batch (saved inputs made before the
+    forward, its token ids or images, are in the activations but not in the peak's rise, so the
+    workspace is short by them); the step's peak unless its gradient clipping or optimizer step
+    holds more (docs/memory.md: a tiny batch's AdamW step peaks above the table's total). Its
     random draws (stochastic rounding's seeds) are the caller's to fork too.
     The forward leaves the layers' delayed-scaling amax histories as they were (`_not_recording`);
     its random draws (dropout) are the caller's to fork (``torch.random.fork_rng``). One
@@ -265,7 +270,8 @@ def measure_activations(
 
     # On a GPU the run's own peak is torch.cuda.max_memory_allocated (its summary prints it)
     devices = {p.device.type for p in model.parameters()}
-    backward = backward and devices <= {"cpu"}
+    # nor under a profiler already on (the user's): stopping ours ended theirs, its events lost
+    backward = backward and devices <= {"cpu"} and not torch.autograd.profiler._is_profiler_enabled
     # recorded from the forward's start: the free of a tensor allocated before the records began
     # is not recorded, so the activations the backward frees must be made within; the histories
     # record nothing in the forward, the loss's backward, nor the whole backward
@@ -383,21 +389,44 @@ def checkpointed_peak(model: torch.nn.Module):
         blocks[-1].gradient_checkpointing = True
 
 
+# what torch's C++ writes to file descriptor 2 while a profiler records, not the user's: kineto's
+# line as a profiler starts and stops (`USDT: ... profiler_start`, torch 2.13; no setting turns it
+# off), and the CPU allocator's warning on freeing a block made before the records began
+_PROFILER_LINES = re.compile(
+    rb"USDT:.*\] profiler_(start|stop)|\[W.*\] Memory block of unknown size was allocated before "
+    rb"the profiling started"
+)
+
+
 @contextlib.contextmanager
-def _stderr_silenced():
-    """Within: the process's file descriptor 2 goes to /dev/null. Kineto writes a line to it as
-    a profiler starts and stops (``USDT: ... profiler_start``, torch 2.13; no setting turns it
-    off), which `lowbit train`'s memory report (`measure_activations`' backward) printed among
-    its own lines. Python's exceptions still propagate; only what C++ writes to the descriptor
-    while a profiler starts or stops is lost."""
+def _profiler_lines_dropped():
+    """Within: the process's file descriptor 2 goes to a temporary file; after, what was written
+    to it is written back, in order, less torch's profiler and allocator lines (`_PROFILER_LINES`),
+    which `lowbit train`'s memory report (`measure_activations`' backward) printed among its own.
+    A warning the run prints meanwhile still reaches stderr, after the window. Nothing is done
+    where the process has no stderr (``2>&-``: ``sys.stderr`` None, or no descriptor 2)."""
+    if sys.stderr is None:
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        saved = os.dup(2)
+    except OSError:  # descriptor 2 closed
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                kept = memoryview(b"".join(x for x in held if not _PROFILER_LINES.match(x)))
+                while kept:  # os.write may write part of it
+                    kept = kept[os.write(2, kept) :]
     finally:
-        os.dup2(saved, 2)
         os.close(saved)
 
 
@@ -417,8 +446,13 @@ class Allocations:
 
         self._labels: set[str] = set()
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        with _stderr_silenced():
+        self._quiet = contextlib.ExitStack()
+        self._quiet.enter_context(_profiler_lines_dropped())
+        try:
             self._profile.__enter__()
+        except BaseException:
+            self._quiet.close()
+            raise
         return self
 
     def mark(self, label: str) -> None:
@@ -428,7 +462,7 @@ class Allocations:
             pass
 
     def __exit__(self, *exc) -> None:
-        with _stderr_silenced():
+        with self._quiet:
             self._profile.__exit__(*exc)
         self.events, self.marks = [], {}
         for e in self._profile.profiler.kineto_results.events():

@@ -66,7 +66,8 @@ def test_a_recipe_that_converts_no_layer_an_unused_override_and_auto_are_noted()
     assert estimate(two_blocks, "nvfp4", seq=16).notes == [KEEPS_EVERY]
     assert estimate(two_blocks, "mxfp4", seq=16).notes == []
     typo = get_recipe("mxfp4").with_overrides("lm_haed=keep")
-    assert estimate(two_blocks, typo, seq=16).notes == ["override lm_haed=keep applies to no layer"]
+    said = "override lm_haed=keep applies to no layer (lowbit doctor lists the names)"
+    assert estimate(two_blocks, typo, seq=16).notes == [said]
     assert estimate(two_blocks, "auto:fp4", seq=16).notes == [
         "auto is estimated at the plan it starts from, every converted layer in bf16: the most it "
         "holds (its fp8 and MX rungs save a quantized or bf16 input and at most a 1-byte weight "
