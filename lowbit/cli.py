@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob as globbing
 import importlib
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -169,24 +171,30 @@ def parse_in_full(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
 def expanded_glob(args: argparse.Namespace, command: str | None, extras: list[str]) -> str | None:
     """The refusal of a `--data` glob the shell expanded (``--data docs/*.md`` unquoted): its
     first file became the value and the others were extra arguments, refused with only --help
-    as the fix. None where ``extras`` are not all paths that exist beside a --data file."""
+    as the fix. None where ``extras`` are not all files that exist beside a --data file (a
+    folder after a file: ``--data a.txt runs/``, --out forgotten, no glob)."""
     data = getattr(args, "data", None)
-    if not data or not os.path.isfile(data) or any(not os.path.lexists(p) for p in extras):
+    if not data or not os.path.isfile(data) or not all(os.path.isfile(p) for p in extras):
         return None
-    files = [data, *extras]
-    folders = {os.path.dirname(path) for path in files}
-    suffixes = {os.path.splitext(path)[1] for path in files}
-    glob = (
-        os.path.join(folders.pop(), "*" + suffixes.pop())
-        if len(folders) == len(suffixes) == 1
-        else "GLOB"
-    )
+    pattern = _glob_of([data, *extras])
+    quote = f"the glob, --data {shlex.quote(pattern)}," if pattern else "the glob you typed"
     where = f"{command} {extras[0]}" if command else extras[0]
     return (
         f"{where}: unrecognized argument after --data {data}, {len(extras)} more path"
-        f"{'s' if len(extras) > 1 else ''} (a glob the shell expanded?); fix: quote the glob, "
-        f"--data '{glob}', for lowbit to read every file it matches, or give their folder"
+        f"{'s' if len(extras) > 1 else ''} (a glob the shell expanded?); fix: quote {quote} "
+        "for lowbit to read every file it matches, or give their folder"
     )
+
+
+def _glob_of(files: list[str]) -> str | None:
+    """A glob of the files' common start and end around one ``*`` (``d/train_*.txt`` of
+    d/train_1.txt and d/train_2.txt) where it matches exactly those files, else None: the glob
+    the user typed is not known, and one that matched other files read other data."""
+    start = os.path.commonprefix(files)  # noqa: RUF071 -- by character: train_1, train_2
+    end = os.path.commonprefix([f[len(start) :][::-1] for f in files])[::-1]  # noqa: RUF071
+    pattern = globbing.escape(start) + "*" + globbing.escape(end)
+    matched = {os.path.normpath(p) for p in globbing.glob(pattern)}
+    return pattern if matched == {os.path.normpath(f) for f in files} else None
 
 
 def _interrupt_again(unraisable, default=sys.unraisablehook) -> None:

@@ -229,20 +229,75 @@ def _conll_word(where: str, line: str) -> tuple[str, str]:
     return columns[0], columns[-1]
 
 
+# The awk program of `_as_treebank`: a 'TOKEN TAG' line as a CoNLL-U word (ID FORM _ UPOS and six
+# _), its CR dropped first (a CRLF file's tags were 'NN\r', its blank lines words), a -DOCSTART-
+# line as the ``# newdoc`` comment that starts a treebank's document.
+TREEBANK_AWK = (
+    r'{sub(/\r$/,"")} $1=="-DOCSTART-"{print "# newdoc";i=0;next} '
+    r'NF{print ++i,$1,"_",$NF,"_","_","_","_","_","_";next} {i=0;print ""}'
+)
+
+
 def _as_treebank(where: str) -> str:
     """The fix of a 'TOKEN TAG' file of tags without B-/I- prefixes (``where``: its
-    ``path:line``): the awk command that writes it as CoNLL-U, whose words are tagged with their
-    part of speech (column 4), each scored as a one-token chunk; into a new file, numbered
-    where ``train.conllu`` is there (``train.2.conllu``, still a train file)."""
+    ``path:line``): the awk commands that write it as CoNLL-U, whose words are tagged with their
+    part of speech (column 4), each scored as a one-token chunk, and the --data to train on then.
+    Into a new file (``train.2.conllu`` where ``train.conllu`` is there); for a split file of a
+    CoNLL folder, each split's file into a new folder (a .conllu file beside the .txt was a second
+    file of its split, the .txt still refused)."""
     path = Path(where.rsplit(":", 1)[0])
-    out, number = path.with_suffix(".conllu"), 2
-    while out.exists():
-        out, number = path.with_name(f"{path.stem}.{number}.conllu"), number + 1
-    program = '$1=="-DOCSTART-"{next} NF{print ++i,$1,"_",$NF,"_","_","_","_","_","_";next} {i=0;print ""}'
-    return (
-        f"write the file as CoNLL-U: awk -v OFS='\\t' '{program}' {shlex.quote(str(path))} > "
-        f"{shlex.quote(str(out))}"
+    folder = _split_folder(path)
+    if folder is None:
+        out = _unused(path.with_suffix(".conllu"), lambda n: f"{path.stem}.{n}.conllu")
+        pairs, make = [(path, out)], ""
+    else:
+        named = folder if folder.name not in ("", "..") else Path(os.path.abspath(folder))
+        out = _unused(named.with_name(f"{named.name}-conllu"), lambda n: f"{named.name}-conllu{n}")
+        files = conll_folder_files(folder)
+        pairs, names = [], set()
+        for split, paths in files.items():
+            for file in paths:
+                if file.suffix.lower() not in TREEBANK_EXTENSIONS:
+                    pairs.append((file, out / _treebank_name(file.name, split, names)))
+        make = f"mkdir {shlex.quote(str(out))} && "
+    awk = " && ".join(
+        f"awk -v OFS='\\t' \"$p\" {shlex.quote(str(f))} > {shlex.quote(str(o))}" for f, o in pairs
     )
+    return (
+        f"write the {'file' if folder is None else 'folder'} as CoNLL-U and train on it, --data "
+        f"{shlex.quote(str(out))}: p={shlex.quote(TREEBANK_AWK)}; {make}{awk}"
+    )
+
+
+def _split_folder(path: Path) -> Path | None:
+    """The CoNLL folder that ``path`` is a split file of (`conll_folder_files`), or None."""
+    if not conll_split_of(path.name):
+        return None
+    try:
+        files = conll_folder_files(path.parent)
+    except (UsageError, OSError):
+        return None
+    return path.parent if any(path in paths for paths in files.values()) else None
+
+
+def _unused(path: Path, numbered) -> Path:
+    """``path``, or beside it the first ``numbered(n)`` name (n = 2, 3...) that is not taken."""
+    number = 2
+    while path.exists():
+        path, number = path.with_name(numbered(number)), number + 1
+    return path
+
+
+def _treebank_name(name: str, split: str, taken: set[str]) -> str:
+    """The CoNLL-U file name of the split file ``name`` in a new folder: ``train.conllu`` for
+    ``train.txt``, ``train-eng.train.conllu`` for CoNLL-2003's ``eng.train`` (``eng.conllu``
+    names no split); not one of ``taken``, to which it is added."""
+    word = SPLIT_FILE_WORDS[split]
+    out = f"{Path(name).stem}.conllu"
+    if conll_split_of(out) != split or out in taken:
+        out = f"{word}-{name}.conllu"
+    taken.add(out)
+    return out
 
 
 def _comment(token: str) -> bool:
@@ -313,6 +368,8 @@ CONLL_DATA_EXTENSIONS = (
     *(".iobes", ".bilou", ".biluo"),
 )
 CONLL_2003_EXTENSIONS = {".train": "train", ".testa": "validation", ".testb": "test"}
+# the word a new split file's name takes for each split (`_split_file_name`, `_treebank_name`)
+SPLIT_FILE_WORDS = {"train": "train", "validation": "dev", "test": "test"}
 UD_NAME = re.compile(r"[^.]+-ud-(train|dev|test)(-[a-z0-9]+)?\.conllu")  # cs_pdt-ud-train-c
 
 
@@ -350,7 +407,7 @@ def _split_file_name(name: str, split: str) -> str:
     ``eng.testb`` beside CoNLL-2003's ``eng.train``, ``en_ewt-ud-test.conllu`` beside
     ``en_ewt-ud-train.conllu``, ``test.conllu`` beside ``train.conllu`` (its extension: a
     ``test.txt`` beside treebank files is read as IOB text, not CoNLL-U)."""
-    word = {"train": "train", "validation": "dev", "test": "test"}[split]
+    word = SPLIT_FILE_WORDS[split]
     path = Path(name)
     if path.suffix.lower() in CONLL_2003_EXTENSIONS:
         ending = {v: k for k, v in CONLL_2003_EXTENSIONS.items()}[split]

@@ -970,18 +970,31 @@ def _no_text(spec: str, text_field: str, read: _Read) -> UsageError:
         )
     # text files read, all empty or blank: their fix was to point at the UTF-8 .txt files they are
     if path.is_file():
-        size = path.stat().st_size
-        held = f"only whitespace ({size:,} bytes)" if size else "nothing (0 bytes)"
+        held = _held_instead(path.read_bytes())
         return UsageError(f"{spec}: the file holds {held}, no text; fix: give a file of text")
-    if docs:
+    if docs:  # a paragraph's or a record's name is its file's, then ':' and a number
+        files = {re.sub(r":#?\d+$", "", doc.name) for doc in docs}
         return UsageError(
-            f"{spec}: all {len(docs)} files it reads hold only whitespace or nothing, no text; "
+            f"{spec}: all {len(files)} files it reads hold only whitespace or nothing, no text; "
             "fix: give files of text"
         )
     return UsageError(
         f"{spec}: no text found; fix: point at UTF-8 {'/'.join(FOLDER_SUFFIXES)} files, "
         f"a JSONL file with a {text_field!r} field, or a glob that matches files"
     )
+
+
+def _held_instead(raw: bytes) -> str:
+    """What a file of no text holds (``raw``, its bytes), as `_no_text` names it: a .json
+    file's ``[]`` is an empty JSON array, and a UTF-8 byte-order mark alone no whitespace."""
+    size = f"{len(raw):,} bytes"
+    if not raw:
+        return "nothing (0 bytes)"
+    if raw == codecs.BOM_UTF8:
+        return f"only a byte-order mark ({size})"
+    if re.fullmatch(rb"\s*\[\s*\]\s*", raw.removeprefix(codecs.BOM_UTF8)):
+        return f"an empty JSON array ({size})"
+    return f"only whitespace ({size})"
 
 
 # Table files by their separator: data exported from a spreadsheet or a dataframe. Read as plain

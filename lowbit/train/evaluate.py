@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -225,12 +226,17 @@ def check_same_data(run_dir, config, current: dict | None, evaluated=None) -> No
             "trained on (the fingerprint in run.json differs); fix: restore the data the run "
             f"read{where}"
             + split_rule_note(config)
-            + (
-                f", or evaluate it as it is now: lowbit eval {evaluated} --data {config.data}"
-                if evaluated and config.data is not None
-                else ""
-            )
+            + (_as_now(evaluated, config.data) if evaluated and config.data is not None else "")
         )
+
+
+def _as_now(evaluated, data: str) -> str:
+    """`check_same_data`'s other fix: the `lowbit eval` of ``data`` as it is now, shell-quoted
+    (a glob was printed bare, for the shell to expand; a path with a space split in two). A
+    file is evaluated whole (`evaluated_whole`), its training records too: said so."""
+    whole = " (the whole file, the records it trained on too)" if evaluated_whole(data) else ""
+    command = f"lowbit eval {shlex.quote(str(evaluated))} --data {shlex.quote(data)}"
+    return f", or evaluate it as it is now{whole}: {command}"
 
 
 # A whole split past this many batches takes minutes on a CPU (the built-in validation split is
