@@ -403,8 +403,9 @@ def _profiler_lines_dropped():
     """Within: the process's file descriptor 2 goes to a temporary file; after, what was written
     to it is written back, in order, less torch's profiler and allocator lines (`_PROFILER_LINES`),
     which `lowbit train`'s memory report (`measure_activations`' backward) printed among its own.
-    A warning the run prints meanwhile still reaches stderr, after the window. Nothing is done
-    where the process has no stderr (``2>&-``: ``sys.stderr`` None, or no descriptor 2)."""
+    Held only while a profiler starts or stops (`Allocations`): a process that dies inside the
+    window loses what it wrote there, a fatal error's message too. Nothing is done where the
+    process has no stderr (``2>&-``: ``sys.stderr`` None, or no descriptor 2)."""
     if sys.stderr is None:
         yield
         return
@@ -446,13 +447,14 @@ class Allocations:
 
         self._labels: set[str] = set()
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._quiet = contextlib.ExitStack()
-        self._quiet.enter_context(_profiler_lines_dropped())
-        try:
+        # The allocator warns, once a process, where a block made before the records began is
+        # freed within them (a C++ line on stderr, amid the run's output): a block is freed
+        # here, as the records start, so that line comes while stderr is held, and the window
+        # itself keeps the real stderr (a crash in it still says why).
+        made_before = torch.empty(1)
+        with _profiler_lines_dropped():
             self._profile.__enter__()
-        except BaseException:
-            self._quiet.close()
-            raise
+            del made_before
         return self
 
     def mark(self, label: str) -> None:
@@ -462,7 +464,7 @@ class Allocations:
             pass
 
     def __exit__(self, *exc) -> None:
-        with self._quiet:
+        with _profiler_lines_dropped():
             self._profile.__exit__(*exc)
         self.events, self.marks = [], {}
         for e in self._profile.profiler.kineto_results.events():

@@ -4,7 +4,8 @@ with torch's profiler (`lowbit.memory.measure_activations` with ``backward=True`
 around it ended with no events (ours stopped theirs), a process without stderr (``2>&-``) failed
 at the report, torch's allocator warning (``[W... CPUAllocator.cpp:245] Memory block of unknown
 size was allocated before the profiling started``) reached the user's stderr, and the table's
-note lost its logits-gradient sentence where the workspace was measured."""
+note lost its logits-gradient sentence where the workspace was measured. Review R9: stderr was then
+held for the whole measured step, so a process that died in it lost what it had said there."""
 
 import subprocess
 import sys
@@ -40,8 +41,10 @@ SCRIPT = textwrap.dedent(
 
     def forward():
         made_before.clear()
-        if sys.argv[1] == "open":
+        if sys.argv[1] in ("open", "dies"):
             print("lowbit: warning: said in the window", file=sys.stderr, flush=True)
+        if sys.argv[1] == "dies":  # as a crash in a kernel: no Python cleanup runs
+            os._exit(3)
         with precision.autocast():
             return F.cross_entropy(model(images).float(), labels)
 
@@ -66,6 +69,12 @@ def test_torchs_profiler_lines_are_dropped_and_the_runs_own_warnings_kept():
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) > 0
     assert done.stderr == "lowbit: warning: said in the window\n"
+
+
+def test_a_process_that_dies_in_the_measured_step_keeps_what_it_said_there():
+    done = _run("dies")
+    assert done.returncode == 3
+    assert "lowbit: warning: said in the window" in done.stderr
 
 
 @pytest.mark.parametrize("mode", ["no-stderr", "no-fd"])
