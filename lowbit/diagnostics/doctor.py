@@ -532,20 +532,46 @@ def _fitting_state(trainer, checkpoint_dir, checkpoint_path=None) -> dict:
     path = checkpoint.find(checkpoint_dir, checkpoint_path)
     state = checkpoint.load(path)
     own, saved = trainer.model.state_dict(), state["model"]
-    shapes = [
+    shapes = [  # in the model's order, as `load_state_dict` names them
         f"size mismatch for {name}: copying a param with shape {saved[name].shape} from "
         f"checkpoint, the shape in current model is {own[name].shape}."
-        for name in own.keys() & saved.keys()
-        if own[name].shape != saved[name].shape
+        for name in own
+        if name in saved and own[name].shape != saved[name].shape
     ]
     if own.keys() != saved.keys() or shapes:  # as `load_state_dict` would refuse them
-        misfit = _misfit(own, saved, RuntimeError("\n".join(sorted(shapes))))
+        misfit = _misfit(own, saved, RuntimeError("\n".join(shapes)))
         raise UsageError(
             f"{path}: its weights do not fit the model of these settings (model "
             f"{trainer.config.model!r}, the run trained {read(checkpoint_dir).model!r}: "
             f"{misfit}); fix: drop --model, the probe of a checkpoint takes the run's model"
         )
+    _refuse_unheld_values(trainer, path, own, saved)
     return state
+
+
+def _refuse_unheld_values(trainer, path, own: dict, saved: dict) -> None:
+    """Refuse a checkpoint whose finite weights the probe's 16-bit parameters cannot hold (an
+    fp32 run's 1e6 probed under ``--recipe fp16-low``, past fp16's largest 65504): loaded, they
+    became inf, and the probe reported weights non-finite before its first step, with the fix of
+    an earlier checkpoint (review R8). A checkpoint's own inf or NaN is the run's, and probed."""
+    from lowbit.recipes.recipe import dtype_name
+
+    for name, mine in own.items():
+        theirs = saved[name]
+        if not (mine.is_floating_point() and theirs.is_floating_point()):
+            continue
+        largest = torch.finfo(mine.dtype).max
+        if largest >= torch.finfo(theirs.dtype).max:
+            continue
+        finite = theirs[torch.isfinite(theirs)].abs()
+        if finite.numel() and (peak := finite.max().item()) > largest:
+            recipe = trainer.config.recipe
+            raise UsageError(
+                f"{path}: {name} holds {peak:g}, past {dtype_name(mine.dtype)}'s largest "
+                f"{largest:g}, in which recipe {recipe} keeps the probe's parameters; fix: "
+                "probe it under the run's own recipe (drop --recipe) or a bf16 one "
+                "(--recipe bf16-low)"
+            )
 
 
 def _refuse_unused_overrides(trainer, run_overrides: list[str]) -> None:

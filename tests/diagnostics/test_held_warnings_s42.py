@@ -44,6 +44,24 @@ def test_doctor_of_a_diverged_bf16_low_run_names_its_inf_weights(tmp_path, capsy
     assert "error" not in printed.err
 
 
+def test_doctor_refuses_finite_weights_its_fp16_parameters_cannot_hold(tmp_path, capsys):
+    """Review R8: an fp32 run's 1e6, probed under fp16-low, became inf as it loaded, and the
+    probe reported the weights non-finite before its first step (go back to an earlier one)."""
+    run = str(tmp_path / "run")
+    settings = ["--task", "image-classification", "--model", "tiny", "--batch-size", "8"]
+    assert main(["train", *settings, "--steps", "1", "--out", run, "--quiet"]) == 0
+    (path,) = (tmp_path / "run" / "checkpoints").glob("*.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["model"]["features.0.weight"].view(-1)[0] = 1e6  # finite, past fp16's 65504
+    torch.save(state, path)
+    capsys.readouterr()
+    probe = ["doctor", "--checkpoint", run, "--recipe", "fp16-low", "--probe-steps", "1"]
+    assert main([*probe, "--out", str(tmp_path / "doctor")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "features.0.weight holds 1e+06, past fp16's largest 65504" in line, line
+    assert "fix: probe it under the run's own recipe" in line
+
+
 def _data(folder, text: str):
     """A folder of ``a.txt`` holding ``text`` and a compressed file beside it (warned of)."""
     folder.mkdir()
