@@ -63,6 +63,11 @@ def test_a_resumed_bpe_run_reads_its_saved_tokenizer(tiny_config, tmp_path, monk
     saved = tmp_path / "b" / "tokenizer" / "tokenizer.json"
     saved.write_text("{not json")
     longer = tiny_config(**{**settings, "steps": 6}, out=str(tmp_path / "b"))
+    # the run recorded its tokenizer's sha256 (run.json's run_files): the file is named as changed
+    with pytest.raises(UsageError, match=r"tokenizer/tokenizer.json changed.*fix: put those back"):
+        train(longer, resume=True, quiet=True)
+    info = tmp_path / "b" / "run.json"  # a run recorded before session 42: its reader says why
+    info.write_text(json.dumps({**json.loads(info.read_text()), "run_files": {}}))
     with pytest.raises(UsageError, match=r"tokenizer is damaged .*fix: restore the run's tok"):
         train(longer, resume=True, quiet=True)
     saved.unlink()
