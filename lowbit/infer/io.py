@@ -839,9 +839,10 @@ def load_baseline(manifest: dict, device="cpu") -> tuple[Source | None, str | No
         )
     try:
         baseline = load_source(path, device, checkpoint if checkpoint else None)
-    except ChangedBytes as error:  # a pruned source folder's: this folder's metrics still show
-        problem, fix = str(error).split("; fix: ")
-        return None, f"{problem}; to compare against it, {fix}"
+    except UsageError as error:  # its bytes changed, cut short, its tokenizer damaged, ...:
+        # this folder's metrics still show (only a changed CRC-32 did before review R7)
+        problem, _, fix = str(error).partition("; fix: ")
+        return None, f"{problem}; to compare against it, {fix}" if fix else problem
     recorded = src.get("weights")  # folders written before lowbit recorded it have none
     changed = recorded is not None and recorded != weights_digest(baseline.model)
     if changed and not _made_from_rounded_weights(baseline, recorded):

@@ -65,3 +65,18 @@ def test_a_changed_pruned_folder_is_not_quantized_and_a_folder_from_before_loads
     del manifest["crc32"]
     (pruned / "quantization.json").write_text(json.dumps(manifest))
     assert main(["export", str(pruned), "--out", str(tmp_path / "hf")]) == 0
+
+
+def test_a_folder_is_evaluated_when_its_pruned_source_is_cut_short(lm_run, tmp_path, capsys):
+    """Review R7: only a source whose CRC-32 changed gave way to a note; a source cut short (or
+    otherwise unreadable) refused `eval` of the intact folder quantized from it."""
+    pruned, quantized = tmp_path / "pruned", tmp_path / "quantized"
+    argv = ["prune", str(lm_run), "--sparsity", "0.5", "--max-batches", "1", "--out", str(pruned)]
+    assert main(argv) == 0
+    assert main(["quantize", str(pruned), "--to", "int8", "--out", str(quantized)]) == 0
+    weights = pruned / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["eval", str(quantized), "--max-batches", "1", "--quiet"]) == 0
+    (note,) = [x for x in capsys.readouterr().out.splitlines() if "no reference" in x]
+    assert note.startswith(f"(no reference to compare against: {weights}"), note
