@@ -46,3 +46,16 @@ def folder_once_per_session(tmp_path_factory, name: str, make):
         return make(folder)
 
     return once_per_session(tmp_path_factory, name, made)
+
+
+def run_once_per_session(tmp_path_factory, name: str, argv: list[str]):
+    """The folder of the run ``lowbit ARGV --quiet --out FOLDER`` trains, once per session as
+    `folder_once_per_session` makes it (tests that change it change a copy)."""
+    from lowbit.cli import main
+
+    def make(folder):
+        out = folder / "run"
+        assert main([*argv, "--quiet", "--out", str(out)]) == 0
+        return out
+
+    return folder_once_per_session(tmp_path_factory, name, make)

@@ -12,7 +12,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.train import checkpoint
 from tests.distributed.test_preflight_s35 import no_ranks  # noqa: F401 (a fixture)
-from tests.once import folder_once_per_session
+from tests.once import run_once_per_session
 
 DIGITS = ["--task", "image-classification", "--batch-size", "4", "--device", "cpu"]
 
@@ -23,13 +23,8 @@ def dcp_run(tmp_path_factory):
     processes write them) at step 4, checkpoints at steps 2 and 4. Trained once per session
     (tests that resume it copy it)."""
 
-    def make(folder):
-        out = folder / "run"
-        argv = ["train", *DIGITS, "--strategy", "ddp", "--steps", "4", "--save-interval", "2"]
-        assert main([*argv, "--quiet", "--out", str(out)]) == 0
-        return out
-
-    return folder_once_per_session(tmp_path_factory, "launch-s40", make)
+    argv = ["train", *DIGITS, "--strategy", "ddp", "--steps", "4", "--save-interval", "2"]
+    return run_once_per_session(tmp_path_factory, "launch-s40", argv)
 
 
 def test_a_resume_shorter_than_the_run_is_refused_before_any_rank(

@@ -9,7 +9,7 @@ import yaml
 
 from lowbit.cli import main
 from lowbit.train import checkpoint
-from tests.once import folder_once_per_session
+from tests.once import run_once_per_session
 
 NANO = ["--model", "nano", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1"]
 
@@ -44,13 +44,8 @@ def two_checkpoints(tmp_path_factory):
     """A run with checkpoints at steps 1 and 2 (--keep-last 2), trained once per session (tests
     copy it)."""
 
-    def make(folder):
-        run = folder / "run"
-        argv = ["train", *NANO, "--steps", "2", "--eval-interval", "1", "--keep-last", "2"]
-        assert main([*argv, "--quiet", "--out", str(run)]) == 0
-        return run
-
-    return folder_once_per_session(tmp_path_factory, "config-eval-s30", make)
+    argv = ["train", *NANO, "--steps", "2", "--eval-interval", "1", "--keep-last", "2"]
+    return run_once_per_session(tmp_path_factory, "config-eval-s30", argv)
 
 
 def _saving_meanwhile(monkeypatch, times):

@@ -12,7 +12,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.errors import UsageError
 from lowbit.train import checkpoint
-from tests.once import folder_once_per_session
+from tests.once import run_once_per_session
 
 DIGITS = ["--task", "image-classification", "--batch-size", "4", "--recipe", "fp8-tensorwise"]
 
@@ -22,13 +22,8 @@ def digits_run(tmp_path_factory):
     """A digits run at step 4, checkpoints at steps 2 and 4; its recipe prints start-up lines.
     Trained once per session (tests change a copy: `run`)."""
 
-    def make(folder):
-        out = folder / "run"
-        argv = ["train", *DIGITS, "--steps", "4", "--save-interval", "2", "--eval-interval", "4"]
-        assert main([*argv, "--quiet", "--out", str(out)]) == 0
-        return out
-
-    return folder_once_per_session(tmp_path_factory, "resume-s40", make)
+    argv = ["train", *DIGITS, "--steps", "4", "--save-interval", "2", "--eval-interval", "4"]
+    return run_once_per_session(tmp_path_factory, "resume-s40", argv)
 
 
 @pytest.fixture
