@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -166,7 +167,7 @@ def _refuse_uninitialized(recipe: Recipe, model: torch.nn.Module) -> None:
     ``nn.LazyConv2d``) that the recipe converts but whose shape its first forward has not set yet:
     kept, it would turn into a plain layer at that forward and compute in high precision for good,
     unnoticed."""
-    for name, layer in model.named_modules():
+    for name, layer in unwrapped_modules(model):
         lazy = isinstance(layer, torch.nn.modules.lazy.LazyModuleMixin)
         unset = lazy and isinstance(layer, _GEMM_MODULES) and layer.has_uninitialized_params()
         if unset and recipe.layer_for(name)[0] is not None:
@@ -225,9 +226,87 @@ def is_convertible(module: torch.nn.Module) -> bool:
     )
 
 
+def wrapped_attribute(module: torch.nn.Module) -> str | None:
+    """The attribute under which ``module`` holds the model it wraps, where it is one of torch's
+    wrappers whose part of a name inside it is none of the model's own: `torch.compile`'s
+    ``OptimizedModule`` (``_orig_mod``), ``DistributedDataParallel`` and ``DataParallel``
+    (``module``); None for any other module (FSDP2's ``fully_shard`` adds no module)."""
+    if isinstance(module, _PARALLEL_WRAPPERS):
+        return "module"
+    return "_orig_mod" if isinstance(module, _wrapper_types()) else None
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    """The classes of `wrapped_attribute`'s wrappers (dynamo's not imported: its import is slow,
+    and a compiled module has imported it)."""
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    return _PARALLEL_WRAPPERS if compiled is None else (*_PARALLEL_WRAPPERS, compiled)
+
+
+_PARALLEL_WRAPPERS = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``model``'s wrappers (`wrapped_attribute`), or ``model``."""
+    while (inner := wrapped_attribute(model)) is not None:
+        model = model._modules[inner]
+    return model
+
+
+def unwrapped_modules(
+    model: torch.nn.Module, remove_duplicate: bool = True
+) -> list[tuple[str, torch.nn.Module]]:
+    """``model.named_modules()`` as the unwrapped model names them: without torch's wrappers
+    (`wrapped_attribute`) and their parts of the names, at any depth (``module.0`` of
+    ``DDP(model)``, ``0._orig_mod`` of ``model[0] = torch.compile(model[0])``: ``0``). Overrides,
+    reports and precision states name layers so: the names ``lowbit train --override`` takes
+    (the trainer converts before wrapping), and a state saved inside a wrapper loads outside it.
+    A module of the model's own named ``module`` or ``_orig_mod`` keeps its name."""
+    named = list(model.named_modules(remove_duplicate=remove_duplicate))
+    types = _wrapper_types()
+    wrappers = {name: wrapped_attribute(m) for name, m in named if isinstance(m, types)}
+    if not wrappers:
+        return named  # the common case: one pass of named_modules and a type check per module
+    return [(_unwrapped_name(name, wrappers), m) for name, m in named if name not in wrappers]
+
+
+def _unwrapped_name(name: str, wrappers: dict[str, str]) -> str:
+    """``name`` without the parts that ``wrappers`` (a wrapper's name -> the attribute it holds
+    its model under) add."""
+    parts = name.split(".") if name else []
+    return ".".join(
+        part for i, part in enumerate(parts) if wrappers.get(".".join(parts[:i])) != part
+    )
+
+
+# every layer `convert` swapped in, in any model, held weakly (`layers_holding`)
+_swapped_in: weakref.WeakSet = weakref.WeakSet()
+
+
+def _child_name(prefix: str, child_name: str, wrapped: str | None) -> str:
+    """The unwrapped name of the child ``child_name`` of the module named ``prefix``, which wraps
+    its child ``wrapped`` (`wrapped_attribute`)."""
+    if child_name == wrapped:
+        return prefix
+    return f"{prefix}.{child_name}" if prefix else child_name
+
+
+def _swap(module: torch.nn.Module, child_name: str, replacement: torch.nn.Module) -> None:
+    """Put ``replacement`` in ``module``'s child ``child_name``. A compiled layer's wrapper
+    (``model[0] = torch.compile(model[0])`` before `convert`) bound its forward to the layer it
+    wrapped: it computed the original layer in high precision without a word, the converted one
+    unused, until its forward is bound again (`OptimizedModule._initialize`, which its
+    constructor calls). Every layer swapped in is listed (`layers_holding`)."""
+    setattr(module, child_name, replacement)
+    if isinstance(replacement, (LowbitModule, LowbitExperts)):
+        _swapped_in.add(replacement)
+    if child_name == "_orig_mod" and wrapped_attribute(module) == "_orig_mod":
+        module._initialize()
+
+
 def gemm_layer_names(model: torch.nn.Module) -> list[str]:
     """The names of the model's convertible GEMM modules, in module order."""
-    return [name for name, module in model.named_modules() if is_convertible(module)]
+    return [name for name, module in unwrapped_modules(model) if is_convertible(module)]
 
 
 def output_head_names(model: torch.nn.Module) -> list[str]:
@@ -239,7 +318,7 @@ def output_head_names(model: torch.nn.Module) -> list[str]:
         if callable(getter):
             with contextlib.suppress(NotImplementedError, AttributeError):  # a class without one
                 heads.add(id(getter()))
-    places = model.named_modules(remove_duplicate=False)  # each place of a shared head
+    places = unwrapped_modules(model, remove_duplicate=False)  # each place of a shared head
     return [name for name, module in places if id(module) in heads and name]
 
 
@@ -249,7 +328,7 @@ def router_layer_names(model: torch.nn.Module, mixture_of_experts: bool = True) 
     Transformers' ``router.classifier``, Zaya's ``router_mlp.fc1``, Ergo's ``gate.linear``), or
     with ``mixture_of_experts=False`` those of other routers (GraniteDocling's
     ``density_router``, which chooses a path for each sample)."""
-    modules = dict(model.named_modules())
+    modules = dict(unwrapped_modules(model))
     routers = [
         f"{name}."
         for name, module in modules.items()
@@ -259,7 +338,7 @@ def router_layer_names(model: torch.nn.Module, mixture_of_experts: bool = True) 
     ]
     return [
         name
-        for name, module in model.named_modules()
+        for name, module in unwrapped_modules(model)
         if name.startswith(tuple(routers)) and _is_gemm(module)
     ]
 
@@ -292,7 +371,7 @@ def _transformers_models(model: torch.nn.Module) -> list[str]:
     pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", ())
     return [
         f"{name}." if name else ""
-        for name, module in model.named_modules()
+        for name, module in unwrapped_modules(model)
         if isinstance(module, pretrained)
     ]
 
@@ -304,11 +383,11 @@ def cnn_classifier_names(model: torch.nn.Module) -> list[str]:
     in no stack of blocks (an ``fc2`` inside a block is a hidden layer) and in no transformers
     model (whose heads the presets know by name: CLIP's last layer is its ``text_projection``).
     A plain MLP has no such head: its last layer is not told from a hidden one."""
-    gemms = [(name, module) for name, module in model.named_modules() if _is_gemm(module)]
+    gemms = [(name, module) for name, module in unwrapped_modules(model) if _is_gemm(module)]
     if not any(isinstance(module, (torch.nn.Conv2d, LowbitConv2d)) for _, module in gemms):
         return []
     name, last = gemms[-1]
-    stacks = block_stacks(name for name, _ in model.named_modules())
+    stacks = block_stacks(name for name, _ in unwrapped_modules(model))
     inside_transformers = name.startswith(tuple(_transformers_models(model)))
     if not is_linear(last) or block_of(name, stacks) is not None or inside_transformers:
         return []
@@ -333,7 +412,7 @@ def recipe_for_model(recipe: Recipe | str, model: torch.nn.Module) -> Recipe:
     if overrides != list(recipe.overrides):
         recipe = dataclasses.replace(recipe, overrides=tuple(overrides))
     return recipe.resolved_for(
-        (name for name, _ in model.named_modules()),
+        (name for name, _ in unwrapped_modules(model)),
         gemm_layer_names(model),
         output_head_names(model),
     )
@@ -363,10 +442,11 @@ def convert(
     of which were converted and which kept and why, also logged (logger ``lowbit.nn.convert``,
     level INFO)."""
     check_model(model, "convert")
-    if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
+    layer = unwrapped(model)  # a compiled layer is a bare layer too
+    if is_convertible(layer) or isinstance(layer, (LowbitModule, LowbitExperts)):
         raise UsageError(
             f"convert swaps the GEMM layers inside a model, in place, and a bare "
-            f"{type(model).__name__} has no parent to be swapped in; fix: convert a model that "
+            f"{type(layer).__name__} has no parent to be swapped in; fix: convert a model that "
             f"holds it, e.g. torch.nn.Sequential(layer)"
         )
     if isinstance(getattr(recipe, "recipe", None), Recipe):  # a lowbit.Precision (not imported:
@@ -378,7 +458,7 @@ def convert(
         )
     recipe = recipe_for_model(recipe, model)
     check_plannable(
-        recipe, (n for n, m in model.named_modules() if is_convertible(m) or is_experts(m))
+        recipe, (n for n, m in unwrapped_modules(model) if is_convertible(m) or is_experts(m))
     )
     _refuse_uninitialized(recipe, model)
     report = report if report is not None else ConversionReport()
@@ -390,7 +470,7 @@ def convert(
     # (The module is held so that its id cannot pass to a new object during the walk.)
     placed: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
     places: dict[int, list[str]] = {}
-    for place, module in model.named_modules(remove_duplicate=False):
+    for place, module in unwrapped_modules(model, remove_duplicate=False):
         places.setdefault(id(module), []).append(place)
 
     def decision(name: str, child: torch.nn.Module) -> tuple:
@@ -402,10 +482,10 @@ def convert(
             if child is None:
                 continue
             if id(child) in placed:
-                setattr(module, child_name, placed[id(child)][1])
+                _swap(module, child_name, placed[id(child)][1])
                 continue
             placed[id(child)] = (child, child)
-            name = f"{prefix}.{child_name}" if prefix else child_name
+            name = _child_name(prefix, child_name, wrapped_attribute(module))
             if isinstance(module, torch.nn.MultiheadAttention) and child_name == "out_proj":
                 continue  # a part of the attention (reported as one kept layer), not a layer
             if isinstance(child, (LowbitModule, LowbitExperts)):
@@ -425,7 +505,7 @@ def convert(
                         own = recipe.fixed_operands(f"{name}.gemms.{kind}.{expert}")
                         gemm.lowbit_state.fixed_operands = own or recipe.fixed_operands(name)
                 _move_hooks(child, replacement)
-                setattr(module, child_name, replacement)
+                _swap(module, child_name, replacement)
                 placed[id(child)] = (child, replacement)
                 report.converted[name] = f"{spec.describe()} ({child.num_experts} experts)"
                 continue
@@ -460,7 +540,7 @@ def convert(
             # The operands an override set keep their spec: the auto controller plans the others.
             replacement.lowbit_state.fixed_operands = recipe.fixed_operands(name)
             _move_hooks(child, replacement)
-            setattr(module, child_name, replacement)
+            _swap(module, child_name, replacement)
             placed[id(child)] = (child, replacement)
             report.converted[name] = spec.describe()
 
@@ -500,7 +580,7 @@ def _unused_overrides(recipe: Recipe, model: torch.nn.Module) -> list[str]:
     """The user's overrides (``--override``, `parse_override`) that decide no GEMM layer of the
     model (a misspelt name, or one an earlier override shadows), as the user wrote them."""
     names = []
-    for name, module in model.named_modules(remove_duplicate=False):  # every place of a module
+    for name, module in unwrapped_modules(model, remove_duplicate=False):  # every place of a module
         if isinstance(module, (LowbitModule, LowbitExperts)) or is_convertible(module):
             names.append(name)
         elif _kept_gemm_reason(module) is not None and _kept_on_purpose(recipe, name):
@@ -544,7 +624,7 @@ def _unused_hints(
         text = override.reason.removeprefix("override ")
         if text not in unused or text in hints:
             continue
-        matched = [(n, m) for n, m in model.named_modules() if n and override.matches(n)]
+        matched = [(n, m) for n, m in unwrapped_modules(model) if n and override.matches(n)]
         kept = next(((n, r) for n, m in matched if (r := _kept_reason_of_kind(m))), None)
         layer = next((n for n, m in matched if _is_gemm(m)), None)
         # every operand this one sets of that layer is decided by an override before it
@@ -602,12 +682,20 @@ def _expert_gemm_overrides(recipe: Recipe, name: str, spec, experts: int) -> dic
     return out
 
 
+def layers_holding(param_ids: set[int]) -> list[torch.nn.Module]:
+    """The layers `convert` swapped in, in any model, that hold a parameter of ``param_ids``: a
+    `Precision` finds those of the models it was not given (`Precision._warn_converted_elsewhere`)."""
+    return [
+        layer for layer in list(_swapped_in) if any(id(p) in param_ids for p in layer.parameters())
+    ]
+
+
 def swapped_layers(model: torch.nn.Module) -> set[str]:
     """The names of the modules `convert` put in the model (converted layers, experts modules
     and their GEMMs): what `replaced_by_plain_layers` compares the model against."""
     return {
         name
-        for name, module in model.named_modules()
+        for name, module in unwrapped_modules(model)
         if isinstance(module, (LowbitModule, LowbitExperts))
     }
 
@@ -619,10 +707,10 @@ def replaced_by_plain_layers(model: torch.nn.Module, swapped: set[str]) -> list[
     dtype, not the recipe's format. A wrapper in a converted layer's place (a LoRA layer holding
     it as its ``base_layer``) is no such layer."""
     replaced = []
+    modules = dict(unwrapped_modules(model))
     for name in sorted(swapped):
-        try:
-            now = model.get_submodule(name)
-        except AttributeError:  # removed, or a part of an experts module replaced as a whole
+        now = modules.get(name)  # None: removed, or a part of an experts module replaced whole
+        if now is None:
             continue
         if is_convertible(now) and not isinstance(now, (LowbitModule, LowbitExperts)):
             replaced.append(name)
@@ -630,7 +718,10 @@ def replaced_by_plain_layers(model: torch.nn.Module, swapped: set[str]) -> list[
 
 
 def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:
-    """Every converted layer by fully qualified name."""
+    """Every converted layer by fully qualified name, as the unwrapped model names it
+    (`unwrapped_modules`)."""
     return {
-        name: module for name, module in model.named_modules() if isinstance(module, LowbitModule)
+        name: module
+        for name, module in unwrapped_modules(model)
+        if isinstance(module, LowbitModule)
     }

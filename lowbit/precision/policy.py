@@ -23,6 +23,7 @@ and the loss scale moves once per iteration, before the next `backward` (or when
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import numbers
@@ -45,9 +46,11 @@ from lowbit.nn.convert import (
     check_model,
     convert,
     is_convertible,
+    layers_holding,
     lowbit_layers,
     replaced_by_plain_layers,
     swapped_layers,
+    unwrapped,
 )
 from lowbit.nn.experts import LowbitExperts
 from lowbit.nn.linear import LowbitModule
@@ -120,6 +123,10 @@ class Precision:
         self._marks: dict[int, list[tuple[int, int | torch.Tensor]]] = {}
         self._changed_warned = False
         self._unconverted_warned = False  # `_warn_unconverted`'s warning, said once
+        self._elsewhere_warned = False  # `_warn_converted_elsewhere`'s, said once
+        # the layers `convert` found converted in the models it was given, those since replaced
+        # by others included (`_warn_converted_elsewhere`)
+        self._own_layers: weakref.WeakSet = weakref.WeakSet()
         # id(param) -> a weak reference to each parameter `convert` cast up to fp32, whose
         # optimizer states are cast with it (`_upcast_states`)
         self._cast_up: dict[int, weakref.ref] = {}
@@ -214,7 +221,8 @@ class Precision:
         if recipe.layer is not None or recipe.overrides:  # overrides apply under autocast too
             # a bare layer, converted or not (converting again is harmless): nothing holds it,
             # the new layer is returned
-            if is_convertible(model) or isinstance(model, (LowbitModule, LowbitExperts)):
+            layer = unwrapped(model)  # (a compiled layer is a bare layer too)
+            if is_convertible(layer) or isinstance(layer, (LowbitModule, LowbitExperts)):
                 holder = torch.nn.Sequential(model)
                 convert(holder, recipe, self.conversion_report)
                 model = holder[0]
@@ -226,11 +234,19 @@ class Precision:
         if self.device.type == "cpu" and self.compute_dtype in (torch.bfloat16, torch.float16):
             # PyTorch's 16-bit CPU attention backward is 2-5x slower than fp32's (lowbit.nn.attention)
             route_attention(model)
-        if all(known is not model for known in self._models):
+        # a model converted inside a wrapper (``DDP(model)``) and outside it is one model
+        if all(unwrapped(known) is not unwrapped(model) for known in self._models):
             self._models.append(model)
             self._swapped.append(set())
-        index = next(i for i, known in enumerate(self._models) if known is model)
+        index = next(
+            i for i, known in enumerate(self._models) if unwrapped(known) is unwrapped(model)
+        )
         self._swapped[index] = swapped_layers(model)
+        self._own_layers.update(
+            module
+            for module in model.modules()
+            if isinstance(module, (LowbitModule, LowbitExperts))
+        )
         self._apply_pending()
         return model
 
@@ -383,13 +399,13 @@ class Precision:
     def _layers(self) -> dict[str, LowbitModule]:
         """The converted layers of every converted model by name; a second model's names carry
         its position (``1:model.layers.0.mlp.up_proj``), so that no two layers share a key. The
-        names are the uncompiled model's (`_uncompiled_layers`)."""
+        names are the unwrapped model's (`lowbit_layers`): a run converted inside
+        ``DistributedDataParallel`` or `torch.compile`'s wrapper resumes outside it (a single-process
+        resume, an evaluation), and the converse."""
         layers = {}
         for index, model in enumerate(self._models):
             prefix = f"{index}:" if index else ""
-            layers.update(
-                {prefix + name: layer for name, layer in _uncompiled_layers(model).items()}
-            )
+            layers.update({prefix + name: layer for name, layer in lowbit_layers(model).items()})
         return layers
 
     def _params(self) -> list[torch.Tensor]:
@@ -516,6 +532,7 @@ class Precision:
         if any(id(optimizer) not in self._backward_at_step for optimizer in optimizers):
             self._warn_replaced_layers(stacklevel + 1)
             self._warn_unconverted(stacklevel + 1)
+            self._warn_converted_elsewhere(optimizers, stacklevel + 1)
 
     def _warn_unconverted(self, stacklevel: int) -> None:
         """Warn, once, at the first step of a Precision that `convert` was given no model, where
@@ -542,6 +559,35 @@ class Precision:
             "fp16's emulated roundings, the layers' part of precision.state_dict()), an "
             "unconverted one in its own formats; fix: model = precision.convert(model) before "
             "training (it leaves layers converted with this recipe as they are)",
+            stacklevel=stacklevel,
+        )
+
+    def _warn_converted_elsewhere(self, optimizers: list, stacklevel: int) -> None:
+        """Warn, once, at the first step of optimizers of the converted layers of a model that
+        `convert` was not given, where it was given another (`_warn_unconverted` speaks where it
+        was given none): a GAN's second model converted by ``lowbit.convert(model, recipe)``
+        alone trained without a word, fp8-delayed's amax histories never moving (`step` commits
+        those of the models `convert` was given), and `state_dict` left its layers out."""
+        if not self._models or self._elsewhere_warned:
+            return
+        stepped = {id(p) for optimizer in optimizers for p in optimizer_params(optimizer)}
+        known = {id(module) for model in self._models for module in model.modules()}
+        outside = [
+            layer
+            for layer in layers_holding(stepped)
+            if id(layer) not in known and layer not in self._own_layers
+        ]
+        if not outside:
+            return
+        self._elsewhere_warned = True
+        warnings.warn(
+            f"lowbit: precision.step() steps the parameters of {len(outside)} converted "
+            f"layer{'s' * (len(outside) > 1)} of a model this precision.convert() was not "
+            "given (converted by lowbit.convert() alone, or by another Precision): it trains "
+            "without what precision.convert() sets up (delayed-scaling histories that move, "
+            "fp16's emulated roundings, the layers' part of precision.state_dict()); fix: model "
+            "= precision.convert(model) for each model this precision trains (it leaves layers "
+            "converted with this recipe as they are)",
             stacklevel=stacklevel,
         )
 
@@ -882,15 +928,19 @@ class Precision:
         (``model.to(torch.bfloat16)``, ``model.half()``) had its optimizer step the 16-bit weights
         without the fp32 ones the recipe promises: updates below half a 16-bit spacing were lost,
         and fp16-mixed's AdamW wrote inf into fp16 weights (its eps, 1e-8, is 0 in fp16). Frozen
-        16-bit parameters are the user's to keep (a frozen base under fp32 adapters)."""
-        if self.param_dtype != torch.float32:
-            return
+        16-bit parameters are the user's to keep (a frozen base under fp32 adapters).
+
+        Under a recipe of 16-bit parameters, those of the other 16-bit dtype are refused alike: a
+        bf16-low model cast by ``model.half()`` trained on in fp16 (its range, no loss scaling),
+        an fp16-low one cast to bf16 in bf16. (Wider ones step as they are, `LowPrecisionUpdate`'s
+        ``_low``: parameters added beside the converted model.)"""
+        wrong = {torch.bfloat16, torch.float16} - {self.param_dtype}
         low = next(
             (
                 p
                 for optimizer in optimizers
                 for p in optimizer_params(optimizer)
-                if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+                if p.requires_grad and p.dtype in wrong
             ),
             None,
         )
@@ -899,6 +949,15 @@ class Precision:
         names = (name for model in self._models for name, p in model.named_parameters() if p is low)
         name = next(names, "a parameter of the optimizer")
         dtype = str(low.dtype).removeprefix("torch.")
+        if self.param_dtype != torch.float32:
+            trained = str(self.param_dtype).removeprefix("torch.")
+            raise UsageError(
+                f"precision.{call}(): {name} is {dtype}, and recipe {self.recipe.name} trains "
+                f"{trained} parameters (was the model cast after precision.convert(), e.g. "
+                f"model.to(torch.{dtype})?): the optimizer would step {dtype} weights in their "
+                f"place; fix: model = precision.convert(model) after the cast, which casts the "
+                f"parameters back to {trained}"
+            )
         raise UsageError(
             f"precision.{call}(): {name} is {dtype}, and recipe {self.recipe.name} trains fp32 "
             f"parameters (was the model cast after precision.convert(), e.g. "
@@ -1016,7 +1075,7 @@ class Precision:
             "params_per_optimizer": sizes,
             "layers": {**pending.get("layers", {}), **layers},
             "layer_specs": {**pending.get("layer_specs", {}), **specs},
-            "layer_names": "uncompiled",  # `_uncompiled_layers`' (`_legacy_uncompiled`)
+            "layer_names": "unwrapped",  # `lowbit_layers`' (`_legacy_uncompiled`)
         }
         if "rng" in pending:  # restored only once every part has been applied
             state["rng"] = pending["rng"]
@@ -1097,7 +1156,9 @@ class Precision:
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        uncompiled = _legacy_uncompiled if state.get("layer_names") != "uncompiled" else str
+        # (session 42 wrote "uncompiled": the same names but for DDP's and DataParallel's ``module``)
+        recorded = state.get("layer_names") in ("uncompiled", "unwrapped")
+        uncompiled = str if recorded else _legacy_uncompiled
         self._pending = {
             "update": state.get("update", {}),
             "params_per_optimizer": state.get("params_per_optimizer"),
@@ -1111,6 +1172,27 @@ class Precision:
             self._pending["rng"] = state["rng"]
         self._unstepped_load = True
         self._apply_pending()
+
+    def __reduce_ex__(self, protocol):
+        """Refuse pickling (``torch.save`` of a checkpoint that holds the Precision itself) in one
+        line with the fix: it failed deep inside pickle with "cannot pickle
+        'weakref.ReferenceType' object", and an unpickled copy would hold optimizers without
+        what `wrap_optimizer` set up on them (``Optimizer.__getstate__`` keeps no hooks). Its
+        state is `state_dict`, as a module's and an optimizer's are."""
+        raise UsageError(
+            "a lowbit.Precision is not pickled (torch.save of it, or of a checkpoint holding it); "
+            "its state is precision.state_dict(); fix: torch.save({..., 'precision': "
+            "precision.state_dict()}, path), then precision.load_state_dict(checkpoint"
+            "['precision']) into a new Precision of the same recipe"
+        )
+
+    def __deepcopy__(self, memo: dict) -> Precision:
+        """Python's own deep copy, which `__reduce_ex__` would refuse: a copy of a run in memory,
+        ``copy.deepcopy((model, optimizer, precision))``, continues as the run does."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def _draws_random(self) -> bool:
         """Whether the numerics draw random numbers (stochastic rounding of the update, or of an
@@ -1417,37 +1499,9 @@ def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
     return None
 
 
-def _uncompiled_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:
-    """`lowbit_layers` of ``model`` named as the uncompiled model names them: without the
-    ``_orig_mod`` parts that `torch.compile`'s wrappers (``OptimizedModule``) add (``_orig_mod.0``
-    for a model compiled before `Precision.convert`, ``0`` after it), as `state_dict` saves them: a
-    run compiled one way and resumed the other (or uncompiled) lost fp8-delayed's amax histories,
-    with a warning that every layer was converted in one run and kept in the other. A module a
-    user named ``_orig_mod`` keeps its part of the names (dropping every such part named its
-    ``_orig_mod.a`` and a sibling ``a`` alike, one layer lost from the state)."""
-    layers = lowbit_layers(model)
-    if not any("_orig_mod" in name.split(".") for name in layers):
-        return layers
-    from torch._dynamo.eval_frame import OptimizedModule  # imported by whatever compiled one
-
-    wrappers = {
-        name for name, module in model.named_modules() if isinstance(module, OptimizedModule)
-    }
-
-    def uncompiled(name: str) -> str:
-        parts = name.split(".")
-        return ".".join(
-            part
-            for i, part in enumerate(parts)
-            if part != "_orig_mod" or ".".join(parts[:i]) not in wrappers
-        )
-
-    return {uncompiled(name): layer for name, layer in layers.items()}
-
-
 def _legacy_uncompiled(name: str) -> str:
     """A `Precision._layers` name of a state saved before `state_dict` recorded its names as
-    `_uncompiled_layers`' (``layer_names``): without its ``_orig_mod`` parts, which a compiled
+    the unwrapped model's (``layer_names``): without its ``_orig_mod`` parts, which a compiled
     model's names had."""
     model, colon, layer = name.rpartition(":")
     return model + colon + ".".join(part for part in layer.split(".") if part != "_orig_mod")

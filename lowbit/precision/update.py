@@ -307,14 +307,25 @@ class LowPrecisionUpdate:
 
     def step(self, optimizer, closure=None) -> None:
         """(`Precision.step` refuses a ``closure`` here: the model does not read the stand-ins.)"""
-        self._check_copies(self._stand_ins.get(id(optimizer), {}))
-        pairs = self._stand_ins.pop(id(optimizer), {})
+        pairs = self._stand_ins.get(id(optimizer), {})
+        self._check_copies(pairs)
+        grads = [hp.grad for _, hp in pairs.values()]
         self._swap_in(optimizer, pairs)
         try:
             with _post_hooks_deferred(optimizer) as post_hooks:
                 optimizer.step() if closure is None else optimizer.step(closure)
-        finally:
+        except BaseException:
+            # interrupted (Ctrl-C, an out-of-memory error): the stand-ins keep their gradients,
+            # for a retried `Precision.step` to step through them; dropped, the retry stepped the
+            # 16-bit weights themselves, without master weights or clipping, into 16-bit states
             self._swap_out(optimizer, pairs)
+            for (_, hp), grad in zip(pairs.values(), grads):
+                hp.grad = grad
+            raise
+        self._swap_out(optimizer, pairs)
+        self._stand_ins.pop(id(optimizer), None)
+        for p, _ in pairs.values():
+            del self._copied_grads[id(p)]
         self._write_back(pairs)
         for hook in post_hooks:
             hook(optimizer, (optimizer,), {})
@@ -364,7 +375,7 @@ class LowPrecisionUpdate:
         ``.grad`` after it (``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` after
         `Precision.unscale_`, GradScaler's idiom) would be silently lost: it is refused."""
         for p, _ in pairs.values():
-            copied, version = self._copied_grads.pop(id(p))
+            copied, version = self._copied_grads[id(p)]
             if p.grad is not copied or local_values(copied)._version != version:
                 raise UsageError(
                     "a 16-bit parameter's .grad changed after precision.unscale_() or "
