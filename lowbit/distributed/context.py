@@ -343,6 +343,9 @@ class Ranks(SingleProcess):
         return RankSlice(batches, self.rank, self.world_size)
 
     def wrap(self, model, precision):
+        """(the model to train, the model whose state is saved): DDP's or FSDP2's. Their gradient
+        reductions sum the ranks' gradients (no division by the world size): each rank
+        backpropagates its share of the global batch's mean loss, its own mean / world size."""
         if self.strategy == "ddp":
             from lowbit.distributed.ddp import wrap_ddp
 

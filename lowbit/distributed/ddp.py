@@ -1,9 +1,13 @@
 """DDP: every rank holds the whole model; gradients are all-reduced in the recipe's reduce dtype.
 
 The reduce dtype is the recipe's ``grad_dtype`` when set, else its parameter dtype (fp32 for the
-mixed and fp8/MX recipes, bf16/fp16 for the 16-bit-parameter ones). The comm hook divides each
-gradient bucket by the world size, casts it to that dtype when the bucket's differs, all-reduces
-it and counts the bytes it sent (`CommStats`, the figures in docs/distributed.md).
+mixed and fp8/MX recipes, bf16/fp16 for the 16-bit-parameter ones). The comm hook casts each
+gradient bucket to that dtype when the bucket's differs, all-reduces (sums) it and counts the
+bytes it sent (`CommStats`, the figures in docs/distributed.md). It does not divide by the world
+size: each rank backpropagates its share of the global batch's mean loss (`Trainer.step`), so
+its gradients are those one process computes for its rows, and their sum is the batch's. Averaged
+instead, each rank's backward held N times one process's gradients, and an fp16 recipe's scaled
+gradients overflowed at 1/N of one process's loss scale (extra skipped steps, session 43).
 
 Every recipe is wrapped in `DistributedDataParallel`, the 16-bit-parameter ones included: their
 update (`LowPrecisionUpdate`) writes the rounded result into the 16-bit parameters in place, so
@@ -52,7 +56,6 @@ def _reduce_hook(state: CommStats, bucket):
 
     buffer = bucket.buffer()
     send = buffer.to(state.dtype) if buffer.dtype != state.dtype else buffer
-    send.div_(state.world_size)
     state.bytes += send.numel() * send.element_size()
     state.elements += send.numel()
     state.calls += 1

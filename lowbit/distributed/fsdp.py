@@ -1,6 +1,6 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, master weights and optimizer states
 are sharded; each block is all-gathered for its forward and backward and its gradients are
-reduce-scattered.
+reduce-scattered (summed: each rank's backward holds its share of the global batch's mean loss).
 
 The recipe maps onto `MixedPrecisionPolicy`:
 
@@ -47,9 +47,22 @@ def wrap_fsdp(model, precision, device: torch.device):
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision_policy(precision)
-    for module in list(model.modules()):
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    sharded = [
+        block
+        for module in list(model.modules())
+        if isinstance(module, torch.nn.ModuleList)
+        for block in module
+    ]
+    for module in [*sharded, model]:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        if dist.get_world_size() > 1:  # a group of one reduces nothing (no division, no copy)
+            summing(module)
     return model
+
+
+def summing(module) -> None:
+    """Make the FSDP2 ``module`` sum its ranks' gradients rather than average them: each rank
+    backpropagates its share of the global batch's mean loss (`lowbit.train.Trainer.step`), so the
+    sum is the global batch's gradient. Plain sums (no PreMulSum, which gloo lacks)."""
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)

@@ -462,18 +462,21 @@ def check_state_blocks(
     optimizer states: `lowbit.optim.adamw` refuses that at the first step, in terms of shards and
     dimensions, which a command-line user cannot act on. ``process_counts``: how the fix names
     them (torchrun's flag under torchrun)."""
-    from lowbit.memory.estimate import (
-        model_shape,
-        rank_counts_keeping_state_blocks,
-        splits_state_blocks,
-    )
+    from lowbit.memory.estimate import model_shape, splits_state_blocks
     from lowbit.optim.states import BLOCK_SIZE, state_precision
 
     precision = state_precision(config.optimizer_state)
     shape = model_shape(model, getattr(model, "config", None), config.model)
     if not splits_state_blocks(shape, precision, world_size):
         return
-    nearest = rank_counts_keeping_state_blocks(shape, precision, world_size)
+    # the (at most two) counts nearest this one that keep the blocks whole and split the global
+    # batch: a count the batch refuses was offered ("--nproc 2 or 4" for a batch of 6)
+    fitting = [
+        n
+        for n in range(2, 4 * world_size + 1)
+        if config.batch_size % n == 0 and not splits_state_blocks(shape, precision, n)
+    ]
+    nearest = sorted(sorted(fitting, key=lambda n: abs(n - world_size))[:2])
     processes = f"{process_counts.format(' or '.join(map(str, nearest)))}, or " if nearest else ""
     raise UsageError(
         f"fsdp over {world_size} processes splits the {BLOCK_SIZE[precision]}-value blocks of "
@@ -905,6 +908,11 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches."""
         accum, precision = self.config.grad_accum, self.precision
+        # each rank's share of the step's mean loss: DDP/FSDP sum the ranks' gradients, so that
+        # inside the backward each gradient is the one one process computes for the same rows
+        # (averaged after a backward of the rank's whole mean, they were N times that, and fp16's
+        # scaled gradients overflowed at 1/N of one process's loss scale)
+        shares = accum * self.dist.world_size
         lr = self.set_lr()
         batches = [to_device(next(self.task.train_batches), self.device) for _ in range(accum)]
         weights = self._loss_weights(batches)
@@ -920,7 +928,7 @@ class Trainer:
                         loss, n = self.task.loss(self.train_model, batch)
                     if weights[i] != 1.0:
                         loss = loss * weights[i]
-                    precision.backward(loss / accum)
+                    precision.backward(loss / shares)
                 loss_sum += loss.detach()
                 count += n
             loss_value = self.dist.mean(float(loss_sum) / accum)  # the mean over every term
@@ -968,7 +976,7 @@ class Trainer:
 
         Micro-batch i of a rank holds t_i terms (labelled words vary with padding and sentence
         length); over R ranks and A micro-batches the step holds T terms. Each rank backpropagates
-        sum_i w_i * loss_i / A, and DDP/FSDP average the ranks' gradients (divide by R), so
+        sum_i w_i * loss_i / (R * A), and DDP/FSDP sum the ranks' gradients, so
         w_i = t_i * R * A / T gives sum over ranks and micro-batches of t_i * loss_i / T. Where
         every batch holds as many terms (an LM's windows, full image batches) each weighs 1, with
         no exchange between the ranks."""
@@ -1186,6 +1194,10 @@ class Trainer:
                     asked = self.stop_requested
                     self.stop_step = self.step_idx + 1  # a stop asked from here: the next step's
                     if self.dist.any(asked) and not last:  # all ranks stop together
+                        # a signal to another rank alone: say why (read again: a signal to every
+                        # rank that reached this one during the agreement has been handled now)
+                        if main and not self.stop_requested:
+                            print(_stop_message_of_another_rank(self), file=sys.stderr)
                         if not saved_now:  # a stop on a save step keeps the step's checkpoint
                             last_saved = self._save(logger)
                         status = "interrupted"
@@ -1563,6 +1575,17 @@ def _stop_message(trainer: Trainer, signum: int) -> str:
     if trainer.run_name is None:
         return f"\n{how}: saving a checkpoint after this step{again}"
     return f"\n{how}: {trainer.run_name} saves a checkpoint after step {trainer.stop_step}{again}"
+
+
+def _stop_message_of_another_rank(trainer: Trainer) -> str:
+    """What rank 0 says as the ranks stop at a request that reached another rank alone (a SIGTERM
+    or SIGINT sent to that process): only rank 0 prints the stop message, so the run ended
+    "(interrupted)" without a word of why."""
+    named = f"{trainer.run_name}: " if trainer.run_name else ""
+    return (
+        f"\n{named}another process of this run was asked to stop (a signal to it alone): "
+        f"saving a checkpoint after step {trainer.step_idx}"
+    )
 
 
 @contextlib.contextmanager

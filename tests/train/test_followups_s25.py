@@ -88,7 +88,7 @@ def test_fsdp_over_a_rank_count_that_splits_quantized_state_blocks_names_the_cou
     blocks of 8-bit Adam states: the first step failed with "fix: shard along a dimension whose
     slices hold whole blocks", which a `lowbit train --nproc 3` user cannot act on."""
     config = TrainConfig(
-        model="nano", seq_len=32, batch_size=6, optimizer_state="8bit", out=str(tmp_path / "r")
+        model="nano", seq_len=32, batch_size=12, optimizer_state="8bit", out=str(tmp_path / "r")
     )
     with pytest.raises(UsageError) as refused:
         trainer_module.Trainer(config, dist=_FsdpRanks(3), quiet=True)

@@ -12,7 +12,8 @@ from lowbit.errors import UsageError
 from lowbit.train import TrainConfig, train
 from lowbit.train import trainer as trainer_module
 
-FSDP_3_8BIT = ["--model", "nano", "--strategy", "fsdp", "--nproc", "3", "--batch-size", "6"]
+# a batch of 12, which --nproc 2 and 4 split too: the fix names only counts that split it (s43)
+FSDP_3_8BIT = ["--model", "nano", "--strategy", "fsdp", "--nproc", "3", "--batch-size", "12"]
 
 
 def _not_started(*args, **kwargs):
@@ -40,7 +41,7 @@ def test_under_torchrun_the_rank_counts_are_named_by_torchrun_s_flag(tmp_path, c
     for name, value in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(launch, "run_rank", _not_started)
-    argv = ["train", "--model", "nano", "--strategy", "fsdp", "--batch-size", "6"]
+    argv = ["train", "--model", "nano", "--strategy", "fsdp", "--batch-size", "12"]
     argv += ["--optimizer-state", "8bit", "--steps", "1", "--out", str(tmp_path / "run")]
     assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
