@@ -222,7 +222,8 @@ def _quantize_fused(
     # rest of the model (torch 2.13; see `lowbit.nn.gemm._epilogue_takes`).
     if tiles and cols > 1 and (torch.compiler.is_compiling() or matrix.stride(1) != 1):
         matrix = matrix.contiguous()
-    if (cols % block[1] or rows % block[0]) and not pad:
+    # `pad` first: a traced graph with a symbolic token count guarded on its remainder here.
+    if not pad and (cols % block[1] or rows % block[0]):
         _pad_to_blocks(matrix, block, pad)  # raises the usual error
     if amax is not None and granularity is Granularity.AXIS:
         amax = _external_block_amax(amax, rows, granularity).reshape(rows)
@@ -238,7 +239,7 @@ def _quantize_fused(
     def run(write_values: bool):
         return kernels.quantize_rows(
             matrix,
-            0 if granularity is Granularity.TENSOR else block[1],
+            _kernel_block(granularity, block),
             block_rows=block[0] if tiles else 1,
             integer=isinstance(fmt, IntFormat),
             mbits=getattr(fmt, "mbits", 0),
@@ -278,6 +279,14 @@ def _quantize_fused(
     )
 
 
+def _kernel_block(granularity: Granularity, block: tuple[int, int]) -> int:
+    """`kernels.quantize_rows`' block: 0 for one scale, `kernels.ROW_BLOCK` for one per row (not
+    the row's length, which a traced graph may hold as a symbolic size; see there)."""
+    if granularity is Granularity.TENSOR:
+        return 0
+    return kernels.ROW_BLOCK if granularity is Granularity.AXIS else block[1]
+
+
 class AxisQuantizer:
     """``quantize(x, fmt, "axis", scale_rule=rule)`` of 2-D tensors (one scale per row, along the
     last axis) for an integer format, with the checks and the dispatch done once.
@@ -310,7 +319,7 @@ class AxisQuantizer:
         cols = x.shape[1]
         values, scale, *_ = kernels.quantize_rows(
             x.detach(),
-            cols,
+            kernels.ROW_BLOCK,
             integer=True,
             mbits=0,
             emin=0,

@@ -15,6 +15,14 @@ import torch
 
 _INT_KIND = 1  # quantize_rows' kind for symmetric integer formats (values in int8)
 _NVFP4_RULE = 4  # quantize_rows' rule with a tensor scale (e4m3 block scales, fp32 tensor scale)
+# quantize_rows' block for one scale per row (`lowbit.kernels.quantize_rows`): a block longer than
+# any row, which quantize.cpp takes as one block of the whole row, ceil(cols / block) = 1. Not the
+# row's length, which a traced graph (`torch.compile`) holds as a symbolic size where it is a
+# batch's token count (a weight gradient's ``grad_out.T``): the C++ op's ``int block`` made
+# Dynamo specialize it, so every new batch size compiled the model again, up to its recompile
+# limit. The kernel gives the same bits (with stochastic rounding, whose draws are strided by
+# the row's length, `lowbit.kernels.quantize_rows` passes that length instead).
+ROW_BLOCK = 1 << 62
 
 
 def quantize_rows(
@@ -63,16 +71,21 @@ def quantize_rows(
     values = (
         operand(torch.int8 if kind == _INT_KIND else torch.bfloat16) if write_values else nothing()
     )
-    grid = (
-        (1, 1)
-        if block == 0
-        else ((rows + block_rows - 1) // block_rows, (cols + block - 1) // block)
-    )
+    grid = (1, 1) if block == 0 else (_blocks(rows, block_rows), _blocks(cols, block))
     scale = x.new_empty(grid, dtype=torch.float32)
     tensor_scale = x.new_empty((1 if rule == _NVFP4_RULE else 0,), dtype=torch.float32)
     folded = operand(torch.bfloat16) if fold else nothing()
     measured = x.new_empty((1 if measure_amax else 0,), dtype=torch.float32)
     return values, scale, tensor_scale, folded, measured
+
+
+def _blocks(length, block) -> int:
+    """quantize.cpp's count of blocks along ``length``, ``ceil(length / block)``: 1 for
+    `ROW_BLOCK`, and written ``-(-length // block)`` so that a symbolic ``block`` equal to
+    ``length`` (`lowbit_traced::quantize_rows`' one per row) gives 1, not ``(2 * s - 1) // s``."""
+    if isinstance(block, int) and block == ROW_BLOCK:
+        return 1
+    return -(-length // block)
 
 
 def _scale_rows_cols(acc, row, col, out_dtype=None):
