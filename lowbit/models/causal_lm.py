@@ -28,8 +28,10 @@ import torch
 from lowbit.errors import UsageError, choose, note_later
 from lowbit.models.pretrained import (
     GONE,
+    check_export_keys,
     from_pretrained,
     has_weights,
+    is_export,
     load_config,
     run_as_model,
 )
@@ -321,6 +323,16 @@ def folder_config(path):
     return load_config(folder)
 
 
+def _from_folder(auto_class, folder: Path, fields: dict):
+    """`from_pretrained`; a `lowbit export` folder's weights must all fit its config
+    (`check_export_keys`)."""
+    if not is_export(folder):
+        return from_pretrained(auto_class, folder, **fields)
+    model, info = from_pretrained(auto_class, folder, loading_info=True, **fields)
+    check_export_keys(folder, info)
+    return model
+
+
 def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
     """A causal LM from a local Hugging Face checkpoint folder (``save_pretrained`` output); from
     a folder with only a ``config.json`` (or a config.json file), a fresh model of that config
@@ -335,7 +347,7 @@ def load_causal_lm(path, max_seq_len: int | None = None, seed: int = 0):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = from_pretrained(AutoModelForCausalLM, folder, **_as_decoder(config))
+                model = _from_folder(AutoModelForCausalLM, folder, _as_decoder(config))
         except UsageError:  # a ValueError too: an unreadable weights file, named
             raise
         except ValueError:  # no causal-LM class for this model type

@@ -2,7 +2,8 @@
 
 A folder that holds a ``config.json`` but no weights (a model described by its config only, as
 one writes for a small experiment), or the path of such a config.json itself, gives a freshly
-initialized model of that architecture, drawn from the caller's torch RNG.
+initialized model of that architecture, drawn from the caller's torch RNG (a new run refuses a
+`lowbit export` folder that lost its weights: `check_export_weights`).
 
 `load_config` reads the config first, so that a config.json transformers cannot use is a one-line
 `UsageError` naming the problem, not a traceback from deep inside transformers.
@@ -346,18 +347,119 @@ def from_pretrained(
         return (model, empty) if loading_info else model
     check_safetensors(folder)
     check_pytorch_bin(folder)
-    with _load_report_unsaid(loading_info):
-        return with_sdpa(
-            lambda **kw: auto_class.from_pretrained(
-                folder,
-                local_files_only=True,
-                ignore_mismatched_sizes=ignore_mismatched_sizes,
-                output_loading_info=loading_info,
-                dtype=torch.float32,
-                **kwargs,
-                **kw,
+    try:
+        with _load_report_unsaid(loading_info, mismatched=not ignore_mismatched_sizes):
+            return with_sdpa(
+                lambda **kw: auto_class.from_pretrained(
+                    folder,
+                    local_files_only=True,
+                    ignore_mismatched_sizes=ignore_mismatched_sizes,
+                    output_loading_info=loading_info,
+                    dtype=torch.float32,
+                    **kwargs,
+                    **kw,
+                )
             )
+    except RuntimeError as error:  # its load report, left unsaid, listed the tensors
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise UsageError(
+            f"{folder / 'config.json'}: does not fit the weights beside it "
+            f"({_misfit(auto_class, config, folder)}); fix: restore the config.json saved with "
+            "these weights"
+        ) from None
+
+
+def _misfit(auto_class, config, folder: Path) -> str:
+    """The first tensor of the folder's safetensors weights whose shape is not the one the
+    model that ``config`` builds has, with both shapes, for the refusal of a config.json edited
+    or copied from another model (transformers tabulates every such tensor and raises a
+    traceback). The model is built on the meta device: shapes only, no memory."""
+    from safetensors import safe_open
+
+    unnamed = "tensors of other shapes than the config's model has"
+    try:
+        with torch.device("meta"):
+            model = auto_class.from_config(copy.deepcopy(config))
+    except (ValueError, NotImplementedError, *BUILD_ERRORS):  # an op meta tensors lack
+        return unnamed
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in weight_files(folder, "model.safetensors"):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+                stored = list(weights.get_slice(name).get_shape())
+                if name in shapes and shapes[name] != stored:
+                    return (
+                        f"{name} is {stored} in {file.name}, {shapes[name]} in the config's model"
+                    )
+    return unnamed
+
+
+def is_export(folder) -> bool:
+    """Whether ``folder`` holds weights that `lowbit export` wrote (its ``lowbit_export.json``)."""
+    from lowbit.train.config import EXPORT_INFO
+
+    return (Path(folder) / EXPORT_INFO).is_file() and has_weights(folder)
+
+
+def check_export_keys(folder: Path, info: dict) -> None:
+    """Refuse an export whose config.json builds a model of other weights than `lowbit export`
+    wrote beside it (``info``: transformers' ``missing_keys`` and ``unexpected_keys``): a layer
+    count edited, or a config copied from another model. Each such weight is in the folder only
+    where the config is its own, so transformers' table of them (layers drawn afresh, or
+    dropped) came before a fine-tuning of another model than the one exported."""
+    from lowbit.train.config import exported_from
+
+    said = []
+    for keys, where in (
+        ("missing_keys", "not in the weights"),
+        ("unexpected_keys", "in the weights but not in the model"),
+    ):
+        names = sorted(info[keys])
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            said.append(f"{names[0]}{more}: {where}")
+    if said:
+        source = shlex.quote(exported_from(folder) or "SRC")
+        raise UsageError(
+            f"{folder / 'config.json'}: does not fit the weights beside it ({'; '.join(said)}); "
+            "fix: restore the config.json that lowbit export wrote (lowbit export "
+            f"{source} --out {shlex.quote(str(folder))} --force)"
         )
+
+
+def check_export_weights(path) -> None:
+    """Refuse the --model ``path`` of a new run where it is a folder that `lowbit export` wrote
+    (its ``lowbit_export.json`` beside) whose weights file is gone (a copy that left it behind;
+    of sharded weights, their index): a folder without weights trains its config's architecture
+    from a fresh initialization (the module doc), which for an export meant fine-tuning a random
+    model under the name of the trained one, without a word. A run fine-tuned from it needs them
+    no more (its checkpoint holds its weights), so it is not checked when a run is built again."""
+    from lowbit.train.config import EXPORT_INFO, exported_from
+
+    folder = Path(path)
+    if not (folder / EXPORT_INFO).is_file() or has_weights(folder):
+        return
+    source = exported_from(folder) or "SRC"
+    raise UsageError(
+        f"{folder}: {EXPORT_INFO} lists {_missing_weights(folder / EXPORT_INFO)}, not in the "
+        f"folder; fix: copy it back, or export again (lowbit export {shlex.quote(source)} --out "
+        f"{shlex.quote(str(folder))} --force); {folder / 'config.json'} alone trains its "
+        "architecture afresh"
+    )
+
+
+def _missing_weights(record: Path) -> str:
+    """The weights files an export's ``record`` lists that are not beside it: ``model.safetensors``,
+    or the index of its shards (a shard the index names is told by `weight_files`); that file
+    where the record cannot be read."""
+    try:
+        files = json.loads(record.read_text(encoding="utf-8"))["files"]
+        names = [name for name in files if name in WEIGHT_FILES]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    missing = [name for name in names if not (record.parent / name).is_file()]
+    return missing[0] if missing else "model.safetensors"
 
 
 def _drop_load_report(record: logging.LogRecord) -> bool:
@@ -367,23 +469,33 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in text or "CONVERSION" in text
 
 
+def _drop_mismatch_report(record: logging.LogRecord) -> bool:
+    """False for transformers' load report where it lists tensors of another shape than the model
+    has, after which transformers raises: `from_pretrained` names the first in one line."""
+    text = record.getMessage()
+    return "LOAD REPORT" not in text or "MISMATCH" not in text
+
+
 @contextlib.contextmanager
-def _load_report_unsaid(on: bool):
+def _load_report_unsaid(on: bool, mismatched: bool = False):
     """transformers' load report kept off the stderr handler transformers installs, within, when
-    ``on``. The record is still logged for the handlers a program adds (pytest's caplog among
-    them), so the filter goes on that one handler, not on the logger. transformers names it only
-    privately (``_default_handler``); should that name go, the report prints as before."""
+    ``on`` (with ``mismatched``, only a report of tensors of another shape, which `from_pretrained`
+    refuses in a line of its own). The record is still logged for the handlers a program adds
+    (pytest's caplog among them), so the filter goes on that one handler, not on the logger.
+    transformers names it only privately (``_default_handler``); should that name go, the report
+    prints as before."""
     from transformers.utils import logging as hf_logging
 
-    handler = getattr(hf_logging, "_default_handler", None) if on else None
+    handler = getattr(hf_logging, "_default_handler", None) if on or mismatched else None
     if handler is None:
         yield
         return
-    handler.addFilter(_drop_load_report)
+    drop = _drop_load_report if on else _drop_mismatch_report
+    handler.addFilter(drop)
     try:
         yield
     finally:
-        handler.removeFilter(_drop_load_report)
+        handler.removeFilter(drop)
 
 
 # Files of a model folder up to this size are fingerprinted by their contents (config, tokenizer,

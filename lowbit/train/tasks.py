@@ -31,9 +31,12 @@ def build_task(config, run_dir=None) -> Task:
     they are read: a foreign tokenizer of more ids was refused as the --model folder's ("save the
     model's tokenizer into its folder", which would damage it). A file removed since is named by
     its reader, or after the build where the task did without it (labels taken from the data)."""
+    from lowbit.models.pretrained import check_export_weights
     from lowbit.train.checkpoint import check_run_files
 
-    if run_dir is not None:
+    if run_dir is None:  # a new run: an export's weights are what it fine-tunes
+        check_export_weights(config.model)
+    else:
         check_run_files(run_dir, config, removed=False)
     task = _task_class(config)(config, run_dir)
     if run_dir is not None:
