@@ -191,10 +191,8 @@ def split_documents(docs: list[Document]) -> dict[str, list[Document]]:
     (see the module docstring) keeps its split. Split by name alone, a user's ``test.txt`` was
     trained on and their ``validation.jsonl`` too, while a few of their training files were
     taken to validate on."""
-    named = {doc.name: _named_split(doc.name) for doc in docs}
+    named = _given_splits(docs)
     given = set(named.values()) - {None}
-    if "train" not in given or len(given) < 2:  # not data that comes split
-        named = dict.fromkeys(named)
     splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
     for doc in docs:
         split = named[doc.name] or split_of(doc.name)
@@ -202,6 +200,14 @@ def split_documents(docs: list[Document]) -> dict[str, list[Document]]:
             split = "validation"
         splits[split].append(doc)
     return splits
+
+
+def _given_splits(docs: list[Document]) -> dict[str, str | None]:
+    """Each document's split by name, as the data gives it (`_named_split`); all None where the
+    data does not come split (no ``train`` split named, or no other)."""
+    named = {doc.name: _named_split(doc.name) for doc in docs}
+    given = set(named.values()) - {None}
+    return named if "train" in given and len(given) >= 2 else dict.fromkeys(named)
 
 
 def _named_split(name: str) -> str | None:
@@ -301,7 +307,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
                 _compressed_beside(str(source), read.beside),
                 _unread_entries(str(source), read.unread),
                 _lowbit_written(str(source), read.written),
-                _shared_text(str(source), splits),
+                _shared_text(str(source), splits, any(_given_splits(read.docs).values())),
             ],
         )
     )
@@ -767,13 +773,15 @@ def _looks_like_text(path: Path) -> bool:
     return _utf8_start(_head(path, 4096), final=False)
 
 
-def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
+def _shared_text(spec: str, splits: dict[str, list[Document]], given: bool) -> str | None:
     """The warning for validation and test documents whose text (up to line ends and whitespace
     around it: a copy saved with Windows line ends too) is also a training document's: their loss
     is then measured on text the model trained on, as with one file copied into both ``train/``
     and ``valid/``. Texts of under `SHARED_MIN_CHARS` are left out: a heading, a ``* * *`` between
     chapters, a "Thank you!" record recur in any text, and warning of them would teach users to
-    skip the warning."""
+    skip the warning. ``given``: whether the data comes split; where lowbit split it by name, the
+    fix is the repeated text's (one file's repeated paragraphs have no validation data of their
+    own to remove them from)."""
 
     def key(doc: Document) -> bytes | None:  # a digest: the texts are not held twice
         text = doc.text.replace("\r\n", "\n").strip()  # not split(): 3x slower on code
@@ -795,10 +803,15 @@ def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
             example = example or "{} is {}".format(*shared[0])
     if not counts:
         return None
+    fix = (
+        "remove the copies from the validation and test data (the splits are kept as given)"
+        if given
+        else "remove the repeated text from the data (its documents are split by a hash of "
+        "their names, so a copy may fall into any split)"
+    )
     return (
         f"{spec}: {' and '.join(counts)} documents have the text of a training document "
-        f"({example}), so their loss is measured on text the model trained on; fix: remove "
-        "the copies from the validation and test data (the splits are kept as given)"
+        f"({example}), so their loss is measured on text the model trained on; fix: {fix}"
     )
 
 
