@@ -3,6 +3,8 @@
 import os
 import sys
 
+from lowbit.errors import stop_on_sigterm, stops_held  # no torch: before torch's import
+
 # PyTorch's switch for transparent huge pages on large CPU tensors (c10 reads it once, when torch
 # first allocates): a fresh 32 MB tensor then costs ~16 instead of ~8000 page faults, which raises
 # fp8 tensorwise quantization from 26% to 37% of copy bandwidth here (docs/formats.md, with the
@@ -26,10 +28,25 @@ def _started_as_command() -> bool:
     return module in ("lowbit", "lowbit.cli", "lowbit.__main__")
 
 
+def _spawned() -> bool:
+    """True in a process that multiprocessing spawned: its command line ends with the flag that
+    says so (`multiprocessing.spawn`), and it imports lowbit as it runs its parent's script again,
+    before `multiprocessing.parent_process` is set."""
+    return "--multiprocessing-fork" in getattr(sys, "orig_argv", [])
+
+
 # Importing torch takes about a second, before `lowbit.cli.main` can catch a Ctrl-C: the command
 # answers one made then as main does (its line, status 130) instead of with a traceback through
 # torch's import, while `import lowbit` in a user's program raises KeyboardInterrupt as usual.
+# So is a SIGTERM, which killed the command there without a line (not in a process the command
+# spawned, a rank or a `compare --jobs` worker, which runs its script again: its parent reads
+# the signal it died of). Both wait for torch's import to end (`stops_held`): its C++ start-up
+# aborted the process on one.
+if _started_as_command() and not _spawned():
+    stop_on_sigterm()
 try:
+    with stops_held(_started_as_command()):
+        import torch  # noqa: F401 -- imported here whole, before the modules that use it
     from lowbit import quiet_torchao
     from lowbit.allocator import keep_freed_memory
     from lowbit.nn import convert
@@ -42,11 +59,11 @@ try:
     keep_freed_memory()
     quiet_torchao.install()  # torchao's log noise on a CPU-only torch (lowbit/quiet_torchao.py)
 except (KeyboardInterrupt, RuntimeError) as error:
-    from lowbit.errors import is_interrupt
+    from lowbit.errors import interrupted_line, is_interrupt
 
     if not is_interrupt(error) or not _started_as_command():
         raise
-    print("lowbit: interrupted", file=sys.stderr)
+    print(interrupted_line(error), file=sys.stderr)
     raise SystemExit(130) from None
 
 __version__ = "0.1.0"

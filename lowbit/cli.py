@@ -17,7 +17,16 @@ import signal
 import sys
 import time
 
-from lowbit.errors import RunNotWritten, UsageError, drop_held_notes, is_interrupt
+from lowbit.errors import (
+    RunNotWritten,
+    UsageError,
+    drop_held_notes,
+    interrupted_line,
+    is_interrupt,
+    raise_terminated,
+    stop_on_sigterm,
+    stopping,
+)
 
 COMMAND_MODULES = [
     "formats",
@@ -220,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if argv is None:  # the command's process (not a test's or a program's call)
         sys.unraisablehook = _interrupt_again
+        # a SIGTERM stops the command as a Ctrl-C does: `lowbit train`'s steps save and stop, and
+        # elsewhere (its start-up, say) one line, where it died without one
+        stop_on_sigterm()
     try:
         # Inside the try: building the parser imports every command module (Transformers among
         # them), still part of the start-up a Ctrl-C may interrupt.
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, RuntimeError) as error:
         if not is_interrupt(error):
             raise
-        print("lowbit: interrupted", file=sys.stderr)
+        print(interrupted_line(error), file=sys.stderr)
         return 130
     except OSError as error:
         if error.errno not in FILESYSTEM_ERRORS:
@@ -254,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         # torch's) ends the process as it would any program, not with a traceback from a handler.
         if argv is None:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if signal.getsignal(signal.SIGTERM) == raise_terminated:
+                # so does a SIGTERM, but one repeating a stop (a run's, or a SIGTERM's): the
+                # command said so and exits 130, not killed by the signal as Python shuts down
+                signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping() else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fix. Anything else that escapes is a bug and keeps its traceback.
 
 import contextlib
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -39,6 +40,73 @@ class RunNotWritten(RuntimeError):
         if self.remedy is None:
             return self.problem
         return f"{self.problem}; fix: {self.remedy}" + (f", then {then}" if then else "")
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (how Slurm, Kubernetes, systemd and ``timeout`` end a job) where a Ctrl-C would
+    raise KeyboardInterrupt: outside a run's steps, which save and stop on it, it stops the
+    command as a Ctrl-C does there, and the command's line names it. With SIGTERM's default action
+    a command still starting died without a line."""
+
+
+# Whether this command is stopping (`note_stopping`).
+_stopping = False
+
+
+def note_stopping() -> None:
+    """This process is stopping: a run of its was asked to save and stop (a Ctrl-C, a SIGTERM), or
+    a SIGTERM raised `Terminated`. `raise_terminated` lets a later SIGTERM pass."""
+    global _stopping
+    _stopping = True
+
+
+def stopping() -> bool:
+    """Whether this process is stopping (`note_stopping`)."""
+    return _stopping
+
+
+def raise_terminated(signum, frame) -> None:
+    """The ``lowbit`` command's SIGTERM handler (`stop_on_sigterm`). A SIGTERM that comes once the
+    command is stopping (Slurm's to the process group and a ``kill`` of the process, 0.3 s apart)
+    is let pass, as during a run's save: a run's steps restore this handler as they end, and the
+    second killed the run as it summed up (no summary, no resume line, run.json "running"), or
+    raised again as the command reported the first (a traceback, exit 1)."""
+    if not _stopping:
+        note_stopping()
+        raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """In the ``lowbit`` command's process, from its first import on: a SIGTERM raises
+    `Terminated`. One ignored as the process started (the job's own choice) stays ignored."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
+@contextlib.contextmanager
+def stops_held(held: bool = True):
+    """Within (with ``held``): a Ctrl-C or a SIGTERM waits, blocked, until the block ends, and then
+    stops the command as usual. For the ``lowbit`` command's import of torch, which runs C++ that
+    imports Python modules and cannot hand an exception back (``torch._C._c10d_init``,
+    ``_multiprocessing_init``, ``_dist_autograd_init``): a Ctrl-C there aborted the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'", status 134,
+    no line), and one in numpy's C start-up left numpy half-made (a traceback ending in
+    "ImportError: cannot load module more than once per process"). Where signals cannot be
+    blocked (Windows), nothing is held."""
+    if not held or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def interrupted_line(error: BaseException) -> str:
+    """The command's line for an interrupt that stopped it (`is_interrupt`)."""
+    terminated = isinstance(error, Terminated) or isinstance(error.__cause__, Terminated)
+    return f"lowbit: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
 
 
 def choose(kind: str, name: str, valid, fix: str | None = None) -> None:

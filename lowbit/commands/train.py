@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lowbit.errors import UsageError
+from lowbit.errors import Terminated, UsageError
 
 NAME = "train"
 HELP = (
@@ -276,10 +276,11 @@ def run(args) -> int:
 
         report_error(f"lowbit: error: {error}")  # once, though every torchrun rank stops alike
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         from lowbit.train.runstate import kept_text
 
-        print(f"lowbit: aborted; {kept_text(config.out, replaced)}", file=sys.stderr)
+        how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "aborted"
+        print(f"lowbit: {how}; {kept_text(config.out, replaced)}", file=sys.stderr)
         return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

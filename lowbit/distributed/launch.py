@@ -39,7 +39,14 @@ from lowbit.distributed.context import (
     signals_handled,
     torchrun_env,
 )
-from lowbit.errors import RunNotWritten, UsageError, say_held_notes, warn, warnings_held
+from lowbit.errors import (
+    RunNotWritten,
+    UsageError,
+    note_stopping,
+    say_held_notes,
+    warn,
+    warnings_held,
+)
 
 
 def _error_classes():
@@ -282,6 +289,7 @@ def spawn(config, resume=False, overwrite=False, quiet=False, on_step=None):
                         signum = received[handled - 1]
                         if not asked:
                             asked = True
+                            note_stopping()  # a SIGTERM after the ranks end: let pass
                             # A Ctrl-C reaches the ranks too; a SIGINT sent to this process
                             # alone (kill -INT, a scheduler) does not: ask every rank to save and
                             # stop, which is the same request, not a second Ctrl-C, for a rank

@@ -32,6 +32,8 @@ from lowbit.errors import (
     UsageError,
     check_writable,
     is_interrupt,
+    note_stopping,
+    raise_terminated,
     say_held_notes,
     warnings_as_they_come,
     warnings_held,
@@ -1612,6 +1614,7 @@ def _stop_on_sigint(trainer: Trainer):
         if not trainer.stop_requested:
             trainer.stop_requested = True
             first.append(signum)
+            note_stopping()
             if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
                 print(_stop_message(trainer, signum), file=sys.stderr)
 
@@ -1626,7 +1629,9 @@ def _stop_on_sigint(trainer: Trainer):
 
     signals = [signal.SIGINT] + ([STOP_SIGNAL] if STOP_SIGNAL is not None else [])
     # the launcher's ranks have their handler already; a rank's own program may have its own too
-    if not trainer.dist.distributed or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    # (the `lowbit` command's, which stops as a Ctrl-C does where no run's steps handle it, is not)
+    sigterm_free = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, raise_terminated)
+    if not trainer.dist.distributed or sigterm_free:
         signals.append(signal.SIGTERM)
     with signals_handled(handler, *signals):
         yield
