@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lowbit.errors import UsageError, check_given, say_held_notes
+from lowbit.errors import UsageError, check_given, choose, say_held_notes
 from lowbit.memory.breakdown import COMPONENTS, human
 from lowbit.memory.estimate import (
     ACCELERATORS_GIB,
@@ -122,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         dest="sharding",
         default=None,
+        action=_Spelled,
         help=f"{', '.join(SHARDING)} (default none, or a run folder's --strategy; also "
         "--strategy, as in lowbit train): every device holds the whole model states (none, ddp), "
         "or they are sharded over --gpus (fsdp)",
@@ -482,6 +483,15 @@ def _check_counts(args) -> None:
             check_count(getattr(args, dest), _flag(args, dest))
 
 
+def _check_choices(args) -> None:
+    """Refuse an unknown --sharding or --task (given, or a run folder's) with the flag to give,
+    as `lowbit train` refuses its choices; an image-classification task has its own refusal."""
+    valid = f"{', '.join(SHARDING[:-1])} or {SHARDING[-1]}"
+    choose("sharding", args.sharding, SHARDING, fix=f"{_flag(args, 'sharding')} {valid}")
+    if args.task != "image-classification":
+        choose("task", args.task, TASKS, fix=f"--task {' or '.join(TASKS)}")
+
+
 def run(args) -> int:
     # an unset shell variable (--model "$RUN"): read as the current folder, a run folder there too
     check_given(args.model, "--model", "give a size, a config.json or its folder, or a run folder")
@@ -490,6 +500,7 @@ def run(args) -> int:
     args.model = os.path.expanduser(args.model)
     _check_counts(args)
     _with_run_settings(args)
+    _check_choices(args)
     recipes = _recipes(args)
     if len(recipes) > 1:
         return compare_recipes(args, recipes)

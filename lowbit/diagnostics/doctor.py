@@ -747,8 +747,8 @@ def failure_patterns(result: dict, history: list | None = None) -> list[dict]:
                 {
                     "pattern": "bf16-updates-rounded-away",
                     "detail": f"{share:.0%} of bf16 weights get updates below half their bf16 "
-                    "spacing and do not change; fix: bf16-pure-sr, bf16-pure-kahan or fp32 "
-                    "master weights",
+                    "spacing and do not change; fix: --recipe bf16-pure-sr or bf16-pure-kahan "
+                    "(which keep such updates), or bf16-low (fp32 master weights)",
                 }
             )
     return flags
@@ -776,13 +776,15 @@ def _nonfinite_input_flag(result: dict) -> list[dict]:
         backward = [(n, op) for n in reversed(order) for op in OPERANDS if (n, op) in bad]
         layer, op = (forward or backward)[0]
         step = result.get("start_step", 0) + i + 1
+        # from a checkpoint the run's step (doctor.json's) is not the probe's
+        when = f"step {step} (probe step {i + 1})" if step != i + 1 else f"probe step {step}"
         before = order.index(layer)
         after = f", after {order[before - 1]} ran" if before and forward else ""
         return [
             {
                 "pattern": "non-finite-input",
-                "detail": f"{layer} read {op} already inf or NaN before its cast at probe step "
-                f"{step}{after}: {len(bad)} operands hold them, none made so by its format, so no "
+                "detail": f"{layer} read {op} already inf or NaN before its cast at {when}"
+                f"{after}: {len(bad)} operands hold them, none made so by its format, so no "
                 "format override fixes them; fix: find where the high-precision values overflow "
                 "before that layer (a lower --lr, or an earlier --checkpoint)",
                 "layer": layer,

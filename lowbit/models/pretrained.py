@@ -260,6 +260,41 @@ def check_sentencepiece(folder: Path) -> None:
         )
 
 
+# Counts and sizes of a config.json that make no model below 1, as the architectures spell them
+# (GPT-2's n_layer/n_embd/n_head, XLM's n_layers/emb_dim/n_heads). transformers validates none of
+# them: a negative layer count built a model with no layers that `lowbit estimate` sized and
+# `lowbit train` stopped in with a traceback of transformers' cache code.
+SIZE_FIELDS = (
+    "num_hidden_layers",
+    "n_layer",
+    "n_layers",
+    "num_layers",
+    "hidden_size",
+    "n_embd",
+    "emb_dim",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_positions",
+)
+
+
+def check_sizes(file: Path, fields: dict) -> None:
+    """A `UsageError` naming the first count or size of ``fields`` that is an integer below 1."""
+    for name in SIZE_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UsageError(
+                f'{file}: "{name}": {value} makes no model; fix: set it to a positive '
+                "integer (the checkpoint's own value, as save_pretrained writes it)"
+            )
+
+
 def load_config(path: Path, **kwargs):
     """The ``AutoConfig`` of a checkpoint folder or of a config.json file, with ``kwargs`` set in
     it; a `UsageError` when the file is not a JSON object, has no ``model_type``, or transformers
@@ -294,6 +329,7 @@ def load_config(path: Path, **kwargs):
             f"{file}: unknown model_type {kind!r}; fix: correct it, or upgrade transformers if "
             "the architecture is newer than it"
         )
+    check_sizes(file, fields)
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
     except (ValueError, TypeError, StrictDataclassError) as error:  # the fields' own validation
