@@ -270,6 +270,23 @@ def unwrapped_modules(
     return [(_unwrapped_name(name, wrappers), m) for name, m in named if name not in wrappers]
 
 
+def unwrapped_tensors(
+    model: torch.nn.Module, buffers: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` (and with ``buffers`` its ``named_buffers()`` after them) as
+    the unwrapped model names them (`unwrapped_modules`): ``0.weight`` of ``DDP(model)``, not
+    ``module.0.weight``, as error messages name them. A tensor shared by several modules is
+    listed once, at its first place."""
+    named, seen = [], set()
+    for kind in ("parameters", "buffers")[: 1 + buffers]:
+        for prefix, module in unwrapped_modules(model):
+            for name, tensor in getattr(module, f"named_{kind}")(recurse=False):
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    named.append((f"{prefix}.{name}" if prefix else name, tensor))
+    return named
+
+
 def _unwrapped_name(name: str, wrappers: dict[str, str]) -> str:
     """``name`` without the parts that ``wrappers`` (a wrapper's name -> the attribute it holds
     its model under) add."""
@@ -644,7 +661,27 @@ def _unused_hints(
         elif matched:
             name, kind = matched[0][0], type(matched[0][1]).__name__
             hints[text] = f"{name} ({kind}) computes no GEMM: not converted anyway"
+        elif wrapped := _wrapped_name_matched(override, model):
+            bare = wrapped[1] or "the model itself"
+            hints[text] = (
+                f"overrides name the layers as the unwrapped model does, without the module. and "
+                f"_orig_mod. parts torch's wrappers add: name {wrapped[0]} as {bare}"
+            )
     return hints
+
+
+def _wrapped_name_matched(override, model: torch.nn.Module) -> tuple[str, str] | None:
+    """The first module whose name with its wrappers' parts (``module.2`` of ``DDP(model)``,
+    ``_orig_mod.2`` of ``torch.compile(model)``) ``override`` matches, and its unwrapped name
+    (`unwrapped_modules`), or None: such overrides named layers before lowbit's session 43, and
+    name none since."""
+    named = list(model.named_modules())
+    wrappers = {name: inner for name, m in named if (inner := wrapped_attribute(m)) is not None}
+    for name, _ in named:
+        bare = _unwrapped_name(name, wrappers)
+        if name and name != bare and name not in wrappers and override.matches(name):
+            return name, bare
+    return None
 
 
 def _converted_before(recipe: Recipe, name: str, layer, report: ConversionReport) -> None:
@@ -715,6 +752,24 @@ def replaced_by_plain_layers(model: torch.nn.Module, swapped: set[str]) -> list[
         if is_convertible(now) and not isinstance(now, (LowbitModule, LowbitExperts)):
             replaced.append(name)
     return replaced
+
+
+def session_42_layer_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every converted layer's unwrapped name (`lowbit_layers`) by the name a precision state of
+    lowbit's session 42 (``layer_names: "uncompiled"``) or older gave it: without compiled
+    wrappers' ``_orig_mod`` parts but with ``DistributedDataParallel``'s and ``DataParallel``'s
+    ``module`` ones (``module.0`` of ``DDP(model)``: ``0``). Only names that differ are listed;
+    for a model in no such wrapper and with no layer of its own under a ``module``, the names
+    its layers had inside one (a run saved inside DDP, resumed in a single process)."""
+    named = list(model.named_modules())
+    every = {name: inner for name, m in named if (inner := wrapped_attribute(m)) is not None}
+    compiled = {name: inner for name, inner in every.items() if inner == "_orig_mod"}
+    layers = [name for name, m in named if isinstance(m, LowbitModule)]
+    pairs = [(_unwrapped_name(name, compiled), _unwrapped_name(name, every)) for name in layers]
+    renamed = {old: new for old, new in pairs if old != new}
+    if not renamed and all(new.split(".")[0] != "module" for _, new in pairs):
+        renamed = {f"module.{new}": new for _, new in pairs}
+    return renamed
 
 
 def lowbit_layers(model: torch.nn.Module) -> dict[str, LowbitModule]:

@@ -49,8 +49,10 @@ from lowbit.nn.convert import (
     layers_holding,
     lowbit_layers,
     replaced_by_plain_layers,
+    session_42_layer_names,
     swapped_layers,
     unwrapped,
+    unwrapped_tensors,
 )
 from lowbit.nn.experts import LowbitExperts
 from lowbit.nn.linear import LowbitModule
@@ -118,6 +120,9 @@ class Precision:
         self._stepping = False  # within `step` (`_refuse_direct_step`)
         self._backwards = 0  # `backward` calls so far
         self._backward_at_step: dict[int, int] = {}  # id(optimizer) -> `_backwards` at its step
+        # a `step` of several optimizers interrupted after some had stepped: `_backwards` then,
+        # and id(optimizer) -> whether its step was taken (True) or skipped on an overflow
+        self._interrupted_call: tuple[int, dict[int, bool]] | None = None
         # id(optimizer) -> `_grad_marks` of its gradients as the last `backward` left them, under
         # loss scaling (`_warn_scaled_gradients_changed`)
         self._marks: dict[int, list[tuple[int, int | torch.Tensor]]] = {}
@@ -356,7 +361,7 @@ class Precision:
             " or bf16 ones (bf16-low)" if dtype == torch.float16 else ""
         )
         # buffers too: `model.to` casts a floating buffer (a scale, a table) the same way
-        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        for name, p in unwrapped_tensors(model, buffers=True):
             weights = p.detach()
             if not p.is_floating_point() or p.dtype == dtype or weights.numel() == 0:
                 continue
@@ -474,7 +479,7 @@ class Precision:
                 break
         if first is None:
             return
-        names = {id(p): name for model in self._models for name, p in model.named_parameters()}
+        names = {id(p): name for model in self._models for name, p in unwrapped_tensors(model)}
         name = names.get(id(first), f"a parameter of shape {tuple(first.shape)}")
         short = dtype_name(self.param_dtype)
         limit = torch.finfo(self.param_dtype).max
@@ -900,20 +905,21 @@ class Precision:
         warn_if_ranks_act_alone(self._acting_alone_differs)
         self._warn_at_first_steps(optimizers, 3)
         self._refuse_16_bit_parameters(optimizers, "step")
-        stepped = True
         if self._unstepped_load:
             self._warn_kept_now()
         self._unstepped_load = False
-        with self.own_steps():
-            for optimizer in optimizers:
-                _, finite = self._prepare(optimizer, 3)
-                if finite:
-                    self.update.step(optimizer, closure)
-                else:
-                    self.update.abort(optimizer)
-                    stepped = False
-                # (the closure's `backward` may have dropped it already)
-                self._prepared.pop(id(optimizer), None)
+        before = self._taken_before_interruption()
+        taken = dict(before)
+        try:
+            with self.own_steps():
+                for optimizer in optimizers:
+                    if id(optimizer) not in before:
+                        taken[id(optimizer)] = self._step_one(optimizer, closure)
+        except BaseException:
+            self._interrupted_call = (self._backwards, taken)
+            raise
+        self._interrupted_call = None
+        stepped = all(taken.values())
         if not stepped and not self._overflowed:
             self.skipped_steps += 1
         self._overflowed = bool(self._overflowed) or not stepped
@@ -921,6 +927,38 @@ class Precision:
             weight = next(layer.parameters(), None)  # the histories live where the layer computes
             layer.lowbit_state.commit(None if weight is None else weight.device)
         return stepped
+
+    def _step_one(self, optimizer, closure) -> bool:
+        """Update (or skip, on an overflow) one optimizer of `step`; whether it was updated."""
+        _, finite = self._prepare(optimizer, 4)
+        try:
+            if finite:
+                self.update.step(optimizer, closure)
+            else:
+                self.update.abort(optimizer)
+        finally:
+            self._drop_prepared(optimizer)
+        return finite
+
+    def _taken_before_interruption(self) -> dict[int, bool]:
+        """The optimizers that a `step` interrupted since the last `backward` had stepped (or
+        skipped) before the interruption, by id, whether they were updated: its retry
+        (``precision.step(og, od)`` again after a Ctrl-C in ``od``'s step) steps only the others.
+        Stepped again, ``og`` took the same gradients a second time, unclipped under 16-bit
+        parameters (its fp32 copies, clipped, were gone)."""
+        if self._interrupted_call is None or self._interrupted_call[0] != self._backwards:
+            return {}
+        return dict(self._interrupted_call[1])
+
+    def _drop_prepared(self, optimizer) -> None:
+        """Forget ``optimizer``'s prepared step once the update has used it, also where an
+        interruption came after the optimizer's update (a step post-hook raising, Ctrl-C while
+        the 16-bit weights are written): kept, a retried `step` found it prepared while the update
+        had dropped its fp32 stand-ins, stepped the 16-bit weights themselves and crashed. A step
+        interrupted before the update keeps it, and the retry steps through it. (The closure's
+        `backward` may have dropped it already.)"""
+        if not self.update.holds_prepared(optimizer):
+            self._prepared.pop(id(optimizer), None)
 
     def _refuse_16_bit_parameters(self, optimizers: list, call: str) -> None:
         """Refuse trainable 16-bit parameters under a recipe of fp32 parameters, before anything
@@ -946,7 +984,7 @@ class Precision:
         )
         if low is None:
             return
-        names = (name for model in self._models for name, p in model.named_parameters() if p is low)
+        names = (name for model in self._models for name, p in unwrapped_tensors(model) if p is low)
         name = next(names, "a parameter of the optimizer")
         dtype = str(low.dtype).removeprefix("torch.")
         if self.param_dtype != torch.float32:
@@ -1077,6 +1115,8 @@ class Precision:
             "layer_specs": {**pending.get("layer_specs", {}), **specs},
             "layer_names": "unwrapped",  # `lowbit_layers`' (`_legacy_uncompiled`)
         }
+        if pending.get("session_42_names") and pending.get("layers"):
+            state["layer_names"] = "uncompiled"  # names of a loaded state not renamed yet
         if "rng" in pending:  # restored only once every part has been applied
             state["rng"] = pending["rng"]
         elif self._draws_random():
@@ -1156,13 +1196,15 @@ class Precision:
         self._overflowed = None
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        # (session 42 wrote "uncompiled": the same names but for DDP's and DataParallel's ``module``)
+        # (session 42 wrote "uncompiled": the same names but for DDP's and DataParallel's
+        # ``module`` parts, which `_rename_session_42_layers` drops)
         recorded = state.get("layer_names") in ("uncompiled", "unwrapped")
         uncompiled = str if recorded else _legacy_uncompiled
         self._pending = {
             "update": state.get("update", {}),
             "params_per_optimizer": state.get("params_per_optimizer"),
             "layers": {uncompiled(name): v for name, v in state.get("layers", {}).items()},
+            "session_42_names": state.get("layer_names") != "unwrapped",
         }
         if "layer_specs" in state:  # absent from a state saved before lowbit recorded them
             specs = state["layer_specs"]
@@ -1185,6 +1227,13 @@ class Precision:
             "precision.state_dict()}, path), then precision.load_state_dict(checkpoint"
             "['precision']) into a new Precision of the same recipe"
         )
+
+    def __copy__(self) -> Precision:
+        """Python's own shallow copy (``copy.copy(precision)``), which `__reduce_ex__` would
+        refuse: the copy shares every part with the original, as before that refusal."""
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
 
     def __deepcopy__(self, memo: dict) -> Precision:
         """Python's own deep copy, which `__reduce_ex__` would refuse: a copy of a run in memory,
@@ -1278,6 +1327,7 @@ class Precision:
         the parameters that came since, so that masters a step has moved are not loaded again."""
         if "update" in self._pending and self._optimizers:
             self._apply_pending_update()
+        self._rename_session_42_layers()
         layers = self._pending.get("layers", {})
         present = self._layers()
         loaded = {name: layer for name, layer in present.items() if name in layers}
@@ -1286,6 +1336,24 @@ class Precision:
             layer.lowbit_state.load_state_dict(layers.pop(name))
         if "rng" in self._pending and "update" not in self._pending and not layers:
             self._set_random_state(self._pending.pop("rng"))
+
+    def _rename_session_42_layers(self) -> None:
+        """Name the layers of a loaded state saved by lowbit's session 42 or older as the models
+        converted now do (`session_42_layer_names`): those states kept DDP's ``module`` parts,
+        so a run converted as ``precision.convert(DDP(model))`` lost fp8-delayed's amax
+        histories on resuming, into the same ``DDP(model)`` too, with a warning that its layers
+        had been kept. Names already unwrapped stay as they are."""
+        if not self._pending.get("session_42_names"):
+            return
+        renamed = {}
+        for index, model in enumerate(self._models):
+            prefix = f"{index}:" if index else ""
+            names = session_42_layer_names(model).items()
+            renamed.update({prefix + old: prefix + new for old, new in names})
+        for part in ("layers", "layer_specs"):
+            if renamed and part in self._pending:
+                saved = self._pending[part]
+                self._pending[part] = {renamed.get(name, name): v for name, v in saved.items()}
 
     def _warn_changed_specs(self, present: dict[str, LowbitModule], layers: dict) -> None:
         """Warn, once for the layers loaded now (those of ``present`` with an entry in

@@ -99,6 +99,10 @@ class FullPrecisionUpdate:
     def release(self, optimizer) -> None:
         """A prepared step that will not be taken: nothing to drop."""
 
+    def holds_prepared(self, optimizer) -> bool:
+        """Whether a prepared step of ``optimizer`` is still to be taken: none is held here."""
+        return False
+
     def keep_only(self, params: list) -> None:
         """No state per parameter to drop."""
 
@@ -391,6 +395,12 @@ class LowPrecisionUpdate:
         for p, hp in self._stand_ins.pop(id(optimizer), {}).values():
             self._copied_grads.pop(id(p), None)
             hp.grad = None
+
+    def holds_prepared(self, optimizer) -> bool:
+        """Whether `prepare`'s stand-ins of ``optimizer`` are still to be stepped: a step
+        interrupted before the optimizer's update keeps them (`step`), one interrupted after it
+        (a step post-hook raising, Ctrl-C while the 16-bit weights are written) has used them."""
+        return id(optimizer) in self._stand_ins
 
     def release(self, optimizer) -> None:
         """Drop `prepare`'s fp32 gradient copies of a step that will not be taken; the 16-bit
