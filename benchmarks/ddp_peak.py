@@ -14,6 +14,7 @@ gradient, and the estimate's peak.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import pickle
@@ -41,8 +42,9 @@ def step_peaks(
     (the model states, and what the previous backward leaves alive: its last shared quantization
     of a weight-gradient input, kept until the next forward starts, `lowbit.nn.operand`; until
     session 43 left out, so the peaks of `fp8-rowwise`, the MX recipes and `nvfp4` read ~2% low).
-    Under DDP, the model states between steps (`measure`): frees on other threads are not
-    recorded (`Allocations`), so its peaks are short by such a leftover (none under bf16-mixed)."""
+    Under DDP, where frees on other threads are not recorded (`Allocations`), the model states
+    between steps (`measure`) plus the storages the shared quantization's slots hold at the end
+    (`_slot_bytes`: the last backward's, of the same shapes as each earlier backward's)."""
     import lowbit
     from lowbit.distributed.ddp import wrap_ddp
     from lowbit.memory.measure import Allocations, measure
@@ -70,7 +72,8 @@ def step_peaks(
             precision.step(optimizer)
             optimizer.zero_grad(set_to_none=False)  # `Ranks.zero_grad` under DDP
         allocations.mark("step")
-    between = measure(model, optimizer, precision).model_states
+    # every phase measured starts after a backward, with its last shared quantization alive
+    between = measure(model, optimizer, precision).model_states + _slot_bytes(shared_quantization)
     marks, forwards = allocations.marks["step"], allocations.marks["forward"]
 
     def live(stamp: int) -> int:
@@ -85,6 +88,25 @@ def step_peaks(
         )
         for k in range(1, steps)
     ]
+
+
+def _slot_bytes(shared_quantization) -> int:
+    """Bytes of the storages the shared quantization's slots hold (inputs and results), each once."""
+    from lowbit.memory.measure import tensor_bytes
+
+    return tensor_bytes(_tensors_in([value[1:3] for value in shared_quantization.slots.values()]))
+
+
+def _tensors_in(held) -> list:
+    """The tensors in ``held``: itself, or within its tuples, lists and dataclasses' fields (read
+    from a `QTensor`'s ``__dict__``: its ``values`` property would recover values not written)."""
+    if isinstance(held, torch.Tensor):
+        return [held]
+    if isinstance(held, (tuple, list)):
+        return [t for item in held for t in _tensors_in(item)]
+    if dataclasses.is_dataclass(held) and not isinstance(held, type):
+        return _tensors_in(list(vars(held).values()))
+    return []
 
 
 def _rank(rank, world, port, folder, size, recipe, shape):

@@ -307,7 +307,7 @@ def load_corpus(source: str | None = None, text_field: str = "text") -> Corpus:
                 _compressed_beside(str(source), read.beside),
                 _unread_entries(str(source), read.unread),
                 _lowbit_written(str(source), read.written),
-                _shared_text(str(source), splits, any(_given_splits(read.docs).values())),
+                _shared_text(str(source), splits),
             ],
         )
     )
@@ -773,15 +773,13 @@ def _looks_like_text(path: Path) -> bool:
     return _utf8_start(_head(path, 4096), final=False)
 
 
-def _shared_text(spec: str, splits: dict[str, list[Document]], given: bool) -> str | None:
+def _shared_text(spec: str, splits: dict[str, list[Document]]) -> str | None:
     """The warning for validation and test documents whose text (up to line ends and whitespace
     around it: a copy saved with Windows line ends too) is also a training document's: their loss
     is then measured on text the model trained on, as with one file copied into both ``train/``
     and ``valid/``. Texts of under `SHARED_MIN_CHARS` are left out: a heading, a ``* * *`` between
     chapters, a "Thank you!" record recur in any text, and warning of them would teach users to
-    skip the warning. ``given``: whether the data comes split; where lowbit split it by name, the
-    fix is the repeated text's (one file's repeated paragraphs have no validation data of their
-    own to remove them from)."""
+    skip the warning. Its fix is chosen by copy (`_copy_fix`)."""
 
     def key(doc: Document) -> bytes | None:  # a digest: the texts are not held twice
         text = doc.text.replace("\r\n", "\n").strip()  # not split(): 3x slower on code
@@ -795,24 +793,44 @@ def _shared_text(spec: str, splits: dict[str, list[Document]], given: bool) -> s
     for doc in splits["train"]:
         train.setdefault(key(doc), doc.name)
     train.pop(None, None)
-    counts, example = [], None
+    counts, example, copies = [], None, {}
     for split in ("validation", "test"):
         shared = [(doc.name, train[k]) for doc in splits[split] if (k := key(doc)) in train]
         if shared:
             counts.append(f"{len(shared)} of {len(splits[split])} {split}")
             example = example or "{} is {}".format(*shared[0])
+            copies[split] = [name for name, _ in shared]
     if not counts:
         return None
-    fix = (
-        "remove the copies from the validation and test data (the splits are kept as given)"
-        if given
-        else "remove the repeated text from the data (its documents are split by a hash of "
-        "their names, so a copy may fall into any split)"
-    )
     return (
         f"{spec}: {' and '.join(counts)} documents have the text of a training document "
-        f"({example}), so their loss is measured on text the model trained on; fix: {fix}"
+        f"({example}), so their loss is measured on text the model trained on; "
+        f"fix: {_copy_fix(splits, copies)}"
     )
+
+
+def _copy_fix(splits: dict[str, list[Document]], copies: dict[str, list[str]]) -> str:
+    """The fix for ``copies`` (document names by the split they fell in): removing them, where
+    the data named their split (data that comes split keeps it, `_given_splits`); else removing
+    the repeated text, for the documents that lowbit split by a hash of their names (one file's
+    repeated paragraphs, or validation documents drawn from ``train/`` where the data names no
+    validation split) have no split of their own to remove it from. Data naming its splits is
+    found only here, where a copy was found (over a million JSONL records' names, seconds)."""
+    named = _given_splits([doc for docs in splits.values() for doc in docs])
+    kept = [split for split, names in copies.items() if any(named[n] == split for n in names)]
+    drawn = any(named[n] != split for split, names in copies.items() for n in names)
+    repeated = (
+        "the repeated text from the training data (its validation documents are drawn from it "
+        "by a hash of their names, so a copy may fall into them)"
+        if any(named.values())
+        else "the repeated text from the data (its documents are split by a hash of their "
+        "names, so a copy may fall into any split)"
+    )
+    if not drawn:
+        return "remove the copies from the validation and test data (the splits are kept as given)"
+    if not kept:
+        return f"remove {repeated}"
+    return f"remove the copies from the {' and '.join(kept)} data (kept as given) and {repeated}"
 
 
 def load_texts(path_or_glob: str | os.PathLike, text_field: str = "text") -> list[Document]:
