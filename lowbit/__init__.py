@@ -40,8 +40,8 @@ def _spawned() -> bool:
 # torch's import, while `import lowbit` in a user's program raises KeyboardInterrupt as usual.
 # So is a SIGTERM, which killed the command there without a line (not in a process the command
 # spawned, a rank or a `compare --jobs` worker, which runs its script again: its parent reads
-# the signal it died of). Both wait for torch's import to end (`stops_held`): its C++ start-up
-# aborted the process on one.
+# the signal it died of). During torch's import one is noted and acts once it ends, a second
+# ends the command at once (`stops_held`): raised there, its C++ start-up aborted the process.
 if _started_as_command() and not _spawned():
     stop_on_sigterm()
 try:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 
@@ -85,22 +86,50 @@ def stop_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def stops_held(held: bool = True):
-    """Within (with ``held``): a Ctrl-C or a SIGTERM waits, blocked, until the block ends, and then
-    stops the command as usual. For the ``lowbit`` command's import of torch, which runs C++ that
-    imports Python modules and cannot hand an exception back (``torch._C._c10d_init``,
-    ``_multiprocessing_init``, ``_dist_autograd_init``): a Ctrl-C there aborted the process
+    """Within (with ``held``): a Ctrl-C or a SIGTERM that would stop the command is noted, not
+    raised, and stops it as usual once the block ends; a second one ends the process at once, in
+    the command's line and status 130. For the ``lowbit`` command's import of torch, which runs
+    C++ that imports Python modules and cannot hand an exception back (``torch._C._c10d_init``,
+    ``_multiprocessing_init``, ``_dist_autograd_init``): a Ctrl-C raised there aborted the process
     ("terminate called after throwing an instance of 'pybind11::error_already_set'", status 134,
     no line), and one in numpy's C start-up left numpy half-made (a traceback ending in
-    "ImportError: cannot load module more than once per process"). Where signals cannot be
-    blocked (Windows), nothing is held."""
-    if not held or not hasattr(signal, "pthread_sigmask"):
-        yield
+    "ImportError: cannot load module more than once per process"). Blocked instead, the signals
+    left a slow or stuck import (a cold network file system) deaf to every Ctrl-C, and a Ctrl-C
+    and a SIGTERM let through together raised the second in the report of the first (a
+    traceback). The second ends the process without raising (``os._exit``): an exception could
+    land in that C++. Only signals whose handler raises are noted: one ignored stays ignored, and
+    a default SIGTERM (a worker the command spawned) still kills."""
+    if not held or threading.current_thread() is not threading.main_thread():
+        yield  # a handler can only be set from the main thread
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+
+    def note(signum, frame) -> None:
+        if noted:
+            os.write(2, f"{_stop_line(signum)}\n".encode())
+            os._exit(130)
+        noted.append(signum)
+
+    raising = (signal.default_int_handler, raise_terminated)
+    previous = {
+        signum: signal.getsignal(signum)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) in raising
+    }
+    for signum in previous:
+        signal.signal(signum, note)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if noted:
+        previous[noted[0]](noted[0], None)  # raises, as the signal would have
+
+
+def _stop_line(signum: int) -> str:
+    """The command's line for a stop by the signal ``signum``."""
+    return interrupted_line(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 def interrupted_line(error: BaseException) -> str:

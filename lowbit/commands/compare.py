@@ -7,7 +7,7 @@ import signal
 import sys
 
 from lowbit.commands import train as train_command
-from lowbit.errors import RunNotWritten, UsageError
+from lowbit.errors import RunNotWritten, UsageError, interrupted_line
 
 NAME = "compare"
 HELP = (
@@ -202,7 +202,7 @@ def run(args) -> int:
     except InterruptedBeforeRuns as error:  # no run trained, none of the earlier study's cleared
         done = "before any run trained" if error.written else "before the study changed anything"
         print(
-            f"lowbit: interrupted {done}; run the same command again (out {study.out})",
+            f"{interrupted_line(error)} {done}; run the same command again (out {study.out})",
             file=sys.stderr,
         )
         return 130
@@ -214,7 +214,7 @@ def run(args) -> int:
             # the run's own fix (`lowbit train` of the one run) would finish it outside the study
             print(f"lowbit: error: {error.going_on_by(again)}", file=sys.stderr)
             return 1
-        print(f"lowbit: interrupted; {again}", file=sys.stderr)
+        print(f"{interrupted_line(error)}; {again}", file=sys.stderr)
         return 130
     print(f"\nbaseline {study.baseline}; verdicts:")
     for line in verdict_lines(result.results):

@@ -618,12 +618,16 @@ def _interruptible(interrupted: list[int]):
     import sys
 
     from lowbit.distributed.context import signals_handled
+    from lowbit.errors import note_stopping
 
     def handler(signum, frame):
         if interrupted and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not interrupted:
             interrupted.append(signum)
+            # a SIGTERM repeated once the probe has ended is let pass (`raise_terminated`): it
+            # raised in the diagnosis, which the command then never wrote
+            note_stopping()
             # as `lowbit train` says it (`_stop_message`): a SIGTERM comes from no keyboard
             how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
             again = "" if signum == signal.SIGTERM else " (Ctrl-C again to abort)"

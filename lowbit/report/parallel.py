@@ -43,7 +43,7 @@ from lowbit.distributed.context import (
     progress_bars_lock_threads_only,
     signals_handled,
 )
-from lowbit.errors import UsageError
+from lowbit.errors import UsageError, note_stopping, raise_terminated
 
 
 def default_threads(jobs: int) -> int:
@@ -367,7 +367,13 @@ def _in_words(count: int) -> str:
 
 def raise_interrupt(signum, frame) -> None:
     """A signal handler that stops as Ctrl-C does: Python's own for SIGINT, which a process
-    started with SIGINT ignored (a shell script's background job) does not install."""
+    started with SIGINT ignored (a shell script's background job) does not install. A SIGTERM
+    raises `Terminated`, which the command's line names, and once the study is stopping is let
+    pass (`raise_terminated`): SIGTERMs repeated as the workers saved raised again there, and a
+    run was left without its checkpoint, "running"."""
+    if signum == signal.SIGTERM:
+        raise_terminated(signum, frame)
+        return
     raise KeyboardInterrupt
 
 
@@ -480,6 +486,8 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
                 for failed in done:
                     report(failed)
         except KeyboardInterrupt:
+            # a SIGTERM repeated as the command exits is let pass: it ended it with status 143
+            note_stopping()
             for future in pending:
                 future.cancel()
             _ask_to_stop(pool)  # the runs in progress save a checkpoint and stop

@@ -238,3 +238,161 @@ def test_sigterms_repeated_after_the_first_let_the_run_save_and_sum_up(tmp_path)
     assert stdout.endswith(f"resume with: lowbit train --resume {run}\n")
     assert (run / "checkpoints" / f"step-{step:07d}.pt").is_file()
     assert "Traceback" not in stderr
+
+
+def test_a_ctrl_c_and_a_sigterm_together_while_torch_loads_are_one_line(tmp_path):
+    """Held until torch had loaded, both were let through at once: the SIGTERM raised as the
+    command reported the Ctrl-C, a traceback and exit 1. The second ends the command."""
+    site = TERMINATE_IMPORT.replace("MODULE", "torch")
+    site = site.replace(
+        "os.kill(os.getpid(), signal.SIGTERM)",
+        "os.kill(os.getpid(), signal.SIGINT)\n            os.kill(os.getpid(), signal.SIGTERM)",
+    )
+    (tmp_path / "sitecustomize.py").write_text(site)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [LOWBIT, "recipes"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert (done.returncode, done.stderr, done.stdout) == (130, TERMINATED, "")
+
+
+# Imported at start-up by every Python of the subprocess (PYTHONPATH): torch's import is stuck (a
+# cold network file system, say) after a Ctrl-C came, and the file MARK says so.
+STUCK_IMPORT = """
+import os, signal, sys, time
+
+class StuckImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            open("MARK", "w").close()
+            time.sleep(600)
+        return None
+
+sys.meta_path.insert(0, StuckImport())
+"""
+
+
+def test_a_second_ctrl_c_ends_a_stuck_torch_import(tmp_path):
+    """Signals were blocked until torch's import ended: no Ctrl-C could end a slow or stuck one."""
+    mark = tmp_path / "stuck"
+    (tmp_path / "sitecustomize.py").write_text(STUCK_IMPORT.replace("MARK", str(mark)))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    process = subprocess.Popen(
+        [LOWBIT, "recipes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not mark.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert (process.returncode, stderr, stdout) == (130, "lowbit: interrupted\n", "")
+
+
+def test_a_program_that_imports_lowbit_gets_its_ctrl_c_during_torchs_import(tmp_path):
+    """The command holds a Ctrl-C until torch has loaded: a program that imports lowbit gets its
+    KeyboardInterrupt where it came, before torch had loaded, as any program does."""
+    site = TERMINATE_IMPORT.replace("MODULE", "torch").replace("SIGTERM", "SIGINT")
+    (tmp_path / "sitecustomize.py").write_text(site)
+    program = (
+        "import sys\ntry:\n    import lowbit\nexcept KeyboardInterrupt:\n"
+        "    print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+        "    sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert (done.returncode, done.stdout) == (3, "torch not loaded\n"), done.stderr
+
+
+# Imported at start-up by every Python of the subprocess (PYTHONPATH): a SIGTERM as `lowbit
+# doctor` starts to handle one (`_interruptible`), so that its probe stops after a step.
+TERMINATE_PROBE = """
+import os, signal
+
+plain = signal.signal
+
+def terminate_as_the_probe_handles_it(signum, handler):
+    previous = plain(signum, handler)
+    if signum == signal.SIGTERM and "_interruptible" in getattr(handler, "__qualname__", ""):
+        signal.signal = plain
+        os.kill(os.getpid(), signal.SIGTERM)
+    return previous
+
+signal.signal = terminate_as_the_probe_handles_it
+"""
+
+
+def test_sigterms_repeated_after_the_probe_stopped_let_doctor_write_its_diagnosis(tmp_path):
+    """A SIGTERM after the probe had stopped on the first raised in the diagnosis: no table, no
+    doctor.png, no `wrote` line."""
+    (tmp_path / "sitecustomize.py").write_text(TERMINATE_PROBE)
+    out = tmp_path / "doctor"
+    command = [LOWBIT, "doctor", "--task", "image-classification", "--probe-steps", "50"]
+    command += ["--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    out_lines, err_lines = _Lines(process.stdout), _Lines(process.stderr)
+    try:
+        assert err_lines.wait_for("terminated (SIGTERM): the probe stops"), err_lines.text()
+        while process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stdout, stderr = out_lines.text(), err_lines.text()
+    assert process.returncode == 130, stderr
+    assert "probe interrupted after 1 of 50 steps" in stdout, stdout
+    assert stdout.endswith(f"wrote {out / 'doctor.json'} and {out / 'doctor.png'}\n"), stdout
+    assert "Traceback" not in stderr
+
+
+# Imported at start-up by every Python of the subprocess (PYTHONPATH): a SIGTERM as `lowbit
+# compare` has just set its SIGINT handler, before the study is read or written.
+TERMINATE_COMPARE = """
+import os, signal
+
+plain = signal.signal
+
+def terminate_as_compare_starts(signum, handler):
+    previous = plain(signum, handler)
+    if signum == signal.SIGINT and getattr(handler, "__name__", "") == "raise_interrupt":
+        signal.signal = plain
+        os.kill(os.getpid(), signal.SIGTERM)
+    return previous
+
+signal.signal = terminate_as_compare_starts
+"""
+
+
+def test_a_sigterm_as_compare_starts_is_named(tmp_path):
+    """compare said "interrupted" for a SIGTERM, where `lowbit train` names it."""
+    (tmp_path / "sitecustomize.py").write_text(TERMINATE_COMPARE)
+    out = tmp_path / "study"
+    command = [LOWBIT, "compare", "--task", "image-classification", "--recipes", "fp32"]
+    command += ["--steps", "2", "--seeds", "1", "--no-plots", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    said = "lowbit: terminated (SIGTERM); run the same command again to resume"
+    assert (done.returncode, done.stderr.startswith(said)) == (130, True), done.stderr
+    assert not out.exists()
