@@ -66,6 +66,16 @@ from lowbit.train.tasks import build_task, metric_text, to_device
 
 SAMPLE_TOKENS = 160  # the length of the sample text shown at the end of a causal-lm run
 TRAIN_LOSS_STEPS = 20  # the last steps whose mean loss is a run's train loss (summary, report)
+# The steps in a row with a non-finite loss after which a loss-scaled run stops as diverged. Loss
+# scaling cures gradients that overflow, not a forward pass that does: the loss is inf or NaN
+# before the scale multiplies it, and the step it skips leaves the weights as they were. A bad
+# batch passes with the next one; weights that give no finite loss give none on any batch, and
+# the run skipped every step to its end, trained nothing and said "completed". Eight different
+# batches in a row, each non-finite on the same weights, is no transient (one, or several apart,
+# are still skipped). Each skip halves the dynamic scale: 8 take 2^16 to 2^8, far above its floor
+# 2^-126 (~142 overflows, the stop for gradients that overflow at every scale), and 8 skips
+# leave a scale that grows back as after any 8 overflows.
+NONFINITE_LOSSES_IN_ROW = 8
 RUN_FILES = ("config.yaml", RUN_INFO, "metrics.jsonl", "vocab.json", "labels.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Settings a resumed run may change without changing what it computes up to the checkpoint.
@@ -144,6 +154,7 @@ class RunResult:
         lines = [
             f"lowbit train: {c.task} {c.model}, recipe {c.recipe}, {self.steps} "
             f"step{'' if self.steps == 1 else 's'} ({self.status})",
+            *self._nonfinite_warning(),
             f"  validation loss  {start.get('loss', float('nan')):.4f} -> "
             + (f"{end['loss']:.4f}" if "loss" in end else "(not evaluated in this session)")
             + "".join(
@@ -197,6 +208,21 @@ class RunResult:
             sample = self.sample.split("\n")[:12]
             lines += ["  sample:", *("    " + visible(line) for line in sample)]
         return "\n".join(lines)
+
+    def _nonfinite_warning(self) -> list[str]:
+        """The line that says a run ended with a non-finite validation loss: its summary read as
+        a healthy run's otherwise, "completed" with a loss of nan among the figures."""
+        loss = self.final_metrics.get("loss")
+        if not isinstance(loss, float) or math.isfinite(loss):
+            return []
+        skipped = (
+            f" ({self.skipped_steps} of {self.steps} steps skipped)" if self.loss_scaling else ""
+        )
+        return [
+            f"  warning          validation loss is {loss}: the run diverged, its weights give no "
+            f"finite loss{skipped}; fix: lower --lr, set --grad-clip, or use a higher-precision "
+            "recipe"
+        ]
 
 
 def _finite_mean(losses: list[float]) -> float:
@@ -897,6 +923,7 @@ class Trainer:
         self.last_metrics: dict = {}
         self.last_metrics_step = 0  # the step `last_metrics` evaluated
         self.recent_losses: list[float] = []
+        self.nonfinite_in_row = 0  # the last steps' losses non-finite, in a row (loss scaling)
         self.counted = 0  # tokens (or images) trained on
         self.step_seconds = 0.0
         self.memory: str | None = None  # measured vs estimated breakdown (second step)
@@ -948,6 +975,7 @@ class Trainer:
         stop = precision.finite_loss_policy != "skip"
         if stop and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at step {self.step_idx + 1}")
+        self._count_nonfinite_loss(loss_value)
         grad_norm = float(precision.clip_grad_norm_(self.optimizer, self.config.grad_clip))
         if stop and not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {self.step_idx + 1}")
@@ -971,6 +999,19 @@ class Trainer:
             "count": count,
             "measuring_seconds": measuring,
         }
+
+    def _count_nonfinite_loss(self, loss_value: float) -> None:
+        """Count the steps in a row whose loss is non-finite (skipped under loss scaling); raise
+        `NonFiniteLoss` at `NONFINITE_LOSSES_IN_ROW` of them."""
+        finite = math.isfinite(loss_value)
+        self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+        if self.nonfinite_in_row >= NONFINITE_LOSSES_IN_ROW:
+            first = self.step_idx + 2 - self.nonfinite_in_row
+            raise NonFiniteLoss(
+                f"loss is {loss_value} at steps {first}-{self.step_idx + 1}, "
+                f"{self.nonfinite_in_row} in a row: loss scaling skips them, but a skipped step "
+                "keeps the weights that gave its non-finite forward pass"
+            )
 
     def _loss_weights(self, batches) -> list[float]:
         """The weight of each micro-batch's mean loss, so that the step's loss is the mean over
@@ -1009,6 +1050,8 @@ class Trainer:
                 "last_metrics": self.last_metrics,
                 "last_metrics_step": self.last_metrics_step,
                 "recent_losses": self.recent_losses,
+                # a run resumed among its non-finite steps stops where it would have
+                "nonfinite_in_row": self.nonfinite_in_row,
                 "counted": self.counted,
                 "step_seconds": self.step_seconds,
             },
@@ -1211,10 +1254,11 @@ class Trainer:
                 logger.log(self.step_idx + 1, split, record)
             logger.close(quietly=True)
             self._record_end(main, run_dir, "diverged", str(error))
-            kept = f"last good checkpoint {last_saved}" if last_saved else "no checkpoint was saved"
+            # a loss-scaled recipe is one already
+            other = "" if self.precision.scaler.enabled else "loss-scaled or "
             raise NonFiniteLoss(
-                f"{error} (recipe {c.recipe}); stopped, {kept}; fix: lower --lr, set --grad-clip, "
-                "or use a loss-scaled or higher-precision recipe"
+                f"{error} (recipe {c.recipe}); stopped, {self._kept_checkpoint(last_saved)}; fix: "
+                f"lower --lr, set --grad-clip, or use a {other}higher-precision recipe"
             ) from None
         except OSError as error:
             logger.close(quietly=True)  # on a full disk its flush fails too
@@ -1252,6 +1296,20 @@ class Trainer:
         if unrecorded is not None and _refused_write(unrecorded, run_dir):
             raise self._not_written(unrecorded) from unrecorded
         return result
+
+    def _kept_checkpoint(self, last_saved: Path | None) -> str:
+        """What a diverged run keeps. A checkpoint saved among (or just before) the skipped steps
+        of non-finite losses holds the weights that gave them: a run skips no update but theirs."""
+        if last_saved is None:
+            return "no checkpoint was saved"
+        first_nonfinite = self.step_idx + 2 - self.nonfinite_in_row
+        in_row = self.nonfinite_in_row >= NONFINITE_LOSSES_IN_ROW
+        if in_row and checkpoint.step_of(last_saved) >= first_nonfinite - 1:
+            return (
+                f"last checkpoint {last_saved} holds the weights of the non-finite steps "
+                "(resumed, it stops again)"
+            )
+        return f"last good checkpoint {last_saved}"
 
     def _record_progress(self, main: bool, run_dir: Path) -> None:
         """Record in run.json the step of the checkpoint just saved (best effort, as `_record_end`:

@@ -169,15 +169,40 @@ def test_a_recipe_with_a_subnormal_loss_scale_is_refused_where_it_is_made():
         replace(get_recipe("fp16-mixed"), initial_loss_scale=1e-39)
 
 
-def test_a_run_whose_every_step_overflows_stops_at_the_scale_floor(tmp_path, monkeypatch):
-    """A loss that is NaN at every step skipped every step under fp16 loss scaling, the scale
-    halving each time: the run went on to its last step having trained nothing (now the scale
-    stops at its floor, and the trainer stops there)."""
-    from lowbit.train import NonFiniteLoss, TrainConfig, train
-    from tests.train.conftest import TINY
-    from tests.train.test_trainer import nan_after
+class _InfGradient(torch.autograd.Function):
+    """The identity whose backward is inf: a finite loss whose gradients overflow at any scale."""
 
-    nan_after(2, monkeypatch)  # steps 3 on
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_run_whose_every_step_overflows_stops_at_the_scale_floor(tmp_path, monkeypatch):
+    """Gradients that overflow at every step skipped every step under fp16 loss scaling, the
+    scale halving each time: the run went on to its last step having trained nothing (now the
+    scale stops at its floor, and the trainer stops there). The loss stays finite: a non-finite
+    one stops the run after 8 in a row (tests/train/test_diverged_s43.py), long before."""
+    from lowbit.train import NonFiniteLoss, TrainConfig, train
+    from lowbit.train import trainer as trainer_module
+    from tests.train.conftest import TINY
+
+    original_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kw):
+        original_init(self, *args, **kw)
+        loss = self.task.loss
+
+        def overflowing(model, batch):  # steps 3 on
+            value, count = loss(model, batch)
+            return (_InfGradient.apply(value) if self.step_idx >= 2 else value), count
+
+        self.task.loss = overflowing
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
     settings = {**TINY["image-classification"], "task": "image-classification"}
     settings |= {"steps": 400, "eval_interval": 1000, "save_interval": 1000}
     config = TrainConfig(**settings, recipe="fp16-mixed", out=str(tmp_path / "run"))
