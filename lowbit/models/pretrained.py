@@ -401,9 +401,32 @@ def from_pretrained(
             raise
         raise UsageError(
             f"{folder / 'config.json'}: does not fit the weights beside it "
-            f"({_misfit(auto_class, config, folder)}); fix: restore the config.json saved with "
-            "these weights"
+            f"({_misfit(auto_class, config, folder)}); fix: {refit_fix(folder)}"
         ) from None
+
+
+def refit_fix(folder: Path) -> str:
+    """The fix for a config.json that does not fit the weights beside it: in a `lowbit export`
+    folder, the export command that writes that config again (`export_again`)."""
+    if is_export(folder):
+        return f"restore the config.json that lowbit export wrote ({export_again(folder)})"
+    return "restore the config.json saved with these weights"
+
+
+def export_again(folder: Path) -> str:
+    """The `lowbit export` command that writes the export ``folder`` again, as its
+    ``lowbit_export.json`` records it: its source, and its ``--dtype`` where not the default."""
+    from lowbit.train.config import EXPORT_INFO, exported_from
+
+    source = exported_from(folder) or "SRC"
+    command = f"lowbit export {shlex.quote(source)} --out {shlex.quote(str(folder))} --force"
+    try:
+        dtype = json.loads((Path(folder) / EXPORT_INFO).read_text(encoding="utf-8"))["dtype"]
+    except (OSError, ValueError, KeyError, TypeError):
+        dtype = None
+    if isinstance(dtype, str) and dtype != "fp32":
+        command += f" --dtype {shlex.quote(dtype)}"
+    return command
 
 
 def _misfit(auto_class, config, folder: Path) -> str:
@@ -444,8 +467,6 @@ def check_export_keys(folder: Path, info: dict) -> None:
     count edited, or a config copied from another model. Each such weight is in the folder only
     where the config is its own, so transformers' table of them (layers drawn afresh, or
     dropped) came before a fine-tuning of another model than the one exported."""
-    from lowbit.train.config import exported_from
-
     said = []
     for keys, where in (
         ("missing_keys", "not in the weights"),
@@ -456,11 +477,25 @@ def check_export_keys(folder: Path, info: dict) -> None:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
             said.append(f"{names[0]}{more}: {where}")
     if said:
-        source = shlex.quote(exported_from(folder) or "SRC")
         raise UsageError(
             f"{folder / 'config.json'}: does not fit the weights beside it ({'; '.join(said)}); "
-            "fix: restore the config.json that lowbit export wrote (lowbit export "
-            f"{source} --out {shlex.quote(str(folder))} --force)"
+            f"fix: {refit_fix(folder)}"
+        )
+
+
+def check_shapes_fit(folder: Path, mismatched: list) -> None:
+    """Refuse the folder whose config.json builds weights of other shapes than the folder holds
+    (``mismatched``: transformers' ``mismatched_keys`` the caller did not expect, each a name, its
+    shape in the weights and in the model), naming the first: loaded with
+    ``ignore_mismatched_sizes``, each is drawn afresh, which for a size edited in the config
+    trained the encoder from random values under a warning."""
+    if mismatched:
+        name, stored, built = sorted(mismatched, key=lambda item: item[0])[0]
+        more = f"; {len(mismatched) - 1} more of other shapes" if len(mismatched) > 1 else ""
+        raise UsageError(
+            f"{folder / 'config.json'}: does not fit the weights beside it ({name} is "
+            f"{list(stored)} in the weights, {list(built)} in the config's model{more}); "
+            f"fix: {refit_fix(folder)}"
         )
 
 
@@ -471,17 +506,15 @@ def check_export_weights(path) -> None:
     from a fresh initialization (the module doc), which for an export meant fine-tuning a random
     model under the name of the trained one, without a word. A run fine-tuned from it needs them
     no more (its checkpoint holds its weights), so it is not checked when a run is built again."""
-    from lowbit.train.config import EXPORT_INFO, exported_from
+    from lowbit.train.config import EXPORT_INFO
 
     folder = Path(path)
     if not (folder / EXPORT_INFO).is_file() or has_weights(folder):
         return
-    source = exported_from(folder) or "SRC"
     raise UsageError(
         f"{folder}: {EXPORT_INFO} lists {_missing_weights(folder / EXPORT_INFO)}, not in the "
-        f"folder; fix: copy it back, or export again (lowbit export {shlex.quote(source)} --out "
-        f"{shlex.quote(str(folder))} --force); {folder / 'config.json'} alone trains its "
-        "architecture afresh"
+        f"folder; fix: copy it back, or export again ({export_again(folder)}); "
+        f"{folder / 'config.json'} alone trains its architecture afresh"
     )
 
 

@@ -20,8 +20,11 @@ import torch
 from lowbit.errors import UsageError, warn
 from lowbit.models.pretrained import (
     GONE,
+    check_export_keys,
     check_sentencepiece,
+    check_shapes_fit,
     from_pretrained,
+    is_export,
     load_config,
     run_as_model,
 )
@@ -212,6 +215,7 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
             f"{saved.model_type!r} checkpoint; fix: use an encoder such as BERT, RoBERTa, "
             "DistilBERT, ELECTRA or DeBERTa"
         ) from None
+    _check_encoder_fits(folder, model, info)
     _warn_encoder_mismatch(folder, model, info)
     unnamed = [f"LABEL_{i}" for i in range(len(saved_labels))]  # transformers' default names
     if saved_labels in (labels, unnamed) or len(saved_labels) != len(labels):
@@ -231,30 +235,51 @@ def _load_pretrained(folder: Path, labels: list[str], label_fields: dict):
     return model
 
 
+def _check_encoder_fits(folder: Path, model, info: dict) -> None:
+    """Refuse a folder whose config.json builds an encoder the weights beside it do not fit:
+    encoder weights of other shapes (a size edited: loaded with ``ignore_mismatched_sizes``
+    for the head's sake, the whole encoder was drawn afresh under a warning) in any folder, and
+    in a `lowbit export` folder encoder weights missing or left unused as well (a layer count
+    edited), as its causal-LM load refuses them (`check_export_keys`). The head's weights are
+    not the encoder's: a new head, or one of other labels, is drawn afresh in every fine-tuning."""
+    prefix = f"{model.base_model_prefix}."
+    check_shapes_fit(
+        folder, [item for item in info["mismatched_keys"] if item[0].startswith(prefix)]
+    )
+    if is_export(folder):
+        missing, unused = _encoder_keys(model, info)
+        check_export_keys(folder, {"missing_keys": missing, "unexpected_keys": unused})
+
+
+def _encoder_keys(model, info: dict) -> tuple[list[str], list[str]]:
+    """The encoder's weights that transformers' load ``info`` lists as missing from the folder,
+    and the folder's weights for the encoder's parts that it left unused, each sorted: not the
+    head's, nor a pooler's or pretraining head's that a token-classification model has no place
+    for."""
+    prefix = f"{model.base_model_prefix}."
+    parts = {name for name, _ in model.base_model.named_children()}
+    missing = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
+    unused = sorted(
+        key for key in info["unexpected_keys"] if key.removeprefix(prefix).split(".")[0] in parts
+    )
+    return missing, unused
+
+
 # How many weight names a warning of `_warn_encoder_mismatch` lists before "and N more".
 NAMED_WEIGHTS = 3
 
 
 def _warn_encoder_mismatch(folder: Path, model, info: dict) -> None:
-    """One line on stderr where the folder's weights and the encoder disagree: encoder weights
-    not in the folder (transformers draws them afresh, as a pretrained encoder's never are) and
-    weights of the folder for parts the encoder has that were not used. The rest of what
-    transformers reports is what every fine-tuning has and the README says: the head drawn
-    afresh (or kept, `_load_pretrained`), and a pooler or pretraining head that a
-    token-classification model has no place for."""
-    prefix = f"{model.base_model_prefix}."
-    parts = {name for name, _ in model.base_model.named_children()}
-    missing = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
-    missing += sorted(key for key, *_ in info["mismatched_keys"] if key.startswith(prefix))
-    unused = sorted(
-        key for key in info["unexpected_keys"] if key.removeprefix(prefix).split(".")[0] in parts
-    )
+    """One line on stderr where the folder's weights and the encoder disagree (in a folder that is
+    no export, `_check_encoder_fits`): encoder weights not in the folder (transformers draws them
+    afresh, as a pretrained encoder's never are) and weights of the folder for parts the encoder
+    has that were not used. The rest of what transformers reports is what every fine-tuning has
+    and the README says: the head drawn afresh (or kept, `_load_pretrained`), and a pooler or
+    pretraining head that a token-classification model has no place for."""
+    missing, unused = _encoder_keys(model, info)
     said = []
     if missing:
-        said.append(
-            "encoder weights drawn afresh (not in the folder, or of another shape there): "
-            f"{_names(missing)}"
-        )
+        said.append(f"encoder weights drawn afresh (not in the folder): {_names(missing)}")
     if unused:
         said.append(f"weights of the folder the encoder did not use: {_names(unused)}")
     if said:  # rank 0's alone (`warn`): every rank loads the same folder

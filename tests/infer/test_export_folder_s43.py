@@ -58,6 +58,9 @@ def test_a_config_of_other_sizes_than_the_weights_is_refused_naming_a_tensor(
     # a tensor named (the embedding or the head), its shape in the file and the config's
     shapes = f".weight is [257, {hidden}] in model.safetensors, [257, {2 * hidden}] in the config"
     assert shapes in err and ("lm_head" in err or "embed_tokens" in err), err
+    # the fix the docs promise: an export's own config comes back by exporting again
+    fix = "that lowbit export wrote (lowbit export" if export_record else "saved with these weights"
+    assert f"fix: restore the config.json {fix}" in err, err
     assert not (tmp_path / "ft").exists()
 
 
@@ -109,3 +112,58 @@ def test_a_sharded_export_that_lost_its_index_is_refused_naming_it(lm_run, tmp_p
 def test_an_intact_export_fine_tunes(exported, tmp_path, capsys):
     code, err = _fine_tune(_copy(exported, tmp_path), tmp_path, capsys)
     assert code == 0, err
+
+
+def test_the_fix_exports_again_in_the_dtype_recorded(lm_run, tmp_path, capsys):
+    """`--force` alone wrote fp32 over a bf16 export."""
+    folder = tmp_path / "hf"
+    assert main(["export", str(lm_run), "--out", str(folder), "--dtype", "bf16"]) == 0
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    _edit_config(folder, num_hidden_layers=layers + 1)
+    code, err = _fine_tune(folder, tmp_path, capsys)
+    assert code == 2, err
+    assert err.rstrip().endswith(f"lowbit export {lm_run} --out {folder} --force --dtype bf16)"), (
+        err
+    )
+
+
+def _conll(tmp_path):
+    data = tmp_path / "conll"
+    data.mkdir()
+    sentence = ["Anna B-PER", "lives O", "in O", "Rome B-LOC", ". O", ""]
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.txt").write_text("\n".join(sentence * 4))
+    return data
+
+
+def _tag(folder, tmp_path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    tagger = ["train", "--task", "token-classification", "--data", str(_conll(tmp_path))]
+    code = main([*tagger, "--model", str(folder), *TRAIN, "--out", str(tmp_path / "ft")])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers"])
+def test_a_tagger_from_an_export_of_another_config_is_refused(
+    exported, lm_run, tmp_path, capsys, field
+):
+    """A token classifier loads the encoder with ignore_mismatched_sizes (for a head of other
+    labels): a size edited trained the whole encoder from random values, a layer added trained it
+    afresh, each under a warning only."""
+    folder = _copy(exported, tmp_path)
+    value = json.loads((folder / "config.json").read_text())[field]
+    _edit_config(folder, **{field: 2 * value})
+    code, err = _tag(folder, tmp_path, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "warning" not in err, err
+    assert err.startswith(f"lowbit: error: {folder / 'config.json'}: does not fit"), err
+    said = "in the weights, [" if field == "hidden_size" else f"model.layers.{value}."
+    assert said in err and "classifier" not in err and "score" not in err, err
+    assert f"(lowbit export {lm_run} --out {folder} --force)" in err, err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_tagger_fine_tunes_from_an_intact_export_with_a_new_head(exported, tmp_path, capsys):
+    code, err = _tag(_copy(exported, tmp_path), tmp_path, capsys)
+    assert code == 0, err
+    assert "drawn afresh" not in err and "did not use" not in err, err
