@@ -268,6 +268,7 @@ def compare_recipes(args, recipes: dict[str, Recipe]) -> int:
         sharding=args.sharding,
         activation_checkpointing=args.activation_checkpointing,
         task=args.task,
+        global_batch=args.global_batch,
     )
     names = list(recipes)
     rows = [
@@ -418,6 +419,9 @@ def _with_run_settings(args) -> None:
     whatever it ran); a flag that is given wins. The rest get `DEFAULTS`."""
     from lowbit.train.config import is_run_folder, read
 
+    # the global batch the GPUs split, where one is given (not --batch, per device): an FSDP
+    # note's device counts divide it
+    args.global_batch = args.batch_size
     if is_run_folder(args.model):
         run = read(args.model)
         recorded = {
@@ -442,6 +446,7 @@ def _with_run_settings(args) -> None:
             # its --batch-size is the global batch, which its processes split (`lowbit train`)
             whose = f"{args.model}: the run's batch size"
             args.batch = _split_run_batch(run.batch_size, args.gpus, whose, _flag(args, "gpus"))
+            args.global_batch = run.batch_size
     if args.batch is not None and args.batch_size is not None:
         raise UsageError(
             f"--batch {args.batch} and --batch-size {args.batch_size} both give the batch; fix: "
@@ -505,7 +510,9 @@ def run(args) -> int:
     if len(recipes) > 1:
         return compare_recipes(args, recipes)
     name, recipe = next(iter(recipes.items()))  # as listed, without spaces or a trailing comma
-    kw = dict(gpus=args.gpus, sharding=args.sharding, task=args.task)
+    kw = dict(
+        gpus=args.gpus, sharding=args.sharding, task=args.task, global_batch=args.global_batch
+    )
     without = estimate(args.model, recipe, args.optimizer_state, args.batch, args.seq, **kw)
     with_ckpt = estimate(
         args.model,

@@ -141,7 +141,7 @@ class SingleProcess:
     def shard_batches(self, batches):
         return batches
 
-    def wrap(self, model, precision):
+    def wrap(self, model, precision, sum_gradients: bool = False):
         """(model for training forward passes, model for everything else)."""
         return model, model
 
@@ -342,18 +342,20 @@ class Ranks(SingleProcess):
 
         return RankSlice(batches, self.rank, self.world_size)
 
-    def wrap(self, model, precision):
+    def wrap(self, model, precision, sum_gradients: bool = False):
         """(the model to train, the model whose state is saved): DDP's or FSDP2's. Their gradient
-        reductions sum the ranks' gradients (no division by the world size): each rank
-        backpropagates its share of the global batch's mean loss, its own mean / world size."""
+        reductions average the ranks' gradients, plain DDP's meaning for a loop in which each rank
+        backpropagates its own mean loss. ``sum_gradients``: sum them instead (no division by the
+        world size), for ranks that each backpropagate their share of the global batch's mean
+        loss, their own mean / world size (`lowbit.train.Trainer.step`)."""
         if self.strategy == "ddp":
             from lowbit.distributed.ddp import wrap_ddp
 
-            wrapped, self.comm = wrap_ddp(model, precision, self._device)
+            wrapped, self.comm = wrap_ddp(model, precision, self._device, sum_gradients)
         else:
             from lowbit.distributed.fsdp import wrap_fsdp
 
-            wrapped = model = wrap_fsdp(model, precision, self._device)
+            wrapped = model = wrap_fsdp(model, precision, self._device, sum_gradients)
         # a group of one draws what one process draws: the one stream, unchanged
         self.random = RankRandom(self.rank, self._device) if self.world_size > 1 else None
         if self.random is not None:

@@ -2,12 +2,14 @@
 
 The reduce dtype is the recipe's ``grad_dtype`` when set, else its parameter dtype (fp32 for the
 mixed and fp8/MX recipes, bf16/fp16 for the 16-bit-parameter ones). The comm hook casts each
-gradient bucket to that dtype when the bucket's differs, all-reduces (sums) it and counts the
-bytes it sent (`CommStats`, the figures in docs/distributed.md). It does not divide by the world
-size: each rank backpropagates its share of the global batch's mean loss (`Trainer.step`), so
-its gradients are those one process computes for its rows, and their sum is the batch's. Averaged
-instead, each rank's backward held N times one process's gradients, and an fp16 recipe's scaled
-gradients overflowed at 1/N of one process's loss scale (extra skipped steps, session 43).
+gradient bucket to that dtype when the bucket's differs, all-reduces it and counts the bytes it
+sent (`CommStats`, the figures in docs/distributed.md). By default it averages (divides by the
+world size), plain DDP's meaning for a loop whose ranks each backpropagate their own mean loss.
+`lowbit train` sums instead (``sum_gradients=True``): each rank backpropagates its share of the
+global batch's mean loss (`Trainer.step`), so its gradients are those one process computes for
+its rows, and their sum is the batch's. Averaged after a backward of each rank's own mean, the
+rank's backward held N times one process's gradients, and an fp16 recipe's scaled gradients
+overflowed at 1/N of one process's loss scale (extra skipped steps, session 43).
 
 Every recipe is wrapped in `DistributedDataParallel`, the 16-bit-parameter ones included: their
 update (`LowPrecisionUpdate`) writes the rounded result into the 16-bit parameters in place, so
@@ -42,6 +44,7 @@ class CommStats:
     dtype: torch.dtype
     world_size: int
     group: object = None
+    summing: bool = False  # sum the ranks' gradients rather than average them
     bytes: int = 0
     elements: int = 0
     calls: int = 0
@@ -56,6 +59,8 @@ def _reduce_hook(state: CommStats, bucket):
 
     buffer = bucket.buffer()
     send = buffer.to(state.dtype) if buffer.dtype != state.dtype else buffer
+    if not state.summing:
+        send.div_(state.world_size)
     state.bytes += send.numel() * send.element_size()
     state.elements += send.numel()
     state.calls += 1
@@ -84,8 +89,9 @@ def grads_as_bucket_views(model) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def wrap_ddp(model, precision, device: torch.device):
-    """(the model for training forwards, its gradient all-reduce `CommStats`)."""
+def wrap_ddp(model, precision, device: torch.device, sum_gradients: bool = False):
+    """(the model for training forwards, its gradient all-reduce `CommStats`). The ranks'
+    gradients are averaged, or summed with ``sum_gradients``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -93,6 +99,6 @@ def wrap_ddp(model, precision, device: torch.device):
     grads_as_bucket_views(model)
     # Buffers (rotary tables) are computed identically on every rank: nothing to broadcast.
     wrapped = DDP(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
-    stats = CommStats(reduce_dtype(precision.recipe), dist.get_world_size())
+    stats = CommStats(reduce_dtype(precision.recipe), dist.get_world_size(), summing=sum_gradients)
     wrapped.register_comm_hook(stats, _reduce_hook)
     return wrapped, stats

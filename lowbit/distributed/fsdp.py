@@ -1,6 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, master weights and optimizer states
 are sharded; each block is all-gathered for its forward and backward and its gradients are
-reduce-scattered (summed: each rank's backward holds its share of the global batch's mean loss).
+reduce-scattered: averaged, as plain FSDP2 does, or summed where each rank's backward holds its
+share of the global batch's mean loss (``lowbit train``: ``sum_gradients=True``).
 
 The recipe maps onto `MixedPrecisionPolicy`:
 
@@ -39,8 +40,9 @@ def mixed_precision_policy(precision):
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
 
 
-def wrap_fsdp(model, precision, device: torch.device):
-    """Shard every block of every ``ModuleList`` (transformer layers), then the root; in place."""
+def wrap_fsdp(model, precision, device: torch.device, sum_gradients: bool = False):
+    """Shard every block of every ``ModuleList`` (transformer layers), then the root; in place.
+    The ranks' gradients are averaged, or summed with ``sum_gradients``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -55,7 +57,8 @@ def wrap_fsdp(model, precision, device: torch.device):
     ]
     for module in [*sharded, model]:
         fully_shard(module, mesh=mesh, mp_policy=policy)
-        if dist.get_world_size() > 1:  # a group of one reduces nothing (no division, no copy)
+        # a group of one reduces nothing (no division, no copy)
+        if sum_gradients and dist.get_world_size() > 1:
             summing(module)
     return model
 

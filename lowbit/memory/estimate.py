@@ -518,19 +518,31 @@ def splits_state_blocks(shape: ModelShape, precision, gpus: int) -> bool:
     return False
 
 
-def rank_counts_keeping_state_blocks(shape: ModelShape, precision, ranks: int) -> list[int]:
+def rank_counts_keeping_state_blocks(
+    shape: ModelShape, precision, ranks: int, global_batch: int | None = None
+) -> list[int]:
     """The (at most two) rank counts nearest ``ranks`` whose FSDP shards keep the blocks of
-    quantized optimizer states whole (`splits_state_blocks`): what to suggest instead."""
-    fitting = [n for n in range(2, 4 * ranks + 1) if not splits_state_blocks(shape, precision, n)]
+    quantized optimizer states whole (`splits_state_blocks`) and, given a ``global_batch``
+    (`lowbit train`'s --batch-size, which its ranks split), that divide it: what to suggest
+    instead. Without the batch, "2 or 4" was offered for a batch of 6, and 4 then refused."""
+    fitting = [
+        n
+        for n in range(2, 4 * ranks + 1)
+        if (global_batch is None or global_batch % n == 0)
+        and not splits_state_blocks(shape, precision, n)
+    ]
     return sorted(sorted(fitting, key=lambda n: abs(n - ranks))[:2])
 
 
-def _state_blocks_note(shape: ModelShape, precision, gpus: int) -> str:
+def _state_blocks_note(
+    shape: ModelShape, precision, gpus: int, global_batch: int | None = None
+) -> str:
     """One line for an FSDP run over ``gpus`` ranks that splits quantized state blocks, naming
-    the nearest device counts that do not (`splits_state_blocks`); "" where none is split."""
+    the nearest device counts that do not and split ``global_batch`` where it is given
+    (`rank_counts_keeping_state_blocks`); "" where none is split."""
     if not splits_state_blocks(shape, precision, gpus):
         return ""
-    nearest = rank_counts_keeping_state_blocks(shape, precision, gpus)
+    nearest = rank_counts_keeping_state_blocks(shape, precision, gpus, global_batch)
     counts = f"--gpus {' or '.join(map(str, nearest))}, or " if nearest else ""
     return (
         f"fsdp over {gpus} GPUs splits the {BLOCK_SIZE[precision]}-value blocks of "
@@ -1013,11 +1025,13 @@ def estimate(
     sharding: str = "none",
     activation_checkpointing: bool = False,
     task: str = "causal-lm",
+    global_batch: int | None = None,
 ) -> Breakdown:
     """Memory per device of training ``config_or_size`` (named size, config.json, or a
     ``PretrainedConfig``) with ``recipe``, Adam states in ``state_precision_name``, micro-batch
-    ``batch`` x ``seq`` tokens per device, for ``task`` (`TASKS`). See the module docstring for
-    the model."""
+    ``batch`` x ``seq`` tokens per device, for ``task`` (`TASKS`). ``global_batch``: the batch the
+    ``gpus`` split, where it is fixed (a run's --batch-size): the device counts a note suggests
+    divide it. See the module docstring for the model."""
     recipe = get_recipe(recipe)
     precision = state_precision(state_precision_name)
     choose("sharding", sharding, SHARDING)
@@ -1059,7 +1073,7 @@ def estimate(
             "the root's (embeddings, head)"
         )
         fsdp_gather = _bytes(gathered) * (2 * shape.block_numel + shape.outside_numel)
-        split = _state_blocks_note(shape, precision, gpus)
+        split = _state_blocks_note(shape, precision, gpus, global_batch)
         if split:
             out.notes.append(split)
     else:

@@ -490,21 +490,19 @@ def check_state_blocks(
     optimizer states: `lowbit.optim.adamw` refuses that at the first step, in terms of shards and
     dimensions, which a command-line user cannot act on. ``process_counts``: how the fix names
     them (torchrun's flag under torchrun)."""
-    from lowbit.memory.estimate import model_shape, splits_state_blocks
+    from lowbit.memory.estimate import (
+        model_shape,
+        rank_counts_keeping_state_blocks,
+        splits_state_blocks,
+    )
     from lowbit.optim.states import BLOCK_SIZE, state_precision
 
     precision = state_precision(config.optimizer_state)
     shape = model_shape(model, getattr(model, "config", None), config.model)
     if not splits_state_blocks(shape, precision, world_size):
         return
-    # the (at most two) counts nearest this one that keep the blocks whole and split the global
-    # batch: a count the batch refuses was offered ("--nproc 2 or 4" for a batch of 6)
-    fitting = [
-        n
-        for n in range(2, 4 * world_size + 1)
-        if config.batch_size % n == 0 and not splits_state_blocks(shape, precision, n)
-    ]
-    nearest = sorted(sorted(fitting, key=lambda n: abs(n - world_size))[:2])
+    # counts that split the global batch too: "--nproc 2 or 4" was offered for a batch of 6
+    nearest = rank_counts_keeping_state_blocks(shape, precision, world_size, config.batch_size)
     processes = f"{process_counts.format(' or '.join(map(str, nearest)))}, or " if nearest else ""
     raise UsageError(
         f"fsdp over {world_size} processes splits the {BLOCK_SIZE[precision]}-value blocks of "
@@ -872,8 +870,9 @@ class Trainer:
             check_state_blocks(converted, config, self.dist.world_size, process_count_flag())
         if config.activation_checkpointing:  # before DDP/FSDP wrap the blocks it recomputes
             enable_activation_checkpointing(converted, config.model)
-        # train_model: the forward of training steps (DDP's wrapper); model: everything else.
-        self.train_model, self.model = self.dist.wrap(converted, self.precision)
+        # train_model: the forward of training steps (DDP's wrapper); model: everything else. The
+        # ranks' gradients are summed: each backpropagates its share of the step's loss (`step`)
+        self.train_model, self.model = self.dist.wrap(converted, self.precision, sum_gradients=True)
         if check_conversion is not None:
             check_conversion(self)
         say_held_notes()  # past the set-up's refusals: a refused run says only why
@@ -917,6 +916,7 @@ class Trainer:
         self.records: list = []  # (split, record) of the monitor for the last step
         self.step_idx = 0
         self.stop_requested = False
+        self.stop_said = False  # rank 0 said why the run stops: its own signal says nothing more
         self.abort_requested = False  # a second Ctrl-C (`_stop_on_sigint`)
         self.stop_step = 1  # the step after which a stop asked now saves and stops (`_fit`)
         self.start_metrics: dict = {}
@@ -1239,10 +1239,12 @@ class Trainer:
                     asked = self.stop_requested
                     self.stop_step = self.step_idx + 1  # a stop asked from here: the next step's
                     if self.dist.any(asked) and not last:  # all ranks stop together
-                        # a signal to another rank alone: say why (read again: a signal to every
-                        # rank that reached this one during the agreement has been handled now)
+                        # a signal to another rank: say why (read again: a signal to every rank
+                        # that reached this one during the agreement has been handled now). One
+                        # that reaches this one later (a group's signal, skewed) says no more
                         if main and not self.stop_requested:
                             print(_stop_message_of_another_rank(self), file=sys.stderr)
+                            self.stop_said = True
                         if not saved_now:  # a stop on a save step keeps the step's checkpoint
                             last_saved = self._save(logger)
                         status = "interrupted"
@@ -1638,12 +1640,13 @@ def _stop_message(trainer: Trainer, signum: int) -> str:
 
 
 def _stop_message_of_another_rank(trainer: Trainer) -> str:
-    """What rank 0 says as the ranks stop at a request that reached another rank alone (a SIGTERM
+    """What rank 0 says as the ranks stop at a request that reached another rank first (a SIGTERM
     or SIGINT sent to that process): only rank 0 prints the stop message, so the run ended
-    "(interrupted)" without a word of why."""
+    "(interrupted)" without a word of why. Whether the signal was that rank's alone rank 0 cannot
+    know: a group's signal may reach it a moment later."""
     named = f"{trainer.run_name}: " if trainer.run_name else ""
     return (
-        f"\n{named}another process of this run was asked to stop (a signal to it alone): "
+        f"\n{named}another process of this run was asked to stop: "
         f"saving a checkpoint after step {trainer.step_idx}"
     )
 
@@ -1673,7 +1676,8 @@ def _stop_on_sigint(trainer: Trainer):
             trainer.stop_requested = True
             first.append(signum)
             note_stopping()
-            if trainer.dist.is_main:  # every rank gets the Ctrl-C; one says so
+            # every rank gets the Ctrl-C; one says so, unless it said why already (`_fit`)
+            if trainer.dist.is_main and not trainer.stop_said:
                 print(_stop_message(trainer, signum), file=sys.stderr)
 
     def handler(signum, frame):
