@@ -6,22 +6,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import lowbit
 from lowbit.errors import UsageError
 from lowbit.recipes import parse_override
-
-
-@pytest.fixture
-def group_of_one(tmp_path):
-    """A gloo process group of one process (DDP needs one), through a file store: no port."""
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _mlp() -> nn.Module:
