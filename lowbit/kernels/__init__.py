@@ -46,7 +46,7 @@ import torch
 from lowbit.dynamo_marks import assume_constant_result
 from lowbit.folder_lock import lock_folder
 from lowbit.kernels import fake
-from lowbit.kernels.fake import ROW_BLOCK
+from lowbit.kernels.fake import ROW_BLOCK as ROW_BLOCK  # quantize_rows' block for one per row
 from lowbit.threadflag import ThreadFlag
 
 _SOURCES = [
@@ -430,8 +430,6 @@ def quantize_rows(
     ``measure_amax`` (``block`` 0): ``measured_amax`` is max |x| (one fp32), taken in the rounding
     pass when ``amax`` is given; otherwise it comes back empty."""
     op = torch.ops.lowbit.quantize_rows
-    if noise_seed is not None and block == ROW_BLOCK:
-        block = x.shape[1]  # the draws' row stride is the row's length (`ROW_BLOCK`)
     if isinstance(noise_seed, torch.Tensor):
         if torch.compiler.is_compiling():
             op = torch.ops.lowbit_traced.quantize_rows
@@ -457,21 +455,13 @@ def quantize_rows(
 
 
 def _define_traced_quantize_rows() -> None:
-    """``lowbit_traced::quantize_rows``: ``quantize_rows`` as a traced graph (`torch.compile`,
-    `torch.export`) calls it where the C++ op's schema cannot take its arguments, which this op
-    turns into the C++ op's at run time (the same bits):
-
-    - a stochastic-rounding seed that is a 0-dim int64 tensor. The C++ op takes an int, and a
-      graph cannot turn its tensor seed into one: Dynamo broke the graph there, in the backward
-      of every layer with stochastic rounding (`mxfp4`, `nvfp4`), and so ran each such layer's
-      autograd function eagerly. Here the traced graph draws a new seed at every call, as eager
-      does.
-    - with that seed, a block that is a symbolic size: a stochastically rounded quantization
-      with one scale per row draws its noise with the row's length as its stride, and that
-      length is the batch's token count in a weight gradient's ``grad_out.T``. The C++ op's
-      ``int block`` makes Dynamo specialize it (`ROW_BLOCK`); ``SymInt`` keeps it symbolic.
-
-    A namespace of its own: ``lowbit`` holds the C++ kernels, each with its fake in fake.py."""
+    """``lowbit_traced::quantize_rows``: ``quantize_rows`` with its stochastic-rounding seed a
+    0-dim int64 tensor, the op a traced graph (`torch.compile`, `torch.export`) calls. The C++
+    op takes the seed as an int, and a graph cannot turn its tensor seed into one: Dynamo broke
+    the graph there, in the backward of every layer with stochastic rounding (`mxfp4`, `nvfp4`),
+    and so ran each such layer's autograd function eagerly. This op takes the int at run time,
+    so the traced graph draws a new seed at every call, as eager does (the same bits). A namespace
+    of its own: ``lowbit`` holds the C++ kernels, each with its fake in fake.py."""
 
     seed_at = 10  # noise_seed's place among quantize_rows' arguments (`_QUANTIZE_ROWS_SCHEMA`)
 
@@ -479,10 +469,11 @@ def _define_traced_quantize_rows() -> None:
         seed = int(args[seed_at])
         return torch.ops.lowbit.quantize_rows(*args[:seed_at], seed, *args[seed_at + 1 :])
 
-    schema = _QUANTIZE_ROWS_SCHEMA.replace("int? noise_seed", "Tensor noise_seed")
-    schema = schema.replace("int block,", "SymInt block,")
     op = torch.library.custom_op(
-        "lowbit_traced::quantize_rows", run, mutates_args=(), schema=schema
+        "lowbit_traced::quantize_rows",
+        run,
+        mutates_args=(),
+        schema=_QUANTIZE_ROWS_SCHEMA.replace("int? noise_seed", "Tensor noise_seed"),
     )
     op.register_fake(fake.quantize_rows)
 

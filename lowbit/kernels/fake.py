@@ -20,8 +20,8 @@ _NVFP4_RULE = 4  # quantize_rows' rule with a tensor scale (e4m3 block scales, f
 # row's length, which a traced graph (`torch.compile`) holds as a symbolic size where it is a
 # batch's token count (a weight gradient's ``grad_out.T``): the C++ op's ``int block`` made
 # Dynamo specialize it, so every new batch size compiled the model again, up to its recompile
-# limit. The kernel gives the same bits (with stochastic rounding, whose draws are strided by
-# the row's length, `lowbit.kernels.quantize_rows` passes that length instead).
+# limit. The kernel gives the same bits, stochastic rounding's draws included (strided by the
+# row's length, quantize.cpp's noise_stride).
 ROW_BLOCK = 1 << 62
 
 
@@ -81,9 +81,8 @@ def quantize_rows(
 
 def _blocks(length, block) -> int:
     """quantize.cpp's count of blocks along ``length``, ``ceil(length / block)``: 1 for
-    `ROW_BLOCK`, and written ``-(-length // block)`` so that a symbolic ``block`` equal to
-    ``length`` (`lowbit_traced::quantize_rows`' one per row) gives 1, not ``(2 * s - 1) // s``."""
-    if isinstance(block, int) and block == ROW_BLOCK:
+    `ROW_BLOCK`, whatever a symbolic ``length``."""
+    if block == ROW_BLOCK:
         return 1
     return -(-length // block)
 

@@ -999,16 +999,32 @@ void quantize_impl(const at::Tensor& x, int64_t cols, int64_t block, int64_t blo
   });
 }
 
+// One block per row, of the row's length whatever it is: `lowbit.kernels.ROW_BLOCK`, a block longer
+// than any row (a traced graph's row length may be a symbolic size, which an int block fixes).
+constexpr int64_t kRowBlock = int64_t{1} << 62;
+
+// Noise::stride, the draws' indices per row: the columns padded to whole blocks, as the PyTorch
+// path pads them; the row's length for one scale (block 0) or one per row (kRowBlock), whose
+// padding to 2**62 columns would overflow r * stride.
+int64_t noise_stride(int64_t rows, int64_t cols, int64_t block) {
+  if (block == 0 || block >= kRowBlock) return cols;
+  const int64_t padded = (cols + block - 1) / block * block;
+  TORCH_CHECK(rows <= 1 || padded <= INT64_MAX / rows,
+              "stochastic rounding: rows x (cols padded to whole blocks) overflows int64; "
+              "pass a block that is at most the row's length");
+  return padded;
+}
+
 // (values, scale, tensor_scale, folded) of `x` (rows x cols, any strides: a transposed view is
 // gathered in tiles, see for_each_row).
 //   block: columns per block; 0 for one scale over the whole tensor.
 //   block_rows: rows per block (1; more for 2-D tiles, which need contiguous columns).
 //   kind: 0 float format (values in bf16), 1 symmetric integer (values in int8, qmax = fmt_max).
 //   rule: 0 amax, 1 pow2, 2 mx_floor, 3 mx_ceil, 4 nvfp4 (e4m3 block scales, fp32 tensor scale).
-//   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block == cols).
+//   amax: a given amax: the tensor's (block 0, nvfp4) or one per row (block >= cols).
 //   noise_seed: stochastic rounding with the draws of this seed (see Noise), indexed over rows x
-//     (cols padded to whole blocks): the layout in which the PyTorch path draws them for its
-//     zero-padded blocks; none: round to nearest even.
+//     (cols padded to whole blocks; see noise_stride): the layout in which the PyTorch path draws
+//     them for its zero-padded blocks; none: round to nearest even.
 //   fold: also return the values times their block scale in bf16 (float formats, blocks shorter
 //     than a row): the operand an emulated GEMM consumes (`lowbit.nn.gemm._fold`), else empty.
 //   write_values: false (with fold) returns values empty: the folded operand is all a GEMM reads,
@@ -1052,7 +1068,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     }
   }
   const Noise noise{noise_seed.has_value(), static_cast<uint64_t>(noise_seed.value_or(0)),
-                    block == 0 ? cols : (cols + block - 1) / block * block};
+                    noise_seed.has_value() ? noise_stride(rows, cols, block) : 0};
   const Params p{kind, Grid(mbits, emin, emax, fmt_max), static_cast<float>(fmt_max),
                  binade(static_cast<float>(fmt_max)), rule};
   const auto opts = x.options();

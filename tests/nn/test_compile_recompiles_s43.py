@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lowbit
+from lowbit import kernels
 from lowbit.dynamo_marks import MOST_ANSWERS, cache
 from lowbit.formats import quantize
 from tests.nn.test_compile_s28 import compile_counted, graph_breaks
@@ -97,6 +98,9 @@ def test_a_stochastically_rounded_row_quantization_compiles_no_graph_per_row_len
 
 
 def test_the_cache_keeps_the_answers_last_used_and_drops_the_rest():
+    """Least recently used, not first in: the oldest answer, asked for again, outlives a newer
+    one that nobody asked for since."""
+
     class Answer:
         pass
 
@@ -107,13 +111,41 @@ def test_the_cache_keeps_the_answers_last_used_and_drops_the_rest():
         calls.append(key)
         return Answer()
 
-    first = answer(0)
-    kept = weakref.ref(first)
-    assert answer(0) is first and calls == [0]
-    del first
-    for key in range(1, MOST_ANSWERS + 1):
+    oldest, newer = answer(0), answer(1)
+    kept, dropped = weakref.ref(oldest), weakref.ref(newer)
+    for key in range(2, MOST_ANSWERS):
         answer(key)
+    assert answer(0) is oldest  # full now; asking for 0 makes 1 the least recently used
+    del oldest, newer
+    answer(MOST_ANSWERS)  # one answer more than it keeps
     gc.collect()
-    assert kept() is None  # the least recently used answer went
-    latest = answer(MOST_ANSWERS)
-    assert answer(MOST_ANSWERS) is latest and calls.count(MOST_ANSWERS) == 1
+    assert kept() is not None and dropped() is None
+    assert answer(0) is kept() and calls.count(0) == 1
+    answer(1)
+    assert calls.count(1) == 2  # computed again
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("integer", [False, True])
+def test_the_row_block_rounds_stochastically_as_a_block_of_the_row(transposed, integer):
+    """The C++ op with `kernels.ROW_BLOCK` (one scale per row) and a seed draws the noise that a
+    block of the row's length draws: its rows' draws were 2**62 apart before, an int64
+    overflow, and only the Python wrapper passed the row's length instead."""
+    assert kernels.available(), kernels.build_error()
+    x = torch.randn(37, 40, generator=torch.Generator().manual_seed(3))
+    x = x.t().contiguous().t() if transposed else x
+    fmt = (1, 0, 0, 0, 127.0) if integer else (0, 3, -6, 8, 448.0)  # int8, fp8_e4m3
+    fold = not integer  # the folded operand too (float formats only)
+
+    def rows(block):
+        return torch.ops.lowbit.quantize_rows(
+            x, block, 1, *fmt, 0, None, 7, fold, None, True, False
+        )
+
+    by_row, by_length = rows(kernels.ROW_BLOCK), rows(x.shape[1])
+    nearest = torch.ops.lowbit.quantize_rows(
+        x, x.shape[1], 1, *fmt, 0, None, None, fold, None, True, False
+    )
+    assert not torch.equal(by_length[0], nearest[0])  # the seed rounds some values otherwise
+    for want, got in zip(by_length, by_row, strict=True):
+        assert torch.equal(want, got)
