@@ -61,6 +61,14 @@ def note_stopping() -> None:
     _stopping = True
 
 
+def reset_stopping() -> None:
+    """This process is not stopping (any more): a study starts (`lowbit.report.parallel.train_runs`).
+    In a program that imports lowbit an earlier stop (a Ctrl-C'd run or study) left it stopping
+    for good, and a SIGTERM to a later study was let pass (`raise_terminated`): it trained on."""
+    global _stopping
+    _stopping = False
+
+
 def stopping() -> bool:
     """Whether this process is stopping (`note_stopping`)."""
     return _stopping
@@ -121,10 +129,22 @@ def stops_held(held: bool = True):
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _set_handlers(list(previous.items()))
     if noted:
         previous[noted[0]](noted[0], None)  # raises, as the signal would have
+
+
+def _set_handlers(handlers: list) -> None:
+    """Set each ``(signum, handler)`` of ``handlers``, the rest in a ``finally`` of the first: a
+    signal that raises as soon as its own handler is back (a Ctrl-C once SIGINT's is) left the
+    others on `stops_held`'s ``note``: a later SIGTERM was noted and lost, or ended the process."""
+    if not handlers:
+        return
+    (signum, handler), *rest = handlers
+    try:
+        signal.signal(signum, handler)
+    finally:
+        _set_handlers(rest)
 
 
 def _stop_line(signum: int) -> str:

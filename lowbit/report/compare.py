@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -31,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import UsageError, check_writable, file_in_the_way, say_held_notes
+from lowbit.errors import (
+    Terminated,
+    UsageError,
+    check_writable,
+    file_in_the_way,
+    say_held_notes,
+)
 from lowbit.report.plots import FILES as PLOT_FILES
 from lowbit.train.config import is_write_leftover, write_atomically
 from lowbit.train.logging import METRICS
@@ -698,8 +705,8 @@ def run_one(
         record["model_fingerprint"] = model
         _write_record(run_dir, record)
         return {**record, "reused": False}
-    if result.status != "completed":
-        raise KeyboardInterrupt
+    if result.status != "completed":  # stopped by a signal: the command's line names it
+        raise Terminated if result.stop_signal == signal.SIGTERM else KeyboardInterrupt
     memory = _memory(trainer)
     per_label, non_finite_outputs = _per_label(trainer)
     peak = torch.cuda.max_memory_allocated(trainer.device) if cuda else memory["bytes"]["total"]

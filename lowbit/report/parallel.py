@@ -43,7 +43,7 @@ from lowbit.distributed.context import (
     progress_bars_lock_threads_only,
     signals_handled,
 )
-from lowbit.errors import UsageError, note_stopping, raise_terminated
+from lowbit.errors import UsageError, note_stopping, raise_terminated, reset_stopping
 
 
 def default_threads(jobs: int) -> int:
@@ -392,6 +392,7 @@ def train_runs(runs, jobs: int, threads: int | None = None, log=print) -> set:
     theirs, and the report warned of mixed loads and thread counts."""
     from lowbit.report.compare import final_loss, reusable_record
 
+    reset_stopping()  # an earlier study's stop, in a program that runs more than one
     runs, left, finished = list(runs), [], 0
     jobs = min(jobs, len(runs))  # fewer runs than --jobs: the cores are theirs to share
     threads = threads or default_threads(jobs)

@@ -144,6 +144,8 @@ class RunResult:
     loss_scaling: bool = True
     # how many of the steps `train_loss` averages over had a non-finite loss, left out of it
     nonfinite_losses: int = 0
+    # the signal that asked an "interrupted" run to stop (None: completed, or another rank's stop)
+    stop_signal: int | None = None
 
     def summary(self) -> str:
         c = self.config
@@ -918,6 +920,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_said = False  # rank 0 said why the run stops: its own signal says nothing more
         self.abort_requested = False  # a second Ctrl-C (`_stop_on_sigint`)
+        self.stop_signal: int | None = None  # the signal that asked for the stop, as it came
         self.stop_step = 1  # the step after which a stop asked now saves and stops (`_fit`)
         self.start_metrics: dict = {}
         self.last_metrics: dict = {}
@@ -1558,6 +1561,7 @@ class Trainer:
             loss_scale=float(self.precision.loss_scale),
             loss_scaling=self.precision.scaler.enabled,
             checkpoint=last_saved,
+            stop_signal=self.stop_signal if status == "interrupted" else None,
             sample=sample,
             extra=extra,
             evaluated_at=evaluated_at,
@@ -1674,6 +1678,7 @@ def _stop_on_sigint(trainer: Trainer):
     def request_stop(signum) -> None:
         if not trainer.stop_requested:
             trainer.stop_requested = True
+            trainer.stop_signal = signum
             first.append(signum)
             note_stopping()
             # every rank gets the Ctrl-C; one says so, unless it said why already (`_fit`)
