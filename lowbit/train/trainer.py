@@ -96,7 +96,8 @@ RESUMABLE_CHANGES = {
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a non-finite loss or gradient under a recipe that cannot skip the step."""
+    """Training produced a non-finite loss or gradient under a recipe that cannot skip the step, or
+    a loss-scaled run's loss was non-finite `NONFINITE_LOSSES_IN_ROW` steps in a row."""
 
 
 # The errors of a write that the disk refuses, whatever the file: the user's to fix, not lowbit's bug
@@ -1073,6 +1074,8 @@ class Trainer:
         self.monitor.load_state_dict(state.get("monitor", {}))
         for name, value in state["trainer"].items():
             setattr(self, name, value)
+        if "nonfinite_in_row" not in state["trainer"]:  # a checkpoint from before session 43
+            self.nonfinite_in_row = _nonfinite_at_the_end(self.recent_losses)
 
     def save(self) -> Path:
         c = self.config
@@ -1630,6 +1633,14 @@ class _LogProgress:
         line a full interval after it."""
         print(text, flush=True)
         self.last = time.monotonic()
+
+
+def _nonfinite_at_the_end(losses: list[float]) -> int:
+    """How many of the last ``losses`` are non-finite, in a row: the count a checkpoint written
+    before the trainer kept it resumes with (its recent losses reach further back than
+    `NONFINITE_LOSSES_IN_ROW` steps)."""
+    finite = [math.isfinite(loss) for loss in reversed(losses)]
+    return finite.index(True) if True in finite else len(finite)
 
 
 def _stop_message(trainer: Trainer, signum: int) -> str:

@@ -105,6 +105,26 @@ def test_a_run_resumed_among_its_non_finite_steps_stops_where_it_would_have(
     assert _info(Path(config.out))["step"] == 9
 
 
+def test_a_checkpoint_from_before_the_count_resumes_with_it(tiny_config, monkeypatch):
+    """A checkpoint written before session 43 holds no count: the run's recent losses give it (a
+    resume started counting at 0 and named steps 7-14 where the loss had been nan since step 3)."""
+    nan_at(range(3, 100), monkeypatch)
+    state_dict = trainer_module.Trainer.state_dict
+
+    def without_count(self):
+        state = state_dict(self)
+        del state["trainer"]["nonfinite_in_row"]
+        return state
+
+    monkeypatch.setattr(trainer_module.Trainer, "state_dict", without_count)
+    config = tiny_config("image-classification", steps=6, recipe="fp16-mixed", save_interval=3)
+    assert train(config, quiet=True).status == "completed"
+    monkeypatch.setattr(trainer_module.Trainer, "state_dict", state_dict)
+    config.steps = 20
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at steps 3-10, 8 in a row"):
+        train(config, resume=True, quiet=True)
+
+
 def test_a_recipe_that_diverges_so_in_a_study_is_reported_diverged(tmp_path):
     out = tmp_path / "study"
     argv = ["compare", "--recipes", "fp32,fp16-mixed", *SETTINGS]
