@@ -277,22 +277,27 @@ SIZE_FIELDS = (
     "n_head",
     "n_heads",
     "num_key_value_heads",
-    "intermediate_size",
     "vocab_size",
-    "max_position_embeddings",
     "n_positions",
 )
+# Not among them: ``intermediate_size``, which sizes only dense MLPs (0 in Qwen3-MoE configs whose
+# every layer has experts), and ``max_position_embeddings``, -1 for "no limit" in OLMo-core's
+# exports of rotary models (the sequence-length check answers for it).
 
 
 def check_sizes(file: Path, fields: dict) -> None:
-    """A `UsageError` naming the first count or size of ``fields`` that is an integer below 1."""
-    for name in SIZE_FIELDS:
-        value = fields.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise UsageError(
-                f'{file}: "{name}": {value} makes no model; fix: set it to a positive '
-                "integer (the checkpoint's own value, as save_pretrained writes it)"
-            )
+    """A `UsageError` naming the first count or size of ``fields`` (or of its ``text_config``: a
+    multimodal model's language model) that is an integer below 1."""
+    nested = fields.get("text_config")
+    places = [("", fields), *([("text_config.", nested)] if isinstance(nested, dict) else [])]
+    for prefix, place in places:
+        for name in SIZE_FIELDS:
+            value = place.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise UsageError(
+                    f'{file}: "{prefix}{name}": {value} makes no model; fix: set it to a '
+                    "positive integer (the checkpoint's own value, as save_pretrained writes it)"
+                )
 
 
 def load_config(path: Path, **kwargs):

@@ -53,3 +53,39 @@ def test_a_gpt2_alias_is_named_as_the_file_spells_it(tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps(fields))
     assert main(["estimate", "--model", str(folder)]) == 2
     assert '"n_layer": 0' in capsys.readouterr().err
+
+
+def test_a_size_below_one_in_a_text_config_is_refused(tmp_path, capsys):
+    """Gemma 3's language model is sized in its ``text_config``: no layers there was estimated
+    and trained silently."""
+    folder = tmp_path / "gemma3"
+    folder.mkdir()
+    text = {**LLAMA, "model_type": "gemma3_text", "num_hidden_layers": 0, "head_dim": 8}
+    del text["architectures"]
+    fields = {"model_type": "gemma3", "text_config": text}
+    (folder / "config.json").write_text(json.dumps(fields))
+    assert main(["estimate", "--model", str(folder)]) == 2
+    assert '"text_config.num_hidden_layers": 0' in capsys.readouterr().err
+
+
+def test_sizes_that_mean_none_or_no_limit_are_kept(tmp_path, capsys):
+    """A Qwen3-MoE config whose every layer has experts sizes no dense MLP: its
+    ``intermediate_size`` 0 is no size below one (it was refused, though the model builds)."""
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    fields = {
+        "model_type": "qwen3_moe",
+        "hidden_size": 32,
+        "intermediate_size": 0,
+        "moe_intermediate_size": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": 300,
+        "max_position_embeddings": 64,
+    }
+    (folder / "config.json").write_text(json.dumps(fields))
+    assert main(["estimate", "--model", str(folder)]) == 0, capsys.readouterr().err
