@@ -260,29 +260,15 @@ def check_sentencepiece(folder: Path) -> None:
         )
 
 
-# Counts and sizes of a config.json that make no model below 1, as the architectures spell them
-# (GPT-2's n_layer/n_embd/n_head, XLM's n_layers/emb_dim/n_heads). transformers validates none of
-# them: a negative layer count built a model with no layers that `lowbit estimate` sized and
-# `lowbit train` stopped in with a traceback of transformers' cache code.
-SIZE_FIELDS = (
-    "num_hidden_layers",
-    "n_layer",
-    "n_layers",
-    "num_layers",
-    "hidden_size",
-    "n_embd",
-    "emb_dim",
-    "d_model",
-    "num_attention_heads",
-    "n_head",
-    "n_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "n_positions",
-)
-# Not among them: ``intermediate_size``, which sizes only dense MLPs (0 in Qwen3-MoE configs whose
-# every layer has experts), and ``max_position_embeddings``, -1 for "no limit" in OLMo-core's
-# exports of rotary models (the sequence-length check answers for it).
+# The counts of a config.json that make no model below 1, as the architectures spell them (GPT-2's
+# n_layer, XLM's n_layers). transformers validates none of them: a layer count below one built a
+# model of no layers that `lowbit estimate` sized and `lowbit train` stopped in with a traceback of
+# transformers' cache code, and a vocabulary of 0 failed deep inside it. A negative width or head
+# count is left to transformers, whose failure to build the model is refused in one line naming
+# its error (`from_pretrained`). Not ``intermediate_size``, which sizes only dense MLPs (0 in
+# Qwen3-MoE configs whose every layer has experts), nor ``max_position_embeddings``, -1 for "no
+# limit" in OLMo-core's exports of rotary models (the sequence-length check answers for it).
+SIZE_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "vocab_size")
 
 
 def check_sizes(file: Path, fields: dict) -> None:

@@ -25,8 +25,6 @@ LLAMA = {
         ("num_hidden_layers", -1),
         ("num_hidden_layers", 0),
         ("vocab_size", 0),
-        ("num_attention_heads", -4),
-        ("hidden_size", 0),
     ],
 )
 @pytest.mark.parametrize("command", ["estimate", "train"])
