@@ -6,19 +6,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lowbit
 from lowbit.errors import UsageError
 from lowbit.recipes import parse_override
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)
-    )
+from tests.precision.small_mlp import _mlp, _steps
 
 
 def _wrap(model: nn.Module, how: str) -> nn.Module:
@@ -27,21 +20,6 @@ def _wrap(model: nn.Module, how: str) -> nn.Module:
     if how == "dataparallel":  # on a CPU it calls the model itself
         return nn.DataParallel(model)
     return model
-
-
-def _steps(precision, model, optimizer, steps) -> list[float]:
-    losses = []
-    for i in steps:
-        generator = torch.Generator().manual_seed(i)
-        x = torch.randn(16, 32, generator=generator)
-        y = torch.randint(0, 8, (16,), generator=generator)
-        with precision.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
-        precision.backward(loss)
-        precision.step(optimizer)
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _run(how: str) -> tuple[lowbit.Precision, nn.Module, nn.Module, torch.optim.Optimizer]:
